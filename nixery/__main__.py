@@ -1,0 +1,5 @@
+import sys
+
+from nixery.cli import main
+
+sys.exit(main())

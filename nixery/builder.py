@@ -1,0 +1,334 @@
+"""From an image name to stored layers and manifests: the one place where
+Nix, layering, the caches and storage meet.
+
+    name, tag ──► package source revision ──► image cache hit? ──► record
+                                   │ miss
+                                   ▼
+        nix-instantiate ─► nix-store --realise ─► nix path-info (closure)
+                                   ▼
+        plan layers (with the history of stored layers)
+                                   ▼
+        each layer: layer cache hit? else tar+gzip+hash once ─► storage
+                                   ▼
+        entry-point layer, config, Docker and OCI manifests ─► storage
+                                   ▼
+        image record under images/<key> (written last: a record only ever
+        names blobs that are already stored)
+
+Caches live in storage, so they survive restarts and are shared by replicas:
+`images/<key>` maps (source revision, packages, architecture) to an image
+record, and `layers/<key>` maps a layer's exact path set to its blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nixery.layers.entrypoints import SSL_CERT_FILE, entry_points
+from nixery.layers.graph import ClosureGraph
+from nixery.layers.grouping import LayerHistory, plan_layers
+from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_store_layer
+from nixery.nix import packages as nix
+from nixery.nix.packages import ResolvedPackage
+from nixery.nix.sources import PackageSource, Revision
+from nixery.registry.digest import Digest
+from nixery.registry.image import (
+    DEFAULT_PATH,
+    LayerDescriptor,
+    canonical_json,
+    image_config,
+    image_manifest,
+)
+from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.names import ImageRequest
+from nixery.singleflight import SingleFlight
+from nixery.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+#: Bumped when the bytes we produce for the same closure change.
+FORMAT_VERSION = "1"
+COMPRESSION = "gzip-isal-1"
+_HISTORY_KEY = "layering/history.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRef:
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    key: str
+    name: str
+    source: str
+    revision: str
+    packages: tuple[str, ...]  # resolved attribute paths
+    architecture: str
+    config: Digest
+    manifests: dict[ManifestFormat, ManifestRef]
+    layers: tuple[LayerDescriptor, ...]
+    built_at: float
+
+    def to_json(self) -> bytes:
+        return canonical_json(
+            {
+                "key": self.key,
+                "name": self.name,
+                "source": self.source,
+                "revision": self.revision,
+                "packages": list(self.packages),
+                "architecture": self.architecture,
+                "config": str(self.config),
+                "manifests": {
+                    fmt.name.lower(): {"digest": str(ref.digest), "size": ref.size}
+                    for fmt, ref in self.manifests.items()
+                },
+                "layers": [layer.to_json() for layer in self.layers],
+                "built_at": self.built_at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageRecord:
+        doc: dict[str, Any] = json.loads(data)
+        return cls(
+            key=doc["key"],
+            name=doc["name"],
+            source=doc["source"],
+            revision=doc["revision"],
+            packages=tuple(doc["packages"]),
+            architecture=doc["architecture"],
+            config=Digest.parse(doc["config"]),
+            manifests={
+                ManifestFormat[fmt.upper()]: ManifestRef(Digest.parse(ref["digest"]), int(ref["size"]))
+                for fmt, ref in doc["manifests"].items()
+            },
+            layers=tuple(LayerDescriptor.from_json(layer) for layer in doc["layers"]),
+            built_at=float(doc["built_at"]),
+        )
+
+    @property
+    def compressed_size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+def image_key(revision: Revision, request: ImageRequest, max_layers: int) -> str:
+    material = canonical_json(
+        {
+            "format": FORMAT_VERSION,
+            "revision": revision.id,
+            "packages": list(request.packages),
+            "system": request.arch.nix_system,
+            "max_layers": max_layers,
+        }
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+def layer_key(store_paths: Sequence[str]) -> str:
+    material = "\n".join([f"{FORMAT_VERSION}:{COMPRESSION}", *sorted(store_paths)])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _describe_layer(store_paths: Sequence[str]) -> str:
+    names = sorted(os.path.basename(p).split("-", 1)[-1] for p in store_paths)
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _image_cmd(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> list[str] | None:
+    """`shell` images start the shell; a one-package image starts its main program."""
+    for package in resolved:
+        if package.name.lower() == "shell" and package.main_program:
+            return [f"/bin/{package.main_program}"]
+    if len(request.packages) == 1 and len(resolved) == 1 and resolved[0].main_program:
+        return [f"/bin/{resolved[0].main_program}"]
+    return None
+
+
+class ImageBuilder:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        source: PackageSource,
+        nix_timeout: float,
+        max_layers: int,
+        max_concurrent_builds: int,
+        compression_threads: int | None = None,
+    ):
+        self.storage = storage
+        self.source = source
+        self.nix_timeout = nix_timeout
+        self.max_layers = max_layers
+        self._build_slots = asyncio.Semaphore(max_concurrent_builds)
+        self._images: SingleFlight[ImageRecord] = SingleFlight()
+        self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
+        self._records: dict[str, ImageRecord] = {}
+        self._history: LayerHistory | None = None
+        self._compressors = ThreadPoolExecutor(
+            max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
+        )
+
+    async def close(self) -> None:
+        self._compressors.shutdown(wait=False, cancel_futures=True)
+
+    # ---- lookups -------------------------------------------------------
+
+    async def image(self, request: ImageRequest, tag: str) -> ImageRecord:
+        """The image for a request, built on first use."""
+        revision = await self.source.resolve(tag)
+        key = image_key(revision, request, self.max_layers)
+        record = await self._cached_record(key)
+        if record is not None:
+            return record
+        return await self._images.run(key, lambda: self._build(request, revision, key))
+
+    async def _cached_record(self, key: str) -> ImageRecord | None:
+        record = self._records.get(key)
+        if record is None:
+            data = await self.storage.get_meta(f"images/{key}")
+            if data is not None:
+                record = self._records[key] = ImageRecord.from_json(data)
+        return record
+
+    # ---- building ------------------------------------------------------
+
+    async def _build(self, request: ImageRequest, revision: Revision, key: str) -> ImageRecord:
+        started = time.monotonic()
+        bound = log.bind(image=request.display_name, source=revision.source, key=key[:12])
+        async with self._build_slots:
+            resolved, graph = await self._nix_closure(request, revision, bound)
+        roots = sorted({out for package in resolved for out in package.outputs})
+        history = await self._load_history()
+        plan = await asyncio.to_thread(
+            plan_layers, graph, roots, max_layers=self.max_layers - 1, history=history
+        )
+        bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
+        layers = list(await asyncio.gather(*(self._store_layer(sorted(paths)) for paths in plan)))
+        entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
+        layers.append(await self._store_entry_layer(entries.entries))
+
+        env = [f"PATH={DEFAULT_PATH}"]
+        if entries.ca_bundle:
+            env.append(f"SSL_CERT_FILE={SSL_CERT_FILE}")
+        config = image_config(
+            layers,
+            architecture=request.arch.oci_name,
+            env=env,
+            cmd=_image_cmd(request, resolved),
+            labels={"org.nixos.nixery.packages": " ".join(sorted(p.attr for p in resolved))},
+        )
+        config_digest = await self.storage.put_blob_bytes(config)
+        manifests = {}
+        for fmt in ManifestFormat:
+            document = image_manifest(fmt, config, layers)
+            manifests[fmt] = ManifestRef(await self.storage.put_blob_bytes(document), len(document))
+        record = ImageRecord(
+            key=key,
+            name=request.display_name,
+            source=revision.source,
+            revision=revision.id,
+            packages=tuple(sorted(p.attr for p in resolved)),
+            architecture=request.arch.oci_name,
+            config=config_digest,
+            manifests=manifests,
+            layers=tuple(layers),
+            built_at=time.time(),
+        )
+        history.record([frozenset(paths) for paths in plan])
+        await self.storage.put_meta(_HISTORY_KEY, history.to_json())
+        await self.storage.put_meta(f"images/{key}", record.to_json())
+        self._records[key] = record
+        bound.info(
+            "build.done",
+            seconds=round(time.monotonic() - started, 3),
+            layers=len(layers),
+            bytes=record.compressed_size,
+        )
+        return record
+
+    async def _nix_closure(
+        self, request: ImageRequest, revision: Revision, bound: Any
+    ) -> tuple[list[ResolvedPackage], ClosureGraph]:
+        deadline = time.monotonic() + self.nix_timeout
+
+        def remaining() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        system = request.arch.nix_system
+        nix.check_buildable(system)
+        bound.info("build.evaluating")
+        resolved = await nix.evaluate(
+            revision.path, request.packages, system, source=revision.source, timeout=remaining()
+        )
+        bound.info("build.realising", derivations=len(resolved))
+        await nix.realise([p.drv_path for p in resolved], timeout=remaining())
+        outputs = [out for package in resolved for out in package.outputs]
+        graph = await nix.closure_graph(outputs, timeout=remaining())
+        return resolved, graph
+
+    async def _load_history(self) -> LayerHistory:
+        if self._history is None:
+            data = await self.storage.get_meta(_HISTORY_KEY)
+            self._history = LayerHistory.from_json(data) if data else LayerHistory()
+        return self._history
+
+    async def _store_layer(self, store_paths: list[str]) -> LayerDescriptor:
+        key = layer_key(store_paths)
+        return await self._layers.run(
+            key,
+            lambda: self._cached_or_new_layer(
+                key, _describe_layer(store_paths), lambda dest: write_store_layer(store_paths, dest)
+            ),
+        )
+
+    async def _store_entry_layer(self, entries: Sequence[Entry]) -> LayerDescriptor:
+        material = canonical_json(
+            [[e.name, e.kind, e.mode, e.target, hashlib.sha256(e.content).hexdigest()] for e in entries]
+        )
+        key = "entry-" + hashlib.sha256(material + COMPRESSION.encode()).hexdigest()
+        return await self._layers.run(
+            key,
+            lambda: self._cached_or_new_layer(
+                key, "entry points (/bin, /etc, /tmp)", lambda dest: write_entry_layer(entries, dest)
+            ),
+        )
+
+    async def _cached_or_new_layer(self, key: str, description: str, write: Any) -> LayerDescriptor:
+        """The stored layer for `key`, compressed and uploaded only if it is not stored yet."""
+        cached = await self.storage.get_meta(f"layers/{key}")
+        if cached is not None:
+            descriptor = LayerDescriptor.from_json(json.loads(cached))
+            if await self.storage.stat_blob(descriptor.digest) == descriptor.size:
+                return descriptor
+        staged = Path(tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")[1])
+        try:
+            blob: LayerBlob = await asyncio.get_running_loop().run_in_executor(
+                self._compressors, _write_file, staged, write
+            )
+            await self.storage.put_blob(blob.digest, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
+        await self.storage.put_meta(f"layers/{key}", canonical_json(descriptor.to_json()))
+        return descriptor
+
+
+def _write_file(path: Path, write: Any) -> LayerBlob:
+    with open(path, "wb") as handle:
+        return write(handle)

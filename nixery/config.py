@@ -1,0 +1,179 @@
+"""Settings, read once from the environment and validated at start-up.
+
+Every problem is a `ConfigError` whose message names the variable, so the
+command line can print one line and exit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The package set served when no source is configured (in the repository).
+BUNDLED_PKGS = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    path_style: bool = False
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+
+@dataclass(frozen=True)
+class GCSSettings:
+    bucket: str
+    signing_key: Path | None = None
+    signing_account: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Package source: at most one of these three; none means the bundled set.
+    pkgs_path: Path | None = None
+    pkgs_repo: str | None = None
+    channel: str | None = None
+    channel_url: str = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
+    git_ref_ttl: float = 30.0
+    storage_backend: str = "filesystem"
+    storage_path: Path = Path("/var/lib/nixery")
+    s3: S3Settings | None = None
+    gcs: GCSSettings | None = None
+    blob_redirect: bool = True
+    signed_url_ttl: int = 300
+    nix_timeout: float = 600.0
+    max_layers: int = 100
+    max_concurrent_builds: int = 2
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    @property
+    def source_description(self) -> str:
+        if self.pkgs_path:
+            return f"path {self.pkgs_path}"
+        if self.pkgs_repo:
+            return f"git {self.pkgs_repo}"
+        if self.channel:
+            return f"channel {self.channel}"
+        return f"bundled {BUNDLED_PKGS}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None]:
+    given = [n for n in ("NIXERY_PKGS_PATH", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL") if env.get(n)]
+    if len(given) > 1:
+        raise ConfigError(f"set only one package source, not {' and '.join(given)}")
+    pkgs_path = None
+    if env.get("NIXERY_PKGS_PATH"):
+        pkgs_path = Path(env["NIXERY_PKGS_PATH"]).resolve()
+        if not (pkgs_path / "default.nix").is_file():
+            raise ConfigError(f"NIXERY_PKGS_PATH={env['NIXERY_PKGS_PATH']!r} has no default.nix")
+    return pkgs_path, env.get("NIXERY_PKGS_REPO") or None, env.get("NIXERY_CHANNEL") or None
+
+
+def _s3(env: Mapping[str, str]) -> S3Settings:
+    bucket = env.get("S3_BUCKET") or env.get("BUCKET")
+    if not bucket:
+        raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
+    return S3Settings(
+        bucket=bucket,
+        endpoint=env.get("S3_ENDPOINT") or None,
+        region=env.get("S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        path_style=_bool(env, "S3_PATH_STYLE", False),
+        access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+        secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+    )
+
+
+def _gcs(env: Mapping[str, str]) -> GCSSettings:
+    bucket = env.get("GCS_BUCKET") or env.get("BUCKET")
+    if not bucket:
+        raise ConfigError("GCS_BUCKET must be set when NIXERY_STORAGE_BACKEND=gcs")
+    key = env.get("GCS_SIGNING_KEY")
+    if key and not Path(key).is_file():
+        raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file")
+    return GCSSettings(
+        bucket=bucket,
+        signing_key=Path(key) if key else None,
+        signing_account=env.get("GCS_SIGNING_ACCOUNT") or None,
+    )
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    pkgs_path, pkgs_repo, channel = _source(env)
+    backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))
+    return Settings(
+        host=env.get("NIXERY_HOST") or "127.0.0.1",
+        port=_int(env, "PORT", 8080, low=0, high=65535),
+        pkgs_path=pkgs_path,
+        pkgs_repo=pkgs_repo,
+        channel=channel,
+        channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
+        git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
+        storage_backend=backend,
+        storage_path=Path(env.get("STORAGE_PATH") or "/var/lib/nixery"),
+        s3=_s3(env) if backend == "s3" else None,
+        gcs=_gcs(env) if backend == "gcs" else None,
+        blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
+        signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
+        nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
+        max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
+        max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
+        log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
+    )

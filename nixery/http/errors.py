@@ -1,0 +1,76 @@
+"""The one place where errors become responses.
+
+Handlers raise; this middleware maps lower-layer errors (Nix, storage,
+aiohttp's own 404/405) to registry errors and writes the registry's JSON error
+body. No traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from nixery import errors
+from nixery.nix import errors as nix_errors
+from nixery.storage import base as storage_errors
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def registry_error(exc: BaseException) -> errors.RegistryError:
+    """The registry error a client sees for any exception."""
+    match exc:
+        case errors.RegistryError():
+            return exc
+        case nix_errors.PackagesNotFound():
+            return errors.ManifestUnknown(exc.message, detail={"missing": exc.missing})
+        case nix_errors.RefNotFound():
+            return errors.ManifestUnknown(exc.message)
+        case nix_errors.UnsupportedSystem():
+            return errors.ManifestUnknown(exc.message)
+        case nix_errors.SourceUnavailable():
+            return errors.SourceUnavailable(exc.message, detail={"log": exc.log_tail or None})
+        case nix_errors.NixTimeout():
+            return errors.BuildTimeout(f"{exc.message}; the next request retries", detail={"log": exc.log_tail})
+        case nix_errors.NixError():
+            tail = "\n".join(exc.log_tail.splitlines()[-8:])
+            return errors.BuildFailed(f"{exc.message}:\n{tail}" if tail else exc.message, detail={"log": exc.log_tail})
+        case storage_errors.BlobNotFound():
+            return errors.BlobUnknown(str(exc), detail={"digest": str(exc.digest)})
+        case storage_errors.BackendUnavailable():
+            return errors.StorageUnavailable(str(exc), detail={"backend": exc.backend})
+        case web.HTTPMethodNotAllowed():
+            return errors.Unsupported(f"method {exc.method} is not supported: this registry is pull-only")
+        case web.HTTPNotFound():
+            return errors.NameUnknown("no such endpoint or repository")
+        case web.HTTPRequestEntityTooLarge():
+            return errors.Unsupported("request body too large")
+        case _:
+            return errors.InternalError("internal error; see the registry's log")
+
+
+def error_response(error: errors.RegistryError, *, head: bool = False) -> web.Response:
+    if head:  # a HEAD answer carries no body, but says how long it would be
+        return web.Response(status=error.status, content_type="application/json")
+    return web.json_response(error.to_json(), status=error.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRedirection:
+        raise
+    except web.HTTPSuccessful:
+        raise
+    except Exception as exc:  # every failure becomes a registry error
+        error = registry_error(exc)
+        if isinstance(error, errors.InternalError):
+            log.exception("http.internal_error", path=request.path[:300], method=request.method)
+        elif error.status >= 500:
+            log.warning("http.error", status=error.status, code=error.code, message=error.message[:500])
+        return error_response(error, head=request.method == "HEAD")

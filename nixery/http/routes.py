@@ -1,0 +1,139 @@
+"""The registry API (pull only): `/v2/`, manifests and blobs.
+
+Handlers parse and validate at the edge (names, tags, digests), ask the image
+builder or storage, and turn the answer into headers. Errors are raised and
+rendered by `nixery.http.errors`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from aiohttp import web
+
+from nixery.builder import ImageBuilder
+from nixery.errors import BlobUnknown, ManifestUnknown, Unsupported
+from nixery.registry.digest import Digest
+from nixery.registry.image import manifest_media_type
+from nixery.registry.mediatypes import OCTET_STREAM, choose_format
+from nixery.registry.names import check_tag, parse_image_name
+from nixery.storage.base import ByteStream, LocalFile, Redirect, Storage
+
+BUILDER = web.AppKey("builder", ImageBuilder)
+STORAGE = web.AppKey("storage", Storage)
+BLOB_REDIRECT = web.AppKey("blob_redirect", bool)
+MANIFESTS = web.AppKey("manifests", "ManifestCache")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+class ManifestCache:
+    """Manifest bytes by digest, kept in memory: they are small and hot."""
+
+    def __init__(self, capacity: int = 4096):
+        self._items: OrderedDict[Digest, tuple[bytes, str]] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, digest: Digest) -> tuple[bytes, str] | None:
+        item = self._items.get(digest)
+        if item is not None:
+            self._items.move_to_end(digest)
+        return item
+
+    def put(self, digest: Digest, document: bytes, media_type: str) -> None:
+        self._items[digest] = (document, media_type)
+        self._items.move_to_end(digest)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+
+def _content_headers(digest: Digest, media_type: str) -> dict[str, str]:
+    return {
+        **API_VERSION,
+        "Content-Type": media_type,
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+    }
+
+
+async def api_version(request: web.Request) -> web.Response:
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def _stored_manifest(request: web.Request, digest: Digest) -> tuple[bytes, str]:
+    cache = request.app[MANIFESTS]
+    cached = cache.get(digest)
+    if cached is not None:
+        return cached
+    storage = request.app[STORAGE]
+    size = await storage.stat_blob(digest)
+    if size is None or size > 4 << 20:  # manifests are small; larger blobs are layers
+        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
+    document = await storage.read_blob(digest)
+    media_type = manifest_media_type(document)
+    if media_type is None:
+        raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
+    cache.put(digest, document, media_type)
+    return document, media_type
+
+
+async def manifest(request: web.Request) -> web.Response:
+    image = parse_image_name(request.match_info["name"])
+    reference = request.match_info["reference"]
+    if ":" in reference:
+        digest = Digest.parse(reference)
+    else:
+        tag = check_tag(reference)
+        fmt = choose_format(request.headers.getall("Accept", []))
+        if fmt is None:
+            raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
+        record = await request.app[BUILDER].image(image, tag)
+        digest = record.manifests[fmt].digest
+    document, media_type = await _stored_manifest(request, digest)
+    headers = _content_headers(digest, media_type)
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(document))
+        return web.Response(headers=headers)
+    return web.Response(body=document, headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    parse_image_name(request.match_info["name"])
+    digest = Digest.parse(request.match_info["digest"])
+    storage = request.app[STORAGE]
+    headers = _content_headers(digest, OCTET_STREAM)
+    if request.method == "HEAD":
+        size = await storage.stat_blob(digest)
+        if size is None:
+            raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)})
+        headers["Content-Length"] = str(size)
+        return web.Response(headers=headers)
+    source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
+    match source:
+        case LocalFile(path=path):
+            return web.FileResponse(path, headers=headers)
+        case Redirect(url=url):
+            return web.Response(status=307, headers={**API_VERSION, "Location": url})
+        case ByteStream(chunks=chunks, size=size):
+            response = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
+            await response.prepare(request)
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    raise Unsupported(f"{request.method} is not supported: this registry is pull-only (images are built from their names)")
+
+
+def add_routes(app: web.Application) -> None:
+    name = r"{name:[^{}]+?}"
+    app.router.add_get("/v2/", api_version)
+    app.router.add_get("/v2", api_version)
+    app.router.add_route("GET", f"/v2/{name}/manifests/{{reference}}", manifest)
+    app.router.add_route("HEAD", f"/v2/{name}/manifests/{{reference}}", manifest)
+    app.router.add_route("GET", f"/v2/{name}/blobs/{{digest}}", blob)
+    app.router.add_route("HEAD", f"/v2/{name}/blobs/{{digest}}", blob)
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        app.router.add_route(method, "/v2/{tail:.*}", unsupported)

@@ -1,0 +1,82 @@
+"""The small layer every image gets on top: the paths users expect at `/`.
+
+Store paths live under /nix/store; this layer makes an image feel like a
+normal system: `/bin` holds symlinks to every program of the requested
+packages, `/usr/bin/env` exists for `#!/usr/bin/env` scripts, `/etc/ssl/certs`
+points at a CA bundle from the closure when there is one, `/tmp` is writable,
+and `/etc/passwd` knows root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from nixery.layers.tarball import Entry
+
+CA_BUNDLE_CANDIDATES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt")
+SSL_CERT_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+_PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+_GROUP = b"root:x:0:\nnobody:x:65534:\n"
+_NSSWITCH = b"passwd: files\ngroup: files\nhosts: files dns\n"
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPoints:
+    entries: tuple[Entry, ...]
+    ca_bundle: str | None  # store path of the CA bundle linked at SSL_CERT_FILE
+
+
+def _programs(output: str) -> Iterable[tuple[str, str]]:
+    for subdir in ("bin", "sbin"):
+        directory = os.path.join(output, subdir)
+        try:
+            names = sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            yield name, os.path.join(directory, name)
+
+
+def find_ca_bundle(closure: Iterable[str]) -> str | None:
+    for store_path in sorted(closure):
+        for candidate in CA_BUNDLE_CANDIDATES:
+            path = os.path.join(store_path, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def entry_points(outputs: Sequence[str], closure: Iterable[str]) -> EntryPoints:
+    """The entries for the requested packages' outputs, first package winning a name clash.
+
+    Reads the store (directory listings), so call it off the event loop.
+    """
+    entries: dict[str, Entry] = {}
+
+    def add(entry: Entry) -> None:
+        entries.setdefault(entry.name, entry)
+
+    for directory in ("bin", "etc", "usr", "usr/bin", "root"):
+        add(Entry(directory, "dir", 0o755))
+    add(Entry("tmp", "dir", 0o1777))
+    add(Entry("etc/passwd", "file", 0o644, content=_PASSWD))
+    add(Entry("etc/group", "file", 0o644, content=_GROUP))
+    add(Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH))
+
+    for output in outputs:
+        for name, target in _programs(output):
+            add(Entry(f"bin/{name}", "symlink", target=target))
+    env = entries.get("bin/env")
+    if env is not None:
+        add(Entry("usr/bin/env", "symlink", target=env.target))
+
+    ca_bundle = find_ca_bundle(closure)
+    if ca_bundle is not None:
+        for directory in ("etc/ssl", "etc/ssl/certs"):
+            add(Entry(directory, "dir", 0o755))
+        for name in ("ca-certificates.crt", "ca-bundle.crt"):
+            add(Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle))
+    return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle)

@@ -1,0 +1,34 @@
+"""Errors of the Nix layer (mapped to registry errors by the HTTP layer)."""
+
+from __future__ import annotations
+
+
+class NixError(Exception):
+    """Nix failed; `log_tail` holds the last lines it printed."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+
+class NixTimeout(NixError):
+    """The Nix process tree ran past NIX_TIMEOUT and was killed."""
+
+
+class PackagesNotFound(NixError):
+    def __init__(self, missing: list[str], source: str):
+        super().__init__(f"packages not found in {source}: {', '.join(missing)}")
+        self.missing = missing
+
+
+class UnsupportedSystem(NixError):
+    """The image asks for an architecture this machine cannot build."""
+
+
+class SourceUnavailable(NixError):
+    """A package source (repository, channel) could not be fetched."""
+
+
+class RefNotFound(NixError):
+    """A git ref named by an image tag does not exist."""

@@ -1,0 +1,83 @@
+"""Image packages through Nix: evaluate names, build derivations, read closures."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
+from nixery.nix.process import run_nix
+
+EVAL_NIX = Path(__file__).with_name("eval.nix")
+_HOST_SYSTEMS = {"x86_64": "x86_64-linux", "amd64": "x86_64-linux", "aarch64": "aarch64-linux", "arm64": "aarch64-linux"}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPackage:
+    name: str  # as the image name said it
+    attr: str  # the attribute path it resolved to
+    drv_path: str
+    outputs: tuple[str, ...]  # store paths that go into the image
+    main_program: str | None
+
+
+def host_system() -> str:
+    return _HOST_SYSTEMS.get(platform.machine(), f"{platform.machine()}-linux")
+
+
+def check_buildable(system: str) -> None:
+    if system != host_system():
+        raise UnsupportedSystem(
+            f"this registry runs on {host_system()} and cannot build images for {system} "
+            "(no remote builder or emulation is configured)"
+        )
+
+
+async def evaluate(
+    pkgs_path: Path, names: Sequence[str], system: str, *, source: str, timeout: float
+) -> list[ResolvedPackage]:
+    """Resolve image names in the package set at `pkgs_path`."""
+    request = json.dumps({"packages": list(names), "system": system})
+    stdout = await run_nix(
+        [
+            "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
+            str(EVAL_NIX), "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", request,
+        ],
+        timeout=timeout,
+    )
+    try:
+        result = json.loads(stdout)
+        missing = [str(name) for name in result["missing"]]
+        packages = [
+            ResolvedPackage(
+                name=p["name"], attr=p["attr"], drv_path=p["drvPath"],
+                outputs=tuple(p["outputs"]), main_program=p.get("mainProgram"),
+            )
+            for p in result["packages"]
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NixError(f"unexpected output from the evaluation: {exc}") from exc
+    if missing:
+        raise PackagesNotFound(sorted(set(missing)), source)
+    return packages
+
+
+async def realise(
+    drv_paths: Sequence[str], *, timeout: float, on_line: Callable[[str], None] | None = None
+) -> None:
+    """Build (or find already built) every derivation."""
+    await run_nix(["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line)
+
+
+async def closure_graph(out_paths: Sequence[str], *, timeout: float) -> ClosureGraph:
+    stdout = await run_nix(
+        ["nix", "path-info", "--json", "--recursive", *sorted(set(out_paths))], timeout=timeout
+    )
+    try:
+        return ClosureGraph.from_path_info(stdout)
+    except GraphError as exc:
+        raise NixError(f"cannot read the closure: {exc}") from exc

@@ -1,0 +1,78 @@
+"""Running Nix commands without blocking the event loop, and killing them whole.
+
+Each command runs in its own session (process group), so a timeout or a
+cancellation kills Nix and every builder it started, not just the parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from nixery.nix.errors import NixError, NixTimeout
+
+log = structlog.get_logger(__name__)
+
+_TAIL_LINES = 25
+_STDERR_LIMIT = 1 << 20  # longest single log line we buffer
+
+
+async def run_nix(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    on_line: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> bytes:
+    """Run a Nix command; return its stdout. Stderr lines go to `on_line`."""
+    log.debug("nix.run", argv=list(argv))
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=_STDERR_LIMIT,
+        env=env,
+    )
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    async def communicate() -> bytes:
+        assert process.stdout is not None
+        stdout, _ = await asyncio.gather(process.stdout.read(), read_stderr())
+        await process.wait()
+        return stdout
+
+    try:
+        stdout = await asyncio.wait_for(communicate(), timeout)
+    except TimeoutError:
+        _kill_group(process)
+        await process.wait()
+        raise NixTimeout(f"{argv[0]} ran longer than {timeout:g} s and was killed", "\n".join(tail)) from None
+    except BaseException:
+        _kill_group(process)
+        await process.wait()
+        raise
+    if process.returncode != 0:
+        raise NixError(f"{argv[0]} failed with exit code {process.returncode}", "\n".join(tail))
+    return stdout
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

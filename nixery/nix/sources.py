@@ -1,0 +1,65 @@
+"""Package sources: where the package set of an image comes from.
+
+A source turns an image tag into a `Revision`: a local directory holding the
+package set's `default.nix`, and an identifier that changes whenever the
+package set does. The identifier, not the tag, keys the image cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    source: str  # human description, e.g. "path /srv/pkgs"
+    id: str  # changes whenever the package set's content does
+    path: Path  # directory with default.nix
+
+
+class PackageSource(ABC):
+    description: str
+
+    @abstractmethod
+    async def resolve(self, tag: str) -> Revision:
+        """The package set to build `tag` from."""
+
+
+class LocalPathSource(PackageSource):
+    """A directory on this machine, re-read when its content changes.
+
+    Tags do not select anything here: every tag builds the directory as it is.
+    """
+
+    def __init__(self, path: Path, description: str | None = None):
+        self.path = path.resolve()
+        self.description = description or f"path {self.path}"
+
+    async def resolve(self, tag: str) -> Revision:
+        tree = await asyncio.to_thread(tree_fingerprint, self.path)
+        return Revision(self.description, f"tree-{tree}", self.path)
+
+
+def tree_fingerprint(root: Path) -> str:
+    """A hash of every file's name, size, and modification time under `root`.
+
+    Cheap enough for every request: it reads directory entries, not contents.
+    An edit changes the modification time, so it changes the fingerprint.
+    """
+    digest = hashlib.sha256()
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in (".git", "__pycache__", "result"))
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            relative = os.path.relpath(path, root)
+            digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]

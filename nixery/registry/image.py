@@ -1,0 +1,99 @@
+"""Image configs and manifests, serialised byte-for-byte deterministically."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import ManifestFormat
+
+#: Every image claims this creation time, so identical content gives identical digests.
+CREATED = "1970-01-01T00:00:01Z"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDescriptor:
+    digest: Digest
+    diff_id: Digest
+    size: int
+    description: str  # for the config's history: what the layer holds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": str(self.digest),
+            "diff_id": str(self.diff_id),
+            "size": self.size,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerDescriptor:
+        return cls(
+            Digest.parse(data["digest"]),
+            Digest.parse(data["diff_id"]),
+            int(data["size"]),
+            str(data["description"]),
+        )
+
+
+def canonical_json(document: Any) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def image_config(
+    layers: Sequence[LayerDescriptor],
+    *,
+    architecture: str,
+    env: Sequence[str],
+    cmd: Sequence[str] | None,
+    labels: dict[str, str],
+) -> bytes:
+    container_config: dict[str, Any] = {"Env": list(env), "Labels": labels}
+    if cmd:
+        container_config["Cmd"] = list(cmd)
+    return canonical_json(
+        {
+            "architecture": architecture,
+            "os": "linux",
+            "created": CREATED,
+            "author": "nixery",
+            "config": container_config,
+            "rootfs": {"type": "layers", "diff_ids": [str(layer.diff_id) for layer in layers]},
+            "history": [
+                {"created": CREATED, "created_by": f"nixery: {layer.description}", "comment": "built by Nix"}
+                for layer in layers
+            ],
+        }
+    )
+
+
+def image_manifest(
+    fmt: ManifestFormat, config: bytes, layers: Sequence[LayerDescriptor]
+) -> bytes:
+    return canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": fmt.value,
+            "config": {"mediaType": fmt.config_type, "size": len(config), "digest": str(Digest.of(config))},
+            "layers": [
+                {"mediaType": fmt.layer_type, "size": layer.size, "digest": str(layer.digest)}
+                for layer in layers
+            ],
+        }
+    )
+
+
+def manifest_media_type(document: bytes) -> str | None:
+    """The media type a stored manifest declares, or None if the bytes are no manifest."""
+    try:
+        parsed = json.loads(document)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(parsed, dict) or parsed.get("schemaVersion") != 2:
+        return None
+    media_type = parsed.get("mediaType")
+    return media_type if media_type in (f.value for f in ManifestFormat) else None

@@ -1,0 +1,89 @@
+"""Image names: which packages, for which architecture.
+
+`/v2/shell/git/arm64/...` is not a repository but a request: each path
+component names a package (a top-level attribute, or a dotted path into
+nested sets), and a leading `arm64` selects aarch64. Names are checked here,
+against a strict alphabet, before anything else sees them; the Nix code
+receives them as JSON data only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from nixery.errors import NameInvalid, TagInvalid
+
+MAX_COMPONENT_LENGTH = 128
+MAX_PACKAGES = 100
+MAX_TAG_LENGTH = 128
+
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_+-]*"
+_COMPONENT = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+
+
+class Arch(Enum):
+    AMD64 = ("amd64", "x86_64-linux")
+    ARM64 = ("arm64", "aarch64-linux")
+
+    @property
+    def oci_name(self) -> str:
+        return self.value[0]
+
+    @property
+    def nix_system(self) -> str:
+        return self.value[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    packages: tuple[str, ...]  # sorted and unique, so order and repeats don't matter
+    arch: Arch
+
+    @property
+    def display_name(self) -> str:
+        prefix = "arm64/" if self.arch is Arch.ARM64 else ""
+        return prefix + "/".join(self.packages)
+
+
+def parse_image_name(name: str) -> ImageRequest:
+    components = name.split("/")
+    arch = Arch.AMD64
+    if components and components[0] == "arm64":
+        arch = Arch.ARM64
+        components = components[1:]
+    if not components or components == [""]:
+        raise NameInvalid("the image name lists no packages", detail={"name": name[:300]})
+    if len(components) > MAX_PACKAGES:
+        raise NameInvalid(
+            f"an image may list at most {MAX_PACKAGES} packages, not {len(components)}",
+            detail={"limit": MAX_PACKAGES},
+        )
+    for component in components:
+        if len(component) > MAX_COMPONENT_LENGTH:
+            raise NameInvalid(
+                f"package name longer than {MAX_COMPONENT_LENGTH} characters: {component[:40]}...",
+                detail={"limit": MAX_COMPONENT_LENGTH},
+            )
+        if not _COMPONENT.fullmatch(component):
+            raise NameInvalid(
+                f"invalid package name {component!r}: use letters, digits, '_', '-', '+', "
+                "and '.' between attribute names",
+                detail={"component": component},
+            )
+    return ImageRequest(tuple(sorted(set(components))), arch)
+
+
+def check_tag(tag: str) -> str:
+    """Tags also name git refs, so they allow '/', but never '..' or '//'."""
+    if (
+        len(tag) > MAX_TAG_LENGTH
+        or not _TAG.fullmatch(tag)
+        or ".." in tag
+        or "//" in tag
+        or tag.endswith(("/", ".", ".lock"))
+    ):
+        raise TagInvalid(f"invalid tag {tag[:MAX_TAG_LENGTH]!r}", detail={"tag": tag[:MAX_TAG_LENGTH]})
+    return tag

@@ -1,0 +1,144 @@
+"""The one storage interface every backend implements.
+
+Storage holds two kinds of things:
+
+* **blobs**: immutable, content-addressed bytes (layers, configs, manifests)
+  stored under their sha256 digest. A blob under a digest always has exactly
+  those bytes: writers stage a complete file, verify it, then publish it with
+  one atomic step (rename, or an object PUT that is all-or-nothing).
+* **metadata**: small documents under string keys (the manifest cache, the
+  layer cache, the layering history). Replaced atomically; last writer wins.
+
+Backends know nothing of HTTP. When asked how a client should get a blob they
+answer with a `BlobSource`: a local file to send, a URL to redirect to, or a
+stream of bytes. The HTTP layer decides how to put that on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nixery.registry.digest import Digest
+
+
+class StorageError(Exception):
+    """Base of the errors a storage backend raises."""
+
+
+class BlobNotFound(StorageError):
+    def __init__(self, digest: Digest):
+        super().__init__(f"blob {digest} is not stored")
+        self.digest = digest
+
+
+class BackendUnavailable(StorageError):
+    """The backend could not be reached or failed; the request may succeed later."""
+
+    def __init__(self, backend: str, reason: str):
+        super().__init__(f"storage backend {backend} is unavailable: {reason}")
+        self.backend = backend
+
+
+class InvalidKey(StorageError):
+    """A metadata key outside the allowed alphabet (never built from raw client input)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """Send this file (the HTTP layer may use sendfile)."""
+
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Send the client to this short-lived URL instead."""
+
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ByteStream:
+    """Relay these bytes."""
+
+    chunks: AsyncIterator[bytes]
+    size: int
+
+
+BlobSource = LocalFile | Redirect | ByteStream
+
+_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
+
+
+def check_key(key: str) -> str:
+    if len(key) > 512 or not _KEY.fullmatch(key):
+        raise InvalidKey(f"invalid metadata key {key!r:.100}")
+    return key
+
+
+class Storage(ABC):
+    """Where blobs and metadata live. All methods are safe to call concurrently."""
+
+    #: Short backend name used in logs and error messages ("filesystem", "s3", "gcs").
+    name: str
+
+    @abstractmethod
+    async def stat_blob(self, digest: Digest) -> int | None:
+        """The blob's size in bytes, or None when it is not stored."""
+
+    @abstractmethod
+    async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
+        """How a client gets the blob's bytes. Raises BlobNotFound."""
+
+    @abstractmethod
+    async def read_blob(self, digest: Digest) -> bytes:
+        """The whole blob in memory: only for small blobs (manifests, configs)."""
+
+    @abstractmethod
+    async def put_blob(self, digest: Digest, staged: Path) -> None:
+        """Publish a staged file, whose bytes the caller has hashed to `digest`.
+
+        Atomic: the blob either appears complete or not at all. A blob that is
+        already stored is not written again. The staged file may be consumed
+        (moved) by the call; the caller removes it if it still exists.
+        """
+
+    @abstractmethod
+    async def get_meta(self, key: str) -> bytes | None:
+        """The document under `key`, or None."""
+
+    @abstractmethod
+    async def put_meta(self, key: str, data: bytes) -> None:
+        """Replace the document under `key` atomically."""
+
+    @abstractmethod
+    def staging_dir(self) -> Path:
+        """A local directory for the files that builders write before put_blob."""
+
+    async def put_blob_bytes(self, data: bytes) -> Digest:
+        """Store a small in-memory blob (configs, manifests); returns its digest."""
+        digest = Digest.of(data)
+        if await self.stat_blob(digest) is not None:
+            return digest
+        staged = await asyncio.to_thread(_stage_bytes, self.staging_dir(), data)
+        try:
+            await self.put_blob(digest, staged)
+        finally:
+            staged.unlink(missing_ok=True)
+        return digest
+
+    async def close(self) -> None:
+        """Release connections. Default: nothing to release."""
+
+
+def _stage_bytes(directory: Path, data: bytes) -> Path:
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, prefix="bytes-") as handle:
+        handle.write(data)
+        return Path(handle.name)
