@@ -9,21 +9,13 @@ import structlog
 from aiohttp import web
 
 from nixery.builder import ImageBuilder
-from nixery.config import BUNDLED_PKGS, Settings
+from nixery.config import Settings
 from nixery.http import routes
 from nixery.http.errors import Handler, error_middleware
-from nixery.nix.sources import LocalPathSource, PackageSource
+from nixery.nix.sources import open_source
 from nixery.storage import open_storage
 
 log = structlog.get_logger(__name__)
-
-
-def package_source(settings: Settings) -> PackageSource:
-    if settings.pkgs_path is not None:
-        return LocalPathSource(settings.pkgs_path)
-    if settings.pkgs_repo or settings.channel:
-        raise NotImplementedError("git and channel sources arrive with issue 4")
-    return LocalPathSource(BUNDLED_PKGS, description=f"bundled {BUNDLED_PKGS.name}")
 
 
 @web.middleware
@@ -49,7 +41,7 @@ def create_app(settings: Settings) -> web.Application:
         storage = open_storage(settings)
         builder = ImageBuilder(
             storage=storage,
-            source=package_source(settings),
+            source=open_source(settings),
             nix_timeout=settings.nix_timeout,
             max_layers=settings.max_layers,
             max_concurrent_builds=settings.max_concurrent_builds,

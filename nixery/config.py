@@ -11,8 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The package set served when no source is configured (in the repository).
-BUNDLED_PKGS = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class BundledSet:
+    name: str
+    path: Path  # a directory with default.nix
+
+
+#: Package sets that ship with the registry, served when no source is configured.
+#: busybox: in the repository, always available. debian: generated from .deb
+#: files by `make debian-set` into a cache directory outside git.
+BUSYBOX_SET = BundledSet("busybox", REPOSITORY / "pkgs" / "busybox")
+DEBIAN_SET = BundledSet("debian", Path(os.environ.get("NIXERY_DEBIAN_SET_DIR") or REPOSITORY / ".cache" / "debian-set"))
 
 
 class ConfigError(ValueError):
@@ -52,6 +64,7 @@ class Settings:
     gcs: GCSSettings | None = None
     blob_redirect: bool = True
     signed_url_ttl: int = 300
+    bundled_set: BundledSet = BUSYBOX_SET
     nix_timeout: float = 600.0
     max_layers: int = 100
     max_concurrent_builds: int = 2
@@ -66,7 +79,7 @@ class Settings:
             return f"git {self.pkgs_repo}"
         if self.channel:
             return f"channel {self.channel}"
-        return f"bundled {BUNDLED_PKGS}"
+        return f"bundled {self.bundled_set.name} set ({self.bundled_set.path})"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
@@ -125,6 +138,17 @@ def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None
     return pkgs_path, env.get("NIXERY_PKGS_REPO") or None, env.get("NIXERY_CHANNEL") or None
 
 
+def _bundled_set(env: Mapping[str, str]) -> BundledSet:
+    """`auto` prefers the Debian-derived set when it has been generated."""
+    choice = _choice(env, "NIXERY_BUNDLED_SET", "auto", ("auto", "busybox", "debian"))
+    debian_ready = (DEBIAN_SET.path / "default.nix").is_file()
+    if choice == "debian" and not debian_ready:
+        raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {DEBIAN_SET.path} has no default.nix (run `make debian-set`)")
+    if choice == "debian" or (choice == "auto" and debian_ready):
+        return DEBIAN_SET
+    return BUSYBOX_SET
+
+
 def _s3(env: Mapping[str, str]) -> S3Settings:
     bucket = env.get("S3_BUCKET") or env.get("BUCKET")
     if not bucket:
@@ -171,6 +195,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         gcs=_gcs(env) if backend == "gcs" else None,
         blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
+        bundled_set=_bundled_set(env),
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),

@@ -14,6 +14,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+from nixery.config import Settings
+
+log = structlog.get_logger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class Revision:
@@ -63,3 +69,18 @@ def tree_fingerprint(root: Path) -> str:
             relative = os.path.relpath(path, root)
             digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def open_source(settings: Settings) -> PackageSource:
+    """The package source the settings name; the bundled set when none is named."""
+    if settings.pkgs_path is not None:
+        return LocalPathSource(settings.pkgs_path)
+    if settings.pkgs_repo or settings.channel:
+        raise NotImplementedError("git and channel sources are not implemented yet")
+    bundled = settings.bundled_set
+    if bundled.name == "busybox":
+        log.info(
+            "source.bundled_busybox",
+            note="serving the busybox package set; run `make debian-set` for real software (bash, curl, git, python3)",
+        )
+    return LocalPathSource(bundled.path, description=f"bundled {bundled.name}")

@@ -1,0 +1,123 @@
+"""Run real registry processes and real container clients in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PODMAN_RUN_FLAGS = [
+    "--runtime", "runc", "--network", "none",
+    "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+]
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RegistryProcess:
+    """A `nixery serve` subprocess on a free port, with its own storage."""
+
+    storage: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self, timeout: float = 20.0) -> RegistryProcess:
+        env = {**os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env}
+        self.log_path = self.log_path or self.storage.parent / f"registry-{self.port}.log"
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nixery", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"registry exited with {self.process.returncode}: {self.log()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"registry did not answer within {timeout} s: {self.log()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def request(
+        self, path: str, *, method: str = "GET", accept: str | list[str] | None = DOCKER_MANIFEST, timeout: float = 300
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request; returns (status, headers, body) for any status."""
+        req = urllib.request.Request(f"{self.url}{path}", method=method)
+        for value in [accept] if isinstance(accept, str) else accept or []:
+            req.add_header("Accept", value)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+    def manifest(self, name: str, reference: str = "latest", accept: str = DOCKER_MANIFEST) -> tuple[str, dict]:
+        status, headers, body = self.request(f"/v2/{name}/manifests/{reference}", accept=accept)
+        assert status == 200, (status, body[:2000])
+        return headers["Docker-Content-Digest"], json.loads(body)
+
+
+def run(argv: list[str], *, timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def podman_run(image: str, *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run(["podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, image, *command], timeout=timeout)
+
+
+def skopeo_to_oci(image: str, layout: Path, tag: str = "img") -> None:
+    run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{image}", f"oci:{layout}:{tag}"])
+
+
+def unpack_oci(layout: Path, bundle: Path, tag: str = "img") -> Path:
+    """Unpack with umoci; returns the root file system."""
+    run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)])
+    return bundle / "rootfs"
