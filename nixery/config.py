@@ -60,6 +60,8 @@ class Settings:
     git_ref_ttl: float = 30.0
     storage_backend: str = "filesystem"
     storage_path: Path = Path("/var/lib/nixery")
+    # Local cache of fetched package sources (git checkouts, channel tarballs).
+    cache_dir: Path = Path("/var/lib/nixery/cache")
     s3: S3Settings | None = None
     gcs: GCSSettings | None = None
     blob_redirect: bool = True
@@ -180,6 +182,7 @@ def _gcs(env: Mapping[str, str]) -> GCSSettings:
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     pkgs_path, pkgs_repo, channel = _source(env)
+    storage_path = Path(env.get("STORAGE_PATH") or "/var/lib/nixery")
     backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))
     return Settings(
         host=env.get("NIXERY_HOST") or "127.0.0.1",
@@ -190,7 +193,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
         git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
         storage_backend=backend,
-        storage_path=Path(env.get("STORAGE_PATH") or "/var/lib/nixery"),
+        storage_path=storage_path,
+        cache_dir=Path(env.get("NIXERY_CACHE_DIR") or storage_path / "cache"),
         s3=_s3(env) if backend == "s3" else None,
         gcs=_gcs(env) if backend == "gcs" else None,
         blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
