@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -80,17 +81,23 @@ class RegistryProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def request(
-        self, path: str, *, method: str = "GET", accept: str | list[str] | None = DOCKER_MANIFEST, timeout: float = 300
+        self, path: str, *, method: str = "GET", accept: str | list[str] | None = DOCKER_MANIFEST,
+        headers: dict[str, str] | None = None, timeout: float = 300,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP request; returns (status, headers, body) for any status."""
-        req = urllib.request.Request(f"{self.url}{path}", method=method)
-        for value in [accept] if isinstance(accept, str) else accept or []:
-            req.add_header("Accept", value)
+        """One HTTP request, each Accept value on its own header line; returns (status, headers, body)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            for value in [accept] if isinstance(accept, str) else accept or []:
+                connection.putheader("Accept", value)
+            for name, value in (headers or {}).items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            body = response.read()
+            return response.status, dict(response.getheaders()), body
+        finally:
+            connection.close()
 
     def manifest(self, name: str, reference: str = "latest", accept: str = DOCKER_MANIFEST) -> tuple[str, dict]:
         status, headers, body = self.request(f"/v2/{name}/manifests/{reference}", accept=accept)
@@ -121,3 +128,20 @@ def unpack_oci(layout: Path, bundle: Path, tag: str = "img") -> Path:
     """Unpack with umoci; returns the root file system."""
     run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)])
     return bundle / "rootfs"
+
+
+def nix_counting_path(directory: Path) -> tuple[str, Path]:
+    """Wrap Nix's commands so that every call is logged; returns (PATH, log file)."""
+    calls = directory / "nix-calls.log"
+    calls.touch()
+    for tool in ("nix", "nix-instantiate", "nix-store", "nix-build"):
+        real = shutil.which(tool)
+        assert real, f"{tool} is not installed"
+        wrapper = directory / tool
+        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}", calls
+
+
+def nix_call_count(calls: Path) -> int:
+    return len(calls.read_text().splitlines())

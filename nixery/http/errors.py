@@ -43,6 +43,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.BlobUnknown(str(exc), detail={"digest": str(exc.digest)})
         case storage_errors.BackendUnavailable():
             return errors.StorageUnavailable(str(exc), detail={"backend": exc.backend})
+        case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
+            return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPMethodNotAllowed():
             return errors.Unsupported(f"method {exc.method} is not supported: this registry is pull-only")
         case web.HTTPNotFound():

@@ -12,11 +12,11 @@ from collections import OrderedDict
 from aiohttp import web
 
 from nixery.builder import ImageBuilder
-from nixery.errors import BlobUnknown, ManifestUnknown, Unsupported
+from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.registry.digest import Digest
 from nixery.registry.image import manifest_media_type
 from nixery.registry.mediatypes import OCTET_STREAM, choose_format
-from nixery.registry.names import check_tag, parse_image_name
+from nixery.registry.names import ImageRequest, check_tag, parse_image_name
 from nixery.storage.base import ByteStream, LocalFile, Redirect, Storage
 
 BUILDER = web.AppKey("builder", ImageBuilder)
@@ -77,8 +77,16 @@ async def _stored_manifest(request: web.Request, digest: Digest) -> tuple[bytes,
     return document, media_type
 
 
+def _image_name(request: web.Request) -> ImageRequest:
+    """The image request in the path. Valid names never need percent-encoding,
+    so an encoded character (such as an encoded slash) is refused outright."""
+    if "%" in request.raw_path.split("?", 1)[0]:
+        raise NameInvalid("percent-encoded characters are not allowed in image names")
+    return parse_image_name(request.match_info["name"])
+
+
 async def manifest(request: web.Request) -> web.Response:
-    image = parse_image_name(request.match_info["name"])
+    image = _image_name(request)
     reference = request.match_info["reference"]
     if ":" in reference:
         digest = Digest.parse(reference)
@@ -98,7 +106,7 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    parse_image_name(request.match_info["name"])
+    _image_name(request)
     digest = Digest.parse(request.match_info["digest"])
     storage = request.app[STORAGE]
     headers = _content_headers(digest, OCTET_STREAM)
@@ -123,6 +131,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return response
 
 
+async def tags(request: web.Request) -> web.Response:
+    """Every tag names an image that can be built; `latest` is the one always there."""
+    _image_name(request)
+    return web.json_response({"name": request.match_info["name"], "tags": ["latest"]}, headers=API_VERSION)
+
+
 async def unsupported(request: web.Request) -> web.Response:
     raise Unsupported(f"{request.method} is not supported: this registry is pull-only (images are built from their names)")
 
@@ -134,6 +148,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", f"/v2/{name}/manifests/{{reference}}", manifest)
     app.router.add_route("HEAD", f"/v2/{name}/manifests/{{reference}}", manifest)
     app.router.add_route("GET", f"/v2/{name}/blobs/{{digest}}", blob)
+    app.router.add_get(f"/v2/{name}/tags/list", tags)
     app.router.add_route("HEAD", f"/v2/{name}/blobs/{{digest}}", blob)
     for method in ("POST", "PUT", "PATCH", "DELETE"):
         app.router.add_route(method, "/v2/{tail:.*}", unsupported)

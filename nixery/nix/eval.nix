@@ -26,17 +26,18 @@ let
         then { found = true; attr = builtins.head matches; }
         else { found = false; };
 
-  # Follows a dotted attribute path; every step must evaluate without error.
+  # Follows a dotted attribute path. The sets along the way must evaluate; the
+  # final value is returned unevaluated, so that a package that exists but
+  # fails to evaluate reports its own error rather than "not found".
   lookupPath = set: parts: attrs:
-    if parts == [ ] then { found = true; value = set; path = attrs; }
-    else
-      let
-        safeSet = builtins.tryEval (builtins.isAttrs set);
-        step = if safeSet.success && safeSet.value then lookupAttr set (builtins.head parts) else { found = false; };
-        next = builtins.tryEval set.${step.attr};
-      in
-        if !step.found || !next.success then { found = false; }
-        else lookupPath next.value (builtins.tail parts) (attrs ++ [ step.attr ]);
+    let
+      isSet = builtins.tryEval (builtins.isAttrs set);
+      step = if isSet.success && isSet.value then lookupAttr set (builtins.head parts) else { found = false; };
+      rest = builtins.tail parts;
+    in
+      if !step.found then { found = false; }
+      else if rest == [ ] then { found = true; value = set.${step.attr}; path = attrs ++ [ step.attr ]; }
+      else lookupPath set.${step.attr} rest (attrs ++ [ step.attr ]);
 
   isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
 
@@ -52,9 +53,11 @@ let
       drv = hit.value;
       # nixpkgs marks the outputs a user wants (e.g. curl's `bin`) in meta.
       outputNames = drv.meta.outputsToInstall or [ (drv.outputName or "out") ];
-      checked = builtins.tryEval (isDerivation drv && builtins.isString drv.drvPath);
+      # A value that throws is reported by Nix itself (forced below), not hidden.
+      checked = builtins.tryEval (isDerivation drv);
+      broken = hit.found && !checked.success;
     in
-      if hit.found && checked.success && checked.value then {
+      if hit.found && (broken || checked.value) then {
         ok = true;
         value = {
           name = requested;

@@ -1,7 +1,9 @@
 """Running Nix commands without blocking the event loop, and killing them whole.
 
-Each command runs in its own session (process group), so a timeout or a
-cancellation kills Nix and every builder it started, not just the parent.
+Each command runs in its own session. A timeout or a cancellation kills Nix
+and every process below it: Nix starts builders in process groups of their
+own, so killing Nix's group alone would leave them running. The tree is
+frozen (SIGSTOP) until no new process appears, then killed.
 """
 
 from __future__ import annotations
@@ -72,7 +74,54 @@ async def run_nix(
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:
+    kill_process_tree(process.pid)
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def _tree(root: int) -> set[int]:
+    children = _children_by_parent()
+    found, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
+    return found
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_process_tree(root: int, *, rounds: int = 5) -> None:
+    """SIGKILL `root` and all its descendants, including other process groups."""
+    frozen: set[int] = set()
+    for _ in range(rounds):
+        found = _tree(root) | {p for pid in frozen for p in _tree(pid)}
+        if found <= frozen:
+            break
+        _signal_all(found - frozen, signal.SIGSTOP)
+        frozen |= found
+    _signal_all(frozen, signal.SIGKILL)
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(root, signal.SIGKILL)
     except ProcessLookupError:
         pass

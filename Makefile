@@ -1,0 +1,42 @@
+# The two commands a user needs:
+#   make run    set up this machine and run the registry on 127.0.0.1:$(PORT)
+#   make test   set up this machine and run the test suite
+SHELL := /bin/bash
+PORT ?= 8080
+STORAGE_PATH ?= $(CURDIR)/var/storage
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: run test setup system-deps venv debian-set bench bench-layering clean
+
+run: setup
+	-@$(MAKE) --no-print-directory debian-set || echo "nixery: the Debian-derived set could not be made; serving the busybox set"
+	PORT=$(PORT) STORAGE_PATH=$(STORAGE_PATH) $(VENV)/bin/nixery serve
+
+test: setup
+	-@$(MAKE) --no-print-directory debian-set || echo "nixery: the Debian-derived set could not be made; its tests will be skipped"
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+setup: system-deps venv
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+debian-set:
+	bash scripts/debian-set/setup.sh
+
+bench-layering: venv
+	$(PYTHON) bench/layering.py
+
+bench: bench-layering
+
+clean:
+	rm -rf $(VENV) var .cache

@@ -1,0 +1,232 @@
+"""The registry API as a client sees it, against a real registry process."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+
+import pytest
+
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, nix_call_count
+
+SKOPEO_ACCEPT = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+]
+CONTAINERD_ACCEPT = (
+    "application/vnd.docker.distribution.manifest.v2+json, "
+    "application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
+)
+
+
+def error_of(body: bytes) -> dict:
+    document = json.loads(body)
+    assert set(document) == {"errors"} and len(document["errors"]) == 1, document
+    error = document["errors"][0]
+    assert set(error) == {"code", "message", "detail"}, error
+    return error
+
+
+def test_api_version_endpoint(shared_registry: RegistryProcess) -> None:
+    status, headers, body = shared_registry.request("/v2/")
+    assert status == 200
+    assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert json.loads(body) == {}
+
+
+@pytest.mark.parametrize(
+    ("accept", "media_type"),
+    [
+        (DOCKER_MANIFEST, DOCKER_MANIFEST),
+        (OCI_MANIFEST, OCI_MANIFEST),
+        (SKOPEO_ACCEPT, DOCKER_MANIFEST),
+        (CONTAINERD_ACCEPT, DOCKER_MANIFEST),
+        (None, DOCKER_MANIFEST),
+    ],
+)
+def test_manifest_format_follows_accept(shared_registry: RegistryProcess, accept, media_type) -> None:
+    status, headers, body = shared_registry.request("/v2/shell/hello/manifests/latest", accept=accept)
+    assert status == 200, body
+    assert headers["Content-Type"] == media_type
+    manifest = json.loads(body)
+    assert manifest["mediaType"] == media_type and manifest["schemaVersion"] == 2
+    assert headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert headers["ETag"] == f'"{headers["Docker-Content-Digest"]}"'
+
+
+def test_head_by_tag_then_get_by_digest(shared_registry: RegistryProcess) -> None:
+    status, headers, body = shared_registry.request("/v2/shell/hello/manifests/latest", method="HEAD", accept=CONTAINERD_ACCEPT)
+    assert status == 200 and body == b""
+    digest = headers["Docker-Content-Digest"]
+    status, by_digest, document = shared_registry.request(f"/v2/shell/hello/manifests/{digest}", accept=CONTAINERD_ACCEPT)
+    assert status == 200
+    assert int(headers["Content-Length"]) == len(document)
+    assert by_digest["Docker-Content-Digest"] == digest
+    assert by_digest["Content-Type"] == headers["Content-Type"]
+
+
+def test_every_blob_matches_its_digest_and_diff_ids(shared_registry: RegistryProcess) -> None:
+    _, manifest = shared_registry.manifest("shell/fortune")
+    status, _, config_bytes = shared_registry.request(f"/v2/shell/fortune/blobs/{manifest['config']['digest']}")
+    assert status == 200
+    assert "sha256:" + hashlib.sha256(config_bytes).hexdigest() == manifest["config"]["digest"]
+    assert len(config_bytes) == manifest["config"]["size"]
+    config = json.loads(config_bytes)
+    diff_ids = []
+    for layer in manifest["layers"]:
+        status, headers, blob = shared_registry.request(f"/v2/shell/fortune/blobs/{layer['digest']}")
+        assert status == 200
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
+        assert int(headers["Content-Length"]) == layer["size"] == len(blob)
+        assert headers["Docker-Content-Digest"] == layer["digest"]
+        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest())
+    assert config["rootfs"] == {"type": "layers", "diff_ids": diff_ids}
+
+
+def test_image_config_is_complete(shared_registry: RegistryProcess) -> None:
+    _, manifest = shared_registry.manifest("shell/cacert")
+    _, _, config_bytes = shared_registry.request(f"/v2/shell/cacert/blobs/{manifest['config']['digest']}")
+    config = json.loads(config_bytes)
+    assert config["architecture"] == "amd64" and config["os"] == "linux"
+    assert config["created"] == "1970-01-01T00:00:01Z"
+    assert len(config["history"]) == len(manifest["layers"])
+    env = dict(item.split("=", 1) for item in config["config"]["Env"])
+    assert "/bin" in env["PATH"].split(":")
+    assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert config["config"]["Cmd"] == ["/bin/sh"]
+
+
+def test_head_blob_answers_size_without_body(shared_registry: RegistryProcess) -> None:
+    _, manifest = shared_registry.manifest("hello")
+    layer = manifest["layers"][0]
+    status, headers, body = shared_registry.request(f"/v2/hello/blobs/{layer['digest']}", method="HEAD")
+    assert status == 200 and body == b""
+    assert int(headers["Content-Length"]) == layer["size"]
+    assert headers["Content-Type"] == "application/octet-stream"
+
+
+def test_layer_budget_holds(start_registry) -> None:
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
+    _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")
+    assert len(manifest["layers"]) <= 3
+
+
+def test_unknown_packages_are_listed(shared_registry: RegistryProcess) -> None:
+    status, _, body = shared_registry.request("/v2/shell/nosuchpkg/alsomissing/manifests/latest")
+    assert status == 404
+    error = error_of(body)
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "nosuchpkg" in error["message"] and "alsomissing" in error["message"]
+    assert error["detail"]["missing"] == ["alsomissing", "nosuchpkg"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/../x/manifests/latest",
+        "/v2/a;b/manifests/latest",
+        "/v2/$(id)/manifests/latest",
+        "/v2/%24%28id%29/manifests/latest",
+        "/v2/" + "a" * 300 + "/manifests/latest",
+        "/v2/shell//hello/manifests/latest",
+        "/v2/shell/hello/../x/manifests/latest",
+        "/v2/a%2Fb/manifests/latest",
+        "/v2/x..y/manifests/latest",
+        "/v2/hello/blobs/sha256:" + "0" * 64 + "/../x",
+    ],
+)
+def test_invalid_names_never_reach_nix(shared_registry: RegistryProcess, nix_calls, path: str) -> None:
+    _, calls = nix_calls
+    before = nix_call_count(calls)
+    status, _, body = shared_registry.request(path)
+    assert 400 <= status < 500, (status, body)
+    if status == 400:
+        assert error_of(body)["code"] == "NAME_INVALID"
+    assert nix_call_count(calls) == before
+
+
+@pytest.mark.parametrize("name", ["builtins.readFile", "import", "__toString", "hello.drvPath"])
+def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess, name: str) -> None:
+    status, _, body = shared_registry.request(f"/v2/{name}/manifests/latest")
+    assert status == 404, body
+    error = error_of(body)
+    assert error["code"] == "MANIFEST_UNKNOWN" and error["detail"]["missing"] == [name]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v2/hello/manifests/bad..tag", 400, "TAG_INVALID"),
+        ("/v2/hello/manifests/sha256:xyz", 400, "DIGEST_INVALID"),
+        ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
+        ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+        ("/v2/hello/blobs/md5:abc", 400, "DIGEST_INVALID"),
+        ("/v2/_catalog", 404, "NAME_UNKNOWN"),
+        ("/v2/hello/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN"),
+        ("/v3/", 404, "NAME_UNKNOWN"),
+    ],
+)
+def test_errors_use_registry_codes(shared_registry: RegistryProcess, path: str, status: int, code: str) -> None:
+    got, _, body = shared_registry.request(path)
+    assert got == status, body
+    assert error_of(body)["code"] == code
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+def test_push_and_delete_are_unsupported(shared_registry: RegistryProcess, method: str) -> None:
+    for path in ("/v2/hello/manifests/latest", "/v2/hello/blobs/uploads/", "/v2/hello/blobs/sha256:" + "0" * 64):
+        status, _, body = shared_registry.request(path, method=method)
+        assert status == 405
+        assert error_of(body)["code"] == "UNSUPPORTED"
+
+
+def test_build_failure_reports_nix_log(shared_registry: RegistryProcess) -> None:
+    status, _, body = shared_registry.request("/v2/broken/manifests/latest")
+    assert status == 500
+    error = error_of(body)
+    assert error["code"] == "BUILD_FAILED"
+    assert "the answer is not a number" in error["message"]
+
+
+def test_evaluation_failure_reports_nix_error(shared_registry: RegistryProcess) -> None:
+    status, _, body = shared_registry.request("/v2/evalError/manifests/latest")
+    assert status == 500
+    assert "this package does not evaluate" in error_of(body)["message"]
+
+
+def test_second_pull_starts_no_nix_process(shared_registry: RegistryProcess, nix_calls) -> None:
+    _, calls = nix_calls
+    first, _ = shared_registry.manifest("figlet/shell")
+    before = nix_call_count(calls)
+    again, manifest = shared_registry.manifest("shell/figlet")
+    for layer in manifest["layers"]:
+        assert shared_registry.request(f"/v2/shell/figlet/blobs/{layer['digest']}", method="HEAD")[0] == 200
+    assert again == first
+    assert nix_call_count(calls) == before
+
+
+def test_order_and_repetition_do_not_change_the_image(shared_registry: RegistryProcess) -> None:
+    a, _ = shared_registry.manifest("hello/shell")
+    b, _ = shared_registry.manifest("shell/hello/hello")
+    assert a == b
+
+
+def test_images_sharing_a_dependency_share_its_layer(shared_registry: RegistryProcess) -> None:
+    _, fortune = shared_registry.manifest("fortune")
+    _, cowsay = shared_registry.manifest("cowsay")
+    shared = {l["digest"] for l in fortune["layers"]} & {l["digest"] for l in cowsay["layers"]}
+    assert shared, "fortune and cowsay both need libwords and busybox but share no layer"
+    _, figlet = shared_registry.manifest("figlet")
+    assert shared & {l["digest"] for l in figlet["layers"]}
+
+
+def test_tags_list(shared_registry: RegistryProcess) -> None:
+    status, _, body = shared_registry.request("/v2/shell/hello/tags/list")
+    assert status == 200
+    assert json.loads(body) == {"name": "shell/hello", "tags": ["latest"]}
