@@ -23,16 +23,17 @@ record, and `layers/<key>` maps a layer's exact path set to its blob.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -43,6 +44,7 @@ from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_sto
 from nixery.nix import packages as nix
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.sources import PackageSource, Revision
+from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.registry.digest import Digest
 from nixery.registry.image import (
     DEFAULT_PATH,
@@ -177,9 +179,13 @@ class ImageBuilder:
         self.max_layers = max_layers
         self._build_slots = asyncio.Semaphore(max_concurrent_builds)
         self._images: SingleFlight[ImageRecord] = SingleFlight()
-        self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
+        self._layers: SingleFlight[_StoredLayer] = SingleFlight()
         self._records: dict[str, ImageRecord] = {}
         self._history: LayerHistory | None = None
+        self._history_lock = asyncio.Lock()
+        self.builds = BuildLog()
+        self._in_flight: dict[str, Build] = {}
+        self._background: set[asyncio.Task[ImageRecord]] = set()
         self._compressors = ThreadPoolExecutor(
             max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
         )
@@ -189,14 +195,48 @@ class ImageBuilder:
 
     # ---- lookups -------------------------------------------------------
 
-    async def image(self, request: ImageRequest, tag: str) -> ImageRecord:
-        """The image for a request, built on first use."""
+    async def image(
+        self, request: ImageRequest, tag: str, *, on_wait: Callable[[Build], None] | None = None
+    ) -> ImageRecord:
+        """The image for a request, built on first use. `on_wait` hears of a build it waits for."""
         revision = await self.source.resolve(tag)
         key = image_key(revision, request, self.max_layers)
         record = await self._cached_record(key)
         if record is not None:
             return record
-        return await self._images.run(key, lambda: self._build(request, revision, key))
+        build = self._build_for(key, request)
+        if on_wait is not None:
+            on_wait(build)
+        return await self._images.run(key, lambda: self._build(request, revision, key, build))
+
+    async def start(self, request: ImageRequest, tag: str) -> Build:
+        """Start building in the background (if needed); returns the build to follow."""
+        revision = await self.source.resolve(tag)
+        key = image_key(revision, request, self.max_layers)
+        record = await self._cached_record(key)
+        if record is not None:
+            build = self.builds.new(request.display_name)
+            build.emit(Stage.DONE, "already built", **_record_summary(record))
+            return build
+        build = self._build_for(key, request)
+        task = asyncio.ensure_future(self._images.run(key, lambda: self._build(request, revision, key, build)))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return build
+
+    def _background_done(self, task: asyncio.Task[ImageRecord]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # reported through the build's events
+
+    def _build_for(self, key: str, request: ImageRequest) -> Build:
+        build = self._in_flight.get(key)
+        if build is None:
+            build = self._in_flight[key] = self.builds.new(request.display_name)
+        return build
+
+    def recent_images(self, limit: int = 20) -> list[ImageRecord]:
+        return sorted(self._records.values(), key=lambda r: r.built_at, reverse=True)[:limit]
 
     async def _cached_record(self, key: str) -> ImageRecord | None:
         record = self._records.get(key)
@@ -208,20 +248,36 @@ class ImageBuilder:
 
     # ---- building ------------------------------------------------------
 
-    async def _build(self, request: ImageRequest, revision: Revision, key: str) -> ImageRecord:
+    async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
+        try:
+            record = await self._build_stages(request, revision, key, build)
+        except BaseException as exc:
+            build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__)
+            raise
+        else:
+            build.emit(Stage.DONE, "image ready", **_record_summary(record))
+            return record
+        finally:
+            self._in_flight.pop(key, None)
+
+    async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
-        bound = log.bind(image=request.display_name, source=revision.source, key=key[:12])
+        bound = log.bind(image=request.display_name, source=revision.source, key=key[:12], build=build.id)
+        build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
         async with self._build_slots:
-            resolved, graph = await self._nix_closure(request, revision, bound)
+            resolved, graph = await self._nix_closure(request, revision, bound, build)
         roots = sorted({out for package in resolved for out in package.outputs})
-        history = await self._load_history()
-        plan = await asyncio.to_thread(
-            plan_layers, graph, roots, max_layers=self.max_layers - 1, history=history
-        )
+        build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
+        async with self._history_lock:
+            history = await self._load_history()
+            plan = await asyncio.to_thread(
+                plan_layers, graph, roots, max_layers=self.max_layers - 1, history=history
+            )
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
-        layers = list(await asyncio.gather(*(self._store_layer(sorted(paths)) for paths in plan)))
+        counter = _LayerCounter(build, total=len(plan) + 1)
+        layers = list(await asyncio.gather(*(self._store_layer(sorted(paths), counter) for paths in plan)))
         entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
-        layers.append(await self._store_entry_layer(entries.entries))
+        layers.append(await self._store_entry_layer(entries.entries, counter))
 
         env = [f"PATH={DEFAULT_PATH}"]
         if entries.ca_bundle:
@@ -233,6 +289,7 @@ class ImageBuilder:
             cmd=_image_cmd(request, resolved),
             labels={"org.nixos.nixery.packages": " ".join(sorted(p.attr for p in resolved))},
         )
+        build.emit(Stage.UPLOADING, "storing the config and manifests")
         config_digest = await self.storage.put_blob_bytes(config)
         manifests = {}
         for fmt in ManifestFormat:
@@ -250,8 +307,10 @@ class ImageBuilder:
             layers=tuple(layers),
             built_at=time.time(),
         )
-        history.record([frozenset(paths) for paths in plan])
-        await self.storage.put_meta(_HISTORY_KEY, history.to_json())
+        async with self._history_lock:
+            history.record([frozenset(paths) for paths in plan])
+            history_json = history.to_json()
+        await self.storage.put_meta(_HISTORY_KEY, history_json)
         await self.storage.put_meta(f"images/{key}", record.to_json())
         self._records[key] = record
         bound.info(
@@ -259,11 +318,12 @@ class ImageBuilder:
             seconds=round(time.monotonic() - started, 3),
             layers=len(layers),
             bytes=record.compressed_size,
+            new_layers=counter.created,
         )
         return record
 
     async def _nix_closure(
-        self, request: ImageRequest, revision: Revision, bound: Any
+        self, request: ImageRequest, revision: Revision, bound: Any, build: Build
     ) -> tuple[list[ResolvedPackage], ClosureGraph]:
         deadline = time.monotonic() + self.nix_timeout
 
@@ -273,11 +333,13 @@ class ImageBuilder:
         system = request.arch.nix_system
         nix.check_buildable(system)
         bound.info("build.evaluating")
+        build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.packages)}")
         resolved = await nix.evaluate(
             revision.path, request.packages, system, source=revision.source, timeout=remaining()
         )
         bound.info("build.realising", derivations=len(resolved))
-        await nix.realise([p.drv_path for p in resolved], timeout=remaining())
+        build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
+        await nix.realise([p.drv_path for p in resolved], timeout=remaining(), on_line=NixLogProgress(build))
         outputs = [out for package in resolved for out in package.outputs]
         graph = await nix.closure_graph(outputs, timeout=remaining())
         return resolved, graph
@@ -288,47 +350,92 @@ class ImageBuilder:
             self._history = LayerHistory.from_json(data) if data else LayerHistory()
         return self._history
 
-    async def _store_layer(self, store_paths: list[str]) -> LayerDescriptor:
+    async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> LayerDescriptor:
         key = layer_key(store_paths)
-        return await self._layers.run(
-            key,
-            lambda: self._cached_or_new_layer(
-                key, _describe_layer(store_paths), lambda dest: write_store_layer(store_paths, dest)
-            ),
+        write = functools.partial(write_store_layer, store_paths)
+        return counter.count(
+            await self._layers.run(key, lambda: self._cached_or_new_layer(key, _describe_layer(store_paths), write))
         )
 
-    async def _store_entry_layer(self, entries: Sequence[Entry]) -> LayerDescriptor:
+    async def _store_entry_layer(self, entries: Sequence[Entry], counter: _LayerCounter) -> LayerDescriptor:
         material = canonical_json(
             [[e.name, e.kind, e.mode, e.target, hashlib.sha256(e.content).hexdigest()] for e in entries]
         )
         key = "entry-" + hashlib.sha256(material + COMPRESSION.encode()).hexdigest()
-        return await self._layers.run(
-            key,
-            lambda: self._cached_or_new_layer(
-                key, "entry points (/bin, /etc, /tmp)", lambda dest: write_entry_layer(entries, dest)
-            ),
+        write = functools.partial(write_entry_layer, entries)
+        return counter.count(
+            await self._layers.run(
+                key, lambda: self._cached_or_new_layer(key, "entry points (/bin, /etc, /tmp)", write)
+            )
         )
 
-    async def _cached_or_new_layer(self, key: str, description: str, write: Any) -> LayerDescriptor:
+    async def _cached_or_new_layer(
+        self, key: str, description: str, write: Callable[[BinaryIO], LayerBlob]
+    ) -> _StoredLayer:
         """The stored layer for `key`, compressed and uploaded only if it is not stored yet."""
         cached = await self.storage.get_meta(f"layers/{key}")
         if cached is not None:
             descriptor = LayerDescriptor.from_json(json.loads(cached))
             if await self.storage.stat_blob(descriptor.digest) == descriptor.size:
-                return descriptor
+                return _StoredLayer(descriptor, created=False, seconds=0.0)
+        started = time.monotonic()
         staged = Path(tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")[1])
         try:
-            blob: LayerBlob = await asyncio.get_running_loop().run_in_executor(
-                self._compressors, _write_file, staged, write
-            )
+            blob = await asyncio.get_running_loop().run_in_executor(self._compressors, _write_file, staged, write)
+            seconds = time.monotonic() - started
             await self.storage.put_blob(blob.digest, staged)
         finally:
             staged.unlink(missing_ok=True)
         descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
         await self.storage.put_meta(f"layers/{key}", canonical_json(descriptor.to_json()))
-        return descriptor
+        return _StoredLayer(descriptor, created=True, seconds=seconds)
 
 
-def _write_file(path: Path, write: Any) -> LayerBlob:
+@dataclass(frozen=True, slots=True)
+class _StoredLayer:
+    descriptor: LayerDescriptor
+    created: bool  # compressed by this call, not found in storage
+    seconds: float  # time spent compressing
+
+
+class _LayerCounter:
+    """Counts an image's layers as they are found in the cache or compressed."""
+
+    def __init__(self, build: Build, total: int):
+        self.build = build
+        self.total = total
+        self.done = 0
+        self.created = 0
+        self.bytes = 0
+
+    def count(self, stored: _StoredLayer) -> LayerDescriptor:
+        layer = stored.descriptor
+        self.done += 1
+        if not stored.created:
+            self._emit(f"layer {layer.digest.hex[:12]} already stored")
+            return layer
+        self.created += 1
+        self.bytes += layer.size
+        rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
+        self._emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
+        return layer
+
+    def _emit(self, message: str) -> None:
+        self.build.emit(
+            Stage.COMPRESSING, message, layers_done=self.done, layers_total=self.total,
+            layers_created=self.created, compressed_bytes=self.bytes,
+        )
+
+
+def _record_summary(record: ImageRecord) -> dict[str, Any]:
+    return {
+        "digest": str(record.manifests[ManifestFormat.DOCKER].digest),
+        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
+        "layers": len(record.layers),
+        "size": record.compressed_size,
+    }
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], LayerBlob]) -> LayerBlob:
     with open(path, "wb") as handle:
         return write(handle)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import structlog
 from aiohttp import web
 
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
+from nixery.progress import Build
 from nixery.registry.digest import Digest
 from nixery.registry.image import manifest_media_type
 from nixery.registry.mediatypes import OCTET_STREAM, choose_format
@@ -23,6 +25,8 @@ BUILDER = web.AppKey("builder", ImageBuilder)
 STORAGE = web.AppKey("storage", Storage)
 BLOB_REDIRECT = web.AppKey("blob_redirect", bool)
 MANIFESTS = web.AppKey("manifests", "ManifestCache")
+
+log = structlog.get_logger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -85,6 +89,11 @@ def _image_name(request: web.Request) -> ImageRequest:
     return parse_image_name(request.match_info["name"])
 
 
+def _log_wait(request: web.Request, image: str, build: Build) -> None:
+    progress = f"{request.url.origin()}/builds/{build.id}"
+    log.info("http.waiting_for_build", image=image, build=build.id, progress=progress)
+
+
 async def manifest(request: web.Request) -> web.Response:
     image = _image_name(request)
     reference = request.match_info["reference"]
@@ -95,7 +104,9 @@ async def manifest(request: web.Request) -> web.Response:
         fmt = choose_format(request.headers.getall("Accept", []))
         if fmt is None:
             raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
-        record = await request.app[BUILDER].image(image, tag)
+        record = await request.app[BUILDER].image(
+            image, tag, on_wait=lambda build: _log_wait(request, image.display_name, build)
+        )
         digest = record.manifests[fmt].digest
     document, media_type = await _stored_manifest(request, digest)
     headers = _content_headers(digest, media_type)
@@ -138,7 +149,9 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def unsupported(request: web.Request) -> web.Response:
-    raise Unsupported(f"{request.method} is not supported: this registry is pull-only (images are built from their names)")
+    raise Unsupported(
+        f"{request.method} is not supported: this registry is pull-only (images are built from their names)"
+    )
 
 
 def add_routes(app: web.Application) -> None:

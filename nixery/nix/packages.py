@@ -13,7 +13,12 @@ from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
 from nixery.nix.process import run_nix
 
 EVAL_NIX = Path(__file__).with_name("eval.nix")
-_HOST_SYSTEMS = {"x86_64": "x86_64-linux", "amd64": "x86_64-linux", "aarch64": "aarch64-linux", "arm64": "aarch64-linux"}
+_HOST_SYSTEMS = {
+    "x86_64": "x86_64-linux",
+    "amd64": "x86_64-linux",
+    "aarch64": "aarch64-linux",
+    "arm64": "aarch64-linux",
+}
 
 
 @dataclass(frozen=True, slots=True)

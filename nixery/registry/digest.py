@@ -30,7 +30,7 @@ class Digest:
         return cls(hashlib.sha256(data).hexdigest())
 
     @classmethod
-    def from_hasher(cls, hasher: "hashlib._Hash") -> Digest:
+    def from_hasher(cls, hasher: hashlib._Hash) -> Digest:
         return cls(hasher.hexdigest())
 
     def __str__(self) -> str:

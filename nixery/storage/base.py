@@ -134,7 +134,7 @@ class Storage(ABC):
             staged.unlink(missing_ok=True)
         return digest
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections. Default: nothing to release."""
 
 

@@ -1,0 +1,146 @@
+"""Build progress: every build has an id and a stream of events.
+
+A `Build` keeps its events, so a late subscriber first sees what happened so
+far and then follows live events until the build ends. The HTTP layer turns
+the stream into server-sent events; the CLI turns it into a progress bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Stage(StrEnum):
+    QUEUED = "queued"
+    EVALUATING = "evaluating"
+    BUILDING = "building"
+    LAYERING = "layering"
+    COMPRESSING = "compressing"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL = (Stage.DONE, Stage.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    stage: Stage
+    message: str
+    time: float
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage.value, "message": self.message, "time": self.time, **self.data}
+
+
+@dataclass
+class Build:
+    id: str
+    image: str
+    started: float = field(default_factory=time.time)
+    events: list[Event] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def stage(self) -> Stage:
+        return self.events[-1].stage if self.events else Stage.QUEUED
+
+    @property
+    def finished(self) -> bool:
+        return self.stage in FINAL
+
+    def emit(self, stage: Stage, message: str, **data: Any) -> None:
+        if self.finished:
+            return
+        self.events.append(Event(stage, message, time.time(), data))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[Event]:
+        """Past events, then live ones, until the build is done or failed."""
+        sent = 0
+        while True:
+            changed = self._changed
+            while sent < len(self.events):
+                yield self.events[sent]
+                sent += 1
+            if self.finished:
+                return
+            await changed.wait()
+
+    def summary(self) -> dict[str, Any]:
+        last = self.events[-1].to_json() if self.events else None
+        return {"id": self.id, "image": self.image, "started": self.started, "stage": self.stage.value, "last": last}
+
+
+class BuildLog:
+    """Builds by id: the running ones and the most recent finished ones."""
+
+    def __init__(self, keep: int = 200):
+        self._builds: OrderedDict[str, Build] = OrderedDict()
+        self._keep = keep
+
+    def new(self, image: str) -> Build:
+        build = Build(id=secrets.token_hex(8), image=image)
+        self._builds[build.id] = build
+        while len(self._builds) > self._keep:
+            oldest = next(iter(self._builds.values()))
+            if not oldest.finished:
+                break
+            self._builds.popitem(last=False)
+        return build
+
+    def get(self, build_id: str) -> Build | None:
+        return self._builds.get(build_id)
+
+    def recent(self) -> list[Build]:
+        return list(reversed(self._builds.values()))
+
+
+_WILL_BUILD = re.compile(r"these (\d+) derivations? will be built")
+_WILL_FETCH = re.compile(r"these (\d+) paths? will be fetched")
+_BUILDING = re.compile(r"building '(/nix/store/[^']+)'")
+_COPYING = re.compile(r"copying path '(/nix/store/[^']+)'")
+
+
+class NixLogProgress:
+    """Reads `nix-store --realise` output and reports derivations built and paths fetched."""
+
+    def __init__(self, build: Build):
+        self.build = build
+        self.to_build = 0
+        self.to_fetch = 0
+        self.built = 0
+        self.fetched = 0
+
+    def __call__(self, line: str) -> None:
+        if match := _WILL_BUILD.search(line):
+            self.to_build = int(match.group(1))
+        elif match := _WILL_FETCH.search(line):
+            self.to_fetch = int(match.group(1))
+        elif match := _BUILDING.search(line):
+            self.built += 1
+            self._report(f"building {match.group(1)}")
+        elif match := _COPYING.search(line):
+            self.fetched += 1
+            self._report(f"fetching {match.group(1)}")
+
+    def _report(self, message: str) -> None:
+        self.build.emit(
+            Stage.BUILDING,
+            message,
+            built=self.built,
+            to_build=self.to_build,
+            fetched=self.fetched,
+            to_fetch=self.to_fetch,
+        )
