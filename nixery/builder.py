@@ -209,6 +209,11 @@ class ImageBuilder:
             on_wait(build)
         return await self._images.run(key, lambda: self._build(request, revision, key, build))
 
+    async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
+        """The image if it is already built, without building it (for access control)."""
+        revision = await self.source.resolve(tag)
+        return await self._cached_record(image_key(revision, request, self.max_layers))
+
     async def start(self, request: ImageRequest, tag: str) -> Build:
         """Start building in the background (if needed); returns the build to follow."""
         revision = await self.source.resolve(tag)

@@ -8,6 +8,7 @@ rendered by `nixery.http.errors`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -25,6 +26,17 @@ BUILDER = web.AppKey("builder", ImageBuilder)
 STORAGE = web.AppKey("storage", Storage)
 BLOB_REDIRECT = web.AppKey("blob_redirect", bool)
 MANIFESTS = web.AppKey("manifests", "ManifestCache")
+
+
+class ImageResolver(Protocol):
+    """Maps a repository name and tag to the image to build, when the name is
+    not a list of packages (declared images, e.g. NixImage resources)."""
+
+    async def resolve(self, name: str, tag: str) -> ImageRequest | None: ...
+
+
+#: Optional: consulted before a name is read as a list of packages.
+RESOLVER = web.AppKey("resolver", ImageResolver)
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +106,15 @@ def _log_wait(request: web.Request, image: str, build: Build) -> None:
     log.info("http.waiting_for_build", image=image, build=build.id, progress=progress)
 
 
+async def _requested_image(request: web.Request, tag: str) -> ImageRequest:
+    resolver = request.app.get(RESOLVER)
+    if resolver is not None:
+        declared = await resolver.resolve(request.match_info["name"], tag)
+        if declared is not None:
+            return declared
+    return _image_name(request)
+
+
 async def manifest(request: web.Request) -> web.Response:
     image = _image_name(request)
     reference = request.match_info["reference"]
@@ -101,6 +122,7 @@ async def manifest(request: web.Request) -> web.Response:
         digest = Digest.parse(reference)
     else:
         tag = check_tag(reference)
+        image = await _requested_image(request, tag)
         fmt = choose_format(request.headers.getall("Accept", []))
         if fmt is None:
             raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
