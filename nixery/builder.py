@@ -64,6 +64,9 @@ log = structlog.get_logger(__name__)
 FORMAT_VERSION = "1"
 COMPRESSION = "gzip-isal-1"
 _HISTORY_KEY = "layering/history.json"
+USAGE_PREFIX = "usage/"
+#: How often an image's use is written to storage (for garbage collection).
+USAGE_INTERVAL = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,10 @@ class ImageRecord:
             layers=tuple(LayerDescriptor.from_json(layer) for layer in doc["layers"]),
             built_at=float(doc["built_at"]),
         )
+
+    def blobs(self) -> set[Digest]:
+        """Every blob the image needs: config, manifests and layers."""
+        return {self.config, *(ref.digest for ref in self.manifests.values()), *(x.digest for x in self.layers)}
 
     @property
     def compressed_size(self) -> int:
@@ -186,6 +193,9 @@ class ImageBuilder:
         self.builds = BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
+        self._background_writes: set[asyncio.Task[None]] = set()
+        self._last_use_written: dict[str, float] = {}
+        storage.on_corrupt_blob(self._forget_images_using)
         self._compressors = ThreadPoolExecutor(
             max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
         )
@@ -203,6 +213,7 @@ class ImageBuilder:
         key = image_key(revision, request, self.max_layers)
         record = await self._cached_record(key)
         if record is not None:
+            self._note_use(key)
             return record
         build = self._build_for(key, request)
         if on_wait is not None:
@@ -244,18 +255,55 @@ class ImageBuilder:
         return sorted(self._records.values(), key=lambda r: r.built_at, reverse=True)[:limit]
 
     async def _cached_record(self, key: str) -> ImageRecord | None:
+        """The built image under `key`: from memory, else from storage if all its blobs are there."""
         record = self._records.get(key)
         if record is None:
             data = await self.storage.get_meta(f"images/{key}")
-            if data is not None:
-                record = self._records[key] = ImageRecord.from_json(data)
+            if data is None:
+                return None
+            record = ImageRecord.from_json(data)
+            if not await self._blobs_present(record):
+                log.warning("build.record_incomplete", key=key[:12], image=record.name, note="rebuilding")
+                return None
+            self._records[key] = record
         return record
+
+    async def _blobs_present(self, record: ImageRecord) -> bool:
+        sizes = await asyncio.gather(*(self.storage.stat_blob(digest) for digest in record.blobs()))
+        return all(size is not None for size in sizes)
+
+    def _note_use(self, key: str) -> None:
+        """Record that an image was pulled, at most once per USAGE_INTERVAL (for GC)."""
+        now = time.time()
+        if now - self._last_use_written.get(key, 0.0) < USAGE_INTERVAL:
+            return
+        self._last_use_written[key] = now
+        task = asyncio.ensure_future(
+            self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now}))
+        )
+        self._background_writes.add(task)
+        task.add_done_callback(self._write_done)
+
+    def _write_done(self, task: asyncio.Task[None]) -> None:
+        self._background_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("build.usage_not_recorded", error=str(task.exception()))
+
+    def _forget_images_using(self, digest: Digest) -> None:
+        """A blob was found corrupt: its images must be checked (and rebuilt) on next use."""
+        for key, record in list(self._records.items()):
+            if digest == record.config or any(layer.digest == digest for layer in record.layers):
+                del self._records[key]
 
     # ---- building ------------------------------------------------------
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         try:
-            record = await self._build_stages(request, revision, key, build)
+            async with self.storage.exclusive(f"builds/{key}"):
+                # Another process sharing this storage may have built it while we waited.
+                record = await self._cached_record(key)
+                if record is None:
+                    record = await self._build_stages(request, revision, key, build)
         except BaseException as exc:
             build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__)
             raise
@@ -382,6 +430,8 @@ class ImageBuilder:
         if cached is not None:
             descriptor = LayerDescriptor.from_json(json.loads(cached))
             if await self.storage.stat_blob(descriptor.digest) == descriptor.size:
+                # Tell a concurrent garbage collection that this blob is in use again.
+                await self.storage.touch_blob(descriptor.digest)
                 return _StoredLayer(descriptor, created=False, seconds=0.0)
         started = time.monotonic()
         staged = Path(tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")[1])

@@ -3,24 +3,92 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from nixery import __version__
+
+if TYPE_CHECKING:
+    from nixery.config import Settings
+
+
+def _settings() -> Settings:
+    from nixery import config
+
+    try:
+        return config.load()
+    except config.ConfigError as exc:
+        print(f"nixery: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from nixery import config, logs
+    from nixery import logs
     from nixery.app import create_app
 
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        print(f"nixery: configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None)
+    # SIGTERM: stop accepting, let in-flight responses finish within the grace period.
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace,
+    )
+    return 0
+
+
+def _parse_age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}") from None
+
+
+def _check(args: argparse.Namespace) -> int:
+    from nixery import maintenance
+    from nixery.storage import open_storage
+
+    async def run() -> maintenance.CheckReport:
+        storage = open_storage(_settings())
+        try:
+            return await maintenance.check(storage)
+        finally:
+            await storage.close()
+
+    report = asyncio.run(run())
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(f"checked {report.blobs} blobs ({report.bytes / 1e6:.1f} MB) and {report.images} images: "
+          f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
+    return 0 if report.ok else 1
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from nixery import maintenance
+    from nixery.storage import open_storage
+
+    async def run() -> maintenance.GarbageReport:
+        storage = open_storage(_settings())
+        try:
+            return await maintenance.collect_garbage(storage, older_than=args.older_than, dry_run=args.dry_run)
+        finally:
+            await storage.close()
+
+    try:
+        report = asyncio.run(run())
+    except ValueError as exc:
+        print(f"nixery gc: {exc}", file=sys.stderr)
+        return 2
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
+          f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images")
     return 0
 
 
@@ -36,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run the registry (settings from the environment)")
     layers = commands.add_parser("layers", help="layering tools")
     layers.add_argument("action", choices=["plan"], help="plan: run the layering on a graph and image list")
+    commands.add_parser("check", help="verify every stored blob and image record")
+    gc = commands.add_parser("gc", help="remove images not used recently and the blobs only they used")
+    gc.add_argument("--older-than", type=_parse_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    return 2
+    handlers = {"serve": _serve, "check": _check, "gc": _gc}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class Settings:
     nix_timeout: float = 600.0
     max_layers: int = 100
     max_concurrent_builds: int = 2
+    shutdown_grace: float = 30.0
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -203,6 +204,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
+        shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
     )

@@ -17,10 +17,11 @@ stream of bytes. The HTTP layer decides how to put that on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,14 @@ class BackendUnavailable(StorageError):
     def __init__(self, backend: str, reason: str):
         super().__init__(f"storage backend {backend} is unavailable: {reason}")
         self.backend = backend
+
+
+class CorruptBlob(BlobNotFound):
+    """A stored blob's bytes do not hash to its digest; it has been taken out of service."""
+
+    def __init__(self, digest: Digest):
+        StorageError.__init__(self, f"blob {digest} was corrupt and has been removed; pull the image again")
+        self.digest = digest
 
 
 class InvalidKey(StorageError):
@@ -73,6 +82,13 @@ class ByteStream:
 
 
 BlobSource = LocalFile | Redirect | ByteStream
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStat:
+    digest: Digest
+    size: int
+    modified: float  # seconds since the epoch of the last write or touch
 
 _KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
 
@@ -126,6 +142,7 @@ class Storage(ABC):
         """Store a small in-memory blob (configs, manifests); returns its digest."""
         digest = Digest.of(data)
         if await self.stat_blob(digest) is not None:
+            await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
             return digest
         staged = await asyncio.to_thread(_stage_bytes, self.staging_dir(), data)
         try:
@@ -136,6 +153,48 @@ class Storage(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections. Default: nothing to release."""
+
+    def on_corrupt_blob(self, listener: Callable[[Digest], None]) -> None:
+        """Call `listener` with the digest of any blob found corrupt and removed."""
+        self.__dict__.setdefault("_corruption_listeners", []).append(listener)
+
+    def _report_corrupt_blob(self, digest: Digest) -> None:
+        for listener in self.__dict__.get("_corruption_listeners", []):
+            listener(digest)
+
+    # ---- optional capabilities (a backend without them still serves) ----
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[None]:
+        """Hold a lock on `key` shared by every process using this storage.
+
+        A holder that dies loses the lock. The default excludes nobody: on
+        backends without it, replicas may build the same image twice (the
+        results are identical, so this costs time, not correctness).
+        """
+        yield
+
+    async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)
+        """Mark a blob as in use now, so a concurrent garbage collection keeps it."""
+
+    async def verify_blob(self, digest: Digest) -> bool | None:
+        """Whether the stored bytes hash to `digest`; None when this backend cannot tell cheaply."""
+        return None
+
+    async def list_blobs(self) -> AsyncIterator[BlobStat]:
+        """Every stored blob (for garbage collection and checks)."""
+        raise NotImplementedError(f"the {self.name} backend cannot list blobs")
+        yield  # pragma: no cover (makes this an async generator)
+
+    async def delete_blob(self, digest: Digest) -> None:
+        raise NotImplementedError(f"the {self.name} backend cannot delete blobs")
+
+    async def list_meta(self, prefix: str) -> list[str]:
+        """Keys of the metadata documents under `prefix` (e.g. "images/")."""
+        raise NotImplementedError(f"the {self.name} backend cannot list metadata")
+
+    async def delete_meta(self, key: str) -> None:
+        raise NotImplementedError(f"the {self.name} backend cannot delete metadata")
 
 
 def _stage_bytes(directory: Path, data: bytes) -> Path:

@@ -4,26 +4,45 @@ Layout under the root:
 
     blobs/sha256/ab/abcdef...   content-addressed blobs
     meta/<key>                  metadata documents
+    locks/<key>.lock            cross-process locks (flock: released when the holder dies)
+    quarantine/                 blobs whose bytes did not match their digest
     tmp/<host>-<pid>/           this process's staging files
 
 Every write goes to a staging file that is fsync'd and then renamed into place,
 and the parent directory is fsync'd, so a crash leaves either the old state or
 the new one, never a partial file under a final name. Staging directories of
 processes that are gone are removed at start-up.
+
+Before a blob is first served by this process its bytes are hashed: a blob
+that no longer matches its digest (disk corruption, tampering) is moved to
+quarantine instead of being served, so the image that needs it is rebuilt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
-from nixery.storage.base import BlobNotFound, BlobSource, LocalFile, Storage, check_key
+from nixery.storage.base import (
+    BlobNotFound,
+    BlobSource,
+    BlobStat,
+    CorruptBlob,
+    LocalFile,
+    Storage,
+    check_key,
+)
 
 #: Staging directories of other hosts (shared storage) older than this are removed.
 _FOREIGN_STAGING_MAX_AGE = 24 * 3600
@@ -36,10 +55,14 @@ class FilesystemStorage(Storage):
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._meta = root / "meta"
+        self._locks = root / "locks"
+        self._quarantine = root / "quarantine"
         self._staging = root / "tmp" / f"{socket.gethostname()}-{os.getpid()}"
-        for directory in (self._blobs, self._meta, self._staging):
+        for directory in (self._blobs, self._meta, self._locks, self._quarantine, self._staging):
             directory.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_staging(root / "tmp", keep=self._staging)
+        # Blobs hashed and found intact, by (digest, inode, size, mtime): verified once per process.
+        self._verified: set[tuple[Digest, int, int, int]] = set()
 
     def blob_path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
@@ -54,10 +77,23 @@ class FilesystemStorage(Storage):
             return None
 
     async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
-        size = await self.stat_blob(digest)
-        if size is None:
-            raise BlobNotFound(digest)
-        return LocalFile(self.blob_path(digest), size)
+        path = self.blob_path(digest)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+        identity = (digest, st.st_ino, st.st_size, st.st_mtime_ns)
+        if identity not in self._verified:
+            if not await asyncio.to_thread(_hashes_to, path, digest):
+                await asyncio.to_thread(self._quarantine_blob, path)
+                self._report_corrupt_blob(digest)
+                raise CorruptBlob(digest)
+            self._verified.add(identity)
+        return LocalFile(path, st.st_size)
+
+    def _quarantine_blob(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, self._quarantine / f"{path.name}-{time.time_ns()}")
 
     async def read_blob(self, digest: Digest) -> bytes:
         try:
@@ -78,6 +114,54 @@ class FilesystemStorage(Storage):
         target = self._meta / check_key(key)
         await asyncio.to_thread(self._write_meta, target, data)
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[None]:
+        lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
+        fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Poll without blocking a thread, so a cancelled waiter stops at once.
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def verify_blob(self, digest: Digest) -> bool | None:
+        try:
+            return await asyncio.to_thread(_hashes_to, self.blob_path(digest), digest)
+        except FileNotFoundError:
+            return None
+
+    async def touch_blob(self, digest: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.utime, self.blob_path(digest))
+
+    async def list_blobs(self) -> AsyncIterator[BlobStat]:
+        for path in await asyncio.to_thread(lambda: sorted(self._blobs.glob("*/*"))):
+            try:
+                st = path.stat()
+                digest = Digest.parse(f"sha256:{path.name}")
+            except (FileNotFoundError, DigestInvalid):
+                continue
+            yield BlobStat(digest, st.st_size, st.st_mtime)
+
+    async def delete_blob(self, digest: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self.blob_path(digest))
+
+    async def list_meta(self, prefix: str) -> list[str]:
+        base = self._meta / check_key(prefix.rstrip("/"))
+        files = await asyncio.to_thread(lambda: sorted(p for p in base.rglob("*") if p.is_file()))
+        return [str(p.relative_to(self._meta)) for p in files]
+
+    async def delete_meta(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self._meta / check_key(key))
+
     def _write_meta(self, target: Path, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=self._staging, delete=False, prefix="meta-") as handle:
             handle.write(data)
@@ -94,6 +178,14 @@ def _publish(staged: Path, target: Path, *, replace: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, target)
     _fsync_dir(target.parent)
+
+
+def _hashes_to(path: Path, digest: Digest) -> bool:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest() == digest.hex
 
 
 def _fsync_dir(directory: Path) -> None:

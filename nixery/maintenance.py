@@ -1,0 +1,101 @@
+"""Storage upkeep: checking consistency and collecting garbage.
+
+Both run against live storage while registries serve from it:
+
+* `check` walks every blob and verifies its bytes against its digest, and every
+  image record against the blobs it names.
+* `collect_garbage` removes images not used within a time limit, then blobs no
+  remaining image uses. An image in use is never removed: registries record a
+  use at least once an hour (`usage/<key>`), and the limit is longer than that.
+  Blobs written or reused by a running build are fresh, so a grace period
+  keeps them until the build has written its image record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from nixery.builder import USAGE_PREFIX, ImageRecord
+from nixery.registry.digest import Digest
+from nixery.storage.base import Storage
+
+#: Shortest allowed GC age: several times the interval at which use is recorded.
+MIN_AGE = 3 * 3600.0
+BLOB_GRACE = 3600.0
+
+
+@dataclass
+class CheckReport:
+    blobs: int = 0
+    bytes: int = 0
+    images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class GarbageReport:
+    images_removed: int = 0
+    images_kept: int = 0
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+
+
+async def _records(storage: Storage) -> dict[str, ImageRecord]:
+    records = {}
+    for key in await storage.list_meta("images"):
+        data = await storage.get_meta(key)
+        if data is not None:
+            records[key] = ImageRecord.from_json(data)
+    return records
+
+
+async def check(storage: Storage) -> CheckReport:
+    report = CheckReport()
+    present: dict[Digest, int] = {}
+    async for blob in storage.list_blobs():
+        present[blob.digest] = blob.size
+        report.blobs += 1
+        report.bytes += blob.size
+        if await storage.verify_blob(blob.digest) is False:
+            report.problems.append(f"blob {blob.digest} does not match its digest")
+    for key, record in (await _records(storage)).items():
+        report.images += 1
+        for digest in sorted(record.blobs()):
+            if digest not in present:
+                report.problems.append(f"{key} ({record.name}) names missing blob {digest}")
+    return report
+
+
+async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool = False) -> GarbageReport:
+    if older_than < MIN_AGE:
+        raise ValueError(f"images younger than {MIN_AGE / 3600:g} hours are never collected")
+    now = time.time()
+    report = GarbageReport(dry_run=dry_run)
+    live: set[Digest] = set()
+    for key, record in (await _records(storage)).items():
+        image_key = key.removeprefix("images/")
+        used = await storage.get_meta(f"{USAGE_PREFIX}{image_key}")
+        last_use = max(record.built_at, float(json.loads(used)["last_used"]) if used else 0.0)
+        if now - last_use > older_than:
+            report.images_removed += 1
+            if not dry_run:
+                await storage.delete_meta(key)
+                await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
+        else:
+            report.images_kept += 1
+            live |= record.blobs()
+    async for blob in storage.list_blobs():
+        if blob.digest in live or now - blob.modified < BLOB_GRACE:
+            continue
+        report.blobs_removed += 1
+        report.bytes_freed += blob.size
+        if not dry_run:
+            await storage.delete_blob(blob.digest)
+    return report
