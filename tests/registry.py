@@ -105,8 +105,12 @@ class RegistryProcess:
         return headers["Docker-Content-Digest"], json.loads(body)
 
 
-def run(argv: list[str], *, timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+def run(
+    argv: list[str], *, timeout: float = 300, check: bool = True, env_extra: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess[str]:
+    if env_extra:
+        kwargs["env"] = {**os.environ, **env_extra}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPOSITORY, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -145,3 +149,7 @@ def nix_counting_path(directory: Path) -> tuple[str, Path]:
 
 def nix_call_count(calls: Path) -> int:
     return len(calls.read_text().splitlines())
+
+
+def nix_calls_of(calls: Path, prefix: str) -> list[str]:
+    return [line for line in calls.read_text().splitlines() if line.startswith(prefix)]

@@ -1,0 +1,152 @@
+"""Concurrency, crashes, corruption, garbage collection and shutdown, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from nixery import maintenance
+from nixery.registry.digest import Digest
+from nixery.storage.filesystem import FilesystemStorage
+from tests.registry import RegistryProcess, nix_calls_of, run
+
+
+def realise_calls(calls: Path) -> int:
+    return len(nix_calls_of(calls, "nix-store --realise"))
+
+
+def check_storage(storage: Path) -> str:
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(storage)}, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_fifty_concurrent_pulls_share_one_build(start_registry, nix_calls) -> None:
+    path, calls = nix_calls
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", PATH=path)
+    before = realise_calls(calls)
+    with ThreadPoolExecutor(50) as pool:
+        digests = list(pool.map(lambda _: registry.manifest("shell/greet/figlet/scale-77")[0], range(50)))
+    assert len(set(digests)) == 1
+    assert realise_calls(calls) - before == 1
+
+
+def test_two_processes_on_one_storage_build_once(start_registry, nix_calls, tmp_path: Path) -> None:
+    path, calls = nix_calls
+    storage = tmp_path / "shared-storage"
+    first = start_registry(storage, NIXERY_BUNDLED_SET="busybox", PATH=path)
+    second = start_registry(storage, NIXERY_BUNDLED_SET="busybox", PATH=path)
+    before = realise_calls(calls)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(r.manifest, "cowsay/scale-123/scale-200") for r in (first, second) * 4]
+        digests = {f.result()[0] for f in futures}
+    assert len(digests) == 1
+    assert realise_calls(calls) - before == 1
+
+
+def test_kill_9_during_builds_leaves_storage_consistent(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    rng = random.Random(7)
+    images = [f"scale-{n}/scale-{n + 100}/bigdata" for n in range(150, 170)]
+    def pull_until_killed(registry: RegistryProcess, image: str) -> None:
+        try:
+            registry.request(f"/v2/{image}/manifests/latest", timeout=60)
+        except OSError:
+            pass  # the server was killed mid-request, as intended
+
+    for image in images:
+        registry = RegistryProcess(storage=storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+        worker = threading.Thread(target=pull_until_killed, args=(registry, image))
+        worker.start()
+        time.sleep(rng.uniform(0.0, 0.6))
+        registry.process.send_signal(signal.SIGKILL)
+        registry.process.wait()
+        worker.join()
+    finished = len(list((storage / "meta" / "images").glob("*")))
+    assert finished < len(images), "no kill landed during a build"
+    assert "ok" in check_storage(storage)
+    # The next start removes the dead processes' staging files, and every image still builds.
+    registry = RegistryProcess(storage=storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        staging = [p.name for p in (storage / "tmp").iterdir()]
+        assert staging == [p for p in staging if p.endswith(f"-{registry.process.pid}")]
+        for image in images[:5]:
+            registry.manifest(image)
+    finally:
+        registry.stop()
+    assert "ok" in check_storage(storage)
+
+
+def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
+    digest, manifest = registry.manifest("fortune/bigdata")
+    layer = max(manifest["layers"], key=lambda l: l["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    data = bytearray(blob_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob_file.write_bytes(data)
+
+    status, _, body = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+    again, _ = registry.manifest("fortune/bigdata")
+    assert again == digest, "the rebuilt image is byte-for-byte the same"
+    status, _, body = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
+    assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
+
+
+def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, kept = registry.manifest("shell/hello")
+    _, dropped = registry.manifest("bigdata")
+    registry.stop()
+
+    storage = FilesystemStorage(registry.storage)
+    later = time.time() + 40 * 86400
+    monkeypatch.setattr(maintenance.time, "time", lambda: later)
+
+    async def collect() -> maintenance.GarbageReport:
+        records = await maintenance._records(storage)
+        kept_key = next(k for k, r in records.items() if r.name == "hello/shell")
+        usage_key = maintenance.USAGE_PREFIX + kept_key.removeprefix("images/")
+        await storage.put_meta(usage_key, json.dumps({"last_used": later - 3600}).encode())
+        return await maintenance.collect_garbage(storage, older_than=30 * 86400)
+
+    report = asyncio.run(collect())
+    assert report.images_removed == 1 and report.images_kept == 1
+    big = max(dropped["layers"], key=lambda l: l["size"])
+    assert report.bytes_freed >= big["size"]
+    assert asyncio.run(storage.stat_blob(Digest.parse(big["digest"]))) is None
+    for layer in kept["layers"]:
+        assert asyncio.run(storage.stat_blob(Digest.parse(layer["digest"]))) is not None
+    assert "ok" in check_storage(registry.storage)
+
+    registry.start()
+    again, _ = registry.manifest("bigdata")
+    assert registry.request(f"/v2/bigdata/blobs/{big['digest']}", method="HEAD")[0] == 200
+
+
+def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
+    _, manifest = registry.manifest("bigdata")
+    layer = max(manifest["layers"], key=lambda l: l["size"])
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    connection.request("GET", f"/v2/bigdata/blobs/{layer['digest']}")
+    response = connection.getresponse()
+    first = response.read(4096)
+    registry.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    rest = response.read()
+    assert Digest.of(first + rest) == Digest.parse(layer["digest"])
+    assert registry.process.wait(30) == 0
+    with pytest.raises(OSError):
+        http.client.HTTPConnection("127.0.0.1", registry.port, timeout=2).request("GET", "/v2/")
