@@ -3,6 +3,17 @@
 A source turns an image tag into a `Revision`: a local directory holding the
 package set's `default.nix`, and an identifier that changes whenever the
 package set does. The identifier, not the tag, keys the image cache.
+
+A package set is the same for every source: a directory (a repository's root,
+a tarball's top directory) whose `default.nix` evaluates to a function of one
+attribute set, called as `import dir { system = "x86_64-linux"; }`, that
+returns an attribute set of derivations (nested sets allowed), as nixpkgs does.
+
+    source                 tag selects    revision id                  module
+    NIXERY_PKGS_PATH       nothing        hash of the directory tree   here
+    NIXERY_PKGS_REPO       a git ref      the commit                   git.py
+    NIXERY_CHANNEL         nothing        commit, or tarball SHA-256   channel.py
+    (none: bundled set)    nothing        hash of the directory tree   here
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
@@ -71,12 +83,38 @@ def tree_fingerprint(root: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def redact_url(url: str) -> str:
+    """The URL without its user part (which may hold a password or token), for messages."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def open_source(settings: Settings) -> PackageSource:
     """The package source the settings name; the bundled set when none is named."""
+    # Imported here: those modules build on the classes above.
+    from nixery.nix.channel import ChannelSource
+    from nixery.nix.git import GitSource
+
     if settings.pkgs_path is not None:
         return LocalPathSource(settings.pkgs_path)
-    if settings.pkgs_repo or settings.channel:
-        raise NotImplementedError("git and channel sources are not implemented yet")
+    if settings.pkgs_repo:
+        return GitSource(
+            settings.pkgs_repo,
+            cache_dir=settings.cache_dir,
+            ref_ttl=settings.git_ref_ttl,
+            fetch_timeout=settings.nix_timeout,
+        )
+    if settings.channel:
+        return ChannelSource(
+            settings.channel,
+            url_template=settings.channel_url,
+            cache_dir=settings.cache_dir,
+            timeout=settings.nix_timeout,
+        )
     bundled = settings.bundled_set
     if bundled.name == "busybox":
         log.info(

@@ -1,0 +1,113 @@
+"""Image names through a running registry: what each path component selects.
+
+Components name top-level attributes of the package set, dotted components
+reach into nested sets, a unique case-insensitive match stands in for a
+missing exact name, `shell` is the shell meta-package, order and repeats do
+not matter, and a leading `arm64` asks for aarch64.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixery.nix.packages import host_system
+from tests.registry import RegistryProcess
+from tests.test_sources import error_of, needs_clients, rootfs_of, run_in, started, write_package_set
+
+pytestmark = pytest.mark.nix
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """One registry on the bundled busybox set for every test here."""
+    registry = started(tmp_path_factory.mktemp("names") / "storage", NIXERY_BUNDLED_SET="busybox")
+    yield registry
+    registry.stop()
+
+
+def layers(manifest: dict) -> list[str]:
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+def labels(registry: RegistryProcess, manifest: dict) -> dict[str, str]:
+    status, _, body = registry.request(f"/v2/hello/blobs/{manifest['config']['digest']}", accept=None)
+    assert status == 200
+    return json.loads(body)["config"]["Labels"]
+
+
+def test_case_insensitive_name_resolves_to_the_package(bundled: RegistryProcess) -> None:
+    _, upper = bundled.manifest("Hello")
+    _, lower = bundled.manifest("hello")
+    assert layers(upper) == layers(lower)
+    assert labels(bundled, upper)["org.nixos.nixery.packages"] == "hello"
+
+
+def test_order_and_repeats_do_not_change_the_image(bundled: RegistryProcess) -> None:
+    digests = {bundled.manifest(name)[0] for name in ("hello/shell", "shell/hello", "shell/hello/hello")}
+    assert len(digests) == 1
+    assert layers(bundled.manifest("hello/shell")[1]) == layers(bundled.manifest("shell/hello")[1])
+
+
+@needs_clients
+def test_dotted_attribute_path_reaches_a_nested_set(bundled: RegistryProcess, tmp_path: Path) -> None:
+    rootfs = rootfs_of(bundled, "shell/tools.jqlite", tmp_path / "jq")  # jqlite runs sed from the shell
+    assert run_in(rootfs, "/bin/jqlite", stdin='{"name": "nixery"}\n') == "name=nixery\n"
+
+
+@needs_clients
+def test_shell_gives_a_shell(bundled: RegistryProcess, tmp_path: Path) -> None:
+    rootfs = rootfs_of(bundled, "shell/hello", tmp_path / "sh")
+    assert run_in(rootfs, "/bin/sh", "-c", "hello; echo $0") == "Hello, world!\n/bin/sh\n"
+
+
+def test_unknown_names_are_manifest_unknown_listing_every_one(bundled: RegistryProcess) -> None:
+    status, error = error_of(bundled, "hello/nosuchpackage/tools.nosuchtool/alsomissing")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN")
+    assert error["detail"]["missing"] == ["alsomissing", "nosuchpackage", "tools.nosuchtool"]
+    for name in error["detail"]["missing"]:
+        assert name in error["message"]
+
+
+def test_a_set_that_is_not_a_derivation_is_not_a_package(bundled: RegistryProcess) -> None:
+    status, error = error_of(bundled, "tools")
+    assert (status, error["detail"]["missing"]) == (404, ["tools"])
+
+
+@pytest.mark.parametrize(
+    "name", ["hello;ls", "hello$(id)", "he%20llo", "hello/..", "a..b", ".hidden", "-rf", "hello/-x", "hello//shell"]
+)
+def test_malformed_names_are_name_invalid(bundled: RegistryProcess, name: str) -> None:
+    status, error = error_of(bundled, name)
+    assert (status, error["code"]) == (400, "NAME_INVALID"), error
+
+
+@pytest.mark.skipif(host_system() == "aarch64-linux", reason="this machine builds arm64 images itself")
+def test_arm64_prefix_is_a_clear_error_when_this_machine_cannot_build_it(bundled: RegistryProcess) -> None:
+    status, error = error_of(bundled, "arm64/hello")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN")
+    assert "aarch64-linux" in error["message"] and "cannot build" in error["message"]
+
+
+def test_exact_names_win_and_ambiguous_case_insensitive_names_are_missing(tmp_path: Path) -> None:
+    pkgs = write_package_set(
+        tmp_path / "pkgs",
+        {"Tool": "echo capital", "tool": "echo small", "Unique": "echo unique", "py.Requests": "echo requests"},
+    )
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(pkgs))
+    try:
+        packages = {}
+        for name in ("Tool", "tool", "unique", "UNIQUE", "py.requests", "PY.REQUESTS"):
+            _, manifest = registry.manifest(name)
+            packages[name] = labels(registry, manifest)["org.nixos.nixery.packages"]
+        assert packages == {
+            "Tool": "Tool", "tool": "tool", "unique": "Unique", "UNIQUE": "Unique",
+            "py.requests": "py.Requests", "PY.REQUESTS": "py.Requests",
+        }
+        status, error = error_of(registry, "TOOL")  # matches Tool and tool: not unique
+        assert (status, error["detail"]["missing"]) == (404, ["TOOL"])
+    finally:
+        registry.stop()
