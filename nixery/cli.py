@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import TYPE_CHECKING
 
@@ -24,13 +25,21 @@ def _settings() -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from nixery import logs
-    from nixery.app import create_app
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers == 1:
+        _serve_one(settings, reuse_port=False)
+        return 0
+    return _serve_workers(settings)
+
+
+def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from nixery.app import create_app
+
     # SIGTERM: stop accepting, let in-flight responses finish within the grace period.
     web.run_app(
         create_app(settings),
@@ -39,8 +48,38 @@ def _serve(args: argparse.Namespace) -> int:
         print=None,
         access_log=None,
         shutdown_timeout=settings.shutdown_grace,
+        reuse_port=reuse_port,
     )
-    return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """Several processes accept on one port (SO_REUSEPORT); the kernel spreads
+    connections. They share storage, whose lock keeps one build per image."""
+    import os
+    import signal
+
+    children = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve_one(settings, reuse_port=True)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
 
 
 def _parse_age(text: str) -> float:
@@ -98,12 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         from nixery.layers.plan_cli import main as plan_main
 
         return plan_main(argv[2:])
+    if argv[:2] == ["auth", "hash-password"]:
+        from nixery.auth import hash_password_main
+
+        return hash_password_main(argv[2:])
     parser = argparse.ArgumentParser(prog="nixery", description="A container registry that builds images with Nix.")
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the registry (settings from the environment)")
     layers = commands.add_parser("layers", help="layering tools")
     layers.add_argument("action", choices=["plan"], help="plan: run the layering on a graph and image list")
+    auth = commands.add_parser("auth", help="access control tools")
+    auth.add_argument("action", choices=["hash-password"], help="hash-password: make a users-file line (docs/auth.md)")
     commands.add_parser("check", help="verify every stored blob and image record")
     gc = commands.add_parser("gc", help="remove images not used recently and the blobs only they used")
     gc.add_argument("--older-than", type=_parse_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -49,6 +49,22 @@ class GCSSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Access control (docs/auth.md); off unless NIXERY_AUTH is basic or token."""
+
+    mode: str = "none"  # none | basic | token
+    users_file: Path | None = None
+    anonymous_pull: bool = False
+    token_secret: str | None = field(default=None, repr=False)  # None: random per process
+    token_ttl: int = 300
+    token_realm: str | None = None  # None: http://HOST/token from the request
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -71,8 +87,16 @@ class Settings:
     max_layers: int = 100
     max_concurrent_builds: int = 2
     shutdown_grace: float = 30.0
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "auto"
+    auth: AuthSettings = AuthSettings()
+    # Declared images (docs/kubernetes.md): NixImage YAML files, and/or a watch on the cluster's objects.
+    images_path: Path | None = None
+    images_poll: float = 10.0
+    prebuild: bool = False
+    k8s_watch: bool = False
+    kubeconfig: Path | None = None
 
     @property
     def source_description(self) -> str:
@@ -180,6 +204,61 @@ def _gcs(env: Mapping[str, str]) -> GCSSettings:
     )
 
 
+def _auth(env: Mapping[str, str]) -> AuthSettings:
+    from nixery.auth import UsersFileError, load_users
+
+    mode = _choice(env, "NIXERY_AUTH", "none", ("none", "basic", "token"))
+    users = env.get("NIXERY_AUTH_USERS") or None
+    if mode == "none":
+        if users:  # a users file without NIXERY_AUTH would leave the registry open by mistake
+            raise ConfigError("NIXERY_AUTH_USERS is set but NIXERY_AUTH=none: set NIXERY_AUTH=basic or token")
+        return AuthSettings()
+    if not users:
+        raise ConfigError(f"NIXERY_AUTH_USERS (a users file) must be set when NIXERY_AUTH={mode}")
+    try:
+        load_users(Path(users))
+    except UsersFileError as exc:
+        raise ConfigError(f"NIXERY_AUTH_USERS={users!r} {exc}") from None
+    secret = env.get("NIXERY_TOKEN_SECRET") or None
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("NIXERY_TOKEN_SECRET must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+    realm = env.get("NIXERY_TOKEN_REALM") or None
+    if realm is not None and not realm.startswith(("http://", "https://")):
+        raise ConfigError(f"NIXERY_TOKEN_REALM={realm!r} must be an http:// or https:// URL")
+    return AuthSettings(
+        mode=mode,
+        users_file=Path(users).resolve(),
+        anonymous_pull=_bool(env, "NIXERY_AUTH_ANONYMOUS_PULL", False),
+        token_secret=secret,
+        token_ttl=_int(env, "NIXERY_TOKEN_TTL", 300, low=10, high=24 * 3600),
+        token_realm=realm,
+    )
+
+
+def _images_path(env: Mapping[str, str]) -> Path | None:
+    raw = env.get("NIXERY_IMAGES_PATH")
+    if not raw:
+        return None
+    path = Path(raw).resolve()
+    if not path.exists():
+        raise ConfigError(f"NIXERY_IMAGES_PATH={raw!r} does not exist (a directory of NixImage YAML files)")
+    return path
+
+
+def _kubeconfig(env: Mapping[str, str]) -> Path | None:
+    """The kubeconfig to use for NIXERY_K8S_WATCH; None: in-cluster, else ~/.kube/config."""
+    first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
+    if first:
+        if not Path(first).is_file():
+            raise ConfigError(f"KUBECONFIG={first!r} is not a readable file")
+        return Path(first)
+    token = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    in_cluster = env.get("KUBERNETES_SERVICE_HOST") and token.is_file()
+    if not in_cluster and not (Path(env.get("HOME") or Path.home()) / ".kube" / "config").is_file():
+        raise ConfigError("NIXERY_K8S_WATCH=true needs cluster credentials: run in a pod, or set KUBECONFIG")
+    return None
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     pkgs_path, pkgs_repo, channel = _source(env)
@@ -205,6 +284,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
+        workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
+        auth=_auth(env),
+        images_path=_images_path(env),
+        images_poll=_float(env, "NIXERY_IMAGES_POLL", 10.0),
+        prebuild=_bool(env, "NIXERY_PREBUILD", False),
+        k8s_watch=_bool(env, "NIXERY_K8S_WATCH", False),
+        kubeconfig=_kubeconfig(env) if _bool(env, "NIXERY_K8S_WATCH", False) else None,
     )
