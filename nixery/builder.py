@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
+from nixery import metrics
 from nixery.layers.entrypoints import SSL_CERT_FILE, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
@@ -87,6 +88,9 @@ class ImageRecord:
     manifests: dict[ManifestFormat, ManifestRef]
     layers: tuple[LayerDescriptor, ...]
     built_at: float
+    # The store paths of each layer, in layer order (empty for the entry-point
+    # layer, and for records written before paths were kept).
+    layer_paths: tuple[tuple[str, ...], ...] = ()
 
     def to_json(self) -> bytes:
         return canonical_json(
@@ -102,7 +106,10 @@ class ImageRecord:
                     fmt.name.lower(): {"digest": str(ref.digest), "size": ref.size}
                     for fmt, ref in self.manifests.items()
                 },
-                "layers": [layer.to_json() for layer in self.layers],
+                "layers": [
+                    {**layer.to_json(), "paths": list(paths)}
+                    for layer, paths in zip(self.layers, self.layer_paths or [()] * len(self.layers), strict=True)
+                ],
                 "built_at": self.built_at,
             }
         )
@@ -124,6 +131,7 @@ class ImageRecord:
             },
             layers=tuple(LayerDescriptor.from_json(layer) for layer in doc["layers"]),
             built_at=float(doc["built_at"]),
+            layer_paths=tuple(tuple(layer.get("paths", ())) for layer in doc["layers"]),
         )
 
     def blobs(self) -> set[Digest]:
@@ -212,6 +220,7 @@ class ImageBuilder:
         revision = await self.source.resolve(tag)
         key = image_key(revision, request, self.max_layers)
         record = await self._cached_record(key)
+        metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
             self._note_use(key)
             return record
@@ -230,6 +239,7 @@ class ImageBuilder:
         revision = await self.source.resolve(tag)
         key = image_key(revision, request, self.max_layers)
         record = await self._cached_record(key)
+        metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
             build = self.builds.new(request.display_name)
             build.emit(Stage.DONE, "already built", **_record_summary(record))
@@ -298,6 +308,8 @@ class ImageBuilder:
     # ---- building ------------------------------------------------------
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
+        started, ok = time.monotonic(), False
+        metrics.build_started()
         try:
             async with self.storage.exclusive(f"builds/{key}"):
                 # Another process sharing this storage may have built it while we waited.
@@ -305,18 +317,23 @@ class ImageBuilder:
                 if record is None:
                     record = await self._build_stages(request, revision, key, build)
         except BaseException as exc:
-            build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__)
+            tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
+            build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail)
+            log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             raise
         else:
+            ok = True
             build.emit(Stage.DONE, "image ready", **_record_summary(record))
             return record
         finally:
+            metrics.build_finished(ok, time.monotonic() - started)
             self._in_flight.pop(key, None)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
         bound = log.bind(image=request.display_name, source=revision.source, key=key[:12], build=build.id)
         build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
+        bound.info("build.queued", revision=revision.id)
         async with self._build_slots:
             resolved, graph = await self._nix_closure(request, revision, bound, build)
         roots = sorted({out for package in resolved for out in package.outputs})
@@ -328,9 +345,11 @@ class ImageBuilder:
             )
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
         counter = _LayerCounter(build, total=len(plan) + 1)
+        counter._emit(f"storing {counter.total} layers (compressing those not stored yet)")
         layers = list(await asyncio.gather(*(self._store_layer(sorted(paths), counter) for paths in plan)))
         entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
         layers.append(await self._store_entry_layer(entries.entries, counter))
+        bound.info("build.layers_stored", layers=len(layers), created=counter.created, bytes=counter.bytes)
 
         env = [f"PATH={DEFAULT_PATH}"]
         if entries.ca_bundle:
@@ -359,6 +378,7 @@ class ImageBuilder:
             manifests=manifests,
             layers=tuple(layers),
             built_at=time.time(),
+            layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),),  # the entry layer holds no store path
         )
         async with self._history_lock:
             history.record([frozenset(paths) for paths in plan])
@@ -388,7 +408,8 @@ class ImageBuilder:
         bound.info("build.evaluating")
         build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.packages)}")
         resolved = await nix.evaluate(
-            revision.path, request.packages, system, source=revision.source, timeout=remaining()
+            await self.source.checkout(revision), request.packages, system, source=revision.source,
+            timeout=remaining()
         )
         bound.info("build.realising", derivations=len(resolved))
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
@@ -466,6 +487,7 @@ class _LayerCounter:
     def count(self, stored: _StoredLayer) -> LayerDescriptor:
         layer = stored.descriptor
         self.done += 1
+        metrics.layer_stored(stored.created, layer.size)
         if not stored.created:
             self._emit(f"layer {layer.digest.hex[:12]} already stored")
             return layer

@@ -448,20 +448,23 @@ async def test_concurrent_requests_for_one_commit_make_one_checkout(tmp_path: Pa
     first, second = (
         GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60) for _ in range(2)
     )
-    revisions = await asyncio.gather(*(source.resolve(tag) for source in (first, second) for tag in ["v1"] * 4))
+    pairs = [(source, await_) for source in (first, second) for await_ in ["v1"] * 4]
+    revisions = await asyncio.gather(*(source.resolve(tag) for source, tag in pairs))
     assert {r.id for r in revisions} == {commit}
-    assert len({r.path for r in revisions}) == 1
-    assert (revisions[0].path / "default.nix").read_text() == package_set_nix({"hello": "echo hi"})
+    assert not any(args[0] in ("fetch", "archive") for args in calls), "resolving alone must not fetch"
+    paths = await asyncio.gather(*(source.checkout(r) for (source, _), r in zip(pairs, revisions)))
+    assert len(set(paths)) == 1
+    assert (paths[0] / "default.nix").read_text() == package_set_nix({"hello": "echo hi"})
     assert sum(args[0] == "ls-remote" for args in calls) == 2  # one per source, not one per request
     assert sum(args[0] == "archive" for args in calls) <= 2
-    leftovers = [p.name for p in revisions[0].path.parent.iterdir() if p.name.startswith(".tmp")]
+    leftovers = [p.name for p in paths[0].parent.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
 
     # A fresh source (a restart) finds the checkout of a known commit without git fetching anything.
     calls.clear()
     shutil.rmtree(repo)
-    again = await GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60).resolve(commit)
-    assert again.path == revisions[0].path
+    fresh = GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60)
+    assert await fresh.checkout(await fresh.resolve(commit)) == paths[0]
     assert calls == []
 
 
@@ -479,11 +482,13 @@ async def test_an_old_commit_by_hash_from_a_server_that_only_gives_ref_tips(tmp_
     commit_package_set(repo, {"hello": "echo middle"}, "middle")
     tip = commit_package_set(repo, {"hello": "echo tip"}, "tip")
     source = GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60)
-    assert (await source.resolve("latest")).id == tip  # the mirror is now a shallow copy of the tip
+    latest = await source.resolve("latest")
+    assert latest.id == tip
+    await source.checkout(latest)  # the mirror is now a shallow copy of the tip
     revision = await source.resolve(old)
-    assert revision.id == old and "echo old" in (revision.path / "default.nix").read_text()
+    assert revision.id == old and "echo old" in (await source.checkout(revision) / "default.nix").read_text()
     with pytest.raises(RefNotFound, match="f" * 40):
-        await source.resolve("f" * 40)
+        await source.checkout(await source.resolve("f" * 40))
 
 
 async def test_concurrent_requests_for_a_channel_download_it_once(

@@ -174,6 +174,7 @@ class GitSource(PackageSource):
         self.checkouts = self.root / "checkouts"
         self._refs_file = self.root / "refs.json"
         self._known: dict[str, _Known] = {}
+        self._ref_of_commit: dict[str, str | None] = {}  # which ref led to a commit, to fetch it cheaply
         self._lookups: SingleFlight[_Known] = SingleFlight()
         self._checkouts: SingleFlight[Path] = SingleFlight()
         self._mirror_lock = asyncio.Lock()
@@ -185,13 +186,16 @@ class GitSource(PackageSource):
         check_ref_name(tag)
         if _COMMIT.fullmatch(tag):
             commit = tag.lower()
-            path = await self._checkout(commit, ref=None)
-            return Revision(f"{self.description} commit {commit[:12]}", commit, path)
+            return Revision(f"{self.description} commit {commit[:12]}", commit, None)
         known = self._known.get(tag)
         if known is None or time.monotonic() - known.checked >= self._ttl(known):
             known = await self._lookups.run(tag, lambda: self._lookup(tag))
-        path = await self._checkout(known.commit, ref=known.ref or None)
-        return Revision(f"{self.description} {tag} ({known.commit[:12]})", known.commit, path)
+        self._ref_of_commit[known.commit] = known.ref or None
+        return Revision(f"{self.description} {tag} ({known.commit[:12]})", known.commit, None)
+
+    async def checkout(self, revision: Revision) -> Path:
+        """Fetched only on a build: an image already in storage needs no checkout."""
+        return await self._checkout(revision.id, ref=self._ref_of_commit.get(revision.id))
 
     def _ttl(self, known: _Known) -> float:
         return self.tag_ttl if known.kind == "tag" else self.ref_ttl

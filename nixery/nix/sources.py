@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 class Revision:
     source: str  # human description, e.g. "path /srv/pkgs"
     id: str  # changes whenever the package set's content does
-    path: Path  # directory with default.nix
+    path: Path | None  # directory with default.nix; None until `checkout` makes it
 
 
 class PackageSource(ABC):
@@ -45,7 +45,12 @@ class PackageSource(ABC):
 
     @abstractmethod
     async def resolve(self, tag: str) -> Revision:
-        """The package set to build `tag` from."""
+        """The package set to build `tag` from (cheap: the image cache is keyed by its id)."""
+
+    async def checkout(self, revision: Revision) -> Path:
+        """The local directory of a revision, fetched only when an image must be built."""
+        assert revision.path is not None, "sources without a local path override checkout"
+        return revision.path
 
 
 class LocalPathSource(PackageSource):
