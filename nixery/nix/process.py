@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from nixery.metrics import NIX_PROCESSES
 from nixery.nix.errors import NixError, NixTimeout
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ async def run_nix(
         await process.wait()
         return stdout
 
+    running = NIX_PROCESSES.labels(os.path.basename(argv[0]))
+    running.inc()
     try:
         stdout = await asyncio.wait_for(communicate(), timeout)
     except TimeoutError:
@@ -68,6 +71,8 @@ async def run_nix(
         _kill_group(process)
         await process.wait()
         raise
+    finally:
+        running.dec()
     if process.returncode != 0:
         raise NixError(f"{argv[0]} failed with exit code {process.returncode}", "\n".join(tail))
     return stdout

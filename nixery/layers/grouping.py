@@ -1,0 +1,465 @@
+"""Splitting an image's closure into layers that other images can share.
+
+A client downloads a layer only when it lacks that exact layer: a layer is
+identified by the exact set of store paths it holds.  Every path that a client
+already holds but must fetch again, because it now sits in a layer with other
+companions, is wasted.  The physical limit is to fetch each path once.  The
+registry gets near that limit by doing two things:
+
+1. **Reuse what is already stored.**  The registry remembers the layers it has
+   built (`LayerHistory`).  A stored layer that lies wholly inside a new
+   image's closure is used as it is: clients that pulled an earlier image have
+   it, and the registry does not have to build it again.
+2. **Group new paths so that later images can reuse them.**  Paths that always
+   travel together may share a layer; a path that other packages pull in
+   without its companions should not.
+
+Grouping follows *owner* links.  The owner of a path is its most *popular*
+referrer in the closure, where popularity is how many packages have the path
+in their closure.  The requested packages have no owner.  The links form a
+forest, and every layer is a set of *pieces* joined along it.  Joining piece
+`k` to the piece above it, `p`, risks that a later image holds `k` without
+`p`'s top path (the least popular one, on which the whole layer hangs):
+
+    risk(k, p) = 1 - popularity(top of p) / popularity(top of k)
+    cost(k, p) = bytes(k) * risk(k, p)    (+ bytes of a stored layer broken up)
+
+A dependency that only one package uses is exactly as popular as its user:
+risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
+apart.  The plan, step by step:
+
+1. Take the stored layers that lie inside the closure, largest first, skipping
+   any that overlap one already taken.  Every other path is a piece of its own.
+2. Join new pieces to their owner's piece (skipping stored layers on the way
+   up), cheapest first, while the cost is below `MERGE_THRESHOLD` bytes: tiny
+   paths do not take a layer each.
+3. While there are more pieces than `max_layers`, keep joining cheapest first;
+   now a stored layer may be broken up too, which costs its bytes (clients
+   that hold it fetch them again).
+4. If pieces without an owner still exceed the budget, put the smallest
+   together.  Layers come out most popular first (base layers first).
+
+Popularity comes from the caller when it has package-wide data (the layering
+benchmark passes it).  The registry has none, so it counts, within the
+closure, how many paths depend on each path: a weaker but useful signal.
+
+Worked example (sizes in MB, popularity in parentheses):
+
+    image 1: [app]                       image 2: [tool]
+
+    app (2) ──────► libfoo (40) ──► libc (1000)
+     │ 30            │ 0.3           ▲ 2.0
+     └──► app-data (2)               │
+            20                  tool (10) 1.0
+
+Image 1's closure is {app, app-data, libfoo, libc}.  Owners: app-data and
+libfoo -> app, libc -> libfoo (its only referrer here).
+
+    app-data into app:  risk 1 - 2/2    = 0     cost 0        joins
+    libfoo into app:    risk 1 - 2/40   = 0.95  cost 0.29 MB  stays apart
+    libc into libfoo:   risk 1 - 40/1000 = 0.96 cost 1.92 MB  stays apart
+
+    layers: {libc}  {libfoo}  {app, app-data}
+
+With `max_layers=2` the budget forces the cheapest join, libfoo into app:
+{libc} {app, app-data, libfoo}.  With `max_layers=1` libc joins as well.
+
+Image 2's closure is {tool, libc}.  The stored layer {libc} lies inside it and
+is reused; only {tool} is new.  A client that pulled image 1 downloads 1 MB.
+
+Determinism: the plan depends only on the closure, the popularity of its paths
+and the history, never on hash order, so replicas agree.  Ties are broken by
+path name and by the order in which layers were recorded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from nixery.layers.graph import ClosureGraph
+
+# A join whose expected waste is below this many bytes is always worth saving
+# a layer for.  Above it, pieces are only joined to respect the layer budget.
+MERGE_THRESHOLD = 50_000
+
+# How many layers a history keeps; the least recently used are forgotten first.
+DEFAULT_HISTORY_CAPACITY = 20_000
+
+_FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class _StoredLayer:
+    paths: frozenset[str]
+    last_used: int  # clock value of the last `record` that included it
+    uses: int
+
+
+class LayerHistory:
+    """Layers the registry has already stored, in the order it made them.
+
+    Each layer gets a serial number when first recorded; recording it again
+    (because a plan reused it) refreshes its "last used" time.  When more than
+    `capacity` layers are known, the least recently used are forgotten, so a
+    registry that serves many thousands of images keeps a bounded history.
+
+    Safe to use from several threads: the registry plans in worker threads
+    while the event loop records finished builds.
+    """
+
+    def __init__(self, *, capacity: int = DEFAULT_HISTORY_CAPACITY):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._layers: dict[int, _StoredLayer] = {}
+        self._ids: dict[frozenset[str], int] = {}
+        self._by_path: dict[str, set[int]] = {}
+        self._next_id = 0
+        self._clock = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._ids
+
+    def layers(self) -> list[frozenset[str]]:
+        """Known layers, oldest first."""
+        with self._lock:
+            return [self._layers[i].paths for i in sorted(self._layers)]
+
+    def record(self, layers: Sequence[frozenset[str]]) -> None:
+        """Note that the registry now stores (and serves) these layers."""
+        with self._lock:
+            self._clock += 1
+            for layer in layers:
+                paths = frozenset(layer)
+                if not paths:
+                    continue
+                known = self._ids.get(paths)
+                if known is not None:
+                    stored = self._layers[known]
+                    stored.last_used = self._clock
+                    stored.uses += 1
+                else:
+                    self._add(self._next_id, _StoredLayer(paths, self._clock, 1))
+                    self._next_id += 1
+            self._evict()
+
+    def reusable(self, closure: set[str] | frozenset[str]) -> list[tuple[frozenset[str], int, int]]:
+        """(layer, last_used, id) for every known layer that lies inside `closure`."""
+        with self._lock:
+            hits: dict[int, int] = {}
+            for path in closure:
+                for layer_id in self._by_path.get(path, ()):
+                    hits[layer_id] = hits.get(layer_id, 0) + 1
+            return [
+                (self._layers[i].paths, self._layers[i].last_used, i)
+                for i, count in hits.items()
+                if count == len(self._layers[i].paths)
+            ]
+
+    def to_json(self) -> bytes:
+        """A compact document: a path table, then layers as indices into it."""
+        with self._lock:
+            paths = sorted(self._by_path)
+            index = {path: n for n, path in enumerate(paths)}
+            layers = [
+                [i, stored.last_used, stored.uses, sorted(index[p] for p in stored.paths)]
+                for i, stored in sorted(self._layers.items())
+            ]
+            document = {
+                "version": _FORMAT_VERSION,
+                "capacity": self.capacity,
+                "clock": self._clock,
+                "next_id": self._next_id,
+                "paths": paths,
+                "layers": layers,
+            }
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, capacity: int | None = None) -> LayerHistory:
+        """Read what `to_json` wrote; `capacity` overrides the stored one."""
+        try:
+            document = json.loads(data)
+            if document.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"unknown version {document.get('version')!r}")
+            history = cls(capacity=capacity or int(document["capacity"]))
+            paths = document["paths"]
+            for layer_id, last_used, uses, members in document["layers"]:
+                if not members or any(not isinstance(n, int) or n < 0 for n in members):
+                    raise ValueError(f"layer {layer_id} has bad members")
+                stored = _StoredLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
+                if int(layer_id) in history._layers or stored.paths in history._ids:
+                    raise ValueError(f"layer {layer_id} appears twice")
+                history._add(int(layer_id), stored)
+            history._clock = int(document["clock"])
+            history._next_id = max(int(document["next_id"]), max(history._layers, default=-1) + 1)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+            raise ValueError(f"malformed layer history: {exc}") from exc
+        history._evict()
+        return history
+
+    def _add(self, layer_id: int, stored: _StoredLayer) -> None:
+        self._layers[layer_id] = stored
+        self._ids[stored.paths] = layer_id
+        for path in stored.paths:
+            self._by_path.setdefault(path, set()).add(layer_id)
+
+    def _evict(self) -> None:
+        if len(self._layers) <= self.capacity:
+            return
+        # Forget a tenth more than needed, so that a full history sorts rarely.
+        excess = len(self._layers) - self.capacity + self.capacity // 10
+        oldest = sorted(self._layers, key=lambda i: (self._layers[i].last_used, i))[:excess]
+        for layer_id in oldest:
+            stored = self._layers.pop(layer_id)
+            del self._ids[stored.paths]
+            for path in stored.paths:
+                ids = self._by_path[path]
+                ids.discard(layer_id)
+                if not ids:
+                    del self._by_path[path]
+
+
+def plan_layers(
+    graph: ClosureGraph,
+    roots: Sequence[str],
+    *,
+    max_layers: int,
+    history: LayerHistory | None = None,
+    popularity: Mapping[str, int] | None = None,
+) -> list[frozenset[str]]:
+    """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
+    returned in a deterministic order (base layers first). Does not mutate history;
+    the caller calls history.record(result) after storing the layers."""
+    if max_layers < 1:
+        raise ValueError("max_layers must be at least 1")
+    missing = sorted({root for root in roots if root not in graph})
+    if missing:
+        raise KeyError(f"roots not in the graph: {missing[:5]}")
+    closure = graph.closure(roots)
+    if not closure:
+        return []
+    return _Planner(graph, closure, max_layers, history, popularity).plan()
+
+
+class _Planner:
+    """One plan: pieces of the closure, joined along owner links."""
+
+    def __init__(
+        self,
+        graph: ClosureGraph,
+        closure: set[str],
+        max_layers: int,
+        history: LayerHistory | None,
+        popularity: Mapping[str, int] | None,
+    ):
+        self.max_layers = max_layers
+        self.paths = sorted(closure)
+        self.size = {p: graph.nodes[p].size for p in self.paths}
+        self.refs = {p: graph.nodes[p].references for p in self.paths}
+        self.pop = (
+            {p: max(1, int(popularity.get(p, 1))) for p in self.paths}
+            if popularity is not None
+            else _dependants_count(self.paths, self.refs)
+        )
+        self.owner = self._owners()
+        self.reused = self._pick_reused(history, closure) if history is not None else []
+
+    def _owners(self) -> dict[str, str]:
+        """Each path's most popular referrer (ties: the smallest name)."""
+        owner: dict[str, str] = {}
+        pop = self.pop
+        for user in self.paths:  # sorted, so among equals the first name wins
+            for dep in self.refs[user]:
+                current = owner.get(dep)
+                if current is None or pop[user] > pop[current]:
+                    owner[dep] = user
+        return owner
+
+    def _pick_reused(self, history: LayerHistory, closure: set[str]) -> list[frozenset[str]]:
+        """Disjoint stored layers inside the closure: largest first, then most recently used."""
+        candidates = history.reusable(closure)
+        candidates.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
+        taken: set[str] = set()
+        chosen = []
+        for layer, _, _ in candidates:
+            if taken.isdisjoint(layer):
+                taken |= layer
+                chosen.append(layer)
+        return chosen
+
+    def plan(self) -> list[frozenset[str]]:
+        # Pieces: the reused layers, then every other path on its own.
+        self.members: list[list[str]] = []
+        self.stored: list[bool] = []  # an intact reused layer
+        self.piece_of: dict[str, int] = {}
+        for layer in self.reused:
+            self._new_piece(sorted(layer), stored=True)
+        for path in self.paths:
+            if path not in self.piece_of:
+                self._new_piece([path], stored=False)
+        self.union = list(range(len(self.members)))
+        self.nbytes = [sum(self.size[p] for p in m) for m in self.members]
+        self.top = [self._top_of(k) for k in range(len(self.members))]
+        self.users: dict[str, list[str]] = {}
+        for path in self.paths:
+            if path in self.owner:
+                self.users.setdefault(self.owner[path], []).append(path)
+        self.count = len(self.members)
+
+        self._join(forced=False)
+        if self.count > self.max_layers:
+            self._join(forced=True)
+        pieces = [k for k in range(len(self.members)) if self._find(k) == k]
+        if len(pieces) > self.max_layers:
+            # Only owner-less pieces are left: put the smallest together.
+            pieces.sort(key=lambda k: (self.nbytes[k], self.top[k]))
+            excess = len(pieces) - self.max_layers + 1
+            for k in pieces[1:excess]:
+                self._merge(k, pieces[0])
+            self.top[pieces[0]] = max((self.top[k] for k in pieces[:excess]), key=self._rank)
+            pieces = pieces[:1] + pieces[excess:]
+        pieces.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
+        return [frozenset(self.members[k]) for k in pieces]
+
+    def _new_piece(self, paths: list[str], *, stored: bool) -> None:
+        for path in paths:
+            self.piece_of[path] = len(self.members)
+        self.members.append(paths)
+        self.stored.append(stored)
+
+    def _rank(self, path: str) -> tuple[int, str]:
+        return self.pop[path], path
+
+    def _find(self, k: int) -> int:
+        union = self.union
+        while union[k] != k:
+            union[k] = union[union[k]]
+            k = union[k]
+        return k
+
+    def _top_of(self, k: int) -> str:
+        """The piece's least popular path whose owner lies outside it."""
+        owner = self.owner
+        outside = [p for p in self.members[k] if p not in owner or self._find(self.piece_of[owner[p]]) != k]
+        return min(outside or self.members[k], key=self._rank)
+
+    def _parent(self, k: int) -> tuple[int, str] | None:
+        """The piece that `k` would join: the first open piece up the owner chain."""
+        node = self.owner.get(self.top[k])
+        while node is not None:
+            p = self._find(self.piece_of[node])
+            if p != k and not self.stored[p]:
+                return p, node
+            node = self.owner.get(node)
+        return None
+
+    def _cost(self, k: int, forced: bool) -> tuple[float, int] | None:
+        """Expected bytes wasted by joining `k` to its parent, and the parent.
+
+        Over budget, a piece may also break up the stored layer right above it.
+        """
+        if self.stored[k] and not forced:
+            return None
+        own = self.nbytes[k] if self.stored[k] else 0  # clients holding it fetch it again
+        best = None
+        up = self._parent(k)
+        if up is not None:
+            best = (self.nbytes[k] * self._risk(k, up[0]) + own, up[0])
+        if forced and self.top[k] in self.owner:
+            p = self._find(self.piece_of[self.owner[self.top[k]]])
+            if p != k and self.stored[p]:
+                waste = self.nbytes[k] * self._risk(k, p) + own + self.nbytes[p]
+                if best is None or waste < best[0]:
+                    best = (waste, p)
+        return best
+
+    def _risk(self, k: int, p: int) -> float:
+        """How likely a later image holds piece k without piece p's top path."""
+        return max(0.0, 1.0 - self.pop[self.top[p]] / self.pop[self.top[k]])
+
+    def _merge(self, k: int, into: int) -> None:
+        self.union[k] = into
+        self.members[into].extend(self.members[k])
+        self.nbytes[into] += self.nbytes[k]
+        self.count -= 1
+
+    def _join(self, *, forced: bool) -> None:
+        """Join pieces to their parents, cheapest first.
+
+        Unforced: only new pieces, and only while the expected waste is below
+        MERGE_THRESHOLD.  Forced: any piece, until the budget holds.
+        """
+        heap: list[tuple[float, int]] = []
+
+        def push(k: int) -> None:
+            c = self._cost(k, forced)
+            if c is not None:
+                heapq.heappush(heap, (c[0], k))
+
+        for k in range(len(self.members)):
+            if self._find(k) == k:
+                push(k)
+        while heap:
+            if forced and self.count <= self.max_layers:
+                return
+            c, k = heapq.heappop(heap)
+            if self._find(k) != k:
+                continue
+            current = self._cost(k, forced)
+            if current is None:
+                continue
+            if current[0] != c:  # stale: the piece grew or its way up changed
+                heapq.heappush(heap, (current[0], k))
+                continue
+            if not forced and c >= MERGE_THRESHOLD:
+                return
+            p = current[1]
+            opened = [path for q in (k, p) if self.stored[q] for path in self.members[q]]
+            self._merge(k, p)
+            self.stored[p] = False
+            up = self.owner.get(self.top[p])
+            if opened or (up is not None and self._find(self.piece_of[up]) == p):
+                self.top[p] = self._top_of(p)
+            push(p)
+            # A broken-up stored layer opens a shorter way up for pieces below it.
+            for path in opened:
+                for user in self.users.get(path, ()):
+                    push(self._find(self.piece_of[user]))
+
+
+def _dependants_count(paths: Sequence[str], refs: Mapping[str, Iterable[str]]) -> dict[str, int]:
+    """For each path, how many paths of the closure have it in their closure (itself included)."""
+    bit = {p: 1 << n for n, p in enumerate(paths)}
+    users: dict[str, list[str]] = {p: [] for p in paths}
+    pending = {p: 0 for p in paths}
+    for p in paths:
+        for dep in refs[p]:
+            users[dep].append(p)
+            pending[p] += 1
+    # Dependencies before their users, so every user's set is complete when read.
+    ready = [p for p in paths if pending[p] == 0]
+    order = []
+    while ready:
+        dep = ready.pop()
+        order.append(dep)
+        for user in users[dep]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                ready.append(user)
+    # Walk from the top down: a path's dependants are its users' dependants.
+    dependants: dict[str, int] = {}
+    for p in reversed(order):
+        mask = bit[p]
+        for user in users[p]:
+            mask |= dependants[user]
+        dependants[p] = mask
+    return {p: mask.bit_count() for p, mask in dependants.items()}

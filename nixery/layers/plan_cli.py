@@ -1,0 +1,128 @@
+"""`nixery layers plan`: run the layering on a dependency graph and a list of images.
+
+    nixery layers plan --graph G --popularity P --images I [--max-layers N] > plan.json
+
+Prints a JSON list with one entry per image, in order; each entry is a list of
+layers (base layers first), each layer a sorted list of node names.  The
+layer history is kept from one image to the next, as the registry keeps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.layers.grouping import LayerHistory, plan_layers
+
+
+class InputError(ValueError):
+    """An input file is missing or does not have the expected shape."""
+
+
+def read_json(path: Path) -> Any:
+    """A JSON document from a plain or gzip-compressed file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise InputError(f"{path}: broken gzip data: {exc}") from exc
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from exc
+
+
+def load_graph(path: Path) -> ClosureGraph:
+    """`{"nodes": {name: {"size": bytes, "refs": [names]}}}` (the `nodes` wrapper is optional)."""
+    document = read_json(path)
+    nodes = document.get("nodes", document) if isinstance(document, dict) else None
+    if not isinstance(nodes, dict):
+        raise InputError(f"{path}: expected an object of nodes")
+    try:
+        return ClosureGraph.from_mapping(nodes)
+    except (GraphError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"{path}: bad graph: {exc}") from exc
+
+
+def load_popularity(path: Path) -> dict[str, int]:
+    document = read_json(path)
+    if not isinstance(document, dict) or not all(isinstance(v, int) for v in document.values()):
+        raise InputError(f"{path}: expected an object of integer counts")
+    return document
+
+
+def load_images(path: Path, graph: ClosureGraph) -> list[list[str]]:
+    document = read_json(path)
+    if not isinstance(document, list) or not all(
+        isinstance(image, list) and all(isinstance(root, str) for root in image) for image in document
+    ):
+        raise InputError(f"{path}: expected a list of images, each a list of names")
+    unknown = sorted({root for image in document for root in image if root not in graph})
+    if unknown:
+        raise InputError(f"{path}: names not in the graph: {', '.join(unknown[:5])}")
+    return document
+
+
+def plan_sequence(
+    graph: ClosureGraph,
+    images: list[list[str]],
+    *,
+    max_layers: int,
+    popularity: Mapping[str, int] | None,
+    history: LayerHistory | None,
+) -> list[list[frozenset[str]]]:
+    """Plan each image in order, recording each plan as the registry does."""
+    plans = []
+    for roots in images:
+        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity)
+        if history is not None:
+            history.record(layers)
+        plans.append(layers)
+    return plans
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nixery layers plan",
+        description="Split each image's closure into layers; print the plan as JSON.",
+    )
+    parser.add_argument("--graph", type=Path, required=True, help="graph JSON (.json or .json.gz)")
+    parser.add_argument("--popularity", type=Path, help="popularity JSON: {name: count}")
+    parser.add_argument("--images", type=Path, required=True, help="JSON list of images, each a list of roots")
+    parser.add_argument("--max-layers", type=int, default=100, help="layer budget per image (default 100)")
+    parser.add_argument("--no-history", action="store_true", help="plan every image as if the registry were empty")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.max_layers < 1:
+        print("nixery layers plan: --max-layers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        graph = load_graph(args.graph)
+        popularity = load_popularity(args.popularity) if args.popularity else None
+        images = load_images(args.images, graph)
+    except InputError as exc:
+        print(f"nixery layers plan: {exc}", file=sys.stderr)
+        return 2
+    history = None if args.no_history else LayerHistory()
+    plans = plan_sequence(graph, images, max_layers=args.max_layers, popularity=popularity, history=history)
+    out = [[sorted(layer) for layer in layers] for layers in plans]
+    json.dump(out, sys.stdout, separators=(",", ":"))
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,138 @@
+"""Prometheus metrics: the metric objects, the request middleware and `/metrics`.
+
+    nixery_http_requests_total{method,route,status}   one per request
+    nixery_http_request_duration_seconds{method,route}
+    nixery_builds_total{result}                       result: done | failed
+    nixery_build_duration_seconds{result}
+    nixery_builds_running
+    nixery_cache_hits_total{cache} / _misses_total    cache: image | layer
+    nixery_layers_total{outcome}                      outcome: reused | created
+    nixery_layer_bytes_compressed_total
+    nixery_blob_bytes_served_total                    bytes of blobs sent by this process
+    nixery_nix_processes_running{command}
+
+Routes are labelled with their pattern (`/v2/{name}/blobs/{digest}`), never
+the raw path, so a client cannot grow the label set; unmatched paths share one
+label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_BUILD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+HTTP_REQUESTS = Counter(
+    "nixery_http_requests", "HTTP requests answered, by route pattern and status", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"]
+)
+BUILDS = Counter("nixery_builds", "Image builds finished, by result", ["result"])
+BUILD_DURATION = Histogram(
+    "nixery_build_duration_seconds", "Image build time, by result", ["result"], buckets=_BUILD_BUCKETS
+)
+BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress")
+CACHE_HITS = Counter("nixery_cache_hits", "Cache hits, by cache (image, layer)", ["cache"])
+CACHE_MISSES = Counter("nixery_cache_misses", "Cache misses, by cache (image, layer)", ["cache"])
+LAYERS = Counter("nixery_layers", "Layers of built images: reused from storage or created", ["outcome"])
+LAYER_BYTES = Counter("nixery_layer_bytes_compressed", "Compressed bytes of the layers created")
+BLOB_BYTES = Counter("nixery_blob_bytes_served", "Blob bytes sent to clients by this process (not redirects)")
+NIX_PROCESSES = Gauge("nixery_nix_processes_running", "Nix processes running, by command", ["command"])
+
+for _cache in ("image", "layer"):  # present from the start, so rates work from zero
+    CACHE_HITS.labels(_cache)
+    CACHE_MISSES.labels(_cache)
+for _result in ("done", "failed"):
+    BUILDS.labels(_result)
+for _outcome in ("reused", "created"):
+    LAYERS.labels(_outcome)
+
+UNMATCHED = "unmatched"
+
+
+# ---- hooks called by the builder -------------------------------------------
+
+
+def cache_lookup(cache: str, hit: bool) -> None:
+    (CACHE_HITS if hit else CACHE_MISSES).labels(cache).inc()
+
+
+def layer_stored(created: bool, size: int) -> None:
+    cache_lookup("layer", hit=not created)
+    LAYERS.labels("created" if created else "reused").inc()
+    if created:
+        LAYER_BYTES.inc(size)
+
+
+def build_started() -> None:
+    BUILDS_RUNNING.inc()
+
+
+def build_finished(ok: bool, seconds: float) -> None:
+    result = "done" if ok else "failed"
+    BUILDS_RUNNING.dec()
+    BUILDS.labels(result).inc()
+    BUILD_DURATION.labels(result).observe(seconds)
+
+
+# ---- HTTP ------------------------------------------------------------------
+
+
+def route_label(request: web.Request) -> str:
+    """The route's pattern, e.g. `/v2/{name}/manifests/{reference}`."""
+    match_info = request.match_info
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    if resource is None or getattr(match_info, "http_exception", None) is not None:
+        return UNMATCHED
+    return resource.canonical
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = route_label(request)
+        HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
+        HTTP_DURATION.labels(request.method, route).observe(time.monotonic() - started)
+
+
+BLOB_ROUTE_SUFFIX = "/blobs/{digest}"
+
+
+async def _count_blob_bytes(request: web.Request, response: web.StreamResponse) -> None:
+    """Counts blob bytes when the response starts (a file response knows its length only then)."""
+    if request.method != "GET" or response.status not in (200, 206):
+        return
+    if not route_label(request).endswith(BLOB_ROUTE_SUFFIX):
+        return
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit():
+        BLOB_BYTES.inc(int(length))
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest(REGISTRY))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def setup(app: web.Application) -> None:
+    """Serve `/metrics` and count blob bytes (the middleware is added by create_app)."""
+    app.on_response_prepare.append(_count_blob_bytes)
+    app.router.add_get("/metrics", metrics_handler)

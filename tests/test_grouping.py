@@ -1,0 +1,428 @@
+"""The layering: partitions, budgets, determinism, sharing and the layer history."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nixery.layers.graph import ClosureGraph
+from nixery.layers.grouping import MERGE_THRESHOLD, LayerHistory, plan_layers
+from nixery.layers.plan_cli import main as plan_main
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET = Path(os.environ.get("NIXERY_LAYERING_DATA", REPO.parent / "shared" / "layering"))
+MB = 1_000_000
+
+
+def graph_of(spec: dict[str, tuple[int, list[str]]]) -> ClosureGraph:
+    return ClosureGraph.from_mapping({name: {"size": size, "refs": refs} for name, (size, refs) in spec.items()})
+
+
+def random_graph(seed: int, nodes: int = 400) -> tuple[ClosureGraph, dict[str, int]]:
+    """An acyclic graph shaped like a package set: each node refers to earlier ones,
+    mostly to a few popular base nodes; sizes from bytes to tens of MB."""
+    rng = random.Random(seed)
+    names = [f"p{n:04d}" for n in range(nodes)]
+    spec: dict[str, dict[str, object]] = {}
+    for n, name in enumerate(names):
+        refs = set()
+        if n:
+            for _ in range(rng.randint(0, 4)):
+                pick = int(n * rng.random() ** 2)  # skewed towards the base
+                refs.add(names[pick])
+        spec[name] = {"size": int(10 ** rng.uniform(3, 7.5)), "refs": sorted(refs)}
+    graph = ClosureGraph.from_mapping(spec)
+    popularity = {name: 0 for name in names}
+    for name in names:
+        for dep in graph.closure([name]):
+            popularity[dep] += 1
+    return graph, popularity
+
+
+def assert_partition(graph: ClosureGraph, roots: list[str], layers: list[frozenset[str]]) -> None:
+    held = [path for layer in layers for path in layer]
+    assert all(layers), "a layer is empty"
+    assert len(held) == len(set(held)), "a path sits in two layers"
+    assert set(held) == graph.closure(roots), "the layers do not cover the closure exactly"
+
+
+def plan_json(plans: list[list[frozenset[str]]]) -> str:
+    return json.dumps([[sorted(layer) for layer in layers] for layers in plans])
+
+
+# ---- the worked example of the module docstring ------------------------------
+
+EXAMPLE = graph_of(
+    {
+        "app": (30 * MB, ["app-data", "libfoo"]),
+        "app-data": (20 * MB, []),
+        "libfoo": (300_000, ["libc"]),
+        "libc": (2 * MB, []),
+        "tool": (1 * MB, ["libc"]),
+    }
+)
+EXAMPLE_POPULARITY = {"app": 2, "app-data": 2, "libfoo": 40, "libc": 1000, "tool": 10}
+
+
+def test_worked_example_from_the_docstring():
+    one = plan_layers(EXAMPLE, ["app"], max_layers=100, popularity=EXAMPLE_POPULARITY)
+    assert one == [frozenset({"libc"}), frozenset({"libfoo"}), frozenset({"app", "app-data"})]
+    assert plan_layers(EXAMPLE, ["app"], max_layers=2, popularity=EXAMPLE_POPULARITY) == [
+        frozenset({"libc"}),
+        frozenset({"app", "app-data", "libfoo"}),
+    ]
+    assert plan_layers(EXAMPLE, ["app"], max_layers=1, popularity=EXAMPLE_POPULARITY) == [
+        frozenset({"app", "app-data", "libfoo", "libc"})
+    ]
+    history = LayerHistory()
+    history.record(one)
+    two = plan_layers(EXAMPLE, ["tool"], max_layers=100, history=history, popularity=EXAMPLE_POPULARITY)
+    assert two == [frozenset({"libc"}), frozenset({"tool"})]
+
+
+def test_without_popularity_data_the_closure_itself_is_counted():
+    # Every path depends on libc (popularity 4 of 4); only app uses app-man (2 of 4).
+    graph = graph_of(
+        {
+            "app": (5 * MB, ["app-man", "libfoo", "libc"]),
+            "app-man": (50_000, []),
+            "libfoo": (3 * MB, ["libc"]),
+            "libc": (2 * MB, []),
+        }
+    )
+    layers = plan_layers(graph, ["app"], max_layers=100)
+    # app-man: risk 1 - 1/2, cost 25 kB: joins.  libc: risk 1 - 1/4 of 2 MB: stays apart.
+    assert layers == [frozenset({"libc"}), frozenset({"libfoo"}), frozenset({"app", "app-man"})]
+
+
+# ---- partitions and budgets ------------------------------------------------------
+
+
+@st.composite
+def graphs_and_roots(draw):
+    count = draw(st.integers(1, 40))
+    spec = {}
+    for n in range(count):
+        refs = draw(st.sets(st.integers(0, n - 1), max_size=4)) if n else set()
+        spec[f"n{n}"] = {"size": draw(st.integers(0, 5 * MB)), "refs": [f"n{r}" for r in sorted(refs)]}
+    graph = ClosureGraph.from_mapping(spec)
+    images = draw(st.lists(st.lists(st.sampled_from(sorted(spec)), min_size=1, max_size=4), min_size=1, max_size=4))
+    return graph, images, draw(st.integers(1, 12)), draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(graphs_and_roots())
+def test_every_plan_partitions_its_closure_within_the_budget(case):
+    graph, images, max_layers, with_popularity = case
+    popularity = {name: len(graph.closure([name])) for name in graph.nodes} if with_popularity else None
+    history = LayerHistory()
+    for roots in images:
+        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity)
+        assert_partition(graph, roots, layers)
+        assert len(layers) <= max_layers
+        history.record(layers)
+
+
+@pytest.mark.parametrize("max_layers", [1, 2, 5, 100])
+@pytest.mark.parametrize("with_popularity", [True, False])
+def test_the_budget_holds_on_a_sizeable_closure(max_layers, with_popularity):
+    graph, popularity = random_graph(seed=7, nodes=600)
+    roots = [f"p{n:04d}" for n in range(450, 600, 3)]
+    assert len(graph.closure(roots)) > 200
+    history = LayerHistory()
+    # A history of other images makes the budget harder: reused layers count too.
+    for start in range(300, 450, 30):
+        history.record(plan_layers(graph, [f"p{start:04d}", f"p{start + 7:04d}"], max_layers=100, history=history))
+    layers = plan_layers(
+        graph, roots, max_layers=max_layers, history=history, popularity=popularity if with_popularity else None
+    )
+    assert_partition(graph, roots, layers)
+    assert len(layers) <= max_layers
+    if max_layers == 100:
+        assert len(layers) > 5, "a large closure should not be squeezed into a handful of layers"
+
+
+def test_empty_roots_and_bad_arguments():
+    assert plan_layers(EXAMPLE, [], max_layers=3) == []
+    with pytest.raises(ValueError):
+        plan_layers(EXAMPLE, ["app"], max_layers=0)
+    with pytest.raises(KeyError):
+        plan_layers(EXAMPLE, ["no-such-package"], max_layers=3)
+
+
+def test_a_big_private_dependency_is_not_split_from_its_user():
+    graph = graph_of({"tool": (1 * MB, ["tool-data", "libc"]), "tool-data": (80 * MB, []), "libc": (2 * MB, [])})
+    layers = plan_layers(graph, ["tool"], max_layers=10, popularity={"tool": 3, "tool-data": 3, "libc": 900})
+    assert layers == [frozenset({"libc"}), frozenset({"tool", "tool-data"})]
+
+
+def test_tiny_paths_do_not_take_a_layer_each():
+    spec = {"app": (5 * MB, [f"tiny{n}" for n in range(30)] + ["libc"]), "libc": (2 * MB, [])}
+    spec.update({f"tiny{n}": (1000, []) for n in range(30)})
+    graph = graph_of(spec)
+    popularity = {name: 50 for name in spec} | {"app": 1, "libc": 5000}
+    layers = plan_layers(graph, ["app"], max_layers=100, popularity=popularity)
+    assert 30 * 1000 * (1 - 1 / 50) < MERGE_THRESHOLD  # each join costs little...
+    assert len(layers) == 2  # ...so all of them join app; libc stays apart
+
+
+# ---- determinism -------------------------------------------------------------------
+
+_DETERMINISM_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_grouping import plan_json, random_graph
+from nixery.layers.grouping import LayerHistory, plan_layers
+graph, popularity = random_graph(seed=11, nodes=500)
+history, plans = LayerHistory(), []
+for use_pop, roots in {images!r}:
+    layers = plan_layers(graph, roots, max_layers=20, history=history, popularity=popularity if use_pop else None)
+    history.record(layers)
+    plans.append(layers)
+print(plan_json(plans))
+print(history.to_json().decode())
+# Ties everywhere: each tiny shared path has two equally popular users.
+ties = {{}}
+for n in range(40):
+    ties[f"a{{n}}"] = {{"size": 10**6, "refs": [f"d{{n}}"]}}
+    ties[f"b{{n}}"] = {{"size": 10**6, "refs": [f"d{{n}}"]}}
+    ties[f"d{{n}}"] = {{"size": 1000, "refs": []}}
+from nixery.layers.graph import ClosureGraph
+tied = ClosureGraph.from_mapping(ties)
+print(plan_json([plan_layers(tied, sorted(ties), max_layers=100)]))
+"""
+
+DETERMINISM_IMAGES = [
+    (True, ["p0400", "p0450"]),
+    (True, ["p0400", "p0451", "p0499"]),
+    (False, ["p0320", "p0499"]),
+    (False, ["p0400", "p0450"]),
+    (True, [f"p{n:04d}" for n in range(300, 500, 9)]),
+]
+
+
+def test_same_input_same_plan_in_separate_processes():
+    script = _DETERMINISM_SCRIPT.format(tests=str(Path(__file__).parent), images=DETERMINISM_IMAGES)
+    outputs = []
+    for seed in ("1", "2", "random"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, check=True
+        )
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    plans = json.loads(outputs[0].splitlines()[0])
+    assert len(plans) == len(DETERMINISM_IMAGES) and all(plans)
+
+
+# ---- sharing and the history ------------------------------------------------------
+
+SHARED = graph_of(
+    {
+        "web": (40 * MB, ["python", "libssl", "web-assets"]),
+        "web-assets": (10 * MB, []),
+        "cli": (3 * MB, ["python", "libssl"]),
+        "python": (30 * MB, ["libc", "libssl", "libffi"]),
+        "libffi": (200_000, ["libc"]),
+        "libssl": (5 * MB, ["libc"]),
+        "libc": (10 * MB, []),
+    }
+)
+SHARED_POPULARITY = {"web": 1, "web-assets": 1, "cli": 1, "python": 200, "libffi": 900, "libssl": 2000, "libc": 9000}
+
+
+@pytest.mark.parametrize("with_history", [True, False])
+def test_two_images_that_share_dependencies_share_layers(with_history):
+    history = LayerHistory() if with_history else None
+    first = plan_layers(SHARED, ["web"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
+    if history is not None:
+        history.record(first)
+    second = plan_layers(SHARED, ["cli"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
+    shared = set(first) & set(second)
+    shared_paths = {path for layer in shared for path in layer}
+    # Everything both images hold comes in the very same layers.
+    assert shared_paths == SHARED.closure(["web"]) & SHARED.closure(["cli"])
+    assert frozenset({"libc"}) in shared
+
+
+def test_a_stored_layer_inside_the_closure_is_reused_exactly():
+    history = LayerHistory()
+    odd = frozenset({"libssl", "libffi"})  # a grouping the planner would not make itself
+    history.record([odd, frozenset({"web-assets"})])
+    for popularity in (SHARED_POPULARITY, None):
+        layers = plan_layers(SHARED, ["cli"], max_layers=100, history=history, popularity=popularity)
+        assert odd in layers
+        assert_partition(SHARED, ["cli"], layers)
+    # A stored layer that is not wholly inside the closure is not used.
+    history.record([frozenset({"cli", "web-assets"})])
+    layers = plan_layers(SHARED, ["cli"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
+    assert frozenset({"cli", "web-assets"}) not in layers
+
+
+def test_overlapping_stored_layers_prefer_the_largest():
+    history = LayerHistory()
+    history.record([frozenset({"libc", "libffi"})])
+    history.record([frozenset({"libc", "libssl"})])
+    layers = plan_layers(SHARED, ["cli"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
+    assert frozenset({"libc", "libssl"}) in layers  # 15 MB beats 10.2 MB
+    assert frozenset({"libc", "libffi"}) not in layers
+
+
+def test_planning_does_not_change_the_history():
+    history = LayerHistory()
+    history.record([frozenset({"libc"})])
+    before = history.to_json()
+    plan_layers(SHARED, ["web"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
+    assert history.to_json() == before
+
+
+def test_history_json_round_trip():
+    history = LayerHistory(capacity=50)
+    history.record([frozenset({"a", "b"}), frozenset({"c"})])
+    history.record([frozenset({"c"}), frozenset({"d", "e", "f"})])
+    restored = LayerHistory.from_json(history.to_json())
+    assert (
+        restored.layers()
+        == history.layers()
+        == [
+            frozenset({"a", "b"}),
+            frozenset({"c"}),
+            frozenset({"d", "e", "f"}),
+        ]
+    )
+    assert restored.capacity == 50
+    assert LayerHistory.from_json(history.to_json(), capacity=2).capacity == 2
+    assert restored.to_json() == history.to_json()
+    assert sorted(map(sorted, (x[0] for x in restored.reusable({"a", "b", "c", "d"})))) == [["a", "b"], ["c"]]
+    # The restored history keeps counting where the old one stopped.
+    history.record([frozenset({"g"})])
+    restored.record([frozenset({"g"})])
+    assert restored.to_json() == history.to_json()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{}",
+        b"[1]",
+        b'{"version": 99}',
+        b'{"version": 1, "paths": []}',
+        b'{"version": 1, "capacity": 5, "clock": 1, "next_id": 1, "paths": ["a"], "layers": [[0, 1, 1, [3]]]}',
+        b'{"version": 1, "capacity": 5, "clock": 1, "next_id": 2, "paths": ["a"], '
+        b'"layers": [[0, 1, 1, [0]], [1, 1, 1, [0]]]}',
+    ],
+)
+def test_a_malformed_history_is_rejected(data):
+    with pytest.raises(ValueError):
+        LayerHistory.from_json(data)
+
+
+def test_history_forgets_the_least_recently_used_layers():
+    history = LayerHistory(capacity=3)
+    a, b, c, d = (frozenset({name}) for name in "abcd")
+    history.record([a])
+    history.record([b])
+    history.record([c])
+    history.record([a])  # a is used again
+    history.record([d])
+    assert len(history) == 3
+    assert b not in history
+    assert history.layers() == [a, c, d]
+
+
+def test_history_size_stays_bounded():
+    history = LayerHistory(capacity=1000)
+    for n in range(5000):
+        history.record([frozenset({f"path-{n}", f"path-{n + 1}"})])
+    assert len(history) <= 1000
+    assert len(LayerHistory.from_json(history.to_json())) == len(history)
+
+
+# ---- the command ------------------------------------------------------------------
+
+
+def test_plan_command(tmp_path):
+    nodes = {name: {"size": node.size, "refs": list(node.references)} for name, node in SHARED.nodes.items()}
+    graph_file = tmp_path / "graph.json.gz"
+    graph_file.write_bytes(gzip.compress(json.dumps({"nodes": nodes}).encode()))
+    (tmp_path / "pop.json").write_text(json.dumps(SHARED_POPULARITY))
+    images = [["web"], ["cli"], ["web", "cli"]]
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = plan_main(
+            [
+                *("--graph", str(graph_file)),
+                *("--popularity", str(tmp_path / "pop.json")),
+                *("--images", str(tmp_path / "images.json")),
+                *("--max-layers", "3"),
+            ]
+        )
+    assert code == 0
+    plans = json.loads(out.getvalue())
+    assert len(plans) == 3
+    for roots, layers in zip(images, plans, strict=True):
+        assert all(layer == sorted(layer) for layer in layers)
+        assert_partition(SHARED, roots, [frozenset(layer) for layer in layers])
+        assert len(layers) <= 3
+    # The history is kept from image to image: the third image reuses the first's layers.
+    assert {tuple(layer) for layer in plans[0]} & {tuple(layer) for layer in plans[2]}
+
+
+def test_plan_command_rejects_unknown_roots(tmp_path, capsys):
+    (tmp_path / "graph.json").write_text(json.dumps({"nodes": {"a": {"size": 1, "refs": []}}}))
+    (tmp_path / "images.json").write_text(json.dumps([["a"], ["b"]]))
+    code = plan_main(["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")])
+    assert code == 2
+    assert "b" in capsys.readouterr().err
+
+
+# ---- the real benchmark ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    if not (DATASET / "graph.json.gz").exists():
+        pytest.skip(f"layering dataset not found in {DATASET}")
+    graph = ClosureGraph.from_mapping(json.loads(gzip.decompress((DATASET / "graph.json.gz").read_bytes()))["nodes"])
+    popularity = json.loads((DATASET / "popularity.json").read_text())
+    images = json.loads((DATASET / "images-public.json").read_text())
+    return graph, popularity, images
+
+
+@pytest.mark.parametrize("with_popularity", [True, False])
+def test_public_benchmark(dataset, with_popularity):
+    graph, popularity, images = dataset
+    history = LayerHistory()
+    held: set[frozenset[str]] = set()
+    union: set[str] = set()
+    downloaded = 0
+    counts = []
+    for roots in images:
+        layers = plan_layers(
+            graph, roots, max_layers=100, history=history, popularity=popularity if with_popularity else None
+        )
+        assert_partition(graph, roots, layers)
+        history.record(layers)
+        counts.append(len(layers))
+        union |= graph.closure(roots)
+        for layer in layers:
+            if layer not in held:
+                held.add(layer)
+                downloaded += sum(graph.size(p) for p in layer)
+    ideal = sum(graph.size(p) for p in union)
+    assert downloaded / ideal <= 1.05
+    assert max(counts) <= 100
+    assert sum(counts) / len(counts) <= 60.7  # Nixery's mean on this sequence
