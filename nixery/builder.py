@@ -380,10 +380,14 @@ class ImageBuilder:
             built_at=time.time(),
             layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),),  # the entry layer holds no store path
         )
-        async with self._history_lock:
+        async with self._history_lock, self.storage.exclusive("layering-history"):
+            # Other processes on this storage record too: keep what they added.
+            stored = await self._read_history()
+            for layer in stored.layers() if stored is not None else ():
+                if layer not in history:
+                    history.record([layer])
             history.record([frozenset(paths) for paths in plan])
-            history_json = history.to_json()
-        await self.storage.put_meta(_HISTORY_KEY, history_json)
+            await self.storage.put_meta(_HISTORY_KEY, history.to_json())
         await self.storage.put_meta(f"images/{key}", record.to_json())
         self._records[key] = record
         bound.info(
@@ -420,9 +424,19 @@ class ImageBuilder:
 
     async def _load_history(self) -> LayerHistory:
         if self._history is None:
-            data = await self.storage.get_meta(_HISTORY_KEY)
-            self._history = LayerHistory.from_json(data) if data else LayerHistory()
+            self._history = await self._read_history() or LayerHistory()
         return self._history
+
+    async def _read_history(self) -> LayerHistory | None:
+        """The stored layering history; a damaged one is dropped (it only guides reuse)."""
+        data = await self.storage.get_meta(_HISTORY_KEY)
+        if data is None:
+            return None
+        try:
+            return LayerHistory.from_json(data)
+        except ValueError as exc:
+            log.warning("build.history_unreadable", error=str(exc)[:200], note="starting a new history")
+            return None
 
     async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> LayerDescriptor:
         key = layer_key(store_paths)
