@@ -63,6 +63,8 @@ class RegistryProcess:
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
                     return self
+            except urllib.error.HTTPError:
+                return self  # it answers (e.g. 401 when access control is on)
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.1)
         self.stop()

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Downloads the .deb files of the Debian-derived package set.
+#
+#   scripts/debian-set/fetch.sh            # into ${NIXERY_DEBIAN_CACHE:-<repo>/.cache/debian-debs}
+#
+# Resolves the dependency closure of packages.txt with apt's own resolver
+# (Depends + Pre-Depends, no Recommends/Suggests), as if the packages of
+# excluded.txt were already installed (so they and their dependencies are left
+# out), then `apt-get download`s every package of the closure that is not in
+# the cache yet (or whose SHA256 is not apt's). Writes $cache/manifest.txt:
+# "name version arch file sha256" per line,
+# the exact set generate.py turns into Nix derivations. Re-runnable: files
+# already downloaded are kept. Exits non-zero with a message when apt cannot
+# reach the Debian mirror.
+set -euo pipefail
+export LC_ALL=C DEBIAN_FRONTEND=noninteractive
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${NIXERY_DEBIAN_CACHE:-$repo/.cache/debian-debs}
+case $cache in /*) ;; *) cache=$repo/$cache ;; esac
+start=$(date +%s%N)
+elapsed() { echo "$(( ($(date +%s%N) - start) / 1000000 ))" | sed 's/\(...\)$/.\1/;s/^\./0./'; }
+fail() { echo "fetch.sh: $*" >&2; echo "fetch.sh: failed after $(elapsed) s; without the Debian set the registry serves the busybox set" >&2; exit 1; }
+
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+# apt drops privileges to _apt for downloads, which cannot write into our cache.
+# Upgrade-By-Source-Package=false: apt would otherwise "upgrade" the pretend-installed
+# systemd alongside libsystemd0 (same source package) and pull it back in.
+APT_OPTS=(-o APT::Sandbox::User="$(id -un)" -o APT::Install-Recommends=false -o APT::Install-Suggests=false
+          -o APT::Get::Upgrade-By-Source-Package=false)
+
+names() { sed 's/#.*//' "$1" | tr -s ' \t' '\n\n' | sed '/^$/d'; }
+mapfile -t packages < <(names "$here/packages.txt")
+mapfile -t excluded < <(names "$here/excluded.txt")
+[ "$(dpkg --print-architecture)" = amd64 ] || fail "only amd64 hosts are supported (dpkg says $(dpkg --print-architecture))"
+command -v apt-get >/dev/null || fail "apt-get not found: the Debian set needs a Debian (12) host"
+
+mkdir -p "$cache"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# apt parses all package lists on every call unless it may keep its binary
+# cache (Debian's container images disable it): keep one for this run.
+CACHE_OPTS=(-o Dir::Cache::pkgcache="$work/pkgcache.bin" -o Dir::Cache::srcpkgcache="$work/srcpkgcache.bin")
+APT_OPTS+=("${CACHE_OPTS[@]}")
+
+# The package lists: a fresh machine may never have run `apt-get update`.
+if ! apt-cache show "${CACHE_OPTS[@]}" --no-all-versions "${packages[@]%%=*}" >/dev/null 2>&1; then
+  echo "fetch.sh: updating apt package lists"
+  $SUDO apt-get update -qq || fail "apt-get update failed: is the Debian mirror reachable?"
+  rm -f "$work"/*.bin
+  apt-cache show "${CACHE_OPTS[@]}" --no-all-versions "${packages[@]%%=*}" >/dev/null ||
+    fail "apt does not know all packages of packages.txt (see the message above)"
+fi
+
+
+# A dpkg status file claiming that the excluded packages are installed. Only
+# identity fields are kept: with their own dependencies left out they are
+# "installed and consistent", so apt neither fetches nor repairs them.
+{ apt-cache show "${CACHE_OPTS[@]}" --no-all-versions "${excluded[@]}" 2>/dev/null || true; } | awk '
+  /^$/ { if (pkg != "") { print "Status: install ok installed"; print "" } pkg = ""; keep = 0; next }
+  /^[A-Za-z-]+:/ { keep = ($1 ~ /^(Package|Version|Architecture|Multi-Arch|Provides|Essential):$/); if ($1 == "Package:") { pkg = $2; print; next } }
+  /^[ \t]/ { if (keep) print; next }
+  keep { print }
+  END { if (pkg != "") { print "Status: install ok installed"; print "" } }
+' > "$work/status"
+
+# apt's resolver on an otherwise empty system.
+if ! apt-get -s "${APT_OPTS[@]}" -o Dir::State::status="$work/status" install "${packages[@]}" > "$work/plan" 2>&1; then
+  cat "$work/plan" >&2
+  fail "apt could not resolve packages.txt"
+fi
+# "Inst libc6 (2.36-9+deb12u10 Debian:12.10/stable [amd64])" -> "libc6 2.36-9+deb12u10 amd64"
+awk '/^Inst / { gsub(/[()\[\]]/, ""); print $2, $3, $NF }' "$work/plan" | sort > "$work/closure"
+[ -s "$work/closure" ] || fail "apt resolved no packages (plan in $work/plan)"
+
+# apt-get download names files NAME_VERSION_ARCH.deb with ':' written as %3a.
+# The SHA256 apt expects for each file: a file cut short by an interrupted
+# run is downloaded again.
+awk '{ print $1 "=" $2 }' "$work/closure" | xargs apt-cache show "${CACHE_OPTS[@]}" 2>/dev/null |
+  awk '/^Package:/ { p = $2 } /^Version:/ { v = $2 } /^SHA256:/ { print p, v, $2 }' | sort -u > "$work/sha256"
+expected() { awk -v p="$1" -v v="$2" '$1 == p && $2 == v { print $3; exit }' "$work/sha256"; }
+intact() { [ -s "$cache/$1" ] && [ "$(sha256sum < "$cache/$1" | cut -d' ' -f1)" = "$2" ]; }
+
+missing=()
+: > "$work/manifest"
+while read -r name version arch; do
+  file="${name}_${version//:/%3a}_${arch}.deb"
+  sha=$(expected "$name" "$version")
+  [ -n "$sha" ] || fail "apt knows no SHA256 for $name $version"
+  echo "$name $version $arch $file $sha" >> "$work/manifest"
+  intact "$file" "$sha" || { rm -f "$cache/$file"; missing+=("$name=$version"); }
+done < "$work/closure"
+
+total=$(wc -l < "$work/closure")
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "fetch.sh: downloading ${#missing[@]} of $total .deb files into $cache"
+  if ! (cd "$cache" && apt-get download -q "${APT_OPTS[@]}" "${missing[@]}" > "$work/download.log" 2>&1); then
+    tail -n 20 "$work/download.log" >&2
+    fail "apt-get download failed: is the Debian mirror reachable?"
+  fi
+fi
+while read -r name version arch file sha; do
+  intact "$file" "$sha" || fail "$file is missing or damaged after the download"
+done < "$work/manifest"
+mv "$work/manifest" "$cache/manifest.txt"
+echo "fetch.sh: $total packages ($(du -sh "$cache" | cut -f1)) in $cache; took $(elapsed) s"

@@ -1,0 +1,238 @@
+"""The Debian-derived bundled set: real programs from Debian 12 built by Nix, served by a real registry.
+
+Needs the set generated first (`scripts/debian-set/setup.sh`, which `make
+debian-set` and CI run); the whole module is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import struct
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nixery.config import DEBIAN_SET
+from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
+
+SET = DEBIAN_SET.path
+
+if not (SET / "default.nix").is_file():
+    missing = f"the Debian set is not generated ({SET}/default.nix missing): run scripts/debian-set/setup.sh"
+    if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
+        raise RuntimeError(missing)
+    pytest.skip(missing, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def debian_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """One registry on the Debian set for the module: images share its storage and layer history."""
+    base = tmp_path_factory.mktemp("debian-set")
+    registry = RegistryProcess(
+        storage=base / "storage", env={"NIXERY_BUNDLED_SET": "debian"}, log_path=base / "registry.log"
+    )
+    registry.start()
+    yield registry
+    registry.stop()
+    # podman keeps what it pulled: drop this registry's images
+    images = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).stdout.split()
+    mine = [image for image in images if image.startswith(registry.host + "/")]
+    if mine:
+        run(["podman", "rmi", "--force", *mine], check=False)
+
+
+def nix_build(attr: str) -> str:
+    return run(["nix-build", "--no-out-link", str(SET), "-A", attr], timeout=900).stdout.strip().splitlines()[-1]
+
+
+# --- the set itself (Nix only) ----------------------------------------------
+
+
+def test_names_nix_and_debian() -> None:
+    """Usual Nix names, Debian names and sanitized names all resolve; `shell`'s program is bash."""
+    expr = f"""
+      let s = import {SET} {{}}; in {{
+        names = builtins.filter (n: builtins.hasAttr n s) [
+          "python3" "openssh" "openssh-client" "gnugrep" "gnused" "gnutar" "xz" "xz-utils" "cacert"
+          "ca-certificates" "curl" "git" "jq" "vim" "nano" "openssl" "bash" "coreutils" "shell"
+          "libstdc++6" "libstdcxx6" "python3.11" "python3_11" "gawk" "less" "findutils" ];
+        shellMain = s.shell.meta.mainProgram;
+        sameOpenssh = s.openssh.drvPath == s."openssh-client".drvPath;
+        sameStdcxx = s.libstdcxx6.drvPath == s."libstdc++6".drvPath;
+      }}"""
+    result = json.loads(run(["nix-instantiate", "--eval", "--strict", "--json", "-E", expr]).stdout)
+    assert len(result["names"]) == 26, result["names"]
+    assert result["shellMain"] == "bash"
+    assert result["sameOpenssh"] and result["sameStdcxx"]
+
+
+def test_cacert_bundle_and_shell_references_it() -> None:
+    cacert = Path(nix_build("cacert"))
+    bundle = (cacert / "etc/ssl/certs/ca-certificates.crt").read_text()
+    assert bundle.count("-----BEGIN CERTIFICATE-----") > 100
+    shell = nix_build("shell")
+    closure = run(["nix-store", "-qR", shell]).stdout.split()
+    assert str(cacert) in closure
+
+
+# --- images under podman ------------------------------------------------------
+
+
+def test_shell_curl_runs_bash_and_curl(debian_registry: RegistryProcess) -> None:
+    script = 'curl --version; echo "bash $BASH_VERSION"'
+    result = podman_run(f"{debian_registry.host}/shell/curl", "bash", "-c", script)
+    assert result.stdout.startswith("curl 7.88"), result.stdout
+    assert "OpenSSL/3" in result.stdout
+    assert "bash 5.2" in result.stdout
+
+
+def test_shell_image_config(debian_registry: RegistryProcess) -> None:
+    """Cmd is bash, SSL_CERT_FILE names the bundle of the closure."""
+    _, manifest = debian_registry.manifest("shell/curl")
+    status, _, body = debian_registry.request(f"/v2/shell/curl/blobs/{manifest['config']['digest']}", accept=None)
+    assert status == 200
+    config = json.loads(body)["config"]
+    assert config["Cmd"] == ["/bin/bash"]
+    assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in config["Env"]
+
+
+def test_shell_python3_imports_json_and_ssl(debian_registry: RegistryProcess) -> None:
+    result = podman_run(
+        f"{debian_registry.host}/shell/python3",
+        "python3", "-c", "import json, ssl, sys; print(json.dumps([sys.version_info[:2], ssl.OPENSSL_VERSION]))",
+    )
+    version, openssl = json.loads(result.stdout)
+    assert version == [3, 11]
+    assert openssl.startswith("OpenSSL 3")
+
+
+def test_shell_git_commits(debian_registry: RegistryProcess) -> None:
+    script = (
+        "cd /tmp && git init -q repo && cd repo"
+        " && git -c user.name=Test -c user.email=test@example.com commit -q --allow-empty -m x"
+        " && git log --format=%s"
+    )
+    result = podman_run(f"{debian_registry.host}/shell/git", "bash", "-c", script)
+    assert result.stdout.strip() == "x", (result.stdout, result.stderr)
+
+
+def test_shell_jq_filters_json(debian_registry: RegistryProcess) -> None:
+    result = podman_run(f"{debian_registry.host}/shell/jq", "bash", "-c", "echo '{\"a\":1}' | jq .a")
+    assert result.stdout.strip() == "1"
+
+
+# --- layers ------------------------------------------------------------------
+
+
+def layer_paths(registry: RegistryProcess, name: str, digest: str) -> set[str]:
+    """Top-level store paths in a layer ("/nix/store/<hash>-<name>")."""
+    status, _, body = registry.request(f"/v2/{name}/blobs/{digest}", accept=None)
+    assert status == 200, status
+    paths = set()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(body))) as tar:
+        for member in tar.getmembers():
+            parts = member.name.lstrip("./").split("/")
+            if len(parts) >= 3 and parts[:2] == ["nix", "store"]:
+                paths.add("/nix/store/" + parts[2])
+    return paths
+
+
+def test_curl_and_jq_share_the_glibc_layer(debian_registry: RegistryProcess) -> None:
+    glibc = nix_build("libc6")
+    layers = {}
+    for image in ("shell/curl", "shell/jq"):
+        _, manifest = debian_registry.manifest(image)
+        holding = [layer["digest"] for layer in manifest["layers"]
+                   if glibc in layer_paths(debian_registry, image, layer["digest"])]
+        assert len(holding) == 1, (image, holding)
+        layers[image] = holding[0]
+    assert layers["shell/curl"] == layers["shell/jq"]
+
+
+# --- nothing from the host ------------------------------------------------------
+
+
+def elf_interpreter(path: Path) -> str | None:
+    """PT_INTERP of a 64-bit little-endian ELF file, None without one (or not ELF)."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+            return None
+        phoff, = struct.unpack_from("<Q", header, 32)
+        phentsize, phnum = struct.unpack_from("<HH", header, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, = struct.unpack_from("<I", table, i * phentsize)
+            if p_type == 3:  # PT_INTERP
+                offset, = struct.unpack_from("<Q", table, i * phentsize + 8)
+                size, = struct.unpack_from("<Q", table, i * phentsize + 32)
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode()
+    return None
+
+
+def test_unpacked_image_references_only_the_store(debian_registry: RegistryProcess, tmp_path: Path) -> None:
+    """Every symlink and ELF interpreter of shell/curl points into /nix/store, and resolves in the image."""
+    skopeo_to_oci(f"{debian_registry.host}/shell/curl", tmp_path / "oci")
+    rootfs = unpack_oci(tmp_path / "oci", tmp_path / "bundle")
+    links = elves = 0
+    problems = []
+
+    def inside(target: str) -> Path:
+        return rootfs / target.lstrip("/")
+
+    for directory, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            path = Path(directory) / name
+            shown = "/" + str(path.relative_to(rootfs))
+            if path.is_symlink():
+                links += 1
+                target = os.readlink(path)
+                if target.startswith("/"):
+                    # the entry layer's links (/bin/*, /etc/ssl/certs/*) and the store's own
+                    if not target.startswith("/nix/store/"):
+                        problems.append(f"{shown} -> {target}: outside /nix/store")
+                    elif not os.path.lexists(inside(target)):
+                        problems.append(f"{shown} -> {target}: not in the image")
+                else:
+                    resolved = os.path.normpath(os.path.join(os.path.dirname(shown), target))
+                    if resolved.startswith("/..") or not os.path.lexists(inside(resolved)):
+                        problems.append(f"{shown} -> {target}: does not resolve inside the image")
+            elif name in filenames and path.is_file():
+                interpreter = elf_interpreter(path)
+                if interpreter is not None:
+                    elves += 1
+                    if not interpreter.startswith("/nix/store/") or not inside(interpreter).exists():
+                        problems.append(f"{shown}: ELF interpreter {interpreter}")
+    assert not problems, "\n".join(problems[:50])
+    assert links > 100 and elves > 50, (links, elves)
+
+    # The programs users run: scripts among them name a store interpreter (or /usr/bin/env).
+    for entry in sorted((rootfs / "bin").iterdir()):
+        real = entry
+        for _ in range(40):
+            if not real.is_symlink():
+                break
+            target = os.readlink(real)
+            real = inside(target) if target.startswith("/") else real.parent / target
+        with open(real, "rb") as f:
+            first = f.readline(256)
+        if first.startswith(b"#!"):
+            interpreter = first[2:].split()[0].decode()
+            assert interpreter.startswith("/nix/store/") or interpreter == "/usr/bin/env", (entry, interpreter)
+
+
+def test_setup_script_usage() -> None:
+    """setup.sh documents itself and refuses unknown options without doing anything."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "debian-set" / "setup.sh"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "usage" in result.stdout.lower()
+    result = subprocess.run([str(script), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
