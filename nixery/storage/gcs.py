@@ -1,0 +1,284 @@
+"""Blobs and metadata in a Google Cloud Storage bucket, via google-cloud-storage.
+
+Layout in the bucket:
+
+    blobs/sha256/<hex>   content-addressed blobs
+    meta/<key>           metadata documents
+
+A GCS object upload is all-or-nothing: the object exists only once the last
+byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
+object. Blobs are written with `ifGenerationMatch=0`, so an existing blob is
+never replaced; big blobs go up as a resumable upload in fixed chunks, so
+memory stays flat whatever the layer size.
+
+The google client is synchronous: every call runs in a worker thread, with
+short connect timeouts and a bounded retry deadline so that an unreachable
+bucket turns into `BackendUnavailable` within seconds.
+
+Credentials come from the usual Google environment (Application Default
+Credentials, e.g. GOOGLE_APPLICATION_CREDENTIALS). With STORAGE_EMULATOR_HOST
+set, the client talks to that emulator anonymously.
+
+Signed URLs are V4 and short-lived. They are signed with GCS_SIGNING_KEY (a PEM
+private key, with GCS_SIGNING_ACCOUNT naming its service account; a JSON
+service-account key file works too) when given; otherwise with the service
+account's own credentials: a key file signs locally, other credentials (e.g.
+on Compute Engine) sign through the IAM signBlob API. With nothing to sign
+with (an emulator without a key, a user's own credentials) blobs are relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import google.auth
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.api_core.client_options import ClientOptions
+from google.auth import crypt
+from google.auth.credentials import AnonymousCredentials, Credentials, Signing
+from google.cloud import storage
+from google.cloud.storage import exceptions as media_exceptions
+from google.cloud.storage.retry import DEFAULT_RETRY
+from google.oauth2 import service_account
+
+from nixery.config import ConfigError, GCSSettings
+from nixery.registry.digest import Digest
+from nixery.storage.base import (
+    BackendUnavailable,
+    BlobNotFound,
+    BlobSource,
+    ByteStream,
+    Redirect,
+    Storage,
+    check_key,
+)
+from nixery.storage.filesystem import _remove_abandoned_staging
+
+#: Resumable upload chunk (a multiple of 256 KiB); files up to 8 MiB go in one request.
+UPLOAD_CHUNK = 8 * 1024 * 1024
+#: Range size when relaying a blob through the registry.
+RELAY_CHUNK = 4 * 1024 * 1024
+
+_SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
+_TOKEN_URI = "https://oauth2.googleapis.com/token"
+
+_UNAVAILABLE = (
+    api_exceptions.GoogleAPICallError,
+    api_exceptions.RetryError,
+    requests.exceptions.RequestException,
+    google.auth.exceptions.GoogleAuthError,
+    media_exceptions.InvalidResponse,
+    media_exceptions.DataCorruption,
+    ConnectionError,
+    TimeoutError,
+)
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+class GCSStorage(Storage):
+    name = "gcs"
+
+    def __init__(
+        self,
+        config: GCSSettings,
+        *,
+        staging_root: Path,
+        signed_url_ttl: int = 300,
+        emulator_host: str | None = None,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 60.0,
+        retry_timeout: float = 5.0,
+    ):
+        self.config = config
+        self.signed_url_ttl = signed_url_ttl
+        self._staging = staging_root / f"{socket.gethostname()}-{os.getpid()}"
+        self._staging.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(staging_root, keep=self._staging)
+
+        emulator_host = emulator_host or os.environ.get("STORAGE_EMULATOR_HOST") or None
+        if emulator_host:
+            if "://" not in emulator_host:
+                emulator_host = f"http://{emulator_host}"
+            self._client = storage.Client(
+                project="nixery-emulated",
+                credentials=AnonymousCredentials(),
+                client_options=ClientOptions(api_endpoint=emulator_host),
+            )
+            own: Credentials | None = _key_file_credentials(os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"))
+        else:
+            try:
+                own, project = google.auth.default(scopes=_SCOPES)
+            except google.auth.exceptions.DefaultCredentialsError as error:
+                raise ConfigError(f"no Google credentials for GCS_BUCKET: {error}") from None
+            self._client = storage.Client(project=project, credentials=own)
+        self._signer = _signing_key_credentials(config) if config.signing_key else own
+        if not isinstance(self._signer, Signing) and not hasattr(self._signer, "service_account_email"):
+            # An emulator without a key, or a user's `gcloud auth
+            # application-default login`: nothing can sign.
+            log.warning("GCS: no service account to sign URLs with; blobs are relayed by the registry")
+            self._signer = None
+
+        self._bucket = self._client.bucket(config.bucket)
+        self._timeout = (connect_timeout, read_timeout)
+        self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(retry_timeout)
+
+    def staging_dir(self) -> Path:
+        return self._staging
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    @staticmethod
+    def _blob_name(digest: Digest) -> str:
+        return f"blobs/sha256/{digest.hex}"
+
+    async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+            raise  # answers, handled by the caller
+        except _UNAVAILABLE as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {reason[:300]}") from error
+
+    async def _stat(self, digest: Digest) -> storage.Blob | None:
+        return await self._call(
+            self._bucket.get_blob, self._blob_name(digest), timeout=self._timeout, retry=self._retry
+        )
+
+    async def stat_blob(self, digest: Digest) -> int | None:
+        blob = await self._stat(digest)
+        return None if blob is None else blob.size
+
+    async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
+        blob = await self._stat(digest)
+        if blob is None:
+            raise BlobNotFound(digest)
+        if allow_redirect and self._signer is not None:
+            return Redirect(await self._call(self._sign, blob))
+        return ByteStream(self._relay(blob), blob.size)
+
+    def _sign(self, blob: storage.Blob) -> str:
+        signer = self._signer
+        expiration = timedelta(seconds=self.signed_url_ttl)
+        if isinstance(signer, Signing):
+            return blob.generate_signed_url(version="v4", expiration=expiration, method="GET", credentials=signer)
+        # No local key (Compute Engine, workload identity): IAM signs for us.
+        assert signer is not None and hasattr(signer, "service_account_email")
+        if not signer.valid:
+            signer.refresh(google.auth.transport.requests.Request())
+        return blob.generate_signed_url(
+            version="v4",
+            expiration=expiration,
+            method="GET",
+            service_account_email=getattr(signer, "service_account_email", None),
+            access_token=signer.token,
+        )
+
+    async def _relay(self, blob: storage.Blob) -> AsyncIterator[bytes]:
+        start = 0
+        while start < blob.size:
+            end = min(start + RELAY_CHUNK, blob.size) - 1
+            try:
+                chunk = await self._call(
+                    blob.download_as_bytes,
+                    start=start,
+                    end=end,
+                    raw_download=True,
+                    checksum=None,
+                    if_generation_match=blob.generation,
+                    timeout=self._timeout,
+                    retry=self._retry,
+                )
+            except api_exceptions.NotFound as error:
+                raise BackendUnavailable(self.name, f"blob vanished while relaying: {error}") from error
+            if not chunk:
+                raise BackendUnavailable(self.name, f"short read of {blob.name} at byte {start}")
+            yield chunk
+            start += len(chunk)
+
+    async def read_blob(self, digest: Digest) -> bytes:
+        blob = self._bucket.blob(self._blob_name(digest))
+        try:
+            return await self._call(blob.download_as_bytes, timeout=self._timeout, retry=self._retry)
+        except api_exceptions.NotFound:
+            raise BlobNotFound(digest) from None
+
+    async def put_blob(self, digest: Digest, staged: Path) -> None:
+        if await self.stat_blob(digest) is not None:
+            return
+        blob = self._bucket.blob(self._blob_name(digest), chunk_size=UPLOAD_CHUNK)
+        try:
+            await self._call(
+                blob.upload_from_filename,
+                str(staged),
+                content_type="application/octet-stream",
+                if_generation_match=0,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+        except api_exceptions.PreconditionFailed:
+            return  # another writer stored it first: same digest, same bytes
+        except api_exceptions.NotFound as error:
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {error}") from error
+
+    async def get_meta(self, key: str) -> bytes | None:
+        blob = self._bucket.blob(f"meta/{check_key(key)}")
+        try:
+            return await self._call(blob.download_as_bytes, timeout=self._timeout, retry=self._retry)
+        except api_exceptions.NotFound:
+            return None
+
+    async def put_meta(self, key: str, data: bytes) -> None:
+        blob = self._bucket.blob(f"meta/{check_key(key)}")
+        try:
+            await self._call(
+                blob.upload_from_string,
+                data,
+                content_type="application/octet-stream",
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+        except api_exceptions.NotFound as error:
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {error}") from error
+
+
+def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials:
+    assert config.signing_key is not None
+    text = config.signing_key.read_text()
+    if text.lstrip().startswith("{"):
+        return service_account.Credentials.from_service_account_info(json.loads(text))
+    if not config.signing_account:
+        raise ConfigError("GCS_SIGNING_ACCOUNT must name the service account of the PEM GCS_SIGNING_KEY")
+    try:
+        signer = crypt.RSASigner.from_string(text)
+    except ValueError as error:
+        raise ConfigError(f"GCS_SIGNING_KEY={str(config.signing_key)!r} is not a PEM private key: {error}") from None
+    return service_account.Credentials(signer, config.signing_account, _TOKEN_URI)
+
+
+def _key_file_credentials(path: str | None) -> Credentials | None:
+    """A service-account key file's credentials (used to sign when emulated)."""
+    if not path:
+        return None
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={path!r} is not readable JSON: {error}") from None
+    if info.get("type") != "service_account":
+        return None
+    return service_account.Credentials.from_service_account_info(info, scopes=_SCOPES)

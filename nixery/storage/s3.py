@@ -1,0 +1,209 @@
+"""Blobs and metadata in an S3 bucket (AWS or any S3-compatible store), via obstore.
+
+Layout in the bucket:
+
+    blobs/sha256/<hex>   content-addressed blobs
+    meta/<key>           metadata documents
+
+Atomicity comes from S3 itself: a single PUT and the completion of a multipart
+upload both make an object appear whole or not at all. Big blobs go up as a
+multipart upload read from the staged file a few chunks at a time, so memory
+stays flat whatever the layer size. When an upload fails, obstore aborts the
+multipart upload; when the process dies mid-upload, the parts stay invisible
+(no object exists under the key) until the bucket's lifecycle rule
+"AbortIncompleteMultipartUpload" removes them, which operators should set.
+
+Clients get blobs through presigned GET URLs (signed locally, no request to
+the store), or, when redirects are off, as a stream relayed by the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.exceptions import BaseError as ObstoreError
+from obstore.store import S3Store
+
+from nixery.config import S3Settings
+from nixery.registry.digest import Digest
+from nixery.storage.base import (
+    BackendUnavailable,
+    BlobNotFound,
+    BlobSource,
+    ByteStream,
+    Redirect,
+    Storage,
+    check_key,
+)
+from nixery.storage.filesystem import _remove_abandoned_staging
+
+log = logging.getLogger(__name__)
+
+#: Part size of multipart uploads; S3 needs at least 5 MiB per part.
+UPLOAD_CHUNK = 6 * 1024 * 1024
+#: Parts in flight per upload: memory per upload is about (this + 1) parts.
+UPLOAD_CONCURRENCY = 2
+#: Chunks handed to the HTTP layer when relaying a blob.
+RELAY_CHUNK = 1024 * 1024
+
+
+class S3Storage(Storage):
+    name = "s3"
+
+    def __init__(
+        self,
+        config: S3Settings,
+        *,
+        staging_root: Path,
+        signed_url_ttl: int = 300,
+        connect_timeout: float = 3.0,
+        request_timeout: float = 60.0,
+        max_retries: int = 3,
+        retry_timeout: float = 10.0,
+    ):
+        self.config = config
+        self.signed_url_ttl = signed_url_ttl
+        # Same layout as the filesystem driver: one directory per process, so
+        # that a restarted process removes what a crashed one left behind.
+        self._staging = staging_root / f"{socket.gethostname()}-{os.getpid()}"
+        self._staging.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(staging_root, keep=self._staging)
+
+        options: dict[str, Any] = {
+            "region": config.region,
+            "virtual_hosted_style_request": not config.path_style,
+        }
+        if config.endpoint:
+            options["endpoint"] = config.endpoint
+        if config.access_key_id and config.secret_access_key:
+            options["access_key_id"] = config.access_key_id
+            options["secret_access_key"] = config.secret_access_key
+        client: dict[str, Any] = {
+            "connect_timeout": timedelta(seconds=connect_timeout),
+            "timeout": timedelta(seconds=request_timeout),
+        }
+        if config.endpoint and config.endpoint.startswith("http://"):
+            client["allow_http"] = True
+        retry: dict[str, Any] = {
+            "max_retries": max_retries,
+            "retry_timeout": timedelta(seconds=retry_timeout),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=2),
+                "base": 2,
+            },
+        }
+        self._store = S3Store(config.bucket, client_options=client, retry_config=retry, **options)
+        # Relaying a multi-gigabyte layer to a slow client can take long: that
+        # store bounds the whole request loosely and catches stalls instead.
+        relay_client = dict(client, timeout=timedelta(hours=6), read_timeout=timedelta(seconds=request_timeout))
+        self._relay_store = S3Store(config.bucket, client_options=relay_client, retry_config=retry, **options)
+
+    def staging_dir(self) -> Path:
+        return self._staging
+
+    @staticmethod
+    def _blob_key(digest: Digest) -> str:
+        return f"blobs/sha256/{digest.hex}"
+
+    def _unavailable(self, error: Exception) -> BackendUnavailable:
+        # obstore messages carry a long debug dump after the first line.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return BackendUnavailable(self.name, f"bucket {self.config.bucket}: {reason[:300]}")
+
+    async def stat_blob(self, digest: Digest) -> int | None:
+        try:
+            meta = await obstore.head_async(self._store, self._blob_key(digest))
+        except FileNotFoundError:
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return meta["size"]
+
+    async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
+        key = self._blob_key(digest)
+        if allow_redirect:
+            if await self.stat_blob(digest) is None:
+                raise BlobNotFound(digest)
+            try:
+                url = await obstore.sign_async(self._store, "GET", key, timedelta(seconds=self.signed_url_ttl))
+            except ObstoreError as error:
+                raise self._unavailable(error) from error
+            return Redirect(url)
+        try:
+            result = await obstore.get_async(self._relay_store, key)
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return ByteStream(self._relay(result), result.meta["size"])
+
+    async def _relay(self, result: Any) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in result.stream(min_chunk_size=RELAY_CHUNK):
+                yield chunk
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def read_blob(self, digest: Digest) -> bytes:
+        try:
+            result = await obstore.get_async(self._store, self._blob_key(digest))
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def put_blob(self, digest: Digest, staged: Path) -> None:
+        if await self.stat_blob(digest) is not None:
+            return
+        upload = obstore.put_async(
+            self._store,
+            self._blob_key(digest),
+            staged,
+            attributes={"Content-Type": "application/octet-stream"},
+            chunk_size=UPLOAD_CHUNK,
+            max_concurrency=UPLOAD_CONCURRENCY,
+        )
+        try:
+            # Cancelling the await would drop the upload without aborting
+            # it, leaving invisible parts behind; let it finish (or fail and
+            # abort) by itself instead.
+            await asyncio.shield(upload)
+        except asyncio.CancelledError:
+            upload.add_done_callback(lambda done: self._log_orphan(digest, done))
+            raise
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    def _log_orphan(self, digest: Digest, upload: asyncio.Future[Any]) -> None:
+        if upload.cancelled():
+            return
+        if (error := upload.exception()) is not None:
+            log.warning("background upload of %s failed after cancellation: %s", digest, error)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        path = f"meta/{check_key(key)}"
+        try:
+            result = await obstore.get_async(self._store, path)
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def put_meta(self, key: str, data: bytes) -> None:
+        path = f"meta/{check_key(key)}"
+        try:
+            # One PUT (no multipart below the chunk size): atomic, last writer wins.
+            await obstore.put_async(self._store, path, data, use_multipart=False)
+        except ObstoreError as error:
+            raise self._unavailable(error) from error

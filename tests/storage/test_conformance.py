@@ -1,0 +1,252 @@
+"""What every storage driver promises (nixery/storage/base.py), checked on all
+three: filesystem, S3 (SeaweedFS) and GCS (fake-gcs-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+
+from nixery.registry.digest import Digest
+from nixery.storage import (
+    BlobNotFound,
+    ByteStream,
+    FilesystemStorage,
+    InvalidKey,
+    LocalFile,
+    Redirect,
+    Storage,
+)
+from tests.storage.conftest import Backend
+from tests.storage.worker import expected_digest
+
+MB = 1024 * 1024
+
+
+def stage(store: Storage, data: bytes) -> Path:
+    path = store.staging_dir() / f"test-{uuid.uuid4().hex}"
+    path.write_bytes(data)
+    return path
+
+
+async def put(store: Storage, data: bytes) -> Digest:
+    digest = Digest.of(data)
+    staged = stage(store, data)
+    try:
+        await store.put_blob(digest, staged)
+    finally:
+        staged.unlink(missing_ok=True)
+    return digest
+
+
+async def fetch(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.read()
+
+
+async def fetch_digest(url: str) -> tuple[int, str, int]:
+    """Status, sha256 and size of a download, hashed as it streams in."""
+    hasher, size = hashlib.sha256(), 0
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        async for chunk in response.content.iter_chunked(MB):
+            hasher.update(chunk)
+            size += len(chunk)
+        return response.status, hasher.hexdigest(), size
+
+
+def url_expiry(url: str) -> int:
+    query = parse_qs(urlsplit(url).query)
+    return int((query.get("X-Amz-Expires") or query["X-Goog-Expires"])[0])
+
+
+def blob_key(digest: Digest) -> str:
+    return f"blobs/sha256/{digest.hex}"
+
+
+async def test_put_stat_read_round_trip(store: Storage) -> None:
+    data = os.urandom(3000)
+    digest = await put(store, data)
+    assert await store.stat_blob(digest) == len(data)
+    assert await store.read_blob(digest) == data
+    small = b'{"schemaVersion": 2, "' + uuid.uuid4().hex.encode() + b'": 1}'
+    assert await store.put_blob_bytes(small) == Digest.of(small)
+    assert await store.read_blob(Digest.of(small)) == small
+
+
+async def test_blob_put_twice_is_one_blob_and_not_rewritten(store: Storage, backend: Backend) -> None:
+    original = os.urandom(5000)
+    digest = await store.put_blob_bytes(original)
+    assert await store.put_blob_bytes(original) == digest
+    # A second put under the same digest is skipped, even if (wrongly) given
+    # other bytes: what is stored under a digest never changes.
+    await store.put_blob(digest, stage(store, b"something else entirely"))
+    assert await store.read_blob(digest) == original
+    assert len(backend.object_names(blob_key(digest))) == 1
+
+
+async def test_missing_blob_and_meta(store: Storage) -> None:
+    missing = Digest.of(uuid.uuid4().bytes)
+    assert await store.stat_blob(missing) is None
+    with pytest.raises(BlobNotFound):
+        await store.read_blob(missing)
+    for allow_redirect in (True, False):
+        with pytest.raises(BlobNotFound):
+            await store.blob_source(missing, allow_redirect=allow_redirect)
+    assert await store.get_meta(f"manifests/{uuid.uuid4().hex}") is None
+
+
+async def test_meta_put_get_replace(store: Storage) -> None:
+    key = f"manifests/{uuid.uuid4().hex}/shell/latest"
+    neighbour = f"manifests/{uuid.uuid4().hex}/other"
+    assert await store.get_meta(key) is None
+    await store.put_meta(key, b"first")
+    await store.put_meta(neighbour, b"neighbour")
+    assert await store.get_meta(key) == b"first"
+    await store.put_meta(key, b"second, longer than the first")
+    assert await store.get_meta(key) == b"second, longer than the first"
+    await store.put_meta(key, b"")
+    assert await store.get_meta(key) == b""
+    assert await store.get_meta(neighbour) == b"neighbour"
+
+
+@pytest.mark.parametrize(
+    "key", ["", "../escape", "/absolute", "Upper", "a//b", "a/../b", "a b", "a/", "x" * 513, "caf\u00e9"]
+)
+async def test_invalid_meta_keys_rejected(store: Storage, backend: Backend, key: str) -> None:
+    with pytest.raises(InvalidKey):
+        await store.put_meta(key, b"nope")
+    with pytest.raises(InvalidKey):
+        await store.get_meta(key)
+    if backend.name == "filesystem":
+        assert not (backend.storage_path / "escape").exists()
+
+
+async def test_blob_source_redirects_or_streams(store: Storage, backend: Backend) -> None:
+    data = os.urandom(300_000)
+    digest = await put(store, data)
+
+    redirected = await store.blob_source(digest, allow_redirect=True)
+    relayed = await store.blob_source(digest, allow_redirect=False)
+    if backend.name == "filesystem":
+        for source in (redirected, relayed):
+            assert isinstance(source, LocalFile)
+            assert source.size == len(data)
+            assert source.path.read_bytes() == data
+        return
+
+    assert isinstance(redirected, Redirect)
+    assert url_expiry(redirected.url) == 300  # settings.signed_url_ttl
+    assert await fetch(redirected.url) == (200, data)
+
+    assert isinstance(relayed, ByteStream)
+    assert relayed.size == len(data)
+    assert b"".join([chunk async for chunk in relayed.chunks]) == data
+
+
+async def test_big_blob_uploads_in_bounded_memory_and_streams(backend: Backend, run_worker) -> None:
+    size = 64 * MB
+    # A fixed malloc mmap threshold makes freed upload buffers go back to the
+    # system at once, so RSS shows what the upload holds rather than what
+    # glibc's per-thread arenas keep cached (bounded, but noisy).
+    env = dict(backend.emulator_env(), MALLOC_MMAP_THRESHOLD_="131072")
+    worker = await run_worker(backend.worker_spec(size=size, seed=7), env)
+    digest = Digest.parse((await worker.wait_for("staged"))["digest"])
+    done = await worker.wait_for("done", timeout=60)
+    # The upload reads the staged file a few chunks at a time: resident memory
+    # must not grow with the layer (buffering it would add >= 64 MB).
+    assert done["rss_growth"] < size // 2, f"memory grew by {done['rss_growth'] / MB:.1f} MB"
+
+    store = backend.open()
+    assert await store.stat_blob(digest) == size
+    relayed = await store.blob_source(digest, allow_redirect=False)
+    hasher, largest = hashlib.sha256(), 0
+    if isinstance(relayed, LocalFile):
+        with open(relayed.path, "rb") as handle:
+            while chunk := handle.read(MB):
+                hasher.update(chunk)
+    else:
+        assert isinstance(relayed, ByteStream) and relayed.size == size
+        async for chunk in relayed.chunks:
+            hasher.update(chunk)
+            largest = max(largest, len(chunk))
+        assert largest <= 16 * MB  # relayed piece by piece, not as one buffer
+    assert hasher.hexdigest() == digest.hex
+    if backend.name != "filesystem":
+        redirect = await store.blob_source(digest, allow_redirect=True)
+        assert isinstance(redirect, Redirect)
+        assert await fetch_digest(redirect.url) == (200, digest.hex, size)
+
+
+@pytest.mark.parametrize("size", [200_000, 12 * MB], ids=["small", "multipart"])
+async def test_concurrent_puts_of_one_digest(store: Storage, backend: Backend, size: int) -> None:
+    data = os.urandom(size)
+    digest = Digest.of(data)
+    staged = [stage(store, data) for _ in range(5)]
+    await asyncio.gather(*(store.put_blob(digest, path) for path in staged))
+    assert await store.stat_blob(digest) == size
+    assert hashlib.sha256(await store.read_blob(digest)).hexdigest() == digest.hex
+    assert len(backend.object_names(blob_key(digest))) == 1
+
+
+async def test_second_instance_shares_blobs_and_meta(backend: Backend, tmp_path: Path) -> None:
+    """Replicas on one store: what one writes, the other finds."""
+    first = backend.open()
+    if backend.name != "filesystem":  # own local staging, same bucket
+        backend.storage_path = tmp_path / "replica-2"
+    second = backend.open()
+    digest = await first.put_blob_bytes(b"layer from replica one " + uuid.uuid4().bytes)
+    key = f"manifests/{uuid.uuid4().hex}"
+    await first.put_meta(key, b"manifest from replica one")
+    assert await second.stat_blob(digest) is not None
+    assert await second.read_blob(digest) == await first.read_blob(digest)
+    assert await second.get_meta(key) == b"manifest from replica one"
+
+
+async def test_crash_mid_upload_leaves_no_blob(backend: Backend, run_worker, tmp_path: Path) -> None:
+    """kill -9 while a 32 MB layer is being written or uploaded: nothing appears
+    under its digest, and the next start removes the dead process's staging."""
+    size, seed = 32 * MB, 11
+    digest = expected_digest(size, seed)
+    if backend.name == "filesystem":
+        # Publishing is one rename; the long part is writing the staged file.
+        worker = await run_worker(backend.worker_spec(size=size, seed=seed, slow_staging=True), {})
+        staged = Path((await worker.wait_for("staging", written=4 * MB))["path"])
+        await worker.kill()
+        assert 0 < staged.stat().st_size < size
+    else:
+        async with backend.proxied(tmp_path / "proxied", rate=8 * MB) as proxy:
+            spec = backend.worker_spec(endpoint=proxy.url, size=size, seed=seed)
+            worker = await run_worker(spec, backend.emulator_env(proxy.url))
+            staged = Path((await worker.wait_for("staged"))["path"])
+            await worker.wait_for("uploading")
+            start = proxy.upstream_bytes
+            await proxy.wait_upstream_bytes(start + 6 * MB, timeout=20)
+            await worker.kill()
+            assert proxy.upstream_bytes - start < size, "the upload had finished before the kill"
+            assert staged.stat().st_size == size
+            if backend.name == "s3":
+                # Evidence that the kill hit a multipart upload in flight.
+                assert backend.pending_multipart_uploads(blob_key(digest))
+            await asyncio.sleep(0.5)  # let the server settle whatever it received
+            assert backend.object_names(blob_key(digest)) == []
+            store = backend.open()
+            assert await store.stat_blob(digest) is None
+            with pytest.raises(BlobNotFound):
+                await store.blob_source(digest, allow_redirect=True)
+
+    assert [event["event"] for event in worker.events if event["event"] == "done"] == []
+    assert backend.object_names(blob_key(digest)) == []
+    # The next start on this STORAGE_PATH removes the dead process's staging.
+    restarted = backend.open()
+    assert not staged.parent.exists()
+    assert await restarted.stat_blob(digest) is None
+    with pytest.raises(BlobNotFound):
+        await restarted.read_blob(digest)
+    if isinstance(restarted, FilesystemStorage):
+        assert not restarted.blob_path(digest).exists()

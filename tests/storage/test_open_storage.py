@@ -1,0 +1,74 @@
+"""From the environment variables an operator sets to a working driver."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+from nixery.config import ConfigError, Settings
+from nixery.storage import FilesystemStorage, Redirect, open_storage
+from nixery.storage.gcs import GCSStorage
+from nixery.storage.s3 import S3Storage
+from tests.storage.conftest import SigningKey
+from tests.storage.servers import GCSServer, S3Server
+from tests.storage.test_conformance import fetch
+
+
+async def test_s3_from_environment(s3_server: S3Server, tmp_path: Path) -> None:
+    env = {
+        "NIXERY_STORAGE_BACKEND": "s3",
+        "STORAGE_PATH": str(tmp_path),
+        "S3_BUCKET": s3_server.bucket,
+        "S3_ENDPOINT": s3_server.endpoint,
+        "S3_PATH_STYLE": "true",
+        "S3_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "NIXERY_SIGNED_URL_TTL": "60",
+    }
+    store = open_storage(config.load(env))
+    assert isinstance(store, S3Storage)
+    assert store.staging_dir().is_relative_to(tmp_path / "tmp")
+    digest = await store.put_blob_bytes(b"from the environment " + os.urandom(8))
+    source = await store.blob_source(digest, allow_redirect=True)
+    assert isinstance(source, Redirect)
+    assert source.url.startswith(f"{s3_server.endpoint}/{s3_server.bucket}/blobs/sha256/{digest.hex}?")
+    assert "X-Amz-Expires=60" in source.url
+    assert (await fetch(source.url))[0] == 200
+
+
+async def test_gcs_from_environment(
+    gcs_server: GCSServer, signing_key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    env = {
+        "NIXERY_STORAGE_BACKEND": "gcs",
+        "STORAGE_PATH": str(tmp_path),
+        "GCS_BUCKET": gcs_server.bucket,
+        "GCS_SIGNING_KEY": str(signing_key.pem_path),
+        "GCS_SIGNING_ACCOUNT": signing_key.account,
+    }
+    store = open_storage(config.load(env))
+    assert isinstance(store, GCSStorage)
+    digest = await store.put_blob_bytes(b"from the environment " + os.urandom(8))
+    source = await store.blob_source(digest, allow_redirect=True)
+    assert isinstance(source, Redirect)
+    assert "X-Goog-Expires=300" in source.url
+    assert (await fetch(source.url))[0] == 200
+    await store.close()
+
+
+def test_filesystem_is_the_default(tmp_path: Path) -> None:
+    store = open_storage(config.load({"STORAGE_PATH": str(tmp_path)}))
+    assert isinstance(store, FilesystemStorage)
+    assert store.root == tmp_path
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_cloud_backend_without_its_settings(backend: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BUCKET"):
+        open_storage(Settings(storage_backend=backend, storage_path=tmp_path))
