@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import Settings
-from nixery.http import routes
+from nixery.http import auth, routes
 from nixery.http.errors import Handler, error_middleware
+from nixery.http.web import add_web_routes
 from nixery.nix.sources import open_source
 from nixery.storage import open_storage
 
@@ -33,7 +35,9 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[access_log, error_middleware], handler_args={"max_field_size": 16384})
+    app = web.Application(
+        middlewares=[access_log, metrics.metrics_middleware, error_middleware], handler_args={"max_field_size": 16384}
+    )
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
     app[routes.MANIFESTS] = routes.ManifestCache()
 
@@ -48,11 +52,22 @@ def create_app(settings: Settings) -> web.Application:
         )
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
+        declarations = None
+        if settings.images_path is not None or settings.k8s_watch:
+            from nixery.declarations import open_declarations
+
+            declarations = await open_declarations(settings, builder)
+            app[routes.RESOLVER] = declarations  # NixImage declarations: docs/kubernetes.md
         log.info("registry.started", source=settings.source_description, storage=storage.name)
         yield
+        if declarations is not None:
+            await declarations.close()
         await builder.close()
         await storage.close()
 
     app.cleanup_ctx.append(lifecycle)
     routes.add_routes(app)
+    add_web_routes(app)  # landing page, search, build progress, /images, /docs (after the lifecycle: it needs storage)
+    metrics.setup(app)  # /metrics, blob bytes served
+    auth.install(app, settings)  # NIXERY_AUTH: middleware for /v2 and the /token endpoint
     return app

@@ -141,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         from nixery.auth import hash_password_main
 
         return hash_password_main(argv[2:])
+    if argv[:1] in (["build"], ["inspect"]):  # client commands: their own options (nixery/client.py)
+        from nixery import client
+
+        return client.build_main(argv[1:]) if argv[0] == "build" else client.inspect_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nixery", description="A container registry that builds images with Nix.")
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the registry (settings from the environment)")
+    commands.add_parser("build", help="build an image on a registry and show its progress (nixery build -h)")
+    commands.add_parser("inspect", help="show an image's layers, sizes and store paths (nixery inspect -h)")
     layers = commands.add_parser("layers", help="layering tools")
     layers.add_argument("action", choices=["plan"], help="plan: run the layering on a graph and image list")
     auth = commands.add_parser("auth", help="access control tools")

@@ -55,7 +55,8 @@ class AuthSettings:
     mode: str = "none"  # none | basic | token
     users_file: Path | None = None
     anonymous_pull: bool = False
-    token_secret: str | None = field(default=None, repr=False)  # None: random per process
+    token_secret: str | None = field(default=None, repr=False)
+    token_secret_generated: bool = False  # random per start (shared by NIXERY_WORKERS, not by replicas)
     token_ttl: int = 300
     token_realm: str | None = None  # None: http://HOST/token from the request
 
@@ -205,6 +206,8 @@ def _gcs(env: Mapping[str, str]) -> GCSSettings:
 
 
 def _auth(env: Mapping[str, str]) -> AuthSettings:
+    import secrets
+
     from nixery.auth import UsersFileError, load_users
 
     mode = _choice(env, "NIXERY_AUTH", "none", ("none", "basic", "token"))
@@ -225,11 +228,15 @@ def _auth(env: Mapping[str, str]) -> AuthSettings:
     realm = env.get("NIXERY_TOKEN_REALM") or None
     if realm is not None and not realm.startswith(("http://", "https://")):
         raise ConfigError(f"NIXERY_TOKEN_REALM={realm!r} must be an http:// or https:// URL")
+    generated = mode == "token" and secret is None
+    if generated:  # made here, before NIXERY_WORKERS fork, so that every worker signs alike
+        secret = secrets.token_hex(32)
     return AuthSettings(
         mode=mode,
         users_file=Path(users).resolve(),
         anonymous_pull=_bool(env, "NIXERY_AUTH_ANONYMOUS_PULL", False),
         token_secret=secret,
+        token_secret_generated=generated,
         token_ttl=_int(env, "NIXERY_TOKEN_TTL", 300, low=10, high=24 * 3600),
         token_realm=realm,
     )

@@ -8,8 +8,8 @@
     ├── ManifestUnknown           404 MANIFEST_UNKNOWN  unknown packages, unknown refs
     ├── BlobUnknown               404 BLOB_UNKNOWN
     ├── Unsupported               405 UNSUPPORTED       push, delete
-    ├── Unauthorized              401 UNAUTHORIZED
-    ├── Denied                    403 DENIED
+    ├── Unauthorized              401 UNAUTHORIZED      no or bad credentials; carries a WWW-Authenticate challenge
+    ├── Denied                    403 DENIED            the user lacks the permission (e.g. to build)
     ├── TooManyRequests           429 TOOMANYREQUESTS
     ├── BuildFailed               500 BUILD_FAILED      Nix evaluation or build failed
     ├── BuildTimeout              504 BUILD_TIMEOUT     NIX_TIMEOUT elapsed
@@ -23,6 +23,7 @@ one middleware turns them into `{"errors": [{"code", "message", "detail"}]}`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -30,10 +31,12 @@ class RegistryError(Exception):
     code: ClassVar[str] = "UNKNOWN"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str, detail: Any = None):
+    def __init__(self, message: str, detail: Any = None, *, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.detail = detail
+        #: Extra response headers, e.g. the `WWW-Authenticate` challenge of a 401.
+        self.headers: dict[str, str] = dict(headers or {})
 
     def to_json(self) -> dict[str, Any]:
         return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}

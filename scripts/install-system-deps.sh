@@ -9,7 +9,8 @@ packages=(
   nix-bin busybox-static git ca-certificates   # building images
   python3-venv                                  # the registry's environment
   skopeo podman runc containerd docker.io umoci uidmap  # real clients in the tests
-  pigz                                          # benchmark peer
+  chromium                                      # browser tests of the web pages (playwright drives it)
+  pigz wrk apache2-utils hyperfine docker-registry nginx-light  # benchmark peers, load tools (ab: HEAD)
 )
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

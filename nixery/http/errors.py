@@ -57,8 +57,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
 
 def error_response(error: errors.RegistryError, *, head: bool = False) -> web.Response:
     if head:  # a HEAD answer carries no body, but says how long it would be
-        return web.Response(status=error.status, content_type="application/json")
-    return web.json_response(error.to_json(), status=error.status)
+        return web.Response(status=error.status, content_type="application/json", headers=error.headers)
+    return web.json_response(error.to_json(), status=error.status, headers=error.headers)
 
 
 @web.middleware

@@ -1,0 +1,457 @@
+"""`nixery build` and `nixery inspect`: the registry's progress and images from a terminal.
+
+    nixery build shell/curl [--registry URL] [--tag TAG] [--plain] [--local]
+        POST /builds, then follows /builds/{id}/events (server-sent events):
+        a progress bar through the build's stages on a terminal, one plain
+        line per event otherwise; at the end the digest, size and layers.
+        --local builds in this process with the registry's settings from the
+        environment (same storage, same package source), without a server.
+
+    nixery inspect shell/curl[:TAG] [--registry URL] [--json]
+        GET /images/{name}.json: layers, sizes and the store paths each holds.
+
+Exit status 0 on success, 1 when the registry refuses or the build fails (its
+error message is printed), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+DEFAULT_REGISTRY = "http://127.0.0.1:8080"
+FINAL = ("done", "failed")
+STAGES = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
+LABELS = {
+    "queued": "Queued",
+    "evaluating": "Evaluating",
+    "building": "Building with Nix",
+    "layering": "Grouping into layers",
+    "compressing": "Compressing layers",
+    "uploading": "Uploading",
+    "done": "Done",
+}
+_RECONNECTS = 5
+
+
+class ClientError(Exception):
+    """A failure to report in one line (the registry's own message where it gave one)."""
+
+
+def _registry_url(value: str | None) -> str:
+    url = (value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
+    text = await response.text()
+    try:
+        error = json.loads(text)["errors"][0]
+        return ClientError(f"{error['code']}: {error['message']}")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ClientError(f"HTTP {response.status}: {text.strip()[:300]}")
+
+
+# ---- server-sent events ------------------------------------------------------------
+
+
+async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
+    """(id, data) of each message in a `text/event-stream` response; comments are skipped."""
+    event_id: str | None = None
+    data: list[str] = []
+    async for raw in response.content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event_id, json.loads("\n".join(data))
+            data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = value
+
+
+async def follow_events(session: aiohttp.ClientSession, url: str) -> AsyncIterator[dict[str, Any]]:
+    """A build's events until done or failed, reconnecting (with Last-Event-ID) if the stream breaks."""
+    last: str | None = None
+    attempts = 0
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last is not None:
+            headers["Last-Event-ID"] = last
+        try:
+            async with session.get(url, headers=headers) as response:
+                if response.status == 204:
+                    raise ClientError("the build's event stream ended without a result")
+                if response.status != 200:
+                    raise await _registry_error(response)
+                async for event_id, event in read_sse(response):
+                    last = event_id if event_id is not None else last
+                    attempts = 0
+                    yield event
+                    if event.get("stage") in FINAL:
+                        return
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            attempts += 1
+            if attempts > _RECONNECTS:
+                raise ClientError(f"lost the event stream: {exc}") from exc
+            await asyncio.sleep(min(2.0 * attempts, 10.0))
+            continue
+        attempts += 1  # the stream ended without a final event
+        if attempts > _RECONNECTS:
+            raise ClientError("the event stream ended before the build did")
+        await asyncio.sleep(1.0)
+
+
+# ---- showing progress ----------------------------------------------------------------
+
+
+class PlainProgress:
+    """One line per event, for logs and pipes."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.started: float | None = None
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, event: dict[str, Any]) -> None:
+        if self.started is None:
+            self.started = event.get("time", time.time())
+        offset = event.get("time", self.started) - self.started
+        print(f"[{offset:6.1f}s] {event.get('stage', '?'):<11} {event.get('message', '')}", file=self.out, flush=True)
+
+
+class BarProgress:
+    """A rich progress display: one line per stage, a bar where there is something to count."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description:<22}"),
+            BarColumn(bar_width=30),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.current: str | None = None
+        self.compress_started: float | None = None
+        self.summaries: dict[str, str] = {}  # a stage's detail once it is over
+
+    def __enter__(self) -> BarProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _finish(self, stage: str) -> None:
+        task = self.tasks[stage]
+        total = self.progress.tasks[task].total or 1
+        self.progress.update(task, total=total, completed=total)
+        if stage in self.summaries:
+            self.progress.update(task, detail=self.summaries[stage])
+
+    def update(self, event: dict[str, Any]) -> None:
+        stage = event.get("stage", "")
+        if stage == "failed":
+            if self.current is not None:
+                self.progress.update(self.tasks[self.current], detail="[red]failed[/]")
+                self.progress.stop_task(self.tasks[self.current])
+            return
+        if stage not in LABELS:
+            return
+        if stage != self.current:
+            if self.current is not None:
+                self._finish(self.current)
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(LABELS[stage], total=None, detail="")
+            self.current = stage
+        task = self.tasks[stage]
+        detail = event.get("message", "")
+        if stage == "building":
+            built, to_build = event.get("built", 0), event.get("to_build", 0)
+            fetched, to_fetch = event.get("fetched", 0), event.get("to_fetch", 0)
+            total = max(built, to_build) + max(fetched, to_fetch)
+            if not total:
+                self.progress.update(task, detail=detail[:60])
+                return
+            # Nix reports a derivation (or a path to fetch) when it starts: the latest is still under way.
+            detail = f"building {built} of {max(built, to_build)} derivations"
+            if fetched or to_fetch:
+                detail += f", fetching {fetched} of {max(fetched, to_fetch)} paths"
+            self.progress.update(task, total=total, completed=max(0, built + fetched - 1), detail=detail)
+            self.summaries[stage] = f"{max(built, to_build)} derivations built" + (
+                f", {max(fetched, to_fetch)} paths fetched" if fetched or to_fetch else ""
+            )
+            return
+        if stage == "compressing" and "layers_total" in event:
+            if self.compress_started is None:
+                self.compress_started = event.get("time")
+            done, total, size = event.get("layers_done", 0), event["layers_total"], event.get("compressed_bytes", 0)
+            detail = f"{done}/{total} layers, {_size(size)}"
+            seconds = (event.get("time") or 0) - (self.compress_started or 0)
+            if size and seconds > 0 and size / seconds >= 1e5:
+                detail += f", {size / seconds / 1e6:.1f} MB/s"
+            self.progress.update(task, total=total, completed=done, detail=detail)
+            return
+        if stage == "done":
+            detail = f"{_size(event.get('size'))} in {event.get('layers')} layers" if "size" in event else detail
+            self.progress.update(task, total=1, completed=1, detail=detail)
+            return
+        self.progress.update(task, detail=detail[:60])
+
+
+# ---- results -----------------------------------------------------------------------
+
+
+def _layer_table(image: dict[str, Any]) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("Digest", no_wrap=True)
+    table.add_column("Size", justify="right", no_wrap=True)
+    table.add_column("Paths", justify="right")
+    table.add_column("Holds", overflow="fold")
+    for number, layer in enumerate(image["layers"], 1):
+        held = layer.get("paths") or []
+        digest = layer["digest"].removeprefix("sha256:")[:12]
+        table.add_row(str(number), digest, _size(layer["size"]), str(len(held)), escape(layer["description"]))
+    return table
+
+
+def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
+    host = urlsplit(registry).netloc or registry
+    ref = f"{host}/{image['name']}" + ("" if image.get("tag", "latest") == "latest" else f":{image['tag']}")
+    lines = [
+        ("Image", f"{image['name']}:{image.get('tag', 'latest')}"),
+        ("Digest", image["digest"]),
+        ("Size", f"{_size(image['size'])} compressed, {len(image['layers'])} layers"),
+        ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
+        ("Pull", f"docker pull {ref}"),
+    ]
+    for label, value in lines:
+        console.print(f"[bold]{label:<8}[/] {escape(value)}", highlight=False, soft_wrap=True)
+    console.print()
+    console.print(_layer_table(image))
+    if not paths:
+        return
+    if not image.get("paths_recorded", True):
+        console.print("\n[dim]This image was built before store paths were recorded per layer.[/]")
+        return
+    for number, layer in enumerate(image["layers"], 1):
+        held = layer.get("paths") or []
+        if held:
+            digest = layer["digest"].removeprefix("sha256:")[:12]
+            console.print(f"\n[bold]Layer {number}[/] {digest} holds:", highlight=False)
+            for path in held:  # one per line, never wrapped: easy to grep
+                console.print(f"  {escape(path)}", highlight=False, soft_wrap=True)
+
+
+# ---- nixery build ------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nixery build", description="Build an image and watch its progress.")
+    parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG)")
+    parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
+    parser.add_argument("--tag", help="tag (default: latest, or the :TAG in the name)")
+    parser.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
+    parser.add_argument(
+        "--local", action="store_true", help="build in this process (settings from the environment), not on a server"
+    )
+    return parser
+
+
+def _split(image: str, tag: str | None) -> tuple[str, str]:
+    name, _, given = image.partition(":")
+    return name.strip("/"), tag or given or "latest"
+
+
+def build_main(argv: list[str]) -> int:
+    args = _build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    interactive = console.is_terminal and not args.plain
+    try:
+        return asyncio.run(_build(args, console, interactive))
+    except ClientError as exc:
+        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _build(args: argparse.Namespace, console: Console, interactive: bool) -> int:
+    name, tag = _split(args.image, args.tag)
+    display = BarProgress(console) if interactive else PlainProgress(sys.stdout)
+    if args.local:
+        final, image = await _build_locally(name, tag, display)
+        registry = "localhost"
+    else:
+        registry = _registry_url(args.registry)
+        final, image = await _build_remotely(registry, name, tag, display)
+    if final.get("stage") != "done":
+        message = final.get("message") or "the build failed"
+        if final.get("log"):
+            message += "\n" + "\n".join(str(final["log"]).splitlines()[-10:])
+        raise ClientError(f"build failed: {message}")
+    console.print()
+    if image is None:
+        console.print(f"Digest   {final.get('digest')}")
+        console.print(f"Size     {_size(final.get('size'))} in {final.get('layers')} layers")
+    else:
+        _print_image(console, image, registry, paths=False)
+    return 0
+
+
+def _session() -> aiohttp.ClientSession:
+    # No overall limit: a first build can take many minutes; the server sends a
+    # keep-alive comment every few seconds, so a silent connection is a dead one.
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120))
+
+
+async def _build_remotely(
+    registry: str, name: str, tag: str, display: PlainProgress | BarProgress
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    async with _session() as session:
+        try:
+            async with session.post(
+                f"{registry}/builds", json={"image": name, "tag": tag}, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status != 202:
+                    raise await _registry_error(response)
+                started = await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+        final: dict[str, Any] = {}
+        with display:
+            async for event in follow_events(session, f"{registry}{started['events']}"):
+                display.update(event)
+                final = event
+        image = None
+        if final.get("stage") == "done":
+            image = await _fetch_image(session, registry, started["image"], tag, missing_ok=True)
+        return final, image
+
+
+async def _fetch_image(
+    session: aiohttp.ClientSession, registry: str, name: str, tag: str, *, missing_ok: bool = False
+) -> dict[str, Any] | None:
+    url = f"{registry}/images/{quote(name, safe='/')}.json"
+    try:
+        async with session.get(url, params={"tag": tag}, headers={"Accept": "application/json"}) as response:
+            if response.status == 200:
+                return await response.json()
+            if missing_ok and response.status == 404:
+                return None
+            raise await _registry_error(response)
+    except aiohttp.ClientConnectionError as exc:
+        raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+
+
+async def _build_locally(
+    name: str, tag: str, display: PlainProgress | BarProgress
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from nixery import config, logs
+    from nixery.builder import ImageBuilder
+    from nixery.errors import RegistryError
+    from nixery.http.web import image_json
+    from nixery.nix.sources import open_source
+    from nixery.registry.names import check_tag, parse_image_name
+    from nixery.storage import open_storage
+
+    try:
+        settings = config.load()
+        request = parse_image_name(name)
+        check_tag(tag)
+    except (config.ConfigError, RegistryError) as exc:
+        raise ClientError(str(exc)) from exc
+    logs.configure("warning", settings.log_format)
+    storage = open_storage(settings)
+    builder = ImageBuilder(
+        storage=storage,
+        source=open_source(settings),
+        nix_timeout=settings.nix_timeout,
+        max_layers=settings.max_layers,
+        max_concurrent_builds=settings.max_concurrent_builds,
+    )
+    try:
+        build = await builder.start(request, tag)
+        final: dict[str, Any] = {}
+        with display:
+            async for event in build.follow():
+                final = event.to_json()
+                display.update(final)
+        record = await builder.built(request, tag) if final.get("stage") == "done" else None
+        return final, image_json(record, tag) if record is not None else None
+    except Exception as exc:
+        raise ClientError(str(exc) or type(exc).__name__) from exc
+    finally:
+        await builder.close()
+        await storage.close()
+
+
+# ---- nixery inspect ----------------------------------------------------------------
+
+
+def inspect_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
+    parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
+    parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
+    parser.add_argument("--json", action="store_true", help="print the registry's JSON document")
+    parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
+    args = parser.parse_args(argv)
+    console = Console(highlight=False)
+    registry = _registry_url(args.registry)
+    name, tag = _split(args.image, None)
+
+    async def fetch() -> dict[str, Any] | None:
+        async with _session() as session:
+            return await _fetch_image(session, registry, name, tag)
+
+    try:
+        image = asyncio.run(fetch())
+    except ClientError as exc:
+        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    assert image is not None
+    if args.json:
+        print(json.dumps(image, indent=2))
+    else:
+        _print_image(console, image, registry, paths=not args.no_paths)
+    return 0

@@ -1,0 +1,134 @@
+// Follows a build's server-sent events and updates the server-rendered page.
+// Without JavaScript the page refreshes itself instead (see <noscript>).
+"use strict";
+
+(function () {
+  const root = document.getElementById("build");
+  if (!root) return;
+  const ORDER = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"];
+  const FINAL = ["done", "failed"];
+  const SHOWN = 200;
+  const started = parseFloat(root.dataset.started);
+  const state = { reached: new Set(), current: root.dataset.stage, messages: {}, data: {}, compressStarted: null, lastTime: started };
+
+  function esc(text) {
+    return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  }
+  function size(n) {
+    if (n === undefined || n === null) return "–";
+    for (const [unit, scale] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
+    return `${n} B`;
+  }
+
+  function add(event) {
+    state.reached.add(event.stage);
+    state.current = event.stage;
+    state.messages[event.stage] = event.message;
+    for (const [k, v] of Object.entries(event)) if (!["stage", "message", "time", "index"].includes(k)) state.data[k] = v;
+    state.lastTime = event.time;
+    if (event.stage === "compressing" && state.compressStarted === null) state.compressStarted = event.time;
+  }
+
+  function detail(stage) {
+    const d = state.data;
+    if (stage === "building") {
+      const built = d.built || 0, fetched = d.fetched || 0;
+      if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" ? state.messages.building : "nothing to build: all in the Nix store";
+      const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
+      if (state.current === "building") {
+        let text = `building ${built} of ${toBuild} derivations`;
+        if (toFetch) text += `, fetching ${fetched} of ${toFetch} paths`;
+        return text;
+      }
+      return `${toBuild} derivations built` + (toFetch ? `, ${toFetch} paths fetched` : "");
+    }
+    if (stage === "layering" && d.paths !== undefined) return `${d.paths} store paths`;
+    if (stage === "compressing" && d.layers_total !== undefined) {
+      let text = `${d.layers_done || 0}/${d.layers_total} layers · ${d.layers_created || 0} new, ${size(d.compressed_bytes || 0)} compressed`;
+      const seconds = state.lastTime - state.compressStarted;
+      if (d.compressed_bytes && seconds > 0 && d.compressed_bytes / seconds >= 1e5) text += ` · ${(d.compressed_bytes / seconds / 1e6).toFixed(1)} MB/s`;
+      return text;
+    }
+    if (stage === "done" && d.digest) return `${size(d.size)} in ${d.layers} layers`;
+    return state.messages[stage] || "";
+  }
+
+  function renderStages() {
+    const finished = FINAL.includes(state.current);
+    let furthest = -1;
+    for (const s of state.reached) furthest = Math.max(furthest, ORDER.indexOf(s));
+    const items = ORDER.map((stage, position) => {
+      if (stage === "done" && state.current === "failed") {
+        return `<li class="failed" data-stage="failed"><span class="label">Failed</span><span class="detail">${esc(state.messages.failed || "")}</span></li>`;
+      }
+      let cls = "pending";
+      if (stage === state.current && !finished) cls = "current";
+      else if (state.reached.has(stage)) cls = "past";
+      else if (position < furthest) cls = "skipped";
+      const label = document.querySelector(`#stages li[data-stage="${stage}"] .label`);
+      const text = cls === "past" || cls === "current" ? detail(stage) : "";
+      return `<li class="${cls}" data-stage="${stage}"><span class="label">${esc(label ? label.textContent : stage)}</span><span class="detail">${esc(text)}</span></li>`;
+    });
+    document.getElementById("stages").innerHTML = items.join("");
+    const badge = document.getElementById("state");
+    badge.textContent = state.current;
+    badge.className = `badge stage-${state.current}`;
+    root.dataset.stage = state.current;
+    const verb = { done: "Built", failed: "Could not build" }[state.current];
+    if (verb) document.getElementById("verb").textContent = verb;
+  }
+
+  function renderOutcome() {
+    const outcome = document.getElementById("outcome");
+    const d = state.data;
+    if (state.current === "done" && d.digest) {
+      const ref = `${location.host}/${root.querySelector("h1 code").textContent}`;
+      outcome.className = "outcome done";
+      outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>
+<p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>
+<pre class="command"><code>docker pull ${esc(ref)}</code></pre>
+<p><a href="/images/${esc(root.querySelector("h1 code").textContent)}">Layers and store paths</a></p>`;
+      outcome.hidden = false;
+    } else if (state.current === "failed") {
+      outcome.className = "outcome failed";
+      const log = d.log ? `<details open><summary>Nix's last lines</summary><pre>${esc(d.log)}</pre></details>` : "";
+      outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${log}`;
+      outcome.hidden = false;
+    }
+  }
+
+  function appendEvent(event) {
+    const list = document.getElementById("events");
+    const item = document.createElement("li");
+    item.dataset.index = event.index;
+    item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${esc(event.message)}`;
+    list.appendChild(item);
+    while (list.children.length > SHOWN) list.removeChild(list.firstElementChild);
+    list.scrollTop = list.scrollHeight;
+  }
+
+  // The page already shows events [0, n): fetch them once for the numbers, then follow.
+  async function start() {
+    const shown = parseInt(root.dataset.events, 10) || 0;
+    if (FINAL.includes(root.dataset.stage)) return;
+    try {
+      const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });
+      const doc = await response.json();
+      for (const event of doc.events.slice(0, shown)) add(event);
+    } catch (e) {
+      /* numbers fill in as events arrive */
+    }
+    const source = new EventSource(`/builds/${root.dataset.id}/events?after=${shown}`);
+    const onEvent = (message) => {
+      const event = JSON.parse(message.data);
+      add(event);
+      appendEvent(event);
+      renderStages();
+      renderOutcome();
+      if (FINAL.includes(event.stage)) source.close();
+    };
+    for (const stage of [...ORDER, "failed"]) source.addEventListener(stage, onEvent);
+    source.onmessage = onEvent;
+  }
+  start();
+})();

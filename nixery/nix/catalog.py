@@ -1,0 +1,298 @@
+"""The package catalogue: a package set's top-level names, with versions.
+
+Read once per source revision with one `nix-instantiate --eval --json` call.
+The package set's path and the limits are passed as string arguments, never
+spliced into Nix code. Each attribute is evaluated under `builtins.tryEval`,
+so attributes that throw (nixpkgs' removed-package aliases, broken or
+unfree packages) are listed without a version instead of failing the listing.
+
+Huge sets are bounded: at most `limit` names (in attribute order), and the
+whole evaluation may take `timeout` seconds. When the evaluation with
+versions fails or runs out of time, the catalogue falls back to the bare
+attribute names (cheap even for nixpkgs), so search still works.
+
+The result is kept in memory per revision id and, when storage is given, in
+storage under `catalog/<revision id>-<system>` so that a restart does not
+evaluate again. Reading starts on first use (the landing page, a search).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from nixery.nix.errors import NixError
+from nixery.nix.process import run_nix
+from nixery.nix.sources import Revision
+from nixery.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+CATALOG_FORMAT = "1"
+
+# `system` and `limit` arrive as strings (--argstr). `describe` forces what it
+# returns inside tryEval, so no error escapes into the JSON output.
+_CATALOG_NIX = r"""
+{ pkgsPath, system, limit, withVersions }:
+let
+  pkgs = import (/. + pkgsPath) { inherit system; };
+  max = builtins.fromJSON limit;
+  all = builtins.attrNames pkgs;
+  names = if builtins.length all > max then builtins.genList (builtins.elemAt all) max else all;
+  str = v: if builtins.isString v then v else null;
+  describe = name:
+    let
+      value = pkgs.${name};
+      isDrv = builtins.isAttrs value && (value.type or null) == "derivation";
+      info =
+        if isDrv then {
+          kind = "package";
+          version = str (value.version or (builtins.parseDrvName (value.name or "")).version);
+          description = str (value.meta.description or null);
+        }
+        else if builtins.isAttrs value then { kind = "set"; version = null; description = null; }
+        else { kind = "other"; version = null; description = null; };
+      tried = builtins.tryEval (builtins.deepSeq info info);
+    in
+      if tried.success then [ name tried.value.kind tried.value.version tried.value.description ]
+      else [ name "broken" null null ];
+in {
+  total = builtins.length all;
+  entries = if withVersions == "1" then map describe names else map (n: [ n null null null ]) names;
+}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    name: str
+    kind: str | None  # package, set, other, broken; None when only names were read
+    version: str | None
+    description: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "version": self.version, "description": self.description}
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    revision: str
+    source: str
+    entries: tuple[CatalogEntry, ...]
+    total: int  # top-level attributes in the set (entries may be fewer: `limit`)
+    complete: bool  # versions were read (False: names only, after a failure or timeout)
+    read_at: float
+
+    def names(self) -> set[str]:
+        return {entry.name for entry in self.entries}
+
+    def search(self, query: str, limit: int = 50) -> list[CatalogEntry]:
+        """Entries whose name (or description) contains `query`, best first:
+        exact name, then name prefix, then name substring, then description."""
+        query = query.strip().lower()
+        if not query:
+            return []
+        ranked: list[tuple[int, int, str, CatalogEntry]] = []
+        for entry in self.entries:
+            name = entry.name.lower()
+            if name == query:
+                rank = 0
+            elif name.startswith(query):
+                rank = 1
+            elif query in name:
+                rank = 2
+            elif entry.description and query in entry.description.lower():
+                rank = 3
+            else:
+                continue
+            # Packages before sets and broken attributes; shorter names first.
+            kind_rank = 0 if entry.kind in ("package", None) else 1
+            ranked.append((rank, kind_rank, f"{len(name):04d}{name}", entry))
+        ranked.sort(key=lambda item: item[:3])
+        return [item[3] for item in ranked[:limit]]
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": CATALOG_FORMAT,
+                "revision": self.revision,
+                "source": self.source,
+                "total": self.total,
+                "complete": self.complete,
+                "read_at": self.read_at,
+                "entries": [[e.name, e.kind, e.version, e.description] for e in self.entries],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Catalog | None:
+        doc = json.loads(data)
+        if doc.get("format") != CATALOG_FORMAT:
+            return None
+        return cls(
+            revision=doc["revision"],
+            source=doc["source"],
+            entries=tuple(CatalogEntry(*row) for row in doc["entries"]),
+            total=int(doc["total"]),
+            complete=bool(doc["complete"]),
+            read_at=float(doc["read_at"]),
+        )
+
+
+_MAX_DESCRIPTION = 200
+RETRY_AFTER = 60.0  # seconds before a failed reading is tried again
+_KEY_SAFE = re.compile(r"[^a-z0-9._-]")
+
+
+def _entries(rows: Any) -> tuple[CatalogEntry, ...]:
+    entries = []
+    for row in rows:
+        name, kind, version, description = row
+        if description and len(description) > _MAX_DESCRIPTION:
+            description = description[: _MAX_DESCRIPTION - 1] + "…"
+        entries.append(CatalogEntry(str(name), kind, version or None, description or None))
+    return tuple(entries)
+
+
+class PackageCatalog:
+    """Catalogues by revision: read on first use, one evaluation at a time per revision."""
+
+    def __init__(
+        self,
+        *,
+        system: str,
+        storage: Storage | None = None,
+        limit: int = 100_000,
+        timeout: float = 180.0,
+        keep: int = 4,
+    ):
+        self.system = system
+        self.storage = storage
+        self.limit = limit
+        self.timeout = timeout
+        self._keep = keep
+        self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[Catalog]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # revision id -> (when, why) reading it last failed
+
+    async def close(self) -> None:
+        """Stop the readings under way."""
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def error(self, revision: Revision) -> str | None:
+        """Why reading the revision's catalogue failed, if it did within RETRY_AFTER seconds."""
+        failed = self._failed.get(revision.id)
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER:
+            return failed[1]
+        return None
+
+    def cached(self, revision: Revision) -> Catalog | None:
+        return self._catalogs.get(revision.id)
+
+    def load(self, revision: Revision) -> asyncio.Task[Catalog]:
+        """The task that reads the revision's catalogue (shared by concurrent callers)."""
+        task = self._loading.get(revision.id)
+        if task is None:
+            task = self._loading[revision.id] = asyncio.ensure_future(self._load(revision))
+            task.add_done_callback(lambda t, rid=revision.id: self._loaded(rid, t))
+        return task
+
+    async def get(self, revision: Revision, *, wait: float | None = None) -> Catalog | None:
+        """The catalogue; None if it is not read within `wait` seconds (it keeps loading)."""
+        catalog = self.cached(revision)
+        if catalog is not None:
+            self._catalogs.move_to_end(revision.id)
+            return catalog
+        if self.error(revision) is not None:
+            return None
+        task = self.load(revision)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            return None
+
+    def _loaded(self, revision_id: str, task: asyncio.Task[Catalog]) -> None:
+        self._loading.pop(revision_id, None)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            self._failed[revision_id] = (time.monotonic(), str(task.exception())[:500])
+            log.warning("catalog.failed", revision=revision_id, error=str(task.exception())[:500])
+            return
+        self._catalogs[revision_id] = task.result()
+        self._catalogs.move_to_end(revision_id)
+        while len(self._catalogs) > self._keep:
+            self._catalogs.popitem(last=False)
+
+    def _storage_key(self, revision: Revision) -> str:
+        return "catalog/" + _KEY_SAFE.sub("-", f"{revision.id.lower()}-{self.system}")[:200]
+
+    async def _load(self, revision: Revision) -> Catalog:
+        if self.storage is not None:
+            data = await self.storage.get_meta(self._storage_key(revision))
+            if data is not None:
+                stored = Catalog.from_json(data)
+                if stored is not None and stored.revision == revision.id:
+                    return stored
+        catalog = await self.read(revision)
+        if self.storage is not None and catalog.complete:
+            await self.storage.put_meta(self._storage_key(revision), catalog.to_json())
+        return catalog
+
+    async def read(self, revision: Revision) -> Catalog:
+        """Evaluate the package set: names with versions, else names only."""
+        started = time.monotonic()
+        try:
+            doc = await self._evaluate(revision, with_versions=True, timeout=self.timeout)
+            complete = True
+        except NixError as exc:
+            log.warning("catalog.versions_failed", revision=revision.id, error=exc.message, log=exc.log_tail[-2000:])
+            doc = await self._evaluate(revision, with_versions=False, timeout=max(30.0, self.timeout / 3))
+            complete = False
+        catalog = Catalog(
+            revision=revision.id,
+            source=revision.source,
+            entries=_entries(doc["entries"]),
+            total=int(doc["total"]),
+            complete=complete,
+            read_at=time.time(),
+        )
+        log.info(
+            "catalog.read",
+            revision=revision.id,
+            entries=len(catalog.entries),
+            total=catalog.total,
+            complete=complete,
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return catalog
+
+    async def _evaluate(self, revision: Revision, *, with_versions: bool, timeout: float) -> dict[str, Any]:
+        stdout = await run_nix(
+            [
+                "nix-instantiate", "--eval", "--strict", "--json", "--expr", _CATALOG_NIX,
+                "--argstr", "pkgsPath", str(revision.path),
+                "--argstr", "system", self.system,
+                "--argstr", "limit", str(self.limit),
+                "--argstr", "withVersions", "1" if with_versions else "0",
+            ],
+            timeout=timeout,
+        )
+        try:
+            doc = json.loads(stdout)
+            if not isinstance(doc.get("entries"), list):
+                raise ValueError("no entries")
+            return doc
+        except (ValueError, AttributeError) as exc:
+            raise NixError(f"unexpected output from the package listing: {exc}") from exc

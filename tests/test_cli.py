@@ -1,0 +1,154 @@
+"""`nixery build` and `nixery inspect` against a real registry: under a
+pseudo-terminal (a progress bar) and without one (plain lines)."""
+
+from __future__ import annotations
+
+import os
+import pty
+import random
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.registry import REPOSITORY, RegistryProcess
+
+pytestmark = pytest.mark.nix
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def nixery(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nixery", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPOSITORY, env={**os.environ, **(env or {})},
+    )
+
+
+def nixery_in_pty(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """Run with stdin, stdout and stderr on a pseudo-terminal; returns (exit status, everything shown)."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", *args],
+        stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPOSITORY, env=env, close_fds=True,
+    )
+    os.close(terminal)
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the terminal's other side is closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif process.poll() is not None:
+                break
+        status = process.wait(timeout=10)
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+    return status, output.decode(errors="replace")
+
+
+def slow_package_set(directory: Path, seconds: int = 3) -> Path:
+    """The busybox set plus `slowpoke`, new on every call and slow to build."""
+    directory.mkdir(parents=True, exist_ok=True)
+    nonce = random.getrandbits(64)
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
+in base // {{
+  slowpoke = derivation {{
+    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
+  }};
+}}
+"""
+    )
+    return directory
+
+
+def test_build_on_a_terminal_shows_a_progress_bar(start_registry, tmp_path: Path) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")))
+    status, raw = nixery_in_pty("build", "shell/slowpoke", "--registry", registry.url)
+    shown = ANSI.sub("", raw)
+    assert status == 0, shown[-3000:]
+    assert "\x1b[" in raw  # drawn with terminal control sequences
+    assert "━" in shown  # rich's bar
+    for label in ("Evaluating", "Building with Nix", "Compressing layers", "Done"):
+        assert label in shown, label
+    assert re.search(r"Compressing layers\s.*\d+/\d+ layers", shown)
+    digest, _ = registry.manifest("shell/slowpoke")
+    assert digest in shown
+    assert re.search(r"Digest\s+" + re.escape(digest), shown)
+    assert "slowpoke-1.0" in shown  # the layer table
+
+
+def test_build_without_a_terminal_prints_plain_lines(registry: RegistryProcess) -> None:
+    result = nixery("build", "shell/hello", "--registry", registry.url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "\x1b[" not in result.stdout and "━" not in result.stdout
+    events = [line for line in lines if line.startswith("[")]
+    stages = [line.split()[2] for line in events]
+    assert stages[0] == "queued" and stages[-1] == "done"
+    assert {"evaluating", "building", "layering", "compressing", "uploading"} <= set(stages)
+    digest, manifest = registry.manifest("shell/hello")
+    assert f"Digest   {digest}" in lines
+    assert any(line.startswith("Size") and f"{len(manifest['layers'])} layers" in line for line in lines)
+    table = lines[lines.index(next(line for line in lines if line.startswith("#"))) + 1 :]
+    assert len([row for row in table if re.match(r"\d+\s+[0-9a-f]{12}\s", row)]) == len(manifest["layers"])
+
+    # Built already: the build answers at once, with the same digest.
+    again = nixery("build", "hello/shell:latest", "--registry", registry.url.removeprefix("http://"))
+    assert again.returncode == 0, again.stderr
+    assert "already built" in again.stdout and f"Digest   {digest}" in again.stdout
+
+
+def test_build_failures_exit_non_zero_with_the_registry_message(registry: RegistryProcess) -> None:
+    missing = nixery("build", "shell/nosuchpackage", "--registry", registry.url)
+    assert missing.returncode == 1
+    assert "packages not found" in missing.stderr and "nosuchpackage" in missing.stderr
+    assert missing.stdout.splitlines()[-1].split()[2] == "failed"
+    invalid = nixery("build", "shell/bad!", "--registry", registry.url)
+    assert invalid.returncode == 1 and "NAME_INVALID" in invalid.stderr and "invalid package name" in invalid.stderr
+    unreachable = nixery("build", "shell/hello", "--registry", "http://127.0.0.1:9")
+    assert unreachable.returncode == 1 and "cannot reach the registry" in unreachable.stderr
+    usage = nixery("build")
+    assert usage.returncode == 2
+
+
+def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None:
+    digest, manifest = registry.manifest("shell/cowsay")
+    result = nixery("inspect", "shell/cowsay", "--registry", registry.url)
+    assert result.returncode == 0, result.stderr
+    assert f"Digest   {digest}" in result.stdout
+    paths = re.findall(r"^  (/nix/store/\S+)$", result.stdout, re.MULTILINE)
+    assert any(p.endswith("-cowsay-3.7.0") for p in paths)
+    assert any(p.endswith("-libwords-1.4") for p in paths)
+    for layer in manifest["layers"][:-1]:  # every layer but the entry points holds store paths
+        assert f"{layer['digest'][7:19]} holds:" in result.stdout
+    as_json = nixery("inspect", "cowsay/shell:latest", "--registry", registry.url, "--json")
+    assert as_json.returncode == 0 and '"paths": [' in as_json.stdout
+    missing = nixery("inspect", "shell/figlet", "--registry", registry.url)
+    assert missing.returncode == 1 and "MANIFEST_UNKNOWN" in missing.stderr and "not been built" in missing.stderr
+
+
+def test_build_locally_without_a_server(tmp_path: Path) -> None:
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json"}
+    result = nixery("build", "--local", "shell/greet", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "done" in result.stdout and re.search(r"Digest\s+sha256:[0-9a-f]{64}", result.stdout)
+    assert (tmp_path / "storage").is_dir()

@@ -1,0 +1,108 @@
+"""`/metrics` against a real registry: it parses, and its counters follow pulls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.registry import RegistryProcess
+
+pytestmark = pytest.mark.nix
+
+MANIFEST_ROUTE = "/v2/{name}/manifests/{reference}"
+BLOB_ROUTE = "/v2/{name}/blobs/{digest}"
+
+
+def scrape(registry: RegistryProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}."""
+    status, headers, body = registry.request("/metrics", accept="text/plain")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples, name: str, **labels: str) -> float:
+    """Sum over the samples whose labels include `labels`."""
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls)
+    )
+
+
+def pull(registry: RegistryProcess, name: str) -> int:
+    """Manifest, config and every layer, as a client pulls; returns the layer bytes received."""
+    _, manifest = registry.manifest(name)
+    received = 0
+    for blob in [manifest["config"], *manifest["layers"]]:
+        status, _, body = registry.request(f"/v2/{name}/blobs/{blob['digest']}", accept=None)
+        assert status == 200 and len(body) == blob["size"]
+        received += len(body)
+    return received
+
+
+def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
+    before = scrape(registry)
+    assert value(before, "nixery_builds_total", result="done") == 0
+    assert value(before, "nixery_cache_hits_total", cache="image") == 0
+
+    received = pull(registry, "shell/hello")
+    after = scrape(registry)
+    # Requests, by route pattern (never the raw path) and status.
+    assert value(after, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="200") == 1
+    assert value(after, "nixery_http_requests_total", method="GET", route=BLOB_ROUTE, status="200") >= 2
+    assert not any("shell/hello" in dict(labels).get("route", "") for _, labels in after)
+    # One build, its duration, its layers (all new in empty storage).
+    assert value(after, "nixery_builds_total", result="done") == 1
+    assert value(after, "nixery_builds_total", result="failed") == 0
+    assert value(after, "nixery_build_duration_seconds_count", result="done") == 1
+    assert value(after, "nixery_build_duration_seconds_sum", result="done") > 0
+    assert value(after, "nixery_builds_running") == 0
+    created = value(after, "nixery_layers_total", outcome="created")
+    assert created >= 2
+    assert value(after, "nixery_cache_misses_total", cache="layer") == created
+    assert value(after, "nixery_layer_bytes_compressed_total") > 0
+    assert value(after, "nixery_cache_misses_total", cache="image") == 1
+    # Bytes served: the blobs just fetched, exactly.
+    assert value(after, "nixery_blob_bytes_served_total") == received
+    # Nix ran (evaluate, realise, path-info) and nothing of it is left running.
+    assert total(after, "nixery_nix_processes_running") == 0
+
+    # The second pull is an image cache hit: no new build, no new layer.
+    received_again = pull(registry, "shell/hello")
+    again = scrape(registry)
+    hits = value(after, "nixery_cache_hits_total", cache="image")
+    assert value(again, "nixery_cache_hits_total", cache="image") == hits + 1
+    assert value(again, "nixery_builds_total", result="done") == 1
+    assert value(again, "nixery_layers_total", outcome="created") == created
+    assert value(again, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="200") == 2
+    assert value(again, "nixery_blob_bytes_served_total") == received + received_again
+
+    # A new image sharing layers with the first reuses them.
+    pull(registry, "shell/fortune")
+    third = scrape(registry)
+    assert value(third, "nixery_builds_total", result="done") == 2
+    assert value(third, "nixery_layers_total", outcome="reused") >= 1
+    reused = value(third, "nixery_layers_total", outcome="reused")
+    assert value(third, "nixery_cache_hits_total", cache="layer") == reused
+
+
+def test_failures_and_unmatched_routes(registry: RegistryProcess) -> None:
+    status, _, body = registry.request("/v2/shell/nosuchpackage/manifests/latest")
+    assert status == 404, body
+    status, _, _ = registry.request("/no/such/page/12345")
+    assert status == 404
+    samples = scrape(registry)
+    assert value(samples, "nixery_builds_total", result="failed") == 1
+    assert value(samples, "nixery_build_duration_seconds_count", result="failed") == 1
+    assert value(samples, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="404") == 1
+    assert value(samples, "nixery_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert not any("12345" in json.dumps(labels) for _, labels in samples)

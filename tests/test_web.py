@@ -1,0 +1,375 @@
+"""The web side against a real registry process: pages in headless Chromium,
+the build API and its event stream with an aiohttp client, and the catalogue.
+
+Browser tests need Debian's `chromium` (/usr/bin/chromium) and the `playwright`
+Python package (its driver only: no browser download); they are skipped when
+either is missing. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import random
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from nixery.config import DEBIAN_SET
+from tests.registry import REPOSITORY, RegistryProcess
+
+pytestmark = pytest.mark.nix
+
+ARTIFACTS = REPOSITORY / "test-artifacts"
+CHROMIUM = os.environ.get("NIXERY_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def run_async(coroutine) -> None:
+    """asyncio.run in a thread of its own: playwright's sync API keeps an event loop
+    running in the test thread while the module's browser is open."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
+def slow_package_set(directory: Path, seconds: int = 4) -> Path:
+    """The busybox set plus `slowpoke`, a package that takes `seconds` to build and
+    is new on every call (so the build really runs and its progress can be watched)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    nonce = random.getrandbits(64)
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
+in base // {{
+  slowpoke = derivation {{
+    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
+  }};
+}}
+"""
+    )
+    return directory
+
+
+# ---- browser -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def new_page(browser) -> Iterator[Callable[..., object]]:
+    contexts = []
+
+    def make(width: int = 1100, height: int = 900):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+def no_horizontal_scroll(page, width: int) -> None:
+    scroll_width = page.evaluate("document.documentElement.scrollWidth")
+    assert scroll_width <= width, f"the page scrolls sideways: {scroll_width} px wide at {width} px"
+
+
+def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
+    page = new_page()
+    response = page.goto(registry.url + "/")
+    assert response.status == 200
+    assert "Nixery" in page.title()
+    pull = page.locator("pre.command code").first.text_content()
+    assert pull == f"docker run -ti {registry.host}/shell/hello bash"  # the busybox set has no curl
+    facts = page.locator("dl.facts").text_content()
+    assert "bundled busybox" in facts and "tree-" in facts
+    assert page.locator("form.build-form input[name=image]").count() == 1
+    assert page.locator("form.search-form input[name=q]").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "web-landing.png"), full_page=True)
+
+
+def _search_target() -> tuple[dict[str, str], str]:
+    """curl in the Debian-derived set when it is generated, else hello in the busybox set."""
+    if (DEBIAN_SET.path / "default.nix").is_file():
+        return {"NIXERY_BUNDLED_SET": "debian"}, "curl"
+    return {"NIXERY_BUNDLED_SET": "busybox"}, "hello"
+
+
+def test_search_finds_a_package(start_registry, new_page) -> None:
+    env, name = _search_target()
+    registry = start_registry(**env)
+    page = new_page()
+    # Without JavaScript: the form is a GET to /packages.
+    page.goto(f"{registry.url}/packages?q={name}")
+    first = page.locator("table.results tbody tr").first
+    assert first.locator("code").first.text_content() == name
+    assert first.locator("td").nth(1).text_content().strip()[0].isdigit()  # a version
+    # With JavaScript: results appear while typing on the landing page.
+    page.goto(registry.url + "/")
+    page.fill("#search-q", name)
+    page.wait_for_selector(f"#live-results table.results code:text-is('{name}')")
+    page.screenshot(path=str(ARTIFACTS / "web-search.png"), full_page=True)
+
+
+def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: Path) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")))
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/slowpoke")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/*")
+    build = page.locator("#build")
+    rendered = int(build.get_attribute("data-events"))
+    assert build.get_attribute("data-stage") not in ("done", "failed"), "the build should still be running"
+    # Events arrive while the page is open: Nix builds the slow package.
+    page.wait_for_selector("#stages li.current[data-stage=building], #stages li.past[data-stage=building]")
+    page.screenshot(path=str(ARTIFACTS / "web-build-running.png"), full_page=True)
+    page.wait_for_selector("#digest", timeout=120_000)
+    assert page.locator("#events li").count() > rendered
+    stages = page.locator("#stages li.past").evaluate_all("items => items.map(i => i.dataset.stage)")
+    assert stages == ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
+    assert page.locator("#state").text_content() == "done"
+    digest = page.locator("#digest").text_content()
+    manifest_digest, _ = registry.manifest("shell/slowpoke")
+    assert digest == manifest_digest
+    page.screenshot(path=str(ARTIFACTS / "web-build-done.png"), full_page=True)
+    # The image page lists the layers and their store paths.
+    page.click("text=Layers and store paths")
+    assert page.locator("details summary").first.text_content().endswith(("store path", "store paths"))
+
+
+def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
+    registry.manifest("shell/hello")  # something built, for the image page and the recent list
+    page = new_page(width=390, height=844)
+    for path, shot in [
+        ("/", "web-mobile-landing.png"),
+        ("/packages?q=hello", "web-mobile-search.png"),
+        ("/images/shell/hello", "web-mobile-image.png"),
+    ]:
+        assert page.goto(registry.url + path).status == 200
+        no_horizontal_scroll(page, 390)
+        page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/fortune")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#digest", timeout=120_000)
+    no_horizontal_scroll(page, 390)
+    page.screenshot(path=str(ARTIFACTS / "web-mobile-build.png"), full_page=True)
+
+
+def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page) -> None:
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/no such thing")
+    with page.expect_navigation() as navigation:
+        page.click("form.build-form button[type=submit]")
+    assert navigation.value.status == 400
+    assert "invalid package name" in page.locator(".card.error .message").text_content()
+    assert page.locator("#build-image").input_value() == "shell/no such thing"  # to correct it
+    page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
+
+
+# ---- HTTP: the build API and the event stream --------------------------------------
+
+
+async def _start(session: aiohttp.ClientSession, url: str, image: str) -> dict:
+    async with session.post(f"{url}/builds", json={"image": image}) as response:
+        assert response.status == 202, await response.text()
+        assert response.headers["Location"].startswith("/builds/")
+        return await response.json()
+
+
+async def _sse(session: aiohttp.ClientSession, url: str, **headers: str) -> list[tuple[str, str, dict]]:
+    """(id, event name, data) of every message until the stream ends."""
+    messages, fields = [], {}
+    async with session.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "data" in fields:
+                    messages.append((fields.get("id"), fields.get("event"), json.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+    return messages
+
+
+def test_event_stream_in_order_ending_with_the_digest(start_registry, tmp_path: Path) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=2)))
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            started = await _start(session, registry.url, "shell/slowpoke")
+            # Two followers: one from the start, one joining late (replay, then live).
+            first = asyncio.ensure_future(_sse(session, registry.url + started["events"]))
+            await asyncio.sleep(0.5)
+            late = await _sse(session, registry.url + started["events"])
+            messages = await first
+            assert [m[2] for m in late] == [m[2] for m in messages]
+            indexes = [m[2]["index"] for m in messages]
+            assert indexes == list(range(len(messages)))
+            assert [int(m[0]) for m in messages] == indexes
+            assert all(name == data["stage"] for _, name, data in messages)
+            stages = [data["stage"] for _, _, data in messages]
+            order = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
+            assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == order
+            times = [data["time"] for _, _, data in messages]
+            assert times == sorted(times)
+            last = messages[-1][2]
+            assert last["digest"].startswith("sha256:") and last["layers"] >= 2 and last["size"] > 0
+            compressing = [data for _, _, data in messages if data["stage"] == "compressing"]
+            assert compressing[-1]["layers_done"] == compressing[-1]["layers_total"] == last["layers"]
+            # Resuming after the last event: nothing more (204 stops EventSource reconnecting).
+            async with session.get(
+                registry.url + started["events"], headers={"Last-Event-ID": str(indexes[-1])}
+            ) as response:
+                assert response.status == 204
+            async with session.get(registry.url + started["events"], params={"after": "3"}) as response:
+                assert response.status == 200
+            async with session.get(registry.url + started["json"]) as response:
+                doc = await response.json()
+                assert doc["finished"] and doc["stage"] == "done" and len(doc["events"]) == len(messages)
+            digest, _ = registry.manifest("shell/slowpoke")
+            assert last["digest"] == digest
+
+    run_async(run())
+
+
+def test_build_api_errors(registry: RegistryProcess) -> None:
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{registry.url}/builds", json={"image": "shell/bad name"}) as response:
+                assert response.status == 400
+                assert (await response.json())["errors"][0]["code"] == "NAME_INVALID"
+            async with session.post(f"{registry.url}/builds", json={"image": "shell/hello", "tag": "a..b"}) as response:
+                assert response.status == 400
+                assert (await response.json())["errors"][0]["code"] == "TAG_INVALID"
+            async with session.post(f"{registry.url}/builds", data={"image": "shell/bad name"}) as response:
+                assert response.status == 400 and response.content_type == "text/html"
+            for path in ("/builds/0123456789abcdef", "/builds/0123456789abcdef.json", "/builds/00ff/events"):
+                async with session.get(registry.url + path, headers={"Accept": "application/json"}) as response:
+                    assert response.status == 404, path
+                    assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+            page_url = f"{registry.url}/builds/0123456789abcdef"
+            async with session.get(page_url, headers={"Accept": "text/html"}) as response:
+                assert response.status == 404 and response.content_type == "text/html"
+            # A build that fails reports the registry's error as its last event.
+            started = await _start(session, registry.url, "shell/nosuchpackage")
+            messages = await _sse(session, registry.url + started["events"])
+            assert messages[-1][2]["stage"] == "failed"
+            assert "nosuchpackage" in messages[-1][2]["message"]
+            # A form post redirects to the progress page.
+            async with session.post(
+                f"{registry.url}/builds", data={"image": f"{registry.host}/shell/hello:latest"}, allow_redirects=False
+            ) as response:
+                assert response.status == 303 and response.headers["Location"].startswith("/builds/")
+
+    run_async(run())
+
+
+def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:
+    evil = '<script>alert("x")</script>'
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=30) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    assert b"<script>alert" not in response and b"&lt;script&gt;alert(&quot;x&quot;)" in response
+    status, _, body = registry.request("/packages?q=" + "%3Cb%3Ebold%3C/b%3E", accept="text/html")
+    assert status == 200 and b"<b>bold</b>" not in body and b"&lt;b&gt;bold&lt;/b&gt;" in body
+
+
+def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> None:
+    digest, manifest = registry.manifest("shell/hello")
+    status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
+    assert status == 200, body
+    image = json.loads(body)
+    assert image["digest"] == digest and image["name"] == "hello/shell"
+    assert [layer["digest"] for layer in image["layers"]] == [layer["digest"] for layer in manifest["layers"]]
+    paths = [path for layer in image["layers"] for path in layer["paths"]]
+    assert any(path.endswith("-hello-2.12.1") for path in paths)
+    assert all(path.startswith("/nix/store/") for path in paths)
+    assert image["layers"][-1]["paths"] == []  # the entry-point layer
+    status, _, body = registry.request("/images/shell/cowsay.json", accept="application/json")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_packages_json(registry: RegistryProcess) -> None:
+    status, _, body = registry.request("/packages?q=hello&format=json", accept="application/json")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["results"][0] == {"name": "hello", "kind": "package", "version": "2.12.1", "description": None}
+    assert doc["complete"] and doc["total"] > 10
+
+
+def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
+    status, _, body = registry.request("/docs/readme", accept="text/html")
+    assert status == 200
+    assert b'<h2 id="' in body
+    status, _, _ = registry.request("/docs/..%2Fpyproject", accept="text/html")
+    assert status == 404
+
+
+# ---- the catalogue ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="needs Nix")
+def test_catalog_tolerates_attributes_that_throw(tmp_path: Path) -> None:
+    from nixery.nix.catalog import PackageCatalog
+    from nixery.nix.packages import host_system
+    from nixery.nix.sources import Revision
+
+    (tmp_path / "default.nix").write_text(
+        """{ system ? builtins.currentSystem, ... }: {
+  good = derivation { name = "good-1.2.3"; inherit system; builder = "/bin/sh"; };
+  versioned = (derivation { name = "v"; inherit system; builder = "/bin/sh"; }) // { version = "9"; };
+  removed = throw "removed: use good instead";
+  broken = assert false; 1;
+  nested = { inner = 1; };
+  number = 3;
+}"""
+    )
+
+    async def run() -> None:
+        catalog = await PackageCatalog(system=host_system()).read(Revision("test", "t1", tmp_path))
+        by_name = {e.name: e for e in catalog.entries}
+        assert catalog.complete and catalog.total == 6
+        assert (by_name["good"].kind, by_name["good"].version) == ("package", "1.2.3")
+        assert by_name["versioned"].version == "9"
+        assert by_name["removed"].kind == by_name["broken"].kind == "broken"
+        assert by_name["nested"].kind == "set" and by_name["number"].kind == "other"
+        assert [e.name for e in catalog.search("goo")] == ["good"]
+        # A set whose evaluation aborts (not catchable) still lists its names.
+        (tmp_path / "default.nix").write_text(
+            '{ ... }: { fine = 1; fatal = abort "no"; }'
+        )
+        fallback = await PackageCatalog(system=host_system()).read(Revision("test", "t2", tmp_path))
+        assert not fallback.complete and sorted(e.name for e in fallback.entries) == ["fatal", "fine"]
+
+    run_async(run())
