@@ -107,8 +107,9 @@ class BuildLog:
         return list(reversed(self._builds.values()))
 
 
-_WILL_BUILD = re.compile(r"these (\d+) derivations? will be built")
-_WILL_FETCH = re.compile(r"these (\d+) paths? will be fetched")
+# Nix says "these 3 derivations will be built:" but "this derivation will be built:".
+_WILL_BUILD = re.compile(r"(?:these (\d+) derivations|this derivation) will be built")
+_WILL_FETCH = re.compile(r"(?:these (\d+) paths|this path) will be fetched")
 _BUILDING = re.compile(r"building '(/nix/store/[^']+)'")
 _COPYING = re.compile(r"copying path '(/nix/store/[^']+)'")
 
@@ -125,9 +126,9 @@ class NixLogProgress:
 
     def __call__(self, line: str) -> None:
         if match := _WILL_BUILD.search(line):
-            self.to_build = int(match.group(1))
+            self.to_build = int(match.group(1) or 1)
         elif match := _WILL_FETCH.search(line):
-            self.to_fetch = int(match.group(1))
+            self.to_fetch = int(match.group(1) or 1)
         elif match := _BUILDING.search(line):
             self.built += 1
             self._report(f"building {match.group(1)}")

@@ -1,0 +1,57 @@
+"""Build progress read from Nix's own output."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nixery.progress import Build, NixLogProgress, Stage
+
+
+def test_nix_log_progress_counts_derivations() -> None:
+    async def run() -> Build:
+        build = Build(id="b1", image="shell/hello")
+        progress = NixLogProgress(build)
+        for line in [
+            "these 2 derivations will be built:",
+            "  /nix/store/aaa-hello.drv",
+            "building '/nix/store/aaa-libwords-1.4.drv'...",
+            "building '/nix/store/bbb-hello-2.12.1.drv'...",
+        ]:
+            progress(line)
+        return build
+
+    build = asyncio.run(run())
+    assert build.stage is Stage.BUILDING
+    assert build.events[-1].data == {"built": 2, "to_build": 2, "fetched": 0, "to_fetch": 0}
+
+
+def test_singular_wording() -> None:
+    async def run() -> NixLogProgress:
+        progress = NixLogProgress(Build(id="b2", image="hello"))
+        progress("this derivation will be built:")
+        progress("this path will be fetched (0.01 MiB download, 0.05 MiB unpacked):")
+        return progress
+
+    progress = asyncio.run(run())
+    assert (progress.to_build, progress.to_fetch) == (1, 1)
+
+
+def test_followers_see_past_and_live_events_until_done() -> None:
+    async def run() -> list[str]:
+        build = Build(id="b3", image="hello")
+        build.emit(Stage.EVALUATING, "evaluating")
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for event in build.follow():
+                seen.append(event.stage.value)
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(0)
+        build.emit(Stage.BUILDING, "building")
+        build.emit(Stage.DONE, "done")
+        build.emit(Stage.BUILDING, "ignored after the end")
+        await asyncio.wait_for(follower, 5)
+        return seen
+
+    assert asyncio.run(run()) == ["evaluating", "building", "done"]
