@@ -1,0 +1,346 @@
+"""Declared images from NixImage YAML files (NIXERY_IMAGES_PATH): parsing rules, the
+name/package rule, change detection, and pulls from a real registry process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+
+from nixery.declarations import (
+    FILES,
+    KUBERNETES,
+    DeclarationFiles,
+    DeclarationStore,
+    InvalidDeclaration,
+    parse_declaration,
+)
+from nixery.registry.names import Arch
+from tests.registry import RegistryProcess, have, run, skopeo_to_oci, unpack_oci
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
+
+
+def nix_image(name: str, tag: Any = "v1", contents: Any = ("hello",), **data: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"tag": tag, "contents": list(contents) if isinstance(contents, tuple) else contents}
+    if tag is None:
+        del body["tag"]
+    return {"apiVersion": "k8s.nixos.org/v1alpha", "kind": "NixImage", "metadata": {"name": name},
+            "data": {**body, **data}}
+
+
+def write_images(path: Path, *documents: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump_all(documents))
+    return path
+
+
+# ---- parsing -------------------------------------------------------------
+
+
+def test_valid_declaration() -> None:
+    declaration = parse_declaration(nix_image("curl-and-jq", contents=["jq", "shell", "curl", "jq"]), origin="t")
+    assert declaration.reference == "curl-and-jq:v1"
+    assert declaration.request.packages == ("curl", "jq", "shell")  # sorted, unique: as image paths
+    assert declaration.request.arch is Arch.AMD64
+    document = nix_image("x.y", tag="release/2024-01", contents=["tools.jqlite"], arch="arm64")
+    arm = parse_declaration(document, origin="t")
+    assert arm.request.arch is Arch.ARM64 and arm.request.packages == ("tools.jqlite",)
+
+
+def test_the_deploy_examples_are_valid() -> None:
+    loaded = DeclarationFiles(EXAMPLES)
+    assert loaded.scan()
+    assert {d.reference for d in loaded.declarations} >= {"curl-and-jq:v1", "shell-tools:2024.1"}
+    assert loaded.problems == []
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ("just a string", "expected a NixImage object"),
+        ({**nix_image("a"), "kind": "ConfigMap"}, "kind is 'ConfigMap'"),
+        ({**nix_image("a"), "apiVersion": "k8s.nixos.org/v1"}, "apiVersion"),
+        ({k: v for k, v in nix_image("a").items() if k != "metadata"}, "metadata is missing"),
+        (nix_image(""), "metadata.name is missing"),
+        (nix_image("Upper"), "not a valid object name"),
+        (nix_image("a/b"), "not a valid object name"),
+        (nix_image("arm64"), "reserved"),
+        (nix_image("x" * 129), "longer than 128"),
+        (nix_image("a", tag=None), "data.tag is missing"),
+        (nix_image("a", tag=1.0), "data.tag must be a string"),
+        (nix_image("a", tag="../x"), "data.tag"),
+        (nix_image("a", tag="-x"), "data.tag"),
+        (nix_image("a", contents=[]), "data.contents is empty"),
+        (nix_image("a", contents="hello"), "must be a list"),
+        (nix_image("a", contents=["hello world"]), "invalid package name 'hello world'"),
+        (nix_image("a", contents=["../etc"]), "data.contents[0]"),
+        (nix_image("a", contents=["shell", "a/b"]), "data.contents[1]"),
+        (nix_image("a", contents=["hello", 3]), "data.contents[1] must be a package name"),
+        (nix_image("a", contents=["arm64", "hello"]), "data.arch"),
+        (nix_image("a", contents=[f"p{n}" for n in range(101)]), "at most 100"),
+        (nix_image("a", arch="x86_64"), "data.arch"),
+        (nix_image("a", content=["hello"]), "unknown field(s) in data: content"),
+        ({**nix_image("a"), "spec": {}}, "not spec"),
+        ({k: v for k, v in nix_image("a").items() if k != "data"}, "data is missing"),
+    ],
+)
+def test_invalid_declarations(document: Any, problem: str) -> None:
+    with pytest.raises(InvalidDeclaration) as caught:
+        parse_declaration(document, origin="t")
+    assert problem in str(caught.value)
+
+
+# ---- files and the table -------------------------------------------------
+
+
+def test_files_are_scanned_cheaply_and_reread_on_change(tmp_path: Path) -> None:
+    write_images(tmp_path / "b.yaml", nix_image("two", contents=["figlet"]), nix_image("three", tag="x"))
+    write_images(tmp_path / "a.yml", nix_image("one"))
+    (tmp_path / "sub").mkdir()
+    write_images(tmp_path / "sub" / "c.json", nix_image("four"))
+    (tmp_path / ".hidden.yaml").write_text("not: [valid")  # skipped, as a mounted ConfigMap's ..data
+    (tmp_path / "notes.txt").write_text("not: [valid")  # other suffixes are skipped
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List",
+                                                        "items": [nix_image("five"), nix_image("six")]}))
+    files = DeclarationFiles(tmp_path)
+    assert files.scan()
+    assert [d.reference for d in files.declarations] == ["one:v1", "two:v1", "three:x", "five:v1", "six:v1", "four:v1"]
+    assert files.problems == []
+    assert not files.scan()  # nothing changed: nothing read
+    write_images(tmp_path / "b.yaml", nix_image("two", contents=["cowsay"]))
+    assert files.scan()
+    assert {d.reference: d.contents for d in files.declarations}["two:v1"] == ["cowsay"]
+    (tmp_path / "a.yml").unlink()
+    assert files.scan()
+    assert "one:v1" not in [d.reference for d in files.declarations]
+
+
+def test_a_single_file_can_be_the_path(tmp_path: Path) -> None:
+    files = DeclarationFiles(write_images(tmp_path / "images.yaml", nix_image("one"), nix_image("two")))
+    files.scan()
+    assert [d.reference for d in files.declarations] == ["one:v1", "two:v1"]
+
+
+def test_invalid_documents_are_logged_and_skipped(tmp_path: Path) -> None:
+    write_images(tmp_path / "mixed.yaml", nix_image("good"), nix_image("notag", tag=None),
+                 {**nix_image("kind"), "kind": "Pod"}, nix_image("pkg", contents=["no such"]))
+    (tmp_path / "broken.yaml").write_text("apiVersion: k8s.nixos.org/v1alpha\nkind: NixImage\nmetadata: [\n")
+    with structlog.testing.capture_logs() as logs:
+        files = DeclarationFiles(tmp_path)
+        files.scan()
+    assert [d.reference for d in files.declarations] == ["good:v1"]
+    invalid = [(e["file"], e["document"], e["problem"]) for e in logs if e["event"] == "declarations.invalid"]
+    assert all(e["log_level"] == "warning" for e in logs if e["event"] == "declarations.invalid")
+    broken, mixed = str(tmp_path / "broken.yaml"), str(tmp_path / "mixed.yaml")
+    assert invalid[0][:2] == (broken, None) and "not valid YAML" in invalid[0][2]
+    assert [(f, d) for f, d, _ in invalid[1:]] == [(mixed, "1"), (mixed, "2"), (mixed, "3")]
+    assert "data.tag is missing" in invalid[1][2] and "'Pod'" in invalid[2][2] and "'no such'" in invalid[3][2]
+
+
+async def test_name_and_package_rule_and_duplicates(tmp_path: Path) -> None:
+    """A declaration claims its name:tag only; the first file (in path order) wins a duplicate."""
+    write_images(tmp_path / "10-first.yaml", nix_image("hello", tag="v1", contents=["figlet"]))
+    write_images(tmp_path / "20-second.yaml", nix_image("hello", tag="v1", contents=["cowsay"]),
+                 nix_image("hello", tag="v2", contents=["cowsay"]))
+    store = DeclarationStore(files=DeclarationFiles(tmp_path))
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+    try:
+        assert (await store.resolve("hello", "v1")).packages == ("figlet",)
+        assert (await store.resolve("hello", "v2")).packages == ("cowsay",)
+        assert await store.resolve("hello", "latest") is None  # the hello package, as any path
+        assert await store.resolve("shell/hello", "v1") is None
+        conflicts = [e for e in logs if e["event"] == "declarations.conflict"]
+        assert len(conflicts) == 1
+        assert conflicts[0]["served"].startswith(f"file {tmp_path / '10-first.yaml'}#0")
+        assert conflicts[0]["ignored"].startswith(f"file {tmp_path / '20-second.yaml'}#0")
+        # Files win over Kubernetes objects for the same name:tag.
+        k8s = parse_declaration(nix_image("hello", tag="v2", contents=["greet"]), origin="niximage/hello",
+                                source=KUBERNETES, rank=(1, "", "hello"), key="hello")
+        store.set_source(KUBERNETES, [k8s])
+        assert (await store.resolve("hello", "v2")).packages == ("cowsay",)
+        store.set_source(FILES, [])
+        store.files = None
+        assert (await store.resolve("hello", "v2")).packages == ("greet",)
+    finally:
+        await store.close()
+
+
+async def test_an_edit_is_seen_by_the_next_resolve(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=3600)
+    await store.start()
+    try:
+        assert (await store.resolve("app", "v1")).packages == ("hello",)
+        write_images(path, nix_image("app", contents=["figlet"]))
+        assert (await store.resolve("app", "v1")).packages == ("figlet",)
+    finally:
+        await store.close()
+
+
+class RecordingBuilder:
+    def __init__(self) -> None:
+        self.started: list[tuple[tuple[str, ...], str]] = []
+
+    async def start(self, request, tag):
+        self.started.append((request.packages, tag))
+        return type("Build", (), {"id": "b"})()
+
+    async def image(self, request, tag, **_):
+        from tests.test_k8s_watch import fake_record
+
+        return fake_record(request)
+
+
+async def test_prebuild_builds_what_appears_or_changes(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    builder = RecordingBuilder()
+    store = DeclarationStore(builder=builder, files=DeclarationFiles(tmp_path), prebuild=True, poll_interval=0.05)
+    await store.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert builder.started == [(("hello",), "v1")]
+        write_images(path, nix_image("app", contents=["hello"]), nix_image("other", contents=["figlet"]))
+        for _ in range(100):  # the background poll notices without any pull
+            if len(builder.started) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert builder.started == [(("hello",), "v1"), (("figlet",), "v1")]  # unchanged ones are not rebuilt
+    finally:
+        await store.close()
+
+
+# ---- a real registry -----------------------------------------------------
+
+
+def log_entries(registry: RegistryProcess, event: str) -> list[dict[str, Any]]:
+    entries = []
+    for line in registry.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event:
+            entries.append(entry)
+    return entries
+
+
+def digest_of(registry: RegistryProcess, name: str, tag: str) -> str:
+    return registry.manifest(name, tag)[0]
+
+
+def touch_later(path: Path, text: str) -> None:
+    """Rewrite a file so its modification time surely differs (coarse file system clocks)."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    if path.stat().st_mtime_ns == before:
+        os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
+
+
+@pytest.mark.skipif(not (have("skopeo") and have("umoci")), reason="needs skopeo and umoci")
+def test_declared_images_are_pulled_with_their_contents(start_registry, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "team.yaml", nix_image("greeter", contents=["shell", "hello"]),
+                 nix_image("cow", tag="2024.1", contents=["cowsay", "fortune"]))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
+
+    skopeo_to_oci(f"{registry.host}/greeter:v1", tmp_path / "layout")
+    rootfs = unpack_oci(tmp_path / "layout", tmp_path / "bundle")
+    assert (rootfs / "bin" / "hello").exists() and (rootfs / "bin" / "sh").exists()
+    assert not (rootfs / "bin" / "cowsay").exists()
+    assert run(["chroot", str(rootfs), "/bin/sh", "-c", "hello"]).stdout == "Hello, world!\n"
+
+    # The declared contents are exactly the image the same packages in a path give.
+    assert digest_of(registry, "cow", "2024.1") == digest_of(registry, "fortune/cowsay", "2024.1")
+    _, manifest = registry.manifest("cow", "2024.1")
+    status, _, body = registry.request(f"/v2/cow/blobs/{manifest['config']['digest']}", accept=None)
+    assert status == 200
+    assert json.loads(body)["config"]["Labels"]["org.nixos.nixery.packages"] == "cowsay fortune"
+    assert [e["image"] for e in log_entries(registry, "declarations.resolved")][:1] == ["greeter:v1"]
+
+
+@pytest.mark.skipif(not (have("skopeo") and have("umoci")), reason="needs skopeo and umoci")
+def test_editing_a_file_changes_the_next_pull(start_registry, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    path = write_images(images / "app.yaml", nix_image("app", contents=["shell", "hello"]))
+    # a long poll interval: only the pull itself can notice the edit
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images), NIXERY_IMAGES_POLL="3600")
+    first = digest_of(registry, "app", "v1")
+
+    touch_later(path, yaml.safe_dump(nix_image("app", contents=["shell", "figlet"])))
+    second = digest_of(registry, "app", "v1")
+    assert second != first
+    assert second == digest_of(registry, "shell/figlet", "v1")
+    skopeo_to_oci(f"{registry.host}/app:v1", tmp_path / "layout")
+    rootfs = unpack_oci(tmp_path / "layout", tmp_path / "bundle")
+    assert (rootfs / "bin" / "figlet").exists() and not (rootfs / "bin" / "hello").exists()
+
+    # Moving the declaration to another tag frees the old one: app:v1 is a package name again.
+    touch_later(path, yaml.safe_dump(nix_image("app", tag="v2", contents=["shell", "figlet"])))
+    assert digest_of(registry, "app", "v2") == second
+    status, _, body = registry.request("/v2/app/manifests/v1")
+    assert status == 404 and b"app" in body
+
+    # A new file is picked up too, and removing it takes the image away.
+    extra = write_images(images / "extra.yaml", nix_image("extra", contents=["greet"]))
+    assert digest_of(registry, "extra", "v1") == digest_of(registry, "greet", "v1")
+    extra.unlink()
+    assert registry.request("/v2/extra/manifests/v1")[0] == 404
+
+
+def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "good.yaml", nix_image("good", contents=["hello"]))
+    (images / "bad-yaml.yaml").write_text("kind: NixImage\ndata: {tag: v1, contents: [hello\n")
+    write_images(images / "wrong-kind.yaml", {**nix_image("kind"), "kind": "Deployment"})
+    write_images(images / "no-tag.yaml", nix_image("notag", tag=None))
+    write_images(images / "bad-package.yaml", nix_image("badpkg", contents=["hello", "rm -rf"]))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
+
+    assert digest_of(registry, "good", "v1") == digest_of(registry, "hello", "v1")
+    problems = {Path(e["file"]).name: e["problem"] for e in log_entries(registry, "declarations.invalid")}
+    assert set(problems) == {"bad-yaml.yaml", "wrong-kind.yaml", "no-tag.yaml", "bad-package.yaml"}
+    assert "not valid YAML" in problems["bad-yaml.yaml"]
+    assert "'Deployment'" in problems["wrong-kind.yaml"]
+    assert "data.tag is missing" in problems["no-tag.yaml"]
+    assert "'rm -rf'" in problems["bad-package.yaml"]
+    assert registry.request("/v2/badpkg/manifests/v1")[0] == 404
+
+    # Breaking a file while the registry runs: reported, skipped, the rest keeps working.
+    touch_later(images / "good.yaml", "this: is: not: yaml")
+    write_images(images / "other.yaml", nix_image("other", contents=["figlet"]))
+    assert digest_of(registry, "other", "v1") == digest_of(registry, "figlet", "v1")
+    assert registry.request("/v2/good/manifests/v1")[0] == 404
+    assert any(Path(e["file"]).name == "good.yaml" for e in log_entries(registry, "declarations.invalid"))
+    assert registry.process.poll() is None
+
+
+def test_declaration_and_package_with_the_same_name(start_registry, tmp_path: Path) -> None:
+    """A NixImage called `hello` with tag v1 serves hello:v1; hello:latest is still the hello package."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "hello.yaml", nix_image("hello", tag="v1", contents=["figlet"]))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
+    declared = digest_of(registry, "hello", "v1")
+    package = digest_of(registry, "hello", "latest")
+    assert declared == digest_of(registry, "figlet", "v1")
+    assert package != declared
+    assert package == digest_of(registry, "hello", "other-tag")
+
+
+def test_missing_path_is_a_configuration_error(tmp_path: Path) -> None:
+    from nixery.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="NIXERY_IMAGES_PATH"):
+        load({"NIXERY_IMAGES_PATH": str(tmp_path / "nope")})
+    settings = load({"NIXERY_IMAGES_PATH": str(tmp_path), "NIXERY_PREBUILD": "true", "NIXERY_IMAGES_POLL": "2"})
+    assert settings.images_path == tmp_path and settings.prebuild and settings.images_poll == 2.0
