@@ -14,7 +14,6 @@ from nixery.config import Settings
 from nixery.http import auth, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
-from nixery.nix.sources import open_source
 from nixery.storage import open_storage
 
 log = structlog.get_logger(__name__)
@@ -43,13 +42,7 @@ def create_app(settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)
-        builder = ImageBuilder(
-            storage=storage,
-            source=open_source(settings),
-            nix_timeout=settings.nix_timeout,
-            max_layers=settings.max_layers,
-            max_concurrent_builds=settings.max_concurrent_builds,
-        )
+        builder = ImageBuilder.from_settings(settings, storage)
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         declarations = None

@@ -38,13 +38,14 @@ from typing import Any, BinaryIO
 import structlog
 
 from nixery import metrics
+from nixery.config import Settings
 from nixery.layers.entrypoints import SSL_CERT_FILE, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
 from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_store_layer
 from nixery.nix import packages as nix
 from nixery.nix.packages import ResolvedPackage
-from nixery.nix.sources import PackageSource, Revision
+from nixery.nix.sources import PackageSource, Revision, open_source
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.registry.digest import Digest
 from nixery.registry.image import (
@@ -206,6 +207,16 @@ class ImageBuilder:
         storage.on_corrupt_blob(self._forget_images_using)
         self._compressors = ThreadPoolExecutor(
             max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, storage: Storage) -> ImageBuilder:
+        return cls(
+            storage=storage,
+            source=open_source(settings),
+            nix_timeout=settings.nix_timeout,
+            max_layers=settings.max_layers,
+            max_concurrent_builds=settings.max_concurrent_builds,
         )
 
     async def close(self) -> None:

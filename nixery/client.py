@@ -391,7 +391,6 @@ async def _build_locally(
     from nixery.builder import ImageBuilder
     from nixery.errors import RegistryError
     from nixery.http.web import image_json
-    from nixery.nix.sources import open_source
     from nixery.registry.names import check_tag, parse_image_name
     from nixery.storage import open_storage
 
@@ -403,13 +402,7 @@ async def _build_locally(
         raise ClientError(str(exc)) from exc
     logs.configure("warning", settings.log_format)
     storage = open_storage(settings)
-    builder = ImageBuilder(
-        storage=storage,
-        source=open_source(settings),
-        nix_timeout=settings.nix_timeout,
-        max_layers=settings.max_layers,
-        max_concurrent_builds=settings.max_concurrent_builds,
-    )
+    builder = ImageBuilder.from_settings(settings, storage)
     try:
         build = await builder.start(request, tag)
         final: dict[str, Any] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -82,6 +83,18 @@ class RegistryProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
+    def log_events(self, event: str) -> list[dict]:
+        """The registry's JSON log lines for one event (e.g. "http.request")."""
+        found = []
+        for line in self.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event:
+                found.append(entry)
+        return found
+
     def request(
         self, path: str, *, method: str = "GET", accept: str | list[str] | None = DOCKER_MANIFEST,
         headers: dict[str, str] | None = None, timeout: float = 300,
@@ -155,3 +168,22 @@ def nix_call_count(calls: Path) -> int:
 
 def nix_calls_of(calls: Path, prefix: str) -> list[str]:
     return [line for line in calls.read_text().splitlines() if line.startswith(prefix)]
+
+
+def slow_package_set(directory: Path, seconds: int = 3) -> Path:
+    """The busybox set plus `slowpoke`, a package that takes `seconds` to build and
+    is new on every call (so the build really runs and its progress can be watched)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    nonce = random.getrandbits(64)
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
+in base // {{
+  slowpoke = derivation {{
+    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
+  }};
+}}
+"""
+    )
+    return directory

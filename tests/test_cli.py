@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pty
-import random
 import re
 import select
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import REPOSITORY, RegistryProcess
+from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
 
 pytestmark = pytest.mark.nix
 
@@ -62,22 +61,7 @@ def nixery_in_pty(*args: str, timeout: float = 300) -> tuple[int, str]:
     return status, output.decode(errors="replace")
 
 
-def slow_package_set(directory: Path, seconds: int = 3) -> Path:
-    """The busybox set plus `slowpoke`, new on every call and slow to build."""
-    directory.mkdir(parents=True, exist_ok=True)
-    nonce = random.getrandbits(64)
-    (directory / "default.nix").write_text(
-        f"""{{ system ? builtins.currentSystem, ... }}@args:
-let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
-in base // {{
-  slowpoke = derivation {{
-    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
-    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
-  }};
-}}
-"""
-    )
-    return directory
+
 
 
 def test_build_on_a_terminal_shows_a_progress_bar(start_registry, tmp_path: Path) -> None:

@@ -15,15 +15,7 @@ pytestmark = pytest.mark.clients
 
 
 def requests_seen(registry: RegistryProcess) -> list[tuple[str, str]]:
-    seen = []
-    for line in registry.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == "http.request":
-            seen.append((entry["method"], entry["path"]))
-    return seen
+    return [(entry["method"], entry["path"]) for entry in registry.log_events("http.request")]
 
 
 def manifest_requests(registry: RegistryProcess, image: str) -> list[tuple[str, str]]:

@@ -219,16 +219,7 @@ async def test_prebuild_builds_what_appears_or_changes(tmp_path: Path) -> None:
 # ---- a real registry -----------------------------------------------------
 
 
-def log_entries(registry: RegistryProcess, event: str) -> list[dict[str, Any]]:
-    entries = []
-    for line in registry.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == event:
-            entries.append(entry)
-    return entries
+
 
 
 def digest_of(registry: RegistryProcess, name: str, tag: str) -> str:
@@ -263,7 +254,7 @@ def test_declared_images_are_pulled_with_their_contents(start_registry, tmp_path
     status, _, body = registry.request(f"/v2/cow/blobs/{manifest['config']['digest']}", accept=None)
     assert status == 200
     assert json.loads(body)["config"]["Labels"]["org.nixos.nixery.packages"] == "cowsay fortune"
-    assert [e["image"] for e in log_entries(registry, "declarations.resolved")][:1] == ["greeter:v1"]
+    assert [e["image"] for e in registry.log_events("declarations.resolved")][:1] == ["greeter:v1"]
 
 
 @pytest.mark.skipif(not (have("skopeo") and have("umoci")), reason="needs skopeo and umoci")
@@ -307,7 +298,7 @@ def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) 
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
 
     assert digest_of(registry, "good", "v1") == digest_of(registry, "hello", "v1")
-    problems = {Path(e["file"]).name: e["problem"] for e in log_entries(registry, "declarations.invalid")}
+    problems = {Path(e["file"]).name: e["problem"] for e in registry.log_events("declarations.invalid")}
     assert set(problems) == {"bad-yaml.yaml", "wrong-kind.yaml", "no-tag.yaml", "bad-package.yaml"}
     assert "not valid YAML" in problems["bad-yaml.yaml"]
     assert "'Deployment'" in problems["wrong-kind.yaml"]
@@ -320,7 +311,7 @@ def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) 
     write_images(images / "other.yaml", nix_image("other", contents=["figlet"]))
     assert digest_of(registry, "other", "v1") == digest_of(registry, "figlet", "v1")
     assert registry.request("/v2/good/manifests/v1")[0] == 404
-    assert any(Path(e["file"]).name == "good.yaml" for e in log_entries(registry, "declarations.invalid"))
+    assert any(Path(e["file"]).name == "good.yaml" for e in registry.log_events("declarations.invalid"))
     assert registry.process.poll() is None
 
 

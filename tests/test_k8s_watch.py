@@ -350,18 +350,6 @@ def kube_api() -> Iterator[ThreadedKubeApi]:
     api.close()
 
 
-def log_events(registry: RegistryProcess, event: str) -> list[dict[str, Any]]:
-    found = []
-    for line in registry.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == event:
-            found.append(entry)
-    return found
-
-
 def manifest_status(registry: RegistryProcess, name: str, tag: str) -> tuple[int, str | None]:
     status, headers, _ = registry.request(f"/v2/{name}/manifests/{tag}")
     return status, headers.get("Docker-Content-Digest")
@@ -401,7 +389,7 @@ def test_watch_end_to_end(start_registry, kube_api: ThreadedKubeApi, tmp_path: P
     wait_until(lambda: manifest_status(registry, "cow", "2024.1") == (200, cow), what="object added after the drop")
     assert len(kube_api.watch_requests) > watches
     assert kube_api.list_requests == 1
-    assert log_events(registry, "k8s.watch_failed")  # the drop was noticed, and logged
+    assert registry.log_events("k8s.watch_failed")  # the drop was noticed, and logged
 
     # DELETED: greeter is no longer declared, so greeter:v1 asks for a package called greeter.
     kube_api.delete("greeter")
@@ -411,14 +399,14 @@ def test_watch_end_to_end(start_registry, kube_api: ThreadedKubeApi, tmp_path: P
     kube_api.drop_then(lambda api: api.delete("cow"), forget=True)
     wait_until(lambda: kube_api.list_requests >= 2, what="relist after 410")
     wait_until(lambda: manifest_status(registry, "cow", "2024.1")[0] == 404, what="deleted while away")
-    assert log_events(registry, "k8s.watch_expired")
+    assert registry.log_events("k8s.watch_expired")
 
     # Invalid objects are reported in the log and in their status, and nothing else stops.
     kube_api.create("bad", {"tag": "v1", "contents": ["hello world"]})
     status = wait_until(lambda: kube_api.status("bad").get("phase") == "Invalid" and kube_api.status("bad"),
                         what="status Invalid")
     assert "hello world" in status["error"]
-    assert any(e.get("object") == "niximage/bad" for e in log_events(registry, "declarations.invalid"))
+    assert any(e.get("object") == "niximage/bad" for e in registry.log_events("declarations.invalid"))
     kube_api.create("later", {"tag": "v2", "contents": ["greet"]})
     wait_until(lambda: manifest_status(registry, "later", "v2")[0] == 200, what="valid object after an invalid one")
 
@@ -434,8 +422,8 @@ def test_prebuilt_declared_image_runs(start_registry, kube_api: ThreadedKubeApi,
     kube_api.create("hello-tools", {"tag": "v1", "contents": ["shell", "hello", "tools.jqlite"]})
     status = wait_until(lambda: kube_api.status("hello-tools").get("phase") == "Ready" and
                         kube_api.status("hello-tools"), what="prebuilt status")
-    assert not any(e["path"].startswith("/v2/hello-tools") for e in log_events(registry, "http.request"))
-    assert log_events(registry, "declarations.prebuild")
+    assert not any(e["path"].startswith("/v2/hello-tools") for e in registry.log_events("http.request"))
+    assert registry.log_events("declarations.prebuild")
     assert registry.manifest("hello-tools", "v1")[0] == status["digest"]
     skopeo_to_oci(f"{registry.host}/hello-tools:v1", tmp_path / "layout")
     rootfs = unpack_oci(tmp_path / "layout", tmp_path / "bundle")

@@ -220,10 +220,10 @@ def test_order_and_repetition_do_not_change_the_image(shared_registry: RegistryP
 def test_images_sharing_a_dependency_share_its_layer(shared_registry: RegistryProcess) -> None:
     _, fortune = shared_registry.manifest("fortune")
     _, cowsay = shared_registry.manifest("cowsay")
-    shared = {l["digest"] for l in fortune["layers"]} & {l["digest"] for l in cowsay["layers"]}
+    shared = {layer["digest"] for layer in fortune["layers"]} & {layer["digest"] for layer in cowsay["layers"]}
     assert shared, "fortune and cowsay both need libwords and busybox but share no layer"
     _, figlet = shared_registry.manifest("figlet")
-    assert shared & {l["digest"] for l in figlet["layers"]}
+    assert shared & {layer["digest"] for layer in figlet["layers"]}
 
 
 def test_tags_list(shared_registry: RegistryProcess) -> None:

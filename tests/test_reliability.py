@@ -7,7 +7,6 @@ import http.client
 import json
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -90,7 +89,7 @@ def test_kill_9_during_builds_leaves_storage_consistent(tmp_path: Path) -> None:
 
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("fortune/bigdata")
-    layer = max(manifest["layers"], key=lambda l: l["size"])
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
     blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
     data = bytearray(blob_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -124,7 +123,7 @@ def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeyp
 
     report = asyncio.run(collect())
     assert report.images_removed == 1 and report.images_kept == 1
-    big = max(dropped["layers"], key=lambda l: l["size"])
+    big = max(dropped["layers"], key=lambda layer: layer["size"])
     assert report.bytes_freed >= big["size"]
     assert asyncio.run(storage.stat_blob(Digest.parse(big["digest"]))) is None
     for layer in kept["layers"]:
@@ -138,7 +137,7 @@ def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeyp
 
 def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
     _, manifest = registry.manifest("bigdata")
-    layer = max(manifest["layers"], key=lambda l: l["size"])
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
     connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
     connection.request("GET", f"/v2/bigdata/blobs/{layer['digest']}")
     response = connection.getresponse()

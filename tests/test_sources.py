@@ -452,7 +452,7 @@ async def test_concurrent_requests_for_one_commit_make_one_checkout(tmp_path: Pa
     revisions = await asyncio.gather(*(source.resolve(tag) for source, tag in pairs))
     assert {r.id for r in revisions} == {commit}
     assert not any(args[0] in ("fetch", "archive") for args in calls), "resolving alone must not fetch"
-    paths = await asyncio.gather(*(source.checkout(r) for (source, _), r in zip(pairs, revisions)))
+    paths = await asyncio.gather(*(source.checkout(r) for (source, _), r in zip(pairs, revisions, strict=True)))
     assert len(set(paths)) == 1
     assert (paths[0] / "default.nix").read_text() == package_set_nix({"hello": "echo hi"})
     assert sum(args[0] == "ls-remote" for args in calls) == 2  # one per source, not one per request

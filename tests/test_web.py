@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import random
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 
 from nixery.config import DEBIAN_SET
-from tests.registry import REPOSITORY, RegistryProcess
+from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
 
 pytestmark = pytest.mark.nix
 
@@ -41,23 +40,6 @@ def run_async(coroutine) -> None:
         pool.submit(asyncio.run, coroutine).result()
 
 
-def slow_package_set(directory: Path, seconds: int = 4) -> Path:
-    """The busybox set plus `slowpoke`, a package that takes `seconds` to build and
-    is new on every call (so the build really runs and its progress can be watched)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    nonce = random.getrandbits(64)
-    (directory / "default.nix").write_text(
-        f"""{{ system ? builtins.currentSystem, ... }}@args:
-let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
-in base // {{
-  slowpoke = derivation {{
-    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
-    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
-  }};
-}}
-"""
-    )
-    return directory
 
 
 # ---- browser -------------------------------------------------------------------
