@@ -2,13 +2,18 @@
 
 Both run against live storage while registries serve from it:
 
-* `check` walks every blob and verifies its bytes against its digest, and every
-  image record against the blobs it names.
+* `check` walks every blob and verifies its bytes against its digest (where
+  the backend can do so cheaply: the filesystem; on S3 and GCS that would mean
+  downloading everything, so there only presence and sizes are checked), and
+  every image record against the blobs it names.
 * `collect_garbage` removes images not used within a time limit, then blobs no
   remaining image uses. An image in use is never removed: registries record a
   use at least once an hour (`usage/<key>`), and the limit is longer than that.
-  Blobs written or reused by a running build are fresh, so a grace period
-  keeps them until the build has written its image record.
+  Blobs written or reused (`touch_blob`) by a running build are fresh, so a
+  grace period keeps them until the build has written its image record.
+
+Both need the backend's optional listing and deleting capabilities, which all
+three drivers have; on a bucket the credentials need list and delete rights.
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ async def check(storage: Storage) -> CheckReport:
         for digest in sorted(record.blobs()):
             if digest not in present:
                 report.problems.append(f"{key} ({record.name}) names missing blob {digest}")
+        # Cheap on every backend, and the check that remains where hashing
+        # would mean downloading every blob (S3, GCS: verify_blob is None).
+        for layer in record.layers:
+            if present.get(layer.digest, layer.size) != layer.size:
+                report.problems.append(
+                    f"{key} ({record.name}): layer {layer.digest} is {present[layer.digest]} bytes, not {layer.size}"
+                )
     return report
 
 

@@ -25,8 +25,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import shutil
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -42,10 +40,8 @@ from nixery.storage.base import (
     LocalFile,
     Storage,
     check_key,
+    make_staging_dir,
 )
-
-#: Staging directories of other hosts (shared storage) older than this are removed.
-_FOREIGN_STAGING_MAX_AGE = 24 * 3600
 
 
 class FilesystemStorage(Storage):
@@ -57,10 +53,9 @@ class FilesystemStorage(Storage):
         self._meta = root / "meta"
         self._locks = root / "locks"
         self._quarantine = root / "quarantine"
-        self._staging = root / "tmp" / f"{socket.gethostname()}-{os.getpid()}"
-        for directory in (self._blobs, self._meta, self._locks, self._quarantine, self._staging):
+        for directory in (self._blobs, self._meta, self._locks, self._quarantine):
             directory.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(root / "tmp", keep=self._staging)
+        self._staging = make_staging_dir(root / "tmp")
         # Blobs hashed and found intact, by (digest, inode, size, mtime): verified once per process.
         self._verified: set[tuple[Digest, int, int, int]] = set()
 
@@ -194,27 +189,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove_abandoned_staging(tmp_root: Path, *, keep: Path) -> None:
-    host = socket.gethostname()
-    for directory in tmp_root.iterdir():
-        if directory == keep or not directory.is_dir():
-            continue
-        owner, _, pid = directory.name.rpartition("-")
-        if owner == host:
-            abandoned = not (pid.isdigit() and _process_alive(int(pid)))
-        else:
-            abandoned = time.time() - directory.stat().st_mtime > _FOREIGN_STAGING_MAX_AGE
-        if abandoned:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

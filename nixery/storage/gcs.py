@@ -2,8 +2,9 @@
 
 Layout in the bucket:
 
-    blobs/sha256/<hex>   content-addressed blobs
+    blobs/sha256/<hex>   content-addressed blobs (Custom-Time: when last reused, for GC)
     meta/<key>           metadata documents
+    locks/<key>          leases held by `exclusive` (see base.LeasedStorage)
 
 A GCS object upload is all-or-nothing: the object exists only once the last
 byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
@@ -33,9 +34,8 @@ import asyncio
 import json
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,17 +53,19 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from nixery.config import ConfigError, GCSSettings
+from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
     BackendUnavailable,
     BlobNotFound,
     BlobSource,
+    BlobStat,
     ByteStream,
+    LeasedStorage,
     Redirect,
-    Storage,
     check_key,
+    make_staging_dir,
 )
-from nixery.storage.filesystem import _remove_abandoned_staging
 
 #: Resumable upload chunk (a multiple of 256 KiB); files up to 8 MiB go in one request.
 UPLOAD_CHUNK = 8 * 1024 * 1024
@@ -89,7 +91,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class GCSStorage(Storage):
+class GCSStorage(LeasedStorage):
     name = "gcs"
 
     def __init__(
@@ -105,9 +107,7 @@ class GCSStorage(Storage):
     ):
         self.config = config
         self.signed_url_ttl = signed_url_ttl
-        self._staging = staging_root / f"{socket.gethostname()}-{os.getpid()}"
-        self._staging.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(staging_root, keep=self._staging)
+        self._staging = make_staging_dir(staging_root)
 
         emulator_host = emulator_host or os.environ.get("STORAGE_EMULATOR_HOST") or None
         if emulator_host:
@@ -255,6 +255,83 @@ class GCSStorage(Storage):
             )
         except api_exceptions.NotFound as error:
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {error}") from error
+
+    # ---- optional capabilities: listing, deleting, touching, leases ----
+
+    async def _list(self, prefix: str) -> AsyncIterator[storage.Blob]:
+        """Objects under `prefix`, a page (up to 1000) at a time from a worker thread."""
+        pages = self._client.list_blobs(
+            self._bucket, prefix=prefix, page_size=1000, timeout=self._timeout, retry=self._retry
+        ).pages
+        while (page := await self._call(next, pages, None)) is not None:
+            for blob in await self._call(list, page):
+                yield blob
+
+    async def list_blobs(self) -> AsyncIterator[BlobStat]:
+        async for blob in self._list("blobs/sha256/"):
+            try:
+                digest = Digest.parse(f"sha256:{blob.name.rsplit('/', 1)[1]}")
+            except DigestInvalid:
+                continue
+            times = [t.timestamp() for t in (blob.updated, blob.time_created, blob.custom_time) if t is not None]
+            yield BlobStat(digest, blob.size or 0, max(times, default=0.0))
+
+    async def touch_blob(self, digest: Digest) -> None:
+        """Sets the blob's Custom-Time (a metadata patch: the bytes are not rewritten)."""
+        blob = self._bucket.blob(self._blob_name(digest))
+        blob.custom_time = datetime.now(UTC)
+        try:
+            await self._call(blob.patch, timeout=self._timeout, retry=self._retry)
+        except api_exceptions.NotFound:
+            pass  # gone: nothing to keep
+        except api_exceptions.PreconditionFailed:
+            pass  # Custom-Time cannot go back: a later touch was stored meanwhile
+
+    async def _delete(self, name: str, **conditions: Any) -> None:
+        try:
+            await self._call(self._bucket.delete_blob, name, timeout=self._timeout, retry=self._retry, **conditions)
+        except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+            pass
+
+    async def delete_blob(self, digest: Digest) -> None:
+        await self._delete(self._blob_name(digest))
+
+    async def list_meta(self, prefix: str) -> list[str]:
+        base = f"meta/{check_key(prefix.rstrip('/'))}/"
+        return sorted([blob.name.removeprefix("meta/") async for blob in self._list(base)])
+
+    async def delete_meta(self, key: str) -> None:
+        await self._delete(f"meta/{check_key(key)}")
+
+    async def _lease_upload(self, name: str, body: bytes, generation: int) -> str | None:
+        blob = self._bucket.blob(name)
+        try:
+            await self._call(
+                blob.upload_from_string,
+                body,
+                content_type="application/json",
+                if_generation_match=generation,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+        except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+            return None
+        return str(blob.generation)
+
+    async def _lease_create(self, name: str, body: bytes) -> str | None:
+        return await self._lease_upload(name, body, 0)
+
+    async def _lease_version(self, name: str) -> str | None:
+        blob = await self._call(self._bucket.get_blob, name, timeout=self._timeout, retry=self._retry)
+        return None if blob is None else str(blob.generation)
+
+    async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
+        return await self._lease_upload(name, body, int(version))
+
+    async def _lease_delete(self, name: str, version: str) -> None:
+        # GCS deletes conditionally; the check first is for emulators that ignore the condition.
+        if await self._lease_version(name) == version:
+            await self._delete(name, if_generation_match=int(version))
 
 
 def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials:

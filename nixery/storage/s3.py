@@ -2,8 +2,10 @@
 
 Layout in the bucket:
 
-    blobs/sha256/<hex>   content-addressed blobs
-    meta/<key>           metadata documents
+    blobs/sha256/<hex>     content-addressed blobs
+    meta/<key>             metadata documents
+    locks/<key>            leases held by `exclusive` (see base.LeasedStorage)
+    touched/sha256/<hex>   empty markers: when a blob was last reused (for GC)
 
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
 upload both make an object appear whole or not at all. Big blobs go up as a
@@ -21,29 +23,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import obstore
+from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
 from nixery.config import S3Settings
+from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
     BackendUnavailable,
     BlobNotFound,
     BlobSource,
+    BlobStat,
     ByteStream,
+    LeasedStorage,
     Redirect,
-    Storage,
     check_key,
+    make_staging_dir,
 )
-from nixery.storage.filesystem import _remove_abandoned_staging
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ UPLOAD_CONCURRENCY = 2
 RELAY_CHUNK = 1024 * 1024
 
 
-class S3Storage(Storage):
+class S3Storage(LeasedStorage):
     name = "s3"
 
     def __init__(
@@ -73,9 +76,7 @@ class S3Storage(Storage):
         self.signed_url_ttl = signed_url_ttl
         # Same layout as the filesystem driver: one directory per process, so
         # that a restarted process removes what a crashed one left behind.
-        self._staging = staging_root / f"{socket.gethostname()}-{os.getpid()}"
-        self._staging.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(staging_root, keep=self._staging)
+        self._staging = make_staging_dir(staging_root)
 
         options: dict[str, Any] = {
             "region": config.region,
@@ -207,3 +208,92 @@ class S3Storage(Storage):
             await obstore.put_async(self._store, path, data, use_multipart=False)
         except ObstoreError as error:
             raise self._unavailable(error) from error
+
+    # ---- optional capabilities: listing, deleting, touching, leases ----
+
+    async def _list(self, prefix: str) -> AsyncIterator[Any]:
+        try:
+            async for batch in obstore.list(self._store, prefix=prefix, chunk_size=1000):
+                for meta in batch:
+                    yield meta
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def list_blobs(self) -> AsyncIterator[BlobStat]:
+        touched = {
+            meta["path"].rsplit("/", 1)[1]: meta["last_modified"].timestamp() async for meta in self._list(_TOUCHED)
+        }
+        async for meta in self._list("blobs/sha256"):
+            hex_ = meta["path"].rsplit("/", 1)[1]
+            try:
+                digest = Digest.parse(f"sha256:{hex_}")
+            except DigestInvalid:
+                continue
+            modified = max(meta["last_modified"].timestamp(), touched.get(hex_, 0.0))
+            yield BlobStat(digest, meta["size"], modified)
+
+    async def touch_blob(self, digest: Digest) -> None:
+        """S3 cannot change an object's date without copying it onto itself
+        (slow for big layers): an empty marker object records the touch instead."""
+        try:
+            await obstore.put_async(self._store, f"{_TOUCHED}/{digest.hex}", b"", use_multipart=False)
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def delete_blob(self, digest: Digest) -> None:
+        # One key per DELETE: the bulk DeleteObjects call is missing from some S3-compatible stores.
+        try:
+            await obstore.delete_async(self._store, self._blob_key(digest))
+            await obstore.delete_async(self._store, f"{_TOUCHED}/{digest.hex}")
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def list_meta(self, prefix: str) -> list[str]:
+        base = f"meta/{check_key(prefix.rstrip('/'))}"
+        return sorted([meta["path"].removeprefix("meta/") async for meta in self._list(base)])
+
+    async def delete_meta(self, key: str) -> None:
+        try:
+            await obstore.delete_async(self._store, f"meta/{check_key(key)}")
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def _lease_create(self, name: str, body: bytes) -> str | None:
+        try:
+            result = await obstore.put_async(self._store, name, body, mode="create", use_multipart=False)
+        except (AlreadyExistsError, PreconditionError):
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return result["e_tag"]
+
+    async def _lease_version(self, name: str) -> str | None:
+        try:
+            return (await obstore.head_async(self._store, name))["e_tag"]
+        except FileNotFoundError:
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+
+    async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
+        try:
+            result = await obstore.put_async(self._store, name, body, mode={"e_tag": version}, use_multipart=False)
+        except (PreconditionError, FileNotFoundError):
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return result["e_tag"]
+
+    async def _lease_delete(self, name: str, version: str) -> None:
+        # S3 has no conditional delete (widely): check, then delete. The gap
+        # matters only if this holder's lease was taken over in between, which
+        # needs it to have gone unrenewed for lease_ttl.
+        if await self._lease_version(name) == version:
+            try:
+                await obstore.delete_async(self._store, name)
+            except ObstoreError as error:
+                raise self._unavailable(error) from error
+
+
+#: Empty marker objects recording `touch_blob` (see there).
+_TOUCHED = "touched/sha256"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -23,7 +26,8 @@ from nixery.storage import (
     Redirect,
     Storage,
 )
-from tests.storage.conftest import Backend
+from tests.storage.conftest import REPO, Backend
+from tests.storage.servers import environ_without_cloud
 from tests.storage.worker import expected_digest
 
 MB = 1024 * 1024
@@ -250,3 +254,200 @@ async def test_crash_mid_upload_leaves_no_blob(backend: Backend, run_worker, tmp
         await restarted.read_blob(digest)
     if isinstance(restarted, FilesystemStorage):
         assert not restarted.blob_path(digest).exists()
+
+
+# ---- optional capabilities (garbage collection, checks, one build per image) ----
+
+#: Lease length for the tests: short, so that a dead holder's lease runs out quickly.
+TEST_LEASE = 2.0
+
+
+def with_lease(store: Storage, ttl: float = TEST_LEASE) -> Storage:
+    store.lease_ttl = ttl  # type: ignore[attr-defined] (leased drivers read it; the filesystem ignores it)
+    return store
+
+
+def replicas(backend: Backend, tmp_path: Path, ttl: float = TEST_LEASE) -> tuple[Storage, Storage]:
+    """Two drivers on one store, as two registry processes have."""
+    first = backend.open()
+    if backend.name != "filesystem":  # own local staging, same bucket
+        backend.storage_path = tmp_path / "replica-2"
+    return with_lease(first, ttl), with_lease(backend.open(), ttl)
+
+
+async def listed(store: Storage) -> dict[Digest, float]:
+    return {blob.digest: blob.modified async for blob in store.list_blobs()}
+
+
+async def test_list_touch_and_delete_blobs(store: Storage, backend: Backend) -> None:
+    data = [os.urandom(1000 + i) for i in range(3)]
+    digests = [await put(store, item) for item in data]
+    sizes = {blob.digest: blob.size async for blob in store.list_blobs()}
+    assert [sizes.get(digest) for digest in digests] == [len(item) for item in data]
+    before = await listed(store)
+    assert all(abs(before[digest] - time.time()) < 120 for digest in digests)
+
+    await asyncio.sleep(1.1)  # S3 dates have whole seconds
+    await store.touch_blob(digests[0])
+    after = await listed(store)
+    assert after[digests[0]] > before[digests[0]], "a touched blob looks reused"
+    assert after[digests[1]] == before[digests[1]]
+
+    await store.delete_blob(digests[0])
+    await store.delete_blob(digests[0])  # deleting what is gone is no error
+    assert await store.stat_blob(digests[0]) is None
+    assert backend.object_names(blob_key(digests[0])) == []
+    assert digests[0] not in await listed(store)
+    assert await store.read_blob(digests[1]) == data[1]
+    missing = Digest.of(uuid.uuid4().bytes)
+    await store.touch_blob(missing)  # no error, and nothing appears
+    assert await store.stat_blob(missing) is None and missing not in await listed(store)
+
+
+async def test_list_and_delete_meta(store: Storage) -> None:
+    run = uuid.uuid4().hex[:8]
+    keys = [f"images-{run}/a", f"images-{run}/b/c"]
+    await store.put_meta(f"images-{run}x/neighbour", b"not under the prefix")
+    for key in keys:
+        await store.put_meta(key, b"record")
+    assert await store.list_meta(f"images-{run}") == keys
+    assert await store.list_meta(f"images-{run}/") == keys
+    assert await store.list_meta(f"nothing-{run}") == []
+    await store.delete_meta(keys[0])
+    await store.delete_meta(keys[0])
+    assert await store.get_meta(keys[0]) is None
+    assert await store.list_meta(f"images-{run}") == [keys[1]]
+    assert await store.get_meta(f"images-{run}x/neighbour") == b"not under the prefix"
+
+
+async def test_exclusive_admits_one_holder_across_replicas(backend: Backend, tmp_path: Path) -> None:
+    first, second = replicas(backend, tmp_path)
+    key, other = f"builds/{uuid.uuid4().hex}", f"builds/{uuid.uuid4().hex}"
+    inside, most, entered = 0, 0, []
+
+    async def hold(store: Storage, who: int) -> None:
+        nonlocal inside, most
+        async with store.exclusive(key):
+            inside += 1
+            most = max(most, inside)
+            entered.append(who)
+            await asyncio.sleep(0.3)
+            inside -= 1
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(hold(store, who) for who, store in enumerate([first, second, first, second])))
+    assert most == 1 and sorted(entered) == [0, 1, 2, 3]
+    # A held key does not hold up another one.
+    async with first.exclusive(key), asyncio.timeout(5), second.exclusive(other):
+        pass
+    if backend.name != "filesystem":
+        assert backend.object_names("locks/builds/") == [], "released leases are deleted"
+
+
+async def test_exclusive_is_kept_by_a_live_holder(backend: Backend, tmp_path: Path) -> None:
+    """A holder that works for longer than the lease renews it: nobody takes it over."""
+    first, second = replicas(backend, tmp_path, ttl=1.5)
+    key = f"builds/{uuid.uuid4().hex}"
+    events: list[str] = []
+
+    async def long_holder() -> None:
+        async with first.exclusive(key):
+            events.append("first in")
+            await asyncio.sleep(4.0)  # more than twice the lease
+            events.append("first out")
+
+    async def waiter() -> None:
+        await asyncio.sleep(0.2)
+        async with second.exclusive(key):
+            events.append("second in")
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(long_holder(), waiter())
+    assert events == ["first in", "first out", "second in"]
+
+
+async def test_exclusive_is_cancellation_safe(backend: Backend, tmp_path: Path) -> None:
+    """Cancelled waiters and holders leave no lock behind: with a lease far
+    longer than the test, the next holder gets in at once."""
+    first, second = replicas(backend, tmp_path, ttl=120.0)
+    key = f"builds/{uuid.uuid4().hex}"
+    holding = asyncio.Event()
+
+    async def hold_forever(store: Storage) -> None:
+        async with store.exclusive(key):
+            holding.set()
+            await asyncio.sleep(3600)
+
+    holder = asyncio.create_task(hold_forever(first))
+    await asyncio.wait_for(holding.wait(), 10)
+    waiter = asyncio.create_task(hold_forever(second))
+    await asyncio.sleep(0.5)
+    assert not waiter.done()
+    waiter.cancel()
+    holder.cancel()
+    for task in (holder, waiter):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with asyncio.timeout(5), second.exclusive(key):
+        pass
+    holding.clear()
+    holder = asyncio.create_task(hold_forever(second))
+    await asyncio.sleep(0)  # cancelled before or while taking the lock
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    await asyncio.sleep(1.0)  # a lock that landed after the cancellation is removed in the background
+    async with asyncio.timeout(5), first.exclusive(key):
+        pass
+
+
+HOLDER = """
+import asyncio, json, sys
+from nixery.storage import open_storage
+from tests.storage.worker import settings_from
+
+async def main(spec):
+    store = open_storage(settings_from(spec))
+    store.lease_ttl = spec["lease_ttl"]
+    async with store.exclusive(spec["key"]):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(json.loads(sys.argv[1])))
+"""
+
+
+async def test_exclusive_is_lost_by_a_dead_holder(backend: Backend, tmp_path: Path) -> None:
+    """kill -9 of the holder: the others wait while it lives, and get the lock
+    once its lease runs out (at once on the filesystem: flock dies with it)."""
+    key = f"builds/{uuid.uuid4().hex}"
+    spec = backend.worker_spec(key=key, lease_ttl=TEST_LEASE)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, json.dumps(spec), cwd=REPO,
+        env=environ_without_cloud(PYTHONPATH=str(REPO), **backend.emulator_env()),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        if backend.name != "filesystem":
+            backend.storage_path = tmp_path / "replica-2"
+        store = with_lease(backend.open())
+        entered = asyncio.Event()
+
+        async def wait_for_lock() -> None:
+            async with store.exclusive(key):
+                entered.set()
+
+        waiter = asyncio.create_task(wait_for_lock())
+        await asyncio.sleep(1.5 * TEST_LEASE)  # longer than a lease: the holder lives and renews
+        assert not entered.is_set()
+        holder.kill()
+        await holder.wait()
+        killed = time.monotonic()
+        await asyncio.wait_for(waiter, 4 * TEST_LEASE + 5)
+        assert time.monotonic() - killed <= 2 * TEST_LEASE + 3
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
