@@ -4,7 +4,7 @@ Layout in the bucket:
 
     blobs/sha256/<hex>   content-addressed blobs (Custom-Time: when last reused, for GC)
     meta/<key>           metadata documents
-    locks/<key>          leases held by `exclusive` (see base.LeasedStorage)
+    locks/<key>          leases held by `exclusive` (see lease.LeasedStorage)
 
 A GCS object upload is all-or-nothing: the object exists only once the last
 byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
@@ -61,11 +61,11 @@ from nixery.storage.base import (
     BlobSource,
     BlobStat,
     ByteStream,
-    LeasedStorage,
     Redirect,
     check_key,
     make_staging_dir,
 )
+from nixery.storage.lease import LeasedStorage
 
 #: Resumable upload chunk (a multiple of 256 KiB); files up to 8 MiB go in one request.
 UPLOAD_CHUNK = 8 * 1024 * 1024

@@ -4,7 +4,7 @@ Layout in the bucket:
 
     blobs/sha256/<hex>     content-addressed blobs
     meta/<key>             metadata documents
-    locks/<key>            leases held by `exclusive` (see base.LeasedStorage)
+    locks/<key>            leases held by `exclusive` (see lease.LeasedStorage)
     touched/sha256/<hex>   empty markers: when a blob was last reused (for GC)
 
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
@@ -42,11 +42,11 @@ from nixery.storage.base import (
     BlobSource,
     BlobStat,
     ByteStream,
-    LeasedStorage,
     Redirect,
     check_key,
     make_staging_dir,
 )
+from nixery.storage.lease import LeasedStorage
 
 log = logging.getLogger(__name__)
 
