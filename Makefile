@@ -7,7 +7,7 @@ STORAGE_PATH ?= $(CURDIR)/var/storage
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: run test setup system-deps venv debian-set bench bench-layering clean
+.PHONY: run test setup system-deps venv debian-set self-image serve-self-image bench bench-layering clean
 
 run: setup
 	-@$(MAKE) --no-print-directory debian-set || echo "nixery: the Debian-derived set could not be made; serving the busybox set"
@@ -32,6 +32,13 @@ $(VENV)/.installed: pyproject.toml
 
 debian-set:
 	bash scripts/debian-set/setup.sh
+
+# The registry's own image, built by the registry from the Debian set (docs/self-image.md).
+self-image: setup debian-set
+	bash scripts/self-image/generate.sh --build
+
+serve-self-image: self-image
+	NIXERY_PKGS_PATH=.cache/self-set PORT=$(PORT) STORAGE_PATH=$(STORAGE_PATH) $(VENV)/bin/nixery serve
 
 bench-layering: venv
 	$(PYTHON) bench/layering.py

@@ -65,6 +65,7 @@ NIX_NAMES = {
     "python3": "env:python3",
     "python311": "env:python3",
     "perl": "env:perl",
+    "nix": "nix-bin",
 }
 
 #: Extra dependencies (Debian name -> Debian names). TLS clients reference the
@@ -129,6 +130,11 @@ WRAPPERS = {
     "file": {"usr/bin/file": {"MAGIC": "@libmagic-mgc@/usr/lib/file/magic.mgc"}},
     # OPENSSLDIR is /usr/lib/ssl
     "openssl": {"usr/bin/openssl": {"OPENSSL_CONF": "@out@/usr/lib/ssl/openssl.cnf"}},
+    # Nix 2.8 runs its build hook, $NIX_LIBEXEC_DIR/nix/build-remote (compiled
+    # in as /usr/libexec), for every build, and nix-channel runs
+    # $NIX_BIN_DIR/nix-env. nix-build, nix-store... link to `nix`, which picks
+    # its personality from argv[0]: the wrapper keeps argv[0].
+    "nix-bin": {"usr/bin/nix": {"NIX_LIBEXEC_DIR": "@out@/usr/libexec", "NIX_BIN_DIR": "@out@/usr/bin"}},
 }
 WRAPPER_SHELL = "bash"  # bash: `exec -a` keeps argv[0]
 
@@ -210,6 +216,7 @@ MAIN_PROGRAMS = {
     "iputils-ping": "ping", "procps": "ps", "ncurses-bin": "tput", "vim": "vim",
     "debianutils": "which", "findutils": "find", "diffutils": "diff", "psmisc": "pstree",
     "iproute2": "ip", "sqlite3": "sqlite3", "ca-certificates": None, "dash": "dash",
+    "nix-bin": "nix",
 }
 
 # --- reading the .deb files -------------------------------------------------
