@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from nixery import __version__
 
@@ -80,6 +81,15 @@ def _serve_workers(settings: Settings) -> int:
         _, code = os.waitpid(child, 0)
         status = status or os.waitstatus_to_exitcode(code)
     return status
+
+
+def _finish(status: int) -> NoReturn:
+    """End a one-shot storage command without interpreter teardown: the native
+    object-store client's runtime threads can abort the process while Python
+    shuts down (seen with obstore), after the work is done and reported."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _parse_age(text: str) -> float:
@@ -160,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--older-than", type=_parse_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")
     args = parser.parse_args(argv)
-    handlers = {"serve": _serve, "check": _check, "gc": _gc}
-    return handlers[args.command](args)
+    if args.command == "serve":
+        return _serve(args)
+    return _finish(_check(args) if args.command == "check" else _gc(args))
 
 
 if __name__ == "__main__":
