@@ -10,7 +10,7 @@ packages=(
   python3-venv                                  # the registry's environment
   skopeo podman runc containerd docker.io umoci uidmap  # real clients in the tests
   chromium                                      # browser tests of the web pages (playwright drives it)
-  pigz wrk apache2-utils hyperfine docker-registry nginx-light  # benchmark peers, load tools (ab: HEAD)
+  pigz zstd wrk apache2-utils hyperfine docker-registry nginx-light  # benchmark peers, load tools (ab: HEAD)
 )
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
