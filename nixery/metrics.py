@@ -107,9 +107,26 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        route = route_label(request)
-        HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
-        HTTP_DURATION.labels(request.method, route).observe(time.monotonic() - started)
+        requests, duration = _request_metrics(request.method, route_label(request), status)
+        requests.inc()
+        duration.observe(time.monotonic() - started)
+
+
+#: The labelled children by (method, route, status): looking them up by labels
+#: on every request costs more than the counting. Bounded: aiohttp's parser admits
+#: only known methods, routes are patterns, statuses are few.
+_REQUEST_METRICS: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def _request_metrics(method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+    key = (method, route, status)
+    children = _REQUEST_METRICS.get(key)
+    if children is None:
+        children = _REQUEST_METRICS[key] = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_DURATION.labels(method, route),
+        )
+    return children
 
 
 BLOB_ROUTE_SUFFIX = "/blobs/{digest}"

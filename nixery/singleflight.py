@@ -34,3 +34,37 @@ class SingleFlight(Generic[T]):
         self._tasks.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved here so an unawaited failure is not logged as lost
+
+
+class FreshRun(Generic[T]):
+    """Callers share one run of `work`, but only a run that began after they asked.
+
+    For reading state that changes (a directory tree): a caller cannot reuse a
+    run already under way when it arrived, since that run may predate a change
+    the caller must see. It waits for that run to end and shares the next one
+    with everyone else who arrived in the meantime. However many callers ask,
+    at most one run is under way and one waits to begin.
+    """
+
+    def __init__(self, work: Callable[[], Awaitable[T]]) -> None:
+        self._work = work
+        self._current: asyncio.Task[T] | None = None  # under way
+        self._next: asyncio.Task[T] | None = None  # not begun: joinable
+
+    async def run(self) -> T:
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._begin_after(self._current))
+            self._next.add_done_callback(_retrieve)
+        return await asyncio.shield(self._next)
+
+    async def _begin_after(self, previous: asyncio.Task[T] | None) -> T:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        # From here on, a new caller may see a change this run misses: it needs the next run.
+        self._next, self._current = None, asyncio.current_task()  # type: ignore[assignment]
+        return await self._work()
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here so an unawaited failure is not logged as lost

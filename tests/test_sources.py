@@ -427,6 +427,38 @@ def test_local_path_edit_gives_a_new_image(tmp_path: Path) -> None:
 # ---- sources in-process: concurrency and the cache on disk ------------------------
 
 
+async def test_local_path_requests_share_walks_but_always_see_an_edit(tmp_path: Path, monkeypatch) -> None:
+    """Many manifest requests at once cost a few walks of the directory, not one
+    each; and a request that comes after an edit, even while a walk that began
+    before the edit is still under way, gets a revision that has the edit."""
+    from nixery.nix import sources as sources_module
+    from nixery.nix.sources import LocalPathSource
+
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo one"})
+    walks: list[float] = []
+    real_walk = sources_module.tree_fingerprint
+
+    def slow_walk(root: Path) -> str:
+        walks.append(time.monotonic())
+        fingerprint = real_walk(root)
+        time.sleep(0.2)  # a big package set: the walk ends well after it has read the tree
+        return fingerprint
+
+    monkeypatch.setattr(sources_module, "tree_fingerprint", slow_walk)
+    source = LocalPathSource(pkgs)
+    before = await asyncio.gather(*(source.resolve("latest") for _ in range(50)))
+    assert len({r.id for r in before}) == 1
+    assert len(walks) == 1
+
+    walk_under_way = asyncio.ensure_future(source.resolve("latest"))
+    await asyncio.sleep(0.05)  # that walk has begun and read the old directory
+    write_package_set(pkgs, {"hello": "echo two"})
+    after_edit = await asyncio.gather(*(source.resolve("latest") for _ in range(20)))
+    assert (await walk_under_way).id == before[0].id
+    assert {r.id for r in after_edit} != {before[0].id} and len({r.id for r in after_edit}) == 1
+    assert len(walks) == 3  # the one under way, and one shared by the twenty that came after the edit
+
+
 async def test_concurrent_requests_for_one_commit_make_one_checkout(tmp_path: Path, monkeypatch) -> None:
     from nixery.nix import git as git_module
     from nixery.nix.git import GitSource

@@ -7,11 +7,16 @@ rendered by `nixery.http.errors`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
 from collections import OrderedDict
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
@@ -151,8 +156,14 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return web.Response(headers=headers)
     source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
     match source:
-        case LocalFile(path=path):
-            return web.FileResponse(path, headers=headers)
+        case LocalFile(path=path, size=size):
+            if any(name in request.headers for name in _FILE_RESPONSE_HEADERS):
+                return web.FileResponse(path, headers=headers)
+            try:
+                handle = open(path, "rb")  # storage has just stat'ed it: no wait on the disk
+            except FileNotFoundError:
+                raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)}) from None
+            return _SendFile(handle, size, headers)
         case Redirect(url=url):
             return web.Response(status=307, headers={**API_VERSION, "Location": url})
         case ByteStream(chunks=chunks, size=size):
@@ -163,6 +174,63 @@ async def blob(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
 
+
+#: Requests that need aiohttp's FileResponse (ranges, conditions); container clients send none.
+_FILE_RESPONSE_HEADERS = ("Range", "If-Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
+class _SendFile(web.StreamResponse):
+    """An open blob file, sent with sendfile(2) from the event loop.
+
+    web.FileResponse makes two thread-pool round trips per request (stat and
+    open, then close) and handles ranges and conditions; it also leaves the
+    socket uncorked, so the kernel sends smaller segments. Together: 30 % less
+    CPU per 1 MB blob, a quarter less time for one 50 MB download
+    (docs/benchmarks/README.md). As in FileResponse, the bytes go out when
+    aiohttp prepares the response, after the handler and the middlewares
+    have returned."""
+
+    def __init__(self, handle: BinaryIO, size: int, headers: dict[str, str]):
+        super().__init__(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
+        self._handle, self._size = handle, size
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        corked = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        try:
+            if corked:  # full segments, headers sent with the body (nginx's tcp_nopush)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            writer = await super().prepare(request)
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("connection lost")
+            sent = _sendfile_now(transport, sock, self._handle, self._size) if corked else 0
+            if sent < self._size:
+                await asyncio.get_running_loop().sendfile(transport, self._handle, sent, self._size - sent)
+            await super().write_eof()
+            return writer
+        finally:
+            self._handle.close()
+            if corked:  # sends the last partial segment now; later answers on this connection are not held
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
+def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: BinaryIO, size: int) -> int:
+    """Bytes sent by one sendfile(2) call right away: as many as the socket's buffer takes.
+
+    asyncio's loop.sendfile starts with the same call, but first pauses reading,
+    waits for an empty write buffer, and stats and seeks the file: for a small
+    blob that set-up costs more than the copy. It takes over for the rest (one
+    call only: the event loop must not be held while a fast reader drains a big blob)."""
+    if not size or transport.get_write_buffer_size():  # the headers are still queued: keep the order
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), handle.fileno(), 0, size)
+    except (BlockingIOError, InterruptedError):
+        return 0
 
 async def tags(request: web.Request) -> web.Response:
     """Every tag names an image that can be built; `latest` is the one always there."""

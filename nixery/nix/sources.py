@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 
 from nixery.config import Settings
+from nixery.singleflight import FreshRun
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +63,15 @@ class LocalPathSource(PackageSource):
     def __init__(self, path: Path, description: str | None = None):
         self.path = path.resolve()
         self.description = description or f"path {self.path}"
+        # Concurrent requests share a walk of the tree, but only one that began
+        # after they arrived, so an edit always shows up in the next pull.
+        self._walks: FreshRun[str] = FreshRun(lambda: asyncio.to_thread(tree_fingerprint, self.path))
 
     async def resolve(self, tag: str) -> Revision:
-        tree = await asyncio.to_thread(tree_fingerprint, self.path)
-        return Revision(self.description, f"tree-{tree}", self.path)
+        return Revision(self.description, f"tree-{await self._walks.run()}", self.path)
+
+
+_SKIPPED_DIRECTORIES = frozenset({".git", "__pycache__", "result"})
 
 
 def tree_fingerprint(root: Path) -> str:
@@ -73,18 +79,36 @@ def tree_fingerprint(root: Path) -> str:
 
     Cheap enough for every request: it reads directory entries, not contents.
     An edit changes the modification time, so it changes the fingerprint.
+    Files are visited as os.walk would (a directory's files by name, then its
+    subdirectories; symbolic links to directories are not followed).
     """
     digest = hashlib.sha256()
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in (".git", "__pycache__", "result"))
-        for name in sorted(files):
-            path = os.path.join(directory, name)
+
+    def visit(directory: str, prefix: str) -> None:
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:  # gone or unreadable: skipped, as os.walk does
+            return
+        subdirectories = []
+        for entry in entries:
             try:
-                st = os.stat(path)
+                is_directory = entry.is_dir()
+            except OSError:
+                is_directory = False
+            if is_directory:
+                subdirectories.append(entry)
+                continue
+            try:
+                st = entry.stat()
             except FileNotFoundError:
                 continue
-            relative = os.path.relpath(path, root)
-            digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            digest.update(f"{prefix}{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for entry in subdirectories:
+            if entry.name not in _SKIPPED_DIRECTORIES and not entry.is_symlink():
+                visit(entry.path, f"{prefix}{entry.name}/")
+
+    visit(str(root), "")
     return digest.hexdigest()[:32]
 
 

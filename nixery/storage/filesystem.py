@@ -65,16 +65,21 @@ class FilesystemStorage(Storage):
     def staging_dir(self) -> Path:
         return self._staging
 
+    # Stats of blobs run on the event loop: a blob's directory entry is hot in the
+    # kernel's cache (a few µs), while a hop to a worker thread and back costs
+    # ~90 µs of CPU per request (docs/benchmarks/README.md). Reads and hashing
+    # stay in threads.
+
     async def stat_blob(self, digest: Digest) -> int | None:
         try:
-            return (await asyncio.to_thread(os.stat, self.blob_path(digest))).st_size
+            return os.stat(self.blob_path(digest)).st_size
         except FileNotFoundError:
             return None
 
     async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
         path = self.blob_path(digest)
         try:
-            st = await asyncio.to_thread(os.stat, path)
+            st = os.stat(path)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         identity = (digest, st.st_ino, st.st_size, st.st_mtime_ns)
