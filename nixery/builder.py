@@ -8,16 +8,19 @@ Nix, layering, the caches and storage meet.
                                    ▼
         plan layers (with the history of stored layers)
                                    ▼
-        each layer: layer cache hit? else tar+gzip+hash once ─► storage
+        each layer: layer cache hit? else tar+compress+hash once ─► storage
                                    ▼
         entry-point layer, config, Docker and OCI manifests ─► storage
+        (OCI only with zstd layers: Docker schema 2 has no zstd media type)
                                    ▼
         image record under images/<key> (written last: a record only ever
         names blobs that are already stored)
 
 Caches live in storage, so they survive restarts and are shared by replicas:
 `images/<key>` maps (source revision, packages, architecture) to an image
-record, and `layers/<key>` maps a layer's exact path set to its blob.
+record, and `layers/<key>` maps a layer's exact path set to its blob. Both
+keys include the layer compression (gzip keys as they were before zstd
+existed), so switching NIXERY_LAYER_COMPRESSION never serves one for the other.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from nixery.config import Settings
 from nixery.layers.entrypoints import SSL_CERT_FILE, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
-from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_store_layer
+from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer, write_store_layer
 from nixery.nix import packages as nix
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.sources import PackageSource, Revision, open_source
@@ -55,7 +58,7 @@ from nixery.registry.image import (
     image_config,
     image_manifest,
 )
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.mediatypes import Compression, ManifestFormat
 from nixery.registry.names import ImageRequest
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
@@ -64,7 +67,6 @@ log = structlog.get_logger(__name__)
 
 #: Bumped when the bytes we produce for the same closure change.
 FORMAT_VERSION = "1"
-COMPRESSION = "gzip-isal-1"
 _HISTORY_KEY = "layering/history.json"
 USAGE_PREFIX = "usage/"
 #: How often an image's use is written to storage (for garbage collection).
@@ -143,23 +145,38 @@ class ImageRecord:
     def compressed_size(self) -> int:
         return sum(layer.size for layer in self.layers)
 
-
-def image_key(revision: Revision, request: ImageRequest, max_layers: int) -> str:
-    material = canonical_json(
-        {
-            "format": FORMAT_VERSION,
-            "revision": revision.id,
-            "packages": list(request.packages),
-            "system": request.arch.nix_system,
-            "max_layers": max_layers,
-        }
-    )
-    return hashlib.sha256(material).hexdigest()
+    @property
+    def default_manifest(self) -> ManifestRef:
+        """The manifest a client that takes any format gets: Docker schema 2 when
+        the image has one, else OCI (images of zstd layers have only OCI)."""
+        return self.manifests.get(ManifestFormat.DOCKER) or self.manifests[ManifestFormat.OCI]
 
 
-def layer_key(store_paths: Sequence[str]) -> str:
-    material = "\n".join([f"{FORMAT_VERSION}:{COMPRESSION}", *sorted(store_paths)])
+def image_key(
+    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP
+) -> str:
+    material: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "revision": revision.id,
+        "packages": list(request.packages),
+        "system": request.arch.nix_system,
+        "max_layers": max_layers,
+    }
+    if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
+        material["compression"] = compression.value
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def layer_key(store_paths: Sequence[str], compression: Compression = Compression.GZIP) -> str:
+    material = "\n".join([f"{FORMAT_VERSION}:{cache_tag(compression)}", *sorted(store_paths)])
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compression.GZIP) -> str:
+    material = canonical_json(
+        [[e.name, e.kind, e.mode, e.target, hashlib.sha256(e.content).hexdigest()] for e in entries]
+    )
+    return "entry-" + hashlib.sha256(material + cache_tag(compression).encode()).hexdigest()
 
 
 def _describe_layer(store_paths: Sequence[str]) -> str:
@@ -188,11 +205,14 @@ class ImageBuilder:
         max_layers: int,
         max_concurrent_builds: int,
         compression_threads: int | None = None,
+        layer_compression: Compression = Compression.GZIP,
     ):
         self.storage = storage
         self.source = source
         self.nix_timeout = nix_timeout
         self.max_layers = max_layers
+        #: Of every layer this builder writes; it decides the manifest formats its images have.
+        self.compression = layer_compression
         self._build_slots = asyncio.Semaphore(max_concurrent_builds)
         self._images: SingleFlight[ImageRecord] = SingleFlight()
         self._layers: SingleFlight[_StoredLayer] = SingleFlight()
@@ -217,6 +237,7 @@ class ImageBuilder:
             nix_timeout=settings.nix_timeout,
             max_layers=settings.max_layers,
             max_concurrent_builds=settings.max_concurrent_builds,
+            layer_compression=settings.layer_compression,
         )
 
     async def close(self) -> None:
@@ -229,7 +250,7 @@ class ImageBuilder:
     ) -> ImageRecord:
         """The image for a request, built on first use. `on_wait` hears of a build it waits for."""
         revision = await self.source.resolve(tag)
-        key = image_key(revision, request, self.max_layers)
+        key = self._image_key(revision, request)
         record = await self._cached_record(key)
         metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
@@ -243,12 +264,12 @@ class ImageBuilder:
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
         """The image if it is already built, without building it (for access control)."""
         revision = await self.source.resolve(tag)
-        return await self._cached_record(image_key(revision, request, self.max_layers))
+        return await self._cached_record(self._image_key(revision, request))
 
     async def start(self, request: ImageRequest, tag: str) -> Build:
         """Start building in the background (if needed); returns the build to follow."""
         revision = await self.source.resolve(tag)
-        key = image_key(revision, request, self.max_layers)
+        key = self._image_key(revision, request)
         record = await self._cached_record(key)
         metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
@@ -260,6 +281,9 @@ class ImageBuilder:
         self._background.add(task)
         task.add_done_callback(self._background_done)
         return build
+
+    def _image_key(self, revision: Revision, request: ImageRequest) -> str:
+        return image_key(revision, request, self.max_layers, self.compression)
 
     def _background_done(self, task: asyncio.Task[ImageRecord]) -> None:
         self._background.discard(task)
@@ -375,8 +399,8 @@ class ImageBuilder:
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         config_digest = await self.storage.put_blob_bytes(config)
         manifests = {}
-        for fmt in ManifestFormat:
-            document = image_manifest(fmt, config, layers)
+        for fmt in self.compression.manifest_formats:
+            document = image_manifest(fmt, config, layers, self.compression)
             manifests[fmt] = ManifestRef(await self.storage.put_blob_bytes(document), len(document))
         record = ImageRecord(
             key=key,
@@ -450,18 +474,15 @@ class ImageBuilder:
             return None
 
     async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> LayerDescriptor:
-        key = layer_key(store_paths)
-        write = functools.partial(write_store_layer, store_paths)
+        key = layer_key(store_paths, self.compression)
+        write = functools.partial(write_store_layer, store_paths, compression=self.compression)
         return counter.count(
             await self._layers.run(key, lambda: self._cached_or_new_layer(key, _describe_layer(store_paths), write))
         )
 
     async def _store_entry_layer(self, entries: Sequence[Entry], counter: _LayerCounter) -> LayerDescriptor:
-        material = canonical_json(
-            [[e.name, e.kind, e.mode, e.target, hashlib.sha256(e.content).hexdigest()] for e in entries]
-        )
-        key = "entry-" + hashlib.sha256(material + COMPRESSION.encode()).hexdigest()
-        write = functools.partial(write_entry_layer, entries)
+        key = entry_layer_key(entries, self.compression)
+        write = functools.partial(write_entry_layer, entries, compression=self.compression)
         return counter.count(
             await self._layers.run(
                 key, lambda: self._cached_or_new_layer(key, "entry points (/bin, /etc, /tmp)", write)
@@ -531,7 +552,7 @@ class _LayerCounter:
 
 def _record_summary(record: ImageRecord) -> dict[str, Any]:
     return {
-        "digest": str(record.manifests[ManifestFormat.DOCKER].digest),
+        "digest": str(record.default_manifest.digest),
         "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
         "layers": len(record.layers),
         "size": record.compressed_size,

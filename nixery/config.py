@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nixery.registry.mediatypes import Compression
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +89,8 @@ class Settings:
     nix_timeout: float = 600.0
     max_layers: int = 100
     max_concurrent_builds: int = 2
+    # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
+    layer_compression: Compression = Compression.GZIP
     shutdown_grace: float = 30.0
     workers: int = 1
     log_level: str = "info"
@@ -290,6 +294,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
+        layer_compression=Compression(
+            _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
+        ),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),

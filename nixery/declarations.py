@@ -561,19 +561,15 @@ class DeclarationStore:
                 "declarations.build_failed", image=declaration.reference, origin=declaration.origin, error=error
             )
         elif start:
-            log.info("declarations.prebuilt", image=declaration.reference, digest=_docker_digest(record))
+            log.info("declarations.prebuilt", image=declaration.reference, digest=_digest(record))
         reporter = self._reporters.get(declaration.source)
         if reporter is not None:
             reporter.build_finished(declaration, record, error)
 
 
-def _docker_digest(record: ImageRecord | None) -> str | None:
-    from nixery.registry.mediatypes import ManifestFormat
-
-    if record is None:
-        return None
-    ref = record.manifests.get(ManifestFormat.DOCKER)
-    return str(ref.digest) if ref is not None else None
+def _digest(record: ImageRecord | None) -> str | None:
+    """The digest of the manifest clients get by default (OCI for zstd images)."""
+    return str(record.default_manifest.digest) if record is not None else None
 
 
 async def open_declarations(settings: Any, builder: ImageBuilder | None) -> DeclarationStore:

@@ -559,11 +559,10 @@ class NixImageWatch:
         if obj is None or obj.declaration is None or not obj.declaration.same_image(declaration):
             return  # changed or deleted meanwhile: this result is about something else
         if record is not None:
-            docker = record.manifests.get(ManifestFormat.DOCKER)
             oci = record.manifests.get(ManifestFormat.OCI)
             obj.result = {
                 "phase": "Ready",
-                "digest": str(docker.digest) if docker else None,
+                "digest": str(record.default_manifest.digest),  # what pods get: OCI for zstd images
                 "ociDigest": str(oci.digest) if oci else None,
                 "error": None,
                 "builtAt": datetime.fromtimestamp(record.built_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -11,8 +11,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from nixery.layers.tarball import Entry, write_entry_layer, write_store_layer
+from nixery.registry.mediatypes import Compression
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @pytest.fixture
@@ -92,13 +96,16 @@ def test_layer_unpacks_with_gnu_tar(fake_store: list[str], tmp_path: Path) -> No
     assert tool.read_bytes() == b"#!/bin/sh\necho tool\n"
 
 
+ENTRIES = [
+    Entry("tmp", "dir", 0o1777),
+    Entry("bin", "dir", 0o755),
+    Entry("bin/sh", "symlink", target="/nix/store/x-busybox/bin/sh"),
+    Entry("etc/passwd", "file", 0o644, content=b"root:x:0:0::/root:/bin/sh\n"),
+]
+
+
 def test_entry_layer(tmp_path: Path) -> None:
-    entries = [
-        Entry("tmp", "dir", 0o1777),
-        Entry("bin", "dir", 0o755),
-        Entry("bin/sh", "symlink", target="/nix/store/x-busybox/bin/sh"),
-        Entry("etc/passwd", "file", 0o644, content=b"root:x:0:0::/root:/bin/sh\n"),
-    ]
+    entries = ENTRIES
     out = io.BytesIO()
     blob = write_entry_layer(entries, out)
     out.seek(0)
@@ -110,3 +117,61 @@ def test_entry_layer(tmp_path: Path) -> None:
     assert members["bin/sh"].linkname == "/nix/store/x-busybox/bin/sh"
     again = io.BytesIO()
     assert write_entry_layer(list(reversed(entries)), again) == blob
+
+
+def unzstd(data: bytes) -> bytes:
+    # A streamed frame does not state its size, so decompress as a stream.
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+@pytest.fixture
+def large_store(fake_store: list[str], tmp_path: Path) -> list[str]:
+    """The fake store plus a path larger than the compressor's 1 MiB chunks."""
+    big = tmp_path / "nix" / "store" / "cccc-big"
+    big.mkdir()
+    (big / "random").write_bytes(os.urandom(1_500_000))
+    (big / "text").write_bytes(b"the same line again\n" * 200_000)
+    return [*fake_store, str(big)]
+
+
+def test_zstd_layer_is_deterministic(large_store: list[str]) -> None:
+    a, b = io.BytesIO(), io.BytesIO()
+    first = write_store_layer(large_store, a, compression=Compression.ZSTD)
+    second = write_store_layer(list(reversed(large_store)), b, compression=Compression.ZSTD)
+    assert a.getvalue() == b.getvalue()
+    assert first == second
+    assert a.getvalue()[:4] == ZSTD_MAGIC
+
+
+def test_zstd_layer_holds_the_same_tar_as_the_gzip_layer(large_store: list[str]) -> None:
+    gz, zst = io.BytesIO(), io.BytesIO()
+    gzip_blob = write_store_layer(large_store, gz)
+    zstd_blob = write_store_layer(large_store, zst, compression=Compression.ZSTD)
+    tar = unzstd(zst.getvalue())
+    assert tar == gzip.decompress(gz.getvalue())
+    assert zstd_blob.diff_id == gzip_blob.diff_id  # one image config serves either compression
+    assert zstd_blob.diff_id.hex == hashlib.sha256(tar).hexdigest()
+    assert zstd_blob.digest.hex == hashlib.sha256(zst.getvalue()).hexdigest()
+    assert zstd_blob.size == len(zst.getvalue())
+    assert zstd_blob.digest != gzip_blob.digest
+
+
+def test_zstd_layer_unpacks_with_gnu_tar(fake_store: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "layer.tar.zst"
+    with open(out, "wb") as handle:
+        write_store_layer(fake_store, handle, compression=Compression.ZSTD)
+    target = tmp_path / "unpacked"
+    target.mkdir()
+    subprocess.run(["tar", "--zstd", "-xf", str(out), "-C", str(target)], check=True)
+    assert (target / fake_store[1].lstrip("/") / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+
+
+def test_zstd_entry_layer() -> None:
+    gz, zst, again = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    gzip_blob = write_entry_layer(ENTRIES, gz)
+    zstd_blob = write_entry_layer(ENTRIES, zst, compression=Compression.ZSTD)
+    assert write_entry_layer(list(reversed(ENTRIES)), again, compression=Compression.ZSTD) == zstd_blob
+    assert again.getvalue() == zst.getvalue()
+    assert unzstd(zst.getvalue()) == gzip.decompress(gz.getvalue())
+    assert zstd_blob.diff_id == gzip_blob.diff_id
+    assert zstd_blob.digest.hex == hashlib.sha256(zst.getvalue()).hexdigest()

@@ -6,11 +6,19 @@ import json
 
 import pytest
 
-from nixery.errors import DigestInvalid, NameInvalid, TagInvalid
+from nixery.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 from nixery.layers.graph import ClosureGraph, GraphError
 from nixery.registry.digest import Digest
-from nixery.registry.mediatypes import ManifestFormat, choose_format
+from nixery.registry.mediatypes import (
+    DOCKER_MANIFEST,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Compression,
+    ManifestFormat,
+    choose_format,
+)
 from nixery.registry.names import Arch, check_tag, parse_image_name
+from nixery.registry.negotiation import docker_engine_version, manifest_format, unpacks_zstd
 
 NIX_28 = [
     {"path": "/nix/store/a-app", "narSize": 100, "references": ["/nix/store/a-app", "/nix/store/b-lib"]},
@@ -49,12 +57,78 @@ def test_dangling_reference_is_an_error() -> None:
         (["application/vnd.oci.image.manifest.v1+json"], ManifestFormat.OCI),
         (["application/vnd.oci.image.manifest.v1+json; q=0.9"], ManifestFormat.OCI),
         (["application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"], ManifestFormat.OCI),
-        (["application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"], ManifestFormat.DOCKER),
+        ([OCI_MANIFEST, DOCKER_MANIFEST], ManifestFormat.DOCKER),
+        (["application/*"], ManifestFormat.OCI),
         (["application/vnd.docker.distribution.manifest.v1+json"], None),
     ],
 )
 def test_choose_format(headers, expected) -> None:
     assert choose_format(headers) is expected
+
+
+DOCKER_20 = (
+    "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/5d6db84 kernel/6.1.0 os/linux arch/amd64 "
+    "UpstreamClient(Docker-Client/20.10.24+dfsg1 \\(linux\\))"
+)
+DOCKER_24 = (
+    "docker/24.0.7 go/go1.20.10 git-commit/311b9ff kernel/6.1.0 os/linux arch/amd64 "
+    "UpstreamClient(Docker-Client/24.0.7 \\(linux\\))"
+)
+#: What dockerd 20.10 sends: OCI is accepted, so only the User-Agent says it cannot unpack zstd.
+DOCKER_ACCEPT = [DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json", OCI_MANIFEST,
+                 "application/vnd.oci.image.index.v1+json"]
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "version"),
+    [
+        (DOCKER_20, (20, 10)),
+        (DOCKER_24, (24, 0)),
+        ("docker/1.13.1 go/go1.7.5", (1, 13)),
+        ("containerd/1.6.20~ds1", None),
+        ("skopeo/1.9.3", None),
+        ("containers/5.23.1 (github.com/containers/image)", None),
+        ("Docker-Client/20.10.24 (linux)", None),
+        ("", None),
+    ],
+)
+def test_docker_engine_version(user_agent: str, version) -> None:
+    assert docker_engine_version(user_agent) == version
+    assert unpacks_zstd(user_agent) is (version is None or version[0] >= 23)
+
+
+def test_gzip_images_keep_docker_preferred() -> None:
+    assert Compression.GZIP.manifest_formats == (ManifestFormat.DOCKER, ManifestFormat.OCI)
+    assert manifest_format(DOCKER_ACCEPT, DOCKER_20, Compression.GZIP) is ManifestFormat.DOCKER
+    assert manifest_format([], "", Compression.GZIP) is ManifestFormat.DOCKER
+    assert manifest_format([OCI_MANIFEST], "skopeo/1.9.3", Compression.GZIP) is ManifestFormat.OCI
+
+
+def test_zstd_images_have_only_oci_manifests() -> None:
+    assert Compression.ZSTD.manifest_formats == (ManifestFormat.OCI,)
+    assert ManifestFormat.OCI.layer_type(Compression.ZSTD) == OCI_LAYER_ZSTD
+    with pytest.raises(ValueError, match="no media type for zstd"):
+        ManifestFormat.DOCKER.layer_type(Compression.ZSTD)
+    for accept in ([], ["*/*"], [OCI_MANIFEST, DOCKER_MANIFEST], DOCKER_ACCEPT):
+        assert manifest_format(accept, "containerd/1.6.20", Compression.ZSTD) is ManifestFormat.OCI
+    assert choose_format([DOCKER_MANIFEST], Compression.ZSTD.manifest_formats) is None
+
+
+def test_a_docker_schema_2_only_client_is_told_zstd_needs_oci() -> None:
+    with pytest.raises(ManifestUnknown, match="serves zstd layers .* which need OCI manifests"):
+        manifest_format([DOCKER_MANIFEST], "", Compression.ZSTD)
+    with pytest.raises(ManifestUnknown, match="neither Docker schema 2 nor OCI"):
+        manifest_format(["application/vnd.docker.distribution.manifest.v1+json"], "", Compression.ZSTD)
+
+
+def test_docker_engine_before_23_is_refused_zstd_images_only() -> None:
+    with pytest.raises(ManifestUnknown) as refused:
+        manifest_format(DOCKER_ACCEPT, DOCKER_20, Compression.ZSTD)
+    assert refused.value.message.startswith(
+        "Docker Engine 20.10 cannot unpack zstd layers; this registry was started with NIXERY_LAYER_COMPRESSION=zstd"
+    )
+    assert refused.value.status == 404 and refused.value.code == "MANIFEST_UNKNOWN"
+    assert manifest_format(DOCKER_ACCEPT, DOCKER_24, Compression.ZSTD) is ManifestFormat.OCI
 
 
 def test_image_names() -> None:

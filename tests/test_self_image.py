@@ -111,7 +111,7 @@ def test_every_dependency_imports(image: str) -> None:
     modules = [
         "aiohttp", "isal.isal_zlib", "rustworkx", "structlog", "prometheus_client", "rich", "obstore",
         "google.cloud.storage", "google._upb._message", "google_crc32c", "cryptography.hazmat.bindings._rust",
-        "yaml", "markdown_it", "numpy",
+        "yaml", "markdown_it", "numpy", "zstandard.backend_c", "orjson",
     ]
     code = (
         "import importlib, sys, yaml\n"

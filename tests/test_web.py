@@ -260,6 +260,11 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
             page_url = f"{registry.url}/builds/0123456789abcdef"
             async with session.get(page_url, headers={"Accept": "text/html"}) as response:
                 assert response.status == 404 and response.content_type == "text/html"
+            # Only browsers get error pages: a client that names no HTML gets the registry's JSON error.
+            for accept in ("*/*", ""):
+                async with session.get(page_url, headers={"Accept": accept}) as response:
+                    assert response.status == 404 and response.content_type == "application/json", accept
+                    assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
             # A build that fails reports the registry's error as its last event.
             started = await _start(session, registry.url, "shell/nosuchpackage")
             messages = await _sse(session, registry.url + started["events"])

@@ -22,9 +22,10 @@ from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.progress import Build
 from nixery.registry.digest import Digest
-from nixery.registry.image import manifest_media_type
-from nixery.registry.mediatypes import OCTET_STREAM, choose_format
+from nixery.registry.image import layer_compression, manifest_media_type
+from nixery.registry.mediatypes import OCTET_STREAM
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
+from nixery.registry.negotiation import check_client_unpacks, manifest_format, unpacks_zstd
 from nixery.storage.base import ByteStream, LocalFile, Redirect, Storage
 
 BUILDER = web.AppKey("builder", ImageBuilder)
@@ -123,19 +124,22 @@ async def _requested_image(request: web.Request, tag: str) -> ImageRequest:
 async def manifest(request: web.Request) -> web.Response:
     image = _image_name(request)
     reference = request.match_info["reference"]
-    if ":" in reference:
+    user_agent = request.headers.get("User-Agent", "")
+    by_digest = ":" in reference
+    if by_digest:
         digest = Digest.parse(reference)
     else:
         tag = check_tag(reference)
         image = await _requested_image(request, tag)
-        fmt = choose_format(request.headers.getall("Accept", []))
-        if fmt is None:
-            raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
-        record = await request.app[BUILDER].image(
-            image, tag, on_wait=lambda build: _log_wait(request, image.display_name, build)
-        )
+        builder = request.app[BUILDER]
+        # Before building: a client that cannot use the image is told so at once.
+        fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
+        record = await builder.image(image, tag, on_wait=lambda build: _log_wait(request, image.display_name, build))
         digest = record.manifests[fmt].digest
     document, media_type = await _stored_manifest(request, digest)
+    # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
+    if by_digest and not unpacks_zstd(user_agent):
+        check_client_unpacks(user_agent, layer_compression(document))
     headers = _content_headers(digest, media_type)
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(document))

@@ -122,6 +122,19 @@ def wants_json(request: web.Request) -> bool:
     return "application/json" in accept and "text/html" not in accept
 
 
+def wants_html_error(request: web.Request) -> bool:
+    """An error page only for browsers (they name text/html, or post a form); every
+    other client, including one that sends no Accept header, gets the JSON error."""
+    if wants_json(request):
+        return False
+    if "text/html" in request.headers.get("Accept", ""):
+        return True
+    return request.method == "POST" and request.content_type in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    )
+
+
 def _catalog(request: web.Request) -> PackageCatalog:
     return request.app[CATALOG]
 
@@ -143,7 +156,7 @@ def _html_errors(handler: Handler) -> Handler:
         except (web.HTTPRedirection, web.HTTPSuccessful):
             raise
         except Exception as exc:
-            if wants_json(request):
+            if not wants_html_error(request):
                 raise
             error = registry_error(exc)
             if isinstance(error, errors.InternalError):
@@ -460,7 +473,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         await http_auth.require(request, name, PULL if built is not None else BUILD)
         build = await request.app[BUILDER].start(image, tag)
     except Exception as exc:
-        if json_api:
+        if not wants_html_error(request):
             raise
         return error_page(request, registry_error(exc), form=fields)
     tags = request.app[BUILD_TAGS]
@@ -721,7 +734,7 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
     return {
         "name": record.name,
         "tag": tag,
-        "digest": str(record.manifests[ManifestFormat.DOCKER].digest),
+        "digest": str(record.default_manifest.digest),
         "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
         "config": str(record.config),
         "size": record.compressed_size,

@@ -1,35 +1,68 @@
 """Deterministic, streamed layer tarballs.
 
 A layer is written in one pass: tar entries are generated from the store,
-compressed, and both digests (of the tar, the `diff_id`, and of the gzip
-stream, the blob digest) are computed as the bytes go by. Memory stays flat
-whatever the layer's size. The same input gives the same bytes on every run
-and every machine:
+compressed (gzip or zstd), and both digests (of the tar, the `diff_id`, and of
+the compressed stream, the blob digest) are computed as the bytes go by.
+Memory stays flat whatever the layer's size. The same input gives the same
+bytes on every run and every machine:
 
 * entries sorted by name; directories before their contents
 * owner 0:0 with empty user/group names, mtime 1 (as in the Nix store)
 * permission bits as in the store (read-only), hard links stored as files
-* gzip header without name or timestamp
+* gzip header without name or timestamp; zstd single-threaded at a fixed level
+  (the compressors' versions are pinned in pyproject.toml)
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
+import zstandard
 from isal import isal_zlib
 
 from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import Compression
 
 MTIME = 1
 _CHUNK = 1 << 20  # compress in 1 MiB pieces: few calls, small buffers
 _GZIP_WBITS = 31  # a gzip wrapper with a fixed header (no name, mtime 0)
+
+
+class _StreamCompressor(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Codec:
+    #: Names the exact bytes this codec produces; part of the layer cache keys.
+    cache_tag: str
+    new: Callable[[], _StreamCompressor]
+
+
+_CODECS = {
+    # The bytes of every gzip layer served so far: changing them changes every stored digest.
+    Compression.GZIP: _Codec("gzip-isal-1", lambda: isal_zlib.compressobj(1, isal_zlib.DEFLATED, _GZIP_WBITS)),
+    # Single-threaded: layers are already compressed in parallel, and multithreaded
+    # zstd writes other bytes than single-threaded zstd, so the parameters stay fixed.
+    # Frames carry a checksum, as the zstd command writes them.
+    Compression.ZSTD: _Codec(
+        "zstd-3", lambda: zstandard.ZstdCompressor(level=3, threads=0, write_checksum=True).compressobj()
+    ),
+}
+
+
+def cache_tag(compression: Compression) -> str:
+    """What identifies the compressed bytes in cache keys (e.g. `gzip-isal-1`)."""
+    return _CODECS[compression].cache_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +84,13 @@ class Entry:
 
 
 class _HashingCompressor:
-    """A write-only file object: tar bytes in, gzip bytes out to `dest`."""
+    """A write-only file object: tar bytes in, compressed bytes out to `dest`."""
 
-    def __init__(self, dest: BinaryIO, level: int):
+    def __init__(self, dest: BinaryIO, compression: Compression):
         self._dest = dest
-        self._compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, _GZIP_WBITS)
+        self._compressor = _CODECS[compression].new()
         self._tar_hash = hashlib.sha256()
-        self._gz_hash = hashlib.sha256()
+        self._blob_hash = hashlib.sha256()
         self._pending = bytearray()
         self.compressed_size = 0
 
@@ -69,7 +102,7 @@ class _HashingCompressor:
 
     def _emit(self, compressed: bytes) -> None:
         if compressed:
-            self._gz_hash.update(compressed)
+            self._blob_hash.update(compressed)
             self._dest.write(compressed)
             self.compressed_size += len(compressed)
 
@@ -83,7 +116,7 @@ class _HashingCompressor:
         self._flush_pending()
         self._emit(self._compressor.flush())
         return LayerBlob(
-            digest=Digest.from_hasher(self._gz_hash),
+            digest=Digest.from_hasher(self._blob_hash),
             diff_id=Digest.from_hasher(self._tar_hash),
             size=self.compressed_size,
         )
@@ -139,9 +172,11 @@ def _synthetic_entries(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarIn
             yield info, entry.content
 
 
-def write_store_layer(store_paths: Iterable[str], dest: BinaryIO, *, level: int = 1) -> LayerBlob:
-    """Write the gzip'd tar of these store paths (with /nix and /nix/store) to `dest`."""
-    sink = _HashingCompressor(dest, level)
+def write_store_layer(
+    store_paths: Iterable[str], dest: BinaryIO, *, compression: Compression = Compression.GZIP
+) -> LayerBlob:
+    """Write the compressed tar of these store paths (with /nix and /nix/store) to `dest`."""
+    sink = _HashingCompressor(dest, compression)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         tar.addfile(_tarinfo("nix", tarfile.DIRTYPE, 0o555))
         tar.addfile(_tarinfo("nix/store", tarfile.DIRTYPE, 0o555))
@@ -155,11 +190,11 @@ def write_store_layer(store_paths: Iterable[str], dest: BinaryIO, *, level: int 
     return sink.finish()
 
 
-def write_entry_layer(entries: Iterable[Entry], dest: BinaryIO, *, level: int = 1) -> LayerBlob:
+def write_entry_layer(
+    entries: Iterable[Entry], dest: BinaryIO, *, compression: Compression = Compression.GZIP
+) -> LayerBlob:
     """Write a small layer of synthetic entries (symlinks, directories, files)."""
-    import io
-
-    sink = _HashingCompressor(dest, level)
+    sink = _HashingCompressor(dest, compression)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for info, content in _synthetic_entries(entries):
             tar.addfile(info, io.BytesIO(content) if content is not None else None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nixery.registry.digest import Digest
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.mediatypes import LAYER_COMPRESSION, Compression, ManifestFormat
 
 #: Every image claims this creation time, so identical content gives identical digests.
 CREATED = "1970-01-01T00:00:01Z"
@@ -72,15 +72,16 @@ def image_config(
 
 
 def image_manifest(
-    fmt: ManifestFormat, config: bytes, layers: Sequence[LayerDescriptor]
+    fmt: ManifestFormat, config: bytes, layers: Sequence[LayerDescriptor], compression: Compression = Compression.GZIP
 ) -> bytes:
+    layer_type = fmt.layer_type(compression)
     return canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": fmt.value,
             "config": {"mediaType": fmt.config_type, "size": len(config), "digest": str(Digest.of(config))},
             "layers": [
-                {"mediaType": fmt.layer_type, "size": layer.size, "digest": str(layer.digest)}
+                {"mediaType": layer_type, "size": layer.size, "digest": str(layer.digest)}
                 for layer in layers
             ],
         }
@@ -97,3 +98,9 @@ def manifest_media_type(document: bytes) -> str | None:
         return None
     media_type = parsed.get("mediaType")
     return media_type if media_type in (f.value for f in ManifestFormat) else None
+
+
+def layer_compression(document: bytes) -> Compression:
+    """How the layers of a stored manifest (one this registry wrote) are compressed."""
+    layers = json.loads(document).get("layers") or [{}]
+    return LAYER_COMPRESSION.get(layers[0].get("mediaType"), Compression.GZIP)

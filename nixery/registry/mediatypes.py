@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import Enum
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -10,7 +11,20 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 OCTET_STREAM = "application/octet-stream"
+
+
+class Compression(Enum):
+    """How layer blobs are compressed (NIXERY_LAYER_COMPRESSION)."""
+
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+    @property
+    def manifest_formats(self) -> tuple[ManifestFormat, ...]:
+        """The manifest formats that can describe such layers, preferred first."""
+        return tuple(fmt for fmt in ManifestFormat if (fmt, self) in _LAYER_TYPES)
 
 
 class ManifestFormat(Enum):
@@ -21,19 +35,30 @@ class ManifestFormat(Enum):
     def config_type(self) -> str:
         return DOCKER_CONFIG if self is ManifestFormat.DOCKER else OCI_CONFIG
 
-    @property
-    def layer_type(self) -> str:
-        return DOCKER_LAYER_GZIP if self is ManifestFormat.DOCKER else OCI_LAYER_GZIP
+    def layer_type(self, compression: Compression) -> str:
+        try:
+            return _LAYER_TYPES[self, compression]
+        except KeyError:
+            raise ValueError(f"{self.name} manifests have no media type for {compression.value} layers") from None
 
 
-def choose_format(accept_headers: list[str]) -> ManifestFormat | None:
-    """Pick the manifest format a client accepts.
+#: Docker schema 2 has no zstd layer type: zstd images have OCI manifests only.
+_LAYER_TYPES = {
+    (ManifestFormat.DOCKER, Compression.GZIP): DOCKER_LAYER_GZIP,
+    (ManifestFormat.OCI, Compression.GZIP): OCI_LAYER_GZIP,
+    (ManifestFormat.OCI, Compression.ZSTD): OCI_LAYER_ZSTD,
+}
+#: The media type of every layer, for reading a stored manifest back.
+LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in _LAYER_TYPES.items()}
+
+
+def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
+    """The manifest formats a client accepts, preferred first.
 
     Clients send one Accept header per type (skopeo, docker) or one comma-joined
     list (containerd, with `*/*`). Docker schema 2 is preferred when accepted
-    because every client we know reads it; a client that names only OCI gets OCI.
-    No Accept header at all, or a wildcard, means the client takes what it gets.
-    Returns None when the client accepts neither format.
+    because every client we know reads it. No Accept header at all, or a
+    wildcard, means the client takes what it gets.
     """
     accepted = {
         part.split(";", 1)[0].strip().lower()
@@ -41,8 +66,19 @@ def choose_format(accept_headers: list[str]) -> ManifestFormat | None:
         for part in header.split(",")
         if part.strip()
     }
-    if not accepted or DOCKER_MANIFEST in accepted or "*/*" in accepted:
-        return ManifestFormat.DOCKER
+    if not accepted or "*/*" in accepted:
+        return [ManifestFormat.DOCKER, ManifestFormat.OCI]
+    formats = []
+    if DOCKER_MANIFEST in accepted:
+        formats.append(ManifestFormat.DOCKER)
     if OCI_MANIFEST in accepted or "application/*" in accepted:
-        return ManifestFormat.OCI
-    return None
+        formats.append(ManifestFormat.OCI)
+    return formats
+
+
+def choose_format(
+    accept_headers: list[str], available: Collection[ManifestFormat] = tuple(ManifestFormat)
+) -> ManifestFormat | None:
+    """The client's most preferred format among those the image has (`available`);
+    None when it accepts none of them."""
+    return next((fmt for fmt in accepted_formats(accept_headers) if fmt in available), None)
