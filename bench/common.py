@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the tests' process helpers are reused here
     sys.path.insert(0, str(REPO))
 
+from tests import daemons  # noqa: E402
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, free_port  # noqa: E402
 
 __all__ = ["DOCKER_MANIFEST", "OCI_MANIFEST", "RegistryProcess", "free_port"]
@@ -235,20 +236,19 @@ def docker_registry(root: Path, *, access_log: bool = True, level: str = "info")
 
 def nginx(root: Path, files: Path, *, workers: str = "auto") -> Daemon:
     """nginx serving the files under `files` (sendfile on, no access log)."""
-    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = root / "nginx.conf"
-    config.write_text(
-        f"worker_processes {workers};\ndaemon off;\npid {root / 'nginx.pid'};\n"
-        f"error_log {root / 'error.log'} warn;\n"
-        "events { worker_connections 1024; }\n"
-        "http {\n  sendfile on;\n  tcp_nopush on;\n  access_log off;\n"
-        "  default_type application/octet-stream;\n"
-        f"  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n"
-        f"  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n"
-        f"  server {{\n    listen 127.0.0.1:{port};\n    root {files};\n  }}\n}}\n"
-    )
+    site = f"  server {{\n    listen 127.0.0.1:{port};\n    root {files};\n  }}"
+    config = daemons.nginx_config(root, site, workers=workers)
     return Daemon("nginx", ["nginx", "-c", str(config), "-p", str(root)], port, root / "nginx.log")
+
+
+def nginx_front(root: Path, storage: Path, upstream: str, *, workers: str = "auto") -> Daemon:
+    """nginx in front of a nixery on `upstream`, as deploy/nginx/nixery.conf sets it up:
+    nixery answers blob requests with X-Accel-Redirect, nginx sends the files."""
+    port = free_port()
+    site = daemons.nginx_front_site(listen=port, upstream=upstream, storage=storage)
+    config = daemons.nginx_config(root, site, workers=workers)
+    return Daemon("nginx front", ["nginx", "-c", str(config), "-p", str(root)], port, root / "nginx.log", "/v2/")
 
 
 def request(host: str, path: str, *, method: str = "GET", accept: str | None = None,

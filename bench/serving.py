@@ -261,6 +261,12 @@ def main() -> int:
 
         nginx = c.nginx(base / "nginx", storage / "blobs")
         stack.enter_context(nginx)
+        behind = c.registry(storage, workers=1, NIXERY_BLOB_ACCEL_REDIRECT="/_nixery_blobs/")
+        behind.log_path = base / "nixery-behind-nginx.log"
+        behind.start()
+        stack.callback(behind.stop)
+        front = c.nginx_front(base / "nginx-front", storage, behind.host)
+        stack.enter_context(front)
         sizes = {image: (storage / "blobs" / "sha256" / layers[image][7:9] / layers[image][7:]).stat().st_size
                  for image in ("blob1m", "blob50m")}
 
@@ -302,6 +308,20 @@ def main() -> int:
                       + (f"  {o.mbps:7.0f} vs nginx {n.result.mbps:7.0f} MB/s" if n else "")
                       + (f"  ERRORS {o.errors}/{p.errors}" if o.errors or p.errors else ""))
             sections.append(serving_tables(w, results, load_before, c.load_average()))
+
+        blob_rows = [row for row in rows if row.nginx_path]
+        if blob_rows:
+            front_target = Target("nixery behind nginx", front.url,
+                                  lambda: c.process_tree(behind.process.pid) + c.process_tree(front.process.pid))
+            load_before = c.wait_for_quiet(max_load=1.5, timeout=60)
+            c.say(f"\nnginx in front of nixery, X-Accel-Redirect (load average {load_before})")
+            front_results = []
+            for row in blob_rows:
+                m = measure([front_target], row, duration=args.duration, rounds=args.rounds, nginx=nginx_target)
+                front_results.append((row, m))
+                f, n = m["nixery behind nginx"].result, m["nginx"].result
+                c.say(f"  {row.label:26} {f.mbps:7.0f} vs nginx {n.mbps:7.0f} MB/s ({f.mbps / n.mbps:.2f}x)")
+            sections.append(front_table(front_results, load_before, c.load_average()))
 
         e2e = ""
         wanted = [x for x in args.clients.split(",") if x]
@@ -366,6 +386,27 @@ def serving_tables(
         + c.table(["request", "nixery", "docker-registry", "ratio", "nginx",
                    "errors (nixery / docker-registry / nginx)"], cpu_rows)
         + "\n\n"
+    )
+
+
+def front_table(results: list[tuple[Row, dict[str, Measured]]], load_before: str, load_after: str) -> str:
+    head = ["request", "nixery behind nginx req/s", "nginx req/s", "behind nginx MB/s", "nginx MB/s",
+            "behind nginx / nginx (target ≥ 0.8)", "CPU µs/req (nixery + nginx front)", "CPU µs/req (nginx)", "errors"]
+    rows = []
+    for row, m in results:
+        f, n = m["nixery behind nginx"], m["nginx"]
+        ratio = f.result.mbps / n.result.mbps
+        rows.append([
+            row.label, f"{f.result.rps:,.0f}", f"{n.result.rps:,.0f}", f"{f.result.mbps:,.1f}", f"{n.result.mbps:,.1f}",
+            f"{ratio:.2f}x {'✓' if ratio >= 0.8 else '✗'}", f"{f.cpu_us:,.0f}", f"{n.cpu_us:,.0f}",
+            f"{f.result.errors} / {n.result.errors}",
+        ])
+    return (
+        "## Blobs with nginx in front (`deploy/nginx/nixery.conf`, `NIXERY_BLOB_ACCEL_REDIRECT`)\n\n"
+        "nixery (one worker) answers each blob request after its checks with `X-Accel-Redirect`; the nginx in "
+        "front (2 workers, the shipped site config) sends the file. Compared with nginx serving the same file "
+        f"directly. Load average before / after: {load_before} / {load_after}.\n\n"
+        + c.table(head, rows) + "\n\n"
     )
 
 

@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[access_log, metrics.metrics_middleware, error_middleware], handler_args={"max_field_size": 16384}
     )
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
+    app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""
     app[routes.MANIFESTS] = routes.ManifestCache()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -84,6 +84,8 @@ class Settings:
     s3: S3Settings | None = None
     gcs: GCSSettings | None = None
     blob_redirect: bool = True
+    # An nginx `internal` location serving the filesystem blob directory (deploy/nginx/nixery.conf).
+    blob_accel_redirect: str | None = None
     signed_url_ttl: int = 300
     bundled_set: BundledSet = BUSYBOX_SET
     nix_timeout: float = 600.0
@@ -246,6 +248,18 @@ def _auth(env: Mapping[str, str]) -> AuthSettings:
     )
 
 
+def _accel_redirect(env: Mapping[str, str]) -> str | None:
+    """The path prefix of nginx's internal location for blobs, as /prefix/."""
+    raw = env.get("NIXERY_BLOB_ACCEL_REDIRECT") or None
+    if raw is None:
+        return None
+    if not (raw.startswith("/") and raw.endswith("/")) or any(c in raw for c in " ?#%\r\n"):
+        raise ConfigError(
+            f"NIXERY_BLOB_ACCEL_REDIRECT={raw!r} must be a path that starts and ends with / (e.g. /_nixery_blobs/)"
+        )
+    return raw
+
+
 def _images_path(env: Mapping[str, str]) -> Path | None:
     raw = env.get("NIXERY_IMAGES_PATH")
     if not raw:
@@ -289,6 +303,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         s3=_s3(env) if backend == "s3" else None,
         gcs=_gcs(env) if backend == "gcs" else None,
         blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
+        blob_accel_redirect=_accel_redirect(env),
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
         bundled_set=_bundled_set(env),
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),

@@ -1,7 +1,7 @@
-"""containerd and dockerd started by the tests, each with private state.
+"""containerd, dockerd and nginx started by the tests, each with private state.
 
-Both run as root with their own sockets and directories under a temporary
-directory, so they never touch a system daemon's images.
+Each runs as root with its own sockets, configuration and directories under a
+temporary directory, so none touches a system daemon's images or settings.
 """
 
 from __future__ import annotations
@@ -84,5 +84,65 @@ def dockerd(base: Path) -> Iterator[Path]:
                 raise RuntimeError(f"dockerd did not become ready: {log.read_text()[-3000:]}")
             time.sleep(0.3)
         yield socket
+    finally:
+        _stop(process)
+
+
+#: nixery's nginx front, as shipped (deploy/nginx/nixery.conf).
+NGINX_FRONT = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nixery.conf"
+
+
+def nginx_config(root: Path, server_blocks: str, *, workers: str = "auto") -> Path:
+    """A whole nginx.conf around `server_blocks`, with every path under `root` (no access log)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "nginx.conf"
+    # As root, workers run as root too: test directories are private to root.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    config.write_text(
+        f"{user}worker_processes {workers};\ndaemon off;\npid {root / 'nginx.pid'};\n"
+        f"error_log {root / 'error.log'} warn;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n  sendfile on;\n  tcp_nopush on;\n  access_log off;\n"
+        "  default_type application/octet-stream;\n"
+        f"  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n"
+        f"  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n"
+        f"{server_blocks}\n}}\n"
+    )
+    return config
+
+
+def nginx_front_site(*, listen: int, upstream: str, storage: Path) -> str:
+    """deploy/nginx/nixery.conf with its three site values replaced (each must be there)."""
+    site = NGINX_FRONT.read_text()
+    for default, value in (
+        ("listen 80;", f"listen 127.0.0.1:{listen};"),
+        ("server 127.0.0.1:8080;", f"server {upstream};"),
+        ("alias /var/lib/nixery/", f"alias {storage}/"),
+    ):
+        if default not in site:
+            raise AssertionError(f"{NGINX_FRONT} no longer has {default!r}: update the tests and benchmarks")
+        site = site.replace(default, value)
+    return site
+
+
+@contextlib.contextmanager
+def nginx(root: Path, config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs nginx with `config` until the context ends; waits until it accepts on `port`."""
+    import socket
+
+    log = root / "nginx.log"
+    argv = ["nginx", "-c", str(config), "-p", str(root)]
+    process = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx exited ({process.returncode}): {log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not listen on {port}: {log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield process
     finally:
         _stop(process)

@@ -31,6 +31,8 @@ from nixery.storage.base import ByteStream, LocalFile, Redirect, Storage
 BUILDER = web.AppKey("builder", ImageBuilder)
 STORAGE = web.AppKey("storage", Storage)
 BLOB_REDIRECT = web.AppKey("blob_redirect", bool)
+#: With nginx in front: blob files are named in X-Accel-Redirect under this prefix and nginx sends them.
+BLOB_ACCEL_REDIRECT = web.AppKey("blob_accel_redirect", str)  # "": off
 MANIFESTS = web.AppKey("manifests", "ManifestCache")
 
 
@@ -160,6 +162,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return web.Response(headers=headers)
     source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
     match source:
+        case LocalFile(relative_path=relative) if request.app[BLOB_ACCEL_REDIRECT] and relative:
+            # nginx sends the file (and answers ranges); the registry has checked the request and the bytes.
+            return web.Response(headers={**headers, "X-Accel-Redirect": request.app[BLOB_ACCEL_REDIRECT] + relative})
         case LocalFile(path=path, size=size):
             if any(name in request.headers for name in _FILE_RESPONSE_HEADERS):
                 return web.FileResponse(path, headers=headers)

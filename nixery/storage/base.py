@@ -64,10 +64,11 @@ class InvalidKey(StorageError):
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    """Send this file (the HTTP layer may use sendfile)."""
+    """Send this file (the HTTP layer may use sendfile, or hand it to a proxy in front)."""
 
     path: Path
     size: int
+    relative_path: str = ""  # below the storage's blob directory, e.g. `sha256/ab/abcd…`
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,7 @@ class FilesystemStorage(Storage):
                 self._report_corrupt_blob(digest)
                 raise CorruptBlob(digest)
             self._verified.add(identity)
-        return LocalFile(path, st.st_size)
+        return LocalFile(path, st.st_size, f"sha256/{digest.hex[:2]}/{digest.hex}")
 
     def _quarantine_blob(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
