@@ -137,6 +137,7 @@ def main() -> int:
 
     ours: dict[str, list[Build]] = {label: [] for label in [*IMAGES, *INCREMENTAL]}
     limit: dict[str, list[float]] = {label: [] for label in [*IMAGES, *INCREMENTAL]}
+    ours_zstd: dict[str, list[Build]] = {label: [] for label in IMAGES}  # NIXERY_LAYER_COMPRESSION=zstd
     for run in range(args.runs):
         c.say(f"run {run + 1}/{args.runs} (load average {c.load_average()})")
         for label, packages in IMAGES.items():
@@ -152,6 +153,15 @@ def main() -> int:
                         ours[inc_label].append(inc)
                         c.say(f"  {inc_label:34} {inc.seconds:6.2f} s  created {inc.created} layers, "
                               f"{inc.compressed / c.MB:.1f} MB")
+            finally:
+                registry.stop()
+                shutil.rmtree(storage, ignore_errors=True)
+            storage = base / f"run{run}-zstd-{packages[-1]}"
+            registry = c.registry(storage, NIXERY_LAYER_COMPRESSION="zstd").start()
+            try:
+                build = timed_build(registry, packages)
+                ours_zstd[label].append(build)
+                c.say(f"  {'  with zstd layers':34} {build.seconds:6.2f} s, {build.total / c.MB:.1f} MB")
             finally:
                 registry.stop()
                 shutil.rmtree(storage, ignore_errors=True)
@@ -179,7 +189,8 @@ def main() -> int:
 
     zstd_clients = "" if args.no_clients else zstd_client_check(base)
     shutil.rmtree(base, ignore_errors=True)
-    body = report(ours, limit, raw, closures, new_paths, sizes, args.runs) + zstd_section(zstd_clients)
+    body = (report(ours, limit, raw, closures, new_paths, sizes, args.runs) + zstd_builds(ours, ours_zstd, limit)
+            + zstd_section(zstd_clients))
     print("\n" + body)
     if not args.no_report:
         c.write_report("cold_build", "Cold builds: nixery vs the native pipeline", body, started=started)
@@ -258,6 +269,26 @@ def report(ours, limit, raw, closures, new_paths, sizes, runs) -> str:
 
 
 # ---- zstd -------------------------------------------------------------------------
+
+
+def zstd_builds(ours: dict[str, list[Build]], ours_zstd: dict[str, list[Build]], limit: dict[str, list[float]]) -> str:
+    rows = []
+    for label, builds in ours_zstd.items():
+        if not builds:
+            continue
+        gz, zs = c.Timing([b.seconds for b in ours[label]]), c.Timing([b.seconds for b in builds])
+        gz_bytes, zs_bytes = ours[label][0].total, builds[0].total
+        lim = statistics.median(limit[label])
+        rows.append([label, f"{gz.median:.2f} ({gz.spread})", f"{zs.median:.2f} ({zs.spread})",
+                     f"{zs.median / lim:.2f}", f"{gz_bytes / c.MB:.1f}", f"{zs_bytes / c.MB:.1f}",
+                     f"{zs_bytes / gz_bytes:.3f}"])
+    return (
+        "## The registry with zstd layers (`NIXERY_LAYER_COMPRESSION=zstd`)\n\n"
+        "The same cold builds with zstd level 3 layers (one thread per layer, layers in parallel), against the "
+        "default gzip layers and the same limit as above.\n\n"
+        + c.table(["image", "gzip layers s", "zstd layers s", "zstd / limit", "gzip layers MB", "zstd layers MB",
+                   "zstd / gzip size"], rows) + "\n\n"
+    )
 
 ZSTD_KNOWN = [
     ("skopeo 1.9 (containers/image 5.23)", "yes", "pulls and pushes zstd layers (`--dest-compress-format zstd`)"),

@@ -13,7 +13,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -181,32 +180,12 @@ class Daemon:
         return f"http://{self.host}"
 
     def start(self, timeout: float = 20) -> Daemon:
-        import urllib.error
-        import urllib.request
-
-        self.process = subprocess.Popen(self.argv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=1):
-                    return self
-            except urllib.error.HTTPError:
-                return self  # it answers
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer within {timeout} s")
+        self.process = daemons.start_http_server(self.argv, self.log, self.url + self.ready_path, self.name,
+                                                 timeout=timeout)
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        daemons.stop(self.process, grace=10)
 
     def __enter__(self) -> Daemon:
         return self.start()

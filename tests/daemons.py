@@ -12,26 +12,59 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
-def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, what: str,
+               timeout: float = 30.0) -> None:
+    """Wait for `ready()`; fail at once, with the end of its log, if the process exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"daemon exited ({process.returncode}): {log.read_text()[-3000:]}")
-        if path.exists():
+            raise RuntimeError(f"{what} exited ({process.returncode}): {log.read_text(errors='replace')[-3000:]}")
+        if ready():
             return
-        time.sleep(0.1)
-    raise RuntimeError(f"daemon socket {path} did not appear: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} was not ready within {timeout:g} s: {log.read_text(errors='replace')[-3000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
+def answers_http(url: str) -> Callable[[], bool]:
+    """True once `url` gives any HTTP answer (an error status counts: the server is up)."""
+    import urllib.error
+    import urllib.request
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    return ready
+
+
+def start_http_server(argv: list[str], log: Path, ready_url: str, what: str, *, timeout: float = 20.0,
+                      **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a server logging to `log`; return once `ready_url` answers (stopped again if it never does)."""
+    process = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, **popen)
+    try:
+        wait_until(answers_http(ready_url), process, log, what, timeout=timeout)
+    except RuntimeError:
+        stop(process)
+        raise
+    return process
+
+
+def stop(process: subprocess.Popen[bytes] | None, grace: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if process is not None and process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(20)
+            process.wait(grace)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -52,10 +85,10 @@ def containerd(base: Path) -> Iterator[Path]:
     log = base / "containerd.log"
     process = subprocess.Popen(["containerd", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     try:
-        _wait_for(socket, process, log)
+        wait_until(socket.exists, process, log, "containerd")
         yield socket
     finally:
-        _stop(process)
+        stop(process)
 
 
 @contextlib.contextmanager
@@ -77,7 +110,7 @@ def dockerd(base: Path) -> Iterator[Path]:
         env={**os.environ, "DOCKER_CONFIG": str(base / "client")},
     )
     try:
-        _wait_for(socket, process, log, timeout=60)
+        wait_until(socket.exists, process, log, "dockerd", timeout=60)
         deadline = time.monotonic() + 30
         while subprocess.run(["docker", "-H", f"unix://{socket}", "info"], capture_output=True).returncode != 0:
             if time.monotonic() > deadline:
@@ -85,7 +118,7 @@ def dockerd(base: Path) -> Iterator[Path]:
             time.sleep(0.3)
         yield socket
     finally:
-        _stop(process)
+        stop(process)
 
 
 #: nixery's nginx front, as shipped (deploy/nginx/nixery.conf).
@@ -128,21 +161,21 @@ def nginx_front_site(*, listen: int, upstream: str, storage: Path) -> str:
 @contextlib.contextmanager
 def nginx(root: Path, config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Runs nginx with `config` until the context ends; waits until it accepts on `port`."""
-    import socket
-
     log = root / "nginx.log"
     argv = ["nginx", "-c", str(config), "-p", str(root)]
     process = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"nginx exited ({process.returncode}): {log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not listen on {port}: {log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        wait_until(lambda: _accepts(port), process, log, "nginx", timeout=20)
         yield process
     finally:
-        _stop(process)
+        stop(process)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

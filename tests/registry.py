@@ -7,15 +7,13 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests import daemons
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PODMAN_RUN_FLAGS = [
@@ -53,32 +51,15 @@ class RegistryProcess:
     def start(self, timeout: float = 20.0) -> RegistryProcess:
         env = {**os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env}
         self.log_path = self.log_path or self.storage.parent / f"registry-{self.port}.log"
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nixery", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY
+        # Any answer will do (e.g. 401 when access control is on).
+        self.process = daemons.start_http_server(
+            [sys.executable, "-m", "nixery", "serve"], self.log_path, f"{self.url}/v2/", "registry",
+            timeout=timeout, env=env, cwd=REPOSITORY,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"registry exited with {self.process.returncode}: {self.log()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
-                    return self
-            except urllib.error.HTTPError:
-                return self  # it answers (e.g. 401 when access control is on)
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"registry did not answer within {timeout} s: {self.log()[-2000:]}")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        daemons.stop(self.process, grace=10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -137,6 +118,14 @@ def have(tool: str) -> bool:
 
 def podman_run(image: str, *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return run(["podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, image, *command], timeout=timeout)
+
+
+def ctr_pull_and_run(image: str, base: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """Pull `image` (HOST/NAME:TAG, plain HTTP) into a private containerd and run `command` in it."""
+    with daemons.containerd(base) as socket:
+        ctr = ["ctr", "--address", str(socket)]
+        run([*ctr, "image", "pull", "--plain-http", image])
+        return run([*ctr, "run", "--rm", image, "nixery-test", *command])
 
 
 def skopeo_to_oci(image: str, layout: Path, tag: str = "img") -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests import daemons
-from tests.registry import RegistryProcess, have, podman_run, run, skopeo_to_oci, unpack_oci
+from tests.registry import RegistryProcess, ctr_pull_and_run, have, podman_run, run, skopeo_to_oci, unpack_oci
 
 pytestmark = pytest.mark.clients
 
@@ -58,10 +58,7 @@ def test_podman_default_command_of_a_shell_image_is_the_shell(registry: Registry
 @pytest.mark.skipif(not (have("containerd") and have("ctr")), reason="needs containerd and ctr")
 def test_containerd_pulls_and_runs(registry: RegistryProcess, tmp_path: Path) -> None:
     image = f"{registry.host}/shell/hello:latest"
-    with daemons.containerd(tmp_path / "containerd") as socket:
-        ctr = ["ctr", "--address", str(socket)]
-        run([*ctr, "image", "pull", "--plain-http", image])
-        result = run([*ctr, "run", "--rm", image, "hello-test", "sh", "-c", "hello && echo ok"])
+    result = ctr_pull_and_run(image, tmp_path / "containerd", "sh", "-c", "hello && echo ok")
     assert result.stdout.splitlines()[-2:] == ["Hello, world!", "ok"]
     seen = manifest_requests(registry, "shell/hello")
     assert ("HEAD", "/v2/shell/hello/manifests/latest") in seen

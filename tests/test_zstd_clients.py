@@ -21,6 +21,7 @@ from tests.registry import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
     RegistryProcess,
+    ctr_pull_and_run,
     have,
     podman_run,
     run,
@@ -124,10 +125,7 @@ def test_podman_runs_a_zstd_image(zstd_registry: RegistryProcess) -> None:
 @pytest.mark.skipif(not (have("containerd") and have("ctr")), reason="needs containerd and ctr")
 def test_containerd_pulls_and_runs_a_zstd_image(zstd_registry: RegistryProcess, tmp_path: Path) -> None:
     image = f"{zstd_registry.host}/{IMAGE}:latest"
-    with daemons.containerd(tmp_path / "containerd") as socket:
-        ctr = ["ctr", "--address", str(socket)]
-        run([*ctr, "image", "pull", "--plain-http", image])
-        result = run([*ctr, "run", "--rm", image, "zstd-test", "sh", "-c", "echo ok"])
+    result = ctr_pull_and_run(image, tmp_path / "containerd", "sh", "-c", "echo ok")
     assert result.stdout.splitlines()[-1] == "ok"
 
 
