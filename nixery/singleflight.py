@@ -32,8 +32,7 @@ class SingleFlight(Generic[T]):
 
     def _finished(self, key: Hashable, task: asyncio.Task[T]) -> None:
         self._tasks.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here so an unawaited failure is not logged as lost
+        _retrieve(task)
 
 
 class FreshRun(Generic[T]):
