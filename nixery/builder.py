@@ -5,6 +5,7 @@ Nix, layering, the caches and storage meet.
                                    │ miss
                                    ▼
         nix-instantiate ─► nix-store --realise ─► nix path-info (closure)
+                  (both read from Nix's store database when all is built)
                                    ▼
         plan layers (with the history of stored layers)
                                    ▼
@@ -42,7 +43,7 @@ import structlog
 
 from nixery import metrics
 from nixery.config import Settings
-from nixery.layers.entrypoints import SSL_CERT_FILE, entry_points
+from nixery.layers.entrypoints import SSL_CERT_FILE, EntryPoints, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer, write_store_layer
@@ -381,9 +382,16 @@ class ImageBuilder:
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
         counter = _LayerCounter(build, total=len(plan) + 1)
         counter._emit(f"storing {counter.total} layers (compressing those not stored yet)")
-        layers = list(await asyncio.gather(*(self._store_layer(sorted(paths), counter) for paths in plan)))
-        entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
-        layers.append(await self._store_entry_layer(entries.entries, counter))
+
+        async def entry_layer() -> tuple[EntryPoints, LayerDescriptor]:
+            entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
+            return entries, await self._store_entry_layer(entries.entries, counter)
+
+        # The entry-point layer is last in the image but made alongside the others.
+        *layers, (entries, last) = await asyncio.gather(
+            *(self._store_layer(sorted(paths), counter) for paths in plan), entry_layer()
+        )
+        layers.append(last)
         bound.info("build.layers_stored", layers=len(layers), created=counter.created, bytes=counter.bytes)
 
         env = [f"PATH={DEFAULT_PATH}"]
@@ -397,11 +405,16 @@ class ImageBuilder:
             labels={"org.nixos.nixery.packages": " ".join(sorted(p.attr for p in resolved))},
         )
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        config_digest = await self.storage.put_blob_bytes(config)
-        manifests = {}
-        for fmt in self.compression.manifest_formats:
-            document = image_manifest(fmt, config, layers, self.compression)
-            manifests[fmt] = ManifestRef(await self.storage.put_blob_bytes(document), len(document))
+        formats = self.compression.manifest_formats
+        documents = [image_manifest(fmt, config, layers, self.compression) for fmt in formats]
+        # Written side by side (each one fsync'd); the record below names them only once all are stored.
+        config_digest, *manifest_digests = await asyncio.gather(
+            *(self.storage.put_blob_bytes(blob) for blob in (config, *documents))
+        )
+        manifests = {
+            fmt: ManifestRef(digest, len(document))
+            for fmt, digest, document in zip(formats, manifest_digests, documents, strict=True)
+        }
         record = ImageRecord(
             key=key,
             name=request.display_name,
@@ -415,15 +428,10 @@ class ImageBuilder:
             built_at=time.time(),
             layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),),  # the entry layer holds no store path
         )
-        async with self._history_lock, self.storage.exclusive("layering-history"):
-            # Other processes on this storage record too: keep what they added.
-            stored = await self._read_history()
-            for layer in stored.layers() if stored is not None else ():
-                if layer not in history:
-                    history.record([layer])
-            history.record([frozenset(paths) for paths in plan])
-            await self.storage.put_meta(_HISTORY_KEY, history.to_json())
-        await self.storage.put_meta(f"images/{key}", record.to_json())
+        # The history only guides the layering of later images: written beside the record.
+        await asyncio.gather(
+            self._record_history(history, plan), self.storage.put_meta(f"images/{key}", record.to_json())
+        )
         self._records[key] = record
         bound.info(
             "build.done",
@@ -452,10 +460,21 @@ class ImageBuilder:
         )
         bound.info("build.realising", derivations=len(resolved))
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
-        await nix.realise([p.drv_path for p in resolved], timeout=remaining(), on_line=NixLogProgress(build))
         outputs = [out for package in resolved for out in package.outputs]
-        graph = await nix.closure_graph(outputs, timeout=remaining())
+        graph = await nix.ensure_built_closure(
+            [p.drv_path for p in resolved], outputs, timeout=remaining(), on_line=NixLogProgress(build)
+        )
         return resolved, graph
+
+    async def _record_history(self, history: LayerHistory, plan: Sequence[frozenset[str]]) -> None:
+        async with self._history_lock, self.storage.exclusive("layering-history"):
+            # Other processes on this storage record too: keep what they added.
+            stored = await self._read_history()
+            for layer in stored.layers() if stored is not None else ():
+                if layer not in history:
+                    history.record([layer])
+            history.record([frozenset(paths) for paths in plan])
+            await self.storage.put_meta(_HISTORY_KEY, history.to_json())
 
     async def _load_history(self) -> LayerHistory:
         if self._history is None:

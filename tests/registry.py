@@ -159,20 +159,27 @@ def nix_calls_of(calls: Path, prefix: str) -> list[str]:
     return [line for line in calls.read_text().splitlines() if line.startswith(prefix)]
 
 
-def slow_package_set(directory: Path, seconds: int = 3) -> Path:
-    """The busybox set plus `slowpoke`, a package that takes `seconds` to build and
-    is new on every call (so the build really runs and its progress can be watched)."""
+def busybox_set_with(directory: Path, attr: str, name: str, script: str) -> Path:
+    """The busybox set plus the package `attr`: a derivation called `name` that runs
+    `script` with busybox's sh (`$bb` is busybox's bin directory, `$out` the output)."""
     directory.mkdir(parents=True, exist_ok=True)
-    nonce = random.getrandbits(64)
     (directory / "default.nix").write_text(
         f"""{{ system ? builtins.currentSystem, ... }}@args:
 let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
 in base // {{
-  slowpoke = derivation {{
-    name = "slowpoke-1.0"; inherit system; builder = "${{bb}}/sh";
-    args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke" ];
+  {attr} = derivation {{
+    name = "{name}"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "{script.replace("$bb", "${bb}")}" ];
   }};
 }}
 """
     )
     return directory
+
+
+def slow_package_set(directory: Path, seconds: int = 3) -> Path:
+    """The busybox set plus `slowpoke`, a package that takes `seconds` to build and
+    is new on every call (so the build really runs and its progress can be watched)."""
+    nonce = random.getrandbits(64)
+    script = f"$bb/sleep {seconds}; $bb/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke"
+    return busybox_set_with(directory, "slowpoke", "slowpoke-1.0", script)

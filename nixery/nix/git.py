@@ -262,7 +262,9 @@ class GitSource(PackageSource):
         try:
             archive = staging / "tree.tar"
             result = await run_git(
-                ["archive", "--format=tar", f"--output={archive}", commit], git_dir=self.mirror, timeout=self.fetch_timeout
+                ["archive", "--format=tar", f"--output={archive}", commit],
+                git_dir=self.mirror,
+                timeout=self.fetch_timeout,
             )
             if result.returncode != 0:
                 raise NixError(f"cannot export commit {commit[:12]} of {self.description}", result.tail)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.nix import store_db
 from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
 from nixery.nix.process import run_nix
+
+log = structlog.get_logger(__name__)
 
 EVAL_NIX = Path(__file__).with_name("eval.nix")
 _HOST_SYSTEMS = {
@@ -71,14 +77,48 @@ async def evaluate(
     return packages
 
 
+async def ensure_built_closure(
+    drv_paths: Sequence[str],
+    out_paths: Sequence[str],
+    *,
+    timeout: float,
+    on_line: Callable[[str], None] | None = None,
+) -> ClosureGraph:
+    """Build what is not built yet, then return the closure of `out_paths`.
+
+    When every output is built already (the common case), this reads Nix's store
+    database instead of starting any Nix process; see `nixery.nix.store_db`.
+    """
+    deadline = time.monotonic() + timeout
+    await realise(drv_paths, outputs=out_paths, timeout=timeout, on_line=on_line)
+    return await closure_graph(out_paths, timeout=max(0.1, deadline - time.monotonic()))
+
+
 async def realise(
-    drv_paths: Sequence[str], *, timeout: float, on_line: Callable[[str], None] | None = None
+    drv_paths: Sequence[str],
+    *,
+    timeout: float,
+    on_line: Callable[[str], None] | None = None,
+    outputs: Sequence[str] = (),
 ) -> None:
-    """Build (or find already built) every derivation."""
+    """Build (or find already built) every derivation.
+
+    Nothing runs when `outputs` are given and the store database says that all
+    of them are valid already.
+    """
+    if outputs:
+        valid = await store_db.valid_paths(outputs)
+        if valid is not None and valid.issuperset(outputs):
+            log.debug("nix.realise_skipped", outputs=len(valid))
+            return
     await run_nix(["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line)
 
 
 async def closure_graph(out_paths: Sequence[str], *, timeout: float) -> ClosureGraph:
+    """The closure of `out_paths`, from the store database or else `nix path-info`."""
+    graph = await store_db.closure_graph(out_paths)
+    if graph is not None:
+        return graph
     stdout = await run_nix(
         ["nix", "path-info", "--json", "--recursive", *sorted(set(out_paths))], timeout=timeout
     )
