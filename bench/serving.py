@@ -261,12 +261,6 @@ def main() -> int:
 
         nginx = c.nginx(base / "nginx", storage / "blobs")
         stack.enter_context(nginx)
-        behind = c.registry(storage, workers=1, NIXERY_BLOB_ACCEL_REDIRECT="/_nixery_blobs/")
-        behind.log_path = base / "nixery-behind-nginx.log"
-        behind.start()
-        stack.callback(behind.stop)
-        front = c.nginx_front(base / "nginx-front", storage, behind.host)
-        stack.enter_context(front)
         sizes = {image: (storage / "blobs" / "sha256" / layers[image][7:9] / layers[image][7:]).stat().st_size
                  for image in ("blob1m", "blob50m")}
 
@@ -310,18 +304,9 @@ def main() -> int:
             sections.append(serving_tables(w, results, load_before, c.load_average()))
 
         blob_rows = [row for row in rows if row.nginx_path]
-        if blob_rows:
-            front_target = Target("nixery behind nginx", front.url,
-                                  lambda: c.process_tree(behind.process.pid) + c.process_tree(front.process.pid))
-            load_before = c.wait_for_quiet(max_load=1.5, timeout=60)
-            c.say(f"\nnginx in front of nixery, X-Accel-Redirect (load average {load_before})")
-            front_results = []
-            for row in blob_rows:
-                m = measure([front_target], row, duration=args.duration, rounds=args.rounds, nginx=nginx_target)
-                front_results.append((row, m))
-                f, n = m["nixery behind nginx"].result, m["nginx"].result
-                c.say(f"  {row.label:26} {f.mbps:7.0f} vs nginx {n.mbps:7.0f} MB/s ({f.mbps / n.mbps:.2f}x)")
-            sections.append(front_table(front_results, load_before, c.load_average()))
+        for front_kind in FRONTS if blob_rows else ():
+            results, load_before = measure_front(front_kind, base, storage, blob_rows, nginx_target, args)
+            sections.append(front_table(front_kind, results, load_before, c.load_average()))
 
         e2e = ""
         wanted = [x for x in args.clients.split(",") if x]
@@ -389,7 +374,58 @@ def serving_tables(
     )
 
 
-def front_table(results: list[tuple[Row, dict[str, Measured]]], load_before: str, load_after: str) -> str:
+@dataclass(frozen=True)
+class Front:
+    """A way of putting nginx in front of nixery (deploy/nginx/nixery.conf)."""
+
+    name: str
+    env: dict[str, str]
+    title: str
+    description: str
+
+
+FRONTS = [
+    Front(
+        "accel", {"NIXERY_BLOB_ACCEL_REDIRECT": "/_nixery_blobs/"},
+        "Blobs with nginx in front (`deploy/nginx/nixery.conf`, `NIXERY_BLOB_ACCEL_REDIRECT`)",
+        "nixery (one worker) answers each blob request after its checks with `X-Accel-Redirect`; the nginx in "
+        "front (2 workers, the shipped site config) sends the file.",
+    ),
+    Front(
+        "verified", {"NIXERY_BLOB_ACCEL_REDIRECT": "/_nixery_blobs/", "NIXERY_VERIFIED_BLOB_LINKS": "true"},
+        "Blobs with nginx in front and verified links (`NIXERY_VERIFIED_BLOB_LINKS=true`, for anonymous pulls)",
+        "As above, and nixery hard-links each blob it has hashed and found intact under `STORAGE_PATH/verified`; "
+        "the front sends those without asking nixery (the first request for each blob still goes to nixery).",
+    ),
+]
+
+
+def measure_front(
+    front_kind: Front, base: Path, storage: Path, rows: list[Row], nginx_target: Target, args: argparse.Namespace
+) -> tuple[list[tuple[Row, dict[str, Measured]]], str]:
+    """Start nixery behind a new nginx front on `storage`, load the blob rows, stop both."""
+    behind = c.registry(storage, workers=1, **front_kind.env)
+    behind.log_path = base / f"nixery-behind-nginx-{front_kind.name}.log"
+    with contextlib.ExitStack() as stack:
+        behind.start()  # opening the storage removes every verified link: each front starts from none
+        stack.callback(behind.stop)
+        front = stack.enter_context(c.nginx_front(base / f"nginx-front-{front_kind.name}", storage, behind.host))
+        target = Target("nixery behind nginx", front.url,
+                        lambda: c.process_tree(behind.process.pid) + c.process_tree(front.process.pid))
+        load_before = c.wait_for_quiet(max_load=1.5, timeout=60)
+        c.say(f"\nnginx in front of nixery, {front_kind.name} (load average {load_before})")
+        results = []
+        for row in rows:
+            m = measure([target], row, duration=args.duration, rounds=args.rounds, nginx=nginx_target)
+            results.append((row, m))
+            f, n = m["nixery behind nginx"].result, m["nginx"].result
+            c.say(f"  {row.label:26} {f.mbps:7.0f} vs nginx {n.mbps:7.0f} MB/s ({f.mbps / n.mbps:.2f}x)")
+    return results, load_before
+
+
+def front_table(
+    front_kind: Front, results: list[tuple[Row, dict[str, Measured]]], load_before: str, load_after: str
+) -> str:
     head = ["request", "nixery behind nginx req/s", "nginx req/s", "behind nginx MB/s", "nginx MB/s",
             "behind nginx / nginx (target ≥ 0.8)", "CPU µs/req (nixery + nginx front)", "CPU µs/req (nginx)", "errors"]
     rows = []
@@ -402,9 +438,7 @@ def front_table(results: list[tuple[Row, dict[str, Measured]]], load_before: str
             f"{f.result.errors} / {n.result.errors}",
         ])
     return (
-        "## Blobs with nginx in front (`deploy/nginx/nixery.conf`, `NIXERY_BLOB_ACCEL_REDIRECT`)\n\n"
-        "nixery (one worker) answers each blob request after its checks with `X-Accel-Redirect`; the nginx in "
-        "front (2 workers, the shipped site config) sends the file. Compared with nginx serving the same file "
+        f"## {front_kind.title}\n\n{front_kind.description} Compared with nginx serving the same file "
         f"directly. Load average before / after: {load_before} / {load_after}.\n\n"
         + c.table(head, rows) + "\n\n"
     )

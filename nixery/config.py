@@ -86,6 +86,8 @@ class Settings:
     blob_redirect: bool = True
     # An nginx `internal` location serving the filesystem blob directory (deploy/nginx/nixery.conf).
     blob_accel_redirect: str | None = None
+    # Blobs found intact are hard-linked under STORAGE_PATH/verified for nginx to send without asking.
+    verified_blob_links: bool = False
     signed_url_ttl: int = 300
     bundled_set: BundledSet = BUSYBOX_SET
     nix_timeout: float = 600.0
@@ -260,6 +262,24 @@ def _accel_redirect(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+def _verified_links(env: Mapping[str, str], backend: str, auth: AuthSettings) -> bool:
+    """NIXERY_VERIFIED_BLOB_LINKS: only where anyone may pull, as nginx then sends blobs unasked."""
+    if not _bool(env, "NIXERY_VERIFIED_BLOB_LINKS", False):
+        return False
+    if backend != "filesystem":
+        raise ConfigError(
+            f"NIXERY_VERIFIED_BLOB_LINKS=true needs NIXERY_STORAGE_BACKEND=filesystem (not {backend}): "
+            "bucket backends hand blobs to the bucket with signed redirects instead"
+        )
+    if auth.enabled and not auth.anonymous_pull:
+        raise ConfigError(
+            "NIXERY_VERIFIED_BLOB_LINKS=true lets nginx send blobs without asking the registry, so it cannot "
+            f"be combined with NIXERY_AUTH={auth.mode} unless NIXERY_AUTH_ANONYMOUS_PULL=true; "
+            "use NIXERY_BLOB_ACCEL_REDIRECT alone for a private registry"
+        )
+    return True
+
+
 def _images_path(env: Mapping[str, str]) -> Path | None:
     raw = env.get("NIXERY_IMAGES_PATH")
     if not raw:
@@ -289,6 +309,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     pkgs_path, pkgs_repo, channel = _source(env)
     storage_path = Path(env.get("STORAGE_PATH") or "/var/lib/nixery")
     backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))
+    auth = _auth(env)
     return Settings(
         host=env.get("NIXERY_HOST") or "127.0.0.1",
         port=_int(env, "PORT", 8080, low=0, high=65535),
@@ -304,6 +325,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         gcs=_gcs(env) if backend == "gcs" else None,
         blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
         blob_accel_redirect=_accel_redirect(env),
+        verified_blob_links=_verified_links(env, backend, auth),
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
         bundled_set=_bundled_set(env),
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
@@ -316,7 +338,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
-        auth=_auth(env),
+        auth=auth,
         images_path=_images_path(env),
         images_poll=_float(env, "NIXERY_IMAGES_POLL", 10.0),
         prebuild=_bool(env, "NIXERY_PREBUILD", False),

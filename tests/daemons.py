@@ -145,12 +145,13 @@ def nginx_config(root: Path, server_blocks: str, *, workers: str = "auto") -> Pa
 
 
 def nginx_front_site(*, listen: int, upstream: str, storage: Path) -> str:
-    """deploy/nginx/nixery.conf with its three site values replaced (each must be there)."""
+    """deploy/nginx/nixery.conf with its site values replaced (each must be there)."""
     site = NGINX_FRONT.read_text()
     for default, value in (
         ("listen 80;", f"listen 127.0.0.1:{listen};"),
         ("server 127.0.0.1:8080;", f"server {upstream};"),
         ("alias /var/lib/nixery/", f"alias {storage}/"),
+        ("root /var/lib/nixery/verified;", f"root {storage}/verified;"),
     ):
         if default not in site:
             raise AssertionError(f"{NGINX_FRONT} no longer has {default!r}: update the tests and benchmarks")

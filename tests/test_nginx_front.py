@@ -1,5 +1,7 @@
 """nginx in front of the registry, as deploy/nginx/nixery.conf ships it: the
-registry answers every request (and checks it), nginx sends the layer bytes.
+registry answers every request (and checks it), nginx sends the layer bytes;
+with NIXERY_VERIFIED_BLOB_LINKS, nginx sends blobs the registry has already
+hashed without asking it again.
 
 Real nginx, real clients: skopeo and podman pull through the front and run
 the image while the registry itself sends no blob byte.
@@ -7,15 +9,21 @@ the image while the registry itself sends no blob byte.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from nixery.auth import hash_password
 from nixery.config import ConfigError, load
+from nixery.storage.base import CorruptBlob
+from nixery.storage.filesystem import FilesystemStorage
 from tests import daemons
 from tests.registry import RegistryProcess, free_port, have, podman_run, run, skopeo_to_oci, unpack_oci
 
@@ -29,28 +37,43 @@ class Front:
     registry: RegistryProcess
     host: str  # nginx's HOST:PORT
 
-    def get(self, path: str, accept: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, accept: str | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
         import http.client
 
         hostname, port = self.host.split(":")
         connection = http.client.HTTPConnection(hostname, int(port), timeout=300)
         try:
-            connection.request("GET", path, headers={"Accept": accept} if accept else {})
+            connection.request(method, path, headers={"Accept": accept} if accept else {})
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
             connection.close()
 
 
-@pytest.fixture
-def front(start_registry, tmp_path: Path) -> Iterator[Front]:
+def _front(start_registry, tmp_path: Path, **env: str) -> Iterator[Front]:
     storage = tmp_path / "storage"
-    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox", NIXERY_BLOB_ACCEL_REDIRECT=PREFIX)
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox", NIXERY_BLOB_ACCEL_REDIRECT=PREFIX, **env)
     port = free_port()
     site = daemons.nginx_front_site(listen=port, upstream=registry.host, storage=storage)
     config = daemons.nginx_config(tmp_path / "nginx", site, workers="1")
     with daemons.nginx(tmp_path / "nginx", config, port):
         yield Front(registry, f"127.0.0.1:{port}")
+
+
+@pytest.fixture
+def front(start_registry, tmp_path: Path) -> Iterator[Front]:
+    """Every blob request goes to the registry (NIXERY_BLOB_ACCEL_REDIRECT alone)."""
+    yield from _front(start_registry, tmp_path)
+
+
+@pytest.fixture
+def public_front(start_registry, tmp_path: Path) -> Iterator[Front]:
+    """nginx also sends blobs the registry has found intact without asking it."""
+    yield from _front(start_registry, tmp_path, NIXERY_VERIFIED_BLOB_LINKS="true")
+
+
+def blob_requests_seen_by_registry(registry: RegistryProcess) -> list[str]:
+    return [e["path"] for e in registry.log_events("http.request") if "/blobs/" in e["path"]]
 
 
 def blob_bytes_sent_by_registry(registry: RegistryProcess) -> float:
@@ -121,3 +144,120 @@ def test_the_prefix_must_be_a_plain_absolute_path(prefix: str) -> None:
         load({"NIXERY_BLOB_ACCEL_REDIRECT": prefix})
     assert load({"NIXERY_BLOB_ACCEL_REDIRECT": PREFIX}).blob_accel_redirect == PREFIX
     assert load({}).blob_accel_redirect is None
+
+
+# ---- NIXERY_VERIFIED_BLOB_LINKS: nginx sends blobs the registry has checked ----------
+
+
+@needs_nginx
+def test_a_verified_blob_is_sent_by_nginx_without_asking_the_registry(public_front: Front) -> None:
+    _, manifest = public_front.registry.manifest("shell/hello")
+    layer = manifest["layers"][0]
+    path = f"/v2/shell/hello/blobs/{layer['digest']}"
+    first = public_front.get(path)
+    assert blob_requests_seen_by_registry(public_front.registry) == [path]  # hashed by the registry first
+    # From now on nginx alone: other names, GET and HEAD, same bytes and headers.
+    for method, name in (("GET", "shell/hello"), ("GET", "hello"), ("HEAD", "shell/hello")):
+        status, headers, body = public_front.get(f"/v2/{name}/blobs/{layer['digest']}", method=method)
+        assert status == 200
+        assert body == (first[2] if method == "GET" else b"")
+        assert int(headers["Content-Length"]) == layer["size"]
+        assert headers["Content-Type"] == "application/octet-stream"
+        assert headers["Docker-Content-Digest"] == layer["digest"]
+        assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert headers["ETag"] == f'"{layer["digest"]}"'
+    assert "sha256:" + hashlib.sha256(first[2]).hexdigest() == layer["digest"]
+    assert blob_requests_seen_by_registry(public_front.registry) == [path]
+
+
+@needs_nginx
+def test_what_nginx_cannot_answer_gets_the_registrys_own_errors(public_front: Front) -> None:
+    _, manifest = public_front.registry.manifest("shell/hello")
+    layer = manifest["layers"][0]["digest"]
+    assert public_front.get(f"/v2/shell/hello/blobs/{layer}")[0] == 200  # now linked
+    status, _, body = public_front.get(f"/v2/shell/hello/blobs/{layer}", method="DELETE")
+    assert status == 405 and json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    status, _, body = public_front.get(f"/v2/shell/hello/blobs/sha256:{'1' * 64}")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    status, _, body = public_front.get(f"/v2/shell/hello/blobs/sha256:{layer[7:20]}")
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+@needs_nginx
+def test_a_blob_corrupted_after_its_check_is_withdrawn_by_nixery_check(public_front: Front, tmp_path: Path) -> None:
+    _, manifest = public_front.registry.manifest("shell/cowsay")
+    layer = manifest["layers"][0]["digest"]
+    path = f"/v2/shell/cowsay/blobs/{layer}"
+    assert public_front.get(path)[0] == 200
+    storage = tmp_path / "storage"
+    with open(storage / "blobs" / "sha256" / layer[7:9] / layer[7:], "r+b") as blob:  # the same inode as the link
+        blob.write(b"rot")
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(storage)}, check=False)
+    assert result.returncode == 1 and layer in result.stdout
+    status, _, body = public_front.get(path)  # nginx no longer sends it; the registry hashes it again
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+@needs_nginx
+@pytest.mark.clients
+@pytest.mark.skipif(not (have("skopeo") and have("umoci")), reason="needs skopeo and umoci")
+def test_a_second_skopeo_pull_gets_every_blob_from_nginx_alone(public_front: Front, tmp_path: Path) -> None:
+    skopeo_to_oci(f"{public_front.host}/shell/hello", tmp_path / "first")
+    seen = blob_requests_seen_by_registry(public_front.registry)
+    assert seen, "the first pull's blobs are checked by the registry"
+    skopeo_to_oci(f"{public_front.host}/shell/hello", tmp_path / "second")
+    assert blob_requests_seen_by_registry(public_front.registry) == seen
+    rootfs = unpack_oci(tmp_path / "second", tmp_path / "bundle")
+    assert run(["chroot", str(rootfs), "/bin/sh", "-c", "hello"]).stdout == "Hello, world!\n"
+    assert blob_bytes_sent_by_registry(public_front.registry) == 0
+
+
+def test_links_follow_their_blobs(tmp_path: Path) -> None:
+    """Linked only once hashed; unlinked when deleted, quarantined or found corrupt; gone on restart."""
+
+    async def scenario() -> None:
+        store = FilesystemStorage(tmp_path, verified_links=True)
+        intact, damaged = await store.put_blob_bytes(b"layer one"), await store.put_blob_bytes(b"layer two")
+        assert not store.verified_link(intact).exists()
+        await store.blob_source(intact, allow_redirect=False)
+        assert os.path.samefile(store.verified_link(intact), store.blob_path(intact))
+        await store.delete_blob(intact)
+        assert not store.verified_link(intact).exists() and not store.blob_path(intact).exists()
+
+        await store.blob_source(damaged, allow_redirect=False)
+        store.blob_path(damaged).write_bytes(b"rot")  # in place: the link shows the same bytes
+        assert await store.verify_blob(damaged) is False
+        assert not store.verified_link(damaged).exists()
+        with pytest.raises(CorruptBlob):
+            await store.blob_source(damaged, allow_redirect=False)
+
+        again = await store.put_blob_bytes(b"layer three")
+        await store.blob_source(again, allow_redirect=False)
+        assert store.verified_link(again).exists()
+        FilesystemStorage(tmp_path)  # a restart (with or without links): every blob is hashed again first
+        assert not store.verified_link(again).exists() and store.blob_path(again).exists()
+
+    asyncio.run(scenario())
+
+
+def test_without_the_setting_nothing_is_linked(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FilesystemStorage(tmp_path)
+        digest = await store.put_blob_bytes(b"layer")
+        await store.blob_source(digest, allow_redirect=False)
+        assert not (tmp_path / "verified").exists()
+
+    asyncio.run(scenario())
+
+
+def test_links_need_the_filesystem_and_anonymous_pulls(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('a-secret', log_n=10)}:pull\n")
+    assert load({"NIXERY_VERIFIED_BLOB_LINKS": "true"}).verified_blob_links
+    assert not load({}).verified_blob_links
+    with pytest.raises(ConfigError, match="NIXERY_STORAGE_BACKEND=filesystem"):
+        load({"NIXERY_VERIFIED_BLOB_LINKS": "true", "NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "b"})
+    private = {"NIXERY_VERIFIED_BLOB_LINKS": "true", "NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": str(users)}
+    with pytest.raises(ConfigError, match="NIXERY_AUTH_ANONYMOUS_PULL=true"):
+        load(private)
+    assert load({**private, "NIXERY_AUTH_ANONYMOUS_PULL": "true"}).verified_blob_links

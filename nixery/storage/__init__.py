@@ -46,7 +46,7 @@ def open_storage(settings: Settings) -> Storage:
     """The storage driver the settings ask for (raises ConfigError if incomplete)."""
     backend = settings.storage_backend
     if backend == "filesystem":
-        return FilesystemStorage(settings.storage_path)
+        return FilesystemStorage(settings.storage_path, verified_links=settings.verified_blob_links)
     if backend == "s3":
         if settings.s3 is None:
             raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
