@@ -10,6 +10,10 @@ one pass, layers in parallel, and store them (fsync'd). The time is from the
 first manifest request to its answer, on fresh storage, registry started
 beforehand.
 
+The images: three from bench/data/pkgs (a tiny one, and two of big files),
+and, when `make debian-set` has made it, python3 of the Debian set (some
+5,000 real files), where the per-file cost shows.
+
 The limit is the same bytes through the native pipeline, on all cores:
 `tar -c <closure> | pigz -1 | sha256sum` (it writes nothing to disk and
 hashes only one digest, so it is a lower bound on what any registry can do).
@@ -47,6 +51,13 @@ IMAGES = {
     "medium: shell/scale-2/scale-61": ["shell", "scale-2", "scale-61"],
     "large: 99 scale-* packages": LARGE,
 }
+# Many small real files (the scale-* packages are few big ones): python3 of the Debian set
+# (`make debian-set`), about 5,000 entries in 42 store paths. Skipped when the set is not there.
+DEBIAN_PKGS = c.REPO / ".cache" / "debian-set"
+REAL_IMAGE = "real files: python3 (Debian set)"
+if (DEBIAN_PKGS / "default.nix").exists():
+    IMAGES[REAL_IMAGE] = ["python3"]
+PACKAGE_SETS = {REAL_IMAGE: DEBIAN_PKGS}  # the others: bench/data/pkgs
 REAL_FILES = "real binaries: /usr/bin (sizes only)"
 INCREMENTAL = {
     "large + extra10m (10 MiB new)": [*LARGE, "extra10m"],
@@ -58,8 +69,12 @@ def image_name(packages: list[str]) -> str:
     return "/".join(packages)
 
 
-def closure_of(packages: list[str]) -> list[str]:
-    return c.closure(c.nix_build(packages))
+def package_set(label: str) -> Path:
+    return PACKAGE_SETS.get(label, c.BENCH_PKGS)
+
+
+def closure_of(label: str, packages: list[str]) -> list[str]:
+    return c.closure(c.nix_build(packages, package_set(label)))
 
 
 def pipeline(paths: list[str], command: str) -> tuple[float, str]:
@@ -128,7 +143,7 @@ def main() -> int:
     base.mkdir(parents=True)
 
     c.say("building the store paths (nix-build) ...")
-    closures = {label: closure_of(pkgs) for label, pkgs in {**IMAGES, **INCREMENTAL}.items()}
+    closures = {label: closure_of(label, pkgs) for label, pkgs in {**IMAGES, **INCREMENTAL}.items()}
     large_closure = set(closures["large: 99 scale-* packages"])
     new_paths = {label: sorted(set(closures[label]) - large_closure) for label in INCREMENTAL}
     raw = {label: c.path_size(paths) for label, paths in closures.items()}
@@ -142,7 +157,7 @@ def main() -> int:
         c.say(f"run {run + 1}/{args.runs} (load average {c.load_average()})")
         for label, packages in IMAGES.items():
             storage = base / f"run{run}-{len(ours[label])}-{packages[-1]}"
-            registry = c.registry(storage).start()
+            registry = c.registry(storage, pkgs=package_set(label)).start()
             try:
                 build = timed_build(registry, packages)
                 ours[label].append(build)
@@ -157,7 +172,7 @@ def main() -> int:
                 registry.stop()
                 shutil.rmtree(storage, ignore_errors=True)
             storage = base / f"run{run}-zstd-{packages[-1]}"
-            registry = c.registry(storage, NIXERY_LAYER_COMPRESSION="zstd").start()
+            registry = c.registry(storage, pkgs=package_set(label), NIXERY_LAYER_COMPRESSION="zstd").start()
             try:
                 build = timed_build(registry, packages)
                 ours_zstd[label].append(build)
