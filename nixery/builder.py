@@ -5,7 +5,8 @@ Nix, layering, the caches and storage meet.
                                    │ miss
                                    ▼
         nix-instantiate ─► nix-store --realise ─► nix path-info (closure)
-                  (both read from Nix's store database when all is built)
+        (evaluations are kept per name, and the other two read from Nix's
+        store database: a new image of known, built names runs no Nix)
                                    ▼
         plan layers (with the history of stored layers)
                                    ▼
@@ -22,6 +23,8 @@ Caches live in storage, so they survive restarts and are shared by replicas:
 record, and `layers/<key>` maps a layer's exact path set to its blob. Both
 keys include the layer compression (gzip keys as they were before zstd
 existed), so switching NIXERY_LAYER_COMPRESSION never serves one for the other.
+`evaluations/<key>` maps (source revision, system, name) to what the name
+evaluated to (`nixery.evaluations`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import structlog
 
 from nixery import metrics
 from nixery.config import Settings
+from nixery.evaluations import EvaluationCache
 from nixery.layers.entrypoints import SSL_CERT_FILE, EntryPoints, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
@@ -226,6 +230,8 @@ class ImageBuilder:
         self._background_writes: set[asyncio.Task[None]] = set()
         self._last_use_written: dict[str, float] = {}
         storage.on_corrupt_blob(self._forget_images_using)
+        #: What image names evaluated to: a new image of known, built names starts no Nix process.
+        self.evaluations = EvaluationCache(storage)
         self._compressors = ThreadPoolExecutor(
             max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
         )
@@ -454,11 +460,15 @@ class ImageBuilder:
         nix.check_buildable(system)
         bound.info("build.evaluating")
         build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.packages)}")
-        resolved = await nix.evaluate(
-            await self.source.checkout(revision), request.packages, system, source=revision.source,
-            timeout=remaining()
-        )
-        bound.info("build.realising", derivations=len(resolved))
+        resolved = await self.evaluations.lookup(revision, system, request.packages)
+        evaluated = resolved is None
+        if resolved is None:
+            resolved = await nix.evaluate(
+                await self.source.checkout(revision), request.packages, system, source=revision.source,
+                timeout=remaining()
+            )
+            await self.evaluations.remember(revision, system, resolved)
+        bound.info("build.realising", derivations=len(resolved), evaluated=evaluated)
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
         outputs = [out for package in resolved for out in package.outputs]
         graph = await nix.ensure_built_closure(

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -34,6 +35,25 @@ class ResolvedPackage:
     drv_path: str
     outputs: tuple[str, ...]  # store paths that go into the image
     main_program: str | None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ResolvedPackage:
+        """From one of eval.nix's `packages` (raises KeyError, TypeError on other shapes)."""
+        outputs = doc["outputs"]
+        if not isinstance(outputs, list) or not all(isinstance(out, str) for out in outputs):
+            raise TypeError("outputs must be a list of store paths")
+        main_program = doc.get("mainProgram")
+        return cls(
+            name=str(doc["name"]), attr=str(doc["attr"]), drv_path=str(doc["drvPath"]), outputs=tuple(outputs),
+            main_program=None if main_program is None else str(main_program),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """As eval.nix prints it."""
+        return {
+            "name": self.name, "attr": self.attr, "drvPath": self.drv_path,
+            "outputs": list(self.outputs), "mainProgram": self.main_program,
+        }
 
 
 def host_system() -> str:
@@ -63,13 +83,7 @@ async def evaluate(
     try:
         result = json.loads(stdout)
         missing = [str(name) for name in result["missing"]]
-        packages = [
-            ResolvedPackage(
-                name=p["name"], attr=p["attr"], drv_path=p["drvPath"],
-                outputs=tuple(p["outputs"]), main_program=p.get("mainProgram"),
-            )
-            for p in result["packages"]
-        ]
+        packages = [ResolvedPackage.from_json(p) for p in result["packages"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise NixError(f"unexpected output from the evaluation: {exc}") from exc
     if missing:

@@ -84,9 +84,8 @@ class StoreDbUnavailable(Exception):
 
 async def valid_paths(paths: Sequence[str]) -> frozenset[str] | None:
     """Which of `paths` are valid (built or fetched) in the local store; None if unknown."""
-    try:
-        database = database_path()
-        return await asyncio.to_thread(read_valid_paths, database, paths)
+    try:  # in a thread: reading Nix's configuration files is disk I/O too
+        return await asyncio.to_thread(lambda: read_valid_paths(database_path(), paths))
     except Exception as exc:  # any failure at all means: run the Nix command
         _fall_back("valid_paths", exc, len(paths))
         return None
@@ -96,8 +95,7 @@ async def closure_graph(paths: Sequence[str]) -> ClosureGraph | None:
     """The closure of `paths`, as `nix path-info --json --recursive` gives it; None if
     the database cannot tell (some path is not valid, or see the module docstring)."""
     try:
-        database = database_path()
-        return await asyncio.to_thread(read_closure, database, paths)
+        return await asyncio.to_thread(lambda: read_closure(database_path(), paths))
     except Exception as exc:  # any failure at all means: run the Nix command
         _fall_back("closure_graph", exc, len(paths))
         return None

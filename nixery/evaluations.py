@@ -1,0 +1,99 @@
+"""What each image name evaluated to, kept so that a new image of known names
+needs no Nix process at all.
+
+Evaluating names is the one Nix process an image build of built packages
+still starts (40-50 ms here just to start it, much more for nixpkgs), and it
+answers the same for the same package-set revision, name and system. So each
+name's answer (attribute, derivation, outputs, main program) is stored under
+`evaluations/<key>` and reused by the next image that names it: `shell/git`
+after `shell` and `git` were pulled in other images skips the evaluation, and
+the checkout of the package set with it.
+
+The answers are only used when the database of Nix's store says that every
+output they name is still there (`nixery.nix.store_db`); otherwise, and for
+every name not seen before, all the image's names are evaluated as usual.
+Names that are not found are not kept: they cost an evaluation each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import structlog
+
+from nixery.nix import store_db
+from nixery.nix.packages import ResolvedPackage
+from nixery.nix.sources import Revision
+from nixery.registry.image import canonical_json
+from nixery.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+#: Bumped when what eval.nix returns for a name changes.
+FORMAT_VERSION = "1"
+PREFIX = "evaluations/"
+_MEMORY = 4096  # names kept in memory per process
+
+
+def evaluation_key(revision: Revision, system: str, name: str) -> str:
+    material = {"format": FORMAT_VERSION, "revision": revision.id, "system": system, "name": name}
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+class EvaluationCache:
+    def __init__(self, storage: Storage):
+        self._storage = storage
+        self._memory: OrderedDict[str, tuple[ResolvedPackage, ...]] = OrderedDict()
+
+    async def lookup(self, revision: Revision, system: str, names: Sequence[str]) -> list[ResolvedPackage] | None:
+        """The packages the names resolve to, in evaluation order, if every name is known
+        and everything it names is built; else None (then evaluate them all)."""
+        known = await asyncio.gather(*(self._known(evaluation_key(revision, system, name)) for name in names))
+        if any(packages is None for packages in known):
+            return None
+        resolved = [package for packages in known for package in packages or ()]
+        outputs = sorted({out for package in resolved for out in package.outputs})
+        valid = await store_db.valid_paths(outputs)
+        if valid is None or not valid.issuperset(outputs):
+            return None  # collected by Nix's GC, or the database cannot tell
+        return resolved
+
+    async def remember(self, revision: Revision, system: str, resolved: Sequence[ResolvedPackage]) -> None:
+        """Keep each name's packages (a name may stand for several, like `shell`)."""
+        by_name: dict[str, list[ResolvedPackage]] = {}
+        for package in resolved:
+            by_name.setdefault(package.name, []).append(package)
+        writes = []
+        for name, packages in by_name.items():
+            key = evaluation_key(revision, system, name)
+            self._keep(key, tuple(packages))
+            document = canonical_json({"packages": [p.to_json() for p in packages]})
+            writes.append(self._storage.put_meta(PREFIX + key, document))
+        await asyncio.gather(*writes)
+
+    async def _known(self, key: str) -> tuple[ResolvedPackage, ...] | None:
+        packages = self._memory.get(key)
+        if packages is not None:
+            self._memory.move_to_end(key)
+            return packages
+        data = await self._storage.get_meta(PREFIX + key)
+        if data is None:
+            return None
+        try:
+            packages = tuple(ResolvedPackage.from_json(p) for p in json.loads(data)["packages"])
+        except (ValueError, KeyError, TypeError) as exc:  # damaged: evaluate again (and overwrite it)
+            log.warning("evaluations.unreadable", key=key[:12], error=str(exc)[:200])
+            return None
+        self._keep(key, packages)
+        return packages
+
+    def _keep(self, key: str, packages: tuple[ResolvedPackage, ...]) -> None:
+        self._memory[key] = packages
+        self._memory.move_to_end(key)
+        while len(self._memory) > _MEMORY:
+            self._memory.popitem(last=False)
+

@@ -1,0 +1,130 @@
+"""Evaluations kept per name: a new image of names seen before, all built, runs no
+Nix process, and gives the same image as a registry that evaluates it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from nixery import evaluations
+from nixery.evaluations import EvaluationCache
+from nixery.nix import store_db
+from nixery.nix.packages import ResolvedPackage
+from nixery.nix.sources import Revision
+from nixery.storage.filesystem import FilesystemStorage
+from tests.registry import RegistryProcess, busybox_set_with, nix_call_count
+
+REVISION = Revision("path /pkgs", "tree-abc", None)
+SYSTEM = "x86_64-linux"
+
+
+def nix_calls_since(calls: Path, before: int) -> list[str]:
+    return calls.read_text().splitlines()[before:]
+
+
+def test_a_new_image_of_known_names_runs_no_nix_and_is_the_same_image(start_registry, nix_calls) -> None:
+    path, calls = nix_calls
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", PATH=path)
+    registry.manifest("shell/hello")
+    registry.manifest("cowsay")
+    before = nix_call_count(calls)
+    digest, manifest = registry.manifest("cowsay/hello/shell")  # never pulled, every name known
+    assert nix_calls_since(calls, before) == []
+    assert registry.log_events("build.realising")[-1]["evaluated"] is False
+
+    # The same image from a registry that evaluates the names (empty storage).
+    fresh: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", PATH=path)
+    before = nix_call_count(calls)
+    assert fresh.manifest("cowsay/hello/shell") == (digest, manifest)
+    assert any(call.startswith("nix-instantiate --eval") for call in nix_calls_since(calls, before))
+    assert fresh.log_events("build.realising")[-1]["evaluated"] is True
+
+    # Kept in storage: a restarted registry knows them too.
+    registry.stop()
+    registry.start()
+    before = nix_call_count(calls)
+    registry.manifest("hello/shell")
+    assert nix_calls_since(calls, before) == []
+
+
+def test_an_edited_package_set_is_evaluated_again(start_registry, nix_calls, tmp_path: Path) -> None:
+    path, calls = nix_calls
+    pkgs = busybox_set_with(tmp_path / "pkgs", "greeting", "greeting-1", "$bb/mkdir -p $out; echo hi > $out/hi")
+    registry: RegistryProcess = start_registry(NIXERY_PKGS_PATH=str(pkgs), PATH=path)
+    registry.manifest("greeting")
+    registry.manifest("hello")
+    (pkgs / "default.nix").write_text((pkgs / "default.nix").read_text() + "\n# edited\n")
+    before = nix_call_count(calls)
+    registry.manifest("greeting/hello")  # known names, but of another revision
+    assert any(call.startswith("nix-instantiate --eval") for call in nix_calls_since(calls, before))
+
+
+def package(name: str, attr: str, out: str) -> ResolvedPackage:
+    return ResolvedPackage(name, attr, f"/nix/store/{'d' * 32}-{attr}.drv", (out,), None)
+
+
+SHELL = [
+    package("shell", "bash", f"/nix/store/{'a' * 32}-bash"),
+    package("shell", "coreutils", f"/nix/store/{'b' * 32}-cu"),
+]
+HELLO = [package("hello", "hello", f"/nix/store/{'c' * 32}-hello")]
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The store paths the store database reports as valid (all of these by default)."""
+    valid = {out for p in SHELL + HELLO for out in p.outputs}
+
+    async def valid_paths(paths):
+        return frozenset(set(paths) & valid)
+
+    monkeypatch.setattr(store_db, "valid_paths", valid_paths)
+    return valid
+
+
+def test_every_name_must_be_known_and_every_output_built(tmp_path: Path, built: set[str]) -> None:
+    async def scenario() -> None:
+        cache = EvaluationCache(FilesystemStorage(tmp_path))
+        assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell"]) is None
+        await cache.remember(REVISION, SYSTEM, HELLO + SHELL)
+        # In evaluation order: name by name, a name's packages (shell: two) in their order.
+        assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell"]) == HELLO + SHELL
+        assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell", "curl"]) is None
+        assert await cache.lookup(Revision("path /pkgs", "tree-other", None), SYSTEM, ["hello"]) is None
+        assert await cache.lookup(REVISION, "aarch64-linux", ["hello"]) is None
+        built.discard(SHELL[1].outputs[0])  # collected by Nix's garbage collector
+        assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell"]) is None
+        assert await cache.lookup(REVISION, SYSTEM, ["hello"]) == HELLO
+
+    asyncio.run(scenario())
+
+
+def test_answers_come_back_from_storage_and_a_damaged_one_is_evaluated_again(
+    tmp_path: Path, built: set[str]
+) -> None:
+    async def scenario() -> None:
+        storage = FilesystemStorage(tmp_path)
+        await EvaluationCache(storage).remember(REVISION, SYSTEM, HELLO + SHELL)
+        restarted = EvaluationCache(storage)
+        assert await restarted.lookup(REVISION, SYSTEM, ["shell"]) == SHELL
+        key = evaluations.PREFIX + evaluations.evaluation_key(REVISION, SYSTEM, "hello")
+        await storage.put_meta(key, b'{"packages": [{"name": "hello"}]}')
+        assert await EvaluationCache(storage).lookup(REVISION, SYSTEM, ["hello"]) is None
+
+    asyncio.run(scenario())
+
+
+def test_without_the_store_database_names_are_evaluated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unknown(paths):
+        return None
+
+    monkeypatch.setattr(store_db, "valid_paths", unknown)
+
+    async def scenario() -> None:
+        cache = EvaluationCache(FilesystemStorage(tmp_path))
+        await cache.remember(REVISION, SYSTEM, HELLO)
+        assert await cache.lookup(REVISION, SYSTEM, ["hello"]) is None
+
+    asyncio.run(scenario())
