@@ -137,7 +137,8 @@ def _gc(args: argparse.Namespace) -> int:
         return 2
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
-          f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images")
+          f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images; "
+          f"{verb} {report.evaluations_removed} kept name evaluations of package-set revisions no kept image uses")
     return 0
 
 

@@ -13,6 +13,8 @@ The answers are only used when the database of Nix's store says that every
 output they name is still there (`nixery.nix.store_db`); otherwise, and for
 every name not seen before, all the image's names are evaluated as usual.
 Names that are not found are not kept: they cost an evaluation each time.
+`nixery gc` removes the answers for package-set revisions that no kept image
+was built from.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class EvaluationCache:
         for name, packages in by_name.items():
             key = evaluation_key(revision, system, name)
             self._keep(key, tuple(packages))
-            document = canonical_json({"packages": [p.to_json() for p in packages]})
+            # The revision is kept for `nixery gc`, which drops those of revisions no kept image uses.
+            document = canonical_json({"revision": revision.id, "packages": [p.to_json() for p in packages]})
             writes.append(self._storage.put_meta(PREFIX + key, document))
         await asyncio.gather(*writes)
 

@@ -7,7 +7,8 @@ Both run against live storage while registries serve from it:
   downloading everything, so there only presence and sizes are checked), and
   every image record against the blobs it names.
 * `collect_garbage` removes images not used within a time limit, then blobs no
-  remaining image uses. An image in use is never removed: registries record a
+  remaining image uses, and the names' evaluations kept for package-set
+  revisions that no remaining image was built from. An image in use is never removed: registries record a
   use at least once an hour (`usage/<key>`), and the limit is longer than that.
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
   grace period keeps them until the build has written its image record.
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from nixery.builder import USAGE_PREFIX, ImageRecord
+from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -49,6 +51,7 @@ class GarbageReport:
     images_kept: int = 0
     blobs_removed: int = 0
     bytes_freed: int = 0
+    evaluations_removed: int = 0
     dry_run: bool = False
 
 
@@ -91,6 +94,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     now = time.time()
     report = GarbageReport(dry_run=dry_run)
     live: set[Digest] = set()
+    live_revisions: set[str] = set()
     for key, record in (await _records(storage)).items():
         image_key = key.removeprefix("images/")
         used = await storage.get_meta(f"{USAGE_PREFIX}{image_key}")
@@ -103,6 +107,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         else:
             report.images_kept += 1
             live |= record.blobs()
+            live_revisions.add(record.revision)
     async for blob in storage.list_blobs():
         if blob.digest in live or now - blob.modified < BLOB_GRACE:
             continue
@@ -110,4 +115,19 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         report.bytes_freed += blob.size
         if not dry_run:
             await storage.delete_blob(blob.digest)
+    for key in await storage.list_meta(EVALUATIONS):
+        if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
+            continue
+        report.evaluations_removed += 1
+        if not dry_run:
+            await storage.delete_meta(key)
     return report
+
+
+def _evaluated_revision(data: bytes | None) -> str | None:
+    """The revision an evaluation was made at; None if gone or unreadable (then it goes)."""
+    try:
+        revision = json.loads(data or b"null")["revision"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return revision if isinstance(revision, str) else None

@@ -4,15 +4,19 @@ Nix process, and gives the same image as a registry that evaluates it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
-from nixery import evaluations
+from nixery import evaluations, maintenance
+from nixery.builder import ImageRecord, ManifestRef
 from nixery.evaluations import EvaluationCache
 from nixery.nix import store_db
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.sources import Revision
+from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import ManifestFormat
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import RegistryProcess, busybox_set_with, nix_call_count
 
@@ -126,5 +130,31 @@ def test_without_the_store_database_names_are_evaluated(tmp_path: Path, monkeypa
         cache = EvaluationCache(FilesystemStorage(tmp_path))
         await cache.remember(REVISION, SYSTEM, HELLO)
         assert await cache.lookup(REVISION, SYSTEM, ["hello"]) is None
+
+    asyncio.run(scenario())
+
+
+def test_gc_drops_evaluations_of_revisions_no_kept_image_uses(tmp_path: Path, built: set[str]) -> None:
+    live, gone = Revision("path /pkgs", "tree-live", None), Revision("path /pkgs", "tree-gone", None)
+
+    async def scenario() -> None:
+        storage = FilesystemStorage(tmp_path)
+        config = Digest.of(b"{}")
+        record = ImageRecord(
+            key="k" * 64, name="hello/shell", source=live.source, revision=live.id, packages=("hello", "shell"),
+            architecture="amd64", config=config, manifests={ManifestFormat.DOCKER: ManifestRef(config, 2)},
+            layers=(), built_at=time.time(),
+        )
+        await storage.put_meta(f"images/{record.key}", record.to_json())  # young: kept
+        for revision in (live, gone):
+            await EvaluationCache(storage).remember(revision, SYSTEM, HELLO + SHELL)
+        await storage.put_meta(evaluations.PREFIX + "0" * 64, b"not json")  # unreadable: goes
+
+        dry = await maintenance.collect_garbage(storage, older_than=30 * 86400, dry_run=True)
+        assert dry.evaluations_removed == 3 and len(await storage.list_meta(evaluations.PREFIX)) == 5
+        report = await maintenance.collect_garbage(storage, older_than=30 * 86400)
+        assert (report.images_kept, report.evaluations_removed) == (1, 3)
+        assert await EvaluationCache(storage).lookup(live, SYSTEM, ["hello", "shell"]) == HELLO + SHELL
+        assert await EvaluationCache(storage).lookup(gone, SYSTEM, ["hello"]) is None
 
     asyncio.run(scenario())
