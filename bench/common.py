@@ -164,20 +164,12 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-class Daemon:
+class Daemon(daemons.LoopbackServer):
     """A peer server started by a benchmark and stopped by pid (never by name)."""
 
     def __init__(self, name: str, argv: list[str], port: int, log: Path, ready_path: str = "/"):
         self.name, self.argv, self.port, self.log, self.ready_path = name, argv, port, log, ready_path
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def start(self, timeout: float = 20) -> Daemon:
         self.process = daemons.start_http_server(self.argv, self.log, self.url + self.ready_path, self.name,
@@ -233,16 +225,7 @@ def nginx_front(root: Path, storage: Path, upstream: str, *, workers: str = "aut
 def request(host: str, path: str, *, method: str = "GET", accept: str | None = None,
             timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request to HOST:PORT on loopback; returns (status, headers, body)."""
-    import http.client
-
-    hostname, port = host.rsplit(":", 1)
-    connection = http.client.HTTPConnection(hostname, int(port), timeout=timeout)
-    try:
-        connection.request(method, path, headers={"Accept": accept} if accept else {})
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
+    return daemons.http_request(host, path, method=method, accept=accept, timeout=timeout)
 
 
 # ---- wrk -----------------------------------------------------------------------

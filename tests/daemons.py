@@ -17,6 +17,36 @@ from pathlib import Path
 from typing import Any
 
 
+class LoopbackServer:
+    """A server of the tests or benchmarks listening on 127.0.0.1 at `port`."""
+
+    port: int
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+def http_request(
+    host: str, path: str, *, method: str = "GET", accept: str | None = None, timeout: float = 300
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to HOST:PORT; returns (status, headers, body)."""
+    import http.client
+
+    hostname, port = host.rsplit(":", 1)
+    connection = http.client.HTTPConnection(hostname, int(port), timeout=timeout)
+    try:
+        connection.request(method, path, headers={"Accept": accept} if accept else {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
 def wait_until(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, what: str,
                timeout: float = 30.0) -> None:
     """Wait for `ready()`; fail at once, with the end of its log, if the process exits first."""

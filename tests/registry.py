@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 @dataclass
-class RegistryProcess:
+class RegistryProcess(daemons.LoopbackServer):
     """A `nixery serve` subprocess on a free port, with its own storage."""
 
     storage: Path
@@ -39,14 +39,6 @@ class RegistryProcess:
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def start(self, timeout: float = 20.0) -> RegistryProcess:
         env = {**os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env}

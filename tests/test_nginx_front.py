@@ -38,16 +38,7 @@ class Front:
     host: str  # nginx's HOST:PORT
 
     def get(self, path: str, accept: str | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        import http.client
-
-        hostname, port = self.host.split(":")
-        connection = http.client.HTTPConnection(hostname, int(port), timeout=300)
-        try:
-            connection.request(method, path, headers={"Accept": accept} if accept else {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+        return daemons.http_request(self.host, path, method=method, accept=accept)
 
 
 def _front(start_registry, tmp_path: Path, **env: str) -> Iterator[Front]:
