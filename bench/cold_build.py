@@ -8,7 +8,9 @@ what the registry does on top of Nix: evaluate the names, ask Nix for the
 closure, plan layers, then tar, gzip (isal, level 1) and hash each layer in
 one pass, layers in parallel, and store them (fsync'd). The time is from the
 first manifest request to its answer, on fresh storage, registry started
-beforehand.
+beforehand (and its long-running Nix evaluator with it, as on a registry that
+has been running; the same builds with one nix-instantiate each are reported
+too).
 
 The images: three from bench/data/pkgs (a tiny one, and two of big files),
 and, when `make debian-set` has made it, python3 of the Debian set (some
@@ -131,6 +133,16 @@ def timed_build(registry: c.RegistryProcess, packages: list[str]) -> Build:
                  int(stored.get("bytes", 0)), sum(layer["size"] for layer in manifest["layers"]))
 
 
+def one_build(storage: Path, label: str, packages: list[str], env: dict[str, str]) -> Build:
+    """A cold build on fresh storage, by a registry started for it with `env`."""
+    registry = c.ready_registry(storage, pkgs=package_set(label), **env)
+    try:
+        return timed_build(registry, packages)
+    finally:
+        registry.stop()
+        shutil.rmtree(storage, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one run, no zstd client check")
@@ -157,12 +169,13 @@ def main() -> int:
     ours: dict[str, list[Build]] = {label: [] for label in [*IMAGES, *INCREMENTAL]}
     limit: dict[str, list[float]] = {label: [] for label in [*IMAGES, *INCREMENTAL]}
     ours_zstd: dict[str, list[Build]] = {label: [] for label in IMAGES}  # NIXERY_LAYER_COMPRESSION=zstd
+    ours_process: dict[str, list[Build]] = {label: [] for label in IMAGES}  # NIXERY_NIX_EVALUATOR=process
     known: list[Build] = []  # KNOWN, each on the storage of a small image's cold build
     for run in range(args.runs):
         c.say(f"run {run + 1}/{args.runs} (load average {c.load_average()})")
         for label, packages in IMAGES.items():
             storage = base / f"run{run}-{len(ours[label])}-{packages[-1]}"
-            registry = c.registry(storage, pkgs=package_set(label)).start()
+            registry = c.ready_registry(storage, pkgs=package_set(label))
             try:
                 build = timed_build(registry, packages)
                 ours[label].append(build)
@@ -180,15 +193,13 @@ def main() -> int:
             finally:
                 registry.stop()
                 shutil.rmtree(storage, ignore_errors=True)
-            storage = base / f"run{run}-zstd-{packages[-1]}"
-            registry = c.registry(storage, pkgs=package_set(label), NIXERY_LAYER_COMPRESSION="zstd").start()
-            try:
-                build = timed_build(registry, packages)
-                ours_zstd[label].append(build)
-                c.say(f"  {'  with zstd layers':34} {build.seconds:6.2f} s, {build.total / c.MB:.1f} MB")
-            finally:
-                registry.stop()
-                shutil.rmtree(storage, ignore_errors=True)
+            for variant, env, builds in (("with zstd layers", {"NIXERY_LAYER_COMPRESSION": "zstd"}, ours_zstd),
+                                         ("one nix-instantiate per image", {"NIXERY_NIX_EVALUATOR": "process"},
+                                          ours_process)):
+                storage = base / f"run{run}-{'-'.join(env.values())}-{packages[-1]}"
+                build = one_build(storage, label, packages, env)
+                builds[label].append(build)
+                c.say(f"  {'  ' + variant:34} {build.seconds:6.2f} s, {build.total / c.MB:.1f} MB  {build.stages}")
             seconds, _ = pipeline(closures[label], "pigz -1 | sha256sum")
             limit[label].append(seconds)
             c.say(f"  {'limit':34} {seconds:6.2f} s")
@@ -214,6 +225,7 @@ def main() -> int:
     zstd_clients = "" if args.no_clients else zstd_client_check(base)
     shutil.rmtree(base, ignore_errors=True)
     body = (report(ours, limit, raw, closures, new_paths, sizes, args.runs) + known_names(known, ours)
+            + evaluators(ours, ours_process, limit)
             + zstd_builds(ours, ours_zstd, limit)
             + zstd_section(zstd_clients))
     print("\n" + body)
@@ -226,8 +238,9 @@ def report(ours, limit, raw, closures, new_paths, sizes, runs) -> str:
     out = [
         "Store paths built beforehand; page cache warm for both sides. Limit: "
         "`tar -c <closure> | pigz -1 | sha256sum` (all cores, nothing written). nixery: first manifest "
-        "request to the answer, on fresh storage: Nix evaluation and closure, layering, tar + gzip "
-        "(isal level 1) + both digests in one pass per layer, layers in parallel on all cores, "
+        "request to the answer, on fresh storage: Nix evaluation (in the registry's long-running repl) and "
+        "closure, layering, tar + gzip (isal level 1) + both digests in one pass per layer, layers in parallel "
+        "on all cores, "
         f"written and fsync'd. Median (min-max) of {runs} runs; stage times from the registry's log.\n",
         "## Cold builds\n",
     ]
@@ -330,6 +343,34 @@ def known_names(known: list[Build], ours: dict[str, list[Build]]) -> str:
         + c.table(["image", "nixery s", "evaluate stage s", "layers compressed", "time / cold build of shell/hello"],
                   [[KNOWN_LABEL, f"{t.median:.3f} ({t.spread})", f"{evaluate:.3f}",
                     f"{known[0].created} of {known[0].layers}", f"{t.median / small:.2f}"]])
+        + "\n"
+    )
+
+
+def evaluators(ours: dict[str, list[Build]], ours_process: dict[str, list[Build]],
+               limit: dict[str, list[float]]) -> str:
+    """The cold builds above against the same builds evaluated by one nix-instantiate each."""
+    rows = []
+    for label, builds in ours_process.items():
+        if not builds:
+            continue
+        repl, process = c.Timing([b.seconds for b in ours[label]]), c.Timing([b.seconds for b in builds])
+        lim = statistics.median(limit[label])
+        rows.append([
+            label, f"{repl.median:.3f} ({repl.spread})",
+            f"{statistics.median(b.stages.get('evaluate', 0.0) for b in ours[label]):.3f}",
+            f"{process.median:.3f} ({process.spread})",
+            f"{statistics.median(b.stages.get('evaluate', 0.0) for b in builds):.3f}",
+            f"{repl.median / lim:.2f}", f"{process.median / lim:.2f}",
+        ])
+    return (
+        "\n## Evaluating in a long-running repl vs one nix-instantiate per image\n\n"
+        "The cold builds above evaluate the image's names in the registry's `nix repl`, started (and the package "
+        "set imported) when the registry starts (`nixery/nix/evaluator.py`). Here the same builds with "
+        "`NIXERY_NIX_EVALUATOR=process`, which starts one `nix-instantiate` per image (Nixery's way: any Nix "
+        "command costs some 40 ms to start here, and it imports the package set again each time).\n\n"
+        + c.table(["image", "repl: nixery s", "repl: evaluate s", "process: nixery s", "process: evaluate s",
+                   "repl / limit", "process / limit"], rows)
         + "\n"
     )
 

@@ -136,6 +136,19 @@ def registry(storage: Path, *, workers: int = 1, pkgs: Path = BENCH_PKGS, **env:
     return RegistryProcess(storage=storage, env=settings, log_path=storage.parent / f"nixery-{storage.name}.log")
 
 
+def ready_registry(storage: Path, *, pkgs: Path = BENCH_PKGS, **env: str) -> RegistryProcess:
+    """`registry(...)` started, with its Nix evaluator warmed up, as on a registry that has been running."""
+    registry_process = registry(storage, pkgs=pkgs, **env).start()
+    if env.get("NIXERY_NIX_EVALUATOR", "repl") == "repl":
+        deadline = time.monotonic() + 60
+        while '"nix.evaluator_ready"' not in registry_process.log():
+            if time.monotonic() > deadline:
+                registry_process.stop()
+                raise RuntimeError(f"the registry's evaluator did not start: {registry_process.log()[-2000:]}")
+            time.sleep(0.02)
+    return registry_process
+
+
 def process_tree(pid: int) -> list[int]:
     """The pid and its descendants (from /proc)."""
     children: dict[int, list[int]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -53,7 +54,9 @@ def create_app(settings: Settings) -> web.Application:
             declarations = await open_declarations(settings, builder)
             app[routes.RESOLVER] = declarations  # NixImage declarations: docs/kubernetes.md
         log.info("registry.started", source=settings.source_description, storage=storage.name)
+        warm_up = asyncio.ensure_future(builder.warm_up())  # in the background: serving starts now
         yield
+        warm_up.cancel()
         if declarations is not None:
             await declarations.close()
         await builder.close()

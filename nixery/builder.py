@@ -52,6 +52,7 @@ from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer, write_store_layer
 from nixery.nix import packages as nix
+from nixery.nix.evaluator import Evaluators
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.sources import PackageSource, Revision, open_source
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
@@ -211,8 +212,11 @@ class ImageBuilder:
         max_concurrent_builds: int,
         compression_threads: int | None = None,
         layer_compression: Compression = Compression.GZIP,
+        evaluators: Evaluators | None = None,
     ):
         self.storage = storage
+        #: Long-running Nix evaluators (None: one nix-instantiate per image).
+        self.evaluators = evaluators
         self.source = source
         self.nix_timeout = nix_timeout
         self.max_layers = max_layers
@@ -245,9 +249,26 @@ class ImageBuilder:
             max_layers=settings.max_layers,
             max_concurrent_builds=settings.max_concurrent_builds,
             layer_compression=settings.layer_compression,
+            evaluators=Evaluators(memory_limit=settings.evaluator_memory_limit)
+            if settings.nix_evaluator == "repl" else None,
         )
 
+    async def warm_up(self) -> None:
+        """Start this host's evaluator on a local package set, so the first image need not."""
+        if self.evaluators is None:
+            return
+        try:
+            revision = await self.source.resolve("latest")
+        except Exception as exc:  # the first build reports it
+            log.info("build.warm_up_skipped", error=str(exc)[:200])
+            return
+        if revision.path is not None:  # fetched sources warm up with their first build
+            await self.evaluators.warm(revision.id, revision.path, system=nix.host_system(), timeout=self.nix_timeout)
+
     async def close(self) -> None:
+        await self.evaluations.flush()
+        if self.evaluators is not None:
+            await self.evaluators.close()
         self._compressors.shutdown(wait=False, cancel_futures=True)
 
     # ---- lookups -------------------------------------------------------
@@ -465,9 +486,9 @@ class ImageBuilder:
         if resolved is None:
             resolved = await nix.evaluate(
                 await self.source.checkout(revision), request.packages, system, source=revision.source,
-                timeout=remaining()
+                timeout=remaining(), evaluators=self.evaluators, revision=revision.id,
             )
-            await self.evaluations.remember(revision, system, resolved)
+            self.evaluations.remember(revision, system, resolved)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated)
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
         outputs = [out for package in resolved for out in package.outputs]

@@ -91,6 +91,10 @@ class Settings:
     signed_url_ttl: int = 300
     bundled_set: BundledSet = BUSYBOX_SET
     nix_timeout: float = 600.0
+    # "repl": a long-running `nix repl` per system resolves image names (nixery/nix/evaluator.py);
+    # "process": one nix-instantiate per image.
+    nix_evaluator: str = "repl"
+    evaluator_memory_limit: int = 1024 << 20  # bytes; a repl grown past it is restarted
     max_layers: int = 100
     max_concurrent_builds: int = 2
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
@@ -329,6 +333,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
         bundled_set=_bundled_set(env),
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
+        nix_evaluator=_choice(env, "NIXERY_NIX_EVALUATOR", "repl", ("repl", "process")),
+        evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
         layer_compression=Compression(

@@ -50,6 +50,7 @@ class EvaluationCache:
     def __init__(self, storage: Storage):
         self._storage = storage
         self._memory: OrderedDict[str, tuple[ResolvedPackage, ...]] = OrderedDict()
+        self._writes: set[asyncio.Future[list[None]]] = set()
 
     async def lookup(self, revision: Revision, system: str, names: Sequence[str]) -> list[ResolvedPackage] | None:
         """The packages the names resolve to, in evaluation order, if every name is known
@@ -64,8 +65,12 @@ class EvaluationCache:
             return None  # collected by Nix's GC, or the database cannot tell
         return resolved
 
-    async def remember(self, revision: Revision, system: str, resolved: Sequence[ResolvedPackage]) -> None:
-        """Keep each name's packages (a name may stand for several, like `shell`)."""
+    def remember(self, revision: Revision, system: str, resolved: Sequence[ResolvedPackage]) -> None:
+        """Keep each name's packages (a name may stand for several, like `shell`).
+
+        Kept in memory at once; written to storage in the background, off the
+        image's build (a write lost to a crash costs one evaluation later).
+        """
         by_name: dict[str, list[ResolvedPackage]] = {}
         for package in resolved:
             by_name.setdefault(package.name, []).append(package)
@@ -76,7 +81,18 @@ class EvaluationCache:
             # The revision is kept for `nixery gc`, which drops those of revisions no kept image uses.
             document = canonical_json({"revision": revision.id, "packages": [p.to_json() for p in packages]})
             writes.append(self._storage.put_meta(PREFIX + key, document))
-        await asyncio.gather(*writes)
+        task = asyncio.ensure_future(asyncio.gather(*writes))
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    async def flush(self) -> None:
+        """Wait for the writes `remember` started."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _written(self, task: asyncio.Future[list[None]]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("evaluations.not_kept", error=str(task.exception())[:200])
 
     async def _known(self, key: str) -> tuple[ResolvedPackage, ...] | None:
         packages = self._memory.get(key)

@@ -130,6 +130,19 @@ def unpack_oci(layout: Path, bundle: Path, tag: str = "img") -> Path:
     return bundle / "rootfs"
 
 
+# The registry's long-running `nix repl` (nixery/nix/evaluator.py) gets one line per
+# image evaluation: each is logged like a `nix-instantiate --eval` call, so that
+# counts of evaluations hold whichever way the registry evaluates.
+_REPL_TEE = """if [ "$1" = repl ]; then
+  while IFS= read -r line; do
+    case "$line" in '__nixeryRequest "'*) echo "nix-instantiate --eval (sent to nix repl)" >> {calls};; esac
+    printf '%s\\n' "$line"
+  done | {real} "$@"
+  exit
+fi
+"""
+
+
 def nix_counting_path(directory: Path) -> tuple[str, Path]:
     """Wrap Nix's commands so that every call is logged; returns (PATH, log file)."""
     calls = directory / "nix-calls.log"
@@ -138,7 +151,7 @@ def nix_counting_path(directory: Path) -> tuple[str, Path]:
         real = shutil.which(tool)
         assert real, f"{tool} is not installed"
         wrapper = directory / tool
-        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexec {real} "$@"\n')
+        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{_REPL_TEE.format(calls=calls, real=real) if tool == "nix" else ""}exec {real} "$@"\n')
         wrapper.chmod(0o755)
     return f"{directory}:{os.environ['PATH']}", calls
 

@@ -88,11 +88,17 @@ def built(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     return valid
 
 
+async def remembered(cache: EvaluationCache, revision: Revision, system: str, resolved: list) -> None:
+    """`remember`, and its writes to storage finished."""
+    cache.remember(revision, system, resolved)
+    await cache.flush()
+
+
 def test_every_name_must_be_known_and_every_output_built(tmp_path: Path, built: set[str]) -> None:
     async def scenario() -> None:
         cache = EvaluationCache(FilesystemStorage(tmp_path))
         assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell"]) is None
-        await cache.remember(REVISION, SYSTEM, HELLO + SHELL)
+        await remembered(cache, REVISION, SYSTEM, HELLO + SHELL)
         # In evaluation order: name by name, a name's packages (shell: two) in their order.
         assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell"]) == HELLO + SHELL
         assert await cache.lookup(REVISION, SYSTEM, ["hello", "shell", "curl"]) is None
@@ -110,7 +116,7 @@ def test_answers_come_back_from_storage_and_a_damaged_one_is_evaluated_again(
 ) -> None:
     async def scenario() -> None:
         storage = FilesystemStorage(tmp_path)
-        await EvaluationCache(storage).remember(REVISION, SYSTEM, HELLO + SHELL)
+        await remembered(EvaluationCache(storage), REVISION, SYSTEM, HELLO + SHELL)
         restarted = EvaluationCache(storage)
         assert await restarted.lookup(REVISION, SYSTEM, ["shell"]) == SHELL
         key = evaluations.PREFIX + evaluations.evaluation_key(REVISION, SYSTEM, "hello")
@@ -128,7 +134,7 @@ def test_without_the_store_database_names_are_evaluated(tmp_path: Path, monkeypa
 
     async def scenario() -> None:
         cache = EvaluationCache(FilesystemStorage(tmp_path))
-        await cache.remember(REVISION, SYSTEM, HELLO)
+        await remembered(cache, REVISION, SYSTEM, HELLO)
         assert await cache.lookup(REVISION, SYSTEM, ["hello"]) is None
 
     asyncio.run(scenario())
@@ -147,7 +153,7 @@ def test_gc_drops_evaluations_of_revisions_no_kept_image_uses(tmp_path: Path, bu
         )
         await storage.put_meta(f"images/{record.key}", record.to_json())  # young: kept
         for revision in (live, gone):
-            await EvaluationCache(storage).remember(revision, SYSTEM, HELLO + SHELL)
+            await remembered(EvaluationCache(storage), revision, SYSTEM, HELLO + SHELL)
         await storage.put_meta(evaluations.PREFIX + "0" * 64, b"not json")  # unreadable: goes
 
         dry = await maintenance.collect_garbage(storage, older_than=30 * 86400, dry_run=True)

@@ -15,6 +15,7 @@ import structlog
 from nixery.layers.graph import ClosureGraph, GraphError
 from nixery.nix import store_db
 from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
+from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import run_nix
 
 log = structlog.get_logger(__name__)
@@ -69,17 +70,32 @@ def check_buildable(system: str) -> None:
 
 
 async def evaluate(
-    pkgs_path: Path, names: Sequence[str], system: str, *, source: str, timeout: float
+    pkgs_path: Path,
+    names: Sequence[str],
+    system: str,
+    *,
+    source: str,
+    timeout: float,
+    evaluators: Evaluators | None = None,
+    revision: str = "",
 ) -> list[ResolvedPackage]:
-    """Resolve image names in the package set at `pkgs_path`."""
-    request = json.dumps({"packages": list(names), "system": system})
-    stdout = await run_nix(
-        [
-            "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
-            str(EVAL_NIX), "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", request,
-        ],
-        timeout=timeout,
-    )
+    """Resolve image names in the package set at `pkgs_path` (of `revision`).
+
+    With `evaluators`, a long-running repl answers when it can; otherwise, or
+    when it cannot take the request, one `nix-instantiate` does.
+    """
+    request = {"packages": list(names), "system": system}
+    stdout = None
+    if evaluators is not None:
+        stdout = await evaluators.evaluate(revision, pkgs_path, request, system=system, timeout=timeout)
+    if stdout is None:
+        stdout = await run_nix(
+            [
+                "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(EVAL_NIX),
+                "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", json.dumps(request),
+            ],
+            timeout=timeout,
+        )
     try:
         result = json.loads(stdout)
         missing = [str(name) for name in result["missing"]]

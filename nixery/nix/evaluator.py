@@ -1,0 +1,365 @@
+"""Long-running Nix evaluators: image names resolved without starting Nix each time.
+
+Any Nix command takes about 40 ms here just to start, and importing a package
+set as big as nixpkgs takes far longer. A `nix repl` kept for one package-set
+revision and one system imports the set once (evaluator.nix) and then answers
+each image's names in a few milliseconds, reusing what earlier images evaluated.
+
+The protocol is the repl's own text. Each exchange is one expression line
+followed by `builtins.trace "<marker>" "<marker>"`; the marker's value on
+stdout and its trace line on stderr say where that expression's output ends
+on both streams. User input never becomes Nix code: a request is a JSON file
+in a private directory, which the expression names and evaluator.nix reads
+with `builtins.readFile`. Output that does not fit this protocol (another Nix
+version's repl, a crash) ends the process with `EvaluatorUnusable`, and the
+caller evaluates with `nix-instantiate` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from nixery.metrics import NIX_PROCESSES
+from nixery.nix.errors import NixError, NixTimeout
+from nixery.nix.process import kill_process_tree
+
+log = structlog.get_logger(__name__)
+
+EVALUATOR_NIX = Path(__file__).with_name("evaluator.nix")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NIX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_NIX_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+# Only these characters may appear in a path written into the repl's input.
+_SAFE_PATH = re.compile(r"[A-Za-z0-9/._-]+")
+_LINE_LIMIT = 64 << 20  # one answer is one line: the JSON of every resolved package
+_TAIL_LINES = 25
+_ENDS_BEFORE_GIVING_UP = 3
+_DEFINITION_TIMEOUT = 30.0  # for the set-up lines, which evaluate nothing yet
+_REQUEST_MARK = "__nixeryRequest"  # the start of every evaluation line (tests count them)
+
+
+class EvaluatorUnusable(Exception):
+    """The repl did not behave as this module expects; use a one-shot Nix process."""
+
+
+class EvaluatorEnded(EvaluatorUnusable):
+    """The repl exited or closed its pipes (a crash, the OOM killer), not a protocol mismatch."""
+
+
+def decode_nix_string(printed: str) -> str:
+    """The value of a string as the repl prints it: quoted, with backslash escapes."""
+    if len(printed) < 2 or printed[0] != '"' or printed[-1] != '"':
+        raise EvaluatorUnusable(f"not a printed string: {printed[:80]!r}")
+    return _NIX_ESCAPE.sub(lambda m: _NIX_ESCAPES.get(m[1], m[1]), printed[1:-1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    values: list[str]  # what the repl printed on stdout, echoes of our input left out
+    stderr: list[str]
+
+
+class ReplEvaluator:
+    """One `nix repl` holding one package set for one system; one request at a time."""
+
+    def __init__(self, pkgs_path: Path, system: str):
+        self.pkgs_path = pkgs_path
+        self.system = system
+        self.lock = asyncio.Lock()
+        self.started = False
+        self.serving = False  # answering an image's request (not starting up)
+        self._process: asyncio.subprocess.Process | None = None
+        self._directory: Path | None = None
+        self._markers = itertools.count()
+        self._alive = False
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    async def start(self, *, timeout: float) -> None:
+        """Start the repl and import the package set's top level."""
+        self.started = True
+        self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
+        setup = directory / "setup.json"
+        if not _SAFE_PATH.fullmatch(str(setup)):
+            raise EvaluatorUnusable(f"the temporary directory {directory} has characters kept out of Nix code")
+        setup.write_text(
+            json.dumps({"pkgsPath": str(self.pkgs_path), "system": self.system, "evaluator": str(EVALUATOR_NIX)})
+        )
+        self._process = await asyncio.create_subprocess_exec(
+            "nix", "repl", "--extra-experimental-features", "nix-command",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=_LINE_LIMIT,
+            env={**os.environ, "XDG_DATA_HOME": str(directory)},  # the repl's history file goes there
+        )
+        self._alive = True
+        NIX_PROCESSES.labels("nix-repl").inc()
+        settings = f'builtins.fromJSON (builtins.readFile "{setup}")'
+        # Definitions print nothing: a repl that prints something else is not one we understand.
+        definitions = min(timeout, _DEFINITION_TIMEOUT)
+        load = f"__nixery = import (/. + ({settings}).evaluator) ({settings})"
+        await self._exchange(load, timeout=definitions, quiet=True)
+        await self._exchange(f"{_REQUEST_MARK} = __nixery.request", timeout=definitions, quiet=True)
+        reply = await self._exchange("__nixery.warm", timeout=timeout)
+        if reply.values != ["true"]:
+            raise NixError("the package set does not import", _tail(reply.stderr))
+        log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid)
+
+    async def evaluate(self, request: dict[str, object], *, timeout: float) -> bytes:
+        """The JSON eval.nix would print for `request`."""
+        assert self._directory is not None
+        path = self._directory / f"request-{next(self._markers)}.json"
+        path.write_text(json.dumps(request))
+        self.serving = True
+        try:
+            reply = await self._exchange(f'{_REQUEST_MARK} "{path}"', timeout=timeout)
+        finally:
+            self.serving = False
+            path.unlink(missing_ok=True)
+        if not reply.values:
+            if any(line.startswith("error") for line in reply.stderr):
+                raise NixError("the evaluation failed", _tail(reply.stderr))
+            raise EvaluatorUnusable(f"no answer and no error: {reply.stderr[-3:]}")
+        if len(reply.values) != 1:
+            raise EvaluatorUnusable(f"{len(reply.values)} answers to one request")
+        answer = decode_nix_string(reply.values[0])
+        try:
+            json.loads(answer)
+        except ValueError as exc:
+            raise EvaluatorUnusable(f"the answer is not JSON: {exc}") from exc
+        return answer.encode()
+
+    def resident_bytes(self) -> int:
+        """The repl's resident memory (0 when it cannot be read)."""
+        if self._process is None:
+            return 0
+        try:
+            with open(f"/proc/{self._process.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    async def close(self) -> None:
+        """Stop the repl and remove its directory (safe to call more than once)."""
+        if self._alive and self._process is not None:
+            self._alive = False
+            NIX_PROCESSES.labels("nix-repl").dec()
+            kill_process_tree(self._process.pid)
+            await self._process.wait()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    async def _exchange(self, expression: str, *, timeout: float, quiet: bool = False) -> _Reply:
+        """Send one expression and read what it printed; the repl is stopped on any failure.
+
+        `quiet`: the expression prints no value, and anything printed is a protocol error.
+        """
+        if self._process is None or not self._alive:
+            raise EvaluatorUnusable("the evaluator is not running")
+        try:
+            return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), timeout)
+        except TimeoutError:
+            await self.close()
+            if quiet:
+                raise EvaluatorUnusable(f"no end of output within {timeout:g} s") from None
+            raise NixTimeout(f"the evaluation ran longer than {timeout:g} s and was stopped") from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _send_and_read(self, process: asyncio.subprocess.Process, expression: str, quiet: bool) -> _Reply:
+        assert process.stdin is not None
+        marker = f"nixery-sync-{next(self._markers)}"
+        try:
+            process.stdin.write(f'{expression}\nbuiltins.trace "{marker}" "{marker}"\n'.encode())
+            await process.stdin.drain()
+            values, stderr = await asyncio.gather(
+                _read_until(process.stdout, f'"{marker}"', values_only=True, quiet=quiet),
+                _read_until(process.stderr, f"trace: {marker}", values_only=False),
+            )
+        except ConnectionError as exc:
+            raise EvaluatorEnded(f"the repl stopped reading: {exc}") from exc
+        except ValueError as exc:  # a line past the limit
+            raise EvaluatorUnusable(f"unreadable output: {exc}") from exc
+        return _Reply(values, stderr)
+
+
+async def _read_until(
+    stream: asyncio.StreamReader | None, end: str, *, values_only: bool, quiet: bool = False
+) -> list[str]:
+    assert stream is not None
+    lines = []
+    while True:
+        raw = await stream.readline()
+        if not raw:
+            raise EvaluatorEnded(f"the repl ended (waiting for {end!r})")
+        line = _ANSI.sub("", raw.decode(errors="replace")).strip()
+        if line == end:
+            return lines
+        if values_only and (not line or line.startswith("nix-repl>")):
+            continue  # the prompt, with the repl's echo of our own input
+        if quiet:
+            raise EvaluatorUnusable(f"unexpected output {line[:80]!r}")
+        lines.append(line)
+
+
+def _tail(lines: Sequence[str]) -> str:
+    return "\n".join(lines[-_TAIL_LINES:])
+
+
+class Evaluators:
+    """The long-running evaluators of one registry process, one per system.
+
+    Each one holds the revision it was started for; a request for another
+    revision replaces it. A request that finds its evaluator answering another
+    image is not queued behind it: it gets None, and the caller starts a
+    one-shot Nix process, as it does when the evaluator cannot start or breaks.
+    An evaluator idle for `idle_seconds`, or grown past `memory_limit` bytes,
+    is stopped; the next request starts a new one.
+    """
+
+    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0):
+        self.memory_limit = memory_limit
+        self.idle_seconds = idle_seconds
+        self._evaluators: dict[str, tuple[str, ReplEvaluator]] = {}  # system -> (revision, evaluator)
+        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._unusable = False  # the repl's output is not what this module reads: never again
+        self._failures = 0  # repls in a row that ended or could not start
+
+    async def evaluate(
+        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, timeout: float
+    ) -> bytes | None:
+        """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
+        if self._unusable:
+            return None
+        evaluator = self._current(revision, system)
+        if evaluator is not None and evaluator.serving:
+            return None  # do not wait behind another image (waiting for a start-up is fine)
+        if evaluator is None:
+            evaluator = self._new(revision, pkgs_path, system)
+        async with evaluator.lock:
+            if not evaluator.alive and not await self._start(system, evaluator, timeout):
+                return None
+            try:
+                answer = await evaluator.evaluate(request, timeout=timeout)
+            except EvaluatorUnusable as exc:
+                await self._failed(system, evaluator, exc)
+                return None
+            except BaseException:
+                if not evaluator.alive:  # stopped by a timeout or a cancellation
+                    self._forget(system, evaluator)
+                raise  # an evaluation error leaves the repl as it was
+        self._failures = 0
+        self._after_request(system, evaluator)
+        return answer
+
+    async def warm(self, revision: str, pkgs_path: Path, *, system: str, timeout: float) -> None:
+        """Start the evaluator of `system` now, so that the first image does not wait for it."""
+        if self._unusable or self._current(revision, system) is not None:
+            return
+        evaluator = self._new(revision, pkgs_path, system)
+        async with evaluator.lock:
+            if await self._start(system, evaluator, timeout):
+                self._schedule_idle_stop(system, evaluator)
+
+    async def close(self) -> None:
+        for timer in self._idle_timers.values():
+            timer.cancel()
+        self._idle_timers.clear()
+        evaluators = [evaluator for _, evaluator in self._evaluators.values()]
+        self._evaluators.clear()
+        await asyncio.gather(*(evaluator.close() for evaluator in evaluators), *self._closing)
+
+    def running(self) -> list[ReplEvaluator]:
+        return [evaluator for _, evaluator in self._evaluators.values() if evaluator.alive]
+
+    def _current(self, revision: str, system: str) -> ReplEvaluator | None:
+        held = self._evaluators.get(system)
+        if held is None or held[0] != revision or (held[1].started and not held[1].alive):
+            return None
+        return held[1]
+
+    def _new(self, revision: str, pkgs_path: Path, system: str) -> ReplEvaluator:
+        evaluator = ReplEvaluator(pkgs_path, system)
+        old = self._evaluators.get(system)
+        self._evaluators[system] = (revision, evaluator)
+        if old is not None:
+            self._stop_when_free(old[1])
+        return evaluator
+
+    async def _start(self, system: str, evaluator: ReplEvaluator, timeout: float) -> bool:
+        """Start `evaluator` (under its lock); False when it could not be."""
+        if evaluator.started:
+            return evaluator.alive
+        try:
+            await evaluator.start(timeout=timeout)
+            return True
+        except EvaluatorUnusable as exc:
+            await self._failed(system, evaluator, exc)
+        except (NixError, OSError) as exc:  # e.g. a package set that does not import: builds report it
+            log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
+            self._forget(system, evaluator)
+            await evaluator.close()
+        return False
+
+    def _forget(self, system: str, evaluator: ReplEvaluator) -> None:
+        if system in self._evaluators and self._evaluators[system][1] is evaluator:
+            del self._evaluators[system]
+
+    async def _failed(self, system: str, evaluator: ReplEvaluator, error: EvaluatorUnusable) -> None:
+        """Stop `evaluator`; after a protocol mismatch, or repeated ends, use one-shot processes only."""
+        self._forget(system, evaluator)
+        await evaluator.close()
+        self._failures += 1
+        if isinstance(error, EvaluatorEnded) and self._failures < _ENDS_BEFORE_GIVING_UP:
+            log.warning("nix.evaluator_ended", reason=str(error)[:300], note="the next image starts another")
+            return
+        log.warning("nix.evaluator_unusable", reason=str(error)[:300], note="nix-instantiate from now on")
+        self._unusable = True
+
+    def _after_request(self, system: str, evaluator: ReplEvaluator) -> None:
+        resident = evaluator.resident_bytes()
+        if resident > self.memory_limit:
+            log.info("nix.evaluator_stopped", reason="memory", resident=resident, limit=self.memory_limit)
+            self._forget(system, evaluator)
+            self._stop_when_free(evaluator)
+        else:
+            self._schedule_idle_stop(system, evaluator)
+
+    def _schedule_idle_stop(self, system: str, evaluator: ReplEvaluator) -> None:
+        timer = self._idle_timers.pop(system, None)
+        if timer is not None:
+            timer.cancel()
+
+        def stop_if_still_idle() -> None:
+            self._idle_timers.pop(system, None)
+            if system in self._evaluators and self._evaluators[system][1] is evaluator:
+                self._forget(system, evaluator)
+                self._stop_when_free(evaluator)
+
+        self._idle_timers[system] = asyncio.get_running_loop().call_later(self.idle_seconds, stop_if_still_idle)
+
+    def _stop_when_free(self, evaluator: ReplEvaluator) -> None:
+        async def stop() -> None:
+            async with evaluator.lock:
+                await evaluator.close()
+
+        task = asyncio.ensure_future(stop())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

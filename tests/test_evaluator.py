@@ -1,0 +1,247 @@
+"""The long-running evaluator (`nix repl`): the same answers as one
+`nix-instantiate` per image, and a process that stops, restarts or steps aside
+whenever it should. Real Nix throughout; one test puts a fake `nix` on PATH to
+stand for a repl whose output this registry does not understand (a future Nix)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nixery.nix import packages
+from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound
+from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
+from tests.registry import nix_calls_of, nix_counting_path
+from tests.test_protocol import error_of
+
+pytestmark = pytest.mark.nix
+
+PKGS = (Path(__file__).parent / "data" / "evaluator").resolve()
+SYSTEM = packages.host_system()
+
+
+@pytest.fixture
+async def evaluators() -> AsyncIterator[Evaluators]:
+    pool = Evaluators(memory_limit=1 << 30)
+    yield pool
+    await pool.close()
+
+
+async def resolve(pool: Evaluators | None, names: list[str], *, revision: str = "r1", pkgs: Path = PKGS,
+                  timeout: float = 60) -> list[packages.ResolvedPackage]:
+    return await packages.evaluate(pkgs, names, SYSTEM, source="test", timeout=timeout, evaluators=pool,
+                                   revision=revision)
+
+
+def the_pid(pool: Evaluators) -> int:
+    [evaluator] = pool.running()
+    assert evaluator._process is not None
+    return evaluator._process.pid
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("names", [
+    ["shell", "hello"],
+    ["HELLO", "figlet"],  # case-insensitive match
+    ["nested.deeper.tool"],  # attribute path
+    ["bash", "coreutils", "cowsay", "fortune", "greet", "libwords"],
+])
+async def test_answers_are_those_of_nix_instantiate(evaluators: Evaluators, names: list[str]) -> None:
+    assert await resolve(evaluators, names) == await resolve(None, names)
+    assert evaluators.running(), "the repl answered, not a fallback"
+
+
+async def test_one_process_answers_every_image(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    for names in (["figlet"], ["shell", "cowsay"], ["hello"]):
+        await resolve(evaluators, names)
+    assert the_pid(evaluators) == pid
+
+
+@pytest.mark.parametrize("name", [
+    'x" + builtins.abort "injected',
+    "${builtins.abort \"injected\"}",
+    "a\\\nb",
+    "__nixery.warm",
+    "nixery-sync-1",
+])
+async def test_names_are_data_never_code(evaluators: Evaluators, name: str) -> None:
+    with pytest.raises(PackagesNotFound) as caught:
+        await resolve(evaluators, ["hello", name])
+    assert caught.value.missing == [name]
+    assert [p.attr for p in await resolve(evaluators, ["hello"])] == ["hello"], "the repl is still in step"
+
+
+async def test_an_evaluation_error_is_reported_and_the_repl_goes_on(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    with pytest.raises(NixError) as caught:
+        await resolve(evaluators, ["hello", "evalError"])
+    assert "this package does not evaluate" in caught.value.log_tail
+    assert [p.attr for p in await resolve(evaluators, ["figlet"])] == ["figlet"]
+    assert the_pid(evaluators) == pid
+
+
+async def test_a_busy_repl_is_not_waited_for(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    slow = asyncio.ensure_future(resolve(evaluators, ["slowEval"]))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    quick = await resolve(evaluators, ["figlet"])  # a one-shot nix-instantiate, alongside
+    quick_seconds = time.monotonic() - started
+    assert [p.attr for p in quick] == ["figlet"]
+    assert not slow.done(), f"the other image went on while slowEval was evaluated ({quick_seconds:.2f} s)"
+    assert [p.attr for p in await slow] == ["slowEval"]
+
+
+async def test_a_timeout_kills_the_repl_and_the_next_image_gets_a_new_one(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    with pytest.raises(NixTimeout):
+        await resolve(evaluators, ["endlessEval"], timeout=1)
+    assert gone(pid)
+    assert [p.attr for p in await resolve(evaluators, ["hello"])] == ["hello"]
+    assert the_pid(evaluators) != pid
+
+
+async def test_a_cancelled_evaluation_kills_the_repl(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    task = asyncio.ensure_future(resolve(evaluators, ["endlessEval"]))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gone(pid)
+    assert [p.attr for p in await resolve(evaluators, ["figlet"])] == ["figlet"]
+
+
+async def test_a_repl_killed_from_outside_is_replaced(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    assert await resolve(evaluators, ["figlet"]) == await resolve(None, ["figlet"])
+    assert [p.attr for p in await resolve(evaluators, ["hello"])] == ["hello"]
+    assert the_pid(evaluators) != pid, "a new repl, not given up for good"
+
+
+async def test_a_new_revision_gets_a_new_repl_and_the_old_one_stops(evaluators: Evaluators, tmp_path: Path) -> None:
+    edited = tmp_path / "pkgs"
+    edited.mkdir()
+    (edited / "default.nix").write_text(f"args: (import {PKGS} args) // {{ hello = (import {PKGS} args).figlet; }}\n")
+    assert await resolve(evaluators, ["hello"]) == await resolve(None, ["hello"])
+    old = the_pid(evaluators)
+    [renamed] = await resolve(evaluators, ["hello"], revision="r2", pkgs=edited)
+    assert renamed.drv_path == (await resolve(None, ["figlet"]))[0].drv_path
+    await asyncio.sleep(0.2)
+    assert gone(old)
+    assert the_pid(evaluators) != old
+
+
+async def test_an_idle_repl_stops() -> None:
+    pool = Evaluators(memory_limit=1 << 30, idle_seconds=0.5)
+    try:
+        await resolve(pool, ["hello"])
+        pid = the_pid(pool)
+        await asyncio.sleep(1.5)
+        assert gone(pid)
+        assert not pool.running()
+        assert [p.attr for p in await resolve(pool, ["figlet"])] == ["figlet"]
+    finally:
+        await pool.close()
+
+
+async def test_a_repl_past_its_memory_limit_is_replaced() -> None:
+    pool = Evaluators(memory_limit=1)  # every repl is over it after its first answer
+    try:
+        await resolve(pool, ["hello"])
+        await asyncio.sleep(0.2)
+        assert not pool.running()
+        assert [p.attr for p in await resolve(pool, ["figlet"])] == ["figlet"]
+    finally:
+        await pool.close()
+
+
+async def test_warm_up_imports_the_set_before_the_first_image(evaluators: Evaluators) -> None:
+    await evaluators.warm("r1", PKGS, system=SYSTEM, timeout=60)
+    pid = the_pid(evaluators)
+    await resolve(evaluators, ["hello"])
+    assert the_pid(evaluators) == pid
+
+
+async def test_a_set_that_does_not_import_falls_back_to_nix_instantiate(evaluators: Evaluators, tmp_path: Path) -> None:
+    (tmp_path / "default.nix").write_text('args: throw "this set is broken"\n')
+    with pytest.raises(NixError) as by_process:
+        await resolve(None, ["hello"], pkgs=tmp_path)
+    with pytest.raises(type(by_process.value)) as caught:
+        await resolve(evaluators, ["hello"], pkgs=tmp_path)
+    assert str(caught.value) == str(by_process.value)
+    assert not evaluators.running()
+
+
+async def test_a_repl_it_cannot_understand_is_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stands for another Nix version's repl: it answers every line with something else.
+    fake = tmp_path / "bin" / "nix"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nwhile read -r line; do echo "surprise"; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    pool = Evaluators(memory_limit=1 << 30)
+    try:
+        assert [p.attr for p in await resolve(pool, ["hello"], timeout=3)] == ["hello"]
+    finally:
+        await pool.close()
+
+
+def test_printed_strings_decode() -> None:
+    assert decode_nix_string(r'"a\"b\\c\${d}\ne\tf"') == 'a"b\\c${d}\ne\tf'
+
+
+async def test_a_request_for_another_system_is_refused() -> None:
+    evaluator = ReplEvaluator(PKGS, SYSTEM)
+    try:
+        await evaluator.start(timeout=60)
+        with pytest.raises(NixError) as caught:
+            await evaluator.evaluate({"packages": ["hello"], "system": "riscv64-linux"}, timeout=60)
+        assert "serves" in caught.value.log_tail
+    finally:
+        await evaluator.close()
+
+
+def test_the_registry_evaluates_new_images_in_its_repl(start_registry, tmp_path: Path) -> None:
+    (tmp_path / "wrappers").mkdir()
+    path, calls = nix_counting_path(tmp_path / "wrappers")
+    registry = start_registry(PATH=path, NIXERY_PKGS_PATH=str(PKGS))
+    for image in ("hello", "figlet", "shell/cowsay"):
+        status, _, _ = registry.request(f"/v2/{image}/manifests/latest")
+        assert status == 200
+    assert len(nix_calls_of(calls, "nix repl")) == 1, "one repl, started at start-up"
+    assert len(nix_calls_of(calls, "nix-instantiate --eval (sent to nix repl)")) == 3
+    assert nix_calls_of(calls, "nix-instantiate --eval --strict") == []
+    status, _, body = registry.request("/v2/evalError/manifests/latest")
+    assert status == 500 and "this package does not evaluate" in error_of(body)["message"]
+
+
+def test_evaluating_by_process_is_still_offered(start_registry, tmp_path: Path) -> None:
+    (tmp_path / "wrappers").mkdir()
+    path, calls = nix_counting_path(tmp_path / "wrappers")
+    registry = start_registry(PATH=path, NIXERY_PKGS_PATH=str(PKGS), NIXERY_NIX_EVALUATOR="process")
+    status, _, _ = registry.request("/v2/hello/manifests/latest")
+    assert status == 200
+    assert nix_calls_of(calls, "nix repl") == []
+    assert len(nix_calls_of(calls, "nix-instantiate --eval --strict")) == 1
+
