@@ -555,11 +555,14 @@ class ImageBuilder:
         try:
             blob = await asyncio.get_running_loop().run_in_executor(self._compressors, _write_file, staged, write)
             seconds = time.monotonic() - started
-            await self.storage.put_blob(blob.digest, staged)
+            descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
+            # Side by side: the record is only believed (above) when its blob is stored, at its size.
+            await asyncio.gather(
+                self.storage.put_blob(blob.digest, staged),
+                self.storage.put_meta(f"layers/{key}", canonical_json(descriptor.to_json())),
+            )
         finally:
             staged.unlink(missing_ok=True)
-        descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
-        await self.storage.put_meta(f"layers/{key}", canonical_json(descriptor.to_json()))
         return _StoredLayer(descriptor, created=True, seconds=seconds)
 
 

@@ -15,6 +15,9 @@ let
 in {
   # Forces the import of the package set's top level (not its packages).
   warm = builtins.isAttrs pkgs;
+  # Evaluates `shell`, the name most images start with, and with it what most
+  # packages share (nixpkgs' stdenv; the bundled set's busybox import).
+  warmShell = builtins.deepSeq (resolve { packages = [ "shell" ]; inherit system; }) true;
 
   request = file:
     let req = builtins.fromJSON (builtins.readFile file);

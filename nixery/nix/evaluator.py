@@ -89,7 +89,7 @@ class ReplEvaluator:
         return self._alive
 
     async def start(self, *, timeout: float) -> None:
-        """Start the repl and import the package set's top level."""
+        """Start the repl, import the package set's top level and evaluate `shell`."""
         self.started = True
         self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
         setup = directory / "setup.json"
@@ -118,6 +118,9 @@ class ReplEvaluator:
         reply = await self._exchange("__nixery.warm", timeout=timeout)
         if reply.values != ["true"]:
             raise NixError("the package set does not import", _tail(reply.stderr))
+        reply = await self._exchange("__nixery.warmShell", timeout=timeout)
+        if reply.values != ["true"]:  # its own images will report why
+            log.info("nix.evaluator_shell_not_evaluated", error=_tail(reply.stderr)[-300:])
         log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid)
 
     async def evaluate(self, request: dict[str, object], *, timeout: float) -> bytes:
