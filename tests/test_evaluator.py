@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,21 @@ async def test_a_repl_it_cannot_understand_is_given_up(tmp_path: Path, monkeypat
     pool = Evaluators(memory_limit=1 << 30)
     try:
         assert [p.attr for p in await resolve(pool, ["hello"], timeout=3)] == ["hello"]
+        assert pool._unusable, "given up for good"
+    finally:
+        await pool.close()
+
+
+async def test_without_a_nix_command_it_is_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    only_instantiate = tmp_path / "bin"
+    only_instantiate.mkdir()
+    (only_instantiate / "nix-instantiate").symlink_to(shutil.which("nix-instantiate"))
+    monkeypatch.setenv("PATH", str(only_instantiate))
+    pool = Evaluators(memory_limit=1 << 30)
+    try:
+        for _ in range(2):
+            assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"]
+        assert pool._unusable and not pool.running()
     finally:
         await pool.close()
 
@@ -234,6 +251,27 @@ def test_the_registry_evaluates_new_images_in_its_repl(start_registry, tmp_path:
     assert nix_calls_of(calls, "nix-instantiate --eval --strict") == []
     status, _, body = registry.request("/v2/evalError/manifests/latest")
     assert status == 500 and "this package does not evaluate" in error_of(body)["message"]
+
+
+def test_concurrent_new_images_all_build_in_the_repl_or_beside_it(start_registry, tmp_path: Path) -> None:
+    (tmp_path / "wrappers").mkdir()
+    path, calls = nix_counting_path(tmp_path / "wrappers")
+    registry = start_registry(PATH=path, NIXERY_PKGS_PATH=str(PKGS), NIXERY_MAX_BUILDS="8")
+    images = ["slowEval", "hello", "figlet", "cowsay", "fortune", "greet", "shell/hello", "bash/figlet"]
+
+    def pull(image: str) -> int:
+        return registry.request(f"/v2/{image}/manifests/latest")[0]
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        slow = pool.submit(pull, images[0])
+        time.sleep(0.3)  # slowEval is in the repl (about 1 s)
+        statuses = [slow.result(), *pool.map(pull, images[1:])]
+    assert statuses == [200] * len(images)
+    by_repl = len(nix_calls_of(calls, "nix-instantiate --eval (sent to nix repl)"))
+    by_process = len(nix_calls_of(calls, "nix-instantiate --eval --strict"))
+    assert by_repl + by_process == len(images)
+    assert by_repl >= 1 and by_process >= 1, "slowEval held the repl: others went beside it"
+    assert len(nix_calls_of(calls, "nix repl")) == 1
 
 
 def test_evaluating_by_process_is_still_offered(start_registry, tmp_path: Path) -> None:

@@ -166,6 +166,7 @@ def test_the_image_serves_images(image: str, tmp_path: Path) -> None:
         )
         try:
             manifest = json.load(urllib.request.urlopen(request, timeout=120))
+            print("evaluator", "nix.evaluator_ready" in open("/tmp/registry.log").read())
             print("layers", len(manifest["layers"]))
         except Exception as exc:
             print("failed:", exc, open("/tmp/registry.log").read()[-3000:], file=sys.stderr)
@@ -181,6 +182,7 @@ def test_the_image_serves_images(image: str, tmp_path: Path) -> None:
     ], timeout=300)
     layers = int(result.stdout.split()[-1])
     assert layers >= 2, result.stdout  # the package's store path and the entry layer
+    assert "evaluator True" in result.stdout, "the image's Nix runs the long-running evaluator"
 
 
 def _remove_tree(path: Path) -> None:

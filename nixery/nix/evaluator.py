@@ -315,7 +315,9 @@ class Evaluators:
             return True
         except EvaluatorUnusable as exc:
             await self._failed(system, evaluator, exc)
-        except (NixError, OSError) as exc:  # e.g. a package set that does not import: builds report it
+        except OSError as exc:  # no `nix` to run: it will not appear later either
+            await self._failed(system, evaluator, EvaluatorUnusable(f"cannot start nix repl: {exc}"))
+        except NixError as exc:  # e.g. a package set that does not import: builds report it
             log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
             self._forget(system, evaluator)
             await evaluator.close()
