@@ -141,17 +141,28 @@ async def test_a_repl_killed_from_outside_is_replaced(evaluators: Evaluators) ->
     assert the_pid(evaluators) != pid, "a new repl, not given up for good"
 
 
-async def test_a_new_revision_gets_a_new_repl_and_the_old_one_stops(evaluators: Evaluators, tmp_path: Path) -> None:
+def pids(pool: Evaluators) -> set[int]:
+    return {evaluator._process.pid for evaluator in pool.running() if evaluator._process is not None}
+
+
+async def test_revisions_get_their_own_repl_and_the_least_recent_stops(
+    evaluators: Evaluators, tmp_path: Path
+) -> None:
     edited = tmp_path / "pkgs"
     edited.mkdir()
     (edited / "default.nix").write_text(f"args: (import {PKGS} args) // {{ hello = (import {PKGS} args).figlet; }}\n")
     assert await resolve(evaluators, ["hello"]) == await resolve(None, ["hello"])
-    old = the_pid(evaluators)
+    [first] = pids(evaluators)
     [renamed] = await resolve(evaluators, ["hello"], revision="r2", pkgs=edited)
     assert renamed.drv_path == (await resolve(None, ["figlet"]))[0].drv_path
+    assert await resolve(evaluators, ["hello"]) == await resolve(None, ["hello"]), "r1 is still its own"
+    assert len(pids(evaluators)) == 2 and first in pids(evaluators)
+    second = (pids(evaluators) - {first}).pop()
+    await resolve(evaluators, ["hello"])  # r1 used last: r2 is the least recent
+    await resolve(evaluators, ["figlet"], revision="r3")
     await asyncio.sleep(0.2)
-    assert gone(old)
-    assert the_pid(evaluators) != old
+    assert gone(second)
+    assert first in pids(evaluators) and len(pids(evaluators)) == 2
 
 
 async def test_an_idle_repl_stops() -> None:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ _TAIL_LINES = 25
 _ENDS_BEFORE_GIVING_UP = 3
 _DEFINITION_TIMEOUT = 30.0  # for the set-up lines, which evaluate nothing yet
 _REQUEST_MARK = "__nixeryRequest"  # the start of every evaluation line (tests count them)
+
+
+_Key = tuple[str, str]  # (system, package-set revision)
 
 
 class EvaluatorUnusable(Exception):
@@ -226,21 +230,24 @@ def _tail(lines: Sequence[str]) -> str:
 
 
 class Evaluators:
-    """The long-running evaluators of one registry process, one per system.
+    """The long-running evaluators of one registry process, by system and package-set revision.
 
-    Each one holds the revision it was started for; a request for another
-    revision replaces it. A request that finds its evaluator answering another
-    image is not queued behind it: it gets None, and the caller starts a
-    one-shot Nix process, as it does when the evaluator cannot start or breaks.
-    An evaluator idle for `idle_seconds`, or grown past `memory_limit` bytes,
-    is stopped; the next request starts a new one.
+    At most `capacity` are kept: a request for a new revision starts one and,
+    past that, stops the one used least recently (the usual case is one, for
+    the latest revision, with a second for an older tag now and then). A
+    request that finds its evaluator answering another image is not queued
+    behind it: it gets None, and the caller starts a one-shot Nix process, as
+    it does when the evaluator cannot start or breaks. An evaluator idle for
+    `idle_seconds`, or grown past `memory_limit` bytes, is stopped; the next
+    request starts a new one.
     """
 
-    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0):
+    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0, capacity: int = 2):
         self.memory_limit = memory_limit
         self.idle_seconds = idle_seconds
-        self._evaluators: dict[str, tuple[str, ReplEvaluator]] = {}  # system -> (revision, evaluator)
-        self._idle_timers: dict[str, asyncio.TimerHandle] = {}
+        self.capacity = capacity
+        self._evaluators: OrderedDict[_Key, ReplEvaluator] = OrderedDict()  # least recently used first
+        self._idle_timers: dict[_Key, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._unusable = False  # the repl's output is not what this module reads: never again
         self._failures = 0  # repls in a row that ended or could not start
@@ -251,62 +258,68 @@ class Evaluators:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
         if self._unusable:
             return None
-        evaluator = self._current(revision, system)
+        key = (system, revision)
+        evaluator = self._current(key)
         if evaluator is not None and evaluator.serving:
             return None  # do not wait behind another image (waiting for a start-up is fine)
         if evaluator is None:
-            evaluator = self._new(revision, pkgs_path, system)
+            evaluator = self._new(key, pkgs_path)
         async with evaluator.lock:
-            if not evaluator.alive and not await self._start(system, evaluator, timeout):
+            if not evaluator.alive and not await self._start(key, evaluator, timeout):
                 return None
             try:
                 answer = await evaluator.evaluate(request, timeout=timeout)
             except EvaluatorUnusable as exc:
-                await self._failed(system, evaluator, exc)
+                await self._failed(key, evaluator, exc)
                 return None
             except BaseException:
                 if not evaluator.alive:  # stopped by a timeout or a cancellation
-                    self._forget(system, evaluator)
+                    self._forget(key, evaluator)
                 raise  # an evaluation error leaves the repl as it was
         self._failures = 0
-        self._after_request(system, evaluator)
+        self._after_request(key, evaluator)
         return answer
 
     async def warm(self, revision: str, pkgs_path: Path, *, system: str, timeout: float) -> None:
-        """Start the evaluator of `system` now, so that the first image does not wait for it."""
-        if self._unusable or self._current(revision, system) is not None:
+        """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""
+        key = (system, revision)
+        if self._unusable or self._current(key) is not None:
             return
-        evaluator = self._new(revision, pkgs_path, system)
+        evaluator = self._new(key, pkgs_path)
         async with evaluator.lock:
-            if await self._start(system, evaluator, timeout):
-                self._schedule_idle_stop(system, evaluator)
+            if await self._start(key, evaluator, timeout):
+                self._schedule_idle_stop(key, evaluator)
 
     async def close(self) -> None:
         for timer in self._idle_timers.values():
             timer.cancel()
         self._idle_timers.clear()
-        evaluators = [evaluator for _, evaluator in self._evaluators.values()]
+        evaluators = list(self._evaluators.values())
         self._evaluators.clear()
         await asyncio.gather(*(evaluator.close() for evaluator in evaluators), *self._closing)
 
     def running(self) -> list[ReplEvaluator]:
-        return [evaluator for _, evaluator in self._evaluators.values() if evaluator.alive]
+        return [evaluator for evaluator in self._evaluators.values() if evaluator.alive]
 
-    def _current(self, revision: str, system: str) -> ReplEvaluator | None:
-        held = self._evaluators.get(system)
-        if held is None or held[0] != revision or (held[1].started and not held[1].alive):
+    def _current(self, key: _Key) -> ReplEvaluator | None:
+        evaluator = self._evaluators.get(key)
+        if evaluator is None or (evaluator.started and not evaluator.alive):
             return None
-        return held[1]
-
-    def _new(self, revision: str, pkgs_path: Path, system: str) -> ReplEvaluator:
-        evaluator = ReplEvaluator(pkgs_path, system)
-        old = self._evaluators.get(system)
-        self._evaluators[system] = (revision, evaluator)
-        if old is not None:
-            self._stop_when_free(old[1])
+        self._evaluators.move_to_end(key)
         return evaluator
 
-    async def _start(self, system: str, evaluator: ReplEvaluator, timeout: float) -> bool:
+    def _new(self, key: _Key, pkgs_path: Path) -> ReplEvaluator:
+        evaluator = ReplEvaluator(pkgs_path, key[0])
+        replaced = self._evaluators.pop(key, None)
+        if replaced is not None:
+            self._stop_when_free(replaced)
+        self._evaluators[key] = evaluator
+        while len(self._evaluators) > self.capacity:
+            _, oldest = self._evaluators.popitem(last=False)
+            self._stop_when_free(oldest)
+        return evaluator
+
+    async def _start(self, key: _Key, evaluator: ReplEvaluator, timeout: float) -> bool:
         """Start `evaluator` (under its lock); False when it could not be."""
         if evaluator.started:
             return evaluator.alive
@@ -314,22 +327,22 @@ class Evaluators:
             await evaluator.start(timeout=timeout)
             return True
         except EvaluatorUnusable as exc:
-            await self._failed(system, evaluator, exc)
+            await self._failed(key, evaluator, exc)
         except OSError as exc:  # no `nix` to run: it will not appear later either
-            await self._failed(system, evaluator, EvaluatorUnusable(f"cannot start nix repl: {exc}"))
+            await self._failed(key, evaluator, EvaluatorUnusable(f"cannot start nix repl: {exc}"))
         except NixError as exc:  # e.g. a package set that does not import: builds report it
             log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
-            self._forget(system, evaluator)
+            self._forget(key, evaluator)
             await evaluator.close()
         return False
 
-    def _forget(self, system: str, evaluator: ReplEvaluator) -> None:
-        if system in self._evaluators and self._evaluators[system][1] is evaluator:
-            del self._evaluators[system]
+    def _forget(self, key: _Key, evaluator: ReplEvaluator) -> None:
+        if self._evaluators.get(key) is evaluator:
+            del self._evaluators[key]
 
-    async def _failed(self, system: str, evaluator: ReplEvaluator, error: EvaluatorUnusable) -> None:
+    async def _failed(self, key: _Key, evaluator: ReplEvaluator, error: EvaluatorUnusable) -> None:
         """Stop `evaluator`; after a protocol mismatch, or repeated ends, use one-shot processes only."""
-        self._forget(system, evaluator)
+        self._forget(key, evaluator)
         await evaluator.close()
         self._failures += 1
         if isinstance(error, EvaluatorEnded) and self._failures < _ENDS_BEFORE_GIVING_UP:
@@ -338,27 +351,27 @@ class Evaluators:
         log.warning("nix.evaluator_unusable", reason=str(error)[:300], note="nix-instantiate from now on")
         self._unusable = True
 
-    def _after_request(self, system: str, evaluator: ReplEvaluator) -> None:
+    def _after_request(self, key: _Key, evaluator: ReplEvaluator) -> None:
         resident = evaluator.resident_bytes()
         if resident > self.memory_limit:
             log.info("nix.evaluator_stopped", reason="memory", resident=resident, limit=self.memory_limit)
-            self._forget(system, evaluator)
+            self._forget(key, evaluator)
             self._stop_when_free(evaluator)
         else:
-            self._schedule_idle_stop(system, evaluator)
+            self._schedule_idle_stop(key, evaluator)
 
-    def _schedule_idle_stop(self, system: str, evaluator: ReplEvaluator) -> None:
-        timer = self._idle_timers.pop(system, None)
+    def _schedule_idle_stop(self, key: _Key, evaluator: ReplEvaluator) -> None:
+        timer = self._idle_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
 
         def stop_if_still_idle() -> None:
-            self._idle_timers.pop(system, None)
-            if system in self._evaluators and self._evaluators[system][1] is evaluator:
-                self._forget(system, evaluator)
+            self._idle_timers.pop(key, None)
+            if self._evaluators.get(key) is evaluator:
+                self._forget(key, evaluator)
                 self._stop_when_free(evaluator)
 
-        self._idle_timers[system] = asyncio.get_running_loop().call_later(self.idle_seconds, stop_if_still_idle)
+        self._idle_timers[key] = asyncio.get_running_loop().call_later(self.idle_seconds, stop_if_still_idle)
 
     def _stop_when_free(self, evaluator: ReplEvaluator) -> None:
         async def stop() -> None:
