@@ -50,7 +50,7 @@ class EvaluationCache:
     def __init__(self, storage: Storage):
         self._storage = storage
         self._memory: OrderedDict[str, tuple[ResolvedPackage, ...]] = OrderedDict()
-        self._writes: set[asyncio.Future[list[None]]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def lookup(self, revision: Revision, system: str, names: Sequence[str]) -> list[ResolvedPackage] | None:
         """The packages the names resolve to, in evaluation order, if every name is known
@@ -69,27 +69,33 @@ class EvaluationCache:
         """Keep each name's packages (a name may stand for several, like `shell`).
 
         Kept in memory at once; written to storage in the background, off the
-        image's build (a write lost to a crash costs one evaluation later).
+        image's build, one record after another: a hundred fsync'd writes at
+        once would hold every worker thread the build needs next. A write lost
+        to a crash costs one evaluation later.
         """
         by_name: dict[str, list[ResolvedPackage]] = {}
         for package in resolved:
             by_name.setdefault(package.name, []).append(package)
-        writes = []
+        records = []
         for name, packages in by_name.items():
             key = evaluation_key(revision, system, name)
             self._keep(key, tuple(packages))
             # The revision is kept for `nixery gc`, which drops those of revisions no kept image uses.
             document = canonical_json({"revision": revision.id, "packages": [p.to_json() for p in packages]})
-            writes.append(self._storage.put_meta(PREFIX + key, document))
-        task = asyncio.ensure_future(asyncio.gather(*writes))
+            records.append((PREFIX + key, document))
+        task = asyncio.ensure_future(self._write(records))
         self._writes.add(task)
         task.add_done_callback(self._written)
+
+    async def _write(self, records: Sequence[tuple[str, bytes]]) -> None:
+        for key, document in records:
+            await self._storage.put_meta(key, document)
 
     async def flush(self) -> None:
         """Wait for the writes `remember` started."""
         await asyncio.gather(*self._writes, return_exceptions=True)
 
-    def _written(self, task: asyncio.Future[list[None]]) -> None:
+    def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("evaluations.not_kept", error=str(task.exception())[:200])
