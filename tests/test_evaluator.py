@@ -110,6 +110,24 @@ async def test_a_busy_repl_is_not_waited_for(evaluators: Evaluators) -> None:
     assert [p.attr for p in await slow] == ["slowEval"]
 
 
+async def test_quick_requests_queue_for_the_repl_rather_than_start_nix(
+    evaluators: Evaluators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_shots = []
+    real_run_nix = packages.run_nix
+
+    async def counting_run_nix(argv, **kwargs):
+        one_shots.append(argv)
+        return await real_run_nix(argv, **kwargs)
+
+    monkeypatch.setattr(packages, "run_nix", counting_run_nix)
+    await resolve(evaluators, ["hello"])  # the typical answer: milliseconds
+    names = ["figlet", "cowsay", "fortune", "greet", "bash", "coreutils"]
+    answers = await asyncio.gather(*(resolve(evaluators, [name]) for name in names))
+    assert [answer[0].attr for answer in answers] == names
+    assert one_shots == [], "queued behind answers of a few ms rather than starting Nix"
+
+
 async def test_a_timeout_kills_the_repl_and_the_next_image_gets_a_new_one(evaluators: Evaluators) -> None:
     await resolve(evaluators, ["hello"])
     pid = the_pid(evaluators)

@@ -18,14 +18,16 @@ caller evaluates with `nix-instantiate` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +84,9 @@ class ReplEvaluator:
         self.system = system
         self.lock = asyncio.Lock()
         self.started = False
-        self.serving = False  # answering an image's request (not starting up)
+        self.serving_since: float | None = None  # when the request being answered was sent
+        self.typical_seconds: float | None = None  # of recent answers (a moving average)
+        self.start_seconds: float | None = None  # starting and importing the set: a one-shot's cost, about
         self._process: asyncio.subprocess.Process | None = None
         self._directory: Path | None = None
         self._markers = itertools.count()
@@ -92,9 +96,15 @@ class ReplEvaluator:
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def serving(self) -> bool:
+        """Answering an image's request (not starting up)."""
+        return self.serving_since is not None
+
     async def start(self, *, timeout: float) -> None:
         """Start the repl, import the package set's top level and evaluate `shell`."""
         self.started = True
+        started = time.monotonic()
         self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
         setup = directory / "setup.json"
         if not _SAFE_PATH.fullmatch(str(setup)):
@@ -125,19 +135,22 @@ class ReplEvaluator:
         reply = await self._exchange("__nixery.warmShell", timeout=timeout)
         if reply.values != ["true"]:  # its own images will report why
             log.info("nix.evaluator_shell_not_evaluated", error=_tail(reply.stderr)[-300:])
-        log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid)
+        self.start_seconds = time.monotonic() - started
+        log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid,
+                 seconds=round(self.start_seconds, 3))
 
     async def evaluate(self, request: dict[str, object], *, timeout: float) -> bytes:
         """The JSON eval.nix would print for `request`."""
         assert self._directory is not None
         path = self._directory / f"request-{next(self._markers)}.json"
         path.write_text(json.dumps(request))
-        self.serving = True
+        self.serving_since = sent = time.monotonic()
         try:
             reply = await self._exchange(f'{_REQUEST_MARK} "{path}"', timeout=timeout)
         finally:
-            self.serving = False
+            self.serving_since = None
             path.unlink(missing_ok=True)
+        self.typical_seconds = _moving_average(self.typical_seconds, time.monotonic() - sent)
         if not reply.values:
             if any(line.startswith("error") for line in reply.stderr):
                 raise NixError("the evaluation failed", _tail(reply.stderr))
@@ -225,6 +238,10 @@ async def _read_until(
         lines.append(line)
 
 
+def _moving_average(average: float | None, sample: float, weight: float = 0.3) -> float:
+    return sample if average is None else (1 - weight) * average + weight * sample
+
+
 def _tail(lines: Sequence[str]) -> str:
     return "\n".join(lines[-_TAIL_LINES:])
 
@@ -235,9 +252,10 @@ class Evaluators:
     At most `capacity` are kept: a request for a new revision starts one and,
     past that, stops the one used least recently (the usual case is one, for
     the latest revision, with a second for an older tag now and then). A
-    request that finds its evaluator answering another image is not queued
-    behind it: it gets None, and the caller starts a one-shot Nix process, as
-    it does when the evaluator cannot start or breaks. An evaluator idle for
+    request that finds its evaluator answering another image waits only if
+    that should take less time than a one-shot Nix process; otherwise it gets
+    None and the caller starts one, as it does when the evaluator cannot start
+    or breaks (see `_worth_waiting`). An evaluator idle for
     `idle_seconds`, or grown past `memory_limit` bytes, is stopped; the next
     request starts a new one.
     """
@@ -250,6 +268,8 @@ class Evaluators:
         self._idle_timers: dict[_Key, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._unusable = False  # the repl's output is not what this module reads: never again
+        self._waiting: dict[_Key, int] = {}  # requests queued for each evaluator
+        self._one_shot_seconds: float | None = None  # of recent nix-instantiate evaluations
         self._failures = 0  # repls in a row that ended or could not start
 
     async def evaluate(
@@ -260,11 +280,11 @@ class Evaluators:
             return None
         key = (system, revision)
         evaluator = self._current(key)
-        if evaluator is not None and evaluator.serving:
-            return None  # do not wait behind another image (waiting for a start-up is fine)
+        if evaluator is not None and not self._worth_waiting(key, evaluator):
+            return None
         if evaluator is None:
             evaluator = self._new(key, pkgs_path)
-        async with evaluator.lock:
+        async with self._turn(key, evaluator):
             if not evaluator.alive and not await self._start(key, evaluator, timeout):
                 return None
             try:
@@ -279,6 +299,41 @@ class Evaluators:
         self._failures = 0
         self._after_request(key, evaluator)
         return answer
+
+    def note_one_shot(self, seconds: float) -> None:
+        """How long an evaluation by `nix-instantiate` took (what waiting is weighed against)."""
+        self._one_shot_seconds = _moving_average(self._one_shot_seconds, seconds)
+
+    def _worth_waiting(self, key: _Key, evaluator: ReplEvaluator) -> bool:
+        """Whether the evaluator should be free sooner than a one-shot process would answer.
+
+        Waiting for a start-up is always worth it. Otherwise the request being
+        answered is expected to take as long again as it has run so far (or
+        the typical answer, if longer), and each request queued before this
+        one a typical answer.
+        """
+        if evaluator.serving_since is None:
+            return True
+        typical = evaluator.typical_seconds or 0.0
+        queued = self._waiting.get(key, 0)
+        expected = max(typical, time.monotonic() - evaluator.serving_since) + queued * typical
+        one_shot = self._one_shot_seconds or evaluator.start_seconds
+        return one_shot is not None and expected < one_shot
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, key: _Key, evaluator: ReplEvaluator) -> AsyncIterator[None]:
+        """The evaluator's lock, counted in `_waiting` while queued for it."""
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            await evaluator.lock.acquire()
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+        try:
+            yield
+        finally:
+            evaluator.lock.release()
 
     async def warm(self, revision: str, pkgs_path: Path, *, system: str, timeout: float) -> None:
         """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""

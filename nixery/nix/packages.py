@@ -89,6 +89,7 @@ async def evaluate(
     if evaluators is not None:
         stdout = await evaluators.evaluate(revision, pkgs_path, request, system=system, timeout=timeout)
     if stdout is None:
+        started = time.monotonic()
         stdout = await run_nix(
             [
                 "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(EVAL_NIX),
@@ -96,6 +97,8 @@ async def evaluate(
             ],
             timeout=timeout,
         )
+        if evaluators is not None:
+            evaluators.note_one_shot(time.monotonic() - started)
     try:
         result = json.loads(stdout)
         missing = [str(name) for name in result["missing"]]
