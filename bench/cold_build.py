@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,6 +67,8 @@ REAL_FILES = "real binaries: /usr/bin (sizes only)"
 KNOWN_FIRST = ["figlet"]
 KNOWN = ["figlet", "hello", "shell"]
 KNOWN_LABEL = "figlet/hello/shell, after shell/hello and figlet"
+# Requested all at once on fresh storage, each a new image of one name not evaluated before.
+BURST = ["hello", "figlet", "cowsay", "fortune", "greet", "bash", "coreutils", "libwords"]
 INCREMENTAL = {
     "large + extra10m (10 MiB new)": [*LARGE, "extra10m"],
     "large + extra50m (50 MiB new)": [*LARGE, "extra50m"],
@@ -135,6 +138,38 @@ def timed_build(registry: c.RegistryProcess, packages: list[str]) -> Build:
                  int(stored.get("bytes", 0)), sum(layer["size"] for layer in manifest["layers"]))
 
 
+def burst_build(storage: Path, mode: str) -> float:
+    """Seconds until every BURST image is answered, by a registry evaluating in `mode`."""
+    registry = c.ready_registry(storage, NIXERY_NIX_EVALUATOR=mode, NIXERY_MAX_BUILDS=str(len(BURST)))
+    try:
+        os.sync()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(BURST)) as pool:
+            answers = list(pool.map(lambda name: c.request(registry.host, f"/v2/{name}/manifests/latest",
+                                                           accept=c.MANIFEST_ACCEPT), BURST))
+        seconds = time.perf_counter() - started
+        if any(status != 200 for status, *_ in answers):
+            raise RuntimeError(f"burst: {[status for status, *_ in answers]}")
+        return seconds
+    finally:
+        registry.stop()
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def burst_section(burst: dict[str, list[float]]) -> str:
+    repl, process = c.Timing(burst["repl"]), c.Timing(burst["process"])
+    return (
+        f"\n## A burst of new images\n\n{len(BURST)} images of one name each, not evaluated before "
+        f"({', '.join(BURST)}), requested at once on fresh storage (`NIXERY_MAX_BUILDS={len(BURST)}`): seconds until "
+        "the last is answered. With the repl, evaluations queue for it while that is expected to be quicker than "
+        "a `nix-instantiate` of their own; with `process`, each image starts one.\n\n"
+        + c.table(["evaluator", "all answered s", "ratio"],
+                  [["repl (default)", f"{repl.median:.3f} ({repl.spread})", f"{repl.median / process.median:.2f}"],
+                   ["process", f"{process.median:.3f} ({process.spread})", "1.00"]])
+        + "\n\n"
+    )
+
+
 def one_build(storage: Path, label: str, packages: list[str], env: dict[str, str]) -> Build:
     """A cold build on fresh storage, by a registry started for it with `env`."""
     registry = c.ready_registry(storage, pkgs=package_set(label), **env)
@@ -161,6 +196,7 @@ def main() -> int:
     base.mkdir(parents=True)
 
     c.say("building the store paths (nix-build) ...")
+    c.nix_build(BURST)
     closures = {label: closure_of(label, pkgs) for label, pkgs in {**IMAGES, **INCREMENTAL}.items()}
     large_closure = set(closures["large: 99 scale-* packages"])
     new_paths = {label: sorted(set(closures[label]) - large_closure) for label in INCREMENTAL}
@@ -209,6 +245,10 @@ def main() -> int:
             seconds, _ = pipeline(new_paths[inc_label], "pigz -1 | sha256sum")
             limit[inc_label].append(seconds)
 
+    c.say(f"a burst of {len(BURST)} new images at once ...")
+    burst = {mode: [burst_build(base / f"burst-{mode}-{run}", mode) for run in range(args.runs)]
+             for mode in ("repl", "process")}
+
     c.say("compressed sizes (gzip -6, zstd -3) ...")
     sizes = {}
     corpora = {label: closures[label] for label in IMAGES}
@@ -227,7 +267,7 @@ def main() -> int:
     zstd_clients = "" if args.no_clients else zstd_client_check(base)
     shutil.rmtree(base, ignore_errors=True)
     body = (report(ours, limit, raw, closures, new_paths, sizes, args.runs) + known_names(known, ours)
-            + evaluators(ours, ours_process, limit)
+            + evaluators(ours, ours_process, limit) + burst_section(burst)
             + zstd_builds(ours, ours_zstd, limit)
             + zstd_section(zstd_clients))
     print("\n" + body)
