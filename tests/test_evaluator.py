@@ -128,6 +128,16 @@ async def test_quick_requests_queue_for_the_repl_rather_than_start_nix(
     assert one_shots == [], "queued behind answers of a few ms rather than starting Nix"
 
 
+async def test_a_queued_request_stops_waiting_behind_an_answer_that_runs_long(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])  # answers take milliseconds, so the next one will queue
+    slow = asyncio.ensure_future(resolve(evaluators, ["slowEval"]))
+    await asyncio.sleep(0.01)
+    quick = await resolve(evaluators, ["figlet"])  # queues, gives up after twice a one-shot's time
+    assert [p.attr for p in quick] == ["figlet"]
+    assert not slow.done(), "figlet did not wait for slowEval (about 1 s)"
+    await slow
+
+
 async def test_a_timeout_kills_the_repl_and_the_next_image_gets_a_new_one(evaluators: Evaluators) -> None:
     await resolve(evaluators, ["hello"])
     pid = the_pid(evaluators)

@@ -59,6 +59,10 @@ class EvaluatorUnusable(Exception):
     """The repl did not behave as this module expects; use a one-shot Nix process."""
 
 
+class _WaitedTooLong(Exception):
+    """The evaluator stayed busy past the patience of a queued request."""
+
+
 class EvaluatorEnded(EvaluatorUnusable):
     """The repl exited or closed its pipes (a crash, the OOM killer), not a protocol mismatch."""
 
@@ -284,18 +288,21 @@ class Evaluators:
             return None
         if evaluator is None:
             evaluator = self._new(key, pkgs_path)
-        async with self._turn(key, evaluator):
-            if not evaluator.alive and not await self._start(key, evaluator, timeout):
-                return None
-            try:
-                answer = await evaluator.evaluate(request, timeout=timeout)
-            except EvaluatorUnusable as exc:
-                await self._failed(key, evaluator, exc)
-                return None
-            except BaseException:
-                if not evaluator.alive:  # stopped by a timeout or a cancellation
-                    self._forget(key, evaluator)
-                raise  # an evaluation error leaves the repl as it was
+        try:
+            async with self._turn(key, evaluator):
+                if not evaluator.alive and not await self._start(key, evaluator, timeout):
+                    return None
+                try:
+                    answer = await evaluator.evaluate(request, timeout=timeout)
+                except EvaluatorUnusable as exc:
+                    await self._failed(key, evaluator, exc)
+                    return None
+                except BaseException:
+                    if not evaluator.alive:  # stopped by a timeout or a cancellation
+                        self._forget(key, evaluator)
+                    raise  # an evaluation error leaves the repl as it was
+        except _WaitedTooLong:
+            return None
         self._failures = 0
         self._after_request(key, evaluator)
         return answer
@@ -322,10 +329,18 @@ class Evaluators:
 
     @contextlib.asynccontextmanager
     async def _turn(self, key: _Key, evaluator: ReplEvaluator) -> AsyncIterator[None]:
-        """The evaluator's lock, counted in `_waiting` while queued for it."""
+        """The evaluator's lock, counted in `_waiting` while queued for it.
+
+        Behind another image's answer, the wait is bounded by twice what a
+        one-shot process takes (the estimate may be wrong); then `_WaitedTooLong`.
+        """
+        one_shot = self._one_shot_seconds or evaluator.start_seconds
+        patience = None if evaluator.serving_since is None or one_shot is None else max(2 * one_shot, 0.1)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
-            await evaluator.lock.acquire()
+            await asyncio.wait_for(evaluator.lock.acquire(), patience)
+        except TimeoutError:
+            raise _WaitedTooLong from None
         finally:
             self._waiting[key] -= 1
             if not self._waiting[key]:
