@@ -151,7 +151,8 @@ def nix_counting_path(directory: Path) -> tuple[str, Path]:
         real = shutil.which(tool)
         assert real, f"{tool} is not installed"
         wrapper = directory / tool
-        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{_REPL_TEE.format(calls=calls, real=real) if tool == "nix" else ""}exec {real} "$@"\n')
+        repl_tee = _REPL_TEE.format(calls=calls, real=real) if tool == "nix" else ""
+        wrapper.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{repl_tee}exec {real} "$@"\n')
         wrapper.chmod(0o755)
     return f"{directory}:{os.environ['PATH']}", calls
 
