@@ -41,10 +41,13 @@ async def resolve(pool: Evaluators | None, names: list[str], *, revision: str = 
                                    revision=revision)
 
 
+def pids(pool: Evaluators) -> set[int]:
+    return {evaluator._process.pid for evaluator in pool.running() if evaluator._process is not None}
+
+
 def the_pid(pool: Evaluators) -> int:
-    [evaluator] = pool.running()
-    assert evaluator._process is not None
-    return evaluator._process.pid
+    [pid] = pids(pool)
+    return pid
 
 
 def gone(pid: int) -> bool:
@@ -167,10 +170,6 @@ async def test_a_repl_killed_from_outside_is_replaced(evaluators: Evaluators) ->
     assert await resolve(evaluators, ["figlet"]) == await resolve(None, ["figlet"])
     assert [p.attr for p in await resolve(evaluators, ["hello"])] == ["hello"]
     assert the_pid(evaluators) != pid, "a new repl, not given up for good"
-
-
-def pids(pool: Evaluators) -> set[int]:
-    return {evaluator._process.pid for evaluator in pool.running() if evaluator._process is not None}
 
 
 async def test_revisions_get_their_own_repl_and_the_least_recent_stops(

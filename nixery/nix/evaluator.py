@@ -324,8 +324,12 @@ class Evaluators:
         typical = evaluator.typical_seconds or 0.0
         queued = self._waiting.get(key, 0)
         expected = max(typical, time.monotonic() - evaluator.serving_since) + queued * typical
-        one_shot = self._one_shot_seconds or evaluator.start_seconds
+        one_shot = self._one_shot_estimate(evaluator)
         return one_shot is not None and expected < one_shot
+
+    def _one_shot_estimate(self, evaluator: ReplEvaluator) -> float | None:
+        """Seconds a nix-instantiate takes: recent ones, else this repl's start (about the same work)."""
+        return self._one_shot_seconds or evaluator.start_seconds
 
     @contextlib.asynccontextmanager
     async def _turn(self, key: _Key, evaluator: ReplEvaluator) -> AsyncIterator[None]:
@@ -334,7 +338,7 @@ class Evaluators:
         Behind another image's answer, the wait is bounded by twice what a
         one-shot process takes (the estimate may be wrong); then `_WaitedTooLong`.
         """
-        one_shot = self._one_shot_seconds or evaluator.start_seconds
+        one_shot = self._one_shot_estimate(evaluator)
         patience = None if evaluator.serving_since is None or one_shot is None else max(2 * one_shot, 0.1)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
