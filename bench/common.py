@@ -27,9 +27,10 @@ if str(REPO) not in sys.path:  # the tests' process helpers are reused here
     sys.path.insert(0, str(REPO))
 
 from tests import daemons  # noqa: E402
+from tests.daemons import process_tree  # noqa: E402
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, free_port  # noqa: E402
 
-__all__ = ["DOCKER_MANIFEST", "OCI_MANIFEST", "RegistryProcess", "free_port"]
+__all__ = ["DOCKER_MANIFEST", "OCI_MANIFEST", "RegistryProcess", "free_port", "process_tree"]
 
 DOCS = REPO / "docs" / "benchmarks"
 BENCH_PKGS = REPO / "bench" / "data" / "pkgs"
@@ -147,24 +148,6 @@ def ready_registry(storage: Path, *, pkgs: Path = BENCH_PKGS, **env: str) -> Reg
                 raise RuntimeError(f"the registry's evaluator did not start: {registry_process.log()[-2000:]}")
             time.sleep(0.02)
     return registry_process
-
-
-def process_tree(pid: int) -> list[int]:
-    """The pid and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        tree.append(current)
-        stack.extend(children.get(current, []))
-    return tree
 
 
 def rss_bytes(pids: Sequence[int]) -> int:

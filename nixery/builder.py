@@ -37,10 +37,9 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import structlog
 
@@ -50,7 +49,8 @@ from nixery.evaluations import EvaluationCache
 from nixery.layers.entrypoints import SSL_CERT_FILE, EntryPoints, entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
-from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer, write_store_layer
+from nixery.layers.tarball import Entry, cache_tag, write_entry_layer, write_store_layer
+from nixery.layers.writers import LayerWrite, LayerWriters
 from nixery.nix import packages as nix
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.packages import ResolvedPackage
@@ -210,7 +210,7 @@ class ImageBuilder:
         nix_timeout: float,
         max_layers: int,
         max_concurrent_builds: int,
-        compression_threads: int | None = None,
+        layer_workers: int | None = None,
         layer_compression: Compression = Compression.GZIP,
         evaluators: Evaluators | None = None,
     ):
@@ -225,6 +225,8 @@ class ImageBuilder:
         self._build_slots = asyncio.Semaphore(max_concurrent_builds)
         self._images: SingleFlight[ImageRecord] = SingleFlight()
         self._layers: SingleFlight[_StoredLayer] = SingleFlight()
+        #: New layers whose blob and record are being written, by layer key.
+        self._storing: dict[str, _StoredLayer] = {}
         self._records: dict[str, ImageRecord] = {}
         self._history: LayerHistory | None = None
         self._history_lock = asyncio.Lock()
@@ -236,9 +238,7 @@ class ImageBuilder:
         storage.on_corrupt_blob(self._forget_images_using)
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
-        self._compressors = ThreadPoolExecutor(
-            max_workers=compression_threads or os.cpu_count() or 2, thread_name_prefix="compress"
-        )
+        self._writers = LayerWriters(layer_workers or os.cpu_count() or 2)
 
     @classmethod
     def from_settings(cls, settings: Settings, storage: Storage) -> ImageBuilder:
@@ -254,7 +254,9 @@ class ImageBuilder:
         )
 
     async def warm_up(self) -> None:
-        """Start this host's evaluator on a local package set, so the first image need not."""
+        """Start the layer writers, and this host's evaluator on a local package set, so the
+        first image need not."""
+        await asyncio.to_thread(self._writers.start)
         if self.evaluators is None:
             return
         try:
@@ -266,10 +268,11 @@ class ImageBuilder:
             await self.evaluators.warm(revision.id, revision.path, system=nix.host_system(), timeout=self.nix_timeout)
 
     async def close(self) -> None:
+        await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
         await self.evaluations.flush()
         if self.evaluators is not None:
             await self.evaluators.close()
-        self._compressors.shutdown(wait=False, cancel_futures=True)
+        self._writers.shutdown()
 
     # ---- lookups -------------------------------------------------------
 
@@ -415,11 +418,12 @@ class ImageBuilder:
             return entries, await self._store_entry_layer(entries.entries, counter)
 
         # The entry-point layer is last in the image but made alongside the others.
-        *layers, (entries, last) = await asyncio.gather(
+        *stored, (entries, last) = await asyncio.gather(
             *(self._store_layer(sorted(paths), counter) for paths in plan), entry_layer()
         )
-        layers.append(last)
-        bound.info("build.layers_stored", layers=len(layers), created=counter.created, bytes=counter.bytes)
+        stored.append(last)
+        layers = [layer.descriptor for layer in stored]
+        bound.info("build.layers_compressed", layers=len(layers), created=counter.created, bytes=counter.bytes)
 
         env = [f"PATH={DEFAULT_PATH}"]
         if entries.ca_bundle:
@@ -434,10 +438,12 @@ class ImageBuilder:
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         formats = self.compression.manifest_formats
         documents = [image_manifest(fmt, config, layers, self.compression) for fmt in formats]
-        # Written side by side (each one fsync'd); the record below names them only once all are stored.
-        config_digest, *manifest_digests = await asyncio.gather(
-            *(self.storage.put_blob_bytes(blob) for blob in (config, *documents))
-        )
+        # Written side by side with the new layers' blobs (each one fsync'd); the record
+        # below names them only once all are stored.
+        documents_written = asyncio.gather(*(self.storage.put_blob_bytes(blob) for blob in (config, *documents)))
+        # Shielded: a layer's writes serve every build that uses it, not only this one.
+        layers_written = [asyncio.shield(layer.stored) for layer in stored if layer.stored is not None]
+        (config_digest, *manifest_digests), *_ = await asyncio.gather(documents_written, *layers_written)
         manifests = {
             fmt: ManifestRef(digest, len(document))
             for fmt, digest, document in zip(formats, manifest_digests, documents, strict=True)
@@ -523,14 +529,14 @@ class ImageBuilder:
             log.warning("build.history_unreadable", error=str(exc)[:200], note="starting a new history")
             return None
 
-    async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> LayerDescriptor:
+    async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> _StoredLayer:
         key = layer_key(store_paths, self.compression)
         write = functools.partial(write_store_layer, store_paths, compression=self.compression)
         return counter.count(
             await self._layers.run(key, lambda: self._cached_or_new_layer(key, _describe_layer(store_paths), write))
         )
 
-    async def _store_entry_layer(self, entries: Sequence[Entry], counter: _LayerCounter) -> LayerDescriptor:
+    async def _store_entry_layer(self, entries: Sequence[Entry], counter: _LayerCounter) -> _StoredLayer:
         key = entry_layer_key(entries, self.compression)
         write = functools.partial(write_entry_layer, entries, compression=self.compression)
         return counter.count(
@@ -539,10 +545,14 @@ class ImageBuilder:
             )
         )
 
-    async def _cached_or_new_layer(
-        self, key: str, description: str, write: Callable[[BinaryIO], LayerBlob]
-    ) -> _StoredLayer:
-        """The stored layer for `key`, compressed and uploaded only if it is not stored yet."""
+    async def _cached_or_new_layer(self, key: str, description: str, write: LayerWrite) -> _StoredLayer:
+        """The layer for `key`, compressed only if it is not stored or being stored yet.
+
+        A new layer is returned once compressed; its blob and record are written in
+        `stored`, beside its image's config and manifests.
+        """
+        if (storing := self._storing.get(key)) is not None:
+            return storing
         cached = await self.storage.get_meta(f"layers/{key}")
         if cached is not None:
             descriptor = LayerDescriptor.from_json(json.loads(cached))
@@ -553,17 +563,30 @@ class ImageBuilder:
         started = time.monotonic()
         staged = Path(tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")[1])
         try:
-            blob = await asyncio.get_running_loop().run_in_executor(self._compressors, _write_file, staged, write)
-            seconds = time.monotonic() - started
-            descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
+            blob = await self._writers.write(staged, write)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
+        stored = asyncio.ensure_future(self._publish_layer(key, descriptor, staged))
+        self._storing[key] = _StoredLayer(descriptor, created=False, seconds=0.0, stored=stored)
+        stored.add_done_callback(lambda task: self._published(key, task))
+        return _StoredLayer(descriptor, created=True, seconds=time.monotonic() - started, stored=stored)
+
+    async def _publish_layer(self, key: str, descriptor: LayerDescriptor, staged: Path) -> None:
+        try:
             # Side by side: the record is only believed (above) when its blob is stored, at its size.
             await asyncio.gather(
-                self.storage.put_blob(blob.digest, staged),
+                self.storage.put_blob(descriptor.digest, staged),
                 self.storage.put_meta(f"layers/{key}", canonical_json(descriptor.to_json())),
             )
         finally:
             staged.unlink(missing_ok=True)
-        return _StoredLayer(descriptor, created=True, seconds=seconds)
+
+    def _published(self, key: str, task: asyncio.Future[None]) -> None:
+        self._storing.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:  # its builds report it; a later one retries
+            log.warning("build.layer_not_stored", key=key[:12], error=str(task.exception())[:200])
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +594,7 @@ class _StoredLayer:
     descriptor: LayerDescriptor
     created: bool  # compressed by this call, not found in storage
     seconds: float  # time spent compressing
+    stored: asyncio.Future[None] | None = None  # writing its blob and record; None: stored already
 
 
 class _LayerCounter:
@@ -583,18 +607,18 @@ class _LayerCounter:
         self.created = 0
         self.bytes = 0
 
-    def count(self, stored: _StoredLayer) -> LayerDescriptor:
+    def count(self, stored: _StoredLayer) -> _StoredLayer:
         layer = stored.descriptor
         self.done += 1
         metrics.layer_stored(stored.created, layer.size)
         if not stored.created:
             self._emit(f"layer {layer.digest.hex[:12]} already stored")
-            return layer
+            return stored
         self.created += 1
         self.bytes += layer.size
         rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
         self._emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
-        return layer
+        return stored
 
     def _emit(self, message: str) -> None:
         self.build.emit(
@@ -611,7 +635,3 @@ def _record_summary(record: ImageRecord) -> dict[str, Any]:
         "size": record.compressed_size,
     }
 
-
-def _write_file(path: Path, write: Callable[[BinaryIO], LayerBlob]) -> LayerBlob:
-    with open(path, "wb") as handle:
-        return write(handle)

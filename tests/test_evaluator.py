@@ -19,6 +19,7 @@ import pytest
 from nixery.nix import packages
 from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound
 from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
+from tests.daemons import gone
 from tests.registry import nix_calls_of, nix_counting_path
 from tests.test_protocol import error_of
 
@@ -48,14 +49,6 @@ def pids(pool: Evaluators) -> set[int]:
 def the_pid(pool: Evaluators) -> int:
     [pid] = pids(pool)
     return pid
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.mark.parametrize("names", [

@@ -16,6 +16,7 @@ import pytest
 
 from nixery.layers.graph import ClosureGraph
 from nixery.nix import packages, store_db
+from nixery.nix.errors import NixError
 from nixery.nix.process import run_nix
 from tests.registry import busybox_set_with
 
@@ -340,23 +341,25 @@ def fake_nix(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return calls
 
 
-async def test_realise_runs_unless_every_output_is_valid(fake_nix: list[list[str]]) -> None:
+async def test_nothing_runs_when_every_output_is_valid(fake_nix: list[list[str]]) -> None:
     drv = "/nix/store/" + "1" * 32 + "-thing.drv"
-    lines = []
-    await packages.realise([drv], outputs=[BUSYBOX], timeout=30, on_line=lines.append)
+    graph = await packages.ensure_built_closure([drv], [BUSYBOX], timeout=30)
     assert fake_nix == []
-    await packages.realise([drv], outputs=[BUSYBOX, NOTHING], timeout=30, on_line=lines.append)
-    assert fake_nix == [["nix-store", "--realise", drv]]
-    await packages.realise([drv], timeout=30)  # no outputs named: always run, as before
-    assert len(fake_nix) == 2
+    assert graph.nodes == path_info_graph([BUSYBOX]).nodes
+    # One output not valid: Nix realises the derivations, then is asked for the closure
+    # (the fake prints nothing, which is no closure).
+    with pytest.raises(NixError, match="cannot read the closure"):
+        await packages.ensure_built_closure([drv], [BUSYBOX, NOTHING], timeout=30)
+    assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
 async def test_realise_runs_when_the_database_cannot_tell(
     fake_nix: list[list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     use_database(monkeypatch, tmp_path / "missing.sqlite")
-    await packages.realise(["/nix/store/" + "1" * 32 + "-thing.drv"], outputs=[BUSYBOX], timeout=30)
-    assert len(fake_nix) == 1
+    with pytest.raises(NixError):
+        await packages.ensure_built_closure(["/nix/store/" + "1" * 32 + "-thing.drv"], [BUSYBOX], timeout=30)
+    assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
 def unbuilt_package_set(directory: Path) -> tuple[Path, str]:

@@ -123,27 +123,19 @@ async def ensure_built_closure(
     database instead of starting any Nix process; see `nixery.nix.store_db`.
     """
     deadline = time.monotonic() + timeout
-    await realise(drv_paths, outputs=out_paths, timeout=timeout, on_line=on_line)
+    # One read answers both questions: the closure is only found when every output is valid.
+    graph = await store_db.closure_graph(out_paths)
+    if graph is not None:
+        log.debug("nix.realise_skipped", outputs=len(set(out_paths)))
+        return graph
+    await realise(drv_paths, timeout=timeout, on_line=on_line)
     return await closure_graph(out_paths, timeout=max(0.1, deadline - time.monotonic()))
 
 
 async def realise(
-    drv_paths: Sequence[str],
-    *,
-    timeout: float,
-    on_line: Callable[[str], None] | None = None,
-    outputs: Sequence[str] = (),
+    drv_paths: Sequence[str], *, timeout: float, on_line: Callable[[str], None] | None = None
 ) -> None:
-    """Build (or find already built) every derivation.
-
-    Nothing runs when `outputs` are given and the store database says that all
-    of them are valid already.
-    """
-    if outputs:
-        valid = await store_db.valid_paths(outputs)
-        if valid is not None and valid.issuperset(outputs):
-            log.debug("nix.realise_skipped", outputs=len(valid))
-            return
+    """Build (or find already built) every derivation, with `nix-store --realise`."""
     await run_nix(["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line)
 
 

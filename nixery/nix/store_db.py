@@ -7,8 +7,9 @@ each of those processes costs ~40 ms just to start, a third of the build of a
 small image. The answers are in Nix's SQLite database, `ValidPaths` (a row
 per valid store path, with `narSize`) and `Refs` (its references, by row id);
 see Nix's `src/libstore/schema.sql`, schema version 10 since Nix 2.0. One
-query answers either question in about a millisecond, and a closure of
-10,000 paths in ~0.3 s (`nix path-info` takes ~1.3 s for it).
+query answers both (a closure is only found when every root is valid) in
+about a millisecond, and a closure of 10,000 paths in ~0.3 s (`nix path-info`
+takes ~1.3 s for it).
 
 What keeps it safe:
 

@@ -1,0 +1,109 @@
+"""Layers are written in worker processes: the same bytes as in this process,
+a worker that dies is replaced, and threads take over where processes cannot start."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from nixery.layers import writers as writers_module
+from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_store_layer
+from nixery.layers.writers import LayerWriters
+from nixery.registry.digest import Digest
+from tests.daemons import gone, process_tree
+from tests.registry import RegistryProcess
+
+BUSYBOX = "/nix/store/rzpya29x2fv1nls3z4r96akqzvqa0ssn-busybox-1.35.0"
+
+
+def pid_layer(handle: BinaryIO) -> LayerBlob:
+    """Not a layer: writes the pid of the process that ran it."""
+    data = str(os.getpid()).encode()
+    handle.write(data)
+    return LayerBlob(Digest.of(data), Digest.of(data), len(data))
+
+
+def die_once(marker: str, handle: BinaryIO) -> LayerBlob:
+    """Killed the first time, as the OOM killer would; a layer of the busybox path the second."""
+    if not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_store_layer([BUSYBOX], handle)
+
+
+@pytest.fixture
+async def writers():
+    pool = LayerWriters(2)
+    yield pool
+    pool.shutdown()
+
+
+async def test_layers_are_written_in_other_processes_with_the_same_bytes(writers, tmp_path: Path) -> None:
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("the busybox set is not built")
+    await writers.write(tmp_path / "pid", pid_layer)
+    assert int((tmp_path / "pid").read_text()) != os.getpid()
+    assert writers.in_processes
+
+    entries = [Entry("bin", "dir", 0o755), Entry("bin/sh", "symlink", target=f"{BUSYBOX}/bin/sh")]
+    for name, write in [
+        ("store", functools.partial(write_store_layer, [BUSYBOX])),
+        ("entries", functools.partial(write_entry_layer, entries)),
+    ]:
+        blob = await writers.write(tmp_path / f"{name}.tar.gz", write)
+        with open(tmp_path / f"{name}-here.tar.gz", "wb") as handle:
+            here = write(handle)
+        assert blob == here
+        assert (tmp_path / f"{name}.tar.gz").read_bytes() == (tmp_path / f"{name}-here.tar.gz").read_bytes()
+
+
+async def test_a_killed_worker_is_replaced_and_the_layer_written_again(writers, tmp_path: Path) -> None:
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("the busybox set is not built")
+    marker = tmp_path / "killed"
+    blob = await writers.write(tmp_path / "layer", functools.partial(die_once, str(marker)))
+    assert marker.exists(), "the first worker was not killed"
+    with open(tmp_path / "expected", "wb") as handle:
+        assert blob == write_store_layer([BUSYBOX], handle)
+    assert writers.in_processes
+    await writers.write(tmp_path / "pid", pid_layer)  # the new workers keep serving
+    assert int((tmp_path / "pid").read_text()) not in (os.getpid(), int(marker.read_text()))
+
+
+async def test_threads_write_where_processes_cannot_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def no_semaphores(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory: /dev/shm (injected)")
+
+    monkeypatch.setattr(writers_module, "ProcessPoolExecutor", no_semaphores)
+    pool = LayerWriters(2)
+    try:
+        pool.start()
+        await pool.write(tmp_path / "pid", pid_layer)
+    finally:
+        pool.shutdown()
+    assert int((tmp_path / "pid").read_text()) == os.getpid()
+    assert not pool.in_processes
+
+
+def test_no_process_outlives_a_killed_registry(tmp_path: Path) -> None:
+    """After `kill -9` of the registry, its layer writers, their fork server and the
+    Nix evaluator exit too (nothing is left to pile up across restarts)."""
+    registry = RegistryProcess(storage=tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        registry.manifest("shell/hello")  # layers written in the workers
+        children = [pid for pid in process_tree(registry.process.pid) if pid != registry.process.pid]
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert sum(b"multiprocessing.forkserver" in command for command in commands) >= 2, commands
+    finally:
+        registry.process.send_signal(signal.SIGKILL)
+        registry.process.wait()
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in children if not gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in alive]

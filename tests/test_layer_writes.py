@@ -1,0 +1,120 @@
+"""A new layer's blob and record are written beside its image's config and
+manifests, not before them: what that must still guarantee, with real Nix
+(the busybox set) and real filesystem storage, in this process.
+
+* An image is answered only once every blob it names is stored.
+* A layer being written for one build is not compressed again for another.
+* A layer that cannot be written fails the builds that use it, leaves no
+  staging file, and is compressed again by the next build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+from nixery.builder import ImageBuilder, ImageRecord
+from nixery.layers.writers import LayerWriters
+from nixery.registry.digest import Digest
+from nixery.registry.names import parse_image_name
+from nixery.storage.filesystem import FilesystemStorage
+
+BUSYBOX_SET = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+
+
+class HeldStorage(FilesystemStorage):
+    """Filesystem storage whose writes of big blobs (the busybox layer) wait for `release`."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.fail_next = False
+
+    async def put_blob(self, digest: Digest, staged: Path) -> None:
+        if staged.stat().st_size > BIG:
+            self.holding.set()
+            await self.release.wait()
+            if self.fail_next:
+                self.fail_next = False
+                raise OSError(28, "No space left on device (injected)")
+        await super().put_blob(digest, staged)
+
+
+@pytest.fixture
+async def held(tmp_path: Path) -> AsyncIterator[tuple[ImageBuilder, HeldStorage]]:
+    settings = config.load(
+        {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "STORAGE_PATH": str(tmp_path / "storage"),
+         "NIXERY_NIX_EVALUATOR": "process"}
+    )
+    storage = HeldStorage(settings.storage_path)
+    builder = ImageBuilder.from_settings(settings, storage)
+    yield builder, storage
+    storage.release.set()
+    await builder.close()
+
+
+BIG = 500_000  # bytes: of the layers of these images, only busybox's is bigger
+
+
+@pytest.fixture
+def compressed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The compressed size of every layer compressed."""
+    sizes: list[int] = []
+    real = LayerWriters.write
+
+    async def counted(self, path, write):
+        blob = await real(self, path, write)
+        sizes.append(blob.size)
+        return blob
+
+    monkeypatch.setattr(LayerWriters, "write", counted)
+    return sizes
+
+
+async def image(builder: ImageBuilder, name: str) -> ImageRecord:
+    return await builder.image(parse_image_name(name), "latest")
+
+
+async def all_blobs_stored(storage: FilesystemStorage, record: ImageRecord) -> bool:
+    return all([await storage.stat_blob(digest) is not None for digest in record.blobs()])
+
+
+async def test_an_image_is_answered_only_once_its_layers_are_stored(held, compressed: list[int]) -> None:
+    builder, storage = held
+    first = asyncio.ensure_future(image(builder, "shell/hello"))
+    await asyncio.wait_for(storage.holding.wait(), 60)  # compressed; its blob is being written
+    second = asyncio.ensure_future(image(builder, "shell/figlet"))  # shares the busybox layer
+    await asyncio.sleep(1.0)
+    assert not first.done() and not second.done(), "answered before the busybox layer was stored"
+
+    storage.release.set()
+    records = await asyncio.wait_for(asyncio.gather(first, second), 60)
+    for record in records:
+        assert await all_blobs_stored(storage, record)
+    shared = {layer.digest for layer in records[0].layers} & {layer.digest for layer in records[1].layers}
+    assert any(layer.size > BIG for layer in records[1].layers if layer.digest in shared)
+    assert len([size for size in compressed if size > BIG]) == 1, "the layer being written was compressed again"
+
+
+async def test_a_layer_that_cannot_be_stored_fails_its_builds_and_is_retried(held, compressed: list[int]) -> None:
+    builder, storage = held
+    storage.fail_next = True
+    first = asyncio.ensure_future(image(builder, "shell/hello"))
+    await asyncio.wait_for(storage.holding.wait(), 60)
+    second = asyncio.ensure_future(image(builder, "shell/figlet"))
+    await asyncio.sleep(0.5)
+    storage.release.set()
+    for build in (first, second):
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(build, 60)
+    assert await builder.built(parse_image_name("shell/hello"), "latest") is None
+    assert list(storage.staging_dir().iterdir()) == [], "a staging file was left behind"
+
+    record = await asyncio.wait_for(image(builder, "shell/hello"), 60)
+    assert await all_blobs_stored(storage, record)
+    assert len([size for size in compressed if size > BIG]) == 2, "the failed layer was not compressed again"
