@@ -138,15 +138,18 @@ def registry(storage: Path, *, workers: int = 1, pkgs: Path = BENCH_PKGS, **env:
 
 
 def ready_registry(storage: Path, *, pkgs: Path = BENCH_PKGS, **env: str) -> RegistryProcess:
-    """`registry(...)` started, with its Nix evaluator warmed up, as on a registry that has been running."""
+    """`registry(...)` started, with its layer writers and Nix evaluator warmed up, as on a
+    registry that has been running."""
     registry_process = registry(storage, pkgs=pkgs, **env).start()
+    ready = ['"layers.writers_ready"']
     if env.get("NIXERY_NIX_EVALUATOR", "repl") == "repl":
-        deadline = time.monotonic() + 60
-        while '"nix.evaluator_ready"' not in registry_process.log():
-            if time.monotonic() > deadline:
-                registry_process.stop()
-                raise RuntimeError(f"the registry's evaluator did not start: {registry_process.log()[-2000:]}")
-            time.sleep(0.02)
+        ready.append('"nix.evaluator_ready"')
+    deadline = time.monotonic() + 60
+    while not all(event in registry_process.log() for event in ready):
+        if time.monotonic() > deadline:
+            registry_process.stop()
+            raise RuntimeError(f"the registry did not warm up: {registry_process.log()[-2000:]}")
+        time.sleep(0.02)
     return registry_process
 
 

@@ -111,6 +111,17 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size: pages shared by n processes count 1/n in each."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _is_layer_writer(pid: int) -> bool:
     try:
         return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -126,6 +137,7 @@ class RssSampler:
         self.pid, self.interval = pid, interval
         self.server: list[int] = []
         self.writers: list[int] = []
+        self.writers_pss: list[int] = []
         self.nix: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -136,6 +148,7 @@ class RssSampler:
             children = [p for p in c.process_tree(self.pid) if p != self.pid]
             writers = [p for p in children if _is_layer_writer(p)]
             self.writers.append(c.rss_bytes(writers))
+            self.writers_pss.append(sum(_pss(p) for p in writers))
             self.nix.append(c.rss_bytes([p for p in children if p not in writers]))
             self._stop.wait(self.interval)
 
@@ -148,6 +161,10 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.hwm = _status(self.pid, "VmHWM")
+
+
+def _writers(sampler: RssSampler) -> str:
+    return f"{max(sampler.writers) / c.MB:.0f} ({max(sampler.writers_pss) / c.MB:.0f})"
 
 
 def build_big(base: Path) -> list[object]:
@@ -174,7 +191,7 @@ def build_big(base: Path) -> list[object]:
         layer = max(json.loads(body)["layers"], key=lambda x: x["size"])["size"]
         return ["build of `big2g`: one 2 GiB store path → one layer", f"{layer / c.MB:,.0f} MB blob in {seconds:.1f} s",
                 f"{idle / c.MB:.0f}", f"{max(sampler.server) / c.MB:.0f}", f"{sampler.hwm / c.MB:.0f}",
-                f"{max(sampler.writers) / c.MB:.0f}", f"{max(sampler.nix) / c.MB:.0f}"]
+                _writers(sampler), f"{max(sampler.nix) / c.MB:.0f}"]
     finally:
         registry.stop()
         shutil.rmtree(storage, ignore_errors=True)
@@ -220,7 +237,7 @@ def serve_concurrent(base: Path, concurrency: int) -> list[object]:
         return [f"{concurrency} concurrent downloads of a {layer['size'] / c.MB:.0f} MB blob (aiohttp client)",
                 f"{total / c.MB:,.0f} MB in {seconds:.1f} s ({total / c.MB / seconds:,.0f} MB/s)",
                 f"{idle / c.MB:.0f}", f"{max(sampler.server) / c.MB:.0f}", f"{sampler.hwm / c.MB:.0f}",
-                f"{max(sampler.writers) / c.MB:.0f}", "-"]
+                _writers(sampler), "-"]
     finally:
         registry.stop()
         shutil.rmtree(storage, ignore_errors=True)
@@ -261,10 +278,11 @@ def main() -> int:
         + "\n\n## The registry's resident memory (target: flat, < 200 MB)\n\n"
         "VmRSS of the server process (`NIXERY_WORKERS=1`), sampled every 20 ms, and VmHWM (the kernel's "
         "exact peak, reset before the phase). Apart: the layer writers (the worker processes that write "
-        "layer tarballs, and their fork server; the sum of their VmRSS, which counts the pages they share "
-        "once per process) and Nix's own processes (the long-running evaluator, builds).\n\n"
+        "layer tarballs, their fork server and multiprocessing's resource tracker: the sum of their VmRSS, "
+        "which counts the pages they share once per process, and in brackets of their PSS, which counts "
+        "them once) and Nix's own processes (the long-running evaluator, builds).\n\n"
         + c.table(["phase", "work", "RSS idle MB", "RSS max sampled MB", "peak RSS (VmHWM) MB",
-                   "layer writers max MB", "Nix processes max MB"], memory)
+                   "layer writers max MB (PSS)", "Nix processes max MB"], memory)
         + "\n"
     )
     print("\n" + body)

@@ -256,7 +256,9 @@ class ImageBuilder:
     async def warm_up(self) -> None:
         """Start the layer writers, and this host's evaluator on a local package set, so the
         first image need not."""
-        await asyncio.to_thread(self._writers.start)
+        await asyncio.gather(asyncio.to_thread(self._writers.start), self._warm_evaluator())
+
+    async def _warm_evaluator(self) -> None:
         if self.evaluators is None:
             return
         try:
@@ -414,7 +416,8 @@ class ImageBuilder:
         counter._emit(f"storing {counter.total} layers (compressing those not stored yet)")
 
         async def entry_layer() -> tuple[EntryPoints, LayerDescriptor]:
-            entries = await asyncio.to_thread(entry_points, roots, graph.nodes.keys())
+            # In a worker too: it is pure Python, which in a thread would hold up the event loop.
+            entries = await self._writers.run(entry_points, roots, list(graph.nodes.keys()))
             return entries, await self._store_entry_layer(entries.entries, counter)
 
         # The entry-point layer is last in the image but made alongside the others.

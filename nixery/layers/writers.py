@@ -5,17 +5,22 @@ release the interpreter lock, and making the tar headers, ~20 µs of Python per
 file, which does not. In threads, the headers of every layer being written and
 the server's own event loop share one lock, so a layer of many files held
 back the others and the requests being served, and a thread waiting for the
-lock after each compressed piece lost up to the interpreter's 5 ms switch
-interval. In processes each layer has its own interpreter: a small image's
-build was ~10 % quicker here, and a large one's headers use every core.
+lock after each compressed piece could lose the interpreter's 5 ms switch
+interval. In processes each layer has its own interpreter (python3 of the
+Debian set built ~15 % quicker here), and on more cores the headers of many
+layers are made at once. The image's entry points (pure Python too) are
+worked out there as well. A layer costs ~3 ms more in a process (its
+arguments and result cross a pipe); no image here was slower for it.
 
 The processes are forked by a fork server that imports only the tarball
 module (`nixery.layers.tarball`, ~19 MB resident, mostly shared), never the
 server with its threads and sockets; they exit when the server does, even
-after a `kill -9`. A pool whose process dies (the OOM killer, a signal) is
-replaced, and the layer written again once; if processes cannot be started
-at all (no /dev/shm for their semaphores, say), threads do the work and a
-warning says so.
+after a `kill -9`. As with any multiprocessing worker, each imports the
+server's main script under another name first: `python -m nixery` is
+skipped, and the `nixery` console script only runs under `__main__`. A pool
+whose process dies (the OOM killer, a signal) is replaced, and the layer
+written again once; if processes cannot be started at all (no /dev/shm for
+their semaphores, say), threads do the work and a warning says so.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import multiprocessing
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
@@ -38,6 +44,7 @@ from nixery.layers.tarball import LayerBlob
 log = structlog.get_logger(__name__)
 
 _PRELOAD = ["nixery.layers.tarball"]
+T = TypeVar("T")
 
 #: Writes one layer's bytes to an open file: a picklable callable (a partial of a
 #: module-level function), as it is sent to a worker process.
@@ -79,44 +86,57 @@ class LayerWriters:
         self.workers = workers
         self._processes = processes
         self._pool: Executor | None = None
-        self._creating = threading.Lock()  # `start` runs in a thread, `write` on the event loop
+        self._started: Executor | None = None  # the pool whose workers all run
+        self._creating = threading.Lock()  # pools are made in threads and on the event loop
+        self._starting = threading.Lock()
 
     @property
     def in_processes(self) -> bool:
         return self._processes
 
     def start(self) -> None:
-        """Start the workers now rather than on the first layer (blocking: run it in a thread)."""
-        pool = self._current()
-        try:
-            list(pool.map(_ready, range(self.workers)))
-        except (OSError, BrokenProcessPool) as exc:
-            self._use_threads(pool, exc)
+        """Start every worker of the pool (blocking: starting processes talks to the fork server)."""
+        with self._starting:
+            pool = self._current()
+            if pool is self._started:
+                return
+            began = time.monotonic()
+            try:
+                list(pool.map(_ready, range(self.workers)))
+            except Exception as exc:  # OSError, BrokenProcessPool, multiprocessing's RuntimeErrors
+                self._use_threads(pool, exc)
+                pool = self._current()
+            self._started = pool
+            log.info("layers.writers_ready", workers=self.workers, processes=self._processes,
+                     seconds=round(time.monotonic() - began, 3))
 
     async def write(self, path: Path, write: LayerWrite) -> LayerBlob:
         """Write a layer to the file at `path`, in a worker."""
-        pool = self._current()
+        return await self.run(write_file, path, write)
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` in a worker: a module-level function, picklable arguments and result."""
+        pool = await self._running_pool()
         try:
-            return await self._submit(pool, path, write)
+            return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
         except BrokenProcessPool as exc:
-            log.warning("layers.writer_died", error=str(exc)[:200], note="new workers write it again")
+            log.warning("layers.writer_died", error=str(exc)[:200], note="new workers do it again")
             self._replace(pool)
-            return await self._submit(self._current(), path, write)
+            pool = await self._running_pool()
+            return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._creating:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
-    def _submit(self, pool: Executor, path: Path, write: LayerWrite) -> asyncio.Future[LayerBlob]:
-        loop = asyncio.get_running_loop()
-        try:  # starting a worker process happens here, before the layer is written
-            return loop.run_in_executor(pool, write_file, path, write)
-        except OSError as exc:
-            if pool is not self._pool or not self._processes:
-                raise
-            self._use_threads(pool, exc)
-            return loop.run_in_executor(self._current(), write_file, path, write)
+    async def _running_pool(self) -> Executor:
+        """The pool, its workers started off the event loop (a pool starts them on demand,
+        in the submitting thread, and the first one waits for the fork server to start)."""
+        if self._pool is None or self._pool is not self._started:
+            await asyncio.to_thread(self.start)
+        return self._current()
 
     def _current(self) -> Executor:
         with self._creating:
@@ -137,9 +157,10 @@ class LayerWriters:
         return ThreadPoolExecutor(self.workers, thread_name_prefix="layer-writer")
 
     def _replace(self, broken: Executor) -> None:
-        if self._pool is broken:
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._creating:
+            if self._pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def _use_threads(self, pool: Executor | None, exc: BaseException) -> None:
         if self._processes:
