@@ -441,15 +441,9 @@ class ImageBuilder:
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         formats = self.compression.manifest_formats
         documents = [image_manifest(fmt, config, layers, self.compression) for fmt in formats]
-        # Written side by side with the new layers' blobs (each one fsync'd); the record
-        # below names them only once all are stored.
-        documents_written = asyncio.gather(*(self.storage.put_blob_bytes(blob) for blob in (config, *documents)))
-        # Shielded: a layer's writes serve every build that uses it, not only this one.
-        layers_written = [asyncio.shield(layer.stored) for layer in stored if layer.stored is not None]
-        (config_digest, *manifest_digests), *_ = await asyncio.gather(documents_written, *layers_written)
         manifests = {
-            fmt: ManifestRef(digest, len(document))
-            for fmt, digest, document in zip(formats, manifest_digests, documents, strict=True)
+            fmt: ManifestRef(Digest.of(document), len(document))
+            for fmt, document in zip(formats, documents, strict=True)
         }
         record = ImageRecord(
             key=key,
@@ -458,15 +452,22 @@ class ImageBuilder:
             revision=revision.id,
             packages=tuple(sorted(p.attr for p in resolved)),
             architecture=request.arch.oci_name,
-            config=config_digest,
+            config=Digest.of(config),
             manifests=manifests,
             layers=tuple(layers),
             built_at=time.time(),
             layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),),  # the entry layer holds no store path
         )
-        # The history only guides the layering of later images: written beside the record.
+        # Everything is written side by side, each piece fsync'd, but the record appears only
+        # once every blob it names is stored. Shielded: a layer's writes serve every build
+        # that uses it, not only this one. The history only guides the layering of later images.
+        blobs_stored = asyncio.gather(
+            *(self.storage.put_blob_bytes(blob) for blob in (config, *documents)),
+            *(asyncio.shield(layer.stored) for layer in stored if layer.stored is not None),
+        )
         await asyncio.gather(
-            self._record_history(history, plan), self.storage.put_meta(f"images/{key}", record.to_json())
+            self.storage.put_meta_after(f"images/{key}", record.to_json(), blobs_stored),
+            self._record_history(history, plan),
         )
         self._records[key] = record
         bound.info(

@@ -25,7 +25,7 @@ import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +155,16 @@ class Storage(ABC):
         finally:
             staged.unlink(missing_ok=True)
         return digest
+
+    async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
+        """Put the document under `key` once `stored` has finished (say, the blobs it names):
+        until then, and if `stored` fails, the key keeps its old document.
+
+        A backend that must first make the bytes durable (a local disk) does that
+        while `stored` runs. Default: one after the other.
+        """
+        await stored
+        await self.put_meta(key, data)
 
     async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections. Default: nothing to release."""

@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from nixery.errors import DigestInvalid
@@ -150,6 +150,16 @@ class FilesystemStorage(Storage):
         target = self._meta / check_key(key)
         await asyncio.to_thread(self._write_meta, target, data)
 
+    async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
+        # The file is written and fsync'd meanwhile, so that only the rename waits.
+        target = self._meta / check_key(key)
+        staged = await asyncio.to_thread(self._stage_meta, data)
+        try:
+            await stored
+            await asyncio.to_thread(_move_into_place, staged, target)
+        finally:
+            staged.unlink(missing_ok=True)
+
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
@@ -206,18 +216,33 @@ class FilesystemStorage(Storage):
             await asyncio.to_thread(os.unlink, self._meta / check_key(key))
 
     def _write_meta(self, target: Path, data: bytes) -> None:
+        _move_into_place(self._stage_meta(data), target)
+
+    def _stage_meta(self, data: bytes) -> Path:
+        """A durable staged file holding `data`."""
         with tempfile.NamedTemporaryFile(dir=self._staging, delete=False, prefix="meta-") as handle:
             handle.write(data)
-        _publish(Path(handle.name), target, replace=True)
+        staged = Path(handle.name)
+        _make_durable(staged)
+        return staged
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
     """Make `staged` durable and move it to `target` in one atomic rename."""
     if not replace and target.exists():
         return
+    _make_durable(staged)
+    _move_into_place(staged, target)
+
+
+def _make_durable(staged: Path) -> None:
+    os.chmod(staged, 0o644)
     with open(staged, "rb") as handle:
         os.fsync(handle.fileno())
-    os.chmod(staged, 0o644)
+
+
+def _move_into_place(staged: Path, target: Path) -> None:
+    """Rename a durable staged file to `target`, durably."""
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, target)
     _fsync_dir(target.parent)

@@ -119,6 +119,27 @@ async def test_meta_put_get_replace(store: Storage) -> None:
     assert await store.get_meta(neighbour) == b"neighbour"
 
 
+async def test_meta_put_after_appears_only_once_stored(store: Storage) -> None:
+    """An image record is put `after` the blobs it names: never visible before them."""
+    key = f"images/{uuid.uuid4().hex}"
+    await store.put_meta(key, b"old")
+    release = asyncio.Event()
+    put = asyncio.ensure_future(store.put_meta_after(key, b"new", release.wait()))
+    await asyncio.sleep(0.3)
+    assert await store.get_meta(key) == b"old"
+    release.set()
+    await asyncio.wait_for(put, 30)
+    assert await store.get_meta(key) == b"new"
+
+    async def not_stored() -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+    with pytest.raises(OSError, match="No space left"):
+        await store.put_meta_after(key, b"never", not_stored())
+    assert await store.get_meta(key) == b"new"
+    assert [p.name for p in store.staging_dir().iterdir() if p.name.startswith("meta-")] == []
+
+
 @pytest.mark.parametrize(
     "key", ["", "../escape", "/absolute", "Upper", "a//b", "a/../b", "a b", "a/", "x" * 513, "caf\u00e9"]
 )
