@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 
@@ -53,6 +54,10 @@ def create_app(settings: Settings) -> web.Application:
 
             declarations = await open_declarations(settings, builder)
             app[routes.RESOLVER] = declarations  # NixImage declarations: docs/kubernetes.md
+        # What start-up made (modules, the app) lives as long as the process: out of the
+        # collector's way, so that no full collection walks it again while requests wait.
+        gc.collect()
+        gc.freeze()
         log.info("registry.started", source=settings.source_description, storage=storage.name)
         warm_up = asyncio.ensure_future(builder.warm_up())  # in the background: serving starts now
         yield
