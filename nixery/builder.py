@@ -4,19 +4,21 @@ Nix, layering, the caches and storage meet.
     name, tag ──► package source revision ──► image cache hit? ──► record
                                    │ miss
                                    ▼
-        nix-instantiate ─► nix-store --realise ─► nix path-info (closure)
+        evaluation (a long-running nix repl) ─► realise ─► closure
         (evaluations are kept per name, and the other two read from Nix's
         store database: a new image of known, built names runs no Nix)
                                    ▼
         plan layers (with the history of stored layers)
                                    ▼
-        each layer: layer cache hit? else tar+compress+hash once ─► storage
+        each layer: layer cache hit? else tar+compress+hash once, in a
+        worker process (nixery.layers.writers) ─► storage
                                    ▼
         entry-point layer, config, Docker and OCI manifests ─► storage
         (OCI only with zstd layers: Docker schema 2 has no zstd media type)
                                    ▼
-        image record under images/<key> (written last: a record only ever
-        names blobs that are already stored)
+        image record under images/<key> (written beside the blobs, but it
+        appears only once they are stored: a record only ever names blobs
+        that are already stored)
 
 Caches live in storage, so they survive restarts and are shared by replicas:
 `images/<key>` maps (source revision, packages, architecture) to an image
@@ -465,6 +467,7 @@ class ImageBuilder:
             *(self.storage.put_blob_bytes(blob) for blob in (config, *documents)),
             *(asyncio.shield(layer.stored) for layer in stored if layer.stored is not None),
         )
+        blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
         await asyncio.gather(
             self.storage.put_meta_after(f"images/{key}", record.to_json(), blobs_stored),
             self._record_history(history, plan),
@@ -629,6 +632,11 @@ class _LayerCounter:
             Stage.COMPRESSING, message, layers_done=self.done, layers_total=self.total,
             layers_created=self.created, compressed_bytes=self.bytes,
         )
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _record_summary(record: ImageRecord) -> dict[str, Any]:

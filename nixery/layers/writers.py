@@ -12,9 +12,9 @@ layers are made at once. The image's entry points (pure Python too) are
 worked out there as well. A layer costs ~3 ms more in a process (its
 arguments and result cross a pipe); no image here was slower for it.
 
-The processes are forked by a fork server that imports only the tarball
-module (`nixery.layers.tarball`, ~19 MB resident, mostly shared), never the
-server with its threads and sockets; they exit when the server does, even
+The processes are forked by a fork server that imports only the layer
+modules (the tarball writer and the entry points, ~20 MB resident, mostly
+shared), never the server with its threads and sockets; they exit when the server does, even
 after a `kill -9`. As with any multiprocessing worker, each imports the
 server's main script under another name first: `python -m nixery` is
 skipped, and the `nixery` console script only runs under `__main__`. A pool
@@ -43,7 +43,8 @@ from nixery.layers.tarball import LayerBlob
 
 log = structlog.get_logger(__name__)
 
-_PRELOAD = ["nixery.layers.tarball"]
+# What the workers run, imported once by the fork server rather than by each worker.
+_PRELOAD = ["nixery.layers.writers", "nixery.layers.tarball", "nixery.layers.entrypoints"]
 T = TypeVar("T")
 
 #: Writes one layer's bytes to an open file: a picklable callable (a partial of a
@@ -82,6 +83,8 @@ def _exit_when_readable(pidfd: int) -> None:
 
 
 class LayerWriters:
+    """A pool of layer writers, started once and replaced when one of its processes dies."""
+
     def __init__(self, workers: int, *, processes: bool = True):
         self.workers = workers
         self._processes = processes
