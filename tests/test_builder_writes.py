@@ -19,6 +19,7 @@ import pytest
 from nixery import config
 from nixery.builder import ImageBuilder, ImageRecord
 from nixery.layers.writers import LayerWriters
+from nixery.progress import Build, Stage
 from nixery.registry.digest import Digest
 from nixery.registry.names import parse_image_name
 from nixery.storage.filesystem import FilesystemStorage
@@ -76,8 +77,14 @@ def compressed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-async def image(builder: ImageBuilder, name: str) -> ImageRecord:
-    return await builder.image(parse_image_name(name), "latest")
+async def image(builder: ImageBuilder, name: str, builds: list[Build] | None = None) -> ImageRecord:
+    return await builder.image(parse_image_name(name), "latest", on_wait=builds.append if builds is not None else None)
+
+
+async def storing_its_config(builds: list[Build]) -> None:
+    """Until the build has compressed its own layers and writes its config and manifests."""
+    while not builds or builds[0].stage != Stage.UPLOADING:
+        await asyncio.sleep(0.01)
 
 
 async def all_blobs_stored(storage: FilesystemStorage, record: ImageRecord) -> bool:
@@ -106,8 +113,9 @@ async def test_a_layer_that_cannot_be_stored_fails_its_builds_and_is_retried(hel
     storage.fail_next = True
     first = asyncio.ensure_future(image(builder, "shell/hello"))
     await asyncio.wait_for(storage.holding.wait(), 60)
-    second = asyncio.ensure_future(image(builder, "shell/figlet"))
-    await asyncio.sleep(0.5)
+    builds: list[Build] = []
+    second = asyncio.ensure_future(image(builder, "shell/figlet", builds))
+    await asyncio.wait_for(storing_its_config(builds), 60)  # it now waits for the busybox layer too
     storage.release.set()
     for build in (first, second):
         with pytest.raises(OSError, match="No space left"):
