@@ -276,7 +276,7 @@ class ImageBuilder:
         await self.evaluations.flush()
         if self.evaluators is not None:
             await self.evaluators.close()
-        self._writers.shutdown()
+        await self._writers.close()
 
     # ---- lookups -------------------------------------------------------
 

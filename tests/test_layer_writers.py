@@ -41,7 +41,7 @@ def die_once(marker: str, handle: BinaryIO) -> LayerBlob:
 async def writers():
     pool = LayerWriters(2)
     yield pool
-    pool.shutdown()
+    await pool.close()
 
 
 async def test_layers_are_written_in_other_processes_with_the_same_bytes(writers, tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ async def test_threads_write_where_processes_cannot_start(monkeypatch: pytest.Mo
         pool.start()
         await pool.write(tmp_path / "pid", pid_layer)
     finally:
-        pool.shutdown()
+        await pool.close()
     assert int((tmp_path / "pid").read_text()) == os.getpid()
     assert not pool.in_processes
 
@@ -107,3 +107,21 @@ def test_no_process_outlives_a_killed_registry(tmp_path: Path) -> None:
     while (alive := [pid for pid in children if not gone(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert alive == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in alive]
+
+
+def test_a_stopped_registry_of_two_processes_leaves_nothing_behind(tmp_path: Path) -> None:
+    """SIGTERM with NIXERY_WORKERS=2 (each process leaves by os._exit): every writer
+    exits, and multiprocessing has no leaked semaphore to warn about in the log."""
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_WORKERS": "2"}
+    ).start()
+    try:
+        registry.manifest("shell/hello")
+        children = [pid for pid in process_tree(registry.process.pid) if pid != registry.process.pid]
+    finally:
+        registry.stop()
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in children if not gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive == []
+    assert "leaked" not in registry.log() and "Traceback" not in registry.log(), registry.log()[-2000:]

@@ -128,11 +128,17 @@ class LayerWriters:
             pool = await self._running_pool()
             return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
 
-    def shutdown(self) -> None:
+    async def close(self) -> None:
+        """Stop the workers once their current layers are written.
+
+        Waited for (in a thread): a server process that leaves by `os._exit`
+        (`NIXERY_WORKERS` > 1) would otherwise leave the pool's semaphores to
+        multiprocessing's resource tracker, which warns about them.
+        """
         with self._creating:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def _running_pool(self) -> Executor:
         """The pool, its workers started off the event loop (a pool starts them on demand,
