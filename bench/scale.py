@@ -96,9 +96,10 @@ def _graph_bytes(n: int) -> float:
 # ---- registry memory -------------------------------------------------------------
 
 
-def _status(pid: int, field: str) -> int:
+def _status(pid: int, field: str, file: str = "status") -> int:
+    """Bytes of a kB field of /proc/<pid>/<file> (status, smaps_rollup); 0 when gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -109,17 +110,6 @@ def _status(pid: int, field: str) -> int:
 def reset_peak(pid: int) -> None:
     """Reset the kernel's VmHWM (peak RSS) of a process (Linux >= 4.0, own or root)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def _pss(pid: int) -> int:
-    """Proportional set size: pages shared by n processes count 1/n in each."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _is_layer_writer(pid: int) -> bool:
@@ -148,7 +138,8 @@ class RssSampler:
             children = [p for p in c.process_tree(self.pid) if p != self.pid]
             writers = [p for p in children if _is_layer_writer(p)]
             self.writers.append(c.rss_bytes(writers))
-            self.writers_pss.append(sum(_pss(p) for p in writers))
+            # PSS: a page shared by n processes counts 1/n in each.
+            self.writers_pss.append(sum(_status(p, "Pss", "smaps_rollup") for p in writers))
             self.nix.append(c.rss_bytes([p for p in children if p not in writers]))
             self._stop.wait(self.interval)
 

@@ -103,9 +103,7 @@ def test_no_process_outlives_a_killed_registry(tmp_path: Path) -> None:
     finally:
         registry.process.send_signal(signal.SIGKILL)
         registry.process.wait()
-    deadline = time.monotonic() + 10
-    while (alive := [pid for pid in children if not gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    alive = still_running(children)
     assert alive == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in alive]
 
 
@@ -120,8 +118,13 @@ def test_a_stopped_registry_of_two_processes_leaves_nothing_behind(tmp_path: Pat
         children = [pid for pid in process_tree(registry.process.pid) if pid != registry.process.pid]
     finally:
         registry.stop()
-    deadline = time.monotonic() + 10
-    while (alive := [pid for pid in children if not gone(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert alive == []
+    assert still_running(children) == []
     assert "leaked" not in registry.log() and "Traceback" not in registry.log(), registry.log()[-2000:]
+
+
+def still_running(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Those of `pids` still running after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if not gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
