@@ -410,9 +410,12 @@ class Evaluators:
             await evaluator.close()
         return False
 
-    def _forget(self, key: _Key, evaluator: ReplEvaluator) -> None:
-        if self._evaluators.get(key) is evaluator:
-            del self._evaluators[key]
+    def _forget(self, key: _Key, evaluator: ReplEvaluator) -> bool:
+        """Drop `evaluator` if it is still the one kept for `key`; whether it was."""
+        if self._evaluators.get(key) is not evaluator:
+            return False
+        del self._evaluators[key]
+        return True
 
     async def _failed(self, key: _Key, evaluator: ReplEvaluator, error: EvaluatorUnusable) -> None:
         """Stop `evaluator`; after a protocol mismatch, or repeated ends, use one-shot processes only."""
@@ -441,8 +444,7 @@ class Evaluators:
 
         def stop_if_still_idle() -> None:
             self._idle_timers.pop(key, None)
-            if self._evaluators.get(key) is evaluator:
-                self._forget(key, evaluator)
+            if self._forget(key, evaluator):
                 self._stop_when_free(evaluator)
 
         self._idle_timers[key] = asyncio.get_running_loop().call_later(self.idle_seconds, stop_if_still_idle)
