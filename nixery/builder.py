@@ -48,11 +48,11 @@ import structlog
 from nixery import metrics
 from nixery.config import Settings
 from nixery.evaluations import EvaluationCache
-from nixery.layers.entrypoints import SSL_CERT_FILE, EntryPoints, entry_points
+from nixery.layers.entrypoints import SSL_CERT_FILE, write_entry_points
 from nixery.layers.graph import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
-from nixery.layers.tarball import Entry, cache_tag, write_entry_layer, write_store_layer
-from nixery.layers.writers import LayerWrite, LayerWriters
+from nixery.layers.tarball import cache_tag, write_store_layer
+from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.nix import packages as nix
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.packages import ResolvedPackage
@@ -178,13 +178,6 @@ def image_key(
 def layer_key(store_paths: Sequence[str], compression: Compression = Compression.GZIP) -> str:
     material = "\n".join([f"{FORMAT_VERSION}:{cache_tag(compression)}", *sorted(store_paths)])
     return hashlib.sha256(material.encode()).hexdigest()
-
-
-def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compression.GZIP) -> str:
-    material = canonical_json(
-        [[e.name, e.kind, e.mode, e.target, hashlib.sha256(e.content).hexdigest()] for e in entries]
-    )
-    return "entry-" + hashlib.sha256(material + cache_tag(compression).encode()).hexdigest()
 
 
 def _describe_layer(store_paths: Sequence[str]) -> str:
@@ -417,21 +410,17 @@ class ImageBuilder:
         counter = _LayerCounter(build, total=len(plan) + 1)
         counter._emit(f"storing {counter.total} layers (compressing those not stored yet)")
 
-        async def entry_layer() -> tuple[EntryPoints, LayerDescriptor]:
-            # In a worker too: it is pure Python, which in a thread would hold up the event loop.
-            entries = await self._writers.run(entry_points, roots, list(graph.nodes.keys()))
-            return entries, await self._store_entry_layer(entries.entries, counter)
-
         # The entry-point layer is last in the image but made alongside the others.
-        *stored, (entries, last) = await asyncio.gather(
-            *(self._store_layer(sorted(paths), counter) for paths in plan), entry_layer()
+        *stored, (ca_bundle, last) = await asyncio.gather(
+            *(self._store_layer(sorted(paths), counter) for paths in plan),
+            self._store_entry_layer(roots, list(graph.nodes.keys()), counter),
         )
         stored.append(last)
         layers = [layer.descriptor for layer in stored]
         bound.info("build.layers_compressed", layers=len(layers), created=counter.created, bytes=counter.bytes)
 
         env = [f"PATH={DEFAULT_PATH}"]
-        if entries.ca_bundle:
+        if ca_bundle:
             env.append(f"SSL_CERT_FILE={SSL_CERT_FILE}")
         config = image_config(
             layers,
@@ -543,13 +532,30 @@ class ImageBuilder:
             await self._layers.run(key, lambda: self._cached_or_new_layer(key, _describe_layer(store_paths), write))
         )
 
-    async def _store_entry_layer(self, entries: Sequence[Entry], counter: _LayerCounter) -> _StoredLayer:
-        key = entry_layer_key(entries, self.compression)
-        write = functools.partial(write_entry_layer, entries, compression=self.compression)
-        return counter.count(
-            await self._layers.run(
-                key, lambda: self._cached_or_new_layer(key, "entry points (/bin, /etc, /tmp)", write)
-            )
+    async def _store_entry_layer(
+        self, outputs: Sequence[str], closure: Sequence[str], counter: _LayerCounter
+    ) -> tuple[str | None, _StoredLayer]:
+        """The entry-point layer and the CA bundle it links, if any.
+
+        Its cache key depends on what the worker finds, so it is written first and
+        dropped when storage has it already (it is a few kilobytes).
+        """
+        started = time.monotonic()
+        write = functools.partial(write_entry_points, outputs, closure, compression=self.compression)
+        staged = self._new_staged_file()
+        try:
+            written = await self._writers.run(write_file, staged, write)
+            known = await self._known_layer(written.key)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        if known is not None:
+            staged.unlink()
+            return written.ca_bundle, counter.count(known)
+        blob = written.blob
+        descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, "entry points (/bin, /etc, /tmp)")
+        return written.ca_bundle, counter.count(
+            self._start_storing(written.key, descriptor, staged, time.monotonic() - started)
         )
 
     async def _cached_or_new_layer(self, key: str, description: str, write: LayerWrite) -> _StoredLayer:
@@ -558,27 +564,46 @@ class ImageBuilder:
         A new layer is returned once compressed; its blob and record are written in
         `stored`, beside its image's config and manifests.
         """
-        if (storing := self._storing.get(key)) is not None:
-            return storing
-        cached = await self.storage.get_meta(f"layers/{key}")
-        if cached is not None:
-            descriptor = LayerDescriptor.from_json(json.loads(cached))
-            if await self.storage.stat_blob(descriptor.digest) == descriptor.size:
-                # Tell a concurrent garbage collection that this blob is in use again.
-                await self.storage.touch_blob(descriptor.digest)
-                return _StoredLayer(descriptor, created=False, seconds=0.0)
+        if (known := await self._known_layer(key)) is not None:
+            return known
         started = time.monotonic()
-        staged = Path(tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")[1])
+        staged = self._new_staged_file()
         try:
             blob = await self._writers.write(staged, write)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
         descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, description)
+        return self._start_storing(key, descriptor, staged, time.monotonic() - started)
+
+    async def _known_layer(self, key: str) -> _StoredLayer | None:
+        """The layer for `key` if it is stored (at its recorded size) or being stored."""
+        if (storing := self._storing.get(key)) is not None:
+            return storing
+        cached = await self.storage.get_meta(f"layers/{key}")
+        if cached is None:
+            return None
+        descriptor = LayerDescriptor.from_json(json.loads(cached))
+        if await self.storage.stat_blob(descriptor.digest) != descriptor.size:
+            return None
+        # Tell a concurrent garbage collection that this blob is in use again.
+        await self.storage.touch_blob(descriptor.digest)
+        return _StoredLayer(descriptor, created=False, seconds=0.0)
+
+    def _new_staged_file(self) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.storage.staging_dir(), prefix="layer-")
+        os.close(fd)  # a worker opens it by name; held here, it would outlive the blob it becomes
+        return Path(name)
+
+    def _start_storing(self, key: str, descriptor: LayerDescriptor, staged: Path, seconds: float) -> _StoredLayer:
+        """Write a compressed layer's blob and record in the background (`stored`)."""
+        if (storing := self._storing.get(key)) is not None:  # another build wrote the same layer meanwhile
+            staged.unlink(missing_ok=True)
+            return storing
         stored = asyncio.ensure_future(self._publish_layer(key, descriptor, staged))
         self._storing[key] = _StoredLayer(descriptor, created=False, seconds=0.0, stored=stored)
         stored.add_done_callback(lambda task: self._published(key, task))
-        return _StoredLayer(descriptor, created=True, seconds=time.monotonic() - started, stored=stored)
+        return _StoredLayer(descriptor, created=True, seconds=seconds, stored=stored)
 
     async def _publish_layer(self, key: str, descriptor: LayerDescriptor, staged: Path) -> None:
         try:

@@ -11,6 +11,7 @@ manifests, not before them: what that must still guarantee, with real Nix
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +36,13 @@ class HeldStorage(FilesystemStorage):
         self.release = asyncio.Event()
         self.holding = asyncio.Event()
         self.fail_next = False
+        self.holding_entry_lookups: asyncio.Barrier | None = None
+
+    async def get_meta(self, key: str) -> bytes | None:
+        found = await super().get_meta(key)
+        if key.startswith("layers/entry-") and self.holding_entry_lookups is not None:
+            await self.holding_entry_lookups.wait()  # until as many builds have looked
+        return found
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         if staged.stat().st_size > BIG:
@@ -126,3 +134,48 @@ async def test_a_layer_that_cannot_be_stored_fails_its_builds_and_is_retried(hel
     record = await asyncio.wait_for(image(builder, "shell/hello"), 60)
     assert await all_blobs_stored(storage, record)
     assert len([size for size in compressed if size > BIG]) == 2, "the failed layer was not compressed again"
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files under `directory` that this process holds open."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(f"{directory}/"):
+            held.append(target)
+    return held
+
+
+async def test_built_layers_hold_no_file_open(held, tmp_path: Path) -> None:
+    """A long-running registry must not keep a descriptor per layer it wrote: it would run out
+    of them, and the disk space of blobs that garbage collection deletes would never come back."""
+    builder, storage = held
+    storage.release.set()
+    for name in ("shell/hello", "figlet", "shell/cowsay"):
+        await asyncio.wait_for(image(builder, name), 60)
+    assert open_files_under(tmp_path / "storage") == []
+
+
+async def test_an_entry_layer_stored_already_or_meanwhile_is_reused(held) -> None:
+    """`shell/hello` and `bash/hello` have the same programs (bash is busybox here). The entry
+    layer is written before its cache key is known: found stored, the new copy is removed;
+    two builds that both found it missing store it once and leave no copy behind either."""
+    builder, storage = held
+    storage.release.set()
+    first = await asyncio.wait_for(image(builder, "shell/hello"), 60)
+    second = await asyncio.wait_for(image(builder, "bash/hello"), 60)
+    assert first.key != second.key
+    assert second.layers[-1] == first.layers[-1], "the entry layer was not reused"
+
+    storage.holding_entry_lookups = asyncio.Barrier(2)  # both look it up before either stores it
+    together = await asyncio.wait_for(
+        asyncio.gather(image(builder, "coreutils/figlet"), image(builder, "busybox/figlet")), 60
+    )
+    assert together[0].layers[-1] == together[1].layers[-1] != first.layers[-1]
+    for record in (first, second, *together):
+        assert record.layers[-1].description.startswith("entry points")
+        assert await all_blobs_stored(storage, record)
+    assert list(storage.staging_dir().iterdir()) == [], "a staging file was left behind"

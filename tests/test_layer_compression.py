@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from nixery.builder import ImageRecord, ManifestRef, entry_layer_key, image_key, layer_key
+from nixery.builder import ImageRecord, ManifestRef, image_key, layer_key
 from nixery.config import ConfigError, load
+from nixery.layers.entrypoints import entry_layer_key
 from nixery.layers.tarball import Entry
 from nixery.nix.sources import Revision
 from nixery.registry.digest import Digest

@@ -52,7 +52,7 @@ T = TypeVar("T")
 LayerWrite = Callable[[BinaryIO], LayerBlob]
 
 
-def write_file(path: Path, write: LayerWrite) -> LayerBlob:
+def write_file(path: Path, write: Callable[[BinaryIO], T]) -> T:
     """Run `write` on a new file at `path` (in a worker)."""
     with open(path, "wb") as handle:
         return write(handle)
