@@ -439,3 +439,32 @@ def test_a_closure_of_ten_thousand_paths_is_one_quick_query(tmp_path: Path) -> N
     expected = path_info_graph(roots, env={**os.environ, "NIX_STATE_DIR": str(state)})
     assert graph.nodes == expected.nodes
 
+
+
+def register(database: Path, path: str, references: list[str]) -> None:
+    """Add a valid path as Nix does: one committed write, while readers stay connected."""
+    with sqlite3.connect(database) as connection:
+        (row,) = connection.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, 1234) RETURNING id",
+            (path, "sha256:" + "0" * 52),
+        ).fetchone()
+        connection.executemany(
+            "INSERT INTO Refs SELECT ?, id FROM ValidPaths WHERE path = ?", [(row, ref) for ref in references]
+        )
+
+
+@pytest.mark.skipif(not DATABASE.exists(), reason="no local Nix store database")
+def test_the_kept_connection_sees_new_paths_and_a_replaced_database(tmp_path: Path) -> None:
+    """Connections are kept between a thread's queries (here: this thread's): a path Nix
+    registers later is still seen, and a database replaced by another file is read from the new one."""
+    database = copy_database(tmp_path / "db")
+    new = "/nix/store/" + "0" * 32 + "-registered-later"
+    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX])
+
+    register(database, new, [BUSYBOX])
+    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX, new])
+    assert set(store_db.read_closure(database, [new]).nodes) == {new, *store_db.read_closure(database, [BUSYBOX]).nodes}
+
+    replacement = copy_database(tmp_path / "other")  # without the new path
+    os.replace(replacement, database)
+    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX])
