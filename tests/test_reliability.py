@@ -150,3 +150,25 @@ def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
     assert registry.process.wait(30) == 0
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", registry.port, timeout=2).request("GET", "/v2/")
+
+
+async def test_a_record_that_cannot_be_made_durable_leaves_the_old_one_and_no_staging_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk often shows only at fsync (delayed allocation): the write fails, the old
+    record stays, and nothing is left in staging. (fsync fails by injection: no disk here
+    can be filled safely.)"""
+    storage = FilesystemStorage(tmp_path / "storage")
+    await storage.put_meta("images/x", b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr("nixery.storage.filesystem.os.fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        await storage.put_meta("images/x", b"new")
+    with pytest.raises(OSError, match="No space left"):
+        await storage.put_meta_after("images/x", b"newer", asyncio.ensure_future(asyncio.sleep(0)))
+    monkeypatch.undo()
+    assert await storage.get_meta("images/x") == b"old"
+    assert list(storage.staging_dir().iterdir()) == []

@@ -221,10 +221,15 @@ class FilesystemStorage(Storage):
     def _stage_meta(self, data: bytes) -> Path:
         """A durable staged file holding `data`."""
         with tempfile.NamedTemporaryFile(dir=self._staging, delete=False, prefix="meta-") as handle:
-            handle.write(data)
-        staged = Path(handle.name)
-        _make_durable(staged)
-        return staged
+            try:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), 0o644)
+                os.fsync(handle.fileno())
+            except BaseException:
+                os.unlink(handle.name)
+                raise
+        return Path(handle.name)
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
