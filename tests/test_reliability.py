@@ -152,11 +152,11 @@ def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
         http.client.HTTPConnection("127.0.0.1", registry.port, timeout=2).request("GET", "/v2/")
 
 
-async def test_a_record_that_cannot_be_made_durable_leaves_the_old_one_and_no_staging_file(
+async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk often shows only at fsync (delayed allocation): the write fails, the old
-    record stays, and nothing is left in staging. (fsync fails by injection: no disk here
+    record stays, no blob appears, and nothing is left in staging. (fsync fails by injection: no disk here
     can be filled safely.)"""
     storage = FilesystemStorage(tmp_path / "storage")
     await storage.put_meta("images/x", b"old")
@@ -169,6 +169,9 @@ async def test_a_record_that_cannot_be_made_durable_leaves_the_old_one_and_no_st
         await storage.put_meta("images/x", b"new")
     with pytest.raises(OSError, match="No space left"):
         await storage.put_meta_after("images/x", b"newer", asyncio.ensure_future(asyncio.sleep(0)))
+    with pytest.raises(OSError, match="No space left"):
+        await storage.put_blob_bytes(b"a config")
     monkeypatch.undo()
     assert await storage.get_meta("images/x") == b"old"
+    assert await storage.stat_blob(Digest.of(b"a config")) is None
     assert list(storage.staging_dir().iterdir()) == []

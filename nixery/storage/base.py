@@ -214,7 +214,12 @@ class Storage(ABC):
 
 def _stage_bytes(directory: Path, data: bytes) -> Path:
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, prefix="bytes-") as handle:
-        handle.write(data)
+        try:
+            handle.write(data)
+            handle.flush()  # here, so that a full disk fails this write, not the close
+        except BaseException:
+            os.unlink(handle.name)
+            raise
         return Path(handle.name)
 
 
