@@ -149,7 +149,7 @@ class Storage(ABC):
         if await self.stat_blob(digest) is not None:
             await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
             return digest
-        staged = await asyncio.to_thread(_stage_bytes, self.staging_dir(), data)
+        staged = await asyncio.to_thread(stage_bytes, self.staging_dir(), data)
         try:
             await self.put_blob(digest, staged)
         finally:
@@ -212,15 +212,20 @@ class Storage(ABC):
         raise NotImplementedError(f"the {self.name} backend cannot delete metadata")
 
 
-def _stage_bytes(directory: Path, data: bytes) -> Path:
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False, prefix="bytes-") as handle:
+def stage_bytes(directory: Path, data: bytes, *, prefix: str = "bytes-", durable: bool = False) -> Path:
+    """A new file in `directory` holding `data` (made readable by all and fsync'd if `durable`);
+    nothing is left behind when writing it fails."""
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, prefix=prefix) as handle:
         try:
             handle.write(data)
             handle.flush()  # here, so that a full disk fails this write, not the close
+            if durable:
+                os.fchmod(handle.fileno(), 0o644)
+                os.fsync(handle.fileno())
         except BaseException:
             os.unlink(handle.name)
             raise
-        return Path(handle.name)
+    return Path(handle.name)
 
 
 # ---- staging directories --------------------------------------------------

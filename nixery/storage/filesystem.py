@@ -36,7 +36,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -52,6 +51,7 @@ from nixery.storage.base import (
     Storage,
     check_key,
     make_staging_dir,
+    stage_bytes,
 )
 
 
@@ -220,16 +220,7 @@ class FilesystemStorage(Storage):
 
     def _stage_meta(self, data: bytes) -> Path:
         """A durable staged file holding `data`."""
-        with tempfile.NamedTemporaryFile(dir=self._staging, delete=False, prefix="meta-") as handle:
-            try:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), 0o644)
-                os.fsync(handle.fileno())
-            except BaseException:
-                os.unlink(handle.name)
-                raise
-        return Path(handle.name)
+        return stage_bytes(self._staging, data, prefix="meta-", durable=True)
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
