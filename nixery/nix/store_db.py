@@ -223,13 +223,14 @@ def _connect(database: Path) -> Iterator[sqlite3.Connection]:
     version_file = database.with_name("schema")
     try:
         version = int(version_file.read_text().strip())
-        identity = (str(database), os.stat(database).st_ino)
-    except FileNotFoundError:
-        raise StoreDbUnavailable(f"no database at {database}") from None
     except (OSError, ValueError) as exc:
         raise StoreDbUnavailable(f"cannot read the schema version in {version_file}: {exc}") from exc
     if version not in SCHEMA_VERSIONS:
         raise StoreDbUnavailable(f"unknown store schema version {version}")
+    try:
+        identity = (str(database), os.stat(database).st_ino)
+    except OSError:
+        raise StoreDbUnavailable(f"no database at {database}") from None
     kept: tuple[tuple[str, int], sqlite3.Connection] | None = getattr(_connections, "kept", None)
     _connections.kept = None
     if kept is not None and kept[0] != identity:  # another database, or this one replaced
