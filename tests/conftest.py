@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import RegistryProcess, nix_counting_path
+from nixery.config import DEBIAN_SET
+from tests.registry import REPOSITORY, RegistryProcess, nix_counting_path, run
 
 
 @pytest.fixture
@@ -51,3 +52,19 @@ def shared_registry(tmp_path_factory: pytest.TempPathFactory, nix_calls: tuple[s
     registry.start()
     yield registry
     registry.stop()
+
+
+@pytest.fixture(scope="session")
+def built_store_paths() -> dict[str, str]:
+    """Store paths that tests read directly, built here (CI starts with an empty store):
+    the busybox set's `busybox` (no references) and `hello`, and with the Debian-derived
+    set generated, its `python3` and `git` (thousands of files, as real packages have)."""
+    def build(expression: Path, *attrs: str) -> list[str]:
+        argv = ["nix-build", "--no-out-link", str(expression), *(a for attr in attrs for a in ("-A", attr))]
+        return run(argv, timeout=900).stdout.split()
+
+    paths = dict(zip(["busybox", "hello"], build(REPOSITORY / "pkgs" / "busybox", "busybox", "hello"), strict=True))
+    if (DEBIAN_SET.path / "default.nix").is_file():
+        outputs = build(DEBIAN_SET.path, "python3", "git")
+        paths |= {"python3": outputs[0], "git": outputs[-1]}
+    return paths

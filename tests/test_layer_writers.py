@@ -19,8 +19,6 @@ from nixery.registry.digest import Digest
 from tests.daemons import gone, process_tree
 from tests.registry import RegistryProcess
 
-BUSYBOX = "/nix/store/rzpya29x2fv1nls3z4r96akqzvqa0ssn-busybox-1.35.0"
-
 
 def pid_layer(handle: BinaryIO) -> LayerBlob:
     """Not a layer: writes the pid of the process that ran it."""
@@ -29,12 +27,12 @@ def pid_layer(handle: BinaryIO) -> LayerBlob:
     return LayerBlob(Digest.of(data), Digest.of(data), len(data))
 
 
-def die_once(marker: str, handle: BinaryIO) -> LayerBlob:
-    """Killed the first time, as the OOM killer would; a layer of the busybox path the second."""
+def die_once(marker: str, store_path: str, handle: BinaryIO) -> LayerBlob:
+    """Killed the first time, as the OOM killer would; a layer of `store_path` the second."""
     if not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-    return write_store_layer([BUSYBOX], handle)
+    return write_store_layer([store_path], handle)
 
 
 @pytest.fixture
@@ -44,16 +42,17 @@ async def writers():
     await pool.close()
 
 
-async def test_layers_are_written_in_other_processes_with_the_same_bytes(writers, tmp_path: Path) -> None:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("the busybox set is not built")
+async def test_layers_are_written_in_other_processes_with_the_same_bytes(
+    writers, tmp_path: Path, built_store_paths: dict[str, str]
+) -> None:
+    busybox = built_store_paths["busybox"]
     await writers.write(tmp_path / "pid", pid_layer)
     assert int((tmp_path / "pid").read_text()) != os.getpid()
     assert writers.in_processes
 
-    entries = [Entry("bin", "dir", 0o755), Entry("bin/sh", "symlink", target=f"{BUSYBOX}/bin/sh")]
+    entries = [Entry("bin", "dir", 0o755), Entry("bin/sh", "symlink", target=f"{busybox}/bin/sh")]
     for name, write in [
-        ("store", functools.partial(write_store_layer, [BUSYBOX])),
+        ("store", functools.partial(write_store_layer, [busybox])),
         ("entries", functools.partial(write_entry_layer, entries)),
     ]:
         blob = await writers.write(tmp_path / f"{name}.tar.gz", write)
@@ -63,14 +62,15 @@ async def test_layers_are_written_in_other_processes_with_the_same_bytes(writers
         assert (tmp_path / f"{name}.tar.gz").read_bytes() == (tmp_path / f"{name}-here.tar.gz").read_bytes()
 
 
-async def test_a_killed_worker_is_replaced_and_the_layer_written_again(writers, tmp_path: Path) -> None:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("the busybox set is not built")
+async def test_a_killed_worker_is_replaced_and_the_layer_written_again(
+    writers, tmp_path: Path, built_store_paths: dict[str, str]
+) -> None:
+    busybox = built_store_paths["busybox"]
     marker = tmp_path / "killed"
-    blob = await writers.write(tmp_path / "layer", functools.partial(die_once, str(marker)))
+    blob = await writers.write(tmp_path / "layer", functools.partial(die_once, str(marker), busybox))
     assert marker.exists(), "the first worker was not killed"
     with open(tmp_path / "expected", "wb") as handle:
-        assert blob == write_store_layer([BUSYBOX], handle)
+        assert blob == write_store_layer([busybox], handle)
     assert writers.in_processes
     await writers.write(tmp_path / "pid", pid_layer)  # the new workers keep serving
     assert int((tmp_path / "pid").read_text()) not in (os.getpid(), int(marker.read_text()))

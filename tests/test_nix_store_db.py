@@ -1,5 +1,9 @@
 """Reading Nix's store database instead of running `nix-store --realise` and
-`nix path-info`: checked against the real /nix/store and the real commands."""
+`nix path-info`: checked against the real /nix/store and the real commands.
+
+The module builds every store path it reads (the `store` fixture): it must hold
+on a machine whose store is empty, as CI's is, and not depend on what earlier
+runs happened to build."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,17 +23,70 @@ from nixery.layers.graph import ClosureGraph
 from nixery.nix import packages, store_db
 from nixery.nix.errors import NixError
 from nixery.nix.process import run_nix
-from tests.registry import busybox_set_with
+from tests.registry import REPOSITORY, busybox_set_with, run
 
 DATABASE = Path("/nix/var/nix/db/db.sqlite")
-BUSYBOX = "/nix/store/rzpya29x2fv1nls3z4r96akqzvqa0ssn-busybox-1.35.0"
-HELLO = "/nix/store/5bjddcqkfvccbaqkarfwjmlx7rb04lp8-hello-2.12.1"
+#: A syntactically valid store path that nothing ever builds.
 NOTHING = "/nix/store/" + "0" * 32 + "-nothing"
+#: Packages of the generated dependency web, and most references each has to older ones.
+WEB_SIZE, WEB_FAN_OUT = 120, 6
 
-pytestmark = [
-    pytest.mark.nix,
-    pytest.mark.skipif(not DATABASE.exists(), reason="no local Nix store database"),
-]
+pytestmark = [pytest.mark.nix]
+
+
+@dataclass(frozen=True)
+class BuiltPaths:
+    busybox: str  # the busybox set's tools: one path, no references
+    hello: str  # refers to busybox
+    web_tops: list[str]  # the generated web's three biggest closures, biggest first
+
+    def roots(self, case: str) -> list[str]:
+        return {
+            "busybox": [self.busybox],
+            "hello": [self.hello],
+            "busybox+hello": [self.busybox, self.hello],
+            "web-top": self.web_tops[:1],
+            "web-tops": self.web_tops,
+        }[case]
+
+
+def dependency_web(directory: Path, seed: int = 11) -> Path:
+    """A package set of WEB_SIZE tiny packages, each referring to up to WEB_FAN_OUT
+    older ones (so closures have many paths and many edges, like nixpkgs')."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(WEB_SIZE):
+        # One of the few packages just before (so closures grow long), and some older ones.
+        recent = {rng.randrange(max(0, i - 3), i)} if i else set()
+        deps = sorted(recent | {rng.randrange(i) for _ in range(rng.randrange(WEB_FAN_OUT))} if i else recent)
+        refs = " ".join(f"${{p{d}}}" for d in deps)
+        lines.append(f'  p{i} = node "{i}" "{refs}";')
+    directory.mkdir(parents=True, exist_ok=True)
+    web = directory / "web.nix"
+    web.write_text(
+        f"""let
+  base = import {REPOSITORY / "pkgs" / "busybox"} {{ }};
+  bb = "${{base.busybox}}/bin";
+  node = n: refs: derivation {{
+    name = "storedb-web-${{n}}"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/mkdir $out && ${{bb}}/echo ${{refs}} > $out/refs" ];
+  }};
+in rec {{
+{chr(10).join(lines)}
+}}
+"""
+    )
+    return web
+
+
+@pytest.fixture(scope="module", autouse=True)
+def store(tmp_path_factory: pytest.TempPathFactory, built_store_paths: dict[str, str]) -> BuiltPaths:
+    """Builds (or finds built) the paths this module reads; the store database exists after."""
+    outputs = run(["nix-build", "--no-out-link", str(dependency_web(tmp_path_factory.mktemp("web")))]).stdout.split()
+    sizes = {out: len(path_info_graph([out])) for out in outputs[-20:]}  # the newest have the biggest closures
+    tops = sorted(sizes, key=lambda out: (-sizes[out], out))[:3]
+    assert DATABASE.exists()
+    return BuiltPaths(busybox=built_store_paths["busybox"], hello=built_store_paths["hello"], web_tops=tops)
 
 
 def path_info_graph(paths: list[str], env: dict[str, str] | None = None) -> ClosureGraph:
@@ -39,35 +97,6 @@ def path_info_graph(paths: list[str], env: dict[str, str] | None = None) -> Clos
 
 def is_valid(path: str) -> bool:
     return subprocess.run(["nix-store", "--check-validity", path], capture_output=True).returncode == 0
-
-
-def largest_closures(count: int) -> list[str]:
-    """The output paths (not .drv files) with the biggest closures in this store."""
-    with sqlite3.connect(f"{DATABASE.as_uri()}?mode=ro", uri=True) as connection:
-        names = dict(connection.execute("SELECT id, path FROM ValidPaths"))
-        refs: dict[int, list[int]] = {}
-        for referrer, reference in connection.execute("SELECT referrer, reference FROM Refs"):
-            refs.setdefault(referrer, []).append(reference)
-    sizes = {}
-    for root, path in names.items():
-        if path.endswith(".drv"):
-            continue
-        seen, stack = set(), [root]
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                stack.extend(refs.get(node, ()))
-        sizes[path] = len(seen)
-    return sorted(sizes, key=lambda p: (-sizes[p], p))[:count]
-
-
-def closure_cases() -> list[list[str]]:
-    cases = [[BUSYBOX], [HELLO], [BUSYBOX, HELLO]]
-    cases = [case for case in cases if all(os.path.exists(p) for p in case)]
-    biggest = largest_closures(3)
-    cases += [[biggest[0]], biggest]
-    return cases
 
 
 @pytest.fixture
@@ -101,12 +130,9 @@ def use_database(monkeypatch: pytest.MonkeyPatch, database: Path) -> None:
 # ---- the same answers as Nix -------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "roots",
-    closure_cases() if DATABASE.exists() else [],
-    ids=lambda roots: f"{len(roots)}-roots-{Path(roots[0]).name[33:]}",
-)
-async def test_graph_equals_nix_path_info(roots: list[str], nix_argv: list[list[str]]) -> None:
+@pytest.mark.parametrize("case", ["busybox", "hello", "busybox+hello", "web-top", "web-tops"])
+async def test_graph_equals_nix_path_info(case: str, store: BuiltPaths, nix_argv: list[list[str]]) -> None:
+    roots = store.roots(case)
     expected = path_info_graph(roots)
     graph = store_db.read_closure(DATABASE, roots)
     assert graph.nodes.keys() == expected.nodes.keys()
@@ -118,15 +144,14 @@ async def test_graph_equals_nix_path_info(roots: list[str], nix_argv: list[list[
     assert nix_argv == []
 
 
-def test_the_largest_closure_is_not_trivial() -> None:
-    roots = largest_closures(1)
-    graph = store_db.read_closure(DATABASE, roots)
-    assert len(graph) > 50, "this store has no sizeable closure to compare"
+def test_the_largest_closure_is_not_trivial(store: BuiltPaths) -> None:
+    graph = store_db.read_closure(DATABASE, store.web_tops[:1])
+    assert len(graph) > 50, "the generated web has no sizeable closure to compare"
     assert sum(len(node.references) for node in graph.nodes.values()) > len(graph)
 
 
-async def test_validity() -> None:
-    roots = largest_closures(2)
+async def test_validity(store: BuiltPaths) -> None:
+    roots = store.web_tops[:2]
     assert await store_db.valid_paths([*roots, NOTHING]) == frozenset(roots)
     assert await store_db.valid_paths([NOTHING]) == frozenset()
     assert not is_valid(NOTHING)
@@ -138,20 +163,20 @@ async def test_validity() -> None:
     [
         "/nix/store/short-name",
         "/nix/store/" + "e" * 32 + "-bad-alphabet",  # Nix's base 32 has no e, o, t or u
-        f"{BUSYBOX}/bin/sh",
+        "/nix/store/" + "0" * 32 + "-x/bin/sh",
         "/nix/store/" + "0" * 32 + "-x'); DROP TABLE Refs; --",
         "/other/store/" + "0" * 32 + "-x",
         "",
     ],
 )
-async def test_only_plain_store_paths_are_looked_up(path: str) -> None:
+async def test_only_plain_store_paths_are_looked_up(path: str, store: BuiltPaths) -> None:
     with pytest.raises(store_db.StoreDbUnavailable, match="not a store path"):
-        store_db.read_valid_paths(DATABASE, [BUSYBOX, path])
-    assert await store_db.valid_paths([BUSYBOX, path]) is None
-    assert await store_db.closure_graph([BUSYBOX, path]) is None
+        store_db.read_valid_paths(DATABASE, [store.busybox, path])
+    assert await store_db.valid_paths([store.busybox, path]) is None
+    assert await store_db.closure_graph([store.busybox, path]) is None
 
 
-def test_derivations_are_left_to_nix() -> None:
+def test_derivations_are_left_to_nix(store: BuiltPaths) -> None:
     """`nix path-info x.drv` answers for x's outputs; the database would answer for the file."""
     with sqlite3.connect(f"{DATABASE.as_uri()}?mode=ro", uri=True) as connection:
         (drv,) = connection.execute("SELECT path FROM ValidPaths WHERE path LIKE '%.drv' LIMIT 1").fetchone()
@@ -183,9 +208,9 @@ def nix_daemon(tmp_path: Path) -> Iterator[str]:
 
 
 async def test_daemon_store_uses_the_nix_commands(
-    monkeypatch: pytest.MonkeyPatch, nix_daemon: str, nix_argv: list[list[str]]
+    monkeypatch: pytest.MonkeyPatch, nix_daemon: str, nix_argv: list[list[str]], store: BuiltPaths
 ) -> None:
-    roots = [BUSYBOX, HELLO] if os.path.exists(HELLO) else largest_closures(2)
+    roots = [store.hello, store.web_tops[0]]
     expected = path_info_graph(roots)
     monkeypatch.setenv("NIX_REMOTE", "daemon")
     monkeypatch.setenv("NIX_DAEMON_SOCKET_PATH", nix_daemon)
@@ -209,13 +234,15 @@ async def test_daemon_store_uses_the_nix_commands(
         {"NIX_CONFIG": "store = /tmp/chroot-store # a comment"},
     ],
 )
-async def test_another_store_is_not_read(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+async def test_another_store_is_not_read(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], store: BuiltPaths
+) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(store_db.StoreDbUnavailable):
         store_db.database_path()
-    assert await store_db.valid_paths([BUSYBOX]) is None
-    assert await store_db.closure_graph([BUSYBOX]) is None
+    assert await store_db.valid_paths([store.busybox]) is None
+    assert await store_db.closure_graph([store.busybox]) is None
 
 
 async def test_the_local_store_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -284,11 +311,9 @@ def newer_schema(directory: Path) -> Path:
     ids=lambda damage: damage.__name__,
 )
 async def test_unusable_database_falls_back_to_nix(
-    damage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv: list[list[str]]
+    damage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv: list[list[str]], store: BuiltPaths
 ) -> None:
-    roots = [BUSYBOX, HELLO]
-    if not all(map(os.path.exists, roots)):
-        pytest.skip("the busybox set's hello is not built")
+    roots = [store.busybox, store.hello]
     expected = path_info_graph(roots)
     use_database(monkeypatch, damage(tmp_path / "db"))
     assert await store_db.valid_paths(roots) is None
@@ -299,28 +324,29 @@ async def test_unusable_database_falls_back_to_nix(
 
 
 async def test_a_closure_that_is_not_closed_is_not_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv: list[list[str]]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv: list[list[str]], store: BuiltPaths
 ) -> None:
     """Busybox's row is gone but hello still refers to it (a broken database)."""
-    if not os.path.exists(HELLO):
-        pytest.skip("the busybox set's hello is not built")
+    busybox, hello = store.busybox, store.hello
     database = copy_database(tmp_path / "db")
     with sqlite3.connect(database) as connection:
         connection.execute("PRAGMA foreign_keys = OFF")
         connection.execute("DROP TRIGGER DeleteSelfRefs")
-        connection.execute("DELETE FROM ValidPaths WHERE path = ?", (BUSYBOX,))
+        connection.execute("DELETE FROM ValidPaths WHERE path = ?", (busybox,))
     with pytest.raises(store_db.StoreDbUnavailable, match="not closed"):
-        store_db.read_closure(database, [HELLO])
+        store_db.read_closure(database, [hello])
     use_database(monkeypatch, database)
-    assert await store_db.valid_paths([HELLO]) == {HELLO}  # hello's own row is still there
-    graph = await packages.closure_graph([HELLO], timeout=60)
-    assert graph.nodes == path_info_graph([HELLO]).nodes and BUSYBOX in graph
+    assert await store_db.valid_paths([hello]) == {hello}  # hello's own row is still there
+    graph = await packages.closure_graph([hello], timeout=60)
+    assert graph.nodes == path_info_graph([hello]).nodes and busybox in graph
     assert [argv[:2] for argv in nix_argv] == [["nix", "path-info"]]
 
 
-async def test_a_valid_copy_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv) -> None:
+async def test_a_valid_copy_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_argv, store: BuiltPaths
+) -> None:
     """The copies above fail because of their damage, not because they are copies."""
-    roots = largest_closures(2)
+    roots = store.web_tops[:2]
     use_database(monkeypatch, copy_database(tmp_path / "db"))
     assert (await packages.ensure_built_closure([], roots, timeout=60)).nodes == path_info_graph(roots).nodes
     assert nix_argv == []
@@ -341,24 +367,24 @@ def fake_nix(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return calls
 
 
-async def test_nothing_runs_when_every_output_is_valid(fake_nix: list[list[str]]) -> None:
+async def test_nothing_runs_when_every_output_is_valid(fake_nix: list[list[str]], store: BuiltPaths) -> None:
     drv = "/nix/store/" + "1" * 32 + "-thing.drv"
-    graph = await packages.ensure_built_closure([drv], [BUSYBOX], timeout=30)
+    graph = await packages.ensure_built_closure([drv], [store.hello], timeout=30)
     assert fake_nix == []
-    assert graph.nodes == path_info_graph([BUSYBOX]).nodes
+    assert graph.nodes == path_info_graph([store.hello]).nodes
     # One output not valid: Nix realises the derivations, then is asked for the closure
     # (the fake prints nothing, which is no closure).
     with pytest.raises(NixError, match="cannot read the closure"):
-        await packages.ensure_built_closure([drv], [BUSYBOX, NOTHING], timeout=30)
+        await packages.ensure_built_closure([drv], [store.hello, NOTHING], timeout=30)
     assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
 async def test_realise_runs_when_the_database_cannot_tell(
-    fake_nix: list[list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    fake_nix: list[list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, store: BuiltPaths
 ) -> None:
     use_database(monkeypatch, tmp_path / "missing.sqlite")
     with pytest.raises(NixError):
-        await packages.ensure_built_closure(["/nix/store/" + "1" * 32 + "-thing.drv"], [BUSYBOX], timeout=30)
+        await packages.ensure_built_closure(["/nix/store/" + "1" * 32 + "-thing.drv"], [store.busybox], timeout=30)
     assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
@@ -369,7 +395,9 @@ def unbuilt_package_set(directory: Path) -> tuple[Path, str]:
     return busybox_set_with(directory, "fresh", name, script), name
 
 
-async def test_ensure_built_closure_builds_what_is_missing(tmp_path: Path, nix_argv: list[list[str]]) -> None:
+async def test_ensure_built_closure_builds_what_is_missing(
+    tmp_path: Path, nix_argv: list[list[str]], store: BuiltPaths
+) -> None:
     pkgs, name = unbuilt_package_set(tmp_path / "pkgs")
     resolved = await packages.evaluate(pkgs, ["fresh", "hello"], packages.host_system(), source="test", timeout=60)
     drvs = [p.drv_path for p in resolved]
@@ -385,8 +413,8 @@ async def test_ensure_built_closure_builds_what_is_missing(tmp_path: Path, nix_a
     assert any(name in line for line in lines), "the build's progress lines reach the callback"
     assert is_valid(fresh)
     assert graph.nodes == path_info_graph(outputs).nodes
-    assert graph.nodes[fresh].references == (BUSYBOX,)  # its self-reference is dropped
-    assert BUSYBOX in graph and graph.closure(outputs) == set(graph.nodes)
+    assert graph.nodes[fresh].references == (store.busybox,)  # its self-reference is dropped
+    assert store.busybox in graph and graph.closure(outputs) == set(graph.nodes)
 
     nix_argv.clear()
     again = await packages.ensure_built_closure(drvs, outputs, timeout=120)
@@ -453,18 +481,18 @@ def register(database: Path, path: str, references: list[str]) -> None:
         )
 
 
-@pytest.mark.skipif(not DATABASE.exists(), reason="no local Nix store database")
-def test_the_kept_connection_sees_new_paths_and_a_replaced_database(tmp_path: Path) -> None:
+def test_the_kept_connection_sees_new_paths_and_a_replaced_database(tmp_path: Path, store: BuiltPaths) -> None:
     """Connections are kept between a thread's queries (here: this thread's): a path Nix
     registers later is still seen, and a database replaced by another file is read from the new one."""
     database = copy_database(tmp_path / "db")
     new = "/nix/store/" + "0" * 32 + "-registered-later"
-    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX])
+    assert store_db.read_valid_paths(database, [store.busybox, new]) == frozenset([store.busybox])
 
-    register(database, new, [BUSYBOX])
-    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX, new])
-    assert set(store_db.read_closure(database, [new]).nodes) == {new, *store_db.read_closure(database, [BUSYBOX]).nodes}
+    register(database, new, [store.busybox])
+    assert store_db.read_valid_paths(database, [store.busybox, new]) == frozenset([store.busybox, new])
+    busybox_closure = store_db.read_closure(database, [store.busybox]).nodes
+    assert set(store_db.read_closure(database, [new]).nodes) == {new, *busybox_closure}
 
     replacement = copy_database(tmp_path / "other")  # without the new path
     os.replace(replacement, database)
-    assert store_db.read_valid_paths(database, [BUSYBOX, new]) == frozenset([BUSYBOX])
+    assert store_db.read_valid_paths(database, [store.busybox, new]) == frozenset([store.busybox])
