@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,26 @@ def test_forged_and_foreign_tokens_are_refused() -> None:
     for bad in (forged, unsigned, other, other_service, "", "a.b", "a.b.c", token + "x", "ünïcode.a.b"):
         with pytest.raises(auth.TokenError):
             signer.verify(bad)
+
+
+def test_token_signatures_are_decoded_strictly() -> None:
+    """Only the one canonical unpadded base64url spelling of a signature verifies: not
+    with padding, characters outside the alphabet, or the last character's unused bits set."""
+    signer = auth.TokenSigner(SECRET)
+    token, _ = signer.issue("alice", {"shell": frozenset({"pull"})})
+    signing_input, _, signature = token.rpartition(".")
+    assert len(signature) == 43  # 32 bytes: the last character carries 2 unused bits
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    same_bits = alphabet[alphabet.index(signature[-1]) ^ 1]  # differs only in an unused bit
+    assert base64.urlsafe_b64decode(signature + "=") == base64.urlsafe_b64decode(signature[:-1] + same_bits + "=")
+    signer.verify(token)
+    for variant in ("!!", "=", "==", "?", " "):
+        with pytest.raises(auth.TokenError, match="malformed"):
+            signer.verify(f"{signing_input}.{signature}{variant}")
+    for bad in (signature[:-1] + same_bits, signature[:20] + "!" + signature[20:], signature.replace("_", "/")):
+        if bad != signature:
+            with pytest.raises(auth.TokenError, match="malformed"):
+                signer.verify(f"{signing_input}.{bad}")
 
 
 def test_grants_follow_permissions() -> None:
