@@ -469,6 +469,22 @@ async def test_token_mode_decisions(aiohttp_client, users_file: Path) -> None:
     assert (await client.get("/token", params={"service": "elsewhere"}, headers=basic(ALICE))).status == 403
 
 
+async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users_file: Path) -> None:
+    """A body over the limit is 413 (not 405); a grant other than the password grant is
+    401 with a challenge, as every 401 must carry one."""
+    app, _ = make_app(users_file, mode="token", token_secret=SECRET.decode())
+    client = await aiohttp_client(app)
+    form = {"grant_type": "password", "username": ALICE[0], "password": ALICE[1], "service": "nixery"}
+    large = await client.post("/token", data={**form, "padding": "x" * (2 << 20)})
+    assert large.status == 413, await large.text()
+    assert _code(await large.read()) == "REQUEST_TOO_LARGE"
+    for grant_type in ("refresh_token", "client_credentials", ""):
+        refused = await client.post("/token", data={**form, "grant_type": grant_type, "refresh_token": "x"})
+        assert refused.status == 401 and _code(await refused.read()) == "UNAUTHORIZED", grant_type
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="nixery", charset="UTF-8"'
+    assert (await client.post("/token", data=form)).status == 200
+
+
 async def test_token_mode_with_anonymous_pulls(aiohttp_client, users_file: Path) -> None:
     app, builder = make_app(
         users_file, mode="token", anonymous_pull=True, token_realm="https://auth.example.com/token"

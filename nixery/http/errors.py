@@ -50,7 +50,7 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case web.HTTPNotFound():
             return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPRequestEntityTooLarge():
-            return errors.Unsupported("request body too large")
+            return errors.RequestTooLarge("request body too large", detail={"reason": exc.text})
         case _:
             return errors.InternalError("internal error; see the registry's log")
 
