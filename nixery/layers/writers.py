@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, TypeVar
 import structlog
 
 from nixery.layers.tarball import LayerBlob
+from nixery.storage.base import full_is_typed
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +54,9 @@ LayerWrite = Callable[[BinaryIO], LayerBlob]
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], T]) -> T:
-    """Run `write` on a new file at `path` (in a worker)."""
-    with open(path, "wb") as handle:
+    """Run `write` on a new file at `path` (in a worker). `path` is in the storage's
+    staging directory: a full disk there is the storage's StorageFull."""
+    with full_is_typed(f"the storage's staging directory {path.parent}"), open(path, "wb") as handle:
         return write(handle)
 
 

@@ -49,7 +49,9 @@ from nixery.storage.base import (
     CorruptBlob,
     LocalFile,
     Storage,
+    StorageFull,
     check_key,
+    full_is_typed,
     make_staging_dir,
     stage_bytes,
 )
@@ -66,6 +68,8 @@ class FilesystemStorage(Storage):
         self._quarantine = root / "quarantine"
         self._verified_links = root / "verified" / "sha256"
         self._links_enabled = verified_links
+        #: Named in StorageFull errors (a full disk), which the registry answers with 507 STORAGE_FULL.
+        self._place = f"the filesystem storage at {root}"
         for directory in (self._blobs, self._meta, self._locks, self._quarantine):
             directory.mkdir(parents=True, exist_ok=True)
         self._staging = make_staging_dir(root / "tmp")
@@ -111,16 +115,18 @@ class FilesystemStorage(Storage):
         return LocalFile(path, st.st_size, f"sha256/{digest.hex[:2]}/{digest.hex}")
 
     def _link_verified(self, path: Path, digest: Digest) -> None:
-        """Let the front send this blob itself from now on (a no-op once linked: one syscall)."""
+        """Let the front send this blob itself from now on (a no-op once linked: one syscall).
+        On a full disk the blob stays unlinked: the registry sends it instead."""
         link = self.verified_link(digest)
-        try:
-            os.link(path, link)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:  # first link under this prefix, or the blob went meanwhile
-            link.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError, FileExistsError):
+        with contextlib.suppress(StorageFull), full_is_typed(self._place):
+            try:
                 os.link(path, link)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # first link under this prefix, or the blob went meanwhile
+                link.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError, FileExistsError):
+                    os.link(path, link)
 
     def _unlink_verified(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -138,7 +144,8 @@ class FilesystemStorage(Storage):
             raise BlobNotFound(digest) from None
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
-        await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
+        with full_is_typed(self._place):
+            await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
 
     async def get_meta(self, key: str) -> bytes | None:
         try:
@@ -148,22 +155,26 @@ class FilesystemStorage(Storage):
 
     async def put_meta(self, key: str, data: bytes) -> None:
         target = self._meta / check_key(key)
-        await asyncio.to_thread(self._write_meta, target, data)
+        with full_is_typed(self._place):
+            await asyncio.to_thread(self._write_meta, target, data)
 
     async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
         # The file is written and fsync'd meanwhile, so that only the rename waits.
         target = self._meta / check_key(key)
-        staged = await asyncio.to_thread(self._stage_meta, data)
+        with full_is_typed(self._place):
+            staged = await asyncio.to_thread(self._stage_meta, data)
         try:
             await stored
-            await asyncio.to_thread(_move_into_place, staged, target)
+            with full_is_typed(self._place):
+                await asyncio.to_thread(_move_into_place, staged, target)
         finally:
             staged.unlink(missing_ok=True)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
-        fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with full_is_typed(self._place):
+            fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # Poll without blocking a thread, so a cancelled waiter stops at once.
             while True:
