@@ -13,7 +13,7 @@ is made.
 
 from __future__ import annotations
 
-import errno
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -53,9 +53,9 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.StorageUnavailable(str(exc), detail={"backend": exc.backend})
         case storage_errors.StorageFull():
             return errors.StorageFull(str(exc), detail={"storage": exc.where})
-        case OSError() if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write outside the storage interface
+        case OSError() if exc.errno in storage_errors.FULL_DISK_ERRNOS:  # a write outside the storage interface
             where = f"the file system of {exc.filename}" if exc.filename else "the registry's file system"
-            return errors.StorageFull(f"{where} is full: {exc.strerror}", detail={"storage": where})
+            return errors.StorageFull(f"{where} is full: {os.strerror(exc.errno)}", detail={"storage": where})
         case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
             return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPMethodNotAllowed():

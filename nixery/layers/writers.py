@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, TypeVar
 import structlog
 
 from nixery.layers.tarball import LayerBlob
-from nixery.storage.base import full_is_typed
+from nixery.storage.base import raising_storage_full
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,7 @@ LayerWrite = Callable[[BinaryIO], LayerBlob]
 def write_file(path: Path, write: Callable[[BinaryIO], T]) -> T:
     """Run `write` on a new file at `path` (in a worker). `path` is in the storage's
     staging directory: a full disk there is the storage's StorageFull."""
-    with full_is_typed(f"the storage's staging directory {path.parent}"), open(path, "wb") as handle:
+    with raising_storage_full(f"the storage's staging directory {path.parent}"), open(path, "wb") as handle:
         return write(handle)
 
 

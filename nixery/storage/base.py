@@ -66,13 +66,17 @@ class StorageFull(StorageError):
         return f"{self.where} is full: {self.reason}"
 
 
+#: The errors of a write that found no space, or no quota, left.
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 @contextlib.contextmanager
-def full_is_typed(where: str) -> Iterator[None]:
-    """Inside, a full disk or quota (ENOSPC, EDQUOT) raises StorageFull naming `where`."""
+def raising_storage_full(where: str) -> Iterator[None]:
+    """Inside, a full disk or quota (FULL_DISK_ERRNOS) raises StorageFull naming `where`."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in FULL_DISK_ERRNOS:
             raise
         raise StorageFull(where, exc.strerror or os.strerror(exc.errno)) from exc
 
@@ -176,7 +180,7 @@ class Storage(ABC):
         if await self.stat_blob(digest) is not None:
             await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
             return digest
-        with full_is_typed(f"the {self.name} storage's staging directory {self.staging_dir()}"):
+        with raising_storage_full(f"the {self.name} storage's staging directory {self.staging_dir()}"):
             staged = await asyncio.to_thread(stage_bytes, self.staging_dir(), data)
         try:
             await self.put_blob(digest, staged)

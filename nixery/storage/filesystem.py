@@ -51,8 +51,8 @@ from nixery.storage.base import (
     Storage,
     StorageFull,
     check_key,
-    full_is_typed,
     make_staging_dir,
+    raising_storage_full,
     stage_bytes,
 )
 
@@ -110,23 +110,22 @@ class FilesystemStorage(Storage):
                 self._report_corrupt_blob(digest)
                 raise CorruptBlob(digest)
             self._verified.add(identity)
-        if self._links_enabled:
-            self._link_verified(path, digest)
+        if self._links_enabled:  # on a full disk the blob stays unlinked: the registry sends it
+            with contextlib.suppress(StorageFull), raising_storage_full(self._place):
+                self._link_verified(path, digest)
         return LocalFile(path, st.st_size, f"sha256/{digest.hex[:2]}/{digest.hex}")
 
     def _link_verified(self, path: Path, digest: Digest) -> None:
-        """Let the front send this blob itself from now on (a no-op once linked: one syscall).
-        On a full disk the blob stays unlinked: the registry sends it instead."""
+        """Let the front send this blob itself from now on (a no-op once linked: one syscall)."""
         link = self.verified_link(digest)
-        with contextlib.suppress(StorageFull), full_is_typed(self._place):
-            try:
+        try:
+            os.link(path, link)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # first link under this prefix, or the blob went meanwhile
+            link.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError, FileExistsError):
                 os.link(path, link)
-            except FileExistsError:
-                pass
-            except FileNotFoundError:  # first link under this prefix, or the blob went meanwhile
-                link.parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.suppress(FileNotFoundError, FileExistsError):
-                    os.link(path, link)
 
     def _unlink_verified(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -144,7 +143,7 @@ class FilesystemStorage(Storage):
             raise BlobNotFound(digest) from None
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
-        with full_is_typed(self._place):
+        with raising_storage_full(self._place):
             await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
 
     async def get_meta(self, key: str) -> bytes | None:
@@ -155,17 +154,17 @@ class FilesystemStorage(Storage):
 
     async def put_meta(self, key: str, data: bytes) -> None:
         target = self._meta / check_key(key)
-        with full_is_typed(self._place):
+        with raising_storage_full(self._place):
             await asyncio.to_thread(self._write_meta, target, data)
 
     async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
         # The file is written and fsync'd meanwhile, so that only the rename waits.
         target = self._meta / check_key(key)
-        with full_is_typed(self._place):
+        with raising_storage_full(self._place):
             staged = await asyncio.to_thread(self._stage_meta, data)
         try:
             await stored
-            with full_is_typed(self._place):
+            with raising_storage_full(self._place):
                 await asyncio.to_thread(_move_into_place, staged, target)
         finally:
             staged.unlink(missing_ok=True)
@@ -173,7 +172,7 @@ class FilesystemStorage(Storage):
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
-        with full_is_typed(self._place):
+        with raising_storage_full(self._place):
             fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # Poll without blocking a thread, so a cancelled waiter stops at once.
