@@ -262,11 +262,22 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64decode(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError):
-        raise TokenError("malformed token") from None
+    """Unpadded base64url as JWS writes it (RFC 7515), strictly: one encoding per value.
+
+    The standard decoder skips characters outside the alphabet and ignores the
+    unused bits of the last character, so `sig!!` or a changed last letter
+    would verify as `sig`.
+    """
+    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+        raise TokenError("malformed token")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(data) != text:  # unused bits set in the last character
+        raise TokenError("malformed token")
+    return data
 
 
 def parse_scope(scope: str) -> tuple[str, frozenset[str]] | None:

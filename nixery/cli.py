@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NoReturn
 from nixery import __version__
 
 if TYPE_CHECKING:
+    import socket
+
     from nixery.config import Settings
 
 
@@ -27,47 +29,51 @@ def _settings() -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from nixery import logs
+    from nixery.http import server
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
+    # Bound first: a port in use is one line, before anything starts.
+    try:
+        sockets = server.listen(settings.host, settings.port, copies=settings.workers)
+    except server.ListenError as exc:
+        print(f"nixery: {exc}", file=sys.stderr)
+        return 1
     if settings.workers == 1:
-        _serve_one(settings, reuse_port=False)
+        _serve_one(settings, sockets[0])
         return 0
-    return _serve_workers(settings)
+    return _serve_workers(settings, sockets)
 
 
-def _serve_one(settings: Settings, *, reuse_port: bool) -> None:
-    from aiohttp import web
-
+def _serve_one(settings: Settings, sockets: list[socket.socket]) -> None:
     from nixery.app import create_app
+    from nixery.http import server
 
     # SIGTERM: stop accepting, let in-flight responses finish within the grace period.
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_grace,
-        reuse_port=reuse_port,
+    server.run(
+        create_app(settings), sockets, shutdown_timeout=settings.shutdown_grace, header_timeout=settings.header_timeout
     )
 
 
-def _serve_workers(settings: Settings) -> int:
-    """Several processes accept on one port (SO_REUSEPORT); the kernel spreads
-    connections. They share storage, whose lock keeps one build per image."""
+def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> int:
+    """Several processes accept on one port, each on its own socket (SO_REUSEPORT);
+    the kernel spreads connections. They share storage, whose lock keeps one build per image."""
     import os
     import signal
 
+    from nixery.http import server
+
     children = []
-    for _ in range(settings.workers):
+    for own in sockets:
         pid = os.fork()
         if pid == 0:
             try:
-                _serve_one(settings, reuse_port=True)
+                server.close_all([other for other in sockets if other is not own])
+                _serve_one(settings, own)
             finally:
                 os._exit(0)
         children.append(pid)
+    server.close_all(sockets)  # each child holds its own: a child's socket goes with it
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

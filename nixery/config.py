@@ -100,6 +100,8 @@ class Settings:
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
     layer_compression: Compression = Compression.GZIP
     shutdown_grace: float = 30.0
+    # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
+    header_timeout: float = 60.0
     workers: int = 1
     log_level: str = "info"
     log_format: str = "auto"
@@ -341,6 +343,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
         ),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
+        header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),

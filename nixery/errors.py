@@ -1,6 +1,7 @@
 """Errors that reach a client, as a catalogue of registry error codes.
 
     RegistryError                 code, HTTP status, message, detail
+    ├── RequestInvalid            400 REQUEST_INVALID   not parseable HTTP (request line, header); input never echoed
     ├── NameInvalid               400 NAME_INVALID      image path is not a valid list of packages
     ├── TagInvalid                400 TAG_INVALID       tag is not a valid tag / git ref
     ├── DigestInvalid             400 DIGEST_INVALID    not a sha256 digest
@@ -9,11 +10,13 @@
     ├── BlobUnknown               404 BLOB_UNKNOWN
     ├── Unsupported               405 UNSUPPORTED       push, delete
     ├── Unauthorized              401 UNAUTHORIZED      no or bad credentials; carries a WWW-Authenticate challenge
-    ├── Denied                    403 DENIED            the user lacks the permission (e.g. to build)
+    ├── Denied                    403 DENIED            the user lacks the permission (e.g. to build), a cross-site post
+    ├── RequestTooLarge           413 REQUEST_TOO_LARGE the request body is over the limit
     ├── TooManyRequests           429 TOOMANYREQUESTS
     ├── BuildFailed               500 BUILD_FAILED      Nix evaluation or build failed
     ├── BuildTimeout              504 BUILD_TIMEOUT     NIX_TIMEOUT elapsed
     ├── StorageUnavailable        503 STORAGE_UNAVAILABLE  the storage backend did not answer
+    ├── StorageFull               507 STORAGE_FULL      no space left where storage writes (names where)
     ├── SourceUnavailable         502 SOURCE_UNAVAILABLE   a git repository or channel did not answer
     └── InternalError             500 UNKNOWN           a bug; details only in the log
 
@@ -40,6 +43,13 @@ class RegistryError(Exception):
 
     def to_json(self) -> dict[str, Any]:
         return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+
+class RequestInvalid(RegistryError):
+    """The request is not HTTP that can be parsed."""
+
+    code = "REQUEST_INVALID"
+    status = 400
 
 
 class NameInvalid(RegistryError):
@@ -105,6 +115,13 @@ class Denied(RegistryError):
     status = 403
 
 
+class RequestTooLarge(RegistryError):
+    """The request body is larger than the registry accepts."""
+
+    code = "REQUEST_TOO_LARGE"
+    status = 413
+
+
 class TooManyRequests(RegistryError):
     """Too many requests."""
 
@@ -131,6 +148,13 @@ class StorageUnavailable(RegistryError):
 
     code = "STORAGE_UNAVAILABLE"
     status = 503
+
+
+class StorageFull(RegistryError):
+    """No space is left where the storage writes; what is stored is still served."""
+
+    code = "STORAGE_FULL"
+    status = 507
 
 
 class SourceUnavailable(RegistryError):

@@ -10,6 +10,7 @@
     nixery_layer_bytes_compressed_total
     nixery_blob_bytes_served_total                    bytes of blobs sent by this process
     nixery_nix_processes_running{command}
+    nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
 
 Routes are labelled with their pattern (`/v2/{name}/blobs/{digest}`), never
 the raw path, so a client cannot grow the label set; unmatched paths share one
@@ -44,6 +45,9 @@ CACHE_MISSES = Counter("nixery_cache_misses", "Cache misses, by cache (image, la
 LAYERS = Counter("nixery_layers", "Layers of built images: reused from storage or created", ["outcome"])
 LAYER_BYTES = Counter("nixery_layer_bytes_compressed", "Compressed bytes of the layers created")
 BLOB_BYTES = Counter("nixery_blob_bytes_served", "Blob bytes sent to clients by this process (not redirects)")
+STORAGE_FULL = Counter(
+    "nixery_storage_full", "Requests refused because no space was left where storage writes (507 STORAGE_FULL)"
+)
 NIX_PROCESSES = Gauge("nixery_nix_processes_running", "Nix processes running, by command", ["command"])
 
 for _cache in ("image", "layer"):  # present from the start, so rates work from zero
@@ -80,6 +84,13 @@ def build_finished(ok: bool, seconds: float) -> None:
     BUILDS_RUNNING.dec()
     BUILDS.labels(result).inc()
     BUILD_DURATION.labels(result).observe(seconds)
+
+
+# ---- hooks called by the error mapping -----------------------------------------
+
+
+def storage_full() -> None:
+    STORAGE_FULL.inc()
 
 
 # ---- HTTP ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,26 @@ def test_forged_and_foreign_tokens_are_refused() -> None:
     for bad in (forged, unsigned, other, other_service, "", "a.b", "a.b.c", token + "x", "ünïcode.a.b"):
         with pytest.raises(auth.TokenError):
             signer.verify(bad)
+
+
+def test_token_signatures_are_decoded_strictly() -> None:
+    """Only the one canonical unpadded base64url spelling of a signature verifies: not
+    with padding, characters outside the alphabet, or the last character's unused bits set."""
+    signer = auth.TokenSigner(SECRET)
+    token, _ = signer.issue("alice", {"shell": frozenset({"pull"})})
+    signing_input, _, signature = token.rpartition(".")
+    assert len(signature) == 43  # 32 bytes: the last character carries 2 unused bits
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    same_bits = alphabet[alphabet.index(signature[-1]) ^ 1]  # differs only in an unused bit
+    assert base64.urlsafe_b64decode(signature + "=") == base64.urlsafe_b64decode(signature[:-1] + same_bits + "=")
+    signer.verify(token)
+    for variant in ("!!", "=", "==", "?", " "):
+        with pytest.raises(auth.TokenError, match="malformed"):
+            signer.verify(f"{signing_input}.{signature}{variant}")
+    for bad in (signature[:-1] + same_bits, signature[:20] + "!" + signature[20:], signature.replace("_", "/")):
+        if bad != signature:
+            with pytest.raises(auth.TokenError, match="malformed"):
+                signer.verify(f"{signing_input}.{bad}")
 
 
 def test_grants_follow_permissions() -> None:
@@ -446,6 +467,22 @@ async def test_token_mode_decisions(aiohttp_client, users_file: Path) -> None:
     assert (await client.get("/v2/fortune/manifests/latest", headers=bearer(token))).status == 200
     assert (await client.post("/token", data={**form, "password": "wrong"})).status == 401
     assert (await client.get("/token", params={"service": "elsewhere"}, headers=basic(ALICE))).status == 403
+
+
+async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users_file: Path) -> None:
+    """A body over the limit is 413 (not 405); a grant other than the password grant is
+    401 with a challenge, as every 401 must carry one."""
+    app, _ = make_app(users_file, mode="token", token_secret=SECRET.decode())
+    client = await aiohttp_client(app)
+    form = {"grant_type": "password", "username": ALICE[0], "password": ALICE[1], "service": "nixery"}
+    large = await client.post("/token", data={**form, "padding": "x" * (2 << 20)})
+    assert large.status == 413, await large.text()
+    assert _code(await large.read()) == "REQUEST_TOO_LARGE"
+    for grant_type in ("refresh_token", "client_credentials", ""):
+        refused = await client.post("/token", data={**form, "grant_type": grant_type, "refresh_token": "x"})
+        assert refused.status == 401 and _code(await refused.read()) == "UNAUTHORIZED", grant_type
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="nixery", charset="UTF-8"'
+    assert (await client.post("/token", data=form)).status == 200
 
 
 async def test_token_mode_with_anonymous_pulls(aiohttp_client, users_file: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from nixery import maintenance
 from nixery.registry.digest import Digest
+from nixery.storage.base import StorageFull
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import RegistryProcess, nix_calls_of, run
 
@@ -155,9 +156,9 @@ def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full disk often shows only at fsync (delayed allocation): the write fails, the old
-    record stays, no blob appears, and nothing is left in staging. (fsync fails by injection: no disk here
-    can be filled safely.)"""
+    """A full disk often shows only at fsync (delayed allocation): the write fails (as the
+    typed StorageFull), the old record stays, no blob appears, and nothing is left in staging.
+    (fsync fails by injection: a tmpfs, as in test_storage_full.py, fails at write instead.)"""
     storage = FilesystemStorage(tmp_path / "storage")
     await storage.put_meta("images/x", b"old")
 
@@ -165,11 +166,11 @@ async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_st
         raise OSError(28, "No space left on device (injected)")
 
     monkeypatch.setattr("nixery.storage.filesystem.os.fsync", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageFull, match="No space left"):
         await storage.put_meta("images/x", b"new")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageFull, match="No space left"):
         await storage.put_meta_after("images/x", b"newer", asyncio.ensure_future(asyncio.sleep(0)))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageFull, match="No space left"):
         await storage.put_blob_bytes(b"a config")
     monkeypatch.undo()
     assert await storage.get_meta("images/x") == b"old"

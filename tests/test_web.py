@@ -9,13 +9,16 @@ either is missing. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import http.client
 import json
 import os
 import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -277,6 +280,73 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
                 assert response.status == 303 and response.headers["Location"].startswith("/builds/")
 
     run_async(run())
+
+
+def _post_build(
+    registry: RegistryProcess, headers: dict[str, str], *, image: str, browser: bool
+) -> tuple[int, str, bytes]:
+    """POST /builds as a browser's form (HTML errors) or as an API client (JSON); (status, type, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+    try:
+        if browser:
+            body = urlencode({"image": image}).encode()
+            kind = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/html"}
+        else:
+            body = json.dumps({"image": image}).encode()
+            kind = {"Content-Type": "application/json", "Accept": "application/json"}
+        connection.request("POST", "/builds", body=body, headers={**kind, **headers})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def test_posts_from_other_sites_pages_are_refused(registry: RegistryProcess) -> None:
+    """A page elsewhere cannot make a visitor's browser (logged in: it sends the basic
+    credentials by itself) start builds; the registry's own pages, `nixery build`
+    and scripts still can."""
+    own = f"127.0.0.1:{registry.port}"
+    credentials = {"Authorization": "Basic " + base64.b64encode(b"alice:secret").decode()}
+    cross_site = [
+        {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": f"http://127.0.0.1:{registry.port + 1}", "Sec-Fetch-Site": "same-site"},  # another port
+        {"Origin": "http://evil.example"},  # a browser that sends no Sec-Fetch-Site
+        {"Origin": f"http://{own}.evil.example"},
+        {"Origin": "null"},  # a sandboxed page
+    ]
+    for headers in cross_site:
+        status, kind, body = _post_build(registry, {**credentials, **headers}, image="shell/figlet", browser=False)
+        assert status == 403 and kind.startswith("application/json"), (headers, status, body)
+        assert json.loads(body)["errors"][0]["code"] == "DENIED"
+        status, kind, body = _post_build(registry, {**credentials, **headers}, image="shell/figlet", browser=True)
+        assert status == 403 and kind.startswith("text/html") and b"Not allowed" in body, (headers, status)
+    assert not [e for e in registry.log_events("http.build_started") if "figlet" in e["image"]]
+    same_site = [
+        {},  # not from a page: nixery build, curl
+        {"Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": f"http://{own}"},
+        {"Origin": f"https://{own}"},  # behind a proxy that ends TLS and keeps the Host
+        {"Origin": "https://registry.example", "X-Forwarded-Host": "registry.example"},  # a proxy that rewrites Host
+        {"Sec-Fetch-Site": "none"},  # the user's own action
+    ]
+    for headers in same_site:
+        status, _, body = _post_build(registry, {**credentials, **headers}, image="shell/hello", browser=False)
+        assert status == 202, (headers, status, body)
+
+
+def test_a_form_on_another_site_cannot_start_builds(registry: RegistryProcess, new_page) -> None:
+    """The same in a real browser: a form on another site, posted to the registry."""
+    page = new_page()
+    form = f"""<form method="post" action="{registry.url}/builds">
+      <input name="image" value="shell/cowsay"><button type="submit">Build</button></form>"""
+    page.route("http://evil.example/", lambda route: route.fulfill(status=200, content_type="text/html", body=form))
+    page.goto("http://evil.example/")
+    with page.expect_navigation() as navigation:
+        page.click("button")
+    assert navigation.value.status == 403
+    assert "Not allowed" in page.content()
+    assert not [e for e in registry.log_events("http.build_started") if "cowsay" in e["image"]]
 
 
 def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:

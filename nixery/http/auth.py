@@ -247,8 +247,11 @@ async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, 
     POST (OAuth2 password grant form)."""
     if request.method == "POST":
         form = await request.post()
-        if form.get("grant_type") != "password":
-            raise errors.Unauthorized("only the OAuth2 password grant is supported; or GET with basic credentials")
+        if form.get("grant_type") != "password":  # e.g. refresh_token: this registry issues no refresh tokens
+            raise errors.Unauthorized(
+                "only the OAuth2 password grant is supported; or GET with basic credentials",
+                headers=_BASIC_CHALLENGE,
+            )
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         credentials = (name, password) if name else None
         return credentials, _opt(form.get("service")), str(form.get("scope", "")).split()

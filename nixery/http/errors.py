@@ -1,18 +1,26 @@
 """The one place where errors become responses.
 
 Handlers raise; this middleware maps lower-layer errors (Nix, storage,
-aiohttp's own 404/405) to registry errors and writes the registry's JSON error
+aiohttp's own 404/405/413) to registry errors and writes the registry's JSON error
 body. No traceback ever reaches a client.
+
+A full disk (storage's StorageFull, or an untyped ENOSPC/EDQUOT from a write
+outside the storage interface) is 507 STORAGE_FULL, counted per refused
+request (`nixery_storage_full_total`) and logged as an error at most once a
+minute: a full disk fails every build, and every layer of each, until space
+is made.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from nixery import errors
+from nixery import errors, metrics
 from nixery.nix import errors as nix_errors
 from nixery.storage import base as storage_errors
 
@@ -43,6 +51,11 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.BlobUnknown(str(exc), detail={"digest": str(exc.digest)})
         case storage_errors.BackendUnavailable():
             return errors.StorageUnavailable(str(exc), detail={"backend": exc.backend})
+        case storage_errors.StorageFull():
+            return errors.StorageFull(str(exc), detail={"storage": exc.where})
+        case OSError() if exc.errno in storage_errors.FULL_DISK_ERRNOS:  # a write outside the storage interface
+            where = f"the file system of {exc.filename}" if exc.filename else "the registry's file system"
+            return errors.StorageFull(f"{where} is full: {os.strerror(exc.errno)}", detail={"storage": where})
         case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
             return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPMethodNotAllowed():
@@ -50,7 +63,7 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case web.HTTPNotFound():
             return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPRequestEntityTooLarge():
-            return errors.Unsupported("request body too large")
+            return errors.RequestTooLarge("request body too large", detail={"reason": exc.text})
         case _:
             return errors.InternalError("internal error; see the registry's log")
 
@@ -73,6 +86,38 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = registry_error(exc)
         if isinstance(error, errors.InternalError):
             log.exception("http.internal_error", path=request.path[:300], method=request.method)
+        elif isinstance(error, errors.StorageFull):
+            _report_storage_full(error)
         elif error.status >= 500:
             log.warning("http.error", status=error.status, code=error.code, message=error.message[:500])
         return error_response(error, head=request.method == "HEAD")
+
+
+class _Throttle:
+    """Lets one event through per `interval` seconds and counts the others."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = float("-inf")
+        self._held_back = 0
+
+    def due(self) -> int | None:
+        """None while the interval runs; else how many events were held back since the last one."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held_back += 1
+            return None
+        held_back, self._last, self._held_back = self._held_back, now, 0
+        return held_back
+
+
+#: One error line a minute about a full storage; every refusal is counted in the metric.
+_storage_full_lines = _Throttle(60.0)
+
+
+def _report_storage_full(error: errors.StorageFull) -> None:
+    metrics.storage_full()
+    held_back = _storage_full_lines.due()
+    if held_back is not None:
+        log.error("storage.full", message=error.message[:500], refused_since_last_line=held_back,
+                  note="stored images are still served; new ones are refused until space is made")

@@ -4,7 +4,8 @@
                                  a build form, recent builds and images, docs
     GET  /packages?q=            package search (HTML; JSON with ?format=json or Accept)
     POST /builds                 start a build (form or JSON `image`, `tag`):
-                                 303 to the progress page for forms, 202 + JSON for JSON
+                                 303 to the progress page for forms, 202 + JSON for JSON;
+                                 posts from other sites' pages are refused (nixery/http/csrf.py)
     GET  /builds/{id}            progress page (server-rendered, follows the events with JS)
     GET  /builds/{id}.json       the build and its events
     GET  /builds/{id}/events     server-sent events, one JSON event per message
@@ -40,6 +41,7 @@ from nixery.auth import BUILD, PULL
 from nixery.builder import ImageBuilder, ImageRecord
 from nixery.config import REPOSITORY
 from nixery.http import auth as http_auth
+from nixery.http import csrf
 from nixery.http.errors import registry_error
 from nixery.http.routes import BUILDER, RESOLVER, STORAGE
 from nixery.nix.catalog import Catalog, PackageCatalog
@@ -169,7 +171,7 @@ def _html_errors(handler: Handler) -> Handler:
 def error_page(
     request: web.Request, error: errors.RegistryError, *, form: dict[str, str] | None = None
 ) -> web.Response:
-    titles = {400: "That name does not work", 404: "Not found", 405: "Not supported"}
+    titles = {400: "That name does not work", 403: "Not allowed", 404: "Not found", 405: "Not supported"}
     title = titles.get(error.status, "Something went wrong")
     body = f"""
 <section class="card error">
@@ -451,6 +453,7 @@ async def _image_request(request: web.Request, name: str, tag: str) -> ImageRequ
 
 
 async def start_build(request: web.Request) -> web.StreamResponse:
+    csrf.refuse_cross_site(request)
     json_api = wants_json(request)
     fields: dict[str, str] = {}
     if request.content_type == "application/json":
@@ -915,7 +918,7 @@ def add_web_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(_catalog_ctx)
     app.router.add_get("/", _html_errors(landing))
     app.router.add_get("/packages", _html_errors(packages))
-    app.router.add_post("/builds", start_build)
+    app.router.add_post("/builds", _html_errors(start_build))
     app.router.add_get(f"/builds/{{id:{_BUILD_ID}}}.json", build_json)
     app.router.add_get(f"/builds/{{id:{_BUILD_ID}}}/events", build_events)
     app.router.add_get(f"/builds/{{id:{_BUILD_ID}}}", _html_errors(build_page))

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, TypeVar
 import structlog
 
 from nixery.layers.tarball import LayerBlob
+from nixery.storage.base import raising_storage_full
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +54,9 @@ LayerWrite = Callable[[BinaryIO], LayerBlob]
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], T]) -> T:
-    """Run `write` on a new file at `path` (in a worker)."""
-    with open(path, "wb") as handle:
+    """Run `write` on a new file at `path` (in a worker). `path` is in the storage's
+    staging directory: a full disk there is the storage's StorageFull."""
+    with raising_storage_full(f"the storage's staging directory {path.parent}"), open(path, "wb") as handle:
         return write(handle)
 
 

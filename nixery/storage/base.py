@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,36 @@ class BackendUnavailable(StorageError):
     def __init__(self, backend: str, reason: str):
         super().__init__(f"storage backend {backend} is unavailable: {reason}")
         self.backend = backend
+
+
+class StorageFull(StorageError):
+    """No space (or quota) is left where the storage writes; nothing partial was kept.
+
+    `where` names the place: a backend's directory, or the local staging directory.
+    """
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(where, reason)  # both in args: raised in layer writer processes too, so it must pickle
+        self.where = where
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.where} is full: {self.reason}"
+
+
+#: The errors of a write that found no space, or no quota, left.
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def raising_storage_full(where: str) -> Iterator[None]:
+    """Inside, a full disk or quota (FULL_DISK_ERRNOS) raises StorageFull naming `where`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_DISK_ERRNOS:
+            raise
+        raise StorageFull(where, exc.strerror or os.strerror(exc.errno)) from exc
 
 
 class CorruptBlob(BlobNotFound):
@@ -149,7 +180,8 @@ class Storage(ABC):
         if await self.stat_blob(digest) is not None:
             await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
             return digest
-        staged = await asyncio.to_thread(stage_bytes, self.staging_dir(), data)
+        with raising_storage_full(f"the {self.name} storage's staging directory {self.staging_dir()}"):
+            staged = await asyncio.to_thread(stage_bytes, self.staging_dir(), data)
         try:
             await self.put_blob(digest, staged)
         finally:

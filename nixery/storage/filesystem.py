@@ -49,8 +49,10 @@ from nixery.storage.base import (
     CorruptBlob,
     LocalFile,
     Storage,
+    StorageFull,
     check_key,
     make_staging_dir,
+    raising_storage_full,
     stage_bytes,
 )
 
@@ -66,6 +68,8 @@ class FilesystemStorage(Storage):
         self._quarantine = root / "quarantine"
         self._verified_links = root / "verified" / "sha256"
         self._links_enabled = verified_links
+        #: Named in StorageFull errors (a full disk), which the registry answers with 507 STORAGE_FULL.
+        self._place = f"the filesystem storage at {root}"
         for directory in (self._blobs, self._meta, self._locks, self._quarantine):
             directory.mkdir(parents=True, exist_ok=True)
         self._staging = make_staging_dir(root / "tmp")
@@ -106,8 +110,9 @@ class FilesystemStorage(Storage):
                 self._report_corrupt_blob(digest)
                 raise CorruptBlob(digest)
             self._verified.add(identity)
-        if self._links_enabled:
-            self._link_verified(path, digest)
+        if self._links_enabled:  # on a full disk the blob stays unlinked: the registry sends it
+            with contextlib.suppress(StorageFull), raising_storage_full(self._place):
+                self._link_verified(path, digest)
         return LocalFile(path, st.st_size, f"sha256/{digest.hex[:2]}/{digest.hex}")
 
     def _link_verified(self, path: Path, digest: Digest) -> None:
@@ -138,7 +143,8 @@ class FilesystemStorage(Storage):
             raise BlobNotFound(digest) from None
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
-        await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
+        with raising_storage_full(self._place):
+            await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
 
     async def get_meta(self, key: str) -> bytes | None:
         try:
@@ -148,22 +154,26 @@ class FilesystemStorage(Storage):
 
     async def put_meta(self, key: str, data: bytes) -> None:
         target = self._meta / check_key(key)
-        await asyncio.to_thread(self._write_meta, target, data)
+        with raising_storage_full(self._place):
+            await asyncio.to_thread(self._write_meta, target, data)
 
     async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
         # The file is written and fsync'd meanwhile, so that only the rename waits.
         target = self._meta / check_key(key)
-        staged = await asyncio.to_thread(self._stage_meta, data)
+        with raising_storage_full(self._place):
+            staged = await asyncio.to_thread(self._stage_meta, data)
         try:
             await stored
-            await asyncio.to_thread(_move_into_place, staged, target)
+            with raising_storage_full(self._place):
+                await asyncio.to_thread(_move_into_place, staged, target)
         finally:
             staged.unlink(missing_ok=True)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
-        fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with raising_storage_full(self._place):
+            fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # Poll without blocking a thread, so a cancelled waiter stops at once.
             while True:

@@ -1,0 +1,67 @@
+"""Cross-site posts to the registry's own forms (`POST /builds`) are refused.
+
+A browser sends a user's basic credentials with every request to this host,
+so any web page could make a logged-in browser start builds with a plain
+`<form method=post action=http://registry/builds>`. Browsers say where a
+request comes from, and that is checked (as Go's net/http
+CrossOriginProtection does), with no token to keep:
+
+* `Sec-Fetch-Site` (every current browser): `same-origin`, or `none` (the user
+  acted, e.g. a bookmark), passes; `same-site` (another port or subdomain) and
+  `cross-site` are refused.
+* Without it, `Origin` (sent with every POST by older browsers too) must name
+  this registry: the host the client used, from `Host`, or from
+  `X-Forwarded-Host` behind a proxy. `Origin: null` (sandboxed pages) is refused.
+* A request with neither header does not come from a web page (`nixery build`,
+  curl, scripts) and passes: it carries only the credentials its sender chose.
+
+A page cannot forge these headers: browsers set them, and a cross-origin
+`fetch` that sets its own headers is preflighted, which this registry never
+allows. A refusal is 403 DENIED (an error page for a browser's form post).
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from nixery import errors
+
+log = structlog.get_logger(__name__)
+
+_ALLOWED_FETCH_SITES = ("same-origin", "none")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def refuse_cross_site(request: web.Request) -> None:
+    """Raise Denied when a browser says this request comes from another site's page."""
+    site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    if site is not None:
+        if site.strip().lower() in _ALLOWED_FETCH_SITES:
+            return
+        reason = f"Sec-Fetch-Site: {site[:50]}"
+    elif origin is not None:
+        if _names_this_registry(request, origin):
+            return
+        reason = f"Origin: {origin[:200]}"
+    else:
+        return
+    log.info("http.cross_site_refused", path=request.path[:300], reason=reason)
+    raise errors.Denied(
+        "refused a request from another site's page: this registry's forms only take posts from its own pages",
+        detail={"reason": reason},
+    )
+
+
+def _names_this_registry(request: web.Request, origin: str) -> bool:
+    scheme, separator, authority = origin.strip().lower().partition("://")
+    if not separator or scheme not in _DEFAULT_PORTS or not authority or "/" in authority:
+        return False  # "null", or not an origin at all
+    ours = [request.headers.get("Host", ""), *request.headers.getall("X-Forwarded-Host", [])]
+    hosts = {_without_default_port(host.strip().lower(), scheme) for value in ours for host in value.split(",")}
+    return _without_default_port(authority, scheme) in hosts - {""}
+
+
+def _without_default_port(authority: str, scheme: str) -> str:
+    return authority.removesuffix(_DEFAULT_PORTS[scheme])

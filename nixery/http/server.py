@@ -1,0 +1,271 @@
+"""The server under the application: its sockets, its connections, and the
+answers given before a request reaches the application.
+
+* `listen()` binds the registry's sockets before anything else starts, so a
+  port in use is one line (`ListenError`), not a traceback after
+  `registry.started`. With NIXERY_WORKERS > 1 each process gets a socket of
+  its own on the port (SO_REUSEPORT), all bound by the parent before it forks.
+  Connections made while the application starts wait in the socket's backlog.
+* A request aiohttp cannot parse (a request line over 8190 bytes, a NUL or a
+  non-ASCII byte in the path, a malformed header) is answered with the
+  registry's JSON error, 400 REQUEST_INVALID, that says what kind of thing was
+  wrong and quotes none of the input. (aiohttp's own answer is plain text
+  that echoes it, and it logs the input with a traceback.)
+* A connection must send each request's head (request line and headers)
+  within NIXERY_HEADER_TIMEOUT seconds: from when it opens, and for a later
+  request on a kept-alive connection, from that request's first byte (idle
+  keep-alive connections wait as long as aiohttp's keep-alive time, 75 s).
+  aiohttp has no such limit: a client that never finishes its head held the
+  connection until the keep-alive time ran out.
+
+aiohttp has no supported way to change how it handles a connection: its
+`Server` makes a `RequestHandler` itself. `RegistryRunner` therefore lets
+`AppRunner` make the application's server, and serves with a `Server`
+subclass built from that server's handler, request factory and settings,
+whose connections are `RegistryConnection`s. It relies on `Server._kwargs`
+(the handler settings) and on `RequestHandler.handle_error` and
+`finish_response` keeping their meaning; aiohttp is pinned, and the tests of
+this module exercise each of them through a real registry process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from nixery import errors
+
+log = structlog.get_logger(__name__)
+
+#: aiohttp's keep-alive time for idle connections, as `web.run_app` sets it.
+KEEPALIVE_SECONDS = 75.0
+
+
+class ListenError(Exception):
+    """The registry cannot listen where it was told to (one line, for the command line)."""
+
+
+# ---- sockets -------------------------------------------------------------------
+
+
+def listen(host: str, port: int, *, copies: int = 1, backlog: int = 128) -> list[list[socket.socket]]:
+    """`copies` sets of listening sockets on every address of `host`, each set for one
+    server process; with more than one, they share the port (SO_REUSEPORT)."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}: {exc.strerror}") from None
+    sets: list[list[socket.socket]] = []
+    try:
+        for _ in range(copies):
+            sets.append([])
+            for family, kind, proto, _name, address in dict.fromkeys(addresses):
+                sock = socket.socket(family, kind, proto)
+                sets[-1].append(sock)
+                _bind(sock, address, reuse_port=copies > 1, backlog=backlog)
+    except BaseException:
+        close_all(sets)
+        raise
+    return sets
+
+
+def _bind(sock: socket.socket, address: Any, *, reuse_port: bool, backlog: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does: restarts need no wait
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    shown = f"[{address[0]}]:{address[1]}" if sock.family == socket.AF_INET6 else f"{address[0]}:{address[1]}"
+    try:
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        reason = {
+            errno.EADDRINUSE: "the address is in use (another process listens on this port)",
+            errno.EACCES: "permission denied (ports below 1024 need root)",
+            errno.EADDRNOTAVAIL: "no such address on this machine",
+        }.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
+        raise ListenError(f"cannot listen on {shown}: {reason}") from None
+    sock.setblocking(False)
+
+
+def close_all(sets: Sequence[Sequence[socket.socket]]) -> None:
+    for sockets in sets:
+        for sock in sockets:
+            sock.close()
+
+
+# ---- serving -------------------------------------------------------------------
+
+
+def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
+        header_timeout: float) -> None:
+    """Serve `app` on bound sockets until SIGTERM or SIGINT, then let in-flight
+    responses finish within `shutdown_timeout` (as `web.run_app` does)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout))
+    finally:
+        remaining = asyncio.all_tasks(loop)
+        for task in remaining:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdown_timeout: float,
+                 header_timeout: float) -> None:
+    runner = RegistryRunner(
+        app,
+        header_timeout=header_timeout,
+        # The keep-alive timer also closes a connection still waiting for its first head:
+        # never before the header timeout.
+        keepalive_timeout=max(KEEPALIVE_SECONDS, header_timeout),
+        shutdown_timeout=shutdown_timeout,
+        access_log=None,  # the application logs each request (nixery.app.access_log)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await runner.setup()
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+class RegistryRunner(web.AppRunner):
+    """An AppRunner whose connections are RegistryConnections."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # also starts the application (its cleanup_ctx)
+        return _Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            header_timeout=self._header_timeout,
+            **plain._kwargs,
+        )
+
+
+class _Server(web.Server):
+    def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, **kwargs: Any):
+        def new_request(message: Any, payload: Any, protocol: RegistryConnection, writer: Any, task: Any) -> Any:
+            protocol.head_received()
+            return request_factory(message, payload, protocol, writer, task)
+
+        super().__init__(handler, request_factory=new_request, **kwargs)
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> RegistryConnection:
+        return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+
+
+class RegistryConnection(RequestHandler):
+    """One client connection: registry errors for unparseable requests, and a time limit on request heads."""
+
+    __slots__ = ("_header_timeout", "_head_deadline", "_awaiting_head")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._awaiting_head = True
+
+    # -- the head's time limit --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head_clock()
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._awaiting_head and self._head_deadline is None:  # a later request's first bytes
+            self._start_head_clock()
+        super().data_received(data)
+
+    def head_received(self) -> None:
+        """A request's head was parsed (or found malformed): it came in time."""
+        self._awaiting_head = False
+        self._stop_head_clock()
+
+    async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None) -> Any:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._awaiting_head = True  # the clock starts again with the next request's first byte
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_clock()
+        super().connection_lost(exc)
+
+    def _start_head_clock(self) -> None:
+        self._head_deadline = asyncio.get_running_loop().call_later(self._header_timeout, self._head_too_slow)
+
+    def _stop_head_clock(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        log.info("http.header_timeout", peer=_peer(self.transport), seconds=self._header_timeout)
+        self.force_close()
+
+    # -- requests aiohttp cannot parse --
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (400) or that failed outside
+        the application's middlewares (500, 504): the registry's JSON error, never the input."""
+        if status == 400:
+            error: errors.RegistryError = errors.RequestInvalid(self._malformed(exc))
+            log.info("http.malformed_request", peer=_peer(self.transport), problem=type(exc).__name__)
+        else:
+            error = errors.InternalError("internal error; see the registry's log")
+            log.error("http.unhandled_error", status=status, exc_info=exc)
+        if request.writer.output_size > 0:  # part of a response went out already: only closing is left
+            raise ConnectionError("response already started; cannot send an error")
+        response = web.json_response(error.to_json(), status=error.status)
+        response.force_close()
+        return response
+
+    def _malformed(self, exc: BaseException | None) -> str:
+        match exc:
+            case http_exceptions.LineTooLong():
+                return (f"the request line or a header field is too long (at most {self.max_line_size} bytes "
+                        f"for the request line and {self.max_field_size} for a header field)")
+            case http_exceptions.InvalidURLError():
+                return "the request target is not a valid path: it must be printable ASCII (percent-encode the rest)"
+            case http_exceptions.BadHttpMethod():
+                return "not an HTTP request: unknown method (HTTPS sent to a plain-HTTP port?)"
+            case http_exceptions.BadStatusLine():
+                return "malformed request line"
+            case http_exceptions.InvalidHeader():
+                return "malformed header field"
+            case http_exceptions.ContentLengthError() | http_exceptions.TransferEncodingError():
+                return "malformed body framing (Content-Length or Transfer-Encoding)"
+            case _:
+                return "malformed HTTP request"
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) else None

@@ -1,0 +1,107 @@
+"""The server under the application (nixery/http/server.py), against real registry
+processes over raw sockets: requests aiohttp cannot parse, clients that never
+finish their request heads, and a port that is already taken."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.registry import REPOSITORY, RegistryProcess, free_port
+
+MARKER = "nixery-echo-marker"
+
+
+def exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_unparseable_requests_get_the_registrys_json_error_without_the_input(registry: RegistryProcess) -> None:
+    marker = MARKER.encode()
+    requests = {
+        "request line over 8190 bytes": b"GET /v2/" + marker + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "NUL in the path": b"GET /v2/" + marker + b"\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        "non-ASCII path": f"GET /v2/é<script>{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        "header over the limit": b"GET /v2/ HTTP/1.1\r\nX-Long: " + marker + b"b" * 20000 + b"\r\n\r\n",
+        "not a method": b"GE<T>" + marker + b" / HTTP/1.1\r\n\r\n",
+        "bad Content-Length": b"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Length: " + marker + b"\r\n\r\n",
+    }
+    for what, request in requests.items():
+        answer = exchange(registry.port, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+        assert status_line.split()[1] == "400", (what, answer[:300])
+        assert headers["content-type"].startswith("application/json"), (what, headers)
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "REQUEST_INVALID" and error["message"], (what, error)
+        assert marker not in answer and b"<script>" not in answer, (what, answer[:500])
+    assert MARKER not in registry.log(), "the input reached the log"
+    assert len(registry.log_events("http.malformed_request")) == len(requests)
+    assert registry.request("/v2/")[0] == 200  # and the registry serves on
+
+
+def test_connections_that_never_finish_their_request_heads_are_closed(start_registry) -> None:
+    timeout = 2.0
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_HEADER_TIMEOUT=str(timeout))
+    kept_alive = socket.create_connection(("127.0.0.1", registry.port), timeout=30)
+    ping = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    kept_alive.sendall(ping)
+    assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    stalled = []
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", registry.port), timeout=30)
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: 1")  # and nothing more
+        stalled.append(sock)
+    assert registry.request("/v2/")[0] == 200  # others are served meanwhile
+    for sock in stalled:
+        sock.settimeout(max(0.1, started + timeout + 10 - time.monotonic()))
+        assert sock.recv(100) == b"", "the server answered a request it had not received"
+        sock.close()
+    waited = time.monotonic() - started
+    assert timeout * 0.5 <= waited < timeout + 10, waited
+    # A kept-alive connection may idle longer than the header timeout ...
+    time.sleep(max(0.0, started + timeout + 0.5 - time.monotonic()))
+    kept_alive.sendall(ping)
+    assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+    # ... but its next request's head must arrive in time too.
+    kept_alive.sendall(b"GET /v2/ HTTP/1.1\r\nHo")
+    began = time.monotonic()
+    assert kept_alive.recv(100) == b""
+    assert time.monotonic() - began < timeout + 10
+    kept_alive.close()
+    assert len(registry.log_events("http.header_timeout")) == len(stalled) + 1
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path, workers: str) -> None:
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        env = {
+            **os.environ, "PORT": str(port), "NIXERY_WORKERS": workers, "STORAGE_PATH": str(tmp_path / "storage"),
+            "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "nixery", "serve"], env=env, cwd=REPOSITORY, capture_output=True, text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"nixery: cannot listen on 127.0.0.1:{port}: the address is in use (another process listens on this port)"
+    ]
