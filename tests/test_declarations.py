@@ -219,6 +219,60 @@ async def test_prebuild_builds_what_appears_or_changes(tmp_path: Path) -> None:
         await store.close()
 
 
+class SlowCountingFiles(DeclarationFiles):
+    """Declaration files whose scans take a while, counted (how many, how many at once)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.scans = self.running = self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def scan(self) -> bool:
+        with self._lock:
+            self.scans += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)
+            return super().scan()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_concurrent_pulls_share_scans_one_at_a_time(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    files = SlowCountingFiles(tmp_path)
+    store = DeclarationStore(files=files, poll_interval=3600)
+    await store.start()
+    try:
+        files.scans = 0
+        touch_later(path, yaml.safe_dump(nix_image("app", contents=["figlet"])))
+        results = await asyncio.gather(*(store.resolve("app", "v1") for _ in range(50)))
+        assert {r.packages for r in results} == {("figlet",)}  # every pull sees the edit made before it
+        assert files.scans <= 2 and files.most_at_once == 1
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_pull_leaves_its_scan_to_finish(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    store = DeclarationStore(files=SlowCountingFiles(tmp_path), poll_interval=3600)
+    await store.start()
+    try:
+        touch_later(path, yaml.safe_dump(nix_image("app", contents=["figlet"])))
+        pull = asyncio.ensure_future(store.resolve("app", "v1"))
+        await asyncio.sleep(0.01)  # the scan is running in its thread
+        pull.cancel()
+        for _ in range(200):
+            if store.lookup("app", "v1").contents == ["figlet"]:
+                break
+            await asyncio.sleep(0.01)
+        assert store.lookup("app", "v1").contents == ["figlet"]  # applied, though nobody waited
+    finally:
+        await store.close()
+
+
 # ---- hostile files (issue 19) ---------------------------------------------
 
 
