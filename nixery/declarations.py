@@ -41,12 +41,22 @@ Rules
   apiVersion, a missing or invalid name, tag or contents, unknown fields) are
   reported with a `declarations.invalid` log line naming the file and
   document (or the object) and the problem, and skipped; everything else
-  keeps working. A file that is not valid YAML is skipped as a whole.
-* **Changes.** Files are checked on every pull of a declared-looking name
-  (one `stat` per file; only changed files are read again) and every
-  NIXERY_IMAGES_POLL seconds in the background, so an edited file affects the
-  next pull. Files are `*.yaml`, `*.yml` and `*.json` under the path
-  (searched recursively, hidden entries skipped: a mounted ConfigMap works).
+  keeps working. Values quoted in problems are cut to a few dozen characters
+  (`_short`), and a file's problems are logged once per change of the file,
+  at most `MAX_LOGGED_PER_FILE` of them. A file that cannot be read or parsed
+  (not valid YAML, past a limit below, or any other failure) is skipped as a
+  whole, alone.
+* **Limits** (`nixery.yaml_files`): only regular files of at most 1 MiB are
+  read; YAML is parsed with limits on aliases, nesting and numbers; directory
+  symlinks are followed only to directories inside the tree not visited yet.
+* **Changes.** Files are checked on every pull by tag (one `stat` per file;
+  only changed files are read again) and every NIXERY_IMAGES_POLL seconds in
+  the background, so an edited file affects the next pull. Files are
+  `*.yaml`, `*.yml` and `*.json` under the path (searched recursively, hidden
+  entries skipped: a mounted ConfigMap works). Scans run in a thread of their
+  own, one at a time: a pull that arrives during a scan waits for the next
+  one, which every pull waiting then shares, so scans never pile up and the
+  event loop never reads or parses a file.
 * **Pre-building** (NIXERY_PREBUILD=true): a declaration that appears or
   changes is built in the background at once, so the first pod start does not
   wait for Nix.
@@ -56,9 +66,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import datetime
 import re
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,6 +80,13 @@ import yaml
 
 from nixery.errors import RegistryError
 from nixery.registry.names import MAX_PACKAGES, Arch, ImageRequest, check_tag, parse_image_name
+from nixery.yaml_files import (
+    FileRefused,
+    describe_error,
+    find_files,
+    load_documents,
+    read_regular_file,
+)
 
 if TYPE_CHECKING:
     from nixery.builder import ImageBuilder, ImageRecord
@@ -85,8 +104,9 @@ KUBERNETES = "kubernetes"
 _SOURCE_RANK = {FILES: 0, KUBERNETES: 1}
 
 FILE_SUFFIXES = (".yaml", ".yml", ".json")
-MAX_FILE_BYTES = 4 << 20
 MAX_NAME_LENGTH = 128
+MAX_LOGGED_PER_FILE = 10  # problems (or image names) logged per file and change: not 10,000 lines for 10,000
+SHORT_VALUE = 40  # characters of a value quoted in a problem
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _ARCHES = {arch.oci_name: arch for arch in Arch}
@@ -96,6 +116,29 @@ _DATA_FIELDS = {"tag", "contents", "arch"}
 
 class InvalidDeclaration(ValueError):
     """A NixImage document that cannot be served; the message says why."""
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHORT_VALUE
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
+
+
+def _cut(text: str, limit: int = SHORT_VALUE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    """`repr(value)` cut to a few dozen characters, for problems and log lines that quote a
+    value from a file or object. reprlib looks at a few items and levels only, so even a value
+    that stands for millions of others costs nothing to show."""
+    return _cut(_SHORT_REPR.repr(value))
+
+
+def _field_names(keys: Iterable[Any]) -> str:
+    names = sorted(_cut(str(k)) for k in keys)
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +173,14 @@ def _check_name(name: Any) -> str:
         raise InvalidDeclaration(f"metadata.name is longer than {MAX_NAME_LENGTH} characters")
     if not _DNS_SUBDOMAIN.fullmatch(name):
         raise InvalidDeclaration(
-            f"metadata.name {name!r} is not a valid object name (lower case letters, digits, '-' and '.')"
+            f"metadata.name {_short(name)} is not a valid object name (lower case letters, digits, '-' and '.')"
         )
     if name == "arm64":
         raise InvalidDeclaration("metadata.name 'arm64' is reserved: it selects the architecture in image paths")
     try:
         parse_image_name(name)
     except RegistryError as exc:
-        raise InvalidDeclaration(f"metadata.name {name!r} is not a valid image name: {exc.message}") from None
+        raise InvalidDeclaration(f"metadata.name {_short(name)} is not a valid image name: {exc.message}") from None
     return name
 
 
@@ -154,7 +197,7 @@ def _check_contents(contents: Any) -> list[str]:
         if not isinstance(entry, str):
             raise InvalidDeclaration(f"{where} must be a package name, not {type(entry).__name__}")
         if "/" in entry:
-            raise InvalidDeclaration(f"{where} {entry[:60]!r}: list each package as its own entry, without '/'")
+            raise InvalidDeclaration(f"{where} {_short(entry)}: list each package as its own entry, without '/'")
         if entry == "arm64":
             raise InvalidDeclaration(f"{where} 'arm64' is not a package: set data.arch: arm64 instead")
         try:
@@ -175,14 +218,14 @@ def parse_declaration(
         raise InvalidDeclaration(f"expected a NixImage object, found {type(document).__name__}")
     kind = document.get("kind")
     if kind != KIND:
-        raise InvalidDeclaration(f"kind is {kind!r}, expected {KIND!r}")
+        raise InvalidDeclaration(f"kind is {_short(kind)}, expected {KIND!r}")
     api_version = document.get("apiVersion")
     if api_version != API_VERSION:
-        raise InvalidDeclaration(f"apiVersion is {api_version!r}, expected {API_VERSION!r}")
-    unknown = sorted(str(k) for k in document if k not in _TOP_LEVEL)
+        raise InvalidDeclaration(f"apiVersion is {_short(api_version)}, expected {API_VERSION!r}")
+    unknown = [k for k in document if k not in _TOP_LEVEL]
     if unknown:
         hint = " (the image is described under data, not spec)" if "spec" in unknown else ""
-        raise InvalidDeclaration(f"unknown field(s) {', '.join(unknown)}{hint}")
+        raise InvalidDeclaration(f"unknown field(s) {_field_names(unknown)}{hint}")
     metadata = document.get("metadata")
     if not isinstance(metadata, Mapping):
         raise InvalidDeclaration("metadata is missing")
@@ -190,14 +233,15 @@ def parse_declaration(
     data = document.get("data")
     if not isinstance(data, Mapping):
         raise InvalidDeclaration("data is missing: it needs tag and contents")
-    unknown = sorted(str(k) for k in data if k not in _DATA_FIELDS)
+    unknown = [k for k in data if k not in _DATA_FIELDS]
     if unknown:
-        raise InvalidDeclaration(f"unknown field(s) in data: {', '.join(unknown)} (known: arch, contents, tag)")
+        raise InvalidDeclaration(f"unknown field(s) in data: {_field_names(unknown)} (known: arch, contents, tag)")
     tag = data.get("tag")
     if tag is None:
         raise InvalidDeclaration("data.tag is missing")
     if not isinstance(tag, str):
-        raise InvalidDeclaration(f"data.tag must be a string, not {type(tag).__name__} (quote it: \"{tag}\")")
+        hint = f' (quote it: "{_cut(str(tag))}")' if isinstance(tag, int | float | datetime.date) else ""
+        raise InvalidDeclaration(f"data.tag must be a string, not {type(tag).__name__}{hint}")
     try:
         check_tag(tag)
     except RegistryError as exc:
@@ -205,7 +249,7 @@ def parse_declaration(
     arch_name = data.get("arch", "amd64")
     arch = _ARCHES.get(arch_name) if isinstance(arch_name, str) else None
     if arch is None:
-        raise InvalidDeclaration(f"data.arch {arch_name!r} is not one of {', '.join(_ARCHES)}")
+        raise InvalidDeclaration(f"data.arch {_short(arch_name)} is not one of {', '.join(_ARCHES)}")
     packages = _check_contents(data.get("contents"))
     return Declaration(
         name=name,
@@ -255,27 +299,13 @@ class DeclarationFiles:
 
     `scan()` is cheap when nothing changed: one `stat` per file, and a file is
     read again only when its inode, size, or modification or change time did.
+    It blocks (it reads and parses): `DeclarationStore` runs it in a thread.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self._files: dict[Path, _LoadedFile] = {}
         self._missing_reported = False
-
-    def _paths(self) -> list[Path]:
-        if self.path.is_file():
-            return [self.path]
-        found: list[Path] = []
-        try:
-            walk = list(os.walk(self.path, followlinks=True))
-        except OSError:
-            return []
-        for directory, subdirs, files in walk:
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith(".") and name.endswith(FILE_SUFFIXES):
-                    found.append(Path(directory) / name)
-        return sorted(found)
 
     def scan(self) -> bool:
         """Re-read changed files; True when the set of declarations may have changed."""
@@ -287,7 +317,7 @@ class DeclarationFiles:
             self._missing_reported = False
         current: dict[Path, _LoadedFile] = {}
         changed = False
-        for path in self._paths():
+        for path in find_files(self.path, FILE_SUFFIXES):
             try:
                 st = path.stat()
             except OSError:
@@ -305,27 +335,24 @@ class DeclarationFiles:
         return changed
 
     def _load(self, path: Path, stamp: tuple[int, ...]) -> _LoadedFile:
+        """The file's declarations and problems. Whatever is wrong with it stays with it:
+        every failure becomes a problem of this file, logged now, once per change."""
         declarations: list[Declaration] = []
         problems: list[Problem] = []
 
         def report(document: str | None, message: str, name: str | None = None) -> None:
             origin = f"file {path}" + (f"#{document}" if document is not None else "")
             problems.append(Problem(origin, message))
-            log.warning("declarations.invalid", file=str(path), document=document, name=name, problem=message)
+            if len(problems) <= MAX_LOGGED_PER_FILE:
+                log.warning("declarations.invalid", file=str(path), document=document, name=name, problem=message)
 
         try:
-            if stamp[2] > MAX_FILE_BYTES:
-                raise InvalidDeclaration(f"the file is larger than {MAX_FILE_BYTES} bytes")
-            text = path.read_text(encoding="utf-8")
-            documents = list(_documents(yaml.safe_load_all(text)))
+            documents = _read_documents(path)
         except InvalidDeclaration as exc:
             report(None, str(exc))
             return _LoadedFile(stamp, (), tuple(problems))
-        except (OSError, UnicodeDecodeError) as exc:
-            report(None, f"cannot read the file: {exc}")
-            return _LoadedFile(stamp, (), tuple(problems))
-        except yaml.YAMLError as exc:
-            report(None, f"not valid YAML: {' '.join(str(exc).split())}")
+        except Exception as exc:  # e.g. a value PyYAML cannot construct (tag: 2024-02-30)
+            report(None, f"cannot be loaded: {_describe(exc)}")
             return _LoadedFile(stamp, (), tuple(problems))
         for label, document in documents:
             origin = f"file {path}#{label}"
@@ -333,18 +360,20 @@ class DeclarationFiles:
                 declaration = parse_declaration(
                     document, origin=origin, source=FILES, rank=(_SOURCE_RANK[FILES], str(path), _label_key(label))
                 )
-            except InvalidDeclaration as exc:
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, InvalidDeclaration) else f"cannot be checked: {_describe(exc)}"
                 name = None
                 if isinstance(document, Mapping) and isinstance(document.get("metadata"), Mapping):
                     raw = document["metadata"].get("name")
-                    name = raw if isinstance(raw, str) else None
-                report(label, str(exc), name)
+                    name = _cut(raw) if isinstance(raw, str) else None
+                report(label, message, name)
                 continue
             declarations.append(declaration)
         log.info(
             "declarations.file_loaded",
             file=str(path),
-            images=[d.reference for d in declarations],
+            images=[d.reference for d in declarations[:MAX_LOGGED_PER_FILE]],
+            declared=len(declarations),
             invalid=len(problems),
         )
         return _LoadedFile(stamp, tuple(declarations), tuple(problems))
@@ -356,6 +385,25 @@ class DeclarationFiles:
     @property
     def problems(self) -> list[Problem]:
         return [p for path in sorted(self._files) for p in self._files[path].problems]
+
+
+def _read_documents(path: Path) -> list[tuple[str, Any]]:
+    """The documents of a declaration file; `InvalidDeclaration` says why there are none."""
+    try:
+        text = read_regular_file(path).decode("utf-8")
+        return list(_documents(load_documents(text)))
+    except FileRefused as exc:
+        raise InvalidDeclaration(str(exc)) from None
+    except OSError as exc:
+        raise InvalidDeclaration(f"cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidDeclaration(f"cannot read the file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise InvalidDeclaration(f"not valid YAML: {_cut(describe_error(exc), 200)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    return _cut(f"{type(exc).__name__}: {exc}", 200)
 
 
 def _label_key(label: str) -> tuple[int, ...]:
@@ -417,20 +465,26 @@ class DeclarationStore:
         self._reporters: dict[str, StatusReporter] = {}
         self._builds: dict[tuple[Any, ...], asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # File scans: one at a time, in a thread of their own (see refresh_files).
+        self._scan_lock = asyncio.Lock()
+        self._scans_started = 0
+        self._scan_tasks: set[asyncio.Task[None]] = set()
+        self._scan_thread: ThreadPoolExecutor | None = None
+        self._scan_failure: str | None = None
 
     # ---- life cycle ------------------------------------------------
 
     async def start(self) -> None:
         """Read the files once (reporting problems) and keep watching them."""
         if self.files is not None:
-            self.refresh_files()
+            await self.refresh_files()
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll_files()))
 
     def add_task(self, task: asyncio.Task[None]) -> None:
         self._tasks.append(task)
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *self._builds.values()]
+        tasks = [*self._tasks, *self._builds.values(), *self._scan_tasks]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -438,18 +492,48 @@ class DeclarationStore:
                 await task
         self._tasks.clear()
         self._builds.clear()
+        if self._scan_thread is not None:
+            self._scan_thread.shutdown(wait=False, cancel_futures=True)
+            self._scan_thread = None
 
     async def _poll_files(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                self.refresh_files()
-            except Exception:  # never let one bad scan end the polling
-                log.exception("declarations.scan_failed", path=str(self.files.path if self.files else None))
+            await self.refresh_files()  # returns when the scan is done: polls never pile up
 
-    def refresh_files(self) -> None:
-        if self.files is not None and self.files.scan():
-            self.set_source(FILES, self.files.declarations)
+    async def refresh_files(self) -> None:
+        """Bring the files' declarations up to date: returns after a scan that started after the call.
+
+        Scans run one at a time, in a thread of their own, so the event loop never stats,
+        reads or parses a file. Calls that arrive while a scan runs share the next one:
+        however many pulls and polls come, one scan runs and at most one waits. A caller
+        that is cancelled (a client gone) leaves its scan to finish, so no change is lost.
+        A failed scan is logged (once, until scans succeed again) and the table stays."""
+        if self.files is None:
+            return
+        task = asyncio.ensure_future(self._scan(self._scans_started))
+        self._scan_tasks.add(task)
+        task.add_done_callback(self._scan_tasks.discard)
+        await asyncio.shield(task)
+
+    async def _scan(self, started_before: int) -> None:
+        async with self._scan_lock:
+            if self._scans_started > started_before or self.files is None:
+                return  # a scan that started after the call has just finished
+            self._scans_started += 1
+            if self._scan_thread is None:
+                self._scan_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="declarations-scan")
+            files = self.files
+            try:
+                if await asyncio.get_running_loop().run_in_executor(self._scan_thread, files.scan):
+                    self.set_source(FILES, files.declarations)
+            except Exception as exc:  # the table stays as it was; the next scan tries again
+                failure = _describe(exc)
+                if failure != self._scan_failure:
+                    log.error("declarations.scan_failed", path=str(files.path), error=failure)
+                self._scan_failure = failure
+                return
+            self._scan_failure = None
 
     def add_reporter(self, source: str, reporter: StatusReporter) -> None:
         self._reporters[source] = reporter
@@ -466,11 +550,7 @@ class DeclarationStore:
 
     async def resolve(self, name: str, tag: str) -> ImageRequest | None:
         """The declared contents of `name:tag`, or None to read the name as packages."""
-        if self.files is not None:
-            try:
-                self.refresh_files()
-            except Exception:  # a pull is answered from the last good table rather than failed
-                log.exception("declarations.scan_failed", path=str(self.files.path))
+        await self.refresh_files()
         declaration = self.lookup(name, tag)
         if declaration is None:
             return None

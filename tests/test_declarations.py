@@ -4,8 +4,11 @@ name/package rule, change detection, and pulls from a real registry process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,10 +219,226 @@ async def test_prebuild_builds_what_appears_or_changes(tmp_path: Path) -> None:
         await store.close()
 
 
+class SlowCountingFiles(DeclarationFiles):
+    """Declaration files whose scans take a while, counted (how many, how many at once)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.scans = self.running = self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def scan(self) -> bool:
+        with self._lock:
+            self.scans += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)
+            return super().scan()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_concurrent_pulls_share_scans_one_at_a_time(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    files = SlowCountingFiles(tmp_path)
+    store = DeclarationStore(files=files, poll_interval=3600)
+    await store.start()
+    try:
+        files.scans = 0
+        touch_later(path, yaml.safe_dump(nix_image("app", contents=["figlet"])))
+        results = await asyncio.gather(*(store.resolve("app", "v1") for _ in range(50)))
+        assert {r.packages for r in results} == {("figlet",)}  # every pull sees the edit made before it
+        assert files.scans <= 2 and files.most_at_once == 1
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_pull_leaves_its_scan_to_finish(tmp_path: Path) -> None:
+    path = write_images(tmp_path / "images.yaml", nix_image("app", contents=["hello"]))
+    store = DeclarationStore(files=SlowCountingFiles(tmp_path), poll_interval=3600)
+    await store.start()
+    try:
+        touch_later(path, yaml.safe_dump(nix_image("app", contents=["figlet"])))
+        pull = asyncio.ensure_future(store.resolve("app", "v1"))
+        await asyncio.sleep(0.01)  # the scan is running in its thread
+        pull.cancel()
+        for _ in range(200):
+            if store.lookup("app", "v1").contents == ["figlet"]:
+                break
+            await asyncio.sleep(0.01)
+        assert store.lookup("app", "v1").contents == ["figlet"]  # applied, though nobody waited
+    finally:
+        await store.close()
+
+
+# ---- hostile files (issue 19) ---------------------------------------------
+
+
+def alias_bomb() -> str:
+    """~600 bytes whose `kind` stands for 10^8 strings: eight levels of lists of ten aliases."""
+    lines = ["apiVersion: k8s.nixos.org/v1alpha", "x0: &a0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"x{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]" for level in range(1, 9)]
+    return "\n".join([*lines, "kind: *a8", "metadata: {name: bomb}", "data: {tag: v1, contents: [hello]}", ""])
+
+
+def deep_nesting(levels: int = 3000) -> str:
+    return "kind: " + "[" * levels + "]" * levels + "\n"
+
+
+# A NixImage whose tag reads as a date that does not exist: PyYAML raises ValueError, not a YAMLError.
+IMPOSSIBLE_DATE = "apiVersion: k8s.nixos.org/v1alpha\nkind: NixImage\nmetadata: {name: dated}\n" \
+                  "data: {tag: 2024-02-30, contents: [hello]}\n"
+
+
+def sparse_file(path: Path, size: int = 1 << 30) -> Path:
+    """A file that claims `size` bytes and takes no disk space."""
+    with path.open("wb") as out:
+        out.truncate(size)
+    return path
+
+
+def add_symlink_loops(directory: Path) -> None:
+    """Two links to the directory itself and one to its parent."""
+    os.symlink(".", directory / "loop-a")
+    os.symlink(".", directory / "loop-b")
+    os.symlink("..", directory / "up")
+
+
+def finishes(function: Any, seconds: float = 30) -> Any:
+    """`function()` run in a thread (its result, or its exception raised here); fails when
+    it is still running after `seconds`: it blocked, and a daemon thread cannot hold pytest."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def unblock_fifo(path: Path) -> None:
+    """Let a reader blocked on the FIFO go (open for writing and close: it reads end of file)."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading, nothing to unblock
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {**nix_image("a"), "kind": "K" * 100_000},
+        {**nix_image("a"), "apiVersion": ["v" * 1000] * 1000},
+        nix_image("a", tag={"t" * 1000: ["x" * 1000] * 1000}),
+        nix_image("a", tag=10**4000),
+        nix_image("a", arch="a" * 100_000),
+        nix_image("a" * 100_000),
+        nix_image("a", contents=["x" * 100_000 + "/y"]),
+        {**nix_image("a"), **{f"field{n}" * 100: n for n in range(1000)}},
+        nix_image("a", **{f"field{n}" * 100: n for n in range(1000)}),
+    ],
+    ids=["kind", "apiVersion", "tag", "tag-number", "arch", "name", "contents", "fields", "data-fields"],
+)
+def test_problems_quote_values_briefly(document: Any) -> None:
+    with pytest.raises(InvalidDeclaration) as caught:
+        parse_declaration(document, origin="t")
+    assert len(str(caught.value)) < 200, str(caught.value)[:500]
+
+
+@pytest.mark.parametrize(
+    ("write", "problem"),
+    [
+        (lambda path: path.write_text(alias_bomb()), "not valid YAML: more than 50000 values"),
+        (lambda path: path.write_text(deep_nesting()), "not valid YAML: nested more than 64 levels deep"),
+        (lambda path: path.write_text(IMPOSSIBLE_DATE), "cannot be loaded: ValueError: day is out of range"),
+        (sparse_file, "the file is larger than 1048576 bytes"),
+    ],
+    ids=["alias-bomb", "deep-nesting", "impossible-date", "huge"],
+)
+async def test_a_hostile_file_is_skipped_alone_and_reported_once(tmp_path: Path, write: Any, problem: str) -> None:
+    """Beside a valid declaration, while the store polls and pulls resolve: the valid one is
+    served, the hostile file gets one short log line, and no scan fails."""
+    write_images(tmp_path / "good.yaml", nix_image("good"))
+    write(tmp_path / "hostile.yaml")
+    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=0.01)
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+        try:
+            for _ in range(10):
+                assert (await store.resolve("good", "v1")).packages == ("hello",)
+                await asyncio.sleep(0.02)
+        finally:
+            await store.close()
+    invalid = [e for e in logs if e["event"] == "declarations.invalid"]
+    assert [(e["file"], e["document"]) for e in invalid] == [(str(tmp_path / "hostile.yaml"), None)]
+    assert invalid[0]["problem"].startswith(problem) and len(invalid[0]["problem"]) <= 200, invalid[0]["problem"][:500]
+    assert not [e for e in logs if e["event"] == "declarations.scan_failed"]
+    assert len(repr(logs)) < 10_000
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    write_images(tmp_path / "good.yaml", nix_image("good"))
+    os.mkfifo(tmp_path / "x.yaml")
+    files = DeclarationFiles(tmp_path)
+    try:
+        assert finishes(files.scan)
+    finally:
+        unblock_fifo(tmp_path / "x.yaml")
+    assert [d.reference for d in files.declarations] == ["good:v1"]
+    assert [(p.origin, p.message) for p in files.problems] == [
+        (f"file {tmp_path / 'x.yaml'}", "not a regular file but a FIFO")
+    ]
+    (tmp_path / "x.yaml").unlink()  # and once it is gone, so is its problem
+    assert files.scan() and files.problems == []
+
+
+def test_directory_symlinks_are_not_followed_around_or_out_of_the_tree(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    (images / "team").mkdir(parents=True)
+    write_images(images / "good.yaml", nix_image("good"))
+    write_images(images / "team" / "team.yaml", nix_image("team"))
+    write_images(tmp_path / "outside.yaml", nix_image("outside"))
+    add_symlink_loops(images)
+    add_symlink_loops(images / "team")
+    os.symlink("team", images / "team-link")  # inside the tree, but a second way to the same directory
+    files = DeclarationFiles(images)
+    assert finishes(files.scan)
+    assert [d.reference for d in files.declarations] == ["good:v1", "team:v1"]
+    assert files.problems == []
+
+
+def test_a_mounted_configmap_works_and_its_updates_are_seen(tmp_path: Path) -> None:
+    """The kubelet's layout: files are symlinks into `..data`, a symlink to a hidden,
+    timestamped directory that an update replaces (a new directory, then `..data` renamed over)."""
+
+    def publish(version: str, contents: list[str]) -> None:
+        directory = tmp_path / f"..2024_01_01_00_00_0{version}.1"
+        directory.mkdir()
+        write_images(directory / "images.yaml", nix_image("app", contents=contents))
+        os.symlink(directory.name, tmp_path / "..data_tmp")
+        os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+        if not (tmp_path / "images.yaml").is_symlink():
+            os.symlink("..data/images.yaml", tmp_path / "images.yaml")
+
+    publish("1", ["hello"])
+    files = DeclarationFiles(tmp_path)
+    assert files.scan()
+    assert [(d.reference, d.contents) for d in files.declarations] == [("app:v1", ["hello"])]
+    publish("2", ["figlet"])
+    assert files.scan()
+    assert [(d.reference, d.contents) for d in files.declarations] == [("app:v1", ["figlet"])]
+    assert files.problems == []
+
+
 # ---- a real registry -----------------------------------------------------
-
-
-
 
 
 def digest_of(registry: RegistryProcess, name: str, tag: str) -> str:
@@ -313,6 +532,76 @@ def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) 
     assert registry.request("/v2/good/manifests/v1")[0] == 404
     assert any(Path(e["file"]).name == "good.yaml" for e in registry.log_events("declarations.invalid"))
     assert registry.process.poll() is None
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_hostile_files_do_not_hold_the_registry(start_registry, tmp_path: Path) -> None:
+    """Issue 19: with an alias bomb, deep nesting, a FIFO, symlink loops, a huge file and a slow
+    one appearing beside a valid declaration while the registry polls, /v2/ keeps answering
+    within 100 ms, the valid declaration is served, and memory and the log stay small."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "good.yaml", nix_image("good", contents=["hello"]))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images), NIXERY_IMAGES_POLL="1")
+    assert digest_of(registry, "hello", "v1")  # built before measuring: the build is not what is tested
+    rss_at_start = rss_bytes(registry.process.pid)
+
+    (images / "bomb.yaml").write_text(alias_bomb())
+    (images / "deep.yaml").write_text(deep_nesting())
+    (images / "dated.yaml").write_text(IMPOSSIBLE_DATE)
+    os.mkfifo(images / "x.yaml")
+    add_symlink_loops(images)
+    sparse_file(images / "huge.yaml")
+    # Just under the size limit and the slowest kind of file to parse (a flat list: the parser
+    # works until the value limit, ~0.5 s): rewritten every second, so that the polls keep
+    # parsing while /v2/ is asked.
+    slow = images / "slow.yaml"
+    slow_text = "[" + "1," * 400_000 + "1]\n"
+    slow.write_text(slow_text)
+
+    latencies: list[float] = []
+    peak_rss = rss_at_start
+    started = time.monotonic()
+    rewritten = started
+    try:
+        while time.monotonic() - started < 8:
+            before = time.monotonic()
+            status, _, body = registry.request("/v2/", accept=None, timeout=10)
+            latencies.append(time.monotonic() - before)
+            assert status == 200, body[:500]
+            peak_rss = max(peak_rss, rss_bytes(registry.process.pid))
+            if time.monotonic() - rewritten > 1:
+                touch_later(slow, slow_text)
+                rewritten = time.monotonic()
+            time.sleep(0.02)
+        assert digest_of(registry, "good", "v1") == digest_of(registry, "hello", "v1")
+    finally:
+        unblock_fifo(images / "x.yaml")
+    assert registry.process.poll() is None
+
+    # 100 ms is the requirement; a busy shared machine may delay a rare answer (its scheduler, not
+    # the registry), so one in a hundred may be late, but by no more than a few scheduling slices.
+    latencies.sort()
+    late = [round(seconds, 3) for seconds in latencies if seconds >= 0.1]
+    assert len(latencies) > 100 and len(late) <= len(latencies) // 100 and latencies[-1] < 0.3, (
+        f"{len(latencies)} answers, slowest {latencies[-5:]}"
+    )
+    assert peak_rss - rss_at_start < 100 << 20, f"RSS grew from {rss_at_start >> 20} to {peak_rss >> 20} MiB"
+    assert registry.log_path.stat().st_size < 200_000  # most of it: one access line per /v2/ asked
+    not_access = [line for line in registry.log().splitlines() if '"http.request"' not in line]
+    assert sum(map(len, not_access)) < 20_000
+    problems = {Path(e["file"]).name: e["problem"] for e in registry.log_events("declarations.invalid")}
+    assert set(problems) == {"bomb.yaml", "deep.yaml", "dated.yaml", "x.yaml", "huge.yaml", "slow.yaml"}
+    assert all(len(problem) <= 200 for problem in problems.values())
+    reported = [Path(e["file"]).name for e in registry.log_events("declarations.invalid")]
+    assert all(reported.count(name) == 1 for name in problems if name != "slow.yaml")  # once, not every poll
+    assert not registry.log_events("declarations.scan_failed")
 
 
 def test_declaration_and_package_with_the_same_name(start_registry, tmp_path: Path) -> None:
