@@ -140,6 +140,7 @@ class GCSStorage(LeasedStorage):
         return self._staging
 
     async def close(self) -> None:
+        await super().close()
         await asyncio.to_thread(self._client.close)
 
     @staticmethod
@@ -324,6 +325,14 @@ class GCSStorage(LeasedStorage):
     async def _lease_version(self, name: str) -> str | None:
         blob = await self._call(self._bucket.get_blob, name, timeout=self._timeout, retry=self._retry)
         return None if blob is None else str(blob.generation)
+
+    async def _lease_read(self, name: str) -> tuple[str, bytes] | None:
+        blob = self._bucket.blob(name)
+        try:
+            body = await self._call(blob.download_as_bytes, timeout=self._timeout, retry=self._retry)
+        except api_exceptions.NotFound:
+            return None
+        return str(blob.generation), body  # the download reports the generation it read
 
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         return await self._lease_upload(name, body, int(version))

@@ -13,12 +13,73 @@ import time
 import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nixery.storage.base import Storage, StorageError, check_key
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """One process among all that ran on its machine since boot: a pid means
+    something only within a pid namespace of one boot, and the start time tells
+    the process from a later one given the same pid."""
+
+    boot: str  # /proc/sys/kernel/random/boot_id
+    pid_namespace: str  # /proc/self/ns/pid's link, e.g. "pid:[4026531836]"
+    pid: int
+    started: int  # clock ticks after boot: /proc/<pid>/stat, field 22
+
+    @classmethod
+    def from_json(cls, document: Any) -> ProcessIdentity | None:
+        try:
+            fields = (str(document["boot"]), str(document["pid_namespace"]), int(document["pid"]))
+            return cls(*fields, started=int(document["started"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def shares_pids_with(self, other: ProcessIdentity) -> bool:
+        return (self.boot, self.pid_namespace) == (other.boot, other.pid_namespace)
+
+
+_this_process: dict[int, ProcessIdentity | None] = {}
+
+
+def this_process() -> ProcessIdentity | None:
+    """This process's identity; None where /proc does not tell (leases then only expire)."""
+    pid = os.getpid()  # per pid: forked workers are processes of their own
+    if pid not in _this_process:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as boot:
+                boot_id = boot.read().strip()
+            namespace = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            _this_process[pid] = None
+        else:
+            started = process_start_time(pid)
+            _this_process[pid] = None if started is None else ProcessIdentity(boot_id, namespace, pid, started)
+    return _this_process[pid]
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` of this pid namespace started, or None if there is no such
+    process (a zombie counts as gone: it runs no more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name, field 2, is in parentheses and may hold spaces.
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    state, started = fields[0], fields[19]
+    return None if state in ("Z", "X") else int(started)
+
+
+#: Owners (see _Lease.owner) of the leases this process holds or is acquiring, by
+#: any driver instance (one process may open several on one bucket, as tests do
+#: to stand for replicas): a lease of this process's that is not among them is left over.
+_live_owners: set[str] = set()
 
 
 @dataclass(slots=True)
@@ -32,7 +93,10 @@ class _Lease:
     def body(self, ttl: float) -> bytes:
         # Unique per write, so that every renewal changes the object's version (ETag).
         self.writes += 1
-        return json.dumps({"owner": self.owner, "write": self.writes, "at": time.time(), "ttl": ttl}).encode()
+        process = this_process()
+        document = {"owner": self.owner, "write": self.writes, "at": time.time(), "ttl": ttl}
+        document["process"] = asdict(process) if process else None
+        return json.dumps(document).encode()
 
 
 class LeasedStorage(Storage):
@@ -47,6 +111,14 @@ class LeasedStorage(Storage):
     the lock over, again only if it is still that version. No clocks are
     compared between machines.
 
+    A waiter does not wait for the lease to run out when it can tell that its
+    holder is gone: the lease names its holder's process (`ProcessIdentity`),
+    so a process takes over at once a lease that it wrote itself but failed to
+    release (the store was away when it ended), and one whose holder was a
+    process of its own machine and pid namespace that no longer runs (killed,
+    then restarted). A release that fails is retried in the background for a
+    while, so the lease does not linger once the store is back.
+
     The lease is advisory: a holder that cannot renew (stalled, cut off from
     the bucket) for longer than `lease_ttl` loses it while still working. What
     it guards here (one build per image, merging the layering history) costs
@@ -57,6 +129,8 @@ class LeasedStorage(Storage):
     lease_ttl: float = 30.0
     #: Longest pause between a waiter's polls.
     lease_max_poll: float = 1.0
+    #: A failed release is retried for this long (the lease expires anyway).
+    lease_release_retries_for: float = 300.0
 
     # Backend primitives. Versions are ETags or generations, as strings.
     @abstractmethod
@@ -66,6 +140,10 @@ class LeasedStorage(Storage):
     @abstractmethod
     async def _lease_version(self, name: str) -> str | None:
         """The current version of `name`, or None when absent."""
+
+    @abstractmethod
+    async def _lease_read(self, name: str) -> tuple[str, bytes] | None:
+        """The current version of `name` and its body, or None when absent."""
 
     @abstractmethod
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
@@ -78,35 +156,46 @@ class LeasedStorage(Storage):
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lease = _Lease(f"locks/{check_key(key)}", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        await self._acquire_lease(lease)
+        _live_owners.add(lease.owner)
+        try:
+            await self._acquire_lease(lease)
+        except BaseException:
+            _live_owners.discard(lease.owner)
+            raise
         renewal = asyncio.create_task(self._renew_lease(lease))
         try:
             yield
         finally:
+            _live_owners.discard(lease.owner)
             lease.stop.set()
             # Runs to its end even if this task is cancelled meanwhile.
             ending = self._lease_background(self._end_lease(lease, renewal))
             await asyncio.shield(ending)
 
     async def _acquire_lease(self, lease: _Lease) -> None:
+        await self._stop_retrying_release(lease.name)
         seen: str | None = None
+        holder: tuple[ProcessIdentity | None, str] = (None, "")
         seen_at = pause = 0.0
         while True:
             version = await self._lease_write(lease, self._lease_create(lease.name, lease.body(self.lease_ttl)))
             if version is not None:
                 lease.version = version
                 return
-            current = await self._lease_version(lease.name)
+            current = await self._lease_read(lease.name)
             now = time.monotonic()
-            if current is not None and current != seen:
-                seen, seen_at = current, now
-            elif current is not None and now - seen_at >= self.lease_ttl:
-                body = lease.body(self.lease_ttl)
-                version = await self._lease_write(lease, self._lease_replace(lease.name, body, current))
-                if version is not None:
-                    _log.warning("%s: took over %s, not renewed for %gs", self.name, lease.name, self.lease_ttl)
-                    lease.version = version
-                    return
+            if current is not None:
+                if current[0] != seen:
+                    seen, seen_at, holder = current[0], now, _holder(current[1])
+                gone = _holder_gone(*holder)
+                if gone or now - seen_at >= self.lease_ttl:
+                    body = lease.body(self.lease_ttl)
+                    version = await self._lease_write(lease, self._lease_replace(lease.name, body, current[0]))
+                    if version is not None:
+                        why = gone or f"not renewed for {self.lease_ttl:g}s"
+                        _log.warning("%s: took over %s (%s)", self.name, lease.name, why)
+                        lease.version = version
+                        return
             pause = min(max(pause * 2, 0.05), self.lease_max_poll)
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))
 
@@ -150,7 +239,42 @@ class LeasedStorage(Storage):
         try:
             await asyncio.wait_for(self._lease_delete(lease.name, lease.version), self.lease_ttl)
         except (StorageError, TimeoutError) as error:
-            _log.warning("%s: could not release %s (expires in %gs): %s", self.name, lease.name, self.lease_ttl, error)
+            _log.warning("%s: could not release %s (retrying in the background): %s", self.name, lease.name, error)
+            self._release_retries[lease.name] = self._lease_background(
+                self._retry_release(lease.name, lease.version)
+            )
+
+    @property
+    def _release_retries(self) -> dict[str, asyncio.Task[None]]:
+        return self.__dict__.setdefault("_pending_releases", {})
+
+    async def _retry_release(self, name: str, version: str) -> None:
+        """Delete the lease once the store is back (it is retaken at once by this process meanwhile)."""
+        deadline = time.monotonic() + self.lease_release_retries_for
+        pause = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+            try:
+                await self._lease_delete(name, version)
+            except StorageError:
+                pause = min(pause * 2, self.lease_ttl / 3)
+                continue
+            _log.info("%s: released %s once the store was back", self.name, name)
+            break
+        else:
+            _log.warning("%s: gave up releasing %s; it expires by itself", self.name, name)
+        if self._release_retries.get(name) is asyncio.current_task():
+            del self._release_retries[name]
+
+    async def _stop_retrying_release(self, name: str) -> None:
+        """This process is about to take `name` again: its old release must not delete the new lease."""
+        if (retries := self._release_retries.pop(name, None)) is not None:
+            retries.cancel()
+            await asyncio.wait([retries])
+
+    async def close(self) -> None:
+        for retries in list(self._release_retries.values()):
+            retries.cancel()
 
     def _lease_background(self, work: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
@@ -158,3 +282,24 @@ class LeasedStorage(Storage):
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return task
+
+
+def _holder(body: bytes) -> tuple[ProcessIdentity | None, str]:
+    """The process that wrote a lease, and the lease's owner string."""
+    try:
+        document = json.loads(body)
+        return ProcessIdentity.from_json(document.get("process")), str(document.get("owner"))
+    except (ValueError, AttributeError):
+        return None, ""
+
+
+def _holder_gone(process: ProcessIdentity | None, owner: str) -> str | None:
+    """Why a lease's holder is known to be gone, or None if it may still be at work."""
+    me = this_process()
+    if process is None or me is None or not process.shares_pids_with(me):
+        return None  # another machine or container: only the lease's age tells
+    if process == me:
+        return None if owner in _live_owners else "left by this process, which could not release it"
+    if process_start_time(process.pid) != process.started:
+        return f"its holder, process {process.pid} on this machine, has ended"
+    return None

@@ -275,6 +275,16 @@ class S3Storage(LeasedStorage):
         except ObstoreError as error:
             raise self._unavailable(error) from error
 
+    async def _lease_read(self, name: str) -> tuple[str, bytes] | None:
+        try:
+            result = await obstore.get_async(self._store, name)
+            body = bytes(await result.bytes_async())
+        except FileNotFoundError:
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return result.meta["e_tag"], body
+
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         try:
             result = await obstore.put_async(self._store, name, body, mode={"e_tag": version}, use_multipart=False)

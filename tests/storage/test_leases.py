@@ -1,0 +1,129 @@
+"""Leases whose holder is known to be gone are taken over at once, not after
+they run out (30 s): one its own process could not release (the store was away
+when it ended), and one held by a process of this machine that was killed.
+
+Real stores (SeaweedFS, fake-gcs-server), real processes killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nixery.storage.lease import LeasedStorage, _holder_gone, process_start_time, this_process
+from tests.storage.conftest import REPO, Backend
+from tests.storage.servers import environ_without_cloud
+from tests.storage.test_conformance import HOLDER
+
+#: The registry's lease length: what a waiter used to sit out.
+TTL = LeasedStorage.lease_ttl
+#: Well under TTL.
+AT_ONCE = 5.0
+
+
+async def test_lease_of_a_killed_process_is_taken_over_at_once(cloud_backend: Backend, tmp_path: Path) -> None:
+    key = f"builds/{uuid.uuid4().hex}"
+    spec = cloud_backend.worker_spec(key=key, lease_ttl=TTL)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, json.dumps(spec), cwd=REPO,
+        env=environ_without_cloud(PYTHONPATH=str(REPO), **cloud_backend.emulator_env()),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        cloud_backend.storage_path = tmp_path / "restarted"  # the next process, with staging of its own
+        store = cloud_backend.open()
+        entered = asyncio.Event()
+
+        async def take() -> None:
+            async with store.exclusive(key):
+                entered.set()
+
+        waiter = asyncio.create_task(take())
+        await asyncio.sleep(2.0)
+        assert not entered.is_set(), "a live holder on this machine keeps its lease"
+        holder.kill()
+        await holder.wait()
+        killed = time.monotonic()
+        await asyncio.wait_for(waiter, AT_ONCE)
+        assert time.monotonic() - killed < AT_ONCE < TTL
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+async def test_own_lease_that_could_not_be_released(cloud_backend: Backend, tmp_path: Path) -> None:
+    """Releasing fails (the store refuses deletes): the same process takes the
+    lease again at once, and once deletes work again the lease goes by itself."""
+    key = f"builds/{uuid.uuid4().hex}"
+    async with cloud_backend.proxied(tmp_path) as proxy:
+        store = cloud_backend.open(endpoint=proxy.url)
+        proxy.fail_request = is_delete
+        async with store.exclusive(key):
+            pass
+        assert proxy.failed_requests, "the release failed"
+        assert cloud_backend.object_names(f"locks/{key}") == [f"locks/{key}"]
+
+        started = time.monotonic()
+        async with asyncio.timeout(AT_ONCE), store.exclusive(key):
+            pass
+        assert time.monotonic() - started < AT_ONCE < TTL
+
+        proxy.fail_request = None  # the store is back: the retried release removes the lease
+        deadline = time.monotonic() + 15
+        while cloud_backend.object_names(f"locks/{key}"):
+            assert time.monotonic() < deadline, "the lease is still there 15 s after the store came back"
+            await asyncio.sleep(0.5)
+
+
+def is_delete(head: bytes) -> bool:
+    """A DELETE, or S3's DeleteObjects (`POST /bucket?delete`), which obstore uses for one key too."""
+    request_line = head.split(b"\r\n", 1)[0]
+    return request_line.startswith(b"DELETE ") or (request_line.startswith(b"POST ") and b"?delete " in request_line)
+
+
+def test_which_holders_are_gone() -> None:
+    """A pid means the same process only with the same start time; a zombie runs no more;
+    a process of another boot or pid namespace is never judged from here."""
+    me = this_process()
+    assert me is not None
+    assert _holder_gone(me, "an-owner-that-no-lease-of-this-process-has") is not None  # left over by this process
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        started = process_start_time(child.pid)
+        assert started is not None
+        alive = replace(me, pid=child.pid, started=started)
+        assert _holder_gone(alive, "other") is None
+        recycled = replace(alive, started=started - 1)  # the pid of a process that ended, given to `sleep`
+        assert _holder_gone(recycled, "other") is not None
+        assert _holder_gone(replace(alive, boot="another-boot", started=started - 1), "other") is None
+        assert _holder_gone(replace(alive, pid_namespace="pid:[1]", started=started - 1), "other") is None
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_start_time(child.pid) is not None:  # a zombie until reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _holder_gone(alive, "other") is not None
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[]", b'{"owner": "x"}', b'{"process": {"pid": "x"}}'])
+def test_leases_without_a_readable_holder_only_expire(body: bytes) -> None:
+    from nixery.storage.lease import _holder
+
+    assert _holder_gone(*_holder(body)) is None
