@@ -6,10 +6,12 @@ command line can print one line and exit.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from nixery.registry.mediatypes import Compression
 
@@ -38,9 +40,14 @@ class S3Settings:
     bucket: str
     endpoint: str | None = None
     region: str = "us-east-1"
-    path_style: bool = False
+    #: None: path-style with an explicit endpoint (as the AWS SDKs do), virtual-hosted on AWS.
+    path_style: bool | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = None
+
+    @property
+    def uses_path_style(self) -> bool:
+        return self.path_style if self.path_style is not None else self.endpoint is not None
 
 
 @dataclass(frozen=True)
@@ -195,14 +202,38 @@ def _s3(env: Mapping[str, str]) -> S3Settings:
     bucket = env.get("S3_BUCKET") or env.get("BUCKET")
     if not bucket:
         raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
+    endpoint = env.get("S3_ENDPOINT") or None
+    path_style = _bool(env, "S3_PATH_STYLE", True) if env.get("S3_PATH_STYLE", "").strip() else None
+    if endpoint is not None:
+        _check_s3_endpoint(endpoint, virtual_hosted=path_style is False)
     return S3Settings(
         bucket=bucket,
-        endpoint=env.get("S3_ENDPOINT") or None,
+        endpoint=endpoint,
         region=env.get("S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        path_style=_bool(env, "S3_PATH_STYLE", False),
+        path_style=path_style,
         access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
         secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
     )
+
+
+def _check_s3_endpoint(endpoint: str, *, virtual_hosted: bool) -> None:
+    """An endpoint names a server only: a path in it would be read as a bucket
+    (objects written outside S3_BUCKET), and virtual-hosted requests put the
+    bucket in the host name, which an IP address cannot carry."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"S3_ENDPOINT={endpoint!r} must be an http:// or https:// URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"S3_ENDPOINT={endpoint!r} must name the server only (no path): the bucket is S3_BUCKET")
+    if virtual_hosted:
+        try:
+            ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            return
+        raise ConfigError(
+            f"S3_PATH_STYLE=false needs a host name in S3_ENDPOINT={endpoint!r} to put the bucket in; "
+            "leave S3_PATH_STYLE unset (path-style) for an IP address"
+        )
 
 
 def _gcs(env: Mapping[str, str]) -> GCSSettings:

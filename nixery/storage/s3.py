@@ -7,6 +7,12 @@ Layout in the bucket:
     locks/<key>            leases held by `exclusive` (see lease.LeasedStorage)
     touched/sha256/<hex>   empty markers: when a blob was last reused (for GC)
 
+Every request names S3_BUCKET: with an explicit endpoint (an S3-compatible
+store) requests are path-style (`endpoint/bucket/key`) unless S3_PATH_STYLE=false
+asks for virtual-hosted ones, which then carry the bucket in the host name
+(`bucket.endpoint/key`), as the AWS SDKs do. (An endpoint used as it is for
+virtual-hosted requests would make the first path segment, `blobs`, the bucket.)
+
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
 upload both make an object appear whole or not at all. Big blobs go up as a
 multipart upload read from the staged file a few chunks at a time, so memory
@@ -27,6 +33,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
@@ -78,12 +85,10 @@ class S3Storage(LeasedStorage):
         # that a restarted process removes what a crashed one left behind.
         self._staging = make_staging_dir(staging_root)
 
-        options: dict[str, Any] = {
-            "region": config.region,
-            "virtual_hosted_style_request": not config.path_style,
-        }
-        if config.endpoint:
-            options["endpoint"] = config.endpoint
+        virtual_hosted, endpoint = _addressing(config)
+        options: dict[str, Any] = {"region": config.region, "virtual_hosted_style_request": virtual_hosted}
+        if endpoint:
+            options["endpoint"] = endpoint
         if config.access_key_id and config.secret_access_key:
             options["access_key_id"] = config.access_key_id
             options["secret_access_key"] = config.secret_access_key
@@ -91,7 +96,7 @@ class S3Storage(LeasedStorage):
             "connect_timeout": timedelta(seconds=connect_timeout),
             "timeout": timedelta(seconds=request_timeout),
         }
-        if config.endpoint and config.endpoint.startswith("http://"):
+        if endpoint and endpoint.startswith("http://"):
             client["allow_http"] = True
         retry: dict[str, Any] = {
             "max_retries": max_retries,
@@ -307,3 +312,18 @@ class S3Storage(LeasedStorage):
 
 #: Empty marker objects recording `touch_blob` (see there).
 _TOUCHED = "touched/sha256"
+
+
+def _addressing(config: S3Settings) -> tuple[bool, str | None]:
+    """(virtual-hosted?, endpoint) for obstore, such that every request names the bucket.
+
+    obstore uses an explicit endpoint as it is for virtual-hosted requests: the
+    bucket must be in its host name, so it is put there unless already present.
+    """
+    endpoint = config.endpoint.rstrip("/") if config.endpoint else None
+    if config.uses_path_style or endpoint is None:
+        return not config.uses_path_style, endpoint
+    parts = urlsplit(endpoint)
+    if not (parts.hostname or "").startswith(f"{config.bucket}."):
+        parts = parts._replace(netloc=f"{config.bucket}.{parts.netloc.rpartition('@')[2]}")
+    return True, urlunsplit(parts)

@@ -72,3 +72,36 @@ def test_filesystem_is_the_default(tmp_path: Path) -> None:
 def test_cloud_backend_without_its_settings(backend: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BUCKET"):
         open_storage(Settings(storage_backend=backend, storage_path=tmp_path))
+
+
+def s3_settings(**env: str) -> config.S3Settings:
+    settings = config.load({"NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "nixery", **env}).s3
+    assert settings is not None
+    return settings
+
+
+def test_s3_addressing_always_names_the_bucket() -> None:
+    """An explicit endpoint means path-style unless S3_PATH_STYLE says otherwise
+    (as the AWS SDKs do); virtual-hosted requests carry the bucket in the host."""
+    from nixery.storage.s3 import _addressing
+
+    assert _addressing(s3_settings()) == (True, None)  # AWS: https://nixery.s3.REGION.amazonaws.com
+    assert _addressing(s3_settings(S3_PATH_STYLE="true")) == (False, None)
+    assert _addressing(s3_settings(S3_ENDPOINT="http://127.0.0.1:8333/")) == (False, "http://127.0.0.1:8333")
+    virtual = s3_settings(S3_ENDPOINT="https://s3.example.com", S3_PATH_STYLE="false")
+    assert _addressing(virtual) == (True, "https://nixery.s3.example.com")
+    named = s3_settings(S3_ENDPOINT="https://nixery.s3.example.com:9000", S3_PATH_STYLE="false")
+    assert _addressing(named) == (True, "https://nixery.s3.example.com:9000")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"S3_ENDPOINT": "http://127.0.0.1:8333/blobs"}, "must name the server only"),
+        ({"S3_ENDPOINT": "127.0.0.1:8333"}, "must be an http:// or https:// URL"),
+        ({"S3_ENDPOINT": "http://127.0.0.1:8333", "S3_PATH_STYLE": "false"}, "needs a host name"),
+    ],
+)
+def test_s3_endpoints_that_would_write_elsewhere(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        s3_settings(**env)
