@@ -13,7 +13,7 @@ from aiohttp import web
 from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import Settings
-from nixery.http import auth, routes
+from nixery.http import auth, health, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
 from nixery.storage import open_storage
@@ -45,9 +45,17 @@ def create_app(settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)
+        try:
+            # Before the port is served: a missing bucket or rejected credentials
+            # end the process with one line (cli.py), not failed pulls later.
+            await storage.check_access()
+        except BaseException:
+            await storage.close()
+            raise
         builder = ImageBuilder.from_settings(settings, storage)
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
+        app[health.READINESS] = health.StorageReadiness(storage)
         declarations = None
         if settings.images_path is not None or settings.k8s_watch:
             from nixery.declarations import open_declarations
@@ -69,6 +77,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     routes.add_routes(app)
+    health.add_routes(app)  # /readyz: whether storage answers (for readiness probes)
     add_web_routes(app)  # landing page, search, build progress, /images, /docs (after the lifecycle: it needs storage)
     metrics.setup(app)  # /metrics, blob bytes served
     auth.install(app, settings)  # NIXERY_AUTH: middleware for /v2 and the /token endpoint

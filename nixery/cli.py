@@ -40,40 +40,68 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"nixery: {exc}", file=sys.stderr)
         return 1
     if settings.workers == 1:
-        _serve_one(settings, sockets[0])
+        problem = _serve_one(settings, sockets[0])
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            _finish(STARTUP_FAILED)
         return 0
     return _serve_workers(settings, sockets)
 
 
-def _serve_one(settings: Settings, sockets: list[socket.socket]) -> None:
-    from nixery.app import create_app
-    from nixery.http import server
+#: Exit status when the registry could not start (settings, storage).
+STARTUP_FAILED = 2
 
-    # SIGTERM: stop accepting, let in-flight responses finish within the grace period.
-    server.run(
-        create_app(settings), sockets, shutdown_timeout=settings.shutdown_grace, header_timeout=settings.header_timeout
-    )
+
+def _serve_one(settings: Settings, sockets: list[socket.socket]) -> str | None:
+    """Serve until stopped; or the one line saying why the registry could not start
+    (a setting that only opening the storage checks, storage it cannot use)."""
+    from nixery.app import create_app
+    from nixery.config import ConfigError
+    from nixery.http import server
+    from nixery.storage import StorageError
+
+    try:
+        # SIGTERM: stop accepting, let in-flight responses finish within the grace period.
+        server.run(
+            create_app(settings),
+            sockets,
+            shutdown_timeout=settings.shutdown_grace,
+            header_timeout=settings.header_timeout,
+        )
+    except ConfigError as exc:
+        return f"nixery: configuration error: {exc}"
+    except StorageError as exc:
+        return f"nixery: storage: {exc}"
+    return None
 
 
 def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> int:
     """Several processes accept on one port, each on its own socket (SO_REUSEPORT);
-    the kernel spreads connections. They share storage, whose lock keeps one build per image."""
+    the kernel spreads connections. They share storage, whose lock keeps one build per image.
+    A worker that cannot start says why through a pipe: the others are stopped
+    and the reason is printed once."""
     import os
     import signal
 
     from nixery.http import server
 
+    reasons, reason_writer = os.pipe()
     children = []
     for own in sockets:
         pid = os.fork()
         if pid == 0:
+            status = 0
             try:
+                os.close(reasons)
                 server.close_all([other for other in sockets if other is not own])
-                _serve_one(settings, own)
+                if (problem := _serve_one(settings, own)) is not None:
+                    os.write(reason_writer, f"{problem}\n".encode())
+                    status = STARTUP_FAILED
             finally:
-                os._exit(0)
+                os._exit(status)
         children.append(pid)
     server.close_all(sockets)  # each child holds its own: a child's socket goes with it
+    os.close(reason_writer)
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -83,9 +111,16 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
+    for _ in children:
+        _, code = os.wait()
+        if os.waitstatus_to_exitcode(code) == STARTUP_FAILED and not status:
+            forward(signal.SIGTERM, None)
         status = status or os.waitstatus_to_exitcode(code)
+    with os.fdopen(reasons, "rb") as pipe:
+        problems = pipe.read().decode(errors="replace").splitlines()
+    if problems:
+        print(problems[0], file=sys.stderr)
+        _finish(status)
     return status
 
 

@@ -29,6 +29,7 @@ from kubernetes_validate.utils import latest_version
 from nixery import k8s
 from nixery.config import load
 from nixery.declarations import InvalidDeclaration, parse_declaration
+from nixery.http import health
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 VERSION = latest_version()
@@ -168,8 +169,10 @@ def test_workloads_fit_together(overlay: Path) -> None:
     assert all(c["image"] == container["image"] for c in pod["spec"].get("initContainers", []))
     assert container["command"] == ["nixery", "serve"]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/v2/"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # fails while storage is unreachable
+    assert container["readinessProbe"]["timeoutSeconds"] > health.ANSWER_WITHIN
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert set(mounts.values()) <= set(volumes)

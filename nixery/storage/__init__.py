@@ -24,6 +24,7 @@ from nixery.storage.base import (
     Redirect,
     Storage,
     StorageError,
+    StorageInaccessible,
 )
 from nixery.storage.filesystem import FilesystemStorage
 
@@ -38,12 +39,23 @@ __all__ = [
     "Redirect",
     "Storage",
     "StorageError",
+    "StorageInaccessible",
     "open_storage",
 ]
 
 
 def open_storage(settings: Settings) -> Storage:
-    """The storage driver the settings ask for (raises ConfigError if incomplete)."""
+    """The storage driver the settings ask for (raises ConfigError if incomplete,
+    StorageInaccessible if STORAGE_PATH cannot be used)."""
+    try:
+        return _open(settings)
+    except OSError as error:  # creating STORAGE_PATH's directories (every backend stages there)
+        raise StorageInaccessible(
+            settings.storage_backend, f"cannot use STORAGE_PATH={str(settings.storage_path)!r}: {error}"
+        ) from error
+
+
+def _open(settings: Settings) -> Storage:
     backend = settings.storage_backend
     if backend == "filesystem":
         return FilesystemStorage(settings.storage_path, verified_links=settings.verified_blob_links)

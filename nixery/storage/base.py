@@ -51,6 +51,17 @@ class BackendUnavailable(StorageError):
         self.backend = backend
 
 
+class StorageInaccessible(BackendUnavailable):
+    """The store cannot be used as configured: its bucket does not exist, it rejects
+    the credentials or refuses them a permission, or nothing answers at its address.
+    Raised by `check_access`; the message names the problem in one line and keeps
+    the store's own error code (NoSuchBucket, AccessDenied, ...)."""
+
+    def __init__(self, backend: str, problem: str):
+        StorageError.__init__(self, problem)
+        self.backend = backend
+
+
 class StorageFull(StorageError):
     """No space (or quota) is left where the storage writes; nothing partial was kept.
 
@@ -200,6 +211,14 @@ class Storage(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections. Default: nothing to release."""
+
+    async def check_access(self, *, write: bool = True) -> None:  # noqa: B027 (optional hook)
+        """Raise StorageInaccessible unless this process can list and read its storage
+        and, with `write`, write and delete in it (a probe under `probes/`, removed again).
+
+        Asked at start-up (with `write`) and by the readiness endpoint (without: one
+        cheap request). Default: nothing to check.
+        """
 
     def on_corrupt_blob(self, listener: Callable[[Digest], None]) -> None:
         """Call `listener` with the digest of any blob found corrupt and removed."""

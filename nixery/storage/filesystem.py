@@ -50,6 +50,7 @@ from nixery.storage.base import (
     LocalFile,
     Storage,
     StorageFull,
+    StorageInaccessible,
     check_key,
     make_staging_dir,
     raising_storage_full,
@@ -185,6 +186,21 @@ class FilesystemStorage(Storage):
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    async def check_access(self, *, write: bool = True) -> None:
+        def check() -> None:
+            for directory in (self._blobs, self._meta, self._locks, self._staging):
+                try:
+                    if not write:
+                        os.listdir(directory)
+                        continue
+                    stage_bytes(directory, b"nixery", prefix=".probe-").unlink()
+                except OSError as error:
+                    doing = "write in" if write else "read"
+                    problem = f"cannot {doing} {directory}: {error.strerror or error}"
+                    raise StorageInaccessible(self.name, problem) from None
+
+        await asyncio.to_thread(check)
 
     async def verify_blob(self, digest: Digest) -> bool | None:
         try:

@@ -2,9 +2,10 @@
 
 Layout in the bucket:
 
-    blobs/sha256/<hex>   content-addressed blobs (Custom-Time: when last reused, for GC)
-    meta/<key>           metadata documents
-    locks/<key>          leases held by `exclusive` (see lease.LeasedStorage)
+    blobs/sha256/<hex>     content-addressed blobs (Custom-Time: when last reused, for GC)
+    meta/<key>             metadata documents
+    locks/<key>            leases held by `exclusive` (see lease.LeasedStorage)
+    probes/<host>-<pid>-…  written and removed again by the start-up check
 
 A GCS object upload is all-or-nothing: the object exists only once the last
 byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
@@ -34,6 +35,8 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +65,7 @@ from nixery.storage.base import (
     BlobStat,
     ByteStream,
     Redirect,
+    StorageInaccessible,
     check_key,
     make_staging_dir,
 )
@@ -133,6 +137,7 @@ class GCSStorage(LeasedStorage):
             self._signer = None
 
         self._bucket = self._client.bucket(config.bucket)
+        self._where = f"at {emulator_host}" if emulator_host else f"in project {self._client.project}"
         self._timeout = (connect_timeout, read_timeout)
         self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(retry_timeout)
 
@@ -153,8 +158,42 @@ class GCSStorage(LeasedStorage):
         except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
             raise  # answers, handled by the caller
         except _UNAVAILABLE as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {reason[:300]}") from error
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
+
+    # ---- the start-up check and readiness ----
+
+    async def check_access(self, *, write: bool = True) -> None:
+        # A listing first: it names the bucket alone, so a missing bucket is reported as such.
+        bounded = {"timeout": self._timeout, "retry": self._retry}
+        probes = self._client.list_blobs(self._bucket, prefix=f"{_PROBES}/", max_results=1, **bounded)
+        steps: list[tuple[str, Callable[[], Any]]] = [("list objects", lambda: list(probes))]
+        if write:
+            blob = self._bucket.blob(f"{_PROBES}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            steps += [
+                ("write an object", lambda: blob.upload_from_string(b"nixery", **bounded)),
+                ("read an object", lambda: blob.download_as_bytes(**bounded)),
+                ("delete an object", lambda: blob.delete(**bounded)),
+            ]
+        for action, step in steps:
+            try:
+                await asyncio.to_thread(step)
+            except _UNAVAILABLE as error:
+                raise self._inaccessible(action, error) from error
+
+    def _inaccessible(self, action: str, error: Exception) -> StorageInaccessible:
+        bucket, where = self.config.bucket, self._where
+        match error:
+            case api_exceptions.NotFound() if action == "list objects":
+                problem = f'GCS bucket "{bucket}" does not exist {where} ({_describe(error)})'
+            case api_exceptions.Unauthorized() | google.auth.exceptions.GoogleAuthError():
+                problem = f"GCS {where} rejects the credentials: {_describe(error)}"
+            case api_exceptions.Forbidden():
+                problem = f'GCS {where} denies the credentials to {action} in bucket "{bucket}": {_describe(error)}'
+            case api_exceptions.GoogleAPICallError():
+                problem = f'GCS bucket "{bucket}" {where}: could not {action}: {_describe(error)}'
+            case _:
+                problem = f'cannot reach GCS bucket "{bucket}" {where}: {_describe(error)}'
+        return StorageInaccessible(self.name, problem)
 
     async def _stat(self, digest: Digest) -> storage.Blob | None:
         return await self._call(
@@ -235,7 +274,7 @@ class GCSStorage(LeasedStorage):
         except api_exceptions.PreconditionFailed:
             return  # another writer stored it first: same digest, same bytes
         except api_exceptions.NotFound as error:
-            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {error}") from error
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
 
     async def get_meta(self, key: str) -> bytes | None:
         blob = self._bucket.blob(f"meta/{check_key(key)}")
@@ -255,7 +294,7 @@ class GCSStorage(LeasedStorage):
                 retry=self._retry,
             )
         except api_exceptions.NotFound as error:
-            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {error}") from error
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
 
@@ -341,6 +380,18 @@ class GCSStorage(LeasedStorage):
         # GCS deletes conditionally; the check first is for emulators that ignore the condition.
         if await self._lease_version(name) == version:
             await self._delete(name, if_generation_match=int(version))
+
+
+#: Where the start-up check writes (and removes) its probe object.
+_PROBES = "probes"
+
+
+def _describe(error: BaseException) -> str:
+    """One line on what went wrong, the store's status code first (never cut off)."""
+    if isinstance(error, api_exceptions.GoogleAPICallError):
+        return f"{error.code} {type(error).__name__}: {error.message}"[:400]
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials:

@@ -6,6 +6,7 @@ Layout in the bucket:
     meta/<key>             metadata documents
     locks/<key>            leases held by `exclusive` (see lease.LeasedStorage)
     touched/sha256/<hex>   empty markers: when a blob was last reused (for GC)
+    probes/<host>-<pid>-…  written and removed again by the start-up check
 
 Every request names S3_BUCKET: with an explicit endpoint (an S3-compatible
 store) requests are path-style (`endpoint/bucket/key`) unless S3_PATH_STYLE=false
@@ -29,6 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +55,7 @@ from nixery.storage.base import (
     BlobStat,
     ByteStream,
     Redirect,
+    StorageInaccessible,
     check_key,
     make_staging_dir,
 )
@@ -112,6 +118,7 @@ class S3Storage(LeasedStorage):
         # store bounds the whole request loosely and catches stalls instead.
         relay_client = dict(client, timeout=timedelta(hours=6), read_timeout=timedelta(seconds=request_timeout))
         self._relay_store = S3Store(config.bucket, client_options=relay_client, retry_config=retry, **options)
+        self._where = f"{endpoint or f'AWS region {config.region}'}"
 
     def staging_dir(self) -> Path:
         return self._staging
@@ -121,9 +128,54 @@ class S3Storage(LeasedStorage):
         return f"blobs/sha256/{digest.hex}"
 
     def _unavailable(self, error: Exception) -> BackendUnavailable:
-        # obstore messages carry a long debug dump after the first line.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return BackendUnavailable(self.name, f"bucket {self.config.bucket}: {reason[:300]}")
+        return BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}")
+
+    # ---- the start-up check and readiness ----
+
+    async def check_access(self, *, write: bool = True) -> None:
+        # A listing first: it names the bucket alone, so a missing bucket is
+        # reported as such (a PUT would create it on some stores).
+        try:
+            await obstore.list_with_delimiter_async(self._store, prefix=f"{_PROBES}/")
+        except ObstoreError as error:
+            raise self._inaccessible("list objects", error) from error
+        if not write:
+            return
+        key = f"{_PROBES}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+        async def read() -> None:
+            await (await obstore.get_async(self._store, key)).bytes_async()
+
+        steps = [
+            ("write an object", lambda: obstore.put_async(self._store, key, b"nixery", use_multipart=False)),
+            ("read an object", read),
+            ("delete an object", lambda: obstore.delete_async(self._store, key)),
+        ]
+        for action, step in steps:
+            try:
+                await step()
+            except ObstoreError as error:
+                raise self._inaccessible(action, error) from error
+
+    def _inaccessible(self, action: str, error: Exception) -> StorageInaccessible:
+        bucket, where = self.config.bucket, self._where
+        code = _error_code(error)
+        problems = {
+            "NoSuchBucket": f'S3 bucket "{bucket}" does not exist at {where} (NoSuchBucket)',
+            "InvalidAccessKeyId": f"S3 at {where} does not know the access key (InvalidAccessKeyId): "
+            "check AWS_ACCESS_KEY_ID",
+            "SignatureDoesNotMatch": f"S3 at {where} rejects the secret key (SignatureDoesNotMatch): "
+            "check AWS_SECRET_ACCESS_KEY",
+            "AccessDenied": f'S3 at {where} denies the credentials to {action} in bucket "{bucket}" '
+            "(AccessDenied): see docs/storage.md#permissions",
+        }
+        if code in problems:
+            return StorageInaccessible(self.name, problems[code])
+        if code is None and _HTTP_STATUS.search(str(error)) is None:  # no answer at all
+            return StorageInaccessible(self.name, f'cannot reach S3 bucket "{bucket}" at {where}: {_describe(error)}')
+        return StorageInaccessible(
+            self.name, f'S3 bucket "{bucket}" at {where}: could not {action}: {_describe(error)}'
+        )
 
     async def stat_blob(self, digest: Digest) -> int | None:
         try:
@@ -312,6 +364,8 @@ class S3Storage(LeasedStorage):
 
 #: Empty marker objects recording `touch_blob` (see there).
 _TOUCHED = "touched/sha256"
+#: Where the start-up check writes (and removes) its probe object.
+_PROBES = "probes"
 
 
 def _addressing(config: S3Settings) -> tuple[bool, str | None]:
@@ -327,3 +381,35 @@ def _addressing(config: S3Settings) -> tuple[bool, str | None]:
     if not (parts.hostname or "").startswith(f"{config.bucket}."):
         parts = parts._replace(netloc=f"{config.bucket}.{parts.netloc.rpartition('@')[2]}")
     return True, urlunsplit(parts)
+
+
+_XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
+_HTTP_STATUS = re.compile(r"status code: (\d{3}[^:\n]*)")
+_FAILURE_KIND = re.compile(r"kind: (Timeout|Connect)\b")
+_OS_MESSAGE = re.compile(r'message: "([^"]{1,200})"')
+
+
+def _error_code(error: Exception) -> str | None:
+    found = _XML_CODE.search(str(error))
+    return found[1] if found else None
+
+
+def _describe(error: Exception) -> str:
+    """One line on what went wrong, keeping what matters: the store's error code
+    and message (S3 puts them in an XML body, after the first line of obstore's
+    message), or why nothing answered (in obstore's debug dump)."""
+    text = str(error)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    status = _HTTP_STATUS.search(text)
+    if code := _error_code(error):
+        message = _XML_MESSAGE.search(text)
+        return f"{code} ({status[1].strip() if status else 'error'}): {message[1] if message else first}"
+    if status:
+        return f"HTTP {status[1].strip()}: {first}"
+    kind = _FAILURE_KIND.search(text)
+    if kind and kind[1] == "Timeout":
+        return f"no answer in time (timed out): {first}"
+    if kind and (cause := _OS_MESSAGE.search(text)):
+        return f"cannot connect ({cause[1]}): {first}"
+    return first

@@ -1,7 +1,9 @@
 """A TCP proxy between a driver and its object store, run in the test's event loop.
 
 It lets a test cut the store off (stop), bring it back on the same port
-(start), answer every request with 503, or slow uploads down to a given rate
+(start), stall it (connections are accepted but no byte moves either way, as
+with a store whose process is stopped, until resume), answer every request
+with 503, or slow uploads down to a given rate
 so that a process can be killed in the middle of one, or answer 500 to the
 requests a predicate picks (the proxy then follows HTTP/1.1 request framing
 towards the store). It counts the bytes sent towards the store.
@@ -24,6 +26,8 @@ class TCPProxy:
         #: Requests whose head (request line and headers) this accepts get a 500.
         self.fail_request: Callable[[bytes], bool] | None = None
         self.failed_requests = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -48,6 +52,13 @@ class TCPProxy:
                 await asyncio.wait(list(self._handlers), timeout=5)
             await self._server.wait_closed()
             self._server = None
+
+    def stall(self) -> None:
+        """Move no more bytes, on open connections or new ones, until `resume`."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def __aenter__(self) -> TCPProxy:
         return await self.start()
@@ -94,7 +105,8 @@ class TCPProxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool) -> None:
         with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(64 * 1024):
+            while (await self._flowing.wait()) and (data := await reader.read(64 * 1024)):
+                await self._flowing.wait()  # a stall that began while reading holds this piece too
                 writer.write(data)
                 await writer.drain()
                 if count:
@@ -105,6 +117,7 @@ class TCPProxy:
                 writer.write_eof()
 
     async def _forward(self, data: bytes, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         writer.write(data)
         await writer.drain()
         self.upstream_bytes += len(data)

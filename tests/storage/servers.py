@@ -40,6 +40,9 @@ FAKE_GCS = next(
 
 ACCESS_KEY = "nixerytestkey"
 SECRET_KEY = "nixery-test-secret-0123456789"
+#: A second identity, allowed to read and list only (for tests of refused writes).
+READ_ONLY_ACCESS_KEY = "nixeryreadonly"
+READ_ONLY_SECRET_KEY = "nixery-read-only-secret-0123"
 START_TIMEOUT = 30.0
 
 
@@ -146,7 +149,12 @@ def seaweedfs(base: Path, bucket: str = "nixery") -> Iterator[S3Server]:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
-    config.write_text(json.dumps({"identities": [identity]}))
+    reader = {
+        "name": "reader",
+        "credentials": [{"accessKey": READ_ONLY_ACCESS_KEY, "secretKey": READ_ONLY_SECRET_KEY}],
+        "actions": ["Read", "List"],
+    }
+    config.write_text(json.dumps({"identities": [identity, reader]}))
     last_error = ""
     for attempt in range(3):  # a port may be taken between choosing and binding
         data = base / f"data-{attempt}"

@@ -1,5 +1,5 @@
 """Registry processes on a SeaweedFS of their own (no other test's buckets):
-which buckets they write to.
+which buckets they write to, and what their readiness endpoint says.
 
 The registry reaches the store as operators set it up for an S3-compatible
 store: S3_ENDPOINT, and no S3_PATH_STYLE.
@@ -7,14 +7,23 @@ store: S3_ENDPOINT, and no S3_PATH_STYLE.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from nixery import auth
 from nixery.registry.digest import Digest
+from tests.registry import RegistryProcess
+from tests.storage.proxy import TCPProxy
 from tests.storage.servers import S3Server, seaweedfs
 
 
@@ -72,3 +81,65 @@ def test_every_object_is_in_the_bucket(own_s3: S3Server, start_registry) -> None
     assert set(objects) == {own_s3.bucket}, f"buckets other than S3_BUCKET appeared: {sorted(objects)}"
     prefixes = {key.split("/", 1)[0] for key in objects[own_s3.bucket]}
     assert {"blobs", "meta"} <= prefixes <= {"blobs", "meta", "locks", "touched", "probes"}
+
+
+def timed_request(registry: RegistryProcess, method: str, path: str) -> tuple[int, bytes, float]:
+    started = time.monotonic()
+    status, _, body = registry.request(path, method=method, accept=None, timeout=120)
+    return status, body, time.monotonic() - started
+
+
+def wait_for_readiness(registry: RegistryProcess, status: int, within: float) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        answer, body, elapsed = timed_request(registry, "GET", "/readyz")
+        assert elapsed < 5.0, f"the readiness probe waited {elapsed:.1f}s"
+        if answer == status:
+            return json.loads(body)
+        assert time.monotonic() < deadline, f"/readyz still answers {answer} after {within}s"
+        time.sleep(0.5)
+
+
+async def test_readiness_is_cheap_open_and_discreet(own_s3: S3Server, start_registry, tmp_path: Path) -> None:
+    """With access control on, the kubelet (no credentials) reaches /readyz; many
+    probes cost the store one request; "not ready" names nothing of the store."""
+    users = tmp_path / "users"
+    users.write_text(f"alice:{auth.hash_password('alice-secret', log_n=10)}:pull,build\n")
+    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
+    heads: list[bytes] = []
+    proxy.fail_request = lambda head: bool(heads.append(head))  # notes every request, fails none
+    await proxy.start()
+    registry: RegistryProcess | None = None
+    try:
+        env = s3_env(own_s3, proxy.url, NIXERY_AUTH="basic", NIXERY_AUTH_USERS=str(users))
+        registry = await asyncio.to_thread(start_registry, **env)
+        assert (await asyncio.to_thread(timed_request, registry, "GET", "/v2/"))[0] == 401
+
+        def listings() -> int:
+            return sum(b"list-type=2" in head for head in heads)
+
+        assert await asyncio.to_thread(wait_for_readiness, registry, 200, 10) == {"ready": True}
+        before = listings()
+        for _ in range(20):
+            status, _, _ = await asyncio.to_thread(timed_request, registry, "GET", "/readyz")
+            assert status == 200
+        assert listings() - before <= 1, "probes within a few seconds share one check of the store"
+
+        proxy.stall()
+        answer = await asyncio.to_thread(wait_for_readiness, registry, 503, 15)
+        assert answer == {"ready": False, "reason": "storage unavailable"}
+        _, _, body = await asyncio.to_thread(registry.request, "/readyz", accept=None)
+        port = own_s3.endpoint.rsplit(":", 1)[1]
+        assert own_s3.bucket.encode() not in body and str(proxy.port).encode() not in body and port.encode() not in body
+        basic = base64.b64encode(b"alice:alice-secret").decode()
+        status, _, _ = await asyncio.to_thread(registry.request, "/v2/", headers={"Authorization": f"Basic {basic}"})
+        assert status == 200  # alive all along
+
+        proxy.resume()
+        assert await asyncio.to_thread(wait_for_readiness, registry, 200, 30) == {"ready": True}
+        assert registry.log_events("readiness.storage_unavailable"), "the operator finds the reason in the log"
+    finally:
+        proxy.resume()
+        if registry is not None:
+            await asyncio.to_thread(registry.stop)
+        await proxy.stop()
