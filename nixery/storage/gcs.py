@@ -14,8 +14,12 @@ never replaced; big blobs go up as a resumable upload in fixed chunks, so
 memory stays flat whatever the layer size.
 
 The google client is synchronous: every call runs in a worker thread, with
-short connect timeouts and a bounded retry deadline so that an unreachable
-bucket turns into `BackendUnavailable` within seconds.
+short connect and read timeouts (the read timeout bounds each wait for the
+store: a moving download is never cut) and a bounded retry deadline, so that
+an unreachable or stalled bucket turns into `BackendUnavailable` within
+seconds. Uploads send each chunk with one socket call, which the read timeout
+would bound as a whole: they get a longer one, and `unless_store_stalls`
+notices a stalled store meanwhile (see stalls.py).
 
 Credentials come from the usual Google environment (Application Default
 Credentials, e.g. GOOGLE_APPLICATION_CREDENTIALS). With STORAGE_EMULATOR_HOST
@@ -70,11 +74,22 @@ from nixery.storage.base import (
     make_staging_dir,
 )
 from nixery.storage.lease import LeasedStorage
+from nixery.storage.stalls import unless_store_stalls
 
 #: Resumable upload chunk (a multiple of 256 KiB); files up to 8 MiB go in one request.
 UPLOAD_CHUNK = 8 * 1024 * 1024
 #: Range size when relaying a blob through the registry.
 RELAY_CHUNK = 4 * 1024 * 1024
+#: Seconds to open a connection.
+CONNECT_TIMEOUT = 3.0
+#: Seconds the store may leave a request unanswered (each wait for bytes; a whole small upload).
+STALL_TIMEOUT = 4.0
+#: Seconds an upload may take to send one chunk and hear back (at least 80 KiB/s for a full chunk).
+UPLOAD_TIMEOUT = 100.0
+#: Seconds within which failed requests are retried.
+RETRY_WINDOW = 5.0
+#: Metadata documents bigger than this go up as watched uploads.
+SMALL_BODY = 1024 * 1024
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 _TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -105,9 +120,6 @@ class GCSStorage(LeasedStorage):
         staging_root: Path,
         signed_url_ttl: int = 300,
         emulator_host: str | None = None,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 60.0,
-        retry_timeout: float = 5.0,
     ):
         self.config = config
         self.signed_url_ttl = signed_url_ttl
@@ -138,8 +150,9 @@ class GCSStorage(LeasedStorage):
 
         self._bucket = self._client.bucket(config.bucket)
         self._where = f"at {emulator_host}" if emulator_host else f"in project {self._client.project}"
-        self._timeout = (connect_timeout, read_timeout)
-        self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(retry_timeout)
+        self._timeout = (CONNECT_TIMEOUT, STALL_TIMEOUT)
+        self._upload_timeout = (CONNECT_TIMEOUT, UPLOAD_TIMEOUT)
+        self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(RETRY_WINDOW)
 
     def staging_dir(self) -> Path:
         return self._staging
@@ -263,16 +276,29 @@ class GCSStorage(LeasedStorage):
             return
         blob = self._bucket.blob(self._blob_name(digest), chunk_size=UPLOAD_CHUNK)
         try:
-            await self._call(
+            await self._upload(
+                blob,
                 blob.upload_from_filename,
                 str(staged),
                 content_type="application/octet-stream",
                 if_generation_match=0,
-                timeout=self._timeout,
-                retry=self._retry,
             )
         except api_exceptions.PreconditionFailed:
             return  # another writer stored it first: same digest, same bytes
+
+    async def _upload(self, blob: storage.Blob, upload: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Run `upload` (a method of `blob`), returning early with BackendUnavailable if the store stalls."""
+        running = asyncio.ensure_future(
+            self._call(upload, *args, timeout=self._upload_timeout, retry=self._retry, **kwargs)
+        )
+        try:
+            await unless_store_stalls(
+                running, lambda: self._call(self._bucket.get_blob, blob.name, timeout=self._timeout, retry=self._retry)
+            )
+        except (asyncio.CancelledError, BackendUnavailable):
+            # The thread cannot be stopped: the upload finishes or fails by itself.
+            running.add_done_callback(lambda done: _log_orphan(blob.name, done))
+            raise
         except api_exceptions.NotFound as error:
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
 
@@ -285,6 +311,9 @@ class GCSStorage(LeasedStorage):
 
     async def put_meta(self, key: str, data: bytes) -> None:
         blob = self._bucket.blob(f"meta/{check_key(key)}")
+        if len(data) > SMALL_BODY:  # a package catalog: may take longer than a small request
+            await self._upload(blob, blob.upload_from_string, data, content_type="application/octet-stream")
+            return
         try:
             await self._call(
                 blob.upload_from_string,
@@ -392,6 +421,11 @@ def _describe(error: BaseException) -> str:
         return f"{error.code} {type(error).__name__}: {error.message}"[:400]
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _log_orphan(name: str, upload: asyncio.Future[Any]) -> None:
+    if not upload.cancelled() and (error := upload.exception()) is not None:
+        log.warning("upload of %s failed after its request gave up: %s", name, error)
 
 
 def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials:

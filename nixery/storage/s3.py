@@ -14,6 +14,11 @@ asks for virtual-hosted ones, which then carry the bucket in the host name
 (`bucket.endpoint/key`), as the AWS SDKs do. (An endpoint used as it is for
 virtual-hosted requests would make the first path segment, `blobs`, the bucket.)
 
+Timeouts (see stalls.py): small requests and every read give up when the store
+has not answered for STALL_TIMEOUT seconds, retried within RETRY_WINDOW, so a
+stalled store answers 503 within about ten seconds; uploads are bounded per
+part and watched by probes instead, so a slow upload that moves is never cut.
+
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
 upload both make an object appear whole or not at all. Big blobs go up as a
 multipart upload read from the staged file a few chunks at a time, so memory
@@ -60,6 +65,7 @@ from nixery.storage.base import (
     make_staging_dir,
 )
 from nixery.storage.lease import LeasedStorage
+from nixery.storage.stalls import unless_store_stalls
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,16 @@ UPLOAD_CHUNK = 6 * 1024 * 1024
 UPLOAD_CONCURRENCY = 2
 #: Chunks handed to the HTTP layer when relaying a blob.
 RELAY_CHUNK = 1024 * 1024
+#: Seconds to open a connection.
+CONNECT_TIMEOUT = 3.0
+#: Seconds the store may take to answer a small request, or between two reads of an answer.
+STALL_TIMEOUT = 4.0
+#: Failed requests are retried while less than this many seconds have passed since the first try.
+RETRY_WINDOW = 5.0
+#: Seconds one upload request (a part, or a whole small blob) may take: at least 20 KiB/s for a part.
+UPLOAD_REQUEST_TIMEOUT = 300.0
+#: Bodies up to this size go up as small requests; bigger ones as watched uploads.
+SMALL_BODY = 1024 * 1024
 
 
 class S3Storage(LeasedStorage):
@@ -80,10 +96,6 @@ class S3Storage(LeasedStorage):
         *,
         staging_root: Path,
         signed_url_ttl: int = 300,
-        connect_timeout: float = 3.0,
-        request_timeout: float = 60.0,
-        max_retries: int = 3,
-        retry_timeout: float = 10.0,
     ):
         self.config = config
         self.signed_url_ttl = signed_url_ttl
@@ -98,26 +110,28 @@ class S3Storage(LeasedStorage):
         if config.access_key_id and config.secret_access_key:
             options["access_key_id"] = config.access_key_id
             options["secret_access_key"] = config.secret_access_key
-        client: dict[str, Any] = {
-            "connect_timeout": timedelta(seconds=connect_timeout),
-            "timeout": timedelta(seconds=request_timeout),
-        }
+        client: dict[str, Any] = {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT)}
         if endpoint and endpoint.startswith("http://"):
             client["allow_http"] = True
         retry: dict[str, Any] = {
-            "max_retries": max_retries,
-            "retry_timeout": timedelta(seconds=retry_timeout),
+            "max_retries": 3,
+            "retry_timeout": timedelta(seconds=RETRY_WINDOW),
             "backoff": {
                 "init_backoff": timedelta(milliseconds=100),
                 "max_backoff": timedelta(seconds=2),
                 "base": 2,
             },
         }
-        self._store = S3Store(config.bucket, client_options=client, retry_config=retry, **options)
-        # Relaying a multi-gigabyte layer to a slow client can take long: that
-        # store bounds the whole request loosely and catches stalls instead.
-        relay_client = dict(client, timeout=timedelta(hours=6), read_timeout=timedelta(seconds=request_timeout))
-        self._relay_store = S3Store(config.bucket, client_options=relay_client, retry_config=retry, **options)
+        # Small requests and all reads: bounded while nothing comes back (a read
+        # timeout restarts with every piece received), so that relaying a
+        # multi-gigabyte layer to a slow client is bounded only loosely in total.
+        reads = dict(client, read_timeout=timedelta(seconds=STALL_TIMEOUT), timeout=timedelta(hours=6))
+        self._store = S3Store(config.bucket, client_options=reads, retry_config=retry, **options)
+        # Uploads: a request body is timed as a whole (a read timeout would cut
+        # off a part still being sent), so each request gets a generous bound
+        # and `unless_store_stalls` notices a stalled store meanwhile.
+        uploads = dict(client, timeout=timedelta(seconds=UPLOAD_REQUEST_TIMEOUT))
+        self._upload_store = S3Store(config.bucket, client_options=uploads, retry_config=retry, **options)
         self._where = f"{endpoint or f'AWS region {config.region}'}"
 
     def staging_dir(self) -> Path:
@@ -178,8 +192,11 @@ class S3Storage(LeasedStorage):
         )
 
     async def stat_blob(self, digest: Digest) -> int | None:
+        return await self._stat_key(self._blob_key(digest))
+
+    async def _stat_key(self, key: str) -> int | None:
         try:
-            meta = await obstore.head_async(self._store, self._blob_key(digest))
+            meta = await obstore.head_async(self._store, key)
         except FileNotFoundError:
             return None
         except ObstoreError as error:
@@ -197,7 +214,7 @@ class S3Storage(LeasedStorage):
                 raise self._unavailable(error) from error
             return Redirect(url)
         try:
-            result = await obstore.get_async(self._relay_store, key)
+            result = await obstore.get_async(self._store, key)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         except ObstoreError as error:
@@ -223,30 +240,32 @@ class S3Storage(LeasedStorage):
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         if await self.stat_blob(digest) is not None:
             return
-        upload = obstore.put_async(
-            self._store,
+        await self._upload(
             self._blob_key(digest),
             staged,
             attributes={"Content-Type": "application/octet-stream"},
             chunk_size=UPLOAD_CHUNK,
             max_concurrency=UPLOAD_CONCURRENCY,
         )
+
+    async def _upload(self, key: str, source: Path | bytes, **options: Any) -> None:
+        """Put a big body, returning early with BackendUnavailable if the store stalls meanwhile."""
+        upload = asyncio.ensure_future(obstore.put_async(self._upload_store, key, source, **options))
         try:
-            # Cancelling the await would drop the upload without aborting
-            # it, leaving invisible parts behind; let it finish (or fail and
-            # abort) by itself instead.
-            await asyncio.shield(upload)
-        except asyncio.CancelledError:
-            upload.add_done_callback(lambda done: self._log_orphan(digest, done))
+            # Cancelling the upload would drop it without aborting it, leaving
+            # invisible parts behind; it finishes (or fails and aborts) by itself.
+            await unless_store_stalls(upload, lambda: self._stat_key(key))
+        except (asyncio.CancelledError, BackendUnavailable):
+            upload.add_done_callback(lambda done: self._log_orphan(key, done))
             raise
         except ObstoreError as error:
             raise self._unavailable(error) from error
 
-    def _log_orphan(self, digest: Digest, upload: asyncio.Future[Any]) -> None:
+    def _log_orphan(self, key: str, upload: asyncio.Future[Any]) -> None:
         if upload.cancelled():
             return
         if (error := upload.exception()) is not None:
-            log.warning("background upload of %s failed after cancellation: %s", digest, error)
+            log.warning("upload of %s failed after its request gave up: %s", key, _describe(error))
 
     async def get_meta(self, key: str) -> bytes | None:
         path = f"meta/{check_key(key)}"
@@ -260,6 +279,9 @@ class S3Storage(LeasedStorage):
 
     async def put_meta(self, key: str, data: bytes) -> None:
         path = f"meta/{check_key(key)}"
+        if len(data) > SMALL_BODY:  # a package catalog: may take longer than a small request
+            await self._upload(path, data, use_multipart=False)
+            return
         try:
             # One PUT (no multipart below the chunk size): atomic, last writer wins.
             await obstore.put_async(self._store, path, data, use_multipart=False)

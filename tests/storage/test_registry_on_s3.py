@@ -1,5 +1,6 @@
 """Registry processes on a SeaweedFS of their own (no other test's buckets):
-which buckets they write to, and what their readiness endpoint says.
+which buckets they write to, how they answer while the store is stalled, and
+what their readiness endpoint says.
 
 The registry reaches the store as operators set it up for an S3-compatible
 store: S3_ENDPOINT, and no S3_PATH_STYLE.
@@ -10,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,3 +147,51 @@ async def test_readiness_is_cheap_open_and_discreet(own_s3: S3Server, start_regi
         if registry is not None:
             await asyncio.to_thread(registry.stop)
         await proxy.stop()
+
+
+#: The longest a client should wait for a 503 while the store is stalled (the
+#: registry gives up after about 10 s; it used to take 60 s).
+QUICKLY = 20.0
+
+
+def test_stalled_store_answers_503_quickly_then_serves_again(own_s3: S3Server, start_registry) -> None:
+    """SeaweedFS stopped (SIGSTOP): it accepts connections and answers nothing.
+    Manifest, blob and build requests answer 503 STORAGE_UNAVAILABLE within
+    seconds, readiness says "not ready" while liveness (/v2/) still answers,
+    and the same process serves again once the store continues."""
+    registry = start_registry(**s3_env(own_s3))
+    manifest_digest, manifest = registry.manifest("shell/hello")
+    layer = manifest["layers"][0]["digest"]
+    registry.stop()
+    registry.start()  # nothing in memory: every answer below needs the store
+
+    assert own_s3.process is not None
+    os.kill(own_s3.process.pid, signal.SIGSTOP)
+    try:
+        requests = [
+            ("GET", "/v2/shell/hello/manifests/latest"),
+            ("GET", f"/v2/shell/hello/manifests/{manifest_digest}"),
+            ("GET", f"/v2/shell/hello/blobs/{layer}"),
+            ("HEAD", f"/v2/shell/hello/blobs/{layer}"),
+            ("GET", "/v2/cowsay/figlet/manifests/latest"),  # not built: a build
+        ]
+        with ThreadPoolExecutor(len(requests) + 1) as pool:  # at once: each is timed on its own
+            readiness = pool.submit(timed_request, registry, "GET", "/readyz")
+            answers = list(pool.map(lambda request: timed_request(registry, *request), requests))
+            ready_status, ready_body, ready_elapsed = readiness.result()
+        for (method, path), (status, body, elapsed) in zip(requests, answers, strict=True):
+            assert status == 503, (method, path, status, body[:500])
+            assert elapsed < QUICKLY, f"{method} {path} took {elapsed:.1f}s to answer 503"
+            if method == "GET":
+                (error,) = json.loads(body)["errors"]
+                assert error["code"] == "STORAGE_UNAVAILABLE" and error["detail"] == {"backend": "s3"}
+        assert (ready_status, json.loads(ready_body)) == (503, {"ready": False, "reason": "storage unavailable"})
+        assert ready_elapsed < 5.0, f"the readiness probe waited {ready_elapsed:.1f}s"
+        assert timed_request(registry, "GET", "/v2/")[0] == 200  # alive: no restart needed
+    finally:
+        os.kill(own_s3.process.pid, signal.SIGCONT)
+
+    wait_for_readiness(registry, 200, within=30)
+    status, headers, _ = registry.request(f"/v2/shell/hello/blobs/{layer}", accept=None)
+    assert status == 307
+    assert registry.manifest("shell/hello")[0] == manifest_digest
