@@ -43,6 +43,7 @@ from pathlib import Path
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
+    FULL_DISK_ERRNOS,
     BlobNotFound,
     BlobSource,
     BlobStat,
@@ -196,6 +197,8 @@ class FilesystemStorage(Storage):
                         continue
                     stage_bytes(directory, b"nixery", prefix=".probe-").unlink()
                 except OSError as error:
+                    if write and error.errno in FULL_DISK_ERRNOS:
+                        continue  # usable: stored images are served, new ones refused (507) until space is made
                     doing = "write in" if write else "read"
                     problem = f"cannot {doing} {directory}: {error.strerror or error}"
                     raise StorageInaccessible(self.name, problem) from None

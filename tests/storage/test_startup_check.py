@@ -7,16 +7,18 @@ the keys and each identity's permissions; fake-gcs-server the bucket).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nixery.cli import STARTUP_FAILED
-from nixery.storage import BackendUnavailable
+from nixery.storage import BackendUnavailable, FilesystemStorage
 from tests.registry import free_port
 from tests.storage.conftest import REPO, Backend, SigningKey
 from tests.storage.servers import (
@@ -149,3 +151,34 @@ async def test_s3_errors_keep_the_store_error_code(s3_server: S3Server, make_bac
     client.delete_bucket(Bucket=bucket)
     with pytest.raises(BackendUnavailable, match=r"NoSuchBucket \(404 Not Found\): The specified bucket does not"):
         await store.list_meta("images")
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=200", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_filesystem_check_on_a_full_or_read_only_disk(small_file_system: Path) -> None:
+    """A full disk still serves what it holds (new images get 507 STORAGE_FULL):
+    the check lets it start. A read-only one cannot work: the check says so."""
+    store = FilesystemStorage(small_file_system / "storage")
+    with contextlib.suppress(OSError), open(small_file_system / "filler", "wb", buffering=0) as filler:
+        while True:
+            filler.write(b"\0" * 65536)
+    with contextlib.suppress(OSError):
+        for number in range(1000):
+            (small_file_system / f"inode-{number}").touch()
+    await store.check_access()
+    await store.check_access(write=False)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    with pytest.raises(BackendUnavailable, match="cannot write in .*: Read-only file system"):
+        await store.check_access()
