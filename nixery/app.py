@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)
         try:
-            # Before the port is served: a missing bucket or rejected credentials
+            # Before any request is answered: a missing bucket or rejected credentials
             # end the process with one line (cli.py), not failed pulls later.
             await storage.check_access()
         except BaseException:
