@@ -214,7 +214,8 @@ class Storage(ABC):
 
     async def check_access(self, *, write: bool = True) -> None:  # noqa: B027 (optional hook)
         """Raise StorageInaccessible unless this process can list and read its storage
-        and, with `write`, write and delete in it (a probe under `probes/`, removed again).
+        and, with `write`, write and delete in it (S3, GCS: an object under `probes/`;
+        the filesystem: a file in each of its directories; both removed again).
 
         Asked at start-up (with `write`) and by the readiness endpoint (without: one
         cheap request). Default: nothing to check.
