@@ -1,13 +1,20 @@
-"""Nix failures as a client sees them: timeouts kill the whole build."""
+"""Nix failures as a client sees them: timeouts kill the whole build, and Nix
+dies with the server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.registry import RegistryProcess, nix_call_count
+import pytest
+
+from tests.daemons import gone, process_tree
+from tests.registry import RegistryProcess, busybox_set_with, nix_call_count
 
 FAILING_SET = Path(__file__).parent / "data" / "failing"
 
@@ -35,3 +42,38 @@ def test_timeout_kills_the_process_tree_and_the_next_request_retries(start_regis
     assert nix_call_count(calls) > before, "a failed build must not be cached"
     status, _, _ = registry.request("/v2/hello/manifests/latest")
     assert status == 200
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or environment holds `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and not gone(int(entry.name)):
+            with contextlib.suppress(OSError):
+                if any(text.encode() in (entry / part).read_bytes() for part in ("cmdline", "environ")):
+                    found.append(int(entry.name))
+    return found
+
+
+def test_nix_dies_with_the_server(start_registry, tmp_path: Path) -> None:
+    name = f"sleepy-{random.getrandbits(64):x}"  # new on every run, so that it really builds
+    pkgs = busybox_set_with(tmp_path / "pkgs", "sleepy", name, "$bb/sleep 3600 & $bb/sleep 3600; $bb/mkdir $out")
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    assert registry.process is not None
+    puller = ThreadPoolExecutor(1)
+    pull = puller.submit(registry.request, "/v2/sleepy/manifests/latest", timeout=60)
+    deadline = time.monotonic() + 60
+    while len(processes_mentioning(name)) < 3:  # nix-store, the builder and its sleeps
+        assert time.monotonic() < deadline, registry.log()[-3000:]
+        time.sleep(0.1)
+    nix = [pid for pid in process_tree(registry.process.pid) if pid != registry.process.pid]
+
+    registry.process.kill()
+    registry.process.wait()
+    deadline = time.monotonic() + 5
+    while (left := processes_mentioning(name)) or not all(gone(pid) for pid in nix):
+        assert time.monotonic() < deadline, f"still running after the server: {left}, {nix}"
+        time.sleep(0.1)
+    with pytest.raises(ConnectionError):  # the server went away without answering
+        pull.result()
+    puller.shutdown()

@@ -35,7 +35,7 @@ import structlog
 
 from nixery.metrics import NIX_PROCESSES
 from nixery.nix.errors import NixError, NixTimeout
-from nixery.nix.process import kill_process_tree
+from nixery.nix.process import kill_process_tree, start_nix
 
 log = structlog.get_logger(__name__)
 
@@ -116,12 +116,11 @@ class ReplEvaluator:
         setup.write_text(
             json.dumps({"pkgsPath": str(self.pkgs_path), "system": self.system, "evaluator": str(EVALUATOR_NIX)})
         )
-        self._process = await asyncio.create_subprocess_exec(
-            "nix", "repl", "--extra-experimental-features", "nix-command",
+        self._process = await start_nix(
+            ["nix", "repl", "--extra-experimental-features", "nix-command"],
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
             limit=_LINE_LIMIT,
             env={**os.environ, "XDG_DATA_HOME": str(directory)},  # the repl's history file goes there
         )

@@ -136,7 +136,9 @@ async def realise(
     drv_paths: Sequence[str], *, timeout: float, on_line: Callable[[str], None] | None = None
 ) -> None:
     """Build (or find already built) every derivation, with `nix-store --realise`."""
-    await run_nix(["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line)
+    await run_nix(
+        ["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line, builds=True
+    )
 
 
 async def closure_graph(out_paths: Sequence[str], *, timeout: float) -> ClosureGraph:

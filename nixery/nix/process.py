@@ -1,18 +1,25 @@
 """Running Nix commands without blocking the event loop, and killing them whole.
 
-Each command runs in its own session. A timeout or a cancellation kills Nix
-and every process below it: Nix starts builders in process groups of their
-own, so killing Nix's group alone would leave them running. The tree is
-frozen (SIGSTOP) until no new process appears, then killed.
+- A timeout or a cancellation kills Nix and every process below it. Each
+  command runs in its own session, but Nix starts builders in process groups
+  of their own, so killing Nix's group alone would leave them running: the
+  tree is frozen (SIGSTOP) until no new process appears, then killed.
+- Nix dies with the server, even after a `kill -9`: the kernel sends each
+  Nix process a signal when the server exits (PR_SET_PDEATHSIG). Builds get
+  SIGTERM, on which Nix kills its builders and exits (on SIGKILL it would
+  leave them running); evaluations get SIGKILL, as an evaluation may not
+  notice SIGTERM for minutes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
@@ -23,6 +30,37 @@ log = structlog.get_logger(__name__)
 
 _TAIL_LINES = 25
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+
+
+async def start_nix(argv: Sequence[str], *, builds: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start a Nix process in its own session that dies with the server.
+
+    `builds`: it runs builders, and gets SIGTERM rather than SIGKILL when the
+    server dies (see the module's docstring). Other arguments go to
+    `asyncio.create_subprocess_exec`. The signal comes when the thread that
+    started the process ends: call this from the event loop's thread, which
+    lives as long as the server.
+    """
+    on_server_exit = signal.SIGTERM if builds else signal.SIGKILL
+    return await asyncio.create_subprocess_exec(
+        *argv, start_new_session=True, preexec_fn=_signal_on_parent_exit(on_server_exit), **kwargs
+    )
+
+
+def _signal_on_parent_exit(sig: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child when this process exits."""
+    if _prctl is None:  # not Linux
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:  # in the child, between fork and exec
+        _prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the server exited before the signal was set
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 async def run_nix(
@@ -31,15 +69,19 @@ async def run_nix(
     timeout: float,
     on_line: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
+    builds: bool = False,
 ) -> bytes:
-    """Run a Nix command; return its stdout. Stderr lines go to `on_line`."""
+    """Run a Nix command; return its stdout. Stderr lines go to `on_line`.
+
+    `builds`: see `start_nix`.
+    """
     log.debug("nix.run", argv=list(argv))
-    process = await asyncio.create_subprocess_exec(
-        *argv,
+    process = await start_nix(
+        argv,
+        builds=builds,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
         limit=_STDERR_LIMIT,
         env=env,
     )
