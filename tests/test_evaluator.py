@@ -19,6 +19,7 @@ import pytest
 from nixery.nix import packages
 from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound
 from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
+from nixery.nix.process import Deadline
 from tests.daemons import gone
 from tests.registry import nix_calls_of, nix_counting_path
 from tests.test_protocol import error_of
@@ -27,6 +28,9 @@ pytestmark = pytest.mark.nix
 
 PKGS = (Path(__file__).parent / "data" / "evaluator").resolve()
 SYSTEM = packages.host_system()
+# An evaluation that runs for hours in a flat ~450 MB (a sum of 10^10 numbers, 10^5 at a time).
+SPIN = "(builtins.foldl' (acc: i: builtins.foldl' (a: j: a + j) acc (builtins.genList (x: x) 100000)) 0 " \
+       "(builtins.genList (x: x) 100000))"
 
 
 @pytest.fixture
@@ -38,8 +42,8 @@ async def evaluators() -> AsyncIterator[Evaluators]:
 
 async def resolve(pool: Evaluators | None, names: list[str], *, revision: str = "r1", pkgs: Path = PKGS,
                   timeout: float = 60) -> list[packages.ResolvedPackage]:
-    return await packages.evaluate(pkgs, names, SYSTEM, source="test", timeout=timeout, evaluators=pool,
-                                   revision=revision)
+    return await packages.evaluate(pkgs, names, SYSTEM, source="test", deadline=Deadline.after(timeout),
+                                   evaluators=pool, revision=revision)
 
 
 def pids(pool: Evaluators) -> set[int]:
@@ -210,7 +214,7 @@ async def test_a_repl_past_its_memory_limit_is_replaced() -> None:
 
 
 async def test_warm_up_imports_the_set_before_the_first_image(evaluators: Evaluators) -> None:
-    await evaluators.warm("r1", PKGS, system=SYSTEM, timeout=60)
+    await evaluators.warm("r1", PKGS, system=SYSTEM, deadline=Deadline.after(60))
     pid = the_pid(evaluators)
     await resolve(evaluators, ["hello"])
     assert the_pid(evaluators) == pid
@@ -224,6 +228,15 @@ async def test_a_set_that_does_not_import_falls_back_to_nix_instantiate(evaluato
         await resolve(evaluators, ["hello"], pkgs=tmp_path)
     assert str(caught.value) == str(by_process.value)
     assert not evaluators.running()
+
+
+async def test_one_deadline_covers_the_repl_and_nix_instantiate(evaluators: Evaluators, tmp_path: Path) -> None:
+    (tmp_path / "default.nix").write_text(f"args: builtins.seq {SPIN} (import {PKGS} args)\n")
+    started = time.monotonic()
+    with pytest.raises(NixTimeout):  # the repl's import runs out of time: no nix-instantiate after it
+        await resolve(evaluators, ["hello"], revision="spin", pkgs=tmp_path, timeout=4)
+    seconds = time.monotonic() - started
+    assert seconds < 4 + 3, f"answered after {seconds:.1f} s"
 
 
 async def test_a_repl_it_cannot_understand_is_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,9 +275,9 @@ def test_printed_strings_decode() -> None:
 async def test_a_request_for_another_system_is_refused() -> None:
     evaluator = ReplEvaluator(PKGS, SYSTEM)
     try:
-        await evaluator.start(timeout=60)
+        await evaluator.start(deadline=Deadline.after(60))
         with pytest.raises(NixError) as caught:
-            await evaluator.evaluate({"packages": ["hello"], "system": "riscv64-linux"}, timeout=60)
+            await evaluator.evaluate({"packages": ["hello"], "system": "riscv64-linux"}, deadline=Deadline.after(60))
         assert "serves" in caught.value.log_tail
     finally:
         await evaluator.close()

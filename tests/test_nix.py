@@ -1,5 +1,5 @@
-"""Nix failures as a client sees them: timeouts kill the whole build, and Nix
-dies with the server."""
+"""Nix failures as a client sees them: timeouts kill the whole build, one NIX_TIMEOUT
+covers the whole request, and Nix dies with the server."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import gone, process_tree
-from tests.registry import RegistryProcess, busybox_set_with, nix_call_count
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, nix_call_count
 
 FAILING_SET = Path(__file__).parent / "data" / "failing"
+BUSYBOX_SET = REPOSITORY / "pkgs" / "busybox"
 
 
 def sleeping_builders() -> list[str]:
@@ -42,6 +43,22 @@ def test_timeout_kills_the_process_tree_and_the_next_request_retries(start_regis
     assert nix_call_count(calls) > before, "a failed build must not be cached"
     status, _, _ = registry.request("/v2/hello/manifests/latest")
     assert status == 200
+
+
+def test_one_nix_timeout_covers_the_whole_request(start_registry, tmp_path: Path) -> None:
+    # Importing this set never ends (a sum of 10^10 numbers, in a flat ~450 MB).
+    spin = ("builtins.foldl' (acc: i: builtins.foldl' (a: j: a + j) acc (builtins.genList (x: x) 100000)) 0 "
+            "(builtins.genList (x: x) 100000)")
+    (tmp_path / "default.nix").write_text(f"args: builtins.seq ({spin}) (import {BUSYBOX_SET} args)\n")
+    registry = start_registry(NIXERY_PKGS_PATH=str(tmp_path), NIX_TIMEOUT="5")
+    # The first pull waits for the warm-up's import, the second starts its own: neither
+    # then gets a nix-instantiate with another NIX_TIMEOUT of its own.
+    for _ in range(2):
+        started = time.monotonic()
+        status, _, body = registry.request("/v2/hello/manifests/latest")
+        seconds = time.monotonic() - started
+        assert status == 504 and json.loads(body)["errors"][0]["code"] == "BUILD_TIMEOUT", body
+        assert seconds < 5 + 3, f"answered after {seconds:.1f} s"
 
 
 def processes_mentioning(text: str) -> list[int]:

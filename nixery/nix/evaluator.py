@@ -35,7 +35,7 @@ import structlog
 
 from nixery.metrics import NIX_PROCESSES
 from nixery.nix.errors import NixError, NixTimeout
-from nixery.nix.process import kill_process_tree, start_nix
+from nixery.nix.process import Deadline, kill_process_tree, start_nix
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class ReplEvaluator:
         """Answering an image's request (not starting up)."""
         return self.serving_since is not None
 
-    async def start(self, *, timeout: float) -> None:
+    async def start(self, *, deadline: Deadline) -> None:
         """Start the repl, import the package set's top level and evaluate `shell`."""
         self.started = True
         started = time.monotonic()
@@ -128,28 +128,27 @@ class ReplEvaluator:
         NIX_PROCESSES.labels("nix-repl").inc()
         settings = f'builtins.fromJSON (builtins.readFile "{setup}")'
         # Definitions print nothing: a repl that prints something else is not one we understand.
-        definitions = min(timeout, _DEFINITION_TIMEOUT)
         load = f"__nixery = import (/. + ({settings}).evaluator) ({settings})"
-        await self._exchange(load, timeout=definitions, quiet=True)
-        await self._exchange(f"{_REQUEST_MARK} = __nixery.request", timeout=definitions, quiet=True)
-        reply = await self._exchange("__nixery.warm", timeout=timeout)
+        await self._exchange(load, deadline=deadline, quiet=True)
+        await self._exchange(f"{_REQUEST_MARK} = __nixery.request", deadline=deadline, quiet=True)
+        reply = await self._exchange("__nixery.warm", deadline=deadline)
         if reply.values != ["true"]:
             raise NixError("the package set does not import", _tail(reply.stderr))
-        reply = await self._exchange("__nixery.warmShell", timeout=timeout)
+        reply = await self._exchange("__nixery.warmShell", deadline=deadline)
         if reply.values != ["true"]:  # its own images will report why
             log.info("nix.evaluator_shell_not_evaluated", error=_tail(reply.stderr)[-300:])
         self.start_seconds = time.monotonic() - started
         log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid,
                  seconds=round(self.start_seconds, 3))
 
-    async def evaluate(self, request: dict[str, object], *, timeout: float) -> bytes:
+    async def evaluate(self, request: dict[str, object], *, deadline: Deadline) -> bytes:
         """The JSON eval.nix would print for `request`."""
         assert self._directory is not None
         path = self._directory / f"request-{next(self._markers)}.json"
         path.write_text(json.dumps(request))
         self.serving_since = sent = time.monotonic()
         try:
-            reply = await self._exchange(f'{_REQUEST_MARK} "{path}"', timeout=timeout)
+            reply = await self._exchange(f'{_REQUEST_MARK} "{path}"', deadline=deadline)
         finally:
             self.serving_since = None
             path.unlink(missing_ok=True)
@@ -187,20 +186,22 @@ class ReplEvaluator:
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
 
-    async def _exchange(self, expression: str, *, timeout: float, quiet: bool = False) -> _Reply:
-        """Send one expression and read what it printed; the repl is stopped on any failure.
+    async def _exchange(self, expression: str, *, deadline: Deadline, quiet: bool = False) -> _Reply:
+        """Send one expression and read what it printed, by `deadline`; the repl is stopped on any failure.
 
-        `quiet`: the expression prints no value, and anything printed is a protocol error.
+        `quiet`: the expression prints no value, and anything printed is a protocol error
+        (as is taking more than _DEFINITION_TIMEOUT).
         """
         if self._process is None or not self._alive:
             raise EvaluatorUnusable("the evaluator is not running")
+        wait = min(deadline.remaining(), _DEFINITION_TIMEOUT) if quiet else deadline.remaining()
         try:
-            return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), timeout)
+            return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), wait)
         except TimeoutError:
             await self.close()
-            if quiet:
-                raise EvaluatorUnusable(f"no end of output within {timeout:g} s") from None
-            raise NixTimeout(f"the evaluation ran longer than {timeout:g} s and was stopped") from None
+            if deadline.remaining() > 0:  # only a definition's own patience ran out
+                raise EvaluatorUnusable(f"no end of output within {wait:g} s") from None
+            raise deadline.passed("the evaluation") from None
         except BaseException:
             await self.close()
             raise
@@ -276,7 +277,7 @@ class Evaluators:
         self._failures = 0  # repls in a row that ended or could not start
 
     async def evaluate(
-        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, timeout: float
+        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
         if self._unusable:
@@ -288,11 +289,11 @@ class Evaluators:
         if evaluator is None:
             evaluator = self._new(key, pkgs_path)
         try:
-            async with self._turn(key, evaluator):
-                if not evaluator.alive and not await self._start(key, evaluator, timeout):
+            async with self._turn(key, evaluator, deadline):
+                if not evaluator.alive and not await self._start(key, evaluator, deadline):
                     return None
                 try:
-                    answer = await evaluator.evaluate(request, timeout=timeout)
+                    answer = await evaluator.evaluate(request, deadline=deadline)
                 except EvaluatorUnusable as exc:
                     await self._failed(key, evaluator, exc)
                     return None
@@ -331,18 +332,22 @@ class Evaluators:
         return self._one_shot_seconds or evaluator.start_seconds
 
     @contextlib.asynccontextmanager
-    async def _turn(self, key: _Key, evaluator: ReplEvaluator) -> AsyncIterator[None]:
+    async def _turn(self, key: _Key, evaluator: ReplEvaluator, deadline: Deadline) -> AsyncIterator[None]:
         """The evaluator's lock, counted in `_waiting` while queued for it.
 
         Behind another image's answer, the wait is bounded by twice what a
         one-shot process takes (the estimate may be wrong); then `_WaitedTooLong`.
+        Any wait ends at the request's deadline.
         """
         one_shot = self._one_shot_estimate(evaluator)
         patience = None if evaluator.serving_since is None or one_shot is None else max(2 * one_shot, 0.1)
         self._waiting[key] = self._waiting.get(key, 0) + 1
+        wait = deadline.remaining() if patience is None else min(patience, deadline.remaining())
         try:
-            await asyncio.wait_for(evaluator.lock.acquire(), patience)
+            await asyncio.wait_for(evaluator.lock.acquire(), wait)
         except TimeoutError:
+            if deadline.remaining() <= 0:
+                raise deadline.passed("the evaluation (waiting for the evaluator)") from None
             raise _WaitedTooLong from None
         finally:
             self._waiting[key] -= 1
@@ -353,15 +358,18 @@ class Evaluators:
         finally:
             evaluator.lock.release()
 
-    async def warm(self, revision: str, pkgs_path: Path, *, system: str, timeout: float) -> None:
+    async def warm(self, revision: str, pkgs_path: Path, *, system: str, deadline: Deadline) -> None:
         """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""
         key = (system, revision)
         if self._unusable or self._current(key) is not None:
             return
         evaluator = self._new(key, pkgs_path)
         async with evaluator.lock:
-            if await self._start(key, evaluator, timeout):
-                self._schedule_idle_stop(key, evaluator)
+            try:
+                if await self._start(key, evaluator, deadline):
+                    self._schedule_idle_stop(key, evaluator)
+            except NixTimeout as exc:
+                log.warning("nix.evaluator_not_started", error=str(exc)[:300], note="the next image tries again")
 
     async def close(self) -> None:
         for timer in self._idle_timers.values():
@@ -392,17 +400,24 @@ class Evaluators:
             self._stop_when_free(oldest)
         return evaluator
 
-    async def _start(self, key: _Key, evaluator: ReplEvaluator, timeout: float) -> bool:
-        """Start `evaluator` (under its lock); False when it could not be."""
+    async def _start(self, key: _Key, evaluator: ReplEvaluator, deadline: Deadline) -> bool:
+        """Start `evaluator` (under its lock); False when it could not be.
+
+        Raises NixTimeout when the deadline passes: no one-shot process would have time left.
+        """
         if evaluator.started:
             return evaluator.alive
         try:
-            await evaluator.start(timeout=timeout)
+            await evaluator.start(deadline=deadline)
             return True
         except EvaluatorUnusable as exc:
             await self._failed(key, evaluator, exc)
         except OSError as exc:  # no `nix` to run: it will not appear later either
             await self._failed(key, evaluator, EvaluatorUnusable(f"cannot start nix repl: {exc}"))
+        except NixTimeout:
+            self._forget(key, evaluator)
+            await evaluator.close()
+            raise
         except NixError as exc:  # e.g. a package set that does not import: builds report it
             log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
             self._forget(key, evaluator)

@@ -1,5 +1,9 @@
-"""Running Nix commands without blocking the event loop, and killing them whole.
+"""Running Nix commands without blocking the event loop, within bounds, and killing them whole.
 
+- Time: one `Deadline` (NIX_TIMEOUT) covers all the Nix work of an image,
+  however many processes it takes (waiting for the repl, evaluating, a
+  `nix-instantiate` in its place, building, reading the closure); each
+  process gets what is left of it.
 - A timeout or a cancellation kills Nix and every process below it. Each
   command runs in its own session, but Nix starts builders in process groups
   of their own, so killing Nix's group alone would leave them running: the
@@ -17,8 +21,10 @@ import asyncio
 import ctypes
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -32,6 +38,26 @@ _TAIL_LINES = 25
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When the Nix work of one request must be done, on the time.monotonic() clock."""
+
+    seconds: float  # the whole allowance
+    at: float
+    limit: str = "NIX_TIMEOUT"  # the setting that gave it, for messages
+
+    @classmethod
+    def after(cls, seconds: float, limit: str = "NIX_TIMEOUT") -> Deadline:
+        return cls(seconds, time.monotonic() + seconds, limit)
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def passed(self, what: str, log_tail: str = "") -> NixTimeout:
+        """The error of `what`, stopped at this deadline."""
+        return NixTimeout(f"{what} did not finish within {self.limit} ({self.seconds:g} s) and was stopped", log_tail)
 
 
 async def start_nix(argv: Sequence[str], *, builds: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
@@ -66,15 +92,17 @@ def _signal_on_parent_exit(sig: signal.Signals) -> Callable[[], None] | None:
 async def run_nix(
     argv: Sequence[str],
     *,
-    timeout: float,
+    deadline: Deadline,
     on_line: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
     builds: bool = False,
 ) -> bytes:
-    """Run a Nix command; return its stdout. Stderr lines go to `on_line`.
+    """Run a Nix command, stopped at `deadline`; return its stdout. Stderr lines go to `on_line`.
 
     `builds`: see `start_nix`.
     """
+    if deadline.remaining() <= 0:
+        raise deadline.passed(argv[0])
     log.debug("nix.run", argv=list(argv))
     process = await start_nix(
         argv,
@@ -104,11 +132,11 @@ async def run_nix(
     running = NIX_PROCESSES.labels(os.path.basename(argv[0]))
     running.inc()
     try:
-        stdout = await asyncio.wait_for(communicate(), timeout)
+        stdout = await asyncio.wait_for(communicate(), deadline.remaining())
     except TimeoutError:
         _kill_group(process)
         await process.wait()
-        raise NixTimeout(f"{argv[0]} ran longer than {timeout:g} s and was killed", "\n".join(tail)) from None
+        raise deadline.passed(argv[0], "\n".join(tail)) from None
     except BaseException:
         _kill_group(process)
         await process.wait()
