@@ -245,8 +245,9 @@ class ImageBuilder:
             max_layers=settings.max_layers,
             max_concurrent_builds=settings.max_concurrent_builds,
             layer_compression=settings.layer_compression,
-            evaluators=Evaluators(memory_limit=settings.evaluator_memory_limit)
-            if settings.nix_evaluator == "repl" else None,
+            evaluators=Evaluators(
+                memory_limit=settings.evaluator_memory_limit, repl=settings.nix_evaluator == "repl"
+            ),
         )
 
     async def warm_up(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nixery.nix import packages
-from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound
+from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
 from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
 from nixery.nix.process import Deadline
 from tests.daemons import gone
@@ -202,15 +202,43 @@ async def test_an_idle_repl_stops() -> None:
         await pool.close()
 
 
-async def test_a_repl_past_its_memory_limit_is_replaced() -> None:
-    pool = Evaluators(memory_limit=1)  # every repl is over it after its first answer
+async def test_a_repl_past_its_memory_limit_after_an_answer_is_replaced() -> None:
+    pool = Evaluators(memory_limit=1 << 30)
     try:
         await resolve(pool, ["hello"])
-        await asyncio.sleep(0.2)
-        assert not pool.running()
+        pid = the_pid(pool)
+        # Lowered for the pool's check after each answer, not for the running repl's
+        # own watch (which keeps the limit it was started with).
+        pool.memory_limit = 1
         assert [p.attr for p in await resolve(pool, ["figlet"])] == ["figlet"]
+        await asyncio.sleep(0.2)
+        assert gone(pid) and not pool.running()
     finally:
         await pool.close()
+
+
+MEMORY_LIMIT = 64 << 20  # the least NIXERY_EVALUATOR_MEMORY_MB; a repl of this set holds ~26 MB
+
+
+async def test_an_evaluation_past_the_memory_limit_is_stopped_and_says_so() -> None:
+    pool = Evaluators(memory_limit=MEMORY_LIMIT)
+    try:
+        await resolve(pool, ["hello"])
+        pid = the_pid(pool)
+        with pytest.raises(MemoryLimitExceeded) as caught:  # in the repl, then in nix-instantiate
+            await resolve(pool, ["memoryHog"])
+        assert "NIXERY_EVALUATOR_MEMORY_MB=64 MB" in caught.value.message
+        assert gone(pid)
+        assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"], "a new repl serves"
+    finally:
+        await pool.close()
+
+
+async def test_an_evaluation_by_process_is_bounded_too() -> None:
+    pool = Evaluators(memory_limit=MEMORY_LIMIT, repl=False)
+    with pytest.raises(MemoryLimitExceeded):
+        await resolve(pool, ["memoryHog"])
+    assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"]
 
 
 async def test_warm_up_imports_the_set_before_the_first_image(evaluators: Evaluators) -> None:

@@ -1,5 +1,6 @@
 """Nix failures as a client sees them: timeouts kill the whole build, one NIX_TIMEOUT
-covers the whole request, and Nix dies with the server."""
+covers the whole request, evaluations are bounded in memory, and Nix dies with the
+server."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.daemons import gone, process_tree
 from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, nix_call_count
 
 FAILING_SET = Path(__file__).parent / "data" / "failing"
+EVALUATOR_SET = Path(__file__).parent / "data" / "evaluator"
 BUSYBOX_SET = REPOSITORY / "pkgs" / "busybox"
 
 
@@ -59,6 +61,17 @@ def test_one_nix_timeout_covers_the_whole_request(start_registry, tmp_path: Path
         seconds = time.monotonic() - started
         assert status == 504 and json.loads(body)["errors"][0]["code"] == "BUILD_TIMEOUT", body
         assert seconds < 5 + 3, f"answered after {seconds:.1f} s"
+
+
+def test_an_evaluation_past_the_memory_limit_fails_naming_the_limit(start_registry) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(EVALUATOR_SET), NIXERY_EVALUATOR_MEMORY_MB="64")
+    status, _, body = registry.request("/v2/memoryHog/manifests/latest")
+    assert status == 500, body
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "BUILD_FAILED", body
+    assert "NIXERY_EVALUATOR_MEMORY_MB=64 MB" in error["message"], error
+    status, _, body = registry.request("/v2/hello/manifests/latest")
+    assert status == 200, body
 
 
 def processes_mentioning(text: str) -> list[int]:

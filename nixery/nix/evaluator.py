@@ -13,6 +13,9 @@ in a private directory, which the expression names and evaluator.nix reads
 with `builtins.readFile`. Output that does not fit this protocol (another Nix
 version's repl, a crash) ends the process with `EvaluatorUnusable`, and the
 caller evaluates with `nix-instantiate` instead.
+
+Evaluations are bounded by the request's `Deadline` and by the memory limit
+(`MemoryWatch`, while the repl evaluates).
 """
 
 from __future__ import annotations
@@ -34,8 +37,15 @@ from pathlib import Path
 import structlog
 
 from nixery.metrics import NIX_PROCESSES
-from nixery.nix.errors import NixError, NixTimeout
-from nixery.nix.process import Deadline, kill_process_tree, start_nix
+from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
+from nixery.nix.process import (
+    Deadline,
+    MemoryWatch,
+    kill_process_tree,
+    memory_limit_error,
+    resident_bytes,
+    start_nix,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +93,10 @@ class _Reply:
 class ReplEvaluator:
     """One `nix repl` holding one package set for one system; one request at a time."""
 
-    def __init__(self, pkgs_path: Path, system: str):
+    def __init__(self, pkgs_path: Path, system: str, *, memory_limit: int | None = None):
         self.pkgs_path = pkgs_path
         self.system = system
+        self.memory_limit = memory_limit  # bytes of resident memory while evaluating
         self.lock = asyncio.Lock()
         self.started = False
         self.serving_since: float | None = None  # when the request being answered was sent
@@ -168,13 +179,7 @@ class ReplEvaluator:
 
     def resident_bytes(self) -> int:
         """The repl's resident memory (0 when it cannot be read)."""
-        if self._process is None:
-            return 0
-        try:
-            with open(f"/proc/{self._process.pid}/statm") as statm:
-                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
+        return 0 if self._process is None else resident_bytes(self._process.pid)
 
     async def close(self) -> None:
         """Stop the repl and remove its directory (safe to call more than once)."""
@@ -187,7 +192,8 @@ class ReplEvaluator:
             shutil.rmtree(self._directory, ignore_errors=True)
 
     async def _exchange(self, expression: str, *, deadline: Deadline, quiet: bool = False) -> _Reply:
-        """Send one expression and read what it printed, by `deadline`; the repl is stopped on any failure.
+        """Send one expression and read what it printed, within `deadline` and the memory
+        limit; the repl is stopped on any failure.
 
         `quiet`: the expression prints no value, and anything printed is a protocol error
         (as is taking more than _DEFINITION_TIMEOUT).
@@ -195,16 +201,20 @@ class ReplEvaluator:
         if self._process is None or not self._alive:
             raise EvaluatorUnusable("the evaluator is not running")
         wait = min(deadline.remaining(), _DEFINITION_TIMEOUT) if quiet else deadline.remaining()
-        try:
-            return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), wait)
-        except TimeoutError:
-            await self.close()
-            if deadline.remaining() > 0:  # only a definition's own patience ran out
-                raise EvaluatorUnusable(f"no end of output within {wait:g} s") from None
-            raise deadline.passed("the evaluation") from None
-        except BaseException:
-            await self.close()
-            raise
+        with MemoryWatch(self._process.pid, self.memory_limit) as memory:
+            try:
+                return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), wait)
+            except TimeoutError:
+                await self.close()
+                if deadline.remaining() > 0:  # only a definition's own patience ran out
+                    raise EvaluatorUnusable(f"no end of output within {wait:g} s") from None
+                raise deadline.passed("the evaluation") from None
+            except BaseException:
+                await self.close()
+                if memory.exceeded:
+                    assert self.memory_limit is not None
+                    raise memory_limit_error("the evaluation", self.memory_limit) from None
+                raise
 
     async def _send_and_read(self, process: asyncio.subprocess.Process, expression: str, quiet: bool) -> _Reply:
         assert process.stdin is not None
@@ -251,7 +261,8 @@ def _tail(lines: Sequence[str]) -> str:
 
 
 class Evaluators:
-    """The long-running evaluators of one registry process, by system and package-set revision.
+    """How one registry process evaluates image names: its long-running evaluators,
+    by system and package-set revision, and the limit on an evaluation's memory.
 
     At most `capacity` are kept: a request for a new revision starts one and,
     past that, stops the one used least recently (the usual case is one, for
@@ -260,14 +271,18 @@ class Evaluators:
     that should take less time than a one-shot Nix process; otherwise it gets
     None and the caller starts one, as it does when the evaluator cannot start
     or breaks (see `_worth_waiting`). An evaluator idle for
-    `idle_seconds`, or grown past `memory_limit` bytes, is stopped; the next
-    request starts a new one.
+    `idle_seconds`, or grown past `memory_limit` bytes (after an answer; while
+    evaluating, it is killed), is stopped; the next request starts a new one.
+
+    With `repl=False` (NIXERY_NIX_EVALUATOR=process) no repl is started:
+    `evaluate` always answers None.
     """
 
-    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0, capacity: int = 2):
+    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0, capacity: int = 2, repl: bool = True):
         self.memory_limit = memory_limit
         self.idle_seconds = idle_seconds
         self.capacity = capacity
+        self.repl = repl
         self._evaluators: OrderedDict[_Key, ReplEvaluator] = OrderedDict()  # least recently used first
         self._idle_timers: dict[_Key, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -280,9 +295,9 @@ class Evaluators:
         self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
-        if self._unusable:
-            return None
         key = (system, revision)
+        if not self.repl or self._unusable:
+            return None
         evaluator = self._current(key)
         if evaluator is not None and not self._worth_waiting(key, evaluator):
             return None
@@ -296,6 +311,9 @@ class Evaluators:
                     answer = await evaluator.evaluate(request, deadline=deadline)
                 except EvaluatorUnusable as exc:
                     await self._failed(key, evaluator, exc)
+                    return None
+                except MemoryLimitExceeded:  # the repl held earlier images too: a new process starts afresh
+                    self._forget(key, evaluator)
                     return None
                 except BaseException:
                     if not evaluator.alive:  # stopped by a timeout or a cancellation
@@ -361,7 +379,7 @@ class Evaluators:
     async def warm(self, revision: str, pkgs_path: Path, *, system: str, deadline: Deadline) -> None:
         """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""
         key = (system, revision)
-        if self._unusable or self._current(key) is not None:
+        if not self.repl or self._unusable or self._current(key) is not None:
             return
         evaluator = self._new(key, pkgs_path)
         async with evaluator.lock:
@@ -390,7 +408,7 @@ class Evaluators:
         return evaluator
 
     def _new(self, key: _Key, pkgs_path: Path) -> ReplEvaluator:
-        evaluator = ReplEvaluator(pkgs_path, key[0])
+        evaluator = ReplEvaluator(pkgs_path, key[0], memory_limit=self.memory_limit)
         replaced = self._evaluators.pop(key, None)
         if replaced is not None:
             self._stop_when_free(replaced)
@@ -418,7 +436,7 @@ class Evaluators:
             self._forget(key, evaluator)
             await evaluator.close()
             raise
-        except NixError as exc:  # e.g. a package set that does not import: builds report it
+        except NixError as exc:  # e.g. a package set that does not import, or its memory: builds report it
             log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
             self._forget(key, evaluator)
             await evaluator.close()

@@ -83,7 +83,7 @@ async def evaluate(
 
     With `evaluators`, a long-running repl answers when it can; otherwise, or
     when it cannot take the request, one `nix-instantiate` does, with what is
-    left of `deadline`.
+    left of `deadline` and the evaluators' memory limit.
     """
     request = {"packages": list(names), "system": system}
     stdout = None
@@ -97,6 +97,7 @@ async def evaluate(
                 "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", json.dumps(request),
             ],
             deadline=deadline,
+            memory_limit=None if evaluators is None else evaluators.memory_limit,
         )
         if evaluators is not None:
             evaluators.note_one_shot(time.monotonic() - started)
@@ -135,7 +136,10 @@ async def ensure_built_closure(
 async def realise(
     drv_paths: Sequence[str], *, deadline: Deadline, on_line: Callable[[str], None] | None = None
 ) -> None:
-    """Build (or find already built) every derivation, with `nix-store --realise`."""
+    """Build (or find already built) every derivation, with `nix-store --realise`.
+
+    Not bounded in memory: the builders are the package set's own programs.
+    """
     await run_nix(
         ["nix-store", "--realise", *sorted(set(drv_paths))], deadline=deadline, on_line=on_line, builds=True
     )

@@ -4,10 +4,14 @@
   however many processes it takes (waiting for the repl, evaluating, a
   `nix-instantiate` in its place, building, reading the closure); each
   process gets what is left of it.
-- A timeout or a cancellation kills Nix and every process below it. Each
-  command runs in its own session, but Nix starts builders in process groups
-  of their own, so killing Nix's group alone would leave them running: the
-  tree is frozen (SIGSTOP) until no new process appears, then killed.
+- Memory: an evaluation's resident memory is read every 0.1 s, and the
+  process is killed once it passes the limit (NIXERY_EVALUATOR_MEMORY_MB).
+  Builds are not bounded: their builders are the package set's programs.
+- A timeout, the memory limit or a cancellation kills Nix and every process
+  below it. Each command runs in its own session, but Nix starts builders in
+  process groups of their own, so killing Nix's group alone would leave them
+  running: the tree is frozen (SIGSTOP) until no new process appears, then
+  killed.
 - Nix dies with the server, even after a `kill -9`: the kernel sends each
   Nix process a signal when the server exits (PR_SET_PDEATHSIG). Builds get
   SIGTERM, on which Nix kills its builders and exits (on SIGKILL it would
@@ -30,12 +34,13 @@ from typing import Any
 import structlog
 
 from nixery.metrics import NIX_PROCESSES
-from nixery.nix.errors import NixError, NixTimeout
+from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
 
 log = structlog.get_logger(__name__)
 
 _TAIL_LINES = 25
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
+_MEMORY_POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
@@ -58,6 +63,12 @@ class Deadline:
     def passed(self, what: str, log_tail: str = "") -> NixTimeout:
         """The error of `what`, stopped at this deadline."""
         return NixTimeout(f"{what} did not finish within {self.limit} ({self.seconds:g} s) and was stopped", log_tail)
+
+
+def memory_limit_error(what: str, limit: int, log_tail: str = "") -> MemoryLimitExceeded:
+    return MemoryLimitExceeded(
+        f"{what} used more than NIXERY_EVALUATOR_MEMORY_MB={limit >> 20} MB and was stopped", log_tail
+    )
 
 
 async def start_nix(argv: Sequence[str], *, builds: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
@@ -95,11 +106,13 @@ async def run_nix(
     deadline: Deadline,
     on_line: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
+    memory_limit: int | None = None,
     builds: bool = False,
 ) -> bytes:
     """Run a Nix command, stopped at `deadline`; return its stdout. Stderr lines go to `on_line`.
 
-    `builds`: see `start_nix`.
+    `memory_limit` (bytes) bounds the resident memory of the command's own
+    process (an evaluation); `builds`: see `start_nix`.
     """
     if deadline.remaining() <= 0:
         raise deadline.passed(argv[0])
@@ -132,24 +145,60 @@ async def run_nix(
     running = NIX_PROCESSES.labels(os.path.basename(argv[0]))
     running.inc()
     try:
-        stdout = await asyncio.wait_for(communicate(), deadline.remaining())
+        with MemoryWatch(process.pid, memory_limit) as memory:
+            stdout = await asyncio.wait_for(communicate(), deadline.remaining())
     except TimeoutError:
-        _kill_group(process)
+        kill_process_tree(process.pid)
         await process.wait()
         raise deadline.passed(argv[0], "\n".join(tail)) from None
     except BaseException:
-        _kill_group(process)
+        kill_process_tree(process.pid)
         await process.wait()
         raise
     finally:
         running.dec()
+    if memory.exceeded:
+        assert memory_limit is not None
+        raise memory_limit_error(argv[0], memory_limit, "\n".join(tail))
     if process.returncode != 0:
         raise NixError(f"{argv[0]} failed with exit code {process.returncode}", "\n".join(tail))
     return stdout
 
 
-def _kill_group(process: asyncio.subprocess.Process) -> None:
-    kill_process_tree(process.pid)
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (0 when it cannot be read, e.g. it has exited)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class MemoryWatch:
+    """While in a `with` block, kill the process tree of `pid` once that process's
+    resident memory passes `limit` bytes (None: no limit); `exceeded` says whether it did."""
+
+    def __init__(self, pid: int, limit: int | None):
+        self.pid = pid
+        self.limit = limit
+        self.exceeded = False
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> MemoryWatch:
+        if self.limit is not None:
+            self._task = asyncio.ensure_future(self._watch(self.limit))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _watch(self, limit: int) -> None:
+        while resident_bytes(self.pid) <= limit:
+            await asyncio.sleep(_MEMORY_POLL_SECONDS)
+        self.exceeded = True
+        log.info("nix.memory_limit_reached", pid=self.pid, limit=limit)
+        kill_process_tree(self.pid)
 
 
 def _children_by_parent() -> dict[int, list[int]]:
