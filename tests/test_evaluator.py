@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 
 from nixery.nix import packages
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
@@ -241,6 +242,22 @@ async def test_an_evaluation_by_process_is_bounded_too() -> None:
     assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"]
 
 
+async def test_a_warm_up_past_the_memory_limit_is_logged_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "default.nix").write_text(
+        f"args: builtins.seq (builtins.length (builtins.genList (x: x) 10000000)) (import {PKGS} args)\n"
+    )
+    pool = Evaluators(memory_limit=MEMORY_LIMIT)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await pool.warm("hog", tmp_path, system=SYSTEM, deadline=Deadline.after(60))
+        [event] = [e for e in logs if e["event"] == "nix.package_set_does_not_import"]
+        assert event["log_level"] == "error"
+        assert "NIXERY_EVALUATOR_MEMORY_MB=64 MB" in event["error"]
+        assert not pool.running()
+    finally:
+        await pool.close()
+
+
 async def test_warm_up_imports_the_set_before_the_first_image(evaluators: Evaluators) -> None:
     await evaluators.warm("r1", PKGS, system=SYSTEM, deadline=Deadline.after(60))
     pid = the_pid(evaluators)
@@ -256,6 +273,42 @@ async def test_a_set_that_does_not_import_falls_back_to_nix_instantiate(evaluato
         await resolve(evaluators, ["hello"], pkgs=tmp_path)
     assert str(caught.value) == str(by_process.value)
     assert not evaluators.running()
+
+
+async def test_a_file_cut_short_is_reported_at_once_and_the_repl_goes_on(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    # nix repl does not print this error: it waits for the rest of the "line" (here, until the timeout).
+    with pytest.raises(NixError) as caught:
+        await resolve(evaluators, ["cutShort"], timeout=20)
+    assert not isinstance(caught.value, NixTimeout)
+    assert "unexpected end of file" in caught.value.log_tail
+    assert "cut-short.nix:2" in caught.value.log_tail
+    assert [p.attr for p in await resolve(evaluators, ["figlet"])] == ["figlet"]
+    assert the_pid(evaluators) == pid, "the repl is in step again"
+
+
+def cut_short_set(directory: Path) -> tuple[Path, str]:
+    """A package set whose default.nix is cut off mid-file; returns it and where Nix says it ends."""
+    directory.mkdir()
+    (directory / "default.nix").write_text(f"args: (import {PKGS} args) // {{\n  extra = \n")
+    return directory, f"{directory}/default.nix:2:"
+
+
+async def test_a_set_cut_short_is_logged_at_warm_up_and_not_started_again(
+    evaluators: Evaluators, tmp_path: Path
+) -> None:
+    pkgs, where = cut_short_set(tmp_path / "cut")
+    with structlog.testing.capture_logs() as logs:
+        await evaluators.warm("cut", pkgs, system=SYSTEM, deadline=Deadline.after(20))
+    [event] = [e for e in logs if e["event"] == "nix.package_set_does_not_import"]
+    assert event["log_level"] == "error"
+    assert "unexpected end of file" in event["nix"] and where in event["nix"]
+    assert not evaluators.running()
+    with pytest.raises(NixError) as caught:
+        await resolve(evaluators, ["hello"], revision="cut", pkgs=pkgs)
+    assert where in caught.value.log_tail
+    assert not evaluators.running(), "this revision is evaluated by nix-instantiate"
 
 
 async def test_one_deadline_covers_the_repl_and_nix_instantiate(evaluators: Evaluators, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Nix failures as a client sees them: timeouts kill the whole build, one NIX_TIMEOUT
-covers the whole request, evaluations are bounded in memory, and Nix dies with the
-server."""
+covers the whole request, evaluations are bounded in memory, a package set that does
+not parse is named at start-up, and Nix dies with the server."""
 
 from __future__ import annotations
 
@@ -45,6 +45,38 @@ def test_timeout_kills_the_process_tree_and_the_next_request_retries(start_regis
     assert nix_call_count(calls) > before, "a failed build must not be cached"
     status, _, _ = registry.request("/v2/hello/manifests/latest")
     assert status == 200
+
+
+def wait_for_event(registry: RegistryProcess, event: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while not (found := registry.log_events(event)):
+        assert time.monotonic() < deadline, f"no {event} in the log:\n{registry.log()[-3000:]}"
+        time.sleep(0.1)
+    return found[0]
+
+
+def test_a_package_set_cut_short_is_named_at_start_up_and_pulls_fail_fast(start_registry, tmp_path: Path) -> None:
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    whole = f"args: (import {BUSYBOX_SET} args) // {{\n  extra = (import {BUSYBOX_SET} args).hello;\n}}\n"
+    (pkgs / "default.nix").write_text(whole[: whole.index(".hello")])  # cut off mid-line 2
+    where = f"{pkgs}/default.nix:2:"
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIX_TIMEOUT="30")
+
+    event = wait_for_event(registry, "nix.package_set_does_not_import")
+    assert event["level"] == "error" and where in event["nix"], event
+    for _ in range(2):
+        started = time.monotonic()
+        status, _, body = registry.request("/v2/extra/manifests/latest")
+        seconds = time.monotonic() - started
+        error = json.loads(body)["errors"][0]
+        assert status == 500 and error["code"] == "BUILD_FAILED", body
+        assert "unexpected end of file" in error["message"] and where in error["message"], error
+        assert seconds < 10, f"answered after {seconds:.1f} s (NIX_TIMEOUT is 30 s)"
+
+    (pkgs / "default.nix").write_text(whole)  # a new revision: imported afresh
+    status, _, body = registry.request("/v2/extra/manifests/latest")
+    assert status == 200, body
 
 
 def test_one_nix_timeout_covers_the_whole_request(start_registry, tmp_path: Path) -> None:

@@ -6,13 +6,21 @@ revision and one system imports the set once (evaluator.nix) and then answers
 each image's names in a few milliseconds, reusing what earlier images evaluated.
 
 The protocol is the repl's own text. Each exchange is one expression line
-followed by `builtins.trace "<marker>" "<marker>"`; the marker's value on
+followed by `:p builtins.trace "<marker>" "<marker>"`; the marker's value on
 stdout and its trace line on stderr say where that expression's output ends
 on both streams. User input never becomes Nix code: a request is a JSON file
 in a private directory, which the expression names and evaluator.nix reads
 with `builtins.readFile`. Output that does not fit this protocol (another Nix
 version's repl, a crash) ends the process with `EvaluatorUnusable`, and the
 caller evaluates with `nix-instantiate` instead.
+
+One error the repl does not print: a file of the package set that ends too
+soon ("syntax error, unexpected end of file", e.g. a `default.nix` cut off
+mid-file). The repl takes it for an unfinished line of its own and waits for
+the rest, echoing our marker line as a continuation. That echo is recognised
+(`ErrorNotShown`), and the marker line, which starts with `:`, cannot continue
+any expression, so the repl drops the input and is in step again after one
+more marker. `nix-instantiate` then says what the error is.
 
 Evaluations are bounded by the request's `Deadline` and by the memory limit
 (`MemoryWatch`, while the repl evaluates).
@@ -44,6 +52,7 @@ from nixery.nix.process import (
     kill_process_tree,
     memory_limit_error,
     resident_bytes,
+    run_nix,
     start_nix,
 )
 
@@ -59,6 +68,7 @@ _LINE_LIMIT = 64 << 20  # one answer is one line: the JSON of every resolved pac
 _TAIL_LINES = 25
 _ENDS_BEFORE_GIVING_UP = 3
 _DEFINITION_TIMEOUT = 30.0  # for the set-up lines, which evaluate nothing yet
+_NOT_IMPORTING_KEPT = 64  # revisions remembered as not importing in a repl
 _REQUEST_MARK = "__nixeryRequest"  # the start of every evaluation line (tests count them)
 
 
@@ -75,6 +85,15 @@ class _WaitedTooLong(Exception):
 
 class EvaluatorEnded(EvaluatorUnusable):
     """The repl exited or closed its pipes (a crash, the OOM killer), not a protocol mismatch."""
+
+
+class ErrorNotShown(Exception):
+    """The expression met a file that ends too soon, which the repl does not report
+    (see the module's docstring); the repl is in step again."""
+
+
+class _Continued(Exception):
+    """The repl took our marker line for the rest of an unfinished expression."""
 
 
 def decode_nix_string(printed: str) -> str:
@@ -117,7 +136,11 @@ class ReplEvaluator:
         return self.serving_since is not None
 
     async def start(self, *, deadline: Deadline) -> None:
-        """Start the repl, import the package set's top level and evaluate `shell`."""
+        """Start the repl, import the package set's top level and evaluate `shell`.
+
+        Raises NixError when the set does not import, and ErrorNotShown when the
+        import met a file that ends too soon (see `check_import` for the message).
+        """
         self.started = True
         started = time.monotonic()
         self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
@@ -145,7 +168,10 @@ class ReplEvaluator:
         reply = await self._exchange("__nixery.warm", deadline=deadline)
         if reply.values != ["true"]:
             raise NixError("the package set does not import", _tail(reply.stderr))
-        reply = await self._exchange("__nixery.warmShell", deadline=deadline)
+        try:
+            reply = await self._exchange("__nixery.warmShell", deadline=deadline)
+        except ErrorNotShown:
+            reply = _Reply([], ["a file that `shell` needs ends too soon"])
         if reply.values != ["true"]:  # its own images will report why
             log.info("nix.evaluator_shell_not_evaluated", error=_tail(reply.stderr)[-300:])
         self.start_seconds = time.monotonic() - started
@@ -193,7 +219,7 @@ class ReplEvaluator:
 
     async def _exchange(self, expression: str, *, deadline: Deadline, quiet: bool = False) -> _Reply:
         """Send one expression and read what it printed, within `deadline` and the memory
-        limit; the repl is stopped on any failure.
+        limit; the repl is stopped on any failure but ErrorNotShown.
 
         `quiet`: the expression prints no value, and anything printed is a protocol error
         (as is taking more than _DEFINITION_TIMEOUT).
@@ -204,6 +230,8 @@ class ReplEvaluator:
         with MemoryWatch(self._process.pid, self.memory_limit) as memory:
             try:
                 return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), wait)
+            except ErrorNotShown:
+                raise
             except TimeoutError:
                 await self.close()
                 if deadline.remaining() > 0:  # only a definition's own patience ran out
@@ -217,34 +245,66 @@ class ReplEvaluator:
                 raise
 
     async def _send_and_read(self, process: asyncio.subprocess.Process, expression: str, quiet: bool) -> _Reply:
-        assert process.stdin is not None
-        marker = f"nixery-sync-{next(self._markers)}"
         try:
-            process.stdin.write(f'{expression}\nbuiltins.trace "{marker}" "{marker}"\n'.encode())
-            await process.stdin.drain()
-            values, stderr = await asyncio.gather(
-                _read_until(process.stdout, f'"{marker}"', values_only=True, quiet=quiet),
-                _read_until(process.stderr, f"trace: {marker}", values_only=False),
-            )
+            marker = await self._send(process, expression)
+            try:
+                return await _read_reply(process, marker, quiet)
+            except _Continued:
+                # The repl has now dropped the input (a line starting with ':' continues no
+                # expression); the next marker ends its complaint about that.
+                await _read_reply(process, await self._send(process), quiet=False)
+                raise ErrorNotShown from None
         except ConnectionError as exc:
             raise EvaluatorEnded(f"the repl stopped reading: {exc}") from exc
         except ValueError as exc:  # a line past the limit
             raise EvaluatorUnusable(f"unreadable output: {exc}") from exc
-        return _Reply(values, stderr)
+
+    async def _send(self, process: asyncio.subprocess.Process, *lines: str) -> str:
+        """Write `lines` and a marker line; returns the marker."""
+        assert process.stdin is not None
+        marker = f"nixery-sync-{next(self._markers)}"
+        process.stdin.write("".join(f"{line}\n" for line in (*lines, _marker_line(marker))).encode())
+        await process.stdin.drain()
+        return marker
+
+
+def _marker_line(marker: str) -> str:
+    return f':p builtins.trace "{marker}" "{marker}"'
+
+
+async def _read_reply(process: asyncio.subprocess.Process, marker: str, quiet: bool) -> _Reply:
+    """What the repl printed up to `marker`'s value on stdout and its trace on stderr."""
+    stderr = asyncio.ensure_future(_read_until(process.stderr, {f"trace: {marker}"}, values_only=False))
+    try:
+        # Printed quoted, or bare as newer Nix's `:p` prints strings.
+        values = await _read_until(
+            process.stdout, {f'"{marker}"', marker}, values_only=True, quiet=quiet, continued=_marker_line(marker)
+        )
+        return _Reply(values, await stderr)
+    finally:
+        if not stderr.done():
+            stderr.cancel()  # a stream's readline can be cancelled without losing data
+        elif not stderr.cancelled():
+            stderr.exception()  # stdout's error, if any, is the one reported
 
 
 async def _read_until(
-    stream: asyncio.StreamReader | None, end: str, *, values_only: bool, quiet: bool = False
+    stream: asyncio.StreamReader | None, ends: set[str], *, values_only: bool, quiet: bool = False,
+    continued: str | None = None,
 ) -> list[str]:
+    """Lines up to one of `ends`; `continued`: our marker line, which the repl echoes on its
+    own (without its prompt) only as the continuation of an unfinished expression."""
     assert stream is not None
     lines = []
     while True:
         raw = await stream.readline()
         if not raw:
-            raise EvaluatorEnded(f"the repl ended (waiting for {end!r})")
+            raise EvaluatorEnded(f"the repl ended (waiting for {min(ends)!r})")
         line = _ANSI.sub("", raw.decode(errors="replace")).strip()
-        if line == end:
+        if line in ends:
             return lines
+        if line == continued:
+            raise _Continued
         if values_only and (not line or line.startswith("nix-repl>")):
             continue  # the prompt, with the repl's echo of our own input
         if quiet:
@@ -273,6 +333,8 @@ class Evaluators:
     or breaks (see `_worth_waiting`). An evaluator idle for
     `idle_seconds`, or grown past `memory_limit` bytes (after an answer; while
     evaluating, it is killed), is stopped; the next request starts a new one.
+    A revision whose package set does not import in a repl is remembered, and
+    evaluated by one-shot processes only.
 
     With `repl=False` (NIXERY_NIX_EVALUATOR=process) no repl is started:
     `evaluate` always answers None.
@@ -290,13 +352,14 @@ class Evaluators:
         self._waiting: dict[_Key, int] = {}  # requests queued for each evaluator
         self._one_shot_seconds: float | None = None  # of recent nix-instantiate evaluations
         self._failures = 0  # repls in a row that ended or could not start
+        self._not_importing: OrderedDict[_Key, None] = OrderedDict()  # oldest first
 
     async def evaluate(
         self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
         key = (system, revision)
-        if not self.repl or self._unusable:
+        if not self.repl or self._unusable or key in self._not_importing:
             return None
         evaluator = self._current(key)
         if evaluator is not None and not self._worth_waiting(key, evaluator):
@@ -311,6 +374,8 @@ class Evaluators:
                     answer = await evaluator.evaluate(request, deadline=deadline)
                 except EvaluatorUnusable as exc:
                     await self._failed(key, evaluator, exc)
+                    return None
+                except ErrorNotShown:  # nix-instantiate will say what it is
                     return None
                 except MemoryLimitExceeded:  # the repl held earlier images too: a new process starts afresh
                     self._forget(key, evaluator)
@@ -377,17 +442,22 @@ class Evaluators:
             evaluator.lock.release()
 
     async def warm(self, revision: str, pkgs_path: Path, *, system: str, deadline: Deadline) -> None:
-        """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""
+        """Import the package set of `revision` now: start its evaluator, so that the first
+        image does not wait for it, and log an error if the set does not import.
+
+        Without repls, `nix-instantiate` imports it once, for the error alone.
+        """
         key = (system, revision)
-        if not self.repl or self._unusable or self._current(key) is not None:
-            return
-        evaluator = self._new(key, pkgs_path)
-        async with evaluator.lock:
-            try:
-                if await self._start(key, evaluator, deadline):
-                    self._schedule_idle_stop(key, evaluator)
-            except NixTimeout as exc:
-                log.warning("nix.evaluator_not_started", error=str(exc)[:300], note="the next image tries again")
+        try:
+            if not self.repl or self._unusable:
+                await check_import(pkgs_path, system, deadline=deadline, memory_limit=self.memory_limit)
+            elif key not in self._not_importing and self._current(key) is None:  # else known already
+                evaluator = self._new(key, pkgs_path)
+                async with evaluator.lock:
+                    if await self._start(key, evaluator, deadline):
+                        self._schedule_idle_stop(key, evaluator)
+        except NixError as exc:  # a timeout, or check_import's error (_start logs its others)
+            _log_not_importing(pkgs_path, system, exc)
 
     async def close(self) -> None:
         for timer in self._idle_timers.values():
@@ -426,7 +496,12 @@ class Evaluators:
         if evaluator.started:
             return evaluator.alive
         try:
-            await evaluator.start(deadline=deadline)
+            try:
+                await evaluator.start(deadline=deadline)
+            except ErrorNotShown:
+                await evaluator.close()
+                await check_import(evaluator.pkgs_path, key[0], deadline=deadline, memory_limit=self.memory_limit)
+                raise NixError("the package set does not import in nix repl, but does in nix-instantiate") from None
             return True
         except EvaluatorUnusable as exc:
             await self._failed(key, evaluator, exc)
@@ -436,8 +511,11 @@ class Evaluators:
             self._forget(key, evaluator)
             await evaluator.close()
             raise
-        except NixError as exc:  # e.g. a package set that does not import, or its memory: builds report it
-            log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
+        except NixError as exc:  # the set does not import (an error, its memory): builds report it
+            _log_not_importing(evaluator.pkgs_path, key[0], exc)
+            self._not_importing[key] = None
+            while len(self._not_importing) > _NOT_IMPORTING_KEPT:
+                self._not_importing.popitem(last=False)
             self._forget(key, evaluator)
             await evaluator.close()
         return False
@@ -489,3 +567,30 @@ class Evaluators:
         task = asyncio.ensure_future(stop())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+async def check_import(pkgs_path: Path, system: str, *, deadline: Deadline, memory_limit: int | None) -> None:
+    """Import the package set as a repl does, with nix-instantiate (which prints every
+    error); raises NixError, with Nix's message, if it does not import."""
+    try:
+        await run_nix(
+            [
+                "nix-instantiate", "--eval", "--read-write-mode", str(EVALUATOR_NIX), "-A", "warm",
+                "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "system", system,
+            ],
+            deadline=deadline,
+            memory_limit=memory_limit,
+        )
+    except (NixTimeout, MemoryLimitExceeded):
+        raise
+    except NixError as exc:
+        raise NixError("the package set does not import", exc.log_tail) from exc
+
+
+def _log_not_importing(pkgs_path: Path, system: str, error: NixError) -> None:
+    """An error in the log: Nix's message names the file and line."""
+    log.error(
+        "nix.package_set_does_not_import", pkgs=str(pkgs_path), system=system, error=error.message,
+        nix=error.log_tail[-2000:],
+        note="the next image tries again" if isinstance(error, NixTimeout) else "its images fail with this error",
+    )

@@ -14,5 +14,7 @@ base // {
   evalError = throw "this package does not evaluate";
   # About 800 MB of resident memory within 2 s, then hello.
   memoryHog = builtins.seq (builtins.length (builtins.genList (x: x) 10000000)) base.hello;
+  # A file that ends too soon: the error nix repl does not print.
+  cutShort = import ./cut-short.nix;
   nested = { deeper = { tool = base.hello; }; };
 }
