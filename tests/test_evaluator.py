@@ -19,8 +19,9 @@ import structlog
 
 from nixery.nix import packages
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
-from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
+from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
+from nixery.nix.repl import ReplEvaluator, decode_nix_string
 from tests.daemons import gone
 from tests.registry import nix_calls_of, nix_counting_path
 from tests.test_protocol import error_of
