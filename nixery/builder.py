@@ -56,6 +56,7 @@ from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.nix import packages as nix
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.packages import ResolvedPackage
+from nixery.nix.process import Deadline
 from nixery.nix.sources import PackageSource, Revision, open_source
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.registry.digest import Digest
@@ -244,8 +245,9 @@ class ImageBuilder:
             max_layers=settings.max_layers,
             max_concurrent_builds=settings.max_concurrent_builds,
             layer_compression=settings.layer_compression,
-            evaluators=Evaluators(memory_limit=settings.evaluator_memory_limit)
-            if settings.nix_evaluator == "repl" else None,
+            evaluators=Evaluators(
+                memory_limit=settings.evaluator_memory_limit, repl=settings.nix_evaluator == "repl"
+            ),
         )
 
     async def warm_up(self) -> None:
@@ -262,7 +264,9 @@ class ImageBuilder:
             log.info("build.warm_up_skipped", error=str(exc)[:200])
             return
         if revision.path is not None:  # fetched sources warm up with their first build
-            await self.evaluators.warm(revision.id, revision.path, system=nix.host_system(), timeout=self.nix_timeout)
+            await self.evaluators.warm(
+                revision.id, revision.path, system=nix.host_system(), deadline=Deadline.after(self.nix_timeout)
+            )
 
     async def close(self) -> None:
         await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
@@ -474,11 +478,7 @@ class ImageBuilder:
     async def _nix_closure(
         self, request: ImageRequest, revision: Revision, bound: Any, build: Build
     ) -> tuple[list[ResolvedPackage], ClosureGraph]:
-        deadline = time.monotonic() + self.nix_timeout
-
-        def remaining() -> float:
-            return max(0.1, deadline - time.monotonic())
-
+        deadline = Deadline.after(self.nix_timeout)  # for every Nix process of this image
         system = request.arch.nix_system
         nix.check_buildable(system)
         bound.info("build.evaluating")
@@ -488,14 +488,14 @@ class ImageBuilder:
         if resolved is None:
             resolved = await nix.evaluate(
                 await self.source.checkout(revision), request.packages, system, source=revision.source,
-                timeout=remaining(), evaluators=self.evaluators, revision=revision.id,
+                deadline=deadline, evaluators=self.evaluators, revision=revision.id,
             )
             self.evaluations.remember(revision, system, resolved)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated)
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
         outputs = [out for package in resolved for out in package.outputs]
         graph = await nix.ensure_built_closure(
-            [p.drv_path for p in resolved], outputs, timeout=remaining(), on_line=NixLogProgress(build)
+            [p.drv_path for p in resolved], outputs, deadline=deadline, on_line=NixLogProgress(build)
         )
         return resolved, graph
 

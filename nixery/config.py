@@ -101,7 +101,7 @@ class Settings:
     # "repl": a long-running `nix repl` per system resolves image names (nixery/nix/evaluator.py);
     # "process": one nix-instantiate per image.
     nix_evaluator: str = "repl"
-    evaluator_memory_limit: int = 1024 << 20  # bytes; a repl grown past it is restarted
+    evaluator_memory_limit: int = 1024 << 20  # bytes of an evaluating Nix process; past it, it is killed
     max_layers: int = 100
     max_concurrent_builds: int = 2
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).

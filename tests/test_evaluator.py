@@ -15,10 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 
 from nixery.nix import packages
-from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound
-from nixery.nix.evaluator import Evaluators, ReplEvaluator, decode_nix_string
+from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
+from nixery.nix.evaluator import Evaluators
+from nixery.nix.process import Deadline
+from nixery.nix.repl import ReplEvaluator, decode_nix_string
 from tests.daemons import gone
 from tests.registry import nix_calls_of, nix_counting_path
 from tests.test_protocol import error_of
@@ -27,6 +30,9 @@ pytestmark = pytest.mark.nix
 
 PKGS = (Path(__file__).parent / "data" / "evaluator").resolve()
 SYSTEM = packages.host_system()
+# An evaluation that runs for hours in a flat ~450 MB (a sum of 10^10 numbers, 10^5 at a time).
+SPIN = "(builtins.foldl' (acc: i: builtins.foldl' (a: j: a + j) acc (builtins.genList (x: x) 100000)) 0 " \
+       "(builtins.genList (x: x) 100000))"
 
 
 @pytest.fixture
@@ -38,8 +44,8 @@ async def evaluators() -> AsyncIterator[Evaluators]:
 
 async def resolve(pool: Evaluators | None, names: list[str], *, revision: str = "r1", pkgs: Path = PKGS,
                   timeout: float = 60) -> list[packages.ResolvedPackage]:
-    return await packages.evaluate(pkgs, names, SYSTEM, source="test", timeout=timeout, evaluators=pool,
-                                   revision=revision)
+    return await packages.evaluate(pkgs, names, SYSTEM, source="test", deadline=Deadline.after(timeout),
+                                   evaluators=pool, revision=revision)
 
 
 def pids(pool: Evaluators) -> set[int]:
@@ -198,19 +204,63 @@ async def test_an_idle_repl_stops() -> None:
         await pool.close()
 
 
-async def test_a_repl_past_its_memory_limit_is_replaced() -> None:
-    pool = Evaluators(memory_limit=1)  # every repl is over it after its first answer
+async def test_a_repl_past_its_memory_limit_after_an_answer_is_replaced() -> None:
+    pool = Evaluators(memory_limit=1 << 30)
     try:
         await resolve(pool, ["hello"])
-        await asyncio.sleep(0.2)
-        assert not pool.running()
+        pid = the_pid(pool)
+        # Lowered for the pool's check after each answer, not for the running repl's
+        # own watch (which keeps the limit it was started with).
+        pool.memory_limit = 1
         assert [p.attr for p in await resolve(pool, ["figlet"])] == ["figlet"]
+        await asyncio.sleep(0.2)
+        assert gone(pid) and not pool.running()
+    finally:
+        await pool.close()
+
+
+MEMORY_LIMIT = 64 << 20  # the least NIXERY_EVALUATOR_MEMORY_MB; a repl of this set holds ~26 MB
+
+
+async def test_an_evaluation_past_the_memory_limit_is_stopped_and_says_so() -> None:
+    pool = Evaluators(memory_limit=MEMORY_LIMIT)
+    try:
+        await resolve(pool, ["hello"])
+        pid = the_pid(pool)
+        with pytest.raises(MemoryLimitExceeded) as caught:  # in the repl, then in nix-instantiate
+            await resolve(pool, ["memoryHog"])
+        assert "NIXERY_EVALUATOR_MEMORY_MB=64 MB" in caught.value.message
+        assert gone(pid)
+        assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"], "a new repl serves"
+    finally:
+        await pool.close()
+
+
+async def test_an_evaluation_by_process_is_bounded_too() -> None:
+    pool = Evaluators(memory_limit=MEMORY_LIMIT, repl=False)
+    with pytest.raises(MemoryLimitExceeded):
+        await resolve(pool, ["memoryHog"])
+    assert [p.attr for p in await resolve(pool, ["hello"])] == ["hello"]
+
+
+async def test_a_warm_up_past_the_memory_limit_is_logged_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "default.nix").write_text(
+        f"args: builtins.seq (builtins.length (builtins.genList (x: x) 10000000)) (import {PKGS} args)\n"
+    )
+    pool = Evaluators(memory_limit=MEMORY_LIMIT)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await pool.warm("hog", tmp_path, system=SYSTEM, deadline=Deadline.after(60))
+        [event] = [e for e in logs if e["event"] == "nix.package_set_does_not_import"]
+        assert event["log_level"] == "error"
+        assert "NIXERY_EVALUATOR_MEMORY_MB=64 MB" in event["error"]
+        assert not pool.running()
     finally:
         await pool.close()
 
 
 async def test_warm_up_imports_the_set_before_the_first_image(evaluators: Evaluators) -> None:
-    await evaluators.warm("r1", PKGS, system=SYSTEM, timeout=60)
+    await evaluators.warm("r1", PKGS, system=SYSTEM, deadline=Deadline.after(60))
     pid = the_pid(evaluators)
     await resolve(evaluators, ["hello"])
     assert the_pid(evaluators) == pid
@@ -224,6 +274,51 @@ async def test_a_set_that_does_not_import_falls_back_to_nix_instantiate(evaluato
         await resolve(evaluators, ["hello"], pkgs=tmp_path)
     assert str(caught.value) == str(by_process.value)
     assert not evaluators.running()
+
+
+async def test_a_file_cut_short_is_reported_at_once_and_the_repl_goes_on(evaluators: Evaluators) -> None:
+    await resolve(evaluators, ["hello"])
+    pid = the_pid(evaluators)
+    # nix repl does not print this error: it waits for the rest of the "line" (here, until the timeout).
+    with pytest.raises(NixError) as caught:
+        await resolve(evaluators, ["cutShort"], timeout=20)
+    assert not isinstance(caught.value, NixTimeout)
+    assert "unexpected end of file" in caught.value.log_tail
+    assert "cut-short.nix:2" in caught.value.log_tail
+    assert [p.attr for p in await resolve(evaluators, ["figlet"])] == ["figlet"]
+    assert the_pid(evaluators) == pid, "the repl is in step again"
+
+
+def cut_short_set(directory: Path) -> tuple[Path, str]:
+    """A package set whose default.nix is cut off mid-file; returns it and where Nix says it ends."""
+    directory.mkdir()
+    (directory / "default.nix").write_text(f"args: (import {PKGS} args) // {{\n  extra = \n")
+    return directory, f"{directory}/default.nix:2:"
+
+
+async def test_a_set_cut_short_is_logged_at_warm_up_and_not_started_again(
+    evaluators: Evaluators, tmp_path: Path
+) -> None:
+    pkgs, where = cut_short_set(tmp_path / "cut")
+    with structlog.testing.capture_logs() as logs:
+        await evaluators.warm("cut", pkgs, system=SYSTEM, deadline=Deadline.after(20))
+    [event] = [e for e in logs if e["event"] == "nix.package_set_does_not_import"]
+    assert event["log_level"] == "error"
+    assert "unexpected end of file" in event["nix"] and where in event["nix"]
+    assert not evaluators.running()
+    with pytest.raises(NixError) as caught:
+        await resolve(evaluators, ["hello"], revision="cut", pkgs=pkgs)
+    assert where in caught.value.log_tail
+    assert not evaluators.running(), "this revision is evaluated by nix-instantiate"
+
+
+async def test_one_deadline_covers_the_repl_and_nix_instantiate(evaluators: Evaluators, tmp_path: Path) -> None:
+    (tmp_path / "default.nix").write_text(f"args: builtins.seq {SPIN} (import {PKGS} args)\n")
+    started = time.monotonic()
+    with pytest.raises(NixTimeout):  # the repl's import runs out of time: no nix-instantiate after it
+        await resolve(evaluators, ["hello"], revision="spin", pkgs=tmp_path, timeout=4)
+    seconds = time.monotonic() - started
+    assert seconds < 4 + 3, f"answered after {seconds:.1f} s"
 
 
 async def test_a_repl_it_cannot_understand_is_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,9 +357,9 @@ def test_printed_strings_decode() -> None:
 async def test_a_request_for_another_system_is_refused() -> None:
     evaluator = ReplEvaluator(PKGS, SYSTEM)
     try:
-        await evaluator.start(timeout=60)
+        await evaluator.start(deadline=Deadline.after(60))
         with pytest.raises(NixError) as caught:
-            await evaluator.evaluate({"packages": ["hello"], "system": "riscv64-linux"}, timeout=60)
+            await evaluator.evaluate({"packages": ["hello"], "system": "riscv64-linux"}, deadline=Deadline.after(60))
         assert "serves" in caught.value.log_tail
     finally:
         await evaluator.close()

@@ -22,7 +22,7 @@ import pytest
 from nixery.layers.graph import ClosureGraph
 from nixery.nix import packages, store_db
 from nixery.nix.errors import NixError
-from nixery.nix.process import run_nix
+from nixery.nix.process import Deadline, run_nix
 from tests.registry import REPOSITORY, busybox_set_with, run
 
 DATABASE = Path("/nix/var/nix/db/db.sqlite")
@@ -140,7 +140,7 @@ async def test_graph_equals_nix_path_info(case: str, store: BuiltPaths, nix_argv
         assert graph.nodes[name] == node, name  # same size, same references, no self-reference
     assert all(name not in node.references for name, node in graph.nodes.items())
     # Through the functions the builder uses: no Nix process at all.
-    assert (await packages.closure_graph(roots, timeout=30)).nodes == expected.nodes
+    assert (await packages.closure_graph(roots, deadline=Deadline.after(30))).nodes == expected.nodes
     assert nix_argv == []
 
 
@@ -217,7 +217,7 @@ async def test_daemon_store_uses_the_nix_commands(
     with pytest.raises(store_db.StoreDbUnavailable, match="NIX_REMOTE"):
         store_db.database_path()
     # (Realising a valid output path checks it, as realising its derivation would.)
-    graph = await packages.ensure_built_closure(roots, roots, timeout=60)
+    graph = await packages.ensure_built_closure(roots, roots, deadline=Deadline.after(60))
     assert graph.nodes == expected.nodes
     assert [argv[:2] for argv in nix_argv] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
@@ -318,7 +318,7 @@ async def test_unusable_database_falls_back_to_nix(
     use_database(monkeypatch, damage(tmp_path / "db"))
     assert await store_db.valid_paths(roots) is None
     assert await store_db.closure_graph(roots) is None
-    graph = await packages.ensure_built_closure(roots, roots, timeout=60)
+    graph = await packages.ensure_built_closure(roots, roots, deadline=Deadline.after(60))
     assert graph.nodes == expected.nodes
     assert [argv[:2] for argv in nix_argv] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
@@ -337,7 +337,7 @@ async def test_a_closure_that_is_not_closed_is_not_used(
         store_db.read_closure(database, [hello])
     use_database(monkeypatch, database)
     assert await store_db.valid_paths([hello]) == {hello}  # hello's own row is still there
-    graph = await packages.closure_graph([hello], timeout=60)
+    graph = await packages.closure_graph([hello], deadline=Deadline.after(60))
     assert graph.nodes == path_info_graph([hello]).nodes and busybox in graph
     assert [argv[:2] for argv in nix_argv] == [["nix", "path-info"]]
 
@@ -348,7 +348,8 @@ async def test_a_valid_copy_is_read(
     """The copies above fail because of their damage, not because they are copies."""
     roots = store.web_tops[:2]
     use_database(monkeypatch, copy_database(tmp_path / "db"))
-    assert (await packages.ensure_built_closure([], roots, timeout=60)).nodes == path_info_graph(roots).nodes
+    graph = await packages.ensure_built_closure([], roots, deadline=Deadline.after(60))
+    assert graph.nodes == path_info_graph(roots).nodes
     assert nix_argv == []
 
 
@@ -369,13 +370,13 @@ def fake_nix(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 async def test_nothing_runs_when_every_output_is_valid(fake_nix: list[list[str]], store: BuiltPaths) -> None:
     drv = "/nix/store/" + "1" * 32 + "-thing.drv"
-    graph = await packages.ensure_built_closure([drv], [store.hello], timeout=30)
+    graph = await packages.ensure_built_closure([drv], [store.hello], deadline=Deadline.after(30))
     assert fake_nix == []
     assert graph.nodes == path_info_graph([store.hello]).nodes
     # One output not valid: Nix realises the derivations, then is asked for the closure
     # (the fake prints nothing, which is no closure).
     with pytest.raises(NixError, match="cannot read the closure"):
-        await packages.ensure_built_closure([drv], [store.hello, NOTHING], timeout=30)
+        await packages.ensure_built_closure([drv], [store.hello, NOTHING], deadline=Deadline.after(30))
     assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
@@ -384,7 +385,8 @@ async def test_realise_runs_when_the_database_cannot_tell(
 ) -> None:
     use_database(monkeypatch, tmp_path / "missing.sqlite")
     with pytest.raises(NixError):
-        await packages.ensure_built_closure(["/nix/store/" + "1" * 32 + "-thing.drv"], [store.busybox], timeout=30)
+        drv = "/nix/store/" + "1" * 32 + "-thing.drv"
+        await packages.ensure_built_closure([drv], [store.busybox], deadline=Deadline.after(30))
     assert [argv[:2] for argv in fake_nix] == [["nix-store", "--realise"], ["nix", "path-info"]]
 
 
@@ -399,7 +401,9 @@ async def test_ensure_built_closure_builds_what_is_missing(
     tmp_path: Path, nix_argv: list[list[str]], store: BuiltPaths
 ) -> None:
     pkgs, name = unbuilt_package_set(tmp_path / "pkgs")
-    resolved = await packages.evaluate(pkgs, ["fresh", "hello"], packages.host_system(), source="test", timeout=60)
+    resolved = await packages.evaluate(
+        pkgs, ["fresh", "hello"], packages.host_system(), source="test", deadline=Deadline.after(60)
+    )
     drvs = [p.drv_path for p in resolved]
     outputs = [out for p in resolved for out in p.outputs]
     fresh = next(out for out in outputs if out.endswith(name))
@@ -408,7 +412,7 @@ async def test_ensure_built_closure_builds_what_is_missing(
     nix_argv.clear()  # the evaluation
 
     lines: list[str] = []
-    graph = await packages.ensure_built_closure(drvs, outputs, timeout=120, on_line=lines.append)
+    graph = await packages.ensure_built_closure(drvs, outputs, deadline=Deadline.after(120), on_line=lines.append)
     assert nix_argv == [["nix-store", "--realise", *sorted(drvs)]], "realise must run for the unbuilt output"
     assert any(name in line for line in lines), "the build's progress lines reach the callback"
     assert is_valid(fresh)
@@ -417,7 +421,7 @@ async def test_ensure_built_closure_builds_what_is_missing(
     assert store.busybox in graph and graph.closure(outputs) == set(graph.nodes)
 
     nix_argv.clear()
-    again = await packages.ensure_built_closure(drvs, outputs, timeout=120)
+    again = await packages.ensure_built_closure(drvs, outputs, deadline=Deadline.after(120))
     assert nix_argv == [], "now everything is built: no Nix process"
     assert again.nodes == graph.nodes
 

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from nixery.nix.errors import NixError
-from nixery.nix.process import run_nix
+from nixery.nix.process import Deadline, run_nix
 from nixery.nix.sources import Revision
 from nixery.storage.base import Storage
 
@@ -287,7 +287,7 @@ class PackageCatalog:
                 "--argstr", "limit", str(self.limit),
                 "--argstr", "withVersions", "1" if with_versions else "0",
             ],
-            timeout=timeout,
+            deadline=Deadline.after(timeout, limit="the package listing's time limit"),
         )
         try:
             doc = json.loads(stdout)

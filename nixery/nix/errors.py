@@ -16,6 +16,10 @@ class NixTimeout(NixError):
     """The Nix process tree ran past NIX_TIMEOUT and was killed."""
 
 
+class MemoryLimitExceeded(NixError):
+    """An evaluation grew past NIXERY_EVALUATOR_MEMORY_MB and was killed."""
+
+
 class PackagesNotFound(NixError):
     def __init__(self, missing: list[str], source: str):
         super().__init__(f"packages not found in {source}: {', '.join(missing)}")

@@ -1,257 +1,50 @@
-"""Long-running Nix evaluators: image names resolved without starting Nix each time.
+"""How a registry process evaluates image names: in its long-running evaluators
+(`nix repl`, `nixery.nix.repl`), one per system and package-set revision, or by
+a one-shot `nix-instantiate` when no repl can take the image.
 
-Any Nix command takes about 40 ms here just to start, and importing a package
-set as big as nixpkgs takes far longer. A `nix repl` kept for one package-set
-revision and one system imports the set once (evaluator.nix) and then answers
-each image's names in a few milliseconds, reusing what earlier images evaluated.
-
-The protocol is the repl's own text. Each exchange is one expression line
-followed by `builtins.trace "<marker>" "<marker>"`; the marker's value on
-stdout and its trace line on stderr say where that expression's output ends
-on both streams. User input never becomes Nix code: a request is a JSON file
-in a private directory, which the expression names and evaluator.nix reads
-with `builtins.readFile`. Output that does not fit this protocol (another Nix
-version's repl, a crash) ends the process with `EvaluatorUnusable`, and the
-caller evaluates with `nix-instantiate` instead.
+Evaluations are bounded by the request's `Deadline` and by the memory limit
+(NIXERY_EVALUATOR_MEMORY_MB), in a repl as in `nix-instantiate`. A package
+set that does not import is logged as an error when the registry starts
+(`Evaluators.warm`), with Nix's message, which names the file and line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 
-from nixery.metrics import NIX_PROCESSES
-from nixery.nix.errors import NixError, NixTimeout
-from nixery.nix.process import kill_process_tree
+from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
+from nixery.nix.process import Deadline, run_nix
+from nixery.nix.repl import (
+    EVALUATOR_NIX,
+    ErrorNotShown,
+    EvaluatorEnded,
+    EvaluatorUnusable,
+    ReplEvaluator,
+    moving_average,
+)
 
 log = structlog.get_logger(__name__)
 
-EVALUATOR_NIX = Path(__file__).with_name("evaluator.nix")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_NIX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
-_NIX_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
-# Only these characters may appear in a path written into the repl's input.
-_SAFE_PATH = re.compile(r"[A-Za-z0-9/._-]+")
-_LINE_LIMIT = 64 << 20  # one answer is one line: the JSON of every resolved package
-_TAIL_LINES = 25
 _ENDS_BEFORE_GIVING_UP = 3
-_DEFINITION_TIMEOUT = 30.0  # for the set-up lines, which evaluate nothing yet
-_REQUEST_MARK = "__nixeryRequest"  # the start of every evaluation line (tests count them)
-
+_NOT_IMPORTING_KEPT = 64  # revisions remembered as not importing in a repl
 
 _Key = tuple[str, str]  # (system, package-set revision)
-
-
-class EvaluatorUnusable(Exception):
-    """The repl did not behave as this module expects; use a one-shot Nix process."""
 
 
 class _WaitedTooLong(Exception):
     """The evaluator stayed busy past the patience of a queued request."""
 
 
-class EvaluatorEnded(EvaluatorUnusable):
-    """The repl exited or closed its pipes (a crash, the OOM killer), not a protocol mismatch."""
-
-
-def decode_nix_string(printed: str) -> str:
-    """The value of a string as the repl prints it: quoted, with backslash escapes."""
-    if len(printed) < 2 or printed[0] != '"' or printed[-1] != '"':
-        raise EvaluatorUnusable(f"not a printed string: {printed[:80]!r}")
-    return _NIX_ESCAPE.sub(lambda m: _NIX_ESCAPES.get(m[1], m[1]), printed[1:-1])
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    values: list[str]  # what the repl printed on stdout, echoes of our input left out
-    stderr: list[str]
-
-
-class ReplEvaluator:
-    """One `nix repl` holding one package set for one system; one request at a time."""
-
-    def __init__(self, pkgs_path: Path, system: str):
-        self.pkgs_path = pkgs_path
-        self.system = system
-        self.lock = asyncio.Lock()
-        self.started = False
-        self.serving_since: float | None = None  # when the request being answered was sent
-        self.typical_seconds: float | None = None  # of recent answers (a moving average)
-        self.start_seconds: float | None = None  # starting and importing the set: a one-shot's cost, about
-        self._process: asyncio.subprocess.Process | None = None
-        self._directory: Path | None = None
-        self._markers = itertools.count()
-        self._alive = False
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
-    @property
-    def serving(self) -> bool:
-        """Answering an image's request (not starting up)."""
-        return self.serving_since is not None
-
-    async def start(self, *, timeout: float) -> None:
-        """Start the repl, import the package set's top level and evaluate `shell`."""
-        self.started = True
-        started = time.monotonic()
-        self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
-        setup = directory / "setup.json"
-        if not _SAFE_PATH.fullmatch(str(setup)):
-            raise EvaluatorUnusable(f"the temporary directory {directory} has characters kept out of Nix code")
-        setup.write_text(
-            json.dumps({"pkgsPath": str(self.pkgs_path), "system": self.system, "evaluator": str(EVALUATOR_NIX)})
-        )
-        self._process = await asyncio.create_subprocess_exec(
-            "nix", "repl", "--extra-experimental-features", "nix-command",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            limit=_LINE_LIMIT,
-            env={**os.environ, "XDG_DATA_HOME": str(directory)},  # the repl's history file goes there
-        )
-        self._alive = True
-        NIX_PROCESSES.labels("nix-repl").inc()
-        settings = f'builtins.fromJSON (builtins.readFile "{setup}")'
-        # Definitions print nothing: a repl that prints something else is not one we understand.
-        definitions = min(timeout, _DEFINITION_TIMEOUT)
-        load = f"__nixery = import (/. + ({settings}).evaluator) ({settings})"
-        await self._exchange(load, timeout=definitions, quiet=True)
-        await self._exchange(f"{_REQUEST_MARK} = __nixery.request", timeout=definitions, quiet=True)
-        reply = await self._exchange("__nixery.warm", timeout=timeout)
-        if reply.values != ["true"]:
-            raise NixError("the package set does not import", _tail(reply.stderr))
-        reply = await self._exchange("__nixery.warmShell", timeout=timeout)
-        if reply.values != ["true"]:  # its own images will report why
-            log.info("nix.evaluator_shell_not_evaluated", error=_tail(reply.stderr)[-300:])
-        self.start_seconds = time.monotonic() - started
-        log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid,
-                 seconds=round(self.start_seconds, 3))
-
-    async def evaluate(self, request: dict[str, object], *, timeout: float) -> bytes:
-        """The JSON eval.nix would print for `request`."""
-        assert self._directory is not None
-        path = self._directory / f"request-{next(self._markers)}.json"
-        path.write_text(json.dumps(request))
-        self.serving_since = sent = time.monotonic()
-        try:
-            reply = await self._exchange(f'{_REQUEST_MARK} "{path}"', timeout=timeout)
-        finally:
-            self.serving_since = None
-            path.unlink(missing_ok=True)
-        self.typical_seconds = _moving_average(self.typical_seconds, time.monotonic() - sent)
-        if not reply.values:
-            if any(line.startswith("error") for line in reply.stderr):
-                raise NixError("the evaluation failed", _tail(reply.stderr))
-            raise EvaluatorUnusable(f"no answer and no error: {reply.stderr[-3:]}")
-        if len(reply.values) != 1:
-            raise EvaluatorUnusable(f"{len(reply.values)} answers to one request")
-        answer = decode_nix_string(reply.values[0])
-        try:
-            json.loads(answer)
-        except ValueError as exc:
-            raise EvaluatorUnusable(f"the answer is not JSON: {exc}") from exc
-        return answer.encode()
-
-    def resident_bytes(self) -> int:
-        """The repl's resident memory (0 when it cannot be read)."""
-        if self._process is None:
-            return 0
-        try:
-            with open(f"/proc/{self._process.pid}/statm") as statm:
-                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    async def close(self) -> None:
-        """Stop the repl and remove its directory (safe to call more than once)."""
-        if self._alive and self._process is not None:
-            self._alive = False
-            NIX_PROCESSES.labels("nix-repl").dec()
-            kill_process_tree(self._process.pid)
-            await self._process.wait()
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
-
-    async def _exchange(self, expression: str, *, timeout: float, quiet: bool = False) -> _Reply:
-        """Send one expression and read what it printed; the repl is stopped on any failure.
-
-        `quiet`: the expression prints no value, and anything printed is a protocol error.
-        """
-        if self._process is None or not self._alive:
-            raise EvaluatorUnusable("the evaluator is not running")
-        try:
-            return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), timeout)
-        except TimeoutError:
-            await self.close()
-            if quiet:
-                raise EvaluatorUnusable(f"no end of output within {timeout:g} s") from None
-            raise NixTimeout(f"the evaluation ran longer than {timeout:g} s and was stopped") from None
-        except BaseException:
-            await self.close()
-            raise
-
-    async def _send_and_read(self, process: asyncio.subprocess.Process, expression: str, quiet: bool) -> _Reply:
-        assert process.stdin is not None
-        marker = f"nixery-sync-{next(self._markers)}"
-        try:
-            process.stdin.write(f'{expression}\nbuiltins.trace "{marker}" "{marker}"\n'.encode())
-            await process.stdin.drain()
-            values, stderr = await asyncio.gather(
-                _read_until(process.stdout, f'"{marker}"', values_only=True, quiet=quiet),
-                _read_until(process.stderr, f"trace: {marker}", values_only=False),
-            )
-        except ConnectionError as exc:
-            raise EvaluatorEnded(f"the repl stopped reading: {exc}") from exc
-        except ValueError as exc:  # a line past the limit
-            raise EvaluatorUnusable(f"unreadable output: {exc}") from exc
-        return _Reply(values, stderr)
-
-
-async def _read_until(
-    stream: asyncio.StreamReader | None, end: str, *, values_only: bool, quiet: bool = False
-) -> list[str]:
-    assert stream is not None
-    lines = []
-    while True:
-        raw = await stream.readline()
-        if not raw:
-            raise EvaluatorEnded(f"the repl ended (waiting for {end!r})")
-        line = _ANSI.sub("", raw.decode(errors="replace")).strip()
-        if line == end:
-            return lines
-        if values_only and (not line or line.startswith("nix-repl>")):
-            continue  # the prompt, with the repl's echo of our own input
-        if quiet:
-            raise EvaluatorUnusable(f"unexpected output {line[:80]!r}")
-        lines.append(line)
-
-
-def _moving_average(average: float | None, sample: float, weight: float = 0.3) -> float:
-    return sample if average is None else (1 - weight) * average + weight * sample
-
-
-def _tail(lines: Sequence[str]) -> str:
-    return "\n".join(lines[-_TAIL_LINES:])
-
-
 class Evaluators:
-    """The long-running evaluators of one registry process, by system and package-set revision.
+    """How one registry process evaluates image names: its long-running evaluators,
+    by system and package-set revision, and the limit on an evaluation's memory.
 
     At most `capacity` are kept: a request for a new revision starts one and,
     past that, stops the one used least recently (the usual case is one, for
@@ -260,14 +53,20 @@ class Evaluators:
     that should take less time than a one-shot Nix process; otherwise it gets
     None and the caller starts one, as it does when the evaluator cannot start
     or breaks (see `_worth_waiting`). An evaluator idle for
-    `idle_seconds`, or grown past `memory_limit` bytes, is stopped; the next
-    request starts a new one.
+    `idle_seconds`, or grown past `memory_limit` bytes (after an answer; while
+    evaluating, it is killed), is stopped; the next request starts a new one.
+    A revision whose package set does not import in a repl is remembered, and
+    evaluated by one-shot processes only.
+
+    With `repl=False` (NIXERY_NIX_EVALUATOR=process) no repl is started:
+    `evaluate` always answers None.
     """
 
-    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0, capacity: int = 2):
+    def __init__(self, *, memory_limit: int, idle_seconds: float = 300.0, capacity: int = 2, repl: bool = True):
         self.memory_limit = memory_limit
         self.idle_seconds = idle_seconds
         self.capacity = capacity
+        self.repl = repl
         self._evaluators: OrderedDict[_Key, ReplEvaluator] = OrderedDict()  # least recently used first
         self._idle_timers: dict[_Key, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -275,27 +74,33 @@ class Evaluators:
         self._waiting: dict[_Key, int] = {}  # requests queued for each evaluator
         self._one_shot_seconds: float | None = None  # of recent nix-instantiate evaluations
         self._failures = 0  # repls in a row that ended or could not start
+        self._not_importing: OrderedDict[_Key, None] = OrderedDict()  # oldest first
 
     async def evaluate(
-        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, timeout: float
+        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
-        if self._unusable:
-            return None
         key = (system, revision)
+        if not self.repl or self._unusable or key in self._not_importing:
+            return None
         evaluator = self._current(key)
         if evaluator is not None and not self._worth_waiting(key, evaluator):
             return None
         if evaluator is None:
             evaluator = self._new(key, pkgs_path)
         try:
-            async with self._turn(key, evaluator):
-                if not evaluator.alive and not await self._start(key, evaluator, timeout):
+            async with self._turn(key, evaluator, deadline):
+                if not evaluator.alive and not await self._start(key, evaluator, deadline):
                     return None
                 try:
-                    answer = await evaluator.evaluate(request, timeout=timeout)
+                    answer = await evaluator.evaluate(request, deadline=deadline)
                 except EvaluatorUnusable as exc:
                     await self._failed(key, evaluator, exc)
+                    return None
+                except ErrorNotShown:  # nix-instantiate will say what it is
+                    return None
+                except MemoryLimitExceeded:  # the repl held earlier images too: a new process starts afresh
+                    self._forget(key, evaluator)
                     return None
                 except BaseException:
                     if not evaluator.alive:  # stopped by a timeout or a cancellation
@@ -309,7 +114,7 @@ class Evaluators:
 
     def note_one_shot(self, seconds: float) -> None:
         """How long an evaluation by `nix-instantiate` took (what waiting is weighed against)."""
-        self._one_shot_seconds = _moving_average(self._one_shot_seconds, seconds)
+        self._one_shot_seconds = moving_average(self._one_shot_seconds, seconds)
 
     def _worth_waiting(self, key: _Key, evaluator: ReplEvaluator) -> bool:
         """Whether the evaluator should be free sooner than a one-shot process would answer.
@@ -332,18 +137,22 @@ class Evaluators:
         return self._one_shot_seconds or evaluator.start_seconds
 
     @contextlib.asynccontextmanager
-    async def _turn(self, key: _Key, evaluator: ReplEvaluator) -> AsyncIterator[None]:
+    async def _turn(self, key: _Key, evaluator: ReplEvaluator, deadline: Deadline) -> AsyncIterator[None]:
         """The evaluator's lock, counted in `_waiting` while queued for it.
 
         Behind another image's answer, the wait is bounded by twice what a
         one-shot process takes (the estimate may be wrong); then `_WaitedTooLong`.
+        Any wait ends at the request's deadline.
         """
         one_shot = self._one_shot_estimate(evaluator)
         patience = None if evaluator.serving_since is None or one_shot is None else max(2 * one_shot, 0.1)
         self._waiting[key] = self._waiting.get(key, 0) + 1
+        wait = deadline.remaining() if patience is None else min(patience, deadline.remaining())
         try:
-            await asyncio.wait_for(evaluator.lock.acquire(), patience)
+            await asyncio.wait_for(evaluator.lock.acquire(), wait)
         except TimeoutError:
+            if deadline.remaining() <= 0:
+                raise deadline.passed("the evaluation (waiting for the evaluator)") from None
             raise _WaitedTooLong from None
         finally:
             self._waiting[key] -= 1
@@ -354,15 +163,23 @@ class Evaluators:
         finally:
             evaluator.lock.release()
 
-    async def warm(self, revision: str, pkgs_path: Path, *, system: str, timeout: float) -> None:
-        """Start the evaluator of `system` and `revision` now, so that the first image does not wait for it."""
+    async def warm(self, revision: str, pkgs_path: Path, *, system: str, deadline: Deadline) -> None:
+        """Import the package set of `revision` now: start its evaluator, so that the first
+        image does not wait for it, and log an error if the set does not import.
+
+        Without repls, `nix-instantiate` imports it once, for the error alone.
+        """
         key = (system, revision)
-        if self._unusable or self._current(key) is not None:
-            return
-        evaluator = self._new(key, pkgs_path)
-        async with evaluator.lock:
-            if await self._start(key, evaluator, timeout):
-                self._schedule_idle_stop(key, evaluator)
+        try:
+            if not self.repl or self._unusable:
+                await check_import(pkgs_path, system, deadline=deadline, memory_limit=self.memory_limit)
+            elif key not in self._not_importing and self._current(key) is None:  # else known already
+                evaluator = self._new(key, pkgs_path)
+                async with evaluator.lock:
+                    if await self._start(key, evaluator, deadline):
+                        self._schedule_idle_stop(key, evaluator)
+        except NixError as exc:  # a timeout, or check_import's error (_start logs its others)
+            _log_not_importing(pkgs_path, system, exc)
 
     async def close(self) -> None:
         for timer in self._idle_timers.values():
@@ -383,7 +200,7 @@ class Evaluators:
         return evaluator
 
     def _new(self, key: _Key, pkgs_path: Path) -> ReplEvaluator:
-        evaluator = ReplEvaluator(pkgs_path, key[0])
+        evaluator = ReplEvaluator(pkgs_path, key[0], memory_limit=self.memory_limit)
         replaced = self._evaluators.pop(key, None)
         if replaced is not None:
             self._stop_when_free(replaced)
@@ -393,19 +210,34 @@ class Evaluators:
             self._stop_when_free(oldest)
         return evaluator
 
-    async def _start(self, key: _Key, evaluator: ReplEvaluator, timeout: float) -> bool:
-        """Start `evaluator` (under its lock); False when it could not be."""
+    async def _start(self, key: _Key, evaluator: ReplEvaluator, deadline: Deadline) -> bool:
+        """Start `evaluator` (under its lock); False when it could not be.
+
+        Raises NixTimeout when the deadline passes: no one-shot process would have time left.
+        """
         if evaluator.started:
             return evaluator.alive
         try:
-            await evaluator.start(timeout=timeout)
+            try:
+                await evaluator.start(deadline=deadline)
+            except ErrorNotShown:
+                await evaluator.close()
+                await check_import(evaluator.pkgs_path, key[0], deadline=deadline, memory_limit=self.memory_limit)
+                raise NixError("the package set does not import in nix repl, but does in nix-instantiate") from None
             return True
         except EvaluatorUnusable as exc:
             await self._failed(key, evaluator, exc)
         except OSError as exc:  # no `nix` to run: it will not appear later either
             await self._failed(key, evaluator, EvaluatorUnusable(f"cannot start nix repl: {exc}"))
-        except NixError as exc:  # e.g. a package set that does not import: builds report it
-            log.info("nix.evaluator_not_started", error=str(exc)[:300], note="evaluating with nix-instantiate")
+        except NixTimeout:
+            self._forget(key, evaluator)
+            await evaluator.close()
+            raise
+        except NixError as exc:  # the set does not import (an error, its memory): builds report it
+            _log_not_importing(evaluator.pkgs_path, key[0], exc)
+            self._not_importing[key] = None
+            while len(self._not_importing) > _NOT_IMPORTING_KEPT:
+                self._not_importing.popitem(last=False)
             self._forget(key, evaluator)
             await evaluator.close()
         return False
@@ -457,3 +289,30 @@ class Evaluators:
         task = asyncio.ensure_future(stop())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+async def check_import(pkgs_path: Path, system: str, *, deadline: Deadline, memory_limit: int | None) -> None:
+    """Import the package set as a repl does, with nix-instantiate (which prints every
+    error); raises NixError, with Nix's message, if it does not import."""
+    try:
+        await run_nix(
+            [
+                "nix-instantiate", "--eval", "--read-write-mode", str(EVALUATOR_NIX), "-A", "warm",
+                "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "system", system,
+            ],
+            deadline=deadline,
+            memory_limit=memory_limit,
+        )
+    except (NixTimeout, MemoryLimitExceeded):
+        raise
+    except NixError as exc:
+        raise NixError("the package set does not import", exc.log_tail) from exc
+
+
+def _log_not_importing(pkgs_path: Path, system: str, error: NixError) -> None:
+    """An error in the log: Nix's message names the file and line."""
+    log.error(
+        "nix.package_set_does_not_import", pkgs=str(pkgs_path), system=system, error=error.message,
+        nix=error.log_tail[-2000:],
+        note="the next image tries again" if isinstance(error, NixTimeout) else "its images fail with this error",
+    )

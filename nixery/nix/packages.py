@@ -16,7 +16,7 @@ from nixery.layers.graph import ClosureGraph, GraphError
 from nixery.nix import store_db
 from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
-from nixery.nix.process import run_nix
+from nixery.nix.process import Deadline, run_nix
 
 log = structlog.get_logger(__name__)
 
@@ -75,19 +75,20 @@ async def evaluate(
     system: str,
     *,
     source: str,
-    timeout: float,
+    deadline: Deadline,
     evaluators: Evaluators | None = None,
     revision: str = "",
 ) -> list[ResolvedPackage]:
     """Resolve image names in the package set at `pkgs_path` (of `revision`).
 
     With `evaluators`, a long-running repl answers when it can; otherwise, or
-    when it cannot take the request, one `nix-instantiate` does.
+    when it cannot take the request, one `nix-instantiate` does, with what is
+    left of `deadline` and the evaluators' memory limit.
     """
     request = {"packages": list(names), "system": system}
     stdout = None
     if evaluators is not None:
-        stdout = await evaluators.evaluate(revision, pkgs_path, request, system=system, timeout=timeout)
+        stdout = await evaluators.evaluate(revision, pkgs_path, request, system=system, deadline=deadline)
     if stdout is None:
         started = time.monotonic()
         stdout = await run_nix(
@@ -95,7 +96,8 @@ async def evaluate(
                 "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(EVAL_NIX),
                 "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", json.dumps(request),
             ],
-            timeout=timeout,
+            deadline=deadline,
+            memory_limit=None if evaluators is None else evaluators.memory_limit,
         )
         if evaluators is not None:
             evaluators.note_one_shot(time.monotonic() - started)
@@ -114,38 +116,42 @@ async def ensure_built_closure(
     drv_paths: Sequence[str],
     out_paths: Sequence[str],
     *,
-    timeout: float,
+    deadline: Deadline,
     on_line: Callable[[str], None] | None = None,
 ) -> ClosureGraph:
-    """Build what is not built yet, then return the closure of `out_paths`.
+    """Build what is not built yet, then return the closure of `out_paths`, by `deadline`.
 
     When every output is built already (the common case), this reads Nix's store
     database instead of starting any Nix process; see `nixery.nix.store_db`.
     """
-    deadline = time.monotonic() + timeout
     # One read answers both questions: the closure is only found when every output is valid.
     graph = await store_db.closure_graph(out_paths)
     if graph is not None:
         log.debug("nix.realise_skipped", outputs=len(set(out_paths)))
         return graph
-    await realise(drv_paths, timeout=timeout, on_line=on_line)
-    return await closure_graph(out_paths, timeout=max(0.1, deadline - time.monotonic()))
+    await realise(drv_paths, deadline=deadline, on_line=on_line)
+    return await closure_graph(out_paths, deadline=deadline)
 
 
 async def realise(
-    drv_paths: Sequence[str], *, timeout: float, on_line: Callable[[str], None] | None = None
+    drv_paths: Sequence[str], *, deadline: Deadline, on_line: Callable[[str], None] | None = None
 ) -> None:
-    """Build (or find already built) every derivation, with `nix-store --realise`."""
-    await run_nix(["nix-store", "--realise", *sorted(set(drv_paths))], timeout=timeout, on_line=on_line)
+    """Build (or find already built) every derivation, with `nix-store --realise`.
+
+    Not bounded in memory: the builders are the package set's own programs.
+    """
+    await run_nix(
+        ["nix-store", "--realise", *sorted(set(drv_paths))], deadline=deadline, on_line=on_line, builds=True
+    )
 
 
-async def closure_graph(out_paths: Sequence[str], *, timeout: float) -> ClosureGraph:
+async def closure_graph(out_paths: Sequence[str], *, deadline: Deadline) -> ClosureGraph:
     """The closure of `out_paths`, from the store database or else `nix path-info`."""
     graph = await store_db.closure_graph(out_paths)
     if graph is not None:
         return graph
     stdout = await run_nix(
-        ["nix", "path-info", "--json", "--recursive", *sorted(set(out_paths))], timeout=timeout
+        ["nix", "path-info", "--json", "--recursive", *sorted(set(out_paths))], deadline=deadline
     )
     try:
         return ClosureGraph.from_path_info(stdout)

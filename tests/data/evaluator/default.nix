@@ -12,5 +12,9 @@ base // {
   slowEval = busy 1 base.hello;
   endlessEval = busy 1000 base.hello;
   evalError = throw "this package does not evaluate";
+  # About 800 MB of resident memory within 2 s, then hello.
+  memoryHog = builtins.seq (builtins.length (builtins.genList (x: x) 10000000)) base.hello;
+  # A file that ends too soon: the error nix repl does not print.
+  cutShort = import ./cut-short.nix;
   nested = { deeper = { tool = base.hello; }; };
 }
