@@ -371,26 +371,35 @@ class ImageBuilder:
     # ---- building ------------------------------------------------------
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
-        started, ok = time.monotonic(), False
-        metrics.build_started()
         try:
             async with self.storage.exclusive(f"builds/{key}"):
                 # Another process sharing this storage may have built it while we waited.
                 record = await self._cached_record(key)
                 if record is None:
-                    record = await self._build_stages(request, revision, key, build)
+                    record = await self._counted_build(request, revision, key, build)
+                else:
+                    metrics.build_waited()
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
             build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail)
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             raise
         else:
-            ok = True
             build.emit(Stage.DONE, "image ready", **_record_summary(record))
             return record
         finally:
-            metrics.build_finished(ok, time.monotonic() - started)
             self._in_flight.pop(key, None)
+
+    async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
+        """A build that runs here (the metrics count it; not a wait for another process's)."""
+        started, ok = time.monotonic(), False
+        metrics.build_started()
+        try:
+            record = await self._build_stages(request, revision, key, build)
+            ok = True
+            return record
+        finally:
+            metrics.build_finished(ok, time.monotonic() - started)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
