@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)
         builder = ImageBuilder.from_settings(settings, storage)
+        builder.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         declarations = None

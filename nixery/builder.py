@@ -31,7 +31,9 @@ plus one entry per build (`nixery.history`).
 
 In memory, each process keeps the image records it used most recently
 (`nixery.records`, NIXERY_RECORD_CACHE of them); it drops those naming a blob
-found corrupt.
+found missing or corrupt, and all of them when `nixery gc` says it removed
+something (`nixery.collected`), so that a record it answers with names only
+stored blobs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 import structlog
 
 from nixery import metrics
+from nixery.collected import CollectionWatch
 from nixery.config import Settings
 from nixery.evaluations import EvaluationCache
 from nixery.history import SharedHistory
@@ -100,6 +103,11 @@ def image_key(
     if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
         material["compression"] = compression.value
     return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def build_lock(key: str) -> str:
+    """The storage lock held while the image under `key` is built (or collected)."""
+    return f"builds/{key}"
 
 
 def layer_key(store_paths: Sequence[str], compression: Compression = Compression.GZIP) -> str:
@@ -160,6 +168,9 @@ class ImageBuilder:
         self._background: set[asyncio.Task[ImageRecord]] = set()
         self._background_writes: set[asyncio.Task[None]] = set()
         storage.on_corrupt_blob(self.forget_images_using)
+        #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
+        self._collections = CollectionWatch(storage, self._collected)
+        self._collection_listeners: list[Callable[[], None]] = []
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
         self._writers = LayerWriters(layer_workers or os.cpu_count() or 2)
@@ -180,7 +191,8 @@ class ImageBuilder:
 
     async def warm_up(self) -> None:
         """Start the layer writers, and this host's evaluator on a local package set, and load
-        the layering history, so the first image need not."""
+        the layering history, so the first image need not; start following `nixery gc`."""
+        self._collections.start()
         await asyncio.gather(asyncio.to_thread(self._writers.start), self._warm_evaluator(), self._warm_history())
 
     async def _warm_history(self) -> None:
@@ -201,6 +213,7 @@ class ImageBuilder:
             await self.evaluators.warm(revision.id, revision.path, system=nix.host_system(), timeout=self.nix_timeout)
 
     async def close(self) -> None:
+        await self._collections.close()
         await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
         await self.evaluations.flush()
         await self.history.close()
@@ -305,11 +318,20 @@ class ImageBuilder:
         if forgotten := self._records.forget_using(digest):
             log.info("build.images_forgotten", blob=str(digest), images=forgotten)
 
+    def on_collected(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""
+        self._collection_listeners.append(listener)
+
+    def _collected(self) -> None:
+        self._records.clear()
+        for listener in self._collection_listeners:
+            listener()
+
     # ---- building ------------------------------------------------------
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         try:
-            async with self.storage.exclusive(f"builds/{key}"):
+            async with self.storage.exclusive(build_lock(key)):
                 # Another process sharing this storage may have built it while we waited.
                 record = await self._cached_record(key)
                 if record is None:
