@@ -29,8 +29,8 @@ from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import ManifestFormat
 
-#: Default of NIXERY_RECORD_CACHE.
-DEFAULT_CAPACITY = 1000
+#: Default of NIXERY_RECORD_CACHE: images (their records, and as many manifests) held per process.
+DEFAULT_CAPACITY = 500
 #: Most recently built images kept for the landing page.
 RECENT = 50
 

@@ -187,3 +187,28 @@ def test_replicas_on_s3_rebuild_what_gc_collected(
                 status, _, _ = replica.request(f"/v2/{name}/blobs/{blob}", method="HEAD", accept=None)
                 assert status == 200, (replica.port, blob)
         assert "and 1 images: ok" in check_storage(tmp_path / "cli", **env)
+
+
+def test_the_manifest_cache_forgets_what_names_a_missing_blob() -> None:
+    from nixery.http.routes import ManifestCache
+
+    def digest(text: str) -> Digest:
+        return Digest.of(text.encode())
+
+    cache = ManifestCache(capacity=3)
+    shared, own_a, own_b = digest("shared layer"), digest("a's layer"), digest("b's layer")
+    cache.put(digest("manifest a"), b"a", "type", [digest("config a"), shared, own_a])
+    cache.put(digest("manifest b"), b"b", "type", [digest("config b"), shared, own_b])
+    cache.forget_naming(digest("named by nothing"))
+    assert cache.get(digest("manifest a")) == (b"a", "type") and cache.get(digest("manifest b")) is not None
+    cache.forget_naming(own_a)
+    assert cache.get(digest("manifest a")) is None and cache.get(digest("manifest b")) is not None
+    cache.forget_naming(digest("manifest b"))  # a manifest is a blob too
+    assert cache.get(digest("manifest b")) is None
+    for n in range(5):  # evicted ones are no longer counted
+        cache.put(digest(f"manifest {n}"), b"x", "type", [shared])
+    cache.forget_naming(shared)
+    assert all(cache.get(digest(f"manifest {n}")) is None for n in range(5))
+    cache.put(digest("manifest c"), b"c", "type", [shared])
+    cache.clear()
+    assert cache.get(digest("manifest c")) is None

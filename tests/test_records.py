@@ -109,7 +109,7 @@ def test_records_share_what_their_common_layers_hold() -> None:
 
 def test_the_record_cache_setting() -> None:
     assert config.load({"NIXERY_RECORD_CACHE": "250"}).record_cache == 250
-    assert config.load({}).record_cache == 1000
+    assert config.load({}).record_cache == 500
     for bad in ("0", "many"):
         with pytest.raises(config.ConfigError, match="NIXERY_RECORD_CACHE"):
             config.load({"NIXERY_RECORD_CACHE": bad})

@@ -56,14 +56,16 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 class ManifestCache:
     """Manifest bytes by digest, kept in memory: they are small and hot.
 
-    Each is dropped when a blob it names is found missing (`forget_naming`: an
-    index by blob, so unknown digests cost nothing), and all are dropped when
-    `nixery gc` has removed something (`clear`, wired in nixery.app)."""
+    Each is dropped when a blob it names is found missing (`forget_naming`),
+    and all are dropped when `nixery gc` has removed something (`clear`,
+    wired in nixery.app). A count of the cached manifests naming each blob
+    lets a missing blob that none names (any digest a client makes up) cost
+    nothing; one that some name costs a walk of the cache, once."""
 
     def __init__(self, capacity: int = 4096):
         # (document, media type, hex digests of the blobs it names: interned, as most are shared)
         self._items: OrderedDict[Digest, tuple[bytes, str, tuple[str, ...]]] = OrderedDict()
-        self._naming: dict[str, set[Digest]] = {}  # blob (hex) -> manifests naming it
+        self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
         self._capacity = capacity
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
@@ -78,26 +80,28 @@ class ManifestCache:
         names = tuple(sys.intern(blob.hex) for blob in blobs)
         self._items[digest] = (document, media_type, names)
         for name in names:
-            self._naming.setdefault(name, set()).add(digest)
+            self._named[name] = self._named.get(name, 0) + 1
         while len(self._items) > self._capacity:
             self._drop(next(iter(self._items)))
 
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
-        for digest in [*self._naming.get(blob.hex, ()), blob]:
-            self._drop(digest)
+        if blob.hex in self._named:
+            for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
+                self._drop(digest)
+        self._drop(blob)
 
     def clear(self) -> None:
         self._items.clear()
-        self._naming.clear()
+        self._named.clear()
 
     def _drop(self, digest: Digest) -> None:
         item = self._items.pop(digest, None)
         for name in item[2] if item is not None else ():
-            manifests = self._naming[name]
-            manifests.discard(digest)
-            if not manifests:
-                del self._naming[name]
+            if (count := self._named[name] - 1) > 0:
+                self._named[name] = count
+            else:
+                del self._named[name]
 
 
 def _content_headers(digest: Digest, media_type: str) -> dict[str, str]:
