@@ -61,6 +61,8 @@ T = TypeVar("T")
 
 
 class SharedHistory:
+    """This process's layering history, kept in step with storage (see the module docstring)."""
+
     def __init__(
         self,
         storage: Storage,
