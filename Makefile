@@ -43,13 +43,14 @@ serve-self-image: self-image
 bench-layering: venv
 	$(PYTHON) bench/layering.py
 
-# Every benchmark (about 20 minutes; BENCH_ARGS=--quick for a short run): tables in docs/benchmarks/.
+# Every benchmark (about 30 minutes; BENCH_ARGS=--quick for a short run): tables in docs/benchmarks/.
 bench: setup
 	$(PYTHON) bench/layering.py
 	$(PYTHON) bench/serving.py $(BENCH_ARGS)
 	$(PYTHON) bench/cold_build.py $(BENCH_ARGS)
 	$(PYTHON) bench/scale.py $(BENCH_ARGS)
 	$(PYTHON) bench/load.py $(BENCH_ARGS)
+	$(PYTHON) bench/stored_work.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .cache

@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
     app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""
-    app[routes.MANIFESTS] = routes.ManifestCache()
+    app[routes.MANIFESTS] = routes.ManifestCache(settings.record_cache)  # as many as image records
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> web.Application:
             await storage.close()
             raise
         builder = ImageBuilder.from_settings(settings, storage)
+        builder.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         app[health.READINESS] = health.StorageReadiness(storage)

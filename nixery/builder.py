@@ -8,7 +8,7 @@ Nix, layering, the caches and storage meet.
         (evaluations are kept per name, and the other two read from Nix's
         store database: a new image of known, built names runs no Nix)
                                    ▼
-        plan layers (with the history of stored layers)
+        plan layers (with the history of stored layers, shared through storage)
                                    ▼
         each layer: layer cache hit? else tar+compress+hash once, in a
         worker process (nixery.layers.writers) ─► storage
@@ -26,7 +26,14 @@ record, and `layers/<key>` maps a layer's exact path set to its blob. Both
 keys include the layer compression (gzip keys as they were before zstd
 existed), so switching NIXERY_LAYER_COMPRESSION never serves one for the other.
 `evaluations/<key>` maps (source revision, system, name) to what the name
-evaluated to (`nixery.evaluations`).
+evaluated to (`nixery.evaluations`), and the layering history is a snapshot
+plus one entry per build (`nixery.history`).
+
+In memory, each process keeps the image records it used most recently
+(`nixery.records`, NIXERY_RECORD_CACHE of them); it drops those naming a blob
+found missing or corrupt, and all of them when `nixery gc` says it removed
+something (`nixery.collected`), so that a record it answers with names only
+stored blobs.
 """
 
 from __future__ import annotations
@@ -46,11 +53,13 @@ from typing import Any
 import structlog
 
 from nixery import metrics
+from nixery.collected import CollectionWatch
 from nixery.config import Settings
 from nixery.evaluations import EvaluationCache
+from nixery.history import SharedHistory
 from nixery.layers.entrypoints import SSL_CERT_FILE, write_entry_points
 from nixery.layers.graph import ClosureGraph
-from nixery.layers.grouping import LayerHistory, plan_layers
+from nixery.layers.grouping import plan_layers
 from nixery.layers.tarball import cache_tag, write_store_layer
 from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.nix import packages as nix
@@ -59,6 +68,7 @@ from nixery.nix.packages import ResolvedPackage
 from nixery.nix.process import Deadline
 from nixery.nix.sources import PackageSource, Revision, open_source
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
+from nixery.records import DEFAULT_CAPACITY, ImageRecord, ManifestRef, RecordCache
 from nixery.registry.digest import Digest
 from nixery.registry.image import (
     DEFAULT_PATH,
@@ -76,89 +86,9 @@ log = structlog.get_logger(__name__)
 
 #: Bumped when the bytes we produce for the same closure change.
 FORMAT_VERSION = "1"
-_HISTORY_KEY = "layering/history.json"
 USAGE_PREFIX = "usage/"
 #: How often an image's use is written to storage (for garbage collection).
 USAGE_INTERVAL = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRef:
-    digest: Digest
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRecord:
-    key: str
-    name: str
-    source: str
-    revision: str
-    packages: tuple[str, ...]  # resolved attribute paths
-    architecture: str
-    config: Digest
-    manifests: dict[ManifestFormat, ManifestRef]
-    layers: tuple[LayerDescriptor, ...]
-    built_at: float
-    # The store paths of each layer, in layer order (empty for the entry-point
-    # layer, and for records written before paths were kept).
-    layer_paths: tuple[tuple[str, ...], ...] = ()
-
-    def to_json(self) -> bytes:
-        return canonical_json(
-            {
-                "key": self.key,
-                "name": self.name,
-                "source": self.source,
-                "revision": self.revision,
-                "packages": list(self.packages),
-                "architecture": self.architecture,
-                "config": str(self.config),
-                "manifests": {
-                    fmt.name.lower(): {"digest": str(ref.digest), "size": ref.size}
-                    for fmt, ref in self.manifests.items()
-                },
-                "layers": [
-                    {**layer.to_json(), "paths": list(paths)}
-                    for layer, paths in zip(self.layers, self.layer_paths or [()] * len(self.layers), strict=True)
-                ],
-                "built_at": self.built_at,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ImageRecord:
-        doc: dict[str, Any] = json.loads(data)
-        return cls(
-            key=doc["key"],
-            name=doc["name"],
-            source=doc["source"],
-            revision=doc["revision"],
-            packages=tuple(doc["packages"]),
-            architecture=doc["architecture"],
-            config=Digest.parse(doc["config"]),
-            manifests={
-                ManifestFormat[fmt.upper()]: ManifestRef(Digest.parse(ref["digest"]), int(ref["size"]))
-                for fmt, ref in doc["manifests"].items()
-            },
-            layers=tuple(LayerDescriptor.from_json(layer) for layer in doc["layers"]),
-            built_at=float(doc["built_at"]),
-            layer_paths=tuple(tuple(layer.get("paths", ())) for layer in doc["layers"]),
-        )
-
-    def blobs(self) -> set[Digest]:
-        """Every blob the image needs: config, manifests and layers."""
-        return {self.config, *(ref.digest for ref in self.manifests.values()), *(x.digest for x in self.layers)}
-
-    @property
-    def compressed_size(self) -> int:
-        return sum(layer.size for layer in self.layers)
-
-    @property
-    def default_manifest(self) -> ManifestRef:
-        """The manifest a client that takes any format gets: Docker schema 2 when
-        the image has one, else OCI (images of zstd layers have only OCI)."""
-        return self.manifests.get(ManifestFormat.DOCKER) or self.manifests[ManifestFormat.OCI]
 
 
 def image_key(
@@ -174,6 +104,11 @@ def image_key(
     if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
         material["compression"] = compression.value
     return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def build_lock(key: str) -> str:
+    """The storage lock held while the image under `key` is built (or collected)."""
+    return f"builds/{key}"
 
 
 def layer_key(store_paths: Sequence[str], compression: Compression = Compression.GZIP) -> str:
@@ -209,6 +144,7 @@ class ImageBuilder:
         layer_workers: int | None = None,
         layer_compression: Compression = Compression.GZIP,
         evaluators: Evaluators | None = None,
+        record_cache: int = DEFAULT_CAPACITY,
     ):
         self.storage = storage
         #: Long-running Nix evaluators (None: one nix-instantiate per image).
@@ -223,15 +159,19 @@ class ImageBuilder:
         self._layers: SingleFlight[_StoredLayer] = SingleFlight()
         #: New layers whose blob and record are being written, by layer key.
         self._storing: dict[str, _StoredLayer] = {}
-        self._records: dict[str, ImageRecord] = {}
-        self._history: LayerHistory | None = None
-        self._history_lock = asyncio.Lock()
+        #: The image records used most recently (NIXERY_RECORD_CACHE of them).
+        self._records = RecordCache(record_cache)
+        #: The layering history, shared through storage with the other processes.
+        self.history = SharedHistory(storage)
+        self._planning = asyncio.Lock()
         self.builds = BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
         self._background_writes: set[asyncio.Task[None]] = set()
-        self._last_use_written: dict[str, float] = {}
-        storage.on_corrupt_blob(self._forget_images_using)
+        storage.on_corrupt_blob(self.forget_images_using)
+        #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
+        self._collections = CollectionWatch(storage, self._collected)
+        self._collection_listeners: list[Callable[[], None]] = []
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
         self._writers = LayerWriters(layer_workers or os.cpu_count() or 2)
@@ -248,12 +188,20 @@ class ImageBuilder:
             evaluators=Evaluators(
                 memory_limit=settings.evaluator_memory_limit, repl=settings.nix_evaluator == "repl"
             ),
+            record_cache=settings.record_cache,
         )
 
     async def warm_up(self) -> None:
-        """Start the layer writers, and this host's evaluator on a local package set, so the
-        first image need not."""
-        await asyncio.gather(asyncio.to_thread(self._writers.start), self._warm_evaluator())
+        """Start the layer writers, and this host's evaluator on a local package set, and load
+        the layering history, so the first image need not; start following `nixery gc`."""
+        self._collections.start()
+        await asyncio.gather(asyncio.to_thread(self._writers.start), self._warm_evaluator(), self._warm_history())
+
+    async def _warm_history(self) -> None:
+        try:
+            await self.history.current()
+        except Exception as exc:  # the first build tries again
+            log.info("build.history_not_loaded", error=str(exc)[:200])
 
     async def _warm_evaluator(self) -> None:
         if self.evaluators is None:
@@ -269,8 +217,10 @@ class ImageBuilder:
             )
 
     async def close(self) -> None:
+        await self._collections.close()
         await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
         await self.evaluations.flush()
+        await self.history.close()
         if self.evaluators is not None:
             await self.evaluators.close()
         await self._writers.close()
@@ -329,7 +279,8 @@ class ImageBuilder:
         return build
 
     def recent_images(self, limit: int = 20) -> list[ImageRecord]:
-        return sorted(self._records.values(), key=lambda r: r.built_at, reverse=True)[:limit]
+        """The most recently built images this process has seen, newest first."""
+        return self._records.recent(limit)
 
     async def _cached_record(self, key: str) -> ImageRecord | None:
         """The built image under `key`: from memory, else from storage if all its blobs are there."""
@@ -342,7 +293,7 @@ class ImageBuilder:
             if not await self._blobs_present(record):
                 log.warning("build.record_incomplete", key=key[:12], image=record.name, note="rebuilding")
                 return None
-            self._records[key] = record
+            self._records.put(record)
         return record
 
     async def _blobs_present(self, record: ImageRecord) -> bool:
@@ -352,9 +303,8 @@ class ImageBuilder:
     def _note_use(self, key: str) -> None:
         """Record that an image was pulled, at most once per USAGE_INTERVAL (for GC)."""
         now = time.time()
-        if now - self._last_use_written.get(key, 0.0) < USAGE_INTERVAL:
+        if not self._records.should_write_use(key, now, USAGE_INTERVAL):
             return
-        self._last_use_written[key] = now
         task = asyncio.ensure_future(
             self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now}))
         )
@@ -366,35 +316,53 @@ class ImageBuilder:
         if not task.cancelled() and task.exception() is not None:
             log.warning("build.usage_not_recorded", error=str(task.exception()))
 
-    def _forget_images_using(self, digest: Digest) -> None:
-        """A blob was found corrupt: its images must be checked (and rebuilt) on next use."""
-        for key, record in list(self._records.items()):
-            if digest == record.config or any(layer.digest == digest for layer in record.layers):
-                del self._records[key]
+    def forget_images_using(self, digest: Digest) -> None:
+        """A blob was found missing or corrupt: its images are checked in storage (and rebuilt)
+        on their next use."""
+        if forgotten := self._records.forget_using(digest):
+            log.info("build.images_forgotten", blob=str(digest), images=forgotten)
+
+    def on_collected(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""
+        self._collection_listeners.append(listener)
+
+    def _collected(self) -> None:
+        self._records.clear()
+        for listener in self._collection_listeners:
+            listener()
 
     # ---- building ------------------------------------------------------
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
-        started, ok = time.monotonic(), False
-        metrics.build_started()
         try:
-            async with self.storage.exclusive(f"builds/{key}"):
+            async with self.storage.exclusive(build_lock(key)):
                 # Another process sharing this storage may have built it while we waited.
                 record = await self._cached_record(key)
                 if record is None:
-                    record = await self._build_stages(request, revision, key, build)
+                    record = await self._counted_build(request, revision, key, build)
+                else:
+                    metrics.build_waited()
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
             build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail)
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             raise
         else:
-            ok = True
             build.emit(Stage.DONE, "image ready", **_record_summary(record))
             return record
         finally:
-            metrics.build_finished(ok, time.monotonic() - started)
             self._in_flight.pop(key, None)
+
+    async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
+        """A build that runs here (the metrics count it; not a wait for another process's)."""
+        started, ok = time.monotonic(), False
+        metrics.build_started()
+        try:
+            record = await self._build_stages(request, revision, key, build)
+            ok = True
+            return record
+        finally:
+            metrics.build_finished(ok, time.monotonic() - started)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
@@ -405,8 +373,8 @@ class ImageBuilder:
             resolved, graph = await self._nix_closure(request, revision, bound, build)
         roots = sorted({out for package in resolved for out in package.outputs})
         build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
-        async with self._history_lock:
-            history = await self._load_history()
+        async with self._planning:
+            history = await self.history.current()
             plan = await asyncio.to_thread(
                 plan_layers, graph, roots, max_layers=self.max_layers - 1, history=history
             )
@@ -463,9 +431,9 @@ class ImageBuilder:
         blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
         await asyncio.gather(
             self.storage.put_meta_after(f"images/{key}", record.to_json(), blobs_stored),
-            self._record_history(history, plan),
+            self.history.record(plan),
         )
-        self._records[key] = record
+        self._records.put(record)
         bound.info(
             "build.done",
             seconds=round(time.monotonic() - started, 3),
@@ -498,32 +466,6 @@ class ImageBuilder:
             [p.drv_path for p in resolved], outputs, deadline=deadline, on_line=NixLogProgress(build)
         )
         return resolved, graph
-
-    async def _record_history(self, history: LayerHistory, plan: Sequence[frozenset[str]]) -> None:
-        async with self._history_lock, self.storage.exclusive("layering-history"):
-            # Other processes on this storage record too: keep what they added.
-            stored = await self._read_history()
-            for layer in stored.layers() if stored is not None else ():
-                if layer not in history:
-                    history.record([layer])
-            history.record([frozenset(paths) for paths in plan])
-            await self.storage.put_meta(_HISTORY_KEY, history.to_json())
-
-    async def _load_history(self) -> LayerHistory:
-        if self._history is None:
-            self._history = await self._read_history() or LayerHistory()
-        return self._history
-
-    async def _read_history(self) -> LayerHistory | None:
-        """The stored layering history; a damaged one is dropped (it only guides reuse)."""
-        data = await self.storage.get_meta(_HISTORY_KEY)
-        if data is None:
-            return None
-        try:
-            return LayerHistory.from_json(data)
-        except ValueError as exc:
-            log.warning("build.history_unreadable", error=str(exc)[:200], note="starting a new history")
-            return None
 
     async def _store_layer(self, store_paths: list[str], counter: _LayerCounter) -> _StoredLayer:
         key = layer_key(store_paths, self.compression)

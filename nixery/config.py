@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nixery.records import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.registry.mediatypes import Compression
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -104,6 +105,8 @@ class Settings:
     evaluator_memory_limit: int = 1024 << 20  # bytes of an evaluating Nix process; past it, it is killed
     max_layers: int = 100
     max_concurrent_builds: int = 2
+    # Image records kept in memory per process, least recently used dropped first.
+    record_cache: int = DEFAULT_RECORD_CACHE
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
     layer_compression: Compression = Compression.GZIP
     shutdown_grace: float = 30.0
@@ -370,6 +373,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
+        record_cache=_int(env, "NIXERY_RECORD_CACHE", DEFAULT_RECORD_CACHE, low=1, high=10_000_000),
         layer_compression=Compression(
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
         ),

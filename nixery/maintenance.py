@@ -12,6 +12,12 @@ Both run against live storage while registries serve from it:
   use at least once an hour (`usage/<key>`), and the limit is longer than that.
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
   grace period keeps them until the build has written its image record.
+  An image's record is removed while holding its build lock (no build of it is
+  under way, and the lock leaves no file behind). Running registries hear of
+  what was removed through `nixery.collected`: gc leaves a note after removing
+  records, waits until every registry has read it (so none answers from memory
+  with an image whose blobs are about to go, and a pull rebuilds it instead),
+  then removes blobs and leaves another note.
 
 Both need the backend's optional listing and deleting capabilities, which all
 three drivers have; on a bucket the credentials need list and delete rights.
@@ -19,12 +25,15 @@ three drivers have; on a bucket the credentials need list and delete rights.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
 
-from nixery.builder import USAGE_PREFIX, ImageRecord
+from nixery import collected
+from nixery.builder import USAGE_PREFIX, build_lock
 from nixery.evaluations import PREFIX as EVALUATIONS
+from nixery.records import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -102,12 +111,16 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         if now - last_use > older_than:
             report.images_removed += 1
             if not dry_run:
-                await storage.delete_meta(key)
-                await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
+                async with storage.exclusive(build_lock(image_key)):
+                    await storage.delete_meta(key)
+                    await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
         else:
             report.images_kept += 1
             live |= record.blobs()
             live_revisions.add(record.revision)
+    if report.images_removed and not dry_run:
+        await collected.announce(storage, "images")
+        await asyncio.sleep(collected.SETTLE)  # every registry drops the records it holds
     async for blob in storage.list_blobs():
         if blob.digest in live or now - blob.modified < BLOB_GRACE:
             continue
@@ -115,6 +128,8 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         report.bytes_freed += blob.size
         if not dry_run:
             await storage.delete_blob(blob.digest)
+    if report.blobs_removed and not dry_run:
+        await collected.announce(storage, "blobs")
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

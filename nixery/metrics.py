@@ -2,9 +2,10 @@
 
     nixery_http_requests_total{method,route,status}   one per request
     nixery_http_request_duration_seconds{method,route}
-    nixery_builds_total{result}                       result: done | failed
+    nixery_builds_total{result}                       result: done | failed; builds run by this process
     nixery_build_duration_seconds{result}
     nixery_builds_running
+    nixery_build_waits_total                          waits for a build another process ran (shared storage)
     nixery_cache_hits_total{cache} / _misses_total    cache: image | layer
     nixery_layers_total{outcome}                      outcome: reused | created
     nixery_layer_bytes_compressed_total
@@ -35,7 +36,10 @@ HTTP_REQUESTS = Counter(
 HTTP_DURATION = Histogram(
     "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"]
 )
-BUILDS = Counter("nixery_builds", "Image builds finished, by result", ["result"])
+BUILDS = Counter("nixery_builds", "Image builds run by this process and finished, by result", ["result"])
+BUILD_WAITS = Counter(
+    "nixery_build_waits", "Images this process waited for while another process on the storage built them"
+)
 BUILD_DURATION = Histogram(
     "nixery_build_duration_seconds", "Image build time, by result", ["result"], buckets=_BUILD_BUCKETS
 )
@@ -84,6 +88,11 @@ def build_finished(ok: bool, seconds: float) -> None:
     BUILDS_RUNNING.dec()
     BUILDS.labels(result).inc()
     BUILD_DURATION.labels(result).observe(seconds)
+
+
+def build_waited() -> None:
+    """Another process built the image while this one waited for the storage's build lock."""
+    BUILD_WAITS.inc()
 
 
 # ---- hooks called by the error mapping -----------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.registry import RegistryProcess
+from tests.registry import RegistryProcess, slow_package_set
 
 pytestmark = pytest.mark.nix
 
@@ -107,3 +109,19 @@ def test_failures_and_unmatched_routes(registry: RegistryProcess) -> None:
     assert value(samples, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="404") == 1
     assert value(samples, "nixery_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert not any("12345" in json.dumps(labels) for _, labels in samples)
+
+
+def test_a_build_run_by_another_process_counts_as_a_wait(start_registry, tmp_path: Path) -> None:
+    """Two processes on one storage asked for the same new image at once: one builds it, the
+    other waits for the storage's build lock and serves the result. One build, one wait."""
+    pkgs = slow_package_set(tmp_path / "pkgs", seconds=3)
+    storage = tmp_path / "shared-storage"
+    registries = [start_registry(storage, NIXERY_PKGS_PATH=str(pkgs)) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        digests = set(pool.map(lambda registry: registry.manifest("slowpoke")[0], registries))
+    assert len(digests) == 1
+    samples = [scrape(registry) for registry in registries]
+    assert sum(value(s, "nixery_builds_total", result="done") for s in samples) == 1
+    assert sum(value(s, "nixery_build_duration_seconds_count", result="done") for s in samples) == 1
+    assert sum(value(s, "nixery_builds_total", result="failed") for s in samples) == 0
+    assert sum(value(s, "nixery_build_waits_total") for s in samples) == 1

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 import structlog
@@ -22,11 +24,11 @@ from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.progress import Build
 from nixery.registry.digest import Digest
-from nixery.registry.image import layer_compression, manifest_media_type
+from nixery.registry.image import layer_compression, parse_manifest
 from nixery.registry.mediatypes import OCTET_STREAM
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
 from nixery.registry.negotiation import check_client_unpacks, manifest_format, unpacks_zstd
-from nixery.storage.base import ByteStream, LocalFile, Redirect, Storage
+from nixery.storage.base import BlobNotFound, ByteStream, LocalFile, Redirect, Storage
 
 BUILDER = web.AppKey("builder", ImageBuilder)
 STORAGE = web.AppKey("storage", Storage)
@@ -52,23 +54,54 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 class ManifestCache:
-    """Manifest bytes by digest, kept in memory: they are small and hot."""
+    """Manifest bytes by digest, kept in memory: they are small and hot.
+
+    Each is dropped when a blob it names is found missing (`forget_naming`),
+    and all are dropped when `nixery gc` has removed something (`clear`,
+    wired in nixery.app). A count of the cached manifests naming each blob
+    lets a missing blob that none names (any digest a client makes up) cost
+    nothing; one that some name costs a walk of the cache, once."""
 
     def __init__(self, capacity: int = 4096):
-        self._items: OrderedDict[Digest, tuple[bytes, str]] = OrderedDict()
+        # (document, media type, hex digests of the blobs it names: interned, as most are shared)
+        self._items: OrderedDict[Digest, tuple[bytes, str, tuple[str, ...]]] = OrderedDict()
+        self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
         self._capacity = capacity
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
         item = self._items.get(digest)
-        if item is not None:
-            self._items.move_to_end(digest)
-        return item
-
-    def put(self, digest: Digest, document: bytes, media_type: str) -> None:
-        self._items[digest] = (document, media_type)
+        if item is None:
+            return None
         self._items.move_to_end(digest)
+        return item[0], item[1]
+
+    def put(self, digest: Digest, document: bytes, media_type: str, blobs: Sequence[Digest]) -> None:
+        self._drop(digest)
+        names = tuple(sys.intern(blob.hex) for blob in blobs)
+        self._items[digest] = (document, media_type, names)
+        for name in names:
+            self._named[name] = self._named.get(name, 0) + 1
         while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+            self._drop(next(iter(self._items)))
+
+    def forget_naming(self, blob: Digest) -> None:
+        """Drop the manifests that name `blob` (or are it)."""
+        if blob.hex in self._named:
+            for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
+                self._drop(digest)
+        self._drop(blob)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._named.clear()
+
+    def _drop(self, digest: Digest) -> None:
+        item = self._items.pop(digest, None)
+        for name in item[2] if item is not None else ():
+            if (count := self._named[name] - 1) > 0:
+                self._named[name] = count
+            else:
+                del self._named[name]
 
 
 def _content_headers(digest: Digest, media_type: str) -> dict[str, str]:
@@ -84,7 +117,10 @@ async def api_version(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION)
 
 
-async def _stored_manifest(request: web.Request, digest: Digest) -> tuple[bytes, str]:
+async def _stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
+    """The manifest from memory, else from storage; with `check_blobs`, one read from
+    storage is served only if every blob it names is stored (by digest, no image
+    record vouches for them)."""
     cache = request.app[MANIFESTS]
     cached = cache.get(digest)
     if cached is not None:
@@ -93,12 +129,31 @@ async def _stored_manifest(request: web.Request, digest: Digest) -> tuple[bytes,
     size = await storage.stat_blob(digest)
     if size is None or size > 4 << 20:  # manifests are small; larger blobs are layers
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
-    document = await storage.read_blob(digest)
-    media_type = manifest_media_type(document)
-    if media_type is None:
+    try:
+        document = await storage.read_blob(digest)
+    except BlobNotFound:  # removed since the stat
+        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
+    parsed = await asyncio.to_thread(parse_manifest, document)
+    if parsed is None:
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
-    cache.put(digest, document, media_type)
+    media_type, blobs = parsed
+    if check_blobs:
+        sizes = await asyncio.gather(*(storage.stat_blob(blob) for blob in blobs))
+        missing = [str(blob) for blob, size in zip(blobs, sizes, strict=True) if size is None]
+        if missing:
+            raise ManifestUnknown(
+                f"the image of manifest {digest} is no longer stored ({len(missing)} of its blobs are gone)",
+                detail={"digest": str(digest), "missing": missing[:10]},
+            )
+    cache.put(digest, document, media_type, blobs)
     return document, media_type
+
+
+def _blob_gone(request: web.Request, digest: Digest) -> None:
+    """A blob is not (or no longer) stored: forget what in memory names it, so that the
+    next pull of its image looks in storage again and rebuilds it."""
+    request.app[BUILDER].forget_images_using(digest)
+    request.app[MANIFESTS].forget_naming(digest)
 
 
 def _image_name(request: web.Request) -> ImageRequest:
@@ -124,29 +179,40 @@ async def _requested_image(request: web.Request, tag: str) -> ImageRequest:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    image = _image_name(request)
+    _image_name(request)
     reference = request.match_info["reference"]
     user_agent = request.headers.get("User-Agent", "")
-    by_digest = ":" in reference
-    if by_digest:
+    if ":" in reference:
         digest = Digest.parse(reference)
+        document, media_type = await _stored_manifest(request, digest, check_blobs=True)
+        # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
+        if not unpacks_zstd(user_agent):
+            check_client_unpacks(user_agent, layer_compression(document))
     else:
-        tag = check_tag(reference)
-        image = await _requested_image(request, tag)
-        builder = request.app[BUILDER]
-        # Before building: a client that cannot use the image is told so at once.
-        fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
-        record = await builder.image(image, tag, on_wait=lambda build: _log_wait(request, image.display_name, build))
-        digest = record.manifests[fmt].digest
-    document, media_type = await _stored_manifest(request, digest)
-    # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
-    if by_digest and not unpacks_zstd(user_agent):
-        check_client_unpacks(user_agent, layer_compression(document))
+        digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
     headers = _content_headers(digest, media_type)
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
     return web.Response(body=document, headers=headers)
+
+
+async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> tuple[Digest, bytes, str]:
+    image = await _requested_image(request, tag)
+    builder = request.app[BUILDER]
+    # Before building: a client that cannot use the image is told so at once.
+    fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
+
+    def on_wait(build: Build) -> None:
+        _log_wait(request, image.display_name, build)
+
+    digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
+    try:
+        return digest, *await _stored_manifest(request, digest, check_blobs=False)
+    except ManifestUnknown:  # the record held in memory outlived its manifest: the image is built again
+        _blob_gone(request, digest)
+    digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
+    return digest, *await _stored_manifest(request, digest, check_blobs=False)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
@@ -157,10 +223,15 @@ async def blob(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         size = await storage.stat_blob(digest)
         if size is None:
+            _blob_gone(request, digest)
             raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)})
         headers["Content-Length"] = str(size)
         return web.Response(headers=headers)
-    source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
+    try:
+        source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
+    except BlobNotFound:
+        _blob_gone(request, digest)
+        raise
     match source:
         case LocalFile(relative_path=relative) if request.app[BLOB_ACCEL_REDIRECT] and relative:
             # nginx sends the file (and answers ranges); the registry has checked the request and the bytes.
@@ -171,6 +242,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
             try:
                 handle = open(path, "rb")  # storage has just stat'ed it: no wait on the disk
             except FileNotFoundError:
+                _blob_gone(request, digest)
                 raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)}) from None
             return _SendFile(handle, size, headers)
         case Redirect(url=url):

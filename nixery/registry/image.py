@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import LAYER_COMPRESSION, Compression, ManifestFormat
 
@@ -88,16 +89,20 @@ def image_manifest(
     )
 
 
-def manifest_media_type(document: bytes) -> str | None:
-    """The media type a stored manifest declares, or None if the bytes are no manifest."""
+def parse_manifest(document: bytes) -> tuple[str, tuple[Digest, ...]] | None:
+    """The media type a stored manifest declares and the blobs it names (config, then
+    layers), or None if the bytes are no image manifest."""
     try:
         parsed = json.loads(document)
-    except (ValueError, UnicodeDecodeError):
+        if not isinstance(parsed, dict) or parsed.get("schemaVersion") != 2:
+            return None
+        media_type = parsed.get("mediaType")
+        if media_type not in (f.value for f in ManifestFormat):
+            return None
+        blobs = tuple(Digest.parse(d["digest"]) for d in [parsed["config"], *parsed.get("layers", ())])
+    except (ValueError, KeyError, TypeError, DigestInvalid):
         return None
-    if not isinstance(parsed, dict) or parsed.get("schemaVersion") != 2:
-        return None
-    media_type = parsed.get("mediaType")
-    return media_type if media_type in (f.value for f in ManifestFormat) else None
+    return media_type, blobs
 
 
 def layer_compression(document: bytes) -> Compression:

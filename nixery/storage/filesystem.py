@@ -4,7 +4,8 @@ Layout under the root:
 
     blobs/sha256/ab/abcdef...   content-addressed blobs
     meta/<key>                  metadata documents
-    locks/<key>.lock            cross-process locks (flock: released when the holder dies)
+    locks/<key>.lock            cross-process locks (flock: released when the holder dies;
+                                the holder removes the file when done)
     quarantine/                 blobs whose bytes did not match their digest
     tmp/<host>-<pid>/           this process's staging files
     verified/sha256/ab/abcd...  hard links of blobs found intact (only with
@@ -175,17 +176,14 @@ class FilesystemStorage(Storage):
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
         with raising_storage_full(self._place):
-            fd = await asyncio.to_thread(os.open, lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = await _lock_file(lock_path)
         try:
-            # Poll without blocking a thread, so a cancelled waiter stops at once.
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.05)
             yield
         finally:
+            # Removed while still held, so that no lock file outlives its use (one per image
+            # built, otherwise); a waiter that locks the removed file sees it and starts over.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
             os.close(fd)  # releases the lock
 
     async def check_access(self, *, write: bool = True) -> None:
@@ -250,6 +248,40 @@ class FilesystemStorage(Storage):
     def _stage_meta(self, data: bytes) -> Path:
         """A durable staged file holding `data`."""
         return stage_bytes(self._staging, data, prefix="meta-", durable=True)
+
+
+async def _lock_file(path: Path) -> int:
+    """A descriptor of the file at `path`, exclusively flock'ed.
+
+    Holders remove the file before they let go: a lock taken on a file that is
+    no longer the one at `path` is worthless, so it is dropped and the file now
+    at `path` (created if need be) is locked instead.
+    """
+    while True:
+        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # Poll without blocking a thread, so a cancelled waiter stops at once.
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            if _is_file_at(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:

@@ -363,6 +363,8 @@ async def test_exclusive_admits_one_holder_across_replicas(backend: Backend, tmp
         pass
     if backend.name != "filesystem":
         assert backend.object_names("locks/builds/") == [], "released leases are deleted"
+    else:
+        assert list((backend.storage_path / "locks").iterdir()) == [], "released locks leave no file"
 
 
 async def test_exclusive_is_kept_by_a_live_holder(backend: Backend, tmp_path: Path) -> None:

@@ -1,0 +1,218 @@
+"""`nixery gc` against the storage of registries that keep serving: real registry
+processes, `nixery gc` and `nixery check` as the operator runs them, real Nix
+(the busybox set), filesystem storage and S3 (SeaweedFS).
+
+What must hold (docs/storage.md, nixery/collected.py): a manifest a registry
+answers names only blobs that are stored. An image gc collected is rebuilt on
+its next pull by tag, by every process on the storage; its manifest by digest
+is `MANIFEST_UNKNOWN` while its blobs are gone; a blob found missing makes the
+images naming it be looked up (and rebuilt) again; and no lock file of a
+collected image is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nixery import collected, maintenance
+from nixery.builder import ImageRecord
+from nixery.config import load
+from nixery.registry.digest import Digest
+from nixery.storage import open_storage
+from tests.registry import RegistryProcess, run
+from tests.storage.servers import seaweedfs
+
+pytestmark = pytest.mark.nix
+
+FOUR_HOURS = 4 * 3600
+
+
+def pull(registry: RegistryProcess, name: str) -> tuple[str, dict]:
+    """As a client pulls: the manifest by tag, then the config and every layer (all must be there)."""
+    digest, manifest = registry.manifest(name)
+    for blob in [manifest["config"], *manifest["layers"]]:
+        status, _, body = registry.request(f"/v2/{name}/blobs/{blob['digest']}", accept=None)
+        assert status == 200, (blob["digest"], status, body[:300])
+        assert Digest.of(body) == Digest.parse(blob["digest"])
+    return digest, manifest
+
+
+def error_code(body: bytes) -> str | None:
+    """The registry error's code; None for anything else (a manifest, say)."""
+    errors = json.loads(body).get("errors") if body.startswith(b"{") else None
+    return errors[0]["code"] if errors else None
+
+
+def blob_file(storage: Path, digest: str) -> Path:
+    hex_ = Digest.parse(digest).hex
+    return storage / "blobs" / "sha256" / hex_[:2] / hex_
+
+
+def record_key(storage: Path, manifest_digest: str) -> str:
+    """The key of the image record whose manifest has this digest."""
+    for path in (storage / "meta" / "images").iterdir():
+        record = ImageRecord.from_json(path.read_bytes())
+        if any(str(ref.digest) == manifest_digest for ref in record.manifests.values()):
+            return path.name
+    raise AssertionError(f"no record names {manifest_digest}")
+
+
+def age_everything(storage: Path, seconds: float = FOUR_HOURS) -> None:
+    """Make every image look built and last pulled, and every blob written, `seconds` ago."""
+    then = time.time() - seconds
+    for path in (storage / "meta" / "images").iterdir():
+        document = json.loads(path.read_bytes())
+        document["built_at"] = then
+        path.write_text(json.dumps(document))
+    for path in (storage / "meta").glob("usage/*"):
+        path.write_text(json.dumps({"last_used": then}))
+    for path in (storage / "blobs" / "sha256").glob("*/*"):
+        os.utime(path, (then, then))
+
+
+def wait_for(path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def collect(storage: Path) -> str:
+    result = run([sys.executable, "-m", "nixery", "gc", "--older-than", "3h"],
+                 env_extra={"STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "busybox"})
+    return result.stdout
+
+
+def check_storage(storage: Path, **env: str) -> str:
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(storage), **env},
+                 check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_registries_rebuild_what_gc_collected_while_they_served_it(start_registry, tmp_path: Path) -> None:
+    storage = tmp_path / "shared-storage"
+    first = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    second = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    name = "figlet/fortune"
+    digest, manifest = pull(first, name)
+    assert pull(second, name)[0] == digest  # both now hold the image in memory
+    key = record_key(storage, digest)
+    wait_for(storage / "meta" / "usage" / key)  # the second pull's use, written in the background
+    age_everything(storage)
+    # A holder killed in the middle of a build leaves its lock file: gc takes that one away too.
+    (storage / "locks" / f"builds_{key}.lock").touch()
+
+    assert "removed 1 images" in collect(storage)
+    assert not blob_file(storage, manifest["config"]["digest"]).exists()
+    assert not blob_file(storage, digest).exists()
+    assert list((storage / "locks").iterdir()) == [], "no lock file of the collected image is left"
+
+    # Its manifest by digest is no longer answered, by either process (within the bound
+    # nixery/collected.py promises: one poll of gc's note after gc ends) ...
+    for registry in (first, second):
+        deadline = time.monotonic() + collected.POLL_INTERVAL + 1
+        while (answer := registry.request(f"/v2/{name}/manifests/{digest}"))[0] == 200:
+            assert time.monotonic() < deadline, "the manifest of a collected image is still answered"
+            time.sleep(0.1)
+        assert (answer[0], error_code(answer[2])) == (404, "MANIFEST_UNKNOWN"), answer[2]
+    # ... and a pull by tag rebuilds it (the same bytes), with every blob there, from either process.
+    assert pull(second, name)[0] == digest
+    assert pull(first, name)[0] == digest
+    status, _, _ = first.request(f"/v2/{name}/manifests/{digest}")
+    assert status == 200
+    assert "ok" in check_storage(storage)
+    assert not (storage / "locks" / f"builds_{key}.lock").exists()
+
+
+def test_a_blob_found_missing_gets_its_image_rebuilt(start_registry, tmp_path: Path) -> None:
+    """A blob gone without a word from gc (deleted by hand, or before a registry heard of it)."""
+    storage = tmp_path / "shared-storage"
+    serving = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    name = "cowsay/hello"
+    digest, manifest = pull(serving, name)
+    layer = manifest["layers"][0]["digest"]
+    blob_file(storage, layer).unlink()
+
+    # Another process, which never served the image: its manifest by digest names a missing blob.
+    other = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    status, _, body = other.request(f"/v2/{name}/manifests/{digest}")
+    assert (status, error_code(body)) == (404, "MANIFEST_UNKNOWN"), body
+
+    status, _, body = serving.request(f"/v2/{name}/blobs/{layer}", accept=None)
+    assert (status, error_code(body)) == (404, "BLOB_UNKNOWN")
+    # The process that found it missing looks the image up again, and rebuilds it.
+    assert pull(serving, name)[0] == digest
+    assert other.request(f"/v2/{name}/manifests/{digest}")[0] == 200
+    assert "ok" in check_storage(storage)
+
+
+def test_replicas_on_s3_rebuild_what_gc_collected(
+    start_registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three replicas on one bucket: all held the image in memory when gc removed it."""
+    (tmp_path / "seaweedfs").mkdir()
+    with seaweedfs(tmp_path / "seaweedfs") as server:
+        env = {
+            "NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": server.bucket, "S3_ENDPOINT": server.endpoint,
+            "S3_PATH_STYLE": "true", "S3_REGION": server.region, "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key, "NIXERY_BUNDLED_SET": "busybox",
+        }  # fmt: skip
+        replicas = [start_registry(**env) for _ in range(3)]
+        name = "greet/hello"
+        digest, manifest = replicas[0].manifest(name)
+        for replica in replicas[1:]:
+            assert replica.manifest(name)[0] == digest
+        blobs = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+        later = time.time() + 40 * 86400  # S3 objects cannot be made older: gc runs in the future instead
+        monkeypatch.setattr(maintenance.time, "time", lambda: later)
+        cli_env = {**env, "STORAGE_PATH": str(tmp_path / "cli")}
+
+        async def collect_on_s3() -> maintenance.GarbageReport:
+            storage = open_storage(load(cli_env))
+            try:
+                return await maintenance.collect_garbage(storage, older_than=30 * 86400)
+            finally:
+                await storage.close()
+
+        report = asyncio.run(collect_on_s3())
+        assert report.images_removed == 1 and report.blobs_removed >= len(blobs)
+        for replica in replicas:
+            assert replica.manifest(name)[0] == digest
+            for blob in blobs:
+                status, _, _ = replica.request(f"/v2/{name}/blobs/{blob}", method="HEAD", accept=None)
+                assert status == 200, (replica.port, blob)
+        assert "and 1 images: ok" in check_storage(tmp_path / "cli", **env)
+
+
+def test_the_manifest_cache_forgets_what_names_a_missing_blob() -> None:
+    from nixery.http.routes import ManifestCache
+
+    def digest(text: str) -> Digest:
+        return Digest.of(text.encode())
+
+    cache = ManifestCache(capacity=3)
+    shared, own_a, own_b = digest("shared layer"), digest("a's layer"), digest("b's layer")
+    cache.put(digest("manifest a"), b"a", "type", [digest("config a"), shared, own_a])
+    cache.put(digest("manifest b"), b"b", "type", [digest("config b"), shared, own_b])
+    cache.forget_naming(digest("named by nothing"))
+    assert cache.get(digest("manifest a")) == (b"a", "type") and cache.get(digest("manifest b")) is not None
+    cache.forget_naming(own_a)
+    assert cache.get(digest("manifest a")) is None and cache.get(digest("manifest b")) is not None
+    cache.forget_naming(digest("manifest b"))  # a manifest is a blob too
+    assert cache.get(digest("manifest b")) is None
+    for n in range(5):  # evicted ones are no longer counted
+        cache.put(digest(f"manifest {n}"), b"x", "type", [shared])
+    cache.forget_naming(shared)
+    assert all(cache.get(digest(f"manifest {n}")) is None for n in range(5))
+    cache.put(digest("manifest c"), b"c", "type", [shared])
+    cache.clear()
+    assert cache.get(digest("manifest c")) is None

@@ -1,0 +1,121 @@
+"""The layering history in storage (nixery/history.py): a build writes one small
+entry instead of rewriting the whole history, processes on one storage share
+their entries, and entries are folded into the snapshot now and then. Real
+filesystem storage; the last test builds an image with real Nix (busybox set)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+from nixery.builder import ImageBuilder
+from nixery.history import ENTRIES, SNAPSHOT, SharedHistory
+from nixery.layers.grouping import LayerHistory
+from nixery.registry.names import parse_image_name
+from nixery.storage.filesystem import FilesystemStorage
+
+BUSYBOX_SET = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+
+
+def layers(tag: str, count: int = 3, paths: int = 4) -> list[frozenset[str]]:
+    return [frozenset(f"/nix/store/{tag}{i:03d}{j}-p" for j in range(paths)) for i in range(count)]
+
+
+def seeded_history(count: int, seed: int = 1) -> LayerHistory:
+    rng = random.Random(seed)
+    history = LayerHistory()
+    for n in range(count):
+        history.record([frozenset(f"/nix/store/{rng.getrandbits(128):032x}-seed-{n}-{j}" for j in range(3))])
+    return history
+
+
+def entries(root: Path) -> list[Path]:
+    directory = root / "meta" / ENTRIES
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+async def test_a_recorded_plan_is_one_small_entry_and_the_snapshot_stays(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    seeded = seeded_history(2000)
+    await storage.put_meta(SNAPSHOT, seeded.to_json())  # the format stored histories have always had
+    snapshot = (tmp_path / "storage" / "meta" / SNAPSHOT).read_bytes()
+
+    history = SharedHistory(storage)
+    loaded = await history.current()
+    assert len(loaded) == 2000 and loaded.layers() == seeded.layers()
+    plan = layers("a")
+    await history.record(plan)
+
+    assert (tmp_path / "storage" / "meta" / SNAPSHOT).read_bytes() == snapshot
+    (entry,) = entries(tmp_path / "storage")
+    assert sorted(map(frozenset, json.loads(entry.read_bytes())["layers"]), key=sorted) == sorted(plan, key=sorted)
+    assert all(layer in loaded for layer in plan)
+
+
+async def test_processes_on_one_storage_share_their_layers(tmp_path: Path) -> None:
+    first = SharedHistory(FilesystemStorage(tmp_path / "storage"), refresh_interval=0)
+    second = SharedHistory(FilesystemStorage(tmp_path / "storage"), refresh_interval=0)
+    await first.record(layers("a"))
+    await second.record(layers("b"))
+    for history in (first, second):
+        known = await history.current()
+        assert all(layer in known for layer in layers("a") + layers("b"))
+        assert len(known) == 6  # each entry applied once, its own included
+    # A process started later loads them all.
+    assert len(await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()) == 6
+
+
+async def test_entries_are_folded_into_the_snapshot(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    history = SharedHistory(storage, compact_after=3, fold_age=0)
+    for tag in "abc":
+        await history.record(layers(tag))
+    await asyncio.wait_for(_compaction_done(history), 10)
+
+    assert entries(tmp_path / "storage") == []
+    folded = LayerHistory.from_json((tmp_path / "storage" / "meta" / SNAPSHOT).read_bytes())
+    assert {layer for tag in "abc" for layer in layers(tag)} == set(folded.layers())
+    later = await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()
+    assert set(later.layers()) == set(folded.layers())
+    assert list((tmp_path / "storage" / "locks").iterdir()) == []
+
+
+async def test_a_damaged_entry_or_snapshot_is_skipped(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    await storage.put_meta(SNAPSHOT, b"{not json")
+    await storage.put_meta(ENTRIES + "00000000000000000001-damaged", b'{"version": 1, "layers": [[1, 2]]}')
+    writer = SharedHistory(storage)
+    await writer.record(layers("a"))
+    known = await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()
+    assert set(known.layers()) == set(layers("a"))
+
+
+async def _compaction_done(history: SharedHistory) -> None:
+    while history._compaction is not None:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.nix
+async def test_a_build_leaves_the_stored_history_as_it_was_and_adds_its_layers(tmp_path: Path) -> None:
+    settings = config.load(
+        {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "STORAGE_PATH": str(tmp_path / "storage"),
+         "NIXERY_NIX_EVALUATOR": "process"}
+    )
+    storage = FilesystemStorage(settings.storage_path)
+    await storage.put_meta(SNAPSHOT, seeded_history(5000).to_json())
+    snapshot = (settings.storage_path / "meta" / SNAPSHOT).read_bytes()
+    builder = ImageBuilder.from_settings(settings, storage)
+    try:
+        record = await builder.image(parse_image_name("figlet/fortune"), "latest")
+    finally:
+        await builder.close()
+
+    assert (settings.storage_path / "meta" / SNAPSHOT).read_bytes() == snapshot
+    (entry,) = entries(settings.storage_path)
+    recorded = {frozenset(layer) for layer in json.loads(entry.read_bytes())["layers"]}
+    assert recorded == {frozenset(paths) for paths in record.layer_paths if paths}

@@ -1,0 +1,135 @@
+"""The image records a process keeps in memory (nixery/records.py): bounded, least
+recently used dropped first, found by the blobs they name, and the most recently
+built listed without sorting them all. The last test builds with real Nix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+from nixery.builder import ImageBuilder
+from nixery.records import RECENT, ImageRecord, ManifestRef, RecordCache
+from nixery.registry.digest import Digest
+from nixery.registry.image import LayerDescriptor
+from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.names import parse_image_name
+from nixery.storage.filesystem import FilesystemStorage
+
+BUSYBOX_SET = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+
+
+def record(n: int, *, built_at: float | None = None, shared: Digest | None = None) -> ImageRecord:
+    own = Digest.of(f"layer {n}".encode())
+    layers = [LayerDescriptor(own, own, 10, "own")]
+    if shared is not None:
+        layers.append(LayerDescriptor(shared, shared, 10, "shared"))
+    return ImageRecord(
+        key=f"key-{n}", name=f"image-{n}", source="test", revision="r", packages=(f"p{n}",),
+        architecture="amd64", config=Digest.of(f"config {n}".encode()),
+        manifests={ManifestFormat.DOCKER: ManifestRef(Digest.of(f"manifest {n}".encode()), 100)},
+        layers=tuple(layers), built_at=float(n if built_at is None else built_at),
+        layer_paths=tuple((f"/nix/store/{n:032d}-p{n}",) for _ in layers),
+    )  # fmt: skip
+
+
+def test_the_least_recently_used_records_go_first() -> None:
+    cache = RecordCache(capacity=3)
+    for n in range(3):
+        cache.put(record(n))
+    assert cache.get("key-0") is not None  # used: now the most recent
+    cache.put(record(3))
+    assert len(cache) == 3
+    assert cache.get("key-1") is None
+    assert [cache.get(f"key-{n}") is not None for n in (0, 2, 3)] == [True, True, True]
+
+
+def test_records_are_forgotten_by_the_blobs_they_name() -> None:
+    shared = Digest.of(b"shared layer")
+    cache = RecordCache(capacity=10)
+    for n in range(4):
+        cache.put(record(n, shared=shared if n < 2 else None))
+    assert cache.forget_using(Digest.of(b"not named by anything")) == 0
+    assert cache.forget_using(shared) == 2
+    assert [cache.get(f"key-{n}") is None for n in range(4)] == [True, True, False, False]
+    assert cache.forget_using(Digest.of(b"manifest 2")) == 1  # manifests count too
+    assert [r.key for r in cache.recent()] == ["key-3"]
+    cache.put(record(5, shared=shared))
+    cache.put(record(6))
+    cache._drop("key-6")  # evicted: the index no longer names it
+    assert cache.forget_using(shared) == 1 and cache.forget_using(Digest.of(b"layer 6")) == 0
+
+
+def test_the_newest_builds_are_listed_whatever_the_order_they_were_loaded_in() -> None:
+    cache = RecordCache(capacity=5)
+    order = [7, 3, 90, 1, 55, 12, 80, 2, 60]
+    for n in order:
+        cache.put(record(n))
+    assert len(cache) == 5
+    # Recent builds are kept for the landing page even once they left the cache.
+    assert [r.built_at for r in cache.recent(4)] == [90.0, 80.0, 60.0, 55.0]
+    cache.put(record(90, built_at=1.5))  # rebuilt with another time: listed once, where it now belongs
+    assert [r.key for r in cache.recent(3)] == ["key-80", "key-60", "key-55"]
+    assert sum(r.key == "key-90" for r in cache.recent(100)) == 1
+    for n in range(1000, 1000 + 2 * RECENT):
+        cache.put(record(n))
+    assert len(cache.recent(1000)) == RECENT
+    cache.clear()
+    assert cache.recent() == [] and len(cache) == 0
+
+
+def test_a_use_is_written_once_per_interval_while_cached() -> None:
+    cache = RecordCache(capacity=1)
+    cache.put(record(1))
+    now = 1.7e9
+    assert cache.should_write_use("key-1", now=now, interval=3600)
+    assert not cache.should_write_use("key-1", now=now + 1000, interval=3600)
+    assert cache.should_write_use("key-1", now=now + 4000, interval=3600)
+    assert not cache.should_write_use("key-2", now=now + 9000, interval=3600)  # not cached: nothing to note
+
+
+def test_records_share_what_their_common_layers_hold() -> None:
+    cache = RecordCache(capacity=3)
+    path = "/nix/store/" + "x" * 32 + "-shared"
+    for n in (1, 2, 3):
+        # Equal descriptors and strings, distinct objects: as records read from storage one by one.
+        shared = Digest.parse("sha256:" + "ab" * 32)
+        fresh = record(n, shared=shared)
+        cache.put(fresh.__class__(**{
+            **{field: getattr(fresh, field) for field in fresh.__dataclass_fields__},
+            "layer_paths": ((f"/nix/store/{n:032d}-own",), ("".join(list(path)),)),
+        }))
+    held = [cache.get(f"key-{n}") for n in (1, 2, 3)]
+    assert held[0].layers[1] is held[1].layers[1] is held[2].layers[1]  # type: ignore[union-attr]
+    assert held[0].layer_paths[1] is held[1].layer_paths[1]  # type: ignore[union-attr]
+    assert held[0].layers[0] is not held[1].layers[0]  # type: ignore[union-attr]
+    assert held[2].layer_paths[0] == (f"/nix/store/{3:032d}-own",)  # type: ignore[union-attr]
+
+
+def test_the_record_cache_setting() -> None:
+    assert config.load({"NIXERY_RECORD_CACHE": "250"}).record_cache == 250
+    assert config.load({}).record_cache == 500
+    for bad in ("0", "many"):
+        with pytest.raises(config.ConfigError, match="NIXERY_RECORD_CACHE"):
+            config.load({"NIXERY_RECORD_CACHE": bad})
+
+
+@pytest.mark.nix
+async def test_a_builder_keeps_at_most_the_configured_records(tmp_path: Path) -> None:
+    settings = config.load(
+        {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "STORAGE_PATH": str(tmp_path / "storage"),
+         "NIXERY_NIX_EVALUATOR": "process", "NIXERY_RECORD_CACHE": "2"}
+    )
+    builder = ImageBuilder.from_settings(settings, FilesystemStorage(settings.storage_path))
+    names = ["hello", "figlet", "cowsay"]
+    try:
+        built = [await builder.image(parse_image_name(name), "latest") for name in names]
+        assert len(builder._records) == 2
+        assert [r.name for r in builder.recent_images()] == list(reversed(names))
+        builds = len(builder.builds.recent())
+        # The one dropped from memory is read from storage again, not built again.
+        assert await builder.image(parse_image_name("hello"), "latest") == built[0]
+        assert len(builder.builds.recent()) == builds and len(builder._records) == 2
+    finally:
+        await builder.close()
