@@ -51,6 +51,7 @@ import structlog
 from nixery.errors import TagInvalid
 from nixery.nix.cachefiles import publish_directory, read_json, remove_abandoned, write_json
 from nixery.nix.errors import NixError, RefNotFound, SourceUnavailable
+from nixery.nix.process import start_child
 from nixery.nix.sources import PackageSource, Revision, redact_url
 from nixery.singleflight import SingleFlight
 
@@ -101,12 +102,13 @@ async def run_git(args: list[str], *, timeout: float, git_dir: Path | None = Non
     """
     argv = ["git", *(["--git-dir", str(git_dir)] if git_dir else []), *args]
     log.debug("git.run", argv=[redact_url(arg) for arg in argv])
-    process = await asyncio.create_subprocess_exec(
-        *argv,
+    # Like Nix, git (and the ssh it may start) gets SIGTERM when the server dies.
+    process = await start_child(
+        argv,
+        builds=True,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
         env=git_environment(),
     )
     try:

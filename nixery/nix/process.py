@@ -71,8 +71,8 @@ def memory_limit_error(what: str, limit: int, log_tail: str = "") -> MemoryLimit
     )
 
 
-async def start_nix(argv: Sequence[str], *, builds: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
-    """Start a Nix process in its own session that dies with the server.
+async def start_child(argv: Sequence[str], *, builds: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start a child process (Nix, git) in its own session that dies with the server.
 
     `builds`: it runs builders, and gets SIGTERM rather than SIGKILL when the
     server dies (see the module's docstring). Other arguments go to
@@ -112,12 +112,12 @@ async def run_nix(
     """Run a Nix command, stopped at `deadline`; return its stdout. Stderr lines go to `on_line`.
 
     `memory_limit` (bytes) bounds the resident memory of the command's own
-    process (an evaluation); `builds`: see `start_nix`.
+    process (an evaluation); `builds`: see `start_child`.
     """
     if deadline.remaining() <= 0:
         raise deadline.passed(argv[0])
     log.debug("nix.run", argv=list(argv))
-    process = await start_nix(
+    process = await start_child(
         argv,
         builds=builds,
         stdin=asyncio.subprocess.DEVNULL,

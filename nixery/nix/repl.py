@@ -52,7 +52,7 @@ from nixery.nix.process import (
     kill_process_tree,
     memory_limit_error,
     resident_bytes,
-    start_nix,
+    start_child,
 )
 
 log = structlog.get_logger(__name__)
@@ -140,7 +140,7 @@ class ReplEvaluator:
         setup.write_text(
             json.dumps({"pkgsPath": str(self.pkgs_path), "system": self.system, "evaluator": str(EVALUATOR_NIX)})
         )
-        self._process = await start_nix(
+        self._process = await start_child(
             ["nix", "repl", "--extra-experimental-features", "nix-command"],
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
