@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import random
 import signal
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from nixery import maintenance
 from nixery.registry.digest import Digest
-from nixery.storage.base import StorageFull
+from nixery.storage.base import CorruptBlob, StorageFull
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import RegistryProcess, nix_calls_of, run
 
@@ -176,3 +177,30 @@ async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_st
     assert await storage.get_meta("images/x") == b"old"
     assert await storage.stat_blob(Digest.of(b"a config")) is None
     assert list(storage.staging_dir().iterdir()) == []
+
+
+async def test_a_process_remembers_a_bounded_number_of_verified_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blobs are hashed before they are first served; the set of those found intact is bounded
+    (memory stays flat however many blobs a process serves), and a blob that fell out of it is
+    hashed again: corruption since then is still caught."""
+    monkeypatch.setattr("nixery.storage.filesystem.VERIFIED_CAPACITY", 2)
+    storage = FilesystemStorage(tmp_path / "storage")
+    digests = [await storage.put_blob_bytes(f"blob {i}".encode()) for i in range(3)]
+    for digest in digests:
+        await storage.blob_source(digest, allow_redirect=False)
+    assert len(storage._verified) == 2
+    # The first blob fell out; its bytes change in place (same size, same inode, same time).
+    path = storage.blob_path(digests[0])
+    stat = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as handle:
+        handle.write(b"B")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(CorruptBlob):
+        await storage.blob_source(digests[0], allow_redirect=False)
+    # The two most recent are still served without hashing them again.
+    monkeypatch.setattr("nixery.storage.filesystem._hashes_to", lambda path, digest: pytest.fail("hashed again"))
+    for digest in digests[1:]:
+        await storage.blob_source(digest, allow_redirect=False)

@@ -38,6 +38,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
@@ -59,6 +60,9 @@ from nixery.storage.base import (
     stage_bytes,
 )
 
+#: Blobs whose intact bytes a process remembers (about 200 bytes each).
+VERIFIED_CAPACITY = 20_000
+
 
 class FilesystemStorage(Storage):
     name = "filesystem"
@@ -77,8 +81,10 @@ class FilesystemStorage(Storage):
             directory.mkdir(parents=True, exist_ok=True)
         self._staging = make_staging_dir(root / "tmp")
         _remove_tree(root / "verified", self._staging)
-        # Blobs hashed and found intact, by (digest, inode, size, mtime): verified once per process.
-        self._verified: set[tuple[Digest, int, int, int]] = set()
+        # Blobs hashed and found intact, with the (inode, size, mtime) they had: verified once per
+        # process while among the VERIFIED_CAPACITY served most recently (a blob dropped is hashed
+        # again when next served), so memory stays flat however many blobs are stored.
+        self._verified: OrderedDict[Digest, tuple[int, int, int]] = OrderedDict()
 
     def blob_path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
@@ -106,13 +112,17 @@ class FilesystemStorage(Storage):
             st = os.stat(path)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
-        identity = (digest, st.st_ino, st.st_size, st.st_mtime_ns)
-        if identity not in self._verified:
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._verified.get(digest) == identity:
+            self._verified.move_to_end(digest)
+        else:
             if not await asyncio.to_thread(_hashes_to, path, digest):
                 await asyncio.to_thread(self._quarantine_blob, path)
                 self._report_corrupt_blob(digest)
                 raise CorruptBlob(digest)
-            self._verified.add(identity)
+            self._verified[digest] = identity
+            if len(self._verified) > VERIFIED_CAPACITY:
+                self._verified.popitem(last=False)
         if self._links_enabled:  # on a full disk the blob stays unlinked: the registry sends it
             with contextlib.suppress(StorageFull), raising_storage_full(self._place):
                 self._link_verified(path, digest)
