@@ -117,6 +117,14 @@ def test_full_storage_is_a_registry_error_and_stored_images_are_still_served(
         head = registry.request(f"/v2/shell/hello/manifests/{digest}", method="HEAD", accept=DOCKER_MANIFEST)
         assert head[0] == 200
 
+        # The maintenance commands work on the full disk too (gc is what makes space).
+        for command in (["check"], ["gc", "--older-than", "3h"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "nixery", *command], env={**os.environ, "STORAGE_PATH": str(storage)},
+                capture_output=True, text=True, timeout=120,
+            )
+            assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+
         # Space again: the refused image is built, with no restart.
         for filler in small_file_system.glob("*"):
             if filler != storage:

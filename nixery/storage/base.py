@@ -296,7 +296,11 @@ def make_staging_dir(root: Path) -> Path:
     """
     host = socket.gethostname()
     own = root / f"{host}-{os.getpid()}"
-    own.mkdir(parents=True, exist_ok=True)
+    try:
+        own.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a full disk: `ensure_staging_dir` makes it once there is space
+        if exc.errno not in FULL_DISK_ERRNOS:
+            raise
     for directory in root.iterdir():
         if directory == own:
             continue
@@ -313,6 +317,15 @@ def make_staging_dir(root: Path) -> Path:
         if abandoned:
             shutil.rmtree(directory, ignore_errors=True)
     return own
+
+
+def ensure_staging_dir(directory: Path) -> Path:
+    """A staging directory, made now if a full disk kept `make_staging_dir` from making it
+    (so that maintenance commands and stored images work on a full disk)."""
+    if not directory.is_dir():
+        with raising_storage_full(f"the staging directory {directory}"):
+            directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def _process_alive(pid: int) -> bool:

@@ -55,6 +55,7 @@ from nixery.storage.base import (
     StorageFull,
     StorageInaccessible,
     check_key,
+    ensure_staging_dir,
     make_staging_dir,
     raising_storage_full,
     stage_bytes,
@@ -93,7 +94,7 @@ class FilesystemStorage(Storage):
         return self._verified_links / digest.hex[:2] / digest.hex
 
     def staging_dir(self) -> Path:
-        return self._staging
+        return ensure_staging_dir(self._staging)
 
     # Stats of blobs run on the event loop: a blob's directory entry is hot in the
     # kernel's cache (a few µs), while a hop to a worker thread and back costs
@@ -200,10 +201,14 @@ class FilesystemStorage(Storage):
         def check() -> None:
             for directory in (self._blobs, self._meta, self._locks, self._staging):
                 try:
+                    if directory == self._staging and write:
+                        self.staging_dir()
                     if not write:
                         os.listdir(directory)
                         continue
                     stage_bytes(directory, b"nixery", prefix=".probe-").unlink()
+                except StorageFull:
+                    continue  # the staging directory could not be made: as below
                 except OSError as error:
                     if write and error.errno in FULL_DISK_ERRNOS:
                         continue  # usable: stored images are served, new ones refused (507) until space is made
@@ -257,7 +262,7 @@ class FilesystemStorage(Storage):
 
     def _stage_meta(self, data: bytes) -> Path:
         """A durable staged file holding `data`."""
-        return stage_bytes(self._staging, data, prefix="meta-", durable=True)
+        return stage_bytes(self.staging_dir(), data, prefix="meta-", durable=True)
 
 
 async def _lock_file(path: Path) -> int:
@@ -321,6 +326,8 @@ def _remove_tree(tree: Path, staging: Path) -> None:
     try:
         os.replace(tree, doomed)
     except FileNotFoundError:
+        if tree.exists():  # no staging directory (a full disk): remove it where it is
+            shutil.rmtree(tree, ignore_errors=True)
         return
     shutil.rmtree(doomed, ignore_errors=True)
 

@@ -71,6 +71,7 @@ from nixery.storage.base import (
     Redirect,
     StorageInaccessible,
     check_key,
+    ensure_staging_dir,
     make_staging_dir,
 )
 from nixery.storage.lease import LeasedStorage
@@ -155,7 +156,7 @@ class GCSStorage(LeasedStorage):
         self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(RETRY_WINDOW)
 
     def staging_dir(self) -> Path:
-        return self._staging
+        return ensure_staging_dir(self._staging)
 
     async def close(self) -> None:
         await super().close()

@@ -62,6 +62,7 @@ from nixery.storage.base import (
     Redirect,
     StorageInaccessible,
     check_key,
+    ensure_staging_dir,
     make_staging_dir,
 )
 from nixery.storage.lease import LeasedStorage
@@ -135,7 +136,7 @@ class S3Storage(LeasedStorage):
         self._where = f"{endpoint or f'AWS region {config.region}'}"
 
     def staging_dir(self) -> Path:
-        return self._staging
+        return ensure_staging_dir(self._staging)
 
     @staticmethod
     def _blob_key(digest: Digest) -> str:
