@@ -47,6 +47,18 @@ def http_request(
         connection.close()
 
 
+def fetch(url: str) -> tuple[int, bytes]:
+    """GET any URL (a signed redirect's, say): status and body, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 def wait_until(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, what: str,
                timeout: float = 30.0) -> None:
     """Wait for `ready()`; fail at once, with the end of its log, if the process exits first."""

@@ -21,8 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from nixery import maintenance
 from nixery.config import load
 from nixery.registry.digest import Digest
 from nixery.storage import open_storage
+from tests.daemons import fetch
 from tests.registry import PODMAN_RUN_FLAGS, RegistryProcess, have, nix_calls_of, run, skopeo_to_oci, unpack_oci
 from tests.storage.conftest import make_signing_key
 from tests.storage.proxy import TCPProxy
@@ -240,14 +239,6 @@ def blob_bytes_served(registry: RegistryProcess) -> float:
 
 def image_blobs(manifest: dict[str, Any]) -> set[str]:
     return {Digest.parse(d["digest"]).hex for d in [manifest["config"], *manifest["layers"]]}
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 def registry_error(body: bytes) -> dict[str, Any]:

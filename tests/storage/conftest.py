@@ -349,3 +349,38 @@ async def run_worker() -> AsyncIterator[Any]:
     yield run
     for worker in started:
         await worker.kill()
+
+
+_HOLDER = """
+import asyncio, json, sys
+from nixery.storage import open_storage
+from tests.storage.worker import settings_from
+
+async def main(spec):
+    store = open_storage(settings_from(spec))
+    store.lease_ttl = spec["lease_ttl"]
+    async with store.exclusive(spec["key"]):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(json.loads(sys.argv[1])))
+"""
+
+
+@contextlib.asynccontextmanager
+async def lease_holder(backend: Backend, key: str, lease_ttl: float) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Another process holding `exclusive(key)` on `backend` until the block ends (or it is killed)."""
+    spec = backend.worker_spec(key=key, lease_ttl=lease_ttl)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, json.dumps(spec), cwd=REPO,
+        env=environ_without_cloud(PYTHONPATH=str(REPO), **backend.emulator_env()),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+        yield holder
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()

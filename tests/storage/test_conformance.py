@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,8 +24,7 @@ from nixery.storage import (
     Redirect,
     Storage,
 )
-from tests.storage.conftest import REPO, Backend
-from tests.storage.servers import environ_without_cloud
+from tests.storage.conftest import Backend, lease_holder
 from tests.storage.worker import expected_digest
 
 MB = 1024 * 1024
@@ -424,35 +421,11 @@ async def test_exclusive_is_cancellation_safe(backend: Backend, tmp_path: Path) 
         pass
 
 
-HOLDER = """
-import asyncio, json, sys
-from nixery.storage import open_storage
-from tests.storage.worker import settings_from
-
-async def main(spec):
-    store = open_storage(settings_from(spec))
-    store.lease_ttl = spec["lease_ttl"]
-    async with store.exclusive(spec["key"]):
-        print("held", flush=True)
-        await asyncio.sleep(3600)
-
-asyncio.run(main(json.loads(sys.argv[1])))
-"""
-
-
 async def test_exclusive_is_lost_by_a_dead_holder(backend: Backend, tmp_path: Path) -> None:
     """kill -9 of the holder: the others wait while it lives, and get the lock
     once its lease runs out (at once on the filesystem: flock dies with it)."""
     key = f"builds/{uuid.uuid4().hex}"
-    spec = backend.worker_spec(key=key, lease_ttl=TEST_LEASE)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, json.dumps(spec), cwd=REPO,
-        env=environ_without_cloud(PYTHONPATH=str(REPO), **backend.emulator_env()),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+    async with lease_holder(backend, key, TEST_LEASE) as holder:
         if backend.name != "filesystem":
             backend.storage_path = tmp_path / "replica-2"
         store = with_lease(backend.open())
@@ -470,7 +443,3 @@ async def test_exclusive_is_lost_by_a_dead_holder(backend: Backend, tmp_path: Pa
         killed = time.monotonic()
         await asyncio.wait_for(waiter, 4 * TEST_LEASE + 5)
         assert time.monotonic() - killed <= 2 * TEST_LEASE + 3
-    finally:
-        if holder.returncode is None:
-            holder.kill()
-            await holder.wait()

@@ -8,11 +8,9 @@ Real stores (SeaweedFS, fake-gcs-server), real processes killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import replace
@@ -21,9 +19,7 @@ from pathlib import Path
 import pytest
 
 from nixery.storage.lease import LeasedStorage, _holder_gone, process_start_time, this_process
-from tests.storage.conftest import REPO, Backend
-from tests.storage.servers import environ_without_cloud
-from tests.storage.test_conformance import HOLDER
+from tests.storage.conftest import Backend, lease_holder
 
 #: The registry's lease length: what a waiter used to sit out.
 TTL = LeasedStorage.lease_ttl
@@ -33,15 +29,7 @@ AT_ONCE = 5.0
 
 async def test_lease_of_a_killed_process_is_taken_over_at_once(cloud_backend: Backend, tmp_path: Path) -> None:
     key = f"builds/{uuid.uuid4().hex}"
-    spec = cloud_backend.worker_spec(key=key, lease_ttl=TTL)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, json.dumps(spec), cwd=REPO,
-        env=environ_without_cloud(PYTHONPATH=str(REPO), **cloud_backend.emulator_env()),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"held\n"
+    async with lease_holder(cloud_backend, key, TTL) as holder:
         cloud_backend.storage_path = tmp_path / "restarted"  # the next process, with staging of its own
         store = cloud_backend.open()
         entered = asyncio.Event()
@@ -58,10 +46,6 @@ async def test_lease_of_a_killed_process_is_taken_over_at_once(cloud_backend: Ba
         killed = time.monotonic()
         await asyncio.wait_for(waiter, AT_ONCE)
         assert time.monotonic() - killed < AT_ONCE < TTL
-    finally:
-        if holder.returncode is None:
-            holder.kill()
-            await holder.wait()
 
 
 async def test_own_lease_that_could_not_be_released(cloud_backend: Backend, tmp_path: Path) -> None:

@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 
 from nixery import auth
 from nixery.registry.digest import Digest
+from tests.daemons import fetch
 from tests.registry import RegistryProcess
 from tests.storage.proxy import TCPProxy
 from tests.storage.servers import S3Server, seaweedfs
@@ -47,14 +46,6 @@ def s3_env(server: S3Server, endpoint: str | None = None, **extra: str) -> dict[
         "AWS_SECRET_ACCESS_KEY": server.secret_key,
         **extra,
     }
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 def all_objects(server: S3Server) -> dict[str, list[str]]:
