@@ -106,6 +106,8 @@ def test_build_failures_exit_non_zero_with_the_registry_message(registry: Regist
     assert missing.returncode == 1
     assert "packages not found" in missing.stderr and "nosuchpackage" in missing.stderr
     assert missing.stdout.splitlines()[-1].split()[2] == "failed"
+    misspelt = nixery("build", "shell/cowsy", "--registry", registry.url)
+    assert misspelt.returncode == 1 and "cowsy (did you mean cowsay?)" in misspelt.stderr
     invalid = nixery("build", "shell/bad!", "--registry", registry.url)
     assert invalid.returncode == 1 and "NAME_INVALID" in invalid.stderr and "invalid package name" in invalid.stderr
     unreachable = nixery("build", "shell/hello", "--registry", "http://127.0.0.1:9")

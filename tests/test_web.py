@@ -367,7 +367,7 @@ def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> No
     status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
     assert status == 200, body
     image = json.loads(body)
-    assert image["digest"] == digest and image["name"] == "hello/shell"
+    assert image["digest"] == digest and image["name"] == "shell/hello"  # as first asked for
     assert [layer["digest"] for layer in image["layers"]] == [layer["digest"] for layer in manifest["layers"]]
     paths = [path for layer in image["layers"] for path in layer["paths"]]
     assert any(path.endswith("-hello-2.12.1") for path in paths)

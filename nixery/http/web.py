@@ -43,7 +43,7 @@ from nixery.config import REPOSITORY
 from nixery.http import auth as http_auth
 from nixery.http import csrf
 from nixery.http.errors import registry_error
-from nixery.http.routes import BUILDER, RESOLVER, STORAGE
+from nixery.http.routes import BUILDER, RESOLVER
 from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
@@ -53,7 +53,6 @@ from nixery.registry.names import ImageRequest, check_tag, parse_image_name
 
 log = structlog.get_logger(__name__)
 
-CATALOG = web.AppKey("catalog", PackageCatalog)
 BUILD_TAGS = web.AppKey("build_tags", "OrderedDict[str, str]")
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -138,7 +137,7 @@ def wants_html_error(request: web.Request) -> bool:
 
 
 def _catalog(request: web.Request) -> PackageCatalog:
-    return request.app[CATALOG]
+    return request.app[BUILDER].names.catalog
 
 
 async def _revision(builder: ImageBuilder, tag: str = "latest", wait: float = 5.0) -> Revision | None:
@@ -903,19 +902,11 @@ async def docs_page(request: web.Request) -> web.Response:
 # ---- wiring --------------------------------------------------------------------
 
 
-async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The package catalogue. It is read on first use (the landing page or a
-    search), not at start-up: a registry that nobody browses never evaluates it."""
-    catalog = app[CATALOG] = PackageCatalog(system=host_system(), storage=app.get(STORAGE))
-    yield
-    await catalog.close()
-
-
 def add_web_routes(app: web.Application) -> None:
-    """Pages, the build API and static files. Call after the app's lifecycle is set
-    up (the catalogue context needs the storage and builder)."""
+    """Pages, the build API and static files. The package catalogue is the builder's
+    (`builder.names.catalog`): read on first use (a page, a search, a missing name),
+    not at start-up, so a registry that nobody browses never evaluates it."""
     app[BUILD_TAGS] = OrderedDict()
-    app.cleanup_ctx.append(_catalog_ctx)
     app.router.add_get("/", _html_errors(landing))
     app.router.add_get("/packages", _html_errors(packages))
     app.router.add_post("/builds", _html_errors(start_build))
