@@ -133,6 +133,10 @@ def test_one_image_under_the_names_first_asked_for(tmp_path: Path) -> None:
         assert len(registry.log_events("build.done")) == 1
         _, _, landing = registry.request("/", accept="text/html")
         assert landing.count(b'<a href="/images/') == 1 and b'href="/images/shell/figlet"' in landing
+        _, _, page = registry.request("/images/Figlet/Shell", accept="text/html")
+        assert b"<code>Figlet/Shell</code> is this image" in page
+        _, _, page = registry.request("/images/shell/figlet", accept="text/html")
+        assert b"Other orders of the names (<code>figlet/shell</code>) are the same image" in page
     finally:
         registry.stop()
 
