@@ -464,8 +464,8 @@ def inspect_main(argv: list[str]) -> int:
     try:
         image = asyncio.run(fetch())
     except ClientError as exc:
-        Console(stderr=True).print(f"nixery: {_not_built(exc, args.registry) or exc}", markup=False, highlight=False,
-                                   soft_wrap=True)
+        message = _not_built(exc, args.registry) or str(exc)
+        Console(stderr=True).print(f"nixery: {message}", markup=False, highlight=False, soft_wrap=True)
         return 1
     assert image is not None
     if args.json:

@@ -158,9 +158,8 @@ def test_names_are_the_pullable_names_of_their_attributes(tmp_path: Path) -> Non
     """An image is named by the attributes its names found, in lower case whenever that finds
     the same attribute; a set's top-level names that hold dots (Debian's `python3.11`) are
     found whole, while dotted paths into nested sets work as before."""
-    base = write_package_set(
-        tmp_path / "base", {"Unique": "echo unique", "Tool": "echo capital", "tool": "echo small", "py.Requests": "echo r"}
-    )
+    programs = {"Unique": "echo unique", "Tool": "echo capital", "tool": "echo small", "py.Requests": "echo r"}
+    base = write_package_set(tmp_path / "base", programs)
     pkgs = tmp_path / "pkgs"
     pkgs.mkdir()
     (pkgs / "default.nix").write_text(f'args: let s = import {base} args; in s // {{ "tool.v2" = s.tool; }}\n')

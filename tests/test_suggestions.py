@@ -25,7 +25,6 @@ def test_nearest_names_in_lower_case_when_that_finds_them() -> None:
     assert index.nearest("foo") == ["FOO", "Foo"]  # `foo` would find neither: each spelling
     assert index.nearest("xqzvwk") == []
     assert index.nearest("hello") == []  # a name the set has is no misspelling of itself
-    assert "HELLO" in index and "hallo" not in index
 
 
 def test_only_the_closest_few() -> None:

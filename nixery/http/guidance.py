@@ -37,10 +37,10 @@ def pull_reference(host: str, name: str, tag: str) -> str:
     return f"{host}/{name}" + ("" if tag == "latest" else f":{tag}")
 
 
-def build_button(image: str, tag: str = "latest", label: str = "Build", *, css: str = "inline") -> str:
+def build_button(image: str, tag: str = "latest", label: str = "Build") -> str:
     """A form that starts building `image` (POST /builds, as the build form does)."""
     tag_field = "" if tag == "latest" else f'<input type="hidden" name="tag" value="{h(tag)}">'
-    return f"""<form method="post" action="/builds" class="{h(css)}">
+    return f"""<form method="post" action="/builds" class="inline">
 <input type="hidden" name="image" value="{h(image)}">{tag_field}
 <button type="submit" class="small">{h(label)}</button></form>"""
 

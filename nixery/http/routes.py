@@ -205,7 +205,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
 
     def on_wait(build: Build) -> None:
-        _log_wait(request, image.display_name, tag, build)
+        _log_wait(request, request.match_info["name"], tag, build)
 
     digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
     try:

@@ -475,7 +475,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     while len(tags) > 1000:
         tags.popitem(last=False)
     location = f"/builds/{build.id}"
-    progress = guidance.progress_path(build.id, image.display_name, tag)
+    progress = guidance.progress_path(build.id, name, tag)  # the name as given: a declared one stays one
     log.info(
         "http.build_started", image=image.display_name, tag=tag, build=build.id,
         progress=f"{request.url.origin()}{progress}",
@@ -660,7 +660,6 @@ async def _unknown_build_page(request: web.Request) -> web.Response:
         image = await _image_request(request, image_name, tag)
         await http_auth.require(request, image_name, PULL)
         record = await request.app[BUILDER].built(image, tag)
-        image_name = image.display_name
     body = guidance.unknown_build(request.match_info["id"], image_name, tag, record, registry_host(request))
     return page(request, "Unknown build", body, status=404)
 
