@@ -241,14 +241,17 @@ def test_a_forgotten_build_id_shows_a_page_that_helps(start_registry, new_page, 
     assert "shell/cowsay" in page.locator("#outcome").text_content()
 
 
-def test_not_built_and_misspelt_images_offer_a_build(registry: RegistryProcess, new_page) -> None:
+def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, tmp_path: Path) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")), NIXERY_MAX_BUILDS="1")
     page = new_page()
     response = page.goto(registry.url + "/images/shell/fortune")
     assert response.status == 404
     assert "is not built yet" in page.locator("#not-built h1").text_content()
     page.click("#not-built button")
     page.wait_for_selector("#digest", timeout=120_000)
-    # A misspelt name: the page names the nearest names and builds them with one click.
+    # A misspelt name: the page names the nearest names and builds them with one click. It
+    # waits for the one build slot (slowpoke's), so the failure arrives while the page follows it.
+    run_async(_start_in_session(registry.url, "slowpoke"))
     page.goto(registry.url + "/")
     page.fill("#build-image", "shell/figlett")
     page.click("form.build-form button[type=submit]")
@@ -268,6 +271,11 @@ async def _start(session: aiohttp.ClientSession, url: str, image: str) -> dict:
         assert response.status == 202, await response.text()
         assert response.headers["Location"].startswith("/builds/")
         return await response.json()
+
+
+async def _start_in_session(url: str, image: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await _start(session, url, image)
 
 
 async def _sse(session: aiohttp.ClientSession, url: str, **headers: str) -> list[tuple[str, str, dict]]:
