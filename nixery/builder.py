@@ -507,7 +507,7 @@ class ImageBuilder:
         system = request.arch.nix_system
         nix.check_buildable(system)
         bound.info("build.evaluating")
-        build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.packages)}")
+        build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.order or request.packages)}")
         resolved = await self.evaluations.lookup(revision, system, request.packages)
         evaluated = resolved is None
         if resolved is None:
