@@ -29,6 +29,13 @@ existed), so switching NIXERY_LAYER_COMPRESSION never serves one for the other.
 evaluated to (`nixery.evaluations`), and the layering history is a snapshot
 plus one entry per build (`nixery.history`).
 
+An image is stored under the names its packages resolved to (their
+`pullName`: the attribute path, in lower case when that finds the same
+attribute), so `Curl/Shell`, `curl/shell` and `shell/curl` are one image with
+one record, named as first asked for (`shell/curl` if that came first). A
+request spelt otherwise finds it through what its names evaluated to, without
+Nix once they were evaluated.
+
 In memory, each process keeps the image records it used most recently
 (`nixery.records`, NIXERY_RECORD_CACHE of them); it drops those naming a blob
 found missing or corrupt, and all of them when `nixery gc` says it removed
@@ -63,10 +70,12 @@ from nixery.layers.grouping import plan_layers
 from nixery.layers.tarball import cache_tag, write_store_layer
 from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.nix import packages as nix
+from nixery.nix.errors import PackagesNotFound
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.process import Deadline
 from nixery.nix.sources import PackageSource, Revision, open_source
+from nixery.package_names import PackageNames
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.records import DEFAULT_CAPACITY, ImageRecord, ManifestRef, RecordCache
 from nixery.registry.digest import Digest
@@ -122,6 +131,11 @@ def _describe_layer(store_paths: Sequence[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def _by_resolved_names(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> ImageRequest:
+    """The request under the names its packages resolved to, in the order it gave them."""
+    return request.renamed({package.name: package.pull_name for package in resolved})
+
+
 def _image_cmd(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> list[str] | None:
     """`shell` images start the shell; a one-package image starts its main program."""
     for package in resolved:
@@ -174,6 +188,8 @@ class ImageBuilder:
         self._collection_listeners: list[Callable[[], None]] = []
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
+        #: The package list (search, the names a set lacks, suggestions for them).
+        self.names = PackageNames(storage)
         self._writers = LayerWriters(layer_workers or os.cpu_count() or 2)
 
     @classmethod
@@ -220,6 +236,7 @@ class ImageBuilder:
         await self._collections.close()
         await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
         await self.evaluations.flush()
+        await self.names.close()
         await self.history.close()
         if self.evaluators is not None:
             await self.evaluators.close()
@@ -233,10 +250,10 @@ class ImageBuilder:
         """The image for a request, built on first use. `on_wait` hears of a build it waits for."""
         revision = await self.source.resolve(tag)
         key = self._image_key(revision, request)
-        record = await self._cached_record(key)
+        record = await self._cached_record(key) or await self._record_by_resolved_names(revision, request)
         metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
-            self._note_use(key)
+            self._note_use(record.key)
             return record
         build = self._build_for(key, request)
         if on_wait is not None:
@@ -246,13 +263,19 @@ class ImageBuilder:
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
         """The image if it is already built, without building it (for access control)."""
         revision = await self.source.resolve(tag)
-        return await self._cached_record(self._image_key(revision, request))
+        record = await self._cached_record(self._image_key(revision, request))
+        return record or await self._record_by_resolved_names(revision, request)
+
+    async def check_names(self, request: ImageRequest, tag: str) -> None:
+        """Raise PackagesNotFound (with the nearest names) for the names the package set's
+        list surely lacks: an image that can never be built (no Nix process is started)."""
+        await self.names.check(request.packages, await self.source.resolve(tag))
 
     async def start(self, request: ImageRequest, tag: str) -> Build:
         """Start building in the background (if needed); returns the build to follow."""
         revision = await self.source.resolve(tag)
         key = self._image_key(revision, request)
-        record = await self._cached_record(key)
+        record = await self._cached_record(key) or await self._record_by_resolved_names(revision, request)
         metrics.cache_lookup("image", hit=record is not None)
         if record is not None:
             build = self.builds.new(request.display_name)
@@ -266,6 +289,15 @@ class ImageBuilder:
 
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
         return image_key(revision, request, self.max_layers, self.compression)
+
+    async def _record_by_resolved_names(self, revision: Revision, request: ImageRequest) -> ImageRecord | None:
+        """The image a request spelt otherwise names (`Curl/Shell`: `curl/shell`), when what its
+        names resolve to is known (no Nix process) and that image is built."""
+        resolved = await self.evaluations.lookup(revision, request.arch.nix_system, request.packages)
+        if resolved is None:
+            return None
+        named = _by_resolved_names(request, resolved)
+        return None if named == request else await self._cached_record(self._image_key(revision, named))
 
     def _background_done(self, task: asyncio.Task[ImageRecord]) -> None:
         self._background.discard(task)
@@ -344,7 +376,10 @@ class ImageBuilder:
                     metrics.build_waited()
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
-            build.emit(Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail)
+            build.emit(
+                Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail,
+                suggestions=getattr(exc, "suggestions", None) or None,  # nearest names for missing ones
+            )
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             raise
         else:
@@ -354,15 +389,20 @@ class ImageBuilder:
             self._in_flight.pop(key, None)
 
     async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
-        """A build that runs here (the metrics count it; not a wait for another process's)."""
-        started, ok = time.monotonic(), False
+        """A build that runs here (the metrics count it; not a wait for another process's).
+        Names the package set lacks are counted apart from failures, and answered with the
+        nearest names it has."""
+        started, result = time.monotonic(), "failed"
         metrics.build_started()
         try:
             record = await self._build_stages(request, revision, key, build)
-            ok = True
+            result = "done"
             return record
+        except PackagesNotFound as exc:
+            result = "not_found"
+            raise await self.names.with_suggestions(exc, revision) from None
         finally:
-            metrics.build_finished(ok, time.monotonic() - started)
+            metrics.build_finished(result, time.monotonic() - started)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
@@ -371,6 +411,23 @@ class ImageBuilder:
         bound.info("build.queued", revision=revision.id)
         async with self._build_slots:
             resolved, graph = await self._nix_closure(request, revision, bound, build)
+        named = _by_resolved_names(request, resolved)
+        named_key = self._image_key(revision, named)
+        if named_key == key:
+            return await self._store_image(named, revision, key, build, resolved, graph, bound, started)
+        # Spelt otherwise than its resolved names: the image is theirs, built once under their key.
+        async with self.storage.exclusive(build_lock(named_key)):
+            record = await self._cached_record(named_key)
+            if record is not None:
+                bound.info("build.found_by_resolved_names", name=record.name, key=named_key[:12])
+                return record
+            return await self._store_image(named, revision, named_key, build, resolved, graph, bound, started)
+
+    async def _store_image(
+        self, request: ImageRequest, revision: Revision, key: str, build: Build,
+        resolved: list[ResolvedPackage], graph: ClosureGraph, bound: Any, started: float,
+    ) -> ImageRecord:
+        """Layers, config, manifests and the record of a closure that is built."""
         roots = sorted({out for package in resolved for out in package.outputs})
         build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
         async with self._planning:
@@ -450,7 +507,7 @@ class ImageBuilder:
         system = request.arch.nix_system
         nix.check_buildable(system)
         bound.info("build.evaluating")
-        build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.packages)}")
+        build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.order or request.packages)}")
         resolved = await self.evaluations.lookup(revision, system, request.packages)
         evaluated = resolved is None
         if resolved is None:
@@ -608,6 +665,7 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 
 def _record_summary(record: ImageRecord) -> dict[str, Any]:
     return {
+        "image": record.name,
         "digest": str(record.default_manifest.digest),
         "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
         "layers": len(record.layers),

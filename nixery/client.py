@@ -50,6 +50,11 @@ _RECONNECTS = 5
 class ClientError(Exception):
     """A failure to report in one line (the registry's own message where it gave one)."""
 
+    def __init__(self, message: str, code: str | None = None, detail: Any = None):
+        super().__init__(message)
+        self.code = code  # the registry's error code, when it answered with one
+        self.detail = detail
+
 
 def _registry_url(value: str | None) -> str:
     url = (value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
@@ -71,7 +76,7 @@ async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
     text = await response.text()
     try:
         error = json.loads(text)["errors"][0]
-        return ClientError(f"{error['code']}: {error['message']}")
+        return ClientError(f"{error['code']}: {error['message']}", error["code"], error.get("detail"))
     except (ValueError, KeyError, IndexError, TypeError):
         return ClientError(f"HTTP {response.status}: {text.strip()[:300]}")
 
@@ -240,6 +245,11 @@ class BarProgress:
 # ---- results -----------------------------------------------------------------------
 
 
+def _other_order(name: str) -> str:
+    arch, packages = ("arm64/", name.removeprefix("arm64/")) if name.startswith("arm64/") else ("", name)
+    return arch + "/".join(reversed(packages.split("/"))) if "/" in packages else name
+
+
 def _layer_table(image: dict[str, Any]) -> Table:
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     table.add_column("#", justify="right")
@@ -264,6 +274,9 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
         ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
         ("Pull", f"docker pull {ref}"),
     ]
+    other = _other_order(image["name"])
+    if other != image["name"]:
+        lines.insert(1, ("", f"the same image as {other}: the order of the names does not matter"))
     for label, value in lines:
         console.print(f"[bold]{label:<8}[/] {escape(value)}", highlight=False, soft_wrap=True)
     console.print()
@@ -422,6 +435,17 @@ async def _build_locally(
 # ---- nixery inspect ----------------------------------------------------------------
 
 
+def _not_built(error: ClientError, registry: str | None) -> str | None:
+    """For an image that is not built yet: the command that builds it."""
+    detail = error.detail if isinstance(error.detail, dict) else {}
+    if error.code != "MANIFEST_UNKNOWN" or not isinstance(detail.get("name"), str):
+        return None
+    tag = detail.get("tag") or "latest"
+    reference = detail["name"] + ("" if tag == "latest" else f":{tag}")
+    option = f" --registry {registry}" if registry else ""
+    return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
+
+
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
@@ -440,7 +464,8 @@ def inspect_main(argv: list[str]) -> int:
     try:
         image = asyncio.run(fetch())
     except ClientError as exc:
-        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        message = _not_built(exc, args.registry) or str(exc)
+        Console(stderr=True).print(f"nixery: {message}", markup=False, highlight=False, soft_wrap=True)
         return 1
     assert image is not None
     if args.json:

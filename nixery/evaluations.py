@@ -35,8 +35,8 @@ from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
-#: Bumped when what eval.nix returns for a name changes.
-FORMAT_VERSION = "1"
+#: Bumped when what eval.nix returns for a name changes (2: `pullName`).
+FORMAT_VERSION = "2"
 PREFIX = "evaluations/"
 _MEMORY = 4096  # names kept in memory per process
 

@@ -2,7 +2,8 @@
 
     nixery_http_requests_total{method,route,status}   one per request
     nixery_http_request_duration_seconds{method,route}
-    nixery_builds_total{result}                       result: done | failed; builds run by this process
+    nixery_builds_total{result}                       result: done | failed | not_found (names the package
+                                                      set lacks); builds run by this process
     nixery_build_duration_seconds{result}
     nixery_builds_running
     nixery_build_waits_total                          waits for a build another process ran (shared storage)
@@ -36,7 +37,11 @@ HTTP_REQUESTS = Counter(
 HTTP_DURATION = Histogram(
     "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"]
 )
-BUILDS = Counter("nixery_builds", "Image builds run by this process and finished, by result", ["result"])
+BUILDS = Counter(
+    "nixery_builds",
+    "Image builds run by this process and finished, by result (not_found: names the package set lacks)",
+    ["result"],
+)
 BUILD_WAITS = Counter(
     "nixery_build_waits", "Images this process waited for while another process on the storage built them"
 )
@@ -57,7 +62,8 @@ NIX_PROCESSES = Gauge("nixery_nix_processes_running", "Nix processes running, by
 for _cache in ("image", "layer"):  # present from the start, so rates work from zero
     CACHE_HITS.labels(_cache)
     CACHE_MISSES.labels(_cache)
-for _result in ("done", "failed"):
+BUILD_RESULTS = ("done", "failed", "not_found")
+for _result in BUILD_RESULTS:
     BUILDS.labels(_result)
 for _outcome in ("reused", "created"):
     LAYERS.labels(_outcome)
@@ -83,8 +89,8 @@ def build_started() -> None:
     BUILDS_RUNNING.inc()
 
 
-def build_finished(ok: bool, seconds: float) -> None:
-    result = "done" if ok else "failed"
+def build_finished(result: str, seconds: float) -> None:
+    """`result`: one of BUILD_RESULTS."""
     BUILDS_RUNNING.dec()
     BUILDS.labels(result).inc()
     BUILD_DURATION.labels(result).observe(seconds)

@@ -106,6 +106,8 @@ def test_build_failures_exit_non_zero_with_the_registry_message(registry: Regist
     assert missing.returncode == 1
     assert "packages not found" in missing.stderr and "nosuchpackage" in missing.stderr
     assert missing.stdout.splitlines()[-1].split()[2] == "failed"
+    misspelt = nixery("build", "shell/cowsy", "--registry", registry.url)
+    assert misspelt.returncode == 1 and "cowsy (did you mean cowsay?)" in misspelt.stderr
     invalid = nixery("build", "shell/bad!", "--registry", registry.url)
     assert invalid.returncode == 1 and "NAME_INVALID" in invalid.stderr and "invalid package name" in invalid.stderr
     unreachable = nixery("build", "shell/hello", "--registry", "http://127.0.0.1:9")
@@ -116,9 +118,12 @@ def test_build_failures_exit_non_zero_with_the_registry_message(registry: Regist
 
 def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("shell/cowsay")
-    result = nixery("inspect", "shell/cowsay", "--registry", registry.url)
+    result = nixery("inspect", "cowsay/shell", "--registry", registry.url)
     assert result.returncode == 0, result.stderr
     assert f"Digest   {digest}" in result.stdout
+    # The name as first asked for, whatever order inspect was given.
+    assert "Image    shell/cowsay:latest" in result.stdout
+    assert "the same image as cowsay/shell: the order of the names does not matter" in result.stdout
     paths = re.findall(r"^  (/nix/store/\S+)$", result.stdout, re.MULTILINE)
     assert any(p.endswith("-cowsay-3.7.0") for p in paths)
     assert any(p.endswith("-libwords-1.4") for p in paths)
@@ -127,7 +132,12 @@ def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None
     as_json = nixery("inspect", "cowsay/shell:latest", "--registry", registry.url, "--json")
     assert as_json.returncode == 0 and '"paths": [' in as_json.stdout
     missing = nixery("inspect", "shell/figlet", "--registry", registry.url)
-    assert missing.returncode == 1 and "MANIFEST_UNKNOWN" in missing.stderr and "not been built" in missing.stderr
+    assert missing.returncode == 1 and "not built yet" in missing.stderr
+    assert f"`nixery build --registry {registry.url} shell/figlet`" in missing.stderr
+    assert "POST /builds" not in missing.stderr
+    misspelt = nixery("inspect", "shell/figlett", "--registry", registry.url)
+    assert misspelt.returncode == 1 and "MANIFEST_UNKNOWN" in misspelt.stderr
+    assert "figlett (did you mean figlet?)" in misspelt.stderr
 
 
 def test_build_locally_without_a_server(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from nixery.config import DEBIAN_SET
+from nixery.nix.packages import EVAL_NIX, host_system
 from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
 
 SET = DEBIAN_SET.path
@@ -70,6 +71,27 @@ def test_names_nix_and_debian() -> None:
     assert len(result["names"]) == 26, result["names"]
     assert result["shellMain"] == "bash"
     assert result["sameOpenssh"] and result["sameStdcxx"]
+
+
+def test_every_package_is_found_by_its_name_in_lower_case() -> None:
+    """Registry clients refuse upper-case names, and the search shows the set's own names
+    (`python3.11`, `libstdc++6`, `bashInteractive`): the resolver finds every top-level
+    package by its name in lower case, and finds that package itself."""
+    expr = f"""
+      let s = import {SET} {{}};
+          isDrv = n: (builtins.tryEval (builtins.isAttrs s.${{n}} && (s.${{n}}.type or null) == "derivation")).value;
+      in builtins.filter isDrv (builtins.attrNames s)"""
+    names = json.loads(run(["nix-instantiate", "--eval", "--strict", "--json", "-E", expr]).stdout)
+    assert len(names) > 150 and "python3.11" in names and "bashInteractive" in names
+    request = json.dumps({"packages": [name.lower() for name in names], "system": host_system()})
+    result = json.loads(run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(EVAL_NIX),
+         "--argstr", "pkgsPath", str(SET), "--argstr", "request", request],
+        timeout=600,
+    ).stdout)
+    assert result["missing"] == []
+    assert {p["name"]: p["attr"] for p in result["packages"]} == {name.lower(): name for name in names}
+    assert {p["pullName"] for p in result["packages"]} == {name.lower() for name in names}
 
 
 def test_cacert_bundle_and_shell_references_it() -> None:

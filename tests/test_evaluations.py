@@ -73,7 +73,7 @@ def test_an_edited_package_set_is_evaluated_again(start_registry, nix_calls, tmp
 
 
 def package(name: str, attr: str, out: str) -> ResolvedPackage:
-    return ResolvedPackage(name, attr, f"/nix/store/{'d' * 32}-{attr}.drv", (out,), None)
+    return ResolvedPackage(name, attr, attr.lower(), f"/nix/store/{'d' * 32}-{attr}.drv", (out,), None)
 
 
 SHELL = [

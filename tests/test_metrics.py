@@ -54,6 +54,7 @@ def pull(registry: RegistryProcess, name: str) -> int:
 def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     before = scrape(registry)
     assert value(before, "nixery_builds_total", result="done") == 0
+    assert ("nixery_builds_total", (("result", "not_found"),)) in before  # present from the start
     assert value(before, "nixery_cache_hits_total", cache="image") == 0
 
     received = pull(registry, "shell/hello")
@@ -98,15 +99,23 @@ def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     assert value(third, "nixery_cache_hits_total", cache="layer") == reused
 
 
-def test_failures_and_unmatched_routes(registry: RegistryProcess) -> None:
+def test_failures_unknown_names_and_unmatched_routes(start_registry) -> None:
+    """A build that fails is counted as failed; names the package set lacks (typos) are
+    counted apart, as not_found, so that an alert on failed builds means something."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(Path(__file__).parent / "data" / "failing"))
     status, _, body = registry.request("/v2/shell/nosuchpackage/manifests/latest")
     assert status == 404, body
+    status, _, body = registry.request("/v2/broken/manifests/latest")  # its Nix build fails
+    assert status == 500, body
     status, _, _ = registry.request("/no/such/page/12345")
     assert status == 404
     samples = scrape(registry)
+    assert value(samples, "nixery_builds_total", result="not_found") == 1
     assert value(samples, "nixery_builds_total", result="failed") == 1
     assert value(samples, "nixery_build_duration_seconds_count", result="failed") == 1
+    assert value(samples, "nixery_build_duration_seconds_count", result="not_found") == 1
     assert value(samples, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="404") == 1
+    assert value(samples, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="500") == 1
     assert value(samples, "nixery_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert not any("12345" in json.dumps(labels) for _, labels in samples)
 

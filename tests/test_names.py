@@ -111,3 +111,79 @@ def test_exact_names_win_and_ambiguous_case_insensitive_names_are_missing(tmp_pa
         assert (status, error["detail"]["missing"]) == (404, ["TOOL"])
     finally:
         registry.stop()
+
+
+def image_name(registry: RegistryProcess, asked: str) -> str:
+    """The name the registry gives the image that `asked` names (it must be built)."""
+    status, _, body = registry.request(f"/images/{asked}.json", accept="application/json")
+    assert status == 200, body
+    return json.loads(body)["name"]
+
+
+def test_one_image_under_the_names_first_asked_for(tmp_path: Path) -> None:
+    """Other orders, spellings and repeats of an image's names are the image as first asked
+    for: one record, one entry on the landing page, one build; shown as `shell/figlet`."""
+    registry = started(tmp_path / "storage", NIXERY_BUNDLED_SET="busybox")
+    try:
+        digest, _ = registry.manifest("shell/figlet")
+        for asked in ("figlet/shell", "Figlet/Shell", "SHELL/figlet/shell"):
+            assert registry.manifest(asked)[0] == digest, asked
+        for asked in ("shell/figlet", "figlet/shell", "Figlet/Shell", "SHELL/figlet/shell"):
+            assert image_name(registry, asked) == "shell/figlet", asked
+        assert len(registry.log_events("build.done")) == 1
+        _, _, landing = registry.request("/", accept="text/html")
+        assert landing.count(b'<a href="/images/') == 1 and b'href="/images/shell/figlet"' in landing
+        _, _, page = registry.request("/images/Figlet/Shell", accept="text/html")
+        assert b"<code>Figlet/Shell</code> is this image" in page
+        _, _, page = registry.request("/images/shell/figlet", accept="text/html")
+        assert b"Other orders of the names (<code>figlet/shell</code>) are the same image" in page
+    finally:
+        registry.stop()
+
+
+def test_an_image_first_asked_for_in_capitals_is_found_in_lower_case(tmp_path: Path) -> None:
+    """Registry clients refuse upper-case names: an image built as `Hello` is `hello`, and
+    pulling `hello` afterwards finds it without building or evaluating anything."""
+    registry = started(tmp_path / "storage", NIXERY_BUNDLED_SET="busybox")
+    try:
+        digest, _ = registry.manifest("Hello")
+        assert image_name(registry, "Hello") == "hello"
+        assert registry.manifest("hello")[0] == digest
+        assert len(registry.log_events("build.queued")) == 1
+    finally:
+        registry.stop()
+
+
+def test_names_are_the_pullable_names_of_their_attributes(tmp_path: Path) -> None:
+    """An image is named by the attributes its names found, in lower case whenever that finds
+    the same attribute; a set's top-level names that hold dots (Debian's `python3.11`) are
+    found whole, while dotted paths into nested sets work as before."""
+    programs = {"Unique": "echo unique", "Tool": "echo capital", "tool": "echo small", "py.Requests": "echo r"}
+    base = write_package_set(tmp_path / "base", programs)
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(f'args: let s = import {base} args; in s // {{ "tool.v2" = s.tool; }}\n')
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(pkgs))
+    try:
+        expected = {
+            "UNIQUE/Tool": "unique/Tool",  # `tool` is another attribute: Tool keeps its capital
+            "PY.REQUESTS": "py.requests",
+            "tool.v2": "tool.v2",
+            "TOOL.V2/unique": "tool.v2/unique",
+        }
+        for asked, name in expected.items():
+            registry.manifest(asked)
+            assert image_name(registry, asked) == name, asked
+        assert labels(registry, registry.manifest("tool.v2")[1])["org.nixos.nixery.packages"] == "tool.v2"
+    finally:
+        registry.stop()
+
+
+def test_a_misspelt_name_gets_the_nearest_names(bundled: RegistryProcess) -> None:
+    status, error = error_of(bundled, "shell/figlett/COWSY")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN")
+    assert error["detail"]["missing"] == ["COWSY", "figlett"]
+    assert error["detail"]["suggestions"] == {"COWSY": ["cowsay"], "figlett": ["figlet"]}
+    assert "COWSY (did you mean cowsay?), figlett (did you mean figlet?)" in error["message"]
+    status, error = error_of(bundled, "shell/xqzvwk")  # nothing like it: no suggestion
+    assert error["detail"]["suggestions"] == {} and error["message"].endswith(": xqzvwk")

@@ -119,7 +119,7 @@ def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeyp
 
     async def collect() -> maintenance.GarbageReport:
         records = await maintenance._records(storage)
-        kept_key = next(k for k, r in records.items() if r.name == "hello/shell")
+        kept_key = next(k for k, r in records.items() if r.name == "shell/hello")
         usage_key = maintenance.USAGE_PREFIX + kept_key.removeprefix("images/")
         await storage.put_meta(usage_key, json.dumps({"last_used": later - 3600}).encode())
         return await maintenance.collect_garbage(storage, older_than=30 * 86400)

@@ -124,7 +124,7 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     page.goto(registry.url + "/")
     page.fill("#build-image", "shell/slowpoke")
     page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/*")
+    page.wait_for_url("**/builds/**")
     build = page.locator("#build")
     rendered = int(build.get_attribute("data-events"))
     assert build.get_attribute("data-stage") not in ("done", "failed"), "the build should still be running"
@@ -176,6 +176,93 @@ def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page)
     page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
 
 
+def _debian_set() -> dict[str, str]:
+    """The environment of a registry on the Debian-derived set (CI generates it: missing, it fails there)."""
+    if not (DEBIAN_SET.path / "default.nix").is_file():
+        missing = f"the Debian set is not generated ({DEBIAN_SET.path}): run scripts/debian-set/setup.sh"
+        if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):
+            raise RuntimeError(missing)
+        pytest.skip(missing)
+    return {"NIXERY_BUNDLED_SET": "debian"}
+
+
+def _shows_the_newest_event(page) -> bool:
+    return page.locator("#events").evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 30")
+
+
+def test_search_build_button_builds_a_dotted_debian_name(start_registry, new_page) -> None:
+    """The search shows the set's own names; its Build button builds what it shows, also a
+    Debian name with a dot (`python3.11`, which a dotted path would look for in `python3`)."""
+    registry = start_registry(**_debian_set())
+    page = new_page()
+    page.goto(f"{registry.url}/packages?q=python3.11")
+    row = page.locator("table.results tbody tr").filter(has=page.locator("code", has_text="python3.11")).first
+    assert row.locator("code").first.text_content() == "python3.11"
+    row.locator("button").click()
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#digest, #error", timeout=300_000)
+    assert page.locator("#state").text_content() == "done", page.locator("#outcome").text_content()
+    assert f"docker pull {registry.host}/shell/python3.11" in page.locator("#outcome").text_content()
+    assert page.locator("#digest").text_content() == registry.manifest("shell/python3.11")[0]
+    # The finished page shows its newest events, not the first ones.
+    page.reload()
+    events = page.locator("#events")
+    assert events.evaluate("e => e.scrollHeight > e.clientHeight"), "too few events to scroll"
+    page.wait_for_function("() => document.getElementById('events').scrollTop > 0", timeout=10_000)
+    assert _shows_the_newest_event(page)
+    page.screenshot(path=str(ARTIFACTS / "web-build-dotted-name.png"), full_page=True)
+
+
+def test_a_forgotten_build_id_shows_a_page_that_helps(start_registry, new_page, tmp_path: Path) -> None:
+    """Builds live in memory: a bookmarked progress page after a restart says the build is not
+    known, links to its image when that is built, and offers to build it when not."""
+    registry = start_registry(tmp_path / "kept", NIXERY_BUNDLED_SET="busybox")
+    page = new_page()
+    response = page.goto(registry.url + "/builds/0123456789abcdef")
+    assert response.status == 404 and response.headers["content-type"].startswith("text/html")
+    assert "is not known here" in page.locator("#unknown-build h1").text_content()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "figlet/shell")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#digest", timeout=120_000)
+    bookmark = page.url
+    registry.stop()
+    registry.start()  # same storage and port; the build is forgotten
+    response = page.goto(bookmark)
+    assert response.status == 404
+    assert "Its image is built" in page.locator("#unknown-build").text_content()
+    page.screenshot(path=str(ARTIFACTS / "web-unknown-build.png"), full_page=True)
+    page.click("#unknown-build a[href^='/images/']")
+    assert page.locator("h1 code").text_content() == "figlet/shell"
+    # A forgotten build of an image not built: a button builds it.
+    page.goto(registry.url + "/builds/00ff?image=shell/cowsay")
+    page.click("#unknown-build button")
+    page.wait_for_selector("#digest", timeout=120_000)
+    assert "shell/cowsay" in page.locator("#outcome").text_content()
+
+
+def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, tmp_path: Path) -> None:
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")), NIXERY_MAX_BUILDS="1")
+    page = new_page()
+    response = page.goto(registry.url + "/images/shell/fortune")
+    assert response.status == 404
+    assert "is not built yet" in page.locator("#not-built h1").text_content()
+    page.click("#not-built button")
+    page.wait_for_selector("#digest", timeout=120_000)
+    # A misspelt name: the page names the nearest names and builds them with one click. It
+    # waits for the one build slot (slowpoke's), so the failure arrives while the page follows it.
+    run_async(_start_in_session(registry.url, "slowpoke"))
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/figlett")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#error", timeout=120_000)
+    assert "figlett (did you mean figlet?)" in page.locator("#error").text_content()
+    page.screenshot(path=str(ARTIFACTS / "web-misspelt.png"), full_page=True)
+    page.click("text=Build shell/figlet instead")
+    page.wait_for_selector("#digest", timeout=120_000)
+    assert f"docker pull {registry.host}/shell/figlet" in page.locator("#outcome").text_content()
+
+
 # ---- HTTP: the build API and the event stream --------------------------------------
 
 
@@ -184,6 +271,11 @@ async def _start(session: aiohttp.ClientSession, url: str, image: str) -> dict:
         assert response.status == 202, await response.text()
         assert response.headers["Location"].startswith("/builds/")
         return await response.json()
+
+
+async def _start_in_session(url: str, image: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await _start(session, url, image)
 
 
 async def _sse(session: aiohttp.ClientSession, url: str, **headers: str) -> list[tuple[str, str, dict]]:
@@ -367,7 +459,7 @@ def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> No
     status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
     assert status == 200, body
     image = json.loads(body)
-    assert image["digest"] == digest and image["name"] == "hello/shell"
+    assert image["digest"] == digest and image["name"] == "shell/hello"  # as first asked for
     assert [layer["digest"] for layer in image["layers"]] == [layer["digest"] for layer in manifest["layers"]]
     paths = [path for layer in image["layers"] for path in layer["paths"]]
     assert any(path.endswith("-hello-2.12.1") for path in paths)

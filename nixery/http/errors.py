@@ -35,7 +35,9 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case errors.RegistryError():
             return exc
         case nix_errors.PackagesNotFound():
-            return errors.ManifestUnknown(exc.message, detail={"missing": exc.missing})
+            return errors.ManifestUnknown(
+                exc.message, detail={"missing": exc.missing, "suggestions": exc.suggestions}
+            )
         case nix_errors.RefNotFound():
             return errors.ManifestUnknown(exc.message)
         case nix_errors.UnsupportedSystem():

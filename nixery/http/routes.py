@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
+from nixery.http.guidance import progress_path
 from nixery.progress import Build
 from nixery.registry.digest import Digest
 from nixery.registry.image import layer_compression, parse_manifest
@@ -164,8 +165,8 @@ def _image_name(request: web.Request) -> ImageRequest:
     return parse_image_name(request.match_info["name"])
 
 
-def _log_wait(request: web.Request, image: str, build: Build) -> None:
-    progress = f"{request.url.origin()}/builds/{build.id}"
+def _log_wait(request: web.Request, image: str, tag: str, build: Build) -> None:
+    progress = f"{request.url.origin()}{progress_path(build.id, image, tag)}"
     log.info("http.waiting_for_build", image=image, build=build.id, progress=progress)
 
 
@@ -204,7 +205,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
 
     def on_wait(build: Build) -> None:
-        _log_wait(request, image.display_name, build)
+        _log_wait(request, request.match_info["name"], tag, build)
 
     digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
     try:

@@ -6,7 +6,8 @@
     POST /builds                 start a build (form or JSON `image`, `tag`):
                                  303 to the progress page for forms, 202 + JSON for JSON;
                                  posts from other sites' pages are refused (nixery/http/csrf.py)
-    GET  /builds/{id}            progress page (server-rendered, follows the events with JS)
+    GET  /builds/{id}            progress page (server-rendered, follows the events with JS); for an
+                                 unknown id, a page saying so (nixery/http/guidance.py)
     GET  /builds/{id}.json       the build and its events
     GET  /builds/{id}/events     server-sent events, one JSON event per message
     GET  /images/{name}[.json]   a built image: layers, sizes, the store paths of each layer
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import re
 import time
@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import structlog
 from aiohttp import web
@@ -41,9 +41,10 @@ from nixery.auth import BUILD, PULL
 from nixery.builder import ImageBuilder, ImageRecord
 from nixery.config import REPOSITORY
 from nixery.http import auth as http_auth
-from nixery.http import csrf
+from nixery.http import csrf, guidance
 from nixery.http.errors import registry_error
-from nixery.http.routes import BUILDER, RESOLVER, STORAGE
+from nixery.http.markup import h
+from nixery.http.routes import BUILDER, RESOLVER
 from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
@@ -53,7 +54,6 @@ from nixery.registry.names import ImageRequest, check_tag, parse_image_name
 
 log = structlog.get_logger(__name__)
 
-CATALOG = web.AppKey("catalog", PackageCatalog)
 BUILD_TAGS = web.AppKey("build_tags", "OrderedDict[str, str]")
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -83,11 +83,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # ---- small helpers -----------------------------------------------------------
-
-
-def h(value: Any) -> str:
-    """HTML-escaped text (quotes too, so it is safe inside attributes)."""
-    return html.escape(str(value), quote=True)
 
 
 def size_text(n: int | float | None) -> str:
@@ -138,7 +133,7 @@ def wants_html_error(request: web.Request) -> bool:
 
 
 def _catalog(request: web.Request) -> PackageCatalog:
-    return request.app[CATALOG]
+    return request.app[BUILDER].names.catalog
 
 
 async def _revision(builder: ImageBuilder, tag: str = "latest", wait: float = 5.0) -> Revision | None:
@@ -417,11 +412,7 @@ def _results_table(results: list[Any]) -> str:
         version = h(entry.version) if entry.version else '<span class="muted">–</span>'
         description = h(entry.description) if entry.description else ""
         kind = "" if entry.kind in ("package", None) else f' <span class="badge">{h(entry.kind)}</span>'
-        action = ""
-        if entry.kind in ("package", None):
-            action = f"""<form method="post" action="/builds" class="inline">
-<input type="hidden" name="image" value="shell/{h(entry.name)}">
-<button type="submit" class="small">Build</button></form>"""
+        action = guidance.build_button(f"shell/{entry.name}") if entry.kind in ("package", None) else ""
         rows.append(
             f"<tr><td><code>{h(entry.name)}</code>{kind}<div class='desc'>{description}</div></td>"
             f"<td>{version}</td><td>{action}</td></tr>"
@@ -484,9 +475,10 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     while len(tags) > 1000:
         tags.popitem(last=False)
     location = f"/builds/{build.id}"
+    progress = guidance.progress_path(build.id, name, tag)  # the name as given: a declared one stays one
     log.info(
         "http.build_started", image=image.display_name, tag=tag, build=build.id,
-        progress=f"{request.url.origin()}{location}",
+        progress=f"{request.url.origin()}{progress}",
     )
     if json_api:
         return web.json_response(
@@ -495,14 +487,14 @@ async def start_build(request: web.Request) -> web.StreamResponse:
                 "image": build.image,
                 "tag": tag,
                 "stage": build.stage.value,
-                "progress": location,
+                "progress": progress,
                 "events": f"{location}/events",
                 "json": f"{location}.json",
             },
             status=202,
             headers={"Location": location},
         )
-    return web.Response(status=303, headers={"Location": location}, text=f"See {location}")
+    return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
 
 
 def _get_build(request: web.Request) -> Build:
@@ -604,21 +596,23 @@ def _stage_list(build: Build, progress: Progress) -> str:
 
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     d = progress.data
+    tag = request.app[BUILD_TAGS].get(build.id, "latest")
     if build.stage is Stage.DONE and "digest" in d:
-        tag = request.app[BUILD_TAGS].get(build.id, "latest")
-        ref = f"{registry_host(request)}/{build.image}" + ("" if tag == "latest" else f":{tag}")
-        return f"""<div class="outcome done" id="outcome">
-<p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>
+        name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
+        note = guidance.same_image_note(build.image, name) if name != build.image else ""
+        ref = guidance.pull_reference(registry_host(request), name, tag)
+        return f"""<div class="outcome done" id="outcome" data-image="{h(name)}">
+<p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>{note}
 <p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
-<p><a href="/images/{h(build.image)}{'' if tag == 'latest' else '?tag=' + h(quote(tag))}">Layers and store paths</a></p>
+<p><a href="{h(guidance.image_path(name, tag))}">Layers and store paths</a></p>
 </div>"""
     if build.stage is Stage.FAILED:
         tail = d.get("log")
         log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
         return f"""<div class="outcome failed" id="outcome">
 <p><strong>The build failed.</strong></p><p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
-{log_html}</div>"""
+{guidance.suggestion_button(build.image, tag, d.get("suggestions"))}{log_html}</div>"""
     return '<div class="outcome" id="outcome" hidden></div>'
 
 
@@ -632,6 +626,8 @@ def _event_items(build: Build) -> str:
 
 
 async def build_page(request: web.Request) -> web.Response:
+    if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
+        return await _unknown_build_page(request)
     build = _get_build(request)
     progress = Progress(build)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
@@ -654,6 +650,18 @@ async def build_page(request: web.Request) -> web.Response:
 <script src="/static/build.js?v={h(__version__)}" defer></script>
 """
     return page(request, f"Building {build.image}", body, head=head)
+
+
+async def _unknown_build_page(request: web.Request) -> web.Response:
+    """A forgotten build (a restart, a bookmark): what became of its image, when the address names it."""
+    image_name, record = request.query.get("image"), None
+    tag = check_tag(request.query.get("tag") or "latest")
+    if image_name is not None:
+        image = await _image_request(request, image_name, tag)
+        await http_auth.require(request, image_name, PULL)
+        record = await request.app[BUILDER].built(image, tag)
+    body = guidance.unknown_build(request.match_info["id"], image_name, tag, record, registry_host(request))
+    return page(request, "Unknown build", body, status=404)
 
 
 async def build_json(request: web.Request) -> web.Response:
@@ -766,8 +774,13 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     await http_auth.require(request, name, PULL)
     record = await request.app[BUILDER].built(image, tag)
     if record is None:
+        await request.app[BUILDER].check_names(image, tag)  # a misspelt name is told so, with the nearest names
+        if wants_html_error(request):
+            return page(request, f"{name} is not built yet",
+                        guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
+        reference = image.display_name + ("" if tag == "latest" else f":{tag}")
         raise errors.ManifestUnknown(
-            f"{image.display_name}:{tag} has not been built yet: pull it, or start a build (POST /builds)",
+            f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
             detail={"name": image.display_name, "tag": tag},
         )
     doc = image_json(record, tag)
@@ -785,10 +798,11 @@ async def image_info(request: web.Request) -> web.StreamResponse:
             f"<td class='num'>{h(size_text(layer['size']))}</td>"
             f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
         )
-    ref = f"{registry_host(request)}/{record.name}" + ("" if tag == "latest" else f":{tag}")
+    ref = guidance.pull_reference(registry_host(request), record.name, tag)
     query = "" if tag == "latest" else "?" + h(urlencode({"tag": tag}))
     body = f"""<section class="card">
 <h1><code>{h(record.name)}</code></h1>
+{guidance.same_image_note(image.display_name, record.name)}
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
 <dl class="facts">
 <dt>Digest</dt><dd><code class="digest">{h(doc["digest"])}</code></dd>
@@ -903,19 +917,11 @@ async def docs_page(request: web.Request) -> web.Response:
 # ---- wiring --------------------------------------------------------------------
 
 
-async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The package catalogue. It is read on first use (the landing page or a
-    search), not at start-up: a registry that nobody browses never evaluates it."""
-    catalog = app[CATALOG] = PackageCatalog(system=host_system(), storage=app.get(STORAGE))
-    yield
-    await catalog.close()
-
-
 def add_web_routes(app: web.Application) -> None:
-    """Pages, the build API and static files. Call after the app's lifecycle is set
-    up (the catalogue context needs the storage and builder)."""
+    """Pages, the build API and static files. The package catalogue is the builder's
+    (`builder.names.catalog`): read on first use (a page, a search, a missing name),
+    not at start-up, so a registry that nobody browses never evaluates it."""
     app[BUILD_TAGS] = OrderedDict()
-    app.cleanup_ctx.append(_catalog_ctx)
     app.router.add_get("/", _html_errors(landing))
     app.router.add_get("/packages", _html_errors(packages))
     app.router.add_post("/builds", _html_errors(start_build))

@@ -23,6 +23,7 @@ import json
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,24 @@ class Catalog:
 
     def names(self) -> set[str]:
         return {entry.name for entry in self.entries}
+
+    def package_names(self) -> Iterator[str]:
+        """The names an image can be built of (what a misspelt name is compared with)."""
+        yield from (entry.name for entry in self.entries if entry.kind in ("package", None))
+        if "shell" not in self.names():
+            yield "shell"  # nixery's meta-package, for sets without one (resolve.nix)
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The names the package set surely lacks, as the resolver would find them: in any
+        case, a dotted name by its first part (nested sets are not listed). None is sure to be
+        missing when the list was cut short (`limit`)."""
+        if self.total > len(self.entries):
+            return []
+        known = {entry.name.lower() for entry in self.entries} | {"shell"}
+        return [
+            name for name in names
+            if name.lower() not in known and name.split(".", 1)[0].lower() not in known
+        ]
 
     def search(self, query: str, limit: int = 50) -> list[CatalogEntry]:
         """Entries whose name (or description) contains `query`, best first:

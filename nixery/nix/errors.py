@@ -21,9 +21,17 @@ class MemoryLimitExceeded(NixError):
 
 
 class PackagesNotFound(NixError):
-    def __init__(self, missing: list[str], source: str):
-        super().__init__(f"packages not found in {source}: {', '.join(missing)}")
+    """Names the package set does not have; `suggestions` holds the nearest names it has."""
+
+    def __init__(self, missing: list[str], source: str, suggestions: dict[str, list[str]] | None = None):
         self.missing = missing
+        self.source = source
+        self.suggestions = suggestions or {}
+        super().__init__(f"packages not found in {source}: " + ", ".join(map(self._described, missing)))
+
+    def _described(self, name: str) -> str:
+        nearest = self.suggestions.get(name)
+        return f"{name} (did you mean {' or '.join(nearest)}?)" if nearest else name
 
 
 class UnsupportedSystem(NixError):

@@ -5,7 +5,7 @@
 #   pkgsPath  absolute path of a package set (a directory with default.nix)
 #   request   JSON: { "packages": [names], "system": "x86_64-linux" }
 #
-# Prints JSON: { "packages": [{ name, attr, drvPath, outputs, mainProgram }],
+# Prints JSON: { "packages": [{ name, attr, pullName, drvPath, outputs, mainProgram }],
 #                "missing": [names] }   (see resolve.nix)
 { pkgsPath, request }:
 let req = builtins.fromJSON request;

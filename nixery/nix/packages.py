@@ -33,6 +33,7 @@ _HOST_SYSTEMS = {
 class ResolvedPackage:
     name: str  # as the image name said it
     attr: str  # the attribute path it resolved to
+    pull_name: str  # how to name it in an image: lower case when that finds the same attribute (resolve.nix)
     drv_path: str
     outputs: tuple[str, ...]  # store paths that go into the image
     main_program: str | None
@@ -45,14 +46,15 @@ class ResolvedPackage:
             raise TypeError("outputs must be a list of store paths")
         main_program = doc.get("mainProgram")
         return cls(
-            name=str(doc["name"]), attr=str(doc["attr"]), drv_path=str(doc["drvPath"]), outputs=tuple(outputs),
+            name=str(doc["name"]), attr=str(doc["attr"]), pull_name=str(doc["pullName"]),
+            drv_path=str(doc["drvPath"]), outputs=tuple(outputs),
             main_program=None if main_program is None else str(main_program),
         )
 
     def to_json(self) -> dict[str, Any]:
         """As eval.nix prints it."""
         return {
-            "name": self.name, "attr": self.attr, "drvPath": self.drv_path,
+            "name": self.name, "attr": self.attr, "pullName": self.pull_name, "drvPath": self.drv_path,
             "outputs": list(self.outputs), "mainProgram": self.main_program,
         }
 

@@ -3,7 +3,10 @@
 #   pkgs  the package set, imported for the request's system
 #   req   the decoded request: { "packages": [names], "system": "x86_64-linux" }
 #
-# Returns { packages = [{ name, attr, drvPath, outputs, mainProgram }]; missing = [names]; }.
+# Returns { packages = [{ name, attr, pullName, drvPath, outputs, mainProgram }]; missing = [names]; }.
+# `attr` is the attribute path found; `pullName` is how to ask for it in an image
+# name: in lower case (registry clients refuse upper-case names) whenever the
+# lower-case name finds the same attribute, else the path as it is.
 # Used by eval.nix (one nix-instantiate per image) and evaluator.nix (a long-running repl).
 pkgs: req:
 let
@@ -34,6 +37,29 @@ let
       else if rest == [ ] then { found = true; value = set.${step.attr}; path = attrs ++ [ step.attr ]; }
       else lookupPath set.${step.attr} rest (attrs ++ [ step.attr ]);
 
+  # What `name` names: its dotted parts through nested sets, else the whole name
+  # as one top-level attribute (a set may have dots in its names, as the
+  # Debian-derived set's `python3.11`). Dotted paths come first, as they always did.
+  find = name:
+    let
+      parts = builtins.filter builtins.isString (builtins.split "\\." name);
+      byPath = lookupPath pkgs parts [ ];
+      whole = lookupAttr pkgs name;
+    in
+      if byPath.found then byPath
+      else if builtins.length parts > 1 && whole.found
+        then { found = true; value = pkgs.${whole.attr}; path = [ whole.attr ]; }
+      else { found = false; };
+
+  # The name to pull a found attribute path by (see above).
+  pullName = path:
+    let
+      name = builtins.concatStringsSep "." path;
+      lower = toLower name;
+      again = find lower;
+    in
+      if lower == name || !(again.found && again.path == path) then name else lower;
+
   isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
 
   # Nixery's meaning of `shell` for package sets that have no such attribute.
@@ -44,7 +70,7 @@ let
 
   describe = requested: name:
     let
-      hit = lookupPath pkgs (builtins.filter builtins.isString (builtins.split "\\." name)) [ ];
+      hit = find name;
       drv = hit.value;
       # nixpkgs marks the outputs a user wants (e.g. curl's `bin`) in meta.
       outputNames = drv.meta.outputsToInstall or [ (drv.outputName or "out") ];
@@ -57,6 +83,8 @@ let
         value = {
           name = requested;
           attr = builtins.concatStringsSep "." hit.path;
+          # An expanded `shell` is asked for as `shell`.
+          pullName = if name == requested then pullName hit.path else toLower requested;
           inherit (drv) drvPath;
           outputs = map (o: drv.${o}.outPath) outputNames;
           mainProgram = drv.meta.mainProgram or null;

@@ -5,12 +5,19 @@ component names a package (a top-level attribute, or a dotted path into
 nested sets), and a leading `arm64` selects aarch64. Names are checked here,
 against a strict alphabet, before anything else sees them; the Nix code
 receives them as JSON data only.
+
+An image is its set of names: order and repeats do not change it (`packages`,
+sorted, is what identifies it). It is shown as first asked for (`order`):
+`shell/jq` stays `shell/jq`. Once the names are resolved, `renamed` gives the
+same image under the names the package set knows them by, so that `Curl/Shell`
+and `curl/shell` are one image.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
 from nixery.errors import NameInvalid, TagInvalid
@@ -41,11 +48,19 @@ class Arch(Enum):
 class ImageRequest:
     packages: tuple[str, ...]  # sorted and unique, so order and repeats don't matter
     arch: Arch
+    #: The names in the order first given, each once (empty: as `packages`). Not part of
+    #: the image's identity: requests that differ only here are equal.
+    order: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def display_name(self) -> str:
         prefix = "arm64/" if self.arch is Arch.ARM64 else ""
-        return prefix + "/".join(self.packages)
+        return prefix + "/".join(self.order or self.packages)
+
+    def renamed(self, names: Mapping[str, str]) -> ImageRequest:
+        """The same image with each name replaced by `names[name]` (when given), in the same order."""
+        order = tuple(dict.fromkeys(names.get(name, name) for name in self.order or self.packages))
+        return ImageRequest(tuple(sorted(order)), self.arch, order)
 
 
 def parse_image_name(name: str) -> ImageRequest:
@@ -73,7 +88,8 @@ def parse_image_name(name: str) -> ImageRequest:
                 "and '.' between attribute names",
                 detail={"component": component},
             )
-    return ImageRequest(tuple(sorted(set(components))), arch)
+    order = tuple(dict.fromkeys(components))
+    return ImageRequest(tuple(sorted(order)), arch, order)
 
 
 def check_tag(tag: str) -> str:

@@ -78,38 +78,62 @@
     if (verb) document.getElementById("verb").textContent = verb;
   }
 
+  // The outcome as the server renders it (web.py's _outcome, guidance.py).
   function renderOutcome() {
     const outcome = document.getElementById("outcome");
     const d = state.data;
+    const asked = root.querySelector("h1 code").textContent;
     if (state.current === "done" && d.digest) {
-      const ref = `${location.host}/${root.querySelector("h1 code").textContent}`;
+      const name = d.image || asked;  // the image's own name: as first asked for, resolved
+      const note = name === asked ? "" : `<p class="hint" id="same-image"><code>${esc(asked)}</code> is this image: the order and the case of the names do not change it.</p>`;
       outcome.className = "outcome done";
-      outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>
+      outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>
-<pre class="command"><code>docker pull ${esc(ref)}</code></pre>
-<p><a href="/images/${esc(root.querySelector("h1 code").textContent)}">Layers and store paths</a></p>`;
+<pre class="command"><code>docker pull ${esc(`${location.host}/${name}`)}</code></pre>
+<p><a href="/images/${esc(name)}">Layers and store paths</a></p>`;
       outcome.hidden = false;
     } else if (state.current === "failed") {
       outcome.className = "outcome failed";
       const log = d.log ? `<details open><summary>Nix's last lines</summary><pre>${esc(d.log)}</pre></details>` : "";
-      outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${log}`;
+      outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${suggestion(asked, d.suggestions)}${log}`;
       outcome.hidden = false;
     }
   }
 
+  // A Build button for the name with each missing package replaced by its nearest name.
+  function suggestion(asked, suggestions) {
+    if (!suggestions) return "";
+    const parts = asked.split("/");
+    const fixed = parts.map((part) => (suggestions[part] && suggestions[part].length ? suggestions[part][0] : part));
+    if (fixed.join("/") === asked) return "";
+    const name = fixed.join("/");
+    return `<div class="suggestion"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(name)}"><button type="submit" class="small">Build ${esc(name)} instead</button></form></div>`;
+  }
+
+  // The event list shows the newest event: at first, and as events arrive, unless the
+  // reader has scrolled up to read older ones.
+  const events = document.getElementById("events");
+  function atBottom() {
+    return events.scrollHeight - events.scrollTop - events.clientHeight < 24;
+  }
+  function showNewest() {
+    events.scrollTop = events.scrollHeight;
+  }
+
   function appendEvent(event) {
-    const list = document.getElementById("events");
+    const following = atBottom();
     const item = document.createElement("li");
     item.dataset.index = event.index;
     item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${esc(event.message)}`;
-    list.appendChild(item);
-    while (list.children.length > SHOWN) list.removeChild(list.firstElementChild);
-    list.scrollTop = list.scrollHeight;
+    events.appendChild(item);
+    while (events.children.length > SHOWN) events.removeChild(events.firstElementChild);
+    if (following) showNewest();
   }
 
   // The page already shows events [0, n): fetch them once for the numbers, then follow.
   async function start() {
     const shown = parseInt(root.dataset.events, 10) || 0;
+    showNewest();
     if (FINAL.includes(root.dataset.stage)) return;
     try {
       const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });

@@ -1,0 +1,68 @@
+"""What the registry can say about package names without running Nix for them.
+
+The package catalogue (`nixery.nix.catalog`: the package set's top-level
+names, read once per revision and kept in storage) answers the web pages'
+search, tells which names of an image the set surely lacks, and gives the
+nearest names it has for each one that is missing (`nixery.suggestions`), so
+that `shell/curll` is answered with "did you mean curl?".
+
+Guarantees: nothing here runs Nix per name or blocks the event loop (the
+comparisons run in a worker thread, one query at a time); a catalogue not
+read yet is waited for at most SUGGESTION_WAIT seconds and keeps loading
+afterwards, so an error is never held up long for the sake of a suggestion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import structlog
+
+from nixery.nix.catalog import Catalog, PackageCatalog
+from nixery.nix.errors import PackagesNotFound
+from nixery.nix.packages import host_system
+from nixery.nix.sources import Revision
+from nixery.storage.base import Storage
+from nixery.suggestions import Suggestions
+
+log = structlog.get_logger(__name__)
+
+#: Seconds a missing name's answer waits for a catalogue that is still being read.
+SUGGESTION_WAIT = 5.0
+
+
+class PackageNames:
+    def __init__(self, storage: Storage | None):
+        #: The package lists by revision, read on first use (a page, a search, a missing name).
+        self.catalog = PackageCatalog(system=host_system(), storage=storage)
+        self._suggestions = Suggestions()
+
+    async def close(self) -> None:
+        await self.catalog.close()
+
+    async def with_suggestions(self, error: PackagesNotFound, revision: Revision) -> PackagesNotFound:
+        """The error, with the nearest names the package set has for each missing one (if its list is read)."""
+        catalog = await self._catalog(revision)
+        if catalog is None:
+            return error
+        found = await self._suggestions.suggest(
+            (catalog.revision, catalog.read_at), catalog.package_names, error.missing
+        )
+        return PackagesNotFound(error.missing, error.source, found) if found else error
+
+    async def check(self, names: Sequence[str], revision: Revision) -> None:
+        """Raise PackagesNotFound, with suggestions, for the names the package list surely lacks."""
+        catalog = await self._catalog(revision)
+        if catalog is None:
+            return
+        missing = await asyncio.to_thread(catalog.missing, names)
+        if missing:
+            raise await self.with_suggestions(PackagesNotFound(missing, revision.source), revision)
+
+    async def _catalog(self, revision: Revision) -> Catalog | None:
+        try:
+            return await self.catalog.get(revision, wait=SUGGESTION_WAIT)
+        except Exception as exc:  # the list could not be read: the answer goes without suggestions
+            log.info("package_names.no_catalog", revision=revision.id, error=str(exc)[:200])
+            return None
