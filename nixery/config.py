@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +34,8 @@ DEFAULT_STORAGE_PATH = (
 class BundledSet:
     name: str
     path: Path  # a directory with default.nix
+    #: Served because the Debian set is not generated (NIXERY_BUNDLED_SET=auto), not because it was asked for.
+    fallback: bool = False
 
 
 #: Package sets that ship with the registry, served when no source is configured.
@@ -209,7 +211,7 @@ def _bundled_set(env: Mapping[str, str]) -> BundledSet:
         raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {DEBIAN_SET.path} has no default.nix (run `make debian-set`)")
     if choice == "debian" or (choice == "auto" and debian_ready):
         return DEBIAN_SET
-    return BUSYBOX_SET
+    return BUSYBOX_SET if choice == "busybox" else replace(BUSYBOX_SET, fallback=True)
 
 
 def _s3(env: Mapping[str, str]) -> S3Settings:

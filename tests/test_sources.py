@@ -457,6 +457,28 @@ def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp
 # ---- sources in-process: concurrency and the cache on disk ------------------------
 
 
+def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generating_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """NIXERY_BUNDLED_SET=busybox is a choice: no advice to `make debian-set` (only `auto`
+    falling back to the busybox set, because the Debian set is not generated, gives it)."""
+    import structlog
+
+    from nixery import config
+    from nixery.nix.sources import open_source
+
+    def advice(env: dict[str, str]) -> list[str]:
+        with structlog.testing.capture_logs() as logs:
+            source = open_source(config.load(env))
+        assert source.description == "bundled busybox"
+        return [entry["note"] for entry in logs if "make debian-set" in entry.get("note", "")]
+
+    assert advice({"NIXERY_BUNDLED_SET": "busybox"}) == []
+    monkeypatch.setattr(config, "DEBIAN_SET", config.BundledSet("debian", tmp_path / "not-generated"))
+    assert len(advice({})) == 1
+    assert len(advice({"NIXERY_BUNDLED_SET": "auto"})) == 1
+
+
 async def test_a_local_path_revision_is_a_hash_of_content_read_only_when_files_change(
     tmp_path: Path, monkeypatch
 ) -> None:

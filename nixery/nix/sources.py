@@ -204,9 +204,10 @@ def open_source(settings: Settings) -> PackageSource:
             timeout=settings.nix_timeout,
         )
     bundled = settings.bundled_set
-    if bundled.name == "busybox":
+    if bundled.fallback:  # not asked for: say how to get the set `auto` would prefer
         log.info(
             "source.bundled_busybox",
-            note="serving the busybox package set; run `make debian-set` for real software (bash, curl, git, python3)",
+            note="serving the busybox package set, as the Debian set is not generated; "
+            "run `make debian-set` for real software (bash, curl, git, python3)",
         )
     return LocalPathSource(bundled.path, description=f"bundled {bundled.name}")
