@@ -281,7 +281,18 @@ def _documented(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = _command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is one more broken pipe
+        return status
+    except BrokenPipeError:
+        # The reader of the output went away (`nixery build ... | head`): end quietly, with the
+        # status of a program that SIGPIPE ended, as other tools in a pipeline do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
+
+
+def _command(argv: list[str]) -> int:
     if argv[:2] == ["layers", "plan"]:
         from nixery.layers.plan_cli import main as plan_main
 

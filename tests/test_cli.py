@@ -188,3 +188,24 @@ def test_serve_check_and_gc_help_says_what_they_do_and_what_they_read() -> None:
         assert does in text
         assert not [name for name in storage_variables if not re.search(rf"\b{name}\b", text)], command
         assert f"STORAGE_PATH (default {REPOSITORY / 'var' / 'storage'})" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("where", ["registry", "local"])
+def test_build_into_a_pipe_that_closes_ends_quietly(start_registry, tmp_path: Path, where: str) -> None:
+    """`nixery build ... | head` ended in a BrokenPipeError traceback once head had gone: it
+    now stops quietly with the status of a program ended by SIGPIPE, as other tools do."""
+    if where == "registry":
+        registry = start_registry(NIXERY_BUNDLED_SET="busybox")
+        command = f"build --plain --registry {registry.url} shell/figlet/cowsay"
+        env = dict(os.environ)
+    else:
+        command = "build --plain --local shell/figlet/cowsay"
+        env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"}
+    result = subprocess.run(
+        ["bash", "-c", f'"$0" -m nixery {command} | head -n 1; echo "status ${{PIPESTATUS[0]}}" >&2', sys.executable],
+        capture_output=True, text=True, timeout=300, cwd=REPOSITORY, env=env,
+    )
+    assert len(result.stdout.splitlines()) == 1 and "queued" in result.stdout, result.stdout
+    assert result.stderr.splitlines()[-1] == "status 141", result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
