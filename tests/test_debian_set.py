@@ -329,3 +329,40 @@ def test_fetching_again_for_the_same_package_lists_asks_apt_nothing(tmp_path: Pa
     damaged.write_bytes(b"cut short")
     again = run(["bash", str(fetch)], env_extra=env, check=False)
     assert again.returncode != 0 and "apt was asked" in again.stderr  # a damaged file is fetched again
+
+
+# --- what is deterministic (docs/layering.md) ------------------------------------------
+
+
+def test_the_same_history_gives_the_same_digest_and_another_history_another_split(tmp_path: Path) -> None:
+    """docs/layering.md, "What is deterministic": same revision, names and layering history,
+    same manifest digest; a registry that stored other images first may split the same files
+    into other layers (here, as the doc says: 49 layers instead of 50)."""
+    first = "shell/git/jq/python3/perl/vim"
+    registries = [
+        RegistryProcess(storage=tmp_path / n, env={"NIXERY_BUNDLED_SET": "debian"}, log_path=tmp_path / f"{n}.log")
+        for n in ("fresh", "history", "same-history")
+    ]
+    try:
+        for registry in registries:
+            registry.start()
+        fresh, history, same_history = registries
+        for registry in (history, same_history):
+            registry.manifest(first)
+        digests = {}
+        for registry in registries:
+            digests[registry.storage.name], manifest = registry.manifest("shell/curl")
+            status, _, body = registry.request("/images/shell/curl.json", accept="application/json")
+            assert status == 200
+            image = json.loads(body)
+            assert [layer["digest"] for layer in image["layers"]] == [layer["digest"] for layer in manifest["layers"]]
+            paths = sorted(path for layer in image["layers"] for path in layer["paths"])
+            if registry is fresh:
+                fresh_paths, fresh_layers = paths, len(manifest["layers"])
+            else:
+                assert paths == fresh_paths  # the same files...
+                assert len(manifest["layers"]) == fresh_layers - 1  # ...split another way
+    finally:
+        for registry in registries:
+            registry.stop()
+    assert digests["history"] == digests["same-history"] != digests["fresh"]
