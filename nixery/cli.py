@@ -233,15 +233,9 @@ def _gc_age(text: str) -> float:
     return age
 
 
-def _storage_default() -> str:
-    from nixery.config import DEFAULT_STORAGE_PATH
-
-    return f"default {DEFAULT_STORAGE_PATH}"
-
-
 #: The environment each command reads, by group, as in the README's configuration table.
 STORAGE_VARIABLES = [
-    ("storage", "NIXERY_STORAGE_BACKEND (filesystem, s3, gcs), STORAGE_PATH ({storage}), "
+    ("storage", "NIXERY_STORAGE_BACKEND (filesystem, s3, gcs), STORAGE_PATH (default {storage_path}), "
      "S3_BUCKET (or BUCKET), S3_ENDPOINT, S3_REGION (or AWS_REGION, AWS_DEFAULT_REGION), S3_PATH_STYLE, "
      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GCS_BUCKET, GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT, "
      "GOOGLE_APPLICATION_CREDENTIALS, NIXERY_VERIFIED_BLOB_LINKS"),
@@ -268,10 +262,12 @@ def _documented(
     """A command whose --help says what it does and lists the environment variables it reads."""
     import textwrap
 
+    from nixery.config import DEFAULT_STORAGE_PATH
+
     lines = ["environment (README.md, \"Configuration\", says what each means):"]
     for group, names in variables:
         lines += textwrap.wrap(
-            names.format(storage=_storage_default()), width=100,
+            names.format(storage_path=DEFAULT_STORAGE_PATH), width=100,
             initial_indent=f"  {group + ':':<17}", subsequent_indent=" " * 19, break_on_hyphens=False,
         )
     return commands.add_parser(

@@ -143,23 +143,28 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
     )
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
+
+    def stop_on(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda signum=signum: (stopped_by.append(signum), stop.set()))
+        loop.add_signal_handler(signum, stop_on, signum)
     await runner.setup()
+    server: _Server = runner.server  # type: ignore[assignment]  # made by RegistryRunner
     try:
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets])
         await stop.wait()
     finally:
-        server = runner.server
-        in_flight = server.in_flight if isinstance(server, _Server) else 0
         if stopped_by:
-            log.info("registry.stopping", signal=stopped_by[0].name, in_flight=in_flight, grace=shutdown_timeout)
+            log.info("registry.stopping", signal=stopped_by[0].name, in_flight=server.in_flight,
+                     grace=shutdown_timeout)
         started = time.monotonic()
         await runner.cleanup()
-        if stopped_by and isinstance(server, _Server):
+        if stopped_by:
             log.info("registry.stopped", drained=server.finished_while_stopping, cut_off=server.cut_off,
                      seconds=round(time.monotonic() - started, 2))
 
