@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     import socket
 
     from nixery.config import Settings
+    from nixery.storage import Storage
 
 
 def _settings() -> Settings:
@@ -80,9 +82,6 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
     the kernel spreads connections. They share storage, whose lock keeps one build per image.
     A worker that cannot start says why through a pipe: the others are stopped
     and the reason is printed once."""
-    import os
-    import signal
-
     from nixery.http import server
 
     reasons, reason_writer = os.pipe()
@@ -141,18 +140,57 @@ def _parse_age(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}") from None
 
 
+#: Exit status of `check` and `gc` on a storage that holds nothing (also `check`'s status for problems).
+NOTHING_STORED = 1
+
+
+async def _maintained_storage(command: str, settings: Settings) -> Storage | None:
+    """The storage a maintenance command works on; None, after saying so, when it holds
+    nothing. A filesystem storage that is not there is not created."""
+    from nixery import maintenance
+    from nixery.storage import FilesystemStorage, open_storage
+
+    place = _storage_place(settings)
+    if settings.storage_backend == "filesystem" and not FilesystemStorage.exists(settings.storage_path):
+        print(f"nixery {command}: there is no storage at {place}: nothing to {command}", file=sys.stderr)
+        return None
+    storage = open_storage(settings)
+    if not await maintenance.holds_anything(storage):
+        await storage.close()
+        print(f"nixery {command}: {place} holds no images and no blobs: nothing to {command}", file=sys.stderr)
+        return None
+    return storage
+
+
+def _storage_place(settings: Settings) -> str:
+    """Where the storage is, and, for a default STORAGE_PATH, that it is one."""
+    if settings.storage_backend == "s3" and settings.s3 is not None:
+        return f"the S3 bucket {settings.s3.bucket}"
+    if settings.storage_backend == "gcs" and settings.gcs is not None:
+        return f"the GCS bucket {settings.gcs.bucket}"
+    if os.environ.get("STORAGE_PATH"):
+        return f"STORAGE_PATH={settings.storage_path}"
+    return (f"{settings.storage_path} (STORAGE_PATH is not set; set it to the directory "
+            "`nixery serve` stores in)")
+
+
 def _check(args: argparse.Namespace) -> int:
     from nixery import maintenance
-    from nixery.storage import open_storage
 
-    async def run() -> maintenance.CheckReport:
-        storage = open_storage(_settings())
+    settings = _settings()
+
+    async def run() -> maintenance.CheckReport | None:
+        storage = await _maintained_storage("check", settings)
+        if storage is None:
+            return None
         try:
             return await maintenance.check(storage)
         finally:
             await storage.close()
 
     report = asyncio.run(run())
+    if report is None:
+        return NOTHING_STORED
     for problem in report.problems:
         print(f"problem: {problem}")
     print(f"checked {report.blobs} blobs ({report.bytes / 1e6:.1f} MB) and {report.images} images: "
@@ -162,20 +200,21 @@ def _check(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     from nixery import maintenance
-    from nixery.storage import open_storage
 
-    async def run() -> maintenance.GarbageReport:
-        storage = open_storage(_settings())
+    settings = _settings()
+
+    async def run() -> maintenance.GarbageReport | None:
+        storage = await _maintained_storage("gc", settings)
+        if storage is None:
+            return None
         try:
             return await maintenance.collect_garbage(storage, older_than=args.older_than, dry_run=args.dry_run)
         finally:
             await storage.close()
 
-    try:
-        report = asyncio.run(run())
-    except ValueError as exc:
-        print(f"nixery gc: {exc}", file=sys.stderr)
-        return 2
+    report = asyncio.run(run())
+    if report is None:
+        return NOTHING_STORED
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
           f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images; "
@@ -183,8 +222,73 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc_age(text: str) -> float:
+    from nixery import maintenance
+
+    age = _parse_age(text)
+    try:
+        maintenance.check_age(age)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return age
+
+
+#: The environment each command reads, by group, as in the README's configuration table.
+STORAGE_VARIABLES = [
+    ("storage", "NIXERY_STORAGE_BACKEND (filesystem, s3, gcs), STORAGE_PATH (default {storage_path}), "
+     "S3_BUCKET (or BUCKET), S3_ENDPOINT, S3_REGION (or AWS_REGION, AWS_DEFAULT_REGION), S3_PATH_STYLE, "
+     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GCS_BUCKET, GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT, "
+     "GOOGLE_APPLICATION_CREDENTIALS, NIXERY_VERIFIED_BLOB_LINKS"),
+]
+SERVE_VARIABLES = [
+    ("serving", "PORT (8080), NIXERY_HOST (127.0.0.1), NIXERY_WORKERS, NIXERY_SHUTDOWN_GRACE, "
+     "NIXERY_HEADER_TIMEOUT, LOG_LEVEL, LOG_FORMAT"),
+    ("packages", "NIXERY_PKGS_PATH, NIXERY_PKGS_REPO or NIXERY_CHANNEL (none of them: the bundled set, "
+     "NIXERY_BUNDLED_SET, NIXERY_DEBIAN_SET_DIR), NIXERY_CHANNEL_URL, NIXERY_GIT_REF_TTL, NIXERY_CACHE_DIR"),
+    ("building", "NIX_TIMEOUT, NIXERY_MAX_LAYERS, NIXERY_MAX_BUILDS, NIXERY_RECORD_CACHE, NIXERY_NIX_EVALUATOR, "
+     "NIXERY_EVALUATOR_MEMORY_MB, NIXERY_LAYER_COMPRESSION"),
+    *STORAGE_VARIABLES,
+    ("blobs", "NIXERY_BLOB_REDIRECT, NIXERY_SIGNED_URL_TTL, NIXERY_BLOB_ACCEL_REDIRECT"),
+    ("access", "NIXERY_AUTH, NIXERY_AUTH_USERS, NIXERY_AUTH_ANONYMOUS_PULL, NIXERY_TOKEN_SECRET, "
+     "NIXERY_TOKEN_TTL, NIXERY_TOKEN_REALM"),
+    ("declared images", "NIXERY_IMAGES_PATH, NIXERY_IMAGES_POLL, NIXERY_PREBUILD, NIXERY_K8S_WATCH, KUBECONFIG"),
+]
+
+
+def _documented(
+    commands: argparse._SubParsersAction, name: str, *, help: str, description: str,
+    variables: list[tuple[str, str]],
+) -> argparse.ArgumentParser:
+    """A command whose --help says what it does and lists the environment variables it reads."""
+    import textwrap
+
+    from nixery.config import DEFAULT_STORAGE_PATH
+
+    lines = ["environment (README.md, \"Configuration\", says what each means):"]
+    for group, names in variables:
+        lines += textwrap.wrap(
+            names.format(storage_path=DEFAULT_STORAGE_PATH), width=100,
+            initial_indent=f"  {group + ':':<17}", subsequent_indent=" " * 19, break_on_hyphens=False,
+        )
+    return commands.add_parser(
+        name, help=help, description=textwrap.fill(description, 79), epilog="\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = _command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is one more broken pipe
+        return status
+    except BrokenPipeError:
+        # The reader of the output went away (`nixery build ... | head`): end quietly, with the
+        # status of a program that SIGPIPE ended, as other tools in a pipeline do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + signal.SIGPIPE
+
+
+def _command(argv: list[str]) -> int:
     if argv[:2] == ["layers", "plan"]:
         from nixery.layers.plan_cli import main as plan_main
 
@@ -200,16 +304,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nixery", description="A container registry that builds images with Nix.")
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the registry (settings from the environment)")
+    _documented(
+        commands, "serve", help="run the registry (settings from the environment)", variables=SERVE_VARIABLES,
+        description="Run the registry: answer pulls on PORT, building each new image with Nix on its first "
+        "pull, until SIGTERM or SIGINT (then in-flight requests may finish within NIXERY_SHUTDOWN_GRACE).",
+    )
     commands.add_parser("build", help="build an image on a registry and show its progress (nixery build -h)")
     commands.add_parser("inspect", help="show an image's layers, sizes and store paths (nixery inspect -h)")
-    layers = commands.add_parser("layers", help="layering tools")
+    layers = commands.add_parser("layers", help="layering tools (nixery layers plan -h)")
     layers.add_argument("action", choices=["plan"], help="plan: run the layering on a graph and image list")
     auth = commands.add_parser("auth", help="access control tools")
     auth.add_argument("action", choices=["hash-password"], help="hash-password: make a users-file line (docs/auth.md)")
-    commands.add_parser("check", help="verify every stored blob and image record")
-    gc = commands.add_parser("gc", help="remove images not used recently and the blobs only they used")
-    gc.add_argument("--older-than", type=_parse_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
+    _documented(
+        commands, "check", help="verify every stored blob and image record", variables=STORAGE_VARIABLES,
+        description="Verify the storage a registry serves from: every blob's bytes against its digest "
+        "(on S3 and GCS, sizes only), and that every image record's blobs are there. Prints each problem; "
+        "exits 0 when there is none, 1 when there are problems or the storage holds nothing (not there, "
+        "or empty: is STORAGE_PATH the one `nixery serve` uses?). Safe while registries serve.",
+    )
+    gc = _documented(
+        commands, "gc", help="remove images not used recently and the blobs only they used",
+        variables=STORAGE_VARIABLES,
+        description="Remove the images no registry served within --older-than, then the blobs no remaining "
+        "image uses. Safe while registries serve from the same storage. Exits 1 when the storage holds "
+        "nothing (not there, or empty: is STORAGE_PATH the one `nixery serve` uses?).",
+    )
+    gc.add_argument("--older-than", type=_gc_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")
     args = parser.parse_args(argv)
     if args.command == "serve":

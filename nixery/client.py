@@ -425,6 +425,8 @@ async def _build_locally(
                 display.update(final)
         record = await builder.built(request, tag) if final.get("stage") == "done" else None
         return final, image_json(record, tag) if record is not None else None
+    except BrokenPipeError:  # our reader went away, not the build: the command line ends quietly
+        raise
     except Exception as exc:
         raise ClientError(str(exc) or type(exc).__name__) from exc
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,11 +18,24 @@ from nixery.registry.mediatypes import Compression
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
+#: Where the registry keeps its storage when STORAGE_PATH is not set: in a source
+#: checkout (the one `make run` set up, with nixery installed from it in editable
+#: mode), its `var/storage`, which `make run` uses, so that `nixery serve`, `check`
+#: and `gc` find the same storage from any directory; installed as a package,
+#: /var/lib/nixery.
+DEFAULT_STORAGE_PATH = (
+    REPOSITORY / "var" / "storage"
+    if (REPOSITORY / "pyproject.toml").is_file() and (REPOSITORY / "Makefile").is_file()
+    else Path("/var/lib/nixery")
+)
+
 
 @dataclass(frozen=True)
 class BundledSet:
     name: str
     path: Path  # a directory with default.nix
+    #: Served because the Debian set is not generated (NIXERY_BUNDLED_SET=auto), not because it was asked for.
+    fallback: bool = False
 
 
 #: Package sets that ship with the registry, served when no source is configured.
@@ -86,9 +99,9 @@ class Settings:
     channel_url: str = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
     git_ref_ttl: float = 30.0
     storage_backend: str = "filesystem"
-    storage_path: Path = Path("/var/lib/nixery")
+    storage_path: Path = DEFAULT_STORAGE_PATH
     # Local cache of fetched package sources (git checkouts, channel tarballs).
-    cache_dir: Path = Path("/var/lib/nixery/cache")
+    cache_dir: Path = DEFAULT_STORAGE_PATH / "cache"
     s3: S3Settings | None = None
     gcs: GCSSettings | None = None
     blob_redirect: bool = True
@@ -198,7 +211,7 @@ def _bundled_set(env: Mapping[str, str]) -> BundledSet:
         raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {DEBIAN_SET.path} has no default.nix (run `make debian-set`)")
     if choice == "debian" or (choice == "auto" and debian_ready):
         return DEBIAN_SET
-    return BUSYBOX_SET
+    return BUSYBOX_SET if choice == "busybox" else replace(BUSYBOX_SET, fallback=True)
 
 
 def _s3(env: Mapping[str, str]) -> S3Settings:
@@ -347,7 +360,7 @@ def _kubeconfig(env: Mapping[str, str]) -> Path | None:
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     pkgs_path, pkgs_repo, channel = _source(env)
-    storage_path = Path(env.get("STORAGE_PATH") or "/var/lib/nixery")
+    storage_path = Path(env.get("STORAGE_PATH") or DEFAULT_STORAGE_PATH)
     backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))
     auth = _auth(env)
     return Settings(

@@ -73,6 +73,16 @@ async def _records(storage: Storage) -> dict[str, ImageRecord]:
     return records
 
 
+async def holds_anything(storage: Storage) -> bool:
+    """Whether the storage has an image record or a blob: with neither, a maintenance
+    command was most likely pointed at the wrong place (STORAGE_PATH, a bucket)."""
+    if await storage.list_meta("images"):
+        return True
+    async for _ in storage.list_blobs():
+        return True
+    return False
+
+
 async def check(storage: Storage) -> CheckReport:
     report = CheckReport()
     present: dict[Digest, int] = {}
@@ -97,9 +107,14 @@ async def check(storage: Storage) -> CheckReport:
     return report
 
 
-async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool = False) -> GarbageReport:
+def check_age(older_than: float) -> None:
+    """Raises ValueError for an age gc does not take (below MIN_AGE)."""
     if older_than < MIN_AGE:
         raise ValueError(f"images younger than {MIN_AGE / 3600:g} hours are never collected")
+
+
+async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool = False) -> GarbageReport:
+    check_age(older_than)
     now = time.time()
     report = GarbageReport(dry_run=dry_run)
     live: set[Digest] = set()

@@ -1,8 +1,10 @@
-"""`nixery build` and `nixery inspect` against a real registry: under a
-pseudo-terminal (a progress bar) and without one (plain lines)."""
+"""The command line: `nixery build` and `nixery inspect` against a real registry, under a
+pseudo-terminal (a progress bar) and without one (plain lines), and into a pipe that closes;
+`check` and `gc` on storage that holds nothing; what each command's --help says."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pty
 import re
@@ -146,3 +148,74 @@ def test_build_locally_without_a_server(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "done" in result.stdout and re.search(r"Digest\s+sha256:[0-9a-f]{64}", result.stdout)
     assert (tmp_path / "storage").is_dir()
+
+
+# ---- the operator's commands ---------------------------------------------------------
+
+
+def test_without_storage_path_the_registry_uses_the_checkouts_var_storage() -> None:
+    """From a source checkout (as `make run` sets it up), `nixery serve`, `check` and `gc`
+    all find the storage `make run` uses (they looked at /var/lib/nixery, `make run` at var/storage)."""
+    from nixery import config
+
+    assert config.load({}).storage_path == REPOSITORY / "var" / "storage"
+    assert config.load({"STORAGE_PATH": "/srv/x"}).storage_path == Path("/srv/x")
+
+
+@pytest.mark.parametrize("command", [["check"], ["gc", "--older-than", "3h"], ["gc", "--dry-run"]])
+def test_maintenance_on_a_storage_that_holds_nothing_says_so_and_creates_nothing(tmp_path: Path, command) -> None:
+    missing, empty_directory = tmp_path / "missing", tmp_path / "empty"
+    empty_directory.mkdir()
+    for storage in (missing, empty_directory):
+        result = nixery(*command, env={"STORAGE_PATH": str(storage)})
+        assert result.returncode == 1, result
+        assert result.stderr == f"nixery {command[0]}: there is no storage at STORAGE_PATH={storage}: " \
+                                f"nothing to {command[0]}\n"
+        assert result.stdout == ""
+    assert not missing.exists() and list(empty_directory.iterdir()) == []
+
+    from nixery.storage import FilesystemStorage
+
+    asyncio.run(FilesystemStorage(tmp_path / "unused").close())  # a storage no registry stored anything in
+    result = nixery(*command, env={"STORAGE_PATH": str(tmp_path / "unused")})
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "holds no images and no blobs" in result.stderr
+
+
+def test_serve_check_and_gc_help_says_what_they_do_and_what_they_read() -> None:
+    config_source = (REPOSITORY / "nixery" / "config.py").read_text()
+    variables = set(re.findall(r'"([A-Z][A-Z0-9]*_[A-Z0-9_]+|PORT|BUCKET|KUBECONFIG)"', config_source))
+    variables -= {"KUBERNETES_SERVICE_HOST"}  # how a pod is recognised, not a setting
+    assert len(variables) > 40
+    serve = nixery("serve", "--help")
+    assert serve.returncode == 0
+    assert "Run the registry" in serve.stdout
+    assert not [name for name in variables if not re.search(rf"\b{name}\b", serve.stdout)]
+    storage_variables = {"NIXERY_STORAGE_BACKEND", "STORAGE_PATH", "S3_BUCKET", "S3_ENDPOINT", "GCS_BUCKET",
+                         "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS"}
+    for command, does in (("check", "Verify the storage"), ("gc", "Remove the images")):
+        text = nixery(command, "--help").stdout
+        assert does in text
+        assert not [name for name in storage_variables if not re.search(rf"\b{name}\b", text)], command
+        assert f"STORAGE_PATH (default {REPOSITORY / 'var' / 'storage'})" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("where", ["registry", "local"])
+def test_build_into_a_pipe_that_closes_ends_quietly(start_registry, tmp_path: Path, where: str) -> None:
+    """`nixery build ... | head` ended in a BrokenPipeError traceback once head had gone: it
+    now stops quietly with the status of a program ended by SIGPIPE, as other tools do."""
+    if where == "registry":
+        registry = start_registry(NIXERY_BUNDLED_SET="busybox")
+        command = f"build --plain --registry {registry.url} shell/figlet/cowsay"
+        env = dict(os.environ)
+    else:
+        command = "build --plain --local shell/figlet/cowsay"
+        env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"}
+    result = subprocess.run(
+        ["bash", "-c", f'"$0" -m nixery {command} | head -n 1; echo "status ${{PIPESTATUS[0]}}" >&2', sys.executable],
+        capture_output=True, text=True, timeout=300, cwd=REPOSITORY, env=env,
+    )
+    assert len(result.stdout.splitlines()) == 1 and "queued" in result.stdout, result.stdout
+    assert result.stderr.splitlines()[-1] == "status 141", result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr

@@ -82,6 +82,8 @@ def test_docker_pulls_and_runs(registry: RegistryProcess, tmp_path: Path) -> Non
 
 
 def test_fresh_registries_agree_on_the_digest(start_registry) -> None:
+    """The same package-set revision and the same (empty) layering history give the same
+    digests (docs/layering.md, "What is deterministic")."""
     first = start_registry(NIXERY_BUNDLED_SET="busybox")
     second = start_registry(NIXERY_BUNDLED_SET="busybox")
     for image in ("shell/hello", "fortune/greet"):

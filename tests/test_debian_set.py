@@ -7,11 +7,14 @@ debian-set` and CI run); the whole module is skipped otherwise.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +261,130 @@ def test_setup_script_usage() -> None:
     assert result.returncode == 0 and "usage" in result.stdout.lower()
     result = subprocess.run([str(script), "--bogus"], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
+
+
+# --- generating it (scripts/debian-set/generate.py) ----------------------------------
+
+GENERATE = Path(__file__).resolve().parent.parent / "scripts" / "debian-set" / "generate.py"
+DEBS = Path(os.environ.get("NIXERY_DEBIAN_CACHE") or GENERATE.parent.parent.parent / ".cache" / "debian-debs")
+
+
+def test_generating_again_from_the_same_inputs_rewrites_nothing(tmp_path: Path) -> None:
+    """`make run` runs setup.sh every time: with the same inputs, generate.py leaves the set as
+    it is (it took 13 s and rewrote every file, which made a new package-set revision)."""
+    out = tmp_path / "set"
+    generate = [sys.executable, str(GENERATE), "--cache", str(DEBS), "--out", str(out)]
+    run(generate, timeout=600)
+    written = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.iterdir()}
+    assert (out / "inputs.sha256").is_file()
+
+    again = run(generate, timeout=600)
+    assert "is up to date" in again.stdout, again.stdout
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.iterdir()} == written
+
+
+def test_what_makes_the_set_out_of_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inputs are the scripts, the manifest and the bytes of the .deb files (not their
+    times), and the output must still be what was written."""
+    spec = importlib.util.spec_from_file_location("generate", GENERATE)
+    generate = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "generate", generate)  # its dataclasses look their module up
+    spec.loader.exec_module(generate)
+    cache, out = tmp_path / "debs", tmp_path / "set"
+    cache.mkdir()
+    out.mkdir()
+    (cache / "a.deb").write_bytes(b"deb one")
+    (cache / "manifest.txt").write_text("a 1.0 amd64 a.deb 0123\n")
+    for name in generate.OUTPUTS:
+        (out / name).write_text(f"{name}\n")
+
+    def record() -> None:
+        inputs = generate.inputs_fingerprint(cache, out)
+        (out / generate.STAMP).write_text(f"{inputs}\n{generate.outputs_fingerprint(out)}\n")
+
+    def current() -> bool:
+        return generate.up_to_date(out, generate.inputs_fingerprint(cache, out))
+
+    record()
+    assert current()
+    for path in (cache / "a.deb", cache / "manifest.txt", out / "default.nix"):
+        path.write_bytes(path.read_bytes())
+        os.utime(path, (1, 1))
+    assert current(), "times do not count"
+    (cache / "a.deb").write_bytes(b"deb two")
+    assert not current()
+    record()
+    (out / "default.nix").write_text("edited\n")
+    assert not current()
+    record()
+    (out / "lib.nix").unlink()
+    assert not current()
+    assert not generate.up_to_date(out, None)
+
+
+def test_fetching_again_for_the_same_package_lists_asks_apt_nothing(tmp_path: Path) -> None:
+    """fetch.sh took 8 s on every `make run`, asking apt to resolve the lists again; with the
+    lists and the files as they were, it now checks the files and ends without apt."""
+    fetch = GENERATE.parent / "fetch.sh"
+    cache = tmp_path / "debs"
+    cache.mkdir()
+    for deb in DEBS.glob("*.deb"):
+        (cache / deb.name).symlink_to(deb)
+    env = {"NIXERY_DEBIAN_CACHE": str(cache)}
+    if (DEBS / "inputs.sha256").is_file():  # fetched by this fetch.sh (CI): reuse its record
+        for name in ("manifest.txt", "inputs.sha256"):
+            shutil.copyfile(DEBS / name, cache / name)
+    else:
+        run(["bash", str(fetch)], env_extra=env, timeout=600)
+    no_apt = tmp_path / "bin"
+    no_apt.mkdir()
+    for tool in ("apt-get", "apt-cache"):
+        (no_apt / tool).write_text("#!/bin/sh\necho 'apt was asked' >&2\nexit 1\n")
+        (no_apt / tool).chmod(0o755)
+    env["PATH"] = f"{no_apt}:{os.environ['PATH']}"
+
+    quick = run(["bash", str(fetch)], env_extra=env)
+    assert "fetched before" in quick.stdout, quick.stdout + quick.stderr
+
+    damaged = sorted(cache.glob("*.deb"))[0]
+    damaged.unlink()
+    damaged.write_bytes(b"cut short")
+    again = run(["bash", str(fetch)], env_extra=env, check=False)
+    assert again.returncode != 0 and "apt was asked" in again.stderr  # a damaged file is fetched again
+
+
+# --- what is deterministic (docs/layering.md) ------------------------------------------
+
+
+def test_the_same_history_gives_the_same_digest_and_another_history_another_split(tmp_path: Path) -> None:
+    """docs/layering.md, "What is deterministic": same revision, names and layering history,
+    same manifest digest; a registry that stored other images first may split the same files
+    into other layers (here, as the doc says: 49 layers instead of 50)."""
+    first = "shell/git/jq/python3/perl/vim"
+    registries = [
+        RegistryProcess(storage=tmp_path / n, env={"NIXERY_BUNDLED_SET": "debian"}, log_path=tmp_path / f"{n}.log")
+        for n in ("fresh", "history", "same-history")
+    ]
+    try:
+        for registry in registries:
+            registry.start()
+        fresh, history, same_history = registries
+        for registry in (history, same_history):
+            registry.manifest(first)
+        digests = {}
+        for registry in registries:
+            digests[registry.storage.name], manifest = registry.manifest("shell/curl")
+            status, _, body = registry.request("/images/shell/curl.json", accept="application/json")
+            assert status == 200
+            image = json.loads(body)
+            assert [layer["digest"] for layer in image["layers"]] == [layer["digest"] for layer in manifest["layers"]]
+            paths = sorted(path for layer in image["layers"] for path in layer["paths"])
+            if registry is fresh:
+                fresh_paths, fresh_layers = paths, len(manifest["layers"])
+            else:
+                assert paths == fresh_paths  # the same files...
+                assert len(manifest["layers"]) == fresh_layers - 1  # ...split another way
+    finally:
+        for registry in registries:
+            registry.stop()
+    assert digests["history"] == digests["same-history"] != digests["fresh"]

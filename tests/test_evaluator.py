@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from prometheus_client import REGISTRY
 
 from nixery.nix import packages
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
@@ -202,6 +204,43 @@ async def test_an_idle_repl_stops() -> None:
         assert [p.attr for p in await resolve(pool, ["figlet"])] == ["figlet"]
     finally:
         await pool.close()
+
+
+def repl_gauge() -> float:
+    return REGISTRY.get_sample_value("nixery_nix_processes_running", {"command": "nix-repl"}) or 0.0
+
+
+def repl_children() -> int:
+    listing = subprocess.run(["ps", "-o", "args=", "--ppid", str(os.getpid())], capture_output=True, text=True)
+    return sum(line.startswith("nix repl") for line in listing.stdout.splitlines())
+
+
+async def test_the_repl_gauge_follows_the_repls_one_per_revision_through_warm_up_and_idle_stops() -> None:
+    """nixery_nix_processes_running{command="nix-repl"} is this process's repls, as they run.
+    Requests that come while the warm-up starts the repl wait for it (they started a second
+    one), and the stop after the idle time is logged (the gauge went to 0 without a word)."""
+    before = repl_gauge()
+    pool = Evaluators(memory_limit=1 << 30, idle_seconds=1)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            warm = asyncio.ensure_future(pool.warm("r1", PKGS, system=SYSTEM, deadline=Deadline.after(60)))
+            await asyncio.sleep(0)  # the warm-up is starting its repl
+            await asyncio.gather(warm, resolve(pool, ["hello"]), resolve(pool, ["figlet"]))
+            assert [entry["event"] for entry in logs].count("nix.evaluator_ready") == 1
+            assert repl_gauge() - before == 1 == repl_children()
+
+            deadline = time.monotonic() + 10
+            while repl_children() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert repl_gauge() - before == 0 == repl_children()
+            [stopped] = [entry for entry in logs if entry["event"] == "nix.evaluator_stopped"]
+            assert stopped["reason"] == "idle"
+
+        await resolve(pool, ["hello"])
+        assert repl_gauge() - before == 1 == repl_children()
+    finally:
+        await pool.close()
+    assert repl_gauge() - before == 0 == repl_children()
 
 
 async def test_a_repl_past_its_memory_limit_after_an_answer_is_replaced() -> None:

@@ -123,7 +123,8 @@ def test_registries_rebuild_what_gc_collected_while_they_served_it(start_registr
             assert time.monotonic() < deadline, "the manifest of a collected image is still answered"
             time.sleep(0.1)
         assert (answer[0], error_code(answer[2])) == (404, "MANIFEST_UNKNOWN"), answer[2]
-    # ... and a pull by tag rebuilds it (the same bytes), with every blob there, from either process.
+    # ... and a pull by tag rebuilds it (the same bytes: same revision, and the layering history,
+    # which gc leaves, still holds its layers), with every blob there, from either process.
     assert pull(second, name)[0] == digest
     assert pull(first, name)[0] == digest
     status, _, _ = first.request(f"/v2/{name}/manifests/{digest}")

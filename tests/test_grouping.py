@@ -389,6 +389,25 @@ def test_plan_command_rejects_unknown_roots(tmp_path, capsys):
     assert "b" in capsys.readouterr().err
 
 
+def test_plan_command_help_describes_its_inputs_with_examples_that_work(tmp_path, capsys):
+    """`nixery layers plan --help` describes each input file; its examples are what it takes."""
+    with pytest.raises(SystemExit):
+        plan_main(["--help"])
+    text = capsys.readouterr().out
+    examples = {}
+    for option, start, end in (("graph", '{"nodes"', "}}}"), ("popularity", '{"app"', "}"), ("images", "[[", "]]")):
+        section = text.split(f"  --{option}  ", 1)[1]
+        example = section[section.index(start):section.index(end, section.index(start)) + len(end)]
+        (tmp_path / f"{option}.json").write_text(example)
+        examples[option] = json.loads(example)
+    assert "size" in text and "refs" in text and "gzip" in text and "output:" in text
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = plan_main([arg for option in examples for arg in (f"--{option}", str(tmp_path / f"{option}.json"))])
+    assert code == 0
+    assert len(json.loads(out.getvalue())) == len(examples["images"])
+
+
 # ---- the real benchmark ------------------------------------------------------------
 
 

@@ -152,6 +152,11 @@ def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
     assert registry.process.wait(30) == 0
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", registry.port, timeout=2).request("GET", "/v2/")
+    # The log says what the shutdown waited for, and that the download was drained.
+    [stopping] = registry.log_events("registry.stopping")
+    assert (stopping["signal"], stopping["in_flight"]) == ("SIGTERM", 1)
+    [stopped] = registry.log_events("registry.stopped")
+    assert (stopped["drained"], stopped["cut_off"]) == (1, 0)
 
 
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(

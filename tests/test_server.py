@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from tests.registry import REPOSITORY, RegistryProcess, free_port
+from tests.registry import REPOSITORY, RegistryProcess, free_port, slow_package_set
 
 MARKER = "nixery-echo-marker"
 
@@ -105,3 +107,38 @@ def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path, workers: str) ->
     assert result.stderr.splitlines() == [
         f"nixery: cannot listen on 127.0.0.1:{port}: the address is in use (another process listens on this port)"
     ]
+
+
+def test_the_log_says_where_to_pull_from_and_what_a_shutdown_cut_off(start_registry, tmp_path) -> None:
+    """`registry.listening` names the URL once the port accepts; on SIGTERM `registry.stopping`
+    counts the requests under way, and `registry.stopped` those drained and those cut off at the
+    end of NIXERY_SHUTDOWN_GRACE (here a pull waiting for a build longer than the grace)."""
+    pkgs = slow_package_set(tmp_path / "pkgs", seconds=30)
+    registry: RegistryProcess = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_SHUTDOWN_GRACE="1")
+    [listening] = registry.log_events("registry.listening")
+    assert listening["url"] == registry.url and listening["addresses"] == [registry.host]
+
+    answers: list[object] = []
+    pull = threading.Thread(target=lambda: answers.append(_request_or_error(registry, "/v2/slowpoke/manifests/latest")))
+    pull.start()
+    deadline = time.monotonic() + 60
+    while not registry.log_events("build.realising"):
+        assert time.monotonic() < deadline, "the build did not start"
+        time.sleep(0.1)
+    registry.process.send_signal(signal.SIGTERM)
+    assert registry.process.wait(30) == 0
+    pull.join(30)
+    [answer] = answers
+    assert isinstance(answer, OSError) or answer[0] >= 500, answer  # cut off: no manifest
+    [stopping] = registry.log_events("registry.stopping")
+    assert (stopping["signal"], stopping["in_flight"], stopping["grace"]) == ("SIGTERM", 1, 1.0)
+    [stopped] = registry.log_events("registry.stopped")
+    assert (stopped["drained"], stopped["cut_off"]) == (0, 1)
+    assert 1 <= stopped["seconds"] < 15
+
+
+def _request_or_error(registry: RegistryProcess, path: str) -> object:
+    try:
+        return registry.request(path, timeout=60)
+    except OSError as exc:  # the connection closed: what a cut-off request gets
+        return exc

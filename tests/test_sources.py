@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from nixery.nix.errors import RefNotFound
-from tests.registry import REPOSITORY, RegistryProcess, have, run, skopeo_to_oci, unpack_oci
+from tests.registry import REPOSITORY, RegistryProcess, have, nix_counting_path, run, skopeo_to_oci, unpack_oci
 
 pytestmark = pytest.mark.nix
 
@@ -424,7 +424,109 @@ def test_local_path_edit_gives_a_new_image(tmp_path: Path) -> None:
         registry.stop()
 
 
+def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp_path: Path) -> None:
+    """Regenerating a package set (a `make run` rewrote the Debian set each time) or touching
+    its files keeps its revision: a running registry serves the image it built, starting no
+    Nix process, instead of evaluating and building it again."""
+    (tmp_path / "nix").mkdir()
+    path, calls = nix_counting_path(tmp_path / "nix")
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo hello", "other": "echo other"})
+    (pkgs / "lib").mkdir()
+    (pkgs / "lib" / "notes.txt").write_text("a file the set does not use\n")
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(pkgs), PATH=path)
+    try:
+        first, _ = registry.manifest("hello")
+        builds = len(registry.log_events("build.queued"))
+        before = calls.read_text()
+
+        later = time.time() + 3600
+        for file in [pkgs / "default.nix", pkgs / "lib" / "notes.txt"]:
+            file.write_bytes(file.read_bytes())  # rewritten: new times, same bytes
+            os.utime(file, (later, later))
+        assert registry.manifest("hello")[0] == first
+        assert len(registry.log_events("build.queued")) == builds, "the image was built again"
+        assert calls.read_text() == before, "Nix ran again"
+
+        (pkgs / "lib" / "notes.txt").write_text("changed\n")  # any change of content is a new revision
+        assert registry.manifest("hello")[0] == first  # (the same derivations: the same image...)
+        assert len(registry.log_events("build.queued")) == builds + 1  # (...but looked at again)
+    finally:
+        registry.stop()
+
+
 # ---- sources in-process: concurrency and the cache on disk ------------------------
+
+
+def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generating_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """NIXERY_BUNDLED_SET=busybox is a choice: no advice to `make debian-set` (only `auto`
+    falling back to the busybox set, because the Debian set is not generated, gives it)."""
+    import structlog
+
+    from nixery import config
+    from nixery.nix.sources import open_source
+
+    def advice(env: dict[str, str]) -> list[str]:
+        with structlog.testing.capture_logs() as logs:
+            source = open_source(config.load(env))
+        assert source.description == "bundled busybox"
+        return [entry["note"] for entry in logs if "make debian-set" in entry.get("note", "")]
+
+    assert advice({"NIXERY_BUNDLED_SET": "busybox"}) == []
+    monkeypatch.setattr(config, "DEBIAN_SET", config.BundledSet("debian", tmp_path / "not-generated"))
+    assert len(advice({})) == 1
+    assert len(advice({"NIXERY_BUNDLED_SET": "auto"})) == 1
+
+
+async def test_a_local_path_revision_is_a_hash_of_content_read_only_when_files_change(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from nixery.nix import sources as sources_module
+    from nixery.nix.sources import LocalPathSource
+
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo one"})
+    (pkgs / "sub").mkdir()
+    (pkgs / "sub" / "build.sh").write_text("echo building\n")
+    (pkgs / ".git").mkdir()  # skipped, as before
+    (pkgs / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    reads: list[str] = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(sources_module, "open", counting_open, raising=False)
+    source = LocalPathSource(pkgs)
+    first = (await source.resolve("latest")).id
+    assert sorted(reads) == [str(pkgs / "default.nix"), str(pkgs / "sub" / "build.sh")]
+
+    reads.clear()
+    assert (await source.resolve("latest")).id == first
+    assert reads == [], "an unchanged tree is not read again"
+
+    for file in (pkgs / "default.nix", pkgs / "sub" / "build.sh", pkgs / ".git" / "HEAD"):
+        os.utime(file, (1, 1))
+    (pkgs / ".git" / "HEAD").write_text("ref: refs/heads/other\n")
+    assert (await source.resolve("latest")).id == first, "times, and .git, do not count"
+    assert sorted(reads) == [str(pkgs / "default.nix"), str(pkgs / "sub" / "build.sh")]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pkgs, copy)  # new times and inodes
+    assert (await LocalPathSource(copy).resolve("latest")).id == first
+
+    (pkgs / "sub" / "build.sh").chmod(0o755)  # Nix copies the executable bit: another package set
+    executable = (await source.resolve("latest")).id
+    assert executable != first
+    (pkgs / "sub" / "build.sh").write_text("echo building!\n")
+    assert (await source.resolve("latest")).id not in (first, executable)
+    (pkgs / "sub" / "build.sh").write_text("echo building\n")
+    assert (await source.resolve("latest")).id == executable
+    (pkgs / "sub" / "build.sh").unlink()
+    assert (await source.resolve("latest")).id not in (first, executable)
+
+
 
 
 async def test_local_path_requests_share_walks_but_always_see_an_edit(tmp_path: Path, monkeypatch) -> None:
@@ -438,9 +540,9 @@ async def test_local_path_requests_share_walks_but_always_see_an_edit(tmp_path: 
     walks: list[float] = []
     real_walk = sources_module.tree_fingerprint
 
-    def slow_walk(root: Path) -> str:
+    def slow_walk(root: Path, *args: object) -> str:
         walks.append(time.monotonic())
-        fingerprint = real_walk(root)
+        fingerprint = real_walk(root, *args)
         time.sleep(0.2)  # a big package set: the walk ends well after it has read the tree
         return fingerprint
 

@@ -18,14 +18,20 @@ answers given before a request reaches the application.
   aiohttp has no such limit: a client that never finishes its head held the
   connection until the keep-alive time ran out.
 
+* Once every socket accepts, `registry.listening` logs the URL to pull from.
+  On SIGTERM or SIGINT, `registry.stopping` logs how many requests are under
+  way, and `registry.stopped` how many of them were drained (answered in full
+  within NIXERY_SHUTDOWN_GRACE) and how many were cut off.
+
 aiohttp has no supported way to change how it handles a connection: its
 `Server` makes a `RequestHandler` itself. `RegistryRunner` therefore lets
 `AppRunner` make the application's server, and serves with a `Server`
 subclass built from that server's handler, request factory and settings,
 whose connections are `RegistryConnection`s. It relies on `Server._kwargs`
-(the handler settings) and on `RequestHandler.handle_error` and
-`finish_response` keeping their meaning; aiohttp is pinned, and the tests of
-this module exercise each of them through a real registry process.
+(the handler settings) and `pre_shutdown`, and on `RequestHandler.handle_error`,
+`_handle_request` and `finish_response` keeping their meaning; aiohttp is
+pinned, and the tests of this module exercise each of them through a real
+registry process.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import asyncio
 import errno
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,17 +141,45 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         shutdown_timeout=shutdown_timeout,
         access_log=None,  # the application logs each request (nixery.app.access_log)
     )
+    stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
+
+    def stop_on(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop_on, signum)
     await runner.setup()
+    server: _Server = runner.server  # type: ignore[assignment]  # made by RegistryRunner
     try:
         for sock in sockets:
             await web.SockSite(runner, sock).start()
+        log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets])
         await stop.wait()
     finally:
+        if stopped_by:
+            log.info("registry.stopping", signal=stopped_by[0].name, in_flight=server.in_flight,
+                     grace=shutdown_timeout)
+        started = time.monotonic()
         await runner.cleanup()
+        if stopped_by:
+            log.info("registry.stopped", drained=server.finished_while_stopping, cut_off=server.cut_off,
+                     seconds=round(time.monotonic() - started, 2))
+
+
+def pull_url(sock: socket.socket) -> str:
+    """The URL to pull from through a listening socket (a wildcard address: this machine's loopback)."""
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        return f"http://[{'::1' if host == '::' else host}]:{port}"
+    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 class RegistryRunner(web.AppRunner):
@@ -166,6 +201,9 @@ class RegistryRunner(web.AppRunner):
 
 
 class _Server(web.Server):
+    """The connections' server; counts the requests under way, and how those under way
+    when shutting down ended (for the shutdown's log lines)."""
+
     def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, **kwargs: Any):
         def new_request(message: Any, payload: Any, protocol: RegistryConnection, writer: Any, task: Any) -> Any:
             protocol.head_received()
@@ -173,6 +211,22 @@ class _Server(web.Server):
 
         super().__init__(handler, request_factory=new_request, **kwargs)
         self._header_timeout = header_timeout
+        self.in_flight = 0
+        self.stopping = False
+        self.finished_while_stopping = 0  # answered in full after the shutdown began
+        self.cut_off = 0  # cancelled at the end of the grace period, or by their client hanging up
+
+    def pre_shutdown(self) -> None:
+        self.stopping = True
+        super().pre_shutdown()
+
+    def request_ended(self, completed: bool) -> None:
+        self.in_flight -= 1
+        if self.stopping:
+            if completed:
+                self.finished_while_stopping += 1
+            else:
+                self.cut_off += 1
 
     def __call__(self) -> RegistryConnection:
         return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
@@ -204,6 +258,18 @@ class RegistryConnection(RequestHandler):
         """A request's head was parsed (or found malformed): it came in time."""
         self._awaiting_head = False
         self._stop_head_clock()
+
+    async def _handle_request(self, request: Any, start_time: float | None, request_handler: Any) -> Any:
+        """aiohttp's handling of one request (handler and response), counted while under way."""
+        manager: _Server = self._manager  # type: ignore[assignment]
+        manager.in_flight += 1
+        completed = False
+        try:
+            result = await super()._handle_request(request, start_time, request_handler)
+            completed = True
+            return result
+        finally:
+            manager.request_ended(completed)
 
     async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None) -> Any:
         try:

@@ -205,7 +205,7 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
     return web.Response(text=document, status=status, content_type="text/html", charset="utf-8")
 
 
-def _build_form(image: str = "", tag: str = "", *, example: str = "shell/hello") -> str:
+def _build_form(image: str = "", tag: str = "", *, example: str = "shell/curl") -> str:
     return f"""
 <form class="build-form" method="post" action="/builds">
   <label for="build-image">Build an image</label>
@@ -226,7 +226,7 @@ def _search_form(query: str = "") -> str:
 <form class="search-form" method="get" action="/packages" role="search">
   <label for="search-q">Search packages</label>
   <div class="row">
-    <input id="search-q" type="search" name="q" value="{h(query)}" placeholder="e.g. hello"
+    <input id="search-q" type="search" name="q" value="{h(query)}" placeholder="e.g. curl"
       autocomplete="off" autocapitalize="off" spellcheck="false">
     <button type="submit">Search</button>
   </div>

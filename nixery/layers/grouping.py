@@ -68,8 +68,10 @@ Image 2's closure is {tool, libc}.  The stored layer {libc} lies inside it and
 is reused; only {tool} is new.  A client that pulled image 1 downloads 1 MB.
 
 Determinism: the plan depends only on the closure, the popularity of its paths
-and the history, never on hash order, so replicas agree.  Ties are broken by
-path name and by the order in which layers were recorded.
+and the history, never on hash order, so replicas with the same history agree
+(and registries with different histories may not: docs/layering.md, "What is
+deterministic").  Ties are broken by path name and by the order in which layers
+were recorded.
 """
 
 from __future__ import annotations

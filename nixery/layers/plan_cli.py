@@ -91,14 +91,35 @@ def plan_sequence(
     return plans
 
 
+FORMATS = """\
+input files (JSON, plain or gzip-compressed; names are any strings, e.g. store paths):
+  --graph       every node of the dependency graph, its size in bytes and the nodes it refers to
+                (the "nodes" wrapper is optional; every name in "refs" must be a node):
+                  {"nodes": {"app": {"size": 2000000, "refs": ["libc"]},
+                             "tool": {"size": 500000, "refs": ["libc"]},
+                             "libc": {"size": 30000000, "refs": []}}}
+  --popularity  how many packages (of a whole package set) need each node; without it, the
+                nodes of each image's closure that depend on it are counted:
+                  {"app": 1, "tool": 3, "libc": 900}
+  --images      the images to plan, in order, each a list of its roots (nodes of the graph):
+                  [["app"], ["tool"], ["app", "tool"]]
+
+output: one entry per image, in order; each a list of layers (base layers first), each
+layer a sorted list of node names. Each plan is remembered for the next image's, as the
+registry remembers the layers it stored (--no-history: plan each as if nothing were stored).
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nixery layers plan",
-        description="Split each image's closure into layers; print the plan as JSON.",
+        description="Split each image's closure into layers, as the registry does; print the plan\nas JSON.",
+        epilog=FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--graph", type=Path, required=True, help="graph JSON (.json or .json.gz)")
-    parser.add_argument("--popularity", type=Path, help="popularity JSON: {name: count}")
-    parser.add_argument("--images", type=Path, required=True, help="JSON list of images, each a list of roots")
+    parser.add_argument("--graph", type=Path, required=True, help="graph JSON (.json or .json.gz), see below")
+    parser.add_argument("--popularity", type=Path, help="popularity JSON, see below")
+    parser.add_argument("--images", type=Path, required=True, help="JSON list of images, see below")
     parser.add_argument("--max-layers", type=int, default=100, help="layer budget per image (default 100)")
     parser.add_argument("--no-history", action="store_true", help="plan every image as if the registry were empty")
     return parser

@@ -3,8 +3,8 @@
 A layer is written in one pass: tar entries are generated from the store,
 compressed (gzip or zstd), and both digests (of the tar, the `diff_id`, and of
 the compressed stream, the blob digest) are computed as the bytes go by.
-Memory stays flat whatever the layer's size. The same input gives the same
-bytes on every run and every machine:
+Memory stays flat whatever the layer's size. The same store paths with the
+same contents give the same bytes on every run and every machine:
 
 * entries sorted by name; directories before their contents
 * owner 0:0 with empty user/group names, mtime 1 (as in the Nix store)

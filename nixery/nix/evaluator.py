@@ -193,8 +193,10 @@ class Evaluators:
         return [evaluator for evaluator in self._evaluators.values() if evaluator.alive]
 
     def _current(self, key: _Key) -> ReplEvaluator | None:
+        """The evaluator kept for `key`, also while it starts (a request then waits for it
+        rather than starting a second one); None once it has ended."""
         evaluator = self._evaluators.get(key)
-        if evaluator is None or (evaluator.started and not evaluator.alive):
+        if evaluator is None or evaluator.ended:
             return None
         self._evaluators.move_to_end(key)
         return evaluator
@@ -277,6 +279,9 @@ class Evaluators:
         def stop_if_still_idle() -> None:
             self._idle_timers.pop(key, None)
             if self._forget(key, evaluator):
+                # Said in the log: nixery_nix_processes_running{command="nix-repl"} drops with it.
+                log.info("nix.evaluator_stopped", reason="idle", seconds=self.idle_seconds, system=key[0],
+                         note="the next name to evaluate starts another")
                 self._stop_when_free(evaluator)
 
         self._idle_timers[key] = asyncio.get_running_loop().call_later(self.idle_seconds, stop_if_still_idle)

@@ -115,6 +115,7 @@ class ReplEvaluator:
         self._directory: Path | None = None
         self._markers = itertools.count()
         self._alive = False
+        self.ended = False  # closed (stopped, or never to be started): another takes its place
 
     @property
     def alive(self) -> bool:
@@ -199,6 +200,7 @@ class ReplEvaluator:
 
     async def close(self) -> None:
         """Stop the repl and remove its directory (safe to call more than once)."""
+        self.ended = True
         if self._alive and self._process is not None:
             self._alive = False
             NIX_PROCESSES.labels("nix-repl").dec()

@@ -87,6 +87,11 @@ class FilesystemStorage(Storage):
         # again when next served), so memory stays flat however many blobs are stored.
         self._verified: OrderedDict[Digest, tuple[int, int, int]] = OrderedDict()
 
+    @staticmethod
+    def exists(root: Path) -> bool:
+        """Whether `root` holds a storage (opening one creates it; maintenance commands ask first)."""
+        return (root / "meta").is_dir() or (root / "blobs").is_dir()
+
     def blob_path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
 

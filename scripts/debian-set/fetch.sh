@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Downloads the .deb files of the Debian-derived package set.
 #
-#   scripts/debian-set/fetch.sh            # into ${NIXERY_DEBIAN_CACHE:-<repo>/.cache/debian-debs}
+#   scripts/debian-set/fetch.sh [--refresh]   # into ${NIXERY_DEBIAN_CACHE:-<repo>/.cache/debian-debs}
+#
+# Does nothing (in well under a second) when an earlier run fetched for the
+# same packages.txt, excluded.txt and fetch.sh and every file it listed is
+# still intact: `make run` calls it every time. --refresh asks apt again
+# anyway (newer Debian versions, after `apt-get update`).
 #
 # Resolves the dependency closure of packages.txt with apt's own resolver
 # (Depends + Pre-Depends, no Recommends/Suggests), as if the packages of
@@ -22,6 +27,21 @@ case $cache in /*) ;; *) cache=$repo/$cache ;; esac
 start=$(date +%s%N)
 elapsed() { echo "$(( ($(date +%s%N) - start) / 1000000 ))" | sed 's/\(...\)$/.\1/;s/^\./0./'; }
 fail() { echo "fetch.sh: $*" >&2; echo "fetch.sh: failed after $(elapsed) s; without the Debian set the registry serves the busybox set" >&2; exit 1; }
+
+refresh=""
+for arg in "$@"; do
+  case $arg in
+    --refresh) refresh=1 ;;
+    *) echo "fetch.sh: unknown argument $arg (usage: fetch.sh [--refresh])" >&2; exit 2 ;;
+  esac
+done
+# What apt was asked: when it is unchanged and every file listed is intact, there is nothing to do.
+inputs=$(cat "$here/fetch.sh" "$here/packages.txt" "$here/excluded.txt" | sha256sum | cut -d' ' -f1)
+if [ -z "$refresh" ] && [ -s "$cache/manifest.txt" ] && [ "$(cat "$cache/inputs.sha256" 2>/dev/null)" = "$inputs" ] &&
+   awk '{ print $5 "  " $4 }' "$cache/manifest.txt" | (cd "$cache" && sha256sum --check --status --strict); then
+  echo "fetch.sh: $(wc -l < "$cache/manifest.txt") packages in $cache, fetched before for these package lists; took $(elapsed) s (--refresh asks apt for newer versions)"
+  exit 0
+fi
 
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 # apt drops privileges to _apt for downloads, which cannot write into our cache.
@@ -104,4 +124,5 @@ while read -r name version arch file sha; do
   intact "$file" "$sha" || fail "$file is missing or damaged after the download"
 done < "$work/manifest"
 mv "$work/manifest" "$cache/manifest.txt"
+echo "$inputs" > "$cache/inputs.sha256"
 echo "fetch.sh: $total packages ($(du -sh "$cache" | cut -f1)) in $cache; took $(elapsed) s"

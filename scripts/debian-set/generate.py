@@ -9,6 +9,12 @@ ${NIXERY_DEBIAN_CACHE:-<repo>/.cache/debian-debs}) with `dpkg-deb`, and writes
 next to copies of the builders (lib.nix, build-deb.sh, build-env.sh, common.sh).
 Python standard library only.
 
+Writes nothing when the output is up to date: <out>/inputs.sha256 records
+what the last run read (the files of scripts/debian-set/, the manifest and the
+bytes of every .deb it names, both directories) and what it wrote; when both
+are unchanged, the run ends at once (a `make run` then does not rewrite the
+set, whose revision is a hash of its files). Delete that file to regenerate.
+
 How Debian's metadata becomes Nix (details in the tables below):
 - Depends and Pre-Depends: each `a | b` group resolves to the first alternative
   that is a package of the set or is provided (Provides) by one; groups that
@@ -40,6 +46,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPOSITORY = HERE.parent.parent
 TEMPLATES = ("lib.nix", "build-deb.sh", "build-env.sh", "common.sh")
+OUTPUTS = ("default.nix", "packages.txt", *TEMPLATES)
+STAMP = "inputs.sha256"
 
 # --- policy ---------------------------------------------------------------
 
@@ -279,12 +287,16 @@ def read_deb(name: str, version: str, arch: str, path: Path) -> Deb:
                             deb.interpreters.add(words[0].decode(errors="replace"))
     if proc.returncode:
         raise SystemExit(f"dpkg-deb --fsys-tarfile {path} failed")
+    deb.sha256 = file_sha256(path)
+    return deb
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    deb.sha256 = digest.hexdigest()
-    return deb
+    return digest.hexdigest()
 
 
 def read_manifest(cache: Path) -> list[Deb]:
@@ -697,6 +709,42 @@ class SetWriter:
         return f'"{text}"'
 
 
+# --- skipping an up-to-date output ---------------------------------------------
+
+
+def inputs_fingerprint(cache: Path, out: Path) -> str | None:
+    """A hash of everything the output depends on; None when an input is missing
+    (the run then fails with the usual message)."""
+    digest = hashlib.sha256()
+    try:
+        for path in sorted(HERE.iterdir()):
+            if path.is_file():
+                digest.update(f"script {path.name} {file_sha256(path)}\n".encode())
+        manifest = (cache / "manifest.txt").read_text()
+        digest.update(f"directories {cache} {out}\nmanifest\n{manifest}".encode())
+        for row in (line.split() for line in manifest.splitlines() if line.strip()):
+            digest.update(f"deb {row[3]} {file_sha256(cache / row[3])}\n".encode())
+    except (OSError, IndexError):
+        return None
+    return digest.hexdigest()
+
+
+def outputs_fingerprint(out: Path) -> str | None:
+    try:
+        return hashlib.sha256("".join(f"{name} {file_sha256(out / name)}\n" for name in OUTPUTS).encode()).hexdigest()
+    except OSError:
+        return None
+
+
+def up_to_date(out: Path, inputs: str | None) -> bool:
+    """Whether the last run read these inputs and its output is still as it wrote it."""
+    try:
+        recorded = (out / STAMP).read_text().split()
+    except OSError:
+        return False
+    return inputs is not None and recorded == [inputs, outputs_fingerprint(out) or "missing"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path,
@@ -707,10 +755,18 @@ def main() -> None:
     cache = (REPOSITORY / args.cache).resolve() if not args.cache.is_absolute() else args.cache
     out = (REPOSITORY / args.out).resolve() if not args.out.is_absolute() else args.out
     start = time.monotonic()
+    inputs = inputs_fingerprint(cache, out)
+    if up_to_date(out, inputs):
+        print(f"generate.py: {out / 'default.nix'} is up to date (inputs unchanged; {out / STAMP}); "
+              f"took {time.monotonic() - start:.1f} s")
+        return
+    (out / STAMP).unlink(missing_ok=True)  # from here on the output is being replaced
     writer = SetWriter(read_manifest(cache), excluded_names())
     writer.resolve()
     writer.build_graph()
     writer.write(out, cache)
+    if inputs is not None:
+        (out / STAMP).write_text(f"{inputs}\n{outputs_fingerprint(out)}\n")
     for warning in writer.warnings:
         print(f"generate.py: {warning}")
     print(f"generate.py: {len(writer.debs)} packages, {len(writer.members)} derivations -> "

@@ -1,0 +1,317 @@
+"""Every image the README and docs/*.md show being pulled is pulled here, from a real
+registry on the package set `make run` serves (the Debian-derived set), so a doc
+example that cannot work is a failing test. The landing page's examples too.
+
+What counts as an example (in code blocks, and in inline code elsewhere):
+* a reference with a registry host: `HOST/shell/curl`, `127.0.0.1:8080/shell/jq:latest`,
+  `docker://...`, and any host in a `podman`, `docker`, `ctr` or `skopeo` command
+  (for `skopeo copy`, only the source);
+* `nixery build [--options] NAME` and `nixery inspect NAME`;
+* `/v2/NAME/manifests/REF` (curl examples) and `"image": "NAME"` (POST /builds);
+* the first column of a table headed `| name |` (the README's image names).
+Names in upper case only (`NAME`, `IMAGE`) are placeholders and not examples.
+
+An example that is about another package set says so with a marker, a Markdown
+comment (a link reference definition, invisible on GitHub and on /docs) on its own
+line before the block it applies to (the next lines up to a blank line, or a whole
+fenced block):
+
+    [//]: # "examples: busybox set"                 pulled from the busybox set instead
+    [//]: # "examples not pulled: REASON"           not pulled (say why)
+    [//]: # "examples not pulled (a/b, c): REASON"  only those names not pulled
+
+Keep the markers few, and each true.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nixery.config import DEBIAN_SET
+from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
+
+DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
+
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_HOST = r"HOST|localhost:\d+|\d+\.\d+\.\d+\.\d+(?::\d+)?|[a-z0-9-]+(?:\.[a-z0-9-]+)+(?::\d+)?"
+#: A registry reference: HOST/NAME[:TAG], not part of a URL other than docker://.
+_REFERENCE = re.compile(rf"(?<![\w/.:-])(?:docker://)?(?:{_HOST})/(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?")
+_CLIENT_COMMAND = re.compile(r"\b(?:podman|docker|ctr|skopeo)\s")
+_EXPLICIT_HOST = re.compile(rf"(?<![\w/.:-])(?:docker://)?(?:HOST|127\.0\.0\.1:\d+|localhost:\d+)/{_NAME}")
+_NIXERY_COMMAND = re.compile(rf"\bnixery (?:build|inspect)(?: --?[a-z-]+(?: (?!--)\S+)?)*? (?P<name>{_NAME})"
+                             rf"(?::(?P<tag>{_TAG}))?")
+_MANIFEST_PATH = re.compile(rf"/v2/(?P<name>{_NAME})/manifests/(?P<tag>{_TAG})")
+_IMAGE_FIELD = re.compile(rf'"image":\s*"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?"')
+_MARKER = re.compile(
+    r'^\[//\]: # "examples(?P<what>: busybox set| not pulled(?: \((?P<names>[^)]*)\))?: (?P<why>.+))"$'
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    document: str
+    line: int
+    name: str
+    tag: str
+    package_set: str | None  # "debian", "busybox", or None: not pulled
+
+    def __str__(self) -> str:
+        return f"{self.document}:{self.line}: {self.name}:{self.tag}"
+
+
+def references(text: str) -> Iterator[tuple[str, str]]:
+    """(name, tag) of every image a piece of Markdown text shows being pulled."""
+    found: list[tuple[int, str, str | None]] = []
+    if _CLIENT_COMMAND.search(text) or _EXPLICIT_HOST.search(text):
+        matches = list(_REFERENCE.finditer(text))
+        if "skopeo copy" in text:
+            matches = matches[:1]  # the destination is not pulled
+        found += [(m.start(), m["name"], m["tag"]) for m in matches if m["name"].split("/")[0] != "v2"]
+    for pattern in (_NIXERY_COMMAND, _MANIFEST_PATH, _IMAGE_FIELD):
+        found += [(m.start(), m["name"], m["tag"]) for m in pattern.finditer(text)]
+    for _, name, tag in sorted(found):
+        name = name.rstrip(".")
+        if not name.replace("/", "").replace("_", "").isupper():  # NAME, IMAGE: placeholders
+            yield name, tag or "latest"
+
+
+def _inline_code(text: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", text)
+
+
+def _blocks(lines: list[str]) -> Iterator[list[tuple[int, str]]]:
+    """The blocks of a Markdown text, as numbered lines: runs of non-blank lines, and
+    each fenced code block whole (blank lines included)."""
+    block: list[tuple[int, str]] = []
+    fenced = False
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("```") or fenced:
+            if not fenced and block:
+                yield block
+                block = []
+            block.append((number, line))
+            if fenced and stripped.startswith("```"):
+                yield block
+                block = []
+            fenced = fenced != stripped.startswith("```")
+            continue
+        if stripped:
+            block.append((number, line))
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _block_examples(block: list[tuple[int, str]]) -> Iterator[tuple[int, str, str]]:
+    """(line, name, tag) of each example in one block."""
+    first = block[0][1].strip()
+    if first.startswith("```") or all(line.startswith("    ") for _, line in block):  # code
+        lines = block[1:-1] if first.startswith("```") else block
+        joined = ""
+        for number, line in lines:
+            if line.rstrip().endswith("\\"):  # a command continued on the next line
+                joined += line.rstrip()[:-1] + " "
+                continue
+            yield from ((number, name, tag) for name, tag in references(joined + line))
+            joined = ""
+    elif first.startswith("|"):  # a table; the first column of one headed `name` holds image names
+        names_column = [c.strip() for c in first.strip("|").split("|")][0] == "name"
+        for number, line in block[2:]:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if names_column:
+                yield from ((number, name, "latest") for name in _inline_code(cells[0]))
+            for code in _inline_code(line):
+                yield from ((number, name, tag) for name, tag in references(code))
+    else:
+        for number, line in block:
+            for code in _inline_code(line):
+                yield from ((number, name, tag) for name, tag in references(code))
+
+
+def examples(path: Path, document: str | None = None) -> Iterator[Example]:
+    """The examples of one document, each with the package set it is about."""
+    document = document or str(path.relative_to(REPOSITORY))
+    marker: re.Match[str] | None = None
+    for block in _blocks(path.read_text().splitlines()):
+        if len(block) == 1 and (found := _MARKER.match(block[0][1])) is not None:
+            assert marker is None, f"{document}:{block[0][0]}: two markers in a row"
+            marker = found
+            continue
+        governed = list(_block_examples(block))
+        if marker is not None:
+            named = [n.strip() for n in (marker["names"] or "").split(",") if n.strip()]
+            unknown = set(named) - {name for _, name, _ in governed}
+            assert governed and not unknown, f"{document}: {marker.group(0)} governs no such example {unknown or ''}"
+        for number, name, tag in governed:
+            package_set: str | None = "debian"
+            if marker is not None and marker["what"] == ": busybox set":
+                package_set = "busybox"
+            elif marker is not None and (not named or name in named):
+                package_set = None
+            yield Example(document, number, name, tag, package_set)
+        marker = None
+
+
+ALL = [example for path in DOCUMENTS for example in examples(path)]
+
+
+def test_the_docs_have_examples_and_few_are_left_out() -> None:
+    """The extraction finds the examples it should (a broken pattern would pass every pull
+    test vacuously), and what the markers leave out stays a short list."""
+    found = {(e.document, e.name) for e in ALL}
+    for expected in [("README.md", "shell/curl"), ("README.md", "shell/jq"), ("docs/usage.md", "shell/git/jq"),
+                     ("docs/web.md", "shell/curl"), ("docs/auth.md", "shell/curl")]:
+        assert expected in found, expected
+    left_out = [str(e) for e in ALL if e.package_set is None]
+    assert len(left_out) <= 8, left_out
+
+
+def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "Pull `HOST/shell/curl`; `shell/jq` alone is no pull.\n\n"
+        '[//]: # "examples: busybox set"\n\n'
+        "    podman run --rm 127.0.0.1:8080/shell/hello\n"
+        "    skopeo copy docker://127.0.0.1:8080/shell/hello:v1 \\\n"
+        "      docker://registry.example.com/x/y:1\n\n"
+        '[//]: # "examples not pulled (tools.linter): the set above"\n\n'
+        "`HOST/tools.linter` and `HOST/curl/jq`; `nixery build --local shell/jq`,\n"
+        "`nixery build NAME`, `/v2/{name}/manifests/{reference}`, `curl http://HOST/v2/jq/manifests/latest`.\n\n"
+        "| name | image |\n|---|---|\n| `Curl` | any case |\n"
+    )
+    assert [(e.line, e.name, e.tag, e.package_set) for e in examples(doc, "doc.md")] == [
+        (1, "shell/curl", "latest", "debian"),
+        (5, "shell/hello", "latest", "busybox"),
+        (7, "shell/hello", "v1", "busybox"),
+        (11, "tools.linter", "latest", None),
+        (11, "curl/jq", "latest", "debian"),
+        (11, "shell/jq", "latest", "debian"),
+        (12, "jq", "latest", "debian"),
+        (16, "Curl", "latest", "debian"),
+    ]
+    doc.write_text('[//]: # "examples not pulled (x): stale"\n\nNo example here.\n')
+    with pytest.raises(AssertionError, match="governs no such example"):
+        list(examples(doc, "doc.md"))
+
+
+# ---- pulling them ------------------------------------------------------------------
+
+if not (DEBIAN_SET.path / "default.nix").is_file():
+    if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
+        raise RuntimeError(f"the Debian set is not generated ({DEBIAN_SET.path}/default.nix missing)")
+    needs_debian_set = pytest.mark.skip(reason="the Debian set is not generated: run scripts/debian-set/setup.sh")
+else:
+    needs_debian_set = pytest.mark.nix
+
+
+@pytest.fixture(scope="module")
+def registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RegistryProcess]]:
+    base = tmp_path_factory.mktemp("doc-examples")
+    started = {}
+    try:
+        for name in ("debian", "busybox"):
+            started[name] = RegistryProcess(
+                storage=base / name, env={"NIXERY_BUNDLED_SET": name}, log_path=base / f"{name}.log"
+            ).start()
+        yield started
+    finally:
+        for registry in started.values():
+            registry.stop()
+        if have("podman"):  # podman keeps what it pulled: drop this module's images
+            images = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], check=False).stdout.split()
+            mine = [i for i in images if any(i.startswith(r.host + "/") for r in started.values())]
+            if mine:
+                run(["podman", "rmi", "--force", *mine], check=False)
+
+
+def _pull(registry: RegistryProcess, name: str, tag: str) -> str | None:
+    """None when the manifest is served, else what the registry said."""
+    status, _, body = registry.request(f"/v2/{name}/manifests/{tag}")
+    return None if status == 200 else f"{status} {body[:300].decode(errors='replace')}"
+
+
+@needs_debian_set
+def test_every_doc_example_pulls_from_the_set_it_is_about(registries: dict[str, RegistryProcess]) -> None:
+    failures = []
+    pulled: dict[tuple[str, str, str], str | None] = {}
+    for example in ALL:
+        if example.package_set is None:
+            continue
+        key = (example.package_set, example.name, example.tag)
+        if key not in pulled:
+            pulled[key] = _pull(registries[example.package_set], example.name, example.tag)
+        if pulled[key] is not None:
+            failures.append(f"{example} ({example.package_set} set): {pulled[key]}")
+    assert not failures, "doc examples that do not work:\n" + "\n".join(failures)
+
+
+class _PageExamples(html.parser.HTMLParser):
+    """Image names a page offers: the build form's placeholder, the search's "e.g. NAME",
+    and the pull commands in <code>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[tuple[str, str]] = []
+        self._code = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        placeholder = attributes.get("placeholder") or ""
+        if tag == "input" and attributes.get("name") in ("image", "q") and placeholder:
+            self.names.append((placeholder.removeprefix("e.g. "), "latest"))
+        self._code += tag == "code"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._code -= tag == "code"
+
+    def handle_data(self, data: str) -> None:
+        if self._code:
+            self.names += list(references(data))
+
+
+@needs_debian_set
+def test_the_pages_examples_pull_from_the_debian_set(registries: dict[str, RegistryProcess]) -> None:
+    registry = registries["debian"]
+    parser = _PageExamples()
+    for path in ("/", "/packages"):
+        status, _, body = registry.request(path, accept="text/html")
+        assert status == 200
+        parser.feed(body.decode())
+    # A form with an invalid name answers with the form again, its default placeholder included.
+    status, _, body = registry.request("/builds?image=..", method="POST", accept="text/html",
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    parser.feed(body.decode())
+    assert ("shell/curl", "latest") in parser.names and ("curl", "latest") in parser.names, parser.names
+    failures = [f"{name}:{tag}: {answer}" for name, tag in dict.fromkeys(parser.names)
+                if (answer := _pull(registry, name, tag)) is not None]
+    assert not failures, failures
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_the_readme_first_pull_runs_as_written(registries: dict[str, RegistryProcess]) -> None:
+    """The podman command of "The two commands", with this registry's port and the
+    --ulimit flags the README says our development machines need."""
+    readme = (REPOSITORY / "README.md").read_text()
+    section = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    block = section.split("Then, from another terminal:", 1)[1]
+    command = re.search(r"^    (podman run .*?)(?<!\\)$", block, re.M | re.S)
+    assert command is not None
+    argv = shlex.split(command.group(1).replace("\\\n", " ").replace("127.0.0.1:8080", registries["debian"].host))
+    assert argv[:2] == ["podman", "run"]
+    ulimits = PODMAN_RUN_FLAGS[PODMAN_RUN_FLAGS.index("--ulimit"):]
+    result = run([*argv[:2], *ulimits, *argv[2:]])
+    assert result.stdout.startswith("curl ") and result.stdout.splitlines()[-1] == "ok", result.stdout
