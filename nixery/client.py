@@ -32,18 +32,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nixery.progress import Stage
+from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, size_text
+
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
-FINAL = ("done", "failed")
-STAGES = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
-LABELS = {
-    "queued": "Queued",
-    "evaluating": "Evaluating",
-    "building": "Building with Nix",
-    "layering": "Grouping into layers",
-    "compressing": "Compressing layers",
-    "uploading": "Uploading",
-    "done": "Done",
-}
+FINAL = (Stage.DONE.value, Stage.FAILED.value)
+#: The stages shown with a bar each, by their names in the event stream (a failure is shown on the stage it ends).
+LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
 _RECONNECTS = 5
 
 
@@ -64,12 +59,7 @@ def _registry_url(value: str | None) -> str:
 
 
 def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
+    return size_text(n, unknown="-")
 
 
 async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
@@ -403,7 +393,6 @@ async def _build_locally(
     from nixery import config, logs
     from nixery.builder import ImageBuilder
     from nixery.errors import RegistryError
-    from nixery.http.web import image_json
     from nixery.registry.names import check_tag, parse_image_name
     from nixery.storage import open_storage
 

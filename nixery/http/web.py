@@ -38,7 +38,7 @@ from aiohttp import web
 
 from nixery import __version__, errors
 from nixery.auth import BUILD, PULL
-from nixery.builder import ImageBuilder, ImageRecord
+from nixery.builder import ImageBuilder
 from nixery.config import REPOSITORY
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
@@ -49,8 +49,8 @@ from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
 from nixery.progress import Build, Event, Stage
-from nixery.registry.mediatypes import ManifestFormat
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
+from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, size_text
 
 log = structlog.get_logger(__name__)
 
@@ -63,35 +63,12 @@ README = REPOSITORY / "README.md"
 KEEPALIVE_SECONDS = 15.0
 SHOWN_EVENTS = 200  # the progress page lists the latest events only
 _BUILD_ID = r"[0-9a-f]{1,64}"
-_STAGE_ORDER = [
-    Stage.QUEUED, Stage.EVALUATING, Stage.BUILDING, Stage.LAYERING, Stage.COMPRESSING, Stage.UPLOADING, Stage.DONE,
-]
-_STAGE_LABELS = {
-    Stage.QUEUED: "Queued",
-    Stage.EVALUATING: "Evaluating",
-    Stage.BUILDING: "Building with Nix",
-    Stage.LAYERING: "Grouping into layers",
-    Stage.COMPRESSING: "Compressing layers",
-    Stage.UPLOADING: "Uploading",
-    Stage.DONE: "Done",
-    Stage.FAILED: "Failed",
-}
-
 _VERBS = {Stage.DONE: "Built", Stage.FAILED: "Could not build"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # ---- small helpers -----------------------------------------------------------
-
-
-def size_text(n: int | float | None) -> str:
-    if n is None:
-        return "–"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def ago(timestamp: float, now: float | None = None) -> str:
@@ -569,9 +546,9 @@ class Progress:
 
 def _stage_list(build: Build, progress: Progress) -> str:
     failed = build.stage is Stage.FAILED
-    furthest = max((_STAGE_ORDER.index(s) for s in progress.reached if s in _STAGE_ORDER), default=-1)
+    furthest = max((STAGE_ORDER.index(s) for s in progress.reached if s in STAGE_ORDER), default=-1)
     items = []
-    for position, stage in enumerate(_STAGE_ORDER):
+    for position, stage in enumerate(STAGE_ORDER):
         if stage is progress.current and not build.finished:
             state = "current"
         elif stage in progress.reached:
@@ -582,13 +559,13 @@ def _stage_list(build: Build, progress: Progress) -> str:
             state = "pending"
         if failed and stage is Stage.DONE:
             stage_li = (
-                f'<li class="failed" data-stage="failed"><span class="label">{_STAGE_LABELS[Stage.FAILED]}</span>'
+                f'<li class="failed" data-stage="failed"><span class="label">{STAGE_LABELS[Stage.FAILED]}</span>'
                 f'<span class="detail">{h(progress.messages.get(Stage.FAILED, ""))}</span></li>'
             )
             items.append(stage_li)
             continue
         items.append(
-            f'<li class="{state}" data-stage="{stage.value}"><span class="label">{_STAGE_LABELS[stage]}</span>'
+            f'<li class="{state}" data-stage="{stage.value}"><span class="label">{STAGE_LABELS[stage]}</span>'
             f'<span class="detail">{h(progress.detail(stage) if state in ("past", "current") else "")}</span></li>'
         )
     return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
@@ -738,28 +715,6 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
 
 
 # ---- images --------------------------------------------------------------------
-
-
-def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
-    paths = record.layer_paths or tuple(() for _ in record.layers)
-    return {
-        "name": record.name,
-        "tag": tag,
-        "digest": str(record.default_manifest.digest),
-        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
-        "config": str(record.config),
-        "size": record.compressed_size,
-        "source": record.source,
-        "revision": record.revision,
-        "packages": list(record.packages),
-        "architecture": record.architecture,
-        "built_at": record.built_at,
-        "paths_recorded": bool(record.layer_paths),
-        "layers": [
-            {**layer.to_json(), "paths": list(layer_paths)}
-            for layer, layer_paths in zip(record.layers, paths, strict=True)
-        ],
-    }
 
 
 async def image_info(request: web.Request) -> web.StreamResponse:
