@@ -218,7 +218,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     reference = request.match_info.get("reference")
     if reference is not None and ":" not in reference and not access.may(identity, repository, BUILD):
         tag = check_tag(reference)
-        image = await routes._requested_image(request, tag)  # raises what the route would for a bad name
+        image = await routes.requested_image(request, tag)  # raises what the route would for a bad name
         if await request.app[routes.BUILDER].built(image, tag) is None:
             raise access.refusal(
                 request,

@@ -44,12 +44,12 @@ from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
 from nixery.http.errors import registry_error
 from nixery.http.markup import h
-from nixery.http.routes import BUILDER, RESOLVER
+from nixery.http.routes import BUILDER, requested_image
 from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
 from nixery.progress import Build, Event, Stage
-from nixery.registry.names import ImageRequest, check_tag, parse_image_name
+from nixery.registry.names import check_tag
 from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, size_text
 
 log = structlog.get_logger(__name__)
@@ -411,15 +411,6 @@ def _split_reference(text: str, tag: str, host: str) -> tuple[str, str]:
     return text, tag or "latest"
 
 
-async def _image_request(request: web.Request, name: str, tag: str) -> ImageRequest:
-    resolver = request.app.get(RESOLVER)
-    if resolver is not None:
-        declared = await resolver.resolve(name, tag)
-        if declared is not None:
-            return declared
-    return parse_image_name(name)
-
-
 async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request)
     json_api = wants_json(request)
@@ -438,7 +429,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     try:
         name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
         tag = check_tag(tag)
-        image = await _image_request(request, name, tag)
+        image = await requested_image(request, tag, name)
         # With access control on: viewing a built image needs pull, building a new one build.
         built = await request.app[BUILDER].built(image, tag)
         await http_auth.require(request, name, PULL if built is not None else BUILD)
@@ -634,7 +625,7 @@ async def _unknown_build_page(request: web.Request) -> web.Response:
     image_name, record = request.query.get("image"), None
     tag = check_tag(request.query.get("tag") or "latest")
     if image_name is not None:
-        image = await _image_request(request, image_name, tag)
+        image = await requested_image(request, tag, image_name)
         await http_auth.require(request, image_name, PULL)
         record = await request.app[BUILDER].built(image, tag)
     body = guidance.unknown_build(request.match_info["id"], image_name, tag, record, registry_host(request))
@@ -722,10 +713,8 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     as_json = name.endswith(".json")
     if as_json:
         name = name[: -len(".json")]
-    if "%" in request.raw_path.split("?", 1)[0]:
-        raise errors.NameInvalid("percent-encoded characters are not allowed in image names")
     tag = check_tag(request.query.get("tag") or "latest")
-    image = await _image_request(request, name, tag)
+    image = await requested_image(request, tag, name)
     await http_auth.require(request, name, PULL)
     record = await request.app[BUILDER].built(image, tag)
     if record is None:
