@@ -55,7 +55,6 @@ from nixery.registry.names import check_tag
 
 log = structlog.get_logger(__name__)
 
-ACCESS = web.AppKey("access_control", "AccessControl")
 SERVICE = "nixery"
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,1023}")
@@ -192,6 +191,9 @@ class AccessControl:
             message = f"authentication required: {message}"
         error = "insufficient_scope" if identity.presented_credentials else None
         return self.unauthorized(request, message, scope=_scope(repository), error=error)
+
+
+ACCESS = web.AppKey("access_control", AccessControl)
 
 
 def _under_v2(request: web.Request) -> bool:

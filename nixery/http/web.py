@@ -54,7 +54,7 @@ from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, size_text
 
 log = structlog.get_logger(__name__)
 
-BUILD_TAGS = web.AppKey("build_tags", "OrderedDict[str, str]")
+BUILD_TAGS = web.AppKey("build_tags", OrderedDict[str, str])
 
 STATIC_DIR = Path(__file__).with_name("static")
 DOCS_DIR = REPOSITORY / "docs"
