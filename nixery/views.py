@@ -1,5 +1,5 @@
 """What the web pages and the `nixery` command line both show: an image as JSON,
-sizes in words, the stages of a build and their labels.
+its reference, sizes in words, the stages of a build and their labels.
 
 No HTTP and no Nix here: the web package (`nixery.http.web`) and the command
 line (`nixery.client`) import these, so that a page and a terminal describe an
@@ -39,6 +39,19 @@ def size_text(n: int | float | None, *, unknown: str = "–") -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def image_reference(name: str, tag: str) -> str:
+    """`name:tag` as a client writes it: `:latest` is left out."""
+    return name + ("" if tag == "latest" else f":{tag}")
+
+
+def other_order(name: str) -> str | None:
+    """The same image named with its packages in the reverse order (None for one package):
+    the order of the names does not change the image."""
+    arch, packages = ("arm64/", name.removeprefix("arm64/")) if name.startswith("arm64/") else ("", name)
+    components = packages.split("/")
+    return arch + "/".join(reversed(components)) if len(components) >= 2 else None
 
 
 def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from nixery.http.pages import wants_html_error
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import ago, page, registry_host, script, short
 from nixery.registry.names import check_tag
-from nixery.views import image_json, size_text
+from nixery.views import image_json, image_reference, size_text
 
 
 async def image_info(request: web.Request) -> web.StreamResponse:
@@ -38,7 +38,7 @@ async def image_info(request: web.Request) -> web.StreamResponse:
         if wants_html_error(request):
             return page(request, f"{name} is not built yet",
                         guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
-        reference = image.display_name + ("" if tag == "latest" else f":{tag}")
+        reference = image_reference(image.display_name, tag)
         raise errors.ManifestUnknown(
             f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
             detail={"name": image.display_name, "tag": tag},
