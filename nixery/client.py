@@ -32,18 +32,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nixery.progress import FINAL
+from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, image_reference, other_order, size_text
+
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
-FINAL = ("done", "failed")
-STAGES = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
-LABELS = {
-    "queued": "Queued",
-    "evaluating": "Evaluating",
-    "building": "Building with Nix",
-    "layering": "Grouping into layers",
-    "compressing": "Compressing layers",
-    "uploading": "Uploading",
-    "done": "Done",
-}
+#: The stages shown with a bar each, by their names in the event stream (a failure is shown on the stage it ends).
+LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
 _RECONNECTS = 5
 
 
@@ -64,12 +58,7 @@ def _registry_url(value: str | None) -> str:
 
 
 def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
+    return size_text(n, unknown="-")
 
 
 async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
@@ -245,11 +234,6 @@ class BarProgress:
 # ---- results -----------------------------------------------------------------------
 
 
-def _other_order(name: str) -> str:
-    arch, packages = ("arm64/", name.removeprefix("arm64/")) if name.startswith("arm64/") else ("", name)
-    return arch + "/".join(reversed(packages.split("/"))) if "/" in packages else name
-
-
 def _layer_table(image: dict[str, Any]) -> Table:
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     table.add_column("#", justify="right")
@@ -266,7 +250,7 @@ def _layer_table(image: dict[str, Any]) -> Table:
 
 def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
     host = urlsplit(registry).netloc or registry
-    ref = f"{host}/{image['name']}" + ("" if image.get("tag", "latest") == "latest" else f":{image['tag']}")
+    ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
     lines = [
         ("Image", f"{image['name']}:{image.get('tag', 'latest')}"),
         ("Digest", image["digest"]),
@@ -274,8 +258,8 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
         ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
         ("Pull", f"docker pull {ref}"),
     ]
-    other = _other_order(image["name"])
-    if other != image["name"]:
+    other = other_order(image["name"])
+    if other is not None and other != image["name"]:
         lines.insert(1, ("", f"the same image as {other}: the order of the names does not matter"))
     for label, value in lines:
         console.print(f"[bold]{label:<8}[/] {escape(value)}", highlight=False, soft_wrap=True)
@@ -403,7 +387,6 @@ async def _build_locally(
     from nixery import config, logs
     from nixery.builder import ImageBuilder
     from nixery.errors import RegistryError
-    from nixery.http.web import image_json
     from nixery.registry.names import check_tag, parse_image_name
     from nixery.storage import open_storage
 
@@ -443,7 +426,7 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
     if error.code != "MANIFEST_UNKNOWN" or not isinstance(detail.get("name"), str):
         return None
     tag = detail.get("tag") or "latest"
-    reference = detail["name"] + ("" if tag == "latest" else f":{tag}")
+    reference = image_reference(detail["name"], tag)
     option = f" --registry {registry}" if registry else ""
     return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
 

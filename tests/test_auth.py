@@ -697,3 +697,24 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
         assert time.monotonic() < deadline, "the build started by alice did not finish"
         time.sleep(0.5)
     assert post_build("shell/hello", basic(BOB)) == 202  # already built: pull permission suffices
+
+
+def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:
+    """The access check (is this image built?) and the route that serves the manifest read
+    the image out of the request once between them: a declared image is looked up once
+    (one `declarations.resolved` line) per pull."""
+    images = tmp_path / "images"
+    images.mkdir()
+    declaration = {"apiVersion": "k8s.nixos.org/v1alpha", "kind": "NixImage", "metadata": {"name": "greeter"},
+                   "data": {"tag": "v1", "contents": ["shell", "hello"]}}
+    (images / "greeter.yaml").write_text(json.dumps(declaration))  # JSON is YAML
+    registry = start_auth_registry("basic", NIXERY_IMAGES_PATH=str(images))
+
+    def resolutions_of_one_pull(user: tuple[str, str]) -> int:
+        before = len(registry.log_events("declarations.resolved"))
+        status, _, body = registry.request("/v2/greeter/manifests/v1", headers=basic(user))
+        assert status == 200, body[:2000]
+        return len(registry.log_events("declarations.resolved")) - before
+
+    assert resolutions_of_one_pull(ALICE) == 1  # may build: the access check asks nothing of the image
+    assert resolutions_of_one_pull(BOB) == 1  # pull only: the access check asks whether it is built

@@ -55,7 +55,6 @@ from nixery.registry.names import check_tag
 
 log = structlog.get_logger(__name__)
 
-ACCESS = web.AppKey("access_control", "AccessControl")
 SERVICE = "nixery"
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,1023}")
@@ -194,6 +193,9 @@ class AccessControl:
         return self.unauthorized(request, message, scope=_scope(repository), error=error)
 
 
+ACCESS = web.AppKey("access_control", AccessControl)
+
+
 def _under_v2(request: web.Request) -> bool:
     path = request.path
     if path == "/v2" or path.startswith("/v2/"):
@@ -218,7 +220,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     reference = request.match_info.get("reference")
     if reference is not None and ":" not in reference and not access.may(identity, repository, BUILD):
         tag = check_tag(reference)
-        image = await routes._requested_image(request, tag)  # raises what the route would for a bad name
+        image = await routes.requested_image(request, tag)  # raises what the route would for a bad name
         if await request.app[routes.BUILDER].built(image, tag) is None:
             raise access.refusal(
                 request,

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors, metrics
+from nixery.http import pages
 from nixery.nix import errors as nix_errors
 from nixery.storage import base as storage_errors
 
@@ -78,6 +79,8 @@ def error_response(error: errors.RegistryError, *, head: bool = False) -> web.Re
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as the registry's JSON error; for a browser on a web page, as an HTML
+    page with the same message and status (`nixery.http.pages`)."""
     try:
         return await handler(request)
     except web.HTTPRedirection:
@@ -92,6 +95,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             _report_storage_full(error)
         elif error.status >= 500:
             log.warning("http.error", status=error.status, code=error.code, message=error.message[:500])
+        error_page = request.app.get(pages.ERROR_PAGE)
+        if error_page is not None and pages.wants_error_page(request):
+            return error_page(request, error)
         return error_response(error, head=request.method == "HEAD")
 
 

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 
 from nixery.http.markup import h
 from nixery.records import ImageRecord
+from nixery.views import image_reference, other_order
 
 
 def progress_path(build_id: str, image: str, tag: str) -> str:
@@ -34,7 +35,7 @@ def image_path(name: str, tag: str) -> str:
 
 
 def pull_reference(host: str, name: str, tag: str) -> str:
-    return f"{host}/{name}" + ("" if tag == "latest" else f":{tag}")
+    return f"{host}/{image_reference(name, tag)}"
 
 
 def build_button(image: str, tag: str = "latest", label: str = "Build") -> str:
@@ -93,10 +94,8 @@ def same_image_note(asked: str, name: str) -> str:
     if asked != name:
         return (f'<p class="hint" id="same-image"><code>{h(asked)}</code> is this image: the order and the '
                 "case of the names do not change it.</p>")
-    arch, packages = ("arm64/", name.removeprefix("arm64/")) if name.startswith("arm64/") else ("", name)
-    components = packages.split("/")
-    if len(components) < 2:
+    other = other_order(name)
+    if other is None:
         return ""
-    other = arch + "/".join(reversed(components))
     return (f'<p class="hint" id="same-image">Other orders of the names (<code>{h(other)}</code>) '
             "are the same image.</p>")

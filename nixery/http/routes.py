@@ -158,25 +158,43 @@ def _blob_gone(request: web.Request, digest: Digest) -> None:
 
 
 def _image_name(request: web.Request) -> ImageRequest:
-    """The image request in the path. Valid names never need percent-encoding,
-    so an encoded character (such as an encoded slash) is refused outright."""
+    """The image request in the path, read as packages."""
+    _refuse_percent_encoding(request)
+    return parse_image_name(request.match_info["name"])
+
+
+def _refuse_percent_encoding(request: web.Request) -> None:
+    """Valid names never need percent-encoding, so an encoded character (such as an
+    encoded slash) in the path is refused outright."""
     if "%" in request.raw_path.split("?", 1)[0]:
         raise NameInvalid("percent-encoded characters are not allowed in image names")
-    return parse_image_name(request.match_info["name"])
+
+
+#: Per request: the images `requested_image` found, by (name, tag).
+_REQUESTED_IMAGES = web.RequestKey("requested_images", dict[tuple[str, str], ImageRequest])
+
+
+async def requested_image(request: web.Request, tag: str, name: str | None = None) -> ImageRequest:
+    """The image that `name` (default: the path's) names under `tag`: a declared image
+    (RESOLVER) when there is one, else the name read as packages.
+
+    The one place that reads an image out of a request, for the registry routes, the
+    web pages and access control. The answer is kept on the request, so that the
+    access check and the route that follows it look the declarations up once."""
+    _refuse_percent_encoding(request)
+    name = request.match_info["name"] if name is None else name
+    found = request.setdefault(_REQUESTED_IMAGES, {})
+    image = found.get((name, tag))
+    if image is None:
+        resolver = request.app.get(RESOLVER)
+        declared = await resolver.resolve(name, tag) if resolver is not None else None
+        image = found[(name, tag)] = declared if declared is not None else parse_image_name(name)
+    return image
 
 
 def _log_wait(request: web.Request, image: str, tag: str, build: Build) -> None:
     progress = f"{request.url.origin()}{progress_path(build.id, image, tag)}"
     log.info("http.waiting_for_build", image=image, build=build.id, progress=progress)
-
-
-async def _requested_image(request: web.Request, tag: str) -> ImageRequest:
-    resolver = request.app.get(RESOLVER)
-    if resolver is not None:
-        declared = await resolver.resolve(request.match_info["name"], tag)
-        if declared is not None:
-            return declared
-    return _image_name(request)
 
 
 async def manifest(request: web.Request) -> web.Response:
@@ -199,7 +217,7 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> tuple[Digest, bytes, str]:
-    image = await _requested_image(request, tag)
+    image = await requested_image(request, tag)
     builder = request.app[BUILDER]
     # Before building: a client that cannot use the image is told so at once.
     fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)

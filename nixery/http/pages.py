@@ -1,0 +1,63 @@
+"""Which requests come from a person's browser on a web page, and how an error reaches one.
+
+The web package (`nixery.http.web`) names its page routes with `page_route()`
+and sets ERROR_PAGE. The one error middleware (`nixery.http.errors`) renders a
+failure as an HTML page with it when `wants_error_page()`: the route is a page
+and the request comes from a browser (it names text/html, or posts a form).
+Every other request — container clients, scripts, the JSON API, a client that
+sends no Accept header — gets the registry's JSON error body.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aiohttp import web
+
+from nixery import errors
+
+_PAGE_ROUTE = "page."
+
+
+class ErrorPage(Protocol):
+    def __call__(self, request: web.Request, error: errors.RegistryError) -> web.StreamResponse: ...
+
+
+#: Renders a registry error as a page of the site; set by the web package.
+ERROR_PAGE = web.AppKey("error_page", ErrorPage)
+
+
+def page_route(name: str) -> str:
+    """The route name that marks a route as a page for people (its errors are pages too)."""
+    return _PAGE_ROUTE + name
+
+
+def on_page(request: web.Request) -> bool:
+    name = request.match_info.route.name
+    return name is not None and name.startswith(_PAGE_ROUTE)
+
+
+def wants_json(request: web.Request) -> bool:
+    if request.path.endswith(".json") or request.query.get("format") == "json":
+        return True
+    if request.method == "POST" and request.content_type == "application/json":
+        return True
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def wants_html_error(request: web.Request) -> bool:
+    """An error page only for browsers (they name text/html, or post a form); every
+    other client, including one that sends no Accept header, gets the JSON error."""
+    if wants_json(request):
+        return False
+    if "text/html" in request.headers.get("Accept", ""):
+        return True
+    return request.method == "POST" and request.content_type in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    )
+
+
+def wants_error_page(request: web.Request) -> bool:
+    return on_page(request) and wants_html_error(request)

@@ -1,0 +1,349 @@
+"""Builds: POST /builds starts one; its progress page, its JSON and its event stream.
+
+    POST /builds                 form or JSON `image`, `tag`: 303 to the progress page for forms,
+                                 202 + JSON for JSON; posts from other sites' pages are refused
+                                 (nixery/http/csrf.py)
+    GET  /builds/{id}            the progress page (server-rendered; build.js follows the events);
+                                 for an unknown id, a page saying so (nixery/http/guidance.py)
+    GET  /builds/{id}.json       the build and its events
+    GET  /builds/{id}/events     server-sent events, one JSON event per message, resumable with
+                                 Last-Event-ID or ?after=; a comment every KEEPALIVE_SECONDS
+
+Builds live in the builder's memory (`builder.builds`): an id outlives neither
+a restart nor the last 200 builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from nixery import errors
+from nixery.auth import BUILD, PULL
+from nixery.http import auth as http_auth
+from nixery.http import csrf, guidance
+from nixery.http.markup import h
+from nixery.http.pages import wants_html_error, wants_json
+from nixery.http.routes import BUILDER, requested_image
+from nixery.http.web.layout import FORM, ago, page, registry_host, script
+from nixery.progress import Build, Event, Stage
+from nixery.registry.names import check_tag
+from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
+
+log = structlog.get_logger(__name__)
+
+#: The tag each recent build was started for (the progress page's pull command names it).
+BUILD_TAGS = web.AppKey("build_tags", OrderedDict[str, str])
+
+KEEPALIVE_SECONDS = 15.0
+SHOWN_EVENTS = 200  # the progress page lists the latest events only
+BUILD_ID = r"[0-9a-f]{1,64}"
+
+_VERBS = {Stage.DONE: "Built", Stage.FAILED: "Could not build"}
+
+
+def _split_reference(text: str, tag: str, host: str) -> tuple[str, str]:
+    """`HOST/shell/curl:tag` as typed or pasted: drop this registry's host, split off the tag."""
+    text = text.strip().strip("/")
+    text = text.removeprefix("docker://").removeprefix(f"{host}/")
+    if ":" in text:
+        text, given = text.split(":", 1)
+        tag = tag or given
+    return text, tag or "latest"
+
+
+async def start_build(request: web.Request) -> web.StreamResponse:
+    csrf.refuse_cross_site(request)
+    json_api = wants_json(request)
+    fields: dict[str, str] = {}
+    if request.content_type == "application/json":
+        try:
+            body = await request.json()
+        except ValueError:
+            raise errors.NameInvalid("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise errors.NameInvalid("the request body must be a JSON object with `image`")
+        fields = {k: str(v) for k, v in body.items() if k in ("image", "tag") and v is not None}
+    else:
+        form = await request.post()
+        fields = {k: str(form[k]) for k in ("image", "tag") if k in form}
+    request[FORM] = fields  # an error page shows the form again
+    name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
+    tag = check_tag(tag)
+    image = await requested_image(request, tag, name)
+    # With access control on: viewing a built image needs pull, building a new one build.
+    built = await request.app[BUILDER].built(image, tag)
+    await http_auth.require(request, name, PULL if built is not None else BUILD)
+    build = await request.app[BUILDER].start(image, tag)
+    tags = request.app[BUILD_TAGS]
+    tags[build.id] = tag
+    while len(tags) > 1000:
+        tags.popitem(last=False)
+    location = f"/builds/{build.id}"
+    progress = guidance.progress_path(build.id, name, tag)  # the name as given: a declared one stays one
+    log.info(
+        "http.build_started", image=image.display_name, tag=tag, build=build.id,
+        progress=f"{request.url.origin()}{progress}",
+    )
+    if json_api:
+        return web.json_response(
+            {
+                "id": build.id,
+                "image": build.image,
+                "tag": tag,
+                "stage": build.stage.value,
+                "progress": progress,
+                "events": f"{location}/events",
+                "json": f"{location}.json",
+            },
+            status=202,
+            headers={"Location": location},
+        )
+    return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
+
+
+def _get_build(request: web.Request) -> Build:
+    build = request.app[BUILDER].builds.get(request.match_info["id"])
+    if build is None:
+        raise errors.NameUnknown("no build with this id (it may be too old to be kept)")
+    return build
+
+
+def event_json(index: int, event: Event) -> dict[str, Any]:
+    return {"index": index, **event.to_json()}
+
+
+class Progress:
+    """What a build's events add up to (the progress page's numbers)."""
+
+    def __init__(self, build: Build):
+        self.reached: set[Stage] = set()
+        self.current = Stage.QUEUED
+        self.messages: dict[Stage, str] = {}
+        self.data: dict[str, Any] = {}
+        self.compress_started: float | None = None
+        self.last_time = build.started
+        for event in build.events:
+            self.add(event)
+
+    def add(self, event: Event) -> None:
+        self.reached.add(event.stage)
+        self.current = event.stage
+        self.messages[event.stage] = event.message
+        self.data.update(event.data)
+        self.last_time = event.time
+        if event.stage is Stage.COMPRESSING and self.compress_started is None:
+            self.compress_started = event.time
+
+    @property
+    def rate(self) -> float | None:
+        """Compressed MB per second over the compressing stage so far."""
+        if self.compress_started is None or not self.data.get("compressed_bytes"):
+            return None
+        seconds = self.last_time - self.compress_started
+        return self.data["compressed_bytes"] / seconds / 1e6 if seconds > 0 else None
+
+    def detail(self, stage: Stage) -> str:
+        d = self.data
+        if stage is Stage.BUILDING and stage in self.reached:
+            built, fetched = d.get("built", 0), d.get("fetched", 0)
+            if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
+                if self.current is Stage.BUILDING:
+                    return self.messages[stage]
+                return "nothing to build: all in the Nix store"
+            to_build, to_fetch = max(built, d.get("to_build", 0)), max(fetched, d.get("to_fetch", 0))
+            if self.current is Stage.BUILDING:  # Nix names each derivation as it starts
+                parts = [f"building {built} of {to_build} derivations"]
+                if to_fetch:
+                    parts.append(f"fetching {fetched} of {to_fetch} paths")
+            else:
+                parts = [f"{to_build} derivations built"] + ([f"{to_fetch} paths fetched"] if to_fetch else [])
+            return ", ".join(parts)
+        if stage is Stage.LAYERING and "paths" in d:
+            return f"{d['paths']} store paths"
+        if stage is Stage.COMPRESSING and "layers_total" in d:
+            text = f"{d.get('layers_done', 0)}/{d['layers_total']} layers"
+            text += f" · {d.get('layers_created', 0)} new, {size_text(d.get('compressed_bytes', 0))} compressed"
+            if self.rate and self.rate >= 0.1:
+                text += f" · {self.rate:.1f} MB/s"
+            return text
+        if stage is Stage.DONE and "digest" in d:
+            return f"{size_text(d.get('size'))} in {d.get('layers')} layers"
+        return self.messages.get(stage, "")
+
+
+def _stage_list(build: Build, progress: Progress) -> str:
+    failed = build.stage is Stage.FAILED
+    furthest = max((STAGE_ORDER.index(s) for s in progress.reached if s in STAGE_ORDER), default=-1)
+    items = []
+    for position, stage in enumerate(STAGE_ORDER):
+        if stage is progress.current and not build.finished:
+            state = "current"
+        elif stage in progress.reached:
+            state = "past"
+        elif position < furthest:
+            state = "skipped"
+        else:
+            state = "pending"
+        if failed and stage is Stage.DONE:
+            stage_li = (
+                f'<li class="failed" data-stage="failed"><span class="label">{STAGE_LABELS[Stage.FAILED]}</span>'
+                f'<span class="detail">{h(progress.messages.get(Stage.FAILED, ""))}</span></li>'
+            )
+            items.append(stage_li)
+            continue
+        items.append(
+            f'<li class="{state}" data-stage="{stage.value}"><span class="label">{STAGE_LABELS[stage]}</span>'
+            f'<span class="detail">{h(progress.detail(stage) if state in ("past", "current") else "")}</span></li>'
+        )
+    return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
+
+
+def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
+    d = progress.data
+    tag = request.app[BUILD_TAGS].get(build.id, "latest")
+    if build.stage is Stage.DONE and "digest" in d:
+        name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
+        note = guidance.same_image_note(build.image, name) if name != build.image else ""
+        ref = guidance.pull_reference(registry_host(request), name, tag)
+        return f"""<div class="outcome done" id="outcome" data-image="{h(name)}">
+<p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>{note}
+<p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>
+<pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
+<p><a href="{h(guidance.image_path(name, tag))}">Layers and store paths</a></p>
+</div>"""
+    if build.stage is Stage.FAILED:
+        tail = d.get("log")
+        log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
+        return f"""<div class="outcome failed" id="outcome">
+<p><strong>The build failed.</strong></p><p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
+{guidance.suggestion_button(build.image, tag, d.get("suggestions"))}{log_html}</div>"""
+    return '<div class="outcome" id="outcome" hidden></div>'
+
+
+def _event_items(build: Build) -> str:
+    start = max(0, len(build.events) - SHOWN_EVENTS)
+    return "".join(
+        f'<li data-index="{i}"><span class="t">+{e.time - build.started:.1f}s</span> '
+        f'<span class="badge stage-{e.stage.value}">{e.stage.value}</span> {h(e.message)}</li>'
+        for i, e in enumerate(build.events[start:], start)
+    )
+
+
+async def build_page(request: web.Request) -> web.Response:
+    if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
+        return await _unknown_build_page(request)
+    build = _get_build(request)
+    progress = Progress(build)
+    head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
+    state = build.stage.value
+    body = f"""
+<section class="card build" id="build" data-id="{h(build.id)}" data-events="{len(build.events)}"
+  data-started="{build.started}" data-stage="{h(state)}">
+  <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
+  <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
+    <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
+  {_stage_list(build, progress)}
+  {_outcome(request, build, progress)}
+</section>
+<section class="card">
+  <h2>Events</h2>
+  <ol class="events" id="events">{_event_items(build)}</ol>
+  <p class="hint">Also as <a href="/builds/{h(build.id)}.json">JSON</a> and as a
+  <a href="/builds/{h(build.id)}/events">stream of server-sent events</a>.</p>
+</section>
+{script("build.js")}
+"""
+    return page(request, f"Building {build.image}", body, head=head)
+
+
+async def _unknown_build_page(request: web.Request) -> web.Response:
+    """A forgotten build (a restart, a bookmark): what became of its image, when the address names it."""
+    image_name, record = request.query.get("image"), None
+    tag = check_tag(request.query.get("tag") or "latest")
+    if image_name is not None:
+        image = await requested_image(request, tag, image_name)
+        await http_auth.require(request, image_name, PULL)
+        record = await request.app[BUILDER].built(image, tag)
+    body = guidance.unknown_build(request.match_info["id"], image_name, tag, record, registry_host(request))
+    return page(request, "Unknown build", body, status=404)
+
+
+async def build_json(request: web.Request) -> web.Response:
+    build = _get_build(request)
+    return web.json_response(
+        {
+            **build.summary(),
+            "finished": build.finished,
+            "events": [event_json(i, e) for i, e in enumerate(build.events)],
+        }
+    )
+
+
+def _first_index(request: web.Request) -> int:
+    """Where the stream starts: after `Last-Event-ID` (a reconnect) or at `?after=`."""
+    start = 0
+    last = request.headers.get("Last-Event-ID", "")
+    if last.isdigit():
+        start = int(last) + 1
+    after = request.query.get("after", "")
+    if after.isdigit():
+        start = max(start, int(after))
+    return start
+
+
+async def build_events(request: web.Request) -> web.StreamResponse:
+    build = _get_build(request)
+    start = _first_index(request)
+    if build.finished and start >= len(build.events):
+        return web.Response(status=204)  # tells EventSource not to reconnect
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        await response.write(b"retry: 2000\n\n")
+        async for index, event in _follow(build, start):
+            if event is None:
+                await response.write(b": keepalive\n\n")
+                continue
+            data = json.dumps(event_json(index, event), separators=(",", ":"))
+            await response.write(f"id: {index}\nevent: {event.stage.value}\ndata: {data}\n\n".encode())
+        await response.write_eof()
+    return response
+
+
+async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | None]]:
+    """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence."""
+    queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        index = 0
+        async for event in build.follow():
+            if index >= start:
+                queue.put_nowait((index, event))
+            index += 1
+        queue.put_nowait(None)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield 0, None
+                continue
+            if item is None:
+                return
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,80 @@
+"""A built image: GET /images/{name}[.json][?tag=]: its digest, size, packages and
+layers, and the store paths each layer holds (JSON: `nixery.views.image_json`).
+
+An image that is not built yet is 404: for a browser a page with a Build button
+(nixery/http/guidance.py), for others MANIFEST_UNKNOWN naming the command that
+builds it; a misspelt package name is told so first, with the nearest names.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from nixery import errors
+from nixery.auth import PULL
+from nixery.http import auth as http_auth
+from nixery.http import guidance
+from nixery.http.markup import h
+from nixery.http.pages import wants_html_error
+from nixery.http.routes import BUILDER, requested_image
+from nixery.http.web.layout import ago, page, registry_host, script, short
+from nixery.registry.names import check_tag
+from nixery.views import image_json, image_reference, size_text
+
+
+async def image_info(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    as_json = name.endswith(".json")
+    if as_json:
+        name = name[: -len(".json")]
+    tag = check_tag(request.query.get("tag") or "latest")
+    image = await requested_image(request, tag, name)
+    await http_auth.require(request, name, PULL)
+    record = await request.app[BUILDER].built(image, tag)
+    if record is None:
+        await request.app[BUILDER].check_names(image, tag)  # a misspelt name is told so, with the nearest names
+        if wants_html_error(request):
+            return page(request, f"{name} is not built yet",
+                        guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
+        reference = image_reference(image.display_name, tag)
+        raise errors.ManifestUnknown(
+            f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
+            detail={"name": image.display_name, "tag": tag},
+        )
+    doc = image_json(record, tag)
+    if as_json:
+        return web.json_response(doc)
+    rows = []
+    for number, layer in enumerate(doc["layers"], 1):
+        paths = layer["paths"]
+        listing = "".join(f"<li><code>{h(p)}</code></li>" for p in paths)
+        count = f"{len(paths)} store path" + ("" if len(paths) == 1 else "s")
+        held = f"<details><summary>{count}</summary><ul class='paths'>{listing}</ul></details>"
+        rows.append(
+            f"<tr><td class='num'>{number}</td>"
+            f"<td><code class='nowrap' title='{h(layer['digest'])}'>{h(layer['digest'][7:19])}</code></td>"
+            f"<td class='num'>{h(size_text(layer['size']))}</td>"
+            f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
+        )
+    ref = guidance.pull_reference(registry_host(request), record.name, tag)
+    query = "" if tag == "latest" else "?" + h(urlencode({"tag": tag}))
+    body = f"""<section class="card">
+<h1><code>{h(record.name)}</code></h1>
+{guidance.same_image_note(image.display_name, record.name)}
+<pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
+<dl class="facts">
+<dt>Digest</dt><dd><code class="digest">{h(doc["digest"])}</code></dd>
+<dt>Size</dt><dd>{h(size_text(doc["size"]))} compressed, {len(record.layers)} layers</dd>
+<dt>Packages</dt><dd>{h(", ".join(record.packages))}</dd>
+<dt>Source</dt><dd>{h(record.source)} <code title="{h(record.revision)}">{h(short(record.revision))}</code></dd>
+<dt>Built</dt><dd>{h(ago(record.built_at))}</dd>
+</dl></section>
+<section class="card"><h2>Layers</h2><div class="table-wrap"><table>
+<thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table></div>
+<p class="hint">Also as <a href="/images/{h(record.name)}.json{query}">JSON</a>.</p>
+</section>
+{script("nixery.js")}"""
+    return page(request, record.name, body)

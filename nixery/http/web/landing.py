@@ -1,0 +1,147 @@
+"""The start page: how to pull, the package source and its revision, a build form,
+search, the recent builds and images, and the documentation's table of contents."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import structlog
+from aiohttp import web
+
+from nixery.builder import ImageBuilder
+from nixery.http.markup import h
+from nixery.http.routes import BUILDER
+from nixery.http.web.docs import docs_block
+from nixery.http.web.layout import (
+    PackageList,
+    Revision,
+    ago,
+    build_form,
+    page,
+    registry_host,
+    script,
+    search_form,
+    short,
+)
+from nixery.views import size_text
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+
+async def _within(step: Awaitable[_T], seconds: float) -> _T | None:
+    """What `step` gives within `seconds`, or None: the page still renders, and says the source failed."""
+    try:
+        return await asyncio.wait_for(step, seconds)
+    except Exception as exc:
+        log.info("web.source_unavailable", error=str(exc)[:300])
+        return None
+
+
+async def landing(request: web.Request) -> web.Response:
+    builder = request.app[BUILDER]
+    host = registry_host(request)
+    revision = await _within(builder.source.resolve("latest"), 5.0)
+    catalog = await builder.names.catalog.get(revision, wait=0.5) if revision else None
+    example = _example_package(catalog)
+    pull = f"docker run -ti {host}/shell/{example} bash"
+    body = f"""
+<section class="intro">
+  <h1>Container images, built from their names</h1>
+  <p>This is a container registry that builds images on demand with <a href="https://nixos.org/">Nix</a>.
+  Every path component of an image name is a package: <code>{h(host)}/shell/git/htop</code> is an image
+  with a shell, git and htop. The first pull of a new combination builds it; later pulls are served from
+  storage, and layers are shared between images.</p>
+</section>
+
+<section class="card">
+  <h2>Pull an image</h2>
+  <pre class="command" data-copy><code>{h(pull)}</code></pre>
+  <p class="hint">Works with any registry client: <code>podman run -ti {h(host)}/shell/{h(example)} sh</code>,
+  <code>skopeo</code>, containerd. If this registry is served over plain HTTP, allow it as an insecure registry
+  (<code>--tls-verify=false</code> for podman). Prefix <code>arm64/</code> for other architectures if the
+  registry can build them. The first pull may take a while: start it below to watch its progress.</p>
+</section>
+
+<section class="card">
+  {build_form(example=f"shell/{example}")}
+</section>
+
+<section class="card">
+  <h2>Package source</h2>
+  {_source_block(builder, revision, catalog)}
+  {search_form()}
+  <div id="live-results" aria-live="polite"></div>
+</section>
+
+{_recent_builds(builder)}
+{_recent_images(builder)}
+{docs_block()}
+{script("nixery.js")}
+"""
+    return page(request, "A container registry that builds images with Nix", body)
+
+
+def _example_package(catalog: PackageList | None) -> str:
+    if catalog is None:
+        return "curl"
+    names = catalog.names()
+    for candidate in ("curl", "hello", "git"):
+        if candidate in names:
+            return candidate
+    packages = [e.name for e in catalog.entries if e.kind in ("package", None) and e.name != "shell"]
+    return packages[0] if packages else "curl"
+
+
+def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: PackageList | None) -> str:
+    source = getattr(builder.source, "description", type(builder.source).__name__)
+    if revision is None:
+        return f'<p>Packages come from <strong>{h(source)}</strong>; its revision could not be read just now.</p>'
+    if catalog is None:
+        count = '<span class="muted">the package list is being read</span>'
+    else:
+        count = f"{len(catalog.entries)} top-level names"
+        if not catalog.complete:
+            count += " (names only: reading versions failed or took too long)"
+        elif catalog.total > len(catalog.entries):
+            count += f" (of {catalog.total})"
+    return f"""
+<dl class="facts">
+  <dt>Source</dt><dd>{h(source)}</dd>
+  <dt>Revision</dt><dd><code title="{h(revision.id)}">{h(short(revision.id))}</code></dd>
+  <dt>Packages</dt><dd>{count}</dd>
+  <dt>Builds for</dt><dd><code>{h(builder.names.catalog.system)}</code></dd>
+</dl>"""
+
+
+def _recent_builds(builder: ImageBuilder, limit: int = 8) -> str:
+    builds = builder.builds.recent()[:limit]
+    if not builds:
+        return ""
+    rows = "".join(
+        f'<li><a href="/builds/{h(b.id)}"><code>{h(b.image)}</code></a> '
+        f'<span class="badge stage-{h(b.stage.value)}">{h(b.stage.value)}</span> '
+        f'<span class="muted">{h(ago(b.started))}</span></li>'
+        for b in builds
+    )
+    return f'<section class="card"><h2>Recent builds</h2><ul class="plain">{rows}</ul></section>'
+
+
+def _recent_images(builder: ImageBuilder) -> str:
+    records = builder.recent_images()
+    if not records:
+        return """<section class="card"><h2>Recently built images</h2>
+<p class="muted">None yet: the first pull or build of an image will show up here.</p></section>"""
+    rows = "".join(
+        f"""<tr><td><a href="/images/{h(r.name)}"><code>{h(r.name)}</code></a></td>
+<td class="num">{h(size_text(r.compressed_size))}</td><td class="num">{len(r.layers)}</td>
+<td class="muted">{h(ago(r.built_at))}</td></tr>"""
+        for r in records
+    )
+    return f"""<section class="card"><h2>Recently built images</h2>
+<div class="table-wrap"><table>
+<thead><tr><th>Image</th><th class="num">Size</th><th class="num">Layers</th><th>Built</th></tr></thead>
+<tbody>{rows}</tbody></table></div></section>"""

@@ -1,0 +1,147 @@
+"""The page shell and the markup that several pages share: the header and footer,
+the build and search forms, the error page, times and revisions in words.
+
+Every value taken from a request is escaped (`h`) before it is written into a page.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp import web
+
+from nixery import __version__, errors
+from nixery.http.markup import h
+
+#: A page's form fields, kept on the request so that an error page can show the form again, filled in.
+FORM = web.RequestKey("page_form", dict[str, str])
+
+
+class Revision(Protocol):
+    """What the pages show of a package set's revision (the builder's `source.resolve`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+class PackageEntry(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str | None: ...
+
+
+class PackageList(Protocol):
+    """What the pages read of the package catalogue (the builder's `names.catalog`)."""
+
+    @property
+    def entries(self) -> Sequence[PackageEntry]: ...
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    def names(self) -> set[str]: ...
+
+
+def ago(timestamp: float, now: float | None = None) -> str:
+    seconds = max(0.0, (now or time.time()) - timestamp)
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
+def short(revision_id: str) -> str:
+    return revision_id if len(revision_id) <= 20 else revision_id[:16] + "…"
+
+
+def registry_host(request: web.Request) -> str:
+    """The host clients use for this registry (from the Host header)."""
+    return request.host or "localhost"
+
+
+def script(name: str) -> str:
+    return f'<script src="/static/{h(name)}?v={h(__version__)}" defer></script>'
+
+
+def page(request: web.Request, title: str, body: str, *, status: int = 200, head: str = "") -> web.Response:
+    document = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{h(title)} · Nixery</title>
+<link rel="stylesheet" href="/static/style.css?v={h(__version__)}">
+{head}
+</head>
+<body>
+<header class="top">
+  <a class="brand" href="/">Nixery</a>
+  <nav><a href="/packages">Packages</a><a href="/docs">Docs</a><a href="/metrics">Metrics</a></nav>
+</header>
+<main>
+{body}
+</main>
+<footer>nixery {h(__version__)} · serving <code>{h(registry_host(request))}</code></footer>
+</body>
+</html>
+"""
+    return web.Response(text=document, status=status, content_type="text/html", charset="utf-8")
+
+
+def error_page(request: web.Request, error: errors.RegistryError) -> web.Response:
+    """The page a browser gets for a failed page request (rendered by the error middleware);
+    after a failed build form, the form again with what was typed."""
+    titles = {400: "That name does not work", 403: "Not allowed", 404: "Not found", 405: "Not supported"}
+    title = titles.get(error.status, "Something went wrong")
+    body = f"""
+<section class="card error">
+  <h1>{h(title)}</h1>
+  <p class="message">{h(error.message)}</p>
+  <p class="muted">Error code <code>{h(error.code)}</code> · HTTP {error.status}</p>
+</section>"""
+    form = request.get(FORM)
+    if form is not None:
+        body += build_form(form.get("image", ""), form.get("tag", ""))
+    body += '<p><a href="/">Back to the start page</a></p>'
+    return page(request, title, body, status=error.status)
+
+
+def build_form(image: str = "", tag: str = "", *, example: str = "shell/curl") -> str:
+    return f"""
+<form class="build-form" method="post" action="/builds">
+  <label for="build-image">Build an image</label>
+  <div class="row">
+    <input id="build-image" name="image" value="{h(image)}" placeholder="{h(example)}" required
+      autocomplete="off" autocapitalize="off" spellcheck="false">
+    <input id="build-tag" name="tag" value="{h(tag)}" placeholder="latest" aria-label="tag" class="tag"
+      autocomplete="off" autocapitalize="off" spellcheck="false">
+    <button type="submit">Build</button>
+  </div>
+  <p class="hint">Packages separated by <code>/</code>; <code>shell</code> adds a shell and core utilities.
+  Optional tag (selects the package set's revision for git sources).</p>
+</form>"""
+
+
+def search_form(query: str = "") -> str:
+    return f"""
+<form class="search-form" method="get" action="/packages" role="search">
+  <label for="search-q">Search packages</label>
+  <div class="row">
+    <input id="search-q" type="search" name="q" value="{h(query)}" placeholder="e.g. curl"
+      autocomplete="off" autocapitalize="off" spellcheck="false">
+    <button type="submit">Search</button>
+  </div>
+</form>"""

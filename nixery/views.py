@@ -1,0 +1,76 @@
+"""What the web pages and the `nixery` command line both show: an image as JSON,
+its reference, sizes in words, the stages of a build and their labels.
+
+No HTTP and no Nix here: the web package (`nixery.http.web`) and the command
+line (`nixery.client`) import these, so that a page and a terminal describe an
+image and a build in the same words. `image_json` is the document
+`GET /images/{name}.json` answers and `nixery build --local` prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nixery.progress import Stage
+from nixery.records import ImageRecord
+from nixery.registry.mediatypes import ManifestFormat
+
+#: A build's stages in the order they come; a failed build ends in FAILED instead of DONE.
+STAGE_ORDER = (
+    Stage.QUEUED, Stage.EVALUATING, Stage.BUILDING, Stage.LAYERING, Stage.COMPRESSING, Stage.UPLOADING, Stage.DONE,
+)
+STAGE_LABELS = {
+    Stage.QUEUED: "Queued",
+    Stage.EVALUATING: "Evaluating",
+    Stage.BUILDING: "Building with Nix",
+    Stage.LAYERING: "Grouping into layers",
+    Stage.COMPRESSING: "Compressing layers",
+    Stage.UPLOADING: "Uploading",
+    Stage.DONE: "Done",
+    Stage.FAILED: "Failed",
+}
+
+
+def size_text(n: int | float | None, *, unknown: str = "–") -> str:
+    """A byte count in words (`12.3 MB`); `unknown` for None."""
+    if n is None:
+        return unknown
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def image_reference(name: str, tag: str) -> str:
+    """`name:tag` as a client writes it: `:latest` is left out."""
+    return name + ("" if tag == "latest" else f":{tag}")
+
+
+def other_order(name: str) -> str | None:
+    """The same image named with its packages in the reverse order (None for one package):
+    the order of the names does not change the image."""
+    arch, packages = ("arm64/", name.removeprefix("arm64/")) if name.startswith("arm64/") else ("", name)
+    components = packages.split("/")
+    return arch + "/".join(reversed(components)) if len(components) >= 2 else None
+
+
+def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
+    paths = record.layer_paths or tuple(() for _ in record.layers)
+    return {
+        "name": record.name,
+        "tag": tag,
+        "digest": str(record.default_manifest.digest),
+        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
+        "config": str(record.config),
+        "size": record.compressed_size,
+        "source": record.source,
+        "revision": record.revision,
+        "packages": list(record.packages),
+        "architecture": record.architecture,
+        "built_at": record.built_at,
+        "paths_recorded": bool(record.layer_paths),
+        "layers": [
+            {**layer.to_json(), "paths": list(layer_paths)}
+            for layer, layer_paths in zip(record.layers, paths, strict=True)
+        ],
+    }
