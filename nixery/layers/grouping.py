@@ -24,6 +24,9 @@ forest, and every layer is a set of *pieces* joined along it.  Joining piece
     risk(k, p) = 1 - popularity(top of p) / popularity(top of k)
     cost(k, p) = bytes(k) * risk(k, p)    (+ bytes of a stored layer broken up)
 
+These weights are a `CostModel`, a parameter of `plan_layers`; the defaults
+are the ones described here.
+
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
 apart.  The plan, step by step:
@@ -31,8 +34,8 @@ apart.  The plan, step by step:
 1. Take the stored layers that lie inside the closure, largest first, skipping
    any that overlap one already taken.  Every other path is a piece of its own.
 2. Join new pieces to their owner's piece (skipping stored layers on the way
-   up), cheapest first, while the cost is below `MERGE_THRESHOLD` bytes: tiny
-   paths do not take a layer each.
+   up), cheapest first, while the cost is below `CostModel.merge_threshold`
+   bytes: tiny paths do not take a layer each.
 3. While there are more pieces than `max_layers`, keep joining cheapest first;
    now a stored layer may be broken up too, which costs its bytes (clients
    that hold it fetch them again).
@@ -84,14 +87,48 @@ from dataclasses import dataclass
 
 from nixery.layers.graph import ClosureGraph
 
-# A join whose expected waste is below this many bytes is always worth saving
-# a layer for.  Above it, pieces are only joined to respect the layer budget.
-MERGE_THRESHOLD = 50_000
-
 # How many layers a history keeps; the least recently used are forgotten first.
 DEFAULT_HISTORY_CAPACITY = 20_000
 
 _FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """What a join of two pieces costs: the expected bytes clients fetch again because of it.
+
+    `cost(k, p) = bytes(k) * risk(k, p) * new_bytes_weight` for a piece `k` joining
+    piece `p`, plus the bytes of any stored layer the join breaks up, times
+    `broken_layer_weight`. The defaults are the model the module docstring describes.
+    """
+
+    merge_threshold: float = 50_000
+    """Joins whose cost is below this many bytes are made even under the layer budget:
+    a layer saved is worth that much waste. Above it, pieces join only to respect the budget."""
+
+    new_bytes_weight: float = 1.0
+    """Weight of the bytes of the joining piece that a later image may need without the
+    piece it joins (`bytes(k) * risk(k, p)`)."""
+
+    broken_layer_weight: float = 1.0
+    """Weight of the bytes of a stored layer that a join breaks up: every client that
+    holds that layer fetches its paths again in the new one."""
+
+    @staticmethod
+    def risk(popularity_of_piece: int, popularity_of_parent: int) -> float:
+        """How likely a later image holds the piece without the parent's top path: 0 when the
+        piece is exactly as popular as the parent (a dependency only its user needs)."""
+        return max(0.0, 1.0 - popularity_of_parent / popularity_of_piece)
+
+    def join(self, piece_bytes: int, risk: float, *broken_layers_bytes: int) -> float:
+        """The cost of a join: the piece's bytes at risk plus the bytes of each stored layer broken up."""
+        cost = piece_bytes * risk * self.new_bytes_weight
+        for broken in broken_layers_bytes:  # added one by one: the sums, and so the plans, stay the same
+            cost += broken * self.broken_layer_weight
+        return cost
+
+
+DEFAULT_COST = CostModel()
 
 
 @dataclass(slots=True)
@@ -237,10 +274,12 @@ def plan_layers(
     max_layers: int,
     history: LayerHistory | None = None,
     popularity: Mapping[str, int] | None = None,
+    cost: CostModel = DEFAULT_COST,
 ) -> list[frozenset[str]]:
     """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
-    returned in a deterministic order (base layers first). Does not mutate history;
-    the caller calls history.record(result) after storing the layers."""
+    returned in a deterministic order (base layers first), joining pieces as `cost` weighs
+    them. Does not mutate history; the caller calls history.record(result) after storing
+    the layers."""
     if max_layers < 1:
         raise ValueError("max_layers must be at least 1")
     missing = sorted({root for root in roots if root not in graph})
@@ -249,7 +288,7 @@ def plan_layers(
     closure = graph.closure(roots)
     if not closure:
         return []
-    return _Planner(graph, closure, max_layers, history, popularity).plan()
+    return _Planner(graph, closure, max_layers, history, popularity, cost).plan()
 
 
 class _Planner:
@@ -262,8 +301,10 @@ class _Planner:
         max_layers: int,
         history: LayerHistory | None,
         popularity: Mapping[str, int] | None,
+        cost: CostModel,
     ):
         self.max_layers = max_layers
+        self.cost = cost
         self.paths = sorted(closure)
         self.size = {p: graph.nodes[p].size for p in self.paths}
         self.refs = {p: graph.nodes[p].references for p in self.paths}
@@ -375,18 +416,18 @@ class _Planner:
         best = None
         up = self._parent(k)
         if up is not None:
-            best = (self.nbytes[k] * self._risk(k, up[0]) + own, up[0])
+            best = (self.cost.join(self.nbytes[k], self._risk(k, up[0]), own), up[0])
         if forced and self.top[k] in self.owner:
             p = self._find(self.piece_of[self.owner[self.top[k]]])
             if p != k and self.stored[p]:
-                waste = self.nbytes[k] * self._risk(k, p) + own + self.nbytes[p]
+                waste = self.cost.join(self.nbytes[k], self._risk(k, p), own, self.nbytes[p])
                 if best is None or waste < best[0]:
                     best = (waste, p)
         return best
 
     def _risk(self, k: int, p: int) -> float:
         """How likely a later image holds piece k without piece p's top path."""
-        return max(0.0, 1.0 - self.pop[self.top[p]] / self.pop[self.top[k]])
+        return self.cost.risk(self.pop[self.top[k]], self.pop[self.top[p]])
 
     def _merge(self, k: int, into: int) -> None:
         self.union[k] = into
@@ -397,8 +438,8 @@ class _Planner:
     def _join(self, *, forced: bool) -> None:
         """Join pieces to their parents, cheapest first.
 
-        Unforced: only new pieces, and only while the expected waste is below
-        MERGE_THRESHOLD.  Forced: any piece, until the budget holds.
+        Unforced: only new pieces, and only while the expected waste is below the
+        cost model's merge threshold.  Forced: any piece, until the budget holds.
         """
         heap: list[tuple[float, int]] = []
 
@@ -422,7 +463,7 @@ class _Planner:
             if current[0] != c:  # stale: the piece grew or its way up changed
                 heapq.heappush(heap, (current[0], k))
                 continue
-            if not forced and c >= MERGE_THRESHOLD:
+            if not forced and c >= self.cost.merge_threshold:
                 return
             p = current[1]
             opened = [path for q in (k, p) if self.stored[q] for path in self.members[q]]
