@@ -670,12 +670,18 @@ def test_ref_listing_prefers_tags_and_peels_annotated_tags() -> None:
 
 @pytest.mark.parametrize("ref", ["-x", "--upload-pack=touch /tmp/x", "a..b", "x.lock", ".x", "a/.b", "a//b", "a@{1}", "a b", "a:b", "a\\b"])
 def test_the_git_source_refuses_what_git_would_not_take_as_a_ref(tmp_path: Path, ref: str) -> None:
+    """The source raises an error of the Nix layer; the HTTP layer's one map makes it TAG_INVALID."""
     from nixery.errors import TagInvalid
+    from nixery.http.errors import registry_error
+    from nixery.nix.errors import RefInvalid
     from nixery.nix.git import GitSource
 
     source = GitSource(str(tmp_path / "missing"), cache_dir=tmp_path, ref_ttl=1, fetch_timeout=1)
-    with pytest.raises(TagInvalid):
+    with pytest.raises(RefInvalid) as refused:
         asyncio.run(source.resolve(ref))
+    assert not isinstance(refused.value, TagInvalid)
+    mapped = registry_error(refused.value)
+    assert isinstance(mapped, TagInvalid) and mapped.detail == {"tag": ref}
 
 
 def test_credentials_never_appear_in_source_descriptions(tmp_path: Path) -> None:
