@@ -132,7 +132,9 @@ DEFAULT_COST = CostModel()
 
 
 @dataclass(slots=True)
-class _StoredLayer:
+class _RememberedLayer:
+    """A layer the history remembers (not a blob): its paths and how recently plans used it."""
+
     paths: frozenset[str]
     last_used: int  # clock value of the last `record` that included it
     uses: int
@@ -154,7 +156,7 @@ class LayerHistory:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._layers: dict[int, _StoredLayer] = {}
+        self._layers: dict[int, _RememberedLayer] = {}
         self._ids: dict[frozenset[str], int] = {}
         self._by_path: dict[str, set[int]] = {}
         self._next_id = 0
@@ -186,7 +188,7 @@ class LayerHistory:
                     stored.last_used = self._clock
                     stored.uses += 1
                 else:
-                    self._add(self._next_id, _StoredLayer(paths, self._clock, 1))
+                    self._add(self._next_id, _RememberedLayer(paths, self._clock, 1))
                     self._next_id += 1
             self._evict()
 
@@ -234,7 +236,7 @@ class LayerHistory:
             for layer_id, last_used, uses, members in document["layers"]:
                 if not members or any(not isinstance(n, int) or n < 0 for n in members):
                     raise ValueError(f"layer {layer_id} has bad members")
-                stored = _StoredLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
+                stored = _RememberedLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
                 if int(layer_id) in history._layers or stored.paths in history._ids:
                     raise ValueError(f"layer {layer_id} appears twice")
                 history._add(int(layer_id), stored)
@@ -245,7 +247,7 @@ class LayerHistory:
         history._evict()
         return history
 
-    def _add(self, layer_id: int, stored: _StoredLayer) -> None:
+    def _add(self, layer_id: int, stored: _RememberedLayer) -> None:
         self._layers[layer_id] = stored
         self._ids[stored.paths] = layer_id
         for path in stored.paths:
