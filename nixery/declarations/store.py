@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from nixery.background import spawn
 from nixery.declarations.files import DeclarationFiles
 from nixery.declarations.parsing import FILES, Declaration, _describe
 from nixery.errors import RegistryError
@@ -82,7 +83,7 @@ class DeclarationStore:
         self._reported_conflicts: set[tuple[str, str]] = set()
         self._reporters: dict[str, StatusReporter] = {}
         self._builds: dict[tuple[Any, ...], asyncio.Task[None]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the file poll, the Kubernetes watch
         # File scans: one at a time, in a thread of their own (see refresh_files).
         self._scan_lock = asyncio.Lock()
         self._scans_started = 0
@@ -96,10 +97,11 @@ class DeclarationStore:
         """Read the files once (reporting problems) and keep watching them."""
         if self.files is not None:
             await self.refresh_files()
-            self._tasks.append(asyncio.get_running_loop().create_task(self._poll_files()))
+            self.run_in_background(self._poll_files(), failure_event="declarations.poll_failed")
 
-    def add_task(self, task: asyncio.Task[None]) -> None:
-        self._tasks.append(task)
+    def run_in_background(self, work: Coroutine[Any, Any, None], *, failure_event: str) -> None:
+        """Run `work` (a source's loop) until `close`; a failure is logged as `failure_event`."""
+        spawn(work, failure_event=failure_event, keep=self._tasks)
 
     async def close(self) -> None:
         tasks = [*self._tasks, *self._builds.values(), *self._scan_tasks]
@@ -129,10 +131,8 @@ class DeclarationStore:
         A failed scan is logged (once, until scans succeed again) and the table stays."""
         if self.files is None:
             return
-        task = asyncio.ensure_future(self._scan(self._scans_started))
-        self._scan_tasks.add(task)
-        task.add_done_callback(self._scan_tasks.discard)
-        await asyncio.shield(task)
+        scan = spawn(self._scan(self._scans_started), failure_event="declarations.scan_failed", keep=self._scan_tasks)
+        await asyncio.shield(scan)
 
     async def _scan(self, started_before: int) -> None:
         async with self._scan_lock:
@@ -142,9 +142,15 @@ class DeclarationStore:
             if self._scan_thread is None:
                 self._scan_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="declarations-scan")
             files = self.files
+
+            def scan() -> list[Declaration] | None:
+                """The files' declarations when they may have changed: collected here, in the thread."""
+                return files.declarations if files.scan() else None
+
             try:
-                if await asyncio.get_running_loop().run_in_executor(self._scan_thread, files.scan):
-                    self.set_source(FILES, files.declarations)
+                declarations = await asyncio.get_running_loop().run_in_executor(self._scan_thread, scan)
+                if declarations is not None:
+                    self.set_source(FILES, declarations)
             except Exception as exc:  # the table stays as it was; the next scan tries again
                 failure = _describe(exc)
                 if failure != self._scan_failure:

@@ -378,10 +378,9 @@ async def start_watch(
     config = config or load_kube_config(getattr(settings, "kubeconfig", None))
     client = KubeClient(config)
     watch = NixImageWatch(client, store, **options)
-    loop = asyncio.get_running_loop()
-    store.add_task(loop.create_task(watch.run()))
-    store.add_task(loop.create_task(watch.write_statuses()))
-    store.add_task(loop.create_task(_close_on_cancel(client)))
+    store.run_in_background(watch.run(), failure_event="k8s.watch_failed")
+    store.run_in_background(watch.write_statuses(), failure_event="k8s.status_writer_failed")
+    store.run_in_background(_close_on_cancel(client), failure_event="k8s.client_close_failed")
     log.info("k8s.watch_started", server=config.server, credentials=config.description)
     started = time.monotonic()
     with contextlib.suppress(TimeoutError):
