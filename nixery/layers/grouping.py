@@ -24,8 +24,8 @@ forest, and every layer is a set of *pieces* joined along it.  Joining piece
     risk(k, p) = 1 - popularity(top of p) / popularity(top of k)
     cost(k, p) = bytes(k) * risk(k, p)    (+ bytes of a stored layer broken up)
 
-These weights are a `CostModel`, a parameter of `plan_layers`; the defaults
-are the ones described here.
+These weights are a `CostModel` (`nixery.layers.cost`), a parameter of
+`plan_layers`; the defaults are the ones described here.
 
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
@@ -85,50 +85,15 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from nixery.layers.cost import DEFAULT_COST, CostModel
 from nixery.layers.graph import ClosureGraph
+
+__all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "plan_layers"]
 
 # How many layers a history keeps; the least recently used are forgotten first.
 DEFAULT_HISTORY_CAPACITY = 20_000
 
 _FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class CostModel:
-    """What a join of two pieces costs: the expected bytes clients fetch again because of it.
-
-    `cost(k, p) = bytes(k) * risk(k, p) * new_bytes_weight` for a piece `k` joining
-    piece `p`, plus the bytes of any stored layer the join breaks up, times
-    `broken_layer_weight`. The defaults are the model the module docstring describes.
-    """
-
-    merge_threshold: float = 50_000
-    """Joins whose cost is below this many bytes are made even under the layer budget:
-    a layer saved is worth that much waste. Above it, pieces join only to respect the budget."""
-
-    new_bytes_weight: float = 1.0
-    """Weight of the bytes of the joining piece that a later image may need without the
-    piece it joins (`bytes(k) * risk(k, p)`)."""
-
-    broken_layer_weight: float = 1.0
-    """Weight of the bytes of a stored layer that a join breaks up: every client that
-    holds that layer fetches its paths again in the new one."""
-
-    @staticmethod
-    def risk(popularity_of_piece: int, popularity_of_parent: int) -> float:
-        """How likely a later image holds the piece without the parent's top path: 0 when the
-        piece is exactly as popular as the parent (a dependency only its user needs)."""
-        return max(0.0, 1.0 - popularity_of_parent / popularity_of_piece)
-
-    def join(self, piece_bytes: int, risk: float, *broken_layers_bytes: int) -> float:
-        """The cost of a join: the piece's bytes at risk plus the bytes of each stored layer broken up."""
-        cost = piece_bytes * risk * self.new_bytes_weight
-        for broken in broken_layers_bytes:  # added one by one: the sums, and so the plans, stay the same
-            cost += broken * self.broken_layer_weight
-        return cost
-
-
-DEFAULT_COST = CostModel()
 
 
 @dataclass(slots=True)
