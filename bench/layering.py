@@ -539,7 +539,7 @@ NOTES = [
     "- Nixery and the first row of ours get `popularity.json`. The registry has no such data:",
     "  it counts, within each closure, how many paths depend on each path (second row).",
     "- The algorithm is described, with a worked example, in the docstring of",
-    "  `nixery/layers/grouping.py`. The one tunable, `MERGE_THRESHOLD` (50 kB), trades layers",
+    "  `nixery/layers/grouping.py`. The one tunable, `CostModel.merge_threshold` (50 kB), trades layers",
     "  for bytes: at 100 kB the public sequence needs 34.8 layers per image for 1.006, at",
     "  30 kB 41.4 for 1.002.",
     "- Where the closures are so large that the budget binds for nearly every image",

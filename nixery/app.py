@@ -62,6 +62,10 @@ def create_app(settings: Settings) -> web.Application:
             from nixery.declarations import open_declarations
 
             declarations = await open_declarations(settings, builder)
+            if settings.k8s_watch:
+                from nixery.k8s import start_watch
+
+                await start_watch(settings, declarations)
             app[routes.RESOLVER] = declarations  # NixImage declarations: docs/kubernetes.md
         # What start-up made (modules, the app) lives as long as the process: out of the
         # collector's way, so that no full collection walks it again while requests wait.

@@ -34,13 +34,14 @@ import re
 import secrets
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
+
+from nixery.lru import LRU
 
 log = structlog.get_logger(__name__)
 
@@ -215,8 +216,7 @@ class Authenticator:
         self.users = users
         self._slots = asyncio.Semaphore(parallel)
         self._key = secrets.token_bytes(32)
-        self._verified: OrderedDict[bytes, None] = OrderedDict()
-        self._remember = remember
+        self._verified: LRU[bytes, bool] = LRU(remember)
 
     def _fingerprint(self, user: User, password: str) -> bytes:
         message = b"\0".join((user.name.encode(), user.password_hash.encode(), password.encode("utf-8", "replace")))
@@ -230,16 +230,13 @@ class Authenticator:
                 await asyncio.to_thread(_scrypt, password, b"\0" * _SALT_BYTES, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
             return None
         fingerprint = self._fingerprint(user, password)
-        if fingerprint in self._verified:
-            self._verified.move_to_end(fingerprint)
+        if self._verified.get(fingerprint):
             return user
         async with self._slots:
             ok = await asyncio.to_thread(verify_password, password, user.password_hash)
         if not ok:
             return None
-        self._verified[fingerprint] = None
-        while len(self._verified) > self._remember:
-            self._verified.popitem(last=False)
+        self._verified.put(fingerprint, True)
         return user
 
 

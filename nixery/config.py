@@ -40,9 +40,16 @@ class BundledSet:
 
 #: Package sets that ship with the registry, served when no source is configured.
 #: busybox: in the repository, always available. debian: generated from .deb
-#: files by `make debian-set` into a cache directory outside git.
+#: files by `make debian-set` into a cache directory outside git (`debian_set`).
 BUSYBOX_SET = BundledSet("busybox", REPOSITORY / "pkgs" / "busybox")
-DEBIAN_SET = BundledSet("debian", Path(os.environ.get("NIXERY_DEBIAN_SET_DIR") or REPOSITORY / ".cache" / "debian-set"))
+DEFAULT_DEBIAN_SET_DIR = REPOSITORY / ".cache" / "debian-set"
+
+
+def debian_set(env: Mapping[str, str] | None = None) -> BundledSet:
+    """The Debian-derived set, where NIXERY_DEBIAN_SET_DIR in `env` (default: the process
+    environment, read now) puts it."""
+    env = os.environ if env is None else env
+    return BundledSet("debian", Path(env.get("NIXERY_DEBIAN_SET_DIR") or DEFAULT_DEBIAN_SET_DIR))
 
 
 class ConfigError(ValueError):
@@ -206,11 +213,12 @@ def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None
 def _bundled_set(env: Mapping[str, str]) -> BundledSet:
     """`auto` prefers the Debian-derived set when it has been generated."""
     choice = _choice(env, "NIXERY_BUNDLED_SET", "auto", ("auto", "busybox", "debian"))
-    debian_ready = (DEBIAN_SET.path / "default.nix").is_file()
+    debian = debian_set(env)
+    debian_ready = (debian.path / "default.nix").is_file()
     if choice == "debian" and not debian_ready:
-        raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {DEBIAN_SET.path} has no default.nix (run `make debian-set`)")
+        raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {debian.path} has no default.nix (run `make debian-set`)")
     if choice == "debian" or (choice == "auto" and debian_ready):
-        return DEBIAN_SET
+        return debian
     return BUSYBOX_SET if choice == "busybox" else replace(BUSYBOX_SET, fallback=True)
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import structlog
 
+from nixery.background import spawn
+from nixery.lru import LRU
 from nixery.nix import store_db
 from nixery.nix.packages import ResolvedPackage
 from nixery.nix.sources import Revision
@@ -49,7 +50,7 @@ def evaluation_key(revision: Revision, system: str, name: str) -> str:
 class EvaluationCache:
     def __init__(self, storage: Storage):
         self._storage = storage
-        self._memory: OrderedDict[str, tuple[ResolvedPackage, ...]] = OrderedDict()
+        self._memory: LRU[str, tuple[ResolvedPackage, ...]] = LRU(_MEMORY)
         self._writes: set[asyncio.Task[None]] = set()
 
     async def lookup(self, revision: Revision, system: str, names: Sequence[str]) -> list[ResolvedPackage] | None:
@@ -79,13 +80,11 @@ class EvaluationCache:
         records = []
         for name, packages in by_name.items():
             key = evaluation_key(revision, system, name)
-            self._keep(key, tuple(packages))
+            self._memory.put(key, tuple(packages))
             # The revision is kept for `nixery gc`, which drops those of revisions no kept image uses.
             document = canonical_json({"revision": revision.id, "packages": [p.to_json() for p in packages]})
             records.append((PREFIX + key, document))
-        task = asyncio.ensure_future(self._write(records))
-        self._writes.add(task)
-        task.add_done_callback(self._written)
+        spawn(self._write(records), failure_event="evaluations.not_kept", keep=self._writes)
 
     async def _write(self, records: Sequence[tuple[str, bytes]]) -> None:
         for key, document in records:
@@ -95,15 +94,9 @@ class EvaluationCache:
         """Wait for the writes `remember` started."""
         await asyncio.gather(*self._writes, return_exceptions=True)
 
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("evaluations.not_kept", error=str(task.exception())[:200])
-
     async def _known(self, key: str) -> tuple[ResolvedPackage, ...] | None:
         packages = self._memory.get(key)
         if packages is not None:
-            self._memory.move_to_end(key)
             return packages
         data = await self._storage.get_meta(PREFIX + key)
         if data is None:
@@ -113,12 +106,6 @@ class EvaluationCache:
         except (ValueError, KeyError, TypeError) as exc:  # damaged: evaluate again (and overwrite it)
             log.warning("evaluations.unreadable", key=key[:12], error=str(exc)[:200])
             return None
-        self._keep(key, packages)
+        self._memory.put(key, packages)
         return packages
-
-    def _keep(self, key: str, packages: tuple[ResolvedPackage, ...]) -> None:
-        self._memory[key] = packages
-        self._memory.move_to_end(key)
-        while len(self._memory) > _MEMORY:
-            self._memory.popitem(last=False)
 

@@ -39,6 +39,7 @@ from typing import TypeVar
 
 import structlog
 
+from nixery.background import spawn
 from nixery.layers.grouping import LayerHistory
 from nixery.storage.base import Storage
 
@@ -80,7 +81,7 @@ class SharedHistory:
         self._writing: set[str] = set()  # this process's entries on their way to storage
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
-        self._compaction: asyncio.Task[None] | None = None
+        self._compactions: set[asyncio.Task[None]] = set()  # at most one
 
     async def current(self) -> LayerHistory:
         """The history, loaded on first use and brought up to date with other processes'
@@ -112,9 +113,9 @@ class SharedHistory:
         self._compact_soon()
 
     async def close(self) -> None:
-        if self._compaction is not None:
-            self._compaction.cancel()
-            await asyncio.gather(self._compaction, return_exceptions=True)
+        for compaction in list(self._compactions):
+            compaction.cancel()
+        await asyncio.gather(*self._compactions, return_exceptions=True)
 
     async def _read_snapshot(self) -> LayerHistory | None:
         """The stored snapshot; a damaged one is dropped (it only guides reuse)."""
@@ -148,12 +149,11 @@ class SharedHistory:
         return {key.removeprefix(ENTRIES) for key in await self._storage.list_meta(ENTRIES)}
 
     def _compact_soon(self) -> None:
-        if self._compaction is not None or len(self._seen) < self._compact_after:
+        if self._compactions or len(self._seen) < self._compact_after:
             return
         if len(self._foldable(self._seen.keys())) < self._compact_after:
             return
-        self._compaction = asyncio.ensure_future(self._compact())
-        self._compaction.add_done_callback(self._compacted)
+        spawn(self._compact(), failure_event="history.compaction_failed", keep=self._compactions)
 
     def _foldable(self, names: Iterable[str]) -> list[str]:
         now = time.monotonic()
@@ -172,12 +172,6 @@ class SharedHistory:
             await _limited(self._storage.delete_meta(ENTRIES + name) for name in fold)
         log.info("history.compacted", entries=len(fold), layers=len(snapshot),
                  seconds=round(time.monotonic() - started, 3))
-
-    def _compacted(self, task: asyncio.Task[None]) -> None:
-        self._compaction = None
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("history.compaction_failed", error=str(task.exception())[:200])
-
 
 def _entry_json(layers: Sequence[frozenset[str]]) -> bytes:
     document = {"version": _ENTRY_VERSION, "layers": [sorted(layer) for layer in layers]}

@@ -21,10 +21,10 @@ from __future__ import annotations
 import bisect
 import json
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from nixery.lru import LRU
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import ManifestFormat
@@ -137,7 +137,7 @@ class RecordCache:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: LRU[str, _Entry] = LRU(capacity)
         self._blobs: dict[Digest, _Blob] = {}
         self._recent: list[tuple[float, str, ImageRecord]] = []  # (built_at, key, record), oldest first
 
@@ -146,15 +146,11 @@ class RecordCache:
 
     def get(self, key: str) -> ImageRecord | None:
         entry = self._entries.get(key)
-        if entry is None:
-            return None
-        self._entries.move_to_end(key)
-        return entry.record
+        return entry.record if entry is not None else None
 
     def put(self, record: ImageRecord) -> None:
         self.discard(record.key)
         record = self._shared(record)
-        self._entries[record.key] = _Entry(record)
         for digest in (record.config, *(ref.digest for ref in record.manifests.values())):
             self._blobs.setdefault(digest, _Blob(set())).keys.add(record.key)
         for layer, paths in zip(record.layers, record.layer_paths or [()] * len(record.layers), strict=True):
@@ -163,13 +159,13 @@ class RecordCache:
                 blob = self._blobs[layer.digest] = _Blob(set(), layer, paths)
             blob.keys.add(record.key)
         self._note_recent(record)
-        while len(self._entries) > self.capacity:
-            self._drop(next(iter(self._entries)))
+        for key, entry in self._entries.put(record.key, _Entry(record)):
+            self._release_blobs(key, entry)
 
     def should_write_use(self, key: str, now: float, interval: float) -> bool:
         """Whether this process should write the image's use to storage now (at most once per
         `interval` while the record stays cached); notes the write when it says yes."""
-        entry = self._entries.get(key)
+        entry = self._entries.peek(key)
         if entry is None or now - entry.use_written < interval:
             return False
         entry.use_written = now
@@ -177,8 +173,9 @@ class RecordCache:
 
     def discard(self, key: str) -> None:
         """Forget one image: it is checked in storage (and rebuilt if need be) on its next use."""
-        if key in self._entries:
-            self._drop(key)
+        entry = self._entries.pop(key)
+        if entry is not None:
+            self._release_blobs(key, entry)
         self._recent = [item for item in self._recent if item[1] != key]
 
     def forget_using(self, digest: Digest) -> int:
@@ -212,9 +209,8 @@ class RecordCache:
             layer_paths.append(paths)
         return replace(record, layers=tuple(layers), layer_paths=tuple(layer_paths) if record.layer_paths else ())
 
-    def _drop(self, key: str) -> None:
-        """Out of the cache (it may stay among the recent ones: those are few)."""
-        entry = self._entries.pop(key)
+    def _release_blobs(self, key: str, entry: _Entry) -> None:
+        """`key` is out of the cache (it may stay among the recent ones: those are few)."""
         for digest in entry.record.blobs():
             blob = self._blobs.get(digest)
             if blob is not None:

@@ -19,9 +19,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._tasks: dict[Hashable, asyncio.Task[T]] = {}
 
-    def in_flight(self, key: Hashable) -> bool:
-        return key in self._tasks
-
     async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
         task = self._tasks.get(key)
         if task is None:

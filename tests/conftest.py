@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import DEBIAN_SET
+from nixery.config import debian_set
 from tests.registry import REPOSITORY, RegistryProcess, nix_counting_path, run
 
 
@@ -64,7 +64,7 @@ def built_store_paths() -> dict[str, str]:
         return run(argv, timeout=900).stdout.split()
 
     paths = dict(zip(["busybox", "hello"], build(REPOSITORY / "pkgs" / "busybox", "busybox", "hello"), strict=True))
-    if (DEBIAN_SET.path / "default.nix").is_file():
-        outputs = build(DEBIAN_SET.path, "python3", "git")
+    if (debian_set().path / "default.nix").is_file():
+        outputs = build(debian_set().path, "python3", "git")
         paths |= {"python3": outputs[0], "git": outputs[-1]}
     return paths

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import DEBIAN_SET
+from nixery.config import debian_set
 from nixery.nix.packages import EVAL_NIX, host_system
 from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
 
-SET = DEBIAN_SET.path
+SET = debian_set().path
 
 if not (SET / "default.nix").is_file():
     missing = f"the Debian set is not generated ({SET}/default.nix missing): run scripts/debian-set/setup.sh"

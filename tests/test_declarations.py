@@ -187,6 +187,47 @@ async def test_an_edit_is_seen_by_the_next_resolve(tmp_path: Path) -> None:
         await store.close()
 
 
+class ThreadRecordingFiles(DeclarationFiles):
+    """Declaration files that note the thread of each step of reading them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.threads: list[tuple[str, int]] = []
+
+    def scan(self) -> bool:
+        self.threads.append(("scan", threading.get_ident()))
+        return super().scan()
+
+    def _load(self, path: Path, stamp: tuple[int, ...]) -> Any:
+        self.threads.append(("parse", threading.get_ident()))
+        return super()._load(path, stamp)
+
+    @property
+    def declarations(self) -> list[Any]:
+        self.threads.append(("collect", threading.get_ident()))
+        return super().declarations
+
+
+async def test_a_tag_pull_reads_no_declaration_on_the_event_loop(tmp_path: Path) -> None:
+    """Every step of bringing the files' declarations up to date for a pull (stat, read, parse,
+    collect the declarations of every file) runs in the scan thread, none on the event loop."""
+    for n in range(20):
+        write_images(tmp_path / f"images-{n:02d}.yaml", nix_image(f"app{n}", contents=["hello"]))
+    files = ThreadRecordingFiles(tmp_path)
+    store = DeclarationStore(files=files, poll_interval=3600)
+    await store.start()
+    try:
+        files.threads.clear()
+        touch_later(tmp_path / "images-07.yaml", yaml.safe_dump(nix_image("app7", contents=["figlet"])))
+        assert (await store.resolve("app7", "v1")).packages == ("figlet",)
+        steps = {step for step, _ in files.threads}
+        assert steps == {"scan", "parse", "collect"}
+        loop_thread = threading.get_ident()
+        assert [step for step, thread in files.threads if thread == loop_thread] == []
+    finally:
+        await store.close()
+
+
 class RecordingBuilder:
     def __init__(self) -> None:
         self.started: list[tuple[tuple[str, ...], str]] = []

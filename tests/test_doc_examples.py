@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import DEBIAN_SET
+from nixery.config import debian_set
 from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
 
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
@@ -208,9 +208,9 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
 
 # ---- pulling them ------------------------------------------------------------------
 
-if not (DEBIAN_SET.path / "default.nix").is_file():
+if not (debian_set().path / "default.nix").is_file():
     if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
-        raise RuntimeError(f"the Debian set is not generated ({DEBIAN_SET.path}/default.nix missing)")
+        raise RuntimeError(f"the Debian set is not generated ({debian_set().path}/default.nix missing)")
     needs_debian_set = pytest.mark.skip(reason="the Debian set is not generated: run scripts/debian-set/setup.sh")
 else:
     needs_debian_set = pytest.mark.nix

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nixery.layers.graph import ClosureGraph
-from nixery.layers.grouping import MERGE_THRESHOLD, LayerHistory, plan_layers
+from nixery.layers.grouping import CostModel, LayerHistory, plan_layers
 from nixery.layers.plan_cli import main as plan_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,8 +173,34 @@ def test_tiny_paths_do_not_take_a_layer_each():
     graph = graph_of(spec)
     popularity = {name: 50 for name in spec} | {"app": 1, "libc": 5000}
     layers = plan_layers(graph, ["app"], max_layers=100, popularity=popularity)
-    assert 30 * 1000 * (1 - 1 / 50) < MERGE_THRESHOLD  # each join costs little...
+    assert 30 * 1000 * (1 - 1 / 50) < CostModel().merge_threshold  # each join costs little...
     assert len(layers) == 2  # ...so all of them join app; libc stays apart
+
+
+def test_the_cost_model_is_a_parameter():
+    # The worked example: libfoo into app costs 0.29 MB, libc into libfoo 1.92 MB.
+    def plan(cost: CostModel) -> list[frozenset[str]]:
+        return plan_layers(EXAMPLE, ["app"], max_layers=100, popularity=EXAMPLE_POPULARITY, cost=cost)
+
+    assert plan(CostModel()) == plan_layers(EXAMPLE, ["app"], max_layers=100, popularity=EXAMPLE_POPULARITY)
+    assert plan(CostModel(merge_threshold=300_000)) == [frozenset({"libc"}), frozenset({"app", "app-data", "libfoo"})]
+    assert plan(CostModel(merge_threshold=2 * MB)) == [frozenset({"app", "app-data", "libfoo", "libc"})]
+    assert plan(CostModel(new_bytes_weight=0.1, merge_threshold=200_000)) == [
+        frozenset({"app", "app-data", "libfoo", "libc"})  # 0.192 MB and 0.029 MB now
+    ]
+    # Over budget, breaking up a stored layer costs its bytes times broken_layer_weight:
+    # {libfoo} (0.3 MB) into app costs 0.59 MB by default, libc (2 MB) into app 2 MB.
+    history = LayerHistory()
+    history.record([frozenset({"libfoo"})])
+
+    def squeezed(cost: CostModel) -> list[frozenset[str]]:
+        return plan_layers(EXAMPLE, ["app"], max_layers=2, history=history, popularity=EXAMPLE_POPULARITY, cost=cost)
+
+    assert squeezed(CostModel()) == [frozenset({"libc"}), frozenset({"app", "app-data", "libfoo"})]
+    assert squeezed(CostModel(broken_layer_weight=10)) == [
+        frozenset({"libfoo"}),
+        frozenset({"app", "app-data", "libc"}),
+    ]
 
 
 # ---- determinism -------------------------------------------------------------------

@@ -96,7 +96,7 @@ async def test_a_damaged_entry_or_snapshot_is_skipped(tmp_path: Path) -> None:
 
 
 async def _compaction_done(history: SharedHistory) -> None:
-    while history._compaction is not None:
+    while history._compactions:
         await asyncio.sleep(0.01)
 
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from nixery import __version__
-from nixery.config import DEBIAN_SET
+from nixery.config import debian_set
 from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, podman_run, run
 
 GENERATE = REPOSITORY / "scripts" / "self-image" / "generate.sh"
@@ -31,12 +31,12 @@ SEED = REPOSITORY / "deploy" / "base" / "seed-nix-store.yaml"
 
 
 def _missing() -> str | None:
-    packages = DEBIAN_SET.path / "packages.txt"
+    packages = debian_set().path / "packages.txt"
     setup = "run scripts/debian-set/setup.sh"
-    if not (DEBIAN_SET.path / "default.nix").is_file():
-        return f"the Debian set is not generated ({DEBIAN_SET.path}/default.nix missing): {setup}"
+    if not (debian_set().path / "default.nix").is_file():
+        return f"the Debian set is not generated ({debian_set().path}/default.nix missing): {setup}"
     if not packages.is_file() or not any(line.startswith("nix-bin ") for line in packages.read_text().splitlines()):
-        return f"the Debian set in {DEBIAN_SET.path} has no nix-bin (generated before it was added): {setup}"
+        return f"the Debian set in {debian_set().path} has no nix-bin (generated before it was added): {setup}"
     return None
 
 

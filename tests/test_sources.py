@@ -457,9 +457,7 @@ def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp
 # ---- sources in-process: concurrency and the cache on disk ------------------------
 
 
-def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generating_it(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generating_it(tmp_path: Path) -> None:
     """NIXERY_BUNDLED_SET=busybox is a choice: no advice to `make debian-set` (only `auto`
     falling back to the busybox set, because the Debian set is not generated, gives it)."""
     import structlog
@@ -474,9 +472,23 @@ def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generatin
         return [entry["note"] for entry in logs if "make debian-set" in entry.get("note", "")]
 
     assert advice({"NIXERY_BUNDLED_SET": "busybox"}) == []
-    monkeypatch.setattr(config, "DEBIAN_SET", config.BundledSet("debian", tmp_path / "not-generated"))
-    assert len(advice({})) == 1
-    assert len(advice({"NIXERY_BUNDLED_SET": "auto"})) == 1
+    not_generated = {"NIXERY_DEBIAN_SET_DIR": str(tmp_path / "not-generated")}
+    assert len(advice(not_generated)) == 1
+    assert len(advice({**not_generated, "NIXERY_BUNDLED_SET": "auto"})) == 1
+
+
+def test_the_debian_set_directory_is_read_when_the_settings_are(tmp_path: Path) -> None:
+    """NIXERY_DEBIAN_SET_DIR is a setting like the others: taken from the environment the
+    settings are loaded from, not from the process's at import time."""
+    from nixery import config
+
+    generated = tmp_path / "debian-set"
+    generated.mkdir()
+    (generated / "default.nix").write_text("{ ... }: { }\n")
+    assert config.load({"NIXERY_DEBIAN_SET_DIR": str(generated)}).bundled_set == config.BundledSet("debian", generated)
+    missing = {"NIXERY_DEBIAN_SET_DIR": str(tmp_path / "missing"), "NIXERY_BUNDLED_SET": "debian"}
+    with pytest.raises(config.ConfigError, match="missing has no default.nix"):
+        config.load(missing)
 
 
 async def test_a_local_path_revision_is_a_hash_of_content_read_only_when_files_change(
@@ -658,12 +670,18 @@ def test_ref_listing_prefers_tags_and_peels_annotated_tags() -> None:
 
 @pytest.mark.parametrize("ref", ["-x", "--upload-pack=touch /tmp/x", "a..b", "x.lock", ".x", "a/.b", "a//b", "a@{1}", "a b", "a:b", "a\\b"])
 def test_the_git_source_refuses_what_git_would_not_take_as_a_ref(tmp_path: Path, ref: str) -> None:
+    """The source raises an error of the Nix layer; the HTTP layer's one map makes it TAG_INVALID."""
     from nixery.errors import TagInvalid
+    from nixery.http.errors import registry_error
+    from nixery.nix.errors import RefInvalid
     from nixery.nix.git import GitSource
 
     source = GitSource(str(tmp_path / "missing"), cache_dir=tmp_path, ref_ttl=1, fetch_timeout=1)
-    with pytest.raises(TagInvalid):
+    with pytest.raises(RefInvalid) as refused:
         asyncio.run(source.resolve(ref))
+    assert not isinstance(refused.value, TagInvalid)
+    mapped = registry_error(refused.value)
+    assert isinstance(mapped, TagInvalid) and mapped.detail == {"tag": ref}
 
 
 def test_credentials_never_appear_in_source_descriptions(tmp_path: Path) -> None:

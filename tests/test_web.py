@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from nixery.config import DEBIAN_SET
+from nixery.config import debian_set
 from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
 
 pytestmark = pytest.mark.nix
@@ -97,7 +97,7 @@ def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
 
 def _search_target() -> tuple[dict[str, str], str]:
     """curl in the Debian-derived set when it is generated, else hello in the busybox set."""
-    if (DEBIAN_SET.path / "default.nix").is_file():
+    if (debian_set().path / "default.nix").is_file():
         return {"NIXERY_BUNDLED_SET": "debian"}, "curl"
     return {"NIXERY_BUNDLED_SET": "busybox"}, "hello"
 
@@ -178,8 +178,8 @@ def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page)
 
 def _debian_set() -> dict[str, str]:
     """The environment of a registry on the Debian-derived set (CI generates it: missing, it fails there)."""
-    if not (DEBIAN_SET.path / "default.nix").is_file():
-        missing = f"the Debian set is not generated ({DEBIAN_SET.path}): run scripts/debian-set/setup.sh"
+    if not (debian_set().path / "default.nix").is_file():
+        missing = f"the Debian set is not generated ({debian_set().path}): run scripts/debian-set/setup.sh"
         if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):
             raise RuntimeError(missing)
         pytest.skip(missing)

@@ -41,6 +41,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             )
         case nix_errors.RefNotFound():
             return errors.ManifestUnknown(exc.message)
+        case nix_errors.RefInvalid():
+            return errors.TagInvalid(exc.message, detail={"tag": exc.ref})
         case nix_errors.UnsupportedSystem():
             return errors.ManifestUnknown(exc.message)
         case nix_errors.SourceUnavailable():

@@ -54,13 +54,6 @@ class ClosureGraph:
             stack.extend(self.nodes[name].references)
         return seen
 
-    def subgraph(self, names: Iterable[str]) -> ClosureGraph:
-        keep = set(names)
-        return ClosureGraph(
-            Node(n.name, n.size, tuple(r for r in n.references if r in keep))
-            for n in (self.nodes[name] for name in keep)
-        )
-
     @classmethod
     def from_mapping(cls, nodes: Mapping[str, Mapping[str, object]]) -> ClosureGraph:
         """From `{name: {"size": int, "refs": [names]}}` (the benchmark's format)."""

@@ -24,6 +24,9 @@ forest, and every layer is a set of *pieces* joined along it.  Joining piece
     risk(k, p) = 1 - popularity(top of p) / popularity(top of k)
     cost(k, p) = bytes(k) * risk(k, p)    (+ bytes of a stored layer broken up)
 
+These weights are a `CostModel` (`nixery.layers.cost`), a parameter of
+`plan_layers`; the defaults are the ones described here.
+
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
 apart.  The plan, step by step:
@@ -31,8 +34,8 @@ apart.  The plan, step by step:
 1. Take the stored layers that lie inside the closure, largest first, skipping
    any that overlap one already taken.  Every other path is a piece of its own.
 2. Join new pieces to their owner's piece (skipping stored layers on the way
-   up), cheapest first, while the cost is below `MERGE_THRESHOLD` bytes: tiny
-   paths do not take a layer each.
+   up), cheapest first, while the cost is below `CostModel.merge_threshold`
+   bytes: tiny paths do not take a layer each.
 3. While there are more pieces than `max_layers`, keep joining cheapest first;
    now a stored layer may be broken up too, which costs its bytes (clients
    that hold it fetch them again).
@@ -82,11 +85,10 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from nixery.layers.cost import DEFAULT_COST, CostModel
 from nixery.layers.graph import ClosureGraph
 
-# A join whose expected waste is below this many bytes is always worth saving
-# a layer for.  Above it, pieces are only joined to respect the layer budget.
-MERGE_THRESHOLD = 50_000
+__all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "plan_layers"]
 
 # How many layers a history keeps; the least recently used are forgotten first.
 DEFAULT_HISTORY_CAPACITY = 20_000
@@ -95,7 +97,9 @@ _FORMAT_VERSION = 1
 
 
 @dataclass(slots=True)
-class _StoredLayer:
+class _RememberedLayer:
+    """A layer the history remembers (not a blob): its paths and how recently plans used it."""
+
     paths: frozenset[str]
     last_used: int  # clock value of the last `record` that included it
     uses: int
@@ -117,7 +121,7 @@ class LayerHistory:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._layers: dict[int, _StoredLayer] = {}
+        self._layers: dict[int, _RememberedLayer] = {}
         self._ids: dict[frozenset[str], int] = {}
         self._by_path: dict[str, set[int]] = {}
         self._next_id = 0
@@ -149,7 +153,7 @@ class LayerHistory:
                     stored.last_used = self._clock
                     stored.uses += 1
                 else:
-                    self._add(self._next_id, _StoredLayer(paths, self._clock, 1))
+                    self._add(self._next_id, _RememberedLayer(paths, self._clock, 1))
                     self._next_id += 1
             self._evict()
 
@@ -197,7 +201,7 @@ class LayerHistory:
             for layer_id, last_used, uses, members in document["layers"]:
                 if not members or any(not isinstance(n, int) or n < 0 for n in members):
                     raise ValueError(f"layer {layer_id} has bad members")
-                stored = _StoredLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
+                stored = _RememberedLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
                 if int(layer_id) in history._layers or stored.paths in history._ids:
                     raise ValueError(f"layer {layer_id} appears twice")
                 history._add(int(layer_id), stored)
@@ -208,7 +212,7 @@ class LayerHistory:
         history._evict()
         return history
 
-    def _add(self, layer_id: int, stored: _StoredLayer) -> None:
+    def _add(self, layer_id: int, stored: _RememberedLayer) -> None:
         self._layers[layer_id] = stored
         self._ids[stored.paths] = layer_id
         for path in stored.paths:
@@ -237,10 +241,12 @@ def plan_layers(
     max_layers: int,
     history: LayerHistory | None = None,
     popularity: Mapping[str, int] | None = None,
+    cost: CostModel = DEFAULT_COST,
 ) -> list[frozenset[str]]:
     """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
-    returned in a deterministic order (base layers first). Does not mutate history;
-    the caller calls history.record(result) after storing the layers."""
+    returned in a deterministic order (base layers first), joining pieces as `cost` weighs
+    them. Does not mutate history; the caller calls history.record(result) after storing
+    the layers."""
     if max_layers < 1:
         raise ValueError("max_layers must be at least 1")
     missing = sorted({root for root in roots if root not in graph})
@@ -249,7 +255,7 @@ def plan_layers(
     closure = graph.closure(roots)
     if not closure:
         return []
-    return _Planner(graph, closure, max_layers, history, popularity).plan()
+    return _Planner(graph, closure, max_layers, history, popularity, cost).plan()
 
 
 class _Planner:
@@ -262,8 +268,10 @@ class _Planner:
         max_layers: int,
         history: LayerHistory | None,
         popularity: Mapping[str, int] | None,
+        cost: CostModel,
     ):
         self.max_layers = max_layers
+        self.cost = cost
         self.paths = sorted(closure)
         self.size = {p: graph.nodes[p].size for p in self.paths}
         self.refs = {p: graph.nodes[p].references for p in self.paths}
@@ -375,18 +383,18 @@ class _Planner:
         best = None
         up = self._parent(k)
         if up is not None:
-            best = (self.nbytes[k] * self._risk(k, up[0]) + own, up[0])
+            best = (self.cost.join(self.nbytes[k], self._risk(k, up[0]), own), up[0])
         if forced and self.top[k] in self.owner:
             p = self._find(self.piece_of[self.owner[self.top[k]]])
             if p != k and self.stored[p]:
-                waste = self.nbytes[k] * self._risk(k, p) + own + self.nbytes[p]
+                waste = self.cost.join(self.nbytes[k], self._risk(k, p), own, self.nbytes[p])
                 if best is None or waste < best[0]:
                     best = (waste, p)
         return best
 
     def _risk(self, k: int, p: int) -> float:
         """How likely a later image holds piece k without piece p's top path."""
-        return max(0.0, 1.0 - self.pop[self.top[p]] / self.pop[self.top[k]])
+        return self.cost.risk(self.pop[self.top[k]], self.pop[self.top[p]])
 
     def _merge(self, k: int, into: int) -> None:
         self.union[k] = into
@@ -397,8 +405,8 @@ class _Planner:
     def _join(self, *, forced: bool) -> None:
         """Join pieces to their parents, cheapest first.
 
-        Unforced: only new pieces, and only while the expected waste is below
-        MERGE_THRESHOLD.  Forced: any piece, until the budget holds.
+        Unforced: only new pieces, and only while the expected waste is below the
+        cost model's merge threshold.  Forced: any piece, until the budget holds.
         """
         heap: list[tuple[float, int]] = []
 
@@ -422,7 +430,7 @@ class _Planner:
             if current[0] != c:  # stale: the piece grew or its way up changed
                 heapq.heappush(heap, (current[0], k))
                 continue
-            if not forced and c >= MERGE_THRESHOLD:
+            if not forced and c >= self.cost.merge_threshold:
                 return
             p = current[1]
             opened = [path for q in (k, p) if self.stored[q] for path in self.members[q]]

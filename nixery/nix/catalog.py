@@ -22,13 +22,13 @@ import asyncio
 import json
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from nixery.lru import LRU
 from nixery.nix.errors import NixError
 from nixery.nix.process import Deadline, run_nix
 from nixery.nix.sources import Revision
@@ -197,8 +197,7 @@ class PackageCatalog:
         self.storage = storage
         self.limit = limit
         self.timeout = timeout
-        self._keep = keep
-        self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
+        self._catalogs: LRU[str, Catalog] = LRU(keep)
         self._loading: dict[str, asyncio.Task[Catalog]] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # revision id -> (when, why) reading it last failed
 
@@ -217,7 +216,7 @@ class PackageCatalog:
         return None
 
     def cached(self, revision: Revision) -> Catalog | None:
-        return self._catalogs.get(revision.id)
+        return self._catalogs.peek(revision.id)
 
     def load(self, revision: Revision) -> asyncio.Task[Catalog]:
         """The task that reads the revision's catalogue (shared by concurrent callers)."""
@@ -229,9 +228,8 @@ class PackageCatalog:
 
     async def get(self, revision: Revision, *, wait: float | None = None) -> Catalog | None:
         """The catalogue; None if it is not read within `wait` seconds (it keeps loading)."""
-        catalog = self.cached(revision)
+        catalog = self._catalogs.get(revision.id)  # now the most recently used
         if catalog is not None:
-            self._catalogs.move_to_end(revision.id)
             return catalog
         if self.error(revision) is not None:
             return None
@@ -249,10 +247,7 @@ class PackageCatalog:
             self._failed[revision_id] = (time.monotonic(), str(task.exception())[:500])
             log.warning("catalog.failed", revision=revision_id, error=str(task.exception())[:500])
             return
-        self._catalogs[revision_id] = task.result()
-        self._catalogs.move_to_end(revision_id)
-        while len(self._catalogs) > self._keep:
-            self._catalogs.popitem(last=False)
+        self._catalogs.put(revision_id, task.result())
 
     def _storage_key(self, revision: Revision) -> str:
         return "catalog/" + _KEY_SAFE.sub("-", f"{revision.id.lower()}-{self.system}")[:200]

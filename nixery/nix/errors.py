@@ -44,3 +44,11 @@ class SourceUnavailable(NixError):
 
 class RefNotFound(NixError):
     """A git ref named by an image tag does not exist."""
+
+
+class RefInvalid(NixError):
+    """An image tag that cannot name a git ref (`git check-ref-format`'s rules); `ref` is the tag, cut short."""
+
+    def __init__(self, message: str, ref: str):
+        super().__init__(message)
+        self.ref = ref

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 
+from nixery.background import spawn
+from nixery.lru import LRU
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
 from nixery.nix.process import Deadline, run_nix
 from nixery.nix.repl import (
@@ -67,14 +68,14 @@ class Evaluators:
         self.idle_seconds = idle_seconds
         self.capacity = capacity
         self.repl = repl
-        self._evaluators: OrderedDict[_Key, ReplEvaluator] = OrderedDict()  # least recently used first
+        self._evaluators: LRU[_Key, ReplEvaluator] = LRU(capacity)
         self._idle_timers: dict[_Key, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._unusable = False  # the repl's output is not what this module reads: never again
         self._waiting: dict[_Key, int] = {}  # requests queued for each evaluator
         self._one_shot_seconds: float | None = None  # of recent nix-instantiate evaluations
         self._failures = 0  # repls in a row that ended or could not start
-        self._not_importing: OrderedDict[_Key, None] = OrderedDict()  # oldest first
+        self._not_importing: LRU[_Key, bool] = LRU(_NOT_IMPORTING_KEPT)  # oldest first
 
     async def evaluate(
         self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
@@ -195,20 +196,18 @@ class Evaluators:
     def _current(self, key: _Key) -> ReplEvaluator | None:
         """The evaluator kept for `key`, also while it starts (a request then waits for it
         rather than starting a second one); None once it has ended."""
-        evaluator = self._evaluators.get(key)
+        evaluator = self._evaluators.peek(key)
         if evaluator is None or evaluator.ended:
             return None
-        self._evaluators.move_to_end(key)
+        self._evaluators.get(key)  # now the most recently used
         return evaluator
 
     def _new(self, key: _Key, pkgs_path: Path) -> ReplEvaluator:
         evaluator = ReplEvaluator(pkgs_path, key[0], memory_limit=self.memory_limit)
-        replaced = self._evaluators.pop(key, None)
+        replaced = self._evaluators.pop(key)
         if replaced is not None:
             self._stop_when_free(replaced)
-        self._evaluators[key] = evaluator
-        while len(self._evaluators) > self.capacity:
-            _, oldest = self._evaluators.popitem(last=False)
+        for _, oldest in self._evaluators.put(key, evaluator):
             self._stop_when_free(oldest)
         return evaluator
 
@@ -237,18 +236,16 @@ class Evaluators:
             raise
         except NixError as exc:  # the set does not import (an error, its memory): builds report it
             _log_not_importing(evaluator.pkgs_path, key[0], exc)
-            self._not_importing[key] = None
-            while len(self._not_importing) > _NOT_IMPORTING_KEPT:
-                self._not_importing.popitem(last=False)
+            self._not_importing.put(key, True)
             self._forget(key, evaluator)
             await evaluator.close()
         return False
 
     def _forget(self, key: _Key, evaluator: ReplEvaluator) -> bool:
         """Drop `evaluator` if it is still the one kept for `key`; whether it was."""
-        if self._evaluators.get(key) is not evaluator:
+        if self._evaluators.peek(key) is not evaluator:
             return False
-        del self._evaluators[key]
+        self._evaluators.pop(key)
         return True
 
     async def _failed(self, key: _Key, evaluator: ReplEvaluator, error: EvaluatorUnusable) -> None:
@@ -291,9 +288,7 @@ class Evaluators:
             async with evaluator.lock:
                 await evaluator.close()
 
-        task = asyncio.ensure_future(stop())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        spawn(stop(), failure_event="evaluator.stop_failed", keep=self._closing, system=evaluator.system)
 
 
 async def check_import(pkgs_path: Path, system: str, *, deadline: Deadline, memory_limit: int | None) -> None:

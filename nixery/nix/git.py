@@ -48,9 +48,8 @@ from pathlib import Path
 
 import structlog
 
-from nixery.errors import TagInvalid
 from nixery.nix.cachefiles import publish_directory, read_json, remove_abandoned, write_json
-from nixery.nix.errors import NixError, RefNotFound, SourceUnavailable
+from nixery.nix.errors import NixError, RefInvalid, RefNotFound, SourceUnavailable
 from nixery.nix.process import start_child
 from nixery.nix.sources import PackageSource, Revision, redact_url
 from nixery.singleflight import SingleFlight
@@ -149,7 +148,7 @@ def check_ref_name(tag: str) -> None:
         or any(c in tag for c in " ~^:?*[\\\x7f")
         or any(ord(c) < 32 for c in tag)
     ):
-        raise TagInvalid(f"invalid tag {tag[:128]!r}: not a valid git ref name", detail={"tag": tag[:128]})
+        raise RefInvalid(f"invalid tag {tag[:128]!r}: not a valid git ref name", ref=tag[:128])
 
 
 # ---- the source ------------------------------------------------------------

@@ -152,6 +152,9 @@ class Storage(ABC):
     #: Short backend name used in logs and error messages ("filesystem", "s3", "gcs").
     name: str
 
+    def __init__(self) -> None:
+        self._corruption_listeners: list[Callable[[Digest], None]] = []
+
     @abstractmethod
     async def stat_blob(self, digest: Digest) -> int | None:
         """The blob's size in bytes, or None when it is not stored."""
@@ -223,10 +226,10 @@ class Storage(ABC):
 
     def on_corrupt_blob(self, listener: Callable[[Digest], None]) -> None:
         """Call `listener` with the digest of any blob found corrupt and removed."""
-        self.__dict__.setdefault("_corruption_listeners", []).append(listener)
+        self._corruption_listeners.append(listener)
 
     def _report_corrupt_blob(self, digest: Digest) -> None:
-        for listener in self.__dict__.get("_corruption_listeners", []):
+        for listener in self._corruption_listeners:
             listener(digest)
 
     # ---- optional capabilities (a backend without them still serves) ----

@@ -38,11 +38,11 @@ import hashlib
 import os
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from nixery.errors import DigestInvalid
+from nixery.lru import LRU
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
     FULL_DISK_ERRNOS,
@@ -69,6 +69,7 @@ class FilesystemStorage(Storage):
     name = "filesystem"
 
     def __init__(self, root: Path, *, verified_links: bool = False):
+        super().__init__()
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._meta = root / "meta"
@@ -85,7 +86,7 @@ class FilesystemStorage(Storage):
         # Blobs hashed and found intact, with the (inode, size, mtime) they had: verified once per
         # process while among the VERIFIED_CAPACITY served most recently (a blob dropped is hashed
         # again when next served), so memory stays flat however many blobs are stored.
-        self._verified: OrderedDict[Digest, tuple[int, int, int]] = OrderedDict()
+        self._verified: LRU[Digest, tuple[int, int, int]] = LRU(VERIFIED_CAPACITY)
 
     @staticmethod
     def exists(root: Path) -> bool:
@@ -119,16 +120,12 @@ class FilesystemStorage(Storage):
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._verified.get(digest) == identity:
-            self._verified.move_to_end(digest)
-        else:
+        if self._verified.get(digest) != identity:
             if not await asyncio.to_thread(_hashes_to, path, digest):
                 await asyncio.to_thread(self._quarantine_blob, path)
                 self._report_corrupt_blob(digest)
                 raise CorruptBlob(digest)
-            self._verified[digest] = identity
-            if len(self._verified) > VERIFIED_CAPACITY:
-                self._verified.popitem(last=False)
+            self._verified.put(digest, identity)
         if self._links_enabled:  # on a full disk the blob stays unlinked: the registry sends it
             with contextlib.suppress(StorageFull), raising_storage_full(self._place):
                 self._link_verified(path, digest)

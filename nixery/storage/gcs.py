@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import socket
 import uuid
@@ -50,6 +49,7 @@ import google.auth
 import google.auth.exceptions
 import google.auth.transport.requests
 import requests
+import structlog
 from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
 from google.auth import crypt
@@ -59,6 +59,7 @@ from google.cloud.storage import exceptions as media_exceptions
 from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
+from nixery.background import detach
 from nixery.config import ConfigError, GCSSettings
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
@@ -108,7 +109,7 @@ _UNAVAILABLE = (
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class GCSStorage(LeasedStorage):
@@ -122,6 +123,7 @@ class GCSStorage(LeasedStorage):
         signed_url_ttl: int = 300,
         emulator_host: str | None = None,
     ):
+        super().__init__()
         self.config = config
         self.signed_url_ttl = signed_url_ttl
         self._staging = make_staging_dir(staging_root)
@@ -146,7 +148,10 @@ class GCSStorage(LeasedStorage):
         if not isinstance(self._signer, Signing) and not hasattr(self._signer, "service_account_email"):
             # An emulator without a key, or a user's `gcloud auth
             # application-default login`: nothing can sign.
-            log.warning("GCS: no service account to sign URLs with; blobs are relayed by the registry")
+            log.warning(
+                "gcs.no_signer", problem="no service account to sign URLs with",
+                action="blobs are relayed by the registry",
+            )
             self._signer = None
 
         self._bucket = self._client.bucket(config.bucket)
@@ -298,7 +303,7 @@ class GCSStorage(LeasedStorage):
             )
         except (asyncio.CancelledError, BackendUnavailable):
             # The thread cannot be stopped: the upload finishes or fails by itself.
-            running.add_done_callback(lambda done: _log_orphan(blob.name, done))
+            detach(running, failure_event="gcs.upload_failed_after_giving_up", describe_error=_describe, key=blob.name)
             raise
         except api_exceptions.NotFound as error:
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
@@ -422,11 +427,6 @@ def _describe(error: BaseException) -> str:
         return f"{error.code} {type(error).__name__}: {error.message}"[:400]
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-
-def _log_orphan(name: str, upload: asyncio.Future[Any]) -> None:
-    if not upload.cancelled() and (error := upload.exception()) is not None:
-        log.warning("upload of %s failed after its request gave up: %s", name, error)
 
 
 def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials:

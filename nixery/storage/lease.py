@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import random
 import socket
@@ -16,9 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import structlog
+
+from nixery.background import spawn
 from nixery.storage.base import Storage, StorageError, check_key
 
-_log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,13 @@ class LeasedStorage(Storage):
     #: A failed release is retried for this long (the lease expires anyway).
     lease_release_retries_for: float = 300.0
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Releases that failed, retried in the background until the store is back, by lease name.
+        self._release_retries: dict[str, asyncio.Task[None]] = {}
+        # Lease writes and deletes that run on after the caller stopped waiting.
+        self._lease_tasks: set[asyncio.Task[Any]] = set()
+
     # Backend primitives. Versions are ETags or generations, as strings.
     @abstractmethod
     async def _lease_create(self, name: str, body: bytes) -> str | None:
@@ -169,7 +178,7 @@ class LeasedStorage(Storage):
             _live_owners.discard(lease.owner)
             lease.stop.set()
             # Runs to its end even if this task is cancelled meanwhile.
-            ending = self._lease_background(self._end_lease(lease, renewal))
+            ending = self._lease_background(self._end_lease(lease, renewal), lease.name)
             await asyncio.shield(ending)
 
     async def _acquire_lease(self, lease: _Lease) -> None:
@@ -193,7 +202,7 @@ class LeasedStorage(Storage):
                     version = await self._lease_write(lease, self._lease_replace(lease.name, body, current[0]))
                     if version is not None:
                         why = gone or f"not renewed for {self.lease_ttl:g}s"
-                        _log.warning("%s: took over %s (%s)", self.name, lease.name, why)
+                        log.warning("lease.taken_over", storage=self.name, lease=lease.name, reason=why)
                         lease.version = version
                         return
             pause = min(max(pause * 2, 0.05), self.lease_max_poll)
@@ -210,7 +219,7 @@ class LeasedStorage(Storage):
 
     def _undo_lease_write(self, name: str, done: asyncio.Future[str | None]) -> None:
         if not done.cancelled() and done.exception() is None and (version := done.result()) is not None:
-            self._lease_background(self._lease_delete(name, version))
+            self._lease_background(self._lease_delete(name, version), name)
 
     async def _renew_lease(self, lease: _Lease) -> None:
         while True:
@@ -221,10 +230,13 @@ class LeasedStorage(Storage):
             try:
                 version = await self._lease_replace(lease.name, lease.body(self.lease_ttl), lease.version)
             except StorageError as error:
-                _log.warning("%s: could not renew %s: %s", self.name, lease.name, error)
+                log.warning("lease.renewal_failed", storage=self.name, lease=lease.name, error=str(error))
                 continue
             if version is None:
-                _log.warning("%s: lost %s (not renewed within %gs); carrying on", self.name, lease.name, self.lease_ttl)
+                log.warning(
+                    "lease.lost", storage=self.name, lease=lease.name, reason=f"not renewed within {self.lease_ttl:g}s",
+                    action="carrying on",
+                )
                 lease.version = None
                 return
             lease.version = version
@@ -233,20 +245,19 @@ class LeasedStorage(Storage):
         try:
             await asyncio.wait_for(renewal, self.lease_ttl)  # lets a renewal in flight land first
         except Exception as error:  # noqa: BLE001 (whatever happened, release)
-            _log.warning("%s: renewing %s failed: %s", self.name, lease.name, error)
+            log.warning("lease.renewal_failed", storage=self.name, lease=lease.name, error=str(error))
         if lease.version is None:
             return
         try:
             await asyncio.wait_for(self._lease_delete(lease.name, lease.version), self.lease_ttl)
         except (StorageError, TimeoutError) as error:
-            _log.warning("%s: could not release %s (retrying in the background): %s", self.name, lease.name, error)
-            self._release_retries[lease.name] = self._lease_background(
-                self._retry_release(lease.name, lease.version)
+            log.warning(
+                "lease.release_failed", storage=self.name, lease=lease.name, error=str(error),
+                action="retrying in the background",
             )
-
-    @property
-    def _release_retries(self) -> dict[str, asyncio.Task[None]]:
-        return self.__dict__.setdefault("_pending_releases", {})
+            self._release_retries[lease.name] = self._lease_background(
+                self._retry_release(lease.name, lease.version), lease.name
+            )
 
     async def _retry_release(self, name: str, version: str) -> None:
         """Delete the lease once the store is back (it is retaken at once by this process meanwhile)."""
@@ -259,10 +270,10 @@ class LeasedStorage(Storage):
             except StorageError:
                 pause = min(pause * 2, self.lease_ttl / 3)
                 continue
-            _log.info("%s: released %s once the store was back", self.name, name)
+            log.info("lease.released_late", storage=self.name, lease=name, note="the store is back")
             break
         else:
-            _log.warning("%s: gave up releasing %s; it expires by itself", self.name, name)
+            log.warning("lease.release_given_up", storage=self.name, lease=name, note="it expires by itself")
         if self._release_retries.get(name) is asyncio.current_task():
             del self._release_retries[name]
 
@@ -276,12 +287,10 @@ class LeasedStorage(Storage):
         for retries in list(self._release_retries.values()):
             retries.cancel()
 
-    def _lease_background(self, work: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(work)
-        tasks: set[asyncio.Task[Any]] = self.__dict__.setdefault("_lease_tasks", set())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
+    def _lease_background(self, work: Any, lease: str) -> asyncio.Task[Any]:
+        return spawn(
+            work, failure_event="lease.background_failed", keep=self._lease_tasks, storage=self.name, lease=lease
+        )
 
 
 def _holder(body: bytes) -> tuple[ProcessIdentity | None, str]:

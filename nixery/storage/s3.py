@@ -34,7 +34,6 @@ the store), or, when redirects are off, as a stream relayed by the registry.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import socket
@@ -46,10 +45,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import obstore
+import structlog
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
+from nixery.background import detach
 from nixery.config import S3Settings
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
@@ -68,7 +69,7 @@ from nixery.storage.base import (
 from nixery.storage.lease import LeasedStorage
 from nixery.storage.stalls import unless_store_stalls
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 #: Part size of multipart uploads; S3 needs at least 5 MiB per part.
 UPLOAD_CHUNK = 6 * 1024 * 1024
@@ -98,6 +99,7 @@ class S3Storage(LeasedStorage):
         staging_root: Path,
         signed_url_ttl: int = 300,
     ):
+        super().__init__()
         self.config = config
         self.signed_url_ttl = signed_url_ttl
         # Same layout as the filesystem driver: one directory per process, so
@@ -257,16 +259,10 @@ class S3Storage(LeasedStorage):
             # invisible parts behind; it finishes (or fails and aborts) by itself.
             await unless_store_stalls(upload, lambda: self._stat_key(key))
         except (asyncio.CancelledError, BackendUnavailable):
-            upload.add_done_callback(lambda done: self._log_orphan(key, done))
+            detach(upload, failure_event="s3.upload_failed_after_giving_up", describe_error=_describe, key=key)
             raise
         except ObstoreError as error:
             raise self._unavailable(error) from error
-
-    def _log_orphan(self, key: str, upload: asyncio.Future[Any]) -> None:
-        if upload.cancelled():
-            return
-        if (error := upload.exception()) is not None:
-            log.warning("upload of %s failed after its request gave up: %s", key, _describe(error))
 
     async def get_meta(self, key: str) -> bytes | None:
         path = f"meta/{check_key(key)}"

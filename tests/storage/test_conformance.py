@@ -230,6 +230,21 @@ async def test_second_instance_shares_blobs_and_meta(backend: Backend, tmp_path:
     assert await second.get_meta(key) == b"manifest from replica one"
 
 
+async def test_corruption_listeners_belong_to_their_instance(backend: Backend, tmp_path: Path) -> None:
+    """Every driver starts with its own empty list of corruption listeners (Storage.__init__):
+    a listener hears the blobs its instance reports, not those of another instance."""
+    first = backend.open()
+    if backend.name != "filesystem":
+        backend.storage_path = tmp_path / "replica-2"
+    second = backend.open()
+    heard: list[tuple[str, Digest]] = []
+    first.on_corrupt_blob(lambda digest: heard.append(("first", digest)))
+    second.on_corrupt_blob(lambda digest: heard.append(("second", digest)))
+    digest = Digest.of(b"reported corrupt")
+    first._report_corrupt_blob(digest)
+    assert heard == [("first", digest)]
+
+
 async def test_crash_mid_upload_leaves_no_blob(backend: Backend, run_worker, tmp_path: Path) -> None:
     """kill -9 while a 32 MB layer is being written or uploaded: nothing appears
     under its digest, and the next start removes the dead process's staging."""

@@ -1,10 +1,4 @@
-"""NixImage objects from the Kubernetes API: list, watch, and report status.
-
-Plain HTTP against the API server (aiohttp), no client library:
-
-    list   GET   /apis/k8s.nixos.org/v1alpha/niximages?limit=500[&continue=…]
-    watch  GET   …/niximages?watch=1&resourceVersion=RV&allowWatchBookmarks=true&timeoutSeconds=T
-    status PATCH …/niximages/NAME/status   (application/merge-patch+json)
+"""The NixImage watch: keeps declarations equal to the cluster's objects and reports status.
 
 The watch loop keeps the declaration store's `kubernetes` source equal to the
 cluster's objects:
@@ -35,320 +29,33 @@ wrote for the same generation, and the first result for a generation stays
 (except that Ready replaces Failed): replicas or nodes whose builds differ
 never take turns rewriting it. So `digest` is that of the generation's first
 successful build.
-
-Credentials: in a pod, the service account (token re-read on every request,
-so rotated tokens work); elsewhere the kubeconfig (KUBECONFIG or
-~/.kube/config: its current context's server, CA, token, token file, client
-certificate, or user name and password; exec and auth-provider plugins are
-not supported).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import os
 import random
-import ssl
-import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import aiohttp
 import structlog
-import yaml
 
-from nixery.declarations import (
-    _SOURCE_RANK,
-    GROUP,
-    KUBERNETES,
-    VERSION,
-    Declaration,
-    DeclarationStore,
-    InvalidDeclaration,
-    parse_declaration,
-)
+from nixery.declarations import KUBERNETES, Declaration, DeclarationStore, InvalidDeclaration, parse_declaration
+from nixery.declarations.parsing import _SOURCE_RANK
+from nixery.k8s.client import ApiError, Gone, KubeClient
+from nixery.k8s.credentials import KubeConfig, load_kube_config
 from nixery.registry.mediatypes import ManifestFormat
 
 if TYPE_CHECKING:
     from nixery.builder import ImageRecord
 
 log = structlog.get_logger(__name__)
-
-PLURAL = "niximages"
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-MAX_EVENT_BYTES = 8 << 20
-
-
-class KubeConfigError(Exception):
-    """No usable cluster credentials; the message says what is missing."""
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
-
-
-class Gone(ApiError):
-    """410: the resourceVersion is too old (or a continue token expired): list again."""
-
-
-# ---- credentials -------------------------------------------------------
-
-
-@dataclass
-class KubeConfig:
-    server: str  # https://host:port, no trailing slash
-    ssl: ssl.SSLContext | bool | None = None  # None: default verification; False: none (http or insecure)
-    token: str | None = None
-    token_file: Path | None = None
-    basic_auth: tuple[str, str] | None = None
-    description: str = ""
-
-    def headers(self) -> dict[str, str]:
-        token = self.token
-        if self.token_file is not None:
-            token = self.token_file.read_text().strip()
-        if token:
-            return {"Authorization": f"Bearer {token}"}
-        if self.basic_auth is not None:
-            raw = f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()
-            return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
-        return {}
-
-
-def in_cluster_available(env: Mapping[str, str] | None = None, root: Path = SERVICE_ACCOUNT_DIR) -> bool:
-    env = os.environ if env is None else env
-    return bool(env.get("KUBERNETES_SERVICE_HOST")) and (root / "token").is_file()
-
-
-def in_cluster_config(env: Mapping[str, str] | None = None, root: Path = SERVICE_ACCOUNT_DIR) -> KubeConfig:
-    env = os.environ if env is None else env
-    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
-    if not host or not (root / "token").is_file():
-        raise KubeConfigError("not in a pod: KUBERNETES_SERVICE_HOST or the service account token is missing")
-    if ":" in host:
-        host = f"[{host}]"
-    context = ssl.create_default_context(cafile=str(root / "ca.crt")) if (root / "ca.crt").is_file() else None
-    return KubeConfig(
-        server=f"https://{host}:{port}",
-        ssl=context,
-        token_file=root / "token",
-        description="in-cluster service account",
-    )
-
-
-def _named(entries: Any, name: str, what: str) -> dict[str, Any]:
-    for entry in entries or []:
-        if isinstance(entry, Mapping) and entry.get("name") == name:
-            return dict(entry.get(what) or {})
-    raise KubeConfigError(f"kubeconfig has no {what} named {name!r}")
-
-
-def kubeconfig_config(path: Path, context_name: str | None = None) -> KubeConfig:
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise KubeConfigError(f"cannot read kubeconfig {path}: {exc}") from None
-    if not isinstance(config, Mapping):
-        raise KubeConfigError(f"kubeconfig {path} is not a mapping")
-    context_name = context_name or config.get("current-context")
-    if not context_name:
-        raise KubeConfigError(f"kubeconfig {path} has no current-context")
-    context = _named(config.get("contexts"), context_name, "context")
-    cluster = _named(config.get("clusters"), context.get("cluster", ""), "cluster")
-    user = _named(config.get("users"), context.get("user", ""), "user") if context.get("user") else {}
-    base = path.parent
-
-    def file(value: str) -> Path:
-        return Path(value) if os.path.isabs(value) else base / value
-
-    server = str(cluster.get("server") or "").rstrip("/")
-    if not server:
-        raise KubeConfigError(f"kubeconfig cluster {context.get('cluster')!r} has no server")
-    if "exec" in user or "auth-provider" in user:
-        raise KubeConfigError(
-            "kubeconfig user uses an exec or auth-provider plugin, which nixery does not run: "
-            "use a token (e.g. a service account's), a token file or a client certificate"
-        )
-    tls: ssl.SSLContext | bool | None = None
-    if server.startswith("https://"):
-        if cluster.get("insecure-skip-tls-verify"):
-            context_ssl = ssl.create_default_context()
-            context_ssl.check_hostname = False
-            context_ssl.verify_mode = ssl.CERT_NONE
-        elif cluster.get("certificate-authority-data"):
-            pem = base64.b64decode(cluster["certificate-authority-data"]).decode()
-            context_ssl = ssl.create_default_context(cadata=pem)
-        elif cluster.get("certificate-authority"):
-            context_ssl = ssl.create_default_context(cafile=str(file(cluster["certificate-authority"])))
-        else:
-            context_ssl = ssl.create_default_context()
-        if cluster.get("tls-server-name"):
-            context_ssl.check_hostname = False  # the name differs from the address; the CA still verifies
-        _load_client_certificate(context_ssl, user, file)
-        tls = context_ssl
-    token_file = file(user["tokenFile"]) if user.get("tokenFile") else None
-    basic = (str(user["username"]), str(user.get("password", ""))) if user.get("username") else None
-    return KubeConfig(
-        server=server,
-        ssl=tls,
-        token=user.get("token"),
-        token_file=token_file,
-        basic_auth=basic,
-        description=f"kubeconfig {path} context {context_name}",
-    )
-
-
-def _load_client_certificate(context: ssl.SSLContext, user: Mapping[str, Any], file: Any) -> None:
-    cert, key = user.get("client-certificate-data"), user.get("client-key-data")
-    if cert and key:
-        # ssl loads certificates from files only: write them to a private directory for the moment.
-        with tempfile.TemporaryDirectory(prefix="nixery-kube-") as directory:
-            cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
-            for target, data in ((cert_path, cert), (key_path, key)):
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(base64.b64decode(data))
-            context.load_cert_chain(str(cert_path), str(key_path))
-    elif user.get("client-certificate") and user.get("client-key"):
-        context.load_cert_chain(str(file(user["client-certificate"])), str(file(user["client-key"])))
-
-
-def load_kube_config(kubeconfig: Path | None = None, env: Mapping[str, str] | None = None) -> KubeConfig:
-    """An explicit kubeconfig, else the pod's service account, else ~/.kube/config."""
-    env = os.environ if env is None else env
-    if kubeconfig is not None:
-        return kubeconfig_config(kubeconfig)
-    if in_cluster_available(env):
-        return in_cluster_config(env)
-    default = Path(env.get("HOME") or Path.home()) / ".kube" / "config"
-    if default.is_file():
-        return kubeconfig_config(default)
-    raise KubeConfigError("no cluster credentials: not in a pod, KUBECONFIG is not set and ~/.kube/config is missing")
-
-
-# ---- HTTP --------------------------------------------------------------
-
-
-class KubeClient:
-    """The few API calls the watch needs."""
-
-    def __init__(self, config: KubeConfig, *, request_timeout: float = 30.0):
-        self.config = config
-        self.request_timeout = request_timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self.config.ssl if self.config.ssl is not None else True)
-            self._session = aiohttp.ClientSession(connector=connector)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @staticmethod
-    def collection_path() -> str:
-        return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
-
-    @staticmethod
-    def status_path(name: str, namespace: str | None = None) -> str:
-        scope = f"/namespaces/{quote(namespace, safe='')}" if namespace else ""
-        return f"/apis/{GROUP}/{VERSION}{scope}/{PLURAL}/{quote(name, safe='')}/status"
-
-    @staticmethod
-    async def _error(response: aiohttp.ClientResponse) -> ApiError:
-        text = await response.text(errors="replace")
-        message = text[:500]
-        with contextlib.suppress(ValueError, AttributeError):
-            message = json.loads(text).get("message") or message
-        return (Gone if response.status == 410 else ApiError)(response.status, message)
-
-    async def list(self, *, limit: int = 500) -> tuple[list[dict[str, Any]], str]:
-        """Every object (following `continue` pages) and the list's resourceVersion."""
-        items: list[dict[str, Any]] = []
-        token = None
-        while True:
-            params = {"limit": str(limit)}
-            if token:
-                params["continue"] = token
-            async with self._client().get(
-                self.config.server + self.collection_path(),
-                params=params,
-                headers={**self.config.headers(), "Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-            ) as response:
-                if response.status != 200:
-                    raise await self._error(response)
-                body = await response.json(content_type=None)
-            items.extend(item for item in body.get("items") or [] if isinstance(item, dict))
-            metadata = body.get("metadata") or {}
-            token = metadata.get("continue")
-            if not token:
-                return items, str(metadata.get("resourceVersion") or "")
-
-    async def watch(self, resource_version: str, *, timeout_seconds: int) -> AsyncIterator[dict[str, Any]]:
-        """The events after `resource_version`, until the server ends the watch or the connection drops."""
-        params = {
-            "watch": "1",
-            "resourceVersion": resource_version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(timeout_seconds),
-        }
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=timeout_seconds + 30)
-        async with self._client().get(
-            self.config.server + self.collection_path(),
-            params=params,
-            headers={**self.config.headers(), "Accept": "application/json"},
-            timeout=timeout,
-        ) as response:
-            if response.status != 200:
-                raise await self._error(response)
-            buffer = b""
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
-                if len(buffer) > MAX_EVENT_BYTES:
-                    raise ApiError(0, f"a watch event is larger than {MAX_EVENT_BYTES} bytes")
-            if buffer.strip():
-                yield json.loads(buffer)
-
-    async def patch_status(
-        self, name: str, namespace: str | None, status: dict[str, Any], *, resource_version: str | None = None
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}  # precondition: 409 if it moved on
-        async with self._client().patch(
-            self.config.server + self.status_path(name, namespace),
-            data=json.dumps(body),
-            headers={
-                **self.config.headers(),
-                "Content-Type": "application/merge-patch+json",
-                "Accept": "application/json",
-            },
-            timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-        ) as response:
-            if response.status != 200:
-                raise await self._error(response)
-            return await response.json(content_type=None)
-
-
-# ---- the watch ---------------------------------------------------------
 
 _STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "error", "observedGeneration", "builtAt")
 
@@ -375,10 +82,6 @@ def object_key(obj: Mapping[str, Any]) -> str:
 
 def _object_origin(key: str) -> str:
     return f"niximage/{key}"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _says(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -675,10 +378,9 @@ async def start_watch(
     config = config or load_kube_config(getattr(settings, "kubeconfig", None))
     client = KubeClient(config)
     watch = NixImageWatch(client, store, **options)
-    loop = asyncio.get_running_loop()
-    store.add_task(loop.create_task(watch.run()))
-    store.add_task(loop.create_task(watch.write_statuses()))
-    store.add_task(loop.create_task(_close_on_cancel(client)))
+    store.run_in_background(watch.run(), failure_event="k8s.watch_failed")
+    store.run_in_background(watch.write_statuses(), failure_event="k8s.status_writer_failed")
+    store.run_in_background(_close_on_cancel(client), failure_event="k8s.client_close_failed")
     log.info("k8s.watch_started", server=config.server, credentials=config.description)
     started = time.monotonic()
     with contextlib.suppress(TimeoutError):

@@ -1,0 +1,167 @@
+"""Declarations from YAML files under a path, read again only when a file changes.
+
+Whatever is wrong with a file stays with it: every failure (unreadable,
+not YAML, past a limit of `nixery.yaml_files`, an invalid document) becomes a
+`Problem` of that file, logged once per change of the file, and the other
+files are served as usual.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from nixery.declarations.parsing import (
+    _SOURCE_RANK,
+    FILE_SUFFIXES,
+    FILES,
+    MAX_LOGGED_PER_FILE,
+    Declaration,
+    InvalidDeclaration,
+    _cut,
+    _describe,
+    _documents,
+    parse_declaration,
+)
+from nixery.yaml_files import (
+    FileRefused,
+    describe_error,
+    find_files,
+    load_documents,
+    read_regular_file,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    origin: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadedFile:
+    stamp: tuple[int, ...]
+    declarations: tuple[Declaration, ...]
+    problems: tuple[Problem, ...]
+
+
+class DeclarationFiles:
+    """NixImage documents in the YAML files under a path (a directory or one file).
+
+    `scan()` is cheap when nothing changed: one `stat` per file, and a file is
+    read again only when its inode, size, or modification or change time did.
+    It blocks (it reads and parses): `DeclarationStore` runs it in a thread.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._files: dict[Path, _LoadedFile] = {}
+        self._missing_reported = False
+
+    def scan(self) -> bool:
+        """Re-read changed files; True when the set of declarations may have changed."""
+        if not self.path.exists():
+            if not self._missing_reported:
+                log.warning("declarations.path_missing", path=str(self.path))
+                self._missing_reported = True
+        else:
+            self._missing_reported = False
+        current: dict[Path, _LoadedFile] = {}
+        changed = False
+        for path in find_files(self.path, FILE_SUFFIXES):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            loaded = self._files.get(path)
+            if loaded is None or loaded.stamp != stamp:
+                loaded = self._load(path, stamp)
+                changed = True
+            current[path] = loaded
+        for gone in self._files.keys() - current.keys():
+            log.info("declarations.file_removed", file=str(gone))
+            changed = True
+        self._files = current
+        return changed
+
+    def _load(self, path: Path, stamp: tuple[int, ...]) -> _LoadedFile:
+        """The file's declarations and problems. Whatever is wrong with it stays with it:
+        every failure becomes a problem of this file, logged now, once per change."""
+        declarations: list[Declaration] = []
+        problems: list[Problem] = []
+
+        def report(document: str | None, message: str, name: str | None = None) -> None:
+            origin = f"file {path}" + (f"#{document}" if document is not None else "")
+            problems.append(Problem(origin, message))
+            if len(problems) <= MAX_LOGGED_PER_FILE:
+                log.warning("declarations.invalid", file=str(path), document=document, name=name, problem=message)
+
+        try:
+            documents = _read_documents(path)
+        except InvalidDeclaration as exc:
+            report(None, str(exc))
+            return _LoadedFile(stamp, (), tuple(problems))
+        except Exception as exc:  # e.g. a value PyYAML cannot construct (tag: 2024-02-30)
+            report(None, f"cannot be loaded: {_describe(exc)}")
+            return _LoadedFile(stamp, (), tuple(problems))
+        for label, document in documents:
+            origin = f"file {path}#{label}"
+            try:
+                declaration = parse_declaration(
+                    document, origin=origin, source=FILES, rank=(_SOURCE_RANK[FILES], str(path), _label_key(label))
+                )
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, InvalidDeclaration) else f"cannot be checked: {_describe(exc)}"
+                name = None
+                if isinstance(document, Mapping) and isinstance(document.get("metadata"), Mapping):
+                    raw = document["metadata"].get("name")
+                    name = _cut(raw) if isinstance(raw, str) else None
+                report(label, message, name)
+                continue
+            declarations.append(declaration)
+        log.info(
+            "declarations.file_loaded",
+            file=str(path),
+            images=[d.reference for d in declarations[:MAX_LOGGED_PER_FILE]],
+            declared=len(declarations),
+            invalid=len(problems),
+        )
+        return _LoadedFile(stamp, tuple(declarations), tuple(problems))
+
+    @property
+    def declarations(self) -> list[Declaration]:
+        return [d for path in sorted(self._files) for d in self._files[path].declarations]
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for path in sorted(self._files) for p in self._files[path].problems]
+
+
+def _read_documents(path: Path) -> list[tuple[str, Any]]:
+    """The documents of a declaration file; `InvalidDeclaration` says why there are none."""
+    try:
+        text = read_regular_file(path).decode("utf-8")
+        return list(_documents(load_documents(text)))
+    except FileRefused as exc:
+        raise InvalidDeclaration(str(exc)) from None
+    except OSError as exc:
+        raise InvalidDeclaration(f"cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidDeclaration(f"cannot read the file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise InvalidDeclaration(f"not valid YAML: {_cut(describe_error(exc), 200)}") from None
+
+
+def _label_key(label: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", label))
+
+

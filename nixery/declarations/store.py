@@ -1,0 +1,288 @@
+"""The table of declared images that every source feeds, and the builds it follows.
+
+`DeclarationStore` is the registry's `ImageResolver`: it answers "is this
+name:tag declared?" from a table that is replaced, never edited, when a source
+changes, so a lookup never sees half a change. Sources are the files
+(`DeclarationFiles`, scanned in a thread of their own) and, when `nixery.app`
+starts one, the Kubernetes watch, which reports status back through the
+`StatusReporter` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from nixery.background import spawn
+from nixery.declarations.files import DeclarationFiles
+from nixery.declarations.parsing import FILES, Declaration, _describe
+from nixery.errors import RegistryError
+from nixery.registry.names import ImageRequest
+
+if TYPE_CHECKING:
+    from nixery.builder import ImageBuilder, ImageRecord
+
+log = structlog.get_logger(__name__)
+
+
+
+class StatusReporter(Protocol):
+    """A source that reports back what became of its declarations (Kubernetes status)."""
+
+    def table_changed(self, winners: Mapping[str, Declaration], losers: Mapping[str, Declaration]) -> None:
+        """`winners`: its declarations being served, by key; `losers`: by key, the declaration that beat each."""
+
+    def wants_build_result(self, declaration: Declaration) -> bool:
+        """Whether a pull of `declaration` should be followed to report its result."""
+
+    def build_finished(self, declaration: Declaration, record: ImageRecord | None, error: str | None) -> None:
+        """The image of `declaration` was built (`record`) or failed (`error`)."""
+
+
+@dataclass
+class _Table:
+    by_reference: dict[tuple[str, str], Declaration] = field(default_factory=dict)
+    losers: list[tuple[Declaration, Declaration]] = field(default_factory=list)  # (loser, winner)
+
+
+def _build_table(declarations: Iterable[Declaration]) -> _Table:
+    table = _Table()
+    for declaration in sorted(declarations, key=lambda d: d.rank):
+        reference = (declaration.name, declaration.tag)
+        winner = table.by_reference.get(reference)
+        if winner is None:
+            table.by_reference[reference] = declaration
+        else:
+            table.losers.append((declaration, winner))
+    return table
+
+
+class DeclarationStore:
+    """Declared images from every source; the registry's `ImageResolver`."""
+
+    def __init__(
+        self,
+        *,
+        builder: ImageBuilder | None = None,
+        files: DeclarationFiles | None = None,
+        prebuild: bool = False,
+        poll_interval: float = 10.0,
+    ):
+        self.builder = builder
+        self.files = files
+        self.prebuild = prebuild
+        self.poll_interval = poll_interval
+        self._sources: dict[str, list[Declaration]] = {}
+        self._table = _Table()
+        self._reported_conflicts: set[tuple[str, str]] = set()
+        self._reporters: dict[str, StatusReporter] = {}
+        self._builds: dict[tuple[Any, ...], asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # the file poll, the Kubernetes watch
+        # File scans: one at a time, in a thread of their own (see refresh_files).
+        self._scan_lock = asyncio.Lock()
+        self._scans_started = 0
+        self._scan_tasks: set[asyncio.Task[None]] = set()
+        self._scan_thread: ThreadPoolExecutor | None = None
+        self._scan_failure: str | None = None
+
+    # ---- life cycle ------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the files once (reporting problems) and keep watching them."""
+        if self.files is not None:
+            await self.refresh_files()
+            self.run_in_background(self._poll_files(), failure_event="declarations.poll_failed")
+
+    def run_in_background(self, work: Coroutine[Any, Any, None], *, failure_event: str) -> None:
+        """Run `work` (a source's loop) until `close`; a failure is logged as `failure_event`."""
+        spawn(work, failure_event=failure_event, keep=self._tasks)
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *self._builds.values(), *self._scan_tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._builds.clear()
+        if self._scan_thread is not None:
+            self._scan_thread.shutdown(wait=False, cancel_futures=True)
+            self._scan_thread = None
+
+    async def _poll_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            await self.refresh_files()  # returns when the scan is done: polls never pile up
+
+    async def refresh_files(self) -> None:
+        """Bring the files' declarations up to date: returns after a scan that started after the call.
+
+        Scans run one at a time, in a thread of their own, so the event loop never stats,
+        reads or parses a file. Calls that arrive while a scan runs share the next one:
+        however many pulls and polls come, one scan runs and at most one waits. A caller
+        that is cancelled (a client gone) leaves its scan to finish, so no change is lost.
+        A failed scan is logged (once, until scans succeed again) and the table stays."""
+        if self.files is None:
+            return
+        scan = spawn(self._scan(self._scans_started), failure_event="declarations.scan_failed", keep=self._scan_tasks)
+        await asyncio.shield(scan)
+
+    async def _scan(self, started_before: int) -> None:
+        async with self._scan_lock:
+            if self._scans_started > started_before or self.files is None:
+                return  # a scan that started after the call has just finished
+            self._scans_started += 1
+            if self._scan_thread is None:
+                self._scan_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="declarations-scan")
+            files = self.files
+
+            def scan() -> list[Declaration] | None:
+                """The files' declarations when they may have changed: collected here, in the thread."""
+                return files.declarations if files.scan() else None
+
+            try:
+                declarations = await asyncio.get_running_loop().run_in_executor(self._scan_thread, scan)
+                if declarations is not None:
+                    self.set_source(FILES, declarations)
+            except Exception as exc:  # the table stays as it was; the next scan tries again
+                failure = _describe(exc)
+                if failure != self._scan_failure:
+                    log.error("declarations.scan_failed", path=str(files.path), error=failure)
+                self._scan_failure = failure
+                return
+            self._scan_failure = None
+
+    def add_reporter(self, source: str, reporter: StatusReporter) -> None:
+        self._reporters[source] = reporter
+
+    # ---- lookups ---------------------------------------------------
+
+    def lookup(self, name: str, tag: str) -> Declaration | None:
+        return self._table.by_reference.get((name, tag))
+
+    @property
+    def declarations(self) -> list[Declaration]:
+        """The declarations being served, in precedence order."""
+        return sorted(self._table.by_reference.values(), key=lambda d: d.rank)
+
+    async def resolve(self, name: str, tag: str) -> ImageRequest | None:
+        """The declared contents of `name:tag`, or None to read the name as packages."""
+        await self.refresh_files()
+        declaration = self.lookup(name, tag)
+        if declaration is None:
+            return None
+        log.info(
+            "declarations.resolved", image=declaration.reference, contents=declaration.contents,
+            arch=declaration.request.arch.oci_name, origin=declaration.origin,
+        )
+        reporter = self._reporters.get(declaration.source)
+        if reporter is not None and reporter.wants_build_result(declaration):
+            self._follow_build(declaration, start=False)
+        return declaration.request
+
+    # ---- changes ---------------------------------------------------
+
+    def set_source(self, source: str, declarations: Iterable[Declaration]) -> None:
+        """Replace one source's declarations and act on what changed."""
+        self._sources[source] = list(declarations)
+        previous = self._table
+        self._table = table = _build_table(d for decls in self._sources.values() for d in decls)
+
+        for reference, declaration in table.by_reference.items():
+            before = previous.by_reference.get(reference)
+            if before is None or not declaration.same_image(before) or before.origin != declaration.origin:
+                log.info(
+                    "declarations.image_declared", image=declaration.reference, contents=declaration.contents,
+                    arch=declaration.request.arch.oci_name, origin=declaration.origin,
+                )
+                if self.prebuild:
+                    self._follow_build(declaration, start=True)
+        for reference, before in previous.by_reference.items():
+            if reference not in table.by_reference:
+                log.info("declarations.image_removed", image=before.reference, origin=before.origin)
+
+        conflicts = set()
+        for loser, winner in table.losers:
+            conflicts.add((loser.origin, winner.origin))
+            if (loser.origin, winner.origin) not in self._reported_conflicts:
+                log.warning(
+                    "declarations.conflict", image=loser.reference, ignored=loser.origin, served=winner.origin,
+                    problem=f"{loser.reference} is already declared by {winner.origin}",
+                )
+        self._reported_conflicts = conflicts
+
+        for reporter_source, reporter in self._reporters.items():
+            winners = {
+                d.key: d for d in table.by_reference.values() if d.source == reporter_source and d.key is not None
+            }
+            losers = {
+                loser.key: winner
+                for loser, winner in table.losers
+                if loser.source == reporter_source and loser.key is not None
+            }
+            reporter.table_changed(winners, losers)
+
+    # ---- builds ----------------------------------------------------
+
+    def _follow_build(self, declaration: Declaration, *, start: bool) -> None:
+        """Build (or wait for the build of) a declared image in the background, and report the result."""
+        if self.builder is None:
+            return
+        key = (declaration.origin, declaration.name, declaration.tag, declaration.request)
+        if key in self._builds:
+            return
+        task = asyncio.get_running_loop().create_task(self._build(declaration, start=start))
+        self._builds[key] = task
+        task.add_done_callback(lambda _: self._builds.pop(key, None))
+
+    async def _build(self, declaration: Declaration, *, start: bool) -> None:
+        assert self.builder is not None
+        record = None
+        error = None
+        try:
+            if start:
+                build = await self.builder.start(declaration.request, declaration.tag)
+                log.info(
+                    "declarations.prebuild", image=declaration.reference, build=build.id,
+                    contents=declaration.contents, origin=declaration.origin,
+                )
+            record = await self.builder.image(declaration.request, declaration.tag)
+        except asyncio.CancelledError:
+            raise
+        except RegistryError as exc:
+            error = exc.message
+        except Exception as exc:  # reported like any build failure; the registry goes on
+            error = str(exc) or type(exc).__name__
+        if error is not None:
+            log.warning(
+                "declarations.build_failed", image=declaration.reference, origin=declaration.origin, error=error
+            )
+        elif start:
+            log.info("declarations.prebuilt", image=declaration.reference, digest=_digest(record))
+        reporter = self._reporters.get(declaration.source)
+        if reporter is not None:
+            reporter.build_finished(declaration, record, error)
+
+
+def _digest(record: ImageRecord | None) -> str | None:
+    """The digest of the manifest clients get by default (OCI for zstd images)."""
+    return str(record.default_manifest.digest) if record is not None else None
+
+
+async def open_declarations(settings: Any, builder: ImageBuilder | None) -> DeclarationStore:
+    """The declaration store the settings ask for, started (files read, watch running).
+
+    The Kubernetes source is started by the caller (`nixery.app`), which knows both."""
+    files = DeclarationFiles(settings.images_path) if settings.images_path is not None else None
+    store = DeclarationStore(
+        builder=builder, files=files, prebuild=settings.prebuild, poll_interval=settings.images_poll
+    )
+    await store.start()
+    return store

@@ -1,0 +1,144 @@
+"""The few Kubernetes API calls the NixImage watch makes, as plain HTTP (aiohttp).
+
+    list   GET   /apis/k8s.nixos.org/v1alpha/niximages?limit=500[&continue=…]
+    watch  GET   …/niximages?watch=1&resourceVersion=RV&allowWatchBookmarks=true&timeoutSeconds=T
+    status PATCH …/niximages/NAME/status   (application/merge-patch+json)
+
+A failed call raises `ApiError` (`Gone` for 410: list again); a watch event
+larger than `MAX_EVENT_BYTES` ends the watch with an `ApiError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from nixery.declarations import GROUP, VERSION
+from nixery.k8s.credentials import KubeConfig
+
+PLURAL = "niximages"
+MAX_EVENT_BYTES = 8 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Gone(ApiError):
+    """410: the resourceVersion is too old (or a continue token expired): list again."""
+
+
+class KubeClient:
+    """The few API calls the watch needs."""
+
+    def __init__(self, config: KubeConfig, *, request_timeout: float = 30.0):
+        self.config = config
+        self.request_timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self.config.ssl if self.config.ssl is not None else True)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @staticmethod
+    def collection_path() -> str:
+        return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+
+    @staticmethod
+    def status_path(name: str, namespace: str | None = None) -> str:
+        scope = f"/namespaces/{quote(namespace, safe='')}" if namespace else ""
+        return f"/apis/{GROUP}/{VERSION}{scope}/{PLURAL}/{quote(name, safe='')}/status"
+
+    @staticmethod
+    async def _error(response: aiohttp.ClientResponse) -> ApiError:
+        text = await response.text(errors="replace")
+        message = text[:500]
+        with contextlib.suppress(ValueError, AttributeError):
+            message = json.loads(text).get("message") or message
+        return (Gone if response.status == 410 else ApiError)(response.status, message)
+
+    async def list(self, *, limit: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every object (following `continue` pages) and the list's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            params = {"limit": str(limit)}
+            if token:
+                params["continue"] = token
+            async with self._client().get(
+                self.config.server + self.collection_path(),
+                params=params,
+                headers={**self.config.headers(), "Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+            ) as response:
+                if response.status != 200:
+                    raise await self._error(response)
+                body = await response.json(content_type=None)
+            items.extend(item for item in body.get("items") or [] if isinstance(item, dict))
+            metadata = body.get("metadata") or {}
+            token = metadata.get("continue")
+            if not token:
+                return items, str(metadata.get("resourceVersion") or "")
+
+    async def watch(self, resource_version: str, *, timeout_seconds: int) -> AsyncIterator[dict[str, Any]]:
+        """The events after `resource_version`, until the server ends the watch or the connection drops."""
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=timeout_seconds + 30)
+        async with self._client().get(
+            self.config.server + self.collection_path(),
+            params=params,
+            headers={**self.config.headers(), "Accept": "application/json"},
+            timeout=timeout,
+        ) as response:
+            if response.status != 200:
+                raise await self._error(response)
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+                if len(buffer) > MAX_EVENT_BYTES:
+                    raise ApiError(0, f"a watch event is larger than {MAX_EVENT_BYTES} bytes")
+            if buffer.strip():
+                yield json.loads(buffer)
+
+    async def patch_status(
+        self, name: str, namespace: str | None, status: dict[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}  # precondition: 409 if it moved on
+        async with self._client().patch(
+            self.config.server + self.status_path(name, namespace),
+            data=json.dumps(body),
+            headers={
+                **self.config.headers(),
+                "Content-Type": "application/merge-patch+json",
+                "Accept": "application/json",
+            },
+            timeout=aiohttp.ClientTimeout(total=self.request_timeout),
+        ) as response:
+            if response.status != 200:
+                raise await self._error(response)
+            return await response.json(content_type=None)
