@@ -80,6 +80,7 @@ import yaml
 
 from nixery.errors import RegistryError
 from nixery.registry.names import MAX_PACKAGES, Arch, ImageRequest, check_tag, parse_image_name
+from nixery.registry.negotiation import pull_digests
 from nixery.yaml_files import (
     FileRefused,
     describe_error,
@@ -649,7 +650,7 @@ class DeclarationStore:
 
 def _digest(record: ImageRecord | None) -> str | None:
     """The digest of the manifest clients get by default (OCI for zstd images)."""
-    return str(record.default_manifest.digest) if record is not None else None
+    return str(pull_digests(record.descriptors).default) if record is not None else None
 
 
 async def open_declarations(settings: Any, builder: ImageBuilder | None) -> DeclarationStore:

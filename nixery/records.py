@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from nixery.registry.descriptors import Descriptor, Platform
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import ManifestFormat
@@ -108,10 +109,11 @@ class ImageRecord:
         return sum(layer.size for layer in self.layers)
 
     @property
-    def default_manifest(self) -> ManifestRef:
-        """The manifest a client that takes any format gets: Docker schema 2 when
-        the image has one, else OCI (images of zstd layers have only OCI)."""
-        return self.manifests.get(ManifestFormat.DOCKER) or self.manifests[ManifestFormat.OCI]
+    def descriptors(self) -> tuple[Descriptor, ...]:
+        """The documents a client can be given for this image (its manifests, one per format,
+        in the order stored); `nixery.registry.negotiation` picks one."""
+        platform = Platform("linux", self.architecture)
+        return tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in self.manifests.items())
 
 
 @dataclass(slots=True)

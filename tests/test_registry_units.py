@@ -8,6 +8,7 @@ import pytest
 
 from nixery.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.registry.descriptors import Descriptor
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import (
     DOCKER_MANIFEST,
@@ -18,7 +19,7 @@ from nixery.registry.mediatypes import (
     choose_format,
 )
 from nixery.registry.names import Arch, check_tag, parse_image_name
-from nixery.registry.negotiation import docker_engine_version, manifest_format, unpacks_zstd
+from nixery.registry.negotiation import check_acceptable, choose, docker_engine_version, unpacks_zstd
 
 NIX_28 = [
     {"path": "/nix/store/a-app", "narSize": 100, "references": ["/nix/store/a-app", "/nix/store/b-lib"]},
@@ -95,6 +96,14 @@ DOCKER_ACCEPT = [DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.
 def test_docker_engine_version(user_agent: str, version) -> None:
     assert docker_engine_version(user_agent) == version
     assert unpacks_zstd(user_agent) is (version is None or version[0] >= 23)
+
+
+def manifest_format(accept_headers: list[str], user_agent: str, compression: Compression) -> ManifestFormat:
+    """The format `choose` gives for an image of `compression` layers; `check_acceptable`,
+    asked before the build, agrees."""
+    check_acceptable(accept_headers, user_agent, compression)
+    image = [Descriptor(fmt.value, Digest.of(fmt.value.encode()), 1) for fmt in compression.manifest_formats]
+    return ManifestFormat(choose(image, accept_headers, user_agent, compression).media_type)
 
 
 def test_gzip_images_keep_docker_preferred() -> None:

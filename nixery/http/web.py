@@ -49,8 +49,8 @@ from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
 from nixery.progress import Build, Event, Stage
-from nixery.registry.mediatypes import ManifestFormat
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
+from nixery.registry.negotiation import pull_digests
 
 log = structlog.get_logger(__name__)
 
@@ -742,11 +742,12 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
 
 def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
     paths = record.layer_paths or tuple(() for _ in record.layers)
+    digests = pull_digests(record.descriptors)
     return {
         "name": record.name,
         "tag": tag,
-        "digest": str(record.default_manifest.digest),
-        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
+        "digest": str(digests.default),
+        "oci_digest": str(digests.oci),
         "config": str(record.config),
         "size": record.compressed_size,
         "source": record.source,
