@@ -2,10 +2,11 @@
 
 Handlers raise; this middleware maps lower-layer errors (Nix, storage,
 aiohttp's own 404/405/413) to registry errors and writes the registry's JSON error
-body. No traceback ever reaches a client.
+body: a code of the distribution spec, the registry's own kind in `detail.kind`
+(docs/errors.md). No traceback ever reaches a client.
 
 A full disk (storage's StorageFull, or an untyped ENOSPC/EDQUOT from a write
-outside the storage interface) is 507 STORAGE_FULL, counted per refused
+outside the storage interface) is 507, kind STORAGE_FULL, counted per refused
 request (`nixery_storage_full_total`) and logged as an error at most once a
 minute: a full disk fails every build, and every layer of each, until space
 is made.

@@ -172,7 +172,7 @@ def error_page(
 <section class="card error">
   <h1>{h(title)}</h1>
   <p class="message">{h(error.message)}</p>
-  <p class="muted">Error code <code>{h(error.code)}</code> · HTTP {error.status}</p>
+  <p class="muted">Error <code>{h(error.kind)}</code> · HTTP {error.status}</p>
 </section>"""
     if form is not None:
         body += _build_form(form.get("image", ""), form.get("tag", ""))
