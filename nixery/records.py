@@ -22,7 +22,7 @@ import bisect
 import json
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nixery.registry.descriptors import Descriptor, Platform
@@ -57,6 +57,15 @@ class ImageRecord:
     # The store paths of each layer, in layer order (empty for the entry-point
     # layer, and for records written before paths were kept).
     layer_paths: tuple[tuple[str, ...], ...] = ()
+    #: The documents a client can be given for this image (nixery.registry.negotiation picks
+    #: one per request): its manifests, one per format, in the order stored. Made once, here.
+    descriptors: tuple[Descriptor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        platform = Platform("linux", self.architecture)
+        manifests = self.manifests.items()
+        descriptors = tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in manifests)
+        object.__setattr__(self, "descriptors", descriptors)
 
     def to_json(self) -> bytes:
         return canonical_json(
@@ -107,13 +116,6 @@ class ImageRecord:
     @property
     def compressed_size(self) -> int:
         return sum(layer.size for layer in self.layers)
-
-    @property
-    def descriptors(self) -> tuple[Descriptor, ...]:
-        """The documents a client can be given for this image (its manifests, one per format,
-        in the order stored); `nixery.registry.negotiation` picks one."""
-        platform = Platform("linux", self.architecture)
-        return tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in self.manifests.items())
 
 
 @dataclass(slots=True)

@@ -206,10 +206,10 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     # Before building: a client that cannot use the image is told so at once.
     check_acceptable(accept, user_agent, builder.compression)
 
-    async def chosen() -> Digest:
-        def on_wait(build: Build) -> None:
-            _log_wait(request, request.match_info["name"], tag, build)
+    def on_wait(build: Build) -> None:
+        _log_wait(request, request.match_info["name"], tag, build)
 
+    async def chosen() -> Digest:
         record = await builder.image(image, tag, on_wait=on_wait)
         return choose(record.descriptors, accept, user_agent, builder.compression).digest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from enum import Enum
 
@@ -54,14 +55,19 @@ _LAYER_TYPES = {
 LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in _LAYER_TYPES.items()}
 
 
-def accepted_media_types(accept_headers: list[str]) -> set[str]:
+def accepted_media_types(accept_headers: list[str]) -> frozenset[str]:
     """The media types (and wildcards) named in a request's Accept headers, parameters dropped."""
-    return {
+    return _media_types(tuple(accept_headers))
+
+
+@functools.lru_cache(maxsize=256)  # clients send a few Accept headers, over and over
+def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(
         part.split(";", 1)[0].strip().lower()
         for header in accept_headers
         for part in header.split(",")
         if part.strip()
-    }
+    )
 
 
 def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
@@ -72,7 +78,11 @@ def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
     because every client we know reads it. No Accept header at all, or a
     wildcard, means the client takes what it gets.
     """
-    accepted = accepted_media_types(accept_headers)
+    return preferred_formats(accepted_media_types(accept_headers))
+
+
+def preferred_formats(accepted: Collection[str]) -> list[ManifestFormat]:
+    """`accepted_formats` of the media types `accepted_media_types` read."""
     if not accepted or "*/*" in accepted:
         return [ManifestFormat.DOCKER, ManifestFormat.OCI]
     formats = []

@@ -11,8 +11,8 @@ with "archive/tar: invalid tar header".
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import NamedTuple, NoReturn
+from collections.abc import Collection, Sequence
+from typing import NamedTuple
 
 from nixery.errors import ManifestUnknown
 from nixery.registry.descriptors import Descriptor, is_image, is_index
@@ -20,11 +20,12 @@ from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import (
     OCI_MANIFEST,
     Compression,
-    ManifestFormat,
-    accepted_formats,
     accepted_media_types,
-    choose_format,
+    preferred_formats,
 )
+
+#: The manifest media types images of each compression have, preferred first.
+_MEDIA_TYPES = {compression: tuple(fmt.value for fmt in compression.manifest_formats) for compression in Compression}
 
 #: The first Docker Engine release that unpacks zstd layers.
 DOCKER_ZSTD_MAJOR = 23
@@ -71,30 +72,32 @@ def choose(
     index = next((d for d in descriptors if is_index(d.media_type) and d.media_type in accepted), None)
     if index is not None:
         return index
-    images: dict[ManifestFormat, Descriptor] = {}
+    images: dict[str, Descriptor] = {}
     for descriptor in descriptors:  # the first of each format: a multi-platform image lists its own first
         if is_image(descriptor.media_type):
-            images.setdefault(ManifestFormat(descriptor.media_type), descriptor)
-    fmt = choose_format(accept_headers, images)
-    if fmt is None:
-        _refuse(accept_headers, compression, tuple(images))
-    return images[fmt]
+            images.setdefault(descriptor.media_type, descriptor)
+    return images[_preferred(accepted, compression, images)]
 
 
 def check_acceptable(accept_headers: list[str], user_agent: str, compression: Compression) -> None:
     """Raise what `choose` would for every image of `compression` layers: before a build, a
     client that could not use the image is told so at once."""
     check_client_unpacks(user_agent, compression)
-    if choose_format(accept_headers, compression.manifest_formats) is None:
-        _refuse(accept_headers, compression, compression.manifest_formats)
+    _preferred(accepted_media_types(accept_headers), compression, _MEDIA_TYPES[compression])
 
 
-def _refuse(accept_headers: list[str], compression: Compression, formats: Sequence[ManifestFormat]) -> NoReturn:
-    if accepted_formats(accept_headers):  # Docker schema 2 only, and the layers are zstd
+def _preferred(accepted: frozenset[str], compression: Compression, available: Collection[str]) -> str:
+    """The media type of the client's preferred format among those `available`; raises
+    ManifestUnknown, saying why, when it takes none of them."""
+    preferred = preferred_formats(accepted)
+    media_type = next((fmt.value for fmt in preferred if fmt.value in available), None)
+    if media_type is not None:
+        return media_type
+    if preferred:  # Docker schema 2 only, and the layers are zstd
         raise ManifestUnknown(
             "this registry serves zstd layers (NIXERY_LAYER_COMPRESSION=zstd), which need OCI manifests; "
             "the client accepts only Docker schema 2 manifests",
-            detail={"compression": compression.value, "formats": [f.value for f in formats]},
+            detail={"compression": compression.value, "formats": list(available)},
         )
     raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
 
