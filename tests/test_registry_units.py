@@ -167,3 +167,14 @@ def test_digests() -> None:
     for bad in ["sha256:ABC", "sha512:" + "0" * 128, "sha256:" + "0" * 63, "0" * 64]:
         with pytest.raises(DigestInvalid):
             Digest.parse(bad)
+
+
+def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:
+    """Clients send a few short sets over and over; a long one (no client's) is parsed and not kept."""
+    from nixery.registry.mediatypes import _media_types, accepted_media_types
+
+    long = ["application/x-" + "a" * 3000]
+    kept = _media_types.cache_info().currsize
+    assert accepted_media_types(long) == {long[0]}
+    assert _media_types.cache_info().currsize == kept
+    assert accepted_media_types([f"{OCI_MANIFEST}; q=0.5, */*"]) == {OCI_MANIFEST, "*/*"}

@@ -57,10 +57,17 @@ LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in
 
 def accepted_media_types(accept_headers: list[str]) -> frozenset[str]:
     """The media types (and wildcards) named in a request's Accept headers, parameters dropped."""
-    return _media_types(tuple(accept_headers))
+    headers = tuple(accept_headers)
+    if sum(len(header) for header in headers) > _CACHED_ACCEPT_LENGTH:  # no client's: not kept
+        return _media_types.__wrapped__(headers)
+    return _media_types(headers)
 
 
-@functools.lru_cache(maxsize=256)  # clients send a few Accept headers, over and over
+#: Clients send a few sets of Accept headers over and over (skopeo's six are ~300 bytes).
+_CACHED_ACCEPT_LENGTH = 2048
+
+
+@functools.lru_cache(maxsize=256)
 def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str]:
     return frozenset(
         part.split(";", 1)[0].strip().lower()
