@@ -78,16 +78,17 @@ from nixery.nix.sources import PackageSource, Revision, open_source
 from nixery.package_names import PackageNames
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.records import DEFAULT_CAPACITY, ImageRecord, ManifestRef, RecordCache
+from nixery.registry.descriptors import image_manifest
 from nixery.registry.digest import Digest
 from nixery.registry.image import (
     DEFAULT_PATH,
     LayerDescriptor,
     canonical_json,
     image_config,
-    image_manifest,
 )
-from nixery.registry.mediatypes import Compression, ManifestFormat
+from nixery.registry.mediatypes import Compression
 from nixery.registry.names import ImageRequest
+from nixery.registry.negotiation import pull_digests
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
 
@@ -664,10 +665,11 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 
 
 def _record_summary(record: ImageRecord) -> dict[str, Any]:
+    digests = pull_digests(record.descriptors)
     return {
         "image": record.name,
-        "digest": str(record.default_manifest.digest),
-        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
+        "digest": str(digests.default),
+        "oci_digest": str(digests.oci),
         "layers": len(record.layers),
         "size": record.compressed_size,
     }

@@ -44,9 +44,9 @@ _RECONNECTS = 5
 class ClientError(Exception):
     """A failure to report in one line (the registry's own message where it gave one)."""
 
-    def __init__(self, message: str, code: str | None = None, detail: Any = None):
+    def __init__(self, message: str, kind: str | None = None, detail: Any = None):
         super().__init__(message)
-        self.code = code  # the registry's error code, when it answered with one
+        self.kind = kind  # the registry's kind of error (docs/errors.md), when it answered with one
         self.detail = detail
 
 
@@ -65,7 +65,11 @@ async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
     text = await response.text()
     try:
         error = json.loads(text)["errors"][0]
-        return ClientError(f"{error['code']}: {error['message']}", error["code"], error.get("detail"))
+        detail = error.get("detail")
+        # `detail.kind` says which error it is; the code is the distribution spec's (and all older registries sent).
+        kind = detail.get("kind") if isinstance(detail, dict) else None
+        kind = kind if isinstance(kind, str) else error["code"]
+        return ClientError(f"{kind}: {error['message']}", kind, detail)
     except (ValueError, KeyError, IndexError, TypeError):
         return ClientError(f"HTTP {response.status}: {text.strip()[:300]}")
 
@@ -423,7 +427,7 @@ async def _build_locally(
 def _not_built(error: ClientError, registry: str | None) -> str | None:
     """For an image that is not built yet: the command that builds it."""
     detail = error.detail if isinstance(error.detail, dict) else {}
-    if error.code != "MANIFEST_UNKNOWN" or not isinstance(detail.get("name"), str):
+    if error.kind != "MANIFEST_UNKNOWN" or not isinstance(detail.get("name"), str):
         return None
     tag = detail.get("tag") or "latest"
     reference = image_reference(detail["name"], tag)

@@ -1,27 +1,14 @@
-"""Errors that reach a client, as a catalogue of registry error codes.
+"""Errors that reach a client: typed exceptions, each a code of the distribution spec
+(the only codes strict clients accept) and a kind of this registry's own.
 
-    RegistryError                 code, HTTP status, message, detail
-    ├── RequestInvalid            400 REQUEST_INVALID   not parseable HTTP (request line, header); input never echoed
-    ├── NameInvalid               400 NAME_INVALID      image path is not a valid list of packages
-    ├── TagInvalid                400 TAG_INVALID       tag is not a valid tag / git ref
-    ├── DigestInvalid             400 DIGEST_INVALID    not a sha256 digest
-    ├── NameUnknown               404 NAME_UNKNOWN
-    ├── ManifestUnknown           404 MANIFEST_UNKNOWN  unknown packages, unknown refs
-    ├── BlobUnknown               404 BLOB_UNKNOWN
-    ├── Unsupported               405 UNSUPPORTED       push, delete
-    ├── Unauthorized              401 UNAUTHORIZED      no or bad credentials; carries a WWW-Authenticate challenge
-    ├── Denied                    403 DENIED            the user lacks the permission (e.g. to build), a cross-site post
-    ├── RequestTooLarge           413 REQUEST_TOO_LARGE the request body is over the limit
-    ├── TooManyRequests           429 TOOMANYREQUESTS
-    ├── BuildFailed               500 BUILD_FAILED      Nix evaluation or build failed
-    ├── BuildTimeout              504 BUILD_TIMEOUT     NIX_TIMEOUT elapsed
-    ├── StorageUnavailable        503 STORAGE_UNAVAILABLE  the storage backend did not answer
-    ├── StorageFull               507 STORAGE_FULL      no space left where storage writes (names where)
-    ├── SourceUnavailable         502 SOURCE_UNAVAILABLE   a git repository or channel did not answer
-    └── InternalError             500 UNKNOWN           a bug; details only in the log
+The answer is `{"errors": [{"code", "message", "detail"}]}`: `code` is one of the
+OCI distribution spec's codes, or `UNKNOWN`/`UNAVAILABLE` as distribution's errcode
+catalogue uses them; `detail.kind` says which of this registry's errors it is
+(`BUILD_FAILED`, `STORAGE_FULL`, ...), and is what clients that know this registry
+read. docs/errors.md is the catalogue: every kind, its code, status and meaning.
 
-Every module raises these (or its own errors, mapped here by the HTTP layer);
-one middleware turns them into `{"errors": [{"code", "message", "detail"}]}`.
+Every module raises these (or its own errors, mapped by the HTTP layer in
+`nixery.http.errors`); one middleware turns them into the JSON body.
 """
 
 from __future__ import annotations
@@ -31,10 +18,15 @@ from typing import Any, ClassVar
 
 
 class RegistryError(Exception):
+    #: A code of the distribution spec: what every client can parse.
     code: ClassVar[str] = "UNKNOWN"
+    #: This registry's own name for the error, sent as `detail.kind`.
+    kind: ClassVar[str] = "UNKNOWN"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str, detail: Any = None, *, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self, message: str, detail: Mapping[str, Any] | None = None, *, headers: Mapping[str, str] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.detail = detail
@@ -42,13 +34,15 @@ class RegistryError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
 
     def to_json(self) -> dict[str, Any]:
-        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+        detail = {**(self.detail or {}), "kind": self.kind}
+        return {"errors": [{"code": self.code, "message": self.message, "detail": detail}]}
 
 
 class RequestInvalid(RegistryError):
     """The request is not HTTP that can be parsed."""
 
-    code = "REQUEST_INVALID"
+    code = "UNSUPPORTED"
+    kind = "REQUEST_INVALID"
     status = 400
 
 
@@ -56,13 +50,15 @@ class NameInvalid(RegistryError):
     """The image name is not valid."""
 
     code = "NAME_INVALID"
+    kind = "NAME_INVALID"
     status = 400
 
 
 class TagInvalid(RegistryError):
     """The tag is not valid."""
 
-    code = "TAG_INVALID"
+    code = "NAME_INVALID"
+    kind = "TAG_INVALID"
     status = 400
 
 
@@ -70,6 +66,7 @@ class DigestInvalid(RegistryError):
     """The digest is not valid."""
 
     code = "DIGEST_INVALID"
+    kind = "DIGEST_INVALID"
     status = 400
 
 
@@ -77,6 +74,7 @@ class NameUnknown(RegistryError):
     """No such repository."""
 
     code = "NAME_UNKNOWN"
+    kind = "NAME_UNKNOWN"
     status = 404
 
 
@@ -84,6 +82,7 @@ class ManifestUnknown(RegistryError):
     """No such manifest."""
 
     code = "MANIFEST_UNKNOWN"
+    kind = "MANIFEST_UNKNOWN"
     status = 404
 
 
@@ -91,6 +90,7 @@ class BlobUnknown(RegistryError):
     """No such blob."""
 
     code = "BLOB_UNKNOWN"
+    kind = "BLOB_UNKNOWN"
     status = 404
 
 
@@ -98,6 +98,7 @@ class Unsupported(RegistryError):
     """The operation is not supported."""
 
     code = "UNSUPPORTED"
+    kind = "UNSUPPORTED"
     status = 405
 
 
@@ -105,6 +106,7 @@ class Unauthorized(RegistryError):
     """Authentication is required."""
 
     code = "UNAUTHORIZED"
+    kind = "UNAUTHORIZED"
     status = 401
 
 
@@ -112,13 +114,15 @@ class Denied(RegistryError):
     """Access is denied."""
 
     code = "DENIED"
+    kind = "DENIED"
     status = 403
 
 
 class RequestTooLarge(RegistryError):
     """The request body is larger than the registry accepts."""
 
-    code = "REQUEST_TOO_LARGE"
+    code = "SIZE_INVALID"
+    kind = "REQUEST_TOO_LARGE"
     status = 413
 
 
@@ -126,41 +130,47 @@ class TooManyRequests(RegistryError):
     """Too many requests."""
 
     code = "TOOMANYREQUESTS"
+    kind = "TOOMANYREQUESTS"
     status = 429
 
 
 class BuildFailed(RegistryError):
     """Nix could not evaluate or build the image."""
 
-    code = "BUILD_FAILED"
+    code = "UNKNOWN"
+    kind = "BUILD_FAILED"
     status = 500
 
 
 class BuildTimeout(RegistryError):
     """The build took longer than NIX_TIMEOUT."""
 
-    code = "BUILD_TIMEOUT"
+    code = "UNAVAILABLE"
+    kind = "BUILD_TIMEOUT"
     status = 504
 
 
 class StorageUnavailable(RegistryError):
     """The storage backend did not answer."""
 
-    code = "STORAGE_UNAVAILABLE"
+    code = "UNAVAILABLE"
+    kind = "STORAGE_UNAVAILABLE"
     status = 503
 
 
 class StorageFull(RegistryError):
     """No space is left where the storage writes; what is stored is still served."""
 
-    code = "STORAGE_FULL"
+    code = "UNAVAILABLE"
+    kind = "STORAGE_FULL"
     status = 507
 
 
 class SourceUnavailable(RegistryError):
     """The package source (git repository, channel) could not be reached."""
 
-    code = "SOURCE_UNAVAILABLE"
+    code = "UNAVAILABLE"
+    kind = "SOURCE_UNAVAILABLE"
     status = 502
 
 
@@ -168,4 +178,5 @@ class InternalError(RegistryError):
     """Something failed that should not have; the log has the details."""
 
     code = "UNKNOWN"
+    kind = "INTERNAL_ERROR"
     status = 500

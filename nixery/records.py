@@ -21,10 +21,11 @@ from __future__ import annotations
 import bisect
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nixery.lru import LRU
+from nixery.registry.descriptors import Descriptor, Platform
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import ManifestFormat
@@ -56,6 +57,15 @@ class ImageRecord:
     # The store paths of each layer, in layer order (empty for the entry-point
     # layer, and for records written before paths were kept).
     layer_paths: tuple[tuple[str, ...], ...] = ()
+    #: The documents a client can be given for this image (nixery.registry.negotiation picks
+    #: one per request): its manifests, one per format, in the order stored. Made once, here.
+    descriptors: tuple[Descriptor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        platform = Platform("linux", self.architecture)
+        manifests = self.manifests.items()
+        descriptors = tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in manifests)
+        object.__setattr__(self, "descriptors", descriptors)
 
     def to_json(self) -> bytes:
         return canonical_json(
@@ -106,12 +116,6 @@ class ImageRecord:
     @property
     def compressed_size(self) -> int:
         return sum(layer.size for layer in self.layers)
-
-    @property
-    def default_manifest(self) -> ManifestRef:
-        """The manifest a client that takes any format gets: Docker schema 2 when
-        the image has one, else OCI (images of zstd layers have only OCI)."""
-        return self.manifests.get(ManifestFormat.DOCKER) or self.manifests[ManifestFormat.OCI]
 
 
 @dataclass(slots=True)

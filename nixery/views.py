@@ -13,7 +13,7 @@ from typing import Any
 
 from nixery.progress import Stage
 from nixery.records import ImageRecord
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.negotiation import pull_digests
 
 #: A build's stages in the order they come; a failed build ends in FAILED instead of DONE.
 STAGE_ORDER = (
@@ -56,11 +56,12 @@ def other_order(name: str) -> str | None:
 
 def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
     paths = record.layer_paths or tuple(() for _ in record.layers)
+    digests = pull_digests(record.descriptors)
     return {
         "name": record.name,
         "tag": tag,
-        "digest": str(record.default_manifest.digest),
-        "oci_digest": str(record.manifests[ManifestFormat.OCI].digest),
+        "digest": str(digests.default),
+        "oci_digest": str(digests.oci),
         "config": str(record.config),
         "size": record.compressed_size,
         "source": record.source,

@@ -112,6 +112,9 @@ def test_build_failures_exit_non_zero_with_the_registry_message(registry: Regist
     assert misspelt.returncode == 1 and "cowsy (did you mean cowsay?)" in misspelt.stderr
     invalid = nixery("build", "shell/bad!", "--registry", registry.url)
     assert invalid.returncode == 1 and "NAME_INVALID" in invalid.stderr and "invalid package name" in invalid.stderr
+    # The registry's kind of error is shown, not the distribution spec's code (NAME_INVALID).
+    bad_tag = nixery("build", "shell/hello:a..b", "--registry", registry.url)
+    assert bad_tag.returncode == 1 and "TAG_INVALID: invalid tag" in bad_tag.stderr, bad_tag.stderr
     unreachable = nixery("build", "shell/hello", "--registry", "http://127.0.0.1:9")
     assert unreachable.returncode == 1 and "cannot reach the registry" in unreachable.stderr
     usage = nixery("build")

@@ -379,8 +379,8 @@ def test_unreachable_bucket_answers_503_quickly_and_the_registry_recovers(cloud:
             assert elapsed < QUICKLY, f"{method} {path} took {elapsed:.1f}s to fail"
             if method == "GET":
                 error = registry_error(body)
-                assert error["code"] == "STORAGE_UNAVAILABLE"
-                assert error["detail"] == {"backend": cloud.name}
+                assert error["code"] == "UNAVAILABLE"
+                assert error["detail"] == {"backend": cloud.name, "kind": "STORAGE_UNAVAILABLE"}
                 assert f"storage backend {cloud.name} is unavailable" in error["message"]
     finally:
         cloud.proxy.start()

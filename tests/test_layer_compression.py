@@ -11,10 +11,12 @@ from nixery.config import ConfigError, load
 from nixery.layers.entrypoints import entry_layer_key
 from nixery.layers.tarball import Entry
 from nixery.nix.sources import Revision
+from nixery.registry.descriptors import image_manifest
 from nixery.registry.digest import Digest
-from nixery.registry.image import LayerDescriptor, image_manifest, layer_compression
+from nixery.registry.image import LayerDescriptor, layer_compression
 from nixery.registry.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Compression, ManifestFormat
 from nixery.registry.names import parse_image_name
+from nixery.registry.negotiation import pull_digests
 
 PATHS = ["/nix/store/bbb-two", "/nix/store/aaa-one"]
 ENTRIES = [
@@ -74,9 +76,11 @@ def _record(manifests: dict[ManifestFormat, ManifestRef]) -> ImageRecord:
 
 def test_an_image_without_a_docker_manifest_defaults_to_oci() -> None:
     docker, oci = ManifestRef(Digest.of(b"docker"), 6), ManifestRef(Digest.of(b"oci"), 3)
-    assert _record({ManifestFormat.DOCKER: docker, ManifestFormat.OCI: oci}).default_manifest == docker
+    assert pull_digests(_record({ManifestFormat.DOCKER: docker, ManifestFormat.OCI: oci}).descriptors).default == (
+        docker.digest
+    )
     zstd_image = _record({ManifestFormat.OCI: oci})
-    assert zstd_image.default_manifest == oci
+    assert pull_digests(zstd_image.descriptors).default == oci.digest
     again = ImageRecord.from_json(zstd_image.to_json())
     assert again.manifests == {ManifestFormat.OCI: oci}
     assert again.blobs() == {Digest.of(b"config"), oci.digest, LAYER.digest}

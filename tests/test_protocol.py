@@ -160,22 +160,25 @@ def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess
 
 
 @pytest.mark.parametrize(
-    ("path", "status", "code"),
+    ("path", "status", "code", "kind"),
     [
-        ("/v2/hello/manifests/bad..tag", 400, "TAG_INVALID"),
-        ("/v2/hello/manifests/sha256:xyz", 400, "DIGEST_INVALID"),
-        ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
-        ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
-        ("/v2/hello/blobs/md5:abc", 400, "DIGEST_INVALID"),
-        ("/v2/_catalog", 404, "NAME_UNKNOWN"),
-        ("/v2/hello/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN"),
-        ("/v3/", 404, "NAME_UNKNOWN"),
+        ("/v2/hello/manifests/bad..tag", 400, "NAME_INVALID", "TAG_INVALID"),
+        ("/v2/hello/manifests/sha256:xyz", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
+        ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN", "MANIFEST_UNKNOWN"),
+        ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN", "BLOB_UNKNOWN"),
+        ("/v2/hello/blobs/md5:abc", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
+        ("/v2/_catalog", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
+        ("/v2/hello/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
+        ("/v3/", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
     ],
 )
-def test_errors_use_registry_codes(shared_registry: RegistryProcess, path: str, status: int, code: str) -> None:
+def test_errors_use_registry_codes(
+    shared_registry: RegistryProcess, path: str, status: int, code: str, kind: str
+) -> None:
     got, _, body = shared_registry.request(path)
     assert got == status, body
-    assert error_of(body)["code"] == code
+    error = error_of(body)
+    assert (error["code"], error["detail"]["kind"]) == (code, kind)
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
@@ -190,7 +193,7 @@ def test_build_failure_reports_nix_log(shared_registry: RegistryProcess) -> None
     status, _, body = shared_registry.request("/v2/broken/manifests/latest")
     assert status == 500
     error = error_of(body)
-    assert error["code"] == "BUILD_FAILED"
+    assert (error["code"], error["detail"]["kind"]) == ("UNKNOWN", "BUILD_FAILED")
     assert "the answer is not a number" in error["message"]
 
 

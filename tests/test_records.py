@@ -4,6 +4,7 @@ built listed without sorting them all. The last test builds with real Nix."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,7 @@ def test_records_share_what_their_common_layers_hold() -> None:
         # Equal descriptors and strings, distinct objects: as records read from storage one by one.
         shared = Digest.parse("sha256:" + "ab" * 32)
         fresh = record(n, shared=shared)
-        cache.put(fresh.__class__(**{
-            **{field: getattr(fresh, field) for field in fresh.__dataclass_fields__},
-            "layer_paths": ((f"/nix/store/{n:032d}-own",), ("".join(list(path)),)),
-        }))
+        cache.put(replace(fresh, layer_paths=((f"/nix/store/{n:032d}-own",), ("".join(list(path)),))))
     held = [cache.get(f"key-{n}") for n in (1, 2, 3)]
     assert held[0].layers[1] is held[1].layers[1] is held[2].layers[1]  # type: ignore[union-attr]
     assert held[0].layer_paths[1] is held[1].layer_paths[1]  # type: ignore[union-attr]

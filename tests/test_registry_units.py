@@ -8,6 +8,7 @@ import pytest
 
 from nixery.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.registry.descriptors import Descriptor
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import (
     DOCKER_MANIFEST,
@@ -18,7 +19,7 @@ from nixery.registry.mediatypes import (
     choose_format,
 )
 from nixery.registry.names import Arch, check_tag, parse_image_name
-from nixery.registry.negotiation import docker_engine_version, manifest_format, unpacks_zstd
+from nixery.registry.negotiation import check_acceptable, choose, docker_engine_version, unpacks_zstd
 
 NIX_28 = [
     {"path": "/nix/store/a-app", "narSize": 100, "references": ["/nix/store/a-app", "/nix/store/b-lib"]},
@@ -97,6 +98,14 @@ def test_docker_engine_version(user_agent: str, version) -> None:
     assert unpacks_zstd(user_agent) is (version is None or version[0] >= 23)
 
 
+def manifest_format(accept_headers: list[str], user_agent: str, compression: Compression) -> ManifestFormat:
+    """The format `choose` gives for an image of `compression` layers; `check_acceptable`,
+    asked before the build, agrees."""
+    check_acceptable(accept_headers, user_agent, compression)
+    image = [Descriptor(fmt.value, Digest.of(fmt.value.encode()), 1) for fmt in compression.manifest_formats]
+    return ManifestFormat(choose(image, accept_headers, user_agent, compression).media_type)
+
+
 def test_gzip_images_keep_docker_preferred() -> None:
     assert Compression.GZIP.manifest_formats == (ManifestFormat.DOCKER, ManifestFormat.OCI)
     assert manifest_format(DOCKER_ACCEPT, DOCKER_20, Compression.GZIP) is ManifestFormat.DOCKER
@@ -158,3 +167,14 @@ def test_digests() -> None:
     for bad in ["sha256:ABC", "sha512:" + "0" * 128, "sha256:" + "0" * 63, "0" * 64]:
         with pytest.raises(DigestInvalid):
             Digest.parse(bad)
+
+
+def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:
+    """Clients send a few short sets over and over; a long one (no client's) is parsed and not kept."""
+    from nixery.registry.mediatypes import _media_types, accepted_media_types
+
+    long = ["application/x-" + "a" * 3000]
+    kept = _media_types.cache_info().currsize
+    assert accepted_media_types(long) == {long[0]}
+    assert _media_types.cache_info().currsize == kept
+    assert accepted_media_types([f"{OCI_MANIFEST}; q=0.5, */*"]) == {OCI_MANIFEST, "*/*"}

@@ -48,7 +48,8 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         assert status_line.split()[1] == "400", (what, answer[:300])
         assert headers["content-type"].startswith("application/json"), (what, headers)
         error = json.loads(body)["errors"][0]
-        assert error["code"] == "REQUEST_INVALID" and error["message"], (what, error)
+        assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), (what, error)
+        assert error["message"], (what, error)
         assert marker not in answer and b"<script>" not in answer, (what, answer[:500])
     assert MARKER not in registry.log(), "the input reached the log"
     assert len(registry.log_events("http.malformed_request")) == len(requests)

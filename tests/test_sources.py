@@ -221,7 +221,7 @@ def test_git_missing_ref_is_manifest_unknown_naming_it(world: GitWorld, ref: str
 @pytest.mark.parametrize("ref", ["a..b", "-x", "x.lock", "v1.", ".hidden", "x~1", "@"])
 def test_git_bad_ref_is_tag_invalid(world: GitWorld, ref: str) -> None:
     status, error = error_of(world.registry, "hello", ref)
-    assert (status, error["code"]) == (400, "TAG_INVALID"), error
+    assert (status, error["code"], error["detail"]["kind"]) == (400, "NAME_INVALID", "TAG_INVALID"), error
 
 
 def test_git_file_url(tmp_path: Path, world: GitWorld) -> None:
@@ -247,7 +247,7 @@ def test_git_unreachable_repository_is_source_unavailable(tmp_path: Path, url: s
     try:
         for tag in ("latest", "v1", "a" * 40):
             status, error = error_of(registry, "hello", tag)
-            assert (status, error["code"]) == (502, "SOURCE_UNAVAILABLE"), error
+            assert (status, error["code"], error["detail"]["kind"]) == (502, "UNAVAILABLE", "SOURCE_UNAVAILABLE"), error
             assert shown in error["message"]
             assert "t0ken" not in json.dumps(error)
     finally:
@@ -267,7 +267,7 @@ def test_git_keeps_serving_built_images_when_the_repository_goes_away(tmp_path: 
             assert registry.manifest("hello", tag)[0] == digest
         # Something never built needs the repository, and says which one.
         status, error = error_of(registry, "hello", "feature")
-        assert (status, error["code"]) == (502, "SOURCE_UNAVAILABLE")
+        assert (status, error["code"], error["detail"]["kind"]) == (502, "UNAVAILABLE", "SOURCE_UNAVAILABLE")
         assert str(repo) in error["message"]
     finally:
         registry.stop()
@@ -397,7 +397,7 @@ def test_channel_unreachable_is_source_unavailable_naming_the_url(
     registry = started(tmp_path / "storage", NIXERY_CHANNEL="nixos-missing", NIXERY_CHANNEL_URL=template)
     try:
         status, error = error_of(registry, "hello")
-        assert (status, error["code"]) == (502, "SOURCE_UNAVAILABLE"), error
+        assert (status, error["code"], error["detail"]["kind"]) == (502, "UNAVAILABLE", "SOURCE_UNAVAILABLE"), error
         assert template.replace("{rev}", "nixos-missing") in error["message"]
     finally:
         registry.stop()

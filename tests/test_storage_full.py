@@ -95,7 +95,7 @@ def test_full_storage_is_a_registry_error_and_stored_images_are_still_served(
         for status, _, body in answers:
             assert status == 507, body[:500]
             error = json.loads(body)["errors"][0]
-            assert error["code"] == "STORAGE_FULL"
+            assert (error["code"], error["detail"]["kind"]) == ("UNAVAILABLE", "STORAGE_FULL")
             assert f"{storage}/" in error["message"] and "is full" in error["message"], error  # names where
         assert metric(registry, "nixery_storage_full_total") == 4
         assert error_lines(registry) == ["storage.full"]  # one line, not one per layer
@@ -103,7 +103,7 @@ def test_full_storage_is_a_registry_error_and_stored_images_are_still_served(
         # No inode left either: a new image fails at once (its lock file), and is refused the same way.
         fill_inodes(small_file_system)
         status, _, body = registry.request("/v2/shell/figlet/manifests/latest")
-        assert status == 507 and json.loads(body)["errors"][0]["code"] == "STORAGE_FULL", body[:500]
+        assert status == 507 and json.loads(body)["errors"][0]["detail"]["kind"] == "STORAGE_FULL", body[:500]
         assert metric(registry, "nixery_storage_full_total") == 5
         assert error_lines(registry) == ["storage.full"]  # at most one line a minute
 

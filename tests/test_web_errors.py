@@ -25,7 +25,7 @@ async def client(aiohttp_client):
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "headers", "status", "code", "html"),
+    ("method", "path", "headers", "status", "kind", "html"),
     [
         ("GET", "/docs/no-such-page", HTML, 404, "NAME_UNKNOWN", True),
         ("GET", "/docs/no-such-page", {"Accept": "*/*"}, 404, "NAME_UNKNOWN", False),
@@ -39,18 +39,18 @@ async def client(aiohttp_client):
     ],
 )
 async def test_the_middleware_picks_html_for_browsers_on_pages(
-    client, method: str, path: str, headers: dict[str, str], status: int, code: str, html: bool
+    client, method: str, path: str, headers: dict[str, str], status: int, kind: str, html: bool
 ) -> None:
     response = await client.request(method, path, headers=headers)
     assert response.status == status
     if html:
         assert response.content_type == "text/html"
         text = await response.text()
-        assert f"Error code <code>{code}</code> · HTTP {status}" in text
+        assert f"Error <code>{kind}</code> · HTTP {status}" in text
         assert '<a href="/">Back to the start page</a>' in text
     else:
         assert response.content_type == "application/json"
-        assert (await response.json())["errors"][0]["code"] == code
+        assert (await response.json())["errors"][0]["detail"]["kind"] == kind
 
 
 async def test_a_failed_build_form_comes_back_filled_in(client) -> None:

@@ -24,6 +24,7 @@ from nixery.declarations.files import DeclarationFiles
 from nixery.declarations.parsing import FILES, Declaration, _describe
 from nixery.errors import RegistryError
 from nixery.registry.names import ImageRequest
+from nixery.registry.negotiation import pull_digests
 
 if TYPE_CHECKING:
     from nixery.builder import ImageBuilder, ImageRecord
@@ -273,7 +274,7 @@ class DeclarationStore:
 
 def _digest(record: ImageRecord | None) -> str | None:
     """The digest of the manifest clients get by default (OCI for zstd images)."""
-    return str(record.default_manifest.digest) if record is not None else None
+    return str(pull_digests(record.descriptors).default) if record is not None else None
 
 
 async def open_declarations(settings: Any, builder: ImageBuilder | None) -> DeclarationStore:

@@ -2,10 +2,11 @@
 
 Handlers raise; this middleware maps lower-layer errors (Nix, storage,
 aiohttp's own 404/405/413) to registry errors and writes the registry's JSON error
-body. No traceback ever reaches a client.
+body: a code of the distribution spec, the registry's own kind in `detail.kind`
+(docs/errors.md). No traceback ever reaches a client.
 
 A full disk (storage's StorageFull, or an untyped ENOSPC/EDQUOT from a write
-outside the storage interface) is 507 STORAGE_FULL, counted per refused
+outside the storage interface) is 507, kind STORAGE_FULL, counted per refused
 request (`nixery_storage_full_total`) and logged as an error at most once a
 minute: a full disk fails every build, and every layer of each, until space
 is made.
@@ -96,7 +97,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elif isinstance(error, errors.StorageFull):
             _report_storage_full(error)
         elif error.status >= 500:
-            log.warning("http.error", status=error.status, code=error.code, message=error.message[:500])
+            log.warning("http.error", status=error.status, code=error.code, kind=error.kind, message=error.message[:500])
         error_page = request.app.get(pages.ERROR_PAGE)
         if error_page is not None and pages.wants_error_page(request):
             return error_page(request, error)

@@ -24,11 +24,12 @@ from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.http.guidance import progress_path
 from nixery.progress import Build
+from nixery.registry.descriptors import parse_manifest
 from nixery.registry.digest import Digest
-from nixery.registry.image import layer_compression, parse_manifest
+from nixery.registry.image import layer_compression
 from nixery.registry.mediatypes import OCTET_STREAM
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
-from nixery.registry.negotiation import check_client_unpacks, manifest_format, unpacks_zstd
+from nixery.registry.negotiation import check_acceptable, check_client_unpacks, choose, unpacks_zstd
 from nixery.storage.base import BlobNotFound, ByteStream, LocalFile, Redirect, Storage
 
 BUILDER = web.AppKey("builder", ImageBuilder)
@@ -119,8 +120,8 @@ async def api_version(request: web.Request) -> web.Response:
 
 
 async def _stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
-    """The manifest from memory, else from storage; with `check_blobs`, one read from
-    storage is served only if every blob it names is stored (by digest, no image
+    """The manifest or index from memory, else from storage; with `check_blobs`, one read
+    from storage is served only if every blob it names is stored (by digest, no image
     record vouches for them)."""
     cache = request.app[MANIFESTS]
     cached = cache.get(digest)
@@ -219,18 +220,23 @@ async def manifest(request: web.Request) -> web.Response:
 async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> tuple[Digest, bytes, str]:
     image = await requested_image(request, tag)
     builder = request.app[BUILDER]
+    accept = request.headers.getall("Accept", [])
     # Before building: a client that cannot use the image is told so at once.
-    fmt = manifest_format(request.headers.getall("Accept", []), user_agent, builder.compression)
+    check_acceptable(accept, user_agent, builder.compression)
 
     def on_wait(build: Build) -> None:
         _log_wait(request, request.match_info["name"], tag, build)
 
-    digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
+    async def chosen() -> Digest:
+        record = await builder.image(image, tag, on_wait=on_wait)
+        return choose(record.descriptors, accept, user_agent, builder.compression).digest
+
+    digest = await chosen()
     try:
         return digest, *await _stored_manifest(request, digest, check_blobs=False)
     except ManifestUnknown:  # the record held in memory outlived its manifest: the image is built again
         _blob_gone(request, digest)
-    digest = (await builder.image(image, tag, on_wait=on_wait)).manifests[fmt].digest
+    digest = await chosen()
     return digest, *await _stored_manifest(request, digest, check_blobs=False)
 
 

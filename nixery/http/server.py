@@ -8,7 +8,7 @@ answers given before a request reaches the application.
   Connections made while the application starts wait in the socket's backlog.
 * A request aiohttp cannot parse (a request line over 8190 bytes, a NUL or a
   non-ASCII byte in the path, a malformed header) is answered with the
-  registry's JSON error, 400 REQUEST_INVALID, that says what kind of thing was
+  registry's JSON error, 400 (kind REQUEST_INVALID), that says what kind of thing was
   wrong and quotes none of the input. (aiohttp's own answer is plain text
   that echoes it, and it logs the input with a traceback.)
 * A connection must send each request's head (request line and headers)

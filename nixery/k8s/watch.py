@@ -50,7 +50,7 @@ from nixery.declarations import KUBERNETES, Declaration, DeclarationStore, Inval
 from nixery.declarations.parsing import _SOURCE_RANK
 from nixery.k8s.client import ApiError, Gone, KubeClient
 from nixery.k8s.credentials import KubeConfig, load_kube_config
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.negotiation import pull_digests
 
 if TYPE_CHECKING:
     from nixery.builder import ImageRecord
@@ -262,11 +262,11 @@ class NixImageWatch:
         if obj is None or obj.declaration is None or not obj.declaration.same_image(declaration):
             return  # changed or deleted meanwhile: this result is about something else
         if record is not None:
-            oci = record.manifests.get(ManifestFormat.OCI)
+            digests = pull_digests(record.descriptors)
             obj.result = {
                 "phase": "Ready",
-                "digest": str(record.default_manifest.digest),  # what pods get: OCI for zstd images
-                "ociDigest": str(oci.digest) if oci else None,
+                "digest": str(digests.default),  # what pods get: OCI for zstd images
+                "ociDigest": str(digests.oci) if digests.oci else None,
                 "error": None,
                 "builtAt": datetime.fromtimestamp(record.built_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }

@@ -1,4 +1,5 @@
-"""Image configs and manifests, serialised byte-for-byte deterministically."""
+"""Image configs and layer descriptions, serialised byte-for-byte deterministically
+(manifests and indexes: `nixery.registry.descriptors`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
-from nixery.registry.mediatypes import LAYER_COMPRESSION, Compression, ManifestFormat
+from nixery.registry.mediatypes import LAYER_COMPRESSION, Compression
 
 #: Every image claims this creation time, so identical content gives identical digests.
 CREATED = "1970-01-01T00:00:01Z"
@@ -70,39 +70,6 @@ def image_config(
             ],
         }
     )
-
-
-def image_manifest(
-    fmt: ManifestFormat, config: bytes, layers: Sequence[LayerDescriptor], compression: Compression = Compression.GZIP
-) -> bytes:
-    layer_type = fmt.layer_type(compression)
-    return canonical_json(
-        {
-            "schemaVersion": 2,
-            "mediaType": fmt.value,
-            "config": {"mediaType": fmt.config_type, "size": len(config), "digest": str(Digest.of(config))},
-            "layers": [
-                {"mediaType": layer_type, "size": layer.size, "digest": str(layer.digest)}
-                for layer in layers
-            ],
-        }
-    )
-
-
-def parse_manifest(document: bytes) -> tuple[str, tuple[Digest, ...]] | None:
-    """The media type a stored manifest declares and the blobs it names (config, then
-    layers), or None if the bytes are no image manifest."""
-    try:
-        parsed = json.loads(document)
-        if not isinstance(parsed, dict) or parsed.get("schemaVersion") != 2:
-            return None
-        media_type = parsed.get("mediaType")
-        if media_type not in (f.value for f in ManifestFormat):
-            return None
-        blobs = tuple(Digest.parse(d["digest"]) for d in [parsed["config"], *parsed.get("layers", ())])
-    except (ValueError, KeyError, TypeError, DigestInvalid):
-        return None
-    return media_type, blobs
 
 
 def layer_compression(document: bytes) -> Compression:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from enum import Enum
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -52,6 +55,28 @@ _LAYER_TYPES = {
 LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in _LAYER_TYPES.items()}
 
 
+def accepted_media_types(accept_headers: list[str]) -> frozenset[str]:
+    """The media types (and wildcards) named in a request's Accept headers, parameters dropped."""
+    headers = tuple(accept_headers)
+    if sum(len(header) for header in headers) > _CACHED_ACCEPT_LENGTH:  # no client's: not kept
+        return _media_types.__wrapped__(headers)
+    return _media_types(headers)
+
+
+#: Clients send a few sets of Accept headers over and over (skopeo's six are ~300 bytes).
+_CACHED_ACCEPT_LENGTH = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(
+        part.split(";", 1)[0].strip().lower()
+        for header in accept_headers
+        for part in header.split(",")
+        if part.strip()
+    )
+
+
 def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
     """The manifest formats a client accepts, preferred first.
 
@@ -60,12 +85,11 @@ def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
     because every client we know reads it. No Accept header at all, or a
     wildcard, means the client takes what it gets.
     """
-    accepted = {
-        part.split(";", 1)[0].strip().lower()
-        for header in accept_headers
-        for part in header.split(",")
-        if part.strip()
-    }
+    return preferred_formats(accepted_media_types(accept_headers))
+
+
+def preferred_formats(accepted: Collection[str]) -> list[ManifestFormat]:
+    """`accepted_formats` of the media types `accepted_media_types` read."""
     if not accepted or "*/*" in accepted:
         return [ManifestFormat.DOCKER, ManifestFormat.OCI]
     formats = []

@@ -147,7 +147,7 @@ QUICKLY = 20.0
 
 def test_stalled_store_answers_503_quickly_then_serves_again(own_s3: S3Server, start_registry) -> None:
     """SeaweedFS stopped (SIGSTOP): it accepts connections and answers nothing.
-    Manifest, blob and build requests answer 503 STORAGE_UNAVAILABLE within
+    Manifest, blob and build requests answer 503 (kind STORAGE_UNAVAILABLE) within
     seconds, readiness says "not ready" while liveness (/v2/) still answers,
     and the same process serves again once the store continues."""
     registry = start_registry(**s3_env(own_s3))
@@ -175,7 +175,8 @@ def test_stalled_store_answers_503_quickly_then_serves_again(own_s3: S3Server, s
             assert elapsed < QUICKLY, f"{method} {path} took {elapsed:.1f}s to answer 503"
             if method == "GET":
                 (error,) = json.loads(body)["errors"]
-                assert error["code"] == "STORAGE_UNAVAILABLE" and error["detail"] == {"backend": "s3"}
+                assert error["code"] == "UNAVAILABLE"
+                assert error["detail"] == {"backend": "s3", "kind": "STORAGE_UNAVAILABLE"}
         assert (ready_status, json.loads(ready_body)) == (503, {"ready": False, "reason": "storage unavailable"})
         assert ready_elapsed < 5.0, f"the readiness probe waited {ready_elapsed:.1f}s"
         assert timed_request(registry, "GET", "/v2/")[0] == 200  # alive: no restart needed

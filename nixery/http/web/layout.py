@@ -110,7 +110,7 @@ def error_page(request: web.Request, error: errors.RegistryError) -> web.Respons
 <section class="card error">
   <h1>{h(title)}</h1>
   <p class="message">{h(error.message)}</p>
-  <p class="muted">Error code <code>{h(error.code)}</code> · HTTP {error.status}</p>
+  <p class="muted">Error <code>{h(error.kind)}</code> · HTTP {error.status}</p>
 </section>"""
     form = request.get(FORM)
     if form is not None:
