@@ -63,5 +63,9 @@ class LRU(Generic[K, V]):
         """The values, least recently used first."""
         return list(self._entries.values())
 
+    def items(self) -> list[tuple[K, V]]:
+        """The entries, least recently used first."""
+        return list(self._entries.items())
+
     def clear(self) -> None:
         self._entries.clear()

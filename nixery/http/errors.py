@@ -97,7 +97,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elif isinstance(error, errors.StorageFull):
             _report_storage_full(error)
         elif error.status >= 500:
-            log.warning("http.error", status=error.status, code=error.code, kind=error.kind, message=error.message[:500])
+            log.warning(
+                "http.error", status=error.status, code=error.code, kind=error.kind, message=error.message[:500]
+            )
         error_page = request.app.get(pages.ERROR_PAGE)
         if error_page is not None and pages.wants_error_page(request):
             return error_page(request, error)

@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import sys
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
@@ -23,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.http.guidance import progress_path
+from nixery.lru import LRU
 from nixery.progress import Build
 from nixery.registry.descriptors import parse_manifest
 from nixery.registry.digest import Digest
@@ -66,25 +66,20 @@ class ManifestCache:
 
     def __init__(self, capacity: int = 4096):
         # (document, media type, hex digests of the blobs it names: interned, as most are shared)
-        self._items: OrderedDict[Digest, tuple[bytes, str, tuple[str, ...]]] = OrderedDict()
+        self._items: LRU[Digest, tuple[bytes, str, tuple[str, ...]]] = LRU(capacity)
         self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
-        self._capacity = capacity
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
         item = self._items.get(digest)
-        if item is None:
-            return None
-        self._items.move_to_end(digest)
-        return item[0], item[1]
+        return (item[0], item[1]) if item is not None else None
 
     def put(self, digest: Digest, document: bytes, media_type: str, blobs: Sequence[Digest]) -> None:
         self._drop(digest)
         names = tuple(sys.intern(blob.hex) for blob in blobs)
-        self._items[digest] = (document, media_type, names)
         for name in names:
             self._named[name] = self._named.get(name, 0) + 1
-        while len(self._items) > self._capacity:
-            self._drop(next(iter(self._items)))
+        for _, (_, _, dropped_names) in self._items.put(digest, (document, media_type, names)):
+            self._release(dropped_names)
 
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
@@ -98,8 +93,12 @@ class ManifestCache:
         self._named.clear()
 
     def _drop(self, digest: Digest) -> None:
-        item = self._items.pop(digest, None)
-        for name in item[2] if item is not None else ():
+        item = self._items.pop(digest)
+        if item is not None:
+            self._release(item[2])
+
+    def _release(self, names: tuple[str, ...]) -> None:
+        for name in names:
             if (count := self._named[name] - 1) > 0:
                 self._named[name] = count
             else:

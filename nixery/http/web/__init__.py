@@ -21,18 +21,26 @@ The pages read Nix's answers only through the builder (`source`, `names.catalog`
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 from aiohttp import web
 
 from nixery.http.pages import ERROR_PAGE, page_route
-from nixery.http.web.builds import BUILD_ID, BUILD_TAGS, build_events, build_json, build_page, start_build
+from nixery.http.web.builds import (
+    BUILD_ID,
+    BUILD_TAGS,
+    BUILD_TAGS_KEPT,
+    build_events,
+    build_json,
+    build_page,
+    start_build,
+)
 from nixery.http.web.docs import docs_index, docs_page
 from nixery.http.web.images import image_info
 from nixery.http.web.landing import landing
 from nixery.http.web.layout import error_page
 from nixery.http.web.packages import packages
+from nixery.lru import LRU
 
 STATIC_DIR = Path(__file__).parent.parent / "static"
 
@@ -41,7 +49,7 @@ def add_web_routes(app: web.Application) -> None:
     """Pages, the build API and static files. The package catalogue is the builder's
     (`builder.names.catalog`): read on first use (a page, a search, a missing name),
     not at start-up, so a registry that nobody browses never evaluates it."""
-    app[BUILD_TAGS] = OrderedDict()
+    app[BUILD_TAGS] = LRU(BUILD_TAGS_KEPT)
     app[ERROR_PAGE] = error_page
     app.router.add_get("/", landing, name=page_route("landing"))
     app.router.add_get("/packages", packages, name=page_route("packages"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +32,7 @@ from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import FORM, ago, page, registry_host, script
+from nixery.lru import LRU
 from nixery.progress import Build, Event, Stage
 from nixery.registry.names import check_tag
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
@@ -40,7 +40,8 @@ from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 log = structlog.get_logger(__name__)
 
 #: The tag each recent build was started for (the progress page's pull command names it).
-BUILD_TAGS = web.AppKey("build_tags", OrderedDict[str, str])
+BUILD_TAGS = web.AppKey("build_tags", LRU[str, str])
+BUILD_TAGS_KEPT = 1000
 
 KEEPALIVE_SECONDS = 15.0
 SHOWN_EVENTS = 200  # the progress page lists the latest events only
@@ -82,10 +83,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     built = await request.app[BUILDER].built(image, tag)
     await http_auth.require(request, name, PULL if built is not None else BUILD)
     build = await request.app[BUILDER].start(image, tag)
-    tags = request.app[BUILD_TAGS]
-    tags[build.id] = tag
-    while len(tags) > 1000:
-        tags.popitem(last=False)
+    request.app[BUILD_TAGS].put(build.id, tag)
     location = f"/builds/{build.id}"
     progress = guidance.progress_path(build.id, name, tag)  # the name as given: a declared one stays one
     log.info(
@@ -208,7 +206,7 @@ def _stage_list(build: Build, progress: Progress) -> str:
 
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     d = progress.data
-    tag = request.app[BUILD_TAGS].get(build.id, "latest")
+    tag = request.app[BUILD_TAGS].peek(build.id) or "latest"
     if build.stage is Stage.DONE and "digest" in d:
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
