@@ -55,7 +55,7 @@ from nixery.registry.names import check_tag
 
 log = structlog.get_logger(__name__)
 
-ACCESS = web.AppKey("access_control", "AccessControl")
+ACCESS: web.AppKey[AccessControl] = web.AppKey("access_control")
 SERVICE = "nixery"
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,1023}")

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import structlog
@@ -77,7 +77,7 @@ class Evaluators:
         self._not_importing: OrderedDict[_Key, None] = OrderedDict()  # oldest first
 
     async def evaluate(
-        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
+        self, revision: str, pkgs_path: Path, request: Mapping[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
         key = (system, revision)
