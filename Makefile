@@ -1,13 +1,15 @@
 # The two commands a user needs:
 #   make run    set up this machine and run the registry on 127.0.0.1:$(PORT)
 #   make test   set up this machine and run the test suite
+# and, before the tests in CI (.ci/run):
+#   make lint   ruff, mypy and the import rules (lint-imports; contracts in pyproject.toml)
 SHELL := /bin/bash
 PORT ?= 8080
 STORAGE_PATH ?= $(CURDIR)/var/storage
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: run test setup system-deps venv debian-set self-image serve-self-image bench bench-layering clean
+.PHONY: run test lint setup system-deps venv debian-set self-image serve-self-image bench bench-layering clean
 
 run: setup
 	-@$(MAKE) --no-print-directory debian-set || echo "nixery: the Debian-derived set could not be made; serving the busybox set"
@@ -16,6 +18,14 @@ run: setup
 test: setup
 	-@$(MAKE) --no-print-directory debian-set || echo "nixery: the Debian-derived set could not be made; its tests will be skipped"
 	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+# All three run, so one CI log shows every finding; the target fails if any did.
+lint: setup
+	@status=0; \
+	$(VENV)/bin/ruff check nixery tests bench || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	$(VENV)/bin/lint-imports --no-cache || status=1; \
+	exit $$status
 
 setup: system-deps venv
 

@@ -298,7 +298,7 @@ def main() -> int:
                 results.append((row, m))
                 o, p = m["nixery"].result, m["docker-registry"].result
                 n = m.get("nginx")
-                c.say(f"  {row.label:26} {o.rps:9.0f} vs {p.rps:9.0f} req/s ({o.rps / p.rps:.2f}x)"
+                c.say(f"  {row.label:26} {o.rps:9.0f} vs {p.rps:9.0f} req/s ({_ratio(o.rps, p.rps)})"
                       + (f"  {o.mbps:7.0f} vs nginx {n.result.mbps:7.0f} MB/s" if n else "")
                       + (f"  ERRORS {o.errors}/{p.errors}" if o.errors or p.errors else ""))
             sections.append(serving_tables(w, results, load_before, c.load_average()))
@@ -340,6 +340,11 @@ better for req/s and MB/s, lower for p99 and CPU per request.
 """
 
 
+def _ratio(ours: float, peer: float) -> str:
+    """`ours / peer` as "1.23x"; "-" when the peer finished nothing (a short --quick row on a busy machine)."""
+    return f"{ours / peer:.2f}x" if peer else "-"
+
+
 def serving_tables(
     workers: int, results: list[tuple[Row, dict[str, Measured]]], load_before: str, load_after: str
 ) -> str:
@@ -352,9 +357,9 @@ def serving_tables(
         met = "✓" if o.result.rps >= p.result.rps else "✗"
         ng_met = ""
         if n:
-            ng_met = f"{o.result.mbps / n.result.mbps:.2f}x {'✓' if o.result.mbps >= 0.8 * n.result.mbps else '✗'}"
+            ng_met = f"{_ratio(o.result.mbps, n.result.mbps)} {'✓' if o.result.mbps >= 0.8 * n.result.mbps else '✗'}"
         rows.append([
-            row.label, f"{o.result.rps:,.0f}", f"{p.result.rps:,.0f}", f"{o.result.rps / p.result.rps:.2f}x {met}",
+            row.label, f"{o.result.rps:,.0f}", f"{p.result.rps:,.0f}", f"{_ratio(o.result.rps, p.result.rps)} {met}",
             f"{o.result.p99_ms:.1f}", f"{p.result.p99_ms:.1f}",
             f"{o.result.mbps:,.1f}", f"{p.result.mbps:,.1f}",
             f"{n.result.mbps:,.1f}" if n else "-", ng_met or "-",
@@ -419,7 +424,7 @@ def measure_front(
             m = measure([target], row, duration=args.duration, rounds=args.rounds, nginx=nginx_target)
             results.append((row, m))
             f, n = m["nixery behind nginx"].result, m["nginx"].result
-            c.say(f"  {row.label:26} {f.mbps:7.0f} vs nginx {n.mbps:7.0f} MB/s ({f.mbps / n.mbps:.2f}x)")
+            c.say(f"  {row.label:26} {f.mbps:7.0f} vs nginx {n.mbps:7.0f} MB/s ({_ratio(f.mbps, n.mbps)})")
     return results, load_before
 
 
@@ -431,10 +436,10 @@ def front_table(
     rows = []
     for row, m in results:
         f, n = m["nixery behind nginx"], m["nginx"]
-        ratio = f.result.mbps / n.result.mbps
+        met = "✓" if f.result.mbps >= 0.8 * n.result.mbps else "✗"
         rows.append([
             row.label, f"{f.result.rps:,.0f}", f"{n.result.rps:,.0f}", f"{f.result.mbps:,.1f}", f"{n.result.mbps:,.1f}",
-            f"{ratio:.2f}x {'✓' if ratio >= 0.8 else '✗'}", f"{f.cpu_us:,.0f}", f"{n.cpu_us:,.0f}",
+            f"{_ratio(f.result.mbps, n.result.mbps)} {met}", f"{f.cpu_us:,.0f}", f"{n.cpu_us:,.0f}",
             f"{f.result.errors} / {n.result.errors}",
         ])
     return (

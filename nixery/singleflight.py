@@ -57,7 +57,7 @@ class FreshRun(Generic[T]):
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
         # From here on, a new caller may see a change this run misses: it needs the next run.
-        self._next, self._current = None, asyncio.current_task()  # type: ignore[assignment]
+        self._next, self._current = None, asyncio.current_task()
         return await self._work()
 
 

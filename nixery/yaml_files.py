@@ -50,22 +50,25 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent
+from yaml.error import Mark
+from yaml.events import AliasEvent, Event, NodeEvent
 from yaml.parser import Parser
 from yaml.reader import Reader
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
+_LIBYAML_PARSER: type[Any] | None  # libyaml's (C) parser, when PyYAML was built with it
 try:
-    from yaml.cyaml import CParser
-except ImportError:  # PyYAML built without libyaml
-    CParser = None
+    from yaml.cyaml import CParser as _LIBYAML_PARSER  # type: ignore[attr-defined]  # the stub omits the re-export
+except ImportError:
+    _LIBYAML_PARSER = None
 
 MAX_FILE_BYTES = 1 << 20  # as much as a Kubernetes ConfigMap holds
 MAX_NODES = 50_000  # a declaration is ~18 (keys count): ~2,500 per file
@@ -80,6 +83,12 @@ class FileRefused(ValueError):
 
 class YAMLLimitError(yaml.MarkedYAMLError):
     """A YAML stream past one of this module's limits."""
+
+
+def _error_mark(mark: object) -> Mark | None:
+    """An event's mark as errors take it: libyaml's marks are another class with the same
+    fields (name, line, column) and string form, which PyYAML's stub does not accept."""
+    return cast(Mark | None, mark)
 
 
 # ---- finding -------------------------------------------------------------
@@ -188,6 +197,8 @@ class _SharesTheGIL:
 class _LimitedComposer(Composer, _SharesTheGIL):
     """PyYAML's composer, counting nodes (aliases expanded) and nesting as it goes."""
 
+    peek_event: Callable[[], Event]  # the parser's, a loader's next base class
+
     def __init__(self) -> None:
         super().__init__()
         self._nodes = 0  # in the whole stream, aliases expanded
@@ -206,28 +217,29 @@ class _LimitedComposer(Composer, _SharesTheGIL):
                 size = self._anchored_sizes.get(id(node))
                 if size is None:
                     raise YAMLLimitError(
-                        None, None, f"alias *{event.anchor[:40]} is inside the node it names", event.start_mark
+                        None, None, f"alias *{(event.anchor or '')[:40]} is inside the node it names",
+                        _error_mark(event.start_mark),
                     )
                 self._count(size, event)
             return super().compose_node(parent, index)
         if self._depth >= MAX_DEPTH:
-            raise YAMLLimitError(None, None, f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+            raise YAMLLimitError(None, None, f"nested more than {MAX_DEPTH} levels deep", _error_mark(event.start_mark))
         self._count(1, event)
         before = self._nodes
         self._depth += 1
         node = super().compose_node(parent, index)
         self._depth -= 1
-        if event.anchor is not None:
+        if isinstance(event, NodeEvent) and event.anchor is not None:  # node events are all NodeEvents
             self._anchored_sizes[id(node)] = self._nodes - before + 1
         return node
 
-    def _count(self, nodes: int, event: Any) -> None:
+    def _count(self, nodes: int, event: Event) -> None:
         self._step()
         self._nodes += nodes
         if self._nodes > MAX_NODES:
             raise YAMLLimitError(
                 None, None, f"more than {MAX_NODES} values (an alias counts as the values it stands for)",
-                event.start_mark,
+                _error_mark(event.start_mark),
             )
 
 
@@ -243,11 +255,12 @@ class _LimitedConstructor(SafeConstructor, _SharesTheGIL):
             )
         return super().construct_yaml_int(node)
 
+    # The loader looks constructors up by tag in this table (a copy of the safe loader's, as
+    # add_constructor would make), so the override above needs its entry here.
+    yaml_constructors = {**SafeConstructor.yaml_constructors, "tag:yaml.org,2002:int": construct_yaml_int}
 
-_LimitedConstructor.add_constructor("tag:yaml.org,2002:int", _LimitedConstructor.construct_yaml_int)
 
-
-def _limited_loader(parser: type) -> type:
+def _limited_loader(parser: type[Any]) -> type:
     class LimitedLoader(_LimitedComposer, parser, _LimitedConstructor, Resolver):
         """PyYAML's safe loader with this module's limits."""
 
@@ -260,7 +273,7 @@ def _limited_loader(parser: type) -> type:
     return LimitedLoader
 
 
-LimitedLoader = _limited_loader(CParser or _PythonParser)
+LimitedLoader = _limited_loader(_LIBYAML_PARSER or _PythonParser)
 PythonLimitedLoader = _limited_loader(_PythonParser)  # the same in Python only, as without libyaml
 
 

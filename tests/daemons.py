@@ -125,7 +125,9 @@ def containerd(base: Path) -> Iterator[Path]:
         '[plugins."io.containerd.grpc.v1.cri"]\n  disable_tcp_service = true\n'
     )
     log = base / "containerd.log"
-    process = subprocess.Popen(["containerd", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        ["containerd", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
     try:
         wait_until(socket.exists, process, log, "containerd")
         yield socket

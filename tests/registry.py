@@ -41,7 +41,9 @@ class RegistryProcess(daemons.LoopbackServer):
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> RegistryProcess:
-        env = {**os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env}
+        env = {
+            **os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env,
+        }
         self.log_path = self.log_path or self.storage.parent / f"registry-{self.port}.log"
         # Any answer will do (e.g. 401 when access control is on).
         self.process = daemons.start_http_server(
@@ -100,7 +102,9 @@ def run(
         kwargs["env"] = {**os.environ, **env_extra}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPOSITORY, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 

@@ -61,10 +61,14 @@ def test_manifest_format_follows_accept(shared_registry: RegistryProcess, accept
 
 
 def test_head_by_tag_then_get_by_digest(shared_registry: RegistryProcess) -> None:
-    status, headers, body = shared_registry.request("/v2/shell/hello/manifests/latest", method="HEAD", accept=CONTAINERD_ACCEPT)
+    status, headers, body = shared_registry.request(
+        "/v2/shell/hello/manifests/latest", method="HEAD", accept=CONTAINERD_ACCEPT
+    )
     assert status == 200 and body == b""
     digest = headers["Docker-Content-Digest"]
-    status, by_digest, document = shared_registry.request(f"/v2/shell/hello/manifests/{digest}", accept=CONTAINERD_ACCEPT)
+    status, by_digest, document = shared_registry.request(
+        f"/v2/shell/hello/manifests/{digest}", accept=CONTAINERD_ACCEPT
+    )
     assert status == 200
     assert int(headers["Content-Length"]) == len(document)
     assert by_digest["Docker-Content-Digest"] == digest

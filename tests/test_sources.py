@@ -668,7 +668,9 @@ def test_ref_listing_prefers_tags_and_peels_annotated_tags() -> None:
     assert _pick_ref("latest", "") is None
 
 
-@pytest.mark.parametrize("ref", ["-x", "--upload-pack=touch /tmp/x", "a..b", "x.lock", ".x", "a/.b", "a//b", "a@{1}", "a b", "a:b", "a\\b"])
+@pytest.mark.parametrize(
+    "ref", ["-x", "--upload-pack=touch /tmp/x", "a..b", "x.lock", ".x", "a/.b", "a//b", "a@{1}", "a b", "a:b", "a\\b"]
+)
 def test_the_git_source_refuses_what_git_would_not_take_as_a_ref(tmp_path: Path, ref: str) -> None:
     """The source raises an error of the Nix layer; the HTTP layer's one map makes it TAG_INVALID."""
     from nixery.errors import TagInvalid
@@ -708,7 +710,9 @@ def test_credentials_never_appear_in_source_descriptions(tmp_path: Path) -> None
     ],
 )
 def test_two_sources_at_once_is_a_start_up_error_naming_both(tmp_path: Path, names: tuple[str, str]) -> None:
-    values = {"NIXERY_PKGS_PATH": str(BUNDLED_BUSYBOX), "NIXERY_PKGS_REPO": str(tmp_path), "NIXERY_CHANNEL": "nixos-unstable"}
+    values = {
+        "NIXERY_PKGS_PATH": str(BUNDLED_BUSYBOX), "NIXERY_PKGS_REPO": str(tmp_path), "NIXERY_CHANNEL": "nixos-unstable",
+    }
     env = {k: v for k, v in os.environ.items() if k not in values}
     env.update({name: values[name] for name in names}, STORAGE_PATH=str(tmp_path / "storage"), PORT="0")
     result = subprocess.run(

@@ -61,6 +61,7 @@ class StorageReadiness:
             return False
 
     async def _run_check(self) -> bool:
+        problem: str | None
         try:
             await self._storage.check_access(write=False)
         except Exception as error:  # noqa: BLE001 (whatever fails, this process cannot serve)

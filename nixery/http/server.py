@@ -42,10 +42,13 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import http_exceptions, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors
@@ -205,8 +208,11 @@ class _Server(web.Server):
     when shutting down ended (for the shutdown's log lines)."""
 
     def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, **kwargs: Any):
-        def new_request(message: Any, payload: Any, protocol: RegistryConnection, writer: Any, task: Any) -> Any:
-            protocol.head_received()
+        def new_request(
+            message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
+            writer: AbstractStreamWriter, task: asyncio.Task[None],
+        ) -> web.BaseRequest:
+            cast(RegistryConnection, protocol).head_received()  # the only connections `__call__` makes
             return request_factory(message, payload, protocol, writer, task)
 
         super().__init__(handler, request_factory=new_request, **kwargs)

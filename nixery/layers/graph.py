@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class GraphError(ValueError):
@@ -55,10 +56,10 @@ class ClosureGraph:
         return seen
 
     @classmethod
-    def from_mapping(cls, nodes: Mapping[str, Mapping[str, object]]) -> ClosureGraph:
+    def from_mapping(cls, nodes: Mapping[str, Mapping[str, Any]]) -> ClosureGraph:
         """From `{name: {"size": int, "refs": [names]}}` (the benchmark's format)."""
         return cls(
-            Node(name, int(data["size"]), _without(name, data.get("refs", ())))  # type: ignore[arg-type]
+            Node(name, int(data["size"]), _without(name, data.get("refs", ())))
             for name, data in nodes.items()
         )
 

@@ -170,12 +170,15 @@ class _HashingCompressor:
 # uid and gid 0; after the link name the magic, empty user and group names, empty
 # device numbers (tarfile writes numbers only for device files), no name prefix (a
 # PAX_FORMAT archive puts long names in a pax header instead) and the block's padding.
-_IDS = tarfile.itn(0, 8, tarfile.PAX_FORMAT) * 2
+# tarfile's own number encoder, so the fields are byte for byte what tarfile writes; it is
+# not public API, hence missing from typeshed's tarfile stub.
+_itn: Callable[[int, int, int], bytes] = tarfile.itn  # type: ignore[attr-defined]
+_IDS = _itn(0, 8, tarfile.PAX_FORMAT) * 2
 _AFTER_LINK = tarfile.POSIX_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)
 # The checksum counts its own field as eight spaces.
 _FIXED_SUM = sum(b" " * 8) + sum(_AFTER_LINK)
-_ENTRY_MTIME = tarfile.itn(MTIME, 12, tarfile.PAX_FORMAT)
-_PAX_MTIME = tarfile.itn(0, 12, tarfile.PAX_FORMAT)  # tarfile leaves the pax header's mtime at 0
+_ENTRY_MTIME = _itn(MTIME, 12, tarfile.PAX_FORMAT)
+_PAX_MTIME = _itn(0, 12, tarfile.PAX_FORMAT)  # tarfile leaves the pax header's mtime at 0
 _MAX_SIZE = 8**11  # sizes from here on do not fit the 12-byte field: a pax record holds them
 _ZEROS = bytes(_RECORD)
 

@@ -19,6 +19,7 @@ evaluate again. Reading starts on first use (the landing page, a search).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -223,7 +224,7 @@ class PackageCatalog:
         task = self._loading.get(revision.id)
         if task is None:
             task = self._loading[revision.id] = asyncio.ensure_future(self._load(revision))
-            task.add_done_callback(lambda t, rid=revision.id: self._loaded(rid, t))
+            task.add_done_callback(functools.partial(self._loaded, revision.id))
         return task
 
     async def get(self, revision: Revision, *, wait: float | None = None) -> Catalog | None:

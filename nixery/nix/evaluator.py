@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import structlog
@@ -78,7 +78,7 @@ class Evaluators:
         self._not_importing: LRU[_Key, bool] = LRU(_NOT_IMPORTING_KEPT)  # oldest first
 
     async def evaluate(
-        self, revision: str, pkgs_path: Path, request: dict[str, object], *, system: str, deadline: Deadline
+        self, revision: str, pkgs_path: Path, request: Mapping[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
         key = (system, revision)

@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +169,7 @@ class ReplEvaluator:
         log.info("nix.evaluator_ready", system=self.system, pkgs=str(self.pkgs_path), pid=self._process.pid,
                  seconds=round(self.start_seconds, 3))
 
-    async def evaluate(self, request: dict[str, object], *, deadline: Deadline) -> bytes:
+    async def evaluate(self, request: Mapping[str, object], *, deadline: Deadline) -> bytes:
         """The JSON eval.nix would print for `request`."""
         assert self._directory is not None
         path = self._directory / f"request-{next(self._markers)}.json"
@@ -287,7 +287,7 @@ async def _read_until(
     """Lines up to one of `ends`; `continued`: our marker line, which the repl echoes on its
     own (without its prompt) only as the continuation of an unfinished expression."""
     assert stream is not None
-    lines = []
+    lines: list[str] = []
     while True:
         raw = await stream.readline()
         if not raw:
