@@ -38,7 +38,7 @@ def spawn(
     """Start `work` in the background; its failure is logged as `failure_event` with `fields`."""
     task = asyncio.ensure_future(work)
     detach(task, failure_event=failure_event, keep=keep, describe_error=describe_error, **fields)
-    return task  # type: ignore[return-value]
+    return task
 
 
 def detach(

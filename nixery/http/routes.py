@@ -37,7 +37,7 @@ STORAGE = web.AppKey("storage", Storage)
 BLOB_REDIRECT = web.AppKey("blob_redirect", bool)
 #: With nginx in front: blob files are named in X-Accel-Redirect under this prefix and nginx sends them.
 BLOB_ACCEL_REDIRECT = web.AppKey("blob_accel_redirect", str)  # "": off
-MANIFESTS = web.AppKey("manifests", "ManifestCache")
+MANIFESTS: web.AppKey[ManifestCache] = web.AppKey("manifests")
 
 
 class ImageResolver(Protocol):
@@ -303,24 +303,24 @@ class _SendFile(web.StreamResponse):
         if self.prepared:
             return await super().prepare(request)
         transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        corked = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        sock: socket.socket | None = transport.get_extra_info("socket") if transport is not None else None
+        corked = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
         try:
-            if corked:  # full segments, headers sent with the body (nginx's tcp_nopush)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            if corked is not None:  # full segments, headers sent with the body (nginx's tcp_nopush)
+                corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             writer = await super().prepare(request)
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("connection lost")
-            sent = _sendfile_now(transport, sock, self._handle, self._size) if corked else 0
+            sent = _sendfile_now(transport, corked, self._handle, self._size) if corked is not None else 0
             if sent < self._size:
                 await asyncio.get_running_loop().sendfile(transport, self._handle, sent, self._size - sent)
             await super().write_eof()
             return writer
         finally:
             self._handle.close()
-            if corked:  # sends the last partial segment now; later answers on this connection are not held
+            if corked is not None:  # sends the last partial segment now; later answers on this connection are not held
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                    corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
 def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: BinaryIO, size: int) -> int:
