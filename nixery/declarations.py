@@ -89,7 +89,8 @@ from nixery.yaml_files import (
 )
 
 if TYPE_CHECKING:
-    from nixery.builder import ImageBuilder, ImageRecord
+    from nixery.builder import ImageBuilder
+    from nixery.images import ImageRecord
 
 log = structlog.get_logger(__name__)
 

@@ -28,9 +28,8 @@ from collections.abc import Sequence
 import structlog
 
 from nixery.nix import store_db
-from nixery.nix.packages import ResolvedPackage
-from nixery.nix.sources import Revision
 from nixery.registry.image import canonical_json
+from nixery.resolver import ResolvedPackage, Revision
 from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)

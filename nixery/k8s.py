@@ -78,7 +78,7 @@ from nixery.declarations import (
 from nixery.registry.mediatypes import ManifestFormat
 
 if TYPE_CHECKING:
-    from nixery.builder import ImageRecord
+    from nixery.images import ImageRecord
 
 log = structlog.get_logger(__name__)
 

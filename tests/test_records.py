@@ -1,4 +1,4 @@
-"""The image records a process keeps in memory (nixery/records.py): bounded, least
+"""The image records a process keeps in memory (nixery/images.py): bounded, least
 recently used dropped first, found by the blobs they name, and the most recently
 built listed without sorting them all. The last test builds with real Nix."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nixery import config
-from nixery.builder import ImageBuilder
-from nixery.records import RECENT, ImageRecord, ManifestRef, RecordCache
+from nixery.app import open_builder
+from nixery.images import RECENT, ImageRecord, ManifestRef, RecordCache
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
@@ -121,15 +121,15 @@ async def test_a_builder_keeps_at_most_the_configured_records(tmp_path: Path) ->
         {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "STORAGE_PATH": str(tmp_path / "storage"),
          "NIXERY_NIX_EVALUATOR": "process", "NIXERY_RECORD_CACHE": "2"}
     )
-    builder = ImageBuilder.from_settings(settings, FilesystemStorage(settings.storage_path))
+    builder = open_builder(settings, FilesystemStorage(settings.storage_path))
     names = ["hello", "figlet", "cowsay"]
     try:
         built = [await builder.image(parse_image_name(name), "latest") for name in names]
-        assert len(builder._records) == 2
+        assert len(builder.images.cached) == 2
         assert [r.name for r in builder.recent_images()] == list(reversed(names))
         builds = len(builder.builds.recent())
         # The one dropped from memory is read from storage again, not built again.
         assert await builder.image(parse_image_name("hello"), "latest") == built[0]
-        assert len(builder.builds.recent()) == builds and len(builder._records) == 2
+        assert len(builder.builds.recent()) == builds and len(builder.images.cached) == 2
     finally:
         await builder.close()

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlencode
 
 from nixery.http.markup import h
-from nixery.records import ImageRecord
+from nixery.images import ImageRecord
 
 
 def progress_path(build_id: str, image: str, tag: str) -> str:

@@ -38,13 +38,14 @@ from aiohttp import web
 
 from nixery import __version__, errors
 from nixery.auth import BUILD, PULL
-from nixery.builder import ImageBuilder, ImageRecord
+from nixery.builder import ImageBuilder
 from nixery.config import REPOSITORY
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
 from nixery.http.errors import registry_error
 from nixery.http.markup import h
 from nixery.http.routes import BUILDER, RESOLVER
+from nixery.images import ImageRecord
 from nixery.nix.catalog import Catalog, PackageCatalog
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import obstore
@@ -50,7 +50,6 @@ from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
-from nixery.config import S3Settings
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
@@ -69,6 +68,23 @@ from nixery.storage.lease import LeasedStorage
 from nixery.storage.stalls import unless_store_stalls
 
 log = logging.getLogger(__name__)
+
+
+class S3Settings(Protocol):
+    """What this driver reads of the S3 settings (the configuration's S3Settings has it)."""
+
+    @property
+    def bucket(self) -> str: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def access_key_id(self) -> str | None: ...
+    @property
+    def secret_access_key(self) -> str | None: ...
+    @property
+    def uses_path_style(self) -> bool: ...
 
 #: Part size of multipart uploads; S3 needs at least 5 MiB per part.
 UPLOAD_CHUNK = 6 * 1024 * 1024

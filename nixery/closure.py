@@ -1,0 +1,104 @@
+"""The closure graph of an image: store paths, their sizes and references.
+
+Nodes are plain strings (store paths in the registry, package names in the
+layering benchmark), so grouping code never depends on where the graph came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+class GraphError(ValueError):
+    """The closure data is malformed (not what `nix path-info --json` prints)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    size: int
+    references: tuple[str, ...]  # other nodes only; a self-reference is dropped
+
+
+class ClosureGraph:
+    """An acyclic graph of nodes closed under references."""
+
+    def __init__(self, nodes: Iterable[Node]):
+        self.nodes: dict[str, Node] = {node.name: node for node in nodes}
+        dangling = {
+            ref for node in self.nodes.values() for ref in node.references if ref not in self.nodes
+        }
+        if dangling:
+            raise GraphError(f"references outside the graph: {sorted(dangling)[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes
+
+    def size(self, name: str) -> int:
+        return self.nodes[name].size
+
+    def closure(self, roots: Iterable[str]) -> set[str]:
+        """Every node reachable from `roots`, the roots included."""
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            stack.extend(self.nodes[name].references)
+        return seen
+
+    def subgraph(self, names: Iterable[str]) -> ClosureGraph:
+        keep = set(names)
+        return ClosureGraph(
+            Node(n.name, n.size, tuple(r for r in n.references if r in keep))
+            for n in (self.nodes[name] for name in keep)
+        )
+
+    @classmethod
+    def from_mapping(cls, nodes: Mapping[str, Mapping[str, object]]) -> ClosureGraph:
+        """From `{name: {"size": int, "refs": [names]}}` (the benchmark's format)."""
+        return cls(
+            Node(name, int(data["size"]), _without(name, data.get("refs", ())))  # type: ignore[arg-type]
+            for name, data in nodes.items()
+        )
+
+    @classmethod
+    def from_path_info(cls, text: str | bytes) -> ClosureGraph:
+        """From `nix path-info --json --recursive`.
+
+        Nix 2.8 to 2.18 print a list of objects that carry their `path`; Nix 2.19
+        and later print an object keyed by path. Both carry `narSize` and
+        `references` (which may include the path itself).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GraphError(f"path-info output is not JSON: {exc}") from exc
+        if isinstance(data, list):
+            items = [(entry.get("path"), entry) for entry in data]
+        elif isinstance(data, dict):
+            items = list(data.items())
+        else:
+            raise GraphError("path-info output is neither a list nor an object")
+        nodes = []
+        for path, info in items:
+            if not isinstance(path, str) or not isinstance(info, dict):
+                raise GraphError(f"path-info entry without a path: {info!r:.200}")
+            if info.get("valid") is False:
+                raise GraphError(f"store path is not valid (not built): {path}")
+            try:
+                nodes.append(Node(path, int(info["narSize"]), _without(path, info.get("references", ()))))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise GraphError(f"path-info entry for {path} lacks narSize") from exc
+        return cls(nodes)
+
+
+def _without(name: str, refs: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({ref for ref in refs if ref != name}))
