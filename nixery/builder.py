@@ -380,7 +380,9 @@ class ImageBuilder:
             return ca_bundle, counter.count(layer)
 
         # The entry-point layer is last in the image but made alongside the others.
-        *stored, (ca_bundle, last) = await asyncio.gather(*(store_paths(p) for p in plan), store_entry_points())
+        stored, (ca_bundle, last) = await asyncio.gather(
+            asyncio.gather(*(store_paths(paths) for paths in plan)), store_entry_points()
+        )
         stored.append(last)
         bound.info("build.layers_compressed", layers=len(stored), created=counter.created, bytes=counter.bytes)
         return ca_bundle, stored, counter

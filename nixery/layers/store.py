@@ -82,7 +82,8 @@ class LayerStore:
         self._writers.start()
 
     async def close(self) -> None:
-        await asyncio.gather(*(layer.stored for layer in self._storing.values()), return_exceptions=True)
+        writes = [layer.stored for layer in self._storing.values() if layer.stored is not None]
+        await asyncio.gather(*writes, return_exceptions=True)
         await self._writers.close()
 
     async def store_paths(self, store_paths: list[str]) -> StoredLayer:
