@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> web.Application:
             await storage.close()
             raise
         builder = open_builder(settings, storage)
-        builder.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
+        builder.images.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         app[health.READINESS] = health.StorageReadiness(storage)

@@ -1,42 +1,23 @@
-"""From an image name to stored layers and manifests: the one place where
-the package source, layering, the caches and storage meet.
+"""From an image name to stored layers and manifests: where the package source,
+layering, the caches and storage meet. A build is a short pipeline, one method
+per step:
 
-A build is a short pipeline, one method per step:
+    closure   the package source's resolver (`nixery.resolver`) resolves the
+              names (kept per name: `nixery.evaluations`) and realises them
+    plan      store paths grouped into layers, guided by the layering history
+              shared through storage (`nixery.history`)
+    layers    each found stored, or compressed once in a worker process
+              (`nixery.layers.store`); and the entry-point layer
+    assemble  the config, the Docker and OCI manifests (OCI only with zstd
+              layers: Docker schema 2 has no zstd media type), the record
+    attach    documents about the image (none yet: signatures and SBOMs)
+    publish   every blob, and the record (`nixery.images`): written side by
+              side, but the record appears only once its blobs are stored
 
-    closure ─► plan ─► layers ─► assemble ─► attach ─► publish
-
-The package source answers through its resolver (`nixery.resolver`), so this
-module runs no Nix itself; layers are stored by `nixery.layers.store`, image
-records by `nixery.images`.
-
-    name, tag ──► package source revision ──► image cache hit? ──► record
-                                   │ miss
-                                   ▼
-        evaluation (a long-running nix repl) ─► realise ─► closure
-        (evaluations are kept per name, and the other two read from Nix's
-        store database: a new image of known, built names runs no Nix)
-                                   ▼
-        plan layers (with the history of stored layers, shared through storage)
-                                   ▼
-        each layer: layer cache hit? else tar+compress+hash once, in a
-        worker process (nixery.layers.writers) ─► storage
-                                   ▼
-        entry-point layer, config, Docker and OCI manifests ─► storage
-        (OCI only with zstd layers: Docker schema 2 has no zstd media type;
-        "attach" is where documents about the image will join them)
-                                   ▼
-        image record under images/<key> (written beside the blobs, but it
-        appears only once they are stored: a record only ever names blobs
-        that are already stored)
-
-Caches live in storage, so they survive restarts and are shared by replicas:
-`images/<key>` maps (source revision, packages, architecture) to an image
-record, and `layers/<key>` maps a layer's exact path set to its blob. Both
-keys include the layer compression (gzip keys as they were before zstd
-existed), so switching NIXERY_LAYER_COMPRESSION never serves one for the other.
-`evaluations/<key>` maps (source revision, system, name) to what the name
-evaluated to (`nixery.evaluations`), and the layering history is a snapshot
-plus one entry per build (`nixery.history`).
+This module runs no Nix itself. Image records, layers and evaluations are kept
+in storage (their keys: `nixery.images`, `nixery.layers.store`), so they
+survive restarts and are shared by replicas: a new image of known, built names
+starts no Nix process.
 
 An image is stored under the names its packages resolved to (their
 `pullName`: the attribute path, in lower case when that finds the same
@@ -45,11 +26,8 @@ one record, named as first asked for (`shell/curl` if that came first). A
 request spelt otherwise finds it through what its names evaluated to, without
 Nix once they were evaluated.
 
-In memory, each process keeps the image records it used most recently
-(`nixery.images`, NIXERY_RECORD_CACHE of them); it drops those naming a blob
-found missing or corrupt, and all of them when `nixery gc` says it removed
-something (`nixery.collected`), so that a record it answers with names only
-stored blobs.
+In memory, each process keeps the image records it used most recently, and
+only while their blobs are stored (`nixery.images`).
 """
 
 from __future__ import annotations
@@ -65,7 +43,6 @@ import structlog
 
 from nixery import metrics
 from nixery.closure import ClosureGraph
-from nixery.collected import CollectionWatch
 from nixery.evaluations import EvaluationCache
 from nixery.history import SharedHistory
 from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, ManifestRef, image_key
@@ -139,10 +116,6 @@ class ImageBuilder:
         self.builds = BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
-        storage.on_corrupt_blob(self.forget_images_using)
-        #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
-        self._collections = CollectionWatch(storage, self._collected)
-        self._collection_listeners: list[Callable[[], None]] = []
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
         #: The package list (search, the names a set lacks, suggestions for them).
@@ -151,7 +124,7 @@ class ImageBuilder:
     async def warm_up(self) -> None:
         """Start the layer writers and the package source's resolver, and load the layering
         history, so the first image need not; start following `nixery gc`."""
-        self._collections.start()
+        self.images.start()
         await asyncio.gather(asyncio.to_thread(self.layers.start), self.source.warm_up(), self._warm_history())
 
     async def _warm_history(self) -> None:
@@ -161,7 +134,7 @@ class ImageBuilder:
             log.info("build.history_not_loaded", error=str(exc)[:200])
 
     async def close(self) -> None:
-        await self._collections.close()
+        await self.images.close()
         await self.layers.close()
         await self.evaluations.flush()
         await self.names.close()
@@ -174,10 +147,7 @@ class ImageBuilder:
         self, request: ImageRequest, tag: str, *, on_wait: Callable[[Build], None] | None = None
     ) -> ImageRecord:
         """The image for a request, built on first use. `on_wait` hears of a build it waits for."""
-        revision = await self.source.resolve(tag)
-        key = self._image_key(revision, request)
-        record = await self.images.get(key) or await self._record_by_resolved_names(revision, request)
-        metrics.cache_lookup("image", hit=record is not None)
+        revision, key, record = await self._lookup(request, tag)
         if record is not None:
             self.images.note_use(record.key)
             return record
@@ -188,9 +158,7 @@ class ImageBuilder:
 
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
         """The image if it is already built, without building it (for access control)."""
-        revision = await self.source.resolve(tag)
-        record = await self.images.get(self._image_key(revision, request))
-        return record or await self._record_by_resolved_names(revision, request)
+        return (await self._lookup(request, tag, counted=False))[2]
 
     async def check_names(self, request: ImageRequest, tag: str) -> None:
         """Raise PackagesNotFound (with the nearest names) for the names the package set's
@@ -199,10 +167,7 @@ class ImageBuilder:
 
     async def start(self, request: ImageRequest, tag: str) -> Build:
         """Start building in the background (if needed); returns the build to follow."""
-        revision = await self.source.resolve(tag)
-        key = self._image_key(revision, request)
-        record = await self.images.get(key) or await self._record_by_resolved_names(revision, request)
-        metrics.cache_lookup("image", hit=record is not None)
+        revision, key, record = await self._lookup(request, tag)
         if record is not None:
             build = self.builds.new(request.display_name)
             build.emit(Stage.DONE, "already built", **_record_summary(record))
@@ -212,6 +177,17 @@ class ImageBuilder:
         self._background.add(task)
         task.add_done_callback(self._background_done)
         return build
+
+    async def _lookup(
+        self, request: ImageRequest, tag: str, *, counted: bool = True
+    ) -> tuple[Revision, str, ImageRecord | None]:
+        """The revision a tag selects, the image's key, and the image if it is built."""
+        revision = await self.source.resolve(tag)
+        key = self._image_key(revision, request)
+        record = await self.images.get(key) or await self._record_by_resolved_names(revision, request)
+        if counted:
+            metrics.cache_lookup("image", hit=record is not None)
+        return revision, key, record
 
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
         return image_key(revision, request, self.max_layers, self.compression)
@@ -241,18 +217,8 @@ class ImageBuilder:
         return self.images.recent(limit)
 
     def forget_images_using(self, digest: Digest) -> None:
-        """A blob was found missing or corrupt: its images are checked in storage (and rebuilt)
-        on their next use."""
+        """A blob was found missing or corrupt: its images are checked in storage on their next use."""
         self.images.forget_using(digest)
-
-    def on_collected(self, listener: Callable[[], None]) -> None:
-        """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""
-        self._collection_listeners.append(listener)
-
-    def _collected(self) -> None:
-        self.images.cached.clear()
-        for listener in self._collection_listeners:
-            listener()
 
     # ---- building: closure ─► plan ─► layers ─► assemble ─► attach ─► publish
 

@@ -29,7 +29,9 @@ cache guarantees:
 
 `ImageStore` answers only with records whose blobs are all stored: one read
 from storage is checked blob by blob (and otherwise not answered, so the
-image is built again), and one written appears only once its blobs are.
+image is built again), and one written appears only once its blobs are. It
+drops from memory the records naming a blob found missing or corrupt, and all
+of them when `nixery gc` says it removed something (`nixery.collected`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import json
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from nixery.collected import CollectionWatch
 from nixery.layers.store import FORMAT_VERSION
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
@@ -294,6 +297,26 @@ class ImageStore:
         #: The image records used most recently (NIXERY_RECORD_CACHE of them).
         self.cached = RecordCache(capacity)
         self._usage_writes: set[asyncio.Task[None]] = set()
+        storage.on_corrupt_blob(self.forget_using)
+        #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
+        self._collections = CollectionWatch(storage, self._collected)
+        self._collection_listeners: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        """Start following `nixery gc`'s notes."""
+        self._collections.start()
+
+    async def close(self) -> None:
+        await self._collections.close()
+
+    def on_collected(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""
+        self._collection_listeners.append(listener)
+
+    def _collected(self) -> None:
+        self.cached.clear()
+        for listener in self._collection_listeners:
+            listener()
 
     def building(self, key: str) -> AbstractAsyncContextManager[None]:
         """Held while the image under `key` is built: by one process of all sharing the storage."""
