@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nixery.layers.graph import ClosureGraph
+from nixery.closure import ClosureGraph
 from nixery.layers.grouping import LayerHistory, plan_layers
 from nixery.layers.plan_cli import load_graph, load_images, load_popularity
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import common as c
 
-from nixery.layers.graph import ClosureGraph, Node
+from nixery.closure import ClosureGraph, Node
 from nixery.layers.grouping import LayerHistory, plan_layers
 
 MAX_LAYERS = 99  # NIXERY_MAX_LAYERS (100) minus the entry-point layer

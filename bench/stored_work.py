@@ -44,8 +44,8 @@ from pathlib import Path
 
 import common as c
 
+from nixery.images import ImageRecord
 from nixery.layers.grouping import LayerHistory
-from nixery.records import ImageRecord
 
 CLIENTS = 4
 FOUR_HOURS = 4 * 3600

@@ -1,4 +1,10 @@
-"""Builds the aiohttp application and wires its parts together."""
+"""Builds the aiohttp application and wires its parts together.
+
+This is the one module that turns settings into parts: the package source
+(and the resolver it supplies the builder), the storage driver, the builder,
+and the image declarations. The parts themselves take what they need as
+arguments and read no configuration.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,15 @@ from aiohttp import web
 
 from nixery import metrics
 from nixery.builder import ImageBuilder
-from nixery.config import Settings
+from nixery.config import ConfigError, Settings
 from nixery.http import auth, health, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
-from nixery.storage import open_storage
+from nixery.nix.channel import ChannelSource
+from nixery.nix.evaluator import Evaluators
+from nixery.nix.git import GitSource
+from nixery.nix.sources import LocalPathSource, PackageSource
+from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +62,8 @@ def create_app(settings: Settings) -> web.Application:
         except BaseException:
             await storage.close()
             raise
-        builder = ImageBuilder.from_settings(settings, storage)
-        builder.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
+        builder = open_builder(settings, storage)
+        builder.images.on_collected(app[routes.MANIFESTS].clear)  # after `nixery gc`, manifests are read again
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         app[health.READINESS] = health.StorageReadiness(storage)
@@ -87,3 +97,84 @@ def create_app(settings: Settings) -> web.Application:
     metrics.setup(app)  # /metrics, blob bytes served
     auth.install(app, settings)  # NIXERY_AUTH: middleware for /v2 and the /token endpoint
     return app
+
+
+def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
+    """The image builder the settings ask for, over `storage`, with the package source's resolver."""
+    evaluators = Evaluators(memory_limit=settings.evaluator_memory_limit, repl=settings.nix_evaluator == "repl")
+    return ImageBuilder(
+        storage=storage,
+        source=open_source(settings).resolver(timeout=settings.nix_timeout, evaluators=evaluators),
+        max_layers=settings.max_layers,
+        max_concurrent_builds=settings.max_concurrent_builds,
+        layer_compression=settings.layer_compression,
+        record_cache=settings.record_cache,
+    )
+
+
+def open_source(settings: Settings) -> PackageSource:
+    """The package source the settings name; the bundled set when none is named."""
+    if settings.pkgs_path is not None:
+        return LocalPathSource(settings.pkgs_path)
+    if settings.pkgs_repo:
+        return GitSource(
+            settings.pkgs_repo,
+            cache_dir=settings.cache_dir,
+            ref_ttl=settings.git_ref_ttl,
+            fetch_timeout=settings.nix_timeout,
+        )
+    if settings.channel:
+        return ChannelSource(
+            settings.channel,
+            url_template=settings.channel_url,
+            cache_dir=settings.cache_dir,
+            timeout=settings.nix_timeout,
+        )
+    bundled = settings.bundled_set
+    if bundled.fallback:  # not asked for: say how to get the set `auto` would prefer
+        log.info(
+            "source.bundled_busybox",
+            note="serving the busybox package set, as the Debian set is not generated; "
+            "run `make debian-set` for real software (bash, curl, git, python3)",
+        )
+    return LocalPathSource(bundled.path, description=f"bundled {bundled.name}")
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage driver the settings ask for (raises ConfigError if incomplete,
+    StorageInaccessible if STORAGE_PATH cannot be used)."""
+    try:
+        return _open(settings)
+    except StorageSettingsInvalid as error:
+        raise ConfigError(str(error)) from None
+    except OSError as error:  # creating STORAGE_PATH's directories (every backend stages there)
+        raise StorageInaccessible(
+            settings.storage_backend, f"cannot use STORAGE_PATH={str(settings.storage_path)!r}: {error}"
+        ) from error
+
+
+def _open(settings: Settings) -> Storage:
+    backend = settings.storage_backend
+    if backend == "filesystem":
+        return FilesystemStorage(settings.storage_path, verified_links=settings.verified_blob_links)
+    if backend == "s3":
+        if settings.s3 is None:
+            raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
+        from nixery.storage.s3 import S3Storage
+
+        return S3Storage(
+            settings.s3,
+            staging_root=settings.storage_path / "tmp",
+            signed_url_ttl=settings.signed_url_ttl,
+        )
+    if backend == "gcs":
+        if settings.gcs is None:
+            raise ConfigError("GCS_BUCKET must be set when NIXERY_STORAGE_BACKEND=gcs")
+        from nixery.storage.gcs import GCSStorage
+
+        return GCSStorage(
+            settings.gcs,
+            staging_root=settings.storage_path / "tmp",
+            signed_url_ttl=settings.signed_url_ttl,
+        )
+    raise ConfigError(f"NIXERY_STORAGE_BACKEND={backend!r} must be one of filesystem, s3, gcs")

@@ -148,7 +148,8 @@ async def _maintained_storage(command: str, settings: Settings) -> Storage | Non
     """The storage a maintenance command works on; None, after saying so, when it holds
     nothing. A filesystem storage that is not there is not created."""
     from nixery import maintenance
-    from nixery.storage import FilesystemStorage, open_storage
+    from nixery.app import open_storage
+    from nixery.storage import FilesystemStorage
 
     place = _storage_place(settings)
     if settings.storage_backend == "filesystem" and not FilesystemStorage.exists(settings.storage_path):

@@ -389,10 +389,9 @@ async def _build_locally(
     name: str, tag: str, display: PlainProgress | BarProgress
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from nixery import config, logs
-    from nixery.builder import ImageBuilder
+    from nixery.app import open_builder, open_storage
     from nixery.errors import RegistryError
     from nixery.registry.names import check_tag, parse_image_name
-    from nixery.storage import open_storage
 
     try:
         settings = config.load()
@@ -402,7 +401,7 @@ async def _build_locally(
         raise ClientError(str(exc)) from exc
     logs.configure("warning", settings.log_format)
     storage = open_storage(settings)
-    builder = ImageBuilder.from_settings(settings, storage)
+    builder = open_builder(settings, storage)
     try:
         build = await builder.start(request, tag)
         final: dict[str, Any] = {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nixery.records import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
+from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.registry.mediatypes import Compression
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -29,9 +29,8 @@ import structlog
 from nixery.background import spawn
 from nixery.lru import LRU
 from nixery.nix import store_db
-from nixery.nix.packages import ResolvedPackage
-from nixery.nix.sources import Revision
 from nixery.registry.image import canonical_json
+from nixery.resolver import ResolvedPackage, Revision
 from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)

@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass, field
 
 from nixery import collected
-from nixery.builder import USAGE_PREFIX, build_lock
 from nixery.evaluations import PREFIX as EVALUATIONS
-from nixery.records import ImageRecord
+from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -120,7 +119,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     live: set[Digest] = set()
     live_revisions: set[str] = set()
     for key, record in (await _records(storage)).items():
-        image_key = key.removeprefix("images/")
+        image_key = key.removeprefix(IMAGE_PREFIX)
         used = await storage.get_meta(f"{USAGE_PREFIX}{image_key}")
         last_use = max(record.built_at, float(json.loads(used)["last_used"]) if used else 0.0)
         if now - last_use > older_than:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nixery.images import ImageRecord
 from nixery.progress import Stage
-from nixery.records import ImageRecord
 from nixery.registry.negotiation import pull_digests
 
 #: A build's stages in the order they come; a failed build ends in FAILED instead of DONE.

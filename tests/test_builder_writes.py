@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from nixery import config
-from nixery.builder import ImageBuilder, ImageRecord
+from nixery.app import open_builder
+from nixery.builder import ImageBuilder
+from nixery.images import ImageRecord
 from nixery.layers.writers import LayerWriters
 from nixery.progress import Build, Stage
 from nixery.registry.digest import Digest
@@ -61,7 +63,7 @@ async def held(tmp_path: Path) -> AsyncIterator[tuple[ImageBuilder, HeldStorage]
          "NIXERY_NIX_EVALUATOR": "process"}
     )
     storage = HeldStorage(settings.storage_path)
-    builder = ImageBuilder.from_settings(settings, storage)
+    builder = open_builder(settings, storage)
     yield builder, storage
     storage.release.set()
     await builder.close()

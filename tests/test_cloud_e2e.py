@@ -30,9 +30,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 from nixery import maintenance
+from nixery.app import open_storage
 from nixery.config import load
 from nixery.registry.digest import Digest
-from nixery.storage import open_storage
 from tests.daemons import fetch
 from tests.registry import PODMAN_RUN_FLAGS, RegistryProcess, have, nix_calls_of, run, skopeo_to_oci, unpack_oci
 from tests.storage.conftest import make_signing_key

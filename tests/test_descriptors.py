@@ -11,7 +11,7 @@ import json
 import pytest
 
 from nixery.errors import ManifestUnknown
-from nixery.records import ImageRecord
+from nixery.images import ImageRecord
 from nixery.registry.descriptors import (
     Descriptor,
     Platform,

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from nixery import evaluations, maintenance
-from nixery.builder import ImageRecord, ManifestRef
 from nixery.evaluations import EvaluationCache
+from nixery.images import ImageRecord, ManifestRef
 from nixery.nix import store_db
-from nixery.nix.packages import ResolvedPackage
-from nixery.nix.sources import Revision
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import ManifestFormat
+from nixery.resolver import ResolvedPackage, Revision
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import RegistryProcess, busybox_set_with, nix_call_count
 

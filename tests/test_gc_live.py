@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from nixery import collected, maintenance
-from nixery.builder import ImageRecord
+from nixery.app import open_storage
 from nixery.config import load
+from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
-from nixery.storage import open_storage
 from tests.registry import RegistryProcess, run
 from tests.storage.servers import seaweedfs
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nixery.layers.graph import ClosureGraph
+from nixery.closure import ClosureGraph
 from nixery.layers.grouping import CostModel, LayerHistory, plan_layers
 from nixery.layers.plan_cli import main as plan_main
 
@@ -224,7 +224,7 @@ for n in range(40):
     ties[f"a{{n}}"] = {{"size": 10**6, "refs": [f"d{{n}}"]}}
     ties[f"b{{n}}"] = {{"size": 10**6, "refs": [f"d{{n}}"]}}
     ties[f"d{{n}}"] = {{"size": 1000, "refs": []}}
-from nixery.layers.graph import ClosureGraph
+from nixery.closure import ClosureGraph
 tied = ClosureGraph.from_mapping(ties)
 print(plan_json([plan_layers(tied, sorted(ties), max_layers=100)]))
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config
-from nixery.builder import ImageBuilder
+from nixery.app import open_builder
 from nixery.history import ENTRIES, SNAPSHOT, SharedHistory
 from nixery.layers.grouping import LayerHistory
 from nixery.registry.names import parse_image_name
@@ -109,7 +109,7 @@ async def test_a_build_leaves_the_stored_history_as_it_was_and_adds_its_layers(t
     storage = FilesystemStorage(settings.storage_path)
     await storage.put_meta(SNAPSHOT, seeded_history(5000).to_json())
     snapshot = (settings.storage_path / "meta" / SNAPSHOT).read_bytes()
-    builder = ImageBuilder.from_settings(settings, storage)
+    builder = open_builder(settings, storage)
     try:
         record = await builder.image(parse_image_name("figlet/fortune"), "latest")
     finally:

@@ -43,8 +43,8 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from nixery.builder import ImageRecord, ManifestRef
 from nixery.declarations import FILES, DeclarationStore, parse_declaration
+from nixery.images import ImageRecord, ManifestRef
 from nixery.k8s import (
     ApiError,
     KubeClient,

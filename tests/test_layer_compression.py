@@ -6,17 +6,18 @@ import json
 
 import pytest
 
-from nixery.builder import ImageRecord, ManifestRef, image_key, layer_key
 from nixery.config import ConfigError, load
+from nixery.images import ImageRecord, ManifestRef, image_key
 from nixery.layers.entrypoints import entry_layer_key
+from nixery.layers.store import layer_key
 from nixery.layers.tarball import Entry
-from nixery.nix.sources import Revision
 from nixery.registry.descriptors import image_manifest
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, layer_compression
 from nixery.registry.mediatypes import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Compression, ManifestFormat
 from nixery.registry.names import parse_image_name
 from nixery.registry.negotiation import pull_digests
+from nixery.resolver import Revision
 
 PATHS = ["/nix/store/bbb-two", "/nix/store/aaa-one"]
 ENTRIES = [

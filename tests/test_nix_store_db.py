@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.layers.graph import ClosureGraph
+from nixery.closure import ClosureGraph
 from nixery.nix import packages, store_db
 from nixery.nix.errors import NixError
 from nixery.nix.process import Deadline, run_nix

@@ -1,6 +1,8 @@
-"""The image records a process keeps in memory (nixery/records.py): bounded, least
+"""The image records a process keeps in memory (nixery/images.py): bounded, least
 recently used dropped first, found by the blobs they name, and the most recently
-built listed without sorting them all. The last test builds with real Nix."""
+built listed without sorting them all. The last test builds images from real store
+paths, handed to the builder by a stand-in for Nix (tests/resolvers.py): what it
+tests is the builder's record cache, not how names are resolved."""
 
 from __future__ import annotations
 
@@ -11,14 +13,13 @@ import pytest
 
 from nixery import config
 from nixery.builder import ImageBuilder
-from nixery.records import RECENT, ImageRecord, ManifestRef, RecordCache
+from nixery.images import RECENT, ImageRecord, ManifestRef, RecordCache
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
 from nixery.registry.names import parse_image_name
 from nixery.storage.filesystem import FilesystemStorage
-
-BUSYBOX_SET = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+from tests.resolvers import StorePathsResolver, add_packages
 
 
 def record(n: int, *, built_at: float | None = None, shared: Digest | None = None) -> ImageRecord:
@@ -117,19 +118,22 @@ def test_the_record_cache_setting() -> None:
 
 @pytest.mark.nix
 async def test_a_builder_keeps_at_most_the_configured_records(tmp_path: Path) -> None:
-    settings = config.load(
-        {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "STORAGE_PATH": str(tmp_path / "storage"),
-         "NIXERY_NIX_EVALUATOR": "process", "NIXERY_RECORD_CACHE": "2"}
-    )
-    builder = ImageBuilder.from_settings(settings, FilesystemStorage(settings.storage_path))
     names = ["hello", "figlet", "cowsay"]
+    # A stand-in for Nix, by design: the closures are real store paths (see tests/resolvers.py).
+    resolver = StorePathsResolver(add_packages(tmp_path / "packages", names))
+    builder = ImageBuilder(
+        storage=FilesystemStorage(tmp_path / "storage"), source=resolver,
+        max_layers=10, max_concurrent_builds=2, layer_workers=1, record_cache=2,
+    )
     try:
         built = [await builder.image(parse_image_name(name), "latest") for name in names]
-        assert len(builder._records) == 2
+        assert resolver.realised == [(name,) for name in names]
+        assert len(builder.images.cached) == 2
         assert [r.name for r in builder.recent_images()] == list(reversed(names))
         builds = len(builder.builds.recent())
         # The one dropped from memory is read from storage again, not built again.
         assert await builder.image(parse_image_name("hello"), "latest") == built[0]
-        assert len(builder.builds.recent()) == builds and len(builder._records) == 2
+        assert len(builder.builds.recent()) == builds and len(builder.images.cached) == 2
+        assert len(resolver.realised) == len(names)
     finally:
         await builder.close()

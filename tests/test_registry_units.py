@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from nixery.closure import ClosureGraph, GraphError
 from nixery.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
-from nixery.layers.graph import ClosureGraph, GraphError
 from nixery.registry.descriptors import Descriptor
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import (

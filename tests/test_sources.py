@@ -463,7 +463,7 @@ def test_only_a_busybox_set_served_for_want_of_the_debian_set_suggests_generatin
     import structlog
 
     from nixery import config
-    from nixery.nix.sources import open_source
+    from nixery.app import open_source
 
     def advice(env: dict[str, str]) -> list[str]:
         with structlog.testing.capture_logs() as logs:

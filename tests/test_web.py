@@ -493,7 +493,7 @@ def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
 def test_catalog_tolerates_attributes_that_throw(tmp_path: Path) -> None:
     from nixery.nix.catalog import PackageCatalog
     from nixery.nix.packages import host_system
-    from nixery.nix.sources import Revision
+    from nixery.resolver import Revision
 
     (tmp_path / "default.nix").write_text(
         """{ system ? builtins.currentSystem, ... }: {

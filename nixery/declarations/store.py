@@ -27,7 +27,8 @@ from nixery.registry.names import ImageRequest
 from nixery.registry.negotiation import pull_digests
 
 if TYPE_CHECKING:
-    from nixery.builder import ImageBuilder, ImageRecord
+    from nixery.builder import ImageBuilder
+    from nixery.images import ImageRecord
 
 log = structlog.get_logger(__name__)
 

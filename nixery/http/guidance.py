@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlencode
 
 from nixery.http.markup import h
-from nixery.records import ImageRecord
+from nixery.images import ImageRecord
 from nixery.views import image_reference, other_order
 
 

@@ -53,7 +53,7 @@ from nixery.k8s.credentials import KubeConfig, load_kube_config
 from nixery.registry.negotiation import pull_digests
 
 if TYPE_CHECKING:
-    from nixery.builder import ImageRecord
+    from nixery.images import ImageRecord
 
 log = structlog.get_logger(__name__)
 

@@ -19,6 +19,12 @@ from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import Compression
 
+#: Layers of every image that hold no store path: this entry-point layer, on top.
+#: NIXERY_MAX_LAYERS counts them (clients and registries limit the layers of an
+#: image, not only those of store paths), so the store paths are planned into
+#: NIXERY_MAX_LAYERS minus these.
+ENTRY_POINT_LAYERS = 1
+
 CA_BUNDLE_CANDIDATES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt")
 SSL_CERT_FILE = "/etc/ssl/certs/ca-certificates.crt"
 

@@ -85,8 +85,8 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from nixery.closure import ClosureGraph
 from nixery.layers.cost import DEFAULT_COST, CostModel
-from nixery.layers.graph import ClosureGraph
 
 __all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "plan_layers"]
 

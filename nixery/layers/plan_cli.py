@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.closure import ClosureGraph, GraphError
 from nixery.layers.grouping import LayerHistory, plan_layers
 
 

@@ -6,17 +6,16 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from nixery.layers.graph import ClosureGraph, GraphError
+from nixery.closure import ClosureGraph, GraphError
 from nixery.nix import store_db
 from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline, run_nix
+from nixery.resolver import ResolvedPackage
 
 log = structlog.get_logger(__name__)
 
@@ -27,36 +26,6 @@ _HOST_SYSTEMS = {
     "aarch64": "aarch64-linux",
     "arm64": "aarch64-linux",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedPackage:
-    name: str  # as the image name said it
-    attr: str  # the attribute path it resolved to
-    pull_name: str  # how to name it in an image: lower case when that finds the same attribute (resolve.nix)
-    drv_path: str
-    outputs: tuple[str, ...]  # store paths that go into the image
-    main_program: str | None
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ResolvedPackage:
-        """From one of eval.nix's `packages` (raises KeyError, TypeError on other shapes)."""
-        outputs = doc["outputs"]
-        if not isinstance(outputs, list) or not all(isinstance(out, str) for out in outputs):
-            raise TypeError("outputs must be a list of store paths")
-        main_program = doc.get("mainProgram")
-        return cls(
-            name=str(doc["name"]), attr=str(doc["attr"]), pull_name=str(doc["pullName"]),
-            drv_path=str(doc["drvPath"]), outputs=tuple(outputs),
-            main_program=None if main_program is None else str(main_program),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """As eval.nix prints it."""
-        return {
-            "name": self.name, "attr": self.attr, "pullName": self.pull_name, "drvPath": self.drv_path,
-            "outputs": list(self.outputs), "mainProgram": self.main_program,
-        }
 
 
 def host_system() -> str:

@@ -14,6 +14,12 @@ returns an attribute set of derivations (nested sets allowed), as nixpkgs does.
     NIXERY_PKGS_REPO       a git ref      the commit                   git.py
     NIXERY_CHANNEL         nothing        commit, or tarball SHA-256   channel.py
     (none: bundled set)    nothing        hash of the files' content   here
+
+Each source supplies the builder's resolver (`PackageSource.resolver`, the
+`nixery.resolver.PackageResolver` protocol): here always a `NixResolver`,
+which evaluates that `default.nix` and builds what names resolve to with Nix.
+Which source the settings name is decided where the registry is wired
+together (`nixery.app.open_source`).
 """
 
 from __future__ import annotations
@@ -23,23 +29,20 @@ import hashlib
 import os
 import stat
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from nixery.config import Settings
+from nixery.closure import ClosureGraph
+from nixery.nix import packages as nix
+from nixery.nix.evaluator import Evaluators
+from nixery.nix.process import Deadline
+from nixery.resolver import ResolvedPackage, Revision
 from nixery.singleflight import FreshRun
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Revision:
-    source: str  # human description, e.g. "path /srv/pkgs"
-    id: str  # changes whenever the package set's content does
-    path: Path | None  # directory with default.nix; None until `checkout` makes it
 
 
 class PackageSource(ABC):
@@ -53,6 +56,70 @@ class PackageSource(ABC):
         """The local directory of a revision, fetched only when an image must be built."""
         assert revision.path is not None, "sources without a local path override checkout"
         return revision.path
+
+    def resolver(self, *, timeout: float, evaluators: Evaluators | None) -> NixResolver:
+        """How the builder gets this source's packages: every source here is a package set
+        that Nix evaluates and builds (`NIXERY_NIX_TIMEOUT` is `timeout`)."""
+        return NixResolver(self, timeout=timeout, evaluators=evaluators)
+
+
+class NixResolver:
+    """A package set's `default.nix` through Nix (`nixery.resolver.PackageResolver`).
+
+    Names are evaluated by a long-running Nix evaluator when there are
+    `evaluators`, else by one `nix-instantiate` per image; closures are read
+    from Nix's store database when everything is built already.
+    """
+
+    def __init__(self, source: PackageSource, *, timeout: float, evaluators: Evaluators | None):
+        self.source = source
+        self.description = source.description
+        self.timeout = timeout
+        #: Long-running Nix evaluators (None: one nix-instantiate per image).
+        self.evaluators = evaluators
+
+    async def resolve(self, tag: str) -> Revision:
+        return await self.source.resolve(tag)
+
+    def check_system(self, system: str) -> None:
+        nix.check_buildable(system)
+
+    async def evaluate(
+        self, revision: Revision, names: Sequence[str], system: str, *, until: float
+    ) -> list[ResolvedPackage]:
+        return await nix.evaluate(
+            await self.source.checkout(revision), names, system, source=revision.source,
+            deadline=self._deadline(until), evaluators=self.evaluators, revision=revision.id,
+        )
+
+    async def realise(
+        self, packages: Sequence[ResolvedPackage], *, until: float, on_line: Callable[[str], None] | None = None
+    ) -> ClosureGraph:
+        outputs = [out for package in packages for out in package.outputs]
+        return await nix.ensure_built_closure(
+            [p.drv_path for p in packages], outputs, deadline=self._deadline(until), on_line=on_line
+        )
+
+    async def warm_up(self) -> None:
+        """Start this host's evaluator on a local package set, so the first image need not."""
+        if self.evaluators is None:
+            return
+        try:
+            revision = await self.source.resolve("latest")
+        except Exception as exc:  # the first build reports it
+            log.info("build.warm_up_skipped", error=str(exc)[:200])
+            return
+        if revision.path is not None:  # fetched sources warm up with their first build
+            await self.evaluators.warm(
+                revision.id, revision.path, system=nix.host_system(), deadline=Deadline.after(self.timeout)
+            )
+
+    async def close(self) -> None:
+        if self.evaluators is not None:
+            await self.evaluators.close()
+
+    def _deadline(self, until: float) -> Deadline:
+        return Deadline(self.timeout, until)
 
 
 class LocalPathSource(PackageSource):
@@ -179,35 +246,3 @@ def redact_url(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
-def open_source(settings: Settings) -> PackageSource:
-    """The package source the settings name; the bundled set when none is named."""
-    # Imported here: those modules build on the classes above.
-    from nixery.nix.channel import ChannelSource
-    from nixery.nix.git import GitSource
-
-    if settings.pkgs_path is not None:
-        return LocalPathSource(settings.pkgs_path)
-    if settings.pkgs_repo:
-        return GitSource(
-            settings.pkgs_repo,
-            cache_dir=settings.cache_dir,
-            ref_ttl=settings.git_ref_ttl,
-            fetch_timeout=settings.nix_timeout,
-        )
-    if settings.channel:
-        return ChannelSource(
-            settings.channel,
-            url_template=settings.channel_url,
-            cache_dir=settings.cache_dir,
-            timeout=settings.nix_timeout,
-        )
-    bundled = settings.bundled_set
-    if bundled.fallback:  # not asked for: say how to get the set `auto` would prefer
-        log.info(
-            "source.bundled_busybox",
-            note="serving the busybox package set, as the Debian set is not generated; "
-            "run `make debian-set` for real software (bash, curl, git, python3)",
-        )
-    return LocalPathSource(bundled.path, description=f"bundled {bundled.name}")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import structlog
 
-from nixery.layers.graph import ClosureGraph, GraphError, Node
+from nixery.closure import ClosureGraph, GraphError, Node
 
 log = structlog.get_logger(__name__)
 

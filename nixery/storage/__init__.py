@@ -1,6 +1,8 @@
 """Where blobs and metadata live: one interface (`Storage`), three drivers.
 
-`open_storage(settings)` picks the driver named by NIXERY_STORAGE_BACKEND:
+`nixery.app.open_storage(settings)` picks the driver named by
+NIXERY_STORAGE_BACKEND (the drivers take their settings as arguments; none
+reads the configuration itself):
 
 * ``filesystem``: a local directory (STORAGE_PATH);
 * ``s3``: an S3 bucket (AWS or S3-compatible, via obstore);
@@ -13,7 +15,6 @@ not load the cloud client libraries.
 
 from __future__ import annotations
 
-from nixery.config import ConfigError, Settings
 from nixery.storage.base import (
     BackendUnavailable,
     BlobNotFound,
@@ -25,6 +26,7 @@ from nixery.storage.base import (
     Storage,
     StorageError,
     StorageInaccessible,
+    StorageSettingsInvalid,
 )
 from nixery.storage.filesystem import FilesystemStorage
 
@@ -40,43 +42,5 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageInaccessible",
-    "open_storage",
+    "StorageSettingsInvalid",
 ]
-
-
-def open_storage(settings: Settings) -> Storage:
-    """The storage driver the settings ask for (raises ConfigError if incomplete,
-    StorageInaccessible if STORAGE_PATH cannot be used)."""
-    try:
-        return _open(settings)
-    except OSError as error:  # creating STORAGE_PATH's directories (every backend stages there)
-        raise StorageInaccessible(
-            settings.storage_backend, f"cannot use STORAGE_PATH={str(settings.storage_path)!r}: {error}"
-        ) from error
-
-
-def _open(settings: Settings) -> Storage:
-    backend = settings.storage_backend
-    if backend == "filesystem":
-        return FilesystemStorage(settings.storage_path, verified_links=settings.verified_blob_links)
-    if backend == "s3":
-        if settings.s3 is None:
-            raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
-        from nixery.storage.s3 import S3Storage
-
-        return S3Storage(
-            settings.s3,
-            staging_root=settings.storage_path / "tmp",
-            signed_url_ttl=settings.signed_url_ttl,
-        )
-    if backend == "gcs":
-        if settings.gcs is None:
-            raise ConfigError("GCS_BUCKET must be set when NIXERY_STORAGE_BACKEND=gcs")
-        from nixery.storage.gcs import GCSStorage
-
-        return GCSStorage(
-            settings.gcs,
-            staging_root=settings.storage_path / "tmp",
-            signed_url_ttl=settings.signed_url_ttl,
-        )
-    raise ConfigError(f"NIXERY_STORAGE_BACKEND={backend!r} must be one of filesystem, s3, gcs")

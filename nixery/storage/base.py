@@ -62,6 +62,11 @@ class StorageInaccessible(BackendUnavailable):
         self.backend = backend
 
 
+class StorageSettingsInvalid(ValueError):
+    """A setting that only opening the store can check (a signing key, credentials) is
+    unusable; the message names the setting. The registry reports it as a configuration error."""
+
+
 class StorageFull(StorageError):
     """No space (or quota) is left where the storage writes; nothing partial was kept.
 

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import google.auth
 import google.auth.exceptions
@@ -60,7 +60,6 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from nixery.background import detach
-from nixery.config import ConfigError, GCSSettings
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
@@ -71,6 +70,7 @@ from nixery.storage.base import (
     ByteStream,
     Redirect,
     StorageInaccessible,
+    StorageSettingsInvalid,
     check_key,
     ensure_staging_dir,
     make_staging_dir,
@@ -112,6 +112,17 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
+class GCSSettings(Protocol):
+    """What this driver reads of the GCS settings (the configuration's GCSSettings has it)."""
+
+    @property
+    def bucket(self) -> str: ...
+    @property
+    def signing_key(self) -> Path | None: ...
+    @property
+    def signing_account(self) -> str | None: ...
+
+
 class GCSStorage(LeasedStorage):
     name = "gcs"
 
@@ -142,7 +153,7 @@ class GCSStorage(LeasedStorage):
             try:
                 own, project = google.auth.default(scopes=_SCOPES)
             except google.auth.exceptions.DefaultCredentialsError as error:
-                raise ConfigError(f"no Google credentials for GCS_BUCKET: {error}") from None
+                raise StorageSettingsInvalid(f"no Google credentials for GCS_BUCKET: {error}") from None
             self._client = storage.Client(project=project, credentials=own)
         self._signer = _signing_key_credentials(config) if config.signing_key else own
         if not isinstance(self._signer, Signing) and not hasattr(self._signer, "service_account_email"):
@@ -339,7 +350,8 @@ class GCSStorage(LeasedStorage):
             self._bucket, prefix=prefix, page_size=1000, timeout=self._timeout, retry=self._retry
         ).pages
         while (page := await self._call(next, pages, None)) is not None:
-            for blob in await self._call(list, page):
+            blobs: list[storage.Blob] = await self._call(list, page)
+            for blob in blobs:
                 yield blob
 
     async def list_blobs(self) -> AsyncIterator[BlobStat]:
@@ -435,11 +447,13 @@ def _signing_key_credentials(config: GCSSettings) -> service_account.Credentials
     if text.lstrip().startswith("{"):
         return service_account.Credentials.from_service_account_info(json.loads(text))
     if not config.signing_account:
-        raise ConfigError("GCS_SIGNING_ACCOUNT must name the service account of the PEM GCS_SIGNING_KEY")
+        raise StorageSettingsInvalid("GCS_SIGNING_ACCOUNT must name the service account of the PEM GCS_SIGNING_KEY")
     try:
         signer = crypt.RSASigner.from_string(text)
     except ValueError as error:
-        raise ConfigError(f"GCS_SIGNING_KEY={str(config.signing_key)!r} is not a PEM private key: {error}") from None
+        raise StorageSettingsInvalid(
+            f"GCS_SIGNING_KEY={str(config.signing_key)!r} is not a PEM private key: {error}"
+        ) from None
     return service_account.Credentials(signer, config.signing_account, _TOKEN_URI)
 
 
@@ -450,7 +464,7 @@ def _key_file_credentials(path: str | None) -> Credentials | None:
     try:
         info = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise ConfigError(f"GOOGLE_APPLICATION_CREDENTIALS={path!r} is not readable JSON: {error}") from None
+        raise StorageSettingsInvalid(f"GOOGLE_APPLICATION_CREDENTIALS={path!r} is not readable JSON: {error}") from None
     if info.get("type") != "service_account":
         return None
     return service_account.Credentials.from_service_account_info(info, scopes=_SCOPES)

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import obstore
@@ -50,8 +50,10 @@ from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
+if TYPE_CHECKING:  # the option types exist in obstore's stubs only
+    from obstore.store import ClientConfig, RetryConfig
+
 from nixery.background import detach
-from nixery.config import S3Settings
 from nixery.errors import DigestInvalid
 from nixery.registry.digest import Digest
 from nixery.storage.base import (
@@ -70,6 +72,23 @@ from nixery.storage.lease import LeasedStorage
 from nixery.storage.stalls import unless_store_stalls
 
 log = structlog.get_logger(__name__)
+
+
+class S3Settings(Protocol):
+    """What this driver reads of the S3 settings (the configuration's S3Settings has it)."""
+
+    @property
+    def bucket(self) -> str: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def access_key_id(self) -> str | None: ...
+    @property
+    def secret_access_key(self) -> str | None: ...
+    @property
+    def uses_path_style(self) -> bool: ...
 
 #: Part size of multipart uploads; S3 needs at least 5 MiB per part.
 UPLOAD_CHUNK = 6 * 1024 * 1024
@@ -113,10 +132,10 @@ class S3Storage(LeasedStorage):
         if config.access_key_id and config.secret_access_key:
             options["access_key_id"] = config.access_key_id
             options["secret_access_key"] = config.secret_access_key
-        client: dict[str, Any] = {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT)}
+        client: ClientConfig = {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT)}
         if endpoint and endpoint.startswith("http://"):
             client["allow_http"] = True
-        retry: dict[str, Any] = {
+        retry: RetryConfig = {
             "max_retries": 3,
             "retry_timeout": timedelta(seconds=RETRY_WINDOW),
             "backoff": {
@@ -128,12 +147,14 @@ class S3Storage(LeasedStorage):
         # Small requests and all reads: bounded while nothing comes back (a read
         # timeout restarts with every piece received), so that relaying a
         # multi-gigabyte layer to a slow client is bounded only loosely in total.
-        reads = dict(client, read_timeout=timedelta(seconds=STALL_TIMEOUT), timeout=timedelta(hours=6))
+        reads: ClientConfig = {
+            **client, "read_timeout": timedelta(seconds=STALL_TIMEOUT), "timeout": timedelta(hours=6)
+        }
         self._store = S3Store(config.bucket, client_options=reads, retry_config=retry, **options)
         # Uploads: a request body is timed as a whole (a read timeout would cut
         # off a part still being sent), so each request gets a generous bound
         # and `unless_store_stalls` notices a stalled store meanwhile.
-        uploads = dict(client, timeout=timedelta(seconds=UPLOAD_REQUEST_TIMEOUT))
+        uploads: ClientConfig = {**client, "timeout": timedelta(seconds=UPLOAD_REQUEST_TIMEOUT)}
         self._upload_store = S3Store(config.bucket, client_options=uploads, retry_config=retry, **options)
         self._where = f"{endpoint or f'AWS region {config.region}'}"
 
@@ -359,7 +380,10 @@ class S3Storage(LeasedStorage):
             return None
         except ObstoreError as error:
             raise self._unavailable(error) from error
-        return result.meta["e_tag"], body
+        version = result.meta["e_tag"]
+        if version is None:  # the lease protocol needs versions: an S3 store that gives none cannot hold leases
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: no ETag for {name}")
+        return version, body
 
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         try:

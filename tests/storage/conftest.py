@@ -45,8 +45,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from nixery.app import open_storage
 from nixery.config import GCSSettings, S3Settings, Settings
-from nixery.storage import Storage, open_storage
+from nixery.storage import Storage
 from tests.storage.proxy import TCPProxy
 from tests.storage.servers import GCSServer, S3Server, environ_without_cloud, fake_gcs, seaweedfs
 
@@ -353,7 +354,7 @@ async def run_worker() -> AsyncIterator[Any]:
 
 _HOLDER = """
 import asyncio, json, sys
-from nixery.storage import open_storage
+from nixery.app import open_storage
 from tests.storage.worker import settings_from
 
 async def main(spec):

@@ -22,9 +22,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from nixery.app import open_storage
 from nixery.config import ConfigError
 from nixery.registry.digest import Digest
-from nixery.storage import ByteStream, Redirect, Storage, open_storage
+from nixery.storage import ByteStream, Redirect, Storage
 from tests.storage.conftest import Backend, SigningKey, make_signing_key
 from tests.storage.test_conformance import fetch, put
 

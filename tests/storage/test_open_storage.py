@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from nixery import config
+from nixery.app import open_storage
 from nixery.config import ConfigError, Settings
-from nixery.storage import FilesystemStorage, Redirect, open_storage
+from nixery.storage import FilesystemStorage, Redirect
 from nixery.storage.gcs import GCSStorage
 from nixery.storage.s3 import S3Storage
 from tests.storage.conftest import SigningKey

@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from nixery.app import open_storage
 from nixery.config import GCSSettings, S3Settings, Settings
 from nixery.registry.digest import Digest
-from nixery.storage import open_storage
 
 CHUNK = 1024 * 1024
 

@@ -1,9 +1,21 @@
-"""Image records, and the bounded set of them a registry process keeps in memory.
+"""The image store: image records in storage, their key layout, and the bounded
+set of them a registry process keeps in memory.
 
-An image record (`images/<key>` in storage) names every blob of one built
-image: its config, its manifests and its layers. A process keeps the records
-it used most recently in a `RecordCache`, so that a warm manifest needs no
-trip to storage. The cache guarantees:
+Storage layout (shared by every registry process and by `nixery gc`; it must
+not change, or existing storage stops being found):
+
+    images/<key>   the image record (`ImageRecord`, JSON): every blob of one image
+    usage/<key>    when a registry last served it (for `nixery gc`)
+    builds/<key>   the lock held while it is built, or removed by gc
+
+`<key>` is `image_key(...)`: the package set's revision, the package names,
+the architecture, the layer budget and the layer compression (gzip keys as
+they were before zstd existed).
+
+An image record names every blob of one built image: its config, its
+manifests and its layers. A process keeps the records it used most recently
+in a `RecordCache`, so that a warm manifest needs no trip to storage. The
+cache guarantees:
 
 * it holds at most `capacity` records (NIXERY_RECORD_CACHE): the least
   recently used go first, so memory stays flat however many images storage
@@ -14,26 +26,72 @@ trip to storage. The cache guarantees:
   for an unknown digest costs nothing;
 * `recent(n)` lists the most recently built images it has seen without
   sorting the cache (the landing page asks on every request).
+
+`ImageStore` answers only with records whose blobs are all stored: one read
+from storage is checked blob by blob (and otherwise not answered, so the
+image is built again), and one written appears only once its blobs are. It
+drops from memory the records naming a blob found missing or corrupt, and all
+of them when `nixery gc` says it removed something (`nixery.collected`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import hashlib
 import json
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import structlog
+
+from nixery.collected import CollectionWatch
+from nixery.layers.store import FORMAT_VERSION
 from nixery.lru import LRU
 from nixery.registry.descriptors import Descriptor, Platform
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.mediatypes import Compression, ManifestFormat
+from nixery.registry.names import ImageRequest
+from nixery.resolver import Revision
+from nixery.storage.base import Storage
+
+log = structlog.get_logger(__name__)
 
 #: Default of NIXERY_RECORD_CACHE: images (their records, and as many manifests) held per process.
 DEFAULT_CAPACITY = 500
 #: Most recently built images kept for the landing page.
 RECENT = 50
+
+IMAGE_PREFIX = "images/"
+USAGE_PREFIX = "usage/"
+BUILD_LOCK_PREFIX = "builds/"
+#: How often an image's use is written to storage (for garbage collection).
+USAGE_INTERVAL = 3600.0
+
+
+def image_key(
+    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP
+) -> str:
+    material: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "revision": revision.id,
+        "packages": list(request.packages),
+        "system": request.arch.nix_system,
+        "max_layers": max_layers,
+    }
+    if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
+        material["compression"] = compression.value
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def build_lock(key: str) -> str:
+    """The storage lock held while the image under `key` is built (or collected)."""
+    return f"{BUILD_LOCK_PREFIX}{key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,3 +287,86 @@ class RecordCache:
             return
         bisect.insort(recent, (record.built_at, record.key, record), key=lambda item: (item[0], item[1]))
         del recent[:-RECENT]
+
+
+class ImageStore:
+    """Image records in storage, the most recently used also in memory (module docstring)."""
+
+    def __init__(self, storage: Storage, *, capacity: int = DEFAULT_CAPACITY):
+        self.storage = storage
+        #: The image records used most recently (NIXERY_RECORD_CACHE of them).
+        self.cached = RecordCache(capacity)
+        self._usage_writes: set[asyncio.Task[None]] = set()
+        storage.on_corrupt_blob(self.forget_using)
+        #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
+        self._collections = CollectionWatch(storage, self._collected)
+        self._collection_listeners: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        """Start following `nixery gc`'s notes."""
+        self._collections.start()
+
+    async def close(self) -> None:
+        await self._collections.close()
+
+    def on_collected(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""
+        self._collection_listeners.append(listener)
+
+    def _collected(self) -> None:
+        self.cached.clear()
+        for listener in self._collection_listeners:
+            listener()
+
+    def building(self, key: str) -> AbstractAsyncContextManager[None]:
+        """Held while the image under `key` is built: by one process of all sharing the storage."""
+        return self.storage.exclusive(build_lock(key))
+
+    async def get(self, key: str) -> ImageRecord | None:
+        """The built image under `key`: from memory, else from storage if all its blobs are there."""
+        record = self.cached.get(key)
+        if record is None:
+            data = await self.storage.get_meta(f"{IMAGE_PREFIX}{key}")
+            if data is None:
+                return None
+            record = ImageRecord.from_json(data)
+            if not await self._blobs_present(record):
+                log.warning("build.record_incomplete", key=key[:12], image=record.name, note="rebuilding")
+                return None
+            self.cached.put(record)
+        return record
+
+    async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> None:
+        """Write a new image's record, to appear in storage once `blobs_stored` is done."""
+        await self.storage.put_meta_after(f"{IMAGE_PREFIX}{record.key}", record.to_json(), blobs_stored)
+        self.cached.put(record)
+
+    async def _blobs_present(self, record: ImageRecord) -> bool:
+        sizes = await asyncio.gather(*(self.storage.stat_blob(digest) for digest in record.blobs()))
+        return all(size is not None for size in sizes)
+
+    def note_use(self, key: str) -> None:
+        """Record that an image was pulled, at most once per USAGE_INTERVAL (for GC)."""
+        now = time.time()
+        if not self.cached.should_write_use(key, now, USAGE_INTERVAL):
+            return
+        task = asyncio.ensure_future(
+            self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now}))
+        )
+        self._usage_writes.add(task)
+        task.add_done_callback(self._usage_written)
+
+    def _usage_written(self, task: asyncio.Task[None]) -> None:
+        self._usage_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("build.usage_not_recorded", error=str(task.exception()))
+
+    def forget_using(self, digest: Digest) -> None:
+        """A blob was found missing or corrupt: its images are checked in storage (and rebuilt)
+        on their next use."""
+        if forgotten := self.cached.forget_using(digest):
+            log.info("build.images_forgotten", blob=str(digest), images=forgotten)
+
+    def recent(self, limit: int = 20) -> list[ImageRecord]:
+        """The most recently built images this process has seen, newest first."""
+        return self.cached.recent(limit)
