@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,8 +46,11 @@ def closure(paths: list[str]) -> list[Path]:
     return [Path(p) for p in run(["nix-store", "--query", "--requisites", *paths]).stdout.split()]
 
 
+ChrootOf = Callable[[list[str]], Path]
+
+
 @pytest.fixture
-def chroot_of(tmp_path: Path) -> Iterator:
+def chroot_of(tmp_path: Path) -> Iterator[ChrootOf]:
     """A root file system holding only the closure of some store paths (copied)."""
 
     def make(paths: list[str]) -> Path:
@@ -84,7 +87,7 @@ def in_chroot(root: Path, *argv: str) -> str:
     return run(["chroot", str(root), *argv], timeout=120).stdout
 
 
-def test_busybox_set_for_aarch64_holds_and_runs_the_arm64_busybox(chroot_of) -> None:
+def test_busybox_set_for_aarch64_holds_and_runs_the_arm64_busybox(chroot_of: ChrootOf) -> None:
     """`{ system = "aarch64-linux"; }` gives aarch64-linux derivations built by this machine's
     busybox; their outputs hold Debian's arm64 busybox and run under emulation."""
     expression = f'let s = import {BUSYBOX_SET} {{ system = "aarch64-linux"; }}; in [ s.shell s.hello s.greet ]'
@@ -109,7 +112,7 @@ def debian_set() -> Path:
     return DEBIAN_SET.path
 
 
-def test_debian_set_for_aarch64_runs_bash_curl_and_python3(chroot_of) -> None:
+def test_debian_set_for_aarch64_runs_bash_curl_and_python3(chroot_of: ChrootOf) -> None:
     """Debian's arm64 .deb files, patched from this x86_64 machine, run under emulation from their
     closure alone: every ELF file in it is aarch64 (glibc's loader and libraries included)."""
     expression = (f'let s = import {debian_set()} {{ system = "aarch64-linux"; }}; '

@@ -145,7 +145,7 @@ fetch amd64 "${manifests[0]}"
 
 # arm64: apt as if on an arm64 machine, with lists of its own (the machine's
 # sources), so that Multi-Arch dependencies never resolve to amd64 packages.
-rm -f "$work"/*.bin
+rm -f "$work"/*.bin  # apt's cache of the amd64 lists
 lists=$cache/apt-lists-arm64
 # (No dpkg status: the machine's installed amd64 packages are not arm64's.)
 ARM64_OPTS=(-o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o Dir::State::Lists="$lists"
