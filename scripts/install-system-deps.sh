@@ -46,6 +46,8 @@ if [ ! -e "$binfmt/register" ]; then
 fi
 if [ ! -e "$binfmt/qemu-aarch64" ]; then
   $SUDO update-binfmts --enable qemu-aarch64
+elif ! grep -qx enabled "$binfmt/qemu-aarch64"; then
+  echo 1 | $SUDO tee "$binfmt/qemu-aarch64" > /dev/null
 fi
 
 # The busybox set's aarch64-linux packages (pkgs/busybox) copy this static
