@@ -52,9 +52,9 @@ let
   # A busybox with one symlink per applet. Another system's applets are
   # listed by this machine's busybox (builds need no emulation): both
   # come from the same Debian source package.
-  mkBusyboxTools = system: binary: let own = binary == busyboxFile; in derivation {
+  mkBusyboxTools = toolsSystem: binary: let own = binary == busyboxFile; in derivation {
     name = "busybox-1.35.0";
-    inherit system;
+    system = toolsSystem;
     builder = busyboxFile;
     args = [ "sh" "-euc" ''
       bb=${busyboxFile}
