@@ -295,6 +295,7 @@ def test_what_makes_the_set_out_of_date(tmp_path: Path, monkeypatch: pytest.Monk
     out.mkdir()
     (cache / "a.deb").write_bytes(b"deb one")
     (cache / "manifest.txt").write_text("a 1.0 amd64 a.deb 0123\n")
+    (cache / "manifest-arm64.txt").write_text("a 1.0 arm64 a.deb 0123\n")
     for name in generate.OUTPUTS:
         (out / name).write_text(f"{name}\n")
 
@@ -314,6 +315,9 @@ def test_what_makes_the_set_out_of_date(tmp_path: Path, monkeypatch: pytest.Monk
     (cache / "a.deb").write_bytes(b"deb two")
     assert not current()
     record()
+    (cache / "manifest-arm64.txt").write_text("a 1.1 arm64 a.deb 0123\n")
+    assert not current(), "the arm64 packages are inputs too"
+    record()
     (out / "default.nix").write_text("edited\n")
     assert not current()
     record()
@@ -332,7 +336,7 @@ def test_fetching_again_for_the_same_package_lists_asks_apt_nothing(tmp_path: Pa
         (cache / deb.name).symlink_to(deb)
     env = {"NIXERY_DEBIAN_CACHE": str(cache)}
     if (DEBS / "inputs.sha256").is_file():  # fetched by this fetch.sh (CI): reuse its record
-        for name in ("manifest.txt", "inputs.sha256"):
+        for name in ("manifest.txt", "manifest-arm64.txt", "inputs.sha256"):
             shutil.copyfile(DEBS / name, cache / name)
     else:
         run(["bash", str(fetch)], env_extra=env, timeout=600)

@@ -3,45 +3,74 @@
 #
 # Like nixpkgs, it is a function of one attribute set returning an attribute
 # set of derivations.
+#
+# For another system than this machine's (`{ system = "aarch64-linux"; }` on
+# x86_64), the packages hold that system's static busybox while the builds
+# still run this machine's: the derivations say `system = "aarch64-linux"`
+# with an x86_64 builder, which Nix runs with
+# `--option extra-platforms aarch64-linux` (their outputs run under emulation).
 { system ? builtins.currentSystem
 , busyboxBinary ? # from Debian's busybox-static; /usr/bin first because /bin may be a symlink
     (if builtins.pathExists /usr/bin/busybox then /usr/bin/busybox else /bin/busybox)
+  # The static busybox of each other system, by system: scripts/install-system-deps.sh
+  # puts Debian's arm64 busybox-static there.
+, busyboxBinaries ? { aarch64-linux = /usr/local/lib/nixery/aarch64-linux/busybox; }
 , caBundle ? /etc/ssl/certs/ca-certificates.crt
 , ...
 }:
 let
-  # The static busybox binary, copied into the store: the one tool every build uses.
-  # (Imported as a directory so the binary keeps its name: busybox picks the
-  # applet from argv[0], and "busybox" means "the first argument is the applet".)
-  busyboxDir = builtins.path {
-    path = dirOf busyboxBinary;
+  # A static busybox binary, copied into the store. (Imported as a directory
+  # so the binary keeps its name: busybox picks the applet from argv[0], and
+  # "busybox" means "the first argument is the applet".)
+  importBusybox = binary: "${builtins.path {
+    path = dirOf binary;
     name = "busybox-static";
-    filter = path: type: path == toString busyboxBinary;
-  };
-  busyboxFile = "${busyboxDir}/${baseNameOf busyboxBinary}";
+    filter = path: type: path == toString binary;
+  }}/${baseNameOf binary}";
+
+  # The busybox every build runs: this machine's.
+  busyboxFile = importBusybox busyboxBinary;
+
+  native = system == builtins.currentSystem;
+  # The busybox the packages hold: `system`'s.
+  targetBusyboxFile =
+    if native then busyboxFile
+    else if busyboxBinaries ? ${system} && builtins.pathExists busyboxBinaries.${system}
+    then importBusybox busyboxBinaries.${system}
+    else throw ("the busybox set has no static busybox for ${system}"
+      + (if busyboxBinaries ? ${system}
+         then " (${toString busyboxBinaries.${system}} is missing: run scripts/install-system-deps.sh)"
+         else ""));
 
   runCommand = name: attrs: script: derivation ({
     inherit name system;
     builder = busyboxFile;
     args = [ "sh" "-euc" script ];
-    PATH = "${busyboxTools}/bin";
+    PATH = "${buildTools}/bin";
   } // attrs);
 
-  # busybox with one symlink per applet, used on PATH by every build.
-  busyboxTools = derivation {
+  # A busybox with one symlink per applet. Another system's applets are
+  # listed by this machine's busybox (builds need no emulation): both
+  # come from the same Debian source package.
+  mkBusyboxTools = toolsSystem: binary: let own = binary == busyboxFile; in derivation {
     name = "busybox-1.35.0";
-    inherit system;
+    system = toolsSystem;
     builder = busyboxFile;
     args = [ "sh" "-euc" ''
       bb=${busyboxFile}
       $bb mkdir -p $out/bin
-      $bb cp $bb $out/bin/busybox
+      $bb cp ${if own then "$bb" else binary} $out/bin/busybox
       $bb chmod 555 $out/bin/busybox
-      for applet in $($out/bin/busybox --list); do
+      for applet in $(${if own then "$out/bin/busybox" else "$bb"} --list); do
         [ "$applet" = busybox ] || $bb ln -s busybox $out/bin/$applet
       done
     '' ];
   } // { meta.mainProgram = "sh"; };
+
+  # `system`'s busybox: what the packages hold and their scripts run.
+  busyboxTools = mkBusyboxTools system targetBusyboxFile;
+  # This machine's: on PATH in every build.
+  buildTools = if native then busyboxTools else mkBusyboxTools builtins.currentSystem busyboxFile;
 
   # A program written as a busybox shell script, with its dependencies' store
   # paths baked in so Nix records them as references.
@@ -132,7 +161,7 @@ let
     # A package that is much larger than the others, for layer-size tests.
     bigdata = runCommand "bigdata-1.0" { } ''
       mkdir -p $out/share/bigdata
-      for i in $(seq 1 12); do cat ${busyboxFile} >> $out/share/bigdata/blob; done
+      for i in $(seq 1 12); do cat ${targetBusyboxFile} >> $out/share/bigdata/blob; done
     '';
 
     # Sets nest, as in nixpkgs: reach them as `tools.jqlite` in image names.

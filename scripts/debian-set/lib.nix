@@ -5,7 +5,16 @@
 # the store: a static busybox (Debian's busybox-static: sh, ar, tar, xz, sed,
 # find...) and the .deb files. patchelf is itself a .deb of the set, unpacked
 # without patching and run through the unpacked glibc's dynamic loader.
-{ system, busyboxBinary }:
+#
+# The builds always run this machine's programs (`buildSystem`): for another
+# `system` (aarch64-linux on x86_64) only the packages' own files are of that
+# system, and Nix runs the derivations with `--option extra-platforms`.
+{ system
+, busyboxBinary
+, buildSystem ? system  # of busybox and the bootstrap patchelf
+, triplet ? "x86_64-linux-gnu"  # Debian's multiarch directory of `system`
+, loader ? "ld-linux-x86-64.so.2"  # glibc's dynamic loader of `system`, in lib/<triplet>
+}:
 rec {
   # The static busybox, imported as a directory so the binary keeps its name
   # ("busybox" in argv[0] means "the first argument is the applet").
@@ -19,7 +28,7 @@ rec {
   # One symlink per applet: the PATH of every build.
   tools = derivation {
     name = "debian-set-build-tools";
-    inherit system;
+    system = buildSystem;
     builder = busybox;
     args = [ "sh" "-euc" ''
       ${busybox} mkdir -p $out/bin
@@ -35,7 +44,8 @@ rec {
 
   # A .deb unpacked as is (no patching): only for running patchelf at build time.
   unpackRaw = name: debs: derivation {
-    inherit name system debs;
+    inherit name debs;
+    system = buildSystem;
     builder = busybox;
     args = [ "sh" "-euc" ''
       mkdir -p $out
@@ -58,7 +68,7 @@ rec {
   # patchelf from the set's own .deb, run by the set's own glibc.
   mkPatchelf = { libc, libgcc, libstdcxx, patchelf }: derivation {
     name = "patchelf-bootstrap";
-    inherit system;
+    system = buildSystem;
     builder = busybox;
     args = [ "sh" "-euc" ''
       mkdir -p $out/bin
@@ -76,6 +86,15 @@ rec {
 
   lines = builtins.concatStringsSep "\n";
 
+  # build-deb.sh names x86_64's multiarch directory and loader (where it finds
+  # libraries, which ELF files of glibc it leaves alone). For another system
+  # they are replaced by its own, and the x86_64 script (and with it every
+  # x86_64 store path) stays as it is.
+  buildDeb =
+    if triplet == "x86_64-linux-gnu" then ./build-deb.sh
+    else builtins.toFile "build-deb.sh" (builtins.replaceStrings
+      [ "x86_64-linux-gnu" "ld-linux-x86-64.so.2" ] [ triplet loader ] (builtins.readFile ./build-deb.sh));
+
   # One Debian package (or several, when Debian's dependencies form a cycle)
   # unpacked into $out and made to run from the store. See build-deb.sh.
   mkDeb =
@@ -85,7 +104,7 @@ rec {
     , deps                # derivations of their Debian dependencies (become references)
     , closure             # all transitive dependencies, nearest first (library search)
     , patchelf
-    , interpreter         # the store's ld-linux-x86-64.so.2; null: this is glibc itself
+    , interpreter         # the store's glibc loader (ld-linux-x86-64.so.2); null: this is glibc itself
     , interpreters ? { }  # "#!" interpreter path -> store file, preferred over the closure
     , alternatives ? { }  # link -> target: what Debian's postinst would have made with update-alternatives
     , wrappers ? { }      # file -> { VAR = value; }: moved to libexec/nixery-wrapped and wrapped with a bash script
@@ -96,7 +115,7 @@ rec {
     derivation {
       inherit name system debs deps closure fixup;
       builder = busybox;
-      args = [ "sh" "-eu" ./build-deb.sh ];
+      args = [ "sh" "-eu" buildDeb ];
       common = ./common.sh;
       PATH = "${tools}/bin";
       patchelf = "${patchelf}/bin/patchelf";

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the Debian-derived bundled package set in one command:
-# fetch.sh (the .deb files, with apt) + generate.py (the Nix files).
+# fetch.sh (the .deb files for amd64 and arm64, with apt) + generate.py (the
+# Nix files: one set per system, default.nix picks one).
 #
 # Usage: scripts/debian-set/setup.sh [--build] [--refresh]
 #
