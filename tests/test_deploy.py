@@ -26,10 +26,13 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from nixery import k8s
 from nixery.config import load
 from nixery.declarations import InvalidDeclaration, parse_declaration
+from nixery.declarations.parsing import GROUP
+from nixery.declarations.parsing import VERSION as API_VERSION
 from nixery.http import health
+from nixery.k8s.client import PLURAL
+from nixery.k8s.watch import _STATUS_FIELDS as STATUS_FIELDS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 VERSION = latest_version()
@@ -203,9 +206,9 @@ def test_rbac_grants_what_the_watch_uses() -> None:
     objects = documents(DEPLOY / "base" / "rbac.yaml")
     (binding,) = by_kind(objects, "ClusterRoleBinding")
     role = next(o for o in by_kind(objects, "ClusterRole") if o["metadata"]["name"] == binding["roleRef"]["name"])
-    granted = {(resource, verb) for rule in role["rules"] if rule["apiGroups"] == [k8s.GROUP]
+    granted = {(resource, verb) for rule in role["rules"] if rule["apiGroups"] == [GROUP]
                for resource in rule["resources"] for verb in rule["verbs"]}
-    assert {(k8s.PLURAL, "list"), (k8s.PLURAL, "watch"), (f"{k8s.PLURAL}/status", "patch")} <= granted
+    assert {(PLURAL, "list"), (PLURAL, "watch"), (f"{PLURAL}/status", "patch")} <= granted
     assert not any(verb in ("create", "delete", "update") for _, verb in granted)
     (account,) = documents(DEPLOY / "base" / "serviceaccount.yaml")
     assert binding["subjects"] == [
@@ -216,15 +219,15 @@ def test_rbac_grants_what_the_watch_uses() -> None:
 def test_crd_matches_what_the_registry_watches() -> None:
     document = crd()
     spec = document["spec"]
-    assert spec["group"] == k8s.GROUP and spec["names"]["plural"] == k8s.PLURAL
+    assert spec["group"] == GROUP and spec["names"]["plural"] == PLURAL
     assert spec["names"]["kind"] == "NixImage" and spec["scope"] == "Cluster"
-    assert document["metadata"]["name"] == f"{k8s.PLURAL}.{k8s.GROUP}"
+    assert document["metadata"]["name"] == f"{PLURAL}.{GROUP}"
     (version,) = spec["versions"]
-    assert version["name"] == k8s.VERSION and version["served"] and version["storage"]
+    assert version["name"] == API_VERSION and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     status = crd_schema()["properties"]["status"]["properties"]
     assert {"digest", "error", "phase", "observedGeneration"} <= set(status)
-    assert set(k8s._STATUS_FIELDS) <= set(status)  # everything the registry writes has a place
+    assert set(STATUS_FIELDS) <= set(status)  # everything the registry writes has a place
     data = crd_schema()["properties"]["data"]
     assert data["required"] == ["tag", "contents"]
 

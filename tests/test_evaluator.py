@@ -430,7 +430,8 @@ def test_concurrent_new_images_all_build_in_the_repl_or_beside_it(start_registry
     with ThreadPoolExecutor(len(images)) as pool:
         slow = pool.submit(pull, images[0])
         time.sleep(0.3)  # slowEval is in the repl (about 1 s)
-        statuses = [slow.result(), *pool.map(pull, images[1:])]
+        others = pool.map(pull, images[1:])  # submitted now, while slowEval holds the repl
+        statuses = [slow.result(), *others]
     assert statuses == [200] * len(images)
     by_repl = len(nix_calls_of(calls, "nix-instantiate --eval (sent to nix repl)"))
     by_process = len(nix_calls_of(calls, "nix-instantiate --eval --strict"))
