@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ def host_system() -> str:
 #: machine (this one or a remote builder) of that system with the features it
 #: needs, or a builder this machine cannot execute (no emulation).
 _CANNOT_BUILD = ("is required to build", "Exec format error")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f]+")
 
 
 def platform_options(system: str | None) -> list[str]:
@@ -53,9 +55,10 @@ def cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | Non
     what Nix said, and what would make it work."""
     if not platform_options(system):  # this machine's own system: any failure is the build's
         return None
-    said = next(
-        (line.strip() for line in error.log_tail.splitlines() if any(m in line for m in _CANNOT_BUILD)), None
-    )
+    # Nix 2.8 prints a builder's exec failure amid NUL bytes of its serialised error: keep the
+    # printable run that says it.
+    runs = (run.strip() for line in error.log_tail.splitlines() for run in _CONTROL_CHARACTERS.split(line))
+    said = next((run for run in runs if any(marker in run for marker in _CANNOT_BUILD)), None)
     if said is None:
         return None
     return UnsupportedSystem(
