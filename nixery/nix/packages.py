@@ -40,7 +40,7 @@ _CANNOT_BUILD = ("is required to build", "Exec format error")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f]+")
 
 
-def platform_options(system: str | None) -> list[str]:
+def _platform_options(system: str | None) -> list[str]:
     """Nix options that let this machine build derivations of `system` (None: its own) itself.
 
     `extra-extra-platforms` adds `system` to nix.conf's `extra-platforms`
@@ -50,10 +50,10 @@ def platform_options(system: str | None) -> list[str]:
     return [] if system in (None, host_system()) else ["--option", "extra-extra-platforms", system]
 
 
-def cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
+def _cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
     """The UnsupportedSystem that `error` of a build for `system` is, if it is one:
     what Nix said, and what would make it work."""
-    if not platform_options(system):  # this machine's own system: any failure is the build's
+    if isinstance(error, NixTimeout) or not _platform_options(system):  # a failure of the build itself
         return None
     # Nix 2.8 prints a builder's exec failure amid NUL bytes of its serialised error: keep the
     # printable run that says it.
@@ -151,11 +151,11 @@ async def realise(
     """
     try:
         await run_nix(
-            ["nix-store", "--realise", *platform_options(system), *sorted(set(drv_paths))],
+            ["nix-store", "--realise", *_platform_options(system), *sorted(set(drv_paths))],
             deadline=deadline, on_line=on_line, builds=True,
         )
     except NixError as exc:
-        if not isinstance(exc, NixTimeout) and (unsupported := cannot_build(system, exc)) is not None:
+        if (unsupported := _cannot_build(system, exc)) is not None:
             raise unsupported from exc
         raise
 
