@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import structlog
 
 from nixery.closure import ClosureGraph, GraphError
 from nixery.nix import store_db
-from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
+from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline, run_nix
 from nixery.resolver import ResolvedPackage
@@ -32,12 +33,40 @@ def host_system() -> str:
     return _HOST_SYSTEMS.get(platform.machine(), f"{platform.machine()}-linux")
 
 
-def check_buildable(system: str) -> None:
-    if system != host_system():
-        raise UnsupportedSystem(
-            f"this registry runs on {host_system()} and cannot build images for {system} "
-            "(no remote builder or emulation is configured)"
-        )
+#: What Nix says when it cannot build a derivation for another system: no
+#: machine (this one or a remote builder) of that system with the features it
+#: needs, or a builder this machine cannot execute (no emulation).
+_CANNOT_BUILD = ("is required to build", "Exec format error")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f]+")
+
+
+def _platform_options(system: str | None) -> list[str]:
+    """Nix options that let this machine build derivations of `system` (None: its own) itself.
+
+    `extra-extra-platforms` adds `system` to nix.conf's `extra-platforms`
+    (`extra-platforms` itself would replace the list). Nix still substitutes,
+    or hands a derivation to a remote builder of that system, where it can.
+    """
+    return [] if system in (None, host_system()) else ["--option", "extra-extra-platforms", system]
+
+
+def _cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
+    """The UnsupportedSystem that `error` of a build for `system` is, if it is one:
+    what Nix said, and what would make it work."""
+    if isinstance(error, NixTimeout) or not _platform_options(system):  # a failure of the build itself
+        return None
+    # Nix 2.8 prints a builder's exec failure amid NUL bytes of its serialised error: keep the
+    # printable run that says it.
+    runs = (run.strip() for line in error.log_tail.splitlines() for run in _CONTROL_CHARACTERS.split(line))
+    said = next((run for run in runs if any(marker in run for marker in _CANNOT_BUILD)), None)
+    if said is None:
+        return None
+    return UnsupportedSystem(
+        f"this registry runs on {host_system()} and Nix could not build for {system}: {said} "
+        f"(a remote builder for {system} in nix.conf's `builders`, or `extra-platforms` with "
+        f"emulation of {system} through binfmt_misc, e.g. qemu-user-static, would make it work)",
+        error.log_tail,
+    )
 
 
 async def evaluate(
@@ -87,6 +116,7 @@ async def ensure_built_closure(
     drv_paths: Sequence[str],
     out_paths: Sequence[str],
     *,
+    system: str | None = None,
     deadline: Deadline,
     on_line: Callable[[str], None] | None = None,
 ) -> ClosureGraph:
@@ -100,20 +130,34 @@ async def ensure_built_closure(
     if graph is not None:
         log.debug("nix.realise_skipped", outputs=len(set(out_paths)))
         return graph
-    await realise(drv_paths, deadline=deadline, on_line=on_line)
+    await realise(drv_paths, system=system, deadline=deadline, on_line=on_line)
     return await closure_graph(out_paths, deadline=deadline)
 
 
 async def realise(
-    drv_paths: Sequence[str], *, deadline: Deadline, on_line: Callable[[str], None] | None = None
+    drv_paths: Sequence[str],
+    *,
+    system: str | None = None,
+    deadline: Deadline,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
-    """Build (or find already built) every derivation, with `nix-store --realise`.
+    """Build (or find already built) every derivation, for `system` (None: this machine's),
+    with `nix-store --realise`.
 
     Not bounded in memory: the builders are the package set's own programs.
+    Whether another system can be built is Nix's to say (a binary cache, a
+    remote builder, emulation); when it cannot, this raises UnsupportedSystem
+    with what Nix said.
     """
-    await run_nix(
-        ["nix-store", "--realise", *sorted(set(drv_paths))], deadline=deadline, on_line=on_line, builds=True
-    )
+    try:
+        await run_nix(
+            ["nix-store", "--realise", *_platform_options(system), *sorted(set(drv_paths))],
+            deadline=deadline, on_line=on_line, builds=True,
+        )
+    except NixError as exc:
+        if (unsupported := _cannot_build(system, exc)) is not None:
+            raise unsupported from exc
+        raise
 
 
 async def closure_graph(out_paths: Sequence[str], *, deadline: Deadline) -> ClosureGraph:
