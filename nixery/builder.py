@@ -342,7 +342,6 @@ class ImageBuilder:
         """What the names resolve to, built, and the closure graph of their outputs."""
         until = time.monotonic() + self.source.timeout  # for every step of this image's resolving
         system = request.arch.nix_system
-        self.source.check_system(system)
         bound.info("build.evaluating")
         build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.order or request.packages)}")
         resolved = await self.evaluations.lookup(revision, system, request.packages)
@@ -352,7 +351,7 @@ class ImageBuilder:
             self.evaluations.remember(revision, system, resolved)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated)
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
-        graph = await self.source.realise(resolved, until=until, on_line=NixLogProgress(build))
+        graph = await self.source.realise(resolved, system, until=until, on_line=NixLogProgress(build))
         return resolved, graph
 
     async def _plan(

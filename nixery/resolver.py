@@ -8,8 +8,10 @@ it, for one image:
    revision's id keys the image cache);
 2. `evaluate(revision, names, system)`: what each image name resolves to
    (the builder keeps those answers per name, `nixery.evaluations`);
-3. `realise(packages)`: build what is not built yet, and return the closure
-   graph of the packages' outputs, which the builder cuts into layers.
+3. `realise(packages, system)`: build what is not built yet, and return the
+   closure graph of the packages' outputs, which the builder cuts into layers.
+   Whether another system than the machine's can be built is found out here,
+   by trying (a binary cache, a remote builder or emulation may do it).
 
 `until` is a `time.monotonic()` instant by which steps 2 and 3 of one image
 must be done together (the resolver's `timeout` after the build started).
@@ -77,10 +79,6 @@ class PackageResolver(Protocol):
         """The package set to build `tag` from."""
         ...
 
-    def check_system(self, system: str) -> None:
-        """Raise UnsupportedSystem if images for `system` (e.g. "x86_64-linux") cannot be built."""
-        ...
-
     async def evaluate(
         self, revision: Revision, names: Sequence[str], system: str, *, until: float
     ) -> list[ResolvedPackage]:
@@ -88,10 +86,12 @@ class PackageResolver(Protocol):
         ...
 
     async def realise(
-        self, packages: Sequence[ResolvedPackage], *, until: float, on_line: Callable[[str], None] | None = None
+        self, packages: Sequence[ResolvedPackage], system: str, *, until: float,
+        on_line: Callable[[str], None] | None = None,
     ) -> ClosureGraph:
-        """Build the packages if need be; the closure graph of their outputs. `on_line`
-        hears the build's log lines (for progress)."""
+        """Build the packages (evaluated for `system`) if need be; the closure graph of
+        their outputs. `on_line` hears the build's log lines (for progress). Raises
+        UnsupportedSystem when `system` cannot be built, saying what would make it work."""
         ...
 
     async def warm_up(self) -> None:

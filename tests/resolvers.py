@@ -70,9 +70,6 @@ class StorePathsResolver:
     async def resolve(self, tag: str) -> Revision:
         return Revision(self.description, self.revision, None)
 
-    def check_system(self, system: str) -> None:
-        pass
-
     async def evaluate(
         self, revision: Revision, names: Sequence[str], system: str, *, until: float
     ) -> list[ResolvedPackage]:
@@ -85,7 +82,8 @@ class StorePathsResolver:
         ]
 
     async def realise(
-        self, packages: Sequence[ResolvedPackage], *, until: float, on_line: Callable[[str], None] | None = None
+        self, packages: Sequence[ResolvedPackage], system: str, *, until: float,
+        on_line: Callable[[str], None] | None = None,
     ) -> ClosureGraph:
         self.realised.append(tuple(package.name for package in packages))
         outputs = sorted({out for package in packages for out in package.outputs})

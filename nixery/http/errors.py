@@ -45,7 +45,7 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case nix_errors.RefInvalid():
             return errors.TagInvalid(exc.message, detail={"tag": exc.ref})
         case nix_errors.UnsupportedSystem():
-            return errors.ManifestUnknown(exc.message)
+            return errors.ManifestUnknown(exc.message, detail={"log": exc.log_tail or None})
         case nix_errors.SourceUnavailable():
             return errors.SourceUnavailable(exc.message, detail={"log": exc.log_tail or None})
         case nix_errors.NixTimeout():

@@ -12,7 +12,7 @@ import structlog
 
 from nixery.closure import ClosureGraph, GraphError
 from nixery.nix import store_db
-from nixery.nix.errors import NixError, PackagesNotFound, UnsupportedSystem
+from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline, run_nix
 from nixery.resolver import ResolvedPackage
@@ -32,12 +32,38 @@ def host_system() -> str:
     return _HOST_SYSTEMS.get(platform.machine(), f"{platform.machine()}-linux")
 
 
-def check_buildable(system: str) -> None:
-    if system != host_system():
-        raise UnsupportedSystem(
-            f"this registry runs on {host_system()} and cannot build images for {system} "
-            "(no remote builder or emulation is configured)"
-        )
+#: What Nix says when it cannot build a derivation for another system: no
+#: machine (this one or a remote builder) of that system with the features it
+#: needs, or a builder this machine cannot execute (no emulation).
+_CANNOT_BUILD = ("is required to build", "Exec format error")
+
+
+def platform_options(system: str | None) -> list[str]:
+    """Nix options that let this machine build derivations of `system` (None: its own) itself.
+
+    `extra-extra-platforms` adds `system` to nix.conf's `extra-platforms`
+    (`extra-platforms` itself would replace the list). Nix still substitutes,
+    or hands a derivation to a remote builder of that system, where it can.
+    """
+    return [] if system in (None, host_system()) else ["--option", "extra-extra-platforms", system]
+
+
+def cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
+    """The UnsupportedSystem that `error` of a build for `system` is, if it is one:
+    what Nix said, and what would make it work."""
+    if not platform_options(system):  # this machine's own system: any failure is the build's
+        return None
+    said = next(
+        (line.strip() for line in error.log_tail.splitlines() if any(m in line for m in _CANNOT_BUILD)), None
+    )
+    if said is None:
+        return None
+    return UnsupportedSystem(
+        f"this registry runs on {host_system()} and Nix could not build for {system}: {said} "
+        f"(a remote builder for {system} in nix.conf's `builders`, or `extra-platforms` with "
+        f"emulation of {system} through binfmt_misc, e.g. qemu-user-static, would make it work)",
+        error.log_tail,
+    )
 
 
 async def evaluate(
@@ -87,6 +113,7 @@ async def ensure_built_closure(
     drv_paths: Sequence[str],
     out_paths: Sequence[str],
     *,
+    system: str | None = None,
     deadline: Deadline,
     on_line: Callable[[str], None] | None = None,
 ) -> ClosureGraph:
@@ -100,20 +127,34 @@ async def ensure_built_closure(
     if graph is not None:
         log.debug("nix.realise_skipped", outputs=len(set(out_paths)))
         return graph
-    await realise(drv_paths, deadline=deadline, on_line=on_line)
+    await realise(drv_paths, system=system, deadline=deadline, on_line=on_line)
     return await closure_graph(out_paths, deadline=deadline)
 
 
 async def realise(
-    drv_paths: Sequence[str], *, deadline: Deadline, on_line: Callable[[str], None] | None = None
+    drv_paths: Sequence[str],
+    *,
+    system: str | None = None,
+    deadline: Deadline,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
-    """Build (or find already built) every derivation, with `nix-store --realise`.
+    """Build (or find already built) every derivation, for `system` (None: this machine's),
+    with `nix-store --realise`.
 
     Not bounded in memory: the builders are the package set's own programs.
+    Whether another system can be built is Nix's to say (a binary cache, a
+    remote builder, emulation); when it cannot, this raises UnsupportedSystem
+    with what Nix said.
     """
-    await run_nix(
-        ["nix-store", "--realise", *sorted(set(drv_paths))], deadline=deadline, on_line=on_line, builds=True
-    )
+    try:
+        await run_nix(
+            ["nix-store", "--realise", *platform_options(system), *sorted(set(drv_paths))],
+            deadline=deadline, on_line=on_line, builds=True,
+        )
+    except NixError as exc:
+        if not isinstance(exc, NixTimeout) and (unsupported := cannot_build(system, exc)) is not None:
+            raise unsupported from exc
+        raise
 
 
 async def closure_graph(out_paths: Sequence[str], *, deadline: Deadline) -> ClosureGraph:

@@ -81,9 +81,6 @@ class NixResolver:
     async def resolve(self, tag: str) -> Revision:
         return await self.source.resolve(tag)
 
-    def check_system(self, system: str) -> None:
-        nix.check_buildable(system)
-
     async def evaluate(
         self, revision: Revision, names: Sequence[str], system: str, *, until: float
     ) -> list[ResolvedPackage]:
@@ -93,11 +90,12 @@ class NixResolver:
         )
 
     async def realise(
-        self, packages: Sequence[ResolvedPackage], *, until: float, on_line: Callable[[str], None] | None = None
+        self, packages: Sequence[ResolvedPackage], system: str, *, until: float,
+        on_line: Callable[[str], None] | None = None,
     ) -> ClosureGraph:
         outputs = [out for package in packages for out in package.outputs]
         return await nix.ensure_built_closure(
-            [p.drv_path for p in packages], outputs, deadline=self._deadline(until), on_line=on_line
+            [p.drv_path for p in packages], outputs, system=system, deadline=self._deadline(until), on_line=on_line
         )
 
     async def warm_up(self) -> None:
