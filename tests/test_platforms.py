@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config
+from nixery.errors import ManifestUnknown
 from nixery.images import ImageRecord, ManifestRef
 from nixery.platforms import every_platform, index_image, parse_platforms
 from nixery.registry.descriptors import is_index
@@ -25,7 +26,7 @@ from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, Compression, ManifestFormat
 from nixery.registry.names import Arch, parse_image_name
-from nixery.registry.negotiation import choose
+from nixery.registry.negotiation import check_acceptable, choose
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
 
 BOTH = "linux/amd64,linux/arm64"
@@ -108,6 +109,7 @@ def test_an_index_record_names_every_platforms_blobs_and_reads_back() -> None:
         ([DOCKER_MANIFEST, OCI_MANIFEST], DOCKER_MANIFEST),
         ([OCI_MANIFEST], OCI_MANIFEST),
         ([], DOCKER_MANIFEST),
+        ([OCI_INDEX], OCI_INDEX),
     ],
 )
 def test_negotiation_over_an_index_record(accept: list[str], expected: str) -> None:
@@ -118,6 +120,12 @@ def test_negotiation_over_an_index_record(accept: list[str], expected: str) -> N
     if not is_index(expected):  # a client that takes no index gets the host platform's manifest
         assert chosen.platform is not None and chosen.platform.architecture == "amd64"
         assert chosen.digest in {ref.digest for ref in amd64.manifests.values()}
+
+
+def test_a_client_that_takes_only_an_index_is_refused_only_where_there_is_none() -> None:
+    check_acceptable([OCI_INDEX], "containerd/1.6", Compression.GZIP, indexed=True)
+    with pytest.raises(ManifestUnknown):
+        check_acceptable([OCI_INDEX], "containerd/1.6", Compression.GZIP)
 
 
 # ---- real registries ----------------------------------------------------------

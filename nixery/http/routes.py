@@ -224,7 +224,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     builder = request.app[BUILDER]
     accept = request.headers.getall("Accept", [])
     # Before building: a client that cannot use the image is told so at once.
-    check_acceptable(accept, user_agent, builder.compression)
+    check_acceptable(accept, user_agent, builder.compression, indexed=bool(image.platforms))
 
     def on_wait(build: Build) -> None:
         _log_wait(request, request.match_info["name"], tag, build)
