@@ -8,6 +8,9 @@ build cost a second per build. So it is kept in two parts:
     layering/history.json        the snapshot (the format the history always had)
     layering/history/<name>      one small entry per build since: the layers it planned
 
+That is the host platform's history; each other platform (Nix system) has its
+own, the same under `layering/<system>/` (`PlatformHistories`).
+
 A build records its layers in the process's history in memory and writes one
 entry: work in proportion to its own layers, whatever the size of the
 history, without the storage-wide lock. Entry names begin with the time in

@@ -13,7 +13,8 @@ the architecture, the layer budget and the layer compression (gzip keys as
 they were before zstd existed).
 
 An image record names every blob of one built image: its config, its
-manifests and its layers. A process keeps the records it used most recently
+manifests and its layers; an image of several platforms (`nixery.platforms`)
+also its index documents and the other platforms' records, whole. A process keeps the records it used most recently
 in a `RecordCache`, so that a warm manifest needs no trip to storage. The
 cache guarantees:
 
