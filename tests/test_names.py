@@ -9,6 +9,7 @@ not matter, and a leading `arm64` asks for aarch64.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,30 +96,49 @@ def test_arm64_prefix_builds_an_aarch64_image(bundled: RegistryProcess) -> None:
     assert layers(manifest) != layers(bundled.manifest("hello")[1])
 
 
-def test_arm64_that_nix_cannot_build_says_what_nix_said_and_what_would_help(tmp_path: Path) -> None:
-    """The registry no longer refuses arm64 up front: Nix tries, and here cannot, as
-    the aarch64 derivation needs a system feature no machine has."""
+#: An ELF header for RISC-V (e_machine 243), which this machine neither runs nor emulates.
+RISCV_ELF_HEADER = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+    "<HHIQQQIHHHHHH", 2, 243, 1, 0x10000, 64, 0, 0, 64, 56, 0, 64, 0, 0
+)
+
+
+@pytest.mark.parametrize(
+    ("aarch64_derivation", "nix_said"),
+    [
+        # no machine has the feature: "a 'aarch64-linux' with features {...} is required to build"
+        ('builder = "${base.busybox}/bin/sh"; args = [ "-c" "echo built > $out" ]; '
+         'requiredSystemFeatures = [ "nixery-no-such-feature" ];', "nixery-no-such-feature"),
+        # a builder this machine cannot execute, as an aarch64 one without emulation
+        ("builder = ./riscv-builder;", "Exec format error"),
+    ],
+    ids=["feature", "exec"],
+)
+def test_arm64_that_nix_cannot_build_says_what_nix_said_and_what_would_help(
+    tmp_path: Path, aarch64_derivation: str, nix_said: str
+) -> None:
+    """The registry no longer refuses arm64 up front: Nix tries, and here cannot."""
     pkgs = tmp_path / "pkgs"
     pkgs.mkdir()
+    (pkgs / "riscv-builder").write_bytes(RISCV_ELF_HEADER)
+    (pkgs / "riscv-builder").chmod(0o755)
     (pkgs / "default.nix").write_text(
         "{ system ? builtins.currentSystem, ... }:\n"
         f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in {{\n"
-        "  needsfeature = derivation {\n"
-        '    name = "needsfeature"; inherit system;\n'
-        '    builder = "${base.busybox}/bin/sh"; args = [ "-c" "echo built > $out" ];\n'
-        '    requiredSystemFeatures = if system == "aarch64-linux" then [ "nixery-no-such-feature" ] else [ ];\n'
-        "  };\n"
+        '  tool = derivation ({ name = "tool"; inherit system; } // (if system == "aarch64-linux" then {\n'
+        f"    {aarch64_derivation}\n"
+        '  } else { builder = "${base.busybox}/bin/sh"; args = [ "-c" "echo built > $out" ]; }));\n'
         "}\n"
     )
     registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(pkgs))
     try:
-        registry.manifest("needsfeature")  # the set itself builds
-        status, error = error_of(registry, "arm64/needsfeature")
+        registry.manifest("tool")  # the set itself builds
+        status, error = error_of(registry, "arm64/tool")
         assert (status, error["code"], error["detail"]["kind"]) == (404, "MANIFEST_UNKNOWN", "MANIFEST_UNKNOWN")
         message = error["message"]
-        assert "aarch64-linux" in message and "nixery-no-such-feature" in message  # what Nix said
+        assert "Nix could not build for aarch64-linux" in message and nix_said in message, message
+        assert "\x00" not in message
         assert "builders" in message and "extra-platforms" in message and "qemu-user-static" in message
-        assert "is required to build" in error["detail"]["log"]
+        assert nix_said in error["detail"]["log"]
     finally:
         registry.stop()
 

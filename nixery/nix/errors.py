@@ -35,7 +35,8 @@ class PackagesNotFound(NixError):
 
 
 class UnsupportedSystem(NixError):
-    """The image asks for an architecture this machine cannot build."""
+    """Nix could not build for the architecture the image asks for (no binary cache,
+    remote builder or emulation of it); `log_tail` holds what Nix said."""
 
 
 class SourceUnavailable(NixError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,9 +37,10 @@ def host_system() -> str:
 #: machine (this one or a remote builder) of that system with the features it
 #: needs, or a builder this machine cannot execute (no emulation).
 _CANNOT_BUILD = ("is required to build", "Exec format error")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f]+")
 
 
-def platform_options(system: str | None) -> list[str]:
+def _platform_options(system: str | None) -> list[str]:
     """Nix options that let this machine build derivations of `system` (None: its own) itself.
 
     `extra-extra-platforms` adds `system` to nix.conf's `extra-platforms`
@@ -48,14 +50,15 @@ def platform_options(system: str | None) -> list[str]:
     return [] if system in (None, host_system()) else ["--option", "extra-extra-platforms", system]
 
 
-def cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
+def _cannot_build(system: str | None, error: NixError) -> UnsupportedSystem | None:
     """The UnsupportedSystem that `error` of a build for `system` is, if it is one:
     what Nix said, and what would make it work."""
-    if not platform_options(system):  # this machine's own system: any failure is the build's
+    if isinstance(error, NixTimeout) or not _platform_options(system):  # a failure of the build itself
         return None
-    said = next(
-        (line.strip() for line in error.log_tail.splitlines() if any(m in line for m in _CANNOT_BUILD)), None
-    )
+    # Nix 2.8 prints a builder's exec failure amid NUL bytes of its serialised error: keep the
+    # printable run that says it.
+    runs = (run.strip() for line in error.log_tail.splitlines() for run in _CONTROL_CHARACTERS.split(line))
+    said = next((run for run in runs if any(marker in run for marker in _CANNOT_BUILD)), None)
     if said is None:
         return None
     return UnsupportedSystem(
@@ -148,11 +151,11 @@ async def realise(
     """
     try:
         await run_nix(
-            ["nix-store", "--realise", *platform_options(system), *sorted(set(drv_paths))],
+            ["nix-store", "--realise", *_platform_options(system), *sorted(set(drv_paths))],
             deadline=deadline, on_line=on_line, builds=True,
         )
     except NixError as exc:
-        if not isinstance(exc, NixTimeout) and (unsupported := cannot_build(system, exc)) is not None:
+        if (unsupported := _cannot_build(system, exc)) is not None:
             raise unsupported from exc
         raise
 

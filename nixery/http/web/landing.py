@@ -62,8 +62,9 @@ async def landing(request: web.Request) -> web.Response:
   <pre class="command" data-copy><code>{h(pull)}</code></pre>
   <p class="hint">Works with any registry client: <code>podman run -ti {h(host)}/shell/{h(example)} sh</code>,
   <code>skopeo</code>, containerd. If this registry is served over plain HTTP, allow it as an insecure registry
-  (<code>--tls-verify=false</code> for podman). Prefix <code>arm64/</code> for other architectures if the
-  registry can build them. The first pull may take a while: start it below to watch its progress.</p>
+  (<code>--tls-verify=false</code> for podman). Prefix <code>arm64/</code> for an aarch64 image:
+  <code>podman run --arch arm64 {h(host)}/arm64/shell/{h(example)}</code> (on x86_64, it runs under emulation).
+  The first pull may take a while: start it below to watch its progress.</p>
 </section>
 
 <section class="card">
