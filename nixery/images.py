@@ -14,9 +14,9 @@ they were before zstd existed).
 
 An image record names every blob of one built image: its config, its
 manifests and its layers; an image of several platforms (`nixery.platforms`)
-also its index documents and the other platforms' records, whole. A process keeps the records it used most recently
-in a `RecordCache`, so that a warm manifest needs no trip to storage. The
-cache guarantees:
+also its index documents and the other platforms' records, whole. A process
+keeps the records it used most recently in a `RecordCache`, so that a warm
+manifest needs no trip to storage. The cache guarantees:
 
 * it holds at most `capacity` records (NIXERY_RECORD_CACHE): the least
   recently used go first, so memory stays flat however many images storage
