@@ -109,6 +109,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         max_concurrent_builds=settings.max_concurrent_builds,
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,
+        platforms=settings.platforms,
     )
 
 

@@ -1,6 +1,6 @@
 """From an image name to stored layers and manifests: where the package source,
 layering, the caches and storage meet. A build is a short pipeline, one method
-per step:
+per step (for several platforms, `nixery.platforms`: one pipeline each, then an index):
 
     closure   the package source's resolver (`nixery.resolver`) resolves the
               names (kept per name: `nixery.evaluations`) and realises them
@@ -44,19 +44,20 @@ import structlog
 from nixery import metrics
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
-from nixery.history import SharedHistory
+from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, ManifestRef, image_key
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS, SSL_CERT_FILE
 from nixery.layers.grouping import plan_layers
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
+from nixery.platforms import each_platform, host_arch, index_image, index_key
 from nixery.progress import Build, BuildLog, NixLogProgress, Stage
 from nixery.registry.descriptors import image_manifest
 from nixery.registry.digest import Digest
 from nixery.registry.image import DEFAULT_PATH, image_config
 from nixery.registry.mediatypes import Compression
-from nixery.registry.names import ImageRequest
+from nixery.registry.names import Arch, ImageRequest
 from nixery.registry.negotiation import pull_digests
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight
@@ -100,6 +101,7 @@ class ImageBuilder:
         layer_workers: int | None = None,
         layer_compression: Compression = Compression.GZIP,
         record_cache: int = DEFAULT_CAPACITY,
+        platforms: Sequence[Arch] = (),
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -112,9 +114,10 @@ class ImageBuilder:
         #: Built images: their records in storage, the most recently used in memory.
         self.images = ImageStore(storage, capacity=record_cache)
         self.layers = LayerStore(storage, compression=layer_compression, workers=layer_workers or os.cpu_count() or 2)
-        #: The layering history, shared through storage with the other processes.
-        self.history = SharedHistory(storage)
-        self._planning = asyncio.Lock()
+        #: NIXERY_PLATFORMS: with several, a name without a platform gets an image index.
+        self.platforms = tuple(platforms) or (host_arch(),)
+        #: The layering history (one per platform), shared through storage with the other processes.
+        self.histories = PlatformHistories(storage, host_arch().nix_system)
         self.builds = BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
@@ -131,7 +134,7 @@ class ImageBuilder:
 
     async def _warm_history(self) -> None:
         try:
-            await self.history.current()
+            await self.histories.of(host_arch().nix_system).current()
         except Exception as exc:  # the first build tries again
             log.info("build.history_not_loaded", error=str(exc)[:200])
 
@@ -140,7 +143,7 @@ class ImageBuilder:
         await self.layers.close()
         await self.evaluations.flush()
         await self.names.close()
-        await self.history.close()
+        await self.histories.close()
         await self.source.close()
 
     # ---- lookups -------------------------------------------------------
@@ -153,6 +156,11 @@ class ImageBuilder:
         if record is not None:
             self.images.note_use(record.key)
             return record
+        return await self._build_once(request, revision, key, on_wait)
+
+    async def _build_once(
+        self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None
+    ) -> ImageRecord:
         build = self._build_for(key, request)
         if on_wait is not None:
             on_wait(build)
@@ -185,13 +193,18 @@ class ImageBuilder:
     ) -> tuple[Revision, str, ImageRecord | None]:
         """The revision a tag selects, the image's key, and the image if it is built."""
         revision = await self.source.resolve(tag)
-        key = self._image_key(revision, request)
-        record = await self.images.get(key) or await self._record_by_resolved_names(revision, request)
+        key, record = await self._find(revision, request)
         if counted:
             metrics.cache_lookup("image", hit=record is not None)
         return revision, key, record
 
+    async def _find(self, revision: Revision, request: ImageRequest) -> tuple[str, ImageRecord | None]:
+        key = self._image_key(revision, request)
+        return key, await self.images.get(key) or await self._record_by_resolved_names(revision, request)
+
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
+        if request.platforms:
+            return index_key([self._image_key(revision, one) for one in each_platform(request)])
         return image_key(revision, request, self.max_layers, self.compression)
 
     async def _record_by_resolved_names(self, revision: Revision, request: ImageRequest) -> ImageRecord | None:
@@ -254,7 +267,8 @@ class ImageBuilder:
         started, result = time.monotonic(), "failed"
         metrics.build_started()
         try:
-            record = await self._build_stages(request, revision, key, build)
+            stages = self._build_platforms if request.platforms else self._build_stages
+            record = await stages(request, revision, key, build)
             result = "done"
             return record
         except PackagesNotFound as exc:
@@ -282,17 +296,37 @@ class ImageBuilder:
                 return record
             return await self._store_image(named, revision, named_key, build, resolved, graph, bound, started)
 
+    async def _build_platforms(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
+        """The image for each platform, found or built side by side (each once, however many
+        ask for it), joined by an index (`nixery.platforms`)."""
+        platforms = ", ".join(arch.oci_name for arch in request.platforms)
+        build.emit(Stage.BUILDING, f"building an image for each platform: {platforms}", platforms=platforms)
+
+        async def image_for(one: ImageRequest) -> ImageRecord:
+            one_key, record = await self._find(revision, one)
+            return record or await self._build_once(one, revision, one_key)
+
+        records = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
+        # Spelt otherwise than its resolved names, the index is theirs, as each platform's image is.
+        named_key = index_key([record.key for record in records])
+        if named_key != key and (found := await self.images.get(named_key)) is not None:
+            return found
+        record, documents = index_image(named_key, records, request.arch)
+        build.emit(Stage.UPLOADING, "storing the image index")
+        await self._publish(self._attach(AssembledImage(record, documents, ())), None, request.arch)
+        return record
+
     async def _store_image(
         self, request: ImageRequest, revision: Revision, key: str, build: Build,
         resolved: list[ResolvedPackage], graph: ClosureGraph, bound: Any, started: float,
     ) -> ImageRecord:
         """The steps after the closure, for a closure that is built."""
         roots = sorted({out for package in resolved for out in package.outputs})
-        plan = await self._plan(graph, roots, build, bound)
+        plan = await self._plan(graph, roots, request.arch, build, bound)
         ca_bundle, layers, counter = await self._layers(plan, roots, graph, build, bound)
         image = self._attach(self._assemble(request, revision, key, resolved, plan, layers, ca_bundle))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        await self._publish(image, plan)
+        await self._publish(image, plan, request.arch)
         bound.info(
             "build.done",
             seconds=round(time.monotonic() - started, 3),
@@ -320,11 +354,13 @@ class ImageBuilder:
         graph = await self.source.realise(resolved, system, until=until, on_line=NixLogProgress(build))
         return resolved, graph
 
-    async def _plan(self, graph: ClosureGraph, roots: list[str], build: Build, bound: Any) -> list[frozenset[str]]:
+    async def _plan(
+        self, graph: ClosureGraph, roots: list[str], arch: Arch, build: Build, bound: Any
+    ) -> list[frozenset[str]]:
         """The closure's store paths grouped into layers, within the layer budget."""
         build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
-        async with self._planning:
-            history = await self.history.current()
+        async with self.histories.planning(arch.nix_system):
+            history = await self.histories.of(arch.nix_system).current()
             plan = await asyncio.to_thread(
                 plan_layers, graph, roots, max_layers=self.max_layers - ENTRY_POINT_LAYERS, history=history
             )
@@ -398,8 +434,9 @@ class ImageBuilder:
         manifests) join its blobs here, so that they are stored before its record appears."""
         return image
 
-    async def _publish(self, image: AssembledImage, plan: list[frozenset[str]]) -> None:
-        """Every blob, then the record, and the plan into the layering history.
+    async def _publish(self, image: AssembledImage, plan: list[frozenset[str]] | None, arch: Arch) -> None:
+        """Every blob, then the record, and the plan (if any: an index has none) into the
+        platform's layering history.
 
         Everything is written side by side, each piece fsync'd, but the record appears only
         once every blob it names is stored. Shielded: a layer's writes serve every build
@@ -410,7 +447,8 @@ class ImageBuilder:
             *(asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None),
         )
         blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
-        await asyncio.gather(self.images.put(image.record, blobs_stored), self.history.record(plan))
+        history = [] if plan is None else [self.histories.of(arch.nix_system).record(plan)]
+        await asyncio.gather(self.images.put(image.record, blobs_stored), *history)
 
 
 class _LayerCounter:

@@ -14,7 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
+from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
+from nixery.registry.names import Arch
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -129,6 +131,8 @@ class Settings:
     record_cache: int = DEFAULT_RECORD_CACHE
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
     layer_compression: Compression = Compression.GZIP
+    # NIXERY_PLATFORMS: a name without a platform is built for each (an image index) when several.
+    platforms: tuple[Arch, ...] = field(default_factory=lambda: (host_arch(),))
     shutdown_grace: float = 30.0
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
@@ -341,6 +345,16 @@ def _verified_links(env: Mapping[str, str], backend: str, auth: AuthSettings) ->
     return True
 
 
+def _platforms(env: Mapping[str, str]) -> tuple[Arch, ...]:
+    raw = env.get("NIXERY_PLATFORMS", "").strip()
+    if not raw:
+        return (host_arch(),)
+    try:
+        return parse_platforms(raw)
+    except ValueError as exc:
+        raise ConfigError(f"NIXERY_PLATFORMS={raw!r}: {exc}") from None
+
+
 def _images_path(env: Mapping[str, str]) -> Path | None:
     raw = env.get("NIXERY_IMAGES_PATH")
     if not raw:
@@ -398,6 +412,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         layer_compression=Compression(
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
         ),
+        platforms=_platforms(env),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),

@@ -8,6 +8,9 @@ build cost a second per build. So it is kept in two parts:
     layering/history.json        the snapshot (the format the history always had)
     layering/history/<name>      one small entry per build since: the layers it planned
 
+That is the host platform's history; each other platform (Nix system) has its
+own, the same under `layering/<system>/` (`PlatformHistories`).
+
 A build records its layers in the process's history in memory and writes one
 entry: work in proportion to its own layers, whatever the size of the
 history, without the storage-wide lock. Entry names begin with the time in
@@ -61,6 +64,15 @@ _ENTRY_VERSION = 1
 T = TypeVar("T")
 
 
+def history_keys(system: str | None) -> tuple[str, str, str]:
+    """The snapshot key, the entries' prefix and the lock name of one platform's history:
+    those above for the default one (None: the host's, as they always were), else under
+    `layering/<system>/`."""
+    if system is None:
+        return SNAPSHOT, ENTRIES, LOCK
+    return f"layering/{system}/history.json", f"layering/{system}/history/", f"{LOCK}-{system}"
+
+
 class SharedHistory:
     """This process's layering history, kept in step with storage (see the module docstring)."""
 
@@ -68,11 +80,14 @@ class SharedHistory:
         self,
         storage: Storage,
         *,
+        system: str | None = None,
         refresh_interval: float = REFRESH_INTERVAL,
         compact_after: int = COMPACT_AFTER,
         fold_age: float = FOLD_AGE,
     ):
         self._storage = storage
+        # One history per platform: another platform's store paths are others (`history_keys`).
+        self._snapshot, self._entries, self._lock_name = history_keys(system)
         self._refresh_interval = refresh_interval
         self._compact_after = compact_after
         self._fold_age = fold_age
@@ -105,7 +120,7 @@ class SharedHistory:
         self._seen[name] = time.monotonic()
         self._writing.add(name)
         try:
-            await self._storage.put_meta(ENTRIES + name, _entry_json(layers))
+            await self._storage.put_meta(self._entries + name, _entry_json(layers))
         except Exception as exc:  # the history only guides reuse: the build goes on
             log.warning("history.entry_not_written", error=str(exc)[:200])
         finally:
@@ -119,7 +134,7 @@ class SharedHistory:
 
     async def _read_snapshot(self) -> LayerHistory | None:
         """The stored snapshot; a damaged one is dropped (it only guides reuse)."""
-        data = await self._storage.get_meta(SNAPSHOT)
+        data = await self._storage.get_meta(self._snapshot)
         if data is None:
             return None
         try:
@@ -139,14 +154,14 @@ class SharedHistory:
                 del self._seen[name]
         new = sorted(listed - self._seen.keys())
         now = time.monotonic()
-        documents = await _limited(self._storage.get_meta(ENTRIES + name) for name in new)
+        documents = await _limited(self._storage.get_meta(self._entries + name) for name in new)
         for name in new:
             self._seen[name] = now
         await asyncio.to_thread(_apply, self._history, zip(new, documents, strict=True))
         self._refreshed = now
 
     async def _entry_names(self) -> set[str]:
-        return {key.removeprefix(ENTRIES) for key in await self._storage.list_meta(ENTRIES)}
+        return {key.removeprefix(self._entries) for key in await self._storage.list_meta(self._entries)}
 
     def _compact_soon(self) -> None:
         if self._compactions or len(self._seen) < self._compact_after:
@@ -161,15 +176,15 @@ class SharedHistory:
 
     async def _compact(self) -> None:
         started = time.monotonic()
-        async with self._storage.exclusive(LOCK):
+        async with self._storage.exclusive(self._lock_name):
             fold = self._foldable(await self._entry_names() & self._seen.keys())
             if len(fold) < self._compact_after:  # another process folded them meanwhile
                 return
             snapshot = await self._read_snapshot() or LayerHistory()
-            documents = await _limited(self._storage.get_meta(ENTRIES + name) for name in fold)
+            documents = await _limited(self._storage.get_meta(self._entries + name) for name in fold)
             data = await asyncio.to_thread(_fold, snapshot, zip(fold, documents, strict=True))
-            await self._storage.put_meta(SNAPSHOT, data)
-            await _limited(self._storage.delete_meta(ENTRIES + name) for name in fold)
+            await self._storage.put_meta(self._snapshot, data)
+            await _limited(self._storage.delete_meta(self._entries + name) for name in fold)
         log.info("history.compacted", entries=len(fold), layers=len(snapshot),
                  seconds=round(time.monotonic() - started, 3))
 
@@ -213,3 +228,30 @@ async def _limited(work: Iterable[Awaitable[T]]) -> list[T]:
             return await item
 
     return await asyncio.gather(*(one(item) for item in work))
+
+
+class PlatformHistories:
+    """One `SharedHistory` per platform (Nix system), each made on first use and planned
+    under its own lock, so platforms are planned side by side; the host's has the keys
+    the history always had."""
+
+    def __init__(self, storage: Storage, host_system: str):
+        self._storage = storage
+        self._host = host_system
+        self._histories: dict[str, SharedHistory] = {}
+        self._planning: dict[str, asyncio.Lock] = {}
+
+    def of(self, system: str) -> SharedHistory:
+        if system not in self._histories:
+            own = None if system == self._host else system
+            self._histories[system] = SharedHistory(self._storage, system=own)
+            self._planning[system] = asyncio.Lock()
+        return self._histories[system]
+
+    def planning(self, system: str) -> asyncio.Lock:
+        """Held while an image of `system` is planned against its history."""
+        self.of(system)
+        return self._planning[system]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(history.close() for history in self._histories.values()))

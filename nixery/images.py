@@ -13,9 +13,10 @@ the architecture, the layer budget and the layer compression (gzip keys as
 they were before zstd existed).
 
 An image record names every blob of one built image: its config, its
-manifests and its layers. A process keeps the records it used most recently
-in a `RecordCache`, so that a warm manifest needs no trip to storage. The
-cache guarantees:
+manifests and its layers; an image of several platforms (`nixery.platforms`)
+also its index documents and the other platforms' records, whole. A process
+keeps the records it used most recently in a `RecordCache`, so that a warm
+manifest needs no trip to storage. The cache guarantees:
 
 * it holds at most `capacity` records (NIXERY_RECORD_CACHE): the least
   recently used go first, so memory stays flat however many images storage
@@ -115,41 +116,56 @@ class ImageRecord:
     # The store paths of each layer, in layer order (empty for the entry-point
     # layer, and for records written before paths were kept).
     layer_paths: tuple[tuple[str, ...], ...] = ()
+    #: An image with several platforms (`nixery.platforms`): its index documents (an OCI
+    #: image index, a Docker manifest list) and the records of its other platforms' builds.
+    #: This record's own config, manifests and layers are those of its default platform.
+    indexes: tuple[Descriptor, ...] = ()
+    platforms: tuple[ImageRecord, ...] = ()
     #: The documents a client can be given for this image (nixery.registry.negotiation picks
-    #: one per request): its manifests, one per format, in the order stored. Made once, here.
+    #: one per request): its indexes, then its manifests, one per format, in the order stored,
+    #: then the other platforms' manifests. Made once, here.
     descriptors: tuple[Descriptor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         platform = Platform("linux", self.architecture)
         manifests = self.manifests.items()
-        descriptors = tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in manifests)
-        object.__setattr__(self, "descriptors", descriptors)
+        own = tuple(Descriptor(fmt.value, ref.digest, ref.size, platform) for fmt, ref in manifests)
+        others = tuple(descriptor for record in self.platforms for descriptor in record.descriptors)
+        object.__setattr__(self, "descriptors", (*self.indexes, *own, *others))
 
     def to_json(self) -> bytes:
-        return canonical_json(
-            {
-                "key": self.key,
-                "name": self.name,
-                "source": self.source,
-                "revision": self.revision,
-                "packages": list(self.packages),
-                "architecture": self.architecture,
-                "config": str(self.config),
-                "manifests": {
-                    fmt.name.lower(): {"digest": str(ref.digest), "size": ref.size}
-                    for fmt, ref in self.manifests.items()
-                },
-                "layers": [
-                    {**layer.to_json(), "paths": list(paths)}
-                    for layer, paths in zip(self.layers, self.layer_paths or [()] * len(self.layers), strict=True)
-                ],
-                "built_at": self.built_at,
-            }
-        )
+        return canonical_json(self._document())
+
+    def _document(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "key": self.key,
+            "name": self.name,
+            "source": self.source,
+            "revision": self.revision,
+            "packages": list(self.packages),
+            "architecture": self.architecture,
+            "config": str(self.config),
+            "manifests": {
+                fmt.name.lower(): {"digest": str(ref.digest), "size": ref.size}
+                for fmt, ref in self.manifests.items()
+            },
+            "layers": [
+                {**layer.to_json(), "paths": list(paths)}
+                for layer, paths in zip(self.layers, self.layer_paths or [()] * len(self.layers), strict=True)
+            ],
+            "built_at": self.built_at,
+        }
+        if self.indexes:  # records of one platform stay as they were written before indexes
+            document["indexes"] = [descriptor.to_json() for descriptor in self.indexes]
+            document["platforms"] = [record._document() for record in self.platforms]
+        return document
 
     @classmethod
     def from_json(cls, data: bytes) -> ImageRecord:
-        doc: dict[str, Any] = json.loads(data)
+        return cls._from_document(json.loads(data))
+
+    @classmethod
+    def _from_document(cls, doc: dict[str, Any]) -> ImageRecord:
         return cls(
             key=doc["key"],
             name=doc["name"],
@@ -165,11 +181,15 @@ class ImageRecord:
             layers=tuple(LayerDescriptor.from_json(layer) for layer in doc["layers"]),
             built_at=float(doc["built_at"]),
             layer_paths=tuple(tuple(layer.get("paths", ())) for layer in doc["layers"]),
+            indexes=tuple(Descriptor.from_json(index) for index in doc.get("indexes", ())),
+            platforms=tuple(cls._from_document(record) for record in doc.get("platforms", ())),
         )
 
     def blobs(self) -> set[Digest]:
-        """Every blob the image needs: config, manifests and layers."""
-        return {self.config, *(ref.digest for ref in self.manifests.values()), *(x.digest for x in self.layers)}
+        """Every blob the image needs: config, manifests and layers, and with several
+        platforms its indexes and every platform's blobs."""
+        own = {self.config, *(ref.digest for ref in self.manifests.values()), *(x.digest for x in self.layers)}
+        return own.union((index.digest for index in self.indexes), *(record.blobs() for record in self.platforms))
 
     @property
     def compressed_size(self) -> int:
@@ -213,13 +233,14 @@ class RecordCache:
     def put(self, record: ImageRecord) -> None:
         self.discard(record.key)
         record = self._shared(record)
-        for digest in (record.config, *(ref.digest for ref in record.manifests.values())):
-            self._blobs.setdefault(digest, _Blob(set())).keys.add(record.key)
         for layer, paths in zip(record.layers, record.layer_paths or [()] * len(record.layers), strict=True):
             blob = self._blobs.get(layer.digest)
             if blob is None:
                 blob = self._blobs[layer.digest] = _Blob(set(), layer, paths)
             blob.keys.add(record.key)
+        # Its config and manifests; with several platforms, its indexes and the other platforms' blobs.
+        for digest in record.blobs():
+            self._blobs.setdefault(digest, _Blob(set())).keys.add(record.key)
         self._note_recent(record)
         for key, entry in self._entries.put(record.key, _Entry(record)):
             self._release_blobs(key, entry)

@@ -23,6 +23,7 @@ from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.http.guidance import progress_path
 from nixery.lru import LRU
+from nixery.platforms import every_platform
 from nixery.progress import Build
 from nixery.registry.descriptors import parse_manifest
 from nixery.registry.digest import Digest
@@ -188,7 +189,9 @@ async def requested_image(request: web.Request, tag: str, name: str | None = Non
     if image is None:
         resolver = request.app.get(RESOLVER)
         declared = await resolver.resolve(name, tag) if resolver is not None else None
-        image = found[(name, tag)] = declared if declared is not None else parse_image_name(name)
+        if declared is None:  # a name without a platform is, with several NIXERY_PLATFORMS, an index
+            declared = every_platform(parse_image_name(name), request.app[BUILDER].platforms)
+        image = found[(name, tag)] = declared
     return image
 
 
@@ -221,7 +224,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     builder = request.app[BUILDER]
     accept = request.headers.getall("Accept", [])
     # Before building: a client that cannot use the image is told so at once.
-    check_acceptable(accept, user_agent, builder.compression)
+    check_acceptable(accept, user_agent, builder.compression, indexed=bool(image.platforms))
 
     def on_wait(build: Build) -> None:
         _log_wait(request, request.match_info["name"], tag, build)

@@ -129,10 +129,14 @@ def image_manifest(
     return canonical_json(document)
 
 
-def image_index(descriptors: Sequence[Descriptor]) -> bytes:
-    """An OCI image index of the given manifests (each with its platform, when it has one)."""
+def image_index(descriptors: Sequence[Descriptor], media_type: str = OCI_INDEX) -> bytes:
+    """An OCI image index (or, with `media_type` DOCKER_MANIFEST_LIST, a Docker manifest list,
+    the same document under Docker's media type) of the given manifests, each with its
+    platform when it has one, in the order given."""
+    if not is_index(media_type):
+        raise ValueError(f"{media_type} is not an index media type")
     return canonical_json(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d.to_json() for d in descriptors]}
+        {"schemaVersion": 2, "mediaType": media_type, "manifests": [d.to_json() for d in descriptors]}
     )
 
 

@@ -51,6 +51,9 @@ class ImageRequest:
     #: The names in the order first given, each once (empty: as `packages`). Not part of
     #: the image's identity: requests that differ only here are equal.
     order: tuple[str, ...] = field(default=(), compare=False)
+    #: Several platforms: one image for each, joined by an image index (`nixery.platforms`);
+    #: `arch` is then the platform a client that takes no index gets. Empty: `arch` only.
+    platforms: tuple[Arch, ...] = ()
 
     @property
     def display_name(self) -> str:
@@ -60,7 +63,7 @@ class ImageRequest:
     def renamed(self, names: Mapping[str, str]) -> ImageRequest:
         """The same image with each name replaced by `names[name]` (when given), in the same order."""
         order = tuple(dict.fromkeys(names.get(name, name) for name in self.order or self.packages))
-        return ImageRequest(tuple(sorted(order)), self.arch, order)
+        return ImageRequest(tuple(sorted(order)), self.arch, order, self.platforms)
 
 
 def parse_image_name(name: str) -> ImageRequest:

@@ -79,11 +79,17 @@ def choose(
     return images[_preferred(accepted, compression, images)]
 
 
-def check_acceptable(accept_headers: list[str], user_agent: str, compression: Compression) -> None:
-    """Raise what `choose` would for every image of `compression` layers: before a build, a
-    client that could not use the image is told so at once."""
+def check_acceptable(
+    accept_headers: list[str], user_agent: str, compression: Compression, *, indexed: bool = False
+) -> None:
+    """Raise what `choose` would for every image of `compression` layers (`indexed`: images
+    with an index, which a client that names an index type takes): before a build, a client
+    that could not use the image is told so at once."""
     check_client_unpacks(user_agent, compression)
-    _preferred(accepted_media_types(accept_headers), compression, _MEDIA_TYPES[compression])
+    accepted = accepted_media_types(accept_headers)
+    if indexed and any(is_index(media_type) for media_type in accepted):
+        return
+    _preferred(accepted, compression, _MEDIA_TYPES[compression])
 
 
 def _preferred(accepted: frozenset[str], compression: Compression, available: Collection[str]) -> str:

@@ -1,0 +1,108 @@
+"""The platforms a registry builds images for (NIXERY_PLATFORMS), and the image
+index that joins one image's builds for each of them.
+
+A platform is written as OCI and Docker write it, `linux/amd64` or
+`linux/arm64`; each is one `Arch` (its Nix system, its OCI architecture).
+With one platform (the default: the host's) nothing here takes part: a plain
+name gives one manifest, as it always did. With several, a plain name
+(`shell/curl`) is built once per platform, each build an ordinary image with
+its own record, key, layering history and layers, and `index_image` joins
+them:
+
+    record of the index    the host platform's record (its config, manifests and
+                           layers: what a client that takes no index is given),
+                           plus the index documents' descriptors and the other
+                           platforms' records (so every blob the index names is
+                           kept by `nixery gc` while the image is used)
+    OCI image index        one entry per platform: its OCI manifest
+    Docker manifest list   one entry per platform: its Docker schema 2 manifest
+                           (not for zstd images: they have no Docker manifests)
+
+Guarantees: an index lists the platforms sorted by OCI architecture, and is
+canonical JSON (`nixery.registry.descriptors.image_index`), so the same
+per-platform manifests (the same name, package set and layering history)
+give the same index digest on any registry. `arm64/NAME` stays one manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform as host
+from collections.abc import Sequence
+from dataclasses import replace
+
+from nixery.images import ImageRecord
+from nixery.registry.descriptors import Descriptor, image_index
+from nixery.registry.digest import Digest
+from nixery.registry.image import canonical_json
+from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, ManifestFormat
+from nixery.registry.names import Arch, ImageRequest
+
+#: The only operating system Nix builds images for here.
+OS = "linux"
+#: `uname -m` of the machines Nix runs on, and the platform each builds natively.
+_MACHINES = {"x86_64": Arch.AMD64, "amd64": Arch.AMD64, "aarch64": Arch.ARM64, "arm64": Arch.ARM64}
+#: The index documents an image with several platforms has, each over manifests of one format.
+_INDEX_FORMATS = ((OCI_INDEX, ManifestFormat.OCI), (DOCKER_MANIFEST_LIST, ManifestFormat.DOCKER))
+
+
+def host_arch() -> Arch:
+    """The platform this machine builds natively (amd64 on a machine this code does not know)."""
+    return _MACHINES.get(host.machine(), Arch.AMD64)
+
+
+def platform_name(arch: Arch) -> str:
+    return f"{OS}/{arch.oci_name}"
+
+
+def parse_platforms(raw: str) -> tuple[Arch, ...]:
+    """`linux/amd64,linux/arm64` as platforms, sorted and each once; raises ValueError, naming
+    the platforms there are, for one that is not (or a list that names none)."""
+    known = {platform_name(arch): arch for arch in Arch}
+    found: set[Arch] = set()
+    for item in raw.split(","):
+        name = item.strip().lower()
+        if name not in known:
+            raise ValueError(f"unknown platform {item.strip()!r}: use a comma-separated list of {', '.join(known)}")
+        found.add(known[name])
+    return tuple(sorted(found, key=lambda arch: arch.oci_name))
+
+
+def index_key(platform_keys: Sequence[str]) -> str:
+    """The key of an image with several platforms: made of its per-platform images' keys only."""
+    return hashlib.sha256(canonical_json({"platforms": sorted(platform_keys)})).hexdigest()
+
+
+def index_image(key: str, records: Sequence[ImageRecord], default: Arch) -> tuple[ImageRecord, tuple[bytes, ...]]:
+    """The record of one image's builds for several platforms (`records`, one each), and its
+    index documents (blobs to store before the record appears). `default` is the platform a
+    client that takes no index gets: its record gives the image's name and manifests."""
+    ordered = sorted(records, key=lambda record: record.architecture)
+    documents, indexes = [], []
+    for media_type, fmt in _INDEX_FORMATS:
+        entries = [d for record in ordered for d in record.descriptors if d.media_type == fmt.value]
+        if len(entries) != len(ordered):  # zstd images have no Docker manifests
+            continue
+        document = image_index(entries, media_type)
+        documents.append(document)
+        indexes.append(Descriptor(media_type, Digest.of(document), len(document)))
+    first = next((record for record in ordered if record.architecture == default.oci_name), ordered[0])
+    record = replace(
+        first, key=key, built_at=max(record.built_at for record in ordered),
+        indexes=tuple(indexes), platforms=tuple(record for record in ordered if record is not first),
+    )
+    return record, tuple(documents)
+
+
+def every_platform(request: ImageRequest, platforms: Sequence[Arch]) -> ImageRequest:
+    """A name without a platform (`shell`, not `arm64/shell`) asks, on a registry of several
+    platforms, for an image of each; the host's (else the first) is for clients that take no index."""
+    if len(platforms) < 2 or request.arch is not Arch.AMD64 or request.platforms:
+        return request
+    default = host_arch() if host_arch() in platforms else platforms[0]
+    return replace(request, arch=default, platforms=tuple(platforms))
+
+
+def each_platform(request: ImageRequest) -> list[ImageRequest]:
+    """The one-platform requests that a request of several platforms is made of."""
+    return [replace(request, arch=arch, platforms=()) for arch in request.platforms]

@@ -1,0 +1,244 @@
+"""NIXERY_PLATFORMS: one name, an image for every platform, joined by an image index.
+
+The setting and the record and index documents are checked in this process;
+the rest against real registry processes (the busybox set: its aarch64
+packages are Debian's arm64 busybox, built by this x86_64 machine's Nix), and
+real clients (skopeo, podman), which run the arm64 image under qemu-user-static
+(binfmt_misc, set up by scripts/install-system-deps.sh: without it the
+emulated runs fail, they are not skipped). The Debian set's clients are in
+tests/test_platforms_debian.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+from nixery.errors import ManifestUnknown
+from nixery.images import ImageRecord, ManifestRef
+from nixery.platforms import every_platform, index_image, parse_platforms
+from nixery.registry.descriptors import is_index
+from nixery.registry.digest import Digest
+from nixery.registry.image import LayerDescriptor
+from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, Compression, ManifestFormat
+from nixery.registry.names import Arch, parse_image_name
+from nixery.registry.negotiation import check_acceptable, choose
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
+
+BOTH = "linux/amd64,linux/arm64"
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+
+
+# ---- the setting ------------------------------------------------------------
+
+
+def test_platforms_default_to_the_hosts_and_are_read_sorted() -> None:
+    assert config.load({}).platforms == (Arch.AMD64,)  # this machine is x86_64
+    assert config.load({"NIXERY_PLATFORMS": " linux/arm64, LINUX/AMD64,linux/arm64"}).platforms == (
+        Arch.AMD64, Arch.ARM64,
+    )
+
+
+@pytest.mark.parametrize("raw", ["linux/s390x", "arm64", "linux/amd64,,linux/arm64", "windows/amd64"])
+def test_an_unknown_platform_is_a_one_line_config_error(raw: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load({"NIXERY_PLATFORMS": raw})
+    message = str(caught.value)
+    assert "\n" not in message and "NIXERY_PLATFORMS" in message and "linux/amd64, linux/arm64" in message
+
+
+def test_only_names_without_a_platform_ask_for_every_platform() -> None:
+    both = parse_platforms(BOTH)
+    plain = every_platform(parse_image_name("shell/curl"), both)
+    assert plain.platforms == both and plain.arch is Arch.AMD64 and plain.display_name == "shell/curl"
+    assert every_platform(parse_image_name("arm64/shell"), both).platforms == ()
+    assert every_platform(parse_image_name("shell"), (Arch.AMD64,)).platforms == ()
+
+
+# ---- the record and the index documents -------------------------------------
+
+
+def _record(arch: str, seed: str) -> ImageRecord:
+    def digest(what: str) -> Digest:
+        return Digest.of(f"{seed}-{what}".encode())
+
+    return ImageRecord(
+        key=f"key-{arch}", name="shell", source="bundled", revision="r1", packages=("shell",), architecture=arch,
+        config=digest("config"),
+        manifests={fmt: ManifestRef(digest(fmt.name), 500) for fmt in ManifestFormat},
+        layers=(LayerDescriptor(digest("layer"), digest("diff"), 1000, "a"),),
+        built_at=1.0, layer_paths=(("/nix/store/a",),),
+    )
+
+
+def test_the_index_is_the_same_whatever_order_the_platforms_were_built_in() -> None:
+    amd64, arm64 = _record("amd64", "a"), _record("arm64", "b")
+    first, documents = index_image("k", [amd64, arm64], Arch.AMD64)
+    second, again = index_image("k", [arm64, amd64], Arch.AMD64)
+    assert documents == again and first == second
+    oci, docker = (json.loads(document) for document in documents)
+    assert oci["mediaType"] == OCI_INDEX and docker["mediaType"] == DOCKER_MANIFEST_LIST
+    assert [m["platform"] for m in oci["manifests"]] == [
+        {"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64"},
+    ]
+    assert [m["digest"] for m in oci["manifests"]] == [
+        str(amd64.manifests[ManifestFormat.OCI].digest), str(arm64.manifests[ManifestFormat.OCI].digest),
+    ]
+    assert {m["mediaType"] for m in docker["manifests"]} == {DOCKER_MANIFEST}
+
+
+def test_an_index_record_names_every_platforms_blobs_and_reads_back() -> None:
+    amd64, arm64 = _record("amd64", "a"), _record("arm64", "b")
+    record, documents = index_image("k", [amd64, arm64], Arch.AMD64)
+    assert record.blobs() == amd64.blobs() | arm64.blobs() | {Digest.of(document) for document in documents}
+    assert ImageRecord.from_json(record.to_json()) == record
+    assert ImageRecord.from_json(record.to_json()).descriptors == record.descriptors
+    # One platform's record is written as before indexes existed.
+    assert b"indexes" not in amd64.to_json() and b"platforms" not in amd64.to_json()
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ([OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIFEST], OCI_INDEX),
+        ([DOCKER_MANIFEST_LIST, DOCKER_MANIFEST], DOCKER_MANIFEST_LIST),
+        ([DOCKER_MANIFEST, OCI_MANIFEST], DOCKER_MANIFEST),
+        ([OCI_MANIFEST], OCI_MANIFEST),
+        ([], DOCKER_MANIFEST),
+        ([OCI_INDEX], OCI_INDEX),
+    ],
+)
+def test_negotiation_over_an_index_record(accept: list[str], expected: str) -> None:
+    amd64, arm64 = _record("amd64", "a"), _record("arm64", "b")
+    record, _ = index_image("k", [arm64, amd64], Arch.AMD64)
+    chosen = choose(record.descriptors, accept, "skopeo/1.9.3", Compression.GZIP)
+    assert chosen.media_type == expected
+    if not is_index(expected):  # a client that takes no index gets the host platform's manifest
+        assert chosen.platform is not None and chosen.platform.architecture == "amd64"
+        assert chosen.digest in {ref.digest for ref in amd64.manifests.values()}
+
+
+def test_a_client_that_takes_only_an_index_is_refused_only_where_there_is_none() -> None:
+    check_acceptable([OCI_INDEX], "containerd/1.6", Compression.GZIP, indexed=True)
+    with pytest.raises(ManifestUnknown):
+        check_acceptable([OCI_INDEX], "containerd/1.6", Compression.GZIP)
+
+
+# ---- real registries ----------------------------------------------------------
+
+
+def _manifest(
+    registry: RegistryProcess, name: str, accept: list[str], reference: str = "latest"
+) -> tuple[str, str, dict]:
+    status, headers, body = registry.request(f"/v2/{name}/manifests/{reference}", accept=accept)
+    assert status == 200, (name, accept, status, body[:2000])
+    assert headers["Docker-Content-Digest"] == str(Digest.of(body))
+    return headers["Docker-Content-Digest"], headers["Content-Type"], json.loads(body)
+
+
+def _config(registry: RegistryProcess, name: str, manifest: dict) -> dict:
+    status, _, body = registry.request(f"/v2/{name}/blobs/{manifest['config']['digest']}", accept=None)
+    assert status == 200
+    return json.loads(body)
+
+
+def test_two_registries_give_the_same_index_and_each_platform_is_served(
+    start_registry: Callable[..., RegistryProcess],
+) -> None:
+    first = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+    second = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+    every = [OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIFEST]
+    docker_only = [DOCKER_MANIFEST_LIST, DOCKER_MANIFEST]
+    cases = ((every, OCI_INDEX, OCI_MANIFEST), (docker_only, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+    for accept, index_type, manifest_type in cases:
+        digest, media_type, index = _manifest(first, "shell", accept)
+        assert (digest, media_type, index) == _manifest(second, "shell", accept), "another index on a fresh registry"
+        assert media_type == index_type and index["mediaType"] == index_type
+        assert [entry["platform"] for entry in index["manifests"]] == [
+            {"architecture": "amd64", "os": "linux"}, {"architecture": "arm64", "os": "linux"},
+        ]
+        for entry in index["manifests"]:  # fetched by digest, as clients do
+            entry_digest, entry_type, manifest = _manifest(first, "shell", [manifest_type], entry["digest"])
+            assert entry_digest == entry["digest"] and entry_type == entry["mediaType"] == manifest_type
+            assert _config(first, "shell", manifest)["architecture"] == entry["platform"]["architecture"]
+    # A client that takes no index gets the host's (amd64) manifest, as on a one-platform registry.
+    _, amd64_type, amd64 = _manifest(first, "shell", [DOCKER_MANIFEST, OCI_MANIFEST])
+    assert amd64_type == DOCKER_MANIFEST and _config(first, "shell", amd64)["architecture"] == "amd64"
+    # `arm64/NAME` is still the one arm64 manifest: the one the index names.
+    arm64_digest, arm64_type, _ = _manifest(first, "arm64/shell", [OCI_INDEX, OCI_MANIFEST])
+    _, _, index = _manifest(first, "shell", every)
+    assert arm64_type == OCI_MANIFEST and arm64_digest == index["manifests"][1]["digest"]
+    # Each platform has its own layering history; the host's keeps the keys it always had.
+    meta = first.storage / "meta" / "layering"
+    assert any((meta / "history").iterdir()) and any((meta / "aarch64-linux" / "history").iterdir())
+
+
+def test_the_amd64_image_in_an_index_is_the_one_a_single_platform_registry_serves(
+    start_registry: Callable[..., RegistryProcess],
+) -> None:
+    single = start_registry(NIXERY_BUNDLED_SET="busybox")
+    both = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+    digest, media_type, _ = _manifest(single, "shell/hello", [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST])
+    assert media_type == OCI_MANIFEST  # one platform: no index, whatever the client accepts
+    _, _, index = _manifest(both, "shell/hello", [OCI_INDEX, OCI_MANIFEST])
+    assert index["manifests"][0]["digest"] == digest
+
+
+# ---- real clients -------------------------------------------------------------
+
+
+def elf_machine(path: Path) -> str | None:
+    """The machine of an ELF file (e_machine), None for any other file."""
+    with open(path, "rb") as handle:
+        header = handle.read(20)
+    if header[:4] != b"\x7fELF":
+        return None
+    return ELF_MACHINES.get(int.from_bytes(header[18:20], "little"), f"machine {header[18:20].hex()}")
+
+
+def skopeo_copy_for(image: str, arch: str, layout: Path) -> None:
+    run(["skopeo", "copy", "--override-arch", arch, "--src-tls-verify=false", f"docker://{image}", f"oci:{layout}:img"])
+
+
+@pytest.mark.skipif(not (have("skopeo") and have("umoci")), reason="needs skopeo and umoci")
+def test_skopeo_copies_the_arm64_image_of_a_plain_name(registry_both: RegistryProcess, tmp_path: Path) -> None:
+    skopeo_copy_for(f"{registry_both.host}/shell", "arm64", tmp_path / "layout")
+    root = unpack_oci(tmp_path / "layout", tmp_path / "bundle")
+    assert elf_machine(_resolve_in(root, root / "bin" / "sh")) == "aarch64"
+    machines = {elf_machine(path) for path in root.rglob("*") if path.is_file() and not path.is_symlink()}
+    assert machines - {None} == {"aarch64"}, machines
+
+
+def _resolve_in(root: Path, path: Path) -> Path:
+    """A path inside an unpacked image, its absolute symlinks read relative to the image's root."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path
+        target = Path(path.readlink())
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    raise AssertionError(f"{path}: too many symlinks")
+
+
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_podman_runs_the_platform_it_asks_for(registry_both: RegistryProcess) -> None:
+    image = f"{registry_both.host}/shell"
+
+    def uname(*arch: str) -> str:
+        try:  # a fresh pull each time: podman would otherwise run the image it holds under this name
+            return run(["podman", "run", "--rm", "--pull", "always", "--tls-verify=false", *arch, *PODMAN_RUN_FLAGS,
+                        image, "uname", "-m"]).stdout.strip().splitlines()[-1]
+        finally:
+            run(["podman", "rmi", "-f", image], check=False)
+
+    assert uname("--arch", "arm64") == "aarch64"
+    assert uname() == "x86_64"
+
+
+@pytest.fixture
+def registry_both(start_registry: Callable[..., RegistryProcess]) -> RegistryProcess:
+    """A registry on the busybox set, with both platforms."""
+    return start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
