@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import debian_set
 from tests import daemons
 from tests.registry import PODMAN_RUN_FLAGS, RegistryProcess, run, skopeo_to_oci, unpack_oci
+from tests.sets import require_debian_set
 
 pytestmark = [pytest.mark.nix, pytest.mark.clients]
 
@@ -36,11 +36,7 @@ def aarch64_emulation() -> None:
 
 
 def the_debian_set() -> None:
-    if not (debian_set().path / "aarch64-linux.nix").is_file():
-        missing = f"the Debian set has no aarch64-linux packages ({debian_set().path}): run scripts/debian-set/setup.sh"
-        if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
-            raise RuntimeError(missing)
-        pytest.skip(missing)
+    require_debian_set("aarch64-linux.nix")
 
 
 @pytest.fixture(scope="module")

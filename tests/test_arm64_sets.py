@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nixery import config
 from tests.registry import REPOSITORY, run
+from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
 
@@ -104,13 +104,7 @@ def test_busybox_set_for_aarch64_holds_and_runs_the_arm64_busybox(chroot_of: Chr
 
 
 def debian_set() -> Path:
-    where = config.debian_set().path
-    if not (where / "aarch64-linux.nix").is_file():
-        missing = f"the Debian set has no aarch64-linux packages ({where}): run scripts/debian-set/setup.sh"
-        if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
-            raise RuntimeError(missing)
-        pytest.skip(missing)
-    return where
+    return require_debian_set("aarch64-linux.nix")
 
 
 def test_debian_set_for_aarch64_runs_bash_curl_and_python3(chroot_of: ChrootOf) -> None:

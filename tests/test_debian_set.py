@@ -21,17 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import debian_set
 from nixery.nix.packages import EVAL_NIX, host_system
 from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
+from tests.sets import require_debian_set
 
-SET = debian_set().path
-
-if not (SET / "default.nix").is_file():
-    missing = f"the Debian set is not generated ({SET}/default.nix missing): run scripts/debian-set/setup.sh"
-    if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
-        raise RuntimeError(missing)
-    pytest.skip(missing, allow_module_level=True)
+SET = require_debian_set(module=True)
 
 
 @pytest.fixture(scope="module")

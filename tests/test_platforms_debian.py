@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from nixery.config import debian_set
 from tests import daemons
 from tests.registry import RegistryProcess, have, run, unpack_oci
+from tests.sets import require_debian_set
 from tests.test_platforms import BOTH, elf_machine, skopeo_copy_for
 
-SET = debian_set().path
+SET = require_debian_set("aarch64-linux.nix", module=True)
 IMAGE = "shell/curl"
-
-if not (SET / "aarch64-linux.nix").is_file():
-    missing = f"the Debian set has no aarch64-linux packages ({SET}): run scripts/debian-set/setup.sh"
-    if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):  # CI: its set-up must have worked
-        raise RuntimeError(missing)
-    pytest.skip(missing, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import pytest
 
 from nixery.config import debian_set
 from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
 
@@ -178,11 +179,7 @@ def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page)
 
 def _debian_set() -> dict[str, str]:
     """The environment of a registry on the Debian-derived set (CI generates it: missing, it fails there)."""
-    if not (debian_set().path / "default.nix").is_file():
-        missing = f"the Debian set is not generated ({debian_set().path}): run scripts/debian-set/setup.sh"
-        if os.environ.get("NIXERY_REQUIRE_DEBIAN_SET"):
-            raise RuntimeError(missing)
-        pytest.skip(missing)
+    require_debian_set()
     return {"NIXERY_BUNDLED_SET": "debian"}
 
 
