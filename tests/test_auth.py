@@ -27,6 +27,7 @@ from nixery.config import AuthSettings, ConfigError, Settings, load
 from nixery.http import auth as http_auth
 from nixery.http import routes
 from nixery.http.errors import error_middleware
+from nixery.platforms import host_arch
 from tests import daemons
 from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
 
@@ -310,10 +311,11 @@ DIGEST = "sha256:" + "a" * 64
 
 
 class FakeBuilder:
-    """Only what the middleware asks: is this image built?"""
+    """Only what the middleware asks: the platforms it builds, and is this image built?"""
 
     def __init__(self) -> None:
         self.built_images: set[tuple[str, str]] = set()
+        self.platforms = (host_arch(),)  # one platform: plain names stay single images
 
     async def built(self, request, tag: str):
         return object() if (request.display_name, tag) in self.built_images else None
