@@ -442,13 +442,16 @@ class ImageBuilder:
         once every blob it names is stored. Shielded: a layer's writes serve every build
         that uses it, not only this one. The history only guides the layering of later images.
         """
-        blobs_stored = asyncio.gather(
-            *(self.storage.put_blob_bytes(blob) for blob in image.blobs),
-            *(asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None),
-        )
+        own = [asyncio.ensure_future(self.storage.put_blob_bytes(blob)) for blob in image.blobs]
+        shared = (asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None)
+        blobs_stored = asyncio.gather(*own, *shared)
         blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
         history = [] if plan is None else [self.histories.of(arch.nix_system).record(plan)]
-        await asyncio.gather(self.images.put(image.record, blobs_stored), *history)
+        try:
+            await asyncio.gather(self.images.put(image.record, blobs_stored), *history)
+        except Exception:  # a failed build reports once its own writes are done: none is left staging
+            await asyncio.gather(*own, return_exceptions=True)
+            raise
 
 
 class _LayerCounter:
