@@ -50,6 +50,7 @@ from typing import Any
 
 import structlog
 
+from nixery.background import spawn
 from nixery.collected import CollectionWatch
 from nixery.layers.store import FORMAT_VERSION
 from nixery.lru import LRU
@@ -371,16 +372,10 @@ class ImageStore:
         now = time.time()
         if not self.cached.should_write_use(key, now, USAGE_INTERVAL):
             return
-        task = asyncio.ensure_future(
-            self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now}))
+        spawn(
+            self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now})),
+            failure_event="build.usage_not_recorded", keep=self._usage_writes,
         )
-        self._usage_writes.add(task)
-        task.add_done_callback(self._usage_written)
-
-    def _usage_written(self, task: asyncio.Task[None]) -> None:
-        self._usage_writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("build.usage_not_recorded", error=str(task.exception()))
 
     def forget_using(self, digest: Digest) -> None:
         """A blob was found missing or corrupt: its images are checked in storage (and rebuilt)
