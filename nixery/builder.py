@@ -10,7 +10,8 @@ per step (for several platforms, `nixery.platforms`: one pipeline each, then an 
               (`nixery.layers.store`); and the entry-point layer
     assemble  the config, the Docker and OCI manifests (OCI only with zstd
               layers: Docker schema 2 has no zstd media type), the record
-    attach    documents about the image (none yet: signatures and SBOMs)
+              (`nixery.assembly`)
+    attach    documents about the image (`nixery.attachments`)
     publish   every blob, and the record (`nixery.images`): written side by
               side, but the record appears only once its blobs are stored
 
@@ -36,26 +37,25 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from nixery import metrics
+from nixery.assembly import AssembledImage, assemble
+from nixery.attachments import attach
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
 from nixery.history import PlatformHistories
-from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, ManifestRef, image_key
-from nixery.layers.entrypoints import ENTRY_POINT_LAYERS, SSL_CERT_FILE
+from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
+from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
 from nixery.platforms import each_platform, host_arch, index_image, index_key
-from nixery.progress import Build, BuildLog, NixLogProgress, Stage
-from nixery.registry.descriptors import image_manifest
+from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, Stage
 from nixery.registry.digest import Digest
-from nixery.registry.image import DEFAULT_PATH, image_config
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
 from nixery.registry.negotiation import pull_digests
@@ -69,25 +69,6 @@ log = structlog.get_logger(__name__)
 def _by_resolved_names(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> ImageRequest:
     """The request under the names its packages resolved to, in the order it gave them."""
     return request.renamed({package.name: package.pull_name for package in resolved})
-
-
-def _image_cmd(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> list[str] | None:
-    """`shell` images start the shell; a one-package image starts its main program."""
-    for package in resolved:
-        if package.name.lower() == "shell" and package.main_program:
-            return [f"/bin/{package.main_program}"]
-    if len(request.packages) == 1 and len(resolved) == 1 and resolved[0].main_program:
-        return [f"/bin/{resolved[0].main_program}"]
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class AssembledImage:
-    """An image ready to publish: its record, and what must be stored before the record appears."""
-
-    record: ImageRecord
-    blobs: tuple[bytes, ...]  # its config and manifests, and what `_attach` adds
-    layers: tuple[StoredLayer, ...]  # new ones are still being written (`stored`)
 
 
 class ImageBuilder:
@@ -313,7 +294,7 @@ class ImageBuilder:
             return found
         record, documents = index_image(named_key, records, request.arch)
         build.emit(Stage.UPLOADING, "storing the image index")
-        await self._publish(self._attach(AssembledImage(record, documents, ())), None, request.arch)
+        await self._publish(attach(AssembledImage(record, documents, ())), None, request.arch)
         return record
 
     async def _store_image(
@@ -324,7 +305,7 @@ class ImageBuilder:
         roots = sorted({out for package in resolved for out in package.outputs})
         plan = await self._plan(graph, roots, request.arch, build, bound)
         ca_bundle, layers, counter = await self._layers(plan, roots, graph, build, bound)
-        image = self._attach(self._assemble(request, revision, key, resolved, plan, layers, ca_bundle))
+        image = attach(assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         await self._publish(image, plan, request.arch)
         bound.info(
@@ -369,10 +350,10 @@ class ImageBuilder:
 
     async def _layers(
         self, plan: list[frozenset[str]], roots: list[str], graph: ClosureGraph, build: Build, bound: Any
-    ) -> tuple[str | None, list[StoredLayer], _LayerCounter]:
+    ) -> tuple[str | None, list[StoredLayer], LayerCounter]:
         """Every layer of the image, found stored or compressed now, and the CA bundle that
         the entry-point layer links (if any)."""
-        counter = _LayerCounter(build, total=len(plan) + ENTRY_POINT_LAYERS)
+        counter = LayerCounter(build, total=len(plan) + ENTRY_POINT_LAYERS)
         counter.emit(f"storing {counter.total} layers (compressing those not stored yet)")
 
         async def store_paths(paths: frozenset[str]) -> StoredLayer:
@@ -389,50 +370,6 @@ class ImageBuilder:
         stored.append(last)
         bound.info("build.layers_compressed", layers=len(stored), created=counter.created, bytes=counter.bytes)
         return ca_bundle, stored, counter
-
-    def _assemble(
-        self, request: ImageRequest, revision: Revision, key: str, resolved: list[ResolvedPackage],
-        plan: list[frozenset[str]], stored: list[StoredLayer], ca_bundle: str | None,
-    ) -> AssembledImage:
-        """The image's config and manifests, and its record."""
-        layers = [layer.descriptor for layer in stored]
-        env = [f"PATH={DEFAULT_PATH}"]
-        if ca_bundle:
-            env.append(f"SSL_CERT_FILE={SSL_CERT_FILE}")
-        config = image_config(
-            layers,
-            architecture=request.arch.oci_name,
-            env=env,
-            cmd=_image_cmd(request, resolved),
-            labels={"org.nixos.nixery.packages": " ".join(sorted(p.attr for p in resolved))},
-        )
-        formats = self.compression.manifest_formats
-        documents = [image_manifest(fmt, config, layers, self.compression) for fmt in formats]
-        manifests = {
-            fmt: ManifestRef(Digest.of(document), len(document))
-            for fmt, document in zip(formats, documents, strict=True)
-        }
-        record = ImageRecord(
-            key=key,
-            name=request.display_name,
-            source=revision.source,
-            revision=revision.id,
-            packages=tuple(sorted(p.attr for p in resolved)),
-            architecture=request.arch.oci_name,
-            config=Digest.of(config),
-            manifests=manifests,
-            layers=tuple(layers),
-            built_at=time.time(),
-            # The entry-point layers hold no store path.
-            layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),) * ENTRY_POINT_LAYERS,
-        )
-        return AssembledImage(record, (config, *documents), tuple(stored))
-
-    def _attach(self, image: AssembledImage) -> AssembledImage:
-        """What is published with the image besides its config and manifests: nothing yet.
-        Documents about the image (signatures, SBOMs: referrers whose subject is one of its
-        manifests) join its blobs here, so that they are stored before its record appears."""
-        return image
 
     async def _publish(self, image: AssembledImage, plan: list[frozenset[str]] | None, arch: Arch) -> None:
         """Every blob, then the record, and the plan (if any: an index has none) into the
@@ -452,36 +389,6 @@ class ImageBuilder:
         except Exception:  # a failed build reports once its own writes are done: none is left staging
             await asyncio.gather(*own, return_exceptions=True)
             raise
-
-
-class _LayerCounter:
-    """Counts an image's layers as they are found in the cache or compressed."""
-
-    def __init__(self, build: Build, total: int):
-        self.build = build
-        self.total = total
-        self.done = 0
-        self.created = 0
-        self.bytes = 0
-
-    def count(self, stored: StoredLayer) -> StoredLayer:
-        layer = stored.descriptor
-        self.done += 1
-        metrics.layer_stored(stored.created, layer.size)
-        if not stored.created:
-            self.emit(f"layer {layer.digest.hex[:12]} already stored")
-            return stored
-        self.created += 1
-        self.bytes += layer.size
-        rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
-        self.emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
-        return stored
-
-    def emit(self, message: str) -> None:
-        self.build.emit(
-            Stage.COMPRESSING, message, layers_done=self.done, layers_total=self.total,
-            layers_created=self.created, compressed_bytes=self.bytes,
-        )
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -15,7 +15,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from nixery import metrics
+
+if TYPE_CHECKING:
+    from nixery.layers.store import StoredLayer
 
 
 class Stage(StrEnum):
@@ -144,4 +149,34 @@ class NixLogProgress:
             to_build=self.to_build,
             fetched=self.fetched,
             to_fetch=self.to_fetch,
+        )
+
+
+class LayerCounter:
+    """Counts an image's layers as they are found in the cache or compressed."""
+
+    def __init__(self, build: Build, total: int):
+        self.build = build
+        self.total = total
+        self.done = 0
+        self.created = 0
+        self.bytes = 0
+
+    def count(self, stored: StoredLayer) -> StoredLayer:
+        layer = stored.descriptor
+        self.done += 1
+        metrics.layer_stored(stored.created, layer.size)
+        if not stored.created:
+            self.emit(f"layer {layer.digest.hex[:12]} already stored")
+            return stored
+        self.created += 1
+        self.bytes += layer.size
+        rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
+        self.emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
+        return stored
+
+    def emit(self, message: str) -> None:
+        self.build.emit(
+            Stage.COMPRESSING, message, layers_done=self.done, layers_total=self.total,
+            layers_created=self.created, compressed_bytes=self.bytes,
         )
