@@ -97,6 +97,37 @@ def build_lock(key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Attached:
+    """A document about one of an image's manifests (a signature, an SBOM, a provenance
+    statement): a manifest stored with the image, listed by the referrers API under its
+    subject and, for clients older than that API, served under a tag."""
+
+    manifest: Descriptor  # as the referrers API lists it: media type, digest, size, artifactType, annotations
+    subject: Digest  # the manifest it is about
+    blobs: tuple[Digest, ...]  # what the manifest names (config, layers): collected with the image
+    tag: str | None = None  # e.g. cosign's `sha256-<hex>.sig`
+
+    def to_json(self) -> dict[str, Any]:
+        document = {
+            "manifest": self.manifest.to_json(),
+            "subject": str(self.subject),
+            "blobs": [str(blob) for blob in self.blobs],
+        }
+        if self.tag is not None:
+            document["tag"] = self.tag
+        return document
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Attached:
+        return cls(
+            manifest=Descriptor.from_json(doc["manifest"]),
+            subject=Digest.parse(doc["subject"]),
+            blobs=tuple(Digest.parse(blob) for blob in doc["blobs"]),
+            tag=doc.get("tag"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ManifestRef:
     digest: Digest
     size: int
@@ -122,6 +153,9 @@ class ImageRecord:
     #: This record's own config, manifests and layers are those of its default platform.
     indexes: tuple[Descriptor, ...] = ()
     platforms: tuple[ImageRecord, ...] = ()
+    #: Documents about the image's manifests (signatures, SBOMs, provenance), stored with it
+    #: (`nixery.attachments`).
+    attached: tuple[Attached, ...] = ()
     #: The documents a client can be given for this image (nixery.registry.negotiation picks
     #: one per request): its indexes, then its manifests, one per format, in the order stored,
     #: then the other platforms' manifests. Made once, here.
@@ -159,6 +193,8 @@ class ImageRecord:
         if self.indexes:  # records of one platform stay as they were written before indexes
             document["indexes"] = [descriptor.to_json() for descriptor in self.indexes]
             document["platforms"] = [record._document() for record in self.platforms]
+        if self.attached:  # records without attachments stay as they were written before them
+            document["attached"] = [attached.to_json() for attached in self.attached]
         return document
 
     @classmethod
@@ -184,12 +220,14 @@ class ImageRecord:
             layer_paths=tuple(tuple(layer.get("paths", ())) for layer in doc["layers"]),
             indexes=tuple(Descriptor.from_json(index) for index in doc.get("indexes", ())),
             platforms=tuple(cls._from_document(record) for record in doc.get("platforms", ())),
+            attached=tuple(Attached.from_json(attached) for attached in doc.get("attached", ())),
         )
 
     def blobs(self) -> set[Digest]:
         """Every blob the image needs: config, manifests and layers, and with several
         platforms its indexes and every platform's blobs."""
         own = {self.config, *(ref.digest for ref in self.manifests.values()), *(x.digest for x in self.layers)}
+        own.update(digest for attached in self.attached for digest in (attached.manifest.digest, *attached.blobs))
         return own.union((index.digest for index in self.indexes), *(record.blobs() for record in self.platforms))
 
     @property
