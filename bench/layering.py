@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/layering.py                      # all sequences, writes the report
     .venv/bin/python bench/layering.py --images my.json     # one sequence of your own
+    .venv/bin/python bench/layering.py --layer-cost-mb 4    # plan at another NIXERY_LAYER_COST_MB
 
 A client with an unbounded layer cache pulls the images of a sequence in
 order and downloads a layer only if it lacks that exact layer (a layer is the
@@ -10,10 +11,19 @@ all closures (every path once: the physical limit).  "10 clients" replays the
 same registry for ten clients that each pull a random 40 % of the images, and
 reports the sum of their downloads over the sum of their own limits.
 
+Each layer also costs its client time (issue 23: ~50 ms with podman, the time
+to fetch ~2 MB), so two more scores charge 2 MB per layer:
+- warm = (bytes downloaded + 2 MB x layers downloaded) / (ideal + 2 MB), for
+  the one client pulling the images in order;
+- cold = sum over images of (image bytes + 2 MB x its layers) / sum of
+  (image bytes + 2 MB): every image pulled into an empty store.
+
 Algorithms, all run on the same data in the same process:
-- ours: `nixery.layers.grouping.plan_layers` with the history the registry
-  keeps, and the popularity data; also without popularity data (what the
-  registry has) and without history (a registry that forgets everything);
+- ours: `nixery.layers.grouping.plan_layers` at the registry's default
+  per-layer cost (`--layer-cost-mb`), with the history the registry keeps,
+  and the popularity data; also without popularity data (what the registry
+  has), without history (a registry that forgets everything), and counting
+  bytes only (NIXERY_LAYER_COST_MB=0, the plans before issue 23);
 - Nixery: its published layering (popularity + dominator tree, 94 layers);
 - nixpkgs buildLayeredImage: its popularity contest (one layer each for the
   most popular paths, the rest in one layer);
@@ -38,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nixery.closure import ClosureGraph
+from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.grouping import LayerHistory, plan_layers
 from nixery.layers.plan_cli import load_graph, load_images, load_popularity
 
@@ -64,12 +75,14 @@ def _timed(plan_one: Callable[[list[str]], Plan], images: list[list[str]]) -> tu
     return plans, times
 
 
-def ours(*, popularity: bool = True, history: bool = True) -> Planner:
+def ours(cost: CostModel, *, popularity: bool = True, history: bool = True) -> Planner:
     def run(graph: ClosureGraph, images: list[list[str]], pop: Mapping[str, int], budget: int):
         kept = LayerHistory() if history else None
 
         def one(roots: list[str]) -> Plan:
-            layers = plan_layers(graph, roots, max_layers=budget, history=kept, popularity=pop if popularity else None)
+            layers = plan_layers(
+                graph, roots, max_layers=budget, history=kept, popularity=pop if popularity else None, cost=cost
+            )
             if kept is not None:
                 kept.record(layers)
             return layers
@@ -216,14 +229,17 @@ def _dominators(top: str, closure: set[str], preds: dict[str, list[str]], graph:
     return idom
 
 
-ALGORITHMS: list[tuple[str, Planner]] = [
-    ("ours (history + popularity data)", ours()),
-    ("ours, no popularity data (registry default)", ours(popularity=False)),
-    ("ours, no history (empty registry every time)", ours(history=False)),
-    ("Nixery (popularity + dominator tree, 94 layers)", nixery_layers),
-    ("nixpkgs buildLayeredImage (popularity contest)", build_layered_image),
-    ("one layer per image", one_layer),
-]
+def algorithms(layer_cost_mb: float) -> list[tuple[str, Planner]]:
+    cost = CostModel.for_layer_cost_mb(layer_cost_mb)
+    return [
+        (f"ours (history + popularity data), {layer_cost_mb:g} MB a layer", ours(cost)),
+        ("ours, no popularity data (registry default)", ours(cost, popularity=False)),
+        ("ours, no history (empty registry every time)", ours(cost, history=False)),
+        ("ours, bytes only (NIXERY_LAYER_COST_MB=0)", ours(CostModel.for_layer_cost_mb(0))),
+        ("Nixery (popularity + dominator tree, 94 layers)", nixery_layers),
+        ("nixpkgs buildLayeredImage (popularity contest)", build_layered_image),
+        ("one layer per image", one_layer),
+    ]
 
 
 # ---- the client simulation ---------------------------------------------------
@@ -400,14 +416,16 @@ def generated_sequences(graph: ClosureGraph, pop: Mapping[str, int], *, regenera
 # ---- the report ------------------------------------------------------------------
 
 
-def table(graph: ClosureGraph, images: list[list[str]], pop: Mapping[str, int], budget: int) -> str:
+def table(
+    graph: ClosureGraph, images: list[list[str]], pop: Mapping[str, int], budget: int, layer_cost_mb: float
+) -> str:
     rows = [
         "| algorithm | dl MB | dl/ideal | warm | cold | layers/image mean / max | plan ms/image mean / max "
         "| 10 clients dl/ideal |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ideal = 0
-    for name, planner in ALGORITHMS:
+    for name, planner in algorithms(layer_cost_mb):
         plans, times = planner(graph, images, pop, budget)
         score = simulate(graph, images, plans, times)
         ideal = score.ideal
@@ -422,11 +440,12 @@ def table(graph: ClosureGraph, images: list[list[str]], pop: Mapping[str, int], 
     return "\n".join(rows)
 
 
-def scaling(graph: ClosureGraph, pop: Mapping[str, int], budget: int) -> str:
+def scaling(graph: ClosureGraph, pop: Mapping[str, int], budget: int, layer_cost_mb: float) -> str:
     """Plan time for big closures against a history of thousands of layers."""
+    cost = CostModel.for_layer_cost_mb(layer_cost_mb)
     history = LayerHistory()
     for roots in generate_mixed(graph, pop, seed=99, count=1000):
-        history.record(plan_layers(graph, roots, max_layers=budget, history=history, popularity=pop))
+        history.record(plan_layers(graph, roots, max_layers=budget, history=history, popularity=pop, cost=cost))
     rng = random.Random(5)
     names = sorted(graph.nodes)
     rows = [
@@ -442,13 +461,35 @@ def scaling(graph: ClosureGraph, pop: Mapping[str, int], budget: int) -> str:
             best = float("inf")
             for _ in range(3):
                 started = time.perf_counter()
-                plan = plan_layers(graph, roots, max_layers=budget, history=history, popularity=popularity)
+                plan = plan_layers(
+                    graph, roots, max_layers=budget, history=history, popularity=popularity, cost=cost
+                )
                 best = min(best, time.perf_counter() - started)
             times.append(best)
             layers = len(plan)
         rows.append(
             f"| {len(graph.closure(roots))} | {len(history)} | {1000 * times[0]:.0f} | {1000 * times[1]:.0f} "
             f"| {layers} |"
+        )
+    return "\n".join(rows)
+
+
+SWEEP_MB = (0, 0.5, 1, 2, 3, 4, 8)
+
+
+def sweep(graph: ClosureGraph, images: list[list[str]], pop: Mapping[str, int], budget: int) -> str:
+    """Ours (history + popularity data) at several per-layer costs: how NIXERY_LAYER_COST_MB
+    moves the balance between bytes and layers."""
+    rows = [
+        "| NIXERY_LAYER_COST_MB | dl/ideal | warm | cold | layers/image mean / max |",
+        "|---|---|---|---|---|",
+    ]
+    for megabytes in SWEEP_MB:
+        plans, times = ours(CostModel.for_layer_cost_mb(megabytes))(graph, images, pop, budget)
+        score = simulate(graph, images, plans, times)
+        rows.append(
+            f"| {megabytes:g} | {score.downloaded / score.ideal:.3f} | {score.warm:.3f} | {score.cold:.3f} "
+            f"| {sum(score.layers) / len(score.layers):.1f} / {max(score.layers)} |"
         )
     return "\n".join(rows)
 
@@ -478,6 +519,9 @@ def main(argv: list[str]) -> int:
         "--images", type=Path, action="append", help="an image sequence (repeatable); default: all sequences"
     )
     parser.add_argument("--max-layers", type=int, default=100)
+    parser.add_argument(
+        "--layer-cost-mb", type=float, default=DEFAULT_LAYER_COST_MB, help="the planner's per-layer cost (MB)"
+    )
     parser.add_argument("--regenerate", action="store_true", help="write bench/data/ sequences again")
     parser.add_argument("--output", type=Path, default=None, help=f"report file (default {REPORT.relative_to(REPO)})")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
@@ -506,7 +550,10 @@ def main(argv: list[str]) -> int:
         "downloaded / bytes of the union of all closures. MB = 10^6 bytes. Budget:",
         f'{args.max_layers} layers per image. Plan time is per image, on this machine. "10 clients"',
         "replays the same plans for ten clients that each pull a random 40 % of the images, in",
-        "order: total downloaded / total of their own limits.",
+        "order: total downloaded / total of their own limits. warm and cold charge 2 MB per layer",
+        "(issue 23): warm = (downloaded + 2 MB x layers downloaded) / (ideal + 2 MB) for the one",
+        "client; cold = sum of (image bytes + 2 MB x its layers) / sum of (image bytes + 2 MB).",
+        f"Ours plans at {args.layer_cost_mb:g} MB a layer (NIXERY_LAYER_COST_MB) unless the row says otherwise.",
         "",
     ]
     for label, images in sequences.items():
@@ -517,17 +564,24 @@ def main(argv: list[str]) -> int:
             "",
             f"{note}{describe(graph, images)}.",
             "",
-            table(graph, images, pop, args.max_layers),
+            table(graph, images, pop, args.max_layers, args.layer_cost_mb),
             "",
         ]
     if not args.images:
         parts += [
+            "## The per-layer cost",
+            "",
+            "`images-public.json`, ours with history and popularity data, planned at each",
+            "NIXERY_LAYER_COST_MB; the scores still charge 2 MB per layer.",
+            "",
+            sweep(graph, sequences["images-public.json"], pop, args.max_layers),
+            "",
             "## Plan time for big closures",
             "",
             "Random packages until the closure reaches the size; the history holds the layers of",
             "1000 planned requests. Best of three runs.",
             "",
-            scaling(graph, pop, args.max_layers),
+            scaling(graph, pop, args.max_layers, args.layer_cost_mb),
             "",
         ]
     parts += NOTES
@@ -551,9 +605,10 @@ NOTES = [
     "- Nixery and the first row of ours get `popularity.json`. The registry has no such data:",
     "  it counts, within each closure, how many paths depend on each path (second row).",
     "- The algorithm is described, with a worked example, in the docstring of",
-    "  `nixery/layers/grouping.py`. The one tunable, `CostModel.merge_threshold` (50 kB), trades layers",
-    "  for bytes: at 100 kB the public sequence needs 34.8 layers per image for 1.006, at",
-    "  30 kB 41.4 for 1.002.",
+    "  `nixery/layers/grouping.py`, its cost model in `nixery/layers/cost.py` and",
+    "  docs/layering.md. NIXERY_LAYER_COST_MB trades layers for bytes (the sweep above).",
+    "  Bytes only, `CostModel.merge_threshold` (50 kB) does: at 100 kB the public sequence",
+    "  needs 34.8 layers per image for 1.006, at 30 kB 41.4 for 1.002.",
     "- Where the closures are so large that the budget binds for nearly every image",
     "  (`images-large.json`), every layering must re-send bytes; even one that knew the",
     "  future would need more than 100 layers for some images.",

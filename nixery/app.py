@@ -106,6 +106,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         storage=storage,
         source=open_source(settings).resolver(timeout=settings.nix_timeout, evaluators=evaluators),
         max_layers=settings.max_layers,
+        layer_cost_mb=settings.layer_cost_mb,
         max_concurrent_builds=settings.max_concurrent_builds,
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,

@@ -48,6 +48,7 @@ from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
+from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
 from nixery.layers.store import LayerStore, StoredLayer
@@ -79,6 +80,7 @@ class ImageBuilder:
         source: PackageResolver,
         max_layers: int,
         max_concurrent_builds: int,
+        layer_cost_mb: float = DEFAULT_LAYER_COST_MB,
         layer_workers: int | None = None,
         layer_compression: Compression = Compression.GZIP,
         record_cache: int = DEFAULT_CAPACITY,
@@ -88,6 +90,8 @@ class ImageBuilder:
         #: The package source, through its resolver: tags to revisions, names to closures.
         self.source = source
         self.max_layers = max_layers
+        #: NIXERY_LAYER_COST_MB: how the layering weighs a layer against the bytes it saves.
+        self.layer_cost = CostModel.for_layer_cost_mb(layer_cost_mb)
         #: Of every layer this builder writes; it decides the manifest formats its images have.
         self.compression = layer_compression
         self._build_slots = asyncio.Semaphore(max_concurrent_builds)
@@ -343,7 +347,8 @@ class ImageBuilder:
         async with self.histories.planning(arch.nix_system):
             history = await self.histories.of(arch.nix_system).current()
             plan = await asyncio.to_thread(
-                plan_layers, graph, roots, max_layers=self.max_layers - ENTRY_POINT_LAYERS, history=history
+                plan_layers, graph, roots, max_layers=self.max_layers - ENTRY_POINT_LAYERS, history=history,
+                cost=self.layer_cost,
             )
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
         return plan

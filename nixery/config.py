@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
+from nixery.layers.cost import DEFAULT_LAYER_COST_MB, parse_layer_cost_mb
 from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch
@@ -126,6 +127,8 @@ class Settings:
     nix_evaluator: str = "repl"
     evaluator_memory_limit: int = 1024 << 20  # bytes of an evaluating Nix process; past it, it is killed
     max_layers: int = 100
+    # What a client's wait for one layer is worth, in MB: the layering trades bytes for layers at it.
+    layer_cost_mb: float = DEFAULT_LAYER_COST_MB
     max_concurrent_builds: int = 2
     # Image records kept in memory per process, least recently used dropped first.
     record_cache: int = DEFAULT_RECORD_CACHE
@@ -182,6 +185,16 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
+
+
+def _layer_cost_mb(env: Mapping[str, str]) -> float:
+    raw = env.get("NIXERY_LAYER_COST_MB", "").strip()
+    if raw == "":
+        return DEFAULT_LAYER_COST_MB
+    try:
+        return parse_layer_cost_mb(raw)
+    except ValueError as exc:
+        raise ConfigError(f"NIXERY_LAYER_COST_MB={exc}") from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -407,6 +420,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         nix_evaluator=_choice(env, "NIXERY_NIX_EVALUATOR", "repl", ("repl", "process")),
         evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
+        layer_cost_mb=_layer_cost_mb(env),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
         record_cache=_int(env, "NIXERY_RECORD_CACHE", DEFAULT_RECORD_CACHE, low=1, high=10_000_000),
         layer_compression=Compression(

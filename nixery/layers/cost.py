@@ -1,24 +1,71 @@
-"""What joining two pieces of a closure into one layer costs (`nixery.layers.grouping`).
+"""What a plan costs the clients that pull it (`nixery.layers.grouping`).
 
-The cost of a join is the bytes clients are expected to fetch again because of
-it: the joining piece's bytes at risk (a later image needs the piece without
-the piece it joins), plus the bytes of any stored layer the join breaks up.
-`plan_layers` takes a `CostModel`; the defaults are the model that module's
-docstring describes and its worked example uses.
+Two prices, both in bytes:
+
+- **Bytes fetched again.**  Joining piece `k` into the piece above it risks
+  that a later image needs `k` without it: clients then fetch `k` again.  The
+  cost of a join is `k`'s bytes at risk, plus the bytes of any stored layer the
+  join breaks up (every client holding that layer fetches its paths again).
+- **Layers.**  A client pays for every layer it pulls, whatever its size: a
+  request, a decompression stream and, in podman and containerd, a storage
+  commit.  Issue 23 measured about 50 ms per layer with podman, the time to
+  download ~2 MB at 40 MB/s.  `layer_cost` is that price in bytes
+  (`NIXERY_LAYER_COST_MB`).
+
+With `layer_cost = 0` only bytes count, and the plans are exactly the byte
+optimal ones the registry made before the layer cost existed (a 50 kB
+threshold keeps tiny paths from taking a layer each).  With a layer cost, a
+plan minimises `bytes + layers x layer_cost` for a client that pulls images in
+turn (warm) and for one with an empty store (cold): see `CostModel`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MB = 1_000_000
+
+DEFAULT_LAYER_COST_MB = 2.0
+"""NIXERY_LAYER_COST_MB's default: what podman pays per layer on a 40 MB/s link (issue 23)."""
+
+MAX_LAYER_COST_MB = 1000.0
+
+
+def parse_layer_cost_mb(text: str) -> float:
+    """A per-layer cost in MB (10^6 bytes) from a setting or flag: a number from 0 to 1000.
+
+    Raises ValueError with a message that names the problem."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of megabytes") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_LAYER_COST_MB:
+        raise ValueError(f"{text!r} is outside 0..{MAX_LAYER_COST_MB:g} MB")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """What a join of two pieces costs: the expected bytes clients fetch again because of it.
+    """What a plan costs its clients: bytes they fetch again, and `layer_cost` per layer.
 
     `cost(k, p) = bytes(k) * risk(k, p) * new_bytes_weight` for a piece `k` joining
     piece `p`, plus the bytes of any stored layer the join breaks up, times
     `broken_layer_weight`. The defaults are the model `nixery.layers.grouping` describes.
+
+    With a layer cost (`layer_cost > 0`) three things change, each because a layer
+    now has a price that a join saves:
+
+    1. `risk` also weighs how rare the piece is: a path few packages need is unlikely
+       to be pulled again at all, so joining it risks little (`rarity_exponent`).
+    2. Joins are made while they cost less than `join_share * layer_cost`
+       (instead of `merge_threshold`).
+    3. New pieces still smaller than `pack_share * layer_cost` after the joins are
+       packed together, in popularity order, into layers of at most
+       `pack_limit * layer_cost` bytes: such a piece fetched again costs its clients
+       less than the layer it would take.
+
+    The three shares were fitted on the layering benchmark (docs/benchmarks/layering.md).
     """
 
     merge_threshold: float = 50_000
@@ -33,11 +80,48 @@ class CostModel:
     """Weight of the bytes of a stored layer that a join breaks up: every client that
     holds that layer fetches its paths again in the new one."""
 
-    @staticmethod
-    def risk(popularity_of_piece: int, popularity_of_parent: int) -> float:
+    layer_cost: float = 0.0
+    """Bytes a client's wait for one layer is worth (NIXERY_LAYER_COST_MB x 10^6).
+    0: bytes alone count, as before issue 23."""
+
+    join_share: float = 0.1
+    """With a layer cost: pieces join along owner links while the join costs less than
+    this share of `layer_cost` (or `merge_threshold`, if larger)."""
+
+    rarity_exponent: float = 0.7
+    """With a layer cost: the risk of a join is multiplied by
+    `(popularity(k) / popularity of the closure's most popular path) ** rarity_exponent`."""
+
+    pack_share: float = 0.75
+    """With a layer cost: new pieces smaller than this share of `layer_cost` are packed."""
+
+    pack_limit: float = 2.0
+    """With a layer cost: a packed layer holds at most this many times `layer_cost` bytes."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.layer_cost) and self.layer_cost >= 0):
+            raise ValueError(f"layer_cost must be a finite number of bytes >= 0, not {self.layer_cost!r}")
+
+    @classmethod
+    def for_layer_cost_mb(cls, megabytes: float) -> CostModel:
+        """The default model with a per-layer cost of `megabytes` x 10^6 bytes."""
+        return cls(layer_cost=megabytes * MB)
+
+    @property
+    def join_threshold(self) -> float:
+        """Joins along owner links cheaper than this are made without the budget forcing them."""
+        if self.layer_cost:
+            return max(self.merge_threshold, self.join_share * self.layer_cost)
+        return self.merge_threshold
+
+    def risk(self, popularity_of_piece: int, popularity_of_parent: int, most_popular: int) -> float:
         """How likely a later image holds the piece without the parent's top path: 0 when the
-        piece is exactly as popular as the parent (a dependency only its user needs)."""
-        return max(0.0, 1.0 - popularity_of_parent / popularity_of_piece)
+        piece is exactly as popular as the parent (a dependency only its user needs). With a
+        layer cost, scaled down for pieces much rarer than the closure's most popular path."""
+        conditional = max(0.0, 1.0 - popularity_of_parent / popularity_of_piece)
+        if not self.layer_cost:
+            return conditional
+        return conditional * (popularity_of_piece / most_popular) ** self.rarity_exponent
 
     def join(self, piece_bytes: int, risk: float, *broken_layers_bytes: int) -> float:
         """The cost of a join: the piece's bytes at risk plus the bytes of each stored layer broken up."""
@@ -48,3 +132,4 @@ class CostModel:
 
 
 DEFAULT_COST = CostModel()
+"""Bytes only: the byte-optimal plans (`nixery layers plan --layer-cost-mb 0`)."""

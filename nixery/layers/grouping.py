@@ -281,6 +281,7 @@ class _Planner:
             else _dependants_count(self.paths, self.refs)
         )
         self.owner = self._owners()
+        self.most_popular = max(self.pop.values())
         self.reused = self._pick_reused(history, closure) if history is not None else []
 
     def _owners(self) -> dict[str, str]:
@@ -326,6 +327,8 @@ class _Planner:
         self.count = len(self.members)
 
         self._join(forced=False)
+        if self.cost.layer_cost:
+            self._pack_small_pieces()
         if self.count > self.max_layers:
             self._join(forced=True)
         pieces = [k for k in range(len(self.members)) if self._find(k) == k]
@@ -339,6 +342,26 @@ class _Planner:
             pieces = pieces[:1] + pieces[excess:]
         pieces.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
         return [frozenset(self.members[k]) for k in pieces]
+
+    def _pack_small_pieces(self) -> None:
+        """Pack the new pieces that are still small, in popularity order, into layers of at
+        most `pack_limit x layer_cost` bytes: each would cost its clients a layer for fewer
+        bytes than the layer's price, and fetched again it costs them at most its bytes."""
+        small = self.cost.pack_share * self.cost.layer_cost
+        limit = self.cost.pack_limit * self.cost.layer_cost
+        pieces = [
+            k
+            for k in range(len(self.members))
+            if self._find(k) == k and not self.stored[k] and self.nbytes[k] < small
+        ]
+        pieces.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
+        packing: int | None = None
+        for k in pieces:
+            if packing is not None and self.nbytes[packing] + self.nbytes[k] <= limit:
+                self._merge(k, packing)
+                self.top[packing] = min(self.top[packing], self.top[k], key=self._rank)
+            else:
+                packing = k
 
     def _new_piece(self, paths: list[str], *, stored: bool) -> None:
         for path in paths:
@@ -394,7 +417,7 @@ class _Planner:
 
     def _risk(self, k: int, p: int) -> float:
         """How likely a later image holds piece k without piece p's top path."""
-        return self.cost.risk(self.pop[self.top[k]], self.pop[self.top[p]])
+        return self.cost.risk(self.pop[self.top[k]], self.pop[self.top[p]], self.most_popular)
 
     def _merge(self, k: int, into: int) -> None:
         self.union[k] = into
@@ -406,7 +429,7 @@ class _Planner:
         """Join pieces to their parents, cheapest first.
 
         Unforced: only new pieces, and only while the expected waste is below the
-        cost model's merge threshold.  Forced: any piece, until the budget holds.
+        cost model's join threshold.  Forced: any piece, until the budget holds.
         """
         heap: list[tuple[float, int]] = []
 
@@ -430,7 +453,7 @@ class _Planner:
             if current[0] != c:  # stale: the piece grew or its way up changed
                 heapq.heappush(heap, (current[0], k))
                 continue
-            if not forced and c >= self.cost.merge_threshold:
+            if not forced and c >= self.cost.join_threshold:
                 return
             p = current[1]
             opened = [path for q in (k, p) if self.stored[q] for path in self.members[q]]

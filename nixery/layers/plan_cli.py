@@ -1,10 +1,12 @@
 """`nixery layers plan`: run the layering on a dependency graph and a list of images.
 
-    nixery layers plan --graph G --popularity P --images I [--max-layers N] > plan.json
+    nixery layers plan --graph G --popularity P --images I [--max-layers N] [--layer-cost-mb C] > plan.json
 
 Prints a JSON list with one entry per image, in order; each entry is a list of
 layers (base layers first), each layer a sorted list of node names.  The
 layer history is kept from one image to the next, as the registry keeps it.
+The per-layer cost is the registry's: `--layer-cost-mb`, else
+NIXERY_LAYER_COST_MB, else its default (`nixery.layers.cost`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nixery.closure import ClosureGraph, GraphError
+from nixery.layers.cost import DEFAULT_COST, DEFAULT_LAYER_COST_MB, CostModel, parse_layer_cost_mb
 from nixery.layers.grouping import LayerHistory, plan_layers
 
 
@@ -80,11 +84,12 @@ def plan_sequence(
     max_layers: int,
     popularity: Mapping[str, int] | None,
     history: LayerHistory | None,
+    cost: CostModel = DEFAULT_COST,
 ) -> list[list[frozenset[str]]]:
     """Plan each image in order, recording each plan as the registry does."""
     plans = []
     for roots in images:
-        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity)
+        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity, cost=cost)
         if history is not None:
             history.record(layers)
         plans.append(layers)
@@ -122,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, required=True, help="JSON list of images, see below")
     parser.add_argument("--max-layers", type=int, default=100, help="layer budget per image (default 100)")
     parser.add_argument("--no-history", action="store_true", help="plan every image as if the registry were empty")
+    parser.add_argument(
+        "--layer-cost-mb",
+        metavar="MB",
+        help="what a client's wait for one layer is worth, in MB (10^6 bytes): the layering trades bytes for "
+        f"layers at it; 0 counts bytes only (default: NIXERY_LAYER_COST_MB, else {DEFAULT_LAYER_COST_MB:g})",
+    )
     return parser
 
 
@@ -129,6 +140,13 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.max_layers < 1:
         print("nixery layers plan: --max-layers must be at least 1", file=sys.stderr)
+        return 2
+    raw_cost = args.layer_cost_mb if args.layer_cost_mb is not None else os.environ.get("NIXERY_LAYER_COST_MB", "")
+    try:
+        layer_cost_mb = parse_layer_cost_mb(raw_cost) if raw_cost.strip() else DEFAULT_LAYER_COST_MB
+    except ValueError as exc:
+        source = "--layer-cost-mb" if args.layer_cost_mb is not None else "NIXERY_LAYER_COST_MB"
+        print(f"nixery layers plan: {source}={exc}", file=sys.stderr)
         return 2
     try:
         graph = load_graph(args.graph)
@@ -138,7 +156,14 @@ def main(argv: list[str]) -> int:
         print(f"nixery layers plan: {exc}", file=sys.stderr)
         return 2
     history = None if args.no_history else LayerHistory()
-    plans = plan_sequence(graph, images, max_layers=args.max_layers, popularity=popularity, history=history)
+    plans = plan_sequence(
+        graph,
+        images,
+        max_layers=args.max_layers,
+        popularity=popularity,
+        history=history,
+        cost=CostModel.for_layer_cost_mb(layer_cost_mb),
+    )
     out = [[sorted(layer) for layer in layers] for layers in plans]
     json.dump(out, sys.stdout, separators=(",", ":"))
     sys.stdout.write("\n")
