@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nixery import config
 from nixery.closure import ClosureGraph
 from nixery.layers.grouping import CostModel, LayerHistory, plan_layers
 from nixery.layers.plan_cli import main as plan_main
@@ -481,6 +482,49 @@ def test_plan_command(tmp_path):
         assert len(layers) <= 3
     # The history is kept from image to image: the third image reuses the first's layers.
     assert {tuple(layer) for layer in plans[0]} & {tuple(layer) for layer in plans[2]}
+
+
+def test_plan_command_takes_the_layer_cost_from_its_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    (tmp_path / "graph.json").write_text(json.dumps({"nodes": DEBIAN_SHELL["nodes"]}))
+    images = [[*SHELL, "curl"], [*SHELL, "jq"]]
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    files = ["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")]
+
+    def expected(megabytes: float) -> list[list[list[str]]]:
+        history = LayerHistory()
+        cost = CostModel.for_layer_cost_mb(megabytes)
+        out = []
+        for roots in images:
+            layers = plan_layers(DEBIAN_GRAPH, roots, max_layers=100, history=history, cost=cost)
+            history.record(layers)
+            out.append([sorted(layer) for layer in layers])
+        return out
+
+    def planned(*options: str) -> list[list[list[str]]]:
+        assert plan_main([*files, *options]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    monkeypatch.delenv("NIXERY_LAYER_COST_MB", raising=False)
+    assert planned() == expected(2)  # the registry's default
+    assert planned("--layer-cost-mb", "0") == expected(0) != expected(2)
+    monkeypatch.setenv("NIXERY_LAYER_COST_MB", "0")
+    assert planned() == expected(0)
+    assert planned("--layer-cost-mb", "8") == expected(8)  # the flag wins
+    for bad in ("-1", "lots", "nan", "1e9"):
+        assert plan_main([*files, "--layer-cost-mb", bad]) == 2
+        assert "--layer-cost-mb" in capsys.readouterr().err
+    monkeypatch.setenv("NIXERY_LAYER_COST_MB", "lots")
+    assert plan_main(files) == 2
+    assert "NIXERY_LAYER_COST_MB='lots' is not a number" in capsys.readouterr().err
+
+
+def test_the_registry_setting_for_the_layer_cost():
+    assert config.load({}).layer_cost_mb == 2.0
+    assert config.load({"NIXERY_LAYER_COST_MB": "0"}).layer_cost_mb == 0.0
+    assert config.load({"NIXERY_LAYER_COST_MB": "3.5"}).layer_cost_mb == 3.5
+    for bad in ("-1", "two", "inf", "1001"):
+        with pytest.raises(config.ConfigError, match="NIXERY_LAYER_COST_MB"):
+            config.load({"NIXERY_LAYER_COST_MB": bad})
 
 
 def test_plan_command_rejects_unknown_roots(tmp_path, capsys):
