@@ -34,9 +34,11 @@ from pathlib import Path
 import common as c
 
 from nixery.closure import ClosureGraph, Node
+from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.grouping import LayerHistory, plan_layers
 
 MAX_LAYERS = 99  # NIXERY_MAX_LAYERS (100) minus the entry-point layer
+COST = CostModel.for_layer_cost_mb(DEFAULT_LAYER_COST_MB)  # NIXERY_LAYER_COST_MB's default, as the registry plans
 
 
 # ---- layering --------------------------------------------------------------------
@@ -66,15 +68,15 @@ def layering_rows(sizes: list[int], repeats: int) -> list[list[object]]:
         for _ in range(runs):
             history = LayerHistory()
             started = time.perf_counter()
-            plan = plan_layers(graph, roots, max_layers=MAX_LAYERS, history=history)
+            plan = plan_layers(graph, roots, max_layers=MAX_LAYERS, history=history, cost=COST)
             first.append(time.perf_counter() - started)
             history.record(plan)
             layers = len(plan)
             started = time.perf_counter()
-            plan_layers(graph, roots[1:] or roots, max_layers=MAX_LAYERS, history=history)
+            plan_layers(graph, roots[1:] or roots, max_layers=MAX_LAYERS, history=history, cost=COST)
             second.append(time.perf_counter() - started)
         tracemalloc.start()
-        plan_layers(graph, roots, max_layers=MAX_LAYERS, history=LayerHistory())
+        plan_layers(graph, roots, max_layers=MAX_LAYERS, history=LayerHistory(), cost=COST)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         graph_mb = _graph_bytes(n)

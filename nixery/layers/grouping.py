@@ -25,7 +25,10 @@ forest, and every layer is a set of *pieces* joined along it.  Joining piece
     cost(k, p) = bytes(k) * risk(k, p)    (+ bytes of a stored layer broken up)
 
 These weights are a `CostModel` (`nixery.layers.cost`), a parameter of
-`plan_layers`; the defaults are the ones described here.
+`plan_layers`; the defaults are the ones described here, which count bytes
+only.  The registry also gives each layer a price (`CostModel.layer_cost`,
+NIXERY_LAYER_COST_MB): then the risk is scaled down for rare pieces, the
+threshold of step 2 is a tenth of that price, and step 2b runs.
 
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
@@ -36,6 +39,8 @@ apart.  The plan, step by step:
 2. Join new pieces to their owner's piece (skipping stored layers on the way
    up), cheapest first, while the cost is below `CostModel.merge_threshold`
    bytes: tiny paths do not take a layer each.
+2b. With a layer price, pack the new pieces still smaller than 3/4 of it
+   together, most popular first, into layers of at most twice the price.
 3. While there are more pieces than `max_layers`, keep joining cheapest first;
    now a stored layer may be broken up too, which costs its bytes (clients
    that hold it fetch them again).
@@ -344,16 +349,10 @@ class _Planner:
         return [frozenset(self.members[k]) for k in pieces]
 
     def _pack_small_pieces(self) -> None:
-        """Pack the new pieces that are still small, in popularity order, into layers of at
-        most `pack_limit x layer_cost` bytes: each would cost its clients a layer for fewer
-        bytes than the layer's price, and fetched again it costs them at most its bytes."""
-        small = self.cost.pack_share * self.cost.layer_cost
-        limit = self.cost.pack_limit * self.cost.layer_cost
-        pieces = [
-            k
-            for k in range(len(self.members))
-            if self._find(k) == k and not self.stored[k] and self.nbytes[k] < small
-        ]
+        """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the
+        layer's price; packed, and needed alone later, it costs them at most its bytes."""
+        small, limit = self.cost.pack_share * self.cost.layer_cost, self.cost.pack_limit * self.cost.layer_cost
+        pieces = [k for k, n in enumerate(self.nbytes) if self._find(k) == k and not self.stored[k] and n < small]
         pieces.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
         packing: int | None = None
         for k in pieces:
