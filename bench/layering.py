@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -543,7 +544,8 @@ def main(argv: list[str]) -> int:
     parts = [
         "# Layering benchmark",
         "",
-        f"Produced by `{command}` (Python {platform.python_version()}, {platform.machine()}).",
+        f"Produced by `{command}` (Python {platform.python_version()}, {platform.machine()}; "
+        f"load average {os.getloadavg()[0]:.1f} at the start: plan times vary with it).",
         "",
         "One client with an unbounded layer cache pulls the images in order; a layer is the exact",
         "set of paths it holds and is downloaded only if the client lacks it. dl/ideal = bytes",
