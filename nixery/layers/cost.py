@@ -65,7 +65,8 @@ class CostModel:
        `pack_limit * layer_cost` bytes: such a piece fetched again costs its clients
        less than the layer it would take.
 
-    The three shares were fitted on the layering benchmark (docs/benchmarks/layering.md).
+    `join_share`, `rarity_exponent`, `pack_share` and `pack_limit` were fitted on the
+    layering benchmark's sequences (docs/benchmarks/layering.md, docs/layering.md).
     """
 
     merge_threshold: float = 50_000
