@@ -1,7 +1,7 @@
 """An image's SBOM: an SPDX 2.3 JSON document made from its Nix closure.
 
 Nix knows exactly what is in an image, so nothing is guessed: the document has
-one package per store path of the closure, named and versioned as Nix splits a
+one package per store path of the closure (its `packageFileName`), named and versioned as Nix splits a
 store path's name (`builtins.parseDrvName`: the version starts at the first
 `-` not followed by a letter), with a `DEPENDS_ON` relationship for each store
 reference, and the image as the package the document describes, which
@@ -187,7 +187,7 @@ def _package(info: StorePathInfo, arch: str) -> dict[str, Any]:
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
-        "sourceInfo": f"Nix store path {info.path}",
+        "packageFileName": info.path,  # SPDX: "or path of the directory being treated as a package"
         "externalRefs": [],
     }
     if len(info.debian) == 1:

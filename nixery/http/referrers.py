@@ -52,6 +52,8 @@ async def referrers(request: web.Request) -> web.Response:
     headers = {**routes.API_VERSION, "Content-Type": OCI_INDEX}
     artifact_type = request.query.get("artifactType")
     if artifact_type is not None:
+        # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
+        artifact_type = artifact_type.replace(" ", "+")
         listed = [attached for attached in listed if attached.manifest.artifact_type == artifact_type]
         headers["OCI-Filters-Applied"] = "artifactType"
     return web.Response(body=image_index([attached.manifest for attached in listed]), headers=headers)

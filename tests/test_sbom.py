@@ -1,0 +1,260 @@
+"""SBOMs and provenance statements of built images, served through the OCI 1.1
+referrers API and the referrers tag schema: real registry processes, real Nix
+(the busybox set, and the Debian set for `shell/curl`), and the SBOM checked by a
+real SPDX validator (spdx-tools).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import jsonschema
+import pytest
+from spdx_tools.spdx.parser.parse_anything import parse_file
+from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess
+from tests.sets import require_debian_set
+from tests.test_gc_live import age_everything, blob_file, collect
+
+pytestmark = pytest.mark.nix
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SPDX = "application/spdx+json"
+IN_TOTO = "application/vnd.in-toto+json"
+UNRELATED = "sha256:" + "ab" * 32
+
+MEDIA_TYPE = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"  # RFC 6838
+#: An OCI image index as image-spec 1.1 (image-index.md, descriptor.md) defines it; the
+#: referrers API answers one whose entries carry their artifactType.
+INDEX_SCHEMA = {
+    "type": "object",
+    "required": ["schemaVersion", "mediaType", "manifests"],
+    "properties": {
+        "schemaVersion": {"const": 2},
+        "mediaType": {"const": OCI_INDEX},
+        "manifests": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["mediaType", "digest", "size", "artifactType"],
+                "properties": {
+                    "mediaType": {"type": "string", "pattern": MEDIA_TYPE},
+                    "digest": {"type": "string", "pattern": r"^sha256:[a-f0-9]{64}$"},
+                    "size": {"type": "integer", "minimum": 0},
+                    "artifactType": {"type": "string"},
+                    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    process = RegistryProcess(tmp_path_factory.mktemp("sbom") / "storage", env={"NIXERY_BUNDLED_SET": "busybox"})
+    process.start()
+    yield process
+    process.stop()
+
+
+def referrers(registry: RegistryProcess, name: str, digest: str, query: str = "") -> tuple[dict, dict]:
+    status, headers, body = registry.request(f"/v2/{name}/referrers/{digest}{query}", accept=OCI_INDEX)
+    assert status == 200, (status, body[:500])
+    assert headers["Content-Type"] == OCI_INDEX
+    index = json.loads(body)
+    jsonschema.validate(index, INDEX_SCHEMA)
+    return index, headers
+
+
+def blob(registry: RegistryProcess, name: str, digest: str) -> bytes:
+    status, _, body = registry.request(f"/v2/{name}/blobs/{digest}", accept=None)
+    assert status == 200, (digest, status)
+    return body
+
+
+def attached_document(registry: RegistryProcess, name: str, subject: str, artifact_type: str) -> tuple[dict, bytes]:
+    """The artifact manifest of `artifact_type` about `subject`, and the document it carries."""
+    index, _ = referrers(registry, name, subject)
+    entry = next(e for e in index["manifests"] if e["artifactType"] == artifact_type)
+    digest, manifest = registry.manifest(name, entry["digest"], accept=OCI_MANIFEST)
+    assert digest == entry["digest"]
+    assert manifest["artifactType"] == artifact_type
+    assert manifest["subject"]["digest"] == subject
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+    assert blob(registry, name, manifest["config"]["digest"]) == b"{}"
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == artifact_type
+    return manifest, blob(registry, name, layer["digest"])
+
+
+def image_store_paths(registry: RegistryProcess, name: str, manifest: dict) -> set[str]:
+    """Every store path in the image's layers (read from the tarballs, not from the registry's record)."""
+    paths = set()
+    for layer in manifest["layers"]:
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob(registry, name, layer["digest"])))) as tar:
+            for member in tar.getnames():
+                if match := re.match(r"^/?(nix/store/[^/]+)", member):
+                    paths.add("/" + match[1])
+    return paths
+
+
+def validated_spdx(document: bytes, directory: Path) -> dict:
+    path = directory / "sbom.spdx.json"
+    path.write_bytes(document)
+    problems = validate_full_spdx_document(parse_file(str(path)))
+    assert problems == [], [problem.validation_message for problem in problems]
+    return json.loads(document)
+
+
+def test_the_sbom_of_each_manifest_validates_and_lists_every_store_path(registry, tmp_path: Path) -> None:
+    name = "shell/hello"
+    docker_digest, manifest = registry.manifest(name)
+    oci_digest, _ = registry.manifest(name, accept=OCI_MANIFEST)
+    assert docker_digest != oci_digest
+    sboms = {}
+    for subject in (docker_digest, oci_digest):
+        index, _ = referrers(registry, name, subject)
+        assert sorted(entry["artifactType"] for entry in index["manifests"]) == [SPDX, IN_TOTO]
+        artifact, sboms[subject] = attached_document(registry, name, subject, SPDX)
+        assert artifact["subject"]["mediaType"] == (DOCKER_MANIFEST if subject == docker_digest else OCI_MANIFEST)
+    assert sboms[docker_digest] == sboms[oci_digest], "one SBOM, shared by both formats' artifact manifests"
+
+    sbom = validated_spdx(sboms[docker_digest], tmp_path)
+    packages = {p["packageFileName"]: p for p in sbom["packages"] if "packageFileName" in p}
+    assert set(packages) == image_store_paths(registry, name, manifest)
+    hello = next(p for path, p in packages.items() if re.search(r"-hello-[0-9]", path))
+    assert (hello["name"], hello["versionInfo"]) == ("hello", re.search(r"-hello-(.*)$", hello["packageFileName"])[1])
+    # DEPENDS_ON follows the store references: `nix-store -q --references` of each path.
+    ids = {p["SPDXID"]: p.get("packageFileName") for p in sbom["packages"]}
+    depends = {
+        (ids[r["spdxElementId"]], ids[r["relatedSpdxElement"]])
+        for r in sbom["relationships"] if r["relationshipType"] == "DEPENDS_ON"
+    }
+    expected = set()
+    for path in packages:
+        refs = subprocess.run(["nix-store", "-q", "--references", path], capture_output=True, text=True, check=True)
+        expected |= {(path, ref) for ref in refs.stdout.split() if ref != path}
+    assert depends == expected
+    assert "busybox" in sbom["creationInfo"]["comment"] and "revision" in sbom["creationInfo"]["comment"]
+
+
+def test_the_provenance_names_the_package_set_the_names_and_the_derivations(registry) -> None:
+    name = "figlet/hello"
+    docker_digest, _ = registry.manifest(name)
+    oci_digest, _ = registry.manifest(name, accept=OCI_MANIFEST)
+    _, document = attached_document(registry, name, oci_digest, IN_TOTO)
+    statement = json.loads(document)
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects == {d.split(":")[1] for d in (docker_digest, oci_digest)}
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["packages"] == ["figlet", "hello"]
+    assert "busybox" in definition["internalParameters"]["packageSet"]["source"]
+    assert definition["internalParameters"]["packageSet"]["revision"]
+    for dependency in definition["resolvedDependencies"]:
+        assert dependency["uri"].startswith("file:///nix/store/") and dependency["uri"].endswith(".drv")
+    assert statement["predicate"]["runDetails"]["builder"]["version"]["nixery-py"]
+
+
+def test_referrers_of_an_unrelated_digest_are_an_empty_index_and_a_bad_digest_is_refused(registry) -> None:
+    index, _ = referrers(registry, "shell", UNRELATED)
+    assert index == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    status, _, body = registry.request("/v2/shell/referrers/sha256:nothex", accept=None)
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+def test_artifact_type_filtering(registry) -> None:
+    digest, _ = registry.manifest("hello")
+    everything, headers = referrers(registry, "hello", digest)
+    assert "OCI-Filters-Applied" not in headers
+    for artifact_type in (SPDX, IN_TOTO):
+        filtered, headers = referrers(registry, "hello", digest, f"?artifactType={quote(artifact_type, safe='')}")
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+        assert filtered["manifests"] == [e for e in everything["manifests"] if e["artifactType"] == artifact_type]
+        assert len(filtered["manifests"]) == 1
+        # As curl users write it: the `+` unencoded.
+        assert referrers(registry, "hello", digest, f"?artifactType={artifact_type}")[0] == filtered
+    none, _ = referrers(registry, "hello", digest, "?artifactType=application/vnd.example")
+    assert none["manifests"] == []
+
+
+def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
+    digest, _ = registry.manifest("hello")
+    index, _ = referrers(registry, "hello", digest)
+    tag = digest.replace(":", "-")
+    for method in ("GET", "HEAD"):
+        status, headers, body = registry.request(f"/v2/hello/manifests/{tag}", method=method, accept=OCI_INDEX)
+        assert status == 200 and headers["Content-Type"] == OCI_INDEX
+        if method == "GET":
+            assert json.loads(body) == index
+            assert headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    status, _, body = registry.request(f"/v2/hello/manifests/{UNRELATED.replace(':', '-')}", accept=OCI_INDEX)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_two_registries_make_the_same_sbom(registry, tmp_path: Path) -> None:
+    digest, _ = registry.manifest("figlet")
+    other = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        assert other.manifest("figlet")[0] == digest
+        assert referrers(other, "figlet", digest)[0] == referrers(registry, "figlet", digest)[0]
+    finally:
+        other.stop()
+
+
+def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    registry = RegistryProcess(storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        digest, _ = registry.manifest("fortune")
+        index, _ = referrers(registry, "fortune", digest)
+        sbom, _ = attached_document(registry, "fortune", digest, SPDX)
+        kept = [entry["digest"] for entry in index["manifests"]] + [sbom["layers"][0]["digest"]]
+        assert "removed 0 images" in collect(storage)  # the image is in use: so are its documents
+        assert all(blob_file(storage, d).exists() for d in kept)
+        assert referrers(registry, "fortune", digest)[0] == index
+
+        age_everything(storage)
+        assert "removed 1 images" in collect(storage)
+        assert not any(blob_file(storage, d).exists() for d in kept)
+        assert not list((storage / "meta").glob("referrers/*/*")), "no key leads to the collected image"
+        for _ in range(100):  # the registry reads gc's note within a poll
+            if referrers(registry, "fortune", digest)[0]["manifests"] == []:
+                break
+            time.sleep(0.1)
+        assert referrers(registry, "fortune", digest)[0]["manifests"] == []
+    finally:
+        registry.stop()
+
+
+def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path: Path) -> None:
+    debian = require_debian_set()
+    registry = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "debian"}).start()
+    try:
+        digest, manifest = registry.manifest("shell/curl")
+        _, document = attached_document(registry, "shell/curl", digest, SPDX)
+        store_paths = image_store_paths(registry, "shell/curl", manifest)
+    finally:
+        registry.stop()
+    sbom = validated_spdx(document, tmp_path)
+    # The version as Debian's own control file says it, from the .deb the set was made from.
+    debs = Path(re.search(r'debDir = "([^"]+)"', (debian / "x86_64-linux.nix").read_text())[1])
+    (deb,) = debs.glob("curl_*_amd64.deb")
+    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True)
+    (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
+    assert curl["versionInfo"] == version.stdout.strip()
+    assert curl["licenseDeclared"] == "curl"
+    assert curl["externalRefs"][0]["referenceLocator"].startswith("pkg:deb/debian/curl@")
+    assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
