@@ -12,6 +12,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
-from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, run
 from tests.sets import require_debian_set
 from tests.test_gc_live import age_everything, blob_file, collect
 
@@ -258,3 +259,21 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     assert curl["licenseDeclared"] == "curl"
     assert curl["externalRefs"][0]["referenceLocator"].startswith("pkg:deb/debian/curl@")
     assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
+
+
+def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path: Path) -> None:
+    digest, _ = registry.manifest("shell/hello")
+    _, expected = attached_document(registry, "shell/hello", digest, SPDX)
+    printed = run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, "--sbom", "shell/hello"])
+    assert printed.stdout.encode() == expected
+    validated_spdx(printed.stdout.encode(), tmp_path)
+
+    status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
+    assert status == 200
+    attached = {one["artifactType"]: one for one in json.loads(body)["attached"]}
+    assert set(attached) == {SPDX, IN_TOTO}
+    status, _, page = registry.request("/images/shell/hello", accept="text/html")
+    assert status == 200
+    sbom_link = f'href="/v2/shell/hello/blobs/{attached[SPDX]["document"]}"'
+    assert sbom_link.encode() in page and f'href="/v2/shell/hello/referrers/{digest}"'.encode() in page
+    assert blob(registry, "shell/hello", attached[SPDX]["document"]) == expected
