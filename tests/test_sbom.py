@@ -16,7 +16,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import jsonschema
 import pytest
@@ -250,14 +250,26 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     finally:
         registry.stop()
     sbom = validated_spdx(document, tmp_path)
-    # The version as Debian's own control file says it, from the .deb the set was made from.
-    debs = Path(re.search(r'debDir = "([^"]+)"', (debian / "x86_64-linux.nix").read_text())[1])
-    (deb,) = debs.glob("curl_*_amd64.deb")
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True)
+    # Versions as Debian's own control files say them, from the .deb files the set was made from.
+    nix_file = (debian / "x86_64-linux.nix").read_text()
+    debs = Path(re.search(r'debDir = "([^"]+)"', nix_file)[1])
+    imported = r'^\s*"?([^"\s]+)"? = lib\.importDeb \{ path = /\. \+ "\$\{debDir\}/([^"]+)"'
+    deb_files = dict(re.findall(imported, nix_file, re.MULTILINE))
+
+    def control_version(package: str) -> str:
+        found = subprocess.run(["dpkg-deb", "-f", str(debs / deb_files[package]), "Version"],
+                               capture_output=True, text=True, check=True)
+        return found.stdout.strip()
+
     (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
-    assert curl["versionInfo"] == version.stdout.strip()
+    assert curl["versionInfo"] == control_version("curl")
     assert curl["licenseDeclared"] == "curl"
-    assert curl["externalRefs"][0]["referenceLocator"].startswith("pkg:deb/debian/curl@")
+    # Every Debian package of the image (epochs and `~` included: zlib1g 1:1.2.13..., libssl3 ...~deb12u2).
+    purls = [ref["referenceLocator"] for p in sbom["packages"] for ref in p.get("externalRefs", ())]
+    assert len(purls) >= 30 and any("%3A" in purl for purl in purls) and any("~" in purl for purl in purls)
+    for purl in purls:
+        name, version = re.fullmatch(r"pkg:deb/debian/([^@]+)@([^?]+)\?arch=amd64", purl).groups()
+        assert unquote(version) == control_version(name), purl
     assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
 
 
