@@ -34,12 +34,8 @@ from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import EMPTY_JSON, OCI_MANIFEST
 from nixery.resolver import ResolvedPackage
 
-#: The annotations each artifact manifest carries (the referrers API lists them).
-SBOM_ANNOTATIONS = {"org.opencontainers.image.description": "SPDX 2.3 SBOM made from the image's Nix closure"}
-PROVENANCE_ANNOTATIONS = {
-    "org.opencontainers.image.description": "in-toto statement with a SLSA provenance v1 predicate"
-}
-
+TITLE = "org.opencontainers.image.title"
+DESCRIPTION = "org.opencontainers.image.description"
 
 @dataclass(frozen=True, slots=True)
 class Closure:
@@ -58,23 +54,26 @@ def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledIm
     record = image.record
     facts = sbom.ImageFacts(
         name=record.name, architecture=record.architecture, source=record.source, revision=record.revision,
-        config=str(record.config), requested=record.packages,
+        config=str(record.config), packages=record.packages,
     )
     spdx = sbom.spdx_document(facts, closure.graph, sbom.read_store_paths(closure.graph.nodes))
     statement = provenance.statement(
         record.name, closure.system, record.source, record.revision, closure.resolved,
         {fmt.value: ref.digest for fmt, ref in record.manifests.items()},
     )
+    # Each document with its artifact type, the description its artifact manifests carry (the
+    # referrers API lists it) and its file name (the layer's title: what oras saves it as).
     documents = [
-        (sbom.MEDIA_TYPE, spdx, {**SBOM_ANNOTATIONS, "org.opencontainers.image.title": "sbom.spdx.json"}),
-        (provenance.MEDIA_TYPE, statement, {"org.opencontainers.image.title": "provenance.intoto.json"}),
+        (spdx, sbom.MEDIA_TYPE, "SPDX 2.3 SBOM made from the image's Nix closure", "sbom.spdx.json"),
+        (statement, provenance.MEDIA_TYPE, "in-toto statement with a SLSA provenance v1 predicate",
+         "provenance.intoto.json"),
     ]
     attached, blobs = [], [EMPTY_JSON, spdx, statement]
     for fmt, ref in record.manifests.items():
         subject = Descriptor(fmt.value, ref.digest, ref.size)
-        for artifact_type, document, title in documents:
-            layer = Descriptor(artifact_type, Digest.of(document), len(document), annotations=title)
-            annotations = SBOM_ANNOTATIONS if artifact_type == sbom.MEDIA_TYPE else PROVENANCE_ANNOTATIONS
+        for document, artifact_type, description, title in documents:
+            layer = Descriptor(artifact_type, Digest.of(document), len(document), annotations={TITLE: title})
+            annotations = {DESCRIPTION: description}
             manifest = artifact_manifest(artifact_type, layer, subject, annotations)
             blobs.append(manifest)
             attached.append(Attached(

@@ -1,8 +1,8 @@
 """An image's SBOM: an SPDX 2.3 JSON document made from its Nix closure.
 
 Nix knows exactly what is in an image, so nothing is guessed: the document has
-one package per store path of the closure (its `packageFileName`), named and versioned as Nix splits a
-store path's name (`builtins.parseDrvName`: the version starts at the first
+one package per store path of the closure (the path is its `packageFileName`),
+named and versioned as Nix splits a store path's name (`builtins.parseDrvName`: the version starts at the first
 `-` not followed by a letter), with a `DEPENDS_ON` relationship for each store
 reference, and the image as the package the document describes, which
 `CONTAINS` every store path.
@@ -166,10 +166,7 @@ class StorePathInfo:
 
 def read_store_paths(paths: Iterable[str]) -> list[StorePathInfo]:
     """What the SBOM says of each store path, read from the store (blocking: run in a thread)."""
-    return [
-        StorePathInfo(path, debian_packages(Path(path)))
-        for path in sorted(paths)
-    ]
+    return [StorePathInfo(path, debian_packages(Path(path))) for path in sorted(paths)]
 
 
 def _spdx_id(path: str) -> str:
@@ -178,39 +175,39 @@ def _spdx_id(path: str) -> str:
 
 
 def _package(info: StorePathInfo, arch: str) -> dict[str, Any]:
+    """A store path as an SPDX package: named by its Debian package when it holds one."""
     name, version = parse_drv_name(store_name(info.path))
-    package: dict[str, Any] = {
-        "SPDXID": _spdx_id(info.path),
-        "name": name,
-        "downloadLocation": "NOASSERTION",
-        "filesAnalyzed": False,
-        "licenseConcluded": "NOASSERTION",
-        "licenseDeclared": "NOASSERTION",
-        "copyrightText": "NOASSERTION",
-        "packageFileName": info.path,  # SPDX: "or path of the directory being treated as a package"
-        "externalRefs": [],
-    }
+    license_declared = "NOASSERTION"
+    notes: dict[str, Any] = {}
     if len(info.debian) == 1:
         deb = info.debian[0]
         name, version = deb.name, deb.version
-        package["name"] = name
-        package["licenseDeclared"] = spdx_license(deb.license) or "NOASSERTION"
-        if deb.license and package["licenseDeclared"] == "NOASSERTION":
-            package["licenseComments"] = f"Debian copyright file: License: {deb.license}"
-    for deb in info.debian:
-        purl = f"pkg:deb/debian/{deb.name}@{quote(deb.version, safe='')}?arch={arch}"
-        package["externalRefs"].append(
-            {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": purl}
-        )
-    if len(info.debian) > 1:
-        package["comment"] = "Debian packages: " + ", ".join(
+        license_declared = spdx_license(deb.license) or "NOASSERTION"
+        if deb.license and license_declared == "NOASSERTION":
+            notes["licenseComments"] = f"Debian copyright file: License: {deb.license}"
+    elif info.debian:  # a dependency cycle merged into one store path (libc6+libgcc-s1)
+        notes["comment"] = "Debian packages: " + ", ".join(
             f"{deb.name} {deb.version} (license: {deb.license or 'not stated'})" for deb in info.debian
         )
+    if info.debian:
+        notes["externalRefs"] = [
+            {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+             "referenceLocator": f"pkg:deb/debian/{deb.name}@{quote(deb.version, safe='')}?arch={arch}"}
+            for deb in info.debian
+        ]
     if version:
-        package["versionInfo"] = version
-    if not package["externalRefs"]:
-        del package["externalRefs"]
-    return package
+        notes["versionInfo"] = version
+    return {
+        "SPDXID": _spdx_id(info.path),
+        "name": name,
+        "packageFileName": info.path,  # SPDX: "or path of the directory being treated as a package"
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": False,
+        "licenseConcluded": "NOASSERTION",
+        "licenseDeclared": license_declared,
+        "copyrightText": "NOASSERTION",
+        **notes,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +219,7 @@ class ImageFacts:
     source: str  # the package set, e.g. "path /srv/pkgs"
     revision: str
     config: str  # the image config's digest: the same for every manifest format
-    requested: Sequence[str]  # the attribute paths the name resolved to
+    packages: Sequence[str]  # the attribute paths the image's names resolved to
 
 
 def _relationship(element: str, kind: str, related: str) -> dict[str, str]:
@@ -244,8 +241,7 @@ def spdx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StoreP
         "licenseConcluded": "NOASSERTION",
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
-        "checksums": [{"algorithm": "SHA256", "checksumValue": image.config.removeprefix("sha256:")}],
-        "comment": f"image config {image.config}; packages: {' '.join(image.requested)}",
+        "comment": f"image config {image.config}; packages: {' '.join(image.packages)}",
     }
     relationships = [_relationship("SPDXRef-DOCUMENT", "DESCRIBES", "SPDXRef-Image")]
     for info in store:
