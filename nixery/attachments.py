@@ -7,12 +7,13 @@ and garbage collection keeps them with it.
 
 For an image built from a closure, each of its manifests (one per format: the Docker
 and the OCI manifest have different digests, and a client asks the referrers API
-about the one it pulled) gets two OCI artifact manifests whose `subject` it is:
+about the one it pulled) gets three OCI artifact manifests whose `subject` it is:
 
-* its SBOM (`nixery.sbom`, artifactType `application/spdx+json`), and
+* its SBOM (`nixery.sbom`), as SPDX (artifactType `application/spdx+json`) and as
+  CycloneDX (`application/vnd.cyclonedx+json`), and
 * its provenance (`nixery.provenance`, artifactType `application/vnd.in-toto+json`).
 
-The SBOM and the statement are one blob each, shared by both formats' artifact
+Each document is one blob, shared by both formats' artifact
 manifests. An `Attached` without a tag is a referrer: the referrers API lists it
 under its subject (`nixery.images.ImageStore.referrers`); one with a tag is
 served under that tag as well (cosign's `sha256-<hex>.sig`).
@@ -47,7 +48,7 @@ class Closure:
 
 
 def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledImage:
-    """The image with the documents about it among its blobs: with its `closure`, an SBOM and
+    """The image with the documents about it among its blobs: with its `closure`, SBOMs and
     a provenance statement for each of its manifests. Blocking (reads the store)."""
     if closure is None:  # an index: its platforms' images carry their own
         return image
@@ -56,7 +57,9 @@ def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledIm
         name=record.name, architecture=record.architecture, source=record.source, revision=record.revision,
         config=str(record.config), packages=record.packages,
     )
-    spdx = sbom.spdx_document(facts, closure.graph, sbom.read_store_paths(closure.graph.nodes))
+    store = sbom.read_store_paths(closure.graph.nodes)
+    spdx = sbom.spdx_document(facts, closure.graph, store)
+    cyclonedx = sbom.cyclonedx_document(facts, closure.graph, store)
     statement = provenance.statement(
         record.name, closure.system, record.source, record.revision, closure.resolved,
         {fmt.value: ref.digest for fmt, ref in record.manifests.items()},
@@ -65,10 +68,12 @@ def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledIm
     # referrers API lists it) and its file name (the layer's title: what oras saves it as).
     documents = [
         (spdx, sbom.MEDIA_TYPE, "SPDX 2.3 SBOM made from the image's Nix closure", "sbom.spdx.json"),
+        (cyclonedx, sbom.CYCLONEDX_MEDIA_TYPE, "CycloneDX 1.5 SBOM made from the image's Nix closure",
+         "sbom.cdx.json"),
         (statement, provenance.MEDIA_TYPE, "in-toto statement with a SLSA provenance v1 predicate",
          "provenance.intoto.json"),
     ]
-    attached, blobs = [], [EMPTY_JSON, spdx, statement]
+    attached, blobs = [], [EMPTY_JSON, *(document for document, *_ in documents)]
     for fmt, ref in record.manifests.items():
         subject = Descriptor(fmt.value, ref.digest, ref.size)
         for document, artifact_type, description, title in documents:

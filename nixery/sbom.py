@@ -1,4 +1,5 @@
-"""An image's SBOM: an SPDX 2.3 JSON document made from its Nix closure.
+"""An image's SBOM, made from its Nix closure: an SPDX 2.3 JSON document, and the same
+facts as a CycloneDX 1.5 JSON document.
 
 Nix knows exactly what is in an image, so nothing is guessed: the document has
 one package per store path of the closure (the path is its `packageFileName`),
@@ -17,6 +18,11 @@ license is the `Files: *` license of its copyright file in SPDX terms (Debian's
 short name in a comment when it has no SPDX identifier), and it gets a `pkg:deb`
 package URL.
 
+The CycloneDX document says the same: the image as the BOM's `metadata.component`
+(type `container`), one component per store path (its `bom-ref`), with the
+same names, versions, licenses and package URLs, and the store references as
+its `dependencies`.
+
 Guarantees: the same closure, package set revision and image name give the same
 bytes (canonical JSON; `created` is the image config's fixed creation time, not
 the build's, so replicas agree); reading the store is bounded (small files only,
@@ -29,6 +35,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,7 @@ from nixery.closure import ClosureGraph
 from nixery.registry.image import CREATED, canonical_json
 
 MEDIA_TYPE = "application/spdx+json"
+CYCLONEDX_MEDIA_TYPE = "application/vnd.cyclonedx+json"
 #: The largest Debian file read (a copyright file is ~20 KB; the largest in Debian ~1 MB).
 _MAX_READ = 1 << 20
 _STORE_NAME = re.compile(r"^[0-9a-df-np-sv-z]{32}-(.+)$")  # Nix's base-32 hash, then the name
@@ -222,15 +230,18 @@ class ImageFacts:
     packages: Sequence[str]  # the attribute paths the image's names resolved to
 
 
+def _namespace(image: ImageFacts) -> str:
+    """A URI unique to the document's content: named by what decides it."""
+    material = canonical_json([image.name, image.architecture, image.source, image.revision, image.config])
+    return f"https://nixery-py.invalid/spdx/{image.architecture}/{hashlib.sha256(material).hexdigest()}"
+
+
 def _relationship(element: str, kind: str, related: str) -> dict[str, str]:
     return {"spdxElementId": element, "relationshipType": kind, "relatedSpdxElement": related}
 
 
 def spdx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StorePathInfo]) -> bytes:
     """The SPDX 2.3 JSON document of an image whose closure is `graph` (`store`: every path of it)."""
-    # The namespace must be unique per document: it is named by what decides the content.
-    material = canonical_json([image.name, image.architecture, image.source, image.revision, image.config])
-    namespace = f"https://nixery-py.invalid/spdx/{image.architecture}/{hashlib.sha256(material).hexdigest()}"
     root: dict[str, Any] = {
         "SPDXID": "SPDXRef-Image",
         "name": image.name,
@@ -253,7 +264,7 @@ def spdx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StoreP
         "dataLicense": "CC0-1.0",
         "SPDXID": "SPDXRef-DOCUMENT",
         "name": f"{image.name} ({image.architecture})",
-        "documentNamespace": namespace,
+        "documentNamespace": _namespace(image),
         "creationInfo": {
             "created": CREATED,
             "creators": [f"Tool: nixery-py-{__version__}"],
@@ -265,3 +276,47 @@ def spdx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StoreP
         "relationships": relationships,
     }
     return canonical_json(document)
+
+
+def cyclonedx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StorePathInfo]) -> bytes:
+    """The CycloneDX 1.5 JSON document of the same image (see the module docstring)."""
+    components = []
+    for info in store:
+        spdx = _package(info, image.architecture)
+        component: dict[str, Any] = {"type": "library", "bom-ref": info.path, "name": spdx["name"]}
+        if "versionInfo" in spdx:
+            component["version"] = spdx["versionInfo"]
+        if spdx["licenseDeclared"] != "NOASSERTION":
+            component["licenses"] = [{"expression": spdx["licenseDeclared"]}]
+        elif len(info.debian) == 1 and info.debian[0].license:
+            component["licenses"] = [{"license": {"name": info.debian[0].license}}]
+        if len(info.debian) == 1:
+            component["purl"] = spdx["externalRefs"][0]["referenceLocator"]
+        properties = [{"name": "nix:store-path", "value": info.path}]
+        properties += [{"name": "debian:package", "value": f"{deb.name} {deb.version}"} for deb in info.debian]
+        component["properties"] = properties
+        components.append(component)
+    return canonical_json({
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.5",
+        "serialNumber": uuid.uuid5(uuid.NAMESPACE_URL, _namespace(image)).urn,
+        "version": 1,
+        "metadata": {
+            "timestamp": CREATED,
+            "tools": {"components": [{"type": "application", "name": "nixery-py", "version": __version__}]},
+            "component": {
+                "type": "container", "bom-ref": "image", "name": image.name, "version": image.revision,
+                "description": f"image config {image.config}; packages: {' '.join(image.packages)}",
+            },
+            "properties": [
+                {"name": "nixery:package-set:source", "value": image.source},
+                {"name": "nixery:package-set:revision", "value": image.revision},
+                {"name": "nixery:architecture", "value": image.architecture},
+            ],
+        },
+        "components": components,
+        "dependencies": [
+            {"ref": "image", "dependsOn": [info.path for info in store]},
+            *({"ref": info.path, "dependsOn": list(graph.nodes[info.path].references)} for info in store),
+        ],
+    })

@@ -20,6 +20,8 @@ from urllib.parse import quote, unquote
 
 import jsonschema
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.nix
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SPDX = "application/spdx+json"
+CYCLONEDX = "application/vnd.cyclonedx+json"
 IN_TOTO = "application/vnd.in-toto+json"
 UNRELATED = "sha256:" + "ab" * 32
 
@@ -118,6 +121,12 @@ def validated_spdx(document: bytes, directory: Path) -> dict:
     return json.loads(document)
 
 
+def validated_cyclonedx(document: bytes) -> dict:
+    problem = JsonStrictValidator(SchemaVersion.V1_5).validate_str(document.decode())
+    assert problem is None, problem
+    return json.loads(document)
+
+
 def test_the_sbom_of_each_manifest_validates_and_lists_every_store_path(registry, tmp_path: Path) -> None:
     name = "shell/hello"
     docker_digest, manifest = registry.manifest(name)
@@ -126,7 +135,7 @@ def test_the_sbom_of_each_manifest_validates_and_lists_every_store_path(registry
     sboms = {}
     for subject in (docker_digest, oci_digest):
         index, _ = referrers(registry, name, subject)
-        assert sorted(entry["artifactType"] for entry in index["manifests"]) == [SPDX, IN_TOTO]
+        assert sorted(entry["artifactType"] for entry in index["manifests"]) == sorted([SPDX, CYCLONEDX, IN_TOTO])
         artifact, sboms[subject] = attached_document(registry, name, subject, SPDX)
         assert artifact["subject"]["mediaType"] == (DOCKER_MANIFEST if subject == docker_digest else OCI_MANIFEST)
     assert sboms[docker_digest] == sboms[oci_digest], "one SBOM, shared by both formats' artifact manifests"
@@ -148,6 +157,16 @@ def test_the_sbom_of_each_manifest_validates_and_lists_every_store_path(registry
         expected |= {(path, ref) for ref in refs.stdout.split() if ref != path}
     assert depends == expected
     assert "busybox" in sbom["creationInfo"]["comment"] and "revision" in sbom["creationInfo"]["comment"]
+
+    # The same facts as CycloneDX 1.5, valid by its JSON schema.
+    _, cyclonedx_bytes = attached_document(registry, name, oci_digest, CYCLONEDX)
+    cyclonedx = validated_cyclonedx(cyclonedx_bytes)
+    components = {c["bom-ref"]: c for c in cyclonedx["components"]}
+    assert set(components) == set(packages)
+    assert all((components[p]["name"], components[p].get("version")) == (packages[p]["name"],
+               packages[p].get("versionInfo")) for p in packages)
+    assert {(d["ref"], ref) for d in cyclonedx["dependencies"] for ref in d["dependsOn"] if d["ref"] != "image"} \
+        == expected
 
 
 def test_the_provenance_names_the_package_set_the_names_and_the_derivations(registry) -> None:
@@ -180,7 +199,7 @@ def test_artifact_type_filtering(registry) -> None:
     digest, _ = registry.manifest("hello")
     everything, headers = referrers(registry, "hello", digest)
     assert "OCI-Filters-Applied" not in headers
-    for artifact_type in (SPDX, IN_TOTO):
+    for artifact_type in (SPDX, CYCLONEDX, IN_TOTO):
         filtered, headers = referrers(registry, "hello", digest, f"?artifactType={quote(artifact_type, safe='')}")
         assert headers["OCI-Filters-Applied"] == "artifactType"
         assert filtered["manifests"] == [e for e in everything["manifests"] if e["artifactType"] == artifact_type]
@@ -246,6 +265,7 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     try:
         digest, manifest = registry.manifest("shell/curl")
         _, document = attached_document(registry, "shell/curl", digest, SPDX)
+        _, cyclonedx = attached_document(registry, "shell/curl", digest, CYCLONEDX)
         store_paths = image_store_paths(registry, "shell/curl", manifest)
     finally:
         registry.stop()
@@ -264,6 +284,9 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
     assert curl["versionInfo"] == control_version("curl")
     assert curl["licenseDeclared"] == "curl"
+    (curl_component,) = [c for c in validated_cyclonedx(cyclonedx)["components"] if c["name"] == "curl"]
+    assert curl_component["version"] == curl["versionInfo"]
+    assert curl_component["licenses"] == [{"expression": "curl"}]
     # Every Debian package of the image (epochs and `~` included: zlib1g 1:1.2.13..., libssl3 ...~deb12u2).
     purls = [ref["referenceLocator"] for p in sbom["packages"] for ref in p.get("externalRefs", ())]
     assert len(purls) >= 30 and any("%3A" in purl for purl in purls) and any("~" in purl for purl in purls)
@@ -283,7 +306,7 @@ def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path
     status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
     assert status == 200
     attached = {one["artifactType"]: one for one in json.loads(body)["attached"]}
-    assert set(attached) == {SPDX, IN_TOTO}
+    assert set(attached) == {SPDX, CYCLONEDX, IN_TOTO}
     status, _, page = registry.request("/images/shell/hello", accept="text/html")
     assert status == 200
     sbom_link = f'href="/v2/shell/hello/blobs/{attached[SPDX]["document"]}"'
