@@ -26,7 +26,8 @@ from nixery.views import image_json, image_reference, size_text
 
 #: How the image page names the documents attached to an image's manifest (docs/sbom.md).
 _DOCUMENT_NAMES = {
-    "application/spdx+json": "SBOM (SPDX 2.3 JSON)", "application/vnd.in-toto+json": "provenance (in-toto, SLSA v1)",
+    "application/spdx+json": "SBOM (SPDX 2.3 JSON)", "application/vnd.cyclonedx+json": "SBOM (CycloneDX 1.5 JSON)",
+    "application/vnd.in-toto+json": "provenance (in-toto, SLSA v1)",
 }
 
 
