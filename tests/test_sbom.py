@@ -312,3 +312,25 @@ def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path
     sbom_link = f'href="/v2/shell/hello/blobs/{attached[SPDX]["document"]}"'
     assert sbom_link.encode() in page and f'href="/v2/shell/hello/referrers/{digest}"'.encode() in page
     assert blob(registry, "shell/hello", attached[SPDX]["document"]) == expected
+
+
+def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> None:
+    registry = RegistryProcess(
+        tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
+    ).start()
+    try:
+        index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
+        sboms = {}
+        for entry in index["manifests"]:
+            _, document = attached_document(registry, "hello", entry["digest"], SPDX)
+            sboms[entry["platform"]["architecture"]] = json.loads(document)
+        assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+    finally:
+        registry.stop()
+    assert set(sboms) == {"amd64", "arm64"}
+    for arch, sbom in sboms.items():
+        assert sbom["name"] in (f"hello ({arch})", f"{arch}/hello ({arch})")  # as the platform's record is named
+    paths = {
+        arch: {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} for arch, sbom in sboms.items()
+    }
+    assert paths["amd64"] and paths["arm64"] and not paths["amd64"] & paths["arm64"]
