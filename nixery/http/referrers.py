@@ -32,7 +32,9 @@ from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import OCI_INDEX
 
 #: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
-ATTACHMENT_TAG = re.compile(r"sha256-(?P<hex>[0-9a-f]{64})(?P<suffix>\.[A-Za-z0-9_-]{1,32})?")
+_TAG = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
+_PREFIX = len("sha256-") + 64
+ATTACHMENT_TAG = re.compile(_TAG)
 
 
 def is_attachment_tag(reference: str) -> bool:
@@ -62,11 +64,9 @@ async def referrers(request: web.Request) -> web.Response:
 async def tagged(request: web.Request) -> web.Response:
     """A manifest by an attachment tag: the referrers index, or a tagged attachment."""
     routes.check_image_name(request)
-    reference = request.match_info["reference"]
-    match = ATTACHMENT_TAG.fullmatch(reference)
-    assert match is not None  # the route's pattern
-    subject = Digest.parse(f"sha256:{match['hex']}")
-    if match["suffix"] is None:
+    reference = request.match_info["reference"]  # the route's pattern: _TAG
+    subject = Digest.parse("sha256:" + reference[len("sha256-") : _PREFIX])
+    if len(reference) == _PREFIX:
         listed = await _referrers(request, subject)
         if not listed:
             raise ManifestUnknown(f"no documents refer to {subject}", detail={"tag": reference})
@@ -89,6 +89,6 @@ def add_routes(app: web.Application) -> None:
     """Before `routes.add_routes`: an attachment tag is not a tag that names a package set."""
     name = r"{name:[^{}]+?}"
     app.router.add_get(f"/v2/{name}/referrers/{{digest}}", referrers)
-    tag = r"{reference:sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?}"
+    tag = f"{{reference:{_TAG}}}"
     app.router.add_route("GET", f"/v2/{name}/manifests/{tag}", tagged)
     app.router.add_route("HEAD", f"/v2/{name}/manifests/{tag}", tagged)
