@@ -19,7 +19,7 @@ from aiohttp import web
 from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
-from nixery.http import auth, health, routes
+from nixery.http import auth, health, referrers, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
 from nixery.nix.channel import ChannelSource
@@ -91,6 +91,7 @@ def create_app(settings: Settings) -> web.Application:
         await storage.close()
 
     app.cleanup_ctx.append(lifecycle)
+    referrers.add_routes(app)  # the referrers API; attachment tags (sha256-<hex>) before other tags
     routes.add_routes(app)
     health.add_routes(app)  # /readyz: whether storage answers (for readiness probes)
     add_web_routes(app)  # landing page, search, build progress, /images, /docs (after the lifecycle: it needs storage)

@@ -43,7 +43,7 @@ import structlog
 
 from nixery import metrics
 from nixery.assembly import AssembledImage, assemble
-from nixery.attachments import attach
+from nixery.attachments import Closure, attach
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
 from nixery.history import PlatformHistories
@@ -309,7 +309,9 @@ class ImageBuilder:
         roots = sorted({out for package in resolved for out in package.outputs})
         plan = await self._plan(graph, roots, request.arch, build, bound)
         ca_bundle, layers, counter = await self._layers(plan, roots, graph, build, bound)
-        image = attach(assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression))
+        assembled = assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression)
+        # The SBOM reads the store: off the event loop.
+        image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         await self._publish(image, plan, request.arch)
         bound.info(

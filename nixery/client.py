@@ -434,12 +434,25 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
     return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
 
 
+async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict[str, Any]) -> str:
+    """The SBOM of the image's manifest (docs/sbom.md), as the registry stores it."""
+    found = [one for one in image.get("attached", ()) if one["artifactType"] == "application/spdx+json"]
+    if not found:
+        raise ClientError(f"{image['name']} has no SBOM: it was built before the registry attached SBOMs")
+    url = f"{registry}/v2/{quote(image['name'], safe='/')}/blobs/{found[0]['document']}"
+    async with session.get(url) as response:
+        if response.status != 200:
+            raise await _registry_error(response)
+        return await response.text()
+
+
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
     parser.add_argument("--json", action="store_true", help="print the registry's JSON document")
     parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
+    parser.add_argument("--sbom", action="store_true", help="print the image's SBOM (SPDX 2.3 JSON) instead")
     args = parser.parse_args(argv)
     console = Console(highlight=False)
     registry = _registry_url(args.registry)
@@ -447,7 +460,10 @@ def inspect_main(argv: list[str]) -> int:
 
     async def fetch() -> dict[str, Any] | None:
         async with _session() as session:
-            return await _fetch_image(session, registry, name, tag)
+            image = await _fetch_image(session, registry, name, tag)
+            if args.sbom and image is not None:
+                sys.stdout.write(await _fetch_sbom(session, registry, image))
+            return image
 
     try:
         image = asyncio.run(fetch())
@@ -456,6 +472,8 @@ def inspect_main(argv: list[str]) -> int:
         Console(stderr=True).print(f"nixery: {message}", markup=False, highlight=False, soft_wrap=True)
         return 1
     assert image is not None
+    if args.sbom:  # printed already
+        return 0
     if args.json:
         print(json.dumps(image, indent=2))
     else:

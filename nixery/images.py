@@ -7,6 +7,10 @@ not change, or existing storage stops being found):
     images/<key>   the image record (`ImageRecord`, JSON): every blob of one image
     usage/<key>    when a registry last served it (for `nixery gc`)
     builds/<key>   the lock held while it is built, or removed by gc
+    referrers/<subject hex>/<key>
+                   the image under <key> has documents about its manifest <subject>
+                   (`ImageRecord.attached`): how the referrers API finds them; written
+                   before the record, removed by gc with it
 
 `<key>` is `image_key(...)`: the package set's revision, the package names,
 the architecture, the layer budget and the layer compression (gzip keys as
@@ -72,6 +76,7 @@ RECENT = 50
 IMAGE_PREFIX = "images/"
 USAGE_PREFIX = "usage/"
 BUILD_LOCK_PREFIX = "builds/"
+REFERRERS_PREFIX = "referrers/"
 #: How often an image's use is written to storage (for garbage collection).
 USAGE_INTERVAL = 3600.0
 
@@ -94,6 +99,18 @@ def image_key(
 def build_lock(key: str) -> str:
     """The storage lock held while the image under `key` is built (or collected)."""
     return f"{BUILD_LOCK_PREFIX}{key}"
+
+
+def referrer_keys(record: ImageRecord) -> list[str]:
+    """The storage keys that lead the referrers API from each subject of the record's
+    attached documents (its platforms' too) to the record."""
+    subjects = sorted({attached.subject.hex for attached in all_attached(record)})
+    return [f"{REFERRERS_PREFIX}{subject}/{record.key}" for subject in subjects]
+
+
+def all_attached(record: ImageRecord) -> list[Attached]:
+    """The documents attached to the record's manifests and to its platforms' manifests."""
+    return [*record.attached, *(attached for one in record.platforms for attached in all_attached(one))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +414,25 @@ class ImageStore:
         return record
 
     async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> None:
-        """Write a new image's record, to appear in storage once `blobs_stored` is done."""
-        await self.storage.put_meta_after(f"{IMAGE_PREFIX}{record.key}", record.to_json(), blobs_stored)
+        """Write a new image's record, to appear in storage once `blobs_stored` is done, and
+        the keys that find it by the subjects of its attached documents before that (a key
+        whose record is not there leads nowhere)."""
+        pointers = [self.storage.put_meta(key, b"{}") for key in referrer_keys(record)]
+        stored = asyncio.gather(blobs_stored, *pointers) if pointers else blobs_stored
+        await self.storage.put_meta_after(f"{IMAGE_PREFIX}{record.key}", record.to_json(), stored)
         self.cached.put(record)
+
+    async def referrers(self, subject: Digest) -> list[Attached]:
+        """The documents attached to the manifest `subject` by the images that are stored
+        (none for a digest no image has), by artifact type and digest."""
+        keys = await self.storage.list_meta(f"{REFERRERS_PREFIX}{subject.hex}/")
+        records = await asyncio.gather(*(self.get(key.rsplit("/", 1)[-1]) for key in keys))
+        found = {
+            attached.manifest.digest: attached
+            for record in records if record is not None
+            for attached in all_attached(record) if attached.subject == subject
+        }
+        return sorted(found.values(), key=lambda one: (one.manifest.artifact_type or "", str(one.manifest.digest)))
 
     async def _blobs_present(self, record: ImageRecord) -> bool:
         sizes = await asyncio.gather(*(self.storage.stat_blob(digest) for digest in record.blobs()))

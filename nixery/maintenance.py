@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from nixery import collected
 from nixery.evaluations import PREFIX as EVALUATIONS
-from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock
+from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock, referrer_keys
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -128,6 +128,8 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
                 async with storage.exclusive(build_lock(image_key)):
                     await storage.delete_meta(key)
                     await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
+                    for pointer in referrer_keys(record):  # its SBOMs' subjects lead to it no more
+                        await storage.delete_meta(pointer)
         else:
             report.images_kept += 1
             live |= record.blobs()

@@ -74,4 +74,11 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
             {**layer.to_json(), "paths": list(layer_paths)}
             for layer, layer_paths in zip(record.layers, paths, strict=True)
         ],
+        # The SBOM and provenance of the manifest `digest` (nixery.attachments): each artifact
+        # manifest, and the document it carries (its last blob), fetched as a blob.
+        "attached": [
+            {"artifactType": one.manifest.artifact_type, "manifest": str(one.manifest.digest),
+             "document": str(one.blobs[-1])}
+            for one in record.attached if one.subject == digests.default and one.tag is None and one.blobs
+        ],
     }

@@ -308,6 +308,7 @@ def test_start_up_fails_on_a_malformed_users_file(tmp_path: Path) -> None:
 # --- the middleware, in process ----------------------------------------------
 
 DIGEST = "sha256:" + "a" * 64
+REFERRERS_TAG = "sha256-" + "a" * 64  # the referrers tag schema's tag of DIGEST
 
 
 class FakeBuilder:
@@ -337,6 +338,7 @@ def make_app(users_file: Path, **auth_settings) -> tuple[web.Application, FakeBu
         app.router.add_route(method, f"/v2/{name}/manifests/{{reference}}", _ok)
         app.router.add_route(method, f"/v2/{name}/blobs/{{digest}}", _ok)
     app.router.add_get(f"/v2/{name}/tags/list", _ok)
+    app.router.add_get(f"/v2/{name}/referrers/{{digest}}", _ok)
     app.router.add_route("POST", "/v2/{tail:.*}", routes.unsupported)
 
     async def start_build(request: web.Request) -> web.Response:  # a route outside /v2 that builds
@@ -384,6 +386,13 @@ async def test_basic_mode_decisions(aiohttp_client, users_file: Path, anonymous_
         ("GET", f"/v2/shell/hello/blobs/{DIGEST}", basic(BOB), 200, None),
         ("GET", f"/v2/shell/hello/blobs/{DIGEST}", {}, anonymous_pulls, None if anonymous_pull else "UNAUTHORIZED"),
         ("GET", "/v2/shell/hello/tags/list", {}, anonymous_pulls, None if anonymous_pull else "UNAUTHORIZED"),
+        # Documents about a manifest (SBOMs, signatures) need what the manifest by digest needs.
+        ("GET", f"/v2/shell/hello/referrers/{DIGEST}", basic(BOB), 200, None),
+        ("GET", f"/v2/shell/hello/referrers/{DIGEST}", {}, anonymous_pulls, None if anonymous_pull else "UNAUTHORIZED"),
+        ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}", basic(BOB), 200, None),
+        ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}.sig", basic(BOB), 200, None),
+        ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}", {}, anonymous_pulls,
+         None if anonymous_pull else "UNAUTHORIZED"),
         ("GET", "/v2/shell/hello/manifests/bad..tag", basic(BOB), 400, "TAG_INVALID"),
         ("GET", "/v2/she%20ll/manifests/latest", basic(BOB), 400, "NAME_INVALID"),
         ("POST", "/v2/shell/blobs/uploads/", basic(ALICE), 405, "UNSUPPORTED"),

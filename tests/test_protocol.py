@@ -172,7 +172,6 @@ def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess
         ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN", "BLOB_UNKNOWN"),
         ("/v2/hello/blobs/md5:abc", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
         ("/v2/_catalog", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
-        ("/v2/hello/referrers/sha256:" + "0" * 64, 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
         ("/v3/", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
     ],
 )

@@ -16,6 +16,7 @@ What a request needs:
     manifest by tag, image built     pull  (anonymous too, with NIXERY_AUTH_ANONYMOUS_PULL)
     manifest by tag, not built yet   build (403 DENIED for a user without it, 401 for anonymous)
     manifest by digest, blob, tags   pull  (anonymous too, when allowed)
+    referrers, sha256-<hex> tags     pull  (documents about a manifest: SBOMs, signatures)
     anything else under /v2          any valid credentials, then the route answers (e.g. 405)
 
 A token is scoped: it allows what its `access` claim lists for a repository, and
@@ -51,6 +52,7 @@ from nixery.auth import (
 from nixery.config import AuthSettings, Settings
 from nixery.http import routes
 from nixery.http.errors import Handler
+from nixery.http.referrers import is_attachment_tag
 from nixery.registry.names import check_tag
 
 log = structlog.get_logger(__name__)
@@ -218,7 +220,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not access.may(identity, repository, PULL):
         raise access.refusal(request, identity, repository, PULL, "pulling needs the pull permission")
     reference = request.match_info.get("reference")
-    if reference is not None and ":" not in reference and not access.may(identity, repository, BUILD):
+    if (  # a manifest by tag builds, unless it is by digest or an attachment's tag (sha256-<hex>)
+        reference is not None and ":" not in reference and not is_attachment_tag(reference)
+        and not access.may(identity, repository, BUILD)
+    ):
         tag = check_tag(reference)
         image = await routes.requested_image(request, tag)  # raises what the route would for a bad name
         if await request.app[routes.BUILDER].built(image, tag) is None:

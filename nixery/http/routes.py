@@ -106,7 +106,7 @@ class ManifestCache:
                 del self._named[name]
 
 
-def _content_headers(digest: Digest, media_type: str) -> dict[str, str]:
+def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
     return {
         **API_VERSION,
         "Content-Type": media_type,
@@ -119,7 +119,7 @@ async def api_version(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION)
 
 
-async def _stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
+async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
     """The manifest or index from memory, else from storage; with `check_blobs`, one read
     from storage is served only if every blob it names is stored (by digest, no image
     record vouches for them)."""
@@ -158,7 +158,7 @@ def _blob_gone(request: web.Request, digest: Digest) -> None:
     request.app[MANIFESTS].forget_naming(digest)
 
 
-def _image_name(request: web.Request) -> ImageRequest:
+def check_image_name(request: web.Request) -> ImageRequest:
     """The image request in the path, read as packages."""
     _refuse_percent_encoding(request)
     return parse_image_name(request.match_info["name"])
@@ -201,18 +201,18 @@ def _log_wait(request: web.Request, image: str, tag: str, build: Build) -> None:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    _image_name(request)
+    check_image_name(request)
     reference = request.match_info["reference"]
     user_agent = request.headers.get("User-Agent", "")
     if ":" in reference:
         digest = Digest.parse(reference)
-        document, media_type = await _stored_manifest(request, digest, check_blobs=True)
+        document, media_type = await stored_manifest(request, digest, check_blobs=True)
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
     else:
         digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
-    headers = _content_headers(digest, media_type)
+    headers = content_headers(digest, media_type)
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
@@ -235,18 +235,18 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
 
     digest = await chosen()
     try:
-        return digest, *await _stored_manifest(request, digest, check_blobs=False)
+        return digest, *await stored_manifest(request, digest, check_blobs=False)
     except ManifestUnknown:  # the record held in memory outlived its manifest: the image is built again
         _blob_gone(request, digest)
     digest = await chosen()
-    return digest, *await _stored_manifest(request, digest, check_blobs=False)
+    return digest, *await stored_manifest(request, digest, check_blobs=False)
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    _image_name(request)
+    check_image_name(request)
     digest = Digest.parse(request.match_info["digest"])
     storage = request.app[STORAGE]
-    headers = _content_headers(digest, OCTET_STREAM)
+    headers = content_headers(digest, OCTET_STREAM)
     if request.method == "HEAD":
         size = await storage.stat_blob(digest)
         if size is None:
@@ -342,7 +342,7 @@ def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: Bin
 
 async def tags(request: web.Request) -> web.Response:
     """Every tag names an image that can be built; `latest` is the one always there."""
-    _image_name(request)
+    check_image_name(request)
     return web.json_response({"name": request.match_info["name"], "tags": ["latest"]}, headers=API_VERSION)
 
 

@@ -25,6 +25,8 @@ from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
+    EMPTY_JSON,
+    OCI_EMPTY,
     OCI_INDEX,
     OCI_MANIFEST,
     Compression,
@@ -127,6 +129,25 @@ def image_manifest(
     if subject is not None:
         document["subject"] = subject.to_json()
     return canonical_json(document)
+
+
+def artifact_manifest(
+    artifact_type: str, document: Descriptor, subject: Descriptor, annotations: Mapping[str, str]
+) -> bytes:
+    """An OCI artifact manifest (image-spec 1.1, "artifacts guidance"): an image manifest of
+    `artifact_type` whose one layer is `document` (an SBOM, a statement), whose config is the
+    empty descriptor (`EMPTY_JSON`, which must be stored too) and whose `subject` is the
+    manifest it is about (found by the referrers API)."""
+    empty = Descriptor(OCI_EMPTY, Digest.of(EMPTY_JSON), len(EMPTY_JSON)).to_json()
+    return canonical_json({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {**empty, "data": "e30="},  # base64 of `{}`: clients need not fetch it
+        "layers": [document.to_json()],
+        "subject": subject.to_json(),
+        "annotations": dict(annotations),
+    })
 
 
 def image_index(descriptors: Sequence[Descriptor], media_type: str = OCI_INDEX) -> bytes:

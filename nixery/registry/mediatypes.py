@@ -16,6 +16,9 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 OCTET_STREAM = "application/octet-stream"
+#: The config of an artifact manifest that has none (`{}`), and the blob it names.
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
 
 
 class Compression(Enum):

@@ -8,6 +8,7 @@ builds it; a misspelt package name is told so first, with the nearest names.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -22,6 +23,25 @@ from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import ago, page, registry_host, script, short
 from nixery.registry.names import check_tag
 from nixery.views import image_json, image_reference, size_text
+
+#: How the image page names the documents attached to an image's manifest (docs/sbom.md).
+_DOCUMENT_NAMES = {
+    "application/spdx+json": "SBOM (SPDX 2.3 JSON)", "application/vnd.cyclonedx+json": "SBOM (CycloneDX 1.5 JSON)",
+    "application/vnd.in-toto+json": "provenance (in-toto, SLSA v1)",
+}
+
+
+def _attached_facts(name: str, doc: dict[str, Any]) -> str:
+    """Links to the image's SBOM and provenance, and to the referrers API's list of them."""
+    links = [
+        f'<a href="/v2/{h(name)}/blobs/{h(one["document"])}">{h(_DOCUMENT_NAMES.get(kind, kind))}</a>'
+        for one in doc["attached"] if (kind := one["artifactType"])
+    ]
+    if not links:
+        return ""
+    listing = f'<a href="/v2/{h(name)}/referrers/{h(doc["digest"])}">referrers</a>'
+    how = '<a href="/docs/sbom">how to fetch them</a>'
+    return f"<dt>Documents</dt><dd>{', '.join(links)} (all: {listing}; {how})</dd>"
 
 
 async def image_info(request: web.Request) -> web.StreamResponse:
@@ -70,6 +90,7 @@ async def image_info(request: web.Request) -> web.StreamResponse:
 <dt>Packages</dt><dd>{h(", ".join(record.packages))}</dd>
 <dt>Source</dt><dd>{h(record.source)} <code title="{h(record.revision)}">{h(short(record.revision))}</code></dd>
 <dt>Built</dt><dd>{h(ago(record.built_at))}</dd>
+{_attached_facts(record.name, doc)}
 </dl></section>
 <section class="card"><h2>Layers</h2><div class="table-wrap"><table>
 <thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>

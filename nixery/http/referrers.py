@@ -1,0 +1,94 @@
+"""The OCI 1.1 referrers API, and its tag schema for older clients.
+
+    GET /v2/<name>/referrers/<digest>[?artifactType=<type>]
+        an OCI image index of the manifests whose `subject` is <digest> (the SBOMs and
+        provenance statements of an image manifest, `nixery.attachments`): each entry with
+        its artifactType and annotations. A digest no image has: an empty index, 200 (as
+        distribution-spec requires). With `artifactType`, only the entries of that type,
+        and the `OCI-Filters-Applied: artifactType` header says the filter was applied.
+
+    GET|HEAD /v2/<name>/manifests/sha256-<hex>
+        the same index (unfiltered) under the referrers tag schema; 404 MANIFEST_UNKNOWN
+        when there are none, as for any tag a registry does not have.
+
+    GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
+        a document attached under that tag (cosign's `sha256-<hex>.sig`).
+
+As for manifests by digest, the digest is the answer's key and the repository name is
+only checked (every name of an image serves the same manifests).
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from nixery.errors import ManifestUnknown
+from nixery.http import routes
+from nixery.images import Attached
+from nixery.registry.descriptors import image_index
+from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import OCI_INDEX
+
+#: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
+_TAG = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
+_PREFIX = len("sha256-") + 64
+ATTACHMENT_TAG = re.compile(_TAG)
+
+
+def is_attachment_tag(reference: str) -> bool:
+    return ATTACHMENT_TAG.fullmatch(reference) is not None
+
+
+async def _referrers(request: web.Request, subject: Digest) -> list[Attached]:
+    """The referrers of `subject`: its attached documents that have no tag of their own."""
+    found = await request.app[routes.BUILDER].images.referrers(subject)
+    return [attached for attached in found if attached.tag is None]
+
+
+async def referrers(request: web.Request) -> web.Response:
+    routes.check_image_name(request)
+    subject = Digest.parse(request.match_info["digest"])
+    listed = await _referrers(request, subject)
+    headers = {**routes.API_VERSION, "Content-Type": OCI_INDEX}
+    artifact_type = request.query.get("artifactType")
+    if artifact_type is not None:
+        # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
+        artifact_type = artifact_type.replace(" ", "+")
+        listed = [attached for attached in listed if attached.manifest.artifact_type == artifact_type]
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=image_index([attached.manifest for attached in listed]), headers=headers)
+
+
+async def tagged(request: web.Request) -> web.Response:
+    """A manifest by an attachment tag: the referrers index, or a tagged attachment."""
+    routes.check_image_name(request)
+    reference = request.match_info["reference"]  # the route's pattern: _TAG
+    subject = Digest.parse("sha256:" + reference[len("sha256-") : _PREFIX])
+    if len(reference) == _PREFIX:
+        listed = await _referrers(request, subject)
+        if not listed:
+            raise ManifestUnknown(f"no documents refer to {subject}", detail={"tag": reference})
+        document, media_type = image_index([attached.manifest for attached in listed]), OCI_INDEX
+        digest = Digest.of(document)
+    else:
+        found = await request.app[routes.BUILDER].images.referrers(subject)
+        attached = next((one for one in found if one.tag == reference), None)
+        if attached is None:
+            raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
+        digest = attached.manifest.digest
+        document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
+    headers = routes.content_headers(digest, media_type)
+    if request.method == "HEAD":
+        return web.Response(headers={**headers, "Content-Length": str(len(document))})
+    return web.Response(body=document, headers=headers)
+
+
+def add_routes(app: web.Application) -> None:
+    """Before `routes.add_routes`: an attachment tag is not a tag that names a package set."""
+    name = r"{name:[^{}]+?}"
+    app.router.add_get(f"/v2/{name}/referrers/{{digest}}", referrers)
+    tag = f"{{reference:{_TAG}}}"
+    app.router.add_route("GET", f"/v2/{name}/manifests/{tag}", tagged)
+    app.router.add_route("HEAD", f"/v2/{name}/manifests/{tag}", tagged)

@@ -1,0 +1,381 @@
+"""SBOMs and provenance statements of built images, served through the OCI 1.1
+referrers API and the referrers tag schema: real registry processes, real Nix
+(the busybox set, and the Debian set for `shell/curl`), and the SBOM checked by a
+real SPDX validator (spdx-tools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import quote, unquote
+
+import jsonschema
+import pytest
+from aiohttp import web
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
+from spdx_tools.spdx.parser.parse_anything import parse_file
+from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+from nixery.http import referrers as referrers_routes
+from nixery.http import routes
+from nixery.http.errors import error_middleware
+from nixery.images import Attached, ImageRecord, ImageStore
+from nixery.registry.descriptors import Descriptor
+from nixery.registry.digest import Digest
+from nixery.registry.image import canonical_json
+from nixery.storage.filesystem import FilesystemStorage
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, run
+from tests.sets import require_debian_set
+from tests.test_gc_live import age_everything, blob_file, collect
+
+pytestmark = pytest.mark.nix
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SPDX = "application/spdx+json"
+CYCLONEDX = "application/vnd.cyclonedx+json"
+IN_TOTO = "application/vnd.in-toto+json"
+UNRELATED = "sha256:" + "ab" * 32
+
+MEDIA_TYPE = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"  # RFC 6838
+#: An OCI image index as image-spec 1.1 (image-index.md, descriptor.md) defines it; the
+#: referrers API answers one whose entries carry their artifactType.
+INDEX_SCHEMA = {
+    "type": "object",
+    "required": ["schemaVersion", "mediaType", "manifests"],
+    "properties": {
+        "schemaVersion": {"const": 2},
+        "mediaType": {"const": OCI_INDEX},
+        "manifests": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["mediaType", "digest", "size", "artifactType"],
+                "properties": {
+                    "mediaType": {"type": "string", "pattern": MEDIA_TYPE},
+                    "digest": {"type": "string", "pattern": r"^sha256:[a-f0-9]{64}$"},
+                    "size": {"type": "integer", "minimum": 0},
+                    "artifactType": {"type": "string"},
+                    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    process = RegistryProcess(tmp_path_factory.mktemp("sbom") / "storage", env={"NIXERY_BUNDLED_SET": "busybox"})
+    process.start()
+    yield process
+    process.stop()
+
+
+def referrers(registry: RegistryProcess, name: str, digest: str, query: str = "") -> tuple[dict, dict]:
+    status, headers, body = registry.request(f"/v2/{name}/referrers/{digest}{query}", accept=OCI_INDEX)
+    assert status == 200, (status, body[:500])
+    assert headers["Content-Type"] == OCI_INDEX
+    index = json.loads(body)
+    jsonschema.validate(index, INDEX_SCHEMA)
+    return index, headers
+
+
+def blob(registry: RegistryProcess, name: str, digest: str) -> bytes:
+    status, _, body = registry.request(f"/v2/{name}/blobs/{digest}", accept=None)
+    assert status == 200, (digest, status)
+    return body
+
+
+def attached_document(registry: RegistryProcess, name: str, subject: str, artifact_type: str) -> tuple[dict, bytes]:
+    """The artifact manifest of `artifact_type` about `subject`, and the document it carries."""
+    index, _ = referrers(registry, name, subject)
+    entry = next(e for e in index["manifests"] if e["artifactType"] == artifact_type)
+    digest, manifest = registry.manifest(name, entry["digest"], accept=OCI_MANIFEST)
+    assert digest == entry["digest"]
+    assert manifest["artifactType"] == artifact_type
+    assert manifest["subject"]["digest"] == subject
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+    assert blob(registry, name, manifest["config"]["digest"]) == b"{}"
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == artifact_type
+    return manifest, blob(registry, name, layer["digest"])
+
+
+def image_store_paths(registry: RegistryProcess, name: str, manifest: dict) -> set[str]:
+    """Every store path in the image's layers (read from the tarballs, not from the registry's record)."""
+    paths = set()
+    for layer in manifest["layers"]:
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob(registry, name, layer["digest"])))) as tar:
+            for member in tar.getnames():
+                if match := re.match(r"^/?(nix/store/[^/]+)", member):
+                    paths.add("/" + match[1])
+    return paths
+
+
+def validated_spdx(document: bytes, directory: Path) -> dict:
+    path = directory / "sbom.spdx.json"
+    path.write_bytes(document)
+    problems = validate_full_spdx_document(parse_file(str(path)))
+    assert problems == [], [problem.validation_message for problem in problems]
+    return json.loads(document)
+
+
+def validated_cyclonedx(document: bytes) -> dict:
+    problem = JsonStrictValidator(SchemaVersion.V1_5).validate_str(document.decode())
+    assert problem is None, problem
+    return json.loads(document)
+
+
+def test_the_sbom_of_each_manifest_validates_and_lists_every_store_path(registry, tmp_path: Path) -> None:
+    name = "shell/hello"
+    docker_digest, manifest = registry.manifest(name)
+    oci_digest, _ = registry.manifest(name, accept=OCI_MANIFEST)
+    assert docker_digest != oci_digest
+    sboms = {}
+    for subject in (docker_digest, oci_digest):
+        index, _ = referrers(registry, name, subject)
+        assert sorted(entry["artifactType"] for entry in index["manifests"]) == sorted([SPDX, CYCLONEDX, IN_TOTO])
+        artifact, sboms[subject] = attached_document(registry, name, subject, SPDX)
+        assert artifact["subject"]["mediaType"] == (DOCKER_MANIFEST if subject == docker_digest else OCI_MANIFEST)
+    assert sboms[docker_digest] == sboms[oci_digest], "one SBOM, shared by both formats' artifact manifests"
+
+    sbom = validated_spdx(sboms[docker_digest], tmp_path)
+    packages = {p["packageFileName"]: p for p in sbom["packages"] if "packageFileName" in p}
+    assert set(packages) == image_store_paths(registry, name, manifest)
+    hello = next(p for path, p in packages.items() if re.search(r"-hello-[0-9]", path))
+    assert (hello["name"], hello["versionInfo"]) == ("hello", re.search(r"-hello-(.*)$", hello["packageFileName"])[1])
+    # DEPENDS_ON follows the store references: `nix-store -q --references` of each path.
+    ids = {p["SPDXID"]: p.get("packageFileName") for p in sbom["packages"]}
+    depends = {
+        (ids[r["spdxElementId"]], ids[r["relatedSpdxElement"]])
+        for r in sbom["relationships"] if r["relationshipType"] == "DEPENDS_ON"
+    }
+    expected = set()
+    for path in packages:
+        refs = subprocess.run(["nix-store", "-q", "--references", path], capture_output=True, text=True, check=True)
+        expected |= {(path, ref) for ref in refs.stdout.split() if ref != path}
+    assert depends == expected
+    assert "busybox" in sbom["creationInfo"]["comment"] and "revision" in sbom["creationInfo"]["comment"]
+
+    # The same facts as CycloneDX 1.5, valid by its JSON schema.
+    _, cyclonedx_bytes = attached_document(registry, name, oci_digest, CYCLONEDX)
+    cyclonedx = validated_cyclonedx(cyclonedx_bytes)
+    components = {c["bom-ref"]: c for c in cyclonedx["components"]}
+    assert set(components) == set(packages)
+    assert all((components[p]["name"], components[p].get("version")) == (packages[p]["name"],
+               packages[p].get("versionInfo")) for p in packages)
+    assert {(d["ref"], ref) for d in cyclonedx["dependencies"] for ref in d["dependsOn"] if d["ref"] != "image"} \
+        == expected
+
+
+def test_the_provenance_names_the_package_set_the_names_and_the_derivations(registry) -> None:
+    name = "figlet/hello"
+    docker_digest, _ = registry.manifest(name)
+    oci_digest, _ = registry.manifest(name, accept=OCI_MANIFEST)
+    _, document = attached_document(registry, name, oci_digest, IN_TOTO)
+    statement = json.loads(document)
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects == {d.split(":")[1] for d in (docker_digest, oci_digest)}
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["packages"] == ["figlet", "hello"]
+    assert "busybox" in definition["internalParameters"]["packageSet"]["source"]
+    assert definition["internalParameters"]["packageSet"]["revision"]
+    for dependency in definition["resolvedDependencies"]:
+        assert dependency["uri"].startswith("file:///nix/store/") and dependency["uri"].endswith(".drv")
+    assert statement["predicate"]["runDetails"]["builder"]["version"]["nixery-py"]
+
+
+def test_referrers_of_an_unrelated_digest_are_an_empty_index_and_a_bad_digest_is_refused(registry) -> None:
+    index, _ = referrers(registry, "shell", UNRELATED)
+    assert index == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    status, _, body = registry.request("/v2/shell/referrers/sha256:nothex", accept=None)
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+def test_artifact_type_filtering(registry) -> None:
+    digest, _ = registry.manifest("hello")
+    everything, headers = referrers(registry, "hello", digest)
+    assert "OCI-Filters-Applied" not in headers
+    for artifact_type in (SPDX, CYCLONEDX, IN_TOTO):
+        filtered, headers = referrers(registry, "hello", digest, f"?artifactType={quote(artifact_type, safe='')}")
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+        assert filtered["manifests"] == [e for e in everything["manifests"] if e["artifactType"] == artifact_type]
+        assert len(filtered["manifests"]) == 1
+        # As curl users write it: the `+` unencoded.
+        assert referrers(registry, "hello", digest, f"?artifactType={artifact_type}")[0] == filtered
+    none, _ = referrers(registry, "hello", digest, "?artifactType=application/vnd.example")
+    assert none["manifests"] == []
+
+
+def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
+    digest, _ = registry.manifest("hello")
+    index, _ = referrers(registry, "hello", digest)
+    tag = digest.replace(":", "-")
+    for method in ("GET", "HEAD"):
+        status, headers, body = registry.request(f"/v2/hello/manifests/{tag}", method=method, accept=OCI_INDEX)
+        assert status == 200 and headers["Content-Type"] == OCI_INDEX
+        if method == "GET":
+            assert json.loads(body) == index
+            assert headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    status, _, body = registry.request(f"/v2/hello/manifests/{UNRELATED.replace(':', '-')}", accept=OCI_INDEX)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_two_registries_make_the_same_sbom(registry, tmp_path: Path) -> None:
+    digest, _ = registry.manifest("figlet")
+    other = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        assert other.manifest("figlet")[0] == digest
+        assert referrers(other, "figlet", digest)[0] == referrers(registry, "figlet", digest)[0]
+    finally:
+        other.stop()
+
+
+def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    registry = RegistryProcess(storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        digest, _ = registry.manifest("fortune")
+        index, _ = referrers(registry, "fortune", digest)
+        sbom, _ = attached_document(registry, "fortune", digest, SPDX)
+        kept = [entry["digest"] for entry in index["manifests"]] + [sbom["layers"][0]["digest"]]
+        assert "removed 0 images" in collect(storage)  # the image is in use: so are its documents
+        assert all(blob_file(storage, d).exists() for d in kept)
+        assert referrers(registry, "fortune", digest)[0] == index
+
+        age_everything(storage)
+        assert "removed 1 images" in collect(storage)
+        assert not any(blob_file(storage, d).exists() for d in kept)
+        assert not list((storage / "meta").glob("referrers/*/*")), "no key leads to the collected image"
+        for _ in range(100):  # the registry reads gc's note within a poll
+            if referrers(registry, "fortune", digest)[0]["manifests"] == []:
+                break
+            time.sleep(0.1)
+        assert referrers(registry, "fortune", digest)[0]["manifests"] == []
+    finally:
+        registry.stop()
+
+
+def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path: Path) -> None:
+    debian = require_debian_set()
+    registry = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "debian"}).start()
+    try:
+        digest, manifest = registry.manifest("shell/curl")
+        _, document = attached_document(registry, "shell/curl", digest, SPDX)
+        _, cyclonedx = attached_document(registry, "shell/curl", digest, CYCLONEDX)
+        store_paths = image_store_paths(registry, "shell/curl", manifest)
+    finally:
+        registry.stop()
+    sbom = validated_spdx(document, tmp_path)
+    # Versions as Debian's own control files say them, from the .deb files the set was made from.
+    nix_file = (debian / "x86_64-linux.nix").read_text()
+    debs = Path(re.search(r'debDir = "([^"]+)"', nix_file)[1])
+    imported = r'^\s*"?([^"\s]+)"? = lib\.importDeb \{ path = /\. \+ "\$\{debDir\}/([^"]+)"'
+    deb_files = dict(re.findall(imported, nix_file, re.MULTILINE))
+
+    def control_version(package: str) -> str:
+        found = subprocess.run(["dpkg-deb", "-f", str(debs / deb_files[package]), "Version"],
+                               capture_output=True, text=True, check=True)
+        return found.stdout.strip()
+
+    (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
+    assert curl["versionInfo"] == control_version("curl")
+    assert curl["licenseDeclared"] == "curl"
+    (curl_component,) = [c for c in validated_cyclonedx(cyclonedx)["components"] if c["name"] == "curl"]
+    assert curl_component["version"] == curl["versionInfo"]
+    assert curl_component["licenses"] == [{"expression": "curl"}]
+    # Every Debian package of the image (epochs and `~` included: zlib1g 1:1.2.13..., libssl3 ...~deb12u2).
+    purls = [ref["referenceLocator"] for p in sbom["packages"] for ref in p.get("externalRefs", ())]
+    assert len(purls) >= 30 and any("%3A" in purl for purl in purls) and any("~" in purl for purl in purls)
+    for purl in purls:
+        name, version = re.fullmatch(r"pkg:deb/debian/([^@]+)@([^?]+)\?arch=amd64", purl).groups()
+        assert unquote(version) == control_version(name), purl
+    assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
+
+
+def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path: Path) -> None:
+    digest, _ = registry.manifest("shell/hello")
+    _, expected = attached_document(registry, "shell/hello", digest, SPDX)
+    printed = run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, "--sbom", "shell/hello"])
+    assert printed.stdout.encode() == expected
+    validated_spdx(printed.stdout.encode(), tmp_path)
+
+    status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
+    assert status == 200
+    attached = {one["artifactType"]: one for one in json.loads(body)["attached"]}
+    assert set(attached) == {SPDX, CYCLONEDX, IN_TOTO}
+    status, _, page = registry.request("/images/shell/hello", accept="text/html")
+    assert status == 200
+    sbom_link = f'href="/v2/shell/hello/blobs/{attached[SPDX]["document"]}"'
+    assert sbom_link.encode() in page and f'href="/v2/shell/hello/referrers/{digest}"'.encode() in page
+    assert blob(registry, "shell/hello", attached[SPDX]["document"]) == expected
+
+
+def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> None:
+    registry = RegistryProcess(
+        tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
+    ).start()
+    try:
+        index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
+        sboms = {}
+        for entry in index["manifests"]:
+            _, document = attached_document(registry, "hello", entry["digest"], SPDX)
+            sboms[entry["platform"]["architecture"]] = json.loads(document)
+        assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+    finally:
+        registry.stop()
+    assert set(sboms) == {"amd64", "arm64"}
+    for arch, sbom in sboms.items():
+        assert sbom["name"] in (f"hello ({arch})", f"{arch}/hello ({arch})")  # as the platform's record is named
+    paths = {
+        arch: {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} for arch, sbom in sboms.items()
+    }
+    assert paths["amd64"] and paths["arm64"] and not paths["amd64"] & paths["arm64"]
+
+
+async def test_a_tagged_attachment_is_served_under_its_tag_and_not_listed_as_a_referrer(aiohttp_client, tmp_path):
+    """As cosign lays out signatures (`sha256-<hex>.sig`): an `Attached` with a tag. In process,
+    over real filesystem storage, with a record written as the builder writes one."""
+    storage = FilesystemStorage(tmp_path)
+    images = ImageStore(storage)
+    subject = Digest.of(b"a manifest")
+    signature = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {
+        "mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(Digest.of(b"{}")), "size": 2,
+    }, "layers": []})
+    tag = f"sha256-{subject.hex}.sig"
+    record = ImageRecord(
+        key="k" * 64, name="hello", source="s", revision="r", packages=("hello",), architecture="amd64",
+        config=Digest.of(b"{}"), manifests={}, layers=(), built_at=0.0,
+        attached=(Attached(Descriptor(OCI_MANIFEST, Digest.of(signature), len(signature)), subject,
+                           (Digest.of(b"{}"),), tag),),
+    )
+    blobs = asyncio.gather(storage.put_blob_bytes(b"{}"), storage.put_blob_bytes(signature))
+    await images.put(record, blobs)
+    app = web.Application(middlewares=[error_middleware])
+    app[routes.BUILDER] = SimpleNamespace(images=images)  # only what the referrers routes ask of it
+    app[routes.STORAGE], app[routes.MANIFESTS] = storage, routes.ManifestCache()
+    referrers_routes.add_routes(app)
+    client = await aiohttp_client(app)
+
+    response = await client.get(f"/v2/hello/manifests/{tag}")
+    assert response.status == 200 and await response.read() == signature
+    assert response.headers["Docker-Content-Digest"] == str(Digest.of(signature))
+    listed = await (await client.get(f"/v2/hello/referrers/{subject}")).json()
+    assert listed["manifests"] == []  # cosign's layout has no subject: not a referrer
+    missing = await client.get(f"/v2/hello/manifests/sha256-{'0' * 64}.sig")
+    assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    await storage.close()
