@@ -24,6 +24,7 @@ from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
 from nixery.nix.channel import ChannelSource
 from nixery.nix.evaluator import Evaluators
+from nixery.nix.flake import FlakeSource
 from nixery.nix.git import GitSource
 from nixery.nix.sources import LocalPathSource, PackageSource
 from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
@@ -130,6 +131,13 @@ def open_source(settings: Settings) -> PackageSource:
             url_template=settings.channel_url,
             cache_dir=settings.cache_dir,
             timeout=settings.nix_timeout,
+        )
+    if settings.flake:
+        return FlakeSource(
+            settings.flake,
+            cache_dir=settings.cache_dir,
+            ref_ttl=settings.git_ref_ttl,
+            fetch_timeout=settings.nix_timeout,
         )
     bundled = settings.bundled_set
     if bundled.fallback:  # not asked for: say how to get the set `auto` would prefer

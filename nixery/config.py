@@ -105,6 +105,8 @@ class Settings:
     pkgs_path: Path | None = None
     pkgs_repo: str | None = None
     channel: str | None = None
+    # NIXERY_FLAKE: a flake reference (nixery/nix/flake.py).
+    flake: str | None = None
     channel_url: str = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
     git_ref_ttl: float = 30.0
     storage_backend: str = "filesystem"
@@ -155,6 +157,8 @@ class Settings:
             return f"git {self.pkgs_repo}"
         if self.channel:
             return f"channel {self.channel}"
+        if self.flake:
+            return f"flake {self.flake}"
         return f"bundled {self.bundled_set.name} set ({self.bundled_set.path})"
 
 
@@ -202,8 +206,17 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def _flake(env: Mapping[str, str]) -> str | None:
+    reference = env.get("NIXERY_FLAKE", "").strip()
+    if not reference:
+        return None
+    if ":" not in reference or any(c.isspace() for c in reference):
+        raise ConfigError(f"NIXERY_FLAKE={reference!r} is not a flake reference (git+file:///srv/pkgs, path:/srv/pkgs)")
+    return reference
+
+
 def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None]:
-    given = [n for n in ("NIXERY_PKGS_PATH", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL") if env.get(n)]
+    given = [n for n in ("NIXERY_PKGS_PATH", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL", "NIXERY_FLAKE") if env.get(n)]
     if len(given) > 1:
         raise ConfigError(f"set only one package source, not {' and '.join(given)}")
     pkgs_path = None
@@ -391,6 +404,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         pkgs_path=pkgs_path,
         pkgs_repo=pkgs_repo,
         channel=channel,
+        flake=_flake(env),
         channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
         git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
         storage_backend=backend,

@@ -39,6 +39,9 @@ from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
 log = structlog.get_logger(__name__)
 
 _TAIL_LINES = 25
+#: On every evaluating command: `nix` itself, and `builtins.getFlake` for NIXERY_FLAKE (flake.py),
+#: so that no nix.conf needs editing (Nix 2.8 has both as experimental features).
+NIX_FEATURES = ("--extra-experimental-features", "nix-command flakes")
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
 _MEMORY_POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
