@@ -22,6 +22,7 @@ from nixery.config import ConfigError, Settings
 from nixery.http import auth, health, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
+from nixery.layers.popularity import Popularity
 from nixery.nix.channel import ChannelSource
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.flake import FlakeSource
@@ -111,6 +112,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,
         platforms=settings.platforms,
+        popularity=Popularity(settings.popularity_url) if settings.popularity_url else None,
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
+from nixery.layers.popularity import check_url
 from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch
@@ -128,6 +129,8 @@ class Settings:
     nix_evaluator: str = "repl"
     evaluator_memory_limit: int = 1024 << 20  # bytes of an evaluating Nix process; past it, it is killed
     max_layers: int = 100
+    # NIX_POPULARITY_URL: package-wide popularity counts for a young registry's layering.
+    popularity_url: str | None = None
     max_concurrent_builds: int = 2
     # Image records kept in memory per process, least recently used dropped first.
     record_cache: int = DEFAULT_RECORD_CACHE
@@ -204,6 +207,15 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
     return value
+
+
+def _popularity_url(env: Mapping[str, str]) -> str | None:
+    url = env.get("NIX_POPULARITY_URL", "").strip()
+    if not url:
+        return None
+    if (problem := check_url(url)) is not None:
+        raise ConfigError(f"NIX_POPULARITY_URL={url!r}: {problem}")
+    return url
 
 
 def _flake(env: Mapping[str, str]) -> str | None:
@@ -421,6 +433,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         nix_evaluator=_choice(env, "NIXERY_NIX_EVALUATOR", "repl", ("repl", "process")),
         evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
+        popularity_url=_popularity_url(env),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
         record_cache=_int(env, "NIXERY_RECORD_CACHE", DEFAULT_RECORD_CACHE, low=1, high=10_000_000),
         layer_compression=Compression(
