@@ -133,6 +133,7 @@ def open_source(settings: Settings) -> PackageSource:
             url_template=settings.channel_url,
             cache_dir=settings.cache_dir,
             timeout=settings.nix_timeout,
+            ttl=settings.channel_ttl,
         )
     if settings.flake:
         return FlakeSource(

@@ -110,6 +110,8 @@ class Settings:
     flake: str | None = None
     channel_url: str = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
     git_ref_ttl: float = 30.0
+    # Seconds a channel name's revision is used before the channel is asked again (nixery/nix/channel.py).
+    channel_ttl: float = 3600.0
     storage_backend: str = "filesystem"
     storage_path: Path = DEFAULT_STORAGE_PATH
     # Local cache of fetched package sources (git checkouts, channel tarballs).
@@ -419,6 +421,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         flake=_flake(env),
         channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
         git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
+        channel_ttl=_float(env, "NIXERY_CHANNEL_TTL", 3600.0),
         storage_backend=backend,
         storage_path=storage_path,
         cache_dir=Path(env.get("NIXERY_CACHE_DIR") or storage_path / "cache"),
