@@ -98,6 +98,10 @@ class FlakeWorld:
         assert json.loads((self.pkgs / "flake.lock").read_text())["nodes"]["lib"]["locked"]["rev"] == self.lib_one
         self.v1 = commit_all(self.pkgs, "v1")
         git(self.pkgs, "tag", "v1")
+        git(self.pkgs, "checkout", "--quiet", "-b", "feature")
+        write_flake(self.pkgs, inputs=inputs, hello='"hello feature"', legacy=legacy)
+        self.feature = commit_all(self.pkgs, "feature")
+        git(self.pkgs, "checkout", "--quiet", "main")
         write_flake(self.pkgs, inputs=inputs, hello='"hello v2, ${lib.greeting}"', legacy=legacy)
         self.v2 = commit_all(self.pkgs, "v2")
         # The input moves on; the lock file still says C1.
@@ -126,6 +130,26 @@ def test_commits_key_the_images_and_name_them_by_hash(world: FlakeWorld) -> None
     assert registry.manifest("hello", "v1")[0] == registry.manifest("hello", world.v1)[0]
     assert registry.manifest("hello", "latest")[0] == registry.manifest("hello", world.v2)[0]
     assert registry.manifest("hello", "v1")[0] != registry.manifest("hello", "latest")[0]
+    # A branch by name, and its commit by hash (on no branch Nix fetches by default).
+    assert registry.manifest("hello", "feature")[0] == registry.manifest("hello", world.feature)[0]
+    status, error = error_of(registry, "hello", "0123456789abcdef0123456789abcdef01234567")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN"), error
+    status, error = error_of(registry, "hello", "no-such-tag")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN") and "no-such-tag" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"NIXERY_FLAKE": "git+file:///srv/pkgs", "NIXERY_PKGS_REPO": "/srv/pkgs"}, "NIXERY_FLAKE"),
+        ({"NIXERY_FLAKE": "no reference"}, "not a flake reference"),
+    ],
+)
+def test_flake_settings_are_checked_at_start_up(env: dict[str, str], said: str) -> None:
+    from nixery.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match=said):
+        load(env)
 
 
 @needs_clients

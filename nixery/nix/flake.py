@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode
 import structlog
 
 from nixery.nix.cachefiles import publish_directory
-from nixery.nix.errors import NixError, NixTimeout, SourceUnavailable
+from nixery.nix.errors import NixError, NixTimeout, RefNotFound, SourceUnavailable
 from nixery.nix.git import TAG_TTL, GitSource, check_ref_name
 from nixery.nix.process import NIX_FEATURES, Deadline, run_nix
 from nixery.nix.sources import FileHashes, PackageSource, Revision, redact_url, tree_fingerprint
@@ -58,6 +58,8 @@ FLAKE_NIX = Path(__file__).with_name("flake.nix")
 #: Hosted git forges whose references take a ref or commit as their third path part.
 _FORGES = ("github:", "gitlab:", "sourcehut:")
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
+#: Locked revisions remembered (tags and commits), the least recently locked forgotten first.
+_LOCKS_KEPT = 1024
 #: Limit for `nix flake metadata` (it may fetch the flake).
 _LOCK_TIMEOUT = 300.0
 
@@ -173,8 +175,10 @@ class FlakeSource(PackageSource):
         locked = parse_metadata(output, self._params.get("dir", ""))
         if key.startswith("tree-"):  # one walk's lock is all a path flake needs
             self._locked = {k: v for k, v in self._locked.items() if not k.startswith("tree-")}
-        previous = self._locked.get(key)
-        self._locked[key] = (time.monotonic(), locked)
+        previous = self._locked.pop(key, None)
+        self._locked[key] = (time.monotonic(), locked)  # the most recent last, for the trim below
+        while len(self._locked) > _LOCKS_KEPT:
+            del self._locked[next(iter(self._locked))]
         if previous is None or previous[1] != locked:
             log.info("flake.locked", flake=redact_url(reference), revision=locked.id)
         return locked
@@ -197,6 +201,7 @@ class FlakeSource(PackageSource):
 
 
 _ERROR = re.compile(r"^error: (.+)$", re.MULTILINE)
+_NO_COMMIT = "Cannot find Git revision"
 _LOCATION = re.compile(r"^\s*at (/\S+:\d+:\d+):?$", re.MULTILINE)
 
 
@@ -204,6 +209,8 @@ def _lock_error(shown: str, error: NixError) -> NixError:
     """Why `nix flake metadata` failed: an error in a file of the flake (Nix names the file
     and line) fails the build; anything else (a fetch) is the source being unavailable."""
     said, where = _ERROR.search(error.log_tail), _LOCATION.search(error.log_tail)
+    if said is not None and _NO_COMMIT in said[1]:  # a 40-hex tag that is no commit of the repository
+        return RefNotFound(f"no such commit in the flake {shown}: {said[1][:300]}")
     if isinstance(error, NixTimeout) or said is None or where is None:
         return SourceUnavailable(f"cannot lock the flake {shown}", error.log_tail)
     return NixError(f"the flake {shown} does not evaluate: {said[1]} at {where[1]}", error.log_tail)
