@@ -216,3 +216,22 @@ def test_a_flake_that_fails_to_evaluate_is_a_5xx_naming_the_file(tmp_path: Path,
         assert "flake.nix:3:" in error["message"] and said in error["message"], error
     finally:
         registry.stop()
+
+
+def test_a_forge_reference_takes_the_tag_as_its_ref(tmp_path: Path) -> None:
+    """GitHub cannot be reached here: what the registry asks Nix to lock, checked as text."""
+    from nixery.nix.flake import FlakeSource
+
+    source = FlakeSource("github:owner/repo/main?dir=sub", cache_dir=tmp_path, ref_ttl=30, fetch_timeout=60)
+    assert source._with_forge_ref("v2") == "github:owner/repo/v2?dir=sub"
+    assert source._with_forge_ref("a" * 40) == f"github:owner/repo/{'a' * 40}?dir=sub"
+
+
+def test_metadata_of_newer_nix_is_read_too() -> None:
+    from nixery.nix.flake import parse_metadata
+
+    locked = {"type": "path", "path": "/srv/pkgs", "narHash": "sha256-AAAA", "lastModified": 1}
+    output = {"locked": locked, "locks": {"nodes": {"root": {}}, "root": "root", "version": 7},
+              "lockedUrl": "path:/srv/pkgs?narHash=sha256-AAAA", "url": "path:/srv/pkgs?narHash=sha256-AAAA"}
+    flake = parse_metadata(json.dumps(output).encode(), "")
+    assert flake.id == "sha256-AAAA" and flake.spec["locked"] == locked
