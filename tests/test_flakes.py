@@ -167,12 +167,15 @@ def test_a_flake_with_a_path_input(tmp_path: Path) -> None:
     base.mkdir()
     (base / "flake.nix").write_text('{ outputs = { self }: { greeting = "from a path input"; }; }\n')
     repo = new_repo(tmp_path / "paths")
-    write_flake(repo, inputs={"base": f"path:{base}"}, hello='"hello ${base.greeting}"', legacy={})
-    commit_all(repo, "a flake with a path input and no lock file")
+    (repo / "inner").mkdir()
+    (repo / "inner" / "flake.nix").write_text('{ outputs = { self }: { greeting = "one of its own"; }; }\n')
+    inputs = {"base": f"path:{base}", "inner": "path:./inner"}  # absolute, and within the flake's repository
+    write_flake(repo, inputs=inputs, hello='"hello ${base.greeting} and ${inner.greeting}"', legacy={})
+    commit_all(repo, "a flake with path inputs and no lock file")
     registry = started(tmp_path / "storage", NIXERY_FLAKE=f"git+file://{repo}")
     try:
         rootfs = rootfs_of(registry, "hello", tmp_path / "pull")
-        assert run_in(rootfs, "/bin/hello") == "hello from a path input\n"
+        assert run_in(rootfs, "/bin/hello") == "hello from a path input and one of its own\n"
     finally:
         registry.stop()
     assert not (repo / "flake.lock").exists()  # the registry writes nothing into the flake

@@ -24,13 +24,20 @@ let
     if path == [ ] then key
     else follow (nodeOf graph.nodes.${key}.inputs.${builtins.head path}) (builtins.tail path);
 
+  within = source: subdirectory: if subdirectory == "" then source.outPath else "${source.outPath}/${subdirectory}";
+  rootSource = builtins.fetchTree (builtins.removeAttrs spec.locked [ "dir" ]);
+
   flakes = builtins.mapAttrs (key: node:
     let
       isRoot = key == graph.root;
-      locked = if isRoot then spec.locked else node.locked;
-      subdirectory = if isRoot then spec.dir else locked.dir or "";
-      sourceInfo = builtins.fetchTree (builtins.removeAttrs locked [ "dir" ]);
-      directory = if subdirectory == "" then sourceInfo.outPath else "${sourceInfo.outPath}/${subdirectory}";
+      locked = node.locked or { };
+      # `path:./sub`: a directory of the root flake's own source.
+      relative = !isRoot && locked.type == "path" && builtins.substring 0 1 locked.path != "/";
+      sourceInfo =
+        if isRoot then rootSource
+        else if relative then { outPath = "${within rootSource spec.dir}/${locked.path}"; inherit (locked) narHash; }
+        else builtins.fetchTree (builtins.removeAttrs locked [ "dir" ]);
+      directory = within sourceInfo (if isRoot then spec.dir else locked.dir or "");
       inputs = builtins.mapAttrs (name: input: flakes.${nodeOf input}) (node.inputs or { });
       outputs = (import (directory + "/flake.nix")).outputs (inputs // { self = result; });
       result = outputs // sourceInfo // { inherit inputs outputs sourceInfo; _type = "flake"; };
