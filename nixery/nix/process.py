@@ -164,7 +164,11 @@ async def run_nix(
         assert memory_limit is not None
         raise memory_limit_error(argv[0], memory_limit, "\n".join(tail))
     if process.returncode != 0:
-        raise NixError(f"{argv[0]} failed with exit code {process.returncode}", "\n".join(tail))
+        # Nix's first error line leads the message: after it come the source excerpt and traces,
+        # which a message cut to its last lines would keep instead.
+        said = next((line.strip() for line in tail if line.lstrip().startswith("error:")), None)
+        reason = f": {said[:500]}" if said else ""
+        raise NixError(f"{argv[0]} failed with exit code {process.returncode}{reason}", "\n".join(tail))
     return stdout
 
 
