@@ -198,18 +198,23 @@ def test_a_path_flake_is_keyed_by_its_nar_hash_and_follows_edits(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("packages", "said"),
+    ("packages", "said", "evaluator"),
     [
-        ("notDefinedAnywhere", "undefined variable 'notDefinedAnywhere'"),  # found when locking
-        ("{ hello = (1).notAnAttribute; }", "while a set was expected"),  # found when evaluating
+        ("notDefinedAnywhere", "undefined variable 'notDefinedAnywhere'", "repl"),  # found when locking
+        ("{ hello = (1).notAnAttribute; }", "while a set was expected", "repl"),  # found when evaluating
+        ("{ hello = (1).notAnAttribute; }", "while a set was expected", "process"),  # by nix-instantiate
     ],
 )
-def test_a_flake_that_fails_to_evaluate_is_a_5xx_naming_the_file(tmp_path: Path, packages: str, said: str) -> None:
+def test_a_flake_that_fails_to_evaluate_is_a_5xx_naming_the_file(
+    tmp_path: Path, packages: str, said: str, evaluator: str
+) -> None:
     repo = new_repo(tmp_path / "broken")
     flake = "{\n  outputs = { self }: {\n    packages.x86_64-linux = PACKAGES;\n  };\n}\n"
     (repo / "flake.nix").write_text(flake.replace("PACKAGES", packages))
     commit_all(repo, "a flake that does not evaluate")
-    registry: RegistryProcess = started(tmp_path / "storage", NIXERY_FLAKE=f"git+file://{repo}")
+    registry: RegistryProcess = started(
+        tmp_path / "storage", NIXERY_FLAKE=f"git+file://{repo}", NIXERY_NIX_EVALUATOR=evaluator
+    )
     try:
         status, headers, body = registry.request("/v2/hello/manifests/latest")
         assert 500 <= status < 600, (status, body[:500])
