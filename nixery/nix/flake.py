@@ -14,20 +14,23 @@ through). Tags select what they select for NIXERY_PKGS_REPO:
                                     name (`github:o/r/<tag>`)
     path:, anything else            nothing                        the locked narHash
 
-A git reference is resolved by git.py (`git ls-remote`, cached for
-NIXERY_GIT_REF_TTL) without starting Nix, and locked by adding `ref` and
-`rev`. Other references are locked by `nix flake metadata`, once per tag per
-cache time; a `path:` flake again whenever its files change (the same
-content walk as NIXERY_PKGS_PATH). A reference that already names a `rev`
-is pinned: tags select nothing.
+A git reference's tag is resolved by git.py (`git ls-remote`, cached for
+NIXERY_GIT_REF_TTL and TAG_TTL, as for NIXERY_PKGS_REPO) and the flake is
+locked at that commit by `nix flake metadata`, once per commit. Other
+references are locked by `nix flake metadata` once per tag per cache time;
+a `path:` flake again whenever its files change (the same content walk as
+NIXERY_PKGS_PATH). A reference that already names a `rev` is pinned: tags
+select nothing. Locking honours the flake's lock file and locks what it
+lacks, writing nothing into the flake.
 
-The locked reference is written, as data, into a directory of its own under
-`<cache_dir>/flakes/`, beside a copy of flake.nix: the evaluators import it
-as any package set (`builtins.getFlake`, in the impure mode nix-instantiate
-and nix repl run in). Nix fetches the flake, honours its lock file and locks
-what the lock file lacks; every evaluating command gets the `flakes`
-experimental feature on its command line (process.NIX_FEATURES), so
-nix.conf needs no change.
+The lock (the root's locked source and the whole lock graph) is written, as
+data, into a directory of its own under `<cache_dir>/flakes/`, beside a copy
+of flake.nix: the evaluators import it as any package set, and it fetches
+every flake of the graph by its locked attributes (`builtins.fetchTree`).
+`builtins.getFlake` would be less code, but Nix 2.8's tries to write the lock
+file of a flake whose lock file lacks an input, and fails. Every evaluating
+command gets the `flakes` experimental feature on its command line
+(process.NIX_FEATURES), so nix.conf needs no change.
 """
 
 from __future__ import annotations
