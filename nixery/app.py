@@ -22,8 +22,10 @@ from nixery.config import ConfigError, Settings
 from nixery.http import auth, health, referrers, routes
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
+from nixery.layers.popularity import Popularity
 from nixery.nix.channel import ChannelSource
 from nixery.nix.evaluator import Evaluators
+from nixery.nix.flake import FlakeSource
 from nixery.nix.git import GitSource
 from nixery.nix.sources import LocalPathSource, PackageSource
 from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
@@ -112,6 +114,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,
         platforms=settings.platforms,
+        popularity=Popularity(settings.popularity_url) if settings.popularity_url else None,
     )
 
 
@@ -132,6 +135,14 @@ def open_source(settings: Settings) -> PackageSource:
             url_template=settings.channel_url,
             cache_dir=settings.cache_dir,
             timeout=settings.nix_timeout,
+            ttl=settings.channel_ttl,
+        )
+    if settings.flake:
+        return FlakeSource(
+            settings.flake,
+            cache_dir=settings.cache_dir,
+            ref_ttl=settings.git_ref_ttl,
+            fetch_timeout=settings.nix_timeout,
         )
     bundled = settings.bundled_set
     if bundled.fallback:  # not asked for: say how to get the set `auto` would prefer

@@ -51,6 +51,7 @@ from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
+from nixery.layers.popularity import Popularity
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
@@ -85,6 +86,7 @@ class ImageBuilder:
         layer_compression: Compression = Compression.GZIP,
         record_cache: int = DEFAULT_CAPACITY,
         platforms: Sequence[Arch] = (),
+        popularity: Popularity | None = None,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -103,6 +105,8 @@ class ImageBuilder:
         self.platforms = tuple(platforms) or (host_arch(),)
         #: The layering history (one per platform), shared through storage with the other processes.
         self.histories = PlatformHistories(storage, host_arch().nix_system)
+        #: NIX_POPULARITY_URL's counts, for the layering of a registry whose history is young.
+        self.popularity = popularity
         self.builds = BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
@@ -115,7 +119,8 @@ class ImageBuilder:
         """Start the layer writers and the package source's resolver, and load the layering
         history, so the first image need not; start following `nixery gc`."""
         self.images.start()
-        await asyncio.gather(asyncio.to_thread(self.layers.start), self.source.warm_up(), self._warm_history())
+        await asyncio.gather(asyncio.to_thread(self.layers.start), self.source.warm_up(), self._warm_history(),
+                             *([self.popularity.load()] if self.popularity else []))
 
     async def _warm_history(self) -> None:
         try:
@@ -348,9 +353,11 @@ class ImageBuilder:
         build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
         async with self.histories.planning(arch.nix_system):
             history = await self.histories.of(arch.nix_system).current()
+            popularity = None if self.popularity is None else await self.popularity.until(len(history))
             plan = await asyncio.to_thread(
                 plan_layers, graph, roots, max_layers=self.max_layers - ENTRY_POINT_LAYERS, history=history,
                 cost=self.layer_cost,
+                popularity=popularity,
             )
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
         return plan

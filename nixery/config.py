@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, parse_layer_cost_mb
+from nixery.layers.popularity import check_url
 from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch
@@ -106,8 +107,12 @@ class Settings:
     pkgs_path: Path | None = None
     pkgs_repo: str | None = None
     channel: str | None = None
+    # NIXERY_FLAKE: a flake reference (nixery/nix/flake.py).
+    flake: str | None = None
     channel_url: str = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
     git_ref_ttl: float = 30.0
+    # Seconds a channel name's revision is used before the channel is asked again (nixery/nix/channel.py).
+    channel_ttl: float = 3600.0
     storage_backend: str = "filesystem"
     storage_path: Path = DEFAULT_STORAGE_PATH
     # Local cache of fetched package sources (git checkouts, channel tarballs).
@@ -129,6 +134,8 @@ class Settings:
     max_layers: int = 100
     # What a client's wait for one layer is worth, in MB: the layering trades bytes for layers at it.
     layer_cost_mb: float = DEFAULT_LAYER_COST_MB
+    # NIX_POPULARITY_URL: package-wide popularity counts for a young registry's layering.
+    popularity_url: str | None = None
     max_concurrent_builds: int = 2
     # Image records kept in memory per process, least recently used dropped first.
     record_cache: int = DEFAULT_RECORD_CACHE
@@ -158,6 +165,8 @@ class Settings:
             return f"git {self.pkgs_repo}"
         if self.channel:
             return f"channel {self.channel}"
+        if self.flake:
+            return f"flake {self.flake}"
         return f"bundled {self.bundled_set.name} set ({self.bundled_set.path})"
 
 
@@ -215,8 +224,26 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def _popularity_url(env: Mapping[str, str]) -> str | None:
+    url = env.get("NIX_POPULARITY_URL", "").strip()
+    if not url:
+        return None
+    if (problem := check_url(url)) is not None:
+        raise ConfigError(f"NIX_POPULARITY_URL={url!r}: {problem}")
+    return url
+
+
+def _flake(env: Mapping[str, str]) -> str | None:
+    reference = env.get("NIXERY_FLAKE", "").strip()
+    if not reference:
+        return None
+    if ":" not in reference or any(c.isspace() for c in reference):
+        raise ConfigError(f"NIXERY_FLAKE={reference!r} is not a flake reference (git+file:///srv/pkgs, path:/srv/pkgs)")
+    return reference
+
+
 def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None]:
-    given = [n for n in ("NIXERY_PKGS_PATH", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL") if env.get(n)]
+    given = [n for n in ("NIXERY_PKGS_PATH", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL", "NIXERY_FLAKE") if env.get(n)]
     if len(given) > 1:
         raise ConfigError(f"set only one package source, not {' and '.join(given)}")
     pkgs_path = None
@@ -404,8 +431,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         pkgs_path=pkgs_path,
         pkgs_repo=pkgs_repo,
         channel=channel,
+        flake=_flake(env),
         channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
         git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
+        channel_ttl=_float(env, "NIXERY_CHANNEL_TTL", 3600.0),
         storage_backend=backend,
         storage_path=storage_path,
         cache_dir=Path(env.get("NIXERY_CACHE_DIR") or storage_path / "cache"),
@@ -421,6 +450,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
         max_layers=_int(env, "NIXERY_MAX_LAYERS", 100, low=2, high=125),
         layer_cost_mb=_layer_cost_mb(env),
+        popularity_url=_popularity_url(env),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
         record_cache=_int(env, "NIXERY_RECORD_CACHE", DEFAULT_RECORD_CACHE, low=1, high=10_000_000),
         layer_compression=Compression(

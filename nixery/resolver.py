@@ -35,6 +35,7 @@ class Revision:
     source: str  # human description, e.g. "path /srv/pkgs"
     id: str  # changes whenever the package set's content does
     path: Path | None  # directory with default.nix; None until `checkout` makes it
+    fetched: float | None = None  # when a fetched source's content was downloaded (time.time()), if it says
 
 
 @dataclass(frozen=True, slots=True)

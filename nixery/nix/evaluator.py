@@ -21,7 +21,7 @@ import structlog
 from nixery.background import spawn
 from nixery.lru import LRU
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
-from nixery.nix.process import Deadline, run_nix
+from nixery.nix.process import NIX_FEATURES, Deadline, run_nix
 from nixery.nix.repl import (
     EVALUATOR_NIX,
     ErrorNotShown,
@@ -297,7 +297,7 @@ async def check_import(pkgs_path: Path, system: str, *, deadline: Deadline, memo
     try:
         await run_nix(
             [
-                "nix-instantiate", "--eval", "--read-write-mode", str(EVALUATOR_NIX), "-A", "warm",
+                "nix-instantiate", "--eval", "--read-write-mode", *NIX_FEATURES, str(EVALUATOR_NIX), "-A", "warm",
                 "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "system", system,
             ],
             deadline=deadline,

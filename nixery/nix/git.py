@@ -194,6 +194,10 @@ class GitSource(PackageSource):
         self._ref_of_commit[known.commit] = known.ref or None
         return Revision(f"{self.description} {tag} ({known.commit[:12]})", known.commit, None)
 
+    def ref_of(self, commit: str) -> str | None:
+        """The full ref (refs/tags/v1) that last resolved to `commit`; None when named by its hash."""
+        return self._ref_of_commit.get(commit)
+
     async def checkout(self, revision: Revision) -> Path:
         """Fetched only on a build: an image already in storage needs no checkout."""
         return await self._checkout(revision.id, ref=self._ref_of_commit.get(revision.id))

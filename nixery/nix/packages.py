@@ -15,7 +15,7 @@ from nixery.closure import ClosureGraph, GraphError
 from nixery.nix import store_db
 from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
-from nixery.nix.process import Deadline, run_nix
+from nixery.nix.process import NIX_FEATURES, Deadline, run_nix
 from nixery.resolver import ResolvedPackage
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,7 @@ async def evaluate(
         started = time.monotonic()
         stdout = await run_nix(
             [
-                "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(EVAL_NIX),
+                "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", *NIX_FEATURES, str(EVAL_NIX),
                 "--argstr", "pkgsPath", str(pkgs_path), "--argstr", "request", json.dumps(request),
             ],
             deadline=deadline,

@@ -39,6 +39,9 @@ from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout
 log = structlog.get_logger(__name__)
 
 _TAIL_LINES = 25
+#: On every evaluating command: `nix` itself, and `builtins.getFlake` for NIXERY_FLAKE (flake.py),
+#: so that no nix.conf needs editing (Nix 2.8 has both as experimental features).
+NIX_FEATURES = ("--extra-experimental-features", "nix-command flakes")
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
 _MEMORY_POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -161,7 +164,11 @@ async def run_nix(
         assert memory_limit is not None
         raise memory_limit_error(argv[0], memory_limit, "\n".join(tail))
     if process.returncode != 0:
-        raise NixError(f"{argv[0]} failed with exit code {process.returncode}", "\n".join(tail))
+        # Nix's first error line leads the message: after it come the source excerpt and traces,
+        # which a message cut to its last lines would keep instead.
+        said = next((line.strip() for line in tail if line.lstrip().startswith("error:")), None)
+        reason = f": {said[:500]}" if said else ""
+        raise NixError(f"{argv[0]} failed with exit code {process.returncode}{reason}", "\n".join(tail))
     return stdout
 
 

@@ -47,6 +47,7 @@ import structlog
 from nixery.metrics import NIX_PROCESSES
 from nixery.nix.errors import NixError
 from nixery.nix.process import (
+    NIX_FEATURES,
     Deadline,
     MemoryWatch,
     kill_process_tree,
@@ -142,7 +143,7 @@ class ReplEvaluator:
             json.dumps({"pkgsPath": str(self.pkgs_path), "system": self.system, "evaluator": str(EVALUATOR_NIX)})
         )
         self._process = await start_child(
-            ["nix", "repl", "--extra-experimental-features", "nix-command"],
+            ["nix", "repl", *NIX_FEATURES],
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -13,6 +13,7 @@ returns an attribute set of derivations (nested sets allowed), as nixpkgs does.
     NIXERY_PKGS_PATH       nothing        hash of the files' content   here
     NIXERY_PKGS_REPO       a git ref      the commit                   git.py
     NIXERY_CHANNEL         nothing        commit, or tarball SHA-256   channel.py
+    NIXERY_FLAKE           a git ref      locked commit, or narHash    flake.py
     (none: bundled set)    nothing        hash of the files' content   here
 
 Each source supplies the builder's resolver (`PackageSource.resolver`, the

@@ -4,6 +4,7 @@ search, the recent builds and images, and the documentation's table of contents.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -109,10 +110,14 @@ def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: Pac
             count += " (names only: reading versions failed or took too long)"
         elif catalog.total > len(catalog.entries):
             count += f" (of {catalog.total})"
+    fetched = ""
+    if revision.fetched is not None:  # a fetched source (a channel): when this revision was downloaded
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(revision.fetched))
+        fetched = f' <span class="muted" title="{h(when)}">fetched {h(ago(revision.fetched))}</span>'
     return f"""
 <dl class="facts">
   <dt>Source</dt><dd>{h(source)}</dd>
-  <dt>Revision</dt><dd><code title="{h(revision.id)}">{h(short(revision.id))}</code></dd>
+  <dt>Revision</dt><dd><code title="{h(revision.id)}">{h(short(revision.id))}</code>{fetched}</dd>
   <dt>Packages</dt><dd>{count}</dd>
   <dt>Builds for</dt><dd><code>{h(builder.names.catalog.system)}</code></dd>
 </dl>"""

@@ -28,6 +28,9 @@ class Revision(Protocol):
     @property
     def source(self) -> str: ...
 
+    @property
+    def fetched(self) -> float | None: ...
+
 
 class PackageEntry(Protocol):
     @property

@@ -1,0 +1,161 @@
+"""NIX_POPULARITY_URL: Nixery's popularity counts guide a young registry's layering.
+
+End to end with real Nix and real `nixery serve` processes: `app` refers to
+`libdata` (75 KB) and nothing else does. Counted within the closure alone,
+libdata is as good as app's own and joins app's layer; with data that says
+libdata is in a thousand packages' closures, it gets a layer of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from nixery.layers.popularity import TAKES_OVER_AT, Popularity, PopularityError, parse_counts
+from tests.registry import REPOSITORY, RegistryProcess, free_port, run
+
+BUSYBOX = REPOSITORY / "pkgs" / "busybox"
+
+
+def write_set(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let
+  base = import {BUSYBOX} args; bb = "${{base.busybox}}/bin";
+  libdata = derivation {{
+    name = "libdata"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/mkdir $out; ${{bb}}/head -c 76800 /dev/zero > $out/blob" ];
+  }};
+in base // {{
+  inherit libdata;
+  app = derivation {{
+    name = "app"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/mkdir -p $out/bin; echo ${{libdata}} > $out/bin/data-location" ];
+  }};
+}}
+"""
+    )
+    return directory
+
+
+class JSONServer:
+    def __init__(self, body: bytes):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/popularity.json"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def pkgs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The set, and a popularity file in Nixery's format that makes libdata popular."""
+    root = tmp_path_factory.mktemp("popularity")
+    directory = write_set(root / "pkgs")
+    libdata = run(["nix-build", str(directory), "-A", "libdata", "--no-out-link"]).stdout.strip()
+    data = root / "popularity.json"
+    data.write_text(json.dumps({Path(libdata).name: 1000, "0000000000000000000000000000000a-other": 3}))
+    return directory, data
+
+
+def layers_of_app(tmp_path: Path, pkgs: Path, **env: str) -> tuple[int, RegistryProcess]:
+    registry = RegistryProcess(
+        storage=tmp_path / f"storage-{free_port()}", env={"NIXERY_PKGS_PATH": str(pkgs), **env}
+    ).start()
+    try:
+        _, manifest = registry.manifest("app")
+        return len(manifest["layers"]), registry
+    finally:
+        registry.stop()
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("scheme", ["file", "http"])
+def test_popularity_data_splits_what_the_closure_alone_would_join(
+    tmp_path: Path, pkgs: tuple[Path, Path], scheme: str
+) -> None:
+    directory, data = pkgs
+    without, _ = layers_of_app(tmp_path, directory)
+    server = JSONServer(data.read_bytes()) if scheme == "http" else None
+    try:
+        url = server.url if server else f"file://{data}"
+        with_data, registry = layers_of_app(tmp_path, directory, NIX_POPULARITY_URL=url)
+    finally:
+        if server:
+            server.close()
+    assert with_data == without + 1, (with_data, without)
+    assert [e["paths"] for e in registry.log_events("layering.popularity_loaded")] == [2]
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("problem", ["unreachable", "not counts"])
+def test_bad_or_unreachable_data_is_one_warning_and_layering_goes_on(
+    tmp_path: Path, pkgs: tuple[Path, Path], problem: str
+) -> None:
+    directory, _ = pkgs
+    if problem == "unreachable":
+        url = f"http://127.0.0.1:{free_port()}/popularity.json"
+    else:
+        bad = tmp_path / "bad.json"
+        bad.write_text('["not", "an", "object"]')
+        url = f"file://{bad}"
+    without, _ = layers_of_app(tmp_path, directory)
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", env={"NIXERY_PKGS_PATH": str(directory), "NIX_POPULARITY_URL": url}
+    ).start()
+    try:
+        assert len(registry.manifest("app")[1]["layers"]) == without
+        registry.manifest("shell/app")  # a second image plans too
+    finally:
+        registry.stop()
+    warnings = registry.log_events("layering.popularity_unavailable")
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
+
+
+def test_counts_are_keyed_by_store_path() -> None:
+    counts = parse_counts(b'{"abc-glibc": 5, "/nix/store/def-zlib": 2}')
+    assert counts == {"/nix/store/abc-glibc": 5, "/nix/store/def-zlib": 2}
+    for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{"):
+        with pytest.raises(PopularityError):
+            parse_counts(bad)
+
+
+async def test_the_history_takes_over_and_data_is_read_once(tmp_path: Path) -> None:
+    data = tmp_path / "p.json"
+    data.write_text('{"abc-glibc": 5}')
+    popularity = Popularity(f"file://{data}")
+    assert await popularity.until(0) == {"/nix/store/abc-glibc": 5}
+    data.write_text("changed")
+    assert await popularity.until(TAKES_OVER_AT - 1) == {"/nix/store/abc-glibc": 5}
+    assert await popularity.until(TAKES_OVER_AT) is None
+    missing = Popularity(f"file://{tmp_path}/missing.json")
+    with capture_logs() as logs:
+        assert await missing.load() is None
+        assert await missing.until(0) is None
+    assert [entry["event"] for entry in logs] == ["layering.popularity_unavailable"]
+
+
+def test_a_popularity_url_of_another_scheme_is_a_start_up_error() -> None:
+    from nixery.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="NIX_POPULARITY_URL"):
+        load({"NIX_POPULARITY_URL": "ftp://example.invalid/p.json"})
+    assert load({"NIX_POPULARITY_URL": "https://example.invalid/p.json"}).popularity_url
