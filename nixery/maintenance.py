@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from nixery import collected
+from nixery import collected, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock
 from nixery.registry.digest import Digest
@@ -132,6 +132,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             report.images_kept += 1
             live |= record.blobs()
             live_revisions.add(record.revision)
+    live |= await signatures.kept_by_live(storage, live)  # signatures go with their manifests
     if report.images_removed and not dry_run:
         await collected.announce(storage, "images")
         await asyncio.sleep(collected.SETTLE)  # every registry drops the records it holds
@@ -144,6 +145,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             await storage.delete_blob(blob.digest)
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
+        await signatures.remove_orphans(storage)
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

@@ -51,6 +51,7 @@ from nixery.auth import (
 from nixery.config import AuthSettings, Settings
 from nixery.http import routes
 from nixery.http.errors import Handler
+from nixery.http.signatures import signature_subject
 from nixery.registry.names import check_tag
 
 log = structlog.get_logger(__name__)
@@ -218,7 +219,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not access.may(identity, repository, PULL):
         raise access.refusal(request, identity, repository, PULL, "pulling needs the pull permission")
     reference = request.match_info.get("reference")
-    if reference is not None and ":" not in reference and not access.may(identity, repository, BUILD):
+    if (
+        reference is not None and ":" not in reference and signature_subject(reference) is None  # a tag that builds
+        and not access.may(identity, repository, BUILD)
+    ):
         tag = check_tag(reference)
         image = await routes.requested_image(request, tag)  # raises what the route would for a bad name
         if await request.app[routes.BUILDER].built(image, tag) is None:

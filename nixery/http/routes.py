@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.http.guidance import progress_path
+from nixery.http.signatures import sign_pulled, signature_manifest_digest, signature_subject
 from nixery.lru import LRU
 from nixery.platforms import every_platform
 from nixery.progress import Build
@@ -210,6 +211,9 @@ async def manifest(request: web.Request) -> web.Response:
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
+    elif (subject := signature_subject(reference)) is not None:  # cosign's `sha256-<hex>.sig`: never a build
+        digest = await signature_manifest_digest(request, subject)
+        document, media_type = await _stored_manifest(request, digest, check_blobs=True)
     else:
         digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
     headers = _content_headers(digest, media_type)
@@ -231,6 +235,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
 
     async def chosen() -> Digest:
         record = await builder.image(image, tag, on_wait=on_wait)
+        await sign_pulled(request, record)
         return choose(record.descriptors, accept, user_agent, builder.compression).digest
 
     digest = await chosen()
