@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,11 +34,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nixery import config
+from nixery import collected, config
 from nixery.registry.digest import Digest
 from nixery.signing import SigningKey, generate_pair, signature_documents
 from nixery.storage import FilesystemStorage
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess, have, run
+from tests.test_gc_live import age_everything, blob_file, collect, record_key, wait_for
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -327,3 +329,37 @@ def test_skopeo_policy_requiring_the_registrys_signature(
     assert accepted.returncode == 0, accepted.stderr
     refused = copy(keys["other.pub"])
     assert refused.returncode != 0 and "signature" in refused.stderr.lower(), refused.stderr
+
+
+@needs_skopeo
+def test_gc_keeps_the_signatures_of_kept_images_and_the_registry_signs_a_rebuilt_one_again(
+    start_registry: Callable[..., RegistryProcess], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    env = {"NIXERY_BUNDLED_SET": "busybox", "NIXERY_SIGNING_KEY": str(keys["registry"])}
+    registry = start_registry(storage, **env)
+    public = keys["registry.pub"].read_bytes()
+    kept, collected_ = digests_of(registry, "shell"), digests_of(registry, "hello")
+    for digest in (kept[0], collected_[0]):
+        wait_for(storage / "meta" / "usage" / record_key(storage, digest))  # written in the background
+    age_everything(storage)
+    (storage / "meta" / "usage" / record_key(storage, kept[0])).write_text(json.dumps({"last_used": time.time()}))
+    entries = {path.name: json.loads(path.read_bytes()) for path in (storage / "meta" / "signatures").rglob("*")
+               if path.is_file()}
+    assert len(entries) == 4
+
+    assert "removed 1 images" in collect(storage)
+    for digest in kept:
+        attached = entries[Digest.parse(digest).hex]
+        assert all(blob_file(storage, blob).exists() for blob in (attached["manifest"]["digest"], *attached["blobs"]))
+        verify_sigstore(registry, "shell", digest, public)
+    for digest in collected_:
+        attached = entries[Digest.parse(digest).hex]
+        assert not blob_file(storage, attached["manifest"]["digest"]).exists()
+    remaining = sorted(path.name for path in (storage / "meta" / "signatures").rglob("*") if path.is_file())
+    assert remaining == sorted(Digest.parse(digest).hex for digest in kept)  # the others' entries went too
+    # The registry hears of the collection (one poll) and signs the rebuilt image again on its next pull.
+    time.sleep(collected.POLL_INTERVAL + 1)
+    assert digests_of(registry, "hello") == collected_
+    for digest in collected_:
+        verify_sigstore(registry, "hello", digest, public)
