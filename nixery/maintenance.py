@@ -17,7 +17,9 @@ Both run against live storage while registries serve from it:
   what was removed through `nixery.collected`: gc leaves a note after removing
   records, waits until every registry has read it (so none answers from memory
   with an image whose blobs are about to go, and a pull rebuilds it instead),
-  then removes blobs and leaves another note.
+  then removes blobs and leaves another note. The signatures of a kept
+  image's manifests (`nixery.signatures`) are kept with it; those of removed
+  manifests go with their blobs, entries included.
 
 Both need the backend's optional listing and deleting capabilities, which all
 three drivers have; on a bucket the credentials need list and delete rights.

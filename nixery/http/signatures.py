@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 
+import structlog
 from aiohttp import web
 
 from nixery.errors import ManifestUnknown
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.signatures import Signatures
+
+log = structlog.get_logger(__name__)
 
 SIGNATURES = web.AppKey("signatures", Signatures)
 PUBLIC_KEY_PATH = "/signing-key.pub"
@@ -35,8 +38,13 @@ async def sign_pulled(request: web.Request, record: ImageRecord) -> None:
     """A tag was pulled: the image's manifests are signed for the repository it was pulled
     through (once; at once after its build), so that its signature tag answers next."""
     signatures = request.app.get(SIGNATURES)
-    if signatures is not None:
-        await signatures.ensure(_identity(request, signatures), (d.digest for d in record.descriptors))
+    if signatures is None:
+        return
+    identity = _identity(request, signatures)
+    try:
+        await signatures.ensure(identity, (d.digest for d in record.descriptors))
+    except Exception as exc:  # the image is still served: only clients that require a signature refuse it
+        log.warning("signing.failed", identity=identity[:300], image=record.name, error=str(exc)[:300])
 
 
 async def signature_manifest_digest(request: web.Request, subject: Digest) -> Digest:
