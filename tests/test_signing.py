@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from nixery import collected, config
 from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
 from nixery.signing import SigningKey, generate_pair, signature_documents
 from nixery.storage import FilesystemStorage
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess, have, run
@@ -363,3 +364,23 @@ def test_gc_keeps_the_signatures_of_kept_images_and_the_registry_signs_a_rebuilt
     assert digests_of(registry, "hello") == collected_
     for digest in collected_:
         verify_sigstore(registry, "hello", digest, public)
+
+
+@needs_skopeo
+def test_an_image_index_and_each_platforms_manifest_are_signed(
+    start_registry: Callable[..., RegistryProcess], keys: dict[str, Path]
+) -> None:
+    registry = start_registry(
+        NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS="linux/amd64,linux/arm64",
+        NIXERY_SIGNING_KEY=str(keys["registry"]),
+    )
+    public = keys["registry.pub"].read_bytes()
+    every = [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST]
+    status, headers, body = registry.request("/v2/shell/manifests/latest", accept=every)
+    assert status == 200 and headers["Content-Type"] == OCI_INDEX
+    index = json.loads(body)
+    signed = [headers["Docker-Content-Digest"], *(entry["digest"] for entry in index["manifests"])]
+    signed.append(registry.manifest("shell", accept=DOCKER_MANIFEST_LIST)[0])
+    assert len(set(signed)) == 4  # both indexes, and the amd64 and arm64 manifests
+    for digest in signed:
+        verify_sigstore(registry, "shell", digest, public)
