@@ -30,17 +30,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nixery import collected, config
+from nixery.http.signatures import SIGNATURES, sign_pulled
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
+from nixery.signatures import Signatures
 from nixery.signing import SigningKey, generate_pair, signature_documents
 from nixery.storage import FilesystemStorage
+from nixery.storage.base import StorageFull
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess, have, run
 from tests.test_gc_live import age_everything, blob_file, collect, record_key, wait_for
+from tests.test_platforms import _record
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -384,3 +390,32 @@ def test_an_image_index_and_each_platforms_manifest_are_signed(
     assert len(set(signed)) == 4  # both indexes, and the amd64 and arm64 manifests
     for digest in signed:
         verify_sigstore(registry, "shell", digest, public)
+
+
+class _FullStorage(FilesystemStorage):
+    """Filesystem storage whose disk is full while `full` is set."""
+
+    full = True
+
+    async def put_blob_bytes(self, data: bytes) -> Digest:
+        if self.full:
+            raise StorageFull(f"the filesystem storage at {self.root}", "no space left on device")
+        return await super().put_blob_bytes(data)
+
+
+async def test_a_signing_that_fails_leaves_the_pull_alone_and_is_tried_again(tmp_path: Path) -> None:
+    storage = _FullStorage(tmp_path / "storage")
+    app = web.Application()
+    app[SIGNATURES] = signatures = Signatures(storage, SigningKey.generate())
+    request = make_mocked_request("GET", "/v2/shell/manifests/latest", headers={"Host": "nixery.example"},
+                                  app=app, match_info={"name": "shell"})
+    record = _record("amd64", "a")
+    await sign_pulled(request, record)  # logged (signing.failed), not raised: the manifest is still answered
+    subject = record.descriptors[0].digest
+    assert await signatures.find("nixery.example/shell", subject) is None
+    storage.full = False
+    await sign_pulled(request, record)
+    for descriptor in record.descriptors:
+        found = await signatures.find("nixery.example/shell", descriptor.digest)
+        assert found is not None and found.tag == f"sha256-{descriptor.digest.hex}.sig"
+        assert await storage.stat_blob(found.manifest.digest) is not None
