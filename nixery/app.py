@@ -20,6 +20,7 @@ from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
 from nixery.http import auth, health, referrers, routes
+from nixery.http import signatures as http_signatures
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
 from nixery.layers.popularity import Popularity
@@ -28,6 +29,7 @@ from nixery.nix.evaluator import Evaluators
 from nixery.nix.flake import FlakeSource
 from nixery.nix.git import GitSource
 from nixery.nix.sources import LocalPathSource, PackageSource
+from nixery.signatures import Signatures
 from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
 
 log = structlog.get_logger(__name__)
@@ -69,6 +71,10 @@ def create_app(settings: Settings) -> web.Application:
         app[routes.STORAGE] = storage
         app[routes.BUILDER] = builder
         app[health.READINESS] = health.StorageReadiness(storage)
+        if settings.signing_key is not None:  # docs/signing.md
+            signatures = Signatures(storage, settings.signing_key, public_host=settings.public_host)
+            builder.images.on_collected(signatures.forget)
+            app[http_signatures.SIGNATURES] = signatures
         declarations = None
         if settings.images_path is not None or settings.k8s_watch:
             from nixery.declarations import open_declarations
@@ -95,6 +101,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     referrers.add_routes(app)  # the referrers API; attachment tags (sha256-<hex>) before other tags
     routes.add_routes(app)
+    http_signatures.add_routes(app)  # /signing-key.pub
     health.add_routes(app)  # /readyz: whether storage answers (for readiness probes)
     add_web_routes(app)  # landing page, search, build progress, /images, /docs (after the lifecycle: it needs storage)
     metrics.setup(app)  # /metrics, blob bytes served

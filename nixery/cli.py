@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from nixery import __version__
@@ -255,6 +256,7 @@ SERVE_VARIABLES = [
     ("access", "NIXERY_AUTH, NIXERY_AUTH_USERS, NIXERY_AUTH_ANONYMOUS_PULL, NIXERY_TOKEN_SECRET, "
      "NIXERY_TOKEN_TTL, NIXERY_TOKEN_REALM"),
     ("declared images", "NIXERY_IMAGES_PATH, NIXERY_IMAGES_POLL, NIXERY_PREBUILD, NIXERY_K8S_WATCH, KUBECONFIG"),
+    ("signing", "NIXERY_SIGNING_KEY, NIXERY_SIGNING_KEY_PASSWORD, NIXERY_PUBLIC_HOST"),
 ]
 
 
@@ -277,6 +279,19 @@ def _documented(
         name, help=help, description=textwrap.fill(description, 79), epilog="\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _generate_keys(directory: Path) -> int:
+    from nixery.signing import generate_pair
+
+    try:
+        private, public = generate_pair(directory)
+    except OSError as exc:
+        print(f"nixery keys generate: {exc}", file=sys.stderr)
+        return 1
+    print(f"private key: {private} (NIXERY_SIGNING_KEY={private.resolve()})")
+    print(f"public key:  {public} (give it to verifiers: docs/signing.md)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +333,9 @@ def _command(argv: list[str]) -> int:
     layers.add_argument("action", choices=["plan"], help="plan: run the layering on a graph and image list")
     auth = commands.add_parser("auth", help="access control tools")
     auth.add_argument("action", choices=["hash-password"], help="hash-password: make a users-file line (docs/auth.md)")
+    keys = commands.add_parser("keys", help="signing keys (docs/signing.md)")
+    keys.add_argument("action", choices=["generate"], help="generate: write a key pair for NIXERY_SIGNING_KEY")
+    keys.add_argument("directory", nargs="?", default=".", type=Path, help="where to write it (default: here)")
     _documented(
         commands, "check", help="verify every stored blob and image record", variables=STORAGE_VARIABLES,
         description="Verify the storage a registry serves from: every blob's bytes against its digest "
@@ -337,6 +355,8 @@ def _command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "keys":
+        return _generate_keys(args.directory)
     return _finish(_check(args) if args.command == "check" else _gc(args))
 
 

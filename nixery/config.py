@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from nixery.layers.popularity import check_url
 from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch
+from nixery.signing import SigningKey, SigningKeyError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -156,6 +158,10 @@ class Settings:
     prebuild: bool = False
     k8s_watch: bool = False
     kubeconfig: Path | None = None
+    # NIXERY_SIGNING_KEY: manifests are signed in the cosign format (docs/signing.md).
+    signing_key: SigningKey | None = None
+    # The host clients name the registry by, in signatures; unset: each request's Host.
+    public_host: str | None = None
 
     @property
     def source_description(self) -> str:
@@ -405,6 +411,27 @@ def _images_path(env: Mapping[str, str]) -> Path | None:
     return path
 
 
+def _signing_key(env: Mapping[str, str]) -> SigningKey | None:
+    raw = env.get("NIXERY_SIGNING_KEY")
+    if not raw:
+        if env.get("NIXERY_SIGNING_KEY_PASSWORD"):
+            raise ConfigError("NIXERY_SIGNING_KEY_PASSWORD is set but NIXERY_SIGNING_KEY is not")
+        return None
+    try:
+        return SigningKey.load(Path(raw), env.get("NIXERY_SIGNING_KEY_PASSWORD") or None)
+    except SigningKeyError as exc:
+        raise ConfigError(f"NIXERY_SIGNING_KEY: {exc} (`nixery keys generate` writes a key pair)") from None
+
+
+def _public_host(env: Mapping[str, str]) -> str | None:
+    raw = env.get("NIXERY_PUBLIC_HOST")
+    if not raw:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", raw):
+        raise ConfigError(f"NIXERY_PUBLIC_HOST={raw[:100]!r} is not HOST or HOST:PORT (no scheme, no path)")
+    return raw
+
+
 def _kubeconfig(env: Mapping[str, str]) -> Path | None:
     """The kubeconfig to use for NIXERY_K8S_WATCH; None: in-cluster, else ~/.kube/config."""
     first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
@@ -468,4 +495,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         prebuild=_bool(env, "NIXERY_PREBUILD", False),
         k8s_watch=_bool(env, "NIXERY_K8S_WATCH", False),
         kubeconfig=_kubeconfig(env) if _bool(env, "NIXERY_K8S_WATCH", False) else None,
+        signing_key=_signing_key(env),
+        public_host=_public_host(env),
     )

@@ -17,7 +17,9 @@ Both run against live storage while registries serve from it:
   what was removed through `nixery.collected`: gc leaves a note after removing
   records, waits until every registry has read it (so none answers from memory
   with an image whose blobs are about to go, and a pull rebuilds it instead),
-  then removes blobs and leaves another note.
+  then removes blobs and leaves another note. The signatures of a kept
+  image's manifests (`nixery.signatures`) are kept with it; those of removed
+  manifests go with their blobs, entries included.
 
 Both need the backend's optional listing and deleting capabilities, which all
 three drivers have; on a bucket the credentials need list and delete rights.
@@ -30,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from nixery import collected
+from nixery import collected, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock, referrer_keys
 from nixery.registry.digest import Digest
@@ -134,6 +136,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             report.images_kept += 1
             live |= record.blobs()
             live_revisions.add(record.revision)
+    live |= await signatures.kept_by_live(storage, live)  # signatures go with their manifests
     if report.images_removed and not dry_run:
         await collected.announce(storage, "images")
         await asyncio.sleep(collected.SETTLE)  # every registry drops the records it holds
@@ -146,6 +149,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             await storage.delete_blob(blob.digest)
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
+        await signatures.remove_orphans(storage)
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

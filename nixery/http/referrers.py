@@ -26,6 +26,7 @@ from aiohttp import web
 
 from nixery.errors import ManifestUnknown
 from nixery.http import routes
+from nixery.http.signatures import signature_manifest_digest, signature_subject
 from nixery.images import Attached
 from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest
@@ -73,11 +74,14 @@ async def tagged(request: web.Request) -> web.Response:
         document, media_type = image_index([attached.manifest for attached in listed]), OCI_INDEX
         digest = Digest.of(document)
     else:
-        found = await request.app[routes.BUILDER].images.referrers(subject)
-        attached = next((one for one in found if one.tag == reference), None)
-        if attached is None:
-            raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
-        digest = attached.manifest.digest
+        if signature_subject(reference) is not None:  # cosign's `sha256-<hex>.sig`: signed per repository
+            digest = await signature_manifest_digest(request, subject)
+        else:
+            found = await request.app[routes.BUILDER].images.referrers(subject)
+            attached = next((one for one in found if one.tag == reference), None)
+            if attached is None:
+                raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
+            digest = attached.manifest.digest
         document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
     headers = routes.content_headers(digest, media_type)
     if request.method == "HEAD":

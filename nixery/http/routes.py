@@ -22,6 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from nixery.http.guidance import progress_path
+from nixery.http.signatures import sign_pulled
 from nixery.lru import LRU
 from nixery.platforms import every_platform
 from nixery.progress import Build
@@ -231,6 +232,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
 
     async def chosen() -> Digest:
         record = await builder.image(image, tag, on_wait=on_wait)
+        await sign_pulled(request, record)
         return choose(record.descriptors, accept, user_agent, builder.compression).digest
 
     digest = await chosen()

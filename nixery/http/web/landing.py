@@ -14,6 +14,7 @@ from aiohttp import web
 from nixery.builder import ImageBuilder
 from nixery.http.markup import h
 from nixery.http.routes import BUILDER
+from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
 from nixery.http.web.docs import docs_block
 from nixery.http.web.layout import (
     PackageList,
@@ -68,6 +69,7 @@ async def landing(request: web.Request) -> web.Response:
   The first pull may take a while: start it below to watch its progress.</p>
 </section>
 
+{_signing_block(request, host, example)}
 <section class="card">
   {build_form(example=f"shell/{example}")}
 </section>
@@ -85,6 +87,24 @@ async def landing(request: web.Request) -> web.Response:
 {script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
+
+
+def _signing_block(request: web.Request, host: str, example: str) -> str:
+    """With NIXERY_SIGNING_KEY: the public key that verifies the images' signatures (docs/signing.md)."""
+    signatures = request.app.get(SIGNATURES)
+    if signatures is None:
+        return ""
+    verify = (f"curl -sO {request.url.origin()}{PUBLIC_KEY_PATH}\n"
+              f"cosign verify --key signing-key.pub {host}/shell/{example}")
+    return f"""<section class="card" id="signing">
+  <h2>Signed images</h2>
+  <p>Every image this registry serves is signed in the sigstore (cosign) format by this key, served at
+  <a href="{PUBLIC_KEY_PATH}"><code>{PUBLIC_KEY_PATH}</code></a>. Require it with a <code>policy.json</code>
+  (podman, skopeo, CRI-O), sigstore policy-controller or Kyverno: <a href="/docs/signing">how</a>.</p>
+  <pre class="command">{h(signatures.key.public_pem.decode())}</pre>
+  <pre class="command" data-copy><code>{h(verify)}</code></pre>
+</section>
+"""
 
 
 def _example_package(catalog: PackageList | None) -> str:
