@@ -6,7 +6,6 @@ real SPDX validator (spdx-tools).
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import io
@@ -17,25 +16,15 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import quote, unquote
 
 import jsonschema
 import pytest
-from aiohttp import web
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
-from nixery.http import referrers as referrers_routes
-from nixery.http import routes
-from nixery.http.errors import error_middleware
-from nixery.images import Attached, ImageRecord, ImageStore
-from nixery.registry.descriptors import Descriptor
-from nixery.registry.digest import Digest
-from nixery.registry.image import canonical_json
-from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, run
 from tests.sets import require_debian_set
 from tests.test_gc_live import age_everything, blob_file, collect
@@ -345,37 +334,3 @@ def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> 
         arch: {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} for arch, sbom in sboms.items()
     }
     assert paths["amd64"] and paths["arm64"] and not paths["amd64"] & paths["arm64"]
-
-
-async def test_a_tagged_attachment_is_served_under_its_tag_and_not_listed_as_a_referrer(aiohttp_client, tmp_path):
-    """As cosign lays out signatures (`sha256-<hex>.sig`): an `Attached` with a tag. In process,
-    over real filesystem storage, with a record written as the builder writes one."""
-    storage = FilesystemStorage(tmp_path)
-    images = ImageStore(storage)
-    subject = Digest.of(b"a manifest")
-    signature = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {
-        "mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(Digest.of(b"{}")), "size": 2,
-    }, "layers": []})
-    tag = f"sha256-{subject.hex}.sig"
-    record = ImageRecord(
-        key="k" * 64, name="hello", source="s", revision="r", packages=("hello",), architecture="amd64",
-        config=Digest.of(b"{}"), manifests={}, layers=(), built_at=0.0,
-        attached=(Attached(Descriptor(OCI_MANIFEST, Digest.of(signature), len(signature)), subject,
-                           (Digest.of(b"{}"),), tag),),
-    )
-    blobs = asyncio.gather(storage.put_blob_bytes(b"{}"), storage.put_blob_bytes(signature))
-    await images.put(record, blobs)
-    app = web.Application(middlewares=[error_middleware])
-    app[routes.BUILDER] = SimpleNamespace(images=images)  # only what the referrers routes ask of it
-    app[routes.STORAGE], app[routes.MANIFESTS] = storage, routes.ManifestCache()
-    referrers_routes.add_routes(app)
-    client = await aiohttp_client(app)
-
-    response = await client.get(f"/v2/hello/manifests/{tag}")
-    assert response.status == 200 and await response.read() == signature
-    assert response.headers["Docker-Content-Digest"] == str(Digest.of(signature))
-    listed = await (await client.get(f"/v2/hello/referrers/{subject}")).json()
-    assert listed["manifests"] == []  # cosign's layout has no subject: not a referrer
-    missing = await client.get(f"/v2/hello/manifests/sha256-{'0' * 64}.sig")
-    assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
-    await storage.close()

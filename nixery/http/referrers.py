@@ -12,7 +12,8 @@
         when there are none, as for any tag a registry does not have.
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
-        a document attached under that tag (cosign's `sha256-<hex>.sig`).
+        cosign's signature of <hex> for this repository (`sha256-<hex>.sig`, `nixery.signatures`);
+        any other suffix: 404 MANIFEST_UNKNOWN.
 
 As for manifests by digest, the digest is the answer's key and the repository name is
 only checked (every name of an image serves the same manifests).
@@ -63,7 +64,7 @@ async def referrers(request: web.Request) -> web.Response:
 
 
 async def tagged(request: web.Request) -> web.Response:
-    """A manifest by an attachment tag: the referrers index, or a tagged attachment."""
+    """A manifest by an attachment tag: the referrers index, or a cosign signature."""
     routes.check_image_name(request)
     reference = request.match_info["reference"]  # the route's pattern: _TAG
     subject = Digest.parse("sha256:" + reference[len("sha256-") : _PREFIX])
@@ -73,16 +74,11 @@ async def tagged(request: web.Request) -> web.Response:
             raise ManifestUnknown(f"no documents refer to {subject}", detail={"tag": reference})
         document, media_type = image_index([attached.manifest for attached in listed]), OCI_INDEX
         digest = Digest.of(document)
-    else:
-        if signature_subject(reference) is not None:  # cosign's `sha256-<hex>.sig`: signed per repository
-            digest = await signature_manifest_digest(request, subject)
-        else:
-            found = await request.app[routes.BUILDER].images.referrers(subject)
-            attached = next((one for one in found if one.tag == reference), None)
-            if attached is None:
-                raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
-            digest = attached.manifest.digest
+    elif signature_subject(reference) is not None:  # cosign's `sha256-<hex>.sig`: signed per repository
+        digest = await signature_manifest_digest(request, subject)
         document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
+    else:
+        raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
     headers = routes.content_headers(digest, media_type)
     if request.method == "HEAD":
         return web.Response(headers={**headers, "Content-Length": str(len(document))})
