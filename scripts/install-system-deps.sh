@@ -13,6 +13,7 @@ packages=(
   python3-venv                                  # the registry's environment
   skopeo podman runc containerd docker.io umoci uidmap  # real clients in the tests
   chromium                                      # browser tests of the web pages (playwright drives it)
+  openssl                                       # checks the registry's signatures independently of its library
   pigz zstd wrk apache2-utils hyperfine docker-registry nginx-light  # benchmark peers, load tools (ab: HEAD)
   qemu-user-static binfmt-support               # aarch64 programs run here (arm64 images, their tests)
 )
