@@ -573,14 +573,38 @@ def dataset():
         # Bytes only (the plans before issue 23): warm 1.222, cold 1.287 with popularity data.
         (True, 0, 1.01, 1.23, 1.30),
         (False, 0, 1.02, 1.27, 1.35),
-        # The registry's default layer cost: warm 1.120, cold 1.122 (docs/benchmarks/layering.md).
-        (True, 2, 1.03, 1.13, 1.13),
-        (False, 2, 1.05, 1.16, 1.13),
+        # The registry's default layer cost: warm 1.132, cold 1.128 with popularity data, 1.161 and
+        # 1.135 without (docs/benchmarks/layering.md); a rarity exponent of 0.55 gives up 0.01 here
+        # so that the generated sequences beat bytes only on warm and cold.
+        (True, 2, 1.03, 1.14, 1.13),
+        (False, 2, 1.05, 1.17, 1.14),
     ],
 )
 def test_public_benchmark(dataset, with_popularity, megabytes, most_dl, most_warm, most_cold):
     """The scores of bench/layering.py: dl/ideal, and warm and cold at 2 MB per layer."""
     graph, popularity, images = dataset
+    dl, warm, cold, counts = _scores(graph, popularity if with_popularity else None, images, megabytes)
+    assert dl <= most_dl
+    assert warm <= most_warm
+    assert cold <= most_cold
+    assert max(counts) <= 100
+    assert sum(counts) / len(counts) <= 60.7  # Nixery's mean on this sequence
+
+
+def test_layer_cost_beats_bytes_only_on_the_themed_sequence(dataset):
+    """bench/data/images-themed.json (runs of python3-*, node-*, ... images): at the default
+    layer cost, warm and cold are no worse than planning by bytes alone."""
+    graph, popularity, _ = dataset
+    images = json.loads((REPO / "bench" / "data" / "images-themed.json").read_text())
+    _, warm, cold, _ = _scores(graph, popularity, images, 2)
+    _, bytes_warm, bytes_cold, _ = _scores(graph, popularity, images, 0)
+    assert warm <= bytes_warm
+    assert cold <= bytes_cold
+
+
+def _scores(graph, popularity, images, megabytes) -> tuple[float, float, float, list[int]]:
+    """dl/ideal, warm and cold (2 MB per layer) and the layer counts of one client pulling `images`
+    in order from a registry planning at `megabytes` per layer, as bench/layering.py scores them."""
     cost = CostModel.for_layer_cost_mb(megabytes)
     history = LayerHistory()
     held: set[frozenset[str]] = set()
@@ -589,9 +613,7 @@ def test_public_benchmark(dataset, with_popularity, megabytes, most_dl, most_war
     counts = []
     image_bytes = []
     for roots in images:
-        layers = plan_layers(
-            graph, roots, max_layers=100, history=history, popularity=popularity if with_popularity else None, cost=cost
-        )
+        layers = plan_layers(graph, roots, max_layers=100, history=history, popularity=popularity, cost=cost)
         assert_partition(graph, roots, layers)
         history.record(layers)
         counts.append(len(layers))
@@ -605,8 +627,4 @@ def test_public_benchmark(dataset, with_popularity, megabytes, most_dl, most_war
     ideal = sum(graph.size(p) for p in union)
     warm = (downloaded + 2 * MB * len(held)) / (ideal + 2 * MB)
     cold = sum(b + 2 * MB * n for b, n in zip(image_bytes, counts, strict=True)) / sum(b + 2 * MB for b in image_bytes)
-    assert downloaded / ideal <= most_dl
-    assert warm <= most_warm
-    assert cold <= most_cold
-    assert max(counts) <= 100
-    assert sum(counts) / len(counts) <= 60.7  # Nixery's mean on this sequence
+    return downloaded / ideal, warm, cold, counts
