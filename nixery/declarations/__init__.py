@@ -75,12 +75,11 @@ from nixery.declarations.parsing import (
     LIST_KINDS,
     MAX_LOGGED_PER_FILE,
     MAX_NAME_LENGTH,
-    SHORT_VALUE,
     VERSION,
     Declaration,
-    InvalidDeclaration,
     parse_declaration,
 )
+from nixery.declarations.problems import SHORT_VALUE, InvalidDeclaration
 from nixery.declarations.store import DeclarationStore, StatusReporter, open_declarations
 
 __all__ = [
