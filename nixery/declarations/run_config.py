@@ -33,7 +33,7 @@ RESERVED_LABELS = "org.nixos.nixery."
 
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PORT = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
+_PORT = re.compile(r"([1-9][0-9]{0,4})(?:/(tcp|udp|sctp))?")
 
 
 def _string(value: Any, where: str) -> str:
@@ -119,6 +119,8 @@ def _exposed_ports(value: Any) -> tuple[str, ...]:
 def _labels(value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, Mapping):
         raise InvalidDeclaration(f"data.labels must be a mapping of names to strings, not {type(value).__name__}")
+    if not value:
+        raise InvalidDeclaration("data.labels is empty: leave it out instead")
     if len(value) > MAX_ITEMS:
         raise InvalidDeclaration(f"data.labels has {len(value)} entries; at most {MAX_ITEMS} are allowed")
     labels = {}
