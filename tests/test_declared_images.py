@@ -27,6 +27,7 @@ from nixery.registry.runconfig import RunConfig
 from nixery.resolver import Revision
 from tests.registry import OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
 from tests.test_declarations import nix_image, write_images
+from tests.test_k8s_watch import ThreadedKubeApi, wait_until
 from tests.test_platforms import elf_machine, skopeo_copy_for
 
 REVISION = Revision(source="bundled", id="r1", path=None)
@@ -228,3 +229,31 @@ def test_a_declared_config_is_in_the_image_and_podman_runs_as_its_user(declared_
     _, plain = declared_registry.manifest("shell/hello", "v1")
     plain_config = _config_of(declared_registry, "shell/hello", "v1", plain)["config"]
     assert "User" not in plain_config and "Entrypoint" not in plain_config
+
+
+def test_a_niximage_resource_of_two_platforms_with_a_user(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
+    """A NixImage object (the watch, against the stand-in API server of test_k8s_watch: no
+    Kubernetes runs here) of two platforms and a user: prebuilt, its status names the index."""
+    api = ThreadedKubeApi()
+    try:
+        registry = start_registry(
+            NIXERY_BUNDLED_SET="busybox", NIXERY_K8S_WATCH="true", NIXERY_PREBUILD="true",
+            KUBECONFIG=str(api.kubeconfig(tmp_path / "kc")),
+        )
+        api.create("web", {"tag": "v1", "contents": ["shell"], "arch": ["arm64", "amd64"], "user": "app"})
+        api.create("broken", {"tag": "v1", "contents": ["shell"], "arch": ["amd64", "riscv64"]})
+        status = wait_until(lambda: api.status("web").get("phase") == "Ready" and api.status("web"), what="Ready")
+        index_digest, index = registry.manifest("web", "v1", accept=OCI_INDEX)
+        assert status["indexDigest"] == index_digest
+        assert [entry["platform"]["architecture"] for entry in index["manifests"]] == ["amd64", "arm64"]
+        assert status["digest"] == registry.manifest("web", "v1")[0]  # a client that takes no index: amd64
+        for entry in index["manifests"]:
+            _, manifest = registry.manifest("web", entry["digest"], accept=OCI_MANIFEST)
+            assert _config_of(registry, "web", "v1", manifest)["config"]["User"] == "1000:1000"
+        broken = wait_until(lambda: api.status("broken").get("phase") == "Invalid" and api.status("broken"),
+                            what="Invalid")
+        assert "data.arch[1] 'riscv64' is not one of amd64, arm64" in broken["error"]
+    finally:
+        api.close()
