@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import platform as host
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from nixery.images import ImageRecord
@@ -102,7 +102,7 @@ def every_platform(request: ImageRequest, platforms: Sequence[Arch]) -> ImageReq
     return for_platforms(request, platforms)
 
 
-def for_platforms(request: ImageRequest, platforms: Sequence[Arch]) -> ImageRequest:
+def for_platforms(request: ImageRequest, platforms: Iterable[Arch]) -> ImageRequest:
     """The request for an image of each of `platforms` (two or more), joined by an index; the
     host's (else the first) is for clients that take no index."""
     ordered = tuple(sorted(set(platforms), key=lambda arch: arch.oci_name))
