@@ -29,11 +29,12 @@ Rules
   do not matter; at most `MAX_PACKAGES`. The architecture is `data.arch`, not
   an `arm64` entry; a list of several platforms makes the image an index over
   one image per platform (`nixery.platforms`), whatever NIXERY_PLATFORMS says.
+  `metadata.name` must be a Kubernetes object name (lower case DNS subdomain)
+  that is also a valid image path, so it is at most 128 characters and not
+  `arm64`. `data.tag` follows the rules of image tags.
 * The image config fields are optional; a declaration without them is the
   image its contents give as a path, one with them another image (the config
-  is part of its key: `nixery.registry.runconfig`). `metadata.name` must be a Kubernetes object name (lower
-  case DNS subdomain) that is also a valid image path, so it is at most 128
-  characters and not `arm64`. `data.tag` follows the rules of image tags.
+  is part of its key: `nixery.registry.runconfig`).
 * The tag is passed on to the package source as for any pull: with a git
   package source (NIXERY_PKGS_REPO) it also selects the git ref.
 * **Names and packages.** A declaration claims one `name:tag` pair, not the

@@ -24,8 +24,6 @@ from typing import Any
 from nixery.declarations.problems import InvalidDeclaration, _cut, _short
 from nixery.registry.runconfig import RunConfig
 
-#: The `data` fields this module reads.
-FIELDS = ("user", "workingDir", "env", "entrypoint", "cmd", "exposedPorts", "labels")
 MAX_ITEMS = 100  # entries of a list or mapping
 MAX_STRING = 4096  # characters of one entry
 MAX_USER_NAME = 32
@@ -47,10 +45,10 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
-def _list(value: Any, where: str, *, allow_empty: bool = False) -> list[Any]:
+def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise InvalidDeclaration(f"{where} must be a list, not {type(value).__name__}")
-    if not value and not allow_empty:
+    if not value:
         raise InvalidDeclaration(f"{where} is empty: leave it out instead")
     if len(value) > MAX_ITEMS:
         raise InvalidDeclaration(f"{where} has {len(value)} entries; at most {MAX_ITEMS} are allowed")
@@ -133,23 +131,23 @@ def _labels(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(labels.items()))
 
 
-_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "user": _user,
-    "workingDir": _working_dir,
-    "env": _env,
-    "entrypoint": _command("entrypoint"),
-    "cmd": _command("cmd"),
-    "exposedPorts": _exposed_ports,
-    "labels": _labels,
+#: Each field: the `RunConfig` attribute it sets, and its check.
+_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "user": ("user", _user),
+    "workingDir": ("working_dir", _working_dir),
+    "env": ("env", _env),
+    "entrypoint": ("entrypoint", _command("entrypoint")),
+    "cmd": ("cmd", _command("cmd")),
+    "exposedPorts": ("exposed_ports", _exposed_ports),
+    "labels": ("labels", _labels),
 }
-_ATTRIBUTES = {
-    "user": "user", "workingDir": "working_dir", "env": "env", "entrypoint": "entrypoint", "cmd": "cmd",
-    "exposedPorts": "exposed_ports", "labels": "labels",
-}
+FIELDS = tuple(_FIELDS)
 
 
 def parse_run_config(data: Mapping[str, Any]) -> RunConfig | None:
     """The image config a NixImage's `data` sets, None when it sets none; `InvalidDeclaration`
     names the field that is wrong."""
-    values = {_ATTRIBUTES[field]: _CHECKS[field](data[field]) for field in FIELDS if data.get(field) is not None}
+    values = {
+        attribute: check(data[field]) for field, (attribute, check) in _FIELDS.items() if data.get(field) is not None
+    }
     return RunConfig(**values) if values else None

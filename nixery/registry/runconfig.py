@@ -7,7 +7,7 @@ two declarations that set the same config ask for the same image, and `to_json` 
 its canonical form for the image key. An image without one (every image named by a
 path) is assembled exactly as before this module existed.
 
-The user gets an account in the image (`account_lines`): `/etc/passwd` and
+The user gets an account in the image (`account`): `/etc/passwd` and
 `/etc/group` name it, with `USER_ID` as uid and gid, and the config's `User` is
 numeric (`1000:1000`), so that Kubernetes' `runAsNonRoot` can check it without
 reading the image, while `id -un` in the container still prints the name.
@@ -56,9 +56,9 @@ class RunConfig:
     def apply(self, container_config: Mapping[str, Any]) -> dict[str, Any]:
         """An image config's `config` object with these settings over the registry's own.
 
-        Env entries replace the registry's of the same name (PATH, SSL_CERT_FILE) and add
-        the others after them; labels are added; an entry point without a command of
-        its own drops the registry's command, as Docker does for an ENTRYPOINT."""
+        Env: the registry's entries, less those declared again (PATH, SSL_CERT_FILE), then
+        the declared ones; labels are added; an entry point without a command of its own
+        drops the registry's command, as Docker does for an ENTRYPOINT."""
         merged = dict(container_config)
         if self.env:
             declared = dict(entry.split("=", 1) for entry in self.env)
