@@ -56,6 +56,7 @@ def assemble(
         env=env,
         cmd=image_cmd(request, resolved),
         labels={"org.nixos.nixery.packages": " ".join(sorted(p.attr for p in resolved))},
+        run=request.config,
     )
     formats = compression.manifest_formats
     documents = [image_manifest(fmt, config, layers, compression) for fmt in formats]

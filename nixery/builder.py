@@ -313,7 +313,7 @@ class ImageBuilder:
         """The steps after the closure, for a closure that is built."""
         roots = sorted({out for package in resolved for out in package.outputs})
         plan = await self._plan(graph, roots, request.arch, build, bound)
-        ca_bundle, layers, counter = await self._layers(plan, roots, graph, build, bound)
+        ca_bundle, layers, counter = await self._layers(plan, roots, graph, request, build, bound)
         assembled = assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression)
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
@@ -363,7 +363,8 @@ class ImageBuilder:
         return plan
 
     async def _layers(
-        self, plan: list[frozenset[str]], roots: list[str], graph: ClosureGraph, build: Build, bound: Any
+        self, plan: list[frozenset[str]], roots: list[str], graph: ClosureGraph, request: ImageRequest,
+        build: Build, bound: Any,
     ) -> tuple[str | None, list[StoredLayer], LayerCounter]:
         """Every layer of the image, found stored or compressed now, and the CA bundle that
         the entry-point layer links (if any)."""
@@ -374,7 +375,7 @@ class ImageBuilder:
             return counter.count(await self.layers.store_paths(sorted(paths)))
 
         async def store_entry_points() -> tuple[str | None, StoredLayer]:
-            ca_bundle, layer = await self.layers.store_entry_points(roots, list(graph.nodes.keys()))
+            ca_bundle, layer = await self.layers.store_entry_points(roots, list(graph.nodes.keys()), request.config)
             return ca_bundle, counter.count(layer)
 
         # The entry-point layer is last in the image but made alongside the others.

@@ -93,6 +93,8 @@ def image_key(
     }
     if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
         material["compression"] = compression.value
+    if request.config is not None:  # images of names keep the keys they had before declared configs
+        material["config"] = request.config.to_json()
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import platform as host
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from nixery.images import ImageRecord
@@ -99,8 +99,15 @@ def every_platform(request: ImageRequest, platforms: Sequence[Arch]) -> ImageReq
     platforms, for an image of each; the host's (else the first) is for clients that take no index."""
     if len(platforms) < 2 or request.arch is not Arch.AMD64 or request.platforms:
         return request
-    default = host_arch() if host_arch() in platforms else platforms[0]
-    return replace(request, arch=default, platforms=tuple(platforms))
+    return for_platforms(request, platforms)
+
+
+def for_platforms(request: ImageRequest, platforms: Iterable[Arch]) -> ImageRequest:
+    """The request for an image of each of `platforms` (two or more), joined by an index; the
+    host's (else the first) is for clients that take no index."""
+    ordered = tuple(sorted(set(platforms), key=lambda arch: arch.oci_name))
+    default = host_arch() if host_arch() in ordered else ordered[0]
+    return replace(request, arch=default, platforms=ordered)
 
 
 def each_platform(request: ImageRequest) -> list[ImageRequest]:

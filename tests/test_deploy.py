@@ -285,7 +285,11 @@ def cel_errors(document: dict[str, Any]) -> list[str]:
         if value is None:
             continue
         program = environment.program(environment.compile(rule))
-        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+        try:
+            passed = program.evaluate({"self": celpy.json_to_cel(value)})
+        except celpy.CELEvalError:  # a rule that fails on a value rejects it, as the API server does
+            passed = False
+        if isinstance(passed, celpy.CELEvalError) or not passed:
             errors.append(message)
     return errors
 
@@ -313,6 +317,34 @@ def _image(**data: Any) -> dict[str, Any]:
 SCHEMA_CASES = {
     "valid": _image(),
     "valid-arm": _image(arch="arm64", contents=["shell", "tools.jqlite", "g++"], tag="release/2024.01_x"),
+    "valid-platforms": _image(arch=["amd64", "arm64"]),
+    "valid-one-platform-list": _image(arch=["arm64"]),
+    "valid-config": _image(
+        user="app", workingDir="/srv/app", env=["A=1", "B_2=x=y"], entrypoint=["/bin/app", "--serve"],
+        cmd=["--port", "8080"], exposedPorts=[8080, "53/udp", "9000/sctp", "65535"],
+        labels={"org.opencontainers.image.source": "https://example.com"},
+    ),
+    "empty-arch-list": _image(arch=[]),
+    "bad-arch-in-list": _image(arch=["amd64", "x86_64"]),
+    "nested-arch-list": _image(arch=[["amd64"]]),
+    "number-arch": _image(arch=64),
+    "root-user": _image(user="root"),
+    "bad-user": _image(user="App"),
+    "long-user": _image(user="a" * 33),
+    "relative-working-dir": _image(workingDir="srv"),
+    "bad-env": _image(env=["NOEQUALS"]),
+    "env-not-list": _image(env="A=1"),
+    "empty-env": _image(env=[]),
+    "entrypoint-string": _image(entrypoint="/bin/sh -c"),
+    "empty-cmd": _image(cmd=[]),
+    "cmd-number": _image(cmd=["echo", 1]),
+    "port-zero": _image(exposedPorts=[0]),
+    "port-too-high": _image(exposedPorts=["65536"]),
+    "port-leading-zero": _image(exposedPorts=["080"]),
+    "port-protocol": _image(exposedPorts=["80/http"]),
+    "label-number": _image(labels={"a": 1}),
+    "label-reserved": _image(labels={"org.nixos.nixery.packages": "x"}),
+    "empty-labels": _image(labels={}),
     "missing-tag": {**_image(), "data": {"contents": ["hello"]}},
     "missing-contents": {**_image(), "data": {"tag": "v1"}},
     "missing-data": {k: v for k, v in _image().items() if k != "data"},

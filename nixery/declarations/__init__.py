@@ -8,7 +8,9 @@ its contents, as the original design's Kubernetes integration describes.
     data:
       tag: v1
       contents: [curl, jq, bash]
-      arch: amd64            # optional: amd64 (default) or arm64
+      arch: amd64            # optional: amd64 (default), arm64, or [amd64, arm64]
+      user: app              # optional, with workingDir, env, entrypoint, cmd,
+                             # exposedPorts, labels: the image config (`run_config`)
 
 A pull of `HOST/curl-and-jq:v1` then builds the image `HOST/bash/curl/jq`
 would. Declarations come from YAML files in a directory (NIXERY_IMAGES_PATH)
@@ -16,7 +18,8 @@ and, when configured, from NixImage objects in a Kubernetes cluster
 (`nixery.k8s`, which `nixery.app` starts; this package knows nothing of it).
 This package holds the table both feed and answers the HTTP layer's question
 "is this name:tag declared?" (`routes.ImageResolver`). Its modules:
-`parsing` (documents), `files` (the YAML files), `store` (the table, builds).
+`parsing` (documents), `run_config` (the image config fields), `problems`
+(what a problem says), `files` (the YAML files), `store` (the table, builds).
 
 Rules
 -----
@@ -24,9 +27,14 @@ Rules
   (`nixery.registry.names`): letters, digits, `_ - +`, `.` between attribute
   names; `shell` and other meta-packages work as in paths; order and repeats
   do not matter; at most `MAX_PACKAGES`. The architecture is `data.arch`, not
-  an `arm64` entry. `metadata.name` must be a Kubernetes object name (lower
-  case DNS subdomain) that is also a valid image path, so it is at most 128
-  characters and not `arm64`. `data.tag` follows the rules of image tags.
+  an `arm64` entry; a list of several platforms makes the image an index over
+  one image per platform (`nixery.platforms`), whatever NIXERY_PLATFORMS says.
+  `metadata.name` must be a Kubernetes object name (lower case DNS subdomain)
+  that is also a valid image path, so it is at most 128 characters and not
+  `arm64`. `data.tag` follows the rules of image tags.
+* The image config fields are optional; a declaration without them is the
+  image its contents give as a path, one with them another image (the config
+  is part of its key: `nixery.registry.runconfig`).
 * The tag is passed on to the package source as for any pull: with a git
   package source (NIXERY_PKGS_REPO) it also selects the git ref.
 * **Names and packages.** A declaration claims one `name:tag` pair, not the
@@ -75,12 +83,11 @@ from nixery.declarations.parsing import (
     LIST_KINDS,
     MAX_LOGGED_PER_FILE,
     MAX_NAME_LENGTH,
-    SHORT_VALUE,
     VERSION,
     Declaration,
-    InvalidDeclaration,
     parse_declaration,
 )
+from nixery.declarations.problems import SHORT_VALUE, InvalidDeclaration
 from nixery.declarations.store import DeclarationStore, StatusReporter, open_declarations
 
 __all__ = [

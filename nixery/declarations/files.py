@@ -23,12 +23,11 @@ from nixery.declarations.parsing import (
     FILES,
     MAX_LOGGED_PER_FILE,
     Declaration,
-    InvalidDeclaration,
-    _cut,
     _describe,
     _documents,
     parse_declaration,
 )
+from nixery.declarations.problems import InvalidDeclaration, _cut
 from nixery.yaml_files import (
     FileRefused,
     describe_error,

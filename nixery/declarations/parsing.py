@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime
 import re
-import reprlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nixery.declarations.problems import InvalidDeclaration, _cut, _field_names, _short
+from nixery.declarations.run_config import FIELDS as CONFIG_FIELDS
+from nixery.declarations.run_config import parse_run_config
 from nixery.errors import RegistryError
+from nixery.platforms import for_platforms
 from nixery.registry.names import MAX_PACKAGES, Arch, ImageRequest, check_tag, parse_image_name
 
 GROUP = "k8s.nixos.org"
@@ -31,39 +34,11 @@ _SOURCE_RANK = {FILES: 0, KUBERNETES: 1}
 FILE_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_NAME_LENGTH = 128
 MAX_LOGGED_PER_FILE = 10  # problems (or image names) logged per file and change: not 10,000 lines for 10,000
-SHORT_VALUE = 40  # characters of a value quoted in a problem
 
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _ARCHES = {arch.oci_name: arch for arch in Arch}
 _TOP_LEVEL = {"apiVersion", "kind", "metadata", "data", "status"}
-_DATA_FIELDS = {"tag", "contents", "arch"}
-
-
-class InvalidDeclaration(ValueError):
-    """A NixImage document that cannot be served; the message says why."""
-
-
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxlevel = 2
-_SHORT_REPR.maxstring = _SHORT_REPR.maxlong = _SHORT_REPR.maxother = SHORT_VALUE
-_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
-
-
-def _cut(text: str, limit: int = SHORT_VALUE) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _short(value: Any) -> str:
-    """`repr(value)` cut to a few dozen characters, for problems and log lines that quote a
-    value from a file or object. reprlib looks at a few items and levels only, so even a value
-    that stands for millions of others costs nothing to show."""
-    return _cut(_SHORT_REPR.repr(value))
-
-
-def _field_names(keys: Iterable[Any]) -> str:
-    names = sorted(_cut(str(k)) for k in keys)
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ", ".join(names[:3]) + more
+_DATA_FIELDS = {"tag", "contents", "arch", *CONFIG_FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +58,11 @@ class Declaration:
     @property
     def contents(self) -> list[str]:
         return list(self.request.packages)
+
+    @property
+    def arch(self) -> str:
+        """Its platforms, for log lines: `amd64`, or `amd64,arm64` for an index."""
+        return ",".join(arch.oci_name for arch in self.request.platforms or (self.request.arch,))
 
     def same_image(self, other: Declaration | None) -> bool:
         return other is not None and (other.name, other.tag, other.request) == (self.name, self.tag, self.request)
@@ -135,6 +115,23 @@ def _check_contents(contents: Any) -> list[str]:
     return unique
 
 
+def _check_arch(value: Any) -> set[Arch]:
+    """The platforms `data.arch` names: one (a string, or a list of one), or several (the image
+    is then an index over one image per platform, as a name on a registry with several
+    NIXERY_PLATFORMS: `nixery.platforms`)."""
+    names = value if isinstance(value, list) else [value]
+    if not names:
+        raise InvalidDeclaration(f"data.arch is empty: list one or more of {', '.join(_ARCHES)}")
+    found = set()
+    for index, arch_name in enumerate(names):
+        arch = _ARCHES.get(arch_name) if isinstance(arch_name, str) else None
+        if arch is None:
+            where = f"data.arch[{index}]" if isinstance(value, list) else "data.arch"
+            raise InvalidDeclaration(f"{where} {_short(arch_name)} is not one of {', '.join(_ARCHES)}")
+        found.add(arch)
+    return found
+
+
 def parse_declaration(
     document: Any, *, origin: str, source: str = FILES, rank: tuple[Any, ...] = (), key: str | None = None
 ) -> Declaration:
@@ -160,7 +157,8 @@ def parse_declaration(
         raise InvalidDeclaration("data is missing: it needs tag and contents")
     unknown = [k for k in data if k not in _DATA_FIELDS]
     if unknown:
-        raise InvalidDeclaration(f"unknown field(s) in data: {_field_names(unknown)} (known: arch, contents, tag)")
+        known = f" (known: {', '.join(sorted(_DATA_FIELDS))})" if len(unknown) <= 3 else ""  # a short line
+        raise InvalidDeclaration(f"unknown field(s) in data: {_field_names(unknown)}{known}")
     tag = data.get("tag")
     if tag is None:
         raise InvalidDeclaration("data.tag is missing")
@@ -171,15 +169,13 @@ def parse_declaration(
         check_tag(tag)
     except RegistryError as exc:
         raise InvalidDeclaration(f"data.tag: {exc.message}") from None
-    arch_name = data.get("arch", "amd64")
-    arch = _ARCHES.get(arch_name) if isinstance(arch_name, str) else None
-    if arch is None:
-        raise InvalidDeclaration(f"data.arch {_short(arch_name)} is not one of {', '.join(_ARCHES)}")
+    platforms = _check_arch(data.get("arch", "amd64"))
     packages = _check_contents(data.get("contents"))
+    request = ImageRequest(tuple(packages), next(iter(platforms)), config=parse_run_config(data))
     return Declaration(
         name=name,
         tag=tag,
-        request=ImageRequest(tuple(packages), arch),
+        request=for_platforms(request, platforms) if len(platforms) > 1 else request,
         origin=origin,
         source=source,
         rank=rank,

@@ -182,7 +182,7 @@ class DeclarationStore:
             return None
         log.info(
             "declarations.resolved", image=declaration.reference, contents=declaration.contents,
-            arch=declaration.request.arch.oci_name, origin=declaration.origin,
+            arch=declaration.arch, origin=declaration.origin,
         )
         reporter = self._reporters.get(declaration.source)
         if reporter is not None and reporter.wants_build_result(declaration):
@@ -202,7 +202,7 @@ class DeclarationStore:
             if before is None or not declaration.same_image(before) or before.origin != declaration.origin:
                 log.info(
                     "declarations.image_declared", image=declaration.reference, contents=declaration.contents,
-                    arch=declaration.request.arch.oci_name, origin=declaration.origin,
+                    arch=declaration.arch, origin=declaration.origin,
                 )
                 if self.prebuild:
                     self._follow_build(declaration, start=True)

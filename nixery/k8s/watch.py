@@ -19,6 +19,7 @@ objects are addressed correctly too):
 
     phase: Pending | Ready | Failed | Invalid | Conflict
     image: curl-and-jq:v1        digest / ociDigest: manifest digests when Ready
+    indexDigest: the OCI image index's, when Ready with several platforms (data.arch a list)
     error: why Failed, Invalid or Conflict      observedGeneration, builtAt
 
 An object's status is patched only when it differs from what we want it to
@@ -50,6 +51,7 @@ from nixery.declarations import KUBERNETES, Declaration, DeclarationStore, Inval
 from nixery.declarations.parsing import _SOURCE_RANK
 from nixery.k8s.client import ApiError, Gone, KubeClient
 from nixery.k8s.credentials import KubeConfig, load_kube_config
+from nixery.registry.mediatypes import OCI_INDEX
 from nixery.registry.negotiation import pull_digests
 
 if TYPE_CHECKING:
@@ -57,7 +59,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-_STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "error", "observedGeneration", "builtAt")
+_STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "indexDigest", "error", "observedGeneration", "builtAt")
+#: The digests of a status that is not Ready.
+_NO_DIGESTS = {"digest": None, "ociDigest": None, "indexDigest": None}
 
 
 @dataclass
@@ -267,24 +271,25 @@ class NixImageWatch:
                 "phase": "Ready",
                 "digest": str(digests.default),  # what pods get: OCI for zstd images
                 "ociDigest": str(digests.oci) if digests.oci else None,
+                "indexDigest": next((str(d.digest) for d in record.indexes if d.media_type == OCI_INDEX), None),
                 "error": None,
                 "builtAt": datetime.fromtimestamp(record.built_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }
         else:
-            obj.result = {"phase": "Failed", "digest": None, "ociDigest": None, "error": error, "builtAt": None}
+            obj.result = {"phase": "Failed", **_NO_DIGESTS, "error": error, "builtAt": None}
         self._update_status(obj)
 
     def _desired_status(self, obj: _Object) -> tuple[dict[str, Any], bool] | None:
         """The status to write and whether it needs the resourceVersion precondition; None: leave it."""
         common = {"observedGeneration": obj.generation}
         if obj.problem is not None:
-            return {**common, "phase": "Invalid", "error": obj.problem, "image": None, "digest": None,
-                    "ociDigest": None, "builtAt": None}, False
+            return {**common, "phase": "Invalid", "error": obj.problem, "image": None, **_NO_DIGESTS,
+                    "builtAt": None}, False
         declaration = obj.declaration
         assert declaration is not None
         winner = self._losers.get(obj.key)
         if winner is not None:
-            return {**common, "phase": "Conflict", "image": declaration.reference, "digest": None, "ociDigest": None,
+            return {**common, "phase": "Conflict", "image": declaration.reference, **_NO_DIGESTS,
                     "builtAt": None, "error": f"{declaration.reference} is already declared by {winner.origin}"}, False
         if obj.key not in self._winners:
             return None
@@ -302,7 +307,7 @@ class NixImageWatch:
             return {**common, "image": declaration.reference, **obj.result}, False
         if this_generation and status.get("phase") in ("Pending", "Ready", "Failed"):
             return None  # already said, by us or another replica
-        return {**common, "phase": "Pending", "image": declaration.reference, "digest": None, "ociDigest": None,
+        return {**common, "phase": "Pending", "image": declaration.reference, **_NO_DIGESTS,
                 "error": None, "builtAt": None}, True
 
     def _update_status(self, obj: _Object) -> None:

@@ -4,7 +4,8 @@ Store paths live under /nix/store; this layer makes an image feel like a
 normal system: `/bin` holds symlinks to every program of the requested
 packages, `/usr/bin/env` exists for `#!/usr/bin/env` scripts, `/etc/ssl/certs`
 points at a CA bundle from the closure when there is one, `/tmp` is writable,
-and `/etc/passwd` knows root.
+and `/etc/passwd` knows root (and a declared image's user, `nixery.registry.runconfig`,
+whose home directory is writable like `/tmp`: tar entries here are owned by root).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import BinaryIO
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import Compression
+from nixery.registry.runconfig import RunConfig, account
 
 #: Layers of every image that hold no store path: this entry-point layer, on top.
 #: NIXERY_MAX_LAYERS counts them (clients and registries limit the layers of an
@@ -68,7 +70,7 @@ def find_ca_bundle(closure: Iterable[str]) -> str | None:
     return None
 
 
-def entry_points(outputs: Sequence[str], closure: Iterable[str]) -> EntryPoints:
+def entry_points(outputs: Sequence[str], closure: Iterable[str], config: RunConfig | None = None) -> EntryPoints:
     """The entries for the requested packages' outputs, first package winning a name clash.
 
     Reads the store (directory listings), so call it off the event loop.
@@ -81,8 +83,12 @@ def entry_points(outputs: Sequence[str], closure: Iterable[str]) -> EntryPoints:
     for directory in ("bin", "etc", "usr", "usr/bin", "root"):
         add(Entry(directory, "dir", 0o755))
     add(Entry("tmp", "dir", 0o1777))
-    add(Entry("etc/passwd", "file", 0o644, content=_PASSWD))
-    add(Entry("etc/group", "file", 0o644, content=_GROUP))
+    user = account(config)
+    if user is not None:
+        add(Entry("home", "dir", 0o755))
+        add(Entry(user.home, "dir", 0o1777))
+    add(Entry("etc/passwd", "file", 0o644, content=_PASSWD + (user.passwd if user else b"")))
+    add(Entry("etc/group", "file", 0o644, content=_GROUP + (user.group if user else b"")))
     add(Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH))
 
     for output in outputs:
@@ -109,13 +115,14 @@ def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compres
 
 
 def write_entry_points(
-    outputs: Sequence[str], closure: Iterable[str], dest: BinaryIO, *, compression: Compression = Compression.GZIP
+    outputs: Sequence[str], closure: Iterable[str], dest: BinaryIO, *,
+    compression: Compression = Compression.GZIP, config: RunConfig | None = None,
 ) -> EntryLayer:
     """Find the entry points and write their layer to `dest`, in one call.
 
     One trip to a worker instead of two: the entries themselves (hundreds of
     them for busybox) cost ~2 ms to pickle each way, more than writing them.
     """
-    points = entry_points(outputs, closure)
+    points = entry_points(outputs, closure, config)
     blob = write_entry_layer(points.entries, dest, compression=compression)
     return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob)

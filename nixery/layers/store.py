@@ -36,6 +36,7 @@ from nixery.layers.tarball import cache_tag, write_store_layer
 from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import Compression
+from nixery.registry.runconfig import RunConfig
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
 
@@ -93,15 +94,17 @@ class LayerStore:
         return await self._layers.run(key, lambda: self._cached_or_new_layer(key, describe_layer(store_paths), write))
 
     async def store_entry_points(
-        self, outputs: Sequence[str], closure: Sequence[str]
+        self, outputs: Sequence[str], closure: Sequence[str], config: RunConfig | None = None
     ) -> tuple[str | None, StoredLayer]:
-        """The entry-point layer and the CA bundle it links, if any.
+        """The entry-point layer (with the account of `config`'s user) and the CA bundle it links, if any.
 
         Its cache key depends on what the worker finds, so it is written first and
         dropped when storage has it already (it is a few kilobytes).
         """
         started = time.monotonic()
-        write = functools.partial(write_entry_points, outputs, closure, compression=self.compression)
+        write = functools.partial(
+            write_entry_points, outputs, closure, compression=self.compression, config=config
+        )
         staged = self._new_staged_file()
         try:
             written = await self._writers.run(write_file, staged, write)

@@ -10,6 +10,7 @@ from typing import Any
 
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import LAYER_COMPRESSION, Compression
+from nixery.registry.runconfig import RunConfig
 
 #: Every image claims this creation time, so identical content gives identical digests.
 CREATED = "1970-01-01T00:00:01Z"
@@ -52,10 +53,14 @@ def image_config(
     env: Sequence[str],
     cmd: Sequence[str] | None,
     labels: dict[str, str],
+    run: RunConfig | None = None,
 ) -> bytes:
+    """The config of an image; `run` (a declared image's settings) over the registry's own."""
     container_config: dict[str, Any] = {"Env": list(env), "Labels": labels}
     if cmd:
         container_config["Cmd"] = list(cmd)
+    if run is not None:
+        container_config = run.apply(container_config)
     return canonical_json(
         {
             "architecture": architecture,

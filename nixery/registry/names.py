@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from nixery.errors import NameInvalid, TagInvalid
+from nixery.registry.runconfig import RunConfig
 
 MAX_COMPONENT_LENGTH = 128
 MAX_PACKAGES = 100
@@ -54,6 +55,8 @@ class ImageRequest:
     #: Several platforms: one image for each, joined by an image index (`nixery.platforms`);
     #: `arch` is then the platform a client that takes no index gets. Empty: `arch` only.
     platforms: tuple[Arch, ...] = ()
+    #: The image config a declared image sets (`nixery.registry.runconfig`); None for a name.
+    config: RunConfig | None = None
 
     @property
     def display_name(self) -> str:
@@ -63,7 +66,7 @@ class ImageRequest:
     def renamed(self, names: Mapping[str, str]) -> ImageRequest:
         """The same image with each name replaced by `names[name]` (when given), in the same order."""
         order = tuple(dict.fromkeys(names.get(name, name) for name in self.order or self.packages))
-        return ImageRequest(tuple(sorted(order)), self.arch, order, self.platforms)
+        return ImageRequest(tuple(sorted(order)), self.arch, order, self.platforms, self.config)
 
 
 def parse_image_name(name: str) -> ImageRequest:
