@@ -1,10 +1,11 @@
 """The small layer every image gets on top: the paths users expect at `/`.
 
 Store paths live under /nix/store; this layer makes an image feel like a
-normal system: `/bin` holds symlinks to every program of the requested
-packages, `/usr/bin/env` exists for `#!/usr/bin/env` scripts, `/etc/ssl/certs`
-points at a CA bundle from the closure when there is one, `/tmp` is writable,
-and `/etc/passwd` knows root.
+normal system: the requested packages' trees are linked at `/`
+(`nixery.layers.rootlinks`: `/bin` with every program, `/share`, `/lib`,
+`/etc`, Debian's `/usr/...`), `/usr/bin/env` exists for `#!/usr/bin/env`
+scripts, `/etc/ssl/certs` points at a CA bundle from the closure when there is
+one, `/tmp` is writable, and `/etc/passwd` knows root.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from nixery.layers.rootlinks import Linked, LinkedPackage, link_packages
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import Compression
@@ -37,6 +39,7 @@ _NSSWITCH = b"passwd: files\ngroup: files\nhosts: files dns\n"
 class EntryPoints:
     entries: tuple[Entry, ...]
     ca_bundle: str | None  # store path of the CA bundle linked at SSL_CERT_FILE
+    linked: Linked  # how the packages were linked: conflicts, what was left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +49,7 @@ class EntryLayer:
     key: str  # identifies the layer's bytes in the layer cache
     ca_bundle: str | None
     blob: LayerBlob
-
-
-def _programs(output: str) -> Iterable[tuple[str, str]]:
-    for subdir in ("bin", "sbin"):
-        directory = os.path.join(output, subdir)
-        try:
-            names = sorted(os.listdir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
-            yield name, os.path.join(directory, name)
+    linked: Linked
 
 
 def find_ca_bundle(closure: Iterable[str]) -> str | None:
@@ -68,37 +61,37 @@ def find_ca_bundle(closure: Iterable[str]) -> str | None:
     return None
 
 
-def entry_points(outputs: Sequence[str], closure: Iterable[str]) -> EntryPoints:
-    """The entries for the requested packages' outputs, first package winning a name clash.
+def _own_entries(ca_bundle: str | None) -> list[Entry]:
+    """What every image has at `/` whatever its packages (they win over the packages')."""
+    own = [Entry(directory, "dir", 0o755) for directory in ("bin", "etc", "usr", "usr/bin", "root")]
+    own += [
+        Entry("tmp", "dir", 0o1777),
+        Entry("etc/passwd", "file", 0o644, content=_PASSWD),
+        Entry("etc/group", "file", 0o644, content=_GROUP),
+        Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH),
+    ]
+    if ca_bundle is not None:
+        own += [Entry(directory, "dir", 0o755) for directory in ("etc/ssl", "etc/ssl/certs")]
+        own += [
+            Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle)
+            for name in ("ca-bundle.crt", "ca-certificates.crt")
+        ]
+    return own
+
+
+def entry_points(packages: Sequence[LinkedPackage], closure: Iterable[str]) -> EntryPoints:
+    """The entries for the requested packages, in order: the first one wins a conflict.
 
     Reads the store (directory listings), so call it off the event loop.
     """
-    entries: dict[str, Entry] = {}
-
-    def add(entry: Entry) -> None:
-        entries.setdefault(entry.name, entry)
-
-    for directory in ("bin", "etc", "usr", "usr/bin", "root"):
-        add(Entry(directory, "dir", 0o755))
-    add(Entry("tmp", "dir", 0o1777))
-    add(Entry("etc/passwd", "file", 0o644, content=_PASSWD))
-    add(Entry("etc/group", "file", 0o644, content=_GROUP))
-    add(Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH))
-
-    for output in outputs:
-        for name, target in _programs(output):
-            add(Entry(f"bin/{name}", "symlink", target=target))
-    env = entries.get("bin/env")
-    if env is not None:
-        add(Entry("usr/bin/env", "symlink", target=env.target))
-
     ca_bundle = find_ca_bundle(closure)
-    if ca_bundle is not None:
-        for directory in ("etc/ssl", "etc/ssl/certs"):
-            add(Entry(directory, "dir", 0o755))
-        for name in ("ca-certificates.crt", "ca-bundle.crt"):
-            add(Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle))
-    return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle)
+    own = _own_entries(ca_bundle)
+    linked = link_packages(packages, own)
+    entries = {entry.name: entry for entry in [*own, *linked.entries]}
+    env = entries.get("bin/env")
+    if env is not None and env.kind == "symlink":  # a package's own usr/bin/env comes first
+        entries.setdefault("usr/bin/env", Entry("usr/bin/env", "symlink", target=env.target))
+    return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle, linked)
 
 
 def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compression.GZIP) -> str:
@@ -109,13 +102,14 @@ def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compres
 
 
 def write_entry_points(
-    outputs: Sequence[str], closure: Iterable[str], dest: BinaryIO, *, compression: Compression = Compression.GZIP
+    packages: Sequence[LinkedPackage], closure: Iterable[str], dest: BinaryIO, *,
+    compression: Compression = Compression.GZIP,
 ) -> EntryLayer:
     """Find the entry points and write their layer to `dest`, in one call.
 
     One trip to a worker instead of two: the entries themselves (hundreds of
     them for busybox) cost ~2 ms to pickle each way, more than writing them.
     """
-    points = entry_points(outputs, closure)
+    points = entry_points(packages, closure)
     blob = write_entry_layer(points.entries, dest, compression=compression)
-    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob)
+    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob, points.linked)
