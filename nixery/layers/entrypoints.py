@@ -52,8 +52,10 @@ class EntryLayer:
     linked: Linked
 
 
-def find_ca_bundle(closure: Iterable[str]) -> str | None:
-    for store_path in sorted(closure):
+def find_ca_bundle(closure: Iterable[str], preferred: Sequence[str] = ()) -> str | None:
+    """The CA bundle of the `preferred` store paths (in order: the requested packages', then the
+    baseline's), else the first in the closure."""
+    for store_path in [*preferred, *sorted(closure)]:
         for candidate in CA_BUNDLE_CANDIDATES:
             path = os.path.join(store_path, candidate)
             if os.path.isfile(path):
@@ -84,7 +86,7 @@ def entry_points(packages: Sequence[LinkedPackage], closure: Iterable[str]) -> E
 
     Reads the store (directory listings), so call it off the event loop.
     """
-    ca_bundle = find_ca_bundle(closure)
+    ca_bundle = find_ca_bundle(closure, [output for package in packages for output in package.outputs])
     own = _own_entries(ca_bundle)
     linked = link_packages(packages, own)
     entries = {entry.name: entry for entry in [*own, *linked.entries]}
