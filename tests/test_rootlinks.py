@@ -123,3 +123,15 @@ def test_links_past_the_limit_are_left_out_and_reported(tmp_path: Path, monkeypa
     assert len(linked.entries) == 200
     assert linked.left_out_count == 12  # share, share/many and 10 files fit no more
     assert linked.left_out is not None and linked.left_out.startswith("/share/many/f")
+
+
+def test_links_to_directories_at_the_top_of_a_package_are_followed(tmp_path: Path) -> None:
+    """A package whose `bin` is a link to a directory (as some are) still has its programs in
+    /bin; a top-level link to a directory (`lib64 -> lib`) is linked as it is."""
+    package = Path(tree(tmp_path / "linked", {"libexec/tool/bin/tool": "", "lib/libx.so": "", "README": ""}))
+    (package / "bin").symlink_to("libexec/tool/bin")
+    (package / "lib64").symlink_to("lib")
+    entries = by_name([LinkedPackage("linked", (str(package),))])
+    assert entries["bin/tool"] == ("symlink", f"{package}/bin/tool")
+    assert entries["lib64"] == ("symlink", f"{package}/lib64")
+    assert "README" not in entries

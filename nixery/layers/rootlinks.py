@@ -191,11 +191,11 @@ def link_packages(packages: Sequence[LinkedPackage], own: Sequence[Entry]) -> Li
         for output in package.outputs:
             for name in _listing(output):
                 path = os.path.join(output, name)
-                if name not in NOT_LINKED and _is_dir(path):
-                    top.setdefault(name, []).append(_Source(package.name, path, True))
+                if name not in NOT_LINKED and os.path.isdir(path):  # files at the top are not linked
+                    top.setdefault(name, []).append(_Source(package.name, path, _is_dir(path)))
             for directory in ("bin", "sbin"):  # /bin: every program (see the module docstring)
                 path = os.path.join(output, directory)
-                if _is_dir(path):
+                if os.path.isdir(path):  # a link to a directory too, as it always was
                     top.setdefault("\0bin", []).append(_Source(package.name, path, True))
     programs = top.pop("\0bin", [])
     top.pop("bin", None)
