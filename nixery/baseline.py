@@ -15,7 +15,7 @@ What this module guarantees:
   process (and found without Nix after a restart through the evaluation
   cache); a name the set lacks costs one evaluation per revision, not one per image.
 * The baseline is part of every image's key when it is not empty
-  (`baseline_key`): changing it builds images anew, and with it empty the
+  (`Baseline.key`): changing it builds images anew, and with it empty the
   keys are those of registries without a baseline.
 """
 

@@ -175,7 +175,7 @@ def test_conflicts_are_told_in_the_builds_progress() -> None:
     linked = Linked(conflicts=[Conflict("/bin/hello", "hello", "otherhello")], conflict_count=1)
     report_links(build, Log(), linked)
     event = build.events[-1]
-    assert event.stage is Stage.LAYERING
+    assert event.stage is Stage.COMPRESSING
     assert "/bin/hello: hello's, not otherhello's" in event.message
     assert event.data["conflicts"] == [{"path": "/bin/hello", "kept": "hello", "lost": "otherhello"}]
     assert logged[0][0] == "build.link_conflicts"
