@@ -12,8 +12,9 @@ What this module guarantees:
   linked at `/` after the requested packages, so a requested package's file
   wins over a baseline one.
 * The names are evaluated once per package-set revision and system in this
-  process (and found without Nix after a restart through the evaluation
-  cache); a name the set lacks costs one evaluation per revision, not one per image.
+  process, however many builds ask at once (and found without Nix after a
+  restart through the evaluation cache): one evaluation, two when the set
+  lacks a name (one to learn which), per revision, not per image.
 * The baseline is part of every image's key when it is not empty
   (`Baseline.key`): changing it builds images anew, and with it empty the
   keys are those of registries without a baseline.
@@ -30,6 +31,7 @@ from nixery.layers.rootlinks import LinkedPackage
 from nixery.lru import LRU
 from nixery.nix.errors import PackagesNotFound
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
+from nixery.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +43,7 @@ class Baseline:
         self.names = tuple(dict.fromkeys(names))
         #: What the names found, by (revision id, system).
         self._found: LRU[tuple[str, str], list[ResolvedPackage]] = LRU(64)
+        self._looking_up: SingleFlight[list[ResolvedPackage]] = SingleFlight()
 
     def key(self) -> list[str] | None:
         """Its part of an image's key; None when it is empty (keys as without a baseline)."""
@@ -53,8 +56,16 @@ class Baseline:
         if not self.names:
             return []
         found = self._found.get((revision.id, system))
-        if found is None:
-            found = await evaluations.lookup(revision, system, self.names)
+        if found is None:  # concurrent builds of one revision share one look-up
+            found = await self._looking_up.run(
+                (revision.id, system), lambda: self._look_up(source, evaluations, revision, system, until)
+            )
+        return found
+
+    async def _look_up(
+        self, source: PackageResolver, evaluations: EvaluationCache, revision: Revision, system: str, until: float
+    ) -> list[ResolvedPackage]:
+        found = await evaluations.lookup(revision, system, self.names)
         if found is None:
             found = await self._evaluate(source, evaluations, revision, system, until)
         self._found.put((revision.id, system), found)
