@@ -25,7 +25,7 @@ from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
 from nixery.nix.repl import ReplEvaluator, decode_nix_string
 from tests.daemons import gone
-from tests.registry import nix_calls_of, nix_counting_path
+from tests.registry import BASELINE_EVALUATIONS, nix_calls_of, nix_counting_path
 from tests.test_protocol import error_of
 
 pytestmark = pytest.mark.nix
@@ -402,12 +402,6 @@ async def test_a_request_for_another_system_is_refused() -> None:
         assert "serves" in caught.value.log_tail
     finally:
         await evaluator.close()
-
-
-#: What NIXERY_BASELINE's default (cacert, iana-etc) costs a registry on this set, once per
-#: revision however many images are built at once: the set has `cacert` but no `iana-etc`, so
-#: one evaluation learns that and one more evaluates `cacert` alone (nixery.baseline).
-BASELINE_EVALUATIONS = 2
 
 
 def test_the_registry_evaluates_new_images_in_its_repl(start_registry, tmp_path: Path) -> None:
