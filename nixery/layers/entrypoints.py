@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from nixery.layers.rootlinks import Linked, LinkedPackage, link_packages
@@ -49,7 +49,7 @@ class EntryLayer:
     key: str  # identifies the layer's bytes in the layer cache
     ca_bundle: str | None
     blob: LayerBlob
-    linked: Linked
+    linked: Linked  # without its entries: conflicts, what was left out
 
 
 def find_ca_bundle(closure: Iterable[str], preferred: Sequence[str] = ()) -> str | None:
@@ -114,4 +114,5 @@ def write_entry_points(
     """
     points = entry_points(packages, closure)
     blob = write_entry_layer(points.entries, dest, compression=compression)
-    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob, points.linked)
+    report = replace(points.linked, entries=[])  # the entries are in the layer: only the report goes back
+    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob, report)
