@@ -135,3 +135,15 @@ def test_links_to_directories_at_the_top_of_a_package_are_followed(tmp_path: Pat
     assert entries["bin/tool"] == ("symlink", f"{package}/bin/tool")
     assert entries["lib64"] == ("symlink", f"{package}/lib64")
     assert "README" not in entries
+
+
+def test_below_the_depth_limit_the_first_packages_directory_is_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rootlinks, "MAX_DEPTH", 2)
+    a = tree(tmp_path / "a", {"share/deep/er/a.txt": ""})
+    b = tree(tmp_path / "b", {"share/deep/er/b.txt": ""})
+    linked = link_packages([LinkedPackage("a", (a,)), LinkedPackage("b", (b,))], [])
+    entries = {entry.name: entry.target for entry in linked.entries}
+    assert entries["share/deep/er"] == f"{a}/share/deep/er"
+    assert [(c.path, c.kept, c.lost) for c in linked.conflicts] == [("/share/deep/er", "a", "b")]

@@ -84,7 +84,7 @@ class Linked:
     entries: list[Entry] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)  # the first MAX_REPORTED
     conflict_count: int = 0
-    #: The first path left out for MAX_LINKS or MAX_DEPTH, and how many were.
+    #: The first path left out for MAX_LINKS, and how many were.
     left_out: str | None = None
     left_out_count: int = 0
 
@@ -145,8 +145,7 @@ class _Linker:
         if mine is None and len(sources) == 1:
             self.add(Entry(path, "symlink", target=sources[0].path))
             return
-        if depth >= MAX_DEPTH:
-            self.leave_out(path)
+        if depth >= MAX_DEPTH:  # the first one's directory, as a conflict with the others
             if mine is None and self.add(Entry(path, "symlink", target=sources[0].path)):
                 for other in sources[1:]:
                     self.conflict(path, sources[0].package, other.package)
