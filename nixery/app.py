@@ -122,6 +122,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         record_cache=settings.record_cache,
         platforms=settings.platforms,
         popularity=Popularity(settings.popularity_url) if settings.popularity_url else None,
+        baseline=settings.baseline,
     )
 
 

@@ -44,6 +44,7 @@ import structlog
 from nixery import metrics
 from nixery.assembly import AssembledImage, assemble
 from nixery.attachments import Closure, attach
+from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
 from nixery.history import PlatformHistories
@@ -52,11 +53,12 @@ from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
 from nixery.layers.popularity import Popularity
+from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
 from nixery.platforms import each_platform, host_arch, index_image, index_key
-from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, Stage
+from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, Stage, report_links
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
@@ -87,6 +89,7 @@ class ImageBuilder:
         record_cache: int = DEFAULT_CAPACITY,
         platforms: Sequence[Arch] = (),
         popularity: Popularity | None = None,
+        baseline: Sequence[str] = DEFAULT_BASELINE,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -114,6 +117,8 @@ class ImageBuilder:
         self.evaluations = EvaluationCache(storage)
         #: The package list (search, the names a set lacks, suggestions for them).
         self.names = PackageNames(storage)
+        #: NIXERY_BASELINE: packages every image gets (a CA bundle, /etc/services).
+        self.baseline = Baseline(baseline)
 
     async def warm_up(self) -> None:
         """Start the layer writers and the package source's resolver, and load the layering
@@ -195,7 +200,7 @@ class ImageBuilder:
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
         if request.platforms:
             return index_key([self._image_key(revision, one) for one in each_platform(request)])
-        return image_key(revision, request, self.max_layers, self.compression)
+        return image_key(revision, request, self.max_layers, self.compression, self.baseline.key())
 
     async def _record_by_resolved_names(self, revision: Revision, request: ImageRequest) -> ImageRecord | None:
         """The image a request spelt otherwise names (`Curl/Shell`: `curl/shell`), when what its
@@ -273,18 +278,20 @@ class ImageBuilder:
         build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
         bound.info("build.queued", revision=revision.id)
         async with self._build_slots:
-            resolved, graph = await self._closure(request, revision, bound, build)
+            resolved, baseline, graph = await self._closure(request, revision, bound, build)
         named = _by_resolved_names(request, resolved)
         named_key = self._image_key(revision, named)
         if named_key == key:
-            return await self._store_image(named, revision, key, build, resolved, graph, bound, started)
+            return await self._store_image(named, revision, key, build, resolved, baseline, graph, bound, started)
         # Spelt otherwise than its resolved names: the image is theirs, built once under their key.
         async with self.images.building(named_key):
             record = await self.images.get(named_key)
             if record is not None:
                 bound.info("build.found_by_resolved_names", name=record.name, key=named_key[:12])
                 return record
-            return await self._store_image(named, revision, named_key, build, resolved, graph, bound, started)
+            return await self._store_image(
+                named, revision, named_key, build, resolved, baseline, graph, bound, started
+            )
 
     async def _build_platforms(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """The image for each platform, found or built side by side (each once, however many
@@ -308,12 +315,14 @@ class ImageBuilder:
 
     async def _store_image(
         self, request: ImageRequest, revision: Revision, key: str, build: Build,
-        resolved: list[ResolvedPackage], graph: ClosureGraph, bound: Any, started: float,
+        resolved: list[ResolvedPackage], baseline: list[ResolvedPackage], graph: ClosureGraph, bound: Any,
+        started: float,
     ) -> ImageRecord:
         """The steps after the closure, for a closure that is built."""
-        roots = sorted({out for package in resolved for out in package.outputs})
+        roots = sorted({out for package in [*resolved, *baseline] for out in package.outputs})
         plan = await self._plan(graph, roots, request.arch, build, bound)
-        ca_bundle, layers, counter = await self._layers(plan, roots, graph, request, build, bound)
+        linked = linked_packages(resolved, baseline)
+        ca_bundle, layers, counter = await self._layers(plan, linked, graph, request, build, bound)
         assembled = assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression)
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
@@ -330,8 +339,8 @@ class ImageBuilder:
 
     async def _closure(
         self, request: ImageRequest, revision: Revision, bound: Any, build: Build
-    ) -> tuple[list[ResolvedPackage], ClosureGraph]:
-        """What the names resolve to, built, and the closure graph of their outputs."""
+    ) -> tuple[list[ResolvedPackage], list[ResolvedPackage], ClosureGraph]:
+        """What the names resolve to and the baseline's packages, built, and the closure graph of their outputs."""
         until = time.monotonic() + self.source.timeout  # for every step of this image's resolving
         system = request.arch.nix_system
         bound.info("build.evaluating")
@@ -341,10 +350,11 @@ class ImageBuilder:
         if resolved is None:
             resolved = await self.source.evaluate(revision, request.packages, system, until=until)
             self.evaluations.remember(revision, system, resolved)
-        bound.info("build.realising", derivations=len(resolved), evaluated=evaluated)
+        baseline = await self.baseline.packages(self.source, self.evaluations, revision, system, until=until)
+        bound.info("build.realising", derivations=len(resolved), evaluated=evaluated, baseline=len(baseline))
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
-        graph = await self.source.realise(resolved, system, until=until, on_line=NixLogProgress(build))
-        return resolved, graph
+        graph = await self.source.realise([*resolved, *baseline], system, until=until, on_line=NixLogProgress(build))
+        return resolved, baseline, graph
 
     async def _plan(
         self, graph: ClosureGraph, roots: list[str], arch: Arch, build: Build, bound: Any
@@ -363,8 +373,8 @@ class ImageBuilder:
         return plan
 
     async def _layers(
-        self, plan: list[frozenset[str]], roots: list[str], graph: ClosureGraph, request: ImageRequest,
-        build: Build, bound: Any,
+        self, plan: list[frozenset[str]], linked: list[LinkedPackage], graph: ClosureGraph,
+        request: ImageRequest, build: Build, bound: Any,
     ) -> tuple[str | None, list[StoredLayer], LayerCounter]:
         """Every layer of the image, found stored or compressed now, and the CA bundle that
         the entry-point layer links (if any)."""
@@ -375,8 +385,9 @@ class ImageBuilder:
             return counter.count(await self.layers.store_paths(sorted(paths)))
 
         async def store_entry_points() -> tuple[str | None, StoredLayer]:
-            ca_bundle, layer = await self.layers.store_entry_points(roots, list(graph.nodes.keys()), request.config)
-            return ca_bundle, counter.count(layer)
+            written, layer = await self.layers.store_entry_points(linked, list(graph.nodes.keys()), request.config)
+            report_links(build, bound, written.linked)
+            return written.ca_bundle, counter.count(layer)
 
         # The entry-point layer is last in the image but made alongside the others.
         stored, (ca_bundle, last) = await asyncio.gather(

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nixery.baseline import DEFAULT_BASELINE
+from nixery.errors import NameInvalid
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, parse_layer_cost_mb
 from nixery.layers.popularity import check_url
 from nixery.platforms import host_arch, parse_platforms
 from nixery.registry.mediatypes import Compression
-from nixery.registry.names import Arch
+from nixery.registry.names import Arch, parse_image_name
 from nixery.signing import SigningKey, SigningKeyError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -145,6 +147,8 @@ class Settings:
     layer_compression: Compression = Compression.GZIP
     # NIXERY_PLATFORMS: a name without a platform is built for each (an image index) when several.
     platforms: tuple[Arch, ...] = field(default_factory=lambda: (host_arch(),))
+    # NIXERY_BASELINE: packages every image gets when its package set has them (nixery.baseline).
+    baseline: tuple[str, ...] = DEFAULT_BASELINE
     shutdown_grace: float = 30.0
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
@@ -401,6 +405,19 @@ def _platforms(env: Mapping[str, str]) -> tuple[Arch, ...]:
         raise ConfigError(f"NIXERY_PLATFORMS={raw!r}: {exc}") from None
 
 
+def _baseline(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("NIXERY_BASELINE")
+    if raw is None:
+        return DEFAULT_BASELINE
+    names = tuple(dict.fromkeys(raw.replace(",", " ").split()))
+    for name in names:
+        try:
+            parse_image_name(name)
+        except NameInvalid as exc:
+            raise ConfigError(f"NIXERY_BASELINE={raw!r}: {exc}") from None
+    return names
+
+
 def _images_path(env: Mapping[str, str]) -> Path | None:
     raw = env.get("NIXERY_IMAGES_PATH")
     if not raw:
@@ -484,6 +501,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
         ),
         platforms=_platforms(env),
+        baseline=_baseline(env),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),

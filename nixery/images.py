@@ -13,8 +13,9 @@ not change, or existing storage stops being found):
                    before the record, removed by gc with it
 
 `<key>` is `image_key(...)`: the package set's revision, the package names,
-the architecture, the layer budget and the layer compression (gzip keys as
-they were before zstd existed).
+the architecture, the layer budget, the layer compression (gzip keys as
+they were before zstd existed) and the baseline packages (NIXERY_BASELINE;
+none: keys as before it existed).
 
 An image record names every blob of one built image: its config, its
 manifests and its layers; an image of several platforms (`nixery.platforms`)
@@ -47,7 +48,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -82,7 +83,8 @@ USAGE_INTERVAL = 3600.0
 
 
 def image_key(
-    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP
+    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP,
+    baseline: Sequence[str] | None = None,
 ) -> str:
     material: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -95,6 +97,8 @@ def image_key(
         material["compression"] = compression.value
     if request.config is not None:  # images of names keep the keys they had before declared configs
         material["config"] = request.config.to_json()
+    if baseline:  # NIXERY_BASELINE (nixery.baseline); without one, the keys of before it
+        material["baseline"] = list(baseline)
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from nixery import metrics
 
 if TYPE_CHECKING:
+    from nixery.layers.rootlinks import Linked
     from nixery.layers.store import StoredLayer
 
 
@@ -180,3 +181,23 @@ class LayerCounter:
             Stage.COMPRESSING, message, layers_done=self.done, layers_total=self.total,
             layers_created=self.created, compressed_bytes=self.bytes,
         )
+
+
+def report_links(build: Build, log: Any, linked: Linked) -> None:
+    """Say which files of the requested packages lost a conflict at `/`, or were left out
+    for the entry-point layer's limits (`nixery.layers.rootlinks`), in the log and the progress
+    (as an event of the stage under way: the entry-point layer is made beside the others)."""
+    if linked.conflict_count:
+        shown = "; ".join(map(str, linked.conflicts[:5]))
+        more = f" and {linked.conflict_count - 5} more" if linked.conflict_count > 5 else ""
+        build.emit(
+            Stage.COMPRESSING, f"{linked.conflict_count} paths at / provided by several packages, "
+            f"the first one's kept: {shown}{more}", **linked.summary(),
+        )
+        log.warning("build.link_conflicts", **linked.summary())
+    if linked.left_out_count:
+        build.emit(
+            Stage.COMPRESSING, f"{linked.left_out_count} paths not linked at / (the entry-point layer's limits), "
+            f"the first: {linked.left_out}", **linked.summary(),
+        )
+        log.warning("build.links_left_out", **linked.summary())

@@ -24,6 +24,13 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
+#: What NIXERY_BASELINE's default (cacert, iana-etc) costs a registry process in Nix
+#: evaluations, once per package-set revision however many images it builds, on the busybox
+#: set and the sets built on it: they have `cacert` but no `iana-etc`, so one evaluation learns
+#: that and one more evaluates `cacert` alone (nixery.baseline).
+BASELINE_EVALUATIONS = 2
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -74,12 +74,23 @@ class StorePathsResolver:
         self, revision: Revision, names: Sequence[str], system: str, *, until: float
     ) -> list[ResolvedPackage]:
         self.evaluated.append(tuple(names))
-        if missing := sorted(set(names) - set(self.outputs)):
+        found = {name: attr for name in names if (attr := self._attr(name)) is not None}
+        if missing := sorted(set(names) - set(found)):
             raise PackagesNotFound(missing, revision.source)
         return [
-            ResolvedPackage(name, name, name, drv_path="", outputs=(self.outputs[name],), main_program=None)
+            ResolvedPackage(
+                name, found[name], found[name].removeprefix("_") if found[name][1:2].isdigit() else found[name],
+                drv_path="", outputs=(self.outputs[found[name]],), main_program=None,
+            )
             for name in names
         ]
+
+    def _attr(self, name: str) -> str | None:
+        """The package `name` finds: itself, or `_7zz` for `7zz`, as resolve.nix finds them."""
+        for attr in (name, f"_{name}" if name[:1].isdigit() else None):
+            if attr in self.outputs:
+                return attr
+        return None
 
     async def realise(
         self, packages: Sequence[ResolvedPackage], system: str, *, until: float,

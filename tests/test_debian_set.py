@@ -6,16 +6,20 @@ debian-set` and CI run); the whole module is skipped otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import http.server
 import importlib.util
 import io
 import json
 import os
 import shutil
+import ssl
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -386,3 +390,103 @@ def test_the_same_history_gives_the_same_digest_and_another_history_another_spli
         for registry in registries:
             registry.stop()
     assert digests["history"] == digests["same-history"] != digests["fresh"]
+
+
+# --- what every image holds (issue 24) ----------------------------------------
+
+
+def test_tzdata_lands_where_debian_puts_it(debian_registry: RegistryProcess) -> None:
+    """`shell/tzdata`: the package's usr/share/zoneinfo is /usr/share/zoneinfo, where glibc
+    looks; the baseline's netbase (`iana-etc`) gives /etc/services; ncurses-term's terminfo
+    is at /usr/share/terminfo."""
+    script = "TZ=Asia/Tokyo date +%Z; grep -c -w '^ssh' /etc/services; grep -c '^tcp' /etc/protocols"
+    result = podman_run(f"{debian_registry.host}/shell/tzdata", "bash", "-c", script)
+    assert result.stdout.split() == ["JST", "1", "1"], result.stdout
+    kitty = "test -f /usr/share/terminfo/k/kitty && echo ok"
+    result = podman_run(f"{debian_registry.host}/shell/ncurses-term", "bash", "-c", kitty)
+    assert result.stdout.strip() == "ok"
+
+
+def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for 127.0.0.1 it signed: (ca.pem, server.pem, server.key)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=nixery test CA",
+         "-keyout", str(ca_key), "-out", str(ca)])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
+         "-out", str(csr)])
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-days", "2", "-extfile", str(extensions), "-out", str(cert)])
+    return ca, cert, key
+
+
+@contextlib.contextmanager
+def tls_server(cert: Path, key: Path) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 answering every GET with a greeting; yields its port."""
+
+    class Greeting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's API)
+            body = b"hello over TLS\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Greeting)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_image_trusts_the_sets_ca_bundle(tmp_path: Path) -> None:
+    """A package set whose `cacert` holds a test CA (the Debian set otherwise): `shell/curl`
+    reaches a TLS server with a certificate of that CA, and `jq`, whose closure has no CA
+    bundle, has the bundle and SSL_CERT_FILE too (the baseline)."""
+    ca, cert, key = make_test_ca(tmp_path)
+    packages = tmp_path / "pkgs"
+    packages.mkdir()
+    shutil.copyfile(ca, packages / "ca.pem")
+    busybox = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
+    (packages / "default.nix").write_text(f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {SET} args; bb = "${{(import {busybox} args).busybox}}/bin";
+in base // {{
+  cacert = derivation {{
+    name = "test-cacert"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/mkdir -p $out/etc/ssl/certs && ${{bb}}/cp ${{./ca.pem}} $out/etc/ssl/certs/ca-bundle.crt" ];
+  }};
+}}
+""")
+    registry = RegistryProcess(storage=tmp_path / "storage", env={"NIXERY_PKGS_PATH": str(packages)})
+    registry.start()
+    try:
+        environments = {}
+        for name in ("shell/curl", "jq"):
+            _, manifest = registry.manifest(name)
+            status, _, body = registry.request(f"/v2/{name}/blobs/{manifest['config']['digest']}", accept=None)
+            environments[name] = json.loads(body)["config"]["Env"]
+            assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in environments[name], name
+        skopeo_to_oci(f"{registry.host}/jq", tmp_path / "jq")
+        jq = unpack_oci(tmp_path / "jq", tmp_path / "jq-bundle")
+        bundle = os.readlink(jq / "etc/ssl/certs/ca-certificates.crt")
+        assert (jq / bundle.lstrip("/")).read_bytes() == ca.read_bytes()
+        skopeo_to_oci(f"{registry.host}/shell/curl", tmp_path / "curl")
+        rootfs = unpack_oci(tmp_path / "curl", tmp_path / "curl-bundle")
+        with tls_server(cert, key) as port:
+            # chroot shares this machine's network, so the image's curl reaches the test server
+            curl = f"curl -sS https://127.0.0.1:{port}/"
+            environment = ["/usr/bin/env", "-i", *environments["shell/curl"]]
+            result = run(["chroot", str(rootfs), *environment, "/bin/bash", "-c", curl])
+        assert result.stdout == "hello over TLS\n"
+    finally:
+        registry.stop()

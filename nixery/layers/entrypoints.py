@@ -1,11 +1,13 @@
 """The small layer every image gets on top: the paths users expect at `/`.
 
 Store paths live under /nix/store; this layer makes an image feel like a
-normal system: `/bin` holds symlinks to every program of the requested
-packages, `/usr/bin/env` exists for `#!/usr/bin/env` scripts, `/etc/ssl/certs`
-points at a CA bundle from the closure when there is one, `/tmp` is writable,
-and `/etc/passwd` knows root (and a declared image's user, `nixery.registry.runconfig`,
-whose home directory is writable like `/tmp`: tar entries here are owned by root).
+normal system: the requested packages' trees are linked at `/`
+(`nixery.layers.rootlinks`: `/bin` with every program, `/share`, `/lib`,
+`/etc`, Debian's `/usr/...`), `/usr/bin/env` exists for `#!/usr/bin/env`
+scripts, `/etc/ssl/certs` points at a CA bundle from the closure when there is
+one, `/tmp` is writable, and `/etc/passwd` knows root (and a declared image's
+user, `nixery.registry.runconfig`, whose home directory is writable like `/tmp`:
+tar entries here are owned by root).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from nixery.layers.rootlinks import Linked, LinkedPackage, link_packages
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import Compression
@@ -39,6 +42,7 @@ _NSSWITCH = b"passwd: files\ngroup: files\nhosts: files dns\n"
 class EntryPoints:
     entries: tuple[Entry, ...]
     ca_bundle: str | None  # store path of the CA bundle linked at SSL_CERT_FILE
+    linked: Linked  # how the packages were linked: conflicts, what was left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +52,13 @@ class EntryLayer:
     key: str  # identifies the layer's bytes in the layer cache
     ca_bundle: str | None
     blob: LayerBlob
+    linked: Linked  # without its entries: conflicts, what was left out
 
 
-def _programs(output: str) -> Iterable[tuple[str, str]]:
-    for subdir in ("bin", "sbin"):
-        directory = os.path.join(output, subdir)
-        try:
-            names = sorted(os.listdir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
-            yield name, os.path.join(directory, name)
-
-
-def find_ca_bundle(closure: Iterable[str]) -> str | None:
-    for store_path in sorted(closure):
+def find_ca_bundle(closure: Iterable[str], preferred: Sequence[str] = ()) -> str | None:
+    """The CA bundle of the `preferred` store paths (in order: the requested packages', then the
+    baseline's), else the first in the closure."""
+    for store_path in [*preferred, *sorted(closure)]:
         for candidate in CA_BUNDLE_CANDIDATES:
             path = os.path.join(store_path, candidate)
             if os.path.isfile(path):
@@ -70,41 +66,42 @@ def find_ca_bundle(closure: Iterable[str]) -> str | None:
     return None
 
 
-def entry_points(outputs: Sequence[str], closure: Iterable[str], config: RunConfig | None = None) -> EntryPoints:
-    """The entries for the requested packages' outputs, first package winning a name clash.
+def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]:
+    """What every image has at `/` whatever its packages (they win over the packages')."""
+    own = [Entry(directory, "dir", 0o755) for directory in ("bin", "etc", "usr", "usr/bin", "root")]
+    own.append(Entry("tmp", "dir", 0o1777))
+    user = account(config)
+    if user is not None:
+        own += [Entry("home", "dir", 0o755), Entry(user.home, "dir", 0o1777)]
+    own += [
+        Entry("etc/passwd", "file", 0o644, content=_PASSWD + (user.passwd if user else b"")),
+        Entry("etc/group", "file", 0o644, content=_GROUP + (user.group if user else b"")),
+        Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH),
+    ]
+    if ca_bundle is not None:
+        own += [Entry(directory, "dir", 0o755) for directory in ("etc/ssl", "etc/ssl/certs")]
+        own += [
+            Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle)
+            for name in ("ca-bundle.crt", "ca-certificates.crt")
+        ]
+    return own
+
+
+def entry_points(
+    packages: Sequence[LinkedPackage], closure: Iterable[str], config: RunConfig | None = None
+) -> EntryPoints:
+    """The entries for the requested packages, in order: the first one wins a conflict.
 
     Reads the store (directory listings), so call it off the event loop.
     """
-    entries: dict[str, Entry] = {}
-
-    def add(entry: Entry) -> None:
-        entries.setdefault(entry.name, entry)
-
-    for directory in ("bin", "etc", "usr", "usr/bin", "root"):
-        add(Entry(directory, "dir", 0o755))
-    add(Entry("tmp", "dir", 0o1777))
-    user = account(config)
-    if user is not None:
-        add(Entry("home", "dir", 0o755))
-        add(Entry(user.home, "dir", 0o1777))
-    add(Entry("etc/passwd", "file", 0o644, content=_PASSWD + (user.passwd if user else b"")))
-    add(Entry("etc/group", "file", 0o644, content=_GROUP + (user.group if user else b"")))
-    add(Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH))
-
-    for output in outputs:
-        for name, target in _programs(output):
-            add(Entry(f"bin/{name}", "symlink", target=target))
+    ca_bundle = find_ca_bundle(closure, [output for package in packages for output in package.outputs])
+    own = _own_entries(ca_bundle, config)
+    linked = link_packages(packages, own)
+    entries = {entry.name: entry for entry in [*own, *linked.entries]}
     env = entries.get("bin/env")
-    if env is not None:
-        add(Entry("usr/bin/env", "symlink", target=env.target))
-
-    ca_bundle = find_ca_bundle(closure)
-    if ca_bundle is not None:
-        for directory in ("etc/ssl", "etc/ssl/certs"):
-            add(Entry(directory, "dir", 0o755))
-        for name in ("ca-certificates.crt", "ca-bundle.crt"):
-            add(Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle))
-    return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle)
+    if env is not None and env.kind == "symlink":  # a package's own usr/bin/env comes first
+        entries.setdefault("usr/bin/env", Entry("usr/bin/env", "symlink", target=env.target))
+    return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle, linked)
 
 
 def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compression.GZIP) -> str:
@@ -115,7 +112,7 @@ def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compres
 
 
 def write_entry_points(
-    outputs: Sequence[str], closure: Iterable[str], dest: BinaryIO, *,
+    packages: Sequence[LinkedPackage], closure: Iterable[str], dest: BinaryIO, *,
     compression: Compression = Compression.GZIP, config: RunConfig | None = None,
 ) -> EntryLayer:
     """Find the entry points and write their layer to `dest`, in one call.
@@ -123,6 +120,7 @@ def write_entry_points(
     One trip to a worker instead of two: the entries themselves (hundreds of
     them for busybox) cost ~2 ms to pickle each way, more than writing them.
     """
-    points = entry_points(outputs, closure, config)
+    points = entry_points(packages, closure, config)
     blob = write_entry_layer(points.entries, dest, compression=compression)
-    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob)
+    report = replace(points.linked, entries=[])  # the entries are in the layer: only the report goes back
+    return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob, report)

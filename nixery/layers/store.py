@@ -31,7 +31,8 @@ from pathlib import Path
 
 import structlog
 
-from nixery.layers.entrypoints import write_entry_points
+from nixery.layers.entrypoints import EntryLayer, write_entry_points
+from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.tarball import cache_tag, write_store_layer
 from nixery.layers.writers import LayerWrite, LayerWriters, write_file
 from nixery.registry.image import LayerDescriptor, canonical_json
@@ -94,16 +95,17 @@ class LayerStore:
         return await self._layers.run(key, lambda: self._cached_or_new_layer(key, describe_layer(store_paths), write))
 
     async def store_entry_points(
-        self, outputs: Sequence[str], closure: Sequence[str], config: RunConfig | None = None
-    ) -> tuple[str | None, StoredLayer]:
-        """The entry-point layer (with the account of `config`'s user) and the CA bundle it links, if any.
+        self, packages: Sequence[LinkedPackage], closure: Sequence[str], config: RunConfig | None = None
+    ) -> tuple[EntryLayer, StoredLayer]:
+        """The entry-point layer (with the account of `config`'s user), and what its worker found
+        (the CA bundle it links, the packages' conflicts).
 
         Its cache key depends on what the worker finds, so it is written first and
         dropped when storage has it already (it is a few kilobytes).
         """
         started = time.monotonic()
         write = functools.partial(
-            write_entry_points, outputs, closure, compression=self.compression, config=config
+            write_entry_points, packages, closure, compression=self.compression, config=config
         )
         staged = self._new_staged_file()
         try:
@@ -114,10 +116,10 @@ class LayerStore:
             raise
         if known is not None:
             staged.unlink()
-            return written.ca_bundle, known
+            return written, known
         blob = written.blob
         descriptor = LayerDescriptor(blob.digest, blob.diff_id, blob.size, "entry points (/bin, /etc, /tmp)")
-        return written.ca_bundle, self._start_storing(written.key, descriptor, staged, time.monotonic() - started)
+        return written, self._start_storing(written.key, descriptor, staged, time.monotonic() - started)
 
     async def _cached_or_new_layer(self, key: str, description: str, write: LayerWrite) -> StoredLayer:
         """The layer for `key`, compressed only if it is not stored or being stored yet.

@@ -45,7 +45,7 @@ from nixery.storage.base import raising_storage_full
 log = structlog.get_logger(__name__)
 
 # What the workers run, imported once by the fork server rather than by each worker.
-_PRELOAD = ["nixery.layers.writers", "nixery.layers.tarball", "nixery.layers.entrypoints"]
+_PRELOAD = ["nixery.layers.writers", "nixery.layers.tarball", "nixery.layers.entrypoints", "nixery.layers.rootlinks"]
 T = TypeVar("T")
 
 #: Writes one layer's bytes to an open file: a picklable callable (a partial of a

@@ -108,10 +108,7 @@ class Catalog:
         if self.total > len(self.entries):
             return []
         known = {entry.name.lower() for entry in self.entries} | {"shell"}
-        return [
-            name for name in names
-            if name.lower() not in known and name.split(".", 1)[0].lower() not in known
-        ]
+        return [name for name in names if not (_spellings(name) | _spellings(name.split(".", 1)[0])) & known]
 
     def search(self, query: str, limit: int = 50) -> list[CatalogEntry]:
         """Entries whose name (or description) contains `query`, best first:
@@ -170,6 +167,12 @@ class Catalog:
 _MAX_DESCRIPTION = 200
 RETRY_AFTER = 60.0  # seconds before a failed reading is tried again
 _KEY_SAFE = re.compile(r"[^a-z0-9._-]")
+
+
+def _spellings(name: str) -> set[str]:
+    """How the package set may spell a name, in lower case: `7zz` also as `_7zz` (resolve.nix)."""
+    name = name.lower()
+    return {name, f"_{name}"} if name[:1].isdigit() else {name}
 
 
 def _entries(rows: Any) -> tuple[CatalogEntry, ...]:

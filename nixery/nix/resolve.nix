@@ -14,12 +14,22 @@ let
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
   toLower = builtins.replaceStrings upper lower;
 
-  # The attribute of `set` called `name`, or else the one whose name matches
-  # case-insensitively when exactly one does.
+  # Nix spells attribute names that start with a digit with a leading
+  # underscore (nixpkgs' `_7zz`, `_1password`); Docker names cannot start with
+  # one, so `7zz` also finds `_7zz`.
+  startsWithDigit = name: builtins.match "[0-9].*" name != null;
+  undigit = name: if builtins.match "_[0-9].*" name != null then builtins.substring 1 (-1) name else name;
+
+  # The attribute of `set` called `name` (or `_name` for a name that starts with
+  # a digit), or else the one whose name matches case-insensitively when exactly
+  # one does.
   lookupAttr = set: name:
     if builtins.hasAttr name set then { found = true; attr = name; }
+    else if startsWithDigit name && builtins.hasAttr "_${name}" set then { found = true; attr = "_${name}"; }
     else
-      let matches = builtins.filter (n: toLower n == toLower name) (builtins.attrNames set);
+      let
+        wanted = toLower (if startsWithDigit name then "_${name}" else name);
+        matches = builtins.filter (n: toLower n == toLower name || toLower n == wanted) (builtins.attrNames set);
       in if builtins.length matches == 1
         then { found = true; attr = builtins.head matches; }
         else { found = false; };
@@ -51,11 +61,12 @@ let
         then { found = true; value = pkgs.${whole.attr}; path = [ whole.attr ]; }
       else { found = false; };
 
-  # The name to pull a found attribute path by (see above).
+  # The name to pull a found attribute path by (see above), without the
+  # underscore of `_7zz` when `7zz` finds the same attribute.
   pullName = path:
     let
       name = builtins.concatStringsSep "." path;
-      lower = toLower name;
+      lower = toLower (builtins.concatStringsSep "." (map undigit path));
       again = find lower;
     in
       if lower == name || !(again.found && again.path == path) then name else lower;

@@ -90,6 +90,7 @@ NIX_NAMES = {
     "xz": "xz-utils",
     "openssh": "openssh-client",
     "cacert": "ca-certificates",
+    "iana-etc": "netbase",
     "sqlite": "sqlite3",
     "ncurses": "ncurses-bin",
     "netcat": "netcat-openbsd",
