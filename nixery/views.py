@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from nixery.images import ImageRecord
+from nixery.platforms import image_summary, platform_records
 from nixery.progress import Stage
-from nixery.registry.negotiation import pull_digests
 
 #: A build's stages in the order they come; a failed build ends in FAILED instead of DONE.
 STAGE_ORDER = (
@@ -55,13 +55,15 @@ def other_order(name: str) -> str | None:
 
 
 def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
-    paths = record.layer_paths or tuple(() for _ in record.layers)
-    digests = pull_digests(record.descriptors)
-    return {
+    """The image; of several platforms, `digest` is its index's, `platforms` lists each one
+    (`nixery.platforms.platform_summaries`, with its layers), and the rest is the default
+    platform's (the one a client that takes no index gets)."""
+    summary = image_summary(record)
+    document = {
         "name": record.name,
         "tag": tag,
-        "digest": str(digests.default),
-        "oci_digest": str(digests.oci),
+        "digest": summary["digest"],
+        "oci_digest": summary["oci_digest"],
         "config": str(record.config),
         "size": record.compressed_size,
         "source": record.source,
@@ -70,8 +72,18 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
         "architecture": record.architecture,
         "built_at": record.built_at,
         "paths_recorded": bool(record.layer_paths),
-        "layers": [
-            {**layer.to_json(), "paths": list(layer_paths)}
-            for layer, layer_paths in zip(record.layers, paths, strict=True)
-        ],
+        "layers": _layers_json(record),
     }
+    if "platforms" in summary:
+        document["platforms"] = [
+            {**platform, "config": str(one.config), "layers": _layers_json(one)}
+            for platform, one in zip(summary["platforms"], platform_records(record), strict=True)
+        ]
+    return document
+
+
+def _layers_json(record: ImageRecord) -> list[dict[str, Any]]:
+    paths = record.layer_paths or tuple(() for _ in record.layers)
+    return [
+        {**layer.to_json(), "paths": list(layer_paths)} for layer, layer_paths in zip(record.layers, paths, strict=True)
+    ]
