@@ -95,6 +95,12 @@ def test_the_build_of_several_platforms_ends_with_the_index_and_relays_each_plat
     assert f'<code id="digest">{digest}</code>' in html
     assert all(entry["digest"] in html for entry in index["manifests"])
 
+    # Built already: the build ends at once, and its page shows each platform done.
+    again, events = _build(registry_both, "shell")
+    assert [event["stage"] for event in events] == ["done"] and events[0]["digest"] == digest
+    _, _, page = registry_both.request(f"/builds/{again['id']}", accept="text/html")
+    assert all(f'data-platform="{platform}" data-stage="done"' in page.decode() for platform in PLATFORMS)
+
     # `nixery inspect`: the platforms and their digests.
     inspected = nixery("inspect", "shell", "--registry", registry_both.url, "--no-paths")
     assert inspected.returncode == 0, inspected.stderr

@@ -152,6 +152,12 @@ class Progress:
         self.last_time = event.time
         if event.stage is Stage.COMPRESSING and self.compress_started is None:
             self.compress_started = event.time
+        if event.stage is Stage.DONE:  # an image found built: its platforms have no events of their own
+            for one in event.data.get("platforms") or ():
+                if isinstance(one, dict) and one.get("platform") not in self.platforms:
+                    summary = {key: value for key, value in one.items() if key not in PLATFORM_FIELDS}
+                    found = Event(Stage.DONE, event.message, event.time, summary)
+                    self.platforms[one["platform"]] = Progress(event.time, [found])
 
     @property
     def rate(self) -> float | None:
