@@ -110,6 +110,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,
         platforms=settings.platforms,
+        nix_annotations=settings.nix_annotations,
     )
 
 

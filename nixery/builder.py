@@ -82,6 +82,7 @@ class ImageBuilder:
         layer_compression: Compression = Compression.GZIP,
         record_cache: int = DEFAULT_CAPACITY,
         platforms: Sequence[Arch] = (),
+        nix_annotations: bool = False,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -96,6 +97,8 @@ class ImageBuilder:
         self.layers = LayerStore(storage, compression=layer_compression, workers=layer_workers or os.cpu_count() or 2)
         #: NIXERY_PLATFORMS: with several, a name without a platform gets an image index.
         self.platforms = tuple(platforms) or (host_arch(),)
+        #: NIXERY_NIX_ANNOTATIONS: layers list their store paths for nix-snapshotter.
+        self.nix_annotations = nix_annotations
         #: The layering history (one per platform), shared through storage with the other processes.
         self.histories = PlatformHistories(storage, host_arch().nix_system)
         self.builds = BuildLog()
@@ -185,7 +188,7 @@ class ImageBuilder:
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
         if request.platforms:
             return index_key([self._image_key(revision, one) for one in each_platform(request)])
-        return image_key(revision, request, self.max_layers, self.compression)
+        return image_key(revision, request, self.max_layers, self.compression, nix_annotations=self.nix_annotations)
 
     async def _record_by_resolved_names(self, revision: Revision, request: ImageRequest) -> ImageRecord | None:
         """The image a request spelt otherwise names (`Curl/Shell`: `curl/shell`), when what its
@@ -314,7 +317,10 @@ class ImageBuilder:
         roots = sorted({out for package in resolved for out in package.outputs})
         plan = await self._plan(graph, roots, request.arch, build, bound)
         ca_bundle, layers, counter = await self._layers(plan, roots, graph, build, bound)
-        image = attach(assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression))
+        image = attach(assemble(
+            request, revision, key, resolved, plan, layers, ca_bundle, self.compression,
+            nix_annotations=self.nix_annotations,
+        ))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         await self._publish(image, plan, request.arch)
         bound.info(

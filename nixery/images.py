@@ -9,8 +9,9 @@ not change, or existing storage stops being found):
     builds/<key>   the lock held while it is built, or removed by gc
 
 `<key>` is `image_key(...)`: the package set's revision, the package names,
-the architecture, the layer budget and the layer compression (gzip keys as
-they were before zstd existed).
+the architecture, the layer budget, the layer compression (gzip keys as
+they were before zstd existed) and NIXERY_NIX_ANNOTATIONS (keys as they were
+before it existed when it is off).
 
 An image record names every blob of one built image: its config, its
 manifests and its layers; an image of several platforms (`nixery.platforms`)
@@ -77,7 +78,8 @@ USAGE_INTERVAL = 3600.0
 
 
 def image_key(
-    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP
+    revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP,
+    *, nix_annotations: bool = False,
 ) -> str:
     material: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -88,6 +90,8 @@ def image_key(
     }
     if compression is not Compression.GZIP:  # gzip images keep the keys they had before zstd
         material["compression"] = compression.value
+    if nix_annotations:  # other manifests (NIXERY_NIX_ANNOTATIONS); without, the keys they always had
+        material["nix_annotations"] = True
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
