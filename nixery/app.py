@@ -123,6 +123,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         platforms=settings.platforms,
         popularity=Popularity(settings.popularity_url) if settings.popularity_url else None,
         baseline=settings.baseline,
+        nix_annotations=settings.nix_annotations,
     )
 
 

@@ -19,6 +19,7 @@ from nixery.registry.digest import Digest
 from nixery.registry.image import DEFAULT_PATH, image_config
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import ImageRequest
+from nixery.registry.nix_snapshotter import nix_layer_annotations
 from nixery.resolver import ResolvedPackage, Revision
 
 
@@ -44,9 +45,16 @@ def image_cmd(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> lis
 def assemble(
     request: ImageRequest, revision: Revision, key: str, resolved: list[ResolvedPackage],
     plan: list[frozenset[str]], stored: list[StoredLayer], ca_bundle: str | None, compression: Compression,
+    *, nix_annotations: bool = False,
 ) -> AssembledImage:
-    """The image's config and manifests (one per format the layers' compression allows), and its record."""
+    """The image's config and manifests (one per format the layers' compression allows), and its
+    record. `nix_annotations` (NIXERY_NIX_ANNOTATIONS): each layer's descriptor, in every format
+    (containerd, which nix-snapshotter plugs into, takes the Docker one of a gzip image), lists
+    the store paths it holds (`nixery.registry.nix_snapshotter`)."""
     layers = [layer.descriptor for layer in stored]
+    # The entry-point layers hold no store path.
+    layer_paths = tuple(tuple(sorted(paths)) for paths in plan) + ((),) * ENTRY_POINT_LAYERS
+    annotations = [nix_layer_annotations(paths) for paths in layer_paths] if nix_annotations else []
     env = [f"PATH={DEFAULT_PATH}"]
     if ca_bundle:
         env.append(f"SSL_CERT_FILE={SSL_CERT_FILE}")
@@ -59,7 +67,7 @@ def assemble(
         run=request.config,
     )
     formats = compression.manifest_formats
-    documents = [image_manifest(fmt, config, layers, compression) for fmt in formats]
+    documents = [image_manifest(fmt, config, layers, compression, layer_annotations=annotations) for fmt in formats]
     manifests = {
         fmt: ManifestRef(Digest.of(document), len(document))
         for fmt, document in zip(formats, documents, strict=True)
@@ -75,7 +83,6 @@ def assemble(
         manifests=manifests,
         layers=tuple(layers),
         built_at=time.time(),
-        # The entry-point layers hold no store path.
-        layer_paths=tuple(tuple(sorted(paths)) for paths in plan) + ((),) * ENTRY_POINT_LAYERS,
+        layer_paths=layer_paths,
     )
     return AssembledImage(record, (config, *documents), tuple(stored))

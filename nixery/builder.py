@@ -57,12 +57,11 @@ from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
-from nixery.platforms import each_platform, host_arch, index_image, index_key
-from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, Stage, report_links
+from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
+from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
-from nixery.registry.negotiation import pull_digests
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
@@ -90,6 +89,7 @@ class ImageBuilder:
         platforms: Sequence[Arch] = (),
         popularity: Popularity | None = None,
         baseline: Sequence[str] = DEFAULT_BASELINE,
+        nix_annotations: bool = False,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -106,6 +106,8 @@ class ImageBuilder:
         self.layers = LayerStore(storage, compression=layer_compression, workers=layer_workers or os.cpu_count() or 2)
         #: NIXERY_PLATFORMS: with several, a name without a platform gets an image index.
         self.platforms = tuple(platforms) or (host_arch(),)
+        #: NIXERY_NIX_ANNOTATIONS: layers list their store paths for nix-snapshotter.
+        self.nix_annotations = nix_annotations
         #: The layering history (one per platform), shared through storage with the other processes.
         self.histories = PlatformHistories(storage, host_arch().nix_system)
         #: NIX_POPULARITY_URL's counts, for the layering of a registry whose history is young.
@@ -175,7 +177,7 @@ class ImageBuilder:
         revision, key, record = await self._lookup(request, tag)
         if record is not None:
             build = self.builds.new(request.display_name)
-            build.emit(Stage.DONE, "already built", **_record_summary(record))
+            build.emit(Stage.DONE, "already built", **image_summary(record))
             return build
         build = self._build_for(key, request)
         task = asyncio.ensure_future(self._images.run(key, lambda: self._build(request, revision, key, build)))
@@ -200,7 +202,10 @@ class ImageBuilder:
     def _image_key(self, revision: Revision, request: ImageRequest) -> str:
         if request.platforms:
             return index_key([self._image_key(revision, one) for one in each_platform(request)])
-        return image_key(revision, request, self.max_layers, self.compression, self.baseline.key())
+        return image_key(
+            revision, request, self.max_layers, self.compression, self.baseline.key(),
+            nix_annotations=self.nix_annotations,
+        )
 
     async def _record_by_resolved_names(self, revision: Revision, request: ImageRequest) -> ImageRecord | None:
         """The image a request spelt otherwise names (`Curl/Shell`: `curl/shell`), when what its
@@ -250,7 +255,7 @@ class ImageBuilder:
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             raise
         else:
-            build.emit(Stage.DONE, "image ready", **_record_summary(record))
+            build.emit(Stage.DONE, "image ready", **image_summary(record))
             return record
         finally:
             self._in_flight.pop(key, None)
@@ -295,15 +300,25 @@ class ImageBuilder:
 
     async def _build_platforms(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """The image for each platform, found or built side by side (each once, however many
-        ask for it), joined by an index (`nixery.platforms`)."""
-        platforms = ", ".join(arch.oci_name for arch in request.platforms)
-        build.emit(Stage.BUILDING, f"building an image for each platform: {platforms}", platforms=platforms)
+        ask for it), joined by an index (`nixery.platforms`). Each platform's progress is
+        relayed into this build's, tagged with the platform (`nixery.progress.PlatformRelay`)."""
+        platforms = [platform_name(arch) for arch in request.platforms]
+        build.emit(Stage.BUILDING, f"building an image for each platform: {', '.join(platforms)}", platforms=platforms)
+        relay = PlatformRelay(build)
 
         async def image_for(one: ImageRequest) -> ImageRecord:
             one_key, record = await self._find(revision, one)
-            return record or await self._build_once(one, revision, one_key)
+            platform = platform_name(one.arch)
+            if record is not None:
+                relay.found(platform, **image_summary(record))
+                return record
+            return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
 
-        records = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
+        try:
+            records = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
+            await relay.finish()
+        finally:
+            relay.stop()
         # Spelt otherwise than its resolved names, the index is theirs, as each platform's image is.
         named_key = index_key([record.key for record in records])
         if named_key != key and (found := await self.images.get(named_key)) is not None:
@@ -323,7 +338,10 @@ class ImageBuilder:
         plan = await self._plan(graph, roots, request.arch, build, bound)
         linked = linked_packages(resolved, baseline)
         ca_bundle, layers, counter = await self._layers(plan, linked, graph, request, build, bound)
-        assembled = assemble(request, revision, key, resolved, plan, layers, ca_bundle, self.compression)
+        assembled = assemble(
+            request, revision, key, resolved, plan, layers, ca_bundle, self.compression,
+            nix_annotations=self.nix_annotations,
+        )
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
@@ -422,12 +440,3 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _record_summary(record: ImageRecord) -> dict[str, Any]:
-    digests = pull_digests(record.descriptors)
-    return {
-        "image": record.name,
-        "digest": str(digests.default),
-        "oci_digest": str(digests.oci),
-        "layers": len(record.layers),
-        "size": record.compressed_size,
-    }

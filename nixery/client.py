@@ -150,7 +150,9 @@ class PlainProgress:
         if self.started is None:
             self.started = event.get("time", time.time())
         offset = event.get("time", self.started) - self.started
-        print(f"[{offset:6.1f}s] {event.get('stage', '?'):<11} {event.get('message', '')}", file=self.out, flush=True)
+        platform = f"{event['platform']} {event.get('platform_stage', '')}: " if event.get("platform") else ""
+        line = f"[{offset:6.1f}s] {event.get('stage', '?'):<11} {platform}{event.get('message', '')}"
+        print(line, file=self.out, flush=True)
 
 
 class BarProgress:
@@ -185,7 +187,26 @@ class BarProgress:
         if stage in self.summaries:
             self.progress.update(task, detail=self.summaries[stage])
 
+    def _update_platform(self, event: dict[str, Any]) -> None:
+        """One platform's progress (an image of several): a line of its own, a bar over its layers."""
+        platform, stage = event["platform"], event.get("platform_stage", "")
+        if platform not in self.tasks:
+            self.tasks[platform] = self.progress.add_task(f"  {platform}", total=None, detail="")
+        task = self.tasks[platform]
+        label = LABELS.get(stage, stage)
+        if stage == "compressing" and "layers_total" in event:
+            done, total = event.get("layers_done", 0), event["layers_total"]
+            self.progress.update(task, total=total, completed=done, detail=f"{label}: {done}/{total} layers")
+        elif stage == "done":
+            size = f"{_size(event.get('size'))} in {event.get('layers')} layers"
+            self.progress.update(task, total=1, completed=1, detail=size)
+        else:
+            self.progress.update(task, detail=f"{label}: {event.get('message', '')}"[:60])
+
     def update(self, event: dict[str, Any]) -> None:
+        if event.get("platform"):
+            self._update_platform(event)
+            return
         stage = event.get("stage", "")
         if stage == "failed":
             if self.current is not None:
@@ -262,6 +283,9 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
         ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
         ("Pull", f"docker pull {ref}"),
     ]
+    for platform in image.get("platforms", ()):  # an image of several platforms: the digest above is its index's
+        summary = f"{platform['oci_digest']}  {_size(platform['size'])}, {len(platform['layers'])} layers"
+        lines.insert(-2, (platform["platform"], summary))
     other = other_order(image["name"])
     if other is not None and other != image["name"]:
         lines.insert(1, ("", f"the same image as {other}: the order of the names does not matter"))

@@ -149,6 +149,8 @@ class Settings:
     platforms: tuple[Arch, ...] = field(default_factory=lambda: (host_arch(),))
     # NIXERY_BASELINE: packages every image gets when its package set has them (nixery.baseline).
     baseline: tuple[str, ...] = DEFAULT_BASELINE
+    # NIXERY_NIX_ANNOTATIONS: each layer lists its store paths for nix-snapshotter (other manifests, digests).
+    nix_annotations: bool = False
     shutdown_grace: float = 30.0
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
@@ -502,6 +504,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ),
         platforms=_platforms(env),
         baseline=_baseline(env),
+        nix_annotations=_bool(env, "NIXERY_NIX_ANNOTATIONS", False),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),

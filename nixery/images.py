@@ -14,8 +14,9 @@ not change, or existing storage stops being found):
 
 `<key>` is `image_key(...)`: the package set's revision, the package names,
 the architecture, the layer budget, the layer compression (gzip keys as
-they were before zstd existed) and the baseline packages (NIXERY_BASELINE;
-none: keys as before it existed).
+they were before zstd existed), the baseline packages (NIXERY_BASELINE;
+none: keys as before it existed) and NIXERY_NIX_ANNOTATIONS (keys as they were
+before it existed when it is off).
 
 An image record names every blob of one built image: its config, its
 manifests and its layers; an image of several platforms (`nixery.platforms`)
@@ -85,6 +86,7 @@ USAGE_INTERVAL = 3600.0
 def image_key(
     revision: Revision, request: ImageRequest, max_layers: int, compression: Compression = Compression.GZIP,
     baseline: Sequence[str] | None = None,
+    *, nix_annotations: bool = False,
 ) -> str:
     material: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -99,6 +101,8 @@ def image_key(
         material["config"] = request.config.to_json()
     if baseline:  # NIXERY_BASELINE (nixery.baseline); without one, the keys of before it
         material["baseline"] = list(baseline)
+    if nix_annotations:  # other manifests (NIXERY_NIX_ANNOTATIONS); without, the keys they always had
+        material["nix_annotations"] = True
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 

@@ -22,6 +22,12 @@ Guarantees: an index lists the platforms sorted by OCI architecture, and is
 canonical JSON (`nixery.registry.descriptors.image_index`), so the same
 per-platform manifests (the same name, package set and layering history)
 give the same index digest on any registry. `arm64/NAME` stays one manifest.
+
+What a build's last event and the image pages say of an image
+(`image_summary`): for one of several platforms, the digest is the OCI
+index's (what a client that takes indexes, as Docker, podman and containerd
+do, gets for the name), and each platform is listed with its own manifests'
+digests (`platform_summaries`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import hashlib
 import platform as host
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from nixery.images import ImageRecord
 from nixery.registry.descriptors import Descriptor, image_index
@@ -37,6 +44,7 @@ from nixery.registry.digest import Digest
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, ManifestFormat
 from nixery.registry.names import Arch, ImageRequest
+from nixery.registry.negotiation import pull_digests
 
 #: The only operating system Nix builds images for here.
 OS = "linux"
@@ -113,3 +121,41 @@ def for_platforms(request: ImageRequest, platforms: Iterable[Arch]) -> ImageRequ
 def each_platform(request: ImageRequest) -> list[ImageRequest]:
     """The one-platform requests that a request of several platforms is made of."""
     return [replace(request, arch=arch, platforms=()) for arch in request.platforms]
+
+
+def platform_records(record: ImageRecord) -> list[ImageRecord]:
+    """Each platform's image in a record, sorted as its index lists them (a one-platform image:
+    itself); the default platform's without the index's descriptors."""
+    if not record.indexes:
+        return [record]
+    own = replace(record, indexes=(), platforms=())
+    return sorted((own, *record.platforms), key=lambda one: one.architecture)
+
+
+def platform_summaries(record: ImageRecord) -> list[dict[str, Any]]:
+    """Each platform's image: its platform, the manifest digests a client of that platform gets
+    (`digest`: when it states no preference, as for `arm64/NAME`; `oci_digest`: the one the OCI
+    index names), its layers and size."""
+    summaries = []
+    for one in platform_records(record):
+        digests = pull_digests(one.descriptors)
+        summaries.append({
+            "platform": f"{OS}/{one.architecture}", "digest": str(digests.default), "oci_digest": str(digests.oci),
+            "layers": len(one.layers), "size": one.compressed_size,
+        })
+    return summaries
+
+
+def image_summary(record: ImageRecord) -> dict[str, Any]:
+    """An image as a build's last event states it. Of several platforms: the digest is the OCI
+    index's, `platforms` lists each one's (`platform_summaries`); the layers and size are the
+    default platform's."""
+    digests = pull_digests(record.descriptors)
+    summary: dict[str, Any] = {
+        "image": record.name, "digest": str(digests.default), "oci_digest": str(digests.oci),
+        "layers": len(record.layers), "size": record.compressed_size,
+    }
+    oci_index = next((index.digest for index in record.indexes if index.media_type == OCI_INDEX), None)
+    if oci_index is not None:
+        summary.update(digest=str(oci_index), oci_digest=str(oci_index), platforms=platform_summaries(record))
+    return summary

@@ -3,6 +3,10 @@
 A `Build` keeps its events, so a late subscriber first sees what happened so
 far and then follows live events until the build ends. The HTTP layer turns
 the stream into server-sent events; the CLI turns it into a progress bar.
+
+An image of several platforms is built once per platform, each build with its
+own id and events; `PlatformRelay` repeats them in the image's build, tagged
+with the platform (see there), so one stream shows every platform's progress.
 """
 
 from __future__ import annotations
@@ -111,6 +115,49 @@ class BuildLog:
 
     def recent(self) -> list[Build]:
         return list(reversed(self._builds.values()))
+
+
+#: The fields a relayed event of one platform's build carries besides its own (`PlatformRelay`).
+PLATFORM_FIELDS = ("platform", "platform_stage", "platform_build")
+
+
+class PlatformRelay:
+    """Each platform's build of an image of several platforms, shown in the image's build.
+
+    A platform's events are repeated as BUILDING events of the image's build (its
+    message and data, plus `platform`: `linux/arm64`, `platform_stage`: the
+    platform's own stage, and `platform_build`: its own build's id). The image's
+    build keeps its own stages, so a follower that knows nothing of platforms sees
+    one build that ends once, with the index.
+    """
+
+    def __init__(self, build: Build):
+        self.build = build
+        self._relays: list[asyncio.Task[None]] = []
+
+    def follow(self, platform: str, own: Build) -> None:
+        """Relay the platform's build `own` (its past events first) until it ends."""
+        self._relays.append(asyncio.ensure_future(self._relay(platform, own)))
+
+    def found(self, platform: str, **summary: Any) -> None:
+        """The platform's image was built already: no build of its own to follow."""
+        self._emit(platform, Stage.DONE, "already built", None, summary)
+
+    async def _relay(self, platform: str, own: Build) -> None:
+        async for event in own.follow():
+            self._emit(platform, event.stage, event.message, own.id, event.data)
+
+    def _emit(self, platform: str, stage: Stage, message: str, build_id: str | None, data: dict[str, Any]) -> None:
+        tags = {"platform": platform, "platform_stage": stage.value, "platform_build": build_id}
+        self.build.emit(Stage.BUILDING, message, **{**data, **tags})
+
+    async def finish(self) -> None:
+        """Once every platform's build ended: their last events are relayed before the image's."""
+        await asyncio.gather(*self._relays)
+
+    def stop(self) -> None:
+        for relay in self._relays:
+            relay.cancel()
 
 
 # Nix says "these 3 derivations will be built:" but "this derivation will be built:".

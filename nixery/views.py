@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from nixery.images import ImageRecord
+from nixery.platforms import image_summary, platform_records
 from nixery.progress import Stage
 from nixery.registry.negotiation import pull_digests
 
@@ -55,13 +56,16 @@ def other_order(name: str) -> str | None:
 
 
 def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
-    paths = record.layer_paths or tuple(() for _ in record.layers)
-    digests = pull_digests(record.descriptors)
-    return {
+    """The image; of several platforms, `digest` is its index's, `platforms` lists each one
+    (`nixery.platforms.platform_summaries`, with its layers), and the rest is the default
+    platform's (the one a client that takes no index gets)."""
+    summary = image_summary(record)
+    default = pull_digests(record.descriptors).default  # the manifest its documents are attached to
+    document = {
         "name": record.name,
         "tag": tag,
-        "digest": str(digests.default),
-        "oci_digest": str(digests.oci),
+        "digest": summary["digest"],
+        "oci_digest": summary["oci_digest"],
         "config": str(record.config),
         "size": record.compressed_size,
         "source": record.source,
@@ -70,15 +74,25 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
         "architecture": record.architecture,
         "built_at": record.built_at,
         "paths_recorded": bool(record.layer_paths),
-        "layers": [
-            {**layer.to_json(), "paths": list(layer_paths)}
-            for layer, layer_paths in zip(record.layers, paths, strict=True)
-        ],
+        "layers": _layers_json(record),
         # The SBOM and provenance of the manifest `digest` (nixery.attachments): each artifact
         # manifest, and the document it carries (its last blob), fetched as a blob.
         "attached": [
             {"artifactType": one.manifest.artifact_type, "manifest": str(one.manifest.digest),
              "document": str(one.blobs[-1])}
-            for one in record.attached if one.subject == digests.default and one.tag is None and one.blobs
+            for one in record.attached if one.subject == default and one.tag is None and one.blobs
         ],
     }
+    if "platforms" in summary:
+        document["platforms"] = [
+            {**platform, "config": str(one.config), "layers": _layers_json(one)}
+            for platform, one in zip(summary["platforms"], platform_records(record), strict=True)
+        ]
+    return document
+
+
+def _layers_json(record: ImageRecord) -> list[dict[str, Any]]:
+    paths = record.layer_paths or tuple(() for _ in record.layers)
+    return [
+        {**layer.to_json(), "paths": list(layer_paths)} for layer, layer_paths in zip(record.layers, paths, strict=True)
+    ]

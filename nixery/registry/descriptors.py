@@ -114,17 +114,25 @@ def image_manifest(
     compression: Compression = Compression.GZIP,
     *,
     subject: Descriptor | None = None,
+    layer_annotations: Sequence[Mapping[str, str]] = (),
 ) -> bytes:
     """An image manifest; `subject` (OCI only) names the manifest this one refers to, e.g. a
-    signature's or an SBOM's image."""
+    signature's or an SBOM's image; `layer_annotations`, when given, one mapping per layer
+    (empty: none for that layer)."""
     if subject is not None and fmt is not ManifestFormat.OCI:
         raise ValueError("only OCI manifests have a subject")
+    if layer_annotations and len(layer_annotations) != len(layers):
+        raise ValueError("layer annotations are given one per layer")
     layer_type = fmt.layer_type(compression)
+    annotations = layer_annotations or [{}] * len(layers)
     document: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": fmt.value,
         "config": Descriptor(fmt.config_type, Digest.of(config), len(config)).to_json(),
-        "layers": [Descriptor(layer_type, layer.digest, layer.size).to_json() for layer in layers],
+        "layers": [
+            Descriptor(layer_type, layer.digest, layer.size, annotations=annotated).to_json()
+            for layer, annotated in zip(layers, annotations, strict=True)
+        ],
     }
     if subject is not None:
         document["subject"] = subject.to_json()

@@ -20,7 +20,40 @@
     return `${n} B`;
   }
 
+  // One platform's event of an image of several platforms (relayed, tagged with its platform):
+  // its row in the platform list, not the image's own stages.
+  const LABELS = { queued: "Queued", evaluating: "Evaluating", building: "Building with Nix", layering: "Grouping into layers",
+    compressing: "Compressing layers", uploading: "Uploading", done: "Done", failed: "Failed" };
+  function platformDetail(event) {
+    if (event.platform_stage === "compressing" && event.layers_total !== undefined) return `${event.layers_done || 0}/${event.layers_total} layers`;
+    if (event.platform_stage === "done" && event.digest) return `${size(event.size)} in ${event.layers} layers`;
+    return event.message || "";
+  }
+  function addPlatform(event) {
+    const row = document.querySelector(`#platforms li[data-platform="${CSS.escape(event.platform)}"]`);
+    if (!row) return;
+    const stage = event.platform_stage;
+    row.dataset.stage = stage;
+    row.className = FINAL.includes(stage) ? "past" : "current";
+    const badge = row.querySelector(".badge");
+    badge.className = `badge stage-${stage}`;
+    badge.textContent = LABELS[stage] || stage;
+    row.querySelector(".detail").textContent = platformDetail(event);
+    if (event.platform_build && !row.querySelector("a")) {
+      row.insertAdjacentHTML("beforeend", ` <a class="hint" href="/builds/${esc(event.platform_build)}">its build</a>`);
+    }
+  }
+
+  // The page may have been drawn before the image's build named its platforms.
+  function listPlatforms(names) {
+    if (document.getElementById("platforms") || !names.every((name) => typeof name === "string")) return;
+    const items = names.map((name) => `<li class="pending" data-platform="${esc(name)}" data-stage="queued"><span class="label"><code>${esc(name)}</code></span> <span class="badge stage-queued">Queued</span> <span class="detail"></span></li>`);
+    document.getElementById("stages").insertAdjacentHTML("afterend", `<h2>Platforms</h2><ol class="stages platforms" id="platforms">${items.join("")}</ol>`);
+  }
+
   function add(event) {
+    if (event.platform) return addPlatform(event);
+    if (Array.isArray(event.platforms)) listPlatforms(event.platforms);
     state.reached.add(event.stage);
     state.current = event.stage;
     state.messages[event.stage] = event.message;
@@ -88,7 +121,7 @@
       const note = name === asked ? "" : `<p class="hint" id="same-image"><code>${esc(asked)}</code> is this image: the order and the case of the names do not change it.</p>`;
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
-<p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>
+<p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
 <pre class="command"><code>docker pull ${esc(`${location.host}/${name}`)}</code></pre>
 <p><a href="/images/${esc(name)}">Layers and store paths</a></p>`;
       outcome.hidden = false;
@@ -98,6 +131,13 @@
       outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${suggestion(asked, d.suggestions)}${log}`;
       outcome.hidden = false;
     }
+  }
+
+  function platformDigests(platforms) {
+    const each = (platforms || []).filter((one) => typeof one === "object");
+    if (!each.length) return "";
+    const rows = each.map((one) => `<li><code>${esc(one.platform)}</code> <code class="digest">${esc(one.oci_digest)}</code></li>`);
+    return `<p class="hint">The digest of the image index; each platform's manifest:</p><ul id="platform-digests">${rows.join("")}</ul>`;
   }
 
   // A Build button for the name with each missing package replaced by its nearest name.
@@ -124,7 +164,7 @@
     const following = atBottom();
     const item = document.createElement("li");
     item.dataset.index = event.index;
-    item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${esc(event.message)}`;
+    item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${event.platform ? `<code>${esc(event.platform)}</code> ${esc(event.platform_stage)}: ` : ""}${esc(event.message)}`;
     events.appendChild(item);
     while (events.children.length > SHOWN) events.removeChild(events.firstElementChild);
     if (following) showNewest();

@@ -33,7 +33,7 @@ from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import FORM, ago, page, registry_host, script
 from nixery.lru import LRU
-from nixery.progress import Build, Event, Stage
+from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_tag
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 
@@ -121,17 +121,30 @@ def event_json(index: int, event: Event) -> dict[str, Any]:
 class Progress:
     """What a build's events add up to (the progress page's numbers)."""
 
-    def __init__(self, build: Build):
+    def __init__(self, started: float, events: list[Event]):
         self.reached: set[Stage] = set()
         self.current = Stage.QUEUED
         self.messages: dict[Stage, str] = {}
         self.data: dict[str, Any] = {}
         self.compress_started: float | None = None
-        self.last_time = build.started
-        for event in build.events:
+        self.last_time = started
+        #: An image of several platforms: each platform's own progress, from its relayed events
+        #: (`nixery.progress.PlatformRelay`), and its own build's id.
+        self.platforms: dict[str, Progress] = {}
+        self.platform_builds: dict[str, str] = {}
+        for event in events:
             self.add(event)
 
     def add(self, event: Event) -> None:
+        platform = event.data.get("platform")
+        if platform is not None:  # one platform's: its own progress, not the image's
+            own = {key: value for key, value in event.data.items() if key not in PLATFORM_FIELDS}
+            stage = Stage(event.data.get("platform_stage", event.stage))
+            own_progress = self.platforms.setdefault(platform, Progress(event.time, []))
+            own_progress.add(Event(stage, event.message, event.time, own))
+            if event.data.get("platform_build"):
+                self.platform_builds[platform] = event.data["platform_build"]
+            return
         self.reached.add(event.stage)
         self.current = event.stage
         self.messages[event.stage] = event.message
@@ -139,6 +152,12 @@ class Progress:
         self.last_time = event.time
         if event.stage is Stage.COMPRESSING and self.compress_started is None:
             self.compress_started = event.time
+        if event.stage is Stage.DONE:  # an image found built: its platforms have no events of their own
+            for one in event.data.get("platforms") or ():
+                if isinstance(one, dict) and one.get("platform") not in self.platforms:
+                    summary = {key: value for key, value in one.items() if key not in PLATFORM_FIELDS}
+                    found = Event(Stage.DONE, event.message, event.time, summary)
+                    self.platforms[one["platform"]] = Progress(event.time, [found])
 
     @property
     def rate(self) -> float | None:
@@ -204,6 +223,28 @@ def _stage_list(build: Build, progress: Progress) -> str:
     return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
 
 
+def _platform_list(build: Build, progress: Progress) -> str:
+    """An image of several platforms: each platform's stage and numbers, and a link to its own build."""
+    names = progress.data.get("platforms") or []
+    names = [one["platform"] if isinstance(one, dict) else one for one in names] or list(progress.platforms)
+    if not names:
+        return ""
+    items = []
+    for name in names:
+        own = progress.platforms.get(name)
+        stage = own.current if own is not None else Stage.QUEUED
+        detail = own.detail(stage) if own is not None else ""
+        build_id = progress.platform_builds.get(name)
+        link = f' <a class="hint" href="/builds/{h(build_id)}">its build</a>' if build_id else ""
+        state = "past" if stage in FINAL else "current" if not build.finished else "pending"
+        items.append(
+            f'<li class="{state}" data-platform="{h(name)}" data-stage="{stage.value}"><span class="label">'
+            f"<code>{h(name)}</code></span> <span class=\"badge stage-{stage.value}\">{h(STAGE_LABELS[stage])}</span>"
+            f' <span class="detail">{h(detail)}</span>{link}</li>'
+        )
+    return f'<h2>Platforms</h2><ol class="stages platforms" id="platforms">{"".join(items)}</ol>'
+
+
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     d = progress.data
     tag = request.app[BUILD_TAGS].peek(build.id) or "latest"
@@ -213,7 +254,7 @@ def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
         ref = guidance.pull_reference(registry_host(request), name, tag)
         return f"""<div class="outcome done" id="outcome" data-image="{h(name)}">
 <p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>{note}
-<p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>
+<p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>{_platform_digests(d)}
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
 <p><a href="{h(guidance.image_path(name, tag))}">Layers and store paths</a></p>
 </div>"""
@@ -226,11 +267,28 @@ def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     return '<div class="outcome" id="outcome" hidden></div>'
 
 
+def _platform_digests(data: dict[str, Any]) -> str:
+    platforms = [one for one in data.get("platforms") or () if isinstance(one, dict)]
+    if not platforms:
+        return ""
+    rows = "".join(
+        f"<li><code>{h(one['platform'])}</code> <code class='digest'>{h(one['oci_digest'])}</code></li>"
+        for one in platforms
+    )
+    hint = "<p class='hint'>The digest of the image index; each platform's manifest:</p>"
+    return f'{hint}<ul id="platform-digests">{rows}</ul>'
+
+
+def _platform_tag(event: Event) -> str:
+    platform = event.data.get("platform")
+    return "" if platform is None else f"<code>{h(platform)}</code> {h(event.data.get('platform_stage', ''))}: "
+
+
 def _event_items(build: Build) -> str:
     start = max(0, len(build.events) - SHOWN_EVENTS)
     return "".join(
         f'<li data-index="{i}"><span class="t">+{e.time - build.started:.1f}s</span> '
-        f'<span class="badge stage-{e.stage.value}">{e.stage.value}</span> {h(e.message)}</li>'
+        f'<span class="badge stage-{e.stage.value}">{e.stage.value}</span> {_platform_tag(e)}{h(e.message)}</li>'
         for i, e in enumerate(build.events[start:], start)
     )
 
@@ -239,7 +297,7 @@ async def build_page(request: web.Request) -> web.Response:
     if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
         return await _unknown_build_page(request)
     build = _get_build(request)
-    progress = Progress(build)
+    progress = Progress(build.started, build.events)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
     body = f"""
@@ -249,6 +307,7 @@ async def build_page(request: web.Request) -> web.Response:
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
   {_stage_list(build, progress)}
+  {_platform_list(build, progress)}
   {_outcome(request, build, progress)}
 </section>
 <section class="card">

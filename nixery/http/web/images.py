@@ -66,20 +66,9 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     doc = image_json(record, tag)
     if as_json:
         return web.json_response(doc)
-    rows = []
-    for number, layer in enumerate(doc["layers"], 1):
-        paths = layer["paths"]
-        listing = "".join(f"<li><code>{h(p)}</code></li>" for p in paths)
-        count = f"{len(paths)} store path" + ("" if len(paths) == 1 else "s")
-        held = f"<details><summary>{count}</summary><ul class='paths'>{listing}</ul></details>"
-        rows.append(
-            f"<tr><td class='num'>{number}</td>"
-            f"<td><code class='nowrap' title='{h(layer['digest'])}'>{h(layer['digest'][7:19])}</code></td>"
-            f"<td class='num'>{h(size_text(layer['size']))}</td>"
-            f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
-        )
     ref = guidance.pull_reference(registry_host(request), record.name, tag)
     query = "" if tag == "latest" else "?" + h(urlencode({"tag": tag}))
+    platform_note = f" <small class='muted'>linux/{h(record.architecture)}</small>" if "platforms" in doc else ""
     body = f"""<section class="card">
 <h1><code>{h(record.name)}</code></h1>
 {guidance.same_image_note(image.display_name, record.name)}
@@ -92,10 +81,55 @@ async def image_info(request: web.Request) -> web.StreamResponse:
 <dt>Built</dt><dd>{h(ago(record.built_at))}</dd>
 {_attached_facts(record.name, doc)}
 </dl></section>
-<section class="card"><h2>Layers</h2><div class="table-wrap"><table>
-<thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>
-<tbody>{"".join(rows)}</tbody></table></div>
+{_platforms(doc)}
+<section class="card"><h2>Layers{platform_note}</h2>{_layer_table(doc["layers"])}
+{"".join(_other_platform_layers(doc))}
 <p class="hint">Also as <a href="/images/{h(record.name)}.json{query}">JSON</a>.</p>
 </section>
 {script("nixery.js")}"""
     return page(request, record.name, body)
+
+
+def _layer_table(layers: list[dict[str, Any]]) -> str:
+    rows = []
+    for number, layer in enumerate(layers, 1):
+        paths = layer["paths"]
+        listing = "".join(f"<li><code>{h(p)}</code></li>" for p in paths)
+        count = f"{len(paths)} store path" + ("" if len(paths) == 1 else "s")
+        held = f"<details><summary>{count}</summary><ul class='paths'>{listing}</ul></details>"
+        rows.append(
+            f"<tr><td class='num'>{number}</td>"
+            f"<td><code class='nowrap' title='{h(layer['digest'])}'>{h(layer['digest'][7:19])}</code></td>"
+            f"<td class='num'>{h(size_text(layer['size']))}</td>"
+            f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
+        )
+    return f"""<div class="table-wrap"><table>
+<thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table></div>"""
+
+
+def _platforms(doc: dict[str, Any]) -> str:
+    """An image of several platforms: each platform's manifest, as the index lists them."""
+    if "platforms" not in doc:
+        return ""
+    rows = "".join(
+        f"<tr data-platform='{h(one['platform'])}'><td><code>{h(one['platform'])}</code></td>"
+        f"<td><code class='digest'>{h(one['oci_digest'])}</code></td>"
+        f"<td class='num'>{h(size_text(one['size']))}</td><td class='num'>{len(one['layers'])}</td></tr>"
+        for one in doc["platforms"]
+    )
+    return f"""<section class="card" id="platforms"><h2>Platforms</h2>
+<p class="hint">The digest above is the image index's: each client picks its platform's manifest from it.</p>
+<div class="table-wrap"><table>
+<thead><tr><th>Platform</th><th>Manifest</th><th class="num">Size</th><th class="num">Layers</th></tr></thead>
+<tbody>{rows}</tbody></table></div></section>"""
+
+
+def _other_platform_layers(doc: dict[str, Any]) -> list[str]:
+    """The layers of the platforms other than the default one (whose layers the table above lists)."""
+    return [
+        f"<details class='platform-layers' data-platform='{h(one['platform'])}'>"
+        f"<summary>Layers of {h(one['platform'])}</summary>{_layer_table(one['layers'])}</details>"
+        for one in doc.get("platforms", ())
+        if one["platform"] != f"linux/{doc['architecture']}"
+    ]

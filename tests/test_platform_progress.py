@@ -1,0 +1,177 @@
+"""An image of several platforms (NIXERY_PLATFORMS) as its build, the web pages and the
+command line show it: the build's last event names the index digest and each platform's
+manifests; each platform's progress is relayed into the image's build, tagged with its
+platform; the image page, `nixery inspect` and `nixery build` list the platforms; each
+platform keeps its own layering history.
+
+Against real registry processes on the busybox set (its aarch64 packages are Debian's
+arm64 busybox, built by this x86_64 machine's Nix), and the build page in headless
+Chromium as in tests/test_web.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess
+from tests.test_cli import ANSI, nixery, nixery_in_pty
+from tests.test_web import ARTIFACTS, _sse, _start, browser, new_page  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.nix
+
+BOTH = "linux/amd64,linux/arm64"
+PLATFORMS = ["linux/amd64", "linux/arm64"]
+EVERY_TYPE = [OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIFEST]
+
+
+@pytest.fixture
+def registry_both(start_registry: Callable[..., RegistryProcess]) -> RegistryProcess:
+    return start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+
+
+def _index(registry: RegistryProcess, name: str) -> tuple[str, dict]:
+    """What a client that takes indexes (Docker, podman, containerd) gets for the name."""
+    status, headers, body = registry.request(f"/v2/{name}/manifests/latest", accept=EVERY_TYPE)
+    assert status == 200 and headers["Content-Type"] == OCI_INDEX, (status, body[:500])
+    return headers["Docker-Content-Digest"], json.loads(body)
+
+
+def _build(registry: RegistryProcess, image: str) -> tuple[dict, list[dict]]:
+    """Start a build through the API; its start answer and every event of its stream."""
+
+    async def run() -> tuple[dict, list[dict]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            started = await _start(session, registry.url, image)
+            messages = await _sse(session, registry.url + started["events"])
+            return started, [data for _, _, data in messages]
+
+    return asyncio.run(run())
+
+
+def test_the_build_of_several_platforms_ends_with_the_index_and_relays_each_platform(
+    registry_both: RegistryProcess,
+) -> None:
+    started, events = _build(registry_both, "shell")
+    last = events[-1]
+    assert last["stage"] == "done", last
+    digest, index = _index(registry_both, "shell")
+    assert last["digest"] == digest  # the index, not the host platform's manifest
+    assert [one["platform"] for one in last["platforms"]] == PLATFORMS
+    assert [one["oci_digest"] for one in last["platforms"]] == [entry["digest"] for entry in index["manifests"]]
+    arm64_digest, _ = registry_both.manifest("arm64/shell")  # what a client of no preference gets for arm64
+    assert last["platforms"][1]["digest"] == arm64_digest
+
+    # The image's own stages stay its own: only its last event is final.
+    own = [event for event in events if "platform" not in event]
+    assert [event["stage"] for event in own][-2:] == ["uploading", "done"]
+    assert all(event["stage"] == "building" for event in events if "platform" in event)
+    builds = {}
+    for platform in PLATFORMS:
+        relayed = [event for event in events if event.get("platform") == platform]
+        stages = [event["platform_stage"] for event in relayed]
+        assert {"evaluating", "building", "layering", "compressing", "uploading"} <= set(stages), (platform, stages)
+        assert stages[-1] == "done" and relayed[-1]["size"] > 0
+        assert events.index(relayed[-1]) < len(events) - 1  # relayed before the image's own end
+        assert len({event["platform_build"] for event in relayed}) == 1
+        builds[platform] = relayed[0]["platform_build"]
+    # Each platform's build is a build of its own, followed on its own page.
+    status, _, body = registry_both.request(f"/builds/{builds['linux/arm64']}.json", accept="application/json")
+    assert status == 200 and json.loads(body)["image"] == "arm64/shell"
+
+    # The build's page: a row per platform, done, linking its own build; the index digest.
+    status, _, page = registry_both.request(f"/builds/{started['id']}", accept="text/html")
+    html = page.decode()
+    assert status == 200
+    for platform in PLATFORMS:
+        assert f'data-platform="{platform}" data-stage="done"' in html
+        assert f'href="/builds/{builds[platform]}"' in html
+    assert f'<code id="digest">{digest}</code>' in html
+    assert all(entry["digest"] in html for entry in index["manifests"])
+
+    # Built already: the build ends at once, and its page shows each platform done.
+    again, events = _build(registry_both, "shell")
+    assert [event["stage"] for event in events] == ["done"] and events[0]["digest"] == digest
+    _, _, page = registry_both.request(f"/builds/{again['id']}", accept="text/html")
+    assert all(f'data-platform="{platform}" data-stage="done"' in page.decode() for platform in PLATFORMS)
+
+    # `nixery inspect`: the platforms and their digests.
+    inspected = nixery("inspect", "shell", "--registry", registry_both.url, "--no-paths")
+    assert inspected.returncode == 0, inspected.stderr
+    assert f"Digest   {digest}" in inspected.stdout
+    for platform, entry in zip(PLATFORMS, index["manifests"], strict=True):
+        assert re.search(rf"^{platform}\s+{entry['digest']}\s", inspected.stdout, re.MULTILINE), inspected.stdout
+
+
+def test_the_image_page_lists_each_platform_and_its_layers(registry_both: RegistryProcess) -> None:
+    digest, index = _index(registry_both, "shell/hello")
+    status, _, body = registry_both.request("/images/shell/hello.json", accept="application/json")
+    assert status == 200
+    image = json.loads(body)
+    assert image["digest"] == digest and [one["platform"] for one in image["platforms"]] == PLATFORMS
+    for one, entry in zip(image["platforms"], index["manifests"], strict=True):
+        assert one["oci_digest"] == entry["digest"]
+        _, manifest = registry_both.manifest("shell/hello", entry["digest"], accept=OCI_MANIFEST)
+        assert [layer["digest"] for layer in one["layers"]] == [layer["digest"] for layer in manifest["layers"]]
+    status, _, page = registry_both.request("/images/shell/hello", accept="text/html")
+    html = page.decode()
+    assert status == 200 and 'id="platforms"' in html
+    for platform, entry in zip(PLATFORMS, index["manifests"], strict=True):
+        assert f"data-platform='{platform}'" in html and entry["digest"] in html
+    assert "Layers of linux/arm64" in html  # the other platform's layers, with their store paths
+
+    # Layer history is per platform: each platform's history holds its own image's layers only.
+    meta = registry_both.storage / "meta" / "layering"
+    histories = {"linux/amd64": meta / "history", "linux/arm64": meta / "aarch64-linux" / "history"}
+    recorded = {
+        platform: {path for entry in directory.iterdir() for layer in json.loads(entry.read_bytes())["layers"]
+                   for path in layer}
+        for platform, directory in histories.items()
+    }
+    for one in image["platforms"]:
+        planned = {path for layer in one["layers"] for path in layer["paths"]}
+        assert planned and planned == recorded[one["platform"]], one["platform"]
+    assert not recorded["linux/amd64"] & recorded["linux/arm64"]
+
+
+def test_nixery_build_shows_each_platforms_progress(registry_both: RegistryProcess) -> None:
+    plain = nixery("build", "shell/greet", "--registry", registry_both.url)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    for platform in PLATFORMS:
+        assert any(re.search(rf"\] building\s+{platform} compressing: ", line) for line in lines), platform
+        assert any(re.search(rf"\] building\s+{platform} done: image ready", line) for line in lines), platform
+    digest, index = _index(registry_both, "shell/greet")
+    assert f"Digest   {digest}" in lines
+    assert any(line.startswith("linux/arm64") and index["manifests"][1]["digest"] in line for line in lines)
+    # On a terminal: a line of its own for each platform, ending with its size.
+    status, raw = nixery_in_pty("build", "shell/cowsay", "--registry", registry_both.url)
+    shown = ANSI.sub("", raw)
+    assert status == 0, shown[-3000:]
+    for platform in PLATFORMS:
+        assert re.search(rf"{platform}\s.*\d+ layers", shown), shown[-3000:]
+
+
+def test_the_build_page_follows_each_platform(registry_both: RegistryProcess, new_page) -> None:  # noqa: F811
+    page = new_page()
+    page.goto(registry_both.url + "/")
+    page.fill("#build-image", "shell/figlet")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#digest", timeout=120_000)
+    for platform in PLATFORMS:
+        row = page.locator(f"#platforms li[data-platform='{platform}']")
+        assert row.get_attribute("data-stage") == "done"
+        assert "layers" in row.locator(".detail").text_content()
+        assert row.locator("a").get_attribute("href").startswith("/builds/")
+    digest, index = _index(registry_both, "shell/figlet")
+    assert page.locator("#digest").text_content() == digest
+    shown = page.locator("#platform-digests").text_content()
+    assert all(entry["digest"] in shown for entry in index["manifests"])
+    page.screenshot(path=str(ARTIFACTS / "web-build-platforms.png"), full_page=True)
