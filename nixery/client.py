@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,15 +28,13 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nixery.progress import FINAL
-from nixery.views import STAGE_LABELS, STAGE_ORDER, image_json, image_reference, other_order, size_text
+from nixery.terminal import BarProgress, PlainProgress, size
+from nixery.views import image_json, image_reference, other_order
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
-#: The stages shown with a bar each, by their names in the event stream (a failure is shown on the stage it ends).
-LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
 _RECONNECTS = 5
 
 
@@ -55,10 +52,6 @@ def _registry_url(value: str | None) -> str:
     if "://" not in url:
         url = "http://" + url
     return url
-
-
-def _size(n: float | None) -> str:
-    return size_text(n, unknown="-")
 
 
 async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
@@ -133,132 +126,6 @@ async def follow_events(session: aiohttp.ClientSession, url: str) -> AsyncIterat
 # ---- showing progress ----------------------------------------------------------------
 
 
-class PlainProgress:
-    """One line per event, for logs and pipes."""
-
-    def __init__(self, out: Any):
-        self.out = out
-        self.started: float | None = None
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, event: dict[str, Any]) -> None:
-        if self.started is None:
-            self.started = event.get("time", time.time())
-        offset = event.get("time", self.started) - self.started
-        platform = f"{event['platform']} {event.get('platform_stage', '')}: " if event.get("platform") else ""
-        line = f"[{offset:6.1f}s] {event.get('stage', '?'):<11} {platform}{event.get('message', '')}"
-        print(line, file=self.out, flush=True)
-
-
-class BarProgress:
-    """A rich progress display: one line per stage, a bar where there is something to count."""
-
-    def __init__(self, console: Console):
-        self.progress = Progress(
-            SpinnerColumn(finished_text="[green]✓[/]"),
-            TextColumn("{task.description:<22}"),
-            BarColumn(bar_width=30),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
-        self.tasks: dict[str, TaskID] = {}
-        self.current: str | None = None
-        self.compress_started: float | None = None
-        self.summaries: dict[str, str] = {}  # a stage's detail once it is over
-
-    def __enter__(self) -> BarProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def _finish(self, stage: str) -> None:
-        task = self.tasks[stage]
-        total = self.progress.tasks[task].total or 1
-        self.progress.update(task, total=total, completed=total)
-        if stage in self.summaries:
-            self.progress.update(task, detail=self.summaries[stage])
-
-    def _update_platform(self, event: dict[str, Any]) -> None:
-        """One platform's progress (an image of several): a line of its own, a bar over its layers."""
-        platform, stage = event["platform"], event.get("platform_stage", "")
-        if platform not in self.tasks:
-            self.tasks[platform] = self.progress.add_task(f"  {platform}", total=None, detail="")
-        task = self.tasks[platform]
-        label = LABELS.get(stage, stage)
-        if stage == "compressing" and "layers_total" in event:
-            done, total = event.get("layers_done", 0), event["layers_total"]
-            self.progress.update(task, total=total, completed=done, detail=f"{label}: {done}/{total} layers")
-        elif stage == "done":
-            size = f"{_size(event.get('size'))} in {event.get('layers')} layers"
-            self.progress.update(task, total=1, completed=1, detail=size)
-        else:
-            self.progress.update(task, detail=f"{label}: {event.get('message', '')}"[:60])
-
-    def update(self, event: dict[str, Any]) -> None:
-        if event.get("platform"):
-            self._update_platform(event)
-            return
-        stage = event.get("stage", "")
-        if stage == "failed":
-            if self.current is not None:
-                self.progress.update(self.tasks[self.current], detail="[red]failed[/]")
-                self.progress.stop_task(self.tasks[self.current])
-            return
-        if stage not in LABELS:
-            return
-        if stage != self.current:
-            if self.current is not None:
-                self._finish(self.current)
-            if stage not in self.tasks:
-                self.tasks[stage] = self.progress.add_task(LABELS[stage], total=None, detail="")
-            self.current = stage
-        task = self.tasks[stage]
-        detail = event.get("message", "")
-        if stage == "building":
-            built, to_build = event.get("built", 0), event.get("to_build", 0)
-            fetched, to_fetch = event.get("fetched", 0), event.get("to_fetch", 0)
-            total = max(built, to_build) + max(fetched, to_fetch)
-            if not total:
-                self.progress.update(task, detail=detail[:60])
-                return
-            # Nix reports a derivation (or a path to fetch) when it starts: the latest is still under way.
-            detail = f"building {built} of {max(built, to_build)} derivations"
-            if fetched or to_fetch:
-                detail += f", fetching {fetched} of {max(fetched, to_fetch)} paths"
-            self.progress.update(task, total=total, completed=max(0, built + fetched - 1), detail=detail)
-            self.summaries[stage] = f"{max(built, to_build)} derivations built" + (
-                f", {max(fetched, to_fetch)} paths fetched" if fetched or to_fetch else ""
-            )
-            return
-        if stage == "compressing" and "layers_total" in event:
-            if self.compress_started is None:
-                self.compress_started = event.get("time")
-            done, total, size = event.get("layers_done", 0), event["layers_total"], event.get("compressed_bytes", 0)
-            detail = f"{done}/{total} layers, {_size(size)}"
-            seconds = (event.get("time") or 0) - (self.compress_started or 0)
-            if size and seconds > 0 and size / seconds >= 1e5:
-                detail += f", {size / seconds / 1e6:.1f} MB/s"
-            self.progress.update(task, total=total, completed=done, detail=detail)
-            return
-        if stage == "done":
-            detail = f"{_size(event.get('size'))} in {event.get('layers')} layers" if "size" in event else detail
-            self.progress.update(task, total=1, completed=1, detail=detail)
-            return
-        self.progress.update(task, detail=detail[:60])
-
-
-# ---- results -----------------------------------------------------------------------
-
-
 def _layer_table(image: dict[str, Any]) -> Table:
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     table.add_column("#", justify="right")
@@ -269,7 +136,7 @@ def _layer_table(image: dict[str, Any]) -> Table:
     for number, layer in enumerate(image["layers"], 1):
         held = layer.get("paths") or []
         digest = layer["digest"].removeprefix("sha256:")[:12]
-        table.add_row(str(number), digest, _size(layer["size"]), str(len(held)), escape(layer["description"]))
+        table.add_row(str(number), digest, size(layer["size"]), str(len(held)), escape(layer["description"]))
     return table
 
 
@@ -279,12 +146,12 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
     lines = [
         ("Image", f"{image['name']}:{image.get('tag', 'latest')}"),
         ("Digest", image["digest"]),
-        ("Size", f"{_size(image['size'])} compressed, {len(image['layers'])} layers"),
+        ("Size", f"{size(image['size'])} compressed, {len(image['layers'])} layers"),
         ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
         ("Pull", f"docker pull {ref}"),
     ]
     for platform in image.get("platforms", ()):  # an image of several platforms: the digest above is its index's
-        summary = f"{platform['oci_digest']}  {_size(platform['size'])}, {len(platform['layers'])} layers"
+        summary = f"{platform['oci_digest']}  {size(platform['size'])}, {len(platform['layers'])} layers"
         lines.insert(-2, (platform["platform"], summary))
     other = other_order(image["name"])
     if other is not None and other != image["name"]:
@@ -358,7 +225,7 @@ async def _build(args: argparse.Namespace, console: Console, interactive: bool) 
     console.print()
     if image is None:
         console.print(f"Digest   {final.get('digest')}")
-        console.print(f"Size     {_size(final.get('size'))} in {final.get('layers')} layers")
+        console.print(f"Size     {size(final.get('size'))} in {final.get('layers')} layers")
     else:
         _print_image(console, image, registry, paths=False)
     return 0
