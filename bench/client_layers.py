@@ -176,11 +176,12 @@ class Packing:
         return sum(len(layer.data) for layer in self.layers)
 
 
-def pack(name: str, entries: Entries, n: int, *, top: Entries | None = None) -> Packing:
+def pack(name: str, entries: Entries, n: int, *, extra: Entries | None = None, below: bool = False) -> Packing:
+    """The entries as N layers; `extra` as one more layer on top of them, or below them."""
     directories = {info.name.removeprefix("./").rstrip("/"): info for info, _ in entries if info.isdir()}
     groups = [with_parents(group, directories) for group in split(entries, n)]
-    if top is not None:
-        groups.append(with_parents(top, directories))
+    if extra is not None:
+        groups.insert(0 if below else len(groups), with_parents(extra, directories))
     return Packing(name, [tar_layer(group) for group in groups])
 
 
@@ -274,6 +275,7 @@ class WarmTarget:
     new: str
     held: int  # layers of the new image the client already holds
     bytes: int  # what it downloads: the new image's other layers and its config
+    where: str  # the new layer: "top", "below" the held ones, or "real" (shell/git then shell/curl)
 
 
 def timed_pull(client: Client, reference: str) -> float:
@@ -401,6 +403,10 @@ def main() -> int:
     parser.add_argument("--ks", default=",".join(map(str, STORE_KS)), help="small images held (podman; '' for none)")
     parser.add_argument("--store-runs", type=int, default=3, help="repetitions of the store-size rows")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm pulls")
+    parser.add_argument("--warm-where", default="top,below",
+                        help="where the old and new versions' differing layer sits: on top of the held ones, "
+                             "below them (the held layers' chain then differs), or both")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold pulls (and the fit)")
     parser.add_argument("--no-report", action="store_true", help="print only; leave docs/benchmarks alone")
     args = parser.parse_args()
     if args.quick:
@@ -452,12 +458,12 @@ def main() -> int:
         for size in ("half", "double"):
             for n in sorted({ns[0], 50 if 50 in ns and not args.quick else ns[0]}):
                 packings[size, n] = pack(f"curl-{size}/n{n}", sizes[size], n)
-        warm_pairs = {}
-        if not args.no_warm:
-            for n in ns:
-                old = pack(f"curl-warm/n{n}-old", entries, n, top=small_file("etc/app-version", "old\n"))
-                new = pack(f"curl-warm/n{n}-new", entries, n, top=small_file("etc/app-version", "new\n"))
-                warm_pairs[n] = (old, new)
+        warm_pairs: dict[tuple[int, str], tuple[Packing, Packing]] = {}
+        for where in [] if args.no_warm else [x for x in args.warm_where.split(",") if x]:
+            for n in ns if where == "top" else [n for n in ns if n in (10, 50)] or ns[-1:]:
+                old, new = (pack(f"curl-warm/{where}-n{n}-{version}", entries, n, below=where == "below",
+                                 extra=small_file("etc/app-version", f"{version}\n")) for version in ("old", "new"))
+                warm_pairs[n, where] = (old, new)
         small_images = [Packing(f"small/k{k}", [tar_layer(small_file(f"small/{k}", f"{k}\n" * 64))])
                         for k in range(max(ks, default=0))]
         everything = [*packings.values(), *[p for pair in warm_pairs.values() for p in pair], *small_images]
@@ -475,16 +481,19 @@ def main() -> int:
             Target(f"shell/curl from docker-registry (the same {served_layers} layers)", ref("shell/curl"),
                    served_layers, served_bytes, fit=False),
         ]
-        warm_targets = [WarmTarget(f"{n} layers held, 1 small new layer", ref(old.name), ref(new.name), n,
-                                   len(new.layers[-1].data))
-                        for n, (old, new) in warm_pairs.items()]
+        warm_targets = [WarmTarget(f"{n} layers held, 1 small new layer {'on top' if where == 'top' else 'below'}",
+                                   ref(old.name), ref(new.name), n, len(new.layers[-1 if where == "top" else 0].data),
+                                   where)
+                        for (n, where), (old, new) in warm_pairs.items()]
+        prefix = next((i for i, (a, b) in enumerate(zip(served["layers"], git_manifest["layers"], strict=False))
+                       if a["digest"] != b["digest"]), 0)
+        in_order = f" (the first {prefix} of its layers are shell/git's first, in the same order)"
         curl_only = sum(x["size"] for x in served["layers"] if x["digest"] not in shared) + served["config"]["size"]
         if not args.no_warm:
             warm_targets += [
-                WarmTarget("nixery: shell/git held, pull shell/curl", ref("shell/git", ours), ref("shell/curl", ours),
-                           len(shared), curl_only),
-                WarmTarget("docker-registry: shell/git held, pull shell/curl", ref("shell/git"), ref("shell/curl"),
-                           len(shared), curl_only),
+                WarmTarget(f"{label}: shell/git held, pull shell/curl{in_order}", ref("shell/git", registry),
+                           ref("shell/curl", registry), len(shared), curl_only, "real")
+                for label, registry in (("nixery", ours), ("docker-registry", peer))
             ]
 
         results: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
@@ -496,7 +505,7 @@ def main() -> int:
         with clients_lock(), clients(client_base, wanted) as found:
             for client in found:
                 c.say(f"\n{client.name}: cold pulls (load average {c.load_average()})")
-                cold_times = cold(client, targets, args.runs)
+                cold_times = {} if args.no_cold else cold(client, targets, args.runs)
                 warm_times = warm(client, warm_targets, args.runs) if warm_targets else {}
                 results[client.name] = (cold_times, warm_times)
                 loads.append(c.load_average())
@@ -519,26 +528,20 @@ def _median(times: Sequence[float]) -> str:
     return f"{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f})"
 
 
-def report(args: argparse.Namespace, targets: Sequence[Target], warm_targets: Sequence[WarmTarget],
-           results: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]],
-           growth: dict[int, dict[str, list[float]]], loads: Sequence[str], served_layers: int,
-           served_bytes: int) -> str:
-    names = list(results)
+def cold_sections(names: Sequence[str], targets: Sequence[Target], results: dict[str, dict[str, list[float]]]
+                  ) -> list[str]:
+    """The cold table, the fit per client, and the headline: today's shell/curl against one layer."""
     out = [
-        f"Median seconds (min-max) of {args.runs} pulls each, alternating (the order reversed every other "
-        f"repetition). Load averages at the start and after each client: {' → '.join(loads)}.\n",
         "## Cold pulls (empty client store)\n",
         c.table(["image", "layers", "MB", *names],
-                [[t.label, t.layers, f"{t.bytes / c.MB:.1f}", *[_median(results[n][0][t.label]) for n in names]]
+                [[t.label, t.layers, f"{t.bytes / c.MB:.1f}", *[_median(results[n][t.label]) for n in names]]
                  for t in targets]),
     ]
-    fits = {}
     fit_rows = []
     for name in names:
-        points = [(t.bytes / c.MB, t.layers, statistics.median(results[name][0][t.label])) for t in targets if t.fit]
-        f = fits[name] = fit(points)
-        full = sorted((t.layers, statistics.median(results[name][0][t.label]))
-                      for t in targets if t.fit and t.size == "full")
+        median = {t.label: statistics.median(results[name][t.label]) for t in targets}
+        f = fit([(t.bytes / c.MB, t.layers, median[t.label]) for t in targets if t.fit])
+        full = sorted((t.layers, median[t.label]) for t in targets if t.fit and t.size == "full")
         slope = statistics.linear_regression([n for n, _ in full], [s for _, s in full]).slope if len(full) > 1 else 0
         bandwidth = f.bandwidth
         fit_rows.append([
@@ -552,33 +555,49 @@ def report(args: argparse.Namespace, targets: Sequence[Target], warm_targets: Se
         c.table(["client", "a (s)", "bandwidth (MB/s)", "per-layer cost (ms)", "per-layer cost (MB equivalent)",
                  "slope, full files only (ms per layer)"], fit_rows),
     ]
-    for name in names:
-        one = next((t for t in targets if t.size == "full" and t.layers == 1), None)
-        if one is None:
-            break
-        by_label = {t.label: statistics.median(results[name][0][t.label]) for t in targets}
-        today = [t for t in targets if not t.fit]
+    one = next((t for t in targets if t.size == "full" and t.layers == 1), None)
+    for name in names if one is not None else []:
+        median = {t.label: statistics.median(results[name][t.label]) for t in targets}
+        alone = median[one.label] if one is not None else 0.0
         out.append(f"\n\n{name}: " + "; ".join(
-            f"{t.label} {by_label[t.label]:.2f} s = {by_label[t.label] / by_label[one.label]:.2f}x the same files as "
-            "one layer from docker-registry" for t in today))
+            f"{t.label} {median[t.label]:.2f} s = {median[t.label] / alone:.2f}x the same files as "
+            "one layer from docker-registry" for t in targets if not t.fit))
+    return out
+
+
+def report(args: argparse.Namespace, targets: Sequence[Target], warm_targets: Sequence[WarmTarget],
+           results: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]],
+           growth: dict[int, dict[str, list[float]]], loads: Sequence[str], served_layers: int,
+           served_bytes: int) -> str:
+    names = list(results)
+    out = [
+        f"Median seconds (min-max) of {args.runs} pulls each, alternating (the order reversed every other "
+        f"repetition). Load averages at the start and after each client: {' → '.join(loads)}.\n",
+    ]
+    if any(cold_times for cold_times, _ in results.values()):
+        out += cold_sections(names, targets, {name: cold_times for name, (cold_times, _) in results.items()})
     if warm_targets:
         out += [
             "\n\n## Warm pulls (the client holds the older version)\n",
             "Rows \"N layers held\": the old and new versions share N layers of the files and differ in one small "
-            "top layer, so each pull downloads the same few bytes; the slope is what a held layer costs.\n",
-            c.table(["pull", "layers held", "MB downloaded", *names],
+            "layer, so each pull downloads the same few bytes. On top: the held layers are the bottom of both "
+            "stacks (their chain IDs are the same), the slope is what a held layer costs. Below: the differing "
+            "layer is at the bottom, so every held layer sits on another parent than in the old version.\n",
+            c.table(["pull", "layers held", "MB in layers not held", *names],
                     [[w.label, w.held, f"{w.bytes / c.MB:.2f}", *[_median(results[n][1][w.label]) for n in names]]
                      for w in warm_targets]),
         ]
         held_rows = []
         for name in names:
-            points = [(w.held, statistics.median(results[name][1][w.label]))
-                      for w in warm_targets if w.label.endswith("small new layer")]
-            if len(points) > 1:
-                slope = statistics.linear_regression([n for n, _ in points], [s for _, s in points]).slope
-                held_rows.append([name, f"{slope * 1000:.1f}"])
-        if held_rows:
-            out += ["\n\n", c.table(["client", "cost of a held layer (ms, slope)"], held_rows)]
+            row = [name]
+            for where in ("top", "below"):
+                points = [(w.held, statistics.median(results[name][1][w.label]))
+                          for w in warm_targets if w.where == where]
+                slope = statistics.linear_regression(*zip(*points, strict=True)).slope if len(points) > 1 else None
+                row.append(f"{slope * 1000:.1f}" if slope is not None else "-")
+            held_rows.append(row)
+        out += ["\n\n", c.table(["client", "cost of a held layer, new layer on top (ms, slope)",
+                                   "the same, new layer below (ms, slope)"], held_rows)]
     if growth:
         rows = []
         for k, times in growth.items():
