@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/client_layers.py            # every client, N in 1..100, 5 repetitions
     .venv/bin/python bench/client_layers.py --quick    # a few minutes: podman, N in 1, 10, 50, 2 repetitions
+    .venv/bin/python bench/client_layers.py --clients podman --no-cold --ns 10,50 --ks ''   # warm rows only
 
 The files are those of the Debian set's `shell/curl` as this registry serves
 it today: its layers are read back, merged (upper layers win) and packed again,
@@ -21,9 +22,12 @@ issue's headline comparison, in the same run.
 
 Warm: the client holds an older version of the image and pulls the new one.
 For each N, the old and new versions share the N layers of the files and
-differ in one small top layer (so the bytes downloaded are the same for
-every N and the slope is the cost of a layer the client already holds); and
-the real pair, `shell/git` then `shell/curl`, from this registry.
+differ in one small layer (so the bytes downloaded are the same for every N):
+on top of the shared ones (the slope is the cost of a layer the client
+already holds), or below them (N = 10 and 50: every shared layer then sits on
+another parent, so its chain ID differs from the one the client holds); and
+the real pair, `shell/git` then `shell/curl`, from this registry and from
+docker-registry.
 
 Store size (podman only): K small unrelated images (one layer each) are
 pulled first, for K in 0, 50, 200, then the 50-layer and the 1-layer packings
