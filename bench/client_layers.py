@@ -457,9 +457,9 @@ def main() -> int:
         layout = OciLayout(base / "oci")
         packings: dict[tuple[str, int], Packing] = {}
         sizes = {"half": first_half(entries), "full": entries, "double": copied(entries)}
-        for n in ns:
+        for n in [] if args.no_cold else ns:
             packings["full", n] = pack(f"curl-full/n{n}", entries, n)
-        for size in ("half", "double"):
+        for size in [] if args.no_cold else ["half", "double"]:
             for n in sorted({ns[0], 50 if 50 in ns and not args.quick else ns[0]}):
                 packings[size, n] = pack(f"curl-{size}/n{n}", sizes[size], n)
         warm_pairs: dict[tuple[int, str], tuple[Packing, Packing]] = {}
