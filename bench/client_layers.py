@@ -508,7 +508,7 @@ def main() -> int:
         stack.callback(shutil.rmtree, client_base, ignore_errors=True)
         with clients_lock(), clients(client_base, wanted) as found:
             for client in found:
-                c.say(f"\n{client.name}: cold pulls (load average {c.load_average()})")
+                c.say(f"\n{client.name} (load average {c.load_average()})")
                 cold_times = {} if args.no_cold else cold(client, targets, args.runs)
                 warm_times = warm(client, warm_targets, args.runs) if warm_targets else {}
                 results[client.name] = (cold_times, warm_times)
