@@ -1,6 +1,6 @@
 """What a layer costs a real client: the same files pulled as 1 to 100 layers.
 
-    .venv/bin/python bench/client_layers.py            # every client, N in 1..100, 5 repetitions
+    .venv/bin/python bench/client_layers.py            # every client, N in 1..100, 5 repetitions (~1 hour)
     .venv/bin/python bench/client_layers.py --quick    # a few minutes: podman, N in 1, 10, 50, 2 repetitions
     .venv/bin/python bench/client_layers.py --clients podman --no-cold --ns 10,50 --ks ''   # warm rows only
 
@@ -106,13 +106,14 @@ def split(entries: Entries, n: int) -> list[Entries]:
     groups: list[Entries] = []
     rest, left = entry_bytes(entries), n
     current: Entries = []
+    size = 0
     for index, (info, data) in enumerate(entries):
         current.append((info, data))
-        size = entry_bytes(current)
+        size += len(data)
         remaining_entries = len(entries) - index - 1
         if left > 1 and (size >= rest / left or remaining_entries < left):
             groups.append(current)
-            rest, left, current = rest - size, left - 1, []
+            rest, left, current, size = rest - size, left - 1, [], 0
     groups.append(current)
     assert len(groups) == n and all(groups), (n, [len(g) for g in groups])
     return groups
@@ -203,11 +204,12 @@ def copied(entries: Entries) -> Entries:
 
 
 def first_half(entries: Entries) -> Entries:
-    half, total = [], entry_bytes(entries) / 2
+    half, size, total = [], 0, entry_bytes(entries) / 2
     for info, data in entries:
-        if entry_bytes(half) >= total:
+        if size >= total:
             break
         half.append((info, data))
+        size += len(data)
     return half
 
 
