@@ -298,10 +298,10 @@ def alternate(rounds: int, items: Sequence) -> Iterator:  # type: ignore[type-ar
 
 def cold(client: Client, targets: Sequence[Target], runs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {t.label: [] for t in targets}
-    for target in targets[:1]:  # a first pull, untimed: the client's daemon warms up
-        client.clear(target.reference)
-        client.pull(target.reference)
-        client.clear(target.reference)
+    if targets:  # a first pull, untimed: the client's daemon warms up
+        client.clear(targets[0].reference)
+        client.pull(targets[0].reference)
+        client.clear(targets[0].reference)
     for target in alternate(runs, targets):
         times[target.label].append(timed_pull(client, target.reference))
         client.clear(target.reference)
