@@ -128,11 +128,11 @@ class BarProgress:
         if stage == "compressing" and "layers_total" in event:
             if self.compress_started is None:
                 self.compress_started = event.get("time")
-            done, total, size = event.get("layers_done", 0), event["layers_total"], event.get("compressed_bytes", 0)
-            detail = f"{done}/{total} layers, {size(size)}"
+            done, total, written = event.get("layers_done", 0), event["layers_total"], event.get("compressed_bytes", 0)
+            detail = f"{done}/{total} layers, {size(written)}"
             seconds = (event.get("time") or 0) - (self.compress_started or 0)
-            if size and seconds > 0 and size / seconds >= 1e5:
-                detail += f", {size / seconds / 1e6:.1f} MB/s"
+            if written and seconds > 0 and written / seconds >= 1e5:
+                detail += f", {written / seconds / 1e6:.1f} MB/s"
             self.progress.update(task, total=total, completed=done, detail=detail)
             return
         if stage == "done":

@@ -92,12 +92,14 @@ def layers_of_app(tmp_path: Path, pkgs: Path, **env: str) -> tuple[int, Registry
 def test_popularity_data_splits_what_the_closure_alone_would_join(
     tmp_path: Path, pkgs: tuple[Path, Path], scheme: str
 ) -> None:
+    # Bytes only (NIXERY_LAYER_COST_MB=0): at the default price of a layer the small
+    # library is packed with others whatever its popularity.
     directory, data = pkgs
-    without, _ = layers_of_app(tmp_path, directory)
+    without, _ = layers_of_app(tmp_path, directory, NIXERY_LAYER_COST_MB="0")
     server = JSONServer(data.read_bytes()) if scheme == "http" else None
     try:
         url = server.url if server else f"file://{data}"
-        with_data, registry = layers_of_app(tmp_path, directory, NIX_POPULARITY_URL=url)
+        with_data, registry = layers_of_app(tmp_path, directory, NIX_POPULARITY_URL=url, NIXERY_LAYER_COST_MB="0")
     finally:
         if server:
             server.close()

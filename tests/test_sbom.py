@@ -224,13 +224,15 @@ def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
 
-def test_two_registries_make_the_same_sbom(registry, tmp_path: Path) -> None:
-    digest, _ = registry.manifest("figlet")
-    other = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
+    """Two fresh registries (the same history: none) make the same image and the same documents."""
+    one, other = (RegistryProcess(tmp_path / name, env={"NIXERY_BUNDLED_SET": "busybox"}) for name in "ab")
     try:
-        assert other.manifest("figlet")[0] == digest
-        assert referrers(other, "figlet", digest)[0] == referrers(registry, "figlet", digest)[0]
+        digest, _ = one.start().manifest("figlet")
+        assert other.start().manifest("figlet")[0] == digest
+        assert referrers(other, "figlet", digest)[0] == referrers(one, "figlet", digest)[0]
     finally:
+        one.stop()
         other.stop()
 
 
