@@ -175,7 +175,7 @@ def test_the_docs_have_examples_and_few_are_left_out() -> None:
                      ("docs/web.md", "shell/curl"), ("docs/auth.md", "shell/curl")]:
         assert expected in found, expected
     left_out = [str(e) for e in ALL if e.package_set is None]
-    assert len(left_out) <= 8, left_out
+    assert len(left_out) <= 10, left_out  # 9: a digit name, sets and repositories of one's own, the self image
 
 
 def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
