@@ -1,7 +1,7 @@
 """What is published with an image besides its config and manifests: the builder's
 "attach" step.
 
-Documents about an image (signatures, SBOMs: referrers whose subject is one of its
+Documents about an image (SBOMs, provenance: referrers whose subject is one of its
 manifests) join its blobs here, so that they are stored before its record appears
 and garbage collection keeps them with it.
 
@@ -13,10 +13,10 @@ about the one it pulled) gets three OCI artifact manifests whose `subject` it is
   CycloneDX (`application/vnd.cyclonedx+json`), and
 * its provenance (`nixery.provenance`, artifactType `application/vnd.in-toto+json`).
 
-Each document is one blob, shared by both formats' artifact
-manifests. An `Attached` without a tag is a referrer: the referrers API lists it
-under its subject (`nixery.images.ImageStore.referrers`); one with a tag is
-served under that tag as well (cosign's `sha256-<hex>.sig`).
+Each document is one blob, shared by both formats' artifact manifests; the referrers
+API lists them under their subject (`nixery.images.ImageStore.referrers`).
+Signatures are not made here: they name the repository a client pulls through,
+which a build does not know (`nixery.signatures`, on the first pull of a tag).
 
 Reads the store (the SBOM's Debian facts): blocking, the builder runs it in a thread.
 """
@@ -37,6 +37,7 @@ from nixery.resolver import ResolvedPackage
 
 TITLE = "org.opencontainers.image.title"
 DESCRIPTION = "org.opencontainers.image.description"
+
 
 @dataclass(frozen=True, slots=True)
 class Closure:
