@@ -7,16 +7,15 @@ and the test moves the redirect; the registry is a real `nixery serve` with real
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from nixery.nix.channel import ChannelSource
+from tests.httpd import LocalHTTP
 from tests.test_sources import channel_tarball, needs_clients, rootfs_of, run_in, started
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -32,41 +31,22 @@ class MovingChannel:
             COMMIT: channel_tarball("nixpkgs-pinned", {"hello": "echo hello from a commit"}),
         }
         self.target = "r1"
-        self.requests: list[str] = []
-        server = self
+        self.http = LocalHTTP(self._answer)
+        self.requests = self.http.requests
+        self.template = self.http.url("/channels/{rev}")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                server.requests.append(self.path)
-                if self.path.startswith("/channels/"):
-                    name = self.path.removeprefix("/channels/")
-                    self.send_response(302)
-                    self.send_header("Location", f"/releases/{name if name == COMMIT else server.target}.tar.gz")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = server.releases.get(self.path.removeprefix("/releases/").removesuffix(".tar.gz"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.template = f"http://127.0.0.1:{self.httpd.server_port}/channels/{{rev}}"
+    def _answer(self, path: str) -> tuple[int, dict[str, str], bytes] | None:
+        if path.startswith("/channels/"):
+            name = path.removeprefix("/channels/")
+            return 302, {"Location": f"/releases/{name if name == COMMIT else self.target}.tar.gz"}, b""
+        body = self.releases.get(path.removeprefix("/releases/").removesuffix(".tar.gz"))
+        return None if body is None else (200, {}, body)
 
     def downloads(self) -> list[str]:
         return [path for path in self.requests if path.startswith("/releases/")]
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import http.server
 import importlib.util
 import io
 import json
@@ -19,13 +18,13 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nixery.nix.packages import EVAL_NIX, host_system
+from tests.httpd import LocalHTTP
 from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
 from tests.sets import require_debian_set
 
@@ -426,28 +425,13 @@ def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
 def tls_server(cert: Path, key: Path) -> Iterator[int]:
     """An HTTPS server on 127.0.0.1 answering every GET with a greeting; yields its port."""
 
-    class Greeting(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the handler's API)
-            body = b"hello over TLS\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Greeting)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LocalHTTP(lambda path: (200, {}, b"hello over TLS\n"), tls=context)
     try:
-        yield server.server_address[1]
+        yield server.port
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_every_image_trusts_the_sets_ca_bundle(tmp_path: Path) -> None:

@@ -9,14 +9,13 @@ libdata is in a thousand packages' closures, it gets a layer of its own.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from nixery.layers.popularity import TAKES_OVER_AT, Popularity, PopularityError, parse_counts
+from tests.httpd import LocalHTTP
 from tests.registry import REPOSITORY, RegistryProcess, free_port, run
 
 BUSYBOX = REPOSITORY / "pkgs" / "busybox"
@@ -44,25 +43,10 @@ in base // {{
     return directory
 
 
-class JSONServer:
+class JSONServer(LocalHTTP):
     def __init__(self, body: bytes):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/popularity.json"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(lambda path: (200, {}, body))
+        self.url = super().url("/popularity.json")
 
 
 @pytest.fixture(scope="module")

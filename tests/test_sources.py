@@ -14,15 +14,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from nixery.nix.errors import RefNotFound
+from tests.httpd import LocalHTTP
 from tests.registry import REPOSITORY, RegistryProcess, have, nix_counting_path, run, skopeo_to_oci, unpack_oci
 
 pytestmark = pytest.mark.nix
@@ -290,37 +289,19 @@ class ChannelServer:
 
     def __init__(self, tarballs: dict[str, bytes]):
         self.tarballs = tarballs
-        self.requests: list[str] = []
-        server = self
+        self.http = LocalHTTP(self._answer)
+        self.requests = self.http.requests
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                server.requests.append(self.path)
-                rev = self.path.removeprefix("/archive/").removesuffix(".tar.gz")
-                body = server.tarballs.get(rev)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/gzip")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+    def _answer(self, path: str) -> tuple[int, dict[str, str], bytes] | None:
+        body = self.tarballs.get(path.removeprefix("/archive/").removesuffix(".tar.gz"))
+        return None if body is None else (200, {"Content-Type": "application/gzip"}, body)
 
     @property
     def url_template(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}/archive/{{rev}}.tar.gz"
+        return self.http.url("/archive/{rev}.tar.gz")
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 def channel_tarball(top: str, programs: dict[str, str]) -> bytes:
