@@ -372,7 +372,7 @@ def test_the_same_history_gives_the_same_digest_and_another_history_another_spli
             registry.start()
         fresh, history, same_history = registries
         for registry in (history, same_history):
-            registry.manifest(first)
+            _, first_manifest = registry.manifest(first)
         digests = {}
         for registry in registries:
             digests[registry.storage.name], manifest = registry.manifest("shell/curl")
@@ -386,6 +386,12 @@ def test_the_same_history_gives_the_same_digest_and_another_history_another_spli
             else:
                 assert paths == fresh_paths  # the same files...
                 assert len(manifest["layers"]) == fresh_layers - 1  # ...split another way
+                # docs/layering.md, "The order of layers": the layers shell/curl shares with the
+                # image built before come first, in that image's order.
+                before = [layer["digest"] for layer in first_manifest["layers"]]
+                after = [layer["digest"] for layer in manifest["layers"]]
+                shared = [digest for digest in before if digest in after]
+                assert len(shared) >= 10 and after[: len(shared)] == shared
     finally:
         for registry in registries:
             registry.stop()

@@ -217,12 +217,18 @@ TWO_MB = CostModel.for_layer_cost_mb(2)
 def test_a_layer_cost_of_zero_gives_the_byte_optimal_plans_of_before():
     """The plans main's code made before the layer cost existed, stored by
     tests/data/bytes_only_plans.py (it says how): Debian packages and a seeded graph,
-    with and without popularity data, with a budget that binds and one that does not."""
-    stored = json.loads((REPO / "tests" / "data" / "bytes-only-plans.json").read_text())
-    assert stored == bytes_only_plans.plans(partial(plan_layers, cost=CostModel.for_layer_cost_mb(0)))
-    assert stored == bytes_only_plans.plans(plan_layers)  # bytes only is plan_layers' own default
+    with and without popularity data, with a budget that binds and one that does not.
+    The same layers, that is: their order has changed since (stored layers now come first,
+    oldest first: test_stored_layers_keep_their_place_below_new_ones)."""
+
+    def partitions(plans: dict[str, list[list[list[str]]]]) -> dict[str, list[list[list[str]]]]:
+        return {case: [sorted(image) for image in images] for case, images in plans.items()}
+
+    stored = partitions(json.loads((REPO / "tests" / "data" / "bytes-only-plans.json").read_text()))
+    assert stored == partitions(bytes_only_plans.plans(partial(plan_layers, cost=CostModel.for_layer_cost_mb(0))))
+    assert stored == partitions(bytes_only_plans.plans(plan_layers))  # bytes only is plan_layers' own default
     # The comparison can tell: the registry's default cost plans otherwise.
-    assert stored != bytes_only_plans.plans(partial(plan_layers, cost=TWO_MB))
+    assert stored != partitions(bytes_only_plans.plans(partial(plan_layers, cost=TWO_MB)))
 
 
 def test_a_closure_of_many_tiny_paths_takes_few_layers():
@@ -371,6 +377,39 @@ def test_a_stored_layer_inside_the_closure_is_reused_exactly():
     history.record([frozenset({"cli", "web-assets"})])
     layers = plan_layers(SHARED, ["cli"], max_layers=100, history=history, popularity=SHARED_POPULARITY)
     assert frozenset({"cli", "web-assets"}) not in layers
+
+
+def _chains_held(held: list[frozenset[str]], pulled: list[frozenset[str]]) -> int:
+    """How many of `pulled`'s layers a client holding `held` has under the same chain ID (the
+    layer and all below it): podman and containerd unpack the others again, docker fetches them."""
+    same = 0
+    while same < min(len(held), len(pulled)) and held[same] == pulled[same]:
+        same += 1
+    return same
+
+
+@pytest.mark.parametrize("with_popularity", [True, False])
+def test_stored_layers_keep_their_place_below_new_ones(with_popularity):
+    """Debian's packages: shell/curl, shell/jq, shell/git, shell/curl+jq. Each plan puts the
+    stored layers it reuses first, in the order they were stored, so the layers shell/git shares
+    with shell/curl sit on the same layers below as far as shell/curl's own order allows. Ordered
+    by popularity alone, a client holding shell/curl held 2 (1 without popularity data) of the
+    7 (8) layers shell/git shares with it under the same chain."""
+    history = LayerHistory()
+    popularity = DEBIAN_SHELL["popularity"] if with_popularity else None
+    plans = []
+    for roots in ([*SHELL, "curl"], [*SHELL, "jq"], [*SHELL, "git"], [*SHELL, "curl", "jq"]):
+        layers = plan_layers(DEBIAN_GRAPH, roots, max_layers=99, history=history, popularity=popularity, cost=TWO_MB)
+        assert_partition(DEBIAN_GRAPH, roots, layers)
+        stored = [layer for layer in layers if layer in history]
+        order = history.layers()
+        assert layers[: len(stored)] == sorted(stored, key=order.index)  # first, oldest first
+        history.record(layers)
+        plans.append(layers)
+    curl, _, git, curl_jq = plans
+    assert len(set(curl) & set(git)) >= 7
+    assert _chains_held(curl, git) >= 5
+    assert _chains_held(curl, curl_jq) == len(curl)  # all of shell/curl, then what jq adds
 
 
 def test_overlapping_stored_layers_prefer_the_largest():

@@ -45,7 +45,17 @@ apart.  The plan, step by step:
    now a stored layer may be broken up too, which costs its bytes (clients
    that hold it fetch them again).
 4. If pieces without an owner still exceed the budget, put the smallest
-   together.  Layers come out most popular first (base layers first).
+   together.
+
+Order: stored layers come first, oldest first, then the new ones, most popular
+first (base layers first).  Clients keep a layer under its *chain*: the layer
+and every layer below it.  A layer a client holds is used again only where it
+sits on the same layers below; elsewhere podman and containerd unpack it again
+and docker downloads it again (docs/benchmarks/client-layers.md).  Ordering by
+age is one order for every image: a layer's place among other stored layers
+never changes, so two images that share their oldest layers share those chains.
+Popularity alone does not give that: without popularity data it is counted
+within each closure, and it ranks the same layers differently in each image.
 
 Popularity comes from the caller when it has package-wide data (the layering
 benchmark passes it).  The registry has none, so it counts, within the
@@ -249,7 +259,7 @@ def plan_layers(
     cost: CostModel = DEFAULT_COST,
 ) -> list[frozenset[str]]:
     """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
-    returned in a deterministic order (base layers first), joining pieces as `cost` weighs
+    returned in a deterministic order (stored layers oldest first, then new ones base first), joining pieces as `cost` weighs
     them. Does not mutate history; the caller calls history.record(result) after storing
     the layers."""
     if max_layers < 1:
@@ -287,6 +297,7 @@ class _Planner:
         )
         self.owner = self._owners()
         self.most_popular = max(self.pop.values())
+        self.age: dict[frozenset[str], int] = {}  # each reused layer's serial number in the history
         self.reused = self._pick_reused(history, closure) if history is not None else []
 
     def _owners(self) -> dict[str, str]:
@@ -306,10 +317,11 @@ class _Planner:
         candidates.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
         taken: set[str] = set()
         chosen = []
-        for layer, _, _ in candidates:
+        for layer, _, layer_id in candidates:
             if taken.isdisjoint(layer):
                 taken |= layer
                 chosen.append(layer)
+                self.age[layer] = layer_id
         return chosen
 
     def plan(self) -> list[frozenset[str]]:
@@ -345,8 +357,11 @@ class _Planner:
                 self._merge(k, pieces[0])
             self.top[pieces[0]] = max((self.top[k] for k in pieces[:excess]), key=self._rank)
             pieces = pieces[:1] + pieces[excess:]
-        pieces.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
-        return [frozenset(self.members[k]) for k in pieces]
+        layers = [frozenset(self.members[k]) for k in pieces]
+        stored = sorted((layer for layer in layers if layer in self.age), key=self.age.__getitem__)
+        new = [k for k, layer in zip(pieces, layers, strict=True) if layer not in self.age]
+        new.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
+        return stored + [frozenset(self.members[k]) for k in new]
 
     def _pack_small_pieces(self) -> None:
         """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the
