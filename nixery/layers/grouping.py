@@ -259,9 +259,9 @@ def plan_layers(
     cost: CostModel = DEFAULT_COST,
 ) -> list[frozenset[str]]:
     """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
-    returned in a deterministic order (stored layers oldest first, then new ones base first), joining pieces as `cost` weighs
-    them. Does not mutate history; the caller calls history.record(result) after storing
-    the layers."""
+    joining pieces as `cost` weighs them, in a deterministic order: the stored layers
+    reused, oldest first, then the new ones, base first. Does not mutate history; the
+    caller calls history.record(result) after storing the layers."""
     if max_layers < 1:
         raise ValueError("max_layers must be at least 1")
     missing = sorted({root for root in roots if root not in graph})

@@ -3,9 +3,9 @@
     nixery layers plan --graph G --popularity P --images I [--max-layers N] [--layer-cost-mb C] > plan.json
 
 Prints a JSON list with one entry per image, in order; each entry is a list of
-layers (base layers first), each layer a sorted list of node names.  The
-layer history is kept from one image to the next, as the registry keeps it.
-The per-layer cost is the registry's: `--layer-cost-mb`, else
+layers (the stored ones it reuses first, oldest first, then new ones, base first),
+each layer a sorted list of node names.  The layer history is kept from one image
+to the next, as the registry keeps it.  The per-layer cost is the registry's: `--layer-cost-mb`, else
 NIXERY_LAYER_COST_MB, else its default (`nixery.layers.cost`).
 """
 
@@ -109,9 +109,9 @@ input files (JSON, plain or gzip-compressed; names are any strings, e.g. store p
   --images      the images to plan, in order, each a list of its roots (nodes of the graph):
                   [["app"], ["tool"], ["app", "tool"]]
 
-output: one entry per image, in order; each a list of layers (base layers first), each
-layer a sorted list of node names. Each plan is remembered for the next image's, as the
-registry remembers the layers it stored (--no-history: plan each as if nothing were stored).
+output: one entry per image, in order; each a list of layers (the stored ones it reuses
+first, oldest first, then new ones, base first), each layer a sorted list of node names.
+Each plan is remembered for the next image's, as the registry remembers the layers it stored (--no-history: plan each as if nothing were stored).
 """
 
 
