@@ -1,19 +1,21 @@
 """Issue 21 reshapes the code without changing what it serves: the same image
 names, asked in the same order, give byte-identical manifests and configs.
 
-The package as it was before the refactor is taken from git (`BASELINE`) into a
-temporary directory, and a registry running it is compared with one running
+The package as it was at a known-good commit (`BASELINE`) is taken from git into
+a temporary directory, and a registry running it is compared with one running
 this checkout: same package set (the busybox set), each with its own empty
 storage, the same sequence of names. Images share packages, so each build's
 layering depends on the layers earlier builds made (docs/layering.md): the
 sequence checks that history too. Both manifest formats, with gzip layers and,
 in a second pair of registries, zstd ones (a registry-wide setting).
 
-Issue 23 made the layering weigh a per-layer cost (NIXERY_LAYER_COST_MB, 2 MB by
-default), which changes plans on purpose: from `figlet/greet` on, this sequence
-gets fewer layers. This checkout's registry runs with NIXERY_LAYER_COST_MB=0, the
-byte-optimal layering the baseline had, so that everything else stays compared
-byte for byte; the plans at the default cost are checked in tests/test_grouping.py.
+Until 2026-12-03 the baseline was the commit before the refactor, and this
+checkout's registry ran with issue 23's per-layer cost and issue 24's baseline
+packages switched off to match it. Then the order of layers changed on purpose
+(stored layers first, oldest first: docs/layering.md, "The order of layers",
+checked in tests/test_grouping.py and tests/test_debian_set.py), and the
+baseline moved to that commit. Both registries now run with the same, default
+settings.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import pytest
 
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess
 
-# The last commit before the issue-21 refactor (merge of 'newcomer-docs-ops', 2026-12-03).
+# The commit that put stored layers first, oldest first (2026-12-03). Before it: the last
+# commit before the issue-21 refactor, 08ddb890f0a28e36784266bfb30223c8afc0d095.
 # Move it forward only to a commit whose manifests are known to be right, e.g. once a
 # change that is meant to alter manifests (a new layout or config field) has landed.
-BASELINE = "08ddb890f0a28e36784266bfb30223c8afc0d095"
+BASELINE = "043850ae9d658f3c304ca1c3c27342cb0c766c3a"
 
 BUSYBOX_SET = REPOSITORY / "pkgs" / "busybox"
 
@@ -96,12 +99,9 @@ def _pull(registry: RegistryProcess, name: str, accept: str) -> tuple[str, bytes
 def test_manifests_are_those_the_baseline_serves(
     start_registry: Callable[..., RegistryProcess], baseline_tree: Path, compression: str, formats: list[str]
 ) -> None:
-    # Without the baseline (issue 24), which adds the busybox set's `cacert` to every image on
-    # purpose: with it off, every image is as the baseline commit made it (the packages'
-    # trees at / add nothing to these images, whose packages have only bin/).
-    settings = {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "NIXERY_LAYER_COMPRESSION": compression, "NIXERY_BASELINE": ""}
+    settings = {"NIXERY_PKGS_PATH": str(BUSYBOX_SET), "NIXERY_LAYER_COMPRESSION": compression}
     before = start_registry(**settings, **baseline_env(baseline_tree))
-    after = start_registry(**settings, NIXERY_LAYER_COST_MB="0")  # the baseline's layering (see above)
+    after = start_registry(**settings)
     for name in IMAGES:
         for accept in formats:
             old_digest, old_manifest, old_config = _pull(before, name, accept)
