@@ -595,6 +595,37 @@ async def test_concurrent_requests_for_one_commit_make_one_checkout(tmp_path: Pa
     assert calls == []
 
 
+async def test_a_restart_knows_every_tag_resolved_at_once(tmp_path: Path, monkeypatch) -> None:
+    """Two tags resolved at the same time each save the list of known tags. The first save is
+    made slow here: the last list on disk must still hold both tags, so that a restart whose
+    repository has gone away serves both (fresh-ci once saw `v1` forgotten this way)."""
+    from nixery.nix import git as git_module
+    from nixery.nix.git import GitSource
+
+    repo = tmp_path / "pkgs"
+    repo.mkdir()
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit = commit_package_set(repo, {"hello": "echo hi"}, "one")
+    git(repo, "tag", "v1")
+    real_write_json = git_module.write_json
+
+    def slow_first_write(path: Path, data: dict) -> None:
+        if set(data) == {"v1"}:
+            time.sleep(0.5)
+        real_write_json(path, data)
+
+    monkeypatch.setattr(git_module, "write_json", slow_first_write)
+    source = GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60)
+    resolving_v1 = asyncio.ensure_future(source.resolve("v1"))
+    while not source._known:  # v1 is known and its save has started
+        await asyncio.sleep(0.01)
+    await source.resolve("latest")
+    await resolving_v1
+    repo.rename(tmp_path / "gone")
+    restarted = GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60)
+    assert [(await restarted.resolve(tag)).id for tag in ("v1", "latest")] == [commit, commit]
+
+
 async def test_an_old_commit_by_hash_from_a_server_that_only_gives_ref_tips(tmp_path: Path, monkeypatch) -> None:
     """Protocol v0 servers refuse commits by hash; the source then fetches whole branches."""
     from nixery.nix.git import GitSource

@@ -42,6 +42,7 @@ import shutil
 import signal
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,9 @@ class GitSource(PackageSource):
         self._lookups: SingleFlight[_Known] = SingleFlight()
         self._checkouts: SingleFlight[Path] = SingleFlight()
         self._mirror_lock = asyncio.Lock()
+        self._known_version = 0  # bumped on every save; a write older than the last one written is dropped
+        self._written_version = 0
+        self._write_lock = threading.Lock()
         self._load_known()
 
     # ---- tag to commit -------------------------------------------------
@@ -352,8 +356,17 @@ class GitSource(PackageSource):
                 continue
 
     async def _save_known(self) -> None:
+        self._known_version += 1
         entries = {tag: {"commit": k.commit, "kind": k.kind, "ref": k.ref} for tag, k in self._known.items()}
-        await asyncio.to_thread(write_json, self._refs_file, entries)
+        await asyncio.to_thread(self._write_known, self._known_version, entries)
+
+    def _write_known(self, version: int, entries: dict) -> None:
+        # Writes run in threads and may finish in any order, also after their caller was
+        # cancelled: a list older than the one on disk is not written over it.
+        with self._write_lock:
+            if version > self._written_version:
+                write_json(self._refs_file, entries)
+                self._written_version = version
 
 
 def _pick_ref(tag: str, listing: str) -> tuple[str, str, str] | None:
