@@ -27,7 +27,7 @@ from nixery.layers.plan_cli import load_graph, load_images
 GOAL_WARM, GOAL_DL = 1.10, 1.03
 
 
-class Sequence:
+class Atoms:
     """The atoms of a sequence of images, and the scores of a grouping of them."""
 
     def __init__(self, closures: list[set[str]], size: dict[str, int]):
@@ -62,8 +62,8 @@ class Sequence:
         return warm, cold, downloaded / self.ideal
 
 
-def merge_greedily(seq: Sequence) -> list[tuple[int, tuple[float, float, float], list[frozenset[int]]]]:
-    """The groupings step by step: (groups, scores, groups) from the atoms on."""
+def merge_greedily(seq: Atoms) -> list[tuple[int, tuple[float, float, float], list[frozenset[int]]]]:
+    """The groupings step by step, from the atoms on: (number of groups, (warm, cold, dl/ideal), the groups)."""
     groups = [frozenset([a]) for a in range(len(seq.atoms))]
     costs = {g: seq.cost(g) for g in groups}
 
@@ -101,11 +101,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     graph = load_graph(args.graph)
     closures = [graph.closure(roots) for roots in load_images(args.images, graph)]
-    seq = Sequence(closures, {p: graph.size(p) for closure in closures for p in closure})
+    seq = Atoms(closures, {p: graph.size(p) for closure in closures for p in closure})
     steps = merge_greedily(seq)
     print(f"{args.images.name}: {len(closures)} images, {len(seq.atoms)} atoms, ideal {seq.ideal / MB:.1f} MB")
     print("| groups | warm | cold | dl/ideal |\n|---|---|---|---|")
-    for count, (warm, cold, dl), _ in steps[:: max(1, len(steps) // 12)] + steps[-1:]:
+    shown = steps[:: max(1, len(steps) // 12)]
+    for count, (warm, cold, dl), _ in shown + ([] if shown[-1] is steps[-1] else steps[-1:]):
         print(f"| {count} | {warm:.3f} | {cold:.3f} | {dl:.3f} |")
     print("\nThe final groups (MB, paths, images holding any, the most popular paths):")
     for group in sorted(steps[-1][2], key=lambda g: -sum(seq.nbytes[a] for a in g)):

@@ -46,7 +46,7 @@ in base // {{
 class JSONServer(LocalHTTP):
     def __init__(self, body: bytes):
         super().__init__(lambda path: (200, {}, body))
-        self.url = super().url("/popularity.json")
+        self.data_url = self.url("/popularity.json")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_popularity_data_splits_what_the_closure_alone_would_join(
     without, _ = layers_of_app(tmp_path, directory, NIXERY_LAYER_COST_MB="0")
     server = JSONServer(data.read_bytes()) if scheme == "http" else None
     try:
-        url = server.url if server else f"file://{data}"
+        url = server.data_url if server else f"file://{data}"
         with_data, registry = layers_of_app(tmp_path, directory, NIX_POPULARITY_URL=url, NIXERY_LAYER_COST_MB="0")
     finally:
         if server:

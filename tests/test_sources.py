@@ -617,7 +617,7 @@ async def test_a_restart_knows_every_tag_resolved_at_once(tmp_path: Path, monkey
     monkeypatch.setattr(git_module, "write_json", slow_first_write)
     source = GitSource(str(repo), cache_dir=tmp_path / "cache", ref_ttl=30, fetch_timeout=60)
     resolving_v1 = asyncio.ensure_future(source.resolve("v1"))
-    while not source._known:  # v1 is known and its save has started
+    while not source._known and not resolving_v1.done():  # v1 is known and its save has started
         await asyncio.sleep(0.01)
     await source.resolve("latest")
     await resolving_v1

@@ -357,11 +357,12 @@ class _Planner:
                 self._merge(k, pieces[0])
             self.top[pieces[0]] = max((self.top[k] for k in pieces[:excess]), key=self._rank)
             pieces = pieces[:1] + pieces[excess:]
-        layers = [frozenset(self.members[k]) for k in pieces]
-        stored = sorted((layer for layer in layers if layer in self.age), key=self.age.__getitem__)
-        new = [k for k, layer in zip(pieces, layers, strict=True) if layer not in self.age]
-        new.sort(key=lambda k: (-self.pop[self.top[k]], self.top[k]))
-        return stored + [frozenset(self.members[k]) for k in new]
+        layer_of = {k: frozenset(self.members[k]) for k in pieces}
+        stored = sorted((k for k in pieces if layer_of[k] in self.age), key=lambda k: self.age[layer_of[k]])
+        new = sorted(
+            (k for k in pieces if layer_of[k] not in self.age), key=lambda k: (-self.pop[self.top[k]], self.top[k])
+        )
+        return [layer_of[k] for k in stored + new]
 
     def _pack_small_pieces(self) -> None:
         """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the
