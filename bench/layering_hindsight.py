@@ -1,6 +1,6 @@
 """What layering could score if it knew the whole sequence in advance (a bound, not a planner).
 
-    .venv/bin/python bench/layering_hindsight.py       # images-public.json, a few minutes
+    .venv/bin/python bench/layering_hindsight.py       # images-public.json, about 30 s
 
 The registry plans one image at a time and knows only package-wide popularity
 and the layers it stored before.  This benchmark knows every image of the
@@ -12,17 +12,29 @@ most per unit of warm score and dl/ideal it adds, while warm stays at most
 intersections with the groups.  Scores as bench/layering.py counts them (2 MB
 a layer).  The point: whether the goals are reachable at all, and with which
 groups.
+
+A second table runs the registry's own planner with other popularity data:
+how many images of the sequence hold each path (foresight), what a registry
+could count from the images it served before (online), and counts from half
+of a sequence applied to its other half (a registry that learned from a
+similar period of traffic).  It shows how much of the gap is the planner and
+how much is what the planner knows.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from layering import DATASET, MB, SCORE_LAYER_COST
+from layering import DATA, DATASET, MB, SCORE_LAYER_COST, simulate
 
-from nixery.layers.plan_cli import load_graph, load_images
+from nixery.closure import ClosureGraph
+from nixery.layers.cost import CostModel
+from nixery.layers.grouping import LayerHistory, plan_layers
+from nixery.layers.plan_cli import load_graph, load_images, load_popularity
 
 GOAL_WARM, GOAL_DL = 1.10, 1.03
 
@@ -94,10 +106,82 @@ def merge_greedily(seq: Atoms) -> list[tuple[int, tuple[float, float, float], li
         steps.append((len(groups), now, list(groups)))
 
 
+def traffic_popularity(
+    counts: Mapping[str, int], package_wide: Mapping[str, int], prior_weight: float
+) -> dict[str, int]:
+    """Popularity as a registry could learn it from its traffic: how many served images held each
+    path, plus `prior_weight` times its package-wide popularity as a share of the most popular
+    path's (the prior for a path not seen yet). Scaled to integers; the planner compares ratios."""
+    most = max(package_wide.values())
+    return {
+        p: max(1, round(1e6 * (counts.get(p, 0) + prior_weight * package_wide.get(p, 1) / most)))
+        for p in set(counts) | set(package_wide)
+    }
+
+
+def same_for_all(popularity: Mapping[str, int]) -> Callable[[int], Mapping[str, int]]:
+    return lambda _: popularity
+
+
+def planned(
+    graph: ClosureGraph, images: list[list[str]], popularity_for: Callable[[int], Mapping[str, int]], cost: CostModel
+) -> tuple[float, float, float]:
+    """(warm, cold, dl/ideal) of the registry's planner, image `i` planned with `popularity_for(i)`."""
+    history, plans = LayerHistory(), []
+    for i, roots in enumerate(images):
+        plan = plan_layers(graph, roots, max_layers=100, history=history, popularity=popularity_for(i), cost=cost)
+        history.record(plan)
+        plans.append(plan)
+    score = simulate(graph, images, plans, [0.0] * len(images))
+    return score.warm, score.cold, score.downloaded / score.ideal
+
+
+def what_the_planner_knows(graph: ClosureGraph, images: list[list[str]], package_wide: Mapping[str, int]) -> str:
+    """The registry's planner (2 MB a layer) given other popularity data than the package-wide counts."""
+    cost = CostModel.for_layer_cost_mb(SCORE_LAYER_COST / MB)
+    in_sequence = Counter(p for roots in images for p in graph.closure(roots))
+    lines = ["| popularity given to the planner | warm | cold | dl/ideal |", "|---|---|---|---|"]
+    for label, popularity, model in [
+        ("package-wide (popularity.json: the issue's setting)", package_wide, cost),
+        ("how many of these 40 images hold each path (foresight)", in_sequence, cost),
+        ("the same, joins below 5% of a layer's price (join_share 0.05)", in_sequence,
+         CostModel(layer_cost=cost.layer_cost, join_share=0.05)),
+    ]:
+        scores = planned(graph, images, same_for_all(popularity), model)
+        lines.append("| {} | {:.3f} | {:.3f} | {:.3f} |".format(label, *scores))
+    lines += [
+        "",
+        "Learned from traffic, on each sequence (warm, cold, dl/ideal). *Online*: each image planned with",
+        "the counts of the images before it + 20 x package-wide. *Even images*: the 1st, 3rd, ... images",
+        "alone, planned with package-wide popularity, or with the counts of the other images + w x",
+        "package-wide (a registry that learned from a similar period of traffic).",
+        "",
+        "| sequence | all: package-wide | all: online | even: package-wide | even: learned, w = 5 | w = 20 |",
+        "|---|---|---|---|---|---|",
+    ]
+    generated = ("images-mixed.json", "images-themed.json", "images-large.json")
+    sequences = {"images-public.json": images} | {name: load_images(DATA / name, graph) for name in generated}
+    for name, sequence in sequences.items():
+        closures = [graph.closure(roots) for roots in sequence]
+        before: list[Counter[str]] = [Counter()]
+        for closure in closures[:-1]:
+            before.append(before[-1] + Counter(closure))
+        even, odd = sequence[0::2], closures[1::2]
+        learned = Counter(p for closure in odd for p in closure)
+        cells = [
+            planned(graph, sequence, same_for_all(package_wide), cost),
+            planned(graph, sequence, lambda i, b=before: traffic_popularity(b[i], package_wide, 20), cost),
+            planned(graph, even, same_for_all(package_wide), cost),
+        ] + [planned(graph, even, same_for_all(traffic_popularity(learned, package_wide, w)), cost) for w in (5, 20)]
+        lines.append(f"| {name} | " + " | ".join("{:.3f}, {:.3f}, {:.3f}".format(*c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graph", type=Path, default=DATASET / "graph.json.gz")
     parser.add_argument("--images", type=Path, default=DATASET / "images-public.json")
+    parser.add_argument("--popularity", type=Path, default=DATASET / "popularity.json")
     args = parser.parse_args(argv)
     graph = load_graph(args.graph)
     closures = [graph.closure(roots) for roots in load_images(args.images, graph)]
@@ -114,6 +198,8 @@ def main(argv: list[str]) -> int:
         holders = set().union(*(seq.held_by[a] for a in group))
         print(f"  {sum(seq.nbytes[a] for a in group) / MB:7.1f} MB {len(paths):4d} paths in {len(holders):2d} images: "
               f"{', '.join(sorted(paths)[:4])}{' ...' if len(paths) > 4 else ''}")
+    print("\nThe registry's planner with other popularity data:\n")
+    print(what_the_planner_knows(graph, load_images(args.images, graph), load_popularity(args.popularity)))
     return 0
 
 
