@@ -184,7 +184,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--popularity", type=Path, default=DATASET / "popularity.json")
     args = parser.parse_args(argv)
     graph = load_graph(args.graph)
-    closures = [graph.closure(roots) for roots in load_images(args.images, graph)]
+    images = load_images(args.images, graph)
+    closures = [graph.closure(roots) for roots in images]
     seq = Atoms(closures, {p: graph.size(p) for closure in closures for p in closure})
     steps = merge_greedily(seq)
     print(f"{args.images.name}: {len(closures)} images, {len(seq.atoms)} atoms, ideal {seq.ideal / MB:.1f} MB")
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> int:
         print(f"  {sum(seq.nbytes[a] for a in group) / MB:7.1f} MB {len(paths):4d} paths in {len(holders):2d} images: "
               f"{', '.join(sorted(paths)[:4])}{' ...' if len(paths) > 4 else ''}")
     print("\nThe registry's planner with other popularity data:\n")
-    print(what_the_planner_knows(graph, load_images(args.images, graph), load_popularity(args.popularity)))
+    print(what_the_planner_knows(graph, images, load_popularity(args.popularity)))
     return 0
 
 

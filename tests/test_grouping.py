@@ -649,14 +649,16 @@ def test_told_how_often_each_path_is_needed_the_planner_meets_issue_23s_goal(dat
     graph, _, images = dataset
     in_sequence = collections.Counter(p for roots in images for p in graph.closure(roots))
     cost = CostModel(layer_cost=2 * MB, join_share=0.05)
-    dl, warm, cold, _ = _scores(graph, in_sequence, images, 2, cost=cost)
+    dl, warm, cold, _ = _scores(graph, in_sequence, images, cost)
     assert warm <= 1.10 and cold <= 1.10 and dl <= 1.03, (warm, cold, dl)
 
 
-def _scores(graph, popularity, images, megabytes, *, cost=None) -> tuple[float, float, float, list[int]]:
+def _scores(graph, popularity, images, cost: CostModel | float) -> tuple[float, float, float, list[int]]:
     """dl/ideal, warm and cold (2 MB per layer) and the layer counts of one client pulling `images`
-    in order from a registry planning at `megabytes` per layer, as bench/layering.py scores them."""
-    cost = cost or CostModel.for_layer_cost_mb(megabytes)
+    in order from a registry planning with `cost` (a model, or MB per layer), as bench/layering.py
+    scores them."""
+    if not isinstance(cost, CostModel):
+        cost = CostModel.for_layer_cost_mb(cost)
     history = LayerHistory()
     held: set[frozenset[str]] = set()
     union: set[str] = set()
