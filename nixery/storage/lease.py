@@ -175,7 +175,6 @@ class LeasedStorage(Storage):
         try:
             yield
         finally:
-            _live_owners.discard(lease.owner)
             lease.stop.set()
             # Runs to its end even if this task is cancelled meanwhile.
             ending = self._lease_background(self._end_lease(lease, renewal), lease.name)
@@ -242,6 +241,15 @@ class LeasedStorage(Storage):
             lease.version = version
 
     async def _end_lease(self, lease: _Lease, renewal: asyncio.Task[None]) -> None:
+        # The owner stays live until its release is done or has failed: a waiter of this process
+        # takes over at once only a lease left behind, never one that is being released (with an
+        # emulator that ignores the delete's condition, that release could delete the new lease).
+        try:
+            await self._release_lease(lease, renewal)
+        finally:
+            _live_owners.discard(lease.owner)
+
+    async def _release_lease(self, lease: _Lease, renewal: asyncio.Task[None]) -> None:
         try:
             await asyncio.wait_for(renewal, self.lease_ttl)  # lets a renewal in flight land first
         except Exception as error:  # noqa: BLE001 (whatever happened, release)

@@ -75,6 +75,37 @@ async def test_own_lease_that_could_not_be_released(cloud_backend: Backend, tmp_
             await asyncio.sleep(0.5)
 
 
+async def test_a_lease_being_released_is_not_taken_over(cloud_backend: Backend, tmp_path: Path) -> None:
+    """A second driver of the same process (a replica, as the conformance suite runs them) waits
+    for the holder's release to finish: a lease is "left behind" only once releasing it failed.
+    Taking it over while the release ran let that release, on an emulator that ignores the
+    delete's condition (fake-gcs-server here), delete the new holder's lease: two holders."""
+    key = f"builds/{uuid.uuid4().hex}"
+    first = cloud_backend.open()
+    cloud_backend.storage_path = tmp_path / "replica-2"
+    second = cloud_backend.open()
+    delete = first._lease_delete
+    released_at: list[float] = []
+
+    async def slow_delete(name: str, version: str) -> None:
+        await asyncio.sleep(1.0)
+        await delete(name, version)
+        released_at.append(time.monotonic())
+
+    first._lease_delete = slow_delete  # type: ignore[method-assign]
+    entered_at: list[float] = []
+
+    async def take() -> None:
+        async with second.exclusive(key):
+            entered_at.append(time.monotonic())
+
+    async with first.exclusive(key):
+        waiter = asyncio.create_task(take())
+        await asyncio.sleep(0.5)  # the waiter is polling
+    await asyncio.wait_for(waiter, AT_ONCE)
+    assert released_at and entered_at[0] > released_at[0], "the waiter entered while the lease was released"
+
+
 def is_delete(head: bytes) -> bool:
     """A DELETE, or S3's DeleteObjects (`POST /bucket?delete`), which obstore uses for one key too."""
     request_line = head.split(b"\r\n", 1)[0]
