@@ -1,0 +1,245 @@
+"""The reference facts README.md and docs/*.md state, checked against the code: every
+setting the docs name is one the registry reads, and every setting it reads is in the
+README's configuration table; the defaults and ranges the tables give are the ones
+config.py applies; every `VAR=value` the docs show is accepted; `nixery serve --help`
+lists the table's variables; and the endpoints the docs show are routes of the app
+(those they say the registry lacks are not). test_doc_examples.py pulls the images.
+
+No Nix and no server: settings are loaded from explicit environments, and routes are
+resolved on the app's router.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_urldispatcher import MatchInfoError
+
+from nixery import config
+from nixery.app import create_app
+from nixery.auth import hash_password
+from nixery.cli import SERVE_VARIABLES
+from tests.registry import REPOSITORY
+
+README = REPOSITORY / "README.md"
+DOCUMENTS = [README, *sorted((REPOSITORY / "docs").glob("*.md"))]
+
+_VARIABLE = r"[A-Z][A-Z0-9_]{2,}"
+#: What config.py reads of the machine's environment that is no setting of the registry's.
+MACHINE = {"HOME": "where ~/.kube/config is", "KUBERNETES_SERVICE_HOST": "set in every pod"}
+
+
+def _config_section() -> str:
+    return README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _setting_rows(path: Path) -> Iterator[tuple[int, list[str], dict[str, str]]]:
+    """(line, variables, cells by column) of each row of a settings table: a table whose
+    first column is headed `variable` or `setting`, in any case."""
+    header: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.startswith("|"):
+            header = []
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not header:
+            header = [cell.lower() for cell in cells]
+        elif header[0] in ("variable", "setting") and (names := re.findall(rf"`({_VARIABLE})`", cells[0])):
+            yield number, names, dict(zip(header, cells, strict=False))
+
+
+def _names_read(source: str) -> set[str]:
+    """Environment variables a module reads: `env.get("X")`, `environ["X"]`, `_int(env, "X", ...)`."""
+    pattern = rf'(?:\benv(?:iron)?(?:\.get\(|\[)|\(env, )"({_VARIABLE})"'
+    return set(re.findall(pattern, source))
+
+
+CONFIG_READS = _names_read((REPOSITORY / "nixery" / "config.py").read_text())
+NIXERY_READS = set().union(*(_names_read(p.read_text()) for p in (REPOSITORY / "nixery").rglob("*.py")))
+
+
+def test_the_name_patterns_find_what_config_reads() -> None:
+    """A pattern that found nothing would let every check below pass."""
+    assert {"PORT", "NIXERY_MAX_LAYERS", "NIXERY_BUNDLED_SET", "S3_BUCKET", "NIXERY_AUTH"} <= CONFIG_READS
+    assert {"GOOGLE_APPLICATION_CREDENTIALS", "NIXERY_REGISTRY"} <= NIXERY_READS
+    assert len([row for path in DOCUMENTS for row in _setting_rows(path)]) >= 60
+
+
+def test_every_setting_config_reads_is_in_the_readme_configuration() -> None:
+    documented = set(re.findall(rf"`({_VARIABLE})`", _config_section()))
+    missing = CONFIG_READS - documented - set(MACHINE)
+    assert not missing, f"read by nixery/config.py but not in the README's configuration: {sorted(missing)}"
+
+
+def test_every_documented_setting_is_read_by_the_registry() -> None:
+    unknown = [f"{path.relative_to(REPOSITORY)}:{number}: {name}"
+               for path in DOCUMENTS for number, names, _ in _setting_rows(path)
+               for name in names if name not in NIXERY_READS]
+    assert not unknown, f"documented settings that nixery does not read: {unknown}"
+
+
+def test_serve_help_lists_the_readme_table_and_nothing_it_lacks() -> None:
+    in_help = set(re.findall(_VARIABLE, " ".join(names for _, names in SERVE_VARIABLES)))
+    table = {name for _, names, _ in _setting_rows(README) for name in names}
+    assert table - in_help == set(), "in the README's table but not in `nixery serve --help`"
+    assert in_help - set(re.findall(rf"`({_VARIABLE})`", _config_section())) == set(), (
+        "in `nixery serve --help` but not in the README's configuration"
+    )
+
+
+# ---- values ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    """Environments in which each group of settings is read (S3 settings only with the s3
+    backend, token settings only with NIXERY_AUTH=token, ...)."""
+    users = tmp_path_factory.mktemp("users") / "users"
+    users.write_text(f"alice:{hash_password('secret', log_n=10)}:pull\n")
+    return [
+        {},
+        {"NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "bucket"},
+        {"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "bucket"},
+        {"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users), "NIXERY_TOKEN_SECRET": "s" * 32},
+    ]
+
+
+def _load(env: Mapping[str, str]) -> config.Settings | str:
+    """The settings, or the ConfigError's message."""
+    try:
+        return config.load(env)
+    except config.ConfigError as exc:
+        return str(exc)
+
+
+def _documented_default(cells: dict[str, str]) -> str | None:
+    """The default a row gives, when it is one value: in backticks in the `default` column,
+    or "(default VALUE)" in the last; a path relative to the checkout made absolute, and
+    `$STORAGE_PATH` replaced by its default."""
+    found = re.fullmatch(r"`([^`]*)`", cells.get("default", "")) or re.search(
+        r"\(default ([^\s)]+)\)", list(cells.values())[-1])
+    if found is None or re.search(r"\b[A-Z]{3,}\b", found.group(1)):  # none, or a placeholder: HOST
+        return None
+    value = found.group(1).replace("$STORAGE_PATH", str(config.DEFAULT_STORAGE_PATH))
+    return str(REPOSITORY / value) if value.startswith(".") else value
+
+
+def test_each_documented_default_is_the_one_config_applies(contexts: list[dict[str, str]]) -> None:
+    """Setting a variable to its documented default changes no setting, in every context."""
+    checked, wrong = 0, []
+    for path, (number, names, cells) in ((p, row) for p in DOCUMENTS for row in _setting_rows(p)):
+        if (default := _documented_default(cells)) is None:
+            continue
+        checked += 1
+        for name, context in itertools.product(names, contexts):
+            if name not in context and _load({**context, name: default}) != _load(context):
+                wrong.append(f"{path.relative_to(REPOSITORY)}:{number}: {name}={default!r}")
+                break
+    assert checked >= 30 and not wrong, f"documented defaults that are not the defaults: {wrong}"
+
+
+def test_each_documented_range_is_the_one_config_checks(contexts: list[dict[str, str]]) -> None:
+    """"(A to B)" in a setting's row: A and B are accepted, just outside them is refused."""
+    checked, wrong = 0, []
+    for path, (number, names, cells) in ((p, row) for p in DOCUMENTS for row in _setting_rows(p)):
+        for low, high in re.findall(r"\((\d+) to (\d+)\)", list(cells.values())[-1]):
+            checked += 1
+            for name in names:
+                # The context in which the variable is read: there a value that is no number is refused.
+                context = next((c for c in contexts if isinstance(_load({**c, name: "x"}), str)), None)
+                assert context is not None, f"{name} is read in none of the contexts"
+                verdicts = {value: isinstance(_load({**context, name: value}), config.Settings)
+                            for value in (low, high, str(int(low) - 1), str(int(high) + 1))}
+                if list(verdicts.values()) != [True, True, False, False]:
+                    wrong.append(f"{path.relative_to(REPOSITORY)}:{number}: {name} ({low} to {high}): {verdicts}")
+    assert checked >= 3 and not wrong, wrong
+
+
+def _assignments() -> Iterator[tuple[str, str, str]]:
+    """(where, variable, value) of each `VARIABLE=value` the docs show for a setting."""
+    for path in DOCUMENTS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for name, value in re.findall(rf"(?<![\w$])({_VARIABLE})=([^\s`|)\\]*)", line):
+                if name in CONFIG_READS:
+                    yield f"{path.relative_to(REPOSITORY)}:{number}", name, value
+
+
+def test_every_setting_value_the_docs_show_is_accepted(contexts: list[dict[str, str]]) -> None:
+    """Values that name the reader's own files (a key, a package set) are not checked."""
+    refused = []
+    shown = list(_assignments())
+    for where, name, value in shown:
+        if value.startswith(("/", ".")) and name not in ("STORAGE_PATH", "NIXERY_BLOB_ACCEL_REDIRECT"):
+            continue
+        answers = [_load({**context, name: value}) for context in contexts]
+        if all(isinstance(answer, str) for answer in answers):
+            refused.append(f"{where}: {name}={value}: {answers[0]}")
+    assert len(shown) >= 20 and not refused, refused
+
+
+# ---- endpoints -------------------------------------------------------------------
+
+_DIGEST = "sha256:" + "0" * 64
+_PLACEHOLDERS = [
+    (r"sha256:…|<digest>|<layer digest>|<its digest>|\{digest\}", _DIGEST),
+    (r"<hex>|<hex of the manifest digest>", "0" * 64),
+    (r"<name>|NAME|\{name\}", "shell/curl"),
+    (r"<tag or digest>|<reference>|\{reference\}|TAG", "latest"),
+    (r"\bID\b|<id>", "0123abcd"),
+]
+
+
+def _concrete(path: str) -> Iterator[str]:
+    """The paths a documented one stands for: placeholders filled in, each optional
+    `[part]` with and without, the query left out (it does not choose the route)."""
+    for name, value in _PLACEHOLDERS:
+        path = re.sub(name, value, path)
+    pieces = re.split(r"\[([^\]]*)\]", path)  # outside, optional, outside, ...
+    for chosen in itertools.product(*[("", part) for part in pieces[1::2]]):
+        whole = "".join(piece for pair in itertools.zip_longest(pieces[::2], chosen, fillvalue="") for piece in pair)
+        yield whole.split("?", 1)[0]
+
+
+def _endpoints() -> Iterator[tuple[str, str, str]]:
+    """(where, method, path) of each endpoint the docs show: `GET /path` in inline code,
+    and any `/v2/...` path (a GET); not those a line says the registry does not have."""
+    for path in DOCUMENTS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for code in [] if "does not have" in line else re.findall(r"`([^`]+)`", line):
+                found = re.fullmatch(r"(GET|HEAD|POST) (/\S*)|(/v2/\S*)", code)
+                if found is not None:
+                    yield f"{path.relative_to(REPOSITORY)}:{number}", found[1] or "GET", found[2] or found[3]
+
+
+@pytest.fixture(scope="module")
+def router(contexts: list[dict[str, str]]) -> web.UrlDispatcher:
+    """The app's routes with every optional endpoint on (token auth: /token)."""
+    return create_app(config.load(contexts[-1])).router
+
+
+async def _routed(router: web.UrlDispatcher, method: str, path: str) -> bool:
+    match = await router.resolve(make_mocked_request(method, path))
+    return not isinstance(match, MatchInfoError)
+
+
+async def test_every_endpoint_the_docs_show_is_a_route(router: web.UrlDispatcher) -> None:
+    shown = list(_endpoints())
+    missing = [f"{where}: {method} {concrete}" for where, method, path in shown for concrete in _concrete(path)
+               if not await _routed(router, method, concrete)]
+    assert len(shown) >= 20 and not missing, f"endpoints the docs show that the registry does not have: {missing}"
+
+
+async def test_the_endpoints_errors_md_says_are_missing_are_no_routes(router: web.UrlDispatcher) -> None:
+    row = next(line for line in (REPOSITORY / "docs" / "errors.md").read_text().splitlines()
+               if line.startswith("| `NAME_UNKNOWN`"))
+    absent = re.search(r"an endpoint this registry does not have \(([^)]*)\)", row)
+    assert absent is not None, row
+    names = re.findall(r"`([^`]+)`|(\w[\w ]*)", absent.group(1))
+    assert all(code for code, _ in names), f"errors.md names an endpoint without its path: {absent.group(1)}"
+    routed = [code for code, _ in names if await _routed(router, "GET", next(_concrete(code)))]
+    assert not routed, f"docs/errors.md says the registry lacks endpoints it has: {routed}"
