@@ -11,10 +11,14 @@ resolved on the app's router.
 
 from __future__ import annotations
 
+import argparse
+import io
 import itertools
 import re
+import shlex
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
@@ -199,10 +203,14 @@ def _concrete(path: str) -> Iterator[str]:
     `[part]` with and without, the query left out (it does not choose the route)."""
     for name, value in _PLACEHOLDERS:
         path = re.sub(name, value, path)
-    pieces = re.split(r"\[([^\]]*)\]", path)  # outside, optional, outside, ...
+    yield from (variant.split("?", 1)[0] for variant in _variants(path))
+
+
+def _variants(text: str) -> Iterator[str]:
+    """TEXT with each `[optional part]` left out and put in, every combination."""
+    pieces = re.split(r"\[([^\]]*)\]", text)  # outside, optional, outside, ...
     for chosen in itertools.product(*[("", part) for part in pieces[1::2]]):
-        whole = "".join(piece for pair in itertools.zip_longest(pieces[::2], chosen, fillvalue="") for piece in pair)
-        yield whole.split("?", 1)[0]
+        yield "".join(piece for pair in itertools.zip_longest(pieces[::2], chosen, fillvalue="") for piece in pair)
 
 
 def _endpoints() -> Iterator[tuple[str, str, str]]:
@@ -243,3 +251,73 @@ async def test_the_endpoints_errors_md_says_are_missing_are_no_routes(router: we
     assert all(code for code, _ in names), f"errors.md names an endpoint without its path: {absent.group(1)}"
     routed = [code for code, _ in names if await _routed(router, "GET", next(_concrete(code)))]
     assert not routed, f"docs/errors.md says the registry lacks endpoints it has: {routed}"
+
+
+# ---- commands --------------------------------------------------------------------
+
+def _code_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a document's code blocks (fenced, or indented by four spaces after a
+    blank line), a command continued with `\\` joined into one."""
+    fenced, indented, previous_blank, joined = False, False, True, ""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        indented = line.startswith("    ") and (indented or previous_blank)
+        previous_blank = not line.strip()
+        if fenced or indented:
+            if line.rstrip().endswith("\\"):
+                joined += line.rstrip()[:-1] + " "
+                continue
+            yield number, joined + line
+        joined = ""
+
+
+def _nixery_commands() -> Iterator[tuple[str, str, bool]]:
+    """(where, arguments, whole) of each `nixery ...` command the docs show: in code blocks
+    (whole commands), and in inline code when it has an option (`nixery build --local`
+    names an option, and may leave out the arguments the command requires)."""
+    for path in DOCUMENTS:
+        inline = [(n, code, False) for n, line in enumerate(path.read_text().splitlines(), 1)
+                  for code in re.findall(r"`([^`]*\bnixery [^`]*--[^`]*)`", line)]
+        for number, text, whole in [*((n, line, True) for n, line in _code_lines(path)), *inline]:
+            for command in re.split(r"[|;&]", text.split(" #", 1)[0]):
+                # nixery, or a path to it, after any VARIABLE=value; up to a redirection.
+                found = re.match(r"\s*(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:\S*/)?nixery\s+([^<>]*?)\s*(?:>.*)?$", command)
+                if found is not None:
+                    yield f"{path.relative_to(REPOSITORY)}:{number}", found.group(1), whole
+
+
+class _Parsed(Exception):
+    """Raised in place of running a command whose arguments parsed."""
+
+
+def _parses(arguments: str, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """None when `nixery ARGUMENTS` parses, else argparse's error."""
+    from nixery import cli
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> NoReturn:
+        raise _Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    errors = io.StringIO()
+    monkeypatch.setattr("sys.stderr", errors)
+    try:
+        cli.main(shlex.split(arguments))
+    except _Parsed:
+        return None
+    except SystemExit as exit:
+        if exit.code == 0:  # --version, --help
+            return None
+    return errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else "did not parse its arguments"
+
+
+def test_every_nixery_command_the_docs_show_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = list(_nixery_commands())
+    wrong = [f"{where}: nixery {variant}: {error}" for where, arguments, whole in shown
+             for variant in _variants(arguments)
+             if (error := _parses(variant, monkeypatch)) is not None
+             and (whole or "the following arguments are required" not in error)]
+    assert len(shown) >= 20 and not wrong, wrong
