@@ -8,7 +8,10 @@ What counts as an example (in code blocks, and in inline code elsewhere):
   (for `skopeo copy`, only the source);
 * `nixery build [--options] NAME` and `nixery inspect NAME`;
 * `/v2/NAME/manifests/REF` (curl examples) and `"image": "NAME"` (POST /builds);
-* the first column of a table headed `| name |` (the README's image names).
+* the first column of a table headed `| name |` (the README's image names);
+* the contents of each NixImage (in a YAML block, and in deploy/examples/, which the
+  docs apply): the image its names make, for each of its platforms (`arm64/...`); its
+  config (user, entry point, ...) is tested with declared images.
 Names in upper case only (`NAME`, `IMAGE`) are placeholders and not examples.
 
 An example that is about another package set says so with a marker, a Markdown
@@ -34,11 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nixery.config import debian_set
 from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
 
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
+#: NixImage files the docs tell readers to apply (docs/kubernetes.md).
+DECLARATION_EXAMPLES = sorted((REPOSITORY / "deploy" / "examples").glob("*.yaml"))
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
@@ -84,6 +90,17 @@ def references(text: str) -> Iterator[tuple[str, str]]:
             yield name, tag or "latest"
 
 
+def declared(text: str) -> Iterator[tuple[str, str]]:
+    """(name, tag) of the image each NixImage in a YAML text is built from: its contents
+    as an image name, per platform."""
+    for document in yaml.safe_load_all(text):
+        if isinstance(document, dict) and document.get("kind") == "NixImage":
+            data = document["data"]
+            arches = data.get("arch", "amd64")
+            for arch in [arches] if isinstance(arches, str) else arches:
+                yield ("arm64/" if arch == "arm64" else "") + "/".join(data["contents"]), str(data["tag"])
+
+
 def _inline_code(text: str) -> list[str]:
     return re.findall(r"`([^`]+)`", text)
 
@@ -119,6 +136,9 @@ def _block_examples(block: list[tuple[int, str]]) -> Iterator[tuple[int, str, st
     first = block[0][1].strip()
     if first.startswith("```") or all(line.startswith("    ") for _, line in block):  # code
         lines = block[1:-1] if first.startswith("```") else block
+        if any(line.strip() == "kind: NixImage" for _, line in lines):
+            yield from ((block[0][0], name, tag) for name, tag in declared("\n".join(line for _, line in lines)))
+            return
         joined = ""
         for number, line in lines:
             if line.rstrip().endswith("\\"):  # a command continued on the next line
@@ -164,7 +184,10 @@ def examples(path: Path, document: str | None = None) -> Iterator[Example]:
         marker = None
 
 
-ALL = [example for path in DOCUMENTS for example in examples(path)]
+ALL = [example for path in DOCUMENTS for example in examples(path)] + [
+    Example(str(path.relative_to(REPOSITORY)), 1, name, tag, "debian")
+    for path in DECLARATION_EXAMPLES for name, tag in declared(path.read_text())
+]
 
 
 def test_the_docs_have_examples_and_few_are_left_out() -> None:
@@ -172,7 +195,8 @@ def test_the_docs_have_examples_and_few_are_left_out() -> None:
     test vacuously), and what the markers leave out stays a short list."""
     found = {(e.document, e.name) for e in ALL}
     for expected in [("README.md", "shell/curl"), ("README.md", "shell/jq"), ("docs/usage.md", "shell/git/jq"),
-                     ("docs/web.md", "shell/curl"), ("docs/auth.md", "shell/curl")]:
+                     ("docs/web.md", "shell/curl"), ("docs/auth.md", "shell/curl"),
+                     ("docs/kubernetes.md", "curl/jq/bash"), ("deploy/examples/niximages.yaml", "curl/jq/bash")]:
         assert expected in found, expected
     left_out = [str(e) for e in ALL if e.package_set is None]
     assert len(left_out) <= 10, left_out  # 9: a digit name, sets and repositories of one's own, the self image
@@ -189,7 +213,9 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
         '[//]: # "examples not pulled (tools.linter): the set above"\n\n'
         "`HOST/tools.linter` and `HOST/curl/jq`; `nixery build --local shell/jq`,\n"
         "`nixery build NAME`, `/v2/{name}/manifests/{reference}`, `curl http://HOST/v2/jq/manifests/latest`.\n\n"
-        "| name | image |\n|---|---|\n| `Curl` | any case |\n"
+        "| name | image |\n|---|---|\n| `Curl` | any case |\n\n"
+        "```yaml\nkind: NixImage\nmetadata: {name: tools}\n"
+        "data: {tag: v2, contents: [shell, jq], arch: [amd64, arm64]}\n```\n"
     )
     assert [(e.line, e.name, e.tag, e.package_set) for e in examples(doc, "doc.md")] == [
         (1, "shell/curl", "latest", "debian"),
@@ -200,6 +226,8 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
         (11, "shell/jq", "latest", "debian"),
         (12, "jq", "latest", "debian"),
         (16, "Curl", "latest", "debian"),
+        (18, "shell/jq", "v2", "debian"),
+        (18, "arm64/shell/jq", "v2", "debian"),
     ]
     doc.write_text('[//]: # "examples not pulled (x): stale"\n\nNo example here.\n')
     with pytest.raises(AssertionError, match="governs no such example"):
