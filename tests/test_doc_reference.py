@@ -255,11 +255,11 @@ async def test_the_endpoints_errors_md_says_are_missing_are_no_routes(router: we
 
 # ---- commands --------------------------------------------------------------------
 
-def _code_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The lines of a document's code blocks (fenced, or indented by four spaces after a
+def _code_lines(text: str) -> Iterator[tuple[int, str]]:
+    """The lines of Markdown's code blocks (fenced, or indented by four spaces after a
     blank line), a command continued with `\\` joined into one."""
     fenced, indented, previous_blank, joined = False, False, True, ""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip().startswith("```"):
             fenced = not fenced
             continue
@@ -273,19 +273,25 @@ def _code_lines(path: Path) -> Iterator[tuple[int, str]]:
         joined = ""
 
 
+def _nixery_commands_in(text: str) -> Iterator[tuple[int, str, bool]]:
+    """(line, arguments, whole) of each `nixery ...` command a Markdown text shows: in code
+    blocks (whole commands), and in inline code when it has an option (`nixery build
+    --local` names an option, and may leave out the arguments the command requires)."""
+    inline = [(n, code, False) for n, line in enumerate(text.splitlines(), 1)
+              for code in re.findall(r"`([^`]*\bnixery [^`]*--[^`]*)`", line)]
+    for number, line, whole in [*((n, line, True) for n, line in _code_lines(text)), *inline]:
+        for command in re.split(r"[|;&]", line.split(" #", 1)[0]):
+            # nixery, or a path to it, after any VARIABLE=value; up to a redirection.
+            found = re.match(r"\s*(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:\S*/)?nixery\s+([^<>]*?)\s*(?:>.*)?$", command)
+            if found is not None:
+                yield number, found.group(1), whole
+
+
 def _nixery_commands() -> Iterator[tuple[str, str, bool]]:
-    """(where, arguments, whole) of each `nixery ...` command the docs show: in code blocks
-    (whole commands), and in inline code when it has an option (`nixery build --local`
-    names an option, and may leave out the arguments the command requires)."""
+    """(where, arguments, whole) of each `nixery ...` command the docs show."""
     for path in DOCUMENTS:
-        inline = [(n, code, False) for n, line in enumerate(path.read_text().splitlines(), 1)
-                  for code in re.findall(r"`([^`]*\bnixery [^`]*--[^`]*)`", line)]
-        for number, text, whole in [*((n, line, True) for n, line in _code_lines(path)), *inline]:
-            for command in re.split(r"[|;&]", text.split(" #", 1)[0]):
-                # nixery, or a path to it, after any VARIABLE=value; up to a redirection.
-                found = re.match(r"\s*(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:\S*/)?nixery\s+([^<>]*?)\s*(?:>.*)?$", command)
-                if found is not None:
-                    yield f"{path.relative_to(REPOSITORY)}:{number}", found.group(1), whole
+        for number, arguments, whole in _nixery_commands_in(path.read_text()):
+            yield f"{path.relative_to(REPOSITORY)}:{number}", arguments, whole
 
 
 class _Parsed(Exception):
@@ -321,3 +327,27 @@ def test_every_nixery_command_the_docs_show_parses(monkeypatch: pytest.MonkeyPat
              if (error := _parses(variant, monkeypatch)) is not None
              and (whole or "the following arguments are required" not in error)]
     assert len(shown) >= 20 and not wrong, wrong
+
+
+def _choices(arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The subcommands (or actions) `nixery ARGUMENTS --help` offers: its usage's `{a,b}`."""
+    from nixery import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    with pytest.raises(SystemExit):
+        cli.main([*arguments, "--help"])
+    found = re.search(r"\{([a-z,-]+)\}", out.getvalue())
+    return found.group(1).split(",") if found else []
+
+
+def test_usage_md_shows_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/usage.md's "Command line" shows each command `nixery --help` lists, with its action."""
+    section = (REPOSITORY / "docs" / "usage.md").read_text().split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    shown = {" ".join(arguments.split()[:words])
+             for _, arguments, _ in _nixery_commands_in(section) for words in (1, 2)}
+    commands = _choices([], monkeypatch)
+    assert {"serve", "build", "check"} <= set(commands)
+    offered = [f"{command} {action}" for command in commands for action in _choices([command], monkeypatch) or [""]]
+    missing = [command.strip() for command in offered if command.strip() not in shown]
+    assert not missing, f"commands docs/usage.md does not show: {missing}"
