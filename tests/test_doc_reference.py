@@ -351,3 +351,18 @@ def test_usage_md_shows_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
     offered = [f"{command} {action}" for command in commands for action in _choices([command], monkeypatch) or [""]]
     missing = [command.strip() for command in offered if command.strip() not in shown]
     assert not missing, f"commands docs/usage.md does not show: {missing}"
+
+
+# ---- metrics ---------------------------------------------------------------------
+
+def test_the_metrics_table_lists_every_metric_and_only_those() -> None:
+    from prometheus_client import REGISTRY
+
+    import nixery.app  # noqa: F401  (imports every module that defines metrics)
+
+    defined = {family.name + ("_total" if family.type == "counter" else "")
+               for family in REGISTRY.collect() if family.name.startswith("nixery_")}
+    table = (REPOSITORY / "docs" / "web.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(nixery_[a-z_]+)`", row.split("|")[1])}
+    assert len(defined) >= 10 and documented == defined, (documented - defined, defined - documented)
