@@ -11,8 +11,8 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 # Nix runs single-user, without a daemon: only the owner of /nix can build. Another
 # user would get a registry whose every first pull fails, so stop before changing anything.
 if [ -n "$SUDO" ] && ! { [ -d /nix ] && [ -O /nix ]; }; then
-  echo "install-system-deps.sh: Nix is set up here for root alone (single-user, no daemon), and" \
-       "$(id -un) cannot build with it: run the set-up as root (sudo make run, sudo make test)" >&2
+  echo "install-system-deps.sh: the set-up runs Nix single-user for root (no daemon);" \
+       "as $(id -un), Nix could build nothing: run the set-up as root (sudo make run, sudo make test)" >&2
   exit 1
 fi
 
