@@ -1,12 +1,16 @@
-"""The reference facts README.md and docs/*.md state, checked against the code: every
-setting the docs name is one the registry reads, and every setting it reads is in the
-README's configuration table; the defaults and ranges the tables give are the ones
-config.py applies; every `VAR=value` the docs show is accepted; `nixery serve --help`
-lists the table's variables; and the endpoints the docs show are routes of the app
-(those they say the registry lacks are not). test_doc_examples.py pulls the images.
+"""The reference facts README.md and docs/*.md state, checked against the code:
+* settings: every one the docs name is read by the registry, and every one config.py
+  reads is in the README's configuration; the defaults and ranges the tables give are
+  those config.py applies; every `VAR=value` the docs show is accepted; `nixery serve
+  --help` lists the table's variables;
+* endpoints: those the docs show are routes of the app, those they say it lacks are not;
+* commands: every `nixery ...` command the docs show parses, and docs/usage.md shows
+  every command `nixery --help` offers;
+* metrics: docs/web.md's table lists exactly the metrics the registry defines.
+test_doc_examples.py pulls the images the docs show.
 
-No Nix and no server: settings are loaded from explicit environments, and routes are
-resolved on the app's router.
+No Nix and no server: settings are loaded from explicit environments, routes resolved
+on the app's router, and commands parsed without being run.
 """
 
 from __future__ import annotations
