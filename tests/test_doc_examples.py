@@ -29,6 +29,7 @@ Keep the markers few, and each true.
 from __future__ import annotations
 
 import html.parser
+import json
 import os
 import re
 import shlex
@@ -343,3 +344,21 @@ def test_the_readme_first_pull_runs_as_written(registries: dict[str, RegistryPro
     ulimits = PODMAN_RUN_FLAGS[PODMAN_RUN_FLAGS.index("--ulimit"):]
     result = run([*argv[:2], *ulimits, *argv[2:]])
     assert result.stdout.startswith("curl ") and result.stdout.splitlines()[-1] == "ok", result.stdout
+
+
+def _listed_debian_packages() -> list[str]:
+    """The names of "The Debian set holds a, b (note), c/d and e (`x`) (`packages.txt`)" in the README."""
+    text = " ".join((REPOSITORY / "README.md").read_text().split())
+    listed = text.split("The Debian set holds ", 1)[1].split(" (`scripts/debian-set/packages.txt`)", 1)[0]
+    listed = re.sub(r"\([^)]*\)", "", listed).replace(" and ", ", ")
+    return [name.strip() for item in listed.split(",") for name in item.split("/")]
+
+
+@needs_debian_set
+def test_every_package_the_readme_lists_for_the_debian_set_is_a_name_it_has() -> None:
+    """What a reader takes from the README's list of the Debian set's packages is an image name."""
+    listed = _listed_debian_packages()
+    assert {"bash", "zip", "unzip", "python3", "netbase"} <= set(listed) and len(listed) > 40, listed
+    names = json.loads(run(["nix-instantiate", "--eval", "--json", "-E",
+                            f"builtins.attrNames (import {debian_set().path} {{ }})"]).stdout)
+    assert not [name for name in listed if name not in names], "listed in the README, not in the Debian set"
