@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nixery import maintenance
+from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.storage.base import CorruptBlob, StorageFull
 from nixery.storage.filesystem import FilesystemStorage
@@ -116,6 +117,51 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
 
 
+def test_a_damaged_record_is_reported_and_its_image_built_again(registry: RegistryProcess) -> None:
+    """Image and layer records cut short (a disk's fault, a hand's edit): `nixery check` names
+    the image record instead of failing with a traceback, and a registry builds the image again
+    over both instead of answering 500 on every pull."""
+    digest, _ = registry.manifest("shell/fortune")
+    registry.stop()
+    meta = registry.storage / "meta"
+    [record] = (meta / "images").iterdir()
+    for damaged in [record, *(meta / "layers").iterdir()]:
+        damaged.write_bytes(damaged.read_bytes()[:40])
+
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(registry.storage)},
+                 check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"problem: images/{record.name} cannot be read" in result.stdout, result.stdout + result.stderr
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest
+    assert {event["key"] for event in registry.log_events("build.record_unreadable")} == {record.name[:12]}
+    assert "ok" in check_storage(registry.storage)
+
+
+async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> None:
+    """A record that cannot be read vouches for no blob: gc removes it (and its blobs), where it
+    failed on it before and collected nothing; a damaged usage note keeps its image."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    old_blob = await storage.put_blob_bytes(b"a config of long ago")
+    await storage.put_meta("images/damaged", b'{"key": "damaged", "name": "shell/hel')
+    await storage.put_meta("usage/kept", b"{")
+    kept = ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=await storage.put_blob_bytes(b"a config"), manifests={}, layers=(), built_at=0.0,
+    )
+    await storage.put_meta("images/kept", kept.to_json())
+    old = time.time() - 2 * maintenance.BLOB_GRACE
+    os.utime(storage.blob_path(old_blob), (old, old))
+
+    report = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE)
+    assert (report.unreadable_removed, report.images_removed, report.images_kept) == (1, 0, 1)
+    assert await storage.list_meta("images") == ["images/kept"]
+    assert await storage.stat_blob(old_blob) is None
+    assert await storage.stat_blob(kept.config) is not None
+
+
 def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     _, kept = registry.manifest("shell/hello")
     _, dropped = registry.manifest("bigdata")
@@ -126,7 +172,7 @@ def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeyp
     monkeypatch.setattr(maintenance.time, "time", lambda: later)
 
     async def collect() -> maintenance.GarbageReport:
-        records = await maintenance._records(storage)
+        records, _ = await maintenance._records(storage)
         kept_key = next(k for k, r in records.items() if r.name == "shell/hello")
         usage_key = maintenance.USAGE_PREFIX + kept_key.removeprefix("images/")
         await storage.put_meta(usage_key, json.dumps({"last_used": later - 3600}).encode())
