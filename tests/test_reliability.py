@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 from nixery import maintenance
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
-from nixery.storage.base import CorruptBlob, StorageFull
+from nixery.storage.base import CorruptBlob, StorageFull, stage_bytes
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, nix_calls_of, run
 
@@ -97,6 +99,36 @@ def test_kill_9_during_builds_leaves_storage_consistent(tmp_path: Path) -> None:
     finally:
         registry.stop()
     assert "ok" in check_storage(storage)
+
+
+def test_a_restarted_process_of_the_same_name_removes_what_its_predecessor_staged(tmp_path: Path) -> None:
+    """A container restarted after a crash has its predecessor's host name and pid (pid 1, say),
+    so its staging directory has the same name: the files the crashed one left there are removed
+    at start, as a gone process's are. A process of that name that still runs (a shared storage
+    seen from another pid namespace: here, one holding the directory's lock) keeps its files, and
+    so does a second storage this process opens."""
+    root = tmp_path / "storage"
+    own = root / "tmp" / f"{socket.gethostname()}-{os.getpid()}"
+    own.mkdir(parents=True)
+    (own / "layer-left-by-a-crash").write_bytes(b"half a layer")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(own)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        FilesystemStorage(root)
+        assert (own / "layer-left-by-a-crash").exists(), "a live holder's files were removed"
+    finally:
+        holder.kill()
+        holder.wait()
+
+    storage = FilesystemStorage(root)
+    assert list(own.iterdir()) == []
+    staged = stage_bytes(storage.staging_dir(), b"staged by this process")
+    FilesystemStorage(root)
+    assert staged.exists()
 
 
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
