@@ -119,7 +119,7 @@ def test_bad_or_unreachable_data_is_one_warning_and_layering_goes_on(
 def test_counts_are_keyed_by_store_path() -> None:
     counts = parse_counts(b'{"abc-glibc": 5, "/nix/store/def-zlib": 2}')
     assert counts == {"/nix/store/abc-glibc": 5, "/nix/store/def-zlib": 2}
-    for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{"):
+    for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{", b"[" * 100_000, b"\xff"):
         with pytest.raises(PopularityError):
             parse_counts(bad)
 

@@ -58,7 +58,7 @@ def parse_counts(data: bytes) -> dict[str, int]:
     """Store path -> count, from the JSON document (keys without a directory get the store's)."""
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise PopularityError(f"not JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise PopularityError(f"expected an object of store path names to counts, not {type(document).__name__}")
