@@ -58,6 +58,7 @@ import structlog
 
 from nixery.background import spawn
 from nixery.collected import CollectionWatch
+from nixery.errors import DigestInvalid
 from nixery.layers.store import FORMAT_VERSION
 from nixery.lru import LRU
 from nixery.registry.descriptors import Descriptor, Platform
@@ -121,6 +122,11 @@ def referrer_keys(record: ImageRecord) -> list[str]:
 def all_attached(record: ImageRecord) -> list[Attached]:
     """The documents attached to the record's manifests and to its platforms' manifests."""
     return [*record.attached, *(attached for one in record.platforms for attached in all_attached(one))]
+
+
+class RecordUnreadable(ValueError):
+    """A stored document that is not an image record: damaged (a disk's fault, a hand's edit)
+    or of a shape this version cannot read. The registry builds the image again over it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +232,11 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> ImageRecord:
-        return cls._from_document(json.loads(data))
+        """Raises RecordUnreadable for a document that is not an image record."""
+        try:
+            return cls._from_document(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid) as exc:
+            raise RecordUnreadable(f"not an image record: {type(exc).__name__}: {exc}"[:300]) from exc
 
     @classmethod
     def _from_document(cls, doc: dict[str, Any]) -> ImageRecord:
@@ -416,7 +426,11 @@ class ImageStore:
             data = await self.storage.get_meta(f"{IMAGE_PREFIX}{key}")
             if data is None:
                 return None
-            record = ImageRecord.from_json(data)
+            try:
+                record = ImageRecord.from_json(data)
+            except RecordUnreadable as exc:  # as good as none: the build writes a whole one over it
+                log.warning("build.record_unreadable", key=key[:12], error=str(exc), note="rebuilding")
+                return None
             if not await self._blobs_present(record):
                 log.warning("build.record_incomplete", key=key[:12], image=record.name, note="rebuilding")
                 return None

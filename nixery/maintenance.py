@@ -19,7 +19,9 @@ Both run against live storage while registries serve from it:
   with an image whose blobs are about to go, and a pull rebuilds it instead),
   then removes blobs and leaves another note. The signatures of a kept
   image's manifests (`nixery.signatures`) are kept with it; those of removed
-  manifests go with their blobs, entries included.
+  manifests go with their blobs, entries included. An image record that cannot
+  be read (damaged) vouches for no blob: check reports it, gc removes it, and a
+  registry builds its image again on its next pull.
 
 Both need the backend's optional listing and deleting capabilities, which all
 three drivers have; on a bucket the credentials need list and delete rights.
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 from nixery import collected, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
-from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, build_lock, referrer_keys
+from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, RecordUnreadable, build_lock, referrer_keys
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -59,19 +61,24 @@ class CheckReport:
 class GarbageReport:
     images_removed: int = 0
     images_kept: int = 0
+    unreadable_removed: int = 0  # image records that could not be read
     blobs_removed: int = 0
     bytes_freed: int = 0
     evaluations_removed: int = 0
     dry_run: bool = False
 
 
-async def _records(storage: Storage) -> dict[str, ImageRecord]:
-    records = {}
+async def _records(storage: Storage) -> tuple[dict[str, ImageRecord], dict[str, str]]:
+    """The image records by key, and why each record that cannot be read cannot."""
+    records, unreadable = {}, {}
     for key in await storage.list_meta("images"):
         data = await storage.get_meta(key)
         if data is not None:
-            records[key] = ImageRecord.from_json(data)
-    return records
+            try:
+                records[key] = ImageRecord.from_json(data)
+            except RecordUnreadable as exc:
+                unreadable[key] = str(exc)
+    return records, unreadable
 
 
 async def holds_anything(storage: Storage) -> bool:
@@ -93,7 +100,10 @@ async def check(storage: Storage) -> CheckReport:
         report.bytes += blob.size
         if await storage.verify_blob(blob.digest) is False:
             report.problems.append(f"blob {blob.digest} does not match its digest")
-    for key, record in (await _records(storage)).items():
+    records, unreadable = await _records(storage)
+    for key, reason in unreadable.items():
+        report.problems.append(f"{key} cannot be read ({reason}): the registry builds the image again on its next pull")
+    for key, record in records.items():
         report.images += 1
         for digest in sorted(record.blobs()):
             if digest not in present:
@@ -120,10 +130,16 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     report = GarbageReport(dry_run=dry_run)
     live: set[Digest] = set()
     live_revisions: set[str] = set()
-    for key, record in (await _records(storage)).items():
+    records, unreadable = await _records(storage)
+    for key in unreadable:  # vouches for no blob: the registry builds its image again on its next pull
+        report.unreadable_removed += 1
+        if not dry_run:
+            async with storage.exclusive(build_lock(key.removeprefix(IMAGE_PREFIX))):
+                if await _still_unreadable(storage, key):  # not built again meanwhile
+                    await storage.delete_meta(key)
+    for key, record in records.items():
         image_key = key.removeprefix(IMAGE_PREFIX)
-        used = await storage.get_meta(f"{USAGE_PREFIX}{image_key}")
-        last_use = max(record.built_at, float(json.loads(used)["last_used"]) if used else 0.0)
+        last_use = _last_use(record, await storage.get_meta(f"{USAGE_PREFIX}{image_key}"), now)
         if now - last_use > older_than:
             report.images_removed += 1
             if not dry_run:
@@ -157,6 +173,28 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         if not dry_run:
             await storage.delete_meta(key)
     return report
+
+
+async def _still_unreadable(storage: Storage, key: str) -> bool:
+    """Whether the record under `key` still cannot be read (a registry may have built the image again)."""
+    data = await storage.get_meta(key)
+    if data is None:
+        return False
+    try:
+        ImageRecord.from_json(data)
+    except RecordUnreadable:
+        return True
+    return False
+
+
+def _last_use(record: ImageRecord, usage: bytes | None, now: float) -> float:
+    """When the image was last built or pulled; `now` when its usage note cannot be read
+    (damaged: the image is kept; its next pull writes the note again)."""
+    try:
+        used = float(json.loads(usage)["last_used"]) if usage else 0.0
+    except (ValueError, KeyError, TypeError):
+        return now
+    return max(record.built_at, used)
 
 
 def _evaluated_revision(data: bytes | None) -> str | None:

@@ -436,7 +436,7 @@ def test_check_and_garbage_collection_on_s3(
     async def collect() -> maintenance.GarbageReport:
         storage = open_storage(load(cli_env))
         try:
-            records = await maintenance._records(storage)
+            records, _ = await maintenance._records(storage)
             kept_key = next(key for key, record in records.items() if record.name == "shell/hello")
             usage_key = maintenance.USAGE_PREFIX + kept_key.removeprefix("images/")
             await storage.put_meta(usage_key, json.dumps({"last_used": later - 3600}).encode())

@@ -117,6 +117,18 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def test_a_build_that_logs_a_line_longer_than_a_mebibyte_gives_its_image(start_registry, tmp_path: Path) -> None:
+    """Nix passes on what builders print: a line of 3 MB (a progress bar redrawn with carriage
+    returns, say) is left out of the log, where it failed the build with 500 INTERNAL_ERROR."""
+    pkgs = busybox_set_with(
+        tmp_path / "set", "chatty", f"chatty-{random.getrandbits(64)}",
+        "$bb/head -c 3000000 /dev/zero | $bb/tr '\\\\0' a >&2; $bb/mkdir -p $out/bin",
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    status, _, body = registry.request("/v2/shell/chatty/manifests/latest")
+    assert status == 200, body[:500]
+
+
 def test_nix_dies_with_the_server(start_registry, tmp_path: Path) -> None:
     name = f"sleepy-{random.getrandbits(64):x}"  # new on every run, so that it really builds
     pkgs = busybox_set_with(tmp_path / "pkgs", "sleepy", name, "$bb/sleep 3600 & $bb/sleep 3600; $bb/mkdir $out")

@@ -119,9 +119,21 @@ def test_bad_or_unreachable_data_is_one_warning_and_layering_goes_on(
 def test_counts_are_keyed_by_store_path() -> None:
     counts = parse_counts(b'{"abc-glibc": 5, "/nix/store/def-zlib": 2}')
     assert counts == {"/nix/store/abc-glibc": 5, "/nix/store/def-zlib": 2}
-    for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{"):
+    for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{", b"[" * 100_000, b"\xff"):
         with pytest.raises(PopularityError):
             parse_counts(bad)
+
+
+async def test_megabytes_of_data_are_read_whole_over_http() -> None:
+    """Nixery's counts for nixpkgs are megabytes: over HTTP they are read to their end. (Only
+    what the connection had delivered at first was read, so real data was "not JSON".)"""
+    counts = {f"{n:032x}-package-{n}": n for n in range(100_000)}  # 5 MB
+    server = JSONServer(json.dumps(counts).encode())
+    try:
+        loaded = await Popularity(server.data_url).load()
+    finally:
+        server.close()
+    assert loaded is not None and len(loaded) == len(counts)
 
 
 async def test_the_history_takes_over_and_data_is_read_once(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -17,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from nixery import maintenance
+from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
-from nixery.storage.base import CorruptBlob, StorageFull
+from nixery.storage.base import CorruptBlob, StorageFull, stage_bytes
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, nix_calls_of, run
 
@@ -98,6 +101,36 @@ def test_kill_9_during_builds_leaves_storage_consistent(tmp_path: Path) -> None:
     assert "ok" in check_storage(storage)
 
 
+def test_a_restarted_process_of_the_same_name_removes_what_its_predecessor_staged(tmp_path: Path) -> None:
+    """A container restarted after a crash has its predecessor's host name and pid (pid 1, say),
+    so its staging directory has the same name: the files the crashed one left there are removed
+    at start, as a gone process's are. A process of that name that still runs (a shared storage
+    seen from another pid namespace: here, one holding the directory's lock) keeps its files, and
+    so does a second storage this process opens."""
+    root = tmp_path / "storage"
+    own = root / "tmp" / f"{socket.gethostname()}-{os.getpid()}"
+    own.mkdir(parents=True)
+    (own / "layer-left-by-a-crash").write_bytes(b"half a layer")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(own)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        FilesystemStorage(root)
+        assert (own / "layer-left-by-a-crash").exists(), "a live holder's files were removed"
+    finally:
+        holder.kill()
+        holder.wait()
+
+    storage = FilesystemStorage(root)
+    assert list(own.iterdir()) == []
+    staged = stage_bytes(storage.staging_dir(), b"staged by this process")
+    FilesystemStorage(root)
+    assert staged.exists()
+
+
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("fortune/bigdata")
     layer = max(manifest["layers"], key=lambda layer: layer["size"])
@@ -116,6 +149,51 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
 
 
+def test_a_damaged_record_is_reported_and_its_image_built_again(registry: RegistryProcess) -> None:
+    """Image and layer records cut short (a disk's fault, a hand's edit): `nixery check` names
+    the image record instead of failing with a traceback, and a registry builds the image again
+    over both instead of answering 500 on every pull."""
+    digest, _ = registry.manifest("shell/fortune")
+    registry.stop()
+    meta = registry.storage / "meta"
+    [record] = (meta / "images").iterdir()
+    for damaged in [record, *(meta / "layers").iterdir()]:
+        damaged.write_bytes(damaged.read_bytes()[:40])
+
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(registry.storage)},
+                 check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"problem: images/{record.name} cannot be read" in result.stdout, result.stdout + result.stderr
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest
+    assert {event["key"] for event in registry.log_events("build.record_unreadable")} == {record.name[:12]}
+    assert "ok" in check_storage(registry.storage)
+
+
+async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> None:
+    """A record that cannot be read vouches for no blob: gc removes it (and its blobs), where it
+    failed on it before and collected nothing; a damaged usage note keeps its image."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    old_blob = await storage.put_blob_bytes(b"a config of long ago")
+    await storage.put_meta("images/damaged", b'{"key": "damaged", "name": "shell/hel')
+    await storage.put_meta("usage/kept", b"{")
+    kept = ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=await storage.put_blob_bytes(b"a config"), manifests={}, layers=(), built_at=0.0,
+    )
+    await storage.put_meta("images/kept", kept.to_json())
+    old = time.time() - 2 * maintenance.BLOB_GRACE
+    os.utime(storage.blob_path(old_blob), (old, old))
+
+    report = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE)
+    assert (report.unreadable_removed, report.images_removed, report.images_kept) == (1, 0, 1)
+    assert await storage.list_meta("images") == ["images/kept"]
+    assert await storage.stat_blob(old_blob) is None
+    assert await storage.stat_blob(kept.config) is not None
+
+
 def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     _, kept = registry.manifest("shell/hello")
     _, dropped = registry.manifest("bigdata")
@@ -126,7 +204,7 @@ def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeyp
     monkeypatch.setattr(maintenance.time, "time", lambda: later)
 
     async def collect() -> maintenance.GarbageReport:
-        records = await maintenance._records(storage)
+        records, _ = await maintenance._records(storage)
         kept_key = next(k for k, r in records.items() if r.name == "shell/hello")
         usage_key = maintenance.USAGE_PREFIX + kept_key.removeprefix("images/")
         await storage.put_meta(usage_key, json.dumps({"last_used": later - 3600}).encode())

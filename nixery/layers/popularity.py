@@ -58,7 +58,7 @@ def parse_counts(data: bytes) -> dict[str, int]:
     """Store path -> count, from the JSON document (keys without a directory get the store's)."""
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise PopularityError(f"not JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise PopularityError(f"expected an object of store path names to counts, not {type(document).__name__}")
@@ -112,13 +112,17 @@ class Popularity:
                     raise PopularityError(f"HTTP {response.status}")
                 if (response.content_length or 0) > MAX_BYTES:
                     raise PopularityError(f"larger than {MAX_BYTES} bytes")
-                data = await response.content.read(MAX_BYTES + 1)
+                data = bytearray()  # to the end: one read gives only what has arrived
+                async for piece in response.content.iter_chunked(1 << 20):
+                    data += piece
+                    if len(data) > MAX_BYTES:
+                        break
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             raise PopularityError(f"cannot fetch it: {reason}") from exc
         if len(data) > MAX_BYTES:
             raise PopularityError(f"larger than {MAX_BYTES} bytes")
-        return data
+        return bytes(data)
 
 
 def _read_file(path: Path) -> bytes:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+from nixery.errors import DigestInvalid
 from nixery.layers.entrypoints import EntryLayer, write_entry_points
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.tarball import cache_tag, write_store_layer
@@ -146,7 +147,12 @@ class LayerStore:
         cached = await self.storage.get_meta(f"{LAYER_PREFIX}{key}")
         if cached is None:
             return None
-        descriptor = LayerDescriptor.from_json(json.loads(cached))
+        try:
+            descriptor = LayerDescriptor.from_json(json.loads(cached))
+        except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid) as exc:
+            # Damaged (a disk's fault, a hand's edit): as good as none, and written again with the layer.
+            log.warning("build.layer_record_unreadable", key=key[:12], error=str(exc)[:200])
+            return None
         if await self.storage.stat_blob(descriptor.digest) != descriptor.size:
             return None
         # Tell a concurrent garbage collection that this blob is in use again.

@@ -37,10 +37,12 @@ from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
-CATALOG_FORMAT = "1"
+CATALOG_FORMAT = "2"  # "1" was one JSON object: read again once, as any other format is
 
 # `system` and `limit` arrive as strings (--argstr). `describe` forces what it
-# returns inside tryEval, so no error escapes into the JSON output.
+# returns inside tryEval, so no error escapes into the JSON output. The output is
+# one JSON array, the number of top-level names first, then a row per name
+# (`json_array_items` reads it a row at a time).
 _CATALOG_NIX = r"""
 { pkgsPath, system, limit, withVersions }:
 let
@@ -65,10 +67,8 @@ let
     in
       if tried.success then [ name tried.value.kind tried.value.version tried.value.description ]
       else [ name "broken" null null ];
-in {
-  total = builtins.length all;
-  entries = if withVersions == "1" then map describe names else map (n: [ n null null null ]) names;
-}
+in [ (builtins.length all) ]
+  ++ (if withVersions == "1" then map describe names else map (n: [ n null null null ]) names)
 """
 
 
@@ -136,32 +136,79 @@ class Catalog:
         return [item[3] for item in ranked[:limit]]
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "format": CATALOG_FORMAT,
-                "revision": self.revision,
-                "source": self.source,
-                "total": self.total,
-                "complete": self.complete,
-                "read_at": self.read_at,
-                "entries": [[e.name, e.kind, e.version, e.description] for e in self.entries],
-            },
-            separators=(",", ":"),
-        ).encode()
+        """One JSON array: a header, then a row per entry (written, and read, a row at a time)."""
+        header = {
+            "format": CATALOG_FORMAT,
+            "revision": self.revision,
+            "source": self.source,
+            "total": self.total,
+            "complete": self.complete,
+            "read_at": self.read_at,
+        }
+        parts = [_compact(header)]
+        for e in self.entries:
+            parts.append(_compact([e.name, e.kind, e.version, e.description]))
+        return f"[{','.join(parts)}]".encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Catalog | None:
-        doc = json.loads(data)
-        if doc.get("format") != CATALOG_FORMAT:
+        """The stored catalogue; None for one of another format. Raises ValueError,
+        KeyError or TypeError for a damaged one."""
+        if not data.lstrip().startswith(b"["):
+            return None
+        items = json_array_items(data.decode())
+        header = next(items)
+        if header.get("format") != CATALOG_FORMAT:
             return None
         return cls(
-            revision=doc["revision"],
-            source=doc["source"],
-            entries=tuple(CatalogEntry(*row) for row in doc["entries"]),
-            total=int(doc["total"]),
-            complete=bool(doc["complete"]),
-            read_at=float(doc["read_at"]),
+            revision=header["revision"],
+            source=header["source"],
+            entries=tuple(CatalogEntry(*row) for row in items),
+            total=int(header["total"]),
+            complete=bool(header["complete"]),
+            read_at=float(header["read_at"]),
         )
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def json_array_items(text: str) -> Iterator[Any]:
+    """The values of the JSON array `text`, decoded one at a time.
+
+    `json.loads` holds the interpreter for the whole document: 0.2 s for a catalogue
+    of 100,000 names, during which the event loop, even waiting on a thread that
+    parses, answers nothing. Decoded value by value, in a thread, it answers between
+    two values. Raises ValueError where `text` is not one JSON array.
+    """
+    at = _after_space(text, 0)
+    if text[at:at + 1] != "[":
+        raise ValueError("not a JSON array")
+    at = _after_space(text, at + 1)
+    if text[at:at + 1] != "]":
+        while True:
+            value, at = _DECODER.raw_decode(text, at)
+            yield value
+            at = _after_space(text, at)
+            if text[at:at + 1] == "]":
+                break
+            if text[at:at + 1] != ",":
+                raise ValueError(f"expected ',' or ']' at character {at}")
+            at = _after_space(text, at + 1)
+    if _after_space(text, at + 1) != len(text):
+        raise ValueError(f"extra data after the array at character {at + 1}")
+
+
+def _after_space(text: str, at: int) -> int:
+    """Where the JSON white space at `at` ends."""
+    match = _SPACE.match(text, at)
+    assert match is not None  # it matches the empty string too
+    return match.end()
 
 
 _MAX_DESCRIPTION = 200
@@ -175,7 +222,7 @@ def _spellings(name: str) -> set[str]:
     return {name, f"_{name}"} if name[:1].isdigit() else {name}
 
 
-def _entries(rows: Any) -> tuple[CatalogEntry, ...]:
+def _entries(rows: Iterable[Any]) -> tuple[CatalogEntry, ...]:
     entries = []
     for row in rows:
         name, kind, version, description = row
@@ -183,6 +230,20 @@ def _entries(rows: Any) -> tuple[CatalogEntry, ...]:
             description = description[: _MAX_DESCRIPTION - 1] + "…"
         entries.append(CatalogEntry(str(name), kind, version or None, description or None))
     return tuple(entries)
+
+
+def _listing(stdout: bytes) -> tuple[int, tuple[CatalogEntry, ...]]:
+    items = json_array_items(stdout.decode())
+    return int(next(items)), _entries(items)
+
+
+def _stored_catalog(data: bytes) -> Catalog | None:
+    """The catalogue stored in storage; None when it is of another format or damaged (it is read again)."""
+    try:
+        return Catalog.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as exc:
+        log.warning("catalog.stored_unreadable", error=str(exc)[:200], note="reading the package set again")
+        return None
 
 
 class PackageCatalog:
@@ -257,32 +318,34 @@ class PackageCatalog:
         return "catalog/" + _KEY_SAFE.sub("-", f"{revision.id.lower()}-{self.system}")[:200]
 
     async def _load(self, revision: Revision) -> Catalog:
+        # A catalogue is megabytes of JSON (100,000 names: ~0.4 s to read, ~0.25 s to write):
+        # made and read in a thread, so that the event loop answers meanwhile.
         if self.storage is not None:
             data = await self.storage.get_meta(self._storage_key(revision))
             if data is not None:
-                stored = Catalog.from_json(data)
+                stored = await asyncio.to_thread(_stored_catalog, data)
                 if stored is not None and stored.revision == revision.id:
                     return stored
         catalog = await self.read(revision)
         if self.storage is not None and catalog.complete:
-            await self.storage.put_meta(self._storage_key(revision), catalog.to_json())
+            await self.storage.put_meta(self._storage_key(revision), await asyncio.to_thread(catalog.to_json))
         return catalog
 
     async def read(self, revision: Revision) -> Catalog:
         """Evaluate the package set: names with versions, else names only."""
         started = time.monotonic()
         try:
-            doc = await self._evaluate(revision, with_versions=True, timeout=self.timeout)
+            total, entries = await self._evaluate(revision, with_versions=True, timeout=self.timeout)
             complete = True
         except NixError as exc:
             log.warning("catalog.versions_failed", revision=revision.id, error=exc.message, log=exc.log_tail[-2000:])
-            doc = await self._evaluate(revision, with_versions=False, timeout=max(30.0, self.timeout / 3))
+            total, entries = await self._evaluate(revision, with_versions=False, timeout=max(30.0, self.timeout / 3))
             complete = False
         catalog = Catalog(
             revision=revision.id,
             source=revision.source,
-            entries=_entries(doc["entries"]),
-            total=int(doc["total"]),
+            entries=entries,
+            total=total,
             complete=complete,
             read_at=time.time(),
         )
@@ -296,7 +359,10 @@ class PackageCatalog:
         )
         return catalog
 
-    async def _evaluate(self, revision: Revision, *, with_versions: bool, timeout: float) -> dict[str, Any]:
+    async def _evaluate(
+        self, revision: Revision, *, with_versions: bool, timeout: float
+    ) -> tuple[int, tuple[CatalogEntry, ...]]:
+        """The number of top-level names, and the entries of the first `limit` of them."""
         stdout = await run_nix(
             [
                 "nix-instantiate", "--eval", "--strict", "--json", "--expr", _CATALOG_NIX,
@@ -308,9 +374,6 @@ class PackageCatalog:
             deadline=Deadline.after(timeout, limit="the package listing's time limit"),
         )
         try:
-            doc = json.loads(stdout)
-            if not isinstance(doc.get("entries"), list):
-                raise ValueError("no entries")
-            return doc
-        except (ValueError, AttributeError) as exc:
-            raise NixError(f"unexpected output from the package listing: {exc}") from exc
+            return await asyncio.to_thread(_listing, stdout)
+        except (ValueError, TypeError, StopIteration) as exc:
+            raise NixError(f"unexpected output from the package listing: {exc!r:.300}") from exc

@@ -43,6 +43,8 @@ _TAIL_LINES = 25
 #: so that no nix.conf needs editing (Nix 2.8 has both as experimental features).
 NIX_FEATURES = ("--extra-experimental-features", "nix-command flakes")
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
+#: What stands in the log for a longer line (whose bytes so far are dropped; its rest is read as a line).
+_CUT_LINE = b"[nixery: a line longer than 1 MiB was left out]"
 _MEMORY_POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
@@ -133,7 +135,13 @@ async def run_nix(
 
     async def read_stderr() -> None:
         assert process.stderr is not None
-        async for raw in process.stderr:
+        while True:
+            try:
+                raw = await process.stderr.readline()
+            except ValueError:  # a line past _STDERR_LIMIT (a builder's progress bar): dropped, not fatal
+                raw = _CUT_LINE
+            if not raw:
+                break
             line = raw.decode(errors="replace").rstrip()
             tail.append(line)
             if on_line is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -299,8 +300,9 @@ def make_staging_dir(root: Path) -> Path:
 
     Staging directories that processes left behind are removed on the way:
     those of this host whose process is gone, and other hosts' (a shared
-    STORAGE_PATH) once untouched for a day. So a process killed mid-build
-    leaves its staged layers only until the next start.
+    STORAGE_PATH) once untouched for a day; what a gone process of this one's
+    name left in its directory is removed too (`_claim`). So a process killed
+    mid-build leaves its staged layers only until the next start.
     """
     host = socket.gethostname()
     own = root / f"{host}-{os.getpid()}"
@@ -309,6 +311,8 @@ def make_staging_dir(root: Path) -> Path:
     except OSError as exc:  # a full disk: `ensure_staging_dir` makes it once there is space
         if exc.errno not in FULL_DISK_ERRNOS:
             raise
+    else:
+        _claim(own)
     for directory in root.iterdir():
         if directory == own:
             continue
@@ -325,6 +329,39 @@ def make_staging_dir(root: Path) -> Path:
         if abandoned:
             shutil.rmtree(directory, ignore_errors=True)
     return own
+
+
+#: Staging directories this process holds locked, with the descriptor that holds each.
+_claimed: dict[Path, int] = {}
+
+
+def _claim(own: Path) -> None:
+    """Lock `own` for as long as this process lives; if nobody held it, empty it first.
+
+    A restarted container has the host name and pid its crashed predecessor had
+    (pid 1, say), so its staging directory has the same name, and the files left
+    in it were kept for ever. No process holds the lock of a directory whose
+    owner is gone (the kernel drops a flock with its last descriptor). A lock held
+    elsewhere (a process of the same name in another pid namespace, on a shared
+    STORAGE_PATH) leaves the directory shared, as it was before.
+    """
+    if own in _claimed:  # a second storage opened by this process
+        return
+    try:
+        fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live process, or a file system without flock: leave it as it is
+        os.close(fd)
+        return
+    _claimed[own] = fd
+    for entry in own.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def ensure_staging_dir(directory: Path) -> Path:

@@ -66,8 +66,8 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     fields: dict[str, str] = {}
     if request.content_type == "application/json":
         try:
-            body = await request.json()
-        except ValueError:
+            body = await request.json()  # at most aiohttp's client_max_size, 1 MiB
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise errors.NameInvalid("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
