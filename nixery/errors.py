@@ -39,7 +39,8 @@ class RegistryError(Exception):
 
 
 class RequestInvalid(RegistryError):
-    """The request is not HTTP that can be parsed."""
+    """The request is not HTTP that can be parsed, its body cannot be read, or a query
+    parameter is not valid."""
 
     code = "UNSUPPORTED"
     kind = "REQUEST_INVALID"

@@ -1,0 +1,43 @@
+"""Request bodies: the forms and JSON that POST /builds and POST /token read.
+
+aiohttp reads a body within its size limit (1 MiB: a larger one is 413
+REQUEST_TOO_LARGE) but fails on a malformed one with whatever its parsers raise:
+a multipart form without its boundary or with a broken part, a charset Python
+does not know, a Content-Encoding the bytes do not match, JSON nested deeper
+than Python's parser goes. Here each of those is the client's error, 400
+REQUEST_INVALID, with a message that says what was wrong and quotes none of
+the body; never a 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from multidict import MultiDictProxy
+
+from nixery.errors import RequestInvalid
+
+#: What aiohttp raises for a body it cannot read or decode.
+_UNREADABLE = (web.RequestPayloadError, http_exceptions.BadHttpMessage, ValueError, LookupError)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The fields of a url-encoded or multipart form (empty for any other body)."""
+    try:
+        return await request.post()
+    except _UNREADABLE:
+        raise RequestInvalid(f"the request body is not a well-formed {request.content_type} form") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body parsed as JSON."""
+    try:
+        text = await request.text()
+    except _UNREADABLE:
+        raise RequestInvalid("the request body cannot be read: its charset or Content-Encoding is wrong") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
+        raise RequestInvalid("the request body is not valid JSON") from None
