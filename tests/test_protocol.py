@@ -236,3 +236,21 @@ def test_tags_list(shared_registry: RegistryProcess) -> None:
     status, _, body = shared_registry.request("/v2/shell/hello/tags/list")
     assert status == 200
     assert json.loads(body) == {"name": "shell/hello", "tags": ["latest"]}
+
+
+def test_tags_list_pages_as_the_spec_says(shared_registry: RegistryProcess) -> None:
+    """`n` and `last` (distribution-spec, content discovery): `n=0` lists none, `last` only the
+    tags after it; an `n` that is not a number of tags is refused."""
+    pages = {
+        "n=0": [], "n=1": ["latest"], "n=1000": ["latest"], "last=latest": [], "last=a": ["latest"],
+        "last=zzz&n=5": [], "last=a&n=0": [],
+    }  # fmt: skip
+    for query, tags in pages.items():
+        status, _, body = shared_registry.request(f"/v2/shell/hello/tags/list?{query}")
+        assert status == 200, (query, body)
+        assert json.loads(body) == {"name": "shell/hello", "tags": tags}, query
+    for size in ("-1", "abc", "1.5", "", "1e3", "9" * 30):
+        status, _, body = shared_registry.request(f"/v2/shell/hello/tags/list?n={size}")
+        assert status == 400, (size, body)
+        error = error_of(body)
+        assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), size

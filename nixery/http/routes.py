@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from nixery.builder import ImageBuilder
-from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
+from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, RequestInvalid, Unsupported
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
 from nixery.lru import LRU
@@ -342,10 +343,24 @@ def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: Bin
     except (BlockingIOError, InterruptedError):
         return 0
 
+#: The tags a repository lists: every tag names an image that can be built; `latest` is the one always there.
+_LISTED_TAGS = ("latest",)
+_PAGE_SIZE = re.compile(r"[0-9]{1,9}")
+
+
 async def tags(request: web.Request) -> web.Response:
-    """Every tag names an image that can be built; `latest` is the one always there."""
+    """The listed tags, paged as distribution-spec says: only those after `last`, at most `n`
+    (`n=0`: none). The whole list fits in any page, so no `Link` to a next page is needed."""
     check_image_name(request)
-    return web.json_response({"name": request.match_info["name"], "tags": ["latest"]}, headers=API_VERSION)
+    last, size = request.query.get("last"), request.query.get("n")
+    listed = [tag for tag in _LISTED_TAGS if last is None or tag > last]
+    if size is not None:
+        if not _PAGE_SIZE.fullmatch(size):
+            raise RequestInvalid(
+                f"n must be a number of tags from 0 to 999999999, not {size[:20]!r}", detail={"n": size[:20]}
+            )
+        listed = listed[: int(size)]
+    return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=API_VERSION)
 
 
 async def unsupported(request: web.Request) -> web.Response:
