@@ -127,6 +127,22 @@ class RequestTooLarge(RegistryError):
     status = 413
 
 
+class PreconditionFailed(RegistryError):
+    """An `If-Match` names none of the blob's ETags (its digest)."""
+
+    code = "UNSUPPORTED"
+    kind = "PRECONDITION_FAILED"
+    status = 412
+
+
+class RangeNotSatisfiable(RegistryError):
+    """A blob's requested byte range starts at or past its end."""
+
+    code = "SIZE_INVALID"
+    kind = "RANGE_NOT_SATISFIABLE"
+    status = 416
+
+
 class TooManyRequests(RegistryError):
     """Too many requests."""
 
