@@ -6,7 +6,8 @@ a multipart form without its boundary or with a broken part, a charset Python
 does not know, a Content-Encoding the bytes do not match, JSON nested deeper
 than Python's parser goes. Here each of those is the client's error, 400
 REQUEST_INVALID, with a message that says what was wrong and quotes none of
-the body; never a 500 with a traceback.
+the body; never a 500 with a traceback. JSON is parsed on the event loop, so
+a JSON body over MAX_JSON_BYTES is refused unparsed (413 REQUEST_TOO_LARGE).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import Any
 from aiohttp import http_exceptions, web
 from multidict import MultiDictProxy
 
-from nixery.errors import RequestInvalid
+from nixery.errors import RequestInvalid, RequestTooLarge
+
+#: The JSON bodies read here name an image and a tag (at most 100 names of 128 characters): a
+#: bigger one is refused before it is parsed, as parsing a megabyte holds the event loop.
+MAX_JSON_BYTES = 64 << 10
 
 #: What aiohttp raises for a body it cannot read or decode.
 _UNREADABLE = (web.RequestPayloadError, http_exceptions.BadHttpMessage, ValueError, LookupError)
@@ -32,12 +37,17 @@ async def read_form(request: web.Request) -> MultiDictProxy[Any]:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body parsed as JSON."""
+    """The body parsed as JSON, if it is at most MAX_JSON_BYTES long."""
     try:
-        text = await request.text()
+        text = await request.text()  # read in full (up to aiohttp's limit), so the connection can be reused
     except _UNREADABLE:
         raise RequestInvalid("the request body cannot be read: its charset or Content-Encoding is wrong") from None
+    if len(text) > MAX_JSON_BYTES:
+        raise RequestTooLarge(
+            f"a JSON request body may be at most {MAX_JSON_BYTES} bytes", detail={"limit": MAX_JSON_BYTES}
+        )
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
         raise RequestInvalid("the request body is not valid JSON") from None
+
