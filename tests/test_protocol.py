@@ -60,6 +60,17 @@ def test_manifest_format_follows_accept(shared_registry: RegistryProcess, accept
     assert headers["ETag"] == f'"{headers["Docker-Content-Digest"]}"'
 
 
+def test_accept_headers_longer_than_any_clients_are_refused_unread(shared_registry: RegistryProcess) -> None:
+    """Over 8 KiB of Accept (clients send a few hundred bytes) is 400, on one line or many:
+    reading the 2 MB a request may carry held the event loop."""
+    one_line = ", ".join([DOCKER_MANIFEST, OCI_MANIFEST] * 90)
+    for accept in (one_line, [f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"] * 100):
+        status, _, body = shared_registry.request("/v2/hello/manifests/latest", accept=accept)
+        assert status == 400, body[:300]
+        assert error_of(body)["detail"] == {"limit": 8192, "kind": "REQUEST_INVALID"}
+    assert shared_registry.request("/v2/hello/manifests/latest", accept=SKOPEO_ACCEPT)[0] == 200
+
+
 def test_head_by_tag_then_get_by_digest(shared_registry: RegistryProcess) -> None:
     status, headers, body = shared_registry.request(
         "/v2/shell/hello/manifests/latest", method="HEAD", accept=CONTAINERD_ACCEPT
