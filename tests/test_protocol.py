@@ -236,6 +236,10 @@ def test_errors_use_registry_codes(
     assert got == status, body
     error = error_of(body)
     assert (error["code"], error["detail"]["kind"]) == (code, kind)
+    # A HEAD gets the same answer without its body, and the length the body would have.
+    got, headers, head_body = shared_registry.request(path, method="HEAD")
+    assert (got, head_body, headers.get("Content-Length")) == (status, b"", str(len(body)))
+    assert headers["Content-Type"].startswith("application/json")
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
