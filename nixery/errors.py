@@ -127,6 +127,14 @@ class RequestTooLarge(RegistryError):
     status = 413
 
 
+class RequestTimeout(RegistryError):
+    """The request's body did not arrive in time."""
+
+    code = "UNSUPPORTED"
+    kind = "REQUEST_TIMEOUT"
+    status = 408
+
+
 class PreconditionFailed(RegistryError):
     """An `If-Match` names none of the blob's ETags (its digest)."""
 
