@@ -19,7 +19,7 @@ from aiohttp import web
 from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
-from nixery.http import auth, health, referrers, routes
+from nixery.http import auth, bodies, health, referrers, routes
 from nixery.http import signatures as http_signatures
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
     app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""
     app[routes.MANIFESTS] = routes.ManifestCache(settings.record_cache)  # as many as image records
+    app[bodies.BODY_TIMEOUT] = settings.header_timeout  # a body has as long as its head had
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)

@@ -39,7 +39,8 @@ class RegistryError(Exception):
 
 
 class RequestInvalid(RegistryError):
-    """The request is not HTTP that can be parsed."""
+    """The request is not HTTP that can be parsed, its body cannot be read, or a query
+    parameter is not valid."""
 
     code = "UNSUPPORTED"
     kind = "REQUEST_INVALID"
@@ -124,6 +125,30 @@ class RequestTooLarge(RegistryError):
     code = "SIZE_INVALID"
     kind = "REQUEST_TOO_LARGE"
     status = 413
+
+
+class RequestTimeout(RegistryError):
+    """The request's body did not arrive in time."""
+
+    code = "UNSUPPORTED"
+    kind = "REQUEST_TIMEOUT"
+    status = 408
+
+
+class PreconditionFailed(RegistryError):
+    """An `If-Match` names none of the blob's ETags (its digest)."""
+
+    code = "UNSUPPORTED"
+    kind = "PRECONDITION_FAILED"
+    status = 412
+
+
+class RangeNotSatisfiable(RegistryError):
+    """A blob's requested byte range starts at or past its end."""
+
+    code = "SIZE_INVALID"
+    kind = "RANGE_NOT_SATISFIABLE"
+    status = 416
 
 
 class TooManyRequests(RegistryError):

@@ -483,7 +483,7 @@ async def test_token_mode_decisions(aiohttp_client, users_file: Path) -> None:
 
 async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users_file: Path) -> None:
     """A body over the limit is 413 (not 405); a grant other than the password grant is
-    401 with a challenge, as every 401 must carry one."""
+    401 with a challenge, as every 401 must carry one; a form that cannot be read is 400."""
     app, _ = make_app(users_file, mode="token", token_secret=SECRET.decode())
     client = await aiohttp_client(app)
     form = {"grant_type": "password", "username": ALICE[0], "password": ALICE[1], "service": "nixery"}
@@ -494,6 +494,13 @@ async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users
         refused = await client.post("/token", data={**form, "grant_type": grant_type, "refresh_token": "x"})
         assert refused.status == 401 and _code(await refused.read()) == "UNAUTHORIZED", grant_type
         assert refused.headers["WWW-Authenticate"] == 'Basic realm="nixery", charset="UTF-8"'
+    for content_type, body in [
+        ("multipart/form-data", b"--x\r\n\r\npassword\r\n--x--\r\n"),  # no boundary
+        ("multipart/form-data; boundary=x", b"--x\r\nnot a header\r\n\r\npassword\r\n--x--\r\n"),
+        ("application/x-www-form-urlencoded; charset=no-such-charset", b"grant_type=password"),
+    ]:
+        unreadable = await client.post("/token", data=body, headers={"Content-Type": content_type})
+        assert unreadable.status == 400 and _code(await unreadable.read()) == "REQUEST_INVALID", content_type
     assert (await client.post("/token", data=form)).status == 200
 
 

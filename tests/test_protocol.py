@@ -60,6 +60,17 @@ def test_manifest_format_follows_accept(shared_registry: RegistryProcess, accept
     assert headers["ETag"] == f'"{headers["Docker-Content-Digest"]}"'
 
 
+def test_accept_headers_longer_than_any_clients_are_refused_unread(shared_registry: RegistryProcess) -> None:
+    """Over 8 KiB of Accept (clients send a few hundred bytes) is 400, on one line or many:
+    reading the 2 MB a request may carry held the event loop."""
+    one_line = ", ".join([DOCKER_MANIFEST, OCI_MANIFEST] * 90)
+    for accept in (one_line, [f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"] * 100):
+        status, _, body = shared_registry.request("/v2/hello/manifests/latest", accept=accept)
+        assert status == 400, body[:300]
+        assert error_of(body)["detail"] == {"limit": 8192, "kind": "REQUEST_INVALID"}
+    assert shared_registry.request("/v2/hello/manifests/latest", accept=SKOPEO_ACCEPT)[0] == 200
+
+
 def test_head_by_tag_then_get_by_digest(shared_registry: RegistryProcess) -> None:
     status, headers, body = shared_registry.request(
         "/v2/shell/hello/manifests/latest", method="HEAD", accept=CONTAINERD_ACCEPT
@@ -113,6 +124,49 @@ def test_head_blob_answers_size_without_body(shared_registry: RegistryProcess) -
     assert status == 200 and body == b""
     assert int(headers["Content-Length"]) == layer["size"]
     assert headers["Content-Type"] == "application/octet-stream"
+
+
+def test_blob_ranges_and_conditions_keep_the_digest_as_etag(shared_registry: RegistryProcess) -> None:
+    """A blob's ETag is its digest on every answer; conditions made with it hold; one byte
+    range is 206, one past the end 416 with the JSON error; ranges the registry does not
+    serve (several, another unit, malformed) get the whole blob, as RFC 9110 allows."""
+    _, manifest = shared_registry.manifest("hello")
+    digest, size = manifest["layers"][0]["digest"], manifest["layers"][0]["size"]
+    path, etag = f"/v2/hello/blobs/{digest}", f'"{digest}"'
+
+    def get(headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        status, answer_headers, body = shared_registry.request(path, headers=headers)
+        return status, {name.lower(): value for name, value in answer_headers.items()}, body
+
+    status, headers, whole = get({})
+    assert (status, headers["etag"], len(whole)) == (200, etag, size)
+    partial = {
+        "bytes=0-9": (0, 10), "bytes=-10": (size - 10, size), f"bytes=10-{size * 2}": (10, size),
+        f"bytes={size - 1}-": (size - 1, size),
+    }  # fmt: skip
+    for requested, (start, end) in partial.items():
+        for extra in ({}, {"If-Range": etag}):
+            status, headers, body = get({"Range": requested, **extra})
+            assert (status, headers["etag"], body) == (206, etag, whole[start:end]), (requested, extra)
+            assert headers["content-range"] == f"bytes {start}-{end - 1}/{size}", requested
+    ignored = [
+        {"Range": "bytes=0-1,4-5"}, {"Range": "items=0-1"}, {"Range": "bytes=5-1"}, {"Range": "bytes=x"},
+        {"Range": "bytes=0-1", "If-Range": '"an-older-etag"'}, {"If-None-Match": '"another"'}, {"If-Match": etag},
+        {"If-Match": "*"}, {"If-Modified-Since": "not a date"},
+        {"If-Unmodified-Since": "Mon, 01 Jan 1990 00:00:00 GMT"},
+    ]  # fmt: skip
+    for extra in ignored:
+        status, headers, body = get(extra)
+        assert (status, headers["etag"], body) == (200, etag, whole), extra
+    for if_none_match in (etag, f"W/{etag}", f'"another", {etag}', "*"):
+        status, headers, body = get({"If-None-Match": if_none_match})
+        assert (status, headers["etag"], body) == (304, etag, b""), if_none_match
+    for past_the_end in (f"bytes={size}-", "bytes=-0"):
+        status, headers, body = get({"Range": past_the_end})
+        assert (status, headers["content-range"]) == (416, f"bytes */{size}"), past_the_end
+        assert error_of(body)["detail"] == {"size": size, "kind": "RANGE_NOT_SATISFIABLE"}
+    status, _, body = get({"If-Match": '"another"'})
+    assert status == 412 and error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
 
 
 def test_layer_budget_holds(start_registry) -> None:
@@ -182,6 +236,10 @@ def test_errors_use_registry_codes(
     assert got == status, body
     error = error_of(body)
     assert (error["code"], error["detail"]["kind"]) == (code, kind)
+    # A HEAD gets the same answer without its body, and the length the body would have.
+    got, headers, head_body = shared_registry.request(path, method="HEAD")
+    assert (got, head_body, headers.get("Content-Length")) == (status, b"", str(len(body)))
+    assert headers["Content-Type"].startswith("application/json")
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
@@ -236,3 +294,21 @@ def test_tags_list(shared_registry: RegistryProcess) -> None:
     status, _, body = shared_registry.request("/v2/shell/hello/tags/list")
     assert status == 200
     assert json.loads(body) == {"name": "shell/hello", "tags": ["latest"]}
+
+
+def test_tags_list_pages_as_the_spec_says(shared_registry: RegistryProcess) -> None:
+    """`n` and `last` (distribution-spec, content discovery): `n=0` lists none, `last` only the
+    tags after it; an `n` that is not a number of tags is refused."""
+    pages = {
+        "n=0": [], "n=1": ["latest"], "n=1000": ["latest"], "last=latest": [], "last=a": ["latest"],
+        "last=zzz&n=5": [], "last=a&n=0": [],
+    }  # fmt: skip
+    for query, tags in pages.items():
+        status, _, body = shared_registry.request(f"/v2/shell/hello/tags/list?{query}")
+        assert status == 200, (query, body)
+        assert json.loads(body) == {"name": "shell/hello", "tags": tags}, query
+    for size in ("-1", "abc", "1.5", "", "1e3", "9" * 30):
+        status, _, body = shared_registry.request(f"/v2/shell/hello/tags/list?n={size}")
+        assert status == 400, (size, body)
+        error = error_of(body)
+        assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), size

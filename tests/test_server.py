@@ -143,3 +143,34 @@ def _request_or_error(registry: RegistryProcess, path: str) -> object:
         return registry.request(path, timeout=60)
     except OSError as exc:  # the connection closed: what a cut-off request gets
         return exc
+
+
+def test_a_body_that_never_arrives_is_answered_408(start_registry) -> None:
+    """A POST whose body does not come within NIXERY_HEADER_TIMEOUT of its head gets the
+    registry's 408 (aiohttp would wait as long as the client keeps the connection open);
+    others are served meanwhile."""
+    timeout = 2.0
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_HEADER_TIMEOUT=str(timeout))
+    heads = {
+        "/builds": b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image\": ",
+        "/builds?form": b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nimage=",
+    }
+    slow = []
+    started = time.monotonic()
+    for path, rest in heads.items():
+        sock = socket.create_connection(("127.0.0.1", registry.port), timeout=30)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n".encode() + rest)
+        slow.append(sock)
+    assert registry.request("/v2/")[0] == 200
+    for sock in slow:
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        sock.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(body)["errors"][0]["detail"] == {"seconds": timeout, "kind": "REQUEST_TIMEOUT"}
+    assert timeout * 0.5 <= time.monotonic() - started < timeout + 10
+    assert not registry.log_events("http.internal_error")

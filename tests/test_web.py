@@ -372,6 +372,56 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
     run_async(run())
 
 
+#: (Content-Type, more headers, body) of POST /builds bodies that cannot be read.
+UNREADABLE_BODIES = [
+    ("application/json", {}, b"[" * 30_000 + b"]" * 30_000),  # deeper than Python's JSON parser goes
+    ("application/json", {}, b'{"image": '),
+    ("application/json; charset=no-such-charset", {}, b'{"image": "shell"}'),
+    ("application/json", {"Content-Encoding": "gzip"}, b'{"image": "shell"}'),  # not gzip
+    ("multipart/form-data", {}, b"--x\r\n\r\nshell\r\n--x--\r\n"),  # no boundary
+    ("multipart/form-data; boundary=x", {}, b"--x\r\nnot a header\r\n\r\nshell\r\n--x--\r\n"),
+    ("multipart/form-data; boundary=x", {}, b"no boundary here"),
+    ("multipart/form-data; boundary=x", {}, b"--x\r\nContent-Disposition: form-data\r\n\r\nshell\r\n--x--\r\n"),
+    ("application/x-www-form-urlencoded; charset=no-such-charset", {}, b"image=shell"),
+]
+
+
+def test_build_bodies_that_cannot_be_read_are_the_clients_error(registry: RegistryProcess) -> None:
+    """POST /builds with a body aiohttp or the JSON parser cannot read: 400 REQUEST_INVALID,
+    not a 500 with a traceback in the log; the registry serves on. JSON over 64 KiB: 413."""
+    for content_type, headers, body in UNREADABLE_BODIES:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        try:
+            connection.request(
+                "POST", "/builds", body=body,
+                headers={"Content-Type": content_type, "Accept": "application/json", **headers},
+            )
+            response = connection.getresponse()
+            status, answer = response.status, response.read()
+        finally:
+            connection.close()
+        assert status == 400, (content_type, body[:40], answer)
+        error = json.loads(answer)["errors"][0]
+        assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), (content_type, error)
+    assert not registry.log_events("http.internal_error")
+    assert registry.request("/v2/")[0] == 200
+    # JSON is parsed on the event loop: a body longer than a build request can be is not parsed.
+    padded = json.dumps({"image": "shell", "padding": [0] * 40_000}).encode()
+    for headers in ({}, {"Transfer-Encoding": "chunked"}):
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        try:
+            connection.request(
+                "POST", "/builds", body=padded, encode_chunked=bool(headers),
+                headers={"Content-Type": "application/json", "Accept": "application/json", **headers},
+            )
+            response = connection.getresponse()
+            status, answer = response.status, response.read()
+        finally:
+            connection.close()
+        assert status == 413, (headers, answer[:300])
+        assert json.loads(answer)["errors"][0]["detail"] == {"limit": 65536, "kind": "REQUEST_TOO_LARGE"}
+
+
 def _post_build(
     registry: RegistryProcess, headers: dict[str, str], *, image: str, browser: bool
 ) -> tuple[int, str, bytes]:

@@ -51,6 +51,7 @@ from nixery.auth import (
 )
 from nixery.config import AuthSettings, Settings
 from nixery.http import routes
+from nixery.http.bodies import read_form
 from nixery.http.errors import Handler
 from nixery.http.referrers import is_attachment_tag
 from nixery.registry.names import check_tag
@@ -253,7 +254,7 @@ async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, 
     """(credentials, service, scopes) from a GET (basic credentials, query) or a
     POST (OAuth2 password grant form)."""
     if request.method == "POST":
-        form = await request.post()
+        form = await read_form(request)
         if form.get("grant_type") != "password":  # e.g. refresh_token: this registry issues no refresh tokens
             raise errors.Unauthorized(
                 "only the OAuth2 password grant is supported; or GET with basic credentials",

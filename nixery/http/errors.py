@@ -74,9 +74,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.InternalError("internal error; see the registry's log")
 
 
-def error_response(error: errors.RegistryError, *, head: bool = False) -> web.Response:
-    if head:  # a HEAD answer carries no body, but says how long it would be
-        return web.Response(status=error.status, content_type="application/json", headers=error.headers)
+def error_response(error: errors.RegistryError) -> web.Response:
+    # To a HEAD, aiohttp sends the headers alone: the Content-Length says how long the body would be.
     return web.json_response(error.to_json(), status=error.status, headers=error.headers)
 
 
@@ -103,7 +102,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error_page = request.app.get(pages.ERROR_PAGE)
         if error_page is not None and pages.wants_error_page(request):
             return error_page(request, error)
-        return error_response(error, head=request.method == "HEAD")
+        return error_response(error)
 
 
 class _Throttle:

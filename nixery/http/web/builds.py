@@ -28,6 +28,7 @@ from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
+from nixery.http.bodies import read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
@@ -65,15 +66,12 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     json_api = wants_json(request)
     fields: dict[str, str] = {}
     if request.content_type == "application/json":
-        try:
-            body = await request.json()  # at most aiohttp's client_max_size, 1 MiB
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-            raise errors.NameInvalid("the request body is not valid JSON") from None
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
         fields = {k: str(v) for k, v in body.items() if k in ("image", "tag") and v is not None}
     else:
-        form = await request.post()
+        form = await read_form(request)
         fields = {k: str(form[k]) for k in ("image", "tag") if k in form}
     request[FORM] = fields  # an error page shows the form again
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))

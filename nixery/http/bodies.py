@@ -1,0 +1,73 @@
+"""Request bodies: the forms and JSON that POST /builds and POST /token read.
+
+aiohttp reads a body within its size limit (1 MiB: a larger one is 413
+REQUEST_TOO_LARGE) but fails on a malformed one with whatever its parsers raise:
+a multipart form without its boundary or with a broken part, a charset Python
+does not know, a Content-Encoding the bytes do not match, JSON nested deeper
+than Python's parser goes. Here each of those is the client's error, 400
+REQUEST_INVALID, with a message that says what was wrong and quotes none of
+the body; never a 500 with a traceback. JSON is parsed on the event loop, so
+a JSON body over MAX_JSON_BYTES is refused unparsed (413 REQUEST_TOO_LARGE).
+A body must arrive within BODY_TIMEOUT (408 REQUEST_TIMEOUT), as a request's
+head must (nixery.http.server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from aiohttp import http_exceptions, web
+from multidict import MultiDictProxy
+
+from nixery.errors import RequestInvalid, RequestTimeout, RequestTooLarge
+
+T = TypeVar("T")
+
+#: The JSON bodies read here name an image and a tag (at most 100 names of 128 characters): a
+#: bigger one is refused before it is parsed, as parsing a megabyte holds the event loop.
+MAX_JSON_BYTES = 64 << 10
+
+#: Seconds a client has to send a body once its head has come (NIXERY_HEADER_TIMEOUT, set by
+#: nixery.app; none if unset): aiohttp waits for a body as long as the client keeps the connection.
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
+
+#: What aiohttp raises for a body it cannot read or decode.
+_UNREADABLE = (web.RequestPayloadError, http_exceptions.BadHttpMessage, ValueError, LookupError)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The fields of a url-encoded or multipart form (empty for any other body)."""
+    try:
+        return await _in_time(request, request.post())
+    except _UNREADABLE:
+        raise RequestInvalid(f"the request body is not a well-formed {request.content_type} form") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body parsed as JSON, if it is at most MAX_JSON_BYTES long."""
+    try:
+        text = await _in_time(request, request.text())  # in full (up to aiohttp's limit): the connection is reused
+    except _UNREADABLE:
+        raise RequestInvalid("the request body cannot be read: its charset or Content-Encoding is wrong") from None
+    if len(text) > MAX_JSON_BYTES:
+        raise RequestTooLarge(
+            f"a JSON request body may be at most {MAX_JSON_BYTES} bytes", detail={"limit": MAX_JSON_BYTES}
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
+        raise RequestInvalid("the request body is not valid JSON") from None
+
+
+async def _in_time(request: web.Request, reading: Awaitable[T]) -> T:
+    seconds = request.app.get(BODY_TIMEOUT)
+    try:
+        async with asyncio.timeout(seconds):
+            return await reading
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds:g} seconds", detail={"seconds": seconds}
+        ) from None
