@@ -11,7 +11,9 @@ Both run against live storage while registries serve from it:
   revisions that no remaining image was built from. An image in use is never removed: registries record a
   use at least once an hour (`usage/<key>`), and the limit is longer than that.
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
-  grace period keeps them until the build has written its image record.
+  grace period keeps them until the build has written its image record; a
+  blob's dates are read again as it is deleted (`delete_unused_blob`), since
+  the listing's are stale by then.
   An image's record is removed while holding its build lock (no build of it is
   under way, and the lock leaves no file behind). Running registries hear of
   what was removed through `nixery.collected`: gc leaves a note after removing
@@ -159,10 +161,10 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     async for blob in storage.list_blobs():
         if blob.digest in live or now - blob.modified < BLOB_GRACE:
             continue
-        report.blobs_removed += 1
-        report.bytes_freed += blob.size
-        if not dry_run:
-            await storage.delete_blob(blob.digest)
+        # The listing's dates may be minutes old: the blob goes only if it is still unused now.
+        if dry_run or await storage.delete_unused_blob(blob.digest, now - BLOB_GRACE):
+            report.blobs_removed += 1
+            report.bytes_freed += blob.size
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
         await signatures.remove_orphans(storage)

@@ -265,6 +265,16 @@ class Storage(ABC):
     async def delete_blob(self, digest: Digest) -> None:
         raise NotImplementedError(f"the {self.name} backend cannot delete blobs")
 
+    async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
+        """Delete the blob unless it was written or touched (`touch_blob`) at or after
+        `cutoff` (seconds since the epoch); whether it was deleted.
+
+        Its dates are read by this call, not taken from an earlier `list_blobs`: a
+        sweep that lists first and deletes later must not delete a blob that a build
+        reused in between (that build's image record, written next, names it).
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot delete blobs")
+
     async def list_meta(self, prefix: str) -> list[str]:
         """Keys of the metadata documents under `prefix` (e.g. "images/")."""
         raise NotImplementedError(f"the {self.name} backend cannot list metadata")

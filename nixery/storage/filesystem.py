@@ -250,6 +250,20 @@ class FilesystemStorage(Storage):
 
         await asyncio.to_thread(delete)
 
+    async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
+        def delete_if_unused() -> bool:
+            try:
+                if os.stat(self.blob_path(digest)).st_mtime >= cutoff:
+                    return False
+            except FileNotFoundError:
+                return False
+            self._unlink_verified(digest)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.blob_path(digest))
+            return True
+
+        return await asyncio.to_thread(delete_if_unused)
+
     async def list_meta(self, prefix: str) -> list[str]:
         base = self._meta / check_key(prefix.rstrip("/"))
         files = await asyncio.to_thread(lambda: sorted(p for p in base.rglob("*") if p.is_file()))

@@ -360,8 +360,7 @@ class GCSStorage(LeasedStorage):
                 digest = Digest.parse(f"sha256:{blob.name.rsplit('/', 1)[1]}")
             except DigestInvalid:
                 continue
-            times = [t.timestamp() for t in (blob.updated, blob.time_created, blob.custom_time) if t is not None]
-            yield BlobStat(digest, blob.size or 0, max(times, default=0.0))
+            yield BlobStat(digest, blob.size or 0, _last_used(blob))
 
     async def touch_blob(self, digest: Digest) -> None:
         """Sets the blob's Custom-Time (a metadata patch: the bytes are not rewritten)."""
@@ -382,6 +381,20 @@ class GCSStorage(LeasedStorage):
 
     async def delete_blob(self, digest: Digest) -> None:
         await self._delete(self._blob_name(digest))
+
+    async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
+        blob = await self._stat(digest)  # its dates now, not a listing's
+        if blob is None or _last_used(blob) >= cutoff:
+            return False
+        try:
+            # Only the version read: a touch since (a metadata patch) makes a new metageneration.
+            await self._call(
+                self._bucket.delete_blob, blob.name, if_metageneration_match=blob.metageneration,
+                timeout=self._timeout, retry=self._retry,
+            )
+        except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+            return False
+        return True
 
     async def list_meta(self, prefix: str) -> list[str]:
         base = f"meta/{check_key(prefix.rstrip('/'))}/"
@@ -431,6 +444,12 @@ class GCSStorage(LeasedStorage):
 
 #: Where the start-up check writes (and removes) its probe object.
 _PROBES = "probes"
+
+
+def _last_used(blob: storage.Blob) -> float:
+    """When a blob was last written or reused (its Custom-Time, set by `touch_blob`)."""
+    times = [t.timestamp() for t in (blob.updated, blob.time_created, blob.custom_time) if t is not None]
+    return max(times, default=0.0)
 
 
 def _describe(error: BaseException) -> str:

@@ -337,6 +337,27 @@ class S3Storage(LeasedStorage):
         except ObstoreError as error:
             raise self._unavailable(error) from error
 
+    async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
+        # The blob's date and its touched/ marker's, read now: a listing's are minutes old by the
+        # time a long sweep reaches the blob, and the marker listing is older still.
+        blob, marker = await asyncio.gather(
+            self._head(self._blob_key(digest)), self._head(f"{_TOUCHED}/{digest.hex}")
+        )
+        if blob is None or max(blob, marker or 0.0) >= cutoff:
+            return False
+        await self.delete_blob(digest)
+        return True
+
+    async def _head(self, key: str) -> float | None:
+        """When the object under `key` was last written; None if there is none."""
+        try:
+            meta = await obstore.head_async(self._store, key)
+        except FileNotFoundError:
+            return None
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return float(meta["last_modified"].timestamp())
+
     async def delete_blob(self, digest: Digest) -> None:
         # One key per DELETE: the bulk DeleteObjects call is missing from some S3-compatible stores.
         try:

@@ -337,6 +337,25 @@ async def test_list_touch_and_delete_blobs(store: Storage, backend: Backend) -> 
     assert await store.stat_blob(missing) is None and missing not in await listed(store)
 
 
+async def test_delete_unused_blob_goes_by_the_dates_it_reads_itself(store: Storage, backend: Backend) -> None:
+    """gc's sweep lists blobs, then deletes the old ones: one reused in between stays."""
+    old, reused = [await put(store, os.urandom(500 + i)) for i in range(2)]
+    await asyncio.sleep(1.1)  # S3 dates have whole seconds
+    cutoff = time.time()
+    listing = await listed(store)
+    assert listing[old] < cutoff and listing[reused] < cutoff, "both look unused to the listing"
+    await asyncio.sleep(1.1)
+    await store.touch_blob(reused)  # a build finds it in the layer cache
+    fresh = await put(store, os.urandom(700))
+
+    assert await store.delete_unused_blob(reused, cutoff) is False
+    assert await store.delete_unused_blob(fresh, cutoff) is False
+    assert await store.delete_unused_blob(old, cutoff) is True
+    assert await store.delete_unused_blob(old, cutoff) is False  # gone already: nothing deleted
+    assert await store.stat_blob(old) is None and backend.object_names(blob_key(old)) == []
+    assert await store.stat_blob(reused) is not None and await store.stat_blob(fresh) is not None
+
+
 async def test_list_and_delete_meta(store: Storage) -> None:
     run = uuid.uuid4().hex[:8]
     keys = [f"images-{run}/a", f"images-{run}/b/c"]

@@ -1,0 +1,51 @@
+"""`nixery gc` against builds that run meanwhile, on real filesystem storage: what a
+build reuses while gc sweeps stays stored (nixery/maintenance.py).
+
+gc runs as a whole here; the concurrent build is what a build does to a blob it
+reuses (`touch_blob`), made to happen at the moment that matters: after gc
+listed the blobs, before it deletes them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nixery import maintenance
+from nixery.registry.digest import Digest
+from nixery.storage.base import BlobStat
+from nixery.storage.filesystem import FilesystemStorage
+
+FOUR_HOURS = 4 * 3600
+
+
+async def old_blob(storage: FilesystemStorage, data: bytes) -> Digest:
+    """A blob written four hours ago, named by no image (a collected image's layer, say)."""
+    digest = await storage.put_blob_bytes(data)
+    then = time.time() - FOUR_HOURS
+    os.utime(storage.blob_path(digest), (then, then))
+    return digest
+
+
+async def test_a_blob_reused_after_gc_listed_it_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    unused = await old_blob(storage, b"a layer no build wants")
+    reused = await old_blob(storage, b"a layer a running build finds in the layer cache")
+    listing = storage.list_blobs
+
+    async def listed_before_the_build_reused_one() -> AsyncIterator[BlobStat]:
+        blobs = [blob async for blob in listing()]  # gc's listing (on S3: its touched/ markers first)
+        await storage.touch_blob(reused)  # a build reuses it: its record, written next, will name it
+        for blob in blobs:
+            yield blob
+
+    monkeypatch.setattr(storage, "list_blobs", listed_before_the_build_reused_one)
+    report = await maintenance.collect_garbage(storage, older_than=3 * 3600)
+
+    assert await storage.stat_blob(unused) is None
+    assert await storage.stat_blob(reused) is not None, "gc deleted a blob a build had just reused"
+    assert (report.blobs_removed, report.bytes_freed) == (1, len(b"a layer no build wants"))
