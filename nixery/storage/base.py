@@ -178,8 +178,9 @@ class Storage(ABC):
         """Publish a staged file, whose bytes the caller has hashed to `digest`.
 
         Atomic: the blob either appears complete or not at all. A blob that is
-        already stored is not written again. The staged file may be consumed
-        (moved) by the call; the caller removes it if it still exists.
+        already stored is not written again, but marked in use (`touch_blob`),
+        so that a concurrent garbage collection keeps it. The staged file may be
+        consumed (moved) by the call; the caller removes it if it still exists.
         """
 
     @abstractmethod

@@ -318,6 +318,8 @@ def _is_file_at(fd: int, path: Path) -> bool:
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
     """Make `staged` durable and move it to `target` in one atomic rename."""
     if not replace and target.exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
         return
     _make_durable(staged)
     _move_into_place(staged, target)

@@ -290,6 +290,7 @@ class GCSStorage(LeasedStorage):
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         if await self.stat_blob(digest) is not None:
+            await self.touch_blob(digest)  # in use again: a concurrent gc keeps it
             return
         blob = self._bucket.blob(self._blob_name(digest), chunk_size=UPLOAD_CHUNK)
         try:

@@ -263,6 +263,7 @@ class S3Storage(LeasedStorage):
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         if await self.stat_blob(digest) is not None:
+            await self.touch_blob(digest)  # in use again: a concurrent gc keeps it
             return
         await self._upload(
             self._blob_key(digest),
