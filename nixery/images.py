@@ -5,7 +5,8 @@ Storage layout (shared by every registry process and by `nixery gc`; it must
 not change, or existing storage stops being found):
 
     images/<key>   the image record (`ImageRecord`, JSON): every blob of one image
-    usage/<key>    when a registry last served it (for `nixery gc`)
+    usage/<key>    when a registry last served it by tag (for `nixery gc`; by digest:
+                   `nixery.pulls`)
     builds/<key>   the lock held while it is built, or removed by gc
     referrers/<subject hex>/<key>
                    the image under <key> has documents about its manifest <subject>
@@ -61,6 +62,7 @@ from nixery.collected import CollectionWatch
 from nixery.errors import DigestInvalid
 from nixery.layers.store import FORMAT_VERSION
 from nixery.lru import LRU
+from nixery.pulls import PullLog
 from nixery.registry.descriptors import Descriptor, Platform
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
@@ -394,6 +396,8 @@ class ImageStore:
         #: The image records used most recently (NIXERY_RECORD_CACHE of them).
         self.cached = RecordCache(capacity)
         self._usage_writes: set[asyncio.Task[None]] = set()
+        #: Manifests pulled by digest (for gc: those pulls name no image).
+        self.pulls = PullLog(storage, interval=USAGE_INTERVAL)
         storage.on_corrupt_blob(self.forget_using)
         #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
         self._collections = CollectionWatch(storage, self._collected)
@@ -405,6 +409,7 @@ class ImageStore:
 
     async def close(self) -> None:
         await self._collections.close()
+        await self.pulls.close()
 
     def on_collected(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever `nixery gc` has removed something (after the records are dropped)."""

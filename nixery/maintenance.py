@@ -9,7 +9,8 @@ Both run against live storage while registries serve from it:
 * `collect_garbage` removes images not used within a time limit, then blobs no
   remaining image uses, and the names' evaluations kept for package-set
   revisions that no remaining image was built from. An image in use is never removed: registries record a
-  use at least once an hour (`usage/<key>`), and the limit is longer than that.
+  use at least once an hour (`usage/<key>` for a pull by tag, `pulls/<manifest hex>` for one by
+  digest: `nixery.pulls`), and the limit is longer than that.
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
   grace period keeps them until the build has written its image record; a
   blob's dates are read again as it is deleted (`delete_unused_blob`), since
@@ -36,7 +37,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from nixery import collected, signatures
+from nixery import collected, pulls, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, RecordUnreadable, build_lock, referrer_keys
 from nixery.registry.digest import Digest
@@ -139,9 +140,14 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             async with storage.exclusive(build_lock(key.removeprefix(IMAGE_PREFIX))):
                 if await _still_unreadable(storage, key):  # not built again meanwhile
                     await storage.delete_meta(key)
+    pulled = await pulls.pulled_keys(storage)
     for key, record in records.items():
         image_key = key.removeprefix(IMAGE_PREFIX)
-        last_use = _last_use(record, await storage.get_meta(f"{USAGE_PREFIX}{image_key}"), now)
+        manifests = {descriptor.digest for descriptor in record.descriptors}
+        last_use = max(
+            _last_use(record, await storage.get_meta(f"{USAGE_PREFIX}{image_key}"), now),
+            await pulls.last_pulled(storage, manifests, pulled),
+        )
         if now - last_use > older_than:
             report.images_removed += 1
             if not dry_run:
@@ -168,6 +174,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
         await signatures.remove_orphans(storage)
+        await pulls.remove_orphans(storage)
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

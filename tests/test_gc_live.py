@@ -34,9 +34,9 @@ pytestmark = pytest.mark.nix
 FOUR_HOURS = 4 * 3600
 
 
-def pull(registry: RegistryProcess, name: str) -> tuple[str, dict]:
-    """As a client pulls: the manifest by tag, then the config and every layer (all must be there)."""
-    digest, manifest = registry.manifest(name)
+def pull(registry: RegistryProcess, name: str, reference: str = "latest") -> tuple[str, dict]:
+    """As a client pulls: the manifest by tag (or digest), then the config and every layer (all must be there)."""
+    digest, manifest = registry.manifest(name, reference)
     for blob in [manifest["config"], *manifest["layers"]]:
         status, _, body = registry.request(f"/v2/{name}/blobs/{blob['digest']}", accept=None)
         assert status == 200, (blob["digest"], status, body[:300])
@@ -192,6 +192,37 @@ def test_replicas_on_s3_rebuild_what_gc_collected(
                 status, _, _ = replica.request(f"/v2/{name}/blobs/{blob}", method="HEAD", accept=None)
                 assert status == 200, (replica.port, blob)
         assert "and 1 images: ok" in check_storage(tmp_path / "cli", **env)
+
+
+def test_an_image_pulled_only_by_digest_is_in_use(start_registry, tmp_path: Path) -> None:
+    """A Kubernetes pod pinned to `name@sha256:...` pulls by digest only, from a process
+    that may never have looked its image up by tag (a replica, or one restarted since)."""
+    storage = tmp_path / "shared-storage"
+    builder = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    name = "hello/greet"
+    digest, manifest = pull(builder, name)
+    builder.stop()
+    age_everything(storage)  # built, and last pulled by tag, four hours ago
+
+    pinned = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    pull(pinned, name, digest)
+    pulls = storage / "meta" / "pulls"
+    deadline = time.monotonic() + 10  # the pull's use is written in the background
+    while not pulls.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert "removed 0 images" in collect(storage)
+    status, _, body = pinned.request(f"/v2/{name}/manifests/{digest}")
+    assert status == 200, body[:300]
+    for blob in [manifest["config"], *manifest["layers"]]:
+        assert blob_file(storage, blob["digest"]).exists()
+
+    pinned.stop()
+    age_everything(storage)
+    pulled = pulls / Digest.parse(digest).hex
+    pulled.write_text(json.dumps({"last_used": time.time() - FOUR_HOURS}))
+    assert "removed 1 images" in collect(storage)
+    assert not pulled.exists(), "the collected image's pulls go with it"
 
 
 def test_the_manifest_cache_forgets_what_names_a_missing_blob() -> None:
