@@ -16,7 +16,8 @@ Both run against live storage while registries serve from it:
   blob's dates are read again as it is deleted (`delete_unused_blob`), since
   the listing's are stale by then.
   An image's record is removed while holding its build lock (no build of it is
-  under way, and the lock leaves no file behind). Running registries hear of
+  under way, and the lock leaves no file behind), after reading the record and
+  its uses again under that lock (a pull or a rebuild since keeps it). Running registries hear of
   what was removed through `nixery.collected`: gc leaves a note after removing
   records, waits until every registry has read it (so none answers from memory
   with an image whose blobs are about to go, and a pull rebuilds it instead),
@@ -143,19 +144,22 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     pulled = await pulls.pulled_keys(storage)
     for key, record in records.items():
         image_key = key.removeprefix(IMAGE_PREFIX)
-        manifests = {descriptor.digest for descriptor in record.descriptors}
-        last_use = max(
-            _last_use(record, await storage.get_meta(f"{USAGE_PREFIX}{image_key}"), now),
-            await pulls.last_pulled(storage, manifests, pulled),
-        )
-        if now - last_use > older_than:
-            report.images_removed += 1
-            if not dry_run:
-                async with storage.exclusive(build_lock(image_key)):
+        unused = now - await _last_use_of(storage, image_key, record, pulled, now) > older_than
+        if unused and not dry_run:
+            async with storage.exclusive(build_lock(image_key)):
+                # Read again under the lock: a pull recorded or a rebuild since the first read keeps it.
+                current = await _readable_record(storage, key)
+                if current is not None:
+                    unused = now - await _last_use_of(storage, image_key, current, None, now) > older_than
+                if unused:
                     await storage.delete_meta(key)
                     await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
-                    for pointer in referrer_keys(record):  # its SBOMs' subjects lead to it no more
+                    for pointer in referrer_keys(current or record):  # its SBOMs' subjects lead to it no more
                         await storage.delete_meta(pointer)
+                else:
+                    record = current or record
+        if unused:
+            report.images_removed += 1
         else:
             report.images_kept += 1
             live |= record.blobs()
@@ -196,8 +200,27 @@ async def _still_unreadable(storage: Storage, key: str) -> bool:
     return False
 
 
+async def _readable_record(storage: Storage, key: str) -> ImageRecord | None:
+    """The record under `key` as it is now; None if it is gone or cannot be read."""
+    data = await storage.get_meta(key)
+    try:
+        return ImageRecord.from_json(data) if data is not None else None
+    except RecordUnreadable:
+        return None
+
+
+async def _last_use_of(
+    storage: Storage, image_key: str, record: ImageRecord, pulled: set[str] | None, now: float
+) -> float:
+    """When the image was built or last pulled, by tag or by the digest of one of its documents;
+    `pulled`: the pulls by digest recorded (None: look each up)."""
+    usage = await storage.get_meta(f"{USAGE_PREFIX}{image_key}")
+    manifests = (descriptor.digest for descriptor in record.descriptors)
+    return max(_last_use(record, usage, now), await pulls.last_pulled(storage, manifests, pulled))
+
+
 def _last_use(record: ImageRecord, usage: bytes | None, now: float) -> float:
-    """When the image was last built or pulled; `now` when its usage note cannot be read
+    """When the image was last built or pulled by tag; `now` when its usage note cannot be read
     (damaged: the image is kept; its next pull writes the note again)."""
     try:
         used = float(json.loads(usage)["last_used"]) if usage else 0.0

@@ -67,10 +67,12 @@ async def pulled_keys(storage: Storage) -> set[str]:
     return set(await storage.list_meta(PREFIX.rstrip("/")))
 
 
-async def last_pulled(storage: Storage, digests: Iterable[Digest], recorded: set[str]) -> float:
-    """For gc: when any of `digests` was last pulled by digest (0 if never), among `recorded`."""
+async def last_pulled(storage: Storage, digests: Iterable[Digest], recorded: set[str] | None = None) -> float:
+    """For gc: when any of `digests` was last pulled by digest (0 if never); only those among
+    `recorded` are read, if given."""
     last = 0.0
-    for key in sorted({pull_key(digest) for digest in digests} & recorded):
+    keys = {pull_key(digest) for digest in digests}
+    for key in sorted(keys if recorded is None else keys & recorded):
         data = await storage.get_meta(key)
         try:
             last = max(last, float(json.loads(data or b"null")["last_used"]))

@@ -3,11 +3,14 @@ build reuses while gc sweeps stays stored (nixery/maintenance.py).
 
 gc runs as a whole here; the concurrent build is what a build does to a blob it
 reuses (`touch_blob`), made to happen at the moment that matters: after gc
-listed the blobs, before it deletes them.
+listed the blobs, before it deletes them. Likewise a pull that registries record
+just before gc takes the lock of an image it found unused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from nixery import maintenance
+from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, ManifestRef
 from nixery.registry.digest import Digest
+from nixery.registry.image import LayerDescriptor
+from nixery.registry.mediatypes import ManifestFormat
 from nixery.storage.base import BlobStat
 from nixery.storage.filesystem import FilesystemStorage
 
@@ -49,3 +55,34 @@ async def test_a_blob_reused_after_gc_listed_it_is_kept(tmp_path: Path, monkeypa
     assert await storage.stat_blob(unused) is None
     assert await storage.stat_blob(reused) is not None, "gc deleted a blob a build had just reused"
     assert (report.blobs_removed, report.bytes_freed) == (1, len(b"a layer no build wants"))
+
+
+async def test_an_image_pulled_just_before_gc_takes_its_lock_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    layer, config, manifest = [await old_blob(storage, f"{part} of the image".encode()) for part in
+                               ("layer", "config", "manifest")]
+    record = ImageRecord(
+        key="k" * 64, name="hello", source="test", revision="r", packages=("hello",), architecture="amd64",
+        config=config, manifests={ManifestFormat.DOCKER: ManifestRef(manifest, 20)},
+        layers=(LayerDescriptor(layer, layer, 17, "hello"),), built_at=time.time() - FOUR_HOURS,
+    )  # fmt: skip
+    await storage.put_meta(f"{IMAGE_PREFIX}{record.key}", record.to_json())
+    usage = f"{USAGE_PREFIX}{record.key}"
+    await storage.put_meta(usage, json.dumps({"last_used": time.time() - FOUR_HOURS}).encode())
+    exclusive = storage.exclusive
+
+    @contextlib.asynccontextmanager
+    async def pulled_first(key: str) -> AsyncIterator[None]:
+        # gc read the image's use and found it old; a registry serves it now and says so.
+        await storage.put_meta(usage, json.dumps({"last_used": time.time()}).encode())
+        async with exclusive(key):
+            yield
+
+    monkeypatch.setattr(storage, "exclusive", pulled_first)
+    report = await maintenance.collect_garbage(storage, older_than=3 * 3600)
+
+    assert await storage.get_meta(f"{IMAGE_PREFIX}{record.key}") is not None, "an image in use was collected"
+    assert (report.images_removed, report.images_kept, report.blobs_removed) == (0, 1, 0)
+    assert all([await storage.stat_blob(digest) is not None for digest in (layer, config, manifest)])
