@@ -339,10 +339,14 @@ class RecordCache:
             self._release_blobs(key, entry)
         self._recent = [item for item in self._recent if item[1] != key]
 
+    def naming(self, digest: Digest) -> list[str]:
+        """The keys of the cached images that name `digest`."""
+        blob = self._blobs.get(digest)
+        return list(blob.keys) if blob is not None else []
+
     def forget_using(self, digest: Digest) -> int:
         """Forget every image that names `digest`; how many there were."""
-        blob = self._blobs.get(digest)
-        keys = list(blob.keys) if blob is not None else []
+        keys = self.naming(digest)
         for key in keys:
             self.discard(key)
         return len(keys)
@@ -476,6 +480,15 @@ class ImageStore:
             self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now})),
             failure_event="build.usage_not_recorded", keep=self._usage_writes,
         )
+
+    def note_pull(self, digest: Digest) -> None:
+        """Record that a manifest was pulled by its digest (for GC): as a use of the images in
+        memory that name it, else under the digest (`nixery.pulls`)."""
+        keys = self.cached.naming(digest)
+        for key in keys:
+            self.note_use(key)
+        if not keys:
+            self.pulls.note(digest)
 
     def forget_using(self, digest: Digest) -> None:
         """A blob was found missing or corrupt: its images are checked in storage (and rebuilt)

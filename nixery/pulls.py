@@ -4,7 +4,9 @@ A pull by tag records its image's use under `usage/<key>` (`nixery.images`). A
 pull by digest (a Kubernetes pod pinned to `name@sha256:...`, a deployment tool
 that resolved the tag once) names no image: the manifest is read straight from
 storage, often by a process that never looked the image up by tag (another
-replica, or one restarted since). So such a pull is recorded under the digest:
+replica, or one restarted since). So such a pull is recorded as a use of the
+images the process holds in memory that name the manifest
+(`ImageStore.note_pull`), and when it holds none, under the digest:
 
     pulls/<manifest hex>   {"last_used": <seconds since the epoch>}
 

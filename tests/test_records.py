@@ -6,6 +6,8 @@ tests is the builder's record cache, not how names are resolved."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import pytest
 
 from nixery import config
 from nixery.builder import ImageBuilder
-from nixery.images import RECENT, ImageRecord, ManifestRef, RecordCache
+from nixery.images import RECENT, USAGE_PREFIX, ImageRecord, ImageStore, ManifestRef, RecordCache
+from nixery.pulls import pull_key
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
@@ -114,6 +117,25 @@ def test_the_record_cache_setting() -> None:
     for bad in ("0", "many"):
         with pytest.raises(config.ConfigError, match="NIXERY_RECORD_CACHE"):
             config.load({"NIXERY_RECORD_CACHE": bad})
+
+
+async def test_a_pull_by_digest_is_a_use_of_the_images_held_that_name_it(tmp_path: Path) -> None:
+    """For gc (nixery.pulls): as a pull by tag of those images; of a manifest no image in
+    memory names, under its digest."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    images = ImageStore(storage)
+    held = record(1)
+    images.cached.put(held)
+    images.note_pull(held.manifests[ManifestFormat.DOCKER].digest)
+    other = Digest.of(b"the manifest of an image this process does not hold")
+    images.note_pull(other)
+    await images.close()
+    for _ in range(100):  # uses are written in the background
+        if await storage.get_meta(f"{USAGE_PREFIX}{held.key}") is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert json.loads(await storage.get_meta(f"{USAGE_PREFIX}{held.key}") or b"{}")["last_used"] > 0
+    assert await storage.list_meta("pulls") == [pull_key(other)]
 
 
 @pytest.mark.nix

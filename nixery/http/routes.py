@@ -210,7 +210,7 @@ async def manifest(request: web.Request) -> web.Response:
     if ":" in reference:
         digest = Digest.parse(reference)
         document, media_type = await stored_manifest(request, digest, check_blobs=True)
-        request.app[BUILDER].images.pulls.note(digest)  # in use, for gc: the pull names no image
+        request.app[BUILDER].images.note_pull(digest)  # in use, for gc: the pull names no image
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
