@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,10 +25,11 @@ from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, ManifestRef
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
-from nixery.storage.base import BlobStat
+from nixery.storage.base import BlobStat, make_staging_dir
 from nixery.storage.filesystem import FilesystemStorage
 
 FOUR_HOURS = 4 * 3600
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def old_blob(storage: FilesystemStorage, data: bytes) -> Digest:
@@ -86,3 +89,41 @@ async def test_an_image_pulled_just_before_gc_takes_its_lock_is_kept(
     assert await storage.get_meta(f"{IMAGE_PREFIX}{record.key}") is not None, "an image in use was collected"
     assert (report.images_removed, report.images_kept, report.blobs_removed) == (0, 1, 0)
     assert all([await storage.stat_blob(digest) is not None for digest in (layer, config, manifest)])
+
+
+def _free_pid() -> int:
+    """A pid no process of this pid namespace has."""
+    return next(pid for pid in range(50, 1 << 22) if not Path(f"/proc/{pid}").exists())
+
+
+def test_a_staging_directory_of_a_live_process_in_another_pid_namespace_is_kept(tmp_path: Path) -> None:
+    """Containers sharing STORAGE_PATH and a host name (host networking) but not pids:
+    a starting process (`nixery gc` in a CronJob, a replica) must not take another's
+    staging directory, whose pid means nothing in its own namespace."""
+    root = tmp_path / "tmp"
+    pid = _free_pid()
+    ready = tmp_path / "ready"
+    # In a new pid namespace: use up pids 2 .. pid-1, so that the registry stand-in gets `pid`.
+    script = (
+        f"i=2; while [ $i -lt {pid} ]; do /bin/true; i=$((i+1)); done; "
+        f"{sys.executable} -c 'import sys, time, pathlib; from nixery.storage.base import make_staging_dir; "
+        f"staging = make_staging_dir(pathlib.Path(sys.argv[1])); "
+        f"(staging / \"layer-being-written\").touch(); pathlib.Path(sys.argv[2]).write_text(str(staging)); "
+        f"time.sleep(60)' {root} {ready}"
+    )
+    other = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert other.poll() is None and time.monotonic() < deadline, "the other namespace's process did not start"
+            time.sleep(0.05)
+        theirs = Path(ready.read_text())
+        assert theirs.name.endswith(f"-{pid}") and not Path(f"/proc/{pid}").exists()
+
+        ours = make_staging_dir(root)
+
+        assert ours != theirs
+        assert (theirs / "layer-being-written").exists(), "a live process's staging files were removed"
+    finally:
+        other.kill()
+        other.wait()

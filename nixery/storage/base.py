@@ -310,8 +310,9 @@ def make_staging_dir(root: Path) -> Path:
     """This process's staging directory, `root/<host>-<pid>`, created if needed.
 
     Staging directories that processes left behind are removed on the way:
-    those of this host whose process is gone, and other hosts' (a shared
-    STORAGE_PATH) once untouched for a day; what a gone process of this one's
+    those of this host whose process is gone (and whose lock nobody holds: a
+    process in another pid namespace may have that pid), and other hosts' (a
+    shared STORAGE_PATH) once untouched for a day; what a gone process of this one's
     name left in its directory is removed too (`_claim`). So a process killed
     mid-build leaves its staged layers only until the next start.
     """
@@ -332,7 +333,9 @@ def make_staging_dir(root: Path) -> Path:
             if not directory.is_dir():
                 continue
             if owner == host:
-                abandoned = not (pid.isdigit() and _process_alive(int(pid)))
+                # A pid means something only in its pid namespace: a live process of another
+                # (a container with this host name) holds its directory's lock.
+                abandoned = not (pid.isdigit() and _process_alive(int(pid))) and not _locked(directory)
             else:
                 abandoned = time.time() - directory.stat().st_mtime > FOREIGN_STAGING_MAX_AGE
         except FileNotFoundError:  # removed by another process meanwhile
@@ -373,6 +376,21 @@ def _claim(own: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def _locked(directory: Path) -> bool:
+    """Whether a process holds the lock of a staging directory (`_claim`)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def ensure_staging_dir(directory: Path) -> Path:
