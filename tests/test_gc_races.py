@@ -4,7 +4,8 @@ build reuses while gc sweeps stays stored (nixery/maintenance.py).
 gc runs as a whole here; the concurrent build is what a build does to a blob it
 reuses (`touch_blob`), made to happen at the moment that matters: after gc
 listed the blobs, before it deletes them. Likewise a pull that registries record
-just before gc takes the lock of an image it found unused.
+just before gc takes the lock of an image it found unused. And the staging files
+of a live process that `nixery gc` (any process that starts) must leave alone.
 """
 
 from __future__ import annotations

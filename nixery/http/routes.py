@@ -210,10 +210,10 @@ async def manifest(request: web.Request) -> web.Response:
     if ":" in reference:
         digest = Digest.parse(reference)
         document, media_type = await stored_manifest(request, digest, check_blobs=True)
-        request.app[BUILDER].images.note_pull(digest)  # in use, for gc: the pull names no image
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
+        request.app[BUILDER].images.note_pull(digest)  # in use, for gc: the pull names no image
     else:
         digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
     headers = content_headers(digest, media_type)
