@@ -5,8 +5,7 @@ Storage layout (shared by every registry process and by `nixery gc`; it must
 not change, or existing storage stops being found):
 
     images/<key>   the image record (`ImageRecord`, JSON): every blob of one image
-    usage/<key>    when a registry last served it by tag (for `nixery gc`; by digest:
-                   `nixery.pulls`)
+    usage/<key>    when a registry last served it by tag (for gc; by digest: `nixery.pulls`)
     builds/<key>   the lock held while it is built, or removed by gc
     referrers/<subject hex>/<key>
                    the image under <key> has documents about its manifest <subject>
