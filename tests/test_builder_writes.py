@@ -139,14 +139,15 @@ async def test_a_layer_that_cannot_be_stored_fails_its_builds_and_is_retried(hel
 
 
 def open_files_under(directory: Path) -> list[str]:
-    """Files under `directory` that this process holds open."""
+    """Files under `directory` that this process holds open (not directories: the process
+    holds its staging directory open, locked, for as long as it lives)."""
     held = []
     for fd in Path("/proc/self/fd").iterdir():
         try:
             target = os.readlink(fd)
         except OSError:  # closed meanwhile (the listing's own descriptor)
             continue
-        if target.startswith(f"{directory}/"):
+        if target.startswith(f"{directory}/") and not os.path.isdir(target):
             held.append(target)
     return held
 
