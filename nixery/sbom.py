@@ -32,6 +32,7 @@ the first line of a changelog) and happens in a worker thread (the caller's job:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import re
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from license_expression import ExpressionError, Licensing, get_spdx_licensing
 
 from nixery import __version__
 from nixery.closure import ClosureGraph
@@ -134,34 +137,52 @@ def _debian_license(path: Path, name: str) -> str | None:
     return None
 
 
-#: Debian's short license names (DEP-5) as SPDX identifiers; a name missing here is kept in a comment.
+#: Debian's short license names (DEP-5) that are not SPDX identifiers, as SPDX identifiers
+#: (`GPL-2` is version 2 only, `GPL-2+` any later too); other names are SPDX's, in any case.
 _SPDX_IDS = {
-    "apache-2.0": "Apache-2.0", "artistic": "Artistic-1.0-Perl", "artistic-2.0": "Artistic-2.0",
-    "bsd-2-clause": "BSD-2-Clause", "bsd-3-clause": "BSD-3-Clause", "bsd-4-clause": "BSD-4-Clause",
-    "cc0-1.0": "CC0-1.0", "curl": "curl", "expat": "MIT", "mit": "MIT", "isc": "ISC", "zlib": "Zlib",
+    "artistic": "Artistic-1.0-Perl", "expat": "MIT", "psf-2": "PSF-2.0",
     "gpl-1+": "GPL-1.0-or-later", "gpl-2": "GPL-2.0-only", "gpl-2+": "GPL-2.0-or-later",
     "gpl-3": "GPL-3.0-only", "gpl-3+": "GPL-3.0-or-later", "lgpl-2": "LGPL-2.0-only",
     "lgpl-2+": "LGPL-2.0-or-later", "lgpl-2.1": "LGPL-2.1-only", "lgpl-2.1+": "LGPL-2.1-or-later",
-    "lgpl-3": "LGPL-3.0-only", "lgpl-3+": "LGPL-3.0-or-later", "mpl-2.0": "MPL-2.0",
-    "psf-2": "PSF-2.0", "openssl": "OpenSSL", "x11": "X11",
+    "lgpl-3": "LGPL-3.0-only", "lgpl-3+": "LGPL-3.0-or-later",
+    # GFDL without invariant sections
+    "gfdl-niv-1.2": "GFDL-1.2-no-invariants-only", "gfdl-niv-1.2+": "GFDL-1.2-no-invariants-or-later",
+    "gfdl-niv-1.3": "GFDL-1.3-no-invariants-only", "gfdl-niv-1.3+": "GFDL-1.3-no-invariants-or-later",
 }
+
+
+#: Longer `License:` values are not parsed (a real one is a few names).
+_MAX_LICENSE = 400
+
+
+@functools.cache
+def _spdx_licensing() -> Licensing:
+    """Every SPDX license identifier, deprecated ones (`GPL-2.0+`) mapped to their current form."""
+    return get_spdx_licensing()
 
 
 def spdx_license(debian: str | None) -> str | None:
     """A DEP-5 license expression (`GPL-2+ or Artistic`) in SPDX terms, or None when a part
-    has no SPDX identifier (then NOASSERTION is declared and the Debian name kept)."""
-    if not debian:
+    has no SPDX identifier (then NOASSERTION is declared and the Debian name kept).
+    Debian's own short names are translated; any other name is kept when SPDX has it
+    (`Sleepycat`, `BSL-1.0`), and the expression keeps its parentheses."""
+    if not debian or len(debian) > _MAX_LICENSE:
         return None
-    parts = re.split(r"\s+(and|or)\s+", debian.strip(), flags=re.IGNORECASE)
-    spdx = []
-    for i, part in enumerate(parts):
-        if i % 2:
-            spdx.append(part.upper())
-        elif (found := _SPDX_IDS.get(part.strip("()").lower())) is None:
-            return None
-        else:
-            spdx.append(found)
-    return " ".join(spdx)
+    words = re.findall(r"[()]|[^\s()]+", debian)
+    translated = " ".join(_SPDX_IDS.get(word.lower(), word) for word in words)
+    try:
+        parsed = _spdx_licensing().parse(translated, validate=True, strict=True)
+    except ExpressionError:  # a name SPDX does not have, DEP-5's `, and`, `with ... exception`
+        return None
+    except (IndexError, AssertionError, AttributeError):  # how the parser fails on some bad input (`( )`)
+        return None
+    if parsed is None:
+        return None
+    # The parser also knows ScanCode's LicenseRef-scancode-* keys (and maps `Net-SNMP` to one): a
+    # LicenseRef needs a definition the document does not carry.
+    if any(key.startswith(("LicenseRef-", "DocumentRef-")) for key in _spdx_licensing().license_keys(parsed)):
+        return None
+    return str(parsed)
 
 
 @dataclass(frozen=True, slots=True)

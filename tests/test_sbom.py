@@ -25,6 +25,7 @@ from cyclonedx.validation.json import JsonStrictValidator
 from spdx_tools.spdx.parser.parse_anything import parse_file
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
+from nixery.sbom import spdx_license
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, run
 from tests.sets import require_debian_set
 from tests.test_gc_live import age_everything, blob_file, collect
@@ -286,6 +287,9 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
     assert curl["versionInfo"] == control_version("curl")
     assert curl["licenseDeclared"] == "curl"
+    # "License: Sleepycat and BSD-3-clause": names SPDX has that are not Debian's own short names.
+    (libdb,) = [p for p in sbom["packages"] if p["name"] == "libdb5.3"]
+    assert libdb["licenseDeclared"] == "Sleepycat AND BSD-3-Clause" and "licenseComments" not in libdb
     (curl_component,) = [c for c in validated_cyclonedx(cyclonedx)["components"] if c["name"] == "curl"]
     assert curl_component["version"] == curl["versionInfo"]
     assert curl_component["licenses"] == [{"expression": "curl"}]
@@ -296,6 +300,31 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
         name, version = re.fullmatch(r"pkg:deb/debian/([^@]+)@([^?]+)\?arch=amd64", purl).groups()
         assert unquote(version) == control_version(name), purl
     assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
+
+
+@pytest.mark.parametrize(("debian", "spdx"), [
+    ("GPL-2+ or Artistic", "GPL-2.0-or-later OR Artistic-1.0-Perl"),  # Debian's short names
+    ("Expat", "MIT"),
+    ("LGPL-2.1", "LGPL-2.1-only"),
+    ("GFDL-NIV-1.3+", "GFDL-1.3-no-invariants-or-later"),
+    ("BSD-3-clause", "BSD-3-Clause"),  # SPDX's names, in any case
+    ("Sleepycat and BSD-3-clause", "Sleepycat AND BSD-3-Clause"),
+    ("Unlicense or MIT", "Unlicense OR MIT"),
+    ("BSL-1.0", "BSL-1.0"),
+    ("GPL-2.0+", "GPL-2.0-or-later"),  # a deprecated SPDX identifier, as SPDX writes it now
+    ("(GPL-2+ or Artistic) and MIT", "(GPL-2.0-or-later OR Artistic-1.0-Perl) AND MIT"),  # grouping kept
+    ("MIT/X11", None),  # no SPDX identifier: NOASSERTION
+    ("GPL-3+ or Less", None),
+    ("GPL-2+ with OpenSSL exception", None),
+    ("GPL-2+ or Artistic, and MIT", None),  # DEP-5's comma grouping is not translated
+    ("GPL-2+ or", None),
+    ("Net-SNMP", None),  # license-expression maps it to a LicenseRef the document would not define
+    ("LicenseRef-scancode-3com-microcode", None),
+    ("( )", None),  # malformed: NOASSERTION, not a failed build
+    ("( \t OR DocumentRef-a:LicenseRef-b", None),
+])
+def test_debian_licenses_in_spdx_terms(debian: str, spdx: str | None) -> None:
+    assert spdx_license(debian) == spdx
 
 
 def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path: Path) -> None:
