@@ -718,6 +718,35 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
     assert post_build("shell/hello", basic(BOB)) == 202  # already built: pull permission suffices
 
 
+def test_build_progress_and_recent_images_are_shown_only_to_who_may_pull(start_auth_registry) -> None:
+    """The landing page's recent builds and images, and a build's page, JSON and
+    events, name the image: with access control on, anonymous clients see none of them."""
+    registry = start_auth_registry("basic")
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    try:
+        connection.request("POST", "/builds", body=json.dumps({"image": "shell/hello"}),
+                           headers={"Content-Type": "application/json", **basic(ALICE)})
+        response = connection.getresponse()
+        assert response.status == 202
+        build = json.loads(response.read())["id"]
+    finally:
+        connection.close()
+    deadline = time.monotonic() + 60
+    while json.loads(registry.request(f"/builds/{build}.json", accept=None, headers=basic(BOB))[2])["stage"] != "done":
+        assert time.monotonic() < deadline, "the build did not finish"
+        time.sleep(0.5)
+
+    for path in (f"/builds/{build}", f"/builds/{build}.json", f"/builds/{build}/events"):
+        status, headers, body = registry.request(path, accept=None)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic "), (path, status, body[:300])
+        assert b"shell/hello" not in body
+        assert registry.request(path, accept=None, headers=basic(BOB))[0] in (200, 204), path
+    anonymous = registry.request("/", accept="text/html")[2].decode()
+    assert f"/builds/{build}" not in anonymous and 'href="/images/' not in anonymous
+    pulling = registry.request("/", accept="text/html", headers=basic(BOB))[2].decode()
+    assert f"/builds/{build}" in pulling and 'href="/images/shell/hello"' in pulling
+
+
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:
     """The access check (is this image built?) and the route that serves the manifest read
     the image out of the request once between them: a declared image is looked up once

@@ -22,8 +22,9 @@ What a request needs:
 A token is scoped: it allows what its `access` claim lists for a repository, and
 only while its user is still in the users file. Refusals are registry errors
 (`Unauthorized` carrying the challenge, `Denied`) that the one error middleware
-renders. Pages outside /v2 (landing page, metrics, build progress) are not
-covered. Passwords and tokens are never logged.
+renders. Pages outside /v2 that show images (image pages, build progress, the
+landing page's lists) call `require` or `pull_filter`. Passwords and tokens are
+never logged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -248,6 +250,20 @@ async def require(request: web.Request, repository: str, permission: str = BUILD
     identity = await access.identify(request, scope=_scope(repository))
     if not access.may(identity, repository, permission):
         raise access.refusal(request, identity, repository, permission, f"this needs the {permission} permission")
+
+
+async def pull_filter(request: web.Request) -> Callable[[str], bool]:
+    """For pages that list images (recent builds and images): whether this request
+    may see a repository, i.e. pull it. Missing or bad credentials see what
+    anonymous clients may: the page still renders, without the entries."""
+    access = request.app.get(ACCESS)
+    if access is None:
+        return lambda repository: True
+    try:
+        identity = await access.identify(request)
+    except errors.Unauthorized:
+        identity = Identity()
+    return lambda repository: access.may(identity, repository, PULL)
 
 
 async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, str | None, list[str]]:

@@ -105,10 +105,12 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
 
 
-def _get_build(request: web.Request) -> Build:
+async def _get_build(request: web.Request) -> Build:
+    """The build the path names, for a client that may pull its image (access control on)."""
     build = request.app[BUILDER].builds.get(request.match_info["id"])
     if build is None:
         raise errors.NameUnknown("no build with this id (it may be too old to be kept)")
+    await http_auth.require(request, build.image, PULL)
     return build
 
 
@@ -294,7 +296,7 @@ def _event_items(build: Build) -> str:
 async def build_page(request: web.Request) -> web.Response:
     if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
         return await _unknown_build_page(request)
-    build = _get_build(request)
+    build = await _get_build(request)
     progress = Progress(build.started, build.events)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
@@ -332,7 +334,7 @@ async def _unknown_build_page(request: web.Request) -> web.Response:
 
 
 async def build_json(request: web.Request) -> web.Response:
-    build = _get_build(request)
+    build = await _get_build(request)
     return web.json_response(
         {
             **build.summary(),
@@ -355,7 +357,7 @@ def _first_index(request: web.Request) -> int:
 
 
 async def build_events(request: web.Request) -> web.StreamResponse:
-    build = _get_build(request)
+    build = await _get_build(request)
     start = _first_index(request)
     if build.finished and start >= len(build.events):
         return web.Response(status=204)  # tells EventSource not to reconnect
