@@ -747,6 +747,30 @@ def test_build_progress_and_recent_images_are_shown_only_to_who_may_pull(start_a
     assert f"/builds/{build}" in pulling and 'href="/images/shell/hello"' in pulling
 
 
+@pytest.mark.parametrize("mode", ["basic", "token"])
+def test_pages_challenge_browsers_with_basic(start_auth_registry, mode: str) -> None:
+    """A browser logs in only when a 401 page carries a Basic challenge: the error page
+    keeps the challenge, and pages outside /v2 ask for basic credentials in token mode
+    too (a browser cannot answer Bearer; the registry API keeps it)."""
+    registry = start_auth_registry(mode)
+    status, headers, _ = registry.request("/v2/shell/hello/manifests/latest")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer realm=" if mode == "token" else "Basic ")
+    status, headers, _ = registry.request("/images/shell/hello", accept="text/html")
+    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="nixery", charset="UTF-8"', headers
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    try:
+        for credentials, expected in (({}, 401), (basic(ALICE), 303)):
+            connection.request("POST", "/builds", body="image=shell%2Fhello",
+                               headers={"Content-Type": "application/x-www-form-urlencoded", **credentials})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == expected
+            if expected == 401:
+                assert response.getheader("WWW-Authenticate", "").startswith("Basic "), response.getheaders()
+    finally:
+        connection.close()
+
+
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:
     """The access check (is this image built?) and the route that serves the manifest read
     the image out of the request once between them: a declared image is looked up once

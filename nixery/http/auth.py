@@ -117,8 +117,8 @@ class AccessControl:
         return f"{request.scheme}://{host}/token"
 
     def challenge(self, request: web.Request, *, scope: str | None = None, error: str | None = None) -> str:
-        if self.signer is None:
-            return 'Basic realm="nixery", charset="UTF-8"'
+        if self.signer is None or not _under_v2(request):  # a browser on the pages can answer Basic only
+            return _BASIC_CHALLENGE["WWW-Authenticate"]
         params = [f'realm="{self.realm(request)}"', f'service="{SERVICE}"']
         if scope:
             params.append(f'scope="{scope}"')
