@@ -771,6 +771,23 @@ def test_pages_challenge_browsers_with_basic(start_auth_registry, mode: str) -> 
         connection.close()
 
 
+def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_registry) -> None:
+    """A browser sends the basic credentials it was given with every request to the registry,
+    an <img> on another site's page too: such a request must not build (or read) an image."""
+    registry = start_auth_registry("basic")
+    for site in ("cross-site", "same-site"):
+        status, _, body = registry.request(
+            "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": site}
+        )
+        assert status == 403 and _code(body) == "DENIED", (site, status, body[:300])
+    assert registry.request("/images/shell/hello.json", accept=None, headers=basic(ALICE))[0] == 404  # not built
+    assert registry.log_events("build.queued") == []
+    status, _, body = registry.request(
+        "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": "same-origin"}
+    )
+    assert status == 200, body[:300]
+
+
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:
     """The access check (is this image built?) and the route that serves the manifest read
     the image out of the request once between them: a declared image is looked up once

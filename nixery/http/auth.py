@@ -52,7 +52,7 @@ from nixery.auth import (
     rfc3339,
 )
 from nixery.config import AuthSettings, Settings
-from nixery.http import routes
+from nixery.http import csrf, routes
 from nixery.http.bodies import read_form
 from nixery.http.errors import Handler
 from nixery.http.referrers import is_attachment_tag
@@ -216,6 +216,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     access = request.app[ACCESS]
     repository = request.match_info.get("name")
     identity = await access.identify(request, scope=_scope(repository))
+    if identity.user is not None and identity.claims is None:
+        # Basic credentials, which a browser also sends with another site's <img src=/v2/...>
+        # (no preflight for a GET): a pull can build, so a browser must say it comes from here.
+        csrf.refuse_cross_site(request)
     if repository is None:  # /v2/ itself, or no such route
         if not identity.presented_credentials:
             raise access.unauthorized(request, "authentication required")
