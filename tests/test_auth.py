@@ -163,6 +163,25 @@ async def test_authenticator_remembers_good_passwords_only(users_file: Path) -> 
     assert time.monotonic() - started < 0.5
 
 
+async def test_unknown_names_cost_what_the_listed_users_cost(tmp_path: Path, monkeypatch) -> None:
+    """No probing for user names by timing: a name that is not listed is checked at the
+    scrypt cost of the listed users (here cheaper than the default), as a wrong password is."""
+    path = tmp_path / "users"
+    path.write_text(users_text())  # every hash at log2 N = FAST
+    costs: list[int] = []
+    real_scrypt = auth._scrypt
+
+    def recording_scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+        costs.append(log_n)
+        return real_scrypt(password, salt, log_n, r, p)
+
+    monkeypatch.setattr(auth, "_scrypt", recording_scrypt)
+    checker = auth.Authenticator(auth.UserDirectory(path))
+    assert await checker.check("alice", "wrong") is None
+    assert await checker.check("nobody", "wrong") is None
+    assert costs == [FAST, FAST]
+
+
 # --- tokens ------------------------------------------------------------------
 
 SECRET = b"0123456789abcdef0123456789abcdef"
