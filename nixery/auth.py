@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from nixery.fair import FairSlots
 from nixery.lru import LRU
 
 log = structlog.get_logger(__name__)
@@ -220,13 +221,14 @@ class UserDirectory:
 
 class Authenticator:
     """Checks names and passwords. scrypt runs in a thread, at most `parallel`
-    at once; a successful check is remembered (as an HMAC under a per-process
-    key, never the password) so that the many requests of one pull cost one
-    scrypt, not one each."""
+    at once, the waiting checks served in turn by client (so that one client's
+    flood of guesses does not hold back others' logins). A successful check is
+    remembered (as an HMAC under a per-process key, never the password) so that
+    the many requests of one pull cost one scrypt, not one each."""
 
     def __init__(self, users: UserDirectory, *, parallel: int = 2, remember: int = 1024):
         self.users = users
-        self._slots = asyncio.Semaphore(parallel)
+        self._slots = FairSlots(parallel)
         self._key = secrets.token_bytes(32)
         self._verified: LRU[bytes, bool] = LRU(remember)
 
@@ -234,17 +236,18 @@ class Authenticator:
         message = b"\0".join((user.name.encode(), user.password_hash.encode(), password.encode("utf-8", "replace")))
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    async def check(self, name: str, password: str) -> User | None:
+    async def check(self, name: str, password: str, client: str = "") -> User | None:
+        """The user, if `password` is theirs; `client` (an address) is whom the check waits in turn for."""
         user = self.users.get(name)
         if user is None:
             # Spend the same time as for a listed user: no probing for names.
-            async with self._slots:
+            async with self._slots.hold(client):
                 await asyncio.to_thread(verify_password, password, self.users.decoy_hash)
             return None
         fingerprint = self._fingerprint(user, password)
         if self._verified.get(fingerprint):
             return user
-        async with self._slots:
+        async with self._slots.hold(client):
             ok = await asyncio.to_thread(verify_password, password, user.password_hash)
         if not ok:
             return None

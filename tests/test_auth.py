@@ -5,6 +5,7 @@ pulling from registries in basic and token mode."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import http.client
 import io
@@ -805,6 +806,42 @@ def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_re
         "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": "same-origin"}
     )
     assert status == 200, body[:300]
+
+
+def test_a_flood_of_wrong_passwords_does_not_hold_back_other_clients_logins(tmp_path: Path) -> None:
+    """Password checks are costly, so few run at once; one client's flood of guesses
+    (from 127.0.0.2) must not make another client's login wait for all of them. A
+    latency a user sees: before, this login waited for the whole flood (over 5 s here)."""
+    users = tmp_path / "users"  # the default scrypt cost, as in production: ~0.1 s a check
+    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\nbob:{auth.hash_password(BOB[1])}:pull\n")
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
+    ).start()
+
+    def guess(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300,
+                                                source_address=("127.0.0.2", 0))
+        try:
+            connection.request("GET", "/token?service=nixery", headers=basic(("alice", f"guess-{number}")))
+            assert connection.getresponse().status == 401
+        finally:
+            connection.close()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            guesses = [pool.submit(guess, number) for number in range(100)]
+            time.sleep(1.0)  # the guesses are queued
+            started = time.monotonic()
+            status, _, body = registry.request("/token?service=nixery", headers=basic(BOB), accept=None)
+            waited = time.monotonic() - started
+            assert status == 200, body
+            assert waited < 3.0, f"a login waited {waited:.1f} s behind another client's guesses"
+            assert not all(guess.done() for guess in guesses), "the flood was over before the login"
+            for guess in guesses:
+                guess.result()
+    finally:
+        registry.stop()
 
 
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:

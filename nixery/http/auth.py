@@ -134,8 +134,8 @@ class AccessControl:
 
     # --- who is asking ---
 
-    async def authenticate(self, name: str, password: str) -> User | None:
-        user = await self.authenticator.check(name, password)
+    async def authenticate(self, request: web.Request, name: str, password: str) -> User | None:
+        user = await self.authenticator.check(name, password, client=request.remote or "")
         if user is None:
             log.info("auth.bad_credentials", user=name[:64])
         return user
@@ -152,7 +152,7 @@ class AccessControl:
                 raise self.unauthorized(request, "malformed basic credentials", scope=scope)
             if credentials == ("", ""):  # what podman sends when it has no credentials
                 return Identity()
-            user = await self.authenticate(*credentials)
+            user = await self.authenticate(request, *credentials)
             if user is None:
                 raise self.unauthorized(request, "invalid user name or password", scope=scope)
             return Identity(user=user)
@@ -312,7 +312,7 @@ async def token(request: web.Request) -> web.Response:
         raise errors.Denied(f"this registry's token service is {SERVICE!r}, not {service[:100]!r}")
     user = None
     if credentials is not None:
-        user = await access.authenticate(*credentials)
+        user = await access.authenticate(request, *credentials)
         if user is None:
             raise errors.Unauthorized("invalid user name or password", headers=_BASIC_CHALLENGE)
         permissions = user.permissions
