@@ -844,6 +844,22 @@ def test_a_flood_of_wrong_passwords_does_not_hold_back_other_clients_logins(tmp_
         registry.stop()
 
 
+def test_anonymous_tokens_stop_working_when_anonymous_pulls_are_turned_off(start_auth_registry) -> None:
+    """As a user's tokens stop working when the user is removed, anonymous tokens stop
+    working when NIXERY_AUTH_ANONYMOUS_PULL is turned off (same secret, restarted)."""
+    secret = {"NIXERY_TOKEN_SECRET": "t" * 32, "NIXERY_TOKEN_TTL": "3600"}
+    before = start_auth_registry("token", NIXERY_AUTH_ANONYMOUS_PULL="true", **secret)
+    status, _, body = before.request("/token?service=nixery&scope=repository:shell/hello:pull", accept=None)
+    assert status == 200, body
+    anonymous = json.loads(body)["token"]
+    assert before.request("/v2/shell/hello/tags/list", headers=bearer(anonymous))[0] == 200
+    before.stop()
+    after = start_auth_registry("token", **secret)
+    status, headers, body = after.request("/v2/shell/hello/tags/list", headers=bearer(anonymous))
+    assert status == 401 and _code(body) == "UNAUTHORIZED", (status, body)
+    assert "Bearer " in headers["WWW-Authenticate"]
+
+
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:
     """The access check (is this image built?) and the route that serves the manifest read
     the image out of the request once between them: a declared image is looked up once

@@ -166,6 +166,10 @@ class AccessControl:
                 user = self.users.get(claims.subject)
                 if user is None:  # removed from the users file since the token was issued
                     raise self.unauthorized(request, "invalid token: unknown user", scope=scope, error="invalid_token")
+            elif not self.settings.anonymous_pull:  # turned off since the token was issued (a shared secret)
+                raise self.unauthorized(
+                    request, "invalid token: anonymous pulls are off", scope=scope, error="invalid_token"
+                )
             return Identity(user=user, claims=claims)
         accepted = "Bearer or Basic" if self.signer is not None else "Basic"
         raise self.unauthorized(request, f"unsupported authorization scheme (use {accepted})", scope=scope)
