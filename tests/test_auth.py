@@ -719,11 +719,15 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
     registry = start_auth_registry("basic")
     json_body = {"Content-Type": "application/json"}
 
+    refusals: dict[str, bytes] = {}
+
     def post_build(image: str, headers: dict[str, str]) -> int:
         connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
         try:
             connection.request("POST", "/builds", body=json.dumps({"image": image}), headers={**json_body, **headers})
-            return connection.getresponse().status
+            response = connection.getresponse()
+            refusals[image] = response.read()
+            return response.status
         finally:
             connection.close()
 
@@ -736,6 +740,9 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
         assert time.monotonic() < deadline, "the build started by alice did not finish"
         time.sleep(0.5)
     assert post_build("shell/hello", basic(BOB)) == 202  # already built: pull permission suffices
+    # An anonymous client is not told which images are built.
+    assert post_build("shell/hello", {}) == 401 and post_build("shell/hello/zlib", {}) == 401
+    assert refusals["shell/hello"] == refusals["shell/hello/zlib"]
 
 
 def test_build_progress_and_recent_images_are_shown_only_to_who_may_pull(start_auth_registry) -> None:

@@ -77,9 +77,11 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
     tag = check_tag(tag)
     image = await requested_image(request, tag, name)
-    # With access control on: viewing a built image needs pull, building a new one build.
-    built = await request.app[BUILDER].built(image, tag)
-    await http_auth.require(request, name, PULL if built is not None else BUILD)
+    # With access control on: viewing a built image needs pull, building a new one build
+    # (pull is checked first, so that a client who may not pull is not told which images are built).
+    await http_auth.require(request, name, PULL)
+    if await request.app[BUILDER].built(image, tag) is None:
+        await http_auth.require(request, name, BUILD)
     build = await request.app[BUILDER].start(image, tag)
     request.app[BUILD_TAGS].put(build.id, tag)
     location = f"/builds/{build.id}"
