@@ -288,6 +288,8 @@ def test_auth_settings(users_file: Path) -> None:
         ({"NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": "/nonexistent"}, "NIXERY_AUTH_USERS='/nonexistent' cannot be"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_SECRET": "short"}, "NIXERY_TOKEN_SECRET"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_TTL": "0"}, "NIXERY_TOKEN_TTL"),
+        # Docker's token spec: never less than 60 s (docker keeps a token that long whatever it is told).
+        ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_TTL": "30"}, "NIXERY_TOKEN_TTL"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_REALM": "x"}, "NIXERY_TOKEN_REALM"),
         ({"NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": "USERS", "NIXERY_AUTH_ANONYMOUS_PULL": "maybe"},
          "NIXERY_AUTH_ANONYMOUS_PULL"),
