@@ -34,6 +34,7 @@ import re
 import secrets
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from nixery.fair import FairSlots
 from nixery.lru import LRU
 
 log = structlog.get_logger(__name__)
@@ -94,6 +96,15 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     if len(salt) < 8 or len(key) < 16:
         raise ValueError("scrypt salt or key too short")
     return log_n, r, p, salt, key
+
+
+def _decoy_hash(users: Iterable[User]) -> str:
+    """A hash that no password matches, at the scrypt cost most of `users` have: what a
+    name that is not listed is checked against, so that it takes as long as a listed one."""
+    costs = Counter(_parse_hash(user.password_hash)[:3] for user in users)
+    log_n, r, p = costs.most_common(1)[0][0]
+    salt, key = (base64.b64encode(secrets.token_bytes(size)).decode() for size in (_SALT_BYTES, _KEY_BYTES))
+    return f"scrypt${log_n}${r}${p}${salt}${key}"
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -175,6 +186,7 @@ class UserDirectory:
         self._check_interval = check_interval
         self._clock = clock
         self._users = load_users(path)
+        self.decoy_hash = _decoy_hash(self._users.values())
         self._stamp = self._file_stamp()
         self._checked = clock()
 
@@ -195,10 +207,11 @@ class UserDirectory:
             return
         self._stamp = stamp
         try:
-            self._users = load_users(self.path)
+            users = load_users(self.path)
         except UsersFileError as exc:
             log.error("auth.users_file_invalid", path=str(self.path), error=str(exc), keeping=len(self._users))
         else:
+            self._users, self.decoy_hash = users, _decoy_hash(users.values())
             log.info("auth.users_reloaded", path=str(self.path), users=len(self._users))
 
     def get(self, name: str) -> User | None:
@@ -208,13 +221,14 @@ class UserDirectory:
 
 class Authenticator:
     """Checks names and passwords. scrypt runs in a thread, at most `parallel`
-    at once; a successful check is remembered (as an HMAC under a per-process
-    key, never the password) so that the many requests of one pull cost one
-    scrypt, not one each."""
+    at once, the waiting checks served in turn by client (so that one client's
+    flood of guesses does not hold back others' logins). A successful check is
+    remembered (as an HMAC under a per-process key, never the password) so that
+    the many requests of one pull cost one scrypt, not one each."""
 
     def __init__(self, users: UserDirectory, *, parallel: int = 2, remember: int = 1024):
         self.users = users
-        self._slots = asyncio.Semaphore(parallel)
+        self._slots = FairSlots(parallel)
         self._key = secrets.token_bytes(32)
         self._verified: LRU[bytes, bool] = LRU(remember)
 
@@ -222,17 +236,18 @@ class Authenticator:
         message = b"\0".join((user.name.encode(), user.password_hash.encode(), password.encode("utf-8", "replace")))
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    async def check(self, name: str, password: str) -> User | None:
+    async def check(self, name: str, password: str, client: str = "") -> User | None:
+        """The user, if `password` is theirs; `client` (an address) is whom the check waits in turn for."""
         user = self.users.get(name)
         if user is None:
-            # Spend the same time as for a known user: no probing for names.
-            async with self._slots:
-                await asyncio.to_thread(_scrypt, password, b"\0" * _SALT_BYTES, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+            # Spend the same time as for a listed user: no probing for names.
+            async with self._slots.hold(client):
+                await asyncio.to_thread(verify_password, password, self.users.decoy_hash)
             return None
         fingerprint = self._fingerprint(user, password)
         if self._verified.get(fingerprint):
             return user
-        async with self._slots:
+        async with self._slots.hold(client):
             ok = await asyncio.to_thread(verify_password, password, user.password_hash)
         if not ok:
             return None

@@ -362,7 +362,8 @@ def _auth(env: Mapping[str, str]) -> AuthSettings:
         anonymous_pull=_bool(env, "NIXERY_AUTH_ANONYMOUS_PULL", False),
         token_secret=secret,
         token_secret_generated=generated,
-        token_ttl=_int(env, "NIXERY_TOKEN_TTL", 300, low=10, high=24 * 3600),
+        # Docker's token spec: never under 60 s, as docker keeps a token at least that long.
+        token_ttl=_int(env, "NIXERY_TOKEN_TTL", 300, low=60, high=24 * 3600),
         token_realm=realm,
     )
 

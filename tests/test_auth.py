@@ -5,6 +5,7 @@ pulling from registries in basic and token mode."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import http.client
 import io
@@ -163,6 +164,25 @@ async def test_authenticator_remembers_good_passwords_only(users_file: Path) -> 
     assert time.monotonic() - started < 0.5
 
 
+async def test_unknown_names_cost_what_the_listed_users_cost(tmp_path: Path, monkeypatch) -> None:
+    """No probing for user names by timing: a name that is not listed is checked at the
+    scrypt cost of the listed users (here cheaper than the default), as a wrong password is."""
+    path = tmp_path / "users"
+    path.write_text(users_text())  # every hash at log2 N = FAST
+    costs: list[int] = []
+    real_scrypt = auth._scrypt
+
+    def recording_scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+        costs.append(log_n)
+        return real_scrypt(password, salt, log_n, r, p)
+
+    monkeypatch.setattr(auth, "_scrypt", recording_scrypt)
+    checker = auth.Authenticator(auth.UserDirectory(path))
+    assert await checker.check("alice", "wrong") is None
+    assert await checker.check("nobody", "wrong") is None
+    assert costs == [FAST, FAST]
+
+
 # --- tokens ------------------------------------------------------------------
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -268,6 +288,8 @@ def test_auth_settings(users_file: Path) -> None:
         ({"NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": "/nonexistent"}, "NIXERY_AUTH_USERS='/nonexistent' cannot be"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_SECRET": "short"}, "NIXERY_TOKEN_SECRET"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_TTL": "0"}, "NIXERY_TOKEN_TTL"),
+        # Docker's token spec: never less than 60 s (docker keeps a token that long whatever it is told).
+        ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_TTL": "30"}, "NIXERY_TOKEN_TTL"),
         ({"NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": "USERS", "NIXERY_TOKEN_REALM": "x"}, "NIXERY_TOKEN_REALM"),
         ({"NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": "USERS", "NIXERY_AUTH_ANONYMOUS_PULL": "maybe"},
          "NIXERY_AUTH_ANONYMOUS_PULL"),
@@ -699,11 +721,15 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
     registry = start_auth_registry("basic")
     json_body = {"Content-Type": "application/json"}
 
+    refusals: dict[str, bytes] = {}
+
     def post_build(image: str, headers: dict[str, str]) -> int:
         connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
         try:
             connection.request("POST", "/builds", body=json.dumps({"image": image}), headers={**json_body, **headers})
-            return connection.getresponse().status
+            response = connection.getresponse()
+            refusals[image] = response.read()
+            return response.status
         finally:
             connection.close()
 
@@ -716,6 +742,131 @@ def test_web_build_form_and_image_pages_respect_access_control(start_auth_regist
         assert time.monotonic() < deadline, "the build started by alice did not finish"
         time.sleep(0.5)
     assert post_build("shell/hello", basic(BOB)) == 202  # already built: pull permission suffices
+    # An anonymous client is not told which images are built.
+    assert post_build("shell/hello", {}) == 401 and post_build("shell/hello/zlib", {}) == 401
+    assert refusals["shell/hello"] == refusals["shell/hello/zlib"]
+
+
+def test_build_progress_and_recent_images_are_shown_only_to_who_may_pull(start_auth_registry) -> None:
+    """The landing page's recent builds and images, and a build's page, JSON and
+    events, name the image: with access control on, anonymous clients see none of them."""
+    registry = start_auth_registry("basic")
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    try:
+        connection.request("POST", "/builds", body=json.dumps({"image": "shell/hello"}),
+                           headers={"Content-Type": "application/json", **basic(ALICE)})
+        response = connection.getresponse()
+        assert response.status == 202
+        build = json.loads(response.read())["id"]
+    finally:
+        connection.close()
+    deadline = time.monotonic() + 60
+    while json.loads(registry.request(f"/builds/{build}.json", accept=None, headers=basic(BOB))[2])["stage"] != "done":
+        assert time.monotonic() < deadline, "the build did not finish"
+        time.sleep(0.5)
+
+    for path in (f"/builds/{build}", f"/builds/{build}.json", f"/builds/{build}/events"):
+        status, headers, body = registry.request(path, accept=None)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic "), (path, status, body[:300])
+        assert b"shell/hello" not in body
+        assert registry.request(path, accept=None, headers=basic(BOB))[0] in (200, 204), path
+    anonymous = registry.request("/", accept="text/html")[2].decode()
+    assert f"/builds/{build}" not in anonymous and 'href="/images/' not in anonymous
+    pulling = registry.request("/", accept="text/html", headers=basic(BOB))[2].decode()
+    assert f"/builds/{build}" in pulling and 'href="/images/shell/hello"' in pulling
+
+
+@pytest.mark.parametrize("mode", ["basic", "token"])
+def test_pages_challenge_browsers_with_basic(start_auth_registry, mode: str) -> None:
+    """A browser logs in only when a 401 page carries a Basic challenge: the error page
+    keeps the challenge, and pages outside /v2 ask for basic credentials in token mode
+    too (a browser cannot answer Bearer; the registry API keeps it)."""
+    registry = start_auth_registry(mode)
+    status, headers, _ = registry.request("/v2/shell/hello/manifests/latest")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer realm=" if mode == "token" else "Basic ")
+    status, headers, _ = registry.request("/images/shell/hello", accept="text/html")
+    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="nixery", charset="UTF-8"', headers
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    try:
+        for credentials, expected in (({}, 401), (basic(ALICE), 303)):
+            connection.request("POST", "/builds", body="image=shell%2Fhello",
+                               headers={"Content-Type": "application/x-www-form-urlencoded", **credentials})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == expected
+            if expected == 401:
+                assert response.getheader("WWW-Authenticate", "").startswith("Basic "), response.getheaders()
+    finally:
+        connection.close()
+
+
+def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_registry) -> None:
+    """A browser sends the basic credentials it was given with every request to the registry,
+    an <img> on another site's page too: such a request must not build (or read) an image."""
+    registry = start_auth_registry("basic")
+    for site in ("cross-site", "same-site"):
+        status, _, body = registry.request(
+            "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": site}
+        )
+        assert status == 403 and _code(body) == "DENIED", (site, status, body[:300])
+    assert registry.request("/images/shell/hello.json", accept=None, headers=basic(ALICE))[0] == 404  # not built
+    assert registry.log_events("build.queued") == []
+    status, _, body = registry.request(
+        "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": "same-origin"}
+    )
+    assert status == 200, body[:300]
+
+
+def test_a_flood_of_wrong_passwords_does_not_hold_back_other_clients_logins(tmp_path: Path) -> None:
+    """Password checks are costly, so few run at once; one client's flood of guesses
+    (from 127.0.0.2) must not make another client's login wait for all of them. A
+    latency a user sees: before, this login waited for the whole flood (over 5 s here)."""
+    users = tmp_path / "users"  # the default scrypt cost, as in production: ~0.1 s a check
+    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\nbob:{auth.hash_password(BOB[1])}:pull\n")
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
+    ).start()
+
+    def guess(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300,
+                                                source_address=("127.0.0.2", 0))
+        try:
+            connection.request("GET", "/token?service=nixery", headers=basic(("alice", f"guess-{number}")))
+            assert connection.getresponse().status == 401
+        finally:
+            connection.close()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            guesses = [pool.submit(guess, number) for number in range(100)]
+            time.sleep(1.0)  # the guesses are queued
+            started = time.monotonic()
+            status, _, body = registry.request("/token?service=nixery", headers=basic(BOB), accept=None)
+            waited = time.monotonic() - started
+            assert status == 200, body
+            assert waited < 3.0, f"a login waited {waited:.1f} s behind another client's guesses"
+            assert not all(guess.done() for guess in guesses), "the flood was over before the login"
+            for guess in guesses:
+                guess.result()
+    finally:
+        registry.stop()
+
+
+def test_anonymous_tokens_stop_working_when_anonymous_pulls_are_turned_off(start_auth_registry) -> None:
+    """As a user's tokens stop working when the user is removed, anonymous tokens stop
+    working when NIXERY_AUTH_ANONYMOUS_PULL is turned off (same secret, restarted)."""
+    secret = {"NIXERY_TOKEN_SECRET": "t" * 32, "NIXERY_TOKEN_TTL": "3600"}
+    before = start_auth_registry("token", NIXERY_AUTH_ANONYMOUS_PULL="true", **secret)
+    status, _, body = before.request("/token?service=nixery&scope=repository:shell/hello:pull", accept=None)
+    assert status == 200, body
+    anonymous = json.loads(body)["token"]
+    assert before.request("/v2/shell/hello/tags/list", headers=bearer(anonymous))[0] == 200
+    before.stop()
+    after = start_auth_registry("token", **secret)
+    status, headers, body = after.request("/v2/shell/hello/tags/list", headers=bearer(anonymous))
+    assert status == 401 and _code(body) == "UNAUTHORIZED", (status, body)
+    assert "Bearer " in headers["WWW-Authenticate"]
 
 
 def test_a_pull_only_users_tag_pull_resolves_the_image_once(start_auth_registry, tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ What a request needs:
 A token is scoped: it allows what its `access` claim lists for a repository, and
 only while its user is still in the users file. Refusals are registry errors
 (`Unauthorized` carrying the challenge, `Denied`) that the one error middleware
-renders. Pages outside /v2 (landing page, metrics, build progress) are not
-covered. Passwords and tokens are never logged.
+renders. Pages outside /v2 that show images (image pages, build progress, the
+landing page's lists) call `require` or `pull_filter`. Passwords and tokens are
+never logged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -50,7 +52,7 @@ from nixery.auth import (
     rfc3339,
 )
 from nixery.config import AuthSettings, Settings
-from nixery.http import routes
+from nixery.http import csrf, routes
 from nixery.http.bodies import read_form
 from nixery.http.errors import Handler
 from nixery.http.referrers import is_attachment_tag
@@ -115,8 +117,8 @@ class AccessControl:
         return f"{request.scheme}://{host}/token"
 
     def challenge(self, request: web.Request, *, scope: str | None = None, error: str | None = None) -> str:
-        if self.signer is None:
-            return 'Basic realm="nixery", charset="UTF-8"'
+        if self.signer is None or not _under_v2(request):  # a browser on the pages can answer Basic only
+            return _BASIC_CHALLENGE["WWW-Authenticate"]
         params = [f'realm="{self.realm(request)}"', f'service="{SERVICE}"']
         if scope:
             params.append(f'scope="{scope}"')
@@ -132,8 +134,8 @@ class AccessControl:
 
     # --- who is asking ---
 
-    async def authenticate(self, name: str, password: str) -> User | None:
-        user = await self.authenticator.check(name, password)
+    async def authenticate(self, request: web.Request, name: str, password: str) -> User | None:
+        user = await self.authenticator.check(name, password, client=request.remote or "")
         if user is None:
             log.info("auth.bad_credentials", user=name[:64])
         return user
@@ -150,7 +152,7 @@ class AccessControl:
                 raise self.unauthorized(request, "malformed basic credentials", scope=scope)
             if credentials == ("", ""):  # what podman sends when it has no credentials
                 return Identity()
-            user = await self.authenticate(*credentials)
+            user = await self.authenticate(request, *credentials)
             if user is None:
                 raise self.unauthorized(request, "invalid user name or password", scope=scope)
             return Identity(user=user)
@@ -164,6 +166,10 @@ class AccessControl:
                 user = self.users.get(claims.subject)
                 if user is None:  # removed from the users file since the token was issued
                     raise self.unauthorized(request, "invalid token: unknown user", scope=scope, error="invalid_token")
+            elif not self.settings.anonymous_pull:  # turned off since the token was issued (a shared secret)
+                raise self.unauthorized(
+                    request, "invalid token: anonymous pulls are off", scope=scope, error="invalid_token"
+                )
             return Identity(user=user, claims=claims)
         accepted = "Bearer or Basic" if self.signer is not None else "Basic"
         raise self.unauthorized(request, f"unsupported authorization scheme (use {accepted})", scope=scope)
@@ -214,6 +220,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     access = request.app[ACCESS]
     repository = request.match_info.get("name")
     identity = await access.identify(request, scope=_scope(repository))
+    if identity.user is not None and identity.claims is None:
+        # Basic credentials, which a browser also sends with another site's <img src=/v2/...>
+        # (no preflight for a GET): a pull can build, so a browser must say it comes from here.
+        csrf.refuse_cross_site(request)
     if repository is None:  # /v2/ itself, or no such route
         if not identity.presented_credentials:
             raise access.unauthorized(request, "authentication required")
@@ -248,6 +258,20 @@ async def require(request: web.Request, repository: str, permission: str = BUILD
     identity = await access.identify(request, scope=_scope(repository))
     if not access.may(identity, repository, permission):
         raise access.refusal(request, identity, repository, permission, f"this needs the {permission} permission")
+
+
+async def pull_filter(request: web.Request) -> Callable[[str], bool]:
+    """For pages that list images (recent builds and images): whether this request
+    may see a repository, i.e. pull it. Missing or bad credentials see what
+    anonymous clients may: the page still renders, without the entries."""
+    access = request.app.get(ACCESS)
+    if access is None:
+        return lambda repository: True
+    try:
+        identity = await access.identify(request)
+    except errors.Unauthorized:
+        identity = Identity()
+    return lambda repository: access.may(identity, repository, PULL)
 
 
 async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, str | None, list[str]]:
@@ -292,7 +316,7 @@ async def token(request: web.Request) -> web.Response:
         raise errors.Denied(f"this registry's token service is {SERVICE!r}, not {service[:100]!r}")
     user = None
     if credentials is not None:
-        user = await access.authenticate(*credentials)
+        user = await access.authenticate(request, *credentials)
         if user is None:
             raise errors.Unauthorized("invalid user name or password", headers=_BASIC_CHALLENGE)
         permissions = user.permissions

@@ -1,4 +1,5 @@
-"""Cross-site posts to the registry's own forms (`POST /builds`) are refused.
+"""Cross-site posts to the registry's own forms (`POST /builds`) are refused, and so
+are cross-site requests to `/v2` that carry basic credentials (nixery.http.auth).
 
 A browser sends a user's basic credentials with every request to this host,
 so any web page could make a logged-in browser start builds with a plain

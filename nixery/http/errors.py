@@ -101,7 +101,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         error_page = request.app.get(pages.ERROR_PAGE)
         if error_page is not None and pages.wants_error_page(request):
-            return error_page(request, error)
+            response = error_page(request, error)
+            response.headers.update(error.headers)  # a 401's challenge: how a browser comes to ask for a password
+            return response
         return error_response(error)
 
 

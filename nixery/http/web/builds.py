@@ -77,9 +77,11 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
     tag = check_tag(tag)
     image = await requested_image(request, tag, name)
-    # With access control on: viewing a built image needs pull, building a new one build.
-    built = await request.app[BUILDER].built(image, tag)
-    await http_auth.require(request, name, PULL if built is not None else BUILD)
+    # With access control on: viewing a built image needs pull, building a new one build
+    # (pull is checked first, so that a client who may not pull is not told which images are built).
+    await http_auth.require(request, name, PULL)
+    if await request.app[BUILDER].built(image, tag) is None:
+        await http_auth.require(request, name, BUILD)
     build = await request.app[BUILDER].start(image, tag)
     request.app[BUILD_TAGS].put(build.id, tag)
     location = f"/builds/{build.id}"
@@ -105,10 +107,12 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
 
 
-def _get_build(request: web.Request) -> Build:
+async def _get_build(request: web.Request) -> Build:
+    """The build the path names, for a client that may pull its image (access control on)."""
     build = request.app[BUILDER].builds.get(request.match_info["id"])
     if build is None:
         raise errors.NameUnknown("no build with this id (it may be too old to be kept)")
+    await http_auth.require(request, build.image, PULL)
     return build
 
 
@@ -294,7 +298,7 @@ def _event_items(build: Build) -> str:
 async def build_page(request: web.Request) -> web.Response:
     if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
         return await _unknown_build_page(request)
-    build = _get_build(request)
+    build = await _get_build(request)
     progress = Progress(build.started, build.events)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
@@ -332,7 +336,7 @@ async def _unknown_build_page(request: web.Request) -> web.Response:
 
 
 async def build_json(request: web.Request) -> web.Response:
-    build = _get_build(request)
+    build = await _get_build(request)
     return web.json_response(
         {
             **build.summary(),
@@ -355,7 +359,7 @@ def _first_index(request: web.Request) -> int:
 
 
 async def build_events(request: web.Request) -> web.StreamResponse:
-    build = _get_build(request)
+    build = await _get_build(request)
     start = _first_index(request)
     if build.finished and start >= len(build.events):
         return web.Response(status=204)  # tells EventSource not to reconnect

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
 from nixery.builder import ImageBuilder
+from nixery.http import auth as http_auth
 from nixery.http.markup import h
 from nixery.http.routes import BUILDER
 from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
@@ -46,6 +47,7 @@ async def _within(step: Awaitable[_T], seconds: float) -> _T | None:
 async def landing(request: web.Request) -> web.Response:
     builder = request.app[BUILDER]
     host = registry_host(request)
+    may_see = await http_auth.pull_filter(request)  # with access control on, only images the asker may pull
     revision = await _within(builder.source.resolve("latest"), 5.0)
     catalog = await builder.names.catalog.get(revision, wait=0.5) if revision else None
     example = _example_package(catalog)
@@ -81,8 +83,8 @@ async def landing(request: web.Request) -> web.Response:
   <div id="live-results" aria-live="polite"></div>
 </section>
 
-{_recent_builds(builder)}
-{_recent_images(builder)}
+{_recent_builds(builder, may_see)}
+{_recent_images(builder, may_see)}
 {docs_block()}
 {script("nixery.js")}
 """
@@ -143,8 +145,8 @@ def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: Pac
 </dl>"""
 
 
-def _recent_builds(builder: ImageBuilder, limit: int = 8) -> str:
-    builds = builder.builds.recent()[:limit]
+def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit: int = 8) -> str:
+    builds = [build for build in builder.builds.recent() if may_see(build.image)][:limit]
     if not builds:
         return ""
     rows = "".join(
@@ -156,8 +158,8 @@ def _recent_builds(builder: ImageBuilder, limit: int = 8) -> str:
     return f'<section class="card"><h2>Recent builds</h2><ul class="plain">{rows}</ul></section>'
 
 
-def _recent_images(builder: ImageBuilder) -> str:
-    records = builder.recent_images()
+def _recent_images(builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:
+    records = [record for record in builder.recent_images() if may_see(record.name)]
     if not records:
         return """<section class="card"><h2>Recently built images</h2>
 <p class="muted">None yet: the first pull or build of an image will show up here.</p></section>"""
