@@ -51,6 +51,7 @@ from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
 if TYPE_CHECKING:  # the option types exist in obstore's stubs only
+    from obstore import ObjectMeta
     from obstore.store import ClientConfig, RetryConfig
 
 from nixery.background import detach
@@ -219,13 +220,17 @@ class S3Storage(LeasedStorage):
         return await self._stat_key(self._blob_key(digest))
 
     async def _stat_key(self, key: str) -> int | None:
+        meta = await self._head(key)
+        return None if meta is None else meta["size"]
+
+    async def _head(self, key: str) -> ObjectMeta | None:
+        """The metadata of the object under `key`; None if there is none."""
         try:
-            meta = await obstore.head_async(self._store, key)
+            return await obstore.head_async(self._store, key)
         except FileNotFoundError:
             return None
         except ObstoreError as error:
             raise self._unavailable(error) from error
-        return meta["size"]
 
     async def blob_source(self, digest: Digest, *, allow_redirect: bool) -> BlobSource:
         key = self._blob_key(digest)
@@ -344,20 +349,10 @@ class S3Storage(LeasedStorage):
         blob, marker = await asyncio.gather(
             self._head(self._blob_key(digest)), self._head(f"{_TOUCHED}/{digest.hex}")
         )
-        if blob is None or max(blob, marker or 0.0) >= cutoff:
+        if blob is None or max(_written(blob), _written(marker) if marker else 0.0) >= cutoff:
             return False
         await self.delete_blob(digest)
         return True
-
-    async def _head(self, key: str) -> float | None:
-        """When the object under `key` was last written; None if there is none."""
-        try:
-            meta = await obstore.head_async(self._store, key)
-        except FileNotFoundError:
-            return None
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
-        return float(meta["last_modified"].timestamp())
 
     async def delete_blob(self, digest: Digest) -> None:
         # One key per DELETE: the bulk DeleteObjects call is missing from some S3-compatible stores.
@@ -458,6 +453,11 @@ _OS_MESSAGE = re.compile(r'message: "([^"]{1,200})"')
 def _error_code(error: Exception) -> str | None:
     found = _XML_CODE.search(str(error))
     return found[1] if found else None
+
+
+def _written(meta: ObjectMeta) -> float:
+    """When an object was last written, in seconds since the epoch."""
+    return float(meta["last_modified"].timestamp())
 
 
 def _describe(error: Exception) -> str:
