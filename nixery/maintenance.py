@@ -191,20 +191,18 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
 async def _still_unreadable(storage: Storage, key: str) -> bool:
     """Whether the record under `key` still cannot be read (a registry may have built the image again)."""
     data = await storage.get_meta(key)
-    if data is None:
-        return False
-    try:
-        ImageRecord.from_json(data)
-    except RecordUnreadable:
-        return True
-    return False
+    return data is not None and _parsed(data) is None
 
 
 async def _readable_record(storage: Storage, key: str) -> ImageRecord | None:
     """The record under `key` as it is now; None if it is gone or cannot be read."""
     data = await storage.get_meta(key)
+    return None if data is None else _parsed(data)
+
+
+def _parsed(data: bytes) -> ImageRecord | None:
     try:
-        return ImageRecord.from_json(data) if data is not None else None
+        return ImageRecord.from_json(data)
     except RecordUnreadable:
         return None
 

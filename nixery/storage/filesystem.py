@@ -243,12 +243,7 @@ class FilesystemStorage(Storage):
             yield BlobStat(digest, st.st_size, st.st_mtime)
 
     async def delete_blob(self, digest: Digest) -> None:
-        def delete() -> None:
-            self._unlink_verified(digest)  # first: the front never sends a blob storage no longer has
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.blob_path(digest))
-
-        await asyncio.to_thread(delete)
+        await asyncio.to_thread(self._delete, digest)
 
     async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
         def delete_if_unused() -> bool:
@@ -257,12 +252,15 @@ class FilesystemStorage(Storage):
                     return False
             except FileNotFoundError:
                 return False
-            self._unlink_verified(digest)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.blob_path(digest))
+            self._delete(digest)
             return True
 
         return await asyncio.to_thread(delete_if_unused)
+
+    def _delete(self, digest: Digest) -> None:
+        self._unlink_verified(digest)  # first: the front never sends a blob storage no longer has
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(digest))
 
     async def list_meta(self, prefix: str) -> list[str]:
         base = self._meta / check_key(prefix.rstrip("/"))
