@@ -273,6 +273,9 @@ class ImageBuilder:
             return record
         except PackagesNotFound as exc:
             result = "not_found"
+            if exc.platform is None and not request.platforms and request.arch is not host_arch():
+                # Another platform's package set may lack what the host's has: say which one.
+                exc = PackagesNotFound(exc.missing, exc.source, platform=platform_name(request.arch))
             raise await self.names.with_suggestions(exc, revision) from None
         finally:
             metrics.build_finished(result, time.monotonic() - started)
@@ -301,26 +304,43 @@ class ImageBuilder:
     async def _build_platforms(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """The image for each platform, found or built side by side (each once, however many
         ask for it), joined by an index (`nixery.platforms`). Each platform's progress is
-        relayed into this build's, tagged with the platform (`nixery.progress.PlatformRelay`)."""
+        relayed into this build's, tagged with the platform (`nixery.progress.PlatformRelay`).
+        A platform whose package set lacks the names (the Debian set has no arm64 libcpuid16)
+        is left out of the index, as registries list the platforms an image has: its clients
+        are told so by their own client; when every platform lacks them, the default's error."""
         platforms = [platform_name(arch) for arch in request.platforms]
         build.emit(Stage.BUILDING, f"building an image for each platform: {', '.join(platforms)}", platforms=platforms)
         relay = PlatformRelay(build)
 
-        async def image_for(one: ImageRequest) -> ImageRecord:
+        async def image_for(one: ImageRequest) -> ImageRecord | PackagesNotFound:
             one_key, record = await self._find(revision, one)
             platform = platform_name(one.arch)
             if record is not None:
                 relay.found(platform, **image_summary(record))
                 return record
-            return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
+            try:
+                return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
+            except PackagesNotFound as missing:
+                return missing
 
         try:
-            records = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
+            found_or_missing = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
             await relay.finish()
         finally:
             relay.stop()
-        # Spelt otherwise than its resolved names, the index is theirs, as each platform's image is.
-        named_key = index_key([record.key for record in records])
+        records = [one for one in found_or_missing if isinstance(one, ImageRecord)]
+        lacking = {arch: one for arch, one in zip(request.platforms, found_or_missing, strict=True)
+                   if isinstance(one, PackagesNotFound)}
+        if not records:
+            raise lacking[request.arch]
+        if lacking:
+            names = ", ".join(platform_name(arch) for arch in lacking)
+            build.emit(Stage.BUILDING, f"not in the package set for {names}: the index lists the other platforms",
+                       lacking=[platform_name(arch) for arch in lacking])
+            # The lacking platforms' resolved names are unknown: the index keeps the key it was asked by.
+            named_key = key
+        else:  # spelt otherwise than its resolved names, the index is theirs, as each platform's image is
+            named_key = index_key([record.key for record in records])
         if named_key != key and (found := await self.images.get(named_key)) is not None:
             return found
         record, documents = index_image(named_key, records, request.arch)

@@ -49,7 +49,7 @@ class PackageNames:
         found = await self._suggestions.suggest(
             (catalog.revision, catalog.read_at), catalog.package_names, error.missing
         )
-        return PackagesNotFound(error.missing, error.source, found) if found else error
+        return PackagesNotFound(error.missing, error.source, found, error.platform) if found else error
 
     async def check(self, names: Sequence[str], revision: Revision) -> None:
         """Raise PackagesNotFound, with suggestions, for the names the package list surely lacks."""

@@ -28,6 +28,7 @@ from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, Compress
 from nixery.registry.names import Arch, parse_image_name
 from nixery.registry.negotiation import check_acceptable, choose
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
+from tests.test_sources import BUNDLED_BUSYBOX, error_of
 
 BOTH = "linux/amd64,linux/arm64"
 ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
@@ -186,6 +187,38 @@ def test_the_amd64_image_in_an_index_is_the_one_a_single_platform_registry_serve
     assert media_type == OCI_MANIFEST  # one platform: no index, whatever the client accepts
     _, _, index = _manifest(both, "shell/hello", [OCI_INDEX, OCI_MANIFEST])
     assert index["manifests"][0]["digest"] == digest
+
+
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """A package set may lack a name on one platform (the Debian set's libcpuid16 is amd64-only):
+    the name's index lists the platforms that have it, so amd64 clients pull it and an arm64
+    client is told by its own client that there is no arm64 image; `arm64/NAME` says which
+    platform lacks it."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    digest, media_type, index = _manifest(registry, "amd64only", [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST])
+    assert media_type == OCI_INDEX
+    assert [entry["platform"] for entry in index["manifests"]] == [{"architecture": "amd64", "os": "linux"}]
+    assert _manifest(registry, "amd64only", [OCI_INDEX])[0] == digest  # the same index once built
+    _, _, amd64 = _manifest(registry, "amd64only", [DOCKER_MANIFEST])  # a client that takes no index
+    assert _config(registry, "amd64only", amd64)["architecture"] == "amd64"
+    status, error = error_of(registry, "arm64/amd64only")
+    assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", ["amd64only"])
+    assert "for linux/arm64" in error["message"], error
+    image = f"docker://{registry.host}/amd64only"
+    arm64 = run(["skopeo", "inspect", "--override-arch", "arm64", "--tls-verify=false", image], check=False)
+    assert arm64.returncode != 0 and "no image found in image index for architecture arm64" in arm64.stderr
+    inspected = json.loads(run(["skopeo", "inspect", "--override-arch", "amd64", "--tls-verify=false", image]).stdout)
+    assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
 
 
 # ---- real clients -------------------------------------------------------------

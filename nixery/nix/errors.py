@@ -21,13 +21,19 @@ class MemoryLimitExceeded(NixError):
 
 
 class PackagesNotFound(NixError):
-    """Names the package set does not have; `suggestions` holds the nearest names it has."""
+    """Names the package set does not have; `suggestions` holds the nearest names it has;
+    `platform` (`linux/arm64`) the platform it lacks them on, when that is not the host's."""
 
-    def __init__(self, missing: list[str], source: str, suggestions: dict[str, list[str]] | None = None):
+    def __init__(
+        self, missing: list[str], source: str, suggestions: dict[str, list[str]] | None = None,
+        platform: str | None = None,
+    ):
         self.missing = missing
         self.source = source
         self.suggestions = suggestions or {}
-        super().__init__(f"packages not found in {source}: " + ", ".join(map(self._described, missing)))
+        self.platform = platform
+        where = f"{source} for {platform}" if platform else source
+        super().__init__(f"packages not found in {where}: " + ", ".join(map(self._described, missing)))
 
     def _described(self, name: str) -> str:
         nearest = self.suggestions.get(name)
