@@ -4,7 +4,8 @@ index that joins one image's builds for each of them.
 A platform is written as OCI and Docker write it, `linux/amd64` or
 `linux/arm64`; each is one `Arch` (its Nix system, its OCI architecture).
 With one platform (the default: the host's) nothing here takes part: a plain
-name gives one manifest, as it always did. With several, a plain name
+name gives one manifest of that platform (`arm64/NAME`'s on a registry of
+linux/arm64), as it always did on amd64. With several, a plain name
 (`shell/curl`) is built once per platform, each build an ordinary image with
 its own record, key, layering history and layers, and `index_image` joins
 them:
@@ -103,10 +104,14 @@ def index_image(key: str, records: Sequence[ImageRecord], default: Arch) -> tupl
 
 
 def every_platform(request: ImageRequest, platforms: Sequence[Arch]) -> ImageRequest:
-    """A name without a platform (`shell`, not `arm64/shell`) asks, on a registry of several
-    platforms, for an image of each; the host's (else the first) is for clients that take no index."""
-    if len(platforms) < 2 or request.arch is not Arch.AMD64 or request.platforms:
+    """A name without a platform (`shell`, not `arm64/shell`) asks for the registry's platforms:
+    of one, its image (`arm64/shell` on a registry of linux/arm64, the default on an arm64
+    machine); of several, an image of each, the host's (else the first) for clients that take
+    no index."""
+    if request.arch is not Arch.AMD64 or request.platforms or not platforms:
         return request
+    if len(platforms) == 1:
+        return replace(request, arch=platforms[0])
     return for_platforms(request, platforms)
 
 

@@ -221,6 +221,19 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
 
 
+def test_a_registry_of_one_other_platform_serves_it_for_names_without_a_platform(
+    start_registry: Callable[..., RegistryProcess],
+) -> None:
+    """NIXERY_PLATFORMS=linux/arm64 (as the default on an arm64 machine): a plain name is the
+    arm64 image, the one `arm64/NAME` gives, not an amd64 one."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS="linux/arm64")
+    every = [OCI_INDEX, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_MANIFEST]
+    digest, media_type, manifest = _manifest(registry, "shell", every)
+    assert media_type == DOCKER_MANIFEST  # one platform: one manifest, no index
+    assert _config(registry, "shell", manifest)["architecture"] == "arm64"
+    assert _manifest(registry, "arm64/shell", every)[0] == digest
+
+
 # ---- real clients -------------------------------------------------------------
 
 
@@ -269,6 +282,18 @@ def test_podman_runs_the_platform_it_asks_for(registry_both: RegistryProcess) ->
 
     assert uname("--arch", "arm64") == "aarch64"
     assert uname() == "x86_64"
+
+
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_podman_runs_arm64_from_a_registry_of_linux_arm64(start_registry: Callable[..., RegistryProcess]) -> None:
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS="linux/arm64")
+    image = f"{registry.host}/shell"
+    try:
+        out = run(["podman", "run", "--rm", "--pull", "always", "--tls-verify=false", "--arch", "arm64",
+                   *PODMAN_RUN_FLAGS, image, "uname", "-m"]).stdout
+    finally:
+        run(["podman", "rmi", "-f", image], check=False)
+    assert out.strip().splitlines()[-1] == "aarch64"
 
 
 @pytest.fixture
