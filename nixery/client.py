@@ -282,11 +282,13 @@ async def _build_locally(
     from nixery import config, logs
     from nixery.app import open_builder, open_storage
     from nixery.errors import RegistryError
+    from nixery.platforms import every_platform
     from nixery.registry.names import check_tag, parse_image_name
 
     try:
         settings = config.load()
-        request = parse_image_name(name)
+        # As the registry reads the name: with several NIXERY_PLATFORMS, an image of each and an index.
+        request = every_platform(parse_image_name(name), settings.platforms)
         check_tag(tag)
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc

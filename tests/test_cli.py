@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nixery.registry.mediatypes import OCI_INDEX
 from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
 
 pytestmark = pytest.mark.nix
@@ -152,6 +153,24 @@ def test_build_locally_without_a_server(tmp_path: Path) -> None:
     assert "done" in result.stdout and re.search(r"Digest\s+sha256:[0-9a-f]{64}", result.stdout)
     assert (tmp_path / "storage").is_dir()
 
+
+
+def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:
+    """With NIXERY_PLATFORMS of two, `--local` builds the image index the registry serves for
+    the name (each platform's image): the registry then builds nothing more on its first pull."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json",
+           "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
+    result = nixery("build", "--local", "--plain", "shell/greet", env=env)
+    assert result.returncode == 0, result.stderr
+    built = re.search(r"Digest\s+(sha256:[0-9a-f]{64})", result.stdout)
+    assert built is not None and "linux/arm64" in result.stdout, result.stdout
+    registry = RegistryProcess(storage=tmp_path / "storage", env=env, log_path=tmp_path / "registry.log").start()
+    try:
+        status, headers, _ = registry.request("/v2/shell/greet/manifests/latest", accept=OCI_INDEX)
+    finally:
+        registry.stop()
+    assert status == 200 and headers["Docker-Content-Digest"] == built[1]
+    assert registry.log_events("build.queued") == []
 
 # ---- the operator's commands ---------------------------------------------------------
 
