@@ -27,7 +27,17 @@ from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, Compression, ManifestFormat
 from nixery.registry.names import Arch, parse_image_name
 from nixery.registry.negotiation import check_acceptable, choose
-from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
+from tests import daemons
+from tests.registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    PODMAN_RUN_FLAGS,
+    RegistryProcess,
+    free_port,
+    have,
+    run,
+    unpack_oci,
+)
 from tests.test_sources import BUNDLED_BUSYBOX, error_of
 
 BOTH = "linux/amd64,linux/arm64"
@@ -294,6 +304,29 @@ def test_podman_runs_arm64_from_a_registry_of_linux_arm64(start_registry: Callab
     finally:
         run(["podman", "rmi", "-f", image], check=False)
     assert out.strip().splitlines()[-1] == "aarch64"
+
+
+@pytest.mark.skipif(not (have("nginx") and have("skopeo")), reason="needs nginx and skopeo")
+def test_a_caching_proxy_in_front_gives_each_client_the_document_it_asks_for(
+    registry_both: RegistryProcess, tmp_path: Path,
+) -> None:
+    """A shared HTTP cache in front of the registry (nginx's proxy_cache, as a CDN) keeps a tag's
+    answers apart by Accept header (`Vary: Accept`): a client that takes no index, pulling
+    first, does not leave the amd64 manifest for every later client, arm64 ones included."""
+    root, port = tmp_path / "nginx", free_port()
+    site = (
+        f"proxy_cache_path {root}/cache keys_zone=registry:1m;\n"
+        f"server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass {registry_both.url}; "
+        "proxy_cache registry; proxy_cache_valid 200 10m; } }"
+    )
+    with daemons.nginx(root, daemons.nginx_config(root, site), port):
+        front = f"127.0.0.1:{port}"
+        for accept, media_type in ((DOCKER_MANIFEST, DOCKER_MANIFEST), (f"{OCI_INDEX}, {OCI_MANIFEST}", OCI_INDEX)):
+            status, headers, _ = daemons.http_request(front, "/v2/shell/manifests/latest", accept=accept)
+            assert (status, headers["Content-Type"]) == (200, media_type)
+        image = f"docker://{front}/shell"
+        inspected = run(["skopeo", "inspect", "--override-arch", "arm64", "--tls-verify=false", image])
+    assert json.loads(inspected.stdout)["Architecture"] == "arm64"
 
 
 @pytest.fixture

@@ -217,6 +217,8 @@ async def manifest(request: web.Request) -> web.Response:
     else:
         digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
     headers = content_headers(digest, media_type)
+    if ":" not in reference:  # a tag's document is chosen by Accept: caches in front keep each apart
+        headers["Vary"] = "Accept"
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
