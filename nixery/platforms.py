@@ -44,7 +44,7 @@ from nixery.registry.descriptors import Descriptor, image_index
 from nixery.registry.digest import Digest
 from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX, ManifestFormat
-from nixery.registry.names import Arch, ImageRequest
+from nixery.registry.names import Arch, ImageRequest, without_platform
 from nixery.registry.negotiation import pull_digests
 
 #: The only operating system Nix builds images for here.
@@ -85,7 +85,8 @@ def index_key(platform_keys: Sequence[str]) -> str:
 def index_image(key: str, records: Sequence[ImageRecord], default: Arch) -> tuple[ImageRecord, tuple[bytes, ...]]:
     """The record of one image's builds for several platforms (`records`, one each), and its
     index documents (blobs to store before the record appears). `default` is the platform a
-    client that takes no index gets: its record gives the image's name and manifests."""
+    client that takes no index gets: its record gives the image's manifests, and its name
+    without the platform (an arm64 default is still `shell`, not `arm64/shell`)."""
     ordered = sorted(records, key=lambda record: record.architecture)
     documents, indexes = [], []
     for media_type, fmt in _INDEX_FORMATS:
@@ -97,7 +98,7 @@ def index_image(key: str, records: Sequence[ImageRecord], default: Arch) -> tupl
         indexes.append(Descriptor(media_type, Digest.of(document), len(document)))
     first = next((record for record in ordered if record.architecture == default.oci_name), ordered[0])
     record = replace(
-        first, key=key, built_at=max(record.built_at for record in ordered),
+        first, key=key, name=without_platform(first.name), built_at=max(record.built_at for record in ordered),
         indexes=tuple(indexes), platforms=tuple(record for record in ordered if record is not first),
     )
     return record, tuple(documents)

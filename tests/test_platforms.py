@@ -12,6 +12,8 @@ tests/test_platforms_debian.py.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -327,6 +329,35 @@ def test_a_caching_proxy_in_front_gives_each_client_the_document_it_asks_for(
         image = f"docker://{front}/shell"
         inspected = run(["skopeo", "inspect", "--override-arch", "arm64", "--tls-verify=false", image])
     assert json.loads(inspected.stdout)["Architecture"] == "arm64"
+
+
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_on_an_arm64_host_the_index_keeps_the_name_it_is_pulled_by(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """A registry on an aarch64 machine with both platforms (simulated here: Python is told the
+    machine is aarch64, Nix may build aarch64-linux as its own): the index's default platform
+    is arm64, but the image is still `shell/hello`, as its pages and builds show it and tell
+    users to pull it, not `arm64/shell/hello`, the arm64 image alone."""
+    fake = tmp_path / "aarch64-host"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text('import platform\nplatform.machine = lambda: "aarch64"\n')
+    registry = start_registry(
+        NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH, NIX_CONFIG="extra-platforms = aarch64-linux",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])),
+    )
+    digest, media_type, index = _manifest(registry, "shell/hello", [OCI_INDEX, OCI_MANIFEST])
+    assert media_type == OCI_INDEX and len(index["manifests"]) == 2
+    _, _, manifest = _manifest(registry, "shell/hello", [DOCKER_MANIFEST])  # a client that takes no index
+    assert _config(registry, "shell/hello", manifest)["architecture"] == "arm64"  # the host's
+    status, _, body = registry.request("/images/shell/hello.json", accept=None)
+    assert status == 200 and (json.loads(body)["name"], json.loads(body)["digest"]) == ("shell/hello", digest)
+    status, _, body = registry.request("/images/shell/hello", accept=None)
+    shown = re.search(rf"docker pull {re.escape(registry.host)}/(\S+?)<", body.decode())
+    assert status == 200 and shown is not None and shown[1] == "shell/hello", shown
+    inspected = run(["skopeo", "inspect", "--override-arch", "amd64", "--tls-verify=false",
+                     f"docker://{registry.host}/{shown[1]}"])
+    assert json.loads(inspected.stdout)["Architecture"] == "amd64"
 
 
 @pytest.fixture

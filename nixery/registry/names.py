@@ -32,6 +32,15 @@ _COMPONENT = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
 
 
+#: The leading component of a name that asks for the aarch64 image (`arm64/shell`).
+ARM64_PREFIX = "arm64/"
+
+
+def without_platform(name: str) -> str:
+    """An image's name without its platform: `arm64/shell` is `shell`."""
+    return name.removeprefix(ARM64_PREFIX)
+
+
 class Arch(Enum):
     AMD64 = ("amd64", "x86_64-linux")
     ARM64 = ("arm64", "aarch64-linux")
@@ -60,7 +69,9 @@ class ImageRequest:
 
     @property
     def display_name(self) -> str:
-        prefix = "arm64/" if self.arch is Arch.ARM64 else ""
+        """As a client pulls it: `arm64/` only for the arm64 image alone, not for an index whose
+        default platform is arm64 (on an arm64 machine)."""
+        prefix = ARM64_PREFIX if self.arch is Arch.ARM64 and not self.platforms else ""
         return prefix + "/".join(self.order or self.packages)
 
     def renamed(self, names: Mapping[str, str]) -> ImageRequest:
