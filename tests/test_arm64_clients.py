@@ -136,8 +136,10 @@ def test_containerd_pulls_arm64(debian_registry: RegistryProcess, tmp_path: Path
         ctr = ["ctr", "--address", str(socket)]
         run([*ctr, "image", "pull", "--plain-http", "--platform", "linux/arm64", image])
         listed = run([*ctr, "image", "ls"]).stdout.splitlines()
+        ran = run([*ctr, "run", "--rm", "--platform", "linux/arm64", image, "arm64-curl", "curl", "--version"])
     row = next(line.split() for line in listed if line.startswith(image + " "))
     assert "linux/arm64" in row, listed
+    assert ran.stdout.startswith("curl ") and "aarch64-unknown-linux-gnu" in ran.stdout, ran.stdout
 
 
 def test_docker_pulls_arm64(debian_registry: RegistryProcess, tmp_path: Path) -> None:
@@ -146,7 +148,9 @@ def test_docker_pulls_arm64(debian_registry: RegistryProcess, tmp_path: Path) ->
         docker = ["docker", "-H", f"unix://{socket}"]
         run([*docker, "pull", "--platform", "linux/arm64", image])
         inspected = json.loads(run([*docker, "image", "inspect", image]).stdout)[0]
+        ran = run([*docker, "run", "--rm", "--network", "none", "--platform", "linux/arm64", image, "uname", "-m"])
     assert (inspected["Os"], inspected["Architecture"]) == ("linux", "arm64")
+    assert ran.stdout == "aarch64\n"
 
 
 def test_busybox_set_arm64_shell(tmp_path: Path) -> None:
