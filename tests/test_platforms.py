@@ -225,7 +225,7 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert _config(registry, "amd64only", amd64)["architecture"] == "amd64"
     status, error = error_of(registry, "arm64/amd64only")
     assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", ["amd64only"])
-    assert "for linux/arm64" in error["message"], error
+    assert "for linux/arm64" in error["message"] and error["detail"]["platform"] == "linux/arm64", error
     image = f"docker://{registry.host}/amd64only"
     arm64 = run(["skopeo", "inspect", "--override-arch", "arm64", "--tls-verify=false", image], check=False)
     assert arm64.returncode != 0 and "no image found in image index for architecture arm64" in arm64.stderr

@@ -37,8 +37,9 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case errors.RegistryError():
             return exc
         case nix_errors.PackagesNotFound():
+            platform = {"platform": exc.platform} if exc.platform else {}  # another platform's set lacks them
             return errors.ManifestUnknown(
-                exc.message, detail={"missing": exc.missing, "suggestions": exc.suggestions}
+                exc.message, detail={"missing": exc.missing, "suggestions": exc.suggestions, **platform}
             )
         case nix_errors.RefNotFound():
             return errors.ManifestUnknown(exc.message)
