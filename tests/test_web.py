@@ -238,6 +238,27 @@ def test_a_forgotten_build_id_shows_a_page_that_helps(start_registry, new_page, 
     assert "shell/cowsay" in page.locator("#outcome").text_content()
 
 
+def test_a_progress_page_open_across_a_restart_says_the_build_is_gone(
+    start_registry, new_page, tmp_path: Path
+) -> None:
+    """A registry restarted while a page follows a build: the page's event stream does not hold
+    the shutdown, and once the registry is back the page says the build is gone and offers to
+    build the image again (it stayed on "Building" for ever)."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=40)))
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/slowpoke")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#stages li.current[data-stage=building]")
+    registry.stop()
+    stopped = registry.log_events("registry.stopped")
+    assert stopped and stopped[-1]["cut_off"] == 0, "the open progress page held the shutdown"
+    registry.start()
+    page.wait_for_selector("#unknown-build", timeout=60_000)
+    assert "shell/slowpoke</code> is not built" in page.locator("#unknown-build").inner_html()
+    assert page.locator("#unknown-build button").text_content() == "Build shell/slowpoke"
+
+
 def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, tmp_path: Path) -> None:
     registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")), NIXERY_MAX_BUILDS="1")
     page = new_page()

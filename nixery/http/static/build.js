@@ -193,6 +193,14 @@
     };
     for (const stage of [...ORDER, "failed"]) source.addEventListener(stage, onEvent);
     source.onmessage = onEvent;
+    // EventSource retries while the registry is unreachable, and gives up on an error answer:
+    // after a restart the build is forgotten (404). The page then asks the server again, which
+    // says so and what became of the image.
+    source.onerror = async () => {
+      if (source.readyState !== EventSource.CLOSED || FINAL.includes(state.current)) return;
+      const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });
+      if (response.status === 404) location.reload();
+    };
   }
   start();
 })();

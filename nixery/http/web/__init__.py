@@ -21,6 +21,7 @@ The pages read Nix's answers only through the builder (`source`, `names.catalog`
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -30,9 +31,11 @@ from nixery.http.web.builds import (
     BUILD_ID,
     BUILD_TAGS,
     BUILD_TAGS_KEPT,
+    STREAMS_STOPPING,
     build_events,
     build_json,
     build_page,
+    end_event_streams,
     start_build,
 )
 from nixery.http.web.docs import docs_index, docs_page
@@ -51,6 +54,8 @@ def add_web_routes(app: web.Application) -> None:
     not at start-up, so a registry that nobody browses never evaluates it."""
     app[BUILD_TAGS] = LRU(BUILD_TAGS_KEPT)
     app[ERROR_PAGE] = error_page
+    app[STREAMS_STOPPING] = asyncio.Event()
+    app.on_shutdown.append(end_event_streams)
     app.router.add_get("/", landing, name=page_route("landing"))
     app.router.add_get("/packages", packages, name=page_route("packages"))
     app.router.add_post("/builds", start_build, name=page_route("start_build"))

@@ -7,7 +7,9 @@
                                  for an unknown id, a page saying so (nixery/http/guidance.py)
     GET  /builds/{id}.json       the build and its events
     GET  /builds/{id}/events     server-sent events, one JSON event per message, resumable with
-                                 Last-Event-ID or ?after=; a comment every KEEPALIVE_SECONDS
+                                 Last-Event-ID or ?after=; a comment every KEEPALIVE_SECONDS;
+                                 ends when the registry stops (the page reloads once the
+                                 restarted registry says the build is unknown)
 
 Builds live in the builder's memory (`builder.builds`): an id outlives neither
 a restart nor the last 200 builds.
@@ -45,6 +47,10 @@ BUILD_TAGS = web.AppKey("build_tags", LRU[str, str])
 BUILD_TAGS_KEPT = 1000
 
 KEEPALIVE_SECONDS = 15.0
+#: Set when the registry begins to stop: event streams end then, so that an open progress page
+#: does not hold the shutdown for its whole grace period (a browser reconnects with
+#: Last-Event-ID, and learns from the restarted registry that the build is gone).
+STREAMS_STOPPING = web.AppKey("event_streams_stopping", asyncio.Event)
 SHOWN_EVENTS = 200  # the progress page lists the latest events only
 BUILD_ID = r"[0-9a-f]{1,64}"
 
@@ -369,7 +375,7 @@ async def build_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     with contextlib.suppress(ConnectionError):
         await response.write(b"retry: 2000\n\n")
-        async for index, event in _follow(build, start):
+        async for index, event in _follow(build, start, request.app[STREAMS_STOPPING]):
             if event is None:
                 await response.write(b": keepalive\n\n")
                 continue
@@ -379,8 +385,13 @@ async def build_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | None]]:
-    """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence."""
+async def end_event_streams(app: web.Application) -> None:
+    app[STREAMS_STOPPING].set()
+
+
+async def _follow(build: Build, start: int, stopping: asyncio.Event) -> AsyncIterator[tuple[int, Event | None]]:
+    """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence,
+    until the build ends or the registry stops."""
     queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
 
     async def pump() -> None:
@@ -391,7 +402,11 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
             index += 1
         queue.put_nowait(None)
 
-    task = asyncio.ensure_future(pump())
+    async def until_stopping() -> None:
+        await stopping.wait()
+        queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(until_stopping())]
     try:
         while True:
             try:
@@ -403,6 +418,6 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
                 return
             yield item
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
