@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import http.client
+import http.server
 import json
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -508,6 +511,54 @@ def test_a_form_on_another_site_cannot_start_builds(registry: RegistryProcess, n
     assert navigation.value.status == 403
     assert "Not allowed" in page.content()
     assert not [e for e in registry.log_events("http.build_started") if "cowsay" in e["image"]]
+
+
+@contextlib.contextmanager
+def _page_served_elsewhere(html: str) -> Iterator[str]:
+    """The URL of a page on another origin of this machine (a real server: Chromium lets
+    only local pages frame or reach local addresses)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+
+
+def test_other_sites_cannot_frame_the_pages_which_run_under_their_policy(
+    registry: RegistryProcess, new_page
+) -> None:
+    """Another site cannot show a page in a disguised frame (and have its Build button clicked);
+    the pages' own style sheet, scripts, live search and event stream pass their policy."""
+    page = new_page()
+    with _page_served_elsewhere(f'<iframe src="{registry.url}/"></iframe>') as elsewhere:
+        page.goto(elsewhere)
+        framed = page.frames[1]
+        framed.wait_for_load_state("load")
+        assert framed.locator("form.build-form").count() == 0, "the start page was shown in another site's frame"
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.goto(registry.url + "/")
+    page.fill("#search-q", "hello")
+    page.wait_for_selector("#live-results table.results code:text-is('hello')")
+    page.locator("#live-results button").first.click()
+    page.wait_for_selector("#digest", timeout=120_000)
+    page.goto(registry.url + "/images/shell/hello")
+    page.wait_for_selector("pre.command button.copy")  # nixery.js ran
+    assert page.evaluate("getComputedStyle(document.querySelector('main')).maxWidth") != "none"  # style.css applied
+    assert not [line for line in console if "Content Security Policy" in line]
 
 
 def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:
