@@ -149,6 +149,27 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     assert page.locator("details summary").first.text_content().endswith(("store path", "store paths"))
 
 
+def test_a_build_of_a_tag_followed_live_names_the_tag(start_registry, new_page, tmp_path: Path) -> None:
+    """The outcome a running build's page draws when the build ends is the one the server
+    renders: its pull command and image link name the tag the build was for."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")))
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/slowpoke")
+    page.fill("#build-tag", "v2")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    assert page.locator("#build").get_attribute("data-stage") not in ("done", "failed"), "should still be running"
+    page.wait_for_selector("#digest", timeout=120_000)
+    live = " ".join(page.locator("#outcome").inner_text().split())
+    assert f"docker pull {registry.host}/shell/slowpoke:v2" in live
+    page.reload()
+    assert " ".join(page.locator("#outcome").inner_text().split()) == live
+    page.click("text=Layers and store paths")
+    assert page.url.endswith("/images/shell/slowpoke?tag=v2")
+    assert f"docker pull {registry.host}/shell/slowpoke:v2" in page.locator("pre.command").first.inner_text()
+
+
 def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     registry.manifest("shell/hello")  # something built, for the image page and the recent list
     page = new_page(width=390, height=844)

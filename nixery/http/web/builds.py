@@ -253,9 +253,14 @@ def _platform_list(build: Build, progress: Progress) -> str:
     return f'<h2>Platforms</h2><ol class="stages platforms" id="platforms">{"".join(items)}</ol>'
 
 
+def _tag(request: web.Request, build: Build) -> str:
+    """The tag the build was started for (its pull command and links name it)."""
+    return request.app[BUILD_TAGS].peek(build.id) or "latest"
+
+
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     d = progress.data
-    tag = request.app[BUILD_TAGS].peek(build.id) or "latest"
+    tag = _tag(request, build)
     if build.stage is Stage.DONE and "digest" in d:
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
@@ -310,7 +315,7 @@ async def build_page(request: web.Request) -> web.Response:
     state = build.stage.value
     body = f"""
 <section class="card build" id="build" data-id="{h(build.id)}" data-events="{len(build.events)}"
-  data-started="{build.started}" data-stage="{h(state)}">
+  data-started="{build.started}" data-stage="{h(state)}" data-tag="{h(_tag(request, build))}">
   <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
