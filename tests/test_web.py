@@ -12,6 +12,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import html.parser
 import http.client
 import http.server
 import json
@@ -21,7 +22,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import aiohttp
 import pytest
@@ -624,6 +625,48 @@ def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
     assert b'<h2 id="' in body
     status, _, _ = registry.request("/docs/..%2Fpyproject", accept="text/html")
     assert status == 404
+
+
+class _Links(html.parser.HTMLParser):
+    """The addresses a page links to or loads (a, link, script)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        wanted = {"a": "href", "link": "href", "script": "src"}.get(tag)
+        self.found += [value for name, value in attrs if name == wanted and value]
+
+
+def test_every_link_of_the_pages_and_docs_resolves(registry: RegistryProcess) -> None:
+    """Every link of the pages, and of every documentation page reachable from them, answers:
+    links between the docs (the benchmarks' pages too) and to the repository's other files
+    led to 404s (a JSON error in the browser)."""
+    registry.manifest("shell/hello")
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    queue = ["/", "/docs", "/packages?q=hello", "/images/shell/hello", started["progress"], "/builds/00ff?image=x"]
+    seen, broken = set(queue), []
+    while queue:
+        path = queue.pop()
+        status, _, body = registry.request(path, accept="text/html")
+        if status >= 400 and not path.startswith("/builds/00ff"):  # an unknown build: 404 by design
+            broken.append((path, status))
+            continue
+        if path.startswith(("/v2/", "/metrics", "/static/")):
+            continue
+        links = _Links()
+        links.feed(body.decode(errors="replace"))
+        for link in links.found:
+            target = urljoin(f"http://{registry.host}{path}", link)
+            if not target.startswith(f"http://{registry.host}/"):
+                continue
+            local = target.removeprefix(f"http://{registry.host}").partition("#")[0]
+            if local not in seen:
+                seen.add(local)
+                queue.append(local)
+    assert any(path.startswith("/docs/benchmarks/") for path in seen)
+    assert broken == []
 
 
 # ---- the catalogue ------------------------------------------------------------------

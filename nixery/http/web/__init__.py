@@ -7,7 +7,7 @@
     GET  /builds/{id}[.json]
     GET  /builds/{id}/events
     GET  /images/{name}[.json]   a built image: layers, sizes, the store paths of each layer (images.py)
-    GET  /docs, /docs/{page}     README.md and docs/*.md, rendered                     (docs.py)
+    GET  /docs, /docs/{page}     README.md and docs/**/*.md, rendered                    (docs.py)
     GET  /static/...             style sheet and scripts
 
 Pages are plain server-rendered HTML that work without JavaScript; scripts
@@ -38,7 +38,7 @@ from nixery.http.web.builds import (
     end_event_streams,
     start_build,
 )
-from nixery.http.web.docs import docs_index, docs_page
+from nixery.http.web.docs import PAGE, docs_index, docs_page
 from nixery.http.web.images import image_info
 from nixery.http.web.landing import landing
 from nixery.http.web.layout import error_page
@@ -64,5 +64,5 @@ def add_web_routes(app: web.Application) -> None:
     app.router.add_get(f"/builds/{{id:{BUILD_ID}}}", build_page, name=page_route("build"))
     app.router.add_get("/images/{name:.+}", image_info, name=page_route("image"))
     app.router.add_get("/docs", docs_index, name=page_route("docs"))
-    app.router.add_get("/docs/{page}", docs_page, name=page_route("doc"))
+    app.router.add_get(f"/docs/{{page:{PAGE}}}", docs_page, name=page_route("doc"))
     app.router.add_static("/static/", STATIC_DIR, name="static")
