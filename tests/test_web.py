@@ -12,6 +12,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import hashlib
 import html.parser
 import http.client
 import http.server
@@ -667,6 +668,25 @@ def test_every_link_of_the_pages_and_docs_resolves(registry: RegistryProcess) ->
                 queue.append(local)
     assert any(path.startswith("/docs/benchmarks/") for path in seen)
     assert broken == []
+
+
+def test_browsers_keep_the_static_files_until_they_change_and_never_keep_pages(registry: RegistryProcess) -> None:
+    """A page's style sheet and scripts are named by their content, so browsers keep them for good
+    and still get a changed file at once (with the version number in the address, new code of the
+    same version left browsers running the old scripts); pages are checked every time."""
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    assets = set()
+    for path in ("/", "/packages?q=hello", started["progress"], "/docs"):
+        status, headers, body = registry.request(path, accept="text/html")
+        assert status == 200 and headers["Cache-Control"] == "no-cache", (path, headers)
+        links = _Links()
+        links.feed(body.decode())
+        assets |= {link for link in links.found if link.startswith("/static/")}
+    assert len(assets) == 3, assets  # style.css, nixery.js, build.js
+    for asset in assets:
+        status, headers, body = registry.request(asset, accept="*/*")
+        assert status == 200 and "immutable" in headers["Cache-Control"], (asset, headers)
+        assert asset.endswith("?v=" + hashlib.sha256(body).hexdigest()[:16]), asset
 
 
 # ---- the catalogue ------------------------------------------------------------------

@@ -22,7 +22,6 @@ The pages read Nix's answers only through the builder (`source`, `names.catalog`
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from aiohttp import web
 
@@ -41,11 +40,9 @@ from nixery.http.web.builds import (
 from nixery.http.web.docs import PAGE, docs_index, docs_page
 from nixery.http.web.images import image_info
 from nixery.http.web.landing import landing
-from nixery.http.web.layout import error_page
+from nixery.http.web.layout import STATIC_DIR, error_page, static_cache_headers
 from nixery.http.web.packages import packages
 from nixery.lru import LRU
-
-STATIC_DIR = Path(__file__).parent.parent / "static"
 
 
 def add_web_routes(app: web.Application) -> None:
@@ -66,3 +63,4 @@ def add_web_routes(app: web.Application) -> None:
     app.router.add_get("/docs", docs_index, name=page_route("docs"))
     app.router.add_get(f"/docs/{{page:{PAGE}}}", docs_page, name=page_route("doc"))
     app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.on_response_prepare.append(static_cache_headers)
