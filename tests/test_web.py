@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urljoin
@@ -99,6 +100,12 @@ def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
     assert page.locator("form.build-form input[name=image]").count() == 1
     assert page.locator("form.search-form input[name=q]").count() == 1
     page.screenshot(path=str(ARTIFACTS / "web-landing.png"), full_page=True)
+    # The browser fetches the page's icon by itself: it asked for /favicon.ico, a 404 for every visitor.
+    deadline = time.monotonic() + 30
+    while not (icons := [e for e in registry.log_events("http.request") if "favicon" in e["path"]]):
+        assert time.monotonic() < deadline, "the browser asked for no icon"
+        time.sleep(0.1)
+    assert [(e["path"], e["status"]) for e in icons] == [("/static/favicon.svg", 200)]
 
 
 def _search_target() -> tuple[dict[str, str], str]:
@@ -682,7 +689,7 @@ def test_browsers_keep_the_static_files_until_they_change_and_never_keep_pages(r
         links = _Links()
         links.feed(body.decode())
         assets |= {link for link in links.found if link.startswith("/static/")}
-    assert len(assets) == 3, assets  # style.css, nixery.js, build.js
+    assert len(assets) == 4, assets  # style.css, favicon.svg, nixery.js, build.js
     for asset in assets:
         status, headers, body = registry.request(asset, accept="*/*")
         assert status == 200 and "immutable" in headers["Cache-Control"], (asset, headers)

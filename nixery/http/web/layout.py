@@ -128,6 +128,7 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{h(title)} · Nixery</title>
 <link rel="stylesheet" href="{h(asset("style.css"))}">
+<link rel="icon" href="{h(asset("favicon.svg"))}" type="image/svg+xml">
 {head}
 </head>
 <body>
