@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from nixery.config import debian_set
-from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, slow_package_set
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -438,6 +438,35 @@ UNREADABLE_BODIES = [
     ("multipart/form-data; boundary=x", {}, b"--x\r\nContent-Disposition: form-data\r\n\r\nshell\r\n--x--\r\n"),
     ("application/x-www-form-urlencoded; charset=no-such-charset", {}, b"image=shell"),
 ]
+
+
+def test_a_failed_build_with_huge_log_lines_has_a_page_of_normal_size(start_registry, tmp_path: Path) -> None:
+    """A builder that prints lines of ~1 MB before failing: its page shows the start and end of
+    each of Nix's last lines, not 10 MB of them (the page, the build's JSON, and each of the 200
+    builds kept in memory were that large; its last event was one line too long for aiohttp's
+    reader, so `nixery build` failed with a traceback, as this test's reader did)."""
+    lines = "for i in 1 2 3 4 5 6 7 8 9 10; do head -c 900000 /dev/zero | $bb/tr '\\\\0' x; echo; done"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "loud", "loud-1.0", f"{lines}; exit 1")
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+
+    async def run() -> dict:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            started = await _start(session, registry.url, "shell/loud")
+            await _sse(session, registry.url + started["events"])
+            return started
+
+    started: dict = {}
+    run_async(_keep(run(), started))
+    status, _, page = registry.request(started["progress"], accept="text/html")
+    assert status == 200 and b"The build failed" in page
+    assert len(page) < 200_000, f"a page of {len(page)} bytes"
+    assert b"characters left out] xxxx" in page and b"loud-1.0.drv&#x27; failed with exit code 1" in page
+    status, _, body = registry.request(started["json"], accept="application/json")
+    assert status == 200 and len(body) < 200_000
+
+
+async def _keep(coroutine, into: dict) -> None:
+    into.update(await coroutine)
 
 
 def test_build_bodies_that_cannot_be_read_are_the_clients_error(registry: RegistryProcess) -> None:
