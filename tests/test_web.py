@@ -85,7 +85,7 @@ def new_page(browser) -> Iterator[Callable[..., object]]:
 
 def no_horizontal_scroll(page, width: int) -> None:
     scroll_width = page.evaluate("document.documentElement.scrollWidth")
-    assert scroll_width <= width, f"the page scrolls sideways: {scroll_width} px wide at {width} px"
+    assert scroll_width <= width, f"{page.url} scrolls sideways: {scroll_width} px wide at {width} px"
 
 
 def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
@@ -190,6 +190,12 @@ def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
         assert page.goto(registry.url + path).status == 200
         no_horizontal_scroll(page, 390)
         page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    # The documentation too: its wide tables made whole pages scroll sideways.
+    page.goto(registry.url + "/docs")
+    docs = page.locator("ul.docs > li > a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    for path in ["/docs", *docs, "/docs/benchmarks/cold_build"]:
+        assert page.goto(registry.url + path).status == 200
+        no_horizontal_scroll(page, 390)
     page.goto(registry.url + "/")
     page.fill("#build-image", "shell/fortune")
     page.click("form.build-form button[type=submit]")
