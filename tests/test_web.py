@@ -149,6 +149,7 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     stages = page.locator("#stages li.past").evaluate_all("items => items.map(i => i.dataset.stage)")
     assert stages == ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
     assert page.locator("#state").text_content() == "done"
+    assert page.title() == "Built shell/slowpoke · Nixery"  # the tab says so too (it said Building)
     digest = page.locator("#digest").text_content()
     manifest_digest, _ = registry.manifest("shell/slowpoke")
     assert digest == manifest_digest
@@ -313,6 +314,7 @@ def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, t
     page.fill("#build-image", "shell/figlett")
     page.click("form.build-form button[type=submit]")
     page.wait_for_selector("#error", timeout=120_000)
+    assert page.title() == "Could not build shell/figlett · Nixery"
     assert "figlett (did you mean figlet?)" in page.locator("#error").text_content()
     page.screenshot(path=str(ARTIFACTS / "web-misspelt.png"), full_page=True)
     page.click("text=Build shell/figlet instead")

@@ -108,7 +108,10 @@
     badge.className = `badge stage-${state.current}`;
     root.dataset.stage = state.current;
     const verb = { done: "Built", failed: "Could not build" }[state.current];
-    if (verb) document.getElementById("verb").textContent = verb;
+    if (verb) {
+      document.getElementById("verb").textContent = verb;
+      document.title = document.title.replace(/^Building /, `${verb} `);  // the tab says the build ended
+    }
   }
 
   // The outcome as the server renders it (web.py's _outcome, guidance.py).

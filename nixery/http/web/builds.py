@@ -331,7 +331,7 @@ async def build_page(request: web.Request) -> web.Response:
 </section>
 {script("build.js")}
 """
-    return page(request, f"Building {build.image}", body, head=head)
+    return page(request, f"{_VERBS.get(build.stage, 'Building')} {build.image}", body, head=head)
 
 
 async def _unknown_build_page(request: web.Request) -> web.Response:
