@@ -654,6 +654,13 @@ def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> No
     assert image["layers"][-1]["paths"] == []  # the entry-point layer
     status, _, body = registry.request("/images/shell/cowsay.json", accept="application/json")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    # A client that asks for JSON gets it without the suffix too (it got the HTML page; its 404 was JSON).
+    status, headers, body = registry.request("/images/shell/hello", accept="application/json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == image
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    status, headers, body = registry.request(f"/builds/{started['id']}", accept="application/json")
+    assert status == 200 and json.loads(body)["id"] == started["id"]
 
 
 def test_packages_json(registry: RegistryProcess) -> None:

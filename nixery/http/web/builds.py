@@ -307,6 +307,8 @@ def _event_items(build: Build) -> str:
 
 
 async def build_page(request: web.Request) -> web.Response:
+    if wants_json(request):  # a client that asks for JSON gets the build's JSON, as its 404 is
+        return await build_json(request)
     if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
         return await _unknown_build_page(request)
     build = await _get_build(request)
