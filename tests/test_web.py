@@ -11,20 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
+import hashlib
+import html.parser
 import http.client
+import http.server
 import json
 import os
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import aiohttp
 import pytest
 
 from nixery.config import debian_set
-from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, slow_package_set
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -79,7 +85,7 @@ def new_page(browser) -> Iterator[Callable[..., object]]:
 
 def no_horizontal_scroll(page, width: int) -> None:
     scroll_width = page.evaluate("document.documentElement.scrollWidth")
-    assert scroll_width <= width, f"the page scrolls sideways: {scroll_width} px wide at {width} px"
+    assert scroll_width <= width, f"{page.url} scrolls sideways: {scroll_width} px wide at {width} px"
 
 
 def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
@@ -94,6 +100,12 @@ def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
     assert page.locator("form.build-form input[name=image]").count() == 1
     assert page.locator("form.search-form input[name=q]").count() == 1
     page.screenshot(path=str(ARTIFACTS / "web-landing.png"), full_page=True)
+    # The browser fetches the page's icon by itself: it asked for /favicon.ico, a 404 for every visitor.
+    deadline = time.monotonic() + 30
+    while not (icons := [e for e in registry.log_events("http.request") if "favicon" in e["path"]]):
+        assert time.monotonic() < deadline, "the browser asked for no icon"
+        time.sleep(0.1)
+    assert [(e["path"], e["status"]) for e in icons] == [("/static/favicon.svg", 200)]
 
 
 def _search_target() -> tuple[dict[str, str], str]:
@@ -137,6 +149,7 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     stages = page.locator("#stages li.past").evaluate_all("items => items.map(i => i.dataset.stage)")
     assert stages == ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"]
     assert page.locator("#state").text_content() == "done"
+    assert page.title() == "Built shell/slowpoke · Nixery"  # the tab says so too (it said Building)
     digest = page.locator("#digest").text_content()
     manifest_digest, _ = registry.manifest("shell/slowpoke")
     assert digest == manifest_digest
@@ -144,6 +157,27 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     # The image page lists the layers and their store paths.
     page.click("text=Layers and store paths")
     assert page.locator("details summary").first.text_content().endswith(("store path", "store paths"))
+
+
+def test_a_build_of_a_tag_followed_live_names_the_tag(start_registry, new_page, tmp_path: Path) -> None:
+    """The outcome a running build's page draws when the build ends is the one the server
+    renders: its pull command and image link name the tag the build was for."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")))
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/slowpoke")
+    page.fill("#build-tag", "v2")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    assert page.locator("#build").get_attribute("data-stage") not in ("done", "failed"), "should still be running"
+    page.wait_for_selector("#digest", timeout=120_000)
+    live = " ".join(page.locator("#outcome").inner_text().split())
+    assert f"docker pull {registry.host}/shell/slowpoke:v2" in live
+    page.reload()
+    assert " ".join(page.locator("#outcome").inner_text().split()) == live
+    page.click("text=Layers and store paths")
+    assert page.url.endswith("/images/shell/slowpoke?tag=v2")
+    assert f"docker pull {registry.host}/shell/slowpoke:v2" in page.locator("pre.command").first.inner_text()
 
 
 def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
@@ -157,6 +191,12 @@ def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
         assert page.goto(registry.url + path).status == 200
         no_horizontal_scroll(page, 390)
         page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    # The documentation too: its wide tables made whole pages scroll sideways.
+    page.goto(registry.url + "/docs")
+    docs = page.locator("ul.docs > li > a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    for path in ["/docs", *docs, "/docs/benchmarks/cold_build"]:
+        assert page.goto(registry.url + path).status == 200
+        no_horizontal_scroll(page, 390)
     page.goto(registry.url + "/")
     page.fill("#build-image", "shell/fortune")
     page.click("form.build-form button[type=submit]")
@@ -238,6 +278,27 @@ def test_a_forgotten_build_id_shows_a_page_that_helps(start_registry, new_page, 
     assert "shell/cowsay" in page.locator("#outcome").text_content()
 
 
+def test_a_progress_page_open_across_a_restart_says_the_build_is_gone(
+    start_registry, new_page, tmp_path: Path
+) -> None:
+    """A registry restarted while a page follows a build: the page's event stream does not hold
+    the shutdown, and once the registry is back the page says the build is gone and offers to
+    build the image again (it stayed on "Building" for ever)."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=40)))
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/slowpoke")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#stages li.current[data-stage=building]")
+    registry.stop()
+    stopped = registry.log_events("registry.stopped")
+    assert stopped and stopped[-1]["cut_off"] == 0, "the open progress page held the shutdown"
+    registry.start()
+    page.wait_for_selector("#unknown-build", timeout=60_000)
+    assert "shell/slowpoke</code> is not built" in page.locator("#unknown-build").inner_html()
+    assert page.locator("#unknown-build button").text_content() == "Build shell/slowpoke"
+
+
 def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, tmp_path: Path) -> None:
     registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs")), NIXERY_MAX_BUILDS="1")
     page = new_page()
@@ -253,6 +314,7 @@ def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, t
     page.fill("#build-image", "shell/figlett")
     page.click("form.build-form button[type=submit]")
     page.wait_for_selector("#error", timeout=120_000)
+    assert page.title() == "Could not build shell/figlett · Nixery"
     assert "figlett (did you mean figlet?)" in page.locator("#error").text_content()
     page.screenshot(path=str(ARTIFACTS / "web-misspelt.png"), full_page=True)
     page.click("text=Build shell/figlet instead")
@@ -386,6 +448,35 @@ UNREADABLE_BODIES = [
 ]
 
 
+def test_a_failed_build_with_huge_log_lines_has_a_page_of_normal_size(start_registry, tmp_path: Path) -> None:
+    """A builder that prints lines of ~1 MB before failing: its page shows the start and end of
+    each of Nix's last lines, not 10 MB of them (the page, the build's JSON, and each of the 200
+    builds kept in memory were that large; its last event was one line too long for aiohttp's
+    reader, so `nixery build` failed with a traceback, as this test's reader did)."""
+    lines = "for i in 1 2 3 4 5 6 7 8 9 10; do head -c 900000 /dev/zero | $bb/tr '\\\\0' x; echo; done"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "loud", "loud-1.0", f"{lines}; exit 1")
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+
+    async def run() -> dict:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            started = await _start(session, registry.url, "shell/loud")
+            await _sse(session, registry.url + started["events"])
+            return started
+
+    started: dict = {}
+    run_async(_keep(run(), started))
+    status, _, page = registry.request(started["progress"], accept="text/html")
+    assert status == 200 and b"The build failed" in page
+    assert len(page) < 200_000, f"a page of {len(page)} bytes"
+    assert b"characters left out] xxxx" in page and b"loud-1.0.drv&#x27; failed with exit code 1" in page
+    status, _, body = registry.request(started["json"], accept="application/json")
+    assert status == 200 and len(body) < 200_000
+
+
+async def _keep(coroutine, into: dict) -> None:
+    into.update(await coroutine)
+
+
 def test_build_bodies_that_cannot_be_read_are_the_clients_error(registry: RegistryProcess) -> None:
     """POST /builds with a body aiohttp or the JSON parser cannot read: 400 REQUEST_INVALID,
     not a 500 with a traceback in the log; the registry serves on. JSON over 64 KiB: 413."""
@@ -489,6 +580,54 @@ def test_a_form_on_another_site_cannot_start_builds(registry: RegistryProcess, n
     assert not [e for e in registry.log_events("http.build_started") if "cowsay" in e["image"]]
 
 
+@contextlib.contextmanager
+def _page_served_elsewhere(html: str) -> Iterator[str]:
+    """The URL of a page on another origin of this machine (a real server: Chromium lets
+    only local pages frame or reach local addresses)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+
+
+def test_other_sites_cannot_frame_the_pages_which_run_under_their_policy(
+    registry: RegistryProcess, new_page
+) -> None:
+    """Another site cannot show a page in a disguised frame (and have its Build button clicked);
+    the pages' own style sheet, scripts, live search and event stream pass their policy."""
+    page = new_page()
+    with _page_served_elsewhere(f'<iframe src="{registry.url}/"></iframe>') as elsewhere:
+        page.goto(elsewhere)
+        framed = page.frames[1]
+        framed.wait_for_load_state("load")
+        assert framed.locator("form.build-form").count() == 0, "the start page was shown in another site's frame"
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.goto(registry.url + "/")
+    page.fill("#search-q", "hello")
+    page.wait_for_selector("#live-results table.results code:text-is('hello')")
+    page.locator("#live-results button").first.click()
+    page.wait_for_selector("#digest", timeout=120_000)
+    page.goto(registry.url + "/images/shell/hello")
+    page.wait_for_selector("pre.command button.copy")  # nixery.js ran
+    assert page.evaluate("getComputedStyle(document.querySelector('main')).maxWidth") != "none"  # style.css applied
+    assert not [line for line in console if "Content Security Policy" in line]
+
+
 def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:
     evil = '<script>alert("x")</script>'
     with socket.create_connection(("127.0.0.1", registry.port), timeout=30) as sock:
@@ -515,6 +654,13 @@ def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> No
     assert image["layers"][-1]["paths"] == []  # the entry-point layer
     status, _, body = registry.request("/images/shell/cowsay.json", accept="application/json")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    # A client that asks for JSON gets it without the suffix too (it got the HTML page; its 404 was JSON).
+    status, headers, body = registry.request("/images/shell/hello", accept="application/json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == image
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    status, headers, body = registry.request(f"/builds/{started['id']}", accept="application/json")
+    assert status == 200 and json.loads(body)["id"] == started["id"]
 
 
 def test_packages_json(registry: RegistryProcess) -> None:
@@ -531,6 +677,67 @@ def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
     assert b'<h2 id="' in body
     status, _, _ = registry.request("/docs/..%2Fpyproject", accept="text/html")
     assert status == 404
+
+
+class _Links(html.parser.HTMLParser):
+    """The addresses a page links to or loads (a, link, script)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        wanted = {"a": "href", "link": "href", "script": "src"}.get(tag)
+        self.found += [value for name, value in attrs if name == wanted and value]
+
+
+def test_every_link_of_the_pages_and_docs_resolves(registry: RegistryProcess) -> None:
+    """Every link of the pages, and of every documentation page reachable from them, answers:
+    links between the docs (the benchmarks' pages too) and to the repository's other files
+    led to 404s (a JSON error in the browser)."""
+    registry.manifest("shell/hello")
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    queue = ["/", "/docs", "/packages?q=hello", "/images/shell/hello", started["progress"], "/builds/00ff?image=x"]
+    seen, broken = set(queue), []
+    while queue:
+        path = queue.pop()
+        status, _, body = registry.request(path, accept="text/html")
+        if status >= 400 and not path.startswith("/builds/00ff"):  # an unknown build: 404 by design
+            broken.append((path, status))
+            continue
+        if path.startswith(("/v2/", "/metrics", "/static/")):
+            continue
+        links = _Links()
+        links.feed(body.decode(errors="replace"))
+        for link in links.found:
+            target = urljoin(f"http://{registry.host}{path}", link)
+            if not target.startswith(f"http://{registry.host}/"):
+                continue
+            local = target.removeprefix(f"http://{registry.host}").partition("#")[0]
+            if local not in seen:
+                seen.add(local)
+                queue.append(local)
+    assert any(path.startswith("/docs/benchmarks/") for path in seen)
+    assert broken == []
+
+
+def test_browsers_keep_the_static_files_until_they_change_and_never_keep_pages(registry: RegistryProcess) -> None:
+    """A page's style sheet and scripts are named by their content, so browsers keep them for good
+    and still get a changed file at once (with the version number in the address, new code of the
+    same version left browsers running the old scripts); pages are checked every time."""
+    started = json.loads(_post_build(registry, {}, image="shell/hello", browser=False)[2])
+    assets = set()
+    for path in ("/", "/packages?q=hello", started["progress"], "/docs"):
+        status, headers, body = registry.request(path, accept="text/html")
+        assert status == 200 and headers["Cache-Control"] == "no-cache", (path, headers)
+        links = _Links()
+        links.feed(body.decode())
+        assets |= {link for link in links.found if link.startswith("/static/")}
+    assert len(assets) == 4, assets  # style.css, favicon.svg, nixery.js, build.js
+    for asset in assets:
+        status, headers, body = registry.request(asset, accept="*/*")
+        assert status == 200 and "immutable" in headers["Cache-Control"], (asset, headers)
+        assert asset.endswith("?v=" + hashlib.sha256(body).hexdigest()[:16]), asset
 
 
 # ---- the catalogue ------------------------------------------------------------------

@@ -45,6 +45,9 @@ NIX_FEATURES = ("--extra-experimental-features", "nix-command flakes")
 _STDERR_LIMIT = 1 << 20  # longest single log line we buffer
 #: What stands in the log for a longer line (whose bytes so far are dropped; its rest is read as a line).
 _CUT_LINE = b"[nixery: a line longer than 1 MiB was left out]"
+#: How much of each of the last lines a NixError keeps: its start and end. Whole lines of up to
+#: 1 MiB made a failed build's progress page, its events and a pull's error 25 MB each.
+_TAIL_LINE_CHARS = 2000
 _MEMORY_POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
@@ -143,7 +146,7 @@ async def run_nix(
             if not raw:
                 break
             line = raw.decode(errors="replace").rstrip()
-            tail.append(line)
+            tail.append(_shortened(line))
             if on_line is not None:
                 on_line(line)
 
@@ -178,6 +181,13 @@ async def run_nix(
         reason = f": {said[:500]}" if said else ""
         raise NixError(f"{argv[0]} failed with exit code {process.returncode}{reason}", "\n".join(tail))
     return stdout
+
+
+def _shortened(line: str) -> str:
+    if len(line) <= _TAIL_LINE_CHARS:
+        return line
+    half = _TAIL_LINE_CHARS // 2
+    return f"{line[:half]} [nixery: {len(line) - 2 * half} characters left out] {line[-half:]}"
 
 
 def resident_bytes(pid: int) -> int:

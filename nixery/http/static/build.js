@@ -108,7 +108,10 @@
     badge.className = `badge stage-${state.current}`;
     root.dataset.stage = state.current;
     const verb = { done: "Built", failed: "Could not build" }[state.current];
-    if (verb) document.getElementById("verb").textContent = verb;
+    if (verb) {
+      document.getElementById("verb").textContent = verb;
+      document.title = document.title.replace(/^Building /, `${verb} `);  // the tab says the build ended
+    }
   }
 
   // The outcome as the server renders it (web.py's _outcome, guidance.py).
@@ -122,8 +125,8 @@
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
-<pre class="command"><code>docker pull ${esc(`${location.host}/${name}`)}</code></pre>
-<p><a href="/images/${esc(name)}">Layers and store paths</a></p>`;
+<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
+<p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`;
       outcome.hidden = false;
     } else if (state.current === "failed") {
       outcome.className = "outcome failed";
@@ -131,6 +134,13 @@
       outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${suggestion(asked, d.suggestions)}${log}`;
       outcome.hidden = false;
     }
+  }
+
+  // The image as the build's tag names it (guidance.py's pull_reference and image_path).
+  const tag = root.dataset.tag || "latest";
+  function imagePath(name) {
+    const path = `/images/${name.split("/").map(encodeURIComponent).join("/")}`;
+    return tag === "latest" ? path : `${path}?${new URLSearchParams({ tag })}`;
   }
 
   function platformDigests(platforms) {
@@ -147,7 +157,7 @@
     const fixed = parts.map((part) => (suggestions[part] && suggestions[part].length ? suggestions[part][0] : part));
     if (fixed.join("/") === asked) return "";
     const name = fixed.join("/");
-    return `<div class="suggestion"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(name)}"><button type="submit" class="small">Build ${esc(name)} instead</button></form></div>`;
+    return `<div class="suggestion"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(name)}">${tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`}<button type="submit" class="small">Build ${esc(name)} instead</button></form></div>`;
   }
 
   // The event list shows the newest event: at first, and as events arrive, unless the
@@ -193,6 +203,14 @@
     };
     for (const stage of [...ORDER, "failed"]) source.addEventListener(stage, onEvent);
     source.onmessage = onEvent;
+    // EventSource retries while the registry is unreachable, and gives up on an error answer:
+    // after a restart the build is forgotten (404). The page then asks the server again, which
+    // says so and what became of the image.
+    source.onerror = async () => {
+      if (source.readyState !== EventSource.CLOSED || FINAL.includes(state.current)) return;
+      const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });
+      if (response.status === 404) location.reload();
+    };
   }
   start();
 })();

@@ -7,7 +7,7 @@
     GET  /builds/{id}[.json]
     GET  /builds/{id}/events
     GET  /images/{name}[.json]   a built image: layers, sizes, the store paths of each layer (images.py)
-    GET  /docs, /docs/{page}     README.md and docs/*.md, rendered                     (docs.py)
+    GET  /docs, /docs/{page}     README.md and docs/**/*.md, rendered                    (docs.py)
     GET  /static/...             style sheet and scripts
 
 Pages are plain server-rendered HTML that work without JavaScript; scripts
@@ -21,7 +21,7 @@ The pages read Nix's answers only through the builder (`source`, `names.catalog`
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 
 from aiohttp import web
 
@@ -30,19 +30,19 @@ from nixery.http.web.builds import (
     BUILD_ID,
     BUILD_TAGS,
     BUILD_TAGS_KEPT,
+    STREAMS_STOPPING,
     build_events,
     build_json,
     build_page,
+    end_event_streams,
     start_build,
 )
-from nixery.http.web.docs import docs_index, docs_page
+from nixery.http.web.docs import PAGE, docs_index, docs_page
 from nixery.http.web.images import image_info
 from nixery.http.web.landing import landing
-from nixery.http.web.layout import error_page
+from nixery.http.web.layout import STATIC_DIR, error_page, static_cache_headers
 from nixery.http.web.packages import packages
 from nixery.lru import LRU
-
-STATIC_DIR = Path(__file__).parent.parent / "static"
 
 
 def add_web_routes(app: web.Application) -> None:
@@ -51,6 +51,8 @@ def add_web_routes(app: web.Application) -> None:
     not at start-up, so a registry that nobody browses never evaluates it."""
     app[BUILD_TAGS] = LRU(BUILD_TAGS_KEPT)
     app[ERROR_PAGE] = error_page
+    app[STREAMS_STOPPING] = asyncio.Event()
+    app.on_shutdown.append(end_event_streams)
     app.router.add_get("/", landing, name=page_route("landing"))
     app.router.add_get("/packages", packages, name=page_route("packages"))
     app.router.add_post("/builds", start_build, name=page_route("start_build"))
@@ -59,5 +61,6 @@ def add_web_routes(app: web.Application) -> None:
     app.router.add_get(f"/builds/{{id:{BUILD_ID}}}", build_page, name=page_route("build"))
     app.router.add_get("/images/{name:.+}", image_info, name=page_route("image"))
     app.router.add_get("/docs", docs_index, name=page_route("docs"))
-    app.router.add_get("/docs/{page}", docs_page, name=page_route("doc"))
+    app.router.add_get(f"/docs/{{page:{PAGE}}}", docs_page, name=page_route("doc"))
     app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.on_response_prepare.append(static_cache_headers)

@@ -7,7 +7,9 @@
                                  for an unknown id, a page saying so (nixery/http/guidance.py)
     GET  /builds/{id}.json       the build and its events
     GET  /builds/{id}/events     server-sent events, one JSON event per message, resumable with
-                                 Last-Event-ID or ?after=; a comment every KEEPALIVE_SECONDS
+                                 Last-Event-ID or ?after=; a comment every KEEPALIVE_SECONDS;
+                                 ends when the registry stops (the page reloads once the
+                                 restarted registry says the build is unknown)
 
 Builds live in the builder's memory (`builder.builds`): an id outlives neither
 a restart nor the last 200 builds.
@@ -45,6 +47,10 @@ BUILD_TAGS = web.AppKey("build_tags", LRU[str, str])
 BUILD_TAGS_KEPT = 1000
 
 KEEPALIVE_SECONDS = 15.0
+#: Set when the registry begins to stop: event streams end then, so that an open progress page
+#: does not hold the shutdown for its whole grace period (a browser reconnects with
+#: Last-Event-ID, and learns from the restarted registry that the build is gone).
+STREAMS_STOPPING = web.AppKey("event_streams_stopping", asyncio.Event)
 SHOWN_EVENTS = 200  # the progress page lists the latest events only
 BUILD_ID = r"[0-9a-f]{1,64}"
 
@@ -247,9 +253,14 @@ def _platform_list(build: Build, progress: Progress) -> str:
     return f'<h2>Platforms</h2><ol class="stages platforms" id="platforms">{"".join(items)}</ol>'
 
 
+def _tag(request: web.Request, build: Build) -> str:
+    """The tag the build was started for (its pull command and links name it)."""
+    return request.app[BUILD_TAGS].peek(build.id) or "latest"
+
+
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
     d = progress.data
-    tag = request.app[BUILD_TAGS].peek(build.id) or "latest"
+    tag = _tag(request, build)
     if build.stage is Stage.DONE and "digest" in d:
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
@@ -296,6 +307,8 @@ def _event_items(build: Build) -> str:
 
 
 async def build_page(request: web.Request) -> web.Response:
+    if wants_json(request):  # a client that asks for JSON gets the build's JSON, as its 404 is
+        return await build_json(request)
     if request.app[BUILDER].builds.get(request.match_info["id"]) is None and wants_html_error(request):
         return await _unknown_build_page(request)
     build = await _get_build(request)
@@ -304,7 +317,7 @@ async def build_page(request: web.Request) -> web.Response:
     state = build.stage.value
     body = f"""
 <section class="card build" id="build" data-id="{h(build.id)}" data-events="{len(build.events)}"
-  data-started="{build.started}" data-stage="{h(state)}">
+  data-started="{build.started}" data-stage="{h(state)}" data-tag="{h(_tag(request, build))}">
   <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
@@ -320,7 +333,7 @@ async def build_page(request: web.Request) -> web.Response:
 </section>
 {script("build.js")}
 """
-    return page(request, f"Building {build.image}", body, head=head)
+    return page(request, f"{_VERBS.get(build.stage, 'Building')} {build.image}", body, head=head)
 
 
 async def _unknown_build_page(request: web.Request) -> web.Response:
@@ -369,7 +382,7 @@ async def build_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     with contextlib.suppress(ConnectionError):
         await response.write(b"retry: 2000\n\n")
-        async for index, event in _follow(build, start):
+        async for index, event in _follow(build, start, request.app[STREAMS_STOPPING]):
             if event is None:
                 await response.write(b": keepalive\n\n")
                 continue
@@ -379,8 +392,13 @@ async def build_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | None]]:
-    """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence."""
+async def end_event_streams(app: web.Application) -> None:
+    app[STREAMS_STOPPING].set()
+
+
+async def _follow(build: Build, start: int, stopping: asyncio.Event) -> AsyncIterator[tuple[int, Event | None]]:
+    """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence,
+    until the build ends or the registry stops."""
     queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
 
     async def pump() -> None:
@@ -391,7 +409,11 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
             index += 1
         queue.put_nowait(None)
 
-    task = asyncio.ensure_future(pump())
+    async def until_stopping() -> None:
+        await stopping.wait()
+        queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(until_stopping())]
     try:
         while True:
             try:
@@ -403,6 +425,6 @@ async def _follow(build: Build, start: int) -> AsyncIterator[tuple[int, Event | 
                 return
             yield item
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,10 +1,12 @@
-"""README.md and docs/*.md as pages: /docs (docs/README.md and a table of contents)
-and /docs/{page}.
+"""README.md and docs/**/*.md as pages: /docs (docs/README.md and a table of contents),
+/docs/{page} and /docs/{directory}/{page} (a directory's README.md: /docs/{directory}).
 
 Markdown is rendered with markdown-it (CommonMark and tables); raw HTML in a file is
 not passed through. Headings get GitHub-style anchors, and links between the
-Markdown files point at their rendered pages. A file is rendered again only when
-it changes (its modification time keys the cache).
+Markdown files point at their rendered pages; a link to another file of the
+repository (a config example) is shown as its text, since the registry does not
+serve it. A file is rendered again only when it changes (its modification time
+keys the cache).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -20,22 +23,36 @@ from nixery.config import REPOSITORY
 from nixery.http.markup import h
 from nixery.http.web.layout import page
 
+if TYPE_CHECKING:
+    from markdown_it.token import Token
+
 DOCS_DIR = REPOSITORY / "docs"
 README = REPOSITORY / "README.md"
 
-_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*(/[a-z0-9][a-z0-9_-]*)?")
+PAGE = r"[A-Za-z0-9][A-Za-z0-9_./-]*"  # the route's pattern of {page}; only slugs of _doc_files are served
 
 
 def _doc_files() -> dict[str, Path]:
+    """Pages by slug: `readme`, `usage` (docs/usage.md), `benchmarks` (docs/benchmarks/README.md),
+    `benchmarks/serving`; docs/README.md is the index, /docs."""
     files: dict[str, Path] = {}
     if README.is_file():
         files["readme"] = README
     if DOCS_DIR.is_dir():
-        for path in sorted(DOCS_DIR.glob("*.md")):
-            slug = path.stem.lower()
-            if _SLUG.fullmatch(slug) and slug != "readme":  # docs/README.md is the index: /docs
+        for path in sorted([*DOCS_DIR.glob("*.md"), *DOCS_DIR.glob("*/*.md")]):
+            slug = _slug(path)
+            if slug is not None and _SLUG.fullmatch(slug):
                 files[slug] = path
     return files
+
+
+def _slug(path: Path) -> str | None:
+    """The page of a Markdown file under docs/ (None for docs/README.md, the index)."""
+    parts = [part.lower() for part in path.relative_to(DOCS_DIR).with_suffix("").parts]
+    if parts[-1] == "readme":
+        parts.pop()
+    return "/".join(parts) or None
 
 
 def heading_anchor(text: str) -> str:
@@ -66,23 +83,40 @@ def _render(path: Path, mtime_ns: int) -> tuple[str, str, tuple[tuple[str, str],
             elif token.tag == "h2":
                 sections.append((anchor, text))
         if token.type == "inline" and token.children:
-            for child in token.children:
-                if child.type == "link_open":
-                    child.attrSet("href", _doc_link(str(child.attrGet("href") or "")))
+            _point_links(token.children, path)
     return title, md.renderer.render(tokens, md.options, {}), tuple(sections)
 
 
-def _doc_link(href: str) -> str:
-    """Links between the Markdown files point at their rendered pages."""
-    if "://" in href or href.startswith(("#", "/", "mailto:")):
+def _point_links(children: list[Token], source: Path) -> None:
+    """Links to other Markdown files point at their pages; a link to a file of the repository
+    that is not a page becomes its text (the registry has nothing to link to)."""
+    unserved: list[bool] = []  # for each open link: is it shown as text?
+    for child in children:
+        if child.type == "link_open":
+            href = _doc_link(str(child.attrGet("href") or ""), source)
+            unserved.append(href is None)
+            if href is None:
+                child.tag, child.attrs = "span", {"title": "a file of nixery's repository"}
+            else:
+                child.attrSet("href", href)
+        elif child.type == "link_close" and unserved.pop():
+            child.tag = "span"
+
+
+def _doc_link(href: str, source: Path) -> str | None:
+    """Where a link of the Markdown file `source` points on the registry; None for a
+    file of the repository that the registry does not serve."""
+    if "://" in href or href.startswith(("#", "/", "mailto:")) or not href:
         return href
     target, _, anchor = href.partition("#")
-    if target.endswith(".md") and Path(target).parent.name in ("", "..", "docs"):
-        slug = Path(target).stem.lower()
-        if slug == "readme" and Path(target).parent.name == "docs":
-            return "/docs" + (f"#{anchor}" if anchor else "")
-        return f"/docs/{slug}" + (f"#{anchor}" if anchor else "")
-    return href
+    fragment = f"#{anchor}" if anchor else ""
+    path = (source.parent / target).resolve()
+    if path == (DOCS_DIR / "README.md").resolve():
+        return "/docs" + fragment
+    for slug, file in _doc_files().items():
+        if file.resolve() == path:
+            return f"/docs/{slug}{fragment}"
+    return None
 
 
 def docs_pages() -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:

@@ -18,7 +18,7 @@ from nixery.auth import PULL
 from nixery.http import auth as http_auth
 from nixery.http import guidance
 from nixery.http.markup import h
-from nixery.http.pages import wants_html_error
+from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import ago, page, registry_host, script, short
 from nixery.registry.names import check_tag
@@ -64,7 +64,7 @@ async def image_info(request: web.Request) -> web.StreamResponse:
             detail={"name": image.display_name, "tag": tag},
         )
     doc = image_json(record, tag)
-    if as_json:
+    if as_json or wants_json(request):  # `.json`, or a client that asks for JSON (as its 404 is)
         return web.json_response(doc)
     ref = guidance.pull_reference(registry_host(request), record.name, tag)
     query = "" if tag == "latest" else "?" + h(urlencode({"tag": tag}))

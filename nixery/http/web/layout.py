@@ -6,8 +6,11 @@ Every value taken from a request is escaped (`h`) before it is written into a pa
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
@@ -75,8 +78,46 @@ def registry_host(request: web.Request) -> str:
     return request.host or "localhost"
 
 
+#: The style sheet and scripts, served at /static/.
+STATIC_DIR = Path(__file__).parent.parent / "static"
+
+
+def asset(name: str) -> str:
+    """The address of a static file, naming its content: browsers may keep it for good
+    (`static_cache_headers`), and a changed file gets a new address. (The version number
+    did not change between deployments of new code, so browsers ran stale scripts.)"""
+    path = STATIC_DIR / name
+    return f"/static/{name}?v={_content_tag(path, path.stat().st_mtime_ns)}"
+
+
+@lru_cache(maxsize=16)
+def _content_tag(path: Path, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+async def static_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Static files asked for by content (`asset`) are kept by browsers; other responses of the
+    pages are checked with the registry each time (a progress page, a search)."""
+    if request.path.startswith("/static/") and "v" in request.query and response.status == 200:
+        response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+    elif response.content_type == "text/html" or request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-cache")
+
+
 def script(name: str) -> str:
-    return f'<script src="/static/{h(name)}?v={h(__version__)}" defer></script>'
+    return f'<script src="{h(asset(name))}" defer></script>'
+
+
+#: What a page may load and who may show it. Pages are this registry's own markup, style sheet and
+#: scripts: nothing else runs even if a value ever escaped unescaped, and no other site may frame a
+#: page (its Build button could be clicked through a disguised frame) or post its forms elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def page(request: web.Request, title: str, body: str, *, status: int = 200, head: str = "") -> web.Response:
@@ -86,7 +127,8 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{h(title)} · Nixery</title>
-<link rel="stylesheet" href="/static/style.css?v={h(__version__)}">
+<link rel="stylesheet" href="{h(asset("style.css"))}">
+<link rel="icon" href="{h(asset("favicon.svg"))}" type="image/svg+xml">
 {head}
 </head>
 <body>
@@ -101,7 +143,7 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
 </body>
 </html>
 """
-    return web.Response(text=document, status=status, content_type="text/html", charset="utf-8")
+    return web.Response(text=document, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
 
 
 def error_page(request: web.Request, error: errors.RegistryError) -> web.Response:
