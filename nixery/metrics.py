@@ -10,7 +10,7 @@
     nixery_cache_hits_total{cache} / _misses_total    cache: image | layer
     nixery_layers_total{outcome}                      outcome: reused | created
     nixery_layer_bytes_compressed_total
-    nixery_blob_bytes_served_total                    bytes of blobs sent by this process
+    nixery_blob_bytes_served_total                    bytes of blobs sent by this process (as they go out)
     nixery_nix_processes_running{command}
     nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
 
@@ -108,6 +108,15 @@ def storage_full() -> None:
     STORAGE_FULL.inc()
 
 
+# ---- hooks called by the blob route ------------------------------------------
+
+
+def blob_bytes_sent(count: int) -> None:
+    """Bytes of a blob handed to the client's connection: of a download cut short, only those
+    that went out (a response's Content-Length is what it would have been)."""
+    BLOB_BYTES.inc(count)
+
+
 # ---- HTTP ------------------------------------------------------------------
 
 
@@ -155,20 +164,6 @@ def _request_metrics(method: str, route: str, status: int) -> tuple[Counter, His
     return children
 
 
-BLOB_ROUTE_SUFFIX = "/blobs/{digest}"
-
-
-async def _count_blob_bytes(request: web.Request, response: web.StreamResponse) -> None:
-    """Counts blob bytes when the response starts (a file response knows its length only then)."""
-    if request.method != "GET" or response.status not in (200, 206):
-        return
-    if not route_label(request).endswith(BLOB_ROUTE_SUFFIX):
-        return
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit():
-        BLOB_BYTES.inc(int(length))
-
-
 async def metrics_handler(request: web.Request) -> web.Response:
     response = web.Response(body=generate_latest(REGISTRY))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -176,6 +171,5 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    """Serve `/metrics` and count blob bytes (the middleware is added by create_app)."""
-    app.on_response_prepare.append(_count_blob_bytes)
+    """Serve `/metrics` (the middleware is added by create_app; the blob route counts its bytes)."""
     app.router.add_get("/metrics", metrics_handler)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.registry import RegistryProcess, slow_package_set
+from tests.registry import RegistryProcess, busybox_set_with, slow_package_set
 
 pytestmark = pytest.mark.nix
 
@@ -134,3 +136,30 @@ def test_a_build_run_by_another_process_counts_as_a_wait(start_registry, tmp_pat
     assert sum(value(s, "nixery_build_duration_seconds_count", result="done") for s in samples) == 1
     assert sum(value(s, "nixery_builds_total", result="failed") for s in samples) == 0
     assert sum(value(s, "nixery_build_waits_total") for s in samples) == 1
+
+
+def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_path: Path) -> None:
+    """A client that reads the start of a 32 MB layer and hangs up (a cancelled pull) received a
+    few of its bytes, not 32 MB: nixery_blob_bytes_served_total is what went out. It used to be
+    the response's Content-Length, counted before the first byte was sent."""
+    pkgs = busybox_set_with(
+        tmp_path / "pkgs", "noise", "noise-1.0", "$bb/mkdir -p $out; $bb/head -c 33554432 /dev/urandom > $out/noise"
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    _, manifest = registry.manifest("noise")
+    layer = max(manifest["layers"], key=lambda blob: blob["size"])
+    assert layer["size"] > 32 << 20  # random bytes do not compress
+    counted_before = value(scrape(registry), "nixery_blob_bytes_served_total")
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server cannot hand it all to the kernel
+        client.connect(("127.0.0.1", registry.port))
+        client.sendall(f"GET /v2/noise/blobs/{layer['digest']} HTTP/1.1\r\nHost: registry\r\n\r\n".encode())
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+    # Closed with bytes unread: the registry's next send fails, and it counts what went out.
+    deadline = time.monotonic() + 30
+    while (counted := value(scrape(registry), "nixery_blob_bytes_served_total") - counted_before) == 0:
+        assert time.monotonic() < deadline, "the cut-short download was never counted"
+        time.sleep(0.05)
+    assert 0 < counted < layer["size"] / 2
+    samples = scrape(registry)
+    assert value(samples, "nixery_http_requests_total", method="GET", route=BLOB_ROUTE, status="200") == 1
