@@ -16,7 +16,7 @@
 
 Routes are labelled with their pattern (`/v2/{name}/blobs/{digest}`), never
 the raw path, so a client cannot grow the label set; unmatched paths share one
-label.
+label, and so do methods outside RFC 9110's (`other`).
 """
 
 from __future__ import annotations
@@ -130,6 +130,17 @@ def route_label(request: web.Request) -> str:
     return resource.canonical
 
 
+#: RFC 9110's methods. aiohttp's Python parser (used when its C extension is not installed,
+#: or with AIOHTTP_NO_EXTENSIONS) takes any token as a method: a label per method sent would
+#: let a client add series without end.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "other"
+
+
+def method_label(request: web.Request) -> str:
+    return request.method if request.method in _METHODS else OTHER_METHOD
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
@@ -142,14 +153,14 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        requests, duration = _request_metrics(request.method, route_label(request), status)
+        requests, duration = _request_metrics(method_label(request), route_label(request), status)
         requests.inc()
         duration.observe(time.monotonic() - started)
 
 
 #: The labelled children by (method, route, status): looking them up by labels
-#: on every request costs more than the counting. Bounded: aiohttp's parser admits
-#: only known methods, routes are patterns, statuses are few.
+#: on every request costs more than the counting. Bounded: methods are RFC 9110's or
+#: `other`, routes are patterns, statuses are few.
 _REQUEST_METRICS: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
 

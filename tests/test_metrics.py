@@ -163,3 +163,19 @@ def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_pat
     assert 0 < counted < layer["size"] / 2
     samples = scrape(registry)
     assert value(samples, "nixery_http_requests_total", method="GET", route=BLOB_ROUTE, status="200") == 1
+
+
+def test_made_up_methods_share_one_label(start_registry) -> None:
+    """aiohttp's Python parser (used without its C extension; AIOHTTP_NO_EXTENSIONS selects it
+    here) answers any token as a method, with 405. Each such method used to get a series of its
+    own, so a client sending made-up methods grew /metrics without end; they are now `other`."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", AIOHTTP_NO_EXTENSIONS="1")
+    for number in range(20):
+        status, _, _ = registry.request("/v2/", method=f"X{number}", accept=None)
+        assert status == 405
+    status, _, _ = registry.request("/v2/", method="PROPFIND", accept=None)
+    assert status == 405
+    samples = scrape(registry)
+    methods = {dict(labels).get("method") for name, labels in samples if name == "nixery_http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other"}
+    assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="405") == 21
