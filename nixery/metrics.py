@@ -30,12 +30,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _BUILD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+#: Most answers take milliseconds, but a pull by tag waits for its image's build (minutes, up
+#: to NIX_TIMEOUT): the client library's default buckets end at 10 s.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 HTTP_REQUESTS = Counter(
     "nixery_http_requests", "HTTP requests answered, by route pattern and status", ["method", "route", "status"]
 )
 HTTP_DURATION = Histogram(
-    "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"]
+    "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"],
+    buckets=_REQUEST_BUCKETS,
 )
 BUILDS = Counter(
     "nixery_builds",

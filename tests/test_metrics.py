@@ -179,3 +179,19 @@ def test_made_up_methods_share_one_label(start_registry) -> None:
     methods = {dict(labels).get("method") for name, labels in samples if name == "nixery_http_requests_total"}
     assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other"}
     assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="405") == 21
+
+
+def test_a_pull_that_waits_for_a_long_build_lands_in_a_bucket(start_registry, tmp_path: Path) -> None:
+    """A pull by tag waits for its image's build, minutes on a real package set. The request
+    histogram's buckets used to end at 10 s (the client library's default), so every pull that
+    built for longer counted only in +Inf: one of 11 s looked the same as one of 10 minutes."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=11)))
+    registry.manifest("slowpoke")
+    samples = scrape(registry)
+    buckets = {
+        float(dict(labels)["le"]): count for (name, labels), count in samples.items()
+        if name == "nixery_http_request_duration_seconds_bucket"
+        and dict(labels)["route"] == MANIFEST_ROUTE and dict(labels)["method"] == "GET"
+    }
+    assert buckets[10.0] == 0 and buckets[float("inf")] == 1  # the build alone sleeps 11 s
+    assert min(le for le, count in buckets.items() if count == 1) < float("inf")
