@@ -289,9 +289,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
                 async for chunk in chunks:
                     await response.write(chunk)
                     sent += len(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the client hung up (a cancelled pull): the answer is the 200 under way, cut short
             finally:
-                metrics.blob_bytes_sent(sent)  # of a download cut short, what went out
-            await response.write_eof()
+                metrics.blob_bytes_sent(sent)  # of a download cut short, the chunks that went out
             return response
 
 
