@@ -124,6 +124,12 @@ def blob_bytes_sent(count: int) -> None:
 # ---- HTTP ------------------------------------------------------------------
 
 
+def malformed_request() -> None:
+    """A request aiohttp could not parse, answered 400 before any middleware saw it: its
+    method and path are unknown (or not to be trusted as labels)."""
+    _request_metrics(OTHER_METHOD, UNMATCHED, 400)[0].inc()
+
+
 def route_label(request: web.Request) -> str:
     """The route's pattern, e.g. `/v2/{name}/manifests/{reference}`."""
     match_info = request.match_info

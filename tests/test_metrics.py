@@ -195,3 +195,19 @@ def test_a_pull_that_waits_for_a_long_build_lands_in_a_bucket(start_registry, tm
     }
     assert buckets[10.0] == 0 and buckets[float("inf")] == 1  # the build alone sleeps 11 s
     assert min(le for le, count in buckets.items() if count == 1) < float("inf")
+
+
+def test_requests_that_cannot_be_parsed_are_counted(registry: RegistryProcess) -> None:
+    """A request aiohttp cannot parse (TLS sent to the plain-HTTP port, a header line without a
+    colon, a request line past the limit) is answered 400 before the application sees it, and
+    was in no counter: a flood of them left /metrics unchanged. Each is now one request."""
+    for raw in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\nHost: registry\r\nno colon here\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: registry\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", registry.port)) as client:
+            client.sendall(raw)
+            assert client.recv(4096).startswith(b"HTTP/1.0 400")
+    samples = scrape(registry)
+    assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="400") == 3
