@@ -91,6 +91,11 @@ def test_the_deploy_examples_are_valid() -> None:
         (nix_image("a", content=["hello"]), "unknown field(s) in data: content"),
         ({**nix_image("a"), "spec": {}}, "not spec"),
         ({k: v for k, v in nix_image("a").items() if k != "data"}, "data is missing"),
+        # The wrong type is named as such, not as a missing field (`name: 2048` in YAML is a number,
+        # `data:` followed by `- tag: v1` a list).
+        ({**nix_image("a"), "metadata": {"name": 2048}}, 'metadata.name must be a string, not int (quote it: "2048")'),
+        ({**nix_image("a"), "metadata": "tools"}, "metadata must be a mapping with a name, not str"),
+        ({**nix_image("a"), "data": [{"tag": "v1", "contents": ["hello"]}]}, "data must be a mapping of tag"),
     ],
 )
 def test_invalid_declarations(document: Any, problem: str) -> None:
