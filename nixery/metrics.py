@@ -9,8 +9,8 @@
     nixery_build_waits_total                          waits for a build another process ran (shared storage)
     nixery_cache_hits_total{cache} / _misses_total    cache: image | layer
     nixery_layers_total{outcome}                      outcome: reused | created
-    nixery_layer_bytes_compressed_total
-    nixery_blob_bytes_served_total                    bytes of blobs sent by this process (as they go out)
+    nixery_layer_compressed_bytes_total
+    nixery_blob_served_bytes_total                    bytes of blobs sent by this process (as they go out)
     nixery_nix_processes_running{command}
     nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
 
@@ -56,8 +56,8 @@ BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress")
 CACHE_HITS = Counter("nixery_cache_hits", "Cache hits, by cache (image, layer)", ["cache"])
 CACHE_MISSES = Counter("nixery_cache_misses", "Cache misses, by cache (image, layer)", ["cache"])
 LAYERS = Counter("nixery_layers", "Layers of built images: reused from storage or created", ["outcome"])
-LAYER_BYTES = Counter("nixery_layer_bytes_compressed", "Compressed bytes of the layers created")
-BLOB_BYTES = Counter("nixery_blob_bytes_served", "Blob bytes sent to clients by this process (not redirects)")
+LAYER_BYTES = Counter("nixery_layer_compressed_bytes", "Compressed bytes of the layers created")
+BLOB_BYTES = Counter("nixery_blob_served_bytes", "Blob bytes sent to clients by this process (not redirects)")
 STORAGE_FULL = Counter(
     "nixery_storage_full", "Requests refused because no space was left where storage writes (507 STORAGE_FULL)"
 )

@@ -243,8 +243,8 @@ def blob_responses(registry: RegistryProcess, method: str = "GET") -> list[tuple
 def blob_bytes_served(registry: RegistryProcess) -> float:
     status, _, body = registry.request("/metrics", accept=None)
     assert status == 200
-    found = re.search(rb"^nixery_blob_bytes_served_total ([0-9.e+]+)$", body, re.MULTILINE)
-    assert found, "the metrics lack nixery_blob_bytes_served_total"
+    found = re.search(rb"^nixery_blob_served_bytes_total ([0-9.e+]+)$", body, re.MULTILINE)
+    assert found, "the metrics lack nixery_blob_served_bytes_total"
     return float(found[1])
 
 

@@ -74,10 +74,10 @@ def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     created = value(after, "nixery_layers_total", outcome="created")
     assert created >= 2
     assert value(after, "nixery_cache_misses_total", cache="layer") == created
-    assert value(after, "nixery_layer_bytes_compressed_total") > 0
+    assert value(after, "nixery_layer_compressed_bytes_total") > 0
     assert value(after, "nixery_cache_misses_total", cache="image") == 1
     # Bytes served: the blobs just fetched, exactly.
-    assert value(after, "nixery_blob_bytes_served_total") == received
+    assert value(after, "nixery_blob_served_bytes_total") == received
     # Nix ran and nothing of it is left running but the long-running evaluator (nixery/nix/evaluator.py).
     assert value(after, "nixery_nix_processes_running", command="nix-repl") == 1
     assert total(after, "nixery_nix_processes_running") == 1
@@ -90,7 +90,7 @@ def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     assert value(again, "nixery_builds_total", result="done") == 1
     assert value(again, "nixery_layers_total", outcome="created") == created
     assert value(again, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="200") == 2
-    assert value(again, "nixery_blob_bytes_served_total") == received + received_again
+    assert value(again, "nixery_blob_served_bytes_total") == received + received_again
 
     # A new image sharing layers with the first reuses them.
     pull(registry, "shell/fortune")
@@ -140,7 +140,7 @@ def test_a_build_run_by_another_process_counts_as_a_wait(start_registry, tmp_pat
 
 def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_path: Path) -> None:
     """A client that reads the start of a 32 MB layer and hangs up (a cancelled pull) received a
-    few of its bytes, not 32 MB: nixery_blob_bytes_served_total is what went out. It used to be
+    few of its bytes, not 32 MB: nixery_blob_served_bytes_total is what went out. It used to be
     the response's Content-Length, counted before the first byte was sent."""
     pkgs = busybox_set_with(
         tmp_path / "pkgs", "noise", "noise-1.0", "$bb/mkdir -p $out; $bb/head -c 33554432 /dev/urandom > $out/noise"
@@ -149,7 +149,7 @@ def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_pat
     _, manifest = registry.manifest("noise")
     layer = max(manifest["layers"], key=lambda blob: blob["size"])
     assert layer["size"] > 32 << 20  # random bytes do not compress
-    counted_before = value(scrape(registry), "nixery_blob_bytes_served_total")
+    counted_before = value(scrape(registry), "nixery_blob_served_bytes_total")
     with socket.socket() as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server cannot hand it all to the kernel
         client.connect(("127.0.0.1", registry.port))
@@ -157,7 +157,7 @@ def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_pat
         assert client.recv(4096).startswith(b"HTTP/1.1 200")
     # Closed with bytes unread: the registry's next send fails, and it counts what went out.
     deadline = time.monotonic() + 30
-    while (counted := value(scrape(registry), "nixery_blob_bytes_served_total") - counted_before) == 0:
+    while (counted := value(scrape(registry), "nixery_blob_served_bytes_total") - counted_before) == 0:
         assert time.monotonic() < deadline, "the cut-short download was never counted"
         time.sleep(0.05)
     assert 0 < counted < layer["size"] / 2
@@ -211,3 +211,27 @@ def test_requests_that_cannot_be_parsed_are_counted(registry: RegistryProcess) -
             assert client.recv(4096).startswith(b"HTTP/1.0 400")
     samples = scrape(registry)
     assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="400") == 3
+
+
+def test_metric_names_follow_prometheus_conventions(registry: RegistryProcess) -> None:
+    """Prometheus's naming rules: a counter ends in `_total`, and a name with a unit ends with that
+    unit, in base units (before `_total` for a counter): `nixery_blob_served_bytes_total`. Two
+    counters put the unit in the middle (`nixery_blob_bytes_served_total`,
+    `nixery_layer_bytes_compressed_total`), which queries and recording rules that go by the
+    suffix (`*_bytes_total`) miss."""
+    pull(registry, "shell/hello")  # so that every family has samples
+    status, _, body = registry.request("/metrics", accept="text/plain")
+    assert status == 200
+    families = [  # the client library's creation times (`_created`) come as gauges of their own
+        f for f in text_string_to_metric_families(body.decode())
+        if f.name.startswith("nixery_") and not f.name.endswith("_created")
+    ]
+    assert len(families) >= 12
+    for family in families:
+        words = family.name.split("_")
+        if family.type == "counter":
+            assert all(sample.name.endswith(("_total", "_created")) for sample in family.samples), family.name
+        for unit in ("seconds", "bytes"):
+            if unit in words:
+                assert words[-1] == unit, f"{family.name}: the unit {unit} is not the last word"
+        assert not {"milliseconds", "kilobytes", "megabytes", "minutes"} & set(words), family.name
