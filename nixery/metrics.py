@@ -14,6 +14,13 @@
     nixery_nix_processes_running{command}
     nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
 
+With NIXERY_WORKERS above 1, each worker process counts into files of its own
+(prometheus_client's multiprocess mode: `nixery.cli` sets PROMETHEUS_MULTIPROC_DIR
+before the client library is imported) and `/metrics` answers with the sum over
+all of them, whichever worker a scrape reaches; gauges are the sum over the live
+workers. The client library's process metrics are then left out (they would
+describe one worker picked at random).
+
 Routes are labelled with their pattern (`/v2/{name}/blobs/{digest}`), never
 the raw path, so a client cannot grow the label set; unmatched paths share one
 label, and so do methods outside RFC 9110's (`other`).
@@ -21,11 +28,21 @@ label, and so do methods outside RFC 9110's (`other`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,7 +69,7 @@ BUILD_WAITS = Counter(
 BUILD_DURATION = Histogram(
     "nixery_build_duration_seconds", "Image build time, by result", ["result"], buckets=_BUILD_BUCKETS
 )
-BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress")
+BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress", multiprocess_mode="livesum")
 CACHE_HITS = Counter("nixery_cache_hits", "Cache hits, by cache (image, layer)", ["cache"])
 CACHE_MISSES = Counter("nixery_cache_misses", "Cache misses, by cache (image, layer)", ["cache"])
 LAYERS = Counter("nixery_layers", "Layers of built images: reused from storage or created", ["outcome"])
@@ -61,7 +78,9 @@ BLOB_BYTES = Counter("nixery_blob_served_bytes", "Blob bytes sent to clients by 
 STORAGE_FULL = Counter(
     "nixery_storage_full", "Requests refused because no space was left where storage writes (507 STORAGE_FULL)"
 )
-NIX_PROCESSES = Gauge("nixery_nix_processes_running", "Nix processes running, by command", ["command"])
+NIX_PROCESSES = Gauge(
+    "nixery_nix_processes_running", "Nix processes running, by command", ["command"], multiprocess_mode="livesum"
+)
 
 for _cache in ("image", "layer"):  # present from the start, so rates work from zero
     CACHE_HITS.labels(_cache)
@@ -185,8 +204,28 @@ def _request_metrics(method: str, route: str, status: int) -> tuple[Counter, His
     return children
 
 
+def _shared_directory() -> str | None:
+    """Where every worker's metrics are, with NIXERY_WORKERS above 1 (see the module docstring)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def process_ended(pid: int) -> None:
+    """A worker ended: its gauges no longer count (the files of its counters stay in the sums)."""
+    if _shared_directory() is not None:
+        multiprocess.mark_process_dead(pid)
+
+
+def exposition() -> bytes:
+    """The metrics in Prometheus's text format: this process's, or every worker's summed."""
+    if _shared_directory() is None:
+        return generate_latest(REGISTRY)
+    workers = CollectorRegistry()
+    multiprocess.MultiProcessCollector(workers)
+    return generate_latest(workers)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(REGISTRY))
+    response = web.Response(body=exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
