@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     http_signatures.add_routes(app)  # /signing-key.pub
     health.add_routes(app)  # /readyz: whether storage answers (for readiness probes)
     add_web_routes(app)  # landing page, search, build progress, /images, /docs (after the lifecycle: it needs storage)
-    metrics.setup(app)  # /metrics, blob bytes served
+    metrics.setup(app)  # /metrics
     auth.install(app, settings)  # NIXERY_AUTH: middleware for /v2 and the /token endpoint
     return app
 

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -32,10 +34,15 @@ def _settings() -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from nixery import logs
-    from nixery.http import server
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        # Set before prometheus_client is imported (with nixery.http.server): each worker then
+        # counts into its own files there, and /metrics answers with the sum of all, whichever
+        # worker a scrape reaches (prometheus_client's multiprocess mode; nixery.metrics).
+        os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="nixery-metrics-")
+    from nixery.http import server
     # Bound first: a port in use is one line, before anything starts.
     try:
         sockets = server.listen(settings.host, settings.port, copies=settings.workers)
@@ -48,7 +55,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
             _finish(STARTUP_FAILED)
         return 0
-    return _serve_workers(settings, sockets)
+    try:
+        return _serve_workers(settings, sockets)
+    finally:
+        shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
+
+
+#: Where prometheus_client's multiprocess mode keeps each process's metrics.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 #: Exit status when the registry could not start (settings, storage).
@@ -83,6 +97,7 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
     the kernel spreads connections. They share storage, whose lock keeps one build per image.
     A worker that cannot start says why through a pipe: the others are stopped
     and the reason is printed once."""
+    from nixery import metrics
     from nixery.http import server
 
     reasons, reason_writer = os.pipe()
@@ -112,7 +127,8 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
     signal.signal(signal.SIGINT, forward)
     status = 0
     for _ in children:
-        _, code = os.wait()
+        pid, code = os.wait()
+        metrics.process_ended(pid)  # its gauges no longer count (builds it was running)
         if os.waitstatus_to_exitcode(code) == STARTUP_FAILED and not status:
             forward(signal.SIGTERM, None)
         status = status or os.waitstatus_to_exitcode(code)

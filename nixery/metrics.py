@@ -9,33 +9,54 @@
     nixery_build_waits_total                          waits for a build another process ran (shared storage)
     nixery_cache_hits_total{cache} / _misses_total    cache: image | layer
     nixery_layers_total{outcome}                      outcome: reused | created
-    nixery_layer_bytes_compressed_total
-    nixery_blob_bytes_served_total                    bytes of blobs sent by this process
+    nixery_layer_compressed_bytes_total
+    nixery_blob_served_bytes_total                    bytes of blobs sent by this process (as they go out)
     nixery_nix_processes_running{command}
     nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
 
+With NIXERY_WORKERS above 1, each worker process counts into files of its own
+(prometheus_client's multiprocess mode: `nixery.cli` sets PROMETHEUS_MULTIPROC_DIR
+before the client library is imported) and `/metrics` answers with the sum over
+all of them, whichever worker a scrape reaches; gauges are the sum over the live
+workers. The client library's process metrics are then left out (they would
+describe one worker picked at random).
+
 Routes are labelled with their pattern (`/v2/{name}/blobs/{digest}`), never
 the raw path, so a client cannot grow the label set; unmatched paths share one
-label.
+label, and so do methods outside RFC 9110's (`other`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _BUILD_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+#: Most answers take milliseconds, but a pull by tag waits for its image's build (minutes, up
+#: to NIX_TIMEOUT): the client library's default buckets end at 10 s.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 HTTP_REQUESTS = Counter(
     "nixery_http_requests", "HTTP requests answered, by route pattern and status", ["method", "route", "status"]
 )
 HTTP_DURATION = Histogram(
-    "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"]
+    "nixery_http_request_duration_seconds", "Time to answer a request (until the handler returns)", ["method", "route"],
+    buckets=_REQUEST_BUCKETS,
 )
 BUILDS = Counter(
     "nixery_builds",
@@ -48,16 +69,18 @@ BUILD_WAITS = Counter(
 BUILD_DURATION = Histogram(
     "nixery_build_duration_seconds", "Image build time, by result", ["result"], buckets=_BUILD_BUCKETS
 )
-BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress")
+BUILDS_RUNNING = Gauge("nixery_builds_running", "Image builds in progress", multiprocess_mode="livesum")
 CACHE_HITS = Counter("nixery_cache_hits", "Cache hits, by cache (image, layer)", ["cache"])
 CACHE_MISSES = Counter("nixery_cache_misses", "Cache misses, by cache (image, layer)", ["cache"])
 LAYERS = Counter("nixery_layers", "Layers of built images: reused from storage or created", ["outcome"])
-LAYER_BYTES = Counter("nixery_layer_bytes_compressed", "Compressed bytes of the layers created")
-BLOB_BYTES = Counter("nixery_blob_bytes_served", "Blob bytes sent to clients by this process (not redirects)")
+LAYER_BYTES = Counter("nixery_layer_compressed_bytes", "Compressed bytes of the layers created")
+BLOB_BYTES = Counter("nixery_blob_served_bytes", "Blob bytes sent to clients by this process (not redirects)")
 STORAGE_FULL = Counter(
     "nixery_storage_full", "Requests refused because no space was left where storage writes (507 STORAGE_FULL)"
 )
-NIX_PROCESSES = Gauge("nixery_nix_processes_running", "Nix processes running, by command", ["command"])
+NIX_PROCESSES = Gauge(
+    "nixery_nix_processes_running", "Nix processes running, by command", ["command"], multiprocess_mode="livesum"
+)
 
 for _cache in ("image", "layer"):  # present from the start, so rates work from zero
     CACHE_HITS.labels(_cache)
@@ -108,7 +131,22 @@ def storage_full() -> None:
     STORAGE_FULL.inc()
 
 
+# ---- hooks called by the blob route ------------------------------------------
+
+
+def blob_bytes_sent(count: int) -> None:
+    """Bytes of a blob handed to the client's connection: of a download cut short, only those
+    that went out (a response's Content-Length is what it would have been)."""
+    BLOB_BYTES.inc(count)
+
+
 # ---- HTTP ------------------------------------------------------------------
+
+
+def malformed_request() -> None:
+    """A request aiohttp could not parse, answered 400 before any middleware saw it: its
+    method and path are unknown (or not to be trusted as labels)."""
+    _request_metrics(OTHER_METHOD, UNMATCHED, 400)[0].inc()
 
 
 def route_label(request: web.Request) -> str:
@@ -119,6 +157,17 @@ def route_label(request: web.Request) -> str:
     if resource is None or getattr(match_info, "http_exception", None) is not None:
         return UNMATCHED
     return resource.canonical
+
+
+#: RFC 9110's methods. aiohttp's Python parser (used when its C extension is not installed,
+#: or with AIOHTTP_NO_EXTENSIONS) takes any token as a method: a label per method sent would
+#: let a client add series without end.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "other"
+
+
+def method_label(request: web.Request) -> str:
+    return request.method if request.method in _METHODS else OTHER_METHOD
 
 
 @web.middleware
@@ -133,14 +182,14 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        requests, duration = _request_metrics(request.method, route_label(request), status)
+        requests, duration = _request_metrics(method_label(request), route_label(request), status)
         requests.inc()
         duration.observe(time.monotonic() - started)
 
 
 #: The labelled children by (method, route, status): looking them up by labels
-#: on every request costs more than the counting. Bounded: aiohttp's parser admits
-#: only known methods, routes are patterns, statuses are few.
+#: on every request costs more than the counting. Bounded: methods are RFC 9110's or
+#: `other`, routes are patterns, statuses are few.
 _REQUEST_METRICS: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
 
@@ -155,27 +204,32 @@ def _request_metrics(method: str, route: str, status: int) -> tuple[Counter, His
     return children
 
 
-BLOB_ROUTE_SUFFIX = "/blobs/{digest}"
+def _shared_directory() -> str | None:
+    """Where every worker's metrics are, with NIXERY_WORKERS above 1 (see the module docstring)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
-async def _count_blob_bytes(request: web.Request, response: web.StreamResponse) -> None:
-    """Counts blob bytes when the response starts (a file response knows its length only then)."""
-    if request.method != "GET" or response.status not in (200, 206):
-        return
-    if not route_label(request).endswith(BLOB_ROUTE_SUFFIX):
-        return
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit():
-        BLOB_BYTES.inc(int(length))
+def process_ended(pid: int) -> None:
+    """A worker ended: its gauges no longer count (the files of its counters stay in the sums)."""
+    if _shared_directory() is not None:
+        multiprocess.mark_process_dead(pid)
+
+
+def exposition() -> bytes:
+    """The metrics in Prometheus's text format: this process's, or every worker's summed."""
+    if _shared_directory() is None:
+        return generate_latest(REGISTRY)
+    workers = CollectorRegistry()
+    multiprocess.MultiProcessCollector(workers)
+    return generate_latest(workers)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(REGISTRY))
+    response = web.Response(body=exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
 
 def setup(app: web.Application) -> None:
-    """Serve `/metrics` and count blob bytes (the middleware is added by create_app)."""
-    app.on_response_prepare.append(_count_blob_bytes)
+    """Serve `/metrics` (the middleware is added by create_app; the blob route counts its bytes)."""
     app.router.add_get("/metrics", metrics_handler)

@@ -35,6 +35,8 @@ Parsing (`load_documents`)
     copy) up to `MAX_NODES` per file, and refuses nesting deeper than
     `MAX_DEPTH` and an alias inside the node it names (a value that contains
     itself); integers longer than `MAX_NUMBER_LENGTH` characters are refused.
+    A key given twice in one mapping is refused too (PyYAML would keep the
+    last one silently; YAML calls it an error, and kubectl refuses it).
     Each limit raises `YAMLLimitError`, a `yaml.YAMLError`, so callers handle
     it as any invalid YAML. libyaml (C) produces the parse events when PyYAML
     has it, and the counting composer is the only part in Python: parsing
@@ -59,6 +61,7 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.error import Mark
 from yaml.events import AliasEvent, Event, NodeEvent
+from yaml.nodes import MappingNode, ScalarNode
 from yaml.parser import Parser
 from yaml.reader import Reader
 from yaml.resolver import Resolver
@@ -75,6 +78,7 @@ MAX_NODES = 50_000  # a declaration is ~18 (keys count): ~2,500 per file
 MAX_DEPTH = 64
 MAX_NUMBER_LENGTH = 100
 YIELD_EVERY = 100  # nodes composed or constructed between two hand-overs of the GIL
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<`, which may come more than once
 
 
 class FileRefused(ValueError):
@@ -82,7 +86,7 @@ class FileRefused(ValueError):
 
 
 class YAMLLimitError(yaml.MarkedYAMLError):
-    """A YAML stream past one of this module's limits."""
+    """A YAML stream this module refuses: past one of its limits, or with a key given twice."""
 
 
 def _error_mark(mark: object) -> Mark | None:
@@ -231,6 +235,22 @@ class _LimitedComposer(Composer, _SharesTheGIL):
         self._depth -= 1
         if isinstance(event, NodeEvent) and event.anchor is not None:  # node events are all NodeEvents
             self._anchored_sizes[id(node)] = self._nodes - before + 1
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:
+        """A mapping whose keys are each given once: PyYAML keeps the last of two equal keys
+        without a word, so a declaration with `contents` twice would be served with half its
+        packages (YAML calls two equal keys an error, and kubectl refuses them)."""
+        node = super().compose_mapping_node(anchor)
+        seen: set[tuple[str, str]] = set()
+        for key, _ in node.value:
+            if not isinstance(key, ScalarNode) or key.tag == _MERGE_TAG:
+                continue
+            if (key.tag, key.value) in seen:
+                raise YAMLLimitError(
+                    "in a mapping", node.start_mark, f"the key {key.value[:40]!r} is given twice", key.start_mark
+                )
+            seen.add((key.tag, key.value))
         return node
 
     def _count(self, nodes: int, event: Event) -> None:

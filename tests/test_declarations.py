@@ -91,6 +91,11 @@ def test_the_deploy_examples_are_valid() -> None:
         (nix_image("a", content=["hello"]), "unknown field(s) in data: content"),
         ({**nix_image("a"), "spec": {}}, "not spec"),
         ({k: v for k, v in nix_image("a").items() if k != "data"}, "data is missing"),
+        # The wrong type is named as such, not as a missing field (`name: 2048` in YAML is a number,
+        # `data:` followed by `- tag: v1` a list).
+        ({**nix_image("a"), "metadata": {"name": 2048}}, 'metadata.name must be a string, not int (quote it: "2048")'),
+        ({**nix_image("a"), "metadata": "tools"}, "metadata must be a mapping with a name, not str"),
+        ({**nix_image("a"), "data": [{"tag": "v1", "contents": ["hello"]}]}, "data must be a mapping of tag"),
     ],
 )
 def test_invalid_declarations(document: Any, problem: str) -> None:
@@ -144,6 +149,25 @@ def test_invalid_documents_are_logged_and_skipped(tmp_path: Path) -> None:
     assert invalid[0][:2] == (broken, None) and "not valid YAML" in invalid[0][2]
     assert [(f, d) for f, d, _ in invalid[1:]] == [(mixed, "1"), (mixed, "2"), (mixed, "3")]
     assert "data.tag is missing" in invalid[1][2] and "'Pod'" in invalid[2][2] and "'no such'" in invalid[3][2]
+
+
+def test_a_key_given_twice_is_reported_not_half_read(tmp_path: Path) -> None:
+    """`contents` written twice in one declaration (a merge gone wrong): YAML calls two equal keys
+    an error and kubectl refuses the file, but PyYAML kept the last one silently, so the image
+    was served with only the second list's packages. The file is now reported, naming the key
+    and its line, and nothing of it is served."""
+    (tmp_path / "images.yaml").write_text(
+        "apiVersion: k8s.nixos.org/v1alpha\nkind: NixImage\nmetadata:\n  name: tools\n"
+        "data:\n  tag: v1\n  contents: [curl, jq]\n  arch: amd64\n  contents: [bash]\n"
+    )
+    write_images(tmp_path / "other.yaml", nix_image("other"))
+    with structlog.testing.capture_logs() as logs:
+        files = DeclarationFiles(tmp_path)
+        files.scan()
+    assert [d.reference for d in files.declarations] == ["other:v1"]
+    [problem] = [e["problem"] for e in logs if e["event"] == "declarations.invalid"]
+    assert "'contents' is given twice" in problem and "line 9" in problem, problem
+    assert files.problems[0].origin == f"file {tmp_path / 'images.yaml'}"
 
 
 async def test_name_and_package_rule_and_duplicates(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ parts of the API the registry uses, as the real server does:
 * watch (`?watch=1&resourceVersion=RV`: newline-delimited JSON events ADDED,
   MODIFIED, DELETED, BOOKMARK, every event after RV from its history, then
   live ones until `timeoutSeconds`; 410 Gone, as an ERROR event or as the
-  response's status, for a resourceVersion older than its history),
+  response's status, for a resourceVersion older than its history; an ERROR
+  event 504 "Too large resource version" for one it has not reached, as the
+  API server's watch cache answers once it has waited for it in vain),
 * the status subresource (`PATCH …/niximages/NAME/status`, JSON merge patch,
   a `metadata.resourceVersion` precondition answered with 409), and bearer
   token authentication.
@@ -152,6 +154,13 @@ class FakeKubeApi:
         self.oldest = self.resource_version
         self.history.clear()
 
+    def restore(self, resource_version: int, objects: dict[str, dict[str, Any]]) -> None:
+        """Be a server restored from an older etcd backup: `objects` at `resource_version`, no history.
+        Watches from a later resourceVersion (the registry's) get 504 Too large resource version."""
+        self.resource_version = self.oldest = resource_version
+        self.objects = objects
+        self.history.clear()
+
     def drop_watches(self) -> int:
         """Cut every open watch connection, as a restarting API server or a load balancer would."""
         dropped = len(self._open_watches)
@@ -216,6 +225,13 @@ class FakeKubeApi:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)
             await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+            return response
+        if since > self.resource_version:
+            too_large = self._status(504, "Timeout", f"Too large resource version: {since}, current: "
+                                     f"{self.resource_version}")
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await response.write(json.dumps({"type": "ERROR", "object": too_large}).encode() + b"\n")
             return response
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
@@ -559,6 +575,27 @@ async def test_gone_relists_and_forgets_objects_deleted_meanwhile(harness, as_st
     # and it watches on from the new list
     h.api.create("new", {"tag": "v1", "contents": ["greet"]})
     await eventually(lambda: h.contents("new", "v1"), what="watch after relist")
+
+
+async def test_a_server_restored_from_a_backup_is_listed_again(harness) -> None:
+    """An API server restored from an older etcd backup has not reached the resourceVersion the
+    registry watches from; each watch from there fails (504 Too large resource version, from the
+    stand-in as from the API server's watch cache). The registry asked again from the same point
+    with back-off for as long as the server was behind (for ever, if nothing is written), serving
+    objects the cluster no longer has and missing those it does. It now lists again."""
+    h = await harness()
+    h.api.create("lost", {"tag": "v1", "contents": ["hello"]})
+    h.api.create("kept", {"tag": "v1", "contents": ["figlet"]})
+    await eventually(lambda: h.contents("kept", "v1"), what="kept")
+    watched_from = int(h.watch.resource_version)
+    backup = {"kept": json.loads(json.dumps(h.api.objects["kept"]))}
+    backup["kept"]["data"] = {"tag": "v1", "contents": ["cowsay"]}  # as it was when the backup was made
+    h.api.drop_then(lambda api: api.restore(watched_from - 5, backup))
+    await eventually(lambda: h.contents("kept", "v1") == ("cowsay",), what="the restored objects")
+    assert h.contents("lost", "v1") is None
+    assert h.api.list_requests == 2
+    h.api.create("new", {"tag": "v1", "contents": ["greet"]})
+    await eventually(lambda: h.contents("new", "v1"), what="watch after the relist")
 
 
 async def test_api_unavailable_backs_off_and_recovers(aiohttp_server) -> None:

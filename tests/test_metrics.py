@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.registry import RegistryProcess, slow_package_set
+from tests.registry import RegistryProcess, busybox_set_with, slow_package_set
 
 pytestmark = pytest.mark.nix
 
@@ -72,10 +74,10 @@ def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     created = value(after, "nixery_layers_total", outcome="created")
     assert created >= 2
     assert value(after, "nixery_cache_misses_total", cache="layer") == created
-    assert value(after, "nixery_layer_bytes_compressed_total") > 0
+    assert value(after, "nixery_layer_compressed_bytes_total") > 0
     assert value(after, "nixery_cache_misses_total", cache="image") == 1
     # Bytes served: the blobs just fetched, exactly.
-    assert value(after, "nixery_blob_bytes_served_total") == received
+    assert value(after, "nixery_blob_served_bytes_total") == received
     # Nix ran and nothing of it is left running but the long-running evaluator (nixery/nix/evaluator.py).
     assert value(after, "nixery_nix_processes_running", command="nix-repl") == 1
     assert total(after, "nixery_nix_processes_running") == 1
@@ -88,7 +90,7 @@ def test_metrics_follow_pulls(registry: RegistryProcess) -> None:
     assert value(again, "nixery_builds_total", result="done") == 1
     assert value(again, "nixery_layers_total", outcome="created") == created
     assert value(again, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="200") == 2
-    assert value(again, "nixery_blob_bytes_served_total") == received + received_again
+    assert value(again, "nixery_blob_served_bytes_total") == received + received_again
 
     # A new image sharing layers with the first reuses them.
     pull(registry, "shell/fortune")
@@ -134,3 +136,124 @@ def test_a_build_run_by_another_process_counts_as_a_wait(start_registry, tmp_pat
     assert sum(value(s, "nixery_build_duration_seconds_count", result="done") for s in samples) == 1
     assert sum(value(s, "nixery_builds_total", result="failed") for s in samples) == 0
     assert sum(value(s, "nixery_build_waits_total") for s in samples) == 1
+
+
+def test_a_download_cut_short_counts_only_the_bytes_sent(start_registry, tmp_path: Path) -> None:
+    """A client that reads the start of a 32 MB layer and hangs up (a cancelled pull) received a
+    few of its bytes, not 32 MB: nixery_blob_served_bytes_total is what went out. It used to be
+    the response's Content-Length, counted before the first byte was sent."""
+    pkgs = busybox_set_with(
+        tmp_path / "pkgs", "noise", "noise-1.0", "$bb/mkdir -p $out; $bb/head -c 33554432 /dev/urandom > $out/noise"
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    _, manifest = registry.manifest("noise")
+    layer = max(manifest["layers"], key=lambda blob: blob["size"])
+    assert layer["size"] > 32 << 20  # random bytes do not compress
+    counted_before = value(scrape(registry), "nixery_blob_served_bytes_total")
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server cannot hand it all to the kernel
+        client.connect(("127.0.0.1", registry.port))
+        client.sendall(f"GET /v2/noise/blobs/{layer['digest']} HTTP/1.1\r\nHost: registry\r\n\r\n".encode())
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+    # Closed with bytes unread: the registry's next send fails, and it counts what went out.
+    deadline = time.monotonic() + 30
+    while (counted := value(scrape(registry), "nixery_blob_served_bytes_total") - counted_before) == 0:
+        assert time.monotonic() < deadline, "the cut-short download was never counted"
+        time.sleep(0.05)
+    assert 0 < counted < layer["size"] / 2
+    samples = scrape(registry)
+    assert value(samples, "nixery_http_requests_total", method="GET", route=BLOB_ROUTE, status="200") == 1
+
+
+def test_made_up_methods_share_one_label(start_registry) -> None:
+    """aiohttp's Python parser (used without its C extension; AIOHTTP_NO_EXTENSIONS selects it
+    here) answers any token as a method, with 405. Each such method used to get a series of its
+    own, so a client sending made-up methods grew /metrics without end; they are now `other`."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", AIOHTTP_NO_EXTENSIONS="1")
+    for number in range(20):
+        status, _, _ = registry.request("/v2/", method=f"X{number}", accept=None)
+        assert status == 405
+    status, _, _ = registry.request("/v2/", method="PROPFIND", accept=None)
+    assert status == 405
+    samples = scrape(registry)
+    methods = {dict(labels).get("method") for name, labels in samples if name == "nixery_http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other"}
+    assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="405") == 21
+
+
+def test_a_pull_that_waits_for_a_long_build_lands_in_a_bucket(start_registry, tmp_path: Path) -> None:
+    """A pull by tag waits for its image's build, minutes on a real package set. The request
+    histogram's buckets used to end at 10 s (the client library's default), so every pull that
+    built for longer counted only in +Inf: one of 11 s looked the same as one of 10 minutes."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=11)))
+    registry.manifest("slowpoke")
+    samples = scrape(registry)
+    buckets = {
+        float(dict(labels)["le"]): count for (name, labels), count in samples.items()
+        if name == "nixery_http_request_duration_seconds_bucket"
+        and dict(labels)["route"] == MANIFEST_ROUTE and dict(labels)["method"] == "GET"
+    }
+    assert buckets[10.0] == 0 and buckets[float("inf")] == 1  # the build alone sleeps 11 s
+    assert min(le for le, count in buckets.items() if count == 1) < float("inf")
+
+
+def test_requests_that_cannot_be_parsed_are_counted(registry: RegistryProcess) -> None:
+    """A request aiohttp cannot parse (TLS sent to the plain-HTTP port, a header line without a
+    colon, a request line past the limit) is answered 400 before the application sees it, and
+    was in no counter: a flood of them left /metrics unchanged. Each is now one request."""
+    for raw in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        b"GET /v2/ HTTP/1.1\r\nHost: registry\r\nno colon here\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: registry\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", registry.port)) as client:
+            client.sendall(raw)
+            assert client.recv(4096).startswith(b"HTTP/1.0 400")
+    samples = scrape(registry)
+    assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="400") == 3
+
+
+def test_metric_names_follow_prometheus_conventions(registry: RegistryProcess) -> None:
+    """Prometheus's naming rules: a counter ends in `_total`, and a name with a unit ends with that
+    unit, in base units (before `_total` for a counter): `nixery_blob_served_bytes_total`. Two
+    counters put the unit in the middle (`nixery_blob_bytes_served_total`,
+    `nixery_layer_bytes_compressed_total`), which queries and recording rules that go by the
+    suffix (`*_bytes_total`) miss."""
+    pull(registry, "shell/hello")  # so that every family has samples
+    status, _, body = registry.request("/metrics", accept="text/plain")
+    assert status == 200
+    families = [  # the client library's creation times (`_created`) come as gauges of their own
+        f for f in text_string_to_metric_families(body.decode())
+        if f.name.startswith("nixery_") and not f.name.endswith("_created")
+    ]
+    assert len(families) >= 12
+    for family in families:
+        words = family.name.split("_")
+        if family.type == "counter":
+            assert all(sample.name.endswith(("_total", "_created")) for sample in family.samples), family.name
+        for unit in ("seconds", "bytes"):
+            if unit in words:
+                assert words[-1] == unit, f"{family.name}: the unit {unit} is not the last word"
+        assert not {"milliseconds", "kilobytes", "megabytes", "minutes"} & set(words), family.name
+
+
+def test_workers_answer_for_all_of_them(start_registry, tmp_path: Path) -> None:
+    """With NIXERY_WORKERS=2 the kernel hands each connection, scrapes included, to either worker.
+    Each worker answered /metrics with its own counts, so successive scrapes went up and down
+    (22, 19, 22, ...: Prometheus reads every fall as a counter reset, and rates as nonsense).
+    Every scrape now gives the sum over both workers, and the files that takes are removed
+    when the registry stops."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    for _ in range(40):  # a connection each: both workers get some
+        assert registry.request("/v2/", accept=None)[0] == 200
+    answers = [
+        value(scrape(registry), "nixery_http_requests_total", method="GET", route="/v2/", status="200")
+        for _ in range(8)
+    ]
+    assert len(set(answers)) == 1 and answers[0] >= 40, answers
+    assert value(scrape(registry), "nixery_builds_running") == 0
+    assert list(temporary.glob("nixery-metrics-*"))
+    registry.stop()
+    assert not list(temporary.glob("nixery-metrics-*"))

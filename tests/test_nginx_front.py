@@ -71,9 +71,9 @@ def blob_bytes_sent_by_registry(registry: RegistryProcess) -> float:
     status, _, body = registry.request("/metrics")
     assert status == 200
     for line in body.decode().splitlines():
-        if line.startswith("nixery_blob_bytes_served_total "):
+        if line.startswith("nixery_blob_served_bytes_total "):
             return float(line.split()[1])
-    raise AssertionError("no nixery_blob_bytes_served_total in /metrics")
+    raise AssertionError("no nixery_blob_served_bytes_total in /metrics")
 
 
 @needs_nginx

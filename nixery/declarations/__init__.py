@@ -57,7 +57,8 @@ Rules
   (not valid YAML, past a limit below, or any other failure) is skipped as a
   whole, alone.
 * **Limits** (`nixery.yaml_files`): only regular files of at most 1 MiB are
-  read; YAML is parsed with limits on aliases, nesting and numbers; directory
+  read; YAML is parsed with limits on aliases, nesting and numbers, and a key
+  given twice in one mapping makes the file invalid; directory
   symlinks are followed only to directories inside the tree not visited yet.
 * **Changes.** Files are checked on every pull by tag (one `stat` per file;
   only changed files are read again) and every NIXERY_IMAGES_POLL seconds in

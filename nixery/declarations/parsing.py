@@ -72,8 +72,11 @@ class Declaration:
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
+    if name is None or name == "":
         raise InvalidDeclaration("metadata.name is missing")
+    if not isinstance(name, str):
+        hint = f' (quote it: "{_cut(str(name))}")' if isinstance(name, int | float) else ""
+        raise InvalidDeclaration(f"metadata.name must be a string, not {type(name).__name__}{hint}")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidDeclaration(f"metadata.name is longer than {MAX_NAME_LENGTH} characters")
     if not _DNS_SUBDOMAIN.fullmatch(name):
@@ -149,12 +152,16 @@ def parse_declaration(
         hint = " (the image is described under data, not spec)" if "spec" in unknown else ""
         raise InvalidDeclaration(f"unknown field(s) {_field_names(unknown)}{hint}")
     metadata = document.get("metadata")
-    if not isinstance(metadata, Mapping):
+    if metadata is None:
         raise InvalidDeclaration("metadata is missing")
+    if not isinstance(metadata, Mapping):
+        raise InvalidDeclaration(f"metadata must be a mapping with a name, not {type(metadata).__name__}")
     name = _check_name(metadata.get("name"))
     data = document.get("data")
-    if not isinstance(data, Mapping):
+    if data is None:
         raise InvalidDeclaration("data is missing: it needs tag and contents")
+    if not isinstance(data, Mapping):
+        raise InvalidDeclaration(f"data must be a mapping of tag, contents, ..., not {type(data).__name__}")
     unknown = [k for k in data if k not in _DATA_FIELDS]
     if unknown:
         known = f" (known: {', '.join(sorted(_DATA_FIELDS))})" if len(unknown) <= 3 else ""  # a short line

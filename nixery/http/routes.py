@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, RequestInvalid, Unsupported
 from nixery.http import ranges
@@ -285,9 +286,16 @@ async def blob(request: web.Request) -> web.StreamResponse:
         case ByteStream(chunks=chunks, size=size):
             response = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
             await response.prepare(request)
-            async for chunk in chunks:
-                await response.write(chunk)
-            await response.write_eof()
+            sent = 0
+            try:
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    sent += len(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the client hung up (a cancelled pull): the answer is the 200 under way, cut short
+            finally:
+                metrics.blob_bytes_sent(sent)  # of a download cut short, the chunks that went out
             return response
 
 
@@ -315,6 +323,7 @@ class _SendFile(web.StreamResponse):
         transport = request.transport
         sock: socket.socket | None = transport.get_extra_info("socket") if transport is not None else None
         corked = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        sent = 0
         try:
             if corked is not None:  # full segments, headers sent with the body (nginx's tcp_nopush)
                 corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
@@ -323,12 +332,17 @@ class _SendFile(web.StreamResponse):
                 raise ConnectionResetError("connection lost")
             sent = _sendfile_now(transport, corked, self._handle, self._offset, self._size) if corked is not None else 0
             if sent < self._size:
-                await asyncio.get_running_loop().sendfile(
-                    transport, self._handle, self._offset + sent, self._size - sent
-                )
+                start = self._offset + sent
+                try:
+                    await asyncio.get_running_loop().sendfile(transport, self._handle, start, self._size - sent)
+                finally:
+                    # asyncio leaves the file's position after the bytes it sent, also when the
+                    # client went away (it stays at 0, before `start`, when none went out).
+                    sent += max(0, self._handle.tell() - start)
             await super().write_eof()
             return writer
         finally:
+            metrics.blob_bytes_sent(sent)  # of a download cut short, what went out
             self._handle.close()
             if corked is not None:  # sends the last partial segment now; later answers on this connection are not held
                 with contextlib.suppress(OSError):

@@ -51,7 +51,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from nixery import errors
+from nixery import errors, metrics
 
 log = structlog.get_logger(__name__)
 
@@ -310,6 +310,7 @@ class RegistryConnection(RequestHandler):
         if status == 400:
             error: errors.RegistryError = errors.RequestInvalid(self._malformed(exc))
             log.info("http.malformed_request", peer=_peer(self.transport), problem=type(exc).__name__)
+            metrics.malformed_request()  # it never reaches the middlewares, which count the others
         else:
             error = errors.InternalError("internal error; see the registry's log")
             log.error("http.unhandled_error", status=status, exc_info=exc)

@@ -13,6 +13,10 @@ cluster's objects:
   resourceVersion is too old) means list again;
 * any other failure is retried with exponential back-off and jitter, up to
   `max_backoff` seconds; the registry keeps serving what it knows meanwhile.
+  After an error the server answered (a status or an ERROR event, e.g. 504
+  "Too large resource version" from a server restored from an older etcd
+  backup) the retry lists again; after a connection failure it watches on from
+  the last resourceVersion.
 
 Status (`status` subresource; NixImage is cluster-scoped, but namespaced
 objects are addressed correctly too):
@@ -152,6 +156,11 @@ class NixImageWatch:
                     "k8s.watch_failed", error=str(exc) or type(exc).__name__, retry_in=round(delay, 2),
                     resource_version=self.resource_version,
                 )
+                if isinstance(exc, ApiError):
+                    # The server refused the watch itself, e.g. 504 "Too large resource version" from
+                    # one restored from an older etcd backup, which would refuse every watch from
+                    # here: list again (as client-go does). A dropped connection resumes instead.
+                    self.resource_version = None
                 await asyncio.sleep(delay)
 
     async def _list(self) -> None:
