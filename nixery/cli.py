@@ -237,6 +237,8 @@ def _gc(args: argparse.Namespace) -> int:
     print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
           f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images; "
           f"{verb} {report.evaluations_removed} kept name evaluations of package-set revisions no kept image uses")
+    if report.layer_records_removed:
+        print(f"{verb} {report.layer_records_removed} records of layers whose blobs are gone")
     if report.unreadable_removed:
         print(f"{verb} {report.unreadable_removed} image records that cannot be read (damaged)")
     return 0

@@ -8,7 +8,8 @@ Both run against live storage while registries serve from it:
   every image record against the blobs it names.
 * `collect_garbage` removes images not used within a time limit, then blobs no
   remaining image uses, and the names' evaluations kept for package-set
-  revisions that no remaining image was built from. An image in use is never removed: registries record a
+  revisions that no remaining image was built from, and the records of layers whose blobs are gone.
+  An image in use is never removed: registries record a
   use at least once an hour (`usage/<key>` for a pull by tag, `pulls/<manifest hex>` for one by
   digest: `nixery.pulls`), and the limit is longer than that.
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
@@ -39,8 +40,10 @@ import time
 from dataclasses import dataclass, field
 
 from nixery import collected, pulls, signatures
+from nixery.errors import DigestInvalid
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, RecordUnreadable, build_lock, referrer_keys
+from nixery.layers.store import LAYER_PREFIX
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -69,6 +72,7 @@ class GarbageReport:
     blobs_removed: int = 0
     bytes_freed: int = 0
     evaluations_removed: int = 0
+    layer_records_removed: int = 0  # `layers/<key>` records of layers whose blobs are gone
     dry_run: bool = False
 
 
@@ -168,17 +172,21 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     if report.images_removed and not dry_run:
         await collected.announce(storage, "images")
         await asyncio.sleep(collected.SETTLE)  # every registry drops the records it holds
+    listed: set[Digest] = set()
     async for blob in storage.list_blobs():
+        listed.add(blob.digest)
         if blob.digest in live or now - blob.modified < BLOB_GRACE:
             continue
         # The listing's dates may be minutes old: the blob goes only if it is still unused now.
         if dry_run or await storage.delete_unused_blob(blob.digest, now - BLOB_GRACE):
             report.blobs_removed += 1
             report.bytes_freed += blob.size
+            listed.discard(blob.digest)
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
         await signatures.remove_orphans(storage)
         await pulls.remove_orphans(storage)
+    report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue
@@ -186,6 +194,32 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         if not dry_run:
             await storage.delete_meta(key)
     return report
+
+
+async def _remove_layer_records(storage: Storage, stored: set[Digest], *, dry_run: bool) -> int:
+    """Remove the layer records (`layers/<key>`, nixery.layers.store) whose blob is gone: not
+    among the `stored` blobs gc listed and kept, and not stored now. A build finds the layer by
+    its record no more than before (a record is believed only when its blob is there), but the
+    records would pile up, one per layer ever made. A build that writes a layer's record while
+    its blob is still on its way, all through gc's listing, loses the record: the next image
+    that needs the layer compresses it again (and finds the blob stored)."""
+    removed = 0
+    for key in await storage.list_meta(LAYER_PREFIX):
+        digest = _layer_digest(await storage.get_meta(key))
+        if digest is None or digest in stored or await storage.stat_blob(digest) is not None:
+            continue
+        removed += 1
+        if not dry_run:
+            await storage.delete_meta(key)
+    return removed
+
+
+def _layer_digest(data: bytes | None) -> Digest | None:
+    """The blob a layer record names; None if gone or unreadable (a build writes it again)."""
+    try:
+        return Digest.parse(json.loads(data or b"null")["digest"])
+    except (ValueError, KeyError, TypeError, DigestInvalid):
+        return None
 
 
 async def _still_unreadable(storage: Storage, key: str) -> bool:

@@ -11,12 +11,15 @@ reference, and the image as the package the document describes, which
 Store paths of the Debian-derived set carry what they were made from:
 `nix-support/debian-packages` names the Debian packages, and each package's
 `usr/share/doc/<name>/` holds Debian's `copyright` (machine-readable, DEP-5, for
-most) and changelog. A store path holding one Debian package is named by it, its
-version is the one its changelog's first line gives (with the epoch and `~`
-that store names cannot hold; checked against the store name), its declared
-license is the `Files: *` license of its copyright file in SPDX terms (Debian's
-short name in a comment when it has no SPDX identifier), and it gets a `pkg:deb`
-package URL.
+most) and changelog, and `nix-support/debian-versions` each package's version
+and architecture as its control file gives them. A store path holding one Debian
+package is named by it, its version is its control file's (with the epoch and
+`~` that store names cannot hold; a set built before it recorded them gives the
+changelog's first line, checked against the store name), its declared license
+is the `Files: *` license of its copyright file in SPDX terms (Debian's short
+name in a comment when it has no SPDX identifier), and it gets a `pkg:deb`
+package URL with its own architecture (`all` for architecture-independent
+packages).
 
 The CycloneDX document says the same: the image as the BOM's `metadata.component`
 (type `container`), one component per store path (its `bom-ref`), with the
@@ -76,24 +79,39 @@ class DebianPackage:
     name: str
     version: str
     license: str | None  # the `Files: *` license as Debian names it (DEP-5 short name), if stated
+    architecture: str | None = None  # its control file's: `all`, or the set's (amd64); None: not recorded
+
+    def purl(self, image_architecture: str) -> str:
+        """Its package URL, canonical as the purl spec writes one (the epoch in the version, its
+        `:` unencoded: `pkg:deb/debian/libbpf1@1:1.1.2-0%2Bdeb12u1?arch=amd64`); a package whose
+        architecture the set did not record takes the image's."""
+        arch = self.architecture or image_architecture
+        return f"pkg:deb/debian/{self.name}@{quote(self.version, safe=':')}?arch={quote(arch, safe='')}"
 
 
 def debian_packages(path: Path) -> tuple[DebianPackage, ...]:
     """The Debian packages a store path of the Debian set was made from (none for other paths).
-    Its store name is "<packages joined by +>-<the first's version>" (scripts/debian-set/generate.py)."""
+    Its store name is "<packages joined by +>-<the first's version>" (scripts/debian-set/generate.py);
+    `nix-support/debian-versions` has each package's version and architecture from its control
+    file. A set built before it recorded them gets the version from the changelog (which may lack
+    the epoch: libbpf1's) and no architecture."""
     names = (_read_text(path / "nix-support" / "debian-packages") or "").split()
     joined = "+".join(names)
     if not names or not store_name(str(path)).startswith(joined + "-"):
         return ()
     store_version = store_name(str(path))[len(joined) + 1 :]
-    return tuple(
-        DebianPackage(
-            name,
-            _debian_version(path / "usr/share/doc" / name, store_version if i == 0 else None) or store_version,
-            _debian_license(path, name),
-        )
-        for i, name in enumerate(names)
-    )
+    recorded = {
+        fields[0]: (fields[1], fields[2])
+        for line in (_read_text(path / "nix-support" / "debian-versions") or "").splitlines()
+        if len(fields := line.split()) == 3
+    }
+    packages = []
+    for i, name in enumerate(names):
+        version, architecture = recorded.get(name, (None, None))
+        if version is None:
+            version = _debian_version(path / "usr/share/doc" / name, store_version if i == 0 else None) or store_version
+        packages.append(DebianPackage(name, version, _debian_license(path, name), architecture))
+    return tuple(packages)
 
 
 def _read_text(path: Path) -> str | None:
@@ -221,7 +239,7 @@ def _package(info: StorePathInfo, arch: str) -> dict[str, Any]:
     if info.debian:
         notes["externalRefs"] = [
             {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-             "referenceLocator": f"pkg:deb/debian/{deb.name}@{quote(deb.version, safe='')}?arch={arch}"}
+             "referenceLocator": deb.purl(arch)}
             for deb in info.debian
         ]
     if version:

@@ -102,6 +102,58 @@ class RegistryProcess(daemons.LoopbackServer):
         return headers["Docker-Content-Digest"], json.loads(body)
 
 
+def error_of(body: bytes) -> dict:
+    document = json.loads(body)
+    assert set(document) == {"errors"} and len(document["errors"]) == 1, document
+    error = document["errors"][0]
+    assert set(error) == {"code", "message", "detail"}, error
+    return error
+
+
+def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
+    """A blob's ETag is its digest on every answer; conditions made with it hold; one byte
+    range is 206, one past the end 416 with the JSON error; ranges the registry does not
+    serve (several, another unit, malformed) get the whole blob, as RFC 9110 allows.
+    Checked on the first layer of image `name`, which `registry` sends itself (no redirect)."""
+    _, manifest = registry.manifest(name)
+    digest, size = manifest["layers"][0]["digest"], manifest["layers"][0]["size"]
+    path, etag = f"/v2/{name}/blobs/{digest}", f'"{digest}"'
+
+    def get(headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        status, answer_headers, body = registry.request(path, headers=headers)
+        return status, {name.lower(): value for name, value in answer_headers.items()}, body
+
+    status, headers, whole = get({})
+    assert (status, headers["etag"], len(whole), headers["accept-ranges"]) == (200, etag, size, "bytes")
+    partial = {
+        "bytes=0-9": (0, 10), "bytes=-10": (size - 10, size), f"bytes=10-{size * 2}": (10, size),
+        f"bytes={size - 1}-": (size - 1, size),
+    }  # fmt: skip
+    for requested, (start, end) in partial.items():
+        for extra in ({}, {"If-Range": etag}):
+            status, headers, body = get({"Range": requested, **extra})
+            assert (status, headers["etag"], body) == (206, etag, whole[start:end]), (requested, extra)
+            assert headers["content-range"] == f"bytes {start}-{end - 1}/{size}", requested
+    ignored = [
+        {"Range": "bytes=0-1,4-5"}, {"Range": "items=0-1"}, {"Range": "bytes=5-1"}, {"Range": "bytes=x"},
+        {"Range": "bytes=0-1", "If-Range": '"an-older-etag"'}, {"If-None-Match": '"another"'}, {"If-Match": etag},
+        {"If-Match": "*"}, {"If-Modified-Since": "not a date"},
+        {"If-Unmodified-Since": "Mon, 01 Jan 1990 00:00:00 GMT"},
+    ]  # fmt: skip
+    for extra in ignored:
+        status, headers, body = get(extra)
+        assert (status, headers["etag"], body) == (200, etag, whole), extra
+    for if_none_match in (etag, f"W/{etag}", f'"another", {etag}', "*"):
+        status, headers, body = get({"If-None-Match": if_none_match})
+        assert (status, headers["etag"], body) == (304, etag, b""), if_none_match
+    for past_the_end in (f"bytes={size}-", "bytes=-0"):
+        status, headers, body = get({"Range": past_the_end})
+        assert (status, headers["content-range"]) == (416, f"bytes */{size}"), past_the_end
+        assert error_of(body)["detail"] == {"size": size, "kind": "RANGE_NOT_SATISFIABLE"}
+    status, _, body = get({"If-Match": '"another"'})
+    assert status == 412 and error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
+
+
 def run(
     argv: list[str], *, timeout: float = 300, check: bool = True, env_extra: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess[str]:

@@ -26,21 +26,21 @@ LARGE_SET = """{ ... }: builtins.listToAttrs (builtins.genList (i: {
 """
 
 
-async def longest_pause(work: Awaitable[T]) -> tuple[T, float, float]:
+async def longest_pause(work: Awaitable[T], *, tick: float = 0.005) -> tuple[T, float, float]:
     """`work`'s result, the longest time the event loop went without running anything else
-    meanwhile, and how long `work` took."""
+    meanwhile (measured by a task that sleeps `tick` seconds at a time), and how long `work` took."""
     pauses: list[float] = []
     done = False
 
-    async def tick() -> None:
+    async def ticks() -> None:
         last = time.monotonic()
         while not done:
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(tick)
             now = time.monotonic()
             pauses.append(now - last)
             last = now
 
-    ticking = asyncio.ensure_future(tick())
+    ticking = asyncio.ensure_future(ticks())
     await asyncio.sleep(0.02)
     started = time.monotonic()
     try:

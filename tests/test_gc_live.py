@@ -133,6 +133,25 @@ def test_registries_rebuild_what_gc_collected_while_they_served_it(start_registr
     assert not (storage / "locks" / f"builds_{key}.lock").exists()
 
 
+def test_the_records_of_collected_layers_go_with_their_blobs(start_registry, tmp_path: Path) -> None:
+    """A layer's record (`meta/layers/`, how builds find a stored layer) goes when gc removes its
+    blob: they used to stay, one for every layer ever made. A kept image's layers keep theirs."""
+    storage = tmp_path / "storage"
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    pull(registry, "fortune")
+    kept_digest, kept = pull(registry, "shell/hello")
+    registry.stop()
+    age_everything(storage)
+    used = storage / "meta" / "usage" / record_key(storage, kept_digest)
+    used.parent.mkdir(exist_ok=True)
+    used.write_text(json.dumps({"last_used": time.time()}))
+
+    assert "removed 1 images" in collect(storage)
+    records = [json.loads(path.read_bytes())["digest"] for path in (storage / "meta" / "layers").iterdir()]
+    assert sorted(records) == sorted(layer["digest"] for layer in kept["layers"])
+    assert all(blob_file(storage, digest).exists() for digest in records)
+
+
 def test_a_blob_found_missing_gets_its_image_rebuilt(start_registry, tmp_path: Path) -> None:
     """A blob gone without a word from gc (deleted by hand, or before a registry heard of it)."""
     storage = tmp_path / "shared-storage"

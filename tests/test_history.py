@@ -6,8 +6,12 @@ filesystem storage; the last test builds an image with real Nix (busybox set).""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +19,10 @@ import pytest
 from nixery import config
 from nixery.app import open_builder
 from nixery.history import ENTRIES, SNAPSHOT, SharedHistory
-from nixery.layers.grouping import LayerHistory
+from nixery.layers.grouping import DEFAULT_HISTORY_CAPACITY, LayerHistory
 from nixery.registry.names import parse_image_name
 from nixery.storage.filesystem import FilesystemStorage
+from tests.test_catalog import longest_pause
 
 BUSYBOX_SET = Path(__file__).resolve().parent.parent / "pkgs" / "busybox"
 
@@ -93,6 +98,60 @@ async def test_a_damaged_entry_or_snapshot_is_skipped(tmp_path: Path) -> None:
     await writer.record(layers("a"))
     known = await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()
     assert set(known.layers()) == set(layers("a"))
+
+
+def full_history(seed: int = 2) -> LayerHistory:
+    """A history at its cap (20,000 layers) of 1 to 19 paths each, from 150,000 store paths
+    with long names: what a big registry holds, ~13 MB of JSON."""
+    rng = random.Random(seed)
+    paths = [
+        f"/nix/store/{rng.getrandbits(160):040x}-python3.12-a-rather-long-package-name-{n}-1.2.3"
+        for n in range(150_000)
+    ]
+    history = LayerHistory()
+    for _ in range(DEFAULT_HISTORY_CAPACITY):
+        history.record([frozenset(rng.sample(paths, rng.randint(1, 19)))])
+    return history
+
+
+async def test_a_large_snapshot_is_read_while_the_event_loop_answers(tmp_path: Path) -> None:
+    """The snapshot of a full history is decoded a layer at a time in a thread: the event loop
+    is never held for a third of what json.loads of the snapshot takes. (It was held about that
+    long, 0.03 s of 0.045 s here: json.loads, even in a thread, holds the interpreter for the
+    whole document.)"""
+    storage = FilesystemStorage(tmp_path / "storage")
+    stored = full_history()
+    snapshot = stored.to_json()
+    assert snapshot == json.dumps(json.loads(snapshot), separators=(",", ":")).encode()  # the format it always had
+    await storage.put_meta(SNAPSHOT, snapshot)
+    parse = min(_timed(json.loads, snapshot) for _ in range(3))
+
+    # What is measured is the loader's own holding of the interpreter, the least of three
+    # loadings (other processes on the machine add their own pauses). Collections pause every
+    # thread for as long as they walk the heap, whoever allocates (pytest's too): they are
+    # left out. A shorter switch interval (5 ms by default) gives the loop the interpreter
+    # back soon after it asks for it.
+    switch_interval = sys.getswitchinterval()
+    gc.collect()
+    gc.disable()
+    sys.setswitchinterval(0.001)
+    try:
+        pauses = []
+        for _ in range(3):
+            loaded, pause, took = await longest_pause(SharedHistory(storage).current(), tick=0.001)
+            assert loaded.layers() == stored.layers()
+            pauses.append(pause)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        gc.enable()
+    held = ", ".join(f"{pause:.3f}" for pause in pauses)
+    assert min(pauses) < parse / 3, f"the loop was held {held} s; json.loads takes {parse:.3f} s, loading {took:.3f} s"
+
+
+def _timed(work: Callable[[bytes], object], data: bytes) -> float:
+    started = time.monotonic()
+    work(data)
+    return time.monotonic() - started
 
 
 async def _compaction_done(history: SharedHistory) -> None:

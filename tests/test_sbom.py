@@ -263,13 +263,15 @@ def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path)
 
 
 def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path: Path) -> None:
+    """curl, and iproute2 for its libbpf1 (a package whose version has an epoch its changelog lacks)."""
+    image = "shell/curl/iproute2"
     debian = require_debian_set()
     registry = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "debian"}).start()
     try:
-        digest, manifest = registry.manifest("shell/curl")
-        _, document = attached_document(registry, "shell/curl", digest, SPDX)
-        _, cyclonedx = attached_document(registry, "shell/curl", digest, CYCLONEDX)
-        store_paths = image_store_paths(registry, "shell/curl", manifest)
+        digest, manifest = registry.manifest(image)
+        _, document = attached_document(registry, image, digest, SPDX)
+        _, cyclonedx = attached_document(registry, image, digest, CYCLONEDX)
+        store_paths = image_store_paths(registry, image, manifest)
     finally:
         registry.stop()
     sbom = validated_spdx(document, tmp_path)
@@ -279,13 +281,13 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     imported = r'^\s*"?([^"\s]+)"? = lib\.importDeb \{ path = /\. \+ "\$\{debDir\}/([^"]+)"'
     deb_files = dict(re.findall(imported, nix_file, re.MULTILINE))
 
-    def control_version(package: str) -> str:
-        found = subprocess.run(["dpkg-deb", "-f", str(debs / deb_files[package]), "Version"],
+    def control(package: str, field: str = "Version") -> str:
+        found = subprocess.run(["dpkg-deb", "-f", str(debs / deb_files[package]), field],
                                capture_output=True, text=True, check=True)
         return found.stdout.strip()
 
     (curl,) = [p for p in sbom["packages"] if p["name"] == "curl" and "packageFileName" in p]
-    assert curl["versionInfo"] == control_version("curl")
+    assert curl["versionInfo"] == control("curl")
     assert curl["licenseDeclared"] == "curl"
     # "License: Sleepycat and BSD-3-clause": names SPDX has that are not Debian's own short names.
     (libdb,) = [p for p in sbom["packages"] if p["name"] == "libdb5.3"]
@@ -293,12 +295,19 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     (curl_component,) = [c for c in validated_cyclonedx(cyclonedx)["components"] if c["name"] == "curl"]
     assert curl_component["version"] == curl["versionInfo"]
     assert curl_component["licenses"] == [{"expression": "curl"}]
-    # Every Debian package of the image (epochs and `~` included: zlib1g 1:1.2.13..., libssl3 ...~deb12u2).
+    # Every Debian package of the image, as its control file says it: epochs (zlib1g 1:1.2.13...,
+    # and libbpf1, whose changelog leaves its epoch out), `~` (libssl3 ...~deb12u2), and the
+    # architecture: `all` for ca-certificates (every image's CA bundle) and the like.
     purls = [ref["referenceLocator"] for p in sbom["packages"] for ref in p.get("externalRefs", ())]
-    assert len(purls) >= 30 and any("%3A" in purl for purl in purls) and any("~" in purl for purl in purls)
+    assert len(purls) >= 30 and any("~" in purl for purl in purls)
     for purl in purls:
-        name, version = re.fullmatch(r"pkg:deb/debian/([^@]+)@([^?]+)\?arch=amd64", purl).groups()
-        assert unquote(version) == control_version(name), purl
+        name, version, arch = re.fullmatch(r"pkg:deb/debian/([^@]+)@([^?]+)\?arch=([a-z0-9]+)", purl).groups()
+        assert (unquote(version), arch) == (control(name), control(name, "Architecture")), purl
+    by_name = {purl.split("@")[0].removeprefix("pkg:deb/debian/"): purl for purl in purls}
+    assert re.fullmatch(r"pkg:deb/debian/libbpf1@1:[^:?]+\?arch=amd64", by_name["libbpf1"])  # the epoch, unencoded
+    assert by_name["ca-certificates"].endswith("?arch=all")
+    (libbpf,) = [p for p in sbom["packages"] if p["name"] == "libbpf1"]
+    assert libbpf["versionInfo"] == control("libbpf1") and libbpf["versionInfo"].startswith("1:")
     assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
 
 

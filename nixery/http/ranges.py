@@ -1,4 +1,5 @@
-"""Range and conditional requests on blob files, answered by the registry itself.
+"""Range and conditional requests on the blobs the registry sends itself: files, and
+blobs relayed from an object store (which then sends only the range asked for).
 
 A blob never changes: its digest is its strong validator, the `ETag` of every
 answer (200, 206, 304 and the errors). RFC 9110 (sections 13 and 14) then

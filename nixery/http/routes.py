@@ -283,8 +283,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return _SendFile(handle, selected, headers)
         case Redirect(url=url):
             return web.Response(status=307, headers={**API_VERSION, "Location": url})
-        case ByteStream(chunks=chunks, size=size):
-            response = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
+        case ByteStream(chunks=chunks, size=size, read_range=read_range):
+            selected = ranges.select(request.headers, headers["ETag"], size)
+            if selected.status == 304:
+                return web.Response(status=304, headers=headers)
+            if selected.status == 206:  # the whole blob's answer is dropped unread: the store sends the range only
+                chunks = await read_range(selected.start, selected.count)
+            response = web.StreamResponse(status=selected.status, headers=_sent_headers(headers, selected))
             await response.prepare(request)
             sent = 0
             try:
@@ -299,6 +304,14 @@ async def blob(request: web.Request) -> web.StreamResponse:
             return response
 
 
+def _sent_headers(headers: dict[str, str], selected: ranges.Selected) -> dict[str, str]:
+    """The headers of a blob answer that sends what `selected` says (nixery.http.ranges)."""
+    headers = {**headers, "Content-Length": str(selected.count), "Accept-Ranges": "bytes"}
+    if selected.status == 206:
+        headers["Content-Range"] = selected.content_range
+    return headers
+
+
 class _SendFile(web.StreamResponse):
     """An open blob file, or the range of it `selected` (nixery.http.ranges), sent with
     sendfile(2) from the event loop.
@@ -311,10 +324,7 @@ class _SendFile(web.StreamResponse):
     the handler and the middlewares have returned."""
 
     def __init__(self, handle: BinaryIO, selected: ranges.Selected, headers: dict[str, str]):
-        headers = {**headers, "Content-Length": str(selected.count), "Accept-Ranges": "bytes"}
-        if selected.status == 206:
-            headers["Content-Range"] = selected.content_range
-        super().__init__(status=selected.status, headers=headers)
+        super().__init__(status=selected.status, headers=_sent_headers(headers, selected))
         self._handle, self._offset, self._size = handle, selected.start, selected.count
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:

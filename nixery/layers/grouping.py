@@ -95,11 +95,11 @@ were recorded.
 from __future__ import annotations
 
 import heapq
-import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from nixery import json_pieces
 from nixery.closure import ClosureGraph
 from nixery.layers.cost import DEFAULT_COST, CostModel
 
@@ -202,13 +202,14 @@ class LayerHistory:
                 "paths": paths,
                 "layers": layers,
             }
-        return json.dumps(document, separators=(",", ":")).encode()
+        return json_pieces.dumps(document).encode()  # a layer at a time: other threads run meanwhile
 
     @classmethod
     def from_json(cls, data: bytes | str, *, capacity: int | None = None) -> LayerHistory:
         """Read what `to_json` wrote; `capacity` overrides the stored one."""
         try:
-            document = json.loads(data)
+            # A layer at a time: json.loads would hold the event loop for the whole document.
+            document = json_pieces.loads(data.decode() if isinstance(data, bytes) else data)
             if document.get("version") != _FORMAT_VERSION:
                 raise ValueError(f"unknown version {document.get('version')!r}")
             history = cls(capacity=capacity or int(document["capacity"]))

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from nixery.json_pieces import array_items
 from nixery.lru import LRU
 from nixery.nix.errors import NixError
 from nixery.nix.process import Deadline, run_nix
@@ -42,7 +43,7 @@ CATALOG_FORMAT = "2"  # "1" was one JSON object: read again once, as any other f
 # `system` and `limit` arrive as strings (--argstr). `describe` forces what it
 # returns inside tryEval, so no error escapes into the JSON output. The output is
 # one JSON array, the number of top-level names first, then a row per name
-# (`json_array_items` reads it a row at a time).
+# (`nixery.json_pieces.array_items` reads it a row at a time).
 _CATALOG_NIX = r"""
 { pkgsPath, system, limit, withVersions }:
 let
@@ -156,7 +157,7 @@ class Catalog:
         KeyError or TypeError for a damaged one."""
         if not data.lstrip().startswith(b"["):
             return None
-        items = json_array_items(data.decode())
+        items = array_items(data.decode())
         header = next(items)
         if header.get("format") != CATALOG_FORMAT:
             return None
@@ -172,43 +173,6 @@ class Catalog:
 
 def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-_DECODER = json.JSONDecoder()
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def json_array_items(text: str) -> Iterator[Any]:
-    """The values of the JSON array `text`, decoded one at a time.
-
-    `json.loads` holds the interpreter for the whole document: 0.2 s for a catalogue
-    of 100,000 names, during which the event loop, even waiting on a thread that
-    parses, answers nothing. Decoded value by value, in a thread, it answers between
-    two values. Raises ValueError where `text` is not one JSON array.
-    """
-    at = _after_space(text, 0)
-    if text[at:at + 1] != "[":
-        raise ValueError("not a JSON array")
-    at = _after_space(text, at + 1)
-    if text[at:at + 1] != "]":
-        while True:
-            value, at = _DECODER.raw_decode(text, at)
-            yield value
-            at = _after_space(text, at)
-            if text[at:at + 1] == "]":
-                break
-            if text[at:at + 1] != ",":
-                raise ValueError(f"expected ',' or ']' at character {at}")
-            at = _after_space(text, at + 1)
-    if _after_space(text, at + 1) != len(text):
-        raise ValueError(f"extra data after the array at character {at + 1}")
-
-
-def _after_space(text: str, at: int) -> int:
-    """Where the JSON white space at `at` ends."""
-    match = _SPACE.match(text, at)
-    assert match is not None  # it matches the empty string too
-    return match.end()
 
 
 _MAX_DESCRIPTION = 200
@@ -233,7 +197,7 @@ def _entries(rows: Iterable[Any]) -> tuple[CatalogEntry, ...]:
 
 
 def _listing(stdout: bytes) -> tuple[int, tuple[CatalogEntry, ...]]:
-    items = json_array_items(stdout.decode())
+    items = array_items(stdout.decode())
     return int(next(items)), _entries(items)
 
 

@@ -128,10 +128,13 @@ class Redirect:
 
 @dataclass(frozen=True, slots=True)
 class ByteStream:
-    """Relay these bytes."""
+    """Relay these bytes: `chunks` is the whole blob, already asked for; a client that
+    wants part of it gets `await read_range(start, count)`, which asks the store for
+    those bytes only (`chunks` is then dropped unread). Both raise BlobNotFound."""
 
     chunks: AsyncIterator[bytes]
     size: int
+    read_range: Callable[[int, int], Awaitable[AsyncIterator[bytes]]]
 
 
 BlobSource = LocalFile | Redirect | ByteStream

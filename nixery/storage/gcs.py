@@ -36,6 +36,7 @@ with (an emulator without a key, a user's own credentials) blobs are relayed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -240,7 +241,7 @@ class GCSStorage(LeasedStorage):
             raise BlobNotFound(digest)
         if allow_redirect and self._signer is not None:
             return Redirect(await self._call(self._sign, blob))
-        return ByteStream(self._relay(blob), blob.size)
+        return ByteStream(self._relay(blob, 0, blob.size), blob.size, functools.partial(self._read_range, blob))
 
     def _sign(self, blob: storage.Blob) -> str:
         signer = self._signer
@@ -259,10 +260,13 @@ class GCSStorage(LeasedStorage):
             access_token=signer.token,
         )
 
-    async def _relay(self, blob: storage.Blob) -> AsyncIterator[bytes]:
-        start = 0
-        while start < blob.size:
-            end = min(start + RELAY_CHUNK, blob.size) - 1
+    async def _read_range(self, blob: storage.Blob, start: int, count: int) -> AsyncIterator[bytes]:
+        return self._relay(blob, start, start + count)
+
+    async def _relay(self, blob: storage.Blob, start: int, stop: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from `start` up to `stop` (exclusive), a chunk per request."""
+        while start < stop:
+            end = min(start + RELAY_CHUNK, stop) - 1
             try:
                 chunk = await self._call(
                     blob.download_as_bytes,

@@ -34,6 +34,7 @@ the store), or, when redirects are off, as a stream relayed by the registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import socket
@@ -242,13 +243,22 @@ class S3Storage(LeasedStorage):
             except ObstoreError as error:
                 raise self._unavailable(error) from error
             return Redirect(url)
+        result = await self._get(digest)
+        return ByteStream(self._relay(result), result.meta["size"], functools.partial(self._read_range, digest))
+
+    async def _get(self, digest: Digest, byte_range: tuple[int, int] | None = None) -> Any:
+        """The store's answer to a GET of the blob (or of `byte_range`: start, end exclusive), before its body."""
         try:
-            result = await obstore.get_async(self._store, key)
+            if byte_range is None:
+                return await obstore.get_async(self._store, self._blob_key(digest))
+            return await obstore.get_async(self._store, self._blob_key(digest), options={"range": byte_range})
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         except ObstoreError as error:
             raise self._unavailable(error) from error
-        return ByteStream(self._relay(result), result.meta["size"])
+
+    async def _read_range(self, digest: Digest, start: int, count: int) -> AsyncIterator[bytes]:
+        return self._relay(await self._get(digest, (start, start + count)))
 
     async def _relay(self, result: Any) -> AsyncIterator[bytes]:
         try:

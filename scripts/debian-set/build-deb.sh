@@ -13,25 +13,38 @@
 #      /bin/<program> to every file in a package's bin/ and sbin/)
 #   8. nix-support/debian-depends names the dependencies, so the closure of the
 #      derivation is the closure of the Debian package even where no file
-#      mentions a dependency
+#      mentions a dependency; debian-packages names the packages, debian-versions
+#      (step 1) their versions and architectures (for the SBOM's package URLs)
 set -eu
 . "$common"
 
 tmp=${TMPDIR:-/tmp}/build-deb-$$
 mkdir -p "$out/nix-support" "$tmp"
 
-# 1. unpack
+# untar ARCHIVE DIR [MEMBER...]: extract a .deb's tar member (xz, gzip, bzip2 or none) into DIR.
+untar() {
+  archive=$1 dir=$2
+  shift 2
+  case $archive in
+    *.xz) xz -dc "$archive" | tar -x -C "$dir" "$@" ;;
+    *.gz) gzip -dc "$archive" | tar -x -C "$dir" "$@" ;;
+    *.bz2) bzip2 -dc "$archive" | tar -x -C "$dir" "$@" ;;
+    *.tar) tar -xf "$archive" -C "$dir" "$@" ;;
+    *) log "$deb: $archive is not supported by busybox tar"; exit 1 ;;
+  esac
+}
+
+# field NAME: the value of a field of the control file in this directory.
+field() { sed -n "s/^$1: *//p" control; }
+
+# 1. unpack; each package's name, version (with its epoch) and architecture (its own or `all`),
+#    as its control file says them, are a line of nix-support/debian-versions
 for deb in $debs; do
   rm -rf "$tmp/ar" && mkdir "$tmp/ar" && cd "$tmp/ar"
   ar x "$deb"
-  data=$(ls data.tar*)
-  case $data in
-    *.xz) xz -dc "$data" | tar -x -C "$out" ;;
-    *.gz) gzip -dc "$data" | tar -x -C "$out" ;;
-    *.bz2) bzip2 -dc "$data" | tar -x -C "$out" ;;
-    data.tar) tar -xf "$data" -C "$out" ;;
-    *) log "$deb: $data is not supported by busybox tar"; exit 1 ;;
-  esac
+  untar "$(ls data.tar*)" "$out"
+  untar "$(ls control.tar*)" . ./control
+  echo "$(field Package) $(field Version) $(field Architecture)" >> "$out/nix-support/debian-versions"
 done
 cd "$out"
 rm -rf "$tmp/ar"

@@ -169,6 +169,9 @@ async def test_blob_source_redirects_or_streams(store: Storage, backend: Backend
     assert isinstance(relayed, ByteStream)
     assert relayed.size == len(data)
     assert b"".join([chunk async for chunk in relayed.chunks]) == data
+    for start, count in ((0, 1), (1000, 5000), (len(data) - 7, 7)):
+        part = await relayed.read_range(start, count)
+        assert b"".join([chunk async for chunk in part]) == data[start : start + count]
 
 
 async def test_big_blob_uploads_in_bounded_memory_and_streams(backend: Backend, run_worker) -> None:

@@ -25,7 +25,7 @@ import pytest
 from nixery import auth
 from nixery.registry.digest import Digest
 from tests.daemons import fetch
-from tests.registry import RegistryProcess
+from tests.registry import RegistryProcess, check_blob_ranges
 from tests.storage.proxy import TCPProxy
 from tests.storage.servers import S3Server, seaweedfs
 
@@ -76,6 +76,13 @@ def test_every_object_is_in_the_bucket(own_s3: S3Server, start_registry) -> None
     assert set(objects) == {own_s3.bucket}, f"buckets other than S3_BUCKET appeared: {sorted(objects)}"
     prefixes = {key.split("/", 1)[0] for key in objects[own_s3.bucket]}
     assert {"blobs", "meta"} <= prefixes <= {"blobs", "meta", "locks", "touched", "probes"}
+
+
+def test_streamed_blobs_answer_ranges_and_conditions(own_s3: S3Server, start_registry) -> None:
+    """With NIXERY_BLOB_REDIRECT=false the registry relays blobs from the bucket; a
+    range is then answered as for a blob file (206, 416, 304, 412), not with the whole blob."""
+    registry = start_registry(**s3_env(own_s3, NIXERY_BLOB_REDIRECT="false"))
+    check_blob_ranges(registry, "shell/hello")
 
 
 def timed_request(registry: RegistryProcess, method: str, path: str) -> tuple[int, bytes, float]:
