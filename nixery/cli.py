@@ -42,7 +42,16 @@ def _serve(args: argparse.Namespace) -> int:
         # counts into its own files there, and /metrics answers with the sum of all, whichever
         # worker a scrape reaches (prometheus_client's multiprocess mode; nixery.metrics).
         os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="nixery-metrics-")
+        try:
+            return _serve_bound(settings)
+        finally:
+            shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
+    return _serve_bound(settings)
+
+
+def _serve_bound(settings: Settings) -> int:
     from nixery.http import server
+
     # Bound first: a port in use is one line, before anything starts.
     try:
         sockets = server.listen(settings.host, settings.port, copies=settings.workers)
@@ -55,10 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
             _finish(STARTUP_FAILED)
         return 0
-    try:
-        return _serve_workers(settings, sockets)
-    finally:
-        shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
+    return _serve_workers(settings, sockets)
 
 
 #: Where prometheus_client's multiprocess mode keeps each process's metrics.
