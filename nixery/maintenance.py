@@ -40,10 +40,9 @@ import time
 from dataclasses import dataclass, field
 
 from nixery import collected, pulls, signatures
-from nixery.errors import DigestInvalid
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, RecordUnreadable, build_lock, referrer_keys
-from nixery.layers.store import LAYER_PREFIX
+from nixery.layers.store import LAYER_PREFIX, LAYER_RECORD_UNREADABLE, read_layer_record
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
 
@@ -216,9 +215,11 @@ async def _remove_layer_records(storage: Storage, stored: set[Digest], *, dry_ru
 
 def _layer_digest(data: bytes | None) -> Digest | None:
     """The blob a layer record names; None if gone or unreadable (a build writes it again)."""
+    if data is None:
+        return None
     try:
-        return Digest.parse(json.loads(data or b"null")["digest"])
-    except (ValueError, KeyError, TypeError, DigestInvalid):
+        return read_layer_record(data).digest
+    except LAYER_RECORD_UNREADABLE:
         return None
 
 

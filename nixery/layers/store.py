@@ -49,6 +49,15 @@ FORMAT_VERSION = "1"
 LAYER_PREFIX = "layers/"
 
 
+#: What reading a damaged layer record raises (`read_layer_record`).
+LAYER_RECORD_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, DigestInvalid)
+
+
+def read_layer_record(data: bytes) -> LayerDescriptor:
+    """The layer a `layers/<key>` record describes; raises one of LAYER_RECORD_UNREADABLE."""
+    return LayerDescriptor.from_json(json.loads(data))
+
+
 def layer_key(store_paths: Sequence[str], compression: Compression = Compression.GZIP) -> str:
     material = "\n".join([f"{FORMAT_VERSION}:{cache_tag(compression)}", *sorted(store_paths)])
     return hashlib.sha256(material.encode()).hexdigest()
@@ -148,8 +157,8 @@ class LayerStore:
         if cached is None:
             return None
         try:
-            descriptor = LayerDescriptor.from_json(json.loads(cached))
-        except (ValueError, KeyError, TypeError, AttributeError, DigestInvalid) as exc:
+            descriptor = read_layer_record(cached)
+        except LAYER_RECORD_UNREADABLE as exc:
             # Damaged (a disk's fault, a hand's edit): as good as none, and written again with the layer.
             log.warning("build.layer_record_unreadable", key=key[:12], error=str(exc)[:200])
             return None
