@@ -345,8 +345,7 @@ class ImageBuilder:
             return found
         record, documents = index_image(named_key, records, request.arch)
         build.emit(Stage.UPLOADING, "storing the image index")
-        await self._publish(attach(AssembledImage(record, documents, ())), None, request.arch)
-        return record
+        return await self._publish(attach(AssembledImage(record, documents, ())), None, request.arch)
 
     async def _store_image(
         self, request: ImageRequest, revision: Revision, key: str, build: Build,
@@ -365,15 +364,15 @@ class ImageBuilder:
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        await self._publish(image, plan, request.arch)
+        record = await self._publish(image, plan, request.arch)
         bound.info(
             "build.done",
             seconds=round(time.monotonic() - started, 3),
-            layers=len(image.layers),
-            bytes=image.record.compressed_size,
+            layers=len(record.layers),
+            bytes=record.compressed_size,
             new_layers=counter.created,
         )
-        return image.record
+        return record
 
     async def _closure(
         self, request: ImageRequest, revision: Revision, bound: Any, build: Build
@@ -435,9 +434,10 @@ class ImageBuilder:
         bound.info("build.layers_compressed", layers=len(stored), created=counter.created, bytes=counter.bytes)
         return ca_bundle, stored, counter
 
-    async def _publish(self, image: AssembledImage, plan: list[frozenset[str]] | None, arch: Arch) -> None:
+    async def _publish(self, image: AssembledImage, plan: list[frozenset[str]] | None, arch: Arch) -> ImageRecord:
         """Every blob, then the record, and the plan (if any: an index has none) into the
-        platform's layering history.
+        platform's layering history; the record to serve: this one, or the one another
+        process stored first (`ImageStore.put`).
 
         Everything is written side by side, each piece fsync'd, but the record appears only
         once every blob it names is stored. Shielded: a layer's writes serve every build
@@ -448,11 +448,13 @@ class ImageBuilder:
         blobs_stored = asyncio.gather(*own, *shared)
         blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
         history = [] if plan is None else [self.histories.of(arch.nix_system).record(plan)]
+        served = asyncio.ensure_future(self.images.put(image.record, blobs_stored))
         try:
-            await asyncio.gather(self.images.put(image.record, blobs_stored), *history)
+            await asyncio.gather(served, *history)
         except Exception:  # a failed build reports once its own writes are done: none is left staging
             await asyncio.gather(*own, return_exceptions=True)
             raise
+        return served.result()
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

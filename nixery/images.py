@@ -36,7 +36,10 @@ manifest needs no trip to storage. The cache guarantees:
 
 `ImageStore` answers only with records whose blobs are all stored: one read
 from storage is checked blob by blob (and otherwise not answered, so the
-image is built again), and one written appears only once its blobs are. It
+image is built again), and one written appears only once its blobs are.
+A record is created only if absent: when two processes built one image at
+once (a build lease lost), the first complete record stored is the one both
+serve, whatever their layering histories made of it (`ImageStore.put`). It
 drops from memory the records naming a blob found missing or corrupt, and all
 of them when `nixery gc` says it removed something (`nixery.collected`).
 """
@@ -123,6 +126,11 @@ def referrer_keys(record: ImageRecord) -> list[str]:
 def all_attached(record: ImageRecord) -> list[Attached]:
     """The documents attached to the record's manifests and to its platforms' manifests."""
     return [*record.attached, *(attached for one in record.platforms for attached in all_attached(one))]
+
+
+def _manifest_digests(record: ImageRecord) -> list[str]:
+    """The digests clients are given for the image (for logs)."""
+    return [str(descriptor.digest) for descriptor in record.descriptors]
 
 
 class RecordUnreadable(ValueError):
@@ -432,27 +440,50 @@ class ImageStore:
         record = self.cached.get(key)
         if record is None:
             data = await self.storage.get_meta(f"{IMAGE_PREFIX}{key}")
-            if data is None:
-                return None
-            try:
-                record = ImageRecord.from_json(data)
-            except RecordUnreadable as exc:  # as good as none: the build writes a whole one over it
-                log.warning("build.record_unreadable", key=key[:12], error=str(exc), note="rebuilding")
-                return None
-            if not await self._blobs_present(record):
-                log.warning("build.record_incomplete", key=key[:12], image=record.name, note="rebuilding")
+            if data is None or (record := await self._complete(key, data, note="rebuilding")) is None:
                 return None
             self.cached.put(record)
         return record
 
-    async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> None:
-        """Write a new image's record, to appear in storage once `blobs_stored` is done, and
+    async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> ImageRecord:
+        """Publish a new image's record, to appear in storage once `blobs_stored` is done, and
         the keys that find it by the subjects of its attached documents before that (a key
-        whose record is not there leads nowhere)."""
+        whose record is not there leads nowhere). Returns the record to serve from now on.
+
+        The first complete record stored under a key wins, for every process: the record is
+        created only if absent (`Storage.create_meta_after`). When another process stored
+        one meanwhile (both built the image: one lost its build lease, stalled or cut off
+        from the bucket, and another took it over), this process serves that record instead
+        of its own: had they planned the layers against different layering histories, their
+        manifests differ, and replicas would serve different digests for one tag. A record
+        there that is not complete (damaged, or naming blobs that are gone: what this build
+        was started to replace) is replaced.
+        """
         pointers = [self.storage.put_meta(key, b"{}") for key in referrer_keys(record)]
         stored = asyncio.gather(blobs_stored, *pointers) if pointers else blobs_stored
-        await self.storage.put_meta_after(f"{IMAGE_PREFIX}{record.key}", record.to_json(), stored)
+        key, data = f"{IMAGE_PREFIX}{record.key}", record.to_json()
+        created = await self.storage.create_meta_after(key, data, stored)
+        while not created:
+            existing = await self.storage.get_meta(key)
+            if existing == data:  # its own, from a write retried after its answer was lost
+                break
+            if existing is None:  # removed meanwhile (`nixery gc`)
+                created = await self.storage.create_meta(key, data)
+                continue
+            if (first := await self._complete(record.key, existing, note="replacing it")) is not None:
+                # Other manifests: another process built the image meanwhile (a build lease lost).
+                # The same ones: this build restored the blobs that the stored record lacked.
+                served, built = _manifest_digests(first), _manifest_digests(record)
+                (log.warning if served != built else log.info)(
+                    "build.record_adopted", key=record.key[:12], image=record.name, served=served, built=built,
+                    note="a complete record was stored first: it is served instead of this build's",
+                )
+                self.cached.put(first)
+                return first
+            await self.storage.put_meta(key, data)
+            break
         self.cached.put(record)
+        return record
 
     async def referrers(self, subject: Digest) -> list[Attached]:
         """The documents attached to the manifest `subject` by the images that are stored
@@ -465,6 +496,19 @@ class ImageStore:
             for attached in all_attached(record) if attached.subject == subject
         }
         return sorted(found.values(), key=lambda one: (one.manifest.artifact_type or "", str(one.manifest.digest)))
+
+    async def _complete(self, key: str, data: bytes, *, note: str) -> ImageRecord | None:
+        """The record stored under `key` if it is readable and all its blobs are stored;
+        otherwise None, logged with `note` (what becomes of it)."""
+        try:
+            record = ImageRecord.from_json(data)
+        except RecordUnreadable as exc:  # as good as none: the build writes a whole one over it
+            log.warning("build.record_unreadable", key=key[:12], error=str(exc), note=note)
+            return None
+        if not await self._blobs_present(record):
+            log.warning("build.record_incomplete", key=key[:12], image=record.name, note=note)
+            return None
+        return record
 
     async def _blobs_present(self, record: ImageRecord) -> bool:
         sizes = await asyncio.gather(*(self.storage.stat_blob(digest) for digest in record.blobs()))

@@ -263,9 +263,12 @@ async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_st
     with pytest.raises(StorageFull, match="No space left"):
         await storage.put_meta_after("images/x", b"newer", asyncio.ensure_future(asyncio.sleep(0)))
     with pytest.raises(StorageFull, match="No space left"):
+        await storage.create_meta_after("images/y", b"first", asyncio.ensure_future(asyncio.sleep(0)))
+    with pytest.raises(StorageFull, match="No space left"):
         await storage.put_blob_bytes(b"a config")
     monkeypatch.undo()
     assert await storage.get_meta("images/x") == b"old"
+    assert await storage.get_meta("images/y") is None
     assert await storage.stat_blob(Digest.of(b"a config")) is None
     assert list(storage.staging_dir().iterdir()) == []
 

@@ -7,7 +7,9 @@ Storage holds two kinds of things:
   those bytes: writers stage a complete file, verify it, then publish it with
   one atomic step (rename, or an object PUT that is all-or-nothing).
 * **metadata**: small documents under string keys (the manifest cache, the
-  layer cache, the layering history). Replaced atomically; last writer wins.
+  layer cache, the layering history). Replaced atomically; last writer wins,
+  except where a document is created only if absent (`create_meta`, image
+  records): then the first writer wins, across every process on the storage.
 
 Backends know nothing of HTTP. When asked how a client should get a blob they
 answer with a `BlobSource`: a local file to send, a URL to redirect to, or a
@@ -195,6 +197,17 @@ class Storage(ABC):
         """Replace the document under `key` atomically."""
 
     @abstractmethod
+    async def create_meta(self, key: str, data: bytes) -> bool:
+        """Write the document under `key` only if there is none: whether it was written.
+
+        Atomic and conditional in the store itself (a hard link, S3 `If-None-Match: *`,
+        GCS `ifGenerationMatch=0`): of writers racing for one key, in any processes,
+        exactly one wins, and a document that is there is never replaced nor seen
+        half-written. A write retried after its answer was lost may find its own
+        document and say False: the caller compares what is there.
+        """
+
+    @abstractmethod
     def staging_dir(self) -> Path:
         """A local directory for the files that builders write before put_blob."""
 
@@ -221,6 +234,11 @@ class Storage(ABC):
         """
         await stored
         await self.put_meta(key, data)
+
+    async def create_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> bool:
+        """`create_meta` once `stored` has finished, as `put_meta_after` puts: whether it was written."""
+        await stored
+        return await self.create_meta(key, data)
 
     async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections. Default: nothing to release."""
@@ -249,8 +267,9 @@ class Storage(ABC):
         """Hold a lock on `key` shared by every process using this storage.
 
         A holder that dies loses the lock. The default excludes nobody: on
-        backends without it, replicas may build the same image twice (the
-        results are identical, so this costs time, not correctness).
+        backends without it, replicas may build the same image twice (each
+        image record is created only if absent, so all serve the first one
+        stored: this costs time, not correctness).
         """
         yield
 

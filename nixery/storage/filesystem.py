@@ -11,7 +11,8 @@ Layout under the root:
     verified/sha256/ab/abcd...  hard links of blobs found intact (only with
                                 verified_links: for nginx to send them itself)
 
-Every write goes to a staging file that is fsync'd and then renamed into place,
+Every write goes to a staging file that is fsync'd and then renamed into place
+(or, for a document created only if absent, hard-linked: a link never replaces),
 and the parent directory is fsync'd, so a crash leaves either the old state or
 the new one, never a partial file under a final name. Staging directories of
 processes that are gone are removed at start-up.
@@ -185,6 +186,21 @@ class FilesystemStorage(Storage):
         finally:
             staged.unlink(missing_ok=True)
 
+    async def create_meta(self, key: str, data: bytes) -> bool:
+        return await self.create_meta_after(key, data, asyncio.sleep(0))  # nothing to wait for
+
+    async def create_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> bool:
+        # As put_meta_after: written and fsync'd meanwhile, so that only the link waits.
+        target = self._meta / check_key(key)
+        with raising_storage_full(self._place):
+            staged = await asyncio.to_thread(self._stage_meta, data)
+        try:
+            await stored
+            with raising_storage_full(self._place):
+                return await asyncio.to_thread(_link_into_place, staged, target)
+        finally:
+            staged.unlink(missing_ok=True)
+
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         lock_path = self._locks / f"{check_key(key).replace('/', '_')}.lock"
@@ -334,6 +350,18 @@ def _move_into_place(staged: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, target)
     _fsync_dir(target.parent)
+
+
+def _link_into_place(staged: Path, target: Path) -> bool:
+    """Hard-link a durable staged file as `target` unless something is there already (a link,
+    unlike a rename, never replaces), durably: whether it was linked. The caller removes `staged`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        return False
+    _fsync_dir(target.parent)
+    return True
 
 
 def _remove_tree(tree: Path, staging: Path) -> None:

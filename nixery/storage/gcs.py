@@ -9,9 +9,10 @@ Layout in the bucket:
 
 A GCS object upload is all-or-nothing: the object exists only once the last
 byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
-object. Blobs are written with `ifGenerationMatch=0`, so an existing blob is
-never replaced; big blobs go up as a resumable upload in fixed chunks, so
-memory stays flat whatever the layer size.
+object. Blobs, and documents created only if absent (`create_meta`), are
+written with `ifGenerationMatch=0`, so an existing one is never replaced; big
+blobs go up as a resumable upload in fixed chunks, so memory stays flat
+whatever the layer size.
 
 The google client is synchronous: every call runs in a worker thread, with
 short connect and read timeouts (the read timeout bounds each wait for the
@@ -346,6 +347,22 @@ class GCSStorage(LeasedStorage):
             )
         except api_exceptions.NotFound as error:
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
+
+    async def create_meta(self, key: str, data: bytes) -> bool:
+        blob = self._bucket.blob(f"meta/{check_key(key)}")
+        conditions = {"content_type": "application/octet-stream", "if_generation_match": 0}
+        try:
+            if len(data) > SMALL_BODY:
+                await self._upload(blob, blob.upload_from_string, data, **conditions)
+            else:
+                await self._call(
+                    blob.upload_from_string, data, timeout=self._timeout, retry=self._retry, **conditions
+                )
+        except api_exceptions.PreconditionFailed:
+            return False
+        except api_exceptions.NotFound as error:
+            raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
+        return True
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
 

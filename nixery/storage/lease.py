@@ -124,7 +124,9 @@ class LeasedStorage(Storage):
     The lease is advisory: a holder that cannot renew (stalled, cut off from
     the bucket) for longer than `lease_ttl` loses it while still working. What
     it guards here (one build per image, merging the layering history) costs
-    time when done twice, never correctness.
+    time when done twice, never correctness: two builds of one image may plan
+    different layers, but its record is created only if absent, and both
+    processes serve the one stored first (`nixery.images.ImageStore.put`).
     """
 
     #: Seconds after which a lease that was not renewed is taken over.

@@ -20,7 +20,8 @@ stalled store answers 503 within about ten seconds; uploads are bounded per
 part and watched by probes instead, so a slow upload that moves is never cut.
 
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
-upload both make an object appear whole or not at all. Big blobs go up as a
+upload both make an object appear whole or not at all. A document created only
+if absent (`create_meta`) is one PUT with `If-None-Match: *`. Big blobs go up as a
 multipart upload read from the staged file a few chunks at a time, so memory
 stays flat whatever the layer size. When an upload fails, obstore aborts the
 multipart upload; when the process dies mid-upload, the parts stay invisible
@@ -298,6 +299,8 @@ class S3Storage(LeasedStorage):
         except (asyncio.CancelledError, BackendUnavailable):
             detach(upload, failure_event="s3.upload_failed_after_giving_up", describe_error=_describe, key=key)
             raise
+        except (AlreadyExistsError, PreconditionError):
+            raise  # an answer to a conditional upload, handled by the caller
         except ObstoreError as error:
             raise self._unavailable(error) from error
 
@@ -321,6 +324,20 @@ class S3Storage(LeasedStorage):
             await obstore.put_async(self._store, path, data, use_multipart=False)
         except ObstoreError as error:
             raise self._unavailable(error) from error
+
+    async def create_meta(self, key: str, data: bytes) -> bool:
+        path = f"meta/{check_key(key)}"
+        # One PUT with If-None-Match: * (never multipart: its completion cannot be made conditional).
+        try:
+            if len(data) > SMALL_BODY:
+                await self._upload(path, data, use_multipart=False, mode="create")
+            else:
+                await obstore.put_async(self._store, path, data, use_multipart=False, mode="create")
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return True
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
 

@@ -137,6 +137,68 @@ async def test_meta_put_after_appears_only_once_stored(store: Storage) -> None:
     assert [p.name for p in store.staging_dir().iterdir() if p.name.startswith("meta-")] == []
 
 
+async def test_meta_created_only_if_absent(backend: Backend, tmp_path: Path) -> None:
+    """An image record is created only if absent: of writers racing on two replicas exactly one
+    wins, what is there is never replaced, and a losing write leaves nothing behind."""
+    first, second = replicas(backend, tmp_path)
+    run = uuid.uuid4().hex
+    key = f"images-{run}/one"
+    assert await first.create_meta(key, b"first") is True
+    assert await second.create_meta(key, b"second, longer than the first") is False
+    assert await first.get_meta(key) == await second.get_meta(key) == b"first"
+
+    race = f"images-{run}/raced"
+    bodies = [f"writer {n} ".encode() * 1000 for n in range(6)]
+    won = await asyncio.gather(*(
+        (first if n % 2 else second).create_meta(race, body) for n, body in enumerate(bodies)
+    ))  # fmt: skip
+    assert won.count(True) == 1
+    assert await first.get_meta(race) == await second.get_meta(race) == bodies[won.index(True)]
+
+    # Bigger than one small request (the drivers upload documents above 1 MiB otherwise).
+    big, document = f"images-{run}/big", os.urandom(2 * MB)
+    assert await second.create_meta(big, document) is True
+    assert await first.create_meta(big, os.urandom(2 * MB)) is False
+    assert await first.get_meta(big) == document
+
+    await first.delete_meta(key)  # gone: created anew
+    assert await second.create_meta(key, b"again") is True
+    assert await first.get_meta(key) == b"again"
+    assert sorted(backend.object_names(f"meta/images-{run}/")) == [f"meta/images-{run}/{name}" for name in (
+        "big", "one", "raced")]  # fmt: skip
+    for store in (first, second):
+        assert [p.name for p in store.staging_dir().iterdir()] == []
+
+
+async def test_meta_create_after_appears_only_once_stored(store: Storage) -> None:
+    """An image record is created `after` the blobs it names: never visible before them, not
+    at all if they fail, and not over a record that another process stored meanwhile."""
+    key = f"images/{uuid.uuid4().hex}"
+    waiting, release = asyncio.Event(), asyncio.Event()
+
+    async def blobs_stored() -> None:
+        waiting.set()
+        await release.wait()
+
+    create = asyncio.ensure_future(store.create_meta_after(key, b"record", blobs_stored()))
+    await asyncio.wait_for(waiting.wait(), 30)
+    assert await store.get_meta(key) is None
+    release.set()
+    assert await asyncio.wait_for(create, 30) is True
+    assert await store.get_meta(key) == b"record"
+    assert await store.create_meta_after(key, b"another record", asyncio.sleep(0)) is False
+    assert await store.get_meta(key) == b"record"
+
+    async def not_stored() -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+    failed = f"images/{uuid.uuid4().hex}"
+    with pytest.raises(OSError, match="No space left"):
+        await store.create_meta_after(failed, b"never", not_stored())
+    assert await store.get_meta(failed) is None
+    assert [p.name for p in store.staging_dir().iterdir()] == []
+
+
 @pytest.mark.parametrize(
     "key", ["", "../escape", "/absolute", "Upper", "a//b", "a/../b", "a b", "a/", "x" * 513, "caf\u00e9"]
 )
