@@ -147,3 +147,5 @@ def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_
         assert answered_everywhere(registry, build_id)["stage"] == "failed"
     finally:
         gate.touch()  # the killed worker's Nix build ends too
+    registry.stop()
+    assert not list(temporary.glob("nixery-builds-*"))  # the shared directory goes with the registry
