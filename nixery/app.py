@@ -29,6 +29,7 @@ from nixery.nix.evaluator import Evaluators
 from nixery.nix.flake import FlakeSource
 from nixery.nix.git import GitSource
 from nixery.nix.sources import LocalPathSource, PackageSource
+from nixery.shared_builds import SharedBuildLog
 from nixery.signatures import Signatures
 from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
 
@@ -125,6 +126,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         popularity=Popularity(settings.popularity_url) if settings.popularity_url else None,
         baseline=settings.baseline,
         nix_annotations=settings.nix_annotations,
+        builds=SharedBuildLog(settings.shared_builds_dir) if settings.shared_builds_dir is not None else None,
     )
 
 

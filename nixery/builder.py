@@ -90,6 +90,7 @@ class ImageBuilder:
         popularity: Popularity | None = None,
         baseline: Sequence[str] = DEFAULT_BASELINE,
         nix_annotations: bool = False,
+        builds: BuildLog | None = None,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -112,7 +113,8 @@ class ImageBuilder:
         self.histories = PlatformHistories(storage, host_arch().nix_system)
         #: NIX_POPULARITY_URL's counts, for the layering of a registry whose history is young.
         self.popularity = popularity
-        self.builds = BuildLog()
+        #: Builds by id, with their progress (with several worker processes, theirs too).
+        self.builds = builds or BuildLog()
         self._in_flight: dict[str, Build] = {}
         self._background: set[asyncio.Task[ImageRecord]] = set()
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
@@ -239,7 +241,7 @@ class ImageBuilder:
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         try:
-            async with self.images.building(key):
+            async with self.builds.locked(key, build, self.images.building(key)):
                 # Another process sharing this storage may have built it while we waited.
                 record = await self.images.get(key)
                 if record is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -42,10 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
         # counts into its own files there, and /metrics answers with the sum of all, whichever
         # worker a scrape reaches (prometheus_client's multiprocess mode; nixery.metrics).
         os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="nixery-metrics-")
+        # Each worker writes its builds there and reads the others': any worker answers for
+        # any build (nixery.shared_builds).
+        builds = Path(tempfile.mkdtemp(prefix="nixery-builds-"))
         try:
-            return _serve_bound(settings)
+            return _serve_bound(dataclasses.replace(settings, shared_builds_dir=builds))
         finally:
             shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
+            shutil.rmtree(builds, ignore_errors=True)
     return _serve_bound(settings)
 
 

@@ -155,6 +155,9 @@ class Settings:
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
     workers: int = 1
+    # Not from the environment: with several workers, the directory `nixery serve` makes for
+    # them to share their builds in (nixery/shared_builds.py).
+    shared_builds_dir: Path | None = None
     log_level: str = "info"
     log_format: str = "auto"
     auth: AuthSettings = AuthSettings()

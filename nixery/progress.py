@@ -12,11 +12,13 @@ with the platform (see there), so one stream shows every platform's progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,8 @@ class Build:
     started: float = field(default_factory=time.time)
     events: list[Event] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Hears each event as it is added (`nixery.shared_builds` writes it where other workers read it).
+    listener: Callable[[Event], None] | None = field(default=None, repr=False)
 
     @property
     def stage(self) -> Stage:
@@ -72,7 +76,10 @@ class Build:
     def emit(self, stage: Stage, message: str, **data: Any) -> None:
         if self.finished:
             return
-        self.events.append(Event(stage, message, time.time(), data))
+        event = Event(stage, message, time.time(), data)
+        self.events.append(event)
+        if self.listener is not None:
+            self.listener(event)
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -94,7 +101,8 @@ class Build:
 
 
 class BuildLog:
-    """Builds by id: the running ones and the most recent finished ones."""
+    """Builds by id: the running ones and the most recent finished ones, of this process
+    (with several worker processes, `nixery.shared_builds.SharedBuildLog` knows the others' too)."""
 
     def __init__(self, keep: int = 200):
         self._builds: OrderedDict[str, Build] = OrderedDict()
@@ -103,12 +111,27 @@ class BuildLog:
     def new(self, image: str) -> Build:
         build = Build(id=secrets.token_hex(8), image=image)
         self._builds[build.id] = build
+        self._added(build)
         while len(self._builds) > self._keep:
             oldest = next(iter(self._builds.values()))
             if not oldest.finished:
                 break
             self._builds.popitem(last=False)
+            self._dropped(oldest)
         return build
+
+    def _added(self, build: Build) -> None:
+        """A new build, before any event."""
+
+    def _dropped(self, build: Build) -> None:
+        """A finished build no longer kept."""
+
+    @contextlib.asynccontextmanager
+    async def locked(self, key: str, build: Build, lock: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+        """`lock`, the storage's build lock of the image `key`, held for `build`. (Other
+        processes' builds waiting for it can follow `build`: `nixery.shared_builds`.)"""
+        async with lock:
+            yield
 
     def get(self, build_id: str) -> Build | None:
         return self._builds.get(build_id)

@@ -49,7 +49,7 @@ def build_button(image: str, tag: str = "latest", label: str = "Build") -> str:
 def unknown_build(build_id: str, image: str | None, tag: str, record: ImageRecord | None, host: str) -> str:
     """The page body for a build id this registry process does not know."""
     intro = f"""<h1>Build <code>{h(build_id)}</code> is not known here</h1>
-<p>Builds are kept in memory only, the last 200 of this registry process: it has restarted
+<p>Builds are kept in memory only, the last 200 of each registry process: it has restarted
 since this build, or many builds came after it.</p>"""
     if image is None:
         after = """<p>Start the build again from the <a href="/">start page</a>: an image that was built

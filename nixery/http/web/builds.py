@@ -12,7 +12,8 @@
                                  restarted registry says the build is unknown)
 
 Builds live in the builder's memory (`builder.builds`): an id outlives neither
-a restart nor the last 200 builds.
+a restart nor the last 200 builds. With several worker processes, any of them
+answers for any of theirs (`nixery.shared_builds`).
 """
 
 from __future__ import annotations
@@ -254,8 +255,9 @@ def _platform_list(build: Build, progress: Progress) -> str:
 
 
 def _tag(request: web.Request, build: Build) -> str:
-    """The tag the build was started for (its pull command and links name it)."""
-    return request.app[BUILD_TAGS].peek(build.id) or "latest"
+    """The tag the build was started for (its pull command and links name it): as this worker
+    was asked for it, else as the registry's address for its page says."""
+    return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
 
 
 def _outcome(request: web.Request, build: Build, progress: Progress) -> str:

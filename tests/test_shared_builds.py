@@ -1,0 +1,151 @@
+"""With NIXERY_WORKERS above 1, any worker answers for any build: its JSON, its progress
+page and its event stream, each request on a fresh connection (which the kernel hands to
+either worker, as a proxy's pool or a browser's reconnect does)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.registry import RegistryProcess, busybox_set_with
+
+pytestmark = pytest.mark.nix
+
+HTML = "text/html"
+
+
+def post_build(registry: RegistryProcess, image: str, tag: str = "latest") -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+    try:
+        body = json.dumps({"image": image, "tag": tag})
+        connection.request("POST", "/builds", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        assert response.status == 202, answer
+        return json.loads(answer)
+    finally:
+        connection.close()
+
+
+def events_until(
+    registry: RegistryProcess, build_id: str, enough: Callable[[list[dict]], bool], *, until_quiet: bool = False
+) -> list[dict]:
+    """The build's events from its stream (a fresh connection), read until `enough` of them came
+    or the stream ended (the build did); `until_quiet`: or its first keepalive came instead."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    events: list[dict] = []
+    try:
+        connection.request("GET", f"/builds/{build_id}/events", headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        while not enough(events):
+            line = response.readline()
+            if not line or (until_quiet and line.startswith(b": keepalive")):
+                break
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[len(b"data: "):]))
+        return events
+    finally:
+        connection.close()
+
+
+def answered_everywhere(registry: RegistryProcess, build_id: str, page: str = "", times: int = 10) -> dict:
+    """The build's JSON and its page (at `page`, the address the registry gave out), `times`
+    each on fresh connections: every one answered. The last JSON, and the pages as `pages`."""
+    statuses, documents, pages = [], [], []
+    for _ in range(times):
+        status, _, body = registry.request(f"/builds/{build_id}.json", accept="application/json")
+        statuses.append(status)
+        if status == 200:
+            documents.append(json.loads(body))
+        status, _, body = registry.request(page or f"/builds/{build_id}", accept=HTML)
+        statuses.append(status)
+        pages.append(body.decode())
+    assert statuses == [200] * len(statuses), statuses
+    return {**documents[-1], "pages": pages}
+
+
+def building_gated(events: list[dict]) -> bool:
+    return any(event["stage"] == "building" and "gated" in event["message"] for event in events)
+
+
+def test_every_worker_answers_for_every_build(start_registry, tmp_path: Path) -> None:
+    """Each worker used to keep its own builds: requests for a build's JSON or page that the
+    kernel gave the other worker were 404 (seen: 404 404 404 404 404 200 200 200 404 200), its
+    event stream too; and a build started on the other worker for the same image waited for
+    the first one's lock showing "queued" and no event until it ended "done". Now every request
+    is answered, on either worker, with the events as they come; the second build shows the
+    progress of the one it waits for, and both end with the same image."""
+    gate = tmp_path / "gate"
+    script = f"while [ ! -e {gate} ]; do $bb/sleep 0.1; done; $bb/mkdir -p $out; echo gated > $out/gated"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "gated", "gated-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_WORKERS="2")
+
+    started = post_build(registry, "gated", "v1")
+    first = started["id"]
+    assert building_gated(events_until(registry, first, building_gated))  # held at the gate from here
+    running = answered_everywhere(registry, first)
+    assert running["stage"] == "building" and not running["finished"]
+
+    # The same image asked of each worker in turn: the worker running it answers with its build,
+    # the other starts its own, which waits for the first one's lock.
+    others = {post_build(registry, "gated", "v1")["id"] for _ in range(20)} - {first}
+    assert len(others) == 1, others
+    (second,) = others
+
+    def following_first(events: list[dict]) -> bool:
+        return any(event.get("waiting_for") == first for event in events) and building_gated(events)
+
+    # It shows the first one's progress (no longer nothing until the end).
+    assert following_first(events_until(registry, second, following_first, until_quiet=True))
+    assert not answered_everywhere(registry, second)["finished"]
+
+    gate.touch()
+    outcomes = {}
+    for build_id in (first, second):
+        events = events_until(registry, build_id, lambda events: False)  # to the end
+        assert events[-1]["stage"] == "done", events[-1]
+        outcomes[build_id] = events[-1]["digest"]
+        finished = answered_everywhere(registry, build_id, started["progress"].replace(first, build_id))
+        assert finished["stage"] == "done" and finished["events"][-1]["digest"] == outcomes[build_id]
+        for page in finished["pages"]:  # the pull command names the tag on either worker
+            assert "Image ready." in page and outcomes[build_id] in page and f"{registry.host}/gated:v1" in page
+    assert outcomes[first] == outcomes[second]
+    assert len(registry.log_events("build.queued")) == 1  # one build ran: the second waited for it
+
+
+def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_path: Path) -> None:
+    """The worker process running a build was killed: the other worker, now answering every
+    connection, still knows the build and says it failed, rather than "building" for ever
+    (or, before, that the build is not known)."""
+    gate, temporary = tmp_path / "gate", tmp_path / "tmp"
+    temporary.mkdir()
+    script = f"while [ ! -e {gate} ]; do $bb/sleep 0.1; done; $bb/mkdir -p $out; echo gated > $out/gated"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "gated", "gated-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    build_id = post_build(registry, "gated")["id"]
+    assert building_gated(events_until(registry, build_id, building_gated))
+    (journal,) = temporary.glob(f"nixery-builds-*/{build_id}.jsonl")
+    owner = json.loads(journal.read_text().splitlines()[0])["pid"]
+    process = os.pidfd_open(owner)  # readable once the process has ended
+    try:
+        os.kill(owner, signal.SIGKILL)
+        assert select.select([process], [], [], 60)[0]  # its socket is closed: connections go to the other
+    finally:
+        os.close(process)
+    try:
+        events = events_until(registry, build_id, lambda events: False)
+        assert events[-1]["stage"] == "failed" and "worker process" in events[-1]["message"], events[-1]
+        assert building_gated(events)
+        assert answered_everywhere(registry, build_id)["stage"] == "failed"
+    finally:
+        gate.touch()  # the killed worker's Nix build ends too
+    registry.stop()
+    assert not list(temporary.glob("nixery-builds-*"))  # the shared directory goes with the registry
