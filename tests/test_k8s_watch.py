@@ -100,6 +100,7 @@ class FakeKubeApi:
         self.watch_requests: list[int] = []
         self.patches: list[tuple[str, dict[str, Any]]] = []
         self.reject_patches = 0  # answer this many status patches with 500 first
+        self.patch_answers: list[bytes] = []  # bodies to answer the next status patches with (after applying them)
         self._changed = asyncio.Event()
         self._open_watches: dict[int, web.Request] = {}
         self._drop = asyncio.Event()
@@ -294,6 +295,8 @@ class FakeKubeApi:
         obj["status"] = merge_patch(obj.get("status") or {}, body.get("status") or {})
         self._bump(obj)
         self._event("MODIFIED", obj)
+        if self.patch_answers:
+            return web.Response(body=self.patch_answers.pop(0), content_type="application/json")
         return web.json_response(obj)
 
 
@@ -743,6 +746,22 @@ async def test_prebuild_and_status_retries(harness) -> None:
     await eventually(lambda: api.status("pre").get("phase") == "Ready", what="prebuilt and reported")
     assert builder.started == [(("figlet",), "v1")]
     assert api.reject_patches == 0 and len(api.patches) >= 3
+
+
+async def test_the_status_writer_goes_on_after_an_answer_it_cannot_read(harness) -> None:
+    """An answer to a status patch nested deeper than the JSON parser allows stopped the status
+    writer for good: no object's status was written again. It is now logged with its type and the
+    writer goes on."""
+    api = FakeKubeApi()
+    api.patch_answers = [b"[" * 100_000 + b"]" * 100_000]
+    h = await harness(builder=FakeBuilder(), api=api)
+    with structlog.testing.capture_logs() as logs:
+        api.create("first", {"tag": "v1", "contents": ["hello"]})
+        await eventually(lambda: any(e["event"] == "k8s.status_failed" for e in logs), what="the unreadable answer")
+        await h.store.resolve("first", "v1")
+        await eventually(lambda: api.status("first").get("phase") == "Ready", what="a status written after it")
+    (failure,) = [e for e in logs if e["event"] == "k8s.status_failed"]
+    assert failure["error_type"] == "RecursionError"
 
 
 async def test_replicas_with_different_builds_do_not_fight_over_status(harness) -> None:

@@ -375,7 +375,7 @@ class NixImageWatch:
                     self._retry_status(key, status, conditional, exc, backoff)
                     await asyncio.sleep(backoff.next())
                     continue
-                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                except Exception as exc:  # whatever it is, the writer goes on: a stopped one writes no status again
                     self._retry_status(key, status, conditional, exc, backoff)
                     await asyncio.sleep(backoff.next())
                     continue
@@ -394,7 +394,10 @@ class NixImageWatch:
     def _retry_status(
         self, key: str, status: dict[str, Any], conditional: bool, exc: Exception, backoff: _Backoff
     ) -> None:
-        log.warning("k8s.status_failed", object=_object_origin(key), error=str(exc) or type(exc).__name__)
+        log.warning(
+            "k8s.status_failed", object=_object_origin(key), error=str(exc)[:500] or type(exc).__name__,
+            error_type=type(exc).__name__,
+        )
         self._status_queue.setdefault(key, (status, conditional))  # unless a newer one is already queued
         self._status_ready.set()
 
