@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
@@ -43,6 +42,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -226,7 +226,10 @@ def exposition() -> bytes:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     response = web.Response(body=exposition())
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    # What `generate_latest` writes (names escaped to the classic alphabet) is the text format
+    # 0.0.4; the library's CONTENT_TYPE_LATEST says version=1.0.0, which it writes only when a
+    # scraper asks for it, with an escaping scheme.
+    response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
     return response
 
 

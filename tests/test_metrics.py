@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.registry import RegistryProcess, busybox_set_with, slow_package_set
@@ -23,7 +24,9 @@ def scrape(registry: RegistryProcess) -> dict[tuple[str, tuple[tuple[str, str], 
     """Every sample as {(name, sorted labels): value}."""
     status, headers, body = registry.request("/metrics", accept="text/plain")
     assert status == 200
-    assert headers["Content-Type"].startswith("text/plain")
+    # The content type of the body, the classic text format 0.0.4 (it was `version=1.0.0`).
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert choose_encoder("")[1] == headers["Content-Type"]  # as prometheus_client labels what it writes
     samples = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:

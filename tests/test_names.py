@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import RegistryProcess
+from tests.registry import RegistryProcess, busybox_set_with
 from tests.test_sources import BUNDLED_BUSYBOX, error_of, needs_clients, rootfs_of, run_in, started, write_package_set
 
 pytestmark = pytest.mark.nix
@@ -70,6 +70,27 @@ def test_unknown_names_are_manifest_unknown_listing_every_one(bundled: RegistryP
     assert error["detail"]["missing"] == ["alsomissing", "nosuchpackage", "tools.nosuchtool"]
     for name in error["detail"]["missing"]:
         assert name in error["message"]
+
+
+@pytest.mark.parametrize("word", ["amd64", "aarch64", "riscv64", "arm"])
+def test_a_platform_this_registry_lacks_gets_a_hint(bundled: RegistryProcess, word: str) -> None:
+    """`riscv64/hello` said only "packages not found ...: riscv64": the first component is read as a
+    package, as always, but the answer now names the one platform prefix there is."""
+    status, error = error_of(bundled, f"{word}/hello")
+    assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", [word])
+    assert error["message"].startswith("packages not found") and f"{word} is not a platform" in error["message"]
+    assert "arm64/" in error["message"] and error["detail"]["hint"] in error["message"]
+    # a misspelt package gets no such hint
+    assert "hint" not in error_of(bundled, "hello/nosuchpackage")[1]["detail"]
+
+
+def test_a_package_named_like_a_platform_is_still_a_package(start_registry, tmp_path: Path) -> None:
+    pkgs = busybox_set_with(tmp_path / "pkgs", "riscv64", "riscv64-1",
+                            "$bb/mkdir -p $out/bin; echo 'echo emulated' > $out/bin/riscv64")
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    _, manifest = registry.manifest("riscv64/hello")
+    status, _, body = registry.request(f"/v2/hello/blobs/{manifest['config']['digest']}", accept=None)
+    assert status == 200 and json.loads(body)["config"]["Labels"]["org.nixos.nixery.packages"] == "hello riscv64"
 
 
 def test_a_set_that_is_not_a_derivation_is_not_a_package(bundled: RegistryProcess) -> None:

@@ -311,6 +311,33 @@ def test_the_debian_sbom_names_curl_with_its_debian_version_and_license(tmp_path
     assert {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} == store_paths
 
 
+def test_the_arm64_debian_sbom_gives_each_package_its_own_architecture(tmp_path: Path) -> None:
+    """The arm64 set is built by the same build-deb.sh (its loader and multiarch directory swapped),
+    so it records each .deb's control file too: ca-certificates is `arch=all` in an arm64 image as in
+    an amd64 one, and the packages built for arm64 say arm64, with the epoch their control file has."""
+    debian = require_debian_set("aarch64-linux.nix")
+    image = "arm64/shell/curl"
+    registry = RegistryProcess(tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "debian"}).start()
+    try:
+        digest, _ = registry.manifest(image)
+        _, document = attached_document(registry, image, digest, SPDX)
+    finally:
+        registry.stop()
+    nix_file = (debian / "aarch64-linux.nix").read_text()
+    imported = r'^\s*"?([^"\s]+)"? = lib\.importDeb \{ path = /\. \+ "\$\{debDir\}/([^"]+)"'
+    deb_architectures = {  # the set's .deb files (its amd64 ones only run the build: patchelf)
+        name: arch for name, file in re.findall(imported, nix_file, re.MULTILINE)
+        if (arch := file.rsplit("_", 1)[1].removesuffix(".deb")) != "amd64"
+    }
+    purls = [ref["referenceLocator"] for p in validated_spdx(document, tmp_path)["packages"]
+             for ref in p.get("externalRefs", ())]
+    by_name = {purl.split("@")[0].removeprefix("pkg:deb/debian/"): purl for purl in purls}
+    assert len(by_name) >= 20 and by_name["ca-certificates"].endswith("?arch=all")
+    assert by_name["curl"].endswith("?arch=arm64") and re.search(r"/zlib1g@1:", by_name["zlib1g"])
+    for name, purl in by_name.items():
+        assert purl.endswith(f"?arch={deb_architectures[name]}"), purl
+
+
 @pytest.mark.parametrize(("debian", "spdx"), [
     ("GPL-2+ or Artistic", "GPL-2.0-or-later OR Artistic-1.0-Perl"),  # Debian's short names
     ("Expat", "MIT"),

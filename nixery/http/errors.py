@@ -24,6 +24,7 @@ from aiohttp import web
 from nixery import errors, metrics
 from nixery.http import pages
 from nixery.nix import errors as nix_errors
+from nixery.registry.names import platform_hint
 from nixery.storage import base as storage_errors
 
 log = structlog.get_logger(__name__)
@@ -38,8 +39,11 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return exc
         case nix_errors.PackagesNotFound():
             platform = {"platform": exc.platform} if exc.platform else {}  # another platform's set lacks them
+            hint = platform_hint(exc.missing)  # `riscv64/shell`: a platform prefix this registry lacks
             return errors.ManifestUnknown(
-                exc.message, detail={"missing": exc.missing, "suggestions": exc.suggestions, **platform}
+                f"{exc.message}; {hint}" if hint else exc.message,
+                detail={"missing": exc.missing, "suggestions": exc.suggestions, **platform,
+                        **({"hint": hint} if hint else {})},
             )
         case nix_errors.RefNotFound():
             return errors.ManifestUnknown(exc.message)

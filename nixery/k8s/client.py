@@ -23,6 +23,8 @@ from nixery.k8s.credentials import KubeConfig
 
 PLURAL = "niximages"
 MAX_EVENT_BYTES = 8 << 20
+#: Watch events that arrived together (`KubeClient.list` hides the builtin in the class).
+EventBatch = list[dict[str, Any]]
 
 
 class ApiError(Exception):
@@ -94,8 +96,10 @@ class KubeClient:
             if not token:
                 return items, str(metadata.get("resourceVersion") or "")
 
-    async def watch(self, resource_version: str, *, timeout_seconds: int) -> AsyncIterator[dict[str, Any]]:
-        """The events after `resource_version`, until the server ends the watch or the connection drops."""
+    async def watch(self, resource_version: str, *, timeout_seconds: int) -> AsyncIterator[EventBatch]:
+        """The events after `resource_version`, until the server ends the watch or the connection drops,
+        in batches: the events that one read of the connection brought (a burst of hundreds of events
+        comes in a few), so the caller can act on each batch once."""
         params = {
             "watch": "1",
             "resourceVersion": resource_version,
@@ -113,15 +117,14 @@ class KubeClient:
                 raise await self._error(response)
             buffer = b""
             async for chunk in response.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        yield json.loads(line)
+                *lines, buffer = (buffer + chunk).split(b"\n")
+                events = [json.loads(line) for line in lines if line.strip()]
+                if events:
+                    yield events
                 if len(buffer) > MAX_EVENT_BYTES:
                     raise ApiError(0, f"a watch event is larger than {MAX_EVENT_BYTES} bytes")
             if buffer.strip():
-                yield json.loads(buffer)
+                yield [json.loads(buffer)]
 
     async def patch_status(
         self, name: str, namespace: str | None, status: dict[str, Any], *, resource_version: str | None = None

@@ -11,12 +11,16 @@ cluster's objects:
   read time-out) is opened again from the last resourceVersion seen;
 * 410 Gone (as the response's status or as an ERROR event: our
   resourceVersion is too old) means list again;
-* any other failure is retried with exponential back-off and jitter, up to
+* any other failure, of whatever type, is logged (`k8s.watch_failed`, with
+  `error_type`) and retried with exponential back-off and jitter, up to
   `max_backoff` seconds; the registry keeps serving what it knows meanwhile.
-  After an error the server answered (a status or an ERROR event, e.g. 504
-  "Too large resource version" from a server restored from an older etcd
-  backup) the retry lists again; after a connection failure it watches on from
-  the last resourceVersion.
+  After a connection failure the retry watches on from the last
+  resourceVersion; after anything else (an error the server answered, such as
+  504 "Too large resource version" from a server restored from an older etcd
+  backup, or an event that cannot be read) it lists again;
+* events are applied in batches, those that arrived together, and the
+  declaration table is rebuilt once per batch, so a burst of changes costs a
+  few rebuilds, not one per object.
 
 Status (`status` subresource; NixImage is cluster-scoped, but namespaced
 objects are addressed correctly too):
@@ -64,6 +68,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "indexDigest", "error", "observedGeneration", "builtAt")
+#: Failures of the connection, after which a watch resumes from the last resourceVersion seen.
+_CONNECTION_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 #: The digests of a status that is not Ready.
 _NO_DIGESTS = {"digest": None, "ociDigest": None, "indexDigest": None}
 
@@ -150,16 +156,20 @@ class NixImageWatch:
             except Gone as exc:
                 log.info("k8s.watch_expired", resource_version=self.resource_version, reason=exc.message)
                 self.resource_version = None  # list again, at once
-            except (aiohttp.ClientError, ApiError, OSError, TimeoutError, ValueError) as exc:
+            except Exception as exc:  # whatever it is, the watch goes on: a stopped one serves a stale table
                 delay = backoff.next()
-                log.warning(
-                    "k8s.watch_failed", error=str(exc) or type(exc).__name__, retry_in=round(delay, 2),
-                    resource_version=self.resource_version,
+                expected = isinstance(exc, (*_CONNECTION_ERRORS, ApiError, ValueError))
+                (log.warning if expected else log.error)(
+                    "k8s.watch_failed", error=str(exc)[:500] or type(exc).__name__, error_type=type(exc).__name__,
+                    retry_in=round(delay, 2), resource_version=self.resource_version,
+                    exc_info=None if expected else exc,
                 )
-                if isinstance(exc, ApiError):
+                if not isinstance(exc, _CONNECTION_ERRORS):
                     # The server refused the watch itself, e.g. 504 "Too large resource version" from
                     # one restored from an older etcd backup, which would refuse every watch from
-                    # here: list again (as client-go does). A dropped connection resumes instead.
+                    # here, or sent an event we cannot read (a malformed line, JSON nested deeper than
+                    # the parser allows), which a watch from the same resourceVersion would send
+                    # again: list again (as client-go does). A dropped connection resumes instead.
                     self.resource_version = None
                 await asyncio.sleep(delay)
 
@@ -179,36 +189,45 @@ class NixImageWatch:
         assert self.resource_version is not None
         self.watches += 1
         started, events = time.monotonic(), 0
-        async for event in self.client.watch(self.resource_version, timeout_seconds=self.watch_timeout):
-            events += 1
-            kind = event.get("type")
-            obj = event.get("object") or {}
-            if kind == "ERROR":
-                status = int(obj.get("code") or 0)
-                message = str(obj.get("message") or obj.get("reason") or "watch error")
-                raise (Gone if status == 410 else ApiError)(status, message)
-            version = (obj.get("metadata") or {}).get("resourceVersion")
-            if version:
-                self.resource_version = str(version)
-            backoff.reset()
-            if kind == "BOOKMARK":
-                continue
-            key = object_key(obj)
-            if kind in ("ADDED", "MODIFIED"):
-                if not self._remember(obj, self.objects.get(key)):
-                    self._update_status(self.objects[key])  # only its status or metadata changed
-                    continue
-            elif kind == "DELETED":
-                if self.objects.pop(key, None) is not None:
-                    log.info("k8s.object_deleted", object=_object_origin(key))
-            else:
-                continue
-            self._publish()
+        async for batch in self.client.watch(self.resource_version, timeout_seconds=self.watch_timeout):
+            # The table is rebuilt once per batch (the events that arrived together), not per event:
+            # a rebuild walks every object (3.6 ms at 2,000), and a burst of 500 creations held the
+            # event loop for hundreds of them.
+            changed = False
+            try:
+                for event in batch:
+                    events += 1
+                    changed = self._apply(event, backoff) or changed
+            finally:
+                if changed:  # also when a later event of the batch fails: the earlier ones count
+                    self._publish()
         if events == 0 and time.monotonic() - started < 1.0:
             # Ended at once with nothing to say: don't spin on a server that closes every watch.
             await asyncio.sleep(backoff.next())
         else:
             log.debug("k8s.watch_ended", events=events, resource_version=self.resource_version)
+
+    def _apply(self, event: Mapping[str, Any], backoff: _Backoff) -> bool:
+        """Take one watch event into `objects`; True when what they declare may have changed."""
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            status = int(obj.get("code") or 0)
+            message = str(obj.get("message") or obj.get("reason") or "watch error")
+            raise (Gone if status == 410 else ApiError)(status, message)
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = str(version)
+        backoff.reset()
+        key = object_key(obj)
+        if kind in ("ADDED", "MODIFIED"):
+            if self._remember(obj, self.objects.get(key)):
+                return True
+            self._update_status(self.objects[key])  # only its status or metadata changed
+        elif kind == "DELETED" and self.objects.pop(key, None) is not None:
+            log.info("k8s.object_deleted", object=_object_origin(key))
+            return True
+        return False  # a BOOKMARK, or an event of a kind we do not know
 
     def _remember(self, obj: Mapping[str, Any], previous: _Object | None) -> bool:
         """Keep `obj`; True when what it declares may have changed."""
@@ -356,7 +375,7 @@ class NixImageWatch:
                     self._retry_status(key, status, conditional, exc, backoff)
                     await asyncio.sleep(backoff.next())
                     continue
-                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                except Exception as exc:  # whatever it is, the writer goes on: a stopped one writes no status again
                     self._retry_status(key, status, conditional, exc, backoff)
                     await asyncio.sleep(backoff.next())
                     continue
@@ -375,7 +394,10 @@ class NixImageWatch:
     def _retry_status(
         self, key: str, status: dict[str, Any], conditional: bool, exc: Exception, backoff: _Backoff
     ) -> None:
-        log.warning("k8s.status_failed", object=_object_origin(key), error=str(exc) or type(exc).__name__)
+        log.warning(
+            "k8s.status_failed", object=_object_origin(key), error=str(exc)[:500] or type(exc).__name__,
+            error_type=type(exc).__name__,
+        )
         self._status_queue.setdefault(key, (status, conditional))  # unless a newer one is already queued
         self._status_ready.set()
 

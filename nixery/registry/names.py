@@ -36,6 +36,25 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
 ARM64_PREFIX = "arm64/"
 
 
+#: Words that people put first to ask for a platform (Docker's and uname's names), of which only
+#: `arm64` is one here: as a first component each is a package name like any other.
+PLATFORM_WORDS = frozenset({
+    "amd64", "x86_64", "x86-64", "aarch64", "arm64v8", "arm", "armhf", "armel", "armv6", "armv7", "arm32v7",
+    "i386", "i686", "386", "riscv64", "ppc64le", "s390x", "mips64le", "loong64", "linux",
+})
+
+
+def platform_hint(missing: list[str]) -> str | None:
+    """What to say when a package the set lacks is named like a platform (`riscv64/shell`)."""
+    words = [name for name in missing if name.lower() in PLATFORM_WORDS]
+    if not words:
+        return None
+    return (
+        f"{words[0]} is not a platform of this registry: its only platform prefix is {ARM64_PREFIX} "
+        "(linux/arm64, as in arm64/shell); a name without one is built for the registry's own platforms"
+    )
+
+
 def without_platform(name: str) -> str:
     """An image's name without its platform: `arm64/shell` is `shell`."""
     return name.removeprefix(ARM64_PREFIX)
