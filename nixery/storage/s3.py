@@ -53,7 +53,7 @@ from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
 if TYPE_CHECKING:  # the option types exist in obstore's stubs only
-    from obstore import ObjectMeta
+    from obstore import ObjectMeta, PutResult
     from obstore.store import ClientConfig, RetryConfig
 
 from nixery.background import detach
@@ -289,17 +289,22 @@ class S3Storage(LeasedStorage):
             max_concurrency=UPLOAD_CONCURRENCY,
         )
 
-    async def _upload(self, key: str, source: Path | bytes, **options: Any) -> None:
-        """Put a big body, returning early with BackendUnavailable if the store stalls meanwhile."""
+    async def _upload(self, key: str, source: Path | bytes, **options: Any) -> PutResult:
+        """Put a big body or a conditional one, returning early with BackendUnavailable if the
+        store stalls meanwhile.
+
+        Conditional PUTs (If-None-Match, If-Match) come here whatever their size: a store may
+        hold one back while another write to the key finishes (SeaweedFS waits in steps of a
+        second), longer than a small request's STALL_TIMEOUT, while it answers other requests."""
         upload = asyncio.ensure_future(obstore.put_async(self._upload_store, key, source, **options))
         try:
             # Cancelling the upload would drop it without aborting it, leaving
             # invisible parts behind; it finishes (or fails and aborts) by itself.
-            await unless_store_stalls(upload, lambda: self._stat_key(key))
+            return await unless_store_stalls(upload, lambda: self._stat_key(key))
         except (asyncio.CancelledError, BackendUnavailable):
             detach(upload, failure_event="s3.upload_failed_after_giving_up", describe_error=_describe, key=key)
             raise
-        except (AlreadyExistsError, PreconditionError):
+        except (AlreadyExistsError, PreconditionError, FileNotFoundError):
             raise  # an answer to a conditional upload, handled by the caller
         except ObstoreError as error:
             raise self._unavailable(error) from error
@@ -329,14 +334,9 @@ class S3Storage(LeasedStorage):
         path = f"meta/{check_key(key)}"
         # One PUT with If-None-Match: * (never multipart: its completion cannot be made conditional).
         try:
-            if len(data) > SMALL_BODY:
-                await self._upload(path, data, use_multipart=False, mode="create")
-            else:
-                await obstore.put_async(self._store, path, data, use_multipart=False, mode="create")
+            await self._upload(path, data, use_multipart=False, mode="create")
         except (AlreadyExistsError, PreconditionError):
             return False
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
         return True
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
@@ -401,11 +401,9 @@ class S3Storage(LeasedStorage):
 
     async def _lease_create(self, name: str, body: bytes) -> str | None:
         try:
-            result = await obstore.put_async(self._store, name, body, mode="create", use_multipart=False)
+            result = await self._upload(name, body, mode="create", use_multipart=False)
         except (AlreadyExistsError, PreconditionError):
             return None
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
         return result["e_tag"]
 
     async def _lease_version(self, name: str) -> str | None:
@@ -431,11 +429,9 @@ class S3Storage(LeasedStorage):
 
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         try:
-            result = await obstore.put_async(self._store, name, body, mode={"e_tag": version}, use_multipart=False)
+            result = await self._upload(name, body, mode={"e_tag": version}, use_multipart=False)
         except (PreconditionError, FileNotFoundError):
             return None
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
         return result["e_tag"]
 
     async def _lease_delete(self, name: str, version: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -14,7 +15,7 @@ import pytest
 from nixery.registry.digest import Digest
 from nixery.storage import BackendUnavailable, Redirect, Storage
 from tests.storage.conftest import Backend
-from tests.storage.test_conformance import MB, blob_key, fetch, put, stage
+from tests.storage.test_conformance import MB, blob_key, fetch, put, replicas, stage
 
 
 @pytest.fixture
@@ -94,3 +95,28 @@ async def test_upload_failing_midway_is_aborted(s3: Backend, tmp_path: Path) -> 
         proxy.fail_request = None
         await store.put_blob(digest, stage(store, data))
         assert await store.stat_blob(digest) == len(data)
+
+
+async def test_a_conditional_write_the_store_holds_back_is_waited_for(
+    s3: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS holds a conditional PUT back, in steps of a second, while another write to the
+    same key finishes. Replicas racing for one image record or build lease must get the store's
+    answer (won or lost), not BackendUnavailable because a small request's stall bound ran out.
+    The bound is cut to 0.5 s here so that every loser of the race outlasts it."""
+    import nixery.storage.s3 as s3_driver
+
+    monkeypatch.setattr(s3_driver, "STALL_TIMEOUT", 0.5)
+    first, second = replicas(s3, tmp_path)
+    for round_ in range(3):
+        key = f"images-{uuid.uuid4().hex}/raced"
+        won = await asyncio.gather(*(
+            (first if n % 2 else second).create_meta(key, f"writer {n} ".encode() * 100) for n in range(6)
+        ))  # fmt: skip
+        assert sorted(won) == [False] * 5 + [True], f"round {round_}: {won}"
+        assert (await first.get_meta(key) or b"").startswith(f"writer {won.index(True)} ".encode())
+        lease = f"leases-race-{uuid.uuid4().hex}"
+        held = await asyncio.gather(*(
+            (first if n % 2 else second)._lease_create(lease, f"holder {n}".encode()) for n in range(4)
+        ))  # fmt: skip
+        assert sum(version is not None for version in held) == 1, f"round {round_}: {held}"
