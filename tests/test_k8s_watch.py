@@ -17,8 +17,9 @@ parts of the API the registry uses, as the real server does:
   token authentication.
 
 It can drop every open watch connection and forget its history, which is how
-the tests make the registry reconnect and relist, and put a line that is not a
-valid event into the stream (`send_raw`). What it does not do (schema
+the tests make the registry reconnect and relist, put a line that is not a
+valid event into the stream (`send_raw`), and hold values nested deeper than
+Python's JSON parser allows (`RawJSON`), as the API server can. What it does not do (schema
 validation, generation bookkeeping beyond `data` changes, field selectors) is
 not used by the registry. The end-to-end tests run a real `nixery serve`
 process that pulls through this stand-in; the others run the watch in the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import datetime
 import gc
 import ipaddress
@@ -48,6 +50,8 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import nixery.declarations.parsing
+import nixery.declarations.store
 from nixery.declarations import FILES, DeclarationStore, parse_declaration
 from nixery.images import ImageRecord, ManifestRef
 from nixery.k8s import (
@@ -60,6 +64,7 @@ from nixery.k8s import (
     kubeconfig_config,
     load_kube_config,
 )
+from nixery.k8s.decoding import read_json, too_deep_fields
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import ManifestFormat
 from nixery.registry.names import ImageRequest
@@ -71,6 +76,31 @@ COLLECTION = "/apis/k8s.nixos.org/v1alpha/niximages"
 
 
 # ---- the stand-in --------------------------------------------------------
+
+
+class RawJSON:
+    """A value the stand-in stores and sends as this JSON text: JSON nested deeper than Python's
+    json module can write or read, which the API server stores."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def dumps(value: Any) -> str:
+    """`json.dumps`, with `RawJSON` values written as their text."""
+    raw: dict[str, str] = {}
+
+    def placeholder(o: Any) -> str:
+        if not isinstance(o, RawJSON):
+            raise TypeError(f"{type(o).__name__} is not JSON")
+        token = f"raw-json-{uuid.uuid4()}"
+        raw[json.dumps(token)] = o.text
+        return token
+
+    text = json.dumps(value, default=placeholder)
+    for token, replacement in raw.items():
+        text = text.replace(token, replacement)
+    return text
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -111,7 +141,7 @@ class FakeKubeApi:
     # ---- control (call on the server's event loop) -------------------
 
     def _event(self, kind: str, obj: dict[str, Any]) -> None:
-        self.history.append((self.resource_version, kind, json.loads(json.dumps(obj))))
+        self.history.append((self.resource_version, kind, copy.deepcopy(obj)))
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -226,7 +256,7 @@ class FakeKubeApi:
         return web.json_response({
             "apiVersion": "k8s.nixos.org/v1alpha", "kind": "NixImageList", "metadata": metadata,
             "items": [self.objects[n] for n in page],
-        })
+        }, dumps=dumps)
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         since = int(request.query.get("resourceVersion") or self.resource_version)
@@ -256,7 +286,7 @@ class FakeKubeApi:
             while not drop.is_set():
                 for version, kind, obj in list(self.history):
                     if version > sent:
-                        line = obj if kind == "RAW" else json.dumps({"type": kind, "object": obj}).encode()
+                        line = obj if kind == "RAW" else dumps({"type": kind, "object": obj}).encode()
                         await response.write(line + b"\n")
                         sent = version
                 changed = self._changed
@@ -297,7 +327,7 @@ class FakeKubeApi:
         self._event("MODIFIED", obj)
         if self.patch_answers:
             return web.Response(body=self.patch_answers.pop(0), content_type="application/json")
-        return web.json_response(obj)
+        return web.json_response(obj, dumps=dumps)
 
 
 class ThreadedKubeApi:
@@ -670,21 +700,21 @@ async def test_a_burst_of_events_rebuilds_the_table_once_per_batch(harness) -> N
     with structlog.testing.capture_logs():  # 2,500 image_declared lines would be most of the time measured
         h = await harness(api=api)
         rebuilds = 0
-        set_source = h.store.set_source
+        update_source = h.store.update_source
 
-        def counted(*args: Any, **kwargs: Any) -> None:
+        async def counted(*args: Any, **kwargs: Any) -> None:
             nonlocal rebuilds
             rebuilds += 1
-            set_source(*args, **kwargs)
+            await update_source(*args, **kwargs)
 
-        h.store.set_source = counted  # type: ignore[method-assign]
+        h.store.update_source = counted  # type: ignore[method-assign]
         gc.collect()
         gc.freeze()  # as in test_catalog: the pauses measured are the watch's, not the collector's
         try:
             single = []
             for _ in range(5):
                 started = time.perf_counter()
-                h.watch._publish()
+                await h.watch._publish()
                 single.append(time.perf_counter() - started)
             rebuild = statistics.median(single)
             rebuilds = 0
@@ -698,6 +728,79 @@ async def test_a_burst_of_events_rebuilds_the_table_once_per_batch(harness) -> N
     assert all(h.contents(f"new-{n}", "v1") == ("figlet", f"n{n}") for n in range(500))
     assert rebuilds <= 10, f"{rebuilds} rebuilds for 500 events"
     assert pause < 50 * rebuild, f"the loop was held {pause * 1000:.1f} ms; one rebuild takes {rebuild * 1000:.2f} ms"
+
+
+async def test_a_burst_of_events_is_read_while_the_registry_answers(harness, monkeypatch) -> None:
+    """The objects of a burst of watch events were read and checked, and the declaration table
+    rebuilt, on the event loop: while 500 new objects were taken in, pulls waited. A batch is now
+    read, and the table rebuilt, in a thread, in the events' order: here the reading of one object
+    of the burst is held up, and a pull by tag is answered meanwhile."""
+    loop_thread = threading.get_ident()
+    readers: set[int] = set()
+    rebuilders: set[int] = set()
+    holding, release = threading.Event(), threading.Event()
+    check_contents, build_table = nixery.declarations.parsing._check_contents, nixery.declarations.store._build_table
+
+    def held_check(contents: Any) -> Any:
+        readers.add(threading.get_ident())
+        if "n250" in contents and threading.get_ident() != loop_thread:
+            holding.set()
+            release.wait(30)
+        return check_contents(contents)
+
+    def counted_build(declarations: Any) -> Any:
+        rebuilders.add(threading.get_ident())
+        return build_table(declarations)
+
+    monkeypatch.setattr(nixery.declarations.parsing, "_check_contents", held_check)
+    monkeypatch.setattr(nixery.declarations.store, "_build_table", counted_build)
+    api = FakeKubeApi()
+    api.create("served", {"tag": "v1", "contents": ["hello"]})
+    with structlog.testing.capture_logs():
+        h = await harness(api=api)
+        try:
+            for n in range(500):
+                api.create(f"new-{n}", {"tag": "v1", "contents": ["figlet", f"n{n}"]})
+            await eventually(holding.is_set, what="the burst being read off the event loop")
+            assert (await h.store.resolve("served", "v1")).packages == ("hello",)  # answered meanwhile
+        finally:
+            release.set()
+        await eventually(lambda: h.contents("new-499", "v1"), what="the burst applied")
+    assert all(h.contents(f"new-{n}", "v1") == ("figlet", f"n{n}") for n in range(500))
+    assert readers and rebuilders and loop_thread not in readers | rebuilders
+
+
+# Deeper than Python's json reads or writes (as in UNREADABLE_EVENTS); the API server stores it.
+TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+async def test_an_object_nested_too_deep_is_invalid_and_the_others_are_served(harness) -> None:
+    """A NixImage nested deeper than Python's JSON parser allows (here in data.arch, a field that
+    keeps unknown values) made the whole list unreadable (RecursionError): the watch listed again
+    and again and served no change at all until someone deleted that object. That object is now
+    reported Invalid, alone; the others are served, and watched on."""
+    api = FakeKubeApi()
+    api.create("before", {"tag": "v1", "contents": ["hello"]})
+    api.create("deep", {"tag": "v1", "contents": ["hello"], "arch": RawJSON(TOO_DEEP)})
+    api.create("after", {"tag": "v1", "contents": ["figlet"]})
+    with structlog.testing.capture_logs() as logs:
+        h = await harness(builder=FakeBuilder(), api=api)  # waits for the first list
+        assert h.contents("before", "v1") == ("hello",) and h.contents("after", "v1") == ("figlet",)
+        assert h.contents("deep", "v1") is None
+        await eventually(lambda: api.status("deep").get("phase") == "Invalid", what="deep reported Invalid")
+        # watched on: a change, and another such object arriving in a watch event
+        api.modify("before", {"tag": "v1", "contents": ["cowsay"]})
+        api.create("deeper", {"tag": "v2", "contents": ["hello"], "env": [RawJSON(TOO_DEEP)]})
+        await eventually(lambda: h.contents("before", "v1") == ("cowsay",), what="a change watched")
+        await eventually(lambda: api.status("deeper").get("phase") == "Invalid", what="deeper reported Invalid")
+        await h.store.resolve("after", "v1")
+        await eventually(lambda: api.status("after").get("phase") == "Ready", what="the others' status")
+    assert api.status("deep")["error"] == "data.arch: nested too deep to read"
+    assert api.status("deeper")["error"] == "data.env: nested too deep to read"
+    invalid = {e["object"]: e["problem"] for e in logs if e["event"] == "declarations.invalid"}
+    assert invalid == {"niximage/deep": api.status("deep")["error"], "niximage/deeper": api.status("deeper")["error"]}
+    assert not [e for e in logs if e["event"] in ("k8s.watch_failed", "k8s.status_failed")]
+    assert api.list_requests == 1
 
 
 async def test_status_follows_builds_and_is_not_rewritten(harness) -> None:
@@ -832,6 +935,24 @@ async def test_list_follows_continue_pages(aiohttp_server) -> None:
     await client.close()
     assert [i["metadata"]["name"] for i in items] == [f"img{n}" for n in range(5)]
     assert version == str(api.resource_version) and api.list_requests == 3
+
+
+def test_json_nested_too_deep_is_read_around() -> None:
+    """Only the values json cannot read are left out; brackets in strings do not count, and what is
+    not an object, or not JSON, fails as json.loads does."""
+    tricky = {"name": "deep", "note": 'brackets ]}[{ and a quote \\" in a string'}
+    document = dumps({
+        "items": [{"metadata": tricky, "data": {"arch": RawJSON(TOO_DEEP), "tag": "v1"}}, {"metadata": {"name": "ok"}}],
+        "metadata": {"resourceVersion": "7"},
+    })
+    read = read_json(document.encode())
+    assert read["metadata"] == {"resourceVersion": "7"} and read["items"][1] == {"metadata": {"name": "ok"}}
+    assert read["items"][0]["metadata"] == tricky and read["items"][0]["data"]["tag"] == "v1"
+    assert too_deep_fields(read["items"][0]["data"], "data") == ["data.arch[0][0]"]
+    with pytest.raises(RecursionError):
+        read_json(TOO_DEEP)
+    with pytest.raises(ValueError):
+        read_json('{"a": ' + TOO_DEEP[:1000] + "}")
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path, bytes]:

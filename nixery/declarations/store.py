@@ -5,7 +5,8 @@ name:tag declared?" from a table that is replaced, never edited, when a source
 changes, so a lookup never sees half a change. Sources are the files
 (`DeclarationFiles`, scanned in a thread of their own) and, when `nixery.app`
 starts one, the Kubernetes watch, which reports status back through the
-`StatusReporter` protocol.
+`StatusReporter` protocol. A source that changes often and large (the watch)
+calls `update_source`, which builds the new table in a thread.
 """
 
 from __future__ import annotations
@@ -63,6 +64,36 @@ def _build_table(declarations: Iterable[Declaration]) -> _Table:
         else:
             table.losers.append((declaration, winner))
     return table
+
+
+@dataclass
+class _Change:
+    """A new table and what it changes from the one served (`_change`)."""
+
+    table: _Table
+    declared: list[Declaration]  # new or changed: served from now on
+    removed: list[Declaration]
+    reports: dict[str, tuple[dict[str, Declaration], dict[str, Declaration]]]  # by source: `_report`
+
+
+def _change(previous: _Table, sources: Mapping[str, list[Declaration]], reporting: Iterable[str]) -> _Change:
+    """The table of `sources` and what it changes from `previous`, touching nothing else (`update_source`
+    runs it in a thread)."""
+    table = _build_table(d for decls in sources.values() for d in decls)
+    declared = []
+    for reference, declaration in table.by_reference.items():
+        before = previous.by_reference.get(reference)
+        if before is None or not declaration.same_image(before) or before.origin != declaration.origin:
+            declared.append(declaration)
+    removed = [before for reference, before in previous.by_reference.items() if reference not in table.by_reference]
+    return _Change(table, declared, removed, {source: _report(table, source) for source in reporting})
+
+
+def _report(table: _Table, source: str) -> tuple[dict[str, Declaration], dict[str, Declaration]]:
+    """What `StatusReporter.table_changed` tells `source`: its winners by key, and the winner over each loser."""
+    winners = {d.key: d for d in table.by_reference.values() if d.source == source and d.key is not None}
+    losers = {loser.key: winner for loser, winner in table.losers if loser.source == source and loser.key is not None}
+    return winners, losers
 
 
 class DeclarationStore:
@@ -193,22 +224,36 @@ class DeclarationStore:
 
     def set_source(self, source: str, declarations: Iterable[Declaration]) -> None:
         """Replace one source's declarations and act on what changed."""
-        self._sources[source] = list(declarations)
-        previous = self._table
-        self._table = table = _build_table(d for decls in self._sources.values() for d in decls)
+        sources = {**self._sources, source: list(declarations)}
+        self._install(sources, _change(self._table, sources, list(self._reporters)))
 
-        for reference, declaration in table.by_reference.items():
-            before = previous.by_reference.get(reference)
-            if before is None or not declaration.same_image(before) or before.origin != declaration.origin:
-                log.info(
-                    "declarations.image_declared", image=declaration.reference, contents=declaration.contents,
-                    arch=declaration.arch, origin=declaration.origin,
-                )
-                if self.prebuild:
-                    self._follow_build(declaration, start=True)
-        for reference, before in previous.by_reference.items():
-            if reference not in table.by_reference:
-                log.info("declarations.image_removed", image=before.reference, origin=before.origin)
+    async def update_source(self, source: str, declarations: Iterable[Declaration]) -> None:
+        """`set_source`, with the new table and what it changes worked out in a thread: a rebuild
+        walks every declaration (3.6 ms at 2,000), which the event loop should not wait for."""
+        declarations = list(declarations)
+        for _ in range(3):
+            installed = self._table
+            sources = {**self._sources, source: declarations}
+            change = await asyncio.to_thread(_change, installed, sources, list(self._reporters))
+            if self._table is installed:  # no other source changed meanwhile: the change holds
+                self._install(sources, change)
+                return
+        self.set_source(source, declarations)  # the other sources keep changing: work it out here
+
+    def _install(self, sources: dict[str, list[Declaration]], change: _Change) -> None:
+        """Serve `change.table` and act on what it changes: log lines, prebuilds, reports."""
+        self._sources = sources
+        self._table = table = change.table
+
+        for declaration in change.declared:
+            log.info(
+                "declarations.image_declared", image=declaration.reference, contents=declaration.contents,
+                arch=declaration.arch, origin=declaration.origin,
+            )
+            if self.prebuild:
+                self._follow_build(declaration, start=True)
+        for before in change.removed:
+            log.info("declarations.image_removed", image=before.reference, origin=before.origin)
 
         conflicts = set()
         for loser, winner in table.losers:
@@ -221,14 +266,7 @@ class DeclarationStore:
         self._reported_conflicts = conflicts
 
         for reporter_source, reporter in self._reporters.items():
-            winners = {
-                d.key: d for d in table.by_reference.values() if d.source == reporter_source and d.key is not None
-            }
-            losers = {
-                loser.key: winner
-                for loser, winner in table.losers
-                if loser.source == reporter_source and loser.key is not None
-            }
+            winners, losers = change.reports.get(reporter_source) or _report(table, reporter_source)
             reporter.table_changed(winners, losers)
 
     # ---- builds ----------------------------------------------------

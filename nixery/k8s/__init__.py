@@ -4,6 +4,8 @@ Plain HTTP against the API server (aiohttp), no client library. The parts:
 
     credentials  the pod's service account or a kubeconfig (`load_kube_config`)
     client       the list, watch and status-patch calls (`KubeClient`, `ApiError`)
+    decoding     their JSON, read even when one object nests too deep (`read_json`)
+    objects      the objects as the watch knows them, read in a thread (`read_events`)
     watch        keeps the declaration store's `kubernetes` source equal to the
                  cluster's objects and writes each object's status (`NixImageWatch`)
 
@@ -22,7 +24,8 @@ from nixery.k8s.credentials import (
     kubeconfig_config,
     load_kube_config,
 )
-from nixery.k8s.watch import NixImageWatch, object_key, start_watch
+from nixery.k8s.objects import object_key
+from nixery.k8s.watch import NixImageWatch, start_watch
 
 __all__ = [
     "MAX_EVENT_BYTES",

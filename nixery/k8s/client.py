@@ -5,11 +5,16 @@
     status PATCH …/niximages/NAME/status   (application/merge-patch+json)
 
 A failed call raises `ApiError` (`Gone` for 410: list again); a watch event
-larger than `MAX_EVENT_BYTES` ends the watch with an `ApiError`.
+larger than `MAX_EVENT_BYTES` ends the watch with an `ApiError`. Answers are
+read with `read_json`, so an object nested deeper than Python's JSON parser
+allows loses only that value (`nixery.k8s.decoding`); a list is read off the
+event loop, and watch events are handed over as lines, for the caller to read
+off the loop too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -20,11 +25,12 @@ import aiohttp
 
 from nixery.declarations import GROUP, VERSION
 from nixery.k8s.credentials import KubeConfig
+from nixery.k8s.decoding import read_json
 
 PLURAL = "niximages"
 MAX_EVENT_BYTES = 8 << 20
-#: Watch events that arrived together (`KubeClient.list` hides the builtin in the class).
-EventBatch = list[dict[str, Any]]
+#: Watch events that arrived together, each a line of JSON (`KubeClient.list` hides the builtin in the class).
+EventBatch = list[bytes]
 
 
 class ApiError(Exception):
@@ -69,7 +75,7 @@ class KubeClient:
     async def _error(response: aiohttp.ClientResponse) -> ApiError:
         text = await response.text(errors="replace")
         message = text[:500]
-        with contextlib.suppress(ValueError, AttributeError):
+        with contextlib.suppress(ValueError, AttributeError, RecursionError):
             message = json.loads(text).get("message") or message
         return (Gone if response.status == 410 else ApiError)(response.status, message)
 
@@ -89,7 +95,8 @@ class KubeClient:
             ) as response:
                 if response.status != 200:
                     raise await self._error(response)
-                body = await response.json(content_type=None)
+                data = await response.read()
+            body = await asyncio.to_thread(read_json, data)  # a page of 500 objects: read off the loop
             items.extend(item for item in body.get("items") or [] if isinstance(item, dict))
             metadata = body.get("metadata") or {}
             token = metadata.get("continue")
@@ -99,7 +106,8 @@ class KubeClient:
     async def watch(self, resource_version: str, *, timeout_seconds: int) -> AsyncIterator[EventBatch]:
         """The events after `resource_version`, until the server ends the watch or the connection drops,
         in batches: the events that one read of the connection brought (a burst of hundreds of events
-        comes in a few), so the caller can act on each batch once."""
+        comes in a few), so the caller can act on each batch once. Each event is a line of JSON: the
+        caller reads them (`read_json`), off the event loop."""
         params = {
             "watch": "1",
             "resourceVersion": resource_version,
@@ -118,13 +126,13 @@ class KubeClient:
             buffer = b""
             async for chunk in response.content.iter_any():
                 *lines, buffer = (buffer + chunk).split(b"\n")
-                events = [json.loads(line) for line in lines if line.strip()]
+                events = [line for line in lines if line.strip()]
                 if events:
                     yield events
                 if len(buffer) > MAX_EVENT_BYTES:
                     raise ApiError(0, f"a watch event is larger than {MAX_EVENT_BYTES} bytes")
             if buffer.strip():
-                yield [json.loads(buffer)]
+                yield [buffer]
 
     async def patch_status(
         self, name: str, namespace: str | None, status: dict[str, Any], *, resource_version: str | None = None
@@ -144,4 +152,6 @@ class KubeClient:
         ) as response:
             if response.status != 200:
                 raise await self._error(response)
-            return await response.json(content_type=None)
+            answer = await response.read()
+        updated: dict[str, Any] = await asyncio.to_thread(read_json, answer)  # the object: may be large
+        return updated

@@ -20,7 +20,15 @@ cluster's objects:
   backup, or an event that cannot be read) it lists again;
 * events are applied in batches, those that arrived together, and the
   declaration table is rebuilt once per batch, so a burst of changes costs a
-  few rebuilds, not one per object.
+  few rebuilds, not one per object;
+* the work per object (reading its JSON, checking it, its fingerprint) is
+  done for a whole list or batch in a thread, and so is the rebuild
+  (`DeclarationStore.update_source`): the event loop only files the results,
+  in the events' order, and goes on answering pulls meanwhile;
+* one object that cannot be read or served fails alone: an object whose
+  `data` nests deeper than Python's JSON parser allows is read without that
+  value (`nixery.k8s.decoding`) and reported `Invalid`, like any other
+  invalid object; the others are served and watched on.
 
 Status (`status` subresource; NixImage is cluster-scoped, but namespaced
 objects are addressed correctly too):
@@ -44,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Mapping
@@ -55,10 +62,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import structlog
 
-from nixery.declarations import KUBERNETES, Declaration, DeclarationStore, InvalidDeclaration, parse_declaration
-from nixery.declarations.parsing import _SOURCE_RANK
+from nixery.declarations import KUBERNETES, Declaration, DeclarationStore
 from nixery.k8s.client import ApiError, Gone, KubeClient
 from nixery.k8s.credentials import KubeConfig, load_kube_config
+from nixery.k8s.objects import Seen, WatchedObject, WatchEvent, object_origin, read_events, read_objects
 from nixery.registry.mediatypes import OCI_INDEX
 from nixery.registry.negotiation import pull_digests
 
@@ -72,30 +79,6 @@ _STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "indexDigest", "error
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 #: The digests of a status that is not Ready.
 _NO_DIGESTS = {"digest": None, "ociDigest": None, "indexDigest": None}
-
-
-@dataclass
-class _Object:
-    key: str
-    name: str
-    namespace: str | None
-    resource_version: str
-    generation: int | None
-    status: dict[str, Any]
-    fingerprint: str  # what the declaration depends on: name, data, generation
-    declaration: Declaration | None
-    problem: str | None
-    result: dict[str, Any] | None = None  # the last build's status fields, for `fingerprint`
-
-
-def object_key(obj: Mapping[str, Any]) -> str:
-    metadata = obj.get("metadata") or {}
-    namespace = metadata.get("namespace")
-    return f"{namespace}/{metadata.get('name')}" if namespace else str(metadata.get("name"))
-
-
-def _object_origin(key: str) -> str:
-    return f"niximage/{key}"
 
 
 def _says(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -128,7 +111,7 @@ class NixImageWatch:
     max_backoff: float = 30.0
     watch_timeout: int = 300
     synced: asyncio.Event = field(default_factory=asyncio.Event)
-    objects: dict[str, _Object] = field(default_factory=dict)
+    objects: dict[str, WatchedObject] = field(default_factory=dict)
     resource_version: str | None = None
     _winners: dict[str, Declaration] = field(default_factory=dict)
     _losers: dict[str, Declaration] = field(default_factory=dict)
@@ -177,12 +160,14 @@ class NixImageWatch:
         items, resource_version = await self.client.list()
         self.lists += 1
         previous = self.objects
+        # `objects` changes only in this task, which waits for the thread: it may read them.
+        seen = await asyncio.to_thread(read_objects, items, previous)
         self.objects = {}
-        for item in items:
-            self._remember(item, previous.get(object_key(item)))
+        for one in seen:
+            self._keep(one, previous.get(one.key))
         self.resource_version = resource_version
         log.info("k8s.listed", objects=len(items), resource_version=resource_version)
-        self._publish()
+        await self._publish()
         self.synced.set()
 
     async def _watch(self, backoff: _Backoff) -> None:
@@ -192,82 +177,52 @@ class NixImageWatch:
         async for batch in self.client.watch(self.resource_version, timeout_seconds=self.watch_timeout):
             # The table is rebuilt once per batch (the events that arrived together), not per event:
             # a rebuild walks every object (3.6 ms at 2,000), and a burst of 500 creations held the
-            # event loop for hundreds of them.
+            # event loop for hundreds of them. The batch is read (JSON, checks), and the table rebuilt,
+            # in a thread; `objects` changes only in this task, which waits for the thread, so the
+            # thread may read them.
+            read, failure = await asyncio.to_thread(read_events, batch, self.objects)
             changed = False
-            try:
-                for event in batch:
-                    events += 1
-                    changed = self._apply(event, backoff) or changed
-            finally:
-                if changed:  # also when a later event of the batch fails: the earlier ones count
-                    self._publish()
+            for event in read:
+                events += 1
+                changed = self._apply(event, backoff) or changed
+            if changed:  # also when a later event of the batch fails: the earlier ones count
+                await self._publish()
+            if failure is not None:
+                raise failure
         if events == 0 and time.monotonic() - started < 1.0:
             # Ended at once with nothing to say: don't spin on a server that closes every watch.
             await asyncio.sleep(backoff.next())
         else:
             log.debug("k8s.watch_ended", events=events, resource_version=self.resource_version)
 
-    def _apply(self, event: Mapping[str, Any], backoff: _Backoff) -> bool:
+    def _apply(self, event: WatchEvent, backoff: _Backoff) -> bool:
         """Take one watch event into `objects`; True when what they declare may have changed."""
-        kind = event.get("type")
-        obj = event.get("object") or {}
-        if kind == "ERROR":
-            status = int(obj.get("code") or 0)
-            message = str(obj.get("message") or obj.get("reason") or "watch error")
-            raise (Gone if status == 410 else ApiError)(status, message)
-        version = (obj.get("metadata") or {}).get("resourceVersion")
-        if version:
-            self.resource_version = str(version)
+        if event.resource_version:
+            self.resource_version = event.resource_version
         backoff.reset()
-        key = object_key(obj)
-        if kind in ("ADDED", "MODIFIED"):
-            if self._remember(obj, self.objects.get(key)):
+        if event.seen is not None:
+            key = event.seen.key
+            if self._keep(event.seen, self.objects.get(key)):
                 return True
             self._update_status(self.objects[key])  # only its status or metadata changed
-        elif kind == "DELETED" and self.objects.pop(key, None) is not None:
-            log.info("k8s.object_deleted", object=_object_origin(key))
+        elif event.kind == "DELETED" and self.objects.pop(event.key, None) is not None:
+            log.info("k8s.object_deleted", object=object_origin(event.key))
             return True
         return False  # a BOOKMARK, or an event of a kind we do not know
 
-    def _remember(self, obj: Mapping[str, Any], previous: _Object | None) -> bool:
-        """Keep `obj`; True when what it declares may have changed."""
-        metadata = obj.get("metadata") or {}
-        key = object_key(obj)
-        generation = metadata.get("generation")
-        fingerprint = json.dumps(
-            [metadata.get("uid"), generation, metadata.get("name"), obj.get("data"), obj.get("kind"),
-             obj.get("apiVersion")],
-            sort_keys=True,
-            default=str,
-        )
-        status = dict(obj.get("status") or {})
-        if previous is not None and previous.fingerprint == fingerprint:
-            previous.resource_version = str(metadata.get("resourceVersion") or "")
-            previous.status = status
-            self.objects[key] = previous
+    def _keep(self, seen: Seen, previous: WatchedObject | None) -> bool:
+        """Keep the object `seen`; True when what it declares may have changed."""
+        if seen.fresh is None and previous is not None:
+            previous.resource_version = seen.resource_version
+            previous.status = seen.status
+            self.objects[seen.key] = previous
             return False
-        rank = (_SOURCE_RANK[KUBERNETES], str(metadata.get("creationTimestamp") or ""), key)
-        declaration, problem = None, None
-        try:
-            declaration = parse_declaration(obj, origin=_object_origin(key), source=KUBERNETES, rank=rank, key=key)
-        except InvalidDeclaration as exc:
-            problem = str(exc)
-            log.warning("declarations.invalid", object=_object_origin(key), name=metadata.get("name"), problem=problem)
-        self.objects[key] = _Object(
-            key=key,
-            name=str(metadata.get("name")),
-            namespace=metadata.get("namespace"),
-            resource_version=str(metadata.get("resourceVersion") or ""),
-            generation=generation if isinstance(generation, int) else None,
-            status=status,
-            fingerprint=fingerprint,
-            declaration=declaration,
-            problem=problem,
-        )
+        assert seen.fresh is not None  # `read_object` reads anew what it does not know
+        self.objects[seen.key] = seen.fresh
         return True
 
-    def _publish(self) -> None:
-        self.store.set_source(KUBERNETES, [o.declaration for o in self.objects.values() if o.declaration])
+    async def _publish(self) -> None:
+        await self.store.update_source(KUBERNETES, [o.declaration for o in self.objects.values() if o.declaration])
 
     # ---- status (StatusReporter) -----------------------------------
 
@@ -307,7 +262,7 @@ class NixImageWatch:
             obj.result = {"phase": "Failed", **_NO_DIGESTS, "error": error, "builtAt": None}
         self._update_status(obj)
 
-    def _desired_status(self, obj: _Object) -> tuple[dict[str, Any], bool] | None:
+    def _desired_status(self, obj: WatchedObject) -> tuple[dict[str, Any], bool] | None:
         """The status to write and whether it needs the resourceVersion precondition; None: leave it."""
         common = {"observedGeneration": obj.generation}
         if obj.problem is not None:
@@ -338,7 +293,7 @@ class NixImageWatch:
         return {**common, "phase": "Pending", "image": declaration.reference, **_NO_DIGESTS,
                 "error": None, "builtAt": None}, True
 
-    def _update_status(self, obj: _Object) -> None:
+    def _update_status(self, obj: WatchedObject) -> None:
         desired = self._desired_status(obj)
         if desired is None:
             return
@@ -370,7 +325,7 @@ class NixImageWatch:
                 except ApiError as exc:
                     if exc.status in (404, 409):
                         # Deleted, or changed since we looked: the watch brings the news and we decide again.
-                        log.info("k8s.status_skipped", object=_object_origin(key), status=exc.status)
+                        log.info("k8s.status_skipped", object=object_origin(key), status=exc.status)
                         continue
                     self._retry_status(key, status, conditional, exc, backoff)
                     await asyncio.sleep(backoff.next())
@@ -387,7 +342,7 @@ class NixImageWatch:
                     if version:
                         current.resource_version = str(version)
                 log.info(
-                    "k8s.status_patched", object=_object_origin(key), phase=status.get("phase"),
+                    "k8s.status_patched", object=object_origin(key), phase=status.get("phase"),
                     digest=status.get("digest"), error=status.get("error"),
                 )
 
@@ -395,7 +350,7 @@ class NixImageWatch:
         self, key: str, status: dict[str, Any], conditional: bool, exc: Exception, backoff: _Backoff
     ) -> None:
         log.warning(
-            "k8s.status_failed", object=_object_origin(key), error=str(exc)[:500] or type(exc).__name__,
+            "k8s.status_failed", object=object_origin(key), error=str(exc)[:500] or type(exc).__name__,
             error_type=type(exc).__name__,
         )
         self._status_queue.setdefault(key, (status, conditional))  # unless a newer one is already queued
