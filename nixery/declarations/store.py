@@ -183,7 +183,7 @@ class DeclarationStore:
             try:
                 declarations = await asyncio.get_running_loop().run_in_executor(self._scan_thread, scan)
                 if declarations is not None:
-                    self.set_source(FILES, declarations)
+                    await self.update_source(FILES, declarations)
             except Exception as exc:  # the table stays as it was; the next scan tries again
                 failure = _describe(exc)
                 if failure != self._scan_failure:
