@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -18,6 +19,7 @@ from nixery import __version__
 
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Iterator
 
     from nixery.config import Settings
     from nixery.storage import Storage
@@ -38,20 +40,31 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
-    if settings.workers > 1:
+    if settings.workers == 1:
+        return _serve_bound(settings)
+    with _shared_directories(settings) as shared:
+        return _serve_bound(shared)
+
+
+@contextlib.contextmanager
+def _shared_directories(settings: Settings) -> Iterator[Settings]:
+    """The settings with the temporary directories the workers share; they are removed when
+    the registry ends, however it ends (start-up failures included), in the parent process
+    only (the workers leave by os._exit)."""
+    made: list[str] = []
+    try:
         # Set before prometheus_client is imported (with nixery.http.server): each worker then
         # counts into its own files there, and /metrics answers with the sum of all, whichever
         # worker a scrape reaches (prometheus_client's multiprocess mode; nixery.metrics).
-        os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="nixery-metrics-")
+        made.append(tempfile.mkdtemp(prefix="nixery-metrics-"))
+        os.environ[MULTIPROCESS_DIR] = made[-1]
         # Each worker writes its builds there and reads the others': any worker answers for
         # any build (nixery.shared_builds).
-        builds = Path(tempfile.mkdtemp(prefix="nixery-builds-"))
-        try:
-            return _serve_bound(dataclasses.replace(settings, shared_builds_dir=builds))
-        finally:
-            shutil.rmtree(os.environ[MULTIPROCESS_DIR], ignore_errors=True)
-            shutil.rmtree(builds, ignore_errors=True)
-    return _serve_bound(settings)
+        made.append(tempfile.mkdtemp(prefix="nixery-builds-"))
+        yield dataclasses.replace(settings, shared_builds_dir=Path(made[-1]))
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _serve_bound(settings: Settings) -> int:
@@ -116,13 +129,17 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
     for own in sockets:
         pid = os.fork()
         if pid == 0:
-            status = 0
+            status = 1  # an exception out of serving: its traceback, and status 1, as one process ends
             try:
                 os.close(reasons)
                 server.close_all([other for other in sockets if other is not own])
                 if (problem := _serve_one(settings, own)) is not None:
                     os.write(reason_writer, f"{problem}\n".encode())
                     status = STARTUP_FAILED
+                else:
+                    status = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(status)
         children.append(pid)
@@ -145,9 +162,8 @@ def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> in
         status = status or os.waitstatus_to_exitcode(code)
     with os.fdopen(reasons, "rb") as pipe:
         problems = pipe.read().decode(errors="replace").splitlines()
-    if problems:
+    if problems:  # returned, not _finish: the shared directories go (this process opened no storage)
         print(problems[0], file=sys.stderr)
-        _finish(status)
     return status
 
 

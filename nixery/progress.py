@@ -136,8 +136,9 @@ class BuildLog:
     def get(self, build_id: str) -> Build | None:
         return self._builds.get(build_id)
 
-    def recent(self) -> list[Build]:
-        return list(reversed(self._builds.values()))
+    def recent(self, limit: int | None = None, shown: Callable[[str], bool] = lambda image: True) -> list[Build]:
+        """The newest builds (`limit` of them) of the images `shown` accepts, newest first."""
+        return [build for build in reversed(self._builds.values()) if shown(build.image)][:limit]
 
 
 #: The fields a relayed event of one platform's build carries besides its own (`PlatformRelay`).

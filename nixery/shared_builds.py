@@ -9,11 +9,15 @@ workers each also writes its builds into a directory they share, made by the par
     DIR/ID.jsonl   a build: {"id", "image", "started", "pid"} on its first line, then one
                    event a line, appended as it happens; removed once its worker no longer
                    keeps the build (the last 200 of each worker)
+    DIR/kept/PID.json  the builds worker PID keeps, oldest first: [{"id", "image",
+                   "started"}], replaced as a whole on each new build
     DIR/locks/KEY  the id of the build that holds the storage's build lock of image KEY
 
 A worker asked for a build it does not know reads its file: a copy of the build, whose
 `follow` reads the lines added since every POLL_SECONDS, until the build ends (live, a
-fraction of a second late), or its worker process is gone.
+fraction of a second late), or its worker process is gone. The recent builds (the start
+page) are every worker's, newest first: the others' from their `kept` lists, and only those
+shown read from their files.
 
 A build that waits for the build lock another worker's build holds repeats that build's
 events (all but its outcome: its own comes once it has the lock), so it shows the progress
@@ -30,7 +34,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +61,8 @@ class SharedBuildLog(BuildLog):
         self.directory = directory
         self._locks = directory / "locks"
         self._locks.mkdir(exist_ok=True)
+        self._kept = directory / "kept"
+        self._kept.mkdir(exist_ok=True)
 
     def _path(self, build_id: str) -> Path:
         return self.directory / f"{build_id}.jsonl"
@@ -68,6 +74,33 @@ class SharedBuildLog(BuildLog):
 
     def _dropped(self, build: Build) -> None:
         self._path(build.id).unlink(missing_ok=True)
+
+    def new(self, image: str) -> Build:
+        build = super().new(image)
+        kept = [{"id": own.id, "image": own.image, "started": own.started} for own in self._builds.values()]
+        _replace(self._kept / f"{os.getpid()}.json", json.dumps(kept, separators=(",", ":")))
+        return build
+
+    def recent(self, limit: int | None = None, shown: Callable[[str], bool] = lambda image: True) -> list[Build]:
+        """This worker's builds and the others', newest first (the others' read only when listed)."""
+        listed: list[tuple[float, Build | str]] = [(build.started, build) for build in super().recent(limit, shown)]
+        listed += [(head["started"], head["id"]) for head in self._kept_by_others() if shown(head["image"])]
+        listed.sort(key=lambda item: item[0], reverse=True)
+        builds: list[Build] = []
+        for _, build_or_id in listed:
+            if limit is not None and len(builds) >= limit:
+                break
+            build = CopiedBuild.read(self._path(build_or_id)) if isinstance(build_or_id, str) else build_or_id
+            if build is not None:  # not dropped meanwhile
+                builds.append(build)
+        return builds
+
+    def _kept_by_others(self) -> list[dict[str, Any]]:
+        heads: list[dict[str, Any]] = []
+        for path in self._kept.glob("*.json"):
+            if path.stem != str(os.getpid()) and (text := _read_text(path)):
+                heads += json.loads(text)
+        return heads
 
     def get(self, build_id: str) -> Build | None:
         own = super().get(build_id)

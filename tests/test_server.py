@@ -110,6 +110,55 @@ def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path, workers: str) ->
     ]
 
 
+@pytest.mark.parametrize("cause", ["port in use", "storage it cannot use"])
+def test_a_failed_start_of_several_workers_leaves_no_temporary_directory(tmp_path, cause: str) -> None:
+    """With NIXERY_WORKERS above 1, `nixery serve` makes temporary directories the workers
+    share (builds, metrics). A worker that could not start (here: STORAGE_PATH is a file) used
+    to leave them behind, one pair per failed start (the registry ended by os._exit); now
+    every failed start removes them, as a stop does."""
+    port, temporary, storage = free_port(), tmp_path / "tmp", tmp_path / "storage"
+    temporary.mkdir()
+    if cause == "storage it cannot use":
+        storage.write_text("not a directory")
+    with socket.socket() as holder:
+        if cause == "port in use":
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        env = {
+            **os.environ, "PORT": str(port), "NIXERY_WORKERS": "2", "STORAGE_PATH": str(storage),
+            "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json", "TMPDIR": str(temporary),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "nixery", "serve"], env=env, cwd=REPOSITORY, capture_output=True, text=True,
+            timeout=60,
+        )
+    assert result.returncode == (1 if cause == "port in use" else 2)
+    [problem] = result.stderr.splitlines()
+    assert ("address is in use" if cause == "port in use" else f"STORAGE_PATH='{storage}'") in problem
+    assert list(temporary.iterdir()) == []
+
+
+def test_a_worker_that_fails_unexpectedly_fails_the_start(tmp_path) -> None:
+    """A worker of several that ended with an unexpected error (here: NIXERY_K8S_WATCH with a
+    kubeconfig that is not one) used to end silently with status 0, the registry too, as if
+    stopped; now it prints its traceback and the registry ends with status 1, as one process
+    does, leaving no temporary directory behind."""
+    temporary, kubeconfig = tmp_path / "tmp", tmp_path / "kubeconfig"
+    temporary.mkdir()
+    kubeconfig.write_text("not a kubeconfig")
+    env = {
+        **os.environ, "PORT": str(free_port()), "NIXERY_WORKERS": "2", "STORAGE_PATH": str(tmp_path / "storage"),
+        "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json", "TMPDIR": str(temporary),
+        "NIXERY_K8S_WATCH": "true", "KUBECONFIG": str(kubeconfig),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "nixery", "serve"], env=env, cwd=REPOSITORY, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"KubeConfigError: kubeconfig {kubeconfig} is not a mapping" in result.stderr
+    assert list(temporary.iterdir()) == []
+
+
 def test_the_log_says_where_to_pull_from_and_what_a_shutdown_cut_off(start_registry, tmp_path) -> None:
     """`registry.listening` names the URL once the port accepts; on SIGTERM `registry.stopping`
     counts the requests under way, and `registry.stopped` those drained and those cut off at the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import signal
 from collections.abc import Callable
@@ -149,3 +150,33 @@ def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_
         gate.touch()  # the killed worker's Nix build ends too
     registry.stop()
     assert not list(temporary.glob("nixery-builds-*"))  # the shared directory goes with the registry
+
+
+def test_the_start_page_lists_every_workers_builds(start_registry, tmp_path: Path) -> None:
+    """The start page's recent builds were those of the worker that answered: which builds a
+    visitor saw depended on the connection. Now every page, whichever worker answers, lists
+    the builds of both, newest first, each with its stage."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    images = ["hello", "fortune", "cowsay", "cacert", "hello/fortune", "hello/cowsay", "cacert/hello",
+              "cowsay/fortune", "cacert/fortune", "cacert/cowsay", "cowsay/hello/fortune"]
+    started, workers = [], set()
+    for image in images:  # each on a fresh connection, which the kernel gives either worker
+        build_id = post_build(registry, image)["id"]
+        (journal,) = temporary.glob(f"nixery-builds-*/{build_id}.jsonl")
+        workers.add(json.loads(journal.read_text().splitlines()[0])["pid"])
+        started.append(build_id)
+        if len(workers) == 2 and len(started) >= 3:
+            break
+    assert len(workers) == 2, "every build went to one worker"
+    for build_id in started:
+        assert events_until(registry, build_id, lambda events: False)[-1]["stage"] == "done"
+
+    newest_first = started[::-1][:8]  # the page lists 8
+    for _ in range(10):
+        status, _, body = registry.request("/", accept=HTML)
+        assert status == 200
+        recent = body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0]
+        assert re.findall(r'href="/builds/([0-9a-f]+)"', recent) == newest_first
+        assert recent.count('<span class="badge stage-done">done</span>') == len(newest_first)

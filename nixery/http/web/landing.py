@@ -146,7 +146,7 @@ def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: Pac
 
 
 def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit: int = 8) -> str:
-    builds = [build for build in builder.builds.recent() if may_see(build.image)][:limit]
+    builds = builder.builds.recent(limit, may_see)  # with several workers, all of theirs
     if not builds:
         return ""
     rows = "".join(
