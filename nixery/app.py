@@ -83,9 +83,12 @@ def create_app(settings: Settings) -> web.Application:
 
             declarations = await open_declarations(settings, builder)
             if settings.k8s_watch:
-                from nixery.k8s import start_watch
+                from nixery.k8s import KubeConfigError, start_watch
 
-                await start_watch(settings, declarations)
+                try:
+                    await start_watch(settings, declarations)
+                except KubeConfigError as exc:  # a setting's fault: one line and status 2, not a traceback
+                    raise ConfigError(f"NIXERY_K8S_WATCH=true, but {exc}") from None
             app[routes.RESOLVER] = declarations  # NixImage declarations: docs/kubernetes.md
         # What start-up made (modules, the app) lives as long as the process: out of the
         # collector's way, so that no full collection walks it again while requests wait.

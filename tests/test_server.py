@@ -138,25 +138,49 @@ def test_a_failed_start_of_several_workers_leaves_no_temporary_directory(tmp_pat
     assert list(temporary.iterdir()) == []
 
 
-def test_a_worker_that_fails_unexpectedly_fails_the_start(tmp_path) -> None:
-    """A worker of several that ended with an unexpected error (here: NIXERY_K8S_WATCH with a
-    kubeconfig that is not one) used to end silently with status 0, the registry too, as if
-    stopped; now it prints its traceback and the registry ends with status 1, as one process
-    does, leaving no temporary directory behind."""
-    temporary, kubeconfig = tmp_path / "tmp", tmp_path / "kubeconfig"
-    temporary.mkdir()
-    kubeconfig.write_text("not a kubeconfig")
+def _serve_briefly(tmp_path, workers: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`nixery serve` that is expected to fail at start-up, with TMPDIR at `tmp_path / "tmp"`."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {
-        **os.environ, "PORT": str(free_port()), "NIXERY_WORKERS": "2", "STORAGE_PATH": str(tmp_path / "storage"),
-        "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json", "TMPDIR": str(temporary),
-        "NIXERY_K8S_WATCH": "true", "KUBECONFIG": str(kubeconfig),
+        **os.environ, "PORT": str(free_port()), "NIXERY_WORKERS": workers, "STORAGE_PATH": str(tmp_path / "storage"),
+        "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json", "TMPDIR": str(tmp_path / "tmp"), **extra,
     }
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "nixery", "serve"], env=env, cwd=REPOSITORY, capture_output=True, text=True, timeout=60,
     )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_kubeconfig_that_is_not_one_is_a_configuration_error(tmp_path, workers: str) -> None:
+    """NIXERY_K8S_WATCH with a kubeconfig that is not one: one line and status 2, as for any
+    other setting (it was a traceback and status 1; with several workers, status 0 and nothing)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("not a kubeconfig")
+    result = _serve_briefly(tmp_path, workers, NIXERY_K8S_WATCH="true", KUBECONFIG=str(kubeconfig))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"nixery: configuration error: NIXERY_K8S_WATCH=true, but kubeconfig {kubeconfig} is not a mapping"
+    ]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_worker_that_fails_unexpectedly_fails_the_start(tmp_path) -> None:
+    """A worker of several that ended with an unexpected error used to end silently with status 0,
+    the registry too, as if stopped; now it prints its traceback and the registry ends with status
+    1, as one process does, leaving no temporary directory behind. The error is injected (a
+    sitecustomize that makes the builder fail): no setting makes start-up fail unexpectedly."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import nixery.builder\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise RuntimeError('injected start-up failure')\n"
+        "nixery.builder.ImageBuilder.__init__ = broken\n"
+    )
+    result = _serve_briefly(tmp_path, "2", PYTHONPATH=f"{hooks}{os.pathsep}{REPOSITORY}")
     assert result.returncode == 1
-    assert f"KubeConfigError: kubeconfig {kubeconfig} is not a mapping" in result.stderr
-    assert list(temporary.iterdir()) == []
+    assert "RuntimeError: injected start-up failure" in result.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_the_log_says_where_to_pull_from_and_what_a_shutdown_cut_off(start_registry, tmp_path) -> None:

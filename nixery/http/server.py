@@ -130,6 +130,11 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
             task.cancel()
         loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        # Before close, which closes the signals' wakeup pipe first: a SIGTERM in between (the
+        # parent of several workers stopping the others) printed "Exception ignored ... Bad file
+        # descriptor". From here a signal has its default effect.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         loop.close()
 
 
