@@ -39,7 +39,9 @@ from storage is checked blob by blob (and otherwise not answered, so the
 image is built again), and one written appears only once its blobs are.
 A record is created only if absent: when two processes built one image at
 once (a build lease lost), the first complete record stored is the one both
-serve, whatever their layering histories made of it (`ImageStore.put`). It
+serve, whatever their layering histories made of it (`ImageStore.put`); a
+damaged one is replaced only if it is still the version read, so of processes
+that all found it damaged and rebuilt, the first to replace it wins. It
 drops from memory the records naming a blob found missing or corrupt, and all
 of them when `nixery gc` says it removed something (`nixery.collected`).
 """
@@ -457,21 +459,24 @@ class ImageStore:
         of its own: had they planned the layers against different layering histories, their
         manifests differ, and replicas would serve different digests for one tag. A record
         there that is not complete (damaged, or naming blobs that are gone: what this build
-        was started to replace) is replaced.
+        was started to replace) is replaced, only if it is still the version read
+        (`Storage.replace_meta`): every process that found it damaged rebuilt the image, and
+        the first replacement stored is the one they all serve.
         """
         pointers = [self.storage.put_meta(key, b"{}") for key in referrer_keys(record)]
         stored = asyncio.gather(blobs_stored, *pointers) if pointers else blobs_stored
         key, data = f"{IMAGE_PREFIX}{record.key}", record.to_json()
-        created = await self.storage.create_meta_after(key, data, stored)
-        while not created:
-            existing = await self.storage.get_meta(key)
-            if existing == data:  # its own, from a write retried after its answer was lost
-                break
+        written = await self.storage.create_meta_after(key, data, stored)
+        while not written:
+            existing = await self.storage.get_versioned_meta(key)
             if existing is None:  # removed meanwhile (`nixery gc`)
-                created = await self.storage.create_meta(key, data)
+                written = await self.storage.create_meta(key, data)
                 continue
-            if (first := await self._complete(record.key, existing, note="replacing it")) is not None:
-                # Other manifests: another process built the image meanwhile (a build lease lost).
+            if existing.data == data:  # its own, from a write retried after its answer was lost
+                break
+            if (first := await self._complete(record.key, existing.data, note="replacing it")) is not None:
+                # Other manifests: another process built the image meanwhile (a build lease lost,
+                # or it too found the record damaged, and replaced it first).
                 # The same ones: this build restored the blobs that the stored record lacked.
                 served, built = _manifest_digests(first), _manifest_digests(record)
                 (log.warning if served != built else log.info)(
@@ -480,8 +485,8 @@ class ImageStore:
                 )
                 self.cached.put(first)
                 return first
-            await self.storage.put_meta(key, data)
-            break
+            # Not if another process replaced it meanwhile: that one is read next, and served.
+            written = await self.storage.replace_meta(key, data, existing.version)
         self.cached.put(record)
         return record
 

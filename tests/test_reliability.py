@@ -253,6 +253,8 @@ async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_st
     (fsync fails by injection: a tmpfs, as in test_storage_full.py, fails at write instead.)"""
     storage = FilesystemStorage(tmp_path / "storage")
     await storage.put_meta("images/x", b"old")
+    old = await storage.get_versioned_meta("images/x")
+    assert old is not None
 
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device (injected)")
@@ -264,6 +266,8 @@ async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_st
         await storage.put_meta_after("images/x", b"newer", asyncio.ensure_future(asyncio.sleep(0)))
     with pytest.raises(StorageFull, match="No space left"):
         await storage.create_meta_after("images/y", b"first", asyncio.ensure_future(asyncio.sleep(0)))
+    with pytest.raises(StorageFull, match="No space left"):
+        await storage.replace_meta("images/x", b"a replacement", old.version)
     with pytest.raises(StorageFull, match="No space left"):
         await storage.put_blob_bytes(b"a config")
     monkeypatch.undo()

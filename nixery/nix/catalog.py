@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -29,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from nixery.json_pieces import array_items
+from nixery import json_pieces
 from nixery.lru import LRU
 from nixery.nix.errors import NixError
 from nixery.nix.process import Deadline, run_nix
@@ -146,10 +145,8 @@ class Catalog:
             "complete": self.complete,
             "read_at": self.read_at,
         }
-        parts = [_compact(header)]
-        for e in self.entries:
-            parts.append(_compact([e.name, e.kind, e.version, e.description]))
-        return f"[{','.join(parts)}]".encode()
+        rows = ([e.name, e.kind, e.version, e.description] for e in self.entries)
+        return json_pieces.dumps([header, *rows]).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Catalog | None:
@@ -157,7 +154,7 @@ class Catalog:
         KeyError or TypeError for a damaged one."""
         if not data.lstrip().startswith(b"["):
             return None
-        items = array_items(data.decode())
+        items = json_pieces.array_items(data.decode())
         header = next(items)
         if header.get("format") != CATALOG_FORMAT:
             return None
@@ -169,10 +166,6 @@ class Catalog:
             complete=bool(header["complete"]),
             read_at=float(header["read_at"]),
         )
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 _MAX_DESCRIPTION = 200
@@ -197,7 +190,7 @@ def _entries(rows: Iterable[Any]) -> tuple[CatalogEntry, ...]:
 
 
 def _listing(stdout: bytes) -> tuple[int, tuple[CatalogEntry, ...]]:
-    items = array_items(stdout.decode())
+    items = json_pieces.array_items(stdout.decode())
     return int(next(items)), _entries(items)
 
 

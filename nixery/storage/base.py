@@ -9,7 +9,10 @@ Storage holds two kinds of things:
 * **metadata**: small documents under string keys (the manifest cache, the
   layer cache, the layering history). Replaced atomically; last writer wins,
   except where a document is created only if absent (`create_meta`, image
-  records): then the first writer wins, across every process on the storage.
+  records): then the first writer wins, across every process on the storage,
+  and where one is replaced only if it is still the version read
+  (`replace_meta`, a damaged image record): then one writer of those that read
+  that version wins.
 
 Backends know nothing of HTTP. When asked how a client should get a blob they
 answer with a `BlobSource`: a local file to send, a URL to redirect to, or a
@@ -143,6 +146,16 @@ BlobSource = LocalFile | Redirect | ByteStream
 
 
 @dataclass(frozen=True, slots=True)
+class VersionedMeta:
+    """A document as read, with the version `replace_meta` compares: an S3 ETag, a GCS
+    generation, on the filesystem the sha256 of its bytes (opaque to callers; two writes of
+    the same bytes may be one version, which changes nothing: the document is the same)."""
+
+    data: bytes
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
 class BlobStat:
     digest: Digest
     size: int
@@ -205,6 +218,22 @@ class Storage(ABC):
         exactly one wins, and a document that is there is never replaced nor seen
         half-written. A write retried after its answer was lost may find its own
         document and say False: the caller compares what is there.
+        """
+
+    @abstractmethod
+    async def get_versioned_meta(self, key: str) -> VersionedMeta | None:
+        """The document under `key` with its version (for `replace_meta`), or None."""
+
+    @abstractmethod
+    async def replace_meta(self, key: str, data: bytes, version: str) -> bool:
+        """Replace the document under `key` only if it is still the one `get_versioned_meta`
+        read as `version`: whether it was replaced.
+
+        Atomic and conditional in the store itself (S3 `If-Match`, GCS `ifGenerationMatch`,
+        a rename under a lock on the filesystem): of writers racing to replace one version,
+        in any processes, exactly one wins; a document written since, or removed, stays as
+        it is. A write retried after its answer was lost may find its own document and say
+        False: the caller reads what is there.
         """
 
     @abstractmethod

@@ -5,17 +5,20 @@ Layout under the root:
     blobs/sha256/ab/abcdef...   content-addressed blobs
     meta/<key>                  metadata documents
     locks/<key>.lock            cross-process locks (flock: released when the holder dies;
-                                the holder removes the file when done)
+                                the holder removes the file when done); replacing_meta_<key>.lock
+                                while a document is replaced (`replace_meta`)
     quarantine/                 blobs whose bytes did not match their digest
     tmp/<host>-<pid>/           this process's staging files
     verified/sha256/ab/abcd...  hard links of blobs found intact (only with
                                 verified_links: for nginx to send them itself)
 
 Every write goes to a staging file that is fsync'd and then renamed into place
-(or, for a document created only if absent, hard-linked: a link never replaces),
-and the parent directory is fsync'd, so a crash leaves either the old state or
-the new one, never a partial file under a final name. Staging directories of
-processes that are gone are removed at start-up.
+(or, for a document created only if absent, hard-linked: a link never replaces;
+for one replaced only if it is still the version read, renamed while holding
+its lock, once the document there is found to be that version), and the parent
+directory is fsync'd, so a crash leaves either the old state or the new one,
+never a partial file under a final name. Staging directories of processes that
+are gone are removed at start-up.
 
 Before a blob is first served by this process its bytes are hashed: a blob
 that no longer matches its digest (disk corruption, tampering) is moved to
@@ -55,6 +58,7 @@ from nixery.storage.base import (
     Storage,
     StorageFull,
     StorageInaccessible,
+    VersionedMeta,
     check_key,
     ensure_staging_dir,
     make_staging_dir,
@@ -198,6 +202,25 @@ class FilesystemStorage(Storage):
             await stored
             with raising_storage_full(self._place):
                 return await asyncio.to_thread(_link_into_place, staged, target)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    async def get_versioned_meta(self, key: str) -> VersionedMeta | None:
+        data = await self.get_meta(key)
+        return None if data is None else VersionedMeta(data, _version(data))
+
+    async def replace_meta(self, key: str, data: bytes, version: str) -> bool:
+        # Replacements of one document take turns (its lock); creating one (a link) never
+        # replaces, so between the check and the rename only a plain put_meta or delete_meta
+        # could change it, and image records are written by neither (gc removes one holding
+        # its build lock).
+        target = self._meta / check_key(key)
+        with raising_storage_full(self._place):
+            staged = await asyncio.to_thread(self._stage_meta, data)
+        try:
+            async with self.exclusive(f"replacing/meta/{key}"):
+                with raising_storage_full(self._place):
+                    return await asyncio.to_thread(_replace_version, staged, target, version)
         finally:
             staged.unlink(missing_ok=True)
 
@@ -361,6 +384,23 @@ def _link_into_place(staged: Path, target: Path) -> bool:
     except FileExistsError:
         return False
     _fsync_dir(target.parent)
+    return True
+
+
+def _version(data: bytes) -> str:
+    """A document's version (`VersionedMeta`): the same bytes are the same version."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _replace_version(staged: Path, target: Path, version: str) -> bool:
+    """Rename a durable staged file to `target` if the document there is at `version`: whether
+    it was. The caller holds the document's lock."""
+    try:
+        if _version(target.read_bytes()) != version:
+            return False
+    except FileNotFoundError:
+        return False
+    _move_into_place(staged, target)
     return True
 
 

@@ -10,7 +10,9 @@ Layout in the bucket:
 A GCS object upload is all-or-nothing: the object exists only once the last
 byte of a (resumable) upload has arrived, so a crash mid-upload leaves no
 object. Blobs, and documents created only if absent (`create_meta`), are
-written with `ifGenerationMatch=0`, so an existing one is never replaced; big
+written with `ifGenerationMatch=0`, so an existing one is never replaced (a
+document replaced only if it is still the version read, `replace_meta`, with
+`ifGenerationMatch=<that generation>`); big
 blobs go up as a resumable upload in fixed chunks, so memory stays flat
 whatever the layer size.
 
@@ -73,6 +75,7 @@ from nixery.storage.base import (
     Redirect,
     StorageInaccessible,
     StorageSettingsInvalid,
+    VersionedMeta,
     check_key,
     ensure_staging_dir,
     make_staging_dir,
@@ -332,6 +335,10 @@ class GCSStorage(LeasedStorage):
         except api_exceptions.NotFound:
             return None
 
+    async def get_versioned_meta(self, key: str) -> VersionedMeta | None:
+        found = await self._read_versioned(f"meta/{check_key(key)}")
+        return None if found is None else VersionedMeta(found[1], found[0])
+
     async def put_meta(self, key: str, data: bytes) -> None:
         blob = self._bucket.blob(f"meta/{check_key(key)}")
         if len(data) > SMALL_BODY:  # a package catalog: may take longer than a small request
@@ -362,6 +369,21 @@ class GCSStorage(LeasedStorage):
             return False
         except api_exceptions.NotFound as error:
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
+        return True
+
+    async def replace_meta(self, key: str, data: bytes, version: str) -> bool:
+        blob = self._bucket.blob(f"meta/{check_key(key)}")
+        conditions = {"content_type": "application/octet-stream", "if_generation_match": int(version)}
+        try:
+            if len(data) > SMALL_BODY:
+                await self._upload(blob, blob.upload_from_string, data, **conditions)
+            else:
+                await self._call(
+                    blob.upload_from_string, data, timeout=self._timeout, retry=self._retry, **conditions
+                )
+        except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+            # Another generation, or none (removed meanwhile); with the bucket gone, reading says so.
+            return False
         return True
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
@@ -448,6 +470,10 @@ class GCSStorage(LeasedStorage):
         return None if blob is None else str(blob.generation)
 
     async def _lease_read(self, name: str) -> tuple[str, bytes] | None:
+        return await self._read_versioned(name)
+
+    async def _read_versioned(self, name: str) -> tuple[str, bytes] | None:
+        """The generation and body of the object `name`, or None when there is none."""
         blob = self._bucket.blob(name)
         try:
             body = await self._call(blob.download_as_bytes, timeout=self._timeout, retry=self._retry)

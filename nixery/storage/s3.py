@@ -21,9 +21,10 @@ part and watched by probes instead, so a slow upload that moves is never cut.
 
 Atomicity comes from S3 itself: a single PUT and the completion of a multipart
 upload both make an object appear whole or not at all. A document created only
-if absent (`create_meta`) is one PUT with `If-None-Match: *`. Big blobs go up as a
-multipart upload read from the staged file a few chunks at a time, so memory
-stays flat whatever the layer size. When an upload fails, obstore aborts the
+if absent (`create_meta`) is one PUT with `If-None-Match: *`, one replaced only if
+it is still the version read (`replace_meta`) one PUT with `If-Match: <ETag>`.
+Big blobs go up as a multipart upload read from the staged file a few chunks at
+a time, so memory stays flat whatever the layer size. When an upload fails, obstore aborts the
 multipart upload; when the process dies mid-upload, the parts stay invisible
 (no object exists under the key) until the bucket's lifecycle rule
 "AbortIncompleteMultipartUpload" removes them, which operators should set.
@@ -48,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import obstore
 import structlog
-from obstore.exceptions import AlreadyExistsError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.exceptions import BaseError as ObstoreError
 from obstore.store import S3Store
 
@@ -67,6 +68,7 @@ from nixery.storage.base import (
     ByteStream,
     Redirect,
     StorageInaccessible,
+    VersionedMeta,
     check_key,
     ensure_staging_dir,
     make_staging_dir,
@@ -304,7 +306,7 @@ class S3Storage(LeasedStorage):
         except (asyncio.CancelledError, BackendUnavailable):
             detach(upload, failure_event="s3.upload_failed_after_giving_up", describe_error=_describe, key=key)
             raise
-        except (AlreadyExistsError, PreconditionError, FileNotFoundError):
+        except (AlreadyExistsError, PreconditionError, FileNotFoundError, NotFoundError):
             raise  # an answer to a conditional upload, handled by the caller
         except ObstoreError as error:
             raise self._unavailable(error) from error
@@ -318,6 +320,10 @@ class S3Storage(LeasedStorage):
             return None
         except ObstoreError as error:
             raise self._unavailable(error) from error
+
+    async def get_versioned_meta(self, key: str) -> VersionedMeta | None:
+        found = await self._read_versioned(f"meta/{check_key(key)}")
+        return None if found is None else VersionedMeta(found[1], found[0])
 
     async def put_meta(self, key: str, data: bytes) -> None:
         path = f"meta/{check_key(key)}"
@@ -336,6 +342,15 @@ class S3Storage(LeasedStorage):
         try:
             await self._upload(path, data, use_multipart=False, mode="create")
         except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
+    async def replace_meta(self, key: str, data: bytes, version: str) -> bool:
+        path = f"meta/{check_key(key)}"
+        # One PUT with If-Match (never multipart, as create_meta); a document removed meanwhile: 404.
+        try:
+            await self._upload(path, data, use_multipart=False, mode={"e_tag": version})
+        except (PreconditionError, FileNotFoundError, NotFoundError):
             return False
         return True
 
@@ -415,6 +430,10 @@ class S3Storage(LeasedStorage):
             raise self._unavailable(error) from error
 
     async def _lease_read(self, name: str) -> tuple[str, bytes] | None:
+        return await self._read_versioned(name)
+
+    async def _read_versioned(self, name: str) -> tuple[str, bytes] | None:
+        """The ETag and body of the object `name`, or None when there is none."""
         try:
             result = await obstore.get_async(self._store, name)
             body = bytes(await result.bytes_async())
@@ -423,14 +442,14 @@ class S3Storage(LeasedStorage):
         except ObstoreError as error:
             raise self._unavailable(error) from error
         version = result.meta["e_tag"]
-        if version is None:  # the lease protocol needs versions: an S3 store that gives none cannot hold leases
+        if version is None:  # leases and replacements need versions: a store that gives none cannot serve them
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: no ETag for {name}")
         return version, body
 
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         try:
             result = await self._upload(name, body, mode={"e_tag": version}, use_multipart=False)
-        except (PreconditionError, FileNotFoundError):
+        except (PreconditionError, FileNotFoundError, NotFoundError):
             return None
         return result["e_tag"]
 

@@ -199,6 +199,57 @@ async def test_meta_create_after_appears_only_once_stored(store: Storage) -> Non
     assert [p.name for p in store.staging_dir().iterdir()] == []
 
 
+async def test_meta_replaced_only_at_the_version_read(backend: Backend, tmp_path: Path) -> None:
+    """A damaged image record is replaced only if it is still the version read: of writers on
+    two replicas that read one version exactly one replaces it, and a document written since,
+    or removed, stays as it is."""
+    first, second = replicas(backend, tmp_path)
+    run = uuid.uuid4().hex
+    key = f"images-{run}/one"
+    assert await first.get_versioned_meta(key) is None
+    assert await first.create_meta(key, b"damaged") is True
+    damaged = await second.get_versioned_meta(key)
+    assert damaged is not None and damaged.data == b"damaged"
+    assert await first.replace_meta(key, b"first replacement", damaged.version) is True
+    assert await second.replace_meta(key, b"second replacement", damaged.version) is False
+    replaced = await second.get_versioned_meta(key)
+    assert replaced is not None and replaced.data == b"first replacement"
+    assert replaced.version != damaged.version
+    await second.put_meta(key, b"written since")  # a version neither replacement read
+    assert await first.replace_meta(key, b"stale", replaced.version) is False
+    assert await first.get_meta(key) == b"written since"
+
+    race = f"images-{run}/raced"
+    assert await second.create_meta(race, b"damaged") is True
+    version = (await first.get_versioned_meta(race) or pytest.fail("not stored")).version
+    bodies = [f"writer {n} ".encode() * 1000 for n in range(6)]
+    won = await asyncio.gather(*(
+        (first if n % 2 else second).replace_meta(race, body, version) for n, body in enumerate(bodies)
+    ))  # fmt: skip
+    assert won.count(True) == 1
+    assert await first.get_meta(race) == await second.get_meta(race) == bodies[won.index(True)]
+
+    # Bigger than one small request (the drivers upload documents above 1 MiB otherwise).
+    big = f"images-{run}/big"
+    assert await first.create_meta(big, os.urandom(2 * MB)) is True
+    version = (await second.get_versioned_meta(big) or pytest.fail("not stored")).version
+    document = os.urandom(2 * MB)
+    assert await second.replace_meta(big, document, version) is True
+    assert await first.replace_meta(big, os.urandom(2 * MB), version) is False
+    assert await first.get_meta(big) == document
+
+    for removed, body in ((key, b"replacement"), (big, os.urandom(2 * MB))):
+        version = (await first.get_versioned_meta(removed) or pytest.fail("not stored")).version
+        await second.delete_meta(removed)  # removed (by gc): not brought back
+        assert await first.replace_meta(removed, body, version) is False
+        assert await first.get_meta(removed) is None
+    assert backend.object_names(f"meta/images-{run}/") == [f"meta/images-{run}/raced"]
+    for store in (first, second):
+        assert [p.name for p in store.staging_dir().iterdir()] == []
+    if backend.name == "filesystem":  # the lock that replacements take is gone with them
+        assert backend.object_names("locks/") == []
+
+
 @pytest.mark.parametrize(
     "key", ["", "../escape", "/absolute", "Upper", "a//b", "a/../b", "a b", "a/", "x" * 513, "caf\u00e9"]
 )
