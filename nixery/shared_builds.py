@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from nixery.processes import process_alive
 from nixery.progress import FINAL, Build, BuildLog, Event, Stage
 
 log = structlog.get_logger(__name__)
@@ -174,7 +175,7 @@ class CopiedBuild(Build):
     def _read_on(self, data: bytes | None = None) -> None:
         """The events added since the last read (`data`, when just read); a failure when its
         worker process ended without saying the build did."""
-        running = _running(self.pid)  # asked first: what it wrote before it ended is read below
+        running = process_alive(self.pid)  # asked first: what it wrote before it ended is read below
         if data is None or not running:
             data = b""
             with contextlib.suppress(FileNotFoundError), self.path.open("rb") as file:
@@ -234,12 +235,3 @@ def _read_text(path: Path) -> str | None:
     except FileNotFoundError:
         return None
 
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

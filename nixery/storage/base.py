@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from nixery.processes import process_alive
 from nixery.registry.digest import Digest
 
 
@@ -386,7 +387,7 @@ def make_staging_dir(root: Path) -> Path:
             if owner == host:
                 # A pid means something only in its pid namespace: a live process of another
                 # (a container with this host name) holds its directory's lock.
-                abandoned = not (pid.isdigit() and _process_alive(int(pid))) and not _locked(directory)
+                abandoned = not (pid.isdigit() and process_alive(int(pid))) and not _locked(directory)
             else:
                 abandoned = time.time() - directory.stat().st_mtime > FOREIGN_STAGING_MAX_AGE
         except FileNotFoundError:  # removed by another process meanwhile
@@ -452,12 +453,3 @@ def ensure_staging_dir(directory: Path) -> Path:
             directory.mkdir(parents=True, exist_ok=True)
     return directory
 
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -42,8 +42,9 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from nixery.errors import DigestInvalid
 from nixery.lru import LRU
@@ -65,6 +66,8 @@ from nixery.storage.base import (
     raising_storage_full,
     stage_bytes,
 )
+
+T = TypeVar("T")
 
 #: Blobs whose intact bytes a process remembers (about 200 bytes each).
 VERIFIED_CAPACITY = 20_000
@@ -179,31 +182,13 @@ class FilesystemStorage(Storage):
             await asyncio.to_thread(self._write_meta, target, data)
 
     async def put_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> None:
-        # The file is written and fsync'd meanwhile, so that only the rename waits.
-        target = self._meta / check_key(key)
-        with raising_storage_full(self._place):
-            staged = await asyncio.to_thread(self._stage_meta, data)
-        try:
-            await stored
-            with raising_storage_full(self._place):
-                await asyncio.to_thread(_move_into_place, staged, target)
-        finally:
-            staged.unlink(missing_ok=True)
+        await self._place_meta(key, data, stored, _move_into_place)
 
     async def create_meta(self, key: str, data: bytes) -> bool:
-        return await self.create_meta_after(key, data, asyncio.sleep(0))  # nothing to wait for
+        return await self._place_meta(key, data, None, _link_into_place)
 
     async def create_meta_after(self, key: str, data: bytes, stored: Awaitable[object]) -> bool:
-        # As put_meta_after: written and fsync'd meanwhile, so that only the link waits.
-        target = self._meta / check_key(key)
-        with raising_storage_full(self._place):
-            staged = await asyncio.to_thread(self._stage_meta, data)
-        try:
-            await stored
-            with raising_storage_full(self._place):
-                return await asyncio.to_thread(_link_into_place, staged, target)
-        finally:
-            staged.unlink(missing_ok=True)
+        return await self._place_meta(key, data, stored, _link_into_place)
 
     async def get_versioned_meta(self, key: str) -> VersionedMeta | None:
         data = await self.get_meta(key)
@@ -214,13 +199,24 @@ class FilesystemStorage(Storage):
         # replaces, so between the check and the rename only a plain put_meta or delete_meta
         # could change it, and image records are written by neither (gc removes one holding
         # its build lock).
+        async with self.exclusive(f"replacing/meta/{key}"):
+            return await self._place_meta(
+                key, data, None, lambda staged, target: _replace_version(staged, target, version)
+            )
+
+    async def _place_meta(
+        self, key: str, data: bytes, stored: Awaitable[object] | None, place: Callable[[Path, Path], T]
+    ) -> T:
+        """Stage `data` (written and fsync'd meanwhile), then, once `stored` (if any) is done,
+        `place` it as the document `key`: only that last step waits."""
         target = self._meta / check_key(key)
         with raising_storage_full(self._place):
             staged = await asyncio.to_thread(self._stage_meta, data)
         try:
-            async with self.exclusive(f"replacing/meta/{key}"):
-                with raising_storage_full(self._place):
-                    return await asyncio.to_thread(_replace_version, staged, target, version)
+            if stored is not None:
+                await stored
+            with raising_storage_full(self._place):
+                return await asyncio.to_thread(place, staged, target)
         finally:
             staged.unlink(missing_ok=True)
 

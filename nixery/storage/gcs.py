@@ -356,15 +356,8 @@ class GCSStorage(LeasedStorage):
             raise BackendUnavailable(self.name, f"bucket {self.config.bucket}: {_describe(error)}") from error
 
     async def create_meta(self, key: str, data: bytes) -> bool:
-        blob = self._bucket.blob(f"meta/{check_key(key)}")
-        conditions = {"content_type": "application/octet-stream", "if_generation_match": 0}
         try:
-            if len(data) > SMALL_BODY:
-                await self._upload(blob, blob.upload_from_string, data, **conditions)
-            else:
-                await self._call(
-                    blob.upload_from_string, data, timeout=self._timeout, retry=self._retry, **conditions
-                )
+            await self._put_meta_if(key, data, if_generation_match=0)
         except api_exceptions.PreconditionFailed:
             return False
         except api_exceptions.NotFound as error:
@@ -372,19 +365,21 @@ class GCSStorage(LeasedStorage):
         return True
 
     async def replace_meta(self, key: str, data: bytes, version: str) -> bool:
-        blob = self._bucket.blob(f"meta/{check_key(key)}")
-        conditions = {"content_type": "application/octet-stream", "if_generation_match": int(version)}
         try:
-            if len(data) > SMALL_BODY:
-                await self._upload(blob, blob.upload_from_string, data, **conditions)
-            else:
-                await self._call(
-                    blob.upload_from_string, data, timeout=self._timeout, retry=self._retry, **conditions
-                )
+            await self._put_meta_if(key, data, if_generation_match=int(version))
         except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
             # Another generation, or none (removed meanwhile); with the bucket gone, reading says so.
             return False
         return True
+
+    async def _put_meta_if(self, key: str, data: bytes, *, if_generation_match: int) -> None:
+        """Write the document `key` if its generation is `if_generation_match` (0: there is none)."""
+        blob = self._bucket.blob(f"meta/{check_key(key)}")
+        conditions = {"content_type": "application/octet-stream", "if_generation_match": if_generation_match}
+        if len(data) > SMALL_BODY:
+            await self._upload(blob, blob.upload_from_string, data, **conditions)
+        else:
+            await self._call(blob.upload_from_string, data, timeout=self._timeout, retry=self._retry, **conditions)
 
     # ---- optional capabilities: listing, deleting, touching, leases ----
 
