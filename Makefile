@@ -61,6 +61,7 @@ bench: setup
 	$(PYTHON) bench/scale.py $(BENCH_ARGS)
 	$(PYTHON) bench/load.py $(BENCH_ARGS)
 	$(PYTHON) bench/stored_work.py $(BENCH_ARGS)
+	$(PYTHON) bench/history_gc.py
 
 clean:
 	rm -rf $(VENV) var .cache

@@ -97,7 +97,6 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from nixery import json_pieces
 from nixery.closure import ClosureGraph
@@ -111,15 +110,6 @@ DEFAULT_HISTORY_CAPACITY = 20_000
 _FORMAT_VERSION = 1
 
 
-@dataclass(slots=True)
-class _RememberedLayer:
-    """A layer the history remembers (not a blob): its paths and how recently plans used it."""
-
-    paths: frozenset[str]
-    last_used: int  # clock value of the last `record` that included it
-    uses: int
-
-
 class LayerHistory:
     """Layers the registry has already stored, in the order it made them.
 
@@ -127,6 +117,12 @@ class LayerHistory:
     (because a plan reused it) refreshes its "last used" time.  When more than
     `capacity` layers are known, the least recently used are forgotten, so a
     registry that serves many thousands of images keeps a bounded history.
+
+    A full history holds up to hundreds of thousands of paths and lives as long as
+    the process: it is kept in tuples of strings and ints and in dicts of them,
+    which the garbage collector stops tracking, so that no full collection walks
+    it (a set per layer and per path added 14-62 ms to each, with the event loop
+    stopped; docs/benchmarks/history_gc.md).
 
     Safe to use from several threads: the registry plans in worker threads
     while the event loop records finished builds.
@@ -136,23 +132,27 @@ class LayerHistory:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._layers: dict[int, _RememberedLayer] = {}
-        self._ids: dict[frozenset[str], int] = {}
-        self._by_path: dict[str, set[int]] = {}
+        self._paths: dict[int, tuple[str, ...]] = {}  # layer id -> its paths
+        self._last_used: dict[int, int] = {}  # layer id -> clock value of the last `record` that included it
+        self._uses: dict[int, int] = {}
+        self._by_path: dict[str, tuple[int, ...]] = {}  # path -> ids of the layers that hold it
         self._next_id = 0
         self._clock = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._layers)
+        return len(self._paths)
 
     def __contains__(self, layer: object) -> bool:
-        return layer in self._ids
+        if not isinstance(layer, frozenset | set):
+            return False
+        with self._lock:
+            return self._id_of(frozenset(layer)) is not None
 
     def layers(self) -> list[frozenset[str]]:
         """Known layers, oldest first."""
         with self._lock:
-            return [self._layers[i].paths for i in sorted(self._layers)]
+            return [frozenset(self._paths[i]) for i in sorted(self._paths)]
 
     def record(self, layers: Sequence[frozenset[str]]) -> None:
         """Note that the registry now stores (and serves) these layers."""
@@ -162,13 +162,12 @@ class LayerHistory:
                 paths = frozenset(layer)
                 if not paths:
                     continue
-                known = self._ids.get(paths)
+                known = self._id_of(paths)
                 if known is not None:
-                    stored = self._layers[known]
-                    stored.last_used = self._clock
-                    stored.uses += 1
+                    self._last_used[known] = self._clock
+                    self._uses[known] += 1
                 else:
-                    self._add(self._next_id, _RememberedLayer(paths, self._clock, 1))
+                    self._add(self._next_id, tuple(paths), self._clock, 1)
                     self._next_id += 1
             self._evict()
 
@@ -180,9 +179,9 @@ class LayerHistory:
                 for layer_id in self._by_path.get(path, ()):
                     hits[layer_id] = hits.get(layer_id, 0) + 1
             return [
-                (self._layers[i].paths, self._layers[i].last_used, i)
+                (frozenset(self._paths[i]), self._last_used[i], i)
                 for i, count in hits.items()
-                if count == len(self._layers[i].paths)
+                if count == len(self._paths[i])
             ]
 
     def to_json(self) -> bytes:
@@ -191,8 +190,8 @@ class LayerHistory:
             paths = sorted(self._by_path)
             index = {path: n for n, path in enumerate(paths)}
             layers = [
-                [i, stored.last_used, stored.uses, sorted(index[p] for p in stored.paths)]
-                for i, stored in sorted(self._layers.items())
+                [i, self._last_used[i], self._uses[i], sorted(index[p] for p in members)]
+                for i, members in sorted(self._paths.items())
             ]
             document = {
                 "version": _FORMAT_VERSION,
@@ -217,37 +216,54 @@ class LayerHistory:
             for layer_id, last_used, uses, members in document["layers"]:
                 if not members or any(not isinstance(n, int) or n < 0 for n in members):
                     raise ValueError(f"layer {layer_id} has bad members")
-                stored = _RememberedLayer(frozenset(paths[n] for n in members), int(last_used), int(uses))
-                if int(layer_id) in history._layers or stored.paths in history._ids:
+                layer = frozenset(paths[n] for n in members)
+                if int(layer_id) in history._paths or history._id_of(layer) is not None:
                     raise ValueError(f"layer {layer_id} appears twice")
-                history._add(int(layer_id), stored)
+                history._add(int(layer_id), tuple(layer), int(last_used), int(uses))
             history._clock = int(document["clock"])
-            history._next_id = max(int(document["next_id"]), max(history._layers, default=-1) + 1)
+            history._next_id = max(int(document["next_id"]), max(history._paths, default=-1) + 1)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed layer history: {exc}") from exc
         history._evict()
         return history
 
-    def _add(self, layer_id: int, stored: _RememberedLayer) -> None:
-        self._layers[layer_id] = stored
-        self._ids[stored.paths] = layer_id
-        for path in stored.paths:
-            self._by_path.setdefault(path, set()).add(layer_id)
+    def _id_of(self, layer: frozenset[str]) -> int | None:
+        """The id of the known layer that holds exactly these paths (sought among the layers
+        that hold one of them)."""
+        for layer_id in self._by_path.get(next(iter(layer)), ()) if layer else ():
+            members = self._paths[layer_id]
+            if len(members) == len(layer) and layer.issuperset(members):
+                return layer_id
+        return None
+
+    def _add(self, layer_id: int, paths: tuple[str, ...], last_used: int, uses: int) -> None:
+        self._paths[layer_id] = paths
+        self._last_used[layer_id] = last_used
+        self._uses[layer_id] = uses
+        by_path = self._by_path
+        alone = (layer_id,)  # one tuple for every path no other layer holds
+        for path in paths:
+            held = by_path.get(path)
+            by_path[path] = alone if held is None else held + alone
 
     def _evict(self) -> None:
-        if len(self._layers) <= self.capacity:
+        if len(self._paths) <= self.capacity:
             return
         # Forget a tenth more than needed, so that a full history sorts rarely.
-        excess = len(self._layers) - self.capacity + self.capacity // 10
-        oldest = sorted(self._layers, key=lambda i: (self._layers[i].last_used, i))[:excess]
+        excess = len(self._paths) - self.capacity + self.capacity // 10
+        last_used = self._last_used
+        oldest = set(sorted(last_used, key=lambda i: (last_used[i], i))[:excess])
+        touched: set[str] = set()
         for layer_id in oldest:
-            stored = self._layers.pop(layer_id)
-            del self._ids[stored.paths]
-            for path in stored.paths:
-                ids = self._by_path[path]
-                ids.discard(layer_id)
-                if not ids:
-                    del self._by_path[path]
+            touched.update(self._paths.pop(layer_id))
+            del self._last_used[layer_id], self._uses[layer_id]
+        by_path = self._by_path
+        for path in touched:
+            kept = [i for i in by_path[path] if i not in oldest]
+            if kept:
+                by_path[path] = tuple(kept)
+            else:
+                del by_path[path]
 
 
 def plan_layers(
