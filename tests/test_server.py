@@ -174,3 +174,20 @@ def test_a_body_that_never_arrives_is_answered_408(start_registry) -> None:
         assert json.loads(body)["errors"][0]["detail"] == {"seconds": timeout, "kind": "REQUEST_TIMEOUT"}
     assert timeout * 0.5 <= time.monotonic() - started < timeout + 10
     assert not registry.log_events("http.internal_error")
+
+
+def test_an_expectation_other_than_100_continue_gets_the_registrys_json_error(registry: RegistryProcess) -> None:
+    """aiohttp refuses such an `Expect` before the application's middlewares, with plain text that
+    quoted the header: now the registry's 417, quoting nothing. `100-continue` still works."""
+    for path in ("/v2/", "/v2/shell/manifests/latest", "/no/such/page"):
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: {MARKER}\r\n\r\n"
+        answer = exchange(registry.port, request.encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 417 "), (path, answer[:300])
+        assert b"application/json" in head and MARKER.encode() not in answer, (path, answer[:300])
+        error = json.loads(body)["errors"][0]
+        assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "EXPECTATION_FAILED"), (path, error)
+    continued = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n"
+    answer = exchange(registry.port, continued)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:300]
+    assert not registry.log_events("http.internal_error") and not registry.log_events("http.unhandled_error")

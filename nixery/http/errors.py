@@ -73,6 +73,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.Unsupported(f"method {exc.method} is not supported: this registry is pull-only")
         case web.HTTPNotFound():
             return errors.NameUnknown("no such endpoint or repository")
+        case web.HTTPExpectationFailed():  # aiohttp's message quotes the header: never sent back
+            return errors.ExpectationFailed("the only expectation this registry meets is Expect: 100-continue")
         case web.HTTPRequestEntityTooLarge():
             return errors.RequestTooLarge("request body too large", detail={"reason": exc.text})
         case _:

@@ -10,7 +10,9 @@ answers given before a request reaches the application.
   non-ASCII byte in the path, a malformed header) is answered with the
   registry's JSON error, 400 (kind REQUEST_INVALID), that says what kind of thing was
   wrong and quotes none of the input. (aiohttp's own answer is plain text
-  that echoes it, and it logs the input with a traceback.)
+  that echoes it, and it logs the input with a traceback.) So is an `Expect`
+  header other than `100-continue`, which aiohttp refuses before the
+  application's middlewares: 417 EXPECTATION_FAILED.
 * A connection must send each request's head (request line and headers)
   within NIXERY_HEADER_TIMEOUT seconds: from when it opens, and for a later
   request on a kept-alive connection, from that request's first byte (idle
@@ -52,6 +54,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors, metrics
+from nixery.http.errors import error_response, registry_error
 
 log = structlog.get_logger(__name__)
 
@@ -215,7 +218,7 @@ class _Server(web.Server):
             cast(RegistryConnection, protocol).head_received()  # the only connections `__call__` makes
             return request_factory(message, payload, protocol, writer, task)
 
-        super().__init__(handler, request_factory=new_request, **kwargs)
+        super().__init__(_http_errors_as_registry_errors(handler), request_factory=new_request, **kwargs)
         self._header_timeout = header_timeout
         self.in_flight = 0
         self.stopping = False
@@ -236,6 +239,22 @@ class _Server(web.Server):
 
     def __call__(self) -> RegistryConnection:
         return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+
+
+def _http_errors_as_registry_errors(handler: Any) -> Any:
+    """The application's handler, with the HTTP errors aiohttp raises before the middlewares
+    answered as the registry's JSON errors: its 417 to an `Expect` other than `100-continue`
+    was plain text that quoted the header."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return cast(web.StreamResponse, await handler(request))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(registry_error(exc))
+
+    return handle
 
 
 class RegistryConnection(RequestHandler):
