@@ -51,6 +51,10 @@ class ImageResolver(Protocol):
 
     async def resolve(self, name: str, tag: str) -> ImageRequest | None: ...
 
+    async def tags(self, name: str) -> list[str]:
+        """The tags `name` is declared under, sorted; none for a name read as packages."""
+        ...
+
 
 #: Optional: consulted before a name is read as a list of packages.
 RESOLVER = web.AppKey("resolver", ImageResolver)
@@ -373,24 +377,32 @@ def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: Bin
     except (BlockingIOError, InterruptedError):
         return 0
 
-#: The tags a repository lists: every tag names an image that can be built; `latest` is the one always there.
+#: The tags every repository lists: every tag names an image that can be built; `latest` is the one
+#: always there (for a declared name too: `name:latest` reads the name as packages, unless declared).
+#: A declared image (RESOLVER) lists the tags it is declared under as well.
 _LISTED_TAGS = ("latest",)
 _PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 
 
 async def tags(request: web.Request) -> web.Response:
     """The listed tags, paged as distribution-spec says: only those after `last`, at most `n`
-    (`n=0`: none). The whole list fits in any page, so no `Link` to a next page is needed."""
+    (`n=0`: none), and a `Link` to the next page when some are left (not for `n=0`)."""
     check_image_name(request)
+    resolver = request.app.get(RESOLVER)
+    declared = await resolver.tags(request.match_info["name"]) if resolver is not None else []
     last, size = request.query.get("last"), request.query.get("n")
-    listed = [tag for tag in _LISTED_TAGS if last is None or tag > last]
+    listed = [tag for tag in sorted({*declared, *_LISTED_TAGS}) if last is None or tag > last]
+    headers = API_VERSION
     if size is not None:
         if not _PAGE_SIZE.fullmatch(size):
             raise RequestInvalid(
                 f"n must be a number of tags from 0 to 999999999, not {size[:20]!r}", detail={"n": size[:20]}
             )
-        listed = listed[: int(size)]
-    return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=API_VERSION)
+        listed, left = listed[: int(size)], listed[int(size) :]
+        if left and listed:
+            following = request.rel_url.with_query({"n": size, "last": listed[-1]})
+            headers = {**API_VERSION, "Link": f'<{following}>; rel="next"'}
+    return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=headers)
 
 
 async def unsupported(request: web.Request) -> web.Response:
