@@ -39,7 +39,10 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         "header over the limit": b"GET /v2/ HTTP/1.1\r\nX-Long: " + marker + b"b" * 20000 + b"\r\n\r\n",
         "not a method": b"GE<T>" + marker + b" / HTTP/1.1\r\n\r\n",
         "bad Content-Length": b"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Length: " + marker + b"\r\n\r\n",
+        "too many header fields": b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + (b"X-A: " + marker + b"\r\n") * 200 + b"\r\n",
     }
+    #: What the answer says, where it says more than that the request is malformed.
+    said = {"too many header fields": "too many header fields (at most 128)"}
     for what, request in requests.items():
         answer = exchange(registry.port, request)
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -49,7 +52,7 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         assert headers["content-type"].startswith("application/json"), (what, headers)
         error = json.loads(body)["errors"][0]
         assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), (what, error)
-        assert error["message"], (what, error)
+        assert error["message"] and error["message"] == said.get(what, error["message"]), (what, error)
         assert marker not in answer and b"<script>" not in answer, (what, answer[:500])
     assert MARKER not in registry.log(), "the input reached the log"
     assert len(registry.log_events("http.malformed_request")) == len(requests)

@@ -352,6 +352,8 @@ class RegistryConnection(RequestHandler):
                 return "malformed request line"
             case http_exceptions.InvalidHeader():
                 return "malformed header field"
+            case http_exceptions.BadHttpMessage(message="Too many headers received"):  # both parsers' words
+                return f"too many header fields (at most {self.max_headers})"
             case http_exceptions.ContentLengthError() | http_exceptions.TransferEncodingError():
                 return "malformed body framing (Content-Length or Transfer-Encoding)"
             case _:
