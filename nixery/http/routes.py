@@ -71,12 +71,17 @@ class ManifestCache:
     and all are dropped when `nixery gc` has removed something (`clear`,
     wired in nixery.app). A count of the cached manifests naming each blob
     lets a missing blob that none names (any digest a client makes up) cost
-    nothing; one that some name costs a walk of the cache, once."""
+    nothing; one that some name costs a walk of the cache, once.
+
+    Blobs read and found to be no manifest (a layer or a config asked for as a
+    manifest) are remembered too, as their bytes never change: each such request
+    read up to 4 MiB from storage again (from the bucket, on S3 or GCS)."""
 
     def __init__(self, capacity: int = 4096):
         # (document, media type, hex digests of the blobs it names: interned, as most are shared)
         self._items: LRU[Digest, tuple[bytes, str, tuple[str, ...]]] = LRU(capacity)
         self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
+        self._not_manifests: LRU[Digest, bool] = LRU(capacity)
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
         item = self._items.get(digest)
@@ -90,16 +95,24 @@ class ManifestCache:
         for _, (_, _, dropped_names) in self._items.put(digest, (document, media_type, names)):
             self._release(dropped_names)
 
+    def is_not_manifest(self, digest: Digest) -> bool:
+        return self._not_manifests.get(digest) is not None
+
+    def note_not_manifest(self, digest: Digest) -> None:
+        self._not_manifests.put(digest, True)
+
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
         if blob.hex in self._named:
             for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
                 self._drop(digest)
         self._drop(blob)
+        self._not_manifests.pop(blob)
 
     def clear(self) -> None:
         self._items.clear()
         self._named.clear()
+        self._not_manifests.clear()
 
     def _drop(self, digest: Digest) -> None:
         item = self._items.pop(digest)
@@ -135,16 +148,22 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     cached = cache.get(digest)
     if cached is not None:
         return cached
+    if cache.is_not_manifest(digest):
+        raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     storage = request.app[STORAGE]
     size = await storage.stat_blob(digest)
-    if size is None or size > 4 << 20:  # manifests are small; larger blobs are layers
+    if size is None:
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
+    if size > 4 << 20:  # manifests are small; larger blobs are layers
+        cache.note_not_manifest(digest)
+        raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     try:
         document = await storage.read_blob(digest)
     except BlobNotFound:  # removed since the stat
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
     parsed = await asyncio.to_thread(parse_manifest, document)
     if parsed is None:
+        cache.note_not_manifest(digest)
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     media_type, blobs = parsed
     if check_blobs:
