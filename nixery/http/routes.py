@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from nixery import metrics
 from nixery.builder import ImageBuilder
-from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, RequestInvalid, Unsupported
+from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, RequestInvalid, Unsupported
 from nixery.http import ranges
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
@@ -425,8 +425,13 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def unsupported(request: web.Request) -> web.Response:
+    """Anything else under /v2/: a GET or HEAD finds no such endpoint; any other method is push,
+    delete or unknown, which a pull-only registry does not do."""
+    if request.method in ("GET", "HEAD"):
+        raise NameUnknown("no such endpoint or repository")
     raise Unsupported(
-        f"{request.method} is not supported: this registry is pull-only (images are built from their names)"
+        f"{request.method} is not supported: this registry is pull-only (images are built from their names)",
+        headers={"Allow": "GET, HEAD"},  # RFC 9110: a 405 names the methods that are
     )
 
 
@@ -439,5 +444,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", f"/v2/{name}/blobs/{{digest}}", blob)
     app.router.add_get(f"/v2/{name}/tags/list", tags)
     app.router.add_route("HEAD", f"/v2/{name}/blobs/{{digest}}", blob)
-    for method in ("POST", "PUT", "PATCH", "DELETE"):
-        app.router.add_route(method, "/v2/{tail:.*}", unsupported)
+    # Named so that /metrics counts what it answers as `unmatched`, with unknown paths elsewhere.
+    app.router.add_route("*", "/v2/{tail:.*}", unsupported, name=metrics.UNMATCHED)
