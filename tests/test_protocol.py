@@ -162,6 +162,15 @@ def test_invalid_names_never_reach_nix(shared_registry: RegistryProcess, nix_cal
     assert nix_call_count(calls) == before
 
 
+def test_percent_encoding_anywhere_in_the_path_is_refused_as_such(shared_registry: RegistryProcess) -> None:
+    """An encoded character in a tag or digest was refused as one "in image names"."""
+    for path in ("/v2/hello/manifests/lat%65st", "/v2/hello/blobs/sha256%3A" + "0" * 64, "/v2/a%2Fb/tags/list"):
+        status, _, body = shared_registry.request(path)
+        error = error_of(body)
+        assert status == 400 and error["code"] == "NAME_INVALID", (path, body)
+        assert "not allowed in registry paths" in error["message"], (path, error)
+
+
 @pytest.mark.parametrize("name", ["builtins.readFile", "import", "__toString", "hello.drvPath"])
 def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess, name: str) -> None:
     status, _, body = shared_registry.request(f"/v2/{name}/manifests/latest")

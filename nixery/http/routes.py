@@ -192,10 +192,12 @@ def check_image_name(request: web.Request) -> ImageRequest:
 
 
 def _refuse_percent_encoding(request: web.Request) -> None:
-    """Valid names never need percent-encoding, so an encoded character (such as an
-    encoded slash) in the path is refused outright."""
+    """Valid names, tags and digests never need percent-encoding, so an encoded character
+    (such as an encoded slash) in the path is refused outright."""
     if "%" in request.raw_path.split("?", 1)[0]:
-        raise NameInvalid("percent-encoded characters are not allowed in image names")
+        raise NameInvalid(
+            "percent-encoded characters are not allowed in registry paths (image names, tags and digests need none)"
+        )
 
 
 #: Per request: the images `requested_image` found, by (name, tag).
