@@ -70,8 +70,7 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
             return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPMethodNotAllowed():  # a page's (the registry API's are routes.unsupported)
-            allowed = ", ".join(sorted({*exc.allowed_methods, "HEAD"} if "GET" in exc.allowed_methods
-                                       else exc.allowed_methods))
+            allowed = ", ".join(sorted(exc.allowed_methods))
             return errors.Unsupported(
                 f"method {exc.method} is not allowed here; this path answers {allowed}", headers={"Allow": allowed}
             )
