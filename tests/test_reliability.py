@@ -336,3 +336,35 @@ async def test_requests_for_a_blob_being_hashed_wait_for_that_one_hash(
     )
     assert all(type(answer) is BlobNotFound for answer in answers), answers
     assert hashed == [intact.hex, corrupt.hex, removed.hex]
+
+
+async def test_reads_go_on_while_blobs_are_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First serves of more blobs than asyncio has worker threads: their hashes held every one of
+    those threads, so that a read of a manifest or an image record waited behind them."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    count = (os.cpu_count() or 1) + 5  # asyncio's default pool: min(32, cpus + 4) threads
+    blobs = [await storage.put_blob_bytes(f"layer {i}".encode()) for i in range(count)]
+    manifest = await storage.put_blob_bytes(b"a manifest")
+    release, lock, loop = threading.Event(), threading.Lock(), asyncio.get_running_loop()
+    two_started, started = asyncio.Event(), [0]
+    real_hash = filesystem._hashes_to
+
+    def held(path: Path, digest: Digest) -> bool:
+        with lock:
+            started[0] += 1
+            if started[0] == 2:  # by then every serve has handed its hash over (they run side by side)
+                loop.call_soon_threadsafe(two_started.set)
+        release.wait()
+        return real_hash(path, digest)
+
+    monkeypatch.setattr("nixery.storage.filesystem._hashes_to", held)
+    loop.call_later(30, release.set)  # only if reads wait for the hashes (the old way)
+    serves = [asyncio.ensure_future(storage.blob_source(blob, allow_redirect=False)) for blob in blobs]
+    await two_started.wait()
+    try:
+        assert await storage.read_blob(manifest) == b"a manifest"
+        assert not release.is_set(), "the read waited for the hashes"
+    finally:
+        release.set()
+        await asyncio.gather(*serves)
+        await storage.close()
