@@ -40,9 +40,15 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         "not a method": b"GE<T>" + marker + b" / HTTP/1.1\r\n\r\n",
         "bad Content-Length": b"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Length: " + marker + b"\r\n\r\n",
         "too many header fields": b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + (b"X-A: " + marker + b"\r\n") * 200 + b"\r\n",
+        "two lengths": b"PUT /v2/x/manifests/" + marker + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "bad chunk size": b"PATCH /v2/x/blobs/uploads/" + marker + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + marker + b"\r\n0\r\n\r\n",
     }
     #: What the answer says, where it says more than that the request is malformed.
-    said = {"too many header fields": "too many header fields (at most 128)"}
+    framing = "malformed body framing (Content-Length or Transfer-Encoding)"
+    said = {"too many header fields": "too many header fields (at most 128)", "bad Content-Length": framing,
+            "two lengths": framing, "bad chunk size": framing}
     for what, request in requests.items():
         answer = exchange(registry.port, request)
         head, _, body = answer.partition(b"\r\n\r\n")

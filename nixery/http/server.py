@@ -356,6 +356,10 @@ class RegistryConnection(RequestHandler):
                 return f"too many header fields (at most {self.max_headers})"
             case http_exceptions.ContentLengthError() | http_exceptions.TransferEncodingError():
                 return "malformed body framing (Content-Length or Transfer-Encoding)"
+            case http_exceptions.BadHttpMessage(message=str(said)) if any(
+                word in said for word in ("Content-Length", "Transfer-Encoding", "chunk")
+            ):  # llhttp's words for the same (a bad or duplicate length, both headers, a bad chunk size)
+                return "malformed body framing (Content-Length or Transfer-Encoding)"
             case _:
                 return "malformed HTTP request"
 
