@@ -143,6 +143,14 @@ class PreconditionFailed(RegistryError):
     status = 412
 
 
+class ExpectationFailed(RegistryError):
+    """An `Expect` header asks for something other than `100-continue`."""
+
+    code = "UNSUPPORTED"
+    kind = "EXPECTATION_FAILED"
+    status = 417
+
+
 class RangeNotSatisfiable(RegistryError):
     """A blob's requested byte range starts at or past its end."""
 

@@ -154,7 +154,7 @@ def route_label(request: web.Request) -> str:
     match_info = request.match_info
     route = getattr(match_info, "route", None)
     resource = getattr(route, "resource", None)
-    if resource is None or getattr(match_info, "http_exception", None) is not None:
+    if resource is None or getattr(match_info, "http_exception", None) is not None or resource.name == UNMATCHED:
         return UNMATCHED
     return resource.canonical
 

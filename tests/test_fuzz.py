@@ -48,7 +48,7 @@ def requests(draw) -> tuple[str, str, list[tuple[str, str]]]:
     else:
         path = "/" + "/".join(draw(st.lists(segments, max_size=4)))
     headers = draw(st.dictionaries(
-        st.sampled_from(["Accept", "Authorization", "Range", "If-None-Match", "X-Junk", "Content-Type"]),
+        st.sampled_from(["Accept", "Authorization", "Range", "If-None-Match", "X-Junk", "Content-Type", "Expect"]),
         st.text(FIELD_CHARS, max_size=200),
         max_size=4,
     ))

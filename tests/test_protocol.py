@@ -162,6 +162,15 @@ def test_invalid_names_never_reach_nix(shared_registry: RegistryProcess, nix_cal
     assert nix_call_count(calls) == before
 
 
+def test_percent_encoding_anywhere_in_the_path_is_refused_as_such(shared_registry: RegistryProcess) -> None:
+    """An encoded character in a tag or digest was refused as one "in image names"."""
+    for path in ("/v2/hello/manifests/lat%65st", "/v2/hello/blobs/sha256%3A" + "0" * 64, "/v2/a%2Fb/tags/list"):
+        status, _, body = shared_registry.request(path)
+        error = error_of(body)
+        assert status == 400 and error["code"] == "NAME_INVALID", (path, body)
+        assert "not allowed in registry paths" in error["message"], (path, error)
+
+
 @pytest.mark.parametrize("name", ["builtins.readFile", "import", "__toString", "hello.drvPath"])
 def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess, name: str) -> None:
     status, _, body = shared_registry.request(f"/v2/{name}/manifests/latest")
@@ -195,12 +204,28 @@ def test_errors_use_registry_codes(
     assert headers["Content-Type"].startswith("application/json")
 
 
-@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"])
 def test_push_and_delete_are_unsupported(shared_registry: RegistryProcess, method: str) -> None:
-    for path in ("/v2/hello/manifests/latest", "/v2/hello/blobs/uploads/", "/v2/hello/blobs/sha256:" + "0" * 64):
-        status, _, body = shared_registry.request(path, method=method)
-        assert status == 405
-        assert error_of(body)["code"] == "UNSUPPORTED"
+    """Any method but GET and HEAD under /v2/ is 405 UNSUPPORTED, with the `Allow` header RFC 9110
+    asks of a 405 (there was none; OPTIONS, TRACE and others were told the methods of the push routes)."""
+    paths = ("/v2/", "/v2/hello/manifests/latest", "/v2/hello/blobs/uploads/", "/v2/hello/blobs/uploads/x/../y",
+             "/v2/hello/blobs/sha256:" + "0" * 64, "/v2/hello/tags/list")
+    for path in paths:
+        status, headers, body = shared_registry.request(path, method=method)
+        assert status == 405, (path, body)
+        assert error_of(body)["code"] == "UNSUPPORTED" and "pull-only" in error_of(body)["message"]
+        assert headers.get("Allow") == "GET, HEAD", (path, headers)
+
+
+def test_a_page_asked_with_a_method_it_does_not_answer_says_which_it_does(shared_registry: RegistryProcess) -> None:
+    """Outside the registry API, a 405 named the pull-only registry (`DELETE /builds`); it now says
+    what the path answers, and so does its `Allow` header."""
+    for method, path, allowed in (("DELETE", "/builds", "POST"), ("POST", "/packages", "GET, HEAD")):
+        status, headers, body = shared_registry.request(path, method=method, accept="application/json")
+        assert status == 405, (path, body)
+        error = error_of(body)
+        assert error["code"] == "UNSUPPORTED" and error["message"].endswith(f"this path answers {allowed}"), error
+        assert headers.get("Allow") == allowed
 
 
 def test_build_failure_reports_nix_log(shared_registry: RegistryProcess) -> None:

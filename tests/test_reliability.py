@@ -21,7 +21,8 @@ import pytest
 from nixery import maintenance
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
-from nixery.storage.base import CorruptBlob, StorageFull, stage_bytes
+from nixery.storage import filesystem
+from nixery.storage.base import BlobNotFound, CorruptBlob, StorageFull, stage_bytes
 from nixery.storage.filesystem import FilesystemStorage
 from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, nix_calls_of, run
 
@@ -302,3 +303,72 @@ async def test_a_process_remembers_a_bounded_number_of_verified_blobs(
     monkeypatch.setattr("nixery.storage.filesystem._hashes_to", lambda path, digest: pytest.fail("hashed again"))
     for digest in digests[1:]:
         await storage.blob_source(digest, allow_redirect=False)
+
+
+async def test_requests_for_a_blob_being_hashed_wait_for_that_one_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, many pulls of one layer at once hash it once (each hashed it, and the
+    hashes held every worker thread); a corrupt one is quarantined and reported once, and every
+    request for it is refused; one removed by gc while it is hashed is not stored (404), not a 500."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    intact, corrupt, removed = [await storage.put_blob_bytes(f"blob {i}".encode()) for i in range(3)]
+    path = storage.blob_path(corrupt)
+    path.chmod(0o644)
+    path.write_bytes(b"blob X")
+    reported: list[Digest] = []
+    storage.on_corrupt_blob(reported.append)
+    hashed: list[str] = []
+    real_hash = filesystem._hashes_to
+
+    def counted(path: Path, digest: Digest) -> bool:
+        hashed.append(path.name)
+        if digest == removed:
+            path.unlink()  # `nixery gc` removes it between the stat and the hash
+        return real_hash(path, digest)
+
+    monkeypatch.setattr("nixery.storage.filesystem._hashes_to", counted)
+    sources = await asyncio.gather(*(storage.blob_source(intact, allow_redirect=False) for _ in range(8)))
+    assert {source.size for source in sources} == {len(b"blob 0")}
+    answers = await asyncio.gather(
+        *(storage.blob_source(corrupt, allow_redirect=False) for _ in range(8)), return_exceptions=True
+    )
+    assert all(isinstance(answer, CorruptBlob) for answer in answers), answers
+    assert reported == [corrupt] and len(list((tmp_path / "storage" / "quarantine").iterdir())) == 1
+    answers = await asyncio.gather(
+        *(storage.blob_source(removed, allow_redirect=False) for _ in range(8)), return_exceptions=True
+    )
+    assert all(type(answer) is BlobNotFound for answer in answers), answers
+    assert hashed == [intact.hex, corrupt.hex, removed.hex]
+
+
+async def test_reads_go_on_while_blobs_are_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First serves of more blobs than asyncio has worker threads: their hashes held every one of
+    those threads, so that a read of a manifest or an image record waited behind them."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    count = (os.cpu_count() or 1) + 5  # asyncio's default pool: min(32, cpus + 4) threads
+    blobs = [await storage.put_blob_bytes(f"layer {i}".encode()) for i in range(count)]
+    manifest = await storage.put_blob_bytes(b"a manifest")
+    release, lock, loop = threading.Event(), threading.Lock(), asyncio.get_running_loop()
+    two_started, started = asyncio.Event(), [0]
+    real_hash = filesystem._hashes_to
+
+    def held(path: Path, digest: Digest) -> bool:
+        with lock:
+            started[0] += 1
+            if started[0] == 2:  # by then every serve has handed its hash over (they run side by side)
+                loop.call_soon_threadsafe(two_started.set)
+        release.wait()
+        return real_hash(path, digest)
+
+    monkeypatch.setattr("nixery.storage.filesystem._hashes_to", held)
+    loop.call_later(30, release.set)  # only if reads wait for the hashes (the old way)
+    serves = [asyncio.ensure_future(storage.blob_source(blob, allow_redirect=False)) for blob in blobs]
+    await two_started.wait()
+    try:
+        assert await storage.read_blob(manifest) == b"a manifest"
+        assert not release.is_set(), "the read waited for the hashes"
+    finally:
+        release.set()
+        await asyncio.gather(*serves)
+        await storage.close()

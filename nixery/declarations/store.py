@@ -52,6 +52,7 @@ class StatusReporter(Protocol):
 class _Table:
     by_reference: dict[tuple[str, str], Declaration] = field(default_factory=dict)
     losers: list[tuple[Declaration, Declaration]] = field(default_factory=list)  # (loser, winner)
+    tags: dict[str, list[str]] = field(default_factory=dict)  # by name, sorted
 
 
 def _build_table(declarations: Iterable[Declaration]) -> _Table:
@@ -63,6 +64,8 @@ def _build_table(declarations: Iterable[Declaration]) -> _Table:
             table.by_reference[reference] = declaration
         else:
             table.losers.append((declaration, winner))
+    for name, tag in sorted(table.by_reference):
+        table.tags.setdefault(name, []).append(tag)
     return table
 
 
@@ -219,6 +222,11 @@ class DeclarationStore:
         if reporter is not None and reporter.wants_build_result(declaration):
             self._follow_build(declaration, start=False)
         return declaration.request
+
+    async def tags(self, name: str) -> list[str]:
+        """The tags `name` is declared under, sorted; none when the name is not declared."""
+        await self.refresh_files()
+        return self._table.tags.get(name, [])
 
     # ---- changes ---------------------------------------------------
 

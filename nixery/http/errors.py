@@ -69,10 +69,15 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.StorageFull(f"{where} is full: {os.strerror(exc.errno)}", detail={"storage": where})
         case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
             return errors.NameUnknown("no such endpoint or repository")
-        case web.HTTPMethodNotAllowed():
-            return errors.Unsupported(f"method {exc.method} is not supported: this registry is pull-only")
+        case web.HTTPMethodNotAllowed():  # a page's (the registry API's are routes.unsupported)
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return errors.Unsupported(
+                f"method {exc.method} is not allowed here; this path answers {allowed}", headers={"Allow": allowed}
+            )
         case web.HTTPNotFound():
             return errors.NameUnknown("no such endpoint or repository")
+        case web.HTTPExpectationFailed():  # aiohttp's message quotes the header: never sent back
+            return errors.ExpectationFailed("the only expectation this registry meets is Expect: 100-continue")
         case web.HTTPRequestEntityTooLarge():
             return errors.RequestTooLarge("request body too large", detail={"reason": exc.text})
         case _:

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from nixery import metrics
 from nixery.builder import ImageBuilder
-from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, RequestInvalid, Unsupported
+from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, RequestInvalid, Unsupported
 from nixery.http import ranges
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
@@ -51,6 +51,10 @@ class ImageResolver(Protocol):
 
     async def resolve(self, name: str, tag: str) -> ImageRequest | None: ...
 
+    async def tags(self, name: str) -> list[str]:
+        """The tags `name` is declared under, sorted; none for a name read as packages."""
+        ...
+
 
 #: Optional: consulted before a name is read as a list of packages.
 RESOLVER = web.AppKey("resolver", ImageResolver)
@@ -67,12 +71,17 @@ class ManifestCache:
     and all are dropped when `nixery gc` has removed something (`clear`,
     wired in nixery.app). A count of the cached manifests naming each blob
     lets a missing blob that none names (any digest a client makes up) cost
-    nothing; one that some name costs a walk of the cache, once."""
+    nothing; one that some name costs a walk of the cache, once.
+
+    Blobs read and found to be no manifest (a layer or a config asked for as a
+    manifest) are remembered too, as their bytes never change: each such request
+    read up to 4 MiB from storage again (from the bucket, on S3 or GCS)."""
 
     def __init__(self, capacity: int = 4096):
         # (document, media type, hex digests of the blobs it names: interned, as most are shared)
         self._items: LRU[Digest, tuple[bytes, str, tuple[str, ...]]] = LRU(capacity)
         self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
+        self._not_manifests: LRU[Digest, bool] = LRU(capacity)
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
         item = self._items.get(digest)
@@ -86,16 +95,24 @@ class ManifestCache:
         for _, (_, _, dropped_names) in self._items.put(digest, (document, media_type, names)):
             self._release(dropped_names)
 
+    def is_not_manifest(self, digest: Digest) -> bool:
+        return self._not_manifests.get(digest) is not None
+
+    def note_not_manifest(self, digest: Digest) -> None:
+        self._not_manifests.put(digest, True)
+
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
         if blob.hex in self._named:
             for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
                 self._drop(digest)
         self._drop(blob)
+        self._not_manifests.pop(blob)
 
     def clear(self) -> None:
         self._items.clear()
         self._named.clear()
+        self._not_manifests.clear()
 
     def _drop(self, digest: Digest) -> None:
         item = self._items.pop(digest)
@@ -131,16 +148,22 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     cached = cache.get(digest)
     if cached is not None:
         return cached
+    if cache.is_not_manifest(digest):
+        raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     storage = request.app[STORAGE]
     size = await storage.stat_blob(digest)
-    if size is None or size > 4 << 20:  # manifests are small; larger blobs are layers
+    if size is None:
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
+    if size > 4 << 20:  # manifests are small; larger blobs are layers
+        cache.note_not_manifest(digest)
+        raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     try:
         document = await storage.read_blob(digest)
     except BlobNotFound:  # removed since the stat
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
     parsed = await asyncio.to_thread(parse_manifest, document)
     if parsed is None:
+        cache.note_not_manifest(digest)
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     media_type, blobs = parsed
     if check_blobs:
@@ -169,10 +192,12 @@ def check_image_name(request: web.Request) -> ImageRequest:
 
 
 def _refuse_percent_encoding(request: web.Request) -> None:
-    """Valid names never need percent-encoding, so an encoded character (such as an
-    encoded slash) in the path is refused outright."""
+    """Valid names, tags and digests never need percent-encoding, so an encoded character
+    (such as an encoded slash) in the path is refused outright."""
     if "%" in request.raw_path.split("?", 1)[0]:
-        raise NameInvalid("percent-encoded characters are not allowed in image names")
+        raise NameInvalid(
+            "percent-encoded characters are not allowed in registry paths (image names, tags and digests need none)"
+        )
 
 
 #: Per request: the images `requested_image` found, by (name, tag).
@@ -373,29 +398,42 @@ def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: Bin
     except (BlockingIOError, InterruptedError):
         return 0
 
-#: The tags a repository lists: every tag names an image that can be built; `latest` is the one always there.
+#: The tags every repository lists: every tag names an image that can be built; `latest` is the one
+#: always there (for a declared name too: `name:latest` reads the name as packages, unless declared).
+#: A declared image (RESOLVER) lists the tags it is declared under as well.
 _LISTED_TAGS = ("latest",)
 _PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 
 
 async def tags(request: web.Request) -> web.Response:
     """The listed tags, paged as distribution-spec says: only those after `last`, at most `n`
-    (`n=0`: none). The whole list fits in any page, so no `Link` to a next page is needed."""
+    (`n=0`: none), and a `Link` to the next page when some are left (not for `n=0`)."""
     check_image_name(request)
+    resolver = request.app.get(RESOLVER)
+    declared = await resolver.tags(request.match_info["name"]) if resolver is not None else []
     last, size = request.query.get("last"), request.query.get("n")
-    listed = [tag for tag in _LISTED_TAGS if last is None or tag > last]
+    listed = [tag for tag in sorted({*declared, *_LISTED_TAGS}) if last is None or tag > last]
+    headers = API_VERSION
     if size is not None:
         if not _PAGE_SIZE.fullmatch(size):
             raise RequestInvalid(
                 f"n must be a number of tags from 0 to 999999999, not {size[:20]!r}", detail={"n": size[:20]}
             )
-        listed = listed[: int(size)]
-    return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=API_VERSION)
+        listed, left = listed[: int(size)], listed[int(size) :]
+        if left and listed:
+            following = request.rel_url.with_query({"n": size, "last": listed[-1]})
+            headers = {**API_VERSION, "Link": f'<{following}>; rel="next"'}
+    return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=headers)
 
 
 async def unsupported(request: web.Request) -> web.Response:
+    """Anything else under /v2/: a GET or HEAD finds no such endpoint; any other method is push,
+    delete or unknown, which a pull-only registry does not do."""
+    if request.method in ("GET", "HEAD"):
+        raise NameUnknown("no such endpoint or repository")
     raise Unsupported(
-        f"{request.method} is not supported: this registry is pull-only (images are built from their names)"
+        f"{request.method} is not supported: this registry is pull-only (images are built from their names)",
+        headers={"Allow": "GET, HEAD"},  # RFC 9110: a 405 names the methods that are
     )
 
 
@@ -408,5 +446,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", f"/v2/{name}/blobs/{{digest}}", blob)
     app.router.add_get(f"/v2/{name}/tags/list", tags)
     app.router.add_route("HEAD", f"/v2/{name}/blobs/{{digest}}", blob)
-    for method in ("POST", "PUT", "PATCH", "DELETE"):
-        app.router.add_route(method, "/v2/{tail:.*}", unsupported)
+    # Named so that /metrics counts what it answers as `unmatched`, with unknown paths elsewhere.
+    app.router.add_route("*", "/v2/{tail:.*}", unsupported, name=metrics.UNMATCHED)

@@ -10,7 +10,9 @@ answers given before a request reaches the application.
   non-ASCII byte in the path, a malformed header) is answered with the
   registry's JSON error, 400 (kind REQUEST_INVALID), that says what kind of thing was
   wrong and quotes none of the input. (aiohttp's own answer is plain text
-  that echoes it, and it logs the input with a traceback.)
+  that echoes it, and it logs the input with a traceback.) So is an `Expect`
+  header other than `100-continue`, which aiohttp refuses before the
+  application's middlewares: 417 EXPECTATION_FAILED.
 * A connection must send each request's head (request line and headers)
   within NIXERY_HEADER_TIMEOUT seconds: from when it opens, and for a later
   request on a kept-alive connection, from that request's first byte (idle
@@ -52,6 +54,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors, metrics
+from nixery.http.errors import error_response, registry_error
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +223,7 @@ class _Server(web.Server):
             cast(RegistryConnection, protocol).head_received()  # the only connections `__call__` makes
             return request_factory(message, payload, protocol, writer, task)
 
-        super().__init__(handler, request_factory=new_request, **kwargs)
+        super().__init__(_http_errors_as_registry_errors(handler), request_factory=new_request, **kwargs)
         self._header_timeout = header_timeout
         self.in_flight = 0
         self.stopping = False
@@ -241,6 +244,22 @@ class _Server(web.Server):
 
     def __call__(self) -> RegistryConnection:
         return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+
+
+def _http_errors_as_registry_errors(handler: Any) -> Any:
+    """The application's handler, with the HTTP errors aiohttp raises before the middlewares
+    answered as the registry's JSON errors: its 417 to an `Expect` other than `100-continue`
+    was plain text that quoted the header."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return cast(web.StreamResponse, await handler(request))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(registry_error(exc))
+
+    return handle
 
 
 class RegistryConnection(RequestHandler):
@@ -338,7 +357,13 @@ class RegistryConnection(RequestHandler):
                 return "malformed request line"
             case http_exceptions.InvalidHeader():
                 return "malformed header field"
+            case http_exceptions.BadHttpMessage(message="Too many headers received"):  # both parsers' words
+                return f"too many header fields (at most {self.max_headers})"
             case http_exceptions.ContentLengthError() | http_exceptions.TransferEncodingError():
+                return "malformed body framing (Content-Length or Transfer-Encoding)"
+            case http_exceptions.BadHttpMessage(message=str(said)) if any(
+                word in said for word in ("Content-Length", "Transfer-Encoding", "chunk")
+            ):  # llhttp's words for the same (a bad or duplicate length, both headers, a bad chunk size)
                 return "malformed body framing (Content-Length or Transfer-Encoding)"
             case _:
                 return "malformed HTTP request"

@@ -194,3 +194,30 @@ def test_stalled_store_answers_503_quickly_then_serves_again(own_s3: S3Server, s
     status, headers, _ = registry.request(f"/v2/shell/hello/blobs/{layer}", accept=None)
     assert status == 307
     assert registry.manifest("shell/hello")[0] == manifest_digest
+
+
+async def test_a_blob_asked_for_as_a_manifest_is_read_from_the_store_once(
+    own_s3: S3Server, start_registry
+) -> None:
+    """A layer or a config asked for by digest as a manifest is 404 MANIFEST_UNKNOWN; each such
+    request downloaded the blob from the bucket again (up to 4 MiB for a 200-byte answer)."""
+    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
+    heads: list[bytes] = []
+    proxy.fail_request = lambda head: bool(heads.append(head))  # notes every request, fails none
+    await proxy.start()
+    registry: RegistryProcess | None = None
+    try:
+        registry = await asyncio.to_thread(start_registry, **s3_env(own_s3, proxy.url))
+        _, manifest = await asyncio.to_thread(registry.manifest, "shell/hello")
+        for blob in (manifest["config"]["digest"], manifest["layers"][0]["digest"]):
+            key = f"/blobs/sha256/{Digest.parse(blob).hex}".encode()
+            before = len(heads)
+            for _ in range(10):
+                status, _, body = await asyncio.to_thread(registry.request, f"/v2/shell/hello/manifests/{blob}")
+                assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN", body
+            reads = [head for head in heads[before:] if head.startswith(b"GET ") and key in head.split(b"\r\n")[0]]
+            assert len(reads) <= 1, f"{blob} was read from the store {len(reads)} times"
+    finally:
+        if registry is not None:
+            await asyncio.to_thread(registry.stop)
+        await proxy.stop()
