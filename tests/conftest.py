@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def shared_registry(tmp_path_factory: pytest.TempPathFactory, nix_calls: tuple[s
         log_path=base / "registry.log",
     )
     registry.start()
+    # Its warm-up starts a Nix evaluator in the background: tests that count Nix calls must not
+    # count that one, whichever test comes first.
+    deadline = time.monotonic() + 120
+    while not registry.log_events("nix.evaluator_ready"):
+        assert time.monotonic() < deadline, f"the registry's evaluator did not start: {registry.log()[-2000:]}"
+        time.sleep(0.05)
     yield registry
     registry.stop()
 
