@@ -95,6 +95,14 @@ class BlobUnknown(RegistryError):
     status = 404
 
 
+class BlobUploadUnknown(RegistryError):
+    """No such upload session (a pull-only registry has none)."""
+
+    code = "BLOB_UPLOAD_UNKNOWN"
+    kind = "BLOB_UPLOAD_UNKNOWN"
+    status = 404
+
+
 class Unsupported(RegistryError):
     """The operation is not supported."""
 

@@ -188,6 +188,7 @@ def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess
         ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN", "BLOB_UNKNOWN"),
         ("/v2/hello/blobs/md5:abc", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
         ("/v2/_catalog", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
+        ("/v2/hello/blobs/uploads/5c0a7e1b-4f9e-4a55", 404, "BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_UNKNOWN"),
         ("/v3/", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
     ],
 )

@@ -22,7 +22,15 @@ from aiohttp.abc import AbstractStreamWriter
 
 from nixery import metrics
 from nixery.builder import ImageBuilder
-from nixery.errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, RequestInvalid, Unsupported
+from nixery.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RequestInvalid,
+    Unsupported,
+)
 from nixery.http import ranges
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
@@ -426,10 +434,15 @@ async def tags(request: web.Request) -> web.Response:
     return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=headers)
 
 
+_UPLOAD_STATUS = re.compile(r"^/v2/.+/blobs/uploads/")
+
+
 async def unsupported(request: web.Request) -> web.Response:
     """Anything else under /v2/: a GET or HEAD finds no such endpoint; any other method is push,
     delete or unknown, which a pull-only registry does not do."""
     if request.method in ("GET", "HEAD"):
+        if _UPLOAD_STATUS.match(request.path):  # what a client asks to resume an upload (OCI spec)
+            raise BlobUploadUnknown("no such upload: this registry is pull-only (images are built from their names)")
         raise NameUnknown("no such endpoint or repository")
     raise Unsupported(
         f"{request.method} is not supported: this registry is pull-only (images are built from their names)",
