@@ -48,9 +48,19 @@ class ClientError(Exception):
 
 
 def _registry_url(value: str | None) -> str:
-    url = (value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
+    given = value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY
+    url = given.rstrip("/")
     if "://" not in url:
         url = "http://" + url
+    try:
+        parsed = urlsplit(url)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
+        usable = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:
+        usable = False
+    if not usable:
+        source = "--registry" if value else "NIXERY_REGISTRY"
+        raise ClientError(f"{source}={given!r} is not a registry URL like http://127.0.0.1:8080")
     return url
 
 
@@ -200,6 +210,12 @@ def build_main(argv: list[str]) -> int:
     err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
     try:
+        if not args.local:
+            _registry_url(args.registry)  # a URL that cannot be one is a usage error, before anything starts
+    except ClientError as exc:
+        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
+        return 2
+    try:
         return asyncio.run(_build(args, console, interactive))
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
@@ -348,7 +364,11 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--sbom", action="store_true", help="print the image's SBOM (SPDX 2.3 JSON) instead")
     args = parser.parse_args(argv)
     console = Console(highlight=False)
-    registry = _registry_url(args.registry)
+    try:
+        registry = _registry_url(args.registry)
+    except ClientError as exc:
+        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
     name, tag = _split(args.image, None)
 
     async def fetch() -> dict[str, Any] | None:

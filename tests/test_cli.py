@@ -299,3 +299,14 @@ def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path
     assert finished.returncode == 0 and "blobs" in finished.stdout, finished
     checked = nixery("check", env=env)
     assert checked.returncode == 0 and "and 1 images: ok" in checked.stdout, checked
+
+
+def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:
+    """`--registry http://[::1` (or ftp://..., or a bad NIXERY_REGISTRY) ended in aiohttp's traceback."""
+    for command, env in ((["build", "shell", "--registry", "http://[::1"], {}),
+                         (["inspect", "shell", "--registry", "ftp://registry"], {}),
+                         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://registry:port"})):
+        result = nixery(*command, env=env, timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr.endswith("is not a registry URL like http://127.0.0.1:8080\n"), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
