@@ -300,6 +300,7 @@ async def _build_locally(
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
     from nixery.registry.names import check_tag, parse_image_name
+    from nixery.storage import StorageError
 
     try:
         settings = config.load()
@@ -309,8 +310,15 @@ async def _build_locally(
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc
     logs.configure("warning", settings.log_format)
-    storage = open_storage(settings)
-    builder = open_builder(settings, storage)
+    try:  # settings only opening the storage checks, a storage it cannot use: one line, as the registry says it
+        storage = open_storage(settings)
+    except (config.ConfigError, StorageError) as exc:
+        raise ClientError(str(exc)) from exc
+    try:
+        builder = open_builder(settings, storage)
+    except config.ConfigError as exc:
+        await storage.close()
+        raise ClientError(str(exc)) from exc
     try:
         build = await builder.start(request, tag)
         final: dict[str, Any] = {}

@@ -310,3 +310,15 @@ def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr.endswith("is not a registry URL like http://127.0.0.1:8080\n"), result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_build_locally_on_storage_it_cannot_use_says_why_in_one_line(tmp_path: Path) -> None:
+    """`nixery build --local` with STORAGE_PATH on a file, or a bucket without credentials, ended
+    in a traceback: now the registry's one line, and the status of a failed build."""
+    (tmp_path / "a-file").write_text("")
+    for env, says in (({"STORAGE_PATH": str(tmp_path / "a-file")}, f"cannot use STORAGE_PATH='{tmp_path / 'a-file'}'"),
+                      ({"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images",
+                        "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "GCS")):
+        result = nixery("build", "--plain", "--local", "shell", env={"NIXERY_BUNDLED_SET": "busybox", **env})
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
