@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nixery.progress import FINAL
-from nixery.terminal import BarProgress, PlainProgress, size
+from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
@@ -206,7 +206,7 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 
 def build_main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
-    console = Console(highlight=False)
+    console = OutputConsole(highlight=False)
     err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
     try:
@@ -371,7 +371,7 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
     parser.add_argument("--sbom", action="store_true", help="print the image's SBOM (SPDX 2.3 JSON) instead")
     args = parser.parse_args(argv)
-    console = Console(highlight=False)
+    console = OutputConsole(highlight=False)
     try:
         registry = _registry_url(args.registry)
     except ClientError as exc:

@@ -322,3 +322,16 @@ def test_build_locally_on_storage_it_cannot_use_says_why_in_one_line(tmp_path: P
         result = nixery("build", "--plain", "--local", "shell", env={"NIXERY_BUNDLED_SET": "busybox", **env})
         assert (result.returncode, result.stdout) == (1, ""), result
         assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+
+
+def test_inspect_into_a_pipe_that_closes_ends_as_build_does(registry: RegistryProcess) -> None:
+    """`nixery inspect ... | head -n 1` ended with status 1 (rich's own exit), as if it had failed:
+    now with the status of a program that SIGPIPE ended, as `nixery build` and other tools do."""
+    registry.manifest("shell/cowsay")
+    result = subprocess.run(
+        ["bash", "-c", f'"$0" -m nixery inspect --registry {registry.url} shell/cowsay | head -n 1; '
+                       'echo "status ${PIPESTATUS[0]}" >&2', sys.executable],
+        capture_output=True, text=True, timeout=300, cwd=REPOSITORY,
+    )
+    assert result.stdout == "Image    shell/cowsay:latest\n", result.stdout
+    assert result.stderr == "status 141\n", result.stderr

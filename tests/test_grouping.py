@@ -637,6 +637,11 @@ def test_plan_command_refuses_a_gzip_bomb_without_unpacking_it(tmp_path, capsys)
     code = plan_main(["--graph", str(tmp_path / "graph.json.gz"), "--images", str(tmp_path / "images.json")])
     assert (code, capsys.readouterr().err) == (
         2, f"nixery layers plan: {tmp_path / 'graph.json.gz'}: more than {MAX_INPUT_BYTES >> 20} MiB uncompressed\n")
+    # Inputs may still come through pipes (`--graph <(zcat graph.json.gz)`), which cannot seek.
+    os.mkfifo(tmp_path / "piped.json.gz")
+    writer = subprocess.Popen(["sh", "-c", f"printf '{{}}' | gzip > {tmp_path / 'piped.json.gz'}"])
+    assert plan_main(["--graph", str(tmp_path / "piped.json.gz"), "--images", str(tmp_path / "images.json")]) == 0
+    assert writer.wait(timeout=60) == 0
 
 
 def test_plan_command_help_describes_its_inputs_with_examples_that_work(tmp_path, capsys):

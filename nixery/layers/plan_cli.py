@@ -39,8 +39,7 @@ def read_json(path: Path) -> Any:
     """A JSON document from a plain or gzip-compressed file."""
     try:
         with path.open("rb") as file:
-            compressed = file.read(2) == b"\x1f\x8b"
-            file.seek(0)
+            compressed = file.peek(2)[:2] == b"\x1f\x8b"  # peeked, not read: a pipe cannot seek back
             opened = gzip.GzipFile(fileobj=file) if compressed else file
             raw = opened.read(MAX_INPUT_BYTES + 1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
