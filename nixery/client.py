@@ -364,6 +364,9 @@ async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict
 
 
 def inspect_main(argv: list[str]) -> int:
+    from nixery.errors import RegistryError
+    from nixery.registry.names import check_tag, parse_image_name
+
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
@@ -378,6 +381,12 @@ def inspect_main(argv: list[str]) -> int:
         Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     name, tag = _split(args.image, None)
+    try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
+        parse_image_name(name)
+        check_tag(tag)
+    except RegistryError as exc:
+        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
 
     async def fetch() -> dict[str, Any] | None:
         async with _session() as session:

@@ -335,3 +335,13 @@ def test_inspect_into_a_pipe_that_closes_ends_as_build_does(registry: RegistryPr
     )
     assert result.stdout == "Image    shell/cowsay:latest\n", result.stdout
     assert result.stderr == "status 141\n", result.stderr
+
+
+def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
+    """`nixery inspect 'shell curl'` was told "percent-encoded characters are not allowed" (the
+    space it sent, encoded): now what `nixery build` says, before asking any registry."""
+    for image, says in (("shell curl", "nixery: invalid package name 'shell curl': use letters"),
+                        ("shell:bad tag", "nixery: invalid tag 'bad tag'")):
+        result = nixery("inspect", image, "--registry", "http://127.0.0.1:9", timeout=60)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr
