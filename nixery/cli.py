@@ -214,9 +214,6 @@ async def _maintained_storage(command: str, settings: Settings) -> Storage | Non
     return storage
 
 
-#: Exit status of `check` and `gc` when the storage cannot be reached or used (after one line saying why).
-STORAGE_UNUSABLE = 3
-
 #: Exit status of a command stopped by Ctrl-C (SIGINT), as shells report it.
 INTERRUPTED = 128 + signal.SIGINT
 
@@ -231,12 +228,12 @@ def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Repo
 
     try:
         report: _Report | None = asyncio.run(run())
-    except ConfigError as exc:
+    except ConfigError as exc:  # as `nixery serve` says them, with its status
         print(f"nixery: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return STARTUP_FAILED
     except StorageError as exc:
-        print(f"nixery {command}: storage: {exc}", file=sys.stderr)
-        return STORAGE_UNUSABLE
+        print(f"nixery: storage: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
     except KeyboardInterrupt:
         print(f"nixery {command}: interrupted{' (run it again to finish)' if command == 'gc' else ''}",
               file=sys.stderr)
@@ -429,8 +426,8 @@ def _command(argv: list[str]) -> int:
         description="Verify the storage a registry serves from: every blob's bytes against its digest "
         "(on S3 and GCS, sizes only), and that every image record's blobs are there. Prints each problem; "
         "exits 0 when there is none, 1 when there are problems or the storage holds nothing (not there, "
-        "or empty: is STORAGE_PATH the one `nixery serve` uses?), 2 for a configuration error, 3 when the "
-        "storage cannot be reached or used, 130 when interrupted. Safe while registries serve.",
+        "or empty: is STORAGE_PATH the one `nixery serve` uses?), 2 for a configuration error or a storage "
+        "it cannot reach or use, 130 when interrupted. Safe while registries serve.",
     )
     gc = _documented(
         commands, "gc", help="remove images not used recently and the blobs only they used",
@@ -439,7 +436,7 @@ def _command(argv: list[str]) -> int:
         "image uses. Safe while registries serve from the same storage, and to stop (Ctrl-C: exit status "
         "130) at any point: nothing a remaining image needs is removed, and the next run finishes the work. "
         "Exits 1 when the storage holds nothing (not there, or empty: is STORAGE_PATH the one `nixery serve` "
-        "uses?), 2 for a configuration error, 3 when the storage cannot be reached or used.",
+        "uses?), 2 for a configuration error or a storage it cannot reach or use.",
     )
     gc.add_argument("--older-than", type=_gc_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")

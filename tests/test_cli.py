@@ -248,12 +248,12 @@ def test_build_into_a_pipe_that_closes_ends_quietly(start_registry, tmp_path: Pa
 @pytest.mark.parametrize("command", [["check"], ["gc", "--older-than", "3h"]])
 def test_maintenance_on_storage_it_cannot_use_says_why_in_one_line(command) -> None:
     """`check` and `gc` on a bucket nothing answers at, or without the credentials it needs, ended
-    in a traceback (status 1): now one line and a status of their own (docs/usage.md)."""
+    in a traceback (status 1): now one line, and status 2, as `nixery serve` (docs/usage.md)."""
     unreachable = {"NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "images", "S3_ENDPOINT": "http://127.0.0.1:9",
                    "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
     no_credentials = {"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images",
                       "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}
-    for env, status, says in ((unreachable, 3, f"nixery {command[0]}: storage: "),
+    for env, status, says in ((unreachable, 2, "nixery: storage: "),
                               (no_credentials, 2, "nixery: configuration error: ")):
         result = nixery(*command, env=env, timeout=60)
         assert "Traceback" not in result.stderr, result.stderr
