@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -13,16 +14,19 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from nixery import __version__
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Iterator
+    from collections.abc import Callable, Coroutine, Iterator
 
     from nixery.config import Settings
     from nixery.storage import Storage
+
+
+_Report = TypeVar("_Report")
 
 
 def _settings() -> Settings:
@@ -179,9 +183,12 @@ def _finish(status: int) -> NoReturn:
 def _parse_age(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+        age = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}") from None
+        age = math.nan
+    if not math.isfinite(age):  # nan would keep every image, as if no age were ever reached
+        raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}")
+    return age
 
 
 #: Exit status of `check` and `gc` on a storage that holds nothing (also `check`'s status for problems).
@@ -205,6 +212,33 @@ async def _maintained_storage(command: str, settings: Settings) -> Storage | Non
         print(f"nixery {command}: {place} holds no images and no blobs: nothing to {command}", file=sys.stderr)
         return None
     return storage
+
+
+#: Exit status of a command stopped by Ctrl-C (SIGINT), as shells report it.
+INTERRUPTED = 128 + signal.SIGINT
+
+
+def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Report | None]]) -> _Report | int:
+    """The report of a maintenance command; or, after one line saying why, its exit status:
+    nothing stored, a storage setting only opening the storage checks, a storage that cannot be
+    reached, or Ctrl-C (gc removes records before the blobs they name, so stopping it anywhere
+    loses nothing a remaining image needs: the next run finishes the work)."""
+    from nixery.config import ConfigError
+    from nixery.storage import StorageError
+
+    try:
+        report: _Report | None = asyncio.run(run())
+    except ConfigError as exc:  # as `nixery serve` says them, with its status
+        print(f"nixery: configuration error: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    except StorageError as exc:
+        print(f"nixery: storage: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    except KeyboardInterrupt:
+        print(f"nixery {command}: interrupted{' (run it again to finish)' if command == 'gc' else ''}",
+              file=sys.stderr)
+        return INTERRUPTED
+    return NOTHING_STORED if report is None else report
 
 
 def _storage_place(settings: Settings) -> str:
@@ -233,9 +267,9 @@ def _check(args: argparse.Namespace) -> int:
         finally:
             await storage.close()
 
-    report = asyncio.run(run())
-    if report is None:
-        return NOTHING_STORED
+    report = _run_maintenance("check", run)
+    if isinstance(report, int):
+        return report
     for problem in report.problems:
         print(f"problem: {problem}")
     print(f"checked {report.blobs} blobs ({report.bytes / 1e6:.1f} MB) and {report.images} images: "
@@ -257,9 +291,9 @@ def _gc(args: argparse.Namespace) -> int:
         finally:
             await storage.close()
 
-    report = asyncio.run(run())
-    if report is None:
-        return NOTHING_STORED
+    report = _run_maintenance("gc", run)
+    if isinstance(report, int):
+        return report
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
           f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images; "
@@ -347,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         status = _command(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is one more broken pipe
         return status
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: one line, no traceback
+        print("nixery: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:
         # The reader of the output went away (`nixery build ... | head`): end quietly, with the
         # status of a program that SIGPIPE ended, as other tools in a pipeline do.
@@ -389,14 +426,17 @@ def _command(argv: list[str]) -> int:
         description="Verify the storage a registry serves from: every blob's bytes against its digest "
         "(on S3 and GCS, sizes only), and that every image record's blobs are there. Prints each problem; "
         "exits 0 when there is none, 1 when there are problems or the storage holds nothing (not there, "
-        "or empty: is STORAGE_PATH the one `nixery serve` uses?). Safe while registries serve.",
+        "or empty: is STORAGE_PATH the one `nixery serve` uses?), 2 for a configuration error or a storage "
+        "it cannot reach or use, 130 when interrupted. Safe while registries serve.",
     )
     gc = _documented(
         commands, "gc", help="remove images not used recently and the blobs only they used",
         variables=STORAGE_VARIABLES,
         description="Remove the images no registry served within --older-than, then the blobs no remaining "
-        "image uses. Safe while registries serve from the same storage. Exits 1 when the storage holds "
-        "nothing (not there, or empty: is STORAGE_PATH the one `nixery serve` uses?).",
+        "image uses. Safe while registries serve from the same storage, and to stop (Ctrl-C: exit status "
+        "130) at any point: nothing a remaining image needs is removed, and the next run finishes the work. "
+        "Exits 1 when the storage holds nothing (not there, or empty: is STORAGE_PATH the one `nixery serve` "
+        "uses?), 2 for a configuration error or a storage it cannot reach or use.",
     )
     gc.add_argument("--older-than", type=_gc_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")

@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nixery.progress import FINAL
-from nixery.terminal import BarProgress, PlainProgress, size
+from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
@@ -48,9 +48,19 @@ class ClientError(Exception):
 
 
 def _registry_url(value: str | None) -> str:
-    url = (value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
+    given = value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY
+    url = given.rstrip("/")
     if "://" not in url:
         url = "http://" + url
+    try:
+        parsed = urlsplit(url)
+        parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
+        usable = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:
+        usable = False
+    if not usable:
+        source = "--registry" if value else "NIXERY_REGISTRY"
+        raise ClientError(f"{source}={given!r} is not a registry URL like http://127.0.0.1:8080")
     return url
 
 
@@ -196,9 +206,15 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 
 def build_main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
-    console = Console(highlight=False)
+    console = OutputConsole(highlight=False)
     err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
+    try:
+        if not args.local:
+            _registry_url(args.registry)  # a URL that cannot be one is a usage error, before anything starts
+    except ClientError as exc:
+        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
+        return 2
     try:
         return asyncio.run(_build(args, console, interactive))
     except ClientError as exc:
@@ -284,6 +300,7 @@ async def _build_locally(
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
     from nixery.registry.names import check_tag, parse_image_name
+    from nixery.storage import StorageError
 
     try:
         settings = config.load()
@@ -293,8 +310,15 @@ async def _build_locally(
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc
     logs.configure("warning", settings.log_format)
-    storage = open_storage(settings)
-    builder = open_builder(settings, storage)
+    try:  # settings only opening the storage checks, a storage it cannot use: one line, as the registry says it
+        storage = open_storage(settings)
+    except (config.ConfigError, StorageError) as exc:
+        raise ClientError(str(exc)) from exc
+    try:
+        builder = open_builder(settings, storage)
+    except config.ConfigError as exc:
+        await storage.close()
+        raise ClientError(str(exc)) from exc
     try:
         build = await builder.start(request, tag)
         final: dict[str, Any] = {}
@@ -340,6 +364,9 @@ async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict
 
 
 def inspect_main(argv: list[str]) -> int:
+    from nixery.errors import RegistryError
+    from nixery.registry.names import check_tag, parse_image_name
+
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
@@ -347,9 +374,19 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
     parser.add_argument("--sbom", action="store_true", help="print the image's SBOM (SPDX 2.3 JSON) instead")
     args = parser.parse_args(argv)
-    console = Console(highlight=False)
-    registry = _registry_url(args.registry)
+    console = OutputConsole(highlight=False)
+    try:
+        registry = _registry_url(args.registry)
+    except ClientError as exc:
+        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
     name, tag = _split(args.image, None)
+    try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
+        parse_image_name(name)
+        check_tag(tag)
+    except RegistryError as exc:
+        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
 
     async def fetch() -> dict[str, Any] | None:
         async with _session() as session:

@@ -57,11 +57,43 @@ class ClosureGraph:
 
     @classmethod
     def from_mapping(cls, nodes: Mapping[str, Mapping[str, Any]]) -> ClosureGraph:
-        """From `{name: {"size": int, "refs": [names]}}` (the benchmark's format)."""
-        return cls(
+        """From `{name: {"size": int, "refs": [names]}}` (the benchmark's format); raises
+        GraphError for a negative size or a cycle (Nix's graphs have none: a self-reference aside)."""
+        graph = cls(
             Node(name, int(data["size"]), _without(name, data.get("refs", ())))
             for name, data in nodes.items()
         )
+        negative = sorted(node.name for node in graph.nodes.values() if node.size < 0)
+        if negative:
+            raise GraphError(f"negative sizes: {negative[:5]}")
+        cycle = graph._a_cycle()
+        if cycle:
+            raise GraphError(f"a cycle: {' -> '.join(cycle[:10])}{' -> ...' if len(cycle) > 10 else ''}")
+        return graph
+
+    def _a_cycle(self) -> list[str]:
+        """The names along one cycle of references, its first name repeated at its end; [] if none."""
+        done: set[str] = set()
+        for start in self.nodes:
+            if start in done:
+                continue
+            path, on_path = [start], {start}
+            pending = [iter(self.nodes[start].references)]
+            while pending:
+                ref = next(pending[-1], None)
+                if ref is None:
+                    finished = path.pop()
+                    done.add(finished)
+                    on_path.discard(finished)
+                    pending.pop()
+                    continue
+                if ref in on_path:
+                    return [*path[path.index(ref):], ref]
+                if ref not in done:
+                    path.append(ref)
+                    on_path.add(ref)
+                    pending.append(iter(self.nodes[ref].references))
+        return []
 
     @classmethod
     def from_path_info(cls, text: str | bytes) -> ClosureGraph:

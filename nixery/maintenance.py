@@ -168,14 +168,18 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             live |= record.blobs()
             live_revisions.add(record.revision)
     live |= await signatures.kept_by_live(storage, live)  # signatures go with their manifests
-    if report.images_removed and not dry_run:
-        await collected.announce(storage, "images")
-        await asyncio.sleep(collected.SETTLE)  # every registry drops the records it holds
     listed: set[Digest] = set()
+    unused_blobs = []
     async for blob in storage.list_blobs():
         listed.add(blob.digest)
-        if blob.digest in live or now - blob.modified < BLOB_GRACE:
-            continue
+        if blob.digest not in live and now - blob.modified >= BLOB_GRACE:
+            unused_blobs.append(blob)
+    if (report.images_removed or unused_blobs) and not dry_run:
+        # Every registry drops the records it holds before a blob goes: also the records an
+        # earlier gc removed when it was stopped (Ctrl-C, killed) before it could say so.
+        await collected.announce(storage, "images")
+        await asyncio.sleep(collected.SETTLE)
+    for blob in unused_blobs:
         # The listing's dates may be minutes old: the blob goes only if it is still unused now.
         if dry_run or await storage.delete_unused_blob(blob.digest, now - BLOB_GRACE):
             report.blobs_removed += 1

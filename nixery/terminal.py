@@ -15,6 +15,16 @@ from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
 
 
+class OutputConsole(Console):
+    """The console a command prints its results on. When its reader goes away (`| head`), the
+    command ends as one ended by SIGPIPE (nixery.cli.main), as other tools in a pipeline do:
+    rich's own default ends it with status 1, as if it had failed."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def size(n: float | None) -> str:
     return size_text(n, unknown="-")
 

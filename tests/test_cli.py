@@ -5,10 +5,12 @@ pseudo-terminal (a progress bar) and without one (plain lines), and into a pipe 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -241,3 +243,105 @@ def test_build_into_a_pipe_that_closes_ends_quietly(start_registry, tmp_path: Pa
     assert result.stderr.splitlines()[-1] == "status 141", result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert "Exception ignored" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["gc", "--older-than", "3h"]])
+def test_maintenance_on_storage_it_cannot_use_says_why_in_one_line(command) -> None:
+    """`check` and `gc` on a bucket nothing answers at, or without the credentials it needs, ended
+    in a traceback (status 1): now one line, and status 2, as `nixery serve` (docs/usage.md)."""
+    unreachable = {"NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "images", "S3_ENDPOINT": "http://127.0.0.1:9",
+                   "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    no_credentials = {"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images",
+                      "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}
+    for env, status, says in ((unreachable, 2, "nixery: storage: "),
+                              (no_credentials, 2, "nixery: configuration error: ")):
+        result = nixery(*command, env=env, timeout=60)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert (result.returncode, result.stdout) == (status, ""), result
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(says), result.stderr
+
+
+def test_gc_refuses_an_age_that_is_no_number() -> None:
+    """`--older-than nan` was taken, and then no image was ever old enough: gc kept everything."""
+    for age in ("nan", "inf"):
+        result = nixery("gc", "--older-than", age, "--dry-run")
+        assert result.returncode == 2 and f"not an age like 30d, 12h or 3600: '{age}'" in result.stderr, result
+
+
+def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path) -> None:
+    """Ctrl-C while gc waited for registries to drop what it removed printed three chained
+    tracebacks; now one line, status 130, and a second run finishes: the kept image is whole."""
+    from tests.test_gc_live import age_everything
+
+    storage = tmp_path / "storage"
+    env = {"STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "busybox"}
+    for image in ("shell/figlet", "shell/cowsay"):
+        assert nixery("build", "--plain", "--local", image, env=env).returncode == 0
+    age_everything(storage)
+    (storage / "meta" / "usage").mkdir(parents=True, exist_ok=True)
+    kept = next(path for path in (storage / "meta" / "images").iterdir() if b"shell/cowsay" in path.read_bytes())
+    (storage / "meta" / "usage" / kept.name).write_text(json.dumps({"last_used": time.time()}))
+    marker = storage / "meta" / "gc" / "last"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "gc", "--older-than", "3h"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=REPOSITORY, env={**os.environ, **env},
+    )
+    # gc has removed the unused image's record and says so to registries: it is waiting for them.
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", "nixery gc: interrupted (run it again to finish)\n")
+    assert len(list((storage / "meta" / "images").iterdir())) == 1
+    finished = nixery("gc", "--older-than", "3h", env=env)
+    assert finished.returncode == 0 and "blobs" in finished.stdout, finished
+    checked = nixery("check", env=env)
+    assert checked.returncode == 0 and "and 1 images: ok" in checked.stdout, checked
+
+
+def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:
+    """`--registry http://[::1` (or ftp://..., or a bad NIXERY_REGISTRY) ended in aiohttp's traceback."""
+    for command, env in ((["build", "shell", "--registry", "http://[::1"], {}),
+                         (["inspect", "shell", "--registry", "ftp://registry"], {}),
+                         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://registry:port"})):
+        result = nixery(*command, env=env, timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr.endswith("is not a registry URL like http://127.0.0.1:8080\n"), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_build_locally_on_storage_it_cannot_use_says_why_in_one_line(tmp_path: Path) -> None:
+    """`nixery build --local` with STORAGE_PATH on a file, or a bucket without credentials, ended
+    in a traceback: now the registry's one line, and the status of a failed build."""
+    (tmp_path / "a-file").write_text("")
+    for env, says in (({"STORAGE_PATH": str(tmp_path / "a-file")}, f"cannot use STORAGE_PATH='{tmp_path / 'a-file'}'"),
+                      ({"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images",
+                        "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "GCS")):
+        result = nixery("build", "--plain", "--local", "shell", env={"NIXERY_BUNDLED_SET": "busybox", **env})
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+
+
+def test_inspect_into_a_pipe_that_closes_ends_as_build_does(registry: RegistryProcess) -> None:
+    """`nixery inspect ... | head -n 1` ended with status 1 (rich's own exit), as if it had failed:
+    now with the status of a program that SIGPIPE ended, as `nixery build` and other tools do."""
+    registry.manifest("shell/cowsay")
+    result = subprocess.run(
+        ["bash", "-c", f'"$0" -m nixery inspect --registry {registry.url} shell/cowsay | head -n 1; '
+                       'echo "status ${PIPESTATUS[0]}" >&2', sys.executable],
+        capture_output=True, text=True, timeout=300, cwd=REPOSITORY,
+    )
+    assert result.stdout == "Image    shell/cowsay:latest\n", result.stdout
+    assert result.stderr == "status 141\n", result.stderr
+
+
+def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
+    """`nixery inspect 'shell curl'` was told "percent-encoded characters are not allowed" (the
+    space it sent, encoded): now what `nixery build` says, before asking any registry."""
+    for image, says in (("shell curl", "nixery: invalid package name 'shell curl': use letters"),
+                        ("shell:bad tag", "nixery: invalid tag 'bad tag'")):
+        result = nixery("inspect", image, "--registry", "http://127.0.0.1:9", timeout=60)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr

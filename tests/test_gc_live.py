@@ -152,6 +152,23 @@ def test_the_records_of_collected_layers_go_with_their_blobs(start_registry, tmp
     assert all(blob_file(storage, digest).exists() for digest in records)
 
 
+def test_a_gc_that_finishes_what_a_stopped_one_began_lets_registries_rebuild(start_registry, tmp_path: Path) -> None:
+    """A gc stopped (Ctrl-C, killed) after removing an image's record, before telling registries,
+    left the blobs to the next run, which removed them without a word first: a registry still
+    holding the image answered its manifest by tag, and the pull failed on a missing blob."""
+    storage = tmp_path / "shared-storage"
+    serving = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    name = "figlet/fortune"
+    digest, _ = pull(serving, name)  # the registry now holds the image in memory
+    key = record_key(storage, digest)
+    age_everything(storage)
+    (storage / "meta" / "images" / key).unlink()  # what the stopped gc had done, and nothing else
+
+    assert "removed 0 images" in collect(storage)
+    assert pull(serving, name)[0] == digest  # rebuilt, every blob there
+    assert "ok" in check_storage(storage)
+
+
 def test_a_blob_found_missing_gets_its_image_rebuilt(start_registry, tmp_path: Path) -> None:
     """A blob gone without a word from gc (deleted by hand, or before a registry heard of it)."""
     storage = tmp_path / "shared-storage"

@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from contextlib import redirect_stdout
 from functools import partial
 from pathlib import Path
@@ -604,6 +605,43 @@ def test_plan_command_rejects_unknown_roots(tmp_path, capsys):
     code = plan_main(["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")])
     assert code == 2
     assert "b" in capsys.readouterr().err
+
+
+def test_plan_command_rejects_a_cyclic_graph_and_negative_sizes_in_one_line(tmp_path, capsys):
+    """A graph with a cycle (Nix's have none) ended in a ValueError traceback, status 1."""
+    graphs = {
+        "a cycle: b -> c -> b": {"a": {"size": 1, "refs": ["b"]}, "b": {"size": 1, "refs": ["c"]},
+                                  "c": {"size": 1, "refs": ["b"]}},
+        "negative sizes: ['a']": {"a": {"size": -5, "refs": []}},
+    }
+    (tmp_path / "images.json").write_text(json.dumps([["a"]]))
+    for says, nodes in graphs.items():
+        (tmp_path / "graph.json").write_text(json.dumps({"nodes": nodes}))
+        code = plan_main(["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")])
+        said = capsys.readouterr().err
+        assert (code, said) == (2, f"nixery layers plan: {tmp_path / 'graph.json'}: bad graph: {says}\n")
+    (tmp_path / "graph.json").write_text(json.dumps({"a": {"size": 1, "refs": ["a"]}}))  # a self-reference is fine
+    assert plan_main(["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")]) == 0
+
+
+def test_plan_command_refuses_a_gzip_bomb_without_unpacking_it(tmp_path, capsys):
+    """A small .json.gz that unpacks to gigabytes was unpacked into memory whole."""
+    from nixery.layers.plan_cli import MAX_INPUT_BYTES
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    with (tmp_path / "graph.json.gz").open("wb") as file:
+        for _ in range(MAX_INPUT_BYTES // (1 << 20) + 1):
+            file.write(packer.compress(b" " * (1 << 20)))
+        file.write(packer.flush())
+    (tmp_path / "images.json").write_text("[]")
+    code = plan_main(["--graph", str(tmp_path / "graph.json.gz"), "--images", str(tmp_path / "images.json")])
+    assert (code, capsys.readouterr().err) == (
+        2, f"nixery layers plan: {tmp_path / 'graph.json.gz'}: more than {MAX_INPUT_BYTES >> 20} MiB uncompressed\n")
+    # Inputs may still come through pipes (`--graph <(zcat graph.json.gz)`), which cannot seek.
+    os.mkfifo(tmp_path / "piped.json.gz")
+    writer = subprocess.Popen(["sh", "-c", f"printf '{{}}' | gzip > {tmp_path / 'piped.json.gz'}"])
+    assert plan_main(["--graph", str(tmp_path / "piped.json.gz"), "--images", str(tmp_path / "images.json")]) == 0
+    assert writer.wait(timeout=60) == 0
 
 
 def test_plan_command_help_describes_its_inputs_with_examples_that_work(tmp_path, capsys):

@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,24 @@ class InputError(ValueError):
     """An input file is missing or does not have the expected shape."""
 
 
+#: The most a JSON input may hold, uncompressed: a whole package set's graph is tens of MB;
+#: a small gzip file that unpacks to gigabytes (a "gzip bomb") is refused, not unpacked into memory.
+MAX_INPUT_BYTES = 256 << 20
+
+
 def read_json(path: Path) -> Any:
     """A JSON document from a plain or gzip-compressed file."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            compressed = file.peek(2)[:2] == b"\x1f\x8b"  # peeked, not read: a pipe cannot seek back
+            opened = gzip.GzipFile(fileobj=file) if compressed else file
+            raw = opened.read(MAX_INPUT_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: broken gzip data: {exc}") from exc
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise InputError(f"{path}: broken gzip data: {exc}") from exc
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(f"{path}: more than {MAX_INPUT_BYTES >> 20} MiB{' uncompressed' if compressed else ''}")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
