@@ -17,6 +17,7 @@ workers already started, and the parent's directories go with it.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -122,6 +123,10 @@ class _Supervisor:
         except BaseException:
             traceback.print_exc()
         finally:
+            # os._exit runs no exit handlers: multiprocessing's removes its temporary directory
+            # (pymp-*, the layer writers' socket), which TMPDIR kept, one per worker per stop.
+            with contextlib.suppress(Exception):
+                multiprocessing.util._run_finalizers()  # type: ignore[attr-defined]  # as its atexit handler does
             os._exit(status)
 
     def stop(self, signum: signal.Signals) -> None:

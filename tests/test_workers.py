@@ -92,6 +92,20 @@ def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path) -> None:
     assert not list(temporary.glob("nixery-builds-*")) and not list(temporary.glob("nixery-metrics-*"))
 
 
+def test_a_stop_leaves_no_temporary_directory_of_the_workers(start_registry, tmp_path: Path) -> None:
+    """Each stop of a registry with several workers left one `pymp-*` directory per worker in
+    TMPDIR (multiprocessing's, for the layer writers: the workers end by os._exit, which runs no
+    exit handler); a registry restarted daily filled /tmp. Now a stop leaves TMPDIR as it was."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    eventually(lambda: len(registry.log_events("layers.writers_ready")) == 2, "both workers have layer writers")
+    assert len(list(temporary.glob("pymp-*"))) == 2
+    registry.process.send_signal(signal.SIGTERM)
+    assert registry.process.wait(30) == 0
+    assert list(temporary.iterdir()) == []
+
+
 def test_a_registry_whose_workers_all_died_serves_again(start_registry) -> None:
     """Every worker killed at once (the OOM killer on a busy machine): the registry used to end,
     status 0 as if stopped. Now each is replaced and the registry answers again."""
