@@ -12,7 +12,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -46,7 +45,11 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers == 1:
         return _serve_bound(settings)
-    with _shared_directories(settings) as shared:
+    from nixery.workers import blocked_signals
+
+    # Held back from before the directories are made: a SIGTERM while the workers start stops
+    # those started, and the directories go.
+    with blocked_signals(), _shared_directories(settings) as shared:
         return _serve_bound(shared)
 
 
@@ -93,13 +96,16 @@ def _serve_bound(settings: Settings) -> int:
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
-#: Exit status when the registry could not start (settings, storage).
+#: Exit status when the registry could not start (settings, storage); a worker's too (nixery.workers).
 STARTUP_FAILED = 2
 
 
-def _serve_one(settings: Settings, sockets: list[socket.socket]) -> str | None:
-    """Serve until stopped; or the one line saying why the registry could not start
-    (a setting that only opening the storage checks, storage it cannot use)."""
+def _serve_one(
+    settings: Settings, sockets: list[socket.socket], listening: Callable[[], object] = lambda: None,
+) -> str | None:
+    """Serve until stopped (`listening` is called once the sockets accept); or the one line saying
+    why the registry could not start (a setting that only opening the storage checks, storage it
+    cannot use)."""
     from nixery.app import create_app
     from nixery.config import ConfigError
     from nixery.http import server
@@ -112,6 +118,7 @@ def _serve_one(settings: Settings, sockets: list[socket.socket]) -> str | None:
             sockets,
             shutdown_timeout=settings.shutdown_grace,
             header_timeout=settings.header_timeout,
+            listening=listening,
         )
     except ConfigError as exc:
         return f"nixery: configuration error: {exc}"
@@ -121,54 +128,12 @@ def _serve_one(settings: Settings, sockets: list[socket.socket]) -> str | None:
 
 
 def _serve_workers(settings: Settings, sockets: list[list[socket.socket]]) -> int:
-    """Several processes accept on one port, each on its own socket (SO_REUSEPORT);
-    the kernel spreads connections. They share storage, whose lock keeps one build per image.
-    A worker that cannot start says why through a pipe: the others are stopped
-    and the reason is printed once."""
-    from nixery import metrics
-    from nixery.http import server
+    """Several processes accept on one port, each on its own socket (SO_REUSEPORT); the kernel
+    spreads connections. They share storage, whose lock keeps one build per image. One that ends
+    while serving is replaced; one that cannot start stops the others (nixery.workers)."""
+    from nixery import workers
 
-    reasons, reason_writer = os.pipe()
-    children = []
-    for own in sockets:
-        pid = os.fork()
-        if pid == 0:
-            status = 1  # an exception out of serving: its traceback, and status 1, as one process ends
-            try:
-                os.close(reasons)
-                server.close_all([other for other in sockets if other is not own])
-                if (problem := _serve_one(settings, own)) is not None:
-                    os.write(reason_writer, f"{problem}\n".encode())
-                    status = STARTUP_FAILED
-                else:
-                    status = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        children.append(pid)
-    server.close_all(sockets)  # each child holds its own: a child's socket goes with it
-    os.close(reason_writer)
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for _ in children:
-        pid, code = os.wait()
-        metrics.process_ended(pid)  # its gauges no longer count (builds it was running)
-        if os.waitstatus_to_exitcode(code) == STARTUP_FAILED and not status:
-            forward(signal.SIGTERM, None)
-        status = status or os.waitstatus_to_exitcode(code)
-    with os.fdopen(reasons, "rb") as pipe:
-        problems = pipe.read().decode(errors="replace").splitlines()
-    if problems:  # returned, not _finish: the shared directories go (this process opened no storage)
-        print(problems[0], file=sys.stderr)
-    return status
+    return workers.supervise(lambda own, listening: _serve_one(settings, own, listening), sockets)
 
 
 def _finish(status: int) -> NoReturn:

@@ -43,7 +43,7 @@ import errno
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import structlog
@@ -110,6 +110,25 @@ def _bind(sock: socket.socket, address: Any, *, reuse_port: bool, backlog: int) 
     sock.setblocking(False)
 
 
+def bound_addresses(sockets: Sequence[socket.socket]) -> list[tuple[int, Any]]:
+    """Where a set of sockets from `listen` is bound, for `listen_on`."""
+    return [(sock.family, sock.getsockname()) for sock in sockets]
+
+
+def listen_on(addresses: Sequence[tuple[int, Any]], *, backlog: int = 128) -> list[socket.socket]:
+    """One more set of listening sockets on the `addresses` (`bound_addresses`) of sets from `listen` (the port they
+    share): for a worker that replaces one that ended."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in addresses:
+            sockets.append(socket.socket(family, socket.SOCK_STREAM))
+            _bind(sockets[-1], address, reuse_port=True, backlog=backlog)
+    except BaseException:
+        close_all([sockets])
+        raise
+    return sockets
+
+
 def close_all(sets: Sequence[Sequence[socket.socket]]) -> None:
     for sockets in sets:
         for sock in sockets:
@@ -120,13 +139,14 @@ def close_all(sets: Sequence[Sequence[socket.socket]]) -> None:
 
 
 def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
-        header_timeout: float) -> None:
+        header_timeout: float, listening: Callable[[], object] = lambda: None) -> None:
     """Serve `app` on bound sockets until SIGTERM or SIGINT, then let in-flight
-    responses finish within `shutdown_timeout` (as `web.run_app` does)."""
+    responses finish within `shutdown_timeout` (as `web.run_app` does); `listening` is
+    called once they accept."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout))
+        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout, listening))
     finally:
         remaining = asyncio.all_tasks(loop)
         for task in remaining:
@@ -142,7 +162,7 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
 
 
 async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdown_timeout: float,
-                 header_timeout: float) -> None:
+                 header_timeout: float, listening: Callable[[], object]) -> None:
     runner = RegistryRunner(
         app,
         header_timeout=header_timeout,
@@ -168,6 +188,7 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets])
+        listening()
         await stop.wait()
     finally:
         if stopped_by:
