@@ -79,16 +79,11 @@ def planned_history() -> tuple[LayerHistory, ClosureGraph, dict[str, int], int]:
     raise AssertionError("the requests ran out")
 
 
-def synthetic_history(seed: int = 2) -> LayerHistory:
-    rng = random.Random(seed)
-    paths = [
-        f"/nix/store/{rng.getrandbits(160):040x}-python3.12-a-rather-long-package-name-{n}-1.2.3"
-        for n in range(150_000)
-    ]
-    history = LayerHistory()
-    for _ in range(DEFAULT_HISTORY_CAPACITY):
-        history.record([frozenset(rng.sample(paths, rng.randint(1, 19)))])
-    return history
+def synthetic_history() -> LayerHistory:
+    """The test suite's full history: 20,000 layers of 1-19 paths from 150,000 long store paths."""
+    from tests.test_history import full_history
+
+    return full_history()
 
 
 def full_collection_ms() -> float:

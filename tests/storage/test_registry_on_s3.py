@@ -102,15 +102,21 @@ def wait_for_readiness(registry: RegistryProcess, status: int, within: float) ->
         time.sleep(0.5)
 
 
+async def noting_proxy(own_s3: S3Server) -> tuple[TCPProxy, list[bytes]]:
+    """A started proxy in front of the store that notes the head of every request (and fails none)."""
+    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
+    heads: list[bytes] = []
+    proxy.fail_request = lambda head: bool(heads.append(head))
+    await proxy.start()
+    return proxy, heads
+
+
 async def test_readiness_is_cheap_open_and_discreet(own_s3: S3Server, start_registry, tmp_path: Path) -> None:
     """With access control on, the kubelet (no credentials) reaches /readyz; many
     probes cost the store one request; "not ready" names nothing of the store."""
     users = tmp_path / "users"
     users.write_text(f"alice:{auth.hash_password('alice-secret', log_n=10)}:pull,build\n")
-    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
-    heads: list[bytes] = []
-    proxy.fail_request = lambda head: bool(heads.append(head))  # notes every request, fails none
-    await proxy.start()
+    proxy, heads = await noting_proxy(own_s3)
     registry: RegistryProcess | None = None
     try:
         env = s3_env(own_s3, proxy.url, NIXERY_AUTH="basic", NIXERY_AUTH_USERS=str(users))
@@ -201,10 +207,7 @@ async def test_a_blob_asked_for_as_a_manifest_is_read_from_the_store_once(
 ) -> None:
     """A layer or a config asked for by digest as a manifest is 404 MANIFEST_UNKNOWN; each such
     request downloaded the blob from the bucket again (up to 4 MiB for a 200-byte answer)."""
-    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
-    heads: list[bytes] = []
-    proxy.fail_request = lambda head: bool(heads.append(head))  # notes every request, fails none
-    await proxy.start()
+    proxy, heads = await noting_proxy(own_s3)
     registry: RegistryProcess | None = None
     try:
         registry = await asyncio.to_thread(start_registry, **s3_env(own_s3, proxy.url))
