@@ -49,18 +49,20 @@ class ClientError(Exception):
 
 def _registry_url(value: str | None) -> str:
     given = value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY
-    url = given.rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
+    source = "--registry" if value else "NIXERY_REGISTRY"
+    # The scheme is looked for before the slashes go: "http://" is a URL without a host, not the host "http".
+    url = (given if "://" in given else "http://" + given).rstrip("/")
     try:
         parsed = urlsplit(url)
         parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
         usable = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        no_host = parsed.scheme in ("http", "https") and not parsed.hostname
     except ValueError:
-        usable = False
+        usable = no_host = False
+    if no_host:
+        raise ClientError(f"{source}={given!r} has no host: give one, like {DEFAULT_REGISTRY}")
     if not usable:
-        source = "--registry" if value else "NIXERY_REGISTRY"
-        raise ClientError(f"{source}={given!r} is not a registry URL like http://127.0.0.1:8080")
+        raise ClientError(f"{source}={given!r} is not a registry URL like {DEFAULT_REGISTRY}")
     return url
 
 
@@ -309,7 +311,8 @@ async def _build_locally(
         check_tag(tag)
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc
-    logs.configure("warning", settings.log_format)
+    # build.failed: the command prints the failure itself, in one line.
+    logs.configure("warning", settings.log_format, leave_out=frozenset({"build.failed"}))
     try:  # settings only opening the storage checks, a storage it cannot use: one line, as the registry says it
         storage = open_storage(settings)
     except (config.ConfigError, StorageError) as exc:
@@ -370,9 +373,11 @@ def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
-    parser.add_argument("--json", action="store_true", help="print the registry's JSON document")
+    shown = parser.add_mutually_exclusive_group()  # one document or the other: --sbom --json is refused
+    shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
+    shown.add_argument("--sbom", action="store_true",
+                       help="print the image's SBOM (SPDX 2.3 JSON, not with --json) instead")
     parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
-    parser.add_argument("--sbom", action="store_true", help="print the image's SBOM (SPDX 2.3 JSON) instead")
     args = parser.parse_args(argv)
     console = OutputConsole(highlight=False)
     try:

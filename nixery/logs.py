@@ -13,9 +13,17 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
+def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] = frozenset()) -> None:
+    """Log lines at `level` and above, but none of the events `leave_out` names."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+
+    def left_out(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        if event.get("event") in leave_out:
+            raise structlog.DropEvent
+        return event
+
     processors: list[structlog.typing.Processor] = [
+        *([left_out] if leave_out else []),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -157,6 +157,42 @@ def test_build_locally_without_a_server(tmp_path: Path) -> None:
 
 
 
+def test_a_failed_local_build_says_why_in_one_line_and_leaves_no_staging_directory(tmp_path: Path) -> None:
+    """A failed `nixery build --local` printed the builder's JSON `build.failed` log line before
+    its own line saying the same, and left its staging directory (STORAGE_PATH/tmp/<host>-<pid>)
+    until the next run: now one line, and STORAGE_PATH/tmp is empty."""
+    storage = tmp_path / "storage"
+    env = {"STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json"}
+    result = nixery("build", "--local", "--plain", "shell/no-such-package", env=env)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("nixery: build failed: ") and "no-such-package" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert list((storage / "tmp").iterdir()) == []
+
+
+def test_an_interrupted_local_build_leaves_no_staging_directory(tmp_path: Path) -> None:
+    """Ctrl-C during `nixery build --local` left STORAGE_PATH/tmp/<host>-<pid> behind (removed only
+    when a later process started): now the build stops and the directory goes with it."""
+    storage = tmp_path / "storage"
+    env = {"STORAGE_PATH": str(storage), "NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=30))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--local", "--plain", "shell/slowpoke"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY, env={**os.environ, **env},
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until Nix builds slowpoke, which takes 30 s
+            if " building " in line:
+                break
+        assert [path.name for path in (storage / "tmp").iterdir()] == [f"{os.uname().nodename}-{process.pid}"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130
+    finally:
+        process.kill()
+        process.wait()
+    assert list((storage / "tmp").iterdir()) == []
+
+
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:
     """With NIXERY_PLATFORMS of two, `--local` builds the image index the registry serves for
     the name (each platform's image): the registry then builds nothing more on its first pull."""
@@ -310,6 +346,27 @@ def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr.endswith("is not a registry URL like http://127.0.0.1:8080\n"), result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_registry_url_without_a_host_is_a_usage_error() -> None:
+    """`--registry http://` became the host "http" and reported "cannot reach the registry at
+    http://http:" (status 1): now a usage error that says the URL has no host."""
+    for command, env, given in ((["build", "shell", "--registry", "http://"], {}, "--registry='http://'"),
+                                (["inspect", "shell", "--registry", "https:///"], {}, "--registry='https:///'"),
+                                (["inspect", "shell"], {"NIXERY_REGISTRY": "http://:8080"}, "NIXERY_REGISTRY=")):
+        result = nixery(*command, env=env, timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr.startswith(f"nixery: {given}") and "has no host" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_inspect_refuses_sbom_with_json() -> None:
+    """`nixery inspect --sbom --json` printed the SBOM and ignored --json: the two ask for different
+    documents, so the combination is a usage error, as --help shows."""
+    result = nixery("inspect", "shell", "--sbom", "--json", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert "argument --json: not allowed with argument --sbom" in result.stderr, result.stderr
+    assert "[--json | --sbom]" in " ".join(nixery("inspect", "--help").stdout.split())
 
 
 def test_build_locally_on_storage_it_cannot_use_says_why_in_one_line(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from nixery import config
 from nixery.closure import ClosureGraph
 from nixery.layers.grouping import CostModel, LayerHistory, plan_layers
 from nixery.layers.plan_cli import main as plan_main
+from nixery.layers.popularity import PopularityError, parse_counts
 from tests.data import bytes_only_plans
 
 REPO = Path(__file__).resolve().parent.parent
@@ -622,6 +623,24 @@ def test_plan_command_rejects_a_cyclic_graph_and_negative_sizes_in_one_line(tmp_
         assert (code, said) == (2, f"nixery layers plan: {tmp_path / 'graph.json'}: bad graph: {says}\n")
     (tmp_path / "graph.json").write_text(json.dumps({"a": {"size": 1, "refs": ["a"]}}))  # a self-reference is fine
     assert plan_main(["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json")]) == 0
+
+
+def test_plan_command_refuses_counts_the_registry_refuses_in_one_line(tmp_path, capsys):
+    """`--popularity` took `true` and `false` as counts (Python's bools are ints), and negative
+    counts, which NIX_POPULARITY_URL's loader refuses: now refused alike, status 2."""
+    (tmp_path / "graph.json").write_text(json.dumps({"a": {"size": 1, "refs": []}}))
+    (tmp_path / "images.json").write_text(json.dumps([["a"]]))
+    command = ["--graph", str(tmp_path / "graph.json"), "--images", str(tmp_path / "images.json"),
+               "--popularity", str(tmp_path / "popularity.json")]
+    for bad in (True, False, -1):
+        (tmp_path / "popularity.json").write_text(json.dumps({"a": bad}))
+        code = plan_main(command)
+        assert (code, capsys.readouterr().err) == (2, f"nixery layers plan: {tmp_path / 'popularity.json'}: "
+                                                      f"the count of 'a' is not a non-negative integer: {bad!r}\n")
+        with pytest.raises(PopularityError, match="not a non-negative integer"):
+            parse_counts(json.dumps({"a": bad}).encode())
+    (tmp_path / "popularity.json").write_text(json.dumps({"a": 0}))
+    assert plan_main(command) == 0
 
 
 def test_plan_command_refuses_a_gzip_bomb_without_unpacking_it(tmp_path, capsys):

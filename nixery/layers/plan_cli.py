@@ -24,6 +24,7 @@ from typing import Any
 from nixery.closure import ClosureGraph, GraphError
 from nixery.layers.cost import DEFAULT_COST, DEFAULT_LAYER_COST_MB, CostModel, parse_layer_cost_mb
 from nixery.layers.grouping import LayerHistory, plan_layers
+from nixery.layers.popularity import is_count
 
 
 class InputError(ValueError):
@@ -67,9 +68,13 @@ def load_graph(path: Path) -> ClosureGraph:
 
 
 def load_popularity(path: Path) -> dict[str, int]:
+    """`{name: count}`, each count a non-negative integer, as the registry reads NIX_POPULARITY_URL."""
     document = read_json(path)
-    if not isinstance(document, dict) or not all(isinstance(v, int) for v in document.values()):
+    if not isinstance(document, dict):
         raise InputError(f"{path}: expected an object of integer counts")
+    for name, count in document.items():
+        if not is_count(count):
+            raise InputError(f"{path}: the count of {name[:200]!r} is not a non-negative integer: {count!r:.50}")
     return document
 
 

@@ -54,6 +54,12 @@ def check_url(url: str) -> str | None:
     return "only file://, http:// and https:// URLs are read"
 
 
+def is_count(value: object) -> bool:
+    """Whether `value` is a count: a non-negative integer (JSON's true and false are not, though
+    Python's bools are ints)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def parse_counts(data: bytes) -> dict[str, int]:
     """Store path -> count, from the JSON document (keys without a directory get the store's)."""
     try:
@@ -64,7 +70,7 @@ def parse_counts(data: bytes) -> dict[str, int]:
         raise PopularityError(f"expected an object of store path names to counts, not {type(document).__name__}")
     counts = {}
     for name, count in document.items():
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if not is_count(count):
             raise PopularityError(f"the count of {name[:200]!r} is not a non-negative integer: {count!r:.50}")
         counts[name if name.startswith("/") else STORE_DIR + name] = count
     return counts

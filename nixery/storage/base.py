@@ -22,6 +22,7 @@ stream of bytes. The HTTP layer decides how to put that on the wire.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -179,6 +180,13 @@ class Storage(ABC):
 
     def __init__(self) -> None:
         self._corruption_listeners: list[Callable[[Digest], None]] = []
+        self._staging_released = False
+
+    def _release_staging(self, staging: Path) -> None:
+        """On close, once: this storage no longer uses its staging directory (`make_staging_dir`)."""
+        if not self._staging_released:
+            self._staging_released = True
+            release_staging_dir(staging)
 
     @abstractmethod
     async def stat_blob(self, digest: Digest) -> int | None:
@@ -377,6 +385,7 @@ def make_staging_dir(root: Path) -> Path:
             raise
     else:
         _claim(own)
+    _users[own] += 1
     for directory in root.iterdir():
         if directory == own:
             continue
@@ -399,6 +408,21 @@ def make_staging_dir(root: Path) -> Path:
 
 #: Staging directories this process holds locked, with the descriptor that holds each.
 _claimed: dict[Path, int] = {}
+#: How many open storages of this process use each staging directory.
+_users: collections.Counter[Path] = collections.Counter()
+
+
+def release_staging_dir(own: Path) -> None:
+    """A storage of this process is closed: once none uses its staging directory, the directory
+    goes (a finished, failed or interrupted `nixery build --local`, a stopped registry). One
+    whose lock another process holds (`_claim`) is left to it."""
+    _users[own] -= 1
+    if _users[own] > 0:
+        return
+    del _users[own]
+    if own in _claimed:
+        shutil.rmtree(own, ignore_errors=True)
+        os.close(_claimed.pop(own))
 
 
 def _claim(own: Path) -> None:

@@ -165,6 +165,7 @@ class FilesystemStorage(Storage):
 
     async def close(self) -> None:
         self._hashing.shutdown(wait=False, cancel_futures=True)
+        self._release_staging(self._staging)
 
     def _link_verified(self, path: Path, digest: Digest) -> None:
         """Let the front send this blob itself from now on (a no-op once linked: one syscall)."""

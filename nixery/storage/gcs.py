@@ -182,6 +182,7 @@ class GCSStorage(LeasedStorage):
     async def close(self) -> None:
         await super().close()
         await asyncio.to_thread(self._client.close)
+        self._release_staging(self._staging)
 
     @staticmethod
     def _blob_name(digest: Digest) -> str:

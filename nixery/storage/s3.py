@@ -166,6 +166,10 @@ class S3Storage(LeasedStorage):
     def staging_dir(self) -> Path:
         return ensure_staging_dir(self._staging)
 
+    async def close(self) -> None:
+        await super().close()
+        self._release_staging(self._staging)
+
     @staticmethod
     def _blob_key(digest: Digest) -> str:
         return f"blobs/sha256/{digest.hex}"
