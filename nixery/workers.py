@@ -2,9 +2,10 @@
 supervises them.
 
 Each worker accepts on sockets of its own on the shared port (SO_REUSEPORT: the kernel spreads
-connections). The parent starts them, forwards SIGTERM and SIGINT, and replaces a worker that
-ends while the registry serves (a crash, the OOM killer, `kill -9`) by a new one on newly bound
-sockets: a closed socket leaves the group, so no connection waits on a dead worker. Workers that
+connections). The parent starts them, forwards SIGTERM, SIGINT and SIGHUP (each stops a worker
+gracefully: `nixery.http.server`), and replaces a worker that ends while the registry serves (a
+crash, the OOM killer, `kill -9`) by a new one on newly bound sockets: a closed socket leaves the
+group, so no connection waits on a dead worker. Workers that
 keep ending within WORKER_MIN_LIFETIME of their start are restarted after a growing delay; the
 QUICK_ENDS_LIMIT-th such end within QUICK_ENDS_WINDOW stops the registry (status 1, one line).
 
@@ -45,7 +46,9 @@ QUICK_ENDS_WINDOW = 60.0
 #: ...and before that, the n-th is replaced after RESTART_DELAY * 2**(n-1) seconds (not at once).
 RESTART_DELAY = 1.0
 
-_STOPPING = (signal.SIGTERM, signal.SIGINT)
+#: SIGHUP too (a closed terminal, an init system's "reload"): the registry has nothing to reload, and
+#: the default action ended the parent alone, leaving its workers serving without a supervisor.
+_STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _WATCHED = {*_STOPPING, signal.SIGCHLD}
 
 #: What a worker runs: serve on its sockets, calling `listening` once they accept; None once
@@ -55,7 +58,7 @@ Serve = Callable[[list["socket.socket"], Callable[[], object]], "str | None"]
 
 @contextlib.contextmanager
 def blocked_signals() -> Iterator[None]:
-    """SIGTERM, SIGINT and SIGCHLD held back until `supervise` waits for them: one that comes while
+    """SIGTERM, SIGINT, SIGHUP and SIGCHLD held back until `supervise` waits for them: one that comes while
     the parent starts (makes directories, binds, forks) is acted on once it can stop the workers."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
     try:

@@ -166,3 +166,20 @@ def test_a_stop_while_the_workers_start_leaves_nothing_behind(tmp_path: Path) ->
             process.kill()
             process.wait()
     assert not list(temporary.glob("nixery-builds-*")) and not list(temporary.glob("nixery-metrics-*"))
+
+
+def test_sighup_stops_the_registry_and_its_workers(start_registry, tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, an init system's reload) killed the parent by its default action:
+    its workers served on, orphaned, and its temporary directories stayed. Now it stops the registry
+    as SIGTERM does: every worker ends, status 0, nothing left in TMPDIR or STORAGE_PATH/tmp."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    eventually(lambda: len(registry.log_events("registry.listening")) == 2, "both workers listen")
+    workers = workers_of(registry)
+    registry.process.send_signal(signal.SIGHUP)
+    assert registry.process.wait(30) == 0
+    assert [stopping["signal"] for stopping in registry.log_events("registry.stopping")] == ["SIGHUP", "SIGHUP"]
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "workers left running"
+    assert list(temporary.iterdir()) == []
+    assert list((registry.storage / "tmp").iterdir()) == []

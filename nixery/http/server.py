@@ -138,9 +138,14 @@ def close_all(sets: Sequence[Sequence[socket.socket]]) -> None:
 # ---- serving -------------------------------------------------------------------
 
 
+#: What stops the registry gracefully. SIGHUP too: there is nothing to reload, and its default action
+#: (a closed terminal) ended the process without letting responses finish.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
         header_timeout: float, listening: Callable[[], object] = lambda: None) -> None:
-    """Serve `app` on bound sockets until SIGTERM or SIGINT, then let in-flight
+    """Serve `app` on bound sockets until SIGTERM, SIGINT or SIGHUP, then let in-flight
     responses finish within `shutdown_timeout` (as `web.run_app` does); `listening` is
     called once they accept."""
     loop = asyncio.new_event_loop()
@@ -156,7 +161,7 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
         # Before close, which closes the signals' wakeup pipe first: a SIGTERM in between (the
         # parent of several workers stopping the others) printed "Exception ignored ... Bad file
         # descriptor". From here a signal has its default effect.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         loop.close()
 
@@ -180,7 +185,7 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop_on, signum)
     await runner.setup()
     server: _Server = runner.server  # type: ignore[assignment]  # made by RegistryRunner

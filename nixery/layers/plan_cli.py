@@ -116,8 +116,9 @@ input files (JSON, plain or gzip-compressed; names are any strings, e.g. store p
                   {"nodes": {"app": {"size": 2000000, "refs": ["libc"]},
                              "tool": {"size": 500000, "refs": ["libc"]},
                              "libc": {"size": 30000000, "refs": []}}}
-  --popularity  how many packages (of a whole package set) need each node; without it, the
-                nodes of each image's closure that depend on it are counted:
+  --popularity  how many packages (of a whole package set) need each node, a whole number of 0
+                or more (as NIX_POPULARITY_URL's); without it, the nodes of each image's
+                closure that depend on it are counted:
                   {"app": 1, "tool": 3, "libc": 900}
   --images      the images to plan, in order, each a list of its roots (nodes of the graph):
                   [["app"], ["tool"], ["app", "tool"]]
