@@ -10,7 +10,9 @@ workers each also writes its builds into a directory they share, made by the par
                    event a line, appended as it happens; removed once its worker no longer
                    keeps the build (the last 200 of each worker)
     DIR/kept/PID.json  the builds worker PID keeps, oldest first: [{"id", "image",
-                   "started"}], replaced as a whole on each new build
+                   "started"}], replaced as a whole on each new build; once PID has ended,
+                   removed with its builds' files when they are older than all the builds
+                   a live worker keeps
     DIR/locks/KEY  the id of the build that holds the storage's build lock of image KEY
 
 A worker asked for a build it does not know reads its file: a copy of the build, whose
@@ -80,7 +82,25 @@ class SharedBuildLog(BuildLog):
         build = super().new(image)
         kept = [{"id": own.id, "image": own.image, "started": own.started} for own in self._builds.values()]
         _replace(self._kept / f"{os.getpid()}.json", json.dumps(kept, separators=(",", ":")))
+        self._forget_ended_workers()
         return build
+
+    def _forget_ended_workers(self) -> None:
+        """Drop the kept lists (and build files) of workers that ended once their builds are
+        all older than every build this worker keeps: it would have dropped its own that old.
+        They stayed until the registry stopped, one more list for each worker replaced, and each
+        listing of the recent builds read them all."""
+        if len(self._builds) < self._keep:
+            return
+        oldest = next(iter(self._builds.values())).started
+        for path in self._kept.glob("*.json"):
+            if not path.stem.isdigit() or int(path.stem) == os.getpid() or process_alive(int(path.stem)):
+                continue
+            heads = json.loads(_read_text(path) or "[]")
+            if all(head["started"] < oldest for head in heads):
+                for head in heads:
+                    self._path(head["id"]).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
 
     def recent(self, limit: int | None = None, shown: Callable[[str], bool] = lambda image: True) -> list[Build]:
         """This worker's builds and the others', newest first (the others' read only when listed)."""

@@ -10,12 +10,14 @@ import os
 import re
 import select
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.registry import RegistryProcess, busybox_set_with
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with
 
 pytestmark = pytest.mark.nix
 
@@ -180,3 +182,30 @@ def test_the_start_page_lists_every_workers_builds(start_registry, tmp_path: Pat
         recent = body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0]
         assert re.findall(r'href="/builds/([0-9a-f]+)"', recent) == newest_first
         assert recent.count('<span class="badge stage-done">done</span>') == len(newest_first)
+
+
+def test_an_ended_workers_builds_go_once_they_are_no_longer_recent(tmp_path: Path) -> None:
+    """The kept list and build files of a worker that ended stayed in the shared directory until
+    the registry stopped, one more for every worker replaced (and every start page read them all).
+    Now they are listed while recent, and go once a live worker keeps as many newer builds as it
+    keeps at all."""
+    from nixery.progress import Stage
+    from nixery.shared_builds import SharedBuildLog
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import pathlib, sys; from nixery.progress import Stage; "
+         "from nixery.shared_builds import SharedBuildLog; "
+         "build = SharedBuildLog(pathlib.Path(sys.argv[1]), keep=3).new('shell/ended'); "
+         "build.emit(Stage.DONE, 'image ready'); print(build.id)", str(tmp_path)],
+        capture_output=True, text=True, check=True, cwd=REPOSITORY,
+    )
+    ended_id = ended.stdout.strip()
+    (ended_list,) = (tmp_path / "kept").iterdir()
+    live = SharedBuildLog(tmp_path, keep=3)
+    for number in range(3):
+        assert ended_id in [build.id for build in live.recent()], "a recent build of the ended worker is listed"
+        assert (tmp_path / f"{ended_id}.jsonl").exists()
+        live.new(f"shell/live{number}").emit(Stage.DONE, "image ready")
+    assert [build.image for build in live.recent()] == ["shell/live2", "shell/live1", "shell/live0"]
+    assert [path.name for path in (tmp_path / "kept").iterdir()] == [f"{os.getpid()}.json"]
+    assert not ended_list.exists() and not (tmp_path / f"{ended_id}.jsonl").exists()
