@@ -149,6 +149,14 @@ def test_shell_jq_filters_json(debian_registry: RegistryProcess) -> None:
     assert result.stdout.strip() == "1"
 
 
+def test_python3_alone_runs_shell_commands(debian_registry: RegistryProcess) -> None:
+    """`python3` without `shell`: `os.system` and `shell=True` need `/bin/sh`, which is the
+    closure's dash (the one Debian's scripts run)."""
+    script = "import os, subprocess; print(subprocess.run('echo $0', shell=True, capture_output=True, text=True).stdout.strip(), os.system('exit 3') >> 8)"
+    result = podman_run(f"{debian_registry.host}/python3", "python3", "-c", script)
+    assert result.stdout.split() == ["/bin/sh", "3"], (result.stdout, result.stderr)
+
+
 # --- layers ------------------------------------------------------------------
 
 
