@@ -6,10 +6,11 @@ normal system: the requested packages' trees are linked at `/`
 `/etc`, Debian's `/usr/...`), `/bin/sh` and `/usr/bin/env` exist for scripts,
 `system()` and `popen()` whenever the closure has a shell and an `env` (a
 requested package's first, so `python3` alone still runs `os.system`, with the
-`sh` its own scripts use), `/etc/ssl/certs` points at a CA bundle from the closure when there is
-one, `/tmp` is writable, and `/etc/passwd` knows root (and a declared image's
-user, `nixery.registry.runconfig`, whose home directory is writable like `/tmp`:
-tar entries here are owned by root).
+`sh` its own scripts use), `/etc/ssl/certs` points at a CA bundle from the
+closure when there is one, `/tmp` is writable, `/etc/hosts` knows localhost,
+and `/etc/passwd` knows root (and a declared image's user,
+`nixery.registry.runconfig`, whose home directory is writable like `/tmp`: tar
+entries here are owned by root).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SSL_CERT_FILE = "/etc/ssl/certs/ca-certificates.crt"
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = b"root:x:0:\nnobody:x:65534:\n"
 _NSSWITCH = b"passwd: files\ngroup: files\nhosts: files dns\n"
+#: `localhost` for runtimes that do not mount their own /etc/hosts over it (`ctr run`, runc, chroot):
+#: without it glibc asks DNS, which has no answer (or no server) there.
+_HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,7 @@ def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]
         Entry("etc/passwd", "file", 0o644, content=_PASSWD + (user.passwd if user else b"")),
         Entry("etc/group", "file", 0o644, content=_GROUP + (user.group if user else b"")),
         Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH),
+        Entry("etc/hosts", "file", 0o644, content=_HOSTS),
     ]
     if ca_bundle is not None:
         own += [Entry(directory, "dir", 0o755) for directory in ("etc/ssl", "etc/ssl/certs")]
