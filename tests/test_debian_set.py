@@ -25,7 +25,7 @@ import pytest
 
 from nixery.nix.packages import EVAL_NIX, host_system
 from tests.httpd import LocalHTTP
-from tests.registry import RegistryProcess, podman_run, run, skopeo_to_oci, unpack_oci
+from tests.registry import RegistryProcess, ctr_pull_and_run, podman_run, run, skopeo_to_oci, unpack_oci
 from tests.sets import require_debian_set
 
 SET = require_debian_set(module=True)
@@ -149,7 +149,24 @@ def test_shell_jq_filters_json(debian_registry: RegistryProcess) -> None:
     assert result.stdout.strip() == "1"
 
 
-# --- layers ------------------------------------------------------------------
+def test_python3_alone_runs_shell_commands(debian_registry: RegistryProcess) -> None:
+    """`python3` without `shell`: `os.system` and `shell=True` need `/bin/sh`, which is the
+    closure's dash (the one Debian's scripts run)."""
+    script = (
+        "import os, subprocess\n"
+        "print(subprocess.run('echo $0', shell=True, capture_output=True, text=True).stdout.strip())\n"
+        "print(os.system('exit 3') >> 8)\n"
+    )
+    result = podman_run(f"{debian_registry.host}/python3", "python3", "-c", script)
+    assert result.stdout.split() == ["/bin/sh", "3"], (result.stdout, result.stderr)
+
+
+def test_localhost_resolves_under_ctr_run(debian_registry: RegistryProcess, tmp_path: Path) -> None:
+    """`ctr run` mounts no /etc/hosts: the image's own names localhost, so a program that
+    connects to `localhost` (a sidecar, a test database) finds 127.0.0.1 without DNS."""
+    script = "import socket; print(socket.getaddrinfo('localhost', 80, socket.AF_INET)[0][4][0])"
+    result = ctr_pull_and_run(f"{debian_registry.host}/python3:latest", tmp_path, "python3", "-c", script)
+    assert result.stdout.strip() == "127.0.0.1", (result.stdout, result.stderr)
 
 
 def layer_paths(registry: RegistryProcess, name: str, digest: str) -> set[str]:

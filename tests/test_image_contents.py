@@ -20,7 +20,7 @@ from nixery.config import ConfigError, load
 from nixery.layers.rootlinks import Conflict, Linked
 from nixery.nix.catalog import Catalog, CatalogEntry
 from nixery.progress import Build, Stage, report_links
-from tests.registry import REPOSITORY, RegistryProcess, run, skopeo_to_oci, unpack_oci
+from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, run, skopeo_to_oci, unpack_oci
 
 PACKAGES = """{ system ? builtins.currentSystem, ... }@args:
 let
@@ -180,3 +180,22 @@ def test_conflicts_are_told_in_the_builds_progress() -> None:
     assert event.data["conflicts"] == [{"path": "/bin/hello", "kept": "hello", "lost": "otherhello"}]
     assert logged[0][0] == "build.link_conflicts"
 
+
+
+def test_an_image_without_a_shell_package_runs_sh_and_env_scripts_from_its_closure(
+    registry: RegistryProcess, tmp_path: Path,
+) -> None:
+    """`hello` is a script of busybox's sh: its image has `/bin/sh` and `/usr/bin/env` (busybox's),
+    so a mounted `#!/usr/bin/env sh` script runs under podman, as in any image with a shell."""
+    script = tmp_path / "greet.sh"
+    script.write_text('#!/usr/bin/env sh\necho "$(hello) from $0"\n')
+    script.chmod(0o755)
+    image = f"{registry.host}/hello"
+    try:
+        result = run([
+            "podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS,
+            "-v", f"{script}:/greet.sh:ro", image, "/greet.sh",
+        ])
+    finally:
+        run(["podman", "rmi", "--force", image], check=False)
+    assert result.stdout == "Hello, world! from /greet.sh\n"

@@ -3,11 +3,14 @@
 Store paths live under /nix/store; this layer makes an image feel like a
 normal system: the requested packages' trees are linked at `/`
 (`nixery.layers.rootlinks`: `/bin` with every program, `/share`, `/lib`,
-`/etc`, Debian's `/usr/...`), `/usr/bin/env` exists for `#!/usr/bin/env`
-scripts, `/etc/ssl/certs` points at a CA bundle from the closure when there is
-one, `/tmp` is writable, and `/etc/passwd` knows root (and a declared image's
-user, `nixery.registry.runconfig`, whose home directory is writable like `/tmp`:
-tar entries here are owned by root).
+`/etc`, Debian's `/usr/...`), `/bin/sh` and `/usr/bin/env` exist for scripts,
+`system()` and `popen()` whenever the closure has a shell and an `env` (a
+requested package's first, so `python3` alone still runs `os.system`, with the
+`sh` its own scripts use), `/etc/ssl/certs` points at a CA bundle from the
+closure when there is one, `/tmp` is writable, `/etc/hosts` knows localhost,
+and `/etc/passwd` knows root (and a declared image's user,
+`nixery.registry.runconfig`, whose home directory is writable like `/tmp`: tar
+entries here are owned by root).
 """
 
 from __future__ import annotations
@@ -31,11 +34,17 @@ from nixery.registry.runconfig import RunConfig, account
 ENTRY_POINT_LAYERS = 1
 
 CA_BUNDLE_CANDIDATES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt")
+#: Programs at fixed paths that scripts and libc expect (`#!/bin/sh`, `system()`,
+#: `#!/usr/bin/env`), by the image's path: where a store path has them.
+FIXED_PROGRAMS = {"bin/sh": ("bin/sh", "usr/bin/sh"), "usr/bin/env": ("bin/env", "usr/bin/env")}
 SSL_CERT_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = b"root:x:0:\nnobody:x:65534:\n"
 _NSSWITCH = b"passwd: files\ngroup: files\nhosts: files dns\n"
+#: `localhost` for runtimes that do not mount their own /etc/hosts over it (`ctr run`, runc, chroot):
+#: without it glibc asks DNS, which has no answer (or no server) there.
+_HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,16 @@ def find_ca_bundle(closure: Iterable[str], preferred: Sequence[str] = ()) -> str
     return None
 
 
+def find_program(candidates: Sequence[str], closure: Iterable[str], preferred: Sequence[str] = ()) -> str | None:
+    """The first of `candidates` that one of the `preferred` store paths has, else the closure's (sorted)."""
+    for store_path in [*preferred, *sorted(closure)]:
+        for candidate in candidates:
+            path = os.path.join(store_path, candidate)
+            if os.path.isfile(path) and os.access(path, os.X_OK):  # follows links (busybox's applets)
+                return path
+    return None
+
+
 def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]:
     """What every image has at `/` whatever its packages (they win over the packages')."""
     own = [Entry(directory, "dir", 0o755) for directory in ("bin", "etc", "usr", "usr/bin", "root")]
@@ -77,6 +96,7 @@ def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]
         Entry("etc/passwd", "file", 0o644, content=_PASSWD + (user.passwd if user else b"")),
         Entry("etc/group", "file", 0o644, content=_GROUP + (user.group if user else b"")),
         Entry("etc/nsswitch.conf", "file", 0o644, content=_NSSWITCH),
+        Entry("etc/hosts", "file", 0o644, content=_HOSTS),
     ]
     if ca_bundle is not None:
         own += [Entry(directory, "dir", 0o755) for directory in ("etc/ssl", "etc/ssl/certs")]
@@ -94,13 +114,18 @@ def entry_points(
 
     Reads the store (directory listings), so call it off the event loop.
     """
-    ca_bundle = find_ca_bundle(closure, [output for package in packages for output in package.outputs])
+    closure = list(closure)
+    outputs = [output for package in packages for output in package.outputs]
+    ca_bundle = find_ca_bundle(closure, outputs)
     own = _own_entries(ca_bundle, config)
     linked = link_packages(packages, own)
     entries = {entry.name: entry for entry in [*own, *linked.entries]}
     env = entries.get("bin/env")
     if env is not None and env.kind == "symlink":  # a package's own usr/bin/env comes first
         entries.setdefault("usr/bin/env", Entry("usr/bin/env", "symlink", target=env.target))
+    for path, candidates in FIXED_PROGRAMS.items():  # no requested package has it: the closure's
+        if path not in entries and (program := find_program(candidates, closure, outputs)) is not None:
+            entries[path] = Entry(path, "symlink", target=program)
     return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle, linked)
 
 
