@@ -6,6 +6,7 @@ layering benchmark), so grouping code never depends on where the graph came from
 
 from __future__ import annotations
 
+import graphlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -73,26 +74,10 @@ class ClosureGraph:
 
     def _a_cycle(self) -> list[str]:
         """The names along one cycle of references, its first name repeated at its end; [] if none."""
-        done: set[str] = set()
-        for start in self.nodes:
-            if start in done:
-                continue
-            path, on_path = [start], {start}
-            pending = [iter(self.nodes[start].references)]
-            while pending:
-                ref = next(pending[-1], None)
-                if ref is None:
-                    finished = path.pop()
-                    done.add(finished)
-                    on_path.discard(finished)
-                    pending.pop()
-                    continue
-                if ref in on_path:
-                    return [*path[path.index(ref):], ref]
-                if ref not in done:
-                    path.append(ref)
-                    on_path.add(ref)
-                    pending.append(iter(self.nodes[ref].references))
+        try:
+            graphlib.TopologicalSorter({name: node.references for name, node in self.nodes.items()}).prepare()
+        except graphlib.CycleError as exc:
+            return list(reversed(exc.args[1]))  # graphlib names each node before the one that refers to it
         return []
 
     @classmethod
