@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import AsyncIterator
 
 import structlog
@@ -20,6 +19,7 @@ from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
 from nixery.http import auth, bodies, health, referrers, routes
+from nixery.http.access import access_log
 from nixery.http import signatures as http_signatures
 from nixery.http.errors import Handler, error_middleware
 from nixery.http.web import add_web_routes
@@ -34,20 +34,6 @@ from nixery.signatures import Signatures
 from nixery.storage import FilesystemStorage, Storage, StorageInaccessible, StorageSettingsInvalid
 
 log = structlog.get_logger(__name__)
-
-
-@web.middleware
-async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    response = await handler(request)
-    log.info(
-        "http.request",
-        method=request.method,
-        path=request.path[:300],
-        status=response.status,
-        ms=round((time.monotonic() - started) * 1000, 1),
-    )
-    return response
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -152,6 +152,17 @@ def _layer_table(image: dict[str, Any]) -> Table:
     return table
 
 
+def _without_paths(image: dict[str, Any]) -> dict[str, Any]:
+    """The registry's document with no store paths in its layers, nor in each platform's."""
+    def layers(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{key: value for key, value in layer.items() if key != "paths"} for layer in listed]
+
+    shorter = {**image, "layers": layers(image["layers"])}
+    if "platforms" in image:
+        shorter["platforms"] = [{**one, "layers": layers(one["layers"])} for one in image["platforms"]]
+    return shorter
+
+
 def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
     host = urlsplit(registry).netloc or registry
     ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
@@ -377,7 +388,8 @@ def inspect_main(argv: list[str]) -> int:
     shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
     shown.add_argument("--sbom", action="store_true",
                        help="print the image's SBOM (SPDX 2.3 JSON, not with --json) instead")
-    parser.add_argument("--no-paths", action="store_true", help="leave out the store paths of each layer")
+    parser.add_argument("--no-paths", action="store_true",
+                        help="leave out the store paths of each layer (with --json too)")
     args = parser.parse_args(argv)
     console = OutputConsole(highlight=False)
     try:
@@ -410,7 +422,7 @@ def inspect_main(argv: list[str]) -> int:
     if args.sbom:  # printed already
         return 0
     if args.json:
-        print(json.dumps(image, indent=2))
+        print(json.dumps(_without_paths(image) if args.no_paths else image, indent=2))
     else:
         _print_image(console, image, registry, paths=not args.no_paths)
     return 0

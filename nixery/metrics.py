@@ -182,9 +182,15 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        requests, duration = _request_metrics(method_label(request), route_label(request), status)
-        requests.inc()
-        duration.observe(time.monotonic() - started)
+        count_request(request, status, started)
+
+
+def count_request(request: web.Request, status: int, started: float) -> None:
+    """Count one answered request and its duration; `started` is a `time.monotonic()` reading.
+    For the middleware, and for the server's answers given before the middlewares run."""
+    requests, duration = _request_metrics(method_label(request), route_label(request), status)
+    requests.inc()
+    duration.observe(time.monotonic() - started)
 
 
 #: The labelled children by (method, route, status): looking them up by labels

@@ -139,6 +139,12 @@ def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None
         assert f"{layer['digest'][7:19]} holds:" in result.stdout
     as_json = nixery("inspect", "cowsay/shell:latest", "--registry", registry.url, "--json")
     assert as_json.returncode == 0 and '"paths": [' in as_json.stdout
+    # --no-paths meant nothing with --json: the store paths were printed all the same.
+    short = nixery("inspect", "cowsay/shell:latest", "--registry", registry.url, "--json", "--no-paths")
+    assert short.returncode == 0, short.stderr
+    document = json.loads(short.stdout)
+    assert [layer["digest"] for layer in document["layers"]] == [layer["digest"] for layer in manifest["layers"]]
+    assert '"paths"' not in short.stdout and "/nix/store/" not in short.stdout
     missing = nixery("inspect", "shell/figlet", "--registry", registry.url)
     assert missing.returncode == 1 and "not built yet" in missing.stderr
     assert f"`nixery build --registry {registry.url} shell/figlet`" in missing.stderr

@@ -216,6 +216,18 @@ def test_requests_that_cannot_be_parsed_are_counted(registry: RegistryProcess) -
     assert value(samples, "nixery_http_requests_total", method="other", route="unmatched", status="400") == 3
 
 
+def test_refused_expectations_are_counted(registry: RegistryProcess) -> None:
+    """aiohttp answers an `Expect` other than `100-continue` with 417 before any middleware runs,
+    so a flood of them left /metrics unchanged. Each is now one request, under its route."""
+    for path in ("/v2/", "/v2/shell/manifests/latest"):
+        with socket.create_connection(("127.0.0.1", registry.port)) as client:
+            client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: x\r\n\r\n".encode())
+            assert client.recv(4096).startswith(b"HTTP/1.1 417 ")
+    samples = scrape(registry)
+    assert value(samples, "nixery_http_requests_total", method="GET", route="/v2/", status="417") == 1
+    assert value(samples, "nixery_http_requests_total", method="GET", route=MANIFEST_ROUTE, status="417") == 1
+
+
 def test_metric_names_follow_prometheus_conventions(registry: RegistryProcess) -> None:
     """Prometheus's naming rules: a counter ends in `_total`, and a name with a unit ends with that
     unit, in base units (before `_total` for a counter): `nixery_blob_served_bytes_total`. Two

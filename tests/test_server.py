@@ -269,6 +269,9 @@ def test_an_expectation_other_than_100_continue_gets_the_registrys_json_error(re
         assert b"application/json" in head and MARKER.encode() not in answer, (path, answer[:300])
         error = json.loads(body)["errors"][0]
         assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "EXPECTATION_FAILED"), (path, error)
+    # Answered before the middlewares, these 417s were missing from the access log.
+    refused = [(e["method"], e["path"]) for e in registry.log_events("http.request") if e["status"] == 417]
+    assert refused == [("GET", "/v2/"), ("GET", "/v2/shell/manifests/latest"), ("GET", "/no/such/page")]
     continued = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n"
     answer = exchange(registry.port, continued)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:300]

@@ -54,6 +54,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors, metrics
+from nixery.http.access import log_request
 from nixery.http.errors import error_response, registry_error
 
 log = structlog.get_logger(__name__)
@@ -275,15 +276,21 @@ class _Server(web.Server):
 def _http_errors_as_registry_errors(handler: Any) -> Any:
     """The application's handler, with the HTTP errors aiohttp raises before the middlewares
     answered as the registry's JSON errors: its 417 to an `Expect` other than `100-continue`
-    was plain text that quoted the header."""
+    was plain text that quoted the header. They are logged and counted here, since the
+    middlewares that log and count the others never saw them."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
         try:
             return cast(web.StreamResponse, await handler(request))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(registry_error(exc))
+            response = error_response(registry_error(exc))
+            # The middlewares never saw it: logged and counted here, as they would have.
+            log_request(request, response.status, started)
+            metrics.count_request(cast(web.Request, request), response.status, started)
+            return response
 
     return handle
 
