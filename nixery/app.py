@@ -19,9 +19,9 @@ from nixery import metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
 from nixery.http import auth, bodies, health, referrers, routes
-from nixery.http.access import access_log
 from nixery.http import signatures as http_signatures
-from nixery.http.errors import Handler, error_middleware
+from nixery.http.access import access_log
+from nixery.http.errors import error_middleware
 from nixery.http.web import add_web_routes
 from nixery.layers.popularity import Popularity
 from nixery.nix.channel import ChannelSource
