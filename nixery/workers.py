@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.util
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -72,6 +74,7 @@ class _Worker:
     pid: int
     started: float
     replaces: int | None = None
+    scratch: str | None = None  # its temporary directory, removed when it ends
 
 
 @dataclass
@@ -95,16 +98,22 @@ class _Supervisor:
         (and get connections) in another."""
         from nixery.http import server
 
+        # The worker's temporary files (its evaluators' directories, multiprocessing's pymp-*) go in
+        # a directory of its own, removed here when it ends however it ends: a worker killed by
+        # the OOM killer or `kill -9` removes nothing itself.
+        scratch = tempfile.mkdtemp(prefix="nixery-worker-")
         try:
             pid = os.fork()
         except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
             server.close_all([sockets])
             raise
         if pid == 0:
+            tempfile.tempdir = scratch  # for this process's tempfile calls, not its children's TMPDIR
             server.close_all(others)
             self._run_worker(sockets)
         server.close_all([sockets])
-        self.workers[pid] = _Worker(pid, time.monotonic(), replaces)
+        self.workers[pid] = _Worker(pid, time.monotonic(), replaces, scratch)
         if replaces is not None:
             log.info("worker.started", pid=pid, replaces=replaces)
 
@@ -158,6 +167,8 @@ class _Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
+                if worker.scratch is not None:
+                    shutil.rmtree(worker.scratch, ignore_errors=True)
                 self._ended(worker, os.waitstatus_to_exitcode(code))
 
     def _read_ready(self) -> None:
