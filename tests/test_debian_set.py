@@ -458,9 +458,10 @@ def tls_server(cert: Path, key: Path) -> Iterator[int]:
 
 
 def test_every_image_trusts_the_sets_ca_bundle(tmp_path: Path) -> None:
-    """A package set whose `cacert` holds a test CA (the Debian set otherwise): `shell/curl`
-    reaches a TLS server with a certificate of that CA, and `jq`, whose closure has no CA
-    bundle, has the bundle and SSL_CERT_FILE too (the baseline)."""
+    """A package set whose `cacert` holds a test CA (the Debian set otherwise): curl and Python in
+    `shell/curl/python3` reach a TLS server with a certificate of that CA, and `jq`, whose closure
+    has no CA bundle, has the bundle and SSL_CERT_FILE too (the baseline). Without SSL_CERT_FILE
+    (`env -i`, `su -`, cron) Debian's Python trusted no CA at all: it reads /usr/lib/ssl/cert.pem."""
     ca, cert, key = make_test_ca(tmp_path)
     packages = tmp_path / "pkgs"
     packages.mkdir()
@@ -479,7 +480,7 @@ in base // {{
     registry.start()
     try:
         environments = {}
-        for name in ("shell/curl", "jq"):
+        for name in ("shell/curl/python3", "jq"):
             _, manifest = registry.manifest(name)
             status, _, body = registry.request(f"/v2/{name}/blobs/{manifest['config']['digest']}", accept=None)
             environments[name] = json.loads(body)["config"]["Env"]
@@ -488,13 +489,15 @@ in base // {{
         jq = unpack_oci(tmp_path / "jq", tmp_path / "jq-bundle")
         bundle = os.readlink(jq / "etc/ssl/certs/ca-certificates.crt")
         assert (jq / bundle.lstrip("/")).read_bytes() == ca.read_bytes()
-        skopeo_to_oci(f"{registry.host}/shell/curl", tmp_path / "curl")
+        skopeo_to_oci(f"{registry.host}/shell/curl/python3", tmp_path / "curl")
         rootfs = unpack_oci(tmp_path / "curl", tmp_path / "curl-bundle")
         with tls_server(cert, key) as port:
-            # chroot shares this machine's network, so the image's curl reaches the test server
-            curl = f"curl -sS https://127.0.0.1:{port}/"
-            environment = ["/usr/bin/env", "-i", *environments["shell/curl"]]
-            result = run(["chroot", str(rootfs), *environment, "/bin/bash", "-c", curl])
-        assert result.stdout == "hello over TLS\n"
+            # chroot shares this machine's network, so the image's programs reach the test server
+            url = f"https://127.0.0.1:{port}/"
+            python = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode(), end='')"
+            for environment in (environments["shell/curl/python3"], []):
+                for command in (["/bin/curl", "-sS", url], ["/bin/python3", "-c", python]):
+                    result = run(["chroot", str(rootfs), "/usr/bin/env", "-i", *environment, *command], check=False)
+                    assert result.stdout == "hello over TLS\n", (environment, command, result.stderr[-500:])
     finally:
         registry.stop()

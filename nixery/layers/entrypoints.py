@@ -6,8 +6,9 @@ normal system: the requested packages' trees are linked at `/`
 `/etc`, Debian's `/usr/...`), `/bin/sh` and `/usr/bin/env` exist for scripts,
 `system()` and `popen()` whenever the closure has a shell and an `env` (a
 requested package's first, so `python3` alone still runs `os.system`, with the
-`sh` its own scripts use), `/etc/ssl/certs` points at a CA bundle from the
-closure when there is one, `/tmp` is writable, `/etc/hosts` knows localhost,
+`sh` its own scripts use), `/etc/ssl/certs` (and OpenSSL's `cert.pem` in
+`/etc/ssl` and `/usr/lib/ssl`) point at a CA bundle from the closure when there
+is one, `/tmp` is writable, `/etc/hosts` knows localhost,
 and `/etc/passwd` knows root (and a declared image's user,
 `nixery.registry.runconfig`, whose home directory is writable like `/tmp`: tar
 entries here are owned by root).
@@ -38,6 +39,14 @@ CA_BUNDLE_CANDIDATES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certifi
 #: `#!/usr/bin/env`), by the image's path: where a store path has them.
 FIXED_PROGRAMS = {"bin/sh": ("bin/sh", "usr/bin/sh"), "usr/bin/env": ("bin/env", "usr/bin/env")}
 SSL_CERT_FILE = "/etc/ssl/certs/ca-certificates.crt"
+#: Where the CA bundle is linked, so that TLS works without SSL_CERT_FILE too (a program run with
+#: `env -i`, `su -`, cron): the names Go, curl and most distributions read, and OpenSSL's default
+#: file for its two usual directories: /etc/ssl (nixpkgs) and /usr/lib/ssl (Debian's libssl, which
+#: Debian's Python, openssl and wget use).
+CA_BUNDLE_LINKS = (
+    "etc/ssl/cert.pem", "etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt", "usr/lib/ssl/cert.pem",
+)
+CA_BUNDLE_DIRECTORIES = ("etc/ssl", "etc/ssl/certs", "usr/lib", "usr/lib/ssl")
 
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = b"root:x:0:\nnobody:x:65534:\n"
@@ -99,11 +108,8 @@ def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]
         Entry("etc/hosts", "file", 0o644, content=_HOSTS),
     ]
     if ca_bundle is not None:
-        own += [Entry(directory, "dir", 0o755) for directory in ("etc/ssl", "etc/ssl/certs")]
-        own += [
-            Entry(f"etc/ssl/certs/{name}", "symlink", target=ca_bundle)
-            for name in ("ca-bundle.crt", "ca-certificates.crt")
-        ]
+        own += [Entry(directory, "dir", 0o755) for directory in CA_BUNDLE_DIRECTORIES]
+        own += [Entry(link, "symlink", target=ca_bundle) for link in CA_BUNDLE_LINKS]
     return own
 
 
