@@ -33,14 +33,16 @@ import pytest
 
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess
 
-# The commit that gave every image /etc/hosts (2026-12-04: every top layer changed). Before
-# it: the one that gave images without a shell package the closure's /bin/sh and /usr/bin/env,
+# The commit that linked the CA bundle at OpenSSL's default files (2026-12-04, the top layer of
+# every image with a CA bundle changed). Before it: the one that gave every image /etc/hosts,
+# dacb07a8a278b7526df080d86a793d2028e9bfe1 (every top layer changed); the one that gave images
+# without a shell package the closure's /bin/sh and /usr/bin/env,
 # 14ff2137bf2ae4b8d61bd748add409b103b122d6 (`hello`'s top layer changed); the commit that put
 # stored layers first, oldest first (2026-12-03), 043850ae9d658f3c304ca1c3c27342cb0c766c3a;
 # before that, the last commit before the issue-21 refactor, 08ddb890f0a28e36784266bfb30223c8afc0d095.
 # Move it forward only to a commit whose manifests are known to be right, e.g. once a
 # change that is meant to alter manifests (a new layout or config field) has landed.
-BASELINE = "dacb07a8a278b7526df080d86a793d2028e9bfe1"
+BASELINE = "f7008c7186efcef3df8e78f6233cd3538073db15"
 
 BUSYBOX_SET = REPOSITORY / "pkgs" / "busybox"
 
