@@ -161,6 +161,19 @@ def test_python3_alone_runs_shell_commands(debian_registry: RegistryProcess) -> 
     assert result.stdout.split() == ["/bin/sh", "3"], (result.stdout, result.stderr)
 
 
+def test_shell_nix_builds_a_derivation_as_root(debian_registry: RegistryProcess) -> None:
+    """Nix in an image built nothing: its defaults want the `nixbld` group's build users and a
+    sandbox, and an image has neither ("the group 'nixbld' specified in 'build-users-group' does
+    not exist"). The image's /etc/nix/nix.conf now says so; Nix builds as root."""
+    expression = (
+        'derivation { name = "greeting"; system = builtins.currentSystem; builder = "/bin/sh";'
+        ' args = [ "-c" "echo built in the image > $out" ]; }'
+    )
+    script = f"set -e; out=$(nix-build --no-out-link --option substituters '' -E '{expression}'); cat $out"
+    result = podman_run(f"{debian_registry.host}/shell/nix", "bash", "-c", script)
+    assert result.stdout == "built in the image\n", result.stderr[-2000:]
+
+
 def test_localhost_resolves_under_ctr_run(debian_registry: RegistryProcess, tmp_path: Path) -> None:
     """`ctr run` mounts no /etc/hosts: the image's own names localhost, so a program that
     connects to `localhost` (a sidecar, a test database) finds 127.0.0.1 without DNS."""

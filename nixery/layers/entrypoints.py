@@ -8,8 +8,9 @@ normal system: the requested packages' trees are linked at `/`
 requested package's first, so `python3` alone still runs `os.system`, with the
 `sh` its own scripts use), `/etc/ssl/certs` (and OpenSSL's `cert.pem` in
 `/etc/ssl` and `/usr/lib/ssl`) point at a CA bundle from the closure when there
-is one, `/tmp` is writable, `/etc/hosts` knows localhost,
-and `/etc/passwd` knows root (and a declared image's user,
+is one, `/tmp` is writable, `/etc/hosts` knows localhost, Nix (when a
+requested package has it) builds as root without a sandbox, and `/etc/passwd`
+knows root (and a declared image's user,
 `nixery.registry.runconfig`, whose home directory is writable like `/tmp`: tar
 entries here are owned by root).
 """
@@ -47,6 +48,16 @@ CA_BUNDLE_LINKS = (
     "etc/ssl/cert.pem", "etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt", "usr/lib/ssl/cert.pem",
 )
 CA_BUNDLE_DIRECTORIES = ("etc/ssl", "etc/ssl/certs", "usr/lib", "usr/lib/ssl")
+
+#: For an image with Nix's programs and no configuration of its own: Nix's defaults build as the
+#: `nixbld` group's users in a sandbox, and an image (root, in a container without the privileges
+#: a sandbox needs) has neither: every build failed, "the group 'nixbld' ... does not exist".
+NIX_CONF = "etc/nix/nix.conf"
+_NIX_CONF = b"""# Written by the registry: no build users and no sandbox in a container.
+# NIX_CONFIG adds to these; a requested package's own etc/nix replaces them.
+build-users-group =
+sandbox = false
+"""
 
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = b"root:x:0:\nnobody:x:65534:\n"
@@ -132,6 +143,9 @@ def entry_points(
     for path, candidates in FIXED_PROGRAMS.items():  # no requested package has it: the closure's
         if path not in entries and (program := find_program(candidates, closure, outputs)) is not None:
             entries[path] = Entry(path, "symlink", target=program)
+    if "bin/nix-build" in entries and "etc/nix" not in entries:
+        entries["etc/nix"] = Entry("etc/nix", "dir", 0o755)
+        entries[NIX_CONF] = Entry(NIX_CONF, "file", 0o644, content=_NIX_CONF)
     return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle, linked)
 
 
