@@ -18,7 +18,9 @@ how many images of the sequence hold each path (foresight), what a registry
 could count from the images it served before (online), and counts from half
 of a sequence applied to its other half (a registry that learned from a
 similar period of traffic).  It shows how much of the gap is the planner and
-how much is what the planner knows.
+how much is what the planner knows.  The last table does the same for the
+registry's default, which has no package-wide data: learning online from the
+images it served, with its own per-closure counts as the prior.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from layering import DATA, DATASET, MB, SCORE_LAYER_COST, simulate
 
 from nixery.closure import ClosureGraph
 from nixery.layers.cost import CostModel
-from nixery.layers.grouping import LayerHistory, plan_layers
+from nixery.layers.grouping import LayerHistory, dependants_count, plan_layers
 from nixery.layers.plan_cli import load_graph, load_images, load_popularity
 
 GOAL_WARM, GOAL_DL = 1.10, 1.03
@@ -124,7 +126,8 @@ def same_for_all(popularity: Mapping[str, int]) -> Callable[[int], Mapping[str, 
 
 
 def planned(
-    graph: ClosureGraph, images: list[list[str]], popularity_for: Callable[[int], Mapping[str, int]], cost: CostModel
+    graph: ClosureGraph, images: list[list[str]], popularity_for: Callable[[int], Mapping[str, int] | None],
+    cost: CostModel,
 ) -> tuple[float, float, float]:
     """(warm, cold, dl/ideal) of the registry's planner, image `i` planned with `popularity_for(i)`."""
     history, plans = LayerHistory(), []
@@ -177,6 +180,48 @@ def what_the_planner_knows(graph: ClosureGraph, images: list[list[str]], package
     return "\n".join(lines)
 
 
+def learned_by_the_registry(graph: ClosureGraph, images: list[list[str]]) -> str:
+    """The registry's default (no package-wide data: the closure's own dependants counts), and the
+    same planner given what a registry could learn online from the images it served before: the
+    share of them that held each path, plus `w` times the path's share of its closure's most
+    depended-on path (the prior, which weighs the same against the counts however many images
+    were served)."""
+    cost = CostModel.for_layer_cost_mb(SCORE_LAYER_COST / MB)
+    weights = (0.2, 0.5, 1, 2)
+
+    def online(w: float) -> Callable[[list[str]], Mapping[str, int] | None]:
+        served: Counter[str] = Counter()
+        count = 0
+
+        def popularity(roots: list[str]) -> Mapping[str, int] | None:
+            nonlocal count
+            closure = sorted(graph.closure(roots))
+            counts = dict(served)
+            served.update(closure)  # counted after the plan: this image is not served yet
+            count += 1
+            if count == 1:
+                return None  # nothing served yet: the default
+            prior = dependants_count(closure, {p: graph.nodes[p].references for p in closure})
+            most = max(prior.values())
+            return {p: max(1, round(1e6 * (counts.get(p, 0) / (count - 1) + w * prior[p] / most))) for p in closure}
+
+        return popularity
+
+    lines = [
+        "| sequence | registry default | " + " | ".join(f"online, w = {w:g}" for w in weights) + " |",
+        "|---" * (2 + len(weights)) + "|",
+    ]
+    generated = ("images-mixed.json", "images-themed.json", "images-large.json")
+    sequences = {"images-public.json": images} | {name: load_images(DATA / name, graph) for name in generated}
+    for name, sequence in sequences.items():
+        cells = [planned(graph, sequence, lambda _: None, cost)]
+        for w in weights:
+            learn = online(w)
+            cells.append(planned(graph, sequence, lambda i, learn=learn, seq=sequence: learn(seq[i]), cost))
+        lines.append(f"| {name} | " + " | ".join("{:.3f}, {:.3f}, {:.3f}".format(*c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graph", type=Path, default=DATASET / "graph.json.gz")
@@ -201,6 +246,8 @@ def main(argv: list[str]) -> int:
               f"{', '.join(sorted(paths)[:4])}{' ...' if len(paths) > 4 else ''}")
     print("\nThe registry's planner with other popularity data:\n")
     print(what_the_planner_knows(graph, images, load_popularity(args.popularity)))
+    print("\nWithout package-wide data (warm, cold, dl/ideal): the registry's default, and learning online\n")
+    print(learned_by_the_registry(graph, images))
     return 0
 
 

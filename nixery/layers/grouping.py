@@ -102,7 +102,7 @@ from nixery import json_pieces
 from nixery.closure import ClosureGraph
 from nixery.layers.cost import DEFAULT_COST, CostModel
 
-__all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "plan_layers"]
+__all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "dependants_count", "plan_layers"]
 
 # How many layers a history keeps; the least recently used are forgotten first.
 DEFAULT_HISTORY_CAPACITY = 20_000
@@ -310,7 +310,7 @@ class _Planner:
         self.pop = (
             {p: max(1, int(popularity.get(p, 1))) for p in self.paths}
             if popularity is not None
-            else _dependants_count(self.paths, self.refs)
+            else dependants_count(self.paths, self.refs)
         )
         self.owner = self._owners()
         self.most_popular = max(self.pop.values())
@@ -501,7 +501,7 @@ class _Planner:
                     push(self._find(self.piece_of[user]))
 
 
-def _dependants_count(paths: Sequence[str], refs: Mapping[str, Iterable[str]]) -> dict[str, int]:
+def dependants_count(paths: Sequence[str], refs: Mapping[str, Iterable[str]]) -> dict[str, int]:
     """For each path, how many paths of the closure have it in their closure (itself included)."""
     bit = {p: 1 << n for n, p in enumerate(paths)}
     users: dict[str, list[str]] = {p: [] for p in paths}
