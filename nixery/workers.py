@@ -73,8 +73,8 @@ def blocked_signals() -> Iterator[None]:
 class _Worker:
     pid: int
     started: float
-    replaces: int | None = None
-    scratch: str | None = None  # its temporary directory, removed when it ends
+    replaces: int | None
+    scratch: str  # its temporary directory, removed when it ends
 
 
 @dataclass
@@ -167,8 +167,7 @@ class _Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
-                if worker.scratch is not None:
-                    shutil.rmtree(worker.scratch, ignore_errors=True)
+                shutil.rmtree(worker.scratch, ignore_errors=True)
                 self._ended(worker, os.waitstatus_to_exitcode(code))
 
     def _read_ready(self) -> None:
