@@ -2,8 +2,10 @@
 
 By default a CA bundle (`cacert`; in the Debian-derived set an alias of
 `ca-certificates`) and `/etc/services` with `/etc/protocols` (`iana-etc`; in
-the Debian set an alias of `netbase`), as Nixery gives every image. Names the
-package set lacks are left out without a word: a set need not have them.
+the Debian set an alias of `netbase`), as Nixery gives every image. The
+bundled Debian set's default adds its terminfo database (`ncurses-base`,
+`DEBIAN_SET_BASELINE`). Names the package set lacks are left out without a
+word: a set need not have them.
 
 What this module guarantees:
 
@@ -36,6 +38,12 @@ from nixery.singleflight import SingleFlight
 log = structlog.get_logger(__name__)
 
 DEFAULT_BASELINE = ("cacert", "iana-etc")
+#: The bundled Debian set's default. Debian's terminfo database (ncurses-base: /lib/terminfo,
+#: /usr/share/terminfo) is Essential, so no package depends on it, and libtinfo looks there and
+#: nowhere else: without it `python3`'s curses, readline and every program the set does not wrap
+#: with TERMINFO_DIRS found no `xterm` ("could not find terminfo database"). nixpkgs' ncurses
+#: finds its own database, so the generic default goes without (and keeps its image keys).
+DEBIAN_SET_BASELINE = (*DEFAULT_BASELINE, "ncurses-base")
 
 
 class Baseline:

@@ -159,9 +159,19 @@ def test_baseline_names_a_set_lacks_are_skipped_silently(start_registry) -> None
 def test_the_baseline_setting_is_checked() -> None:
     assert load({"NIXERY_BASELINE": "cacert, iana-etc cacert"}).baseline == ("cacert", "iana-etc")
     assert load({"NIXERY_BASELINE": ""}).baseline == ()
-    assert load({}).baseline == ("cacert", "iana-etc")
+    assert load({"NIXERY_BUNDLED_SET": "busybox"}).baseline == ("cacert", "iana-etc")
     with pytest.raises(ConfigError, match="NIXERY_BASELINE"):
         load({"NIXERY_BASELINE": "cacert,bad name!"})
+
+
+def test_the_bundled_debian_set_adds_its_terminfo_database_to_the_default_baseline(tmp_path: Path) -> None:
+    """Debian's terminfo database is Essential (no package depends on it): the bundled Debian set's
+    default baseline has it; another source, or NIXERY_BASELINE set, does not."""
+    (tmp_path / "default.nix").write_text("{ ... }: { }\n")
+    debian = {"NIXERY_BUNDLED_SET": "debian", "NIXERY_DEBIAN_SET_DIR": str(tmp_path)}
+    assert load(debian).baseline == ("cacert", "iana-etc", "ncurses-base")
+    assert load({**debian, "NIXERY_BASELINE": "cacert"}).baseline == ("cacert",)
+    assert load({**debian, "NIXERY_PKGS_PATH": str(tmp_path)}).baseline == ("cacert", "iana-etc")
 
 
 def test_conflicts_are_told_in_the_builds_progress() -> None:
