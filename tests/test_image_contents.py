@@ -209,3 +209,19 @@ def test_an_image_without_a_shell_package_runs_sh_and_env_scripts_from_its_closu
     finally:
         run(["podman", "rmi", "--force", image], check=False)
     assert result.stdout == "Hello, world! from /greet.sh\n"
+
+
+def test_every_image_has_a_var_tmp_that_any_user_writes_to(registry: RegistryProcess) -> None:
+    """Debian has /var/tmp, sticky and writable by all, like /tmp: `mktemp -p /var/tmp` said
+    "No such file or directory" in every image."""
+    image = f"{registry.host}/hello"
+    script = "mktemp -p /var/tmp >/dev/null && stat -c %a /var/tmp"
+    try:
+        for user in ("0", "65534"):
+            result = run([
+                "podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, "--user", user, image,
+                "sh", "-c", script,
+            ], check=False)
+            assert (result.returncode, result.stdout) == (0, "1777\n"), (user, result.stdout, result.stderr[-1000:])
+    finally:
+        run(["podman", "rmi", "--force", image], check=False)
