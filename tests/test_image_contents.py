@@ -164,12 +164,14 @@ def test_the_baseline_setting_is_checked() -> None:
         load({"NIXERY_BASELINE": "cacert,bad name!"})
 
 
-def test_the_bundled_debian_set_adds_its_terminfo_database_to_the_default_baseline(tmp_path: Path) -> None:
-    """Debian's terminfo database is Essential (no package depends on it): the bundled Debian set's
-    default baseline has it; another source, or NIXERY_BASELINE set, does not."""
+def test_the_bundled_debian_set_adds_its_terminfo_database_and_locale_to_the_default_baseline(
+    tmp_path: Path,
+) -> None:
+    """Debian's terminfo database and C.UTF-8 locale are Essential (no package depends on them): the
+    bundled Debian set's default baseline has them; another source, or NIXERY_BASELINE set, does not."""
     (tmp_path / "default.nix").write_text("{ ... }: { }\n")
     debian = {"NIXERY_BUNDLED_SET": "debian", "NIXERY_DEBIAN_SET_DIR": str(tmp_path)}
-    assert load(debian).baseline == ("cacert", "iana-etc", "ncurses-base")
+    assert load(debian).baseline == ("cacert", "iana-etc", "ncurses-base", "locales-c-utf8")
     assert load({**debian, "NIXERY_BASELINE": "cacert"}).baseline == ("cacert",)
     assert load({**debian, "NIXERY_PKGS_PATH": str(tmp_path)}).baseline == ("cacert", "iana-etc")
 
