@@ -2,8 +2,10 @@
 
 By default a CA bundle (`cacert`; in the Debian-derived set an alias of
 `ca-certificates`) and `/etc/services` with `/etc/protocols` (`iana-etc`; in
-the Debian set an alias of `netbase`), as Nixery gives every image. Names the
-package set lacks are left out without a word: a set need not have them.
+the Debian set an alias of `netbase`), as Nixery gives every image. The
+bundled Debian set's default adds its terminfo database and C.UTF-8 locale
+(`DEBIAN_SET_BASELINE`). Names the package set lacks are left out without a
+word: a set need not have them.
 
 What this module guarantees:
 
@@ -36,6 +38,15 @@ from nixery.singleflight import SingleFlight
 log = structlog.get_logger(__name__)
 
 DEFAULT_BASELINE = ("cacert", "iana-etc")
+#: The bundled Debian set's default, with what Debian has in every system (Essential packages, so
+#: no package depends on them) and programs look for at fixed paths. Its terminfo database
+#: (ncurses-base: /lib/terminfo, /usr/share/terminfo), where libtinfo looks: without it `python3`'s
+#: curses, readline and every program the set does not wrap with TERMINFO_DIRS found no `xterm`
+#: ("could not find terminfo database"). The C.UTF-8 locale (`locales-c-utf8`, libc-bin's
+#: /usr/lib/locale/C.utf8 alone): without it LANG=C.UTF-8 was the C locale (bash: "setlocale:
+#: cannot change locale", `wc -m` counted bytes). nixpkgs' ncurses and glibc find their own, so the
+#: generic default goes without (and keeps its image keys).
+DEBIAN_SET_BASELINE = (*DEFAULT_BASELINE, "ncurses-base", "locales-c-utf8")
 
 
 class Baseline:

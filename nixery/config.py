@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nixery.baseline import DEFAULT_BASELINE
+from nixery.baseline import DEBIAN_SET_BASELINE, DEFAULT_BASELINE
 from nixery.errors import NameInvalid
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, parse_layer_cost_mb
@@ -44,6 +44,8 @@ class BundledSet:
     path: Path  # a directory with default.nix
     #: Served because the Debian set is not generated (NIXERY_BUNDLED_SET=auto), not because it was asked for.
     fallback: bool = False
+    #: NIXERY_BASELINE's default when this set is served.
+    baseline: tuple[str, ...] = DEFAULT_BASELINE
 
 
 #: Package sets that ship with the registry, served when no source is configured.
@@ -57,7 +59,9 @@ def debian_set(env: Mapping[str, str] | None = None) -> BundledSet:
     """The Debian-derived set, where NIXERY_DEBIAN_SET_DIR in `env` (default: the process
     environment, read now) puts it."""
     env = os.environ if env is None else env
-    return BundledSet("debian", Path(env.get("NIXERY_DEBIAN_SET_DIR") or DEFAULT_DEBIAN_SET_DIR))
+    return BundledSet(
+        "debian", Path(env.get("NIXERY_DEBIAN_SET_DIR") or DEFAULT_DEBIAN_SET_DIR), baseline=DEBIAN_SET_BASELINE
+    )
 
 
 class ConfigError(ValueError):
@@ -411,10 +415,10 @@ def _platforms(env: Mapping[str, str]) -> tuple[Arch, ...]:
         raise ConfigError(f"NIXERY_PLATFORMS={raw!r}: {exc}") from None
 
 
-def _baseline(env: Mapping[str, str]) -> tuple[str, ...]:
+def _baseline(env: Mapping[str, str], default: tuple[str, ...]) -> tuple[str, ...]:
     raw = env.get("NIXERY_BASELINE")
     if raw is None:
-        return DEFAULT_BASELINE
+        return default
     names = tuple(dict.fromkeys(raw.replace(",", " ").split()))
     for name in names:
         try:
@@ -475,13 +479,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     storage_path = Path(env.get("STORAGE_PATH") or DEFAULT_STORAGE_PATH)
     backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))
     auth = _auth(env)
+    flake, bundled_set = _flake(env), _bundled_set(env)
+    # The bundled set's own default baseline when it is the one served.
+    served_bundled = not (pkgs_path or pkgs_repo or channel or flake)
     return Settings(
         host=env.get("NIXERY_HOST") or "127.0.0.1",
         port=_int(env, "PORT", 8080, low=0, high=65535),
         pkgs_path=pkgs_path,
         pkgs_repo=pkgs_repo,
         channel=channel,
-        flake=_flake(env),
+        flake=flake,
         channel_url=env.get("NIXERY_CHANNEL_URL") or Settings.channel_url,
         git_ref_ttl=_float(env, "NIXERY_GIT_REF_TTL", 30.0),
         channel_ttl=_float(env, "NIXERY_CHANNEL_TTL", 3600.0),
@@ -494,7 +501,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         blob_accel_redirect=_accel_redirect(env),
         verified_blob_links=_verified_links(env, backend, auth),
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
-        bundled_set=_bundled_set(env),
+        bundled_set=bundled_set,
         nix_timeout=_float(env, "NIX_TIMEOUT", 600.0),
         nix_evaluator=_choice(env, "NIXERY_NIX_EVALUATOR", "repl", ("repl", "process")),
         evaluator_memory_limit=_int(env, "NIXERY_EVALUATOR_MEMORY_MB", 1024, low=64, high=1 << 20) << 20,
@@ -507,7 +514,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))
         ),
         platforms=_platforms(env),
-        baseline=_baseline(env),
+        baseline=_baseline(env, bundled_set.baseline if served_bundled else DEFAULT_BASELINE),
         nix_annotations=_bool(env, "NIXERY_NIX_ANNOTATIONS", False),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),

@@ -171,8 +171,12 @@ def have(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
-def podman_run(image: str, *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return run(["podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, image, *command], timeout=timeout)
+def podman_run(image: str, *command: str, timeout: float = 300, tty: bool = False) -> subprocess.CompletedProcess[str]:
+    """`tty`: with a terminal, as `podman run -t` gives (TERM=xterm; stderr comes on stdout, lines end in CRLF)."""
+    terminal = ["-t"] if tty else []
+    return run(
+        ["podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, *terminal, image, *command], timeout=timeout
+    )
 
 
 def ctr_pull_and_run(image: str, base: Path, *command: str) -> subprocess.CompletedProcess[str]:

@@ -443,6 +443,36 @@ def test_tzdata_lands_where_debian_puts_it(debian_registry: RegistryProcess) -> 
     assert result.stdout.strip() == "ok"
 
 
+def test_programs_the_set_does_not_wrap_find_xterm_in_the_terminfo_database(debian_registry: RegistryProcess) -> None:
+    """`podman run -t` sets TERM=xterm. Debian's terminfo database (ncurses-base) is Essential, so
+    no package depends on it and only the programs the set wraps (bash, vim, less...) were told
+    where it is: `python3`'s curses failed ("could not find terminfo database"), and so did
+    readline's. The Debian set's baseline now has it at /lib/terminfo and /usr/share/terminfo,
+    where libtinfo looks."""
+    script = (
+        "import curses, os; curses.setupterm();"
+        " print(os.environ['TERM'], curses.tigetnum('cols'), curses.tigetstr('clear'),"
+        " os.path.isfile('/lib/terminfo/x/xterm'))"
+    )
+    result = podman_run(f"{debian_registry.host}/python3", "python3", "-c", script, tty=True)
+    assert result.stdout.split() == ["xterm", "80", "b'\\x1b[H\\x1b[2J'", "True"], result.stdout
+
+
+def test_lc_all_c_utf8_is_a_locale_in_every_image(debian_registry: RegistryProcess) -> None:
+    """Debian has the C.UTF-8 locale in every system (libc-bin, Essential: no package depends on
+    it), and users set LANG or LC_ALL to it. The set's images had no locale: bash warned "setlocale:
+    LC_ALL: cannot change locale (C.UTF-8)", perl "Setting locale failed", Python's
+    setlocale raised "unsupported locale setting", and `wc -m` counted bytes. The Debian set's
+    baseline now has libc-bin's C.UTF-8 alone (`locales-c-utf8`: not its scripts' bash and gawk)."""
+    script = (
+        "printf '\\303\\251\\n' | wc -m; perl -e 'print qq(perl\\n)';"
+        " python3 -c 'import locale; print(locale.setlocale(locale.LC_ALL, \"\"))'"
+    )
+    result = podman_run(f"{debian_registry.host}/shell/perl/python3", "env", "LC_ALL=C.UTF-8", "bash", "-c", script)
+    assert result.stdout.split() == ["2", "perl", "C.UTF-8"], (result.stdout, result.stderr[-2000:])
+    assert "locale" not in result.stderr, result.stderr[-2000:]
+
+
 def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
     """A CA, and a certificate for 127.0.0.1 it signed: (ca.pem, server.pem, server.key)."""
     ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))

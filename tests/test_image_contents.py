@@ -159,9 +159,21 @@ def test_baseline_names_a_set_lacks_are_skipped_silently(start_registry) -> None
 def test_the_baseline_setting_is_checked() -> None:
     assert load({"NIXERY_BASELINE": "cacert, iana-etc cacert"}).baseline == ("cacert", "iana-etc")
     assert load({"NIXERY_BASELINE": ""}).baseline == ()
-    assert load({}).baseline == ("cacert", "iana-etc")
+    assert load({"NIXERY_BUNDLED_SET": "busybox"}).baseline == ("cacert", "iana-etc")
     with pytest.raises(ConfigError, match="NIXERY_BASELINE"):
         load({"NIXERY_BASELINE": "cacert,bad name!"})
+
+
+def test_the_bundled_debian_set_adds_its_terminfo_database_and_locale_to_the_default_baseline(
+    tmp_path: Path,
+) -> None:
+    """Debian's terminfo database and C.UTF-8 locale are Essential (no package depends on them): the
+    bundled Debian set's default baseline has them; another source, or NIXERY_BASELINE set, does not."""
+    (tmp_path / "default.nix").write_text("{ ... }: { }\n")
+    debian = {"NIXERY_BUNDLED_SET": "debian", "NIXERY_DEBIAN_SET_DIR": str(tmp_path)}
+    assert load(debian).baseline == ("cacert", "iana-etc", "ncurses-base", "locales-c-utf8")
+    assert load({**debian, "NIXERY_BASELINE": "cacert"}).baseline == ("cacert",)
+    assert load({**debian, "NIXERY_PKGS_PATH": str(tmp_path)}).baseline == ("cacert", "iana-etc")
 
 
 def test_conflicts_are_told_in_the_builds_progress() -> None:
@@ -199,3 +211,19 @@ def test_an_image_without_a_shell_package_runs_sh_and_env_scripts_from_its_closu
     finally:
         run(["podman", "rmi", "--force", image], check=False)
     assert result.stdout == "Hello, world! from /greet.sh\n"
+
+
+def test_every_image_has_a_var_tmp_that_any_user_writes_to(registry: RegistryProcess) -> None:
+    """Debian has /var/tmp, sticky and writable by all, like /tmp: `mktemp -p /var/tmp` said
+    "No such file or directory" in every image."""
+    image = f"{registry.host}/hello"
+    script = "mktemp -p /var/tmp >/dev/null && stat -c %a /var/tmp"
+    try:
+        for user in ("0", "65534"):
+            result = run([
+                "podman", "run", "--rm", "--tls-verify=false", *PODMAN_RUN_FLAGS, "--user", user, image,
+                "sh", "-c", script,
+            ], check=False)
+            assert (result.returncode, result.stdout) == (0, "1777\n"), (user, result.stdout, result.stderr[-1000:])
+    finally:
+        run(["podman", "rmi", "--force", image], check=False)

@@ -8,9 +8,9 @@ normal system: the requested packages' trees are linked at `/`
 requested package's first, so `python3` alone still runs `os.system`, with the
 `sh` its own scripts use), `/etc/ssl/certs` (and OpenSSL's `cert.pem` in
 `/etc/ssl` and `/usr/lib/ssl`) point at a CA bundle from the closure when there
-is one, `/tmp` is writable, `/etc/hosts` knows localhost, Nix (when a
-requested package has it) builds as root without a sandbox, and `/etc/passwd`
-knows root (and a declared image's user,
+is one, `/tmp` and `/var/tmp` are writable, `/etc/hosts` knows localhost, Nix
+(when a requested package has it) builds as root without a sandbox, and
+`/etc/passwd` knows root (and a declared image's user,
 `nixery.registry.runconfig`, whose home directory is writable like `/tmp`: tar
 entries here are owned by root).
 """
@@ -108,7 +108,9 @@ def find_program(candidates: Sequence[str], closure: Iterable[str], preferred: S
 def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]:
     """What every image has at `/` whatever its packages (they win over the packages')."""
     own = [Entry(directory, "dir", 0o755) for directory in ("bin", "etc", "usr", "usr/bin", "root")]
-    own.append(Entry("tmp", "dir", 0o1777))
+    # /var/tmp too, as in Debian: scripts and tools write there (`mktemp -p /var/tmp`, large
+    # temporary files kept off a tmpfs /tmp); a package's own var/ is never linked.
+    own += [Entry("tmp", "dir", 0o1777), Entry("var", "dir", 0o755), Entry("var/tmp", "dir", 0o1777)]
     user = account(config)
     if user is not None:
         own += [Entry("home", "dir", 0o755), Entry(user.home, "dir", 0o1777)]

@@ -247,6 +247,16 @@ SHELL_MEMBERS = ["bash", "dash", "coreutils", "grep", "sed", "gawk", "findutils"
                  "tar", "gzip", "procps", "ncurses-bin", "debianutils", "hostname", "nano"]
 SHELL_EXTRA = ["ca-certificates"]
 
+#: Files of a package as a package of their own, without the package's dependencies (copied, so
+#: nothing refers to the package): attribute -> (Debian package, paths). The registry gives every
+#: image of the set the C.UTF-8 locale (its baseline, nixery/baseline.py); all of libc-bin would
+#: bring the bash and gawk of its scripts (ldd, tzselect) along, 16 MB more in every image. The
+#: package's Debian names, version and copyright come along for the SBOM.
+PARTS = {
+    "locales-c-utf8": ("libc-bin", ["usr/lib/locale/C.utf8", "usr/share/doc/libc-bin/copyright",
+                                    "nix-support/debian-packages", "nix-support/debian-versions"]),
+}
+
 #: meta.mainProgram where it is not the package name.
 MAIN_PROGRAMS = {
     "openssh-client": "ssh", "xz-utils": "xz", "ripgrep": "rg", "netcat-openbsd": "nc",
@@ -717,6 +727,20 @@ class SetWriter:
         w(f"    meta = {{ mainProgram = \"bash\"; description = {described}; }};")
         w("  };")
         w("")
+        w("  parts = {")
+        for part, (package, paths) in sorted(PARTS.items()):
+            self._need(package, f"part {part}")
+            if part in self.debs:
+                raise SystemExit(f"part {part} is a package name too")
+            w(f"    {attr_name(part)} = lib.mkPart {{")
+            w(f"      name = {nix_string(store_name(part + '-' + self.debs[package].version))};")
+            w(f"      from = units.{attr_name(self.unit_of[package])};")
+            w(f"      paths = [ {' '.join(nix_string(path) for path in paths)} ];")
+            described = nix_string(f"{', '.join(paths[:1])} of Debian package {package} {self.debs[package].version}")
+            w(f"      meta = {{ description = {described}; }};")
+            w("    };")
+        w("  };")
+        w("")
         w("  nixNames = {")
         for nix_name, target in sorted(NIX_NAMES.items()):
             if target.startswith("env:"):
@@ -726,7 +750,7 @@ class SetWriter:
                 w(f"    {attr_name(nix_name)} = debian.{attr_name(target)};")
         w("  };")
         w("in")
-        w("debian // nixNames // { inherit shell debian; }")
+        w("debian // nixNames // parts // { inherit shell debian; }")
         return "\n".join(lines) + "\n"
 
     def package_list(self) -> str:

@@ -129,6 +129,26 @@ rec {
       wrapperShell = if wrapperShell == null then "" else wrapperShell;
     } // { inherit meta packages; };
 
+  # Files of a package copied into a package of their own, which refers to nothing: what every
+  # image gets without the package's dependencies (libc-bin's C.UTF-8 locale).
+  mkPart =
+    { name
+    , from                # the package
+    , paths               # its files and directories to copy, relative to it
+    , meta ? { }
+    }:
+    derivation {
+      inherit name system from paths;
+      builder = busybox;
+      args = [ "sh" "-euc" ''
+        for path in $paths; do
+          mkdir -p "$out/$(dirname "$path")"
+          cp -R "$from/$path" "$out/$path"
+        done
+      '' ];
+      PATH = "${tools}/bin";
+    } // { inherit meta; };
+
   # Several packages merged into one tree of symlinks (like nixpkgs' buildEnv),
   # for programs that look for their files next to their own executable
   # (python3 finds its standard library from its real location, so its binary
