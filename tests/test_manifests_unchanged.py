@@ -33,8 +33,9 @@ import pytest
 
 from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryProcess
 
-# The commit that linked the CA bundle at OpenSSL's default files (2026-12-04, the top layer of
-# every image with a CA bundle changed). Before it: the one that gave every image /etc/hosts,
+# The merge that gave every image /var/tmp (2026-12-04, every top layer changed). Before it: the
+# commit that linked the CA bundle at OpenSSL's default files, f7008c7186efcef3df8e78f6233cd3538073db15
+# (the top layer of every image with a CA bundle changed); the one that gave every image /etc/hosts,
 # dacb07a8a278b7526df080d86a793d2028e9bfe1 (every top layer changed); the one that gave images
 # without a shell package the closure's /bin/sh and /usr/bin/env,
 # 14ff2137bf2ae4b8d61bd748add409b103b122d6 (`hello`'s top layer changed); the commit that put
@@ -42,7 +43,7 @@ from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryPr
 # before that, the last commit before the issue-21 refactor, 08ddb890f0a28e36784266bfb30223c8afc0d095.
 # Move it forward only to a commit whose manifests are known to be right, e.g. once a
 # change that is meant to alter manifests (a new layout or config field) has landed.
-BASELINE = "f7008c7186efcef3df8e78f6233cd3538073db15"
+BASELINE = "4f0ebbbca63153a90e655d2a9cb08d7a93f91213"
 
 BUSYBOX_SET = REPOSITORY / "pkgs" / "busybox"
 
