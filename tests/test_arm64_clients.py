@@ -130,6 +130,32 @@ def test_podman_runs_arm64_python3_with_ssl(debian_registry: RegistryProcess) ->
     assert out == "aarch64 OpenSSL\n"
 
 
+def test_arm64_images_of_the_debian_set_have_its_locale_terminfo_var_tmp_and_ca_bundle(
+    debian_registry: RegistryProcess,
+) -> None:
+    """What every amd64 image of the Debian set has (tests/test_debian_set.py, test_image_contents.py),
+    the arm64 ones have too: the baseline's C.UTF-8 locale and terminfo database come from the set's
+    aarch64-linux packages (a baseline name that set lacked would be left out without a word), and
+    /var/tmp and the CA bundle at OpenSSL's default file from the registry. Any warning (bash's
+    "setlocale: cannot change locale") shows in the output, which must be exact."""
+    # python3 started without the shell's environment (as podman, cron or `su -` start programs):
+    # no TERMINFO_DIRS from the set's bash, no SSL_CERT_FILE (arm64 libssl reads /usr/lib/ssl/cert.pem)
+    python = (
+        "import curses, locale, platform, ssl; curses.setupterm(); print(platform.machine(),"
+        " locale.setlocale(locale.LC_ALL, ''), curses.tigetnum('cols'),"
+        " len(ssl.create_default_context().get_ca_certs()) > 100)"
+    )
+    script = "\n".join([
+        "exec 2>&1",  # warnings land in the output: bash warns when LC_ALL names a locale it lacks
+        "export LC_ALL=C.UTF-8",
+        "printf '\\303\\251\\n' | wc -m",  # one character, two bytes
+        "mktemp -p /var/tmp >/dev/null && stat -c %a /var/tmp",
+        f'env -i TERM=xterm LC_ALL=C.UTF-8 /bin/python3 -c "{python}"',
+    ])
+    out = podman_run_arm64(f"{debian_registry.host}/arm64/shell/python3", "bash", "-c", script)
+    assert out == "2\n1777\naarch64 C.UTF-8 80 True\n", out
+
+
 def test_containerd_pulls_arm64(debian_registry: RegistryProcess, tmp_path: Path) -> None:
     image = f"{debian_registry.host}/arm64/shell/curl:latest"
     with daemons.containerd(tmp_path / "containerd") as socket:
