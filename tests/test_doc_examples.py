@@ -8,6 +8,10 @@ What counts as an example (in code blocks, and in inline code elsewhere):
   (for `skopeo copy`, only the source);
 * `nixery build [--options] NAME` and `nixery inspect NAME`;
 * `/v2/NAME/manifests/REF` (curl examples) and `"image": "NAME"` (POST /builds);
+* in prose and tables, a name of several packages that starts with `shell` (`shell/tzdata`,
+  `arm64/shell/curl`): `shell` is a package of every bundled set, so such a name is an
+  image; one followed by a quoted answer (`shell/curll`: "did you mean curl?") is an
+  example of a name the registry refuses with an error that says those words;
 * the first column of a table headed `| name |` (the README's image names);
 * the contents of each NixImage (in a YAML block, and in deploy/examples/, which the
   docs apply): the image its names make, for each of its platforms (`arm64/...`); its
@@ -41,7 +45,16 @@ import pytest
 import yaml
 
 from nixery.config import debian_set
-from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
+from tests.registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    PODMAN_RUN_FLAGS,
+    REPOSITORY,
+    RegistryProcess,
+    error_of,
+    have,
+    run,
+)
 
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 #: NixImage files the docs tell readers to apply (docs/kubernetes.md).
@@ -58,6 +71,11 @@ _NIXERY_COMMAND = re.compile(rf"\bnixery (?:build|inspect)(?: --?[a-z-]+(?: (?!-
                              rf"(?::(?P<tag>{_TAG}))?")
 _MANIFEST_PATH = re.compile(rf"/v2/(?P<name>{_NAME})/manifests/(?P<tag>{_TAG})")
 _IMAGE_FIELD = re.compile(rf'"image":\s*"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?"')
+#: An image name in prose: `shell/...` or `arm64/shell[/...]`; with the answer the docs quote
+#: for it, when they quote one.
+_PROSE_NAME = re.compile(
+    rf'`(?P<name>arm64/shell(?:/{_NAME})?|shell/{_NAME})(?::(?P<tag>{_TAG}))?`(?:: "(?P<answer>[^"]+)")?'
+)
 _MARKER = re.compile(
     r'^\[//\]: # "examples(?P<what>: busybox set| not pulled(?: \((?P<names>[^)]*)\))?: (?P<why>.+))"$'
 )
@@ -70,6 +88,8 @@ class Example:
     name: str
     tag: str
     package_set: str | None  # "debian", "busybox", or None: not pulled
+    #: Words the docs quote from the error the registry answers (a misspelt name), else None: it pulls.
+    answer: str | None = None
 
     def __str__(self) -> str:
         return f"{self.document}:{self.line}: {self.name}:{self.tag}"
@@ -87,8 +107,13 @@ def references(text: str) -> Iterator[tuple[str, str]]:
         found += [(m.start(), m["name"], m["tag"]) for m in pattern.finditer(text)]
     for _, name, tag in sorted(found):
         name = name.rstrip(".")
-        if not name.replace("/", "").replace("_", "").isupper():  # NAME, IMAGE: placeholders
+        if not _placeholder(name):
             yield name, tag or "latest"
+
+
+def _placeholder(name: str) -> bool:
+    """NAME, IMAGE, shell/NAME: upper case only, in every part but a package's."""
+    return name.removeprefix("arm64/").removeprefix("shell/").replace("/", "").replace("_", "").isupper()
 
 
 def declared(text: str) -> Iterator[tuple[str, str]]:
@@ -132,33 +157,42 @@ def _blocks(lines: list[str]) -> Iterator[list[tuple[int, str]]]:
         yield block
 
 
-def _block_examples(block: list[tuple[int, str]]) -> Iterator[tuple[int, str, str]]:
-    """(line, name, tag) of each example in one block."""
+def _prose_examples(text: str) -> Iterator[tuple[str, str, str | None]]:
+    """(name, tag, answer) of each example in a line of prose or in table cells."""
+    found = [(m.start(), m["name"], m["tag"] or "latest", m["answer"])
+             for m in _PROSE_NAME.finditer(text) if not _placeholder(m["name"])]
+    for code in re.finditer(r"`([^`]+)`", text):
+        found += [(code.start(), name, tag, None) for name, tag in references(code.group(1))]
+    yield from (example for _, *example in sorted(found))
+
+
+def _block_examples(block: list[tuple[int, str]]) -> Iterator[tuple[int, str, str, str | None]]:
+    """(line, name, tag, answer) of each example in one block."""
     first = block[0][1].strip()
     if first.startswith("```") or all(line.startswith("    ") for _, line in block):  # code
         lines = block[1:-1] if first.startswith("```") else block
         if any(line.strip() == "kind: NixImage" for _, line in lines):
-            yield from ((block[0][0], name, tag) for name, tag in declared("\n".join(line for _, line in lines)))
+            text = "\n".join(line for _, line in lines)
+            yield from ((block[0][0], name, tag, None) for name, tag in declared(text))
             return
         joined = ""
         for number, line in lines:
             if line.rstrip().endswith("\\"):  # a command continued on the next line
                 joined += line.rstrip()[:-1] + " "
                 continue
-            yield from ((number, name, tag) for name, tag in references(joined + line))
+            yield from ((number, name, tag, None) for name, tag in references(joined + line))
             joined = ""
     elif first.startswith("|"):  # a table; the first column of one headed `name` holds image names
         names_column = [c.strip() for c in first.strip("|").split("|")][0] == "name"
         for number, line in block[2:]:
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
             if names_column:
-                yield from ((number, name, "latest") for name in _inline_code(cells[0]))
-            for code in _inline_code(line):
-                yield from ((number, name, tag) for name, tag in references(code))
+                yield from ((number, name, "latest", None) for name in _inline_code(cells[0]))
+                cells = cells[1:]
+            yield from ((number, *example) for example in _prose_examples(" | ".join(cells)))
     else:
         for number, line in block:
-            for code in _inline_code(line):
-                yield from ((number, name, tag) for name, tag in references(code))
+            yield from ((number, *example) for example in _prose_examples(line))
 
 
 def examples(path: Path, document: str | None = None) -> Iterator[Example]:
@@ -173,15 +207,15 @@ def examples(path: Path, document: str | None = None) -> Iterator[Example]:
         governed = list(_block_examples(block))
         if marker is not None:
             named = [n.strip() for n in (marker["names"] or "").split(",") if n.strip()]
-            unknown = set(named) - {name for _, name, _ in governed}
+            unknown = set(named) - {name for _, name, _, _ in governed}
             assert governed and not unknown, f"{document}: {marker.group(0)} governs no such example {unknown or ''}"
-        for number, name, tag in governed:
+        for number, name, tag, answer in governed:
             package_set: str | None = "debian"
             if marker is not None and marker["what"] == ": busybox set":
                 package_set = "busybox"
             elif marker is not None and (not named or name in named):
                 package_set = None
-            yield Example(document, number, name, tag, package_set)
+            yield Example(document, number, name, tag, package_set, answer)
         marker = None
 
 
@@ -197,16 +231,18 @@ def test_the_docs_have_examples_and_few_are_left_out() -> None:
     found = {(e.document, e.name) for e in ALL}
     for expected in [("README.md", "shell/curl"), ("README.md", "shell/jq"), ("docs/usage.md", "shell/git/jq"),
                      ("docs/web.md", "shell/curl"), ("docs/auth.md", "shell/curl"),
-                     ("docs/kubernetes.md", "curl/jq/bash"), ("deploy/examples/niximages.yaml", "curl/jq/bash")]:
+                     ("docs/kubernetes.md", "curl/jq/bash"), ("deploy/examples/niximages.yaml", "curl/jq/bash"),
+                     ("docs/usage.md", "shell/tzdata"), ("docs/package-sources.md", "arm64/shell/python3")]:
         assert expected in found, expected
+    assert ("README.md", "shell/curll", "curll (did you mean curl?)") in {(e.document, e.name, e.answer) for e in ALL}
     left_out = [str(e) for e in ALL if e.package_set is None]
-    assert len(left_out) <= 10, left_out  # 9: a digit name, sets and repositories of one's own, the self image
+    assert len(left_out) <= 10, left_out  # 10: a digit name, sets and repositories of one's own, the self image
 
 
 def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
     doc.write_text(
-        "Pull `HOST/shell/curl`; `shell/jq` alone is no pull.\n\n"
+        "Pull `HOST/shell/curl`; `curl/jq` alone is no pull.\n\n"
         '[//]: # "examples: busybox set"\n\n'
         "    podman run --rm 127.0.0.1:8080/shell/hello\n"
         "    skopeo copy docker://127.0.0.1:8080/shell/hello:v1 \\\n"
@@ -214,6 +250,8 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
         '[//]: # "examples not pulled (tools.linter): the set above"\n\n'
         "`HOST/tools.linter` and `HOST/curl/jq`; `nixery build --local shell/jq`,\n"
         "`nixery build NAME`, `/v2/{name}/manifests/{reference}`, `curl http://HOST/v2/jq/manifests/latest`.\n\n"
+        '`shell/tzdata` has zoneinfo, `arm64/shell` and `shell/NAME` are names, `shell` and `bin/sh` are not;\n'
+        '`shell/curll`: "did you mean curl?".\n\n'
         "| name | image |\n|---|---|\n| `Curl` | any case |\n\n"
         "```yaml\nkind: NixImage\nmetadata: {name: tools}\n"
         "data: {tag: v2, contents: [shell, jq], arch: [amd64, arm64]}\n```\n"
@@ -226,10 +264,14 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
         (11, "curl/jq", "latest", "debian"),
         (11, "shell/jq", "latest", "debian"),
         (12, "jq", "latest", "debian"),
-        (16, "Curl", "latest", "debian"),
-        (18, "shell/jq", "v2", "debian"),
-        (18, "arm64/shell/jq", "v2", "debian"),
+        (14, "shell/tzdata", "latest", "debian"),
+        (14, "arm64/shell", "latest", "debian"),
+        (15, "shell/curll", "latest", "debian"),
+        (19, "Curl", "latest", "debian"),
+        (21, "shell/jq", "v2", "debian"),
+        (21, "arm64/shell/jq", "v2", "debian"),
     ]
+    assert [e.answer for e in examples(doc, "doc.md") if e.name == "shell/curll"] == ["did you mean curl?"]
     doc.write_text('[//]: # "examples not pulled (x): stale"\n\nNo example here.\n')
     with pytest.raises(AssertionError, match="governs no such example"):
         list(examples(doc, "doc.md"))
@@ -271,16 +313,30 @@ def _pull(registry: RegistryProcess, name: str, tag: str) -> str | None:
     return None if status == 200 else f"{status} {body[:300].decode(errors='replace')}"
 
 
+def _unlike_the_answer(registry: RegistryProcess, name: str, tag: str, answer: str) -> str | None:
+    """None when the registry refuses the name with an error message that has the words
+    the docs quote, else what it said."""
+    status, _, body = registry.request(f"/v2/{name}/manifests/{tag}")
+    if status != 200:
+        messages = [error.get("message", "") for error in json.loads(body).get("errors", [])]
+        if any(answer in message for message in messages):
+            return None
+    return f"not an error saying {answer!r}: {status} {body[:300].decode(errors='replace')}"
+
+
 @needs_debian_set
 def test_every_doc_example_pulls_from_the_set_it_is_about(registries: dict[str, RegistryProcess]) -> None:
+    """An example with an answer (a misspelt name) gets an error that says what the docs quote."""
     failures = []
-    pulled: dict[tuple[str, str, str], str | None] = {}
+    pulled: dict[tuple[str, str, str, str | None], str | None] = {}
     for example in ALL:
         if example.package_set is None:
             continue
-        key = (example.package_set, example.name, example.tag)
+        key = (example.package_set, example.name, example.tag, example.answer)
         if key not in pulled:
-            pulled[key] = _pull(registries[example.package_set], example.name, example.tag)
+            registry = registries[example.package_set]
+            pulled[key] = (_pull(registry, example.name, example.tag) if example.answer is None
+                           else _unlike_the_answer(registry, example.name, example.tag, example.answer))
         if pulled[key] is not None:
             failures.append(f"{example} ({example.package_set} set): {pulled[key]}")
     assert not failures, "doc examples that do not work:\n" + "\n".join(failures)
@@ -362,3 +418,48 @@ def test_every_package_the_readme_lists_for_the_debian_set_is_a_name_it_has() ->
     names = json.loads(run(["nix-instantiate", "--eval", "--json", "-E",
                             f"builtins.attrNames (import {debian_set().path} {{ }})"]).stdout)
     assert not [name for name in listed if name not in names], "listed in the README, not in the Debian set"
+
+
+def _readme_text() -> str:
+    """The README with its lines joined by single spaces, as a reader takes a sentence."""
+    return " ".join((REPOSITORY / "README.md").read_text().split())
+
+
+@needs_debian_set
+def test_the_names_the_readme_calls_one_image_have_the_same_digests(registries: dict[str, RegistryProcess]) -> None:
+    """"`shell/jq`, `jq/shell` and `JQ/Shell` are one image (the same digests, one build)"."""
+    names = _inline_code(_readme_text().split(" are one image (the same digests", 1)[0].rsplit(": ", 1)[1])
+    assert len(names) >= 3, names
+    registry = registries["debian"]
+    for accept in (DOCKER_MANIFEST, OCI_MANIFEST):
+        digests = {name: registry.manifest(name, accept=accept)[0] for name in names}
+        assert len(set(digests.values())) == 1, digests
+
+
+@needs_debian_set
+def test_the_package_names_the_readme_offers_for_the_debian_set_are_images(
+    registries: dict[str, RegistryProcess],
+) -> None:
+    """"Use the usual Nix names (`python3`, ...) or Debian's, as the package search shows them
+    (`openssh-client`, `python3.11`: ...; `+` and `.` also become `x` and `_`: `libstdcxx6`, `python3_11`)"."""
+    sentence = _readme_text().split("Use the usual Nix names", 1)[1].split("`shell` is bash", 1)[0]
+    names = [code for code in _inline_code(sentence) if len(code) > 1]  # not the characters `+`, `x`
+    assert {"python3", "openssh-client", "python3.11", "libstdcxx6", "python3_11"} <= set(names), names
+    failures = {name: answer for name in names if (answer := _pull(registries["debian"], name, "latest"))}
+    assert not failures, failures
+
+
+@needs_debian_set
+def test_the_platform_prefixes_the_readme_says_are_packages_are_refused_saying_so(
+    registries: dict[str, RegistryProcess],
+) -> None:
+    """"`amd64/shell` or `riscv64/shell` asks for a package called `amd64` or `riscv64`, and when
+    the set has none the answer says so"."""
+    row = _readme_text().split("It is the only platform prefix: ", 1)[1].split(" asks for a package called", 1)[0]
+    names = _inline_code(row)
+    assert names == ["amd64/shell", "riscv64/shell"], names
+    for name in names:
+        status, _, body = registries["debian"].request(f"/v2/{name}/manifests/latest")
+        assert status == 404 and error_of(body)["code"] == "MANIFEST_UNKNOWN", (status, body)
+        prefix = name.split("/")[0]
+        assert f"packages not found in bundled debian: {prefix}" in error_of(body)["message"], body
