@@ -463,3 +463,19 @@ def test_the_platform_prefixes_the_readme_says_are_packages_are_refused_saying_s
         assert status == 404 and error_of(body)["code"] == "MANIFEST_UNKNOWN", (status, body)
         prefix = name.split("/")[0]
         assert f"packages not found in bundled debian: {prefix}" in error_of(body)["message"], body
+
+
+@needs_debian_set
+def test_the_arm64_package_count_and_the_amd64_only_ones_package_sources_md_gives_are_the_sets() -> None:
+    """"the same package list for arm64 (N packages: htop's A and strace's B are amd64-only
+    dependencies)": N is what the generated set has for arm64, A and B what it lacks there."""
+    text = " ".join((REPOSITORY / "docs" / "package-sources.md").read_text().split())
+    found = re.search(r"for arm64 \((\d+) packages: (.*?) are amd64-only dependencies\)", text)
+    assert found is not None
+
+    def listed(name: str) -> set[str]:
+        return {line.split()[0] for line in (debian_set().path / name).read_text().splitlines() if line.strip()}
+
+    arm64, amd64 = listed("packages-arm64.txt"), listed("packages.txt")
+    assert int(found[1]) == len(arm64), f"docs/package-sources.md says {found[1]}; the set has {len(arm64)}"
+    assert set(re.findall(r"'s (\S+)", found[2])) == amd64 - arm64
