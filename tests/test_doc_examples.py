@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,22 +385,71 @@ def test_the_pages_examples_pull_from_the_debian_set(registries: dict[str, Regis
     assert not failures, failures
 
 
+def _readme_podman_checks() -> Iterator[tuple[list[int], str]]:
+    """(lines, command) of each `podman run` of the README that says whether it worked: its
+    command ends `&& echo ok'`. A command continued with `\\` is joined."""
+    for block in _blocks((REPOSITORY / "README.md").read_text().splitlines()):
+        joined, numbers = "", []
+        for number, line in block:
+            joined, numbers = joined + line.strip().removesuffix("\\"), [*numbers, number]
+            if line.rstrip().endswith("\\"):
+                joined += " "
+                continue
+            if joined.startswith("podman run ") and joined.endswith("&& echo ok'"):
+                yield numbers, joined
+            joined, numbers = "", []
+
+
 @needs_debian_set
 @pytest.mark.clients
 @pytest.mark.skipif(not have("podman"), reason="needs podman")
-def test_the_readme_first_pull_runs_as_written(registries: dict[str, RegistryProcess]) -> None:
-    """The podman command of "The two commands", with this registry's port and the
-    --ulimit flags the README says our development machines need."""
-    readme = (REPOSITORY / "README.md").read_text()
-    section = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
-    block = section.split("Then, from another terminal:", 1)[1]
-    command = re.search(r"^    (podman run .*?)(?<!\\)$", block, re.M | re.S)
-    assert command is not None
-    argv = shlex.split(command.group(1).replace("\\\n", " ").replace("127.0.0.1:8080", registries["debian"].host))
-    assert argv[:2] == ["podman", "run"]
-    ulimits = PODMAN_RUN_FLAGS[PODMAN_RUN_FLAGS.index("--ulimit"):]
-    result = run([*argv[:2], *ulimits, *argv[2:]])
-    assert result.stdout.startswith("curl ") and result.stdout.splitlines()[-1] == "ok", result.stdout
+def test_the_readme_podman_commands_run_as_written(registries: dict[str, RegistryProcess]) -> None:
+    """Each `podman run ... && echo ok'` of the README (the first lines', "The two commands'"
+    and the busybox set's), against the registry of the set it is about, with the flags the
+    README says our development machines need (--runtime runc --network none, --ulimit ...)
+    added where the command lacks them."""
+    commands = list(_readme_podman_checks())
+    assert len(commands) >= 3, commands
+    for numbers, command in commands:
+        number = numbers[0]
+        package_sets = {e.package_set for e in ALL if e.document == "README.md" and e.line in numbers}
+        assert len(package_sets) == 1 and None not in package_sets, (number, package_sets)
+        host = registries[str(package_sets.pop())].host
+        argv = shlex.split(command.replace("127.0.0.1:8080", host))
+        assert argv[:2] == ["podman", "run"] and host in " ".join(argv), argv
+        needed = PODMAN_RUN_FLAGS if "--runtime" not in argv else PODMAN_RUN_FLAGS[PODMAN_RUN_FLAGS.index("--ulimit"):]
+        result = run([*argv[:2], *needed, *argv[2:]], stdin=subprocess.DEVNULL)  # -t without a terminal
+        lines = result.stdout.replace("\r", "").splitlines()
+        assert lines and lines[-1] == "ok", f"README.md:{number}: {command}\n{result.stdout}"
+
+
+def _readme_bash_sessions() -> Iterator[tuple[int, str, str, list[str]]]:
+    """(line, command, prompt, typed) of each `podman run ... bash` of the README shown with
+    what is typed at its prompt on the lines below (`bash-5.2# curl --version`)."""
+    for block in _blocks((REPOSITORY / "README.md").read_text().splitlines()):
+        for index, (number, line) in enumerate(block):
+            command = line.strip()
+            typed = [re.match(r"(bash-[\d.]+# )(.*)", rest.strip()) for _, rest in block[index + 1:]]
+            if command.startswith("podman run ") and command.endswith(" bash") and typed and typed[0]:
+                typed = typed[:next((i for i, t in enumerate(typed) if t is None), len(typed))]
+                yield number, command, typed[0][1], [t[2] for t in typed if t is not None]
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_the_readme_bash_session_runs_as_shown(registries: dict[str, RegistryProcess]) -> None:
+    """The shell the README shows (`bash-5.2#`) is the image's, and what it shows typed there works;
+    the commands are given on standard input (`-i` instead of `-ti`: there is no terminal)."""
+    sessions = list(_readme_bash_sessions())
+    assert sessions, "the README shows no bash session"
+    for number, command, prompt, typed in sessions:
+        argv = shlex.split(command.replace("127.0.0.1:8080", registries["debian"].host).replace(" -ti ", " -i "))
+        script = 'echo "bash-${BASH_VERSINFO[0]}.${BASH_VERSINFO[1]}# "\n' + "\n".join(typed) + "\n"
+        result = run([*argv[:2], *PODMAN_RUN_FLAGS, *argv[2:]], input=script)
+        lines = result.stdout.splitlines()
+        assert lines and lines[0].strip() == prompt.strip(), f"README.md:{number}: {prompt!r}, the image's: {lines[:1]}"
+        assert len(lines) > 1, f"README.md:{number}: {typed} printed nothing"  # and exited 0: run() checks
 
 
 def _listed_debian_packages() -> list[str]:
