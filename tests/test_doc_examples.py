@@ -38,6 +38,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,6 +451,73 @@ def test_the_readme_bash_session_runs_as_shown(registries: dict[str, RegistryPro
         lines = result.stdout.splitlines()
         assert lines and lines[0].strip() == prompt.strip(), f"README.md:{number}: {prompt!r}, the image's: {lines[:1]}"
         assert len(lines) > 1, f"README.md:{number}: {typed} printed nothing"  # and exited 0: run() checks
+
+
+def _code_commands(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, command) of each command of a document's code blocks: a command continued with
+    `\\` joined, a `# comment` left out."""
+    for block in _blocks(path.read_text().splitlines()):
+        if not (block[0][1].strip().startswith("```") or all(line.startswith("    ") for _, line in block)):
+            continue
+        joined, first = "", 0
+        for number, line in block:
+            joined, first = joined + line.strip().removesuffix("\\"), first or number
+            if line.rstrip().endswith("\\"):
+                joined += " "
+                continue
+            yield first, joined.split(" #", 1)[0].strip()
+            joined, first = "", 0
+
+
+def _pulled_commands(prefix: str) -> list[tuple[str, str]]:
+    """(where, command) of each command that starts with `prefix` and shows an image pulled
+    from the Debian set (not one the markers leave out, nor one of another registry)."""
+    debian_lines = {(e.document, e.line) for e in ALL if e.package_set == "debian"}
+    return [(f"{document}:{number}", command) for path in DOCUMENTS
+            for document in [str(path.relative_to(REPOSITORY))]
+            for number, command in _code_commands(path)
+            if command.startswith(prefix) and (document, number) in debian_lines]
+
+
+@needs_debian_set
+def test_the_nixery_build_and_inspect_commands_of_the_docs_run(
+    registries: dict[str, RegistryProcess], tmp_path: Path
+) -> None:
+    """Each `nixery build ...` and `nixery inspect ...` of the docs' code blocks, with and without
+    its `[optional parts]`, TAG as `latest` and the registry's address for 127.0.0.1:8080 and
+    URL, exits 0 (`--sbom` prints the SPDX JSON); `--local` builds with the registry's storage."""
+    registry = registries["debian"]
+    commands = _pulled_commands("nixery build ") + _pulled_commands("nixery inspect ")
+    assert {"docs/usage.md", "docs/web.md", "docs/sbom.md"} <= {where.split(":")[0] for where, _ in commands}
+    for where, command in commands:
+        command = command.split(" > ", 1)[0].replace("127.0.0.1:8080", registry.host).replace("URL", registry.url)
+        command = command.replace("TAG", "latest")
+        for variant in dict.fromkeys([re.sub(r"\[([^\]]*)\]", r"\1", command), re.sub(r" ?\[[^\]]*\]", "", command)]):
+            argv = shlex.split(variant)
+            result = run([sys.executable, "-m", *argv], check=False, timeout=600, env_extra={
+                "NIXERY_REGISTRY": registry.url, "STORAGE_PATH": str(registry.storage), "NIXERY_BUNDLED_SET": "debian",
+            })
+            said = result.stdout[-2000:] + result.stderr[-2000:]
+            assert result.returncode == 0, f"{where}: {variant}: exit {result.returncode}\n{said}"
+            if "--sbom" in argv:
+                assert json.loads(result.stdout)["spdxVersion"] == "SPDX-2.3", where
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_the_skopeo_copies_of_the_docs_run(registries: dict[str, RegistryProcess], tmp_path: Path) -> None:
+    """Each `skopeo copy ... docker://HOST/NAME oci:DIR:TAG` of the docs, into a directory of this test's."""
+    commands = _pulled_commands("skopeo copy ")
+    assert {"README.md", "docs/usage.md"} <= {where.split(":")[0] for where, _ in commands}, commands
+    for index, (where, command) in enumerate(commands):
+        argv = shlex.split(re.sub(r"docker://(?:HOST|127\.0\.0\.1:8080)/", f"docker://{registries['debian'].host}/",
+                                  command))
+        destination = argv[-1]
+        assert destination.startswith("oci:"), (where, destination)
+        argv[-1] = f"oci:{tmp_path / str(index)}:{destination.rsplit(':', 1)[1]}"
+        run(argv)
+        assert (tmp_path / str(index) / "index.json").is_file(), where
 
 
 def _listed_debian_packages() -> list[str]:
