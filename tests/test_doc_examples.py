@@ -520,6 +520,27 @@ def test_the_skopeo_copies_of_the_docs_run(registries: dict[str, RegistryProcess
         assert (tmp_path / str(index) / "index.json").is_file(), where
 
 
+@needs_debian_set
+@pytest.mark.skipif(not have("curl"), reason="needs curl")
+def test_the_curl_scripts_of_the_docs_run(registries: dict[str, RegistryProcess]) -> None:
+    """Each code block of curl commands against `http://127.0.0.1:8080` (docs/sbom.md's referrers
+    query) runs in bash with this registry's address, and its last command prints JSON: what it
+    shows (a referrers index that lists the SPDX SBOM)."""
+    scripts = []
+    for path in DOCUMENTS:
+        for block in _blocks(path.read_text().splitlines()):
+            text = "\n".join(line for _, line in block)
+            if "http://127.0.0.1:8080/" in text and re.search(r"^\s*(?:\S+=\$\()?curl ", text, re.M):
+                scripts.append((f"{path.relative_to(REPOSITORY)}:{block[0][0]}", text))
+    assert [where for where, _ in scripts if where.startswith("docs/sbom.md")], scripts
+    for where, script in scripts:
+        result = run(["bash", "-euo", "pipefail", "-c", script.replace("127.0.0.1:8080", registries["debian"].host)])
+        answer = json.loads(result.stdout)
+        if "referrers" in script:
+            listed = [m["artifactType"] for m in answer.get("manifests", [])]
+            assert listed == ["application/spdx+json"], (where, answer)
+
+
 def _listed_debian_packages() -> list[str]:
     """The names of "The Debian set holds a, b (note), c/d and e (`x`) (`packages.txt`)" in the README."""
     text = " ".join((REPOSITORY / "README.md").read_text().split())
