@@ -479,22 +479,43 @@ def _pulled_commands(prefix: str) -> list[tuple[str, str]]:
             if command.startswith(prefix) and (document, number) in debian_lines]
 
 
+def _nixery_commands_shown() -> list[tuple[str, str]]:
+    """(where, command) of each `nixery ...` command of the docs' code blocks that a test can
+    run as it is: not `serve` (the registries here are served), nor `layers plan` (its files
+    are placeholders), nor one of a block about another package set. After a pipe, the
+    command the pipe feeds."""
+    elsewhere = {(e.document, e.line) for e in ALL if e.package_set != "debian"}
+    shown = []
+    for path in DOCUMENTS:
+        document = str(path.relative_to(REPOSITORY))
+        for number, command in _code_commands(path):
+            command = command.rsplit(" | ", 1)[-1]
+            if (command.startswith("nixery ") and command.split()[1] not in ("serve", "layers")
+                    and (document, number) not in elsewhere):
+                shown.append((f"{document}:{number}", command))
+    return shown
+
+
 @needs_debian_set
-def test_the_nixery_build_and_inspect_commands_of_the_docs_run(
-    registries: dict[str, RegistryProcess], tmp_path: Path
-) -> None:
-    """Each `nixery build ...` and `nixery inspect ...` of the docs' code blocks, with and without
-    its `[optional parts]`, TAG as `latest` and the registry's address for 127.0.0.1:8080 and
-    URL, exits 0 (`--sbom` prints the SPDX JSON); `--local` builds with the registry's storage."""
+def test_the_nixery_commands_of_the_docs_run(registries: dict[str, RegistryProcess], tmp_path: Path) -> None:
+    """Each `nixery build`, `inspect`, `check`, `gc`, `auth` and `keys` command of the docs' code
+    blocks, with and without its `[optional parts]`, exits 0: TAG is `latest`, 127.0.0.1:8080 and
+    URL are the Debian set's registry (whose storage `check`, `gc` and `build --local` use), a
+    directory (DIR, /etc/nixery) is one of this test's, a redirection is left out, and a password
+    comes on standard input. `--sbom` prints the SPDX JSON."""
     registry = registries["debian"]
-    commands = _pulled_commands("nixery build ") + _pulled_commands("nixery inspect ")
-    assert {"docs/usage.md", "docs/web.md", "docs/sbom.md"} <= {where.split(":")[0] for where, _ in commands}
-    for where, command in commands:
-        command = command.split(" > ", 1)[0].replace("127.0.0.1:8080", registry.host).replace("URL", registry.url)
+    commands = _nixery_commands_shown()
+    assert {"build", "inspect", "check", "gc", "auth", "keys"} <= {command.split()[1] for _, command in commands}
+    # The docs inspect an image after pulling or building it; check and gc want a storage with one.
+    assert _pull(registry, "shell/curl", "latest") is None
+    for index, (where, command) in enumerate(commands):
+        command = re.split(r" >>? ", command, maxsplit=1)[0].replace("127.0.0.1:8080", registry.host)
+        directory = tmp_path / str(index)
+        command = re.sub(r"\bDIR\b|/etc/nixery", str(directory), command.replace("URL", registry.url))
         command = command.replace("TAG", "latest")
         for variant in dict.fromkeys([re.sub(r"\[([^\]]*)\]", r"\1", command), re.sub(r" ?\[[^\]]*\]", "", command)]):
             argv = shlex.split(variant)
-            result = run([sys.executable, "-m", *argv], check=False, timeout=600, env_extra={
+            result = run([sys.executable, "-m", *argv], check=False, timeout=600, input="a password\n", env_extra={
                 "NIXERY_REGISTRY": registry.url, "STORAGE_PATH": str(registry.storage), "NIXERY_BUNDLED_SET": "debian",
             })
             said = result.stdout[-2000:] + result.stderr[-2000:]
