@@ -37,8 +37,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ import pytest
 import yaml
 
 from nixery.config import debian_set
+from tests import daemons
 from tests.registry import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
@@ -560,6 +563,44 @@ def test_the_curl_scripts_of_the_docs_run(registries: dict[str, RegistryProcess]
         if "referrers" in script:
             listed = [m["artifactType"] for m in answer.get("manifests", [])]
             assert listed == ["application/spdx+json"], (where, answer)
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not all(have(tool) for tool in ("podman", "dockerd", "containerd", "ctr")),
+                    reason="needs podman, docker.io, containerd")
+def test_the_client_commands_of_the_docs_that_name_host_run(
+    registries: dict[str, RegistryProcess], tmp_path: Path
+) -> None:
+    """Each `docker run`, `podman run` and `ctr image pull` of the docs' code blocks whose registry
+    is HOST (the README's first lines, usage.md's "Pulling"), with HOST the Debian set's registry:
+    a `run ... bash` gets `echo ok` on standard input (`-i` for `-ti`: there is no terminal
+    here); podman gets the flags our machines need, docker `--network none` (its daemon has
+    no bridge); docker and ctr talk to daemons of this test's own."""
+    host = registries["debian"].host
+    commands = [(where, command) for prefix in ("docker run ", "podman run ", "ctr image pull ")
+                for where, command in _pulled_commands(prefix) if "HOST/" in command]
+    assert {"docker", "podman", "ctr"} == {command.split()[0] for _, command in commands}, commands
+    # A short base: dockerd's own containerd sockets under its exec root must fit a socket address
+    # (108 bytes); under this test's tmp_path dockerd failed to start its containerd.
+    base = Path(tempfile.mkdtemp(prefix="docs-", dir="/tmp"))
+    try:
+        with daemons.dockerd(base / "docker") as docker, daemons.containerd(base / "ctr") as containerd:
+            for where, command in commands:
+                argv = shlex.split(command.replace("HOST/", f"{host}/").replace(" -ti ", " -i "))
+                client, flags = {
+                    "podman": (["podman"], PODMAN_RUN_FLAGS),
+                    "docker": (["docker", "-H", f"unix://{docker}"], ["--network", "none"]),
+                    "ctr": (["ctr", "--address", str(containerd)], []),
+                }[argv[0]]
+                if argv[1] == "run":
+                    assert argv[-1] == "bash", (where, command)
+                    result = run([*client, "run", *flags, *argv[2:]], input="echo ok\n", timeout=600)
+                    assert result.stdout.splitlines()[-1:] == ["ok"], (where, result.stdout[-1000:])
+                else:
+                    run([*client, *argv[1:]], timeout=600)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _listed_debian_packages() -> list[str]:
