@@ -289,6 +289,22 @@ def test_examples_and_markers_are_recognised(tmp_path: Path) -> None:
         list(examples(doc, "doc.md"))
 
 
+def test_the_kubectl_output_kubernetes_md_shows_has_the_crds_columns_and_the_examples() -> None:
+    """docs/kubernetes.md's `kubectl get niximages` output: its header is NAME and the CRD's
+    printer columns kubectl shows by default (priority 0), its rows the NixImages of
+    deploy/examples/niximages.yaml, which the block above it applies."""
+    text = (REPOSITORY / "docs" / "kubernetes.md").read_text()
+    shown = text.split("kubectl get niximages\n```\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
+    (crd,) = yaml.safe_load_all((REPOSITORY / "deploy" / "base" / "crd.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    columns = ["NAME"] + [c["name"].upper() for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert shown[0].split() == columns, (shown[0], columns)
+    applied = yaml.safe_load_all((REPOSITORY / "deploy" / "examples" / "niximages.yaml").read_text())
+    declared_images = [d for d in applied if isinstance(d, dict) and d.get("kind") == "NixImage"]
+    rows = [row.split() for row in shown[1:]]
+    assert [row[:2] for row in rows] == sorted([d["metadata"]["name"], str(d["data"]["tag"])] for d in declared_images)
+
+
 # ---- pulling them ------------------------------------------------------------------
 
 if not (debian_set().path / "default.nix").is_file():
