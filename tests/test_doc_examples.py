@@ -703,3 +703,17 @@ def test_the_arm64_package_count_and_the_amd64_only_ones_package_sources_md_give
     arm64, amd64 = listed("packages-arm64.txt"), listed("packages.txt")
     assert int(found[1]) == len(arm64), f"docs/package-sources.md says {found[1]}; the set has {len(arm64)}"
     assert set(re.findall(r"'s (\S+)", found[2])) == amd64 - arm64
+
+
+@pytest.mark.nix
+def test_every_package_the_readme_names_for_the_busybox_set_is_a_name_it_has() -> None:
+    """"the busybox set, which has `hello`, `figlet`, ..." and the bundled sets' list ("`busybox`
+    (`pkgs/busybox/`): ... `shell`, `hello`, ... `scale-0` … `scale-299` ... for benchmarks")."""
+    text = _readme_text()
+    said = text.split("`make run` serves the busybox set, which has ", 1)[1].split(" instead", 1)[0]
+    listed = text.split("* `busybox` (`pkgs/busybox/`): ", 1)[1].split(" for benchmarks", 1)[0]
+    names = _inline_code(said) + _inline_code(listed)
+    assert {"hello", "figlet", "greet", "libwords", "cacert", "bigdata", "scale-299"} <= set(names), names
+    have_names = json.loads(run(["nix-instantiate", "--eval", "--json", "-E",
+                                 f"builtins.attrNames (import {REPOSITORY / 'pkgs' / 'busybox'} {{ }})"]).stdout)
+    assert [name for name in names if name not in have_names] == [], "named in the README, not in the busybox set"
