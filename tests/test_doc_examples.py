@@ -717,3 +717,15 @@ def test_every_package_the_readme_names_for_the_busybox_set_is_a_name_it_has() -
     have_names = json.loads(run(["nix-instantiate", "--eval", "--json", "-E",
                                  f"builtins.attrNames (import {REPOSITORY / 'pkgs' / 'busybox'} {{ }})"]).stdout)
     assert [name for name in names if name not in have_names] == [], "named in the README, not in the busybox set"
+
+
+@pytest.mark.nix
+def test_the_nix_build_commands_of_the_docs_run() -> None:
+    """docs/package-sources.md's `nix-build ... -E '(import ./pkgs/busybox { system = "aarch64-linux"; }).hello'`,
+    from the checkout, as written: an aarch64 package of the bundled busybox set builds on this machine."""
+    commands = [(f"{path.relative_to(REPOSITORY)}:{number}", command) for path in DOCUMENTS
+                for number, command in _code_commands(path) if command.startswith("nix-build ")]
+    assert commands, "the docs show no nix-build command"
+    for where, command in commands:
+        outputs = run(shlex.split(command), timeout=600).stdout.split()
+        assert outputs and all(Path(output).exists() for output in outputs), (where, outputs)
