@@ -32,9 +32,10 @@ Keep the markers few, and each true.
 Commands are also run as written, with the registry's address for HOST and 127.0.0.1:8080:
 the README's `podman run ... && echo ok'` commands and its bash session, the docs' `nixery`
 commands (but `serve` and `layers plan`), their `skopeo copy`, the `docker run`, `podman run`
-and `ctr image pull` commands that name HOST, and docs/sbom.md's curl script. Left out: those
-of another registry (registry.example.com: a login, a cluster), the self image's (its own
-make target), `make run` and `make test` themselves.
+and `ctr image pull` commands that name HOST, docs/sbom.md's curl script and
+package-sources.md's nix-build. Left out: those of another registry (registry.example.com:
+a login, a cluster), the self image's (its own make target), `make run` and `make test`
+themselves.
 """
 
 from __future__ import annotations
