@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -730,3 +731,33 @@ def test_the_nix_build_commands_of_the_docs_run() -> None:
     for where, command in commands:
         outputs = run(shlex.split(command), timeout=600).stdout.split()
         assert outputs and all(Path(output).exists() for output in outputs), (where, outputs)
+
+
+@needs_debian_set
+def test_the_build_event_web_md_shows_is_what_the_stream_sends(registries: dict[str, RegistryProcess]) -> None:
+    """docs/web.md's event (`id:`, `event: compressing`, `data:` a "compressed layer ..." event):
+    a build's stream sends an event with the same lines and fields, its message in that form."""
+    text = (REPOSITORY / "docs" / "web.md").read_text().split("### Events\n", 1)[1]
+    shown = next(block for block in _blocks(text.splitlines()) if block[0][1].strip().startswith("id: "))
+    lines = [line.strip() for _, line in shown]
+    assert [line.split(":", 1)[0] for line in lines[:3]] == ["id", "event", "data"], lines
+    event = lines[1].split(": ", 1)[1]
+    data = json.loads(" ".join(lines[2:]).split(": ", 1)[1])
+    # The message's form: a layer's short digest and numbers stand for any.
+    message = "".join(r"[0-9a-f]{12}" if re.fullmatch(r"[0-9a-f]{12}", part) else r"\d+(?:\.\d+)?"
+                      if re.fullmatch(r"\d+(?:\.\d+)?", part) else re.escape(part)
+                      for part in re.split(r"\b([0-9a-f]{12}|\d+(?:\.\d+)?)\b", data["message"]))
+    registry = registries["debian"]
+    # A new image: its entry-point layer at least is compressed now.
+    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": "shell/bc/tree/file"}).encode(),
+                                  headers={"Content-Type": "application/json", "Accept": "application/json"})
+    with urllib.request.urlopen(post, timeout=60) as answer:
+        assert answer.status == 202
+        events = json.load(answer)["events"]
+    status, _, stream = registry.request(events, accept="text/event-stream")  # until the build is done
+    sent = [dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            for block in stream.decode().split("\n\n")]
+    matching = [s for s in sent if s.get("event") == event and re.fullmatch(message, json.loads(s["data"])["message"])]
+    assert matching, f"no event like {data['message']!r} in {[s.get('data', '')[:120] for s in sent]}"
+    assert int(matching[0]["id"]) == json.loads(matching[0]["data"])["index"]
+    assert set(json.loads(matching[0]["data"])) == set(data), (sorted(json.loads(matching[0]["data"])), sorted(data))
