@@ -1,6 +1,6 @@
 """The reference facts README.md and docs/*.md state, checked against the code:
 * settings: every one the docs name is read by the registry, and every one config.py
-  reads is in the README's configuration; the defaults and ranges the tables give are
+  reads is in the README's configuration; the defaults (the bundled Debian set's too) and ranges the tables give are
   those config.py applies; every `VAR=value` the docs show is accepted; `nixery serve
   --help` lists the table's variables;
 * endpoints: those the docs show are routes of the app, those they say it lacks are not;
@@ -149,6 +149,20 @@ def test_each_documented_default_is_the_one_config_applies(contexts: list[dict[s
                 wrong.append(f"{path.relative_to(REPOSITORY)}:{number}: {name}={default!r}")
                 break
     assert checked >= 30 and not wrong, f"documented defaults that are not the defaults: {wrong}"
+
+
+def test_each_documented_debian_set_default_is_the_one_config_applies(tmp_path: Path) -> None:
+    """"(the bundled Debian set: `VALUE`)" in a setting's default column: with that set served,
+    setting the variable to VALUE changes no setting (NIXERY_BASELINE's terminfo and locale)."""
+    (tmp_path / "default.nix").write_text("{ ... }: { }\n")
+    debian = {"NIXERY_BUNDLED_SET": "debian", "NIXERY_DEBIAN_SET_DIR": str(tmp_path)}
+    checked, wrong = 0, []
+    for path, (number, names, cells) in ((p, row) for p in DOCUMENTS for row in _setting_rows(p)):
+        for value in re.findall(r"\(the bundled Debian set: `([^`]*)`\)", cells.get("default", "")):
+            checked += 1
+            wrong += [f"{path.relative_to(REPOSITORY)}:{number}: {name}={value!r}"
+                      for name in names if _load({**debian, name: value}) != _load(debian)]
+    assert checked >= 1 and not wrong, f"documented defaults of the Debian set that are not its defaults: {wrong}"
 
 
 def test_each_documented_range_is_the_one_config_checks(contexts: list[dict[str, str]]) -> None:
