@@ -176,7 +176,7 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         # never before the header timeout.
         keepalive_timeout=max(KEEPALIVE_SECONDS, header_timeout),
         shutdown_timeout=shutdown_timeout,
-        access_log=None,  # the application logs each request (nixery.app.access_log)
+        access_log=None,  # the application logs each request (nixery.http.access.access_log)
     )
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
