@@ -434,6 +434,34 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
     run_async(run())
 
 
+def test_an_event_stream_resumed_from_an_index_that_is_no_number_starts_at_the_beginning(
+    registry: RegistryProcess,
+) -> None:
+    """`Last-Event-ID` or `?after=` that str.isdigit takes but int() refuses (`²`, a number of
+    over 4300 digits) was a 500 INTERNAL_ERROR with a traceback in the log; now such an index is
+    ignored, as any other that is not a number is, and a number past every event is one."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    connection.request("POST", "/builds", body=json.dumps({"image": "hello"}),
+                       headers={"Content-Type": "application/json"})
+    started = json.loads(connection.getresponse().read())
+    connection.close()
+    events = started["events"]
+    deadline = time.monotonic() + 120
+    while not json.loads(registry.request(started["json"], accept="application/json")[2])["finished"]:
+        assert time.monotonic() < deadline, "the build did not finish"
+        time.sleep(0.2)
+    superscript_two = "²".encode().decode("latin-1")  # http.client sends a header's str as latin-1: these are its UTF-8
+    for path, headers in ((f"{events}?after=%C2%B2", {}), (events, {"Last-Event-ID": superscript_two})):
+        status, answer_headers, body = registry.request(path, accept="text/event-stream", headers=headers)
+        assert status == 200, (path, headers, body[:300])
+        assert answer_headers["Content-Type"].startswith("text/event-stream")
+        assert b"id: 0\n" in body, body[:300]  # from the first event
+    for path, headers in ((f"{events}?after={'9' * 5000}", {}), (events, {"Last-Event-ID": "9" * 5000})):
+        status, _, body = registry.request(path, accept="text/event-stream", headers=headers)
+        assert status == 204, (path[:80], body[:300])  # past the last event of a finished build
+    assert not registry.log_events("http.internal_error")
+
+
 #: (Content-Type, more headers, body) of POST /builds bodies that cannot be read.
 UNREADABLE_BODIES = [
     ("application/json", {}, b"[" * 30_000 + b"]" * 30_000),  # deeper than Python's JSON parser goes

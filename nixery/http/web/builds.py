@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -362,15 +363,29 @@ async def build_json(request: web.Request) -> web.Response:
 
 
 def _first_index(request: web.Request) -> int:
-    """Where the stream starts: after `Last-Event-ID` (a reconnect) or at `?after=`."""
+    """Where the stream starts: after `Last-Event-ID` (a reconnect) or at `?after=`; an index
+    that is not a number is ignored."""
     start = 0
-    last = request.headers.get("Last-Event-ID", "")
-    if last.isdigit():
-        start = int(last) + 1
-    after = request.query.get("after", "")
-    if after.isdigit():
-        start = max(start, int(after))
+    last = _event_index(request.headers.get("Last-Event-ID", ""))
+    if last is not None:
+        start = last + 1
+    after = _event_index(request.query.get("after", ""))
+    if after is not None:
+        start = max(start, after)
     return start
+
+
+_EVENT_INDEX = re.compile(r"[0-9]+")
+#: Past every build's events (the builder keeps far fewer).
+_PAST_EVERY_EVENT = 10**18
+
+
+def _event_index(text: str) -> int | None:
+    """An event index as sent, or None. ASCII digits only: str.isdigit also takes `²`, which int()
+    refuses, as it refuses numbers of over 4300 digits (both were a 500)."""
+    if not _EVENT_INDEX.fullmatch(text):
+        return None
+    return int(text) if len(text) < 18 else _PAST_EVERY_EVENT
 
 
 async def build_events(request: web.Request) -> web.StreamResponse:
