@@ -122,6 +122,42 @@ def test_blob_ranges_and_conditions_keep_the_digest_as_etag(shared_registry: Reg
     check_blob_ranges(shared_registry, "hello")
 
 
+def test_head_and_get_agree_on_conditions_for_blobs_and_manifests(shared_registry: RegistryProcess) -> None:
+    """`If-None-Match` naming the ETag (the digest) is 304 and an `If-Match` naming another is 412,
+    for GET and HEAD alike (RFC 9110 13.2.1: an origin server evaluates them), as docker-registry
+    answers. A blob's HEAD answered 200 to both (its GET 304 and 412), and a manifest ignored
+    them on GET and HEAD; a client revalidating a cached manifest got it whole again."""
+    digest, manifest = shared_registry.manifest("hello")
+    config = manifest["config"]["digest"]
+    referrers_tag = f"/v2/hello/manifests/sha256-{digest.removeprefix('sha256:')}"  # its SBOM and provenance
+    status, headers, _ = shared_registry.request(referrers_tag, method="HEAD")
+    assert status == 200
+    paths = {
+        f"/v2/hello/blobs/{config}": config, "/v2/hello/manifests/latest": digest,
+        f"/v2/hello/manifests/{digest}": digest, referrers_tag: headers["Docker-Content-Digest"],
+    }  # fmt: skip
+    for path, etag_digest in paths.items():
+        etag = f'"{etag_digest}"'
+        for method in ("GET", "HEAD"):
+            for if_none_match in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+                status, headers, body = shared_registry.request(path, method=method,
+                                                                headers={"If-None-Match": if_none_match})
+                assert (status, body) == (304, b""), (method, path, if_none_match, body[:300])
+                assert (headers["ETag"], headers["Docker-Content-Digest"]) == (etag, etag_digest), (method, path)
+            status, headers, body = shared_registry.request(path, method=method, headers={"If-Match": '"other"'})
+            assert status == 412, (method, path, body[:300])
+            assert headers["ETag"] == etag
+            if method == "GET":
+                assert error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
+            for unmet in ({"If-None-Match": '"other"'}, {"If-Match": etag}, {"If-Match": "*"}):
+                status, headers, _ = shared_registry.request(path, method=method, headers=unmet)
+                assert (status, headers["ETag"]) == (200, etag), (method, path, unmet)
+    # A manifest's ETag is the document's the client gets: an OCI client's differs from a Docker client's.
+    status, _, _ = shared_registry.request("/v2/hello/manifests/latest", accept=OCI_MANIFEST,
+                                           headers={"If-None-Match": f'"{digest}"'})
+    assert status == 200
+
+
 def test_layer_budget_holds(start_registry) -> None:
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
     _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")

@@ -1,7 +1,8 @@
 """Range and conditional requests on the blobs the registry sends itself: files, and
-blobs relayed from an object store (which then sends only the range asked for).
+blobs relayed from an object store (which then sends only the range asked for);
+conditional requests (`not_modified`) on manifests and on HEADs too.
 
-A blob never changes: its digest is its strong validator, the `ETag` of every
+A blob or manifest never changes: its digest is its strong validator, the `ETag` of every
 answer (200, 206, 304 and the errors). RFC 9110 (sections 13 and 14) then
 comes down to, in its order of evaluation:
 
@@ -52,11 +53,7 @@ class Selected:
 def select(headers: Mapping[str, str], etag: str, size: int) -> Selected:
     """What a GET with these request headers gets of a blob whose ETag is `etag` (quoted)."""
     whole = Selected(200, 0, size, size)
-    if_match = headers.get("If-Match")
-    if if_match is not None and not _names(if_match, etag, weak=False):
-        raise PreconditionFailed(f"If-Match names none of this blob's ETags ({etag})", headers={"ETag": etag})
-    if_none_match = headers.get("If-None-Match")
-    if if_none_match is not None and _names(if_none_match, etag, weak=True):
+    if not_modified(headers, etag):
         return Selected(304, 0, 0, size)
     requested = headers.get("Range")
     if requested is None or not size or headers.get("If-Range", etag).strip() != etag:
@@ -77,6 +74,17 @@ def select(headers: Mapping[str, str], etag: str, size: int) -> Selected:
     if start >= size:
         raise _unsatisfiable(size)
     return Selected(206, start, end - start + 1, size)
+
+
+def not_modified(headers: Mapping[str, str], etag: str) -> bool:
+    """Whether a GET or HEAD with these request headers is answered 304 (its `If-None-Match`
+    names `etag`, quoted); raises PreconditionFailed (412) when its `If-Match` names neither
+    `etag` nor `*`. Range requests are GET's alone (RFC 9110 14.2): a HEAD is checked with this."""
+    if_match = headers.get("If-Match")
+    if if_match is not None and not _names(if_match, etag, weak=False):
+        raise PreconditionFailed(f"If-Match names none of this document's ETags ({etag})", headers={"ETag": etag})
+    if_none_match = headers.get("If-None-Match")
+    return if_none_match is not None and _names(if_none_match, etag, weak=True)
 
 
 def _unsatisfiable(size: int) -> RangeNotSatisfiable:
