@@ -434,6 +434,36 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
     run_async(run())
 
 
+def test_build_api_fields_that_are_not_strings_are_refused_as_such(registry: RegistryProcess) -> None:
+    """JSON `image` and `tag` values that are not strings were read as Python's text for them:
+    `{"image": {"a": 1}}` was refused as "invalid tag ' 1}'", `["hello"]` as a package named
+    "['hello']", and `{"tag": 1e999}` started a build tagged `inf`. Now each is refused as a
+    value of the wrong type; null is still as if absent."""
+    refused = {
+        '{"image": {"a": 1}}': ("NAME_INVALID", "`image` must be a string", "an object"),
+        '{"image": ["hello"]}': ("NAME_INVALID", "`image` must be a string", "an array"),
+        '{"image": 5}': ("NAME_INVALID", "`image` must be a string", "a number"),
+        '{"image": "hello", "tag": 1e999}': ("TAG_INVALID", "`tag` must be a string", "a number"),
+        '{"image": "hello", "tag": true}': ("TAG_INVALID", "`tag` must be a string", "a boolean"),
+    }
+    for body, (kind, said, what) in refused.items():
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        connection.request("POST", "/builds", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        connection.close()
+        assert response.status == 400, (body, answer)
+        error = json.loads(answer)["errors"][0]
+        assert error["detail"]["kind"] == kind, (body, error)
+        assert said in error["message"] and what in error["message"], (body, error)
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    connection.request("POST", "/builds", body='{"image": "hello", "tag": null}',
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 202 and json.loads(response.read())["tag"] == "latest"
+    connection.close()
+
+
 def test_an_event_stream_resumed_from_an_index_that_is_no_number_starts_at_the_beginning(
     registry: RegistryProcess,
 ) -> None:

@@ -77,7 +77,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
-        fields = {k: str(v) for k, v in body.items() if k in ("image", "tag") and v is not None}
+        fields = {k: _json_string(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
     else:
         form = await read_form(request)
         fields = {k: str(form[k]) for k in ("image", "tag") if k in form}
@@ -113,6 +113,20 @@ async def start_build(request: web.Request) -> web.StreamResponse:
             headers={"Location": location},
         )
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
+
+
+#: What a JSON value is called in an error message, by its Python type.
+_JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _json_string(field: str, value: object) -> str:
+    """A JSON body's `image` or `tag`: a string. Python's text for anything else (`{'a': 1}`,
+    `inf`) was read as a name or a tag, and refused, if at all, for what it was not."""
+    if isinstance(value, str):
+        return value
+    error = errors.NameInvalid if field == "image" else errors.TagInvalid
+    raise error(f"`{field}` must be a string, not {_JSON_TYPES.get(type(value), 'another JSON value')}",
+                detail={"field": field})
 
 
 async def _get_build(request: web.Request) -> Build:
