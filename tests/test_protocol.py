@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import threading
+import time
 
 import pytest
 
@@ -156,6 +158,35 @@ def test_head_and_get_agree_on_conditions_for_blobs_and_manifests(shared_registr
     status, _, _ = shared_registry.request("/v2/hello/manifests/latest", accept=OCI_MANIFEST,
                                            headers={"If-None-Match": f'"{digest}"'})
     assert status == 200
+
+
+def test_long_conditional_headers_do_not_hold_the_registry(shared_registry: RegistryProcess) -> None:
+    """An `If-None-Match` or `If-Match` of 16 KB of spaces between two letters took the ETag
+    pattern seconds to scan (a regular expression tried at each position, each try to the end),
+    on the event loop: four such requests held every other client for about 15 s. Now each such
+    list is read in one pass, and the registry answers meanwhile at once."""
+    digest, manifest = shared_registry.manifest("hello")
+    blob = f"/v2/hello/blobs/{manifest['config']['digest']}"
+    hostile = "a" + " " * 16_000 + "a"
+    answers: list[int] = []
+
+    def send(path: str, header: str) -> None:
+        answers.append(shared_registry.request(path, headers={header: hostile}, timeout=120)[0])
+
+    senders = [threading.Thread(target=send, args=args) for args in (
+        (blob, "If-None-Match"), (blob, "If-Match"), (f"/v2/hello/manifests/{digest}", "If-None-Match"),
+        ("/v2/hello/manifests/latest", "If-None-Match"),
+    )]  # fmt: skip
+    for sender in senders:
+        sender.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert shared_registry.request("/v2/")[0] == 200
+    waited = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    assert sorted(answers) == [200, 200, 200, 412]  # names no ETag: If-Match fails, If-None-Match holds
+    assert waited < 2, f"the registry answered a ping after {waited:.1f} s"
 
 
 def test_layer_budget_holds(start_registry) -> None:

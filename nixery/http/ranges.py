@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from nixery.errors import PreconditionFailed, RangeNotSatisfiable
 
 _ONE_RANGE = re.compile(r"bytes=([0-9]{0,30})-([0-9]{0,30})")
-_ETAG = re.compile(r'\s*(W/)?("[^"]*"|\*)\s*(?:,|$)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +95,14 @@ def _unsatisfiable(size: int) -> RangeNotSatisfiable:
 
 
 def _names(header: str, etag: str, *, weak: bool) -> bool:
-    """Whether an If-Match/If-None-Match list names `etag` or is `*` (weak: W/ tags count too)."""
-    for match in _ETAG.finditer(header):
-        is_weak, value = match.groups()
-        if value == "*" or (value == etag and (weak or not is_weak)):
+    """Whether an If-Match/If-None-Match list names `etag` or is `*` (weak: W/ tags count too).
+
+    Read in one pass, split at commas: a regular expression tried at each position of a
+    16 KB header took seconds (on the event loop). An entity tag may hold a comma, but the
+    registry's (a quoted digest) never does, so a split one never names it."""
+    for item in header.split(","):
+        value = item.strip()
+        is_weak = value.startswith("W/")
+        if value == "*" or (value.removeprefix("W/") == etag and (weak or not is_weak)):
             return True
     return False
