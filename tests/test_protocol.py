@@ -189,6 +189,18 @@ def test_long_conditional_headers_do_not_hold_the_registry(shared_registry: Regi
     assert waited < 2, f"the registry answered a ping after {waited:.1f} s"
 
 
+def test_a_user_agent_with_an_absurd_docker_version_is_not_an_internal_error(shared_registry: RegistryProcess) -> None:
+    """`User-Agent: docker/<5000 digits>.1` on a manifest by digest was a 500 INTERNAL_ERROR
+    (int() refuses numbers of over 4300 digits); now it is no Docker Engine version the
+    registry knows, and the manifest is served."""
+    digest, _ = shared_registry.manifest("hello")
+    for method in ("GET", "HEAD"):
+        status, headers, body = shared_registry.request(
+            f"/v2/hello/manifests/{digest}", method=method, headers={"User-Agent": "docker/" + "1" * 5000 + ".1"}
+        )
+        assert (status, headers["Docker-Content-Digest"]) == (200, digest), (method, body[:300])
+
+
 def test_layer_budget_holds(start_registry) -> None:
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
     _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")

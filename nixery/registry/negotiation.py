@@ -31,7 +31,8 @@ _MEDIA_TYPES = {compression: tuple(fmt.value for fmt in compression.manifest_for
 DOCKER_ZSTD_MAJOR = 23
 
 # dockerd's puller: "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/... UpstreamClient(Docker-Client/...)".
-_DOCKER_ENGINE = re.compile(r"docker/(\d+)\.(\d+)")
+# ASCII digits, a few: int() refused a version of over 4300 digits (a 500), and \d takes any script's.
+_DOCKER_ENGINE = re.compile(r"docker/([0-9]{1,9})\.([0-9]{1,9})(?![0-9])")
 
 
 def docker_engine_version(user_agent: str) -> tuple[int, int] | None:
