@@ -118,6 +118,8 @@ def test_head_blob_answers_size_without_body(shared_registry: RegistryProcess) -
     assert status == 200 and body == b""
     assert int(headers["Content-Length"]) == layer["size"]
     assert headers["Content-Type"] == "application/octet-stream"
+    # As the GET says: a client that HEADs first learns that it may resume with Range (it did not).
+    assert headers["Accept-Ranges"] == "bytes"
 
 
 def test_blob_ranges_and_conditions_keep_the_digest_as_etag(shared_registry: RegistryProcess) -> None:

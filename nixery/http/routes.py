@@ -297,8 +297,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
             raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)})
         if ranges.not_modified(request.headers, headers["ETag"]):  # as the GET would answer
             return web.Response(status=304, headers=headers)
-        headers["Content-Length"] = str(size)
-        return web.Response(headers=headers)
+        # The GET's headers (RFC 9110 9.3.2); a store that redirects serves ranges too.
+        return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
     try:
         source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
     except BlobNotFound:
