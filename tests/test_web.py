@@ -835,3 +835,19 @@ def test_catalog_tolerates_attributes_that_throw(tmp_path: Path) -> None:
         assert not fallback.complete and sorted(e.name for e in fallback.entries) == ["fatal", "fine"]
 
     run_async(run())
+
+
+def test_paths_under_static_that_name_no_file_get_the_registrys_404(registry: RegistryProcess) -> None:
+    """`/static/` itself (a directory: aiohttp refuses a listing with HTTPForbidden, which the
+    error middleware did not know) was a 500 INTERNAL_ERROR with a traceback in the log, and a
+    file that is not there an empty 404 of type application/octet-stream; now both are the
+    registry's JSON 404. The files there are served as before."""
+    for path in ("/static", "/static/", "/static/.", "/static/?x=1", "/static/nosuch.css", "/static/style.css/x"):
+        for method in ("GET", "HEAD"):
+            status, headers, body = registry.request(path, method=method, accept="*/*")
+            assert status == 404 and headers["Content-Type"].startswith("application/json"), (method, path, body)
+            if method == "GET":
+                assert json.loads(body)["errors"][0]["detail"]["kind"] == "NAME_UNKNOWN", (path, body)
+    status, headers, body = registry.request("/static/style.css", accept="*/*")
+    assert status == 200 and headers["Content-Type"].startswith("text/css") and body.startswith(b"/*")
+    assert not registry.log_events("http.internal_error")

@@ -80,6 +80,17 @@ def registry_host(request: web.Request) -> str:
 
 #: The style sheet and scripts, served at /static/.
 STATIC_DIR = Path(__file__).parent.parent / "static"
+#: The files served at /static/NAME: only these (the directory holds nothing else).
+STATIC_FILES = frozenset(path.name for path in STATIC_DIR.iterdir() if path.is_file())
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """GET /static/NAME. aiohttp's static route answered the directory itself with HTTPForbidden
+    (a 500 here) and a missing file with an empty 404: any other name is the registry's 404."""
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise errors.NameUnknown("no such endpoint or repository")
+    return web.FileResponse(STATIC_DIR / name)
 
 
 def asset(name: str) -> str:
