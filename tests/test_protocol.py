@@ -203,6 +203,21 @@ def test_a_user_agent_with_an_absurd_docker_version_is_not_an_internal_error(sha
         assert (status, headers["Docker-Content-Digest"]) == (200, digest), (method, body[:300])
 
 
+def test_a_client_that_takes_only_indexes_is_told_the_image_has_none(shared_registry: RegistryProcess) -> None:
+    """A client that accepts only image indexes (or manifest lists) was told it "accepts neither
+    Docker schema 2 nor OCI manifests", as if it had named no type at all; on a registry of one
+    platform the image has no index, and the answer now says so."""
+    for accept in ("application/vnd.oci.image.index.v1+json",
+                   "application/vnd.docker.distribution.manifest.list.v2+json"):
+        for method in ("GET", "HEAD"):
+            status, _, body = shared_registry.request("/v2/hello/manifests/latest", method=method, accept=accept)
+            assert status == 404, (accept, method, body[:300])
+            if method == "GET":
+                error = error_of(body)
+                assert error["code"] == "MANIFEST_UNKNOWN", error
+                assert "only image indexes" in error["message"] and "one platform" in error["message"], error
+
+
 def test_layer_budget_holds(start_registry) -> None:
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
     _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")

@@ -106,6 +106,12 @@ def _preferred(accepted: frozenset[str], compression: Compression, available: Co
             "the client accepts only Docker schema 2 manifests",
             detail={"compression": compression.value, "formats": list(available)},
         )
+    if any(is_index(media_type) for media_type in accepted):  # else `choose` gave the index
+        raise ManifestUnknown(
+            "the client accepts only image indexes (or manifest lists), and this image has none: it is "
+            "the image of one platform (see NIXERY_PLATFORMS); accept Docker schema 2 or OCI manifests",
+            detail={"formats": list(available)},
+        )
     raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
 
 
