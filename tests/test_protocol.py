@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import threading
 import time
@@ -160,6 +161,27 @@ def test_head_and_get_agree_on_conditions_for_blobs_and_manifests(shared_registr
     status, _, _ = shared_registry.request("/v2/hello/manifests/latest", accept=OCI_MANIFEST,
                                            headers={"If-None-Match": f'"{digest}"'})
     assert status == 200
+
+
+def test_conditions_sent_on_several_header_lines_are_one_list(shared_registry: RegistryProcess) -> None:
+    """RFC 9110 5.3: `If-Match` or `If-None-Match` sent on two lines is one comma-separated list.
+    Only the first line was read: a blob GET whose second If-Match line named its ETag was
+    refused 412, and one whose second If-None-Match line named it was sent whole again."""
+    _, manifest = shared_registry.manifest("hello")
+    digest = manifest["config"]["digest"]
+    connection = http.client.HTTPConnection("127.0.0.1", shared_registry.port, timeout=60)
+    try:
+        for header, status in (("If-Match", 200), ("If-None-Match", 304)):
+            for method in ("GET", "HEAD"):
+                connection.putrequest(method, f"/v2/hello/blobs/{digest}")
+                connection.putheader(header, '"another"')
+                connection.putheader(header, f'"{digest}"')
+                connection.endheaders()
+                response = connection.getresponse()
+                response.read()
+                assert response.status == status, (header, method, response.status)
+    finally:
+        connection.close()
 
 
 def test_long_conditional_headers_do_not_hold_the_registry(shared_registry: RegistryProcess) -> None:

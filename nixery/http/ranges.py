@@ -26,8 +26,9 @@ an unknown unit with 416; and its 412 and 416 had no error body.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
+
+from multidict import MultiMapping
 
 from nixery.errors import PreconditionFailed, RangeNotSatisfiable
 
@@ -49,7 +50,7 @@ class Selected:
         return f"bytes {self.start}-{self.start + self.count - 1}/{self.size}"
 
 
-def select(headers: Mapping[str, str], etag: str, size: int) -> Selected:
+def select(headers: MultiMapping[str], etag: str, size: int) -> Selected:
     """What a GET with these request headers gets of a blob whose ETag is `etag` (quoted)."""
     whole = Selected(200, 0, size, size)
     if not_modified(headers, etag):
@@ -75,15 +76,22 @@ def select(headers: Mapping[str, str], etag: str, size: int) -> Selected:
     return Selected(206, start, end - start + 1, size)
 
 
-def not_modified(headers: Mapping[str, str], etag: str) -> bool:
+def not_modified(headers: MultiMapping[str], etag: str) -> bool:
     """Whether a GET or HEAD with these request headers is answered 304 (its `If-None-Match`
     names `etag`, quoted); raises PreconditionFailed (412) when its `If-Match` names neither
     `etag` nor `*`. Range requests are GET's alone (RFC 9110 14.2): a HEAD is checked with this."""
-    if_match = headers.get("If-Match")
+    if_match = _list(headers, "If-Match")
     if if_match is not None and not _names(if_match, etag, weak=False):
         raise PreconditionFailed(f"If-Match names none of this document's ETags ({etag})", headers={"ETag": etag})
-    if_none_match = headers.get("If-None-Match")
+    if_none_match = _list(headers, "If-None-Match")
     return if_none_match is not None and _names(if_none_match, etag, weak=True)
+
+
+def _list(headers: MultiMapping[str], name: str) -> str | None:
+    """A list header as one value: sent on several lines, it is their values joined by commas
+    (RFC 9110 5.3; only the first line was read)."""
+    lines = headers.getall(name, [])
+    return ", ".join(lines) if lines else None
 
 
 def _unsatisfiable(size: int) -> RangeNotSatisfiable:
