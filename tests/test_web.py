@@ -851,3 +851,44 @@ def test_paths_under_static_that_name_no_file_get_the_registrys_404(registry: Re
     status, headers, body = registry.request("/static/style.css", accept="*/*")
     assert status == 200 and headers["Content-Type"].startswith("text/css") and body.startswith(b"/*")
     assert not registry.log_events("http.internal_error")
+
+
+def test_a_content_type_too_long_to_be_one_is_refused_unparsed(registry: RegistryProcess) -> None:
+    """POST /builds with a Content-Type of 15,000 semicolons held the event loop ~2 s while
+    Python's email parser (which aiohttp uses) read it, every other request waiting; one of
+    thousands of nested comments made it raise RecursionError: a 500 INTERNAL_ERROR. A
+    Content-Type of over 256 characters (a multipart boundary is at most 70) is now 400
+    REQUEST_INVALID, unparsed, and the registry answers others meanwhile."""
+    hostile = {
+        "semicolons": "application/json" + ";" * 15_000,
+        "nested comments": "application/json" + "(" * 7_000 + ")" * 7_000,
+        "a form's, nested": "application/x-www-form-urlencoded" + "(" * 7_000 + ")" * 7_000,
+    }
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def post(what: str, content_type: str) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+        connection.request("POST", "/builds", body='{"image": "hello"}', headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        answers[what] = (response.status, response.read())
+        connection.close()
+
+    senders = [threading.Thread(target=post, args=(what, value)) for what, value in hostile.items()]
+    senders += [threading.Thread(target=post, args=(f"semicolons {i}", f"{hostile['semicolons']}{'x' * i}"))
+                for i in range(1, 4)]  # each a value of its own: aiohttp keeps the last 56 parsed
+    for sender in senders:
+        sender.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert registry.request("/v2/")[0] == 200
+    waited = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    for what, (status, body) in answers.items():
+        assert status == 400, (what, status, body[:300])
+        error = json.loads(body)["errors"][0]
+        assert error["detail"] == {"limit": 256, "kind": "REQUEST_INVALID"}, (what, error)
+    assert waited < 1, f"the registry answered a ping after {waited:.1f} s"
+    assert not registry.log_events("http.internal_error") and not registry.log_events("http.unhandled_error")
+    post("plain", "application/json; charset=utf-8")
+    assert answers["plain"][0] == 202

@@ -32,7 +32,7 @@ from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
-from nixery.http.bodies import read_form, read_json
+from nixery.http.bodies import content_type, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
@@ -73,7 +73,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request)
     json_api = wants_json(request)
     fields: dict[str, str] = {}
-    if request.content_type == "application/json":
+    if content_type(request) == "application/json":
         body = await read_json(request)
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
