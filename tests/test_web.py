@@ -892,3 +892,26 @@ def test_a_content_type_too_long_to_be_one_is_refused_unparsed(registry: Registr
     assert not registry.log_events("http.internal_error") and not registry.log_events("http.unhandled_error")
     post("plain", "application/json; charset=utf-8")
     assert answers["plain"][0] == 202
+
+
+def test_a_build_form_whose_image_is_a_file_is_refused_as_such(registry: RegistryProcess) -> None:
+    """A multipart form whose `image` (or `tag`) is a file was read as Python's text for aiohttp's
+    FileField: refused as an "invalid tag" quoting the part's headers back. Now it is refused as
+    a field that must be text."""
+    for field, kind in (("image", "NAME_INVALID"), ("tag", "TAG_INVALID")):
+        other = "tag" if field == "image" else "image"
+        body = (
+            f'--xyz\r\nContent-Disposition: form-data; name="{other}"\r\n\r\n{"latest" if other == "tag" else "hello"}'
+            f'\r\n--xyz\r\nContent-Disposition: form-data; name="{field}"; filename="a.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\nhello\r\n--xyz--\r\n"
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        connection.request("POST", "/builds", body=body, headers={
+            "Content-Type": "multipart/form-data; boundary=xyz", "Accept": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        connection.close()
+        assert response.status == 400, (field, answer)
+        error = json.loads(answer)["errors"][0]
+        assert error["detail"]["kind"] == kind and f"`{field}` must be a string, not a file" in error["message"], error
+        assert "Content-Disposition" not in error["message"], error

@@ -77,10 +77,10 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
-        fields = {k: _json_string(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
+        fields = {k: _text(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
     else:
         form = await read_form(request)
-        fields = {k: str(form[k]) for k in ("image", "tag") if k in form}
+        fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
     request[FORM] = fields  # an error page shows the form again
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
     tag = check_tag(tag)
@@ -115,17 +115,21 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
 
 
-#: What a JSON value is called in an error message, by its Python type.
-_JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
+#: What a JSON value or form field is called in an error message, by its Python type.
+_VALUE_TYPES = {
+    dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
+    web.FileField: "a file",
+}  # fmt: skip
 
 
-def _json_string(field: str, value: object) -> str:
-    """A JSON body's `image` or `tag`: a string. Python's text for anything else (`{'a': 1}`,
-    `inf`) was read as a name or a tag, and refused, if at all, for what it was not."""
+def _text(field: str, value: object) -> str:
+    """A JSON body's or form's `image` or `tag`: a string. Python's text for anything else
+    (`{'a': 1}`, `inf`, an uploaded file's FileField) was read as a name or a tag, and refused,
+    if at all, for what it was not."""
     if isinstance(value, str):
         return value
     error = errors.NameInvalid if field == "image" else errors.TagInvalid
-    raise error(f"`{field}` must be a string, not {_JSON_TYPES.get(type(value), 'another JSON value')}",
+    raise error(f"`{field}` must be a string, not {_VALUE_TYPES.get(type(value), 'another kind of value')}",
                 detail={"field": field})
 
 
