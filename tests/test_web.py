@@ -915,3 +915,33 @@ def test_a_build_form_whose_image_is_a_file_is_refused_as_such(registry: Registr
         error = json.loads(answer)["errors"][0]
         assert error["detail"]["kind"] == kind and f"`{field}` must be a string, not a file" in error["message"], error
         assert "Content-Disposition" not in error["message"], error
+
+
+def test_conditions_and_ranges_on_static_files_get_the_registrys_answers(registry: RegistryProcess) -> None:
+    """aiohttp's file responses answered an unmet If-Match (or If-Unmodified-Since) with an empty
+    412, and a range past the end, or several ranges, with an empty 416 of type
+    application/octet-stream. The static files now answer as blobs do: 412 PRECONDITION_FAILED in
+    the registry's JSON, 304 for their ETag, and the whole file for a Range (RFC 9110 allows
+    ignoring it: they are a few kilobytes)."""
+    def get(name: str = "style.css", method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
+        status, answer, body = registry.request(f"/static/{name}", method=method, accept="*/*",
+                                                headers={k.replace("_", "-"): v for k, v in headers.items()})
+        return status, {k.lower(): v for k, v in answer.items()}, body
+
+    status, headers, whole = get()
+    assert status == 200 and headers["content-type"].startswith("text/css")
+    etag = headers["etag"]
+    for extra in ({"Range": "bytes=999999-"}, {"Range": "bytes=0-0,5-6"}, {"If_Match": etag},
+                  {"If_Unmodified_Since": "Mon, 01 Jan 1990 00:00:00 GMT"}, {"If_None_Match": '"another"'}):
+        status, headers, body = get(**extra)
+        assert (status, body) == (200, whole), (extra, status, body[:200])
+    for method in ("GET", "HEAD"):
+        status, headers, body = get(method=method, If_Match='"another"')
+        assert status == 412 and headers["content-type"].startswith("application/json"), (method, status, headers)
+        if method == "GET":
+            assert json.loads(body)["errors"][0]["detail"]["kind"] == "PRECONDITION_FAILED"
+        status, headers, body = get(method=method, If_None_Match=etag)
+        assert (status, body, headers["etag"]) == (304, b"", etag), method
+    for name, kind in (("nixery.js", "javascript"), ("favicon.svg", "image/svg+xml")):
+        status, headers, _ = get(name)
+        assert status == 200 and kind in headers["content-type"], (name, headers)
