@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
+import threading
+import time
 
 import pytest
 
@@ -116,10 +119,125 @@ def test_head_blob_answers_size_without_body(shared_registry: RegistryProcess) -
     assert status == 200 and body == b""
     assert int(headers["Content-Length"]) == layer["size"]
     assert headers["Content-Type"] == "application/octet-stream"
+    # As the GET says: a client that HEADs first learns that it may resume with Range (it did not).
+    assert headers["Accept-Ranges"] == "bytes"
 
 
 def test_blob_ranges_and_conditions_keep_the_digest_as_etag(shared_registry: RegistryProcess) -> None:
     check_blob_ranges(shared_registry, "hello")
+
+
+def test_head_and_get_agree_on_conditions_for_blobs_and_manifests(shared_registry: RegistryProcess) -> None:
+    """`If-None-Match` naming the ETag (the digest) is 304 and an `If-Match` naming another is 412,
+    for GET and HEAD alike (RFC 9110 13.2.1: an origin server evaluates them), as docker-registry
+    answers. A blob's HEAD answered 200 to both (its GET 304 and 412), and a manifest ignored
+    them on GET and HEAD; a client revalidating a cached manifest got it whole again."""
+    digest, manifest = shared_registry.manifest("hello")
+    config = manifest["config"]["digest"]
+    referrers_tag = f"/v2/hello/manifests/sha256-{digest.removeprefix('sha256:')}"  # its SBOM and provenance
+    status, headers, _ = shared_registry.request(referrers_tag, method="HEAD")
+    assert status == 200
+    paths = {
+        f"/v2/hello/blobs/{config}": config, "/v2/hello/manifests/latest": digest,
+        f"/v2/hello/manifests/{digest}": digest, referrers_tag: headers["Docker-Content-Digest"],
+    }  # fmt: skip
+    for path, etag_digest in paths.items():
+        etag = f'"{etag_digest}"'
+        for method in ("GET", "HEAD"):
+            for if_none_match in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+                status, headers, body = shared_registry.request(path, method=method,
+                                                                headers={"If-None-Match": if_none_match})
+                assert (status, body) == (304, b""), (method, path, if_none_match, body[:300])
+                assert (headers["ETag"], headers["Docker-Content-Digest"]) == (etag, etag_digest), (method, path)
+            status, headers, body = shared_registry.request(path, method=method, headers={"If-Match": '"other"'})
+            assert status == 412, (method, path, body[:300])
+            assert headers["ETag"] == etag
+            if method == "GET":
+                assert error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
+            for unmet in ({"If-None-Match": '"other"'}, {"If-Match": etag}, {"If-Match": "*"}):
+                status, headers, _ = shared_registry.request(path, method=method, headers=unmet)
+                assert (status, headers["ETag"]) == (200, etag), (method, path, unmet)
+    # A manifest's ETag is the document's the client gets: an OCI client's differs from a Docker client's.
+    status, _, _ = shared_registry.request("/v2/hello/manifests/latest", accept=OCI_MANIFEST,
+                                           headers={"If-None-Match": f'"{digest}"'})
+    assert status == 200
+
+
+def test_conditions_sent_on_several_header_lines_are_one_list(shared_registry: RegistryProcess) -> None:
+    """RFC 9110 5.3: `If-Match` or `If-None-Match` sent on two lines is one comma-separated list.
+    Only the first line was read: a blob GET whose second If-Match line named its ETag was
+    refused 412, and one whose second If-None-Match line named it was sent whole again."""
+    _, manifest = shared_registry.manifest("hello")
+    digest = manifest["config"]["digest"]
+    connection = http.client.HTTPConnection("127.0.0.1", shared_registry.port, timeout=60)
+    try:
+        for header, status in (("If-Match", 200), ("If-None-Match", 304)):
+            for method in ("GET", "HEAD"):
+                connection.putrequest(method, f"/v2/hello/blobs/{digest}")
+                connection.putheader(header, '"another"')
+                connection.putheader(header, f'"{digest}"')
+                connection.endheaders()
+                response = connection.getresponse()
+                response.read()
+                assert response.status == status, (header, method, response.status)
+    finally:
+        connection.close()
+
+
+def test_long_conditional_headers_do_not_hold_the_registry(shared_registry: RegistryProcess) -> None:
+    """An `If-None-Match` or `If-Match` of 16 KB of spaces between two letters took the ETag
+    pattern seconds to scan (a regular expression tried at each position, each try to the end),
+    on the event loop: four such requests held every other client for about 15 s. Now each such
+    list is read in one pass, and the registry answers meanwhile at once."""
+    digest, manifest = shared_registry.manifest("hello")
+    blob = f"/v2/hello/blobs/{manifest['config']['digest']}"
+    hostile = "a" + " " * 16_000 + "a"
+    answers: list[int] = []
+
+    def send(path: str, header: str) -> None:
+        answers.append(shared_registry.request(path, headers={header: hostile}, timeout=120)[0])
+
+    senders = [threading.Thread(target=send, args=args) for args in (
+        (blob, "If-None-Match"), (blob, "If-Match"), (f"/v2/hello/manifests/{digest}", "If-None-Match"),
+        ("/v2/hello/manifests/latest", "If-None-Match"),
+    )]  # fmt: skip
+    for sender in senders:
+        sender.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert shared_registry.request("/v2/")[0] == 200
+    waited = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    assert sorted(answers) == [200, 200, 200, 412]  # names no ETag: If-Match fails, If-None-Match holds
+    assert waited < 2, f"the registry answered a ping after {waited:.1f} s"
+
+
+def test_a_user_agent_with_an_absurd_docker_version_is_not_an_internal_error(shared_registry: RegistryProcess) -> None:
+    """`User-Agent: docker/<5000 digits>.1` on a manifest by digest was a 500 INTERNAL_ERROR
+    (int() refuses numbers of over 4300 digits); now it is no Docker Engine version the
+    registry knows, and the manifest is served."""
+    digest, _ = shared_registry.manifest("hello")
+    for method in ("GET", "HEAD"):
+        status, headers, body = shared_registry.request(
+            f"/v2/hello/manifests/{digest}", method=method, headers={"User-Agent": "docker/" + "1" * 5000 + ".1"}
+        )
+        assert (status, headers["Docker-Content-Digest"]) == (200, digest), (method, body[:300])
+
+
+def test_a_client_that_takes_only_indexes_is_told_the_image_has_none(shared_registry: RegistryProcess) -> None:
+    """A client that accepts only image indexes (or manifest lists) was told it "accepts neither
+    Docker schema 2 nor OCI manifests", as if it had named no type at all; on a registry of one
+    platform the image has no index, and the answer now says so."""
+    for accept in ("application/vnd.oci.image.index.v1+json",
+                   "application/vnd.docker.distribution.manifest.list.v2+json"):
+        for method in ("GET", "HEAD"):
+            status, _, body = shared_registry.request("/v2/hello/manifests/latest", method=method, accept=accept)
+            assert status == 404, (accept, method, body[:300])
+            if method == "GET":
+                error = error_of(body)
+                assert error["code"] == "MANIFEST_UNKNOWN", error
+                assert "only image indexes" in error["message"] and "one platform" in error["message"], error
 
 
 def test_layer_budget_holds(start_registry) -> None:

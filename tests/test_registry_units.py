@@ -91,6 +91,8 @@ DOCKER_ACCEPT = [DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.
         ("containers/5.23.1 (github.com/containers/image)", None),
         ("Docker-Client/20.10.24 (linux)", None),
         ("", None),
+        ("docker/" + "1" * 5000 + ".1", None),  # int() refuses over 4300 digits: no version
+        ("docker/\u0661\u0662.0", None),  # Arabic-Indic digits, which \d and int() take
     ],
 )
 def test_docker_engine_version(user_agent: str, version) -> None:

@@ -434,6 +434,64 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
     run_async(run())
 
 
+def test_build_api_fields_that_are_not_strings_are_refused_as_such(registry: RegistryProcess) -> None:
+    """JSON `image` and `tag` values that are not strings were read as Python's text for them:
+    `{"image": {"a": 1}}` was refused as "invalid tag ' 1}'", `["hello"]` as a package named
+    "['hello']", and `{"tag": 1e999}` started a build tagged `inf`. Now each is refused as a
+    value of the wrong type; null is still as if absent."""
+    refused = {
+        '{"image": {"a": 1}}': ("NAME_INVALID", "`image` must be a string", "an object"),
+        '{"image": ["hello"]}': ("NAME_INVALID", "`image` must be a string", "an array"),
+        '{"image": 5}': ("NAME_INVALID", "`image` must be a string", "a number"),
+        '{"image": "hello", "tag": 1e999}': ("TAG_INVALID", "`tag` must be a string", "a number"),
+        '{"image": "hello", "tag": true}': ("TAG_INVALID", "`tag` must be a string", "a boolean"),
+    }
+    for body, (kind, said, what) in refused.items():
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        connection.request("POST", "/builds", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        connection.close()
+        assert response.status == 400, (body, answer)
+        error = json.loads(answer)["errors"][0]
+        assert error["detail"]["kind"] == kind, (body, error)
+        assert said in error["message"] and what in error["message"], (body, error)
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    connection.request("POST", "/builds", body='{"image": "hello", "tag": null}',
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 202 and json.loads(response.read())["tag"] == "latest"
+    connection.close()
+
+
+def test_an_event_stream_resumed_from_an_index_that_is_no_number_starts_at_the_beginning(
+    registry: RegistryProcess,
+) -> None:
+    """`Last-Event-ID` or `?after=` that str.isdigit takes but int() refuses (`²`, a number of
+    over 4300 digits) was a 500 INTERNAL_ERROR with a traceback in the log; now such an index is
+    ignored, as any other that is not a number is, and a number past every event is one."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+    connection.request("POST", "/builds", body=json.dumps({"image": "hello"}),
+                       headers={"Content-Type": "application/json"})
+    started = json.loads(connection.getresponse().read())
+    connection.close()
+    events = started["events"]
+    deadline = time.monotonic() + 120
+    while not json.loads(registry.request(started["json"], accept="application/json")[2])["finished"]:
+        assert time.monotonic() < deadline, "the build did not finish"
+        time.sleep(0.2)
+    superscript_two = "²".encode().decode("latin-1")  # http.client sends a header's str as latin-1: these are its UTF-8
+    for path, headers in ((f"{events}?after=%C2%B2", {}), (events, {"Last-Event-ID": superscript_two})):
+        status, answer_headers, body = registry.request(path, accept="text/event-stream", headers=headers)
+        assert status == 200, (path, headers, body[:300])
+        assert answer_headers["Content-Type"].startswith("text/event-stream")
+        assert b"id: 0\n" in body, body[:300]  # from the first event
+    for path, headers in ((f"{events}?after={'9' * 5000}", {}), (events, {"Last-Event-ID": "9" * 5000})):
+        status, _, body = registry.request(path, accept="text/event-stream", headers=headers)
+        assert status == 204, (path[:80], body[:300])  # past the last event of a finished build
+    assert not registry.log_events("http.internal_error")
+
+
 #: (Content-Type, more headers, body) of POST /builds bodies that cannot be read.
 UNREADABLE_BODIES = [
     ("application/json", {}, b"[" * 30_000 + b"]" * 30_000),  # deeper than Python's JSON parser goes
@@ -777,3 +835,113 @@ def test_catalog_tolerates_attributes_that_throw(tmp_path: Path) -> None:
         assert not fallback.complete and sorted(e.name for e in fallback.entries) == ["fatal", "fine"]
 
     run_async(run())
+
+
+def test_paths_under_static_that_name_no_file_get_the_registrys_404(registry: RegistryProcess) -> None:
+    """`/static/` itself (a directory: aiohttp refuses a listing with HTTPForbidden, which the
+    error middleware did not know) was a 500 INTERNAL_ERROR with a traceback in the log, and a
+    file that is not there an empty 404 of type application/octet-stream; now both are the
+    registry's JSON 404. The files there are served as before."""
+    for path in ("/static", "/static/", "/static/.", "/static/?x=1", "/static/nosuch.css", "/static/style.css/x"):
+        for method in ("GET", "HEAD"):
+            status, headers, body = registry.request(path, method=method, accept="*/*")
+            assert status == 404 and headers["Content-Type"].startswith("application/json"), (method, path, body)
+            if method == "GET":
+                assert json.loads(body)["errors"][0]["detail"]["kind"] == "NAME_UNKNOWN", (path, body)
+    status, headers, body = registry.request("/static/style.css", accept="*/*")
+    assert status == 200 and headers["Content-Type"].startswith("text/css") and body.startswith(b"/*")
+    assert not registry.log_events("http.internal_error")
+
+
+def test_a_content_type_too_long_to_be_one_is_refused_unparsed(registry: RegistryProcess) -> None:
+    """POST /builds with a Content-Type of 15,000 semicolons held the event loop ~2 s while
+    Python's email parser (which aiohttp uses) read it, every other request waiting; one of
+    thousands of nested comments made it raise RecursionError: a 500 INTERNAL_ERROR. A
+    Content-Type of over 256 characters (a multipart boundary is at most 70) is now 400
+    REQUEST_INVALID, unparsed, and the registry answers others meanwhile."""
+    hostile = {
+        "semicolons": "application/json" + ";" * 15_000,
+        "nested comments": "application/json" + "(" * 7_000 + ")" * 7_000,
+        "a form's, nested": "application/x-www-form-urlencoded" + "(" * 7_000 + ")" * 7_000,
+    }
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def post(what: str, content_type: str) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120)
+        connection.request("POST", "/builds", body='{"image": "hello"}', headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        answers[what] = (response.status, response.read())
+        connection.close()
+
+    senders = [threading.Thread(target=post, args=(what, value)) for what, value in hostile.items()]
+    senders += [threading.Thread(target=post, args=(f"semicolons {i}", f"{hostile['semicolons']}{'x' * i}"))
+                for i in range(1, 4)]  # each a value of its own: aiohttp keeps the last 56 parsed
+    for sender in senders:
+        sender.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert registry.request("/v2/")[0] == 200
+    waited = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    for what, (status, body) in answers.items():
+        assert status == 400, (what, status, body[:300])
+        error = json.loads(body)["errors"][0]
+        assert error["detail"] == {"limit": 256, "kind": "REQUEST_INVALID"}, (what, error)
+    assert waited < 1, f"the registry answered a ping after {waited:.1f} s"
+    assert not registry.log_events("http.internal_error") and not registry.log_events("http.unhandled_error")
+    post("plain", "application/json; charset=utf-8")
+    assert answers["plain"][0] == 202
+
+
+def test_a_build_form_whose_image_is_a_file_is_refused_as_such(registry: RegistryProcess) -> None:
+    """A multipart form whose `image` (or `tag`) is a file was read as Python's text for aiohttp's
+    FileField: refused as an "invalid tag" quoting the part's headers back. Now it is refused as
+    a field that must be text."""
+    for field, kind in (("image", "NAME_INVALID"), ("tag", "TAG_INVALID")):
+        other = "tag" if field == "image" else "image"
+        body = (
+            f'--xyz\r\nContent-Disposition: form-data; name="{other}"\r\n\r\n{"latest" if other == "tag" else "hello"}'
+            f'\r\n--xyz\r\nContent-Disposition: form-data; name="{field}"; filename="a.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\nhello\r\n--xyz--\r\n"
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        connection.request("POST", "/builds", body=body, headers={
+            "Content-Type": "multipart/form-data; boundary=xyz", "Accept": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+        connection.close()
+        assert response.status == 400, (field, answer)
+        error = json.loads(answer)["errors"][0]
+        assert error["detail"]["kind"] == kind and f"`{field}` must be a string, not a file" in error["message"], error
+        assert "Content-Disposition" not in error["message"], error
+
+
+def test_conditions_and_ranges_on_static_files_get_the_registrys_answers(registry: RegistryProcess) -> None:
+    """aiohttp's file responses answered an unmet If-Match (or If-Unmodified-Since) with an empty
+    412, and a range past the end, or several ranges, with an empty 416 of type
+    application/octet-stream. The static files now answer as blobs do: 412 PRECONDITION_FAILED in
+    the registry's JSON, 304 for their ETag, and the whole file for a Range (RFC 9110 allows
+    ignoring it: they are a few kilobytes)."""
+    def get(name: str = "style.css", method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
+        status, answer, body = registry.request(f"/static/{name}", method=method, accept="*/*",
+                                                headers={k.replace("_", "-"): v for k, v in headers.items()})
+        return status, {k.lower(): v for k, v in answer.items()}, body
+
+    status, headers, whole = get()
+    assert status == 200 and headers["content-type"].startswith("text/css")
+    etag = headers["etag"]
+    for extra in ({"Range": "bytes=999999-"}, {"Range": "bytes=0-0,5-6"}, {"If_Match": etag},
+                  {"If_Unmodified_Since": "Mon, 01 Jan 1990 00:00:00 GMT"}, {"If_None_Match": '"another"'}):
+        status, headers, body = get(**extra)
+        assert (status, body) == (200, whole), (extra, status, body[:200])
+    for method in ("GET", "HEAD"):
+        status, headers, body = get(method=method, If_Match='"another"')
+        assert status == 412 and headers["content-type"].startswith("application/json"), (method, status, headers)
+        if method == "GET":
+            assert json.loads(body)["errors"][0]["detail"]["kind"] == "PRECONDITION_FAILED"
+        status, headers, body = get(method=method, If_None_Match=etag)
+        assert (status, body, headers["etag"]) == (304, b"", etag), method
+    for name, kind in (("nixery.js", "javascript"), ("favicon.svg", "image/svg+xml")):
+        status, headers, _ = get(name)
+        assert status == 200 and kind in headers["content-type"], (name, headers)

@@ -15,6 +15,7 @@ from typing import Protocol
 from aiohttp import web
 
 from nixery import errors
+from nixery.http.bodies import MAX_CONTENT_TYPE_LENGTH
 
 _PAGE_ROUTE = "page."
 
@@ -37,10 +38,18 @@ def on_page(request: web.Request) -> bool:
     return name is not None and name.startswith(_PAGE_ROUTE)
 
 
+def _body_type(request: web.Request) -> str:
+    """The request body's media type, or "" for a Content-Type too long to parse (refused as
+    the request's error by `bodies.content_type`; asked here again while rendering that error)."""
+    if len(request.headers.get("Content-Type", "")) > MAX_CONTENT_TYPE_LENGTH:
+        return ""
+    return request.content_type
+
+
 def wants_json(request: web.Request) -> bool:
     if request.path.endswith(".json") or request.query.get("format") == "json":
         return True
-    if request.method == "POST" and request.content_type == "application/json":
+    if request.method == "POST" and _body_type(request) == "application/json":
         return True
     accept = request.headers.get("Accept", "")
     return "application/json" in accept and "text/html" not in accept
@@ -53,7 +62,7 @@ def wants_html_error(request: web.Request) -> bool:
         return False
     if "text/html" in request.headers.get("Accept", ""):
         return True
-    return request.method == "POST" and request.content_type in (
+    return request.method == "POST" and _body_type(request) in (
         "application/x-www-form-urlencoded",
         "multipart/form-data",
     )

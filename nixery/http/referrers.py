@@ -26,7 +26,7 @@ import re
 from aiohttp import web
 
 from nixery.errors import ManifestUnknown
-from nixery.http import routes
+from nixery.http import ranges, routes
 from nixery.http.signatures import signature_manifest_digest, signature_subject
 from nixery.images import Attached
 from nixery.registry.descriptors import image_index
@@ -80,6 +80,8 @@ async def tagged(request: web.Request) -> web.Response:
     else:
         raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
     headers = routes.content_headers(digest, media_type)
+    if ranges.not_modified(request.headers, headers["ETag"]):
+        return web.Response(status=304, headers=headers)
     if request.method == "HEAD":
         return web.Response(headers={**headers, "Content-Length": str(len(document))})
     return web.Response(body=document, headers=headers)

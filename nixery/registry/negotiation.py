@@ -31,7 +31,8 @@ _MEDIA_TYPES = {compression: tuple(fmt.value for fmt in compression.manifest_for
 DOCKER_ZSTD_MAJOR = 23
 
 # dockerd's puller: "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/... UpstreamClient(Docker-Client/...)".
-_DOCKER_ENGINE = re.compile(r"docker/(\d+)\.(\d+)")
+# ASCII digits, a few: int() refused a version of over 4300 digits (a 500), and \d takes any script's.
+_DOCKER_ENGINE = re.compile(r"docker/([0-9]{1,9})\.([0-9]{1,9})(?![0-9])")
 
 
 def docker_engine_version(user_agent: str) -> tuple[int, int] | None:
@@ -104,6 +105,12 @@ def _preferred(accepted: frozenset[str], compression: Compression, available: Co
             "this registry serves zstd layers (NIXERY_LAYER_COMPRESSION=zstd), which need OCI manifests; "
             "the client accepts only Docker schema 2 manifests",
             detail={"compression": compression.value, "formats": list(available)},
+        )
+    if any(is_index(media_type) for media_type in accepted):  # else `choose` gave the index
+        raise ManifestUnknown(
+            "the client accepts only image indexes (or manifest lists), and this image has none: it is "
+            "the image of one platform (see NIXERY_PLATFORMS); accept Docker schema 2 or OCI manifests",
+            detail={"formats": list(available)},
         )
     raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
 

@@ -40,7 +40,7 @@ from nixery.http.web.builds import (
 from nixery.http.web.docs import PAGE, docs_index, docs_page
 from nixery.http.web.images import image_info
 from nixery.http.web.landing import landing
-from nixery.http.web.layout import STATIC_DIR, error_page, static_cache_headers
+from nixery.http.web.layout import error_page, static_cache_headers, static_file
 from nixery.http.web.packages import packages
 from nixery.lru import LRU
 
@@ -62,5 +62,5 @@ def add_web_routes(app: web.Application) -> None:
     app.router.add_get("/images/{name:.+}", image_info, name=page_route("image"))
     app.router.add_get("/docs", docs_index, name=page_route("docs"))
     app.router.add_get(f"/docs/{{page:{PAGE}}}", docs_page, name=page_route("doc"))
-    app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.router.add_get("/static/{name}", static_file)
     app.on_response_prepare.append(static_cache_headers)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +32,7 @@ from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance
-from nixery.http.bodies import read_form, read_json
+from nixery.http.bodies import content_type, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
@@ -72,14 +73,14 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request)
     json_api = wants_json(request)
     fields: dict[str, str] = {}
-    if request.content_type == "application/json":
+    if content_type(request) == "application/json":
         body = await read_json(request)
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
-        fields = {k: str(v) for k, v in body.items() if k in ("image", "tag") and v is not None}
+        fields = {k: _text(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
     else:
         form = await read_form(request)
-        fields = {k: str(form[k]) for k in ("image", "tag") if k in form}
+        fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
     request[FORM] = fields  # an error page shows the form again
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
     tag = check_tag(tag)
@@ -112,6 +113,24 @@ async def start_build(request: web.Request) -> web.StreamResponse:
             headers={"Location": location},
         )
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
+
+
+#: What a JSON value or form field is called in an error message, by its Python type.
+_VALUE_TYPES = {
+    dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
+    web.FileField: "a file",
+}  # fmt: skip
+
+
+def _text(field: str, value: object) -> str:
+    """A JSON body's or form's `image` or `tag`: a string. Python's text for anything else
+    (`{'a': 1}`, `inf`, an uploaded file's FileField) was read as a name or a tag, and refused,
+    if at all, for what it was not."""
+    if isinstance(value, str):
+        return value
+    error = errors.NameInvalid if field == "image" else errors.TagInvalid
+    raise error(f"`{field}` must be a string, not {_VALUE_TYPES.get(type(value), 'another kind of value')}",
+                detail={"field": field})
 
 
 async def _get_build(request: web.Request) -> Build:
@@ -362,15 +381,29 @@ async def build_json(request: web.Request) -> web.Response:
 
 
 def _first_index(request: web.Request) -> int:
-    """Where the stream starts: after `Last-Event-ID` (a reconnect) or at `?after=`."""
+    """Where the stream starts: after `Last-Event-ID` (a reconnect) or at `?after=`; an index
+    that is not a number is ignored."""
     start = 0
-    last = request.headers.get("Last-Event-ID", "")
-    if last.isdigit():
-        start = int(last) + 1
-    after = request.query.get("after", "")
-    if after.isdigit():
-        start = max(start, int(after))
+    last = _event_index(request.headers.get("Last-Event-ID", ""))
+    if last is not None:
+        start = last + 1
+    after = _event_index(request.query.get("after", ""))
+    if after is not None:
+        start = max(start, after)
     return start
+
+
+_EVENT_INDEX = re.compile(r"[0-9]+")
+#: Past every build's events (the builder keeps far fewer).
+_PAST_EVERY_EVENT = 10**18
+
+
+def _event_index(text: str) -> int | None:
+    """An event index as sent, or None. ASCII digits only: str.isdigit also takes `²`, which int()
+    refuses, as it refuses numbers of over 4300 digits (both were a 500)."""
+    if not _EVENT_INDEX.fullmatch(text):
+        return None
+    return int(text) if len(text) < 18 else _PAST_EVERY_EVENT
 
 
 async def build_events(request: web.Request) -> web.StreamResponse:

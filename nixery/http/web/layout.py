@@ -16,6 +16,7 @@ from typing import Protocol
 from aiohttp import web
 
 from nixery import __version__, errors
+from nixery.http import ranges
 from nixery.http.markup import h
 
 #: A page's form fields, kept on the request so that an error page can show the form again, filled in.
@@ -80,6 +81,38 @@ def registry_host(request: web.Request) -> str:
 
 #: The style sheet and scripts, served at /static/.
 STATIC_DIR = Path(__file__).parent.parent / "static"
+#: The files served at /static/NAME: only these (the directory holds nothing else).
+STATIC_FILES = frozenset(path.name for path in STATIC_DIR.iterdir() if path.is_file())
+
+
+#: The static files' media types (as Python's mimetypes names them, but not from the machine's tables).
+_STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """GET /static/NAME: a few kilobytes, sent from memory, with their content's ETag.
+
+    aiohttp's static route answered the directory itself with HTTPForbidden (a 500 here), a
+    missing file with an empty 404, an unmet If-Match with an empty 412 and a range past the
+    end (or several ranges) with an empty 416. Here any other name is the registry's 404, the
+    conditions are those of blobs (`ranges.not_modified`), and a Range is ignored (RFC 9110
+    allows it: the whole file is a few kilobytes)."""
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise errors.NameUnknown("no such endpoint or repository")
+    path = STATIC_DIR / name
+    body, tag = _static_content(path, path.stat().st_mtime_ns)
+    headers = {"ETag": f'"{tag}"', "Content-Type": _STATIC_TYPES.get(path.suffix, "application/octet-stream")}
+    if ranges.not_modified(request.headers, headers["ETag"]):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, headers=headers)
+
+
+@lru_cache(maxsize=16)
+def _static_content(path: Path, mtime_ns: int) -> tuple[bytes, str]:
+    """A static file's bytes and the tag of its content (as `asset` names it), read again when it changes."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()[:16]
 
 
 def asset(name: str) -> str:
@@ -92,7 +125,7 @@ def asset(name: str) -> str:
 
 @lru_cache(maxsize=16)
 def _content_tag(path: Path, mtime_ns: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _static_content(path, mtime_ns)[1]
 
 
 async def static_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
