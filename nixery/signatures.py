@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -46,9 +47,24 @@ log = structlog.get_logger(__name__)
 
 PREFIX = "signatures/"
 
+#: Repositories (HOST/NAME) one process signs a manifest for, at most. A manifest is reached
+#: under many names (any order and case of its packages) and, without NIXERY_PUBLIC_HOST, under
+#: any Host header, and each signature is stored: unbounded, a client could fill storage by
+#: naming one image in ever new ways. Real clients name an image a few ways. Past the bound a
+#: pull is answered as before, unsigned for that repository, and a warning says why.
+MAX_REPOSITORIES_PER_MANIFEST = 16
+
 
 def entry_key(key_id: str, identity: str, subject: Digest) -> str:
     return f"{PREFIX}{key_id}/{hashlib.sha256(identity.encode()).hexdigest()[:32]}/{subject.hex}"
+
+
+@dataclass
+class _Repositories:
+    """The repositories one manifest was signed for, by this process."""
+
+    names: set[str] = field(default_factory=set)
+    warned: bool = False  # that the bound was reached
 
 
 class Signatures:
@@ -60,6 +76,8 @@ class Signatures:
         self.public_host = public_host
         # (identity, subject) -> its entry, as found or written by this process.
         self._known: LRU[tuple[str, Digest], Attached] = LRU(capacity)
+        # subject -> the identities this process signed it for or found it signed for.
+        self._repositories: LRU[Digest, _Repositories] = LRU(capacity)
 
     def identity(self, host: str, name: str) -> str:
         """The repository as clients name it: NIXERY_PUBLIC_HOST when set, else the request's Host."""
@@ -71,9 +89,33 @@ class Signatures:
 
     async def ensure(self, identity: str, subjects: Iterable[Digest]) -> None:
         """Every manifest in `subjects` signed for `identity`, in storage."""
-        missing = [subject for subject in subjects if self._known.get((identity, subject)) is None]
+        missing = [
+            subject for subject in subjects
+            if self._known.get((identity, subject)) is None and self._admits(identity, subject)
+        ]
         if missing:
             await asyncio.gather(*(self._ensure_one(identity, subject) for subject in missing))
+
+    def _admits(self, identity: str, subject: Digest) -> bool:
+        """Whether `subject` may be signed for one more repository (MAX_REPOSITORIES_PER_MANIFEST)."""
+        repositories = self._repositories.get(subject)
+        if repositories is None:
+            repositories = _Repositories()
+            self._repositories.put(subject, repositories)
+        if identity in repositories.names:
+            return True
+        if len(repositories.names) < MAX_REPOSITORIES_PER_MANIFEST:
+            repositories.names.add(identity)
+            return True
+        if not repositories.warned:
+            repositories.warned = True
+            log.warning(
+                "signing.too_many_repositories", identity=identity[:300], subject=str(subject),
+                limit=MAX_REPOSITORIES_PER_MANIFEST,
+                problem=f"this manifest is signed for {MAX_REPOSITORIES_PER_MANIFEST} repositories already; pulls"
+                " through other names or hosts get no signature (with NIXERY_PUBLIC_HOST set, hosts do not count)",
+            )
+        return False
 
     async def find(self, identity: str, subject: Digest) -> Attached | None:
         """The signature of `subject` for `identity`, if the registry has signed it; made again

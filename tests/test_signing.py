@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from nixery import collected, config
 from nixery.http.signatures import SIGNATURES, sign_pulled
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
-from nixery.signatures import Signatures
+from nixery.signatures import MAX_REPOSITORIES_PER_MANIFEST, Signatures
 from nixery.signing import SigningKey, generate_pair, signature_documents
 from nixery.storage import FilesystemStorage
 from nixery.storage.base import StorageFull
@@ -227,6 +228,41 @@ def test_every_manifest_is_signed_for_the_repository_it_was_pulled_through(
     digest = digests_of(registry, "shell")[1]
     sig_digest = registry.manifest("shell", digest.replace(":", "-") + ".sig", accept=OCI_MANIFEST)[0]
     assert registry.manifest("shell", sig_digest, accept=OCI_MANIFEST)[0] == sig_digest
+
+
+def test_a_manifest_is_signed_for_a_bounded_number_of_repositories(
+    start_registry: Callable[..., RegistryProcess], keys: dict[str, Path]
+) -> None:
+    """Without NIXERY_PUBLIC_HOST each Host header is a repository of its own, and each
+    signature is stored: a client sending a new Host on every pull had the registry sign,
+    and store, without end. Past the bound, pulls are answered as before, unsigned."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_SIGNING_KEY=str(keys["registry"]))
+
+    def pull(host: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300)
+        try:
+            connection.putrequest("GET", "/v2/shell/manifests/latest", skip_host=True)
+            connection.putheader("Host", host)
+            connection.putheader("Accept", DOCKER_MANIFEST)
+            connection.endheaders()
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    hosts = [f"registry-{n}.example" for n in range(MAX_REPOSITORIES_PER_MANIFEST + 8)]
+    assert [pull(host) for host in hosts] == [200] * len(hosts)
+    signed = registry.log_events("signing.signed")
+    manifests = len({event["subject"] for event in signed})  # the image's Docker and OCI manifests
+    assert manifests == 2
+    assert len(signed) == manifests * MAX_REPOSITORIES_PER_MANIFEST, len(signed)
+    first_hosts = hosts[:MAX_REPOSITORIES_PER_MANIFEST]
+    assert {event["identity"] for event in signed} == {f"{host}/shell" for host in first_hosts}
+    warned = registry.log_events("signing.too_many_repositories")
+    assert len(warned) == manifests and "NIXERY_PUBLIC_HOST" in warned[0]["problem"]
+    # The first hosts keep their signatures; a pull through them signs nothing again.
+    assert pull(hosts[0]) == 200 and len(registry.log_events("signing.signed")) == len(signed)
 
 
 @needs_skopeo
