@@ -24,7 +24,7 @@ async def packages(request: web.Request) -> web.StreamResponse:
     revision = await builder.source.resolve(tag)
     catalogue = builder.names.catalog
     catalog = await catalogue.get(revision, wait=20.0)
-    results = catalog.search(query) if catalog else []
+    results = await builder.names.search(catalog, query) if catalog else []
     if wants_json(request):
         return web.json_response(
             {
