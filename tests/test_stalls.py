@@ -134,3 +134,47 @@ def test_the_landing_page_leaves_others_answered_promptly(big_catalogue_registry
     latencies, pages = while_requested(big_catalogue_registry, "/", 10, f"{NAMES} top-level names")
     assert pages >= 50
     assert_prompt(latencies)
+
+
+def test_a_stall_of_the_event_loop_shows_in_metrics_and_the_log(start_registry, tmp_path) -> None:
+    """Work that holds the event loop (here injected: /v2/ asked with X-Hold sleeps 0.4 s on the
+    loop) delays every client, and nothing said so: /metrics now has the loop's lag as a histogram
+    (each hold counted as one lag over 0.25 s) and the log a `loop.stalled` warning."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import time\n"
+        "import nixery.http.routes as routes\n"
+        "answer = routes.api_version\n"
+        "async def holding(request):\n"
+        "    if 'X-Hold' in request.headers:\n"
+        "        time.sleep(0.4)  # on the loop, as a stall is\n"
+        "    return await answer(request)\n"
+        "routes.api_version = holding\n"
+    )
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", PYTHONPATH=f"{hooks}:{REPOSITORY}")
+    deadline = time.monotonic() + 30
+    while not (registry.log_events("layers.writers_ready") and registry.log_events("nix.evaluator_ready")):
+        assert time.monotonic() < deadline, "the registry did not warm up"  # (its start-up may stall briefly)
+        time.sleep(0.1)
+
+    def lag_buckets() -> dict[str, float]:
+        _, _, body = registry.request("/metrics", accept=None)
+        return {
+            line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in body.decode().splitlines() if line.startswith("nixery_event_loop_lag_seconds_bucket")
+        }
+
+    quiet = lag_buckets()
+    assert quiet and quiet["+Inf"] >= 3, quiet
+    for _ in range(2):
+        assert registry.request("/v2/", accept=None, headers={"X-Hold": "1"})[0] == 200
+    time.sleep(0.5)
+    held = lag_buckets()
+    # Each 0.4 s hold seen as a lag over 0.25 s.
+    assert (held["+Inf"] - held["0.25"]) - (quiet["+Inf"] - quiet["0.25"]) == 2, (quiet, held)
+    deadline = time.monotonic() + 15  # a line at most every 10 s
+    while not (stalled := [e for e in registry.log_events("loop.stalled") if e["longest_ms"] >= 300]):
+        assert time.monotonic() < deadline, f"no loop.stalled line for the holds: {registry.log_events('loop.stalled')}"
+        time.sleep(0.2)
+    assert stalled[0]["level"] == "warning" and stalled[0]["longest_ms"] < 1000, stalled
