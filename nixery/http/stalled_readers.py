@@ -11,9 +11,12 @@ TCP_USER_TIMEOUT, set to NIXERY_SEND_TIMEOUT. Once bytes sent on it have waited 
 long for the client to take them (also while the client's window stays shut: Linux 5.11
 on), the kernel ends the connection and the registry's next use of it fails, so the
 handler, its file and its stream are let go. The kernel watches every connection at no
-cost to the event loop; a client that keeps reading, however slowly, is never cut off
-(each byte it takes starts the time again), and a connection with nothing to send (a
-client waiting for a build) is not limited.
+cost to the event loop, and a connection with nothing to send (a client waiting for a
+build) is not limited. A client that keeps reading is not cut off either, as long as it
+frees a segment's worth of its window within the limit: the kernel reopens a shut window
+a segment (MSS) at a time, ~1.4 KB on a network and 64 KB on loopback, so with the
+default of 60 s only a client slower than ~25 B/s (on loopback ~1 KB/s) is cut off. This
+is what nginx's `send_timeout` (also 60 s) does.
 
 The cut-off is logged (`http.send_timeout`) where the kernel's error reaches the
 connection: after an answer that went out in full into the kernel's buffers, or one
