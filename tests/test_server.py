@@ -288,7 +288,7 @@ def test_clients_that_stop_reading_a_blob_are_cut_off_after_the_send_timeout(sta
     its connection is closed; others are served meanwhile, and a client that reads gets the whole
     blob. `shell`'s largest layer (1 MB) fits in the kernel's buffers, so the answer is sent in
     full and the connection idles (the cut-off is logged); `noise`'s (16 MB) is still being sent
-    with sendfile(2), whose error asyncio does not pass on (not logged)."""
+    with sendfile(2)."""
     pkgs = busybox_set_with(tmp_path / "pkgs", "noise", "noise-1.0",
                             "$bb/mkdir $out; $bb/head -c 16000000 /dev/urandom > $out/noise")
     limit = 2.0
@@ -315,7 +315,8 @@ def test_clients_that_stop_reading_a_blob_are_cut_off_after_the_send_timeout(sta
                 received += len(chunk)
         sock.close()
         assert received < layer["size"], "the stalled client got the whole blob: it was not cut off"
-    assert len(registry.log_events("http.send_timeout")) == (len(stalled) if image == "shell" else 0)
+    if image == "shell":  # (during sendfile, asyncio keeps the kernel's error to itself)
+        assert len(registry.log_events("http.send_timeout")) == len(stalled)
     assert not registry.log_events("http.unhandled_error")
     # A client that reads is not cut off.
     status, _, body = registry.request(f"/v2/{image}/blobs/{layer['digest']}", timeout=10)
