@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from nixery import metrics
+from nixery import loop_lag, metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
 from nixery.http import auth, bodies, health, referrers, routes
@@ -82,7 +82,9 @@ def create_app(settings: Settings) -> web.Application:
         gc.freeze()
         log.info("registry.started", source=settings.source_description, storage=storage.name)
         warm_up = asyncio.ensure_future(builder.warm_up())  # in the background: serving starts now
+        lag_watch = asyncio.ensure_future(loop_lag.watch())  # /metrics and the log show stalls
         yield
+        lag_watch.cancel()
         warm_up.cancel()
         if declarations is not None:
             await declarations.close()

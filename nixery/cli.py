@@ -118,6 +118,7 @@ def _serve_one(
             sockets,
             shutdown_timeout=settings.shutdown_grace,
             header_timeout=settings.header_timeout,
+            send_timeout=settings.send_timeout,
             listening=listening,
         )
     except ConfigError as exc:
@@ -290,7 +291,7 @@ STORAGE_VARIABLES = [
 ]
 SERVE_VARIABLES = [
     ("serving", "PORT (8080), NIXERY_HOST (127.0.0.1), NIXERY_WORKERS, NIXERY_SHUTDOWN_GRACE, "
-     "NIXERY_HEADER_TIMEOUT, LOG_LEVEL, LOG_FORMAT"),
+     "NIXERY_HEADER_TIMEOUT, NIXERY_SEND_TIMEOUT, LOG_LEVEL, LOG_FORMAT"),
     ("packages", "NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL or NIXERY_FLAKE (none of them: the "
      "bundled set, NIXERY_BUNDLED_SET, NIXERY_DEBIAN_SET_DIR), NIXERY_CHANNEL_URL, NIXERY_CHANNEL_TTL, "
      "NIXERY_GIT_REF_TTL, NIXERY_CACHE_DIR, NIXERY_BASELINE"),

@@ -158,6 +158,8 @@ class Settings:
     shutdown_grace: float = 30.0
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
+    # Seconds what a connection was sent may wait for its client to take it (clients that stop reading).
+    send_timeout: float = 60.0
     workers: int = 1
     # Not from the environment: with several workers, the directory `nixery serve` makes for
     # them to share their builds in (nixery/shared_builds.py).
@@ -518,6 +520,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         nix_annotations=_bool(env, "NIXERY_NIX_ANNOTATIONS", False),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
+        send_timeout=_float(env, "NIXERY_SEND_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),

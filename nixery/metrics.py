@@ -13,6 +13,8 @@
     nixery_blob_served_bytes_total                    bytes of blobs sent by this process (as they go out)
     nixery_nix_processes_running{command}
     nixery_storage_full_total                         requests refused as 507 STORAGE_FULL
+    nixery_event_loop_lag_seconds                     how late the event loop ran what was due, every
+                                                      0.1 s (nixery.loop_lag): a stall delays every client
 
 With NIXERY_WORKERS above 1, each worker process counts into files of its own
 (prometheus_client's multiprocess mode: `nixery.cli` sets PROMETHEUS_MULTIPROC_DIR
@@ -78,6 +80,10 @@ BLOB_BYTES = Counter("nixery_blob_served_bytes", "Blob bytes sent to clients by 
 STORAGE_FULL = Counter(
     "nixery_storage_full", "Requests refused because no space was left where storage writes (507 STORAGE_FULL)"
 )
+LOOP_LAG = Histogram(
+    "nixery_event_loop_lag_seconds", "How late the event loop ran what was due, measured every 0.1 s",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 NIX_PROCESSES = Gauge(
     "nixery_nix_processes_running", "Nix processes running, by command", ["command"], multiprocess_mode="livesum"
 )
@@ -129,6 +135,13 @@ def build_waited() -> None:
 
 def storage_full() -> None:
     STORAGE_FULL.inc()
+
+
+# ---- hooks called by the event loop's watch ------------------------------------
+
+
+def loop_lag(seconds: float) -> None:
+    LOOP_LAG.observe(seconds)
 
 
 # ---- hooks called by the blob route ------------------------------------------

@@ -7,7 +7,10 @@ nearest names it has for each one that is missing (`nixery.suggestions`), so
 that `shell/curll` is answered with "did you mean curl?".
 
 Guarantees: nothing here runs Nix per name or blocks the event loop (the
-comparisons run in a worker thread, one query at a time); a catalogue not
+comparisons and the web pages' searches run in a worker thread, one query at a
+time: a search of a catalogue of 100,000 names took a few hundred milliseconds,
+which every other client waited for when it ran on the loop; `CatalogSearch`
+makes it milliseconds); a catalogue not
 read yet is waited for at most SUGGESTION_WAIT seconds and keeps loading
 afterwards, so an error is never held up long for the sake of a suggestion.
 """
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from nixery.nix.catalog import Catalog, PackageCatalog
+from nixery.nix.catalog import Catalog, CatalogEntry, CatalogSearch, PackageCatalog
 from nixery.nix.errors import PackagesNotFound
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
@@ -37,9 +40,19 @@ class PackageNames:
         #: The package lists by revision, read on first use (a page, a search, a missing name).
         self.catalog = PackageCatalog(system=host_system(), storage=storage)
         self._suggestions = Suggestions()
+        self._search_lock = asyncio.Lock()  # a burst of searches queues instead of taking every thread
+        self._prepared: tuple[tuple[str, float], CatalogSearch] | None = None  # for the last catalogue searched
 
     async def close(self) -> None:
         await self.catalog.close()
+
+    async def search(self, catalog: Catalog, query: str) -> list[CatalogEntry]:
+        """The catalogue's entries that match `query` (`Catalog.search`), off the event loop."""
+        key = (catalog.revision, catalog.read_at)
+        async with self._search_lock:
+            if self._prepared is None or self._prepared[0] != key:
+                self._prepared = key, await asyncio.to_thread(CatalogSearch, catalog)
+            return await asyncio.to_thread(self._prepared[1].search, query)
 
     async def with_suggestions(self, error: PackagesNotFound, revision: Revision) -> PackagesNotFound:
         """The error, with the nearest names the package set has for each missing one (if its list is read)."""

@@ -4,6 +4,7 @@ finish their request heads, and a port that is already taken."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from tests.registry import REPOSITORY, RegistryProcess, free_port, slow_package_set
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, free_port, slow_package_set
 
 MARKER = "nixery-echo-marker"
 
@@ -276,3 +277,47 @@ def test_an_expectation_other_than_100_continue_gets_the_registrys_json_error(re
     answer = exchange(registry.port, continued)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:300]
     assert not registry.log_events("http.internal_error") and not registry.log_events("http.unhandled_error")
+
+
+@pytest.mark.parametrize("image", ["shell", "noise"])
+def test_clients_that_stop_reading_a_blob_are_cut_off_after_the_send_timeout(start_registry, tmp_path,
+                                                                              image: str) -> None:
+    """A client that requests a blob and then reads nothing held its connection (and, while the
+    blob was being sent, its file) for as long as it liked: thousands of them left the registry
+    out of descriptors. Once nothing it was sent has been taken for NIXERY_SEND_TIMEOUT seconds,
+    its connection is closed; others are served meanwhile, and a client that reads gets the whole
+    blob. `shell`'s largest layer (1 MB) fits in the kernel's buffers, so the answer is sent in
+    full and the connection idles (the cut-off is logged); `noise`'s (16 MB) is still being sent
+    with sendfile(2)."""
+    pkgs = busybox_set_with(tmp_path / "pkgs", "noise", "noise-1.0",
+                            "$bb/mkdir $out; $bb/head -c 16000000 /dev/urandom > $out/noise")
+    limit = 2.0
+    registry: RegistryProcess = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_SEND_TIMEOUT=str(limit))
+    _, manifest = registry.manifest(image)
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    request = f"GET /v2/{image}/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    descriptors_before = len(os.listdir(f"/proc/{registry.process.pid}/fd"))
+    stalled = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the registry cannot send it all at once
+        sock.connect(("127.0.0.1", registry.port))
+        sock.sendall(request)
+        stalled.append(sock)
+    assert registry.request("/v2/", timeout=5)[0] == 200  # others are served meanwhile
+    time.sleep(limit + 3)  # reading nothing
+    assert len(os.listdir(f"/proc/{registry.process.pid}/fd")) <= descriptors_before + 2, "still held"
+    for sock in stalled:
+        sock.settimeout(10)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # what reached the client's buffers before the cut
+                received += len(chunk)
+        sock.close()
+        assert received < layer["size"], "the stalled client got the whole blob: it was not cut off"
+    if image == "shell":  # (during sendfile, asyncio keeps the kernel's error to itself)
+        assert len(registry.log_events("http.send_timeout")) == len(stalled)
+    assert not registry.log_events("http.unhandled_error")
+    # A client that reads is not cut off.
+    status, _, body = registry.request(f"/v2/{image}/blobs/{layer['digest']}", timeout=10)
+    assert (status, len(body)) == (200, layer["size"])

@@ -19,6 +19,9 @@ answers given before a request reaches the application.
   keep-alive connections wait as long as aiohttp's keep-alive time, 75 s).
   aiohttp has no such limit: a client that never finishes its head held the
   connection until the keep-alive time ran out.
+* What a connection is sent must be taken by its client within NIXERY_SEND_TIMEOUT
+  seconds (`nixery.http.stalled_readers`): a client that stops reading a blob is cut
+  off rather than holding the connection, and the blob's file or storage stream, for ever.
 
 * Once every socket accepts, `registry.listening` logs the URL to pull from.
   On SIGTERM or SIGINT, `registry.stopping` logs how many requests are under
@@ -56,6 +59,7 @@ from aiohttp.web_protocol import RequestHandler
 from nixery import errors, metrics
 from nixery.http.access import log_request
 from nixery.http.errors import error_response, registry_error
+from nixery.http.stalled_readers import is_send_timeout, limit_untaken_sends
 
 log = structlog.get_logger(__name__)
 
@@ -145,14 +149,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
-        header_timeout: float, listening: Callable[[], object] = lambda: None) -> None:
+        header_timeout: float, send_timeout: float, listening: Callable[[], object] = lambda: None) -> None:
     """Serve `app` on bound sockets until SIGTERM, SIGINT or SIGHUP, then let in-flight
     responses finish within `shutdown_timeout` (as `web.run_app` does); `listening` is
     called once they accept."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout, listening))
+        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout, send_timeout, listening))
     finally:
         remaining = asyncio.all_tasks(loop)
         for task in remaining:
@@ -168,10 +172,11 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
 
 
 async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdown_timeout: float,
-                 header_timeout: float, listening: Callable[[], object]) -> None:
+                 header_timeout: float, send_timeout: float, listening: Callable[[], object]) -> None:
     runner = RegistryRunner(
         app,
         header_timeout=header_timeout,
+        send_timeout=send_timeout,
         # The keep-alive timer also closes a connection still waiting for its first head:
         # never before the header timeout.
         keepalive_timeout=max(KEEPALIVE_SECONDS, header_timeout),
@@ -223,9 +228,10 @@ def _address(sock: socket.socket) -> str:
 class RegistryRunner(web.AppRunner):
     """An AppRunner whose connections are RegistryConnections."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any):
+    def __init__(self, app: web.Application, *, header_timeout: float, send_timeout: float, **kwargs: Any):
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # also starts the application (its cleanup_ctx)
@@ -234,6 +240,7 @@ class RegistryRunner(web.AppRunner):
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             header_timeout=self._header_timeout,
+            send_timeout=self._send_timeout,
             **plain._kwargs,
         )
 
@@ -242,7 +249,8 @@ class _Server(web.Server):
     """The connections' server; counts the requests under way, and how those under way
     when shutting down ended (for the shutdown's log lines)."""
 
-    def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, **kwargs: Any):
+    def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, send_timeout: float,
+                 **kwargs: Any):
         def new_request(
             message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
             writer: AbstractStreamWriter, task: asyncio.Task[None],
@@ -252,6 +260,7 @@ class _Server(web.Server):
 
         super().__init__(_http_errors_as_registry_errors(handler), request_factory=new_request, **kwargs)
         self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
         self.in_flight = 0
         self.stopping = False
         self.finished_while_stopping = 0  # answered in full after the shutdown began
@@ -270,7 +279,8 @@ class _Server(web.Server):
                 self.cut_off += 1
 
     def __call__(self) -> RegistryConnection:
-        return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+        return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout,
+                                  send_timeout=self._send_timeout, **self._kwargs)
 
 
 def _http_errors_as_registry_errors(handler: Any) -> Any:
@@ -296,13 +306,15 @@ def _http_errors_as_registry_errors(handler: Any) -> Any:
 
 
 class RegistryConnection(RequestHandler):
-    """One client connection: registry errors for unparseable requests, and a time limit on request heads."""
+    """One client connection: registry errors for unparseable requests, and time limits on request
+    heads and on what the client leaves unread."""
 
-    __slots__ = ("_header_timeout", "_head_deadline", "_awaiting_head")
+    __slots__ = ("_header_timeout", "_send_timeout", "_head_deadline", "_awaiting_head")
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any):
+    def __init__(self, manager: web.Server, *, header_timeout: float, send_timeout: float, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._awaiting_head = True
 
@@ -310,6 +322,7 @@ class RegistryConnection(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        limit_untaken_sends(transport, self._send_timeout)
         self._start_head_clock()
 
     def data_received(self, data: bytes) -> None:
@@ -342,6 +355,8 @@ class RegistryConnection(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_clock()
+        if is_send_timeout(exc):
+            log.info("http.send_timeout", peer=_peer(self.transport), seconds=self._send_timeout)
         super().connection_lost(exc)
 
     def _start_head_clock(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
+import itertools
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -113,31 +113,9 @@ class Catalog:
 
     def search(self, query: str, limit: int = 50) -> list[CatalogEntry]:
         """Entries whose name (or description) contains `query`, best first:
-        exact name, then name prefix, then name substring, then description."""
-        query = query.strip().lower()
-        if not query:
-            return []
-
-        def ranked() -> Iterator[tuple[int, int, int, str, CatalogEntry]]:
-            for entry in self.entries:
-                name = entry.name.lower()
-                if name == query:
-                    rank = 0
-                elif name.startswith(query):
-                    rank = 1
-                elif query in name:
-                    rank = 2
-                elif entry.description and query in entry.description.lower():
-                    rank = 3
-                else:
-                    continue
-                # Packages before sets and broken attributes; shorter names first.
-                kind_rank = 0 if entry.kind in ("package", None) else 1
-                yield rank, kind_rank, len(name), name, entry
-
-        # The best `limit` only (as sorting all and cutting, ties in order): a query most names
-        # match sorted 100,000 rankings, each with a string made for it, five times slower.
-        return [item[4] for item in heapq.nsmallest(limit, ranked(), key=lambda item: item[:4])]
+        exact name, then name prefix, then name substring, then description
+        (`CatalogSearch`, which keeps what it prepares for the next query)."""
+        return CatalogSearch(self).search(query, limit)
 
     def to_json(self) -> bytes:
         """One JSON array: a header, then a row per entry (written, and read, a row at a time)."""
@@ -170,6 +148,46 @@ class Catalog:
             complete=bool(header["complete"]),
             read_at=float(header["read_at"]),
         )
+
+
+class CatalogSearch:
+    """A catalogue prepared for searches: names and descriptions in lower case, entries in the
+    order results are given within a rank (packages before other kinds, shorter names first).
+
+    A search walks that order rank by rank and stops at `limit` results: a query matching
+    most of nixpkgs (a single letter) costs a few milliseconds rather than sorting every
+    match (~300 ms). Preparing costs about as much as one such sort, once per catalogue."""
+
+    def __init__(self, catalog: Catalog):
+        def order(entry: CatalogEntry) -> tuple[int, int, str]:
+            return (0 if entry.kind in ("package", None) else 1, len(entry.name), entry.name.lower())
+
+        ordered = sorted(catalog.entries, key=order)  # stable: ties keep the catalogue's order
+        self._entries = ordered
+        self._names = [entry.name.lower() for entry in ordered]
+        self._descriptions = [(entry.description or "").lower() for entry in ordered]
+        # One string of each, searched in C first: a query found nowhere costs no walk.
+        self._all_names = "\n".join(self._names)
+        self._all_descriptions = "\n".join(self._descriptions)
+
+    def search(self, query: str, limit: int = 50) -> list[CatalogEntry]:
+        query = query.strip().lower()
+        if not query or limit <= 0:
+            return []
+        names, descriptions = self._names, self._descriptions
+        in_names, in_descriptions = query in self._all_names, query in self._all_descriptions
+        found: list[int] = []
+        for matches in (
+            (i for i, name in enumerate(names) if name == query) if in_names else (),
+            (i for i, name in enumerate(names) if name != query and name.startswith(query)) if in_names else (),
+            (i for i, name in enumerate(names) if query in name and not name.startswith(query)) if in_names else (),
+            (i for i, name in enumerate(names) if query not in name and query in descriptions[i])
+            if in_descriptions else (),
+        ):
+            found.extend(itertools.islice(matches, limit - len(found)))
+            if len(found) >= limit:
+                break
+        return [self._entries[i] for i in found]
 
 
 _MAX_DESCRIPTION = 200

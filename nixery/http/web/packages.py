@@ -5,7 +5,6 @@ page says so and reloads itself, and the JSON says `loading`."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -25,8 +24,7 @@ async def packages(request: web.Request) -> web.StreamResponse:
     revision = await builder.source.resolve(tag)
     catalogue = builder.names.catalog
     catalog = await catalogue.get(revision, wait=20.0)
-    # Off the event loop: a query most of a large set's names match takes tens of milliseconds.
-    results = await asyncio.to_thread(catalog.search, query) if catalog and query.strip() else []
+    results = await builder.names.search(catalog, query) if catalog else []
     if wants_json(request):
         return web.json_response(
             {
