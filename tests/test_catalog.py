@@ -16,6 +16,7 @@ from nixery.http.routes import BUILDER
 from nixery.http.web.packages import packages
 from nixery.nix.catalog import Catalog, CatalogEntry, PackageCatalog
 from nixery.nix.packages import host_system
+from nixery.package_names import PackageNames
 from nixery.resolver import Revision
 from nixery.storage.filesystem import FilesystemStorage
 
@@ -91,8 +92,8 @@ class _LargeCatalogBuilder:
 
     def __init__(self, catalog: Catalog):
         self.source = self
-        self.names = self
-        self.catalog = self
+        self.names = PackageNames(None)  # its search, over this catalogue
+        self.names.catalog = self  # type: ignore[assignment]
         self._catalog = catalog
 
     async def resolve(self, tag: str) -> Revision:
