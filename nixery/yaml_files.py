@@ -37,6 +37,10 @@ Parsing (`load_documents`)
     itself); integers longer than `MAX_NUMBER_LENGTH` characters are refused.
     A key given twice in one mapping is refused too (PyYAML would keep the
     last one silently; YAML calls it an error, and kubectl refuses it).
+    YAML 1.1's base-60 numbers (`22:22`, `1:30.5`) are read as strings, as
+    YAML 1.2 and Kubernetes read them: else `exposedPorts: [22:22]` (a
+    Compose-style mapping) was port 1342, and `user: 1000:1000` was the
+    number 3601000, without a word.
     Each limit raises `YAMLLimitError`, a `yaml.YAMLError`, so callers handle
     it as any invalid YAML. libyaml (C) produces the parse events when PyYAML
     has it, and the counting composer is the only part in Python: parsing
@@ -268,16 +272,27 @@ class _LimitedConstructor(SafeConstructor, _SharesTheGIL):
         self._step()
         return super().construct_object(node, deep)
 
-    def construct_yaml_int(self, node: Any) -> int:
+    def construct_yaml_int(self, node: Any) -> Any:  # an int, or a base-60 string
         if len(node.value) > MAX_NUMBER_LENGTH:
             raise YAMLLimitError(
                 None, None, f"an integer longer than {MAX_NUMBER_LENGTH} characters", node.start_mark
             )
+        if ":" in node.value:
+            return self.construct_scalar(node)  # base 60: a string, as Kubernetes reads it (module docstring)
         return super().construct_yaml_int(node)
 
+    def construct_yaml_float(self, node: Any) -> Any:  # a float, or a base-60 string
+        if ":" in node.value:
+            return self.construct_scalar(node)
+        return super().construct_yaml_float(node)
+
     # The loader looks constructors up by tag in this table (a copy of the safe loader's, as
-    # add_constructor would make), so the override above needs its entry here.
-    yaml_constructors = {**SafeConstructor.yaml_constructors, "tag:yaml.org,2002:int": construct_yaml_int}
+    # add_constructor would make), so the overrides above need their entries here.
+    yaml_constructors = {
+        **SafeConstructor.yaml_constructors,
+        "tag:yaml.org,2002:int": construct_yaml_int,
+        "tag:yaml.org,2002:float": construct_yaml_float,
+    }
 
 
 def _limited_loader(parser: type[Any]) -> type:

@@ -170,6 +170,24 @@ def test_a_key_given_twice_is_reported_not_half_read(tmp_path: Path) -> None:
     assert files.problems[0].origin == f"file {tmp_path / 'images.yaml'}"
 
 
+def test_base_60_numbers_are_reported_not_read_as_other_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads `22:22` as a base-60 number: a Compose-style `exposedPorts: [22:22]` was
+    served as port 1342 without a word, and `user: 1000:1000` was told to quote "3601000".
+    They are strings now, as Kubernetes reads them, and each is reported as what it is."""
+    image = "apiVersion: k8s.nixos.org/v1alpha\nkind: NixImage\nmetadata: {{name: {name}}}\ndata:\n  tag: v1\n" \
+            "  contents: [hello]\n  {field}\n"
+    (tmp_path / "ports.yaml").write_text(image.format(name="ports", field="exposedPorts: [22:22, 8080]"))
+    (tmp_path / "user.yaml").write_text(image.format(name="user", field="user: 1000:1000"))
+    (tmp_path / "good.yaml").write_text(image.format(name="good", field="exposedPorts: [80, 0x50, 1_000]"))
+    files = DeclarationFiles(tmp_path)
+    files.scan()
+    [good] = files.declarations
+    assert good.reference == "good:v1" and good.request.config.exposed_ports == ("80/tcp", "1000/tcp")
+    problems = {Path(p.origin.split()[1].split("#")[0]).name: p.message for p in files.problems}
+    assert "'22:22' is not a port" in problems["ports.yaml"], problems
+    assert "'1000:1000' is not a user name" in problems["user.yaml"], problems
+
+
 async def test_name_and_package_rule_and_duplicates(tmp_path: Path) -> None:
     """A declaration claims its name:tag only; the first file (in path order) wins a duplicate."""
     write_images(tmp_path / "10-first.yaml", nix_image("hello", tag="v1", contents=["figlet"]))

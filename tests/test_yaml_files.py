@@ -48,12 +48,14 @@ base: &base {user: app, labels: [a, b]}
 first: {<<: *base, name: one}
 second: {<<: *base, name: two, labels: [c]}
 when: 2024-01-02
-numbers: [1, 0x1f, 1_000, 1:30, 2.5, .inf]
+numbers: [1, 0x1f, 1_000, 2.5, .inf]
 ---
 [&x {k: v}, *x, *x]
 --- {"json": [1, 2, {"nested": null}]}
 """
     assert load_documents(text, loader) == list(yaml.safe_load_all(text))
+    # but YAML 1.1's base-60 numbers are strings, as in YAML 1.2 and Kubernetes (`22:22` is no port 1342)
+    assert load_documents("[1:30, 22:22, 1:30.5, !!int 2:00]", loader) == [["1:30", "22:22", "1:30.5", "2:00"]]
     for example in EXAMPLES.glob("*.yaml"):
         assert load_documents(example.read_text(), loader) == list(yaml.safe_load_all(example.read_text()))
 
