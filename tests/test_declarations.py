@@ -24,6 +24,7 @@ from nixery.declarations import (
     InvalidDeclaration,
     parse_declaration,
 )
+from nixery.declarations.store import MAX_LOGGED_PER_CHANGE
 from nixery.registry.names import Arch
 from tests.registry import RegistryProcess, have, run, skopeo_to_oci, unpack_oci
 
@@ -227,6 +228,29 @@ async def test_an_edit_is_seen_by_the_next_resolve(tmp_path: Path) -> None:
         assert (await store.resolve("app", "v1")).packages == ("figlet",)
     finally:
         await store.close()
+
+
+async def test_editing_thousands_of_declarations_logs_a_summary_not_a_line_each(tmp_path: Path) -> None:
+    """A file of 2,000 declarations whose tags are all changed, and a second file claiming them:
+    the registry logged a line per image declared, removed and in conflict (6,000 lines here, tens
+    of thousands for a few such files), on the event loop, which held every request for hundreds
+    of milliseconds. Now at most MAX_LOGGED_PER_CHANGE of each, and one line with the counts."""
+    count = 2000
+    path = write_images(tmp_path / "10-images.yaml", *(nix_image(f"app{n}") for n in range(count)))
+    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=3600)
+    await store.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            write_images(path, *(nix_image(f"app{n}", tag="v2") for n in range(count)))
+            write_images(tmp_path / "20-again.yaml", *(nix_image(f"app{n}", tag="v2") for n in range(count)))
+            assert (await store.resolve(f"app{count - 1}", "v2")) is not None
+    finally:
+        await store.close()
+    per_image = [e for e in logs if e["event"] in
+                 ("declarations.image_declared", "declarations.image_removed", "declarations.conflict")]
+    assert len(per_image) <= 3 * MAX_LOGGED_PER_CHANGE, len(per_image)
+    [summary] = [e for e in logs if e["event"] == "declarations.changed"]
+    assert (summary["declared"], summary["removed"], summary["new_conflicts"]) == (count, count, count), summary
 
 
 class ThreadRecordingFiles(DeclarationFiles):
