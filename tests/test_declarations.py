@@ -253,6 +253,35 @@ async def test_editing_thousands_of_declarations_logs_a_summary_not_a_line_each(
     assert (summary["declared"], summary["removed"], summary["new_conflicts"]) == (count, count, count), summary
 
 
+async def test_files_slow_to_scan_delay_a_pull_by_at_most_the_scan_wait(tmp_path: Path) -> None:
+    """Ten files just under the size limit and the slowest kind to parse, rewritten before each
+    pull: every pull by tag waited for a scan of all of them (2-6 s against a real registry, for
+    `hello:latest` too, declared nowhere). A pull now waits at most `scan_wait`, is answered from
+    the last scan, and the slow scan is logged once; once it ends, its result is served."""
+    write_images(tmp_path / "good.yaml", nix_image("good"))
+    slow_text = "[" + "1," * 400_000 + "1]\n"
+    slow_files = [tmp_path / f"slow-{n}.yaml" for n in range(10)]
+    for path in slow_files:
+        path.write_text(slow_text)
+    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=3600, scan_wait=0.5)
+    await store.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for round_ in range(3):
+                for path in slow_files:
+                    path.write_text(slow_text + f"# {round_}\n")
+                started = time.monotonic()
+                assert (await store.resolve("good", "v1")).packages == ("hello",)
+                assert await store.resolve("hello", "latest") is None
+                assert time.monotonic() - started < 2.5, f"the pulls waited {time.monotonic() - started:.1f} s"
+            write_images(tmp_path / "good.yaml", nix_image("good", contents=["figlet"]))
+            await store.refresh_files()  # as the background poll does: to the end of a scan
+            assert (await store.resolve("good", "v1")).packages == ("figlet",)
+    finally:
+        await store.close()
+    assert len([e for e in logs if e["event"] == "declarations.scan_slow"]) == 1
+
+
 class ThreadRecordingFiles(DeclarationFiles):
     """Declaration files that note the thread of each step of reading them."""
 

@@ -67,7 +67,9 @@ Rules
   entries skipped: a mounted ConfigMap works). Scans run in a thread of their
   own, one at a time: a pull that arrives during a scan waits for the next
   one, which every pull waiting then shares, so scans never pile up and the
-  event loop never reads or parses a file.
+  event loop never reads or parses a file. A pull waits for a scan at most
+  `SCAN_WAIT` (1 s): files that take longer (written to be slow) delay pulls
+  by that much, not by the scan, which goes on.
 * **Pre-building** (NIXERY_PREBUILD=true): a declaration that appears or
   changes is built in the background at once, so the first pod start does not
   wait for Nix.

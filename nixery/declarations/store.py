@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 MAX_LOGGED_PER_CHANGE = 50  # images declared, removed or in conflict logged one by one per change
+#: Seconds a pull waits for the files to be scanned, at most; past it the pull is answered from the
+#: table as it is, and the scan goes on. Scans take milliseconds, but whoever writes the files can
+#: make them take seconds (files that are slow to parse, rewritten again and again), and every pull
+#: by tag waited for one: even `hello:latest`, declared nowhere.
+SCAN_WAIT = 1.0
 
 
 class StatusReporter(Protocol):
@@ -110,11 +115,13 @@ class DeclarationStore:
         files: DeclarationFiles | None = None,
         prebuild: bool = False,
         poll_interval: float = 10.0,
+        scan_wait: float | None = SCAN_WAIT,  # None: a pull waits for the whole scan
     ):
         self.builder = builder
         self.files = files
         self.prebuild = prebuild
         self.poll_interval = poll_interval
+        self.scan_wait = scan_wait
         self._sources: dict[str, list[Declaration]] = {}
         self._table = _Table()
         self._reported_conflicts: set[tuple[str, str]] = set()
@@ -127,6 +134,7 @@ class DeclarationStore:
         self._scan_tasks: set[asyncio.Task[None]] = set()
         self._scan_thread: ThreadPoolExecutor | None = None
         self._scan_failure: str | None = None
+        self._slow_scan_reported = False
 
     # ---- life cycle ------------------------------------------------
 
@@ -158,8 +166,9 @@ class DeclarationStore:
             await asyncio.sleep(self.poll_interval)
             await self.refresh_files()  # returns when the scan is done: polls never pile up
 
-    async def refresh_files(self) -> None:
-        """Bring the files' declarations up to date: returns after a scan that started after the call.
+    async def refresh_files(self, *, wait: float | None = None) -> None:
+        """Bring the files' declarations up to date: returns after a scan that started after the call,
+        or after `wait` seconds, when given, with the scan still running (`SCAN_WAIT`).
 
         Scans run one at a time, in a thread of their own, so the event loop never stats,
         reads or parses a file. Calls that arrive while a scan runs share the next one:
@@ -169,7 +178,18 @@ class DeclarationStore:
         if self.files is None:
             return
         scan = spawn(self._scan(self._scans_started), failure_event="declarations.scan_failed", keep=self._scan_tasks)
-        await asyncio.shield(scan)
+        if wait is None:
+            await asyncio.shield(scan)
+            return
+        done, _ = await asyncio.wait({scan}, timeout=wait)  # on time-out the scan goes on, not cancelled
+        if done:
+            self._slow_scan_reported = False
+        elif not self._slow_scan_reported:  # once, until a pull gets a scan in time again
+            self._slow_scan_reported = True
+            log.warning(
+                "declarations.scan_slow", path=str(self.files.path), waited=wait,
+                problem="the declaration files take long to scan: pulls are answered from the last scan",
+            )
 
     async def _scan(self, started_before: int) -> None:
         async with self._scan_lock:
@@ -211,7 +231,7 @@ class DeclarationStore:
 
     async def resolve(self, name: str, tag: str) -> ImageRequest | None:
         """The declared contents of `name:tag`, or None to read the name as packages."""
-        await self.refresh_files()
+        await self.refresh_files(wait=self.scan_wait)
         declaration = self.lookup(name, tag)
         if declaration is None:
             return None
@@ -226,7 +246,7 @@ class DeclarationStore:
 
     async def tags(self, name: str) -> list[str]:
         """The tags `name` is declared under, sorted; none when the name is not declared."""
-        await self.refresh_files()
+        await self.refresh_files(wait=self.scan_wait)
         return self._table.tags.get(name, [])
 
     # ---- changes ---------------------------------------------------
