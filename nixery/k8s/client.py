@@ -123,16 +123,27 @@ class KubeClient:
         ) as response:
             if response.status != 200:
                 raise await self._error(response)
-            buffer = b""
+            # The pieces of the line being received, joined once when its newline comes: joining them
+            # as they came copied the line so far for each piece (a 7 MiB event in 1.4 KiB pieces,
+            # as a network delivers it, was 18 GB copied and 3.8 s of the event loop's time).
+            pending: list[bytes] = []
+            pending_bytes = 0
             async for chunk in response.content.iter_any():
-                *lines, buffer = (buffer + chunk).split(b"\n")
-                events = [line for line in lines if line.strip()]
-                if events:
-                    yield events
-                if len(buffer) > MAX_EVENT_BYTES:
+                *lines, rest = chunk.split(b"\n")
+                if lines:
+                    lines[0] = b"".join([*pending, lines[0]])
+                    pending, pending_bytes = [], 0
+                    events = [line for line in lines if line.strip()]
+                    if events:
+                        yield events
+                if rest:
+                    pending.append(rest)
+                    pending_bytes += len(rest)
+                if pending_bytes > MAX_EVENT_BYTES:
                     raise ApiError(0, f"a watch event is larger than {MAX_EVENT_BYTES} bytes")
-            if buffer.strip():
-                yield [buffer]
+            last = b"".join(pending)
+            if last.strip():
+                yield [last]
 
     async def patch_status(
         self, name: str, namespace: str | None, status: dict[str, Any], *, resource_version: str | None = None
