@@ -127,7 +127,11 @@ def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
             if entry.name.startswith("."):
                 continue
             try:
-                if not entry.is_dir():
+                is_directory = entry.is_dir()
+            except OSError:  # a symlink to itself: a file that cannot be read, for the reader to report
+                is_directory = False
+            try:
+                if not is_directory:
                     if entry.name.endswith(suffixes):
                         found.append(Path(entry.path))
                     continue

@@ -670,6 +670,30 @@ def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) 
     assert registry.process.poll() is None
 
 
+def test_a_symlink_to_nothing_is_reported_not_skipped_in_silence(tmp_path: Path) -> None:
+    """`images.yaml` a symlink to a file that is not there (a typo, a volume not mounted) or to
+    itself: the file was skipped without a word, so its images were simply not there. It is
+    now reported, once, naming where it leads; when the target appears, it is served."""
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    images.mkdir()
+    write_images(images / "good.yaml", nix_image("good"))
+    os.symlink(elsewhere / "images.yaml", images / "images.yaml")
+    os.symlink("loop.yaml", images / "loop.yaml")
+    files = DeclarationFiles(images)
+    with structlog.testing.capture_logs() as logs:
+        files.scan()
+        assert not files.scan()  # reported once, not on every scan
+    assert [d.reference for d in files.declarations] == ["good:v1"]
+    problems = {Path(e["file"]).name: e["problem"] for e in logs if e["event"] == "declarations.invalid"}
+    assert set(problems) == {"images.yaml", "loop.yaml"}, problems
+    assert f"No such file or directory (a symlink to {elsewhere / 'images.yaml'})" in problems["images.yaml"]
+    assert "symbolic links (a symlink to loop.yaml)" in problems["loop.yaml"]
+    elsewhere.mkdir()
+    write_images(elsewhere / "images.yaml", nix_image("linked"))
+    assert files.scan()
+    assert [d.reference for d in files.declarations] == ["good:v1", "linked:v1"]
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

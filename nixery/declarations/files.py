@@ -8,6 +8,7 @@ files are served as usual.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,7 +80,10 @@ class DeclarationFiles:
             try:
                 st = path.stat()
             except OSError:
-                continue
+                try:  # a symlink to nothing (or to itself) is reported as any file that cannot be read
+                    st = path.lstat()
+                except OSError:
+                    continue  # gone since it was found
             stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             loaded = self._files.get(path)
             if loaded is None or loaded.stamp != stamp:
@@ -153,11 +157,19 @@ def _read_documents(path: Path) -> list[tuple[str, Any]]:
     except FileRefused as exc:
         raise InvalidDeclaration(str(exc)) from None
     except OSError as exc:
-        raise InvalidDeclaration(f"cannot read the file: {exc.strerror or exc}") from None
+        raise InvalidDeclaration(f"cannot read the file: {exc.strerror or exc}{_symlink_target(path)}") from None
     except UnicodeDecodeError as exc:
         raise InvalidDeclaration(f"cannot read the file: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise InvalidDeclaration(f"not valid YAML: {_cut(describe_error(exc), 200)}") from None
+
+
+def _symlink_target(path: Path) -> str:
+    """` (a symlink to TARGET)` when `path` is one: the file a user sees in the directory is not the one missing."""
+    try:
+        return f" (a symlink to {_cut(os.readlink(path), 200)})"
+    except OSError:
+        return ""
 
 
 def _label_key(label: str) -> tuple[int, ...]:
