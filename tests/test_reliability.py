@@ -150,6 +150,23 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
 
 
+def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(registry: RegistryProcess) -> None:
+    """A manifest blob cut short (what a crash on a file system that loses unsynced writes can
+    leave, or a disk's fault) is taken out of service and the image built again on the next pull.
+    Before, every pull of the tag answered 404 "is not a manifest", for as long as the file stayed."""
+    digest, _ = registry.manifest("shell/fortune")
+    registry.stop()
+    manifest_file = registry.storage / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    manifest_file.write_bytes(manifest_file.read_bytes()[:50])
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest, "the rebuilt image is byte-for-byte the same"
+    status, _, body = registry.request(f"/v2/shell/fortune/manifests/{digest}")
+    assert status == 200 and Digest.of(body) == Digest.parse(digest)
+    assert list((registry.storage / "quarantine").iterdir()), "the damaged manifest was not set aside"
+
+
 def test_a_damaged_record_is_reported_and_its_image_built_again(registry: RegistryProcess) -> None:
     """Image and layer records cut short (a disk's fault, a hand's edit): `nixery check` names
     the image record instead of failing with a traceback, and a registry builds the image again

@@ -198,7 +198,9 @@ class Storage(ABC):
 
     @abstractmethod
     async def read_blob(self, digest: Digest) -> bytes:
-        """The whole blob in memory: only for small blobs (manifests, configs)."""
+        """The whole blob in memory: only for small blobs (manifests, configs). Raises
+        BlobNotFound, or CorruptBlob when the backend finds the bytes do not hash to `digest`
+        (the filesystem: then set aside, as `blob_source` does)."""
 
     @abstractmethod
     async def put_blob(self, digest: Digest, staged: Path) -> None:

@@ -22,7 +22,8 @@ are gone are removed at start-up.
 
 Before a blob is first served by this process its bytes are hashed: a blob
 that no longer matches its digest (disk corruption, tampering) is moved to
-quarantine instead of being served, so the image that needs it is rebuilt.
+quarantine instead of being served, so the image that needs it is rebuilt;
+a small blob read whole (`read_blob`: manifests) is checked on every read.
 Requests that come for a blob while it is being hashed wait for that one
 hash: after a restart, a fleet pulling the same 400 MB layer hashed it once
 per request, and those hashes held every worker thread, so that other pulls'
@@ -189,10 +190,18 @@ class FilesystemStorage(Storage):
             os.replace(path, self._quarantine / f"{path.name}-{time.time_ns()}")
 
     async def read_blob(self, digest: Digest) -> bytes:
+        path = self.blob_path(digest)
         try:
-            return await asyncio.to_thread(self.blob_path(digest).read_bytes)
+            data, intact = await asyncio.to_thread(_read_checked, path, digest)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
+        if not intact:
+            # A manifest cut short (a crash where writes were not synced, a disk's fault) would
+            # otherwise be answered as "not a manifest" for ever: set aside, its image is rebuilt.
+            await asyncio.to_thread(self._quarantine_blob, path)
+            self._report_corrupt_blob(digest)
+            raise CorruptBlob(digest)
+        return data
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         with raising_storage_full(self._place):
@@ -438,6 +447,12 @@ def _remove_tree(tree: Path, staging: Path) -> None:
             shutil.rmtree(tree, ignore_errors=True)
         return
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _read_checked(path: Path, digest: Digest) -> tuple[bytes, bool]:
+    """A small blob's bytes, and whether they hash to `digest` (cheap: manifests, configs)."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest() == digest.hex
 
 
 def _hashes_to(path: Path, digest: Digest) -> bool:
