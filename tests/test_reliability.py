@@ -132,6 +132,45 @@ def test_a_restarted_process_of_the_same_name_removes_what_its_predecessor_stage
     assert staged.exists()
 
 
+_HOLD_LOCK = """
+import asyncio, sys
+from pathlib import Path
+from nixery.storage.filesystem import FilesystemStorage
+
+async def hold() -> None:
+    async with FilesystemStorage(Path(sys.argv[1])).exclusive(sys.argv[2]):
+        print("held", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(hold())
+"""
+
+
+def test_lock_files_of_processes_killed_mid_build_do_not_pile_up(tmp_path: Path) -> None:
+    """A registry killed while it built an image (kill -9, OOM) left that image's lock file in
+    locks/ for ever unless the image was built again: one empty file per crash. Opening the
+    storage now removes the lock files that no live process holds, and keeps a held one."""
+    root = tmp_path / "storage"
+
+    def holder(key: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root), key], stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.readline() == b"held\n"
+        return process
+
+    killed = [holder(f"builds/{n:064x}") for n in range(3)]
+    live = holder("builds/still-building")
+    try:
+        for process in killed:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert len(list((root / "locks").iterdir())) == 4
+        FilesystemStorage(root)
+        assert [p.name for p in (root / "locks").iterdir()] == ["builds_still-building.lock"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("fortune/bigdata")
     layer = max(manifest["layers"], key=lambda layer: layer["size"])

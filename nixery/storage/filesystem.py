@@ -5,7 +5,8 @@ Layout under the root:
     blobs/sha256/ab/abcdef...   content-addressed blobs
     meta/<key>                  metadata documents
     locks/<key>.lock            cross-process locks (flock: released when the holder dies;
-                                the holder removes the file when done); replacing_meta_<key>.lock
+                                the holder removes the file when done, opening the storage
+                                those of dead holders); replacing_meta_<key>.lock
                                 while a document is replaced (`replace_meta`)
     quarantine/                 blobs whose bytes did not match their digest
     tmp/<host>-<pid>/           this process's staging files
@@ -103,6 +104,7 @@ class FilesystemStorage(Storage):
             directory.mkdir(parents=True, exist_ok=True)
         self._staging = make_staging_dir(root / "tmp")
         _remove_tree(root / "verified", self._staging)
+        _remove_abandoned_locks(self._locks)
         # Blobs hashed and found intact, with the (inode, size, mtime) they had: verified once per
         # process while among the VERIFIED_CAPACITY served most recently (a blob dropped is hashed
         # again when next served), so memory stays flat however many blobs are stored.
@@ -374,6 +376,30 @@ async def _lock_file(path: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _remove_abandoned_locks(locks: Path) -> None:
+    """Remove the lock files whose holders died (killed mid-build: one per image, kept for
+    ever unless that image was built again). Safe beside live processes: a held lock is not
+    taken here, and one that a waiter locks after it went is dropped by `_lock_file`."""
+    try:
+        names = os.listdir(locks)
+    except OSError:
+        return
+    for name in names:
+        path = locks / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # removed meanwhile by its holder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_file_at(fd, path):
+                os.unlink(path)
+        except OSError:  # held by a live process (or no flock here): left to it
+            pass
+        finally:
+            os.close(fd)
 
 
 def _is_file_at(fd: int, path: Path) -> bool:
