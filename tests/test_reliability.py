@@ -251,6 +251,32 @@ async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> No
     assert await storage.stat_blob(kept.config) is not None
 
 
+async def test_garbage_collection_removes_the_notes_of_images_a_crash_left_without_record(tmp_path: Path) -> None:
+    """A registry killed between writing an image's referrers pointers and its record, or a gc
+    killed between removing a record and its usage note and pointers, left those documents for
+    ever: no later gc removed them. Now gc removes the usage notes and pointers of images that
+    have no record (under the image's build lock: a build writing them holds it), and keeps
+    those of stored images."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    kept = ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=await storage.put_blob_bytes(b"a config"), manifests={}, layers=(), built_at=time.time(),
+    )
+    await storage.put_meta("images/kept", kept.to_json())
+    subject = "ab" * 32
+    for key in ("kept", "crashed"):
+        await storage.put_meta(f"usage/{key}", json.dumps({"last_used": time.time()}).encode())
+        await storage.put_meta(f"referrers/{subject}/{key}", b"{}")
+
+    dry = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE, dry_run=True)
+    assert dry.orphan_notes_removed == 2
+    assert len(await storage.list_meta("usage")) == 2, "a dry run removed something"
+    report = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE)
+    assert (report.orphan_notes_removed, report.images_kept) == (2, 1)
+    assert await storage.list_meta("usage") == ["usage/kept"]
+    assert await storage.list_meta("referrers") == [f"referrers/{subject}/kept"]
+
+
 def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     _, kept = registry.manifest("shell/hello")
     _, dropped = registry.manifest("bigdata")
