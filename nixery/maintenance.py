@@ -81,6 +81,7 @@ class GarbageReport:
     evaluations_removed: int = 0
     layer_records_removed: int = 0  # `layers/<key>` records of layers whose blobs are gone
     orphan_notes_removed: int = 0  # usage notes and referrers pointers of images without a record
+    locks_removed: int = 0  # locks (leases) that processes which died left behind
     dry_run: bool = False
 
 
@@ -200,6 +201,8 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         await signatures.remove_orphans(storage)
         await pulls.remove_orphans(storage)
     report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
+    if not dry_run:  # a dead holder's lock stops nobody (it is taken over): this only tidies
+        report.locks_removed = await storage.remove_abandoned_locks()
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

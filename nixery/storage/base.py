@@ -313,6 +313,11 @@ class Storage(ABC):
         """
         yield
 
+    async def remove_abandoned_locks(self) -> int:
+        """Remove the locks (`exclusive`) that holders which died left behind (a process killed
+        mid-build leaves one per image); how many. For `nixery gc`. Default: none to remove."""
+        return 0
+
     async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)
         """Mark a blob as in use now, so a concurrent garbage collection keeps it."""
 

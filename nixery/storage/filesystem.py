@@ -303,6 +303,9 @@ class FilesystemStorage(Storage):
             self._unlink_verified(digest)
         return intact
 
+    async def remove_abandoned_locks(self) -> int:
+        return await asyncio.to_thread(_remove_abandoned_locks, self._locks)
+
     async def touch_blob(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.utime, self.blob_path(digest))
@@ -378,14 +381,15 @@ async def _lock_file(path: Path) -> int:
         os.close(fd)
 
 
-def _remove_abandoned_locks(locks: Path) -> None:
+def _remove_abandoned_locks(locks: Path) -> int:
     """Remove the lock files whose holders died (killed mid-build: one per image, kept for
-    ever unless that image was built again). Safe beside live processes: a held lock is not
-    taken here, and one that a waiter locks after it went is dropped by `_lock_file`."""
+    ever unless that image was built again): how many. Safe beside live processes: a held lock
+    is not taken here, and one that a waiter locks after it went is dropped by `_lock_file`."""
     try:
         names = os.listdir(locks)
     except OSError:
-        return
+        return 0
+    removed = 0
     for name in names:
         path = locks / name
         try:
@@ -396,10 +400,12 @@ def _remove_abandoned_locks(locks: Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if _is_file_at(fd, path):
                 os.unlink(path)
+                removed += 1
         except OSError:  # held by a live process (or no flock here): left to it
             pass
         finally:
             os.close(fd)
+    return removed
 
 
 def _is_file_at(fd: int, path: Path) -> bool:
