@@ -206,6 +206,32 @@ def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(regist
     assert list((registry.storage / "quarantine").iterdir()), "the damaged manifest was not set aside"
 
 
+def test_a_rebuild_replaces_a_layer_cut_short_on_disk(registry: RegistryProcess) -> None:
+    """A crash on a file system that loses unsynced writes can leave both an image's record and
+    one of its layers cut short. The next pull rebuilds the image, and the layer with it; the
+    layer's blob was kept as it was (a blob under a digest "is not written again"), so the
+    rebuilt manifest named a blob that then failed to download (404); so did a config. Now a
+    stored blob of another size than the one being put, which does not hash to its digest, is
+    replaced."""
+    digest, manifest = registry.manifest("shell/fortune")
+    registry.stop()
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    blob_file.write_bytes(blob_file.read_bytes()[: layer["size"] // 2])
+    config = manifest["config"]["digest"]
+    (registry.storage / "blobs" / "sha256" / config[7:9] / config[7:]).write_bytes(b"")
+    [record] = (registry.storage / "meta" / "images").iterdir()
+    record.write_bytes(b"")
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest
+    for blob in (layer["digest"], config):
+        status, _, body = registry.request(f"/v2/shell/fortune/blobs/{blob}")
+        assert status == 200, (blob, status, body[:300])
+        assert Digest.of(body) == Digest.parse(blob)
+
+
 def test_a_damaged_record_is_reported_and_its_image_built_again(registry: RegistryProcess) -> None:
     """Image and layer records cut short (a disk's fault, a hand's edit): `nixery check` names
     the image record instead of failing with a traceback, and a registry builds the image again

@@ -55,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from nixery.errors import DigestInvalid
 from nixery.lru import LRU
 from nixery.registry.digest import Digest
@@ -78,6 +80,8 @@ from nixery.storage.base import (
 )
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 #: Blobs whose intact bytes a process remembers (about 200 bytes each).
 VERIFIED_CAPACITY = 20_000
@@ -207,7 +211,11 @@ class FilesystemStorage(Storage):
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         with raising_storage_full(self._place):
-            await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
+            replaced = await asyncio.to_thread(_publish, staged, self.blob_path(digest), digest)
+        if replaced:
+            self._verified.pop(digest)  # another file now: hashed again before it is served
+            self._unlink_verified(digest)
+            log.warning("storage.damaged_blob_replaced", digest=str(digest), note="it did not hash to its digest")
 
     async def get_meta(self, key: str) -> bytes | None:
         try:
@@ -417,14 +425,32 @@ def _is_file_at(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
-def _publish(staged: Path, target: Path, *, replace: bool) -> None:
-    """Make `staged` durable and move it to `target` in one atomic rename."""
-    if not replace and target.exists():
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
-        return
+def _publish(staged: Path, target: Path, digest: Digest) -> bool:
+    """Make `staged` (whose bytes hash to `digest`) durable and move it to `target` in one
+    atomic rename, unless `target` is stored already: whether a damaged one was replaced.
+
+    A blob stored already is kept, and marked in use. Unless it is of another size and does not
+    hash to `digest` (cut short by a crash on a file system that lost unsynced writes, or by a
+    disk's fault): then a rebuild would name it again and every pull of it fail, so the staged
+    bytes take its place."""
+    replaced = False
+    try:
+        stored_size = os.stat(target).st_size
+    except FileNotFoundError:
+        stored_size = None
+    if stored_size is not None:
+        try:
+            intact = stored_size == os.stat(staged).st_size or _hashes_to(target, digest)
+        except FileNotFoundError:  # removed meanwhile (`nixery gc`): stored anew
+            intact = False
+        if intact:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
+            return False
+        replaced = True
     _make_durable(staged)
     _move_into_place(staged, target)
+    return replaced
 
 
 def _make_durable(staged: Path) -> None:
