@@ -266,6 +266,10 @@ def _gc(args: argparse.Namespace) -> int:
           f"{verb} {report.evaluations_removed} kept name evaluations of package-set revisions no kept image uses")
     if report.layer_records_removed:
         print(f"{verb} {report.layer_records_removed} records of layers whose blobs are gone")
+    if report.orphan_notes_removed:
+        print(f"{verb} {report.orphan_notes_removed} usage notes and referrers pointers of images without a record")
+    if report.locks_removed:
+        print(f"removed {report.locks_removed} locks that processes which died left behind")
     if report.unreadable_removed:
         print(f"{verb} {report.unreadable_removed} image records that cannot be read (damaged)")
     return 0

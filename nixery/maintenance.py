@@ -41,7 +41,15 @@ from dataclasses import dataclass, field
 
 from nixery import collected, pulls, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
-from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, RecordUnreadable, build_lock, referrer_keys
+from nixery.images import (
+    IMAGE_PREFIX,
+    REFERRERS_PREFIX,
+    USAGE_PREFIX,
+    ImageRecord,
+    RecordUnreadable,
+    build_lock,
+    referrer_keys,
+)
 from nixery.layers.store import LAYER_PREFIX, LAYER_RECORD_UNREADABLE, read_layer_record
 from nixery.registry.digest import Digest
 from nixery.storage.base import Storage
@@ -72,6 +80,8 @@ class GarbageReport:
     bytes_freed: int = 0
     evaluations_removed: int = 0
     layer_records_removed: int = 0  # `layers/<key>` records of layers whose blobs are gone
+    orphan_notes_removed: int = 0  # usage notes and referrers pointers of images without a record
+    locks_removed: int = 0  # locks (leases) that processes which died left behind
     dry_run: bool = False
 
 
@@ -167,6 +177,7 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
             report.images_kept += 1
             live |= record.blobs()
             live_revisions.add(record.revision)
+    report.orphan_notes_removed = await _remove_orphan_notes(storage, dry_run=dry_run)
     live |= await signatures.kept_by_live(storage, live)  # signatures go with their manifests
     listed: set[Digest] = set()
     unused_blobs = []
@@ -190,6 +201,8 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         await signatures.remove_orphans(storage)
         await pulls.remove_orphans(storage)
     report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
+    if not dry_run:  # a dead holder's lock stops nobody (it is taken over): this only tidies
+        report.locks_removed = await storage.remove_abandoned_locks()
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue
@@ -197,6 +210,31 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
         if not dry_run:
             await storage.delete_meta(key)
     return report
+
+
+async def _remove_orphan_notes(storage: Storage, *, dry_run: bool) -> int:
+    """Remove the usage notes and referrers pointers of images that have no record: what a
+    registry killed between writing an image's pointers and its record left, or a gc killed
+    between removing a record and its notes. Each goes under its image's build lock, and only
+    if the record is still absent: a build writes the pointers, then the record, holding it."""
+    stored = {key.removeprefix(IMAGE_PREFIX) for key in await storage.list_meta(IMAGE_PREFIX)}
+    notes: dict[str, list[str]] = {}
+    for key in [*await storage.list_meta(USAGE_PREFIX), *await storage.list_meta(REFERRERS_PREFIX)]:
+        image_key = key.rsplit("/", 1)[-1]
+        if image_key not in stored:
+            notes.setdefault(image_key, []).append(key)
+    removed = 0
+    for image_key, keys in sorted(notes.items()):
+        if dry_run:
+            removed += len(keys)
+            continue
+        async with storage.exclusive(build_lock(image_key)):
+            if await storage.get_meta(f"{IMAGE_PREFIX}{image_key}") is not None:  # built meanwhile
+                continue
+            for key in keys:
+                await storage.delete_meta(key)
+                removed += 1
+    return removed
 
 
 async def _remove_layer_records(storage: Storage, stored: set[Digest], *, dry_run: bool) -> int:

@@ -132,6 +132,45 @@ def test_a_restarted_process_of_the_same_name_removes_what_its_predecessor_stage
     assert staged.exists()
 
 
+_HOLD_LOCK = """
+import asyncio, sys
+from pathlib import Path
+from nixery.storage.filesystem import FilesystemStorage
+
+async def hold() -> None:
+    async with FilesystemStorage(Path(sys.argv[1])).exclusive(sys.argv[2]):
+        print("held", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(hold())
+"""
+
+
+def test_lock_files_of_processes_killed_mid_build_do_not_pile_up(tmp_path: Path) -> None:
+    """A registry killed while it built an image (kill -9, OOM) left that image's lock file in
+    locks/ for ever unless the image was built again: one empty file per crash. Opening the
+    storage now removes the lock files that no live process holds, and keeps a held one."""
+    root = tmp_path / "storage"
+
+    def holder(key: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root), key], stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.readline() == b"held\n"
+        return process
+
+    killed = [holder(f"builds/{n:064x}") for n in range(3)]
+    live = holder("builds/still-building")
+    try:
+        for process in killed:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert len(list((root / "locks").iterdir())) == 4
+        FilesystemStorage(root)
+        assert [p.name for p in (root / "locks").iterdir()] == ["builds_still-building.lock"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("fortune/bigdata")
     layer = max(manifest["layers"], key=lambda layer: layer["size"])
@@ -148,6 +187,49 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert again == digest, "the rebuilt image is byte-for-byte the same"
     status, _, body = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
+
+
+def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(registry: RegistryProcess) -> None:
+    """A manifest blob cut short (what a crash on a file system that loses unsynced writes can
+    leave, or a disk's fault) is taken out of service and the image built again on the next pull.
+    Before, every pull of the tag answered 404 "is not a manifest", for as long as the file stayed."""
+    digest, _ = registry.manifest("shell/fortune")
+    registry.stop()
+    manifest_file = registry.storage / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    manifest_file.write_bytes(manifest_file.read_bytes()[:50])
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest, "the rebuilt image is byte-for-byte the same"
+    status, _, body = registry.request(f"/v2/shell/fortune/manifests/{digest}")
+    assert status == 200 and Digest.of(body) == Digest.parse(digest)
+    assert list((registry.storage / "quarantine").iterdir()), "the damaged manifest was not set aside"
+
+
+def test_a_rebuild_replaces_a_layer_cut_short_on_disk(registry: RegistryProcess) -> None:
+    """A crash on a file system that loses unsynced writes can leave both an image's record and
+    one of its layers cut short. The next pull rebuilds the image, and the layer with it; the
+    layer's blob was kept as it was (a blob under a digest "is not written again"), so the
+    rebuilt manifest named a blob that then failed to download (404); so did a config. Now a
+    stored blob of another size than the one being put, which does not hash to its digest, is
+    replaced."""
+    digest, manifest = registry.manifest("shell/fortune")
+    registry.stop()
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    blob_file.write_bytes(blob_file.read_bytes()[: layer["size"] // 2])
+    config = manifest["config"]["digest"]
+    (registry.storage / "blobs" / "sha256" / config[7:9] / config[7:]).write_bytes(b"")
+    [record] = (registry.storage / "meta" / "images").iterdir()
+    record.write_bytes(b"")
+
+    registry.start()
+    again, _ = registry.manifest("shell/fortune")
+    assert again == digest
+    for blob in (layer["digest"], config):
+        status, _, body = registry.request(f"/v2/shell/fortune/blobs/{blob}")
+        assert status == 200, (blob, status, body[:300])
+        assert Digest.of(body) == Digest.parse(blob)
 
 
 def test_a_damaged_record_is_reported_and_its_image_built_again(registry: RegistryProcess) -> None:
@@ -193,6 +275,32 @@ async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> No
     assert await storage.list_meta("images") == ["images/kept"]
     assert await storage.stat_blob(old_blob) is None
     assert await storage.stat_blob(kept.config) is not None
+
+
+async def test_garbage_collection_removes_the_notes_of_images_a_crash_left_without_record(tmp_path: Path) -> None:
+    """A registry killed between writing an image's referrers pointers and its record, or a gc
+    killed between removing a record and its usage note and pointers, left those documents for
+    ever: no later gc removed them. Now gc removes the usage notes and pointers of images that
+    have no record (under the image's build lock: a build writing them holds it), and keeps
+    those of stored images."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    kept = ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=await storage.put_blob_bytes(b"a config"), manifests={}, layers=(), built_at=time.time(),
+    )
+    await storage.put_meta("images/kept", kept.to_json())
+    subject = "ab" * 32
+    for key in ("kept", "crashed"):
+        await storage.put_meta(f"usage/{key}", json.dumps({"last_used": time.time()}).encode())
+        await storage.put_meta(f"referrers/{subject}/{key}", b"{}")
+
+    dry = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE, dry_run=True)
+    assert dry.orphan_notes_removed == 2
+    assert len(await storage.list_meta("usage")) == 2, "a dry run removed something"
+    report = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE)
+    assert (report.orphan_notes_removed, report.images_kept) == (2, 1)
+    assert await storage.list_meta("usage") == ["usage/kept"]
+    assert await storage.list_meta("referrers") == [f"referrers/{subject}/kept"]
 
 
 def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:

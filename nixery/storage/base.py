@@ -198,7 +198,9 @@ class Storage(ABC):
 
     @abstractmethod
     async def read_blob(self, digest: Digest) -> bytes:
-        """The whole blob in memory: only for small blobs (manifests, configs)."""
+        """The whole blob in memory: only for small blobs (manifests, configs). Raises
+        BlobNotFound, or CorruptBlob when the backend finds the bytes do not hash to `digest`
+        (the filesystem: then set aside, as `blob_source` does)."""
 
     @abstractmethod
     async def put_blob(self, digest: Digest, staged: Path) -> None:
@@ -206,7 +208,8 @@ class Storage(ABC):
 
         Atomic: the blob either appears complete or not at all. A blob that is
         already stored is not written again, but marked in use (`touch_blob`),
-        so that a concurrent garbage collection keeps it. The staged file may be
+        so that a concurrent garbage collection keeps it (the filesystem replaces
+        one of another size that does not hash to `digest`: cut short by a crash). The staged file may be
         consumed (moved) by the call; the caller removes it if it still exists.
         """
 
@@ -252,7 +255,8 @@ class Storage(ABC):
     async def put_blob_bytes(self, data: bytes) -> Digest:
         """Store a small in-memory blob (configs, manifests); returns its digest."""
         digest = Digest.of(data)
-        if await self.stat_blob(digest) is not None:
+        # Of another size, the stored one is damaged: put_blob decides (the filesystem replaces it).
+        if await self.stat_blob(digest) == len(data):
             await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
             return digest
         with raising_storage_full(f"the {self.name} storage's staging directory {self.staging_dir()}"):
@@ -310,6 +314,11 @@ class Storage(ABC):
         stored: this costs time, not correctness).
         """
         yield
+
+    async def remove_abandoned_locks(self) -> int:
+        """Remove the locks (`exclusive`) that holders which died left behind (a process killed
+        mid-build leaves one per image); how many. For `nixery gc`. Default: none to remove."""
+        return 0
 
     async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)
         """Mark a blob as in use now, so a concurrent garbage collection keeps it."""

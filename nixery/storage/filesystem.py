@@ -5,7 +5,8 @@ Layout under the root:
     blobs/sha256/ab/abcdef...   content-addressed blobs
     meta/<key>                  metadata documents
     locks/<key>.lock            cross-process locks (flock: released when the holder dies;
-                                the holder removes the file when done); replacing_meta_<key>.lock
+                                the holder removes the file when done, opening the storage
+                                those of dead holders); replacing_meta_<key>.lock
                                 while a document is replaced (`replace_meta`)
     quarantine/                 blobs whose bytes did not match their digest
     tmp/<host>-<pid>/           this process's staging files
@@ -22,7 +23,8 @@ are gone are removed at start-up.
 
 Before a blob is first served by this process its bytes are hashed: a blob
 that no longer matches its digest (disk corruption, tampering) is moved to
-quarantine instead of being served, so the image that needs it is rebuilt.
+quarantine instead of being served, so the image that needs it is rebuilt;
+a small blob read whole (`read_blob`: manifests) is checked on every read.
 Requests that come for a blob while it is being hashed wait for that one
 hash: after a restart, a fleet pulling the same 400 MB layer hashed it once
 per request, and those hashes held every worker thread, so that other pulls'
@@ -53,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from nixery.errors import DigestInvalid
 from nixery.lru import LRU
 from nixery.registry.digest import Digest
@@ -76,6 +80,8 @@ from nixery.storage.base import (
 )
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 #: Blobs whose intact bytes a process remembers (about 200 bytes each).
 VERIFIED_CAPACITY = 20_000
@@ -102,6 +108,7 @@ class FilesystemStorage(Storage):
             directory.mkdir(parents=True, exist_ok=True)
         self._staging = make_staging_dir(root / "tmp")
         _remove_tree(root / "verified", self._staging)
+        _remove_abandoned_locks(self._locks)
         # Blobs hashed and found intact, with the (inode, size, mtime) they had: verified once per
         # process while among the VERIFIED_CAPACITY served most recently (a blob dropped is hashed
         # again when next served), so memory stays flat however many blobs are stored.
@@ -189,14 +196,26 @@ class FilesystemStorage(Storage):
             os.replace(path, self._quarantine / f"{path.name}-{time.time_ns()}")
 
     async def read_blob(self, digest: Digest) -> bytes:
+        path = self.blob_path(digest)
         try:
-            return await asyncio.to_thread(self.blob_path(digest).read_bytes)
+            data, intact = await asyncio.to_thread(_read_checked, path, digest)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
+        if not intact:
+            # A manifest cut short (a crash where writes were not synced, a disk's fault) would
+            # otherwise be answered as "not a manifest" for ever: set aside, its image is rebuilt.
+            await asyncio.to_thread(self._quarantine_blob, path)
+            self._report_corrupt_blob(digest)
+            raise CorruptBlob(digest)
+        return data
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
         with raising_storage_full(self._place):
-            await asyncio.to_thread(_publish, staged, self.blob_path(digest), replace=False)
+            replaced = await asyncio.to_thread(_publish, staged, self.blob_path(digest), digest)
+        if replaced:
+            self._verified.pop(digest)  # another file now: hashed again before it is served
+            self._unlink_verified(digest)
+            log.warning("storage.damaged_blob_replaced", digest=str(digest), note="it did not hash to its digest")
 
     async def get_meta(self, key: str) -> bytes | None:
         try:
@@ -292,6 +311,9 @@ class FilesystemStorage(Storage):
             self._unlink_verified(digest)
         return intact
 
+    async def remove_abandoned_locks(self) -> int:
+        return await asyncio.to_thread(_remove_abandoned_locks, self._locks)
+
     async def touch_blob(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.utime, self.blob_path(digest))
@@ -367,6 +389,33 @@ async def _lock_file(path: Path) -> int:
         os.close(fd)
 
 
+def _remove_abandoned_locks(locks: Path) -> int:
+    """Remove the lock files whose holders died (killed mid-build: one per image, kept for
+    ever unless that image was built again): how many. Safe beside live processes: a held lock
+    is not taken here, and one that a waiter locks after it went is dropped by `_lock_file`."""
+    try:
+        names = os.listdir(locks)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        path = locks / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # removed meanwhile by its holder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_file_at(fd, path):
+                os.unlink(path)
+                removed += 1
+        except OSError:  # held by a live process (or no flock here): left to it
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _is_file_at(fd: int, path: Path) -> bool:
     try:
         at_path = os.stat(path)
@@ -376,14 +425,32 @@ def _is_file_at(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
-def _publish(staged: Path, target: Path, *, replace: bool) -> None:
-    """Make `staged` durable and move it to `target` in one atomic rename."""
-    if not replace and target.exists():
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
-        return
+def _publish(staged: Path, target: Path, digest: Digest) -> bool:
+    """Make `staged` (whose bytes hash to `digest`) durable and move it to `target` in one
+    atomic rename, unless `target` is stored already: whether a damaged one was replaced.
+
+    A blob stored already is kept, and marked in use. Unless it is of another size and does not
+    hash to `digest` (cut short by a crash on a file system that lost unsynced writes, or by a
+    disk's fault): then a rebuild would name it again and every pull of it fail, so the staged
+    bytes take its place."""
+    replaced = False
+    try:
+        stored_size = os.stat(target).st_size
+    except FileNotFoundError:
+        stored_size = None
+    if stored_size is not None:
+        try:
+            intact = stored_size == os.stat(staged).st_size or _hashes_to(target, digest)
+        except FileNotFoundError:  # removed meanwhile (`nixery gc`): stored anew
+            intact = False
+        if intact:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
+            return False
+        replaced = True
     _make_durable(staged)
     _move_into_place(staged, target)
+    return replaced
 
 
 def _make_durable(staged: Path) -> None:
@@ -438,6 +505,12 @@ def _remove_tree(tree: Path, staging: Path) -> None:
             shutil.rmtree(tree, ignore_errors=True)
         return
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _read_checked(path: Path, digest: Digest) -> tuple[bytes, bool]:
+    """A small blob's bytes, and whether they hash to `digest` (cheap: manifests, configs)."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest() == digest.hex
 
 
 def _hashes_to(path: Path, digest: Digest) -> bool:

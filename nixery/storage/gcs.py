@@ -480,6 +480,9 @@ class GCSStorage(LeasedStorage):
     async def _lease_replace(self, name: str, body: bytes, version: str) -> str | None:
         return await self._lease_upload(name, body, int(version))
 
+    async def _lease_names(self) -> list[tuple[str, float]]:
+        return [(blob.name, _last_used(blob)) async for blob in self._list("locks/")]
+
     async def _lease_delete(self, name: str, version: str) -> None:
         # GCS deletes conditionally; the check first is for emulators that ignore the condition.
         if await self._lease_version(name) == version:

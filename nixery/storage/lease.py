@@ -23,6 +23,11 @@ from nixery.storage.base import Storage, StorageError, check_key
 log = structlog.get_logger(__name__)
 
 
+#: Seconds after which `nixery gc` deletes a lease nobody renewed (it compares the store's dates
+#: with its own clock, as it does for blobs: they must agree within minutes).
+ABANDONED_LEASE_AGE = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessIdentity:
     """One process among all that ran on its machine since boot: a pid means
@@ -163,6 +168,27 @@ class LeasedStorage(Storage):
     @abstractmethod
     async def _lease_delete(self, name: str, version: str) -> None:
         """Delete `name` if it is (still) at `version`."""
+
+    @abstractmethod
+    async def _lease_names(self) -> list[tuple[str, float]]:
+        """Every lease object under `locks/`, with when it was last written (the store's clock)."""
+
+    async def remove_abandoned_locks(self) -> int:
+        """Delete the leases whose holder is known to be gone (`_holder_gone`), or that nobody
+        has renewed for ABANDONED_LEASE_AGE by the store's dates (a holder renews every
+        lease_ttl / 3 seconds): a process killed mid-build leaves one per image, kept until
+        that image is built again. Each only if it is still the version read."""
+        removed = 0
+        now = time.time()
+        for name, written in await self._lease_names():
+            current = await self._lease_read(name)
+            if current is None:
+                continue
+            version, body = current
+            if _holder_gone(*_holder(body)) or now - written > ABANDONED_LEASE_AGE:
+                await self._lease_delete(name, version)
+                removed += 1
+        return removed
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:

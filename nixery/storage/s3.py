@@ -457,6 +457,9 @@ class S3Storage(LeasedStorage):
             return None
         return result["e_tag"]
 
+    async def _lease_names(self) -> list[tuple[str, float]]:
+        return [(meta["path"], _written(meta)) async for meta in self._list("locks/")]
+
     async def _lease_delete(self, name: str, version: str) -> None:
         # S3 has no conditional delete (widely): check, then delete. The gap
         # matters only if this holder's lease was taken over in between, which

@@ -145,3 +145,32 @@ def test_leases_without_a_readable_holder_only_expire(body: bytes) -> None:
     from nixery.storage.lease import _holder
 
     assert _holder_gone(*_holder(body)) is None
+
+
+async def test_gc_removes_the_leases_that_dead_holders_left(
+    cloud_backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry killed mid-build left the image's lease in the bucket (locks/builds/<key>)
+    until that image was built again: one object per crash. `nixery gc` removes the leases of
+    holders known to be gone (killed on this machine) and those nobody renewed for an hour
+    (a holder on another machine), and keeps the lease of a live holder."""
+    killed_key, live_key, foreign_key = (f"builds/{uuid.uuid4().hex}" for _ in range(3))
+    async with lease_holder(cloud_backend, live_key, TTL), lease_holder(cloud_backend, killed_key, TTL) as killed:
+        killed.kill()
+        await killed.wait()
+        cloud_backend.storage_path = tmp_path / "gc"
+        store = cloud_backend.open()
+        assert isinstance(store, LeasedStorage)
+        foreign = b'{"owner": "elsewhere-1-abcd", "write": 1, "at": 0, "ttl": 30, "process": null}'
+        assert await store._lease_create(f"locks/{foreign_key}", foreign) is not None
+
+        assert await store.remove_abandoned_locks() >= 1
+        names = set(cloud_backend.object_names("locks/builds/"))
+        assert f"locks/{killed_key}" not in names, "the killed holder's lease is still there"
+        assert {f"locks/{live_key}", f"locks/{foreign_key}"} <= names, "a lease that may be in use went"
+
+        monkeypatch.setattr("nixery.storage.lease.ABANDONED_LEASE_AGE", -1.0)  # as if an hour had passed
+        await store.remove_abandoned_locks()
+        assert f"locks/{foreign_key}" not in cloud_backend.object_names("locks/builds/"), (
+            "a lease nobody renewed for an hour is still there"
+        )
