@@ -415,3 +415,21 @@ def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
         result = nixery("inspect", image, "--registry", "http://127.0.0.1:9", timeout=60)
         assert (result.returncode, result.stdout) == (1, ""), result
         assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("NIX_TIMEOUT", "nan", "NIX_TIMEOUT='nan' is not a number of seconds"),
+    ("NIXERY_HEADER_TIMEOUT", "1e400", "NIXERY_HEADER_TIMEOUT='1e400' is not a number of seconds"),
+    ("NIXERY_HOST", "registry\udcff", "NIXERY_HOST='registry\\udcff' is not UTF-8 text"),
+    ("NIXERY_CHANNEL", "nixos\udcff", "NIXERY_CHANNEL='nixos\\udcff' is not UTF-8 text"),
+])
+def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, variable: str, value: str,
+                                                              says: str) -> None:
+    """NIX_TIMEOUT=nan was taken, and then every build failed at once ("did not finish within
+    NIX_TIMEOUT (nan s)"); a timeout of inf, the same. A NIXERY_HOST that is not UTF-8 ended in a
+    UnicodeError traceback (status 1), a NIXERY_CHANNEL only at the first build: now `nixery serve`
+    stops at start with one line naming the variable, status 2."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": "busybox", variable: value}
+    result = nixery("serve", env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"nixery: configuration error: {says}\n", result.stderr
