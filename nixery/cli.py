@@ -180,6 +180,9 @@ async def _maintained_storage(command: str, settings: Settings) -> Storage | Non
     return storage
 
 
+#: Exit status of a command whose output cannot be written (nixery.output).
+OUTPUT_FAILED = 1
+
 #: Exit status of a command stopped by Ctrl-C (SIGINT), as shells report it.
 INTERRUPTED = 128 + signal.SIGINT
 
@@ -343,10 +346,18 @@ def _generate_keys(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nixery import output
+
+    output.guard()
     try:
-        status = _command(sys.argv[1:] if argv is None else argv)
-        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is one more broken pipe
-        return status
+        try:
+            return _command(sys.argv[1:] if argv is None else argv)
+        finally:  # here, not at exit (after --help too): a reader gone (`| head`) is one more broken pipe
+            sys.stdout.flush()
+    except output.OutputError as exc:  # a full disk, a closed stdout: one line, not a traceback
+        output.discard()
+        print(f"nixery: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return OUTPUT_FAILED
     except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: one line, no traceback
         print("nixery: interrupted", file=sys.stderr)
         return INTERRUPTED

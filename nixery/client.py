@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from nixery.output import OutputError
 from nixery.progress import FINAL
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
@@ -342,7 +343,7 @@ async def _build_locally(
                 display.update(final)
         record = await builder.built(request, tag) if final.get("stage") == "done" else None
         return final, image_json(record, tag) if record is not None else None
-    except BrokenPipeError:  # our reader went away, not the build: the command line ends quietly
+    except (BrokenPipeError, OutputError):  # our output failed, not the build: nixery.cli.main says which
         raise
     except Exception as exc:
         raise ClientError(str(exc) or type(exc).__name__) from exc

@@ -433,3 +433,36 @@ def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, va
     result = nixery("serve", env=env, timeout=60)
     assert (result.returncode, result.stdout) == (2, ""), result
     assert result.stderr == f"nixery: configuration error: {says}\n", result.stderr
+
+
+def test_output_that_cannot_be_written_is_one_line() -> None:
+    """`nixery auth hash-password > /dev/full` (or `layers plan`, or any --help) ended in an OSError
+    traceback, and with stdout closed (`>&-`) in an AttributeError one: now one line saying so,
+    status 1 (docs/usage.md)."""
+    graph = json.dumps({"nodes": {"app": {"size": 10, "refs": []}}})
+    for command, says in (
+        ("echo secret | nixery auth hash-password --cost 10 >/dev/full", "No space left on device"),
+        ("echo secret | nixery auth hash-password --cost 10 >&-", "standard output is closed"),
+        (f"nixery layers plan --graph <(echo '{graph}') --images <(echo '[[\"app\"]]') >/dev/full",
+         "No space left on device"),
+        ("nixery gc --help >/dev/full", "No space left on device"),
+    ):
+        result = subprocess.run(
+            ["bash", "-c", f'nixery() {{ "$0" -m nixery "$@"; }}; {command}', sys.executable],
+            capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
+        )
+        assert (result.returncode, result.stderr) == (1, f"nixery: cannot write the output: {says}\n"), \
+            (command, result)
+
+
+def test_hash_password_refuses_a_closed_stdin_and_a_password_that_is_not_text() -> None:
+    """`nixery auth hash-password <&-` ended in an AttributeError traceback, and a password that is
+    not UTF-8 in a UnicodeEncodeError one: now one line each, status 2 (docs/auth.md)."""
+    for stdin, says in (("<&-", "standard input is closed"), ("< <(printf '\\xff\\n')", "not UTF-8 text")):
+        result = subprocess.run(
+            ["bash", "-c", f'"$0" -m nixery auth hash-password --cost 10 {stdin}', sys.executable],
+            capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
+        )
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr.startswith("nixery auth hash-password: ") and says in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
