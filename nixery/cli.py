@@ -338,7 +338,7 @@ def _generate_keys(directory: Path) -> int:
     try:
         private, public = generate_pair(directory)
     except OSError as exc:
-        print(f"nixery keys generate: {exc}", file=sys.stderr)
+        print(f"nixery keys generate: {exc.strerror if exc.strerror else exc}", file=sys.stderr)
         return 1
     print(f"private key: {private} (NIXERY_SIGNING_KEY={private.resolve()})")
     print(f"public key:  {public} (give it to verifiers: docs/signing.md)")

@@ -466,3 +466,24 @@ def test_hash_password_refuses_a_closed_stdin_and_a_password_that_is_not_text() 
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr.startswith("nixery auth hash-password: ") and says in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_keys_generate_that_fails_leaves_no_part_of_a_pair(tmp_path: Path) -> None:
+    """`nixery keys generate` on a full disk left an empty nixery-signing.key behind, so that the next
+    try, disk freed, said "nixery-signing.key exists: remove it first"; given a file, it said
+    "[Errno 17] File exists". Now one line saying what is wrong, nothing left, and the next try works."""
+    keys = tmp_path / "keys"
+    # No file may grow past 0 blocks (Python ignores SIGXFSZ: a write fails with EFBIG), as on a full disk.
+    full = subprocess.run(["bash", "-c", f'ulimit -f 0; "$0" -m nixery keys generate {keys}', sys.executable],
+                          capture_output=True, text=True, timeout=60, cwd=REPOSITORY)
+    assert (full.returncode, full.stdout) == (1, ""), full
+    assert full.stderr == f"nixery keys generate: cannot write a key pair in {keys}: File too large\n"
+    assert list(keys.iterdir()) == []
+    again = nixery("keys", "generate", str(keys), timeout=60)
+    assert again.returncode == 0, again
+    assert sorted(path.name for path in keys.iterdir()) == ["nixery-signing.key", "nixery-signing.pub"]
+    (tmp_path / "a-file").write_text("")
+    into_a_file = nixery("keys", "generate", str(tmp_path / "a-file"), timeout=60)
+    assert (into_a_file.returncode, into_a_file.stderr) == (
+        1, f"nixery keys generate: {tmp_path / 'a-file'} is not a directory: give the directory to write the key "
+           "pair in\n"), into_a_file
