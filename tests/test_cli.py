@@ -487,3 +487,31 @@ def test_keys_generate_that_fails_leaves_no_part_of_a_pair(tmp_path: Path) -> No
     assert (into_a_file.returncode, into_a_file.stderr) == (
         1, f"nixery keys generate: {tmp_path / 'a-file'} is not a directory: give the directory to write the key "
            "pair in\n"), into_a_file
+
+
+def test_ctrl_c_on_a_terminal_stops_serve_without_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C on a terminal signals every process of its process group: each layer-writer process of
+    `nixery serve` (and of `build --local`) printed a KeyboardInterrupt traceback as the registry
+    stopped. Now they ignore it and the registry, which stops on it, stops them: no traceback."""
+    env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": "busybox",
+           "LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPOSITORY, env=env, start_new_session=True,  # a process group of its own, as a terminal's job is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until the writer processes run
+            if "layers.writers_ready" in line:
+                break
+        time.sleep(1)  # the writers wait for work, as they do most of the time
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest = process.stdout.read()
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert "registry.stopped" in rest, rest
