@@ -515,3 +515,18 @@ def test_ctrl_c_on_a_terminal_stops_serve_without_tracebacks(tmp_path: Path) -> 
             process.wait()
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     assert "registry.stopped" in rest, rest
+
+
+def test_layers_plan_refuses_an_infinite_size_and_deep_nesting_in_one_line(tmp_path: Path) -> None:
+    """`nixery layers plan` with a graph whose size is 1e400 (infinity) ended in an OverflowError
+    traceback, and with JSON nested 100,000 deep in a RecursionError one (status 1): now one line each,
+    status 2, as for any other malformed input."""
+    (tmp_path / "images.json").write_text('[["a"]]')
+    (tmp_path / "infinite.json").write_text('{"nodes": {"a": {"size": 1e400, "refs": []}}}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for graph, says in (("infinite.json", "bad graph: a size is not a whole number of bytes"),
+                        ("deep.json", "JSON nested too deeply to be a graph, popularity or image list")):
+        result = nixery("layers", "plan", "--graph", str(tmp_path / graph), "--images", str(tmp_path / "images.json"),
+                        timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr == f"nixery layers plan: {tmp_path / graph}: {says}\n", result.stderr
