@@ -193,6 +193,7 @@ def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Repo
     reached, or Ctrl-C (gc removes records before the blobs they name, so stopping it anywhere
     loses nothing a remaining image needs: the next run finishes the work)."""
     from nixery.config import ConfigError
+    from nixery.output import OutputError
     from nixery.storage import StorageError
 
     try:
@@ -202,6 +203,12 @@ def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Repo
         return STARTUP_FAILED
     except StorageError as exc:
         print(f"nixery: storage: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    except (BrokenPipeError, OutputError):  # our output, not the storage: nixery.cli.main says which
+        raise
+    except OSError as exc:  # a filesystem storage this user may not read or write: a traceback before
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"nixery: storage: {exc.strerror or exc}{where}", file=sys.stderr)
         return STARTUP_FAILED
     except KeyboardInterrupt:
         print(f"nixery {command}: interrupted{' (run it again to finish)' if command == 'gc' else ''}",

@@ -530,3 +530,21 @@ def test_layers_plan_refuses_an_infinite_size_and_deep_nesting_in_one_line(tmp_p
                         timeout=60)
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr == f"nixery layers plan: {tmp_path / graph}: {says}\n", result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])
+def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_path: Path, command) -> None:
+    """`check` and `gc` on a STORAGE_PATH the user may not read (another user's) ended in a
+    PermissionError traceback, status 1: now one line naming what it could not read, status 2, as for
+    any storage they cannot use (docs/usage.md)."""
+    storage = tmp_path / "private" / "storage"
+    (storage / "meta").mkdir(parents=True)
+    (tmp_path / "private").chmod(0o700)
+    # As another user than the storage's owner (root reads everything).
+    as_other_user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+    result = subprocess.run(
+        [*as_other_user, sys.executable, "-m", "nixery", *command], capture_output=True, text=True, timeout=60,
+        cwd=REPOSITORY, env={**os.environ, "STORAGE_PATH": str(storage)},
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"nixery: storage: Permission denied: {storage / 'meta'}\n", result.stderr
