@@ -548,3 +548,14 @@ def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_p
     )
     assert (result.returncode, result.stdout) == (2, ""), result
     assert result.stderr == f"nixery: storage: Permission denied: {storage / 'meta'}\n", result.stderr
+
+
+def test_serve_on_a_host_that_does_not_resolve_names_the_setting() -> None:
+    """NIXERY_HOST='registry host' said "nixery: cannot listen on registry host: Name or service not
+    known": now the line names NIXERY_HOST and what it takes."""
+    result = nixery("serve", env={"NIXERY_HOST": "registry host", "PORT": "0", "NIXERY_BUNDLED_SET": "busybox"},
+                    timeout=60)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr.startswith("nixery: cannot listen on NIXERY_HOST='registry host': "), result.stderr
+    assert "give an address such as 127.0.0.1, 0.0.0.0 or ::" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
