@@ -219,7 +219,11 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 
 
 def build_main(argv: list[str]) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    named = args.image.partition(":")[2]
+    if named and args.tag is not None and args.tag != named:  # one was ignored without a word
+        parser.error(f"the image names the tag {named!r} and --tag says {args.tag!r}: give one")
     console = OutputConsole(highlight=False)
     err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain

@@ -559,3 +559,14 @@ def test_serve_on_a_host_that_does_not_resolve_names_the_setting() -> None:
     assert result.stderr.startswith("nixery: cannot listen on NIXERY_HOST='registry host': "), result.stderr
     assert "give an address such as 127.0.0.1, 0.0.0.0 or ::" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_build_refuses_two_different_tags() -> None:
+    """`nixery build shell:v1 --tag v2` built shell:v2 and said nothing of the :v1 it was given: now
+    a usage error that names both (the same tag twice is fine)."""
+    result = nixery("build", "shell:v1", "--tag", "v2", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.splitlines()[-1] == \
+        "nixery build: error: the image names the tag 'v1' and --tag says 'v2': give one", result.stderr
+    same = nixery("build", "shell:v1", "--tag", "v1", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert same.returncode == 1 and "cannot reach the registry" in same.stderr, same
