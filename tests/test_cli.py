@@ -570,3 +570,15 @@ def test_build_refuses_two_different_tags() -> None:
         "nixery build: error: the image names the tag 'v1' and --tag says 'v2': give one", result.stderr
     same = nixery("build", "shell:v1", "--tag", "v1", "--registry", "http://127.0.0.1:9", timeout=60)
     assert same.returncode == 1 and "cannot reach the registry" in same.stderr, same
+
+
+def test_build_locally_on_a_bucket_without_credentials_leaves_no_staging_directory(tmp_path: Path) -> None:
+    """`nixery build --local` (or `serve`, `check`, `gc`) with a GCS bucket and no credentials said so,
+    but left its staging directory STORAGE_PATH/tmp/<host>-<pid> behind (one more per try, in the
+    checkout's var/storage when STORAGE_PATH was not set): now nothing."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox",
+           "NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images", "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent"}
+    result = nixery("build", "--plain", "--local", "shell", env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert "GCS" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "storage" / "tmp").exists() or list((tmp_path / "storage" / "tmp").iterdir()) == []
