@@ -58,11 +58,15 @@ def guard() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     global _raw
     _raw = _Stdout(1, closed=given is None)
+    # Buffered as the output it replaces was: unbuffered under PYTHONUNBUFFERED (python -u), as
+    # services often run, so that each line reaches a journal or a pipe as it is printed.
+    unbuffered = isinstance(given, io.TextIOWrapper) and given.write_through
     sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(_raw),
+        _raw if unbuffered else io.BufferedWriter(_raw),
         encoding=given.encoding if given is not None else "utf-8",
         errors=given.errors if given is not None else "strict",
         line_buffering=isinstance(given, io.TextIOWrapper) and given.line_buffering,
+        write_through=unbuffered,
     )
 
 
