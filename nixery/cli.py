@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             return _command(sys.argv[1:] if argv is None else argv)
         finally:  # here, not at exit (after --help too): a reader gone (`| head`) is one more broken pipe
             sys.stdout.flush()
+            output.check()
     except output.OutputError as exc:  # a full disk, a closed stdout: one line, not a traceback
         output.discard()
         print(f"nixery: cannot write the output: {exc.strerror}", file=sys.stderr)

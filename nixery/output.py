@@ -25,6 +25,8 @@ class _Stdout(io.RawIOBase):
         self._descriptor = descriptor
         self._was_closed = closed  # it was closed when the command started: nothing can go there
         self.discarding = False
+        #: The first write that failed: argparse's --help swallows the OutputError it raises.
+        self.failure: OutputError | None = None
 
     def writable(self) -> bool:
         return True
@@ -39,13 +41,15 @@ class _Stdout(io.RawIOBase):
         if self.discarding:
             return len(data)
         if self._was_closed:
-            raise OutputError(9, "standard output is closed")
+            self.failure = self.failure or OutputError(9, "standard output is closed")
+            raise self.failure
         try:
             return os.write(self._descriptor, data)
         except BrokenPipeError:
             raise
         except OSError as exc:
-            raise OutputError(exc.errno, exc.strerror) from None
+            self.failure = self.failure or OutputError(exc.errno, exc.strerror)
+            raise self.failure from None
 
 
 def guard() -> None:
@@ -77,3 +81,9 @@ def discard() -> None:
     """After a failure: what is still buffered goes nowhere, so that exiting does not fail again."""
     if _raw is not None:
         _raw.discarding = True
+
+
+def check() -> None:
+    """Raise the OutputError of a write that failed, if one did: some callers swallow it."""
+    if _raw is not None and _raw.failure is not None and not _raw.discarding:
+        raise _raw.failure

@@ -435,6 +435,24 @@ def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, va
     assert result.stderr == f"nixery: configuration error: {says}\n", result.stderr
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_printed_lines_go_out_as_printed_under_pythonunbuffered(unbuffered: str) -> None:
+    """Services run with PYTHONUNBUFFERED=1 so that each line reaches the journal or pipe at once;
+    the command line's guarded standard output (nixery.output) kept that, and without it buffers."""
+    program = "from nixery import output; import time; output.guard(); print('first'); time.sleep(30)"
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, cwd=REPOSITORY, env=env)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 10 if unbuffered else 1)
+        assert bool(ready) == bool(unbuffered)
+        if ready:
+            assert process.stdout.readline() == b"first\n"
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_output_that_cannot_be_written_is_one_line() -> None:
     """`nixery auth hash-password > /dev/full` (or `layers plan`, or any --help) ended in an OSError
     traceback, and with stdout closed (`>&-`) in an AttributeError one: now one line saying so,
