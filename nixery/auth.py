@@ -389,13 +389,26 @@ class TokenSigner:
 
 def _read_password(stdin=None) -> str:
     stdin = stdin or sys.stdin
+    if stdin is None:  # closed (`<&-`): Python has no sys.stdin at all
+        raise ValueError("standard input is closed: type the password on a terminal, or give it as stdin's first line")
     if stdin.isatty():
         first = getpass.getpass("Password: ")
         if first != getpass.getpass("Again: "):
             raise ValueError("the passwords differ")
-        return first
-    line = stdin.readline()
-    return line[:-1] if line.endswith("\n") else line
+        line = first
+    else:
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError:
+            line = "\udcff"  # reported below, as an undecodable byte kept as a surrogate is
+        except OSError as exc:  # a directory (`< /etc`), an unreadable device
+            raise ValueError(f"cannot read the password from standard input: {exc.strerror or exc}") from None
+        line = line[:-1] if line.endswith("\n") else line
+    try:  # it is hashed as UTF-8 and compared with what clients send as UTF-8
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the password is not UTF-8 text") from None
+    return line
 
 
 def hash_password_main(argv: list[str], stdin=None, stdout=None) -> int:

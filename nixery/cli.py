@@ -180,6 +180,9 @@ async def _maintained_storage(command: str, settings: Settings) -> Storage | Non
     return storage
 
 
+#: Exit status of a command whose output cannot be written (nixery.output).
+OUTPUT_FAILED = 1
+
 #: Exit status of a command stopped by Ctrl-C (SIGINT), as shells report it.
 INTERRUPTED = 128 + signal.SIGINT
 
@@ -190,6 +193,7 @@ def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Repo
     reached, or Ctrl-C (gc removes records before the blobs they name, so stopping it anywhere
     loses nothing a remaining image needs: the next run finishes the work)."""
     from nixery.config import ConfigError
+    from nixery.output import OutputError
     from nixery.storage import StorageError
 
     try:
@@ -199,6 +203,12 @@ def _run_maintenance(command: str, run: Callable[[], Coroutine[None, None, _Repo
         return STARTUP_FAILED
     except StorageError as exc:
         print(f"nixery: storage: {exc}", file=sys.stderr)
+        return STARTUP_FAILED
+    except (BrokenPipeError, OutputError):  # our output, not the storage: nixery.cli.main says which
+        raise
+    except OSError as exc:  # a filesystem storage this user may not read or write: a traceback before
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"nixery: storage: {exc.strerror or exc}{where}", file=sys.stderr)
         return STARTUP_FAILED
     except KeyboardInterrupt:
         print(f"nixery {command}: interrupted{' (run it again to finish)' if command == 'gc' else ''}",
@@ -339,7 +349,7 @@ def _generate_keys(directory: Path) -> int:
     try:
         private, public = generate_pair(directory)
     except OSError as exc:
-        print(f"nixery keys generate: {exc}", file=sys.stderr)
+        print(f"nixery keys generate: {exc.strerror if exc.strerror else exc}", file=sys.stderr)
         return 1
     print(f"private key: {private} (NIXERY_SIGNING_KEY={private.resolve()})")
     print(f"public key:  {public} (give it to verifiers: docs/signing.md)")
@@ -347,10 +357,19 @@ def _generate_keys(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nixery import output
+
+    output.guard()
     try:
-        status = _command(sys.argv[1:] if argv is None else argv)
-        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is one more broken pipe
-        return status
+        try:
+            return _command(sys.argv[1:] if argv is None else argv)
+        finally:  # here, not at exit (after --help too): a reader gone (`| head`) is one more broken pipe
+            sys.stdout.flush()
+            output.check()
+    except output.OutputError as exc:  # a full disk, a closed stdout: one line, not a traceback
+        output.discard()
+        print(f"nixery: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return OUTPUT_FAILED
     except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: one line, no traceback
         print("nixery: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from nixery.output import OutputError
 from nixery.progress import FINAL
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
@@ -218,7 +219,11 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 
 
 def build_main(argv: list[str]) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    named = args.image.partition(":")[2]
+    if named and args.tag is not None and args.tag != named:  # one was ignored without a word
+        parser.error(f"the image names the tag {named!r} and --tag says {args.tag!r}: give one")
     console = OutputConsole(highlight=False)
     err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
@@ -342,7 +347,7 @@ async def _build_locally(
                 display.update(final)
         record = await builder.built(request, tag) if final.get("stage") == "done" else None
         return final, image_json(record, tag) if record is not None else None
-    except BrokenPipeError:  # our reader went away, not the build: the command line ends quietly
+    except (BrokenPipeError, OutputError):  # our output failed, not the build: nixery.cli.main says which
         raise
     except Exception as exc:
         raise ClientError(str(exc) or type(exc).__name__) from exc

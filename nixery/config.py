@@ -7,6 +7,7 @@ command line can print one line and exit.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -212,9 +213,35 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value):  # nan timed every Nix build out at once (NIX_TIMEOUT=nan)
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds")
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be positive")
     return value
+
+
+#: The settings that are text (the others name files, which may be any bytes).
+_TEXT_SETTINGS = (
+    "PORT", "NIXERY_HOST", "LOG_LEVEL", "LOG_FORMAT", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL", "NIXERY_CHANNEL_URL",
+    "NIXERY_FLAKE", "NIXERY_BUNDLED_SET", "NIXERY_BASELINE", "NIXERY_NIX_EVALUATOR", "NIXERY_PLATFORMS",
+    "NIXERY_LAYER_COMPRESSION", "NIX_POPULARITY_URL", "NIXERY_STORAGE_BACKEND", "NIXERY_BLOB_ACCEL_REDIRECT",
+    "S3_BUCKET", "BUCKET", "S3_ENDPOINT", "S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_PATH_STYLE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GCS_BUCKET", "GCS_SIGNING_ACCOUNT", "NIXERY_AUTH",
+    "NIXERY_TOKEN_SECRET", "NIXERY_TOKEN_REALM", "NIXERY_SIGNING_KEY_PASSWORD", "NIXERY_PUBLIC_HOST",
+)
+
+
+def _check_text(env: Mapping[str, str]) -> None:
+    """A text setting that is not UTF-8 (Python keeps its bytes as surrogates) ended in a
+    UnicodeError traceback wherever it was first encoded (the host to listen on, a git URL,
+    a channel name), some only at the first build. Numbers and choices are refused by
+    their own checks already."""
+    for name in _TEXT_SETTINGS:
+        value = env.get(name)
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name}={value!r:.100} is not UTF-8 text") from None
 
 
 def _layer_cost_mb(env: Mapping[str, str]) -> float:
@@ -477,6 +504,7 @@ def _kubeconfig(env: Mapping[str, str]) -> Path | None:
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
+    _check_text(env)
     pkgs_path, pkgs_repo, channel = _source(env)
     storage_path = Path(env.get("STORAGE_PATH") or DEFAULT_STORAGE_PATH)
     backend = _choice(env, "NIXERY_STORAGE_BACKEND", "filesystem", ("filesystem", "s3", "gcs"))

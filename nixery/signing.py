@@ -109,17 +109,42 @@ class SigningKey:
 
 def generate_pair(directory: Path) -> tuple[Path, Path]:
     """Write a new key pair into `directory` (the private key readable by its owner only);
-    an existing pair is never overwritten."""
-    directory.mkdir(parents=True, exist_ok=True)
+    an existing pair is never overwritten, and a failure (a full disk) leaves no part of one.
+
+    Raises OSError with a message that says what to do."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory: give the directory to write the key pair in")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot make the directory {directory}: {exc.strerror}") from None
     private, public = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
     for path in (private, public):
         if path.exists():
             raise FileExistsError(f"{path} exists: remove it first to make a new key pair")
     key = SigningKey.generate()
-    descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key.private_pem)
-    public.write_bytes(key.public_pem)
+    written: list[Path] = []
+    try:
+        # Each written whole under a temporary name, then linked to its own (which fails, rather than
+        # replaces, if the name was taken meanwhile): a half-written key would block the next try.
+        for path, content, mode in ((private, key.private_pem, 0o600), (public, key.public_pem, 0o644)):
+            staged = path.with_name(f".{path.name}.{os.getpid()}")
+            descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(content)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.link(staged, path)
+                written.append(path)
+            finally:
+                staged.unlink(missing_ok=True)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError):
+            raise FileExistsError(f"{path} exists: remove it first to make a new key pair") from None
+        raise OSError(exc.errno, f"cannot write a key pair in {directory}: {exc.strerror}") from None
     return private, public
 
 

@@ -415,3 +415,188 @@ def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
         result = nixery("inspect", image, "--registry", "http://127.0.0.1:9", timeout=60)
         assert (result.returncode, result.stdout) == (1, ""), result
         assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("NIX_TIMEOUT", "nan", "NIX_TIMEOUT='nan' is not a number of seconds"),
+    ("NIXERY_HEADER_TIMEOUT", "1e400", "NIXERY_HEADER_TIMEOUT='1e400' is not a number of seconds"),
+    ("NIXERY_HOST", "registry\udcff", "NIXERY_HOST='registry\\udcff' is not UTF-8 text"),
+    ("NIXERY_CHANNEL", "nixos\udcff", "NIXERY_CHANNEL='nixos\\udcff' is not UTF-8 text"),
+])
+def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, variable: str, value: str,
+                                                              says: str) -> None:
+    """NIX_TIMEOUT=nan was taken, and then every build failed at once ("did not finish within
+    NIX_TIMEOUT (nan s)"); a timeout of inf, the same. A NIXERY_HOST that is not UTF-8 ended in a
+    UnicodeError traceback (status 1), a NIXERY_CHANNEL only at the first build: now `nixery serve`
+    stops at start with one line naming the variable, status 2."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": "busybox", variable: value}
+    result = nixery("serve", env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"nixery: configuration error: {says}\n", result.stderr
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_printed_lines_go_out_as_printed_under_pythonunbuffered(unbuffered: str) -> None:
+    """Services run with PYTHONUNBUFFERED=1 so that each line reaches the journal or pipe at once;
+    the command line's guarded standard output (nixery.output) kept that, and without it buffers."""
+    program = "from nixery import output; import time; output.guard(); print('first'); time.sleep(30)"
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, cwd=REPOSITORY, env=env)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 10 if unbuffered else 1)
+        assert bool(ready) == bool(unbuffered)
+        if ready:
+            assert process.stdout.readline() == b"first\n"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_output_that_cannot_be_written_is_one_line() -> None:
+    """`nixery auth hash-password > /dev/full` (or `layers plan`, or any --help) ended in an OSError
+    traceback, and with stdout closed (`>&-`) in an AttributeError one: now one line saying so,
+    status 1 (docs/usage.md)."""
+    graph = json.dumps({"nodes": {"app": {"size": 10, "refs": []}}})
+    for command, says in (
+        ("echo secret | nixery auth hash-password --cost 10 >/dev/full", "No space left on device"),
+        ("echo secret | nixery auth hash-password --cost 10 >&-", "standard output is closed"),
+        (f"nixery layers plan --graph <(echo '{graph}') --images <(echo '[[\"app\"]]') >/dev/full",
+         "No space left on device"),
+        ("nixery gc --help >/dev/full", "No space left on device"),
+    ):
+        result = subprocess.run(
+            ["bash", "-c", f'nixery() {{ "$0" -m nixery "$@"; }}; {command}', sys.executable],
+            capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
+        )
+        assert (result.returncode, result.stderr) == (1, f"nixery: cannot write the output: {says}\n"), \
+            (command, result)
+
+
+def test_hash_password_refuses_a_closed_stdin_and_a_password_that_is_not_text() -> None:
+    """`nixery auth hash-password <&-` ended in an AttributeError traceback, and a password that is
+    not UTF-8 in a UnicodeEncodeError one: now one line each, status 2 (docs/auth.md)."""
+    for stdin, says in (("<&-", "standard input is closed"), ("< <(printf '\\xff\\n')", "not UTF-8 text")):
+        result = subprocess.run(
+            ["bash", "-c", f'"$0" -m nixery auth hash-password --cost 10 {stdin}', sys.executable],
+            capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
+        )
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr.startswith("nixery auth hash-password: ") and says in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_keys_generate_that_fails_leaves_no_part_of_a_pair(tmp_path: Path) -> None:
+    """`nixery keys generate` on a full disk left an empty nixery-signing.key behind, so that the next
+    try, disk freed, said "nixery-signing.key exists: remove it first"; given a file, it said
+    "[Errno 17] File exists". Now one line saying what is wrong, nothing left, and the next try works."""
+    keys = tmp_path / "keys"
+    # No file may grow past 0 blocks (Python ignores SIGXFSZ: a write fails with EFBIG), as on a full disk.
+    full = subprocess.run(["bash", "-c", f'ulimit -f 0; "$0" -m nixery keys generate {keys}', sys.executable],
+                          capture_output=True, text=True, timeout=60, cwd=REPOSITORY)
+    assert (full.returncode, full.stdout) == (1, ""), full
+    assert full.stderr == f"nixery keys generate: cannot write a key pair in {keys}: File too large\n"
+    assert list(keys.iterdir()) == []
+    again = nixery("keys", "generate", str(keys), timeout=60)
+    assert again.returncode == 0, again
+    assert sorted(path.name for path in keys.iterdir()) == ["nixery-signing.key", "nixery-signing.pub"]
+    (tmp_path / "a-file").write_text("")
+    into_a_file = nixery("keys", "generate", str(tmp_path / "a-file"), timeout=60)
+    assert (into_a_file.returncode, into_a_file.stderr) == (
+        1, f"nixery keys generate: {tmp_path / 'a-file'} is not a directory: give the directory to write the key "
+           "pair in\n"), into_a_file
+
+
+def test_ctrl_c_on_a_terminal_stops_serve_without_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C on a terminal signals every process of its process group: each layer-writer process of
+    `nixery serve` (and of `build --local`) printed a KeyboardInterrupt traceback as the registry
+    stopped. Now they ignore it and the registry, which stops on it, stops them: no traceback."""
+    env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": "busybox",
+           "LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPOSITORY, env=env, start_new_session=True,  # a process group of its own, as a terminal's job is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until the writer processes run
+            if "layers.writers_ready" in line:
+                break
+        time.sleep(1)  # the writers wait for work, as they do most of the time
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest = process.stdout.read()
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert "registry.stopped" in rest, rest
+
+
+def test_layers_plan_refuses_an_infinite_size_and_deep_nesting_in_one_line(tmp_path: Path) -> None:
+    """`nixery layers plan` with a graph whose size is 1e400 (infinity) ended in an OverflowError
+    traceback, and with JSON nested 100,000 deep in a RecursionError one (status 1): now one line each,
+    status 2, as for any other malformed input."""
+    (tmp_path / "images.json").write_text('[["a"]]')
+    (tmp_path / "infinite.json").write_text('{"nodes": {"a": {"size": 1e400, "refs": []}}}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for graph, says in (("infinite.json", "bad graph: a size is not a whole number of bytes"),
+                        ("deep.json", "JSON nested too deeply to be a graph, popularity or image list")):
+        result = nixery("layers", "plan", "--graph", str(tmp_path / graph), "--images", str(tmp_path / "images.json"),
+                        timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr == f"nixery layers plan: {tmp_path / graph}: {says}\n", result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])
+def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_path: Path, command) -> None:
+    """`check` and `gc` on a STORAGE_PATH the user may not read (another user's) ended in a
+    PermissionError traceback, status 1: now one line naming what it could not read, status 2, as for
+    any storage they cannot use (docs/usage.md)."""
+    storage = tmp_path / "private" / "storage"
+    (storage / "meta").mkdir(parents=True)
+    (tmp_path / "private").chmod(0o700)
+    # As another user than the storage's owner (root reads everything).
+    as_other_user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+    result = subprocess.run(
+        [*as_other_user, sys.executable, "-m", "nixery", *command], capture_output=True, text=True, timeout=60,
+        cwd=REPOSITORY, env={**os.environ, "STORAGE_PATH": str(storage)},
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"nixery: storage: Permission denied: {storage / 'meta'}\n", result.stderr
+
+
+def test_serve_on_a_host_that_does_not_resolve_names_the_setting() -> None:
+    """NIXERY_HOST='registry host' said "nixery: cannot listen on registry host: Name or service not
+    known": now the line names NIXERY_HOST and what it takes."""
+    result = nixery("serve", env={"NIXERY_HOST": "registry host", "PORT": "0", "NIXERY_BUNDLED_SET": "busybox"},
+                    timeout=60)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr.startswith("nixery: cannot listen on NIXERY_HOST='registry host': "), result.stderr
+    assert "give an address such as 127.0.0.1, 0.0.0.0 or ::" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_build_refuses_two_different_tags() -> None:
+    """`nixery build shell:v1 --tag v2` built shell:v2 and said nothing of the :v1 it was given: now
+    a usage error that names both (the same tag twice is fine)."""
+    result = nixery("build", "shell:v1", "--tag", "v2", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.splitlines()[-1] == \
+        "nixery build: error: the image names the tag 'v1' and --tag says 'v2': give one", result.stderr
+    same = nixery("build", "shell:v1", "--tag", "v1", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert same.returncode == 1 and "cannot reach the registry" in same.stderr, same
+
+
+def test_build_locally_on_a_bucket_without_credentials_leaves_no_staging_directory(tmp_path: Path) -> None:
+    """`nixery build --local` (or `serve`, `check`, `gc`) with a GCS bucket and no credentials said so,
+    but left its staging directory STORAGE_PATH/tmp/<host>-<pid> behind (one more per try, in the
+    checkout's var/storage when STORAGE_PATH was not set): now nothing."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox",
+           "NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images", "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent"}
+    result = nixery("build", "--plain", "--local", "shell", env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert "GCS" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "storage" / "tmp").exists() or list((tmp_path / "storage" / "tmp").iterdir()) == []

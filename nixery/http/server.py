@@ -80,7 +80,11 @@ def listen(host: str, port: int, *, copies: int = 1, backlog: int = 128) -> list
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {host}: {exc.strerror}") from None
+        # The one setting that names it: "cannot listen on not-a-host" said neither which nor what it takes.
+        raise ListenError(
+            f"cannot listen on NIXERY_HOST={host!r}: {exc.strerror} (give an address such as 127.0.0.1, 0.0.0.0 "
+            "or ::, or a host name this machine resolves)"
+        ) from None
     sets: list[list[socket.socket]] = []
     try:
         for _ in range(copies):

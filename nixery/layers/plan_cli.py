@@ -53,6 +53,8 @@ def read_json(path: Path) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not JSON: {exc}") from exc
+    except RecursionError:  # arrays or objects nested thousands deep: no input of ours is
+        raise InputError(f"{path}: JSON nested too deeply to be a graph, popularity or image list") from None
 
 
 def load_graph(path: Path) -> ClosureGraph:
@@ -63,6 +65,8 @@ def load_graph(path: Path) -> ClosureGraph:
         raise InputError(f"{path}: expected an object of nodes")
     try:
         return ClosureGraph.from_mapping(nodes)
+    except OverflowError:  # a size of 1e400 (infinity): int() cannot take it
+        raise InputError(f"{path}: bad graph: a size is not a whole number of bytes") from None
     except (GraphError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"{path}: bad graph: {exc}") from exc
 

@@ -29,6 +29,7 @@ import asyncio
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -69,7 +70,13 @@ def _exit_with(server_pid: int) -> None:
 
     The pool stops its workers only while the server runs; after a `kill -9`
     they would wait for work forever (each holds both ends of its queue).
+
+    Ctrl-C reaches every process of the terminal's process group: the workers
+    ignore it (each printed a KeyboardInterrupt traceback), and the server, which
+    stops on it, stops them.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked until here: see LayerWriters.start
     try:
         pidfd = os.pidfd_open(server_pid)
     except ProcessLookupError:
@@ -106,11 +113,17 @@ class LayerWriters:
             if pool is self._started:
                 return
             began = time.monotonic()
+            # The fork server starts here, and its workers are forked from it with its signal mask:
+            # SIGINT blocked, until each ignores it (_exit_with), so that a Ctrl-C while they start
+            # does not end one before it can.
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 list(pool.map(_ready, range(self.workers)))
             except Exception as exc:  # OSError, BrokenProcessPool, multiprocessing's RuntimeErrors
                 self._use_threads(pool, exc)
                 pool = self._current()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             self._started = pool
             log.info("layers.writers_ready", workers=self.workers, processes=self._processes,
                      seconds=round(time.monotonic() - began, 3))

@@ -142,7 +142,6 @@ class GCSStorage(LeasedStorage):
         super().__init__()
         self.config = config
         self.signed_url_ttl = signed_url_ttl
-        self._staging = make_staging_dir(staging_root)
 
         emulator_host = emulator_host or os.environ.get("STORAGE_EMULATOR_HOST") or None
         if emulator_host:
@@ -175,6 +174,8 @@ class GCSStorage(LeasedStorage):
         self._timeout = (CONNECT_TIMEOUT, STALL_TIMEOUT)
         self._upload_timeout = (CONNECT_TIMEOUT, UPLOAD_TIMEOUT)
         self._retry = DEFAULT_RETRY.with_delay(initial=0.2, maximum=2.0, multiplier=2.0).with_timeout(RETRY_WINDOW)
+        # Made last: credentials refused above leave no staging directory behind (STORAGE_PATH/tmp).
+        self._staging = make_staging_dir(staging_root)
 
     def staging_dir(self) -> Path:
         return ensure_staging_dir(self._staging)

@@ -126,10 +126,6 @@ class S3Storage(LeasedStorage):
         super().__init__()
         self.config = config
         self.signed_url_ttl = signed_url_ttl
-        # Same layout as the filesystem driver: one directory per process, so
-        # that a restarted process removes what a crashed one left behind.
-        self._staging = make_staging_dir(staging_root)
-
         virtual_hosted, endpoint = _addressing(config)
         options: dict[str, Any] = {"region": config.region, "virtual_hosted_style_request": virtual_hosted}
         if endpoint:
@@ -162,6 +158,10 @@ class S3Storage(LeasedStorage):
         uploads: ClientConfig = {**client, "timeout": timedelta(seconds=UPLOAD_REQUEST_TIMEOUT)}
         self._upload_store = S3Store(config.bucket, client_options=uploads, retry_config=retry, **options)
         self._where = f"{endpoint or f'AWS region {config.region}'}"
+        # Same layout as the filesystem driver: one directory per process, so
+        # that a restarted process removes what a crashed one left behind. Made
+        # last: settings refused above leave none behind.
+        self._staging = make_staging_dir(staging_root)
 
     def staging_dir(self) -> Path:
         return ensure_staging_dir(self._staging)
