@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +110,20 @@ def error_of(body: bytes) -> dict:
     error = document["errors"][0]
     assert set(error) == {"code", "message", "detail"}, error
     return error
+
+
+def ping_wait_while(registry: RegistryProcess, senders: list[threading.Thread]) -> float:
+    """Seconds /v2/ took to answer while `senders` (started here, joined before returning) ran
+    their requests: how long one client's requests held up another's."""
+    for sender in senders:
+        sender.start()
+    time.sleep(0.2)  # their requests under way
+    started = time.monotonic()
+    assert registry.request("/v2/")[0] == 200
+    waited = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    return waited
 
 
 def check_blob_ranges(registry: RegistryProcess, name: str) -> None:

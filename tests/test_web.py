@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from nixery.config import debian_set
-from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, slow_package_set
+from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, ping_wait_while, slow_package_set
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -876,14 +876,7 @@ def test_a_content_type_too_long_to_be_one_is_refused_unparsed(registry: Registr
     senders = [threading.Thread(target=post, args=(what, value)) for what, value in hostile.items()]
     senders += [threading.Thread(target=post, args=(f"semicolons {i}", f"{hostile['semicolons']}{'x' * i}"))
                 for i in range(1, 4)]  # each a value of its own: aiohttp keeps the last 56 parsed
-    for sender in senders:
-        sender.start()
-    time.sleep(0.2)
-    started = time.monotonic()
-    assert registry.request("/v2/")[0] == 200
-    waited = time.monotonic() - started
-    for sender in senders:
-        sender.join()
+    waited = ping_wait_while(registry, senders)
     for what, (status, body) in answers.items():
         assert status == 400, (what, status, body[:300])
         error = json.loads(body)["errors"][0]
