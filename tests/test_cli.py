@@ -555,15 +555,25 @@ def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_p
     """`check` and `gc` on a STORAGE_PATH the user may not read (another user's) ended in a
     PermissionError traceback, status 1: now one line naming what it could not read, status 2, as for
     any storage they cannot use (docs/usage.md)."""
-    storage = tmp_path / "private" / "storage"
+    private = tmp_path / "private"
+    storage = private / "storage"
     (storage / "meta").mkdir(parents=True)
-    (tmp_path / "private").chmod(0o700)
-    # As another user than the storage's owner (root reads everything).
-    as_other_user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
-    result = subprocess.run(
-        [*as_other_user, sys.executable, "-m", "nixery", *command], capture_output=True, text=True, timeout=60,
-        cwd=REPOSITORY, env={**os.environ, "STORAGE_PATH": str(storage)},
-    )
+    if os.geteuid() == 0:
+        # Another user's directory, read by root without the capabilities that let root read everything.
+        # (Not as that other user: it could not read this checkout, which CI keeps in a private directory.)
+        os.chown(private, 65534, 65534)
+        private.chmod(0o700)
+        restricted = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    else:
+        private.chmod(0)
+        restricted = []
+    try:
+        result = subprocess.run(
+            [*restricted, sys.executable, "-m", "nixery", *command], capture_output=True, text=True, timeout=60,
+            cwd=REPOSITORY, env={**os.environ, "STORAGE_PATH": str(storage)},
+        )
+    finally:
+        private.chmod(0o700)  # for pytest to remove it
     assert (result.returncode, result.stdout) == (2, ""), result
     assert result.stderr == f"nixery: storage: Permission denied: {storage / 'meta'}\n", result.stderr
 
