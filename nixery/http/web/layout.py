@@ -126,12 +126,7 @@ def asset(name: str) -> str:
     (`static_cache_headers`), and a changed file gets a new address. (The version number
     did not change between deployments of new code, so browsers ran stale scripts.)"""
     path = STATIC_DIR / name
-    return f"/static/{name}?v={_content_tag(path, path.stat().st_mtime_ns)}"
-
-
-@lru_cache(maxsize=16)
-def _content_tag(path: Path, mtime_ns: int) -> str:
-    return _static_content(path, mtime_ns)[1]
+    return f"/static/{name}?v={_static_content(path, path.stat().st_mtime_ns)[1]}"
 
 
 async def static_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
