@@ -15,7 +15,7 @@ from typing import Protocol
 from aiohttp import web
 
 from nixery import errors
-from nixery.http.bodies import MAX_CONTENT_TYPE_LENGTH
+from nixery.http.bodies import content_type
 
 _PAGE_ROUTE = "page."
 
@@ -41,9 +41,10 @@ def on_page(request: web.Request) -> bool:
 def _body_type(request: web.Request) -> str:
     """The request body's media type, or "" for a Content-Type too long to parse (refused as
     the request's error by `bodies.content_type`; asked here again while rendering that error)."""
-    if len(request.headers.get("Content-Type", "")) > MAX_CONTENT_TYPE_LENGTH:
+    try:
+        return content_type(request)
+    except errors.RequestInvalid:
         return ""
-    return request.content_type
 
 
 def wants_json(request: web.Request) -> bool:
