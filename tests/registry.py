@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -102,6 +103,48 @@ class RegistryProcess(daemons.LoopbackServer):
         status, headers, body = self.request(f"/v2/{name}/manifests/{reference}", accept=accept)
         assert status == 200, (status, body[:2000])
         return headers["Docker-Content-Digest"], json.loads(body)
+
+
+@dataclass
+class DistributionRegistry(RegistryProcess):
+    """The reference registry (CNCF distribution 2.8, Debian's `docker-registry`) on a free
+    port, its storage under `storage`: a peer whose answers the registry's are compared with."""
+
+    def start(self, timeout: float = 20.0) -> DistributionRegistry:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        config = self.storage / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        self.log_path = self.log_path or self.storage / "registry.log"
+        self.process = daemons.start_http_server(
+            ["docker-registry", "serve", str(config)], self.log_path, f"{self.url}/v2/", "docker-registry",
+            timeout=timeout,
+        )
+        return self
+
+    def push_blob(self, name: str, blob: bytes) -> str:
+        """Uploads `blob` in one request (POST, then PUT with its digest); returns its digest."""
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request("POST", f"/v2/{name}/blobs/uploads/")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 202, response.status
+            location = response.getheader("Location", "")
+            location = location.removeprefix(self.url)
+            separator = "&" if "?" in location else "?"
+            connection.request("PUT", f"{location}{separator}digest={digest}", body=blob,
+                               headers={"Content-Type": "application/octet-stream"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 201, response.status
+        finally:
+            connection.close()
+        return digest
 
 
 def error_of(body: bytes) -> dict:

@@ -53,7 +53,7 @@ async def referrers(request: web.Request) -> web.Response:
     routes.check_image_name(request)
     subject = Digest.parse(request.match_info["digest"])
     listed = await _referrers(request, subject)
-    headers = {**routes.API_VERSION, "Content-Type": OCI_INDEX}
+    headers = {"Content-Type": OCI_INDEX}
     artifact_type = request.query.get("artifactType")
     if artifact_type is not None:
         # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).

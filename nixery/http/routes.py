@@ -72,6 +72,20 @@ log = structlog.get_logger(__name__)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
+def is_registry_path(path: str) -> bool:
+    """Whether a request path is the registry API's (`/v2` and everything under it)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def api_version_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /v2, errors included, names the API version, as distribution's do
+    (it sets the header before routing). Added here, as each answer is sent, it is also on the
+    errors that middlewares (access control, the error middleware) and the server raise, on
+    unknown routes, and on redirects; only the successful answers had it."""
+    if is_registry_path(request.path):
+        response.headers.update(API_VERSION)
+
+
 class ManifestCache:
     """Manifest bytes by digest, kept in memory: they are small and hot.
 
@@ -137,7 +151,6 @@ class ManifestCache:
 
 def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
     return {
-        **API_VERSION,
         "Content-Type": media_type,
         "Docker-Content-Digest": str(digest),
         "ETag": f'"{digest}"',
@@ -145,7 +158,7 @@ def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
 
 
 async def api_version(request: web.Request) -> web.Response:
-    return web.json_response({}, headers=API_VERSION)
+    return web.json_response({})
 
 
 async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
@@ -319,7 +332,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
                 raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)}) from None
             return _SendFile(handle, selected, headers)
         case Redirect(url=url):
-            return web.Response(status=307, headers={**API_VERSION, "Location": url})
+            return web.Response(status=307, headers={"Location": url})
         case ByteStream(chunks=chunks, size=size, read_range=read_range):
             selected = ranges.select(request.headers, headers["ETag"], size)
             if selected.status == 304:
@@ -425,7 +438,7 @@ async def tags(request: web.Request) -> web.Response:
     declared = await resolver.tags(request.match_info["name"]) if resolver is not None else []
     last, size = request.query.get("last"), request.query.get("n")
     listed = [tag for tag in sorted({*declared, *_LISTED_TAGS}) if last is None or tag > last]
-    headers = API_VERSION
+    headers: dict[str, str] = {}
     if size is not None:
         if not _PAGE_SIZE.fullmatch(size):
             raise RequestInvalid(
@@ -434,7 +447,7 @@ async def tags(request: web.Request) -> web.Response:
         listed, left = listed[: int(size)], listed[int(size) :]
         if left and listed:
             following = request.rel_url.with_query({"n": size, "last": listed[-1]})
-            headers = {**API_VERSION, "Link": f'<{following}>; rel="next"'}
+            headers = {"Link": f'<{following}>; rel="next"'}
     return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=headers)
 
 
@@ -455,6 +468,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(api_version_header)
     name = r"{name:[^{}]+?}"
     app.router.add_get("/v2/", api_version)
     app.router.add_get("/v2", api_version)

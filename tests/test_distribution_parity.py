@@ -1,0 +1,83 @@
+"""The registry's answers side by side with the reference registry's (CNCF distribution 2.8,
+Debian's `docker-registry`, which CI installs): the same requests, for the same blob, on both.
+
+Where they differ on purpose, the test says so and why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.registry import DistributionRegistry, RegistryProcess, error_of, have
+
+pytestmark = pytest.mark.skipif(not have("docker-registry"), reason="needs docker-registry (CNCF distribution)")
+
+API_VERSION = "Docker-Distribution-API-Version"
+
+
+@pytest.fixture(scope="module")
+def layer(shared_registry: RegistryProcess) -> tuple[str, bytes]:
+    """The first layer of `hello` in the registry: its digest and bytes."""
+    _, manifest = shared_registry.manifest("hello")
+    digest = manifest["layers"][0]["digest"]
+    status, _, blob = shared_registry.request(f"/v2/hello/blobs/{digest}")
+    assert status == 200
+    return digest, blob
+
+
+@pytest.fixture(scope="module")
+def distribution(tmp_path_factory: pytest.TempPathFactory, layer: tuple[str, bytes]) -> Iterator[DistributionRegistry]:
+    """docker-registry holding the same layer, in repository `hello`."""
+    registry = DistributionRegistry(storage=tmp_path_factory.mktemp("distribution"))
+    registry.start()
+    try:
+        assert registry.push_blob("hello", layer[1]) == layer[0]
+        yield registry
+    finally:
+        registry.stop()
+
+
+def _headers(answer_headers: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in answer_headers.items()}
+
+
+def test_every_v2_error_names_the_api_version_as_distributions_do(
+    shared_registry: RegistryProcess, distribution: DistributionRegistry, layer: tuple[str, bytes]
+) -> None:
+    """distribution sends `Docker-Distribution-API-Version: registry/2.0` on every answer under
+    /v2/, errors included (a client may check it to know it talks to a registry); ours had it
+    on successful answers only, not on a 404, a 400 or a 416."""
+    digest, blob = layer
+    absent = "sha256:" + "0" * 64
+    both = [  # (path, request headers): errors from both registries
+        (f"/v2/hello/blobs/{absent}", {}),
+        (f"/v2/hello/manifests/{absent}", {}),
+        ("/v2/hello/blobs/sha256:abc", {}),
+        ("/v2/no/such/endpoint", {}),
+    ]
+    for path, headers in both:
+        for registry in (distribution, shared_registry):
+            status, answer_headers, body = registry.request(path, headers=headers)
+            assert status >= 400, (registry, path, status)
+            assert _headers(answer_headers).get(API_VERSION.lower()) == "registry/2.0", (registry, path, status, body)
+    # Errors only this registry gives (a pull-only registry refuses a push; its server answers an
+    # unmet Expect before the application runs; a condition with another ETag), a HEAD's, and a 416
+    # (distribution's has the header too, but claims the blob's length for a body it does not send).
+    ours = [
+        ("POST", "/v2/hello/blobs/uploads/", {}, 405),
+        ("GET", "/v2/hello/manifests/latest", {"Expect": "a-miracle"}, 417),
+        ("GET", f"/v2/hello/blobs/{digest}", {"If-Match": '"another"'}, 412),
+        ("GET", f"/v2/hello/blobs/{digest}", {"Range": f"bytes={len(blob)}-"}, 416),
+        ("HEAD", f"/v2/hello/blobs/{absent}", {}, 404),
+        ("GET", "/v2/hello/manifests/bad..tag", {}, 400),
+        ("GET", "/v2", {}, 200),
+    ]
+    for method, path, headers, expected in ours:
+        status, answer_headers, body = shared_registry.request(path, method=method, headers=headers)
+        assert status == expected, (method, path, status, body[:300])
+        assert _headers(answer_headers).get(API_VERSION.lower()) == "registry/2.0", (method, path, status)
+    # Not the pages': they are no registry API.
+    status, answer_headers, _ = shared_registry.request("/no-such-page")
+    assert status == 404 and API_VERSION.lower() not in _headers(answer_headers)
+    assert error_of(shared_registry.request(f"/v2/hello/blobs/{absent}")[2])["code"] == "BLOB_UNKNOWN"
