@@ -5,11 +5,12 @@ Where they differ on purpose, the test says so and why."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
-from tests.registry import DistributionRegistry, RegistryProcess, error_of, have
+from tests.registry import OCI_MANIFEST, DistributionRegistry, RegistryProcess, error_of, have
 
 pytestmark = pytest.mark.skipif(not have("docker-registry"), reason="needs docker-registry (CNCF distribution)")
 
@@ -81,3 +82,41 @@ def test_every_v2_error_names_the_api_version_as_distributions_do(
     status, answer_headers, _ = shared_registry.request("/no-such-page")
     assert status == 404 and API_VERSION.lower() not in _headers(answer_headers)
     assert error_of(shared_registry.request(f"/v2/hello/blobs/{absent}")[2])["code"] == "BLOB_UNKNOWN"
+
+
+def test_a_well_formed_digest_of_another_algorithm_is_absent_not_invalid(
+    shared_registry: RegistryProcess, distribution: DistributionRegistry
+) -> None:
+    """A well-formed sha512 digest (the OCI image spec registers sha512 beside sha256; distribution
+    also takes sha384) names a blob or manifest this registry does not have: 404 BLOB_UNKNOWN or
+    MANIFEST_UNKNOWN, as distribution answers, where this registry said 400 DIGEST_INVALID.
+    A malformed digest, or one of an algorithm neither knows, stays 400 DIGEST_INVALID."""
+    absent = ["sha512:" + "ab" * 64, "sha384:" + "cd" * 48]
+    for digest in absent:
+        for kind, code in (("blobs", "BLOB_UNKNOWN"), ("manifests", "MANIFEST_UNKNOWN")):
+            path = f"/v2/hello/{kind}/{digest}"
+            for registry in (distribution, shared_registry):
+                status, _, body = registry.request(path, accept=OCI_MANIFEST)
+                assert (status, error_of(body)["code"]) == (404, code), (registry, path, body[:300])
+                assert registry.request(path, method="HEAD", accept=OCI_MANIFEST)[0] == 404, (registry, path)
+    malformed = [
+        "sha512:" + "ab" * 32,  # a sha256's length
+        "sha512:" + "AB" * 64,  # upper case
+        "sha256:" + "ab" * 64,  # a sha512's length
+        "sha256:abc",
+        "blake3:" + "ab" * 32,  # an algorithm neither registry knows
+    ]
+    for digest in malformed:
+        for registry in (distribution, shared_registry):
+            status, _, body = registry.request(f"/v2/hello/blobs/{digest}")
+            assert (status, error_of(body)["code"]) == (400, "DIGEST_INVALID"), (registry, digest, body[:300])
+        # As a manifest reference distribution takes it for a tag and fails with 500 UNKNOWN (a tag
+        # has no colon); this registry says what it is.
+        status, _, body = shared_registry.request(f"/v2/hello/manifests/{digest}")
+        assert (status, error_of(body)["code"]) == (400, "DIGEST_INVALID"), (digest, body[:300])
+    # The referrers API (which distribution 2.8 lacks) lists none for such a digest, as for any
+    # digest no image has; the spec wants 200 and an empty index there, never 404.
+    status, _, body = shared_registry.request(f"/v2/hello/referrers/{absent[0]}")
+    assert status == 200 and json.loads(body)["manifests"] == [], body[:300]
+    status, _, body = shared_registry.request(f"/v2/hello/referrers/{malformed[0]}")
+    assert (status, error_of(body)["code"]) == (400, "DIGEST_INVALID"), body[:300]

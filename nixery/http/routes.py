@@ -25,6 +25,7 @@ from nixery.builder import ImageBuilder
 from nixery.errors import (
     BlobUnknown,
     BlobUploadUnknown,
+    DigestInvalid,
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
@@ -38,7 +39,7 @@ from nixery.lru import LRU
 from nixery.platforms import every_platform
 from nixery.progress import Build
 from nixery.registry.descriptors import parse_manifest
-from nixery.registry.digest import Digest
+from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.image import layer_compression
 from nixery.registry.mediatypes import OCTET_STREAM
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
@@ -199,6 +200,19 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     return document, media_type
 
 
+def requested_digest(text: str, absent: type[BlobUnknown | ManifestUnknown]) -> Digest:
+    """The digest a request's path names. A well-formed digest of another algorithm (sha512,
+    sha384) is `absent` (404): nothing is stored under one, and distribution answers so, where
+    a malformed digest, or one of an algorithm distribution does not know, is 400 DIGEST_INVALID."""
+    try:
+        return Digest.parse(text)
+    except DigestInvalid:
+        if names_another_algorithm(text):
+            raise absent(f"nothing is stored under {text}: this registry stores sha256 digests only",
+                         detail={"digest": text}) from None
+        raise
+
+
 def _blob_gone(request: web.Request, digest: Digest) -> None:
     """A blob is not (or no longer) stored: forget what in memory names it, so that the
     next pull of its image looks in storage again and rebuilds it."""
@@ -255,7 +269,7 @@ async def manifest(request: web.Request) -> web.Response:
     reference = request.match_info["reference"]
     user_agent = request.headers.get("User-Agent", "")
     if ":" in reference:
-        digest = Digest.parse(reference)
+        digest = requested_digest(reference, ManifestUnknown)
         document, media_type = await stored_manifest(request, digest, check_blobs=True)
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
@@ -300,7 +314,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
 
 async def blob(request: web.Request) -> web.StreamResponse:
     check_image_name(request)
-    digest = Digest.parse(request.match_info["digest"])
+    digest = requested_digest(request.match_info["digest"], BlobUnknown)
     storage = request.app[STORAGE]
     headers = content_headers(digest, OCTET_STREAM)
     if request.method == "HEAD":
