@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.registry import OCI_MANIFEST, DistributionRegistry, RegistryProcess, error_of, have
+from tests.registry import OCI_MANIFEST, DistributionRegistry, RegistryProcess, error_of, have, multipart_parts
 
 pytestmark = pytest.mark.skipif(not have("docker-registry"), reason="needs docker-registry (CNCF distribution)")
 
@@ -120,3 +120,38 @@ def test_a_well_formed_digest_of_another_algorithm_is_absent_not_invalid(
     assert status == 200 and json.loads(body)["manifests"] == [], body[:300]
     status, _, body = shared_registry.request(f"/v2/hello/referrers/{malformed[0]}")
     assert (status, error_of(body)["code"]) == (400, "DIGEST_INVALID"), body[:300]
+
+
+def test_several_ranges_of_a_blob_are_answered_as_distribution_does(
+    shared_registry: RegistryProcess, distribution: DistributionRegistry, layer: tuple[str, bytes]
+) -> None:
+    """A `Range` of several byte ranges (what a lazy puller sends for the chunks of a layer it
+    needs) is one 206 `multipart/byteranges` answer from distribution (Go's http.ServeContent),
+    the parts in the order asked; this registry sent the whole blob (200), so such a client
+    downloaded all of the layer for a few chunks. Now both send the same parts; ranges past the
+    end are dropped (one left: a plain 206), and ranges adding up to more than the blob get it whole."""
+    digest, blob = layer
+    size = len(blob)
+    path = f"/v2/hello/blobs/{digest}"
+    requested = [
+        "bytes=0-1,5-9", "bytes=0-1, 5-9", "bytes=100-199,0-9", "bytes=-10,0-9", "bytes=0-1,0-1",
+        f"bytes=0-1,5-{size * 2}", f"bytes={size}-,0-1", f"bytes={size - 5}-,0-", "bytes=0-,0-",
+    ]  # fmt: skip
+    for value in requested:
+        answers = []
+        for registry in (distribution, shared_registry):
+            status, answer_headers, body = registry.request(path, headers={"Range": value})
+            headers = _headers(answer_headers)
+            assert int(headers["content-length"]) == len(body), (registry, value)
+            assert headers["etag"] == f'"{digest}"' and headers["docker-content-digest"] == digest, (registry, value)
+            if headers["content-type"].startswith("multipart/"):
+                answers.append((status, multipart_parts(headers["content-type"], body)))
+            else:
+                answers.append((status, [(headers.get("content-range"), body)]))
+        assert answers[0] == answers[1], (value, [(status, [r for r, _ in parts]) for status, parts in answers])
+    # Where they differ on purpose: another unit or a malformed range is ignored here (RFC 9110:
+    # a server MUST ignore a unit it does not know, MAY ignore an invalid range) and the whole blob
+    # sent; distribution refuses both with a plain-text 416.
+    for value in ("items=0-1", "bytes=5-1", "bytes=0-1,x"):
+        status, _, body = shared_registry.request(path, headers={"Range": value})
+        assert (status, body) == (200, blob), value

@@ -336,7 +336,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
             # nginx sends the file (and answers ranges); the registry has checked the request and the bytes.
             return web.Response(headers={**headers, "X-Accel-Redirect": request.app[BLOB_ACCEL_REDIRECT] + relative})
         case LocalFile(path=path, size=size):
-            selected = ranges.select(request.headers, headers["ETag"], size)
+            selected = ranges.select(request.headers, headers["ETag"], size, OCTET_STREAM)
             if selected.status == 304:
                 return web.Response(status=304, headers=headers)
             try:
@@ -348,18 +348,23 @@ async def blob(request: web.Request) -> web.StreamResponse:
         case Redirect(url=url):
             return web.Response(status=307, headers={"Location": url})
         case ByteStream(chunks=chunks, size=size, read_range=read_range):
-            selected = ranges.select(request.headers, headers["ETag"], size)
+            selected = ranges.select(request.headers, headers["ETag"], size, OCTET_STREAM)
             if selected.status == 304:
                 return web.Response(status=304, headers=headers)
-            if selected.status == 206:  # the whole blob's answer is dropped unread: the store sends the range only
-                chunks = await read_range(selected.start, selected.count)
             response = web.StreamResponse(status=selected.status, headers=_sent_headers(headers, selected))
             await response.prepare(request)
             sent = 0
             try:
-                async for chunk in chunks:
-                    await response.write(chunk)
-                    sent += len(chunk)
+                for segment in selected.segments:
+                    if segment.lead:
+                        await response.write(segment.lead)
+                    # For a range, the whole blob's answer is dropped unread: the store sends the range only.
+                    part = chunks if selected.status == 200 else await read_range(segment.start, segment.count)
+                    async for chunk in part:
+                        await response.write(chunk)
+                        sent += len(chunk)
+                if selected.trailer:
+                    await response.write(selected.trailer)
                 await response.write_eof()
             except ConnectionError:
                 pass  # the client hung up (a cancelled pull): the answer is the 200 under way, cut short
@@ -370,15 +375,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 def _sent_headers(headers: dict[str, str], selected: ranges.Selected) -> dict[str, str]:
     """The headers of a blob answer that sends what `selected` says (nixery.http.ranges)."""
-    headers = {**headers, "Content-Length": str(selected.count), "Accept-Ranges": "bytes"}
-    if selected.status == 206:
-        headers["Content-Range"] = selected.content_range
-    return headers
+    return {**headers, **dict(selected.headers), "Accept-Ranges": "bytes"}
 
 
 class _SendFile(web.StreamResponse):
-    """An open blob file, or the range of it `selected` (nixery.http.ranges), sent with
-    sendfile(2) from the event loop.
+    """An open blob file, or the range or ranges of it `selected` (nixery.http.ranges), sent
+    with sendfile(2) from the event loop (a multipart body's part headers written between).
 
     web.FileResponse makes two thread-pool round trips per request (stat and
     open, then close); it also leaves the socket uncorked, so the kernel sends
@@ -389,7 +391,7 @@ class _SendFile(web.StreamResponse):
 
     def __init__(self, handle: BinaryIO, selected: ranges.Selected, headers: dict[str, str]):
         super().__init__(status=selected.status, headers=_sent_headers(headers, selected))
-        self._handle, self._offset, self._size = handle, selected.start, selected.count
+        self._handle, self._segments, self._trailer = handle, selected.segments, selected.trailer
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -402,17 +404,25 @@ class _SendFile(web.StreamResponse):
             if corked is not None:  # full segments, headers sent with the body (nginx's tcp_nopush)
                 corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             writer = await super().prepare(request)
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("connection lost")
-            sent = _sendfile_now(transport, corked, self._handle, self._offset, self._size) if corked is not None else 0
-            if sent < self._size:
-                start = self._offset + sent
-                try:
-                    await asyncio.get_running_loop().sendfile(transport, self._handle, start, self._size - sent)
-                finally:
-                    # asyncio leaves the file's position after the bytes it sent, also when the
-                    # client went away (it stays at 0, before `start`, when none went out).
-                    sent += max(0, self._handle.tell() - start)
+            for segment in self._segments:  # one, but for several ranges (a multipart body)
+                if segment.lead:  # a part's delimiter and headers: written before its bytes, in order
+                    await self.write(segment.lead)
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("connection lost")
+                offset, size = segment.start, segment.count
+                now = _sendfile_now(transport, corked, self._handle, offset, size) if corked is not None else 0
+                sent += now
+                if now < size:
+                    start = offset + now
+                    self._handle.seek(start)
+                    try:
+                        await asyncio.get_running_loop().sendfile(transport, self._handle, start, size - now)
+                    finally:
+                        # asyncio leaves the file's position after the bytes it sent, also when the
+                        # client went away (it stays at `start` when none went out).
+                        sent += max(0, self._handle.tell() - start)
+            if self._trailer:
+                await self.write(self._trailer)
             await super().write_eof()
             return writer
         finally:
