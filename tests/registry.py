@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -24,6 +25,7 @@ PODMAN_RUN_FLAGS = [
 ]
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCTET_STREAM = "application/octet-stream"
 
 
 #: What NIXERY_BASELINE's default (cacert, iana-etc) costs a registry process in Nix
@@ -104,6 +106,48 @@ class RegistryProcess(daemons.LoopbackServer):
         return headers["Docker-Content-Digest"], json.loads(body)
 
 
+@dataclass
+class DistributionRegistry(RegistryProcess):
+    """The reference registry (CNCF distribution 2.8, Debian's `docker-registry`) on a free
+    port, its storage under `storage`: a peer whose answers the registry's are compared with."""
+
+    def start(self, timeout: float = 20.0) -> DistributionRegistry:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        config = self.storage / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        self.log_path = self.log_path or self.storage / "registry.log"
+        self.process = daemons.start_http_server(
+            ["docker-registry", "serve", str(config)], self.log_path, f"{self.url}/v2/", "docker-registry",
+            timeout=timeout,
+        )
+        return self
+
+    def push_blob(self, name: str, blob: bytes) -> str:
+        """Uploads `blob` in one request (POST, then PUT with its digest); returns its digest."""
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request("POST", f"/v2/{name}/blobs/uploads/")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 202, response.status
+            location = response.getheader("Location", "")
+            location = location.removeprefix(self.url)
+            separator = "&" if "?" in location else "?"
+            connection.request("PUT", f"{location}{separator}digest={digest}", body=blob,
+                               headers={"Content-Type": "application/octet-stream"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 201, response.status
+        finally:
+            connection.close()
+        return digest
+
+
 def error_of(body: bytes) -> dict:
     document = json.loads(body)
     assert set(document) == {"errors"} and len(document["errors"]) == 1, document
@@ -128,8 +172,9 @@ def ping_wait_while(registry: RegistryProcess, senders: list[threading.Thread]) 
 
 def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
     """A blob's ETag is its digest on every answer; conditions made with it hold; one byte
-    range is 206, one past the end 416 with the JSON error; ranges the registry does not
-    serve (several, another unit, malformed) get the whole blob, as RFC 9110 allows.
+    range is 206, several a multipart/byteranges 206, ranges all past the end 416 with the
+    JSON error; ranges the registry does not serve (another unit, malformed, overlapping or too
+    many) get the whole blob, as RFC 9110 allows.
     Checked on the first layer of image `name`, which `registry` sends itself (no redirect)."""
     _, manifest = registry.manifest(name)
     digest, size = manifest["layers"][0]["digest"], manifest["layers"][0]["size"]
@@ -150,8 +195,23 @@ def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
             status, headers, body = get({"Range": requested, **extra})
             assert (status, headers["etag"], body) == (206, etag, whole[start:end]), (requested, extra)
             assert headers["content-range"] == f"bytes {start}-{end - 1}/{size}", requested
+    # Several ranges: one multipart/byteranges 206, the parts in the order asked (distribution's answer).
+    for requested, expected in {
+        "bytes=0-1,4-5": [(0, 2), (4, 6)], f"bytes=-3, 10-19,{size * 2}-": [(size - 3, size), (10, 20)],
+        "bytes=0-1,0-1": [(0, 2), (0, 2)],
+    }.items():
+        status, headers, body = get({"Range": requested})
+        assert (status, headers["etag"]) == (206, etag), (requested, status)
+        assert int(headers["content-length"]) == len(body) and "content-range" not in headers, requested
+        assert multipart_parts(headers["content-type"], body) == [
+            (f"bytes {start}-{end - 1}/{size}", whole[start:end]) for start, end in expected
+        ], requested
+    status, headers, body = get({"Range": f"bytes={size}-,5-9"})  # the one left: a plain 206
+    assert (status, headers["content-range"], body) == (206, f"bytes 5-9/{size}", whole[5:10])
     ignored = [
-        {"Range": "bytes=0-1,4-5"}, {"Range": "items=0-1"}, {"Range": "bytes=5-1"}, {"Range": "bytes=x"},
+        {"Range": "bytes=0-,1-"},  # adding up to more than the blob (Go's rule): the blob once
+        {"Range": "bytes=" + ",".join(["0-0"] * 65)},  # more ranges than are sent in parts
+        {"Range": "items=0-1"}, {"Range": "bytes=5-1"}, {"Range": "bytes=x"},
         {"Range": "bytes=0-1", "If-Range": '"an-older-etag"'}, {"If-None-Match": '"another"'}, {"If-Match": etag},
         {"If-Match": "*"}, {"If-Modified-Since": "not a date"},
         {"If-Unmodified-Since": "Mon, 01 Jan 1990 00:00:00 GMT"},
@@ -162,12 +222,28 @@ def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
     for if_none_match in (etag, f"W/{etag}", f'"another", {etag}', "*"):
         status, headers, body = get({"If-None-Match": if_none_match})
         assert (status, headers["etag"], body) == (304, etag, b""), if_none_match
-    for past_the_end in (f"bytes={size}-", "bytes=-0"):
+    for past_the_end in (f"bytes={size}-", "bytes=-0", f"bytes={size}-,-0,{size + 9}-{size + 10}"):
         status, headers, body = get({"Range": past_the_end})
         assert (status, headers["content-range"]) == (416, f"bytes */{size}"), past_the_end
         assert error_of(body)["detail"] == {"size": size, "kind": "RANGE_NOT_SATISFIABLE"}
     status, _, body = get({"If-Match": '"another"'})
     assert status == 412 and error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """The (Content-Range, bytes) of each part of a multipart/byteranges body, checking its
+    framing (RFC 9110 14.6, RFC 2046 5.1.1) and that each part says it is a blob."""
+    kind, _, boundary = content_type.partition("; boundary=")
+    assert kind == "multipart/byteranges" and boundary, content_type
+    delimiter, closing = f"--{boundary}\r\n".encode(), f"\r\n--{boundary}--\r\n".encode()
+    assert body.startswith(delimiter) and body.endswith(closing), (body[:100], body[-100:])
+    parts = []
+    for part in body[len(delimiter) : -len(closing)].split(b"\r\n" + delimiter):
+        head, _, data = part.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        assert fields.keys() == {"Content-Type", "Content-Range"} and fields["Content-Type"] == OCTET_STREAM, fields
+        parts.append((fields["Content-Range"], data))
+    return parts
 
 
 def run(

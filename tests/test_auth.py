@@ -800,6 +800,23 @@ def test_pages_challenge_browsers_with_basic(start_auth_registry, mode: str) -> 
         connection.close()
 
 
+def test_access_controls_refusals_name_the_api_version(start_auth_registry) -> None:
+    """Every answer under /v2 names the API version, as distribution's do: access control's
+    403 (a user who may pull but not build, asking for an image not built yet) had no
+    `Docker-Distribution-API-Version`, nor its refusal of a cross-site pull with credentials."""
+    registry = start_auth_registry("basic")
+    refusals = [
+        ("/v2/shell/hello/manifests/latest", {}, 401),
+        ("/v2/shell/hello/manifests/latest", basic(BOB), 403),
+        ("/v2/shell/hello/manifests/latest", {**basic(BOB), "Sec-Fetch-Site": "cross-site"}, 403),
+        ("/v2/no/such/endpoint", basic(BOB), 404),
+    ]
+    for path, headers, expected in refusals:
+        status, answer_headers, body = registry.request(path, headers=headers)
+        assert status == expected, (path, headers.keys(), status, body[:300])
+        assert answer_headers.get("Docker-Distribution-API-Version") == "registry/2.0", (path, status, body[:300])
+
+
 def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_registry) -> None:
     """A browser sends the basic credentials it was given with every request to the registry,
     an <img> on another site's page too: such a request must not build (or read) an image."""

@@ -9,7 +9,7 @@ import pytest
 from nixery.closure import ClosureGraph, GraphError
 from nixery.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 from nixery.registry.descriptors import Descriptor
-from nixery.registry.digest import Digest
+from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import (
     DOCKER_MANIFEST,
     OCI_LAYER_ZSTD,
@@ -169,6 +169,13 @@ def test_digests() -> None:
     for bad in ["sha256:ABC", "sha512:" + "0" * 128, "sha256:" + "0" * 63, "0" * 64]:
         with pytest.raises(DigestInvalid):
             Digest.parse(bad)
+    # A well-formed sha512 or sha384 digest is no Digest (all are sha256) but is told apart from a
+    # malformed one, so that a request naming one is answered 404 (nothing stored under it), not 400.
+    for other in ["sha512:" + "0" * 128, "sha384:" + "0" * 96]:
+        assert names_another_algorithm(other), other
+    for malformed in ["sha512:" + "0" * 64, "sha512:" + "A" * 128, "sha384:" + "0" * 128, "md5:" + "0" * 32,
+                      "sha256:" + "0" * 64, "sha512:" + "0" * 128 + "\n"]:
+        assert not names_another_algorithm(malformed), malformed
 
 
 def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:

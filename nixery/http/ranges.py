@@ -14,8 +14,19 @@ comes down to, in its order of evaluation:
 * one `bytes=` range: 206 with its `Content-Range`; a range that starts at or
   past the end (or the empty suffix `-0`): 416 RANGE_NOT_SATISFIABLE with
   `Content-Range: bytes */SIZE`.
-* several ranges, another unit, a malformed value: ignored, the whole blob (a
-  server may always ignore `Range`; every client can take the whole).
+* several ranges (`bytes=0-1,5-9`): as distribution answers (Go's
+  `http.ServeContent`), those that cannot be satisfied are dropped (416 when
+  none is left, one 206 when one is), the others are sent in the order asked as
+  one 206 `multipart/byteranges` body (RFC 9110 14.6), each part with its
+  `Content-Type` and `Content-Range`. Ranges that add up to more than the blob
+  (overlapping ones, such as `0-,0-`) get the whole blob instead, as in Go, and
+  so do more than MAX_RANGES (RFC 9110 14.2 lets a server ignore many small
+  ranges; from an object store each is a request of its own). The whole blob was
+  sent for any two ranges: a client reading a few chunks of a layer (a lazy
+  puller's multi-range request) got all of it.
+* another unit, a malformed value: ignored, the whole blob (RFC 9110: a server
+  ignores a unit it does not know and may ignore an invalid range; every client
+  can take the whole). distribution refuses these with a plain-text 416.
 
 aiohttp's FileResponse, which answered these requests before, put its own
 ETag (of the file's time and size) on them, so that the conditions a client
@@ -26,54 +37,113 @@ an unknown unit with 416; and its 412 and 416 had no error body.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from multidict import MultiMapping
 
 from nixery.errors import PreconditionFailed, RangeNotSatisfiable
 
-_ONE_RANGE = re.compile(r"bytes=([0-9]{0,30})-([0-9]{0,30})")
+_RANGE_SPEC = re.compile(r"([0-9]{0,30})-([0-9]{0,30})")
+
+#: The most ranges one request is sent in parts; more get the whole blob.
+MAX_RANGES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A piece of an answer's body: `lead` (the delimiter and headers of a multipart part; empty
+    for a single range or the whole blob), then `count` bytes of the blob from `start`."""
+
+    lead: bytes
+    start: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
 class Selected:
-    """What to send of a blob of `size` bytes: 200 (all of it), 206 (`count` bytes
-    from `start`) or 304 (nothing)."""
+    """What to send of a blob of `size` bytes: 200 (all of it), 206 (one range, or several as a
+    multipart body) or 304 (nothing); the body is `segments` then `trailer`, whose length and
+    framing `headers` give (Content-Length, and Content-Range or the multipart Content-Type)."""
 
     status: int
-    start: int
-    count: int
     size: int
+    segments: tuple[Segment, ...] = ()
+    trailer: bytes = b""  # a multipart body's closing delimiter
+    headers: tuple[tuple[str, str], ...] = ()
 
-    @property
-    def content_range(self) -> str:
-        return f"bytes {self.start}-{self.start + self.count - 1}/{self.size}"
 
-
-def select(headers: MultiMapping[str], etag: str, size: int) -> Selected:
-    """What a GET with these request headers gets of a blob whose ETag is `etag` (quoted)."""
-    whole = Selected(200, 0, size, size)
+def select(headers: MultiMapping[str], etag: str, size: int, media_type: str) -> Selected:
+    """What a GET with these request headers gets of a blob whose ETag is `etag` (quoted) and whose
+    Content-Type is `media_type`."""
+    whole = _single(200, 0, size, size)
     if not_modified(headers, etag):
-        return Selected(304, 0, 0, size)
+        return Selected(304, size)
     requested = headers.get("Range")
     if requested is None or not size or headers.get("If-Range", etag).strip() != etag:
         return whole  # an empty blob has no range to send
-    match = _ONE_RANGE.fullmatch(requested.strip())
-    if match is None or not any(match.groups()):
-        return whole  # several ranges, another unit, or not a range at all
-    first, last = match.groups()
-    if not first:  # the last `last` bytes
-        if int(last) == 0:
-            raise _unsatisfiable(size)
-        start = max(0, size - int(last))
-        return Selected(206, start, size - start, size)
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
-        return whole  # not a valid range: ignored
-    if start >= size:
+    ranges = _satisfiable(requested, size)
+    if ranges is None:
+        return whole  # another unit, not a range at all, too many: ignored
+    if not ranges:
         raise _unsatisfiable(size)
-    return Selected(206, start, end - start + 1, size)
+    if len(ranges) == 1:
+        return _single(206, *ranges[0], size)
+    if sum(count for _, count in ranges) > size:
+        return whole  # overlapping ranges: the blob once is less to send (Go's rule)
+    return _multipart(ranges, size, media_type)
+
+
+def _satisfiable(requested: str, size: int) -> list[tuple[int, int]] | None:
+    """The (start, count) of each range of a `Range` value that the blob can satisfy, in the order
+    asked; None when the value is to be ignored."""
+    unit, equals, specs = requested.strip().partition("=")
+    if unit != "bytes" or not equals:
+        return None
+    items = [item.strip() for item in specs.split(",")]
+    items = [item for item in items if item]  # a list may hold empty elements (RFC 9110 5.6.1)
+    if not items or len(items) > MAX_RANGES:
+        return None
+    ranges = []
+    for item in items:
+        match = _RANGE_SPEC.fullmatch(item)
+        if match is None or not any(match.groups()):
+            return None
+        first, last = match.groups()
+        if not first:  # the last `last` bytes; none (`-0`) cannot be satisfied
+            if int(last):
+                start = max(0, size - int(last))
+                ranges.append((start, size - start))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            return None  # not a valid range
+        if start < size:  # one that starts past the end cannot be satisfied
+            end = min(int(last), size - 1) if last else size - 1
+            ranges.append((start, end - start + 1))
+    return ranges
+
+
+def _single(status: int, start: int, count: int, size: int) -> Selected:
+    headers = [("Content-Length", str(count))]
+    if status == 206:
+        headers.append(("Content-Range", f"bytes {start}-{start + count - 1}/{size}"))
+    return Selected(status, size, (Segment(b"", start, count),), headers=tuple(headers))
+
+
+def _multipart(ranges: list[tuple[int, int]], size: int, media_type: str) -> Selected:
+    """A multipart/byteranges body (RFC 9110 14.6) of `ranges`: a delimiter line and headers before
+    each part; the CRLF that ends a part's bytes belongs to the next delimiter (RFC 2046 5.1.1)."""
+    boundary = secrets.token_hex(24)  # random: never in the bytes sent
+    segments: list[Segment] = []
+    for start, count in ranges:
+        delimiter = f"\r\n--{boundary}\r\n" if segments else f"--{boundary}\r\n"
+        part_headers = f"Content-Type: {media_type}\r\nContent-Range: bytes {start}-{start + count - 1}/{size}\r\n"
+        segments.append(Segment(f"{delimiter}{part_headers}\r\n".encode(), start, count))
+    trailer = f"\r\n--{boundary}--\r\n".encode()
+    length = sum(len(segment.lead) + segment.count for segment in segments) + len(trailer)
+    headers = (("Content-Length", str(length)), ("Content-Type", f"multipart/byteranges; boundary={boundary}"))
+    return Selected(206, size, tuple(segments), trailer, headers)
 
 
 def not_modified(headers: MultiMapping[str], etag: str) -> bool:

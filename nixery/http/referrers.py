@@ -30,7 +30,7 @@ from nixery.http import ranges, routes
 from nixery.http.signatures import signature_manifest_digest, signature_subject
 from nixery.images import Attached
 from nixery.registry.descriptors import image_index
-from nixery.registry.digest import Digest
+from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
 
 #: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
@@ -51,9 +51,10 @@ async def _referrers(request: web.Request, subject: Digest) -> list[Attached]:
 
 async def referrers(request: web.Request) -> web.Response:
     routes.check_image_name(request)
-    subject = Digest.parse(request.match_info["digest"])
-    listed = await _referrers(request, subject)
-    headers = {**routes.API_VERSION, "Content-Type": OCI_INDEX}
+    subject = request.match_info["digest"]
+    # A well-formed sha512 digest: nothing here refers to one, an empty index as for any such digest.
+    listed = [] if names_another_algorithm(subject) else await _referrers(request, Digest.parse(subject))
+    headers = {"Content-Type": OCI_INDEX}
     artifact_type = request.query.get("artifactType")
     if artifact_type is not None:
         # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).

@@ -25,6 +25,7 @@ from nixery.builder import ImageBuilder
 from nixery.errors import (
     BlobUnknown,
     BlobUploadUnknown,
+    DigestInvalid,
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
@@ -38,7 +39,7 @@ from nixery.lru import LRU
 from nixery.platforms import every_platform
 from nixery.progress import Build
 from nixery.registry.descriptors import parse_manifest
-from nixery.registry.digest import Digest
+from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.image import layer_compression
 from nixery.registry.mediatypes import OCTET_STREAM
 from nixery.registry.names import ImageRequest, check_tag, parse_image_name
@@ -70,6 +71,20 @@ RESOLVER = web.AppKey("resolver", ImageResolver)
 log = structlog.get_logger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def is_registry_path(path: str) -> bool:
+    """Whether a request path is the registry API's (`/v2` and everything under it)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def api_version_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /v2, errors included, names the API version, as distribution's do
+    (it sets the header before routing). Added here, as each answer is sent, it is also on the
+    errors that middlewares (access control, the error middleware) and the server raise, on
+    unknown routes, and on redirects; only the successful answers had it."""
+    if is_registry_path(request.path):
+        response.headers.update(API_VERSION)
 
 
 class ManifestCache:
@@ -137,7 +152,6 @@ class ManifestCache:
 
 def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
     return {
-        **API_VERSION,
         "Content-Type": media_type,
         "Docker-Content-Digest": str(digest),
         "ETag": f'"{digest}"',
@@ -145,7 +159,7 @@ def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
 
 
 async def api_version(request: web.Request) -> web.Response:
-    return web.json_response({}, headers=API_VERSION)
+    return web.json_response({})
 
 
 async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
@@ -184,6 +198,19 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
             )
     cache.put(digest, document, media_type, blobs)
     return document, media_type
+
+
+def requested_digest(text: str, absent: type[BlobUnknown | ManifestUnknown]) -> Digest:
+    """The digest a request's path names. A well-formed digest of another algorithm (sha512,
+    sha384) is `absent` (404): nothing is stored under one, and distribution answers so, where
+    a malformed digest, or one of an algorithm distribution does not know, is 400 DIGEST_INVALID."""
+    try:
+        return Digest.parse(text)
+    except DigestInvalid:
+        if names_another_algorithm(text):
+            raise absent(f"nothing is stored under {text}: this registry stores sha256 digests only",
+                         detail={"digest": text}) from None
+        raise
 
 
 def _blob_gone(request: web.Request, digest: Digest) -> None:
@@ -242,7 +269,7 @@ async def manifest(request: web.Request) -> web.Response:
     reference = request.match_info["reference"]
     user_agent = request.headers.get("User-Agent", "")
     if ":" in reference:
-        digest = Digest.parse(reference)
+        digest = requested_digest(reference, ManifestUnknown)
         document, media_type = await stored_manifest(request, digest, check_blobs=True)
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
@@ -287,7 +314,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
 
 async def blob(request: web.Request) -> web.StreamResponse:
     check_image_name(request)
-    digest = Digest.parse(request.match_info["digest"])
+    digest = requested_digest(request.match_info["digest"], BlobUnknown)
     storage = request.app[STORAGE]
     headers = content_headers(digest, OCTET_STREAM)
     if request.method == "HEAD":
@@ -309,7 +336,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
             # nginx sends the file (and answers ranges); the registry has checked the request and the bytes.
             return web.Response(headers={**headers, "X-Accel-Redirect": request.app[BLOB_ACCEL_REDIRECT] + relative})
         case LocalFile(path=path, size=size):
-            selected = ranges.select(request.headers, headers["ETag"], size)
+            selected = ranges.select(request.headers, headers["ETag"], size, OCTET_STREAM)
             if selected.status == 304:
                 return web.Response(status=304, headers=headers)
             try:
@@ -319,20 +346,25 @@ async def blob(request: web.Request) -> web.StreamResponse:
                 raise BlobUnknown(f"blob {digest} is not stored", detail={"digest": str(digest)}) from None
             return _SendFile(handle, selected, headers)
         case Redirect(url=url):
-            return web.Response(status=307, headers={**API_VERSION, "Location": url})
+            return web.Response(status=307, headers={"Location": url})
         case ByteStream(chunks=chunks, size=size, read_range=read_range):
-            selected = ranges.select(request.headers, headers["ETag"], size)
+            selected = ranges.select(request.headers, headers["ETag"], size, OCTET_STREAM)
             if selected.status == 304:
                 return web.Response(status=304, headers=headers)
-            if selected.status == 206:  # the whole blob's answer is dropped unread: the store sends the range only
-                chunks = await read_range(selected.start, selected.count)
             response = web.StreamResponse(status=selected.status, headers=_sent_headers(headers, selected))
             await response.prepare(request)
             sent = 0
             try:
-                async for chunk in chunks:
-                    await response.write(chunk)
-                    sent += len(chunk)
+                for segment in selected.segments:
+                    if segment.lead:
+                        await response.write(segment.lead)
+                    # For a range, the whole blob's answer is dropped unread: the store sends the range only.
+                    part = chunks if selected.status == 200 else await read_range(segment.start, segment.count)
+                    async for chunk in part:
+                        await response.write(chunk)
+                        sent += len(chunk)
+                if selected.trailer:
+                    await response.write(selected.trailer)
                 await response.write_eof()
             except ConnectionError:
                 pass  # the client hung up (a cancelled pull): the answer is the 200 under way, cut short
@@ -343,15 +375,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 def _sent_headers(headers: dict[str, str], selected: ranges.Selected) -> dict[str, str]:
     """The headers of a blob answer that sends what `selected` says (nixery.http.ranges)."""
-    headers = {**headers, "Content-Length": str(selected.count), "Accept-Ranges": "bytes"}
-    if selected.status == 206:
-        headers["Content-Range"] = selected.content_range
-    return headers
+    return {**headers, **dict(selected.headers), "Accept-Ranges": "bytes"}
 
 
 class _SendFile(web.StreamResponse):
-    """An open blob file, or the range of it `selected` (nixery.http.ranges), sent with
-    sendfile(2) from the event loop.
+    """An open blob file, or the range or ranges of it `selected` (nixery.http.ranges), sent
+    with sendfile(2) from the event loop (a multipart body's part headers written between).
 
     web.FileResponse makes two thread-pool round trips per request (stat and
     open, then close); it also leaves the socket uncorked, so the kernel sends
@@ -362,7 +391,7 @@ class _SendFile(web.StreamResponse):
 
     def __init__(self, handle: BinaryIO, selected: ranges.Selected, headers: dict[str, str]):
         super().__init__(status=selected.status, headers=_sent_headers(headers, selected))
-        self._handle, self._offset, self._size = handle, selected.start, selected.count
+        self._handle, self._segments, self._trailer = handle, selected.segments, selected.trailer
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -375,17 +404,25 @@ class _SendFile(web.StreamResponse):
             if corked is not None:  # full segments, headers sent with the body (nginx's tcp_nopush)
                 corked.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             writer = await super().prepare(request)
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("connection lost")
-            sent = _sendfile_now(transport, corked, self._handle, self._offset, self._size) if corked is not None else 0
-            if sent < self._size:
-                start = self._offset + sent
-                try:
-                    await asyncio.get_running_loop().sendfile(transport, self._handle, start, self._size - sent)
-                finally:
-                    # asyncio leaves the file's position after the bytes it sent, also when the
-                    # client went away (it stays at 0, before `start`, when none went out).
-                    sent += max(0, self._handle.tell() - start)
+            for segment in self._segments:  # one, but for several ranges (a multipart body)
+                if segment.lead:  # a part's delimiter and headers: written before its bytes, in order
+                    await self.write(segment.lead)
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("connection lost")
+                offset, size = segment.start, segment.count
+                now = _sendfile_now(transport, corked, self._handle, offset, size) if corked is not None else 0
+                sent += now
+                if now < size:
+                    start = offset + now
+                    self._handle.seek(start)
+                    try:
+                        await asyncio.get_running_loop().sendfile(transport, self._handle, start, size - now)
+                    finally:
+                        # asyncio leaves the file's position after the bytes it sent, also when the
+                        # client went away (it stays at `start` when none went out).
+                        sent += max(0, self._handle.tell() - start)
+            if self._trailer:
+                await self.write(self._trailer)
             await super().write_eof()
             return writer
         finally:
@@ -425,7 +462,7 @@ async def tags(request: web.Request) -> web.Response:
     declared = await resolver.tags(request.match_info["name"]) if resolver is not None else []
     last, size = request.query.get("last"), request.query.get("n")
     listed = [tag for tag in sorted({*declared, *_LISTED_TAGS}) if last is None or tag > last]
-    headers = API_VERSION
+    headers: dict[str, str] = {}
     if size is not None:
         if not _PAGE_SIZE.fullmatch(size):
             raise RequestInvalid(
@@ -434,7 +471,7 @@ async def tags(request: web.Request) -> web.Response:
         listed, left = listed[: int(size)], listed[int(size) :]
         if left and listed:
             following = request.rel_url.with_query({"n": size, "last": listed[-1]})
-            headers = {**API_VERSION, "Link": f'<{following}>; rel="next"'}
+            headers = {"Link": f'<{following}>; rel="next"'}
     return web.json_response({"name": request.match_info["name"], "tags": listed}, headers=headers)
 
 
@@ -455,6 +492,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(api_version_header)
     name = r"{name:[^{}]+?}"
     app.router.add_get("/v2/", api_version)
     app.router.add_get("/v2", api_version)

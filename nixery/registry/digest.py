@@ -12,6 +12,16 @@ from dataclasses import dataclass
 from nixery.errors import DigestInvalid
 
 _SHA256 = re.compile(r"sha256:([a-f0-9]{64})")
+#: Well-formed digests of the other algorithms distribution takes (go-digest's: sha384, and sha512,
+#: which the OCI image spec registers beside sha256).
+_OTHER_ALGORITHMS = re.compile(r"sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
+
+
+def names_another_algorithm(text: str) -> bool:
+    """Whether `text` is a well-formed sha512 or sha384 digest: not a `Digest` (the registry stores
+    sha256 digests only), but no malformed one either. A request that names one asks for something
+    absent (404, as distribution answers), not with an invalid digest (400)."""
+    return _OTHER_ALGORITHMS.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True, order=True)
