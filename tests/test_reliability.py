@@ -277,6 +277,44 @@ async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> No
     assert await storage.stat_blob(kept.config) is not None
 
 
+async def test_gc_empties_the_quarantine_of_blobs_set_aside_longer_than_a_week(tmp_path: Path) -> None:
+    """Blobs found damaged are moved to quarantine/, and nothing ever removed them: a disk that
+    kept damaging blobs filled up. Now `nixery gc` removes those set aside more than 7 days ago
+    (--quarantine-older-than) and says how many; those of the last days stay for an operator."""
+    root = tmp_path / "storage"
+    storage = FilesystemStorage(root)
+    kept = await storage.put_blob_bytes(b"a config a record names")
+    await storage.put_meta("images/kept", ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=kept, manifests={}, layers=(), built_at=time.time(),
+    ).to_json())
+    damaged = await storage.put_blob_bytes(b"a layer the disk damages today")
+    storage.blob_path(damaged).write_bytes(b"a layer the disk damaged today")
+    with pytest.raises(CorruptBlob):  # set aside as a registry would, when it was first served
+        await storage.blob_source(damaged, allow_redirect=False)
+    await storage.close()
+    [recent] = list((root / "quarantine").iterdir())
+    # As the registry names them, set aside 8 days ago: its modification time is older still (a
+    # rename keeps the blob's own).
+    eight_days_ago = time.time() - 8 * 86400
+    old = root / "quarantine" / f"{'ab' * 32}-{int(eight_days_ago * 1e9)}"
+    old.write_bytes(b"a layer damaged last week")
+    os.utime(old, (eight_days_ago - 86400, eight_days_ago - 86400))
+
+    def gc(*args: str) -> str:
+        result = run([sys.executable, "-m", "nixery", "gc", *args], env_extra={"STORAGE_PATH": str(root)})
+        return result.stdout
+
+    assert "would remove 1 damaged blobs quarantined more than 7 days ago" in gc("--dry-run")
+    assert old.exists()
+    assert "removed 1 damaged blobs quarantined more than 7 days ago" in gc()
+    assert not old.exists() and recent.exists()
+    assert "quarantined" not in gc(), "nothing more to remove"
+    assert "removed 1 damaged blobs quarantined more than 0 days ago" in gc("--quarantine-older-than", "0")
+    assert not recent.exists()
+    assert storage.blob_path(kept).exists()
+
+
 async def test_garbage_collection_removes_the_notes_of_images_a_crash_left_without_record(tmp_path: Path) -> None:
     """A registry killed between writing an image's referrers pointers and its record, or a gc
     killed between removing a record and its usage note and pointers, left those documents for

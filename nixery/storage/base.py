@@ -320,6 +320,12 @@ class Storage(ABC):
         mid-build leaves one per image); how many. For `nixery gc`. Default: none to remove."""
         return 0
 
+    async def remove_quarantined(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Remove the blobs set aside as damaged (quarantined) more than `older_than` seconds
+        ago: how many (with `dry_run`, how many would go). For `nixery gc`. Default: none (a
+        backend that sets nothing aside)."""
+        return 0
+
     async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)
         """Mark a blob as in use now, so a concurrent garbage collection keeps it."""
 

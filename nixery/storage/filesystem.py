@@ -8,7 +8,9 @@ Layout under the root:
                                 the holder removes the file when done, opening the storage
                                 those of dead holders); replacing_meta_<key>.lock
                                 while a document is replaced (`replace_meta`)
-    quarantine/                 blobs whose bytes did not match their digest
+    quarantine/                 blobs whose bytes did not match their digest, as
+                                <hex>-<time set aside, ns>: kept for an operator to
+                                look at, removed by `nixery gc` after a retention period
     tmp/<host>-<pid>/           this process's staging files
     verified/sha256/ab/abcd...  hard links of blobs found intact (only with
                                 verified_links: for nginx to send them itself)
@@ -311,6 +313,9 @@ class FilesystemStorage(Storage):
             self._unlink_verified(digest)
         return intact
 
+    async def remove_quarantined(self, older_than: float, *, dry_run: bool = False) -> int:
+        return await asyncio.to_thread(_remove_quarantined, self._quarantine, time.time() - older_than, dry_run)
+
     async def remove_abandoned_locks(self) -> int:
         return await asyncio.to_thread(_remove_abandoned_locks, self._locks)
 
@@ -414,6 +419,36 @@ def _remove_abandoned_locks(locks: Path) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _remove_quarantined(quarantine: Path, cutoff: float, dry_run: bool) -> int:
+    """Remove the files set aside in `quarantine` before `cutoff` (seconds since the epoch):
+    how many. A disk that keeps damaging blobs filled it for ever otherwise."""
+    try:
+        entries = list(os.scandir(quarantine))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        try:
+            # Only files: nixery puts nothing else there; anything else is left to whoever did.
+            if not entry.is_file(follow_symlinks=False) or _quarantined_at(entry) >= cutoff:
+                continue
+            if not dry_run:
+                os.unlink(entry.path)
+        except FileNotFoundError:  # removed meanwhile (another gc)
+            continue
+        removed += 1
+    return removed
+
+
+def _quarantined_at(entry: os.DirEntry[str]) -> float:
+    """When a file was set aside: the time in its name (`_quarantine_blob`: a rename keeps the
+    blob's own, older, modification time); for a name without one, its modification time."""
+    _, _, stamp = entry.name.rpartition("-")
+    if stamp.isdigit():
+        return int(stamp) / 1e9
+    return entry.stat(follow_symlinks=False).st_mtime
 
 
 def _is_file_at(fd: int, path: Path) -> bool:
