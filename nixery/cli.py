@@ -263,7 +263,10 @@ def _gc(args: argparse.Namespace) -> int:
         if storage is None:
             return None
         try:
-            return await maintenance.collect_garbage(storage, older_than=args.older_than, dry_run=args.dry_run)
+            return await maintenance.collect_garbage(
+                storage, older_than=args.older_than, dry_run=args.dry_run,
+                quarantine_older_than=args.quarantine_older_than,
+            )
         finally:
             await storage.close()
 
@@ -282,6 +285,9 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"removed {report.locks_removed} locks that processes which died left behind")
     if report.unreadable_removed:
         print(f"{verb} {report.unreadable_removed} image records that cannot be read (damaged)")
+    if report.quarantined_removed:
+        print(f"{verb} {report.quarantined_removed} damaged blobs quarantined more than "
+              f"{args.quarantine_older_than / 86400:g} days ago")
     return 0
 
 
@@ -293,6 +299,14 @@ def _gc_age(text: str) -> float:
         maintenance.check_age(age)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    return age
+
+
+def _retention(text: str) -> float:
+    """An age like `_parse_age`'s, not below 0 (0: remove them all)."""
+    age = _parse_age(text)
+    if age < 0:
+        raise argparse.ArgumentTypeError(f"not an age like 7d, 12h or 0: {text!r}")
     return age
 
 
@@ -428,6 +442,10 @@ def _command(argv: list[str]) -> int:
         "uses?), 2 for a configuration error or a storage it cannot reach or use.",
     )
     gc.add_argument("--older-than", type=_gc_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
+    gc.add_argument(
+        "--quarantine-older-than", type=_retention, default=_parse_age("7d"),
+        help="remove damaged blobs set aside (STORAGE_PATH/quarantine) longer ago than this (default 7d)",
+    )
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")
     args = parser.parse_args(argv)
     if args.command == "serve":

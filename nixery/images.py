@@ -34,9 +34,13 @@ manifest needs no trip to storage. The cache guarantees:
 * `recent(n)` lists the most recently built images it has seen without
   sorting the cache (the landing page asks on every request).
 
-`ImageStore` answers only with records whose blobs are all stored: one read
-from storage is checked blob by blob (and otherwise not answered, so the
-image is built again), and one written appears only once its blobs are.
+`ImageStore` answers only with records whose blobs would all be served
+(`Storage.blob_servable`: stored, layers at their recorded sizes, and on the
+filesystem hashed once per process and intact): one read from storage is
+checked blob by blob, one held in memory again every RECHECK_INTERVAL where
+that costs no request (and otherwise not answered, so the image is built
+again before a client is handed a manifest it could not pull), and one
+written appears only once its blobs are.
 A record is created only if absent: when two processes built one image at
 once (a build lease lost), the first complete record stored is the one both
 serve, whatever their layering histories made of it (`ImageStore.put`); a
@@ -73,6 +77,7 @@ from nixery.registry.image import LayerDescriptor, canonical_json
 from nixery.registry.mediatypes import Compression, ManifestFormat
 from nixery.registry.names import ImageRequest
 from nixery.resolver import Revision
+from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -88,6 +93,11 @@ BUILD_LOCK_PREFIX = "builds/"
 REFERRERS_PREFIX = "referrers/"
 #: How often an image's use is written to storage (for garbage collection).
 USAGE_INTERVAL = 3600.0
+#: How often the blobs of an image held in memory are checked again before its manifest is
+#: handed out, where that is cheap (`Storage.checks_blobs_locally`): a stat each, and a hash once
+#: per process for a file that changed. Not on every request: a stat of each of 100 layers costs
+#: more than answering the manifest from memory does.
+RECHECK_INTERVAL = 5.0
 
 
 def image_key(
@@ -283,10 +293,20 @@ class ImageRecord:
         return sum(layer.size for layer in self.layers)
 
 
+def _blob_sizes(record: ImageRecord) -> dict[Digest, int | None]:
+    """Every blob the record names, with its size where the record has it (layers)."""
+    sizes: dict[Digest, int | None] = dict.fromkeys(record.blobs())
+    for one in (record, *record.platforms):
+        sizes.update((layer.digest, layer.size) for layer in one.layers)
+    return sizes
+
+
 @dataclass(slots=True)
 class _Entry:
     record: ImageRecord
     use_written: float = 0.0  # when this process last wrote the image's use to storage (for GC)
+    #: When (time.monotonic) its blobs were last found stored and intact (or it was built).
+    checked: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -340,6 +360,15 @@ class RecordCache:
             return False
         entry.use_written = now
         return True
+
+    def check_due(self, key: str, now: float, interval: float) -> bool:
+        """Whether the cached image's blobs were last checked `interval` or more before `now`."""
+        entry = self._entries.peek(key)
+        return entry is not None and now - entry.checked >= interval
+
+    def note_checked(self, key: str, now: float) -> None:
+        if (entry := self._entries.peek(key)) is not None:
+            entry.checked = now
 
     def discard(self, key: str) -> None:
         """Forget one image: it is checked in storage (and rebuilt if need be) on its next use."""
@@ -415,6 +444,8 @@ class ImageStore:
         #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
         self._collections = CollectionWatch(storage, self._collected)
         self._collection_listeners: list[Callable[[], None]] = []
+        #: Checks of the blobs of images held in memory (`get`), one at a time per image.
+        self._rechecks: SingleFlight[bool] = SingleFlight()
 
     def start(self) -> None:
         """Start following `nixery gc`'s notes."""
@@ -438,13 +469,29 @@ class ImageStore:
         return self.storage.exclusive(build_lock(key))
 
     async def get(self, key: str) -> ImageRecord | None:
-        """The built image under `key`: from memory, else from storage if all its blobs are there."""
+        """The built image under `key`, if every blob it names would be served (`_servable`):
+        from memory (checked again every RECHECK_INTERVAL where that is cheap), else from
+        storage. None (the image is built again) before a client is handed a manifest whose
+        pull would fail on a damaged blob: before, the first pull failed on it (404) and only
+        the next one was rebuilt."""
         record = self.cached.get(key)
         if record is None:
             data = await self.storage.get_meta(f"{IMAGE_PREFIX}{key}")
             if data is None or (record := await self._complete(key, data, note="rebuilding")) is None:
                 return None
             self.cached.put(record)
+        elif self.storage.checks_blobs_locally and self.cached.check_due(key, time.monotonic(), RECHECK_INTERVAL):
+            return await self._rechecked(record)
+        return record
+
+    async def _rechecked(self, record: ImageRecord) -> ImageRecord | None:
+        """The record held in memory, if its blobs would still be served; else None, forgotten."""
+        checked_at = time.monotonic()
+        if not await self._rechecks.run(record.key, lambda: self._servable(record, parallel=False)):
+            log.warning("build.record_incomplete", key=record.key[:12], image=record.name, note="rebuilding")
+            self.cached.discard(record.key)  # a damaged blob set aside has dropped it already; one cut short not
+            return None
+        self.cached.note_checked(record.key, checked_at)
         return record
 
     async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> ImageRecord:
@@ -510,14 +557,24 @@ class ImageStore:
         except RecordUnreadable as exc:  # as good as none: the build writes a whole one over it
             log.warning("build.record_unreadable", key=key[:12], error=str(exc), note=note)
             return None
-        if not await self._blobs_present(record):
+        if not await self._servable(record, parallel=True):
             log.warning("build.record_incomplete", key=key[:12], image=record.name, note=note)
             return None
         return record
 
-    async def _blobs_present(self, record: ImageRecord) -> bool:
-        sizes = await asyncio.gather(*(self.storage.stat_blob(digest) for digest in record.blobs()))
-        return all(size is not None for size in sizes)
+    async def _servable(self, record: ImageRecord, *, parallel: bool) -> bool:
+        """Whether every blob the record names would be served (`Storage.blob_servable`): stored,
+        layers with their recorded sizes, and on the filesystem hashed (once per process) and
+        intact. `parallel` for a record read from storage (blobs not hashed yet: two hash at
+        once); else one after the other, which for blobs already hashed is a stat each, without
+        a task each."""
+        sizes = _blob_sizes(record)
+        if parallel:
+            return all(await asyncio.gather(*(self.storage.blob_servable(blob, size) for blob, size in sizes.items())))
+        for blob, size in sizes.items():
+            if not await self.storage.blob_servable(blob, size):
+                return False
+        return True
 
     def note_use(self, key: str) -> None:
         """Record that an image was pulled, at most once per USAGE_INTERVAL (for GC)."""

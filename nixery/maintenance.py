@@ -26,7 +26,10 @@ Both run against live storage while registries serve from it:
   image's manifests (`nixery.signatures`) are kept with it; those of removed
   manifests go with their blobs, entries included. An image record that cannot
   be read (damaged) vouches for no blob: check reports it, gc removes it, and a
-  registry builds its image again on its next pull.
+  registry builds its image again on its next pull. gc also empties the
+  quarantine (blobs set aside as damaged, on the filesystem) of what has been
+  there longer than a retention period (QUARANTINE_RETENTION: a week, for an
+  operator to look at them).
 
 Both need the backend's optional listing and deleting capabilities, which all
 three drivers have; on a bucket the credentials need list and delete rights.
@@ -57,6 +60,9 @@ from nixery.storage.base import Storage
 #: Shortest allowed GC age: several times the interval at which use is recorded.
 MIN_AGE = 3 * 3600.0
 BLOB_GRACE = 3600.0
+#: How long gc keeps the blobs set aside as damaged (the filesystem's `quarantine/`), for an
+#: operator to look at: a disk that keeps damaging blobs filled it for ever before.
+QUARANTINE_RETENTION = 7 * 86400.0
 
 
 @dataclass
@@ -82,6 +88,7 @@ class GarbageReport:
     layer_records_removed: int = 0  # `layers/<key>` records of layers whose blobs are gone
     orphan_notes_removed: int = 0  # usage notes and referrers pointers of images without a record
     locks_removed: int = 0  # locks (leases) that processes which died left behind
+    quarantined_removed: int = 0  # damaged blobs set aside longer than the retention period
     dry_run: bool = False
 
 
@@ -141,7 +148,9 @@ def check_age(older_than: float) -> None:
         raise ValueError(f"images younger than {MIN_AGE / 3600:g} hours are never collected")
 
 
-async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool = False) -> GarbageReport:
+async def collect_garbage(
+    storage: Storage, *, older_than: float, dry_run: bool = False, quarantine_older_than: float = QUARANTINE_RETENTION
+) -> GarbageReport:
     check_age(older_than)
     now = time.time()
     report = GarbageReport(dry_run=dry_run)
@@ -203,6 +212,8 @@ async def collect_garbage(storage: Storage, *, older_than: float, dry_run: bool 
     report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
     if not dry_run:  # a dead holder's lock stops nobody (it is taken over): this only tidies
         report.locks_removed = await storage.remove_abandoned_locks()
+    # Nothing serves or names them: a blob is quarantined only once it is out of service.
+    report.quarantined_removed = await storage.remove_quarantined(quarantine_older_than, dry_run=dry_run)
     for key in await storage.list_meta(EVALUATIONS):
         if _evaluated_revision(await storage.get_meta(key)) in live_revisions:
             continue

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery import config
+from nixery import config, images
 from nixery.builder import ImageBuilder
 from nixery.images import RECENT, USAGE_PREFIX, ImageRecord, ImageStore, ManifestRef, RecordCache
 from nixery.pulls import pull_key
@@ -139,6 +139,46 @@ async def test_a_pull_by_digest_is_a_use_of_the_images_held_that_name_it(tmp_pat
 
 
 @pytest.mark.nix
+async def test_an_image_held_in_memory_has_its_blobs_checked_again_only_every_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest answered from memory costs no stat of each layer on every request: the
+    blobs of a record held are checked again once RECHECK_INTERVAL has passed, and a record
+    whose layer was damaged meanwhile is then not answered (the image is built again)."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    store = ImageStore(storage)
+    layer_bytes = b"a layer's bytes"
+    layer = await storage.put_blob_bytes(layer_bytes)
+    held = replace(record(1), config=await storage.put_blob_bytes(b"config"),
+                   manifests={ManifestFormat.DOCKER: ManifestRef(await storage.put_blob_bytes(b"manifest"), 8)},
+                   layers=(LayerDescriptor(layer, layer, len(layer_bytes), "own"),), layer_paths=())
+    store.cached.put(held)
+    asked: list[Digest] = []
+    servable = storage.blob_servable
+
+    async def counted(digest: Digest, size: int | None = None) -> bool:
+        asked.append(digest)
+        return await servable(digest, size)
+
+    monkeypatch.setattr(storage, "blob_servable", counted)
+    now = [1000.0]
+    monkeypatch.setattr(images.time, "monotonic", lambda: now[0])
+    store.cached.note_checked(held.key, now[0])
+    for _ in range(100):
+        assert await store.get(held.key) == held
+    assert asked == []
+    now[0] += images.RECHECK_INTERVAL
+    assert await store.get(held.key) == held and await store.get(held.key) == held
+    assert len(asked) == 3, "each blob once, then none until the interval has passed again"
+    storage.blob_path(layer).write_bytes(b"a layer's BYTES")
+    assert await store.get(held.key) == held, "checked within the interval: not again"
+    now[0] += images.RECHECK_INTERVAL
+    assert await store.get(held.key) is None
+    assert store.cached.get(held.key) is None and not storage.blob_path(layer).exists()
+    await store.close()
+    await storage.close()
+
+
 async def test_a_builder_keeps_at_most_the_configured_records(tmp_path: Path) -> None:
     names = ["hello", "figlet", "cowsay"]
     # A stand-in for Nix, by design: the closures are real store paths (see tests/resolvers.py).

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from nixery import maintenance
+from nixery import images, maintenance
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.storage import filesystem
 from nixery.storage.base import BlobNotFound, CorruptBlob, StorageFull, stage_bytes
 from nixery.storage.filesystem import FilesystemStorage
-from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, nix_calls_of, run
+from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, have, nix_calls_of, run
 
 
 def evaluations(calls: Path) -> int:
@@ -189,6 +189,44 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
 
 
+@pytest.mark.clients
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+@pytest.mark.parametrize("restarted", [False, True], ids=["while-serving", "after-a-restart"])
+def test_the_first_pull_after_a_layer_is_damaged_succeeds(
+    registry: RegistryProcess, tmp_path: Path, restarted: bool
+) -> None:
+    """A layer damaged on disk behind an intact image record: the first pull got its manifest,
+    then a 404 for the layer (which set it aside), and failed; only the next pull rebuilt the
+    image. Now the registry checks an image's blobs before it hands out its manifest (a stat;
+    a hash once per process, or when the file changed; again every RECHECK_INTERVAL for an
+    image held in memory) and rebuilds first, so that first pull succeeds."""
+
+    def pull(layout: str) -> None:
+        run(["flock", "/tmp/clients.lock", "skopeo", "copy", "--src-tls-verify=false",
+             f"docker://{registry.host}/fortune/bigdata", f"oci:{tmp_path / layout}:img"])
+
+    digest, manifest = registry.manifest("fortune/bigdata")
+    pull("before")  # every blob served (so hashed and found intact) by this process
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    if restarted:
+        registry.stop()
+    data = bytearray(blob_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: only a hash tells
+    blob_file.write_bytes(data)
+    if restarted:
+        registry.start()
+    else:
+        time.sleep(images.RECHECK_INTERVAL)  # an image held in memory is checked again this often
+
+    pull("after")  # skopeo checks every blob's digest
+    again, _ = registry.manifest("fortune/bigdata")
+    assert again == digest, "the rebuilt image is byte-for-byte the same"
+    assert Digest.of(blob_file.read_bytes()) == Digest.parse(layer["digest"])
+    assert len(list((registry.storage / "quarantine").iterdir())) == 1, "the damaged layer was not set aside"
+    assert registry.log_events("build.record_incomplete")
+
+
 def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(registry: RegistryProcess) -> None:
     """A manifest blob cut short (what a crash on a file system that loses unsynced writes can
     leave, or a disk's fault) is taken out of service and the image built again on the next pull.
@@ -275,6 +313,73 @@ async def test_garbage_collection_removes_a_damaged_record(tmp_path: Path) -> No
     assert await storage.list_meta("images") == ["images/kept"]
     assert await storage.stat_blob(old_blob) is None
     assert await storage.stat_blob(kept.config) is not None
+
+
+async def test_a_blob_damaged_at_its_size_is_not_servable_and_is_hashed_once(tmp_path: Path) -> None:
+    """`blob_servable` (asked before a manifest is handed out) hashes a blob once per process, as
+    its first serve would (and shares that hash with it), and again only when its file changes."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    reported: list[Digest] = []
+    storage.on_corrupt_blob(reported.append)
+    digest = await storage.put_blob_bytes(b"a layer of eleven bytes and more")
+    hashes: list[Path] = []
+    real_hash = filesystem._hashes_to
+
+    def counted(path: Path, wanted: Digest) -> bool:
+        hashes.append(path)
+        return real_hash(path, wanted)
+
+    filesystem._hashes_to = counted
+    try:
+        assert await storage.blob_servable(digest, 32)
+        assert await storage.blob_servable(digest, 32)
+        await storage.blob_source(digest, allow_redirect=False)
+        assert len(hashes) == 1, "hashed again though its file did not change"
+        storage.blob_path(digest).write_bytes(b"a layer of eleven bytes and MORE")
+        assert not await storage.blob_servable(digest, 32)
+    finally:
+        filesystem._hashes_to = real_hash
+        await storage.close()
+    assert len(hashes) == 2 and reported == [digest]
+    assert not storage.blob_path(digest).exists() and len(list((tmp_path / "storage" / "quarantine").iterdir())) == 1
+
+
+async def test_gc_empties_the_quarantine_of_blobs_set_aside_longer_than_a_week(tmp_path: Path) -> None:
+    """Blobs found damaged are moved to quarantine/, and nothing ever removed them: a disk that
+    kept damaging blobs filled up. Now `nixery gc` removes those set aside more than 7 days ago
+    (--quarantine-older-than) and says how many; those of the last days stay for an operator."""
+    root = tmp_path / "storage"
+    storage = FilesystemStorage(root)
+    kept = await storage.put_blob_bytes(b"a config a record names")
+    await storage.put_meta("images/kept", ImageRecord(
+        key="kept", name="shell", source="test", revision="r1", packages=("shell",), architecture="amd64",
+        config=kept, manifests={}, layers=(), built_at=time.time(),
+    ).to_json())
+    damaged = await storage.put_blob_bytes(b"a layer the disk damages today")
+    storage.blob_path(damaged).write_bytes(b"a layer the disk damaged today")
+    with pytest.raises(CorruptBlob):  # set aside as a registry would, when it was first served
+        await storage.blob_source(damaged, allow_redirect=False)
+    await storage.close()
+    [recent] = list((root / "quarantine").iterdir())
+    # As the registry names them, set aside 8 days ago: its modification time is older still (a
+    # rename keeps the blob's own).
+    eight_days_ago = time.time() - 8 * 86400
+    old = root / "quarantine" / f"{'ab' * 32}-{int(eight_days_ago * 1e9)}"
+    old.write_bytes(b"a layer damaged last week")
+    os.utime(old, (eight_days_ago - 86400, eight_days_ago - 86400))
+
+    def gc(*args: str) -> str:
+        result = run([sys.executable, "-m", "nixery", "gc", *args], env_extra={"STORAGE_PATH": str(root)})
+        return result.stdout
+
+    assert "would remove 1 damaged blobs quarantined more than 7 days ago" in gc("--dry-run")
+    assert old.exists()
+    assert "removed 1 damaged blobs quarantined more than 7 days ago" in gc()
+    assert not old.exists() and recent.exists()
+    assert "quarantined" not in gc(), "nothing more to remove"
+    assert "removed 1 damaged blobs quarantined more than 0 days ago" in gc("--quarantine-older-than", "0")
+    assert not recent.exists()
+    assert storage.blob_path(kept).exists()
 
 
 async def test_garbage_collection_removes_the_notes_of_images_a_crash_left_without_record(tmp_path: Path) -> None:

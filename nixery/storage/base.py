@@ -177,6 +177,9 @@ class Storage(ABC):
 
     #: Short backend name used in logs and error messages ("filesystem", "s3", "gcs").
     name: str
+    #: Whether `blob_servable` costs no request (a local stat; bytes hashed once per process),
+    #: so that a registry may ask it again every few seconds about the images it holds in memory.
+    checks_blobs_locally: bool = False
 
     def __init__(self) -> None:
         self._corruption_listeners: list[Callable[[Digest], None]] = []
@@ -318,6 +321,23 @@ class Storage(ABC):
     async def remove_abandoned_locks(self) -> int:
         """Remove the locks (`exclusive`) that holders which died left behind (a process killed
         mid-build leaves one per image); how many. For `nixery gc`. Default: none to remove."""
+        return 0
+
+    async def blob_servable(self, digest: Digest, size: int | None = None) -> bool:
+        """Whether `blob_source` would serve the blob: it is stored (with `size` bytes, when
+        given) and, on a backend that checks a blob's bytes before it first serves them (the
+        filesystem), they hash to `digest`. Asked before a manifest naming it is handed out, so
+        that an image with a damaged blob is built again before a client pulls it, not after.
+        The filesystem hashes a blob once per process (again when its file changes), sharing
+        that hash with `blob_source`, and sets a damaged one aside as `blob_source` does.
+        Default: stored with that size (one stat)."""
+        stored = await self.stat_blob(digest)
+        return stored is not None and (size is None or stored == size)
+
+    async def remove_quarantined(self, older_than: float, *, dry_run: bool = False) -> int:
+        """Remove the blobs set aside as damaged (quarantined) more than `older_than` seconds
+        ago: how many (with `dry_run`, how many would go). For `nixery gc`. Default: none (a
+        backend that sets nothing aside)."""
         return 0
 
     async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)

@@ -8,7 +8,9 @@ Layout under the root:
                                 the holder removes the file when done, opening the storage
                                 those of dead holders); replacing_meta_<key>.lock
                                 while a document is replaced (`replace_meta`)
-    quarantine/                 blobs whose bytes did not match their digest
+    quarantine/                 blobs whose bytes did not match their digest, as
+                                <hex>-<time set aside, ns>: kept for an operator to
+                                look at, removed by `nixery gc` after a retention period
     tmp/<host>-<pid>/           this process's staging files
     verified/sha256/ab/abcd...  hard links of blobs found intact (only with
                                 verified_links: for nginx to send them itself)
@@ -25,6 +27,10 @@ Before a blob is first served by this process its bytes are hashed: a blob
 that no longer matches its digest (disk corruption, tampering) is moved to
 quarantine instead of being served, so the image that needs it is rebuilt;
 a small blob read whole (`read_blob`: manifests) is checked on every read.
+The registry asks the same of an image's blobs before it hands out the
+image's manifest (`blob_servable`: the same once-per-process hash), so an
+image with a damaged layer is rebuilt before a client's pull, not after it
+failed.
 Requests that come for a blob while it is being hashed wait for that one
 hash: after a restart, a fleet pulling the same 400 MB layer hashed it once
 per request, and those hashes held every worker thread, so that other pulls'
@@ -92,6 +98,7 @@ HASH_THREADS = 2
 
 class FilesystemStorage(Storage):
     name = "filesystem"
+    checks_blobs_locally = True
 
     def __init__(self, root: Path, *, verified_links: bool = False):
         super().__init__()
@@ -147,15 +154,32 @@ class FilesystemStorage(Storage):
             st = os.stat(path)
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
-        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._verified.get(digest) != identity:
-            intact = await self._verifying.run((digest, identity), lambda: self._verify(path, digest, identity))
-            if not intact:
-                raise CorruptBlob(digest)
+        if not await self._intact(path, digest, st):
+            raise CorruptBlob(digest)
         if self._links_enabled:  # on a full disk the blob stays unlinked: the registry sends it
             with contextlib.suppress(StorageFull), raising_storage_full(self._place):
                 self._link_verified(path, digest)
         return LocalFile(path, st.st_size, f"sha256/{digest.hex[:2]}/{digest.hex}")
+
+    async def blob_servable(self, digest: Digest, size: int | None = None) -> bool:
+        try:
+            st = os.stat(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        if size is not None and st.st_size != size:
+            return False  # cut short (or grown): a rebuild stores it anew (`_publish` replaces it)
+        try:
+            return await self._intact(self.blob_path(digest), digest, st)
+        except BlobNotFound:  # removed since the stat
+            return False
+
+    async def _intact(self, path: Path, digest: Digest, st: os.stat_result) -> bool:
+        """Whether the blob stat'ed as `st` hashes to `digest`: hashed once per process while its
+        file stays the same (one hash for every caller meanwhile); set aside if it does not."""
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._verified.get(digest) == identity:
+            return True
+        return await self._verifying.run((digest, identity), lambda: self._verify(path, digest, identity))
 
     async def _verify(self, path: Path, digest: Digest, identity: tuple[int, int, int]) -> bool:
         """Whether the blob at `path` hashes to `digest`; if not, it is taken out of service."""
@@ -311,6 +335,9 @@ class FilesystemStorage(Storage):
             self._unlink_verified(digest)
         return intact
 
+    async def remove_quarantined(self, older_than: float, *, dry_run: bool = False) -> int:
+        return await asyncio.to_thread(_remove_quarantined, self._quarantine, time.time() - older_than, dry_run)
+
     async def remove_abandoned_locks(self) -> int:
         return await asyncio.to_thread(_remove_abandoned_locks, self._locks)
 
@@ -414,6 +441,36 @@ def _remove_abandoned_locks(locks: Path) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _remove_quarantined(quarantine: Path, cutoff: float, dry_run: bool) -> int:
+    """Remove the files set aside in `quarantine` before `cutoff` (seconds since the epoch):
+    how many. A disk that keeps damaging blobs filled it for ever otherwise."""
+    try:
+        entries = list(os.scandir(quarantine))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        try:
+            # Only files: nixery puts nothing else there; anything else is left to whoever did.
+            if not entry.is_file(follow_symlinks=False) or _quarantined_at(entry) >= cutoff:
+                continue
+            if not dry_run:
+                os.unlink(entry.path)
+        except FileNotFoundError:  # removed meanwhile (another gc)
+            continue
+        removed += 1
+    return removed
+
+
+def _quarantined_at(entry: os.DirEntry[str]) -> float:
+    """When a file was set aside: the time in its name (`_quarantine_blob`: a rename keeps the
+    blob's own, older, modification time); for a name without one, its modification time."""
+    _, _, stamp = entry.name.rpartition("-")
+    if stamp.isdigit():
+        return int(stamp) / 1e9
+    return entry.stat(follow_symlinks=False).st_mtime
 
 
 def _is_file_at(fd: int, path: Path) -> bool:

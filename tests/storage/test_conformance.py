@@ -102,6 +102,16 @@ async def test_missing_blob_and_meta(store: Storage) -> None:
     assert await store.get_meta(f"manifests/{uuid.uuid4().hex}") is None
 
 
+async def test_blob_servable_when_stored_with_the_size_a_record_gives(store: Storage) -> None:
+    """Asked before a manifest naming the blob is handed out (nixery.images)."""
+    data = os.urandom(3000)
+    digest = await put(store, data)
+    assert await store.blob_servable(digest) and await store.blob_servable(digest, len(data))
+    assert not await store.blob_servable(digest, len(data) + 1)
+    assert not await store.blob_servable(Digest.of(uuid.uuid4().bytes))
+    assert await store.remove_quarantined(0) == 0  # nothing was set aside
+
+
 async def test_meta_put_get_replace(store: Storage) -> None:
     key = f"manifests/{uuid.uuid4().hex}/shell/latest"
     neighbour = f"manifests/{uuid.uuid4().hex}/other"

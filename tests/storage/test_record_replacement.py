@@ -36,7 +36,8 @@ async def stored_image(storage: Storage, key: str, build: str, *, gone: Digest |
         await storage.put_blob_bytes(f"{part} of build {build} of {key}".encode())
         for part in ("config", "manifest", "layer")
     ]
-    layers = [LayerDescriptor(layer, layer, 30, "busybox")]
+    # Its true size: a layer stored with another size than its record's is damaged (blob_servable).
+    layers = [LayerDescriptor(layer, layer, len(f"layer of build {build} of {key}"), "busybox")]
     if gone is not None:
         layers.append(LayerDescriptor(gone, gone, 30, "fortune"))
     return ImageRecord(
@@ -57,17 +58,17 @@ def found_damaged_together(replicas: list[Storage], gone: Digest) -> None:
     all have read the damaged record before any replaces it."""
     asked = [asyncio.Event() for _ in replicas]
 
-    def together(stat_blob: Callable[[Digest], Awaitable[int | None]], mine: asyncio.Event) -> Any:
-        async def stat_blob_together(digest: Digest) -> int | None:
+    def together(blob_servable: Callable[[Digest, int | None], Awaitable[bool]], mine: asyncio.Event) -> Any:
+        async def blob_servable_together(digest: Digest, size: int | None = None) -> bool:
             if digest == gone:
                 mine.set()
                 await asyncio.wait_for(asyncio.gather(*(event.wait() for event in asked)), 30)
-            return await stat_blob(digest)
+            return await blob_servable(digest, size)
 
-        return stat_blob_together
+        return blob_servable_together
 
     for storage, mine in zip(replicas, asked, strict=True):
-        storage.stat_blob = together(storage.stat_blob, mine)  # type: ignore[method-assign]
+        storage.blob_servable = together(storage.blob_servable, mine)  # type: ignore[method-assign]
 
 
 async def test_replicas_that_replaced_a_damaged_record_serve_the_first_replacement(
