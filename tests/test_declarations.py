@@ -3,6 +3,7 @@ name/package rule, change detection, and pulls from a real registry process."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -16,6 +17,7 @@ import pytest
 import structlog
 import yaml
 
+import nixery.declarations
 from nixery.declarations import (
     FILES,
     KUBERNETES,
@@ -57,6 +59,24 @@ def test_valid_declaration() -> None:
     document = nix_image("x.y", tag="release/2024-01", contents=["tools.jqlite"], arch="arm64")
     arm = parse_declaration(document, origin="t")
     assert arm.request.arch is Arch.ARM64 and arm.request.packages == ("tools.jqlite",)
+
+
+def test_declarations_know_nothing_of_kubernetes() -> None:
+    """`nixery.k8s` feeds the declarations; they import nothing of it (not even for types), so the
+    two cannot import each other: `nixery.app` wires them together."""
+    package = Path(nixery.declarations.__file__).parent
+    imports = [
+        (path.name, name)
+        for path in sorted(package.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in (
+            [alias.name for alias in node.names] if isinstance(node, ast.Import)
+            else [f"{node.module}.{alias.name}" for alias in node.names] if isinstance(node, ast.ImportFrom)
+            else []
+        )  # `from nixery.k8s.x import y` is nixery.k8s.x.y, `from nixery import k8s` nixery.k8s
+        if name == "nixery.k8s" or name.startswith("nixery.k8s.")
+    ]
+    assert imports == []
 
 
 def test_the_deploy_examples_are_valid() -> None:
