@@ -932,6 +932,8 @@ async def test_the_status_walk_runs_off_the_event_loop(harness) -> None:
         h = await harness(api=api)
         await eventually(lambda: all(api.status(f"img-{n}").get("phase") == "Pending" for n in range(count)),
                          what="every object Pending")
+        await eventually(lambda: all(o.status.get("phase") == "Pending" for o in h.watch.objects.values()),
+                         what="the watch seeing every status it wrote")  # none replaced by an event below
     patched = len(api.patches)
     loop_thread = threading.get_ident()
     readers: list[int] = []
