@@ -175,6 +175,17 @@ def test_files_past_the_limit_are_refused_and_the_first_by_path_served(tmp_path:
     assert files.problems == [Problem(f"directory {tmp_path}", too_many["problem"])]
     assert len([e for e in logs if e["event"] == "declarations.file_loaded"]) == 10  # the others are not read
 
+    # A file that comes first pushes the last one read past the limit: it is said so, not "removed".
+    write_images(tmp_path / "0.yaml", nix_image("img-0"))
+    with structlog.testing.capture_logs() as logs:
+        assert files.scan()
+    assert files.declarations[0].reference == "img-0:v1" and len(files.declarations) == 10
+    assert [(e["event"], e["file"]) for e in logs if e["event"].startswith("declarations.file_")] == [
+        ("declarations.file_loaded", str(tmp_path / "0.yaml")), ("declarations.file_ignored", str(first[-1]))
+    ]
+    (tmp_path / "0.yaml").unlink()
+    files.scan()
+
     for name in names[:5]:
         (tmp_path / name).unlink()
     with structlog.testing.capture_logs() as logs:

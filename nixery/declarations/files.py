@@ -100,8 +100,11 @@ class DeclarationFiles:
                 loaded = self._load(path, stamp)
                 changed = True
             current[path] = loaded
-        for gone in self._files.keys() - current.keys():
-            log.info("declarations.file_removed", file=str(gone))
+        for gone in sorted(self._files.keys() - current.keys()):
+            if self._too_many is not None and gone.exists():  # still there, but pushed past the limit
+                log.warning("declarations.file_ignored", file=str(gone), problem=self._too_many.message)
+            else:
+                log.info("declarations.file_removed", file=str(gone))
             changed = True
         self._files = current
         return changed
