@@ -220,22 +220,54 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-#: The settings that are text (the others name files, which may be any bytes).
-_TEXT_SETTINGS = (
-    "PORT", "NIXERY_HOST", "LOG_LEVEL", "LOG_FORMAT", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL", "NIXERY_CHANNEL_URL",
-    "NIXERY_FLAKE", "NIXERY_BUNDLED_SET", "NIXERY_BASELINE", "NIXERY_NIX_EVALUATOR", "NIXERY_PLATFORMS",
-    "NIXERY_LAYER_COMPRESSION", "NIX_POPULARITY_URL", "NIXERY_STORAGE_BACKEND", "NIXERY_BLOB_ACCEL_REDIRECT",
-    "S3_BUCKET", "BUCKET", "S3_ENDPOINT", "S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_PATH_STYLE",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GCS_BUCKET", "GCS_SIGNING_ACCOUNT", "NIXERY_AUTH",
-    "NIXERY_TOKEN_SECRET", "NIXERY_TOKEN_REALM", "NIXERY_SIGNING_KEY_PASSWORD", "NIXERY_PUBLIC_HOST",
-)
+#: Every environment variable the settings are read from, with the type of what it holds: `Path`
+#: for the name of a file or directory (any bytes, as file systems allow), else text: words,
+#: URLs, names, and the numbers and switches written in it. `_TEXT_SETTINGS` follows from it, and
+#: test_config checks that every variable this module reads is declared here (or in
+#: `MACHINE_VARIABLES`), so a new setting cannot be left out of the text check.
+SETTING_TYPES: dict[str, type] = {
+    # the server
+    "NIXERY_HOST": str, "PORT": int, "NIXERY_WORKERS": int, "NIXERY_SHUTDOWN_GRACE": float,
+    "NIXERY_HEADER_TIMEOUT": float, "NIXERY_SEND_TIMEOUT": float, "NIXERY_PUBLIC_HOST": str,
+    "LOG_LEVEL": str, "LOG_FORMAT": str,
+    # package sources
+    "NIXERY_PKGS_PATH": Path, "NIXERY_PKGS_REPO": str, "NIXERY_CHANNEL": str, "NIXERY_CHANNEL_URL": str,
+    "NIXERY_FLAKE": str, "NIXERY_GIT_REF_TTL": float, "NIXERY_CHANNEL_TTL": float,
+    "NIXERY_BUNDLED_SET": str, "NIXERY_DEBIAN_SET_DIR": Path, "NIXERY_BASELINE": str,
+    # building
+    "NIX_TIMEOUT": float, "NIXERY_NIX_EVALUATOR": str, "NIXERY_EVALUATOR_MEMORY_MB": int,
+    "NIXERY_MAX_LAYERS": int, "NIXERY_LAYER_COST_MB": float, "NIX_POPULARITY_URL": str,
+    "NIXERY_MAX_BUILDS": int, "NIXERY_RECORD_CACHE": int, "NIXERY_LAYER_COMPRESSION": str,
+    "NIXERY_PLATFORMS": str, "NIXERY_NIX_ANNOTATIONS": bool,
+    # storage
+    "NIXERY_STORAGE_BACKEND": str, "STORAGE_PATH": Path, "NIXERY_CACHE_DIR": Path,
+    "NIXERY_BLOB_REDIRECT": bool, "NIXERY_BLOB_ACCEL_REDIRECT": str, "NIXERY_VERIFIED_BLOB_LINKS": bool,
+    "NIXERY_SIGNED_URL_TTL": int,
+    "S3_BUCKET": str, "BUCKET": str, "S3_ENDPOINT": str, "S3_REGION": str, "AWS_REGION": str,
+    "AWS_DEFAULT_REGION": str, "S3_PATH_STYLE": bool, "AWS_ACCESS_KEY_ID": str, "AWS_SECRET_ACCESS_KEY": str,
+    "GCS_BUCKET": str, "GCS_SIGNING_KEY": Path, "GCS_SIGNING_ACCOUNT": str,
+    # access
+    "NIXERY_AUTH": str, "NIXERY_AUTH_USERS": Path, "NIXERY_AUTH_ANONYMOUS_PULL": bool,
+    "NIXERY_TOKEN_SECRET": str, "NIXERY_TOKEN_TTL": int, "NIXERY_TOKEN_REALM": str,
+    "NIXERY_SIGNING_KEY": Path, "NIXERY_SIGNING_KEY_PASSWORD": str,
+    # declared images
+    "NIXERY_IMAGES_PATH": Path, "NIXERY_IMAGES_POLL": float, "NIXERY_PREBUILD": bool,
+    "NIXERY_K8S_WATCH": bool, "KUBECONFIG": Path,  # KUBECONFIG: paths, as kubectl reads it
+}
+
+#: What this module reads of the machine's environment that is no setting of the registry's:
+#: never refused, whatever it holds.
+MACHINE_VARIABLES = ("HOME", "KUBERNETES_SERVICE_HOST")
+
+#: The settings that are text: all but the names of files, which may be any bytes.
+_TEXT_SETTINGS = tuple(name for name, kind in SETTING_TYPES.items() if kind is not Path)
 
 
 def _check_text(env: Mapping[str, str]) -> None:
     """A text setting that is not UTF-8 (Python keeps its bytes as surrogates) ended in a
     UnicodeError traceback wherever it was first encoded (the host to listen on, a git URL,
-    a channel name), some only at the first build. Numbers and choices are refused by
-    their own checks already."""
+    a channel name), some only at the first build. A number or a switch that is not is
+    refused here too, before its own check quotes it."""
     for name in _TEXT_SETTINGS:
         value = env.get(name)
         try:

@@ -53,10 +53,12 @@ Parsing (`load_documents`)
 
 from __future__ import annotations
 
+import heapq
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -105,36 +107,75 @@ def _error_mark(mark: object) -> Mark | None:
 def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The files under `root` whose names end with one of `suffixes`, sorted;
     `[root]` when `root` is not a directory; `[]` when it does not exist."""
+    return find_first_files(root, suffixes, limit=None).paths
+
+
+@dataclass(frozen=True, slots=True)
+class FoundFiles:
+    paths: list[Path]  # sorted; the first `limit` of them when there are more
+    total: int  # how many there are
+
+
+def find_first_files(root: Path, suffixes: tuple[str, ...], *, limit: int | None) -> FoundFiles:
+    """`find_files`, keeping only the first `limit` paths (in sorted order) and counting the others:
+    a directory of 100,000 files costs a walk over their names, not 100,000 paths held."""
     try:
         real_root = root.resolve(strict=True)
         root_stat = real_root.stat()
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
-        return []
+        return FoundFiles([], 0)
     if not stat.S_ISDIR(root_stat.st_mode):
-        return [root]
+        return FoundFiles([root], 1)
+    total = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal total
+        for path in _walk(root, real_root, root_stat, suffixes):
+            total += 1
+            yield path
+
+    # Sorted as paths are (part by part), without making a Path of each: `/` sorts before `-`
+    # in a string, not in a path. The walk's paths are joined with `/` and never end with one.
+    paths = counted()
+    if limit is None:
+        first = sorted(paths, key=_path_parts)
+    else:
+        first = heapq.nsmallest(limit, paths, key=_path_parts)  # holds `limit` paths at most
+        for _ in paths:  # counted to the end (nsmallest stops at once when `limit` is 0)
+            pass
+    return FoundFiles([Path(path) for path in first], total)
+
+
+def _path_parts(path: str) -> list[str]:
+    return path.split(os.sep)
+
+
+def _walk(root: Path, real_root: Path, root_stat: os.stat_result, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """The paths of the files under the directory `root` whose names end with one of `suffixes`,
+    in no particular order; directories are visited in name order (the first way to one wins)."""
     visited = {(root_stat.st_dev, root_stat.st_ino)}
-    found: list[Path] = []
     pending = [root]
     while pending:
         directory = pending.pop()
+        directories: list[os.DirEntry[str]] = []
         try:
             with os.scandir(directory) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
+                for entry in scan:  # files are not sorted here: the caller sorts the few it keeps
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        is_directory = entry.is_dir()
+                    except OSError:  # a symlink to itself: a file that cannot be read, for the reader to report
+                        is_directory = False
+                    if is_directory:
+                        directories.append(entry)
+                    elif entry.name.endswith(suffixes):
+                        yield entry.path
         except OSError:
             continue
         subdirectories: list[Path] = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
+        for entry in sorted(directories, key=lambda entry: entry.name):
             try:
-                is_directory = entry.is_dir()
-            except OSError:  # a symlink to itself: a file that cannot be read, for the reader to report
-                is_directory = False
-            try:
-                if not is_directory:
-                    if entry.name.endswith(suffixes):
-                        found.append(Path(entry.path))
-                    continue
                 if entry.is_symlink() and not Path(entry.path).resolve(strict=True).is_relative_to(real_root):
                     continue  # out of the tree
                 target = entry.stat()
@@ -144,7 +185,6 @@ def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
                 visited.add((target.st_dev, target.st_ino))
                 subdirectories.append(Path(entry.path))
         pending.extend(reversed(subdirectories))
-    return sorted(found)
 
 
 # ---- reading -------------------------------------------------------------

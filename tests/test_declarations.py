@@ -3,6 +3,7 @@ name/package rule, change detection, and pulls from a real registry process."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -16,12 +17,15 @@ import pytest
 import structlog
 import yaml
 
+import nixery.declarations
 from nixery.declarations import (
     FILES,
     KUBERNETES,
+    MAX_DECLARATION_FILES,
     DeclarationFiles,
     DeclarationStore,
     InvalidDeclaration,
+    Problem,
     parse_declaration,
 )
 from nixery.declarations.store import MAX_LOGGED_PER_CHANGE
@@ -55,6 +59,24 @@ def test_valid_declaration() -> None:
     document = nix_image("x.y", tag="release/2024-01", contents=["tools.jqlite"], arch="arm64")
     arm = parse_declaration(document, origin="t")
     assert arm.request.arch is Arch.ARM64 and arm.request.packages == ("tools.jqlite",)
+
+
+def test_declarations_know_nothing_of_kubernetes() -> None:
+    """`nixery.k8s` feeds the declarations; they import nothing of it (not even for types), so the
+    two cannot import each other: `nixery.app` wires them together."""
+    package = Path(nixery.declarations.__file__).parent
+    imports = [
+        (path.name, name)
+        for path in sorted(package.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        for name in (
+            [alias.name for alias in node.names] if isinstance(node, ast.Import)
+            else [f"{node.module}.{alias.name}" for alias in node.names] if isinstance(node, ast.ImportFrom)
+            else []
+        )  # `from nixery.k8s.x import y` is nixery.k8s.x.y, `from nixery import k8s` nixery.k8s
+        if name == "nixery.k8s" or name.startswith("nixery.k8s.")
+    ]
+    assert imports == []
 
 
 def test_the_deploy_examples_are_valid() -> None:
@@ -128,6 +150,61 @@ def test_files_are_scanned_cheaply_and_reread_on_change(tmp_path: Path) -> None:
     (tmp_path / "a.yml").unlink()
     assert files.scan()
     assert "one:v1" not in [d.reference for d in files.declarations]
+
+
+def test_files_past_the_limit_are_refused_and_the_first_by_path_served(tmp_path: Path) -> None:
+    """The number of declaration files had no limit: 100,000 small files under NIXERY_IMAGES_PATH
+    took a first scan of 27 s and every later one (one per pull by tag) of 1.7 s, all of them held
+    in memory (220 MB). Past `max_files` (MAX_DECLARATION_FILES) the others are now ignored, with
+    one error naming the limit and the count, also among the files' problems; the first files by
+    path are served, whatever order the directory lists them in."""
+    names = [f"{n:02d}.yaml" for n in range(12)] + ["a/b.yaml", "a-b.yaml", "a/a/z.yaml"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_images(tmp_path / name, nix_image("img-" + name.replace("/", "-").removesuffix(".yaml")))
+    first = sorted(tmp_path / name for name in names)[:10]  # a/a/z.yaml and a/b.yaml before a-b.yaml
+    with structlog.testing.capture_logs() as logs:
+        files = DeclarationFiles(tmp_path, max_files=10)
+        assert files.scan()
+        assert not files.scan()  # nothing changed: nothing read, and not logged again
+    assert [d.origin.split()[1].split("#")[0] for d in files.declarations] == [str(path) for path in first]
+    [too_many] = [e for e in logs if e["event"] == "declarations.too_many_files"]
+    assert too_many["log_level"] == "error"
+    assert (too_many["files"], too_many["limit"], too_many["ignored"]) == (15, 10, 5)
+    assert "15 declaration files, more than the limit of 10" in too_many["problem"]
+    assert files.problems == [Problem(f"directory {tmp_path}", too_many["problem"])]
+    assert len([e for e in logs if e["event"] == "declarations.file_loaded"]) == 10  # the others are not read
+
+    # A file that comes first pushes the last one read past the limit: it is said so, not "removed".
+    write_images(tmp_path / "0.yaml", nix_image("img-0"))
+    with structlog.testing.capture_logs() as logs:
+        assert files.scan()
+    assert files.declarations[0].reference == "img-0:v1" and len(files.declarations) == 10
+    assert [(e["event"], e["file"]) for e in logs if e["event"].startswith("declarations.file_")] == [
+        ("declarations.file_loaded", str(tmp_path / "0.yaml")), ("declarations.file_ignored", str(first[-1]))
+    ]
+    (tmp_path / "0.yaml").unlink()
+    files.scan()
+
+    for name in names[:5]:
+        (tmp_path / name).unlink()
+    with structlog.testing.capture_logs() as logs:
+        assert files.scan()
+    assert len(files.declarations) == 10 and files.problems == []
+    assert [e["event"] for e in logs if "too_many" in e["event"] or "within" in e["event"]] == [
+        "declarations.file_count_within_limit"
+    ]
+
+
+def test_the_default_file_limit_holds(tmp_path: Path) -> None:
+    for n in range(MAX_DECLARATION_FILES + 3):
+        (tmp_path / f"{n:05d}.yaml").write_text("")
+    with structlog.testing.capture_logs() as logs:
+        files = DeclarationFiles(tmp_path)
+        files.scan()
+    [too_many] = [e for e in logs if e["event"] == "declarations.too_many_files"]
+    assert (too_many["files"], too_many["limit"]) == (MAX_DECLARATION_FILES + 3, MAX_DECLARATION_FILES)
+    assert len([e for e in logs if e["event"] == "declarations.file_loaded"]) == MAX_DECLARATION_FILES
 
 
 def test_a_single_file_can_be_the_path(tmp_path: Path) -> None:
@@ -237,7 +314,8 @@ async def test_editing_thousands_of_declarations_logs_a_summary_not_a_line_each(
     of milliseconds. Now at most MAX_LOGGED_PER_CHANGE of each, and one line with the counts."""
     count = 2000
     path = write_images(tmp_path / "10-images.yaml", *(nix_image(f"app{n}") for n in range(count)))
-    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=3600)
+    # A pull waits for the whole scan: on a busy machine two files of 2,000 take longer than SCAN_WAIT.
+    store = DeclarationStore(files=DeclarationFiles(tmp_path), poll_interval=3600, scan_wait=None)
     await store.start()
     try:
         with structlog.testing.capture_logs() as logs:

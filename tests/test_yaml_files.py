@@ -19,6 +19,7 @@ from nixery.yaml_files import (
     YAMLLimitError,
     describe_error,
     find_files,
+    find_first_files,
     load_documents,
     read_regular_file,
 )
@@ -147,6 +148,21 @@ def test_find_files_skips_hidden_entries_and_other_suffixes(tmp_path: Path) -> N
     assert found == [tmp_path / "a.yaml", tmp_path / "b.yml", tmp_path / "c.json", tmp_path / "sub" / "d.yaml"]
     assert find_files(tmp_path / "a.yaml", (".yaml",)) == [tmp_path / "a.yaml"]  # one file: itself
     assert find_files(tmp_path / "missing", (".yaml",)) == []
+
+
+def test_find_first_files_keeps_the_first_by_path_and_counts_the_others(tmp_path: Path) -> None:
+    names = ["a-b.yaml", "a/b.yaml", "a/a/z.yaml", "b.yaml", "c/d.yml", "e.txt", ".f.yaml"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    everything = find_files(tmp_path, (".yaml", ".yml"))
+    assert everything == sorted(everything) and len(everything) == 5
+    assert everything[:2] == [tmp_path / "a" / "a" / "z.yaml", tmp_path / "a" / "b.yaml"]  # as paths sort
+    for limit in range(7):
+        found = find_first_files(tmp_path, (".yaml", ".yml"), limit=limit)
+        assert (found.paths, found.total) == (everything[:limit], 5)
+    assert find_first_files(tmp_path / "b.yaml", (".yaml",), limit=0).total == 1  # one file: itself
+    assert find_first_files(tmp_path / "missing", (".yaml",), limit=3).total == 0
 
 
 def test_directory_symlinks_stay_inside_the_tree_and_visit_each_directory_once(tmp_path: Path) -> None:

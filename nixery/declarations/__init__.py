@@ -56,7 +56,10 @@ Rules
   at most `MAX_LOGGED_PER_FILE` of them. A file that cannot be read or parsed
   (not valid YAML, past a limit below, or any other failure) is skipped as a
   whole, alone.
-* **Limits** (`nixery.yaml_files`): only regular files of at most 1 MiB are
+* **Limits** (`nixery.yaml_files`): at most `MAX_DECLARATION_FILES` (1,000)
+  files are read, the first by path; past it the others are ignored, with one
+  `declarations.too_many_files` error per count naming the limit and the count
+  (also a `Problem` of the directory). Only regular files of at most 1 MiB are
   read; YAML is parsed with limits on aliases, nesting and numbers, and a key
   given twice in one mapping makes the file invalid; directory
   symlinks are followed only to directories inside the tree not visited yet.
@@ -75,7 +78,7 @@ Rules
   wait for Nix.
 """
 
-from nixery.declarations.files import DeclarationFiles, Problem
+from nixery.declarations.files import MAX_DECLARATION_FILES, DeclarationFiles, Problem
 from nixery.declarations.parsing import (
     API_VERSION,
     FILE_SUFFIXES,
@@ -101,6 +104,7 @@ __all__ = [
     "KIND",
     "KUBERNETES",
     "LIST_KINDS",
+    "MAX_DECLARATION_FILES",
     "MAX_LOGGED_PER_FILE",
     "MAX_NAME_LENGTH",
     "SHORT_VALUE",

@@ -32,12 +32,18 @@ from nixery.declarations.problems import InvalidDeclaration, _cut
 from nixery.yaml_files import (
     FileRefused,
     describe_error,
-    find_files,
+    find_first_files,
     load_documents,
     read_regular_file,
 )
 
 log = structlog.get_logger(__name__)
+
+#: Declaration files read under NIXERY_IMAGES_PATH, at most: the first ones by path; the others
+#: are refused as a whole (`declarations.too_many_files`). Each file read is a `stat` per scan and
+#: its declarations held, and scans come with every pull by tag: 100,000 small files took a
+#: first scan of 27 s and every later one of 1.7 s, and 220 MB (now 0.3 s, 0.1 s and 36 MB).
+MAX_DECLARATION_FILES = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +67,12 @@ class DeclarationFiles:
     It blocks (it reads and parses): `DeclarationStore` runs it in a thread.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, max_files: int = MAX_DECLARATION_FILES):
         self.path = path
+        self.max_files = max_files
         self._files: dict[Path, _LoadedFile] = {}
         self._missing_reported = False
+        self._too_many: Problem | None = None  # the files past `max_files`, while there are any
 
     def scan(self) -> bool:
         """Re-read changed files; True when the set of declarations may have changed."""
@@ -75,8 +83,10 @@ class DeclarationFiles:
         else:
             self._missing_reported = False
         current: dict[Path, _LoadedFile] = {}
+        found = find_first_files(self.path, FILE_SUFFIXES, limit=self.max_files)
+        self._check_count(found.total)  # the table changes only with the files read
         changed = False
-        for path in find_files(self.path, FILE_SUFFIXES):
+        for path in found.paths:
             try:
                 st = path.stat()
             except OSError:
@@ -90,11 +100,36 @@ class DeclarationFiles:
                 loaded = self._load(path, stamp)
                 changed = True
             current[path] = loaded
-        for gone in self._files.keys() - current.keys():
-            log.info("declarations.file_removed", file=str(gone))
+        for gone in sorted(self._files.keys() - current.keys()):
+            if self._too_many is not None and gone.exists():  # still there, but pushed past the limit
+                log.warning("declarations.file_ignored", file=str(gone), problem=self._too_many.message)
+            else:
+                log.info("declarations.file_removed", file=str(gone))
             changed = True
         self._files = current
         return changed
+
+    def _check_count(self, total: int) -> None:
+        """Note the files past `max_files` as a problem of the directory, logged once per count."""
+        if total <= self.max_files:
+            too_many = None
+        else:
+            too_many = Problem(
+                f"directory {self.path}",
+                f"{total} declaration files, more than the limit of {self.max_files} "
+                f"(MAX_DECLARATION_FILES): only the first {self.max_files} by path are read, "
+                f"the other {total - self.max_files} are ignored",
+            )
+        if too_many == self._too_many:
+            return
+        if too_many is not None:
+            log.error(
+                "declarations.too_many_files", path=str(self.path), files=total, limit=self.max_files,
+                ignored=total - self.max_files, problem=too_many.message,
+            )
+        else:
+            log.info("declarations.file_count_within_limit", path=str(self.path), files=total, limit=self.max_files)
+        self._too_many = too_many
 
     def _load(self, path: Path, stamp: tuple[int, ...]) -> _LoadedFile:
         """The file's declarations and problems. Whatever is wrong with it stays with it:
@@ -146,7 +181,8 @@ class DeclarationFiles:
 
     @property
     def problems(self) -> list[Problem]:
-        return [p for path in sorted(self._files) for p in self._files[path].problems]
+        per_file = [p for path in sorted(self._files) for p in self._files[path].problems]
+        return [self._too_many, *per_file] if self._too_many is not None else per_file
 
 
 def _read_documents(path: Path) -> list[tuple[str, Any]]:

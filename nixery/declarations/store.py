@@ -144,9 +144,9 @@ class DeclarationStore:
             await self.refresh_files()
             self.run_in_background(self._poll_files(), failure_event="declarations.poll_failed")
 
-    def run_in_background(self, work: Coroutine[Any, Any, None], *, failure_event: str) -> None:
+    def run_in_background(self, work: Coroutine[Any, Any, None], *, failure_event: str) -> asyncio.Task[None]:
         """Run `work` (a source's loop) until `close`; a failure is logged as `failure_event`."""
-        spawn(work, failure_event=failure_event, keep=self._tasks)
+        return spawn(work, failure_event=failure_event, keep=self._tasks)
 
     async def close(self) -> None:
         tasks = [*self._tasks, *self._builds.values(), *self._scan_tasks]

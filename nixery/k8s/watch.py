@@ -24,7 +24,10 @@ cluster's objects:
 * the work per object (reading its JSON, checking it, its fingerprint) is
   done for a whole list or batch in a thread, and so is the rebuild
   (`DeclarationStore.update_source`): the event loop only files the results,
-  in the events' order, and goes on answering pulls meanwhile;
+  in the events' order, and goes on answering pulls meanwhile; so is the walk
+  over every object that a new table needs to decide each status
+  (`statuses_to_write`), whose results the loop files unless a newer table
+  overtook it;
 * one object that cannot be read or served fails alone: an object whose
   `data` nests deeper than Python's JSON parser allows is read without that
   value (`nixery.k8s.decoding`) and reported `Invalid`, like any other
@@ -54,7 +57,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -77,6 +80,8 @@ log = structlog.get_logger(__name__)
 _STATUS_FIELDS = ("phase", "image", "digest", "ociDigest", "indexDigest", "error", "observedGeneration", "builtAt")
 #: Failures of the connection, after which a watch resumes from the last resourceVersion seen.
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+#: Objects the status walk (in a thread) looks at between two hand-overs of the GIL (as `nixery.yaml_files`).
+_WALK_SHARES_THE_GIL_EVERY = 100
 #: The digests of a status that is not Ready.
 _NO_DIGESTS = {"digest": None, "ociDigest": None, "indexDigest": None}
 
@@ -84,6 +89,73 @@ _NO_DIGESTS = {"digest": None, "ociDigest": None, "indexDigest": None}
 def _says(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Whether the status `current` already says everything `wanted` does (absent fields are null)."""
     return all(current.get(name) == wanted.get(name) for name in _STATUS_FIELDS if name in wanted)
+
+
+def desired_status(
+    obj: WatchedObject,
+    status: Mapping[str, Any],
+    result: Mapping[str, Any] | None,
+    winners: Mapping[str, Declaration],
+    losers: Mapping[str, Declaration],
+) -> tuple[dict[str, Any], bool] | None:
+    """The status `obj` should say, given its `status` and build `result` and the table's `winners`
+    and `losers` (`StatusReporter.table_changed`), and whether writing it needs the resourceVersion
+    precondition; None: leave it. It reads only what it is given, so it may run in a thread."""
+    common = {"observedGeneration": obj.generation}
+    if obj.problem is not None:
+        return {**common, "phase": "Invalid", "error": obj.problem, "image": None, **_NO_DIGESTS,
+                "builtAt": None}, False
+    declaration = obj.declaration
+    assert declaration is not None
+    winner = losers.get(obj.key)
+    if winner is not None:
+        return {**common, "phase": "Conflict", "image": declaration.reference, **_NO_DIGESTS,
+                "builtAt": None, "error": f"{declaration.reference} is already declared by {winner.origin}"}, False
+    if obj.key not in winners:
+        return None
+    this_generation = (
+        status.get("observedGeneration") == obj.generation and status.get("image") == declaration.reference
+    )
+    if result is not None:
+        # The first result for a generation stays, but Ready replaces Failed: replicas (or nodes)
+        # whose builds differ, in a digest or an error message, must not take turns rewriting it.
+        if this_generation and (
+            status.get("phase") == "Ready" or (status.get("phase") == "Failed" and result["phase"] == "Failed")
+        ):
+            return None
+        return {**common, "image": declaration.reference, **result}, False
+    if this_generation and status.get("phase") in ("Pending", "Ready", "Failed"):
+        return None  # already said, by us or another replica
+    return {**common, "phase": "Pending", "image": declaration.reference, **_NO_DIGESTS,
+            "error": None, "builtAt": None}, True
+
+
+@dataclass(frozen=True, slots=True)
+class StatusToWrite:
+    """A status the walk wants written, and what it decided it on (`status_seen`, `result_seen`:
+    the object's, which are replaced when they change, never edited)."""
+
+    obj: WatchedObject
+    status_seen: dict[str, Any]
+    result_seen: dict[str, Any] | None
+    status: dict[str, Any]
+    conditional: bool
+
+
+def statuses_to_write(
+    objects: Iterable[WatchedObject], winners: Mapping[str, Declaration], losers: Mapping[str, Declaration]
+) -> list[StatusToWrite]:
+    """The statuses `objects` should say and do not yet, in their order: the walk over every object
+    that a new table needs, which the watch runs in a thread (it touches no state)."""
+    wanted = []
+    for walked, obj in enumerate(objects, 1):
+        if walked % _WALK_SHARES_THE_GIL_EVERY == 0:
+            time.sleep(0)  # hands the GIL over: else the event loop's thread waits up to 5 ms for it each time
+        status, result = obj.status, obj.result  # read once: the event loop may replace them meanwhile
+        desired = desired_status(obj, status, result, winners, losers)
+        if desired is not None and not _says(status, desired[0]):
+            wanted.append(StatusToWrite(obj, status, result, *desired))
+    return wanted
 
 
 @dataclass
@@ -117,6 +189,9 @@ class NixImageWatch:
     _losers: dict[str, Declaration] = field(default_factory=dict)
     _status_queue: dict[str, tuple[dict[str, Any], bool]] = field(default_factory=dict)
     _status_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _table_changes: int = 0  # tables reported (`table_changed`)
+    _walked: int = 0  # the last of them whose statuses are queued (`_walk_statuses`)
+    _walking: asyncio.Task[None] | None = None
     #: counters for tests and logs
     lists: int = 0
     watches: int = 0
@@ -227,9 +302,44 @@ class NixImageWatch:
     # ---- status (StatusReporter) -----------------------------------
 
     def table_changed(self, winners: Mapping[str, Declaration], losers: Mapping[str, Declaration]) -> None:
+        """Every object's status may change with the table: walked in a thread (`_walk_statuses`)."""
         self._winners, self._losers = dict(winners), dict(losers)
-        for obj in self.objects.values():
-            self._update_status(obj)
+        self._table_changes += 1
+        if self._walking is None or self._walking.done():
+            self._walking = self.store.run_in_background(self._walk_statuses(), failure_event="k8s.status_walk_failed")
+
+    async def _walk_statuses(self) -> None:
+        """Queue the status each object should now say, worked out in a thread: the walk over every
+        object took 12-22 ms of the event loop at 10,000 objects, on every change of the table.
+
+        The loop only files the walk's results, as they would have been on the loop: a walk that a
+        newer table overtook is dropped (the next one covers it), an object replaced or deleted
+        meanwhile is left to the table its change brings, and one whose status or build result
+        changed meanwhile is decided again, as it is now. After three overtaken walks (a table
+        that keeps changing) the walk is done here, as `DeclarationStore.update_source` does."""
+        overtaken = 0
+        while self._walked != self._table_changes:
+            changes = self._table_changes
+            winners, losers = self._winners, self._losers  # replaced, never edited: the thread may read them
+            objects = list(self.objects.values())
+            if overtaken < 3:
+                wanted = await asyncio.to_thread(statuses_to_write, objects, winners, losers)
+                if self._table_changes != changes:
+                    overtaken += 1
+                    continue  # overtaken: these may be the old table's
+            else:
+                wanted = statuses_to_write(objects, winners, losers)
+            overtaken = 0
+            self._walked = changes
+            for want in wanted:
+                obj = want.obj
+                if self.objects.get(obj.key) is not obj:
+                    continue  # replaced or deleted meanwhile: the table it brings is walked again
+                if obj.status is not want.status_seen or obj.result is not want.result_seen:
+                    self._update_status(obj)  # its status or build result changed meanwhile
+                    continue
+                self._status_queue[obj.key] = (want.status, want.conditional)
+                self._status_ready.set()
 
     def wants_build_result(self, declaration: Declaration) -> bool:
         obj = self.objects.get(declaration.key or "")
@@ -262,39 +372,8 @@ class NixImageWatch:
             obj.result = {"phase": "Failed", **_NO_DIGESTS, "error": error, "builtAt": None}
         self._update_status(obj)
 
-    def _desired_status(self, obj: WatchedObject) -> tuple[dict[str, Any], bool] | None:
-        """The status to write and whether it needs the resourceVersion precondition; None: leave it."""
-        common = {"observedGeneration": obj.generation}
-        if obj.problem is not None:
-            return {**common, "phase": "Invalid", "error": obj.problem, "image": None, **_NO_DIGESTS,
-                    "builtAt": None}, False
-        declaration = obj.declaration
-        assert declaration is not None
-        winner = self._losers.get(obj.key)
-        if winner is not None:
-            return {**common, "phase": "Conflict", "image": declaration.reference, **_NO_DIGESTS,
-                    "builtAt": None, "error": f"{declaration.reference} is already declared by {winner.origin}"}, False
-        if obj.key not in self._winners:
-            return None
-        status = obj.status
-        this_generation = (
-            status.get("observedGeneration") == obj.generation and status.get("image") == declaration.reference
-        )
-        if obj.result is not None:
-            # The first result for a generation stays, but Ready replaces Failed: replicas (or nodes)
-            # whose builds differ, in a digest or an error message, must not take turns rewriting it.
-            if this_generation and (
-                status.get("phase") == "Ready" or (status.get("phase") == "Failed" and obj.result["phase"] == "Failed")
-            ):
-                return None
-            return {**common, "image": declaration.reference, **obj.result}, False
-        if this_generation and status.get("phase") in ("Pending", "Ready", "Failed"):
-            return None  # already said, by us or another replica
-        return {**common, "phase": "Pending", "image": declaration.reference, **_NO_DIGESTS,
-                "error": None, "builtAt": None}, True
-
     def _update_status(self, obj: WatchedObject) -> None:
-        desired = self._desired_status(obj)
+        desired = desired_status(obj, obj.status, obj.result, self._winners, self._losers)
         if desired is None:
             return
         status, conditional = desired

@@ -1,0 +1,65 @@
+"""Settings: which are text, checked as text, follows from each setting's declared type."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+
+_VARIABLE = re.compile(r"[A-Z][A-Z0-9_]{2,}")
+
+
+def variables_config_reads() -> set[str]:
+    """Every environment variable nixery/config.py names: each string in it that looks like one
+    (they are read as `env.get("X")`, `env["X"]`, `_int(env, "X", ...)`, or from a tuple of names)."""
+    tree = ast.parse(Path(config.__file__).read_text())
+    return {
+        node.value for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _VARIABLE.fullmatch(node.value)
+    }
+
+
+def test_every_variable_config_reads_has_a_declared_type() -> None:
+    """`_TEXT_SETTINGS` was a list kept by hand: a text setting added to config.py without adding
+    it there was taken as it came, and a value that is not UTF-8 ended in a UnicodeError
+    traceback wherever it was first encoded. The text settings now follow from SETTING_TYPES, and
+    a variable read without a declared type fails here."""
+    read = variables_config_reads()
+    assert {"PORT", "NIXERY_HOST", "S3_ENDPOINT", "NIXERY_PKGS_PATH", "KUBECONFIG"} <= read and len(read) > 50
+    undeclared = read - set(config.SETTING_TYPES) - set(config.MACHINE_VARIABLES)
+    assert not undeclared, f"read by nixery/config.py without a type in config.SETTING_TYPES: {sorted(undeclared)}"
+    stale = set(config.SETTING_TYPES) - read
+    assert not stale, f"declared in config.SETTING_TYPES but not read: {sorted(stale)}"
+
+
+def test_the_text_settings_are_those_that_do_not_name_files() -> None:
+    assert set(config._TEXT_SETTINGS) == {name for name, kind in config.SETTING_TYPES.items() if kind is not Path}
+    # Those the hand-kept list named are all still checked.
+    assert {
+        "PORT", "NIXERY_HOST", "LOG_LEVEL", "LOG_FORMAT", "NIXERY_PKGS_REPO", "NIXERY_CHANNEL", "NIXERY_CHANNEL_URL",
+        "NIXERY_FLAKE", "NIXERY_BUNDLED_SET", "NIXERY_BASELINE", "NIXERY_NIX_EVALUATOR", "NIXERY_PLATFORMS",
+        "NIXERY_LAYER_COMPRESSION", "NIX_POPULARITY_URL", "NIXERY_STORAGE_BACKEND", "NIXERY_BLOB_ACCEL_REDIRECT",
+        "S3_BUCKET", "BUCKET", "S3_ENDPOINT", "S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_PATH_STYLE",
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GCS_BUCKET", "GCS_SIGNING_ACCOUNT", "NIXERY_AUTH",
+        "NIXERY_TOKEN_SECRET", "NIXERY_TOKEN_REALM", "NIXERY_SIGNING_KEY_PASSWORD", "NIXERY_PUBLIC_HOST",
+    } <= set(config._TEXT_SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(config.SETTING_TYPES))
+def test_each_text_setting_that_is_not_utf8_is_refused_by_name(name: str, tmp_path: Path) -> None:
+    """Every text setting is covered by the check (a value Python keeps as surrogates: bytes that
+    are not UTF-8); a file name may be any bytes, and is taken."""
+    env = {"STORAGE_PATH": str(tmp_path), "NIXERY_BUNDLED_SET": "busybox", name: "x\udcff"}
+    if config.SETTING_TYPES[name] is Path:
+        try:
+            config.load(env)
+        except config.ConfigError as exc:  # a file that does not exist, say: but not refused as text
+            assert "UTF-8" not in str(exc)
+        return
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(env)
+    assert str(caught.value) == f"{name}='x\\udcff' is not UTF-8 text"
