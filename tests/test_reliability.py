@@ -171,6 +171,18 @@ def test_lock_files_of_processes_killed_mid_build_do_not_pile_up(tmp_path: Path)
         live.wait()
 
 
+def test_opening_the_storage_leaves_another_process_s_access_probe_alone(tmp_path: Path) -> None:
+    """Two workers (NIXERY_WORKERS=2) starting at once: one checks that it may write in locks/
+    with a probe file while the other, opening the storage, removed every file in locks/ that no
+    process held as a lock, the probe too; the first then failed to start with "storage: cannot
+    write in .../locks: No such file or directory". Only lock files are removed now."""
+    root = tmp_path / "storage"
+    FilesystemStorage(root)
+    probe = stage_bytes(root / "locks", b"nixery", prefix=".probe-")
+    FilesystemStorage(root)
+    assert probe.exists(), "opening the storage removed another process's probe file"
+
+
 def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("fortune/bigdata")
     layer = max(manifest["layers"], key=lambda layer: layer["size"])

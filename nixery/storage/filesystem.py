@@ -426,6 +426,8 @@ def _remove_abandoned_locks(locks: Path) -> int:
         return 0
     removed = 0
     for name in names:
+        if not name.endswith(".lock"):
+            continue  # not a lock: another process's access probe (`check_access`), which it removes itself
         path = locks / name
         try:
             fd = os.open(path, os.O_RDWR)
