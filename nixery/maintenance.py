@@ -51,6 +51,7 @@ from nixery import collected, pulls, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import (
     IMAGE_PREFIX,
+    RECHECK_INTERVAL,
     REFERRERS_PREFIX,
     USAGE_PREFIX,
     ImageRecord,
@@ -60,7 +61,7 @@ from nixery.images import (
 )
 from nixery.layers.store import LAYER_PREFIX, LAYER_RECORD_UNREADABLE, read_layer_record
 from nixery.registry.digest import Digest
-from nixery.storage.base import Storage
+from nixery.storage.base import Storage, StorageFull
 
 #: Shortest allowed GC age: several times the interval at which use is recorded.
 MIN_AGE = 3 * 3600.0
@@ -132,7 +133,13 @@ async def check(storage: Storage) -> CheckReport:
             outcome = await _set_aside(storage, report, blob.digest)
             report.problems.append(f"blob {blob.digest} does not match its digest{outcome}")
     if report.set_aside:  # registries drop what they hold in memory, and find the blobs gone
-        await collected.announce(storage, "blobs")
+        try:
+            await collected.announce(storage, "blobs")
+        except (StorageFull, OSError) as exc:  # the blobs are out of service all the same
+            report.problems.append(
+                f"could not leave the note that tells running registries ({exc}): they find the blobs "
+                f"gone when they next check an image's blobs (every {RECHECK_INTERVAL:g} s at most)"
+            )
     records, unreadable = await _records(storage)
     for key, reason in unreadable.items():
         report.problems.append(f"{key} cannot be read ({reason}): the registry builds the image again on its next pull")

@@ -428,6 +428,25 @@ async def test_check_sets_aside_what_does_not_match_and_only_that(
     await storage.close()
 
 
+async def test_check_on_a_full_disk_still_sets_aside_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk stops only the note to running registries (a rename needs no space): check
+    reports that, not a storage error that would hide what it found and did."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    damaged = await storage.put_blob_bytes(b"a layer that rots")
+    storage.blob_path(damaged).write_bytes(b"a layer that ROTS")
+
+    async def full(key: str, data: bytes) -> None:
+        raise StorageFull("the filesystem storage", "No space left on device")
+
+    monkeypatch.setattr(storage, "put_meta", full)
+    report = await maintenance.check(storage)
+    assert report.set_aside == 1 and not storage.blob_path(damaged).exists()
+    assert "could not leave the note that tells running registries" in report.problems[-1]
+    await storage.close()
+
+
 async def test_gc_empties_the_quarantine_of_blobs_set_aside_longer_than_a_week(tmp_path: Path) -> None:
     """Blobs found damaged are moved to quarantine/, and nothing ever removed them: a disk that
     kept damaging blobs filled up. Now `nixery gc` removes those set aside more than 7 days ago
