@@ -250,6 +250,9 @@ def _check(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print(f"checked {report.blobs} blobs ({report.bytes / 1e6:.1f} MB) and {report.images} images: "
           f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
+    if report.set_aside:
+        print(f"set aside {report.set_aside} damaged blob{'s' if report.set_aside != 1 else ''} "
+              "(STORAGE_PATH/quarantine): registries rebuild the images that use them on their next pull")
     return 0 if report.ok else 1
 
 
@@ -427,7 +430,9 @@ def _command(argv: list[str]) -> int:
     _documented(
         commands, "check", help="verify every stored blob and image record", variables=STORAGE_VARIABLES,
         description="Verify the storage a registry serves from: every blob's bytes against its digest "
-        "(on S3 and GCS, sizes only), and that every image record's blobs are there. Prints each problem; "
+        "(on S3 and GCS, sizes only), and that every image record's blobs are there. A blob that does not "
+        "match is set aside (STORAGE_PATH/quarantine), so that registries rebuild the images using it on their "
+        "next pull. Prints each problem; "
         "exits 0 when there is none, 1 when there are problems or the storage holds nothing (not there, "
         "or empty: is STORAGE_PATH the one `nixery serve` uses?), 2 for a configuration error or a storage "
         "it cannot reach or use, 130 when interrupted. Safe while registries serve.",

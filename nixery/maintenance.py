@@ -5,7 +5,12 @@ Both run against live storage while registries serve from it:
 * `check` walks every blob and verifies its bytes against its digest (where
   the backend can do so cheaply: the filesystem; on S3 and GCS that would mean
   downloading everything, so there only presence and sizes are checked), and
-  every image record against the blobs it names.
+  every image record against the blobs it names. A blob that does not match
+  is set aside as the registry itself does (`Storage.set_aside_damaged_blob`:
+  the filesystem's quarantine) and running registries are told (`nixery.collected`):
+  a registry that hashed it before it rotted in place trusts it while its file
+  looks the same, and kept serving it, every pull failing on its digest; now
+  they find it gone, and rebuild its images on their next pull.
 * `collect_garbage` removes images not used within a time limit, then blobs no
   remaining image uses, and the names' evaluations kept for package-set
   revisions that no remaining image was built from, and the records of layers whose blobs are gone.
@@ -46,6 +51,7 @@ from nixery import collected, pulls, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import (
     IMAGE_PREFIX,
+    RECHECK_INTERVAL,
     REFERRERS_PREFIX,
     USAGE_PREFIX,
     ImageRecord,
@@ -55,7 +61,7 @@ from nixery.images import (
 )
 from nixery.layers.store import LAYER_PREFIX, LAYER_RECORD_UNREADABLE, read_layer_record
 from nixery.registry.digest import Digest
-from nixery.storage.base import Storage
+from nixery.storage.base import Storage, StorageFull
 
 #: Shortest allowed GC age: several times the interval at which use is recorded.
 MIN_AGE = 3 * 3600.0
@@ -71,6 +77,7 @@ class CheckReport:
     bytes: int = 0
     images: int = 0
     problems: list[str] = field(default_factory=list)
+    set_aside: int = 0  # damaged blobs taken out of service (quarantined), so that their images are rebuilt
 
     @property
     def ok(self) -> bool:
@@ -123,7 +130,16 @@ async def check(storage: Storage) -> CheckReport:
         report.blobs += 1
         report.bytes += blob.size
         if await storage.verify_blob(blob.digest) is False:
-            report.problems.append(f"blob {blob.digest} does not match its digest")
+            outcome = await _set_aside(storage, report, blob.digest)
+            report.problems.append(f"blob {blob.digest} does not match its digest{outcome}")
+    if report.set_aside:  # registries drop what they hold in memory, and find the blobs gone
+        try:
+            await collected.announce(storage, "blobs")
+        except (StorageFull, OSError) as exc:  # the blobs are out of service all the same
+            report.problems.append(
+                f"could not leave the note that tells running registries ({exc}): they find the blobs "
+                f"gone when they next check an image's blobs (every {RECHECK_INTERVAL:g} s at most)"
+            )
     records, unreadable = await _records(storage)
     for key, reason in unreadable.items():
         report.problems.append(f"{key} cannot be read ({reason}): the registry builds the image again on its next pull")
@@ -140,6 +156,18 @@ async def check(storage: Storage) -> CheckReport:
                     f"{key} ({record.name}): layer {layer.digest} is {present[layer.digest]} bytes, not {layer.size}"
                 )
     return report
+
+
+async def _set_aside(storage: Storage, report: CheckReport, digest: Digest) -> str:
+    """Take a damaged blob out of service (`Storage.set_aside_damaged_blob`): what became of it,
+    for its problem's line."""
+    try:
+        if not await storage.set_aside_damaged_blob(digest):
+            return ""  # gone or replaced meanwhile, or a backend that sets nothing aside
+    except OSError as exc:  # a user who may only read the storage: the damage is still reported
+        return f" (could not set it aside: {exc.strerror or exc})"
+    report.set_aside += 1
+    return ": set aside"
 
 
 def check_age(older_than: float) -> None:

@@ -15,10 +15,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from nixery import images, maintenance
+from nixery import collected, images, maintenance
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.storage import filesystem
@@ -135,6 +136,7 @@ def test_a_restarted_process_of_the_same_name_removes_what_its_predecessor_stage
 _HOLD_LOCK = """
 import asyncio, sys
 from pathlib import Path
+from typing import BinaryIO
 from nixery.storage.filesystem import FilesystemStorage
 
 async def hold() -> None:
@@ -237,6 +239,53 @@ def test_the_first_pull_after_a_layer_is_damaged_succeeds(
     assert Digest.of(blob_file.read_bytes()) == Digest.parse(layer["digest"])
     assert len(list((registry.storage / "quarantine").iterdir())) == 1, "the damaged layer was not set aside"
     assert registry.log_events("build.record_incomplete")
+
+
+@pytest.mark.clients
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_nixery_check_sets_aside_a_layer_rotted_in_place_and_the_next_pull_rebuilds(
+    registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """Bit rot: a layer's bytes changed in place, its size and modification time as they were. A
+    running registry hashed the layer once and trusts it while the file looks the same, so it
+    kept serving the damaged bytes and every pull failed on the digest. `nixery check` found the
+    damage but only reported it (and unlinked nginx's copy): pulls kept failing until a restart.
+    Now check sets the blob aside (quarantine/) as the registry itself does, tells the running
+    registries, and the next pull rebuilds the image."""
+
+    def pull(layout: str) -> subprocess.CompletedProcess[str]:
+        return run(["flock", "/tmp/clients.lock", "skopeo", "copy", "--src-tls-verify=false",
+                    f"docker://{registry.host}/fortune/bigdata", f"oci:{tmp_path / layout}:img"], check=False)
+
+    digest, manifest = registry.manifest("fortune/bigdata")
+    assert pull("before").returncode == 0  # every blob served, so hashed and trusted by this process
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    looks = blob_file.stat()
+    with open(blob_file, "r+b") as blob:  # in place: the same inode and size
+        blob.seek(layer["size"] // 2)
+        byte = blob.read(1)
+        blob.seek(layer["size"] // 2)
+        blob.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(blob_file, ns=(looks.st_atime_ns, looks.st_mtime_ns))
+    time.sleep(images.RECHECK_INTERVAL)
+    damaged = pull("damaged")
+    assert damaged.returncode != 0 and "digest" in damaged.stderr.lower(), damaged.stderr
+
+    result = run([sys.executable, "-m", "nixery", "check"], env_extra={"STORAGE_PATH": str(registry.storage)},
+                 check=False)
+    assert result.returncode == 1, result.stdout + result.stderr  # damage found: an operator's timer alerts
+    assert f"blob {layer['digest']} does not match its digest" in result.stdout, result.stdout
+    assert "set aside 1 damaged blob" in result.stdout, result.stdout
+    assert not blob_file.exists()
+    assert len(list((registry.storage / "quarantine").iterdir())) == 1
+
+    time.sleep(images.RECHECK_INTERVAL)
+    again = pull("after")  # skopeo checks every blob's digest
+    assert again.returncode == 0, again.stderr
+    assert registry.manifest("fortune/bigdata")[0] == digest, "the rebuilt image is byte-for-byte the same"
+    assert Digest.of(blob_file.read_bytes()) == Digest.parse(layer["digest"])
+    assert "ok" in check_storage(registry.storage)
 
 
 def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(registry: RegistryProcess) -> None:
@@ -354,6 +403,60 @@ async def test_a_blob_damaged_at_its_size_is_not_servable_and_is_hashed_once(tmp
         await storage.close()
     assert len(hashes) == 2 and reported == [digest]
     assert not storage.blob_path(digest).exists() and len(list((tmp_path / "storage" / "quarantine").iterdir())) == 1
+
+
+async def test_check_sets_aside_what_does_not_match_and_only_that(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nixery check` sets a damaged blob aside (and tells running registries), keeps intact ones,
+    and leaves a blob that another file replaced after its hash (a rebuild that stored it anew)."""
+    storage = FilesystemStorage(tmp_path / "storage", verified_links=True)
+    intact = await storage.put_blob_bytes(b"an intact layer")
+    damaged = await storage.put_blob_bytes(b"a layer that rots")
+    await storage.blob_source(damaged, allow_redirect=False)  # linked for nginx
+    storage.blob_path(damaged).write_bytes(b"a layer that ROTS")
+
+    report = await maintenance.check(storage)
+    assert report.set_aside == 1 and report.problems == [f"blob {damaged} does not match its digest: set aside"]
+    assert storage.blob_path(intact).exists() and not storage.blob_path(damaged).exists()
+    assert not storage.verified_link(damaged).exists()
+    assert len(list((tmp_path / "storage" / "quarantine").iterdir())) == 1
+    assert await storage.get_meta(collected.MARKER) is not None, "running registries are not told"
+
+    replaced = await storage.put_blob_bytes(b"a layer stored anew meanwhile")
+    storage.blob_path(replaced).write_bytes(b"a layer stored anew MEANWHILE")
+    real_hash = filesystem._hashes_to_file
+
+    def hash_then_replaced(handle: BinaryIO, digest: Digest) -> bool:
+        intact_bytes = real_hash(handle, digest)
+        stage = storage.blob_path(replaced).with_name("rebuilt")
+        stage.write_bytes(b"a layer stored anew meanwhile")
+        os.replace(stage, storage.blob_path(replaced))
+        return intact_bytes
+
+    monkeypatch.setattr(filesystem, "_hashes_to_file", hash_then_replaced)
+    assert not await storage.set_aside_damaged_blob(replaced)
+    assert Digest.of(storage.blob_path(replaced).read_bytes()) == replaced
+    await storage.close()
+
+
+async def test_check_on_a_full_disk_still_sets_aside_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk stops only the note to running registries (a rename needs no space): check
+    reports that, not a storage error that would hide what it found and did."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    damaged = await storage.put_blob_bytes(b"a layer that rots")
+    storage.blob_path(damaged).write_bytes(b"a layer that ROTS")
+
+    async def full(key: str, data: bytes) -> None:
+        raise StorageFull("the filesystem storage", "No space left on device")
+
+    monkeypatch.setattr(storage, "put_meta", full)
+    report = await maintenance.check(storage)
+    assert report.set_aside == 1 and not storage.blob_path(damaged).exists()
+    assert "could not leave the note that tells running registries" in report.problems[-1]
+    await storage.close()
 
 
 async def test_gc_empties_the_quarantine_of_blobs_set_aside_longer_than_a_week(tmp_path: Path) -> None:

@@ -347,6 +347,14 @@ class Storage(ABC):
         """Whether the stored bytes hash to `digest`; None when this backend cannot tell cheaply."""
         return None
 
+    async def set_aside_damaged_blob(self, digest: Digest) -> bool:
+        """Take a blob found damaged (`verify_blob` False) out of service, as the registry does with
+        one it finds damaged before serving it, if its bytes still do not hash to `digest`: whether
+        it was set aside. Registries sharing the storage then find it gone, and rebuild the images
+        that need it. For `nixery check`. Default: nothing set aside (a backend that cannot hash
+        its blobs cheaply finds none damaged)."""
+        return False
+
     async def list_blobs(self) -> AsyncIterator[BlobStat]:
         """Every stored blob (for garbage collection and checks)."""
         raise NotImplementedError(f"the {self.name} backend cannot list blobs")

@@ -31,6 +31,10 @@ The registry asks the same of an image's blobs before it hands out the
 image's manifest (`blob_servable`: the same once-per-process hash), so an
 image with a damaged layer is rebuilt before a client's pull, not after it
 failed.
+A process trusts a blob it hashed while its file's (inode, size, mtime) stay
+the same, so damage that leaves them as they were (bit rot) is found by
+`nixery check`, which hashes every blob and quarantines a damaged one the same
+way: every process then finds it gone, and rebuilds the images that need it.
 Requests that come for a blob while it is being hashed wait for that one
 hash: after a restart, a fleet pulling the same 400 MB layer hashed it once
 per request, and those hashes held every worker thread, so that other pulls'
@@ -42,7 +46,7 @@ With `verified_links` (NIXERY_VERIFIED_BLOB_LINKS), a blob found intact is
 also hard-linked under verified/, which nginx in front serves without asking
 the registry (deploy/nginx/nixery.conf): 1 MB blobs at nginx's own speed
 instead of half of it, for registries whose pulls need no credentials. A link
-goes whenever its blob goes (deleted, quarantined, or found corrupt by
+goes whenever its blob goes (deleted, or quarantined: by a registry, or by
 `nixery check`), and opening the storage removes every link, so each process
 hashes a blob again before the front may send it without asking.
 """
@@ -59,7 +63,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import structlog
 
@@ -331,9 +335,32 @@ class FilesystemStorage(Storage):
             intact = await asyncio.to_thread(_hashes_to, self.blob_path(digest), digest)
         except FileNotFoundError:
             return None
-        if not intact:  # the front must stop sending it; the registry's own first-serve check quarantines it
+        if not intact:  # the front must stop sending it at once, whatever becomes of the blob
             self._unlink_verified(digest)
         return intact
+
+    async def set_aside_damaged_blob(self, digest: Digest) -> bool:
+        # A process that hashed the blob before it rotted in place (same size and mtime) trusts it
+        # for as long as it runs: moved away, every process's stat finds it gone.
+        set_aside = await asyncio.to_thread(self._quarantine_if_damaged, self.blob_path(digest), digest)
+        if set_aside:
+            self._report_corrupt_blob(digest)
+        return set_aside
+
+    def _quarantine_if_damaged(self, path: Path, digest: Digest) -> bool:
+        """Quarantine the blob at `path` if it does not hash to `digest`, unless another file took
+        its place after the hash (a rebuild stored it anew): whether it was set aside."""
+        try:
+            with open(path, "rb") as handle:
+                if _hashes_to_file(handle, digest):
+                    return False
+                hashed = os.fstat(handle.fileno())
+            if not _same_file(hashed, os.stat(path)):
+                return False
+        except FileNotFoundError:  # set aside or removed meanwhile (a registry, `nixery gc`)
+            return False
+        self._quarantine_blob(path)
+        return True
 
     async def remove_quarantined(self, older_than: float, *, dry_run: bool = False) -> int:
         return await asyncio.to_thread(_remove_quarantined, self._quarantine, time.time() - older_than, dry_run)
@@ -573,11 +600,21 @@ def _read_checked(path: Path, digest: Digest) -> tuple[bytes, bool]:
 
 
 def _hashes_to(path: Path, digest: Digest) -> bool:
-    hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            hasher.update(chunk)
+        return _hashes_to_file(handle, digest)
+
+
+def _hashes_to_file(handle: BinaryIO, digest: Digest) -> bool:
+    hasher = hashlib.sha256()
+    while chunk := handle.read(1 << 20):
+        hasher.update(chunk)
     return hasher.hexdigest() == digest.hex
+
+
+def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    return (one.st_dev, one.st_ino, one.st_size, one.st_mtime_ns) == (
+        other.st_dev, other.st_ino, other.st_size, other.st_mtime_ns
+    )
 
 
 def _fsync_dir(directory: Path) -> None:
