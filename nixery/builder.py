@@ -138,6 +138,15 @@ class ImageBuilder:
             log.info("build.history_not_loaded", error=str(exc)[:200])
 
     async def close(self) -> None:
+        """Stop the builds in flight, then what they use. A build stopped here has killed and
+        reaped its Nix processes; one left running would go on without the package source's
+        evaluator (starting Nix processes of its own), and asyncio's own shutdown, which cancels
+        every task at once, can leave a process start waiting for its child forever (CPython 3.11)."""
+        await self._images.cancel_all()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.baseline.close()  # shared by builds, so not stopped with them
         await self.images.close()
         await self.layers.close()
         await self.evaluations.flush()
