@@ -462,7 +462,7 @@ class ImageBuilder:
         served = asyncio.ensure_future(self.images.put(image.record, blobs_stored))
         try:
             await asyncio.gather(served, *history)
-        except Exception:  # a failed build reports once its own writes are done: none is left staging
+        except BaseException:  # a failed or stopped build ends once its own writes are done: none is left staging
             await asyncio.gather(*own, return_exceptions=True)
             raise
         return served.result()

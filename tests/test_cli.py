@@ -222,11 +222,12 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
     start a `nix-instantiate` instead, and asyncio's shutdown then cancelled that process's start
     together with the task connecting its pipes (CPython 3.11 then waits for the process forever).
     Now every run ends at once with status 130, says nothing, and leaves no Nix process and no
-    temporary directory (the repl's, the storage's staging one). The signal comes at several
-    moments of the evaluation, each twice."""
+    temporary directory (the repl's, the storage's staging one, which compressions that went on
+    after the storage closed made again). The signal comes at several moments of the evaluation,
+    each twice, and twice in what follows it."""
     require_debian_set()
     outcomes = []
-    for run, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.05] * 2):
+    for run, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.05] * 2 + [0.08, 0.15]):
         storage, temporary = tmp_path / f"storage-{run}", tmp_path / f"tmp-{run}"
         temporary.mkdir()
         marker = f"NIXERY_TEST_RUN={tmp_path}-{run}"  # inherited by every process the run starts
