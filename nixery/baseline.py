@@ -56,6 +56,10 @@ class Baseline:
         self._found: LRU[tuple[str, str], list[ResolvedPackage]] = LRU(64)
         self._looking_up: SingleFlight[list[ResolvedPackage]] = SingleFlight()
 
+    async def close(self) -> None:
+        """Stop the look-ups under way (their builds were stopped)."""
+        await self._looking_up.cancel_all()
+
     def key(self) -> list[str] | None:
         """Its part of an image's key; None when it is empty (keys as without a baseline)."""
         return list(self.names) or None

@@ -138,6 +138,15 @@ class ImageBuilder:
             log.info("build.history_not_loaded", error=str(exc)[:200])
 
     async def close(self) -> None:
+        """Stop the builds in flight, then what they use. A build stopped here has killed and
+        reaped its Nix processes; one left running would go on without the package source's
+        evaluator (starting Nix processes of its own), and asyncio's own shutdown, which cancels
+        every task at once, can leave a process start waiting for its child forever (CPython 3.11)."""
+        await self._images.cancel_all()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.baseline.close()  # shared by builds, so not stopped with them
         await self.images.close()
         await self.layers.close()
         await self.evaluations.flush()
@@ -453,7 +462,7 @@ class ImageBuilder:
         served = asyncio.ensure_future(self.images.put(image.record, blobs_stored))
         try:
             await asyncio.gather(served, *history)
-        except Exception:  # a failed build reports once its own writes are done: none is left staging
+        except BaseException:  # a failed or stopped build ends once its own writes are done: none is left staging
             await asyncio.gather(*own, return_exceptions=True)
             raise
         return served.result()

@@ -27,6 +27,14 @@ class SingleFlight(Generic[T]):
             task.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(task)
 
+    async def cancel_all(self) -> None:
+        """Cancel the work in flight, and return once it has ended (its clean-up done)."""
+        while self._tasks:  # work that was starting as the rest was cancelled: cancelled too
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+
     def _finished(self, key: Hashable, task: asyncio.Task[T]) -> None:
         self._tasks.pop(key, None)
         _retrieve(task)

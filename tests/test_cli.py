@@ -20,6 +20,7 @@ import pytest
 
 from nixery.registry.mediatypes import OCI_INDEX
 from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
 
@@ -197,6 +198,67 @@ def test_an_interrupted_local_build_leaves_no_staging_directory(tmp_path: Path) 
         process.kill()
         process.wait()
     assert list((storage / "tmp").iterdir()) == []
+
+
+def _nix_processes_marked(marker: str) -> list[str]:
+    """The command lines of the Nix processes whose environment holds `marker` (NAME=value)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environment = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in environment and os.path.basename(command[0]).startswith(b"nix"):
+            found.append(b" ".join(command).decode(errors="replace"))
+    return found
+
+
+def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_process(tmp_path: Path) -> None:
+    """Ctrl-C while `nixery build --local` evaluated the names hung the command for good about one
+    time in five: closing the builder stopped the repl under the running build, which went on to
+    start a `nix-instantiate` instead, and asyncio's shutdown then cancelled that process's start
+    together with the task connecting its pipes (CPython 3.11 then waits for the process forever).
+    Now every run ends at once with status 130, says nothing, and leaves no Nix process and no
+    temporary directory (the repl's, the storage's staging one, which compressions that went on
+    after the storage closed made again). The signal comes at several moments of the evaluation,
+    each twice, and twice in what follows it."""
+    require_debian_set()
+    outcomes = []
+    for run, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.05] * 2 + [0.08, 0.15]):
+        storage, temporary = tmp_path / f"storage-{run}", tmp_path / f"tmp-{run}"
+        temporary.mkdir()
+        marker = f"NIXERY_TEST_RUN={tmp_path}-{run}"  # inherited by every process the run starts
+        name, value = marker.split("=", 1)
+        env = {**os.environ, "STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "debian", "TMPDIR": str(temporary),
+               name: value}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nixery", "build", "--local", "--plain", "shell/curl"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY, env=env,
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            for line in process.stdout:
+                if " evaluating " in line:
+                    break
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            try:
+                status: int | str = process.wait(10)
+            except subprocess.TimeoutExpired:
+                status = "still running 10 s after Ctrl-C"
+            nix_left = _nix_processes_marked(marker)
+        finally:
+            process.kill()
+            process.wait()
+        staging = storage / "tmp"
+        files_left = [path.name for path in [*(staging.iterdir() if staging.exists() else []), *temporary.iterdir()]]
+        outcomes.append((delay, status, nix_left, files_left, process.stderr.read()[-300:]))
+    # Nothing said on stderr either: no traceback, no warning that the repl ended under the build.
+    failed = [outcome for outcome in outcomes if outcome[1:] != (130, [], [], "")]
+    assert not failed, f"{len(failed)} of {len(outcomes)} runs (delay, status, Nix, files, stderr): {failed}"
 
 
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:

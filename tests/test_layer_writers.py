@@ -1,8 +1,10 @@
 """Layers are written in worker processes: the same bytes as in this process,
-a worker that dies is replaced, and threads take over where processes cannot start."""
+a worker that dies is replaced, and threads take over where processes cannot start;
+closing the layer store stops the compressions that stopped builds left."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -13,9 +15,12 @@ from typing import BinaryIO
 import pytest
 
 from nixery.layers import writers as writers_module
+from nixery.layers.store import LayerStore
 from nixery.layers.tarball import Entry, LayerBlob, write_entry_layer, write_store_layer
 from nixery.layers.writers import LayerWriters
 from nixery.registry.digest import Digest
+from nixery.registry.mediatypes import Compression
+from nixery.storage.filesystem import FilesystemStorage
 from tests.daemons import gone, process_tree
 from tests.registry import RegistryProcess
 
@@ -89,6 +94,55 @@ async def test_threads_write_where_processes_cannot_start(monkeypatch: pytest.Mo
         await pool.close()
     assert int((tmp_path / "pid").read_text()) == os.getpid()
     assert not pool.in_processes
+
+
+class HeldLookups(FilesystemStorage):
+    """Filesystem storage whose record look-ups wait for `release`."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.looking = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get_meta(self, key: str) -> bytes | None:
+        self.looking.set()
+        await self.release.wait()
+        return await super().get_meta(key)
+
+
+async def test_a_compression_its_build_left_ends_with_the_layer_store(
+    tmp_path: Path, built_store_paths: dict[str, str]
+) -> None:
+    """A layer's compression is shared by the builds that need it, so a stopped build (Ctrl-C in
+    `nixery build --local`) left it going, past the layer store's and the storage's close: it made
+    the storage's staging directory again, staged its layer there and started new writer processes,
+    and the directory stayed behind. Now closing the layer store stops it."""
+    storage = HeldLookups(tmp_path / "storage")
+    layers = LayerStore(storage, compression=Compression.GZIP, workers=1)
+    build = asyncio.ensure_future(layers.store_paths([built_store_paths["busybox"]]))
+    await asyncio.wait_for(storage.looking.wait(), 30)  # is the layer stored already?
+    build.cancel()
+    await asyncio.wait_for(layers.close(), 30)
+    await storage.close()
+    storage.release.set()  # what was left waiting goes on now
+    left = asyncio.all_tasks() - {asyncio.current_task()}
+    if left:
+        await asyncio.wait(left, timeout=30)
+    assert list((tmp_path / "storage" / "tmp").iterdir()) == []
+
+
+async def test_a_start_that_comes_after_the_close_starts_no_worker() -> None:
+    """Workers start in a thread, which goes on when its caller (a stopped build's compression) is
+    cancelled: one that came after the close started a new pool of worker processes that nothing
+    stopped, and one under way was shut down as it started (tracebacks as the interpreter exited).
+    Now the close waits for a start under way, and a later one starts nothing."""
+    writers = LayerWriters(2)
+    await writers.close()
+    before = set(process_tree(os.getpid()))
+    await asyncio.to_thread(writers.start)
+    assert set(process_tree(os.getpid())) - before == set()
+    with pytest.raises(RuntimeError, match="closed"):
+        await writers.write(Path(os.devnull), pid_layer)
 
 
 def test_no_process_outlives_a_killed_registry(tmp_path: Path) -> None:

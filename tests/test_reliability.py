@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -25,6 +26,7 @@ from nixery.registry.digest import Digest
 from nixery.storage import filesystem
 from nixery.storage.base import BlobNotFound, CorruptBlob, StorageFull, stage_bytes
 from nixery.storage.filesystem import FilesystemStorage
+from tests.daemons import process_tree
 from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, have, nix_calls_of, run
 
 
@@ -572,6 +574,52 @@ def test_sigterm_finishes_inflight_downloads(registry: RegistryProcess) -> None:
     assert (stopping["signal"], stopping["in_flight"]) == ("SIGTERM", 1)
     [stopped] = registry.log_events("registry.stopped")
     assert (stopped["drained"], stopped["cut_off"]) == (1, 0)
+
+
+def _descendant_commands(root: int) -> list[str]:
+    """The command lines of the processes below `root`."""
+    commands = []
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            if pid != root:
+                commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return commands
+
+
+async def test_closing_the_builder_stops_its_builds_and_their_nix_processes(tmp_path: Path) -> None:
+    """Closing the builder (a stopped registry, Ctrl-C in `nixery build --local`) returned while
+    its builds went on: Nix kept building with the storage and package source closed, and the
+    builds were only cancelled by asyncio's shutdown, which could then wait for a process for
+    ever. Now close() cancels them and returns once each has killed and reaped its Nix processes."""
+    from nixery import config
+    from nixery.app import open_builder, open_storage
+    from nixery.progress import Stage
+    from nixery.registry.names import parse_image_name
+    from tests.registry import slow_package_set
+
+    settings = config.load({"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=60)),
+                            "STORAGE_PATH": str(tmp_path / "storage")})
+    storage = open_storage(settings)
+    builder = open_builder(settings, storage)
+    try:
+        build = await builder.start(parse_image_name("shell/slowpoke"), "latest")
+
+        def nix_building() -> bool:
+            return any("nix-store" in command for command in _descendant_commands(os.getpid()))
+
+        for _ in range(600):  # until Nix builds slowpoke (60 s)
+            if nix_building():
+                break
+            await asyncio.sleep(0.1)
+        assert nix_building(), build.events
+        await asyncio.wait_for(builder.close(), 30)
+        left = [command for command in _descendant_commands(os.getpid())
+                if "nix-store" in command or "/nix/store/" in command]  # Nix, or slowpoke's builder
+        assert left == [], "Nix processes outlived the builder"
+        assert build.stage == Stage.FAILED
+    finally:
+        await builder.close()
+        await storage.close()
 
 
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(

@@ -7,6 +7,7 @@ which programs an image runs, whether digests change, which error comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from nixery.nix.errors import RefNotFound
+from nixery.nix.git import GitSource
+from tests.daemons import process_tree
 from tests.httpd import LocalHTTP
 from tests.registry import REPOSITORY, RegistryProcess, have, nix_counting_path, run, skopeo_to_oci, unpack_oci
 
@@ -251,6 +254,43 @@ def test_git_unreachable_repository_is_source_unavailable(tmp_path: Path, url: s
             assert "t0ken" not in json.dumps(error)
     finally:
         registry.stop()
+
+
+def _sleeps_below_this_process(marker: str) -> list[int]:
+    """The processes below this one with `marker` among their arguments."""
+    found = []
+    for pid in process_tree(os.getpid()):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                found.append(pid)
+    return found
+
+
+async def test_closing_the_resolver_stops_a_git_look_up_a_stopped_build_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git source shares its look-ups (`git ls-remote`) and checkouts among the builds that
+    need them, so a stopped build (Ctrl-C in `nixery build --local`, a stopped registry) left them
+    going, git included, past the resolver's close. Now closing the resolver stops them and their
+    processes."""
+    seconds = "61.5"  # how the stand-in git is told apart from other processes
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    (wrappers / "git").write_text(f"#!/bin/sh\nexec sleep {seconds}\n")  # a remote that does not answer
+    (wrappers / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
+    resolver = GitSource(str(tmp_path / "pkgs"), cache_dir=tmp_path / "cache", ref_ttl=60, fetch_timeout=60).resolver(
+        timeout=60, evaluators=None
+    )
+    resolving = asyncio.ensure_future(resolver.resolve("latest"))
+    for _ in range(200):
+        if _sleeps_below_this_process(seconds):
+            break
+        await asyncio.sleep(0.05)
+    assert _sleeps_below_this_process(seconds), "git did not start"
+    resolving.cancel()
+    await asyncio.wait_for(resolver.close(), 30)
+    assert _sleeps_below_this_process(seconds) == []
 
 
 def test_git_keeps_serving_built_images_when_the_repository_goes_away(tmp_path: Path, world: GitWorld) -> None:

@@ -94,6 +94,9 @@ class LayerStore:
         self._writers.start()
 
     async def close(self) -> None:
+        # Compressions still under way are for builds that were stopped: one let go on would stage
+        # its layer after the storage closed, leaving the staging directory made again behind it.
+        await self._layers.cancel_all()
         writes = [layer.stored for layer in self._storing.values() if layer.stored is not None]
         await asyncio.gather(*writes, return_exceptions=True)
         await self._writers.close()

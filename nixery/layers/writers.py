@@ -101,6 +101,7 @@ class LayerWriters:
         self._started: Executor | None = None  # the pool whose workers all run
         self._creating = threading.Lock()  # pools are made in threads and on the event loop
         self._starting = threading.Lock()
+        self._closed = False
 
     @property
     def in_processes(self) -> bool:
@@ -109,6 +110,8 @@ class LayerWriters:
     def start(self) -> None:
         """Start every worker of the pool (blocking: starting processes talks to the fork server)."""
         with self._starting:
+            if self._closed:  # a start whose caller was cancelled, let go on in its thread: nothing to start
+                return
             pool = self._current()
             if pool is self._started:
                 return
@@ -150,10 +153,17 @@ class LayerWriters:
         (`NIXERY_WORKERS` > 1) would otherwise leave the pool's semaphores to
         multiprocessing's resource tracker, which warns about them.
         """
-        with self._creating:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        # After any start under way: one whose caller was cancelled goes on in its thread, and a
+        # pool shut down while it started broke it (tracebacks as the interpreter exited).
+        with self._starting:
+            self._closed = True
+            with self._creating:
+                pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     async def _running_pool(self) -> Executor:
         """The pool, its workers started off the event loop (a pool starts them on demand,
@@ -164,6 +174,8 @@ class LayerWriters:
 
     def _current(self) -> Executor:
         with self._creating:
+            if self._closed:
+                raise RuntimeError("the layer writers are closed")
             if self._pool is None:
                 self._pool = self._new_pool()
             return self._pool

@@ -121,6 +121,11 @@ class FlakeSource(PackageSource):
             hashes, directory = FileHashes(), Path(base[5:])
             self._path_walks = FreshRun(lambda: asyncio.to_thread(tree_fingerprint, directory, hashes))
 
+    async def close(self) -> None:
+        await self._locks.cancel_all()
+        if self._git is not None:
+            await self._git.close()
+
     async def resolve(self, tag: str) -> Revision:
         check_ref_name(tag)
         if self._git is not None:

@@ -185,6 +185,10 @@ class GitSource(PackageSource):
         self._write_lock = threading.Lock()
         self._load_known()
 
+    async def close(self) -> None:
+        await self._lookups.cancel_all()
+        await self._checkouts.cancel_all()
+
     # ---- tag to commit -------------------------------------------------
 
     async def resolve(self, tag: str) -> Revision:

@@ -58,6 +58,9 @@ class PackageSource(ABC):
         assert revision.path is not None, "sources without a local path override checkout"
         return revision.path
 
+    async def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Stop the fetches under way: they are shared, so they outlive the builds that asked."""
+
     def resolver(self, *, timeout: float, evaluators: Evaluators | None) -> NixResolver:
         """How the builder gets this source's packages: every source here is a package set
         that Nix evaluates and builds (`NIXERY_NIX_TIMEOUT` is `timeout`)."""
@@ -114,6 +117,7 @@ class NixResolver:
             )
 
     async def close(self) -> None:
+        await self.source.close()
         if self.evaluators is not None:
             await self.evaluators.close()
 
