@@ -211,6 +211,25 @@ def test_artifact_type_filtering(registry) -> None:
     assert none["manifests"] == []
 
 
+def test_a_repeated_artifact_type_keeps_each_and_an_empty_one_filters_nothing(registry) -> None:
+    """`?artifactType=SPDX&artifactType=IN_TOTO` answered the SPDX entry alone (the first value only),
+    saying the filter was applied; `?artifactType=` (a script's unset variable) answered no entries
+    at all. Now a repeat keeps the entries of each type, and an empty value is no filter."""
+    digest, _ = registry.manifest("hello")
+    everything, _ = referrers(registry, "hello", digest)
+    both = f"?artifactType={quote(SPDX, safe='')}&artifactType={quote(IN_TOTO, safe='')}"
+    filtered, headers = referrers(registry, "hello", digest, both)
+    assert headers["OCI-Filters-Applied"] == "artifactType"
+    assert filtered["manifests"] == [e for e in everything["manifests"] if e["artifactType"] in (SPDX, IN_TOTO)]
+    assert len(filtered["manifests"]) == 2
+    for empty in ("?artifactType=", "?artifactType=&artifactType="):
+        unfiltered, headers = referrers(registry, "hello", digest, empty)
+        assert unfiltered == everything and "OCI-Filters-Applied" not in headers, empty
+    # an empty value beside a real one: the real one filters
+    spdx_only, _ = referrers(registry, "hello", digest, f"?artifactType=&artifactType={quote(SPDX, safe='')}")
+    assert [e["artifactType"] for e in spdx_only["manifests"]] == [SPDX]
+
+
 def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
     digest, _ = registry.manifest("hello")
     index, _ = referrers(registry, "hello", digest)

@@ -4,8 +4,9 @@
         an OCI image index of the manifests whose `subject` is <digest> (the SBOMs and
         provenance statements of an image manifest, `nixery.attachments`): each entry with
         its artifactType and annotations. A digest no image has: an empty index, 200 (as
-        distribution-spec requires). With `artifactType`, only the entries of that type,
-        and the `OCI-Filters-Applied: artifactType` header says the filter was applied.
+        distribution-spec requires). With `artifactType` (repeated: any of them), only the
+        entries of that type, and the `OCI-Filters-Applied: artifactType` header says the
+        filter was applied.
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>
         the same index (unfiltered) under the referrers tag schema; 404 MANIFEST_UNKNOWN
@@ -54,13 +55,18 @@ async def referrers(request: web.Request) -> web.Response:
     subject = Digest.parse(request.match_info["digest"])
     listed = await _referrers(request, subject)
     headers = {**routes.API_VERSION, "Content-Type": OCI_INDEX}
-    artifact_type = request.query.get("artifactType")
-    if artifact_type is not None:
-        # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
-        artifact_type = artifact_type.replace(" ", "+")
-        listed = [attached for attached in listed if attached.manifest.artifact_type == artifact_type]
+    if artifact_types := requested_artifact_types(request):
+        listed = [attached for attached in listed if attached.manifest.artifact_type in artifact_types]
         headers["OCI-Filters-Applied"] = "artifactType"
     return web.Response(body=image_index([attached.manifest for attached in listed]), headers=headers)
+
+
+def requested_artifact_types(request: web.Request) -> frozenset[str]:
+    """The `artifactType` values a referrers request filters by; empty: no filter. Each repeat
+    counts (`?artifactType=A&artifactType=B` lists both kinds, not A's alone as the first value
+    would), and an empty value (`?artifactType=$UNSET`) filters nothing rather than everything."""
+    # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
+    return frozenset(value.replace(" ", "+") for value in request.query.getall("artifactType", ()) if value.strip())
 
 
 async def tagged(request: web.Request) -> web.Response:
