@@ -244,6 +244,25 @@ def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
 
+def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(registry) -> None:
+    """`sha256-<hex>` with a digit too few or too many, in upper case, `.sig.sig`, or `sha256-` alone
+    fell through to an ordinary tag, and the bundled set answers any tag with the image: a client
+    asking for a referrers index or a signature got the image's manifest (200). Now 404 MANIFEST_UNKNOWN,
+    saying what such a tag is, as for a well-formed one that names nothing."""
+    digest, _ = registry.manifest("hello")
+    hex_digits = digest.removeprefix("sha256:")
+    for tag in (f"sha256-{hex_digits[:-1]}", f"sha256-{hex_digits}0", f"sha256-{hex_digits.upper()}",
+                f"SHA256-{hex_digits}", f"sha256-{hex_digits}.sig.sig", f"sha256-{hex_digits[:10]}.sig", "sha256-"):
+        for accept in (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST):
+            for method in ("HEAD", "GET"):  # the GET's body is read below
+                status, _, body = registry.request(f"/v2/hello/manifests/{tag}", method=method, accept=accept)
+                assert status == 404, (tag, accept, method, status, body[:300])
+            error = json.loads(body)["errors"][0]
+            assert error["code"] == "MANIFEST_UNKNOWN" and "64 lower-case hex digits" in error["message"], error
+    # a tag that only looks alike is still a tag of the package set
+    assert registry.request("/v2/hello/manifests/sha512-v1", accept=DOCKER_MANIFEST)[0] == 200
+
+
 def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
     """Two fresh registries (the same history: none) make the same image and the same documents."""
     one, other = (RegistryProcess(tmp_path / name, env={"NIXERY_BUNDLED_SET": "busybox"}) for name in "ab")

@@ -14,7 +14,8 @@
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
         cosign's signature of <hex> for this repository (`sha256-<hex>.sig`, `nixery.signatures`);
-        any other suffix: 404 MANIFEST_UNKNOWN.
+        any other suffix: 404 MANIFEST_UNKNOWN. So is any other tag that starts with
+        `sha256-` (nixery.http.routes), not the image as for a tag of the package set.
 
 As for manifests by digest, the digest is the answer's key and the repository name is
 only checked (every name of an image serves the same manifests).
