@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,6 +232,35 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert arm64.returncode != 0 and "no image found in image index for architecture arm64" in arm64.stderr
     inspected = json.loads(run(["skopeo", "inspect", "--override-arch", "amd64", "--tls-verify=false", image]).stdout)
     assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
+
+
+def test_an_arm64_name_the_arm64_set_lacks_is_not_offered_to_build(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """The image page and `nixery inspect` checked an unbuilt image's names against the host's
+    package list only: `arm64/amd64only` (a name the set has on x86_64 alone, as the Debian set's
+    libcpuid16) was "not built yet: pull it, or build it with `nixery build arm64/amd64only`", a
+    build that can only fail. Now they check arm64's list, and say it lacks the name there."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    status, _, body = registry.request("/images/arm64/amd64only", accept="application/json")
+    error = json.loads(body)["errors"][0]
+    assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", ["amd64only"]), error
+    assert "for linux/arm64" in error["message"] and error["detail"]["platform"] == "linux/arm64", error
+    assert "not been built" not in error["message"]
+    inspected = run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, "arm64/amd64only"],
+                    check=False)
+    assert inspected.returncode == 1 and "packages not found" in inspected.stderr, inspected.stderr
+    assert "nixery build" not in inspected.stderr
+    # the host's image of the name is still only not built yet
+    status, _, body = registry.request("/images/amd64only", accept="application/json")
+    assert status == 404 and "not been built yet" in json.loads(body)["errors"][0]["message"]
 
 
 def test_a_registry_of_one_other_platform_serves_it_for_names_without_a_platform(
