@@ -234,6 +234,20 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
 
 
+def test_an_index_type_refused_with_q_0_is_not_served(start_registry: Callable[..., RegistryProcess]) -> None:
+    """`Accept: <index>;q=0, <OCI manifest>` (RFC 9110: q=0 is "not acceptable", a curl user's way
+    to say "the manifest, not the index") was answered with the index: weights were dropped unread.
+    Now a type refused so is not taken; other weights still only list what is accepted."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+    _, media_type, _ = _manifest(registry, "hello", [f"{OCI_INDEX};q=0, {OCI_MANIFEST}"])
+    assert media_type == OCI_MANIFEST
+    refused_both = [f"{DOCKER_MANIFEST_LIST}; q=0.0", DOCKER_MANIFEST, OCI_INDEX + ";q=0"]
+    _, media_type, _ = _manifest(registry, "hello", refused_both)
+    assert media_type == DOCKER_MANIFEST
+    _, media_type, _ = _manifest(registry, "hello", [f"{OCI_INDEX};q=0.1, {OCI_MANIFEST}"])
+    assert media_type == OCI_INDEX  # a low weight is still accepted, and an index is what it names
+
+
 def test_an_arm64_name_the_arm64_set_lacks_is_not_offered_to_build(
     start_registry: Callable[..., RegistryProcess], tmp_path: Path,
 ) -> None:
