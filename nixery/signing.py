@@ -54,6 +54,10 @@ PUBLIC_KEY_FILE = "nixery-signing.pub"
 _ALGORITHM = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 
+#: A PEM P-256 key is a few hundred bytes; a certificate chain beside it a few KiB.
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 class SigningKeyError(ValueError):
     """A signing key that cannot be used (unreadable, wrong password, not ECDSA P-256)."""
 
@@ -96,9 +100,14 @@ class SigningKey:
     @classmethod
     def load(cls, path: Path, password: str | None = None) -> SigningKey:
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                data = file.read(MAX_KEY_FILE_BYTES + 1)  # not to the end: /dev/zero has none
         except OSError as exc:
             raise SigningKeyError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise SigningKeyError(
+                f"the signing key {path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key file"
+            )
         try:
             key = serialization.load_pem_private_key(data, password.encode() if password else None)
         except TypeError:  # a password for a plain key, or none for an encrypted one

@@ -216,6 +216,7 @@ def test_a_file_that_is_not_the_signing_key_is_named_for_what_it_is(tmp_path: Pa
         "empty.pem": (b"", "is empty"),
         "cosign.key": (cosign, "cosign's own encrypted format"),
         "notes.txt": (b"my signing key\n", "is not a PEM file"),
+        "image.tar": (b"\0" * (1 << 20), "larger than 64 KiB: not a key file"),
     }
     for name, (content, said) in files.items():
         (tmp_path / name).write_bytes(content)
@@ -226,6 +227,9 @@ def test_a_file_that_is_not_the_signing_key_is_named_for_what_it_is(tmp_path: Pa
     encrypted.write_bytes(SigningKey.load(private).private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
     ))
+    # a device that never ends was read until memory ran out: now its first 64 KiB
+    with pytest.raises(config.ConfigError, match="larger than 64 KiB"):
+        config.load({"NIXERY_SIGNING_KEY": "/dev/zero"})
     for env, said in [
         ({"NIXERY_SIGNING_KEY": str(encrypted)}, "is encrypted: give its password in NIXERY_SIGNING_KEY_PASSWORD"),
         ({"NIXERY_SIGNING_KEY": str(encrypted), "NIXERY_SIGNING_KEY_PASSWORD": "wrong"}, "the password is wrong"),
