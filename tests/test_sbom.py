@@ -430,6 +430,16 @@ def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> 
             _, document = attached_document(registry, "hello", entry["digest"], SPDX)
             sboms[entry["platform"]["architecture"]] = json.loads(document)
         assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+        # The image page linked the referrers of the index (an empty list): now those of the manifest
+        # its documents are attached to, the default platform's, which the JSON names.
+        status, _, body = registry.request("/images/hello.json", accept="application/json")
+        image = json.loads(body)
+        assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
+        listed, _ = referrers(registry, "hello", image["attached_to"])
+        assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
+        page = registry.request("/images/hello", accept="text/html")[2].decode()
+        assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
+        assert f'/referrers/{index_digest}"' not in page
     finally:
         registry.stop()
     assert set(sboms) == {"amd64", "arm64"}
