@@ -23,8 +23,6 @@ only checked (every name of an image serves the same manifests).
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
 
 from nixery.errors import ManifestUnknown
@@ -38,11 +36,6 @@ from nixery.registry.mediatypes import OCI_INDEX
 #: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
 _TAG = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
 _PREFIX = len("sha256-") + 64
-ATTACHMENT_TAG = re.compile(_TAG)
-
-
-def is_attachment_tag(reference: str) -> bool:
-    return ATTACHMENT_TAG.fullmatch(reference) is not None
 
 
 async def _referrers(request: web.Request, subject: Digest) -> list[Attached]:
