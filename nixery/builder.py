@@ -181,7 +181,13 @@ class ImageBuilder:
     async def check_names(self, request: ImageRequest, tag: str) -> None:
         """Raise PackagesNotFound (with the nearest names) for the names the package set's
         list surely lacks: an image that can never be built (no Nix process is started)."""
-        await self.names.check(request.packages, await self.source.resolve(tag))
+        revision = await self.source.resolve(tag)
+        if request.platforms or request.arch is host_arch():
+            await self.names.check(request.packages, revision)
+        else:  # `arm64/NAME` on another machine: that platform's list, which may lack what the host's has
+            await self.names.check(
+                request.packages, revision, system=request.arch.nix_system, platform=platform_name(request.arch)
+            )
 
     async def start(self, request: ImageRequest, tag: str) -> Build:
         """Start building in the background (if needed); returns the build to follow."""

@@ -39,12 +39,24 @@ class PackageNames:
     def __init__(self, storage: Storage | None):
         #: The package lists by revision, read on first use (a page, a search, a missing name).
         self.catalog = PackageCatalog(system=host_system(), storage=storage)
+        self._storage = storage
+        #: Other platforms' lists (`arm64/NAME`), read only when asked about a name of theirs.
+        self._other_catalogs: dict[str, PackageCatalog] = {}
         self._suggestions = Suggestions()
         self._search_lock = asyncio.Lock()  # a burst of searches queues instead of taking every thread
         self._prepared: tuple[tuple[str, float], CatalogSearch] | None = None  # for the last catalogue searched
 
     async def close(self) -> None:
-        await self.catalog.close()
+        for catalog in (self.catalog, *self._other_catalogs.values()):
+            await catalog.close()
+
+    def catalog_of(self, system: str) -> PackageCatalog:
+        """The package lists of one Nix system (the host's: `catalog`)."""
+        if system == self.catalog.system:
+            return self.catalog
+        if system not in self._other_catalogs:
+            self._other_catalogs[system] = PackageCatalog(system=system, storage=self._storage)
+        return self._other_catalogs[system]
 
     async def search(self, catalog: Catalog, query: str) -> list[CatalogEntry]:
         """The catalogue's entries that match `query` (`Catalog.search`), off the event loop."""
@@ -54,9 +66,12 @@ class PackageNames:
                 self._prepared = key, await asyncio.to_thread(CatalogSearch, catalog)
             return await asyncio.to_thread(self._prepared[1].search, query)
 
-    async def with_suggestions(self, error: PackagesNotFound, revision: Revision) -> PackagesNotFound:
-        """The error, with the nearest names the package set has for each missing one (if its list is read)."""
-        catalog = await self._catalog(revision)
+    async def with_suggestions(
+        self, error: PackagesNotFound, revision: Revision, system: str | None = None
+    ) -> PackagesNotFound:
+        """The error, with the nearest names the package set has (for `system`, else the host) for
+        each missing one (if its list is read)."""
+        catalog = await self._catalog(revision, system)
         if catalog is None:
             return error
         found = await self._suggestions.suggest(
@@ -64,18 +79,23 @@ class PackageNames:
         )
         return PackagesNotFound(error.missing, error.source, found, error.platform) if found else error
 
-    async def check(self, names: Sequence[str], revision: Revision) -> None:
-        """Raise PackagesNotFound, with suggestions, for the names the package list surely lacks."""
-        catalog = await self._catalog(revision)
+    async def check(
+        self, names: Sequence[str], revision: Revision, *, system: str | None = None, platform: str | None = None
+    ) -> None:
+        """Raise PackagesNotFound, with suggestions, for the names the package list surely lacks;
+        `system`: another platform's list than the host's (`platform`, e.g. linux/arm64, names it
+        in the error), which may lack names the host's has (the Debian set's libcpuid16)."""
+        catalog = await self._catalog(revision, system)
         if catalog is None:
             return
         missing = await asyncio.to_thread(catalog.missing, names)
         if missing:
-            raise await self.with_suggestions(PackagesNotFound(missing, revision.source), revision)
+            error = PackagesNotFound(missing, revision.source, platform=platform if system else None)
+            raise await self.with_suggestions(error, revision, system)
 
-    async def _catalog(self, revision: Revision) -> Catalog | None:
+    async def _catalog(self, revision: Revision, system: str | None = None) -> Catalog | None:
         try:
-            return await self.catalog.get(revision, wait=SUGGESTION_WAIT)
+            return await self.catalog_of(system or self.catalog.system).get(revision, wait=SUGGESTION_WAIT)
         except Exception as exc:  # the list could not be read: the answer goes without suggestions
             log.info("package_names.no_catalog", revision=revision.id, error=str(exc)[:200])
             return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,43 @@ PUBLIC_KEY_FILE = "nixery-signing.pub"
 _ALGORITHM = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 
+#: A PEM P-256 key is a few hundred bytes; a certificate chain beside it a few KiB.
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 class SigningKeyError(ValueError):
     """A signing key that cannot be used (unreadable, wrong password, not ECDSA P-256)."""
+
+
+#: PEM labels of files people mistake for the signing key, and what to say of each.
+_COSIGN_FORMAT = (
+    "is in cosign's own encrypted format (`cosign generate-key-pair`), which is not read here: use a PEM "
+    "PKCS#8 key, which `cosign import-key-pair` takes for cosign"
+)
+_NOT_THE_KEY = {
+    "ENCRYPTED SIGSTORE PRIVATE KEY": _COSIGN_FORMAT,
+    "ENCRYPTED COSIGN PRIVATE KEY": _COSIGN_FORMAT,
+    "CERTIFICATE": "holds a certificate, not a private key",
+    "PUBLIC KEY": "holds a public key, not the private key",
+}
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,64})-----")
+
+
+def _unreadable_pem(data: bytes, password: str | None) -> str:
+    """Why a file that the PEM reader refused is not a usable key, as far as its labels tell: "the
+    password is wrong" only when it is an encrypted key and a password was given."""
+    labels = [label.decode() for label in _PEM_LABEL.findall(data)]
+    if not data.strip():
+        return "is empty"
+    if not labels:
+        return "is not a PEM file (no -----BEGIN ...----- line)"
+    encrypted = "ENCRYPTED PRIVATE KEY" in labels or b"Proc-Type: 4,ENCRYPTED" in data  # PKCS#8, or openssl's legacy
+    if encrypted and password:
+        return "could not be decrypted: the password is wrong (NIXERY_SIGNING_KEY_PASSWORD)"
+    if any(label.endswith("PRIVATE KEY") and label not in _NOT_THE_KEY for label in labels):
+        return "is not a PEM private key that can be read (a damaged or unsupported key?)"
+    return next((_NOT_THE_KEY[label] for label in labels if label in _NOT_THE_KEY),
+                f"is not a private key (it holds: {', '.join(dict.fromkeys(labels))})")
 
 
 @dataclass(frozen=True)
@@ -64,17 +100,27 @@ class SigningKey:
     @classmethod
     def load(cls, path: Path, password: str | None = None) -> SigningKey:
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                data = file.read(MAX_KEY_FILE_BYTES + 1)  # not to the end: /dev/zero has none
         except OSError as exc:
             raise SigningKeyError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise SigningKeyError(
+                f"the signing key {path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key file"
+            )
         try:
             key = serialization.load_pem_private_key(data, password.encode() if password else None)
-        except TypeError as exc:  # a password for a plain key, or none for an encrypted one
-            raise SigningKeyError(f"the signing key {path}: {exc}") from None
-        except ValueError:
+        except TypeError:  # a password for a plain key, or none for an encrypted one
+            if password:
+                raise SigningKeyError(
+                    f"the signing key {path} is not encrypted, but a password was given "
+                    "(NIXERY_SIGNING_KEY_PASSWORD): unset it"
+                ) from None
             raise SigningKeyError(
-                f"the signing key {path} is not a PEM private key (or the password is wrong)"
+                f"the signing key {path} is encrypted: give its password in NIXERY_SIGNING_KEY_PASSWORD"
             ) from None
+        except ValueError:
+            raise SigningKeyError(f"the signing key {path} {_unreadable_pem(data, password)}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise SigningKeyError(f"the signing key {path} is not an ECDSA P-256 key")
         return cls(key)

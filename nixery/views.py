@@ -75,8 +75,11 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
         "built_at": record.built_at,
         "paths_recorded": bool(record.layer_paths),
         "layers": _layers_json(record),
-        # The SBOM and provenance of the manifest `digest` (nixery.attachments): each artifact
-        # manifest, and the document it carries (its last blob), fetched as a blob.
+        # The SBOM and provenance of the manifest `attached_to` (nixery.attachments): each artifact
+        # manifest, and the document it carries (its last blob), fetched as a blob. That is the
+        # manifest `digest` names, but for several platforms: `digest` is then the index's, which
+        # has none (its referrers are an empty list), and these are the default platform's.
+        "attached_to": str(default),
         "attached": [
             {"artifactType": one.manifest.artifact_type, "manifest": str(one.manifest.digest),
              "document": str(one.blobs[-1])}

@@ -413,6 +413,9 @@ async def test_basic_mode_decisions(aiohttp_client, users_file: Path, anonymous_
         ("GET", f"/v2/shell/hello/referrers/{DIGEST}", {}, anonymous_pulls, None if anonymous_pull else "UNAUTHORIZED"),
         ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}", basic(BOB), 200, None),
         ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}.sig", basic(BOB), 200, None),
+        # A malformed one builds nothing (the route answers 404): not "building needs the build permission".
+        ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG[:-1]}.sig", basic(BOB), 200, None),
+        ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG.upper()}", basic(BOB), 200, None),
         ("GET", f"/v2/shell/hello/manifests/{REFERRERS_TAG}", {}, anonymous_pulls,
          None if anonymous_pull else "UNAUTHORIZED"),
         ("GET", "/v2/shell/hello/manifests/bad..tag", basic(BOB), 400, "TAG_INVALID"),

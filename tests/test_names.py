@@ -78,10 +78,22 @@ def test_a_platform_this_registry_lacks_gets_a_hint(bundled: RegistryProcess, wo
     package, as always, but the answer now names the one platform prefix there is."""
     status, error = error_of(bundled, f"{word}/hello")
     assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", [word])
-    assert error["message"].startswith("packages not found") and f"{word} is not a platform" in error["message"]
+    assert error["message"].startswith("packages not found") and f"{word} is not a platform prefix" in error["message"]
     assert "arm64/" in error["message"] and error["detail"]["hint"] in error["message"]
     # a misspelt package gets no such hint
     assert "hint" not in error_of(bundled, "hello/nosuchpackage")[1]["detail"]
+
+
+@pytest.mark.parametrize("name", ["hello/arm64", "arm64/arm64/hello", "ARM64/hello", "Arm64/hello"])
+def test_the_arm64_prefix_out_of_place_gets_a_hint(bundled: RegistryProcess, name: str) -> None:
+    """`shell/arm64`, `arm64/arm64/shell` and `ARM64/shell` said only "packages not found ...: arm64"
+    (no word of the prefix): `arm64` is the prefix only first, once, in lower case, and the
+    answer now says so."""
+    status, error = error_of(bundled, name)
+    misplaced = name.split("/")[1] if name.startswith("arm64/") else next(w for w in name.split("/") if w != "hello")
+    assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", [misplaced])
+    assert "first component, once and in lower case (arm64/shell)" in error["detail"]["hint"]
+    assert error["detail"]["hint"] in error["message"]
 
 
 def test_a_package_named_like_a_platform_is_still_a_package(start_registry, tmp_path: Path) -> None:

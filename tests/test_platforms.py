@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,6 +232,49 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert arm64.returncode != 0 and "no image found in image index for architecture arm64" in arm64.stderr
     inspected = json.loads(run(["skopeo", "inspect", "--override-arch", "amd64", "--tls-verify=false", image]).stdout)
     assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
+
+
+def test_an_index_type_refused_with_q_0_is_not_served(start_registry: Callable[..., RegistryProcess]) -> None:
+    """`Accept: <index>;q=0, <OCI manifest>` (RFC 9110: q=0 is "not acceptable", a curl user's way
+    to say "the manifest, not the index") was answered with the index: weights were dropped unread.
+    Now a type refused so is not taken; other weights still only list what is accepted."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
+    _, media_type, _ = _manifest(registry, "hello", [f"{OCI_INDEX};q=0, {OCI_MANIFEST}"])
+    assert media_type == OCI_MANIFEST
+    refused_both = [f"{DOCKER_MANIFEST_LIST}; q=0.0", DOCKER_MANIFEST, OCI_INDEX + ";q=0"]
+    _, media_type, _ = _manifest(registry, "hello", refused_both)
+    assert media_type == DOCKER_MANIFEST
+    _, media_type, _ = _manifest(registry, "hello", [f"{OCI_INDEX};q=0.1, {OCI_MANIFEST}"])
+    assert media_type == OCI_INDEX  # a low weight is still accepted, and an index is what it names
+
+
+def test_an_arm64_name_the_arm64_set_lacks_is_not_offered_to_build(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """The image page and `nixery inspect` checked an unbuilt image's names against the host's
+    package list only: `arm64/amd64only` (a name the set has on x86_64 alone, as the Debian set's
+    libcpuid16) was "not built yet: pull it, or build it with `nixery build arm64/amd64only`", a
+    build that can only fail. Now they check arm64's list, and say it lacks the name there."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    status, _, body = registry.request("/images/arm64/amd64only", accept="application/json")
+    error = json.loads(body)["errors"][0]
+    assert (status, error["code"], error["detail"]["missing"]) == (404, "MANIFEST_UNKNOWN", ["amd64only"]), error
+    assert "for linux/arm64" in error["message"] and error["detail"]["platform"] == "linux/arm64", error
+    assert "not been built" not in error["message"]
+    inspected = run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, "arm64/amd64only"],
+                    check=False)
+    assert inspected.returncode == 1 and "packages not found" in inspected.stderr, inspected.stderr
+    assert "nixery build" not in inspected.stderr
+    # the host's image of the name is still only not built yet
+    status, _, body = registry.request("/images/amd64only", accept="application/json")
+    assert status == 404 and "not been built yet" in json.loads(body)["errors"][0]["message"]
 
 
 def test_a_registry_of_one_other_platform_serves_it_for_names_without_a_platform(

@@ -12,6 +12,7 @@ from nixery.registry.descriptors import Descriptor
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import (
     DOCKER_MANIFEST,
+    OCI_INDEX,
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     Compression,
@@ -187,3 +188,7 @@ def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:
     assert accepted_media_types(long) == {long[0]}
     assert _media_types.cache_info().currsize == kept
     assert accepted_media_types([f"{OCI_MANIFEST}; q=0.5, */*"]) == {OCI_MANIFEST, "*/*"}
+    # q=0 refuses a type (RFC 9110), in any spelling of zero
+    for refused in ("q=0", "q=0.0", " Q = 0.000 "):
+        assert accepted_media_types([f"{OCI_INDEX};{refused}, {OCI_MANIFEST}"]) == {OCI_MANIFEST}, refused
+    assert accepted_media_types([f"{OCI_INDEX};q=0.001"]) == {OCI_INDEX}

@@ -211,6 +211,25 @@ def test_artifact_type_filtering(registry) -> None:
     assert none["manifests"] == []
 
 
+def test_a_repeated_artifact_type_keeps_each_and_an_empty_one_filters_nothing(registry) -> None:
+    """`?artifactType=SPDX&artifactType=IN_TOTO` answered the SPDX entry alone (the first value only),
+    saying the filter was applied; `?artifactType=` (a script's unset variable) answered no entries
+    at all. Now a repeat keeps the entries of each type, and an empty value is no filter."""
+    digest, _ = registry.manifest("hello")
+    everything, _ = referrers(registry, "hello", digest)
+    both = f"?artifactType={quote(SPDX, safe='')}&artifactType={quote(IN_TOTO, safe='')}"
+    filtered, headers = referrers(registry, "hello", digest, both)
+    assert headers["OCI-Filters-Applied"] == "artifactType"
+    assert filtered["manifests"] == [e for e in everything["manifests"] if e["artifactType"] in (SPDX, IN_TOTO)]
+    assert len(filtered["manifests"]) == 2
+    for empty in ("?artifactType=", "?artifactType=&artifactType="):
+        unfiltered, headers = referrers(registry, "hello", digest, empty)
+        assert unfiltered == everything and "OCI-Filters-Applied" not in headers, empty
+    # an empty value beside a real one: the real one filters
+    spdx_only, _ = referrers(registry, "hello", digest, f"?artifactType=&artifactType={quote(SPDX, safe='')}")
+    assert [e["artifactType"] for e in spdx_only["manifests"]] == [SPDX]
+
+
 def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
     digest, _ = registry.manifest("hello")
     index, _ = referrers(registry, "hello", digest)
@@ -223,6 +242,25 @@ def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
             assert headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
     status, _, body = registry.request(f"/v2/hello/manifests/{UNRELATED.replace(':', '-')}", accept=OCI_INDEX)
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(registry) -> None:
+    """`sha256-<hex>` with a digit too few or too many, in upper case, `.sig.sig`, or `sha256-` alone
+    fell through to an ordinary tag, and the bundled set answers any tag with the image: a client
+    asking for a referrers index or a signature got the image's manifest (200). Now 404 MANIFEST_UNKNOWN,
+    saying what such a tag is, as for a well-formed one that names nothing."""
+    digest, _ = registry.manifest("hello")
+    hex_digits = digest.removeprefix("sha256:")
+    for tag in (f"sha256-{hex_digits[:-1]}", f"sha256-{hex_digits}0", f"sha256-{hex_digits.upper()}",
+                f"SHA256-{hex_digits}", f"sha256-{hex_digits}.sig.sig", f"sha256-{hex_digits[:10]}.sig", "sha256-"):
+        for accept in (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST):
+            for method in ("HEAD", "GET"):  # the GET's body is read below
+                status, _, body = registry.request(f"/v2/hello/manifests/{tag}", method=method, accept=accept)
+                assert status == 404, (tag, accept, method, status, body[:300])
+            error = json.loads(body)["errors"][0]
+            assert error["code"] == "MANIFEST_UNKNOWN" and "64 lower-case hex digits" in error["message"], error
+    # a tag that only looks alike is still a tag of the package set
+    assert registry.request("/v2/hello/manifests/sha512-v1", accept=DOCKER_MANIFEST)[0] == 200
 
 
 def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
@@ -392,6 +430,16 @@ def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> 
             _, document = attached_document(registry, "hello", entry["digest"], SPDX)
             sboms[entry["platform"]["architecture"]] = json.loads(document)
         assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+        # The image page linked the referrers of the index (an empty list): now those of the manifest
+        # its documents are attached to, the default platform's, which the JSON names.
+        status, _, body = registry.request("/images/hello.json", accept="application/json")
+        image = json.loads(body)
+        assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
+        listed, _ = referrers(registry, "hello", image["attached_to"])
+        assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
+        page = registry.request("/images/hello", accept="text/html")[2].decode()
+        assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
+        assert f'/referrers/{index_digest}"' not in page
     finally:
         registry.stop()
     assert set(sboms) == {"amd64", "arm64"}

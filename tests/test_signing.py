@@ -23,6 +23,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,47 @@ def test_signing_settings_are_checked_at_start(tmp_path: Path) -> None:
         with pytest.raises(config.ConfigError, match=message):
             config.load(env)
     assert config.load({"NIXERY_PUBLIC_HOST": "registry.example.org:5000"}).public_host == "registry.example.org:5000"
+
+
+def test_a_file_that_is_not_the_signing_key_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A certificate, the public key, an empty file, cosign's own key format, and a damaged or
+    non-PEM file all said "is not a PEM private key (or the password is wrong)", with no password
+    set: a user went looking for a password. Now each says what the file is; "the password is wrong"
+    only for an encrypted key given a password that does not open it."""
+    private, public = generate_pair(tmp_path)
+    certificate = subprocess.run(
+        ["openssl", "req", "-x509", "-key", str(private), "-subj", "/CN=nixery", "-days", "1"],
+        capture_output=True, check=True,
+    ).stdout
+    label = b"ENCRYPTED SIGSTORE PRIVATE KEY"  # what `cosign generate-key-pair` writes
+    cosign = b"-----BEGIN " + label + b"-----\neyJrZGYiOnt9fQ==\n-----END " + label + b"-----\n"
+    files = {
+        "certificate.pem": (certificate, "holds a certificate, not a private key"),
+        "public.pem": (public.read_bytes(), "holds a public key, not the private key"),
+        "empty.pem": (b"", "is empty"),
+        "cosign.key": (cosign, "cosign's own encrypted format"),
+        "notes.txt": (b"my signing key\n", "is not a PEM file"),
+        "image.tar": (b"\0" * (1 << 20), "larger than 64 KiB: not a key file"),
+    }
+    for name, (content, said) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(config.ConfigError) as raised:
+            config.load({"NIXERY_SIGNING_KEY": str(tmp_path / name)})
+        assert said in str(raised.value) and "password" not in str(raised.value), (name, str(raised.value))
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(SigningKey.load(private).private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    ))
+    # a device that never ends was read until memory ran out: now its first 64 KiB
+    with pytest.raises(config.ConfigError, match="larger than 64 KiB"):
+        config.load({"NIXERY_SIGNING_KEY": "/dev/zero"})
+    for env, said in [
+        ({"NIXERY_SIGNING_KEY": str(encrypted)}, "is encrypted: give its password in NIXERY_SIGNING_KEY_PASSWORD"),
+        ({"NIXERY_SIGNING_KEY": str(encrypted), "NIXERY_SIGNING_KEY_PASSWORD": "wrong"}, "the password is wrong"),
+        ({"NIXERY_SIGNING_KEY": str(private), "NIXERY_SIGNING_KEY_PASSWORD": "pw"}, "is not encrypted"),
+    ]:
+        with pytest.raises(config.ConfigError, match=re.escape(said)):
+            config.load(env)
 
 
 # ---- a registry that signs ----------------------------------------------------------------

@@ -4,8 +4,9 @@
         an OCI image index of the manifests whose `subject` is <digest> (the SBOMs and
         provenance statements of an image manifest, `nixery.attachments`): each entry with
         its artifactType and annotations. A digest no image has: an empty index, 200 (as
-        distribution-spec requires). With `artifactType`, only the entries of that type,
-        and the `OCI-Filters-Applied: artifactType` header says the filter was applied.
+        distribution-spec requires). With `artifactType` (repeated: any of them), only the
+        entries of that type, and the `OCI-Filters-Applied: artifactType` header says the
+        filter was applied.
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>
         the same index (unfiltered) under the referrers tag schema; 404 MANIFEST_UNKNOWN
@@ -13,15 +14,14 @@
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
         cosign's signature of <hex> for this repository (`sha256-<hex>.sig`, `nixery.signatures`);
-        any other suffix: 404 MANIFEST_UNKNOWN.
+        any other suffix: 404 MANIFEST_UNKNOWN. So is any other tag that starts with
+        `sha256-` (nixery.http.routes), not the image as for a tag of the package set.
 
 As for manifests by digest, the digest is the answer's key and the repository name is
 only checked (every name of an image serves the same manifests).
 """
 
 from __future__ import annotations
-
-import re
 
 from aiohttp import web
 
@@ -36,11 +36,6 @@ from nixery.registry.mediatypes import OCI_INDEX
 #: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
 _TAG = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
 _PREFIX = len("sha256-") + 64
-ATTACHMENT_TAG = re.compile(_TAG)
-
-
-def is_attachment_tag(reference: str) -> bool:
-    return ATTACHMENT_TAG.fullmatch(reference) is not None
 
 
 async def _referrers(request: web.Request, subject: Digest) -> list[Attached]:
@@ -55,13 +50,18 @@ async def referrers(request: web.Request) -> web.Response:
     # A well-formed sha512 digest: nothing here refers to one, an empty index as for any such digest.
     listed = [] if names_another_algorithm(subject) else await _referrers(request, Digest.parse(subject))
     headers = {"Content-Type": OCI_INDEX}
-    artifact_type = request.query.get("artifactType")
-    if artifact_type is not None:
-        # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
-        artifact_type = artifact_type.replace(" ", "+")
-        listed = [attached for attached in listed if attached.manifest.artifact_type == artifact_type]
+    if artifact_types := requested_artifact_types(request):
+        listed = [attached for attached in listed if attached.manifest.artifact_type in artifact_types]
         headers["OCI-Filters-Applied"] = "artifactType"
     return web.Response(body=image_index([attached.manifest for attached in listed]), headers=headers)
+
+
+def requested_artifact_types(request: web.Request) -> frozenset[str]:
+    """The `artifactType` values a referrers request filters by; empty: no filter. Each repeat
+    counts (`?artifactType=A&artifactType=B` lists both kinds, not A's alone as the first value
+    would), and an empty value (`?artifactType=$UNSET`) filters nothing rather than everything."""
+    # A media type has no spaces: one is a `+` sent unencoded (`?artifactType=application/spdx+json`).
+    return frozenset(value.replace(" ", "+") for value in request.query.getall("artifactType", ()) if value.strip())
 
 
 async def tagged(request: web.Request) -> web.Response:

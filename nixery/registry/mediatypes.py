@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Collection
 from enum import Enum
 
@@ -88,8 +89,17 @@ def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str]:
         part.split(";", 1)[0].strip().lower()
         for header in accept_headers
         for part in header.split(",")
-        if part.strip()
+        if part.strip() and not _refused(part)
     )
+
+
+_ZERO_QUALITY = re.compile(r";\s*q\s*=\s*0(?:\.0{0,3})?\s*(?:;|$)", re.IGNORECASE)
+
+
+def _refused(part: str) -> bool:
+    """`type;q=0`: RFC 9110's "not acceptable" (a curl user's way of refusing an index), not a
+    type the client takes; other weights only order what is accepted, which is not read here."""
+    return _ZERO_QUALITY.search(part) is not None
 
 
 def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:

@@ -45,12 +45,20 @@ PLATFORM_WORDS = frozenset({
 
 
 def platform_hint(missing: list[str]) -> str | None:
-    """What to say when a package the set lacks is named like a platform (`riscv64/shell`)."""
+    """What to say when a package the set lacks is named like a platform (`riscv64/shell`), or is
+    the arm64 prefix out of place (`shell/arm64`, `arm64/arm64/shell`, `ARM64/shell`)."""
+    if misplaced := next((name for name in missing if name.lower() == "arm64"), None):
+        # Only a first, lower-case `arm64` is the prefix: anywhere else it is read as a package.
+        return (
+            f"{misplaced} selects linux/arm64 only as a name's first component, once and in lower case "
+            f"(arm64/shell); elsewhere it is read as a package name"
+        )
     words = [name for name in missing if name.lower() in PLATFORM_WORDS]
     if not words:
         return None
+    # Not "not a platform of this registry": amd64 may well be one (NIXERY_PLATFORMS), just not a prefix.
     return (
-        f"{words[0]} is not a platform of this registry: its only platform prefix is {ARM64_PREFIX} "
+        f"{words[0]} is not a platform prefix of this registry: its only one is {ARM64_PREFIX} "
         "(linux/arm64, as in arm64/shell); a name without one is built for the registry's own platforms"
     )
 

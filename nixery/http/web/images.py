@@ -39,7 +39,8 @@ def _attached_facts(name: str, doc: dict[str, Any]) -> str:
     ]
     if not links:
         return ""
-    listing = f'<a href="/v2/{h(name)}/referrers/{h(doc["digest"])}">referrers</a>'
+    # Of the manifest they are attached to: for several platforms `digest` is the index's, which has none.
+    listing = f'<a href="/v2/{h(name)}/referrers/{h(doc["attached_to"])}">referrers</a>'
     how = '<a href="/docs/sbom">how to fetch them</a>'
     return f"<dt>Documents</dt><dd>{', '.join(links)} (all: {listing}; {how})</dd>"
 
