@@ -202,6 +202,18 @@ def test_the_amd64_image_in_an_index_is_the_one_a_single_platform_registry_serve
     assert index["manifests"][0]["digest"] == digest
 
 
+def _set_with_an_amd64_only_name(tmp_path: Path) -> Path:
+    """The busybox set plus `amd64only`, a name it has on x86_64 alone (as the Debian set's libcpuid16)."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
+    )
+    return pkgs
+
+
 @pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
 def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     start_registry: Callable[..., RegistryProcess], tmp_path: Path,
@@ -210,13 +222,7 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     the name's index lists the platforms that have it, so amd64 clients pull it and an arm64
     client is told by its own client that there is no arm64 image; `arm64/NAME` says which
     platform lacks it."""
-    pkgs = tmp_path / "pkgs"
-    pkgs.mkdir()
-    (pkgs / "default.nix").write_text(
-        "{ system ? builtins.currentSystem, ... }:\n"
-        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
-        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
-    )
+    pkgs = _set_with_an_amd64_only_name(tmp_path)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
     digest, media_type, index = _manifest(registry, "amd64only", [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST])
     assert media_type == OCI_INDEX
@@ -255,13 +261,7 @@ def test_an_arm64_name_the_arm64_set_lacks_is_not_offered_to_build(
     package list only: `arm64/amd64only` (a name the set has on x86_64 alone, as the Debian set's
     libcpuid16) was "not built yet: pull it, or build it with `nixery build arm64/amd64only`", a
     build that can only fail. Now they check arm64's list, and say it lacks the name there."""
-    pkgs = tmp_path / "pkgs"
-    pkgs.mkdir()
-    (pkgs / "default.nix").write_text(
-        "{ system ? builtins.currentSystem, ... }:\n"
-        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
-        'base // (if system == "x86_64-linux" then { amd64only = base.hello; } else { })\n'
-    )
+    pkgs = _set_with_an_amd64_only_name(tmp_path)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
     status, _, body = registry.request("/images/arm64/amd64only", accept="application/json")
     error = json.loads(body)["errors"][0]
