@@ -124,7 +124,9 @@ async def follow_events(session: aiohttp.ClientSession, url: str) -> AsyncIterat
                     yield event
                     if event.get("stage") in FINAL:
                         return
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+        # A registry that stops ends the stream; one restarting refuses connections for a while,
+        # then says whether it knows the build (a restart forgets it).
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             attempts += 1
             if attempts > _RECONNECTS:
                 raise ClientError(f"lost the event stream: {exc}") from exc

@@ -315,6 +315,42 @@ def test_ctrl_c_while_following_a_registry_s_build_says_the_build_goes_on(start_
         assert json.load(response)["stage"] == "building"
 
 
+def test_a_registry_restarting_under_a_build_being_followed_is_reported_in_one_line(
+    start_registry, tmp_path: Path
+) -> None:
+    """A registry that stopped while `nixery build` followed its build (a restart, a rollout) made
+    the command end in a `ClientConnectorError` traceback, at its first attempt to reconnect. Now
+    it tries again as for a stream that broke, and, the registry back (which forgot the build,
+    stopped with the old process), says so in one line."""
+    storage = tmp_path / "storage"
+    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=30))}
+    registry = start_registry(storage, **env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until Nix builds slowpoke, which takes 30 s
+            if " building " in line:
+                break
+        registry.stop()
+        time.sleep(2)  # down while the command reconnects (a second after the stream ended)
+        assert process.poll() is None, process.communicate()
+        again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
+        try:
+            out, err = process.communicate(timeout=60)
+        finally:
+            again.stop()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert err == "nixery: NAME_UNKNOWN: no build with this id (it may be too old to be kept, or the registry " \
+                  "restarted since)\n"
+    assert len(registry.log_events("build.stopped")) == 1
+
+
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:
     """With NIXERY_PLATFORMS of two, `--local` builds the image index the registry serves for
     the name (each platform's image): the registry then builds nothing more on its first pull."""
