@@ -69,6 +69,10 @@ from nixery.storage.base import Storage
 log = structlog.get_logger(__name__)
 
 
+#: The last event of a build stopped by closing the builder (its progress page shows it as the error).
+STOPPED_MESSAGE = "stopped: the registry is shutting down"
+
+
 def _by_resolved_names(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> ImageRequest:
     """The request under the names its packages resolved to, in the order it gave them."""
     return request.renamed({package.name: package.pull_name for package in resolved})
@@ -263,6 +267,12 @@ class ImageBuilder:
                     record = await self._counted_build(request, revision, key, build)
                 else:
                     metrics.build_waited()
+        except asyncio.CancelledError:  # by close(): the registry stops (or `build --local` was interrupted)
+            # Not a failure of the build: said as what it is, not as an empty error.
+            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+            log.info("build.stopped", image=request.display_name, build=build.id,
+                     reason="the registry is shutting down")
+            raise
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
             build.emit(

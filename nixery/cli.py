@@ -388,13 +388,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nixery: cannot write the output: {exc.strerror}", file=sys.stderr)
         return OUTPUT_FAILED
     except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it itself: one line, no traceback
-        print("nixery: interrupted", file=sys.stderr)
+        print(f"{_command_name(sys.argv[1:] if argv is None else argv)}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:
         # The reader of the output went away (`nixery build ... | head`): end quietly, with the
         # status of a program that SIGPIPE ended, as other tools in a pipeline do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 128 + signal.SIGPIPE
+
+
+#: The commands named by two words (`nixery layers plan`).
+_TWO_WORD_COMMANDS = ("layers", "auth", "keys")
+
+
+def _command_name(argv: list[str]) -> str:
+    """How a message of the command `argv` runs begins, as each command's own do: `nixery
+    inspect`, `nixery layers plan`; `nixery` before a command is known."""
+    words = ["nixery"]
+    for word in argv[:2]:
+        if word.startswith("-"):
+            break
+        words.append(word)
+        if word not in _TWO_WORD_COMMANDS:
+            break
+    return " ".join(words)
 
 
 def _command(argv: list[str]) -> int:

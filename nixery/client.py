@@ -124,7 +124,9 @@ async def follow_events(session: aiohttp.ClientSession, url: str) -> AsyncIterat
                     yield event
                     if event.get("stage") in FINAL:
                         return
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+        # A registry that stops ends the stream; one restarting refuses connections for a while,
+        # then says whether it knows the build (a restart forgets it).
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             attempts += 1
             if attempts > _RECONNECTS:
                 raise ClientError(f"lost the event stream: {exc}") from exc
@@ -233,16 +235,20 @@ def build_main(argv: list[str]) -> int:
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
         return 2
+    progress: list[str] = []  # the progress page of the build a registry started, once it has
     try:
-        return asyncio.run(_build(args, console, interactive))
+        return asyncio.run(_build(args, console, interactive, progress))
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one line, as every command says it (`nixery gc: interrupted`)
+        # A registry's build does not depend on this command: it goes on (a local one has stopped).
+        going_on = f" (the registry goes on with the build: {progress[0]})" if progress else ""
+        err.print(f"nixery build: interrupted{going_on}", markup=False, soft_wrap=True)
         return 130
 
 
-async def _build(args: argparse.Namespace, console: Console, interactive: bool) -> int:
+async def _build(args: argparse.Namespace, console: Console, interactive: bool, progress: list[str]) -> int:
     name, tag = _split(args.image, args.tag)
     display = BarProgress(console) if interactive else PlainProgress(sys.stdout)
     if args.local:
@@ -250,7 +256,7 @@ async def _build(args: argparse.Namespace, console: Console, interactive: bool) 
         registry = "localhost"
     else:
         registry = _registry_url(args.registry)
-        final, image = await _build_remotely(registry, name, tag, display)
+        final, image = await _build_remotely(registry, name, tag, display, progress)
     if final.get("stage") != "done":
         message = final.get("message") or "the build failed"
         if final.get("log"):
@@ -272,8 +278,10 @@ def _session() -> aiohttp.ClientSession:
 
 
 async def _build_remotely(
-    registry: str, name: str, tag: str, display: PlainProgress | BarProgress
+    registry: str, name: str, tag: str, display: PlainProgress | BarProgress, progress: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The build's last event and the image; `progress` gets the build's progress page once
+    the registry has started it."""
     async with _session() as session:
         try:
             async with session.post(
@@ -284,6 +292,7 @@ async def _build_remotely(
                 started = await response.json()
         except aiohttp.ClientConnectionError as exc:
             raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+        progress.append(f"{registry}{started.get('progress') or '/builds/' + started['id']}")
         final: dict[str, Any] = {}
         with display:
             async for event in follow_events(session, f"{registry}{started['events']}"):

@@ -11,9 +11,11 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -221,10 +223,11 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
     time in five: closing the builder stopped the repl under the running build, which went on to
     start a `nix-instantiate` instead, and asyncio's shutdown then cancelled that process's start
     together with the task connecting its pipes (CPython 3.11 then waits for the process forever).
-    Now every run ends at once with status 130, says nothing, and leaves no Nix process and no
-    temporary directory (the repl's, the storage's staging one, which compressions that went on
-    after the storage closed made again). The signal comes at several moments of the evaluation,
-    each twice, and twice in what follows it."""
+    Now every run ends at once with status 130, says so in one line (it said nothing at all,
+    unlike `gc` and `check`), and leaves no Nix process and no temporary directory (the repl's,
+    the storage's staging one, which compressions that went on after the storage closed made
+    again). The signal comes at several moments of the evaluation, each twice, and twice in what
+    follows it."""
     require_debian_set()
     outcomes = []
     for run, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.05] * 2 + [0.08, 0.15]):
@@ -256,9 +259,96 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
         staging = storage / "tmp"
         files_left = [path.name for path in [*(staging.iterdir() if staging.exists() else []), *temporary.iterdir()]]
         outcomes.append((delay, status, nix_left, files_left, process.stderr.read()[-300:]))
-    # Nothing said on stderr either: no traceback, no warning that the repl ended under the build.
-    failed = [outcome for outcome in outcomes if outcome[1:] != (130, [], [], "")]
+    # One line on stderr: no traceback, no warning that the repl ended under the build.
+    failed = [outcome for outcome in outcomes if outcome[1:] != (130, [], [], "nixery build: interrupted\n")]
     assert not failed, f"{len(failed)} of {len(outcomes)} runs (delay, status, Nix, files, stderr): {failed}"
+
+
+@pytest.mark.parametrize("command", [["build", "--plain", "shell"], ["inspect", "shell"]])
+def test_ctrl_c_while_a_registry_does_not_answer_says_so_in_one_line(command: list[str]) -> None:
+    """Ctrl-C while the registry had not answered yet: `nixery build` ended with status 130 and
+    not a word, `nixery inspect` with `nixery: interrupted`, where `gc` and `check` say
+    `nixery gc: interrupted`. Now each says it as they do, naming itself."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        silent.settimeout(60)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nixery", *command, "--registry", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+        )
+        try:
+            connection, _ = silent.accept()  # the command waits for the answer
+            with connection:
+                process.send_signal(signal.SIGINT)
+                out, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+            process.wait()
+    assert (process.returncode, out, err) == (130, "", f"nixery {command[0]}: interrupted\n")
+
+
+def test_ctrl_c_while_following_a_registry_s_build_says_the_build_goes_on(start_registry, tmp_path: Path) -> None:
+    """Ctrl-C while `nixery build` followed a registry's build ended it with status 130 and not
+    a word, though the build goes on at the registry: now one line says so, with where to follow
+    it, and the build goes on."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=30)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        for line in process.stdout:  # until Nix builds slowpoke, which takes 30 s
+            if " building " in line:
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130
+        err = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    said = re.fullmatch(rf"nixery build: interrupted \(the registry goes on with the build: "
+                        rf"{re.escape(registry.url)}(/builds/(\w+)\?image=shell/slowpoke)\)\n", err)
+    assert said, err
+    [started] = registry.log_events("http.build_started")
+    assert started["build"] == said[2]
+    with urllib.request.urlopen(f"{registry.url}/builds/{said[2]}.json", timeout=30) as response:
+        assert json.load(response)["stage"] == "building"
+
+
+def test_a_registry_restarting_under_a_build_being_followed_is_reported_in_one_line(
+    start_registry, tmp_path: Path
+) -> None:
+    """A registry that stopped while `nixery build` followed its build (a restart, a rollout) made
+    the command end in a `ClientConnectorError` traceback, at its first attempt to reconnect. Now
+    it tries again as for a stream that broke, and, the registry back (which forgot the build,
+    stopped with the old process), says so in one line."""
+    storage = tmp_path / "storage"
+    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=30))}
+    registry = start_registry(storage, **env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until Nix builds slowpoke, which takes 30 s
+            if " building " in line:
+                break
+        registry.stop()
+        time.sleep(2)  # down while the command reconnects (a second after the stream ended)
+        assert process.poll() is None, process.communicate()
+        again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
+        try:
+            out, err = process.communicate(timeout=60)
+        finally:
+            again.stop()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert err == "nixery: NAME_UNKNOWN: no build with this id (it may be too old to be kept, or the registry " \
+                  "restarted since)\n"
+    assert len(registry.log_events("build.stopped")) == 1
 
 
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import pytest
 import structlog
 from prometheus_client import REGISTRY
 
-from nixery.nix import packages
+from nixery.nix import packages, repl
 from nixery.nix.errors import MemoryLimitExceeded, NixError, NixTimeout, PackagesNotFound
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
@@ -162,6 +163,40 @@ async def test_a_cancelled_evaluation_kills_the_repl(evaluators: Evaluators) -> 
         await task
     assert gone(pid)
     assert [p.attr for p in await resolve(evaluators, ["figlet"])] == ["figlet"]
+
+
+@pytest.mark.parametrize("moment", ["process-starting", "set-importing"])
+async def test_a_start_cancelled_midway_leaves_no_dead_evaluator(
+    evaluators: Evaluators, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, moment: str
+) -> None:
+    """A build cancelled (a registry shutting down) while its evaluator's `nix repl` was being
+    started left that evaluator kept as started, though no repl ran: every later image of the
+    revision went to the slower `nix-instantiate`, for as long as the registry ran, and the
+    evaluator's directory stayed. Now a start cancelled anywhere leaves nothing behind, and the
+    next image starts a new repl."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the evaluator's directory goes
+    reached, release = asyncio.Event(), asyncio.Event()
+    real_start = repl.start_child
+
+    async def held_start(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if moment == "process-starting":
+            reached.set()
+            await release.wait()  # the cancellation comes here, before the process is there
+        started = await real_start(*args, **kwargs)
+        reached.set()  # the cancellation comes while the repl imports the set
+        return started
+
+    monkeypatch.setattr(repl, "start_child", held_start)
+    first = asyncio.ensure_future(resolve(evaluators, ["hello"]))
+    await asyncio.wait_for(reached.wait(), 30)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert not evaluators.running()
+    assert list(tmp_path.glob("nixery-eval-*")) == [], "the cancelled start left its directory"
+    release.set()
+    assert [p.attr for p in await resolve(evaluators, ["hello"])] == ["hello"]
+    assert evaluators.running(), "answered by nix-instantiate, not by a new repl"
 
 
 async def test_a_repl_killed_from_outside_is_replaced(evaluators: Evaluators) -> None:

@@ -622,6 +622,43 @@ async def test_closing_the_builder_stops_its_builds_and_their_nix_processes(tmp_
         await storage.close()
 
 
+async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_path: Path) -> None:
+    """A build that closing the builder stopped (a registry shutting down) was logged as
+    `build.failed` with `error=""` (a cancellation has no message), and its progress page and
+    events said it failed with `CancelledError`. Now it is logged as `build.stopped`, and its last
+    event says it was stopped, and why. (A stand-in for Nix, by design: what is tested is how the
+    builder reports a stop, wherever the build was.)"""
+    import structlog
+
+    from nixery.builder import STOPPED_MESSAGE, ImageBuilder
+    from nixery.progress import Stage
+    from nixery.registry.names import parse_image_name
+    from tests.resolvers import StorePathsResolver
+
+    evaluating = asyncio.Event()
+
+    class EndlessEvaluation(StorePathsResolver):
+        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
+            evaluating.set()
+            await asyncio.Event().wait()  # as a long evaluation does, until cancelled
+            raise AssertionError("not reached")
+
+    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
+                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    try:
+        build = await builder.start(parse_image_name("shell/hello"), "latest")
+        await asyncio.wait_for(evaluating.wait(), 30)
+        with structlog.testing.capture_logs() as logged:
+            await asyncio.wait_for(builder.close(), 30)
+    finally:
+        await builder.close()
+    last = build.events[-1].to_json()
+    assert (last["stage"], last["message"], last["error"]) == (Stage.FAILED, STOPPED_MESSAGE, "stopped")
+    assert STOPPED_MESSAGE == "stopped: the registry is shutting down"
+    said = [(entry["event"], entry["log_level"]) for entry in logged if entry["event"].startswith("build.")]
+    assert said == [("build.stopped", "info")], logged
+
+
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

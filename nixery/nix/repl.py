@@ -132,8 +132,19 @@ class ReplEvaluator:
 
         Raises NixError when the set does not import, and ErrorNotShown when the
         import met a file that ends too soon (see `check_import` for the message).
+        A start that does not finish (an error, a cancellation: a build stopped while
+        its evaluator started) leaves no process and no directory, and the evaluator
+        ended: the next request starts another, rather than finding this one started
+        but dead (and evaluating with `nix-instantiate` from then on).
         """
         self.started = True
+        try:
+            await self._start_and_import(deadline)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_and_import(self, deadline: Deadline) -> None:
         started = time.monotonic()
         self._directory = directory = Path(tempfile.mkdtemp(prefix="nixery-eval-"))
         setup = directory / "setup.json"

@@ -137,7 +137,8 @@ async def _get_build(request: web.Request) -> Build:
     """The build the path names, for a client that may pull its image (access control on)."""
     build = request.app[BUILDER].builds.get(request.match_info["id"])
     if build is None:
-        raise errors.NameUnknown("no build with this id (it may be too old to be kept)")
+        raise errors.NameUnknown("no build with this id (it may be too old to be kept, or the registry "
+                                 "restarted since)")
     await http_auth.require(request, build.image, PULL)
     return build
 
