@@ -384,7 +384,7 @@ async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict
 
 def inspect_main(argv: list[str]) -> int:
     from nixery.errors import RegistryError
-    from nixery.registry.names import check_tag, parse_image_name
+    from nixery.registry.names import check_image_tag, parse_image_name
 
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
@@ -405,7 +405,7 @@ def inspect_main(argv: list[str]) -> int:
     name, tag = _split(args.image, None)
     try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
         parse_image_name(name)
-        check_tag(tag)
+        check_image_tag(tag)  # an attachment's tag (sha256-...) names no image: said as the registry says it
     except RegistryError as exc:
         Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1

@@ -263,6 +263,33 @@ def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(reg
     assert registry.request("/v2/hello/manifests/sha512-v1", accept=DOCKER_MANIFEST)[0] == 200
 
 
+def test_the_image_page_and_inspect_answer_an_attachment_tag_as_the_api_does(registry) -> None:
+    """`/images/hello?tag=sha256-bad` (and `.json`, and `nixery inspect hello:sha256-bad`) showed the
+    image as if the tag named it, while the API answers that tag 404 MANIFEST_UNKNOWN. Now the page and
+    its JSON are 404 with the API's message, and inspect says it; so for a well-formed attachment tag,
+    which names an image's documents, not an image."""
+    digest, _ = registry.manifest("hello")
+    hex_digits = digest.removeprefix("sha256:")
+    assert registry.request("/images/hello?tag=latest", accept="text/html")[0] == 200
+    for tag in ("sha256-bad", f"SHA256-{hex_digits}", f"sha256-{hex_digits}.sig.sig", "sha256-" + "0" * 200):
+        _, _, body = registry.request(f"/v2/hello/manifests/{tag}", accept=OCI_MANIFEST)
+        said = json.loads(body)["errors"][0]
+        assert said["code"] == "MANIFEST_UNKNOWN", said
+        status, _, body = registry.request(f"/images/hello.json?tag={tag}", accept="application/json")
+        assert status == 404 and json.loads(body)["errors"][0] == said, (tag, status, body[:300])
+        status, _, page = registry.request(f"/images/hello?tag={tag}", accept="text/html")
+        assert status == 404 and b"64 lower-case hex digits" in page and b"Digest</dt>" not in page, (tag, status)
+        shown = run([sys.executable, "-m", "nixery", "inspect", "--registry", "http://127.0.0.1:9", f"hello:{tag}"],
+                    check=False)
+        assert (shown.returncode, shown.stdout) == (1, "") and shown.stderr == f"nixery: {said['message']}\n", shown
+    # A well-formed one names the documents attached to a manifest: 404 too, saying which manifest.
+    for tag in (f"sha256-{hex_digits}", f"sha256-{hex_digits}.sig"):
+        status, _, body = registry.request(f"/images/hello.json?tag={tag}", accept="application/json")
+        error = json.loads(body)["errors"][0]
+        assert status == 404 and error["code"] == "MANIFEST_UNKNOWN" and digest in error["message"], (tag, body)
+        assert registry.request(f"/images/hello?tag={tag}", accept="text/html")[0] == 404
+
+
 def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
     """Two fresh registries (the same history: none) make the same image and the same documents."""
     one, other = (RegistryProcess(tmp_path / name, env={"NIXERY_BUNDLED_SET": "busybox"}) for name in "ab")
