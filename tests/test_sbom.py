@@ -446,29 +446,35 @@ def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path
     assert blob(registry, "shell/hello", attached[SPDX]["document"]) == expected
 
 
-def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> None:
-    registry = RegistryProcess(
-        tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
-    ).start()
-    try:
-        index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
-        sboms = {}
-        for entry in index["manifests"]:
-            _, document = attached_document(registry, "hello", entry["digest"], SPDX)
-            sboms[entry["platform"]["architecture"]] = json.loads(document)
-        assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
-        # The image page linked the referrers of the index (an empty list): now those of the manifest
-        # its documents are attached to, the default platform's, which the JSON names.
-        status, _, body = registry.request("/images/hello.json", accept="application/json")
-        image = json.loads(body)
-        assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
-        listed, _ = referrers(registry, "hello", image["attached_to"])
-        assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
-        page = registry.request("/images/hello", accept="text/html")[2].decode()
-        assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
-        assert f'/referrers/{index_digest}"' not in page
-    finally:
-        registry.stop()
+@pytest.fixture(scope="module")
+def two_platforms(tmp_path_factory: pytest.TempPathFactory):
+    process = RegistryProcess(
+        tmp_path_factory.mktemp("platforms") / "storage",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_each_platform_manifest_of_an_index_has_its_own_sbom(two_platforms: RegistryProcess) -> None:
+    registry = two_platforms
+    index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
+    sboms = {}
+    for entry in index["manifests"]:
+        _, document = attached_document(registry, "hello", entry["digest"], SPDX)
+        sboms[entry["platform"]["architecture"]] = json.loads(document)
+    assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+    # The image page linked the referrers of the index (an empty list): now those of the manifest
+    # its documents are attached to, the default platform's, which the JSON names.
+    status, _, body = registry.request("/images/hello.json", accept="application/json")
+    image = json.loads(body)
+    assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
+    listed, _ = referrers(registry, "hello", image["attached_to"])
+    assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
+    page = registry.request("/images/hello", accept="text/html")[2].decode()
+    assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
+    assert f'/referrers/{index_digest}"' not in page
     assert set(sboms) == {"amd64", "arm64"}
     for arch, sbom in sboms.items():
         assert sbom["name"] in (f"hello ({arch})", f"{arch}/hello ({arch})")  # as the platform's record is named
@@ -476,3 +482,45 @@ def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> 
         arch: {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} for arch, sbom in sboms.items()
     }
     assert paths["amd64"] and paths["arm64"] and not paths["amd64"] & paths["arm64"]
+
+
+def test_nixery_inspect_sbom_says_which_platform_and_takes_one(two_platforms: RegistryProcess) -> None:
+    """`nixery inspect --sbom NAME` of an image of several platforms printed the default platform's
+    SBOM without a word of which platform it is for, and there was no way to ask for another's.
+    Now stderr names the platform (stdout is the SBOM alone, for a tool it is piped into), and
+    `--platform linux/arm64` (or `arm64`) prints that platform's."""
+    registry = two_platforms
+    _, index = registry.manifest("cowsay", accept=OCI_INDEX)
+    expected = {entry["platform"]["architecture"]: attached_document(registry, "cowsay", entry["digest"], SPDX)[1]
+                for entry in index["manifests"]}
+
+    # The image's JSON lists each platform's documents, as the referrers API does.
+    image = json.loads(registry.request("/images/cowsay.json", accept="application/json")[2])
+    for one in image["platforms"]:
+        listed, _ = referrers(registry, "cowsay", one["attached_to"])
+        assert {e["digest"] for e in listed["manifests"]} == {doc["manifest"] for doc in one["attached"]} != set()
+
+    def inspect(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, *args], check=False)
+
+    default = inspect("--sbom", "cowsay")
+    assert default.returncode == 0 and default.stdout.encode() == expected["amd64"], default.stderr
+    assert default.stderr == ("nixery: the SBOM of linux/amd64, the default platform; "
+                              "the image is also for linux/arm64 (--platform linux/arm64)\n")
+    for platform in ("linux/arm64", "arm64", "linux/amd64"):
+        chosen = inspect("--sbom", "--platform", platform, "cowsay")
+        arch = platform.removeprefix("linux/")
+        assert (chosen.returncode, chosen.stderr) == (0, "") and chosen.stdout.encode() == expected[arch], chosen
+        assert json.loads(chosen.stdout)["name"].endswith(f"cowsay ({arch})")
+    missing = inspect("--sbom", "--platform", "linux/riscv64", "cowsay")
+    assert (missing.returncode, missing.stdout) == (1, ""), missing
+    assert missing.stderr == "nixery: cowsay has no image for linux/riscv64: it is for linux/amd64, linux/arm64\n"
+    # An image of one platform: nothing to say, and no other platform to choose.
+    arm64_only = inspect("--sbom", "arm64/cowsay")
+    assert arm64_only.returncode == 0 and arm64_only.stderr == "", arm64_only
+    assert json.loads(arm64_only.stdout)["name"].endswith("(arm64)")
+    assert inspect("--sbom", "--platform", "linux/amd64", "arm64/cowsay").returncode == 1
+    # The option only chooses an SBOM: the layers (and --json) show every platform already.
+    alone = inspect("--platform", "linux/arm64", "cowsay")
+    assert alone.returncode == 2 and "--platform chooses whose SBOM --sbom prints" in alone.stderr, alone
+    assert "--platform OS/ARCH" in " ".join(inspect("--help").stdout.split())
