@@ -321,14 +321,14 @@ async def _build_locally(
     from nixery.app import open_builder, open_storage
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
-    from nixery.registry.names import check_tag, parse_image_name
+    from nixery.registry.names import check_build_tag, parse_image_name
     from nixery.storage import StorageError
 
     try:
         settings = config.load()
         # As the registry reads the name: with several NIXERY_PLATFORMS, an image of each and an index.
         request = every_platform(parse_image_name(name), settings.platforms)
-        check_tag(tag)
+        check_build_tag(tag)
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc
     # build.failed: the command prints the failure itself, in one line.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import re
@@ -288,6 +289,29 @@ def test_the_image_page_and_inspect_answer_an_attachment_tag_as_the_api_does(reg
         error = json.loads(body)["errors"][0]
         assert status == 404 and error["code"] == "MANIFEST_UNKNOWN" and digest in error["message"], (tag, body)
         assert registry.request(f"/images/hello?tag={tag}", accept="text/html")[0] == 404
+
+
+def test_no_image_is_built_under_an_attachment_tag(registry, tmp_path: Path) -> None:
+    """`POST /builds` (and `nixery build`, and `--local`) with the tag `sha256-bad` built the image
+    under a tag the registry then answers 404 for (pull, page): a build no one could use. Now it is
+    refused at once, 400 TAG_INVALID, saying why; a declared image's tag likewise (test_declarations)."""
+    for tag in ("sha256-bad", "sha256-" + "a" * 64, "SHA256-x.sig"):
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        try:
+            connection.request("POST", "/builds", body=json.dumps({"image": "hello", "tag": tag}),
+                               headers={"Content-Type": "application/json", "Accept": "application/json"})
+            response = connection.getresponse()
+            status, error = response.status, json.loads(response.read())["errors"][0]
+        finally:
+            connection.close()
+        assert status == 400 and error["detail"]["kind"] == "TAG_INVALID", (tag, status, error)
+        assert "names the documents attached to a manifest" in error["message"], error
+        remote = run([sys.executable, "-m", "nixery", "build", "--registry", registry.url, "--tag", tag, "hello"],
+                     check=False)
+        assert remote.returncode == 1 and "cannot build under the tag" in remote.stderr, remote
+    local = run([sys.executable, "-m", "nixery", "build", "--local", "hello:sha256-bad"], check=False, env_extra={
+        "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"})
+    assert local.returncode == 1 and "cannot build under the tag 'sha256-bad'" in local.stderr, local
 
 
 def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:

@@ -186,3 +186,17 @@ def check_image_tag(tag: str) -> str:
     if names_attachment(tag):  # first, as the registry API's route: a long one is 404 too, not 400
         raise attachment_tag_error(tag)
     return check_tag(tag)
+
+
+def check_build_tag(tag: str) -> str:
+    """A tag to build (or declare) an image under: `check_tag`'s rules, and not an attachment's tag,
+    under which the image could never be pulled nor shown (`check_image_tag`: 404)."""
+    check_tag(tag)
+    if names_attachment(tag):
+        shown = tag[:80]
+        raise TagInvalid(
+            f"cannot build under the tag {shown!r}: a tag that starts with sha256- names the documents "
+            "attached to a manifest (SBOMs, signatures), never an image; choose another tag",
+            detail={"tag": shown},
+        )
+    return tag
