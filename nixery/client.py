@@ -10,6 +10,10 @@
     nixery inspect shell/curl[:TAG] [--registry URL] [--json]
         GET /images/{name}.json: layers, sizes and the store paths each holds.
 
+    nixery inspect shell/curl[:TAG] [--registry URL] --sbom [--platform linux/arm64]
+        the image's SPDX SBOM on stdout, nothing else; of several platforms, the default
+        platform's (named on stderr) or --platform's.
+
 Exit status 0 on success, 1 when the registry refuses or the build fails (its
 error message is printed), 2 for usage errors.
 """
@@ -326,14 +330,14 @@ async def _build_locally(
     from nixery.app import open_builder, open_storage
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
-    from nixery.registry.names import check_tag, parse_image_name
+    from nixery.registry.names import check_build_tag, parse_image_name
     from nixery.storage import StorageError
 
     try:
         settings = config.load()
         # As the registry reads the name: with several NIXERY_PLATFORMS, an image of each and an index.
         request = every_platform(parse_image_name(name), settings.platforms)
-        check_tag(tag)
+        check_build_tag(tag)
     except (config.ConfigError, RegistryError) as exc:
         raise ClientError(str(exc)) from exc
     # build.failed: the command prints the failure itself, in one line.
@@ -379,9 +383,29 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
     return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
 
 
-async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict[str, Any]) -> str:
-    """The SBOM of the image's manifest (docs/sbom.md), as the registry stores it."""
-    found = [one for one in image.get("attached", ()) if one["artifactType"] == "application/spdx+json"]
+def _platform_documents(image: dict[str, Any], platform: str | None) -> tuple[dict[str, Any], str | None]:
+    """The part of the image's document that lists the documents of `platform` (None: the default
+    platform's, the one a client that takes no index gets), and that platform's name when the image
+    has several, to say whose SBOM is printed."""
+    platforms = image.get("platforms") or []
+    default = f"linux/{image['architecture']}"
+    listed = [one["platform"] for one in platforms] or [default]
+    if platform is None:
+        return image, default if platforms else None
+    if platform not in listed:
+        raise ClientError(f"{image['name']} has no image for {platform}: it is for {', '.join(listed)}")
+    chosen = next((one for one in platforms if one["platform"] == platform), image)
+    if "attached" not in chosen:
+        raise ClientError(f"the registry does not list the documents of each platform: update it to fetch {platform}'s")
+    return chosen, platform
+
+
+async def _fetch_sbom(
+    session: aiohttp.ClientSession, registry: str, image: dict[str, Any], listing: dict[str, Any]
+) -> str:
+    """The SBOM of a manifest (docs/sbom.md), as the registry stores it: `listing` is the part of
+    the image's document that lists the manifest's documents (the image's, or one platform's)."""
+    found = [one for one in listing.get("attached", ()) if one["artifactType"] == "application/spdx+json"]
     if not found:
         raise ClientError(f"{image['name']} has no SBOM: it was built before the registry attached SBOMs")
     url = f"{registry}/v2/{quote(image['name'], safe='/')}/blobs/{found[0]['document']}"
@@ -391,9 +415,15 @@ async def _fetch_sbom(session: aiohttp.ClientSession, registry: str, image: dict
         return await response.text()
 
 
+def _platform_option(value: str) -> str:
+    """`linux/arm64`, or `arm64` as Docker's --platform also takes it."""
+    value = value.strip().lower()
+    return value if "/" in value else f"linux/{value}"
+
+
 def inspect_main(argv: list[str]) -> int:
     from nixery.errors import RegistryError
-    from nixery.registry.names import check_tag, parse_image_name
+    from nixery.registry.names import check_image_tag, parse_image_name
 
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
@@ -402,9 +432,14 @@ def inspect_main(argv: list[str]) -> int:
     shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
     shown.add_argument("--sbom", action="store_true",
                        help="print the image's SBOM (SPDX 2.3 JSON, not with --json) instead")
+    parser.add_argument("--platform", type=_platform_option, metavar="OS/ARCH",
+                        help="with --sbom, for an image of several platforms: the SBOM of this one, e.g. "
+                             "linux/arm64 (default: the default platform's, named on stderr)")
     parser.add_argument("--no-paths", action="store_true",
                         help="leave out the store paths of each layer (with --json too)")
     args = parser.parse_args(argv)
+    if args.platform is not None and not args.sbom:  # the layers and --json show every platform already
+        parser.error("--platform chooses whose SBOM --sbom prints: give it with --sbom")
     console = OutputConsole(highlight=False)
     try:
         registry = _registry_url(args.registry)
@@ -414,7 +449,7 @@ def inspect_main(argv: list[str]) -> int:
     name, tag = _split(args.image, None)
     try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
         parse_image_name(name)
-        check_tag(tag)
+        check_image_tag(tag)  # an attachment's tag (sha256-...) names no image: said as the registry says it
     except RegistryError as exc:
         Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
@@ -423,7 +458,17 @@ def inspect_main(argv: list[str]) -> int:
         async with _session() as session:
             image = await _fetch_image(session, registry, name, tag)
             if args.sbom and image is not None:
-                sys.stdout.write(await _fetch_sbom(session, registry, image))
+                listing, platform = _platform_documents(image, args.platform)
+                sbom = await _fetch_sbom(session, registry, image, listing)
+                if platform is not None and args.platform is None:
+                    # On stderr: stdout is the SBOM alone, for a tool it is piped into.
+                    others = [one["platform"] for one in image["platforms"] if one["platform"] != platform]
+                    Console(stderr=True).print(
+                        f"nixery: the SBOM of {platform}, the default platform; "
+                        f"the image is also for {', '.join(others)} (--platform {others[0]})",
+                        markup=False, highlight=False, soft_wrap=True,
+                    )
+                sys.stdout.write(sbom)
             return image
 
     try:

@@ -60,7 +60,6 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
     (`nixery.platforms.platform_summaries`, with its layers), and the rest is the default
     platform's (the one a client that takes no index gets)."""
     summary = image_summary(record)
-    default = pull_digests(record.descriptors).default  # the manifest its documents are attached to
     document = {
         "name": record.name,
         "tag": tag,
@@ -75,10 +74,25 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
         "built_at": record.built_at,
         "paths_recorded": bool(record.layer_paths),
         "layers": _layers_json(record),
-        # The SBOM and provenance of the manifest `attached_to` (nixery.attachments): each artifact
-        # manifest, and the document it carries (its last blob), fetched as a blob. That is the
+        # The SBOM and provenance of the manifest `attached_to` (nixery.attachments): that is the
         # manifest `digest` names, but for several platforms: `digest` is then the index's, which
         # has none (its referrers are an empty list), and these are the default platform's.
+        **_attached_json(record),
+    }
+    if "platforms" in summary:
+        document["platforms"] = [
+            # Each platform's documents too: `nixery inspect --sbom --platform` takes them from here.
+            {**platform, "config": str(one.config), "layers": _layers_json(one), **_attached_json(one)}
+            for platform, one in zip(summary["platforms"], platform_records(record), strict=True)
+        ]
+    return document
+
+
+def _attached_json(record: ImageRecord) -> dict[str, Any]:
+    """`attached_to`, the manifest (of one platform) the record's documents are attached to, and
+    `attached`: each artifact manifest, and the document it carries (its last blob), fetched as a blob."""
+    default = pull_digests(record.descriptors).default
+    return {
         "attached_to": str(default),
         "attached": [
             {"artifactType": one.manifest.artifact_type, "manifest": str(one.manifest.digest),
@@ -86,12 +100,6 @@ def image_json(record: ImageRecord, tag: str) -> dict[str, Any]:
             for one in record.attached if one.subject == default and one.tag is None and one.blobs
         ],
     }
-    if "platforms" in summary:
-        document["platforms"] = [
-            {**platform, "config": str(one.config), "layers": _layers_json(one)}
-            for platform, one in zip(summary["platforms"], platform_records(record), strict=True)
-        ]
-    return document
 
 
 def _layers_json(record: ImageRecord) -> list[dict[str, Any]]:

@@ -102,6 +102,8 @@ def test_the_deploy_examples_are_valid() -> None:
         (nix_image("a", tag=1.0), "data.tag must be a string"),
         (nix_image("a", tag="../x"), "data.tag"),
         (nix_image("a", tag="-x"), "data.tag"),
+        # An attachment's tag serves a manifest's documents, never the image: it could not be pulled.
+        (nix_image("a", tag="sha256-v1"), "data.tag: cannot build under the tag 'sha256-v1'"),
         (nix_image("a", contents=[]), "data.contents is empty"),
         (nix_image("a", contents="hello"), "must be a list"),
         (nix_image("a", contents=["hello world"]), "invalid package name 'hello world'"),

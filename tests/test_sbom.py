@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import re
@@ -263,6 +264,56 @@ def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(reg
     assert registry.request("/v2/hello/manifests/sha512-v1", accept=DOCKER_MANIFEST)[0] == 200
 
 
+def test_the_image_page_and_inspect_answer_an_attachment_tag_as_the_api_does(registry) -> None:
+    """`/images/hello?tag=sha256-bad` (and `.json`, and `nixery inspect hello:sha256-bad`) showed the
+    image as if the tag named it, while the API answers that tag 404 MANIFEST_UNKNOWN. Now the page and
+    its JSON are 404 with the API's message, and inspect says it; so for a well-formed attachment tag,
+    which names an image's documents, not an image."""
+    digest, _ = registry.manifest("hello")
+    hex_digits = digest.removeprefix("sha256:")
+    assert registry.request("/images/hello?tag=latest", accept="text/html")[0] == 200
+    for tag in ("sha256-bad", f"SHA256-{hex_digits}", f"sha256-{hex_digits}.sig.sig", "sha256-" + "0" * 200):
+        _, _, body = registry.request(f"/v2/hello/manifests/{tag}", accept=OCI_MANIFEST)
+        said = json.loads(body)["errors"][0]
+        assert said["code"] == "MANIFEST_UNKNOWN", said
+        status, _, body = registry.request(f"/images/hello.json?tag={tag}", accept="application/json")
+        assert status == 404 and json.loads(body)["errors"][0] == said, (tag, status, body[:300])
+        status, _, page = registry.request(f"/images/hello?tag={tag}", accept="text/html")
+        assert status == 404 and b"64 lower-case hex digits" in page and b"Digest</dt>" not in page, (tag, status)
+        shown = run([sys.executable, "-m", "nixery", "inspect", "--registry", "http://127.0.0.1:9", f"hello:{tag}"],
+                    check=False)
+        assert (shown.returncode, shown.stdout) == (1, "") and shown.stderr == f"nixery: {said['message']}\n", shown
+    # A well-formed one names the documents attached to a manifest: 404 too, saying which manifest.
+    for tag in (f"sha256-{hex_digits}", f"sha256-{hex_digits}.sig"):
+        status, _, body = registry.request(f"/images/hello.json?tag={tag}", accept="application/json")
+        error = json.loads(body)["errors"][0]
+        assert status == 404 and error["code"] == "MANIFEST_UNKNOWN" and digest in error["message"], (tag, body)
+        assert registry.request(f"/images/hello?tag={tag}", accept="text/html")[0] == 404
+
+
+def test_no_image_is_built_under_an_attachment_tag(registry, tmp_path: Path) -> None:
+    """`POST /builds` (and `nixery build`, and `--local`) with the tag `sha256-bad` built the image
+    under a tag the registry then answers 404 for (pull, page): a build no one could use. Now it is
+    refused at once, 400 TAG_INVALID, saying why; a declared image's tag likewise (test_declarations)."""
+    for tag in ("sha256-bad", "sha256-" + "a" * 64, "SHA256-x.sig"):
+        connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+        try:
+            connection.request("POST", "/builds", body=json.dumps({"image": "hello", "tag": tag}),
+                               headers={"Content-Type": "application/json", "Accept": "application/json"})
+            response = connection.getresponse()
+            status, error = response.status, json.loads(response.read())["errors"][0]
+        finally:
+            connection.close()
+        assert status == 400 and error["detail"]["kind"] == "TAG_INVALID", (tag, status, error)
+        assert "names the documents attached to a manifest" in error["message"], error
+        remote = run([sys.executable, "-m", "nixery", "build", "--registry", registry.url, "--tag", tag, "hello"],
+                     check=False)
+        assert remote.returncode == 1 and "cannot build under the tag" in remote.stderr, remote
+    local = run([sys.executable, "-m", "nixery", "build", "--local", "hello:sha256-bad"], check=False, env_extra={
+        "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"})
+    assert local.returncode == 1 and "cannot build under the tag 'sha256-bad'" in local.stderr, local
+
+
 def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
     """Two fresh registries (the same history: none) make the same image and the same documents."""
     one, other = (RegistryProcess(tmp_path / name, env={"NIXERY_BUNDLED_SET": "busybox"}) for name in "ab")
@@ -419,29 +470,35 @@ def test_nixery_inspect_sbom_and_the_image_page_give_the_sbom(registry, tmp_path
     assert blob(registry, "shell/hello", attached[SPDX]["document"]) == expected
 
 
-def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> None:
-    registry = RegistryProcess(
-        tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
-    ).start()
-    try:
-        index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
-        sboms = {}
-        for entry in index["manifests"]:
-            _, document = attached_document(registry, "hello", entry["digest"], SPDX)
-            sboms[entry["platform"]["architecture"]] = json.loads(document)
-        assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
-        # The image page linked the referrers of the index (an empty list): now those of the manifest
-        # its documents are attached to, the default platform's, which the JSON names.
-        status, _, body = registry.request("/images/hello.json", accept="application/json")
-        image = json.loads(body)
-        assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
-        listed, _ = referrers(registry, "hello", image["attached_to"])
-        assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
-        page = registry.request("/images/hello", accept="text/html")[2].decode()
-        assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
-        assert f'/referrers/{index_digest}"' not in page
-    finally:
-        registry.stop()
+@pytest.fixture(scope="module")
+def two_platforms(tmp_path_factory: pytest.TempPathFactory):
+    process = RegistryProcess(
+        tmp_path_factory.mktemp("platforms") / "storage",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_each_platform_manifest_of_an_index_has_its_own_sbom(two_platforms: RegistryProcess) -> None:
+    registry = two_platforms
+    index_digest, index = registry.manifest("hello", accept=OCI_INDEX)
+    sboms = {}
+    for entry in index["manifests"]:
+        _, document = attached_document(registry, "hello", entry["digest"], SPDX)
+        sboms[entry["platform"]["architecture"]] = json.loads(document)
+    assert referrers(registry, "hello", index_digest)[0]["manifests"] == []  # the index itself has none
+    # The image page linked the referrers of the index (an empty list): now those of the manifest
+    # its documents are attached to, the default platform's, which the JSON names.
+    status, _, body = registry.request("/images/hello.json", accept="application/json")
+    image = json.loads(body)
+    assert status == 200 and image["digest"] == index_digest and image["attached_to"] != index_digest
+    listed, _ = referrers(registry, "hello", image["attached_to"])
+    assert {e["digest"] for e in listed["manifests"]} == {one["manifest"] for one in image["attached"]} != set()
+    page = registry.request("/images/hello", accept="text/html")[2].decode()
+    assert f'href="/v2/hello/referrers/{image["attached_to"]}"' in page
+    assert f'/referrers/{index_digest}"' not in page
     assert set(sboms) == {"amd64", "arm64"}
     for arch, sbom in sboms.items():
         assert sbom["name"] in (f"hello ({arch})", f"{arch}/hello ({arch})")  # as the platform's record is named
@@ -449,3 +506,45 @@ def test_each_platform_manifest_of_an_index_has_its_own_sbom(tmp_path: Path) -> 
         arch: {p["packageFileName"] for p in sbom["packages"] if "packageFileName" in p} for arch, sbom in sboms.items()
     }
     assert paths["amd64"] and paths["arm64"] and not paths["amd64"] & paths["arm64"]
+
+
+def test_nixery_inspect_sbom_says_which_platform_and_takes_one(two_platforms: RegistryProcess) -> None:
+    """`nixery inspect --sbom NAME` of an image of several platforms printed the default platform's
+    SBOM without a word of which platform it is for, and there was no way to ask for another's.
+    Now stderr names the platform (stdout is the SBOM alone, for a tool it is piped into), and
+    `--platform linux/arm64` (or `arm64`) prints that platform's."""
+    registry = two_platforms
+    _, index = registry.manifest("cowsay", accept=OCI_INDEX)
+    expected = {entry["platform"]["architecture"]: attached_document(registry, "cowsay", entry["digest"], SPDX)[1]
+                for entry in index["manifests"]}
+
+    # The image's JSON lists each platform's documents, as the referrers API does.
+    image = json.loads(registry.request("/images/cowsay.json", accept="application/json")[2])
+    for one in image["platforms"]:
+        listed, _ = referrers(registry, "cowsay", one["attached_to"])
+        assert {e["digest"] for e in listed["manifests"]} == {doc["manifest"] for doc in one["attached"]} != set()
+
+    def inspect(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "nixery", "inspect", "--registry", registry.url, *args], check=False)
+
+    default = inspect("--sbom", "cowsay")
+    assert default.returncode == 0 and default.stdout.encode() == expected["amd64"], default.stderr
+    assert default.stderr == ("nixery: the SBOM of linux/amd64, the default platform; "
+                              "the image is also for linux/arm64 (--platform linux/arm64)\n")
+    for platform in ("linux/arm64", "arm64", "linux/amd64"):
+        chosen = inspect("--sbom", "--platform", platform, "cowsay")
+        arch = platform.removeprefix("linux/")
+        assert (chosen.returncode, chosen.stderr) == (0, "") and chosen.stdout.encode() == expected[arch], chosen
+        assert json.loads(chosen.stdout)["name"].endswith(f"cowsay ({arch})")
+    missing = inspect("--sbom", "--platform", "linux/riscv64", "cowsay")
+    assert (missing.returncode, missing.stdout) == (1, ""), missing
+    assert missing.stderr == "nixery: cowsay has no image for linux/riscv64: it is for linux/amd64, linux/arm64\n"
+    # An image of one platform: nothing to say, and no other platform to choose.
+    arm64_only = inspect("--sbom", "arm64/cowsay")
+    assert arm64_only.returncode == 0 and arm64_only.stderr == "", arm64_only
+    assert json.loads(arm64_only.stdout)["name"].endswith("(arm64)")
+    assert inspect("--sbom", "--platform", "linux/amd64", "arm64/cowsay").returncode == 1
+    # The option only chooses an SBOM: the layers (and --json) show every platform already.
+    alone = inspect("--platform", "linux/arm64", "cowsay")
+    assert alone.returncode == 2 and "--platform chooses whose SBOM --sbom prints" in alone.stderr, alone
+    assert "--platform OS/ARCH" in " ".join(inspect("--help").stdout.split())

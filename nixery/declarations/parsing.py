@@ -19,7 +19,7 @@ from nixery.declarations.run_config import FIELDS as CONFIG_FIELDS
 from nixery.declarations.run_config import parse_run_config
 from nixery.errors import RegistryError
 from nixery.platforms import for_platforms
-from nixery.registry.names import MAX_PACKAGES, Arch, ImageRequest, check_tag, parse_image_name
+from nixery.registry.names import MAX_PACKAGES, Arch, ImageRequest, check_build_tag, parse_image_name
 
 GROUP = "k8s.nixos.org"
 VERSION = "v1alpha"
@@ -173,7 +173,7 @@ def parse_declaration(
         hint = f' (quote it: "{_cut(str(tag))}")' if isinstance(tag, int | float | datetime.date) else ""
         raise InvalidDeclaration(f"data.tag must be a string, not {type(tag).__name__}{hint}")
     try:
-        check_tag(tag)
+        check_build_tag(tag)  # an attachment's tag (sha256-...) would serve the documents, not the image
     except RegistryError as exc:
         raise InvalidDeclaration(f"data.tag: {exc.message}") from None
     platforms = _check_arch(data.get("arch", "amd64"))

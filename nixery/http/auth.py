@@ -55,7 +55,7 @@ from nixery.config import AuthSettings, Settings
 from nixery.http import csrf, routes
 from nixery.http.bodies import read_form
 from nixery.http.errors import Handler
-from nixery.registry.names import check_tag
+from nixery.registry.names import check_tag, names_attachment
 
 log = structlog.get_logger(__name__)
 
@@ -231,9 +231,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise access.refusal(request, identity, repository, PULL, "pulling needs the pull permission")
     reference = request.match_info.get("reference")
     if (  # a manifest by tag builds, unless it is by digest or an attachment's tag (sha256-<hex>; a
-        # malformed one builds nothing either: the route answers it 404, routes.ATTACHMENT_TAG_PREFIX)
+        # malformed one builds nothing either: the route answers it 404, names.names_attachment)
         reference is not None and ":" not in reference
-        and not reference.lower().startswith(routes.ATTACHMENT_TAG_PREFIX)
+        and not names_attachment(reference)
         and not access.may(identity, repository, BUILD)
     ):
         tag = check_tag(reference)

@@ -27,6 +27,11 @@ comes down to, in its order of evaluation:
 * another unit, a malformed value: ignored, the whole blob (RFC 9110: a server
   ignores a unit it does not know and may ignore an invalid range; every client
   can take the whole). distribution refuses these with a plain-text 416.
+  Whitespace is taken where RFC 9110 allows it: around the commas of the list
+  (`1#range-spec`, 5.6.1) and after `=` (erratum 7306: `bytes= 0-999, -1000`),
+  not inside a range: `int-range = first-pos "-" [ last-pos ]` has none, so
+  `bytes=0 - 1` is malformed and ignored (Go's net/http trims it, and
+  distribution then sends the range).
 
 aiohttp's FileResponse, which answered these requests before, put its own
 ETag (of the file's time and size) on them, so that the conditions a client

@@ -15,7 +15,7 @@
     GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
         cosign's signature of <hex> for this repository (`sha256-<hex>.sig`, `nixery.signatures`);
         any other suffix: 404 MANIFEST_UNKNOWN. So is any other tag that starts with
-        `sha256-` (nixery.http.routes), not the image as for a tag of the package set.
+        `sha256-` (nixery.http.routes, nixery.registry.names), not the image as for a tag of the package set.
 
 As for manifests by digest, the digest is the answer's key and the repository name is
 only checked (every name of an image serves the same manifests).
@@ -32,9 +32,8 @@ from nixery.images import Attached
 from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
+from nixery.registry.names import ATTACHMENT_TAG_PATTERN
 
-#: A tag of the referrers tag schema (`sha256-<hex>`), or of a tagged attachment (`sha256-<hex>.sig`).
-_TAG = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
 _PREFIX = len("sha256-") + 64
 
 
@@ -67,7 +66,7 @@ def requested_artifact_types(request: web.Request) -> frozenset[str]:
 async def tagged(request: web.Request) -> web.Response:
     """A manifest by an attachment tag: the referrers index, or a cosign signature."""
     routes.check_image_name(request)
-    reference = request.match_info["reference"]  # the route's pattern: _TAG
+    reference = request.match_info["reference"]  # the route's pattern: ATTACHMENT_TAG_PATTERN
     subject = Digest.parse("sha256:" + reference[len("sha256-") : _PREFIX])
     if len(reference) == _PREFIX:
         listed = await _referrers(request, subject)
@@ -92,6 +91,6 @@ def add_routes(app: web.Application) -> None:
     """Before `routes.add_routes`: an attachment tag is not a tag that names a package set."""
     name = r"{name:[^{}]+?}"
     app.router.add_get(f"/v2/{name}/referrers/{{digest}}", referrers)
-    tag = f"{{reference:{_TAG}}}"
+    tag = f"{{reference:{ATTACHMENT_TAG_PATTERN}}}"
     app.router.add_route("GET", f"/v2/{name}/manifests/{tag}", tagged)
     app.router.add_route("HEAD", f"/v2/{name}/manifests/{tag}", tagged)

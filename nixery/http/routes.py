@@ -42,7 +42,7 @@ from nixery.registry.descriptors import parse_manifest
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.image import layer_compression
 from nixery.registry.mediatypes import OCTET_STREAM
-from nixery.registry.names import ImageRequest, check_tag, parse_image_name
+from nixery.registry.names import ImageRequest, attachment_tag_error, check_tag, names_attachment, parse_image_name
 from nixery.registry.negotiation import check_acceptable, check_client_unpacks, choose, unpacks_zstd
 from nixery.storage.base import BlobNotFound, ByteStream, LocalFile, Redirect, Storage
 
@@ -275,8 +275,11 @@ async def manifest(request: web.Request) -> web.Response:
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
         request.app[BUILDER].images.note_pull(digest)  # in use, for gc: the pull names no image
-    elif reference.lower().startswith(ATTACHMENT_TAG_PREFIX):
-        raise _malformed_attachment_tag(reference)
+    elif names_attachment(reference):
+        # The route of attachment tags (nixery.http.referrers) takes only well-formed ones: any other
+        # tag of their prefix is not answered with the image, as if it were a tag of the package set
+        # (a client asking for a signature or a referrers index would be given an image manifest).
+        raise attachment_tag_error(reference)
     else:
         digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
     headers = content_headers(digest, media_type)
@@ -288,22 +291,6 @@ async def manifest(request: web.Request) -> web.Response:
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
     return web.Response(body=document, headers=headers)
-
-
-#: Tags of attachments: the referrers tag schema (`sha256-<hex>`) and cosign's (`sha256-<hex>.sig`).
-#: Their route (nixery.http.referrers) takes only well-formed ones; any other tag of this prefix
-#: comes here, and must not be answered with the image as if it were a tag of the package set: a
-#: client asking for a signature or a referrers index would be given an image manifest instead.
-ATTACHMENT_TAG_PREFIX = "sha256-"
-
-
-def _malformed_attachment_tag(reference: str) -> ManifestUnknown:
-    shown = reference[:80]
-    return ManifestUnknown(
-        f"no manifest tagged {shown!r}: a referrers tag is sha256- and the 64 lower-case hex digits "
-        "of a manifest's digest (a signature's: that and .sig), and this tag is not one",
-        detail={"tag": shown},
-    )
 
 
 async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> tuple[Digest, bytes, str]:

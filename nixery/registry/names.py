@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from nixery.errors import NameInvalid, TagInvalid
+from nixery.errors import ManifestUnknown, NameInvalid, TagInvalid
 from nixery.registry.runconfig import RunConfig
 
 MAX_COMPONENT_LENGTH = 128
@@ -30,6 +30,14 @@ MAX_TAG_LENGTH = 128
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_+-]*"
 _COMPONENT = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+
+#: Tags of documents attached to a manifest, not of images: the referrers tag schema (`sha256-<hex>`)
+#: and cosign's signatures (`sha256-<hex>.sig`). Any tag of this prefix (in any case) is one of them,
+#: well-formed or not; none names an image of the package set.
+ATTACHMENT_TAG_PREFIX = "sha256-"
+#: A well-formed attachment tag (the registry API's route for them, nixery.http.referrers).
+ATTACHMENT_TAG_PATTERN = r"sha256-[0-9a-f]{64}(?:\.[A-Za-z0-9_-]{1,32})?"
+_ATTACHMENT_TAG = re.compile(ATTACHMENT_TAG_PATTERN)
 
 
 #: The leading component of a name that asks for the aarch64 image (`arm64/shell`).
@@ -146,4 +154,49 @@ def check_tag(tag: str) -> str:
         or tag.endswith(("/", ".", ".lock"))
     ):
         raise TagInvalid(f"invalid tag {tag[:MAX_TAG_LENGTH]!r}", detail={"tag": tag[:MAX_TAG_LENGTH]})
+    return tag
+
+
+def names_attachment(tag: str) -> bool:
+    """A tag of the attachments' prefix (`sha256-`), well-formed or not: it never names an image."""
+    return tag.lower().startswith(ATTACHMENT_TAG_PREFIX)
+
+
+def attachment_tag_error(tag: str) -> ManifestUnknown:
+    """What the registry answers for a tag of the attachments' prefix that names no image (404),
+    said alike by the registry API, the image page and `nixery inspect`."""
+    shown = tag[:80]
+    if _ATTACHMENT_TAG.fullmatch(tag):  # well-formed: the API answers the documents, never an image
+        subject = "sha256:" + tag[len(ATTACHMENT_TAG_PREFIX) :][:64]
+        return ManifestUnknown(
+            f"no image is tagged {shown!r}: the tag names the documents attached to the manifest {subject} "
+            "(its SBOMs, provenance and signature), which the registry API serves, not an image",
+            detail={"tag": shown},
+        )
+    return ManifestUnknown(
+        f"no manifest tagged {shown!r}: a referrers tag is sha256- and the 64 lower-case hex digits "
+        "of a manifest's digest (a signature's: that and .sig), and this tag is not one",
+        detail={"tag": shown},
+    )
+
+
+def check_image_tag(tag: str) -> str:
+    """A tag that may name an image: `check_tag`'s rules, and not an attachment's tag (404, as the
+    registry API answers for it, rather than the image as if the tag were one of the package set)."""
+    if names_attachment(tag):  # first, as the registry API's route: a long one is 404 too, not 400
+        raise attachment_tag_error(tag)
+    return check_tag(tag)
+
+
+def check_build_tag(tag: str) -> str:
+    """A tag to build (or declare) an image under: `check_tag`'s rules, and not an attachment's tag,
+    under which the image could never be pulled nor shown (`check_image_tag`: 404)."""
+    check_tag(tag)
+    if names_attachment(tag):
+        shown = tag[:80]
+        raise TagInvalid(
+            f"cannot build under the tag {shown!r}: a tag that starts with sha256- names the documents "
+            "attached to a manifest (SBOMs, signatures), never an image; choose another tag",
+            detail={"tag": shown},
+        )
     return tag

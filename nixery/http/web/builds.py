@@ -39,7 +39,7 @@ from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import FORM, ago, page, registry_host, script
 from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
-from nixery.registry.names import check_tag
+from nixery.registry.names import check_build_tag, check_tag
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 
 log = structlog.get_logger(__name__)
@@ -83,7 +83,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
     request[FORM] = fields  # an error page shows the form again
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request))
-    tag = check_tag(tag)
+    tag = check_build_tag(tag)  # not an attachment's (sha256-...): an image built under one could not be pulled
     image = await requested_image(request, tag, name)
     # With access control on: viewing a built image needs pull, building a new one build
     # (pull is checked first, so that a client who may not pull is not told which images are built).

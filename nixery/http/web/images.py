@@ -4,6 +4,8 @@ layers, and the store paths each layer holds (JSON: `nixery.views.image_json`).
 An image that is not built yet is 404: for a browser a page with a Build button
 (nixery/http/guidance.py), for others MANIFEST_UNKNOWN naming the command that
 builds it; a misspelt package name is told so first, with the nearest names.
+A tag of the documents attached to a manifest (`sha256-...`) names no image: 404
+with the registry API's message (`nixery.registry.names.check_image_tag`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import ago, page, registry_host, script, short
-from nixery.registry.names import check_tag
+from nixery.registry.names import check_image_tag
 from nixery.views import image_json, image_reference, size_text
 
 #: How the image page names the documents attached to an image's manifest (docs/sbom.md).
@@ -50,7 +52,8 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     as_json = name.endswith(".json")
     if as_json:
         name = name[: -len(".json")]
-    tag = check_tag(request.query.get("tag") or "latest")
+    # A tag of attachments (`sha256-<hex>`, `sha256-<hex>.sig`, or malformed) is not the image's: 404, as the API says.
+    tag = check_image_tag(request.query.get("tag") or "latest")
     image = await requested_image(request, tag, name)
     await http_auth.require(request, name, PULL)
     record = await request.app[BUILDER].built(image, tag)
