@@ -34,7 +34,6 @@ only while their blobs are stored (`nixery.images`).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
 from nixery.history import PlatformHistories
-from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, all_attached, image_key
+from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
@@ -61,11 +60,10 @@ from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
 from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
 from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
+from nixery.recipes import build_recipe, names_manifest, read_recipe
 from nixery.registry.digest import Digest
-from nixery.registry.image import canonical_json
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
-from nixery.registry.runconfig import RunConfig
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import Storage
@@ -76,41 +74,6 @@ log = structlog.get_logger(__name__)
 def _by_resolved_names(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> ImageRequest:
     """The request under the names its packages resolved to, in the order it gave them."""
     return request.renamed({package.name: package.pull_name for package in resolved})
-
-
-def build_recipe(request: ImageRequest, tag: str, revision: Revision) -> bytes:
-    """How to build an image again (stored by each of its manifests' digests, `nixery.images`):
-    the request, the tag it was built under and the revision that tag selected."""
-    document: dict[str, Any] = {
-        "tag": tag, "revision": revision.id, "packages": list(request.packages), "order": list(request.order),
-        "arch": request.arch.oci_name, "platforms": [arch.oci_name for arch in request.platforms],
-    }
-    if request.config is not None:
-        document["config"] = request.config.to_json()
-    return canonical_json(document)
-
-
-def read_recipe(data: bytes) -> tuple[ImageRequest, str, str] | None:
-    """The request, tag and revision id of a `build_recipe`; None for another document."""
-    try:
-        doc = json.loads(data)
-        arches = {arch.oci_name: arch for arch in Arch}
-        config = doc.get("config")
-        request = ImageRequest(
-            tuple(str(name) for name in doc["packages"]), arches[doc["arch"]],
-            tuple(str(name) for name in doc["order"]), tuple(arches[arch] for arch in doc["platforms"]),
-            None if config is None else RunConfig.from_json(config),
-        )
-        return request, str(doc["tag"]), str(doc["revision"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _names_manifest(record: ImageRecord, manifest: Digest) -> bool:
-    """Whether `manifest` is one of the record's manifests or indexes, or of its attached documents."""
-    return any(d.digest == manifest for d in record.descriptors) or any(
-        attached.manifest.digest == manifest for attached in all_attached(record)
-    )
 
 
 class ImageBuilder:
@@ -229,7 +192,7 @@ class ImageBuilder:
             found_key, record = await self._find(revision, request)
             if record is None:
                 record = await self._build_once(request, revision, found_key)
-            if _names_manifest(record, manifest):
+            if names_manifest(record, manifest):
                 self.images.note_use(record.key)
                 return record
             log.warning("build.rebuilt_other_manifests", key=key[:12], manifest=str(manifest),

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from nixery import config, images
-from nixery.builder import ImageBuilder, build_recipe, read_recipe
+from nixery.builder import ImageBuilder
 from nixery.images import RECENT, USAGE_PREFIX, ImageRecord, ImageStore, ManifestRef, RecordCache
 from nixery.platforms import for_platforms
 from nixery.pulls import pull_key
+from nixery.recipes import build_recipe, read_recipe
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
