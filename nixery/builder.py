@@ -55,10 +55,12 @@ from nixery.layers.grouping import plan_layers
 from nixery.layers.popularity import Popularity
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
+from nixery.lru import LRU
 from nixery.nix.errors import PackagesNotFound
 from nixery.package_names import PackageNames
 from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
 from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
+from nixery.recipes import build_recipe, names_manifest, read_recipe
 from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
@@ -127,6 +129,8 @@ class ImageBuilder:
         self.names = PackageNames(storage)
         #: NIXERY_BASELINE: packages every image gets (a CA bundle, /etc/services).
         self.baseline = Baseline(baseline)
+        #: The tag each recent revision was last resolved from: stored with the images built from it.
+        self._tags: LRU[str, str] = LRU(256)
 
     async def warm_up(self) -> None:
         """Start the layer writers and the package source's resolver, and load the layering
@@ -170,6 +174,49 @@ class ImageBuilder:
             return record
         return await self._build_once(request, revision, key, on_wait)
 
+    async def rebuilt_naming(self, manifest: Digest) -> ImageRecord | None:
+        """The image whose manifest (or index, or attached document) `manifest` is, built again,
+        for a pull by digest of an image that lost a blob (gone, or set aside as damaged): as a
+        pull by tag finds the image incomplete and rebuilds it. Builds are deterministic, so the
+        image built again from the same revision has the same manifests. None when no stored
+        image names it (never built here, or removed by `nixery gc`), or the package set's
+        revision it was built from can no longer be had."""
+        for key, data in await self.images.recipes_naming(manifest):
+            recipe = read_recipe(data)
+            if recipe is None:
+                log.warning("build.recipe_unreadable", key=key[:12], manifest=str(manifest))
+                continue
+            request, tag, revision_id = recipe
+            revision = await self._revision(tag, revision_id)
+            if revision is None:
+                log.warning("build.revision_gone", key=key[:12], manifest=str(manifest), tag=tag,
+                            revision=revision_id, note="the image cannot be built again")
+                continue
+            log.info("build.rebuilding_for_digest", key=key[:12], manifest=str(manifest), image=request.display_name)
+            found_key, record = await self._find(revision, request)
+            if record is None:
+                record = await self._build_once(request, revision, found_key)
+            if names_manifest(record, manifest):
+                self.images.note_use(record.key)
+                return record
+            log.warning("build.rebuilt_other_manifests", key=key[:12], manifest=str(manifest),
+                        built=[str(d.digest) for d in record.descriptors])
+        return None
+
+    async def _revision(self, tag: str, revision_id: str) -> Revision | None:
+        """The revision `revision_id`, as `tag` selects it still, or (a branch moved on) as its
+        own id selects it (a git commit); None when neither does."""
+        for name in dict.fromkeys([tag, revision_id]):
+            try:
+                revision = await self.source.resolve(name)
+            except Exception as exc:  # e.g. a revision id that is no tag: reported as the revision gone
+                log.info("build.revision_not_resolved", tag=name[:80], error=str(exc)[:200])
+                continue
+            if revision.id == revision_id:
+                self._tags.put(revision.id, name)  # the rebuilt image's record is stored with its recipe too
+                return revision
+        return None
+
     async def _build_once(
         self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None
     ) -> ImageRecord:
@@ -211,6 +258,7 @@ class ImageBuilder:
     ) -> tuple[Revision, str, ImageRecord | None]:
         """The revision a tag selects, the image's key, and the image if it is built."""
         revision = await self.source.resolve(tag)
+        self._tags.put(revision.id, tag)
         key, record = await self._find(revision, request)
         if counted:
             metrics.cache_lookup("image", hit=record is not None)
@@ -372,7 +420,7 @@ class ImageBuilder:
             return found
         record, documents = index_image(named_key, records, request.arch)
         build.emit(Stage.UPLOADING, "storing the image index")
-        return await self._publish(attach(AssembledImage(record, documents, ())), None, request.arch)
+        return await self._publish(attach(AssembledImage(record, documents, ())), None, request, revision)
 
     async def _store_image(
         self, request: ImageRequest, revision: Revision, key: str, build: Build,
@@ -391,7 +439,7 @@ class ImageBuilder:
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        record = await self._publish(image, plan, request.arch)
+        record = await self._publish(image, plan, request, revision)
         bound.info(
             "build.done",
             seconds=round(time.monotonic() - started, 3),
@@ -461,10 +509,13 @@ class ImageBuilder:
         bound.info("build.layers_compressed", layers=len(stored), created=counter.created, bytes=counter.bytes)
         return ca_bundle, stored, counter
 
-    async def _publish(self, image: AssembledImage, plan: list[frozenset[str]] | None, arch: Arch) -> ImageRecord:
+    async def _publish(
+        self, image: AssembledImage, plan: list[frozenset[str]] | None, request: ImageRequest, revision: Revision
+    ) -> ImageRecord:
         """Every blob, then the record, and the plan (if any: an index has none) into the
         platform's layering history; the record to serve: this one, or the one another
-        process stored first (`ImageStore.put`).
+        process stored first (`ImageStore.put`). With the record, how to build it again
+        (`build_recipe`), for a pull by digest that finds it incomplete (`rebuilt_naming`).
 
         Everything is written side by side, each piece fsync'd, but the record appears only
         once every blob it names is stored. Shielded: a layer's writes serve every build
@@ -474,8 +525,10 @@ class ImageBuilder:
         shared = (asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None)
         blobs_stored = asyncio.gather(*own, *shared)
         blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
-        history = [] if plan is None else [self.histories.of(arch.nix_system).record(plan)]
-        served = asyncio.ensure_future(self.images.put(image.record, blobs_stored))
+        history = [] if plan is None else [self.histories.of(request.arch.nix_system).record(plan)]
+        tag = self._tags.peek(revision.id)
+        recipe = None if tag is None else build_recipe(request, tag, revision)
+        served = asyncio.ensure_future(self.images.put(image.record, blobs_stored, recipe=recipe))
         try:
             await asyncio.gather(served, *history)
         except BaseException:  # a failed or stopped build ends once its own writes are done: none is left staging

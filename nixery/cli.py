@@ -283,7 +283,7 @@ def _gc(args: argparse.Namespace) -> int:
     if report.layer_records_removed:
         print(f"{verb} {report.layer_records_removed} records of layers whose blobs are gone")
     if report.orphan_notes_removed:
-        print(f"{verb} {report.orphan_notes_removed} usage notes and referrers pointers of images without a record")
+        print(f"{verb} {report.orphan_notes_removed} usage notes and pointers of images without a record")
     if report.locks_removed:
         print(f"removed {report.locks_removed} locks that processes which died left behind")
     if report.unreadable_removed:

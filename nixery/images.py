@@ -11,6 +11,12 @@ not change, or existing storage stops being found):
                    the image under <key> has documents about its manifest <subject>
                    (`ImageRecord.attached`): how the referrers API finds them; written
                    before the record, removed by gc with it
+    manifests/<manifest hex>/<key>
+                   the image under <key> names the manifest or index <manifest hex>
+                   (`manifest_keys`), and how to build it again (the builder's recipe,
+                   opaque here): how a pull by digest whose image lost a blob finds the
+                   image to rebuild (`ImageStore.recipes_naming`); written before the
+                   record, removed by gc with it
 
 `<key>` is `image_key(...)`: the package set's revision, the package names,
 the architecture, the layer budget, the layer compression (gzip keys as
@@ -91,6 +97,7 @@ IMAGE_PREFIX = "images/"
 USAGE_PREFIX = "usage/"
 BUILD_LOCK_PREFIX = "builds/"
 REFERRERS_PREFIX = "referrers/"
+MANIFESTS_PREFIX = "manifests/"
 #: How often an image's use is written to storage (for garbage collection).
 USAGE_INTERVAL = 3600.0
 #: How often the blobs of an image held in memory are checked again before its manifest is
@@ -133,6 +140,14 @@ def referrer_keys(record: ImageRecord) -> list[str]:
     attached documents (its platforms' too) to the record."""
     subjects = sorted({attached.subject.hex for attached in all_attached(record)})
     return [f"{REFERRERS_PREFIX}{subject}/{record.key}" for subject in subjects]
+
+
+def manifest_keys(record: ImageRecord) -> list[str]:
+    """The storage keys that lead from each manifest and index of the record (its platforms'
+    and its attached documents' too: all a client may pull by digest) to the record."""
+    manifests = {descriptor.digest.hex for descriptor in record.descriptors}
+    manifests.update(attached.manifest.digest.hex for attached in all_attached(record))
+    return [f"{MANIFESTS_PREFIX}{manifest}/{record.key}" for manifest in sorted(manifests)]
 
 
 def all_attached(record: ImageRecord) -> list[Attached]:
@@ -494,10 +509,14 @@ class ImageStore:
         self.cached.note_checked(record.key, checked_at)
         return record
 
-    async def put(self, record: ImageRecord, blobs_stored: Awaitable[Any]) -> ImageRecord:
+    async def put(
+        self, record: ImageRecord, blobs_stored: Awaitable[Any], *, recipe: bytes | None = None
+    ) -> ImageRecord:
         """Publish a new image's record, to appear in storage once `blobs_stored` is done, and
         the keys that find it by the subjects of its attached documents before that (a key
-        whose record is not there leads nowhere). Returns the record to serve from now on.
+        whose record is not there leads nowhere); with a `recipe` (how the builder builds the
+        image again), the keys that find it by its manifests' digests too. Returns the record
+        to serve from now on.
 
         The first complete record stored under a key wins, for every process: the record is
         created only if absent (`Storage.create_meta_after`). When another process stored
@@ -511,6 +530,8 @@ class ImageStore:
         the first replacement stored is the one they all serve.
         """
         pointers = [self.storage.put_meta(key, b"{}") for key in referrer_keys(record)]
+        if recipe is not None:
+            pointers += [self.storage.put_meta(key, recipe) for key in manifest_keys(record)]
         stored = asyncio.gather(blobs_stored, *pointers) if pointers else blobs_stored
         key, data = f"{IMAGE_PREFIX}{record.key}", record.to_json()
         written = await self.storage.create_meta_after(key, data, stored)
@@ -548,6 +569,34 @@ class ImageStore:
             for attached in all_attached(record) if attached.subject == subject
         }
         return sorted(found.values(), key=lambda one: (one.manifest.artifact_type or "", str(one.manifest.digest)))
+
+    async def recipes_naming(self, manifest: Digest) -> list[tuple[str, bytes]]:
+        """The keys of the stored images that name the manifest or index `manifest`, each with
+        the recipe stored with it (`put`); not of images whose record is gone. One listing of
+        storage: asked only when a manifest is not served as it is (gone, or its image lost a blob)."""
+        try:
+            pointers = await self.storage.list_meta(f"{MANIFESTS_PREFIX}{manifest.hex}/")
+        except NotImplementedError:  # a backend that cannot list: no image is found by digest
+            return []
+        found = []
+        for pointer in sorted(pointers):
+            key = pointer.rsplit("/", 1)[-1]
+            # Only of an image still stored: a pointer that outlived its record (a gc cut short)
+            # leads nowhere, as the record's removal says the image is no longer wanted.
+            if (recipe := await self.storage.get_meta(pointer)) is not None and await self.storage.get_meta(
+                f"{IMAGE_PREFIX}{key}"
+            ) is not None:
+                found.append((key, recipe))
+        return found
+
+    async def held_naming_servable(self, manifest: Digest) -> bool:
+        """Whether the images held in memory that name `manifest` would be served, checked as
+        `get` checks them (every RECHECK_INTERVAL where that is cheap: no request to a bucket);
+        those that would not are forgotten. True when none is held: nothing to check in memory."""
+        for key in self.cached.naming(manifest):
+            if self.cached.get(key) is not None and await self.get(key) is None:
+                return False
+        return True
 
     async def _complete(self, key: str, data: bytes, *, note: str) -> ImageRecord | None:
         """The record stored under `key` if it is readable and all its blobs are stored;

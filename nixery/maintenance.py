@@ -51,12 +51,14 @@ from nixery import collected, pulls, signatures
 from nixery.evaluations import PREFIX as EVALUATIONS
 from nixery.images import (
     IMAGE_PREFIX,
+    MANIFESTS_PREFIX,
     RECHECK_INTERVAL,
     REFERRERS_PREFIX,
     USAGE_PREFIX,
     ImageRecord,
     RecordUnreadable,
     build_lock,
+    manifest_keys,
     referrer_keys,
 )
 from nixery.layers.store import LAYER_PREFIX, LAYER_RECORD_UNREADABLE, read_layer_record
@@ -93,7 +95,7 @@ class GarbageReport:
     bytes_freed: int = 0
     evaluations_removed: int = 0
     layer_records_removed: int = 0  # `layers/<key>` records of layers whose blobs are gone
-    orphan_notes_removed: int = 0  # usage notes and referrers pointers of images without a record
+    orphan_notes_removed: int = 0  # usage notes, referrers and manifest pointers of images without a record
     locks_removed: int = 0  # locks (leases) that processes which died left behind
     quarantined_removed: int = 0  # damaged blobs set aside longer than the retention period
     dry_run: bool = False
@@ -204,7 +206,8 @@ async def collect_garbage(
                 if unused:
                     await storage.delete_meta(key)
                     await storage.delete_meta(f"{USAGE_PREFIX}{image_key}")
-                    for pointer in referrer_keys(current or record):  # its SBOMs' subjects lead to it no more
+                    # Its SBOMs' subjects and its manifests' digests lead to it no more.
+                    for pointer in [*referrer_keys(current or record), *manifest_keys(current or record)]:
                         await storage.delete_meta(pointer)
                 else:
                     record = current or record
@@ -252,13 +255,14 @@ async def collect_garbage(
 
 
 async def _remove_orphan_notes(storage: Storage, *, dry_run: bool) -> int:
-    """Remove the usage notes and referrers pointers of images that have no record: what a
+    """Remove the usage notes, referrers and manifest pointers of images that have no record: what a
     registry killed between writing an image's pointers and its record left, or a gc killed
     between removing a record and its notes. Each goes under its image's build lock, and only
     if the record is still absent: a build writes the pointers, then the record, holding it."""
     stored = {key.removeprefix(IMAGE_PREFIX) for key in await storage.list_meta(IMAGE_PREFIX)}
     notes: dict[str, list[str]] = {}
-    for key in [*await storage.list_meta(USAGE_PREFIX), *await storage.list_meta(REFERRERS_PREFIX)]:
+    for key in [*await storage.list_meta(USAGE_PREFIX), *await storage.list_meta(REFERRERS_PREFIX),
+                *await storage.list_meta(MANIFESTS_PREFIX)]:
         image_key = key.rsplit("/", 1)[-1]
         if image_key not in stored:
             notes.setdefault(image_key, []).append(key)

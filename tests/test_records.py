@@ -16,11 +16,15 @@ import pytest
 from nixery import config, images
 from nixery.builder import ImageBuilder
 from nixery.images import RECENT, USAGE_PREFIX, ImageRecord, ImageStore, ManifestRef, RecordCache
+from nixery.platforms import for_platforms
 from nixery.pulls import pull_key
+from nixery.recipes import build_recipe, read_recipe
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 from nixery.registry.mediatypes import ManifestFormat
-from nixery.registry.names import parse_image_name
+from nixery.registry.names import Arch, parse_image_name
+from nixery.registry.runconfig import RunConfig
+from nixery.resolver import Revision
 from nixery.storage.filesystem import FilesystemStorage
 from tests.resolvers import StorePathsResolver, add_packages
 
@@ -199,3 +203,16 @@ async def test_a_builder_keeps_at_most_the_configured_records(tmp_path: Path) ->
         assert len(resolver.realised) == len(names)
     finally:
         await builder.close()
+
+
+def test_a_recipe_gives_back_the_request_a_declared_config_and_several_platforms_included() -> None:
+    """What a pull by digest rebuilds from (stored by each manifest's digest): the same request,
+    so the same image key, also for a declared image (its config) and an index (its platforms)."""
+    config = RunConfig(user="app", working_dir="/srv", env=("A=1",), entrypoint=("/bin/sh",), cmd=("-c", "x"),
+                       exposed_ports=("8080/tcp",), labels=(("a", "1"), ("b", "2")))
+    declared = replace(for_platforms(parse_image_name("shell/curl"), [Arch.AMD64, Arch.ARM64]), config=config)
+    for request in (parse_image_name("arm64/curl/shell"), declared):
+        read = read_recipe(build_recipe(request, "v1", Revision("a set", "commit-1", None)))
+        assert read == (request, "v1", "commit-1")
+        assert read[0].order == request.order and read[0].config == request.config
+    assert read_recipe(b"{}") is None and read_recipe(b"not json") is None

@@ -290,6 +290,67 @@ def test_nixery_check_sets_aside_a_layer_rotted_in_place_and_the_next_pull_rebui
     assert "ok" in check_storage(registry.storage)
 
 
+@pytest.mark.clients
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+@pytest.mark.parametrize("harm", ["damaged-while-serving", "set-aside-by-check", "removed-after-a-restart"])
+def test_a_pull_by_digest_rebuilds_an_image_that_lost_a_layer(
+    registry: RegistryProcess, tmp_path: Path, harm: str
+) -> None:
+    """Pinned deployments (Kubernetes, `NAME@sha256:...`) pull by digest. When a layer of the
+    image was set aside as damaged (by the registry's own hash check, or by `nixery check`) or
+    was gone, a pull by tag rebuilt the image, but a pull by digest got 404 MANIFEST_UNKNOWN
+    until someone pulled the image by tag. Now it rebuilds the image (the same digests: builds
+    are deterministic) and the pull succeeds."""
+
+    def pull(layout: str) -> subprocess.CompletedProcess[str]:
+        return run(["flock", "/tmp/clients.lock", "skopeo", "copy", "--src-tls-verify=false",
+                    f"docker://{registry.host}/fortune/bigdata@{digest}", f"oci:{tmp_path / layout}:img"],
+                   check=False)
+
+    digest, manifest = registry.manifest("fortune/bigdata")
+    assert pull("before").returncode == 0  # every blob served, so hashed and trusted by this process
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    if harm == "removed-after-a-restart":
+        registry.stop()
+        blob_file.unlink()
+        registry.start()
+    else:
+        data = bytearray(blob_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # the same size: only a hash tells
+        blob_file.write_bytes(data)
+        if harm == "set-aside-by-check":
+            result = run([sys.executable, "-m", "nixery", "check"],
+                         env_extra={"STORAGE_PATH": str(registry.storage)}, check=False)
+            assert "set aside 1 damaged blob" in result.stdout, result.stdout + result.stderr
+            assert not blob_file.exists()
+        time.sleep(images.RECHECK_INTERVAL)  # an image held in memory is checked again this often
+
+    after = pull("after")  # skopeo checks every blob's digest
+    assert after.returncode == 0, after.stderr
+    assert Digest.of(blob_file.read_bytes()) == Digest.parse(layer["digest"])
+    assert registry.log_events("build.rebuilding_for_digest")
+    if harm != "removed-after-a-restart":
+        assert len(list((registry.storage / "quarantine").iterdir())) == 1, "the damaged layer was not set aside"
+    assert registry.manifest("fortune/bigdata")[0] == digest, "the rebuilt image is byte-for-byte the same"
+    assert "ok" in check_storage(registry.storage)
+
+
+def test_a_pull_by_digest_of_an_image_removed_by_gc_is_404(registry: RegistryProcess) -> None:
+    """An image whose record is gone too (`nixery gc` removed it) is not built again by digest:
+    404 MANIFEST_UNKNOWN, as before."""
+    digest, manifest = registry.manifest("shell")
+    registry.stop()
+    for record in (registry.storage / "meta" / "images").iterdir():
+        record.unlink()
+    layer = manifest["layers"][0]["digest"]
+    (registry.storage / "blobs" / "sha256" / layer[7:9] / layer[7:]).unlink()
+    registry.start()
+    status, _, body = registry.request(f"/v2/shell/manifests/{digest}")
+    assert status == 404 and b"MANIFEST_UNKNOWN" in body, body
+    assert not registry.log_events("build.rebuilding_for_digest")
+
+
 def test_a_manifest_cut_short_on_disk_is_built_again_not_refused_for_ever(registry: RegistryProcess) -> None:
     """A manifest blob cut short (what a crash on a file system that loses unsynced writes can
     leave, or a disk's fault) is taken out of service and the image built again on the next pull.
@@ -515,14 +576,16 @@ async def test_garbage_collection_removes_the_notes_of_images_a_crash_left_witho
     for key in ("kept", "crashed"):
         await storage.put_meta(f"usage/{key}", json.dumps({"last_used": time.time()}).encode())
         await storage.put_meta(f"referrers/{subject}/{key}", b"{}")
+        await storage.put_meta(f"manifests/{subject}/{key}", b"{}")  # how a pull by digest finds it
 
     dry = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE, dry_run=True)
-    assert dry.orphan_notes_removed == 2
+    assert dry.orphan_notes_removed == 3
     assert len(await storage.list_meta("usage")) == 2, "a dry run removed something"
     report = await maintenance.collect_garbage(storage, older_than=maintenance.MIN_AGE)
-    assert (report.orphan_notes_removed, report.images_kept) == (2, 1)
+    assert (report.orphan_notes_removed, report.images_kept) == (3, 1)
     assert await storage.list_meta("usage") == ["usage/kept"]
     assert await storage.list_meta("referrers") == [f"referrers/{subject}/kept"]
+    assert await storage.list_meta("manifests") == [f"manifests/{subject}/kept"]
 
 
 def test_garbage_collection_keeps_used_images(registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch) -> None:

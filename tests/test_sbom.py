@@ -326,6 +326,26 @@ def test_two_registries_make_the_same_sbom(tmp_path: Path) -> None:
         other.stop()
 
 
+def test_an_sbom_pulled_by_digest_after_its_document_was_lost_is_made_again(tmp_path: Path) -> None:
+    """An SBOM is fetched by its manifest's digest (from the referrers index). When the document's
+    blob was lost, that was 404 until the image was pulled by tag; now the image and its documents
+    are built again (the same bytes) and the SBOM is served."""
+    storage = tmp_path / "storage"
+    registry = RegistryProcess(storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
+    try:
+        digest, _ = registry.manifest("fortune")
+        sbom, document = attached_document(registry, "fortune", digest, SPDX)
+        index, _ = referrers(registry, "fortune", digest)
+        sbom_digest = next(entry["digest"] for entry in index["manifests"] if entry["artifactType"] == SPDX)
+        registry.stop()
+        blob_file(storage, sbom["layers"][0]["digest"]).unlink()
+        registry.start()
+        assert registry.manifest("fortune", sbom_digest, accept=OCI_MANIFEST)[1] == sbom
+        assert blob(registry, "fortune", sbom["layers"][0]["digest"]) == document
+    finally:
+        registry.stop()
+
+
 def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     registry = RegistryProcess(storage, env={"NIXERY_BUNDLED_SET": "busybox"}).start()
@@ -342,6 +362,7 @@ def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path)
         assert "removed 1 images" in collect(storage)
         assert not any(blob_file(storage, d).exists() for d in kept)
         assert not list((storage / "meta").glob("referrers/*/*")), "no key leads to the collected image"
+        assert not list((storage / "meta").glob("manifests/*/*")), "no manifest digest leads to it either"
         for _ in range(100):  # the registry reads gc's note within a poll
             if referrers(registry, "fortune", digest)[0]["manifests"] == []:
                 break

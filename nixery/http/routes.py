@@ -162,10 +162,15 @@ async def api_version(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+class ManifestGone(ManifestUnknown):
+    """A manifest that is not stored, or whose image lost a blob: its image may be built again."""
+
+
 async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
     """The manifest or index from memory, else from storage; with `check_blobs`, one read
     from storage is served only if every blob it names is stored (by digest, no image
-    record vouches for them)."""
+    record vouches for them). Raises ManifestGone for one not stored or incomplete, and
+    ManifestUnknown for a blob that is no manifest."""
     cache = request.app[MANIFESTS]
     cached = cache.get(digest)
     if cached is not None:
@@ -175,14 +180,14 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     storage = request.app[STORAGE]
     size = await storage.stat_blob(digest)
     if size is None:
-        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
+        raise ManifestGone(f"no manifest with digest {digest}", detail={"digest": str(digest)})
     if size > 4 << 20:  # manifests are small; larger blobs are layers
         cache.note_not_manifest(digest)
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     try:
         document = await storage.read_blob(digest)
     except BlobNotFound:  # removed since the stat
-        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
+        raise ManifestGone(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
     parsed = await asyncio.to_thread(parse_manifest, document)
     if parsed is None:
         cache.note_not_manifest(digest)
@@ -192,7 +197,7 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
         sizes = await asyncio.gather(*(storage.stat_blob(blob) for blob in blobs))
         missing = [str(blob) for blob, size in zip(blobs, sizes, strict=True) if size is None]
         if missing:
-            raise ManifestUnknown(
+            raise ManifestGone(
                 f"the image of manifest {digest} is no longer stored ({len(missing)} of its blobs are gone)",
                 detail={"digest": str(digest), "missing": missing[:10]},
             )
@@ -270,7 +275,7 @@ async def manifest(request: web.Request) -> web.Response:
     user_agent = request.headers.get("User-Agent", "")
     if ":" in reference:
         digest = requested_digest(reference, ManifestUnknown)
-        document, media_type = await stored_manifest(request, digest, check_blobs=True)
+        document, media_type = await _manifest_by_digest(request, digest)
         # A digest may name a zstd image; the manifest is read only for a client that would fail on one.
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
@@ -291,6 +296,25 @@ async def manifest(request: web.Request) -> web.Response:
         headers["Content-Length"] = str(len(document))
         return web.Response(headers=headers)
     return web.Response(body=document, headers=headers)
+
+
+async def _manifest_by_digest(request: web.Request, digest: Digest) -> tuple[bytes, str]:
+    """The manifest `digest` names; when its image lost a blob (gone, or set aside as damaged),
+    the image built again first, as a pull by tag would: a pull by digest (a pinned deployment)
+    got 404 until someone pulled the image by tag. Builds are deterministic: the image built
+    again has the same digests. The common case costs what it did: the manifest from memory,
+    the images in memory that name it checked as a pull by tag checks them (only where that
+    needs no request to a bucket); storage is asked which image to rebuild only when the
+    manifest is gone or incomplete."""
+    builder = request.app[BUILDER]
+    if not await builder.images.held_naming_servable(digest):
+        request.app[MANIFESTS].forget_naming(digest)  # its image is incomplete: not served from memory
+    try:
+        return await stored_manifest(request, digest, check_blobs=True)
+    except ManifestGone:
+        if await builder.rebuilt_naming(digest) is None:  # never built here, or removed by gc
+            raise
+    return await stored_manifest(request, digest, check_blobs=True)
 
 
 async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> tuple[Digest, bytes, str]:

@@ -53,6 +53,27 @@ class RunConfig:
         }
         return {name: value for name, value in fields.items() if value is not None}
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RunConfig:
+        """The config `to_json` gave (raises KeyError, TypeError, ValueError on other shapes)."""
+
+        def strings(name: str) -> tuple[str, ...] | None:
+            value = doc.get(name)
+            if value is None:
+                return None
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise TypeError(f"{name} must be a list of strings")
+            return tuple(value)
+
+        labels = doc.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise TypeError("labels must be an object")
+        return cls(
+            user=doc.get("user"), working_dir=doc.get("workingDir"), env=strings("env") or (),
+            entrypoint=strings("entrypoint"), cmd=strings("cmd"), exposed_ports=strings("exposedPorts") or (),
+            labels=tuple(sorted((str(key), str(value)) for key, value in labels.items())),
+        )
+
     def apply(self, container_config: Mapping[str, Any]) -> dict[str, Any]:
         """An image config's `config` object with these settings over the registry's own.
 
