@@ -3,6 +3,8 @@ distribution spec and its own kind in `detail.kind`, and docs/errors.md lists th
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 from pathlib import Path
 
@@ -26,6 +28,13 @@ CATALOGUE = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
 
 
 def _kinds() -> list[type[errors.RegistryError]]:
+    # Every module imported first: a kind defined outside nixery/errors.py is found whichever
+    # tests ran before (one in nixery/http/routes.py was seen only in a full run).
+    import nixery
+
+    for module in pkgutil.walk_packages(nixery.__path__, "nixery."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
     found, pending = [], [errors.RegistryError]
     while pending:
         subclasses = pending.pop().__subclasses__()

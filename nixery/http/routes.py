@@ -162,15 +162,11 @@ async def api_version(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-class ManifestGone(ManifestUnknown):
-    """A manifest that is not stored, or whose image lost a blob: its image may be built again."""
-
-
 async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: bool) -> tuple[bytes, str]:
     """The manifest or index from memory, else from storage; with `check_blobs`, one read
     from storage is served only if every blob it names is stored (by digest, no image
-    record vouches for them). Raises ManifestGone for one not stored or incomplete, and
-    ManifestUnknown for a blob that is no manifest."""
+    record vouches for them). Raises ManifestUnknown for one not stored or incomplete, and for
+    a blob that is no manifest."""
     cache = request.app[MANIFESTS]
     cached = cache.get(digest)
     if cached is not None:
@@ -180,14 +176,14 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     storage = request.app[STORAGE]
     size = await storage.stat_blob(digest)
     if size is None:
-        raise ManifestGone(f"no manifest with digest {digest}", detail={"digest": str(digest)})
+        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
     if size > 4 << 20:  # manifests are small; larger blobs are layers
         cache.note_not_manifest(digest)
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     try:
         document = await storage.read_blob(digest)
     except BlobNotFound:  # removed since the stat
-        raise ManifestGone(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
+        raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)}) from None
     parsed = await asyncio.to_thread(parse_manifest, document)
     if parsed is None:
         cache.note_not_manifest(digest)
@@ -197,7 +193,7 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
         sizes = await asyncio.gather(*(storage.stat_blob(blob) for blob in blobs))
         missing = [str(blob) for blob, size in zip(blobs, sizes, strict=True) if size is None]
         if missing:
-            raise ManifestGone(
+            raise ManifestUnknown(
                 f"the image of manifest {digest} is no longer stored ({len(missing)} of its blobs are gone)",
                 detail={"digest": str(digest), "missing": missing[:10]},
             )
@@ -311,7 +307,7 @@ async def _manifest_by_digest(request: web.Request, digest: Digest) -> tuple[byt
         request.app[MANIFESTS].forget_naming(digest)  # its image is incomplete: not served from memory
     try:
         return await stored_manifest(request, digest, check_blobs=True)
-    except ManifestGone:
+    except ManifestUnknown:  # gone, or its image lost a blob; a blob that is no manifest names no image
         if await builder.rebuilt_naming(digest) is None:  # never built here, or removed by gc
             raise
     return await stored_manifest(request, digest, check_blobs=True)
