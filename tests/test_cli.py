@@ -264,6 +264,39 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
     assert not failed, f"{len(failed)} of {len(outcomes)} runs (delay, status, Nix, files, stderr): {failed}"
 
 
+def test_ctrl_c_while_a_local_build_runs_a_builder_leaves_no_build_directory(tmp_path: Path) -> None:
+    """Ctrl-C while Nix ran a builder (a package not built yet, as on a new machine) left Nix's build
+    directory (`nix-build-<name>.drv-0`) in TMPDIR: Nix was killed with SIGKILL, which it cannot
+    clean up after. Now a Nix that builds is stopped with SIGTERM first, removes what it made, and
+    only then is its whole process tree killed."""
+    pkgs = slow_package_set(tmp_path / "pkgs", seconds=60)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    marker = f"NIXERY_TEST_RUN={tmp_path}"
+    name, value = marker.split("=", 1)
+    env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_PKGS_PATH": str(pkgs),
+           "TMPDIR": str(temporary), name: value}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--local", "--plain", "slowpoke"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(temporary.glob("nix-build-slowpoke*")):  # the builder runs
+            assert process.poll() is None and time.monotonic() < deadline, "the builder never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(10)
+        nix_left = _nix_processes_marked(marker)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.stderr is not None
+    assert (status, process.stderr.read()) == (130, "nixery build: interrupted\n")
+    assert nix_left == []
+    assert [path.name for path in temporary.iterdir()] == [], "Nix's build directory is left in TMPDIR"
+
+
 @pytest.mark.parametrize("command", [["build", "--plain", "shell"], ["inspect", "shell"]])
 def test_ctrl_c_while_a_registry_does_not_answer_says_so_in_one_line(command: list[str]) -> None:
     """Ctrl-C while the registry had not answered yet: `nixery build` ended with status 130 and

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -166,8 +167,12 @@ async def run_nix(
         await process.wait()
         raise deadline.passed(argv[0], "\n".join(tail)) from None
     except BaseException:
-        kill_process_tree(process.pid)
-        await process.wait()
+        try:
+            if builds:  # Nix stopped with SIGTERM removes its build directories (SIGKILL left them in TMPDIR)
+                await _terminate(process)
+        finally:  # also when this wait is cancelled in turn
+            kill_process_tree(process.pid)
+            await process.wait()
         raise
     finally:
         running.dec()
@@ -258,6 +263,19 @@ def _signal_all(pids: set[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+#: How long a Nix that builds gets, once stopped with SIGTERM, to stop its builders and remove
+#: their directories before its whole tree is killed.
+TERMINATE_GRACE = 3.0
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM a Nix that builds and wait, at most TERMINATE_GRACE, for it to end."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(process.wait()), TERMINATE_GRACE)
 
 
 def kill_process_tree(root: int, *, rounds: int = 5) -> None:
