@@ -352,11 +352,8 @@ class FilesystemStorage(Storage):
         its place after the hash (a rebuild stored it anew): whether it was set aside."""
         try:
             with open(path, "rb") as handle:
-                if _hashes_to_file(handle, digest):
+                if _hashes_to_file(handle, digest) or not _is_file_at(handle.fileno(), path):
                     return False
-                hashed = os.fstat(handle.fileno())
-            if not _same_file(hashed, os.stat(path)):
-                return False
         except FileNotFoundError:  # set aside or removed meanwhile (a registry, `nixery gc`)
             return False
         self._quarantine_blob(path)
@@ -609,12 +606,6 @@ def _hashes_to_file(handle: BinaryIO, digest: Digest) -> bool:
     while chunk := handle.read(1 << 20):
         hasher.update(chunk)
     return hasher.hexdigest() == digest.hex
-
-
-def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
-    return (one.st_dev, one.st_ino, one.st_size, one.st_mtime_ns) == (
-        other.st_dev, other.st_ino, other.st_size, other.st_mtime_ns
-    )
 
 
 def _fsync_dir(directory: Path) -> None:
