@@ -42,7 +42,7 @@ from nixery.registry.descriptors import parse_manifest
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.image import layer_compression
 from nixery.registry.mediatypes import OCTET_STREAM
-from nixery.registry.names import ImageRequest, attachment_tag_error, check_tag, names_attachment, parse_image_name
+from nixery.registry.names import ImageRequest, check_image_tag, parse_image_name
 from nixery.registry.negotiation import check_acceptable, check_client_unpacks, choose, unpacks_zstd
 from nixery.storage.base import BlobNotFound, ByteStream, LocalFile, Redirect, Storage
 
@@ -276,13 +276,11 @@ async def manifest(request: web.Request) -> web.Response:
         if not unpacks_zstd(user_agent):
             check_client_unpacks(user_agent, layer_compression(document))
         request.app[BUILDER].images.note_pull(digest)  # in use, for gc: the pull names no image
-    elif names_attachment(reference):
-        # The route of attachment tags (nixery.http.referrers) takes only well-formed ones: any other
-        # tag of their prefix is not answered with the image, as if it were a tag of the package set
-        # (a client asking for a signature or a referrers index would be given an image manifest).
-        raise attachment_tag_error(reference)
     else:
-        digest, document, media_type = await _manifest_by_tag(request, check_tag(reference), user_agent)
+        # The route of attachment tags (nixery.http.referrers) takes only well-formed ones: any other
+        # tag of their prefix is 404, not the image as if it were a tag of the package set (a client
+        # asking for a signature or a referrers index would be given an image manifest).
+        digest, document, media_type = await _manifest_by_tag(request, check_image_tag(reference), user_agent)
     headers = content_headers(digest, media_type)
     if ":" not in reference:  # a tag's document is chosen by Accept: caches in front keep each apart
         headers["Vary"] = "Accept"
