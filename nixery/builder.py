@@ -352,6 +352,9 @@ class ImageBuilder:
                 # Another platform's package set may lack what the host's has: say which one.
                 exc = PackagesNotFound(exc.missing, exc.source, platform=platform_name(request.arch))
             raise await self.names.with_suggestions(exc, revision) from None
+        except asyncio.CancelledError:  # the registry stops: not a failure of the build
+            result = "stopped"
+            raise
         finally:
             metrics.build_finished(result, time.monotonic() - started)
 

@@ -3,7 +3,8 @@
     nixery_http_requests_total{method,route,status}   one per request
     nixery_http_request_duration_seconds{method,route}
     nixery_builds_total{result}                       result: done | failed | not_found (names the package
-                                                      set lacks); builds run by this process
+                                                      set lacks) | stopped (the registry shut down
+                                                      mid-build); builds run by this process
     nixery_build_duration_seconds{result}
     nixery_builds_running
     nixery_build_waits_total                          waits for a build another process ran (shared storage)
@@ -62,7 +63,8 @@ HTTP_DURATION = Histogram(
 )
 BUILDS = Counter(
     "nixery_builds",
-    "Image builds run by this process and finished, by result (not_found: names the package set lacks)",
+    "Image builds run by this process and finished, by result (not_found: names the package set lacks;"
+    " stopped: the registry shut down mid-build)",
     ["result"],
 )
 BUILD_WAITS = Counter(
@@ -91,7 +93,7 @@ NIX_PROCESSES = Gauge(
 for _cache in ("image", "layer"):  # present from the start, so rates work from zero
     CACHE_HITS.labels(_cache)
     CACHE_MISSES.labels(_cache)
-BUILD_RESULTS = ("done", "failed", "not_found")
+BUILD_RESULTS = ("done", "failed", "not_found", "stopped")
 for _result in BUILD_RESULTS:
     BUILDS.labels(_result)
 for _outcome in ("reused", "created"):

@@ -689,9 +689,11 @@ async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_
     """A build that closing the builder stopped (a registry shutting down) was logged as
     `build.failed` with `error=""` (a cancellation has no message), and its progress page and
     events said it failed with `CancelledError`. Now it is logged as `build.stopped`, and its last
-    event says it was stopped, and why. (A stand-in for Nix, by design: what is tested is how the
-    builder reports a stop, wherever the build was.)"""
+    event says it was stopped, and why; the build metrics count it as `stopped`, not `failed`, so
+    that every restart does not trip an alert on failed builds. (A stand-in for Nix, by design: what
+    is tested is how the builder reports a stop, wherever the build was.)"""
     import structlog
+    from prometheus_client import REGISTRY
 
     from nixery.builder import STOPPED_MESSAGE, ImageBuilder
     from nixery.progress import Stage
@@ -706,6 +708,10 @@ async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_
             await asyncio.Event().wait()  # as a long evaluation does, until cancelled
             raise AssertionError("not reached")
 
+    def counted(result: str) -> float:
+        return REGISTRY.get_sample_value("nixery_builds_total", {"result": result}) or 0.0
+
+    failed, stopped = counted("failed"), counted("stopped")
     builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
                            max_layers=10, max_concurrent_builds=1, layer_workers=1)
     try:
@@ -720,6 +726,7 @@ async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_
     assert STOPPED_MESSAGE == "stopped: the registry is shutting down"
     said = [(entry["event"], entry["log_level"]) for entry in logged if entry["event"].startswith("build.")]
     assert said == [("build.stopped", "info")], logged
+    assert (counted("failed") - failed, counted("stopped") - stopped) == (0, 1)
 
 
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
