@@ -294,8 +294,14 @@ def test_the_image_page_and_inspect_answer_an_attachment_tag_as_the_api_does(reg
 def test_no_image_is_built_under_an_attachment_tag(registry, tmp_path: Path) -> None:
     """`POST /builds` (and `nixery build`, and `--local`) with the tag `sha256-bad` built the image
     under a tag the registry then answers 404 for (pull, page): a build no one could use. Now it is
-    refused at once, 400 TAG_INVALID, saying why; a declared image's tag likewise (test_declarations)."""
+    refused at once, 400 TAG_INVALID, saying why; a declared image's tag likewise (test_declarations).
+    The package search under such a tag, whose Build buttons build under it, is refused alike: it
+    answered 200 with buttons that could only fail."""
     for tag in ("sha256-bad", "sha256-" + "a" * 64, "SHA256-x.sig"):
+        status, _, body = registry.request(f"/packages?q=hello&format=json&tag={tag}", accept="application/json")
+        error = json.loads(body)["errors"][0]
+        assert status == 400 and error["detail"]["kind"] == "TAG_INVALID", (tag, status, error)
+        assert registry.request(f"/packages?q=hello&tag={tag}", accept="text/html")[0] == 400, tag
         connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
         try:
             connection.request("POST", "/builds", body=json.dumps({"image": "hello", "tag": tag}),

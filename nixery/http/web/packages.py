@@ -14,12 +14,12 @@ from nixery.http.markup import h
 from nixery.http.pages import wants_json
 from nixery.http.routes import BUILDER
 from nixery.http.web.layout import page, script, search_form, short
-from nixery.registry.names import check_tag
+from nixery.registry.names import check_build_tag
 
 
 async def packages(request: web.Request) -> web.StreamResponse:
     query = request.query.get("q", "")[:100]
-    tag = check_tag(request.query.get("tag") or "latest")
+    tag = check_build_tag(request.query.get("tag") or "latest")  # its Build buttons build under it
     builder = request.app[BUILDER]
     revision = await builder.source.resolve(tag)
     catalogue = builder.names.catalog
