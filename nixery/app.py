@@ -18,7 +18,7 @@ from aiohttp import web
 from nixery import loop_lag, metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
-from nixery.http import auth, bodies, health, referrers, routes
+from nixery.http import auth, bodies, health, referrers, routes, shutdown
 from nixery.http import signatures as http_signatures
 from nixery.http.access import access_log
 from nixery.http.errors import error_middleware
@@ -92,6 +92,7 @@ def create_app(settings: Settings) -> web.Application:
         await storage.close()
 
     app.cleanup_ctx.append(lifecycle)
+    shutdown.install(app, settings.shutdown_grace)  # builds stopped in steps, before the lifecycle's end
     referrers.add_routes(app)  # the referrers API; attachment tags (sha256-<hex>) before other tags
     routes.add_routes(app)
     http_signatures.add_routes(app)  # /signing-key.pub

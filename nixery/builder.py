@@ -65,7 +65,7 @@ from nixery.registry.digest import Digest
 from nixery.registry.mediatypes import Compression
 from nixery.registry.names import Arch, ImageRequest
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
-from nixery.singleflight import SingleFlight
+from nixery.singleflight import SingleFlight, WorkStopped
 from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,6 @@ class ImageBuilder:
         #: Builds by id, with their progress (with several worker processes, theirs too).
         self.builds = builds or BuildLog()
         self._in_flight: dict[str, Build] = {}
-        self._background: set[asyncio.Task[ImageRecord]] = set()
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
         #: The package list (search, the names a set lacks, suggestions for them).
@@ -151,9 +150,6 @@ class ImageBuilder:
         evaluator (starting Nix processes of its own), and asyncio's own shutdown, which cancels
         every task at once, can leave a process start waiting for its child forever (CPython 3.11)."""
         await self._images.cancel_all()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self.baseline.close()  # shared by builds, so not stopped with them
         await self.images.close()
         await self.layers.close()
@@ -223,7 +219,26 @@ class ImageBuilder:
         build = self._build_for(key, request)
         if on_wait is not None:
             on_wait(build)
-        return await self._images.run(key, lambda: self._build(request, revision, key, build))
+        try:
+            return await self._images.run(key, lambda: self._build(request, revision, key, build))
+        except WorkStopped:
+            raise WorkStopped(
+                f"the registry is shutting down and stopped the build of {request.display_name}; pull again: "
+                "another replica, or this one once it is back, builds it"
+            ) from None
+
+    async def stop_unwaited_builds(self) -> None:
+        """The registry begins to shut down: stop the builds no request waits for (started by
+        `start`: a build form, a declaration's prebuild). Their progress says they were stopped."""
+        await self._images.stop_unwaited()
+
+    async def stop_builds(self) -> None:
+        """The registry's time to shut down is nearly up: stop every build. Their progress says
+        so at once, and the requests waiting for them get WorkStopped at once, while the builds'
+        Nix processes are still being stopped, so that both are answered before they are cut off."""
+        for build in list(self._in_flight.values()):
+            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+        await self._images.stop()
 
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
         """The image if it is already built, without building it (for access control)."""
@@ -248,9 +263,7 @@ class ImageBuilder:
             build.emit(Stage.DONE, "already built", **image_summary(record))
             return build
         build = self._build_for(key, request)
-        task = asyncio.ensure_future(self._images.run(key, lambda: self._build(request, revision, key, build)))
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
+        self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
         return build
 
     async def _lookup(
@@ -285,11 +298,6 @@ class ImageBuilder:
         named = _by_resolved_names(request, resolved)
         return None if named == request else await self.images.get(self._image_key(revision, named))
 
-    def _background_done(self, task: asyncio.Task[ImageRecord]) -> None:
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()  # reported through the build's events
-
     def _build_for(self, key: str, request: ImageRequest) -> Build:
         build = self._in_flight.get(key)
         if build is None:
@@ -315,7 +323,9 @@ class ImageBuilder:
                     record = await self._counted_build(request, revision, key, build)
                 else:
                     metrics.build_waited()
-        except asyncio.CancelledError:  # by close(): the registry stops (or `build --local` was interrupted)
+        # By close() or stop_builds(): the registry stops (or `build --local` was interrupted); an
+        # image index's build may first hear it from a platform's build it waits for (WorkStopped).
+        except (asyncio.CancelledError, WorkStopped):
             # Not a failure of the build: said as what it is, not as an empty error.
             build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
             log.info("build.stopped", image=request.display_name, build=build.id,
@@ -352,7 +362,7 @@ class ImageBuilder:
                 # Another platform's package set may lack what the host's has: say which one.
                 exc = PackagesNotFound(exc.missing, exc.source, platform=platform_name(request.arch))
             raise await self.names.with_suggestions(exc, revision) from None
-        except asyncio.CancelledError:  # the registry stops: not a failure of the build
+        except (asyncio.CancelledError, WorkStopped):  # the registry stops: not a failure of the build
             result = "stopped"
             raise
         finally:

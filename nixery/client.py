@@ -26,7 +26,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -41,6 +41,9 @@ from nixery.views import image_json, image_reference, other_order
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
 _RECONNECTS = 5
+_RESTARTS = 3  # builds a registry stopped as it shut down, started again
+_RESTART_POLLS = 60  # how many times a restarting registry is asked to start the build again
+_RESTART_POLL_SECONDS = 1.0
 
 
 class ClientError(Exception):
@@ -285,27 +288,47 @@ async def _build_remotely(
     registry: str, name: str, tag: str, display: PlainProgress | BarProgress, progress: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The build's last event and the image; `progress` gets the build's progress page once
-    the registry has started it."""
+    the registry has started it. A build the registry stopped as it shut down (a restart, a
+    rollout) is started again once the registry is back."""
     async with _session() as session:
-        try:
-            async with session.post(
-                f"{registry}/builds", json={"image": name, "tag": tag}, headers={"Accept": "application/json"}
-            ) as response:
-                if response.status != 202:
-                    raise await _registry_error(response)
-                started = await response.json()
-        except aiohttp.ClientConnectionError as exc:
-            raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
-        progress.append(f"{registry}{started.get('progress') or '/builds/' + started['id']}")
-        final: dict[str, Any] = {}
-        with display:
-            async for event in follow_events(session, f"{registry}{started['events']}"):
-                display.update(event)
-                final = event
+        for restart in range(_RESTARTS + 1):
+            started = await _start_build(session, registry, name, tag, wait_for_registry=restart > 0)
+            progress[:] = [f"{registry}{started.get('progress') or '/builds/' + started['id']}"]
+            final: dict[str, Any] = {}
+            with display:
+                async for event in follow_events(session, f"{registry}{started['events']}"):
+                    display.update(event)
+                    final = event
+            if final.get("error") != "stopped" or restart == _RESTARTS:
+                break
+            print("nixery build: the registry stopped the build as it shut down; starting it again once it is back",
+                  file=sys.stderr, flush=True)
         image = None
         if final.get("stage") == "done":
             image = await _fetch_image(session, registry, started["image"], tag, missing_ok=True)
         return final, image
+
+
+async def _start_build(
+    session: aiohttp.ClientSession, registry: str, name: str, tag: str, *, wait_for_registry: bool
+) -> dict[str, Any]:
+    """`POST /builds`; with `wait_for_registry`, a registry that is restarting (refusing
+    connections, or still answering 503 as it shuts down) is asked again for a minute."""
+    for attempt in range(_RESTART_POLLS + 1):
+        try:
+            async with session.post(
+                f"{registry}/builds", json={"image": name, "tag": tag}, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status == 202:
+                    return cast(dict[str, Any], await response.json())
+                error = await _registry_error(response)
+                if not (wait_for_registry and response.status == 503 and attempt < _RESTART_POLLS):
+                    raise error
+        except aiohttp.ClientConnectionError as exc:
+            if not wait_for_registry or attempt == _RESTART_POLLS:
+                raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+        await asyncio.sleep(_RESTART_POLL_SECONDS)
+    raise AssertionError("not reached")
 
 
 async def _fetch_image(

@@ -191,6 +191,15 @@ class BuildTimeout(RegistryError):
     status = 504
 
 
+class BuildStopped(RegistryError):
+    """The registry is shutting down and stopped the build a request waited for: another
+    replica, or this one once it is back, builds the image again."""
+
+    code = "UNAVAILABLE"
+    kind = "BUILD_STOPPED"
+    status = 503
+
+
 class StorageUnavailable(RegistryError):
     """The storage backend did not answer."""
 

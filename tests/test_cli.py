@@ -348,15 +348,14 @@ def test_ctrl_c_while_following_a_registry_s_build_says_the_build_goes_on(start_
         assert json.load(response)["stage"] == "building"
 
 
-def test_a_registry_restarting_under_a_build_being_followed_is_reported_in_one_line(
-    start_registry, tmp_path: Path
-) -> None:
+def test_a_build_the_registry_stopped_as_it_restarted_is_started_again(start_registry, tmp_path: Path) -> None:
     """A registry that stopped while `nixery build` followed its build (a restart, a rollout) made
-    the command end in a `ClientConnectorError` traceback, at its first attempt to reconnect. Now
-    it tries again as for a stream that broke, and, the registry back (which forgot the build,
-    stopped with the old process), says so in one line."""
+    the command end in a `ClientConnectorError` traceback; later, once it reconnected, in one line
+    saying the registry forgot the build. Now the registry's last event says it stopped the build
+    as it shut down, and the command, told so, waits for the registry to be back and starts the
+    build again, which ends in the image."""
     storage = tmp_path / "storage"
-    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=30))}
+    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=15))}
     registry = start_registry(storage, **env)
     process = subprocess.Popen(
         [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
@@ -364,24 +363,29 @@ def test_a_registry_restarting_under_a_build_being_followed_is_reported_in_one_l
     )
     try:
         assert process.stdout is not None
-        for line in process.stdout:  # until Nix builds slowpoke, which takes 30 s
+        for line in process.stdout:  # until Nix builds slowpoke, which takes 15 s
             if " building " in line:
                 break
+        stopping = time.monotonic()
         registry.stop()
-        time.sleep(2)  # down while the command reconnects (a second after the stream ended)
+        # No request waited for the build: it was stopped at once, not at the end of the grace (30 s).
+        assert time.monotonic() - stopping < 15
+        time.sleep(2)  # down while the command tries to start the build again
         assert process.poll() is None, process.communicate()
         again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
         try:
-            out, err = process.communicate(timeout=60)
+            out, err = process.communicate(timeout=120)
         finally:
             again.stop()
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == 1 and "Traceback" not in err, err
-    assert err == "nixery: NAME_UNKNOWN: no build with this id (it may be too old to be kept, or the registry " \
-                  "restarted since)\n"
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert "stopped: the registry is shutting down" in out, out  # the first build's last event
+    assert err == "nixery build: the registry stopped the build as it shut down; starting it again once it is back\n"
+    assert re.search(r"Digest\s+sha256:[0-9a-f]{64}", out), out
     assert len(registry.log_events("build.stopped")) == 1
+    assert len(again.log_events("build.done")) == 1
 
 
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:

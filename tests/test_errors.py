@@ -13,6 +13,7 @@ import pytest
 from nixery import errors
 from nixery.http.errors import registry_error
 from nixery.nix import errors as nix_errors
+from nixery.singleflight import WorkStopped
 from nixery.storage import base as storage_errors
 
 #: The OCI distribution spec's error codes (spec.md, "Error Codes", code-1 to code-14) ...
@@ -70,6 +71,7 @@ def test_the_kind_is_added_to_the_detail() -> None:
         (nix_errors.NixError("nix-build failed", "error: builder failed"), "UNKNOWN", "BUILD_FAILED", 500),
         (nix_errors.NixTimeout("nix-build took too long", ""), "UNAVAILABLE", "BUILD_TIMEOUT", 504),
         (nix_errors.SourceUnavailable("no answer"), "UNAVAILABLE", "SOURCE_UNAVAILABLE", 502),
+        (WorkStopped("the registry is shutting down"), "UNAVAILABLE", "BUILD_STOPPED", 503),
         (storage_errors.StorageFull("/srv", "No space left on device"), "UNAVAILABLE", "STORAGE_FULL", 507),
         (RuntimeError("a bug"), "UNKNOWN", "INTERNAL_ERROR", 500),
     ],

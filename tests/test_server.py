@@ -5,6 +5,7 @@ finish their request heads, and a port that is already taken."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -193,12 +194,17 @@ def test_a_worker_that_fails_unexpectedly_fails_the_start(tmp_path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_the_log_says_where_to_pull_from_and_what_a_shutdown_cut_off(start_registry, tmp_path) -> None:
+def test_the_log_says_where_to_pull_from_and_what_a_shutdown_drained(start_registry, tmp_path) -> None:
     """`registry.listening` names the URL once the port accepts; on SIGTERM `registry.stopping`
     counts the requests under way, and `registry.stopped` those drained and those cut off at the
-    end of NIXERY_SHUTDOWN_GRACE (here a pull waiting for a build longer than the grace)."""
+    end of NIXERY_SHUTDOWN_GRACE.
+
+    A pull waiting for a build longer than the grace was cut off: its connection closed with no
+    answer, and the build's event stream broke off. Now the build is stopped shortly before the
+    grace ends: the pull is answered 503 BUILD_STOPPED, saying to pull again, and the event stream
+    ends with the build's last event, which says it was stopped."""
     pkgs = slow_package_set(tmp_path / "pkgs", seconds=30)
-    registry: RegistryProcess = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_SHUTDOWN_GRACE="1")
+    registry: RegistryProcess = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_SHUTDOWN_GRACE="3")
     [listening] = registry.log_events("registry.listening")
     assert listening["url"] == registry.url and listening["addresses"] == [registry.host]
 
@@ -209,16 +215,39 @@ def test_the_log_says_where_to_pull_from_and_what_a_shutdown_cut_off(start_regis
     while not registry.log_events("build.realising"):
         assert time.monotonic() < deadline, "the build did not start"
         time.sleep(0.1)
+    [waiting] = registry.log_events("http.waiting_for_build")
+    events: list[dict] = []
+    stream = threading.Thread(target=lambda: events.extend(_events(registry, waiting["build"])))
+    stream.start()
+    time.sleep(0.5)  # the stream is open
     registry.process.send_signal(signal.SIGTERM)
     assert registry.process.wait(30) == 0
     pull.join(30)
+    stream.join(30)
     [answer] = answers
-    assert isinstance(answer, OSError) or answer[0] >= 500, answer  # cut off: no manifest
+    assert not isinstance(answer, OSError), answer
+    status, _, body = answer  # type: ignore[misc]
+    error = json.loads(body)["errors"][0]
+    assert (status, error["code"], error["detail"]["kind"]) == (503, "UNAVAILABLE", "BUILD_STOPPED"), answer
+    assert "stopped the build of slowpoke; pull again" in error["message"], error
+    assert events and (events[-1]["stage"], events[-1]["error"]) == ("failed", "stopped"), events
     [stopping] = registry.log_events("registry.stopping")
-    assert (stopping["signal"], stopping["in_flight"], stopping["grace"]) == ("SIGTERM", 1, 1.0)
+    assert (stopping["signal"], stopping["in_flight"], stopping["grace"]) == ("SIGTERM", 2, 3.0)
     [stopped] = registry.log_events("registry.stopped")
-    assert (stopped["drained"], stopped["cut_off"]) == (0, 1)
+    assert (stopped["drained"], stopped["cut_off"]) == (2, 0), stopped
     assert 1 <= stopped["seconds"] < 15
+    assert len(registry.log_events("build.stopped")) == 1
+
+
+def _events(registry: RegistryProcess, build: str) -> list[dict]:
+    """A build's events, read from its event stream until the stream ends."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+    try:
+        connection.request("GET", f"/builds/{build}/events", headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        return [json.loads(line[len(b"data: "):]) for line in response.read().splitlines() if line.startswith(b"data: ")]
+    finally:
+        connection.close()
 
 
 def _request_or_error(registry: RegistryProcess, path: str) -> object:

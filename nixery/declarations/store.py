@@ -26,6 +26,7 @@ from nixery.declarations.parsing import FILES, Declaration, _describe
 from nixery.errors import RegistryError
 from nixery.registry.names import ImageRequest
 from nixery.registry.negotiation import pull_digests
+from nixery.singleflight import WorkStopped
 
 if TYPE_CHECKING:
     from nixery.builder import ImageBuilder
@@ -335,6 +336,9 @@ class DeclarationStore:
             record = await self.builder.image(declaration.request, declaration.tag)
         except asyncio.CancelledError:
             raise
+        except WorkStopped:  # the registry is shutting down: not a failure; the next start builds it
+            log.info("declarations.build_stopped", image=declaration.reference, origin=declaration.origin)
+            return
         except RegistryError as exc:
             error = exc.message
         except Exception as exc:  # reported like any build failure; the registry goes on

@@ -25,6 +25,7 @@ from nixery import errors, metrics
 from nixery.http import pages
 from nixery.nix import errors as nix_errors
 from nixery.registry.names import platform_hint
+from nixery.singleflight import WorkStopped
 from nixery.storage import base as storage_errors
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case nix_errors.NixError():
             tail = "\n".join(exc.log_tail.splitlines()[-8:])
             return errors.BuildFailed(f"{exc.message}:\n{tail}" if tail else exc.message, detail={"log": exc.log_tail})
+        case WorkStopped():  # the registry is shutting down (nixery.http.shutdown)
+            return errors.BuildStopped(str(exc) or "the registry is shutting down and stopped the build")
         case storage_errors.BlobNotFound():
             return errors.BlobUnknown(str(exc), detail={"digest": str(exc.digest)})
         case storage_errors.BackendUnavailable():

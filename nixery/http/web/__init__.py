@@ -34,7 +34,6 @@ from nixery.http.web.builds import (
     build_events,
     build_json,
     build_page,
-    end_event_streams,
     start_build,
 )
 from nixery.http.web.docs import PAGE, docs_index, docs_page
@@ -52,7 +51,6 @@ def add_web_routes(app: web.Application) -> None:
     app[BUILD_TAGS] = LRU(BUILD_TAGS_KEPT)
     app[ERROR_PAGE] = error_page
     app[STREAMS_STOPPING] = asyncio.Event()
-    app.on_shutdown.append(end_event_streams)
     app.router.add_get("/", landing, name=page_route("landing"))
     app.router.add_get("/packages", packages, name=page_route("packages"))
     app.router.add_post("/builds", start_build, name=page_route("start_build"))

@@ -428,10 +428,6 @@ async def build_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def end_event_streams(app: web.Application) -> None:
-    app[STREAMS_STOPPING].set()
-
-
 async def _follow(build: Build, start: int, stopping: asyncio.Event) -> AsyncIterator[tuple[int, Event | None]]:
     """The build's events from `start` on, with None every KEEPALIVE_SECONDS of silence,
     until the build ends or the registry stops."""
