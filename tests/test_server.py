@@ -245,7 +245,8 @@ def _events(registry: RegistryProcess, build: str) -> list[dict]:
     try:
         connection.request("GET", f"/builds/{build}/events", headers={"Accept": "text/event-stream"})
         response = connection.getresponse()
-        return [json.loads(line[len(b"data: "):]) for line in response.read().splitlines() if line.startswith(b"data: ")]
+        lines = response.read().splitlines()
+        return [json.loads(line.removeprefix(b"data: ")) for line in lines if line.startswith(b"data: ")]
     finally:
         connection.close()
 
