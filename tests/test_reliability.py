@@ -729,6 +729,58 @@ async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_
     assert (counted("failed") - failed, counted("stopped") - stopped) == (0, 1)
 
 
+async def test_a_build_stopped_before_the_grace_ends_answers_its_waiters_and_its_page_builds_it_again(
+    tmp_path: Path, aiohttp_client
+) -> None:
+    """`stop_builds` (just before NIXERY_SHUTDOWN_GRACE ends): a pull waiting for the build gets
+    WorkStopped (503 BUILD_STOPPED) at once, and the build's page, drawn by the server (another
+    worker of the registry draws it from the shared directory), says the registry stopped it and
+    offers to build it again, instead of "The build failed". (The evaluation is a stand-in that
+    never ends, as in the test above.)"""
+    from aiohttp import web
+
+    from nixery.builder import ImageBuilder
+    from nixery.http.errors import error_middleware
+    from nixery.http.routes import BUILDER
+    from nixery.http.web import add_web_routes
+    from nixery.registry.names import parse_image_name
+    from nixery.singleflight import WorkStopped
+    from tests.resolvers import StorePathsResolver
+
+    evaluating = asyncio.Event()
+
+    class EndlessEvaluation(StorePathsResolver):
+        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
+            evaluating.set()
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+
+    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
+                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    try:
+        request = parse_image_name("shell/hello")
+        build = await builder.start(request, "v1")
+        pull = asyncio.ensure_future(builder.image(request, "v1"))
+        await asyncio.wait_for(evaluating.wait(), 30)
+        await builder.stop_unwaited_builds()  # the pull waits for it: it goes on
+        assert not pull.done() and not build.finished
+        await asyncio.wait_for(builder.stop_builds(), 30)
+        with pytest.raises(WorkStopped, match="stopped the build of shell/hello; pull again"):
+            await pull
+        app = web.Application(middlewares=[error_middleware])
+        app[BUILDER] = builder
+        add_web_routes(app)
+        client = await aiohttp_client(app)
+        response = await client.get(f"/builds/{build.id}?image=shell/hello&tag=v1", headers={"Accept": "text/html"})
+        text = await response.text()
+        assert response.status == 200 and "The registry stopped this build as it shut down." in text, text
+        assert "The build failed" not in text
+        assert 'name="image" value="shell/hello"' in text and 'name="tag" value="v1"' in text
+        assert "Build shell/hello again</button>" in text
+    finally:
+        await builder.close()
+
+
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

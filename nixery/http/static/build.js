@@ -128,6 +128,12 @@
 <pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
 <p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`;
       outcome.hidden = false;
+    } else if (state.current === "failed" && d.error === "stopped") {  // the registry shut down
+      outcome.className = "outcome failed";
+      const tagField = tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`;
+      outcome.innerHTML = `<p><strong>The registry stopped this build as it shut down.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>
+<div class="suggestion" id="build-again"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(asked)}">${tagField}<button type="submit" class="small">Build ${esc(asked)} again</button></form></div>`;
+      outcome.hidden = false;
     } else if (state.current === "failed") {
       outcome.className = "outcome failed";
       const log = d.log ? `<details open><summary>Nix's last lines</summary><pre>${esc(d.log)}</pre></details>` : "";

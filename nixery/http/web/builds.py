@@ -293,6 +293,12 @@ def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
 <p><a href="{h(guidance.image_path(name, tag))}">Layers and store paths</a></p>
 </div>"""
+    if build.stage is Stage.FAILED and d.get("error") == "stopped":  # the registry shut down: not the build's fault
+        again = guidance.build_button(build.image, tag, f"Build {build.image} again")
+        return f"""<div class="outcome failed" id="outcome">
+<p><strong>The registry stopped this build as it shut down.</strong></p>
+<p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
+<div class="suggestion" id="build-again">{again}</div></div>"""
     if build.stage is Stage.FAILED:
         tail = d.get("log")
         log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
