@@ -54,16 +54,18 @@ async def _begin(app: web.Application) -> None:
 
 async def _stop_builds(app: web.Application) -> None:
     builder = app[BUILDER]
-    started = asyncio.get_running_loop().time()
+    grace = app[_GRACE]
+    # Side by side: the unwaited builds' clean-up (Nix given seconds to end) must not delay the rest.
+    unwaited = asyncio.ensure_future(builder.stop_unwaited_builds())
     try:
-        await builder.stop_unwaited_builds()
-        grace = app[_GRACE]
-        left = grace - stop_margin(grace) - (asyncio.get_running_loop().time() - started)
-        await asyncio.sleep(max(0.0, left))
+        await asyncio.sleep(max(0.0, grace - stop_margin(grace)))
         log.info("registry.stopping_builds", note="the shutdown grace is nearly over")
         await builder.stop_builds()
+        await unwaited
     finally:
         app[STREAMS_STOPPING].set()
+        unwaited.cancel()
+        await asyncio.gather(unwaited, return_exceptions=True)
 
 
 async def _ended_before_cleanup(app: web.Application) -> AsyncIterator[None]:
