@@ -75,6 +75,13 @@ log = structlog.get_logger(__name__)
 STOPPED_MESSAGE = "stopped: the registry is shutting down"
 
 
+def _shutting_down(request: ImageRequest) -> WorkStopped:
+    return WorkStopped(
+        f"the registry is shutting down and stopped building {request.display_name}; pull again: "
+        "another replica, or this one once it is back, builds it"
+    )
+
+
 def _by_resolved_names(request: ImageRequest, resolved: Sequence[ResolvedPackage]) -> ImageRequest:
     """The request under the names its packages resolved to, in the order it gave them."""
     return request.renamed({package.name: package.pull_name for package in resolved})
@@ -161,14 +168,16 @@ class ImageBuilder:
     # ---- lookups -------------------------------------------------------
 
     async def image(
-        self, request: ImageRequest, tag: str, *, on_wait: Callable[[Build], None] | None = None
+        self, request: ImageRequest, tag: str, *, on_wait: Callable[[Build], None] | None = None,
+        client_waits: bool = True,
     ) -> ImageRecord:
-        """The image for a request, built on first use. `on_wait` hears of a build it waits for."""
+        """The image for a request, built on first use. `on_wait` hears of a build it waits for.
+        Without `client_waits` (a declaration's prebuild), a shutdown stops the build at once."""
         revision, key, record = await self._lookup(request, tag)
         if record is not None:
             self.images.note_use(record.key)
             return record
-        return await self._build_once(request, revision, key, on_wait)
+        return await self._build_once(request, revision, key, on_wait, client_waits=client_waits)
 
     async def rebuilt_naming(self, manifest: Digest) -> ImageRecord | None:
         """The image whose manifest (or index, or attached document) `manifest` is, built again,
@@ -214,31 +223,42 @@ class ImageBuilder:
         return None
 
     async def _build_once(
-        self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None
+        self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None,
+        *, client_waits: bool = True,
     ) -> ImageRecord:
         build = self._build_for(key, request)
         if on_wait is not None:
             on_wait(build)
         try:
-            return await self._images.run(key, lambda: self._build(request, revision, key, build))
+            return await self._images.run(key, lambda: self._build(request, revision, key, build), counted=client_waits)
         except WorkStopped:
-            raise WorkStopped(
-                f"the registry is shutting down and stopped the build of {request.display_name}; pull again: "
-                "another replica, or this one once it is back, builds it"
-            ) from None
+            self._not_begun(key, build)
+            raise _shutting_down(request) from None
 
     async def stop_unwaited_builds(self) -> None:
         """The registry begins to shut down: stop the builds no request waits for (started by
-        `start`: a build form, a declaration's prebuild). Their progress says they were stopped."""
+        `start`: a build form, a declaration's prebuild), and start no more such builds. Their
+        progress says they were stopped."""
         await self._images.stop_unwaited()
+        for key, build in list(self._in_flight.items()):
+            self._not_begun(key, build)
 
-    async def stop_builds(self) -> None:
-        """The registry's time to shut down is nearly up: stop every build. Their progress says
-        so at once, and the requests waiting for them get WorkStopped at once, while the builds'
-        Nix processes are still being stopped, so that both are answered before they are cut off."""
+    def _not_begun(self, key: str, build: Build) -> None:
+        """A build refused as the registry shuts down, or cancelled before `_build` ran (which says
+        it stopped and forgets it): said to be stopped, and forgotten."""
+        if not self._images.in_flight(key):
+            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+            if self._in_flight.get(key) is build:
+                del self._in_flight[key]
+
+    def stop_builds(self) -> None:
+        """The registry's time to shut down is nearly up: stop every build and start no more. Their
+        progress says so at once, and the requests waiting for them get WorkStopped at once, while
+        the builds' Nix processes are still being stopped (`close` waits for that), so that both
+        are answered before they are cut off."""
         for build in list(self._in_flight.values()):
             build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
-        await self._images.stop()
+        self._images.stop()
 
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
         """The image if it is already built, without building it (for access control)."""
@@ -263,7 +283,11 @@ class ImageBuilder:
             build.emit(Stage.DONE, "already built", **image_summary(record))
             return build
         build = self._build_for(key, request)
-        self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
+        try:
+            self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
+        except WorkStopped:
+            self._not_begun(key, build)
+            raise _shutting_down(request) from None
         return build
 
     async def _lookup(

@@ -10,7 +10,8 @@ T = TypeVar("T")
 
 
 class WorkStopped(Exception):
-    """The work a caller waited for was stopped (`SingleFlight.stop`), not the caller cancelled."""
+    """The work a caller waited for was stopped (`SingleFlight.stop`, `stop_unwaited`,
+    `cancel_all`), not the caller cancelled; or, once stopping began, new work was refused."""
 
 
 class SingleFlight(Generic[T]):
@@ -18,33 +19,51 @@ class SingleFlight(Generic[T]):
 
     A caller that is cancelled (a client that hung up) stops waiting, but the
     task goes on for the others; the result is not cached once it is done.
-    Work that is stopped (`stop_unwaited`, `stop`) ends its callers' waits at
-    once with WorkStopped, whatever its own clean-up still takes.
+
+    Stopping, for a registry's shutdown, comes in two steps. `stop_unwaited`
+    stops the work no caller counts on (started by `begin`, or waited for with
+    `run(counted=False)`), and from then on such work is refused. `stop` stops
+    the rest, refuses all new work, and releases every caller at once, while the
+    work's own clean-up may go on. A caller whose work was stopped gets
+    WorkStopped, never a cancellation it did not ask for.
     """
 
     def __init__(self) -> None:
         self._tasks: dict[Hashable, asyncio.Task[T]] = {}
-        #: Per key, the callers' waits (each a shield of the task, cancelled to release its caller).
+        #: Per key, the counted callers' waits (each a shield of the task, cancelled to release its caller).
         self._waits: dict[Hashable, set[asyncio.Future[T]]] = {}
-        self._stopping = False
+        self._refusing_unwaited = False  # stop_unwaited was called
+        self._refusing = False  # stop was called
 
     def begin(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> None:
-        """Start the work for `key` unless it is in flight, without waiting for it."""
-        if key not in self._tasks:
+        """Start the work for `key` unless it is in flight, without waiting for it (unwaited work)."""
+        self._start(key, work, refused=self._refusing_unwaited)
+
+    def _start(self, key: Hashable, work: Callable[[], Awaitable[T]], *, refused: bool) -> asyncio.Task[T]:
+        task = self._tasks.get(key)
+        if task is None:
+            if refused:
+                raise WorkStopped("stopping: no new work is started")
             task = asyncio.ensure_future(work())
             self._tasks[key] = task
             task.add_done_callback(lambda done: self._finished(key, done))
+        return task
 
-    async def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
-        self.begin(key, work)
-        wait = asyncio.shield(self._tasks[key])
-        waits = self._waits.setdefault(key, set())
+    def in_flight(self, key: Hashable) -> bool:
+        return key in self._tasks
+
+    async def run(self, key: Hashable, work: Callable[[], Awaitable[T]], *, counted: bool = True) -> T:
+        """The work's result, started unless in flight. `counted`: the caller counts on it (a client
+        waits), so `stop_unwaited` spares it."""
+        task = self._start(key, work, refused=self._refusing or (self._refusing_unwaited and not counted))
+        wait = asyncio.shield(task)
+        waits = self._waits.setdefault(key, set()) if counted else set()
         waits.add(wait)
         try:
             return await wait
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if self._stopping and current is not None and current.cancelling() == 0:  # the work, not the caller
+            if current is not None and current.cancelling() == 0:  # the work was stopped, not the caller
                 raise WorkStopped() from None
             raise
         finally:
@@ -53,19 +72,21 @@ class SingleFlight(Generic[T]):
                 del self._waits[key]
 
     async def stop_unwaited(self) -> None:
-        """Stop the work no caller waits for (started by `begin` alone), and return once it has ended;
-        then the work only stopped work waited for (an image index's platforms), and so on."""
+        """Stop the work no counted caller waits for, refuse such work from now on, and return once
+        it has ended; then the work only stopped work waited for (an image index's platforms), and so on."""
+        self._refusing_unwaited = True
         while unwaited := [task for key, task in self._tasks.items() if not self._waits.get(key) and not task.done()]:
             await self._cancel(unwaited)
 
-    async def stop(self) -> None:
-        """Stop all the work in flight: its callers get WorkStopped at once; return once the work
-        has ended (its clean-up done)."""
-        self._stopping = True
+    def stop(self) -> None:
+        """Stop all the work in flight and refuse new work: every caller gets WorkStopped at once;
+        the work's clean-up goes on (`cancel_all` waits for it)."""
+        self._refusing_unwaited = self._refusing = True
         for waits in list(self._waits.values()):
             for wait in list(waits):
                 wait.cancel()
-        await self.cancel_all()
+        for task in self._tasks.values():
+            _cancel_once(task)
 
     async def cancel_all(self) -> None:
         """Cancel the work in flight, and return once it has ended (its clean-up done)."""
@@ -75,12 +96,13 @@ class SingleFlight(Generic[T]):
     @staticmethod
     async def _cancel(tasks: list[asyncio.Task[T]]) -> None:
         for task in tasks:
-            task.cancel()
+            _cancel_once(task)
         if tasks:
             await asyncio.wait(tasks)
 
     def _finished(self, key: Hashable, task: asyncio.Task[T]) -> None:
-        self._tasks.pop(key, None)
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
         _retrieve(task)
 
 
@@ -111,6 +133,13 @@ class FreshRun(Generic[T]):
         # From here on, a new caller may see a change this run misses: it needs the next run.
         self._next, self._current = None, asyncio.current_task()
         return await self._work()
+
+
+def _cancel_once(task: asyncio.Task[T]) -> None:
+    # A second cancellation would cut short the clean-up the first began (a Nix process
+    # given seconds to end after SIGTERM).
+    if not task.cancelling():
+        task.cancel()
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

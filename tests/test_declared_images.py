@@ -11,7 +11,11 @@ of a declared index, podman runs a declared image as its user.
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
 from nixery.registry.names import Arch, parse_image_name
 from nixery.registry.runconfig import RunConfig
 from nixery.resolver import Revision
-from tests.registry import OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, unpack_oci
+from tests.registry import OCI_MANIFEST, PODMAN_RUN_FLAGS, RegistryProcess, have, run, slow_package_set, unpack_oci
 from tests.test_declarations import nix_image, write_images
 from tests.test_k8s_watch import ThreadedKubeApi, wait_until
 from tests.test_platforms import elf_machine, skopeo_copy_for
@@ -257,3 +261,37 @@ def test_a_niximage_resource_of_two_platforms_with_a_user(
         assert "data.arch[1] 'riscv64' is not one of amd64, arm64" in broken["error"]
     finally:
         api.close()
+
+
+def test_a_prebuild_under_way_is_stopped_at_once_when_the_registry_stops(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
+    """A declared image being prebuilt (NIXERY_PREBUILD) when SIGTERM comes while a pull waits
+    for another build: no client waits for the prebuild, so it is stopped at once, and no longer
+    takes a build slot and Nix's time from the pull's build until the grace ends. It is logged as
+    stopped, not as a failed declaration (whose status a Kubernetes resource would show)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "team.yaml", nix_image("slow", contents=["shell", "slowpoke"]))
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=60)),
+                              NIXERY_IMAGES_PATH=str(images), NIXERY_PREBUILD="true", NIXERY_SHUTDOWN_GRACE="8")
+    answers: list[int] = []
+    pull = threading.Thread(target=lambda: answers.append(registry.request("/v2/slowpoke/manifests/latest")[0]))
+    pull.start()
+    wait_until(lambda: len(registry.log_events("build.realising")) == 2, 120)
+    stopping = time.monotonic()
+    registry.process.send_signal(signal.SIGTERM)
+    assert registry.process.wait(30) == 0
+    pull.join(30)
+    assert answers == [503]  # the pull's build, stopped shortly before the grace ended
+    stopped = {entry["image"]: entry["timestamp"] for entry in registry.log_events("build.stopped")}
+    [signalled] = registry.log_events("registry.stopping")
+    assert sorted(stopped) == ["shell/slowpoke", "slowpoke"], stopped
+    assert _seconds_between(signalled["timestamp"], stopped["shell/slowpoke"]) < 4  # the prebuild: at once
+    assert 4 < _seconds_between(signalled["timestamp"], stopped["slowpoke"]) < 8  # the pull's: at 8 - 2 s
+    assert registry.log_events("declarations.build_failed") == []
+    assert time.monotonic() - stopping < 15
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()

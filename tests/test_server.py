@@ -229,7 +229,7 @@ def test_the_log_says_where_to_pull_from_and_what_a_shutdown_drained(start_regis
     status, _, body = answer  # type: ignore[misc]
     error = json.loads(body)["errors"][0]
     assert (status, error["code"], error["detail"]["kind"]) == (503, "UNAVAILABLE", "BUILD_STOPPED"), answer
-    assert "stopped the build of slowpoke; pull again" in error["message"], error
+    assert "stopped building slowpoke; pull again" in error["message"], error
     assert events and (events[-1]["stage"], events[-1]["error"]) == ("failed", "stopped"), events
     [stopping] = registry.log_events("registry.stopping")
     assert (stopping["signal"], stopping["in_flight"], stopping["grace"]) == ("SIGTERM", 2, 3.0)

@@ -333,7 +333,8 @@ class DeclarationStore:
                     "declarations.prebuild", image=declaration.reference, build=build.id,
                     contents=declaration.contents, origin=declaration.origin,
                 )
-            record = await self.builder.image(declaration.request, declaration.tag)
+            # No client waits for a prebuild: a shutdown stops it at once (nixery.http.shutdown).
+            record = await self.builder.image(declaration.request, declaration.tag, client_waits=False)
         except asyncio.CancelledError:
             raise
         except WorkStopped:  # the registry is shutting down: not a failure; the next start builds it

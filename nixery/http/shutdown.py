@@ -57,15 +57,14 @@ async def _stop_builds(app: web.Application) -> None:
     grace = app[_GRACE]
     # Side by side: the unwaited builds' clean-up (Nix given seconds to end) must not delay the rest.
     unwaited = asyncio.ensure_future(builder.stop_unwaited_builds())
+    app[_STOPPING].append(unwaited)  # cancelled at clean-up, as this is
     try:
         await asyncio.sleep(max(0.0, grace - stop_margin(grace)))
         log.info("registry.stopping_builds", note="the shutdown grace is nearly over")
-        await builder.stop_builds()
-        await unwaited
+        builder.stop_builds()  # their events said, their pulls answered; their Nix processes end meanwhile
     finally:
         app[STREAMS_STOPPING].set()
-        unwaited.cancel()
-        await asyncio.gather(unwaited, return_exceptions=True)
+    await unwaited
 
 
 async def _ended_before_cleanup(app: web.Application) -> AsyncIterator[None]:

@@ -40,6 +40,7 @@ from nixery.http.web.layout import FORM, ago, page, registry_host, script
 from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
+from nixery.shared_builds import POLL_SECONDS
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 
 log = structlog.get_logger(__name__)
@@ -449,6 +450,9 @@ async def _follow(build: Build, start: int, stopping: asyncio.Event) -> AsyncIte
 
     async def until_stopping() -> None:
         await stopping.wait()
+        # A build of this process has said it stopped, and its stream has ended; another worker's
+        # build says so in its file, which a copy reads every POLL_SECONDS: a moment to pass it on.
+        await asyncio.sleep(2 * POLL_SECONDS)
         queue.put_nowait(None)
 
     tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(until_stopping())]
