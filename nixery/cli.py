@@ -117,6 +117,7 @@ def _serve_one(
             create_app(settings),
             sockets,
             shutdown_timeout=settings.shutdown_grace,
+            shutdown_delay=settings.shutdown_delay,
             header_timeout=settings.header_timeout,
             send_timeout=settings.send_timeout,
             listening=listening,
@@ -321,7 +322,7 @@ STORAGE_VARIABLES = [
      "GOOGLE_APPLICATION_CREDENTIALS, NIXERY_VERIFIED_BLOB_LINKS"),
 ]
 SERVE_VARIABLES = [
-    ("serving", "PORT (8080), NIXERY_HOST (127.0.0.1), NIXERY_WORKERS, NIXERY_SHUTDOWN_GRACE, "
+    ("serving", "PORT (8080), NIXERY_HOST (127.0.0.1), NIXERY_WORKERS, NIXERY_SHUTDOWN_GRACE, NIXERY_SHUTDOWN_DELAY, "
      "NIXERY_HEADER_TIMEOUT, NIXERY_SEND_TIMEOUT, LOG_LEVEL, LOG_FORMAT"),
     ("packages", "NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL or NIXERY_FLAKE (none of them: the "
      "bundled set, NIXERY_BUNDLED_SET, NIXERY_DEBIAN_SET_DIR), NIXERY_CHANNEL_URL, NIXERY_CHANNEL_TTL, "

@@ -157,6 +157,7 @@ class Settings:
     # NIXERY_NIX_ANNOTATIONS: each layer lists its store paths for nix-snapshotter (other manifests, digests).
     nix_annotations: bool = False
     shutdown_grace: float = 30.0
+    shutdown_delay: float = 0.0
     # Seconds a connection may take to send a request's line and headers (slow or stalled clients).
     header_timeout: float = 60.0
     # Seconds what a connection was sent may wait for its client to take it (clients that stop reading).
@@ -205,7 +206,8 @@ def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, zero: bool = False) -> float:
+    """Seconds, above 0 (or, with `zero`, at least 0: 0 turns the wait off)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -215,8 +217,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
     if not math.isfinite(value):  # nan timed every Nix build out at once (NIX_TIMEOUT=nan)
         raise ConfigError(f"{name}={raw!r} is not a number of seconds")
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
+    if value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{name}={raw!r} must be positive" + (" or 0" if zero else ""))
     return value
 
 
@@ -227,7 +229,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 #: `MACHINE_VARIABLES`), so a new setting cannot be left out of the text check.
 SETTING_TYPES: dict[str, type] = {
     # the server
-    "NIXERY_HOST": str, "PORT": int, "NIXERY_WORKERS": int, "NIXERY_SHUTDOWN_GRACE": float,
+    "NIXERY_HOST": str, "PORT": int, "NIXERY_WORKERS": int,
+    "NIXERY_SHUTDOWN_GRACE": float, "NIXERY_SHUTDOWN_DELAY": float,
     "NIXERY_HEADER_TIMEOUT": float, "NIXERY_SEND_TIMEOUT": float, "NIXERY_PUBLIC_HOST": str,
     "LOG_LEVEL": str, "LOG_FORMAT": str,
     # package sources
@@ -579,6 +582,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         baseline=_baseline(env, bundled_set.baseline if served_bundled else DEFAULT_BASELINE),
         nix_annotations=_bool(env, "NIXERY_NIX_ANNOTATIONS", False),
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
+        shutdown_delay=_float(env, "NIXERY_SHUTDOWN_DELAY", 0.0, zero=True),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         send_timeout=_float(env, "NIXERY_SEND_TIMEOUT", 60.0),
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),

@@ -191,6 +191,14 @@ def test_workloads_fit_together(overlay: Path) -> None:
         port_names = {p["name"] for p in container["ports"]}
         assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
         assert workload["spec"]["replicas"] >= 2
+        # Behind a Service: serve on while its endpoints drop the pod, and be given the time for it.
+        given = {e["name"]: e["value"] for e in container["env"]}
+        for config_map in by_kind(objects, "ConfigMap"):
+            given.update(config_map.get("data") or {})
+        timing = ("NIXERY_SHUTDOWN_DELAY", "NIXERY_SHUTDOWN_GRACE")
+        settings = load({name: given[name] for name in timing if name in given})
+        assert settings.shutdown_delay >= 3
+        assert pod["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_delay + settings.shutdown_grace
         env_from = [e.get("configMapRef", e.get("secretRef"))["name"] for e in container["envFrom"]]
         assert {"nixery-config", "nixery-storage"} <= set(env_from)
     # the seed script the init container runs is in the ConfigMap it mounts

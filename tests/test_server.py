@@ -239,6 +239,36 @@ def test_the_log_says_where_to_pull_from_and_what_a_shutdown_drained(start_regis
     assert len(registry.log_events("build.stopped")) == 1
 
 
+def test_with_a_shutdown_delay_the_registry_serves_on_while_readiness_says_it_is_stopping(start_registry) -> None:
+    """A Kubernetes Service's endpoints learn that a pod ends as the pod gets SIGTERM, and send it
+    new connections for a few seconds more: a registry that closed its port at once refused them
+    (a failed pull during every rollout). With NIXERY_SHUTDOWN_DELAY it accepts and serves for
+    that long, while `/readyz` answers 503, then stops as before; a second SIGTERM ends the
+    delay, and Ctrl-C (SIGINT) has none."""
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_SHUTDOWN_DELAY="4")
+    assert registry.request("/readyz", accept=None)[0] == 200
+    registry.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    time.sleep(0.5)
+    status, _, body = registry.request("/readyz", accept=None, timeout=10)  # a new connection
+    assert (status, json.loads(body)) == (503, {"ready": False, "reason": "shutting down"})
+    status, _, body = registry.request("/v2/hello/manifests/latest", timeout=120)  # served, built even
+    assert status == 200, body
+    assert registry.process.wait(30) == 0
+    assert time.monotonic() - signalled >= 4
+    [draining] = registry.log_events("registry.draining")
+    assert draining["seconds"] == 4.0
+
+    for signals in ([signal.SIGTERM, signal.SIGTERM], [signal.SIGINT]):
+        registry.start()
+        started = time.monotonic()
+        for signum in signals:
+            registry.process.send_signal(signum)
+            time.sleep(0.3)
+        assert registry.process.wait(30) == 0
+        assert time.monotonic() - started < 3, signals
+
+
 def _events(registry: RegistryProcess, build: str) -> list[dict]:
     """A build's events, read from its event stream until the stream ends."""
     connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)

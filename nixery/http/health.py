@@ -85,9 +85,17 @@ class StorageReadiness:
 
 
 READINESS = web.AppKey("readiness", StorageReadiness)
+_SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+
+
+def begin_shutdown(app: web.Application) -> None:
+    """The registry is stopping: from now on not ready, so load balancers send it nothing new."""
+    app[_SHUTTING_DOWN].set()
 
 
 async def readiness(request: web.Request) -> web.Response:
+    if request.app[_SHUTTING_DOWN].is_set():
+        return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
     checker = request.app.get(READINESS)
     if checker is not None and await checker.ready():
         return web.json_response({"ready": True})
@@ -95,5 +103,6 @@ async def readiness(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """`/readyz`: "not ready" until the app's lifecycle has set READINESS."""
+    """`/readyz`: "not ready" until the app's lifecycle has set READINESS, and once shutting down."""
+    app[_SHUTTING_DOWN] = asyncio.Event()
     app.router.add_get("/readyz", readiness)

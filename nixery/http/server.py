@@ -24,9 +24,11 @@ answers given before a request reaches the application.
   off rather than holding the connection, and the blob's file or storage stream, for ever.
 
 * Once every socket accepts, `registry.listening` logs the URL to pull from.
-  On SIGTERM or SIGINT, `registry.stopping` logs how many requests are under
-  way, and `registry.stopped` how many of them were drained (answered in full
-  within NIXERY_SHUTDOWN_GRACE) and how many were cut off.
+  On SIGTERM with NIXERY_SHUTDOWN_DELAY, the sockets go on accepting for that
+  long while `/readyz` answers 503 (`registry.draining`). On SIGTERM or SIGINT,
+  `registry.stopping` logs how many requests are under way, and `registry.stopped`
+  how many of them were drained (answered in full within NIXERY_SHUTDOWN_GRACE)
+  and how many were cut off.
 
 aiohttp has no supported way to change how it handles a connection: its
 `Server` makes a `RequestHandler` itself. `RegistryRunner` therefore lets
@@ -42,6 +44,7 @@ registry process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import signal
 import socket
@@ -57,6 +60,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors, metrics
+from nixery.http import health
 from nixery.http.access import log_request
 from nixery.http.errors import error_response, registry_error
 from nixery.http.stalled_readers import is_send_timeout, limit_untaken_sends
@@ -153,14 +157,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
-        header_timeout: float, send_timeout: float, listening: Callable[[], object] = lambda: None) -> None:
+        header_timeout: float, send_timeout: float, listening: Callable[[], object] = lambda: None,
+        shutdown_delay: float = 0.0) -> None:
     """Serve `app` on bound sockets until SIGTERM, SIGINT or SIGHUP, then let in-flight
     responses finish within `shutdown_timeout` (as `web.run_app` does); `listening` is
-    called once they accept."""
+    called once they accept. After SIGTERM the sockets go on accepting for `shutdown_delay`
+    seconds first, while `/readyz` says the registry is shutting down (`_drain`)."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(app, sockets, shutdown_timeout, header_timeout, send_timeout, listening))
+        loop.run_until_complete(
+            _serve(app, sockets, shutdown_timeout, header_timeout, send_timeout, listening, shutdown_delay)
+        )
     finally:
         remaining = asyncio.all_tasks(loop)
         for task in remaining:
@@ -176,7 +184,8 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
 
 
 async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdown_timeout: float,
-                 header_timeout: float, send_timeout: float, listening: Callable[[], object]) -> None:
+                 header_timeout: float, send_timeout: float, listening: Callable[[], object],
+                 shutdown_delay: float) -> None:
     runner = RegistryRunner(
         app,
         header_timeout=header_timeout,
@@ -189,9 +198,12 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
     )
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
+    stop_now = asyncio.Event()  # a second signal: no more delay
 
     def stop_on(signum: signal.Signals) -> None:
         stopped_by.append(signum)
+        if stop.is_set():
+            stop_now.set()
         stop.set()
 
     loop = asyncio.get_running_loop()
@@ -205,6 +217,9 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets])
         listening()
         await stop.wait()
+        health.begin_shutdown(app)
+        if shutdown_delay > 0 and stopped_by[0] == signal.SIGTERM:
+            await _drain(shutdown_delay, stop_now, server)
     finally:
         if stopped_by:
             log.info("registry.stopping", signal=stopped_by[0].name, in_flight=server.in_flight,
@@ -214,6 +229,18 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         if stopped_by:
             log.info("registry.stopped", drained=server.finished_while_stopping, cut_off=server.cut_off,
                      seconds=round(time.monotonic() - started, 2))
+
+
+async def _drain(delay: float, stop_now: asyncio.Event, server: _Server) -> None:
+    """NIXERY_SHUTDOWN_DELAY: a load balancer (a Kubernetes Service's endpoints, which learn
+    of a pod's end at the same time as the pod) goes on sending new connections for a few
+    seconds after SIGTERM; a closed port would refuse them. So the registry serves on, and
+    `/readyz` answers 503, until the delay is over or a second signal comes. Only on SIGTERM:
+    Ctrl-C (SIGINT) or a closed terminal (SIGHUP) means someone waiting at a terminal."""
+    log.info("registry.draining", seconds=delay, in_flight=server.in_flight,
+             note="serving on while load balancers stop sending new connections")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop_now.wait(), delay)
 
 
 def pull_url(sock: socket.socket) -> str:
