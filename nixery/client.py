@@ -289,20 +289,28 @@ async def _build_remotely(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The build's last event and the image; `progress` gets the build's progress page once
     the registry has started it. A build the registry stopped as it shut down (a restart, a
-    rollout) is started again once the registry is back."""
+    rollout), or lost as it ended without a word (killed, out of memory), is started again
+    once the registry is back."""
     async with _session() as session:
         for restart in range(_RESTARTS + 1):
             started = await _start_build(session, registry, name, tag, wait_for_registry=restart > 0)
             progress[:] = [f"{registry}{started.get('progress') or '/builds/' + started['id']}"]
             final: dict[str, Any] = {}
             with display:
-                async for event in follow_events(session, f"{registry}{started['events']}"):
-                    display.update(event)
-                    final = event
-            if final.get("error") != "stopped" or restart == _RESTARTS:
-                break
-            print("nixery build: the registry stopped the build as it shut down; starting it again once it is back",
-                  file=sys.stderr, flush=True)
+                try:
+                    async for event in follow_events(session, f"{registry}{started['events']}"):
+                        display.update(event)
+                        final = event
+                except ClientError as exc:
+                    # The stream broke, and the registry that answered again no longer knows the build.
+                    if exc.kind != "NAME_UNKNOWN" or not final or restart == _RESTARTS:
+                        raise
+                    lost = "the registry restarted and no longer knows the build"
+            if final.get("stage") in FINAL:
+                if final.get("error") != "stopped" or restart == _RESTARTS:
+                    break
+                lost = "the registry stopped the build as it shut down"
+            print(f"nixery build: {lost}; starting it again once it is back", file=sys.stderr, flush=True)
         image = None
         if final.get("stage") == "done":
             image = await _fetch_image(session, registry, started["image"], tag, missing_ok=True)

@@ -388,6 +388,40 @@ def test_a_build_the_registry_stopped_as_it_restarted_is_started_again(start_reg
     assert len(again.log_events("build.done")) == 1
 
 
+def test_a_build_lost_with_a_killed_registry_is_started_again(start_registry, tmp_path: Path) -> None:
+    """A registry killed while `nixery build` followed its build (`kill -9`, the OOM killer) says
+    nothing: the stream breaks, and the registry back no longer knows the build. The command said
+    so and failed; now it starts the build again, which ends in the image."""
+    storage = tmp_path / "storage"
+    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=15))}
+    registry = start_registry(storage, **env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if " building " in line:
+                break
+        registry.process.kill()
+        registry.process.wait()
+        time.sleep(1)
+        again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
+        try:
+            out, err = process.communicate(timeout=120)
+        finally:
+            again.stop()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert err == "nixery build: the registry restarted and no longer knows the build; starting it again once " \
+                  "it is back\n"
+    assert re.search(r"Digest\s+sha256:[0-9a-f]{64}", out), out
+    assert len(again.log_events("build.done")) == 1
+
+
 def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_path: Path) -> None:
     """With NIXERY_PLATFORMS of two, `--local` builds the image index the registry serves for
     the name (each platform's image): the registry then builds nothing more on its first pull."""
