@@ -7,9 +7,10 @@ they are cut off. A build is not a request, so it is stopped in two steps:
   their progress says `stopped: the registry is shutting down`, and a build's event
   stream ends with that event rather than breaking off.
 * The builds a pull waits for go on, so that a pull of an image nearly built is answered
-  in full. STOP_MARGIN before the grace ends, they are stopped too: their progress says
-  so, and each pull waiting is answered `503 BUILD_STOPPED` (another replica, or this one
-  once it is back, builds the image) instead of a connection closed with no answer.
+  in full. Shortly before the grace ends (`stop_margin`), they are stopped too: their
+  progress says so, and each pull waiting is answered `503 BUILD_STOPPED` (another
+  replica, or this one once it is back, builds the image) instead of a connection closed
+  with no answer. No build starts from then on.
 
 Event streams of builds end with their build; the rest (another worker's build, read
 from the shared directory) end once the builds are stopped.
