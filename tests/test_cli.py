@@ -348,12 +348,16 @@ def test_ctrl_c_while_following_a_registry_s_build_says_the_build_goes_on(start_
         assert json.load(response)["stage"] == "building"
 
 
-def test_a_build_the_registry_stopped_as_it_restarted_is_started_again(start_registry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ending", ["stopped", "killed"])
+def test_a_build_the_registry_stopped_or_lost_as_it_restarted_is_started_again(
+    start_registry, tmp_path: Path, ending: str
+) -> None:
     """A registry that stopped while `nixery build` followed its build (a restart, a rollout) made
     the command end in a `ClientConnectorError` traceback; later, once it reconnected, in one line
     saying the registry forgot the build. Now the registry's last event says it stopped the build
-    as it shut down, and the command, told so, waits for the registry to be back and starts the
-    build again, which ends in the image."""
+    as it shut down; one killed (`kill -9`, the OOM killer) says nothing, and the registry back no
+    longer knows the build. Either way the command waits for the registry to be back and starts
+    the build again, which ends in the image."""
     storage = tmp_path / "storage"
     env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=15))}
     registry = start_registry(storage, **env)
@@ -367,9 +371,13 @@ def test_a_build_the_registry_stopped_as_it_restarted_is_started_again(start_reg
             if " building " in line:
                 break
         stopping = time.monotonic()
-        registry.stop()
-        # No request waited for the build: it was stopped at once, not at the end of the grace (30 s).
-        assert time.monotonic() - stopping < 15
+        if ending == "stopped":
+            registry.stop()
+            # No request waited for the build: it was stopped at once, not at the end of the grace (30 s).
+            assert time.monotonic() - stopping < 15
+        else:
+            registry.process.kill()
+            registry.process.wait()
         time.sleep(2)  # down while the command tries to start the build again
         assert process.poll() is None, process.communicate()
         again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
@@ -381,43 +389,12 @@ def test_a_build_the_registry_stopped_as_it_restarted_is_started_again(start_reg
         process.kill()
         process.wait()
     assert process.returncode == 0 and "Traceback" not in err, err
-    assert "stopped: the registry is shutting down" in out, out  # the first build's last event
-    assert err == "nixery build: the registry stopped the build as it shut down; starting it again once it is back\n"
-    assert re.search(r"Digest\s+sha256:[0-9a-f]{64}", out), out
-    assert len(registry.log_events("build.stopped")) == 1
-    assert len(again.log_events("build.done")) == 1
-
-
-def test_a_build_lost_with_a_killed_registry_is_started_again(start_registry, tmp_path: Path) -> None:
-    """A registry killed while `nixery build` followed its build (`kill -9`, the OOM killer) says
-    nothing: the stream breaks, and the registry back no longer knows the build. The command said
-    so and failed; now it starts the build again, which ends in the image."""
-    storage = tmp_path / "storage"
-    env = {"NIXERY_PKGS_PATH": str(slow_package_set(tmp_path / "pkgs", seconds=15))}
-    registry = start_registry(storage, **env)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nixery", "build", "--plain", "shell/slowpoke", "--registry", registry.url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY,
-    )
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if " building " in line:
-                break
-        registry.process.kill()
-        registry.process.wait()
-        time.sleep(1)
-        again = RegistryProcess(storage=storage, env=env, port=registry.port, log_path=tmp_path / "again.log").start()
-        try:
-            out, err = process.communicate(timeout=120)
-        finally:
-            again.stop()
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 0 and "Traceback" not in err, err
-    assert err == "nixery build: the registry restarted and no longer knows the build; starting it again once " \
-                  "it is back\n"
+    said = {"stopped": "the registry stopped the build as it shut down",
+            "killed": "the registry restarted and no longer knows the build"}[ending]
+    assert err == f"nixery build: {said}; starting it again once it is back\n"
+    if ending == "stopped":
+        assert "stopped: the registry is shutting down" in out, out  # the first build's last event
+        assert len(registry.log_events("build.stopped")) == 1
     assert re.search(r"Digest\s+sha256:[0-9a-f]{64}", out), out
     assert len(again.log_events("build.done")) == 1
 
