@@ -90,7 +90,9 @@ _SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 
 def begin_shutdown(app: web.Application) -> None:
     """The registry is stopping: from now on not ready, so load balancers send it nothing new."""
-    app[_SHUTTING_DOWN].set()
+    shutting_down = app.get(_SHUTTING_DOWN)
+    if shutting_down is not None:  # an app without `/readyz` has no readiness to change
+        shutting_down.set()
 
 
 async def readiness(request: web.Request) -> web.Response:
