@@ -142,12 +142,17 @@ def referrer_keys(record: ImageRecord) -> list[str]:
     return [f"{REFERRERS_PREFIX}{subject}/{record.key}" for subject in subjects]
 
 
+def manifest_digests(record: ImageRecord) -> set[Digest]:
+    """Each manifest and index of the record, its platforms' and its attached documents' too:
+    all a client may pull by digest."""
+    return {descriptor.digest for descriptor in record.descriptors} | {
+        attached.manifest.digest for attached in all_attached(record)
+    }
+
+
 def manifest_keys(record: ImageRecord) -> list[str]:
-    """The storage keys that lead from each manifest and index of the record (its platforms'
-    and its attached documents' too: all a client may pull by digest) to the record."""
-    manifests = {descriptor.digest.hex for descriptor in record.descriptors}
-    manifests.update(attached.manifest.digest.hex for attached in all_attached(record))
-    return [f"{MANIFESTS_PREFIX}{manifest}/{record.key}" for manifest in sorted(manifests)]
+    """The storage keys that lead from each of the record's `manifest_digests` to the record."""
+    return [f"{MANIFESTS_PREFIX}{manifest.hex}/{record.key}" for manifest in sorted(manifest_digests(record))]
 
 
 def all_attached(record: ImageRecord) -> list[Attached]:

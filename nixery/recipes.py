@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nixery.images import ImageRecord, all_attached
+from nixery.images import ImageRecord, manifest_digests
 from nixery.registry.digest import Digest
 from nixery.registry.image import canonical_json
 from nixery.registry.names import Arch, ImageRequest
@@ -51,6 +51,4 @@ def read_recipe(data: bytes) -> tuple[ImageRequest, str, str] | None:
 
 def names_manifest(record: ImageRecord, manifest: Digest) -> bool:
     """Whether `manifest` is one of the record's manifests or indexes, or of its attached documents."""
-    return any(d.digest == manifest for d in record.descriptors) or any(
-        attached.manifest.digest == manifest for attached in all_attached(record)
-    )
+    return manifest in manifest_digests(record)
