@@ -75,6 +75,11 @@ log = structlog.get_logger(__name__)
 STOPPED_MESSAGE = "stopped: the registry is shutting down"
 
 
+def _say_stopped(build: Build) -> None:
+    """The build's last event: stopped, not failed (its page offers to build it again)."""
+    build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+
+
 def _shutting_down(request: ImageRequest) -> WorkStopped:
     return WorkStopped(
         f"the registry is shutting down and stopped building {request.display_name}; pull again: "
@@ -247,7 +252,7 @@ class ImageBuilder:
         """A build refused as the registry shuts down, or cancelled before `_build` ran (which says
         it stopped and forgets it): said to be stopped, and forgotten."""
         if not self._images.in_flight(key):
-            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+            _say_stopped(build)
             if self._in_flight.get(key) is build:
                 del self._in_flight[key]
 
@@ -257,7 +262,7 @@ class ImageBuilder:
         the builds' Nix processes are still being stopped (`close` waits for that), so that both
         are answered before they are cut off."""
         for build in list(self._in_flight.values()):
-            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+            _say_stopped(build)
         self._images.stop()
 
     async def built(self, request: ImageRequest, tag: str) -> ImageRecord | None:
@@ -351,7 +356,7 @@ class ImageBuilder:
         # image index's build may first hear it from a platform's build it waits for (WorkStopped).
         except (asyncio.CancelledError, WorkStopped):
             # Not a failure of the build: said as what it is, not as an empty error.
-            build.emit(Stage.FAILED, STOPPED_MESSAGE, error="stopped")
+            _say_stopped(build)
             log.info("build.stopped", image=request.display_name, build=build.id,
                      reason="the registry is shutting down")
             raise
