@@ -32,9 +32,9 @@ from nixery.images import Attached
 from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
-from nixery.registry.names import ATTACHMENT_TAG_PATTERN
+from nixery.registry.names import ATTACHMENT_TAG_PATTERN, ATTACHMENT_TAG_PREFIX
 
-_PREFIX = len("sha256-") + 64
+_PREFIX = len(ATTACHMENT_TAG_PREFIX) + 64  # the tag of a subject, before any suffix
 
 
 async def _referrers(request: web.Request, subject: Digest) -> list[Attached]:
@@ -67,7 +67,7 @@ async def tagged(request: web.Request) -> web.Response:
     """A manifest by an attachment tag: the referrers index, or a cosign signature."""
     routes.check_image_name(request)
     reference = request.match_info["reference"]  # the route's pattern: ATTACHMENT_TAG_PATTERN
-    subject = Digest.parse("sha256:" + reference[len("sha256-") : _PREFIX])
+    subject = Digest.parse("sha256:" + reference[len(ATTACHMENT_TAG_PREFIX) : _PREFIX])
     if len(reference) == _PREFIX:
         listed = await _referrers(request, subject)
         if not listed:
