@@ -40,17 +40,23 @@ def _settings() -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from nixery import logs
+    from nixery.scratch import own_temporary_directory
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
-    if settings.workers == 1:
-        return _serve_bound(settings)
-    from nixery.workers import blocked_signals
+    with own_temporary_directory():
+        if settings.workers == 1:
+            status = _serve_bound(settings)
+        else:
+            from nixery.workers import blocked_signals
 
-    # Held back from before the directories are made: a SIGTERM while the workers start stops
-    # those started, and the directories go.
-    with blocked_signals(), _shared_directories(settings) as shared:
-        return _serve_bound(shared)
+            # Held back from before the directories are made: a SIGTERM while the workers start
+            # stops those started, and the directories go.
+            with blocked_signals(), _shared_directories(settings) as shared:
+                status = _serve_bound(shared)
+    if settings.workers == 1 and status == STARTUP_FAILED:
+        _finish(status)  # the storage may have been opened: see _finish
+    return status
 
 
 @contextlib.contextmanager
@@ -87,7 +93,7 @@ def _serve_bound(settings: Settings) -> int:
         problem = _serve_one(settings, sockets[0])
         if problem is not None:
             print(problem, file=sys.stderr)
-            _finish(STARTUP_FAILED)
+            return STARTUP_FAILED
         return 0
     return _serve_workers(settings, sockets)
 

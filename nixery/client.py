@@ -26,7 +26,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -38,6 +38,10 @@ from nixery.output import OutputError
 from nixery.progress import FINAL
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
+
+if TYPE_CHECKING:
+    from nixery.config import Settings
+    from nixery.registry.names import ImageRequest
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8080"
 _RECONNECTS = 5
@@ -358,11 +362,10 @@ async def _build_locally(
     name: str, tag: str, display: PlainProgress | BarProgress
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from nixery import config, logs
-    from nixery.app import open_builder, open_storage
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
     from nixery.registry.names import check_build_tag, parse_image_name
-    from nixery.storage import StorageError
+    from nixery.scratch import own_temporary_directory
 
     try:
         settings = config.load()
@@ -373,6 +376,17 @@ async def _build_locally(
         raise ClientError(str(exc)) from exc
     # build.failed: the command prints the failure itself, in one line.
     logs.configure("warning", settings.log_format, leave_out=frozenset({"build.failed"}))
+    with own_temporary_directory():  # what a `kill -9` of this command leaves, the next one removes
+        return await _build_here(settings, request, tag, display)
+
+
+async def _build_here(
+    settings: Settings, request: ImageRequest, tag: str, display: PlainProgress | BarProgress
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from nixery import config
+    from nixery.app import open_builder, open_storage
+    from nixery.storage import StorageError
+
     try:  # settings only opening the storage checks, a storage it cannot use: one line, as the registry says it
         storage = open_storage(settings)
     except (config.ConfigError, StorageError) as exc:

@@ -101,7 +101,7 @@ class _Supervisor:
         # The worker's temporary files (its evaluators' directories, multiprocessing's pymp-*) go in
         # a directory of its own, removed here when it ends however it ends: a worker killed by
         # the OOM killer or `kill -9` removes nothing itself.
-        scratch = tempfile.mkdtemp(prefix="nixery-worker-")
+        scratch = tempfile.mkdtemp(prefix="worker-")  # in nixery-run-* (nixery.scratch)
         try:
             pid = os.fork()
         except OSError:

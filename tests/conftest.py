@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +26,16 @@ def start_registry(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]:
     yield start
     for registry in started:
         registry.stop()
+
+
+@pytest.fixture
+def temporary() -> Iterator[Path]:
+    """An empty directory for TMPDIR, removed afterwards, with a short path: the registry's layer
+    writers talk over a Unix socket that it holds some levels down (nixery.scratch), whose path
+    may not pass 107 bytes; under pytest's `tmp_path` they ran in threads instead."""
+    path = Path(tempfile.mkdtemp(prefix="nixery-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

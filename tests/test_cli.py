@@ -218,7 +218,9 @@ def _nix_processes_marked(marker: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_process(tmp_path: Path) -> None:
+def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_process(
+    tmp_path: Path, temporary: Path
+) -> None:
     """Ctrl-C while `nixery build --local` evaluated the names hung the command for good about one
     time in five: closing the builder stopped the repl under the running build, which went on to
     start a `nix-instantiate` instead, and asyncio's shutdown then cancelled that process's start
@@ -231,12 +233,12 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
     require_debian_set()
     outcomes = []
     for run, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.05] * 2 + [0.08, 0.15]):
-        storage, temporary = tmp_path / f"storage-{run}", tmp_path / f"tmp-{run}"
-        temporary.mkdir()
+        storage, run_temporary = tmp_path / f"storage-{run}", temporary / f"tmp-{run}"
+        run_temporary.mkdir()
         marker = f"NIXERY_TEST_RUN={tmp_path}-{run}"  # inherited by every process the run starts
         name, value = marker.split("=", 1)
-        env = {**os.environ, "STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "debian", "TMPDIR": str(temporary),
-               name: value}
+        env = {**os.environ, "STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "debian",
+               "TMPDIR": str(run_temporary), name: value}
         process = subprocess.Popen(
             [sys.executable, "-m", "nixery", "build", "--local", "--plain", "shell/curl"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPOSITORY, env=env,
@@ -257,21 +259,20 @@ def test_ctrl_c_while_a_local_build_evaluates_ends_it_at_once_leaving_no_nix_pro
             process.kill()
             process.wait()
         staging = storage / "tmp"
-        files_left = [path.name for path in [*(staging.iterdir() if staging.exists() else []), *temporary.iterdir()]]
+        left = [*(staging.iterdir() if staging.exists() else []), *run_temporary.iterdir()]
+        files_left = [path.name for path in left]
         outcomes.append((delay, status, nix_left, files_left, process.stderr.read()[-300:]))
     # One line on stderr: no traceback, no warning that the repl ended under the build.
     failed = [outcome for outcome in outcomes if outcome[1:] != (130, [], [], "nixery build: interrupted\n")]
     assert not failed, f"{len(failed)} of {len(outcomes)} runs (delay, status, Nix, files, stderr): {failed}"
 
 
-def test_ctrl_c_while_a_local_build_runs_a_builder_leaves_no_build_directory(tmp_path: Path) -> None:
+def test_ctrl_c_while_a_local_build_runs_a_builder_leaves_no_build_directory(tmp_path: Path, temporary: Path) -> None:
     """Ctrl-C while Nix ran a builder (a package not built yet, as on a new machine) left Nix's build
     directory (`nix-build-<name>.drv-0`) in TMPDIR: Nix was killed with SIGKILL, which it cannot
     clean up after. Now a Nix that builds is stopped with SIGTERM first, removes what it made, and
     only then is its whole process tree killed."""
     pkgs = slow_package_set(tmp_path / "pkgs", seconds=60)
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     marker = f"NIXERY_TEST_RUN={tmp_path}"
     name, value = marker.split("=", 1)
     env = {**os.environ, "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_PKGS_PATH": str(pkgs),
@@ -282,7 +283,7 @@ def test_ctrl_c_while_a_local_build_runs_a_builder_leaves_no_build_directory(tmp
     )
     try:
         deadline = time.monotonic() + 60
-        while not list(temporary.glob("nix-build-slowpoke*")):  # the builder runs
+        while not list(temporary.glob("nixery-run-*/nix-build-slowpoke*")):  # the builder runs
             assert process.poll() is None and time.monotonic() < deadline, "the builder never started"
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)

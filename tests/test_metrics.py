@@ -252,14 +252,12 @@ def test_metric_names_follow_prometheus_conventions(registry: RegistryProcess) -
         assert not {"milliseconds", "kilobytes", "megabytes", "minutes"} & set(words), family.name
 
 
-def test_workers_answer_for_all_of_them(start_registry, tmp_path: Path) -> None:
+def test_workers_answer_for_all_of_them(start_registry, tmp_path: Path, temporary: Path) -> None:
     """With NIXERY_WORKERS=2 the kernel hands each connection, scrapes included, to either worker.
     Each worker answered /metrics with its own counts, so successive scrapes went up and down
     (22, 19, 22, ...: Prometheus reads every fall as a counter reset, and rates as nonsense).
     Every scrape now gives the sum over both workers, and the files that takes are removed
     when the registry stops."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     for _ in range(40):  # a connection each: both workers get some
         assert registry.request("/v2/", accept=None)[0] == 200
@@ -269,6 +267,6 @@ def test_workers_answer_for_all_of_them(start_registry, tmp_path: Path) -> None:
     ]
     assert len(set(answers)) == 1 and answers[0] >= 40, answers
     assert value(scrape(registry), "nixery_builds_running") == 0
-    assert list(temporary.glob("nixery-metrics-*"))
+    assert list(temporary.glob("nixery-run-*/nixery-metrics-*"))
     registry.stop()
-    assert not list(temporary.glob("nixery-metrics-*"))
+    assert list(temporary.iterdir()) == []

@@ -240,6 +240,23 @@ def test_a_client_that_takes_only_indexes_is_told_the_image_has_none(shared_regi
                 assert "only image indexes" in error["message"] and "one platform" in error["message"], error
 
 
+def test_a_client_that_refuses_every_type_it_names_gets_none(shared_registry: RegistryProcess) -> None:
+    """`Accept: <Docker schema 2>;q=0` got the Docker manifest: with every type it named refused,
+    the header was read as if there were none (the client takes anything). Now the client gets
+    no manifest, and the answer says why; with no Accept header it still gets Docker schema 2."""
+    docker, oci = "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"
+    refusing = (f"{docker};q=0", f"{docker};q=0, {oci};q=0")
+    for accept in refusing:
+        for method in ("GET", "HEAD"):
+            status, headers, body = shared_registry.request("/v2/hello/manifests/latest", method=method, accept=accept)
+            assert status == 404, (accept, method, headers.get("Content-Type"))
+            if method == "GET":
+                error = error_of(body)
+                assert error["code"] == "MANIFEST_UNKNOWN" and "refuses (;q=0) every type" in error["message"], error
+    status, headers, _ = shared_registry.request("/v2/hello/manifests/latest", accept=None)
+    assert (status, headers["Content-Type"]) == (200, docker)
+
+
 def test_layer_budget_holds(start_registry) -> None:
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
     _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")

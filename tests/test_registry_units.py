@@ -192,3 +192,6 @@ def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:
     for refused in ("q=0", "q=0.0", " Q = 0.000 "):
         assert accepted_media_types([f"{OCI_INDEX};{refused}, {OCI_MANIFEST}"]) == {OCI_MANIFEST}, refused
     assert accepted_media_types([f"{OCI_INDEX};q=0.001"]) == {OCI_INDEX}
+    # every type refused: none taken, unlike no header at all (anything)
+    assert accepted_media_types([f"{OCI_MANIFEST};q=0"]) == frozenset()
+    assert accepted_media_types([]) is None and accepted_media_types([" , "]) is None

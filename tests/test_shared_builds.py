@@ -124,18 +124,17 @@ def test_every_worker_answers_for_every_build(start_registry, tmp_path: Path) ->
     assert len(registry.log_events("build.queued")) == 1  # one build ran: the second waited for it
 
 
-def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_path: Path) -> None:
+def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_path: Path, temporary: Path) -> None:
     """The worker process running a build was killed: the other worker, now answering every
     connection, still knows the build and says it failed, rather than "building" for ever
     (or, before, that the build is not known)."""
-    gate, temporary = tmp_path / "gate", tmp_path / "tmp"
-    temporary.mkdir()
+    gate = tmp_path / "gate"
     script = f"while [ ! -e {gate} ]; do $bb/sleep 0.1; done; $bb/mkdir -p $out; echo gated > $out/gated"
     pkgs = busybox_set_with(tmp_path / "pkgs", "gated", "gated-1.0", script)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_WORKERS="2", TMPDIR=str(temporary))
     build_id = post_build(registry, "gated")["id"]
     assert building_gated(events_until(registry, build_id, building_gated))
-    (journal,) = temporary.glob(f"nixery-builds-*/{build_id}.jsonl")
+    (journal,) = temporary.glob(f"nixery-run-*/nixery-builds-*/{build_id}.jsonl")
     owner = json.loads(journal.read_text().splitlines()[0])["pid"]
     process = os.pidfd_open(owner)  # readable once the process has ended
     try:
@@ -151,22 +150,20 @@ def test_a_build_whose_worker_ended_is_failed_on_the_others(start_registry, tmp_
     finally:
         gate.touch()  # the killed worker's Nix build ends too
     registry.stop()
-    assert not list(temporary.glob("nixery-builds-*"))  # the shared directory goes with the registry
+    assert list(temporary.iterdir()) == []  # the shared directory goes with the registry
 
 
-def test_the_start_page_lists_every_workers_builds(start_registry, tmp_path: Path) -> None:
+def test_the_start_page_lists_every_workers_builds(start_registry, tmp_path: Path, temporary: Path) -> None:
     """The start page's recent builds were those of the worker that answered: which builds a
     visitor saw depended on the connection. Now every page, whichever worker answers, lists
     the builds of both, newest first, each with its stage."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     images = ["hello", "fortune", "cowsay", "cacert", "hello/fortune", "hello/cowsay", "cacert/hello",
               "cowsay/fortune", "cacert/fortune", "cacert/cowsay", "cowsay/hello/fortune"]
     started, workers = [], set()
     for image in images:  # each on a fresh connection, which the kernel gives either worker
         build_id = post_build(registry, image)["id"]
-        (journal,) = temporary.glob(f"nixery-builds-*/{build_id}.jsonl")
+        (journal,) = temporary.glob(f"nixery-run-*/nixery-builds-*/{build_id}.jsonl")
         workers.add(json.loads(journal.read_text().splitlines()[0])["pid"])
         started.append(build_id)
         if len(workers) == 2 and len(started) >= 3:

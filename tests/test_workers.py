@@ -35,7 +35,7 @@ def eventually(condition: Callable[[], object], what: str, timeout: float = 60) 
 
 
 def build_owner(temporary: Path, build_id: str) -> int:
-    (journal,) = temporary.glob(f"nixery-builds-*/{build_id}.jsonl")
+    (journal,) = temporary.glob(f"nixery-run-*/nixery-builds-*/{build_id}.jsonl")
     return json.loads(journal.read_text().splitlines()[0])["pid"]
 
 
@@ -54,13 +54,11 @@ def builds_by_worker(
     return owners, posted
 
 
-def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path) -> None:
+def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path, temporary: Path) -> None:
     """A worker killed while serving (`kill -9`, as the OOM killer does) used to be gone for good:
     the registry served on with one worker fewer (none left: the registry ended). Now the parent
     logs how it ended and starts another on the same port, which answers as the others do; the
     dead worker's builds are still answered for, and SIGTERM stops everything (status 0)."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     eventually(lambda: len(registry.log_events("registry.listening")) == 2, "both workers listen")
     before, posted_before = builds_by_worker(registry, temporary, 2)
@@ -96,12 +94,10 @@ def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path) -> None:
     assert list(temporary.iterdir()) == []
 
 
-def test_a_stop_leaves_no_temporary_directory_of_the_workers(start_registry, tmp_path: Path) -> None:
+def test_a_stop_leaves_no_temporary_directory_of_the_workers(start_registry, tmp_path: Path, temporary: Path) -> None:
     """Each stop of a registry with several workers left one `pymp-*` directory per worker in
     TMPDIR (multiprocessing's, for the layer writers: the workers end by os._exit, which runs no
     exit handler); a registry restarted daily filled /tmp. Now a stop leaves TMPDIR as it was."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     eventually(lambda: len(registry.log_events("layers.writers_ready")) == 2, "both workers have layer writers")
     assert len(list(temporary.rglob("pymp-*"))) == 2
@@ -146,13 +142,11 @@ def test_workers_that_keep_dying_stop_the_registry(start_registry, tmp_path: Pat
                        "SIGKILL): stopping the registry")
 
 
-def test_a_stop_while_the_workers_start_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_stop_while_the_workers_start_leaves_nothing_behind(tmp_path: Path, temporary: Path) -> None:
     """SIGTERM that comes while `nixery serve` starts its workers (a deployment rolled back at
     once): the parent used to die of it before it could forward it, leaving its temporary
     directories (and any worker already started) behind. Now the workers started are stopped,
     the directories removed, and the registry ends with status 0, as for any stop."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     env = {
         **os.environ, "PORT": str(free_port()), "NIXERY_WORKERS": "2", "STORAGE_PATH": str(tmp_path / "storage"),
         "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json", "TMPDIR": str(temporary),
@@ -162,22 +156,20 @@ def test_a_stop_while_the_workers_start_leaves_nothing_behind(tmp_path: Path) ->
         stderr=subprocess.STDOUT,
     )
     try:
-        eventually(lambda: list(temporary.glob("nixery-metrics-*")), "the registry makes its directories")
+        eventually(lambda: list(temporary.glob("nixery-run-*/nixery-metrics-*")), "the registry makes its directories")
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, process.stdout.read() if process.stdout else ""
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert not list(temporary.glob("nixery-builds-*")) and not list(temporary.glob("nixery-metrics-*"))
+    assert list(temporary.iterdir()) == []
 
 
-def test_sighup_stops_the_registry_and_its_workers(start_registry, tmp_path: Path) -> None:
+def test_sighup_stops_the_registry_and_its_workers(start_registry, tmp_path: Path, temporary: Path) -> None:
     """SIGHUP (a closed terminal, an init system's reload) killed the parent by its default action:
     its workers served on, orphaned, and its temporary directories stayed. Now it stops the registry
     as SIGTERM does: every worker ends, status 0, nothing left in TMPDIR or STORAGE_PATH/tmp."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     eventually(lambda: len(registry.log_events("registry.listening")) == 2, "both workers listen")
     workers = workers_of(registry)

@@ -61,9 +61,11 @@ _LAYER_TYPES = {
 LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in _LAYER_TYPES.items()}
 
 
-def accepted_media_types(accept_headers: list[str]) -> frozenset[str]:
-    """The media types (and wildcards) named in a request's Accept headers, parameters dropped.
-    Headers longer than MAX_ACCEPT_LENGTH together are refused unread (RequestInvalid)."""
+def accepted_media_types(accept_headers: list[str]) -> frozenset[str] | None:
+    """The media types (and wildcards) named in a request's Accept headers, parameters dropped;
+    None when there is no Accept header (or only empty ones): the client takes any type. Empty
+    when every type named is refused (`;q=0`). Headers longer than MAX_ACCEPT_LENGTH together are
+    refused unread (RequestInvalid)."""
     headers = tuple(accept_headers)
     length = sum(len(header) for header in headers)
     if length > MAX_ACCEPT_LENGTH:
@@ -84,13 +86,11 @@ MAX_ACCEPT_LENGTH = 8192
 
 
 @functools.lru_cache(maxsize=256)
-def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(
-        part.split(";", 1)[0].strip().lower()
-        for header in accept_headers
-        for part in header.split(",")
-        if part.strip() and not _refused(part)
-    )
+def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str] | None:
+    parts = [part for header in accept_headers for part in header.split(",") if part.strip()]
+    if not parts:
+        return None
+    return frozenset(part.split(";", 1)[0].strip().lower() for part in parts if not _refused(part))
 
 
 _ZERO_QUALITY = re.compile(r";\s*q\s*=\s*0(?:\.0{0,3})?\s*(?:;|$)", re.IGNORECASE)
@@ -108,14 +108,15 @@ def accepted_formats(accept_headers: list[str]) -> list[ManifestFormat]:
     Clients send one Accept header per type (skopeo, docker) or one comma-joined
     list (containerd, with `*/*`). Docker schema 2 is preferred when accepted
     because every client we know reads it. No Accept header at all, or a
-    wildcard, means the client takes what it gets.
+    wildcard, means the client takes what it gets; a header that refuses every
+    type it names (`;q=0`), that it takes none.
     """
     return preferred_formats(accepted_media_types(accept_headers))
 
 
-def preferred_formats(accepted: Collection[str]) -> list[ManifestFormat]:
+def preferred_formats(accepted: Collection[str] | None) -> list[ManifestFormat]:
     """`accepted_formats` of the media types `accepted_media_types` read."""
-    if not accepted or "*/*" in accepted:
+    if accepted is None or "*/*" in accepted:
         return [ManifestFormat.DOCKER, ManifestFormat.OCI]
     formats = []
     if DOCKER_MANIFEST in accepted:

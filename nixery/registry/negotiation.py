@@ -70,7 +70,7 @@ def choose(
     check_client_unpacks(user_agent, compression)
     accepted = accepted_media_types(accept_headers)
     # Named, not matched by a wildcard: a client that says nothing of indexes may not read one.
-    index = next((d for d in descriptors if is_index(d.media_type) and d.media_type in accepted), None)
+    index = next((d for d in descriptors if is_index(d.media_type) and d.media_type in (accepted or ())), None)
     if index is not None:
         return index
     images: dict[str, Descriptor] = {}
@@ -88,12 +88,12 @@ def check_acceptable(
     that could not use the image is told so at once."""
     check_client_unpacks(user_agent, compression)
     accepted = accepted_media_types(accept_headers)
-    if indexed and any(is_index(media_type) for media_type in accepted):
+    if indexed and any(is_index(media_type) for media_type in accepted or ()):
         return
     _preferred(accepted, compression, _MEDIA_TYPES[compression])
 
 
-def _preferred(accepted: frozenset[str], compression: Compression, available: Collection[str]) -> str:
+def _preferred(accepted: frozenset[str] | None, compression: Compression, available: Collection[str]) -> str:
     """The media type of the client's preferred format among those `available`; raises
     ManifestUnknown, saying why, when it takes none of them."""
     preferred = preferred_formats(accepted)
@@ -106,12 +106,14 @@ def _preferred(accepted: frozenset[str], compression: Compression, available: Co
             "the client accepts only Docker schema 2 manifests",
             detail={"compression": compression.value, "formats": list(available)},
         )
-    if any(is_index(media_type) for media_type in accepted):  # else `choose` gave the index
+    if any(is_index(media_type) for media_type in accepted or ()):  # else `choose` gave the index
         raise ManifestUnknown(
             "the client accepts only image indexes (or manifest lists), and this image has none: it is "
             "the image of one platform (see NIXERY_PLATFORMS); accept Docker schema 2 or OCI manifests",
             detail={"formats": list(available)},
         )
+    if accepted == frozenset():
+        raise ManifestUnknown("the client's Accept header refuses (;q=0) every type it names: it takes no manifest")
     raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
 
 

@@ -100,6 +100,9 @@ NIX_NAMES = {
     "zlib": "zlib1g",
     "python3": "env:python3",
     "python311": "env:python3",
+    # Debian's python3.11 holds pydoc3.11 alone (the interpreter is in python3.11-minimal): the
+    # name asks for Python. debian."python3.11" is still the package itself.
+    "python3.11": "env:python3",
     "perl": "env:perl",
     "nix": "nix-bin",
 }
