@@ -67,6 +67,7 @@ from tests.registry import (
     RegistryProcess,
     error_of,
     have,
+    podman_run,
     run,
 )
 
@@ -673,6 +674,46 @@ def test_the_package_names_the_readme_offers_for_the_debian_set_are_images(
     assert {"python3", "openssh-client", "python3.11", "libstdcxx6", "python3_11"} <= set(names), names
     failures = {name: answer for name in names if (answer := _pull(registries["debian"], name, "latest"))}
     assert not failures, failures
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_the_debian_names_of_python_the_readme_offers_are_python(registries: dict[str, RegistryProcess]) -> None:
+    """`python3.11` and `python3_11` gave images with no Python in them but in /nix/store: Debian's
+    package of that name holds pydoc3.11 alone, its interpreter is in python3.11-minimal, which
+    was not linked. Now both names are Python, as `python3` is: the program runs by name, and is
+    the image's command."""
+    registry = registries["debian"]
+    result = podman_run(f"{registry.host}/shell/python3.11", "python3.11", "-c", "print(6 * 7)")
+    assert result.stdout.strip() == "42", result.stdout
+    _, manifest = registry.manifest("python3_11")
+    _, _, body = registry.request(f"/v2/python3_11/blobs/{manifest['config']['digest']}", accept=None)
+    assert json.loads(body)["config"]["Cmd"] == ["/bin/python3"]
+
+
+@needs_debian_set
+@pytest.mark.clients
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_the_pod_of_kubernetes_md_runs_its_command_in_the_declared_image(start_registry, tmp_path: Path) -> None:
+    """docs/kubernetes.md's pod ran `head` and `sleep` in `curl-and-jq:v1`, which deploy/examples
+    declares with curl, jq and bash alone: the pod would have crash-looped. Its command, run as
+    written in that image (declared from the example file, as the page says), now ends well:
+    with no network here, curl reports response code 0 and jq prints it."""
+    text = (REPOSITORY / "docs" / "kubernetes.md").read_text()
+    documents = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)]
+    (pod,) = [d for d in documents if isinstance(d, dict) and d.get("kind") == "Pod"]
+    (container,) = pod["spec"]["containers"]
+    reference = container["image"].removeprefix("nixery.example.com/")
+    name = reference.split(":")[0]
+    examples = yaml.safe_load_all((REPOSITORY / "deploy" / "examples" / "niximages.yaml").read_text())
+    (declared,) = [e for e in examples if isinstance(e, dict) and e["metadata"]["name"] == name]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "example.yaml").write_text(yaml.safe_dump(declared))
+    registry = start_registry(NIXERY_BUNDLED_SET="debian", NIXERY_IMAGES_PATH=str(images))
+    result = podman_run(f"{registry.host}/{reference}", *container["command"])
+    assert result.stdout.strip() == "0", result.stdout
 
 
 @needs_debian_set

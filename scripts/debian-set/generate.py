@@ -103,6 +103,7 @@ NIX_NAMES = {
     # Debian's python3.11 holds pydoc3.11 alone (the interpreter is in python3.11-minimal): the
     # name asks for Python. debian."python3.11" is still the package itself.
     "python3.11": "env:python3",
+    "python3_11": "env:python3",  # its sanitized spelling, for clients that refuse '.'
     "perl": "env:perl",
     "nix": "nix-bin",
 }
