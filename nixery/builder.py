@@ -269,6 +269,21 @@ class ImageBuilder:
         """The image if it is already built, without building it (for access control)."""
         return (await self._lookup(request, tag, counted=False))[2]
 
+    async def find(self, request: ImageRequest, tag: str) -> ImageRecord | None:
+        """The image if it is built, under any spelling of its names (`CURL/Shell`, `Python3`):
+        what `built` finds, else what the names resolve to, evaluated if need be (no build).
+        Raises PackagesNotFound, as a pull would, for names the package set lacks."""
+        revision, _, record = await self._lookup(request, tag, counted=False)
+        if record is not None:
+            return record
+        await self.check_names(request, tag)  # names the set's list surely lacks: no Nix process
+        system = request.arch.nix_system
+        if await self.evaluations.lookup(revision, system, request.packages) is None:
+            until = time.monotonic() + self.source.timeout
+            resolved = await self.source.evaluate(revision, request.packages, system, until=until)
+            self.evaluations.remember(revision, system, resolved)
+        return await self._record_by_resolved_names(revision, request)
+
     async def check_names(self, request: ImageRequest, tag: str) -> None:
         """Raise PackagesNotFound (with the nearest names) for the names the package set's
         list surely lacks: an image that can never be built (no Nix process is started)."""

@@ -157,6 +157,19 @@ def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None
     assert "figlett (did you mean figlet?)" in misspelt.stderr
 
 
+def test_inspect_and_the_image_page_find_a_built_image_under_another_spelling(registry: RegistryProcess) -> None:
+    """"Any order or spelling of its names finds it" (docs/web.md): `nixery inspect Cowsay/SHELL`
+    and /images/Cowsay/SHELL said a built shell/cowsay was "not built yet" until a pull had
+    evaluated that spelling. Now they evaluate the names (nothing is built) and find the image."""
+    digest, _ = registry.manifest("shell/cowsay")
+    result = nixery("inspect", "Cowsay/SHELL", "--registry", registry.url)
+    assert result.returncode == 0, result.stderr
+    assert f"Digest   {digest}" in result.stdout and "Image    shell/cowsay:latest" in result.stdout
+    status, _, body = registry.request("/images/SHELL/Cowsay.json", accept=None)
+    assert (status, json.loads(body)["digest"]) == (200, digest)
+    assert len(registry.log_events("build.queued")) == 1  # shell/cowsay's own
+
+
 def test_build_locally_without_a_server(tmp_path: Path) -> None:
     env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json"}
     result = nixery("build", "--local", "shell/greet", env=env)

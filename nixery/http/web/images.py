@@ -56,9 +56,8 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     tag = check_image_tag(request.query.get("tag") or "latest")
     image = await requested_image(request, tag, name)
     await http_auth.require(request, name, PULL)
-    record = await request.app[BUILDER].built(image, tag)
+    record = await request.app[BUILDER].find(image, tag)  # a misspelt name is told so, with the nearest names
     if record is None:
-        await request.app[BUILDER].check_names(image, tag)  # a misspelt name is told so, with the nearest names
         if wants_html_error(request):
             return page(request, f"{name} is not built yet",
                         guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
