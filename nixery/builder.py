@@ -284,6 +284,14 @@ class ImageBuilder:
             self.evaluations.remember(revision, system, resolved)
         return await self._record_by_resolved_names(revision, request)
 
+    async def names_missing(self, request: ImageRequest, tag: str) -> str | None:
+        """What `check_names` would raise, as its message; None when it would not."""
+        try:
+            await self.check_names(request, tag)
+        except PackagesNotFound as exc:
+            return str(exc)
+        return None
+
     async def check_names(self, request: ImageRequest, tag: str) -> None:
         """Raise PackagesNotFound (with the nearest names) for the names the package set's
         list surely lacks: an image that can never be built (no Nix process is started)."""

@@ -859,16 +859,19 @@ def test_declaration_and_package_with_the_same_name(start_registry, tmp_path: Pa
 
 def test_the_tag_list_of_a_declared_image_has_its_declared_tags(start_registry, tmp_path: Path) -> None:
     """`skopeo list-tags` of a declared image listed only `latest`: its declared tags were missing.
-    Paged by `n`, each page links the next (RFC 5988 `rel="next"`) until none are left."""
+    Paged by `n`, each page links the next (RFC 5988 `rel="next"`) until none are left. `latest`,
+    which reads the name as packages, is listed only when the package set has them: `app:latest`
+    was listed, and its pull answered 404."""
     images = tmp_path / "images"
     images.mkdir()
     write_images(images / "app.yaml", nix_image("app", tag="v2", contents=["shell"]),
                  nix_image("app", tag="v1", contents=["hello"]), nix_image("other", tag="v9", contents=["hello"]))
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
     status, _, body = registry.request("/v2/app/tags/list")
-    assert status == 200 and json.loads(body) == {"name": "app", "tags": ["latest", "v1", "v2"]}, body
+    assert status == 200 and json.loads(body) == {"name": "app", "tags": ["v1", "v2"]}, body
     assert json.loads(registry.request("/v2/shell/tags/list")[2])["tags"] == ["latest"]
-    pages, path = [], "/v2/app/tags/list?n=2"
+    assert json.loads(registry.request("/v2/hello/tags/list")[2])["tags"] == ["latest"]  # a package, not declared
+    pages, path = [], "/v2/app/tags/list?n=1"
     while path:
         status, headers, body = registry.request(path)
         assert status == 200, body
@@ -876,12 +879,12 @@ def test_the_tag_list_of_a_declared_image_has_its_declared_tags(start_registry, 
         link = headers.get("Link")
         path = link.split(">")[0].removeprefix("<") if link else ""
         assert not link or link.endswith('; rel="next"'), link
-    assert pages == [["latest", "v1"], ["v2"]]
+    assert pages == [["v1"], ["v2"]]
     status, headers, body = registry.request("/v2/app/tags/list?n=0")
     assert json.loads(body)["tags"] == [] and "Link" not in headers
     if have("skopeo"):
         listed = run(["skopeo", "list-tags", "--tls-verify=false", f"docker://{registry.host}/app"])
-        assert json.loads(listed.stdout)["Tags"] == ["latest", "v1", "v2"]
+        assert json.loads(listed.stdout)["Tags"] == ["v1", "v2"]
 
 
 def test_missing_path_is_a_configuration_error(tmp_path: Path) -> None:

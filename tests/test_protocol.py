@@ -257,6 +257,18 @@ def test_a_client_that_refuses_every_type_it_names_gets_none(shared_registry: Re
     assert (status, headers["Content-Type"]) == (200, docker)
 
 
+def test_the_tag_list_of_a_name_the_package_set_lacks_is_not_known(shared_registry: RegistryProcess) -> None:
+    """`/v2/shell/figlett/tags/list` listed `latest`, whose pull then answered 404. Now a name
+    whose packages the set lacks has no tag to list: 404 NAME_UNKNOWN (distribution spec: no
+    such repository), saying which names and the nearest ones; a name it has lists `latest`."""
+    status, _, body = shared_registry.request("/v2/shell/figlett/tags/list")
+    error = error_of(body)
+    assert (status, error["code"]) == (404, "NAME_UNKNOWN"), body
+    assert "figlett (did you mean figlet?)" in error["message"], error
+    status, _, body = shared_registry.request("/v2/shell/figlet/tags/list")
+    assert (status, json.loads(body)) == (200, {"name": "shell/figlet", "tags": ["latest"]})
+
+
 def test_layer_budget_holds(start_registry) -> None:
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_LAYERS="3")
     _, manifest = registry.manifest("shell/fortune/cowsay/figlet/greet/bigdata")

@@ -470,10 +470,10 @@ def _sendfile_now(transport: asyncio.Transport, sock: socket.socket, handle: Bin
     except (BlockingIOError, InterruptedError):
         return 0
 
-#: The tags every repository lists: every tag names an image that can be built; `latest` is the one
-#: always there (for a declared name too: `name:latest` reads the name as packages, unless declared).
-#: A declared image (RESOLVER) lists the tags it is declared under as well.
-_LISTED_TAGS = ("latest",)
+#: The tag a name lists when its packages can be built: every tag names an image of them, and
+#: `latest` is the one always there (for a declared name too: `name:latest` reads the name as
+#: packages, unless declared). A declared image (RESOLVER) lists the tags it is declared under.
+_BUILT_FROM_NAMES = "latest"
 _PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 
 
@@ -483,8 +483,13 @@ async def tags(request: web.Request) -> web.Response:
     check_image_name(request)
     resolver = request.app.get(RESOLVER)
     declared = await resolver.tags(request.match_info["name"]) if resolver is not None else []
+    image = await requested_image(request, _BUILT_FROM_NAMES)
+    missing = await request.app[BUILDER].names_missing(image, _BUILT_FROM_NAMES)
+    if missing is not None and not declared:  # no tag to list: the repository is not known (distribution spec)
+        raise NameUnknown(missing, detail={"name": request.match_info["name"]})
+    every = {*declared, *([_BUILT_FROM_NAMES] if missing is None else [])}
     last, size = request.query.get("last"), request.query.get("n")
-    listed = [tag for tag in sorted({*declared, *_LISTED_TAGS}) if last is None or tag > last]
+    listed = [tag for tag in sorted(every) if last is None or tag > last]
     headers: dict[str, str] = {}
     if size is not None:
         if not _PAGE_SIZE.fullmatch(size):
