@@ -255,10 +255,10 @@ def _check(args: argparse.Namespace) -> int:
         return report
     for problem in report.problems:
         print(f"problem: {problem}")
-    print(f"checked {report.blobs} blobs ({report.bytes / 1e6:.1f} MB) and {report.images} images: "
-          f"{'ok' if report.ok else f'{len(report.problems)} problems'}")
+    print(f"checked {_count(report.blobs, 'blob')} ({report.bytes / 1e6:.1f} MB) and {_count(report.images, 'image')}: "
+          f"{'ok' if report.ok else _count(len(report.problems), 'problem')}")
     if report.set_aside:
-        print(f"set aside {report.set_aside} damaged blob{'s' if report.set_aside != 1 else ''} "
+        print(f"set aside {_count(report.set_aside, 'damaged blob')} "
               "(STORAGE_PATH/quarantine): registries rebuild the images that use them on their next pull")
     return 0 if report.ok else 1
 
@@ -284,19 +284,20 @@ def _gc(args: argparse.Namespace) -> int:
     if isinstance(report, int):
         return report
     verb = "would remove" if report.dry_run else "removed"
-    print(f"{verb} {report.images_removed} images and {report.blobs_removed} blobs, "
-          f"{report.bytes_freed / 1e6:.1f} MB freed; kept {report.images_kept} images; "
-          f"{verb} {report.evaluations_removed} kept name evaluations of package-set revisions no kept image uses")
+    print(f"{verb} {_count(report.images_removed, 'image')} and {_count(report.blobs_removed, 'blob')}, "
+          f"{report.bytes_freed / 1e6:.1f} MB freed; kept {_count(report.images_kept, 'image')}; "
+          f"{verb} {_count(report.evaluations_removed, 'kept name evaluation')} of package-set revisions no kept "
+          "image uses")
     if report.layer_records_removed:
-        print(f"{verb} {report.layer_records_removed} records of layers whose blobs are gone")
+        print(f"{verb} {_count(report.layer_records_removed, 'record')} of layers whose blobs are gone")
     if report.orphan_notes_removed:
-        print(f"{verb} {report.orphan_notes_removed} usage notes and pointers of images without a record")
+        print(f"{verb} {_count(report.orphan_notes_removed, 'usage note')} and pointers of images without a record")
     if report.locks_removed:
-        print(f"removed {report.locks_removed} locks that processes which died left behind")
+        print(f"removed {_count(report.locks_removed, 'lock')} that processes which died left behind")
     if report.unreadable_removed:
-        print(f"{verb} {report.unreadable_removed} image records that cannot be read (damaged)")
+        print(f"{verb} {_count(report.unreadable_removed, 'image record')} that cannot be read (damaged)")
     if report.quarantined_removed:
-        print(f"{verb} {report.quarantined_removed} damaged blobs quarantined more than "
+        print(f"{verb} {_count(report.quarantined_removed, 'damaged blob')} quarantined more than "
               f"{args.quarantine_older_than / 86400:g} days ago")
     return 0
 
@@ -308,8 +309,15 @@ def _gc_age(text: str) -> float:
     try:
         maintenance.check_age(age)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # `30` meant as days is 30 seconds: say how it was read.
+        read = f"{text} is {age:g} seconds (write 30d for days, 12h for hours): " if text[-1:].isdigit() else ""
+        raise argparse.ArgumentTypeError(f"{read}{exc}") from None
     return age
+
+
+def _count(number: int, noun: str) -> str:
+    """`1 blob`, `2 blobs`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _retention(text: str) -> float:
@@ -324,7 +332,7 @@ def _retention(text: str) -> float:
 STORAGE_VARIABLES = [
     ("storage", "NIXERY_STORAGE_BACKEND (filesystem, s3, gcs), STORAGE_PATH (default {storage_path}), "
      "S3_BUCKET (or BUCKET), S3_ENDPOINT, S3_REGION (or AWS_REGION, AWS_DEFAULT_REGION), S3_PATH_STYLE, "
-     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GCS_BUCKET, GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT, "
+     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GCS_BUCKET (or BUCKET), GCS_SIGNING_KEY, GCS_SIGNING_ACCOUNT, "
      "GOOGLE_APPLICATION_CREDENTIALS, NIXERY_VERIFIED_BLOB_LINKS"),
 ]
 SERVE_VARIABLES = [

@@ -524,6 +524,15 @@ def test_gc_refuses_an_age_that_is_no_number() -> None:
         assert result.returncode == 2 and f"not an age like 30d, 12h or 3600: '{age}'" in result.stderr, result
 
 
+def test_gc_says_how_it_read_an_age_without_a_unit() -> None:
+    """`--older-than 30`, meant as 30 days, is 30 seconds, and gc answered only that images
+    younger than 3 hours are never collected. Now it says how it read the number."""
+    result = nixery("gc", "--older-than", "30", "--dry-run")
+    assert result.returncode == 2, result
+    assert "30 is 30 seconds (write 30d for days, 12h for hours): images younger than 3 hours" in result.stderr
+    assert "seconds" not in nixery("gc", "--older-than", "1h", "--dry-run").stderr
+
+
 def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path) -> None:
     """Ctrl-C while gc waited for registries to drop what it removed printed three chained
     tracebacks; now one line, status 130, and a second run finishes: the kept image is whole."""

@@ -550,12 +550,12 @@ async def test_gc_empties_the_quarantine_of_blobs_set_aside_longer_than_a_week(t
         result = run([sys.executable, "-m", "nixery", "gc", *args], env_extra={"STORAGE_PATH": str(root)})
         return result.stdout
 
-    assert "would remove 1 damaged blobs quarantined more than 7 days ago" in gc("--dry-run")
+    assert "would remove 1 damaged blob quarantined more than 7 days ago" in gc("--dry-run")
     assert old.exists()
-    assert "removed 1 damaged blobs quarantined more than 7 days ago" in gc()
+    assert "removed 1 damaged blob quarantined more than 7 days ago" in gc()
     assert not old.exists() and recent.exists()
     assert "quarantined" not in gc(), "nothing more to remove"
-    assert "removed 1 damaged blobs quarantined more than 0 days ago" in gc("--quarantine-older-than", "0")
+    assert "removed 1 damaged blob quarantined more than 0 days ago" in gc("--quarantine-older-than", "0")
     assert not recent.exists()
     assert storage.blob_path(kept).exists()
 

@@ -252,7 +252,11 @@ def test_every_manifest_is_signed_for_the_repository_it_was_pulled_through(
     public = keys["registry.pub"].read_bytes()
     status, headers, served = registry.request("/signing-key.pub", accept=None)
     assert status == 200 and served == public
-    assert b"BEGIN PUBLIC KEY" in registry.request("/", accept="text/html")[2]  # shown on the landing page
+    landing = registry.request("/", accept="text/html")[2].decode()
+    assert "BEGIN PUBLIC KEY" in landing  # shown on the landing page, with no advice to fetch it from here
+    assert "curl" not in landing.split('id="signing"')[1].split("</section>")[0]
+    flags = "--allow-insecure-registry --insecure-ignore-tlog"  # plain HTTP, no Rekor: docs/signing.md
+    assert f"cosign verify {flags} --key nixery-signing.pub {registry.host}/shell/" in landing
     for name in ("shell", "hello/shell"):
         for digest in digests_of(registry, name):
             payload = verify_sigstore(registry, name, digest, public)

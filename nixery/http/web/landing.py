@@ -97,12 +97,16 @@ def _signing_block(request: web.Request, host: str, example: str) -> str:
     signatures = request.app.get(SIGNATURES)
     if signatures is None:
         return ""
-    verify = (f"curl -sO {request.url.origin()}{PUBLIC_KEY_PATH}\n"
-              f"cosign verify --key signing-key.pub {host}/shell/{example}")
+    # cosign refuses plain HTTP without the flag, and with cosign 2 asks Rekor, where nothing is logged.
+    plain_http = " --allow-insecure-registry --insecure-ignore-tlog" if request.scheme == "http" else ""
+    verify = f"cosign verify{plain_http} --key nixery-signing.pub {host}/shell/{example}"
     return f"""<section class="card" id="signing">
   <h2>Signed images</h2>
-  <p>Every image this registry serves is signed in the sigstore (cosign) format by this key, served at
-  <a href="{PUBLIC_KEY_PATH}"><code>{PUBLIC_KEY_PATH}</code></a>. Require it with a <code>policy.json</code>
+  <p>The images this registry serves are signed in the sigstore (cosign) format by this key, each
+  for the repository it is pulled through, as it is first pulled by tag there. Give verifiers
+  a copy of the key from whoever runs the registry, not this page or
+  <a href="{PUBLIC_KEY_PATH}"><code>{PUBLIC_KEY_PATH}</code></a>: a key fetched from the registry it
+  vouches for proves nothing. Require it with a <code>policy.json</code>
   (podman, skopeo, CRI-O), sigstore policy-controller or Kyverno: <a href="/docs/signing">how</a>.</p>
   <pre class="command">{h(signatures.key.public_pem.decode())}</pre>
   <pre class="command" data-copy><code>{h(verify)}</code></pre>
