@@ -804,6 +804,9 @@ def test_browsers_keep_the_static_files_until_they_change_and_never_keep_pages(r
         status, headers, body = registry.request(asset, accept="*/*")
         assert status == 200 and "immutable" in headers["Cache-Control"], (asset, headers)
         assert asset.endswith("?v=" + hashlib.sha256(body).hexdigest()[:16]), asset
+        # Another release's address (a rolling update): served, and not kept.
+        status, headers, _ = registry.request(asset.split("?")[0] + "?v=0123456789abcdef", accept="*/*")
+        assert (status, headers["Cache-Control"]) == (200, "no-cache"), (asset, headers)
 
 
 # ---- the catalogue ------------------------------------------------------------------

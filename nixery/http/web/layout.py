@@ -131,8 +131,11 @@ def asset(name: str) -> str:
 
 async def static_cache_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Static files asked for by content (`asset`) are kept by browsers; other responses of the
-    pages are checked with the registry each time (a progress page, a search)."""
-    if request.path.startswith("/static/") and "v" in request.query and response.status == 200:
+    pages are checked with the registry each time (a progress page, a search). A `v` that is not
+    the content served (a replica of another release answered during a rolling update) is not
+    kept: browsers would keep the wrong file under the right address for a year."""
+    named = f'"{request.query.get("v")}"' == response.headers.get("ETag")
+    if request.path.startswith("/static/") and named and response.status == 200:
         response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
     elif response.content_type == "text/html" or request.path.startswith("/static/"):
         response.headers.setdefault("Cache-Control", "no-cache")
