@@ -118,6 +118,13 @@ def test_malformed_names_are_name_invalid(bundled: RegistryProcess, name: str) -
     assert (status, error["code"]) == (400, "NAME_INVALID"), error
 
 
+def test_an_empty_package_name_is_called_so(bundled: RegistryProcess) -> None:
+    """`shell//curl` was refused as "invalid package name ''", which names nothing the user typed."""
+    status, error = error_of(bundled, "shell//hello")
+    assert (status, error["code"]) == (400, "NAME_INVALID"), error
+    assert error["message"].startswith("the image name has an empty package name: '/' twice in a row"), error
+
+
 def test_arm64_prefix_builds_an_aarch64_image(bundled: RegistryProcess) -> None:
     """The busybox set's aarch64 packages, built on this machine whatever it runs on."""
     _, manifest = bundled.manifest("arm64/hello")

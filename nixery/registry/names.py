@@ -129,6 +129,11 @@ def parse_image_name(name: str) -> ImageRequest:
             detail={"limit": MAX_PACKAGES},
         )
     for component in components:
+        if not component:
+            raise NameInvalid(
+                "the image name has an empty package name: '/' twice in a row, or at its start or end",
+                detail={"name": name[:300]},
+            )
         if len(component) > MAX_COMPONENT_LENGTH:
             raise NameInvalid(
                 f"package name longer than {MAX_COMPONENT_LENGTH} characters: {component[:40]}...",
