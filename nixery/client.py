@@ -180,10 +180,12 @@ def _without_paths(image: dict[str, Any]) -> dict[str, Any]:
 def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
     host = urlsplit(registry).netloc or registry
     ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
+    # Of several platforms, the size and the layers below are the default platform's: say whose.
+    whose = f" (linux/{image['architecture']})" if image.get("platforms") and "architecture" in image else ""
     lines = [
         ("Image", f"{image['name']}:{image.get('tag', 'latest')}"),
         ("Digest", image["digest"]),
-        ("Size", f"{size(image['size'])} compressed, {len(image['layers'])} layers"),
+        ("Size", f"{size(image['size'])} compressed, {len(image['layers'])} layers{whose}"),
         ("Source", f"{image.get('source', '')} {image.get('revision', '')}"),
         ("Pull", f"docker pull {ref}"),
     ]
@@ -221,7 +223,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", help="tag (default: latest, or the :TAG in the name)")
     parser.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     parser.add_argument(
-        "--local", action="store_true", help="build in this process (settings from the environment), not on a server"
+        "--local", action="store_true",
+        help="build in this process, not on a server, with the registry's settings: the environment variables "
+        "`nixery serve --help` lists",
     )
     return parser
 

@@ -422,6 +422,8 @@ def test_build_locally_builds_what_the_registry_serves_on_several_platforms(tmp_
     assert result.returncode == 0, result.stderr
     built = re.search(r"Digest\s+(sha256:[0-9a-f]{64})", result.stdout)
     assert built is not None and "linux/arm64" in result.stdout, result.stdout
+    # The size and the layer table are the default platform's, and say so (they said nothing).
+    assert re.search(r"Size\s+\S+ \S+ compressed, \d+ layers \(linux/amd64\)", result.stdout), result.stdout
     registry = RegistryProcess(storage=tmp_path / "storage", env=env, log_path=tmp_path / "registry.log").start()
     try:
         status, headers, _ = registry.request("/v2/shell/greet/manifests/latest", accept=OCI_INDEX)
