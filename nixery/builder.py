@@ -47,6 +47,7 @@ from nixery.attachments import Closure, attach
 from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph
 from nixery.evaluations import EvaluationCache
+from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
@@ -118,7 +119,8 @@ class ImageBuilder:
         self.layer_cost = CostModel.for_layer_cost_mb(layer_cost_mb)
         #: Of every layer this builder writes; it decides the manifest formats its images have.
         self.compression = layer_compression
-        self._build_slots = asyncio.Semaphore(max_concurrent_builds)
+        # In turn by client: one client's twenty queued builds hold back no other's.
+        self._build_slots = FairSlots(max_concurrent_builds)
         self._images: SingleFlight[ImageRecord] = SingleFlight()
         #: Built images: their records in storage, the most recently used in memory.
         self.images = ImageStore(storage, capacity=record_cache)
@@ -425,7 +427,7 @@ class ImageBuilder:
         bound = log.bind(image=request.display_name, source=revision.source, key=key[:12], build=build.id)
         build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
         bound.info("build.queued", revision=revision.id)
-        async with self._build_slots:
+        async with self._build_slots.hold(requester.get()):
             resolved, baseline, graph = await self._closure(request, revision, bound, build)
         named = _by_resolved_names(request, resolved)
         named_key = self._image_key(revision, named)

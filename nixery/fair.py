@@ -1,19 +1,26 @@
 """A semaphore that serves its waiters round-robin by key.
 
 `asyncio.Semaphore` serves waiters first come, first served: one client that
-sends a hundred password checks at once (a guessing attack) makes every other
-client's check wait for all of them. `FairSlots` keeps one queue per key (a
-client's address) and hands a freed slot to the next key in turn, so that a
-client waits for at most one check of each other waiting client, however many
-each has queued. Nothing is refused: a busy client only waits longer.
+sends a hundred password checks at once (a guessing attack), or starts twenty
+builds, makes every other client's wait for all of them. `FairSlots` keeps one
+queue per key (a client's address) and hands a freed slot to the next key in
+turn, so that a client waits for at most one check (or build) of each other
+waiting client, however many each has queued. Nothing is refused: a busy client
+only waits longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+
+#: Whom the work under way is for (a client's address; "" for the registry's own, such as a
+#: declaration's prebuild). The HTTP layer sets it for each request; a task started for the
+#: request (a build) keeps it, as tasks keep the context they were created in.
+requester: contextvars.ContextVar[str] = contextvars.ContextVar("requester", default="")
 
 
 class FairSlots:

@@ -5,7 +5,9 @@ a hundred allowed to be late on a busy shared machine, none by more than a few s
 
 from __future__ import annotations
 
+import http.client
 import json
+import random
 import subprocess
 import sys
 import time
@@ -178,3 +180,52 @@ def test_a_stall_of_the_event_loop_shows_in_metrics_and_the_log(start_registry, 
         assert time.monotonic() < deadline, f"no loop.stalled line for the holds: {registry.log_events('loop.stalled')}"
         time.sleep(0.2)
     assert stalled[0]["level"] == "warning" and stalled[0]["longest_ms"] < 1000, stalled
+
+
+def _slow_packages(directory: Path, count: int, seconds: int) -> Path:
+    """The busybox set plus slow0 ... slow{count-1}, each taking `seconds` to build, new on every call."""
+    nonce = random.getrandbits(64)
+    directory.mkdir(parents=True, exist_ok=True)
+    slow = "\n".join(
+        f'  slow{i} = derivation {{ name = "slow{i}-{nonce}"; inherit system; builder = "${{bb}}/sh";'
+        f' args = [ "-c" "${{bb}}/sleep {seconds}; ${{bb}}/mkdir -p $out" ]; }};'
+        for i in range(count)
+    )
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
+in base // {{
+{slow}
+}}
+"""
+    )
+    return directory
+
+
+def _from(address: str, registry: RegistryProcess, method: str, path: str, body: bytes | None = None) -> int:
+    """A request from `address` (another loopback address: another client to the registry)."""
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=120, source_address=(address, 0))
+    try:
+        headers = {"Content-Type": "application/json", "Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_one_clients_queued_builds_do_not_hold_back_anothers(start_registry, tmp_path: Path) -> None:
+    """One client that started five builds at once (build form posts return at once) made another
+    client's pull wait for all five: build slots went first come, first served. Now they go round
+    by client: with one slot, the other client's build runs after at most one more of the first's."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(_slow_packages(tmp_path / "pkgs", 6, 2)), NIXERY_MAX_BUILDS="1")
+    for i in range(5):
+        assert _from("127.0.0.2", registry, "POST", "/builds", json.dumps({"image": f"slow{i}"}).encode()) == 202
+    deadline = time.monotonic() + 60
+    while len(registry.log_events("build.queued")) < 5:  # the first client's all wait before the second asks
+        assert time.monotonic() < deadline, "the builds were not queued"
+        time.sleep(0.05)
+    assert _from("127.0.0.3", registry, "GET", "/v2/slow5/manifests/latest") == 200
+    order = [event["image"] for event in registry.log_events("build.realising")]
+    assert order.index("slow5") <= 2, order

@@ -13,6 +13,7 @@ import time
 import structlog
 from aiohttp import web
 
+from nixery import fair
 from nixery.http.errors import Handler
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,7 @@ def log_request(request: web.BaseRequest, status: int, started: float) -> None:
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
+    fair.requester.set(request.remote or "")  # the builds it starts wait for a slot in turn with others'
     response = await handler(request)
     log_request(request, response.status, started)
     return response
