@@ -13,6 +13,7 @@ from aiohttp import web
 
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
+from nixery.http import hosts
 from nixery.http.markup import h
 from nixery.http.routes import BUILDER
 from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
@@ -97,7 +98,7 @@ def _signing_block(request: web.Request, host: str, example: str) -> str:
     signatures = request.app.get(SIGNATURES)
     if signatures is None:
         return ""
-    verify = (f"curl -sO {request.url.origin()}{PUBLIC_KEY_PATH}\n"
+    verify = (f"curl -sO {hosts.origin(request)}{PUBLIC_KEY_PATH}\n"
               f"cosign verify --key signing-key.pub {host}/shell/{example}")
     return f"""<section class="card" id="signing">
   <h2>Signed images</h2>
