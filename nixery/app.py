@@ -18,7 +18,7 @@ from aiohttp import web
 from nixery import loop_lag, metrics
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
-from nixery.http import auth, bodies, health, referrers, routes, shutdown
+from nixery.http import auth, bodies, health, hosts, referrers, routes, shutdown
 from nixery.http import signatures as http_signatures
 from nixery.http.access import access_log
 from nixery.http.errors import error_middleware
@@ -38,7 +38,9 @@ log = structlog.get_logger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[access_log, metrics.metrics_middleware, error_middleware], handler_args={"max_field_size": 16384}
+        # A malformed Host is refused before any handler makes a link or a pull command of it.
+        middlewares=[access_log, metrics.metrics_middleware, error_middleware, hosts.refuse_malformed_host],
+        handler_args={"max_field_size": 16384},
     )
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
     app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""

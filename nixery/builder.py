@@ -234,13 +234,16 @@ class ImageBuilder:
         *, client_waits: bool = True,
     ) -> ImageRecord:
         build = self._build_for(key, request)
-        if on_wait is not None:
-            on_wait(build)
         try:
+            if on_wait is not None:
+                on_wait(build)
             return await self._images.run(key, lambda: self._build(request, revision, key, build), counted=client_waits)
         except WorkStopped:
             self._not_begun(key, build)
             raise _shutting_down(request) from None
+        except BaseException as exc:
+            self._not_started(key, build, exc)
+            raise
 
     async def stop_unwaited_builds(self) -> None:
         """The registry begins to shut down: stop the builds no request waits for (started by
@@ -257,6 +260,15 @@ class ImageBuilder:
             _say_stopped(build)
             if self._in_flight.get(key) is build:
                 del self._in_flight[key]
+
+    def _not_started(self, key: str, build: Build, exc: BaseException) -> None:
+        """A failure before `_build` ran (which ends the build's record and forgets it): its record
+        ends as failed, and is forgotten. Left unfinished, every later request for the image joined
+        it and none built it, and the build log stopped dropping old builds behind it."""
+        if not self._images.in_flight(key) and self._in_flight.get(key) is build:
+            error = type(exc).__name__
+            build.emit(Stage.FAILED, f"the build did not start: {str(exc) or error}", error=error)
+            del self._in_flight[key]
 
     def stop_builds(self) -> None:
         """The registry's time to shut down is nearly up: stop every build and start no more. Their

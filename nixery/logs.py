@@ -33,7 +33,7 @@ def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] 
     if use_json and binary_stderr is not None:
         # orjson and a bytes logger: a third less CPU per line than json + print,
         # and there is a line for every request.
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
         factory: Callable[..., Any] = structlog.BytesLoggerFactory(binary_stderr)
     elif use_json:
         processors.append(structlog.processors.JSONRenderer())
@@ -48,3 +48,25 @@ def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] 
         cache_logger_on_first_use=True,
     )
 
+
+def _dumps(value: Any, **options: Any) -> bytes:
+    """orjson's JSON, or, for text that is not valid UTF-8, the same with its bad bytes escaped
+    (`\\xff`): a request header's bytes, which aiohttp decodes with surrogates for the bytes that
+    are not UTF-8, made orjson raise, and the request that logged the header failed with a 500."""
+    try:
+        return orjson.dumps(value, **options)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_valid_utf8(value), **options)
+
+
+def _valid_utf8(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte (an escape in JSON, "\\ud800")
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_valid_utf8(key): _valid_utf8(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_valid_utf8(item) for item in value]
+    return value

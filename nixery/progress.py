@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import secrets
 import time
@@ -112,13 +113,17 @@ class BuildLog:
         build = Build(id=secrets.token_hex(8), image=image)
         self._builds[build.id] = build
         self._added(build)
-        while len(self._builds) > self._keep:
-            oldest = next(iter(self._builds.values()))
-            if not oldest.finished:
-                break
-            self._builds.popitem(last=False)
-            self._dropped(oldest)
+        if len(self._builds) > self._keep:
+            self._drop_oldest_finished(len(self._builds) - self._keep)
         return build
+
+    def _drop_oldest_finished(self, count: int) -> None:
+        """Drop up to `count` of the oldest finished builds. Running ones are passed over, not waited
+        for: one that never finished kept every later build for the life of the process."""
+        finished = itertools.islice((build for build in self._builds.values() if build.finished), count)
+        for build in list(finished):
+            del self._builds[build.id]
+            self._dropped(build)
 
     def _added(self, build: Build) -> None:
         """A new build, before any event."""

@@ -222,10 +222,18 @@ def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
     for if_none_match in (etag, f"W/{etag}", f'"another", {etag}', "*"):
         status, headers, body = get({"If-None-Match": if_none_match})
         assert (status, headers["etag"], body) == (304, etag, b""), if_none_match
-    for past_the_end in (f"bytes={size}-", "bytes=-0", f"bytes={size}-,-0,{size + 9}-{size + 10}"):
+    unsatisfiable = {
+        f"bytes={size}-": f"the requested range starts past the end of this {size}-byte blob",
+        "bytes=-0": "the requested range asks for the last 0 bytes (-0): a suffix range must ask for at least one",
+        f"bytes={size}-,-0,{size + 9}-{size + 10}": "none of the requested ranges can be sent: each starts past "
+                                                    f"the end of this {size}-byte blob or asks for its last 0 bytes",
+    }
+    for past_the_end, message in unsatisfiable.items():
         status, headers, body = get({"Range": past_the_end})
         assert (status, headers["content-range"]) == (416, f"bytes */{size}"), past_the_end
-        assert error_of(body)["detail"] == {"size": size, "kind": "RANGE_NOT_SATISFIABLE"}
+        error = error_of(body)
+        assert error["detail"] == {"size": size, "kind": "RANGE_NOT_SATISFIABLE"}
+        assert error["message"].startswith(message), (past_the_end, error["message"])
     status, _, body = get({"If-Match": '"another"'})
     assert status == 412 and error_of(body)["detail"]["kind"] == "PRECONDITION_FAILED"
 

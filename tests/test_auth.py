@@ -829,6 +829,9 @@ def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_re
             "/v2/shell/hello/manifests/latest", headers={**basic(ALICE), "Sec-Fetch-Site": site}
         )
         assert status == 403 and _code(body) == "DENIED", (site, status, body[:300])
+        # Said of the registry API, not of the build form (which the same check guards).
+        message = json.loads(body)["errors"][0]["message"]
+        assert "registry API request with basic credentials" in message and "forms" not in message, message
     assert registry.request("/images/shell/hello.json", accept=None, headers=basic(ALICE))[0] == 404  # not built
     assert registry.log_events("build.queued") == []
     status, _, body = registry.request(

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -125,6 +127,33 @@ def test_build_failures_exit_non_zero_with_the_registry_message(registry: Regist
     assert unreachable.returncode == 1 and "cannot reach the registry" in unreachable.stderr
     usage = nixery("build")
     assert usage.returncode == 2
+
+
+def test_no_image_is_built_under_a_tag_no_client_could_pull(registry: RegistryProcess, tmp_path: Path) -> None:
+    """`POST /builds` took `tag=feature/x`, and its progress page then showed
+    `docker pull HOST/hello:feature/x`, which no client can pull (an OCI tag has no `/`). Now
+    the form, its JSON, the package search whose Build buttons build under the tag, `nixery
+    build` and `nixery build --local` refuse it at once, 400 TAG_INVALID, as the API does."""
+    for tag in ("feature/x", "a/b/c", "x/"):
+        fields = {"image": "hello", "tag": tag}
+        for kind, body in [("application/x-www-form-urlencoded", urllib.parse.urlencode(fields)),
+                           ("application/json", json.dumps(fields))]:
+            request = urllib.request.Request(f"{registry.url}/builds", data=body.encode(), method="POST",
+                                             headers={"Content-Type": kind, "Accept": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            error = json.loads(refused.value.read())["errors"][0]
+            assert refused.value.code == 400 and error["detail"]["kind"] == "TAG_INVALID", (tag, kind, error)
+            assert "cannot contain '/'" in error["message"], error
+        status, _, body = registry.request(f"/packages?q=hello&format=json&tag={tag}", accept="application/json")
+        assert status == 400 and json.loads(body)["errors"][0]["detail"]["kind"] == "TAG_INVALID", (tag, body)
+        remote = nixery("build", "--plain", "--registry", registry.url, "--tag", tag, "hello")
+        assert remote.returncode == 1 and "TAG_INVALID" in remote.stderr, remote
+    assert not registry.log_events("http.build_started")
+    local = nixery("build", "--local", "--plain", "hello:feature/x",
+                   env={"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"})
+    assert local.returncode == 1 and "invalid tag 'feature/x': a tag cannot contain '/'" in local.stderr, local
+    assert registry.request("/v2/hello/manifests/latest")[0] == 200  # an OCI tag still builds
 
 
 def test_inspect_shows_layers_and_store_paths(registry: RegistryProcess) -> None:

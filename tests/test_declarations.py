@@ -56,7 +56,7 @@ def test_valid_declaration() -> None:
     assert declaration.reference == "curl-and-jq:v1"
     assert declaration.request.packages == ("curl", "jq", "shell")  # sorted, unique: as image paths
     assert declaration.request.arch is Arch.AMD64
-    document = nix_image("x.y", tag="release/2024-01", contents=["tools.jqlite"], arch="arm64")
+    document = nix_image("x.y", tag="release-2024.01", contents=["tools.jqlite"], arch="arm64")
     arm = parse_declaration(document, origin="t")
     assert arm.request.arch is Arch.ARM64 and arm.request.packages == ("tools.jqlite",)
 

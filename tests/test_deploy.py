@@ -324,7 +324,8 @@ def _image(**data: Any) -> dict[str, Any]:
 
 SCHEMA_CASES = {
     "valid": _image(),
-    "valid-arm": _image(arch="arm64", contents=["shell", "tools.jqlite", "g++"], tag="release/2024.01_x"),
+    "valid-arm": _image(arch="arm64", contents=["shell", "tools.jqlite", "g++"], tag="release-2024.01_x"),
+    "slash-in-tag": _image(tag="release/2024"),  # a git branch's name, but no client could pull it
     "valid-platforms": _image(arch=["amd64", "arm64"]),
     "valid-one-platform-list": _image(arch=["arm64"]),
     "valid-config": _image(

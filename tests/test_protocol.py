@@ -337,6 +337,15 @@ def test_names_that_look_like_nix_are_only_data(shared_registry: RegistryProcess
         ("/v2/_catalog", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
         ("/v2/hello/blobs/uploads/5c0a7e1b-4f9e-4a55", 404, "BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_UNKNOWN"),
         ("/v3/", 404, "NAME_UNKNOWN", "NAME_UNKNOWN"),
+        # `{` and `}` (aiohttp's route syntax) are refused as any other character a name, tag or digest
+        # cannot hold: they were left to the catch-all, 404 "no such endpoint or repository".
+        ("/v2/a${b}/manifests/latest", 400, "NAME_INVALID", "NAME_INVALID"),
+        ("/v2/{x}/blobs/sha256:" + "0" * 64, 400, "NAME_INVALID", "NAME_INVALID"),
+        ("/v2/a}/tags/list", 400, "NAME_INVALID", "NAME_INVALID"),
+        ("/v2/a{/referrers/sha256:" + "0" * 64, 400, "NAME_INVALID", "NAME_INVALID"),
+        ("/v2/hello/manifests/v{1}", 400, "NAME_INVALID", "TAG_INVALID"),
+        ("/v2/hello/blobs/sha256:{x}", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
+        ("/v2/hello/referrers/sha256:{x}", 400, "DIGEST_INVALID", "DIGEST_INVALID"),
     ],
 )
 def test_errors_use_registry_codes(

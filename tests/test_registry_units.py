@@ -157,9 +157,10 @@ def test_image_names() -> None:
 
 
 def test_tags() -> None:
-    for good in ["latest", "v1", "release-v2", "feature/x", "0123456789abcdef0123456789abcdef01234567"]:
+    for good in ["latest", "v1", "release-v2", "_x", "v1.2_3", "0123456789abcdef0123456789abcdef01234567", "x" * 128]:
         assert check_tag(good) == good
-    for bad in ["", "-x", "a..b", "a//b", "x/", "x.lock", "a b", "a:b", "x" * 129, "~1"]:
+    # Not an OCI tag (`/`: no client could pull it), or not a git ref name.
+    for bad in ["", "-x", ".x", "a..b", "feature/x", "a//b", "x/", "x.lock", "x.", "a b", "a:b", "x" * 129, "~1", "é"]:
         with pytest.raises(TagInvalid):
             check_tag(bad)
 

@@ -781,6 +781,49 @@ async def test_a_build_stopped_before_the_grace_ends_answers_its_waiters_and_its
         await builder.close()
 
 
+async def test_a_build_that_fails_before_it_starts_is_ended_and_the_next_pull_builds(tmp_path: Path) -> None:
+    """The builder registered a pull's build, then called the pull's `on_wait` (its log line),
+    and only then started it: when that call raised (a malformed Host, before nixery.http.hosts),
+    the build was neither started nor ended. Its page said "queued" for ever, the next pull of
+    the image joined it, and the log of recent builds dropped no build after it. Now it ends as
+    failed, saying why, and the next pull starts a build of its own. (The evaluation is a
+    stand-in that never ends, as in the tests above: what matters is that a build starts.)"""
+    from nixery.builder import ImageBuilder
+    from nixery.progress import Build, Stage
+    from nixery.registry.names import parse_image_name
+    from tests.resolvers import StorePathsResolver
+
+    evaluating = asyncio.Event()
+
+    class EndlessEvaluation(StorePathsResolver):
+        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
+            evaluating.set()
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+
+    def failing(build: Build) -> None:
+        raise ValueError("Invalid URL: port can't be converted to integer")
+
+    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
+                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    try:
+        request = parse_image_name("shell/hello")
+        waited: list[Build] = []
+        with pytest.raises(ValueError):
+            await builder.image(request, "latest", on_wait=lambda build: (waited.append(build), failing(build)))
+        (failed,) = waited
+        last = failed.events[-1].to_json()
+        assert (failed.stage, last["error"]) == (Stage.FAILED, "ValueError"), failed.events
+        assert last["message"] == "the build did not start: Invalid URL: port can't be converted to integer"
+        assert not evaluating.is_set()
+        pull = asyncio.ensure_future(builder.image(request, "latest", on_wait=waited.append))
+        await asyncio.wait_for(evaluating.wait(), 30)
+        assert len(waited) == 2 and waited[1] is not failed and not waited[1].finished
+        pull.cancel()
+    finally:
+        await builder.close()
+
+
 async def test_writes_that_cannot_be_made_durable_leave_the_old_record_and_no_staging_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,7 +52,7 @@ from nixery.auth import (
     rfc3339,
 )
 from nixery.config import AuthSettings, Settings
-from nixery.http import csrf, routes
+from nixery.http import csrf, hosts, routes
 from nixery.http.bodies import read_form
 from nixery.http.errors import Handler
 from nixery.registry.names import check_tag, names_attachment
@@ -60,7 +60,6 @@ from nixery.registry.names import check_tag, names_attachment
 log = structlog.get_logger(__name__)
 
 SERVICE = "nixery"
-_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,1023}")
 
 
@@ -112,8 +111,7 @@ class AccessControl:
     def realm(self, request: web.Request) -> str:
         if self.settings.token_realm:
             return self.settings.token_realm
-        host = request.host if _HOST.fullmatch(request.host or "") else "localhost"
-        return f"{request.scheme}://{host}/token"
+        return f"{hosts.origin(request)}/token"
 
     def challenge(self, request: web.Request, *, scope: str | None = None, error: str | None = None) -> str:
         if self.signer is None or not _under_v2(request):  # a browser on the pages can answer Basic only
@@ -222,7 +220,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if identity.user is not None and identity.claims is None:
         # Basic credentials, which a browser also sends with another site's <img src=/v2/...>
         # (no preflight for a GET): a pull can build, so a browser must say it comes from here.
-        csrf.refuse_cross_site(request)
+        csrf.refuse_cross_site(request, csrf.CREDENTIALS_REFUSED)
     if repository is None:  # /v2/ itself, or no such route
         if not identity.presented_credentials:
             raise access.unauthorized(request, "authentication required")

@@ -33,26 +33,38 @@ log = structlog.get_logger(__name__)
 _ALLOWED_FETCH_SITES = ("same-origin", "none")
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
+#: What `refuse_cross_site` says, for each of its uses.
+FORM_POST_REFUSED = (
+    "refused a request from another site's page: this registry's forms only take posts from its own pages"
+)
+CREDENTIALS_REFUSED = (
+    "refused a registry API request with basic credentials from another site's page: a browser sends "
+    "them with any page's requests, so the registry API takes them only from its own pages and from "
+    "clients that are not browsers (docker, podman, curl)"
+)
 
-def refuse_cross_site(request: web.Request) -> None:
-    """Raise Denied when a browser says this request comes from another site's page."""
+
+def refuse_cross_site(request: web.Request, refusal: str) -> None:
+    """Raise Denied, saying `refusal`, when a browser says this request comes from another site's page."""
     site = request.headers.get("Sec-Fetch-Site")
     origin = request.headers.get("Origin")
     if site is not None:
         if site.strip().lower() in _ALLOWED_FETCH_SITES:
             return
-        reason = f"Sec-Fetch-Site: {site[:50]}"
+        reason = f"Sec-Fetch-Site: {_shown(site, 50)}"
     elif origin is not None:
         if _names_this_registry(request, origin):
             return
-        reason = f"Origin: {origin[:200]}"
+        reason = f"Origin: {_shown(origin, 200)}"
     else:
         return
     log.info("http.cross_site_refused", path=request.path[:300], reason=reason)
-    raise errors.Denied(
-        "refused a request from another site's page: this registry's forms only take posts from its own pages",
-        detail={"reason": reason},
-    )
+    raise errors.Denied(refusal, detail={"reason": reason})
+
+
+def _shown(value: str, limit: int) -> str:
+    """A header's value, cut, in ASCII: bytes that are not UTF-8 (surrogates here) escaped, not sent back."""
+    return value[:limit].encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _names_this_registry(request: web.Request, origin: str) -> bool:

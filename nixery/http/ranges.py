@@ -91,7 +91,7 @@ def select(headers: MultiMapping[str], etag: str, size: int, media_type: str) ->
     if ranges is None:
         return whole  # another unit, not a range at all, too many: ignored
     if not ranges:
-        raise _unsatisfiable(size)
+        raise _unsatisfiable(size, requested)
     if len(ranges) == 1:
         return _single(206, *ranges[0], size)
     if sum(count for _, count in ranges) > size:
@@ -169,12 +169,18 @@ def _list(headers: MultiMapping[str], name: str) -> str | None:
     return ", ".join(lines) if lines else None
 
 
-def _unsatisfiable(size: int) -> RangeNotSatisfiable:
-    return RangeNotSatisfiable(
-        f"the requested range starts past the end of this {size}-byte blob",
-        detail={"size": size},
-        headers={"Content-Range": f"bytes */{size}"},
-    )
+def _unsatisfiable(size: int, requested: str) -> RangeNotSatisfiable:
+    """The refusal of a `Range` whose every range starts past the end or is an empty suffix (`-0`)."""
+    specs = [item.strip() for item in requested.partition("=")[2].split(",") if item.strip()]
+    empty_suffixes = [spec for spec in specs if spec.startswith("-")]  # a suffix of any other length is sent
+    if len(empty_suffixes) == len(specs):
+        message = "the requested range asks for the last 0 bytes (-0): a suffix range must ask for at least one"
+    elif empty_suffixes:
+        message = (f"none of the requested ranges can be sent: each starts past the end of this {size}-byte "
+                   "blob or asks for its last 0 bytes (-0)")
+    else:
+        message = f"the requested range starts past the end of this {size}-byte blob"
+    return RangeNotSatisfiable(message, detail={"size": size}, headers={"Content-Range": f"bytes */{size}"})
 
 
 def _names(header: str, etag: str, *, weak: bool) -> bool:

@@ -89,8 +89,7 @@ async def tagged(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Before `routes.add_routes`: an attachment tag is not a tag that names a package set."""
-    name = r"{name:[^{}]+?}"
-    app.router.add_get(f"/v2/{name}/referrers/{{digest}}", referrers)
+    app.router.add_get(f"/v2/{routes.NAME}/referrers/{routes.DIGEST}", referrers)
     tag = f"{{reference:{ATTACHMENT_TAG_PATTERN}}}"
-    app.router.add_route("GET", f"/v2/{name}/manifests/{tag}", tagged)
-    app.router.add_route("HEAD", f"/v2/{name}/manifests/{tag}", tagged)
+    app.router.add_route("GET", f"/v2/{routes.NAME}/manifests/{tag}", tagged)
+    app.router.add_route("HEAD", f"/v2/{routes.NAME}/manifests/{tag}", tagged)

@@ -32,7 +32,7 @@ from nixery.errors import (
     RequestInvalid,
     Unsupported,
 )
-from nixery.http import ranges
+from nixery.http import hosts, ranges
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
 from nixery.lru import LRU
@@ -261,7 +261,7 @@ async def requested_image(request: web.Request, tag: str, name: str | None = Non
 
 
 def _log_wait(request: web.Request, image: str, tag: str, build: Build) -> None:
-    progress = f"{request.url.origin()}{progress_path(build.id, image, tag)}"
+    progress = f"{hosts.origin(request)}{progress_path(build.id, image, tag)}"
     log.info("http.waiting_for_build", image=image, build=build.id, progress=progress)
 
 
@@ -519,15 +519,22 @@ async def unsupported(request: web.Request) -> web.Response:
     )
 
 
+#: The route patterns of a name and of a reference or digest. aiohttp's default for a variable,
+#: `[^{}/]+`, left a name or tag with `{` or `}` to the catch-all's 404 NAME_UNKNOWN: these take
+#: any character, so that the handlers' checks refuse them as they refuse any invalid name (400).
+NAME = r"{name:.+?}"
+REFERENCE = r"{reference:[^/]+}"
+DIGEST = r"{digest:[^/]+}"
+
+
 def add_routes(app: web.Application) -> None:
     app.on_response_prepare.append(api_version_header)
-    name = r"{name:[^{}]+?}"
     app.router.add_get("/v2/", api_version)
     app.router.add_get("/v2", api_version)
-    app.router.add_route("GET", f"/v2/{name}/manifests/{{reference}}", manifest)
-    app.router.add_route("HEAD", f"/v2/{name}/manifests/{{reference}}", manifest)
-    app.router.add_route("GET", f"/v2/{name}/blobs/{{digest}}", blob)
-    app.router.add_get(f"/v2/{name}/tags/list", tags)
-    app.router.add_route("HEAD", f"/v2/{name}/blobs/{{digest}}", blob)
+    app.router.add_route("GET", f"/v2/{NAME}/manifests/{REFERENCE}", manifest)
+    app.router.add_route("HEAD", f"/v2/{NAME}/manifests/{REFERENCE}", manifest)
+    app.router.add_route("GET", f"/v2/{NAME}/blobs/{DIGEST}", blob)
+    app.router.add_get(f"/v2/{NAME}/tags/list", tags)
+    app.router.add_route("HEAD", f"/v2/{NAME}/blobs/{DIGEST}", blob)
     # Named so that /metrics counts what it answers as `unmatched`, with unknown paths elsewhere.
     app.router.add_route("*", "/v2/{tail:.*}", unsupported, name=metrics.UNMATCHED)

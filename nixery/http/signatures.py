@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from nixery.errors import ManifestUnknown
+from nixery.http import hosts
 from nixery.images import ImageRecord
 from nixery.registry.digest import Digest
 from nixery.signatures import Signatures
@@ -31,7 +32,7 @@ def signature_subject(reference: str) -> Digest | None:
 
 
 def _identity(request: web.Request, signatures: Signatures) -> str:
-    return signatures.identity(request.host, request.match_info["name"])
+    return signatures.identity(hosts.client_host(request), request.match_info["name"])
 
 
 async def sign_pulled(request: web.Request, record: ImageRecord) -> None:

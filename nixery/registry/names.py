@@ -29,7 +29,8 @@ MAX_TAG_LENGTH = 128
 
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_+-]*"
 _COMPONENT = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
+#: An OCI tag (the distribution spec's `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`): what a client can pull.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 #: Tags of documents attached to a manifest, not of images: the referrers tag schema (`sha256-<hex>`)
 #: and cosign's signatures (`sha256-<hex>.sig`). Any tag of this prefix (in any case) is one of them,
@@ -150,15 +151,21 @@ def parse_image_name(name: str) -> ImageRequest:
 
 
 def check_tag(tag: str) -> str:
-    """Tags also name git refs, so they allow '/', but never '..' or '//'."""
-    if (
-        len(tag) > MAX_TAG_LENGTH
-        or not _TAG.fullmatch(tag)
-        or ".." in tag
-        or "//" in tag
-        or tag.endswith(("/", ".", ".lock"))
-    ):
-        raise TagInvalid(f"invalid tag {tag[:MAX_TAG_LENGTH]!r}", detail={"tag": tag[:MAX_TAG_LENGTH]})
+    """An OCI tag, which also names a git ref: never '..', nor ending in '.' or '.lock'. A git
+    branch with '/' in its name cannot be one: no client could pull an image tagged so."""
+    shown = tag[:MAX_TAG_LENGTH]
+    if "/" in tag:
+        raise TagInvalid(
+            f"invalid tag {shown!r}: a tag cannot contain '/' (no client could pull it), "
+            "so a git branch whose name has one cannot be a tag",
+            detail={"tag": shown},
+        )
+    if len(tag) > MAX_TAG_LENGTH or not _TAG.fullmatch(tag) or ".." in tag or tag.endswith((".", ".lock")):
+        raise TagInvalid(
+            f"invalid tag {shown!r}: a tag is 1 to {MAX_TAG_LENGTH} letters, digits, '_', '.' and '-', "
+            "starting with a letter, digit or '_', without '..', not ending in '.' or '.lock'",
+            detail={"tag": shown},
+        )
     return tag
 
 

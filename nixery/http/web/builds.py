@@ -31,7 +31,7 @@ from aiohttp import web
 from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
-from nixery.http import csrf, guidance
+from nixery.http import csrf, guidance, hosts
 from nixery.http.bodies import content_type, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
@@ -71,7 +71,7 @@ def _split_reference(text: str, tag: str, host: str) -> tuple[str, str]:
 
 
 async def start_build(request: web.Request) -> web.StreamResponse:
-    csrf.refuse_cross_site(request)
+    csrf.refuse_cross_site(request, csrf.FORM_POST_REFUSED)
     json_api = wants_json(request)
     fields: dict[str, str] = {}
     if content_type(request) == "application/json":
@@ -97,7 +97,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
     progress = guidance.progress_path(build.id, name, tag)  # the name as given: a declared one stays one
     log.info(
         "http.build_started", image=image.display_name, tag=tag, build=build.id,
-        progress=f"{request.url.origin()}{progress}",
+        progress=f"{hosts.origin(request)}{progress}",
     )
     if json_api:
         return web.json_response(

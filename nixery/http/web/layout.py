@@ -16,7 +16,7 @@ from typing import Protocol
 from aiohttp import web
 
 from nixery import __version__, errors
-from nixery.http import ranges
+from nixery.http import hosts, ranges
 from nixery.http.markup import h
 
 #: A page's form fields, kept on the request so that an error page can show the form again, filled in.
@@ -82,7 +82,7 @@ def short(revision_id: str) -> str:
 
 def registry_host(request: web.Request) -> str:
     """The host clients use for this registry (from the Host header)."""
-    return request.host or "localhost"
+    return hosts.client_host(request)
 
 
 #: The style sheet and scripts, served at /static/.
@@ -180,7 +180,9 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
 </body>
 </html>
 """
-    return web.Response(text=document, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+    # A request's bytes that are not UTF-8 (aiohttp's surrogates) come out as "?", not as a failed page.
+    encoded = document.encode("utf-8", "replace")
+    return web.Response(body=encoded, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
 
 
 def error_page(request: web.Request, error: errors.RegistryError) -> web.Response:

@@ -1,0 +1,63 @@
+"""The host a client names this registry by, from its `Host` header.
+
+Pages show pull commands with it, progress links in the log name it, and without
+NIXERY_PUBLIC_HOST images are signed for it. A `Host` that is not `host[:port]`
+(`x:abc`, a port past 65535, bytes that are not UTF-8, markup) is refused up
+front with 400 REQUEST_INVALID, as Go's net/http (and so distribution) and nginx
+refuse it: before, yarl raised wherever a URL was made of it (a 500, and a pull
+whose build never started). An empty `Host` is taken as none (RFC 9112 3.2 lets
+a client send one), and the pages then say `localhost`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from aiohttp import web
+
+from nixery import errors
+from nixery.http.errors import Handler
+
+#: A name or a bracketed IPv6 address, then perhaps a port; each checked further by `valid_host`.
+_HOST = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
+_HOST_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
+_MAX_HOST_NAME = 253
+_MAX_PORT = 65535
+
+
+def valid_host(host: str) -> bool:
+    """Whether `host` is a host name, an IPv4 address or a bracketed IPv6 address, with an optional port."""
+    match = _HOST.fullmatch(host)
+    if match is None or (match["port"] is not None and int(match["port"]) > _MAX_PORT):
+        return False
+    name = match["name"]
+    if name.startswith("["):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return False
+        return True
+    return len(name) <= _MAX_HOST_NAME and _HOST_NAME.fullmatch(name) is not None
+
+
+def client_host(request: web.BaseRequest) -> str:
+    """The host (and port) the client used for this registry; `localhost` when it named none."""
+    host = request.host  # without a Host header: the address the request came in on
+    return host if host and valid_host(host) else "localhost"
+
+
+def origin(request: web.BaseRequest) -> str:
+    """`scheme://host[:port]` of this registry as the client reached it, for links in logs and pages."""
+    return f"{request.scheme}://{client_host(request)}"
+
+
+@web.middleware
+async def refuse_malformed_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    host = request.headers.get("Host", "")
+    if host and not valid_host(host):  # never echoed: it may be markup, or bytes that are not UTF-8
+        raise errors.RequestInvalid(
+            "the Host header is not a host name or address with an optional port (host[:port], port 0-65535)",
+            detail={"header": "Host"},
+        )
+    return await handler(request)
