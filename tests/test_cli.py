@@ -594,7 +594,7 @@ def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path
     finished = nixery("gc", "--older-than", "3h", env=env)
     assert finished.returncode == 0 and "blobs" in finished.stdout, finished
     checked = nixery("check", env=env)
-    assert checked.returncode == 0 and "and 1 images: ok" in checked.stdout, checked
+    assert checked.returncode == 0 and "and 1 image: ok" in checked.stdout, checked
 
 
 def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:

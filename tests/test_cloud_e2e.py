@@ -483,7 +483,7 @@ def test_check_and_garbage_collection_on_s3(
     assert not big_layer_exists(), "the big layer is gone from the bucket"
     remaining = set(object_keys(s3, bucket, "blobs/sha256/"))
     assert {f"blobs/sha256/{hex_}" for hex_ in image_blobs(kept)} <= remaining
-    assert "and 1 images: ok" in run([sys.executable, "-m", "nixery", "check"], env_extra=cli_env).stdout
+    assert "and 1 image: ok" in run([sys.executable, "-m", "nixery", "check"], env_extra=cli_env).stdout
 
     registry.start()  # the collected image is built again on request
     _, again = registry.manifest("bigdata")

@@ -111,7 +111,7 @@ def test_registries_rebuild_what_gc_collected_while_they_served_it(start_registr
     # A holder killed in the middle of a build leaves its lock file: gc takes that one away too.
     (storage / "locks" / f"builds_{key}.lock").touch()
 
-    assert "removed 1 images" in collect(storage)
+    assert "removed 1 image and" in collect(storage)
     assert not blob_file(storage, manifest["config"]["digest"]).exists()
     assert not blob_file(storage, digest).exists()
     assert list((storage / "locks").iterdir()) == [], "no lock file of the collected image is left"
@@ -147,7 +147,7 @@ def test_the_records_of_collected_layers_go_with_their_blobs(start_registry, tmp
     used.parent.mkdir(exist_ok=True)
     used.write_text(json.dumps({"last_used": time.time()}))
 
-    assert "removed 1 images" in collect(storage)
+    assert "removed 1 image and" in collect(storage)
     records = [json.loads(path.read_bytes())["digest"] for path in (storage / "meta" / "layers").iterdir()]
     assert sorted(records) == sorted(layer["digest"] for layer in kept["layers"])
     assert all(blob_file(storage, digest).exists() for digest in records)
@@ -231,7 +231,7 @@ def test_replicas_on_s3_rebuild_what_gc_collected(
             for blob in blobs:
                 status, _, _ = replica.request(f"/v2/{name}/blobs/{blob}", method="HEAD", accept=None)
                 assert status == 200, (replica.port, blob)
-        assert "and 1 images: ok" in check_storage(tmp_path / "cli", **env)
+        assert "and 1 image: ok" in check_storage(tmp_path / "cli", **env)
 
 
 def test_an_image_pulled_only_by_digest_is_in_use(start_registry, tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_an_image_pulled_only_by_digest_is_in_use(start_registry, tmp_path: Path
     age_everything(storage)
     pulled = pulls / Digest.parse(digest).hex
     pulled.write_text(json.dumps({"last_used": time.time() - FOUR_HOURS}))
-    assert "removed 1 images" in collect(storage)
+    assert "removed 1 image and" in collect(storage)
     assert not pulled.exists(), "the collected image's pulls go with it"
 
 

@@ -365,7 +365,7 @@ def test_gc_keeps_the_sbom_with_its_image_and_removes_it_with_it(tmp_path: Path)
         assert referrers(registry, "fortune", digest)[0] == index
 
         age_everything(storage)
-        assert "removed 1 images" in collect(storage)
+        assert "removed 1 image and" in collect(storage)
         assert not any(blob_file(storage, d).exists() for d in kept)
         assert not list((storage / "meta").glob("referrers/*/*")), "no key leads to the collected image"
         assert not list((storage / "meta").glob("manifests/*/*")), "no manifest digest leads to it either"

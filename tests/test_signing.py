@@ -452,7 +452,7 @@ def test_gc_keeps_the_signatures_of_kept_images_and_the_registry_signs_a_rebuilt
                if path.is_file()}
     assert len(entries) == 4
 
-    assert "removed 1 images" in collect(storage)
+    assert "removed 1 image and" in collect(storage)
     for digest in kept:
         attached = entries[Digest.parse(digest).hex]
         assert all(blob_file(storage, blob).exists() for blob in (attached["manifest"]["digest"], *attached["blobs"]))
