@@ -144,6 +144,8 @@ class ImageBuilder:
         self.baseline = Baseline(baseline)
         #: The tag each recent revision was last resolved from: stored with the images built from it.
         self._tags: LRU[str, str] = LRU(256)
+        #: The "already built" answer of each recent name and image, given again while the build log keeps it.
+        self._answers: LRU[tuple[str, str], Build] = LRU(256)
 
     async def warm_up(self) -> None:
         """Start the layer writers and the package source's resolver, and load the layering
@@ -321,9 +323,7 @@ class ImageBuilder:
         """Start building in the background (if needed); returns the build to follow."""
         revision, key, record = await self._lookup(request, tag)
         if record is not None:
-            build = self.builds.new(request.display_name)
-            build.emit(Stage.DONE, "already built", **image_summary(record))
-            return build
+            return self._already_built(request, record)
         build = self._build_for(key, request)
         try:
             self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
@@ -331,6 +331,17 @@ class ImageBuilder:
             self._not_begun(key, build)
             raise _shutting_down(request) from None
         return build
+
+    def _already_built(self, request: ImageRequest, record: ImageRecord) -> Build:
+        """The finished build that says the image is built: one per name and image while the build
+        log keeps it. A new one for each ask let a client that posted the same built image 250
+        times push every other build out of the log (their pages and streams then 404)."""
+        answer = self._answers.get((request.display_name, record.key))
+        if answer is None or self.builds.get(answer.id) is not answer:
+            answer = self.builds.new(request.display_name)
+            answer.emit(Stage.DONE, "already built", **image_summary(record))
+            self._answers.put((request.display_name, record.key), answer)
+        return answer
 
     async def _lookup(
         self, request: ImageRequest, tag: str, *, counted: bool = True

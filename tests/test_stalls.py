@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.registry import REPOSITORY, RegistryProcess
+from tests.test_shared_builds import post_build
 
 #: About as many top-level names as nixpkgs has (the catalogue reads at most 100,000).
 NAMES = 100_000
@@ -229,3 +230,16 @@ def test_one_clients_queued_builds_do_not_hold_back_anothers(start_registry, tmp
     assert _from("127.0.0.3", registry, "GET", "/v2/slow5/manifests/latest") == 200
     order = [event["image"] for event in registry.log_events("build.realising")]
     assert order.index("slow5") <= 2, order
+
+
+def test_posting_a_built_image_again_and_again_pushes_no_other_build_out(start_registry) -> None:
+    """250 posts of an image already built (a third of a second of requests) each made an entry
+    of the build log, which keeps 200: every other build's page and stream answered 404 after.
+    Now the posts of a built image share one answer, and the other build is still there."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox")
+    other = post_build(registry, "hello")["id"]
+    registry.manifest("shell/figlet")
+    answers = {post_build(registry, "shell/figlet")["id"] for _ in range(250)}
+    assert len(answers) == 1, len(answers)
+    status, _, body = registry.request(f"/builds/{other}.json", accept=None)
+    assert status == 200 and json.loads(body)["image"] == "hello", body[:300]
