@@ -377,7 +377,9 @@ def test_push_and_delete_are_unsupported(shared_registry: RegistryProcess, metho
 def test_a_page_asked_with_a_method_it_does_not_answer_says_which_it_does(shared_registry: RegistryProcess) -> None:
     """Outside the registry API, a 405 named the pull-only registry (`DELETE /builds`); it now says
     what the path answers, and so does its `Allow` header."""
-    for method, path, allowed in (("DELETE", "/builds", "POST"), ("POST", "/packages", "GET, HEAD")):
+    # GET /builds (the build form's address, opened in a browser) answered 404 "no such endpoint".
+    for method, path, allowed in (("DELETE", "/builds", "POST"), ("GET", "/builds", "POST"),
+                                  ("POST", "/packages", "GET, HEAD")):
         status, headers, body = shared_registry.request(path, method=method, accept="application/json")
         assert status == 405, (path, body)
         error = error_of(body)

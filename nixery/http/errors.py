@@ -70,8 +70,6 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
         case OSError() if exc.errno in storage_errors.FULL_DISK_ERRNOS:  # a write outside the storage interface
             where = f"the file system of {exc.filename}" if exc.filename else "the registry's file system"
             return errors.StorageFull(f"{where} is full: {os.strerror(exc.errno)}", detail={"storage": where})
-        case web.HTTPMethodNotAllowed() if exc.method in ("GET", "HEAD"):
-            return errors.NameUnknown("no such endpoint or repository")
         case web.HTTPMethodNotAllowed():  # a page's (the registry API's are routes.unsupported)
             allowed = ", ".join(sorted(exc.allowed_methods))
             return errors.Unsupported(
