@@ -438,7 +438,7 @@ class ImageBuilder:
             if exc.platform is None and not request.platforms and request.arch is not host_arch():
                 # Another platform's package set may lack what the host's has: say which one.
                 exc = PackagesNotFound(exc.missing, exc.source, platform=platform_name(request.arch))
-            raise await self.names.with_suggestions(exc, revision) from None
+            raise await self.names.with_suggestions(exc, revision, requested=request.packages) from None
         except (asyncio.CancelledError, WorkStopped):  # the registry stops: not a failure of the build
             result = "stopped"
             raise

@@ -67,16 +67,18 @@ class PackageNames:
             return await asyncio.to_thread(self._prepared[1].search, query)
 
     async def with_suggestions(
-        self, error: PackagesNotFound, revision: Revision, system: str | None = None
+        self, error: PackagesNotFound, revision: Revision, system: str | None = None, requested: Sequence[str] = ()
     ) -> PackagesNotFound:
         """The error, with the nearest names the package set has (for `system`, else the host) for
-        each missing one (if its list is read)."""
+        each missing one (if its list is read), but those `requested` already (`shell/hello` on a
+        set without hello: not "did you mean shell?")."""
         catalog = await self._catalog(revision, system)
         if catalog is None:
             return error
         found = await self._suggestions.suggest(
             (catalog.revision, catalog.read_at), catalog.package_names, error.missing
         )
+        found = {name: kept for name, near in found.items() if (kept := [n for n in near if n not in requested])}
         return PackagesNotFound(error.missing, error.source, found, error.platform) if found else error
 
     async def check(
@@ -91,7 +93,7 @@ class PackageNames:
         missing = await asyncio.to_thread(catalog.missing, names)
         if missing:
             error = PackagesNotFound(missing, revision.source, platform=platform if system else None)
-            raise await self.with_suggestions(error, revision, system)
+            raise await self.with_suggestions(error, revision, system, requested=names)
 
     async def _catalog(self, revision: Revision, system: str | None = None) -> Catalog | None:
         try:

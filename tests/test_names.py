@@ -125,6 +125,15 @@ def test_an_empty_package_name_is_called_so(bundled: RegistryProcess) -> None:
     assert error["message"].startswith("the image name has an empty package name: '/' twice in a row"), error
 
 
+def test_a_missing_name_is_not_offered_a_name_the_image_has_already(bundled: RegistryProcess) -> None:
+    """`shell/hello` on the Debian set (which has no hello) was told "did you mean shell?"."""
+    status, error = error_of(bundled, "shell/shel")
+    assert (status, error["detail"]["missing"]) == (404, ["shel"]), error
+    assert "did you mean shell" not in error["message"], error
+    status, error = error_of(bundled, "hello/shel")  # the nearest name, when the image lacks it
+    assert "shel (did you mean shell?)" in error["message"], error
+
+
 def test_arm64_prefix_builds_an_aarch64_image(bundled: RegistryProcess) -> None:
     """The busybox set's aarch64 packages, built on this machine whatever it runs on."""
     _, manifest = bundled.manifest("arm64/hello")
