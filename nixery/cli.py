@@ -83,6 +83,7 @@ def _shared_directories(settings: Settings) -> Iterator[Settings]:
 def _serve_bound(settings: Settings) -> int:
     from nixery.http import server
 
+    server.raise_open_files_limit()  # before the workers are forked: they inherit it
     # Bound first: a port in use is one line, before anything starts.
     try:
         sockets = server.listen(settings.host, settings.port, copies=settings.workers)
@@ -126,6 +127,7 @@ def _serve_one(
             shutdown_delay=settings.shutdown_delay,
             header_timeout=settings.header_timeout,
             send_timeout=settings.send_timeout,
+            max_connections=settings.max_connections,
             listening=listening,
         )
     except ConfigError as exc:
@@ -337,7 +339,7 @@ STORAGE_VARIABLES = [
 ]
 SERVE_VARIABLES = [
     ("serving", "PORT (8080), NIXERY_HOST (127.0.0.1), NIXERY_WORKERS, NIXERY_SHUTDOWN_GRACE, NIXERY_SHUTDOWN_DELAY, "
-     "NIXERY_HEADER_TIMEOUT, NIXERY_SEND_TIMEOUT, LOG_LEVEL, LOG_FORMAT"),
+     "NIXERY_HEADER_TIMEOUT, NIXERY_SEND_TIMEOUT, NIXERY_MAX_CONNECTIONS, LOG_LEVEL, LOG_FORMAT"),
     ("packages", "NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL or NIXERY_FLAKE (none of them: the "
      "bundled set, NIXERY_BUNDLED_SET, NIXERY_DEBIAN_SET_DIR), NIXERY_CHANNEL_URL, NIXERY_CHANNEL_TTL, "
      "NIXERY_GIT_REF_TTL, NIXERY_CACHE_DIR, NIXERY_BASELINE"),

@@ -162,6 +162,8 @@ class Settings:
     header_timeout: float = 60.0
     # Seconds what a connection was sent may wait for its client to take it (clients that stop reading).
     send_timeout: float = 60.0
+    # Client connections open at once, per process; None: what the open-files limit leaves room for.
+    max_connections: int | None = None
     workers: int = 1
     # Not from the environment: with several workers, the directory `nixery serve` makes for
     # them to share their builds in (nixery/shared_builds.py).
@@ -231,7 +233,8 @@ SETTING_TYPES: dict[str, type] = {
     # the server
     "NIXERY_HOST": str, "PORT": int, "NIXERY_WORKERS": int,
     "NIXERY_SHUTDOWN_GRACE": float, "NIXERY_SHUTDOWN_DELAY": float,
-    "NIXERY_HEADER_TIMEOUT": float, "NIXERY_SEND_TIMEOUT": float, "NIXERY_PUBLIC_HOST": str,
+    "NIXERY_HEADER_TIMEOUT": float, "NIXERY_SEND_TIMEOUT": float, "NIXERY_MAX_CONNECTIONS": int,
+    "NIXERY_PUBLIC_HOST": str,
     "LOG_LEVEL": str, "LOG_FORMAT": str,
     # package sources
     "NIXERY_PKGS_PATH": Path, "NIXERY_PKGS_REPO": str, "NIXERY_CHANNEL": str, "NIXERY_CHANNEL_URL": str,
@@ -585,6 +588,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_delay=_float(env, "NIXERY_SHUTDOWN_DELAY", 0.0, zero=True),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
         send_timeout=_float(env, "NIXERY_SEND_TIMEOUT", 60.0),
+        max_connections=_int(env, "NIXERY_MAX_CONNECTIONS", 0, low=1, high=10_000_000) or None,
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),

@@ -143,6 +143,15 @@ class RequestTimeout(RegistryError):
     status = 408
 
 
+class ClientClosedRequest(RegistryError):
+    """The client hung up before its request's body arrived: nobody reads the answer, which
+    the access log and the metrics record with nginx's status for this, 499 (not a 500)."""
+
+    code = "UNSUPPORTED"
+    kind = "CLIENT_CLOSED_REQUEST"
+    status = 499
+
+
 class PreconditionFailed(RegistryError):
     """An `If-Match` names none of the blob's ETags (its digest)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +71,22 @@ def _valid_utf8(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_valid_utf8(item) for item in value]
     return value
+
+
+class Throttle:
+    """Lets one log line through per `interval` seconds and counts the others: for events
+    a client can repeat at will (a full disk, an exhausted resource), whose every line would flood the log."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = float("-inf")
+        self._held_back = 0
+
+    def due(self) -> int | None:
+        """None while the interval runs; else how many events were held back since the last one."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held_back += 1
+            return None
+        held_back, self._last, self._held_back = self._held_back, now, 0
+        return held_back

@@ -17,9 +17,10 @@ def start_registry(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]:
     """Start `nixery serve` processes; each gets fresh storage unless given one."""
     started: list[RegistryProcess] = []
 
-    def start(storage: Path | None = None, **env: str) -> RegistryProcess:
+    def start(storage: Path | None = None, *, open_files: int | None = None, **env: str) -> RegistryProcess:
         storage = storage or tmp_path / f"storage-{len(started)}"
-        registry = RegistryProcess(storage=storage, env=env, log_path=tmp_path / f"registry-{len(started)}.log")
+        registry = RegistryProcess(storage=storage, env=env, log_path=tmp_path / f"registry-{len(started)}.log",
+                                   open_files=open_files)
         started.append(registry)
         return registry.start()
 

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -50,16 +51,22 @@ class RegistryProcess(daemons.LoopbackServer):
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    #: The process's limit on open files (soft and hard), if not this one's.
+    open_files: int | None = None
 
     def start(self, timeout: float = 20.0) -> RegistryProcess:
         env = {
             **os.environ, "PORT": str(self.port), "STORAGE_PATH": str(self.storage), "LOG_FORMAT": "json", **self.env,
         }
         self.log_path = self.log_path or self.storage.parent / f"registry-{self.port}.log"
+        limit = self.open_files
+        limited = {} if limit is None else {
+            "preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        }
         # Any answer will do (e.g. 401 when access control is on).
         self.process = daemons.start_http_server(
             [sys.executable, "-m", "nixery", "serve"], self.log_path, f"{self.url}/v2/", "registry",
-            timeout=timeout, env=env, cwd=REPOSITORY,
+            timeout=timeout, env=env, cwd=REPOSITORY, **limited,
         )
         return self
 
@@ -80,6 +87,22 @@ class RegistryProcess(daemons.LoopbackServer):
             if entry.get("event") == event:
                 found.append(entry)
         return found
+
+    def plain_text_lines(self) -> list[str]:
+        """The log's lines that are not JSON (a traceback printed by Python's logging, say)."""
+        lines = []
+        for line in self.log().splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                lines.append(line)
+        return lines
+
+    def rss_bytes(self) -> int:
+        """The registry process's resident memory."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
 
     def request(
         self, path: str, *, method: str = "GET", accept: str | list[str] | None = DOCKER_MANIFEST,

@@ -381,3 +381,148 @@ def test_clients_that_stop_reading_a_blob_are_cut_off_after_the_send_timeout(sta
     # A client that reads is not cut off.
     status, _, body = registry.request(f"/v2/{image}/blobs/{layer['digest']}", timeout=10)
     assert (status, len(body)) == (200, layer["size"])
+
+
+def read_answer(sock: socket.socket) -> tuple[str, bytes]:
+    """The status line and JSON body of one answer that ends with its connection."""
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):  # the server closes with the client's bytes unread
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body
+
+
+def test_a_request_head_over_64_kib_is_refused_at_once_and_holds_no_memory(start_registry) -> None:
+    """aiohttp limits each header field and their number, not their sum: a client sending 127
+    fields of 16,000 bytes and never the blank line held ~3.2 MB per connection for the whole
+    header timeout. Now a head over 64 KiB is answered 400 as soon as it passes the limit."""
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_HEADER_TIMEOUT="60")
+    field = b"a" * 16000
+    under = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (k, field) for k in range(3)) + b"\r\n"
+    assert exchange(registry.port, under).startswith(b"HTTP/1.1 200"), "a head under the limit is served"
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (k, field) for k in range(5)))
+        status, body = read_answer(sock)  # without the blank line: answered long before the header timeout
+    assert status.split()[1] == "400", status
+    error = json.loads(body)["errors"][0]
+    assert error["detail"]["kind"] == "REQUEST_INVALID" and "head is too large" in error["message"], error
+    before = registry.rss_bytes()
+    flood = []
+    for _ in range(200):  # the audit's: 200 of them took the registry from 167 MB to 954 MB
+        sock = socket.create_connection(("127.0.0.1", registry.port), timeout=10)
+        flood.append(sock)
+        with contextlib.suppress(OSError):  # refused part-way: the rest is not read
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+            for k in range(127):
+                sock.sendall(b"X-%d: %s\r\n" % (k, field))
+    time.sleep(1)
+    grown = registry.rss_bytes() - before
+    for sock in flood:
+        sock.close()
+    assert grown < 100 << 20, f"{grown >> 20} MB more for 200 unfinished heads"
+    assert registry.request("/v2/")[0] == 200
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` kept-alive connections, each after one answered request."""
+    opened = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        opened.append(sock)
+    for sock in opened:
+        with contextlib.suppress(OSError):
+            sock.recv(65536)
+    return opened
+
+
+def test_idle_connections_cannot_take_every_file_descriptor(start_registry) -> None:
+    """One client opening more idle connections than the registry has file descriptors stopped it
+    serving anyone else (and asyncio wrote a plain-text traceback for each failed accept). Now the
+    registry raises its open-files limit, keeps its connections below what that allows, and closes
+    the longest idle connection for a new one."""
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", open_files=256)
+    flood = idle_connections(registry.port, 300)
+    try:
+        status, _, _ = registry.request("/v2/", timeout=10)  # others are served meanwhile
+        assert status == 200
+        closed = 0
+        for sock in flood[:100]:  # the oldest: closed for the new ones
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                closed += sock.recv(100) == b""
+        assert closed == 100
+    finally:
+        for sock in flood:
+            sock.close()
+    assert not registry.plain_text_lines(), registry.plain_text_lines()[:5]
+    assert registry.log_events("http.connections_full")
+    listening = registry.log_events("registry.listening")[0]
+    assert listening["open_files_limit"] == 256 and listening["max_connections"] < 256 // 2, listening
+
+
+def test_when_every_connection_has_a_request_under_way_a_new_one_is_closed_at_once(start_registry) -> None:
+    """At NIXERY_MAX_CONNECTIONS with no idle connection to close, a new connection is closed at
+    once (the requests under way are someone's); once they end, new connections are served."""
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_CONNECTIONS="4",
+                                               NIXERY_HEADER_TIMEOUT="3")
+    busy = []
+    for _ in range(4):  # bodies that never come: requests under way until the body timeout
+        sock = socket.create_connection(("127.0.0.1", registry.port), timeout=30)
+        sock.sendall(b"POST /builds HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        busy.append(sock)
+    time.sleep(0.5)
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as refused:
+        with contextlib.suppress(ConnectionResetError):
+            assert refused.recv(100) == b""
+    for sock in busy:
+        status, _ = read_answer(sock)
+        assert status.split()[1] == "408", status
+        sock.close()
+    assert registry.request("/v2/", timeout=10)[0] == 200
+    assert registry.log_events("http.connections_full")[0]["refused"] >= 1
+
+
+def test_out_of_file_descriptors_is_one_log_line_not_a_traceback_per_accept(start_registry) -> None:
+    """With NIXERY_MAX_CONNECTIONS above what the open-files limit allows, accepts fail: asyncio
+    (3.11) wrote a plain-text traceback for each (600,000 lines a minute). Now the waiting connection
+    is closed and one structured line is logged per 10 s; the registry serves once descriptors are free."""
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_MAX_CONNECTIONS="1000",
+                                               open_files=128)
+    deadline = time.monotonic() + 60
+    while not registry.log_events("layers.writers_ready"):  # its start-up's files opened
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    flood = idle_connections(registry.port, 200)
+    time.sleep(2)
+    for sock in flood:
+        sock.close()
+    deadline = time.monotonic() + 30
+    while True:  # descriptors are freed as the registry sees the closes
+        with contextlib.suppress(OSError):
+            if registry.request("/v2/", timeout=5)[0] == 200:
+                break
+        assert time.monotonic() < deadline, "the registry did not serve again"
+        time.sleep(0.5)
+    assert not registry.plain_text_lines(), registry.plain_text_lines()[:5]
+    failed = registry.log_events("http.accept_failed")
+    assert 1 <= len(failed) <= 3 and failed[0]["reason"] == "Too many open files", failed
+
+
+def test_a_client_hanging_up_mid_body_is_logged_as_gone_not_as_an_internal_error(registry: RegistryProcess) -> None:
+    for content_type in ("application/json", "application/x-www-form-urlencoded"):
+        with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+            sock.sendall(f"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                         "Content-Length: 100\r\n\r\nimage".encode())
+            time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len([e for e in registry.log_events("http.request") if e["path"] == "/builds"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert [e["status"] for e in registry.log_events("http.request") if e["path"] == "/builds"] == [499, 499]
+    assert not registry.log_events("http.internal_error")
+    _, _, metrics = registry.request("/metrics", accept="text/plain")
+    assert b'route="/builds",status="500"' not in metrics and b'status="499"' in metrics

@@ -561,6 +561,9 @@ def test_build_bodies_that_cannot_be_read_are_the_clients_error(registry: Regist
         error = json.loads(answer)["errors"][0]
         assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), (content_type, error)
     assert not registry.log_events("http.internal_error")
+    # aiohttp went on to read a body that does not match its Content-Encoding, and logged that as a
+    # plain-text "Unhandled exception" traceback of ~40 lines.
+    assert not registry.plain_text_lines(), registry.plain_text_lines()[:5]
     assert registry.request("/v2/")[0] == 200
     # JSON is parsed on the event loop: a body longer than a build request can be is not parsed.
     padded = json.dumps({"image": "shell", "padding": [0] * 40_000}).encode()

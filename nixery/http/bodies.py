@@ -9,7 +9,8 @@ REQUEST_INVALID, with a message that says what was wrong and quotes none of
 the body; never a 500 with a traceback. JSON is parsed on the event loop, so
 a JSON body over MAX_JSON_BYTES is refused unparsed (413 REQUEST_TOO_LARGE).
 A body must arrive within BODY_TIMEOUT (408 REQUEST_TIMEOUT), as a request's
-head must (nixery.http.server).
+head must (nixery.http.server). A client that hangs up before its body is in
+is recorded as 499 CLIENT_CLOSED_REQUEST, the client's doing, not a 500.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import http_exceptions, web
 from multidict import MultiDictProxy
 
-from nixery.errors import RequestInvalid, RequestTimeout, RequestTooLarge
+from nixery.errors import ClientClosedRequest, RequestInvalid, RequestTimeout, RequestTooLarge
 
 T = TypeVar("T")
 
@@ -89,3 +90,5 @@ async def _in_time(request: web.Request, reading: Awaitable[T]) -> T:
         raise RequestTimeout(
             f"the request body did not arrive within {seconds:g} seconds", detail={"seconds": seconds}
         ) from None
+    except ConnectionResetError:  # aiohttp's word for a connection lost while a body is read
+        raise ClientClosedRequest("the client closed the connection before its request body arrived") from None

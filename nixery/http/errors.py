@@ -15,7 +15,6 @@ is made.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from nixery import errors, metrics
 from nixery.http import pages
+from nixery.logs import Throttle
 from nixery.nix import errors as nix_errors
 from nixery.registry.names import platform_hint
 from nixery.singleflight import WorkStopped
@@ -118,26 +118,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(error)
 
 
-class _Throttle:
-    """Lets one event through per `interval` seconds and counts the others."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last = float("-inf")
-        self._held_back = 0
-
-    def due(self) -> int | None:
-        """None while the interval runs; else how many events were held back since the last one."""
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._held_back += 1
-            return None
-        held_back, self._last, self._held_back = self._held_back, now, 0
-        return held_back
-
-
 #: One error line a minute about a full storage; every refusal is counted in the metric.
-_storage_full_lines = _Throttle(60.0)
+_storage_full_lines = Throttle(60.0)
 
 
 def _report_storage_full(error: errors.StorageFull) -> None:

@@ -19,9 +19,28 @@ answers given before a request reaches the application.
   keep-alive connections wait as long as aiohttp's keep-alive time, 75 s).
   aiohttp has no such limit: a client that never finishes its head held the
   connection until the keep-alive time ran out.
+* A request's head (request line and header fields) may be at most MAX_HEAD_BYTES
+  (64 KiB) long, else it is answered 400 REQUEST_INVALID and the connection closed
+  (`_HeadLimit`). aiohttp limits each field (16 KiB here) and their number (128), not
+  their sum: a connection that sent 128 fields of 16 KiB and never the blank line
+  held ~3.2 MB for the whole header timeout (500 such connections: 1.8 GB).
 * What a connection is sent must be taken by its client within NIXERY_SEND_TIMEOUT
   seconds (`nixery.http.stalled_readers`): a client that stops reading a blob is cut
   off rather than holding the connection, and the blob's file or storage stream, for ever.
+* At most NIXERY_MAX_CONNECTIONS client connections are open at once (by default
+  what the open-files limit leaves room for: `default_max_connections`). A new
+  connection beyond that closes the one that has waited longest without a request
+  under way (an idle keep-alive connection, or one that has not sent a whole head),
+  as nginx reuses its idle connections: a client reopens a closed idle connection
+  without its user noticing, while a request under way is someone's pull. Only when
+  every connection has a request under way is the new one closed at once. Either is
+  logged once per 10 s at most (`http.connections_full`). Without a cap, one client
+  with 20,000 idle connections took every file descriptor and nobody else was served.
+* Should the process run out of file descriptors all the same (something else holds
+  them), a listening socket that cannot accept closes the waiting connection with a
+  descriptor kept spare for that (`_ListeningSocket`, libuv's trick) and logs one
+  `http.accept_failed` line per 10 s. asyncio (3.11) logged a plain-text traceback per
+  attempt, 128 per loop turn, and retried on ever more timers: 600,000 lines a minute.
 
 * Once every socket accepts, `registry.listening` logs the URL to pull from.
   On SIGTERM with NIXERY_SHUTDOWN_DELAY, the sockets go on accepting for that
@@ -46,6 +65,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import resource
 import signal
 import socket
 import time
@@ -64,11 +85,19 @@ from nixery.http import health
 from nixery.http.access import log_request
 from nixery.http.errors import error_response, registry_error
 from nixery.http.stalled_readers import is_send_timeout, limit_untaken_sends
+from nixery.logs import Throttle
 
 log = structlog.get_logger(__name__)
 
 #: aiohttp's keep-alive time for idle connections, as `web.run_app` sets it.
 KEEPALIVE_SECONDS = 75.0
+
+#: The longest request head (request line and header fields) read. Registry clients send under
+#: 2 KiB; a bearer token or a cookie a few KiB more.
+MAX_HEAD_BYTES = 64 << 10
+
+#: How often at most a connection refused or closed for the cap, or an accept that failed, is logged.
+_CROWDED_LOG_INTERVAL = 10.0
 
 
 class ListenError(Exception):
@@ -94,7 +123,7 @@ def listen(host: str, port: int, *, copies: int = 1, backlog: int = 128) -> list
         for _ in range(copies):
             sets.append([])
             for family, kind, proto, _name, address in dict.fromkeys(addresses):
-                sock = socket.socket(family, kind, proto)
+                sock = _ListeningSocket(family, kind, proto)
                 sets[-1].append(sock)
                 _bind(sock, address, reuse_port=copies > 1, backlog=backlog)
     except BaseException:
@@ -134,7 +163,7 @@ def listen_on(addresses: Sequence[tuple[int, Any]], *, backlog: int = 128) -> li
     sockets: list[socket.socket] = []
     try:
         for family, address in addresses:
-            sockets.append(socket.socket(family, socket.SOCK_STREAM))
+            sockets.append(_ListeningSocket(family, socket.SOCK_STREAM))
             _bind(sockets[-1], address, reuse_port=True, backlog=backlog)
     except BaseException:
         close_all([sockets])
@@ -148,6 +177,108 @@ def close_all(sets: Sequence[Sequence[socket.socket]]) -> None:
             sock.close()
 
 
+class _ListeningSocket(socket.socket):
+    """A listening socket whose `accept`, when the process is out of file descriptors, closes
+    the connection waiting for it and logs one line per 10 s, instead of failing.
+
+    asyncio (3.11) answered EMFILE with a plain-text traceback for each of its 128 accepts per
+    loop turn, each also scheduling a retry of its own, and the listening socket stayed readable:
+    the lines, and the retries, multiplied. Here the waiting client is accepted with a descriptor
+    kept spare for that and closed at once (it learns at once; libuv's trick), and asyncio is
+    told there is nothing to accept, so it tries again when the next client comes. Without the
+    spare (another thread took it), asyncio is given the error once, and stops accepting for a
+    second; the rest of its 128 attempts are told there is nothing to accept."""
+
+    _pause_ends = 0.0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            if time.monotonic() < self._pause_ends:
+                raise BlockingIOError(errno.EAGAIN, "out of file descriptors") from None
+            shed = _shed_waiting_connection(self)
+            _report_accept_failed(exc, shed=shed)
+            if shed:
+                raise BlockingIOError(errno.EAGAIN, "out of file descriptors; the waiting one was closed") from None
+            self._pause_ends = time.monotonic() + 1.0  # asyncio's ACCEPT_RETRY_DELAY
+            raise
+
+
+#: A descriptor held for `_shed_waiting_connection` (each process its own, after a fork).
+_spare_descriptor: int | None = None
+
+
+def _hold_spare_descriptor() -> None:
+    global _spare_descriptor
+    if _spare_descriptor is None:
+        with contextlib.suppress(OSError):
+            _spare_descriptor = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _shed_waiting_connection(sock: socket.socket) -> bool:
+    """Accept the connection waiting on `sock` with the spare descriptor and close it; whether one was."""
+    global _spare_descriptor
+    if _spare_descriptor is None:
+        _hold_spare_descriptor()  # given back after an earlier shedding, maybe
+        return False
+    os.close(_spare_descriptor)
+    _spare_descriptor = None
+    try:
+        waiting, _ = socket.socket.accept(sock)
+        waiting.close()
+        return True
+    except OSError:
+        return False
+    finally:
+        _hold_spare_descriptor()
+
+
+_accept_failures = Throttle(_CROWDED_LOG_INTERVAL)
+
+
+def _report_accept_failed(exc: OSError, *, shed: bool) -> None:
+    held_back = _accept_failures.due()
+    if held_back is not None:
+        log.error("http.accept_failed", reason=os.strerror(exc.errno or 0), open_files_limit=open_files_limit(),
+                  closed_at_once=shed, failed_since_last_line=held_back,
+                  note="out of file descriptors: new connections are closed until some are freed")
+
+
+# ---- file descriptors and connections ----------------------------------------------
+
+
+def open_files_limit() -> int:
+    """The process's limit on open file descriptors (its soft RLIMIT_NOFILE)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+#: The open-files limit before `raise_open_files_limit` raised it (for `registry.listening`).
+_open_files_raised_from: int | None = None
+
+
+def raise_open_files_limit() -> None:
+    """Raise the open-files limit to the most it may be (the hard limit): every client connection
+    holds a descriptor, and a default soft limit (1024) is soon reached. `registry.listening`
+    says the limit (not said here: a start that fails is one line)."""
+    global _open_files_raised_from
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            _open_files_raised_from = soft
+
+
+def default_max_connections(open_files: int) -> int:
+    """NIXERY_MAX_CONNECTIONS when unset: a connection may hold two descriptors (its socket and
+    the file of a blob it is sent), and a quarter of the limit, at most 1024, is left for the
+    rest (storage, Nix's processes and pipes, the evaluators, the log)."""
+    left_for_the_rest = min(1024, open_files // 4)
+    return max(1, (open_files - left_for_the_rest) // 2)
+
+
 # ---- serving -------------------------------------------------------------------
 
 
@@ -158,16 +289,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_timeout: float,
         header_timeout: float, send_timeout: float, listening: Callable[[], object] = lambda: None,
-        shutdown_delay: float = 0.0) -> None:
+        shutdown_delay: float = 0.0, max_connections: int | None = None) -> None:
     """Serve `app` on bound sockets until SIGTERM, SIGINT or SIGHUP, then let in-flight
     responses finish within `shutdown_timeout` (as `web.run_app` does); `listening` is
     called once they accept. After SIGTERM the sockets go on accepting for `shutdown_delay`
-    seconds first, while `/readyz` says the registry is shutting down (`_drain`)."""
+    seconds first, while `/readyz` says the registry is shutting down (`_drain`). At most
+    `max_connections` (None: `default_max_connections`) client connections are open at once."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    loop.set_exception_handler(_log_loop_error)
+    _hold_spare_descriptor()
+    limit = max_connections or default_max_connections(open_files_limit())
     try:
         loop.run_until_complete(
-            _serve(app, sockets, shutdown_timeout, header_timeout, send_timeout, listening, shutdown_delay)
+            _serve(app, sockets, shutdown_timeout, header_timeout, send_timeout, listening, shutdown_delay, limit)
         )
     finally:
         remaining = asyncio.all_tasks(loop)
@@ -185,11 +320,12 @@ def run(app: web.Application, sockets: Sequence[socket.socket], *, shutdown_time
 
 async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdown_timeout: float,
                  header_timeout: float, send_timeout: float, listening: Callable[[], object],
-                 shutdown_delay: float) -> None:
+                 shutdown_delay: float, max_connections: int) -> None:
     runner = RegistryRunner(
         app,
         header_timeout=header_timeout,
         send_timeout=send_timeout,
+        max_connections=max_connections,
         # The keep-alive timer also closes a connection still waiting for its first head:
         # never before the header timeout.
         keepalive_timeout=max(KEEPALIVE_SECONDS, header_timeout),
@@ -214,7 +350,14 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
     try:
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets])
+        raised = {} if _open_files_raised_from is None else {"raised_from": _open_files_raised_from}
+        log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets],
+                 max_connections=max_connections, open_files_limit=open_files_limit(), **raised)
+        if max_connections > default_max_connections(open_files_limit()):
+            log.warning("registry.max_connections_above_open_files", max_connections=max_connections,
+                        open_files_limit=open_files_limit(), room_for=default_max_connections(open_files_limit()),
+                        note="connections may take every file descriptor: lower NIXERY_MAX_CONNECTIONS or "
+                             "raise the limit")
         listening()
         await stop.wait()
         health.begin_shutdown(app)
@@ -243,6 +386,13 @@ async def _drain(delay: float, stop_now: asyncio.Event, server: _Server) -> None
         await asyncio.wait_for(stop_now.wait(), delay)
 
 
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's errors as one structured line each (its own handler writes plain text)."""
+    if context.get("message") == "socket.accept() out of system resource":
+        return  # said by `http.accept_failed`
+    log.error("asyncio.error", message=context.get("message"), exc_info=context.get("exception"))
+
+
 def pull_url(sock: socket.socket) -> str:
     """The URL to pull from through a listening socket (a wildcard address: this machine's loopback)."""
     host, port = sock.getsockname()[:2]
@@ -259,10 +409,12 @@ def _address(sock: socket.socket) -> str:
 class RegistryRunner(web.AppRunner):
     """An AppRunner whose connections are RegistryConnections."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float, send_timeout: float, **kwargs: Any):
+    def __init__(self, app: web.Application, *, header_timeout: float, send_timeout: float, max_connections: int,
+                 **kwargs: Any):
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._send_timeout = send_timeout
+        self._max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # also starts the application (its cleanup_ctx)
@@ -272,16 +424,18 @@ class RegistryRunner(web.AppRunner):
             handler_cancellation=plain.handler_cancellation,
             header_timeout=self._header_timeout,
             send_timeout=self._send_timeout,
+            max_connections=self._max_connections,
             **plain._kwargs,
         )
 
 
 class _Server(web.Server):
     """The connections' server; counts the requests under way, and how those under way
-    when shutting down ended (for the shutdown's log lines)."""
+    when shutting down ended (for the shutdown's log lines); keeps the connections open
+    within `max_connections`."""
 
     def __init__(self, handler: Any, *, request_factory: Any, header_timeout: float, send_timeout: float,
-                 **kwargs: Any):
+                 max_connections: int, **kwargs: Any):
         def new_request(
             message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
             writer: AbstractStreamWriter, task: asyncio.Task[None],
@@ -296,6 +450,12 @@ class _Server(web.Server):
         self.stopping = False
         self.finished_while_stopping = 0  # answered in full after the shutdown began
         self.cut_off = 0  # cancelled at the end of the grace period, or by their client hanging up
+        self.max_connections = max_connections
+        self._open: set[RegistryConnection] = set()
+        #: The open connections without a request under way, longest waiting first.
+        self._idle: dict[RegistryConnection, None] = {}
+        self._crowded = Throttle(_CROWDED_LOG_INTERVAL)
+        self._closed_idle = self._refused = 0  # since the last `http.connections_full` line
 
     def pre_shutdown(self) -> None:
         self.stopping = True
@@ -308,6 +468,43 @@ class _Server(web.Server):
                 self.finished_while_stopping += 1
             else:
                 self.cut_off += 1
+
+    def admit(self, connection: RegistryConnection) -> bool:
+        """Whether a new connection may stay open: below the cap, or once the connection that
+        has waited longest without a request under way is closed for it."""
+        if len(self._open) >= self.max_connections:
+            if not self._idle:
+                self._refused += 1
+                self._say_crowded()
+                return False
+            longest_idle = next(iter(self._idle))
+            self.forget(longest_idle)
+            longest_idle.force_close()
+            self._closed_idle += 1
+            self._say_crowded()
+        self._open.add(connection)
+        self._idle[connection] = None
+        return True
+
+    def busy(self, connection: RegistryConnection) -> None:
+        self._idle.pop(connection, None)
+
+    def idle(self, connection: RegistryConnection) -> None:
+        if connection in self._open:
+            self._idle.pop(connection, None)
+            self._idle[connection] = None  # the most recent
+
+    def forget(self, connection: RegistryConnection) -> None:
+        self._open.discard(connection)
+        self._idle.pop(connection, None)
+
+    def _say_crowded(self) -> None:
+        if self._crowded.due() is not None:
+            log.warning("http.connections_full", max_connections=self.max_connections,
+                        closed_idle=self._closed_idle, refused=self._refused,
+                        note="idle connections are closed for new ones; new ones are refused while every "
+                             "connection has a request under way (NIXERY_MAX_CONNECTIONS)")
+            self._closed_idle = self._refused = 0
 
     def __call__(self) -> RegistryConnection:
         return RegistryConnection(self, loop=self._loop, header_timeout=self._header_timeout,
@@ -337,10 +534,11 @@ def _http_errors_as_registry_errors(handler: Any) -> Any:
 
 
 class RegistryConnection(RequestHandler):
-    """One client connection: registry errors for unparseable requests, and time limits on request
-    heads and on what the client leaves unread."""
+    """One client connection: registry errors for unparseable requests, limits on the time and
+    size of request heads and on what the client leaves unread, and its place among the
+    connections open (`_Server.admit`)."""
 
-    __slots__ = ("_header_timeout", "_send_timeout", "_head_deadline", "_awaiting_head")
+    __slots__ = ("_header_timeout", "_send_timeout", "_head_deadline", "_awaiting_head", "_requests_pending")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, send_timeout: float, **kwargs: Any):
         super().__init__(manager, **kwargs)
@@ -348,18 +546,38 @@ class RegistryConnection(RequestHandler):
         self._send_timeout = send_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._awaiting_head = True
+        self._requests_pending = 0  # heads parsed whose requests have not ended
+        self._parser = _HeadLimit(self._parser, self._heads_parsed)  # type: ignore[assignment]  # its methods
 
     # -- the head's time limit --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         limit_untaken_sends(transport, self._send_timeout)
+        if not self._server.admit(self):
+            self.force_close()
+            return
         self._start_head_clock()
+
+    @property
+    def _server(self) -> _Server:
+        return self._manager  # type: ignore[return-value]  # the only server that makes RegistryConnections
+
+    def _heads_parsed(self, count: int) -> None:
+        self._requests_pending += count
+        self._server.busy(self)
 
     def data_received(self, data: bytes) -> None:
         if data and self._awaiting_head and self._head_deadline is None:  # a later request's first bytes
             self._start_head_clock()
         super().data_received(data)
+        # A request aiohttp could not parse waits to be answered as its exception, whose traceback
+        # holds the frames that read it, and their reads (256 KiB each), in a reference cycle
+        # through this connection: if the client left first, only a full collection freed them
+        # (500 refused heads kept 300 MB).
+        for message, _ in self._messages:
+            if isinstance(exc := getattr(message, "exc", None), BaseException):
+                exc.__traceback__ = None
 
     def head_received(self) -> None:
         """A request's head was parsed (or found malformed): it came in time."""
@@ -368,7 +586,7 @@ class RegistryConnection(RequestHandler):
 
     async def _handle_request(self, request: Any, start_time: float | None, request_handler: Any) -> Any:
         """aiohttp's handling of one request (handler and response), counted while under way."""
-        manager: _Server = self._manager  # type: ignore[assignment]
+        manager = self._server
         manager.in_flight += 1
         completed = False
         try:
@@ -377,6 +595,10 @@ class RegistryConnection(RequestHandler):
             return result
         finally:
             manager.request_ended(completed)
+            # Not counted: the 400 to a head the parser refused (the connection then closes).
+            self._requests_pending = max(0, self._requests_pending - 1)
+            if not self._requests_pending:
+                manager.idle(self)
 
     async def finish_response(self, request: Any, resp: web.StreamResponse, start_time: float | None) -> Any:
         try:
@@ -386,6 +608,7 @@ class RegistryConnection(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_clock()
+        self._server.forget(self)
         if is_send_timeout(exc):
             log.info("http.send_timeout", peer=_peer(self.transport), seconds=self._send_timeout)
         super().connection_lost(exc)
@@ -402,6 +625,16 @@ class RegistryConnection(RequestHandler):
         self._head_deadline = None
         log.info("http.header_timeout", peer=_peer(self.transport), seconds=self._header_timeout)
         self.force_close()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """What aiohttp logs as "Unhandled exception" (as plain text, with a traceback), mostly a
+        request body it cannot read, which the application already answered (400) and the
+        connection, closed next, cannot resync from: nothing to log. Anything else is one line."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError | http_exceptions.HttpProcessingError | ConnectionError):
+            return
+        log.error("http.unhandled_error", message=str(args[0]) if args else None,
+                  exc_info=exc if isinstance(exc, BaseException) else True)
 
     # -- requests aiohttp cannot parse --
 
@@ -425,6 +658,8 @@ class RegistryConnection(RequestHandler):
 
     def _malformed(self, exc: BaseException | None) -> str:
         match exc:
+            case HeadTooLarge():
+                return f"the request head is too large (at most {MAX_HEAD_BYTES} bytes of request line and headers)"
             case http_exceptions.LineTooLong():
                 return (f"the request line or a header field is too long (at most {self.max_line_size} bytes "
                         f"for the request line and {self.max_field_size} for a header field)")
@@ -446,6 +681,59 @@ class RegistryConnection(RequestHandler):
                 return "malformed body framing (Content-Length or Transfer-Encoding)"
             case _:
                 return "malformed HTTP request"
+
+
+class HeadTooLarge(http_exceptions.BadHttpMessage):
+    """A request head over MAX_HEAD_BYTES (answered 400, as aiohttp's parse errors are)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"request head over {MAX_HEAD_BYTES} bytes")
+
+
+class _HeadLimit:
+    """A connection's request parser, refusing a request head over MAX_HEAD_BYTES (HeadTooLarge).
+
+    The bytes of a head are counted from where the last request (its head and its body) ended.
+    Data is parsed in pieces of at most MAX_HEAD_BYTES, so what follows a head or a body in the
+    same piece (the start of a pipelined request's head, uncounted) is never more than that: an
+    unfinished head holds at most MAX_HEAD_BYTES, and twice that after a request it was pipelined
+    behind. Everything else is aiohttp's parser's."""
+
+    def __init__(self, parser: Any, heads_parsed: Callable[[int], object]):
+        self._parser = parser
+        self._heads_parsed = heads_parsed
+        self._head_bytes = 0  # of the head being received
+        self._body: StreamReader | None = None  # the last request's
+        self._refused = False
+
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        messages: list[Any] = []
+        offset = 0
+        if self._refused:  # the answer is on its way, and then the connection closes
+            return messages, False, b""
+        while True:
+            heading = self._body is None or self._body.is_eof()
+            if heading and self._head_bytes >= MAX_HEAD_BYTES and offset < len(data):
+                self._refused = True
+                raise HeadTooLarge()
+            room = MAX_HEAD_BYTES - self._head_bytes if heading else MAX_HEAD_BYTES
+            piece = data[offset : offset + room]
+            offset += len(piece)
+            parsed, upgraded, tail = self._parser.feed_data(piece)
+            if parsed:
+                messages.extend(parsed)
+                self._heads_parsed(len(parsed))
+                self._head_bytes = 0
+                self._body = parsed[-1][1]
+            elif heading:
+                self._head_bytes += len(piece)
+            if upgraded:
+                return messages, upgraded, tail + data[offset:]
+            if offset >= len(data):
+                return messages, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
 
 
 def _peer(transport: asyncio.BaseTransport | None) -> str | None:
