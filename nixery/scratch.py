@@ -7,7 +7,8 @@ directories stayed in TMPDIR, a set per crash, for as long as the machine ran. N
 made inside `nixery-run-*`, whose `owner.lock` the process holds locked (flock) while it lives,
 and its forked workers with it; the lock goes with the last of them, however they end. Starting,
 a process removes every `nixery-run-*` directory whose lock it can take: no live registry (of any
-user able to lock it) owns it.
+user able to lock it) owns it: `remove_abandoned`, which the registry runs in the background as
+it starts serving (a start that fails is one line; removing much takes a while).
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
-
-log = structlog.get_logger(__name__)
-
 PREFIX = "nixery-run-"
 LOCK_NAME = "owner.lock"
 #: Where a directory is made and locked before it is renamed to PREFIX...: a sweep never sees
 #: one that is not locked yet.
 _MAKING_PREFIX = ".nixery-run-making-"
+#: Where `own_temporary_directory` made its directory: where others' are looked for.
+_base: Path | None = None
 
 
 @contextlib.contextmanager
@@ -37,10 +36,8 @@ def own_temporary_directory() -> Iterator[Path]:
     """Within: this process's temporary files (tempfile's, and TMPDIR for the processes it starts)
     go in a directory of its own, removed at the end, or by the next process to start after a kill.
     For a process's whole work: the process should end when this does (see the end)."""
-    base = Path(tempfile.gettempdir())
-    removed = remove_abandoned(base)
-    if removed:
-        log.info("registry.temporary_files_removed", directories=removed)
+    global _base
+    base = _base = Path(tempfile.gettempdir())
     directory, lock = _make_locked(base)
     previous_tempdir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(directory)
@@ -74,8 +71,12 @@ def _make_locked(base: Path) -> tuple[Path, int]:
     return directory, lock
 
 
-def remove_abandoned(base: Path) -> list[str]:
-    """Remove the PREFIX directories in `base` that no live process holds; their names."""
+def remove_abandoned(base: Path | None = None) -> list[str]:
+    """Remove the PREFIX directories in `base` (default: where `own_temporary_directory` made
+    this process's) that no live process holds; their names."""
+    base = base or _base
+    if base is None:
+        return []
     removed = []
     for directory in sorted(base.glob(PREFIX + "*")):
         try:

@@ -131,13 +131,12 @@ def test_builds_are_forgotten_past_the_limit_while_an_older_one_runs(
     """The log of recent builds keeps 200 of them: once the oldest kept was one still running (or
     one that never finished), no build was dropped any more, for as long as the process ran."""
     registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", seconds=120)))
-    registry.manifest("hello")  # built: each build of it below ends at once, "already built"
     status, _, body = post_build(registry.port, [("Host", b"registry")], image="shell/slowpoke")
     assert status == 202, body
     running = json.loads(body)["id"]
     finished = []
-    for _ in range(201):
-        status, _, body = post_build(registry.port, [("Host", b"registry")])
+    for number in range(201):  # each fails at once: the set has no such package
+        status, _, body = post_build(registry.port, [("Host", b"registry")], image=f"nosuch{number}")
         assert status == 202, body
         finished.append(json.loads(body)["id"])
     status, _, body = registry.request(f"/builds/{running}.json", accept="application/json")

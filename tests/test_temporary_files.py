@@ -38,6 +38,7 @@ def test_a_registry_removes_what_a_killed_one_left_and_nothing_a_live_one_uses(s
     restarted, restarted_directory = _started(start_registry, temporary)
     assert not killed_directory.exists()
     assert live_directory.exists() and list(live_directory.glob("nixery-eval-*"))
+    eventually(lambda: restarted.log_events("registry.temporary_files_removed"), "the leftovers are removed")
     (removed,) = restarted.log_events("registry.temporary_files_removed")
     assert removed["directories"] == [killed_directory.name]
     for registry in (live, restarted):  # each builds with its evaluator and layer writers
