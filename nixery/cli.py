@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nixery.scratch import own_temporary_directory
 
     settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, process_ids=settings.workers > 1)
     with own_temporary_directory():
         if settings.workers == 1:
             status = _serve_bound(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +15,11 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] = frozenset()) -> None:
-    """Log lines at `level` and above, but none of the events `leave_out` names."""
+def configure(
+    level: str = "info", fmt: str = "auto", leave_out: frozenset[str] = frozenset(), *, process_ids: bool = False
+) -> None:
+    """Log lines at `level` and above, but none of the events `leave_out` names; with `process_ids`
+    (several worker processes write to one log), each line says which process wrote it (`process`, its pid)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
 
     def left_out(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
@@ -25,6 +29,7 @@ def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] 
 
     processors: list[structlog.typing.Processor] = [
         *([left_out] if leave_out else []),
+        *([_add_process_id] if process_ids else []),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -48,6 +53,11 @@ def configure(level: str = "info", fmt: str = "auto", leave_out: frozenset[str] 
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _add_process_id(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    event["process"] = os.getpid()  # at each line: a worker forked after `configure` says its own
+    return event
 
 
 def _dumps(value: Any, **options: Any) -> bytes:

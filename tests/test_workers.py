@@ -61,6 +61,8 @@ def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path, temporar
     dead worker's builds are still answered for, and SIGTERM stops everything (status 0)."""
     registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
     eventually(lambda: len(registry.log_events("registry.listening")) == 2, "both workers listen")
+    # Each line says which process wrote it: the two workers' own lines were alike.
+    assert len({event["process"] for event in registry.log_events("registry.listening")}) == 2
     before, posted_before = builds_by_worker(registry, temporary, 2)
     assert len(before) == 2, "every build went to one worker"
     assert workers_of(registry) == set(before)
