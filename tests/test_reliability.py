@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 
@@ -28,6 +28,9 @@ from nixery.storage.base import BlobNotFound, CorruptBlob, StorageFull, stage_by
 from nixery.storage.filesystem import FilesystemStorage
 from tests.daemons import process_tree
 from tests.registry import BASELINE_EVALUATIONS, RegistryProcess, have, nix_calls_of, run
+
+if TYPE_CHECKING:
+    from nixery.builder import ImageBuilder
 
 
 def evaluations(calls: Path) -> int:
@@ -695,25 +698,16 @@ async def test_a_build_stopped_by_closing_the_builder_is_said_to_be_stopped(tmp_
     import structlog
     from prometheus_client import REGISTRY
 
-    from nixery.builder import STOPPED_MESSAGE, ImageBuilder
+    from nixery.builder import STOPPED_MESSAGE
     from nixery.progress import Stage
     from nixery.registry.names import parse_image_name
-    from tests.resolvers import StorePathsResolver
 
-    evaluating = asyncio.Event()
-
-    class EndlessEvaluation(StorePathsResolver):
-        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
-            evaluating.set()
-            await asyncio.Event().wait()  # as a long evaluation does, until cancelled
-            raise AssertionError("not reached")
 
     def counted(result: str) -> float:
         return REGISTRY.get_sample_value("nixery_builds_total", {"result": result}) or 0.0
 
     failed, stopped = counted("failed"), counted("stopped")
-    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
-                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    builder, evaluating = _builder_whose_evaluations_never_end(tmp_path)
     try:
         build = await builder.start(parse_image_name("shell/hello"), "latest")
         await asyncio.wait_for(evaluating.wait(), 30)
@@ -739,24 +733,14 @@ async def test_a_build_stopped_before_the_grace_ends_answers_its_waiters_and_its
     never ends, as in the test above.)"""
     from aiohttp import web
 
-    from nixery.builder import ImageBuilder
     from nixery.http.errors import error_middleware
     from nixery.http.routes import BUILDER
     from nixery.http.web import add_web_routes
     from nixery.registry.names import parse_image_name
     from nixery.singleflight import WorkStopped
-    from tests.resolvers import StorePathsResolver
 
-    evaluating = asyncio.Event()
 
-    class EndlessEvaluation(StorePathsResolver):
-        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
-            evaluating.set()
-            await asyncio.Event().wait()
-            raise AssertionError("not reached")
-
-    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
-                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    builder, evaluating = _builder_whose_evaluations_never_end(tmp_path)
     try:
         request = parse_image_name("shell/hello")
         build = await builder.start(request, "v1")
@@ -788,24 +772,14 @@ async def test_a_build_that_fails_before_it_starts_is_ended_and_the_next_pull_bu
     the image joined it, and the log of recent builds dropped no build after it. Now it ends as
     failed, saying why, and the next pull starts a build of its own. (The evaluation is a
     stand-in that never ends, as in the tests above: what matters is that a build starts.)"""
-    from nixery.builder import ImageBuilder
     from nixery.progress import Build, Stage
     from nixery.registry.names import parse_image_name
-    from tests.resolvers import StorePathsResolver
 
-    evaluating = asyncio.Event()
-
-    class EndlessEvaluation(StorePathsResolver):
-        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
-            evaluating.set()
-            await asyncio.Event().wait()
-            raise AssertionError("not reached")
 
     def failing(build: Build) -> None:
         raise ValueError("Invalid URL: port can't be converted to integer")
 
-    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
-                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    builder, evaluating = _builder_whose_evaluations_never_end(tmp_path)
     try:
         request = parse_image_name("shell/hello")
         waited: list[Build] = []
@@ -950,3 +924,23 @@ async def test_reads_go_on_while_blobs_are_hashed(tmp_path: Path, monkeypatch: p
         release.set()
         await asyncio.gather(*serves)
         await storage.close()
+
+
+def _builder_whose_evaluations_never_end(tmp_path: Path) -> tuple[ImageBuilder, asyncio.Event]:
+    """A builder with one build slot whose package source never ends an evaluation, as a long one
+    does until cancelled (a stand-in for Nix: these tests are of how the builder starts and stops
+    builds); and the event set once an evaluation began."""
+    from nixery.builder import ImageBuilder
+    from tests.resolvers import StorePathsResolver
+
+    evaluating = asyncio.Event()
+
+    class EndlessEvaluation(StorePathsResolver):
+        async def evaluate(self, revision, names, system, *, until):  # type: ignore[no-untyped-def]
+            evaluating.set()
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+
+    builder = ImageBuilder(storage=FilesystemStorage(tmp_path / "storage"), source=EndlessEvaluation({}),
+                           max_layers=10, max_concurrent_builds=1, layer_workers=1)
+    return builder, evaluating
