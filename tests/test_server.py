@@ -46,11 +46,13 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
                        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         "bad chunk size": b"PATCH /v2/x/blobs/uploads/" + marker + b" HTTP/1.1\r\nHost: x\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + marker + b"\r\n0\r\n\r\n",
+        "a TLS handshake": _client_hello(),  # podman's and skopeo's first try with --tls-verify=false
     }
     #: What the answer says, where it says more than that the request is malformed.
     framing = "malformed body framing (Content-Length or Transfer-Encoding)"
     said = {"too many header fields": "too many header fields (at most 128)", "bad Content-Length": framing,
-            "two lengths": framing, "bad chunk size": framing}
+            "two lengths": framing, "bad chunk size": framing,
+            "a TLS handshake": "not an HTTP request: a TLS handshake (HTTPS) on this plain-HTTP port"}
     for what, request in requests.items():
         answer = exchange(registry.port, request)
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -63,8 +65,20 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         assert error["message"] and error["message"] == said.get(what, error["message"]), (what, error)
         assert marker not in answer and b"<script>" not in answer, (what, answer[:500])
     assert MARKER not in registry.log(), "the input reached the log"
-    assert len(registry.log_events("http.malformed_request")) == len(requests)
+    logged = [event["problem"] for event in registry.log_events("http.malformed_request")]
+    assert len(logged) == len(requests) and logged.count("TLSHandshake") == 1, logged  # named, not BadHttpMethod
     assert registry.request("/v2/")[0] == 200  # and the registry serves on
+
+
+def _client_hello() -> bytes:
+    """The first bytes a TLS client sends."""
+    import ssl
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    connection = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="registry.example.org")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        connection.do_handshake()
+    return outgoing.read()
 
 
 def test_connections_that_never_finish_their_request_heads_are_closed(start_registry) -> None:

@@ -645,7 +645,9 @@ class RegistryConnection(RequestHandler):
         the application's middlewares (500, 504): the registry's JSON error, never the input."""
         if status == 400:
             error: errors.RegistryError = errors.RequestInvalid(self._malformed(exc))
-            log.info("http.malformed_request", peer=_peer(self.transport), problem=type(exc).__name__)
+            # podman and skopeo with --tls-verify=false try HTTPS first, on every pull: say so.
+            problem = "TLSHandshake" if _is_tls_handshake(exc) else type(exc).__name__
+            log.info("http.malformed_request", peer=_peer(self.transport), problem=problem)
             metrics.malformed_request()  # it never reaches the middlewares, which count the others
         else:
             error = errors.InternalError("internal error; see the registry's log")
@@ -665,6 +667,8 @@ class RegistryConnection(RequestHandler):
                         f"for the request line and {self.max_field_size} for a header field)")
             case http_exceptions.InvalidURLError():
                 return "the request target is not a valid path: it must be printable ASCII (percent-encode the rest)"
+            case http_exceptions.BadHttpMethod() if _is_tls_handshake(exc):
+                return "not an HTTP request: a TLS handshake (HTTPS) on this plain-HTTP port"
             case http_exceptions.BadHttpMethod():
                 return "not an HTTP request: unknown method (HTTPS sent to a plain-HTTP port?)"
             case http_exceptions.BadStatusLine():
@@ -681,6 +685,11 @@ class RegistryConnection(RequestHandler):
                 return "malformed body framing (Content-Length or Transfer-Encoding)"
             case _:
                 return "malformed HTTP request"
+
+
+def _is_tls_handshake(exc: BaseException | None) -> bool:
+    """aiohttp's parsers' word for a request that starts as a TLS handshake does."""
+    return isinstance(exc, http_exceptions.BadHttpMethod) and "HTTPS traffic" in str(exc.message)
 
 
 class HeadTooLarge(http_exceptions.BadHttpMessage):
