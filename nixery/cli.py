@@ -450,7 +450,8 @@ def _command(argv: list[str]) -> int:
     _documented(
         commands, "serve", help="run the registry (settings from the environment)", variables=SERVE_VARIABLES,
         description="Run the registry: answer pulls on PORT, building each new image with Nix on its first "
-        "pull, until SIGTERM, SIGINT or SIGHUP (then in-flight requests may finish within NIXERY_SHUTDOWN_GRACE).",
+        "pull, until SIGTERM, SIGINT or SIGHUP (then in-flight requests may finish within NIXERY_SHUTDOWN_GRACE; "
+        "those still under way then are cut off).",
     )
     commands.add_parser("build", help="build an image on a registry and show its progress (nixery build -h)")
     commands.add_parser("inspect", help="show an image's layers, sizes and store paths (nixery inspect -h)")

@@ -283,6 +283,51 @@ def test_with_a_shutdown_delay_the_registry_serves_on_while_readiness_says_it_is
         assert time.monotonic() - started < 3, signals
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_shutdown_grace_is_a_bound_a_download_still_under_way_is_cut_off_when_it_ends(
+    start_registry, workers: str
+) -> None:
+    """A client reading a blob slowly (or no more) when the registry was stopped held the stop for
+    about twice NIXERY_SHUTDOWN_GRACE: aiohttp waited the grace, cancelled the request in a way
+    that does not end a send with sendfile(2), and waited the grace again. systemd and Kubernetes,
+    given the delay plus the grace and a little more, then SIGKILLed the registry. Now the download
+    is given the grace and then cut off (its connection closed); each worker obeys the same bound."""
+    grace = 4.0
+    registry: RegistryProcess = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_SHUTDOWN_GRACE=str(grace),
+                                               NIXERY_WORKERS=workers)
+    _, manifest = registry.manifest("bigdata")
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    assert layer["size"] > 10_000_000, layer  # more than the kernel's buffers hold
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the registry cannot send it all at once
+    sock.connect(("127.0.0.1", registry.port))
+    sock.sendall(f"GET /v2/bigdata/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received = len(sock.recv(4096))  # the download has begun; the client reads no more for now
+    assert received > 0
+    time.sleep(0.5)
+    registry.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        registry.process.wait(4 * grace)
+    took = time.monotonic() - signalled
+    assert registry.process.poll() == 0, f"still running {took:.1f} s after SIGTERM"
+    assert grace - 0.5 <= took <= grace + 2.5, f"stopped {took:.1f} s after SIGTERM, with a grace of {grace} s"
+    sock.settimeout(10)
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):  # what reached the client's buffers before the cut
+            received += len(chunk)
+    sock.close()
+    assert received < layer["size"], "the download was not cut off"
+    stopped = registry.log_events("registry.stopped")
+    assert len(stopped) == int(workers), stopped
+    assert sum(line["cut_off"] for line in stopped) == 1, stopped
+    assert all(line["seconds"] <= grace + 2 for line in stopped), stopped
+    [cutting_off] = registry.log_events("registry.cutting_off")
+    assert (cutting_off["requests"], cutting_off["grace"]) == (1, grace), cutting_off
+    assert not registry.log_events("http.unhandled_error")
+    assert not registry.plain_text_lines()
+
+
 def _events(registry: RegistryProcess, build: str) -> list[dict]:
     """A build's events, read from its event stream until the stream ends."""
     connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)

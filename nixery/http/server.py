@@ -48,6 +48,13 @@ answers given before a request reaches the application.
   `registry.stopping` logs how many requests are under way, and `registry.stopped`
   how many of them were drained (answered in full within NIXERY_SHUTDOWN_GRACE)
   and how many were cut off.
+* The grace is a bound (`_Server.shutdown`): the requests still under way when it
+  ends are cut off then (`registry.cutting_off`), their connections aborted and their
+  handlers cancelled, and given CUT_OFF_SECONDS at most to end. aiohttp's own
+  shutdown waits the grace, cancels the handlers, then waits the grace again; and a
+  blob sent with sendfile(2) is not ended by what it calls cancelling (the request's
+  body is failed, not its task): one slow download held a stop for twice the grace,
+  past systemd's and Kubernetes' time to stop, which then SIGKILLed the registry.
 
 aiohttp has no supported way to change how it handles a connection: its
 `Server` makes a `RequestHandler` itself. `RegistryRunner` therefore lets
@@ -98,6 +105,10 @@ MAX_HEAD_BYTES = 64 << 10
 
 #: How often at most a connection refused or closed for the cap, or an accept that failed, is logged.
 _CROWDED_LOG_INTERVAL = 10.0
+
+#: How long the requests cut off at the end of the shutdown grace are given to end (their
+#: connections aborted, their handlers cancelled) before the shutdown goes on without them.
+CUT_OFF_SECONDS = 1.0
 
 
 class ListenError(Exception):
@@ -449,7 +460,7 @@ class _Server(web.Server):
         self.in_flight = 0
         self.stopping = False
         self.finished_while_stopping = 0  # answered in full after the shutdown began
-        self.cut_off = 0  # cancelled at the end of the grace period, or by their client hanging up
+        self.cut_off = 0  # under way at the end of the grace period, or ended by their client hanging up
         self.max_connections = max_connections
         self._open: set[RegistryConnection] = set()
         #: The open connections without a request under way, longest waiting first.
@@ -461,9 +472,33 @@ class _Server(web.Server):
         self.stopping = True
         super().pre_shutdown()
 
-    def request_ended(self, completed: bool) -> None:
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Let the requests under way finish within `timeout` (the grace), then cut off those
+        that have not (`RegistryConnection.cut_off`); they are counted as cut off then, and
+        given CUT_OFF_SECONDS to end. So the shutdown takes the grace and that at most."""
+        connections = cast(list[RegistryConnection], list(self._connections))  # the only ones `__call__` makes
+        ending: dict[asyncio.Future[None], RegistryConnection] = {
+            asyncio.ensure_future(connection.shutdown(timeout)): connection for connection in connections
+        }
+        unfinished: set[asyncio.Future[None]] = set()
+        if ending:
+            _, unfinished = await asyncio.wait(ending, timeout=timeout)
+        if unfinished:
+            cut = [ending[waiting] for waiting in unfinished]
+            under_way = sum(connection.request_under_way for connection in cut)
+            log.info("registry.cutting_off", requests=under_way, grace=timeout,
+                     note="the shutdown grace is over: requests still under way are cut off")
+            self.cut_off += under_way
+            handlers = [task for connection in cut if (task := connection.cut_off()) is not None]
+            for waiting in unfinished:
+                waiting.cancel()
+            await asyncio.wait([*unfinished, *handlers], timeout=CUT_OFF_SECONDS)
+        self._connections.clear()
+
+    def request_ended(self, completed: bool, *, counted: bool = False) -> None:
+        """A request ended (`completed`: answered in full); `counted`: already counted as cut off."""
         self.in_flight -= 1
-        if self.stopping:
+        if self.stopping and not counted:
             if completed:
                 self.finished_while_stopping += 1
             else:
@@ -538,7 +573,8 @@ class RegistryConnection(RequestHandler):
     size of request heads and on what the client leaves unread, and its place among the
     connections open (`_Server.admit`)."""
 
-    __slots__ = ("_header_timeout", "_send_timeout", "_head_deadline", "_awaiting_head", "_requests_pending")
+    __slots__ = ("_header_timeout", "_send_timeout", "_head_deadline", "_awaiting_head", "_requests_pending",
+                 "request_under_way", "_cut_off")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, send_timeout: float, **kwargs: Any):
         super().__init__(manager, **kwargs)
@@ -547,6 +583,8 @@ class RegistryConnection(RequestHandler):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._awaiting_head = True
         self._requests_pending = 0  # heads parsed whose requests have not ended
+        self.request_under_way = False  # its handler or its response not yet done
+        self._cut_off = False  # at the end of the shutdown grace
         self._parser = _HeadLimit(self._parser, self._heads_parsed)  # type: ignore[assignment]  # its methods
 
     # -- the head's time limit --
@@ -588,13 +626,15 @@ class RegistryConnection(RequestHandler):
         """aiohttp's handling of one request (handler and response), counted while under way."""
         manager = self._server
         manager.in_flight += 1
+        self.request_under_way = True
         completed = False
         try:
             result = await super()._handle_request(request, start_time, request_handler)
             completed = True
             return result
         finally:
-            manager.request_ended(completed)
+            self.request_under_way = False
+            manager.request_ended(completed, counted=self._cut_off)
             # Not counted: the 400 to a head the parser refused (the connection then closes).
             self._requests_pending = max(0, self._requests_pending - 1)
             if not self._requests_pending:
@@ -605,6 +645,21 @@ class RegistryConnection(RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._awaiting_head = True  # the clock starts again with the next request's first byte
+
+    def cut_off(self) -> asyncio.Task[None] | None:
+        """The shutdown grace is over: end this connection now, the request under way with it.
+        Its transport is aborted and its handler cancelled: the cancel ends a blob sent with
+        sendfile(2), which waits for the socket to take more and does not see it closed; the
+        abort, a response written piece by piece (an event stream, a blob relayed from object
+        storage). Returns the connection's task, to wait for (None: it has ended)."""
+        task = self._task_handler  # before the abort: `connection_lost` forgets it
+        self._cut_off = self.request_under_way
+        if self.transport is not None:
+            self.transport.abort()
+        if task is None or task.done():
+            return None
+        task.cancel()
+        return task
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_clock()

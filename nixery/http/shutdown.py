@@ -1,7 +1,8 @@
 """What a registry that is shutting down (SIGTERM, SIGINT) does with its builds.
 
 Requests under way may finish within NIXERY_SHUTDOWN_GRACE (`nixery.http.server`); then
-they are cut off. A build is not a request, so it is stopped in two steps:
+they are cut off (their connections aborted), so the grace bounds the shutdown. A build
+is not a request, so it is stopped in two steps:
 
 * At once, the builds no request waits for (a build form's, a declaration's prebuild):
   their progress says `stopped: the registry is shutting down`, and a build's event
