@@ -88,8 +88,9 @@ def _serve_bound(settings: Settings) -> int:
     try:
         sockets = server.listen(settings.host, settings.port, copies=settings.workers)
     except server.ListenError as exc:
-        print(f"nixery: {exc}", file=sys.stderr)
-        return 1
+        # NIXERY_HOST naming no host or address is a configuration error (2); a port in use is not (1).
+        print(f"nixery: {'configuration error: ' if exc.setting else ''}{exc}", file=sys.stderr)
+        return STARTUP_FAILED if exc.setting else 1
     if settings.workers == 1:
         problem = _serve_one(settings, sockets[0])
         if problem is not None:

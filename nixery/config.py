@@ -352,10 +352,54 @@ def _bundled_set(env: Mapping[str, str]) -> BundledSet:
     return BUSYBOX_SET if choice == "busybox" else replace(BUSYBOX_SET, fallback=True)
 
 
+def _bucket_setting(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """The bucket named by `name` (S3_BUCKET, GCS_BUCKET) or else BUCKET, with the variable that named it."""
+    if value := env.get(name):
+        return name, value
+    if value := env.get("BUCKET"):
+        return "BUCKET", value
+    return None
+
+
+def _check_bucket_name(variable: str, bucket: str, *, gcs: bool) -> None:
+    """The provider's naming rules for a bucket: S3's (3-63 characters of a-z, 0-9, '.' and
+    '-'), or GCS's (also '_'; up to 222 characters when dotted, each part at most 63). A
+    value outside them is no bucket: with a '/' or '..' the store's URL would name another
+    bucket (S3_BUCKET=nixery/.. wrote the start-up probe into bucket `probes`)."""
+    allowed = "a-z0-9._-" if gcs else "a-z0-9.-"
+    characters = "lowercase letters, digits, '_', '.' and '-'" if gcs else "lowercase letters, digits, '.' and '-'"
+    rules = (
+        f"a bucket name is 3-63 characters of {characters}, starting and ending with a letter or digit, "
+        "with no '..', not an IP address"
+    )
+    longest = 222 if gcs and "." in bucket else 63
+    problem = None
+    if (bad := re.search(f"[^{allowed}]", bucket)) is not None:
+        problem = f"has {bad.group()!r}"
+    elif not 3 <= len(bucket) <= longest:  # (an empty value is unset)
+        problem = f"is {len(bucket)} characters long"
+    elif not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        problem = "does not start and end with a letter or digit"
+    elif ".." in bucket:
+        problem = "has '..'"
+    elif gcs and any(len(part) > 63 for part in bucket.split(".")):
+        problem = "has a dot-separated part longer than 63 characters"
+    elif re.fullmatch(r"[0-9]+(\.[0-9]+){3}", bucket):
+        problem = "is an IP address"
+    if problem is not None:
+        raise ConfigError(f"{variable}={bucket[:100]!r} {problem}: {rules}")
+
+
 def _s3(env: Mapping[str, str]) -> S3Settings:
-    bucket = env.get("S3_BUCKET") or env.get("BUCKET")
-    if not bucket:
+    named = _bucket_setting(env, "S3_BUCKET")
+    if named is None:
         raise ConfigError("S3_BUCKET must be set when NIXERY_STORAGE_BACKEND=s3")
+    variable, bucket = named
+    _check_bucket_name(variable, bucket, gcs=False)
+    keys = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if env.get(name)]
+    if len(keys) == 1:  # the one given was ignored: the registry went on to look for other credentials
+        other = "AWS_SECRET_ACCESS_KEY" if keys[0] == "AWS_ACCESS_KEY_ID" else "AWS_ACCESS_KEY_ID"
+        raise ConfigError(f"{keys[0]} is set but {other} is not: S3 keys are a pair (set both, or neither)")
     endpoint = env.get("S3_ENDPOINT") or None
     path_style = _bool(env, "S3_PATH_STYLE", True) if env.get("S3_PATH_STYLE", "").strip() else None
     if endpoint is not None:
@@ -391,9 +435,11 @@ def _check_s3_endpoint(endpoint: str, *, virtual_hosted: bool) -> None:
 
 
 def _gcs(env: Mapping[str, str]) -> GCSSettings:
-    bucket = env.get("GCS_BUCKET") or env.get("BUCKET")
-    if not bucket:
+    named = _bucket_setting(env, "GCS_BUCKET")
+    if named is None:
         raise ConfigError("GCS_BUCKET must be set when NIXERY_STORAGE_BACKEND=gcs")
+    variable, bucket = named
+    _check_bucket_name(variable, bucket, gcs=True)
     key = env.get("GCS_SIGNING_KEY")
     if key and not Path(key).is_file():
         raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file")
@@ -442,11 +488,18 @@ def _auth(env: Mapping[str, str]) -> AuthSettings:
     )
 
 
-def _accel_redirect(env: Mapping[str, str]) -> str | None:
-    """The path prefix of nginx's internal location for blobs, as /prefix/."""
+def _accel_redirect(env: Mapping[str, str], backend: str) -> str | None:
+    """The path prefix of nginx's internal location for blobs, as /prefix/: nginx sends the
+    blob files of the filesystem store (a bucket's blobs are no files nginx could send)."""
     raw = env.get("NIXERY_BLOB_ACCEL_REDIRECT") or None
     if raw is None:
         return None
+    if backend != "filesystem":
+        raise ConfigError(
+            f"NIXERY_BLOB_ACCEL_REDIRECT needs NIXERY_STORAGE_BACKEND=filesystem (not {backend}): nginx sends "
+            "the filesystem store's blob files; bucket backends hand blobs to the bucket with signed redirects "
+            "(NIXERY_BLOB_REDIRECT)"
+        )
     if not (raw.startswith("/") and raw.endswith("/")) or any(c in raw for c in " ?#%\r\n"):
         raise ConfigError(
             f"NIXERY_BLOB_ACCEL_REDIRECT={raw!r} must be a path that starts and ends with / (e.g. /_nixery_blobs/)"
@@ -566,7 +619,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         s3=_s3(env) if backend == "s3" else None,
         gcs=_gcs(env) if backend == "gcs" else None,
         blob_redirect=_bool(env, "NIXERY_BLOB_REDIRECT", True),
-        blob_accel_redirect=_accel_redirect(env),
+        blob_accel_redirect=_accel_redirect(env, backend),
         verified_blob_links=_verified_links(env, backend, auth),
         signed_url_ttl=_int(env, "NIXERY_SIGNED_URL_TTL", 300, low=10, high=7 * 24 * 3600),
         bundled_set=bundled_set,

@@ -832,15 +832,28 @@ def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_p
     assert result.stderr == f"nixery: storage: Permission denied: {storage / 'meta'}\n", result.stderr
 
 
-def test_serve_on_a_host_that_does_not_resolve_names_the_setting() -> None:
+@pytest.mark.parametrize("host", ["registry host", "300.1.1.1"])
+def test_serve_on_a_host_that_does_not_resolve_names_the_setting(host: str) -> None:
     """NIXERY_HOST='registry host' said "nixery: cannot listen on registry host: Name or service not
-    known": now the line names NIXERY_HOST and what it takes."""
-    result = nixery("serve", env={"NIXERY_HOST": "registry host", "PORT": "0", "NIXERY_BUNDLED_SET": "busybox"},
-                    timeout=60)
-    assert (result.returncode, result.stdout) == (1, ""), result
-    assert result.stderr.startswith("nixery: cannot listen on NIXERY_HOST='registry host': "), result.stderr
+    known": now the line names NIXERY_HOST and what it takes. It is a configuration error: exit
+    status 2, as for every other bad setting (it was 1, which a port in use keeps)."""
+    result = nixery("serve", env={"NIXERY_HOST": host, "PORT": "0", "NIXERY_BUNDLED_SET": "busybox"}, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith(f"nixery: configuration error: cannot listen on NIXERY_HOST={host!r}: "), result
     assert "give an address such as 127.0.0.1, 0.0.0.0 or ::" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_serve_on_an_address_of_no_interface_here_is_a_configuration_error(tmp_path: Path) -> None:
+    """NIXERY_HOST=192.0.2.1 (an address no interface of this machine has) is the setting's fault:
+    exit status 2, and the line names NIXERY_HOST."""
+    env = {"NIXERY_HOST": "192.0.2.1", "PORT": "0", "NIXERY_BUNDLED_SET": "busybox",
+           "STORAGE_PATH": str(tmp_path / "storage")}
+    result = nixery("serve", env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.splitlines() == [
+        "nixery: configuration error: cannot listen on 192.0.2.1:0: no such address on this machine (NIXERY_HOST)"
+    ], result.stderr
 
 
 def test_build_refuses_two_different_tags() -> None:

@@ -137,6 +137,17 @@ def test_the_prefix_must_be_a_plain_absolute_path(prefix: str) -> None:
     assert load({}).blob_accel_redirect is None
 
 
+@pytest.mark.parametrize(("backend", "bucket"), [("s3", "S3_BUCKET"), ("gcs", "GCS_BUCKET")])
+def test_the_prefix_needs_the_filesystem_store(backend: str, bucket: str) -> None:
+    """With a bucket backend the setting was accepted and ignored without a word (blobs went on
+    being redirected to the bucket): it is refused, as NIXERY_VERIFIED_BLOB_LINKS is."""
+    env = {"NIXERY_BLOB_ACCEL_REDIRECT": PREFIX, "NIXERY_STORAGE_BACKEND": backend, bucket: "nixery"}
+    refused = rf"^NIXERY_BLOB_ACCEL_REDIRECT needs NIXERY_STORAGE_BACKEND=filesystem \(not {backend}\)"
+    with pytest.raises(ConfigError, match=refused):
+        load(env)
+    assert load({**env, "NIXERY_STORAGE_BACKEND": "filesystem"}).blob_accel_redirect == PREFIX
+
+
 # ---- NIXERY_VERIFIED_BLOB_LINKS: nginx sends blobs the registry has checked ----------
 
 
@@ -247,7 +258,7 @@ def test_links_need_the_filesystem_and_anonymous_pulls(tmp_path: Path) -> None:
     assert load({"NIXERY_VERIFIED_BLOB_LINKS": "true"}).verified_blob_links
     assert not load({}).verified_blob_links
     with pytest.raises(ConfigError, match="NIXERY_STORAGE_BACKEND=filesystem"):
-        load({"NIXERY_VERIFIED_BLOB_LINKS": "true", "NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "b"})
+        load({"NIXERY_VERIFIED_BLOB_LINKS": "true", "NIXERY_STORAGE_BACKEND": "s3", "S3_BUCKET": "nixery"})
     private = {"NIXERY_VERIFIED_BLOB_LINKS": "true", "NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": str(users)}
     with pytest.raises(ConfigError, match="NIXERY_AUTH_ANONYMOUS_PULL=true"):
         load(private)

@@ -112,7 +112,13 @@ CUT_OFF_SECONDS = 1.0
 
 
 class ListenError(Exception):
-    """The registry cannot listen where it was told to (one line, for the command line)."""
+    """The registry cannot listen where it was told to (one line, for the command line).
+    `setting`: NIXERY_HOST is at fault (no such host or address), a configuration error, exit
+    status 2; else (a port in use, a port below 1024 without root) the machine's state, 1."""
+
+    def __init__(self, message: str, *, setting: bool = False):
+        super().__init__(message)
+        self.setting = setting
 
 
 # ---- sockets -------------------------------------------------------------------
@@ -127,7 +133,7 @@ def listen(host: str, port: int, *, copies: int = 1, backlog: int = 128) -> list
         # The one setting that names it: "cannot listen on not-a-host" said neither which nor what it takes.
         raise ListenError(
             f"cannot listen on NIXERY_HOST={host!r}: {exc.strerror} (give an address such as 127.0.0.1, 0.0.0.0 "
-            "or ::, or a host name this machine resolves)"
+            "or ::, or a host name this machine resolves)", setting=True
         ) from None
     sets: list[list[socket.socket]] = []
     try:
@@ -157,9 +163,9 @@ def _bind(sock: socket.socket, address: Any, *, reuse_port: bool, backlog: int) 
         reason = {
             errno.EADDRINUSE: "the address is in use (another process listens on this port)",
             errno.EACCES: "permission denied (ports below 1024 need root)",
-            errno.EADDRNOTAVAIL: "no such address on this machine",
+            errno.EADDRNOTAVAIL: "no such address on this machine (NIXERY_HOST)",
         }.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
-        raise ListenError(f"cannot listen on {shown}: {reason}") from None
+        raise ListenError(f"cannot listen on {shown}: {reason}", setting=exc.errno == errno.EADDRNOTAVAIL) from None
     sock.setblocking(False)
 
 

@@ -162,12 +162,10 @@ class GCSStorage(LeasedStorage):
         self._signer = _signing_key_credentials(config) if config.signing_key else own
         if not isinstance(self._signer, Signing) and not hasattr(self._signer, "service_account_email"):
             # An emulator without a key, or a user's `gcloud auth
-            # application-default login`: nothing can sign.
-            log.warning(
-                "gcs.no_signer", problem="no service account to sign URLs with",
-                action="blobs are relayed by the registry",
-            )
+            # application-default login`: nothing can sign. Said once the start-up
+            # check has passed: a bucket the registry cannot use is its one line.
             self._signer = None
+        self._say_no_signer = self._signer is None
 
         self._bucket = self._client.bucket(config.bucket)
         self._where = f"at {emulator_host}" if emulator_host else f"in project {self._client.project}"
@@ -216,6 +214,12 @@ class GCSStorage(LeasedStorage):
                 await asyncio.to_thread(step)
             except _UNAVAILABLE as error:
                 raise self._inaccessible(action, error) from error
+        if write and self._say_no_signer:
+            self._say_no_signer = False
+            log.warning(
+                "gcs.no_signer", problem="no service account to sign URLs with",
+                action="blobs are relayed by the registry",
+            )
 
     def _inaccessible(self, action: str, error: Exception) -> StorageInaccessible:
         bucket, where = self.config.bucket, self._where

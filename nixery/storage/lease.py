@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from nixery.background import spawn
-from nixery.storage.base import Storage, StorageError, check_key
+from nixery.storage.base import BackendUnavailable, Storage, StorageError, check_key
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +124,9 @@ class LeasedStorage(Storage):
     release (the store was away when it ended), and one whose holder was a
     process of its own machine and pid namespace that no longer runs (killed,
     then restarted). A release that fails is retried in the background for a
-    while, so the lease does not linger once the store is back.
+    while, so the lease does not linger once the store is back; when the work
+    under the lease failed because the store is away (`BackendUnavailable`),
+    its caller does not wait for the release at all.
 
     The lease is advisory: a holder that cannot renew (stalled, cut off from
     the bucket) for longer than `lease_ttl` loses it while still working. What
@@ -200,13 +202,22 @@ class LeasedStorage(Storage):
             _live_owners.discard(lease.owner)
             raise
         renewal = asyncio.create_task(self._renew_lease(lease))
+        store_away = False
         try:
             yield
+        except BackendUnavailable:
+            store_away = True
+            raise
         finally:
             lease.stop.set()
             # Runs to its end even if this task is cancelled meanwhile.
             ending = self._lease_background(self._end_lease(lease, renewal), lease.name)
-            await asyncio.shield(ending)
+            # The work failed because the store is away: its caller answers at once (a 503 within
+            # the store calls' bound), not after a renewal in flight and the release have given up
+            # too. The release goes on in the background, and is retried there until the store is
+            # back; meanwhile the lease's owner stays live, so this process does not take it over.
+            if not store_away:
+                await asyncio.shield(ending)
 
     async def _acquire_lease(self, lease: _Lease) -> None:
         await self._stop_retrying_release(lease.name)
@@ -225,6 +236,8 @@ class LeasedStorage(Storage):
                     seen, seen_at, holder = current[0], now, _holder(current[1])
                 gone = _holder_gone(*holder)
                 if gone or now - seen_at >= self.lease_ttl:
+                    # A release of this process's still retried must not delete the lease taken over.
+                    await self._stop_retrying_release(lease.name)
                     body = lease.body(self.lease_ttl)
                     version = await self._lease_write(lease, self._lease_replace(lease.name, body, current[0]))
                     if version is not None:

@@ -218,6 +218,17 @@ class S3Storage(LeasedStorage):
         }
         if code in problems:
             return StorageInaccessible(self.name, problems[code])
+        if not (self.config.access_key_id and self.config.secret_access_key) and _CREDENTIAL_SOURCES.search(
+            str(error)
+        ):
+            # No keys, and none of AWS's other sources answered: what failed was the last of them
+            # (the metadata service at 169.254.169.254), which named no setting.
+            return StorageInaccessible(
+                self.name,
+                f'no S3 credentials for bucket "{bucket}" at {where}: set AWS_ACCESS_KEY_ID and '
+                "AWS_SECRET_ACCESS_KEY (or run where AWS provides credentials: an instance profile, "
+                "web identity / IRSA, ECS)",
+            )
         if code is None and _HTTP_STATUS.search(str(error)) is None:  # no answer at all
             return StorageInaccessible(self.name, f'cannot reach S3 bucket "{bucket}" at {where}: {_describe(error)}')
         return StorageInaccessible(
@@ -495,6 +506,11 @@ def _addressing(config: S3Settings) -> tuple[bool, str | None]:
 _XML_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]{0,300})</Message>")
 _HTTP_STATUS = re.compile(r"status code: (\d{3}[^:\n]*)")
+#: What an error of the client's search for credentials names when it found none: the metadata
+#: services of EC2 (IPv4, IPv6) and ECS, the STS call of web identity, or credentials as such.
+_CREDENTIAL_SOURCES = re.compile(
+    r"169\.254\.169\.254|169\.254\.170\.2|fd00:ec2::254|sts\.[a-z0-9.-]*amazonaws\.com|credential", re.IGNORECASE
+)
 _FAILURE_KIND = re.compile(r"kind: (Timeout|Connect)\b")
 _OS_MESSAGE = re.compile(r'message: "([^"]{1,200})"')
 

@@ -25,7 +25,7 @@ import pytest
 from nixery import auth
 from nixery.registry.digest import Digest
 from tests.daemons import fetch
-from tests.registry import RegistryProcess, check_blob_ranges
+from tests.registry import RegistryProcess, check_blob_ranges, slow_package_set
 from tests.storage.proxy import TCPProxy
 from tests.storage.servers import S3Server, seaweedfs
 
@@ -221,6 +221,55 @@ async def test_a_blob_asked_for_as_a_manifest_is_read_from_the_store_once(
             reads = [head for head in heads[before:] if head.startswith(b"GET ") and key in head.split(b"\r\n")[0]]
             assert len(reads) <= 1, f"{blob} was read from the store {len(reads)} times"
     finally:
+        if registry is not None:
+            await asyncio.to_thread(registry.stop)
+        await proxy.stop()
+
+
+#: The Nix build of `slowpoke` (tests.registry.slow_package_set): the store is first needed after it.
+SLOW_BUILD = 3
+
+
+async def test_a_store_stalled_mid_build_answers_503_without_waiting_for_the_lease(
+    own_s3: S3Server, start_registry, tmp_path: Path
+) -> None:
+    """The store stalls while a build holds its lease (as Nix builds). The build's first store
+    call after it gives up within about 10 s, and the pull is answered 503 then: it used to wait
+    on for the lease's renewal in flight (due 10 s after the lease was taken) and its release to
+    give up too (8-10 s each; 29 s in the operators' audit). The release goes on in the
+    background, and once the store is back the lease is released and the image built by the
+    same process, with no restart."""
+    pkgs = slow_package_set(tmp_path / "pkgs", seconds=SLOW_BUILD)
+    proxy = TCPProxy(int(own_s3.endpoint.rsplit(":", 1)[1]))
+    await proxy.start()
+    registry: RegistryProcess | None = None
+    try:
+        env = s3_env(own_s3, proxy.url, NIXERY_PKGS_PATH=str(pkgs))
+        registry = await asyncio.to_thread(start_registry, **env)
+        pull = asyncio.ensure_future(
+            asyncio.to_thread(timed_request, registry, "GET", "/v2/slowpoke/manifests/latest")
+        )
+        deadline = time.monotonic() + 30
+        while not registry.log_events("build.realising"):  # the build holds its lease, and Nix builds
+            assert time.monotonic() < deadline and not pull.done(), "the build did not start"
+            await asyncio.sleep(0.02)
+        proxy.stall()
+        stalled_at = time.monotonic()
+        status, body, _ = await pull
+        waited = time.monotonic() - stalled_at
+        assert status == 503, body[:500]
+        (error,) = json.loads(body)["errors"]
+        assert error["detail"] == {"backend": "s3", "kind": "STORAGE_UNAVAILABLE"}, error
+        # The Nix build, then the documented ~10 s for the store call that finds the store stalled.
+        assert waited < SLOW_BUILD + 12, f"the pull was answered {waited:.1f}s after the store stalled"
+        assert registry.log_events("build.failed")
+
+        proxy.resume()
+        status, body, elapsed = await asyncio.to_thread(timed_request, registry, "GET", "/v2/slowpoke/manifests/latest")
+        assert status == 200, body[:500]
+        assert not registry.log_events("lease.taken_over"), "the lease was released, not left to run out"
+    finally:
+        proxy.resume()
         if registry is not None:
             await asyncio.to_thread(registry.stop)
         await proxy.stop()

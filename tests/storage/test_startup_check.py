@@ -182,3 +182,57 @@ async def test_filesystem_check_on_a_full_or_read_only_disk(small_file_system: P
     subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
     with pytest.raises(BackendUnavailable, match="cannot write in .*: Read-only file system"):
         await store.check_access()
+
+
+def test_s3_without_credentials_names_the_keys(s3_server: S3Server, tmp_path: Path) -> None:
+    """No keys and no other AWS credentials: the line said the cloud metadata endpoint
+    (169.254.169.254) could not be reached, and named no setting. It names the keys now."""
+    env = s3_env(s3_server)
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    line = the_one_line(serve(tmp_path, **env))
+    assert line.startswith(f'nixery: storage: no S3 credentials for bucket "nixery" at {s3_server.endpoint}: '), line
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
+    assert "169.254" not in line, line
+
+
+@pytest.mark.parametrize("variable", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_s3_with_one_key_of_the_pair(s3_server: S3Server, tmp_path: Path, variable: str) -> None:
+    """One key alone was ignored without a word, and the registry looked for other credentials."""
+    env = s3_env(s3_server)
+    del env[variable]
+    line = the_one_line(serve(tmp_path, **env))
+    assert line.startswith("nixery: configuration error: ") and f"but {variable} is not" in line, line
+
+
+@pytest.mark.parametrize("bucket", ["nixery/..", "nixery/sub", "NIXERY", "../nixery"])
+def test_an_s3_bucket_that_is_no_bucket_name_writes_nothing(s3_server: S3Server, tmp_path: Path, bucket: str) -> None:
+    """S3_BUCKET=nixery/.. passed the start-up check's listing and write: the probe went to
+    /nixery/../probes/..., i.e. into a bucket `probes` that SeaweedFS created. The name is
+    now checked against S3's naming rules before the store is asked anything."""
+    before = buckets(s3_server)
+    line = the_one_line(serve(tmp_path, **s3_env(s3_server, S3_BUCKET=bucket)))
+    assert line.startswith(f"nixery: configuration error: S3_BUCKET={bucket!r} has "), line
+    assert "3-63 characters of lowercase letters" in line, line
+    assert buckets(s3_server) == before, "the registry wrote outside S3_BUCKET"
+
+
+def test_a_gcs_bucket_that_is_no_bucket_name(tmp_path: Path) -> None:
+    result = serve(tmp_path, NIXERY_STORAGE_BACKEND="gcs", BUCKET="nixery/../other")
+    assert the_one_line(result).startswith("nixery: configuration error: BUCKET='nixery/../other' has '/': ")
+
+
+def test_missing_gcs_bucket_without_a_signer_is_one_line(gcs_server: GCSServer, tmp_path: Path) -> None:
+    """With nothing to sign URLs with, a `gcs.no_signer` warning came before the error line:
+    it is said once the bucket is found usable, and the error is the only line."""
+    missing = f"nixery-missing-{uuid.uuid4().hex[:8]}"
+    env = {"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": missing, "STORAGE_EMULATOR_HOST": gcs_server.endpoint}
+    result = serve(tmp_path, **env)
+    assert the_one_line(result).startswith(f'nixery: storage: GCS bucket "{missing}" does not exist ')
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_nginx_accel_redirect_on_s3_is_refused(tmp_path: Path) -> None:
+    """NIXERY_BLOB_ACCEL_REDIRECT is for the filesystem store behind nginx; on S3 it was ignored."""
+    result = serve(tmp_path, NIXERY_STORAGE_BACKEND="s3", S3_BUCKET="nixery", NIXERY_BLOB_ACCEL_REDIRECT="/_blobs/")
+    line = the_one_line(result)
+    assert line.startswith("nixery: configuration error: NIXERY_BLOB_ACCEL_REDIRECT needs NIXERY_STORAGE_BACKEND"), line
