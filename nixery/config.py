@@ -362,17 +362,19 @@ def _bucket_setting(env: Mapping[str, str], name: str) -> tuple[str, str] | None
 
 
 def _check_bucket_name(variable: str, bucket: str, *, gcs: bool) -> None:
-    """The provider's naming rules for a bucket: S3's (3-63 characters of a-z, 0-9, '.' and
-    '-'), or GCS's (also '_'; up to 222 characters when dotted, each part at most 63). A
-    value outside them is no bucket: with a '/' or '..' the store's URL would name another
-    bucket (S3_BUCKET=nixery/.. wrote the start-up probe into bucket `probes`)."""
-    allowed = "a-z0-9._-" if gcs else "a-z0-9.-"
-    characters = "lowercase letters, digits, '_', '.' and '-'" if gcs else "lowercase letters, digits, '.' and '-'"
+    """The provider's naming rules for a bucket: GCS's (3-63 characters of a-z, 0-9, '_', '.'
+    and '-'; up to 222 when dotted, each part at most 63), or S3's as its older buckets have them
+    (also upper case, up to 255: us-east-1 took such names before 2018, and some S3-compatible
+    stores still do). A value outside them is no bucket: with a '/' or '..' the store's URL would
+    name another bucket (S3_BUCKET=nixery/.. wrote the start-up probe into bucket `probes`)."""
+    allowed = "a-z0-9._-" if gcs else "A-Za-z0-9._-"
+    characters = "lowercase letters, digits, '_', '.' and '-'" if gcs else "letters, digits, '_', '.' and '-'"
+    shortest_longest = "3-63" if gcs else "3-255"
     rules = (
-        f"a bucket name is 3-63 characters of {characters}, starting and ending with a letter or digit, "
-        "with no '..', not an IP address"
+        f"a bucket name is {shortest_longest} characters of {characters}, starting and ending with a letter "
+        "or digit, with no '..', not an IP address"
     )
-    longest = 222 if gcs and "." in bucket else 63
+    longest = (222 if "." in bucket else 63) if gcs else 255
     problem = None
     if (bad := re.search(f"[^{allowed}]", bucket)) is not None:
         problem = f"has {bad.group()!r}"
