@@ -85,9 +85,8 @@ def create_app(settings: Settings) -> web.Application:
         log.info("registry.started", source=settings.source_description, storage=storage.name)
         warm_up = asyncio.ensure_future(builder.warm_up())  # in the background: serving starts now
         lag_watch = asyncio.ensure_future(loop_lag.watch())  # /metrics and the log show stalls
-        sweep = asyncio.ensure_future(_remove_abandoned_temporary_files())
+        scratch.remove_abandoned_in_background()
         yield
-        sweep.cancel()
         lag_watch.cancel()
         warm_up.cancel()
         if declarations is not None:
@@ -105,13 +104,6 @@ def create_app(settings: Settings) -> web.Application:
     metrics.setup(app)  # /metrics
     auth.install(app, settings)  # NIXERY_AUTH: middleware for /v2 and the /token endpoint
     return app
-
-
-async def _remove_abandoned_temporary_files() -> None:
-    """What registries killed before left in TMPDIR (`nixery.scratch`)."""
-    removed = await asyncio.to_thread(scratch.remove_abandoned)
-    if removed:
-        log.info("registry.temporary_files_removed", directories=removed)
 
 
 def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:

@@ -57,7 +57,7 @@ from nixery.layers.popularity import Popularity
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.lru import LRU
-from nixery.nix.errors import PackagesNotFound
+from nixery.nix.errors import NixError, PackagesNotFound
 from nixery.package_names import PackageNames
 from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
 from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
@@ -121,6 +121,7 @@ class ImageBuilder:
         self.compression = layer_compression
         # In turn by client: one client's twenty queued builds hold back no other's.
         self._build_slots = FairSlots(max_concurrent_builds)
+        self._evaluation_slot = FairSlots(1)  # for `find`: what names resolve to, no build
         self._images: SingleFlight[ImageRecord] = SingleFlight()
         #: Built images: their records in storage, the most recently used in memory.
         self.images = ImageStore(storage, capacity=record_cache)
@@ -295,9 +296,19 @@ class ImageBuilder:
         await self.check_names(request, tag)  # names the set's list surely lacks: no Nix process
         system = request.arch.nix_system
         if await self.evaluations.lookup(revision, system, request.packages) is None:
-            until = time.monotonic() + self.source.timeout
-            resolved = await self.source.evaluate(revision, request.packages, system, until=until)
-            self.evaluations.remember(revision, system, resolved)
+            # One at a time, in turn by client: page views of ever new names start one Nix
+            # process at most (the build slots' would make a page wait for a build).
+            async with self._evaluation_slot.hold(requester.get()):
+                if await self.evaluations.lookup(revision, system, request.packages) is None:
+                    try:
+                        resolved = await self.source.evaluate(
+                            revision, request.packages, system, until=time.monotonic() + self.source.timeout
+                        )
+                    except PackagesNotFound:
+                        raise
+                    except NixError:  # the pull will say what Nix said: here, the image is not built
+                        return None
+                    self.evaluations.remember(revision, system, resolved)
         return await self._record_by_resolved_names(revision, request)
 
     async def names_missing(self, request: ImageRequest, tag: str) -> str | None:

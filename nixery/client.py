@@ -369,7 +369,7 @@ async def _build_locally(
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
     from nixery.registry.names import check_build_tag, parse_image_name
-    from nixery.scratch import own_temporary_directory, remove_abandoned
+    from nixery.scratch import own_temporary_directory, remove_abandoned_in_background
 
     try:
         settings = config.load()
@@ -381,7 +381,7 @@ async def _build_locally(
     # build.failed: the command prints the failure itself, in one line.
     logs.configure("warning", settings.log_format, leave_out=frozenset({"build.failed"}))
     with own_temporary_directory():  # what a `kill -9` of this command leaves, the next one removes
-        await asyncio.to_thread(remove_abandoned)  # and what killed ones left
+        remove_abandoned_in_background()  # and what killed ones left
         return await _build_here(settings, request, tag, display)
 
 

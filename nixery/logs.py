@@ -67,7 +67,8 @@ def _dumps(value: Any, **options: Any) -> bytes:
     try:
         return orjson.dumps(value, **options)
     except orjson.JSONEncodeError:
-        return orjson.dumps(_valid_utf8(value), **options)
+        # Other objects' text (structlog's `default`) is made valid too.
+        return orjson.dumps(_valid_utf8(value), **{**options, "default": lambda other: _valid_utf8(str(other))})
 
 
 def _valid_utf8(value: Any) -> Any:

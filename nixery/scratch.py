@@ -19,8 +19,13 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "nixery-run-"
 LOCK_NAME = "owner.lock"
@@ -69,6 +74,18 @@ def _make_locked(base: Path) -> tuple[Path, int]:
         shutil.rmtree(making, ignore_errors=True)
         raise
     return directory, lock
+
+
+def remove_abandoned_in_background() -> None:
+    """`remove_abandoned`, in a daemon thread, logging what it removed
+    (`registry.temporary_files_removed`): a stop need not wait for the removal of a crashed
+    build's gigabytes, nor a start or a local build begin after it."""
+
+    def run() -> None:
+        if removed := remove_abandoned():
+            log.info("registry.temporary_files_removed", directories=removed)
+
+    threading.Thread(target=run, name="nixery-temporary-files", daemon=True).start()
 
 
 def remove_abandoned(base: Path | None = None) -> list[str]:

@@ -143,3 +143,15 @@ def test_builds_are_forgotten_past_the_limit_while_an_older_one_runs(
     assert status == 200 and not json.loads(body)["finished"], body[:300]
     assert registry.request(f"/builds/{finished[0]}.json", accept="application/json")[0] == 404  # dropped
     assert registry.request(f"/builds/{finished[-1]}.json", accept="application/json")[0] == 200
+
+
+def test_a_log_value_of_any_type_with_bytes_that_are_not_utf8_is_written() -> None:
+    """The fallback escaped strings, dicts and lists only: any other value whose text holds such
+    bytes (a URL of the request, an exception) made the second encoding raise too."""
+    from nixery.logs import _dumps
+
+    class Shown:
+        def __str__(self) -> str:
+            return "Host: \udcff"
+
+    assert json.loads(_dumps({"event": "x", "value": Shown()})) == {"event": "x", "value": "Host: \\xff"}

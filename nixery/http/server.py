@@ -405,8 +405,9 @@ async def _drain(delay: float, stop_now: asyncio.Event, server: _Server) -> None
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """asyncio's errors as one structured line each (its own handler writes plain text)."""
-    if context.get("message") == "socket.accept() out of system resource":
-        return  # said by `http.accept_failed`
+    exception = context.get("exception")
+    if isinstance(exception, OSError) and exception.errno in (errno.EMFILE, errno.ENFILE):
+        return  # said by `http.accept_failed` (asyncio's message is the same for ENOBUFS and ENOMEM: those are logged)
     log.error("asyncio.error", message=context.get("message"), exc_info=context.get("exception"))
 
 
