@@ -585,3 +585,29 @@ def test_a_client_hanging_up_mid_body_is_logged_as_gone_not_as_an_internal_error
     assert not registry.log_events("http.internal_error")
     _, _, metrics = registry.request("/metrics", accept="text/plain")
     assert b'route="/builds",status="500"' not in metrics and b'status="499"' in metrics
+
+
+def test_a_body_declared_too_large_is_refused_at_once(registry: RegistryProcess) -> None:
+    """`POST /builds` with a Content-Length of 10 GB and no body was answered only when the body
+    timeout (60 s) ran out, 408; and a body that came was read before it was refused. Now the
+    declared length is refused before anything is read: 413, at once."""
+    for kind, limit in (("application/json", 65536), ("application/x-www-form-urlencoded", 1 << 20)):
+        head = (f"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\nAccept: application/json\r\n"
+                f"Content-Length: {10 ** 10}\r\nConnection: close\r\n\r\n").encode()
+        started = time.monotonic()
+        answer = exchange(registry.port, head, timeout=30)
+        status_line, _, rest = answer.partition(b"\r\n")
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["errors"][0]
+        assert status_line.split()[1] == b"413", (kind, answer[:300])
+        assert error["message"] == f"the request body is {10 ** 10} bytes long; at most {limit} are read", error
+        assert time.monotonic() - started < 20, "answered only when the body timeout ran out"
+
+
+def test_a_build_form_naming_only_a_scheme_names_no_image(registry: RegistryProcess) -> None:
+    """`image=docker://` (a pasted reference cut short) was read as the package `docker`."""
+    body = b"image=docker%3A%2F%2F"
+    head = (b"POST /builds HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Accept: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    answer = exchange(registry.port, head + body)
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]
+    assert (error["code"], error["message"]) == ("NAME_INVALID", "the image name lists no packages"), error

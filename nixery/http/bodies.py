@@ -31,6 +31,9 @@ T = TypeVar("T")
 #: bigger one is refused before it is parsed, as parsing a megabyte holds the event loop.
 MAX_JSON_BYTES = 64 << 10
 
+#: The longest form body read: aiohttp's own limit (its `client_max_size`, which the app keeps).
+MAX_FORM_BYTES = 1 << 20
+
 #: The longest Content-Type read (a multipart boundary is at most 70 characters): aiohttp parses
 #: the header with Python's email parser, which took ~2 s for 15,000 semicolons, on the event
 #: loop, and raised RecursionError on thousands of nested comments.
@@ -58,6 +61,7 @@ def content_type(request: web.Request) -> str:
 async def read_form(request: web.Request) -> MultiDictProxy[Any]:
     """The fields of a url-encoded or multipart form (empty for any other body)."""
     kind = content_type(request)
+    _check_declared_length(request, MAX_FORM_BYTES)
     try:
         return await _in_time(request, request.post())
     except _UNREADABLE:
@@ -67,6 +71,7 @@ async def read_form(request: web.Request) -> MultiDictProxy[Any]:
 async def read_json(request: web.Request) -> Any:
     """The body parsed as JSON, if it is at most MAX_JSON_BYTES long."""
     content_type(request)  # its charset is read to decode the body
+    _check_declared_length(request, MAX_JSON_BYTES)
     try:
         text = await _in_time(request, request.text())  # in full (up to aiohttp's limit): the connection is reused
     except _UNREADABLE:
@@ -79,6 +84,16 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
         raise RequestInvalid("the request body is not valid JSON") from None
+
+
+def _check_declared_length(request: web.Request, limit: int) -> None:
+    """A body whose Content-Length passes `limit` is refused before any of it is read: it was
+    waited for (until the body timeout, 408), only to be refused once it came."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(
+            f"the request body is {request.content_length} bytes long; at most {limit} are read",
+            detail={"limit": limit},
+        )
 
 
 async def _in_time(request: web.Request, reading: Awaitable[T]) -> T:

@@ -62,8 +62,8 @@ _VERBS = {Stage.DONE: "Built", Stage.FAILED: "Could not build"}
 
 def _split_reference(text: str, tag: str, host: str) -> tuple[str, str]:
     """`HOST/shell/curl:tag` as typed or pasted: drop this registry's host, split off the tag."""
-    text = text.strip().strip("/")
-    text = text.removeprefix("docker://").removeprefix(f"{host}/")
+    text = text.strip().removeprefix("docker://").strip("/")  # the scheme first: `docker://` alone is no name
+    text = text.removeprefix(f"{host}/")
     if ":" in text:
         text, given = text.split(":", 1)
         tag = tag or given
