@@ -299,17 +299,26 @@ class ImageBuilder:
             # One at a time, in turn by client: page views of ever new names start one Nix
             # process at most (the build slots' would make a page wait for a build).
             async with self._evaluation_slot.hold(requester.get()):
-                if await self.evaluations.lookup(revision, system, request.packages) is None:
-                    try:
-                        resolved = await self.source.evaluate(
-                            revision, request.packages, system, until=time.monotonic() + self.source.timeout
-                        )
-                    except PackagesNotFound:
-                        raise
-                    except NixError:  # the pull will say what Nix said: here, the image is not built
-                        return None
-                    self.evaluations.remember(revision, system, resolved)
+                until = time.monotonic() + self.source.timeout
+                try:
+                    await self._resolve(revision, system, request.packages, until=until)
+                except PackagesNotFound:
+                    raise
+                except NixError:  # the pull will say what Nix said: here, the image is not built
+                    return None
         return await self._record_by_resolved_names(revision, request)
+
+    async def _resolve(
+        self, revision: Revision, system: str, packages: Sequence[str], *, until: float
+    ) -> tuple[list[ResolvedPackage], bool]:
+        """What the names resolve to: the kept evaluation, or else one made now (and kept);
+        and whether it was made now."""
+        resolved = await self.evaluations.lookup(revision, system, packages)
+        if resolved is not None:
+            return resolved, False
+        resolved = await self.source.evaluate(revision, packages, system, until=until)
+        self.evaluations.remember(revision, system, resolved)
+        return resolved, True
 
     async def names_missing(self, request: ImageRequest, tag: str) -> str | None:
         """What `check_names` would raise, as its message; None when it would not."""
@@ -558,11 +567,7 @@ class ImageBuilder:
         system = request.arch.nix_system
         bound.info("build.evaluating")
         build.emit(Stage.EVALUATING, f"evaluating {', '.join(request.order or request.packages)}")
-        resolved = await self.evaluations.lookup(revision, system, request.packages)
-        evaluated = resolved is None
-        if resolved is None:
-            resolved = await self.source.evaluate(revision, request.packages, system, until=until)
-            self.evaluations.remember(revision, system, resolved)
+        resolved, evaluated = await self._resolve(revision, system, request.packages, until=until)
         baseline = await self.baseline.packages(self.source, self.evaluations, revision, system, until=until)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated, baseline=len(baseline))
         build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)

@@ -368,11 +368,12 @@ async def _serve(app: web.Application, sockets: Sequence[socket.socket], shutdow
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         raised = {} if _open_files_raised_from is None else {"raised_from": _open_files_raised_from}
+        open_files = open_files_limit()
         log.info("registry.listening", url=pull_url(sockets[0]), addresses=[_address(s) for s in sockets],
-                 max_connections=max_connections, open_files_limit=open_files_limit(), **raised)
-        if max_connections > default_max_connections(open_files_limit()):
+                 max_connections=max_connections, open_files_limit=open_files, **raised)
+        if max_connections > (room_for := default_max_connections(open_files)):
             log.warning("registry.max_connections_above_open_files", max_connections=max_connections,
-                        open_files_limit=open_files_limit(), room_for=default_max_connections(open_files_limit()),
+                        open_files_limit=open_files, room_for=room_for,
                         note="connections may take every file descriptor: lower NIXERY_MAX_CONNECTIONS or "
                              "raise the limit")
         listening()
