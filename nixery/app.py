@@ -18,7 +18,7 @@ from aiohttp import web
 from nixery import loop_lag, metrics, scratch
 from nixery.builder import ImageBuilder
 from nixery.config import ConfigError, Settings
-from nixery.http import auth, bodies, health, hosts, referrers, routes, shutdown
+from nixery.http import auth, bodies, health, hosts, proxies, referrers, routes, shutdown
 from nixery.http import signatures as http_signatures
 from nixery.http.access import access_log
 from nixery.http.errors import error_middleware
@@ -39,13 +39,21 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         # A malformed Host is refused before any handler makes a link or a pull command of it.
-        middlewares=[access_log, metrics.metrics_middleware, error_middleware, hosts.refuse_malformed_host],
+        # The client behind a trusted proxy is found first, for the log and the turns it waits in.
+        middlewares=[
+            proxies.find_client,
+            access_log,
+            metrics.metrics_middleware,
+            error_middleware,
+            hosts.refuse_malformed_host,
+        ],
         handler_args={"max_field_size": 16384},
     )
     app[routes.BLOB_REDIRECT] = settings.blob_redirect
     app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""
     app[routes.MANIFESTS] = routes.ManifestCache(settings.record_cache)  # as many as image records
     app[bodies.BODY_TIMEOUT] = settings.header_timeout  # a body has as long as its head had
+    app[proxies.TRUSTED_PROXIES] = settings.trusted_proxies
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)

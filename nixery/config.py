@@ -181,6 +181,8 @@ class Settings:
     signing_key: SigningKey | None = None
     # The host clients name the registry by, in signatures; unset: each request's Host.
     public_host: str | None = None
+    # NIXERY_TRUSTED_PROXIES: peers whose X-Forwarded-For names the client (nixery/http/proxies.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def source_description(self) -> str:
@@ -234,7 +236,7 @@ SETTING_TYPES: dict[str, type] = {
     "NIXERY_HOST": str, "PORT": int, "NIXERY_WORKERS": int,
     "NIXERY_SHUTDOWN_GRACE": float, "NIXERY_SHUTDOWN_DELAY": float,
     "NIXERY_HEADER_TIMEOUT": float, "NIXERY_SEND_TIMEOUT": float, "NIXERY_MAX_CONNECTIONS": int,
-    "NIXERY_PUBLIC_HOST": str,
+    "NIXERY_PUBLIC_HOST": str, "NIXERY_TRUSTED_PROXIES": str,
     "LOG_LEVEL": str, "LOG_FORMAT": str,
     # package sources
     "NIXERY_PKGS_PATH": Path, "NIXERY_PKGS_REPO": str, "NIXERY_CHANNEL": str, "NIXERY_CHANNEL_URL": str,
@@ -581,6 +583,21 @@ def _public_host(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`127.0.0.1, 10.0.0.0/8, ::1`: addresses and networks (host bits allowed: 10.1.2.3/8 is 10.0.0.0/8)."""
+    networks = []
+    for entry in env.get("NIXERY_TRUSTED_PROXIES", "").split(","):
+        if not (entry := entry.strip()):
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"NIXERY_TRUSTED_PROXIES: {entry[:100]!r} is not an IP address or network (127.0.0.1, 10.0.0.0/8, ::1)"
+            ) from None
+    return tuple(networks)
+
+
 def _kubeconfig(env: Mapping[str, str]) -> Path | None:
     """The kubeconfig to use for NIXERY_K8S_WATCH; None: in-cluster, else ~/.kube/config."""
     first = next((p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p), None)
@@ -655,4 +672,5 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         kubeconfig=_kubeconfig(env) if _bool(env, "NIXERY_K8S_WATCH", False) else None,
         signing_key=_signing_key(env),
         public_host=_public_host(env),
+        trusted_proxies=_trusted_proxies(env),
     )

@@ -32,7 +32,8 @@ class LoopbackServer:
 
 
 def http_request(
-    host: str, path: str, *, method: str = "GET", accept: str | None = None, timeout: float = 300
+    host: str, path: str, *, method: str = "GET", accept: str | None = None, timeout: float = 300,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request to HOST:PORT; returns (status, headers, body)."""
     import http.client
@@ -40,7 +41,7 @@ def http_request(
     hostname, port = host.rsplit(":", 1)
     connection = http.client.HTTPConnection(hostname, int(port), timeout=timeout)
     try:
-        connection.request(method, path, headers={"Accept": accept} if accept else {})
+        connection.request(method, path, headers={**({"Accept": accept} if accept else {}), **(headers or {})})
         response = connection.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:

@@ -37,8 +37,10 @@ class Front:
     registry: RegistryProcess
     host: str  # nginx's HOST:PORT
 
-    def get(self, path: str, accept: str | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        return daemons.http_request(self.host, path, method=method, accept=accept)
+    def get(
+        self, path: str, accept: str | None = None, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        return daemons.http_request(self.host, path, method=method, accept=accept, headers=headers)
 
 
 def _front(start_registry, tmp_path: Path, **env: str) -> Iterator[Front]:
@@ -55,6 +57,12 @@ def _front(start_registry, tmp_path: Path, **env: str) -> Iterator[Front]:
 def front(start_registry, tmp_path: Path) -> Iterator[Front]:
     """Every blob request goes to the registry (NIXERY_BLOB_ACCEL_REDIRECT alone)."""
     yield from _front(start_registry, tmp_path)
+
+
+@pytest.fixture
+def trusting_front(start_registry, tmp_path: Path) -> Iterator[Front]:
+    """The registry believes nginx's X-Forwarded-For (NIXERY_TRUSTED_PROXIES)."""
+    yield from _front(start_registry, tmp_path, NIXERY_TRUSTED_PROXIES="127.0.0.1")
 
 
 @pytest.fixture
@@ -127,6 +135,26 @@ def test_a_corrupt_blob_is_refused_before_nginx_would_send_it(front: Front, tmp_
     status, _, body = front.get(f"/v2/shell/cowsay/blobs/{layer}")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert not blob.exists()  # quarantined; the next pull of the image rebuilds it
+
+
+def _clients_logged(registry: RegistryProcess, path: str) -> list[str]:
+    return [e["client"] for e in registry.log_events("http.request") if e["path"] == path]
+
+
+@needs_nginx
+def test_behind_a_trusted_proxy_the_log_names_the_client_it_forwarded(trusting_front: Front) -> None:
+    # nginx appends the address it was reached from (127.0.0.1, trusted) to what it was sent: a
+    # client behind another proxy sends one. The first untrusted address from the right is the client.
+    trusting_front.get("/v2/named-client", headers={"X-Forwarded-For": "203.0.113.7"})
+    trusting_front.get("/v2/nginx-itself")
+    assert _clients_logged(trusting_front.registry, "/v2/named-client") == ["203.0.113.7"]
+    assert _clients_logged(trusting_front.registry, "/v2/nginx-itself") == ["127.0.0.1"]
+
+
+@needs_nginx
+def test_without_trusted_proxies_a_forwarded_address_is_not_believed(front: Front) -> None:
+    front.get("/v2/named-client", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert _clients_logged(front.registry, "/v2/named-client") == ["127.0.0.1"]
 
 
 @pytest.mark.parametrize("prefix", ["_blobs/", "/_blobs", "/a b/", "/x?y/", "/%2e/"])

@@ -23,6 +23,7 @@ def log_request(request: web.BaseRequest, status: int, started: float) -> None:
     """Log one answered request; `started` is a `time.monotonic()` reading."""
     log.info(
         "http.request",
+        client=request.remote,
         method=request.method,
         path=request.path[:300],
         status=status,

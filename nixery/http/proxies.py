@@ -1,0 +1,88 @@
+"""Which client a request is from, behind reverse proxies (NIXERY_TRUSTED_PROXIES).
+
+Behind nginx or an ingress, every connection comes from the proxy. Build slots
+are served in turn by client, password checks wait in turn by client, and the
+access log names the client: with the proxy's address for all of them, one
+client's twenty queued builds held everyone back, and a client guessing
+passwords slowed every login. A proxy names the client in `X-Forwarded-For`,
+appending the address it was reached from to what it was sent.
+
+The header is only believed from a trusted peer, and only as far as the chain
+of trusted hops goes: from the right, every address that is a trusted proxy is
+passed over, and the first that is not is the client. An address to its left
+was written by that client and could be anything. Without the setting, the
+header is ignored, so a client cannot pick its own address.
+
+aiohttp-remotes was looked at: its strict mode needs every request to have come
+through the same number of proxies (a health probe sent to the pod directly is
+refused) and its filtered mode believes the header from any peer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from aiohttp import web
+
+from nixery.http.errors import Handler
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
+
+#: Some proxies (Azure's, IIS) write a port after the address: `198.51.100.7:5123`, `[2001:db8::7]:5123`.
+_WITH_PORT = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|(?P<v4>[0-9.]+):[0-9]{1,5}")
+
+
+def _address(text: str) -> Address | None:
+    text = text.strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        match = _WITH_PORT.fullmatch(text)
+        if match is None:
+            return None
+        try:
+            address = ipaddress.ip_address(match["v6"] or match["v4"])
+        except ValueError:
+            return None
+    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted networks are written as IPv4.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str | None:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the last
+    address in `X-Forwarded-For` (all its header lines, in order) that is not one.
+
+    An entry that is no address (`unknown`, garbage a client sent) ends the walk: the
+    hop that passed it on is the client as far as anyone trusted can tell.
+    """
+    if not trusted or peer is None:
+        return peer
+    current = _address(peer)
+    if current is None or not any(current in network for network in trusted):
+        return peer
+    entries = [entry for line in forwarded_for for entry in line.split(",")]
+    for entry in reversed(entries):
+        address = _address(entry)
+        if address is None:
+            break
+        current = address
+        if not any(address in network for network in trusted):
+            break
+    return str(current)
+
+
+@web.middleware
+async def find_client(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Make `request.remote` the client's address for everything after it (the outermost middleware)."""
+    trusted = request.app[TRUSTED_PROXIES]
+    if trusted:
+        client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
+        if client is not None and client != request.remote:
+            request = request.clone(remote=client)
+    return await handler(request)
