@@ -191,13 +191,21 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        status = answered_status(request, response)
         return response
     except web.HTTPException as exc:
         status = exc.status
         raise
     finally:
         count_request(request, status, started)
+
+
+def answered_status(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The response's status, or nginx's 499 when the client hung up before it could be sent: a
+    pull given up while its image was built was logged and counted as a 200 it never got."""
+    if not response.prepared and (request.transport is None or request.transport.is_closing()):
+        return 499
+    return response.status
 
 
 def count_request(request: web.Request, status: int, started: float) -> None:

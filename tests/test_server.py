@@ -611,3 +611,19 @@ def test_a_build_form_naming_only_a_scheme_names_no_image(registry: RegistryProc
     answer = exchange(registry.port, head + body)
     error = json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]
     assert (error["code"], error["message"]) == ("NAME_INVALID", "the image name lists no packages"), error
+
+
+def test_a_pull_given_up_while_its_image_builds_is_logged_as_gone(tmp_path, start_registry) -> None:
+    registry = start_registry(tmp_path / "storage", NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "set", 4)))
+    path = "/v2/shell/slowpoke/manifests/latest"
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(1)  # the build has started; the client gives up
+    deadline = time.monotonic() + 120
+    while not [e for e in registry.log_events("http.request") if e["path"] == path]:
+        assert time.monotonic() < deadline, "the request was never logged"
+        time.sleep(0.3)
+    assert registry.log_events("build.done"), "the build goes on for the next pull"
+    assert [e["status"] for e in registry.log_events("http.request") if e["path"] == path] == [499]
+    _, _, metrics = registry.request("/metrics", accept="text/plain")
+    assert b'route="/v2/{name}/manifests/{reference}",status="200"' not in metrics

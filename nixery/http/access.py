@@ -15,6 +15,7 @@ from aiohttp import web
 
 from nixery import fair
 from nixery.http.errors import Handler
+from nixery.metrics import answered_status
 
 log = structlog.get_logger(__name__)
 
@@ -36,5 +37,5 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     started = time.monotonic()
     fair.requester.set(request.remote or "")  # the builds it starts wait for a slot in turn with others'
     response = await handler(request)
-    log_request(request, response.status, started)
+    log_request(request, answered_status(request, response), started)
     return response
