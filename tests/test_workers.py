@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import daemons
 from tests.registry import REPOSITORY, RegistryProcess, free_port
 from tests.test_metrics import scrape, total
 from tests.test_shared_builds import answered_everywhere, events_until, post_build
@@ -91,9 +92,22 @@ def test_a_worker_that_dies_is_replaced(start_registry, tmp_path: Path, temporar
     assert total(scrape(registry), "nixery_http_requests_total", method="POST", route="/builds") == (
         posted_before + posted_after)
 
+    # multiprocessing's resource trackers write to the log too, and the dead worker's tracker
+    # warned in plain text about the semaphores it had left, as it ended after the stop.
+    trackers = [pid for pid in daemons.process_tree(registry.process.pid) if b"resource_tracker" in _cmdline(pid)]
+    assert trackers, "no resource tracker found: the check below would check nothing"
     registry.process.send_signal(signal.SIGTERM)
     assert registry.process.wait(30) == 0
     assert list(temporary.iterdir()) == []
+    eventually(lambda: all(daemons.gone(pid) for pid in trackers), "the resource trackers end")
+    assert registry.plain_text_lines() == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_stop_leaves_no_temporary_directory_of_the_workers(start_registry, tmp_path: Path, temporary: Path) -> None:

@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,18 @@ T = TypeVar("T")
 #: Writes one layer's bytes to an open file: a picklable callable (a partial of a
 #: module-level function), as it is sent to a worker process.
 LayerWrite = Callable[[BinaryIO], LayerBlob]
+
+
+#: What multiprocessing's resource tracker prints, in plain text into the JSON log, when it
+#: frees the semaphores of a pool whose server process was killed (`worker.ended` says that).
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"  # -W: the message's start (no colons)
+
+
+def _quiet_resource_tracker() -> None:
+    """The tracker is started, with this interpreter's -W options, when the first pool makes
+    its semaphores: it takes the filter from there (its leak warnings are its only output)."""
+    if _TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_WARNING)
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], T]) -> T:
@@ -182,6 +195,7 @@ class LayerWriters:
 
     def _new_pool(self) -> Executor:
         if self._processes:
+            _quiet_resource_tracker()
             try:  # its queues' semaphores are made here
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(_PRELOAD)
