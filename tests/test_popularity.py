@@ -4,6 +4,8 @@ End to end with real Nix and real `nixery serve` processes: `app` refers to
 `libdata` (75 KB) and nothing else does. Counted within the closure alone,
 libdata is as good as app's own and joins app's layer; with data that says
 libdata is in a thousand packages' closures, it gets a layer of its own.
+Nixery's popcount names packages without their store hashes (`libdata`), as
+its published data does; a key may also name one store path (`<hash>-libdata`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from structlog.testing import capture_logs
 
 from nixery.layers.popularity import TAKES_OVER_AT, Popularity, PopularityError, parse_counts
 from tests.httpd import LocalHTTP
-from tests.registry import REPOSITORY, RegistryProcess, free_port, run
+from tests.registry import REPOSITORY, RegistryProcess, free_port, have, run
 
 BUSYBOX = REPOSITORY / "pkgs" / "busybox"
 
@@ -51,7 +53,7 @@ class JSONServer(LocalHTTP):
 
 @pytest.fixture(scope="module")
 def pkgs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The set, and a popularity file in Nixery's format that makes libdata popular."""
+    """The set, and a popularity file that makes libdata popular, keyed by its store path."""
     root = tmp_path_factory.mktemp("popularity")
     directory = write_set(root / "pkgs")
     libdata = run(["nix-build", str(directory), "-A", "libdata", "--no-out-link"]).stdout.strip()
@@ -91,6 +93,34 @@ def test_popularity_data_splits_what_the_closure_alone_would_join(
     assert [e["paths"] for e in registry.log_events("layering.popularity_loaded")] == [2]
 
 
+def layers_pulled(registry: RegistryProcess, name: str) -> int:
+    """How many layers skopeo, a real client, finds in `name`'s image."""
+    inspected = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/{name}"]).stdout
+    return len(json.loads(inspected)["Layers"])
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_nixerys_own_data_keyed_by_package_name_guides_the_layering(tmp_path: Path, pkgs: tuple[Path, Path]) -> None:
+    """Nixery's popcount writes package names without store hashes ({"glibc-2.37-8": 11624}); its
+    data used to match no store path at all, so every path counted 1 and the closure's own counts
+    were lost: a layering worse than with no data."""
+    directory, _ = pkgs
+    data = tmp_path / "popularity-nixos-unstable.json"
+    data.write_text(json.dumps({"libdata": 1000, "glibc-2.37-8": 11624, "zlib-1.3": 4172}))
+    without, _ = layers_of_app(tmp_path, directory, NIXERY_LAYER_COST_MB="0")
+    registry = RegistryProcess(
+        storage=tmp_path / "storage-nixery-data",
+        env={"NIXERY_PKGS_PATH": str(directory), "NIX_POPULARITY_URL": f"file://{data}", "NIXERY_LAYER_COST_MB": "0"},
+    ).start()
+    try:
+        with_data = layers_pulled(registry, "app")
+    finally:
+        registry.stop()
+    assert with_data == without + 1, (with_data, without)
+    assert [e["paths"] for e in registry.log_events("layering.popularity_loaded")] == [3]
+
+
 @pytest.mark.nix
 @pytest.mark.parametrize("problem", ["unreachable", "not counts"])
 def test_bad_or_unreachable_data_is_one_warning_and_layering_goes_on(
@@ -116,9 +146,15 @@ def test_bad_or_unreachable_data_is_one_warning_and_layering_goes_on(
     assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
 
 
-def test_counts_are_keyed_by_store_path() -> None:
-    counts = parse_counts(b'{"abc-glibc": 5, "/nix/store/def-zlib": 2}')
-    assert counts == {"/nix/store/abc-glibc": 5, "/nix/store/def-zlib": 2}
+def test_counts_are_keyed_by_store_path_or_by_name() -> None:
+    hashed = "0c2ak7wd00000000000000000000000a-glibc-2.37-8"
+    counts = parse_counts(json.dumps({hashed: 5, "/nix/store/def-zlib": 2, "glibc-2.37-8": 7, "jq": 3}).encode())
+    assert counts["/nix/store/" + hashed] == 5  # its own count first
+    assert counts["/nix/store/1a9qz3r8000000000000000000000000-glibc-2.37-8"] == 7  # by name (Nixery's keys)
+    assert counts["/nix/store/def-zlib"] == 2
+    assert counts.get("/nix/store/1a9qz3r8000000000000000000000000-jq-1.7") is None  # names match whole
+    assert counts.get("/nix/store/1a9qz3r8000000000000000000000000-other", 1) == 1
+    assert len(counts) == 4
     for bad in (b"[]", b'{"x": -1}', b'{"x": true}', b'{"x": "5"}', b"{", b"[" * 100_000, b"\xff"):
         with pytest.raises(PopularityError):
             parse_counts(bad)
@@ -138,11 +174,11 @@ async def test_megabytes_of_data_are_read_whole_over_http() -> None:
 
 async def test_the_history_takes_over_and_data_is_read_once(tmp_path: Path) -> None:
     data = tmp_path / "p.json"
-    data.write_text('{"abc-glibc": 5}')
+    data.write_text('{"glibc": 5}')
     popularity = Popularity(f"file://{data}")
-    assert await popularity.until(0) == {"/nix/store/abc-glibc": 5}
+    assert await popularity.until(0) == {"glibc": 5}
     data.write_text("changed")
-    assert await popularity.until(TAKES_OVER_AT - 1) == {"/nix/store/abc-glibc": 5}
+    assert await popularity.until(TAKES_OVER_AT - 1) == {"glibc": 5}
     assert await popularity.until(TAKES_OVER_AT) is None
     missing = Popularity(f"file://{tmp_path}/missing.json")
     with capture_logs() as logs:

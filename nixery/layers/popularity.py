@@ -3,12 +3,14 @@
 A registry that has built nothing yet has no layering history, and grouping
 (`nixery.layers.grouping`) then knows only how many paths of one closure
 depend on each path. Package-wide counts say more: Nixery publishes them
-(its `popcount` tool) as one JSON object of store path name to the number of
-packages whose closure holds it:
+(its `popcount` tool) as one JSON object of package name, a store path's name
+without its hash, to the number of packages whose closure holds it:
 
-    {"0c2ak7wd...-glibc-2.37-8": 11624, "1a9qz3r8...-zlib-1.3": 4172, ...}
+    {"glibc-2.37-8": 11624, "zlib-1.3": 4172, ...}
 
-Keys may also be whole store paths (`/nix/store/...`). The data is read once
+Such a name counts for every store path of that name, whatever its hash. Keys
+may also name one store path: `<hash>-<name>` or a whole `/nix/store/...`
+path, which comes first where both are given. The data is read once
 per process, from `file://` or `http(s)://`, within `MAX_BYTES` and
 `FETCH_TIMEOUT`, and parsed off the event loop. Data that cannot be fetched
 or is not such an object is logged as one warning; layering goes on
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -38,6 +41,8 @@ MAX_BYTES = 64 << 20
 FETCH_TIMEOUT = 60.0
 #: Layers in the history past which popularity data is no longer used.
 TAKES_OVER_AT = 1000
+#: A store path's base name: its 32-character hash (Nix's base 32), a dash, the name.
+HASHED_NAME = re.compile(r"[0-9a-z]{32}-(.+)")
 
 
 class PopularityError(Exception):
@@ -60,20 +65,53 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def parse_counts(data: bytes) -> dict[str, int]:
-    """Store path -> count, from the JSON document (keys without a directory get the store's)."""
+class Counts(Mapping[str, int]):
+    """Store path -> count: a path's own count, else the count of its name (Nixery's keys).
+
+    Iterating gives the keys as the data has them (store paths, and names without a hash)."""
+
+    def __init__(self, by_path: dict[str, int], by_name: dict[str, int]):
+        self.by_path = by_path
+        self.by_name = by_name
+
+    def __getitem__(self, path: str) -> int:
+        count = self.by_path.get(path, self.by_name.get(path))
+        if count is not None:
+            return count
+        matched = HASHED_NAME.fullmatch(path.rpartition("/")[2]) if path.startswith(STORE_DIR) else None
+        if matched is None:
+            raise KeyError(path)
+        return self.by_name[matched.group(1)]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.by_path
+        yield from self.by_name
+
+    def __len__(self) -> int:
+        return len(self.by_path) + len(self.by_name)
+
+
+def parse_counts(data: bytes) -> Counts:
+    """The counts of the JSON document: of store paths (a key with a hash; without a directory it
+    gets the store's) and of names (a key without one, as Nixery's popcount writes them)."""
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise PopularityError(f"not JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise PopularityError(f"expected an object of store path names to counts, not {type(document).__name__}")
-    counts = {}
+    by_path: dict[str, int] = {}
+    by_name: dict[str, int] = {}
     for name, count in document.items():
         if not is_count(count):
             raise PopularityError(f"the count of {name[:200]!r} is not a non-negative integer: {count!r:.50}")
-        counts[name if name.startswith("/") else STORE_DIR + name] = count
-    return counts
+        if name.startswith("/"):
+            by_path[name] = count
+        elif HASHED_NAME.fullmatch(name):
+            by_path[STORE_DIR + name] = count
+        else:
+            by_name[name] = count
+    return Counts(by_path, by_name)
 
 
 class Popularity:
@@ -84,7 +122,7 @@ class Popularity:
         parts = urlsplit(url)
         # For the log: without a user part, which may hold a password or token.
         self.shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        self._counts: dict[str, int] | None = None
+        self._counts: Counts | None = None
         self._loaded = False
         self._lock = asyncio.Lock()
 
