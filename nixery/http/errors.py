@@ -10,12 +10,18 @@ outside the storage interface) is 507, kind STORAGE_FULL, counted per refused
 request (`nixery_storage_full_total`) and logged as an error at most once a
 minute: a full disk fails every build, and every layer of each, until space
 is made.
+
+A 5xx answer also says its message in the status line's reason phrase: registry
+clients (docker, podman, skopeo, containerd's ctr) read the JSON body of a 4xx
+answer only, and of a 5xx print the status line alone ("received unexpected
+HTTP status: 502 Bad Gateway"), which told a user nothing of why.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import structlog
 from aiohttp import web
@@ -85,9 +91,30 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
             return errors.InternalError("internal error; see the registry's log")
 
 
+#: Most characters of a message that a 5xx answer's status line carries.
+REASON_MESSAGE_CHARS = 300
+
+
+def reason_phrase(error: errors.RegistryError) -> str | None:
+    """The status line's reason phrase for `error`: for a 5xx, the standard phrase and the message
+    on one line of printable ASCII (`500 Internal Server Error: cannot build ...`), as clients print
+    nothing else of a 5xx answer; None (the standard phrase) otherwise."""
+    if error.status < 500:
+        return None
+    try:
+        standard = HTTPStatus(error.status).phrase
+    except ValueError:
+        standard = "Server Error"
+    message = " ".join(error.message.split())
+    message = "".join(c if " " <= c <= "~" else "?" for c in message)
+    if len(message) > REASON_MESSAGE_CHARS:
+        message = message[: REASON_MESSAGE_CHARS - 3] + "..."
+    return f"{standard}: {message}" if message else standard
+
+
 def error_response(error: errors.RegistryError) -> web.Response:
     # To a HEAD, aiohttp sends the headers alone: the Content-Length says how long the body would be.
-    return web.json_response(error.to_json(), status=error.status, headers=error.headers)
+    return web.json_response(error.to_json(), status=error.status, reason=reason_phrase(error), headers=error.headers)
 
 
 @web.middleware
