@@ -750,6 +750,34 @@ def test_invalid_files_are_reported_and_skipped(start_registry, tmp_path: Path) 
     assert registry.process.poll() is None
 
 
+@pytest.mark.skipif(not have("podman"), reason="needs podman")
+def test_a_pull_of_an_invalid_declaration_says_what_is_wrong_with_it(start_registry, tmp_path: Path) -> None:
+    """A declaration with a field the registry does not know (buildLayeredImage's `Volumes`, a
+    typo for `workingDir`) is skipped, with a line in the log. Its pull read the name as
+    packages: "manifest unknown: packages not found in bundled busybox: app", which sent the
+    user looking for a package. It now names the declaration and its problem."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "app.yaml", nix_image("app", contents=["shell", "hello"], volumes=["/data"]))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images))
+
+    pulled = run(["podman", "pull", "--tls-verify=false", f"{registry.host}/app:v1"], check=False)
+    assert pulled.returncode != 0
+    assert f"app:v1 is declared in file {images / 'app.yaml'}#0, but that declaration cannot be served" in (
+        pulled.stderr
+    ), pulled.stderr
+    assert "unknown field(s) in data: volumes" in pulled.stderr and "packages not found" not in pulled.stderr
+    status, _, body = registry.request("/v2/app/manifests/v1")
+    error = json.loads(body)["errors"][0]
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN") and error["detail"]["declaration"].endswith("#0")
+    # Another tag of the name is not declared: the name is read as packages, as always.
+    assert b"packages not found" in registry.request("/v2/app/manifests/v2")[2]
+
+    # Fixed, it is served.
+    touch_later(images / "app.yaml", yaml.safe_dump(nix_image("app", contents=["shell", "hello"])))
+    assert digest_of(registry, "app", "v1") == digest_of(registry, "shell/hello", "v1")
+
+
 def test_a_symlink_to_nothing_is_reported_not_skipped_in_silence(tmp_path: Path) -> None:
     """`images.yaml` a symlink to a file that is not there (a typo, a volume not mounted) or to
     itself: the file was skipped without a word, so its images were simply not there. It is

@@ -50,6 +50,9 @@ MAX_DECLARATION_FILES = 1_000
 class Problem:
     origin: str
     message: str
+    #: The name:tag the invalid document meant to declare, when it says (string name and tag):
+    #: a pull of it is told that its declaration is invalid, not that no package has its name.
+    reference: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +140,11 @@ class DeclarationFiles:
         declarations: list[Declaration] = []
         problems: list[Problem] = []
 
-        def report(document: str | None, message: str, name: str | None = None) -> None:
+        def report(
+            document: str | None, message: str, name: str | None = None, reference: tuple[str, str] | None = None
+        ) -> None:
             origin = f"file {path}" + (f"#{document}" if document is not None else "")
-            problems.append(Problem(origin, message))
+            problems.append(Problem(origin, message, reference))
             if len(problems) <= MAX_LOGGED_PER_FILE:
                 log.warning("declarations.invalid", file=str(path), document=document, name=name, problem=message)
 
@@ -160,10 +165,15 @@ class DeclarationFiles:
             except Exception as exc:
                 message = str(exc) if isinstance(exc, InvalidDeclaration) else f"cannot be checked: {_describe(exc)}"
                 name = None
+                reference = None
                 if isinstance(document, Mapping) and isinstance(document.get("metadata"), Mapping):
                     raw = document["metadata"].get("name")
                     name = _cut(raw) if isinstance(raw, str) else None
-                report(label, message, name)
+                    data = document.get("data")
+                    tag = data.get("tag") if isinstance(data, Mapping) else None
+                    if isinstance(raw, str) and isinstance(tag, str):
+                        reference = (raw, tag)
+                report(label, message, name, reference)
                 continue
             declarations.append(declaration)
         log.info(
@@ -178,6 +188,17 @@ class DeclarationFiles:
     @property
     def declarations(self) -> list[Declaration]:
         return [d for path in sorted(self._files) for d in self._files[path].declarations]
+
+    @property
+    def invalid(self) -> dict[tuple[str, str], Problem]:
+        """The name:tag of each invalid document that says one, with its problem (the first, in
+        path and document order, when several say the same)."""
+        found: dict[tuple[str, str], Problem] = {}
+        for path in sorted(self._files):
+            for problem in self._files[path].problems:
+                if problem.reference is not None:
+                    found.setdefault(problem.reference, problem)
+        return found
 
     @property
     def problems(self) -> list[Problem]:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from nixery.background import spawn
-from nixery.declarations.files import DeclarationFiles
+from nixery.declarations.files import DeclarationFiles, Problem
 from nixery.declarations.parsing import FILES, Declaration, _describe
-from nixery.errors import RegistryError
+from nixery.errors import ManifestUnknown, RegistryError
 from nixery.registry.names import ImageRequest
 from nixery.registry.negotiation import pull_digests
 from nixery.singleflight import WorkStopped
@@ -125,6 +125,8 @@ class DeclarationStore:
         self.scan_wait = scan_wait
         self._sources: dict[str, list[Declaration]] = {}
         self._table = _Table()
+        #: The files' invalid declarations, by the name:tag each meant (`resolve` says so).
+        self._invalid: dict[tuple[str, str], Problem] = {}
         self._reported_conflicts: set[tuple[str, str]] = set()
         self._reporters: dict[str, StatusReporter] = {}
         self._builds: dict[tuple[Any, ...], asyncio.Task[None]] = {}
@@ -201,13 +203,15 @@ class DeclarationStore:
                 self._scan_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="declarations-scan")
             files = self.files
 
-            def scan() -> list[Declaration] | None:
-                """The files' declarations when they may have changed: collected here, in the thread."""
-                return files.declarations if files.scan() else None
+            def scan() -> tuple[list[Declaration], dict[tuple[str, str], Problem]] | None:
+                """The files' declarations, and their invalid ones, when they may have changed:
+                collected here, in the thread."""
+                return (files.declarations, files.invalid) if files.scan() else None
 
             try:
-                declarations = await asyncio.get_running_loop().run_in_executor(self._scan_thread, scan)
-                if declarations is not None:
+                scanned = await asyncio.get_running_loop().run_in_executor(self._scan_thread, scan)
+                if scanned is not None:
+                    declarations, self._invalid = scanned
                     await self.update_source(FILES, declarations)
             except Exception as exc:  # the table stays as it was; the next scan tries again
                 failure = _describe(exc)
@@ -231,10 +235,18 @@ class DeclarationStore:
         return sorted(self._table.by_reference.values(), key=lambda d: d.rank)
 
     async def resolve(self, name: str, tag: str) -> ImageRequest | None:
-        """The declared contents of `name:tag`, or None to read the name as packages."""
+        """The declared contents of `name:tag`, or None to read the name as packages; ManifestUnknown
+        when the only declaration of `name:tag` is an invalid one."""
         await self.refresh_files(wait=self.scan_wait)
         declaration = self.lookup(name, tag)
         if declaration is None:
+            invalid = self._invalid.get((name, tag))
+            if invalid is not None:  # not the name read as packages: "packages not found: NAME"
+                raise ManifestUnknown(
+                    f"{name}:{tag} is declared in {invalid.origin}, but that declaration cannot be served: "
+                    f"{invalid.message}",
+                    detail={"declaration": invalid.origin},
+                )
             return None
         log.info(
             "declarations.resolved", image=declaration.reference, contents=declaration.contents,
