@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,32 @@ def test_filesystem_is_the_default(tmp_path: Path) -> None:
 def test_cloud_backend_without_its_settings(backend: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BUCKET"):
         open_storage(Settings(storage_backend=backend, storage_path=tmp_path))
+
+
+def test_nixerys_gcs_settings_without_credentials_name_the_bucket(tmp_path: Path) -> None:
+    """Nixery's settings (`BUCKET`, `NIXERY_STORAGE_BACKEND=gcs`) where no Google credentials
+    are found: `nixery serve` stops with one line that named `GCS_BUCKET`, a variable this user
+    never set; it names the bucket."""
+    env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+    env.update(
+        NIXERY_STORAGE_BACKEND="gcs",
+        BUCKET="my-nixery-bucket",
+        STORAGE_PATH=str(tmp_path),
+        PORT="0",
+        GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no-such-key.json"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nixery", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 2, done
+    line = done.stderr.strip()
+    assert "no Google credentials for GCS bucket 'my-nixery-bucket'" in line and "GCS_BUCKET" not in line, line
+    assert "no-such-key.json was not found" in line, line
 
 
 def s3_settings(**env: str) -> config.S3Settings:
