@@ -157,7 +157,8 @@ class GCSStorage(LeasedStorage):
             try:
                 own, project = google.auth.default(scopes=_SCOPES)
             except google.auth.exceptions.DefaultCredentialsError as error:
-                raise StorageSettingsInvalid(f"no Google credentials for GCS bucket {config.bucket!r}: {error}") from None
+                problem = f"no Google credentials for GCS bucket {config.bucket!r}: {error}"
+                raise StorageSettingsInvalid(problem) from None
             self._client = storage.Client(project=project, credentials=own)
         self._signer = _signing_key_credentials(config) if config.signing_key else own
         if not isinstance(self._signer, Signing) and not hasattr(self._signer, "service_account_email"):
