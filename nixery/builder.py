@@ -50,6 +50,7 @@ from nixery.evaluations import EvaluationCache
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
+from nixery.layers import nixdb
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
 from nixery.layers.grouping import plan_layers
@@ -603,7 +604,12 @@ class ImageBuilder:
             return counter.count(await self.layers.store_paths(sorted(paths)))
 
         async def store_entry_points() -> tuple[str | None, StoredLayer]:
-            written, layer = await self.layers.store_entry_points(linked, list(graph.nodes.keys()), request.config)
+            closure = list(graph.nodes.keys())
+            registrations = None  # an image with Nix gets a Nix database of its paths (nixery.layers.nixdb)
+            if await asyncio.to_thread(nixdb.has_nix, linked):
+                until = time.monotonic() + self.source.timeout
+                registrations = await self.source.registrations(closure, until=until)
+            written, layer = await self.layers.store_entry_points(linked, closure, request.config, registrations)
             report_links(build, bound, written.linked)
             return written.ca_bundle, counter.count(layer)
 

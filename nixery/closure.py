@@ -6,6 +6,7 @@ layering benchmark), so grouping code never depends on where the graph came from
 
 from __future__ import annotations
 
+import base64
 import graphlib
 import json
 from collections.abc import Iterable, Mapping
@@ -109,6 +110,81 @@ class ClosureGraph:
             except (KeyError, TypeError, ValueError) as exc:
                 raise GraphError(f"path-info entry for {path} lacks narSize") from exc
         return cls(nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What Nix's store database records of one valid path: a Nix database in an image is made of these."""
+
+    path: str
+    nar_hash: str  # "sha256:<base16>", as Nix's database keeps it
+    nar_size: int
+    references: tuple[str, ...]  # sorted; the path itself too when it refers to itself
+    ca: str | None = None  # a content address ("fixed:r:sha256:..."), when the path has one
+
+
+#: Nix's own base-32 alphabet (no e, o, t, u), as `nix path-info` (Nix 2.8-2.18) prints hashes.
+_NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+_SHA256_BYTES = 32
+
+
+def _nix_base32_bytes(text: str) -> bytes:
+    """Nix's base 32 is read from the last character on, five bits each, least significant first."""
+    value = bytearray(_SHA256_BYTES)
+    for n, char in enumerate(reversed(text)):
+        digit = _NIX_BASE32.index(char)
+        bit = n * 5
+        index, shift = divmod(bit, 8)
+        value[index] |= (digit << shift) & 0xFF
+        if shift > 3:
+            if index + 1 >= _SHA256_BYTES:
+                if digit >> (8 - shift):
+                    raise ValueError("more bits than a sha256")
+                continue
+            value[index + 1] |= digit >> (8 - shift)
+    return bytes(value)
+
+
+def base16_nar_hash(text: str) -> str:
+    """`sha256:<hex>` of a NAR hash as Nix prints one: `sha256:` and hex (its database), Nix's
+    base 32 (`nix path-info` up to 2.18) or base 64, or SRI `sha256-<base64>` (2.19 on)."""
+    try:
+        if text.startswith("sha256-"):
+            digest = base64.b64decode(text[7:], validate=True)
+        elif text.startswith("sha256:"):
+            encoded = text[7:]
+            if len(encoded) == 64:
+                digest = bytes.fromhex(encoded)
+            elif len(encoded) == 52:
+                digest = _nix_base32_bytes(encoded)
+            else:
+                digest = base64.b64decode(encoded, validate=True)
+        else:
+            raise ValueError("not a sha256 hash")
+    except ValueError as exc:  # binascii.Error is one
+        raise GraphError(f"not a NAR hash Nix prints: {text[:100]!r} ({exc})") from None
+    if len(digest) != _SHA256_BYTES:
+        raise GraphError(f"not a NAR hash Nix prints: {text[:100]!r} (not 32 bytes)")
+    return "sha256:" + digest.hex()
+
+
+def registrations_from_path_info(text: str | bytes) -> list[Registration]:
+    """The registrations in `nix path-info --json` output (either form: see `from_path_info`)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GraphError(f"path-info output is not JSON: {exc}") from exc
+    items = [(entry.get("path"), entry) for entry in data] if isinstance(data, list) else list(data.items())
+    found = []
+    for path, info in items:
+        try:
+            found.append(Registration(
+                path, base16_nar_hash(info["narHash"]), int(info["narSize"]),
+                tuple(sorted(set(info.get("references", ())))), info.get("ca") or None,
+            ))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GraphError(f"path-info entry for {path!r:.200} lacks narHash or narSize: {exc}") from exc
+    return found
 
 
 def _without(name: str, refs: Iterable[str]) -> tuple[str, ...]:

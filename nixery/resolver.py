@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from nixery.closure import ClosureGraph
+from nixery.closure import ClosureGraph, Registration
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,10 @@ class PackageResolver(Protocol):
         """Build the packages (evaluated for `system`) if need be; the closure graph of
         their outputs. `on_line` hears the build's log lines (for progress). Raises
         UnsupportedSystem when `system` cannot be built, saying what would make it work."""
+        ...
+
+    async def registrations(self, paths: Sequence[str], *, until: float) -> list[Registration]:
+        """What Nix records of each of `paths` (valid store paths), for a Nix database in an image."""
         ...
 
     async def warm_up(self) -> None:

@@ -174,6 +174,34 @@ def test_shell_nix_builds_a_derivation_as_root(debian_registry: RegistryProcess)
     assert result.stdout == "built in the image\n", result.stderr[-2000:]
 
 
+def test_shell_nix_knows_the_images_paths_and_its_garbage_collection_keeps_them(
+    debian_registry: RegistryProcess,
+) -> None:
+    """The image had no Nix database: Nix took every path of it for invalid, and
+    `nix-collect-garbage` deleted them all, the running container's `ls` with them. Now the image
+    lists its paths (Nix checks their contents against the hashes it lists) and roots its packages."""
+    script = (
+        "set -e; bash=$(readlink -f /bin/bash); bash=${bash%/bin/bash}\n"
+        "nix-store --verify --check-contents > /tmp/verify 2>&1 || { cat /tmp/verify; exit 1; }\n"
+        "echo verified $(nix-store -q --requisites $bash | wc -l)\n"
+        "nix-store -q --references $bash | grep -q libc6 && echo bash refers to libc6\n"
+        "extra=$(nix-build --no-out-link --option substituters '' -E "
+        "'derivation { name = \"extra\"; system = builtins.currentSystem; builder = \"/bin/sh\"; "
+        "args = [ \"-c\" \"echo > $out\" ]; }')\n"
+        "nix-collect-garbage 2>&1 | tail -1\n"
+        "test -e $extra || echo the built path is collected\n"
+        "ls / > /dev/null && echo ls still runs"
+    )
+    result = podman_run(f"{debian_registry.host}/shell/nix", "bash", "-c", script)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5, (result.stdout, result.stderr[-2000:])
+    assert lines[0].startswith("verified ") and int(lines[0].split()[1]) > 1, result.stdout  # bash's closure
+    assert lines[1] == "bash refers to libc6", result.stdout
+    # Only what was made in the container goes (the derivation and its output): the image's are rooted.
+    assert lines[2].startswith("2 store paths deleted"), result.stdout
+    assert lines[3:] == ["the built path is collected", "ls still runs"], result.stdout
+
+
 def test_localhost_resolves_under_ctr_run(debian_registry: RegistryProcess, tmp_path: Path) -> None:
     """`ctr run` mounts no /etc/hosts: the image's own names localhost, so a program that
     connects to `localhost` (a sidecar, a test database) finds 127.0.0.1 without DNS."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from nixery.closure import ClosureGraph
+from nixery.closure import ClosureGraph, registrations_from_path_info
+from nixery.layers import nixdb
 from nixery.nix import packages, store_db
 from nixery.nix.errors import NixError
 from nixery.nix.process import Deadline, run_nix
@@ -142,6 +143,24 @@ async def test_graph_equals_nix_path_info(case: str, store: BuiltPaths, nix_argv
     # Through the functions the builder uses: no Nix process at all.
     assert (await packages.closure_graph(roots, deadline=Deadline.after(30))).nodes == expected.nodes
     assert nix_argv == []
+
+
+async def test_registrations_equal_nix_path_info_and_make_the_same_database(store: BuiltPaths) -> None:
+    """What an image with Nix lists in its own database (nixery.layers.nixdb): read from the
+    database, or from `nix path-info` when it cannot be, it is the same, and so are the bytes."""
+    closure = sorted(store_db.read_closure(DATABASE, store.web_tops).nodes)
+    stdout = run(["nix", "path-info", "--json", *closure]).stdout
+    expected = sorted(registrations_from_path_info(stdout), key=lambda r: r.path)
+    found = store_db.read_registrations(DATABASE, closure)
+    assert sorted(found, key=lambda r: r.path) == expected
+    assert any(len(r.references) > 1 for r in expected), "no references to compare"
+    assert all(r.nar_hash.startswith("sha256:") and len(r.nar_hash) == 71 for r in found)
+    assert nixdb.database(found) == nixdb.database(list(reversed(expected)))
+    listed = sqlite3.connect(":memory:")
+    listed.deserialize(nixdb.database(found))
+    assert [row[0] for row in listed.execute("SELECT path FROM ValidPaths ORDER BY id")] == closure
+    refs = listed.execute("SELECT count(*) FROM Refs").fetchone()[0]
+    assert refs == sum(len(r.references) for r in expected)
 
 
 def test_the_largest_closure_is_not_trivial(store: BuiltPaths) -> None:

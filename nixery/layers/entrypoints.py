@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from nixery.closure import Registration
+from nixery.layers import nixdb
 from nixery.layers.rootlinks import Linked, LinkedPackage, link_packages
 from nixery.layers.tarball import Entry, LayerBlob, cache_tag, write_entry_layer
 from nixery.registry.image import canonical_json
@@ -127,9 +129,11 @@ def _own_entries(ca_bundle: str | None, config: RunConfig | None) -> list[Entry]
 
 
 def entry_points(
-    packages: Sequence[LinkedPackage], closure: Iterable[str], config: RunConfig | None = None
+    packages: Sequence[LinkedPackage], closure: Iterable[str], config: RunConfig | None = None,
+    registrations: Sequence[Registration] | None = None,
 ) -> EntryPoints:
-    """The entries for the requested packages, in order: the first one wins a conflict.
+    """The entries for the requested packages, in order: the first one wins a conflict. An
+    image with Nix also gets a Nix database of `registrations`, its closure's (nixery.layers.nixdb).
 
     Reads the store (directory listings), so call it off the event loop.
     """
@@ -145,9 +149,11 @@ def entry_points(
     for path, candidates in FIXED_PROGRAMS.items():  # no requested package has it: the closure's
         if path not in entries and (program := find_program(candidates, closure, outputs)) is not None:
             entries[path] = Entry(path, "symlink", target=program)
-    if "bin/nix-build" in entries and "etc/nix" not in entries:
+    if nixdb.NIX_PROGRAM in entries and "etc/nix" not in entries:
         entries["etc/nix"] = Entry("etc/nix", "dir", 0o755)
         entries[NIX_CONF] = Entry(NIX_CONF, "file", 0o644, content=_NIX_CONF)
+    if nixdb.NIX_PROGRAM in entries and registrations is not None:
+        entries.update((e.name, e) for e in nixdb.database_entries(registrations, outputs))
     return EntryPoints(tuple(sorted(entries.values(), key=lambda e: e.name)), ca_bundle, linked)
 
 
@@ -161,13 +167,14 @@ def entry_layer_key(entries: Sequence[Entry], compression: Compression = Compres
 def write_entry_points(
     packages: Sequence[LinkedPackage], closure: Iterable[str], dest: BinaryIO, *,
     compression: Compression = Compression.GZIP, config: RunConfig | None = None,
+    registrations: Sequence[Registration] | None = None,
 ) -> EntryLayer:
     """Find the entry points and write their layer to `dest`, in one call.
 
     One trip to a worker instead of two: the entries themselves (hundreds of
     them for busybox) cost ~2 ms to pickle each way, more than writing them.
     """
-    points = entry_points(packages, closure, config)
+    points = entry_points(packages, closure, config, registrations)
     blob = write_entry_layer(points.entries, dest, compression=compression)
     report = replace(points.linked, entries=[])  # the entries are in the layer: only the report goes back
     return EntryLayer(entry_layer_key(points.entries, compression), points.ca_bundle, blob, report)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import structlog
 
+from nixery.closure import Registration
 from nixery.errors import DigestInvalid
 from nixery.layers.entrypoints import EntryLayer, write_entry_points
 from nixery.layers.rootlinks import LinkedPackage
@@ -108,7 +109,8 @@ class LayerStore:
         return await self._layers.run(key, lambda: self._cached_or_new_layer(key, describe_layer(store_paths), write))
 
     async def store_entry_points(
-        self, packages: Sequence[LinkedPackage], closure: Sequence[str], config: RunConfig | None = None
+        self, packages: Sequence[LinkedPackage], closure: Sequence[str], config: RunConfig | None = None,
+        registrations: Sequence[Registration] | None = None,
     ) -> tuple[EntryLayer, StoredLayer]:
         """The entry-point layer (with the account of `config`'s user), and what its worker found
         (the CA bundle it links, the packages' conflicts).
@@ -118,7 +120,8 @@ class LayerStore:
         """
         started = time.monotonic()
         write = functools.partial(
-            write_entry_points, packages, closure, compression=self.compression, config=config
+            write_entry_points, packages, closure, compression=self.compression, config=config,
+            registrations=registrations,
         )
         staged = self._new_staged_file()
         try:

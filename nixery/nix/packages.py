@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from nixery.closure import ClosureGraph, GraphError
+from nixery.closure import ClosureGraph, GraphError, Registration, registrations_from_path_info
 from nixery.nix import store_db
 from nixery.nix.errors import NixError, NixTimeout, PackagesNotFound, UnsupportedSystem
 from nixery.nix.evaluator import Evaluators
@@ -158,6 +158,18 @@ async def realise(
         if (unsupported := _cannot_build(system, exc)) is not None:
             raise unsupported from exc
         raise
+
+
+async def registrations(paths: Sequence[str], *, deadline: Deadline) -> list[Registration]:
+    """What Nix records of each of `paths`, from the store database or else `nix path-info`."""
+    found = await store_db.registrations(paths)
+    if found is not None:
+        return found
+    stdout = await run_nix(["nix", "path-info", "--json", *sorted(set(paths))], deadline=deadline)
+    try:
+        return registrations_from_path_info(stdout)
+    except GraphError as exc:
+        raise NixError(f"cannot read the store paths' records: {exc}") from exc
 
 
 async def closure_graph(out_paths: Sequence[str], *, deadline: Deadline) -> ClosureGraph:

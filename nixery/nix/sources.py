@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from nixery.closure import ClosureGraph
+from nixery.closure import ClosureGraph, Registration
 from nixery.nix import packages as nix
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
@@ -101,6 +101,9 @@ class NixResolver:
         return await nix.ensure_built_closure(
             [p.drv_path for p in packages], outputs, system=system, deadline=self._deadline(until), on_line=on_line
         )
+
+    async def registrations(self, paths: Sequence[str], *, until: float) -> list[Registration]:
+        return await nix.registrations(paths, deadline=self._deadline(until))
 
     async def warm_up(self) -> None:
         """Start this host's evaluator on a local package set, so the first image need not."""

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import structlog
 
-from nixery.closure import ClosureGraph, GraphError, Node
+from nixery.closure import ClosureGraph, GraphError, Node, Registration, base16_nar_hash
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +81,15 @@ FROM closure JOIN ValidPaths ON ValidPaths.id = closure.id
 """
 
 
+# Each path's record and its references (by path), for the Nix database of an image with Nix.
+_REGISTRATIONS = """
+SELECT v.path, v.hash, v.narSize, v.ca,
+       (SELECT json_group_array(r.path) FROM Refs JOIN ValidPaths AS r ON r.id = Refs.reference
+        WHERE Refs.referrer = v.id)
+FROM ValidPaths AS v WHERE v.path IN (SELECT value FROM json_each(?))
+"""
+
+
 class StoreDbUnavailable(Exception):
     """The store database cannot answer this question; ask Nix."""
 
@@ -101,6 +110,15 @@ async def closure_graph(paths: Sequence[str]) -> ClosureGraph | None:
         return await asyncio.to_thread(lambda: read_closure(database_path(), paths))
     except Exception as exc:  # any failure at all means: run the Nix command
         _fall_back("closure_graph", exc, len(paths))
+        return None
+
+
+async def registrations(paths: Sequence[str]) -> list[Registration] | None:
+    """What the database records of each of `paths`; None if it cannot tell (see closure_graph)."""
+    try:
+        return await asyncio.to_thread(lambda: read_registrations(database_path(), paths))
+    except Exception as exc:  # any failure at all means: run the Nix command
+        _fall_back("registrations", exc, len(paths))
         return None
 
 
@@ -198,6 +216,26 @@ def read_closure(database: Path, paths: Iterable[str]) -> ClosureGraph:
         return ClosureGraph(nodes)
     except (KeyError, ValueError, GraphError) as exc:  # GraphError is a ValueError, named for clarity
         raise StoreDbUnavailable(f"the closure is not closed under references: {exc}") from exc
+
+
+def read_registrations(database: Path, paths: Iterable[str]) -> list[Registration]:
+    """The records of `paths`, each valid (blocking)."""
+    wanted = _checked(paths)
+    with _connect(database) as connection:
+        rows = connection.execute(_REGISTRATIONS, (json.dumps(wanted),)).fetchall()
+    found = []
+    try:
+        for path, nar_hash, nar_size, ca, references in rows:
+            if not isinstance(nar_size, int):
+                raise StoreDbUnavailable(f"no narSize for {path}")
+            found.append(Registration(
+                path, base16_nar_hash(nar_hash), nar_size, tuple(sorted(set(json.loads(references)))), ca or None
+            ))
+    except (TypeError, ValueError) as exc:  # GraphError (a hash Nix would not write) is a ValueError
+        raise StoreDbUnavailable(f"a record that cannot be read: {exc}") from exc
+    if missing := set(wanted) - {registration.path for registration in found}:
+        raise StoreDbUnavailable(f"not valid (not built): {sorted(missing)[:3]}")
+    return found
 
 
 def _checked(paths: Iterable[str]) -> list[str]:
