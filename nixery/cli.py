@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format, process_ids=settings.workers > 1)
+    _warn_of_unknown_settings()
     with own_temporary_directory():
         if settings.workers == 1:
             status = _serve_bound(settings)
@@ -57,6 +58,15 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers == 1 and status == STARTUP_FAILED:
         _finish(status)  # the storage may have been opened: see _finish
     return status
+
+
+def _warn_of_unknown_settings() -> None:
+    import structlog
+
+    from nixery.config import unknown_settings
+
+    for problem in unknown_settings(os.environ):
+        structlog.get_logger(__name__).warning("config.unknown_setting", problem=problem)
 
 
 @contextlib.contextmanager

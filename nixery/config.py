@@ -6,6 +6,7 @@ command line can print one line and exit.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -266,6 +267,30 @@ SETTING_TYPES: dict[str, type] = {
 #: What this module reads of the machine's environment that is no setting of the registry's:
 #: never refused, whatever it holds.
 MACHINE_VARIABLES = ("HOME", "KUBERNETES_SERVICE_HOST")
+
+#: In the settings' namespace but no setting: what `nixery build` reads (its registry).
+CLIENT_VARIABLES = ("NIXERY_REGISTRY",)
+#: What Nixery (Go) reads and this registry does not, with why.
+#: The settings' own prefix (some keep the names Nixery gave them: PORT, STORAGE_PATH, NIX_TIMEOUT).
+SETTING_PREFIX = "NIXERY_"
+NIXERY_GO_ONLY = {"WEB_DIR": "Nixery's directory of web pages; this registry serves its own pages"}
+
+
+def unknown_settings(env: Mapping[str, str]) -> list[str]:
+    """A line for each variable that looks like a setting but is none. Each was ignored without a
+    word, so that a misspelt one (NIXERY_PKG_PATH) left the registry serving the bundled set."""
+    lines = []
+    for name in sorted(env):
+        if name in NIXERY_GO_ONLY:
+            lines.append(f"{name} is not read: {NIXERY_GO_ONLY[name]}")
+        elif name.startswith(SETTING_PREFIX) and name not in SETTING_TYPES and name not in CLIENT_VARIABLES:
+            unprefixed = name.removeprefix(SETTING_PREFIX)  # NIXERY_PORT: PORT
+            close = [unprefixed] if unprefixed in SETTING_TYPES else []
+            close = close or difflib.get_close_matches(name, SETTING_TYPES, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}?" if close else "`nixery serve --help` lists the settings"
+            lines.append(f"{name} is not a setting: {hint}")
+    return lines
+
 
 #: The settings that are text: all but the names of files, which may be any bytes.
 _TEXT_SETTINGS = tuple(name for name, kind in SETTING_TYPES.items() if kind is not Path)

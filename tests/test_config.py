@@ -30,7 +30,8 @@ def test_every_variable_config_reads_has_a_declared_type() -> None:
     a variable read without a declared type fails here."""
     read = variables_config_reads()
     assert {"PORT", "NIXERY_HOST", "S3_ENDPOINT", "NIXERY_PKGS_PATH", "KUBECONFIG"} <= read and len(read) > 50
-    undeclared = read - set(config.SETTING_TYPES) - set(config.MACHINE_VARIABLES)
+    not_settings = {config.SETTING_PREFIX, *config.CLIENT_VARIABLES, *config.NIXERY_GO_ONLY}  # named to warn of
+    undeclared = read - set(config.SETTING_TYPES) - set(config.MACHINE_VARIABLES) - not_settings
     assert not undeclared, f"read by nixery/config.py without a type in config.SETTING_TYPES: {sorted(undeclared)}"
     stale = set(config.SETTING_TYPES) - read
     assert not stale, f"declared in config.SETTING_TYPES but not read: {sorted(stale)}"
@@ -63,3 +64,24 @@ def test_each_text_setting_that_is_not_utf8_is_refused_by_name(name: str, tmp_pa
     with pytest.raises(config.ConfigError) as caught:
         config.load(env)
     assert str(caught.value) == f"{name}='x\\udcff' is not UTF-8 text"
+
+
+def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
+    env = {"NIXERY_PKG_PATH": "/srv/pkgs", "NIXERY_SHINY": "1", "WEB_DIR": "/srv/web", "NIXERY_REGISTRY": "x",
+           "NIXERY_PORT": "80", "NIXERY_MAX_BUILDS": "2", "PATH": "/bin"}
+    assert config.unknown_settings(env) == [
+        "NIXERY_PKG_PATH is not a setting: did you mean NIXERY_PKGS_PATH?",
+        "NIXERY_PORT is not a setting: did you mean PORT?",
+        "NIXERY_SHINY is not a setting: `nixery serve --help` lists the settings",
+        "WEB_DIR is not read: Nixery's directory of web pages; this registry serves its own pages",
+    ]
+
+
+def test_the_registry_says_at_start_which_settings_it_does_not_know(start_registry) -> None:
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PKG_PATH="/srv/pkgs", WEB_DIR="/srv/web")
+    assert registry.request("/v2/")[0] == 200  # it serves: a warning, not a refusal
+    problems = [event["problem"] for event in registry.log_events("config.unknown_setting")]
+    assert problems == [
+        "NIXERY_PKG_PATH is not a setting: did you mean NIXERY_PKGS_PATH?",
+        "WEB_DIR is not read: Nixery's directory of web pages; this registry serves its own pages",
+    ]
