@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from nixery import suggestions
 from nixery.http.web import docs
 from tests.registry import REPOSITORY, RegistryProcess
 from tests.test_shared_builds import post_build
@@ -132,6 +133,34 @@ def test_package_searches_of_a_big_catalogue_leave_others_answered_promptly(big_
     )
     assert searches >= 5
     assert_prompt(latencies)
+
+
+async def test_one_clients_misspellings_do_not_hold_back_anothers_suggestions() -> None:
+    """Each missing name of a pull is answered with the nearest names the package set has, found
+    one request at a time. A name like `generated-5z` resembles most of a nixpkgs-sized catalogue
+    (here `generated-0` ... `generated-99999`): ten of them took 10-20 s to compare, and another
+    client's `cowsey` ("did you mean cowsay?", milliseconds alone) waited behind three such
+    requests for ~40 s. Now each request's suggestions take at most `suggestions.SECONDS` from
+    when it asks, its wait for the others included: the other client's come within that of its
+    own time alone."""
+    names = [f"generated-{i}" for i in range(100_000)] + ["cowsay", "figlet"]
+    finder = suggestions.Suggestions()
+    key = "big"
+
+    async def timed(missing: list[str]) -> tuple[float, dict[str, list[str]]]:
+        started = time.monotonic()
+        found = await finder.suggest(key, lambda: names, missing)
+        return time.monotonic() - started, found
+
+    alone, found = await timed(["cowsey"])
+    assert found == {"cowsey": ["cowsay"]}
+    hostile = [asyncio.ensure_future(timed([f"generated-{i * 971 + 3}w{k}" for i in range(10)])) for k in range(3)]
+    await asyncio.sleep(0.5)  # the three are under way
+    during, _ = await timed(["cowsey"])
+    answered = await asyncio.gather(*hostile)
+    assert during < alone + suggestions.SECONDS + 1, f"{during:.1f} s, alone {alone:.3f} s"
+    assert all(seconds < suggestions.SECONDS + 1 for seconds, _ in answered), answered
+    assert answered[0][1], "the first request got no suggestions in its time"
 
 
 def test_the_landing_page_leaves_others_answered_promptly(big_catalogue_registry) -> None:
