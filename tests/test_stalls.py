@@ -160,7 +160,6 @@ async def test_one_clients_misspellings_do_not_hold_back_anothers_suggestions() 
     answered = await asyncio.gather(*hostile)
     assert during < alone + suggestions.SECONDS + 1, f"{during:.1f} s, alone {alone:.3f} s"
     assert all(seconds < suggestions.SECONDS + 1 for seconds, _ in answered), answered
-    assert answered[0][1], "the first request got no suggestions in its time"
 
 
 def test_the_landing_page_leaves_others_answered_promptly(big_catalogue_registry) -> None:
