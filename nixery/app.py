@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> web.Application:
     app[routes.BLOB_ACCEL_REDIRECT] = settings.blob_accel_redirect or ""
     app[routes.MANIFESTS] = routes.ManifestCache(settings.record_cache)  # as many as image records
     app[bodies.BODY_TIMEOUT] = settings.header_timeout  # a body has as long as its head had
+    bodies.quiet_form_warnings()  # a client's malformed form is its error, not lines on stderr
     app[proxies.TRUSTED_PROXIES] = settings.trusted_proxies
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -5,17 +5,22 @@ a hundred allowed to be late on a busy shared machine, none by more than a few s
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from nixery import suggestions
+from nixery.http.web import docs
 from tests.registry import REPOSITORY, RegistryProcess
 from tests.test_shared_builds import post_build
 
@@ -128,6 +133,33 @@ def test_package_searches_of_a_big_catalogue_leave_others_answered_promptly(big_
     )
     assert searches >= 5
     assert_prompt(latencies)
+
+
+async def test_one_clients_misspellings_do_not_hold_back_anothers_suggestions() -> None:
+    """Each missing name of a pull is answered with the nearest names the package set has, found
+    one request at a time. A name like `generated-5z` resembles most of a nixpkgs-sized catalogue
+    (here `generated-0` ... `generated-99999`): ten of them took 10-20 s to compare, and another
+    client's `cowsey` ("did you mean cowsay?", milliseconds alone) waited behind three such
+    requests for ~40 s. Now each request's suggestions take at most `suggestions.SECONDS` from
+    when it asks, its wait for the others included: the other client's come within that of its
+    own time alone."""
+    names = [f"generated-{i}" for i in range(100_000)] + ["cowsay", "figlet"]
+    finder = suggestions.Suggestions()
+    key = "big"
+
+    async def timed(missing: list[str]) -> tuple[float, dict[str, list[str]]]:
+        started = time.monotonic()
+        found = await finder.suggest(key, lambda: names, missing)
+        return time.monotonic() - started, found
+
+    alone, found = await timed(["cowsey"])
+    assert found == {"cowsey": ["cowsay"]}
+    hostile = [asyncio.ensure_future(timed([f"generated-{i * 971 + 3}w{k}" for i in range(10)])) for k in range(3)]
+    await asyncio.sleep(0.5)  # the three are under way
+    during, _ = await timed(["cowsey"])
+    answered = await asyncio.gather(*hostile)
+    assert during < alone + suggestions.SECONDS + 1, f"{during:.1f} s, alone {alone:.3f} s"
+    assert all(seconds < suggestions.SECONDS + 1 for seconds, _ in answered), answered
 
 
 def test_the_landing_page_leaves_others_answered_promptly(big_catalogue_registry) -> None:
@@ -243,3 +275,112 @@ def test_posting_a_built_image_again_and_again_pushes_no_other_build_out(start_r
     assert len(answers) == 1, len(answers)
     status, _, body = registry.request(f"/builds/{other}.json", accept=None)
     assert status == 200 and json.loads(body)["image"] == "hello", body[:300]
+
+
+
+def _form(fields: int, disposition: str, value: str = "") -> bytes:
+    """A multipart form of `fields` fields holding `value`, each with this Content-Disposition."""
+    part = f"--xyz\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n"
+    return (part * fields + "--xyz--\r\n").encode()
+
+
+def _post_form(registry: RegistryProcess, body: bytes) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+    try:
+        headers = {"Content-Type": "multipart/form-data; boundary=xyz", "Accept": "application/json"}
+        connection.request("POST", "/builds", body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+#: What one client sent to hold the event loop (each under the 1 MiB a form may have), and what
+#: it gets now: a 53 KB form of as many fields as aiohttp reads (0.1 s of the loop), and 120
+#: fields whose Content-Disposition has 1,300 malformed parameters each (1.2 s of the loop, and
+#: ~150,000 plain-text warnings on stderr): (form, status, the limit its error names).
+_HOSTILE_FORMS = [
+    (_form(999, 'form-data; name="image"'), 413, 16),
+    (_form(120, 'form-data; name="image"' + "; x@=1" * 1300), 400, 1024),
+]
+
+
+def test_hostile_multipart_forms_are_refused_without_holding_others_up(registry: RegistryProcess) -> None:
+    """A multipart build form of many fields, or of long Content-Dispositions, was parsed by aiohttp
+    on the event loop: 0.1 s to 1.2 s for one request, every other client waiting (and a warning
+    line on stderr for every malformed parameter). Now a form of more than 16 fields is 413 and
+    a Content-Disposition of over 1024 characters 400, before they are parsed; the registry
+    answers others meanwhile, and a form as `curl -F image=hello` sends it still starts a build."""
+    answers: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def hostile() -> None:
+        while not stop.is_set():
+            answers.extend(_post_form(registry, form) for form, _, _ in _HOSTILE_FORMS)
+
+    sender = threading.Thread(target=hostile)
+    sender.start()
+    try:
+        latencies = slow_answers_of_v2(registry, 4)
+    finally:
+        stop.set()
+        sender.join()
+    assert len(answers) >= len(_HOSTILE_FORMS), answers
+    for index, (status, body) in enumerate(answers):
+        _, expected, limit = _HOSTILE_FORMS[index % len(_HOSTILE_FORMS)]
+        assert status == expected and body["errors"][0]["detail"]["limit"] == limit, (index, status, body)
+    assert_prompt(latencies)
+    assert "BadContentDisposition" not in registry.log()
+    status, body = _post_form(registry, _form(1, 'form-data; name="image"', "hello"))
+    assert status == 202 and body["image"] == "hello", body
+
+
+async def test_rendering_the_documentation_leaves_others_answered(aiohttp_client, tmp_path: Path, monkeypatch) -> None:
+    """The start page, /docs and each page rendered the documentation's Markdown on the event loop,
+    0.2-0.4 s for the first start page of each process; and with more pages than the cache held
+    (32: the repository had 28), on every request, every other client waiting meanwhile. Now it
+    is rendered in a worker thread, once: /v2/ is answered while it renders, and the next
+    /docs is the cache's. Measured against the rendering's own time, in this run."""
+    pages = 40
+    links = " ".join(f"[page {i}](page{i}.md)" for i in range(pages))
+    text = "\n\n".join(f"## Section {j}\n\n{links}\n\n| a | b |\n|---|---|\n| {j} | [x](page0.md) |" for j in range(15))
+    directory = tmp_path / "docs"
+    directory.mkdir()
+    for i in range(pages):
+        (directory / f"page{i}.md").write_text(f"# Page {i}\n\n{text}\n")
+    (directory / "README.md").write_text("# Documentation\n")
+    monkeypatch.setattr(docs, "DOCS_DIR", directory)
+    monkeypatch.setattr(docs, "README", tmp_path / "README.md")  # none
+    docs._render.cache_clear()
+
+    async def api_version(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/docs", docs.docs_index)
+    app.router.add_get("/v2/", api_version)
+    client = await aiohttp_client(app)
+
+    async def timed_docs() -> float:
+        started = time.monotonic()
+        answer = await client.get("/docs")
+        assert answer.status == 200 and "Page 39" in await answer.text()
+        return time.monotonic() - started
+
+    async def slowest_v2_while(work: asyncio.Task[float]) -> float:
+        slowest = 0.0
+        while not work.done():
+            started = time.monotonic()
+            answer = await client.get("/v2/")
+            assert answer.status == 200
+            slowest = max(slowest, time.monotonic() - started)
+            await asyncio.sleep(0.005)
+        return slowest
+
+    first = asyncio.ensure_future(timed_docs())
+    await asyncio.sleep(0)  # the rendering under way first
+    waited = await slowest_v2_while(first)
+    rendering = first.result()
+    assert waited < rendering / 4, f"/v2/ waited {waited:.3f} s of the rendering's {rendering:.3f} s"
+    again = await timed_docs()
+    assert again < rendering / 4, f"the second /docs took {again:.3f} s, the first {rendering:.3f} s"

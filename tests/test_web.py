@@ -510,6 +510,11 @@ UNREADABLE_BODIES = [
     ("multipart/form-data; boundary=x", {}, b"--x\r\nnot a header\r\n\r\nshell\r\n--x--\r\n"),
     ("multipart/form-data; boundary=x", {}, b"no boundary here"),
     ("multipart/form-data; boundary=x", {}, b"--x\r\nContent-Disposition: form-data\r\n\r\nshell\r\n--x--\r\n"),
+    # A Content-Transfer-Encoding aiohttp does not know: its RuntimeError was a 500 INTERNAL_ERROR.
+    ("multipart/form-data; boundary=x", {},
+     b'--x\r\nContent-Disposition: form-data; name="image"\r\nContent-Transfer-Encoding: x\r\n\r\nshell\r\n--x--\r\n'),
+    ("multipart/form-data; boundary=x", {},  # a part that is itself multipart: no form field
+     b"--x\r\nContent-Type: multipart/mixed; boundary=y\r\n\r\n--y\r\n\r\nshell\r\n--y--\r\n--x--\r\n"),
     ("application/x-www-form-urlencoded; charset=no-such-charset", {}, b"image=shell"),
 ]
 

@@ -52,6 +52,7 @@ async def landing(request: web.Request) -> web.Response:
     revision = await _within(builder.source.resolve("latest"), 5.0)
     catalog = await builder.names.catalog.get(revision, wait=0.5) if revision else None
     example = _example_package(catalog)
+    documentation = await docs_block()
     pull = f"docker run -ti {host}/shell/{example} bash"
     body = f"""
 <section class="intro">
@@ -86,7 +87,7 @@ async def landing(request: web.Request) -> web.Response:
 
 {_recent_builds(builder, may_see)}
 {_recent_images(builder, may_see)}
-{docs_block()}
+{documentation}
 {script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
