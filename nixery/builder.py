@@ -332,12 +332,15 @@ class ImageBuilder:
     async def check_names(self, request: ImageRequest, tag: str) -> None:
         """Raise PackagesNotFound (with the nearest names) for the names the package set's
         list surely lacks: an image that can never be built (no Nix process is started)."""
-        revision = await self.source.resolve(tag)
+        await self._check_names(request, await self.source.resolve(tag))
+
+    async def _check_names(self, request: ImageRequest, revision: Revision, *, loaded_only: bool = False) -> None:
         if request.platforms or request.arch is host_arch():
-            await self.names.check(request.packages, revision)
+            await self.names.check(request.packages, revision, loaded_only=loaded_only)
         else:  # `arm64/NAME` on another machine: that platform's list, which may lack what the host's has
             await self.names.check(
-                request.packages, revision, system=request.arch.nix_system, platform=platform_name(request.arch)
+                request.packages, revision, system=request.arch.nix_system, platform=platform_name(request.arch),
+                loaded_only=loaded_only,
             )
 
     async def start(self, request: ImageRequest, tag: str) -> Build:
@@ -471,6 +474,9 @@ class ImageBuilder:
         bound = log.bind(image=request.display_name, source=revision.source, key=key[:12], build=build.id)
         build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
         bound.info("build.queued", revision=revision.id)
+        # Names the package list (once read: a missing name's first answer reads it) surely lacks
+        # are answered without a build slot or Nix: misspelt pulls held slots for seconds each.
+        await self._check_names(request, revision, loaded_only=True)
         async with self._build_slots.hold(requester.get()):
             resolved, baseline, graph = await self._closure(request, revision, bound, build)
         named = _by_resolved_names(request, resolved)

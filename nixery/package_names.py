@@ -82,12 +82,17 @@ class PackageNames:
         return PackagesNotFound(error.missing, error.source, found, error.platform) if found else error
 
     async def check(
-        self, names: Sequence[str], revision: Revision, *, system: str | None = None, platform: str | None = None
+        self, names: Sequence[str], revision: Revision, *, system: str | None = None, platform: str | None = None,
+        loaded_only: bool = False,
     ) -> None:
         """Raise PackagesNotFound, with suggestions, for the names the package list surely lacks;
         `system`: another platform's list than the host's (`platform`, e.g. linux/arm64, names it
-        in the error), which may lack names the host's has (the Debian set's libcpuid16)."""
-        catalog = await self._catalog(revision, system)
+        in the error), which may lack names the host's has (the Debian set's libcpuid16).
+        `loaded_only`: only with a list read already (a build does not wait for one)."""
+        if loaded_only:
+            catalog = self.catalog_of(system or self.catalog.system).loaded(revision)
+        else:
+            catalog = await self._catalog(revision, system)
         if catalog is None:
             return
         missing = await asyncio.to_thread(catalog.missing, names)

@@ -287,3 +287,18 @@ def test_a_misspelt_name_gets_the_nearest_names(bundled: RegistryProcess) -> Non
     assert "COWSY (did you mean cowsay?), figlett (did you mean figlet?)" in error["message"]
     status, error = error_of(bundled, "shell/xqzvwk")  # nothing like it: no suggestion
     assert error["detail"]["suggestions"] == {} and error["message"].endswith(": xqzvwk")
+
+
+def test_a_misspelt_name_is_answered_without_nix_once_the_package_list_is_read(start_registry) -> None:
+    """Misspelt pulls went to Nix each time and held a build slot meanwhile (seconds each on a large
+    package set, while other clients' builds waited). Once the list of the set's names is read (the
+    first missing name's answer reads it, for its suggestions), a name it surely lacks is answered
+    from it: no Nix evaluation, no slot."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox")
+    status, error = error_of(registry, "shell/figlett")
+    assert (status, error["detail"]["suggestions"]) == (404, {"figlett": ["figlet"]})
+    assert len(registry.log_events("build.evaluating")) == 1
+    status, error = error_of(registry, "shell/cowsy")
+    assert (status, error["code"], error["detail"]["suggestions"]) == (404, "MANIFEST_UNKNOWN", {"cowsy": ["cowsay"]})
+    assert len(registry.log_events("build.evaluating")) == 1, "the second misspelt name went to Nix"
+    assert registry.manifest("shell/cowsay")[0].startswith("sha256:")  # a real name still builds

@@ -270,6 +270,10 @@ class PackageCatalog:
             task.add_done_callback(functools.partial(self._loaded, revision.id))
         return task
 
+    def loaded(self, revision: Revision) -> Catalog | None:
+        """The catalogue if it is read already (none is started)."""
+        return self._catalogs.get(revision.id)
+
     async def get(self, revision: Revision, *, wait: float | None = None) -> Catalog | None:
         """The catalogue; None if it is not read within `wait` seconds (it keeps loading)."""
         catalog = self._catalogs.get(revision.id)  # now the most recently used
