@@ -80,3 +80,29 @@ async def test_builds_and_password_checks_wait_in_turn_for_the_named_client(aioh
     client = await aiohttp_client(_app(trusted))
     response = await client.get("/", headers={"X-Forwarded-For": "203.0.113.7"})
     assert await response.json() == {"remote": seen, "turn": seen}
+
+
+def _scheme_app(trusted: str) -> web.Application:
+    async def scheme(request: web.Request) -> web.Response:
+        return web.Response(text=request.scheme)
+
+    app = web.Application(middlewares=[proxies.find_client])
+    app[proxies.TRUSTED_PROXIES] = load({"NIXERY_TRUSTED_PROXIES": trusted}).trusted_proxies
+    app.router.add_get("/", scheme)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_proto", "scheme"),
+    [
+        ("127.0.0.1", "https", "https"),  # a proxy that terminates TLS: links and the realm say https
+        ("127.0.0.1", "http, https", "https"),  # the value the trusted peer wrote last
+        ("127.0.0.1", "gopher", "http"),  # neither http nor https: not believed
+        ("", "https", "http"),  # from a peer that is not trusted, not believed
+        ("10.0.0.0/8", "https", "http"),
+    ],
+)
+async def test_the_scheme_is_the_one_a_trusted_proxy_names(aiohttp_client, trusted, forwarded_proto, scheme) -> None:
+    client = await aiohttp_client(_scheme_app(trusted))
+    response = await client.get("/", headers={"X-Forwarded-Proto": forwarded_proto})
+    assert await response.text() == scheme

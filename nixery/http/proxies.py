@@ -7,11 +7,15 @@ client's twenty queued builds held everyone back, and a client guessing
 passwords slowed every login. A proxy names the client in `X-Forwarded-For`,
 appending the address it was reached from to what it was sent.
 
-The header is only believed from a trusted peer, and only as far as the chain
+That header is believed only from a trusted peer, and only as far as the chain
 of trusted hops goes: from the right, every address that is a trusted proxy is
 passed over, and the first that is not is the client. An address to its left
 was written by that client and could be anything. Without the setting, the
 header is ignored, so a client cannot pick its own address.
+
+From a trusted peer `X-Forwarded-Proto` is believed too (the value it wrote
+last): behind a proxy that terminates TLS, links and the token realm then say
+`https` without NIXERY_TOKEN_REALM.
 
 aiohttp-remotes was looked at: its strict mode needs every request to have come
 through the same number of proxies (a health probe sent to the pod directly is
@@ -77,12 +81,24 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Ne
     return str(current)
 
 
+def forwarded_scheme(peer: str | None, forwarded_proto: list[str], trusted: tuple[Network, ...]) -> str | None:
+    """`http` or `https` as the trusted peer says the client reached it (`X-Forwarded-Proto`, the
+    value it wrote last); None from any other peer, or for anything else."""
+    address = None if peer is None else _address(peer)
+    if address is None or not any(address in network for network in trusted):
+        return None
+    values = [value.strip().lower() for line in forwarded_proto for value in line.split(",")]
+    return values[-1] if values and values[-1] in ("http", "https") else None
+
+
 @web.middleware
 async def find_client(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Make `request.remote` the client's address for everything after it (the outermost middleware)."""
+    """Make `request.remote` the client's address, and `request.scheme` the one it used, for
+    everything after it (the outermost middleware): links, the token realm, the turns it waits in."""
     trusted = request.app[TRUSTED_PROXIES]
     if trusted:
         client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
-        if client is not None and client != request.remote:
-            request = request.clone(remote=client)
+        scheme = forwarded_scheme(request.remote, request.headers.getall("X-Forwarded-Proto", []), trusted)
+        if (client is not None and client != request.remote) or (scheme is not None and scheme != request.scheme):
+            request = request.clone(remote=client or request.remote or "", scheme=scheme or request.scheme)
     return await handler(request)
