@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing.util
 import os
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +71,31 @@ def blocked_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _stop_when_gone(parent: int) -> None:
+    """In a worker: stop (as on SIGHUP: in-flight requests finish, without the drain delay) once
+    the parent has ended, however it ended.
+
+    A parent killed by `kill -9` or the OOM killer forwards no signal: its workers served on
+    without a supervisor for as long as the machine ran, on the port a restarted registry then
+    shared with them (SO_REUSEPORT), answering part of its connections with the old code and
+    settings. A pidfd becomes readable when its process ends, even one that ended already.
+    """
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:  # gone (and reaped) already
+        os.kill(os.getpid(), signal.SIGHUP)
+        return
+    except (AttributeError, OSError):  # no pidfd (not Linux): as before
+        return
+    threading.Thread(target=_signal_when_readable, args=(pidfd,), name="parent-watch", daemon=True).start()
+
+
+def _signal_when_readable(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # readable once the parent has ended
+    log.warning("worker.parent_gone", note="the parent process ended without stopping its workers: stopping")
+    os.kill(os.getpid(), signal.SIGHUP)
+
+
 @dataclass
 class _Worker:
     pid: int
@@ -102,6 +129,7 @@ class _Supervisor:
         # a directory of its own, removed here when it ends however it ends: a worker killed by
         # the OOM killer or `kill -9` removes nothing itself.
         scratch = tempfile.mkdtemp(prefix="worker-")  # in nixery-run-* (nixery.scratch)
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -111,16 +139,17 @@ class _Supervisor:
         if pid == 0:
             tempfile.tempdir = scratch  # for this process's tempfile calls, not its children's TMPDIR
             server.close_all(others)
-            self._run_worker(sockets)
+            self._run_worker(sockets, parent)
         server.close_all([sockets])
         self.workers[pid] = _Worker(pid, time.monotonic(), replaces, scratch)
         if replaces is not None:
             log.info("worker.started", pid=pid, replaces=replaces)
 
-    def _run_worker(self, sockets: list[socket.socket]) -> None:
+    def _run_worker(self, sockets: list[socket.socket], parent: int) -> None:
         status = 1  # an exception out of serving: its traceback, and status 1, as one process ends
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHED)
+            _stop_when_gone(parent)
             os.close(self.reasons[0])
             os.close(self.ready[0])
 

@@ -208,6 +208,27 @@ def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryP
     assert status == 200 and Digest.of(body) == Digest.parse(layer["digest"])
 
 
+def test_a_blob_the_registry_sets_aside_as_damaged_is_logged(registry: RegistryProcess) -> None:
+    """A layer whose bytes no longer hash to its digest (a disk's fault) was moved to quarantine/
+    without a word: the log said only `build.record_incomplete` for each image that used it, as
+    for a registry killed mid-build, and nothing told an operator that the disk damaged a blob
+    (quarantine/ keeps it "for an operator to look at"). Now the registry logs which blob it set
+    aside and where it went."""
+    _, manifest = registry.manifest("fortune/bigdata")
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
+    data = bytearray(blob_file.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    blob_file.write_bytes(data)
+
+    status, _, _ = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
+    assert status == 404
+    [set_aside] = [e for e in registry.log_events("storage.damaged_blob_set_aside") if e["digest"] == layer["digest"]]
+    assert set_aside["level"] == "warning"
+    moved_to = Path(set_aside["moved_to"])
+    assert moved_to.parent == registry.storage / "quarantine" and moved_to.read_bytes() == data
+
+
 @pytest.mark.clients
 @pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
 @pytest.mark.parametrize("restarted", [False, True], ids=["while-serving", "after-a-restart"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,4 +195,31 @@ def test_sighup_stops_the_registry_and_its_workers(start_registry, tmp_path: Pat
     assert [stopping["signal"] for stopping in registry.log_events("registry.stopping")] == ["SIGHUP", "SIGHUP"]
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "workers left running"
     assert list(temporary.iterdir()) == []
+    assert list((registry.storage / "tmp").iterdir()) == []
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (not ended; a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_stop_when_their_parent_is_killed(start_registry, temporary: Path) -> None:
+    """The parent killed by `kill -9` (the OOM killer, a crash) forwards no signal: its workers
+    served on without a supervisor for good, and a registry started again on the same port shared
+    it with them (SO_REUSEPORT), part of its connections answered by the old processes with the old
+    code and settings. Now each worker sees its parent end and stops as on SIGHUP: nothing is left
+    listening on the port, and their staging directories go."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2", TMPDIR=str(temporary))
+    eventually(lambda: len(registry.log_events("registry.listening")) == 2, "both workers listen")
+    workers = workers_of(registry)
+    assert len(workers) == 2
+    registry.process.send_signal(signal.SIGKILL)
+    registry.process.wait()
+    eventually(lambda: not any(running(pid) for pid in workers), "the workers serve on without their parent", 30)
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", registry.port), timeout=5):
+        pass
+    assert sorted(event["signal"] for event in registry.log_events("registry.stopping")) == ["SIGHUP", "SIGHUP"]
     assert list((registry.storage / "tmp").iterdir()) == []

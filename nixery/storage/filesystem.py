@@ -192,7 +192,7 @@ class FilesystemStorage(Storage):
         except FileNotFoundError:  # removed since the stat (`nixery gc`)
             raise BlobNotFound(digest) from None
         if not intact:
-            await asyncio.to_thread(self._quarantine_blob, path)
+            await self._set_aside(path, digest)
             self._report_corrupt_blob(digest)
             return False
         self._verified.put(digest, identity)
@@ -218,10 +218,23 @@ class FilesystemStorage(Storage):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.verified_link(digest))
 
-    def _quarantine_blob(self, path: Path) -> None:
+    def _quarantine_blob(self, path: Path) -> Path | None:
+        """Move a damaged blob to quarantine/: where it went (None: it was gone already)."""
         self._unlink_verified(Digest.parse(f"sha256:{path.name}"))
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, self._quarantine / f"{path.name}-{time.time_ns()}")
+        target = self._quarantine / f"{path.name}-{time.time_ns()}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    async def _set_aside(self, path: Path, digest: Digest) -> None:
+        """Take a blob this process found damaged out of service, and say so: the images using it
+        are rebuilt, but a disk that damages blobs wants a look (quarantine/ keeps the bytes)."""
+        moved_to = await asyncio.to_thread(self._quarantine_blob, path)
+        if moved_to is not None:
+            log.warning("storage.damaged_blob_set_aside", digest=str(digest), moved_to=str(moved_to),
+                        note="its bytes no longer hash to its digest: the images using it are built again")
 
     async def read_blob(self, digest: Digest) -> bytes:
         path = self.blob_path(digest)
@@ -232,7 +245,7 @@ class FilesystemStorage(Storage):
         if not intact:
             # A manifest cut short (a crash where writes were not synced, a disk's fault) would
             # otherwise be answered as "not a manifest" for ever: set aside, its image is rebuilt.
-            await asyncio.to_thread(self._quarantine_blob, path)
+            await self._set_aside(path, digest)
             self._report_corrupt_blob(digest)
             raise CorruptBlob(digest)
         return data
