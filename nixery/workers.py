@@ -80,6 +80,9 @@ def _stop_when_gone(parent: int) -> None:
     shared with them (SO_REUSEPORT), answering part of its connections with the old code and
     settings. A pidfd becomes readable when its process ends, even one that ended already.
     """
+    if os.getppid() != parent:  # gone already (its pid may even be another process's by now)
+        os.kill(os.getpid(), signal.SIGHUP)
+        return
     try:
         pidfd = os.pidfd_open(parent)
     except ProcessLookupError:  # gone (and reaped) already
