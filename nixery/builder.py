@@ -45,7 +45,7 @@ from nixery import metrics
 from nixery.assembly import AssembledImage, assemble
 from nixery.attachments import Closure, attach
 from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
-from nixery.closure import ClosureGraph
+from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
@@ -459,10 +459,14 @@ class ImageBuilder:
             return record
         except PackagesNotFound as exc:
             result = "not_found"
-            if exc.platform is None and not request.platforms and request.arch is not host_arch():
+            if exc.suggestions:  # from the package list already (`_check_names`): the platform's own
+                raise
+            other_platform = not request.platforms and request.arch is not host_arch()
+            if exc.platform is None and other_platform:
                 # Another platform's package set may lack what the host's has: say which one.
                 exc = PackagesNotFound(exc.missing, exc.source, platform=platform_name(request.arch))
-            raise await self.names.with_suggestions(exc, revision, requested=request.packages) from None
+            system = request.arch.nix_system if other_platform else None  # that platform's names
+            raise await self.names.with_suggestions(exc, revision, system, requested=request.packages) from None
         except (asyncio.CancelledError, WorkStopped):  # the registry stops: not a failure of the build
             result = "stopped"
             raise
@@ -613,8 +617,7 @@ class ImageBuilder:
             closure = list(graph.nodes.keys())
             registrations = None  # an image with Nix gets a Nix database of its paths (nixery.layers.nixdb)
             if await asyncio.to_thread(nixdb.has_nix, linked):
-                until = time.monotonic() + self.source.timeout
-                registrations = await self.source.registrations(closure, until=until)
+                registrations = await self._registrations(closure, bound)
             written, layer = await self.layers.store_entry_points(linked, closure, request.config, registrations)
             report_links(build, bound, written.linked)
             return written.ca_bundle, counter.count(layer)
@@ -626,6 +629,15 @@ class ImageBuilder:
         stored.append(last)
         bound.info("build.layers_compressed", layers=len(stored), created=counter.created, bytes=counter.bytes)
         return ca_bundle, stored, counter
+
+    async def _registrations(self, closure: list[str], bound: Any) -> list[Registration] | None:
+        """What the store records of the closure, for the Nix database of an image with Nix; None
+        (the image goes without one, as before there was one) when it cannot be read."""
+        try:
+            return await self.source.registrations(closure, until=time.monotonic() + self.source.timeout)
+        except (NixError, GraphError) as exc:
+            bound.warning("build.no_nix_database", error=str(exc)[:300], note="the image's Nix will not know its paths")
+            return None
 
     async def _publish(
         self, image: AssembledImage, plan: list[frozenset[str]] | None, request: ImageRequest, revision: Revision

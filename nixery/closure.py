@@ -120,7 +120,6 @@ class Registration:
     nar_hash: str  # "sha256:<base16>", as Nix's database keeps it
     nar_size: int
     references: tuple[str, ...]  # sorted; the path itself too when it refers to itself
-    ca: str | None = None  # a content address ("fixed:r:sha256:..."), when the path has one
 
 
 #: Nix's own base-32 alphabet (no e, o, t, u), as `nix path-info` (Nix 2.8-2.18) prints hashes.
@@ -179,8 +178,7 @@ def registrations_from_path_info(text: str | bytes) -> list[Registration]:
     for path, info in items:
         try:
             found.append(Registration(
-                path, base16_nar_hash(info["narHash"]), int(info["narSize"]),
-                tuple(sorted(set(info.get("references", ())))), info.get("ca") or None,
+                path, base16_nar_hash(info["narHash"]), int(info["narSize"]), tuple(sorted(set(info["references"])))
             ))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GraphError(f"path-info entry for {path!r:.200} lacks narHash or narSize: {exc}") from exc

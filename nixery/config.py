@@ -268,12 +268,18 @@ SETTING_TYPES: dict[str, type] = {
 #: never refused, whatever it holds.
 MACHINE_VARIABLES = ("HOME", "KUBERNETES_SERVICE_HOST")
 
-#: In the settings' namespace but no setting: what `nixery build` reads (its registry).
-CLIENT_VARIABLES = ("NIXERY_REGISTRY",)
+#: In the settings' namespace but no setting: what `nixery build` reads (its registry), and the
+#: benchmarks' scratch directory.
+CLIENT_VARIABLES = ("NIXERY_REGISTRY", "NIXERY_BENCH_SCRATCH")
 #: What Nixery (Go) reads and this registry does not, with why.
 #: The settings' own prefix (some keep the names Nixery gave them: PORT, STORAGE_PATH, NIX_TIMEOUT).
 SETTING_PREFIX = "NIXERY_"
 NIXERY_GO_ONLY = {"WEB_DIR": "Nixery's directory of web pages; this registry serves its own pages"}
+
+
+#: What Kubernetes sets in every pod for each Service of its namespace (the repository's is named
+#: `nixery`): NIXERY_PORT=tcp://10.0.0.7:80, NIXERY_SERVICE_HOST, NIXERY_PORT_80_TCP_ADDR...
+_SERVICE_LINK = re.compile(r"NIXERY_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)")
 
 
 def unknown_settings(env: Mapping[str, str]) -> list[str]:
@@ -283,7 +289,12 @@ def unknown_settings(env: Mapping[str, str]) -> list[str]:
     for name in sorted(env):
         if name in NIXERY_GO_ONLY:
             lines.append(f"{name} is not read: {NIXERY_GO_ONLY[name]}")
-        elif name.startswith(SETTING_PREFIX) and name not in SETTING_TYPES and name not in CLIENT_VARIABLES:
+        elif (
+            name.startswith(SETTING_PREFIX)
+            and name not in SETTING_TYPES
+            and name not in CLIENT_VARIABLES
+            and not _SERVICE_LINK.fullmatch(name)
+        ):
             unprefixed = name.removeprefix(SETTING_PREFIX)  # NIXERY_PORT: PORT
             close = [unprefixed] if unprefixed in SETTING_TYPES else []
             close = close or difflib.get_close_matches(name, SETTING_TYPES, n=1, cutoff=0.8)

@@ -5,7 +5,8 @@ hundred in the bundled sets, about 100,000 in nixpkgs: a query over those takes
 about 0.1 s). Names are compared in lower case, as the resolver matches them,
 with difflib's similarity ratio; only names of about the same length are
 compared at all. `Suggestions` runs it in a worker thread, never on the event
-loop, for the names a build did not find, one request at a time, each within
+loop, for the names a build did not find, one request at a time, in turn by
+client (so that one client's stream of misspellings leaves another's its turn), each within
 SECONDS of asking, its wait for the others included: past them it is answered
 with the suggestions found so far. A name that resembles many (`generated-12z`
 among `generated-0` ... `generated-99999`) took a second or more; ten of them in
@@ -23,6 +24,8 @@ import asyncio
 import difflib
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+
+from nixery.fair import FairSlots, requester
 
 #: Suggestions per missing name, and missing names given suggestions per request.
 MOST = 3
@@ -100,7 +103,7 @@ class Suggestions:
     def __init__(self, seconds: float = SECONDS) -> None:
         self._key: Hashable = None
         self._index: NameIndex | None = None
-        self._lock = asyncio.Lock()
+        self._slot = FairSlots(1)  # one query at a time, in turn by client (as builds are)
         self._seconds = seconds
 
     async def suggest(
@@ -109,7 +112,7 @@ class Suggestions:
         """Suggestions for `missing` among `names()` (the same names as long as `key` is the
         same), those found within the time given."""
         deadline = time.monotonic() + self._seconds
-        async with self._lock:
+        async with self._slot.hold(requester.get()):
             if time.monotonic() >= deadline:  # waited out its time behind others
                 return {}
             if self._index is None or self._key != key:

@@ -68,13 +68,23 @@ def test_each_text_setting_that_is_not_utf8_is_refused_by_name(name: str, tmp_pa
 
 def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
     env = {"NIXERY_PKG_PATH": "/srv/pkgs", "NIXERY_SHINY": "1", "WEB_DIR": "/srv/web", "NIXERY_REGISTRY": "x",
-           "NIXERY_PORT": "80", "NIXERY_MAX_BUILDS": "2", "PATH": "/bin"}
+           "NIXERY_STORAGE_PATH": "/srv", "NIXERY_MAX_BUILDS": "2", "PATH": "/bin"}
     assert config.unknown_settings(env) == [
         "NIXERY_PKG_PATH is not a setting: did you mean NIXERY_PKGS_PATH?",
-        "NIXERY_PORT is not a setting: did you mean PORT?",
         "NIXERY_SHINY is not a setting: `nixery serve --help` lists the settings",
+        "NIXERY_STORAGE_PATH is not a setting: did you mean STORAGE_PATH?",
         "WEB_DIR is not read: Nixery's directory of web pages; this registry serves its own pages",
     ]
+
+
+def test_kubernetes_service_variables_are_not_taken_for_misspelt_settings() -> None:
+    """Kubernetes gives every pod these for the Service named nixery (deploy/base/service.yaml)."""
+    env = {
+        "NIXERY_PORT": "tcp://10.96.0.7:80", "NIXERY_PORT_80_TCP": "tcp://10.96.0.7:80",
+        "NIXERY_PORT_80_TCP_ADDR": "10.96.0.7", "NIXERY_PORT_80_TCP_PORT": "80", "NIXERY_PORT_80_TCP_PROTO": "tcp",
+        "NIXERY_SERVICE_HOST": "10.96.0.7", "NIXERY_SERVICE_PORT": "80", "NIXERY_SERVICE_PORT_HTTP": "80",
+    }
+    assert config.unknown_settings(env) == []
 
 
 def test_the_registry_says_at_start_which_settings_it_does_not_know(start_registry) -> None:

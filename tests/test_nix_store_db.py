@@ -157,7 +157,10 @@ async def test_registrations_equal_nix_path_info_and_make_the_same_database(stor
     assert all(r.nar_hash.startswith("sha256:") and len(r.nar_hash) == 71 for r in found)
     assert nixdb.database(found) == nixdb.database(list(reversed(expected)))
     listed = sqlite3.connect(":memory:")
-    listed.deserialize(nixdb.database(found))
+    data = nixdb.database(found)
+    assert data[96:100] == (3_040_001).to_bytes(4, "big")  # not this machine's SQLite: any registry's bytes
+    listed.deserialize(data)
+    assert listed.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert [row[0] for row in listed.execute("SELECT path FROM ValidPaths ORDER BY id")] == closure
     refs = listed.execute("SELECT count(*) FROM Refs").fetchone()[0]
     assert refs == sum(len(r.references) for r in expected)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from nixery import suggestions
+from nixery import fair, suggestions
 from nixery.http.web import docs
 from tests.registry import REPOSITORY, RegistryProcess
 from tests.test_shared_builds import post_build
@@ -147,19 +147,44 @@ async def test_one_clients_misspellings_do_not_hold_back_anothers_suggestions() 
     finder = suggestions.Suggestions()
     key = "big"
 
-    async def timed(missing: list[str]) -> tuple[float, dict[str, list[str]]]:
+    async def timed(client: str, missing: list[str]) -> tuple[float, dict[str, list[str]]]:
+        fair.requester.set(client)  # as the access log sets it for each request
         started = time.monotonic()
         found = await finder.suggest(key, lambda: names, missing)
         return time.monotonic() - started, found
 
-    alone, found = await timed(["cowsey"])
+    alone, found = await timed("other", ["cowsey"])
     assert found == {"cowsey": ["cowsay"]}
-    hostile = [asyncio.ensure_future(timed([f"generated-{i * 971 + 3}w{k}" for i in range(10)])) for k in range(3)]
+    hostile = [
+        asyncio.ensure_future(timed("hostile", [f"generated-{i * 971 + 3}w{k}" for i in range(10)])) for k in range(3)
+    ]
     await asyncio.sleep(0.5)  # the three are under way
-    during, _ = await timed(["cowsey"])
+    during, found = await timed("other", ["cowsey"])
     answered = await asyncio.gather(*hostile)
+    assert found == {"cowsey": ["cowsay"]}, "the other client's suggestion was dropped"  # its turn came in time
     assert during < alone + suggestions.SECONDS + 1, f"{during:.1f} s, alone {alone:.3f} s"
     assert all(seconds < suggestions.SECONDS + 1 for seconds, _ in answered), answered
+
+
+async def test_another_clients_suggestions_are_not_queued_behind_a_clients_queue() -> None:
+    """Queries ran in the order asked: one client's queue of misspelt pulls, each taking its whole
+    time, came before another client's, which then had its time run out and got no "did you
+    mean". They are taken in turn by client now, as builds are: a client's queue holds another's
+    query back by one of its own at most."""
+    names = [f"generated-{i}" for i in range(100_000)] + ["cowsay"]
+    finder = suggestions.Suggestions(seconds=60)  # no deadline cuts in: the order alone shows
+    done: list[str] = []
+
+    async def ask(client: str, missing: list[str]) -> None:
+        fair.requester.set(client)
+        await finder.suggest("big", lambda: names, missing)
+        done.append(client)
+
+    tasks = [asyncio.ensure_future(ask("hostile", [f"generated-{k}w{i}" for i in range(2)])) for k in range(3)]
+    await asyncio.sleep(0.05)  # the first is under way, two wait
+    tasks.append(asyncio.ensure_future(ask("other", ["cowsey"])))
+    await asyncio.gather(*tasks)
+    assert done == ["hostile", "hostile", "other", "hostile"]
 
 
 def test_the_landing_page_leaves_others_answered_promptly(big_catalogue_registry) -> None:

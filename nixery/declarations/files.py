@@ -50,6 +50,8 @@ MAX_DECLARATION_FILES = 1_000
 class Problem:
     origin: str
     message: str
+    #: The origin as a client may be told it: the file relative to NIXERY_IMAGES_PATH.
+    shown: str = ""
     #: The name:tag the invalid document meant to declare, when it says (string name and tag):
     #: a pull of it is told that its declaration is invalid, not that no package has its name.
     reference: tuple[str, str] | None = None
@@ -143,8 +145,8 @@ class DeclarationFiles:
         def report(
             document: str | None, message: str, name: str | None = None, reference: tuple[str, str] | None = None
         ) -> None:
-            origin = f"file {path}" + (f"#{document}" if document is not None else "")
-            problems.append(Problem(origin, message, reference))
+            at = f"#{document}" if document is not None else ""
+            problems.append(Problem(f"file {path}{at}", message, f"file {self._shown(path)}{at}", reference))
             if len(problems) <= MAX_LOGGED_PER_FILE:
                 log.warning("declarations.invalid", file=str(path), document=document, name=name, problem=message)
 
@@ -188,6 +190,14 @@ class DeclarationFiles:
     @property
     def declarations(self) -> list[Declaration]:
         return [d for path in sorted(self._files) for d in self._files[path].declarations]
+
+    def _shown(self, path: Path) -> str:
+        """`path` without the directories above NIXERY_IMAGES_PATH (the server's layout is its own)."""
+        try:
+            relative = path.relative_to(self.path)
+        except ValueError:
+            return path.name
+        return path.name if relative == Path(".") else str(relative)
 
     @property
     def invalid(self) -> dict[tuple[str, str], Problem]:

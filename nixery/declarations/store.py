@@ -243,9 +243,9 @@ class DeclarationStore:
             invalid = self._invalid.get((name, tag))
             if invalid is not None:  # not the name read as packages: "packages not found: NAME"
                 raise ManifestUnknown(
-                    f"{name}:{tag} is declared in {invalid.origin}, but that declaration cannot be served: "
+                    f"{name}:{tag} is declared in {invalid.shown}, but that declaration cannot be served: "
                     f"{invalid.message}",
-                    detail={"declaration": invalid.origin},
+                    detail={"declaration": invalid.shown},
                 )
             return None
         log.info(

@@ -12,20 +12,20 @@ So an image one of whose requested packages has `bin/nix-build` (the same test
 that gives it /etc/nix/nix.conf) gets, in its entry-point layer:
 
 * `/nix/var/nix/db/db.sqlite`: every store path of the image, with the NAR
-  hash, size, references and content address that the registry's own Nix
-  store records, in the tables of Nix's schema 10 (Nix 2.0 on; `schema`
-  says so);
+  hash, size and references that the registry's own Nix store records, in the
+  tables of Nix's schema 10 (Nix 2.0 on; `schema` says so);
 * `/nix/var/nix/gcroots/nixery/`: a root for each output of the requested and
   baseline packages, so that garbage collection in the container keeps what
   the image was asked to contain (and so its whole closure), and removes only
   what was built or fetched in it.
 
-The file is the same for the same paths: rows go in path order, every path is
-registered at time 1 (as the image is created at 1970-01-01T00:00:01Z), and
-no deriver is named (the .drv files are not in the image). Its bytes also name
-the SQLite library that wrote it (the header's version number), so the
-registries that must give equal digests for equal images should run the same
-SQLite, as they run the same compressors.
+The file is the same for the same paths, on any registry: rows go in path
+order, every path is registered at time 1 (as the image is created at
+1970-01-01T00:00:01Z), no deriver is named (the .drv files are not in the
+image), and no content address (a store records one for a path it built, not
+for one it fetched: replicas would differ); the header's record of the SQLite
+library that wrote the file (bytes 96-99) is a fixed number, as SQLite only
+notes it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ SCHEMA = "nix/var/nix/db/schema"
 ROOTS = "nix/var/nix/gcroots/nixery"
 SCHEMA_VERSION = 10
 REGISTRATION_TIME = 1
+#: Written where SQLite puts the number of the library version that last wrote the file (3.40.1).
+_SQLITE_VERSION_NUMBER = 3_040_001
+_SQLITE_VERSION_OFFSET = 96
 
 #: Nix's tables (its src/libstore/schema.sql, schema version 10), which Nix checks by name and column.
 _TABLES = """
@@ -96,8 +99,8 @@ def database(registrations: Sequence[Registration]) -> bytes:
     try:
         connection.executescript(_TABLES)
         connection.executemany(
-            "INSERT INTO ValidPaths (id, path, hash, registrationTime, narSize, ca) VALUES (?, ?, ?, ?, ?, ?)",
-            [(ids[r.path], r.path, r.nar_hash, REGISTRATION_TIME, r.nar_size, r.ca) for r in ordered],
+            "INSERT INTO ValidPaths (id, path, hash, registrationTime, narSize) VALUES (?, ?, ?, ?, ?)",
+            [(ids[r.path], r.path, r.nar_hash, REGISTRATION_TIME, r.nar_size) for r in ordered],
         )
         try:
             references = [(ids[r.path], ids[ref]) for r in ordered for ref in r.references]
@@ -105,9 +108,11 @@ def database(registrations: Sequence[Registration]) -> bytes:
             raise ValueError(f"a reference outside the image's paths: {exc.args[0]}") from None
         connection.executemany("INSERT INTO Refs (referrer, reference) VALUES (?, ?)", references)
         connection.commit()
-        return connection.serialize()
+        data = bytearray(connection.serialize())
     finally:
         connection.close()
+    data[_SQLITE_VERSION_OFFSET : _SQLITE_VERSION_OFFSET + 4] = _SQLITE_VERSION_NUMBER.to_bytes(4, "big")
+    return bytes(data)
 
 
 def database_entries(registrations: Sequence[Registration], roots: Iterable[str]) -> list[Entry]:

@@ -83,7 +83,7 @@ FROM closure JOIN ValidPaths ON ValidPaths.id = closure.id
 
 # Each path's record and its references (by path), for the Nix database of an image with Nix.
 _REGISTRATIONS = """
-SELECT v.path, v.hash, v.narSize, v.ca,
+SELECT v.path, v.hash, v.narSize,
        (SELECT json_group_array(r.path) FROM Refs JOIN ValidPaths AS r ON r.id = Refs.reference
         WHERE Refs.referrer = v.id)
 FROM ValidPaths AS v WHERE v.path IN (SELECT value FROM json_each(?))
@@ -225,11 +225,11 @@ def read_registrations(database: Path, paths: Iterable[str]) -> list[Registratio
         rows = connection.execute(_REGISTRATIONS, (json.dumps(wanted),)).fetchall()
     found = []
     try:
-        for path, nar_hash, nar_size, ca, references in rows:
+        for path, nar_hash, nar_size, references in rows:
             if not isinstance(nar_size, int):
                 raise StoreDbUnavailable(f"no narSize for {path}")
             found.append(Registration(
-                path, base16_nar_hash(nar_hash), nar_size, tuple(sorted(set(json.loads(references)))), ca or None
+                path, base16_nar_hash(nar_hash), nar_size, tuple(sorted(set(json.loads(references))))
             ))
     except (TypeError, ValueError) as exc:  # GraphError (a hash Nix would not write) is a ValueError
         raise StoreDbUnavailable(f"a record that cannot be read: {exc}") from exc
