@@ -190,13 +190,19 @@ def test_opening_the_storage_leaves_another_process_s_access_probe_alone(tmp_pat
     assert probe.exists(), "opening the storage removed another process's probe file"
 
 
-def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
-    digest, manifest = registry.manifest("fortune/bigdata")
+def damage_largest_layer(registry: RegistryProcess, manifest: dict) -> tuple[dict, bytes]:
+    """Flip a byte in the middle of the image's largest layer on disk; its descriptor and new bytes."""
     layer = max(manifest["layers"], key=lambda layer: layer["size"])
     blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
     data = bytearray(blob_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob_file.write_bytes(data)
+    return layer, bytes(data)
+
+
+def test_corrupt_blob_is_not_served_and_the_image_is_rebuilt(registry: RegistryProcess) -> None:
+    digest, manifest = registry.manifest("fortune/bigdata")
+    layer, _ = damage_largest_layer(registry, manifest)
 
     status, _, body = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
     assert status == 404
@@ -215,11 +221,7 @@ def test_a_blob_the_registry_sets_aside_as_damaged_is_logged(registry: RegistryP
     (quarantine/ keeps it "for an operator to look at"). Now the registry logs which blob it set
     aside and where it went."""
     _, manifest = registry.manifest("fortune/bigdata")
-    layer = max(manifest["layers"], key=lambda layer: layer["size"])
-    blob_file = registry.storage / "blobs" / "sha256" / layer["digest"][7:9] / layer["digest"][7:]
-    data = bytearray(blob_file.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    blob_file.write_bytes(data)
+    layer, data = damage_largest_layer(registry, manifest)
 
     status, _, _ = registry.request(f"/v2/fortune/bigdata/blobs/{layer['digest']}")
     assert status == 404
