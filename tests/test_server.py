@@ -629,3 +629,38 @@ def test_a_pull_given_up_while_its_image_builds_is_logged_as_gone(tmp_path, star
     counted = [line for line in metrics.decode().splitlines() if line.startswith("nixery_http_requests_total{")]
     assert any('manifests' in line and 'status="499"' in line for line in counted), counted
     assert not any('manifests' in line and 'status="200"' in line for line in counted), counted
+
+
+def _download(port: int, path: str, *, rate: float, stop_after: int | None = None) -> None:
+    """GET `path` reading at most `rate` bytes a second, with a small receive buffer (the kernel's
+    own would take a whole layer at once); hang up after `stop_after` bytes, if given."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received, started = 0, time.monotonic()
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+            if stop_after is not None and received >= stop_after:
+                return
+            time.sleep(max(0.0, received / rate - (time.monotonic() - started)))
+
+
+def test_a_downloads_log_line_has_the_time_it_took_and_a_cut_off_one_says_so(registry: RegistryProcess) -> None:
+    """Blobs were sent after their log line was written: every download was logged as a 200 of a
+    tenth of a millisecond, a slow one and one the client gave up on alike."""
+    _, manifest = registry.manifest("fortune/bigdata")
+    layer = max(manifest["layers"], key=lambda layer: layer["size"])
+    assert layer["size"] > 10_000_000, "a layer larger than the socket buffers is needed"
+    path = f"/v2/fortune/bigdata/blobs/{layer['digest']}"
+
+    _download(registry.port, path, rate=8_000_000)  # ~1.7 s, the last 4 MB or so in the sender's buffer
+    _download(registry.port, path, rate=8_000_000, stop_after=1_000_000)
+    deadline = time.monotonic() + 30
+    while len(logged := [e for e in registry.log_events("http.request") if e["path"] == path]) < 2:
+        assert time.monotonic() < deadline, logged
+        time.sleep(0.2)
+    slow, cut_off = logged
+    assert slow["status"] == 200 and slow["ms"] > 500, slow
+    assert cut_off["status"] == 499, cut_off

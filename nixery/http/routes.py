@@ -412,6 +412,9 @@ class _SendFile(web.StreamResponse):
     FileResponse, the bytes go out when aiohttp prepares the response, after
     the handler and the middlewares have returned."""
 
+    #: Its bytes go out in `prepare`: the access log waits for them (nixery.http.access).
+    sent_on_prepare = True
+
     def __init__(self, handle: BinaryIO, selected: ranges.Selected, headers: dict[str, str]):
         super().__init__(status=selected.status, headers=_sent_headers(headers, selected))
         self._handle, self._segments, self._trailer = handle, selected.segments, selected.trailer
