@@ -268,9 +268,13 @@ SETTING_TYPES: dict[str, type] = {
 #: never refused, whatever it holds.
 MACHINE_VARIABLES = ("HOME", "KUBERNETES_SERVICE_HOST")
 
-#: In the settings' namespace but no setting: what `nixery build` reads (its registry), and the
-#: benchmarks' scratch directory.
-CLIENT_VARIABLES = ("NIXERY_REGISTRY", "NIXERY_BENCH_SCRATCH")
+#: In the settings' namespace but no setting: what `nixery build` reads (its registry), and what
+#: the repository's own tools read (the Makefile, .ci/run, the tests and the benchmarks), which
+#: a registry started from their shell sees.
+CLIENT_VARIABLES = (
+    "NIXERY_REGISTRY", "NIXERY_BENCH_SCRATCH", "NIXERY_DEBIAN_CACHE", "NIXERY_REQUIRE_DEBIAN_SET",
+    "NIXERY_SELF_IMAGE_CACHE", "NIXERY_SELF_SET_DIR", "NIXERY_LAYERING_DATA", "NIXERY_TEST_CHROMIUM",
+)
 #: What Nixery (Go) reads and this registry does not, with why.
 #: The settings' own prefix (some keep the names Nixery gave them: PORT, STORAGE_PATH, NIX_TIMEOUT).
 SETTING_PREFIX = "NIXERY_"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config
+from tests.registry import REPOSITORY
 
 _VARIABLE = re.compile(r"[A-Z][A-Z0-9_]{2,}")
 
@@ -75,6 +76,19 @@ def test_a_misspelt_setting_is_named_with_the_one_meant() -> None:
         "NIXERY_STORAGE_PATH is not a setting: did you mean STORAGE_PATH?",
         "WEB_DIR is not read: Nixery's directory of web pages; this registry serves its own pages",
     ]
+
+
+def test_the_repositorys_own_tools_variables_are_not_taken_for_misspelt_settings() -> None:
+    """.ci/run exports NIXERY_REQUIRE_DEBIAN_SET: every registry the tests started warned of it, and
+    tests that expect one line on stderr failed in CI alone."""
+    read_by_tools = set()
+    for pattern in ("Makefile", ".ci/*", "tests/*.py", "bench/*.py", "bench/*.sh"):
+        for path in REPOSITORY.glob(pattern):
+            read_by_tools |= set(re.findall(r"environ(?:\.get)?\(?\[?\"(NIXERY_[A-Z0-9_]+)", path.read_text()))
+            read_by_tools |= set(re.findall(r"\$\{?(NIXERY_[A-Z0-9_]+)", path.read_text()))
+            read_by_tools |= set(re.findall(r"export (NIXERY_[A-Z0-9_]+)=", path.read_text()))
+    assert "NIXERY_REQUIRE_DEBIAN_SET" in read_by_tools
+    assert config.unknown_settings(dict.fromkeys(read_by_tools, "1")) == []
 
 
 def test_kubernetes_service_variables_are_not_taken_for_misspelt_settings() -> None:
