@@ -89,18 +89,8 @@ class ClosureGraph:
         and later print an object keyed by path. Both carry `narSize` and
         `references` (which may include the path itself).
         """
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GraphError(f"path-info output is not JSON: {exc}") from exc
-        if isinstance(data, list):
-            items = [(entry.get("path"), entry) for entry in data]
-        elif isinstance(data, dict):
-            items = list(data.items())
-        else:
-            raise GraphError("path-info output is neither a list nor an object")
         nodes = []
-        for path, info in items:
+        for path, info in _path_info_items(text):
             if not isinstance(path, str) or not isinstance(info, dict):
                 raise GraphError(f"path-info entry without a path: {info!r:.200}")
             if info.get("valid") is False:
@@ -167,15 +157,24 @@ def base16_nar_hash(text: str) -> str:
     return "sha256:" + digest.hex()
 
 
-def registrations_from_path_info(text: str | bytes) -> list[Registration]:
-    """The registrations in `nix path-info --json` output (either form: see `from_path_info`)."""
+def _path_info_items(text: str | bytes) -> list[tuple[Any, Any]]:
+    """(path, entry) for each entry of `nix path-info --json` output, in either form (a list of
+    objects that carry their path, or an object keyed by path: see `ClosureGraph.from_path_info`)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise GraphError(f"path-info output is not JSON: {exc}") from exc
-    items = [(entry.get("path"), entry) for entry in data] if isinstance(data, list) else list(data.items())
+    if isinstance(data, list):
+        return [(entry.get("path") if isinstance(entry, dict) else None, entry) for entry in data]
+    if isinstance(data, dict):
+        return list(data.items())
+    raise GraphError("path-info output is neither a list nor an object")
+
+
+def registrations_from_path_info(text: str | bytes) -> list[Registration]:
+    """The registrations in `nix path-info --json` output."""
     found = []
-    for path, info in items:
+    for path, info in _path_info_items(text):
         try:
             found.append(Registration(
                 path, base16_nar_hash(info["narHash"]), int(info["narSize"]), tuple(sorted(set(info["references"])))

@@ -58,6 +58,10 @@ def _address(text: str) -> Address | None:
     return address
 
 
+def _trusted(address: Address | None, trusted: tuple[Network, ...]) -> bool:
+    return address is not None and any(address in network for network in trusted)
+
+
 def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Network, ...]) -> str | None:
     """The client's address: the peer's, or, when the peer is a trusted proxy, the last
     address in `X-Forwarded-For` (all its header lines, in order) that is not one.
@@ -65,10 +69,8 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Ne
     An entry that is no address (`unknown`, garbage a client sent) ends the walk: the
     hop that passed it on is the client as far as anyone trusted can tell.
     """
-    if not trusted or peer is None:
-        return peer
-    current = _address(peer)
-    if current is None or not any(current in network for network in trusted):
+    current = None if peer is None else _address(peer)
+    if current is None or not _trusted(current, trusted):
         return peer
     entries = [entry for line in forwarded_for for entry in line.split(",")]
     for entry in reversed(entries):
@@ -76,7 +78,7 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Ne
         if address is None:
             break
         current = address
-        if not any(address in network for network in trusted):
+        if not _trusted(address, trusted):
             break
     return str(current)
 
@@ -84,8 +86,7 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Ne
 def forwarded_scheme(peer: str | None, forwarded_proto: list[str], trusted: tuple[Network, ...]) -> str | None:
     """`http` or `https` as the trusted peer says the client reached it (`X-Forwarded-Proto`, the
     value it wrote last); None from any other peer, or for anything else."""
-    address = None if peer is None else _address(peer)
-    if address is None or not any(address in network for network in trusted):
+    if peer is None or not _trusted(_address(peer), trusted):
         return None
     values = [value.strip().lower() for line in forwarded_proto for value in line.split(",")]
     return values[-1] if values and values[-1] in ("http", "https") else None
