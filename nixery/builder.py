@@ -417,6 +417,7 @@ class ImageBuilder:
 
     async def _build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         try:
+            await self._names_listed(request, revision)
             async with self.builds.locked(key, build, self.images.building(key)):
                 # Another process sharing this storage may have built it while we waited.
                 record = await self.images.get(key)
@@ -446,6 +447,21 @@ class ImageBuilder:
         finally:
             self._in_flight.pop(key, None)
 
+    async def _names_listed(self, request: ImageRequest, revision: Revision) -> None:
+        """PackagesNotFound for names the package list (once read: a missing name's first answer
+        reads it) surely lacks, before the image's storage lock (an object written on S3 and GCS),
+        a build slot or Nix is taken: misspelt pulls held a slot for seconds each. Counted as a
+        build whose names were not found, as one that asked Nix is."""
+        if request.platforms:  # each platform's build checks the names in its own list
+            return
+        started = time.monotonic()
+        try:
+            await self._check_names(request, revision, loaded_only=True)
+        except PackagesNotFound:
+            metrics.build_started()
+            metrics.build_finished("not_found", time.monotonic() - started)
+            raise
+
     async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """A build that runs here (the metrics count it; not a wait for another process's).
         Names the package set lacks are counted apart from failures, and answered with the
@@ -459,7 +475,7 @@ class ImageBuilder:
             return record
         except PackagesNotFound as exc:
             result = "not_found"
-            if exc.suggestions:  # from the package list already (`_check_names`): the platform's own
+            if exc.suggestions:  # an index's, from a platform's build: that platform's own names
                 raise
             other_platform = not request.platforms and request.arch is not host_arch()
             if exc.platform is None and other_platform:
@@ -478,9 +494,6 @@ class ImageBuilder:
         bound = log.bind(image=request.display_name, source=revision.source, key=key[:12], build=build.id)
         build.emit(Stage.QUEUED, "waiting for a build slot", source=revision.source, revision=revision.id)
         bound.info("build.queued", revision=revision.id)
-        # Names the package list (once read: a missing name's first answer reads it) surely lacks
-        # are answered without a build slot or Nix: misspelt pulls held slots for seconds each.
-        await self._check_names(request, revision, loaded_only=True)
         async with self._build_slots.hold(requester.get()):
             resolved, baseline, graph = await self._closure(request, revision, bound, build)
         named = _by_resolved_names(request, resolved)
