@@ -203,9 +203,14 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 def answered_status(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """The response's status, or nginx's 499 when the client hung up before it could be sent: a
     pull given up while its image was built was logged and counted as a 200 it never got."""
-    if not response.prepared and (request.transport is None or request.transport.is_closing()):
+    if not response.prepared and client_left(request):
         return 499
     return response.status
+
+
+def client_left(request: web.BaseRequest) -> bool:
+    """The client has closed its connection: nobody will read an answer to `request`."""
+    return request.transport is None or request.transport.is_closing()
 
 
 def count_request(request: web.Request, status: int, started: float) -> None:

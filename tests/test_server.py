@@ -614,21 +614,59 @@ def test_a_build_form_naming_only_a_scheme_names_no_image(registry: RegistryProc
 
 
 def test_a_pull_given_up_while_its_image_builds_is_logged_as_gone(tmp_path, start_registry) -> None:
-    registry = start_registry(tmp_path / "storage", NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "set", 4)))
+    """A pull given up mid-build is logged and counted as 499 when the client leaves, with the time
+    it waited: it was logged as a 200 it never got, then as a 499 only once the build ended, with
+    the build's time. The build goes on for the next pull."""
+    registry = start_registry(tmp_path / "storage", NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "set", 12)))
     path = "/v2/shell/slowpoke/manifests/latest"
+
+    def logged(event: str, **fields: object) -> list[dict]:
+        deadline = time.monotonic() + 120
+        while not (found := [e for e in registry.log_events(event) if fields.items() <= e.items()]):
+            assert time.monotonic() < deadline, f"no {event} {fields} in the log"
+            time.sleep(0.1)
+        return found
+
     with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(1)  # the build has started; the client gives up
-    deadline = time.monotonic() + 120
-    while not [e for e in registry.log_events("http.request") if e["path"] == path]:
-        assert time.monotonic() < deadline, "the request was never logged"
-        time.sleep(0.3)
-    assert registry.log_events("build.done"), "the build goes on for the next pull"
-    assert [e["status"] for e in registry.log_events("http.request") if e["path"] == path] == [499]
+        asked = time.monotonic()
+        logged("build.realising")  # Nix builds slowpoke (12 s); the client gives up
+    left = time.monotonic()
+    (answered,) = logged("http.request", path=path)
+    assert time.monotonic() - left < 5, "logged long after the client left"
+    assert not registry.log_events("build.done"), "logged when the build ended"
+    assert answered["status"] == 499 and answered["ms"] < 1000 * (left - asked + 5), answered
+    logged("build.done")  # the build went on for the next pull
     _, _, metrics = registry.request("/metrics", accept="text/plain")
     counted = [line for line in metrics.decode().splitlines() if line.startswith("nixery_http_requests_total{")]
     assert any('manifests' in line and 'status="499"' in line for line in counted), counted
     assert not any('manifests' in line and 'status="200"' in line for line in counted), counted
+    assert registry.manifest("shell/slowpoke")[0].startswith("sha256:")
+    assert len(registry.log_events("build.done")) == 1, "the next pull found the image built"
+
+
+def test_a_build_whose_only_client_left_does_not_hold_up_a_shutdown(tmp_path, start_registry) -> None:
+    """A stop waits for the builds a client waits for (its grace), not for one whose only client
+    hung up: that pull still counted as waiting until the build ended, so the stop took the
+    build's time (or the whole grace)."""
+    registry = start_registry(tmp_path / "storage", NIXERY_SHUTDOWN_GRACE="60",
+                              NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "set", 50)))
+    path = "/v2/shell/slowpoke/manifests/latest"
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        deadline = time.monotonic() + 120
+        while not registry.log_events("build.realising"):
+            assert time.monotonic() < deadline, "the build did not start"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not [e for e in registry.log_events("http.request") if e["path"] == path]:
+        assert time.monotonic() < deadline, "the pull given up was not logged"
+        time.sleep(0.1)
+    stopping = time.monotonic()
+    registry.process.send_signal(signal.SIGTERM)
+    registry.process.wait(timeout=60)
+    assert time.monotonic() - stopping < 20, "the stop waited for the build"
+    assert registry.log_events("build.stopped") and not registry.log_events("build.done")
 
 
 def _download(port: int, path: str, *, rate: float, stop_after: int | None = None) -> None:

@@ -33,6 +33,7 @@ from nixery.errors import (
     Unsupported,
 )
 from nixery.http import hosts, ranges
+from nixery.http.departures import unless_client_leaves
 from nixery.http.guidance import progress_path
 from nixery.http.signatures import sign_pulled
 from nixery.lru import LRU
@@ -306,7 +307,8 @@ async def _manifest_by_digest(request: web.Request, digest: Digest) -> tuple[byt
     try:
         return await stored_manifest(request, digest, check_blobs=True)
     except ManifestUnknown:  # gone, or its image lost a blob; a blob that is no manifest names no image
-        if await builder.rebuilt_naming(digest) is None:  # never built here, or removed by gc
+        rebuilt = unless_client_leaves(request, builder.rebuilt_naming(digest), "its image was built again")
+        if await rebuilt is None:  # never built here, or removed by gc
             raise
     return await stored_manifest(request, digest, check_blobs=True)
 
@@ -322,7 +324,7 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
         _log_wait(request, request.match_info["name"], tag, build)
 
     async def chosen() -> Digest:
-        record = await builder.image(image, tag, on_wait=on_wait)
+        record = await unless_client_leaves(request, builder.image(image, tag, on_wait=on_wait), "its image was built")
         await sign_pulled(request, record)
         return choose(record.descriptors, accept, user_agent, builder.compression).digest
 
