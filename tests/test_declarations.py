@@ -774,6 +774,11 @@ def test_a_pull_of_an_invalid_declaration_says_what_is_wrong_with_it(start_regis
     assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN") and error["detail"]["declaration"] == "file app.yaml#0"
     # Another tag of the name is not declared: the name is read as packages, as always.
     assert b"packages not found" in registry.request("/v2/app/manifests/v2")[2]
+    # Also where the pair would otherwise name a package: the declaration was meant to replace it.
+    write_images(images / "hello.yaml", nix_image("hello", contents=["hello"], volumes=["/data"]))
+    status, _, body = registry.request("/v2/hello/manifests/v1")
+    error = json.loads(body)["errors"][0]
+    assert (status, error["detail"]["declaration"]) == (404, "file hello.yaml#0"), error
 
     # Fixed, it is served.
     touch_later(images / "app.yaml", yaml.safe_dump(nix_image("app", contents=["shell", "hello"])))
