@@ -7,7 +7,8 @@ the same image is reached under several names (`curl/shell`, `Curl/Shell`)
 and hosts. So each repository's signatures are made on the first pull of a
 tag of an image through it (before the manifest is answered: the signature is
 there when the client asks for it next), once for all the image's manifests
-(every platform, every format, the index), and stored:
+(every platform, every format, the index) and the documents attached to
+them (SBOMs, provenance statements), and stored:
 
     signatures/<key id>/<sha256 of HOST/NAME, 32 hex>/<manifest hex>
 

@@ -120,6 +120,20 @@ def digests_of(registry: RegistryProcess, name: str) -> list[str]:
     return [registry.manifest(name, accept=accept)[0] for accept in (DOCKER_MANIFEST, OCI_MANIFEST)]
 
 
+def referrers_of(registry: RegistryProcess, name: str, digest: str) -> list[str]:
+    """The digests of the documents (SBOMs, provenance) the referrers API lists for a manifest."""
+    status, _, body = registry.request(f"/v2/{name}/referrers/{digest}", accept=OCI_INDEX)
+    assert status == 200, body
+    return [entry["digest"] for entry in json.loads(body)["manifests"]]
+
+
+def signed_subjects(registry: RegistryProcess, name: str) -> list[str]:
+    """Every manifest a pull of `name:latest` leads a client to: one per format, and the
+    documents attached to each (what the registry signs on that pull)."""
+    manifests = digests_of(registry, name)
+    return [*manifests, *(referrer for digest in manifests for referrer in referrers_of(registry, name, digest))]
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
     """Two key pairs, as `nixery keys generate` writes them."""
@@ -300,8 +314,8 @@ def test_a_manifest_is_signed_for_a_bounded_number_of_repositories(
     hosts = [f"registry-{n}.example" for n in range(MAX_REPOSITORIES_PER_MANIFEST + 8)]
     assert [pull(host) for host in hosts] == [200] * len(hosts)
     signed = registry.log_events("signing.signed")
-    manifests = len({event["subject"] for event in signed})  # the image's Docker and OCI manifests
-    assert manifests == 2
+    manifests = len({event["subject"] for event in signed})  # the image's Docker and OCI manifests, their documents
+    assert manifests == len(signed_subjects(registry, "shell")) == 8
     assert len(signed) == manifests * MAX_REPOSITORIES_PER_MANIFEST, len(signed)
     first_hosts = hosts[:MAX_REPOSITORIES_PER_MANIFEST]
     assert {event["identity"] for event in signed} == {f"{host}/shell" for host in first_hosts}
@@ -328,7 +342,7 @@ def test_signatures_are_stored_once_shared_by_replicas_and_made_anew_for_a_new_k
     assert digests_of(first, "shell")[0] == digest  # the same image: signing changes no manifest
     verify_sigstore(first, "shell", digest, keys["registry.pub"].read_bytes(), host="nixery.example")
     signed = len(first.log_events("signing.signed"))
-    assert signed == 2  # the Docker and the OCI manifest, once each
+    assert signed == 8  # the Docker and the OCI manifest and the 3 documents about each, once each
     digests_of(first, "shell")
     assert len(first.log_events("signing.signed")) == signed  # once: not on every pull
     # A replica on the same storage and key serves the stored signature, even pulled by digest only.
@@ -373,6 +387,28 @@ def test_a_tampered_signature_is_refused(
     restarted = start_registry(storage, **env)
     with pytest.raises(SignatureRejected, match="cryptographic signature verification failed"):
         verify_sigstore(restarted, "shell", digest, keys["registry.pub"].read_bytes(), host="nixery.example")
+
+
+@needs_skopeo
+def test_the_sboms_and_provenance_of_an_image_are_signed_too(
+    start_registry: Callable[..., RegistryProcess], keys: dict[str, Path]
+) -> None:
+    """The documents the referrers API lists are manifests the registry serves: a client that
+    takes an SBOM from there checks it is the registry's as it checks the image
+    (`cosign verify --key ... HOST/NAME@<its digest>`). They were served unsigned."""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_SIGNING_KEY=str(keys["registry"]))
+    public = keys["registry.pub"].read_bytes()
+    for digest in digests_of(registry, "hello/shell"):
+        documents = referrers_of(registry, "hello/shell", digest)
+        assert len(documents) == 3  # SPDX, CycloneDX, provenance
+        for document in documents:
+            payload = verify_sigstore(registry, "hello/shell", document, public)
+            assert payload["critical"]["image"]["docker-manifest-digest"] == document
+            with pytest.raises(SignatureRejected, match="cryptographic signature verification failed"):
+                verify_sigstore(registry, "hello/shell", document, keys["other.pub"].read_bytes())
+    # Signed per repository, as the image: not for a name it was not pulled through.
+    with pytest.raises(SignatureRejected, match="no signature"):
+        verify_sigstore(registry, "figlet", documents[0], public)
 
 
 def _read_blob(storage: Path, digest: str) -> bytes:
@@ -450,7 +486,8 @@ def test_gc_keeps_the_signatures_of_kept_images_and_the_registry_signs_a_rebuilt
     (storage / "meta" / "usage" / record_key(storage, kept[0])).write_text(json.dumps({"last_used": time.time()}))
     entries = {path.name: json.loads(path.read_bytes()) for path in (storage / "meta" / "signatures").rglob("*")
                if path.is_file()}
-    assert len(entries) == 4
+    kept_subjects = signed_subjects(registry, "shell")  # its manifests and the documents about them
+    assert len(entries) == 2 * len(kept_subjects) == 16
 
     assert "removed 1 image and" in collect(storage)
     for digest in kept:
@@ -461,7 +498,7 @@ def test_gc_keeps_the_signatures_of_kept_images_and_the_registry_signs_a_rebuilt
         attached = entries[Digest.parse(digest).hex]
         assert not blob_file(storage, attached["manifest"]["digest"]).exists()
     remaining = sorted(path.name for path in (storage / "meta" / "signatures").rglob("*") if path.is_file())
-    assert remaining == sorted(Digest.parse(digest).hex for digest in kept)  # the others' entries went too
+    assert remaining == sorted(Digest.parse(digest).hex for digest in kept_subjects)  # the others' went too
     # The registry hears of the collection (one poll) and signs the rebuilt image again on its next pull.
     time.sleep(collected.POLL_INTERVAL + 1)
     assert digests_of(registry, "hello") == collected_

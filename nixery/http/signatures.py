@@ -13,7 +13,7 @@ from aiohttp import web
 
 from nixery.errors import ManifestUnknown
 from nixery.http import hosts
-from nixery.images import ImageRecord
+from nixery.images import ImageRecord, all_attached
 from nixery.registry.digest import Digest
 from nixery.signatures import Signatures
 
@@ -37,13 +37,18 @@ def _identity(request: web.Request, signatures: Signatures) -> str:
 
 async def sign_pulled(request: web.Request, record: ImageRecord) -> None:
     """A tag was pulled: the image's manifests are signed for the repository it was pulled
-    through (once; at once after its build), so that its signature tag answers next."""
+    through (once; at once after its build), so that its signature tag answers next. So are
+    the documents attached to them (SBOMs, provenance), which are manifests the registry
+    serves too: `cosign verify --key ... HOST/NAME@<SBOM manifest digest>` checks that an
+    SBOM found through the referrers API is the registry's."""
     signatures = request.app.get(SIGNATURES)
     if signatures is None:
         return
     identity = _identity(request, signatures)
+    subjects = [descriptor.digest for descriptor in record.descriptors]
+    subjects += [attached.manifest.digest for attached in all_attached(record) if attached.tag is None]
     try:
-        await signatures.ensure(identity, (d.digest for d in record.descriptors))
+        await signatures.ensure(identity, subjects)
     except Exception as exc:  # the image is still served: only clients that require a signature refuse it
         log.warning("signing.failed", identity=identity[:300], image=record.name, error=str(exc)[:300])
 
