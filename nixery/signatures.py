@@ -118,9 +118,12 @@ class Signatures:
             )
         return False
 
-    async def find(self, identity: str, subject: Digest) -> Attached | None:
+    async def find(self, identity: str, subject: Digest, *, recheck: bool = False) -> Attached | None:
         """The signature of `subject` for `identity`, if the registry has signed it; made again
-        when its blobs are gone."""
+        when its blobs are gone. `recheck`: its blobs are looked for in storage again, not taken
+        from memory (the caller found one gone: set aside as damaged, say)."""
+        if recheck:
+            self._known.pop((identity, subject))
         known = self._known.get((identity, subject))
         if known is not None:
             return known

@@ -411,6 +411,32 @@ def test_the_sboms_and_provenance_of_an_image_are_signed_too(
         verify_sigstore(registry, "figlet", documents[0], public)
 
 
+@needs_skopeo
+def test_a_signature_whose_manifest_was_damaged_in_storage_is_made_again(
+    start_registry: Callable[..., RegistryProcess], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """A signature's blob that no longer hashes to its digest (a disk's fault) is set aside when
+    it is read: the signature tag is then made again, not `404 MANIFEST_UNKNOWN` for as long as
+    the registry runs (which made clients that require a signature refuse the image)."""
+    storage = tmp_path / "storage"
+    env = {"NIXERY_BUNDLED_SET": "busybox", "NIXERY_PUBLIC_HOST": "nixery.example",
+           "NIXERY_SIGNING_KEY": str(keys["registry"])}
+    public = keys["registry.pub"].read_bytes()
+    registry = start_registry(storage, **env)
+    digest = digests_of(registry, "shell")[1]
+    verify_sigstore(registry, "shell", digest, public, host="nixery.example")
+    registry.stop()
+    (entry,) = [path for path in (storage / "meta" / "signatures").rglob(digest.split(":")[1])]
+    damaged = blob_file(storage, json.loads(entry.read_text())["manifest"]["digest"])
+    data = bytearray(damaged.read_bytes())
+    data[-2] ^= 1  # one bit of the manifest's last byte but one flipped in place
+    damaged.write_bytes(bytes(data))
+    restarted = start_registry(storage, **env)
+    for _ in range(2):  # the first request finds the damage; neither is refused
+        verify_sigstore(restarted, "shell", digest, public, host="nixery.example")
+    assert restarted.log_events("storage.damaged_blob_set_aside")
+
+
 def _read_blob(storage: Path, digest: str) -> bytes:
     return asyncio.run(_storage(storage).read_blob(Digest.parse(digest)))
 

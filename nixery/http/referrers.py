@@ -76,7 +76,11 @@ async def tagged(request: web.Request) -> web.Response:
         digest = Digest.of(document)
     elif signature_subject(reference) is not None:  # cosign's `sha256-<hex>.sig`: signed per repository
         digest = await signature_manifest_digest(request, subject)
-        document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
+        try:
+            document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
+        except ManifestUnknown:  # a blob of it gone since it was made (set aside as damaged): made again
+            digest = await signature_manifest_digest(request, subject, recheck=True)
+            document, media_type = await routes.stored_manifest(request, digest, check_blobs=True)
     else:
         raise ManifestUnknown(f"no manifest tagged {reference}", detail={"tag": reference})
     headers = routes.content_headers(digest, media_type)

@@ -53,10 +53,15 @@ async def sign_pulled(request: web.Request, record: ImageRecord) -> None:
         log.warning("signing.failed", identity=identity[:300], image=record.name, error=str(exc)[:300])
 
 
-async def signature_manifest_digest(request: web.Request, subject: Digest) -> Digest:
-    """The digest of the signature manifest of `subject` in this repository."""
+async def signature_manifest_digest(request: web.Request, subject: Digest, *, recheck: bool = False) -> Digest:
+    """The digest of the signature manifest of `subject` in this repository; `recheck`: the one
+    known was not served (a blob of it gone), so its blobs are looked for again, and it is made
+    again if they are gone (`Signatures.find`)."""
     signatures = request.app.get(SIGNATURES)
-    found = await signatures.find(_identity(request, signatures), subject) if signatures is not None else None
+    found = (
+        await signatures.find(_identity(request, signatures), subject, recheck=recheck)
+        if signatures is not None else None
+    )
     if found is None:
         raise ManifestUnknown(
             f"no signature of {subject} in this repository",
