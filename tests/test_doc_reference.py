@@ -385,3 +385,43 @@ def test_the_metrics_table_lists_every_metric_and_only_those() -> None:
     documented = {name for row in table.splitlines() if row.startswith("| `")
                   for name in re.findall(r"`(nixery_[a-z_]+)`", row.split("|")[1])}
     assert len(defined) >= 10 and documented == defined, (documented - defined, defined - documented)
+
+
+# ---- declared images -------------------------------------------------------------
+
+def test_the_tag_rules_kubernetes_md_gives_are_those_the_crd_and_the_registry_apply() -> None:
+    """docs/kubernetes.md's `data.tag` row said a tag may hold `/`: the CRD refuses it, and a
+    file's declaration with one was skipped as invalid. The characters and length it gives now
+    are exactly those the CRD's pattern and the registry's tag check take."""
+    import string
+
+    import yaml
+
+    from nixery.errors import TagInvalid
+    from nixery.registry.names import check_tag
+
+    row = next(line for line in (REPOSITORY / "docs" / "kubernetes.md").read_text().splitlines()
+               if line.startswith("| `data.tag` |"))
+    listed = re.search(r"letters, digits, `([^`]+)`", row)
+    assert listed is not None, row
+    crd = yaml.safe_load((REPOSITORY / "deploy" / "base" / "crd.yaml").read_text())
+    tag = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["data"]["properties"]["tag"]
+
+    def registry_takes(value: str) -> bool:
+        try:
+            check_tag(value)
+        except TagInvalid:
+            return False
+        return True
+
+    def crd_takes(value: str) -> bool:
+        return len(value) <= tag["maxLength"] and re.fullmatch(tag["pattern"].strip("^$"), value) is not None
+
+    for character in string.punctuation:
+        value = f"a{character}b"
+        assert (character in listed[1]) == registry_takes(value) == crd_takes(value), (character, row)
+    longest = re.search(r"1 to (\d+) letters", row)
+    assert longest is not None, row
+    limit = int(longest[1])
+    assert registry_takes("t" * limit) and crd_takes("t" * limit)
+    assert not registry_takes("t" * (limit + 1)) and not crd_takes("t" * (limit + 1))
