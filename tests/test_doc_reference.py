@@ -425,3 +425,18 @@ def test_the_tag_rules_kubernetes_md_gives_are_those_the_crd_and_the_registry_ap
     limit = int(longest[1])
     assert registry_takes("t" * limit) and crd_takes("t" * limit)
     assert not registry_takes("t" * (limit + 1)) and not crd_takes("t" * (limit + 1))
+
+
+# ---- the code ------------------------------------------------------------------
+
+def test_the_modules_architecture_md_says_are_past_500_lines_are_those() -> None:
+    """docs/architecture.md said that no module under nixery/ exceeded 500 lines, when twelve
+    did; it now names those past the aim, and this keeps the list true."""
+    text = " ".join((REPOSITORY / "docs" / "architecture.md").read_text().split())
+    sentence = re.search(r"Modules are meant to stay under 500 lines; (.*?)\.(?:\s|$)", text)
+    assert sentence is not None, "docs/architecture.md names no modules past 500 lines"
+    named = set(re.findall(r"`([a-z0-9_/]+\.py)`", sentence[1]))
+    package = REPOSITORY / "nixery"
+    past = {str(path.relative_to(package)) for path in package.rglob("*.py")
+            if len(path.read_text().splitlines()) > 500}
+    assert named == past, {"named, not past 500": named - past, "past 500, not named": past - named}
