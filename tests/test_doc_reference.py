@@ -372,6 +372,30 @@ def test_usage_md_shows_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not missing, f"commands docs/usage.md does not show: {missing}"
 
 
+def _options(arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The long options `nixery ARGUMENTS --help` offers, but --help."""
+    from nixery import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    with pytest.raises(SystemExit):
+        cli.main([*arguments, "--help"])
+    usage = out.getvalue().split("\n\n", 1)[0]
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage)) - {"--help"}
+
+
+def test_every_option_of_every_command_is_in_the_docs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nixery layers plan --max-layers` and `--no-history` were in `--help` alone."""
+    text = "\n".join(path.read_text() for path in DOCUMENTS)
+    commands = [[]] + [[command] for command in _choices([], monkeypatch)]
+    commands += [[*command, action] for command in commands[1:] for action in _choices(command, monkeypatch)]
+    offered = {(" ".join(command), option) for command in commands for option in _options(command, monkeypatch)}
+    assert {("gc", "--dry-run"), ("build", "--local"), ("layers plan", "--graph")} <= offered
+    missing = sorted(f"nixery {command} {option}" for command, option in offered
+                     if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text))
+    assert not missing, f"options that no document names: {missing}"
+
+
 # ---- metrics ---------------------------------------------------------------------
 
 def test_the_metrics_table_lists_every_metric_and_only_those() -> None:
