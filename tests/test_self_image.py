@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -219,6 +220,49 @@ def test_deploy_seed_then_serve(image: str, tmp_path: Path) -> None:
         assert result.stdout.split("\n")[:2] == [f"nixery {__version__}", "2"], result.stdout
     finally:
         _remove_tree(volume)
+
+
+def _seeded(image: str, volume: Path, scripts: Path) -> str:
+    """Run the init container's seed.py (deploy/base/seed-nix-store.yaml) of `image` into `volume`."""
+    scripts.mkdir(exist_ok=True)
+    (scripts / "seed.py").write_text(yaml.safe_load(SEED.read_text())["data"]["seed.py"])
+    return run([
+        "podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{volume}:/seed", "-v", f"{scripts}:/opt/nixery-seed:ro",
+        image, "python3", "/opt/nixery-seed/seed.py", "/seed",
+    ], timeout=300).stdout
+
+
+def test_nix_knows_the_images_paths_in_a_volume_seeded_empty(image: str, tmp_path: Path) -> None:
+    """docs/self-image.md said that the image has no Nix database, so that nix-collect-garbage in
+    a pod deleted the registry's own programs: the image has one (it has Nix's programs), and in a
+    volume that starts empty, as the Deployment's does, nix-collect-garbage keeps them. In a volume
+    that already has a database (the DaemonSet's host directory, seeded by an earlier image), the
+    init container leaves that one, and the page's warning holds: there the paths are unknown."""
+    empty, used = tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    (used / "var" / "nix" / "db").mkdir(parents=True)  # an earlier image's database (here: none of its rows)
+    try:
+        for volume in (empty, used):
+            assert _seeded(image, volume, tmp_path / "seed-script").startswith("seeded "), volume
+        kept = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{empty}:/nix", image, "bash", "-c",
+                    "nix-collect-garbage && nixery --version"]).stdout
+        assert "0 store paths deleted" in kept and kept.splitlines()[-1] == f"nixery {__version__}", kept
+        gone = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{used}:/nix", image,
+                    "nix-collect-garbage"], check=False).stdout
+        assert re.search(r"^[1-9][0-9]* store paths deleted", gone, re.M), gone
+    finally:
+        _remove_tree(empty)
+        _remove_tree(used)
+
+
+def test_the_layers_self_image_md_says_the_image_has(self_registry: RegistryProcess, image: str) -> None:
+    """"groups the image's ~120 store paths into N layers": the page said 85 after the layering
+    had come to give it 31."""
+    page = " ".join((REPOSITORY / "docs" / "self-image.md").read_text().split())
+    said = re.search(r"store paths into (\d+) layers", page)
+    assert said is not None
+    _, manifest = self_registry.manifest("nixery")
+    assert abs(len(manifest["layers"]) - int(said[1])) <= max(3, int(said[1]) // 5), (said[1], len(manifest["layers"]))
 
 
 def test_generate_usage() -> None:
