@@ -58,9 +58,17 @@ from nixery.layers.popularity import Popularity
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.lru import LRU
-from nixery.nix.errors import NixError, PackagesNotFound
+from nixery.nix.errors import NixError, PackagesNotFound, RefInvalid, RefNotFound, SourceUnavailable
 from nixery.package_names import PackageNames
-from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
+from nixery.platforms import (
+    PlatformFailed,
+    each_platform,
+    host_arch,
+    image_summary,
+    index_image,
+    index_key,
+    platform_name,
+)
 from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
 from nixery.recipes import build_recipe, names_manifest, read_recipe
 from nixery.registry.digest import Digest
@@ -434,8 +442,9 @@ class ImageBuilder:
             raise
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
+            kind = type(exc.cause if isinstance(exc, PlatformFailed) else exc).__name__
             build.emit(
-                Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail,
+                Stage.FAILED, str(exc) or type(exc).__name__, error=kind, log=tail,
                 suggestions=getattr(exc, "suggestions", None) or None,  # nearest names for missing ones
             )
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
@@ -518,6 +527,10 @@ class ImageBuilder:
                 return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
             except PackagesNotFound as missing:
                 return missing
+            except (SourceUnavailable, RefNotFound, RefInvalid):
+                raise  # the package source's, not the platform's: every platform meets it
+            except NixError as exc:  # Nix could not evaluate or build this platform's packages
+                raise PlatformFailed(platform, exc) from exc
 
         try:
             found_or_missing = await asyncio.gather(*(image_for(one) for one in each_platform(request)))
