@@ -49,7 +49,7 @@ from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
-from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
+from nixery.images import DEFAULT_CAPACITY, RECENT, ImageRecord, ImageStore, image_key
 from nixery.layers import nixdb
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
@@ -62,6 +62,7 @@ from nixery.nix.errors import NixError, PackagesNotFound, RefInvalid, RefNotFoun
 from nixery.package_names import PackageNames
 from nixery.platforms import (
     PlatformFailed,
+    each_image_once,
     each_platform,
     host_arch,
     image_summary,
@@ -414,8 +415,9 @@ class ImageBuilder:
         return build
 
     def recent_images(self, limit: int = 20) -> list[ImageRecord]:
-        """The most recently built images this process has seen, newest first."""
-        return self.images.recent(limit)
+        """The most recently built images this process has seen, newest first, each once (an
+        image of several platforms without its default platform's record: `each_image_once`)."""
+        return each_image_once(self.images.recent(RECENT))[:limit]
 
     def forget_images_using(self, digest: Digest) -> None:
         """A blob was found missing or corrupt: its images are checked in storage on their next use."""

@@ -155,6 +155,16 @@ def platform_records(record: ImageRecord) -> list[ImageRecord]:
     return sorted((own, *record.platforms), key=lambda one: one.architecture)
 
 
+def each_image_once(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """`records` without the default platform's record of an image of several platforms that is
+    among them: the image's record holds that one's name, manifests and layers (`index_image`),
+    so lists of images (the landing page's) showed the image twice under one name."""
+    records = list(records)
+    held = {ref.digest for record in records if record.indexes for ref in record.manifests.values()}
+    return [record for record in records
+            if record.indexes or not {ref.digest for ref in record.manifests.values()} <= held]
+
+
 def platform_summaries(record: ImageRecord) -> list[dict[str, Any]]:
     """Each platform's image: its platform, the manifest digests a client of that platform gets
     (`digest`: when it states no preference, as for `arm64/NAME`; `oci_digest`: the one the OCI
