@@ -460,9 +460,13 @@ class ImageBuilder:
     async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """A build that runs here (the metrics count it; not a wait for another process's).
         Names the package set lacks are counted apart from failures, and answered with the
-        nearest names it has."""
+        nearest names it has. Of an image of several platforms, each platform's build is
+        counted, and not the index that joins them: one broken package of one platform was
+        counted as two failed builds, and every image of two platforms as three builds."""
         started, result = time.monotonic(), "failed"
-        metrics.build_started()
+        counted = not request.platforms
+        if counted:
+            metrics.build_started()
         try:
             stages = self._build_platforms if request.platforms else self._build_stages
             record = await stages(request, revision, key, build)
@@ -482,7 +486,8 @@ class ImageBuilder:
             result = "stopped"
             raise
         finally:
-            metrics.build_finished(result, time.monotonic() - started)
+            if counted:
+                metrics.build_finished(result, time.monotonic() - started)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
