@@ -287,6 +287,33 @@ def test_a_platform_whose_build_fails_is_named_in_the_error(
     assert last["message"].startswith("building the linux/arm64 image failed: "), last
 
 
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_an_arm64_name_only_the_hosts_set_has_is_not_taken_for_a_typo(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """`arm64/NAME` of a name the package set has for x86_64 only was answered as a misspelling,
+    with the nearest arm64 names: the Debian set's `arm64/libcpuid16` got "did you mean
+    libuuid1?". It now says that the set has it for linux/amd64 only (`detail.elsewhere`), and
+    suggests nothing for it; a real typo in the same name still gets its nearest names."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(  # `hellox`, x86_64 only, is one letter from `hello`
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { hellox = base.hello; } else { })\n'
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    status, error = error_of(registry, "arm64/shell/hellox/figlett")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN"), error
+    assert "hellox (which it has for linux/amd64 only)" in error["message"], error
+    assert "figlett (did you mean figlet?)" in error["message"], error
+    assert error["detail"]["elsewhere"] == {"hellox": "linux/amd64"}, error
+    assert error["detail"]["suggestions"] == {"figlett": ["figlet"]}, error
+    assert error["detail"]["platform"] == "linux/arm64", error
+    inspected = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/arm64/hellox"], check=False)
+    assert inspected.returncode != 0 and "hellox (which it has for linux/amd64 only)" in inspected.stderr, inspected
+
+
 def test_an_index_type_refused_with_q_0_is_not_served(start_registry: Callable[..., RegistryProcess]) -> None:
     """`Accept: <index>;q=0, <OCI manifest>` (RFC 9110: q=0 is "not acceptable", a curl user's way
     to say "the manifest, not the index") was answered with the index: weights were dropped unread.
