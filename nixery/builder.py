@@ -49,7 +49,7 @@ from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
-from nixery.images import DEFAULT_CAPACITY, ImageRecord, ImageStore, image_key
+from nixery.images import DEFAULT_CAPACITY, RECENT, ImageRecord, ImageStore, image_key
 from nixery.layers import nixdb
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, CostModel
 from nixery.layers.entrypoints import ENTRY_POINT_LAYERS
@@ -58,9 +58,18 @@ from nixery.layers.popularity import Popularity
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.lru import LRU
-from nixery.nix.errors import NixError, PackagesNotFound
+from nixery.nix.errors import NixError, PackagesNotFound, RefInvalid, RefNotFound, SourceUnavailable
 from nixery.package_names import PackageNames
-from nixery.platforms import each_platform, host_arch, image_summary, index_image, index_key, platform_name
+from nixery.platforms import (
+    PlatformFailed,
+    each_image_once,
+    each_platform,
+    host_arch,
+    image_summary,
+    index_image,
+    index_key,
+    platform_name,
+)
 from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, PlatformRelay, Stage, report_links
 from nixery.recipes import build_recipe, names_manifest, read_recipe
 from nixery.registry.digest import Digest
@@ -406,8 +415,9 @@ class ImageBuilder:
         return build
 
     def recent_images(self, limit: int = 20) -> list[ImageRecord]:
-        """The most recently built images this process has seen, newest first."""
-        return self.images.recent(limit)
+        """The most recently built images this process has seen, newest first, each once (an
+        image of several platforms without its default platform's record: `each_image_once`)."""
+        return each_image_once(self.images.recent(RECENT))[:limit]
 
     def forget_images_using(self, digest: Digest) -> None:
         """A blob was found missing or corrupt: its images are checked in storage on their next use."""
@@ -435,8 +445,9 @@ class ImageBuilder:
             raise
         except BaseException as exc:
             tail = getattr(exc, "log_tail", "") or None  # Nix's last lines, for the progress page
+            kind = type(exc.cause if isinstance(exc, PlatformFailed) else exc).__name__
             build.emit(
-                Stage.FAILED, str(exc) or type(exc).__name__, error=type(exc).__name__, log=tail,
+                Stage.FAILED, str(exc) or type(exc).__name__, error=kind, log=tail,
                 suggestions=getattr(exc, "suggestions", None) or None,  # nearest names for missing ones
             )
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
@@ -465,9 +476,13 @@ class ImageBuilder:
     async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """A build that runs here (the metrics count it; not a wait for another process's).
         Names the package set lacks are counted apart from failures, and answered with the
-        nearest names it has."""
+        nearest names it has. Of an image of several platforms, each platform's build is
+        counted, and not the index that joins them: one broken package of one platform was
+        counted as two failed builds, and every image of two platforms as three builds."""
         started, result = time.monotonic(), "failed"
-        metrics.build_started()
+        counted = not request.platforms
+        if counted:
+            metrics.build_started()
         try:
             stages = self._build_platforms if request.platforms else self._build_stages
             record = await stages(request, revision, key, build)
@@ -487,7 +502,8 @@ class ImageBuilder:
             result = "stopped"
             raise
         finally:
-            metrics.build_finished(result, time.monotonic() - started)
+            if counted:
+                metrics.build_finished(result, time.monotonic() - started)
 
     async def _build_stages(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         started = time.monotonic()
@@ -531,6 +547,10 @@ class ImageBuilder:
                 return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
             except PackagesNotFound as missing:
                 return missing
+            except (SourceUnavailable, RefNotFound, RefInvalid):
+                raise  # the package source's, not the platform's: every platform meets it
+            except NixError as exc:  # Nix could not evaluate or build this platform's packages
+                raise PlatformFailed(platform, exc) from exc
 
         try:
             found_or_missing = await asyncio.gather(*(image_for(one) for one in each_platform(request)))

@@ -26,6 +26,7 @@ from nixery.nix.catalog import Catalog, CatalogEntry, CatalogSearch, PackageCata
 from nixery.nix.errors import PackagesNotFound
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
+from nixery.registry.names import Arch
 from nixery.storage.base import Storage
 from nixery.suggestions import Suggestions
 
@@ -71,15 +72,33 @@ class PackageNames:
     ) -> PackagesNotFound:
         """The error, with the nearest names the package set has (for `system`, else the host) for
         each missing one (if its list is read), but those `requested` already (`shell/hello` on a
-        set without hello: not "did you mean shell?")."""
+        set without hello: not "did you mean shell?"). For another system than the host's, the
+        missing names the host's list has are said to be the host platform's only, with no
+        nearest names: `arm64/libcpuid16` of the Debian set was asked "did you mean libuuid1?"."""
+        elsewhere = await self._only_on_host(error.missing, revision, system) if error.platform else {}
         catalog = await self._catalog(revision, system)
-        if catalog is None:
+        found: dict[str, list[str]] = {}
+        if catalog is not None:
+            found = await self._suggestions.suggest(
+                (catalog.revision, catalog.read_at), catalog.package_names,
+                [name for name in error.missing if name not in elsewhere],
+            )
+            found = {name: kept for name, near in found.items() if (kept := [n for n in near if n not in requested])}
+        if not found and not elsewhere:
             return error
-        found = await self._suggestions.suggest(
-            (catalog.revision, catalog.read_at), catalog.package_names, error.missing
-        )
-        found = {name: kept for name, near in found.items() if (kept := [n for n in near if n not in requested])}
-        return PackagesNotFound(error.missing, error.source, found, error.platform) if found else error
+        return PackagesNotFound(error.missing, error.source, found, error.platform, elsewhere)
+
+    async def _only_on_host(self, missing: Sequence[str], revision: Revision, system: str | None) -> dict[str, str]:
+        """Of names another system's list lacks, those the host's has, each with the host's platform."""
+        if system is None or system == self.catalog.system:
+            return {}
+        host = await self._catalog(revision)
+        if host is None:
+            return {}
+        lacking = set(await asyncio.to_thread(host.missing, list(missing)))
+        platform = next((f"linux/{arch.oci_name}" for arch in Arch if arch.nix_system == self.catalog.system),
+                        self.catalog.system)
+        return {name: platform for name in missing if name not in lacking}
 
     async def check(
         self, names: Sequence[str], revision: Revision, *, system: str | None = None, platform: str | None = None,

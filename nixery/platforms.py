@@ -24,6 +24,11 @@ canonical JSON (`nixery.registry.descriptors.image_index`), so the same
 per-platform manifests (the same name, package set and layering history)
 give the same index digest on any registry. `arm64/NAME` stays one manifest.
 
+When one platform's build fails (Nix could not evaluate or build its packages: the other
+platforms' may well build), the name fails as a whole, and the error says which platform's
+build it was (`PlatformFailed`): otherwise an amd64 user was told of a failed derivation of
+an aarch64 package set with nothing to say that it was not the image they run.
+
 What a build's last event and the image pages say of an image
 (`image_summary`): for one of several platforms, the digest is the OCI
 index's (what a client that takes indexes, as Docker, podman and containerd
@@ -53,6 +58,18 @@ OS = "linux"
 _MACHINES = {"x86_64": Arch.AMD64, "amd64": Arch.AMD64, "aarch64": Arch.ARM64, "arm64": Arch.ARM64}
 #: The index documents an image with several platforms has, each over manifests of one format.
 _INDEX_FORMATS = ((OCI_INDEX, ManifestFormat.OCI), (DOCKER_MANIFEST_LIST, ManifestFormat.DOCKER))
+
+
+class PlatformFailed(Exception):
+    """The build of one platform's image (`platform`, `linux/arm64`) of an image of several
+    failed with `cause`; its message names the platform, `log_tail` is the cause's."""
+
+    def __init__(self, platform: str, cause: Exception):
+        self.platform = platform
+        self.cause = cause
+        self.log_tail: str = getattr(cause, "log_tail", "")
+        self.message = f"building the {platform} image failed: {getattr(cause, 'message', None) or cause}"
+        super().__init__(self.message)
 
 
 def host_arch() -> Arch:
@@ -136,6 +153,16 @@ def platform_records(record: ImageRecord) -> list[ImageRecord]:
         return [record]
     own = replace(record, indexes=(), platforms=())
     return sorted((own, *record.platforms), key=lambda one: one.architecture)
+
+
+def each_image_once(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """`records` without the default platform's record of an image of several platforms that is
+    among them: the image's record holds that one's name, manifests and layers (`index_image`),
+    so lists of images (the landing page's) showed the image twice under one name."""
+    records = list(records)
+    held = {ref.digest for record in records if record.indexes for ref in record.manifests.values()}
+    return [record for record in records
+            if record.indexes or not {ref.digest for ref in record.manifests.values()} <= held]
 
 
 def platform_summaries(record: ImageRecord) -> list[dict[str, Any]]:

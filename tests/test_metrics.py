@@ -125,6 +125,25 @@ def test_failures_unknown_names_and_unmatched_routes(start_registry) -> None:
     assert not any("12345" in json.dumps(labels) for _, labels in samples)
 
 
+def test_an_image_of_several_platforms_counts_each_platforms_build(start_registry, tmp_path: Path) -> None:
+    """On a registry of two platforms, each platform's build is counted, and not the index that
+    joins them: one package that fails to build on arm64 was counted as two failed builds (the
+    arm64 build's and the image's), and every image as three builds."""
+    from tests.test_platforms import _set_whose_arm64_build_fails
+
+    registry = start_registry(NIXERY_PKGS_PATH=str(_set_whose_arm64_build_fails(tmp_path)),
+                              NIXERY_PLATFORMS="linux/amd64,linux/arm64")
+    assert registry.request("/v2/armfail/manifests/latest")[0] == 500  # builds for amd64, fails for arm64
+    assert registry.request("/v2/figlet/manifests/latest")[0] == 200
+    assert registry.request("/v2/figlett/manifests/latest")[0] == 404  # a typo: each platform's list lacks it
+    samples = scrape(registry)
+    assert value(samples, "nixery_builds_total", result="failed") == 1  # armfail's arm64 build
+    assert value(samples, "nixery_builds_total", result="done") == 3  # armfail's amd64 build, figlet's two
+    assert value(samples, "nixery_builds_total", result="not_found") == 2
+    assert value(samples, "nixery_build_duration_seconds_count", result="failed") == 1
+    assert value(samples, "nixery_builds_running") == 0
+
+
 def test_a_build_run_by_another_process_counts_as_a_wait(start_registry, tmp_path: Path) -> None:
     """Two processes on one storage asked for the same new image at once: one builds it, the
     other waits for the storage's build lock and serves the result. One build, one wait."""

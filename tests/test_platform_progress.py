@@ -109,6 +109,18 @@ def test_the_build_of_several_platforms_ends_with_the_index_and_relays_each_plat
         assert re.search(rf"^{platform}\s+{entry['digest']}\s", inspected.stdout, re.MULTILINE), inspected.stdout
 
 
+def test_the_landing_page_lists_an_image_of_several_platforms_once(registry_both: RegistryProcess) -> None:
+    """The landing page's recently built images listed a name pulled from a registry of two
+    platforms twice, one row under the other with the same name, size and link: the image's
+    record and its default platform's, which holds the same manifests. docs/web.md: "each
+    image once"."""
+    _index(registry_both, "shell/hello")
+    status, _, page = registry_both.request("/", accept="text/html")
+    assert status == 200
+    images = page.decode().split("Recently built images", 1)[1]
+    assert images.count('href="/images/shell/hello"') == 1, images
+
+
 def test_the_image_page_lists_each_platform_and_its_layers(registry_both: RegistryProcess) -> None:
     digest, index = _index(registry_both, "shell/hello")
     status, _, body = registry_both.request("/images/shell/hello.json", accept="application/json")

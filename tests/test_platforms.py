@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -238,6 +239,79 @@ def test_a_name_one_platform_lacks_is_an_index_of_the_platforms_that_have_it(
     assert arm64.returncode != 0 and "no image found in image index for architecture arm64" in arm64.stderr
     inspected = json.loads(run(["skopeo", "inspect", "--override-arch", "amd64", "--tls-verify=false", image]).stdout)
     assert inspected["Architecture"] == "amd64" and inspected["Digest"] == digest
+
+
+def _set_whose_arm64_build_fails(tmp_path: Path) -> Path:
+    """The busybox set plus `armfail`: `hello` on x86_64, and on aarch64 a package whose build
+    fails (a package that does not build for one platform; its builder is this machine's)."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }};\n"
+        f"    native = import {BUNDLED_BUSYBOX} {{ }}; in\n"
+        'base // { armfail = if system == "x86_64-linux" then base.hello else derivation {\n'
+        '  name = "armfail-1"; inherit system; builder = "${native.shell}/bin/sh";\n'
+        '  args = [ "-c" "echo this package does not build for aarch64 >&2; exit 3" ]; }; }\n'
+    )
+    return pkgs
+
+
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_a_platform_whose_build_fails_is_named_in_the_error(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """A name whose aarch64 package does not build fails as a whole on a registry of both
+    platforms (an index that lacked arm64 by accident would be cached as the image), but the
+    error was Nix's alone: a user of either platform read of a failed derivation and could not
+    tell that it was the arm64 image's. It now names the platform: in the message (which skopeo
+    prints from the 500's status line), `detail.platform`, and the build's last event."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(_set_whose_arm64_build_fails(tmp_path)), NIXERY_PLATFORMS=BOTH)
+    status, error = error_of(registry, "shell/armfail")
+    assert (status, error["code"], error["detail"]["kind"]) == (500, "UNKNOWN", "BUILD_FAILED"), error
+    assert error["message"].startswith("building the linux/arm64 image failed: "), error
+    assert error["detail"]["platform"] == "linux/arm64", error
+    assert "does not build for aarch64" in error["detail"]["log"], error
+    inspected = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/shell/armfail"],
+                    check=False)
+    assert inspected.returncode != 0 and "building the linux/arm64 image failed" in inspected.stderr, inspected.stderr
+    # The build's last event says it too, and keeps Nix's error as its kind.
+    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": "armfail"}).encode(),
+                                  headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(post, timeout=60) as answer:
+        started = json.load(answer)
+    with urllib.request.urlopen(registry.url + started["events"], timeout=300) as stream:  # ends with the build
+        data = [line[len("data: "):] for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+    last = json.loads(data[-1])
+    assert last["stage"] == "failed" and last["error"] == "NixError", last
+    assert last["message"].startswith("building the linux/arm64 image failed: "), last
+
+
+@pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
+def test_an_arm64_name_only_the_hosts_set_has_is_not_taken_for_a_typo(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+) -> None:
+    """`arm64/NAME` of a name the package set has for x86_64 only was answered as a misspelling,
+    with the nearest arm64 names: the Debian set's `arm64/libcpuid16` got "did you mean
+    libuuid1?". It now says that the set has it for linux/amd64 only (`detail.elsewhere`), and
+    suggests nothing for it; a real typo in the same name still gets its nearest names."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(  # `hellox`, x86_64 only, is one letter from `hello`
+        "{ system ? builtins.currentSystem, ... }:\n"
+        f"let base = import {BUNDLED_BUSYBOX} {{ inherit system; }}; in\n"
+        'base // (if system == "x86_64-linux" then { hellox = base.hello; } else { })\n'
+    )
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs))
+    status, error = error_of(registry, "arm64/shell/hellox/figlett")
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN"), error
+    assert "hellox (which it has for linux/amd64 only)" in error["message"], error
+    assert "figlett (did you mean figlet?)" in error["message"], error
+    assert error["detail"]["elsewhere"] == {"hellox": "linux/amd64"}, error
+    assert error["detail"]["suggestions"] == {"figlett": ["figlet"]}, error
+    assert error["detail"]["platform"] == "linux/arm64", error
+    inspected = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/arm64/hellox"], check=False)
+    assert inspected.returncode != 0 and "hellox (which it has for linux/amd64 only)" in inspected.stderr, inspected
 
 
 def test_an_index_type_refused_with_q_0_is_not_served(start_registry: Callable[..., RegistryProcess]) -> None:

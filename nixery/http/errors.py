@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -30,6 +31,7 @@ from nixery import errors, metrics
 from nixery.http import pages
 from nixery.logs import Throttle
 from nixery.nix import errors as nix_errors
+from nixery.platforms import PlatformFailed
 from nixery.registry.names import platform_hint
 from nixery.singleflight import WorkStopped
 from nixery.storage import base as storage_errors
@@ -44,8 +46,16 @@ def registry_error(exc: BaseException) -> errors.RegistryError:
     match exc:
         case errors.RegistryError():
             return exc
+        case PlatformFailed():  # one platform's build of an image of several: its error, naming it
+            cause = registry_error(exc.cause)
+            detail = {**(cause.detail or {}), "platform": exc.platform}
+            return type(cause)(f"building the {exc.platform} image failed: {cause.message}", detail=detail,
+                               headers=cause.headers)
         case nix_errors.PackagesNotFound():
-            platform = {"platform": exc.platform} if exc.platform else {}  # another platform's set lacks them
+            # Another platform's set lacks them (`detail.platform`), the host's may have them.
+            platform: dict[str, Any] = {"platform": exc.platform} if exc.platform else {}
+            if exc.elsewhere:  # names the host platform's set has: `{"libcpuid16": "linux/amd64"}`
+                platform["elsewhere"] = exc.elsewhere
             hint = platform_hint(exc.missing)  # `riscv64/shell`: a platform prefix this registry lacks
             return errors.ManifestUnknown(
                 f"{exc.message}; {hint}" if hint else exc.message,
