@@ -230,17 +230,21 @@ async def collect_garbage(
         # earlier gc removed when it was stopped (Ctrl-C, killed) before it could say so.
         await collected.announce(storage, "images")
         await asyncio.sleep(collected.SETTLE)
+    removed: set[Digest] = set()
     for blob in unused_blobs:
         # The listing's dates may be minutes old: the blob goes only if it is still unused now.
         if dry_run or await storage.delete_unused_blob(blob.digest, now - BLOB_GRACE):
             report.blobs_removed += 1
             report.bytes_freed += blob.size
             listed.discard(blob.digest)
+            removed.add(blob.digest)
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
         await signatures.remove_orphans(storage)
         await pulls.remove_orphans(storage)
-    report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
+    # A dry run removed nothing: the blobs it would have removed count as gone all the same.
+    gone = removed if dry_run else set()
+    report.layer_records_removed = await _remove_layer_records(storage, listed, gone, dry_run=dry_run)
     if not dry_run:  # a dead holder's lock stops nobody (it is taken over): this only tidies
         report.locks_removed = await storage.remove_abandoned_locks()
     # Nothing serves or names them: a blob is quarantined only once it is out of service.
@@ -280,17 +284,20 @@ async def _remove_orphan_notes(storage: Storage, *, dry_run: bool) -> int:
     return removed
 
 
-async def _remove_layer_records(storage: Storage, stored: set[Digest], *, dry_run: bool) -> int:
+async def _remove_layer_records(storage: Storage, stored: set[Digest], gone: set[Digest], *, dry_run: bool) -> int:
     """Remove the layer records (`layers/<key>`, nixery.layers.store) whose blob is gone: not
     among the `stored` blobs gc listed and kept, and not stored now. A build finds the layer by
     its record no more than before (a record is believed only when its blob is there), but the
     records would pile up, one per layer ever made. A build that writes a layer's record while
     its blob is still on its way, all through gc's listing, loses the record: the next image
-    that needs the layer compresses it again (and finds the blob stored)."""
+    that needs the layer compresses it again (and finds the blob stored). `gone`: blobs a dry
+    run would have removed, and so counts as gone though they are still stored."""
     removed = 0
     for key in await storage.list_meta(LAYER_PREFIX):
         digest = _layer_digest(await storage.get_meta(key))
-        if digest is None or digest in stored or await storage.stat_blob(digest) is not None:
+        if digest is None or digest in stored:
+            continue
+        if digest not in gone and await storage.stat_blob(digest) is not None:
             continue
         removed += 1
         if not dry_run:
