@@ -303,6 +303,10 @@ def _gc(args: argparse.Namespace) -> int:
           "image uses")
     if report.layer_records_removed:
         print(f"{verb} {_count(report.layer_records_removed, 'record')} of layers whose blobs are gone")
+    if report.images_ahead or report.blobs_ahead:
+        ahead = [_count(n, noun) for n, noun in ((report.images_ahead, "image"), (report.blobs_ahead, "blob")) if n]
+        print(f"kept {' and '.join(ahead)} dated up to {_duration(report.most_ahead)} ahead of this machine's "
+              "clock, until then: a clock that was ahead wrote the dates, or this machine's is behind")
     if report.orphan_notes_removed:
         print(f"{verb} {_count(report.orphan_notes_removed, 'usage note')} and pointers of images without a record")
     if report.locks_removed:
@@ -326,6 +330,14 @@ def _gc_age(text: str) -> float:
         read = f"{text} is {age:g} seconds (write 30d for days, 12h for hours): " if text[-1:].isdigit() else ""
         raise argparse.ArgumentTypeError(f"{read}{exc}") from None
     return age
+
+
+def _duration(seconds: float) -> str:
+    """`12 minutes`, `5.5 hours`, `30 days`."""
+    for unit, size in (("day", 86400), ("hour", 3600)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.3g} {unit}s"
+    return f"{seconds / 60:.0f} minutes"
 
 
 def _count(number: int, noun: str) -> str:

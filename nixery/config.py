@@ -376,7 +376,7 @@ def _source(env: Mapping[str, str]) -> tuple[Path | None, str | None, str | None
         raise ConfigError(f"set only one package source, not {' and '.join(given)}")
     pkgs_path = None
     if env.get("NIXERY_PKGS_PATH"):
-        pkgs_path = Path(env["NIXERY_PKGS_PATH"]).resolve()
+        pkgs_path = Path(env["NIXERY_PKGS_PATH"]).absolute()  # a link is followed on each pull (LocalPathSource)
         if not (pkgs_path / "default.nix").is_file():
             raise ConfigError(f"NIXERY_PKGS_PATH={env['NIXERY_PKGS_PATH']!r} has no default.nix")
     return pkgs_path, env.get("NIXERY_PKGS_REPO") or None, env.get("NIXERY_CHANNEL") or None

@@ -71,6 +71,9 @@ BLOB_GRACE = 3600.0
 #: How long gc keeps the blobs set aside as damaged (the filesystem's `quarantine/`), for an
 #: operator to look at: a disk that keeps damaging blobs filled it for ever before.
 QUARANTINE_RETENTION = 7 * 86400.0
+#: How far ahead of gc's clock a date may be before gc says so: clocks of machines sharing a
+#: bucket agree within minutes.
+CLOCK_SLACK = 600.0
 
 
 @dataclass
@@ -98,7 +101,19 @@ class GarbageReport:
     orphan_notes_removed: int = 0  # usage notes, referrers and manifest pointers of images without a record
     locks_removed: int = 0  # locks (leases) that processes which died left behind
     quarantined_removed: int = 0  # damaged blobs set aside longer than the retention period
+    # Kept only because they are dated ahead of gc's clock (more than CLOCK_SLACK): written by
+    # a registry whose clock was ahead, and kept until that date has passed.
+    images_ahead: int = 0
+    blobs_ahead: int = 0
+    most_ahead: float = 0.0  # seconds
     dry_run: bool = False
+
+    def note_ahead(self, seconds: float) -> bool:
+        """Whether a date `seconds` ahead of gc's clock is ahead by more than the slack (noted)."""
+        if seconds <= CLOCK_SLACK:
+            return False
+        self.most_ahead = max(self.most_ahead, seconds)
+        return True
 
 
 async def _records(storage: Storage) -> tuple[dict[str, ImageRecord], dict[str, str]]:
@@ -196,7 +211,10 @@ async def collect_garbage(
     pulled = await pulls.pulled_keys(storage)
     for key, record in records.items():
         image_key = key.removeprefix(IMAGE_PREFIX)
-        unused = now - await _last_use_of(storage, image_key, record, pulled, now) > older_than
+        last_use = await _last_use_of(storage, image_key, record, pulled, now)
+        unused = now - last_use > older_than
+        if report.note_ahead(last_use - now):
+            report.images_ahead += 1
         if unused and not dry_run:
             async with storage.exclusive(build_lock(image_key)):
                 # Read again under the lock: a pull recorded or a rebuild since the first read keeps it.
@@ -225,22 +243,28 @@ async def collect_garbage(
         listed.add(blob.digest)
         if blob.digest not in live and now - blob.modified >= BLOB_GRACE:
             unused_blobs.append(blob)
+        elif blob.digest not in live and report.note_ahead(blob.modified - now):
+            report.blobs_ahead += 1
     if (report.images_removed or unused_blobs) and not dry_run:
         # Every registry drops the records it holds before a blob goes: also the records an
         # earlier gc removed when it was stopped (Ctrl-C, killed) before it could say so.
         await collected.announce(storage, "images")
         await asyncio.sleep(collected.SETTLE)
+    removed: set[Digest] = set()
     for blob in unused_blobs:
         # The listing's dates may be minutes old: the blob goes only if it is still unused now.
         if dry_run or await storage.delete_unused_blob(blob.digest, now - BLOB_GRACE):
             report.blobs_removed += 1
             report.bytes_freed += blob.size
             listed.discard(blob.digest)
+            removed.add(blob.digest)
     if report.blobs_removed and not dry_run:
         await collected.announce(storage, "blobs")
         await signatures.remove_orphans(storage)
         await pulls.remove_orphans(storage)
-    report.layer_records_removed = await _remove_layer_records(storage, listed, dry_run=dry_run)
+    # A dry run removed nothing: the blobs it would have removed count as gone all the same.
+    gone = removed if dry_run else set()
+    report.layer_records_removed = await _remove_layer_records(storage, listed, gone, dry_run=dry_run)
     if not dry_run:  # a dead holder's lock stops nobody (it is taken over): this only tidies
         report.locks_removed = await storage.remove_abandoned_locks()
     # Nothing serves or names them: a blob is quarantined only once it is out of service.
@@ -280,17 +304,20 @@ async def _remove_orphan_notes(storage: Storage, *, dry_run: bool) -> int:
     return removed
 
 
-async def _remove_layer_records(storage: Storage, stored: set[Digest], *, dry_run: bool) -> int:
+async def _remove_layer_records(storage: Storage, stored: set[Digest], gone: set[Digest], *, dry_run: bool) -> int:
     """Remove the layer records (`layers/<key>`, nixery.layers.store) whose blob is gone: not
     among the `stored` blobs gc listed and kept, and not stored now. A build finds the layer by
     its record no more than before (a record is believed only when its blob is there), but the
     records would pile up, one per layer ever made. A build that writes a layer's record while
     its blob is still on its way, all through gc's listing, loses the record: the next image
-    that needs the layer compresses it again (and finds the blob stored)."""
+    that needs the layer compresses it again (and finds the blob stored). `gone`: blobs a dry
+    run would have removed, and so counts as gone though they are still stored."""
     removed = 0
     for key in await storage.list_meta(LAYER_PREFIX):
         digest = _layer_digest(await storage.get_meta(key))
-        if digest is None or digest in stored or await storage.stat_blob(digest) is not None:
+        if digest is None or digest in stored:
+            continue
+        if digest not in gone and await storage.stat_blob(digest) is not None:
             continue
         removed += 1
         if not dry_run:

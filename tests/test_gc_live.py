@@ -153,6 +153,58 @@ def test_the_records_of_collected_layers_go_with_their_blobs(start_registry, tmp
     assert all(blob_file(storage, digest).exists() for digest in records)
 
 
+def test_gc_leaves_no_directories_of_what_it_removed(start_registry, tmp_path: Path) -> None:
+    """Each image keeps its pointers one directory each (`meta/manifests/<hex>/`, `meta/referrers/<hex>/`,
+    a dozen per image): gc removed the files and left the directories, so a storage that builds and
+    collects images for months piled up empty directories (an inode and a block each) without end.
+    And a dry run says what the run then does, the layer records included."""
+    storage = tmp_path / "storage"
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    pull(registry, "fortune")
+    pull(registry, "shell/hello")
+    registry.stop()
+    age_everything(storage)
+
+    dry = run([sys.executable, "-m", "nixery", "gc", "--older-than", "3h", "--dry-run"],
+              env_extra={"STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "busybox"}).stdout
+    done = collect(storage)
+    assert "removed 2 images and" in done
+    assert dry.replace("would remove", "removed") == done, (dry, done)
+    empty = [str(path.relative_to(storage)) for path in (storage / "meta").glob("*/**/*")  # below meta/<kind>/
+             if path.is_dir() and not any(path.iterdir())]
+    assert empty == [], empty
+    # Building again after gc writes its pointers into directories made anew.
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    digest, _ = pull(registry, "fortune")
+    assert registry.request(f"/v2/fortune/manifests/{digest}")[0] == 200
+    assert "ok" in check_storage(storage)
+
+
+def test_gc_says_what_it_keeps_because_a_clock_was_ahead(start_registry, tmp_path: Path) -> None:
+    """A registry whose clock ran a month ahead (a VM restored, a wrong hardware clock) dates its
+    pulls and blobs a month ahead: gc keeps them until then. It did so without a word, so the
+    storage an operator expected gc to free stayed full; now it says what it keeps, and why."""
+    storage = tmp_path / "storage"
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    pull(registry, "fortune")
+    kept_digest, _ = pull(registry, "shell/hello")
+    registry.stop()
+    age_everything(storage)
+    month_ahead = time.time() + 30 * 86400
+    used = storage / "meta" / "usage" / record_key(storage, kept_digest)
+    used.parent.mkdir(exist_ok=True)
+    used.write_text(json.dumps({"last_used": month_ahead}))
+    stray = blob_file(storage, str(Digest.of(b"")))  # a blob of no image, written a month ahead
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"")
+    os.utime(stray, (month_ahead, month_ahead))
+
+    done = collect(storage)
+    assert "removed 1 image and" in done
+    assert "kept 1 image and 1 blob dated up to 30 days ahead of this machine's clock" in done, done
+    assert stray.exists()
+
+
 def test_a_gc_that_finishes_what_a_stopped_one_began_lets_registries_rebuild(start_registry, tmp_path: Path) -> None:
     """A gc stopped (Ctrl-C, killed) after removing an image's record, before telling registries,
     left the blobs to the next run, which removed them without a word first: a registry still

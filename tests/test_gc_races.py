@@ -10,6 +10,7 @@ of a live process that `nixery gc` (any process that starts) must leave alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -128,3 +129,52 @@ def test_a_staging_directory_of_a_live_process_in_another_pid_namespace_is_kept(
     finally:
         other.kill()
         other.wait()
+
+
+async def test_a_pointer_written_while_gc_removes_its_directory_s_last_one_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc removes a directory with its last document (`manifests/<hex>/`): a build writing a
+    document into it at that moment (another image naming the same manifest) makes it again,
+    and a listing under way skips it, rather than failing either with 'No such file'."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    directory = tmp_path / "storage" / "meta" / "manifests" / ("0" * 64)
+    await storage.put_meta(f"manifests/{'0' * 64}/{'a' * 64}", b"{}")
+    real_replace, real_link = os.replace, os.link
+
+    def gc_deletes_first(place):  # gc removes the last document just after the writer made the directory
+        def placed(source, target, *args, **kwargs):
+            if Path(target).parent == directory and not gc_deletes_first.done:
+                gc_deletes_first.done = True
+                asyncio.run(storage.delete_meta(f"manifests/{'0' * 64}/{'a' * 64}"))
+                assert not directory.exists()
+            return place(source, target, *args, **kwargs)
+        return placed
+
+    for name, real in [("replace", real_replace), ("link", real_link)]:
+        gc_deletes_first.done = False
+        monkeypatch.setattr(os, name, gc_deletes_first(real))
+        key = f"manifests/{'0' * 64}/{name * 8}"
+        if name == "replace":
+            await storage.put_meta(key, b"{}")
+        else:
+            assert await storage.create_meta(key, b"{}")
+        assert gc_deletes_first.done
+        assert await storage.get_meta(key) == b"{}"
+        monkeypatch.setattr(os, name, real)
+        await storage.delete_meta(key)
+        await storage.put_meta(f"manifests/{'0' * 64}/{'a' * 64}", b"{}")
+
+    listing = os.scandir
+
+    def removed_while_listed(path):  # gc empties and removes a directory the listing found
+        if Path(path) == directory:
+            asyncio.run(storage.delete_meta(f"manifests/{'0' * 64}/{'a' * 64}"))
+        return listing(path)
+
+    await storage.put_meta(f"manifests/{'1' * 64}/{'b' * 64}", b"{}")
+    monkeypatch.setattr(os, "scandir", removed_while_listed)
+    assert await storage.list_meta("manifests") == [f"manifests/{'1' * 64}/{'b' * 64}"]
+    monkeypatch.setattr(os, "scandir", listing)
+    await storage.delete_meta(f"manifests/{'1' * 64}/{'b' * 64}")
+    assert list((tmp_path / "storage" / "meta" / "manifests").iterdir()) == []

@@ -445,6 +445,73 @@ def test_local_path_edit_gives_a_new_image(tmp_path: Path) -> None:
         registry.stop()
 
 
+@needs_clients
+def test_a_local_path_that_is_a_symlink_follows_it_to_a_new_release(tmp_path: Path) -> None:
+    """NIXERY_PKGS_PATH=/srv/pkgs, a symbolic link that a deployment moves to each new release
+    (`ln -sfn releases/v2 /srv/pkgs`): the next pull serves the new release, and removing the
+    old release afterwards breaks nothing. The registry read the link once at start-up: it
+    served the old release until restarted, and once that was deleted every pull failed with
+    500 BUILD_FAILED 'getting status of .../v1: No such file or directory'."""
+    write_package_set(tmp_path / "releases" / "v1", {"hello": "echo hello one"})
+    write_package_set(tmp_path / "releases" / "v2", {"hello": "echo hello two"})
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "v1")
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(current))
+    try:
+        first, _ = registry.manifest("hello")
+        assert run_in(rootfs_of(registry, "hello", tmp_path / "one"), "/bin/hello") == "hello one\n"
+
+        (tmp_path / "next").symlink_to(tmp_path / "releases" / "v2")
+        (tmp_path / "next").replace(current)  # an atomic switch, as deployments do it
+        shutil.rmtree(tmp_path / "releases" / "v1")
+        second, _ = registry.manifest("hello")
+        assert second != first, "the old release is still served"
+        assert run_in(rootfs_of(registry, "hello", tmp_path / "two"), "/bin/hello") == "hello two\n"
+    finally:
+        registry.stop()
+
+
+@needs_clients
+def test_an_edit_under_a_symlinked_directory_of_a_local_path_gives_a_new_image(tmp_path: Path) -> None:
+    """A package set that keeps part of itself behind a symbolic link (`pkgs/sub -> ../shared`,
+    a checkout kept elsewhere) is re-read when a file behind the link changes, as when any
+    other of its files does. Only where the link pointed counted: the edit was never seen,
+    not even after a restart (the image cache is keyed by the revision), so the tag kept
+    serving the old program and new images mixed old and new packages."""
+    write_package_set(tmp_path / "shared", {"hello": "echo hello one"})
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text("args: import ./sub args\n")
+    (pkgs / "sub").symlink_to(Path("..") / "shared")
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(pkgs))
+    try:
+        first, _ = registry.manifest("hello")
+        assert run_in(rootfs_of(registry, "hello", tmp_path / "one"), "/bin/hello") == "hello one\n"
+
+        write_package_set(tmp_path / "shared", {"hello": "echo hello two"})
+        second, _ = registry.manifest("hello")
+        assert second != first, "the edit behind the link was not seen"
+        assert run_in(rootfs_of(registry, "hello", tmp_path / "two"), "/bin/hello") == "hello two\n"
+    finally:
+        registry.stop()
+
+
+def test_a_link_loop_or_a_store_link_in_a_local_path_ends_the_walk(tmp_path: Path) -> None:
+    """Links to directories are followed, but not round a loop."""
+    from nixery.nix.sources import tree_fingerprint
+
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo hello"})
+    (pkgs / "lib").mkdir()
+    (pkgs / "lib" / "up").symlink_to("..")
+    (pkgs / "lib" / "self").symlink_to(".")
+    (pkgs / "busybox").symlink_to(BUNDLED_BUSYBOX)  # a directory outside the store: followed
+    first = tree_fingerprint(pkgs)
+    assert tree_fingerprint(pkgs) == first
+    (pkgs / "lib" / "notes.txt").write_text("new\n")
+    assert tree_fingerprint(pkgs) != first
+    assert tree_fingerprint(pkgs / "lib") == tree_fingerprint(pkgs / "lib" / "up" / "lib")
+
+
 def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp_path: Path) -> None:
     """Regenerating a package set (a `make run` rewrote the Debian set each time) or touching
     its files keeps its revision: a running registry serves the image it built, starting no

@@ -40,6 +40,7 @@ from nixery.closure import ClosureGraph, Registration
 from nixery.nix import packages as nix
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
+from nixery.nix.store_db import STORE_DIR
 from nixery.resolver import ResolvedPackage, Revision
 from nixery.singleflight import FreshRun
 
@@ -132,20 +133,26 @@ class LocalPathSource(PackageSource):
     """A directory on this machine, re-read when its content changes.
 
     Tags do not select anything here: every tag builds the directory as it is.
+    The path may be a symbolic link that a deployment moves to each new release
+    (`ln -sfn releases/v2 /srv/pkgs`): it is followed anew on every walk, so the
+    next pull serves the release it points to then.
     """
 
     def __init__(self, path: Path, description: str | None = None):
-        self.path = path.resolve()
+        self.path = path.absolute()
         self.description = description or f"path {self.path}"
         self._hashes = FileHashes()
         # Concurrent requests share a walk of the tree, but only one that began
         # after they arrived, so an edit always shows up in the next pull.
-        self._walks: FreshRun[str] = FreshRun(
-            lambda: asyncio.to_thread(tree_fingerprint, self.path, self._hashes)
-        )
+        self._walks: FreshRun[tuple[str, Path]] = FreshRun(lambda: asyncio.to_thread(self._walk))
+
+    def _walk(self) -> tuple[str, Path]:
+        directory = self.path.resolve()  # where the link points now
+        return tree_fingerprint(directory, self._hashes), directory
 
     async def resolve(self, tag: str) -> Revision:
-        return Revision(self.description, f"tree-{await self._walks.run()}", self.path)
+        fingerprint, directory = await self._walks.run()
+        return Revision(self.description, f"tree-{fingerprint}", directory)
 
 
 _SKIPPED_DIRECTORIES = frozenset({".git", "__pycache__", "result"})
@@ -189,20 +196,23 @@ class FileHashes:
 
 def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
     """A hash of the tree under `root`: every file's name, content and executable bit,
-    and where each symbolic link to a directory points.
+    also of the files behind symbolic links to directories (Nix follows them too).
 
     Content, not times: the same files give the same fingerprint on every
     machine and after every copy or regeneration, and an edit changes it.
     With `hashes` kept from an earlier walk, only files whose stat changed are
     read (a walk of an unchanged tree reads directory entries only).
     Files are visited as os.walk would (a directory's files by name, then its
-    subdirectories; symbolic links to directories are not followed).
+    subdirectories). A link to a directory in the Nix store counts by its target
+    only (store paths do not change), and so does one to a directory the walk is
+    already inside (a loop).
     """
     hashes = hashes if hashes is not None else FileHashes()
     hashes.start_walk()
     digest = hashlib.sha256()
 
-    def visit(directory: str, prefix: str) -> None:
+    def visit(directory: str, prefix: str, inside: frozenset[str], inside_real: str) -> None:
+        """Hash `directory` (whose real path is `inside_real`, within the real directories `inside`)."""
         try:
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
@@ -230,16 +240,20 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
         for entry in subdirectories:
             if entry.name in _SKIPPED_DIRECTORIES:
                 continue
+            real = os.path.join(inside_real, entry.name)
             if entry.is_symlink():
+                real = os.path.realpath(entry.path)
                 try:
                     target = os.readlink(entry.path)
                 except OSError:
                     continue
                 digest.update(f"l\0{prefix}{entry.name}\0{target}\n".encode(errors="surrogateescape"))
-                continue
-            visit(entry.path, f"{prefix}{entry.name}/")
+                if real in inside or real.startswith(f"{STORE_DIR}/"):
+                    continue
+            visit(entry.path, f"{prefix}{entry.name}/", inside | {real}, real)
 
-    visit(str(root), "")
+    top = os.path.realpath(root)
+    visit(str(root), "", frozenset({top}), top)
     hashes.end_walk()
     return digest.hexdigest()[:32]
 

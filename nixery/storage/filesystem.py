@@ -413,12 +413,28 @@ class FilesystemStorage(Storage):
 
     async def list_meta(self, prefix: str) -> list[str]:
         base = self._meta / check_key(prefix.rstrip("/"))
-        files = await asyncio.to_thread(lambda: sorted(p for p in base.rglob("*") if p.is_file()))
+        files = await asyncio.to_thread(_files_under, base)
         return [str(p.relative_to(self._meta)) for p in files]
 
     async def delete_meta(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.unlink, self._meta / check_key(key))
+            await asyncio.to_thread(self._delete_meta, check_key(key))
+
+    def _delete_meta(self, key: str) -> None:
+        """Remove the document, then the directories it leaves empty below its kind's own
+        (`manifests/<hex>/` goes with its last pointer, `manifests/` stays): one is made for
+        each image's manifests and referrers, and months of builds and gc would pile them up.
+        A write into a directory removed meanwhile makes it again (`_place_in`)."""
+        target = self._meta / key
+        os.unlink(target)
+        top = self._meta / key.split("/", 1)[0]
+        directory = target.parent
+        while directory != top and top in directory.parents:
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty (another document), or gone already
+                return
+            directory = directory.parent
 
     def _write_meta(self, target: Path, data: bytes) -> None:
         _move_into_place(self._stage_meta(data), target)
@@ -555,23 +571,48 @@ def _make_durable(staged: Path) -> None:
         os.fsync(handle.fileno())
 
 
+#: Tries to place a document in a directory that a deletion of its last document keeps removing.
+_PLACE_ATTEMPTS = 5
+
+
+def _place_in(target: Path, place: Callable[[], None]) -> None:
+    """Run `place` (a rename or link to `target`) once `target`'s directory exists, then sync
+    the directory. The directory may be removed between its making and the rename, by the
+    deletion of the last document in it (`FilesystemStorage._delete_meta`): it is made again."""
+    for attempt in range(_PLACE_ATTEMPTS):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            place()
+            break
+        except FileNotFoundError:
+            if attempt == _PLACE_ATTEMPTS - 1 or target.parent.is_dir():  # not the directory's doing
+                raise
+    with contextlib.suppress(FileNotFoundError):  # deleted already, and its directory with it
+        _fsync_dir(target.parent)
+
+
 def _move_into_place(staged: Path, target: Path) -> None:
     """Rename a durable staged file to `target`, durably."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, target)
-    _fsync_dir(target.parent)
+    _place_in(target, lambda: os.replace(staged, target))
 
 
 def _link_into_place(staged: Path, target: Path) -> bool:
     """Hard-link a durable staged file as `target` unless something is there already (a link,
     unlike a rename, never replaces), durably: whether it was linked. The caller removes `staged`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(staged, target)
+        _place_in(target, lambda: os.link(staged, target))
     except FileExistsError:
         return False
-    _fsync_dir(target.parent)
     return True
+
+
+def _files_under(base: Path) -> list[Path]:
+    """The files under `base`, sorted. Unlike Path.rglob, a directory removed during the walk
+    (gc deleting its last document) is skipped, not an error."""
+    found: list[Path] = []
+    for directory, _, names in os.walk(base):
+        found.extend(path for name in names if (path := Path(directory, name)).is_file())
+    return sorted(found)
 
 
 def _version(data: bytes) -> str:
