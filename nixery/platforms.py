@@ -81,6 +81,11 @@ def platform_name(arch: Arch) -> str:
     return f"{OS}/{arch.oci_name}"
 
 
+#: Platforms written with the variant their architecture has by default (the OCI image index
+#: spec's `v8` of arm64), as Docker users write them: the images the registry builds are those.
+_DEFAULT_VARIANTS = {"linux/arm64/v8": "linux/arm64"}
+
+
 def parse_platforms(raw: str) -> tuple[Arch, ...]:
     """`linux/amd64,linux/arm64` as platforms, sorted and each once; raises ValueError, naming
     the platforms there are, for one that is not (or a list that names none)."""
@@ -88,6 +93,7 @@ def parse_platforms(raw: str) -> tuple[Arch, ...]:
     found: set[Arch] = set()
     for item in raw.split(","):
         name = item.strip().lower()
+        name = _DEFAULT_VARIANTS.get(name, name)
         if name not in known:
             raise ValueError(f"unknown platform {item.strip()!r}: use a comma-separated list of {', '.join(known)}")
         found.add(known[name])

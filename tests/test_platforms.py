@@ -58,12 +58,18 @@ def test_platforms_default_to_the_hosts_and_are_read_sorted() -> None:
     )
 
 
-@pytest.mark.parametrize("raw", ["linux/s390x", "arm64", "linux/amd64,,linux/arm64", "windows/amd64"])
+@pytest.mark.parametrize("raw", ["linux/s390x", "arm64", "linux/amd64,,linux/arm64", "windows/amd64", "linux/arm64/v7"])
 def test_an_unknown_platform_is_a_one_line_config_error(raw: str) -> None:
     with pytest.raises(config.ConfigError) as caught:
         config.load({"NIXERY_PLATFORMS": raw})
     message = str(caught.value)
     assert "\n" not in message and "NIXERY_PLATFORMS" in message and "linux/amd64, linux/arm64" in message
+
+
+def test_arm64_written_with_its_default_variant_is_arm64() -> None:
+    """`linux/arm64/v8`, as Docker users write it (the OCI index's default variant of arm64), was
+    refused as an unknown platform."""
+    assert config.load({"NIXERY_PLATFORMS": "linux/amd64, linux/arm64/v8"}).platforms == parse_platforms(BOTH)
 
 
 def test_only_names_without_a_platform_ask_for_every_platform() -> None:
