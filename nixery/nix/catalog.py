@@ -283,7 +283,8 @@ class PackageCatalog:
             return None
         task = self.load(revision)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), wait)
+            async with asyncio.timeout(wait):  # not wait_for: see nixery.nix.process.run_nix
+                return await asyncio.shield(task)
         except TimeoutError:
             return None
 

@@ -160,8 +160,11 @@ async def run_nix(
     running = NIX_PROCESSES.labels(os.path.basename(argv[0]))
     running.inc()
     try:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # comes as the process ends, and a stopping registry then waited for the whole build.
         with MemoryWatch(process.pid, memory_limit) as memory:
-            stdout = await asyncio.wait_for(communicate(), deadline.remaining())
+            async with asyncio.timeout(deadline.remaining()):
+                stdout = await communicate()
     except TimeoutError:
         kill_process_tree(process.pid)
         await process.wait()

@@ -233,7 +233,8 @@ class ReplEvaluator:
         wait = min(deadline.remaining(), _DEFINITION_TIMEOUT) if quiet else deadline.remaining()
         with MemoryWatch(self._process.pid, self.memory_limit) as memory:
             try:
-                return await asyncio.wait_for(self._send_and_read(self._process, expression, quiet), wait)
+                async with asyncio.timeout(wait):  # not wait_for: see nixery.nix.process.run_nix
+                    return await self._send_and_read(self._process, expression, quiet)
             except ErrorNotShown:
                 raise
             except TimeoutError:
