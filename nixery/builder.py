@@ -456,7 +456,8 @@ class ImageBuilder:
             build.emit(Stage.DONE, "image ready", **image_summary(record))
             return record
         finally:
-            self._in_flight.pop(key, None)
+            if self._in_flight.get(key) is build:  # not a later request's, for the next build
+                del self._in_flight[key]
 
     async def _names_listed(self, request: ImageRequest, revision: Revision) -> None:
         """PackagesNotFound for names the package list (once read: a missing name's first answer

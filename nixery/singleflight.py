@@ -41,7 +41,10 @@ class SingleFlight(Generic[T]):
 
     def _start(self, key: Hashable, work: Callable[[], Awaitable[T]], *, refused: bool) -> asyncio.Task[T]:
         task = self._tasks.get(key)
-        if task is None:
+        # A task done but not yet forgotten (its done callback runs a loop turn later) is not
+        # joined: a caller that came in between waited for nothing and was handed a build that
+        # never ran (a progress page at "queued" for ever). Once stopping, its result will do.
+        if task is None or (task.done() and not refused):
             if refused:
                 raise WorkStopped("stopping: no new work is started")
             task = asyncio.ensure_future(work())

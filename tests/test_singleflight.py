@@ -112,3 +112,29 @@ async def test_a_caller_joining_work_that_stop_unwaited_is_cleaning_up_gets_work
     with pytest.raises(WorkStopped):
         await asyncio.wait_for(joined, 5)
     await asyncio.wait_for(stopping, 5)
+
+
+async def test_work_asked_for_as_the_last_run_ends_runs_again() -> None:
+    """A task that has ended is forgotten one loop turn later (its done callback). A caller that
+    came in that turn joined the ended task: the builder then handed it a build that never ran,
+    whose progress page stayed at "queued". It now starts the work anew (which, for an image,
+    finds it built)."""
+    loop = asyncio.get_running_loop()
+    flights: SingleFlight[str] = SingleFlight()
+    release = loop.create_future()
+    runs: list[str] = []
+
+    async def work(name: str) -> str:
+        if name == "first":
+            await release
+        runs.append(name)
+        return name
+
+    first = asyncio.ensure_future(flights.run("image", lambda: work("first")))
+    await asyncio.sleep(0)
+    release.set_result(None)  # the first run ends in the next turn; its done callback comes after
+    loop.call_soon(flights.begin, "image", lambda: work("second"))
+    assert await first == "first"
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert runs == ["first", "second"]
