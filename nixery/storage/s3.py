@@ -321,7 +321,9 @@ class S3Storage(LeasedStorage):
         except (asyncio.CancelledError, BackendUnavailable):
             detach(upload, failure_event="s3.upload_failed_after_giving_up", describe_error=_describe, key=key)
             raise
-        except (AlreadyExistsError, PreconditionError, FileNotFoundError, NotFoundError):
+        except (AlreadyExistsError, PreconditionError, FileNotFoundError, NotFoundError) as error:
+            if "mode" not in options:  # an unconditional write's 404 is the bucket's: NoSuchBucket
+                raise self._unavailable(error) from error
             raise  # an answer to a conditional upload, handled by the caller
         except ObstoreError as error:
             raise self._unavailable(error) from error
@@ -348,7 +350,7 @@ class S3Storage(LeasedStorage):
         try:
             # One PUT (no multipart below the chunk size): atomic, last writer wins.
             await obstore.put_async(self._store, path, data, use_multipart=False)
-        except ObstoreError as error:
+        except (ObstoreError, FileNotFoundError) as error:  # obstore's 404 (NoSuchBucket) is no ObstoreError
             raise self._unavailable(error) from error
 
     async def create_meta(self, key: str, data: bytes) -> bool:

@@ -120,3 +120,45 @@ async def test_a_conditional_write_the_store_holds_back_is_waited_for(
             (first if n % 2 else second)._lease_create(lease, f"holder {n}".encode()) for n in range(4)
         ))  # fmt: skip
         assert sum(version is not None for version in held) == 1, f"round {round_}: {held}"
+
+
+async def test_a_bucket_that_is_gone_is_unavailable_not_an_internal_error(s3: Backend, tmp_path: Path) -> None:
+    """AWS answers a write into a bucket that is gone (deleted, renamed, a wrong endpoint) with
+    404 NoSuchBucket, which obstore raises as Python's FileNotFoundError: the driver let it through,
+    and the registry answered 500 INTERNAL_ERROR with a traceback instead of 503 naming the bucket.
+    A stand-in answers as AWS does: SeaweedFS, the S3 server these tests run, makes a missing
+    bucket on a write instead."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from nixery.app import open_storage
+    from tests.registry import free_port
+
+    no_such_bucket = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchBucket</Code>'
+                      "<Message>The specified bucket does not exist</Message></Error>")
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=404, text=None if request.method == "HEAD" else no_such_bucket,
+                            content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    settings = s3.settings()
+    assert settings.s3 is not None
+    gone = dataclasses.replace(settings.s3, bucket="gone", endpoint=f"http://127.0.0.1:{port}")
+    store = open_storage(dataclasses.replace(settings, s3=gone))
+    try:
+        data = b"a layer " + uuid.uuid4().bytes
+        for call in (store.put_meta("manifests/after", b"lost"), store.put_meta("big", os.urandom(2 * MB)),
+                     store.put_blob(Digest.of(data), stage(store, data))):
+            with pytest.raises(BackendUnavailable, match="bucket gone"):
+                await call
+    finally:
+        await store.close()
+        await runner.cleanup()
