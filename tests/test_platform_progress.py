@@ -15,12 +15,13 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
-from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, busybox_set_with
 from tests.test_cli import ANSI, nixery, nixery_in_pty
 from tests.test_web import ARTIFACTS, _sse, _start, browser, new_page  # noqa: F401 (fixtures)
 
@@ -119,6 +120,48 @@ def test_the_landing_page_lists_an_image_of_several_platforms_once(registry_both
     assert status == 200
     images = page.decode().split("Recently built images", 1)[1]
     assert images.count('href="/images/shell/hello"') == 1, images
+
+
+def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_there(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A package that builds for amd64 but not for arm64: the image's build fails, its amd64
+    build is done. The landing page listed that amd64 build's image under the image's name
+    among the built images, a link that answers 404 (the name is the index's, which failed),
+    and listed the amd64 build among the recent builds under the same name as the image's
+    own, failed, build, as if the image had been built after all."""
+    script = ("if [ $system = aarch64-linux ]; then echo no arm64 here; exit 1; fi; "
+              "$bb/mkdir -p $out/bin; echo ok > $out/bin/armfail")
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    _index(registry, "shell")  # an image that is built, for both platforms
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfail")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    assert "linux/arm64" in page.locator("#build").text_content()
+    page.goto(registry.url + "/")
+    images = page.locator("section.card:has(h2:text-is('Recently built images')) a")
+    links = [images.nth(i).get_attribute("href") for i in range(images.count())]
+    assert "/images/shell" in links and "/images/armfail" not in links, links
+    for link in links:  # each leads to its image
+        assert page.request.get(registry.url + link, headers={"Accept": "text/html"}).status == 200, link
+    builds = page.locator("section.card:has(h2:text-is('Recent builds')) li")
+    rows = {}
+    for i in range(builds.count()):
+        row = builds.nth(i)
+        platform = row.locator(".badge.platform")
+        rows[row.locator("a").get_attribute("href")] = (
+            row.locator("code").text_content(), platform.text_content() if platform.count() else "",
+            row.locator("[class*=stage-]").text_content(),
+        )
+    armfail = sorted(shown for shown in rows.values() if shown[0].endswith("armfail"))
+    # The image's build, failed; its platforms' builds, each marked with its platform.
+    assert armfail == [("arm64/armfail", "linux/arm64", "failed"), ("armfail", "", "failed"),
+                       ("armfail", "linux/amd64", "done")], rows
+    page.screenshot(path=str(ARTIFACTS / "web-landing-failed-platform.png"), full_page=True)
 
 
 def test_the_image_page_lists_each_platform_and_its_layers(registry_both: RegistryProcess) -> None:
