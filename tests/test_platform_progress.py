@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
-from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, busybox_set_with
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, busybox_set_with, slow_package_set
 from tests.test_cli import ANSI, nixery, nixery_in_pty
 from tests.test_web import ARTIFACTS, _sse, _start, browser, new_page  # noqa: F401 (fixtures)
 
@@ -162,6 +162,28 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     assert armfail == [("arm64/armfail", "linux/arm64", "failed"), ("armfail", "", "failed"),
                        ("armfail", "linux/amd64", "done")], rows
     page.screenshot(path=str(ARTIFACTS / "web-landing-failed-platform.png"), full_page=True)
+
+
+def test_the_build_page_of_several_platforms_counts_what_nix_built_for_them(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The image's "Building with Nix" stage said "nothing to build: all in the Nix store" once
+    the build had ended, live and when drawn again, although Nix had just built the package
+    for each platform: the counts are in the platforms' events, not in the image's own."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", 2)), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "slowpoke")  # new to the Nix store, for each platform
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-done", timeout=120_000)
+    building = "#stages li[data-stage=building] .detail"
+    live = page.locator(building).text_content()
+    page.reload()
+    drawn = page.locator(building).text_content()
+    assert live == drawn, (live, drawn)
+    match = re.fullmatch(r"(\d+) derivations built", drawn)
+    assert match and int(match[1]) >= 2, drawn  # slowpoke, once for each platform
 
 
 def test_the_image_page_lists_each_platform_and_its_layers(registry_both: RegistryProcess) -> None:

@@ -148,6 +148,10 @@ def event_json(index: int, event: Event) -> dict[str, Any]:
     return {"index": index, **event.to_json()}
 
 
+#: What a building event counts of Nix's work (docs/web.md#events).
+_NIX_COUNTS = ("built", "to_build", "fetched", "to_fetch")
+
+
 class Progress:
     """What a build's events add up to (the progress page's numbers)."""
 
@@ -199,6 +203,8 @@ class Progress:
 
     def detail(self, stage: Stage) -> str:
         d = self.data
+        if stage is Stage.BUILDING and self.platforms:  # Nix builds each platform's: their sums
+            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in _NIX_COUNTS}
         if stage is Stage.BUILDING and stage in self.reached:
             built, fetched = d.get("built", 0), d.get("fetched", 0)
             if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
