@@ -164,6 +164,35 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     page.screenshot(path=str(ARTIFACTS / "web-landing-failed-platform.png"), full_page=True)
 
 
+def test_the_page_of_a_platforms_build_leads_to_its_image_of_several_platforms(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The image's build failed for arm64; its amd64 build, done, had a page that said `docker
+    pull HOST/armfail` (which fails: the name is the index's) and linked to /images/armfail,
+    a 404, without a word of the image it was part of."""
+    script = "if [ $system = aarch64-linux ]; then exit 1; fi; $bb/mkdir -p $out/bin; echo ok > $out/bin/armfail"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfail")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    image_build = page.url
+    page.click("#platforms li[data-platform='linux/amd64'] a")  # its build
+    page.wait_for_selector("#state.stage-done")
+    outcome = page.locator("#outcome").text_content()
+    assert "Image ready" in outcome and "docker pull" not in outcome, outcome
+    note = page.locator("#part-of")
+    assert "linux/amd64" in note.text_content() and "failed" in note.text_content()
+    assert registry.url + note.locator("a").get_attribute("href") == image_build
+    links = page.locator("main a").evaluate_all("links => links.map(a => a.href)")
+    for link in links:  # none leads to a 404
+        assert page.request.get(link, headers={"Accept": "text/html"}).status == 200, link
+    page.screenshot(path=str(ARTIFACTS / "web-build-of-a-platform.png"), full_page=True)
+
+
 def test_the_build_page_of_several_platforms_counts_what_nix_built_for_them(
     start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
 ) -> None:

@@ -131,8 +131,8 @@
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
-<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
-<p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`;
+${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
+<p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`}`;
       outcome.hidden = false;
     } else if (state.current === "failed" && d.error === "stopped") {  // the registry shut down
       outcome.className = "outcome failed";

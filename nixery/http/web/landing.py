@@ -31,7 +31,7 @@ from nixery.http.web.layout import (
 )
 from nixery.images import ImageRecord
 from nixery.lru import LRU
-from nixery.progress import Build
+from nixery.progress import platform_builds
 from nixery.views import size_text
 
 log = structlog.get_logger(__name__)
@@ -187,7 +187,8 @@ def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit:
     builds = every[:limit]
     if not builds:
         return ""
-    platforms = _platform_builds(every)
+    # A platform's build of an image of several platforms; the default one has the image's name.
+    platforms = {one: platform for one, (_, platform) in platform_builds(every).items()}
     rows = "".join(
         f'<li><a href="/builds/{h(b.id)}"><code>{h(b.image)}</code></a> '
         + (f'<span class="badge platform" title="the {h(platforms[b.id])} image of an image of several platforms">'
@@ -197,16 +198,6 @@ def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit:
         for b in builds
     )
     return f'<section class="card"><h2>Recent builds</h2><ul class="plain">{rows}</ul></section>'
-
-
-def _platform_builds(builds: list[Build]) -> dict[str, str]:
-    """The builds that are one platform's of an image of several platforms, by id: their
-    platform, as the image's build relays it (`nixery.progress.PlatformRelay`). The default
-    platform's build has the image's name: unmarked, it read as a second build of the image."""
-    return {
-        event.data["platform_build"]: str(event.data.get("platform"))
-        for build in builds for event in build.events if event.data.get("platform_build")
-    }
 
 
 async def _recent_images(request: web.Request, builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:
