@@ -36,9 +36,10 @@ from nixery.http.bodies import content_type, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
+from nixery.http.web import platform_parts
 from nixery.http.web.layout import FORM, ago, page, registry_host, script
 from nixery.lru import LRU
-from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage, platform_builds
+from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
 from nixery.shared_builds import POLL_SECONDS
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
@@ -287,35 +288,11 @@ def _tag(request: web.Request, build: Build) -> str:
     return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
 
 
-def _part_of(request: web.Request, build: Build) -> tuple[Build, str] | None:
-    """The build of the image of several platforms that `build` is one platform's build of
-    (and that platform), when this registry still has it."""
-    return platform_builds(request.app[BUILDER].builds.recent()).get(build.id)
-
-
-def _part_note(request: web.Request, build: Build, part: tuple[Build, str] | None) -> str:
-    """A platform's build: its image is pulled, and shown, as part of the image of several
-    platforms, whose build has the pull command and the link to the image once it is done.
-    The name alone names that image, which may have failed (on another platform) or not be
-    done yet: the platform's own pull command and link led to an error or a 404."""
-    if part is None:
-        return ""
-    image, platform = part
-    path = guidance.progress_path(image.id, image.image, _tag(request, build))
-    return f"""<p class="hint" id="part-of">The <code>{h(platform)}</code> image of
-<code>{h(image.image)}</code>, an image of several platforms: pull it and see its layers from
-<a href="{h(path)}">that image's build</a>
-(<span class="badge stage-{h(image.stage.value)}">{h(image.stage.value)}</span>).</p>"""
-
-
 def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
     d = progress.data
     tag = _tag(request, build)
     if build.stage is Stage.DONE and "digest" in d and part is not None:
-        return f"""<div class="outcome done" id="outcome" data-image="{h(d.get("image", build.image))}">
-<p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>
-<p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>
-</div>"""
+        return platform_parts.outcome(build, d)
     if build.stage is Stage.DONE and "digest" in d:
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
@@ -374,7 +351,7 @@ async def build_page(request: web.Request) -> web.Response:
         return await _unknown_build_page(request)
     build = await _get_build(request)
     progress = Progress(build.started, build.events)
-    part = _part_of(request, build)
+    part = platform_parts.part_of(request.app[BUILDER].builds.recent(), build)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
     body = f"""
@@ -384,7 +361,7 @@ async def build_page(request: web.Request) -> web.Response:
   <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
-  {_part_note(request, build, part)}
+  {platform_parts.note(part, _tag(request, build))}
   {_stage_list(build, progress)}
   {_platform_list(build, progress)}
   {_outcome(request, build, progress, part)}
