@@ -753,6 +753,27 @@ def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:
     assert status == 200 and b"<b>bold</b>" not in body and b"&lt;b&gt;bold&lt;/b&gt;" in body
 
 
+def test_the_image_pages_sbom_links_save_json_files_named_after_the_image(
+    registry: RegistryProcess, new_page, tmp_path: Path,
+) -> None:
+    """The SBOM and provenance links of an image's page are blobs (application/octet-stream,
+    an address ending in the digest): a click saved a file called `sha256:...`, no extension."""
+    registry.request("/v2/shell/hello/manifests/latest")
+    page = new_page()
+    page.goto(registry.url + "/images/shell/hello")
+    names = {}
+    for label in ("SBOM (SPDX 2.3 JSON)", "SBOM (CycloneDX 1.5 JSON)", "provenance (in-toto, SLSA v1)"):
+        with page.expect_download() as saved:
+            page.get_by_role("link", name=label).click()
+        names[label] = saved.value.suggested_filename
+        saved.value.save_as(tmp_path / names[label])
+        json.loads((tmp_path / names[label]).read_text())  # the document itself
+    assert names == {
+        "SBOM (SPDX 2.3 JSON)": "shell_hello.spdx.json", "SBOM (CycloneDX 1.5 JSON)": "shell_hello.cdx.json",
+        "provenance (in-toto, SLSA v1)": "shell_hello.provenance.json",
+    }
+
+
 def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> None:
     digest, manifest = registry.manifest("shell/hello")
     status, _, body = registry.request("/images/shell/hello.json", accept="application/json")
