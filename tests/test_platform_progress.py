@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,6 +193,34 @@ def test_the_page_of_a_platforms_build_leads_to_its_image_of_several_platforms(
     for link in links:  # none leads to a 404
         assert page.request.get(link, headers={"Accept": "text/html"}).status == 200, link
     page.screenshot(path=str(ARTIFACTS / "web-build-of-a-platform.png"), full_page=True)
+
+
+def test_a_platform_still_building_when_another_failed_is_shown_as_it_ends(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """arm64 fails at once, amd64 takes 10 seconds more: the image's build fails and stops
+    relaying, and its page showed linux/amd64 "Building with Nix" for good, though that
+    platform's own build went on and was done."""
+    script = ("if [ $system = aarch64-linux ]; then exit 1; fi; $bb/sleep 10; "  # new to the Nix store:
+              f"$bb/mkdir -p $out/bin; echo {random.getrandbits(64)} > $out/bin/armfast")
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfast", "armfast-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfast")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    amd64 = "#platforms li[data-platform='linux/amd64']"
+    assert page.locator(amd64).get_attribute("data-stage") not in ("done", "failed")  # still building
+    own = registry.url + page.locator(f"{amd64} a").get_attribute("href") + ".json"
+    deadline = time.monotonic() + 60
+    while page.request.get(own).json()["stage"] != "done":
+        assert time.monotonic() < deadline, "the amd64 build did not end"
+        time.sleep(0.2)
+    page.reload()
+    assert page.locator(amd64).get_attribute("data-stage") == "done"
+    assert page.locator(f"{amd64} .badge").text_content() == "Done"
 
 
 def test_the_build_page_of_several_platforms_counts_what_nix_built_for_them(

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -260,8 +260,10 @@ def _stage_list(build: Build, progress: Progress) -> str:
     return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
 
 
-def _platform_list(build: Build, progress: Progress) -> str:
-    """An image of several platforms: each platform's stage and numbers, and a link to its own build."""
+def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build | None]) -> str:
+    """An image of several platforms: each platform's stage and numbers, and a link to its own build.
+    Once the image's build ended (failed on one platform), the others' are no longer relayed:
+    a platform's own build (`find`) says how it went on, or it showed "building" for good."""
     names = progress.data.get("platforms") or []
     names = [one["platform"] if isinstance(one, dict) else one for one in names] or list(progress.platforms)
     if not names:
@@ -269,9 +271,12 @@ def _platform_list(build: Build, progress: Progress) -> str:
     items = []
     for name in names:
         own = progress.platforms.get(name)
+        build_id = progress.platform_builds.get(name)
+        if build.finished and build_id and (own is None or own.current not in FINAL):
+            own_build = find(build_id)
+            own = Progress(own_build.started, own_build.events) if own_build is not None else own
         stage = own.current if own is not None else Stage.QUEUED
         detail = own.detail(stage) if own is not None else ""
-        build_id = progress.platform_builds.get(name)
         link = f' <a class="hint" href="/builds/{h(build_id)}">its build</a>' if build_id else ""
         state = "past" if stage in FINAL else "current" if not build.finished else "pending"
         items.append(
@@ -363,7 +368,7 @@ async def build_page(request: web.Request) -> web.Response:
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
   {platform_parts.note(part, _tag(request, build))}
   {_stage_list(build, progress)}
-  {_platform_list(build, progress)}
+  {_platform_list(build, progress, request.app[BUILDER].builds.get)}
   {_outcome(request, build, progress, part)}
 </section>
 <section class="card">
