@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -144,6 +144,15 @@ class BuildLog:
     def recent(self, limit: int | None = None, shown: Callable[[str], bool] = lambda image: True) -> list[Build]:
         """The newest builds (`limit` of them) of the images `shown` accepts, newest first."""
         return [build for build in reversed(self._builds.values()) if shown(build.image)][:limit]
+
+
+def platform_builds(builds: Iterable[Build]) -> dict[str, tuple[Build, str]]:
+    """The builds among `builds`' relayed ones that are one platform's of an image of several
+    platforms, by id: the image's build and the platform (`PlatformRelay`'s `platform_build`)."""
+    return {
+        event.data["platform_build"]: (build, str(event.data.get("platform")))
+        for build in builds for event in build.events if event.data.get("platform_build")
+    }
 
 
 #: The fields a relayed event of one platform's build carries besides its own (`PlatformRelay`).

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from nixery.registry.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
-from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess
+from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, RegistryProcess, busybox_set_with, slow_package_set
 from tests.test_cli import ANSI, nixery, nixery_in_pty
 from tests.test_web import ARTIFACTS, _sse, _start, browser, new_page  # noqa: F401 (fixtures)
 
@@ -119,6 +122,127 @@ def test_the_landing_page_lists_an_image_of_several_platforms_once(registry_both
     assert status == 200
     images = page.decode().split("Recently built images", 1)[1]
     assert images.count('href="/images/shell/hello"') == 1, images
+
+
+def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_there(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A package that builds for amd64 but not for arm64: the image's build fails, its amd64
+    build is done. The landing page listed that amd64 build's image under the image's name
+    among the built images, a link that answers 404 (the name is the index's, which failed),
+    and listed the amd64 build among the recent builds under the same name as the image's
+    own, failed, build, as if the image had been built after all."""
+    script = ("if [ $system = aarch64-linux ]; then echo no arm64 here; exit 1; fi; "
+              "$bb/mkdir -p $out/bin; echo ok > $out/bin/armfail")
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    _index(registry, "shell")  # an image that is built, for both platforms
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfail")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    assert "linux/arm64" in page.locator("#build").text_content()
+    page.goto(registry.url + "/")
+    images = page.locator("section.card:has(h2:text-is('Recently built images')) a")
+    links = [images.nth(i).get_attribute("href") for i in range(images.count())]
+    assert "/images/shell" in links and "/images/armfail" not in links, links
+    for link in links:  # each leads to its image
+        assert page.request.get(registry.url + link, headers={"Accept": "text/html"}).status == 200, link
+    builds = page.locator("section.card:has(h2:text-is('Recent builds')) li")
+    rows = {}
+    for i in range(builds.count()):
+        row = builds.nth(i)
+        platform = row.locator(".badge.platform")
+        rows[row.locator("a").get_attribute("href")] = (
+            row.locator("code").text_content(), platform.text_content() if platform.count() else "",
+            row.locator("[class*=stage-]").text_content(),
+        )
+    armfail = sorted(shown for shown in rows.values() if shown[0].endswith("armfail"))
+    # The image's build, failed; its platforms' builds, each marked with its platform.
+    assert armfail == [("arm64/armfail", "linux/arm64", "failed"), ("armfail", "", "failed"),
+                       ("armfail", "linux/amd64", "done")], rows
+    page.screenshot(path=str(ARTIFACTS / "web-landing-failed-platform.png"), full_page=True)
+
+
+def test_the_page_of_a_platforms_build_leads_to_its_image_of_several_platforms(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The image's build failed for arm64; its amd64 build, done, had a page that said `docker
+    pull HOST/armfail` (which fails: the name is the index's) and linked to /images/armfail,
+    a 404, without a word of the image it was part of."""
+    script = "if [ $system = aarch64-linux ]; then exit 1; fi; $bb/mkdir -p $out/bin; echo ok > $out/bin/armfail"
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfail")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    image_build = page.url
+    page.click("#platforms li[data-platform='linux/amd64'] a")  # its build
+    page.wait_for_selector("#state.stage-done")
+    outcome = page.locator("#outcome").text_content()
+    assert "Image ready" in outcome and "docker pull" not in outcome, outcome
+    note = page.locator("#part-of")
+    assert "linux/amd64" in note.text_content() and "failed" in note.text_content()
+    assert registry.url + note.locator("a").get_attribute("href") == image_build
+    links = page.locator("main a").evaluate_all("links => links.map(a => a.href)")
+    for link in links:  # none leads to a 404
+        assert page.request.get(link, headers={"Accept": "text/html"}).status == 200, link
+    page.screenshot(path=str(ARTIFACTS / "web-build-of-a-platform.png"), full_page=True)
+
+
+def test_a_platform_still_building_when_another_failed_is_shown_as_it_ends(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """arm64 fails at once, amd64 takes 10 seconds more: the image's build fails and stops
+    relaying, and its page showed linux/amd64 "Building with Nix" for good, though that
+    platform's own build went on and was done."""
+    script = ("if [ $system = aarch64-linux ]; then exit 1; fi; $bb/sleep 10; "  # new to the Nix store:
+              f"$bb/mkdir -p $out/bin; echo {random.getrandbits(64)} > $out/bin/armfast")
+    pkgs = busybox_set_with(tmp_path / "pkgs", "armfast", "armfast-1.0", script)
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "armfast")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    amd64 = "#platforms li[data-platform='linux/amd64']"
+    assert page.locator(amd64).get_attribute("data-stage") not in ("done", "failed")  # still building
+    own = registry.url + page.locator(f"{amd64} a").get_attribute("href") + ".json"
+    deadline = time.monotonic() + 60
+    while page.request.get(own).json()["stage"] != "done":
+        assert time.monotonic() < deadline, "the amd64 build did not end"
+        time.sleep(0.2)
+    page.reload()
+    assert page.locator(amd64).get_attribute("data-stage") == "done"
+    assert page.locator(f"{amd64} .badge").text_content() == "Done"
+
+
+def test_the_build_page_of_several_platforms_counts_what_nix_built_for_them(
+    start_registry: Callable[..., RegistryProcess], new_page, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The image's "Building with Nix" stage said "nothing to build: all in the Nix store" once
+    the build had ended, live and when drawn again, although Nix had just built the package
+    for each platform: the counts are in the platforms' events, not in the image's own."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", 2)), NIXERY_PLATFORMS=BOTH)
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "slowpoke")  # new to the Nix store, for each platform
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    page.wait_for_selector("#state.stage-done", timeout=120_000)
+    building = "#stages li[data-stage=building] .detail"
+    live = page.locator(building).text_content()
+    page.reload()
+    drawn = page.locator(building).text_content()
+    assert live == drawn, (live, drawn)
+    match = re.fullmatch(r"(\d+) derivations built", drawn)
+    assert match and int(match[1]) >= 2, drawn  # slowpoke, once for each platform
 
 
 def test_the_image_page_lists_each_platform_and_its_layers(registry_both: RegistryProcess) -> None:

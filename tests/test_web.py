@@ -108,6 +108,42 @@ def test_landing_page_renders(registry: RegistryProcess, new_page) -> None:
     assert [(e["path"], e["status"]) for e in icons] == [("/static/favicon.svg", 200)]
 
 
+def _contrast(foreground: str, background: str) -> float:
+    """WCAG 2 contrast ratio of two computed CSS colours (`rgb(r, g, b)`)."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(x) / 255 for x in colour[colour.index("(") + 1 : colour.index(")")].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    light, dark = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_links_read_well_and_the_package_page_has_a_heading_and_named_columns(
+    registry: RegistryProcess, new_page,
+) -> None:
+    """WCAG AA asks 4.5:1 of text: a link on the code background (the recent builds' image
+    names, links in code) had 4.45:1. The package search's page had no first-level heading,
+    and its Build buttons' column header was empty, for a screen reader a column without a name."""
+    registry.request("/v2/shell/hello/manifests/latest")  # a recent build: its name, a link in code
+    page = new_page()
+    page.emulate_media(color_scheme="light")
+    page.goto(registry.url + "/")
+    link = page.locator("a[href^='/builds/'] > code").first
+    colours = link.evaluate("e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]")
+    assert _contrast(*colours) >= 4.5, colours
+    page.goto(f"{registry.url}/packages?q=hello")
+    assert page.locator("h1").count() == 1
+    headers = page.locator("table.results th")  # what a screen reader names each column
+    assert all(headers.nth(i).text_content().strip() for i in range(headers.count()))
+    page.goto(registry.url + "/")
+    page.fill("#search-q", "hello")  # the same table, drawn by the script as you type
+    page.wait_for_selector("#live-results table.results")
+    headers = page.locator("#live-results th")
+    assert all(headers.nth(i).text_content().strip() for i in range(headers.count()))
+
+
 def _search_target() -> tuple[dict[str, str], str]:
     """curl in the Debian-derived set when it is generated, else hello in the busybox set."""
     if (debian_set().path / "default.nix").is_file():
@@ -715,6 +751,27 @@ def test_pages_escape_what_the_request_says(registry: RegistryProcess) -> None:
     assert b"alert" not in response
     status, _, body = registry.request("/packages?q=" + "%3Cb%3Ebold%3C/b%3E", accept="text/html")
     assert status == 200 and b"<b>bold</b>" not in body and b"&lt;b&gt;bold&lt;/b&gt;" in body
+
+
+def test_the_image_pages_sbom_links_save_json_files_named_after_the_image(
+    registry: RegistryProcess, new_page, tmp_path: Path,
+) -> None:
+    """The SBOM and provenance links of an image's page are blobs (application/octet-stream,
+    an address ending in the digest): a click saved a file called `sha256:...`, no extension."""
+    registry.request("/v2/shell/hello/manifests/latest")
+    page = new_page()
+    page.goto(registry.url + "/images/shell/hello")
+    names = {}
+    for label in ("SBOM (SPDX 2.3 JSON)", "SBOM (CycloneDX 1.5 JSON)", "provenance (in-toto, SLSA v1)"):
+        with page.expect_download() as saved:
+            page.get_by_role("link", name=label).click()
+        names[label] = saved.value.suggested_filename
+        saved.value.save_as(tmp_path / names[label])
+        json.loads((tmp_path / names[label]).read_text())  # the document itself
+    assert names == {
+        "SBOM (SPDX 2.3 JSON)": "shell_hello.spdx.json", "SBOM (CycloneDX 1.5 JSON)": "shell_hello.cdx.json",
+        "provenance (in-toto, SLSA v1)": "shell_hello.provenance.json",
+    }
 
 
 def test_image_json_lists_store_paths_per_layer(registry: RegistryProcess) -> None:

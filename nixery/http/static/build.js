@@ -7,9 +7,10 @@
   if (!root) return;
   const ORDER = ["queued", "evaluating", "building", "layering", "compressing", "uploading", "done"];
   const FINAL = ["done", "failed"];
+  const NIX_COUNTS = ["built", "to_build", "fetched", "to_fetch"];
   const SHOWN = 200;
   const started = parseFloat(root.dataset.started);
-  const state = { reached: new Set(), current: root.dataset.stage, messages: {}, data: {}, compressStarted: null, lastTime: started };
+  const state = { reached: new Set(), current: root.dataset.stage, messages: {}, data: {}, compressStarted: null, lastTime: started, platformCounts: {} };
 
   function esc(text) {
     return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -30,6 +31,9 @@
     return event.message || "";
   }
   function addPlatform(event) {
+    // Nix's counts of each platform: the image's own "Building with Nix" adds them up.
+    const counts = state.platformCounts[event.platform] ||= {};
+    for (const key of NIX_COUNTS) if (typeof event[key] === "number") counts[key] = event[key];
     const row = document.querySelector(`#platforms li[data-platform="${CSS.escape(event.platform)}"]`);
     if (!row) return;
     const stage = event.platform_stage;
@@ -65,6 +69,8 @@
   function detail(stage) {
     const d = state.data;
     if (stage === "building") {
+      const platforms = Object.values(state.platformCounts);
+      const d = platforms.length ? Object.fromEntries(NIX_COUNTS.map((key) => [key, platforms.reduce((sum, one) => sum + (one[key] || 0), 0)])) : state.data;
       const built = d.built || 0, fetched = d.fetched || 0;
       if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" ? state.messages.building : "nothing to build: all in the Nix store";
       const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
@@ -125,8 +131,8 @@
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
-<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
-<p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`;
+${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
+<p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`}`;
       outcome.hidden = false;
     } else if (state.current === "failed" && d.error === "stopped") {  // the registry shut down
       outcome.className = "outcome failed";

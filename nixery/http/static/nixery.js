@@ -41,7 +41,7 @@ function renderResults(doc) {
     const desc = e.description ? escapeHtml(e.description) : "";
     return `<tr><td><code>${escapeHtml(e.name)}</code>${kind}<div class="desc">${desc}</div></td><td>${version}</td><td>${action}</td></tr>`;
   });
-  return `<div class="table-wrap"><table class="results"><thead><tr><th>Name</th><th>Version</th><th></th></tr></thead><tbody>${rows.join("")}</tbody></table></div>`;
+  return `<div class="table-wrap"><table class="results"><thead><tr><th>Name</th><th>Version</th><th><span class="visually-hidden">Build</span></th></tr></thead><tbody>${rows.join("")}</tbody></table></div>`;
 }
 
 function liveSearch() {

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -36,6 +36,7 @@ from nixery.http.bodies import content_type, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
+from nixery.http.web import platform_parts
 from nixery.http.web.layout import FORM, ago, page, registry_host, script
 from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
@@ -148,6 +149,10 @@ def event_json(index: int, event: Event) -> dict[str, Any]:
     return {"index": index, **event.to_json()}
 
 
+#: What a building event counts of Nix's work (docs/web.md#events).
+_NIX_COUNTS = ("built", "to_build", "fetched", "to_fetch")
+
+
 class Progress:
     """What a build's events add up to (the progress page's numbers)."""
 
@@ -199,6 +204,8 @@ class Progress:
 
     def detail(self, stage: Stage) -> str:
         d = self.data
+        if stage is Stage.BUILDING and self.platforms:  # Nix builds each platform's: their sums
+            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in _NIX_COUNTS}
         if stage is Stage.BUILDING and stage in self.reached:
             built, fetched = d.get("built", 0), d.get("fetched", 0)
             if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
@@ -253,8 +260,10 @@ def _stage_list(build: Build, progress: Progress) -> str:
     return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
 
 
-def _platform_list(build: Build, progress: Progress) -> str:
-    """An image of several platforms: each platform's stage and numbers, and a link to its own build."""
+def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build | None]) -> str:
+    """An image of several platforms: each platform's stage and numbers, and a link to its own build.
+    Once the image's build ended (failed on one platform), the others' are no longer relayed:
+    a platform's own build (`find`) says how it went on, or it showed "building" for good."""
     names = progress.data.get("platforms") or []
     names = [one["platform"] if isinstance(one, dict) else one for one in names] or list(progress.platforms)
     if not names:
@@ -262,9 +271,12 @@ def _platform_list(build: Build, progress: Progress) -> str:
     items = []
     for name in names:
         own = progress.platforms.get(name)
+        build_id = progress.platform_builds.get(name)
+        if build.finished and build_id and (own is None or own.current not in FINAL):
+            own_build = find(build_id)
+            own = Progress(own_build.started, own_build.events) if own_build is not None else own
         stage = own.current if own is not None else Stage.QUEUED
         detail = own.detail(stage) if own is not None else ""
-        build_id = progress.platform_builds.get(name)
         link = f' <a class="hint" href="/builds/{h(build_id)}">its build</a>' if build_id else ""
         state = "past" if stage in FINAL else "current" if not build.finished else "pending"
         items.append(
@@ -281,9 +293,11 @@ def _tag(request: web.Request, build: Build) -> str:
     return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
 
 
-def _outcome(request: web.Request, build: Build, progress: Progress) -> str:
+def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
     d = progress.data
     tag = _tag(request, build)
+    if build.stage is Stage.DONE and "digest" in d and part is not None:
+        return platform_parts.outcome(build, d)
     if build.stage is Stage.DONE and "digest" in d:
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
@@ -342,17 +356,20 @@ async def build_page(request: web.Request) -> web.Response:
         return await _unknown_build_page(request)
     build = await _get_build(request)
     progress = Progress(build.started, build.events)
+    part = platform_parts.part_of(request.app[BUILDER].builds.recent(), build)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
     body = f"""
 <section class="card build" id="build" data-id="{h(build.id)}" data-events="{len(build.events)}"
-  data-started="{build.started}" data-stage="{h(state)}" data-tag="{h(_tag(request, build))}">
+  data-started="{build.started}" data-stage="{h(state)}" data-tag="{h(_tag(request, build))}"
+  {'data-part-of="' + h(part[0].id) + '"' if part else ""}>
   <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
+  {platform_parts.note(part, _tag(request, build))}
   {_stage_list(build, progress)}
-  {_platform_list(build, progress)}
-  {_outcome(request, build, progress)}
+  {_platform_list(build, progress, request.app[BUILDER].builds.get)}
+  {_outcome(request, build, progress, part)}
 </section>
 <section class="card">
   <h2>Events</h2>

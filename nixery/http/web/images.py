@@ -31,12 +31,20 @@ _DOCUMENT_NAMES = {
     "application/spdx+json": "SBOM (SPDX 2.3 JSON)", "application/vnd.cyclonedx+json": "SBOM (CycloneDX 1.5 JSON)",
     "application/vnd.in-toto+json": "provenance (in-toto, SLSA v1)",
 }
+#: The file a browser saves each as: the blob's own type is application/octet-stream, and its
+#: address ends in the digest, so a click saved a file called `sha256:...` with no extension.
+_DOCUMENT_FILES = {
+    "application/spdx+json": "spdx.json", "application/vnd.cyclonedx+json": "cdx.json",
+    "application/vnd.in-toto+json": "provenance.json",
+}
 
 
 def _attached_facts(name: str, doc: dict[str, Any]) -> str:
     """Links to the image's SBOM and provenance, and to the referrers API's list of them."""
+    stem = name.replace("/", "_")
     links = [
-        f'<a href="/v2/{h(name)}/blobs/{h(one["document"])}">{h(_DOCUMENT_NAMES.get(kind, kind))}</a>'
+        f'<a href="/v2/{h(name)}/blobs/{h(one["document"])}" '
+        f'download="{h(stem)}.{h(_DOCUMENT_FILES.get(kind, "json"))}">{h(_DOCUMENT_NAMES.get(kind, kind))}</a>'
         for one in doc["attached"] if (kind := one["artifactType"])
     ]
     if not links:

@@ -11,10 +11,11 @@ from typing import TypeVar
 import structlog
 from aiohttp import web
 
+from nixery import errors
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
 from nixery.http.markup import h
-from nixery.http.routes import BUILDER
+from nixery.http.routes import BUILDER, requested_image
 from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
 from nixery.http.web.docs import docs_block
 from nixery.http.web.layout import (
@@ -28,7 +29,9 @@ from nixery.http.web.layout import (
     search_form,
     short,
 )
+from nixery.images import ImageRecord
 from nixery.lru import LRU
+from nixery.progress import platform_builds
 from nixery.views import size_text
 
 log = structlog.get_logger(__name__)
@@ -86,11 +89,25 @@ async def landing(request: web.Request) -> web.Response:
 </section>
 
 {_recent_builds(builder, may_see)}
-{_recent_images(builder, may_see)}
+{await _recent_images(request, builder, may_see)}
 {documentation}
 {script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
+
+
+async def _named_by_its_name(request: web.Request, record: ImageRecord) -> bool:
+    """Whether `record`'s name, as its link to /images/NAME reads it, names this image. With
+    several NIXERY_PLATFORMS, a name without a platform names an image of each: the default
+    platform's own image, stored as the index's part, is no image of that name. When the
+    index failed (a package Nix cannot build for arm64), it was listed, linked to a 404."""
+    if record.indexes:
+        return True
+    try:
+        image = await requested_image(request, "latest", record.name)
+    except errors.RegistryError:
+        return False
+    return not image.platforms
 
 
 def _signing_block(request: web.Request, host: str, example: str) -> str:
@@ -166,20 +183,27 @@ def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: Pac
 
 
 def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit: int = 8) -> str:
-    builds = builder.builds.recent(limit, may_see)  # with several workers, all of theirs
+    every = builder.builds.recent(None, may_see)  # with several workers, all of theirs
+    builds = every[:limit]
     if not builds:
         return ""
+    # A platform's build of an image of several platforms; the default one has the image's name.
+    platforms = {one: platform for one, (_, platform) in platform_builds(every).items()}
     rows = "".join(
         f'<li><a href="/builds/{h(b.id)}"><code>{h(b.image)}</code></a> '
-        f'<span class="badge stage-{h(b.stage.value)}">{h(b.stage.value)}</span> '
+        + (f'<span class="badge platform" title="the {h(platforms[b.id])} image of an image of several platforms">'
+           f'{h(platforms[b.id])}</span> ' if b.id in platforms else "")
+        + f'<span class="badge stage-{h(b.stage.value)}">{h(b.stage.value)}</span> '
         f'<span class="muted">{h(ago(b.started))}</span></li>'
         for b in builds
     )
     return f'<section class="card"><h2>Recent builds</h2><ul class="plain">{rows}</ul></section>'
 
 
-def _recent_images(builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:
+async def _recent_images(request: web.Request, builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:
     records = [record for record in builder.recent_images() if may_see(record.name)]
+    if len(builder.platforms) > 1:
+        records = [record for record in records if await _named_by_its_name(request, record)]
     if not records:
         return """<section class="card"><h2>Recently built images</h2>
 <p class="muted">None yet: the first pull or build of an image will show up here.</p></section>"""

@@ -53,7 +53,7 @@ async def packages(request: web.Request) -> web.StreamResponse:
         listing = f"<p>No package matches <strong>{h(query)}</strong>.</p>"
     else:
         listing = _results_table(results)
-    body = f"""<section class="card">{search_form(query)}
+    body = f"""<section class="card"><h1>Packages</h1>{search_form(query)}
 <p class="muted">Source {h(revision.source)},
 revision <code title="{h(revision.id)}">{h(short(revision.id))}</code></p>
 <div id="live-results" aria-live="polite">{listing}</div></section>
@@ -73,4 +73,5 @@ def _results_table(results: list[Any]) -> str:
             f"<td>{version}</td><td>{action}</td></tr>"
         )
     return f"""<div class="table-wrap"><table class="results">
-<thead><tr><th>Name</th><th>Version</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>"""
+<thead><tr><th>Name</th><th>Version</th><th><span class="visually-hidden">Build</span></th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table></div>"""
