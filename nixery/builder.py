@@ -571,9 +571,19 @@ class ImageBuilder:
             named_key = key
         else:  # spelt otherwise than its resolved names, the index is theirs, as each platform's image is
             named_key = index_key([record.key for record in records])
-        if named_key != key and (found := await self.images.get(named_key)) is not None:
-            return found
-        record, documents = index_image(named_key, records, request.arch)
+        if named_key == key:  # its build lock is held (`_build`)
+            return await self._publish_index(named_key, records, request, revision, build)
+        # Under the lock of the key it is stored by, as `_build_stages` stores an image spelt otherwise:
+        # gc, which holds that lock, took the pointers written before the record for an orphan's.
+        async with self.images.building(named_key):
+            if (found := await self.images.get(named_key)) is not None:
+                return found
+            return await self._publish_index(named_key, records, request, revision, build)
+
+    async def _publish_index(
+        self, key: str, records: list[ImageRecord], request: ImageRequest, revision: Revision, build: Build
+    ) -> ImageRecord:
+        record, documents = index_image(key, records, request.arch)
         build.emit(Stage.UPLOADING, "storing the image index")
         return await self._publish(attach(AssembledImage(record, documents, ())), None, request, revision)
 

@@ -205,8 +205,10 @@ def test_the_amd64_image_in_an_index_is_the_one_a_single_platform_registry_serve
     both = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=BOTH)
     digest, media_type, _ = _manifest(single, "shell/hello", [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST])
     assert media_type == OCI_MANIFEST  # one platform: no index, whatever the client accepts
-    _, _, index = _manifest(both, "shell/hello", [OCI_INDEX, OCI_MANIFEST])
+    index_digest, _, index = _manifest(both, "shell/hello", [OCI_INDEX, OCI_MANIFEST])
     assert index["manifests"][0]["digest"] == digest
+    # Spelt otherwise, the same index (stored under its resolved names' key, under that key's lock).
+    assert _manifest(both, "Hello/Shell", [OCI_INDEX, OCI_MANIFEST])[0] == index_digest
 
 
 def _set_with_an_amd64_only_name(tmp_path: Path) -> Path:
