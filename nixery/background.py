@@ -41,6 +41,11 @@ def spawn(
     return task
 
 
+def failed(task: asyncio.Future[Any]) -> bool:
+    """Whether a done task ended with an error (not a result, not a cancellation)."""
+    return not task.cancelled() and task.exception() is not None
+
+
 def detach(
     task: asyncio.Future[T],
     *,

@@ -71,7 +71,7 @@ from typing import Any
 
 import structlog
 
-from nixery.background import spawn
+from nixery.background import failed, spawn
 from nixery.collected import CollectionWatch
 from nixery.errors import DigestInvalid
 from nixery.layers.store import FORMAT_VERSION
@@ -100,6 +100,8 @@ REFERRERS_PREFIX = "referrers/"
 MANIFESTS_PREFIX = "manifests/"
 #: How often an image's use is written to storage (for garbage collection).
 USAGE_INTERVAL = 3600.0
+#: Seconds after a failed use write before a pull writes it again.
+USAGE_RETRY = 60.0
 #: How often the blobs of an image held in memory are checked again before its manifest is
 #: handed out, where that is cheap (`Storage.checks_blobs_locally`): a stat each, and a hash once
 #: per process for a file that changed. Not on every request: a stat of each of 100 layers costs
@@ -381,6 +383,14 @@ class RecordCache:
         entry.use_written = now
         return True
 
+    def use_not_written(self, key: str, written_at: float, interval: float) -> None:
+        """The use write that `should_write_use` said yes to at `written_at` failed: the image's
+        next pull after USAGE_RETRY writes it again, not one `interval` later (a store that failed
+        these writes for two hours, while serving reads, let gc take an image in use)."""
+        entry = self._entries.peek(key)
+        if entry is not None and entry.use_written == written_at:
+            entry.use_written = written_at - interval + USAGE_RETRY
+
     def check_due(self, key: str, now: float, interval: float) -> bool:
         """Whether the cached image's blobs were last checked `interval` or more before `now`."""
         entry = self._entries.peek(key)
@@ -459,7 +469,7 @@ class ImageStore:
         self.cached = RecordCache(capacity)
         self._usage_writes: set[asyncio.Task[None]] = set()
         #: Manifests pulled by digest (for gc: those pulls name no image).
-        self.pulls = PullLog(storage, interval=USAGE_INTERVAL)
+        self.pulls = PullLog(storage, interval=USAGE_INTERVAL, retry=USAGE_RETRY)
         storage.on_corrupt_blob(self.forget_using)
         #: Notes from `nixery gc` (nixery.collected): what it removed is dropped from memory.
         self._collections = CollectionWatch(storage, self._collected)
@@ -635,10 +645,16 @@ class ImageStore:
         now = time.time()
         if not self.cached.should_write_use(key, now, USAGE_INTERVAL):
             return
-        spawn(
+        written = spawn(
             self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now})),
             failure_event="build.usage_not_recorded", keep=self._usage_writes,
         )
+
+        def retried_if_failed(done: asyncio.Future[None]) -> None:
+            if failed(done):
+                self.cached.use_not_written(key, now, USAGE_INTERVAL)
+
+        written.add_done_callback(retried_if_failed)
 
     def note_pull(self, digest: Digest) -> None:
         """Record that a manifest was pulled by its digest (for GC): as a use of the images in

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from nixery.background import spawn
+from nixery.background import failed, spawn
 from nixery.errors import DigestInvalid
 from nixery.lru import LRU
 from nixery.registry.digest import Digest
@@ -41,9 +41,10 @@ def pull_key(digest: Digest) -> str:
 class PullLog:
     """Writes the pulls by digest of one process (module docstring)."""
 
-    def __init__(self, storage: Storage, *, interval: float, capacity: int = 4096):
+    def __init__(self, storage: Storage, *, interval: float, retry: float, capacity: int = 4096):
         self.storage = storage
         self.interval = interval
+        self.retry = retry  # after a failed write
         self._written: LRU[Digest, float] = LRU(capacity)  # digest -> when this process last wrote it
         self._writes: set[asyncio.Task[Any]] = set()
 
@@ -54,10 +55,21 @@ class PullLog:
         if last is not None and now - last < self.interval:
             return
         self._written.put(digest, now)
-        spawn(
+        written = spawn(
             self.storage.put_meta(pull_key(digest), canonical_json({"last_used": now})),
             failure_event="http.pull_not_recorded", keep=self._writes, digest=str(digest),
         )
+
+        def retried_if_failed(done: asyncio.Future[None]) -> None:
+            if failed(done):
+                self._not_written(digest, now)
+
+        written.add_done_callback(retried_if_failed)
+
+    def _not_written(self, digest: Digest, written_at: float) -> None:
+        """The write noted at `written_at` failed: the next pull after `retry` seconds writes it."""
+        if self._written.get(digest) == written_at:
+            self._written.put(digest, written_at - self.interval + self.retry)
 
     async def close(self) -> None:
         await asyncio.gather(*self._writes, return_exceptions=True)

@@ -178,3 +178,33 @@ async def test_a_pointer_written_while_gc_removes_its_directory_s_last_one_is_st
     monkeypatch.setattr(os, "scandir", listing)
     await storage.delete_meta(f"manifests/{'1' * 64}/{'b' * 64}")
     assert list((tmp_path / "storage" / "meta" / "manifests").iterdir()) == []
+
+
+async def test_a_pull_record_that_failed_to_be_written_is_written_by_a_later_pull(tmp_path: Path) -> None:
+    """gc keeps what was pulled in its last hours by the records pulls write, one per hour and
+    digest. A write that failed (a store refusing writes while it served reads) was not tried
+    again for an hour, so two hours of such failures let gc take an image in use. A later pull
+    now writes it after a minute (here, a tenth of a second)."""
+    from nixery.pulls import PullLog, pull_key
+    from nixery.storage.base import BackendUnavailable
+
+    class RefusesOnce(FilesystemStorage):
+        refused = False
+
+        async def put_meta(self, key: str, data: bytes) -> None:
+            if not self.refused:
+                self.refused = True
+                raise BackendUnavailable("filesystem", "refusing writes for a while")
+            await super().put_meta(key, data)
+
+    storage = RefusesOnce(tmp_path / "storage")
+    pulls = PullLog(storage, interval=3600.0, retry=0.1)
+    digest = Digest.of(b"a manifest pulled by its digest")
+    pulls.note(digest)
+    await asyncio.sleep(0.05)  # the write failed
+    assert storage.refused and await storage.get_meta(pull_key(digest)) is None
+    pulls.note(digest)  # within the retry: no write yet
+    await asyncio.sleep(0.15)
+    pulls.note(digest)
+    await pulls.close()
+    assert json.loads(await storage.get_meta(pull_key(digest)) or b"{}").get("last_used")
