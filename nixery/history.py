@@ -6,6 +6,7 @@ registry of a few thousand images, megabytes of JSON; rewriting it on every
 build cost a second per build. So it is kept in two parts:
 
     layering/history.json        the snapshot (the format the history always had)
+    layering/history.generation  how many times entries were folded into it (a few bytes)
     layering/history/<name>      one small entry per build since: the layers it planned
 
 That is the host platform's history; each other platform (Nix system) has its
@@ -20,9 +21,20 @@ Each process loads the snapshot and every entry once (at start-up), and reads
 the entries it has not seen yet at most every `REFRESH_INTERVAL` seconds,
 before it plans an image: replicas share what each other stored within
 seconds. Once `COMPACT_AFTER` entries have been known to a process for
-`FOLD_AGE` seconds (so every live process has read them), it folds them into
-the snapshot in the background, under the storage-wide lock
-"layering-history" (one process at a time), then deletes them.
+`FOLD_AGE` seconds, it folds them into the snapshot in the background, under
+the storage-wide lock "layering-history" (one process at a time), counts one
+more generation, then deletes them.
+
+A process does not rely on having read an entry before it was folded: one
+idle for longer than `FOLD_AGE`, or one that loaded while another folded,
+would have lost those layers for good. Each refresh also reads the
+generation (one small read); when it is not the one of the snapshot the
+process holds, or entries it had read are gone (folded by a process that
+counts no generation), the process reads the snapshot again and the entries
+still stored, and keeps its own entries not yet listed. Loading reads the
+generation, lists the entries, then reads the snapshot: an entry folded
+meanwhile counts twice rather than not at all, and one gone before it was
+read makes the process read the snapshot again.
 
 All of it only guides reuse, so failures cost layers, never correctness: an
 entry that cannot be written is a layer the next image may make anew (the
@@ -60,8 +72,15 @@ FOLD_AGE = 60.0
 #: Reads or deletes of entries in flight at once.
 _CONCURRENCY = 16
 _ENTRY_VERSION = 1
+#: Reads of the snapshot and the entries while entries are folded between the two.
+_RELOAD_ATTEMPTS = 3
 
 T = TypeVar("T")
+
+
+def generation_key(snapshot: str) -> str:
+    """Where the generation of the snapshot under `snapshot` is kept."""
+    return snapshot.removesuffix(".json") + ".generation"
 
 
 def history_keys(system: str | None) -> tuple[str, str, str]:
@@ -88,12 +107,17 @@ class SharedHistory:
         self._storage = storage
         # One history per platform: another platform's store paths are others (`history_keys`).
         self._snapshot, self._entries, self._lock_name = history_keys(system)
+        self._generation_key = generation_key(self._snapshot)
         self._refresh_interval = refresh_interval
         self._compact_after = compact_after
         self._fold_age = fold_age
         self._history: LayerHistory | None = None
-        self._seen: dict[str, float] = {}  # entry name -> when this process first knew it (monotonic)
-        self._writing: set[str] = set()  # this process's entries on their way to storage
+        self._generation: int | None = None  # that of the snapshot `_history` was made from
+        # entry name -> when this process first knew it to be stored (monotonic)
+        self._seen: dict[str, float] = {}
+        # This process's entries no listing has shown yet (on their way to storage, or written
+        # since the last listing began): their layers, kept when the snapshot is read again.
+        self._own: dict[str, Sequence[frozenset[str]]] = {}
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
         self._compactions: set[asyncio.Task[None]] = set()  # at most one
@@ -104,12 +128,16 @@ class SharedHistory:
         async with self._lock:
             if self._history is None:
                 started = time.monotonic()
-                self._history = await self._read_snapshot() or LayerHistory()
-                await self._read_new_entries()
+                # The generation, then the entries, then the snapshot: one folded meanwhile is in
+                # the snapshot or among the entries (or both), and the next refresh reads again.
+                generation = await self._read_generation()
+                await self._reload(generation, await self._entry_names(), started)
+                assert self._history is not None
                 log.info("history.loaded", layers=len(self._history), entries=len(self._seen),
                          seconds=round(time.monotonic() - started, 3))
             elif time.monotonic() - self._refreshed >= self._refresh_interval:
-                await self._read_new_entries()
+                await self._refresh()
+            assert self._history is not None
             return self._history
 
     async def record(self, layers: Sequence[frozenset[str]]) -> None:
@@ -117,14 +145,14 @@ class SharedHistory:
         history = self._history if self._history is not None else await self.current()
         history.record(layers)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:16]}"
-        self._seen[name] = time.monotonic()
-        self._writing.add(name)
+        self._own[name] = layers
         try:
             await self._storage.put_meta(self._entries + name, _entry_json(layers))
         except Exception as exc:  # the history only guides reuse: the build goes on
+            self._own.pop(name, None)
             log.warning("history.entry_not_written", error=str(exc)[:200])
-        finally:
-            self._writing.discard(name)
+            return
+        self._seen.setdefault(name, time.monotonic())  # stored: a listing begun from now on shows it
         self._compact_soon()
 
     async def close(self) -> None:
@@ -143,22 +171,72 @@ class SharedHistory:
             log.warning("history.snapshot_unreadable", error=str(exc)[:200], note="starting a new history")
             return None
 
-    async def _read_new_entries(self) -> None:
+    async def _read_generation(self) -> int:
+        """How many times entries were folded into the stored snapshot (0: never, or by
+        processes that counted none). One small read."""
+        data = await self._storage.get_meta(self._generation_key)
+        try:
+            return int(json.loads(data)["generation"]) if data is not None else 0
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("history.generation_unreadable", error=str(exc)[:200])
+            return -1
+
+    async def _refresh(self) -> None:
+        """Read the entries stored since the last time; the snapshot too if entries were folded
+        into it since this process read it."""
         assert self._history is not None
         started = time.monotonic()
+        generation = await self._read_generation()
         listed = await self._entry_names()
-        # Forget the names that another process folded and deleted. Not a recent one of this
-        # process's: its write may have landed after the listing began.
-        for name, seen in list(self._seen.items()):
-            if name not in listed and name not in self._writing and seen < started - self._fold_age:
-                del self._seen[name]
-        new = sorted(listed - self._seen.keys())
+        # Entries known to be stored before this listing began, and missing from it, were
+        # folded: by a process that counted no generation if it is unchanged.
+        folded = [name for name, seen in self._seen.items() if seen < started and name not in listed]
+        if generation != self._generation or folded:
+            log.info("history.snapshot_changed", generation=generation, had=self._generation, folded=len(folded))
+            await self._reload(generation, listed, started)
+            return
         now = time.monotonic()
+        for name in listed & self._own.keys():  # stored, recorded here already
+            self._seen.setdefault(name, now)
+        new = sorted(listed - self._seen.keys())
+        self._note_listed(listed, started)
         documents = await _limited(self._storage.get_meta(self._entries + name) for name in new)
         for name in new:
             self._seen[name] = now
         await asyncio.to_thread(_apply, self._history, zip(new, documents, strict=True))
         self._refreshed = now
+
+    async def _reload(self, generation: int, listed: set[str], started: float) -> None:
+        """Make the history anew: the snapshot read now, the `listed` entries, then this
+        process's own entries that no listing has shown yet."""
+        for attempt in range(_RELOAD_ATTEMPTS):
+            self._note_listed(listed, started)
+            history = await self._read_snapshot() or LayerHistory()
+            names = sorted(listed - self._own.keys())
+            documents = await _limited(self._storage.get_meta(self._entries + name) for name in names)
+            if None not in documents or attempt == _RELOAD_ATTEMPTS - 1:
+                break
+            # Entries folded since the listing, maybe into a snapshot newer than the one read
+            # (written before they were deleted): read both again rather than lose them.
+            started = time.monotonic()
+            generation = await self._read_generation()
+            listed = await self._entry_names()
+        await asyncio.to_thread(_apply, history, zip(names, documents, strict=True))
+        # Nothing awaited from here: the own entries are all those recorded until now.
+        for layers in self._own.values():
+            history.record(layers)
+        now = time.monotonic()
+        self._seen = {name: self._seen.get(name, now) for name in listed} | {
+            name: seen for name, seen in self._seen.items() if name in self._own
+        }
+        self._history, self._generation, self._refreshed = history, generation, now
+
+    def _note_listed(self, listed: set[str], started: float) -> None:
+        """Drop from `_own` the entries this listing shows, and those stored before it began
+        that it does not show (folded: the snapshot holds them)."""
+        for name in list(self._own):
+            if name in listed or self._seen.get(name, started) < started:
+                del self._own[name]
 
     async def _entry_names(self) -> set[str]:
         return {key.removeprefix(self._entries) for key in await self._storage.list_meta(self._entries)}
@@ -180,11 +258,19 @@ class SharedHistory:
             fold = self._foldable(await self._entry_names() & self._seen.keys())
             if len(fold) < self._compact_after:  # another process folded them meanwhile
                 return
+            generation = await self._read_generation()
             snapshot = await self._read_snapshot() or LayerHistory()
             documents = await _limited(self._storage.get_meta(self._entries + name) for name in fold)
             data = await asyncio.to_thread(_fold, snapshot, zip(fold, documents, strict=True))
             await self._storage.put_meta(self._snapshot, data)
+            # Before the entries go: a process that finds them gone finds a new generation too.
+            folded = max(generation, 0) + 1
+            await self._storage.put_meta(self._generation_key, json.dumps({"generation": folded}).encode())
+            if self._generation == generation:  # this process holds that snapshot and the entries folded
+                self._generation = folded
             await _limited(self._storage.delete_meta(self._entries + name) for name in fold)
+            for name in fold:  # gone, and not folded by another: no reason to read the snapshot again
+                self._seen.pop(name, None)
         log.info("history.compacted", entries=len(fold), layers=len(snapshot),
                  seconds=round(time.monotonic() - started, 3))
 

@@ -351,6 +351,9 @@ class RecordCache:
         self._entries: LRU[str, _Entry] = LRU(capacity)
         self._blobs: dict[Digest, _Blob] = {}
         self._recent: list[tuple[float, str, ImageRecord]] = []  # (built_at, key, record), oldest first
+        #: Incremented whenever records are dropped because storage changed under them (`clear`,
+        #: `forget_using`): a reader that read a record before that puts it only if this is unchanged.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -359,7 +362,11 @@ class RecordCache:
         entry = self._entries.get(key)
         return entry.record if entry is not None else None
 
-    def put(self, record: ImageRecord) -> None:
+    def put(self, record: ImageRecord, *, read_at: int | None = None) -> None:
+        """Hold `record`; with `read_at` (the `generation` before it was read from storage), only
+        if nothing was dropped since: else it may be what `nixery gc` has just removed."""
+        if read_at is not None and read_at != self.generation:
+            return
         self.discard(record.key)
         record = self._shared(record)
         for layer, paths in zip(record.layers, record.layer_paths or [()] * len(record.layers), strict=True):
@@ -414,12 +421,14 @@ class RecordCache:
 
     def forget_using(self, digest: Digest) -> int:
         """Forget every image that names `digest`; how many there were."""
+        self.generation += 1
         keys = self.naming(digest)
         for key in keys:
             self.discard(key)
         return len(keys)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
         self._blobs.clear()
         self._recent.clear()
@@ -506,10 +515,13 @@ class ImageStore:
         the next one was rebuilt."""
         record = self.cached.get(key)
         if record is None:
+            # Noted before the read: a note from `nixery gc` read meanwhile (`_collected`) may
+            # concern this record, which is then served to this request but not held.
+            generation = self.cached.generation
             data = await self.storage.get_meta(f"{IMAGE_PREFIX}{key}")
             if data is None or (record := await self._complete(key, data, note="rebuilding")) is None:
                 return None
-            self.cached.put(record)
+            self.cached.put(record, read_at=generation)
         elif self.storage.checks_blobs_locally and self.cached.check_due(key, time.monotonic(), RECHECK_INTERVAL):
             return await self._rechecked(record)
         return record

@@ -106,12 +106,21 @@ class ManifestCache:
         self._items: LRU[Digest, tuple[bytes, str, tuple[str, ...]]] = LRU(capacity)
         self._named: dict[str, int] = {}  # blob (hex) -> how many cached manifests name it
         self._not_manifests: LRU[Digest, bool] = LRU(capacity)
+        #: Incremented whenever manifests are dropped because storage changed under them (`clear`,
+        #: `forget_naming`): a reader that read one before that puts it only if this is unchanged.
+        self.generation = 0
 
     def get(self, digest: Digest) -> tuple[bytes, str] | None:
         item = self._items.get(digest)
         return (item[0], item[1]) if item is not None else None
 
-    def put(self, digest: Digest, document: bytes, media_type: str, blobs: Sequence[Digest]) -> None:
+    def put(
+        self, digest: Digest, document: bytes, media_type: str, blobs: Sequence[Digest], *, read_at: int | None = None
+    ) -> None:
+        """Hold a manifest; with `read_at` (the `generation` before it was read from storage), only
+        if nothing was dropped since: else it may be what `nixery gc` has just removed."""
+        if read_at is not None and read_at != self.generation:
+            return
         self._drop(digest)
         names = tuple(sys.intern(blob.hex) for blob in blobs)
         for name in names:
@@ -127,6 +136,7 @@ class ManifestCache:
 
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
+        self.generation += 1
         if blob.hex in self._named:
             for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
                 self._drop(digest)
@@ -134,6 +144,7 @@ class ManifestCache:
         self._not_manifests.pop(blob)
 
     def clear(self) -> None:
+        self.generation += 1
         self._items.clear()
         self._named.clear()
         self._not_manifests.clear()
@@ -175,6 +186,7 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
     if cache.is_not_manifest(digest):
         raise ManifestUnknown(f"{digest} is not a manifest", detail={"digest": str(digest)})
     storage = request.app[STORAGE]
+    generation = cache.generation  # before the reads: gc's note read meanwhile keeps this one out of memory
     size = await storage.stat_blob(digest)
     if size is None:
         raise ManifestUnknown(f"no manifest with digest {digest}", detail={"digest": str(digest)})
@@ -198,7 +210,7 @@ async def stored_manifest(request: web.Request, digest: Digest, *, check_blobs: 
                 f"the image of manifest {digest} is no longer stored ({len(missing)} of its blobs are gone)",
                 detail={"digest": str(digest), "missing": missing[:10]},
             )
-    cache.put(digest, document, media_type, blobs)
+    cache.put(digest, document, media_type, blobs, read_at=generation)
     return document, media_type
 
 
