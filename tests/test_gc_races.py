@@ -24,9 +24,10 @@ import pytest
 
 from nixery import maintenance
 from nixery.images import IMAGE_PREFIX, USAGE_PREFIX, ImageRecord, ManifestRef
+from nixery.layers.store import LAYER_PREFIX, LayerStore, layer_key
 from nixery.registry.digest import Digest
-from nixery.registry.image import LayerDescriptor
-from nixery.registry.mediatypes import ManifestFormat
+from nixery.registry.image import LayerDescriptor, canonical_json
+from nixery.registry.mediatypes import Compression, ManifestFormat
 from nixery.storage.base import BlobStat, make_staging_dir
 from nixery.storage.filesystem import FilesystemStorage
 
@@ -208,3 +209,64 @@ async def test_a_pull_record_that_failed_to_be_written_is_written_by_a_later_pul
     pulls.note(digest)
     await pulls.close()
     assert json.loads(await storage.get_meta(pull_key(digest)) or b"{}").get("last_used")
+
+
+async def test_a_layer_gc_deletes_as_a_build_finds_it_is_made_again(tmp_path: Path) -> None:
+    """A build finds a layer in the layer cache (its record, its blob) while `nixery gc`, another
+    process, deletes the blob (its image was collected): the build must not use the layer as
+    stored, or the image it publishes names a blob that is gone (pulls: 404 BLOB_UNKNOWN)."""
+    build, gc = FilesystemStorage(tmp_path / "storage"), FilesystemStorage(tmp_path / "storage")
+    blob = os.urandom(4096)
+    digest = await old_blob(build, blob)
+    key = layer_key(["/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-libfoo-1.0"], Compression.GZIP)
+    descriptor = LayerDescriptor(digest, digest, len(blob), "libfoo")
+    await build.put_meta(f"{LAYER_PREFIX}{key}", canonical_json(descriptor.to_json()))
+    gc_deleted: list[bool] = []
+    touch = build.touch_blob
+
+    async def gc_deletes_it_first(digest: Digest) -> int | None:
+        gc_deleted.append(await gc.delete_unused_blob(digest, time.time() - 3600))
+        return await touch(digest)
+
+    # The build's first step on the blob: before it, gc deletes (the old code's check came first).
+    stat = build.stat_blob
+
+    async def gc_deletes_after_a_check(digest: Digest) -> int | None:
+        size = await stat(digest)
+        if not gc_deleted:
+            gc_deleted.append(await gc.delete_unused_blob(digest, time.time() - 3600))
+        return size
+
+    build.stat_blob = gc_deletes_after_a_check  # type: ignore[method-assign]
+    build.touch_blob = gc_deletes_it_first  # type: ignore[method-assign]
+    layers = LayerStore(build, compression=Compression.GZIP, workers=1)
+    try:
+        known = await layers._known_layer(key)
+    finally:
+        await layers.close()
+    assert gc_deleted[0] is True
+    assert known is None, "the layer is used as stored (no write pending), but gc deleted its blob"
+
+
+async def test_a_blob_gc_deletes_as_put_blob_finds_it_is_stored_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filesystem's put_blob finds the blob stored and marks it in use (its mtime) in one
+    thread; gc deleting it between the two must not leave it gone."""
+    storage = FilesystemStorage(tmp_path / "storage")
+    data = os.urandom(3000)
+    digest = await old_blob(storage, data)
+    target = storage.blob_path(digest)
+    utime = os.utime
+
+    def gc_deletes_it_first(path: object, *args: object, **kwargs: object) -> None:
+        if path == target and target.exists():
+            target.unlink()  # gc, in another process, at this moment
+        utime(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "utime", gc_deletes_it_first)
+    staged = storage.staging_dir() / "staged"
+    staged.write_bytes(data)
+    await storage.put_blob(digest, staged)
+    monkeypatch.undo()
+    assert await storage.read_blob(digest) == data, "put_blob returned, but the blob is gone"

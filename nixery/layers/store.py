@@ -168,10 +168,11 @@ class LayerStore:
             # Damaged (a disk's fault, a hand's edit): as good as none, and written again with the layer.
             log.warning("build.layer_record_unreadable", key=key[:12], error=str(exc)[:200])
             return None
-        if await self.storage.stat_blob(descriptor.digest) != descriptor.size:
+        # Touched first: a concurrent garbage collection then keeps the blob, or the touch finds it
+        # gone (deleted meanwhile) and the layer is made again. A check before the touch would let
+        # gc delete the blob between the two, and the image name a blob that is gone.
+        if await self.storage.touch_blob(descriptor.digest) != descriptor.size:
             return None
-        # Tell a concurrent garbage collection that this blob is in use again.
-        await self.storage.touch_blob(descriptor.digest)
         return StoredLayer(descriptor, created=False, seconds=0.0)
 
     def _new_staged_file(self) -> Path:

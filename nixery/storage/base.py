@@ -210,8 +210,9 @@ class Storage(ABC):
         """Publish a staged file, whose bytes the caller has hashed to `digest`.
 
         Atomic: the blob either appears complete or not at all. A blob that is
-        already stored is not written again, but marked in use (`touch_blob`),
-        so that a concurrent garbage collection keeps it (the filesystem replaces
+        already stored is not written again, but marked in use (`touch_blob`, whose
+        answer decides: one gc deletes meanwhile is written again), so that a
+        concurrent garbage collection keeps it (the filesystem replaces
         one of another size that does not hash to `digest`: cut short by a crash). The staged file may be
         consumed (moved) by the call; the caller removes it if it still exists.
         """
@@ -258,9 +259,10 @@ class Storage(ABC):
     async def put_blob_bytes(self, data: bytes) -> Digest:
         """Store a small in-memory blob (configs, manifests); returns its digest."""
         digest = Digest.of(data)
-        # Of another size, the stored one is damaged: put_blob decides (the filesystem replaces it).
-        if await self.stat_blob(digest) == len(data):
-            await self.touch_blob(digest)  # in use again: keep it from a concurrent GC
+        # Touched first, so that a concurrent gc keeps it, and only then believed stored: gone
+        # (gc deleted it meanwhile) it is written again. Of another size, the stored one is
+        # damaged: put_blob decides (the filesystem replaces it).
+        if await self.touch_blob(digest) == len(data):
             return digest
         with raising_storage_full(f"the {self.name} storage's staging directory {self.staging_dir()}"):
             staged = await asyncio.to_thread(stage_bytes, self.staging_dir(), data)
@@ -340,8 +342,17 @@ class Storage(ABC):
         backend that sets nothing aside)."""
         return 0
 
-    async def touch_blob(self, digest: Digest) -> None:  # noqa: B027 (optional hook)
-        """Mark a blob as in use now, so a concurrent garbage collection keeps it."""
+    async def touch_blob(self, digest: Digest) -> int | None:
+        """Mark a blob as in use now, so a concurrent garbage collection keeps it: its size, or
+        None when it is not stored (then write it again before naming it anywhere).
+
+        The answer comes from the touch itself, not from a check before it: a blob that
+        `delete_unused_blob` removes around the touch is either kept (the touch landed before
+        gc's decisive read of its date) or reported gone here (the filesystem: the touch fails
+        on the missing file; GCS: the patch gets NotFound, and gc's delete is conditional on
+        the metadata it read). S3 cannot make that promise; see S3Storage.touch_blob.
+        Default (a backend without gc): its size."""
+        return await self.stat_blob(digest)
 
     async def verify_blob(self, digest: Digest) -> bool | None:
         """Whether the stored bytes hash to `digest`; None when this backend cannot tell cheaply."""
@@ -369,7 +380,9 @@ class Storage(ABC):
 
         Its dates are read by this call, not taken from an earlier `list_blobs`: a
         sweep that lists first and deletes later must not delete a blob that a build
-        reused in between (that build's image record, written next, names it).
+        reused in between (that build's image record, written next, names it). A
+        `touch_blob` that lands while this call runs either keeps the blob or learns
+        that it is gone (S3: see S3Storage.delete_unused_blob).
         """
         raise NotImplementedError(f"the {self.name} backend cannot delete blobs")
 

@@ -378,9 +378,8 @@ class FilesystemStorage(Storage):
     async def remove_abandoned_locks(self) -> int:
         return await asyncio.to_thread(_remove_abandoned_locks, self._locks)
 
-    async def touch_blob(self, digest: Digest) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.utime, self.blob_path(digest))
+    async def touch_blob(self, digest: Digest) -> int | None:
+        return await asyncio.to_thread(_touch, self.blob_path(digest))
 
     async def list_blobs(self) -> AsyncIterator[BlobStat]:
         for path in await asyncio.to_thread(lambda: sorted(self._blobs.glob("*/*"))):
@@ -395,16 +394,19 @@ class FilesystemStorage(Storage):
         await asyncio.to_thread(self._delete, digest)
 
     async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
-        def delete_if_unused() -> bool:
-            try:
-                if os.stat(self.blob_path(digest)).st_mtime >= cutoff:
-                    return False
-            except FileNotFoundError:
-                return False
-            self._delete(digest)
-            return True
+        modified = await self._blob_modified(digest)
+        if modified is None or modified >= cutoff:
+            return False
+        self._unlink_verified(digest)  # first: the front never sends a blob storage no longer has
+        aside = self.staging_dir() / f"gc-{digest.hex}-{time.time_ns()}"
+        return await asyncio.to_thread(_delete_unless_touched, self.blob_path(digest), aside, cutoff)
 
-        return await asyncio.to_thread(delete_if_unused)
+    async def _blob_modified(self, digest: Digest) -> float | None:
+        """The blob's modification time (when it was written or last touched), or None."""
+        try:
+            return os.stat(self.blob_path(digest)).st_mtime
+        except FileNotFoundError:
+            return None
 
     def _delete(self, digest: Digest) -> None:
         self._unlink_verified(digest)  # first: the front never sends a blob storage no longer has
@@ -528,6 +530,42 @@ def _quarantined_at(entry: os.DirEntry[str]) -> float:
     return entry.stat(follow_symlinks=False).st_mtime
 
 
+def _touch(path: Path) -> int | None:
+    """`touch_blob`: the touch (by path: it fails on a blob that gc moved away), then its size."""
+    try:
+        os.utime(path)
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _delete_unless_touched(path: Path, aside: Path, cutoff: float) -> bool:
+    """Delete the blob at `path`, found unused before `cutoff`, unless a build touches it first:
+    whether it was deleted.
+
+    A stat then an unlink would delete a blob touched between the two, while the build that
+    touched it names it in an image. So the blob is first moved out of the way (to `aside`, in the
+    staging directory: same file system), and the date of the moved file is read again: newer
+    than `cutoff`, a touch landed before the move and the blob goes back (unless a build stored it
+    anew meanwhile: the same bytes); otherwise it is removed. A touch after the move fails on the
+    missing file, and its build writes the blob again (`touch_blob`). While it is aside (µs), a
+    pull of it gets 404, as of any blob gc deletes."""
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if os.stat(aside).st_mtime >= cutoff:
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # stored anew meanwhile
+        os.unlink(aside)
+        log.info("storage.gc_kept_touched_blob", digest=f"sha256:{path.name}")
+        return False
+    os.unlink(aside)
+    return True
+
+
 def _is_file_at(fd: int, path: Path) -> bool:
     try:
         at_path = os.stat(path)
@@ -556,10 +594,13 @@ def _publish(staged: Path, target: Path, digest: Digest) -> bool:
         except FileNotFoundError:  # removed meanwhile (`nixery gc`): stored anew
             intact = False
         if intact:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.utime(target)  # stored already, and in use again: as touch_blob, for a concurrent gc
-            return False
-        replaced = True
+                return False
+            except FileNotFoundError:
+                pass  # removed meanwhile (`nixery gc`): stored anew
+        else:
+            replaced = True
     _make_durable(staged)
     _move_into_place(staged, target)
     return replaced

@@ -304,8 +304,7 @@ class GCSStorage(LeasedStorage):
             raise BlobNotFound(digest) from None
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
-        if await self.stat_blob(digest) is not None:
-            await self.touch_blob(digest)  # in use again: a concurrent gc keeps it
+        if await self.touch_blob(digest) is not None:  # in use again: a concurrent gc keeps it
             return
         blob = self._bucket.blob(self._blob_name(digest), chunk_size=UPLOAD_CHUNK)
         try:
@@ -408,16 +407,20 @@ class GCSStorage(LeasedStorage):
                 continue
             yield BlobStat(digest, blob.size or 0, _last_used(blob))
 
-    async def touch_blob(self, digest: Digest) -> None:
-        """Sets the blob's Custom-Time (a metadata patch: the bytes are not rewritten)."""
+    async def touch_blob(self, digest: Digest) -> int | None:
+        """Sets the blob's Custom-Time (a metadata patch: the bytes are not rewritten). The patch
+        makes a new metageneration, so a gc that read the blob before it no longer deletes it
+        (`delete_unused_blob`); a blob gc deleted first answers NotFound."""
         blob = self._bucket.blob(self._blob_name(digest))
         blob.custom_time = datetime.now(UTC)
         try:
             await self._call(blob.patch, timeout=self._timeout, retry=self._retry)
         except api_exceptions.NotFound:
-            pass  # gone: nothing to keep
+            return None  # gone: written again by the caller
         except api_exceptions.PreconditionFailed:
-            pass  # Custom-Time cannot go back: a later touch was stored meanwhile
+            # Custom-Time cannot go back: a later touch was stored meanwhile (the blob was there then).
+            return await self.stat_blob(digest)
+        return blob.size
 
     async def _delete(self, name: str, **conditions: Any) -> None:
         try:
@@ -430,6 +433,11 @@ class GCSStorage(LeasedStorage):
 
     async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
         blob = await self._stat(digest)  # its dates now, not a listing's
+        if blob is None or _last_used(blob) >= cutoff:
+            return False
+        # GCS deletes conditionally (below); this second read is for emulators that ignore the
+        # condition (fake-gcs-server does), so that only a touch within one request slips through.
+        blob = await self._stat(digest)
         if blob is None or _last_used(blob) >= cutoff:
             return False
         try:

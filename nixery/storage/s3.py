@@ -295,8 +295,7 @@ class S3Storage(LeasedStorage):
             raise self._unavailable(error) from error
 
     async def put_blob(self, digest: Digest, staged: Path) -> None:
-        if await self.stat_blob(digest) is not None:
-            await self.touch_blob(digest)  # in use again: a concurrent gc keeps it
+        if await self.touch_blob(digest) is not None:  # in use again: a concurrent gc keeps it
             return
         await self._upload(
             self._blob_key(digest),
@@ -394,24 +393,56 @@ class S3Storage(LeasedStorage):
             modified = max(meta["last_modified"].timestamp(), touched.get(hex_, 0.0))
             yield BlobStat(digest, meta["size"], modified)
 
-    async def touch_blob(self, digest: Digest) -> None:
+    async def touch_blob(self, digest: Digest) -> int | None:
         """S3 cannot change an object's date without copying it onto itself
-        (slow for big layers): an empty marker object records the touch instead."""
+        (slow for big layers): a marker object records the touch instead, and then
+        the blob is asked for (HEAD): one gc deleted before that is written again.
+
+        Not atomic with gc's delete, which S3 cannot make conditional on the marker:
+        a touch that lands between gc's reading of the dates and its DELETE (one
+        round trip) finds the blob still there, and the blob is deleted all the
+        same. gc sees the new marker afterwards and logs `storage.gc_race`
+        (`delete_unused_blob`); pulls of the image then fail until a registry
+        finds the blob gone and builds the image again (docs/storage.md).
+        Requests: one for a blob that is not stored, three for one that is."""
+        if await self.stat_blob(digest) is None:
+            return None  # no marker for a blob that is not there (one request, as for a new blob)
+        # A body of its own (its ETag changes with every touch, even within a second of the last).
+        marker = uuid.uuid4().hex.encode()
         try:
-            await obstore.put_async(self._store, f"{_TOUCHED}/{digest.hex}", b"", use_multipart=False)
+            await obstore.put_async(self._store, f"{_TOUCHED}/{digest.hex}", marker, use_multipart=False)
         except ObstoreError as error:
             raise self._unavailable(error) from error
+        return await self.stat_blob(digest)
 
     async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
-        # The blob's date and its touched/ marker's, read now: a listing's are minutes old by the
-        # time a long sweep reaches the blob, and the marker listing is older still.
+        blob, marker = await self._blob_dates(digest)
+        if blob is None or max(_written(blob), _written(marker) if marker else 0.0) >= cutoff:
+            return False
+        try:
+            await obstore.delete_async(self._store, self._blob_key(digest))
+            # A build that touched the blob since the dates were read may have been told it is stored.
+            after = await self._head(f"{_TOUCHED}/{digest.hex}")
+            if after is not None and (marker is None or after["e_tag"] != marker["e_tag"]):
+                log.warning(
+                    "storage.gc_race",
+                    digest=str(digest),
+                    note="a build reused this blob while gc deleted it; if its image names the blob, "
+                    "pulls of the image fail until a registry builds it again",
+                )
+                return True  # the build's marker stays: it writes the blob again, or it is gone
+            await obstore.delete_async(self._store, f"{_TOUCHED}/{digest.hex}")
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
+        return True
+
+    async def _blob_dates(self, digest: Digest) -> tuple[ObjectMeta | None, ObjectMeta | None]:
+        """The blob's metadata and its touched/ marker's, read now: a listing's are minutes old
+        by the time a long sweep reaches the blob, and the marker listing is older still."""
         blob, marker = await asyncio.gather(
             self._head(self._blob_key(digest)), self._head(f"{_TOUCHED}/{digest.hex}")
         )
-        if blob is None or max(_written(blob), _written(marker) if marker else 0.0) >= cutoff:
-            return False
-        await self.delete_blob(digest)
-        return True
+        return blob, marker
 
     async def delete_blob(self, digest: Digest) -> None:
         # One key per DELETE: the bulk DeleteObjects call is missing from some S3-compatible stores.

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from nixery.registry.digest import Digest
 from nixery.storage import (
@@ -447,7 +448,7 @@ async def test_list_touch_and_delete_blobs(store: Storage, backend: Backend) -> 
     assert all(abs(before[digest] - time.time()) < 120 for digest in digests)
 
     await asyncio.sleep(1.1)  # S3 dates have whole seconds
-    await store.touch_blob(digests[0])
+    assert await store.touch_blob(digests[0]) == len(data[0]), "a touch tells the size of the blob it found"
     after = await listed(store)
     assert after[digests[0]] > before[digests[0]], "a touched blob looks reused"
     assert after[digests[1]] == before[digests[1]]
@@ -459,7 +460,7 @@ async def test_list_touch_and_delete_blobs(store: Storage, backend: Backend) -> 
     assert digests[0] not in await listed(store)
     assert await store.read_blob(digests[1]) == data[1]
     missing = Digest.of(uuid.uuid4().bytes)
-    await store.touch_blob(missing)  # no error, and nothing appears
+    assert await store.touch_blob(missing) is None  # no error, "not stored", and nothing appears
     assert await store.stat_blob(missing) is None and missing not in await listed(store)
 
 
@@ -491,6 +492,74 @@ async def test_delete_unused_blob_goes_by_the_dates_it_reads_itself(store: Stora
     assert await store.delete_unused_blob(old, cutoff) is False  # gone already: nothing deleted
     assert await store.stat_blob(old) is None and backend.object_names(blob_key(old)) == []
     assert await store.stat_blob(reused) is not None and await store.stat_blob(fresh) is not None
+
+
+#: Where each driver's `delete_unused_blob` reads the blob's dates (tests below run a build's
+#: touch right after it).
+DATE_READ = {"filesystem": "_blob_modified", "s3": "_blob_dates", "gcs": "_stat"}
+
+
+async def test_a_blob_gc_deletes_just_before_a_build_reuses_it_is_stored_again(backend: Backend) -> None:
+    """A build reusing a stored blob (a config, a manifest, a layer) while `nixery gc`, another
+    process, deletes it: once `put_blob_bytes` / `put_blob` return, the blob is stored. (They used
+    to check that it was there, then touch it: gc deleting in between left it gone.)"""
+    build, gc = backend.open(), backend.open()
+    data = [b'{"config": "' + uuid.uuid4().hex.encode() + b'"}', os.urandom(2000)]
+    digests = [await build.put_blob_bytes(data[0]), await put(build, data[1])]
+    await asyncio.sleep(1.1)  # S3 dates have whole seconds
+    cutoff = time.time()  # both are older: gc finds them unused
+    ran: dict[Digest, bool] = {}
+    touch = build.touch_blob
+
+    async def gc_deletes_it_first(digest: Digest) -> int | None:
+        if digest not in ran:  # meanwhile, in the gc process: the blob's image was collected
+            ran[digest] = await gc.delete_unused_blob(digest, cutoff)
+        return await touch(digest)
+
+    build.touch_blob = gc_deletes_it_first  # type: ignore[method-assign]
+    assert await build.put_blob_bytes(data[0]) == digests[0]
+    assert await build.read_blob(digests[0]) == data[0], "put_blob_bytes returned, but gc had deleted the blob"
+    assert ran == {digests[0]: True}
+    await put(build, data[1])
+    assert await build.stat_blob(digests[1]) == len(data[1]), "put_blob returned, but gc had deleted the blob"
+    if backend.name != "filesystem":  # the filesystem checks and touches in one step (`_publish`)
+        assert ran[digests[1]] is True
+
+
+async def test_a_blob_touched_after_gc_read_its_date_is_kept_or_the_toucher_told(backend: Backend) -> None:
+    """`nixery gc` reads a blob's dates, finds it unused, and deletes it; a build touches it in
+    between (it reuses it): gc keeps it, or the touch answers that it is gone (the build then writes
+    it again). S3 cannot promise either (no delete conditional on the touch marker): gc logs the
+    race (`storage.gc_race`), docs/storage.md."""
+    build, gc = backend.open(), backend.open()
+    data = os.urandom(1500)
+    digest = await put(build, data)
+    await asyncio.sleep(1.1)  # S3 dates have whole seconds
+    cutoff = time.time()
+    await asyncio.sleep(1.1)  # the touch is dated after the cutoff, in whole seconds too
+    read_dates = getattr(gc, DATE_READ[backend.name])
+    touched: list[int | None] = []
+
+    async def then_a_build_touches(*args: object) -> object:
+        dates = await read_dates(*args)
+        if not touched:
+            touched.append(await build.touch_blob(digest))
+        return dates
+
+    setattr(gc, DATE_READ[backend.name], then_a_build_touches)
+    with capture_logs() as logs:
+        deleted = await gc.delete_unused_blob(digest, cutoff)
+    assert touched, "gc did not read the blob's dates"
+    stored = await build.stat_blob(digest)
+    if backend.name == "s3":
+        assert touched == [len(data)] and deleted and stored is None
+        assert [entry["digest"] for entry in logs if entry["event"] == "storage.gc_race"] == [str(digest)]
+        return
+    assert touched == [None] or (stored == len(data) and not deleted), (
+        f"the touch said {touched[0]} (stored), but gc deleted the blob"
+    )
+    assert touched == [len(data)], "a touch after gc read the date, before it deleted: the blob is kept"
+    assert await build.read_blob(digest) == data
 
 
 async def test_list_and_delete_meta(store: Storage) -> None:
