@@ -36,6 +36,7 @@ from rich.table import Table
 
 from nixery.output import OutputError
 from nixery.progress import FINAL
+from nixery.registry.references import UnusableReference, image_of
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
 
@@ -218,7 +219,8 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nixery build", description="Build an image and watch its progress.")
-    parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG)")
+    parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG; the registry's own "
+                        "HOST/ in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
     parser.add_argument("--tag", help="tag (default: latest, or the :TAG in the name)")
     parser.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
@@ -238,18 +240,19 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 def build_main(argv: list[str]) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        # A URL that cannot be one is a usage error, before anything starts; so is a reference
+        # pasted as pulled that names another registry (this one's host is dropped).
+        args.image = image_of(args.image, None if args.local else _registry_url(args.registry))
+    except (ClientError, UnusableReference) as exc:
+        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
+        return 2
     named = args.image.partition(":")[2]
     if named and args.tag is not None and args.tag != named:  # one was ignored without a word
         parser.error(f"the image names the tag {named!r} and --tag says {args.tag!r}: give one")
     console = OutputConsole(highlight=False)
-    err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
-    try:
-        if not args.local:
-            _registry_url(args.registry)  # a URL that cannot be one is a usage error, before anything starts
-    except ClientError as exc:
-        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
-        return 2
     progress: list[str] = []  # the progress page of the build a registry started, once it has
     try:
         return asyncio.run(_build(args, console, interactive, progress))
@@ -476,7 +479,8 @@ def inspect_main(argv: list[str]) -> int:
     from nixery.registry.names import check_image_tag, parse_image_name
 
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
-    parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
+    parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG (the registry's own HOST/ "
+                        "in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
     shown = parser.add_mutually_exclusive_group()  # one document or the other: --sbom --json is refused
     shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
@@ -493,10 +497,12 @@ def inspect_main(argv: list[str]) -> int:
     console = OutputConsole(highlight=False)
     try:
         registry = _registry_url(args.registry)
-    except ClientError as exc:
+        # Pasted as pulled (`HOST/shell/curl:TAG`): this registry's host is dropped, another's named.
+        given = image_of(args.image, registry)
+    except (ClientError, UnusableReference) as exc:
         Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    name, tag = _split(args.image, None)
+    name, tag = _split(given, None)
     try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
         parse_image_name(name)
         check_image_tag(tag)  # an attachment's tag (sha256-...) names no image: said as the registry says it

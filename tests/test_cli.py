@@ -663,6 +663,30 @@ def test_inspect_into_a_pipe_that_closes_ends_as_build_does(registry: RegistryPr
     assert closed.stderr == "status 141\n", closed.stderr
 
 
+def test_build_and_inspect_take_the_reference_a_client_pulls(registry: RegistryProcess) -> None:
+    """`nixery build HOST/shell/hello:v1`, the reference as pulled (and as inspect's own `Pull`
+    line prints it), answered "invalid tag '18350/shell/hello:v1'", where the web form drops the
+    registry's host: now the registry's own host (and `docker://`) is dropped, and a reference to
+    another registry, or by digest, says what is wrong in one line (a usage error, status 2)."""
+    host = registry.url.removeprefix("http://")
+    built = nixery("build", "--plain", f"{host}/shell/hello:v1", "--registry", registry.url)
+    assert built.returncode == 0, built.stderr
+    assert f"docker pull {host}/shell/hello:v1" in built.stdout, built.stdout
+    for reference in (f"{host}/shell/hello:v1", f"docker://{host}/shell/hello:v1"):
+        shown = nixery("inspect", "--no-paths", reference, "--registry", registry.url)
+        assert shown.returncode == 0, shown.stderr
+        assert "Image    shell/hello:v1" in shown.stdout, shown.stdout
+    other = f"localhost:{registry.port}/shell/hello:v1"
+    for command in (["build", "--plain", other], ["inspect", other], ["inspect", "shell/hello@sha256:" + "0" * 64]):
+        refused = nixery(*command, "--registry", registry.url)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused
+        assert len(refused.stderr.splitlines()) == 1 and "invalid tag" not in refused.stderr, refused.stderr
+    refused = nixery("inspect", other, "--registry", registry.url)
+    assert f"names the registry localhost:{registry.port}, not {host}" in refused.stderr, refused.stderr
+    assert f"give the image name alone (shell/hello:v1), or --registry http://localhost:{registry.port}" in (
+        refused.stderr)
+
+
 def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
     """`nixery inspect 'shell curl'` was told "percent-encoded characters are not allowed" (the
     space it sent, encoded): now what `nixery build` says, before asking any registry."""
