@@ -24,9 +24,10 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -79,8 +80,12 @@ def _registry_url(value: str | None) -> str:
     return url
 
 
+#: Statuses with which a server that is no nixery registry answers its routes (an nginx, another registry).
+_NO_SUCH_ROUTE = frozenset({404, 405, 501})
+
+
 async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
-    text = await response.text()
+    text = await response.text(errors="replace")
     try:
         error = json.loads(text)["errors"][0]
         detail = error.get("detail")
@@ -89,7 +94,34 @@ async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
         kind = kind if isinstance(kind, str) else error["code"]
         return ClientError(f"{kind}: {error['message']}", kind, detail)
     except (ValueError, KeyError, IndexError, TypeError):
-        return ClientError(f"HTTP {response.status}: {text.strip()[:300]}")
+        # Not the registry's JSON error (a proxy's or another server's page): one line, not its HTML.
+        said = _gist(text)
+        guess = ": is it a nixery registry?" if response.status in _NO_SUCH_ROUTE else ""
+        return ClientError(
+            f"HTTP {response.status} {response.reason or ''}".rstrip()
+            + f" from {response.url.with_query(None)}{f' ({said})' if said else ''}{guess}"
+        )
+
+
+def _gist(text: str) -> str:
+    """What a page that is no registry's error says, in one short line: its title, else its first words."""
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    words = " ".join((title.group(1) if title else re.sub(r"<[^>]*>", " ", text)).split())
+    return words if len(words) <= 120 else words[:119] + "…"
+
+
+async def _document(response: aiohttp.ClientResponse, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object a registry answered with, which has `keys`; one line, not a traceback, for
+    an answer that is not one (a server that is no nixery registry answers 200 with its own page)."""
+    try:
+        document = await response.json(content_type=None)
+    except ValueError:  # not JSON (aiohttp's ContentTypeError is one too)
+        document = None
+    if not isinstance(document, dict) or not all(key in document for key in keys):
+        raise ClientError(
+            f"{response.url.with_query(None)} answered with something that is not {what}: is it a nixery registry?"
+        )
+    return document
 
 
 # ---- server-sent events ------------------------------------------------------------
@@ -339,7 +371,7 @@ async def _start_build(
                 f"{registry}/builds", json={"image": name, "tag": tag}, headers={"Accept": "application/json"}
             ) as response:
                 if response.status == 202:
-                    return cast(dict[str, Any], await response.json())
+                    return await _document(response, "a build", ("id", "events"))
                 error = await _registry_error(response)
                 if not (wait_for_registry and response.status == 503 and attempt < _RESTART_POLLS):
                     raise error
@@ -350,6 +382,10 @@ async def _start_build(
     raise AssertionError("not reached")
 
 
+#: What `nixery inspect` and `nixery build` show of an image's document (nixery.views.image_json).
+_IMAGE_KEYS = ("name", "digest", "size", "layers", "architecture")
+
+
 async def _fetch_image(
     session: aiohttp.ClientSession, registry: str, name: str, tag: str, *, missing_ok: bool = False
 ) -> dict[str, Any] | None:
@@ -357,7 +393,7 @@ async def _fetch_image(
     try:
         async with session.get(url, params={"tag": tag}, headers={"Accept": "application/json"}) as response:
             if response.status == 200:
-                return await response.json()
+                return await _document(response, "an image's document", _IMAGE_KEYS)
             if missing_ok and response.status == 404:
                 return None
             raise await _registry_error(response)

@@ -24,7 +24,7 @@ import pytest
 
 from nixery import config
 from nixery.registry.mediatypes import OCI_INDEX
-from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.registry import REPOSITORY, DistributionRegistry, RegistryProcess, free_port, slow_package_set
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -685,6 +685,52 @@ def test_build_and_inspect_take_the_reference_a_client_pulls(registry: RegistryP
     assert f"names the registry localhost:{registry.port}, not {host}" in refused.stderr, refused.stderr
     assert f"give the image name alone (shell/hello:v1), or --registry http://localhost:{registry.port}" in (
         refused.stderr)
+
+
+def test_build_and_inspect_against_a_server_that_is_no_nixery_registry_say_so_in_one_line(tmp_path: Path) -> None:
+    """`--registry` pointed at another server: a web server's 200 page for `/images/NAME.json`
+    ended `nixery inspect` in a Python traceback (JSONDecodeError, KeyError 'name'), and its
+    error pages were printed as HTML, many lines; the reference registry's 404 said "HTTP 404:
+    404 page not found". Now each is one line naming the URL and asking whether it is a
+    nixery registry."""
+    site = tmp_path / "site"
+    (site / "images" / "shell").mkdir(parents=True)
+    (site / "images" / "shell" / "page.json").write_text("<html><title>Welcome</title>hello</html>\n")
+    (site / "images" / "shell" / "other.json").write_text('{"name": "shell/other"}\n')
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(site)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    distribution = DistributionRegistry(storage=tmp_path / "distribution").start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        web_url = f"http://127.0.0.1:{port}"
+        for command, says in (
+            (["inspect", "shell/page"], f"{web_url}/images/shell/page.json answered with something that is not an "
+                                        "image's document: is it a nixery registry?"),
+            (["inspect", "--json", "shell/other"], "/images/shell/other.json answered with something that is not"),
+            (["inspect", "--sbom", "shell/page"], "is not an image's document"),
+            (["inspect", "shell/missing"], f"HTTP 404 File not found from {web_url}/images/shell/missing.json "
+                                           "(Error response): is it a nixery registry?"),
+            (["build", "--plain", "shell"], f"HTTP 501 Unsupported method ('POST') from {web_url}/builds"),
+        ):
+            result = nixery(*command, "--registry", web_url, timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+        for command in (["inspect", "shell"], ["build", "--plain", "shell"]):
+            result = nixery(*command, "--registry", distribution.url, timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert f"HTTP 404 Not Found from {distribution.url}/" in result.stderr, result.stderr
+            assert result.stderr.endswith("(404 page not found): is it a nixery registry?\n"), result.stderr
+    finally:
+        web.terminate()
+        web.wait(timeout=10)
+        distribution.stop()
 
 
 def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
