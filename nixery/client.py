@@ -34,10 +34,11 @@ import aiohttp
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from yarl import URL
 
 from nixery.output import OutputError
 from nixery.progress import FINAL
-from nixery.registry.references import UnusableReference, image_of
+from nixery.registry.references import UnusableReference, image_of, registry_host
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
 
@@ -59,6 +60,12 @@ class ClientError(Exception):
         super().__init__(message)
         self.kind = kind  # the registry's kind of error (docs/errors.md), when it answered with one
         self.detail = detail
+
+
+def shown(url: str) -> str:
+    """`url` as messages show it: without the password of a registry URL (`http://USER:PASSWORD@HOST`,
+    the credentials the commands send), which would end up on a terminal, in CI logs."""
+    return str(URL(url).with_password(None))
 
 
 def _registry_url(value: str | None) -> str:
@@ -92,7 +99,12 @@ async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
         # `detail.kind` says which error it is; the code is the distribution spec's (and all older registries sent).
         kind = detail.get("kind") if isinstance(detail, dict) else None
         kind = kind if isinstance(kind, str) else error["code"]
-        return ClientError(f"{kind}: {error['message']}", kind, detail)
+        message = f"{kind}: {error['message']}"
+        if response.status == 401 and "Authorization" not in response.request_info.headers:
+            # No credentials were sent: say how to send them.
+            message += (" (the commands send the user and password of the registry URL: "
+                        "NIXERY_REGISTRY=http://USER:PASSWORD@HOST)")
+        return ClientError(message, kind, detail)
     except (ValueError, KeyError, IndexError, TypeError):
         # Not the registry's JSON error (a proxy's or another server's page): one line, not its HTML.
         said = _gist(text)
@@ -211,7 +223,7 @@ def _without_paths(image: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
-    host = urlsplit(registry).netloc or registry
+    host = registry_host(registry)  # as clients pull: without the user and password of the URL
     ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
     # Of several platforms, the size and the layers below are the default platform's: say whose.
     whose = f" (linux/{image['architecture']})" if image.get("platforms") and "architecture" in image else ""
@@ -337,7 +349,7 @@ async def _build_remotely(
     async with _session() as session:
         for restart in range(_RESTARTS + 1):
             started = await _start_build(session, registry, name, tag, wait_for_registry=restart > 0)
-            progress[:] = [f"{registry}{started.get('progress') or '/builds/' + started['id']}"]
+            progress[:] = [f"{shown(registry)}{started.get('progress') or '/builds/' + started['id']}"]
             final: dict[str, Any] = {}
             with display:
                 try:
@@ -377,7 +389,7 @@ async def _start_build(
                     raise error
         except aiohttp.ClientConnectionError as exc:
             if not wait_for_registry or attempt == _RESTART_POLLS:
-                raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+                raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
         await asyncio.sleep(_RESTART_POLL_SECONDS)
     raise AssertionError("not reached")
 
@@ -398,7 +410,7 @@ async def _fetch_image(
                 return None
             raise await _registry_error(response)
     except aiohttp.ClientConnectionError as exc:
-        raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+        raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
 
 
 async def _build_locally(
@@ -468,7 +480,7 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
         return None
     tag = detail.get("tag") or "latest"
     reference = image_reference(detail["name"], tag)
-    option = f" --registry {registry}" if registry else ""
+    option = f" --registry {shown(registry)}" if registry else ""
     return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
 
 

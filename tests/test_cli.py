@@ -733,6 +733,34 @@ def test_build_and_inspect_against_a_server_that_is_no_nixery_registry_say_so_in
         distribution.stop()
 
 
+def test_build_and_inspect_on_a_registry_with_access_control_never_print_the_password(
+    start_registry, tmp_path: Path
+) -> None:
+    """The commands send the user and password of the registry URL (NIXERY_REGISTRY=http://USER:PW@HOST),
+    which the docs did not say: a 401 now says how. With them, `Pull` printed `docker pull
+    alice:PASSWORD@HOST/shell` (the password on the terminal, and no reference a client takes), and
+    so did "cannot reach the registry at ..." and the command that builds an image not built yet."""
+    from nixery import auth
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{auth.hash_password('alice-secret-1', log_n=10)}:pull,build\n")
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_AUTH="basic", NIXERY_AUTH_USERS=str(users))
+    host = registry.url.removeprefix("http://")
+    with_password = {"NIXERY_REGISTRY": f"http://alice:alice-secret-1@{host}"}
+    built = nixery("build", "--plain", "shell", env=with_password)
+    assert built.returncode == 0, built.stderr
+    assert f"docker pull {host}/shell\n" in built.stdout, built.stdout
+    anonymous = nixery("inspect", "shell", env={"NIXERY_REGISTRY": registry.url})
+    assert anonymous.returncode == 1, anonymous
+    assert "UNAUTHORIZED" in anonymous.stderr and "NIXERY_REGISTRY=http://USER:PASSWORD@HOST" in anonymous.stderr
+    not_built = nixery("inspect", "shell/hello", "--registry", with_password["NIXERY_REGISTRY"])
+    assert f"nixery build --registry http://alice@{host} shell/hello" in not_built.stderr, not_built.stderr
+    down = nixery("inspect", "shell", env={"NIXERY_REGISTRY": f"http://alice:alice-secret-1@127.0.0.1:{free_port()}"})
+    assert down.returncode == 1 and "cannot reach the registry at http://alice@127.0.0.1:" in down.stderr, down
+    for result in (built, not_built, down, nixery("inspect", "shell", env=with_password)):
+        assert "alice-secret-1" not in result.stdout + result.stderr, result
+
+
 def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
     """`nixery inspect 'shell curl'` was told "percent-encoded characters are not allowed" (the
     space it sent, encoded): now what `nixery build` says, before asking any registry."""
