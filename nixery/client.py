@@ -276,6 +276,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _other_registry(error: Exception) -> str:
+    """For a reference to another registry than --registry's: how to ask that one."""
+    if isinstance(error, UnusableReference) and error.host is not None:
+        return f", or ask that registry: --registry http://{error.host} (or NIXERY_REGISTRY)"
+    return ""
+
+
 def _split(image: str, tag: str | None) -> tuple[str, str]:
     name, _, given = image.partition(":")
     return name.strip("/"), tag or given or "latest"
@@ -290,7 +297,7 @@ def build_main(argv: list[str]) -> int:
         # pasted as pulled that names another registry (this one's host is dropped).
         args.image = image_of(args.image, None if args.local else _registry_url(args.registry))
     except (ClientError, UnusableReference) as exc:
-        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
+        err.print(f"nixery: {exc}{_other_registry(exc)}", markup=False, soft_wrap=True)
         return 2
     named = args.image.partition(":")[2]
     if named and args.tag is not None and args.tag != named:  # one was ignored without a word
@@ -548,7 +555,8 @@ def inspect_main(argv: list[str]) -> int:
         # Pasted as pulled (`HOST/shell/curl:TAG`): this registry's host is dropped, another's named.
         given = image_of(args.image, registry)
     except (ClientError, UnusableReference) as exc:
-        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"nixery: {exc}{_other_registry(exc)}", markup=False, highlight=False,
+                                   soft_wrap=True)
         return 2
     name, tag = _split(given, None)
     try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name

@@ -682,9 +682,18 @@ def test_build_and_inspect_take_the_reference_a_client_pulls(registry: RegistryP
         assert (refused.returncode, refused.stdout) == (2, ""), refused
         assert len(refused.stderr.splitlines()) == 1 and "invalid tag" not in refused.stderr, refused.stderr
     refused = nixery("inspect", other, "--registry", registry.url)
-    assert f"names the registry localhost:{registry.port}, not {host}" in refused.stderr, refused.stderr
-    assert f"give the image name alone (shell/hello:v1), or --registry http://localhost:{registry.port}" in (
-        refused.stderr)
+    assert f"names the registry localhost:{registry.port}, not this one ({host})" in refused.stderr, refused.stderr
+    assert (f"give the image name alone (shell/hello:v1), or ask that registry: --registry "
+            f"http://localhost:{registry.port}") in refused.stderr, refused.stderr
+    # The web form and POST /builds drop the Host header's host; another one is said as such too.
+    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": other}).encode(), headers={
+        "Content-Type": "application/json", "Accept": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refusal:
+        urllib.request.urlopen(post, timeout=60)
+    body = refusal.value.read()
+    error = json.loads(body)["errors"][0]
+    assert (refusal.value.code, error["code"]) == (400, "NAME_INVALID"), body
+    assert f"names the registry localhost:{registry.port}, not this one ({host})" in error["message"], body
 
 
 def test_build_and_inspect_against_a_server_that_is_no_nixery_registry_say_so_in_one_line(tmp_path: Path) -> None:

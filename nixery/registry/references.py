@@ -23,7 +23,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class UnusableReference(ValueError):
-    """A reference that names no image of this registry, saying why in one line."""
+    """A reference that names no image of this registry, saying why in one line; `host` is the
+    other registry it names, if it names one."""
+
+    def __init__(self, message: str, host: str | None = None):
+        super().__init__(message)
+        self.host = host
 
 
 def registry_host(url: str) -> str:
@@ -61,9 +66,9 @@ def image_of(reference: str, registry_url: str | None) -> str:
                 f"{reference!r} names the registry {first}: a local build takes the image name alone ({name})"
             )
         raise UnusableReference(
-            f"{reference!r} names the registry {first}, not {registry_host(registry_url)} "
-            f"(--registry or NIXERY_REGISTRY): give the image name alone ({name}), "
-            f"or --registry http://{first}"
+            f"{reference!r} names the registry {first}, not this one ({registry_host(registry_url)}): "
+            f"give the image name alone ({name})",
+            host=first,
         )
     if "@" in text:
         name, _, digest = text.partition("@")
