@@ -24,18 +24,21 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from yarl import URL
 
 from nixery.output import OutputError
 from nixery.progress import FINAL
+from nixery.registry.references import UnusableReference, image_of, registry_host
 from nixery.terminal import BarProgress, OutputConsole, PlainProgress, size
 from nixery.views import image_json, image_reference, other_order
 
@@ -59,6 +62,12 @@ class ClientError(Exception):
         self.detail = detail
 
 
+def shown(url: str) -> str:
+    """`url` as messages show it: without the password of a registry URL (`http://USER:PASSWORD@HOST`,
+    the credentials the commands send), which would end up on a terminal, in CI logs."""
+    return str(URL(url).with_password(None))
+
+
 def _registry_url(value: str | None) -> str:
     given = value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY
     source = "--registry" if value else "NIXERY_REGISTRY"
@@ -78,17 +87,53 @@ def _registry_url(value: str | None) -> str:
     return url
 
 
+#: Statuses with which a server that is no nixery registry answers its routes (an nginx, another registry).
+_NO_SUCH_ROUTE = frozenset({404, 405, 501})
+
+
 async def _registry_error(response: aiohttp.ClientResponse) -> ClientError:
-    text = await response.text()
+    text = await response.text(errors="replace")
     try:
         error = json.loads(text)["errors"][0]
         detail = error.get("detail")
         # `detail.kind` says which error it is; the code is the distribution spec's (and all older registries sent).
         kind = detail.get("kind") if isinstance(detail, dict) else None
         kind = kind if isinstance(kind, str) else error["code"]
-        return ClientError(f"{kind}: {error['message']}", kind, detail)
+        message = f"{kind}: {error['message']}"
+        if response.status == 401 and "Authorization" not in response.request_info.headers:
+            # No credentials were sent: say how to send them.
+            message += (" (the commands send the user and password of the registry URL: "
+                        "NIXERY_REGISTRY=http://USER:PASSWORD@HOST)")
+        return ClientError(message, kind, detail)
     except (ValueError, KeyError, IndexError, TypeError):
-        return ClientError(f"HTTP {response.status}: {text.strip()[:300]}")
+        # Not the registry's JSON error (a proxy's or another server's page): one line, not its HTML.
+        said = _gist(text)
+        guess = ": is it a nixery registry?" if response.status in _NO_SUCH_ROUTE else ""
+        return ClientError(
+            f"HTTP {response.status} {response.reason or ''}".rstrip()
+            + f" from {response.url.with_query(None)}{f' ({said})' if said else ''}{guess}"
+        )
+
+
+def _gist(text: str) -> str:
+    """What a page that is no registry's error says, in one short line: its title, else its first words."""
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    words = " ".join((title.group(1) if title else re.sub(r"<[^>]*>", " ", text)).split())
+    return words if len(words) <= 120 else words[:119] + "…"
+
+
+async def _document(response: aiohttp.ClientResponse, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object a registry answered with, which has `keys`; one line, not a traceback, for
+    an answer that is not one (a server that is no nixery registry answers 200 with its own page)."""
+    try:
+        document = await response.json(content_type=None)
+    except ValueError:  # not JSON (aiohttp's ContentTypeError is one too)
+        document = None
+    if not isinstance(document, dict) or not all(key in document for key in keys):
+        raise ClientError(
+            f"{response.url.with_query(None)} answered with something that is not {what}: is it a nixery registry?"
+        )
+    return document
 
 
 # ---- server-sent events ------------------------------------------------------------
@@ -178,7 +223,7 @@ def _without_paths(image: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
-    host = urlsplit(registry).netloc or registry
+    host = registry_host(registry)  # as clients pull: without the user and password of the URL
     ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
     # Of several platforms, the size and the layers below are the default platform's: say whose.
     whose = f" (linux/{image['architecture']})" if image.get("platforms") and "architecture" in image else ""
@@ -218,7 +263,8 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nixery build", description="Build an image and watch its progress.")
-    parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG)")
+    parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG; the registry's own "
+                        "HOST/ in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
     parser.add_argument("--tag", help="tag (default: latest, or the :TAG in the name)")
     parser.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
@@ -230,6 +276,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _other_registry(error: Exception) -> str:
+    """For a reference to another registry than --registry's: how to ask that one."""
+    if isinstance(error, UnusableReference) and error.host is not None:
+        return f", or ask that registry: --registry http://{error.host} (or NIXERY_REGISTRY)"
+    return ""
+
+
 def _split(image: str, tag: str | None) -> tuple[str, str]:
     name, _, given = image.partition(":")
     return name.strip("/"), tag or given or "latest"
@@ -238,18 +291,19 @@ def _split(image: str, tag: str | None) -> tuple[str, str]:
 def build_main(argv: list[str]) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        # A URL that cannot be one is a usage error, before anything starts; so is a reference
+        # pasted as pulled that names another registry (this one's host is dropped).
+        args.image = image_of(args.image, None if args.local else _registry_url(args.registry))
+    except (ClientError, UnusableReference) as exc:
+        err.print(f"nixery: {exc}{_other_registry(exc)}", markup=False, soft_wrap=True)
+        return 2
     named = args.image.partition(":")[2]
     if named and args.tag is not None and args.tag != named:  # one was ignored without a word
         parser.error(f"the image names the tag {named!r} and --tag says {args.tag!r}: give one")
     console = OutputConsole(highlight=False)
-    err = Console(stderr=True, highlight=False)
     interactive = console.is_terminal and not args.plain
-    try:
-        if not args.local:
-            _registry_url(args.registry)  # a URL that cannot be one is a usage error, before anything starts
-    except ClientError as exc:
-        err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
-        return 2
     progress: list[str] = []  # the progress page of the build a registry started, once it has
     try:
         return asyncio.run(_build(args, console, interactive, progress))
@@ -302,7 +356,7 @@ async def _build_remotely(
     async with _session() as session:
         for restart in range(_RESTARTS + 1):
             started = await _start_build(session, registry, name, tag, wait_for_registry=restart > 0)
-            progress[:] = [f"{registry}{started.get('progress') or '/builds/' + started['id']}"]
+            progress[:] = [f"{shown(registry)}{started.get('progress') or '/builds/' + started['id']}"]
             final: dict[str, Any] = {}
             with display:
                 try:
@@ -336,15 +390,19 @@ async def _start_build(
                 f"{registry}/builds", json={"image": name, "tag": tag}, headers={"Accept": "application/json"}
             ) as response:
                 if response.status == 202:
-                    return cast(dict[str, Any], await response.json())
+                    return await _document(response, "a build", ("id", "events"))
                 error = await _registry_error(response)
                 if not (wait_for_registry and response.status == 503 and attempt < _RESTART_POLLS):
                     raise error
         except aiohttp.ClientConnectionError as exc:
             if not wait_for_registry or attempt == _RESTART_POLLS:
-                raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+                raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
         await asyncio.sleep(_RESTART_POLL_SECONDS)
     raise AssertionError("not reached")
+
+
+#: What `nixery inspect` and `nixery build` show of an image's document (nixery.views.image_json).
+_IMAGE_KEYS = ("name", "digest", "size", "layers", "architecture")
 
 
 async def _fetch_image(
@@ -354,12 +412,12 @@ async def _fetch_image(
     try:
         async with session.get(url, params={"tag": tag}, headers={"Accept": "application/json"}) as response:
             if response.status == 200:
-                return await response.json()
+                return await _document(response, "an image's document", _IMAGE_KEYS)
             if missing_ok and response.status == 404:
                 return None
             raise await _registry_error(response)
     except aiohttp.ClientConnectionError as exc:
-        raise ClientError(f"cannot reach the registry at {registry}: {exc}") from exc
+        raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
 
 
 async def _build_locally(
@@ -429,7 +487,7 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
         return None
     tag = detail.get("tag") or "latest"
     reference = image_reference(detail["name"], tag)
-    option = f" --registry {registry}" if registry else ""
+    option = f" --registry {shown(registry)}" if registry else ""
     return f"{reference} is not built yet: build it with `nixery build{option} {reference}` (or pull it)"
 
 
@@ -476,7 +534,8 @@ def inspect_main(argv: list[str]) -> int:
     from nixery.registry.names import check_image_tag, parse_image_name
 
     parser = argparse.ArgumentParser(prog="nixery inspect", description="Show an image's layers and store paths.")
-    parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG")
+    parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG (the registry's own HOST/ "
+                        "in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
     shown = parser.add_mutually_exclusive_group()  # one document or the other: --sbom --json is refused
     shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
@@ -493,10 +552,13 @@ def inspect_main(argv: list[str]) -> int:
     console = OutputConsole(highlight=False)
     try:
         registry = _registry_url(args.registry)
-    except ClientError as exc:
-        Console(stderr=True).print(f"nixery: {exc}", markup=False, highlight=False, soft_wrap=True)
+        # Pasted as pulled (`HOST/shell/curl:TAG`): this registry's host is dropped, another's named.
+        given = image_of(args.image, registry)
+    except (ClientError, UnusableReference) as exc:
+        Console(stderr=True).print(f"nixery: {exc}{_other_registry(exc)}", markup=False, highlight=False,
+                                   soft_wrap=True)
         return 2
-    name, tag = _split(args.image, None)
+    name, tag = _split(given, None)
     try:  # as the registry reads them; sent as they are, a space would come back as a "percent-encoded" name
         parse_image_name(name)
         check_image_tag(tag)  # an attachment's tag (sha256-...) names no image: said as the registry says it

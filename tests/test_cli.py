@@ -24,7 +24,7 @@ import pytest
 
 from nixery import config
 from nixery.registry.mediatypes import OCI_INDEX
-from tests.registry import REPOSITORY, RegistryProcess, slow_package_set
+from tests.registry import REPOSITORY, DistributionRegistry, RegistryProcess, free_port, slow_package_set
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -661,6 +661,113 @@ def test_inspect_into_a_pipe_that_closes_ends_as_build_does(registry: RegistryPr
     # status is checked with a reader that closes the pipe before inspect writes anything.
     closed = inspect_into("true")
     assert closed.stderr == "status 141\n", closed.stderr
+
+
+def test_build_and_inspect_take_the_reference_a_client_pulls(registry: RegistryProcess) -> None:
+    """`nixery build HOST/shell/hello:v1`, the reference as pulled (and as inspect's own `Pull`
+    line prints it), answered "invalid tag '18350/shell/hello:v1'", where the web form drops the
+    registry's host: now the registry's own host (and `docker://`) is dropped, and a reference to
+    another registry, or by digest, says what is wrong in one line (a usage error, status 2)."""
+    host = registry.url.removeprefix("http://")
+    built = nixery("build", "--plain", f"{host}/shell/hello:v1", "--registry", registry.url)
+    assert built.returncode == 0, built.stderr
+    assert f"docker pull {host}/shell/hello:v1" in built.stdout, built.stdout
+    for reference in (f"{host}/shell/hello:v1", f"docker://{host}/shell/hello:v1"):
+        shown = nixery("inspect", "--no-paths", reference, "--registry", registry.url)
+        assert shown.returncode == 0, shown.stderr
+        assert "Image    shell/hello:v1" in shown.stdout, shown.stdout
+    other = f"localhost:{registry.port}/shell/hello:v1"
+    for command in (["build", "--plain", other], ["inspect", other], ["inspect", "shell/hello@sha256:" + "0" * 64]):
+        refused = nixery(*command, "--registry", registry.url)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused
+        assert len(refused.stderr.splitlines()) == 1 and "invalid tag" not in refused.stderr, refused.stderr
+    refused = nixery("inspect", other, "--registry", registry.url)
+    assert f"names the registry localhost:{registry.port}, not this one ({host})" in refused.stderr, refused.stderr
+    assert (f"give the image name alone (shell/hello:v1), or ask that registry: --registry "
+            f"http://localhost:{registry.port}") in refused.stderr, refused.stderr
+    # The web form and POST /builds drop the Host header's host; another one is said as such too.
+    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": other}).encode(), headers={
+        "Content-Type": "application/json", "Accept": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refusal:
+        urllib.request.urlopen(post, timeout=60)
+    body = refusal.value.read()
+    error = json.loads(body)["errors"][0]
+    assert (refusal.value.code, error["code"]) == (400, "NAME_INVALID"), body
+    assert f"names the registry localhost:{registry.port}, not this one ({host})" in error["message"], body
+
+
+def test_build_and_inspect_against_a_server_that_is_no_nixery_registry_say_so_in_one_line(tmp_path: Path) -> None:
+    """`--registry` pointed at another server: a web server's 200 page for `/images/NAME.json`
+    ended `nixery inspect` in a Python traceback (JSONDecodeError, KeyError 'name'), and its
+    error pages were printed as HTML, many lines; the reference registry's 404 said "HTTP 404:
+    404 page not found". Now each is one line naming the URL and asking whether it is a
+    nixery registry."""
+    site = tmp_path / "site"
+    (site / "images" / "shell").mkdir(parents=True)
+    (site / "images" / "shell" / "page.json").write_text("<html><title>Welcome</title>hello</html>\n")
+    (site / "images" / "shell" / "other.json").write_text('{"name": "shell/other"}\n')
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(site)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    distribution = DistributionRegistry(storage=tmp_path / "distribution").start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        web_url = f"http://127.0.0.1:{port}"
+        for command, says in (
+            (["inspect", "shell/page"], f"{web_url}/images/shell/page.json answered with something that is not an "
+                                        "image's document: is it a nixery registry?"),
+            (["inspect", "--json", "shell/other"], "/images/shell/other.json answered with something that is not"),
+            (["inspect", "--sbom", "shell/page"], "is not an image's document"),
+            (["inspect", "shell/missing"], f"HTTP 404 File not found from {web_url}/images/shell/missing.json "
+                                           "(Error response): is it a nixery registry?"),
+            (["build", "--plain", "shell"], f"HTTP 501 Unsupported method ('POST') from {web_url}/builds"),
+        ):
+            result = nixery(*command, "--registry", web_url, timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+        for command in (["inspect", "shell"], ["build", "--plain", "shell"]):
+            result = nixery(*command, "--registry", distribution.url, timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert f"HTTP 404 Not Found from {distribution.url}/" in result.stderr, result.stderr
+            assert result.stderr.endswith("(404 page not found): is it a nixery registry?\n"), result.stderr
+    finally:
+        web.terminate()
+        web.wait(timeout=10)
+        distribution.stop()
+
+
+def test_build_and_inspect_on_a_registry_with_access_control_never_print_the_password(
+    start_registry, tmp_path: Path
+) -> None:
+    """The commands send the user and password of the registry URL (NIXERY_REGISTRY=http://USER:PW@HOST),
+    which the docs did not say: a 401 now says how. With them, `Pull` printed `docker pull
+    alice:PASSWORD@HOST/shell` (the password on the terminal, and no reference a client takes), and
+    so did "cannot reach the registry at ..." and the command that builds an image not built yet."""
+    from nixery import auth
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{auth.hash_password('alice-secret-1', log_n=10)}:pull,build\n")
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_AUTH="basic", NIXERY_AUTH_USERS=str(users))
+    host = registry.url.removeprefix("http://")
+    with_password = {"NIXERY_REGISTRY": f"http://alice:alice-secret-1@{host}"}
+    built = nixery("build", "--plain", "shell", env=with_password)
+    assert built.returncode == 0, built.stderr
+    assert f"docker pull {host}/shell\n" in built.stdout, built.stdout
+    anonymous = nixery("inspect", "shell", env={"NIXERY_REGISTRY": registry.url})
+    assert anonymous.returncode == 1, anonymous
+    assert "UNAUTHORIZED" in anonymous.stderr and "NIXERY_REGISTRY=http://USER:PASSWORD@HOST" in anonymous.stderr
+    not_built = nixery("inspect", "shell/hello", "--registry", with_password["NIXERY_REGISTRY"])
+    assert f"nixery build --registry http://alice@{host} shell/hello" in not_built.stderr, not_built.stderr
+    down = nixery("inspect", "shell", env={"NIXERY_REGISTRY": f"http://alice:alice-secret-1@127.0.0.1:{free_port()}"})
+    assert down.returncode == 1 and "cannot reach the registry at http://alice@127.0.0.1:" in down.stderr, down
+    for result in (built, not_built, down, nixery("inspect", "shell", env=with_password)):
+        assert "alice-secret-1" not in result.stdout + result.stderr, result
 
 
 def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
