@@ -421,8 +421,9 @@ class RecordCache:
 
     def forget_using(self, digest: Digest) -> int:
         """Forget every image that names `digest`; how many there were."""
-        self.generation += 1
         keys = self.naming(digest)
+        if keys:  # only then: a blob no held image names changes nothing held
+            self.generation += 1
         for key in keys:
             self.discard(key)
         return len(keys)

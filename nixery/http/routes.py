@@ -136,7 +136,10 @@ class ManifestCache:
 
     def forget_naming(self, blob: Digest) -> None:
         """Drop the manifests that name `blob` (or are it)."""
-        self.generation += 1
+        if blob.hex in self._named or blob in self._items:
+            # Only then: a client asking for blobs that were never stored would otherwise keep
+            # every manifest read meanwhile out of memory.
+            self.generation += 1
         if blob.hex in self._named:
             for digest in [digest for digest, item in self._items.items() if blob.hex in item[2]]:
                 self._drop(digest)
