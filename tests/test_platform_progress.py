@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -57,6 +58,15 @@ def _build(registry: RegistryProcess, image: str) -> tuple[dict, list[dict]]:
 
     return asyncio.run(run())
 
+
+
+def build_from_the_form(page: Any, registry: RegistryProcess, image: str) -> Any:
+    """`page` at the landing page's build form, `image` built: on the build's page."""
+    page.goto(registry.url + "/")
+    page.fill("#build-image", image)
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    return page
 
 def test_the_build_of_several_platforms_ends_with_the_index_and_relays_each_platform(
     registry_both: RegistryProcess,
@@ -137,11 +147,7 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
     _index(registry, "shell")  # an image that is built, for both platforms
-    page = new_page()
-    page.goto(registry.url + "/")
-    page.fill("#build-image", "armfail")
-    page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/**")
+    page = build_from_the_form(new_page(), registry, "armfail")
     page.wait_for_selector("#state.stage-failed", timeout=120_000)
     assert "linux/arm64" in page.locator("#build").text_content()
     page.goto(registry.url + "/")
@@ -175,11 +181,7 @@ def test_the_page_of_a_platforms_build_leads_to_its_image_of_several_platforms(
     script = "if [ $system = aarch64-linux ]; then exit 1; fi; $bb/mkdir -p $out/bin; echo ok > $out/bin/armfail"
     pkgs = busybox_set_with(tmp_path / "pkgs", "armfail", "armfail-1.0", script)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
-    page = new_page()
-    page.goto(registry.url + "/")
-    page.fill("#build-image", "armfail")
-    page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/**")
+    page = build_from_the_form(new_page(), registry, "armfail")
     page.wait_for_selector("#state.stage-failed", timeout=120_000)
     image_build = page.url
     page.click("#platforms li[data-platform='linux/amd64'] a")  # its build
@@ -205,11 +207,7 @@ def test_a_platform_still_building_when_another_failed_is_shown_as_it_ends(
               f"$bb/mkdir -p $out/bin; echo {random.getrandbits(64)} > $out/bin/armfast")
     pkgs = busybox_set_with(tmp_path / "pkgs", "armfast", "armfast-1.0", script)
     registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_PLATFORMS=BOTH)
-    page = new_page()
-    page.goto(registry.url + "/")
-    page.fill("#build-image", "armfast")
-    page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/**")
+    page = build_from_the_form(new_page(), registry, "armfast")
     page.wait_for_selector("#state.stage-failed", timeout=120_000)
     amd64 = "#platforms li[data-platform='linux/amd64']"
     assert page.locator(amd64).get_attribute("data-stage") not in ("done", "failed")  # still building
@@ -230,11 +228,7 @@ def test_the_build_page_of_several_platforms_counts_what_nix_built_for_them(
     the build had ended, live and when drawn again, although Nix had just built the package
     for each platform: the counts are in the platforms' events, not in the image's own."""
     registry = start_registry(NIXERY_PKGS_PATH=str(slow_package_set(tmp_path / "pkgs", 2)), NIXERY_PLATFORMS=BOTH)
-    page = new_page()
-    page.goto(registry.url + "/")
-    page.fill("#build-image", "slowpoke")  # new to the Nix store, for each platform
-    page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/**")
+    page = build_from_the_form(new_page(), registry, "slowpoke")  # new to the Nix store, for each platform
     page.wait_for_selector("#state.stage-done", timeout=120_000)
     building = "#stages li[data-stage=building] .detail"
     live = page.locator(building).text_content()
@@ -295,11 +289,7 @@ def test_nixery_build_shows_each_platforms_progress(registry_both: RegistryProce
 
 
 def test_the_build_page_follows_each_platform(registry_both: RegistryProcess, new_page) -> None:  # noqa: F811
-    page = new_page()
-    page.goto(registry_both.url + "/")
-    page.fill("#build-image", "shell/figlet")
-    page.click("form.build-form button[type=submit]")
-    page.wait_for_url("**/builds/**")
+    page = build_from_the_form(new_page(), registry_both, "shell/figlet")
     page.wait_for_selector("#digest", timeout=120_000)
     for platform in PLATFORMS:
         row = page.locator(f"#platforms li[data-platform='{platform}']")
