@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -56,15 +56,27 @@ class Event:
         return {"stage": self.stage.value, "message": self.message, "time": self.time, **self.data}
 
 
+@dataclass(frozen=True, slots=True)
+class PartOf:
+    """A platform's build is relayed in `build_id`, the build of an image of several platforms."""
+
+    build_id: str
+    platform: str
+
+
 @dataclass
 class Build:
     id: str
     image: str
     started: float = field(default_factory=time.time)
     events: list[Event] = field(default_factory=list)
+    #: Set when this is one platform's build of an image of several platforms (`PlatformRelay`),
+    #: so a page finds the image's build without reading every build's events.
+    part_of: PartOf | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Hears each event as it is added (`nixery.shared_builds` writes it where other workers read it).
-    listener: Callable[[Event], None] | None = field(default=None, repr=False)
+    #: Hears each event, and the build's `part_of`, as it is set (`nixery.shared_builds` writes
+    #: them where other workers read them).
+    listener: Callable[[Event | PartOf], None] | None = field(default=None, repr=False)
 
     @property
     def stage(self) -> Stage:
@@ -73,6 +85,11 @@ class Build:
     @property
     def finished(self) -> bool:
         return self.stage in FINAL
+
+    def relayed_in(self, part_of: PartOf) -> None:
+        self.part_of = part_of
+        if self.listener is not None:
+            self.listener(part_of)
 
     def emit(self, stage: Stage, message: str, **data: Any) -> None:
         if self.finished:
@@ -146,15 +163,6 @@ class BuildLog:
         return [build for build in reversed(self._builds.values()) if shown(build.image)][:limit]
 
 
-def platform_builds(builds: Iterable[Build]) -> dict[str, tuple[Build, str]]:
-    """The builds among `builds`' relayed ones that are one platform's of an image of several
-    platforms, by id: the image's build and the platform (`PlatformRelay`'s `platform_build`)."""
-    return {
-        event.data["platform_build"]: (build, str(event.data.get("platform")))
-        for build in builds for event in build.events if event.data.get("platform_build")
-    }
-
-
 #: The fields a relayed event of one platform's build carries besides its own (`PlatformRelay`).
 PLATFORM_FIELDS = ("platform", "platform_stage", "platform_build")
 
@@ -175,6 +183,7 @@ class PlatformRelay:
 
     def follow(self, platform: str, own: Build) -> None:
         """Relay the platform's build `own` (its past events first) until it ends."""
+        own.relayed_in(PartOf(self.build.id, platform))
         self._relays.append(asyncio.ensure_future(self._relay(platform, own)))
 
     def found(self, platform: str, **summary: Any) -> None:

@@ -7,8 +7,9 @@ workers each also writes its builds into a directory they share, made by the par
 (`nixery.cli`) and removed when it ends:
 
     DIR/ID.jsonl   a build: {"id", "image", "started", "pid"} on its first line, then one
-                   event a line, appended as it happens; removed once its worker no longer
-                   keeps the build (the last 200 of each worker)
+                   event a line, appended as it happens (and {"part_of", "platform"} when it
+                   is one platform's build of an image of several); removed once its worker
+                   no longer keeps the build (the last 200 of each worker)
     DIR/kept/PID.json  the builds worker PID keeps, oldest first: [{"id", "image",
                    "started"}], replaced as a whole on each new build; once PID has ended,
                    removed with its builds' files when they are older than all the builds
@@ -45,7 +46,7 @@ from typing import Any
 import structlog
 
 from nixery.processes import process_alive
-from nixery.progress import FINAL, Build, BuildLog, Event, Stage
+from nixery.progress import FINAL, Build, BuildLog, Event, PartOf, Stage
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,7 @@ class SharedBuildLog(BuildLog):
     def _added(self, build: Build) -> None:
         path = self._path(build.id)
         _append(path, {"id": build.id, "image": build.image, "started": build.started, "pid": os.getpid()})
-        build.listener = lambda event: _append(path, _event_record(event))
+        build.listener = lambda heard: _append(path, _record(heard))
 
     def _dropped(self, build: Build) -> None:
         self._path(build.id).unlink(missing_ok=True)
@@ -190,6 +191,9 @@ class CopiedBuild(Build):
         self._offset += len(complete)
         for line in complete.splitlines():
             record = json.loads(line)
+            if "part_of" in record:
+                self.part_of = PartOf(record["part_of"], record["platform"])
+                continue
             self.events.append(Event(Stage(record["stage"]), record["message"], record["time"], record["data"]))
 
     def _read_on(self, data: bytes | None = None) -> None:
@@ -223,8 +227,10 @@ async def _stopped(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def _event_record(event: Event) -> dict[str, Any]:
-    return {"stage": event.stage.value, "message": event.message, "time": event.time, "data": event.data}
+def _record(heard: Event | PartOf) -> dict[str, Any]:
+    if isinstance(heard, PartOf):
+        return {"part_of": heard.build_id, "platform": heard.platform}
+    return {"stage": heard.stage.value, "message": heard.message, "time": heard.time, "data": heard.data}
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

@@ -206,3 +206,30 @@ def test_an_ended_workers_builds_go_once_they_are_no_longer_recent(tmp_path: Pat
     assert [build.image for build in live.recent()] == ["shell/live2", "shell/live1", "shell/live0"]
     assert [path.name for path in (tmp_path / "kept").iterdir()] == [f"{os.getpid()}.json"]
     assert not ended_list.exists() and not (tmp_path / f"{ended_id}.jsonl").exists()
+
+
+def test_every_worker_marks_each_platforms_build_with_the_image_it_is_part_of(start_registry) -> None:
+    """With several NIXERY_PLATFORMS, each platform's build is part of the image's build: the
+    start page marks it with its platform, and its page links to the image's build. Either
+    worker answers so, whichever ran the builds. (The link was found by reading every event of
+    every build each worker keeps, other workers' files too, on each page view; now each
+    platform's build records it, in its file as well.)"""
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_WORKERS="2",
+                              NIXERY_PLATFORMS="linux/amd64,linux/arm64")
+    started = post_build(registry, "hello")
+    events = events_until(registry, started["id"], lambda events: False)
+    assert events[-1]["stage"] == "done", events[-1]
+    parts = {event["platform"]: event["platform_build"] for event in events if event.get("platform_build")}
+    assert sorted(parts) == ["linux/amd64", "linux/arm64"], parts
+    for _ in range(10):  # fresh connections: both workers answer
+        status, _, body = registry.request("/", accept=HTML)
+        assert status == 200
+        recent = body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0]
+        for platform, build_id in parts.items():
+            row = recent.split(f'href="/builds/{build_id}"')[1].split("</li>")[0]
+            assert f">{platform}</span>" in row, row
+        for platform, build_id in parts.items():
+            status, _, page = registry.request(f"/builds/{build_id}", accept=HTML)
+            assert status == 200
+            note = page.decode().split('id="part-of"')[1].split("</p>")[0]
+            assert f"<code>{platform}</code>" in note and f"/builds/{started['id']}" in note, note

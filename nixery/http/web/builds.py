@@ -364,7 +364,7 @@ async def build_page(request: web.Request) -> web.Response:
         return await _unknown_build_page(request)
     build = await _get_build(request)
     progress = Progress(build.started, build.events)
-    part = platform_parts.part_of(request.app[BUILDER].builds.recent(), build)
+    part = platform_parts.part_of(request.app[BUILDER].builds, build)
     head = "" if build.finished else '<noscript><meta http-equiv="refresh" content="3"></noscript>'
     state = build.stage.value
     body = f"""

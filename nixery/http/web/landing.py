@@ -31,7 +31,6 @@ from nixery.http.web.layout import (
 )
 from nixery.images import ImageRecord
 from nixery.lru import LRU
-from nixery.progress import platform_builds
 from nixery.views import size_text
 
 log = structlog.get_logger(__name__)
@@ -183,16 +182,14 @@ def _source_block(builder: ImageBuilder, revision: Revision | None, catalog: Pac
 
 
 def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit: int = 8) -> str:
-    every = builder.builds.recent(None, may_see)  # with several workers, all of theirs
-    builds = every[:limit]
+    builds = builder.builds.recent(limit, may_see)  # with several workers, theirs too
     if not builds:
         return ""
     # A platform's build of an image of several platforms; the default one has the image's name.
-    platforms = {one: platform for one, (_, platform) in platform_builds(every).items()}
     rows = "".join(
         f'<li><a href="/builds/{h(b.id)}"><code>{h(b.image)}</code></a> '
-        + (f'<span class="badge platform" title="the {h(platforms[b.id])} image of an image of several platforms">'
-           f'{h(platforms[b.id])}</span> ' if b.id in platforms else "")
+        + (f'<span class="badge platform" title="the {h(b.part_of.platform)} image of an image of several platforms">'
+           f'{h(b.part_of.platform)}</span> ' if b.part_of else "")
         + f'<span class="badge stage-{h(b.stage.value)}">{h(b.stage.value)}</span> '
         f'<span class="muted">{h(ago(b.started))}</span></li>'
         for b in builds

@@ -8,19 +8,21 @@ to its build; a pull command and a link of the name led to an error or a 404.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from nixery.http import guidance
 from nixery.http.markup import h
-from nixery.progress import Build, platform_builds
+from nixery.progress import Build, BuildLog
 from nixery.views import size_text
 
 
-def part_of(builds: Iterable[Build], build: Build) -> tuple[Build, str] | None:
+def part_of(builds: BuildLog, build: Build) -> tuple[Build, str] | None:
     """The build of the image of several platforms that `build` is one platform's build of,
-    and that platform, when it is among `builds` (the registry's)."""
-    return platform_builds(builds).get(build.id)
+    and that platform, while `builds` (the registry's) keeps that build."""
+    if build.part_of is None:
+        return None
+    image = builds.get(build.part_of.build_id)
+    return None if image is None else (image, build.part_of.platform)
 
 
 def note(part: tuple[Build, str] | None, tag: str) -> str:
