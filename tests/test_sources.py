@@ -472,6 +472,32 @@ def test_a_local_path_that_is_a_symlink_follows_it_to_a_new_release(tmp_path: Pa
 
 
 @needs_clients
+def test_a_local_path_moved_to_a_release_with_the_same_files_forgets_the_old_one(tmp_path: Path) -> None:
+    """The link moved to a release with the same files (a redeploy of one version), and the old
+    release was removed: the revision is the same (it is the files'), and its evaluator, started
+    on the old directory, went on reading it; the next name not evaluated before failed with 500
+    BUILD_FAILED. Now the evaluator is the directory's."""
+    for release in ("v1", "v1-again"):  # `extra` in a file of its own, read once it is asked for
+        write_package_set(tmp_path / "releases" / release, {"hello": "echo hello same", "extra": "EXTRA"})
+        default = tmp_path / "releases" / release / "default.nix"
+        program = 'program "extra" "echo extra same"'
+        default.write_text(default.read_text().replace('program "extra" "EXTRA"', "import ./extra.nix program"))
+        (default.parent / "extra.nix").write_text(f"program: {program}\n")
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "v1")
+    registry = started(tmp_path / "storage", NIXERY_PKGS_PATH=str(current))
+    try:
+        registry.manifest("hello")
+        (tmp_path / "next").symlink_to(tmp_path / "releases" / "v1-again")
+        (tmp_path / "next").replace(current)
+        shutil.rmtree(tmp_path / "releases" / "v1")
+        registry.manifest("extra")
+        assert run_in(rootfs_of(registry, "extra", tmp_path / "extra"), "/bin/extra") == "extra same\n"
+    finally:
+        registry.stop()
+
+
+@needs_clients
 def test_an_edit_under_a_symlinked_directory_of_a_local_path_gives_a_new_image(tmp_path: Path) -> None:
     """A package set that keeps part of itself behind a symbolic link (`pkgs/sub -> ../shared`,
     a checkout kept elsewhere) is re-read when a file behind the link changes, as when any

@@ -36,7 +36,9 @@ log = structlog.get_logger(__name__)
 _ENDS_BEFORE_GIVING_UP = 3
 _NOT_IMPORTING_KEPT = 64  # revisions remembered as not importing in a repl
 
-_Key = tuple[str, str]  # (system, package-set revision)
+#: (system, package-set revision, its directory): a local path moved to a directory with the same
+#: files is the same revision, but the evaluator of the old directory reads its files as it goes.
+_Key = tuple[str, str, str]
 
 
 class _WaitedTooLong(Exception):
@@ -81,7 +83,7 @@ class Evaluators:
         self, revision: str, pkgs_path: Path, request: Mapping[str, object], *, system: str, deadline: Deadline
     ) -> bytes | None:
         """eval.nix's JSON for `request`, or None when no evaluator can take it now."""
-        key = (system, revision)
+        key = (system, revision, str(pkgs_path))
         if not self.repl or self._unusable or key in self._not_importing:
             return None
         evaluator = self._current(key)
@@ -170,7 +172,7 @@ class Evaluators:
 
         Without repls, `nix-instantiate` imports it once, for the error alone.
         """
-        key = (system, revision)
+        key = (system, revision, str(pkgs_path))
         try:
             if not self.repl or self._unusable:
                 await check_import(pkgs_path, system, deadline=deadline, memory_limit=self.memory_limit)
