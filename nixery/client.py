@@ -68,6 +68,16 @@ def shown(url: str) -> str:
     return str(URL(url).with_password(None))
 
 
+def _masked(given: str) -> str:
+    """`given`, a URL that does not parse, without the credentials before its last `@` (`shown`
+    cannot read them out of it)."""
+    credentials, at, rest = given.rpartition("@")
+    if not at:
+        return given
+    scheme, slashes, _ = credentials.rpartition("://")
+    return f"{scheme}{slashes}***@{rest}"
+
+
 def _registry_url(value: str | None) -> str:
     given = value or os.environ.get("NIXERY_REGISTRY") or DEFAULT_REGISTRY
     source = "--registry" if value else "NIXERY_REGISTRY"
@@ -81,9 +91,9 @@ def _registry_url(value: str | None) -> str:
     except ValueError:
         usable = no_host = False
     if no_host:
-        raise ClientError(f"{source}={given!r} has no host: give one, like {DEFAULT_REGISTRY}")
+        raise ClientError(f"{source}={_masked(given)!r} has no host: give one, like {DEFAULT_REGISTRY}")
     if not usable:
-        raise ClientError(f"{source}={given!r} is not a registry URL like {DEFAULT_REGISTRY}")
+        raise ClientError(f"{source}={_masked(given)!r} is not a registry URL like {DEFAULT_REGISTRY}")
     return url
 
 

@@ -600,14 +600,17 @@ def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path
 
 
 def test_a_registry_url_that_cannot_be_one_is_a_usage_error() -> None:
-    """`--registry http://[::1` (or ftp://..., or a bad NIXERY_REGISTRY) ended in aiohttp's traceback."""
+    """`--registry http://[::1` (or ftp://..., or a bad NIXERY_REGISTRY) ended in aiohttp's traceback.
+    The message names the URL as given, but without its password."""
     for command, env in ((["build", "shell", "--registry", "http://[::1"], {}),
                          (["inspect", "shell", "--registry", "ftp://registry"], {}),
-                         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://registry:port"})):
+                         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://registry:port"}),
+                         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://ci:s3cret@registry:port"})):
         result = nixery(*command, env=env, timeout=60)
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr.endswith("is not a registry URL like http://127.0.0.1:8080\n"), result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert "s3cret" not in result.stderr, "the password of a URL that does not parse was printed"
 
 
 def test_a_registry_url_without_a_host_is_a_usage_error() -> None:
