@@ -464,15 +464,20 @@ class ImageBuilder:
         reads it) surely lacks, before the image's storage lock (an object written on S3 and GCS),
         a build slot or Nix is taken: misspelt pulls held a slot for seconds each. Counted as a
         build whose names were not found, as one that asked Nix is."""
-        if request.platforms:  # each platform's build checks the names in its own list
-            return
         started = time.monotonic()
-        try:
-            await self._check_names(request, revision, loaded_only=True)
-        except PackagesNotFound:
+        lacking: dict[Arch, PackagesNotFound] = {}
+        # Of several platforms, names one platform's list has build (the others are left out of
+        # the index); only names every list lacks are answered here, by the default's error.
+        for one in each_platform(request) if request.platforms else [request]:
+            try:
+                await self._check_names(one, revision, loaded_only=True)
+                return
+            except PackagesNotFound as missing:
+                lacking[one.arch] = missing
+        for _ in lacking:  # as each platform's build is counted (`_counted_build`)
             metrics.build_started()
             metrics.build_finished("not_found", time.monotonic() - started)
-            raise
+        raise lacking[request.arch]
 
     async def _counted_build(self, request: ImageRequest, revision: Revision, key: str, build: Build) -> ImageRecord:
         """A build that runs here (the metrics count it; not a wait for another process's).

@@ -304,12 +304,15 @@ def test_a_misspelt_name_is_answered_without_nix_once_the_package_list_is_read(s
     assert registry.manifest("shell/cowsay")[0].startswith("sha256:")  # a real name still builds
 
 
-def test_a_misspelt_name_takes_no_storage_lock(tmp_path: Path, start_registry) -> None:
+@pytest.mark.parametrize("platforms", ["linux/amd64", "linux/amd64,linux/arm64"])
+def test_a_misspelt_name_takes_no_storage_lock(tmp_path: Path, start_registry, platforms: str) -> None:
     """The image's build lock is an object written and deleted on S3 and GCS: each misspelt pull
-    took and freed one, although its answer needs no build. Here, once the package list is read,
-    the filesystem storage's lock directory is made unusable, so a pull that takes a lock fails."""
+    took and freed one, although its answer needs no build (with several NIXERY_PLATFORMS, the
+    index's). Here, once the package lists are read, the filesystem storage's lock directory is
+    made unusable, so a pull that takes a lock fails."""
     storage = tmp_path / "storage"
-    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox", NIXERY_PLATFORMS=platforms)
+    builds = len(platforms.split(","))
     assert error_of(registry, "shell/figlett")[1]["detail"]["suggestions"] == {"figlett": ["figlet"]}
     locks = storage / "locks"
     assert locks.is_dir() and not list(locks.iterdir())
@@ -318,4 +321,4 @@ def test_a_misspelt_name_takes_no_storage_lock(tmp_path: Path, start_registry) -
     status, error = error_of(registry, "shell/cowsy")
     assert (status, error["code"], error["detail"]["suggestions"]) == (404, "MANIFEST_UNKNOWN", {"cowsy": ["cowsay"]})
     _, _, metrics = registry.request("/metrics", accept="text/plain")
-    assert b'nixery_builds_total{result="not_found"} 2.0' in metrics
+    assert f'nixery_builds_total{{result="not_found"}} {2.0 * builds}'.encode() in metrics
