@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 import textwrap
@@ -237,7 +238,9 @@ def test_nix_knows_the_images_paths_in_a_seeded_volume(image: str, tmp_path: Pat
     copied it only into a volume that had none (the Deployment's `emptyDir`); in one that had a
     database already (the DaemonSet's host directory, seeded by an earlier image) the image's paths
     stayed unknown, and nix-collect-garbage there deleted the registry's own programs. Now they are
-    registered in that database too."""
+    registered in that database too. The next image's seed left the earlier image's roots, so each
+    upgrade kept a whole closure for ever, and rewrote the rows of paths the volume knew already,
+    dropping their signatures: now its roots replace the earlier ones and known rows stay."""
     empty, used = tmp_path / "empty", tmp_path / "used"
     empty.mkdir()
     used.mkdir()
@@ -251,7 +254,21 @@ def test_nix_knows_the_images_paths_in_a_seeded_volume(image: str, tmp_path: Pat
             kept = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{volume}:/nix", image, "bash", "-c",
                         "nix-collect-garbage && nixery --version"]).stdout
             assert "0 store paths deleted" in kept and kept.splitlines()[-1] == f"nixery {__version__}", (volume, kept)
-        assert _seeded(image, used, tmp_path / "seed-script").startswith("seeded 0 store paths")  # again: no change
+        # The next image: the earlier one's root goes with it, what the volume knew keeps its row.
+        earlier = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{used}:/nix", image, "bash", "-c",
+                       "echo earlier > /tmp/earlier && path=$(nix-store --add /tmp/earlier) && "
+                       "ln -s $path /nix/var/nix/gcroots/nixery/$(basename $path) && echo $path"]).stdout.split()[-1]
+        with sqlite3.connect(used / "var" / "nix" / "db" / "db.sqlite") as database:
+            (first,) = database.execute("SELECT min(id) FROM ValidPaths").fetchone()
+            database.execute("UPDATE ValidPaths SET sigs = 'built-here:c2ln', ultimate = 1 WHERE id = ?", (first,))
+        assert _seeded(image, used, tmp_path / "seed-script").startswith("seeded 0 store paths")
+        with sqlite3.connect(used / "var" / "nix" / "db" / "db.sqlite") as database:
+            kept_row = database.execute("SELECT sigs, ultimate FROM ValidPaths WHERE id = ?", (first,)).fetchone()
+        assert kept_row == ("built-here:c2ln", 1), "its row was rewritten, its signature dropped"
+        collected = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{used}:/nix", image, "bash", "-c",
+                         "nix-collect-garbage && nixery --version"]).stdout
+        assert "1 store paths deleted" in collected and not (used / earlier.removeprefix("/nix/")).exists(), collected
+        assert collected.splitlines()[-1] == f"nixery {__version__}"
     finally:
         _remove_tree(empty)
         _remove_tree(used)
