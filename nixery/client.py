@@ -547,10 +547,10 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("image", help="image name, e.g. shell/curl or shell/curl:TAG (the registry's own HOST/ "
                         "in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
-    shown = parser.add_mutually_exclusive_group()  # one document or the other: --sbom --json is refused
-    shown.add_argument("--json", action="store_true", help="print the registry's JSON document")
-    shown.add_argument("--sbom", action="store_true",
-                       help="print the image's SBOM (SPDX 2.3 JSON, not with --json) instead")
+    document = parser.add_mutually_exclusive_group()  # one document or the other: --sbom --json is refused
+    document.add_argument("--json", action="store_true", help="print the registry's JSON document")
+    document.add_argument("--sbom", action="store_true",
+                          help="print the image's SBOM (SPDX 2.3 JSON, not with --json) instead")
     parser.add_argument("--platform", type=_platform_option, metavar="OS/ARCH",
                         help="with --sbom, for an image of several platforms: the SBOM of this one, e.g. "
                              "linux/arm64 (default: the default platform's, named on stderr)")

@@ -144,8 +144,9 @@ class RequestTimeout(RegistryError):
 
 
 class ClientClosedRequest(RegistryError):
-    """The client hung up before its request's body arrived: nobody reads the answer, which
-    the access log and the metrics record with nginx's status for this, 499 (not a 500)."""
+    """The client hung up before its request's body arrived, or while its pull waited for a
+    build (`nixery.http.departures`): nobody reads the answer, which the access log and the
+    metrics record with nginx's status for this, 499 (not a 500)."""
 
     code = "UNSUPPORTED"
     kind = "CLIENT_CLOSED_REQUEST"

@@ -40,3 +40,5 @@ async def unless_client_leaves(request: web.Request, work: Awaitable[T], doing: 
         if not task.done():
             task.cancel()
             await asyncio.wait({task})  # its clean-up ends before the request's does
+            if not task.cancelled():  # it ended another way meanwhile: nobody is left to hear it
+                task.exception()
