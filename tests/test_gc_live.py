@@ -134,15 +134,22 @@ def test_registries_rebuild_what_gc_collected_while_they_served_it(start_registr
     assert not (storage / "locks" / f"builds_{key}.lock").exists()
 
 
+def two_images_aged(start_registry, storage: Path) -> tuple[str, dict]:
+    """`fortune` and `shell/hello` built into `storage`, the registry stopped, everything dated
+    hours back (past `--older-than 3h`); shell/hello's manifest digest and manifest."""
+    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
+    pull(registry, "fortune")
+    digest, manifest = pull(registry, "shell/hello")
+    registry.stop()
+    age_everything(storage)
+    return digest, manifest
+
+
 def test_the_records_of_collected_layers_go_with_their_blobs(start_registry, tmp_path: Path) -> None:
     """A layer's record (`meta/layers/`, how builds find a stored layer) goes when gc removes its
     blob: they used to stay, one for every layer ever made. A kept image's layers keep theirs."""
     storage = tmp_path / "storage"
-    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
-    pull(registry, "fortune")
-    kept_digest, kept = pull(registry, "shell/hello")
-    registry.stop()
-    age_everything(storage)
+    kept_digest, kept = two_images_aged(start_registry, storage)
     used = storage / "meta" / "usage" / record_key(storage, kept_digest)
     used.parent.mkdir(exist_ok=True)
     used.write_text(json.dumps({"last_used": time.time()}))
@@ -159,11 +166,7 @@ def test_gc_leaves_no_directories_of_what_it_removed(start_registry, tmp_path: P
     collects images for months piled up empty directories (an inode and a block each) without end.
     And a dry run says what the run then does, the layer records included."""
     storage = tmp_path / "storage"
-    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
-    pull(registry, "fortune")
-    pull(registry, "shell/hello")
-    registry.stop()
-    age_everything(storage)
+    two_images_aged(start_registry, storage)
 
     dry = run([sys.executable, "-m", "nixery", "gc", "--older-than", "3h", "--dry-run"],
               env_extra={"STORAGE_PATH": str(storage), "NIXERY_BUNDLED_SET": "busybox"}).stdout
@@ -185,11 +188,7 @@ def test_gc_says_what_it_keeps_because_a_clock_was_ahead(start_registry, tmp_pat
     pulls and blobs a month ahead: gc keeps them until then. It did so without a word, so the
     storage an operator expected gc to free stayed full; now it says what it keeps, and why."""
     storage = tmp_path / "storage"
-    registry = start_registry(storage, NIXERY_BUNDLED_SET="busybox")
-    pull(registry, "fortune")
-    kept_digest, _ = pull(registry, "shell/hello")
-    registry.stop()
-    age_everything(storage)
+    kept_digest, _ = two_images_aged(start_registry, storage)
     month_ahead = time.time() + 30 * 86400
     used = storage / "meta" / "usage" / record_key(storage, kept_digest)
     used.parent.mkdir(exist_ok=True)
