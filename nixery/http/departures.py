@@ -29,6 +29,9 @@ async def unless_client_leaves(request: web.Request, work: Awaitable[T], doing: 
     """`work`'s result; ClientClosedRequest once the client of `request` has hung up before it
     is done (the wait for it is cancelled). `doing` says what the client waited for."""
     task = asyncio.ensure_future(work)
+    # Read once it ends, however the wait ends: when the client leaves (or the handler is cancelled)
+    # as it fails, nobody is left to hear its failure, which the build logs on its own.
+    task.add_done_callback(_retrieve)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=LOOK_EVERY)
@@ -40,5 +43,8 @@ async def unless_client_leaves(request: web.Request, work: Awaitable[T], doing: 
         if not task.done():
             task.cancel()
             await asyncio.wait({task})  # its clean-up ends before the request's does
-            if not task.cancelled():  # it ended another way meanwhile: nobody is left to hear it
-                task.exception()
+
+
+def _retrieve(task: asyncio.Future[T]) -> None:
+    if not task.cancelled():
+        task.exception()
