@@ -228,6 +228,29 @@ async def test_revisions_get_their_own_repl_and_the_least_recent_stops(
     assert first in pids(evaluators) and len(pids(evaluators)) == 2
 
 
+async def test_a_revision_in_another_directory_replaces_the_repl_of_the_first(
+    evaluators: Evaluators, tmp_path: Path
+) -> None:
+    """A local path moved to a directory with the same files is the same revision; its repl reads
+    the directory it started in, so the next image gets one of the new directory. The old one
+    stayed for its idle time, in one of the two places, and pushed out another revision's."""
+    moved = tmp_path / "pkgs"  # what the registry takes for the same files ("r1", as PKGS)
+    moved.mkdir()
+    (moved / "default.nix").write_text(f"args: import {PKGS} args\n")
+    await resolve(evaluators, ["figlet"], revision="other")
+    await resolve(evaluators, ["hello"])
+    other, first = the_pids_in_order(evaluators)
+    assert await resolve(evaluators, ["hello"], pkgs=moved) == await resolve(None, ["hello"], pkgs=moved)
+    await asyncio.sleep(0.2)
+    assert gone(first) and other in pids(evaluators) and len(pids(evaluators)) == 2
+    assert [evaluator.pkgs_path for evaluator in evaluators.running()][-1] == moved
+
+
+def the_pids_in_order(pool: Evaluators) -> list[int]:
+    """The running repls' process ids, least recently used first."""
+    return [evaluator._process.pid for evaluator in pool.running() if evaluator._process is not None]
+
+
 async def test_an_idle_repl_stops() -> None:
     pool = Evaluators(memory_limit=1 << 30, idle_seconds=0.5)
     try:

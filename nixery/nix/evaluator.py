@@ -206,8 +206,9 @@ class Evaluators:
 
     def _new(self, key: _Key, pkgs_path: Path) -> ReplEvaluator:
         evaluator = ReplEvaluator(pkgs_path, key[0], memory_limit=self.memory_limit)
-        replaced = self._evaluators.pop(key)
-        if replaced is not None:
+        # The same revision in another directory (a local path moved): that one's is not asked again.
+        moved = [kept for kept in self._evaluators if kept[:2] == key[:2] and kept != key]
+        for replaced in filter(None, (self._evaluators.pop(one) for one in [key, *moved])):
             self._stop_when_free(replaced)
         for _, oldest in self._evaluators.put(key, evaluator):
             self._stop_when_free(oldest)
