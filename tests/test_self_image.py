@@ -261,13 +261,22 @@ def test_nix_knows_the_images_paths_in_a_seeded_volume(image: str, tmp_path: Pat
         with sqlite3.connect(used / "var" / "nix" / "db" / "db.sqlite") as database:
             (first,) = database.execute("SELECT min(id) FROM ValidPaths").fetchone()
             database.execute("UPDATE ValidPaths SET sigs = 'built-here:c2ln', ultimate = 1 WHERE id = ?", (first,))
+            # A path of this image that the earlier one did not have: no other path refers to it.
+            (new_id, new_path) = database.execute(
+                "SELECT id, path FROM ValidPaths WHERE id NOT IN (SELECT reference FROM Refs) AND id != ? "
+                "AND path != ? ORDER BY path LIMIT 1", (first, earlier)).fetchone()
+            database.execute("DELETE FROM Refs WHERE referrer = ?", (new_id,))
+            database.execute("DELETE FROM ValidPaths WHERE id = ?", (new_id,))
         assert _seeded(image, used, tmp_path / "seed-script").startswith("seeded 0 store paths")
         with sqlite3.connect(used / "var" / "nix" / "db" / "db.sqlite") as database:
             kept_row = database.execute("SELECT sigs, ultimate FROM ValidPaths WHERE id = ?", (first,)).fetchone()
+            added = database.execute("SELECT count(*) FROM ValidPaths WHERE path = ?", (new_path,)).fetchone()
         assert kept_row == ("built-here:c2ln", 1), "its row was rewritten, its signature dropped"
+        assert added == (1,), f"{new_path}, which the volume's database lacked, is not registered"
         collected = run(["podman", "run", "--rm", *PODMAN_RUN_FLAGS, "-v", f"{used}:/nix", image, "bash", "-c",
                          "nix-collect-garbage && nixery --version"]).stdout
-        assert "1 store paths deleted" in collected and not (used / earlier.removeprefix("/nix/")).exists(), collected
+        assert re.search(r"(?m)^1 store paths deleted", collected), collected
+        assert not (used / earlier.removeprefix("/nix/")).exists(), collected
         assert collected.splitlines()[-1] == f"nixery {__version__}"
     finally:
         _remove_tree(empty)
