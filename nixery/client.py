@@ -69,13 +69,16 @@ def shown(url: str) -> str:
 
 
 def _masked(given: str) -> str:
-    """`given`, a URL that does not parse, without the credentials before its last `@` (`shown`
-    cannot read them out of it)."""
-    credentials, at, rest = given.rpartition("@")
-    if not at:
-        return given
-    scheme, slashes, _ = credentials.rpartition("://")
-    return f"{scheme}{slashes}***@{rest}"
+    """`given`, a URL that does not parse, without its credentials (`shown` cannot read them out
+    of it): the host's user information; with an `@` only after a `/`, all before the last `@`,
+    as a password may hold a `/`."""
+    scheme, slashes, rest = given.rpartition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        return f"{scheme}{slashes}***@{authority.rpartition('@')[2]}{slash}{path}"
+    if "@" in path:
+        return f"{scheme}{slashes}***@{rest.rpartition('@')[2]}"
+    return given
 
 
 def _registry_url(value: str | None) -> str:
