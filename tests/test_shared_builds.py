@@ -4,6 +4,7 @@ either worker, as a proxy's pool or a browser's reconnect does)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -233,3 +234,26 @@ def test_every_worker_marks_each_platforms_build_with_the_image_it_is_part_of(st
             assert status == 200
             note = page.decode().split('id="part-of"')[1].split("</p>")[0]
             assert f"<code>{platform}</code>" in note and f"/builds/{started['id']}" in note, note
+
+
+def test_another_workers_copy_of_a_platforms_build_knows_the_image_it_is_part_of(tmp_path: Path) -> None:
+    """What a worker reads of another's build file: its events and, for one platform's build of
+    an image of several, the image's build and the platform, written once the relay begins."""
+    from nixery.progress import Build, PartOf, PlatformRelay, Stage
+    from nixery.shared_builds import CopiedBuild, SharedBuildLog
+
+    async def relayed() -> tuple[Build, Build]:
+        log = SharedBuildLog(tmp_path)
+        image, platform = log.new("hello"), log.new("arm64/hello")
+        platform.emit(Stage.BUILDING, "building")
+        relay = PlatformRelay(image)
+        relay.follow("linux/arm64", platform)
+        platform.emit(Stage.DONE, "image ready")
+        await relay.finish()
+        return image, platform
+
+    image, platform = asyncio.run(relayed())
+    copy = CopiedBuild.read(tmp_path / f"{platform.id}.jsonl")
+    assert copy is not None and copy.part_of == PartOf(image.id, "linux/arm64") == platform.part_of
+    assert [event.message for event in copy.events] == ["building", "image ready"] and copy.finished
+    assert CopiedBuild.read(tmp_path / f"{image.id}.jsonl").part_of is None
