@@ -71,8 +71,10 @@ _HASH = re.compile(r"scrypt\$(\d{1,2})\$(\d{1,2})\$(\d{1,2})\$([A-Za-z0-9+/]+=*)
 def _scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
     n = 1 << log_n
     memory = 128 * r * (n + 2) + 128 * r * p  # what OpenSSL allocates
+    # surrogatepass: a form in another charset (utf-7) can give a lone surrogate, which is no
+    # password anyone has but must not fail the check (a 500 where a 401 is due).
     return hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=memory + (1 << 20), dklen=_KEY_BYTES
+        password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, maxmem=memory + (1 << 20), dklen=_KEY_BYTES
     )
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import aiohttp
 from aiohttp import web
 
 from nixery import auth
@@ -526,6 +527,17 @@ async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users
     ]:
         unreadable = await client.post("/token", data=body, headers={"Content-Type": content_type})
         assert unreadable.status == 400 and _code(await unreadable.read()) == "REQUEST_INVALID", content_type
+    # A password that is no text UTF-8 can hold (utf-7 gives a lone surrogate): 500, a traceback in the log.
+    for user in (ALICE[0], "nobody"):
+        odd = await client.post("/token", data=f"grant_type=password&username={user}&password=+2AA-".encode(),
+                                headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-7"})
+        assert odd.status == 401 and _code(await odd.read()) == "UNAUTHORIZED", user
+    # A field sent as a file: its Python text (a memory address among it) was read, and answered back.
+    with_file = aiohttp.FormData({field: value for field, value in form.items() if field != "service"})
+    with_file.add_field("service", b"nixery", filename="service.txt")
+    refused = await client.post("/token", data=with_file)
+    text = await refused.text()
+    assert refused.status == 400 and _code(text.encode()) == "REQUEST_INVALID" and "0x" not in text, text
     assert (await client.post("/token", data=form)).status == 200
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -278,14 +278,14 @@ async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, 
     POST (OAuth2 password grant form)."""
     if request.method == "POST":
         form = await read_form(request)
-        if form.get("grant_type") != "password":  # e.g. refresh_token: this registry issues no refresh tokens
+        if _form_text(form, "grant_type") != "password":  # e.g. refresh_token: this registry issues no refresh tokens
             raise errors.Unauthorized(
                 "only the OAuth2 password grant is supported; or GET with basic credentials",
                 headers=_BASIC_CHALLENGE,
             )
-        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        name, password = _form_text(form, "username"), _form_text(form, "password")
         credentials = (name, password) if name else None
-        return credentials, _opt(form.get("service")), str(form.get("scope", "")).split()
+        return credentials, _form_text(form, "service") or None, _form_text(form, "scope").split()
     credentials = None
     header = request.headers.get("Authorization", "").strip()
     if header:
@@ -299,8 +299,13 @@ async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, 
     return credentials, request.query.get("service"), scopes
 
 
-def _opt(value: object) -> str | None:
-    return str(value) if value else None
+def _form_text(form: Mapping[str, object], field: str) -> str:
+    """A field of the token form: text. A file's was read as Python's text for it (its memory
+    address included), and answered back in the error."""
+    value = form.get(field, "")
+    if not isinstance(value, str):
+        raise errors.RequestInvalid(f"the form field `{field}` must be text, not a file", detail={"field": field})
+    return value
 
 
 _BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="nixery", charset="UTF-8"'}
