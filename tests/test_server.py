@@ -389,9 +389,13 @@ def test_an_expectation_other_than_100_continue_gets_the_registrys_json_error(re
         assert b"application/json" in head and MARKER.encode() not in answer, (path, answer[:300])
         error = json.loads(body)["errors"][0]
         assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "EXPECTATION_FAILED"), (path, error)
+    # A value that is not UTF-8: aiohttp's refusal failed as it quoted it, a 500 on every route.
+    answer = exchange(registry.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: \xff\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 417 ") and b"EXPECTATION_FAILED" in answer, answer[:300]
     # Answered before the middlewares, these 417s were missing from the access log.
     refused = [(e["method"], e["path"]) for e in registry.log_events("http.request") if e["status"] == 417]
-    assert refused == [("GET", "/v2/"), ("GET", "/v2/shell/manifests/latest"), ("GET", "/no/such/page")]
+    assert refused == [("GET", "/v2/"), ("GET", "/v2/shell/manifests/latest"), ("GET", "/no/such/page"),
+                       ("GET", "/v2/")]
     continued = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n"
     answer = exchange(registry.port, continued)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:300]

@@ -81,7 +81,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import structlog
-from aiohttp import http_exceptions, web
+from aiohttp import HttpVersion11, hdrs, http_exceptions, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -567,13 +567,24 @@ def _http_errors_as_registry_errors(handler: Any) -> Any:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = error_response(registry_error(exc))
-            # The middlewares never saw it: logged and counted here, as they would have.
-            log_request(request, response.status, started)
-            metrics.count_request(cast(web.Request, request), response.status, started)
-            return response
+            refused = exc
+        except UnicodeEncodeError:  # aiohttp's refusal quotes the `Expect`, and fails on a value not UTF-8
+            if not _unmet_expectation(request):
+                raise
+            refused = web.HTTPExpectationFailed()
+        response = error_response(registry_error(refused))
+        # The middlewares never saw it: logged and counted here, as they would have.
+        log_request(request, response.status, started)
+        metrics.count_request(cast(web.Request, request), response.status, started)
+        return response
 
     return handle
+
+
+def _unmet_expectation(request: web.BaseRequest) -> bool:
+    """An `Expect` other than `100-continue` in an HTTP/1.1 request (which aiohttp refuses too)."""
+    expect = request.headers.get(hdrs.EXPECT)
+    return expect is not None and request.version == HttpVersion11 and expect.lower() != "100-continue"
 
 
 class RegistryConnection(RequestHandler):
