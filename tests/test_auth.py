@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 import aiohttp
+import pytest
 from aiohttp import web
 
 from nixery import auth
