@@ -33,17 +33,22 @@ def spawn(
     failure_event: str,
     keep: set[asyncio.Task[Any]] | None = None,
     describe_error: Callable[[Exception], str] | None = None,
+    on_failure: Callable[[], None] | None = None,
     **fields: Any,
 ) -> asyncio.Task[T]:
-    """Start `work` in the background; its failure is logged as `failure_event` with `fields`."""
+    """Start `work` in the background; its failure is logged as `failure_event` with `fields`,
+    then `on_failure` is called."""
     task = asyncio.ensure_future(work)
-    detach(task, failure_event=failure_event, keep=keep, describe_error=describe_error, **fields)
+    detach(task, failure_event=failure_event, keep=keep, describe_error=describe_error, on_failure=on_failure,
+           **fields)
     return task
 
 
-def failed(task: asyncio.Future[Any]) -> bool:
-    """Whether a done task ended with an error (not a result, not a cancellation)."""
-    return not task.cancelled() and task.exception() is not None
+def retrieve(task: asyncio.Future[Any]) -> None:
+    """A done callback for a task whose failure is reported elsewhere: its exception is read, so
+    that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def detach(
@@ -52,6 +57,7 @@ def detach(
     failure_event: str,
     keep: set[Any] | None = None,
     describe_error: Callable[[Exception], str] | None = None,
+    on_failure: Callable[[], None] | None = None,
     **fields: Any,
 ) -> asyncio.Future[T]:
     """Let a running task finish on its own: referenced until done, its failure logged
@@ -68,6 +74,8 @@ def detach(
         if error is not None:
             text = described(error) if isinstance(error, Exception) else describe(error)
             log.warning(failure_event, error=text, **fields)
+            if on_failure is not None:
+                on_failure()
 
     task.add_done_callback(done)
     return task

@@ -44,6 +44,7 @@ import structlog
 from nixery import metrics
 from nixery.assembly import AssembledImage, assemble
 from nixery.attachments import Closure, attach
+from nixery.background import retrieve
 from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
@@ -703,7 +704,7 @@ class ImageBuilder:
         own = [asyncio.ensure_future(self.storage.put_blob_bytes(blob)) for blob in image.blobs]
         shared = (asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None)
         blobs_stored = asyncio.gather(*own, *shared)
-        blobs_stored.add_done_callback(_retrieved)  # when the record fails first, the build reports that error
+        blobs_stored.add_done_callback(retrieve)  # when the record fails first, the build reports that error
         history = [] if plan is None else [self.histories.of(request.arch.nix_system).record(plan)]
         tag = self._tags.peek(revision.id)
         recipe = None if tag is None else build_recipe(request, tag, revision)
@@ -714,10 +715,5 @@ class ImageBuilder:
             await asyncio.gather(*own, return_exceptions=True)
             raise
         return served.result()
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 

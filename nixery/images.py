@@ -71,7 +71,7 @@ from typing import Any
 
 import structlog
 
-from nixery.background import failed, spawn
+from nixery.background import spawn
 from nixery.collected import CollectionWatch
 from nixery.errors import DigestInvalid
 from nixery.layers.store import FORMAT_VERSION
@@ -658,16 +658,11 @@ class ImageStore:
         now = time.time()
         if not self.cached.should_write_use(key, now, USAGE_INTERVAL):
             return
-        written = spawn(
+        spawn(
             self.storage.put_meta(f"{USAGE_PREFIX}{key}", canonical_json({"last_used": now})),
             failure_event="build.usage_not_recorded", keep=self._usage_writes,
+            on_failure=lambda: self.cached.use_not_written(key, now, USAGE_INTERVAL),
         )
-
-        def retried_if_failed(done: asyncio.Future[None]) -> None:
-            if failed(done):
-                self.cached.use_not_written(key, now, USAGE_INTERVAL)
-
-        written.add_done_callback(retried_if_failed)
 
     def note_pull(self, digest: Digest) -> None:
         """Record that a manifest was pulled by its digest (for GC): as a use of the images in

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from nixery.background import failed, spawn
+from nixery.background import spawn
 from nixery.errors import DigestInvalid
 from nixery.lru import LRU
 from nixery.registry.digest import Digest
@@ -55,16 +55,11 @@ class PullLog:
         if last is not None and now - last < self.interval:
             return
         self._written.put(digest, now)
-        written = spawn(
+        spawn(
             self.storage.put_meta(pull_key(digest), canonical_json({"last_used": now})),
             failure_event="http.pull_not_recorded", keep=self._writes, digest=str(digest),
+            on_failure=lambda: self._not_written(digest, now),
         )
-
-        def retried_if_failed(done: asyncio.Future[None]) -> None:
-            if failed(done):
-                self._not_written(digest, now)
-
-        written.add_done_callback(retried_if_failed)
 
     def _not_written(self, digest: Digest, written_at: float) -> None:
         """The write noted at `written_at` failed: the next pull after `retry` seconds writes it."""

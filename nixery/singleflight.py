@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from nixery.background import retrieve
+
 T = TypeVar("T")
 
 
@@ -106,7 +108,7 @@ class SingleFlight(Generic[T]):
     def _finished(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        _retrieve(task)
+        retrieve(task)
 
 
 class FreshRun(Generic[T]):
@@ -127,7 +129,7 @@ class FreshRun(Generic[T]):
     async def run(self) -> T:
         if self._next is None:
             self._next = asyncio.ensure_future(self._begin_after(self._current))
-            self._next.add_done_callback(_retrieve)
+            self._next.add_done_callback(retrieve)
         return await asyncio.shield(self._next)
 
     async def _begin_after(self, previous: asyncio.Task[T] | None) -> T:
@@ -143,8 +145,3 @@ def _cancel_once(task: asyncio.Task[T]) -> None:
     # given seconds to end after SIGTERM).
     if not task.cancelling():
         task.cancel()
-
-
-def _retrieve(task: asyncio.Task[object]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved here so an unawaited failure is not logged as lost

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from nixery.background import retrieve
 from nixery.errors import ClientClosedRequest
 from nixery.metrics import client_left
 
@@ -31,7 +32,7 @@ async def unless_client_leaves(request: web.Request, work: Awaitable[T], doing: 
     task = asyncio.ensure_future(work)
     # Read once it ends, however the wait ends: when the client leaves (or the handler is cancelled)
     # as it fails, nobody is left to hear its failure, which the build logs on its own.
-    task.add_done_callback(_retrieve)
+    task.add_done_callback(retrieve)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=LOOK_EVERY)
@@ -43,8 +44,3 @@ async def unless_client_leaves(request: web.Request, work: Awaitable[T], doing: 
         if not task.done():
             task.cancel()
             await asyncio.wait({task})  # its clean-up ends before the request's does
-
-
-def _retrieve(task: asyncio.Future[T]) -> None:
-    if not task.cancelled():
-        task.exception()
