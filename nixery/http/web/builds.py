@@ -62,11 +62,10 @@ BUILD_ID = r"[0-9a-f]{1,64}"
 _VERBS = {Stage.DONE: "Built", Stage.FAILED: "Could not build"}
 
 
-def _split_reference(text: str, tag: str, host: str, origin: str) -> tuple[str, str]:
-    """`HOST/shell/curl:tag` as typed or pasted: drop this registry's host, split off the tag.
-    Another registry's `host:port/`, or a digest, is refused saying so (its port is no tag)."""
+def _split_reference(text: str, tag: str, origin: str) -> tuple[str, str]:
+    """`HOST/shell/curl:tag` as typed or pasted: drop this registry's host (`origin`'s), split off
+    the tag. Another registry's `host:port/`, or a digest, is refused saying so (its port is no tag)."""
     text = text.strip().removeprefix("docker://").strip("/")  # the scheme first: `docker://` alone is no name
-    text = text.removeprefix(f"{host}/")
     try:
         text = image_of(text, origin)
     except UnusableReference as exc:
@@ -90,9 +89,7 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
         fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
     request[FORM] = fields  # an error page shows the form again
-    name, tag = _split_reference(
-        fields.get("image", ""), fields.get("tag", "").strip(), registry_host(request), hosts.origin(request)
-    )
+    name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), hosts.origin(request))
     tag = check_build_tag(tag)  # not an attachment's (sha256-...): an image built under one could not be pulled
     image = await requested_image(request, tag, name)
     # With access control on: viewing a built image needs pull, building a new one build
