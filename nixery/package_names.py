@@ -26,6 +26,7 @@ from nixery.nix.catalog import Catalog, CatalogEntry, CatalogSearch, PackageCata
 from nixery.nix.errors import PackagesNotFound
 from nixery.nix.packages import host_system
 from nixery.nix.sources import Revision
+from nixery.platforms import platform_name
 from nixery.registry.names import Arch
 from nixery.storage.base import Storage
 from nixery.suggestions import Suggestions
@@ -96,7 +97,7 @@ class PackageNames:
         if host is None:
             return {}
         lacking = set(await asyncio.to_thread(host.missing, list(missing)))
-        platform = next((f"linux/{arch.oci_name}" for arch in Arch if arch.nix_system == self.catalog.system),
+        platform = next((platform_name(arch) for arch in Arch if arch.nix_system == self.catalog.system),
                         self.catalog.system)
         return {name: platform for name in missing if name not in lacking}
 
