@@ -673,6 +673,10 @@ class RegistryConnection(RequestHandler):
         storage). Returns the connection's task, to wait for (None: it has ended)."""
         task = self._task_handler  # before the abort: `connection_lost` forgets it
         self._cut_off = self.request_under_way
+        # aiohttp's shutdown waits for the handler on this future, and the caller cancels that wait
+        # next, which cancels the future: a handler ending before the shutdown had seen it would set
+        # its result, an InvalidStateError logged as an unhandled error. Nothing waits on it now.
+        self._handler_waiter = None
         if self.transport is not None:
             self.transport.abort()
         if task is None or task.done():
