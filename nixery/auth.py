@@ -238,23 +238,39 @@ class Authenticator:
         message = b"\0".join((user.name.encode(), user.password_hash.encode(), password.encode("utf-8", "replace")))
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
+    def remembered(self, name: str, password: str) -> User | None:
+        """The user, if this password was found theirs before (no scrypt, no wait)."""
+        user = self.users.get(name)
+        if user is not None and self._verified.get(self._fingerprint(user, password)):
+            return user
+        return None
+
     async def check(self, name: str, password: str, client: str = "") -> User | None:
-        """The user, if `password` is theirs; `client` (an address) is whom the check waits in turn for."""
+        """The user, if `password` is theirs; `client` (an address) is whom the check waits in turn for.
+
+        Cancelled while it waits for its turn, the check is dropped (its client left); once
+        scrypt runs, it keeps its slot until scrypt ends, so that at most `parallel` run."""
         user = self.users.get(name)
         if user is None:
             # Spend the same time as for a listed user: no probing for names.
-            async with self._slots.hold(client):
-                await asyncio.to_thread(verify_password, password, self.users.decoy_hash)
+            await self._verify(client, password, self.users.decoy_hash)
             return None
         fingerprint = self._fingerprint(user, password)
         if self._verified.get(fingerprint):
             return user
-        async with self._slots.hold(client):
-            ok = await asyncio.to_thread(verify_password, password, user.password_hash)
-        if not ok:
+        if not await self._verify(client, password, user.password_hash):
             return None
         self._verified.put(fingerprint, True)
         return user
+
+    async def _verify(self, client: str, password: str, password_hash: str) -> bool:
+        async with self._slots.hold(client):
+            verifying = asyncio.ensure_future(asyncio.to_thread(verify_password, password, password_hash))
+            try:
+                return await asyncio.shield(verifying)
+            except asyncio.CancelledError:
+                await asyncio.wait({verifying})
+                raise
 
 
 # --- tokens ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import string
 import subprocess
 import sys
@@ -884,6 +885,39 @@ def test_a_flood_of_wrong_passwords_does_not_hold_back_other_clients_logins(tmp_
             assert not all(guess.done() for guess in guesses), "the flood was over before the login"
             for guess in guesses:
                 guess.result()
+    finally:
+        registry.stop()
+
+
+def test_guesses_whose_clients_hung_up_are_not_checked(tmp_path: Path) -> None:
+    """Forty guesses sent at once, each connection closed right after: before, all forty ran
+    scrypt after their clients had gone (about 2 s of both CPUs, and any number of them could be
+    queued). Now a check still waiting for its turn when its client is seen gone is dropped."""
+    users = tmp_path / "users"  # the default scrypt cost, as in production: ~0.1 s a check
+    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\n")
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
+    ).start()
+    try:
+        guesses = 40
+        for number in range(guesses):
+            credentials = basic(("alice", f"guess-{number}"))["Authorization"]
+            head = f"GET /token?service=nixery HTTP/1.1\r\nHost: x\r\nAuthorization: {credentials}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", registry.port), timeout=60) as sock:
+                sock.sendall(head.encode())
+
+        def answered() -> list[dict]:
+            return [e for e in registry.log_events("http.request") if e["path"] == "/token"]
+
+        deadline = time.monotonic() + 60
+        while len(answered()) < guesses and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(answered()) == guesses and {e["status"] for e in answered()} <= {401, 499}, answered()
+        checked = len(registry.log_events("auth.bad_credentials"))
+        assert checked <= guesses // 2, f"{checked} of {guesses} guesses were checked after their clients left"
+        status, _, body = registry.request("/token?service=nixery", headers=basic(ALICE), accept=None)
+        assert status == 200, body
     finally:
         registry.stop()
 

@@ -54,6 +54,7 @@ from nixery.auth import (
 from nixery.config import AuthSettings, Settings
 from nixery.http import csrf, hosts, routes
 from nixery.http.bodies import read_form
+from nixery.http.departures import unless_client_leaves
 from nixery.http.errors import Handler
 from nixery.registry.names import check_tag, names_attachment
 
@@ -132,7 +133,13 @@ class AccessControl:
     # --- who is asking ---
 
     async def authenticate(self, request: web.Request, name: str, password: str) -> User | None:
-        user = await self.authenticator.check(name, password, client=request.remote or "")
+        """The user these credentials name, if the password is theirs. A client that hangs up
+        while its check waits its turn is not checked: its queued guesses would run on for nobody."""
+        user = self.authenticator.remembered(name, password)
+        if user is not None:
+            return user
+        checking = self.authenticator.check(name, password, client=request.remote or "")
+        user = await unless_client_leaves(request, checking, "its password waited to be checked")
         if user is None:
             log.info("auth.bad_credentials", user=name[:64])
         return user
