@@ -55,6 +55,7 @@ def create_app(settings: Settings) -> web.Application:
     app[bodies.BODY_TIMEOUT] = settings.header_timeout  # a body has as long as its head had
     bodies.quiet_form_warnings()  # a client's malformed form is its error, not lines on stderr
     app[proxies.TRUSTED_PROXIES] = settings.trusted_proxies
+    app[hosts.PUBLIC_HOST] = settings.public_host or ""
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         storage = open_storage(settings)

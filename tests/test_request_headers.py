@@ -20,9 +20,11 @@ MALFORMED_HOSTS = [b"x:abc", b"x:99999", b"x:-1", b"x:", b"\xff", b"a b", b'<scr
 Answer = tuple[int, dict[str, str], bytes]
 
 
-def raw_request(port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"") -> Answer:
+def raw_request(
+    port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"", version: str = "1.1"
+) -> Answer:
     """One request exactly as given (each header's value as bytes); (status, headers, body)."""
-    head = f"{method} {path} HTTP/1.1\r\n".encode()
+    head = f"{method} {path} HTTP/{version}\r\n".encode()
     head += b"".join(name.encode() + b": " + value + b"\r\n" for name, value in headers)
     head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
@@ -96,6 +98,25 @@ def test_pages_name_the_host_they_were_asked_by(shared_registry: RegistryProcess
     for host in [b"registry.example", b"registry.example:5000", b"10.0.0.1:80", b"[::1]:8080"]:
         status, _, body = raw_request(shared_registry.port, "GET", "/", [("Host", host), ("Accept", HTML.encode())])
         assert status == 200 and b"serving <code>" + host + b"</code>" in body, host
+
+
+def test_pages_name_the_host_and_port_of_a_request_without_a_host_header(shared_registry: RegistryProcess) -> None:
+    """An absolute-form request names the registry in its target, which RFC 9112 puts before
+    `Host`; an HTTP/1.0 request may name none. Both lost the port (aiohttp's request.host), so
+    the pull commands, progress links and token realm named port 80."""
+    port = shared_registry.port
+    accept = ("Accept", HTML.encode())
+    status, _, body = raw_request(port, "GET", f"http://127.0.0.1:{port}/", [("Host", b"elsewhere.example"), accept])
+    assert status == 200 and f"serving <code>127.0.0.1:{port}</code>".encode() in body, body[-600:]
+    status, _, body = raw_request(port, "GET", "/", [accept], version="1.0")
+    assert status == 200 and f"serving <code>127.0.0.1:{port}</code>".encode() in body, body[-600:]
+    build = json.dumps({"image": "shell/hello/cowsay"}).encode()  # no Host: the build's progress link
+    kind = [("Content-Type", b"application/json"), ("Accept", b"application/json")]
+    status, _, body = raw_request(port, "POST", "/builds", kind, build, version="1.0")
+    assert status == 202, body
+    started = json.loads(body)["id"]
+    logged = [e for e in shared_registry.log_events("http.build_started") if e["build"] == started]
+    assert logged and logged[0]["progress"].startswith(f"http://127.0.0.1:{port}/builds/"), logged
 
 
 def test_cross_site_headers_that_are_not_utf8_are_refused_not_failed(shared_registry: RegistryProcess) -> None:

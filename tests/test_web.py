@@ -655,6 +655,8 @@ def test_posts_from_other_sites_pages_are_refused(registry: RegistryProcess) -> 
         {"Origin": "http://evil.example"},  # a browser that sends no Sec-Fetch-Site
         {"Origin": f"http://{own}.evil.example"},
         {"Origin": "null"},  # a sandboxed page
+        # Anyone can send this header; it counts only from NIXERY_TRUSTED_PROXIES.
+        {"Origin": "http://evil.example", "X-Forwarded-Host": "evil.example"},
     ]
     for headers in cross_site:
         status, kind, body = _post_build(registry, {**credentials, **headers}, image="shell/figlet", browser=False)
@@ -669,12 +671,39 @@ def test_posts_from_other_sites_pages_are_refused(registry: RegistryProcess) -> 
         {"Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin"},
         {"Origin": f"http://{own}"},
         {"Origin": f"https://{own}"},  # behind a proxy that ends TLS and keeps the Host
-        {"Origin": "https://registry.example", "X-Forwarded-Host": "registry.example"},  # a proxy that rewrites Host
         {"Sec-Fetch-Site": "none"},  # the user's own action
     ]
     for headers in same_site:
         status, _, body = _post_build(registry, {**credentials, **headers}, image="shell/hello", browser=False)
         assert status == 202, (headers, status, body)
+
+
+def test_behind_a_trusted_proxy_its_forwarded_host_is_the_registrys(
+    start_registry: Callable[..., RegistryProcess],
+) -> None:
+    """A proxy that sends its upstream's name as `Host` says the host the browser used in
+    `X-Forwarded-Host`: from a trusted proxy the pages name it and the forms take posts from it.
+    NIXERY_PUBLIC_HOST counts as the registry's own too."""
+    registry = start_registry(
+        NIXERY_BUNDLED_SET="busybox", NIXERY_TRUSTED_PROXIES="127.0.0.1", NIXERY_PUBLIC_HOST="public.example:5000"
+    )
+    proxied = {"Host": "backend:8080", "X-Forwarded-Host": "registry.example", "X-Forwarded-Proto": "https"}
+    for headers in [{**proxied, "Origin": "https://registry.example"}, {"Origin": "http://public.example:5000"}]:
+        status, _, body = _post_build(registry, headers, image="shell/hello", browser=False)
+        assert status == 202, (headers, status, body)
+    status, _, body = _post_build(registry, {**proxied, "Origin": "https://backend:8080"}, image="shell", browser=False)
+    assert status == 202, body  # the Host the proxy sent names the registry as well
+    status, _, body = _post_build(registry, {**proxied, "Origin": "https://evil.example"}, image="shell", browser=False)
+    assert status == 403, body
+    connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=60)
+    try:
+        connection.request("GET", "/", headers={**proxied, "Accept": "text/html"})
+        response = connection.getresponse()
+        status, page = response.status, response.read()
+    finally:
+        connection.close()
+    assert status == 200 and b"serving <code>registry.example</code>" in page, page[-2000:]
+    assert b"https://registry.example/builds/" in page or b"docker run -ti registry.example/" in page
 
 
 def test_a_form_on_another_site_cannot_start_builds(registry: RegistryProcess, new_page) -> None:

@@ -11,8 +11,9 @@ CrossOriginProtection does), with no token to keep:
   acted, e.g. a bookmark), passes; `same-site` (another port or subdomain) and
   `cross-site` are refused.
 * Without it, `Origin` (sent with every POST by older browsers too) must name
-  this registry: the host the client used, from `Host`, or from
-  `X-Forwarded-Host` behind a proxy. `Origin: null` (sandboxed pages) is refused.
+  this registry: its `Host`, the host the client used (`hosts.client_host`:
+  a trusted proxy's `X-Forwarded-Host` counts, another peer's does not), or
+  NIXERY_PUBLIC_HOST. `Origin: null` (sandboxed pages) is refused.
 * A request with neither header does not come from a web page (`nixery build`,
   curl, scripts) and passes: it carries only the credentials its sender chose.
 
@@ -27,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors
+from nixery.http import hosts
 
 log = structlog.get_logger(__name__)
 
@@ -71,9 +73,9 @@ def _names_this_registry(request: web.Request, origin: str) -> bool:
     scheme, separator, authority = origin.strip().lower().partition("://")
     if not separator or scheme not in _DEFAULT_PORTS or not authority or "/" in authority:
         return False  # "null", or not an origin at all
-    ours = [request.headers.get("Host", ""), *request.headers.getall("X-Forwarded-Host", [])]
-    hosts = {_without_default_port(host.strip().lower(), scheme) for value in ours for host in value.split(",")}
-    return _without_default_port(authority, scheme) in hosts - {""}
+    ours = (request.headers.get("Host", ""), hosts.client_host(request), request.app.get(hosts.PUBLIC_HOST, ""))
+    names = {_without_default_port(host.strip().lower(), scheme) for host in ours}
+    return _without_default_port(authority, scheme) in names - {""}
 
 
 def _without_default_port(authority: str, scheme: str) -> str:

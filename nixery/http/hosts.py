@@ -1,12 +1,20 @@
-"""The host a client names this registry by, from its `Host` header.
+"""The host a client names this registry by.
 
-Pages show pull commands with it, progress links in the log name it, and without
-NIXERY_PUBLIC_HOST images are signed for it. A `Host` that is not `host[:port]`
-(`x:abc`, a port past 65535, bytes that are not UTF-8, markup) is refused up
-front with 400 REQUEST_INVALID, as Go's net/http (and so distribution) and nginx
-refuse it: before, yarl raised wherever a URL was made of it (a 500, and a pull
-whose build never started). An empty `Host` is taken as none (RFC 9112 3.2 lets
-a client send one), and the pages then say `localhost`.
+Pages show pull commands with it, progress links in the log and the token realm
+name it, and without NIXERY_PUBLIC_HOST images are signed for it. It is, in turn:
+
+1. the `X-Forwarded-Host` of a trusted proxy (NIXERY_TRUSTED_PROXIES, nixery.http.proxies);
+2. the host and port of an absolute-form request target (`GET http://host:port/v2/`),
+   which RFC 9112 3.2.2 puts before `Host` (aiohttp's `request.host` drops its port);
+3. the `Host` header;
+4. without one (HTTP/1.0), the address and port the connection came in on.
+
+A `Host` that is not `host[:port]` (`x:abc`, a port past 65535, bytes that are
+not UTF-8, markup) is refused up front with 400 REQUEST_INVALID, as Go's net/http
+(and so distribution) and nginx refuse it: before, yarl raised wherever a URL was
+made of it (a 500, and a pull whose build never started). An empty `Host` is
+taken as none (RFC 9112 3.2 lets a client send one), and the pages then say
+`localhost`.
 """
 
 from __future__ import annotations
@@ -41,10 +49,35 @@ def valid_host(host: str) -> bool:
     return len(name) <= _MAX_HOST_NAME and _HOST_NAME.fullmatch(name) is not None
 
 
+#: NIXERY_PUBLIC_HOST, when set: a host the registry's own pages are served under too.
+PUBLIC_HOST = web.AppKey("public_host", str)
+
+#: The host a trusted proxy says its client used (set by nixery.http.proxies.find_client).
+FORWARDED_HOST = web.RequestKey("forwarded_host", str)
+
+
 def client_host(request: web.BaseRequest) -> str:
     """The host (and port) the client used for this registry; `localhost` when it named none."""
-    host = request.host  # without a Host header: the address the request came in on
+    forwarded = request.get(FORWARDED_HOST)
+    if forwarded:
+        return forwarded
+    if not request.raw_path.startswith("/"):  # absolute-form: aiohttp made request.url of the target
+        host = request.url.host_port_subcomponent or ""
+    elif (header := request.headers.get("Host")) is not None:
+        host = header
+    else:
+        host = _local_address(request)
     return host if host and valid_host(host) else "localhost"
+
+
+def _local_address(request: web.BaseRequest) -> str:
+    """`address:port` of the socket the request came in on, or "" when it is not an IP socket."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return ""
+    address, port = sockname[0], sockname[1]
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
 
 
 def origin(request: web.BaseRequest) -> str:

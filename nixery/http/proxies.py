@@ -13,9 +13,13 @@ passed over, and the first that is not is the client. An address to its left
 was written by that client and could be anything. Without the setting, the
 header is ignored, so a client cannot pick its own address.
 
-From a trusted peer `X-Forwarded-Proto` is believed too (the value it wrote
-last): behind a proxy that terminates TLS, links and the token realm then say
-`https` without NIXERY_TOKEN_REALM.
+From a trusted peer `X-Forwarded-Proto` and `X-Forwarded-Host` are believed too
+(the value it wrote last): behind a proxy that terminates TLS, links and the
+token realm then say `https` without NIXERY_TOKEN_REALM, and behind one that
+sends its upstream's name as `Host`, they name the host the client used. From
+any other peer both are ignored: the cross-site check of the web forms compares
+a browser's `Origin` with the host, so a host that any client could name would
+let any `Origin` pass.
 
 aiohttp-remotes was looked at: its strict mode needs every request to have come
 through the same number of proxies (a health probe sent to the pod directly is
@@ -29,6 +33,7 @@ import re
 
 from aiohttp import web
 
+from nixery.http import hosts
 from nixery.http.errors import Handler
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -92,14 +97,28 @@ def forwarded_scheme(peer: str | None, forwarded_proto: list[str], trusted: tupl
     return values[-1] if values and values[-1] in ("http", "https") else None
 
 
+def forwarded_host(peer: str | None, forwarded_host: list[str], trusted: tuple[Network, ...]) -> str | None:
+    """The host the client used, as the trusted peer says (`X-Forwarded-Host`, the value it wrote
+    last); None from any other peer, or for a value that is not `host[:port]`."""
+    if peer is None or not _trusted(_address(peer), trusted):
+        return None
+    values = [value.strip() for line in forwarded_host for value in line.split(",")]
+    return values[-1] if values and hosts.valid_host(values[-1]) else None
+
+
 @web.middleware
 async def find_client(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Make `request.remote` the client's address, and `request.scheme` the one it used, for
-    everything after it (the outermost middleware): links, the token realm, the turns it waits in."""
+    """Make `request.remote` the client's address, `request.scheme` the one it used, and
+    `hosts.client_host` the host it named, for everything after it (the outermost middleware):
+    links, the token realm, the cross-site check, the turns it waits in."""
     trusted = request.app[TRUSTED_PROXIES]
     if trusted:
-        client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)
-        scheme = forwarded_scheme(request.remote, request.headers.getall("X-Forwarded-Proto", []), trusted)
-        if (client is not None and client != request.remote) or (scheme is not None and scheme != request.scheme):
-            request = request.clone(remote=client or request.remote or "", scheme=scheme or request.scheme)
+        headers, peer = request.headers, request.remote
+        client = client_address(peer, headers.getall("X-Forwarded-For", []), trusted)
+        scheme = forwarded_scheme(peer, headers.getall("X-Forwarded-Proto", []), trusted)
+        host = forwarded_host(peer, headers.getall("X-Forwarded-Host", []), trusted)
+        if (client is not None and client != peer) or (scheme is not None and scheme != request.scheme):
+            request = request.clone(remote=client or peer or "", scheme=scheme or request.scheme)
+        if host is not None:
+            request[hosts.FORWARDED_HOST] = host
     return await handler(request)
