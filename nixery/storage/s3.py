@@ -411,7 +411,7 @@ class S3Storage(LeasedStorage):
         marker = uuid.uuid4().hex.encode()
         try:
             await obstore.put_async(self._store, f"{_TOUCHED}/{digest.hex}", marker, use_multipart=False)
-        except ObstoreError as error:
+        except (ObstoreError, FileNotFoundError) as error:  # obstore's 404 (NoSuchBucket) is no ObstoreError
             raise self._unavailable(error) from error
         return await self.stat_blob(digest)
 
@@ -419,21 +419,18 @@ class S3Storage(LeasedStorage):
         blob, marker = await self._blob_dates(digest)
         if blob is None or max(_written(blob), _written(marker) if marker else 0.0) >= cutoff:
             return False
-        try:
-            await obstore.delete_async(self._store, self._blob_key(digest))
-            # A build that touched the blob since the dates were read may have been told it is stored.
-            after = await self._head(f"{_TOUCHED}/{digest.hex}")
-            if after is not None and (marker is None or after["e_tag"] != marker["e_tag"]):
-                log.warning(
-                    "storage.gc_race",
-                    digest=str(digest),
-                    note="a build reused this blob while gc deleted it; if its image names the blob, "
-                    "pulls of the image fail until a registry builds it again",
-                )
-                return True  # the build's marker stays: it writes the blob again, or it is gone
-            await obstore.delete_async(self._store, f"{_TOUCHED}/{digest.hex}")
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
+        await self._delete(self._blob_key(digest))
+        # A build that touched the blob since the dates were read may have been told it is stored.
+        after = await self._head(f"{_TOUCHED}/{digest.hex}")
+        if after is not None and (marker is None or after["e_tag"] != marker["e_tag"]):
+            log.warning(
+                "storage.gc_race",
+                digest=str(digest),
+                note="a build reused this blob while gc deleted it; if its image names the blob, "
+                "pulls of the image fail until a registry builds it again",
+            )
+            return True  # the build's marker stays: it writes the blob again, or it is gone
+        await self._delete(f"{_TOUCHED}/{digest.hex}")
         return True
 
     async def _blob_dates(self, digest: Digest) -> tuple[ObjectMeta | None, ObjectMeta | None]:
@@ -445,10 +442,17 @@ class S3Storage(LeasedStorage):
         return blob, marker
 
     async def delete_blob(self, digest: Digest) -> None:
-        # One key per DELETE: the bulk DeleteObjects call is missing from some S3-compatible stores.
+        await self._delete(self._blob_key(digest))
+        await self._delete(f"{_TOUCHED}/{digest.hex}")
+
+    async def _delete(self, key: str) -> None:
+        """Delete one object (one key per request: the bulk DeleteObjects call is missing from some
+        S3-compatible stores). A key already gone is no error; a bucket gone is."""
         try:
-            await obstore.delete_async(self._store, self._blob_key(digest))
-            await obstore.delete_async(self._store, f"{_TOUCHED}/{digest.hex}")
+            await obstore.delete_async(self._store, key)
+        except FileNotFoundError as error:  # obstore's 404 is no ObstoreError
+            if _error_code(error) == "NoSuchBucket":
+                raise self._unavailable(error) from error
         except ObstoreError as error:
             raise self._unavailable(error) from error
 
@@ -457,10 +461,7 @@ class S3Storage(LeasedStorage):
         return sorted([meta["path"].removeprefix("meta/") async for meta in self._list(base)])
 
     async def delete_meta(self, key: str) -> None:
-        try:
-            await obstore.delete_async(self._store, f"meta/{check_key(key)}")
-        except ObstoreError as error:
-            raise self._unavailable(error) from error
+        await self._delete(f"meta/{check_key(key)}")
 
     async def _lease_create(self, name: str, body: bytes) -> str | None:
         try:
@@ -509,10 +510,7 @@ class S3Storage(LeasedStorage):
         # matters only if this holder's lease was taken over in between, which
         # needs it to have gone unrenewed for lease_ttl.
         if await self._lease_version(name) == version:
-            try:
-                await obstore.delete_async(self._store, name)
-            except ObstoreError as error:
-                raise self._unavailable(error) from error
+            await self._delete(name)
 
 
 #: Empty marker objects recording `touch_blob` (see there).

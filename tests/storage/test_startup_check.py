@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nixery.cli import STARTUP_FAILED
+from nixery.registry.digest import Digest
 from nixery.storage import BackendUnavailable, FilesystemStorage
 from tests.registry import free_port
 from tests.storage.conftest import REPO, Backend, SigningKey
@@ -151,6 +152,14 @@ async def test_s3_errors_keep_the_store_error_code(s3_server: S3Server, make_bac
     client.delete_bucket(Bucket=bucket)
     with pytest.raises(BackendUnavailable, match=r"NoSuchBucket \(404 Not Found\): The specified bucket does not"):
         await store.list_meta("images")
+    digest = Digest.of(b"gone")
+    # Deletes too: obstore raises a bucket's 404 as FileNotFoundError, not as one of its errors.
+    # (Not writes: SeaweedFS creates a missing bucket on a write.)
+    deletes = {"delete_meta": lambda: store.delete_meta("images/x"), "delete_blob": lambda: store.delete_blob(digest)}
+    for name, delete in deletes.items():
+        with pytest.raises(BackendUnavailable, match=r"NoSuchBucket"):
+            await delete()
+            pytest.fail(f"{name} on a removed bucket raised nothing")
 
 
 @pytest.fixture
