@@ -538,6 +538,29 @@ def test_a_link_loop_or_a_store_link_in_a_local_path_ends_the_walk(tmp_path: Pat
     assert tree_fingerprint(pkgs / "lib") == tree_fingerprint(pkgs / "lib" / "up" / "lib")
 
 
+def test_a_link_out_of_a_local_path_to_a_whole_disk_is_not_walked_for_ever(tmp_path: Path) -> None:
+    """A link by mistake to `/` (or a home directory) walked the whole disk on every pull, and
+    read /proc's files, some of which never end. Links into /proc, /sys and /dev are not
+    followed, and a walk that meets too many files stops with an error that names the set."""
+    from nixery.nix.errors import SourceUnavailable
+    from nixery.nix.sources import tree_fingerprint
+
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo hello"})
+    for name, target in [("proc", "/proc"), ("sys", "/sys"), ("dev", "/dev"), ("self-proc", "/proc/self")]:
+        (pkgs / name).symlink_to(target)
+    started = time.monotonic()
+    first = tree_fingerprint(pkgs)
+    assert time.monotonic() - started < 5 and tree_fingerprint(pkgs) == first  # /proc changes all the time
+    big = tmp_path / "elsewhere"
+    big.mkdir()
+    for number in range(50):
+        (big / f"file-{number}").write_text(str(number))
+    (pkgs / "vendored").symlink_to(big)
+    assert tree_fingerprint(pkgs, max_entries=100) != first
+    with pytest.raises(SourceUnavailable, match=rf"the package set {pkgs} holds more than 40 files and directories"):
+        tree_fingerprint(pkgs, max_entries=40)
+
+
 def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp_path: Path) -> None:
     """Regenerating a package set (a `make run` rewrote the Debian set each time) or touching
     its files keeps its revision: a running registry serves the image it built, starting no

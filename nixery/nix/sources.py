@@ -38,6 +38,7 @@ import structlog
 
 from nixery.closure import ClosureGraph, Registration
 from nixery.nix import packages as nix
+from nixery.nix.errors import SourceUnavailable
 from nixery.nix.evaluator import Evaluators
 from nixery.nix.process import Deadline
 from nixery.nix.store_db import STORE_DIR
@@ -155,6 +156,10 @@ class LocalPathSource(PackageSource):
         return Revision(self.description, f"tree-{fingerprint}", directory)
 
 
+def _under(path: str, directories: Sequence[str]) -> bool:
+    return any(path == directory or path.startswith(f"{directory}/") for directory in directories)
+
+
 _SKIPPED_DIRECTORIES = frozenset({".git", "__pycache__", "result"})
 
 #: What a file's content hash is kept under: when any of these changes, the file is read again.
@@ -194,7 +199,16 @@ class FileHashes:
         return known[1]
 
 
-def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
+#: Files and directories a package set's walk meets at most, its links followed: a link to
+#: `/` or a home directory by mistake would walk a whole disk on every pull.
+MAX_TREE_ENTRIES = 500_000
+
+#: Links into these are not followed: their files are not the package set's, and some block
+#: when read (/proc/kmsg) or never end (/dev/zero).
+_NOT_FOLLOWED = ("/proc", "/sys", "/dev")
+
+
+def tree_fingerprint(root: Path, hashes: FileHashes | None = None, *, max_entries: int = MAX_TREE_ENTRIES) -> str:
     """A hash of the tree under `root`: every file's name, content and executable bit,
     also of the files behind symbolic links to directories (Nix follows them too).
 
@@ -205,11 +219,14 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
     Files are visited as os.walk would (a directory's files by name, then its
     subdirectories). A link to a directory in the Nix store counts by its target
     only (store paths do not change), and so does one to a directory the walk is
-    already inside (a loop).
+    already inside (a loop). A link into /proc, /sys or /dev counts by its target only.
+
+    Raises SourceUnavailable past `max_entries` files and directories.
     """
     hashes = hashes if hashes is not None else FileHashes()
     hashes.start_walk()
     digest = hashlib.sha256()
+    met = 0
 
     def visit(directory: str, prefix: str, inside: frozenset[str], inside_real: str) -> None:
         """Hash `directory` (whose real path is `inside_real`, within the real directories `inside`)."""
@@ -218,6 +235,13 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError:  # gone or unreadable: skipped, as os.walk does
             return
+        nonlocal met
+        met += len(entries)
+        if met > max_entries:
+            raise SourceUnavailable(
+                f"the package set {root} holds more than {max_entries:,} files and directories, its links "
+                f"followed (the walk was in {directory}): does a link in it point out of it by mistake?"
+            )
         subdirectories = []
         for entry in entries:
             try:
@@ -248,7 +272,7 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None) -> str:
                 except OSError:
                     continue
                 digest.update(f"l\0{prefix}{entry.name}\0{target}\n".encode(errors="surrogateescape"))
-                if real in inside or real.startswith(f"{STORE_DIR}/"):
+                if real in inside or real.startswith(f"{STORE_DIR}/") or _under(real, _NOT_FOLLOWED):
                     continue
             visit(entry.path, f"{prefix}{entry.name}/", inside | {real}, real)
 
