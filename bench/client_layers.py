@@ -14,9 +14,9 @@ files are also packed at half and at twice the bytes (the first half of the
 files; the files twice, the second copy under `copy/`).
 
 Cold: each pull starts from an empty client store (`rmi`, `image rm --sync`,
-a fresh OCI directory for skopeo). The images are pulled in turn, the order
-reversed every other repetition, and each figure is the median of the
-repetitions. The same loop also pulls `shell/curl` from this registry (its
+a fresh OCI directory for skopeo). The images are pulled in turn, in another
+order every repetition (shuffled, the same in every run: a pull ran slower
+right after some others), and each figure is the median of the repetitions. The same loop also pulls `shell/curl` from this registry (its
 layers as served today) and the same layers copied into docker-registry: the
 issue's headline comparison, in the same run.
 
@@ -27,7 +27,10 @@ on top of the shared ones (the slope is the cost of a layer the client
 already holds), or below them (N = 10 and 50: every shared layer then sits on
 another parent, so its chain ID differs from the one the client holds); and
 the real pair, `shell/git` then `shell/curl`, from this registry and from
-docker-registry.
+docker-registry, and from a second registry that plans by bytes alone
+(`NIXERY_LAYER_COST_MB=0`: the plans before issue 23), in the same run (the
+issue asks that such a pull be no slower than it was then). That registry's
+`shell/curl` is pulled cold too.
 
 Store size (podman only): K small unrelated images (one layer each) are
 pulled first, for K in 0, 50, 200, then the 50-layer and the 1-layer packings
@@ -51,6 +54,8 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -95,6 +100,28 @@ def files_of(registry: c.RegistryProcess, image: str) -> tuple[Entries, dict]:
                 data = tar.extractfile(member).read() if member.isreg() else b""  # type: ignore[union-attr]
                 merged[member.name.removeprefix("./").rstrip("/")] = (member, data)
     return [(info, data) for info, data in merged.values()], manifest
+
+
+@dataclass(frozen=True)
+class GitThenCurl:
+    """`shell/curl` as one registry serves it, next to the `shell/git` a client already holds."""
+
+    curl_layers: int
+    curl_bytes: int  # its layers and config
+    shared: frozenset[str]  # digests of its layers that shell/git has too
+    curl_only: int  # bytes of its other layers and config: what a client holding shell/git downloads
+    prefix: int  # how many of its first layers are shell/git's first, in the same order
+
+    @classmethod
+    def of(cls, registry: c.RegistryProcess) -> GitThenCurl:
+        _, curl = registry.manifest("shell/curl", accept=c.MANIFEST_ACCEPT)
+        _, git = registry.manifest("shell/git", accept=c.MANIFEST_ACCEPT)
+        shared = frozenset({x["digest"] for x in git["layers"]} & {x["digest"] for x in curl["layers"]})
+        prefix = next((i for i, (a, b) in enumerate(zip(curl["layers"], git["layers"], strict=False))
+                       if a["digest"] != b["digest"]), min(len(curl["layers"]), len(git["layers"])))
+        config = curl["config"]["size"]
+        return cls(len(curl["layers"]), sum(x["size"] for x in curl["layers"]) + config, shared,
+                   sum(x["size"] for x in curl["layers"] if x["digest"] not in shared) + config, prefix)
 
 
 def entry_bytes(entries: Entries) -> int:
@@ -285,15 +312,21 @@ class WarmTarget:
 
 
 def timed_pull(client: Client, reference: str) -> float:
+    os.sync()  # nothing that earlier pulls wrote is left to reach the disk while this one runs
     started = time.perf_counter()
     client.pull(reference)
     return time.perf_counter() - started
 
 
 def alternate(rounds: int, items: Sequence) -> Iterator:  # type: ignore[type-arg]
-    """The items `rounds` times, in reverse order every other round (slow drifts hit all alike)."""
+    """The items `rounds` times, each round in another order (shuffled, the same in every run), so
+    that slow drifts and what the pull before left to do hit all alike. In a fixed order they did
+    not: reversed every other round, the first pulls after the largest one ran slower, and only some
+    items were ever there; rotated, each item kept the same one before it."""
     for round_number in range(rounds):
-        yield from (items if round_number % 2 == 0 else list(reversed(items)))
+        order = list(items)
+        random.Random(round_number).shuffle(order)
+        yield from order
 
 
 def cold(client: Client, targets: Sequence[Target], runs: int) -> dict[str, list[float]]:
@@ -376,8 +409,9 @@ class Fit:
         return self.per_layer_s * self.bandwidth if self.bandwidth else None
 
 
-def fit(points: Sequence[tuple[float, float, float]]) -> Fit:
-    """Least squares of t = a + b·MB + c·N over (MB, N, t) points (normal equations, Cramer)."""
+def fit(points: Sequence[tuple[float, float, float]]) -> Fit | None:
+    """Least squares of t = a + b·MB + c·N over (MB, N, t) points (normal equations, Cramer);
+    None when the points cannot tell them apart (one layer count only: `--ns 1`)."""
     rows = [(1.0, mb, n) for mb, n, _ in points]
     ts = [t for _, _, t in points]
     ata = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
@@ -388,6 +422,8 @@ def fit(points: Sequence[tuple[float, float, float]]) -> Fit:
                 + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
 
     whole = det(ata)
+    if abs(whole) < 1e-9:
+        return None
     solved = []
     for column in range(3):
         m = [row[:] for row in ata]
@@ -441,14 +477,17 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         ours = c.ready_registry(base / "storage", pkgs=pkgs)
         stack.callback(ours.stop)
+        bytes_only = c.ready_registry(base / "storage-bytes-only", pkgs=pkgs, NIXERY_LAYER_COST_MB="0")
+        stack.callback(bytes_only.stop)
         peer = stack.enter_context(c.docker_registry(base / "docker-registry"))
         c.say(f"nixery {ours.url}, docker-registry {peer.url}")
 
         entries, served = files_of(ours, "shell/curl")
         served_layers = len(served["layers"])
         served_bytes = sum(layer["size"] for layer in served["layers"]) + served["config"]["size"]
-        _, git_manifest = ours.manifest("shell/git", accept=c.MANIFEST_ACCEPT)
-        shared = {x["digest"] for x in git_manifest["layers"]} & {x["digest"] for x in served["layers"]}
+        git_then_curl = {label: GitThenCurl.of(registry) for label, registry in
+                         (("nixery", ours), ("nixery, bytes only (NIXERY_LAYER_COST_MB=0)", bytes_only))}
+        shared = git_then_curl["nixery"].shared
         for image in ("shell/curl", "shell/git"):  # the same layers, byte for byte, in the peer
             skopeo_copy(f"docker://{ours.host}/{image}:latest", f"docker://{peer.host}/{image}:latest")
         c.say(f"shell/curl served today: {served_layers} layers, {served_bytes / c.MB:.1f} MB; "
@@ -481,9 +520,12 @@ def main() -> int:
 
         targets = [Target(f"{size} files, {n} layers", ref(p.name), n, p.bytes, size)
                    for (size, n), p in sorted(packings.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+        before = git_then_curl["nixery, bytes only (NIXERY_LAYER_COST_MB=0)"]
         targets += [
             Target(f"shell/curl from nixery ({served_layers} layers, as served today)", ref("shell/curl", ours),
                    served_layers, served_bytes, fit=False),
+            Target(f"shell/curl from nixery, bytes only ({before.curl_layers} layers, NIXERY_LAYER_COST_MB=0)",
+                   ref("shell/curl", bytes_only), before.curl_layers, before.curl_bytes, fit=False),
             Target(f"shell/curl from docker-registry (the same {served_layers} layers)", ref("shell/curl"),
                    served_layers, served_bytes, fit=False),
         ]
@@ -491,15 +533,15 @@ def main() -> int:
                                    ref(old.name), ref(new.name), n, len(new.layers[-1 if where == "top" else 0].data),
                                    where)
                         for (n, where), (old, new) in warm_pairs.items()]
-        prefix = next((i for i, (a, b) in enumerate(zip(served["layers"], git_manifest["layers"], strict=False))
-                       if a["digest"] != b["digest"]), 0)
-        in_order = f" (the first {prefix} of its layers are shell/git's first, in the same order)"
-        curl_only = sum(x["size"] for x in served["layers"] if x["digest"] not in shared) + served["config"]["size"]
         if not args.no_warm:
+            pairs = [(label, pair, registry) for (label, pair), registry in
+                     zip(git_then_curl.items(), (ours, bytes_only), strict=True)]
+            pairs.insert(1, ("docker-registry", git_then_curl["nixery"], peer))  # ours, copied
             warm_targets += [
-                WarmTarget(f"{label}: shell/git held, pull shell/curl{in_order}", ref("shell/git", registry),
-                           ref("shell/curl", registry), len(shared), curl_only, "real")
-                for label, registry in (("nixery", ours), ("docker-registry", peer))
+                WarmTarget(f"{label}: shell/git held, pull shell/curl ({pair.curl_layers} layers; the first "
+                           f"{pair.prefix} are shell/git's first, in the same order)", ref("shell/git", registry),
+                           ref("shell/curl", registry), len(pair.shared), pair.curl_only, "real")
+                for label, pair, registry in pairs
             ]
 
         results: dict[str, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
@@ -547,6 +589,8 @@ def cold_sections(names: Sequence[str], targets: Sequence[Target], results: dict
     for name in names:
         median = {t.label: statistics.median(results[name][t.label]) for t in targets}
         f = fit([(t.bytes / c.MB, t.layers, median[t.label]) for t in targets if t.fit])
+        if f is None:
+            continue
         full = sorted((t.layers, median[t.label]) for t in targets if t.fit and t.size == "full")
         slope = statistics.linear_regression([n for n, _ in full], [s for _, s in full]).slope if len(full) > 1 else 0
         bandwidth = f.bandwidth
@@ -577,8 +621,8 @@ def report(args: argparse.Namespace, targets: Sequence[Target], warm_targets: Se
            served_bytes: int) -> str:
     names = list(results)
     out = [
-        f"Median seconds (min-max) of {args.runs} pulls each, alternating (the order reversed every other "
-        f"repetition). Load averages at the start and after each client: {' → '.join(loads)}.\n",
+        f"Median seconds (min-max) of {args.runs} pulls each, in turn (in another order every repetition, "
+        f"shuffled). Load averages at the start and after each client: {' → '.join(loads)}.\n",
     ]
     if any(cold_times for cold_times, _ in results.values()):
         out += cold_sections(names, targets, {name: cold_times for name, (cold_times, _) in results.items()})

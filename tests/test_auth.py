@@ -853,16 +853,22 @@ def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_re
     assert status == 200, body[:300]
 
 
+def _token_registry_with_production_hashes(tmp_path: Path) -> RegistryProcess:
+    """A token-mode registry whose users' hashes have the default scrypt cost, as in production
+    (~0.1 s a check): alice may build, bob pull."""
+    users = tmp_path / "users"
+    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\nbob:{auth.hash_password(BOB[1])}:pull\n")
+    return RegistryProcess(
+        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
+        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
+    ).start()
+
+
 def test_a_flood_of_wrong_passwords_does_not_hold_back_other_clients_logins(tmp_path: Path) -> None:
     """Password checks are costly, so few run at once; one client's flood of guesses
     (from 127.0.0.2) must not make another client's login wait for all of them. A
     latency a user sees: before, this login waited for the whole flood (over 5 s here)."""
-    users = tmp_path / "users"  # the default scrypt cost, as in production: ~0.1 s a check
-    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\nbob:{auth.hash_password(BOB[1])}:pull\n")
-    registry = RegistryProcess(
-        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
-        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
-    ).start()
+    registry = _token_registry_with_production_hashes(tmp_path)
 
     def guess(number: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=300,
@@ -893,12 +899,7 @@ def test_guesses_whose_clients_hung_up_are_not_checked(tmp_path: Path) -> None:
     """Forty guesses sent at once, each connection closed right after: before, all forty ran
     scrypt after their clients had gone (about 2 s of both CPUs, and any number of them could be
     queued). Now a check still waiting for its turn when its client is seen gone is dropped."""
-    users = tmp_path / "users"  # the default scrypt cost, as in production: ~0.1 s a check
-    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\n")
-    registry = RegistryProcess(
-        storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
-        env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
-    ).start()
+    registry = _token_registry_with_production_hashes(tmp_path)
     try:
         guesses = 40
         for number in range(guesses):
