@@ -16,9 +16,10 @@ files; the files twice, the second copy under `copy/`).
 Cold: each pull starts from an empty client store (`rmi`, `image rm --sync`,
 a fresh OCI directory for skopeo). The images are pulled in turn, in another
 order every repetition (shuffled, the same in every run: a pull ran slower
-right after some others), and each figure is the median of the repetitions. The same loop also pulls `shell/curl` from this registry (its
-layers as served today) and the same layers copied into docker-registry: the
-issue's headline comparison, in the same run.
+right after some others), and each figure is the median of the repetitions.
+The same loop also pulls `shell/curl` from this registry (its layers as served
+today) and the same layers copied into docker-registry: the issue's headline
+comparison, in the same run.
 
 Warm: the client holds an older version of the image and pulls the new one.
 For each N, the old and new versions share the N layers of the files and
