@@ -412,7 +412,9 @@ class Fit:
 
 def fit(points: Sequence[tuple[float, float, float]]) -> Fit | None:
     """Least squares of t = a + b·MB + c·N over (MB, N, t) points (normal equations, Cramer);
-    None when the points cannot tell them apart (one layer count only: `--ns 1`)."""
+    None when the points cannot tell them apart (one layer count or one size only: `--ns 1`)."""
+    if len({n for _, n, _ in points}) < 2 or len({mb for mb, _, _ in points}) < 2:
+        return None
     rows = [(1.0, mb, n) for mb, n, _ in points]
     ts = [t for _, _, t in points]
     ata = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
@@ -423,8 +425,6 @@ def fit(points: Sequence[tuple[float, float, float]]) -> Fit | None:
                 + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
 
     whole = det(ata)
-    if abs(whole) < 1e-9:
-        return None
     solved = []
     for column in range(3):
         m = [row[:] for row in ata]

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from nixery.background import retrieve
 from nixery.fair import FairSlots
 from nixery.lru import LRU
 
@@ -270,6 +271,7 @@ class Authenticator:
                 return await asyncio.shield(verifying)
             except asyncio.CancelledError:
                 await asyncio.wait({verifying})
+                retrieve(verifying)  # nobody is left to hear how it ended
                 raise
 
 

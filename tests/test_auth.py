@@ -853,11 +853,12 @@ def test_other_sites_pages_cannot_pull_with_a_browsers_credentials(start_auth_re
     assert status == 200, body[:300]
 
 
-def _token_registry_with_production_hashes(tmp_path: Path) -> RegistryProcess:
+def _token_registry_with_production_hashes(tmp_path: Path, log_n: int = auth.SCRYPT_LOG_N) -> RegistryProcess:
     """A token-mode registry whose users' hashes have the default scrypt cost, as in production
-    (~0.1 s a check): alice may build, bob pull."""
+    (~0.1 s a check), or `log_n`'s: alice may build, bob pull."""
     users = tmp_path / "users"
-    users.write_text(f"alice:{auth.hash_password(ALICE[1])}:pull,build\nbob:{auth.hash_password(BOB[1])}:pull\n")
+    alice, bob = (auth.hash_password(password, log_n=log_n) for password in (ALICE[1], BOB[1]))
+    users.write_text(f"alice:{alice}:pull,build\nbob:{bob}:pull\n")
     return RegistryProcess(
         storage=tmp_path / "storage", log_path=tmp_path / "registry.log",
         env={"NIXERY_BUNDLED_SET": "busybox", "NIXERY_AUTH": "token", "NIXERY_AUTH_USERS": str(users)},
@@ -899,7 +900,9 @@ def test_guesses_whose_clients_hung_up_are_not_checked(tmp_path: Path) -> None:
     """Forty guesses sent at once, each connection closed right after: before, all forty ran
     scrypt after their clients had gone (about 2 s of both CPUs, and any number of them could be
     queued). Now a check still waiting for its turn when its client is seen gone is dropped."""
-    registry = _token_registry_with_production_hashes(tmp_path)
+    # Twice the production cost (~0.2 s a check here): at most about 2 + 2 x 0.5 s / check time run
+    # before the first look at the connections, half the guesses if a check took 0.05 s.
+    registry = _token_registry_with_production_hashes(tmp_path, log_n=auth.SCRYPT_LOG_N + 1)
     try:
         guesses = 40
         for number in range(guesses):

@@ -152,6 +152,15 @@ def test_behind_a_trusted_proxy_the_log_names_the_client_it_forwarded(trusting_f
 
 
 @needs_nginx
+def test_behind_a_trusted_proxy_links_name_the_host_the_client_used_not_one_it_chose(trusting_front: Front) -> None:
+    """nginx sets X-Forwarded-Host itself: one a client sends does not reach the registry, which
+    would believe it from nginx (the pages' pull commands, the token realm, signatures)."""
+    status, _, page = trusting_front.get("/", accept="text/html", headers={"X-Forwarded-Host": "evil.example"})
+    assert status == 200 and f"serving <code>{trusting_front.host}</code>".encode() in page, page[-600:]
+    assert b"evil.example" not in page
+
+
+@needs_nginx
 def test_without_trusted_proxies_a_forwarded_address_is_not_believed(front: Front) -> None:
     front.get("/v2/named-client", headers={"X-Forwarded-For": "203.0.113.7"})
     assert _clients_logged(front.registry, "/v2/named-client") == ["127.0.0.1"]

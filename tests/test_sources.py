@@ -561,6 +561,27 @@ def test_a_link_out_of_a_local_path_to_a_whole_disk_is_not_walked_for_ever(tmp_p
         tree_fingerprint(pkgs, max_entries=40)
 
 
+def test_a_walk_through_a_link_to_a_directory_above_proc_does_not_enter_it(tmp_path: Path, monkeypatch) -> None:
+    """Through a link to `/`, /proc is a plain directory, not a link: it was entered all the same.
+    (Here a directory of our own stands for /proc.)"""
+    import nixery.nix.sources as sources_module
+    from nixery.nix.sources import tree_fingerprint
+
+    pkgs = write_package_set(tmp_path / "pkgs", {"hello": "echo hello"})
+    above = tmp_path / "above"
+    (above / "proc").mkdir(parents=True)
+    (above / "etc").mkdir()
+    (above / "etc" / "motd").write_text("welcome\n")
+    (above / "proc" / "kmsg").write_text("never ends\n")
+    (pkgs / "root").symlink_to(above)
+    monkeypatch.setattr(sources_module, "_NOT_FOLLOWED", (os.path.realpath(above / "proc"),))
+    first = tree_fingerprint(pkgs)
+    (above / "proc" / "kmsg").write_text("changed\n")
+    assert tree_fingerprint(pkgs) == first, "a file under the stand-in for /proc was read"
+    (above / "etc" / "motd").write_text("changed\n")
+    assert tree_fingerprint(pkgs) != first
+
+
 def test_a_local_path_rewritten_with_the_same_content_is_not_evaluated_again(tmp_path: Path) -> None:
     """Regenerating a package set (a `make run` rewrote the Debian set each time) or touching
     its files keeps its revision: a running registry serves the image it built, starting no

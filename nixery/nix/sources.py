@@ -219,7 +219,8 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None, *, max_entrie
     Files are visited as os.walk would (a directory's files by name, then its
     subdirectories). A link to a directory in the Nix store counts by its target
     only (store paths do not change), and so does one to a directory the walk is
-    already inside (a loop). A link into /proc, /sys or /dev counts by its target only.
+    already inside (a loop). A link into /proc, /sys or /dev counts by its target only, and the
+    walk enters none of them, nor the Nix store, through a link to a directory above them.
 
     Raises SourceUnavailable past `max_entries` files and directories.
     """
@@ -266,14 +267,18 @@ def tree_fingerprint(root: Path, hashes: FileHashes | None = None, *, max_entrie
                 continue
             real = os.path.join(inside_real, entry.name)
             if entry.is_symlink():
-                real = os.path.realpath(entry.path)
                 try:
+                    real = os.path.realpath(entry.path)
                     target = os.readlink(entry.path)
-                except OSError:
+                except OSError:  # gone meanwhile, or a /proc link that reads as none
                     continue
                 digest.update(f"l\0{prefix}{entry.name}\0{target}\n".encode(errors="surrogateescape"))
-                if real in inside or real.startswith(f"{STORE_DIR}/") or _under(real, _NOT_FOLLOWED):
+                if real in inside or real.startswith(f"{STORE_DIR}/"):
                     continue
+            # Through a link to `/`, say, the walk meets these as plain directories: not the package
+            # set's files, and some never end.
+            if real == STORE_DIR or _under(real, _NOT_FOLLOWED):
+                continue
             visit(entry.path, f"{prefix}{entry.name}/", inside | {real}, real)
 
     top = os.path.realpath(root)

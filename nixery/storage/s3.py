@@ -451,7 +451,9 @@ class S3Storage(LeasedStorage):
         try:
             await obstore.delete_async(self._store, key)
         except FileNotFoundError as error:  # obstore's 404 is no ObstoreError
-            if _error_code(error) == "NoSuchBucket":
+            # S3 answers 204 for a key already gone, GCS's XML API NoSuchKey; any other 404 (no such
+            # bucket, a proxy's page) means nothing was deleted.
+            if _error_code(error) != "NoSuchKey":
                 raise self._unavailable(error) from error
         except ObstoreError as error:
             raise self._unavailable(error) from error
