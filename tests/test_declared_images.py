@@ -11,6 +11,7 @@ of a declared index, podman runs a declared image as its user.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -295,3 +296,29 @@ def test_a_prebuild_under_way_is_stopped_at_once_when_the_registry_stops(
 
 def _seconds_between(earlier: str, later: str) -> float:
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def test_the_landing_page_of_several_platforms_lists_declared_images_of_one(
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
+    """On a registry of several platforms, a declared image of one platform (amd64, the default)
+    was left out of the recently built images: its record is named by its packages, and that
+    name names an image of each platform. It is listed under the declared name, linked to its page."""
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images / "team.yaml", nix_image("app", contents=["shell", "hello"]),
+                 nix_image("armtool", tag="latest", contents=["shell", "figlet"], arch="arm64"))
+    registry = start_registry(NIXERY_BUNDLED_SET="busybox", NIXERY_IMAGES_PATH=str(images),
+                              NIXERY_PLATFORMS="linux/amd64,linux/arm64")
+    for name, tag in (("app", "v1"), ("armtool", "latest")):
+        status, _, body = registry.request(f"/v2/{name}/manifests/{tag}")
+        assert status == 200, body
+    status, _, page = registry.request("/", accept="text/html")
+    assert status == 200
+    section = page.decode().split("Recently built images", 1)[1].split("</section>", 1)[0]
+    links = re.findall(r'<a href="([^"]+)"><code>([^<]+)</code>', section)
+    assert ("/images/app?tag=v1", "app:v1") in links, section
+    assert ("/images/arm64/figlet/shell", "arm64/figlet/shell") in links, section  # a name that pulls it
+    for link, _ in links:
+        status, _, body = registry.request(link, accept="text/html")
+        assert status == 200, (link, body[-500:])

@@ -257,6 +257,16 @@ class DeclarationStore:
             self._follow_build(declaration, start=False)
         return declaration.request
 
+    def declared_as(self, name: str, architecture: str) -> tuple[str, str] | None:
+        """The first declaration, in precedence order, of one platform (`architecture`) whose
+        contents an image record names `name`: the reference that pulls that image on a registry of
+        several platforms, where `name` itself names an image of each."""
+        for declaration in self.declarations:
+            request = declaration.request
+            if not request.platforms and request.arch.oci_name == architecture and request.display_name == name:
+                return declaration.name, declaration.tag
+        return None
+
     async def tags(self, name: str) -> list[str]:
         """The tags `name` is declared under, sorted; none when the name is not declared."""
         await self.refresh_files(wait=self.scan_wait)

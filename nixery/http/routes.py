@@ -65,6 +65,11 @@ class ImageResolver(Protocol):
         """The tags `name` is declared under, sorted; none for a name read as packages."""
         ...
 
+    def declared_as(self, name: str, architecture: str) -> tuple[str, str] | None:
+        """`(name, tag)` of a declared image of one platform, `architecture`, whose packages `name`
+        lists as an image record names them; None when there is none."""
+        ...
+
 
 #: Optional: consulted before a name is read as a list of packages.
 RESOLVER = web.AppKey("resolver", ImageResolver)

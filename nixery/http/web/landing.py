@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlencode
 
 import structlog
 from aiohttp import web
@@ -15,7 +16,7 @@ from nixery import errors
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
 from nixery.http.markup import h
-from nixery.http.routes import BUILDER, requested_image
+from nixery.http.routes import BUILDER, RESOLVER, requested_image
 from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
 from nixery.http.web.docs import docs_block
 from nixery.http.web.layout import (
@@ -31,7 +32,7 @@ from nixery.http.web.layout import (
 )
 from nixery.images import ImageRecord
 from nixery.lru import LRU
-from nixery.views import size_text
+from nixery.views import image_reference, size_text
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +94,21 @@ async def landing(request: web.Request) -> web.Response:
 {script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
+
+
+async def _name_of(request: web.Request, record: ImageRecord) -> tuple[ImageRecord, str, str] | None:
+    """(record, name, tag) that pull `record` on a registry of several platforms: its own name,
+    or a declared image's (a declared image of one platform is no image of its packages' name,
+    which names an image of each platform); None for the default platform's part of an index."""
+    if await _named_by_its_name(request, record):
+        return record, record.name, "latest"
+    resolver = request.app.get(RESOLVER)
+    declared = resolver.declared_as(record.name, record.architecture) if resolver is not None else None
+    return None if declared is None else (record, *declared)
+
+
+def _image_page(name: str, tag: str) -> str:
+    return f"/images/{name}" + ("" if tag == "latest" else "?" + urlencode({"tag": tag}))
 
 
 async def _named_by_its_name(request: web.Request, record: ImageRecord) -> bool:
@@ -198,17 +214,18 @@ def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit:
 
 
 async def _recent_images(request: web.Request, builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:
-    records = [record for record in builder.recent_images() if may_see(record.name)]
+    shown = [(record, record.name, "latest") for record in builder.recent_images()]
     if len(builder.platforms) > 1:
-        records = [record for record in records if await _named_by_its_name(request, record)]
-    if not records:
+        shown = [named for record, _, _ in shown if (named := await _name_of(request, record)) is not None]
+    shown = [(record, name, tag) for record, name, tag in shown if may_see(name)]
+    if not shown:
         return """<section class="card"><h2>Recently built images</h2>
 <p class="muted">None yet: the first pull or build of an image will show up here.</p></section>"""
     rows = "".join(
-        f"""<tr><td><a href="/images/{h(r.name)}"><code>{h(r.name)}</code></a></td>
+        f"""<tr><td><a href="{h(_image_page(name, tag))}"><code>{h(image_reference(name, tag))}</code></a></td>
 <td class="num">{h(size_text(r.compressed_size))}</td><td class="num">{len(r.layers)}</td>
 <td class="muted">{h(ago(r.built_at))}</td></tr>"""
-        for r in records
+        for r, name, tag in shown
     )
     return f"""<section class="card"><h2>Recently built images</h2>
 <div class="table-wrap"><table>
