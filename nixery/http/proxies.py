@@ -88,22 +88,27 @@ def client_address(peer: str | None, forwarded_for: list[str], trusted: tuple[Ne
     return str(current)
 
 
+def _written_last(peer: str | None, lines: list[str], trusted: tuple[Network, ...]) -> str | None:
+    """The value a trusted peer wrote last in a comma-separated header (all its lines, in order);
+    None from any other peer, or when there is none."""
+    if peer is None or not _trusted(_address(peer), trusted):
+        return None
+    values = [value.strip() for line in lines for value in line.split(",")]
+    return values[-1] if values else None
+
+
 def forwarded_scheme(peer: str | None, forwarded_proto: list[str], trusted: tuple[Network, ...]) -> str | None:
     """`http` or `https` as the trusted peer says the client reached it (`X-Forwarded-Proto`, the
     value it wrote last); None from any other peer, or for anything else."""
-    if peer is None or not _trusted(_address(peer), trusted):
-        return None
-    values = [value.strip().lower() for line in forwarded_proto for value in line.split(",")]
-    return values[-1] if values and values[-1] in ("http", "https") else None
+    scheme = (_written_last(peer, forwarded_proto, trusted) or "").lower()
+    return scheme if scheme in ("http", "https") else None
 
 
 def forwarded_host(peer: str | None, forwarded_host: list[str], trusted: tuple[Network, ...]) -> str | None:
     """The host the client used, as the trusted peer says (`X-Forwarded-Host`, the value it wrote
     last); None from any other peer, or for a value that is not `host[:port]`."""
-    if peer is None or not _trusted(_address(peer), trusted):
-        return None
-    values = [value.strip() for line in forwarded_host for value in line.split(",")]
-    return values[-1] if values and hosts.valid_host(values[-1]) else None
+    host = _written_last(peer, forwarded_host, trusted)
+    return host if host is not None and hosts.valid_host(host) else None
 
 
 @web.middleware

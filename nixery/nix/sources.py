@@ -203,8 +203,8 @@ class FileHashes:
 #: `/` or a home directory by mistake would walk a whole disk on every pull.
 MAX_TREE_ENTRIES = 500_000
 
-#: Links into these are not followed: their files are not the package set's, and some block
-#: when read (/proc/kmsg) or never end (/dev/zero).
+#: Never entered, through a link or as a directory under a linked one: their files are not the
+#: package set's, and some block when read (/proc/kmsg) or never end (/dev/zero).
 _NOT_FOLLOWED = ("/proc", "/sys", "/dev")
 
 
