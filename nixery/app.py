@@ -125,6 +125,7 @@ def open_builder(settings: Settings, storage: Storage) -> ImageBuilder:
         max_layers=settings.max_layers,
         layer_cost_mb=settings.layer_cost_mb,
         max_concurrent_builds=settings.max_concurrent_builds,
+        failed_build_ttl=settings.failed_build_ttl,
         layer_compression=settings.layer_compression,
         record_cache=settings.record_cache,
         platforms=settings.platforms,

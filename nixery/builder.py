@@ -48,6 +48,8 @@ from nixery.background import retrieve
 from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
+from nixery.failures import DEFAULT_TTL as DEFAULT_FAILED_BUILD_TTL
+from nixery.failures import FailedBuilds
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, RECENT, ImageRecord, ImageStore, image_key
@@ -121,6 +123,7 @@ class ImageBuilder:
         baseline: Sequence[str] = DEFAULT_BASELINE,
         nix_annotations: bool = False,
         builds: BuildLog | None = None,
+        failed_build_ttl: float = DEFAULT_FAILED_BUILD_TTL,
     ):
         self.storage = storage
         #: The package source, through its resolver: tags to revisions, names to closures.
@@ -148,6 +151,8 @@ class ImageBuilder:
         #: Builds by id, with their progress (with several worker processes, theirs too).
         self.builds = builds or BuildLog()
         self._in_flight: dict[str, Build] = {}
+        #: NIXERY_FAILED_BUILD_TTL: builds Nix failed, answered with their error for a while.
+        self.failures = FailedBuilds(failed_build_ttl)
         #: What image names evaluated to: a new image of known, built names starts no Nix process.
         self.evaluations = EvaluationCache(storage)
         #: The package list (search, the names a set lacks, suggestions for them).
@@ -247,6 +252,9 @@ class ImageBuilder:
         self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None,
         *, client_waits: bool = True,
     ) -> ImageRecord:
+        if (failed := self.failures.recent(key)) is not None:
+            log.info("build.failure_remembered", image=request.display_name, key=key[:12], error=failed.message[:300])
+            raise failed
         build = self._build_for(key, request)
         try:
             if on_wait is not None:
@@ -358,6 +366,9 @@ class ImageBuilder:
         revision, key, record = await self._lookup(request, tag)
         if record is not None:
             return self._already_built(request, record)
+        # Asked for explicitly: a failure remembered is built again, of each platform too.
+        for one in each_platform(request) if request.platforms else [request]:
+            self.failures.forget(self._image_key(revision, one))
         build = self._build_for(key, request)
         try:
             self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
@@ -452,6 +463,7 @@ class ImageBuilder:
                 suggestions=getattr(exc, "suggestions", None) or None,  # nearest names for missing ones
             )
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
+            self.failures.remember(key, exc)
             raise
         else:
             build.emit(Stage.DONE, "image ready", **image_summary(record))

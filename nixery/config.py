@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from nixery.baseline import DEBIAN_SET_BASELINE, DEFAULT_BASELINE
 from nixery.errors import NameInvalid
+from nixery.failures import DEFAULT_TTL as DEFAULT_FAILED_BUILD_TTL
 from nixery.images import DEFAULT_CAPACITY as DEFAULT_RECORD_CACHE
 from nixery.layers.cost import DEFAULT_LAYER_COST_MB, parse_layer_cost_mb
 from nixery.layers.popularity import check_url
@@ -147,6 +148,8 @@ class Settings:
     # NIX_POPULARITY_URL: package-wide popularity counts for a young registry's layering.
     popularity_url: str | None = None
     max_concurrent_builds: int = 2
+    # NIXERY_FAILED_BUILD_TTL: seconds a build Nix failed is answered with its error, not run (0: never).
+    failed_build_ttl: float = DEFAULT_FAILED_BUILD_TTL
     # Image records kept in memory per process, least recently used dropped first.
     record_cache: int = DEFAULT_RECORD_CACHE
     # zstd layers are smaller but need OCI manifests and a client that unpacks them (README).
@@ -247,7 +250,7 @@ SETTING_TYPES: dict[str, type] = {
     "NIX_TIMEOUT": float, "NIXERY_NIX_EVALUATOR": str, "NIXERY_EVALUATOR_MEMORY_MB": int,
     "NIXERY_MAX_LAYERS": int, "NIXERY_LAYER_COST_MB": float, "NIX_POPULARITY_URL": str,
     "NIXERY_MAX_BUILDS": int, "NIXERY_RECORD_CACHE": int, "NIXERY_LAYER_COMPRESSION": str,
-    "NIXERY_PLATFORMS": str, "NIXERY_NIX_ANNOTATIONS": bool,
+    "NIXERY_PLATFORMS": str, "NIXERY_NIX_ANNOTATIONS": bool, "NIXERY_FAILED_BUILD_TTL": float,
     # storage
     "NIXERY_STORAGE_BACKEND": str, "STORAGE_PATH": Path, "NIXERY_CACHE_DIR": Path,
     "NIXERY_BLOB_REDIRECT": bool, "NIXERY_BLOB_ACCEL_REDIRECT": str, "NIXERY_VERIFIED_BLOB_LINKS": bool,
@@ -689,6 +692,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         layer_cost_mb=_layer_cost_mb(env),
         popularity_url=_popularity_url(env),
         max_concurrent_builds=_int(env, "NIXERY_MAX_BUILDS", 2, low=1, high=64),
+        failed_build_ttl=_float(env, "NIXERY_FAILED_BUILD_TTL", DEFAULT_FAILED_BUILD_TTL, zero=True),
         record_cache=_int(env, "NIXERY_RECORD_CACHE", DEFAULT_RECORD_CACHE, low=1, high=10_000_000),
         layer_compression=Compression(
             _choice(env, "NIXERY_LAYER_COMPRESSION", "gzip", tuple(c.value for c in Compression))

@@ -283,7 +283,16 @@ def test_a_platform_whose_build_fails_is_named_in_the_error(
     inspected = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.host}/shell/armfail"],
                     check=False)
     assert inspected.returncode != 0 and "building the linux/arm64 image failed" in inspected.stderr, inspected.stderr
-    # The build's last event says it too, and keeps Nix's error as its kind.
+
+    def arm64_builds_failed() -> int:
+        return sum(event["image"].startswith("arm64/") for event in registry.log_events("build.failed"))
+
+    # skopeo's pull was answered from the failure remembered (NIXERY_FAILED_BUILD_TTL), saying so:
+    # Nix did not build the arm64 package again.
+    assert "this build failed " in inspected.stderr and arm64_builds_failed() == 1, registry.log()[-3000:]
+    assert any(e["image"].startswith("arm64/") for e in registry.log_events("build.failure_remembered"))
+    # The build's last event says it too, and keeps Nix's error as its kind; a build asked for
+    # explicitly runs the arm64 build again.
     post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": "armfail"}).encode(),
                                   headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(post, timeout=60) as answer:
@@ -293,6 +302,7 @@ def test_a_platform_whose_build_fails_is_named_in_the_error(
     last = json.loads(data[-1])
     assert last["stage"] == "failed" and last["error"] == "NixError", last
     assert last["message"].startswith("building the linux/arm64 image failed: "), last
+    assert "this build failed " not in last["message"] and arm64_builds_failed() == 2, last
 
 
 @pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")
