@@ -657,6 +657,8 @@ def test_posts_from_other_sites_pages_are_refused(registry: RegistryProcess) -> 
         {"Origin": "null"},  # a sandboxed page
         # Anyone can send this header; it counts only from NIXERY_TRUSTED_PROXIES.
         {"Origin": "http://evil.example", "X-Forwarded-Host": "evil.example"},
+        # An empty Host names no host: the pages' stand-in for it, localhost, is not the registry's.
+        {"Origin": "http://localhost", "Host": ""},
     ]
     for headers in cross_site:
         status, kind, body = _post_build(registry, {**credentials, **headers}, image="shell/figlet", browser=False)

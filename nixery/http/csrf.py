@@ -11,9 +11,10 @@ CrossOriginProtection does), with no token to keep:
   acted, e.g. a bookmark), passes; `same-site` (another port or subdomain) and
   `cross-site` are refused.
 * Without it, `Origin` (sent with every POST by older browsers too) must name
-  this registry: its `Host`, the host the client used (`hosts.client_host`:
+  this registry: its `Host`, the host the client used (`hosts.named_host`:
   a trusted proxy's `X-Forwarded-Host` counts, another peer's does not), or
-  NIXERY_PUBLIC_HOST. `Origin: null` (sandboxed pages) is refused.
+  NIXERY_PUBLIC_HOST. `Origin: null` (sandboxed pages) is refused. An empty
+  `Host` names no host: the `localhost` the pages then show does not count.
 * A request with neither header does not come from a web page (`nixery build`,
   curl, scripts) and passes: it carries only the credentials its sender chose.
 
@@ -73,7 +74,7 @@ def _names_this_registry(request: web.Request, origin: str) -> bool:
     scheme, separator, authority = origin.strip().lower().partition("://")
     if not separator or scheme not in _DEFAULT_PORTS or not authority or "/" in authority:
         return False  # "null", or not an origin at all
-    ours = (request.headers.get("Host", ""), hosts.client_host(request), request.app.get(hosts.PUBLIC_HOST, ""))
+    ours = (request.headers.get("Host", ""), hosts.named_host(request), request.app.get(hosts.PUBLIC_HOST, ""))
     names = {_without_default_port(host.strip().lower(), scheme) for host in ours}
     return _without_default_port(authority, scheme) in names - {""}
 

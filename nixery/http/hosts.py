@@ -58,6 +58,12 @@ FORWARDED_HOST = web.RequestKey("forwarded_host", str)
 
 def client_host(request: web.BaseRequest) -> str:
     """The host (and port) the client used for this registry; `localhost` when it named none."""
+    return named_host(request) or "localhost"
+
+
+def named_host(request: web.BaseRequest) -> str:
+    """`client_host`, but "" when the client named no host (an empty `Host`): the cross-site
+    check must not take the pages' stand-in, `localhost`, for a host the client named."""
     forwarded = request.get(FORWARDED_HOST)
     if forwarded:
         return forwarded
@@ -67,7 +73,7 @@ def client_host(request: web.BaseRequest) -> str:
         host = header
     else:
         host = _local_address(request)
-    return host if host and valid_host(host) else "localhost"
+    return host if host and valid_host(host) else ""
 
 
 def _local_address(request: web.BaseRequest) -> str:
