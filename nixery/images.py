@@ -76,7 +76,7 @@ from nixery.collected import CollectionWatch
 from nixery.errors import DigestInvalid
 from nixery.layers.store import FORMAT_VERSION
 from nixery.lru import LRU
-from nixery.pulls import PullLog
+from nixery.pulls import PullLog, due_again_after_failure
 from nixery.registry.descriptors import Descriptor, Platform
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor, canonical_json
@@ -396,7 +396,7 @@ class RecordCache:
         these writes for two hours, while serving reads, let gc take an image in use)."""
         entry = self._entries.peek(key)
         if entry is not None and entry.use_written == written_at:
-            entry.use_written = written_at - interval + USAGE_RETRY
+            entry.use_written = due_again_after_failure(written_at, interval, USAGE_RETRY)
 
     def check_due(self, key: str, now: float, interval: float) -> bool:
         """Whether the cached image's blobs were last checked `interval` or more before `now`."""

@@ -34,6 +34,14 @@ from nixery.storage.base import Storage
 PREFIX = "pulls/"
 
 
+def due_again_after_failure(written_at: float, interval: float, retry: float) -> float:
+    """What to note as last written when the write noted at `written_at` failed: a time at which
+    the once-per-`interval` throttle lets the next write through `retry` seconds after it, not
+    `interval` seconds (a store that failed these writes for hours while serving reads let gc
+    take images in use)."""
+    return written_at - interval + retry
+
+
 def pull_key(digest: Digest) -> str:
     return f"{PREFIX}{digest.hex}"
 
@@ -64,7 +72,7 @@ class PullLog:
     def _not_written(self, digest: Digest, written_at: float) -> None:
         """The write noted at `written_at` failed: the next pull after `retry` seconds writes it."""
         if self._written.get(digest) == written_at:
-            self._written.put(digest, written_at - self.interval + self.retry)
+            self._written.put(digest, due_again_after_failure(written_at, self.interval, self.retry))
 
     async def close(self) -> None:
         await asyncio.gather(*self._writes, return_exceptions=True)
