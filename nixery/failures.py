@@ -73,6 +73,6 @@ class FailedBuilds:
             self._failed.pop(key)
             return None
         again = max(1, math.ceil(self.ttl - age))
-        note = (f"this build failed {math.floor(age)} s ago and is not run again for {again} s "
-                f"(NIXERY_FAILED_BUILD_TTL); `nixery build` or the image page's build button runs it now")
+        note = (f"this build failed {math.floor(age)} s ago and is not run again for {again} s, "
+                f"NIXERY_FAILED_BUILD_TTL; `nixery build` or the image page's Build button runs it now")
         return type(exc)(f"{exc.message} ({note})", exc.log_tail)
