@@ -45,7 +45,9 @@ def configure(
         processors.append(structlog.processors.JSONRenderer())
         factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        # Colours only for a terminal: LOG_FORMAT=console into journald or a file wrote escape codes.
+        colours = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+        processors.append(structlog.dev.ConsoleRenderer(colors=colours))
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,
