@@ -334,8 +334,7 @@ async def _build(args: argparse.Namespace, console: Console, interactive: bool, 
     name, tag = _split(args.image, args.tag)
     display = BarProgress(console) if interactive else PlainProgress(sys.stdout)
     if args.local:
-        final, image = await _build_locally(name, tag, display)
-        registry = "localhost"
+        final, image, registry = await _build_locally(name, tag, display)
     else:
         registry = _registry_url(args.registry)
         final, image = await _build_remotely(registry, name, tag, display, progress)
@@ -435,7 +434,9 @@ async def _fetch_image(
 
 async def _build_locally(
     name: str, tag: str, display: PlainProgress | BarProgress
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """The build's last event, its image, and the URL of the registry the settings describe (its
+    NIXERY_PUBLIC_HOST, else `localhost:PORT`), which serves the image from the same storage."""
     from nixery import config, logs
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
@@ -453,7 +454,9 @@ async def _build_locally(
     logs.configure("warning", settings.log_format, leave_out=frozenset({"build.failed"}))
     with own_temporary_directory():  # what a `kill -9` of this command leaves, the next one removes
         remove_abandoned_in_background()  # and what killed ones left
-        return await _build_here(settings, request, tag, display)
+        final, image = await _build_here(settings, request, tag, display)
+    local = f"localhost:{settings.port}" if settings.port else "localhost"  # PORT=0: a port chosen at start
+    return final, image, f"http://{settings.public_host or local}"
 
 
 async def _build_here(

@@ -201,11 +201,18 @@ def test_inspect_and_the_image_page_find_a_built_image_under_another_spelling(re
 
 
 def test_build_locally_without_a_server(tmp_path: Path) -> None:
-    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json"}
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "LOG_FORMAT": "json",
+           "PORT": ""}
     result = nixery("build", "--local", "shell/greet", env=env)
     assert result.returncode == 0, result.stderr
     assert "done" in result.stdout and re.search(r"Digest\s+sha256:[0-9a-f]{64}", result.stdout)
     assert (tmp_path / "storage").is_dir()
+    # The pull command names the registry these settings run (it printed `docker pull /shell/greet`).
+    assert re.search(r"^Pull\s+docker pull localhost:8080/shell/greet$", result.stdout, re.M), result.stdout
+    result = nixery("build", "--local", "--plain", "shell/greet", env={**env, "PORT": "5000"})
+    assert re.search(r"^Pull\s+docker pull localhost:5000/shell/greet$", result.stdout, re.M), result.stdout
+    result = nixery("build", "--local", "--plain", "shell/greet", env={**env, "NIXERY_PUBLIC_HOST": "reg.example"})
+    assert re.search(r"^Pull\s+docker pull reg.example/shell/greet$", result.stdout, re.M), result.stdout
 
 
 
