@@ -47,18 +47,25 @@ def test_unparseable_requests_get_the_registrys_json_error_without_the_input(reg
         "bad chunk size": b"PATCH /v2/x/blobs/uploads/" + marker + b" HTTP/1.1\r\nHost: x\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + marker + b"\r\n0\r\n\r\n",
         "a TLS handshake": _client_hello(),  # podman's and skopeo's first try with --tls-verify=false
+        "a method HTTP lacks": b"FOO /v2/" + marker + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        # llhttp parses it: it was answered `HTTP/2.0 200 OK` in HTTP/1 framing.
+        "HTTP/2.0": b"GET /v2/" + marker + b" HTTP/2.0\r\nHost: x\r\n\r\n",
+        "HTTP/3.0": b"GET /v2/" + marker + b" HTTP/3.0\r\nHost: x\r\n\r\n",
     }
     #: What the answer says, where it says more than that the request is malformed.
     framing = "malformed body framing (Content-Length or Transfer-Encoding)"
     said = {"too many header fields": "too many header fields (at most 128)", "bad Content-Length": framing,
             "two lengths": framing, "bad chunk size": framing,
-            "a TLS handshake": "not an HTTP request: a TLS handshake (HTTPS) on this plain-HTTP port"}
+            "a TLS handshake": "not an HTTP request: a TLS handshake (HTTPS) on this plain-HTTP port",
+            "a method HTTP lacks": "the request method is none that HTTP defines (this registry answers GET, HEAD "
+                                   "and POST)",
+            "HTTP/2.0": "this registry speaks HTTP/1.1 and HTTP/1.0 only (the request line names another version)"}
     for what, request in requests.items():
         answer = exchange(registry.port, request)
         head, _, body = answer.partition(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
-        assert status_line.split()[1] == "400", (what, answer[:300])
+        assert status_line.startswith("HTTP/1.") and status_line.split()[1] == "400", (what, answer[:300])
         assert headers["content-type"].startswith("application/json"), (what, headers)
         error = json.loads(body)["errors"][0]
         assert (error["code"], error["detail"]["kind"]) == ("UNSUPPORTED", "REQUEST_INVALID"), (what, error)

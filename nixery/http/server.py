@@ -748,7 +748,9 @@ class RegistryConnection(RequestHandler):
             case http_exceptions.BadHttpMethod() if _is_tls_handshake(exc):
                 return "not an HTTP request: a TLS handshake (HTTPS) on this plain-HTTP port"
             case http_exceptions.BadHttpMethod():
-                return "not an HTTP request: unknown method (HTTPS sent to a plain-HTTP port?)"
+                return "the request method is none that HTTP defines (this registry answers GET, HEAD and POST)"
+            case VersionNotSupported():
+                return "this registry speaks HTTP/1.1 and HTTP/1.0 only (the request line names another version)"
             case http_exceptions.BadStatusLine():
                 return "malformed request line"
             case http_exceptions.InvalidHeader():
@@ -775,6 +777,13 @@ class HeadTooLarge(http_exceptions.BadHttpMessage):
 
     def __init__(self) -> None:
         super().__init__(f"request head over {MAX_HEAD_BYTES} bytes")
+
+
+class VersionNotSupported(http_exceptions.BadHttpMessage):
+    """A request line of another HTTP version than 1.x (answered 400, as aiohttp's parse errors are)."""
+
+    def __init__(self) -> None:
+        super().__init__("not HTTP/1.x")
 
 
 class _HeadLimit:
@@ -807,6 +816,11 @@ class _HeadLimit:
             piece = data[offset : offset + room]
             offset += len(piece)
             parsed, upgraded, tail = self._parser.feed_data(piece)
+            if any(message.version.major != 1 for message, _ in parsed):
+                # llhttp takes `HTTP/2.0` in a request line, and aiohttp answered it in HTTP/1 framing
+                # under an `HTTP/2.0 200 OK` status line, which is neither protocol.
+                self._refused = True
+                raise VersionNotSupported()
             if parsed:
                 messages.extend(parsed)
                 self._heads_parsed(len(parsed))
