@@ -459,6 +459,14 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
             page_url = f"{registry.url}/builds/0123456789abcdef"
             async with session.get(page_url, headers={"Accept": "text/html"}) as response:
                 assert response.status == 404 and response.content_type == "text/html"
+            # A path no route serves is a page to a browser too; the registry API's stay JSON.
+            browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+            for path in ("/nosuchpage", "/images/", "/builds/"):
+                async with session.get(registry.url + path, headers=browser) as response:
+                    assert response.status == 404 and response.content_type == "text/html", path
+            for path in ("/v2/nosuch/endpoint", "/v2"):
+                async with session.get(registry.url + path, headers=browser) as response:
+                    assert response.content_type == "application/json", path
             # Only browsers get error pages: a client that names no HTML gets the registry's JSON error.
             for accept in ("*/*", ""):
                 async with session.get(page_url, headers={"Accept": accept}) as response:

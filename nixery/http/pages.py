@@ -34,8 +34,13 @@ def page_route(name: str) -> str:
 
 
 def on_page(request: web.Request) -> bool:
+    """The request is for a page: a page route's, or a path no route serves outside the registry
+    API (`/nosuch`, `/images/`), which a browser asked for as a page too."""
     name = request.match_info.route.name
-    return name is not None and name.startswith(_PAGE_ROUTE)
+    if name is not None:
+        return name.startswith(_PAGE_ROUTE)
+    unmatched = getattr(request.match_info, "http_exception", None)
+    return isinstance(unmatched, web.HTTPNotFound) and not (request.path + "/").startswith("/v2/")
 
 
 def _body_type(request: web.Request) -> str:
