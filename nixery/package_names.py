@@ -79,15 +79,19 @@ class PackageNames:
         elsewhere = await self._only_on_host(error.missing, revision, system) if error.platform else {}
         catalog = await self._catalog(revision, system)
         found: dict[str, list[str]] = {}
+        sets: dict[str, str] = {}
         if catalog is not None:
+            # `debian` (a set, not a package) and `debian.curll`: said so, not compared with the
+            # top-level names (`debian.curll` was asked "did you mean debianutils?").
+            sets = {name: of for name in error.missing if (of := catalog.set_holding(name)) is not None}
             found = await self._suggestions.suggest(
                 (catalog.revision, catalog.read_at), catalog.package_names,
-                [name for name in error.missing if name not in elsewhere],
+                [name for name in error.missing if name not in elsewhere and name not in sets],
             )
             found = {name: kept for name, near in found.items() if (kept := [n for n in near if n not in requested])}
-        if not found and not elsewhere:
+        if not found and not elsewhere and not sets:
             return error
-        return PackagesNotFound(error.missing, error.source, found, error.platform, elsewhere)
+        return PackagesNotFound(error.missing, error.source, found, error.platform, elsewhere, sets)
 
     async def _only_on_host(self, missing: Sequence[str], revision: Revision, system: str | None) -> dict[str, str]:
         """Of names another system's list lacks, those the host's has, each with the host's platform."""

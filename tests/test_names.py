@@ -287,6 +287,15 @@ def test_a_misspelt_name_gets_the_nearest_names(bundled: RegistryProcess) -> Non
     assert "COWSY (did you mean cowsay?), figlett (did you mean figlet?)" in error["message"]
     status, error = error_of(bundled, "shell/xqzvwk")  # nothing like it: no suggestion
     assert error["detail"]["suggestions"] == {} and error["message"].endswith(": xqzvwk")
+    # A set of packages is no package, and a misspelt member of one is not compared with the
+    # set's top-level names (`debian.curll` was asked "did you mean debianutils?").
+    status, error = error_of(bundled, "shell/tools")
+    assert (status, error["detail"]["suggestions"]) == (404, {}), error
+    assert error["message"].endswith(": tools (a set of packages, not a package: name one of them, as tools.NAME)")
+    status, error = error_of(bundled, "shell/tools.jqlitee")
+    assert (status, error["detail"]["suggestions"]) == (404, {}), error
+    assert error["message"].endswith(": tools.jqlitee (the set tools has no jqlitee)"), error
+    assert bundled.manifest("tools.jqlite")[0].startswith("sha256:")
 
 
 def test_a_misspelt_name_is_answered_without_nix_once_the_package_list_is_read(start_registry) -> None:
