@@ -452,6 +452,18 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
                 assert (error["code"], error["detail"]["kind"]) == ("NAME_INVALID", "TAG_INVALID")
             async with session.post(f"{registry.url}/builds", data={"image": "shell/bad name"}) as response:
                 assert response.status == 400 and response.content_type == "text/html"
+            # A body of another type was read as an empty form: "the image name lists no packages".
+            async with session.post(f"{registry.url}/builds", data=b"shell",
+                                    headers={"Content-Type": "text/plain", "Accept": "application/json"}) as response:
+                error = (await response.json())["errors"][0]
+                assert response.status == 400 and error["detail"]["kind"] == "REQUEST_INVALID", error
+                assert "takes a JSON object (application/json) or a form" in error["message"], error
+            for body in ({"json": {}}, {"json": {"tag": "v1"}}, {}):  # {}: no body at all
+                async with session.post(f"{registry.url}/builds", headers={"Accept": "application/json"},
+                                        **body) as response:
+                    error = (await response.json())["errors"][0]
+                    assert response.status == 400 and error["code"] == "NAME_INVALID", (body, error)
+                    assert error["message"].startswith("the request names no image"), (body, error)
             for path in ("/builds/0123456789abcdef", "/builds/0123456789abcdef.json", "/builds/00ff/events"):
                 async with session.get(registry.url + path, headers={"Accept": "application/json"}) as response:
                     assert response.status == 404, path

@@ -1,6 +1,7 @@
 """Error answers of the web pages, in process: the one error middleware renders a page's
-failure as HTML for a browser and as the registry's JSON error for every other client;
-routes that are not pages answer JSON whatever the client accepts.
+failure as HTML for a browser and as the registry's JSON error for every other client, and
+so it does for a path no route serves outside `/v2/`; routes that are not pages, and the
+registry API's paths, answer JSON whatever the client accepts.
 
 The app is the registry's own error middleware and web routes; the requests below
 fail before any of them needs the builder or storage, so none is set up."""
@@ -34,7 +35,9 @@ async def client(aiohttp_client):
         ("GET", "/images/shell%2Fcurl", HTML, 400, "NAME_INVALID", True),
         ("GET", "/images/shell%2Fcurl.json", HTML, 400, "NAME_INVALID", False),
         ("GET", "/images/shell/curl?tag=a..b", HTML, 400, "TAG_INVALID", True),
-        ("GET", "/no/such/page", HTML, 404, "NAME_UNKNOWN", False),  # not a page route: JSON
+        ("GET", "/no/such/page", HTML, 404, "NAME_UNKNOWN", True),  # no route: a page to a browser
+        ("GET", "/no/such/page", {"Accept": "*/*"}, 404, "NAME_UNKNOWN", False),
+        ("GET", "/v2/no/such/endpoint", HTML, 404, "NAME_UNKNOWN", False),  # the registry API's: JSON
         ("PUT", "/docs", HTML, 405, "UNSUPPORTED", False),
     ],
 )

@@ -76,6 +76,10 @@ def _split_reference(text: str, tag: str, origin: str) -> tuple[str, str]:
     return text, tag or "latest"
 
 
+#: The bodies `POST /builds` reads as a form.
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request, csrf.FORM_POST_REFUSED)
     json_api = wants_json(request)
@@ -85,10 +89,18 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
         fields = {k: _text(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
-    else:
+    elif not request.can_read_body or content_type(request) in _FORM_TYPES:  # no body: an empty form
         form = await read_form(request)
         fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
+    else:  # a text/plain body `shell/curl` was read as a form without fields: "lists no packages"
+        raise errors.RequestInvalid(
+            "POST /builds takes a JSON object (application/json) or a form (application/x-www-form-urlencoded "
+            "or multipart/form-data) with an `image` field; this request's body is neither"
+        )
     request[FORM] = fields  # an error page shows the form again
+    if "image" not in fields:
+        raise errors.NameInvalid("the request names no image: give an `image` field, as image=shell/curl or "
+                                 '{"image": "shell/curl"}')
     name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), hosts.origin(request))
     tag = check_build_tag(tag)  # not an attachment's (sha256-...): an image built under one could not be pulled
     image = await requested_image(request, tag, name)
