@@ -367,7 +367,8 @@ class ImageBuilder:
         if record is not None:
             return self._already_built(request, record)
         # Asked for explicitly: a failure remembered is built again, of each platform too.
-        for one in each_platform(request) if request.platforms else [request]:
+        self.failures.forget(key)
+        for one in each_platform(request) if request.platforms else ():
             self.failures.forget(self._image_key(revision, one))
         build = self._build_for(key, request)
         try:
@@ -509,7 +510,7 @@ class ImageBuilder:
             return record
         except PackagesNotFound as exc:
             result = "not_found"
-            if exc.suggestions:  # an index's, from a platform's build: that platform's own names
+            if exc.suggestions or exc.sets or exc.elsewhere:  # an index's, from a platform's build: its own
                 raise
             other_platform = not request.platforms and request.arch is not host_arch()
             if exc.platform is None and other_platform:

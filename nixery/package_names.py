@@ -83,7 +83,7 @@ class PackageNames:
         if catalog is not None:
             # `debian` (a set, not a package) and `debian.curll`: said so, not compared with the
             # top-level names (`debian.curll` was asked "did you mean debianutils?").
-            sets = {name: of for name in error.missing if (of := catalog.set_holding(name)) is not None}
+            sets = await asyncio.to_thread(catalog.sets_holding, error.missing)
             found = await self._suggestions.suggest(
                 (catalog.revision, catalog.read_at), catalog.package_names,
                 [name for name in error.missing if name not in elsewhere and name not in sets],

@@ -288,12 +288,12 @@ def test_a_platform_whose_build_fails_is_named_in_the_error(
         return sum(event["image"].startswith("arm64/") for event in registry.log_events("build.failed"))
 
     # skopeo's pull was answered from the failure remembered (NIXERY_FAILED_BUILD_TTL), saying so:
-    # Nix did not build the arm64 package again.
-    assert "this build failed " in inspected.stderr and arm64_builds_failed() == 1, registry.log()[-3000:]
-    assert any(e["image"].startswith("arm64/") for e in registry.log_events("build.failure_remembered"))
+    # Nix did not build the arm64 package again, nor did the index's build start.
+    assert "this build failed at " in inspected.stderr and arm64_builds_failed() == 1, registry.log()[-3000:]
+    assert [e["image"] for e in registry.log_events("build.failure_remembered")] == ["shell/armfail"]
     # The build's last event says it too, and keeps Nix's error as its kind; a build asked for
     # explicitly runs the arm64 build again.
-    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": "armfail"}).encode(),
+    post = urllib.request.Request(f"{registry.url}/builds", data=json.dumps({"image": "shell/armfail"}).encode(),
                                   headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(post, timeout=60) as answer:
         started = json.load(answer)
@@ -302,7 +302,7 @@ def test_a_platform_whose_build_fails_is_named_in_the_error(
     last = json.loads(data[-1])
     assert last["stage"] == "failed" and last["error"] == "NixError", last
     assert last["message"].startswith("building the linux/arm64 image failed: "), last
-    assert "this build failed " not in last["message"] and arm64_builds_failed() == 2, last
+    assert "this build failed at " not in last["message"] and arm64_builds_failed() == 2, last
 
 
 @pytest.mark.skipif(not have("skopeo"), reason="needs skopeo")

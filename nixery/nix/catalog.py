@@ -102,13 +102,16 @@ class Catalog:
         if "shell" not in self.names():
             yield "shell"  # nixery's meta-package, for sets without one (resolve.nix)
 
-    def set_holding(self, name: str) -> str | None:
-        """The set of packages (a top-level name of kind `set`) that `name` is, or that a dotted
-        `name` names a member of (`debian` for `debian.curl`); None otherwise."""
-        first = name.split(".", 1)[0].lower()
-        sets = (entry.name for entry in self.entries if entry.kind == "set" and entry.name.lower() == first)
-        found = next(sets, None)
-        return None if found is None else name[: len(found)]
+    def sets_holding(self, names: Iterable[str]) -> dict[str, str]:
+        """Of `names`, those that are a set of packages (a top-level name of kind `set`), or a
+        dotted name of a member of one (`debian.curl`), each with that set's name as written."""
+        sets = {entry.name.lower() for entry in self.entries if entry.kind == "set"}
+        found = {}
+        for name in names:
+            first = name.split(".", 1)[0]
+            if first.lower() in sets:
+                found[name] = first
+        return found
 
     def missing(self, names: Iterable[str]) -> list[str]:
         """The names the package set surely lacks, as the resolver would find them: in any
