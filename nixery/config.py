@@ -525,7 +525,7 @@ def _auth(env: Mapping[str, str]) -> AuthSettings:
         secret = secrets.token_hex(32)
     return AuthSettings(
         mode=mode,
-        users_file=Path(users).resolve(),
+        users_file=Path(users).absolute(),  # not resolved: a Secret's link is followed at each read
         anonymous_pull=_bool(env, "NIXERY_AUTH_ANONYMOUS_PULL", False),
         token_secret=secret,
         token_secret_generated=generated,
@@ -599,7 +599,7 @@ def _images_path(env: Mapping[str, str]) -> Path | None:
     raw = env.get("NIXERY_IMAGES_PATH")
     if not raw:
         return None
-    path = Path(raw).resolve()
+    path = Path(raw).absolute()  # not resolved: a ConfigMap's link is followed at each scan
     if not path.exists():
         raise ConfigError(f"NIXERY_IMAGES_PATH={raw!r} does not exist (a directory of NixImage YAML files)")
     return path

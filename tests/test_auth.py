@@ -155,6 +155,31 @@ def test_users_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     assert directory.get("dave") is not None
 
 
+def publish_secret(directory: Path, version: str, text: str) -> None:
+    """The kubelet's layout of a mounted Secret: `users` -> `..data/users`, `..data` a link to a
+    hidden directory that an update replaces (a new directory, then `..data` renamed over)."""
+    (directory / f"..v{version}").mkdir()
+    (directory / f"..v{version}" / "users").write_text(text)
+    os.symlink(f"..v{version}", directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", directory / "..data")
+    if not (directory / "users").is_symlink():
+        os.symlink("..data/users", directory / "users")
+
+
+def test_a_mounted_secrets_update_is_seen(tmp_path: Path) -> None:
+    """The users file of a Kubernetes Secret: the settings resolved its link at start-up, so the
+    registry kept reading the first version, and a user removed from the Secret could still pull."""
+    publish_secret(tmp_path, "1", users_text())
+    settings = load({"NIXERY_AUTH": "basic", "NIXERY_AUTH_USERS": str(tmp_path / "users"),
+                            "NIXERY_BUNDLED_SET": "busybox"})
+    now = [0.0]
+    directory = auth.UserDirectory(settings.auth.users_file, check_interval=2.0, clock=lambda: now[0])
+    assert directory.get("bob") is not None and directory.get("carol") is None
+    publish_secret(tmp_path, "2", users_text().replace("bob:", "carol:"))
+    now[0] = 3.0
+    assert directory.get("bob") is None and directory.get("carol") is not None
+
+
 async def test_authenticator_remembers_good_passwords_only(users_file: Path) -> None:
     checker = auth.Authenticator(auth.UserDirectory(users_file))
     assert (await checker.check(*ALICE)).name == "alice"

@@ -18,6 +18,7 @@ import structlog
 import yaml
 
 import nixery.declarations
+from nixery import config
 from nixery.declarations import (
     FILES,
     KUBERNETES,
@@ -648,10 +649,17 @@ def test_a_mounted_configmap_works_and_its_updates_are_seen(tmp_path: Path) -> N
     files = DeclarationFiles(tmp_path)
     assert files.scan()
     assert [(d.reference, d.contents) for d in files.declarations] == [("app:v1", ["hello"])]
+    # NIXERY_IMAGES_PATH naming the one file, a link into `..data`: the settings resolved it at
+    # start-up, and the registry kept reading the first version.
+    one_file = DeclarationFiles(config.load({"NIXERY_IMAGES_PATH": str(tmp_path / "images.yaml"),
+                                             "NIXERY_BUNDLED_SET": "busybox"}).images_path)
+    assert one_file.scan()
     publish("2", ["figlet"])
     assert files.scan()
     assert [(d.reference, d.contents) for d in files.declarations] == [("app:v1", ["figlet"])]
     assert files.problems == []
+    assert one_file.scan()
+    assert [(d.reference, d.contents) for d in one_file.declarations] == [("app:v1", ["figlet"])]
 
 
 # ---- a real registry -----------------------------------------------------
