@@ -330,12 +330,24 @@ class _LimitedConstructor(SafeConstructor, _SharesTheGIL):
             return self.construct_scalar(node)
         return super().construct_yaml_float(node)
 
+    def construct_yaml_timestamp(self, node: Any) -> Any:
+        """A date or time; one that does not exist (`2024-02-30`) is said so with its line, not
+        as Python's ValueError without one."""
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise YAMLLimitError(
+                None, None, f"{node.value[:40]!r} reads as a date or time that does not exist ({exc})",
+                node.start_mark,
+            ) from None
+
     # The loader looks constructors up by tag in this table (a copy of the safe loader's, as
     # add_constructor would make), so the overrides above need their entries here.
     yaml_constructors = {
         **SafeConstructor.yaml_constructors,
         "tag:yaml.org,2002:int": construct_yaml_int,
         "tag:yaml.org,2002:float": construct_yaml_float,
+        "tag:yaml.org,2002:timestamp": construct_yaml_timestamp,
     }
 
 
