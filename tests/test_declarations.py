@@ -93,6 +93,8 @@ def test_the_deploy_examples_are_valid() -> None:
         ("just a string", "expected a NixImage object"),
         ({**nix_image("a"), "kind": "ConfigMap"}, "kind is 'ConfigMap'"),
         ({**nix_image("a"), "apiVersion": "k8s.nixos.org/v1"}, "apiVersion"),
+        ({k: v for k, v in nix_image("a").items() if k != "apiVersion"}, "apiVersion is missing, expected"),
+        ({k: v for k, v in nix_image("a").items() if k != "kind"}, "kind is missing, expected 'NixImage'"),
         ({k: v for k, v in nix_image("a").items() if k != "metadata"}, "metadata is missing"),
         (nix_image(""), "metadata.name is missing"),
         (nix_image("Upper"), "not a valid object name"),

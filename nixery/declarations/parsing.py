@@ -143,10 +143,10 @@ def parse_declaration(
         raise InvalidDeclaration(f"expected a NixImage object, found {type(document).__name__}")
     kind = document.get("kind")
     if kind != KIND:
-        raise InvalidDeclaration(f"kind is {_short(kind)}, expected {KIND!r}")
+        raise InvalidDeclaration(f"{_said('kind', kind)}, expected {KIND!r}")
     api_version = document.get("apiVersion")
     if api_version != API_VERSION:
-        raise InvalidDeclaration(f"apiVersion is {_short(api_version)}, expected {API_VERSION!r}")
+        raise InvalidDeclaration(f"{_said('apiVersion', api_version)}, expected {API_VERSION!r}")
     unknown = [k for k in document if k not in _TOP_LEVEL]
     if unknown:
         hint = " (the image is described under data, not spec)" if "spec" in unknown else ""
@@ -210,3 +210,8 @@ def _documents(loaded: Iterable[Any]) -> Iterator[tuple[str, Any]]:
 
 def _describe(exc: Exception) -> str:
     return _cut(f"{type(exc).__name__}: {exc}", 200)
+
+
+def _said(field: str, value: object) -> str:
+    """`kind is 'Pod'`, or `kind is missing` (it said `kind is None`)."""
+    return f"{field} is missing" if value is None else f"{field} is {_short(value)}"
