@@ -553,6 +553,13 @@ async def test_token_endpoint_refusals_are_registry_errors(aiohttp_client, users
     ]:
         unreadable = await client.post("/token", data=body, headers={"Content-Type": content_type})
         assert unreadable.status == 400 and _code(await unreadable.read()) == "REQUEST_INVALID", content_type
+    # A password grant in JSON (or text): it was refused as "only the password grant is supported".
+    for body in ({"json": form}, {"data": b"{bad", "headers": {"Content-Type": "application/json"}},
+                 {"data": b"grant_type=password", "headers": {"Content-Type": "text/plain"}}):
+        refused = await client.post("/token", **body)
+        text = await refused.text()
+        assert refused.status == 400 and _code(text.encode()) == "REQUEST_INVALID", (body, text)
+        assert "takes the OAuth2 password grant as a form (application/x-www-form-urlencoded" in text, text
     # A password that is no text UTF-8 can hold (utf-7 gives a lone surrogate): 500, a traceback in the log.
     for user in (ALICE[0], "nobody"):
         odd = await client.post("/token", data=f"grant_type=password&username={user}&password=+2AA-".encode(),
