@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import html
 import os
 import re
 import socket
@@ -567,7 +568,8 @@ def _describe(error: Exception) -> str:
     status = _HTTP_STATUS.search(text)
     if code := _error_code(error):
         message = _XML_MESSAGE.search(text)
-        return f"{code} ({status[1].strip() if status else 'error'}): {message[1] if message else first}"
+        said = html.unescape(message[1]) if message else first  # XML text: `server&#39;s` is `server's`
+        return f"{code} ({status[1].strip() if status else 'error'}): {said}"
     if status:
         return f"HTTP {status[1].strip()}: {first}"
     kind = _FAILURE_KIND.search(text)

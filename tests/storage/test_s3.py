@@ -162,3 +162,20 @@ async def test_a_bucket_that_is_gone_is_unavailable_not_an_internal_error(s3: Ba
     finally:
         await store.close()
         await runner.cleanup()
+
+
+def test_the_stores_error_message_is_read_as_text_not_xml() -> None:
+    """The message of an S3 error body is XML text: it was shown with its escapes (`server&#39;s`),
+    as `nixery gc` printed it for a clock skewed against the store's."""
+    from nixery.storage.s3 import _describe
+
+    said = (
+        "Generic S3 error: Error performing DELETE http://127.0.0.1:8333/b/k in 2ms - Server returned non-2xx "
+        "status code: 403 Forbidden: <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>RequestTimeTooSkewed"
+        "</Code><Message>The difference between the request time and the server&#39;s time is too large.</Message>"
+        "</Error>"
+    )
+    assert _describe(RuntimeError(said)) == (
+        "RequestTimeTooSkewed (403 Forbidden): The difference between the request time and the server's time is "
+        "too large."
+    )
