@@ -171,7 +171,7 @@ def parse_users(text: str) -> dict[str, User]:
 
 def load_users(path: Path) -> dict[str, User]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors write one) is no part of a name
     except UnicodeDecodeError:
         raise UsersFileError("is not UTF-8 text") from None
     except OSError as exc:

@@ -140,6 +140,13 @@ def test_malformed_users_file(line: str, message: str) -> None:
     assert encoded not in str(caught.value)
 
 
+def test_a_users_file_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A BOM made the first user's name invalid, and the registry did not start."""
+    path = tmp_path / "users"
+    path.write_bytes("\ufeff".encode() + users_text().encode())
+    assert auth.UserDirectory(path).get("alice") is not None
+
+
 def test_users_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text(users_text())

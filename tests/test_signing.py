@@ -453,7 +453,9 @@ def test_without_a_key_nothing_is_signed(registry: RegistryProcess) -> None:
     digest = registry.manifest("shell")[0]
     status, _, body = registry.request(f"/v2/shell/manifests/{digest.replace(':', '-')}.sig", accept=OCI_MANIFEST)
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
-    assert registry.request("/signing-key.pub", accept=None)[0] == 404
+    status, _, body = registry.request("/signing-key.pub", accept=None)
+    error = json.loads(body)["errors"][0]
+    assert status == 404 and error["message"].startswith("this registry does not sign its images"), error
     assert not (registry.storage / "meta" / "signatures").exists()
 
 

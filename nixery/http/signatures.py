@@ -11,7 +11,7 @@ import re
 import structlog
 from aiohttp import web
 
-from nixery.errors import ManifestUnknown
+from nixery.errors import ManifestUnknown, NameUnknown
 from nixery.http import hosts
 from nixery.images import ImageRecord, all_attached
 from nixery.registry.digest import Digest
@@ -73,7 +73,8 @@ async def signature_manifest_digest(request: web.Request, subject: Digest, *, re
 async def public_key(request: web.Request) -> web.Response:
     signatures = request.app.get(SIGNATURES)
     if signatures is None:
-        raise web.HTTPNotFound(text="this registry does not sign its images (NIXERY_SIGNING_KEY is not set)\n")
+        # Said as the registry's error: a web.HTTPNotFound's text was lost for "no such endpoint".
+        raise NameUnknown("this registry does not sign its images (NIXERY_SIGNING_KEY is not set): it has no key")
     return web.Response(body=signatures.key.public_pem, content_type="application/x-pem-file")
 
 
