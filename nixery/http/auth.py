@@ -53,7 +53,7 @@ from nixery.auth import (
 )
 from nixery.config import AuthSettings, Settings
 from nixery.http import csrf, hosts, routes
-from nixery.http.bodies import content_type, read_form
+from nixery.http.bodies import holds_form, read_form
 from nixery.http.departures import unless_client_leaves
 from nixery.http.errors import Handler
 from nixery.registry.names import check_tag, names_attachment
@@ -280,15 +280,11 @@ async def pull_filter(request: web.Request) -> Callable[[str], bool]:
     return lambda repository: access.may(identity, repository, PULL)
 
 
-#: The bodies the token endpoint reads (RFC 6749 4.3.2 says url-encoded; multipart is read as well).
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-
-
 async def _token_request(request: web.Request) -> tuple[tuple[str, str] | None, str | None, list[str]]:
     """(credentials, service, scopes) from a GET (basic credentials, query) or a
     POST (OAuth2 password grant form)."""
     if request.method == "POST":
-        if request.can_read_body and content_type(request) not in _FORM_TYPES:
+        if not holds_form(request):  # RFC 6749 4.3.2: url-encoded (multipart is read as well)
             # A JSON password grant was refused as "only the password grant is supported".
             raise errors.RequestInvalid(
                 "POST /token takes the OAuth2 password grant as a form (application/x-www-form-urlencoded: "

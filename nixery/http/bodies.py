@@ -76,6 +76,16 @@ def content_type(request: web.Request) -> str:
     return request.content_type
 
 
+#: The media types `read_form` reads as a form.
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def holds_form(request: web.Request) -> bool:
+    """Whether the request's body is a form (or there is none: an empty form). A body of another
+    type (`text/plain`) read as a form was one without fields, and its error said that instead."""
+    return not request.can_read_body or content_type(request) in FORM_TYPES
+
+
 async def read_form(request: web.Request) -> MultiDictProxy[Any]:
     """The fields of a url-encoded or multipart form (empty for any other body)."""
     kind = content_type(request)

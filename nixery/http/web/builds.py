@@ -32,7 +32,7 @@ from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance, hosts
-from nixery.http.bodies import content_type, read_form, read_json
+from nixery.http.bodies import content_type, holds_form, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
@@ -76,10 +76,6 @@ def _split_reference(text: str, tag: str, origin: str) -> tuple[str, str]:
     return text, tag or "latest"
 
 
-#: The bodies `POST /builds` reads as a form.
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-
-
 async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request, csrf.FORM_POST_REFUSED)
     json_api = wants_json(request)
@@ -89,14 +85,12 @@ async def start_build(request: web.Request) -> web.StreamResponse:
         if not isinstance(body, dict):
             raise errors.NameInvalid("the request body must be a JSON object with `image`")
         fields = {k: _text(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
-    elif not request.can_read_body or content_type(request) in _FORM_TYPES:  # no body: an empty form
+    elif holds_form(request):
         form = await read_form(request)
         fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
-    else:  # a text/plain body `shell/curl` was read as a form without fields: "lists no packages"
-        raise errors.RequestInvalid(
-            "POST /builds takes a JSON object (application/json) or a form (application/x-www-form-urlencoded "
-            "or multipart/form-data) with an `image` field; this request's body is neither"
-        )
+    else:
+        raise errors.RequestInvalid("POST /builds takes a JSON object (application/json) or a form "
+                                    "(application/x-www-form-urlencoded or multipart/form-data); this body is neither")
     request[FORM] = fields  # an error page shows the form again
     if "image" not in fields:
         raise errors.NameInvalid("the request names no image: give an `image` field, as image=shell/curl or "
