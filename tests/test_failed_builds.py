@@ -31,12 +31,16 @@ def builds_failed(registry: RegistryProcess) -> int:
     return len(registry.log_events("build.failed"))
 
 
+def registry_with_a_broken_package(start: Callable[..., RegistryProcess], tmp_path: Path, ttl: str) -> RegistryProcess:
+    pkgs = busybox_set_with(tmp_path / "pkgs", "broken", "broken-1.0", FAILS)
+    return start(NIXERY_PKGS_PATH=str(pkgs), NIXERY_FAILED_BUILD_TTL=ttl)
+
+
 @pytest.mark.nix
 def test_a_failed_build_is_answered_from_memory_until_asked_for(
     start_registry: Callable[..., RegistryProcess], tmp_path: Path,
 ) -> None:
-    pkgs = busybox_set_with(tmp_path / "pkgs", "broken", "broken-1.0", FAILS)
-    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_FAILED_BUILD_TTL="600")
+    registry = registry_with_a_broken_package(start_registry, tmp_path, "600")
 
     status, first = pull_error(registry, "shell/broken")
     assert (status, first["detail"]["kind"]) == (500, "BUILD_FAILED"), first
@@ -75,29 +79,17 @@ def test_a_failed_build_is_answered_from_memory_until_asked_for(
 
 
 @pytest.mark.nix
+@pytest.mark.parametrize("ttl", ["2", "0"])
 def test_once_the_memorys_time_is_up_a_pull_builds_again(
-    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
+    start_registry: Callable[..., RegistryProcess], tmp_path: Path, ttl: str,
 ) -> None:
-    pkgs = busybox_set_with(tmp_path / "pkgs", "broken", "broken-1.0", FAILS)
-    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_FAILED_BUILD_TTL="2")
-    status, error = pull_error(registry, "shell/broken")
-    assert status == 500 and builds_failed(registry) == 1, error
-    time.sleep(2.5)
-    status, later = pull_error(registry, "shell/broken")
-    assert status == 500 and "this build failed at" not in later["message"], later
-    assert builds_failed(registry) == 2
-
-
-@pytest.mark.nix
-def test_with_a_ttl_of_zero_every_pull_builds_again(
-    start_registry: Callable[..., RegistryProcess], tmp_path: Path,
-) -> None:
-    pkgs = busybox_set_with(tmp_path / "pkgs", "broken", "broken-1.0", FAILS)
-    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_FAILED_BUILD_TTL="0")
+    """With a TTL of 0 every pull builds again."""
+    registry = registry_with_a_broken_package(start_registry, tmp_path, ttl)
     for count in (1, 2):
         status, error = pull_error(registry, "shell/broken")
         assert status == 500 and "this build failed at" not in error["message"], error
         assert builds_failed(registry) == count
+        time.sleep(float(ttl) + 0.5)
 
 
 class Clock:
