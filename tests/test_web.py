@@ -216,6 +216,22 @@ def test_a_build_of_a_tag_followed_live_names_the_tag(start_registry, new_page, 
     assert f"docker pull {registry.host}/shell/slowpoke:v2" in page.locator("pre.command").first.inner_text()
 
 
+def test_each_tags_page_of_a_built_image_names_its_own_tag(registry: RegistryProcess) -> None:
+    """One finished build answers every post of a built image, whatever the tag: each tag's page
+    showed the tag posted last (`shell/hello:v5`'s page said `docker pull .../shell/hello`)."""
+    registry.manifest("shell/hello")
+    pages = {}
+    for tag in ("v5", "latest", "v6"):
+        status, _, see = _post_build(registry, {}, image=f"shell/hello:{tag}", browser=True)
+        assert status == 303 and see.startswith(b"See /builds/"), (status, see)
+        pages[tag] = see.decode().removeprefix("See ")
+    for tag, location in pages.items():
+        status, _, body = registry.request(location, accept="text/html")
+        text = body.decode()
+        pull = f"docker pull {registry.host}/shell/hello" + ("" if tag == "latest" else f":{tag}")
+        assert status == 200 and f'data-tag="{tag}"' in text and f"{pull}<" in text, (tag, location)
+
+
 def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     registry.manifest("shell/hello")  # something built, for the image page and the recent list
     page = new_page(width=390, height=844)

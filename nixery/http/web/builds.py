@@ -32,16 +32,15 @@ from nixery import errors
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance, hosts
-from nixery.http.bodies import content_type, holds_form, read_form, read_json
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web import platform_parts
-from nixery.http.web.layout import FORM, ago, page, registry_host, script
+from nixery.http.web.build_requests import build_request
+from nixery.http.web.layout import ago, page, registry_host, script
 from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
-from nixery.registry.references import UnusableReference, image_of
 from nixery.shared_builds import POLL_SECONDS
 from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
 
@@ -62,40 +61,10 @@ BUILD_ID = r"[0-9a-f]{1,64}"
 _VERBS = {Stage.DONE: "Built", Stage.FAILED: "Could not build"}
 
 
-def _split_reference(text: str, tag: str, origin: str) -> tuple[str, str]:
-    """`HOST/shell/curl:tag` as typed or pasted: drop this registry's host (`origin`'s), split off
-    the tag. Another registry's `host:port/`, or a digest, is refused saying so (its port is no tag)."""
-    text = text.strip().removeprefix("docker://").strip("/")  # the scheme first: `docker://` alone is no name
-    try:
-        text = image_of(text, origin)
-    except UnusableReference as exc:
-        raise errors.NameInvalid(str(exc)) from None
-    if ":" in text:
-        text, given = text.split(":", 1)
-        tag = tag or given
-    return text, tag or "latest"
-
-
 async def start_build(request: web.Request) -> web.StreamResponse:
     csrf.refuse_cross_site(request, csrf.FORM_POST_REFUSED)
     json_api = wants_json(request)
-    fields: dict[str, str] = {}
-    if content_type(request) == "application/json":
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise errors.NameInvalid("the request body must be a JSON object with `image`")
-        fields = {k: _text(k, v) for k, v in body.items() if k in ("image", "tag") and v is not None}
-    elif holds_form(request):
-        form = await read_form(request)
-        fields = {k: _text(k, form[k]) for k in ("image", "tag") if k in form}
-    else:
-        raise errors.RequestInvalid("POST /builds takes a JSON object (application/json) or a form "
-                                    "(application/x-www-form-urlencoded or multipart/form-data); this body is neither")
-    request[FORM] = fields  # an error page shows the form again
-    if "image" not in fields:
-        raise errors.NameInvalid("the request names no image: give an `image` field, as image=shell/curl or "
-                                 '{"image": "shell/curl"}')
-    name, tag = _split_reference(fields.get("image", ""), fields.get("tag", "").strip(), hosts.origin(request))
+    name, tag = await build_request(request)
     tag = check_build_tag(tag)  # not an attachment's (sha256-...): an image built under one could not be pulled
     image = await requested_image(request, tag, name)
     # With access control on: viewing a built image needs pull, building a new one build
@@ -126,24 +95,6 @@ async def start_build(request: web.Request) -> web.StreamResponse:
             headers={"Location": location},
         )
     return web.Response(status=303, headers={"Location": progress}, text=f"See {progress}")
-
-
-#: What a JSON value or form field is called in an error message, by its Python type.
-_VALUE_TYPES = {
-    dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
-    web.FileField: "a file",
-}  # fmt: skip
-
-
-def _text(field: str, value: object) -> str:
-    """A JSON body's or form's `image` or `tag`: a string. Python's text for anything else
-    (`{'a': 1}`, `inf`, an uploaded file's FileField) was read as a name or a tag, and refused,
-    if at all, for what it was not."""
-    if isinstance(value, str):
-        return value
-    error = errors.NameInvalid if field == "image" else errors.TagInvalid
-    raise error(f"`{field}` must be a string, not {_VALUE_TYPES.get(type(value), 'another kind of value')}",
-                detail={"field": field})
 
 
 async def _get_build(request: web.Request) -> Build:
@@ -299,9 +250,12 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
 
 
 def _tag(request: web.Request, build: Build) -> str:
-    """The tag the build was started for (its pull command and links name it): as this worker
-    was asked for it, else as the registry's address for its page says."""
-    return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
+    """The tag the page is for (its pull command and links name it): as the address the registry
+    gave for it says (`?image=NAME[&tag=TAG]`), else the one the build was last asked for. One
+    build answers every tag of a built image: each tag's page showed the tag asked for last."""
+    if "image" in request.query:
+        return check_tag(request.query.get("tag") or "latest")
+    return request.app[BUILD_TAGS].peek(build.id) or "latest"
 
 
 def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
