@@ -644,7 +644,8 @@ class ImageBuilder:
         resolved, evaluated = await self._resolve(revision, system, request.packages, until=until)
         baseline = await self.baseline.packages(self.source, self.evaluations, revision, system, until=until)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated, baseline=len(baseline))
-        build.emit(Stage.BUILDING, f"building {len(resolved)} packages with Nix", built=0, to_build=0)
+        count = f"{len(resolved)} package" + ("" if len(resolved) == 1 else "s")
+        build.emit(Stage.BUILDING, f"building {count} with Nix", built=0, to_build=0)
         graph = await self.source.realise([*resolved, *baseline], system, until=until, on_line=NixLogProgress(build))
         return resolved, baseline, graph
 

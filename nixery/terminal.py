@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
+from nixery.views import STAGE_LABELS, STAGE_ORDER, plural, size_text
 
 #: The stages shown with a bar each, by their names in the event stream (a failure is shown on the stage it ends).
 LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
@@ -127,12 +127,12 @@ class BarProgress:
                 self.progress.update(task, detail=detail[:60])
                 return
             # Nix reports a derivation (or a path to fetch) when it starts: the latest is still under way.
-            detail = f"building {built} of {max(built, to_build)} derivations"
+            detail = f"building {built} of {plural(max(built, to_build), 'derivation')}"
             if fetched or to_fetch:
-                detail += f", fetching {fetched} of {max(fetched, to_fetch)} paths"
+                detail += f", fetching {fetched} of {plural(max(fetched, to_fetch), 'path')}"
             self.progress.update(task, total=total, completed=max(0, built + fetched - 1), detail=detail)
-            self.summaries[stage] = f"{max(built, to_build)} derivations built" + (
-                f", {max(fetched, to_fetch)} paths fetched" if fetched or to_fetch else ""
+            self.summaries[stage] = f"{plural(max(built, to_build), 'derivation')} built" + (
+                f", {plural(max(fetched, to_fetch), 'path')} fetched" if fetched or to_fetch else ""
             )
             return
         if stage == "compressing" and "layers_total" in event:

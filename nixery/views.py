@@ -32,6 +32,11 @@ STAGE_LABELS = {
 }
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 derivation`, `2 derivations` (the pages said `1 derivations`)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def size_text(n: int | float | None, *, unknown: str = "–") -> str:
     """A byte count in words (`12.3 MB`); `unknown` for None."""
     if n is None:

@@ -195,6 +195,30 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     assert page.locator("details summary").first.text_content().endswith(("store path", "store paths"))
 
 
+def test_the_stage_a_build_failed_in_is_not_shown_as_done(start_registry, new_page, tmp_path: Path) -> None:
+    """A build whose Nix builder failed showed "Building with Nix" as a finished green step,
+    "1 derivations built", above the failure: live and drawn again, it is now the stage it
+    ended in, saying what it was doing."""
+    pkgs = busybox_set_with(tmp_path / "pkgs", "brokenslow", f"brokenslow-{time.time_ns()}",
+                            "$bb/sleep 3; echo the-build-says-why >&2; exit 3")
+    registry = start_registry(NIXERY_PKGS_PATH=str(pkgs), NIXERY_FAILED_BUILD_TTL="0")
+    page = new_page()
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/brokenslow")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_url("**/builds/**")
+    assert page.locator("#build").get_attribute("data-stage") not in ("done", "failed"), "should still be running"
+    page.wait_for_selector("#state.stage-failed", timeout=120_000)
+    building = "#stages li[data-stage=building]"
+    live = (page.locator(building).get_attribute("class"), page.locator(f"{building} .detail").text_content())
+    page.reload()
+    drawn = (page.locator(building).get_attribute("class"), page.locator(f"{building} .detail").text_content())
+    assert live == drawn == ("ended", "ended building 1 of 1 derivation"), (live, drawn)
+    assert page.locator("#stages li.past").evaluate_all("items => items.map(i => i.dataset.stage)") == [
+        "queued", "evaluating"]
+    assert page.locator("#stages li.failed").count() == 1
+
+
 def test_a_build_of_a_tag_followed_live_names_the_tag(start_registry, new_page, tmp_path: Path) -> None:
     """The outcome a running build's page draws when the build ends is the one the server
     renders: its pull command and image link name the tag the build was for."""

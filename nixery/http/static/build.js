@@ -66,20 +66,23 @@
     if (event.stage === "compressing" && state.compressStarted === null) state.compressStarted = event.time;
   }
 
-  function detail(stage) {
+  const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
+
+  // What the stage did; `ended`: the stage the build failed or was stopped in (views.py's detail).
+  function detail(stage, ended) {
     const d = state.data;
     if (stage === "building") {
       const platforms = Object.values(state.platformCounts);
       const d = platforms.length ? Object.fromEntries(NIX_COUNTS.map((key) => [key, platforms.reduce((sum, one) => sum + (one[key] || 0), 0)])) : state.data;
       const built = d.built || 0, fetched = d.fetched || 0;
-      if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" ? state.messages.building : "nothing to build: all in the Nix store";
+      if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" || ended ? state.messages.building : "nothing to build: all in the Nix store";
       const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
-      if (state.current === "building") {
-        let text = `building ${built} of ${toBuild} derivations`;
-        if (toFetch) text += `, fetching ${fetched} of ${toFetch} paths`;
+      if (state.current === "building" || ended) {
+        let text = `${ended ? "ended " : ""}building ${built} of ${plural(toBuild, "derivation")}`;
+        if (toFetch) text += `, fetching ${fetched} of ${plural(toFetch, "path")}`;
         return text;
       }
-      return `${toBuild} derivations built` + (toFetch ? `, ${toFetch} paths fetched` : "");
+      return `${plural(toBuild, "derivation")} built` + (toFetch ? `, ${plural(toFetch, "path")} fetched` : "");
     }
     if (stage === "layering" && d.paths !== undefined) return `${d.paths} store paths`;
     if (stage === "compressing" && d.layers_total !== undefined) {
@@ -96,16 +99,19 @@
     const finished = FINAL.includes(state.current);
     let furthest = -1;
     for (const s of state.reached) furthest = Math.max(furthest, ORDER.indexOf(s));
+    // The stage a failed (or stopped) build ended in: not shown as done.
+    const endedIn = state.current === "failed" && furthest >= 0 && furthest < ORDER.indexOf("done") ? ORDER[furthest] : null;
     const items = ORDER.map((stage, position) => {
       if (stage === "done" && state.current === "failed") {
         return `<li class="failed" data-stage="failed"><span class="label">Failed</span><span class="detail">${esc(state.messages.failed || "")}</span></li>`;
       }
       let cls = "pending";
       if (stage === state.current && !finished) cls = "current";
+      else if (stage === endedIn) cls = "ended";
       else if (state.reached.has(stage)) cls = "past";
       else if (position < furthest) cls = "skipped";
       const label = document.querySelector(`#stages li[data-stage="${stage}"] .label`);
-      const text = cls === "past" || cls === "current" ? detail(stage) : "";
+      const text = ["past", "current", "ended"].includes(cls) ? detail(stage, cls === "ended") : "";
       return `<li class="${cls}" data-stage="${stage}"><span class="label">${esc(label ? label.textContent : stage)}</span><span class="detail">${esc(text)}</span></li>`;
     });
     document.getElementById("stages").innerHTML = items.join("");

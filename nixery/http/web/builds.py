@@ -42,7 +42,7 @@ from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
 from nixery.shared_builds import POLL_SECONDS
-from nixery.views import STAGE_LABELS, STAGE_ORDER, size_text
+from nixery.views import STAGE_LABELS, STAGE_ORDER, plural, size_text
 
 log = structlog.get_logger(__name__)
 
@@ -164,23 +164,25 @@ class Progress:
         seconds = self.last_time - self.compress_started
         return self.data["compressed_bytes"] / seconds / 1e6 if seconds > 0 else None
 
-    def detail(self, stage: Stage) -> str:
+    def detail(self, stage: Stage, *, ended: bool = False) -> str:
+        """What the stage did; `ended`: the stage the build failed or was stopped in."""
         d = self.data
         if stage is Stage.BUILDING and self.platforms:  # Nix builds each platform's: their sums
             d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in _NIX_COUNTS}
         if stage is Stage.BUILDING and stage in self.reached:
             built, fetched = d.get("built", 0), d.get("fetched", 0)
             if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
-                if self.current is Stage.BUILDING:
+                if self.current is Stage.BUILDING or ended:
                     return self.messages[stage]
                 return "nothing to build: all in the Nix store"
             to_build, to_fetch = max(built, d.get("to_build", 0)), max(fetched, d.get("to_fetch", 0))
-            if self.current is Stage.BUILDING:  # Nix names each derivation as it starts
-                parts = [f"building {built} of {to_build} derivations"]
+            if self.current is Stage.BUILDING or ended:  # Nix names each derivation as it starts
+                parts = [f"{'ended ' if ended else ''}building {built} of {plural(to_build, 'derivation')}"]
                 if to_fetch:
-                    parts.append(f"fetching {fetched} of {to_fetch} paths")
-            else:
-                parts = [f"{to_build} derivations built"] + ([f"{to_fetch} paths fetched"] if to_fetch else [])
+                    parts.append(f"fetching {fetched} of {plural(to_fetch, 'path')}")
+            else:  # a stage that ended: past, as the build went on after it
+                parts = [f"{plural(to_build, 'derivation')} built"]
+                parts += [f"{plural(to_fetch, 'path')} fetched"] if to_fetch else []
             return ", ".join(parts)
         if stage is Stage.LAYERING and "paths" in d:
             return f"{d['paths']} store paths"
@@ -198,10 +200,14 @@ class Progress:
 def _stage_list(build: Build, progress: Progress) -> str:
     failed = build.stage is Stage.FAILED
     furthest = max((STAGE_ORDER.index(s) for s in progress.reached if s in STAGE_ORDER), default=-1)
+    # The stage a failed (or stopped) build ended in: not shown as done ("1 derivations built").
+    ended_in = STAGE_ORDER[furthest] if failed and 0 <= furthest < STAGE_ORDER.index(Stage.DONE) else None
     items = []
     for position, stage in enumerate(STAGE_ORDER):
         if stage is progress.current and not build.finished:
             state = "current"
+        elif stage is ended_in:
+            state = "ended"
         elif stage in progress.reached:
             state = "past"
         elif position < furthest:
@@ -217,9 +223,13 @@ def _stage_list(build: Build, progress: Progress) -> str:
             continue
         items.append(
             f'<li class="{state}" data-stage="{stage.value}"><span class="label">{STAGE_LABELS[stage]}</span>'
-            f'<span class="detail">{h(progress.detail(stage) if state in ("past", "current") else "")}</span></li>'
+            f'<span class="detail">{h(progress.detail(stage, ended=state == "ended") if state in _SHOWN else "")}'
+            "</span></li>"
         )
     return f'<ol class="stages" id="stages">{"".join(items)}</ol>'
+
+
+_SHOWN = ("past", "current", "ended")  # the states whose stage says what it did
 
 
 def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build | None]) -> str:
