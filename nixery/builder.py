@@ -462,6 +462,7 @@ class ImageBuilder:
             build.emit(
                 Stage.FAILED, str(exc) or type(exc).__name__, error=kind, log=tail,
                 suggestions=getattr(exc, "suggestions", None) or None,  # nearest names for missing ones
+                missing=getattr(exc, "missing", None) or None,  # with or without a nearest name
             )
             log.warning("build.failed", image=request.display_name, build=build.id, error=str(exc)[:500])
             self.failures.remember(key, exc)

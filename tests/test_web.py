@@ -404,6 +404,15 @@ def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, t
     page.click("text=Build shell/figlet instead")
     page.wait_for_selector("#digest", timeout=120_000)
     assert f"docker pull {registry.host}/shell/figlet" in page.locator("#outcome").text_content()
+    # With a name that has no nearest one, no button: `shell/figlet/xqzvwk` would fail too.
+    page.goto(registry.url + "/")
+    page.fill("#build-image", "shell/figlett/xqzvwk")
+    page.click("form.build-form button[type=submit]")
+    page.wait_for_selector("#error", timeout=120_000)
+    assert "figlett (did you mean figlet?)" in page.locator("#error").text_content()
+    assert page.locator("#outcome .suggestion").count() == 0
+    page.reload()
+    assert page.locator("#error").count() == 1 and page.locator("#outcome .suggestion").count() == 0
 
 
 # ---- HTTP: the build API and the event stream --------------------------------------

@@ -74,16 +74,21 @@ def not_built(name: str, tag: str, host: str) -> str:
 </section>"""
 
 
-def corrected(image: str, suggestions: Mapping[str, Sequence[str]]) -> str | None:
-    """`image` with each missing name replaced by its nearest suggestion; None without any."""
+def corrected(image: str, suggestions: Mapping[str, Sequence[str]], missing: Sequence[str] = ()) -> str | None:
+    """`image` with each missing name replaced by its nearest suggestion; None without any, or when
+    a `missing` name has none (`shell/curll/cowsay` was offered `shell/curl/cowsay`, which fails too)."""
+    if any(not suggestions.get(name) for name in missing):
+        return None
     components = image.split("/")
     fixed = [suggestions[c][0] if suggestions.get(c) else c for c in components]
     return "/".join(fixed) if fixed != components else None
 
 
-def suggestion_button(image: str, tag: str, suggestions: Mapping[str, Sequence[str]] | None) -> str:
+def suggestion_button(
+    image: str, tag: str, suggestions: Mapping[str, Sequence[str]] | None, missing: Sequence[str] | None = None
+) -> str:
     """A Build button for the image with the nearest names, or nothing."""
-    fixed = corrected(image, suggestions or {})
+    fixed = corrected(image, suggestions or {}, missing or ())
     if fixed is None:
         return ""
     return f'<div class="suggestion">{build_button(fixed, tag, f"Build {fixed} instead")}</div>'

@@ -149,7 +149,7 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
     } else if (state.current === "failed") {
       outcome.className = "outcome failed";
       const log = d.log ? `<details open><summary>Nix's last lines</summary><pre>${esc(d.log)}</pre></details>` : "";
-      outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${suggestion(asked, d.suggestions)}${log}`;
+      outcome.innerHTML = `<p><strong>The build failed.</strong></p><p class="message" id="error">${esc(state.messages.failed || "")}</p>${suggestion(asked, d.suggestions, d.missing)}${log}`;
       outcome.hidden = false;
     }
   }
@@ -169,8 +169,9 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
   }
 
   // A Build button for the name with each missing package replaced by its nearest name.
-  function suggestion(asked, suggestions) {
+  function suggestion(asked, suggestions, missing) {
     if (!suggestions) return "";
+    if ((missing || []).some((name) => !(suggestions[name] && suggestions[name].length))) return "";  // it would fail too
     const parts = asked.split("/");
     const fixed = parts.map((part) => (suggestions[part] && suggestions[part].length ? suggestions[part][0] : part));
     if (fixed.join("/") === asked) return "";

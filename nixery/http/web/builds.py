@@ -294,7 +294,7 @@ def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple
         log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
         return f"""<div class="outcome failed" id="outcome">
 <p><strong>The build failed.</strong></p><p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
-{guidance.suggestion_button(build.image, tag, d.get("suggestions"))}{log_html}</div>"""
+{guidance.suggestion_button(build.image, tag, d.get("suggestions"), d.get("missing"))}{log_html}</div>"""
     return '<div class="outcome" id="outcome" hidden></div>'
 
 
