@@ -910,6 +910,12 @@ def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
     assert b'<h2 id="' in body
     status, _, _ = registry.request("/docs/..%2Fpyproject", accept="text/html")
     assert status == 404
+    # The lists of sections (on / and /docs) show a heading's code as code, not as Markdown's backticks.
+    for path in ("/", "/docs"):
+        status, _, body = registry.request(path, accept="text/html")
+        sections = body.decode().partition("<h2>Documentation</h2>")[2]
+        assert status == 200 and "`" not in sections, path
+        assert "What is in <code>deploy/</code></a>" in sections, path
 
 
 class _Links(html.parser.HTMLParser):

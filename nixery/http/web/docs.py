@@ -74,7 +74,8 @@ _RENDERED = 1024
 
 @lru_cache(maxsize=_RENDERED)
 def _render(path: Path, mtime_ns: int) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-    """(title, HTML, level-2 sections) of a Markdown file; raw HTML in it is not passed through."""
+    """(title, HTML, level-2 sections as (anchor, inline HTML)) of a Markdown file; raw HTML in it
+    is not passed through (escaped, as in the sections' HTML)."""
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
@@ -92,8 +93,8 @@ def _render(path: Path, mtime_ns: int) -> tuple[str, str, tuple[tuple[str, str],
             token.attrSet("id", anchor)
             if token.tag == "h1" and title == path.stem:
                 title = text
-            elif token.tag == "h2":
-                sections.append((anchor, text))
+            elif token.tag == "h2":  # as inline HTML: its `code` showed as backticks in the lists of sections
+                sections.append((anchor, md.renderInline(text).strip()))
         if token.type == "inline" and token.children:
             _point_links(token.children, path, pages)
     return title, md.renderer.render(tokens, md.options, {}), tuple(sections)
@@ -189,7 +190,7 @@ def _docs_block() -> str:
     for slug, title, sections in pages:
         items.append(f'<li><a href="/docs/{h(slug)}">{h(title)}</a>')
         if sections:
-            links = " · ".join(f'<a href="/docs/{h(slug)}#{h(anchor)}">{h(text)}</a>' for anchor, text in sections[:8])
+            links = " · ".join(f'<a href="/docs/{h(slug)}#{h(anchor)}">{html}</a>' for anchor, html in sections[:8])
             items.append(f'<div class="sections">{links}</div>')
         items.append("</li>")
     return f'<section class="card"><h2>Documentation</h2><ul class="plain docs">{"".join(items)}</ul></section>'
