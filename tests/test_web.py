@@ -256,6 +256,16 @@ def test_each_tags_page_of_a_built_image_names_its_own_tag(registry: RegistryPro
         assert status == 200 and f'data-tag="{tag}"' in text and f"{pull}<" in text, (tag, location)
 
 
+def test_screen_readers_hear_the_outcome_and_which_package_a_build_button_builds(registry: RegistryProcess) -> None:
+    """The progress page's outcome is announced when it arrives (aria-live), and each search
+    result's "Build" button says what it builds: both were silent or the same words."""
+    status, _, see = _post_build(registry, {}, image="shell/hello", browser=True)
+    status, _, body = registry.request(see.decode().removeprefix("See "), accept="text/html")
+    assert status == 200 and b'id="outcome" aria-live="polite"' in body
+    status, _, body = registry.request("/packages?q=hello", accept="text/html")
+    assert status == 200 and b'aria-label="Build shell/hello"' in body, body[:2000]
+
+
 def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     registry.manifest("shell/hello")  # something built, for the image page and the recent list
     page = new_page(width=390, height=844)
@@ -501,6 +511,11 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
                 assert (error["code"], error["detail"]["kind"]) == ("NAME_INVALID", "TAG_INVALID")
             async with session.post(f"{registry.url}/builds", data={"image": "shell/bad name"}) as response:
                 assert response.status == 400 and response.content_type == "text/html"
+            # A tag in the name and another in the tag field: one was dropped without a word.
+            async with session.post(f"{registry.url}/builds", json={"image": "shell/hello:v1", "tag": "v2"}) as response:
+                error = (await response.json())["errors"][0]
+                assert response.status == 400 and error["detail"]["kind"] == "TAG_INVALID", error
+                assert "the tag field another" in error["message"], error
             # A body of another type was read as an empty form: "the image name lists no packages".
             async with session.post(f"{registry.url}/builds", data=b"shell",
                                     headers={"Content-Type": "text/plain", "Accept": "application/json"}) as response:

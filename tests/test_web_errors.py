@@ -39,6 +39,8 @@ async def client(aiohttp_client):
         ("GET", "/no/such/page", {"Accept": "*/*"}, 404, "NAME_UNKNOWN", False),
         ("GET", "/v2/no/such/endpoint", HTML, 404, "NAME_UNKNOWN", False),  # the registry API's: JSON
         ("PUT", "/docs", HTML, 405, "UNSUPPORTED", False),
+        ("GET", "/builds", HTML, 405, "UNSUPPORTED", True),  # a form's error page's address, entered again
+        ("GET", "/builds", {"Accept": "*/*"}, 405, "UNSUPPORTED", False),
     ],
 )
 async def test_the_middleware_picks_html_for_browsers_on_pages(

@@ -41,9 +41,10 @@ def pull_reference(host: str, name: str, tag: str) -> str:
 def build_button(image: str, tag: str = "latest", label: str = "Build") -> str:
     """A form that starts building `image` (POST /builds, as the build form does)."""
     tag_field = "" if tag == "latest" else f'<input type="hidden" name="tag" value="{h(tag)}">'
+    named = "" if image in label else f' aria-label="{h(label)} {h(image)}"'  # a list's "Build" says which
     return f"""<form method="post" action="/builds" class="inline">
 <input type="hidden" name="image" value="{h(image)}">{tag_field}
-<button type="submit" class="small">{h(label)}</button></form>"""
+<button type="submit" class="small"{named}>{h(label)}</button></form>"""
 
 
 def unknown_build(build_id: str, image: str | None, tag: str, record: ImageRecord | None, host: str) -> str:

@@ -40,7 +40,11 @@ def on_page(request: web.Request) -> bool:
     if name is not None:
         return name.startswith(_PAGE_ROUTE)
     unmatched = getattr(request.match_info, "http_exception", None)
-    return isinstance(unmatched, web.HTTPNotFound) and not (request.path + "/").startswith("/v2/")
+    # A GET of a path only posted to (`/builds`, where a form's error page sits) is one too.
+    page_like = isinstance(unmatched, web.HTTPNotFound) or (
+        isinstance(unmatched, web.HTTPMethodNotAllowed) and request.method in ("GET", "HEAD")
+    )
+    return page_like and not (request.path + "/").startswith("/v2/")
 
 
 def _body_type(request: web.Request) -> str:

@@ -36,7 +36,7 @@ function renderResults(doc) {
     const kind = buildable ? "" : ` <span class="badge">${escapeHtml(e.kind)}</span>`;
     const version = e.version ? escapeHtml(e.version) : '<span class="muted">–</span>';
     const action = buildable
-      ? `<form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="shell/${escapeHtml(e.name)}"><button type="submit" class="small">Build</button></form>`
+      ? `<form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="shell/${escapeHtml(e.name)}"><button type="submit" class="small" aria-label="Build shell/${escapeHtml(e.name)}">Build</button></form>`
       : "";
     const desc = e.description ? escapeHtml(e.description) : "";
     return `<tr><td><code>${escapeHtml(e.name)}</code>${kind}<div class="desc">${desc}</div></td><td>${version}</td><td>${action}</td></tr>`;

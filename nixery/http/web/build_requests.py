@@ -55,6 +55,8 @@ def _split_reference(text: str, tag: str, origin: str) -> tuple[str, str]:
         raise errors.NameInvalid(str(exc)) from None
     if ":" in text:
         text, given = text.split(":", 1)
+        if tag and given and tag != given:  # one of them was dropped without a word (as `nixery build` refuses)
+            raise errors.TagInvalid("the image names one tag (after its ':') and the tag field another: give one")
         tag = tag or given
     return text, tag or "latest"
 

@@ -277,7 +277,7 @@ def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
         ref = guidance.pull_reference(registry_host(request), name, tag)
-        return f"""<div class="outcome done" id="outcome" data-image="{h(name)}">
+        return f"""<div class="outcome done" id="outcome" aria-live="polite" data-image="{h(name)}">
 <p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>{note}
 <p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>{_platform_digests(d)}
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
@@ -285,17 +285,17 @@ def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple
 </div>"""
     if build.stage is Stage.FAILED and d.get("error") == "stopped":  # the registry shut down: not the build's fault
         again = guidance.build_button(build.image, tag, f"Build {build.image} again")
-        return f"""<div class="outcome failed" id="outcome">
+        return f"""<div class="outcome failed" id="outcome" aria-live="polite">
 <p><strong>The registry stopped this build as it shut down.</strong></p>
 <p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
 <div class="suggestion" id="build-again">{again}</div></div>"""
     if build.stage is Stage.FAILED:
         tail = d.get("log")
         log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
-        return f"""<div class="outcome failed" id="outcome">
+        return f"""<div class="outcome failed" id="outcome" aria-live="polite">
 <p><strong>The build failed.</strong></p><p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
 {guidance.suggestion_button(build.image, tag, d.get("suggestions"), d.get("missing"))}{log_html}</div>"""
-    return '<div class="outcome" id="outcome" hidden></div>'
+    return '<div class="outcome" id="outcome" aria-live="polite" hidden></div>'
 
 
 def _platform_digests(data: dict[str, Any]) -> str:
