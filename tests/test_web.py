@@ -512,7 +512,8 @@ def test_build_api_errors(registry: RegistryProcess) -> None:
             async with session.post(f"{registry.url}/builds", data={"image": "shell/bad name"}) as response:
                 assert response.status == 400 and response.content_type == "text/html"
             # A tag in the name and another in the tag field: one was dropped without a word.
-            async with session.post(f"{registry.url}/builds", json={"image": "shell/hello:v1", "tag": "v2"}) as response:
+            both = {"image": "shell/hello:v1", "tag": "v2"}
+            async with session.post(f"{registry.url}/builds", json=both) as response:
                 error = (await response.json())["errors"][0]
                 assert response.status == 400 and error["detail"]["kind"] == "TAG_INVALID", error
                 assert "the tag field another" in error["message"], error
