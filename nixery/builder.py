@@ -162,7 +162,7 @@ class ImageBuilder:
         #: The tag each recent revision was last resolved from: stored with the images built from it.
         self._tags: LRU[str, str] = LRU(256)
         #: The "already built" answer of each recent name and image, given again while the build log keeps it.
-        self._answers: LRU[tuple[str, str], Build] = LRU(256)
+        self._answers: LRU[tuple[str, str, str], Build] = LRU(256)
 
     async def warm_up(self) -> None:
         """Start the layer writers and the package source's resolver, and load the layering
@@ -365,7 +365,7 @@ class ImageBuilder:
         """Start building in the background (if needed); returns the build to follow."""
         revision, key, record = await self._lookup(request, tag)
         if record is not None:
-            return self._already_built(request, record)
+            return self._already_built(request, record, tag)
         # Asked for explicitly: a failure remembered is built again, of each platform too.
         self.failures.forget(key)
         for one in each_platform(request) if request.platforms else ():
@@ -378,15 +378,16 @@ class ImageBuilder:
             raise _shutting_down(request) from None
         return build
 
-    def _already_built(self, request: ImageRequest, record: ImageRecord) -> Build:
-        """The finished build that says the image is built: one per name and image while the build
-        log keeps it. A new one for each ask let a client that posted the same built image 250
-        times push every other build out of the log (their pages and streams then 404)."""
-        answer = self._answers.get((request.display_name, record.key))
+    def _already_built(self, request: ImageRequest, record: ImageRecord, tag: str) -> Build:
+        """The finished build that says the image is built: one per name, image and tag while the
+        build log keeps it. A new one for each ask let a client that posted the same built image 250
+        times push every other build out of the log (their pages and streams then 404); one for
+        every tag made each tag's page name the tag posted last (its page shows the build's tag)."""
+        answer = self._answers.get((request.display_name, record.key, tag))
         if answer is None or self.builds.get(answer.id) is not answer:
             answer = self.builds.new(request.display_name)
             answer.emit(Stage.DONE, "already built", **image_summary(record))
-            self._answers.put((request.display_name, record.key), answer)
+            self._answers.put((request.display_name, record.key, tag), answer)
         return answer
 
     async def _lookup(

@@ -340,6 +340,8 @@ class _LimitedConstructor(SafeConstructor, _SharesTheGIL):
                 None, None, f"{node.value[:40]!r} reads as a date or time that does not exist ({exc})",
                 node.start_mark,
             ) from None
+        except AttributeError:  # `!!timestamp foo`: PyYAML's pattern found no date in it
+            raise YAMLLimitError(None, None, f"{node.value[:40]!r} is not a date or time", node.start_mark) from None
 
     # The loader looks constructors up by tag in this table (a copy of the safe loader's, as
     # add_constructor would make), so the overrides above need their entries here.

@@ -83,13 +83,14 @@ def test_a_failed_build_is_answered_from_memory_until_asked_for(
 def test_once_the_memorys_time_is_up_a_pull_builds_again(
     start_registry: Callable[..., RegistryProcess], tmp_path: Path, ttl: str,
 ) -> None:
-    """With a TTL of 0 every pull builds again."""
+    """Also with a TTL of 0, where every pull builds again."""
     registry = registry_with_a_broken_package(start_registry, tmp_path, ttl)
     for count in (1, 2):
+        if count > 1:
+            time.sleep(float(ttl) + 0.5)
         status, error = pull_error(registry, "shell/broken")
         assert status == 500 and "this build failed at" not in error["message"], error
         assert builds_failed(registry) == count
-        time.sleep(float(ttl) + 0.5)
 
 
 class Clock:

@@ -257,11 +257,13 @@ def test_each_tags_page_of_a_built_image_names_its_own_tag(registry: RegistryPro
 
 
 def test_screen_readers_hear_the_outcome_and_which_package_a_build_button_builds(registry: RegistryProcess) -> None:
-    """The progress page's outcome is announced when it arrives (aria-live), and each search
-    result's "Build" button says what it builds: both were silent or the same words."""
+    """The progress page's end is announced ("Built", "Could not build": the heading's verb, in a
+    live region shown from the start), and each search result's "Build" button says what it
+    builds: both were silent or the same words."""
+    registry.manifest("shell/hello")  # built: its page has ended
     status, _, see = _post_build(registry, {}, image="shell/hello", browser=True)
     status, _, body = registry.request(see.decode().removeprefix("See "), accept="text/html")
-    assert status == 200 and b'id="outcome" aria-live="polite"' in body
+    assert status == 200 and b'<span id="verb" aria-live="polite">Built</span>' in body
     status, _, body = registry.request("/packages?q=hello", accept="text/html")
     assert status == 200 and b'aria-label="Build shell/hello"' in body, body[:2000]
 
@@ -932,6 +934,19 @@ def test_docs_are_served_with_anchors(registry: RegistryProcess) -> None:
         sections = body.decode().partition("<h2>Documentation</h2>")[2]
         assert status == 200 and "`" not in sections, path
         assert "What is in <code>deploy/</code></a>" in sections, path
+
+
+def test_a_sections_link_shows_the_headings_code_but_not_its_links(tmp_path: Path) -> None:
+    """A heading's inline Markdown in a list of sections: code as code; its own links and images
+    left out (a link in a link, an image fetched from elsewhere); raw HTML escaped."""
+    from markdown_it import MarkdownIt
+
+    from nixery.http.web.docs import _heading_html
+
+    md = MarkdownIt("commonmark", {"html": False})
+    text = "What is in `deploy/`, [see](other.md) ![logo](http://elsewhere.example/x.png) <b>bold</b>"
+    children = md.parseInline(text)[0].children or []
+    assert _heading_html(md, children) == "What is in <code>deploy/</code>, see  &lt;b&gt;bold&lt;/b&gt;"
 
 
 class _Links(html.parser.HTMLParser):

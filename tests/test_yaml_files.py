@@ -3,6 +3,7 @@ only, and finding files without following directory symlinks around or out of th
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -94,6 +95,15 @@ def test_long_integers_are_refused(loader: type) -> None:
     assert refusal("x: " + "1" * 5000, loader).startswith("an integer longer than 100 characters")
     assert load_documents("x: " + "9" * 100, loader) == [{"x": int("9" * 100)}]
     assert load_documents('x: "' + "1" * 5000 + '"', loader) == [{"x": "1" * 5000}]  # a string is a string
+
+
+@LOADERS
+def test_a_date_that_does_not_exist_is_refused_naming_its_line(loader: type) -> None:
+    """PyYAML raised Python's ValueError for it (`tag: 2024-02-30`), without the line."""
+    said = refusal("a: 1\ntag: 2024-02-30\n", loader)
+    assert said.startswith("'2024-02-30' reads as a date or time that does not exist (") and "(line 2, " in said
+    assert refusal("x: !!timestamp soon\n", loader).startswith("'soon' is not a date or time (line 1, ")
+    assert load_documents("tag: 2024-01-30\n", loader) == [{"tag": datetime.date(2024, 1, 30)}]
 
 
 @LOADERS

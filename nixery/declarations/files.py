@@ -155,7 +155,7 @@ class DeclarationFiles:
         except InvalidDeclaration as exc:
             report(None, str(exc))
             return _LoadedFile(stamp, (), tuple(problems))
-        except Exception as exc:  # e.g. a value PyYAML cannot construct (tag: 2024-02-30)
+        except Exception as exc:  # a value PyYAML cannot construct that yaml_files does not refuse itself
             report(None, f"cannot be loaded: {_describe(exc)}")
             return _LoadedFile(stamp, (), tuple(problems))
         for label, document in documents:

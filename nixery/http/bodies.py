@@ -83,7 +83,7 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 def holds_form(request: web.Request) -> bool:
     """Whether the request's body is a form (or there is none: an empty form). A body of another
     type (`text/plain`) read as a form was one without fields, and its error said that instead."""
-    return not request.can_read_body or content_type(request) in FORM_TYPES
+    return not request.body_exists or content_type(request) in FORM_TYPES
 
 
 async def read_form(request: web.Request) -> MultiDictProxy[Any]:

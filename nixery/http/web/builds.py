@@ -260,12 +260,9 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
 
 
 def _tag(request: web.Request, build: Build) -> str:
-    """The tag the page is for (its pull command and links name it): as the address the registry
-    gave for it says (`?image=NAME[&tag=TAG]`), else the one the build was last asked for. One
-    build answers every tag of a built image: each tag's page showed the tag asked for last."""
-    if "image" in request.query:
-        return check_tag(request.query.get("tag") or "latest")
-    return request.app[BUILD_TAGS].peek(build.id) or "latest"
+    """The tag the build was started for (its pull command and links name it): as this worker
+    was asked for it, else as the registry's address for its page says."""
+    return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
 
 
 def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
@@ -277,7 +274,7 @@ def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple
         name = d.get("image", build.image)  # the image's own name: as first asked for, resolved
         note = guidance.same_image_note(build.image, name) if name != build.image else ""
         ref = guidance.pull_reference(registry_host(request), name, tag)
-        return f"""<div class="outcome done" id="outcome" aria-live="polite" data-image="{h(name)}">
+        return f"""<div class="outcome done" id="outcome" data-image="{h(name)}">
 <p><strong>Image ready.</strong> {h(size_text(d.get("size")))} in {h(d.get("layers"))} layers.</p>{note}
 <p class="digest">Digest <code id="digest">{h(d["digest"])}</code></p>{_platform_digests(d)}
 <pre class="command" data-copy><code>docker pull {h(ref)}</code></pre>
@@ -285,17 +282,17 @@ def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple
 </div>"""
     if build.stage is Stage.FAILED and d.get("error") == "stopped":  # the registry shut down: not the build's fault
         again = guidance.build_button(build.image, tag, f"Build {build.image} again")
-        return f"""<div class="outcome failed" id="outcome" aria-live="polite">
+        return f"""<div class="outcome failed" id="outcome">
 <p><strong>The registry stopped this build as it shut down.</strong></p>
 <p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
 <div class="suggestion" id="build-again">{again}</div></div>"""
     if build.stage is Stage.FAILED:
         tail = d.get("log")
         log_html = f"<details open><summary>Nix's last lines</summary><pre>{h(tail)}</pre></details>" if tail else ""
-        return f"""<div class="outcome failed" id="outcome" aria-live="polite">
+        return f"""<div class="outcome failed" id="outcome">
 <p><strong>The build failed.</strong></p><p class="message" id="error">{h(progress.messages.get(Stage.FAILED, ""))}</p>
 {guidance.suggestion_button(build.image, tag, d.get("suggestions"), d.get("missing"))}{log_html}</div>"""
-    return '<div class="outcome" id="outcome" aria-live="polite" hidden></div>'
+    return '<div class="outcome" id="outcome" hidden></div>'
 
 
 def _platform_digests(data: dict[str, Any]) -> str:
@@ -338,7 +335,8 @@ async def build_page(request: web.Request) -> web.Response:
 <section class="card build" id="build" data-id="{h(build.id)}" data-events="{len(build.events)}"
   data-started="{build.started}" data-stage="{h(state)}" data-tag="{h(_tag(request, build))}"
   {'data-part-of="' + h(part[0].id) + '"' if part else ""}>
-  <h1><span id="verb">{h(_VERBS.get(build.stage, "Building"))}</span> <code>{h(build.image)}</code></h1>
+  <h1><span id="verb" aria-live="polite">{h(_VERBS.get(build.stage, "Building"))}</span>
+    <code>{h(build.image)}</code></h1>
   <p class="muted">Build <code>{h(build.id)}</code> · started {h(ago(build.started))} ·
     <span id="state" class="badge stage-{h(state)}">{h(state)}</span></p>
   {platform_parts.note(part, _tag(request, build))}

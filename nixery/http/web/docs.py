@@ -21,7 +21,7 @@ import asyncio
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -94,10 +94,17 @@ def _render(path: Path, mtime_ns: int) -> tuple[str, str, tuple[tuple[str, str],
             if token.tag == "h1" and title == path.stem:
                 title = text
             elif token.tag == "h2":  # as inline HTML: its `code` showed as backticks in the lists of sections
-                sections.append((anchor, md.renderInline(text).strip()))
+                sections.append((anchor, _heading_html(md, tokens[i + 1].children or [])))
         if token.type == "inline" and token.children:
             _point_links(token.children, path, pages)
     return title, md.renderer.render(tokens, md.options, {}), tuple(sections)
+
+
+def _heading_html(md: Any, children: list[Token]) -> str:
+    """A heading's inline HTML for a link to it: without its own links and images (a link in a
+    link, or an image fetched from elsewhere)."""
+    kept = [t for t in children if t.type not in ("link_open", "link_close", "image")]
+    return str(md.renderer.renderInline(kept, md.options, {})).strip()
 
 
 def _pages_by_file() -> dict[Path, str]:
