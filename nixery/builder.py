@@ -81,6 +81,7 @@ from nixery.registry.names import Arch, ImageRequest
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight, WorkStopped
 from nixery.storage.base import Storage
+from nixery.views import plural
 
 log = structlog.get_logger(__name__)
 
@@ -646,8 +647,7 @@ class ImageBuilder:
         resolved, evaluated = await self._resolve(revision, system, request.packages, until=until)
         baseline = await self.baseline.packages(self.source, self.evaluations, revision, system, until=until)
         bound.info("build.realising", derivations=len(resolved), evaluated=evaluated, baseline=len(baseline))
-        count = f"{len(resolved)} package" + ("" if len(resolved) == 1 else "s")
-        build.emit(Stage.BUILDING, f"building {count} with Nix", built=0, to_build=0)
+        build.emit(Stage.BUILDING, f"building {plural(len(resolved), 'package')} with Nix", built=0, to_build=0)
         graph = await self.source.realise([*resolved, *baseline], system, until=until, on_line=NixLogProgress(build))
         return resolved, baseline, graph
 

@@ -68,7 +68,7 @@
 
   const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
 
-  // What the stage did; `ended`: the stage the build failed or was stopped in (views.py's detail).
+  // What the stage did; `ended`: the stage the build failed or was stopped in (builds.py's Progress.detail).
   function detail(stage, ended) {
     const d = state.data;
     if (stage === "building") {

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import urlencode
 
 import structlog
 from aiohttp import web
@@ -15,6 +14,7 @@ from aiohttp import web
 from nixery import errors
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
+from nixery.http import guidance
 from nixery.http.markup import h
 from nixery.http.routes import BUILDER, RESOLVER, requested_image
 from nixery.http.signatures import PUBLIC_KEY_PATH, SIGNATURES
@@ -105,10 +105,6 @@ async def _name_of(request: web.Request, record: ImageRecord) -> tuple[ImageReco
     resolver = request.app.get(RESOLVER)
     declared = resolver.declared_as(record.name, record.architecture) if resolver is not None else None
     return None if declared is None else (record, *declared)
-
-
-def _image_page(name: str, tag: str) -> str:
-    return f"/images/{name}" + ("" if tag == "latest" else "?" + urlencode({"tag": tag}))
 
 
 async def _named_by_its_name(request: web.Request, record: ImageRecord) -> bool:
@@ -222,7 +218,7 @@ async def _recent_images(request: web.Request, builder: ImageBuilder, may_see: C
         return """<section class="card"><h2>Recently built images</h2>
 <p class="muted">None yet: the first pull or build of an image will show up here.</p></section>"""
     rows = "".join(
-        f"""<tr><td><a href="{h(_image_page(name, tag))}"><code>{h(image_reference(name, tag))}</code></a></td>
+        f"""<tr><td><a href="{h(guidance.image_path(name, tag))}"><code>{h(image_reference(name, tag))}</code></a></td>
 <td class="num">{h(size_text(r.compressed_size))}</td><td class="num">{len(r.layers)}</td>
 <td class="muted">{h(ago(r.built_at))}</td></tr>"""
         for r, name, tag in shown

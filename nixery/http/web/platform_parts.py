@@ -38,8 +38,7 @@ def note(part: tuple[Build, str] | None, tag: str) -> str:
 
 def outcome(build: Build, data: dict[str, Any]) -> str:
     """The platform's image, done: its size and digest, without a pull command or link of its own."""
-    image = data.get("image", build.image)
-    return f"""<div class="outcome done" id="outcome" data-image="{h(image)}">
+    return f"""<div class="outcome done" id="outcome" data-image="{h(data.get("image", build.image))}">
 <p><strong>Image ready.</strong> {h(size_text(data.get("size")))} in {h(data.get("layers"))} layers.</p>
 <p class="digest">Digest <code id="digest">{h(data["digest"])}</code></p>
 </div>"""
