@@ -626,7 +626,8 @@ class ImageBuilder:
         # The SBOM reads the store: off the event loop.
         image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        record = await self._publish(image, plan, request, revision)
+        sizes = [None if any(p not in graph.nodes for p in layer) else sum(map(graph.size, layer)) for layer in plan]
+        record = await self._publish(image, plan, request, revision, sizes)
         bound.info(
             "build.done",
             seconds=round(time.monotonic() - started, 3),
@@ -665,7 +666,20 @@ class ImageBuilder:
                 popularity=popularity,
             )
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
-        return plan
+        return await self._servable(plan, graph, bound)
+
+    async def _servable(self, plan: list[frozenset[str]], graph: ClosureGraph, bound: Any) -> list[frozenset[str]]:
+        """The plan, where each stored layer it reuses whole although it holds paths outside the
+        closure (`CostModel.takes_stored_layer`) is still stored. One that is not (collected
+        since) gives way to its paths in the closure: the Nix store here may lack the others."""
+        servable = []
+        for layer in plan:
+            outside = sum(1 for path in layer if path not in graph.nodes)
+            if outside and await self.layers.stored(sorted(layer)) is None:
+                bound.info("build.stored_layer_gone", paths=len(layer), outside=outside)
+                layer = frozenset(path for path in layer if path in graph.nodes)
+            servable.append(layer)
+        return servable
 
     async def _layers(
         self, plan: list[frozenset[str]], linked: list[LinkedPackage], graph: ClosureGraph,
@@ -706,10 +720,12 @@ class ImageBuilder:
             return None
 
     async def _publish(
-        self, image: AssembledImage, plan: list[frozenset[str]] | None, request: ImageRequest, revision: Revision
+        self, image: AssembledImage, plan: list[frozenset[str]] | None, request: ImageRequest, revision: Revision,
+        sizes: list[int | None] | None = None,
     ) -> ImageRecord:
         """Every blob, then the record, and the plan (if any: an index has none) into the
-        platform's layering history; the record to serve: this one, or the one another
+        platform's layering history, with the bytes of each layer that lies in the closure
+        (`sizes`); the record to serve: this one, or the one another
         process stored first (`ImageStore.put`). With the record, how to build it again
         (`build_recipe`), for a pull by digest that finds it incomplete (`rebuilt_naming`).
 
@@ -721,7 +737,7 @@ class ImageBuilder:
         shared = (asyncio.shield(layer.stored) for layer in image.layers if layer.stored is not None)
         blobs_stored = asyncio.gather(*own, *shared)
         blobs_stored.add_done_callback(retrieve)  # when the record fails first, the build reports that error
-        history = [] if plan is None else [self.histories.of(request.arch.nix_system).record(plan)]
+        history = [] if plan is None else [self.histories.of(request.arch.nix_system).record(plan, sizes)]
         tag = self._tags.peek(revision.id)
         recipe = None if tag is None else build_recipe(request, tag, revision)
         served = asyncio.ensure_future(self.images.put(image.record, blobs_stored, recipe=recipe))

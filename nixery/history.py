@@ -50,12 +50,13 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import structlog
 
 from nixery.background import spawn
 from nixery.layers.grouping import LayerHistory
+from nixery.layers.popularity import is_count
 from nixery.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -117,7 +118,7 @@ class SharedHistory:
         self._seen: dict[str, float] = {}
         # This process's entries no listing has shown yet (on their way to storage, or written
         # since the last listing began): their layers, kept when the snapshot is read again.
-        self._own: dict[str, Sequence[frozenset[str]]] = {}
+        self._own: dict[str, Entry] = {}
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
         self._compactions: set[asyncio.Task[None]] = set()  # at most one
@@ -140,14 +141,15 @@ class SharedHistory:
             assert self._history is not None
             return self._history
 
-    async def record(self, layers: Sequence[frozenset[str]]) -> None:
-        """Note that these layers are now stored: in memory at once, in storage as one entry."""
+    async def record(self, layers: Sequence[frozenset[str]], sizes: Sequence[int | None] | None = None) -> None:
+        """Note that these layers are now stored: in memory at once, in storage as one entry.
+        `sizes`: the bytes of each layer's paths, where known (`LayerHistory.record`)."""
         history = self._history if self._history is not None else await self.current()
-        history.record(layers)
+        history.record(layers, sizes)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:16]}"
-        self._own[name] = layers
+        self._own[name] = entry = Entry(layers, sizes)
         try:
-            await self._storage.put_meta(self._entries + name, _entry_json(layers))
+            await self._storage.put_meta(self._entries + name, _entry_json(entry))
         except Exception as exc:  # the history only guides reuse: the build goes on
             self._own.pop(name, None)
             log.warning("history.entry_not_written", error=str(exc)[:200])
@@ -223,8 +225,8 @@ class SharedHistory:
             listed = await self._entry_names()
         await asyncio.to_thread(_apply, history, zip(names, documents, strict=True))
         # Nothing awaited from here: the own entries are all those recorded until now.
-        for layers in self._own.values():
-            history.record(layers)
+        for entry in self._own.values():
+            history.record(entry.layers, entry.sizes)
         now = time.monotonic()
         self._seen = {name: self._seen.get(name, now) for name in listed} | {
             name: seen for name, seen in self._seen.items() if name in self._own
@@ -274,12 +276,21 @@ class SharedHistory:
         log.info("history.compacted", entries=len(fold), layers=len(snapshot),
                  seconds=round(time.monotonic() - started, 3))
 
-def _entry_json(layers: Sequence[frozenset[str]]) -> bytes:
-    document = {"version": _ENTRY_VERSION, "layers": [sorted(layer) for layer in layers]}
+class Entry(NamedTuple):
+    """One build's layers, and the bytes of each where known."""
+
+    layers: Sequence[frozenset[str]]
+    sizes: Sequence[int | None] | None
+
+
+def _entry_json(entry: Entry) -> bytes:
+    document: dict[str, object] = {"version": _ENTRY_VERSION, "layers": [sorted(layer) for layer in entry.layers]}
+    if entry.sizes is not None:  # a key of its own: a process that predates it reads the layers
+        document["bytes"] = list(entry.sizes)
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def _entry_layers(name: str, data: bytes) -> list[frozenset[str]] | None:
+def _entry_layers(name: str, data: bytes) -> Entry | None:
     try:
         document = json.loads(data)
         if document.get("version") != _ENTRY_VERSION:
@@ -287,17 +298,22 @@ def _entry_layers(name: str, data: bytes) -> list[frozenset[str]] | None:
         layers = [frozenset(layer) for layer in document["layers"]]
         if not all(isinstance(path, str) for layer in layers for path in layer):
             raise ValueError("a path is not a string")
+        sizes = document.get("bytes")
+        if sizes is not None and (
+            len(sizes) != len(layers) or not all(size is None or is_count(size) for size in sizes)
+        ):
+            raise ValueError("the layers' bytes are not one count (or null) per layer")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("history.entry_unreadable", entry=name, error=str(exc)[:200])
         return None
-    return layers
+    return Entry(layers, sizes)
 
 
 def _apply(history: LayerHistory, entries: Iterable[tuple[str, bytes | None]]) -> None:
     """Record entries in order; those gone meanwhile (folded by another process) are skipped."""
     for name, data in entries:
-        if data is not None and (layers := _entry_layers(name, data)) is not None:
-            history.record(layers)
+        if data is not None and (entry := _entry_layers(name, data)) is not None:
+            history.record(entry.layers, entry.sizes)
 
 
 def _fold(snapshot: LayerHistory, entries: Iterable[tuple[str, bytes | None]]) -> bytes:

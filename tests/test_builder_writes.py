@@ -14,6 +14,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,3 +183,36 @@ async def test_an_entry_layer_stored_already_or_meanwhile_is_reused(held) -> Non
         assert record.layers[-1].description.startswith("entry points")
         assert await all_blobs_stored(storage, record)
     assert list(storage.staging_dir().iterdir()) == [], "a staging file was left behind"
+
+
+
+async def test_a_reused_layer_with_paths_outside_the_closure_gives_way_when_it_is_gone(
+    tmp_path: Path, built_store_paths: dict[str, str]
+) -> None:
+    """A plan may reuse a stored layer whole although it holds paths of another image
+    (`CostModel.takes_stored_layer`). If storage no longer holds it (collected since), the
+    image gets a layer of its own paths instead: this machine's Nix store may lack the others."""
+    import structlog
+
+    from nixery.closure import ClosureGraph
+    from nixery.layers.store import LayerStore
+    from nixery.registry.mediatypes import Compression
+
+    storage = FilesystemStorage(tmp_path / "storage")
+    layers = LayerStore(storage, compression=Compression.GZIP, workers=1)
+    try:
+        kept, outside = built_store_paths["busybox"], built_store_paths["hello"]  # hello: another image's
+        stored = await layers.store_paths(sorted([kept, outside]))  # an earlier image's layer
+        if stored.stored is not None:
+            await stored.stored
+        graph = ClosureGraph.from_mapping({kept: {"size": 4, "refs": []}})  # this image: busybox alone
+        builder = SimpleNamespace(layers=layers)
+        bound = structlog.get_logger("test")
+        plan = [frozenset({kept, outside})]
+        assert await ImageBuilder._servable(builder, plan, graph, bound) == plan  # stored: reused whole
+        for record in (tmp_path / "storage" / "meta" / "layers").iterdir():
+            record.unlink()  # collected since
+        assert await ImageBuilder._servable(builder, plan, graph, bound) == [frozenset({kept})]
+    finally:
+        await layers.close()
+        await storage.close()

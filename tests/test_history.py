@@ -75,6 +75,29 @@ async def test_processes_on_one_storage_share_their_layers(tmp_path: Path) -> No
     assert len(await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()) == 6
 
 
+def sizes_known(history: LayerHistory, plan: list[frozenset[str]]) -> list[int | None]:
+    """The bytes `history` knows of each layer of `plan` (what a later plan weighs its paths
+    outside a closure by)."""
+    known = {layer: size for layer, _, _, _, size in history.overlapping({path for layer in plan for path in layer})}
+    return [known.get(layer) for layer in plan]
+
+
+async def test_the_bytes_of_recorded_layers_reach_other_processes_and_the_snapshot(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "storage")
+    writer = SharedHistory(storage, refresh_interval=0, compact_after=2, fold_age=0)
+    await writer.record(layers("a"), [100, None, 300])
+    reader = SharedHistory(FilesystemStorage(tmp_path / "storage"), refresh_interval=0)
+    assert sizes_known(await reader.current(), layers("a")) == [100, None, 300]
+    await writer.record(layers("b"), [1, 2, 3])
+    await asyncio.wait_for(_compaction_done(writer), 10)
+    folded = LayerHistory.from_json((tmp_path / "storage" / "meta" / SNAPSHOT).read_bytes())
+    assert sizes_known(folded, layers("a") + layers("b")) == [100, None, 300, 1, 2, 3]
+    # An entry whose bytes do not match its layers is skipped, as any damaged entry.
+    damaged = b'{"version": 1, "layers": [["x"]], "bytes": [1, 2]}'
+    await storage.put_meta(ENTRIES + "00000000000000000002-damaged", damaged)
+    assert frozenset({"x"}) not in await SharedHistory(FilesystemStorage(tmp_path / "storage")).current()
+
+
 async def test_entries_are_folded_into_the_snapshot(tmp_path: Path) -> None:
     storage = FilesystemStorage(tmp_path / "storage")
     history = SharedHistory(storage, compact_after=3, fold_age=0)

@@ -86,7 +86,7 @@ class CostModel:
     """Bytes a client's wait for one layer is worth (NIXERY_LAYER_COST_MB x 10^6).
     0: bytes alone count, as before issue 23."""
 
-    join_share: float = 0.1
+    join_share: float = 0.2
     """With a layer cost: pieces join along owner links while the join costs less than
     this share of `layer_cost` (or `merge_threshold`, if larger)."""
 
@@ -99,6 +99,14 @@ class CostModel:
 
     pack_limit: float = 2.0
     """With a layer cost: a packed layer holds at most this many times `layer_cost` bytes."""
+
+    outside_share: float = 1.0
+    """With a layer cost: a stored layer that also holds paths outside the image's closure is
+    reused when their bytes are at most this share of (the bytes it holds of the closure +
+    `outside_layers` x `layer_cost`): `takes_stored_layer`."""
+
+    outside_layers: float = 1.0
+    """See `outside_share`: the layers' worth that reusing such a layer saves, besides its bytes."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.layer_cost) and self.layer_cost >= 0):
@@ -124,6 +132,15 @@ class CostModel:
         if not self.layer_cost:
             return conditional
         return conditional * (popularity_of_piece / most_popular) ** self.rarity_exponent
+
+    def takes_stored_layer(self, inside_bytes: int, outside_bytes: int) -> bool:
+        """Whether an image reuses a stored layer that holds `inside_bytes` of its closure and
+        `outside_bytes` of paths it does not need. A client that holds the layer fetches nothing
+        and one layer less; one that does not fetches the outside bytes for nothing. Never
+        without a layer cost: bytes alone, such a layer is a loss for every client without it."""
+        if not self.layer_cost:
+            return False
+        return outside_bytes <= self.outside_share * (inside_bytes + self.outside_layers * self.layer_cost)
 
     def join(self, piece_bytes: int, risk: float, *broken_layers_bytes: int) -> float:
         """The cost of a join: the piece's bytes at risk plus the bytes of each stored layer broken up."""

@@ -28,7 +28,7 @@ These weights are a `CostModel` (`nixery.layers.cost`), a parameter of
 `plan_layers`; the defaults are the ones described here, which count bytes
 only.  The registry also gives each layer a price (`CostModel.layer_cost`,
 NIXERY_LAYER_COST_MB): then the risk is scaled down for rare pieces, the
-threshold of step 2 is a tenth of that price, and step 2b runs.
+threshold of step 2 is a fifth of that price, and steps 1b and 2b run.
 
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
@@ -36,6 +36,10 @@ apart.  The plan, step by step:
 
 1. Take the stored layers that lie inside the closure, largest first, skipping
    any that overlap one already taken.  Every other path is a piece of its own.
+1b. With a layer price, also take stored layers that hold paths outside the
+   closure, where those weigh little against what they hold of it
+   (`CostModel.takes_stored_layer`).  They are served whole: the image carries
+   those paths too, and clients that hold the layer fetch nothing.
 2. Join new pieces to their owner's piece (skipping stored layers on the way
    up), cheapest first, while the cost is below `CostModel.merge_threshold`
    bytes: tiny paths do not take a layer each.
@@ -135,6 +139,7 @@ class LayerHistory:
         self._paths: dict[int, tuple[str, ...]] = {}  # layer id -> its paths
         self._last_used: dict[int, int] = {}  # layer id -> clock value of the last `record` that included it
         self._uses: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}  # layer id -> bytes of its paths, where the recorder said
         self._by_path: dict[str, tuple[int, ...]] = {}  # path -> ids of the layers that hold it
         self._next_id = 0
         self._clock = 0
@@ -154,34 +159,46 @@ class LayerHistory:
         with self._lock:
             return [frozenset(self._paths[i]) for i in sorted(self._paths)]
 
-    def record(self, layers: Sequence[frozenset[str]]) -> None:
-        """Note that the registry now stores (and serves) these layers."""
+    def record(self, layers: Sequence[frozenset[str]], sizes: Sequence[int | None] | None = None) -> None:
+        """Note that the registry now stores (and serves) these layers; `sizes`, where given,
+        are the bytes of each layer's paths (a later plan weighs the paths of a stored layer
+        that lie outside its closure by them: `CostModel.takes_stored_layer`)."""
+        if sizes is not None and len(sizes) != len(layers):
+            raise ValueError(f"{len(sizes)} sizes for {len(layers)} layers")
         with self._lock:
             self._clock += 1
-            for layer in layers:
+            for n, layer in enumerate(layers):
                 paths = frozenset(layer)
                 if not paths:
                     continue
+                size = None if sizes is None else sizes[n]
                 known = self._id_of(paths)
                 if known is not None:
                     self._last_used[known] = self._clock
                     self._uses[known] += 1
                 else:
-                    self._add(self._next_id, tuple(paths), self._clock, 1)
+                    known = self._next_id
+                    self._add(known, tuple(paths), self._clock, 1)
                     self._next_id += 1
+                if size is not None:
+                    self._bytes.setdefault(known, size)
             self._evict()
 
     def reusable(self, closure: set[str] | frozenset[str]) -> list[tuple[frozenset[str], int, int]]:
         """(layer, last_used, id) for every known layer that lies inside `closure`."""
+        return [(layer, used, i) for layer, used, i, inside, _ in self.overlapping(closure) if inside == len(layer)]
+
+    def overlapping(self, closure: set[str] | frozenset[str]) -> list[tuple[frozenset[str], int, int, int, int | None]]:
+        """(layer, last_used, id, how many of its paths lie in `closure`, its bytes if known) for
+        every known layer that holds a path of `closure`."""
         with self._lock:
             hits: dict[int, int] = {}
             for path in closure:
                 for layer_id in self._by_path.get(path, ()):
                     hits[layer_id] = hits.get(layer_id, 0) + 1
             return [
-                (frozenset(self._paths[i]), self._last_used[i], i)
+                (frozenset(self._paths[i]), self._last_used[i], i, count, self._bytes.get(i))
                 for i, count in hits.items()
-                if count == len(self._paths[i])
             ]
 
     def to_json(self) -> bytes:
@@ -200,6 +217,8 @@ class LayerHistory:
                 "next_id": self._next_id,
                 "paths": paths,
                 "layers": layers,
+                # Apart from the layers, so that a process that predates them reads the rest.
+                "bytes": sorted(self._bytes.items()),
             }
         return json_pieces.dumps(document).encode()  # a layer at a time: other threads run meanwhile
 
@@ -220,6 +239,9 @@ class LayerHistory:
                 if int(layer_id) in history._paths or history._id_of(layer) is not None:
                     raise ValueError(f"layer {layer_id} appears twice")
                 history._add(int(layer_id), tuple(layer), int(last_used), int(uses))
+            for layer_id, size in document.get("bytes", ()):
+                if int(layer_id) in history._paths and int(size) >= 0:
+                    history._bytes[int(layer_id)] = int(size)
             history._clock = int(document["clock"])
             history._next_id = max(int(document["next_id"]), max(history._paths, default=-1) + 1)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
@@ -257,6 +279,7 @@ class LayerHistory:
         for layer_id in oldest:
             touched.update(self._paths.pop(layer_id))
             del self._last_used[layer_id], self._uses[layer_id]
+            self._bytes.pop(layer_id, None)
         by_path = self._by_path
         for path in touched:
             kept = [i for i in by_path[path] if i not in oldest]
@@ -277,8 +300,9 @@ def plan_layers(
 ) -> list[frozenset[str]]:
     """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
     joining pieces as `cost` weighs them, in a deterministic order: the stored layers
-    reused, oldest first, then the new ones, base first. Does not mutate history; the
-    caller calls history.record(result) after storing the layers."""
+    reused, oldest first, then the new ones, base first. A stored layer reused whole may
+    also hold paths outside the closure (step 1b); no path is in two layers. Does not
+    mutate history; the caller calls history.record(result, sizes) after storing the layers."""
     if max_layers < 1:
         raise ValueError("max_layers must be at least 1")
     missing = sorted({root for root in roots if root not in graph})
@@ -315,6 +339,7 @@ class _Planner:
         self.owner = self._owners()
         self.most_popular = max(self.pop.values())
         self.age: dict[frozenset[str], int] = {}  # each reused layer's serial number in the history
+        self.outside: dict[frozenset[str], frozenset[str]] = {}  # a reused layer's paths outside the closure
         self.reused = self._pick_reused(history, closure) if history is not None else []
 
     def _owners(self) -> dict[str, str]:
@@ -329,16 +354,47 @@ class _Planner:
         return owner
 
     def _pick_reused(self, history: LayerHistory, closure: set[str]) -> list[frozenset[str]]:
-        """Disjoint stored layers inside the closure: largest first, then most recently used."""
-        candidates = history.reusable(closure)
-        candidates.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
+        """Disjoint stored layers to reuse: those inside the closure, largest first, then most
+        recently used; then, with a layer price, those that hold a few paths outside it
+        (`_pick_with_extras`). Returns each layer's paths in the closure."""
+        candidates = history.overlapping(closure)
+        inside = [(layer, used, i) for layer, used, i, count, _ in candidates if count == len(layer)]
+        inside.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
         taken: set[str] = set()
         chosen = []
-        for layer, _, layer_id in candidates:
+        for layer, _, layer_id in inside:
             if taken.isdisjoint(layer):
                 taken |= layer
                 chosen.append(layer)
                 self.age[layer] = layer_id
+        if self.cost.layer_cost:
+            chosen += self._pick_with_extras(candidates, closure, taken)
+        return chosen
+
+    def _pick_with_extras(
+        self, candidates: list[tuple[frozenset[str], int, int, int, int | None]], closure: set[str], taken: set[str]
+    ) -> list[frozenset[str]]:
+        """Stored layers that also hold paths outside the closure, where their bytes are worth
+        the layer (`CostModel.takes_stored_layer`): most bytes of the closure for the fewest
+        outside first. A client that pulled an earlier image holds the layer already; a new
+        one would make it fetch those paths again, and pay for one more layer."""
+        scored = []
+        for layer, used, layer_id, count, size in candidates:
+            if count == len(layer) or size is None:
+                continue
+            part = frozenset(p for p in layer if p in closure)
+            part_bytes = sum(self.size[p] for p in part)
+            extra_bytes = max(0, size - part_bytes)
+            if self.cost.takes_stored_layer(part_bytes, extra_bytes):
+                scored.append((extra_bytes - part_bytes, -used, layer_id, part, layer))
+        scored.sort(key=lambda s: s[:3])
+        chosen = []
+        for _, _, layer_id, part, layer in scored:
+            if taken.isdisjoint(layer):  # the whole layer: two layers must not bring the same outside path
+                taken |= layer
+                chosen.append(part)
+                self.age[part] = layer_id
+                self.outside[part] = layer - part
         return chosen
 
     def plan(self) -> list[frozenset[str]]:
@@ -379,7 +435,8 @@ class _Planner:
         new = sorted(
             (k for k in pieces if layer_of[k] not in self.age), key=lambda k: (-self.pop[self.top[k]], self.top[k])
         )
-        return [layer_of[k] for k in stored + new]
+        # A reused layer is served whole: its paths outside the closure come along.
+        return [layer_of[k] | self.outside.get(layer_of[k], frozenset()) for k in stored + new]
 
     def _pack_small_pieces(self) -> None:
         """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the

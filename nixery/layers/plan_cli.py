@@ -108,7 +108,7 @@ def plan_sequence(
     for roots in images:
         layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity, cost=cost)
         if history is not None:
-            history.record(layers)
+            history.record(layers, [sum(graph.size(path) for path in layer) for layer in layers])
         plans.append(layers)
     return plans
 

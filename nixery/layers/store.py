@@ -108,6 +108,11 @@ class LayerStore:
         write = functools.partial(write_store_layer, store_paths, compression=self.compression)
         return await self._layers.run(key, lambda: self._cached_or_new_layer(key, describe_layer(store_paths), write))
 
+    async def stored(self, store_paths: list[str]) -> StoredLayer | None:
+        """The layer of exactly these store paths if storage holds it (touched, so that a
+        concurrent `nixery gc` keeps it); None where it would have to be compressed."""
+        return await self._known_layer(layer_key(store_paths, self.compression))
+
     async def store_entry_points(
         self, packages: Sequence[LinkedPackage], closure: Sequence[str], config: RunConfig | None = None,
         registrations: Sequence[Registration] | None = None,
