@@ -46,6 +46,7 @@ class Closure:
     resolved: Sequence[ResolvedPackage]
     graph: ClosureGraph
     system: str  # the Nix system it was built for
+    outside: Sequence[str] = ()  # paths its layers hold besides the closure (a stored layer reused whole)
 
 
 def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledImage:
@@ -58,7 +59,7 @@ def attach(image: AssembledImage, closure: Closure | None = None) -> AssembledIm
         name=record.name, architecture=record.architecture, source=record.source, revision=record.revision,
         config=str(record.config), packages=record.packages,
     )
-    store = sbom.read_store_paths(closure.graph.nodes)
+    store = sbom.read_store_paths(closure.graph.nodes, closure.outside)
     spdx = sbom.spdx_document(facts, closure.graph, store)
     cyclonedx = sbom.cyclonedx_document(facts, closure.graph, store)
     statement = provenance.statement(

@@ -624,7 +624,8 @@ class ImageBuilder:
             nix_annotations=self.nix_annotations,
         )
         # The SBOM reads the store: off the event loop.
-        image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system))
+        outside = sorted(path for layer in plan for path in layer if path not in graph.nodes)
+        image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system, outside))
         build.emit(Stage.UPLOADING, "storing the config and manifests")
         sizes = [None if any(p not in graph.nodes for p in layer) else sum(map(graph.size, layer)) for layer in plan]
         record = await self._publish(image, plan, request, revision, sizes)

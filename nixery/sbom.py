@@ -6,7 +6,8 @@ one package per store path of the closure (the path is its `packageFileName`),
 named and versioned as Nix splits a store path's name (`builtins.parseDrvName`: the version starts at the first
 `-` not followed by a letter), with a `DEPENDS_ON` relationship for each store
 reference, and the image as the package the document describes, which
-`CONTAINS` every store path.
+`CONTAINS` every store path. Paths the image's layers hold outside its closure (a
+stored layer reused whole) are listed too, marked so, with no references claimed.
 
 Store paths of the Debian-derived set carry what they were made from:
 `nix-support/debian-packages` names the Debian packages, and each package's
@@ -205,15 +206,30 @@ def spdx_license(debian: str | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class StorePathInfo:
-    """One store path of the closure as the SBOM describes it (read from the store)."""
+    """One store path of the image as the SBOM describes it (read from the store)."""
 
     path: str
     debian: tuple[DebianPackage, ...] = ()
+    outside: bool = False  # not in the closure: a stored layer the image reuses whole brings it
 
 
-def read_store_paths(paths: Iterable[str]) -> list[StorePathInfo]:
-    """What the SBOM says of each store path, read from the store (blocking: run in a thread)."""
-    return [StorePathInfo(path, debian_packages(Path(path))) for path in sorted(paths)]
+#: What the SBOM says of a path that is in the image but not in its closure.
+OUTSIDE_NOTE = "in the image but not in its closure: a layer it shares with other images holds it"
+
+
+def read_store_paths(paths: Iterable[str], outside: Iterable[str] = ()) -> list[StorePathInfo]:
+    """What the SBOM says of each store path of the closure, and of the `outside` paths that the
+    image's layers hold besides (`nixery.layers.cost.CostModel.takes_stored_layer`); read from
+    the store (blocking: run in a thread)."""
+    return [
+        *(StorePathInfo(path, debian_packages(Path(path))) for path in sorted(paths)),
+        *(StorePathInfo(path, debian_packages(Path(path)), outside=True) for path in sorted(outside)),
+    ]
+
+
+def _references(graph: ClosureGraph, info: StorePathInfo) -> Sequence[str]:
+    """What the path refers to; unknown (none said) for a path outside the closure."""
+    return () if info.outside else graph.nodes[info.path].references
 
 
 def _spdx_id(path: str) -> str:
@@ -236,6 +252,8 @@ def _package(info: StorePathInfo, arch: str) -> dict[str, Any]:
         notes["comment"] = "Debian packages: " + ", ".join(
             f"{deb.name} {deb.version} (license: {deb.license or 'not stated'})" for deb in info.debian
         )
+    if info.outside:
+        notes["comment"] = "; ".join(filter(None, [OUTSIDE_NOTE, notes.get("comment")]))
     if info.debian:
         notes["externalRefs"] = [
             {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
@@ -296,7 +314,7 @@ def spdx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[StoreP
     relationships = [_relationship("SPDXRef-DOCUMENT", "DESCRIBES", "SPDXRef-Image")]
     for info in store:
         relationships.append(_relationship("SPDXRef-Image", "CONTAINS", _spdx_id(info.path)))
-        for reference in graph.nodes[info.path].references:
+        for reference in _references(graph, info):
             relationships.append(_relationship(_spdx_id(info.path), "DEPENDS_ON", _spdx_id(reference)))
     document = {
         "spdxVersion": "SPDX-2.3",
@@ -332,6 +350,8 @@ def cyclonedx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[S
         if len(info.debian) == 1:
             component["purl"] = spdx["externalRefs"][0]["referenceLocator"]
         properties = [{"name": "nix:store-path", "value": info.path}]
+        if info.outside:
+            properties.append({"name": "nixery:outside-closure", "value": OUTSIDE_NOTE})
         properties += [{"name": "debian:package", "value": f"{deb.name} {deb.version}"} for deb in info.debian]
         component["properties"] = properties
         components.append(component)
@@ -356,6 +376,6 @@ def cyclonedx_document(image: ImageFacts, graph: ClosureGraph, store: Sequence[S
         "components": components,
         "dependencies": [
             {"ref": "image", "dependsOn": [info.path for info in store]},
-            *({"ref": info.path, "dependsOn": list(graph.nodes[info.path].references)} for info in store),
+            *({"ref": info.path, "dependsOn": list(_references(graph, info))} for info in store),
         ],
     })

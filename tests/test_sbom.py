@@ -575,3 +575,31 @@ def test_nixery_inspect_sbom_says_which_platform_and_takes_one(two_platforms: Re
     alone = inspect("--platform", "linux/arm64", "cowsay")
     assert alone.returncode == 2 and "--platform chooses whose SBOM --sbom prints" in alone.stderr, alone
     assert "--platform OS/ARCH" in " ".join(inspect("--help").stdout.split())
+
+
+def test_a_path_the_image_holds_outside_its_closure_is_listed_as_such(tmp_path: Path) -> None:
+    """A stored layer the image reuses whole may hold paths of another image's closure
+    (`CostModel.takes_stored_layer`): they are in the image, so the SBOM lists them, said to be
+    outside the closure and with no dependencies claimed."""
+    from nixery.closure import ClosureGraph
+    from nixery.sbom import ImageFacts, cyclonedx_document, read_store_paths, spdx_document
+
+    curl, libc = "/nix/store/" + "a" * 32 + "-curl-7.88.1", "/nix/store/" + "b" * 32 + "-libc-2.36"
+    other = "/nix/store/" + "c" * 32 + "-libcurl-gnutls-7.88.1"
+    graph = ClosureGraph.from_mapping({curl: {"size": 1, "refs": [libc]}, libc: {"size": 1, "refs": []}})
+    facts = ImageFacts("shell/curl", "amd64", "path /srv/pkgs", "r1", "sha256:" + "0" * 64, ["curl"])
+    store = read_store_paths(graph.nodes, [other])
+    spdx = validated_spdx(spdx_document(facts, graph, store), tmp_path)
+    packages = {p["packageFileName"]: p for p in spdx["packages"] if "packageFileName" in p}
+    assert set(packages) == {curl, libc, other}
+    assert "not in its closure" in packages[other]["comment"] and "comment" not in packages[curl]
+    contains = {r["relatedSpdxElement"] for r in spdx["relationships"] if r["relationshipType"] == "CONTAINS"}
+    assert packages[other]["SPDXID"] in contains
+    depends = [r for r in spdx["relationships"] if r["relationshipType"] == "DEPENDS_ON"]
+    assert [(r["spdxElementId"], r["relatedSpdxElement"]) for r in depends] == [
+        (packages[curl]["SPDXID"], packages[libc]["SPDXID"])
+    ]
+    cyclonedx = validated_cyclonedx(cyclonedx_document(facts, graph, store))
+    (component,) = [c for c in cyclonedx["components"] if c["bom-ref"] == other]
+    assert {"name": "nixery:outside-closure"}.items() <= component["properties"][-1].items()
+    assert other in next(d["dependsOn"] for d in cyclonedx["dependencies"] if d["ref"] == "image")
