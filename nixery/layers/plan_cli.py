@@ -130,7 +130,8 @@ input files (JSON, plain or gzip-compressed; names are any strings, e.g. store p
 output: one entry per image, in order; each a list of layers (the stored ones it reuses
 first, oldest first, then new ones, base first), each layer a sorted list of node names.
 Each plan is remembered for the next image's, as the registry remembers the layers it
-stored (--no-history: plan each as if nothing were stored).
+stored (--no-history: plan each as if nothing were stored). With a layer cost, a stored
+layer may be reused whole although it holds nodes of another image's closure.
 """
 
 
