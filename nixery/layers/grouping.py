@@ -356,7 +356,7 @@ class _Planner:
     def _pick_reused(self, history: LayerHistory, closure: set[str]) -> list[frozenset[str]]:
         """Disjoint stored layers to reuse: those inside the closure, largest first, then most
         recently used; then, with a layer price, those that hold a few paths outside it
-        (`_pick_with_extras`). Returns each layer's paths in the closure."""
+        (`_pick_with_outside_paths`). Returns each layer's paths in the closure."""
         candidates = history.overlapping(closure)
         inside = [(layer, used, i) for layer, used, i, count, _ in candidates if count == len(layer)]
         inside.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
@@ -368,10 +368,10 @@ class _Planner:
                 chosen.append(layer)
                 self.age[layer] = layer_id
         if self.cost.layer_cost:
-            chosen += self._pick_with_extras(candidates, closure, taken)
+            chosen += self._pick_with_outside_paths(candidates, closure, taken)
         return chosen
 
-    def _pick_with_extras(
+    def _pick_with_outside_paths(
         self, candidates: list[tuple[frozenset[str], int, int, int, int | None]], closure: set[str], taken: set[str]
     ) -> list[frozenset[str]]:
         """Stored layers that also hold paths outside the closure, where their bytes are worth
@@ -384,9 +384,9 @@ class _Planner:
                 continue
             part = frozenset(p for p in layer if p in closure)
             part_bytes = sum(self.size[p] for p in part)
-            extra_bytes = max(0, size - part_bytes)
-            if self.cost.takes_stored_layer(part_bytes, extra_bytes):
-                scored.append((extra_bytes - part_bytes, -used, layer_id, part, layer))
+            outside_bytes = max(0, size - part_bytes)
+            if self.cost.takes_stored_layer(part_bytes, outside_bytes):
+                scored.append((outside_bytes - part_bytes, -used, layer_id, part, layer))
         scored.sort(key=lambda s: s[:3])
         chosen = []
         for _, _, layer_id, part, layer in scored:
