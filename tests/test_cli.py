@@ -573,6 +573,27 @@ def test_gc_says_how_it_read_an_age_without_a_unit() -> None:
     assert "seconds" not in nixery("gc", "--older-than", "1h", "--dry-run").stderr
 
 
+@pytest.mark.parametrize("words", [
+    ["--older-than", "-1d"], ["--older-than=-1d"], ["--older", "-1d"], ["--older-than", "-5"],
+    ["--quarantine-older-than", "-2h"], ["--quarantine-older-than=-2h"],
+])
+def test_gc_refuses_a_negative_age_saying_what_an_age_is(words: list[str]) -> None:
+    """`--older-than -1d` was taken for an option, and argparse said only "expected one argument"."""
+    result = nixery("gc", *words, "--dry-run")
+    age = words[-1].rpartition("=")[2]
+    assert result.returncode == 2, result
+    assert (f"an age cannot be negative: '{age}'; an age is a number of seconds, or a number followed by "
+            "s, m, h or d") in result.stderr, result.stderr
+
+
+def test_gc_says_what_an_age_is_for_one_that_is_none() -> None:
+    for age in ("-x", "3w"):
+        result = nixery("gc", "--older-than", age, "--dry-run")
+        assert result.returncode == 2, result
+        assert (f"not an age like 30d, 12h or 3600: '{age}'; an age is a number of seconds, or a number followed by "
+                "s, m, h or d") in result.stderr, result.stderr
+
+
 def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path) -> None:
     """Ctrl-C while gc waited for registries to drop what it removed printed three chained
     tracebacks; now one line, status 130, and a second run finishes: the kept image is whole."""
