@@ -215,6 +215,22 @@ def test_build_locally_without_a_server(tmp_path: Path) -> None:
     assert re.search(r"^Pull\s+docker pull reg.example/shell/greet$", result.stdout, re.M), result.stdout
 
 
+def test_build_locally_with_port_0_says_the_registry_picks_its_port(tmp_path: Path) -> None:
+    """PORT=0 (a free port, picked as the registry starts) printed `docker pull localhost/shell/greet`:
+    no port, no registry there."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "PORT": "0"}
+    result = nixery("build", "--local", "--plain", "shell/greet", env=env)
+    assert result.returncode == 0, result.stderr
+    pull = result.stdout[result.stdout.index("\nPull"):].splitlines()[1:3]
+    assert pull[0] == "Pull     docker pull localhost:PORT/shell/greet", result.stdout
+    assert pull[1].split() == ("PORT=0: a registry on these settings picks a free port as it starts and logs it "
+                               "(registry.listening url=...): use that one, or set NIXERY_PUBLIC_HOST=HOST:PORT "
+                               "to have it here").split(), result.stdout
+    result = nixery("build", "--local", "--plain", "shell/greet", env={**env, "NIXERY_PUBLIC_HOST": "reg.example:5000"})
+    assert re.search(r"^Pull\s+docker pull reg.example:5000/shell/greet$", result.stdout, re.M), result.stdout
+    assert "PORT=0" not in result.stdout
+
+
 
 def test_a_failed_local_build_says_why_in_one_line_and_leaves_no_staging_directory(tmp_path: Path) -> None:
     """A failed `nixery build --local` printed the builder's JSON `build.failed` log line before
