@@ -97,7 +97,13 @@ def _registry_url(value: str | None) -> str:
         raise ClientError(f"{source}={_masked(given)!r} has no host: give one, like {DEFAULT_REGISTRY}")
     if not usable:
         raise ClientError(f"{source}={_masked(given)!r} is not a registry URL like {DEFAULT_REGISTRY}")
-    return url
+    # aiohttp looks up the zone of a link-local address as the URL writes it (RFC 6874's `%25eth0`, as the
+    # registry's links do), and finds no such host; it connects with the zone itself (`%eth0`).
+    return _URL_ZONE.sub(r"\1%", url, count=1)
+
+
+#: The `%25` that opens the zone of an IPv6 address in a URL (`http://[fe80::1%25eth0]:8080`).
+_URL_ZONE = re.compile(r"(\[[0-9A-Fa-f:.]+)%25(?=[^\]/]+\])")
 
 
 #: Statuses with which a server that is no nixery registry answers its routes (an nginx, another registry).
