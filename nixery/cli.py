@@ -166,6 +166,10 @@ def _finish(status: int) -> NoReturn:
     os._exit(status)
 
 
+#: The ages the commands take, as their messages name them.
+AGE_FORMS = "an age is a number of seconds, or a number followed by s, m, h or d"
+
+
 def _parse_age(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -173,8 +177,28 @@ def _parse_age(text: str) -> float:
     except (ValueError, IndexError):
         age = math.nan
     if not math.isfinite(age):  # nan would keep every image, as if no age were ever reached
-        raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}")
+        raise argparse.ArgumentTypeError(f"not an age like 30d, 12h or 3600: {text!r}; {AGE_FORMS}")
+    if age < 0:
+        raise argparse.ArgumentTypeError(f"an age cannot be negative: {text!r}; {AGE_FORMS}")
     return age
+
+
+#: gc's options that take an age.
+_AGE_OPTIONS = ("--older-than", "--quarantine-older-than")
+
+
+def _with_ages_joined(argv: list[str]) -> list[str]:
+    """`argv` with each age option and the word after it made one (`--older-than=-1d`): argparse
+    takes `-1d` for an option, and said only "expected one argument", not that an age cannot be
+    negative. The word after an option that takes a value is its value, as getopt reads it."""
+    joined: list[str] = []
+    words = iter(argv)
+    for word in words:
+        # argparse's abbreviations too (`--older`): no prefix of one age option is one of another option.
+        named = [option for option in _AGE_OPTIONS if len(word) > 2 and option.startswith(word)]
+        value = next(words, None) if named else None
+        joined.append(word if value is None else f"{word}={value}")
+    return joined
 
 
 #: Exit status of `check` and `gc` on a storage that holds nothing (also `check`'s status for problems).
@@ -345,14 +369,6 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _retention(text: str) -> float:
-    """An age like `_parse_age`'s, not below 0 (0: remove them all)."""
-    age = _parse_age(text)
-    if age < 0:
-        raise argparse.ArgumentTypeError(f"not an age like 7d, 12h or 0: {text!r}")
-    return age
-
-
 #: The environment each command reads, by group, as in the README's configuration table.
 STORAGE_VARIABLES = [
     ("storage", "NIXERY_STORAGE_BACKEND (filesystem, s3, gcs), STORAGE_PATH (default {storage_path}), "
@@ -507,11 +523,11 @@ def _command(argv: list[str]) -> int:
     )
     gc.add_argument("--older-than", type=_gc_age, default=_parse_age("30d"), help="e.g. 30d, 12h (default 30d)")
     gc.add_argument(
-        "--quarantine-older-than", type=_retention, default=_parse_age("7d"),
+        "--quarantine-older-than", type=_parse_age, default=_parse_age("7d"),
         help="remove damaged blobs set aside (STORAGE_PATH/quarantine) longer ago than this (default 7d)",
     )
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_ages_joined(argv) if argv[:1] == ["gc"] else argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "keys":

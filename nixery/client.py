@@ -97,7 +97,13 @@ def _registry_url(value: str | None) -> str:
         raise ClientError(f"{source}={_masked(given)!r} has no host: give one, like {DEFAULT_REGISTRY}")
     if not usable:
         raise ClientError(f"{source}={_masked(given)!r} is not a registry URL like {DEFAULT_REGISTRY}")
-    return url
+    # aiohttp looks up the zone of a link-local address as the URL writes it (RFC 6874's `%25eth0`, as the
+    # registry's links do), and finds no such host; it connects with the zone itself (`%eth0`).
+    return _URL_ZONE.sub(r"\1%", url, count=1)
+
+
+#: The `%25` that opens the zone of an IPv6 address in a URL (`http://[fe80::1%25eth0]:8080`).
+_URL_ZONE = re.compile(r"(\[[0-9A-Fa-f:.]+)%25(?=[^\]/]+\])")
 
 
 #: Statuses with which a server that is no nixery registry answers its routes (an nginx, another registry).
@@ -235,9 +241,11 @@ def _without_paths(image: dict[str, Any]) -> dict[str, Any]:
     return shorter
 
 
-def _print_image(console: Console, image: dict[str, Any], registry: str, *, paths: bool) -> None:
-    host = registry_host(registry)  # as clients pull: without the user and password of the URL
-    ref = f"{host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
+def _print_image(
+    console: Console, image: dict[str, Any], pull_host: str, *, paths: bool, pull_note: str = ""
+) -> None:
+    """The image, with the command that pulls it from `pull_host` (`pull_note` under it, when given)."""
+    ref = f"{pull_host}/{image_reference(image['name'], image.get('tag', 'latest'))}"
     # Of several platforms, the size and the layers below are the default platform's: say whose.
     whose = f" (linux/{image['architecture']})" if image.get("platforms") and "architecture" in image else ""
     lines = [
@@ -250,6 +258,8 @@ def _print_image(console: Console, image: dict[str, Any], registry: str, *, path
     for platform in image.get("platforms", ()):  # an image of several platforms: the digest above is its index's
         summary = f"{platform['oci_digest']}  {size(platform['size'])}, {len(platform['layers'])} layers"
         lines.insert(-2, (platform["platform"], summary))
+    if pull_note:
+        lines.append(("", pull_note))
     other = other_order(image["name"])
     if other is not None and other != image["name"]:
         lines.insert(1, ("", f"the same image as {other}: the order of the names does not matter"))
@@ -333,10 +343,12 @@ def build_main(argv: list[str]) -> int:
 async def _build(args: argparse.Namespace, console: Console, interactive: bool, progress: list[str]) -> int:
     name, tag = _split(args.image, args.tag)
     display = BarProgress(console) if interactive else PlainProgress(sys.stdout)
+    pull_note = ""
     if args.local:
-        final, image, registry = await _build_locally(name, tag, display)
+        final, image, (pull_host, pull_note) = await _build_locally(name, tag, display)
     else:
         registry = _registry_url(args.registry)
+        pull_host = registry_host(registry)
         final, image = await _build_remotely(registry, name, tag, display, progress)
     if final.get("stage") != "done":
         message = final.get("message") or "the build failed"
@@ -348,7 +360,7 @@ async def _build(args: argparse.Namespace, console: Console, interactive: bool, 
         console.print(f"Digest   {final.get('digest')}")
         console.print(f"Size     {size(final.get('size'))} in {final.get('layers')} layers")
     else:
-        _print_image(console, image, registry, paths=False)
+        _print_image(console, image, pull_host, paths=False, pull_note=pull_note)
     return 0
 
 
@@ -434,9 +446,9 @@ async def _fetch_image(
 
 async def _build_locally(
     name: str, tag: str, display: PlainProgress | BarProgress
-) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
-    """The build's last event, its image, and the URL of the registry the settings describe (its
-    NIXERY_PUBLIC_HOST, else `localhost:PORT`), which serves the image from the same storage."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, tuple[str, str]]:
+    """The build's last event, its image, and the host of the registry the settings describe, which
+    serves the image from the same storage, with a note to show under it (`_local_pull_host`)."""
     from nixery import config, logs
     from nixery.errors import RegistryError
     from nixery.platforms import every_platform
@@ -455,8 +467,20 @@ async def _build_locally(
     with own_temporary_directory():  # what a `kill -9` of this command leaves, the next one removes
         remove_abandoned_in_background()  # and what killed ones left
         final, image = await _build_here(settings, request, tag, display)
-    local = f"localhost:{settings.port}" if settings.port else "localhost"  # PORT=0: a port chosen at start
-    return final, image, f"http://{settings.public_host or local}"
+    return final, image, _local_pull_host(settings)
+
+
+def _local_pull_host(settings: Settings) -> tuple[str, str]:
+    """The host clients pull from the registry these settings run by (NIXERY_PUBLIC_HOST, else
+    `localhost:PORT`), and a note for when this command cannot know it: with PORT=0 the registry
+    picks a free port as it starts, and only its log says which (a port-less `localhost` was wrong)."""
+    if settings.public_host:
+        return settings.public_host, ""
+    if settings.port:
+        return f"localhost:{settings.port}", ""
+    return "localhost:PORT", ("PORT=0: a registry on these settings picks a free port as it starts and logs it "
+                              "(registry.listening url=...): use that one, or set NIXERY_PUBLIC_HOST=HOST:PORT to "
+                              "have it here")
 
 
 async def _build_here(
@@ -611,5 +635,5 @@ def inspect_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(_without_paths(image) if args.no_paths else image, indent=2))
     else:
-        _print_image(console, image, registry, paths=not args.no_paths)
+        _print_image(console, image, registry_host(registry), paths=not args.no_paths)
     return 0

@@ -215,6 +215,22 @@ def test_build_locally_without_a_server(tmp_path: Path) -> None:
     assert re.search(r"^Pull\s+docker pull reg.example/shell/greet$", result.stdout, re.M), result.stdout
 
 
+def test_build_locally_with_port_0_says_the_registry_picks_its_port(tmp_path: Path) -> None:
+    """PORT=0 (a free port, picked as the registry starts) printed `docker pull localhost/shell/greet`:
+    no port, no registry there."""
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox", "PORT": "0"}
+    result = nixery("build", "--local", "--plain", "shell/greet", env=env)
+    assert result.returncode == 0, result.stderr
+    pull = result.stdout[result.stdout.index("\nPull"):].splitlines()[1:3]
+    assert pull[0] == "Pull     docker pull localhost:PORT/shell/greet", result.stdout
+    assert pull[1].split() == ("PORT=0: a registry on these settings picks a free port as it starts and logs it "
+                               "(registry.listening url=...): use that one, or set NIXERY_PUBLIC_HOST=HOST:PORT "
+                               "to have it here").split(), result.stdout
+    result = nixery("build", "--local", "--plain", "shell/greet", env={**env, "NIXERY_PUBLIC_HOST": "reg.example:5000"})
+    assert re.search(r"^Pull\s+docker pull reg.example:5000/shell/greet$", result.stdout, re.M), result.stdout
+    assert "PORT=0" not in result.stdout
+
+
 
 def test_a_failed_local_build_says_why_in_one_line_and_leaves_no_staging_directory(tmp_path: Path) -> None:
     """A failed `nixery build --local` printed the builder's JSON `build.failed` log line before
@@ -571,6 +587,27 @@ def test_gc_says_how_it_read_an_age_without_a_unit() -> None:
     assert result.returncode == 2, result
     assert "30 is 30 seconds (write 30d for days, 12h for hours): images younger than 3 hours" in result.stderr
     assert "seconds" not in nixery("gc", "--older-than", "1h", "--dry-run").stderr
+
+
+@pytest.mark.parametrize("words", [
+    ["--older-than", "-1d"], ["--older-than=-1d"], ["--older", "-1d"], ["--older-than", "-5"],
+    ["--quarantine-older-than", "-2h"], ["--quarantine-older-than=-2h"],
+])
+def test_gc_refuses_a_negative_age_saying_what_an_age_is(words: list[str]) -> None:
+    """`--older-than -1d` was taken for an option, and argparse said only "expected one argument"."""
+    result = nixery("gc", *words, "--dry-run")
+    age = words[-1].rpartition("=")[2]
+    assert result.returncode == 2, result
+    assert (f"an age cannot be negative: '{age}'; an age is a number of seconds, or a number followed by "
+            "s, m, h or d") in result.stderr, result.stderr
+
+
+def test_gc_says_what_an_age_is_for_one_that_is_none() -> None:
+    for age in ("-x", "3w"):
+        result = nixery("gc", "--older-than", age, "--dry-run")
+        assert result.returncode == 2, result
+        assert (f"not an age like 30d, 12h or 3600: '{age}'; an age is a number of seconds, or a number followed by "
+                "s, m, h or d") in result.stderr, result.stderr
 
 
 def test_gc_stopped_with_ctrl_c_says_so_and_the_next_run_finishes(tmp_path: Path) -> None:

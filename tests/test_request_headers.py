@@ -100,6 +100,34 @@ def test_pages_name_the_host_they_were_asked_by(shared_registry: RegistryProcess
         assert status == 200 and b"serving <code>" + host + b"</code>" in body, host
 
 
+def test_a_link_local_host_with_its_zone_is_kept_in_links_and_left_out_of_pull_commands(
+    shared_registry: RegistryProcess,
+) -> None:
+    """`Host: [fe80::1%eth0]:8080`, an IPv6 address with the interface it is reached through (sent so
+    by Python's http.client; `%25eth0` as URLs write it, RFC 6874), was refused as no host: 400, and
+    an error page `serving localhost`. Links now keep the zone as URLs write it; pull commands, whose
+    references have no room for one, name the address alone."""
+    port = shared_registry.port
+    accept = ("Accept", HTML.encode())
+    for host in [b"[fe80::1%eth0]:8080", b"[fe80::1%25eth0]:8080", b"[FE80::1%25eth0]:8080"]:
+        status, _, page = raw_request(port, "GET", "/", [("Host", host), accept])
+        assert status == 200, (host, page[-600:])
+        assert b"serving <code>[" + host[1:8] + b"]:8080</code>" in page, (host, page[-600:])
+        assert b"docker run -ti [" + host[1:8] + b"]:8080/shell/" in page, host
+        status, _, body = post_build(port, [("Host", host)], image="shell/hello/figlet")
+        assert status == 202, (host, body)
+        started = json.loads(body)["id"]
+        logged = [e for e in shared_registry.log_events("http.build_started") if e["build"] == started]
+        link = f"http://[{host[1:8].decode()}%25eth0]:8080/builds/"
+        assert logged and logged[-1]["progress"].startswith(link), logged
+    target = f"http://[fe80::1%25eth0]:{port}/"  # absolute-form: the host in the target
+    status, _, page = raw_request(port, "GET", target, [("Host", b"elsewhere.example"), accept])
+    assert status == 200 and f"serving <code>[fe80::1]:{port}</code>".encode() in page, page[-600:]
+    for host in [b"[fe80::1%]:8080", b"[fe80::1%<b>]:8080", b"[fe80::1%eth0%]:8080"]:  # still no host
+        status, _, body = raw_request(port, "GET", "/v2/", [("Host", host)])
+        assert status == 400 and error_of(body)["detail"]["kind"] == "REQUEST_INVALID", host
+
+
 def test_pages_name_the_host_and_port_of_a_request_without_a_host_header(shared_registry: RegistryProcess) -> None:
     """An absolute-form request names the registry in its target, which RFC 9112 puts before
     `Host`; an HTTP/1.0 request may name none. Both lost the port (aiohttp's request.host), so

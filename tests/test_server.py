@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
 import os
 import signal
@@ -14,9 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from tests import daemons
 from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, free_port, slow_package_set
 
 MARKER = "nixery-echo-marker"
@@ -140,6 +143,67 @@ def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path, workers: str) ->
     assert result.stderr.splitlines() == [
         f"nixery: cannot listen on 127.0.0.1:{port}: the address is in use (another process listens on this port)"
     ]
+
+
+def _link_local_address() -> tuple[str, str] | None:
+    """An IPv6 link-local address of this machine and the interface it is on, if it has one."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        address, _index, _prefix, scope, _flags, interface = line.split()
+        if int(scope, 16) == 0x20:  # IPV6_ADDR_LINKLOCAL
+            return str(ipaddress.IPv6Address(bytes.fromhex(address))), interface
+    return None
+
+
+def test_a_registry_on_a_link_local_address_links_to_it_with_its_zone(tmp_path) -> None:
+    """NIXERY_HOST=fe80::...%eth0: `registry.listening` gave `http://[fe80::...]:PORT`, without the
+    interface, through which alone the address is reached. Links now name it (`%25eth0`, RFC 6874);
+    pull commands cannot, and name the address alone."""
+    found = _link_local_address()
+    if found is None:
+        pytest.skip("this machine has no IPv6 link-local address")
+    address, interface = found
+    log = tmp_path / "registry.log"
+    env = {**os.environ, "NIXERY_HOST": f"{address}%{interface}", "PORT": "0", "LOG_FORMAT": "json",
+           "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"}
+    process = subprocess.Popen([sys.executable, "-m", "nixery", "serve"], env=env, cwd=REPOSITORY,
+                               stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        daemons.wait_until(lambda: "registry.listening" in log.read_text(), process, log, "registry")
+        [listening] = [line for line in map(json.loads, log.read_text().splitlines())
+                       if line["event"] == "registry.listening"]
+        port = int(listening["url"].rpartition(":")[2])
+        assert listening["url"] == f"http://[{address}%25{interface}]:{port}", listening
+
+        def without_host(request: bytes) -> bytes:  # HTTP/1.0: the pages name the address it came in on
+            target = socket.getaddrinfo(f"{address}%{interface}", port, type=socket.SOCK_STREAM)[0][4]
+            with socket.socket(socket.AF_INET6) as sock:
+                sock.settimeout(60)
+                sock.connect(target)
+                sock.sendall(request)
+                return b"".join(iter(lambda: sock.recv(65536), b""))
+
+        page = without_host(b"GET / HTTP/1.0\r\nAccept: text/html\r\n\r\n")
+        assert f"docker run -ti [{address}]:{port}/shell/".encode() in page, page[-600:]
+        body = b'{"image": "shell/hello"}'
+        answer = without_host(b"POST /builds HTTP/1.0\r\nContent-Type: application/json\r\nAccept: application/json\r\n"
+                              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        started = json.loads(answer.partition(b"\r\n\r\n")[2])["id"]
+        [logged] = [line for line in map(json.loads, log.read_text().splitlines())
+                    if line["event"] == "http.build_started" and line["build"] == started]
+        assert logged["progress"].startswith(f"http://[{address}%25{interface}]:{port}/builds/"), logged
+        # The URL it logged, and the reference a page shows, are the registry's own to `nixery build`.
+        built = subprocess.run(
+            [sys.executable, "-m", "nixery", "build", "--plain", "--registry", listening["url"],
+             f"[{address}]:{port}/shell/hello"], capture_output=True, text=True, cwd=REPOSITORY, timeout=120,
+        )
+        assert built.returncode == 0, built.stderr
+        assert f"\nPull     docker pull [{address}]:{port}/shell/hello\n" in built.stdout, built.stdout
+    finally:
+        daemons.stop(process)
 
 
 @pytest.mark.parametrize("cause", ["port in use", "storage it cannot use"])

@@ -793,6 +793,12 @@ def test_behind_a_trusted_proxy_its_forwarded_host_is_the_registrys(
         connection.close()
     assert status == 200 and b"serving <code>registry.example</code>" in page, page[-2000:]
     assert b"https://registry.example/builds/" in page or b"docker run -ti registry.example/" in page
+    # A link-local address with its zone: links keep it (RFC 6874's %25), as for a Host (test_request_headers).
+    zoned = {**proxied, "X-Forwarded-Host": "[fe80::1%eth0]:8080"}
+    status, _, body = _post_build(registry, zoned, image="shell/hello", browser=False)
+    started = json.loads(body)["id"]
+    logged = [e for e in registry.log_events("http.build_started") if e["build"] == started]
+    assert logged[-1]["progress"].startswith("https://[fe80::1%25eth0]:8080/builds/"), logged
 
 
 def test_a_form_on_another_site_cannot_start_builds(registry: RegistryProcess, new_page) -> None:

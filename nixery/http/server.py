@@ -88,7 +88,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from nixery import errors, metrics
-from nixery.http import health
+from nixery.http import health, hosts
 from nixery.http.access import log_request
 from nixery.http.errors import error_response, registry_error
 from nixery.http.stalled_readers import is_send_timeout, limit_untaken_sends
@@ -414,15 +414,16 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 def pull_url(sock: socket.socket) -> str:
     """The URL to pull from through a listening socket (a wildcard address: this machine's loopback)."""
-    host, port = sock.getsockname()[:2]
-    if sock.family == socket.AF_INET6:
-        return f"http://[{'::1' if host == '::' else host}]:{port}"
-    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    host, *rest = sock.getsockname()
+    return f"http://{hosts.socket_host((_LOOPBACK.get(host, host), *rest))}"
+
+
+#: The loopback address of each wildcard one.
+_LOOPBACK = {"::": "::1", "0.0.0.0": "127.0.0.1"}
 
 
 def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+    return hosts.socket_host(sock.getsockname())
 
 
 class RegistryRunner(web.AppRunner):

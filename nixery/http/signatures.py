@@ -32,7 +32,7 @@ def signature_subject(reference: str) -> Digest | None:
 
 
 def _identity(request: web.Request, signatures: Signatures) -> str:
-    return signatures.identity(hosts.client_host(request), request.match_info["name"])
+    return signatures.identity(hosts.pull_host(request), request.match_info["name"])
 
 
 async def sign_pulled(request: web.Request, record: ImageRecord) -> None:

@@ -21,6 +21,9 @@ _HOST_WITH_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^/:@\[\]]+):[0-9]+")
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
+#: The zone of an IPv6 address (`%25eth0` as URLs write it, `%eth0` as some clients send it), up to its `]`.
+_ZONE = re.compile(r"%[^\]]*(?=\])")
+
 
 class UnusableReference(ValueError):
     """A reference that names no image of this registry, saying why in one line; `host` is the
@@ -33,7 +36,18 @@ class UnusableReference(ValueError):
 
 def registry_host(url: str) -> str:
     """The `host:port` clients put before an image name to pull from the registry at `url`."""
-    return urlsplit(url).netloc.rpartition("@")[2]
+    return reference_host(urlsplit(url).netloc.rpartition("@")[2])
+
+
+def reference_host(host: str) -> str:
+    """`host` as an image reference can name it: without the zone of a link-local IPv6 address
+    (`[fe80::1%25eth0]:8080` is `[fe80::1]:8080`). A reference has no room for a zone (Docker
+    refuses `%`), and a zone names an interface of one machine, which another's need not share."""
+    return _ZONE.sub("", host)
+
+
+def _without_zone(hostname: str | None) -> str:
+    return (hostname or "").partition("%")[0]
 
 
 def _same_host(given: str, registry_url: str) -> bool:
@@ -41,7 +55,8 @@ def _same_host(given: str, registry_url: str) -> bool:
     try:
         named = urlsplit(f"{registry.scheme}://{given}")
         default = _DEFAULT_PORTS.get(registry.scheme)
-        return (named.hostname or "") == (registry.hostname or "") and (named.port or default) == (
+        # A reference names a link-local registry without the zone its URL needs (reference_host).
+        return _without_zone(named.hostname) == _without_zone(registry.hostname) and (named.port or default) == (
             registry.port or default
         )
     except ValueError:  # a port beyond 65535

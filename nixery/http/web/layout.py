@@ -81,8 +81,8 @@ def short(revision_id: str) -> str:
 
 
 def registry_host(request: web.Request) -> str:
-    """The host clients use for this registry (from the Host header)."""
-    return hosts.client_host(request)
+    """The host clients use for this registry (from the Host header), as pull commands name it."""
+    return hosts.pull_host(request)
 
 
 #: The style sheet and scripts, served at /static/.
