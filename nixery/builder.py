@@ -42,6 +42,7 @@ from typing import Any
 import structlog
 
 from nixery import metrics
+from nixery.amounts import plural
 from nixery.assembly import AssembledImage, assemble
 from nixery.attachments import Closure, attach
 from nixery.background import retrieve
@@ -81,7 +82,6 @@ from nixery.registry.names import Arch, ImageRequest
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight, WorkStopped
 from nixery.storage.base import Storage
-from nixery.views import plural
 
 log = structlog.get_logger(__name__)
 

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from nixery import metrics
+from nixery.amounts import rate_text, size_text
 
 if TYPE_CHECKING:
     from nixery.layers.rootlinks import Linked
@@ -266,8 +267,9 @@ class LayerCounter:
             return stored
         self.created += 1
         self.bytes += layer.size
-        rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
-        self.emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
+        rate = rate_text(layer.size, stored.seconds)  # none for a layer compressed too fast to time
+        said = size_text(layer.size) + (f", {rate}" if rate else "")
+        self.emit(f"compressed layer {layer.digest.hex[:12]} ({said})")
         return stored
 
     def emit(self, message: str) -> None:

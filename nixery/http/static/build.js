@@ -15,10 +15,15 @@
   function esc(text) {
     return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   }
+  // Sizes and rates as nixery/amounts.py says them (size_text, rate_text).
   function size(n) {
     if (n === undefined || n === null) return "–";
     for (const [unit, scale] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
-    return `${n} B`;
+    return `${Math.trunc(n)} B`;
+  }
+  const MEASURABLE_SECONDS = 0.1;
+  function rate(n, seconds) {
+    return n > 0 && seconds >= MEASURABLE_SECONDS ? `${size(n / seconds)}/s` : null;
   }
 
   // One platform's event of an image of several platforms (relayed, tagged with its platform):
@@ -68,27 +73,29 @@
 
   const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
 
+  // What Nix did: nixery/views.py's nix_work_text, which the server-drawn page and `nixery build` say.
+  function nixWork(d, over, ended) {
+    const built = d.built || 0, fetched = d.fetched || 0;
+    const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
+    if (over) return `${plural(toBuild, "derivation")} built` + (toFetch ? `, ${plural(toFetch, "path")} fetched` : "");
+    return `${ended ? "ended " : ""}building ${built} of ${plural(toBuild, "derivation")}` + (toFetch ? `, fetching ${fetched} of ${plural(toFetch, "path")}` : "");
+  }
+
   // What the stage did; `ended`: the stage the build failed or was stopped in (builds.py's Progress.detail).
   function detail(stage, ended) {
     const d = state.data;
     if (stage === "building") {
       const platforms = Object.values(state.platformCounts);
       const d = platforms.length ? Object.fromEntries(NIX_COUNTS.map((key) => [key, platforms.reduce((sum, one) => sum + (one[key] || 0), 0)])) : state.data;
-      const built = d.built || 0, fetched = d.fetched || 0;
-      if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" || ended ? state.messages.building : "nothing to build: all in the Nix store";
-      const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
-      if (state.current === "building" || ended) {
-        let text = `${ended ? "ended " : ""}building ${built} of ${plural(toBuild, "derivation")}`;
-        if (toFetch) text += `, fetching ${fetched} of ${plural(toFetch, "path")}`;
-        return text;
-      }
-      return `${plural(toBuild, "derivation")} built` + (toFetch ? `, ${plural(toFetch, "path")} fetched` : "");
+      const underWay = state.current === "building" || ended;
+      if (!NIX_COUNTS.some((key) => d[key])) return underWay ? state.messages.building : "nothing to build: all in the Nix store";
+      return nixWork(d, !underWay, ended);
     }
     if (stage === "layering" && d.paths !== undefined) return `${d.paths} store paths`;
     if (stage === "compressing" && d.layers_total !== undefined) {
       let text = `${d.layers_done || 0}/${d.layers_total} layers · ${d.layers_created || 0} new, ${size(d.compressed_bytes || 0)} compressed`;
-      const seconds = state.lastTime - state.compressStarted;
-      if (d.compressed_bytes && seconds > 0 && d.compressed_bytes / seconds >= 1e5) text += ` · ${(d.compressed_bytes / seconds / 1e6).toFixed(1)} MB/s`;
+      const speed = state.compressStarted === null ? null : rate(d.compressed_bytes || 0, state.lastTime - state.compressStarted);
+      if (speed) text += ` · ${speed}`;
       return text;
     }
     if (stage === "done" && d.digest) return `${size(d.size)} in ${d.layers} layers`;

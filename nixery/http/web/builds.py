@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import rate_text, size_text
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance, hosts
@@ -42,7 +43,7 @@ from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
 from nixery.shared_builds import POLL_SECONDS
-from nixery.views import STAGE_LABELS, STAGE_ORDER, plural, size_text
+from nixery.views import NIX_COUNTS, STAGE_LABELS, STAGE_ORDER, nix_work_text
 
 log = structlog.get_logger(__name__)
 
@@ -111,10 +112,6 @@ def event_json(index: int, event: Event) -> dict[str, Any]:
     return {"index": index, **event.to_json()}
 
 
-#: What a building event counts of Nix's work (docs/web.md#events).
-_NIX_COUNTS = ("built", "to_build", "fetched", "to_fetch")
-
-
 class Progress:
     """What a build's events add up to (the progress page's numbers)."""
 
@@ -157,40 +154,30 @@ class Progress:
                     self.platforms[one["platform"]] = Progress(event.time, [found])
 
     @property
-    def rate(self) -> float | None:
-        """Compressed MB per second over the compressing stage so far."""
-        if self.compress_started is None or not self.data.get("compressed_bytes"):
+    def rate(self) -> str | None:
+        """The compressed bytes per second over the compressing stage so far, in words."""
+        if self.compress_started is None:
             return None
-        seconds = self.last_time - self.compress_started
-        return self.data["compressed_bytes"] / seconds / 1e6 if seconds > 0 else None
+        return rate_text(self.data.get("compressed_bytes", 0), self.last_time - self.compress_started)
 
     def detail(self, stage: Stage, *, ended: bool = False) -> str:
         """What the stage did; `ended`: the stage the build failed or was stopped in."""
         d = self.data
         if stage is Stage.BUILDING and self.platforms:  # Nix builds each platform's: their sums
-            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in _NIX_COUNTS}
+            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in NIX_COUNTS}
         if stage is Stage.BUILDING and stage in self.reached:
-            built, fetched = d.get("built", 0), d.get("fetched", 0)
-            if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
-                if self.current is Stage.BUILDING or ended:
-                    return self.messages[stage]
-                return "nothing to build: all in the Nix store"
-            to_build, to_fetch = max(built, d.get("to_build", 0)), max(fetched, d.get("to_fetch", 0))
-            if self.current is Stage.BUILDING or ended:  # Nix names each derivation as it starts
-                parts = [f"{'ended ' if ended else ''}building {built} of {plural(to_build, 'derivation')}"]
-                if to_fetch:
-                    parts.append(f"fetching {fetched} of {plural(to_fetch, 'path')}")
-            else:  # a stage that ended: past, as the build went on after it
-                parts = [f"{plural(to_build, 'derivation')} built"]
-                parts += [f"{plural(to_fetch, 'path')} fetched"] if to_fetch else []
-            return ", ".join(parts)
+            under_way = self.current is Stage.BUILDING or ended
+            if not any(d.get(key) for key in NIX_COUNTS):
+                return self.messages[stage] if under_way else "nothing to build: all in the Nix store"
+            # A stage that ended is said in the past, as the build went on after it.
+            return nix_work_text(d, over=not under_way, ended=ended)
         if stage is Stage.LAYERING and "paths" in d:
             return f"{d['paths']} store paths"
         if stage is Stage.COMPRESSING and "layers_total" in d:
             text = f"{d.get('layers_done', 0)}/{d['layers_total']} layers"
             text += f" · {d.get('layers_created', 0)} new, {size_text(d.get('compressed_bytes', 0))} compressed"
-            if self.rate and self.rate >= 0.1:
-                text += f" · {self.rate:.1f} MB/s"
+            if self.rate:
+                text += f" · {self.rate}"
             return text
         if stage is Stage.DONE and "digest" in d:
             return f"{size_text(d.get('size'))} in {d.get('layers')} layers"

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import size_text
 from nixery.auth import PULL
 from nixery.http import auth as http_auth
 from nixery.http import guidance
@@ -24,7 +25,7 @@ from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
 from nixery.http.web.layout import ago, page, registry_host, script, short
 from nixery.registry.names import check_image_tag
-from nixery.views import image_json, image_reference, size_text
+from nixery.views import image_json, image_reference
 
 #: How the image page names the documents attached to an image's manifest (docs/sbom.md).
 _DOCUMENT_NAMES = {

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import size_text
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
 from nixery.http import guidance
@@ -32,7 +33,7 @@ from nixery.http.web.layout import (
 )
 from nixery.images import ImageRecord
 from nixery.lru import LRU
-from nixery.views import image_reference, size_text
+from nixery.views import image_reference
 
 log = structlog.get_logger(__name__)
 
