@@ -69,6 +69,9 @@ class PartOf:
 class Build:
     id: str
     image: str
+    #: The tag it was started for (the first, when requests for several tags share the build):
+    #: pages name the image by it (its pull command, links).
+    tag: str = "latest"
     started: float = field(default_factory=time.time)
     events: list[Event] = field(default_factory=list)
     #: Set when this is one platform's build of an image of several platforms (`PlatformRelay`),
@@ -116,7 +119,10 @@ class Build:
 
     def summary(self) -> dict[str, Any]:
         last = self.events[-1].to_json() if self.events else None
-        return {"id": self.id, "image": self.image, "started": self.started, "stage": self.stage.value, "last": last}
+        return {
+            "id": self.id, "image": self.image, "tag": self.tag, "started": self.started, "stage": self.stage.value,
+            "last": last,
+        }
 
 
 class BuildLog:
@@ -127,8 +133,8 @@ class BuildLog:
         self._builds: OrderedDict[str, Build] = OrderedDict()
         self._keep = keep
 
-    def new(self, image: str) -> Build:
-        build = Build(id=secrets.token_hex(8), image=image)
+    def new(self, image: str, tag: str = "latest") -> Build:
+        build = Build(id=secrets.token_hex(8), image=image, tag=tag)
         self._builds[build.id] = build
         self._added(build)
         if len(self._builds) > self._keep:

@@ -161,7 +161,7 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     for i in range(builds.count()):
         row = builds.nth(i)
         platform = row.locator(".badge.platform")
-        rows[row.locator("a").get_attribute("href")] = (
+        rows[row.locator("a").first.get_attribute("href")] = (
             row.locator("code").text_content(), platform.text_content() if platform.count() else "",
             row.locator("[class*=stage-]").text_content(),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from nixery.layers.store import StoredLayer
-from nixery.progress import Build, LayerCounter, NixLogProgress, Stage
+from nixery.progress import Build, BuildLog, LayerCounter, NixLogProgress, Stage
 from nixery.registry.digest import Digest
 from nixery.registry.image import LayerDescriptor
 
@@ -79,3 +79,8 @@ def test_a_layers_rate_is_in_the_unit_that_suits_it_or_left_out() -> None:
     assert _compressed(40, 0.2) == "compressed layer abababababab (40 B, 200 B/s)"
     assert _compressed(72_000_000, 2.0) == "compressed layer abababababab (72.0 MB, 36.0 MB/s)"
 
+
+def test_a_build_keeps_the_tag_it_was_started_for() -> None:
+    log = BuildLog()
+    assert log.new("shell/hello", "v2").summary()["tag"] == "v2"
+    assert log.new("shell/hello").tag == "latest"

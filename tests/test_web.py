@@ -18,6 +18,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -291,6 +292,26 @@ def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     page.wait_for_selector("#digest", timeout=120_000)
     no_horizontal_scroll(page, 390)
     page.screenshot(path=str(ARTIFACTS / "web-mobile-build.png"), full_page=True)
+
+
+def test_the_recent_builds_name_their_tag_and_lead_to_its_pages(registry: RegistryProcess) -> None:
+    """A build of a tag was listed on the start page as its image alone (`shell/hello`) and
+    linked to `/builds/ID`, whose page then named the image as `latest` (`docker pull
+    HOST/shell/hello`) unless this worker's form had started it: a pull's build, another
+    worker's. Each names its tag now, links to its progress page by an address that names
+    image and tag, and once built to that tag's image page."""
+    registry.manifest("shell/hello", "v2")  # a pull builds it
+    status, _, body = registry.request("/", accept="text/html")
+    assert status == 200
+    (row,) = re.findall(r"<li>.*?</li>", body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0])
+    progress, image = (html.unescape(link) for link in re.findall(r'href="([^"]+)"', row))
+    assert "<code>shell/hello:v2</code>" in row, row
+    assert re.fullmatch(r"/builds/[0-9a-f]+\?image=shell/hello&tag=v2", progress), progress
+    assert image == "/images/shell/hello?tag=v2"
+    pull = f"docker pull {registry.host}/shell/hello:v2<"
+    for path in (progress, progress.split("?")[0], image):  # as linked, the build's bare address, the image
+        status, _, page = registry.request(path, accept="text/html")
+        assert status == 200 and pull in page.decode(), path
 
 
 def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page) -> None:

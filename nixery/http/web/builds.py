@@ -47,7 +47,8 @@ from nixery.views import NIX_COUNTS, STAGE_LABELS, STAGE_ORDER, nix_work_text
 
 log = structlog.get_logger(__name__)
 
-#: The tag each recent build was started for (the progress page's pull command names it).
+#: The tag each recent build was last asked for here: a build under way is shared by the tags
+#: whose image it builds, and its own (`Build.tag`) is the first one's.
 BUILD_TAGS = web.AppKey("build_tags", LRU[str, str])
 BUILD_TAGS_KEPT = 1000
 
@@ -247,9 +248,9 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
 
 
 def _tag(request: web.Request, build: Build) -> str:
-    """The tag the build was started for (its pull command and links name it): as this worker
-    was asked for it, else as the registry's address for its page says."""
-    return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
+    """The tag the page names the image by (its pull command and links): as this worker was asked
+    for it, else the build's own (that of another worker's build, or of a pull's)."""
+    return request.app[BUILD_TAGS].peek(build.id) or build.tag
 
 
 def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
