@@ -43,7 +43,7 @@
     if (!row) return;
     const stage = event.platform_stage;
     row.dataset.stage = stage;
-    row.className = FINAL.includes(stage) ? "past" : "current";
+    row.className = { done: "past", failed: "failed" }[stage] || "current";  // builds.py's _PLATFORM_STATES
     const badge = row.querySelector(".badge");
     badge.className = `badge stage-${stage}`;
     badge.textContent = LABELS[stage] || stage;
@@ -144,9 +144,10 @@
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
-${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
+${root.dataset.partOf ? "" : `<pre class="command" data-copy><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
 <p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`}`;
       outcome.hidden = false;
+      addCopyButtons();  // nixery.js's, as on the page the server draws
     } else if (state.current === "failed" && d.error === "stopped") {  // the registry shut down
       outcome.className = "outcome failed";
       const tagField = tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`;
@@ -186,30 +187,23 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
     return `<div class="suggestion"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(name)}">${tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`}<button type="submit" class="small">Build ${esc(name)} instead</button></form></div>`;
   }
 
-  // The event list shows the newest event: at first, and as events arrive, unless the
-  // reader has scrolled up to read older ones.
+  // The event list is newest first, as the server draws it (builds.py's _event_items): a new
+  // event goes on top, and a reader who scrolled down to older ones keeps their place.
   const events = document.getElementById("events");
-  function atBottom() {
-    return events.scrollHeight - events.scrollTop - events.clientHeight < 24;
-  }
-  function showNewest() {
-    events.scrollTop = events.scrollHeight;
-  }
-
-  function appendEvent(event) {
-    const following = atBottom();
+  function addEvent(event) {
     const item = document.createElement("li");
     item.dataset.index = event.index;
     item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${event.platform ? `<code>${esc(event.platform)}</code> ${esc(event.platform_stage)}: ` : ""}${esc(event.message)}`;
-    events.appendChild(item);
-    while (events.children.length > SHOWN) events.removeChild(events.firstElementChild);
-    if (following) showNewest();
+    const height = events.scrollHeight;
+    events.prepend(item);
+    // The browser's own scroll anchoring is off (style.css): Safari has none.
+    if (events.scrollTop > 0) events.scrollTop += events.scrollHeight - height;
+    while (events.children.length > SHOWN) events.removeChild(events.lastElementChild);
   }
 
   // The page already shows events [0, n): fetch them once for the numbers, then follow.
   async function start() {
     const shown = parseInt(root.dataset.events, 10) || 0;
-    showNewest();
     if (FINAL.includes(root.dataset.stage)) return;
     try {
       const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });
@@ -222,7 +216,7 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
     const onEvent = (message) => {
       const event = JSON.parse(message.data);
       add(event);
-      appendEvent(event);
+      addEvent(event);
       renderStages();
       renderOutcome();
       if (FINAL.includes(event.stage)) source.close();

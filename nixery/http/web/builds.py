@@ -220,6 +220,10 @@ def _stage_list(build: Build, progress: Progress) -> str:
 _SHOWN = ("past", "current", "ended")  # the states whose stage says what it did
 
 
+#: A platform's row once its build ended: styled as the image's stages are (a failed one red, not done).
+_PLATFORM_STATES = {Stage.DONE: "past", Stage.FAILED: "failed"}
+
+
 def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build | None]) -> str:
     """An image of several platforms: each platform's stage and numbers, and a link to its own build.
     Once the image's build ended (failed on one platform), the others' are no longer relayed:
@@ -238,7 +242,7 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
         stage = own.current if own is not None else Stage.QUEUED
         detail = own.detail(stage) if own is not None else ""
         link = f' <a class="hint" href="/builds/{h(build_id)}">its build</a>' if build_id else ""
-        state = "past" if stage in FINAL else "current" if not build.finished else "pending"
+        state = _PLATFORM_STATES.get(stage) or ("current" if not build.finished else "pending")
         items.append(
             f'<li class="{state}" data-platform="{h(name)}" data-stage="{stage.value}"><span class="label">'
             f"<code>{h(name)}</code></span> <span class=\"badge stage-{stage.value}\">{h(STAGE_LABELS[stage])}</span>"
@@ -301,11 +305,14 @@ def _platform_tag(event: Event) -> str:
 
 
 def _event_items(build: Build) -> str:
+    """The latest events, newest first: the build's state is what a reader wants first, and the
+    list's box opens at its top with or without JavaScript (a list oldest first opened at its
+    oldest event without it, and a jump to its end would scroll the page past the stages too)."""
     start = max(0, len(build.events) - SHOWN_EVENTS)
     return "".join(
         f'<li data-index="{i}"><span class="t">+{e.time - build.started:.1f}s</span> '
         f'<span class="badge stage-{e.stage.value}">{e.stage.value}</span> {_platform_tag(e)}{h(e.message)}</li>'
-        for i, e in enumerate(build.events[start:], start)
+        for i, e in reversed(list(enumerate(build.events[start:], start)))
     )
 
 
@@ -333,7 +340,7 @@ async def build_page(request: web.Request) -> web.Response:
   {_outcome(request, build, progress, part)}
 </section>
 <section class="card">
-  <h2>Events</h2>
+  <h2>Events <small class="muted">newest first</small></h2>
   <ol class="events" id="events">{_event_items(build)}</ol>
   <p class="hint">Also as <a href="/builds/{h(build.id)}.json">JSON</a> and as a
   <a href="/builds/{h(build.id)}/events">stream of server-sent events</a>.</p>

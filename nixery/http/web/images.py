@@ -23,7 +23,7 @@ from nixery.http import guidance
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
-from nixery.http.web.layout import ago, page, registry_host, script, short
+from nixery.http.web.layout import ago, page, registry_host, short
 from nixery.registry.names import check_image_tag
 from nixery.views import image_json, image_reference
 
@@ -97,8 +97,7 @@ async def image_info(request: web.Request) -> web.StreamResponse:
 <section class="card"><h2>Layers{platform_note}</h2>{_layer_table(doc["layers"])}
 {"".join(_other_platform_layers(doc))}
 <p class="hint">Also as <a href="/images/{h(record.name)}.json{query}">JSON</a>.</p>
-</section>
-{script("nixery.js")}"""
+</section>"""
     return page(request, record.name, body)
 
 

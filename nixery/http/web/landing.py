@@ -27,7 +27,6 @@ from nixery.http.web.layout import (
     build_form,
     page,
     registry_host,
-    script,
     search_form,
     short,
 )
@@ -93,7 +92,6 @@ async def landing(request: web.Request) -> web.Response:
 {_recent_builds(builder, may_see)}
 {await _recent_images(request, builder, may_see)}
 {documentation}
-{script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
 
