@@ -50,7 +50,7 @@ from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
 from nixery.failures import DEFAULT_TTL as DEFAULT_FAILED_BUILD_TTL
-from nixery.failures import FailedBuilds
+from nixery.failures import FailedBuilds, RememberedFailure
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, RECENT, ImageRecord, ImageStore, image_key
@@ -327,6 +327,11 @@ class ImageBuilder:
                 except NixError:  # the pull will say what Nix said: here, the image is not built
                     return None
         return await self._record_by_resolved_names(revision, request)
+
+    async def failed_lately(self, request: ImageRequest, tag: str) -> RememberedFailure | None:
+        """The failure a pull of the image is answered with now, instead of a build (`nixery.failures`)."""
+        revision = await self.source.resolve(tag)
+        return self.failures.remembered(self._image_key(revision, request))
 
     async def _resolve(
         self, revision: Revision, system: str, packages: Sequence[str], *, until: float

@@ -309,6 +309,25 @@ def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     page.screenshot(path=str(ARTIFACTS / "web-mobile-build.png"), full_page=True)
 
 
+def test_an_images_layer_table_fits_a_phone(start_registry, new_page, tmp_path: Path) -> None:
+    """What a layer holds is package names with versions that have no break (Debian's
+    `12.2.0-14+deb12u1`): at 390 px the table grew wider than its card, whose edge hid the
+    "Holds" column half-way, store paths included. It fits now, nothing hidden."""
+    version = "12.2.0-14+deb12u1.2.36-9+deb12u13.20240117"
+    script = "$bb/mkdir -p $out/bin; echo 'echo wide' > $out/bin/widename"
+    registry = start_registry(NIXERY_PKGS_PATH=str(busybox_set_with(tmp_path / "pkgs", "widename",
+                                                                     f"widename-{version}", script)))
+    registry.manifest("shell/widename")
+    page = new_page(width=390, height=844)
+    assert page.goto(registry.url + "/images/shell/widename").status == 200
+    page.evaluate("document.querySelectorAll('.table-wrap details').forEach(d => d.open = true)")
+    assert version in page.locator(".table-wrap").text_content()
+    no_horizontal_scroll(page, 390)
+    hidden = page.locator(".table-wrap").evaluate_all("boxes => boxes.map(b => b.scrollWidth - b.clientWidth)")
+    assert hidden and max(hidden) <= 1, f"the layer table is {hidden} px wider than its box"
+    page.screenshot(path=str(ARTIFACTS / "web-mobile-wide-layers.png"), full_page=True)
+
+
 def test_the_recent_builds_name_their_tag_and_lead_to_its_pages(registry: RegistryProcess) -> None:
     """A build of a tag was listed on the start page as its image alone (`shell/hello`) and
     linked to `/builds/ID`, whose page then named the image as `latest` (`docker pull

@@ -2,8 +2,9 @@
 layers, and the store paths each layer holds (JSON: `nixery.views.image_json`).
 
 An image that is not built yet is 404: for a browser a page with a Build button
-(nixery/http/guidance.py), for others MANIFEST_UNKNOWN naming the command that
-builds it; a misspelt package name is told so first, with the nearest names.
+(nixery/http/guidance.py), which says so when its last build failed and pulls get that
+error for a while; for others MANIFEST_UNKNOWN naming the command that builds it; a
+misspelt package name is told so first, with the nearest names.
 A tag of the documents attached to a manifest (`sha256-...`) names no image: 404
 with the registry API's message (`nixery.registry.names.check_image_tag`).
 """
@@ -68,8 +69,9 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     record = await request.app[BUILDER].find(image, tag)  # a misspelt name is told so, with the nearest names
     if record is None:
         if wants_html_error(request):
-            return page(request, f"{name} is not built yet",
-                        guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
+            failure = await request.app[BUILDER].failed_lately(image, tag)
+            body = guidance.not_built(image.display_name, tag, registry_host(request), failure)
+            return page(request, f"{name} is not built yet", body, status=404)
         reference = image_reference(image.display_name, tag)
         raise errors.ManifestUnknown(
             f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
@@ -112,9 +114,9 @@ def _layer_table(layers: list[dict[str, Any]]) -> str:
             f"<tr><td class='num'>{number}</td>"
             f"<td><code class='nowrap' title='{h(layer['digest'])}'>{h(layer['digest'][7:19])}</code></td>"
             f"<td class='num'>{h(size_text(layer['size']))}</td>"
-            f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
+            f"<td class='holds'>{h(layer['description'])}{held if paths else ''}</td></tr>"
         )
-    return f"""<div class="table-wrap"><table>
+    return f"""<div class="table-wrap"><table class="layers">
 <thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table></div>"""
 
