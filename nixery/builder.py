@@ -42,6 +42,7 @@ from typing import Any
 import structlog
 
 from nixery import metrics
+from nixery.amounts import plural
 from nixery.assembly import AssembledImage, assemble
 from nixery.attachments import Closure, attach
 from nixery.background import retrieve
@@ -49,7 +50,7 @@ from nixery.baseline import DEFAULT_BASELINE, Baseline, linked_packages
 from nixery.closure import ClosureGraph, GraphError, Registration
 from nixery.evaluations import EvaluationCache
 from nixery.failures import DEFAULT_TTL as DEFAULT_FAILED_BUILD_TTL
-from nixery.failures import FailedBuilds
+from nixery.failures import FailedBuilds, RememberedFailure
 from nixery.fair import FairSlots, requester
 from nixery.history import PlatformHistories
 from nixery.images import DEFAULT_CAPACITY, RECENT, ImageRecord, ImageStore, image_key
@@ -81,7 +82,6 @@ from nixery.registry.names import Arch, ImageRequest
 from nixery.resolver import PackageResolver, ResolvedPackage, Revision
 from nixery.singleflight import SingleFlight, WorkStopped
 from nixery.storage.base import Storage
-from nixery.views import plural
 
 log = structlog.get_logger(__name__)
 
@@ -204,7 +204,7 @@ class ImageBuilder:
         if record is not None:
             self.images.note_use(record.key)
             return record
-        return await self._build_once(request, revision, key, on_wait, client_waits=client_waits)
+        return await self._build_once(request, revision, key, tag, on_wait, client_waits=client_waits)
 
     async def rebuilt_naming(self, manifest: Digest) -> ImageRecord | None:
         """The image whose manifest (or index, or attached document) `manifest` is, built again,
@@ -227,7 +227,7 @@ class ImageBuilder:
             log.info("build.rebuilding_for_digest", key=key[:12], manifest=str(manifest), image=request.display_name)
             found_key, record = await self._find(revision, request)
             if record is None:
-                record = await self._build_once(request, revision, found_key)
+                record = await self._build_once(request, revision, found_key, tag)
             if names_manifest(record, manifest):
                 self.images.note_use(record.key)
                 return record
@@ -250,13 +250,13 @@ class ImageBuilder:
         return None
 
     async def _build_once(
-        self, request: ImageRequest, revision: Revision, key: str, on_wait: Callable[[Build], None] | None = None,
-        *, client_waits: bool = True,
+        self, request: ImageRequest, revision: Revision, key: str, tag: str,
+        on_wait: Callable[[Build], None] | None = None, *, client_waits: bool = True,
     ) -> ImageRecord:
         if (failed := self.failures.recent(key)) is not None:
             log.info("build.failure_remembered", image=request.display_name, key=key[:12], error=failed.message[:300])
             raise failed
-        build = self._build_for(key, request)
+        build = self._build_for(key, request, tag)
         try:
             if on_wait is not None:
                 on_wait(build)
@@ -328,6 +328,11 @@ class ImageBuilder:
                     return None
         return await self._record_by_resolved_names(revision, request)
 
+    async def failed_lately(self, request: ImageRequest, tag: str) -> RememberedFailure | None:
+        """The failure a pull of the image is answered with now, instead of a build (`nixery.failures`)."""
+        revision = await self.source.resolve(tag)
+        return self.failures.remembered(self._image_key(revision, request))
+
     async def _resolve(
         self, revision: Revision, system: str, packages: Sequence[str], *, until: float
     ) -> tuple[list[ResolvedPackage], bool]:
@@ -371,7 +376,7 @@ class ImageBuilder:
         self.failures.forget(key)
         for one in each_platform(request) if request.platforms else ():
             self.failures.forget(self._image_key(revision, one))
-        build = self._build_for(key, request)
+        build = self._build_for(key, request, tag)
         try:
             self._images.begin(key, lambda: self._build(request, revision, key, build))  # its failure: in its events
         except WorkStopped:
@@ -386,7 +391,7 @@ class ImageBuilder:
         every tag made each tag's page name the tag posted last (its page shows the build's tag)."""
         answer = self._answers.get((request.display_name, record.key, tag))
         if answer is None or self.builds.get(answer.id) is not answer:
-            answer = self.builds.new(request.display_name)
+            answer = self.builds.new(request.display_name, tag)
             answer.emit(Stage.DONE, "already built", **image_summary(record))
             self._answers.put((request.display_name, record.key, tag), answer)
         return answer
@@ -423,10 +428,10 @@ class ImageBuilder:
         named = _by_resolved_names(request, resolved)
         return None if named == request else await self.images.get(self._image_key(revision, named))
 
-    def _build_for(self, key: str, request: ImageRequest) -> Build:
+    def _build_for(self, key: str, request: ImageRequest, tag: str) -> Build:
         build = self._in_flight.get(key)
         if build is None:
-            build = self._in_flight[key] = self.builds.new(request.display_name)
+            build = self._in_flight[key] = self.builds.new(request.display_name, tag)
         return build
 
     def recent_images(self, limit: int = 20) -> list[ImageRecord]:
@@ -567,7 +572,9 @@ class ImageBuilder:
                 relay.found(platform, **image_summary(record))
                 return record
             try:
-                return await self._build_once(one, revision, one_key, lambda own: relay.follow(platform, own))
+                return await self._build_once(
+                    one, revision, one_key, build.tag, lambda own: relay.follow(platform, own)
+                )
             except PackagesNotFound as missing:
                 return missing
             except (SourceUnavailable, RefNotFound, RefInvalid):

@@ -75,6 +75,22 @@ class _Failure:
     log_tail: str
     platform: str | None  # of an image of several platforms: the one whose build failed
 
+    def error(self, note: str | None = None) -> NixError | PlatformFailed:
+        """The error it was, with `note` added to its message."""
+        cause = self.kind(self.message if note is None else f"{self.message} ({note})", self.log_tail)
+        return cause if self.platform is None else PlatformFailed(self.platform, cause)
+
+
+@dataclass(frozen=True, slots=True)
+class RememberedFailure:
+    """A failure as pulls are answered with it: from `failed_at` until `until` (whole seconds
+    since the epoch, as the answer says them: `utc_time`), `message` and Nix's last lines."""
+
+    failed_at: int
+    until: int
+    message: str
+    log_tail: str
+
 
 class FailedBuilds:
     """The image keys whose build failed lastingly in the last `ttl` seconds, with their errors."""
@@ -107,19 +123,33 @@ class FailedBuilds:
     def recent(self, key: str) -> NixError | PlatformFailed | None:
         """The failure to answer with instead of building `key`, or None: the kept error, its
         message saying when the build failed and until when this answer stands."""
-        failure = self._failed.peek(key)
+        failure = self._kept(key)
         if failure is None:
             return None
-        if self._clock() - failure.at >= self.ttl:
+        failed_at, until = self._times(failure)
+        note = (f"this build failed at {utc_time(failed_at)} and is not run again until {utc_time(until)}, "
+                f"NIXERY_FAILED_BUILD_TTL; `nixery build` or the image page's Build button runs it now")
+        return failure.error(note)
+
+    def remembered(self, key: str) -> RememberedFailure | None:
+        """The failure pulls of `key` are answered with now, for a page to say so, or None."""
+        failure = self._kept(key)
+        if failure is None:
+            return None
+        return RememberedFailure(*self._times(failure), failure.error().message, failure.log_tail)
+
+    def _kept(self, key: str) -> _Failure | None:
+        failure = self._failed.peek(key)
+        if failure is not None and self._clock() - failure.at >= self.ttl:
             self._failed.pop(key)
             return None
-        until = failure.wall + self.ttl
-        note = (f"this build failed at {_utc(math.floor(failure.wall))} and is not run again until "
-                f"{_utc(math.ceil(until))}, "
-                f"NIXERY_FAILED_BUILD_TTL; `nixery build` or the image page's Build button runs it now")
-        cause = failure.kind(f"{failure.message} ({note})", failure.log_tail)
-        return cause if failure.platform is None else PlatformFailed(failure.platform, cause)
+        return failure
+
+    def _times(self, failure: _Failure) -> tuple[int, int]:
+        """When it failed and until when it is answered, in whole seconds (the span rounded outwards)."""
+        return math.floor(failure.wall), math.ceil(failure.wall + self.ttl)
 
 
-def _utc(seconds: int) -> str:
+def utc_time(seconds: int) -> str:
+    """A time of day as a remembered failure's answer says it (`12:00:01 UTC`)."""
     return time.strftime("%H:%M:%S UTC", time.gmtime(seconds))

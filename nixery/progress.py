@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from nixery import metrics
+from nixery.amounts import rate_text, size_text
 
 if TYPE_CHECKING:
     from nixery.layers.rootlinks import Linked
@@ -68,6 +69,9 @@ class PartOf:
 class Build:
     id: str
     image: str
+    #: The tag it was started for (the first, when requests for several tags share the build):
+    #: pages name the image by it (its pull command, links).
+    tag: str = "latest"
     started: float = field(default_factory=time.time)
     events: list[Event] = field(default_factory=list)
     #: Set when this is one platform's build of an image of several platforms (`PlatformRelay`),
@@ -115,7 +119,10 @@ class Build:
 
     def summary(self) -> dict[str, Any]:
         last = self.events[-1].to_json() if self.events else None
-        return {"id": self.id, "image": self.image, "started": self.started, "stage": self.stage.value, "last": last}
+        return {
+            "id": self.id, "image": self.image, "tag": self.tag, "started": self.started, "stage": self.stage.value,
+            "last": last,
+        }
 
 
 class BuildLog:
@@ -126,8 +133,8 @@ class BuildLog:
         self._builds: OrderedDict[str, Build] = OrderedDict()
         self._keep = keep
 
-    def new(self, image: str) -> Build:
-        build = Build(id=secrets.token_hex(8), image=image)
+    def new(self, image: str, tag: str = "latest") -> Build:
+        build = Build(id=secrets.token_hex(8), image=image, tag=tag)
         self._builds[build.id] = build
         self._added(build)
         if len(self._builds) > self._keep:
@@ -266,8 +273,9 @@ class LayerCounter:
             return stored
         self.created += 1
         self.bytes += layer.size
-        rate = layer.size / stored.seconds / 1e6 if stored.seconds > 0 else 0.0
-        self.emit(f"compressed layer {layer.digest.hex[:12]} ({layer.size / 1e6:.1f} MB, {rate:.0f} MB/s)")
+        rate = rate_text(layer.size, stored.seconds)  # none for a layer compressed too fast to time
+        said = size_text(layer.size) + (f", {rate}" if rate else "")
+        self.emit(f"compressed layer {layer.digest.hex[:12]} ({said})")
         return stored
 
     def emit(self, message: str) -> None:

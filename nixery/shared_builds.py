@@ -6,7 +6,7 @@ or a browser's reconnect may reach a worker that did not start the build. So wit
 workers each also writes its builds into a directory they share, made by the parent process
 (`nixery.cli`) and removed when it ends:
 
-    DIR/ID.jsonl   a build: {"id", "image", "started", "pid"} on its first line, then one
+    DIR/ID.jsonl   a build: {"id", "image", "tag", "started", "pid"} on its first line, then one
                    event a line, appended as it happens (and {"part_of", "platform"} when it
                    is one platform's build of an image of several); removed once its worker
                    no longer keeps the build (the last 200 of each worker)
@@ -73,14 +73,15 @@ class SharedBuildLog(BuildLog):
 
     def _added(self, build: Build) -> None:
         path = self._path(build.id)
-        _append(path, {"id": build.id, "image": build.image, "started": build.started, "pid": os.getpid()})
+        head = {"id": build.id, "image": build.image, "tag": build.tag, "started": build.started, "pid": os.getpid()}
+        _append(path, head)
         build.listener = lambda heard: _append(path, _record(heard))
 
     def _dropped(self, build: Build) -> None:
         self._path(build.id).unlink(missing_ok=True)
 
-    def new(self, image: str) -> Build:
-        build = super().new(image)
+    def new(self, image: str, tag: str = "latest") -> Build:
+        build = super().new(image, tag)
         kept = [{"id": own.id, "image": own.image, "started": own.started} for own in self._builds.values()]
         _replace(self._kept / f"{os.getpid()}.json", json.dumps(kept, separators=(",", ":")))
         self._forget_ended_workers()
@@ -181,7 +182,8 @@ class CopiedBuild(Build):
         if end < 0:
             return None
         head = json.loads(data[:end])
-        build = cls(id=head["id"], image=head["image"], started=head["started"], path=path, pid=head["pid"])
+        build = cls(id=head["id"], image=head["image"], tag=head["tag"], started=head["started"], path=path,
+                    pid=head["pid"])
         build._offset = end + 1
         build._read_on(data[end + 1 :])
         return build

@@ -9,7 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from nixery.views import STAGE_LABELS, STAGE_ORDER, plural, size_text
+from nixery.amounts import rate_text, size_text
+from nixery.views import STAGE_LABELS, STAGE_ORDER, nix_work_text
 
 #: The stages shown with a bar each, by their names in the event stream (a failure is shown on the stage it ends).
 LABELS = {stage.value: STAGE_LABELS[stage] for stage in STAGE_ORDER}
@@ -127,22 +128,18 @@ class BarProgress:
                 self.progress.update(task, detail=detail[:60])
                 return
             # Nix reports a derivation (or a path to fetch) when it starts: the latest is still under way.
-            detail = f"building {built} of {plural(max(built, to_build), 'derivation')}"
-            if fetched or to_fetch:
-                detail += f", fetching {fetched} of {plural(max(fetched, to_fetch), 'path')}"
+            detail = nix_work_text(event, over=False)
             self.progress.update(task, total=total, completed=max(0, built + fetched - 1), detail=detail)
-            self.summaries[stage] = f"{plural(max(built, to_build), 'derivation')} built" + (
-                f", {plural(max(fetched, to_fetch), 'path')} fetched" if fetched or to_fetch else ""
-            )
+            self.summaries[stage] = nix_work_text(event, over=True)
             return
         if stage == "compressing" and "layers_total" in event:
             if self.compress_started is None:
                 self.compress_started = event.get("time")
             done, total, written = event.get("layers_done", 0), event["layers_total"], event.get("compressed_bytes", 0)
             detail = f"{done}/{total} layers, {size(written)}"
-            seconds = (event.get("time") or 0) - (self.compress_started or 0)
-            if written and seconds > 0 and written / seconds >= 1e5:
-                detail += f", {written / seconds / 1e6:.1f} MB/s"
+            rate = rate_text(written, (event.get("time") or 0) - (self.compress_started or 0))
+            if rate:
+                detail += f", {rate}"
             self.progress.update(task, total=total, completed=done, detail=detail)
             return
         if stage == "done":

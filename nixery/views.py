@@ -1,16 +1,19 @@
 """What the web pages and the `nixery` command line both show: an image as JSON,
-its reference, sizes in words, the stages of a build and their labels.
+its reference, the stages of a build, their labels and what Nix did in one.
 
 No HTTP and no Nix here: the web package (`nixery.http.web`) and the command
-line (`nixery.client`) import these, so that a page and a terminal describe an
-image and a build in the same words. `image_json` is the document
+line (`nixery.client`, `nixery.terminal`) import these, so that a page and a
+terminal describe an image and a build in the same words (sizes, rates and
+counts in words are `nixery.amounts`'). `image_json` is the document
 `GET /images/{name}.json` answers and `nixery build --local` prints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from nixery.amounts import plural
 from nixery.images import ImageRecord
 from nixery.platforms import image_summary, platform_records
 from nixery.progress import Stage
@@ -32,19 +35,26 @@ STAGE_LABELS = {
 }
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 derivation`, `2 derivations` (the pages said `1 derivations`)."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+#: What a `building` event counts of Nix's work (docs/web.md#events).
+NIX_COUNTS = ("built", "to_build", "fetched", "to_fetch")
 
 
-def size_text(n: int | float | None, *, unknown: str = "–") -> str:
-    """A byte count in words (`12.3 MB`); `unknown` for None."""
-    if n is None:
-        return unknown
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
+def nix_work_text(counts: Mapping[str, int], *, over: bool, ended: bool = False) -> str:
+    """What Nix did of `counts` (a `building` event's NIX_COUNTS): while the stage is under way
+    `building 2 of 3 derivations, fetching 1 of 4 paths` (Nix names each derivation as it starts
+    it: the last one counted is still building), or `ended building ...` for the stage a build
+    failed or stopped in; once it is `over`, `3 derivations built, 4 paths fetched`. The progress
+    page (`nixery.http.web.builds`) and `nixery build` (`nixery.terminal`) both say it so; the
+    live page's build.js has a twin."""
+    built, fetched = counts.get("built", 0), counts.get("fetched", 0)
+    to_build, to_fetch = max(built, counts.get("to_build", 0)), max(fetched, counts.get("to_fetch", 0))
+    if over:
+        parts = [f"{plural(to_build, 'derivation')} built"]
+        parts += [f"{plural(to_fetch, 'path')} fetched"] if to_fetch else []
+    else:
+        parts = [f"{'ended ' if ended else ''}building {built} of {plural(to_build, 'derivation')}"]
+        parts += [f"fetching {fetched} of {plural(to_fetch, 'path')}"] if to_fetch else []
+    return ", ".join(parts)
 
 
 def image_reference(name: str, tag: str) -> str:

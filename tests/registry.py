@@ -379,3 +379,26 @@ def slow_package_set(directory: Path, seconds: int = 3) -> Path:
     nonce = random.getrandbits(64)
     script = f"$bb/sleep {seconds}; $bb/mkdir -p $out/bin; echo 'echo slow {nonce}' > $out/bin/slowpoke"
     return busybox_set_with(directory, "slowpoke", "slowpoke-1.0", script)
+
+
+def many_steps_set(directory: Path, steps: int) -> Path:
+    """The busybox set plus `manysteps`, a package built from `steps` derivations, all new on
+    every call: Nix builds each one, a `building` event each (a build with a long event list)."""
+    nonce = random.getrandbits(64)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "default.nix").write_text(
+        f"""{{ system ? builtins.currentSystem, ... }}@args:
+let base = import {REPOSITORY / "pkgs" / "busybox"} args; bb = "${{base.busybox}}/bin";
+  step = n: derivation {{
+    name = "step-${{toString n}}"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "echo {nonce} ${{toString n}} > $out" ];
+  }};
+in base // {{
+  manysteps = derivation {{
+    name = "manysteps-1.0"; inherit system; builder = "${{bb}}/sh";
+    args = [ "-c" "${{bb}}/mkdir -p $out; ${{bb}}/cat ${{toString (builtins.genList step {steps})}} > $out/steps" ];
+  }};
+}}
+"""
+    )
+    return directory

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,18 @@ def test_a_failed_build_is_answered_from_memory_until_asked_for(
     assert len(set(answers)) == 1, answers
     assert builds_failed(registry) == 1, registry.log()[-3000:]
     assert len(registry.log_events("build.failure_remembered")) == 3
+
+    # The image's page said "the first pull builds it", which it does not meanwhile: it says the
+    # last build failed, when, until when pulls get the error, and that its Build button builds.
+    failed_at, until = re.search(r"failed at (\S+ UTC) and is not run again until (\S+ UTC)", answers[0]).groups()
+    status, _, body = registry.request("/images/shell/broken", accept="text/html")
+    page = body.decode()
+    said_on_page = " ".join(re.sub(r"<[^>]+>", "", page.split('id="failed-lately"')[1].split("</div>")[0]).split())
+    assert status == 404 and "the first pull builds it" not in page, page
+    assert f"Its last build failed at {failed_at}. Until {until}, pulls get this error" in said_on_page, said_on_page
+    assert "the-build-says-why" in page and "The Build button runs the build now" in page
+    assert 'name="image" value="shell/broken"' in page
+    assert builds_failed(registry) == 1  # the page builds nothing
 
     # Other images are not held back by it: another name of the same set builds.
     assert registry.request("/v2/shell/hello/manifests/latest")[0] == 200

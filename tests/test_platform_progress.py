@@ -150,6 +150,12 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     page = build_from_the_form(new_page(), registry, "armfail")
     page.wait_for_selector("#state.stage-failed", timeout=120_000)
     assert "linux/arm64" in page.locator("#build").text_content()
+    # The platform that failed was drawn green, as done: now red, as the image's failed stage.
+    page.emulate_media(color_scheme="light")
+    page.wait_for_selector("#platforms li.failed[data-platform='linux/arm64']")
+    live = _platform_looks(page)
+    page.reload()
+    assert _platform_looks(page) == live == {"linux/amd64": ("past", OK), "linux/arm64": ("failed", BAD)}, live
     page.goto(registry.url + "/")
     images = page.locator("section.card:has(h2:text-is('Recently built images')) a")
     links = [images.nth(i).get_attribute("href") for i in range(images.count())]
@@ -161,7 +167,7 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     for i in range(builds.count()):
         row = builds.nth(i)
         platform = row.locator(".badge.platform")
-        rows[row.locator("a").get_attribute("href")] = (
+        rows[row.locator("a").first.get_attribute("href")] = (
             row.locator("code").text_content(), platform.text_content() if platform.count() else "",
             row.locator("[class*=stage-]").text_content(),
         )
@@ -170,6 +176,18 @@ def test_after_an_arm64_build_failed_the_landing_page_links_only_to_what_is_ther
     assert armfail == [("arm64/armfail", "linux/arm64", "failed"), ("armfail", "", "failed"),
                        ("armfail", "linux/amd64", "done")], rows
     page.screenshot(path=str(ARTIFACTS / "web-landing-failed-platform.png"), full_page=True)
+
+
+#: The colours of a stage's mark: done, and failed (style.css's --ok and --bad, light scheme).
+OK, BAD = "rgb(47, 125, 79)", "rgb(178, 58, 58)"
+
+
+def _platform_looks(page: Any) -> dict[str, tuple[str, str]]:
+    """Each platform's row of a build page: its class and the colour of its mark."""
+    rows = page.locator("#platforms li").evaluate_all(
+        "items => items.map(i => [i.dataset.platform, i.className, getComputedStyle(i, '::before').backgroundColor])"
+    )
+    return {platform: (state, colour) for platform, state, colour in rows}
 
 
 def test_the_page_of_a_platforms_build_leads_to_its_image_of_several_platforms(

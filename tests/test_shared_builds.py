@@ -178,7 +178,7 @@ def test_the_start_page_lists_every_workers_builds(start_registry, tmp_path: Pat
         status, _, body = registry.request("/", accept=HTML)
         assert status == 200
         recent = body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0]
-        assert re.findall(r'href="/builds/([0-9a-f]+)"', recent) == newest_first
+        assert re.findall(r'href="/builds/([0-9a-f]+)\?', recent) == newest_first
         assert recent.count('<span class="badge stage-done">done</span>') == len(newest_first)
 
 
@@ -227,7 +227,7 @@ def test_every_worker_marks_each_platforms_build_with_the_image_it_is_part_of(st
         assert status == 200
         recent = body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0]
         for platform, build_id in parts.items():
-            row = recent.split(f'href="/builds/{build_id}"')[1].split("</li>")[0]
+            row = recent.split(f'href="/builds/{build_id}?')[1].split("</li>")[0]
             assert f">{platform}</span>" in row, row
         for platform, build_id in parts.items():
             status, _, page = registry.request(f"/builds/{build_id}", accept=HTML)
@@ -244,7 +244,7 @@ def test_another_workers_copy_of_a_platforms_build_knows_the_image_it_is_part_of
 
     async def relayed() -> tuple[Build, Build]:
         log = SharedBuildLog(tmp_path)
-        image, platform = log.new("hello"), log.new("arm64/hello")
+        image, platform = log.new("hello", "v2"), log.new("arm64/hello", "v2")
         platform.emit(Stage.BUILDING, "building")
         relay = PlatformRelay(image)
         relay.follow("linux/arm64", platform)
@@ -255,5 +255,6 @@ def test_another_workers_copy_of_a_platforms_build_knows_the_image_it_is_part_of
     image, platform = asyncio.run(relayed())
     copy = CopiedBuild.read(tmp_path / f"{platform.id}.jsonl")
     assert copy is not None and copy.part_of == PartOf(image.id, "linux/arm64") == platform.part_of
+    assert copy.tag == "v2"  # its pages name the image by it
     assert [event.message for event in copy.events] == ["building", "image ready"] and copy.finished
     assert CopiedBuild.read(tmp_path / f"{image.id}.jsonl").part_of is None

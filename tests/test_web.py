@@ -18,6 +18,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -30,7 +31,14 @@ import aiohttp
 import pytest
 
 from nixery.config import debian_set
-from tests.registry import REPOSITORY, RegistryProcess, busybox_set_with, ping_wait_while, slow_package_set
+from tests.registry import (
+    REPOSITORY,
+    RegistryProcess,
+    busybox_set_with,
+    many_steps_set,
+    ping_wait_while,
+    slow_package_set,
+)
 from tests.sets import require_debian_set
 
 pytestmark = pytest.mark.nix
@@ -189,7 +197,15 @@ def test_build_from_the_page_shows_progress(start_registry, new_page, tmp_path: 
     digest = page.locator("#digest").text_content()
     manifest_digest, _ = registry.manifest("shell/slowpoke")
     assert digest == manifest_digest
+    # Events came in on top, newest first, as the server draws them; the pull command has its Copy
+    # button (it had none, here and as drawn again); the stages say what they did as drawn again.
+    assert _shows_the_newest_event(page) and "image ready" in page.locator("#events li").first.text_content()
+    page.wait_for_selector("#outcome pre.command button.copy")
+    live = page.locator("#stages").inner_text()
     page.screenshot(path=str(ARTIFACTS / "web-build-done.png"), full_page=True)
+    page.reload()
+    page.wait_for_selector("#outcome pre.command button.copy")
+    assert page.locator("#stages").inner_text() == live
     # The image page lists the layers and their store paths.
     page.click("text=Layers and store paths")
     assert page.locator("details summary").first.text_content().endswith(("store path", "store paths"))
@@ -293,6 +309,78 @@ def test_usable_at_phone_width(registry: RegistryProcess, new_page) -> None:
     page.screenshot(path=str(ARTIFACTS / "web-mobile-build.png"), full_page=True)
 
 
+def test_an_images_layer_table_fits_a_phone(start_registry, new_page, tmp_path: Path) -> None:
+    """What a layer holds is package names with versions that have no break (Debian's
+    `12.2.0-14+deb12u1`): at 390 px the table grew wider than its card, whose edge hid the
+    "Holds" column half-way, store paths included. It fits now, nothing hidden."""
+    version = "12.2.0-14+deb12u1.2.36-9+deb12u13.20240117"
+    script = "$bb/mkdir -p $out/bin; echo 'echo wide' > $out/bin/widename"
+    registry = start_registry(NIXERY_PKGS_PATH=str(busybox_set_with(tmp_path / "pkgs", "widename",
+                                                                     f"widename-{version}", script)))
+    registry.manifest("shell/widename")
+    page = new_page(width=390, height=844)
+    assert page.goto(registry.url + "/images/shell/widename").status == 200
+    page.evaluate("document.querySelectorAll('.table-wrap details').forEach(d => d.open = true)")
+    assert version in page.locator(".table-wrap").text_content()
+    no_horizontal_scroll(page, 390)
+    hidden = page.locator(".table-wrap").evaluate_all("boxes => boxes.map(b => b.scrollWidth - b.clientWidth)")
+    assert hidden and max(hidden) <= 1, f"the layer table is {hidden} px wider than its box"
+    page.screenshot(path=str(ARTIFACTS / "web-mobile-wide-layers.png"), full_page=True)
+
+
+def test_the_recent_builds_name_their_tag_and_lead_to_its_pages(registry: RegistryProcess) -> None:
+    """A build of a tag was listed on the start page as its image alone (`shell/hello`) and
+    linked to `/builds/ID`, whose page then named the image as `latest` (`docker pull
+    HOST/shell/hello`) unless this worker's form had started it: a pull's build, another
+    worker's. Each names its tag now, links to its progress page by an address that names
+    image and tag, and once built to that tag's image page."""
+    registry.manifest("shell/hello", "v2")  # a pull builds it
+    status, _, body = registry.request("/", accept="text/html")
+    assert status == 200
+    (row,) = re.findall(r"<li>.*?</li>", body.decode().split("<h2>Recent builds</h2>")[1].split("</section>")[0])
+    progress, image = (html.unescape(link) for link in re.findall(r'href="([^"]+)"', row))
+    assert "<code>shell/hello:v2</code>" in row, row
+    assert re.fullmatch(r"/builds/[0-9a-f]+\?image=shell/hello&tag=v2", progress), progress
+    assert image == "/images/shell/hello?tag=v2"
+    pull = f"docker pull {registry.host}/shell/hello:v2<"
+    for path in (progress, progress.split("?")[0], image):  # as linked, the build's bare address, the image
+        status, _, page = registry.request(path, accept="text/html")
+        assert status == 200 and pull in page.decode(), path
+
+
+def test_without_javascript_a_builds_page_shows_its_latest_events_first(
+    start_registry, browser, tmp_path: Path
+) -> None:
+    """Without JavaScript, a build's event list opened at its oldest event ("queued"), the
+    build's latest state out of sight below (the script used to scroll it down). The list is
+    newest first: its box opens on the latest event, with or without a script."""
+    registry = start_registry(NIXERY_PKGS_PATH=str(many_steps_set(tmp_path / "pkgs", 24)))
+
+    async def build() -> str:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            started = await _start(session, registry.url, "shell/manysteps")
+            assert (await _sse(session, registry.url + started["events"]))[-1][1] == "done"
+            return started["id"]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the browser's event loop runs in this thread
+        build_id = pool.submit(asyncio.run, build()).result()
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 1100, "height": 900})
+    try:
+        page = context.new_page()
+        assert page.goto(f"{registry.url}/builds/{build_id}").status == 200
+        events = page.locator("#events")
+        assert events.evaluate("e => e.scrollHeight > e.clientHeight"), "too few events to scroll"
+        assert _shows_the_newest_event(page)
+        newest = page.locator("#events li").first
+        assert "image ready" in newest.text_content()
+        assert newest.evaluate("item => { const box = item.parentElement.getBoundingClientRect(), "
+                               "own = item.getBoundingClientRect(); return own.top >= box.top && "
+                               "own.bottom <= box.bottom; }"), "the newest event is out of the list's view"
+        page.screenshot(path=str(ARTIFACTS / "web-build-no-script.png"), full_page=True)
+    finally:
+        context.close()
+
+
 def test_friendly_error_page_for_a_bad_name(registry: RegistryProcess, new_page) -> None:
     page = new_page()
     page.goto(registry.url + "/")
@@ -312,7 +400,11 @@ def _debian_set() -> dict[str, str]:
 
 
 def _shows_the_newest_event(page) -> bool:
-    return page.locator("#events").evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 30")
+    """The event list's box shows its newest event: first in the list, and not scrolled away."""
+    return page.locator("#events").evaluate(
+        "e => e.scrollTop === 0 && +e.firstElementChild.dataset.index === "
+        "Math.max(...[...e.children].map(item => +item.dataset.index))"
+    )
 
 
 def test_search_build_button_builds_a_dotted_debian_name(start_registry, new_page) -> None:
@@ -333,7 +425,6 @@ def test_search_build_button_builds_a_dotted_debian_name(start_registry, new_pag
     page.reload()
     events = page.locator("#events")
     assert events.evaluate("e => e.scrollHeight > e.clientHeight"), "too few events to scroll"
-    page.wait_for_function("() => document.getElementById('events').scrollTop > 0", timeout=10_000)
     assert _shows_the_newest_event(page)
     page.screenshot(path=str(ARTIFACTS / "web-build-dotted-name.png"), full_page=True)
 
@@ -401,6 +492,7 @@ def test_not_built_and_misspelt_images_offer_a_build(start_registry, new_page, t
     response = page.goto(registry.url + "/images/shell/fortune")
     assert response.status == 404
     assert "is not built yet" in page.locator("#not-built h1").text_content()
+    page.wait_for_selector("#not-built pre.command button.copy")  # as every pull command has
     page.click("#not-built button")
     page.wait_for_selector("#digest", timeout=120_000)
     # A misspelt name: the page names the nearest names and builds them with one click. It

@@ -4,7 +4,8 @@
   progress page after a restart): the page says so, and, when its address
   names the image (`/builds/ID?image=NAME`, as the registry's own links do),
   links to the image if it is built, or offers to build it.
-* An image not built yet: a Build button.
+* An image not built yet: a Build button; after a build that failed, what pulls are
+  answered with meanwhile (`nixery.failures`), and that the button builds it now.
 * A name the package set lacks: a Build button for the name with the nearest
   names put in (`shell/curll` → `shell/curl`).
 * Another spelling or order of an image's names: a note that it is the same image.
@@ -15,9 +16,11 @@ value taken from a request is escaped here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote, urlencode
 
+from nixery.failures import RememberedFailure, utc_time
 from nixery.http.markup import h
 from nixery.images import ImageRecord
 from nixery.views import image_reference, other_order
@@ -65,14 +68,34 @@ is found at once.</p>"""
     return f'<section class="card" id="unknown-build">{intro}{after}</section>'
 
 
-def not_built(name: str, tag: str, host: str) -> str:
-    """The page body for an image that is not built yet."""
+def not_built(name: str, tag: str, host: str, failure: RememberedFailure | None = None) -> str:
+    """The page body for an image that is not built yet; after a build that failed (`failure`),
+    what pulls get meanwhile instead of a build, and that the Build button runs it now."""
+    if failure is not None:
+        tail = (f"<details><summary>Nix's last lines</summary><pre>{h(failure.log_tail)}</pre></details>"
+                if failure.log_tail else "")
+        return f"""<section class="card" id="not-built">
+<h1><code>{h(name)}</code> is not built yet</h1>
+<div class="outcome failed" id="failed-lately">
+<p><strong>Its last build failed</strong> at {_time(failure.failed_at)}. Until {_time(failure.until)},
+pulls get this error at once instead of building it again (<code>NIXERY_FAILED_BUILD_TTL</code>):</p>
+<p class="message">{h(failure.message)}</p>{tail}
+</div>
+<p>The Build button runs the build now, and shows its progress.</p>
+{build_button(name, tag, f"Build {name}")}
+</section>"""
     return f"""<section class="card" id="not-built">
 <h1><code>{h(name)}</code> is not built yet</h1>
 <p>Build it now and watch its progress, or pull it: the first pull builds it.</p>
 {build_button(name, tag, f"Build {name}")}
 <pre class="command" data-copy><code>docker pull {h(pull_reference(host, name, tag))}</code></pre>
 </section>"""
+
+
+def _time(seconds: int) -> str:
+    """A time as a remembered failure's answer to pulls says it, for a reader to match."""
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return f'<time datetime="{iso}">{h(utc_time(seconds))}</time>'
 
 
 def corrected(image: str, suggestions: Mapping[str, Sequence[str]], missing: Sequence[str] = ()) -> str | None:

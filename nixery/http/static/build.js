@@ -15,10 +15,15 @@
   function esc(text) {
     return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   }
+  // Sizes and rates as nixery/amounts.py says them (size_text, rate_text).
   function size(n) {
     if (n === undefined || n === null) return "–";
     for (const [unit, scale] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
-    return `${n} B`;
+    return `${Math.trunc(n)} B`;
+  }
+  const MEASURABLE_SECONDS = 0.1;
+  function rate(n, seconds) {
+    return n > 0 && seconds >= MEASURABLE_SECONDS ? `${size(n / seconds)}/s` : null;
   }
 
   // One platform's event of an image of several platforms (relayed, tagged with its platform):
@@ -38,7 +43,7 @@
     if (!row) return;
     const stage = event.platform_stage;
     row.dataset.stage = stage;
-    row.className = FINAL.includes(stage) ? "past" : "current";
+    row.className = { done: "past", failed: "failed" }[stage] || "current";  // builds.py's _PLATFORM_STATES
     const badge = row.querySelector(".badge");
     badge.className = `badge stage-${stage}`;
     badge.textContent = LABELS[stage] || stage;
@@ -68,27 +73,29 @@
 
   const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
 
+  // What Nix did: nixery/views.py's nix_work_text, which the server-drawn page and `nixery build` say.
+  function nixWork(d, over, ended) {
+    const built = d.built || 0, fetched = d.fetched || 0;
+    const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
+    if (over) return `${plural(toBuild, "derivation")} built` + (toFetch ? `, ${plural(toFetch, "path")} fetched` : "");
+    return `${ended ? "ended " : ""}building ${built} of ${plural(toBuild, "derivation")}` + (toFetch ? `, fetching ${fetched} of ${plural(toFetch, "path")}` : "");
+  }
+
   // What the stage did; `ended`: the stage the build failed or was stopped in (builds.py's Progress.detail).
   function detail(stage, ended) {
     const d = state.data;
     if (stage === "building") {
       const platforms = Object.values(state.platformCounts);
       const d = platforms.length ? Object.fromEntries(NIX_COUNTS.map((key) => [key, platforms.reduce((sum, one) => sum + (one[key] || 0), 0)])) : state.data;
-      const built = d.built || 0, fetched = d.fetched || 0;
-      if (!(built || fetched || d.to_build || d.to_fetch)) return state.current === "building" || ended ? state.messages.building : "nothing to build: all in the Nix store";
-      const toBuild = Math.max(built, d.to_build || 0), toFetch = Math.max(fetched, d.to_fetch || 0);
-      if (state.current === "building" || ended) {
-        let text = `${ended ? "ended " : ""}building ${built} of ${plural(toBuild, "derivation")}`;
-        if (toFetch) text += `, fetching ${fetched} of ${plural(toFetch, "path")}`;
-        return text;
-      }
-      return `${plural(toBuild, "derivation")} built` + (toFetch ? `, ${plural(toFetch, "path")} fetched` : "");
+      const underWay = state.current === "building" || ended;
+      if (!NIX_COUNTS.some((key) => d[key])) return underWay ? state.messages.building : "nothing to build: all in the Nix store";
+      return nixWork(d, !underWay, ended);
     }
     if (stage === "layering" && d.paths !== undefined) return `${d.paths} store paths`;
     if (stage === "compressing" && d.layers_total !== undefined) {
       let text = `${d.layers_done || 0}/${d.layers_total} layers · ${d.layers_created || 0} new, ${size(d.compressed_bytes || 0)} compressed`;
-      const seconds = state.lastTime - state.compressStarted;
-      if (d.compressed_bytes && seconds > 0 && d.compressed_bytes / seconds >= 1e5) text += ` · ${(d.compressed_bytes / seconds / 1e6).toFixed(1)} MB/s`;
+      const speed = state.compressStarted === null ? null : rate(d.compressed_bytes || 0, state.lastTime - state.compressStarted);
+      if (speed) text += ` · ${speed}`;
       return text;
     }
     if (stage === "done" && d.digest) return `${size(d.size)} in ${d.layers} layers`;
@@ -137,9 +144,10 @@
       outcome.className = "outcome done";
       outcome.innerHTML = `<p><strong>Image ready.</strong> ${esc(size(d.size))} in ${esc(d.layers)} layers.</p>${note}
 <p class="digest">Digest <code id="digest">${esc(d.digest)}</code></p>${platformDigests(d.platforms)}
-${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
+${root.dataset.partOf ? "" : `<pre class="command" data-copy><code>docker pull ${esc(`${location.host}/${name}${tag === "latest" ? "" : `:${tag}`}`)}</code></pre>
 <p><a href="${esc(imagePath(name))}">Layers and store paths</a></p>`}`;
       outcome.hidden = false;
+      addCopyButtons();  // nixery.js's, as on the page the server draws
     } else if (state.current === "failed" && d.error === "stopped") {  // the registry shut down
       outcome.className = "outcome failed";
       const tagField = tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`;
@@ -179,30 +187,23 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
     return `<div class="suggestion"><form method="post" action="/builds" class="inline"><input type="hidden" name="image" value="${esc(name)}">${tag === "latest" ? "" : `<input type="hidden" name="tag" value="${esc(tag)}">`}<button type="submit" class="small">Build ${esc(name)} instead</button></form></div>`;
   }
 
-  // The event list shows the newest event: at first, and as events arrive, unless the
-  // reader has scrolled up to read older ones.
+  // The event list is newest first, as the server draws it (builds.py's _event_items): a new
+  // event goes on top, and a reader who scrolled down to older ones keeps their place.
   const events = document.getElementById("events");
-  function atBottom() {
-    return events.scrollHeight - events.scrollTop - events.clientHeight < 24;
-  }
-  function showNewest() {
-    events.scrollTop = events.scrollHeight;
-  }
-
-  function appendEvent(event) {
-    const following = atBottom();
+  function addEvent(event) {
     const item = document.createElement("li");
     item.dataset.index = event.index;
     item.innerHTML = `<span class="t">+${(event.time - started).toFixed(1)}s</span> <span class="badge stage-${esc(event.stage)}">${esc(event.stage)}</span> ${event.platform ? `<code>${esc(event.platform)}</code> ${esc(event.platform_stage)}: ` : ""}${esc(event.message)}`;
-    events.appendChild(item);
-    while (events.children.length > SHOWN) events.removeChild(events.firstElementChild);
-    if (following) showNewest();
+    const height = events.scrollHeight;
+    events.prepend(item);
+    // The browser's own scroll anchoring is off (style.css): Safari has none.
+    if (events.scrollTop > 0) events.scrollTop += events.scrollHeight - height;
+    while (events.children.length > SHOWN) events.removeChild(events.lastElementChild);
   }
 
   // The page already shows events [0, n): fetch them once for the numbers, then follow.
   async function start() {
     const shown = parseInt(root.dataset.events, 10) || 0;
-    showNewest();
     if (FINAL.includes(root.dataset.stage)) return;
     try {
       const response = await fetch(`/builds/${root.dataset.id}.json`, { headers: { Accept: "application/json" } });
@@ -215,7 +216,7 @@ ${root.dataset.partOf ? "" : `<pre class="command"><code>docker pull ${esc(`${lo
     const onEvent = (message) => {
       const event = JSON.parse(message.data);
       add(event);
-      appendEvent(event);
+      addEvent(event);
       renderStages();
       renderOutcome();
       if (FINAL.includes(event.stage)) source.close();

@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import rate_text, size_text
 from nixery.auth import BUILD, PULL
 from nixery.http import auth as http_auth
 from nixery.http import csrf, guidance, hosts
@@ -42,11 +43,12 @@ from nixery.lru import LRU
 from nixery.progress import FINAL, PLATFORM_FIELDS, Build, Event, Stage
 from nixery.registry.names import check_build_tag, check_tag
 from nixery.shared_builds import POLL_SECONDS
-from nixery.views import STAGE_LABELS, STAGE_ORDER, plural, size_text
+from nixery.views import NIX_COUNTS, STAGE_LABELS, STAGE_ORDER, nix_work_text
 
 log = structlog.get_logger(__name__)
 
-#: The tag each recent build was started for (the progress page's pull command names it).
+#: The tag each recent build was last asked for here: a build under way is shared by the tags
+#: whose image it builds, and its own (`Build.tag`) is the first one's.
 BUILD_TAGS = web.AppKey("build_tags", LRU[str, str])
 BUILD_TAGS_KEPT = 1000
 
@@ -111,10 +113,6 @@ def event_json(index: int, event: Event) -> dict[str, Any]:
     return {"index": index, **event.to_json()}
 
 
-#: What a building event counts of Nix's work (docs/web.md#events).
-_NIX_COUNTS = ("built", "to_build", "fetched", "to_fetch")
-
-
 class Progress:
     """What a build's events add up to (the progress page's numbers)."""
 
@@ -157,40 +155,30 @@ class Progress:
                     self.platforms[one["platform"]] = Progress(event.time, [found])
 
     @property
-    def rate(self) -> float | None:
-        """Compressed MB per second over the compressing stage so far."""
-        if self.compress_started is None or not self.data.get("compressed_bytes"):
+    def rate(self) -> str | None:
+        """The compressed bytes per second over the compressing stage so far, in words."""
+        if self.compress_started is None:
             return None
-        seconds = self.last_time - self.compress_started
-        return self.data["compressed_bytes"] / seconds / 1e6 if seconds > 0 else None
+        return rate_text(self.data.get("compressed_bytes", 0), self.last_time - self.compress_started)
 
     def detail(self, stage: Stage, *, ended: bool = False) -> str:
         """What the stage did; `ended`: the stage the build failed or was stopped in."""
         d = self.data
         if stage is Stage.BUILDING and self.platforms:  # Nix builds each platform's: their sums
-            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in _NIX_COUNTS}
+            d = {key: sum(one.data.get(key, 0) for one in self.platforms.values()) for key in NIX_COUNTS}
         if stage is Stage.BUILDING and stage in self.reached:
-            built, fetched = d.get("built", 0), d.get("fetched", 0)
-            if not (built or fetched or d.get("to_build") or d.get("to_fetch")):
-                if self.current is Stage.BUILDING or ended:
-                    return self.messages[stage]
-                return "nothing to build: all in the Nix store"
-            to_build, to_fetch = max(built, d.get("to_build", 0)), max(fetched, d.get("to_fetch", 0))
-            if self.current is Stage.BUILDING or ended:  # Nix names each derivation as it starts
-                parts = [f"{'ended ' if ended else ''}building {built} of {plural(to_build, 'derivation')}"]
-                if to_fetch:
-                    parts.append(f"fetching {fetched} of {plural(to_fetch, 'path')}")
-            else:  # a stage that ended: past, as the build went on after it
-                parts = [f"{plural(to_build, 'derivation')} built"]
-                parts += [f"{plural(to_fetch, 'path')} fetched"] if to_fetch else []
-            return ", ".join(parts)
+            under_way = self.current is Stage.BUILDING or ended
+            if not any(d.get(key) for key in NIX_COUNTS):
+                return self.messages[stage] if under_way else "nothing to build: all in the Nix store"
+            # A stage that ended is said in the past, as the build went on after it.
+            return nix_work_text(d, over=not under_way, ended=ended)
         if stage is Stage.LAYERING and "paths" in d:
             return f"{d['paths']} store paths"
         if stage is Stage.COMPRESSING and "layers_total" in d:
             text = f"{d.get('layers_done', 0)}/{d['layers_total']} layers"
             text += f" · {d.get('layers_created', 0)} new, {size_text(d.get('compressed_bytes', 0))} compressed"
-            if self.rate and self.rate >= 0.1:
-                text += f" · {self.rate:.1f} MB/s"
+            if self.rate:
+                text += f" · {self.rate}"
             return text
         if stage is Stage.DONE and "digest" in d:
             return f"{size_text(d.get('size'))} in {d.get('layers')} layers"
@@ -232,6 +220,10 @@ def _stage_list(build: Build, progress: Progress) -> str:
 _SHOWN = ("past", "current", "ended")  # the states whose stage says what it did
 
 
+#: A platform's row once its build ended: styled as the image's stages are (a failed one red, not done).
+_PLATFORM_STATES = {Stage.DONE: "past", Stage.FAILED: "failed"}
+
+
 def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build | None]) -> str:
     """An image of several platforms: each platform's stage and numbers, and a link to its own build.
     Once the image's build ended (failed on one platform), the others' are no longer relayed:
@@ -250,7 +242,7 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
         stage = own.current if own is not None else Stage.QUEUED
         detail = own.detail(stage) if own is not None else ""
         link = f' <a class="hint" href="/builds/{h(build_id)}">its build</a>' if build_id else ""
-        state = "past" if stage in FINAL else "current" if not build.finished else "pending"
+        state = _PLATFORM_STATES.get(stage) or ("current" if not build.finished else "pending")
         items.append(
             f'<li class="{state}" data-platform="{h(name)}" data-stage="{stage.value}"><span class="label">'
             f"<code>{h(name)}</code></span> <span class=\"badge stage-{stage.value}\">{h(STAGE_LABELS[stage])}</span>"
@@ -260,9 +252,9 @@ def _platform_list(build: Build, progress: Progress, find: Callable[[str], Build
 
 
 def _tag(request: web.Request, build: Build) -> str:
-    """The tag the build was started for (its pull command and links name it): as this worker
-    was asked for it, else as the registry's address for its page says."""
-    return request.app[BUILD_TAGS].peek(build.id) or check_tag(request.query.get("tag") or "latest")
+    """The tag the page names the image by (its pull command and links): as this worker was asked
+    for it, else the build's own (that of another worker's build, or of a pull's)."""
+    return request.app[BUILD_TAGS].peek(build.id) or build.tag
 
 
 def _outcome(request: web.Request, build: Build, progress: Progress, part: tuple[Build, str] | None = None) -> str:
@@ -313,11 +305,14 @@ def _platform_tag(event: Event) -> str:
 
 
 def _event_items(build: Build) -> str:
+    """The latest events, newest first: the build's state is what a reader wants first, and the
+    list's box opens at its top with or without JavaScript (a list oldest first opened at its
+    oldest event without it, and a jump to its end would scroll the page past the stages too)."""
     start = max(0, len(build.events) - SHOWN_EVENTS)
     return "".join(
         f'<li data-index="{i}"><span class="t">+{e.time - build.started:.1f}s</span> '
         f'<span class="badge stage-{e.stage.value}">{e.stage.value}</span> {_platform_tag(e)}{h(e.message)}</li>'
-        for i, e in enumerate(build.events[start:], start)
+        for i, e in reversed(list(enumerate(build.events[start:], start)))
     )
 
 
@@ -345,7 +340,7 @@ async def build_page(request: web.Request) -> web.Response:
   {_outcome(request, build, progress, part)}
 </section>
 <section class="card">
-  <h2>Events</h2>
+  <h2>Events <small class="muted">newest first</small></h2>
   <ol class="events" id="events">{_event_items(build)}</ol>
   <p class="hint">Also as <a href="/builds/{h(build.id)}.json">JSON</a> and as a
   <a href="/builds/{h(build.id)}/events">stream of server-sent events</a>.</p>

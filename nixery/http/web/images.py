@@ -2,8 +2,9 @@
 layers, and the store paths each layer holds (JSON: `nixery.views.image_json`).
 
 An image that is not built yet is 404: for a browser a page with a Build button
-(nixery/http/guidance.py), for others MANIFEST_UNKNOWN naming the command that
-builds it; a misspelt package name is told so first, with the nearest names.
+(nixery/http/guidance.py), which says so when its last build failed and pulls get that
+error for a while; for others MANIFEST_UNKNOWN naming the command that builds it; a
+misspelt package name is told so first, with the nearest names.
 A tag of the documents attached to a manifest (`sha256-...`) names no image: 404
 with the registry API's message (`nixery.registry.names.check_image_tag`).
 """
@@ -16,15 +17,16 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import size_text
 from nixery.auth import PULL
 from nixery.http import auth as http_auth
 from nixery.http import guidance
 from nixery.http.markup import h
 from nixery.http.pages import wants_html_error, wants_json
 from nixery.http.routes import BUILDER, requested_image
-from nixery.http.web.layout import ago, page, registry_host, script, short
+from nixery.http.web.layout import ago, page, registry_host, short
 from nixery.registry.names import check_image_tag
-from nixery.views import image_json, image_reference, size_text
+from nixery.views import image_json, image_reference
 
 #: How the image page names the documents attached to an image's manifest (docs/sbom.md).
 _DOCUMENT_NAMES = {
@@ -67,8 +69,9 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     record = await request.app[BUILDER].find(image, tag)  # a misspelt name is told so, with the nearest names
     if record is None:
         if wants_html_error(request):
-            return page(request, f"{name} is not built yet",
-                        guidance.not_built(image.display_name, tag, registry_host(request)), status=404)
+            failure = await request.app[BUILDER].failed_lately(image, tag)
+            body = guidance.not_built(image.display_name, tag, registry_host(request), failure)
+            return page(request, f"{name} is not built yet", body, status=404)
         reference = image_reference(image.display_name, tag)
         raise errors.ManifestUnknown(
             f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
@@ -96,8 +99,7 @@ async def image_info(request: web.Request) -> web.StreamResponse:
 <section class="card"><h2>Layers{platform_note}</h2>{_layer_table(doc["layers"])}
 {"".join(_other_platform_layers(doc))}
 <p class="hint">Also as <a href="/images/{h(record.name)}.json{query}">JSON</a>.</p>
-</section>
-{script("nixery.js")}"""
+</section>"""
     return page(request, record.name, body)
 
 
@@ -112,9 +114,9 @@ def _layer_table(layers: list[dict[str, Any]]) -> str:
             f"<tr><td class='num'>{number}</td>"
             f"<td><code class='nowrap' title='{h(layer['digest'])}'>{h(layer['digest'][7:19])}</code></td>"
             f"<td class='num'>{h(size_text(layer['size']))}</td>"
-            f"<td>{h(layer['description'])}{held if paths else ''}</td></tr>"
+            f"<td class='holds'>{h(layer['description'])}{held if paths else ''}</td></tr>"
         )
-    return f"""<div class="table-wrap"><table>
+    return f"""<div class="table-wrap"><table class="layers">
 <thead><tr><th class="num">#</th><th>Digest</th><th class="num">Size</th><th>Holds</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table></div>"""
 

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from nixery import errors
+from nixery.amounts import size_text
 from nixery.builder import ImageBuilder
 from nixery.http import auth as http_auth
 from nixery.http import guidance
@@ -26,13 +27,13 @@ from nixery.http.web.layout import (
     build_form,
     page,
     registry_host,
-    script,
     search_form,
     short,
 )
 from nixery.images import ImageRecord
 from nixery.lru import LRU
-from nixery.views import image_reference, size_text
+from nixery.progress import Build, Stage
+from nixery.views import image_reference
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +92,6 @@ async def landing(request: web.Request) -> web.Response:
 {_recent_builds(builder, may_see)}
 {await _recent_images(request, builder, may_see)}
 {documentation}
-{script("nixery.js")}
 """
     return page(request, "A container registry that builds images with Nix", body)
 
@@ -197,16 +197,28 @@ def _recent_builds(builder: ImageBuilder, may_see: Callable[[str], bool], limit:
     builds = builder.builds.recent(limit, may_see)  # with several workers, theirs too
     if not builds:
         return ""
-    # A platform's build of an image of several platforms; the default one has the image's name.
-    rows = "".join(
-        f'<li><a href="/builds/{h(b.id)}"><code>{h(b.image)}</code></a> '
-        + (f'<span class="badge platform" title="the {h(b.part_of.platform)} image of an image of several platforms">'
-           f'{h(b.part_of.platform)}</span> ' if b.part_of else "")
-        + f'<span class="badge stage-{h(b.stage.value)}">{h(b.stage.value)}</span> '
-        f'<span class="muted">{h(ago(b.started))}</span></li>'
-        for b in builds
-    )
+    rows = "".join(map(_build_row, builds))
     return f'<section class="card"><h2>Recent builds</h2><ul class="plain">{rows}</ul></section>'
+
+
+def _build_row(build: Build) -> str:
+    """A recent build: its image and tag, linked to its progress page, whose address names them
+    (once the build is forgotten, the page still leads to that tag's image), and once built, to
+    the image's page for that tag."""
+    reference = image_reference(build.image, build.tag)
+    link = f'<a href="{h(guidance.progress_path(build.id, build.image, build.tag))}"><code>{h(reference)}</code></a>'
+    # A platform's build of an image of several platforms; the default one has the image's name.
+    if build.part_of is not None:
+        platform = build.part_of.platform
+        link += (f' <span class="badge platform" title="the {h(platform)} image of an image of several platforms">'
+                 f"{h(platform)}</span>")
+    image = ""
+    if build.stage is Stage.DONE and build.part_of is None:  # a platform's own image is pulled as the index's part
+        name = build.events[-1].data.get("image", build.image)  # as first asked for, resolved
+        image = (f' · <a href="{h(guidance.image_path(name, build.tag))}" '
+                 f'aria-label="the image {h(image_reference(name, build.tag))}">image</a>')
+    return (f'<li>{link} <span class="badge stage-{h(build.stage.value)}">{h(build.stage.value)}</span> '
+            f'<span class="muted">{h(ago(build.started))}</span>{image}</li>')
 
 
 async def _recent_images(request: web.Request, builder: ImageBuilder, may_see: Callable[[str], bool]) -> str:

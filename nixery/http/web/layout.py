@@ -158,6 +158,7 @@ PAGE_HEADERS = {
 
 
 def page(request: web.Request, title: str, body: str, *, status: int = 200, head: str = "") -> web.Response:
+    """A page; every page runs nixery.js, so that each command on any page has its Copy button."""
     document = f"""<!doctype html>
 <html lang="en">
 <head>
@@ -166,6 +167,7 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200, head
 <title>{h(title)} · Nixery</title>
 <link rel="stylesheet" href="{h(asset("style.css"))}">
 <link rel="icon" href="{h(asset("favicon.svg"))}" type="image/svg+xml">
+{script("nixery.js")}
 {head}
 </head>
 <body>

@@ -13,7 +13,7 @@ from nixery.http import guidance
 from nixery.http.markup import h
 from nixery.http.pages import wants_json
 from nixery.http.routes import BUILDER
-from nixery.http.web.layout import page, script, search_form, short
+from nixery.http.web.layout import page, search_form, short
 from nixery.registry.names import check_build_tag
 
 
@@ -56,8 +56,7 @@ async def packages(request: web.Request) -> web.StreamResponse:
     body = f"""<section class="card"><h1>Packages</h1>{search_form(query)}
 <p class="muted">Source {h(revision.source)},
 revision <code title="{h(revision.id)}">{h(short(revision.id))}</code></p>
-<div id="live-results" aria-live="polite">{listing}</div></section>
-{script("nixery.js")}"""
+<div id="live-results" aria-live="polite">{listing}</div></section>"""
     return page(request, f"Packages matching {query}" if query else "Packages", body, head=head)
 
 

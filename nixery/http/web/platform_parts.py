@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from nixery.amounts import size_text
 from nixery.http import guidance
 from nixery.http.markup import h
 from nixery.progress import Build, BuildLog
-from nixery.views import size_text
 
 
 def part_of(builds: BuildLog, build: Build) -> tuple[Build, str] | None:
