@@ -62,6 +62,7 @@ from nixery.layers.popularity import Popularity
 from nixery.layers.rootlinks import LinkedPackage
 from nixery.layers.store import LayerStore, StoredLayer
 from nixery.lru import LRU
+from nixery.nix import store_db
 from nixery.nix.errors import NixError, PackagesNotFound, RefInvalid, RefNotFound, SourceUnavailable
 from nixery.package_names import PackageNames
 from nixery.platforms import (
@@ -210,7 +211,8 @@ class ImageBuilder:
         """The image whose manifest (or index, or attached document) `manifest` is, built again,
         for a pull by digest of an image that lost a blob (gone, or set aside as damaged): as a
         pull by tag finds the image incomplete and rebuilds it. Builds are deterministic, so the
-        image built again from the same revision has the same manifests. None when no stored
+        image built again from the same revision has the same manifests (but where a reused layer
+        with paths outside the closure is gone and the store here lacks them: `_servable`). None when no stored
         image names it (never built here, or removed by `nixery gc`), or the package set's
         revision it was built from can no longer be had."""
         for key, data in await self.images.recipes_naming(manifest):
@@ -623,9 +625,9 @@ class ImageBuilder:
     ) -> ImageRecord:
         """The steps after the closure, for a closure that is built."""
         roots = sorted({out for package in [*resolved, *baseline] for out in package.outputs})
-        plan = await self._plan(graph, roots, request.arch, build, bound)
+        plan, found = await self._plan(graph, roots, request.arch, build, bound)
         linked = linked_packages(resolved, baseline)
-        ca_bundle, layers, counter = await self._layers(plan, linked, graph, request, build, bound)
+        ca_bundle, layers, counter = await self._layers(plan, found, linked, graph, request, build, bound)
         assembled = assemble(
             request, revision, key, resolved, plan, layers, ca_bundle, self.compression,
             nix_annotations=self.nix_annotations,
@@ -662,8 +664,9 @@ class ImageBuilder:
 
     async def _plan(
         self, graph: ClosureGraph, roots: list[str], arch: Arch, build: Build, bound: Any
-    ) -> list[frozenset[str]]:
-        """The closure's store paths grouped into layers, within the layer budget."""
+    ) -> tuple[list[frozenset[str]], dict[frozenset[str], StoredLayer]]:
+        """The closure's store paths grouped into layers, within the layer budget, and the stored
+        layers `_servable` looked up on the way."""
         build.emit(Stage.LAYERING, f"grouping {len(graph)} store paths into layers", paths=len(graph))
         async with self.histories.planning(arch.nix_system):
             history = await self.histories.of(arch.nix_system).current()
@@ -676,29 +679,38 @@ class ImageBuilder:
         bound.info("build.layers_planned", layers=len(plan), paths=len(graph))
         return await self._servable(plan, graph, bound)
 
-    async def _servable(self, plan: list[frozenset[str]], graph: ClosureGraph, bound: Any) -> list[frozenset[str]]:
+    async def _servable(
+        self, plan: list[frozenset[str]], graph: ClosureGraph, bound: Any
+    ) -> tuple[list[frozenset[str]], dict[frozenset[str], StoredLayer]]:
         """The plan, where each stored layer it reuses whole although it holds paths outside the
-        closure (`CostModel.takes_stored_layer`) is still stored. One that is not (collected
-        since) gives way to its paths in the closure: the Nix store here may lack the others."""
-        servable = []
+        closure (`CostModel.takes_stored_layer`) can be served: this machine's store holds those
+        paths (so the layer is made again byte for byte if it must be), or storage holds the
+        layer (returned, so that it is not looked up again and missed). Else it gives way to
+        its paths in the closure (the image then has other digests than the plan would give)."""
+        servable, found = [], {}
         for layer in plan:
-            outside = sum(1 for path in layer if path not in graph.nodes)
-            if outside and await self.layers.stored(sorted(layer)) is None:
-                bound.info("build.stored_layer_gone", paths=len(layer), outside=outside)
-                layer = frozenset(path for path in layer if path in graph.nodes)
+            outside = sorted(path for path in layer if path not in graph.nodes)
+            if outside and await store_db.valid_paths(outside) != frozenset(outside):
+                if (stored := await self.layers.stored(sorted(layer))) is not None:
+                    found[layer] = stored
+                else:
+                    bound.info("build.stored_layer_gone", paths=len(layer), outside=len(outside))
+                    layer = frozenset(path for path in layer if path in graph.nodes)
             servable.append(layer)
-        return servable
+        return servable, found
 
     async def _layers(
-        self, plan: list[frozenset[str]], linked: list[LinkedPackage], graph: ClosureGraph,
-        request: ImageRequest, build: Build, bound: Any,
+        self, plan: list[frozenset[str]], found: dict[frozenset[str], StoredLayer], linked: list[LinkedPackage],
+        graph: ClosureGraph, request: ImageRequest, build: Build, bound: Any,
     ) -> tuple[str | None, list[StoredLayer], LayerCounter]:
-        """Every layer of the image, found stored or compressed now, and the CA bundle that
-        the entry-point layer links (if any)."""
+        """Every layer of the image, `found` stored already, stored before or compressed now,
+        and the CA bundle that the entry-point layer links (if any)."""
         counter = LayerCounter(build, total=len(plan) + ENTRY_POINT_LAYERS)
         counter.emit(f"storing {counter.total} layers (compressing those not stored yet)")
 
         async def store_paths(paths: frozenset[str]) -> StoredLayer:
+            if (known := found.get(paths)) is not None:
+                return counter.count(known)
             return counter.count(await self.layers.store_paths(sorted(paths)))
 
         async def store_entry_points() -> tuple[str | None, StoredLayer]:

@@ -218,12 +218,13 @@ OUTSIDE_NOTE = "in the image but not in its closure: a layer it shares with othe
 
 
 def read_store_paths(paths: Iterable[str], outside: Iterable[str] = ()) -> list[StorePathInfo]:
-    """What the SBOM says of each store path of the closure, and of the `outside` paths that the
-    image's layers hold besides (`nixery.layers.cost.CostModel.takes_stored_layer`); read from
-    the store (blocking: run in a thread)."""
+    """What the SBOM says of each store path of the closure, read from the store (blocking: run
+    in a thread), and of the `outside` paths that the image's layers hold besides
+    (`nixery.layers.cost.CostModel.takes_stored_layer`): their store names alone, since this
+    machine's store may lack them, and every registry must make the same document."""
     return [
         *(StorePathInfo(path, debian_packages(Path(path))) for path in sorted(paths)),
-        *(StorePathInfo(path, debian_packages(Path(path)), outside=True) for path in sorted(outside)),
+        *(StorePathInfo(path, outside=True) for path in sorted(outside)),
     ]
 
 

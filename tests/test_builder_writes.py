@@ -186,14 +186,16 @@ async def test_an_entry_layer_stored_already_or_meanwhile_is_reused(held) -> Non
 
 
 
-async def test_a_reused_layer_with_paths_outside_the_closure_gives_way_when_it_is_gone(
-    tmp_path: Path, built_store_paths: dict[str, str]
+async def test_a_reused_layer_with_paths_outside_the_closure_is_served_or_gives_way(
+    tmp_path: Path, built_store_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A plan may reuse a stored layer whole although it holds paths of another image
-    (`CostModel.takes_stored_layer`). If storage no longer holds it (collected since), the
-    image gets a layer of its own paths instead: this machine's Nix store may lack the others."""
+    (`CostModel.takes_stored_layer`). It is served whole while this machine's store holds those
+    paths (then it can be made again byte for byte) or storage holds the layer (handed on, not
+    looked up again); else the image gets a layer of its own paths."""
     import structlog
 
+    from nixery import builder as builder_module
     from nixery.closure import ClosureGraph
     from nixery.layers.store import LayerStore
     from nixery.registry.mediatypes import Compression
@@ -202,17 +204,25 @@ async def test_a_reused_layer_with_paths_outside_the_closure_gives_way_when_it_i
     layers = LayerStore(storage, compression=Compression.GZIP, workers=1)
     try:
         kept, outside = built_store_paths["busybox"], built_store_paths["hello"]  # hello: another image's
-        stored = await layers.store_paths(sorted([kept, outside]))  # an earlier image's layer
-        if stored.stored is not None:
-            await stored.stored
         graph = ClosureGraph.from_mapping({kept: {"size": 4, "refs": []}})  # this image: busybox alone
         builder = SimpleNamespace(layers=layers)
         bound = structlog.get_logger("test")
         plan = [frozenset({kept, outside})]
-        assert await ImageBuilder._servable(builder, plan, graph, bound) == plan  # stored: reused whole
+        # Not stored, but the store here holds hello: served whole (compressed again if need be).
+        assert await ImageBuilder._servable(builder, plan, graph, bound) == (plan, {})
+
+        async def store_lacks(paths: list[str]) -> frozenset[str]:  # a stand-in: hello built elsewhere
+            return frozenset()
+
+        monkeypatch.setattr(builder_module.store_db, "valid_paths", store_lacks)
+        stored = await layers.store_paths(sorted([kept, outside]))  # the earlier image's layer
+        if stored.stored is not None:
+            await stored.stored
+        servable, found = await ImageBuilder._servable(builder, plan, graph, bound)
+        assert servable == plan and found[plan[0]].descriptor == stored.descriptor  # stored: handed on
         for record in (tmp_path / "storage" / "meta" / "layers").iterdir():
             record.unlink()  # collected since
-        assert await ImageBuilder._servable(builder, plan, graph, bound) == [frozenset({kept})]
+        assert await ImageBuilder._servable(builder, plan, graph, bound) == ([frozenset({kept})], {})
     finally:
         await layers.close()
         await storage.close()

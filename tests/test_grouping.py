@@ -133,20 +133,25 @@ def graphs_and_roots(draw):
         spec[f"n{n}"] = {"size": draw(st.integers(0, 5 * MB)), "refs": [f"n{r}" for r in sorted(refs)]}
     graph = ClosureGraph.from_mapping(spec)
     images = draw(st.lists(st.lists(st.sampled_from(sorted(spec)), min_size=1, max_size=4), min_size=1, max_size=4))
-    return graph, images, draw(st.integers(1, 12)), draw(st.booleans())
+    return graph, images, draw(st.integers(1, 12)), draw(st.booleans()), draw(st.sampled_from([0, 0.5, 2]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(graphs_and_roots())
-def test_every_plan_partitions_its_closure_within_the_budget(case):
-    graph, images, max_layers, with_popularity = case
+def test_every_plan_holds_its_closure_within_the_budget(case):
+    """Each path once, the closure covered, the budget kept; with a layer cost, paths outside the
+    closure only in stored layers reused whole (the history records sizes, as the registry's does)."""
+    graph, images, max_layers, with_popularity, megabytes = case
     popularity = {name: len(graph.closure([name])) for name in graph.nodes} if with_popularity else None
     history = LayerHistory()
     for roots in images:
-        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity)
-        assert_partition(graph, roots, layers)
+        layers = plan_layers(graph, roots, max_layers=max_layers, history=history, popularity=popularity,
+                             cost=CostModel.for_layer_cost_mb(megabytes))
+        assert_partition(graph, roots, layers, history)
         assert len(layers) <= max_layers
-        history.record(layers)
+        if not megabytes:
+            assert set().union(*layers) == graph.closure(roots)
+        history.record(layers, layer_sizes(graph, layers))
 
 
 @pytest.mark.parametrize("max_layers", [1, 2, 5, 100])
@@ -303,16 +308,18 @@ def test_the_layer_cost_is_checked():
 _DETERMINISM_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from test_grouping import plan_json, random_graph
-from nixery.layers.grouping import LayerHistory, plan_layers
+from test_grouping import layer_sizes, plan_json, random_graph
+from nixery.layers.grouping import CostModel, LayerHistory, plan_layers
 graph, popularity = random_graph(seed=11, nodes=500)
-history, plans = LayerHistory(), []
-for use_pop, roots in {images!r}:
-    layers = plan_layers(graph, roots, max_layers=20, history=history, popularity=popularity if use_pop else None)
-    history.record(layers)
-    plans.append(layers)
-print(plan_json(plans))
-print(history.to_json().decode())
+for cost in (CostModel(), CostModel.for_layer_cost_mb(2)):  # bytes only; a layer price, with sizes (step 1b)
+    history, plans = LayerHistory(), []
+    for use_pop, roots in {images!r}:
+        layers = plan_layers(graph, roots, max_layers=20, history=history,
+                             popularity=popularity if use_pop else None, cost=cost)
+        history.record(layers, layer_sizes(graph, layers) if cost.layer_cost else None)
+        plans.append(layers)
+    print(plan_json(plans))
+    print(history.to_json().decode())
 # Ties everywhere: each tiny shared path has two equally popular users.
 ties = {{}}
 for n in range(40):

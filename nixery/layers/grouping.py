@@ -105,6 +105,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from nixery import json_pieces
 from nixery.closure import ClosureGraph
 from nixery.layers.cost import DEFAULT_COST, CostModel
+from nixery.layers.popularity import is_count
 
 __all__ = ["DEFAULT_COST", "DEFAULT_HISTORY_CAPACITY", "CostModel", "LayerHistory", "dependants_count", "plan_layers"]
 
@@ -239,9 +240,9 @@ class LayerHistory:
                 if int(layer_id) in history._paths or history._id_of(layer) is not None:
                     raise ValueError(f"layer {layer_id} appears twice")
                 history._add(int(layer_id), tuple(layer), int(last_used), int(uses))
-            for layer_id, size in document.get("bytes", ()):
-                if int(layer_id) in history._paths and int(size) >= 0:
-                    history._bytes[int(layer_id)] = int(size)
+            for layer_id, size in document.get("bytes", ()):  # a damaged size: that layer's is unknown
+                if is_count(layer_id) and layer_id in history._paths and is_count(size):
+                    history._bytes[layer_id] = size
             history._clock = int(document["clock"])
             history._next_id = max(int(document["next_id"]), max(history._paths, default=-1) + 1)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
@@ -298,7 +299,7 @@ def plan_layers(
     popularity: Mapping[str, int] | None = None,
     cost: CostModel = DEFAULT_COST,
 ) -> list[frozenset[str]]:
-    """Partition closure(roots) into at most max_layers layers (each a non-empty frozenset),
+    """Split closure(roots) into at most max_layers layers (each a non-empty frozenset),
     joining pieces as `cost` weighs them, in a deterministic order: the stored layers
     reused, oldest first, then the new ones, base first. A stored layer reused whole may
     also hold paths outside the closure (step 1b); no path is in two layers. Does not
