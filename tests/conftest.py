@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,13 @@ import pytest
 
 from nixery.config import debian_set
 from tests.registry import REPOSITORY, RegistryProcess, nix_counting_path, run
+
+# The processes tests stop with Ctrl-C (SIGINT) inherit this process's blocked and ignored signals:
+# a run started where SIGINT is blocked or ignored (as some shells and supervisors start background
+# jobs) saw them run on to the end. They start with SIGINT as a terminal's job has it.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
