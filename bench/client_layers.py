@@ -31,7 +31,9 @@ the real pair, `shell/git` then `shell/curl`, from this registry and from
 docker-registry, and from a second registry that plans by bytes alone
 (`NIXERY_LAYER_COST_MB=0`: the plans before issue 23), in the same run (the
 issue asks that such a pull be no slower than it was then). That registry's
-`shell/curl` is pulled cold too.
+`shell/curl` is pulled cold too. The registries build `shell/curl` first, then
+`shell/git`; `--git-first` builds them the other way, so that `shell/curl` is
+planned against the layers `shell/git` stored.
 
 Store size (podman only): K small unrelated images (one layer each) are
 pulled first, for K in 0, 50, 200, then the 50-layer and the 1-layer packings
@@ -451,6 +453,9 @@ def main() -> int:
                              "below them (the held layers' chain then differs), or both")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold pulls (and the fit)")
     parser.add_argument("--no-report", action="store_true", help="print only; leave docs/benchmarks alone")
+    parser.add_argument("--git-first", action="store_true",
+                        help="the registries build shell/git before shell/curl (their layering history then "
+                             "starts from shell/git's layers; by default shell/curl comes first)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.store_runs, args.clients = 2, 1, "podman"
@@ -483,6 +488,9 @@ def main() -> int:
         peer = stack.enter_context(c.docker_registry(base / "docker-registry"))
         c.say(f"nixery {ours.url}, docker-registry {peer.url}")
 
+        if args.git_first:  # the first image planned decides which layers the second can reuse
+            for registry in (ours, bytes_only):
+                registry.manifest("shell/git", accept=c.MANIFEST_ACCEPT)
         entries, served = files_of(ours, "shell/curl")
         served_layers = len(served["layers"])
         served_bytes = sum(layer["size"] for layer in served["layers"]) + served["config"]["size"]

@@ -632,11 +632,12 @@ class ImageBuilder:
             request, revision, key, resolved, plan, layers, ca_bundle, self.compression,
             nix_annotations=self.nix_annotations,
         )
-        # The SBOM reads the store: off the event loop.
-        outside = sorted(path for layer in plan for path in layer if path not in graph.nodes)
-        image = await asyncio.to_thread(attach, assembled, Closure(resolved, graph, request.arch.nix_system, outside))
+        # A reused stored layer may hold paths outside the closure: the graph has no size for them.
+        outside = [[path for path in layer if path not in graph.nodes] for layer in plan]
+        sbom_closure = Closure(resolved, graph, request.arch.nix_system, sorted(p for paths in outside for p in paths))
+        image = await asyncio.to_thread(attach, assembled, sbom_closure)  # the SBOM reads the store
         build.emit(Stage.UPLOADING, "storing the config and manifests")
-        sizes = [None if any(p not in graph.nodes for p in layer) else sum(map(graph.size, layer)) for layer in plan]
+        sizes = [None if gone else sum(map(graph.size, layer)) for layer, gone in zip(plan, outside, strict=True)]
         record = await self._publish(image, plan, request, revision, sizes)
         bound.info(
             "build.done",

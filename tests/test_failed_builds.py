@@ -74,6 +74,14 @@ def test_a_failed_build_is_answered_from_memory_until_asked_for(
     assert "the-build-says-why" in page and "The Build button runs the build now" in page
     assert 'name="image" value="shell/broken"' in page
     assert builds_failed(registry) == 1  # the page builds nothing
+    # The image's JSON (`nixery` CLI, scripts) says the same, not "pull it".
+    status, _, body = registry.request("/images/shell/broken.json")
+    error = json.loads(body)["errors"][0]
+    assert (status, error["code"]) == (404, "MANIFEST_UNKNOWN"), body
+    assert f"its last build failed at {failed_at}, and until {until} pulls get that error" in error["message"], error
+    assert "pull it" not in error["message"] and "the-build-says-why" in error["detail"]["log_tail"], error
+    assert 600 <= error["detail"]["until"] - error["detail"]["failed_at"] <= 601, error  # whole seconds, outwards
+    assert builds_failed(registry) == 1
 
     # Other images are not held back by it: another name of the same set builds.
     assert registry.request("/v2/shell/hello/manifests/latest")[0] == 200

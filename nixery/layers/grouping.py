@@ -185,10 +185,6 @@ class LayerHistory:
                     self._bytes.setdefault(known, size)
             self._evict()
 
-    def reusable(self, closure: set[str] | frozenset[str]) -> list[tuple[frozenset[str], int, int]]:
-        """(layer, last_used, id) for every known layer that lies inside `closure`."""
-        return [(layer, used, i) for layer, used, i, inside, _ in self.overlapping(closure) if inside == len(layer)]
-
     def overlapping(self, closure: set[str] | frozenset[str]) -> list[tuple[frozenset[str], int, int, int, int | None]]:
         """(layer, last_used, id, how many of its paths lie in `closure`, its bytes if known) for
         every known layer that holds a path of `closure`."""

@@ -19,6 +19,7 @@ from aiohttp import web
 from nixery import errors
 from nixery.amounts import size_text
 from nixery.auth import PULL
+from nixery.failures import utc_time
 from nixery.http import auth as http_auth
 from nixery.http import guidance
 from nixery.http.markup import h
@@ -68,14 +69,23 @@ async def image_info(request: web.Request) -> web.StreamResponse:
     await http_auth.require(request, name, PULL)
     record = await request.app[BUILDER].find(image, tag)  # a misspelt name is told so, with the nearest names
     if record is None:
+        failure = await request.app[BUILDER].failed_lately(image, tag)
         if wants_html_error(request):
-            failure = await request.app[BUILDER].failed_lately(image, tag)
             body = guidance.not_built(image.display_name, tag, registry_host(request), failure)
             return page(request, f"{name} is not built yet", body, status=404)
         reference = image_reference(image.display_name, tag)
+        if failure is None:
+            raise errors.ManifestUnknown(
+                f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
+                detail={"name": image.display_name, "tag": tag},
+            )
+        # A pull would get this failure at once, not a build: say so here too.
         raise errors.ManifestUnknown(
-            f"{reference} has not been built yet: pull it, or build it with `nixery build {reference}`",
-            detail={"name": image.display_name, "tag": tag},
+            f"{reference} is not built: its last build failed at {utc_time(failure.failed_at)}, and until "
+            f"{utc_time(failure.until)} pulls get that error instead of a build (NIXERY_FAILED_BUILD_TTL); "
+            f"`nixery build {reference}` builds it now. The error: {failure.message}",
+            detail={"name": image.display_name, "tag": tag, "failed_at": failure.failed_at,
+                    "until": failure.until, "error": failure.message, "log_tail": failure.log_tail},
         )
     doc = image_json(record, tag)
     if as_json or wants_json(request):  # `.json`, or a client that asks for JSON (as its 404 is)
