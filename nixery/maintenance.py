@@ -20,7 +20,8 @@ Both run against live storage while registries serve from it:
   Blobs written or reused (`touch_blob`) by a running build are fresh, so a
   grace period keeps them until the build has written its image record; a
   blob's dates are read again as it is deleted (`delete_unused_blob`), since
-  the listing's are stale by then.
+  the listing's are stale by then. A blob that a gc killed mid-way had set aside
+  (S3's `parked/` copies) is put back first (`restore_parked_blobs`).
   An image's record is removed while holding its build lock (no build of it is
   under way, and the lock leaves no file behind), after reading the record and
   its uses again under that lock (a pull or a rebuild since keeps it). Running registries hear of
@@ -237,6 +238,8 @@ async def collect_garbage(
             live_revisions.add(record.revision)
     report.orphan_notes_removed = await _remove_orphan_notes(storage, dry_run=dry_run)
     live |= await signatures.kept_by_live(storage, live)  # signatures go with their manifests
+    if not dry_run:  # a gc killed mid-way through deleting a blob: put back what it set aside
+        await storage.restore_parked_blobs()
     listed: set[Digest] = set()
     unused_blobs = []
     async for blob in storage.list_blobs():

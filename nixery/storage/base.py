@@ -350,7 +350,8 @@ class Storage(ABC):
         `delete_unused_blob` removes around the touch is either kept (the touch landed before
         gc's decisive read of its date) or reported gone here (the filesystem: the touch fails
         on the missing file; GCS: the patch gets NotFound, and gc's delete is conditional on
-        the metadata it read). S3 cannot make that promise; see S3Storage.touch_blob.
+        the metadata it read; S3: gc reads the touch marker again after its DELETE and puts
+        a touched blob back, see S3Storage.delete_unused_blob).
         Default (a backend without gc): its size."""
         return await self.stat_blob(digest)
 
@@ -381,10 +382,18 @@ class Storage(ABC):
         Its dates are read by this call, not taken from an earlier `list_blobs`: a
         sweep that lists first and deletes later must not delete a blob that a build
         reused in between (that build's image record, written next, names it). A
-        `touch_blob` that lands while this call runs either keeps the blob or learns
-        that it is gone (S3: see S3Storage.delete_unused_blob).
+        `touch_blob` that lands while this call runs either keeps the blob (on S3 and the
+        filesystem gc may find the touch only after taking the blob away, and puts it back)
+        or learns that it is gone (S3: see S3Storage.delete_unused_blob).
         """
         raise NotImplementedError(f"the {self.name} backend cannot delete blobs")
+
+    async def restore_parked_blobs(self) -> int:
+        """Tidy up after a garbage collection that died in the middle of `delete_unused_blob`:
+        a blob it had set aside (S3: `parked/`) and deleted is put back, so that a build told
+        the blob is there finds it again; how many were put back. Default (nothing is ever
+        set aside where a later gc could find it): 0."""
+        return 0
 
     async def list_meta(self, prefix: str) -> list[str]:
         """Keys of the metadata documents under `prefix` (e.g. "images/")."""

@@ -6,6 +6,7 @@ Layout in the bucket:
     meta/<key>             metadata documents
     locks/<key>            leases held by `exclusive` (see lease.LeasedStorage)
     touched/sha256/<hex>   empty markers: when a blob was last reused (for GC)
+    parked/sha256/<hex>/…  copies of blobs gc is deleting, until it knows no build reused them
     probes/<host>-<pid>-…  written and removed again by the start-up check
 
 Every request names S3_BUCKET: with an explicit endpoint (an S3-compatible
@@ -41,6 +42,7 @@ import html
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -112,6 +114,11 @@ RETRY_WINDOW = 5.0
 UPLOAD_REQUEST_TIMEOUT = 300.0
 #: Bodies up to this size go up as small requests; bigger ones as watched uploads.
 SMALL_BODY = 1024 * 1024
+#: Seconds after which a parked copy (`delete_unused_blob`) is a dead gc's leftover: a live gc
+#: holds one for a few requests. Compared with the store's dates, as leases are.
+PARKED_AGE = 3600.0
+#: The biggest object one CopyObject request copies (S3's limit); a bigger blob is not parked.
+COPY_LIMIT = 5 * 1024**3
 
 
 class S3Storage(LeasedStorage):
@@ -398,13 +405,9 @@ class S3Storage(LeasedStorage):
         """S3 cannot change an object's date without copying it onto itself
         (slow for big layers): a marker object records the touch instead, and then
         the blob is asked for (HEAD): one gc deleted before that is written again.
-
-        Not atomic with gc's delete, which S3 cannot make conditional on the marker:
-        a touch that lands between gc's reading of the dates and its DELETE (one
-        round trip) finds the blob still there, and the blob is deleted all the
-        same. gc sees the new marker afterwards and logs `storage.gc_race`
-        (`delete_unused_blob`); pulls of the image then fail until a registry
-        finds the blob gone and builds the image again (docs/storage.md).
+        gc reads the marker again after its DELETE and puts the blob back if it
+        changed, so a touch that answers with a size leaves the blob stored
+        (`delete_unused_blob` has the interleavings).
         Requests: one for a blob that is not stored, three for one that is."""
         if await self.stat_blob(digest) is None:
             return None  # no marker for a blob that is not there (one request, as for a new blob)
@@ -417,21 +420,114 @@ class S3Storage(LeasedStorage):
         return await self.stat_blob(digest)
 
     async def delete_unused_blob(self, digest: Digest, cutoff: float) -> bool:
+        """S3 has no DELETE conditional on another object (the touch marker), so the blob is
+        parked first, as the filesystem driver moves it aside:
+
+        1. read the blob's and its marker's dates (G1); a blob written or touched at or
+           after `cutoff` is kept;
+        2. copy the blob, server-side, to `parked/sha256/<hex>/<token>` (G2), then DELETE
+           it (G3);
+        3. HEAD the marker again (G4): if it is not the one G1 read, a build touched the
+           blob meanwhile, and the parked copy goes back to the blob's key (G5, a restore;
+           warning `storage.gc_race`) and the call answers False; otherwise the blob is
+           gone for good. The parked copy is deleted either way, and the marker too when
+           the blob went (before that the parked copy: a crash in between leaves a marker
+           without a blob, which nothing counts).
+
+        A touch (`touch_blob`) is T1: HEAD the blob, T2: PUT the marker, T3: HEAD the blob,
+        answering with T3's size or None (its build then writes the blob again). S3 reads
+        after writes consistently, so:
+
+        * T2 before G1: G1 sees the new date, and the blob is kept.
+        * T2 after G1, before G4 (whether before or after G2 or G3): G4 sees the new marker
+          and the blob is restored. T3 before G3 or after G5 finds it (a size: the blob is
+          there afterwards); T3 between G3 and G5 finds none, and the build writes the
+          same bytes again alongside the restore.
+        * T2 after G4: T3 comes after T2, so after G3: it finds no blob and the build
+          writes it again (gc may delete the new marker; the new blob is dated now).
+        * T1 after G3: no blob, no marker; the build writes it again.
+
+        So no touch answers with a size for a blob that stays deleted, but for a blob over
+        5 GiB (COPY_LIMIT: one CopyObject copies no more), which is deleted without parking
+        as before: a touch between G1 and G3 that finds it is logged (`storage.gc_race`),
+        and its image's pulls fail until a registry builds it again. What is left besides:
+        between G3 and G5 (a few requests) the blob is missing, so a pull of an image
+        that a build finished in that time gets 404 for it once, as of any blob gc
+        deletes; and a gc that dies (or loses the store) between G2 and its cleanup
+        leaves the parked copy, which the next gc's `restore_parked_blobs` puts back if
+        the blob is missing: until then a build told the blob is there names a missing
+        blob."""
         blob, marker = await self._blob_dates(digest)
         if blob is None or max(_written(blob), _written(marker) if marker else 0.0) >= cutoff:
             return False
-        await self._delete(self._blob_key(digest))
+        key = self._blob_key(digest)
+        parked = f"{_PARKED}/{digest.hex}/{uuid.uuid4().hex[:16]}" if blob["size"] <= COPY_LIMIT else None
+        if parked is not None and not await self._copy(key, parked):
+            return False  # gone since the dates were read (another gc): nothing deleted here
+        await self._delete(key)
         # A build that touched the blob since the dates were read may have been told it is stored.
         after = await self._head(f"{_TOUCHED}/{digest.hex}")
         if after is not None and (marker is None or after["e_tag"] != marker["e_tag"]):
+            if parked is None:
+                log.warning(
+                    "storage.gc_race",
+                    digest=str(digest),
+                    note="a build reused this blob while gc deleted it, too big to park (over 5 GiB): "
+                    "if its image names the blob, pulls of the image fail until a registry builds it again",
+                )
+                return True  # the build's marker stays: it writes the blob again, or it is gone
+            await self._copy(parked, key)  # the same bytes, whether or not the build wrote them again
+            await self._delete(parked)
             log.warning(
                 "storage.gc_race",
                 digest=str(digest),
-                note="a build reused this blob while gc deleted it; if its image names the blob, "
-                "pulls of the image fail until a registry builds it again",
+                note="a build reused this blob while gc deleted it: gc put it back, nothing is lost",
             )
-            return True  # the build's marker stays: it writes the blob again, or it is gone
+            return False  # the build's marker stays
+        if parked is not None:
+            await self._delete(parked)
         await self._delete(f"{_TOUCHED}/{digest.hex}")
+        return True
+
+    async def restore_parked_blobs(self, older_than: float | None = None) -> int:
+        """What a gc that died mid-way through `delete_unused_blob` left: a parked copy
+        (dated `older_than` seconds ago or more, default PARKED_AGE: a running gc holds its
+        own for a few requests) whose blob is missing is copied back, whatever the marker says (a build
+        may have been told the blob is there; a blob nobody uses goes in a later gc, by its
+        dates), then every such parked copy is deleted. Parked copies are never listed as
+        blobs (`list_blobs`)."""
+        age, now = PARKED_AGE if older_than is None else older_than, time.time()
+        leftovers = [meta async for meta in self._list(f"{_PARKED}/")]
+        restored = 0
+        for meta in leftovers:
+            try:
+                digest = Digest.parse(f"sha256:{meta['path'].removeprefix(f'{_PARKED}/').split('/', 1)[0]}")
+            except DigestInvalid:
+                continue
+            if now - _written(meta) < age:
+                continue
+            if await self.stat_blob(digest) is None and await self._copy(meta["path"], self._blob_key(digest)):
+                restored += 1
+                log.warning(
+                    "storage.gc_parked_restored",
+                    digest=str(digest),
+                    note="a gc stopped while deleting this blob; it is back, and goes in a later gc if unused",
+                )
+            await self._delete(meta["path"])
+        return restored
+
+    async def _copy(self, source: str, target: str) -> bool:
+        """Copy an object within the bucket (server-side, up to COPY_LIMIT); False if `source` is
+        gone. Through the upload client: the store answers once the copy is done, which for a
+        big blob takes longer than STALL_TIMEOUT."""
+        try:
+            await obstore.copy_async(self._upload_store, source, target)
+        except FileNotFoundError as error:  # obstore's 404 is no ObstoreError
+            if _error_code(error) != "NoSuchKey":  # no such bucket, a proxy's page: an outage
+                raise self._unavailable(error) from error
+            return False
+        except ObstoreError as error:
+            raise self._unavailable(error) from error
         return True
 
     async def _blob_dates(self, digest: Digest) -> tuple[ObjectMeta | None, ObjectMeta | None]:
@@ -518,6 +614,8 @@ class S3Storage(LeasedStorage):
 
 #: Empty marker objects recording `touch_blob` (see there).
 _TOUCHED = "touched/sha256"
+#: Copies of blobs that `delete_unused_blob` is deleting (see there), one key per attempt.
+_PARKED = "parked/sha256"
 #: Where the start-up check writes (and removes) its probe object.
 _PROBES = "probes"
 

@@ -8,9 +8,11 @@ import re
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
+from structlog.testing import capture_logs
 
 from nixery.registry.digest import Digest
 from nixery.storage import BackendUnavailable, Redirect, Storage
@@ -179,3 +181,210 @@ def test_the_stores_error_message_is_read_as_text_not_xml() -> None:
         "RequestTimeTooSkewed (403 Forbidden): The difference between the request time and the server's time is "
         "too large."
     )
+
+
+# ---- gc parks a blob before deleting it (S3Storage.delete_unused_blob) ----
+
+
+class Turns:
+    """Steps of two concurrent calls run in a given order: a step waits until every step named
+    before it is done; a step not named runs when it comes."""
+
+    def __init__(self, order: list[str]):
+        self.order = order
+        self.done: set[str] = set()
+        self.changed = asyncio.Condition()
+
+    async def wait(self, name: str) -> None:
+        if name in self.order:
+            before = self.order[: self.order.index(name)]
+            async with self.changed:
+                await self.changed.wait_for(lambda: all(step in self.done for step in before))
+
+    async def finish(self, name: str) -> None:
+        async with self.changed:
+            self.done.add(name)
+            self.changed.notify_all()
+
+    async def step(self, name: str, call: Any) -> Any:
+        await self.wait(name)
+        try:
+            return await call
+        finally:
+            await self.finish(name)
+
+
+def interleave(gc: Storage, build: Storage, digest: Digest, order: list[str]) -> None:
+    """Make gc's `delete_unused_blob` and build's `touch_blob` take turns as `order` says.
+
+    gc: dates (G1: HEAD blob and marker), park (copy to parked/), delete (DELETE the blob),
+    head (HEAD the marker again), restore (copy back). build: T1 (HEAD the blob), marker (PUT the
+    marker: from T1's end to the start of T3), T3 (HEAD the blob again)."""
+    turns = Turns(order)
+    blob, marker = blob_key(digest), f"touched/sha256/{digest.hex}"
+    read_dates, copy, delete, head, stat = gc._blob_dates, gc._copy, gc._delete, gc._head, build.stat_blob  # type: ignore[attr-defined]
+
+    async def dates(wanted: Digest) -> Any:
+        return await turns.step("dates", read_dates(wanted))
+
+    async def copy_(source: str, target: str) -> bool:
+        return await turns.step("park" if target.startswith("parked/") else "restore", copy(source, target))
+
+    async def delete_(key: str) -> None:
+        await (turns.step("delete", delete(key)) if key == blob else delete(key))
+
+    async def head_(key: str) -> Any:
+        second = key == marker and "dates" in turns.done
+        return await (turns.step("head", head(key)) if second else head(key))
+
+    calls: list[str] = []
+
+    async def stat_(wanted: Digest) -> int | None:
+        calls.append("stat")
+        if len(calls) == 1:
+            size = await turns.step("T1", stat(wanted))
+            await turns.wait("marker")  # the touch PUTs its marker once this returns
+            return size
+        await turns.finish("marker")
+        return await turns.step("T3", stat(wanted))
+
+    gc._blob_dates, gc._copy, gc._delete, gc._head = dates, copy_, delete_, head_  # type: ignore[attr-defined]
+    build.stat_blob = stat_  # type: ignore[method-assign]
+
+
+#: Orders of gc's and a build's steps (see `interleave`), what the touch answers (stored?) and
+#: whether gc deletes the blob.
+INTERLEAVINGS = {
+    "touch before the park": (["dates", "T1", "marker", "T3", "park", "delete", "head"], True, False),
+    "touch between park and DELETE": (["dates", "park", "T1", "marker", "T3", "delete", "head"], True, False),
+    "marker before the DELETE, T3 after it": (["dates", "park", "T1", "marker", "delete", "T3", "head"], False, False),
+    "T1 before the DELETE, marker after it, T3 before the restore": (
+        ["dates", "park", "T1", "delete", "marker", "head", "T3", "restore"], False, False),
+    "T1 before the DELETE, marker after it, T3 after the restore": (
+        ["dates", "park", "T1", "delete", "marker", "head", "restore", "T3"], True, False),
+    "marker after gc's HEAD": (["dates", "park", "T1", "delete", "head", "marker", "T3"], False, True),
+    "T1 after the DELETE": (["dates", "park", "delete", "T1", "head"], False, True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INTERLEAVINGS)
+async def test_a_touch_anywhere_in_gcs_delete_never_leaves_it_told_stored_and_deleted(s3: Backend, case: str) -> None:
+    """A build's `touch_blob` (HEAD, PUT marker, HEAD) at each point of gc's `delete_unused_blob`
+    (read dates, park, DELETE, HEAD marker, restore or clean up): a touch that answers with the
+    blob's size leaves it stored, with its bytes; one that answers None (its build writes the blob
+    again) may find it deleted. No parked copy is left either way."""
+    order, told_stored, deleted_expected = INTERLEAVINGS[case]
+    build, gc = s3.open(), s3.open()
+    data = os.urandom(2500)
+    digest = await put(build, data)
+    interleave(gc, build, digest, order)
+    cutoff = time.time() + 60  # the blob was written before: unused, as far as dates go
+    with capture_logs() as logs:
+        deleted, touched = await asyncio.wait_for(
+            asyncio.gather(gc.delete_unused_blob(digest, cutoff), build.touch_blob(digest)), 30
+        )
+    stored = await gc.stat_blob(digest)
+    assert touched == (len(data) if told_stored else None)
+    assert deleted is deleted_expected
+    if touched is not None:
+        assert stored == len(data) and await gc.read_blob(digest) == data, "told stored, but gc deleted it"
+    assert (stored is None) is deleted
+    raced = [entry for entry in logs if entry["event"] == "storage.gc_race"]
+    assert [entry["digest"] for entry in raced] == ([] if deleted else [str(digest)])
+    assert all(entry["log_level"] == "warning" for entry in raced)
+    assert s3.object_names(f"parked/sha256/{digest.hex}") == []
+
+
+async def test_an_unused_blob_is_deleted_with_its_marker_and_no_parked_copy_left(s3: Backend) -> None:
+    """The blob is parked (copied aside) before its DELETE, and the parked copy deleted after."""
+    store = s3.open()
+    digest = await put(store, os.urandom(1200))
+    await store.touch_blob(digest)  # an old reuse: the marker goes with the blob
+    assert s3.object_names(f"touched/sha256/{digest.hex}") != []
+    copies: list[tuple[str, str]] = []
+    copy = store._copy  # type: ignore[attr-defined]
+
+    async def recorded(source: str, target: str) -> bool:
+        copies.append((source, target))
+        return bool(await copy(source, target))
+
+    store._copy = recorded  # type: ignore[attr-defined]
+    assert await store.delete_unused_blob(digest, time.time() + 60) is True
+    assert [(source, target.rsplit("/", 1)[0]) for source, target in copies] == [
+        (blob_key(digest), f"parked/sha256/{digest.hex}")
+    ], "parked once, not restored"
+    assert await store.stat_blob(digest) is None
+    for prefix in (blob_key(digest), f"touched/sha256/{digest.hex}", f"parked/sha256/{digest.hex}"):
+        assert s3.object_names(prefix) == [], prefix
+
+
+async def test_a_blob_a_dead_gc_parked_is_put_back_by_the_next(s3: Backend) -> None:
+    """gc dies after it parked and deleted the blob, before it read the marker again (the build
+    that touched meanwhile was told the blob is there): the parked copy stays, is not listed as a
+    blob, and the next gc copies it back once it is older than a running gc's; a parked copy
+    whose blob is stored is only removed."""
+    build, dying, next_gc = s3.open(), s3.open(), s3.open()
+    lost, kept = os.urandom(3000), os.urandom(1000)
+    digest, other = await put(build, lost), await put(build, kept)
+    delete = dying._delete  # type: ignore[attr-defined]
+
+    async def dies_after_the_delete(key: str) -> None:
+        await delete(key)
+        if key == blob_key(digest):
+            raise RuntimeError("gc killed")
+
+    dying._delete = dies_after_the_delete  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="gc killed"):
+        await dying.delete_unused_blob(digest, time.time() + 60)
+    assert await build.stat_blob(digest) is None
+    assert len(s3.object_names(f"parked/sha256/{digest.hex}/")) == 1
+    # A parked copy of a blob that is stored, as a gc killed between park and DELETE leaves.
+    await next_gc._copy(blob_key(other), f"parked/sha256/{other.hex}/left")  # type: ignore[attr-defined]
+    listing = {blob.digest async for blob in next_gc.list_blobs()}
+    assert digest not in listing and other in listing, "parked copies are no blobs"
+
+    assert await next_gc.restore_parked_blobs() == 0, "a parked copy this fresh may be a running gc's"
+    assert await build.stat_blob(digest) is None
+    with capture_logs() as logs:
+        assert await next_gc.restore_parked_blobs(older_than=0) == 1  # type: ignore[call-arg]
+    assert await build.read_blob(digest) == lost and await build.read_blob(other) == kept
+    assert [entry["digest"] for entry in logs if entry["event"] == "storage.gc_parked_restored"] == [str(digest)]
+    assert s3.object_names(f"parked/sha256/{digest.hex}") == s3.object_names(f"parked/sha256/{other.hex}") == []
+
+
+async def test_gc_puts_back_what_a_dead_gc_parked_before_it_lists_blobs(
+    s3: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nixery gc` (maintenance.collect_garbage) does the restoring, before it lists blobs: the
+    blob is back, and dated now, so this run keeps it."""
+    import nixery.storage.s3 as s3_driver
+    from nixery import maintenance
+
+    monkeypatch.setattr(s3_driver, "PARKED_AGE", 0.0)
+    store = s3.open()
+    data = os.urandom(2000)
+    digest = await put(store, data)
+    await store._copy(blob_key(digest), f"parked/sha256/{digest.hex}/left")  # type: ignore[attr-defined]
+    await store.delete_blob(digest)
+    await maintenance.collect_garbage(store, older_than=maintenance.MIN_AGE)
+    assert await store.read_blob(digest) == data
+    assert s3.object_names(f"parked/sha256/{digest.hex}") == []
+
+
+async def test_a_blob_too_big_to_park_is_deleted_as_before(s3: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One CopyObject copies at most 5 GiB: a bigger blob is deleted without parking, and a touch
+    between gc's date read and its DELETE is only logged (`storage.gc_race`). The limit is cut
+    to 0 here."""
+    import nixery.storage.s3 as s3_driver
+
+    monkeypatch.setattr(s3_driver, "COPY_LIMIT", 0)
+    build, gc = s3.open(), s3.open()
+    digest = await put(build, os.urandom(1500))
+    interleave(gc, build, digest, ["dates", "T1", "marker", "T3", "delete", "head"])
+    with capture_logs() as logs:
+        deleted, touched = await asyncio.wait_for(
+            asyncio.gather(gc.delete_unused_blob(digest, time.time() + 60), build.touch_blob(digest)), 30
+        )
+    assert deleted is True and touched == 1500 and await gc.stat_blob(digest) is None
+    assert [entry["digest"] for entry in logs if entry["event"] == "storage.gc_race"] == [str(digest)]
+    assert s3.object_names(f"parked/sha256/{digest.hex}") == []
