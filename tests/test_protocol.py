@@ -257,6 +257,34 @@ def test_a_client_that_refuses_every_type_it_names_gets_none(shared_registry: Re
     assert (status, headers["Content-Type"]) == (200, docker)
 
 
+@pytest.mark.parametrize(
+    ("accept", "media_type"),
+    [
+        (f"{DOCKER_MANIFEST};q=0, */*", OCI_MANIFEST),
+        (f"{DOCKER_MANIFEST}; q=0, application/*", OCI_MANIFEST),
+        (f"{OCI_MANIFEST};q=0, */*", DOCKER_MANIFEST),
+        (f"{OCI_MANIFEST};q=0, application/*, */*", DOCKER_MANIFEST),
+        (f"{DOCKER_MANIFEST};q=0, {OCI_MANIFEST};q=0, */*", None),
+        ("application/*;q=0, */*", None),
+    ],
+)
+def test_a_type_refused_by_name_is_not_given_through_a_wildcard(
+    shared_registry: RegistryProcess, accept: str, media_type: str | None
+) -> None:
+    """`Accept: <Docker schema 2>;q=0, */*` got the Docker manifest: the wildcard was read as taking
+    every type, the one refused by name too. A weight of 0 is "not acceptable" (RFC 9110 12.4.2),
+    and the more specific of a type and a range that covers it says (12.5.1)."""
+    for method in ("GET", "HEAD"):
+        status, headers, body = shared_registry.request("/v2/hello/manifests/latest", method=method, accept=accept)
+        if media_type is None:
+            assert status == 404, (accept, method, status, headers.get("Content-Type"))
+            if method == "GET":
+                error = error_of(body)
+                assert error["code"] == "MANIFEST_UNKNOWN" and "refuses (;q=0) every type" in error["message"], error
+        else:
+            assert (status, headers.get("Content-Type")) == (200, media_type), (accept, method, body[:300])
+
+
 def test_the_tag_list_of_a_name_the_package_set_lacks_is_not_known(shared_registry: RegistryProcess) -> None:
     """`/v2/shell/figlett/tags/list` listed `latest`, whose pull then answered 404. Now a name
     whose packages the set lacks has no tag to list: 404 NAME_UNKNOWN (distribution spec: no

@@ -61,6 +61,10 @@ def test_dangling_reference_is_an_error() -> None:
         (["application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"], ManifestFormat.OCI),
         ([OCI_MANIFEST, DOCKER_MANIFEST], ManifestFormat.DOCKER),
         (["application/*"], ManifestFormat.OCI),
+        ([f"{DOCKER_MANIFEST};q=0, */*"], ManifestFormat.OCI),
+        ([f"{OCI_MANIFEST};q=0", "*/*"], ManifestFormat.DOCKER),
+        ([f"{DOCKER_MANIFEST};q=0, application/*"], ManifestFormat.OCI),
+        (["application/*;q=0, */*"], None),
         (["application/vnd.docker.distribution.manifest.v1+json"], None),
     ],
 )
@@ -188,7 +192,9 @@ def test_parsed_accept_headers_are_kept_only_for_short_sets() -> None:
     kept = _media_types.cache_info().currsize
     assert accepted_media_types(long) == {long[0]}
     assert _media_types.cache_info().currsize == kept
-    assert accepted_media_types([f"{OCI_MANIFEST}; q=0.5, */*"]) == {OCI_MANIFEST, "*/*"}
+    # a wildcard stands for the manifest types it gives, less those refused by name
+    assert accepted_media_types([f"{OCI_MANIFEST}; q=0.5, */*"]) == {OCI_MANIFEST, DOCKER_MANIFEST}
+    assert accepted_media_types([f"{DOCKER_MANIFEST};q=0, */*"]) == {OCI_MANIFEST}
     # q=0 refuses a type (RFC 9110), in any spelling of zero
     for refused in ("q=0", "q=0.0", " Q = 0.000 "):
         assert accepted_media_types([f"{OCI_INDEX};{refused}, {OCI_MANIFEST}"]) == {OCI_MANIFEST}, refused

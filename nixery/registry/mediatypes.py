@@ -62,7 +62,8 @@ LAYER_COMPRESSION = {media_type: compression for (_, compression), media_type in
 
 
 def accepted_media_types(accept_headers: list[str]) -> frozenset[str] | None:
-    """The media types (and wildcards) named in a request's Accept headers, parameters dropped;
+    """The media types named in a request's Accept headers, parameters dropped, a wildcard
+    (`*/*`, `application/*`) standing for the manifest types it gives that are not refused;
     None when there is no Accept header (or only empty ones): the client takes any type. Empty
     when every type named is refused (`;q=0`). Headers longer than MAX_ACCEPT_LENGTH together are
     refused unread (RequestInvalid)."""
@@ -90,7 +91,32 @@ def _media_types(accept_headers: tuple[str, ...]) -> frozenset[str] | None:
     parts = [part for header in accept_headers for part in header.split(",") if part.strip()]
     if not parts:
         return None
-    return frozenset(part.split(";", 1)[0].strip().lower() for part in parts if not _refused(part))
+    taken: set[str] = set()
+    refused: set[str] = set()
+    for part in parts:
+        (refused if _refused(part) else taken).add(part.split(";", 1)[0].strip().lower())
+    accepted = {media_type for media_type in taken if media_type not in _WILDCARDS}
+    for wildcard, covered in _WILDCARDS.items():
+        if wildcard in taken:
+            accepted.update(media_type for media_type in covered if _takes(media_type, taken, refused))
+    return frozenset(accepted)
+
+
+#: The manifest types a wildcard gives a client (`application/*`: OCI, as the format it names).
+#: Indexes are not among them: a client gets one only when it names its type.
+_WILDCARDS = {"*/*": (DOCKER_MANIFEST, OCI_MANIFEST), "application/*": (OCI_MANIFEST,)}
+
+
+def _takes(media_type: str, taken: set[str], refused: set[str]) -> bool:
+    """Whether a client takes `media_type`: as the most specific of the type, its `type/*` and
+    `*/*` that it names says (RFC 9110 12.5.1). `Accept: <Docker schema 2>;q=0, */*` refuses
+    Docker schema 2 and takes anything else: the wildcard gave the Docker manifest."""
+    for named in (media_type, media_type.split("/", 1)[0] + "/*", "*/*"):
+        if named in taken:
+            return True
+        if named in refused:
+            return False
+    return False
 
 
 _ZERO_QUALITY = re.compile(r";\s*q\s*=\s*0(?:\.0{0,3})?\s*(?:;|$)", re.IGNORECASE)
@@ -98,7 +124,8 @@ _ZERO_QUALITY = re.compile(r";\s*q\s*=\s*0(?:\.0{0,3})?\s*(?:;|$)", re.IGNORECAS
 
 def _refused(part: str) -> bool:
     """`type;q=0`: RFC 9110's "not acceptable" (a curl user's way of refusing an index), not a
-    type the client takes; other weights only order what is accepted, which is not read here."""
+    type the client takes, also through a wildcard it names (`_takes`); other weights only
+    order what is accepted, which is not read here."""
     return _ZERO_QUALITY.search(part) is not None
 
 

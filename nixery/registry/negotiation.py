@@ -113,7 +113,9 @@ def _preferred(accepted: frozenset[str] | None, compression: Compression, availa
             detail={"formats": list(available)},
         )
     if accepted == frozenset():
-        raise ManifestUnknown("the client's Accept header refuses (;q=0) every type it names: it takes no manifest")
+        raise ManifestUnknown(
+            "the client's Accept header refuses (;q=0) every type of manifest it names: it takes none"
+        )
     raise ManifestUnknown("the client accepts neither Docker schema 2 nor OCI manifests")
 
 
