@@ -245,6 +245,26 @@ def test_the_referrers_tag_schema_serves_the_same_index(registry) -> None:
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
 
+def test_the_referrers_index_served_under_its_tag_is_served_by_its_digest_too(registry) -> None:
+    """The referrers tag's index came with a Docker-Content-Digest that named nothing: a client that
+    resolves a tag and then fetches the manifest by the digest it was given (containerd, oras)
+    got 404 MANIFEST_UNKNOWN for the document it had just been shown."""
+    digest, _ = registry.manifest("hello", accept=OCI_MANIFEST)
+    tag = digest.replace(":", "-")
+    status, headers, _ = registry.request(f"/v2/hello/manifests/{tag}", method="HEAD", accept=OCI_INDEX)
+    assert status == 200, headers
+    resolved = headers["Docker-Content-Digest"]
+    for name in ("hello", "shell/hello"):
+        for method in ("GET", "HEAD"):
+            path = f"/v2/{name}/manifests/{resolved}"
+            status, headers, body = registry.request(path, method=method, accept=OCI_INDEX)
+            assert status == 200, (name, method, body[:300])
+            assert headers["Content-Type"] == OCI_INDEX and headers["Docker-Content-Digest"] == resolved
+            if method == "GET":
+                assert "sha256:" + hashlib.sha256(body).hexdigest() == resolved
+                assert json.loads(body) == referrers(registry, "hello", digest)[0]
+
+
 def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(registry) -> None:
     """`sha256-<hex>` with a digit too few or too many, in upper case, `.sig.sig`, or `sha256-` alone
     fell through to an ordinary tag, and the bundled set answers any tag with the image: a client

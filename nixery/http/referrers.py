@@ -10,7 +10,9 @@
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>
         the same index (unfiltered) under the referrers tag schema; 404 MANIFEST_UNKNOWN
-        when there are none, as for any tag a registry does not have.
+        when there are none, as for any tag a registry does not have. The index is stored
+        as a blob when it is served, so that the digest it is served with
+        (Docker-Content-Digest) names a manifest the registry serves by digest too.
 
     GET|HEAD /v2/<name>/manifests/sha256-<hex>.<suffix>
         cosign's signature of <hex> for this repository (`sha256-<hex>.sig`, `nixery.signatures`);
@@ -23,6 +25,7 @@ only checked (every name of an image serves the same manifests).
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 
 from nixery.errors import ManifestUnknown
@@ -33,6 +36,9 @@ from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
 from nixery.registry.names import ATTACHMENT_TAG_PATTERN, ATTACHMENT_TAG_PREFIX
+from nixery.storage.base import StorageError
+
+log = structlog.get_logger(__name__)
 
 _PREFIX = len(ATTACHMENT_TAG_PREFIX) + 64  # the tag of a subject, before any suffix
 
@@ -73,7 +79,7 @@ async def tagged(request: web.Request) -> web.Response:
         if not listed:
             raise ManifestUnknown(f"no documents refer to {subject}", detail={"tag": reference})
         document, media_type = image_index([attached.manifest for attached in listed]), OCI_INDEX
-        digest = Digest.of(document)
+        digest = await _stored_index(request, document)
     elif signature_subject(reference) is not None:  # cosign's `sha256-<hex>.sig`: signed per repository
         digest = await signature_manifest_digest(request, subject)
         try:
@@ -89,6 +95,19 @@ async def tagged(request: web.Request) -> web.Response:
     if request.method == "HEAD":
         return web.Response(headers={**headers, "Content-Length": str(len(document))})
     return web.Response(body=document, headers=headers)
+
+
+async def _stored_index(request: web.Request, document: bytes) -> Digest:
+    """The digest of a referrers index served under its tag, stored as a blob: a client that
+    resolves the tag and then fetches the manifest by the digest it was given (containerd,
+    oras) got 404 for a manifest that the registry had just served. Left to gc once no tag
+    answer has stored it for a while, as any blob no image names; the tag is served when
+    storage cannot keep it (the fetch by digest alone fails then)."""
+    try:
+        return await request.app[routes.STORAGE].put_blob_bytes(document)
+    except (StorageError, OSError) as exc:
+        log.warning("referrers.index_not_stored", error=str(exc)[:300])
+        return Digest.of(document)
 
 
 def add_routes(app: web.Application) -> None:
