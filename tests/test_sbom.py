@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -263,6 +264,12 @@ def test_the_referrers_index_served_under_its_tag_is_served_by_its_digest_too(re
             if method == "GET":
                 assert "sha256:" + hashlib.sha256(body).hexdigest() == resolved
                 assert json.loads(body) == referrers(registry, "hello", digest)[0]
+    # Stored once, not on every request for the tag: a touch (a write, on S3 three requests) per
+    # answer would make a read that clients repeat on each pull cost storage writes.
+    stored = registry.storage / "blobs" / "sha256" / resolved[7:9] / resolved[7:]
+    os.utime(stored, (1_000_000_000, 1_000_000_000))
+    assert registry.request(f"/v2/hello/manifests/{tag}", accept=OCI_INDEX)[0] == 200
+    assert stored.stat().st_mtime == 1_000_000_000
 
 
 def test_a_malformed_referrers_or_signature_tag_is_no_manifest_not_the_image(registry) -> None:

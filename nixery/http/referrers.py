@@ -25,6 +25,8 @@ only checked (every name of an image serves the same manifests).
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from aiohttp import web
 
@@ -32,6 +34,7 @@ from nixery.errors import ManifestUnknown
 from nixery.http import ranges, routes
 from nixery.http.signatures import signature_manifest_digest, signature_subject
 from nixery.images import Attached
+from nixery.lru import LRU
 from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
@@ -97,21 +100,35 @@ async def tagged(request: web.Request) -> web.Response:
     return web.Response(body=document, headers=headers)
 
 
+#: A referrers index stored this recently is not stored again: gc keeps any blob touched within
+#: its grace period (an hour), so a tag that clients ask for often costs storage a touch per half
+#: hour instead of one per request.
+STORE_AGAIN_AFTER = 1800.0
+_STORED_INDEXES: web.AppKey[LRU[Digest, float]] = web.AppKey("stored_referrers_indexes", LRU)
+
+
 async def _stored_index(request: web.Request, document: bytes) -> Digest:
     """The digest of a referrers index served under its tag, stored as a blob: a client that
     resolves the tag and then fetches the manifest by the digest it was given (containerd,
     oras) got 404 for a manifest that the registry had just served. Left to gc once no tag
     answer has stored it for a while, as any blob no image names; the tag is served when
     storage cannot keep it (the fetch by digest alone fails then)."""
+    digest, stored = Digest.of(document), request.app[_STORED_INDEXES]
+    last = stored.get(digest)
+    if last is not None and time.monotonic() - last < STORE_AGAIN_AFTER:
+        return digest
     try:
-        return await request.app[routes.STORAGE].put_blob_bytes(document)
+        await request.app[routes.STORAGE].put_blob_bytes(document)
     except (StorageError, OSError) as exc:
         log.warning("referrers.index_not_stored", error=str(exc)[:300])
-        return Digest.of(document)
+        return digest
+    stored.put(digest, time.monotonic())
+    return digest
 
 
 def add_routes(app: web.Application) -> None:
     """Before `routes.add_routes`: an attachment tag is not a tag that names a package set."""
+    app[_STORED_INDEXES] = LRU(4096)
     app.router.add_get(f"/v2/{routes.NAME}/referrers/{routes.DIGEST}", referrers)
     tag = f"{{reference:{ATTACHMENT_TAG_PATTERN}}}"
     app.router.add_route("GET", f"/v2/{routes.NAME}/manifests/{tag}", tagged)
