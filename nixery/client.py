@@ -86,20 +86,32 @@ def _registry_url(value: str | None) -> str:
     source = "--registry" if value else "NIXERY_REGISTRY"
     # The scheme is looked for before the slashes go: "http://" is a URL without a host, not the host "http".
     url = (given if "://" in given else "http://" + given).rstrip("/")
+    # aiohttp looks up the zone of a link-local address as the URL writes it (RFC 6874's `%25eth0`, as the
+    # registry's links do), and finds no such host; it connects with the zone itself (`%eth0`).
+    zoned = _URL_ZONE.sub(r"\1%", url, count=1)
+    extra = ""
     try:
         parsed = urlsplit(url)
         parsed.port  # noqa: B018 (raises ValueError for a port that is no number)
         usable = parsed.scheme in ("http", "https") and bool(parsed.hostname)
         no_host = parsed.scheme in ("http", "https") and not parsed.hostname
+        if usable:
+            URL(zoned)  # as aiohttp reads it: a host that has no IDNA form (bytes not UTF-8) raises ValueError
+            # The registry's API and pages are at the root of its host: anything after it was sent to paths
+            # that are not (`/v2/builds` answered "no such endpoint", `?x=1/builds` "method POST is not allowed").
+            extra = next((f"{what} ({part})" for what, part in (
+                ("a path", parsed.path), ("a query", parsed.query and f"?{parsed.query}"),
+                ("a fragment", parsed.fragment and f"#{parsed.fragment}")) if part), "")
     except ValueError:
         usable = no_host = False
     if no_host:
         raise ClientError(f"{source}={_masked(given)!r} has no host: give one, like {DEFAULT_REGISTRY}")
     if not usable:
         raise ClientError(f"{source}={_masked(given)!r} is not a registry URL like {DEFAULT_REGISTRY}")
-    # aiohttp looks up the zone of a link-local address as the URL writes it (RFC 6874's `%25eth0`, as the
-    # registry's links do), and finds no such host; it connects with the zone itself (`%eth0`).
-    return _URL_ZONE.sub(r"\1%", url, count=1)
+    if extra:
+        raise ClientError(f"{source}={_masked(given)!r} has {extra}: give the registry's scheme, host and "
+                          f"port alone, like {DEFAULT_REGISTRY}")
+    return zoned
 
 
 #: The `%25` that opens the zone of an IPv6 address in a URL (`http://[fe80::1%25eth0]:8080`).
@@ -139,6 +151,23 @@ def _gist(text: str) -> str:
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
     words = " ".join((title.group(1) if title else re.sub(r"<[^>]*>", " ", text)).split())
     return words if len(words) <= 120 else words[:119] + "…"
+
+
+def _broken_answer(exc: aiohttp.ClientError | TimeoutError, registry: str) -> ClientError:
+    """One line for an answer that is no HTTP a registry gives, or that broke off: a port of another
+    service (`--registry host:22` answers `SSH-2.0-...`), a response cut short. They were tracebacks."""
+    if isinstance(exc, aiohttp.ClientConnectionError):  # refused, reset, unresolvable: as the requests say it
+        return ClientError(f"cannot reach the registry at {shown(registry)}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return ClientError(f"the registry at {shown(registry)} stopped answering (no data for a long time)")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        said = "its answer broke off"
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        said = f"its answer is not HTTP ({' '.join(str(exc.message).split()).removesuffix(' ^')[:120]})"
+    else:
+        said = f"its answer cannot be used ({' '.join(str(exc).split())[:120] or type(exc).__name__})"
+    return ClientError(f"{shown(registry)} did not answer as a registry does: {said}: "
+                       "is it a nixery registry, and is that its port?")
 
 
 async def _document(response: aiohttp.ClientResponse, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -329,7 +358,10 @@ def build_main(argv: list[str]) -> int:
     interactive = console.is_terminal and not args.plain
     progress: list[str] = []  # the progress page of the build a registry started, once it has
     try:
-        return asyncio.run(_build(args, console, interactive, progress))
+        try:
+            return asyncio.run(_build(args, console, interactive, progress))
+        except (aiohttp.ClientError, TimeoutError) as exc:  # those `_build_remotely` does not say itself
+            raise _broken_answer(exc, _registry_url(args.registry)) from exc
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
         return 1
@@ -624,7 +656,10 @@ def inspect_main(argv: list[str]) -> int:
             return image
 
     try:
-        image = asyncio.run(fetch())
+        try:
+            image = asyncio.run(fetch())
+        except (aiohttp.ClientError, TimeoutError) as exc:  # those `_fetch_image` does not say itself
+            raise _broken_answer(exc, registry) from exc
     except ClientError as exc:
         message = _not_built(exc, args.registry) or str(exc)
         Console(stderr=True).print(f"nixery: {message}", markup=False, highlight=False, soft_wrap=True)

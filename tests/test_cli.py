@@ -669,6 +669,63 @@ def test_a_registry_url_without_a_host_is_a_usage_error() -> None:
         assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_a_registry_url_with_more_than_the_registrys_address_is_a_usage_error() -> None:
+    """`--registry http://HOST:PORT/v2/` sent `POST /v2/builds` and said "NAME_UNKNOWN: no such endpoint
+    or repository"; `HOST:PORT?x=1` said "method POST is not allowed here", `#frag` that the answer was no
+    image's document; a host that is not UTF-8 (`http://\\xff`) ended in aiohttp's traceback. Now each is a
+    usage error naming what is wrong, before any request, and never showing a password."""
+    for command, env, says in (
+        (["build", "--plain", "shell", "--registry", "http://127.0.0.1:9/v2/"], {}, "has a path (/v2)"),
+        (["inspect", "shell", "--registry", "127.0.0.1:9?x=1"], {}, "has a query (?x=1)"),
+        (["inspect", "shell", "--registry", "http://127.0.0.1:9#top"], {}, "has a fragment (#top)"),
+        (["inspect", "shell"], {"NIXERY_REGISTRY": "http://ci:s3cret@127.0.0.1:9/nixery"}, "has a path (/nixery)"),
+        (["inspect", "shell", "--registry", "http://\udcff"], {}, "is not a registry URL"),
+        (["build", "shell", "--registry", "http://reg\udcffistry:8080"], {}, "is not a registry URL"),
+    ):
+        result = nixery(*command, env=env, timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert says in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "s3cret" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_port_that_does_not_answer_as_a_registry_is_said_in_one_line() -> None:
+    """`--registry HOST:22` (a port of another service, answering `SSH-2.0-...`) ended in aiohttp's
+    traceback (`Bad status line`), as did an answer cut short (`ClientPayloadError`): now one line that
+    says the answer was no registry's and asks whether that is its port, with exit status 1."""
+    import threading
+
+    answers = {
+        "is not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n",
+        "broke off": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"name\": ",
+    }
+    for says, answer in answers.items():
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+
+        def serve(listener: socket.socket = listener, answer: bytes = answer) -> None:
+            with listener:
+                while True:
+                    try:
+                        connection, _ = listener.accept()
+                    except OSError:  # closed: the test is over
+                        return
+                    with connection:
+                        connection.recv(65536)
+                        connection.sendall(answer)
+
+        threading.Thread(target=serve, daemon=True).start()
+        try:
+            for command in (["build", "--plain", "shell"], ["inspect", "shell"], ["inspect", "--sbom", "shell"]):
+                result = nixery(*command, "--registry", f"127.0.0.1:{port}", timeout=60)
+                assert (result.returncode, result.stdout) == (1, ""), result
+                assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+                assert result.stderr.startswith(f"nixery: http://127.0.0.1:{port} did not answer as a registry does: "
+                                                f"its answer {says}"), result.stderr
+                assert result.stderr.rstrip().endswith("is it a nixery registry, and is that its port?"), result.stderr
+        finally:
+            listener.close()
+
+
 def test_inspect_refuses_sbom_with_json() -> None:
     """`nixery inspect --sbom --json` printed the SBOM and ignored --json: the two ask for different
     documents, so the combination is a usage error, as --help shows."""
