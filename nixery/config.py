@@ -214,8 +214,11 @@ def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, zero: bool = False) -> float:
-    """Seconds, above 0 (or, with `zero`, at least 0: 0 turns the wait off)."""
+def _float(
+    env: Mapping[str, str], name: str, default: float, *, zero: bool = False, high: tuple[float, str] | None = None,
+) -> float:
+    """Seconds, above 0 (or, with `zero`, at least 0: 0 turns the wait off); with `high`, at most
+    its number of seconds, past which its words say what fails."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -227,7 +230,14 @@ def _float(env: Mapping[str, str], name: str, default: float, *, zero: bool = Fa
         raise ConfigError(f"{name}={raw!r} is not a number of seconds")
     if value < 0 or (value == 0 and not zero):
         raise ConfigError(f"{name}={raw!r} must be positive" + (" or 0" if zero else ""))
+    if high is not None and value > high[0]:
+        raise ConfigError(f"{name}={raw!r} is over {high[0]:.0f} seconds: {high[1]}")
     return value
+
+
+#: The longest NIXERY_SEND_TIMEOUT: the kernel's TCP_USER_TIMEOUT is a C int of milliseconds. Past
+#: it, every connection's socket option failed (an error logged per connection) and none was limited.
+MAX_SEND_TIMEOUT = (2**31 - 1) // 1000
 
 
 #: Every environment variable the settings are read from, with the type of what it holds: `Path`
@@ -391,7 +401,10 @@ def _bundled_set(env: Mapping[str, str]) -> BundledSet:
     debian = debian_set(env)
     debian_ready = (debian.path / "default.nix").is_file()
     if choice == "debian" and not debian_ready:
-        raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {debian.path} has no default.nix (run `make debian-set`)")
+        # Named by NIXERY_DEBIAN_SET_DIR, the message names it: the path alone did not say where it came from.
+        where = f"NIXERY_DEBIAN_SET_DIR={given!r}" if (given := env.get("NIXERY_DEBIAN_SET_DIR")) else debian.path
+        raise ConfigError(f"NIXERY_BUNDLED_SET=debian but {where} has no default.nix (run `make debian-set`, which "
+                          "writes the set where NIXERY_DEBIAN_SET_DIR says)")
     if choice == "debian" or (choice == "auto" and debian_ready):
         return debian
     return BUSYBOX_SET if choice == "busybox" else replace(BUSYBOX_SET, fallback=True)
@@ -703,7 +716,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_grace=_float(env, "NIXERY_SHUTDOWN_GRACE", 30.0),
         shutdown_delay=_float(env, "NIXERY_SHUTDOWN_DELAY", 0.0, zero=True),
         header_timeout=_float(env, "NIXERY_HEADER_TIMEOUT", 60.0),
-        send_timeout=_float(env, "NIXERY_SEND_TIMEOUT", 60.0),
+        send_timeout=_float(env, "NIXERY_SEND_TIMEOUT", 60.0, high=(
+            MAX_SEND_TIMEOUT, "the longest wait the kernel's TCP_USER_TIMEOUT takes (24 days)")),
         max_connections=_int(env, "NIXERY_MAX_CONNECTIONS", 0, low=1, high=10_000_000) or None,
         workers=_int(env, "NIXERY_WORKERS", 1, low=1, high=64),
         log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),

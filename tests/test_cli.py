@@ -889,6 +889,14 @@ def test_inspect_names_what_is_wrong_with_a_name_or_tag() -> None:
     ("NIXERY_HEADER_TIMEOUT", "1e400", "NIXERY_HEADER_TIMEOUT='1e400' is not a number of seconds"),
     ("NIXERY_HOST", "registry\udcff", "NIXERY_HOST='registry\\udcff' is not UTF-8 text"),
     ("NIXERY_CHANNEL", "nixos\udcff", "NIXERY_CHANNEL='nixos\\udcff' is not UTF-8 text"),
+    # Taken, and then every connection logged a TypeError traceback and none had a send timeout:
+    # the kernel's TCP_USER_TIMEOUT takes at most 2**31 - 1 milliseconds.
+    ("NIXERY_SEND_TIMEOUT", "1e300", "NIXERY_SEND_TIMEOUT='1e300' is over 2147483 seconds: the longest wait the "
+     "kernel's TCP_USER_TIMEOUT takes (24 days)"),
+    # Named only the path, not the variable that gave it.
+    ("NIXERY_DEBIAN_SET_DIR", "/nonexistent/set", "NIXERY_BUNDLED_SET=debian but NIXERY_DEBIAN_SET_DIR="
+     "'/nonexistent/set' has no default.nix (run `make debian-set`, which writes the set where "
+     "NIXERY_DEBIAN_SET_DIR says)"),
 ])
 def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, variable: str, value: str,
                                                               says: str) -> None:
@@ -896,7 +904,8 @@ def test_serve_refuses_a_setting_that_is_no_number_or_no_text(tmp_path: Path, va
     NIX_TIMEOUT (nan s)"); a timeout of inf, the same. A NIXERY_HOST that is not UTF-8 ended in a
     UnicodeError traceback (status 1), a NIXERY_CHANNEL only at the first build: now `nixery serve`
     stops at start with one line naming the variable, status 2."""
-    env = {"STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": "busybox", variable: value}
+    bundled = "debian" if variable == "NIXERY_DEBIAN_SET_DIR" else "busybox"
+    env = {"STORAGE_PATH": str(tmp_path / "storage"), "PORT": "0", "NIXERY_BUNDLED_SET": bundled, variable: value}
     result = nixery("serve", env=env, timeout=60)
     assert (result.returncode, result.stdout) == (2, ""), result
     assert result.stderr == f"nixery: configuration error: {says}\n", result.stderr

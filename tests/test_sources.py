@@ -647,7 +647,7 @@ def test_the_debian_set_directory_is_read_when_the_settings_are(tmp_path: Path) 
         "debian", generated, baseline=config.DEBIAN_SET_BASELINE
     )
     missing = {"NIXERY_DEBIAN_SET_DIR": str(tmp_path / "missing"), "NIXERY_BUNDLED_SET": "debian"}
-    with pytest.raises(config.ConfigError, match="missing has no default.nix"):
+    with pytest.raises(config.ConfigError, match="missing' has no default.nix"):
         config.load(missing)
 
 
