@@ -97,6 +97,12 @@ def _registry_url(value: str | None) -> str:
         no_host = parsed.scheme in ("http", "https") and not parsed.hostname
         if usable:
             URL(zoned)  # as aiohttp reads it: a host that has no IDNA form (bytes not UTF-8) raises ValueError
+            # As the resolver reads it: a label over 63 characters, or an empty one (`a..b`), was a traceback.
+            try:
+                (parsed.hostname or "").encode("idna")
+            except UnicodeError:
+                raise ClientError(f"{source}={_masked(given)!r} has no valid host name: each part between dots is "
+                                  f"1 to 63 characters; give one like {DEFAULT_REGISTRY}") from None
             # The registry's API and pages are at the root of its host: anything after it was sent to paths
             # that are not (`/v2/builds` answered "no such endpoint", `?x=1/builds` "method POST is not allowed").
             extra = next((f"{what} ({part})" for what, part in (

@@ -672,7 +672,8 @@ def test_a_registry_url_without_a_host_is_a_usage_error() -> None:
 def test_a_registry_url_with_more_than_the_registrys_address_is_a_usage_error() -> None:
     """`--registry http://HOST:PORT/v2/` sent `POST /v2/builds` and said "NAME_UNKNOWN: no such endpoint
     or repository"; `HOST:PORT?x=1` said "method POST is not allowed here", `#frag` that the answer was no
-    image's document; a host that is not UTF-8 (`http://\\xff`) ended in aiohttp's traceback. Now each is a
+    image's document; a host that is not UTF-8 (`http://\\xff`), or a host name with a part over 63
+    characters (or an empty one), ended in a traceback (aiohttp's, the resolver's). Now each is a
     usage error naming what is wrong, before any request, and never showing a password."""
     for command, env, says in (
         (["build", "--plain", "shell", "--registry", "http://127.0.0.1:9/v2/"], {}, "has a path (/v2)"),
@@ -681,6 +682,9 @@ def test_a_registry_url_with_more_than_the_registrys_address_is_a_usage_error() 
         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://ci:s3cret@127.0.0.1:9/nixery"}, "has a path (/nixery)"),
         (["inspect", "shell", "--registry", "http://\udcff"], {}, "is not a registry URL"),
         (["build", "shell", "--registry", "http://reg\udcffistry:8080"], {}, "is not a registry URL"),
+        # A host name the resolver cannot take (a label over 63 characters, an empty one): UnicodeError's traceback.
+        (["inspect", "shell", "--registry", f"http://registry.{'a' * 64}.example:8080"], {}, "has no valid host name"),
+        (["build", "shell", "--registry", "http://registry..example"], {}, "has no valid host name"),
     ):
         result = nixery(*command, env=env, timeout=60)
         assert (result.returncode, result.stdout) == (2, ""), result
