@@ -1022,12 +1022,32 @@ def test_layers_plan_refuses_an_infinite_size_and_deep_nesting_in_one_line(tmp_p
     (tmp_path / "images.json").write_text('[["a"]]')
     (tmp_path / "infinite.json").write_text('{"nodes": {"a": {"size": 1e400, "refs": []}}}')
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    for graph, says in (("infinite.json", "bad graph: a size is not a whole number of bytes"),
+    for graph, says in (("infinite.json", "bad graph: a size is not a whole number of bytes: 'a' has Infinity"),
                         ("deep.json", "JSON nested too deeply to be a graph, popularity or image list")):
         result = nixery("layers", "plan", "--graph", str(tmp_path / graph), "--images", str(tmp_path / "images.json"),
                         timeout=60)
         assert (result.returncode, result.stdout) == (2, ""), result
         assert result.stderr == f"nixery layers plan: {tmp_path / graph}: {says}\n", result.stderr
+
+
+def test_layers_plan_refuses_a_node_of_the_wrong_shape_naming_it(tmp_path: Path) -> None:
+    """`"refs": "libc"` (a name, not a list of names) was read as the names l, i, b and c ("references
+    outside the graph: ['b', 'c', 'i', 'l']"); a size of 1.5 or true was taken as 1 byte, and a node
+    that is a number ended in "bad graph: 'int' object is not subscriptable". Now each is refused in
+    one line that names the node and shows what it holds, status 2."""
+    (tmp_path / "images.json").write_text('[["app"]]')
+    for nodes, says in (
+        ({"app": {"size": 1, "refs": "libc"}, "libc": {"size": 1, "refs": []}},
+         "bad graph: the refs of 'app' are not a list of node names: \"libc\""),
+        ({"app": {"size": 1.5, "refs": []}}, "bad graph: a size is not a whole number of bytes: 'app' has 1.5"),
+        ({"app": {"size": True, "refs": []}}, "bad graph: a size is not a whole number of bytes: 'app' has true"),
+        ({"app": 5}, "bad graph: 'app' is not an object with a size and refs: 5"),
+    ):
+        (tmp_path / "graph.json").write_text(json.dumps({"nodes": nodes}))
+        result = nixery("layers", "plan", "--graph", str(tmp_path / "graph.json"),
+                        "--images", str(tmp_path / "images.json"), timeout=60)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr == f"nixery layers plan: {tmp_path / 'graph.json'}: {says}\n", result.stderr
 
 
 @pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])

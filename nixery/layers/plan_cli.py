@@ -63,6 +63,17 @@ def load_graph(path: Path) -> ClosureGraph:
     nodes = document.get("nodes", document) if isinstance(document, dict) else None
     if not isinstance(nodes, dict):
         raise InputError(f"{path}: expected an object of nodes")
+    for name, node in nodes.items():  # each node's shape first: `"refs": "libc"` was read as the names l, i, b, c
+        if not isinstance(node, dict):
+            raise InputError(f"{path}: bad graph: {name!r} is not an object with a size and refs: "
+                             f"{json.dumps(node)[:200]}")
+        size, refs = node.get("size"), node.get("refs", [])
+        if isinstance(size, bool) or not isinstance(size, int):  # 1.5 and true were taken as 1 (negatives: below)
+            raise InputError(f"{path}: bad graph: a size is not a whole number of bytes: {name!r} has "
+                             f"{json.dumps(size)}")
+        if not isinstance(refs, list) or not all(isinstance(ref, str) for ref in refs):
+            raise InputError(f"{path}: bad graph: the refs of {name!r} are not a list of node names: "
+                             f"{json.dumps(refs)[:200]}")
     try:
         return ClosureGraph.from_mapping(nodes)
     except OverflowError:  # a size of 1e400 (infinity): int() cannot take it
