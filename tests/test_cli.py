@@ -1051,6 +1051,32 @@ def test_layers_plan_refuses_a_node_of_the_wrong_shape_naming_it(tmp_path: Path)
 
 
 @pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])
+def test_maintenance_passes_over_files_the_storage_never_wrote(tmp_path: Path, command: list[str]) -> None:
+    """A file among the image records that the storage never wrote (NFS's `.nfs...` for a record gc
+    deleted while a registry had it open, an editor's swap file, a README) stopped `check` and `gc`
+    whatever else the storage held: "nixery: storage: invalid metadata key 'images/.nfs...'", exit
+    status 2. They are no documents: both pass over them and do their work."""
+    import hashlib
+
+    storage = tmp_path / "storage"
+    blob = b"a layer"
+    digest = hashlib.sha256(blob).hexdigest()
+    (storage / "blobs" / "sha256" / digest[:2]).mkdir(parents=True)
+    (storage / "blobs" / "sha256" / digest[:2] / digest).write_bytes(blob)
+    (storage / "meta" / "images").mkdir(parents=True)
+    for stray in (".nfs000000000123abcd00000001", ".0123abcd.swp", "README"):
+        (storage / "meta" / "images" / stray).write_text("not a record")
+    result = nixery(*command, env={"STORAGE_PATH": str(storage)}, timeout=60)
+    assert "invalid metadata key" not in result.stderr and result.stderr == "", result
+    if command[0] == "check":
+        assert (result.returncode, result.stdout) == (0, "checked 1 blob (0.0 MB) and 0 images: ok\n"), result
+    else:
+        assert result.returncode == 0 and result.stdout.startswith("would remove 0 images and "), result
+    assert sorted(path.name for path in (storage / "meta" / "images").iterdir()) == [
+        ".0123abcd.swp", ".nfs000000000123abcd00000001", "README"]  # not the storage's to remove
+
+
+@pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])
 def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_path: Path, command) -> None:
     """`check` and `gc` on a STORAGE_PATH the user may not read (another user's) ended in a
     PermissionError traceback, status 1: now one line naming what it could not read, status 2, as for

@@ -166,8 +166,13 @@ class BlobStat:
 _KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
 
 
+def is_key(key: str) -> bool:
+    """Whether `key` is one a metadata document may have."""
+    return len(key) <= 512 and _KEY.fullmatch(key) is not None
+
+
 def check_key(key: str) -> str:
-    if len(key) > 512 or not _KEY.fullmatch(key):
+    if not is_key(key):
         raise InvalidKey(f"invalid metadata key {key!r:.100}")
     return key
 

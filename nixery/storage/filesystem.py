@@ -84,6 +84,7 @@ from nixery.storage.base import (
     VersionedMeta,
     check_key,
     ensure_staging_dir,
+    is_key,
     make_staging_dir,
     raising_storage_full,
     stage_bytes,
@@ -416,7 +417,10 @@ class FilesystemStorage(Storage):
     async def list_meta(self, prefix: str) -> list[str]:
         base = self._meta / check_key(prefix.rstrip("/"))
         files = await asyncio.to_thread(_files_under, base)
-        return [str(p.relative_to(self._meta)) for p in files]
+        # The documents only: a file this storage never wrote (an editor's `.x.swp`, NFS's `.nfs...` for a
+        # document deleted while open) has a name no key has, and reading it raised InvalidKey: gc and check
+        # stopped at it (exit status 2), whatever else the storage held.
+        return [key for path in files if is_key(key := str(path.relative_to(self._meta)))]
 
     async def delete_meta(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
