@@ -159,11 +159,21 @@ def _gist(text: str) -> str:
     return words if len(words) <= 120 else words[:119] + "…"
 
 
+def _unreachable(registry: str, exc: aiohttp.ClientConnectionError) -> ClientError:
+    """`cannot reach the registry at URL: ...`; for TLS spoken to a port that answers plain HTTP (the
+    registry's own, `make run`'s), what to give instead: aiohttp says only `WRONG_VERSION_NUMBER`."""
+    hint = ""
+    if isinstance(exc, aiohttp.ClientSSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+        plain = shown(registry).replace("https://", "http://", 1)
+        hint = f" (that port does not answer in TLS: if it serves plain HTTP, as `nixery serve` does, give {plain})"
+    return ClientError(f"cannot reach the registry at {shown(registry)}: {exc}{hint}")
+
+
 def _broken_answer(exc: aiohttp.ClientError | TimeoutError, registry: str) -> ClientError:
     """One line for an answer that is no HTTP a registry gives, or that broke off: a port of another
     service (`--registry host:22` answers `SSH-2.0-...`), a response cut short. They were tracebacks."""
     if isinstance(exc, aiohttp.ClientConnectionError):  # refused, reset, unresolvable: as the requests say it
-        return ClientError(f"cannot reach the registry at {shown(registry)}: {exc}")
+        return _unreachable(registry, exc)
     if isinstance(exc, TimeoutError):
         return ClientError(f"the registry at {shown(registry)} stopped answering (no data for a long time)")
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -458,7 +468,7 @@ async def _start_build(
                     raise error
         except aiohttp.ClientConnectionError as exc:
             if not wait_for_registry or attempt == _RESTART_POLLS:
-                raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
+                raise _unreachable(registry, exc) from exc
         await asyncio.sleep(_RESTART_POLL_SECONDS)
     raise AssertionError("not reached")
 
@@ -479,7 +489,7 @@ async def _fetch_image(
                 return None
             raise await _registry_error(response)
     except aiohttp.ClientConnectionError as exc:
-        raise ClientError(f"cannot reach the registry at {shown(registry)}: {exc}") from exc
+        raise _unreachable(registry, exc) from exc
 
 
 async def _build_locally(

@@ -730,6 +730,39 @@ def test_a_port_that_does_not_answer_as_a_registry_is_said_in_one_line() -> None
             listener.close()
 
 
+def test_https_to_a_plain_http_port_says_to_give_http() -> None:
+    """`--registry https://HOST:PORT` for a registry on plain HTTP (as `nixery serve` and `make run`
+    serve) said only "[SSL: WRONG_VERSION_NUMBER] wrong version number": now the line also says that
+    the port does not answer in TLS and gives the http:// URL to use instead."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:  # a plain HTTP server's answer to the TLS handshake
+        with listener:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for command in (["build", "--plain", "shell"], ["inspect", "shell"]):
+            result = nixery(*command, "--registry", f"https://127.0.0.1:{port}", timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert result.stderr.startswith(f"nixery: cannot reach the registry at https://127.0.0.1:{port}: "), result
+            assert result.stderr.endswith("that port does not answer in TLS: if it serves plain HTTP, as `nixery "
+                                          f"serve` does, give http://127.0.0.1:{port})\n"), result.stderr
+    finally:
+        listener.close()
+
+
 def test_inspect_refuses_sbom_with_json() -> None:
     """`nixery inspect --sbom --json` printed the SBOM and ignored --json: the two ask for different
     documents, so the combination is a usage error, as --help shows."""
