@@ -412,8 +412,13 @@ def _read_password(stdin=None) -> str:
     if stdin is None:  # closed (`<&-`): Python has no sys.stdin at all
         raise ValueError("standard input is closed: type the password on a terminal, or give it as stdin's first line")
     if stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if first != getpass.getpass("Again: "):
+        try:
+            first = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at a prompt: EOFError says nothing ("nixery auth hash-password: ")
+            print(file=sys.stderr)  # the prompt's line was left open
+            raise ValueError("no password: the input ended at the prompt (Ctrl-D)") from None
+        if first != again:
             raise ValueError("the passwords differ")
         line = first
     else:

@@ -108,6 +108,51 @@ def test_hash_password_from_the_command_line() -> None:
     assert auth.verify_password("pw", result.stdout.strip())
 
 
+def test_hash_password_at_a_prompt_ended_with_ctrl_d_says_so() -> None:
+    """Ctrl-D at the `Password:` prompt (the terminal's end of input) printed "nixery auth
+    hash-password: " and nothing else (EOFError's empty message), status 2: now it says that the
+    input ended with no password, on a line of its own."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    controller, terminal = pty.openpty()
+
+    def own_terminal() -> None:  # getpass reads the controlling terminal: the pseudo-terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nixery", "auth", "hash-password", "--user", "alice", "--cost", "10"],
+        stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPOSITORY, preexec_fn=own_terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"Password: " not in shown and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                shown += os.read(controller, 4096)
+        os.write(controller, b"\x04")  # Ctrl-D
+        while process.poll() is None or select.select([controller], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(controller, 4096) if select.select([controller], [], [], 0.5)[0] else b""
+            except OSError:  # EIO: the process has ended and closed its side
+                break
+            shown += chunk
+            if time.monotonic() > deadline:
+                break
+        status = process.wait(timeout=10)
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+    lines = shown.decode(errors="replace").replace("\r", "").splitlines()
+    assert status == 2, lines
+    assert lines[-1] == "nixery auth hash-password: no password: the input ended at the prompt (Ctrl-D)", lines
+
+
 # --- users file --------------------------------------------------------------
 
 
