@@ -1109,6 +1109,26 @@ def test_maintenance_passes_over_files_the_storage_never_wrote(tmp_path: Path, c
         ".0123abcd.swp", ".nfs000000000123abcd00000001", "README"]  # not the storage's to remove
 
 
+def test_check_passes_over_a_blob_name_that_is_no_file(tmp_path: Path) -> None:
+    """A FIFO (or any file that is not a regular one) with a blob's name under STORAGE_PATH/blobs made
+    `nixery check` hang for ever, reading it to hash it: it is no blob the storage wrote, and is passed
+    over."""
+    import hashlib
+
+    storage = tmp_path / "storage"
+    (storage / "meta" / "images").mkdir(parents=True)
+    for blob in (b"a layer", b"not a layer"):
+        digest = hashlib.sha256(blob).hexdigest()
+        (storage / "blobs" / "sha256" / digest[:2]).mkdir(parents=True, exist_ok=True)
+        if blob == b"a layer":
+            (storage / "blobs" / "sha256" / digest[:2] / digest).write_bytes(blob)
+        else:
+            os.mkfifo(storage / "blobs" / "sha256" / digest[:2] / digest)
+    result = nixery("check", env={"STORAGE_PATH": str(storage)}, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "checked 1 blob (0.0 MB) and 0 images: ok\n", ""), \
+        result
+
+
 @pytest.mark.parametrize("command", [["check"], ["gc", "--dry-run", "--older-than", "3h"]])
 def test_maintenance_on_storage_this_user_may_not_read_says_so_in_one_line(tmp_path: Path, command) -> None:
     """`check` and `gc` on a STORAGE_PATH the user may not read (another user's) ended in a
