@@ -417,6 +417,14 @@ def _documented(
     )
 
 
+def _key_directory(text: str) -> Path:
+    """The directory `keys generate` writes in; an empty argument (`"$KEYS"` with KEYS unset) is none:
+    it wrote the private key into the working directory, a checkout perhaps, without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("the directory is empty: give one (`.` for this one)")
+    return Path(text)
+
+
 def _generate_keys(directory: Path) -> int:
     from nixery.signing import generate_pair
 
@@ -501,7 +509,8 @@ def _command(argv: list[str]) -> int:
     auth.add_argument("action", choices=["hash-password"], help="hash-password: make a users-file line (docs/auth.md)")
     keys = commands.add_parser("keys", help="signing keys (docs/signing.md)")
     keys.add_argument("action", choices=["generate"], help="generate: write a key pair for NIXERY_SIGNING_KEY")
-    keys.add_argument("directory", nargs="?", default=".", type=Path, help="where to write it (default: here)")
+    keys.add_argument("directory", nargs="?", default=".", type=_key_directory,
+                      help="where to write it (default: here)")
     _documented(
         commands, "check", help="verify every stored blob and image record", variables=STORAGE_VARIABLES,
         description="Verify the storage a registry serves from: every blob's bytes against its digest "

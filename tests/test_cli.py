@@ -1018,6 +1018,13 @@ def test_keys_generate_that_fails_leaves_no_part_of_a_pair(tmp_path: Path) -> No
     assert (into_a_file.returncode, into_a_file.stderr) == (
         1, f"nixery keys generate: {tmp_path / 'a-file'} is not a directory: give the directory to write the key "
            "pair in\n"), into_a_file
+    # An empty argument (`"$KEYS"` with KEYS unset) wrote the private key into the working directory.
+    unnamed = subprocess.run([sys.executable, "-m", "nixery", "keys", "generate", ""], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    assert (unnamed.returncode, unnamed.stdout) == (2, ""), unnamed
+    assert unnamed.stderr.endswith("error: argument directory: the directory is empty: give one (`.` for this "
+                                   "one)\n"), unnamed.stderr
+    assert not (tmp_path / "nixery-signing.key").exists()
 
 
 def test_ctrl_c_on_a_terminal_stops_serve_without_tracebacks(tmp_path: Path) -> None:
