@@ -33,6 +33,7 @@ from nixery.http.errors import error_middleware
 from nixery.platforms import host_arch
 from tests import daemons
 from tests.registry import PODMAN_RUN_FLAGS, REPOSITORY, RegistryProcess, have, run
+from tests.terminal import nixery_in_pty
 
 ALICE = ("alice", "alice-secret-1")  # pull,build
 BOB = ("bob", "bob-secret-2")  # pull only
@@ -112,42 +113,20 @@ def test_hash_password_at_a_prompt_ended_with_ctrl_d_says_so() -> None:
     """Ctrl-D at the `Password:` prompt (the terminal's end of input) printed "nixery auth
     hash-password: " and nothing else (EOFError's empty message), status 2: now it says that the
     input ended with no password, on a line of its own."""
-    import fcntl
-    import pty
-    import select
-    import termios
+    answered = False
 
-    controller, terminal = pty.openpty()
+    def ctrl_d_at_the_prompt(shown: bytes) -> bytes | None:
+        nonlocal answered
+        if answered or b"Password: " not in shown:
+            return None
+        answered = True
+        return b"\x04"
 
-    def own_terminal() -> None:  # getpass reads the controlling terminal: the pseudo-terminal
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nixery", "auth", "hash-password", "--user", "alice", "--cost", "10"],
-        stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPOSITORY, preexec_fn=own_terminal,
+    status, shown = nixery_in_pty(
+        "auth", "hash-password", "--user", "alice", "--cost", "10",
+        timeout=60, controlling=True, answer=ctrl_d_at_the_prompt,
     )
-    os.close(terminal)
-    shown = b""
-    try:
-        deadline = time.monotonic() + 60
-        while b"Password: " not in shown and time.monotonic() < deadline:
-            if select.select([controller], [], [], 0.5)[0]:
-                shown += os.read(controller, 4096)
-        os.write(controller, b"\x04")  # Ctrl-D
-        while process.poll() is None or select.select([controller], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(controller, 4096) if select.select([controller], [], [], 0.5)[0] else b""
-            except OSError:  # EIO: the process has ended and closed its side
-                break
-            shown += chunk
-            if time.monotonic() > deadline:
-                break
-        status = process.wait(timeout=10)
-    finally:
-        os.close(controller)
-        if process.poll() is None:
-            process.kill()
+    assert answered, shown
     lines = shown.decode(errors="replace").replace("\r", "").splitlines()
     assert status == 2, lines
     assert lines[-1] == "nixery auth hash-password: no password: the input ended at the prompt (Ctrl-D)", lines

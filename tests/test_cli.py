@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pty
 import re
 import select
 import signal
@@ -24,6 +23,7 @@ import pytest
 
 from nixery import config
 from nixery.registry.mediatypes import OCI_INDEX
+from tests import terminal
 from tests.registry import REPOSITORY, DistributionRegistry, RegistryProcess, free_port, slow_package_set
 from tests.sets import require_debian_set
 
@@ -41,34 +41,9 @@ def nixery(*args: str, env: dict[str, str] | None = None, timeout: float = 300) 
 
 def nixery_in_pty(*args: str, timeout: float = 300) -> tuple[int, str]:
     """Run with stdin, stdout and stderr on a pseudo-terminal; returns (exit status, everything shown)."""
-    controller, terminal = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
     env.pop("NO_COLOR", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nixery", *args],
-        stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPOSITORY, env=env, close_fds=True,
-    )
-    os.close(terminal)
-    output = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([controller], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(controller, 65536)
-                except OSError:  # EIO: the terminal's other side is closed
-                    break
-                if not chunk:
-                    break
-                output += chunk
-            elif process.poll() is not None:
-                break
-        status = process.wait(timeout=10)
-    finally:
-        os.close(controller)
-        if process.poll() is None:
-            process.kill()
+    status, output = terminal.nixery_in_pty(*args, timeout=timeout, env=env)
     return status, output.decode(errors="replace")
 
 
