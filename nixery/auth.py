@@ -418,6 +418,9 @@ def _read_password(stdin=None) -> str:
         except EOFError:  # Ctrl-D at a prompt: EOFError says nothing ("nixery auth hash-password: ")
             print(file=sys.stderr)  # the prompt's line was left open
             raise ValueError("no password: the input ended at the prompt (Ctrl-D)") from None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # "interrupted" on a line of its own, not after "Password: "
+            raise
         if first != again:
             raise ValueError("the passwords differ")
         line = first

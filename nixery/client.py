@@ -62,6 +62,11 @@ class ClientError(Exception):
         self.detail = detail
 
 
+class SettingsProblem(ClientError):
+    """`build --local`: the registry's settings, or the storage they name, cannot be used. Exit
+    status 2, as `serve`, `check` and `gc` say it."""
+
+
 def shown(url: str) -> str:
     """`url` as messages show it: without the password of a registry URL (`http://USER:PASSWORD@HOST`,
     the credentials the commands send), which would end up on a terminal, in CI logs."""
@@ -334,7 +339,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("image", help="image name, e.g. shell/curl (optionally NAME:TAG; the registry's own "
                         "HOST/ in front is dropped)")
     parser.add_argument("--registry", help=f"registry URL (default $NIXERY_REGISTRY or {DEFAULT_REGISTRY})")
-    parser.add_argument("--tag", help="tag (default: latest, or the :TAG in the name)")
+    parser.add_argument("--tag", type=_tag_option, help="tag (default: latest, or the :TAG in the name)")
     parser.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     parser.add_argument(
         "--local", action="store_true",
@@ -380,7 +385,7 @@ def build_main(argv: list[str]) -> int:
             raise _broken_answer(exc, _registry_url(args.registry)) from exc
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
-        return 1
+        return 2 if isinstance(exc, SettingsProblem) else 1
     except KeyboardInterrupt:  # one line, as every command says it (`nixery gc: interrupted`)
         # A registry's build does not depend on this command: it goes on (a local one has stopped).
         going_on = f" (the registry goes on with the build: {progress[0]})" if progress else ""
@@ -508,7 +513,9 @@ async def _build_locally(
         # As the registry reads the name: with several NIXERY_PLATFORMS, an image of each and an index.
         request = every_platform(parse_image_name(name), settings.platforms)
         check_build_tag(tag)
-    except (config.ConfigError, RegistryError) as exc:
+    except config.ConfigError as exc:
+        raise SettingsProblem(str(exc)) from exc
+    except RegistryError as exc:
         raise ClientError(str(exc)) from exc
     # build.failed: the command prints the failure itself, in one line.
     logs.configure("warning", settings.log_format, leave_out=frozenset({"build.failed"}))
@@ -541,12 +548,12 @@ async def _build_here(
     try:  # settings only opening the storage checks, a storage it cannot use: one line, as the registry says it
         storage = open_storage(settings)
     except (config.ConfigError, StorageError) as exc:
-        raise ClientError(str(exc)) from exc
+        raise SettingsProblem(str(exc)) from exc
     try:
         builder = open_builder(settings, storage)
     except config.ConfigError as exc:
         await storage.close()
-        raise ClientError(str(exc)) from exc
+        raise SettingsProblem(str(exc)) from exc
     try:
         build = await builder.start(request, tag)
         final: dict[str, Any] = {}
@@ -614,7 +621,16 @@ async def _fetch_sbom(
 def _platform_option(value: str) -> str:
     """`linux/arm64`, or `arm64` as Docker's --platform also takes it."""
     value = value.strip().lower()
+    if not value or value.endswith("/") or value.startswith("/"):  # `--platform "$UNSET"`: no platform named
+        raise argparse.ArgumentTypeError(f"{value!r} names no platform: give OS/ARCH, e.g. linux/arm64")
     return value if "/" in value else f"linux/{value}"
+
+
+def _tag_option(value: str) -> str:
+    """A --tag that is given names a tag: `--tag "$UNSET"` built `latest` without a word."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the tag is empty: give one, or leave --tag out for latest")
+    return value
 
 
 def inspect_main(argv: list[str]) -> int:

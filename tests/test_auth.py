@@ -109,27 +109,39 @@ def test_hash_password_from_the_command_line() -> None:
     assert auth.verify_password("pw", result.stdout.strip())
 
 
+def _hash_password_typing_at_the_prompt(keys: bytes) -> tuple[int, bytes]:
+    """`nixery auth hash-password` on a terminal, with `keys` typed at its first `Password:` prompt."""
+    typed = []
+
+    def at_the_prompt(shown: bytes) -> bytes | None:
+        if typed or b"Password: " not in shown:
+            return None
+        typed.append(keys)
+        return keys
+
+    status, shown = nixery_in_pty(
+        "auth", "hash-password", "--user", "alice", "--cost", "10", timeout=60, controlling=True, answer=at_the_prompt,
+    )
+    assert typed, shown  # the prompt was shown
+    return status, shown
+
+
 def test_hash_password_at_a_prompt_ended_with_ctrl_d_says_so() -> None:
     """Ctrl-D at the `Password:` prompt (the terminal's end of input) printed "nixery auth
     hash-password: " and nothing else (EOFError's empty message), status 2: now it says that the
     input ended with no password, on a line of its own."""
-    answered = False
-
-    def ctrl_d_at_the_prompt(shown: bytes) -> bytes | None:
-        nonlocal answered
-        if answered or b"Password: " not in shown:
-            return None
-        answered = True
-        return b"\x04"
-
-    status, shown = nixery_in_pty(
-        "auth", "hash-password", "--user", "alice", "--cost", "10",
-        timeout=60, controlling=True, answer=ctrl_d_at_the_prompt,
-    )
-    assert answered, shown
+    status, shown = _hash_password_typing_at_the_prompt(b"\x04")
     lines = shown.decode(errors="replace").replace("\r", "").splitlines()
     assert status == 2, lines
     assert lines[-1] == "nixery auth hash-password: no password: the input ended at the prompt (Ctrl-D)", lines
+
+
+def test_hash_password_interrupted_at_the_prompt_says_so_on_a_line_of_its_own() -> None:
+    """Ctrl-C at the `Password:` prompt printed "Password: nixery auth hash-password: interrupted" on one line."""
+    status, shown = _hash_password_typing_at_the_prompt(b"\x03")
+    lines = shown.decode(errors="replace").replace("\r", "").splitlines()
+    assert status == 130, lines
+    assert lines[-2:] == ["Password: ", "nixery auth hash-password: interrupted"], lines
 
 
 # --- users file --------------------------------------------------------------

@@ -1174,6 +1174,21 @@ def test_build_refuses_two_different_tags() -> None:
     assert same.returncode == 1 and "cannot reach the registry" in same.stderr, same
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("build", "shell", "--tag", ""), "argument --tag: the tag is empty: give one, or leave --tag out for latest"),
+    (("inspect", "shell", "--sbom", "--platform", ""), "argument --platform: '' names no platform: give OS/ARCH, "
+                                                          "e.g. linux/arm64"),
+    (("inspect", "shell", "--sbom", "--platform", "linux/"), "argument --platform: 'linux/' names no platform: "
+                                                                "give OS/ARCH, e.g. linux/arm64"),
+])
+def test_an_empty_tag_or_platform_is_a_usage_error(args: tuple[str, ...], said: str) -> None:
+    """`--tag "$UNSET"` built `latest` without a word, and `--platform ""` asked the registry for
+    `linux/` ("has no image for linux/"): both name nothing, and are refused before any request."""
+    result = nixery(*args, "--registry", "http://127.0.0.1:9", timeout=60)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.splitlines()[-1].endswith(f"error: {said}"), result.stderr
+
+
 def test_build_locally_on_a_bucket_without_credentials_leaves_no_staging_directory(tmp_path: Path) -> None:
     """`nixery build --local` (or `serve`, `check`, `gc`) with a GCS bucket and no credentials said so,
     but left its staging directory STORAGE_PATH/tmp/<host>-<pid> behind (one more per try, in the
@@ -1181,6 +1196,10 @@ def test_build_locally_on_a_bucket_without_credentials_leaves_no_staging_directo
     env = {"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox",
            "NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images", "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent"}
     result = nixery("build", "--plain", "--local", "shell", env=env, timeout=60)
-    assert (result.returncode, result.stdout) == (1, ""), result
+    assert (result.returncode, result.stdout) == (2, ""), result  # a storage it cannot use: as check and gc say it
     assert "GCS" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    # A setting that is wrong, likewise.
+    bad = nixery("build", "--plain", "--local", "shell", env={**env, "NIXERY_SEND_TIMEOUT": "soon"}, timeout=60)
+    assert (bad.returncode, bad.stdout) == (2, ""), bad
+    assert bad.stderr.splitlines() == ["nixery: NIXERY_SEND_TIMEOUT='soon' is not a number of seconds"], bad.stderr
     assert not (tmp_path / "storage" / "tmp").exists() or list((tmp_path / "storage" / "tmp").iterdir()) == []
