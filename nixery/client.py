@@ -111,8 +111,9 @@ def _registry_url(value: str | None) -> str:
             # The registry's API and pages are at the root of its host: anything after it was sent to paths
             # that are not (`/v2/builds` answered "no such endpoint", `?x=1/builds` "method POST is not allowed").
             extra = next((f"{what} ({part})" for what, part in (
-                ("a path", parsed.path), ("a query", parsed.query and f"?{parsed.query}"),
-                ("a fragment", parsed.fragment and f"#{parsed.fragment}")) if part), "")
+                # An empty `?` or `#` too (`http://host?`): urlsplit drops it, requests went to `/?/builds`.
+                ("a path", parsed.path), ("a query", "?" in url and f"?{parsed.query}"),
+                ("a fragment", "#" in url and f"#{parsed.fragment}")) if part), "")
     except ValueError:
         usable = no_host = False
     if no_host:
@@ -382,6 +383,8 @@ def build_main(argv: list[str]) -> int:
         try:
             return asyncio.run(_build(args, console, interactive, progress))
         except (aiohttp.ClientError, TimeoutError) as exc:  # those `_build_remotely` does not say itself
+            if args.local:  # no registry was asked: not one that "did not answer as a registry does"
+                raise ClientError(f"the build stopped: {str(exc) or type(exc).__name__}") from exc
             raise _broken_answer(exc, _registry_url(args.registry)) from exc
     except ClientError as exc:
         err.print(f"nixery: {exc}", markup=False, soft_wrap=True)
@@ -565,6 +568,8 @@ async def _build_here(
         return final, image_json(record, tag) if record is not None else None
     except (BrokenPipeError, OutputError):  # our output failed, not the build: nixery.cli.main says which
         raise
+    except StorageError as exc:  # a bucket that does not answer or refuses the credentials: as check and gc say it
+        raise SettingsProblem(f"storage: {exc}") from exc
     except Exception as exc:
         raise ClientError(str(exc) or type(exc).__name__) from exc
     finally:
@@ -579,6 +584,8 @@ def _not_built(error: ClientError, registry: str | None) -> str | None:
     """For an image that is not built yet: the command that builds it."""
     detail = error.detail if isinstance(error.detail, dict) else {}
     if error.kind != "MANIFEST_UNKNOWN" or not isinstance(detail.get("name"), str):
+        return None
+    if "failed_at" in detail:  # its last build failed, and pulls get that failure: the registry's words say so
         return None
     tag = detail.get("tag") or "latest"
     reference = image_reference(detail["name"], tag)

@@ -654,6 +654,9 @@ def test_a_registry_url_with_more_than_the_registrys_address_is_a_usage_error() 
         (["build", "--plain", "shell", "--registry", "http://127.0.0.1:9/v2/"], {}, "has a path (/v2)"),
         (["inspect", "shell", "--registry", "127.0.0.1:9?x=1"], {}, "has a query (?x=1)"),
         (["inspect", "shell", "--registry", "http://127.0.0.1:9#top"], {}, "has a fragment (#top)"),
+        # Empty ones: urlsplit drops them, and requests went to `/?/builds` and `/#/builds`.
+        (["build", "shell", "--registry", "http://127.0.0.1:9?"], {}, "has a query (?)"),
+        (["inspect", "shell", "--registry", "127.0.0.1:9#"], {}, "has a fragment (#)"),
         (["inspect", "shell"], {"NIXERY_REGISTRY": "http://ci:s3cret@127.0.0.1:9/nixery"}, "has a path (/nixery)"),
         (["inspect", "shell", "--registry", "http://\udcff"], {}, "is not a registry URL"),
         (["build", "shell", "--registry", "http://reg\udcffistry:8080"], {}, "is not a registry URL"),

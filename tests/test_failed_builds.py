@@ -81,6 +81,13 @@ def test_a_failed_build_is_answered_from_memory_until_asked_for(
     assert f"its last build failed at {failed_at}, and until {until} pulls get that error" in error["message"], error
     assert "pull it" not in error["message"] and "the-build-says-why" in error["detail"]["log_tail"], error
     assert 600 <= error["detail"]["until"] - error["detail"]["failed_at"] <= 601, error  # whole seconds, outwards
+    # `nixery inspect` passes it on, instead of "not built yet: build it ... (or pull it)".
+    inspected = subprocess.run(
+        [sys.executable, "-m", "nixery", "inspect", "shell/broken", "--registry", registry.url],
+        capture_output=True, text=True, timeout=120, cwd=REPOSITORY, env=os.environ.copy(),
+    )
+    assert inspected.returncode == 1 and "or pull it" not in inspected.stderr, inspected
+    assert f"its last build failed at {failed_at}" in inspected.stderr, inspected.stderr
     assert builds_failed(registry) == 1
 
     # Other images are not held back by it: another name of the same set builds.

@@ -462,8 +462,16 @@ class S3Storage(LeasedStorage):
             return False
         key = self._blob_key(digest)
         parked = f"{_PARKED}/{digest.hex}/{uuid.uuid4().hex[:16]}" if blob["size"] <= COPY_LIMIT else None
-        if parked is not None and not await self._copy(key, parked):
-            return False  # gone since the dates were read (another gc): nothing deleted here
+        if parked is not None:
+            try:
+                if not await self._copy(key, parked):
+                    return False  # gone since the dates were read (another gc): nothing deleted here
+            except BackendUnavailable as exc:
+                # A copy of a big blob that outlasts UPLOAD_REQUEST_TIMEOUT on a slow store: this blob is kept
+                # for now, and the sweep goes on (stopping here stopped every later gc at the same blob).
+                log.warning("storage.gc_park_failed", digest=str(digest), size=blob["size"], error=str(exc)[:300],
+                            note="the blob is kept this time; a dead parked copy goes in a later gc")
+                return False
         await self._delete(key)
         # A build that touched the blob since the dates were read may have been told it is stored.
         after = await self._head(f"{_TOUCHED}/{digest.hex}")
@@ -476,7 +484,16 @@ class S3Storage(LeasedStorage):
                     "if its image names the blob, pulls of the image fail until a registry builds it again",
                 )
                 return True  # the build's marker stays: it writes the blob again, or it is gone
-            await self._copy(parked, key)  # the same bytes, whether or not the build wrote them again
+            if not await self._copy(parked, key):  # the same bytes, whether or not the build wrote them again
+                # The parked copy vanished (a lifecycle rule on parked/, another gc's clean-up with a clock an
+                # hour ahead): the blob is gone as it was before parking existed.
+                log.error(
+                    "storage.gc_race",
+                    digest=str(digest),
+                    note="a build reused this blob while gc deleted it, and its parked copy is gone: if its image "
+                    "names the blob, pulls of the image fail until a registry builds it again",
+                )
+                return True
             await self._delete(parked)
             log.warning(
                 "storage.gc_race",

@@ -388,3 +388,46 @@ async def test_a_blob_too_big_to_park_is_deleted_as_before(s3: Backend, monkeypa
     assert deleted is True and touched == 1500 and await gc.stat_blob(digest) is None
     assert [entry["digest"] for entry in logs if entry["event"] == "storage.gc_race"] == [str(digest)]
     assert s3.object_names(f"parked/sha256/{digest.hex}") == []
+
+
+async def test_a_blob_whose_parking_copy_fails_is_kept_and_the_sweep_goes_on(s3: Backend) -> None:
+    """A server-side copy of a big blob can outlast the request timeout on a slow store: that blob
+    is kept this time (warning `storage.gc_park_failed`), not deleted unparked, and gc is not
+    stopped (it stopped every later run at the same blob)."""
+    store = s3.open()
+    data = os.urandom(1300)
+    digest = await put(store, data)
+
+    async def times_out(source: str, target: str) -> bool:
+        raise BackendUnavailable("s3", "bucket images: the copy timed out")
+
+    store._copy = times_out  # type: ignore[attr-defined]
+    with capture_logs() as logs:
+        assert await store.delete_unused_blob(digest, time.time() + 60) is False
+    assert await store.read_blob(digest) == data
+    assert [entry["digest"] for entry in logs if entry["event"] == "storage.gc_park_failed"] == [str(digest)]
+
+
+async def test_a_raced_blob_whose_parked_copy_vanished_is_said_to_be_lost(s3: Backend) -> None:
+    """The parked copy gone before gc puts it back (a lifecycle rule on parked/, another gc's
+    clean-up with its clock an hour ahead): gc says, as an error, that the blob a build was told
+    about is gone, and answers that it deleted it; it said "gc put it back, nothing is lost"."""
+    build, gc = s3.open(), s3.open()
+    digest = await put(build, os.urandom(1400))
+    copy = gc._copy  # type: ignore[attr-defined]
+
+    async def parked_copy_vanishes(source: str, target: str) -> bool:
+        if source.startswith("parked/"):
+            await gc._delete(source)  # type: ignore[attr-defined]
+        return bool(await copy(source, target))
+
+    gc._copy = parked_copy_vanishes  # type: ignore[attr-defined]
+    interleave(gc, build, digest, ["dates", "T1", "marker", "T3", "park", "delete", "head", "restore"])
+    with capture_logs() as logs:
+        deleted, touched = await asyncio.wait_for(
+            asyncio.gather(gc.delete_unused_blob(digest, time.time() + 60), build.touch_blob(digest)), 30
+        )
+    assert deleted is True and touched == 1400 and await gc.stat_blob(digest) is None
+    raced = [entry for entry in logs if entry["event"] == "storage.gc_race"]
+    assert [(entry["digest"], entry["log_level"]) for entry in raced] == [(str(digest), "error")], raced
+    assert "nothing is lost" not in raced[0]["note"]
