@@ -752,13 +752,14 @@ def test_inspect_refuses_sbom_with_json() -> None:
 
 def test_build_locally_on_storage_it_cannot_use_says_why_in_one_line(tmp_path: Path) -> None:
     """`nixery build --local` with STORAGE_PATH on a file, or a bucket without credentials, ended
-    in a traceback: now the registry's one line, and the status of a failed build."""
+    in a traceback: now the registry's one line, and status 2, as `check` and `gc` say a storage
+    they cannot use."""
     (tmp_path / "a-file").write_text("")
     for env, says in (({"STORAGE_PATH": str(tmp_path / "a-file")}, f"cannot use STORAGE_PATH='{tmp_path / 'a-file'}'"),
                       ({"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "images",
                         "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "GCS")):
         result = nixery("build", "--plain", "--local", "shell", env={"NIXERY_BUNDLED_SET": "busybox", **env})
-        assert (result.returncode, result.stdout) == (1, ""), result
+        assert (result.returncode, result.stdout) == (2, ""), result
         assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
 
 
