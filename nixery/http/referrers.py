@@ -35,6 +35,7 @@ from nixery.http import ranges, routes
 from nixery.http.signatures import signature_manifest_digest, signature_subject
 from nixery.images import Attached
 from nixery.lru import LRU
+from nixery.maintenance import BLOB_GRACE
 from nixery.registry.descriptors import image_index
 from nixery.registry.digest import Digest, names_another_algorithm
 from nixery.registry.mediatypes import OCI_INDEX
@@ -101,9 +102,9 @@ async def tagged(request: web.Request) -> web.Response:
 
 
 #: A referrers index stored this recently is not stored again: gc keeps any blob touched within
-#: its grace period (an hour), so a tag that clients ask for often costs storage a touch per half
-#: hour instead of one per request.
-STORE_AGAIN_AFTER = 1800.0
+#: its grace period, so a tag that clients ask for often costs storage a touch per half grace
+#: period (half an hour) instead of one per request.
+STORE_AGAIN_AFTER = BLOB_GRACE / 2
 _STORED_INDEXES: web.AppKey[LRU[Digest, float]] = web.AppKey("stored_referrers_indexes", LRU)
 
 
