@@ -687,8 +687,10 @@ class ImageBuilder:
         closure (`CostModel.takes_stored_layer`) can be served: this machine's store holds those
         paths (so the layer is made again byte for byte if it must be), or storage holds the
         layer (returned, so that it is not looked up again and missed). Else it gives way to
-        its paths in the closure (the image then has other digests than the plan would give)."""
-        servable, found = [], {}
+        its paths in the closure that no layer before it holds (a stored layer reused whole may
+        hold paths another one holds too: the image then has other digests than the plan would give)."""
+        servable: list[frozenset[str]] = []
+        found: dict[frozenset[str], StoredLayer] = {}
         for layer in plan:
             outside = sorted(path for path in layer if path not in graph.nodes)
             if outside and await store_db.valid_paths(outside) != frozenset(outside):
@@ -696,7 +698,10 @@ class ImageBuilder:
                     found[layer] = stored
                 else:
                     bound.info("build.stored_layer_gone", paths=len(layer), outside=len(outside))
-                    layer = frozenset(path for path in layer if path in graph.nodes)
+                    held = frozenset().union(*servable)
+                    layer = frozenset(path for path in layer if path in graph.nodes and path not in held)
+                    if not layer:
+                        continue
             servable.append(layer)
         return servable, found
 

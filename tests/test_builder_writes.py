@@ -223,6 +223,10 @@ async def test_a_reused_layer_with_paths_outside_the_closure_is_served_or_gives_
         for record in (tmp_path / "storage" / "meta" / "layers").iterdir():
             record.unlink()  # collected since
         assert await ImageBuilder._servable(builder, plan, graph, bound) == ([frozenset({kept})], {})
+        # Giving way, it keeps only the paths no layer before it holds: a layer reused whole may
+        # hold paths of another stored layer the image reuses (here all of them: no layer is left).
+        alone = frozenset({kept})
+        assert await ImageBuilder._servable(builder, [alone, *plan], graph, bound) == ([alone], {})
     finally:
         await layers.close()
         await storage.close()

@@ -235,6 +235,35 @@ def test_curl_and_jq_share_the_glibc_layer(debian_registry: RegistryProcess) -> 
     assert layers["shell/curl"] == layers["shell/jq"]
 
 
+def test_an_image_holding_a_path_in_two_layers_runs_under_podman_and_containerd(tmp_path: Path) -> None:
+    """A stored layer is reused whole although another stored layer the image reuses holds some of
+    its paths, where those weigh little (`CostModel.takes_stored_layer`): clients that pulled the
+    earlier images fetch nothing again. Such a path sits in two layers, unpacked one over the other.
+    Here shell/curl and shell/jq each stored a layer that shell/curl/jq/git reuses."""
+    registry = RegistryProcess(
+        storage=tmp_path / "storage", env={"NIXERY_BUNDLED_SET": "debian"}, log_path=tmp_path / "registry.log"
+    )
+    registry.start()
+    name = "shell/curl/jq/git"
+    try:
+        for earlier in ("shell/curl", "shell/jq"):
+            registry.manifest(earlier)
+        _, manifest = registry.manifest(name)
+        held = [layer_paths(registry, name, layer["digest"]) for layer in manifest["layers"]]
+        twice = {path for n, paths in enumerate(held) for path in paths if any(path in other for other in held[n + 1:])}
+        assert twice, "no store path sits in two layers: the test no longer checks what it says"
+        script = "curl --version | head -n 1; echo '{\"a\": 1}' | jq .a; git --version"
+        for result in (
+            podman_run(f"{registry.host}/{name}", "bash", "-c", script),
+            ctr_pull_and_run(f"{registry.host}/{name}:latest", tmp_path / "containerd", "bash", "-c", script),
+        ):
+            curl, jq, git = result.stdout.splitlines()
+            assert curl.startswith("curl 7.88") and jq == "1" and git.startswith("git version 2.39"), result.stdout
+    finally:
+        registry.stop()
+        run(["podman", "rmi", "--force", f"{registry.host}/{name}"], check=False)
+
+
 # --- nothing from the host ------------------------------------------------------
 
 

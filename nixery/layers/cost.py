@@ -53,22 +53,25 @@ class CostModel:
     piece `p`, plus the bytes of any stored layer the join breaks up, times
     `broken_layer_weight`. The defaults are the model `nixery.layers.grouping` describes.
 
-    With a layer cost (`layer_cost > 0`) three things change, each because a layer
+    With a layer cost (`layer_cost > 0`) four things change, each because a layer
     now has a price that a join saves:
 
     1. `risk` also weighs how rare the piece is: a path few packages need is unlikely
        to be pulled again at all, so joining it risks little (`rarity_exponent`).
     2. Joins are made while they cost less than `join_share * layer_cost`
-       (instead of `merge_threshold`).
+       (`closure_join_share` without package-wide popularity), instead of `merge_threshold`.
     3. New pieces still smaller than `pack_share * layer_cost` after the joins are
        packed together, in popularity order, into layers of at most
        `pack_limit * layer_cost` bytes: such a piece fetched again costs its clients
        less than the layer it would take.
+    4. A stored layer is reused whole although it holds paths the image gets elsewhere
+       (outside its closure, or in another stored layer it reuses), where those weigh
+       little: `takes_stored_layer`.
 
-    `join_share`, `rarity_exponent`, `pack_share` and `pack_limit` were fitted on the
-    layering benchmark's sequences (docs/benchmarks/layering.md, docs/layering.md):
-    `rarity_exponent` 0.7 scores 0.01 better on the public sequence, but makes the
-    themed one (runs of python3-*, node-*, ... images) worse than bytes only."""
+    `join_share`, `closure_join_share`, `rarity_exponent`, `pack_share` and `pack_limit`
+    were fitted on the layering benchmark's sequences (docs/benchmarks/layering.md,
+    docs/layering.md): `rarity_exponent` 0.7 scores 0.01 better on the public sequence,
+    but makes the themed one (runs of python3-*, node-*, ... images) worse."""
 
     merge_threshold: float = 50_000
     """Joins whose cost is below this many bytes are made even under the layer budget:
@@ -86,24 +89,29 @@ class CostModel:
     """Bytes a client's wait for one layer is worth (NIXERY_LAYER_COST_MB x 10^6).
     0: bytes alone count, as before issue 23."""
 
-    join_share: float = 0.2
-    """With a layer cost: pieces join along owner links while the join costs less than
-    this share of `layer_cost` (or `merge_threshold`, if larger)."""
+    join_share: float = 0.45
+    """With a layer cost and package-wide popularity: pieces join along owner links while the
+    join costs less than this share of `layer_cost` (or `merge_threshold`, if larger)."""
+
+    closure_join_share: float = 0.3
+    """`join_share` where popularity is counted within the closure (no package-wide data, the
+    registry's default): those counts tell less about other images, so joins risk more."""
 
     rarity_exponent: float = 0.55
     """With a layer cost: the risk of a join is multiplied by
     `(popularity(k) / popularity of the closure's most popular path) ** rarity_exponent`."""
 
-    pack_share: float = 0.75
+    pack_share: float = 2.5
     """With a layer cost: new pieces smaller than this share of `layer_cost` are packed."""
 
-    pack_limit: float = 2.0
+    pack_limit: float = 6.0
     """With a layer cost: a packed layer holds at most this many times `layer_cost` bytes."""
 
     outside_share: float = 1.0
-    """With a layer cost: a stored layer that also holds paths outside the image's closure is
-    reused when their bytes are at most this share of (the bytes it holds of the closure +
-    `outside_layers` x `layer_cost`): `takes_stored_layer`."""
+    """With a layer cost: a stored layer that also holds paths the image gets elsewhere (outside
+    its closure, or in another stored layer it reuses) is reused when their bytes are at most this
+    share of (the bytes only it holds of the closure + `outside_layers` x `layer_cost`):
+    `takes_stored_layer`."""
 
     outside_layers: float = 1.0
     """See `outside_share`: the layers' worth that reusing such a layer saves, besides its bytes."""
@@ -117,11 +125,12 @@ class CostModel:
         """The default model with a per-layer cost of `megabytes` x 10^6 bytes."""
         return cls(layer_cost=megabytes * MB)
 
-    @property
-    def join_threshold(self) -> float:
-        """Joins along owner links cheaper than this are made without the budget forcing them."""
+    def join_threshold(self, *, package_wide: bool) -> float:
+        """Joins along owner links cheaper than this are made without the budget forcing them;
+        `package_wide`: the popularity is package-wide data, not counted within the closure."""
         if self.layer_cost:
-            return max(self.merge_threshold, self.join_share * self.layer_cost)
+            share = self.join_share if package_wide else self.closure_join_share
+            return max(self.merge_threshold, share * self.layer_cost)
         return self.merge_threshold
 
     def risk(self, popularity_of_piece: int, popularity_of_parent: int, most_popular: int) -> float:
@@ -134,10 +143,12 @@ class CostModel:
         return conditional * (popularity_of_piece / most_popular) ** self.rarity_exponent
 
     def takes_stored_layer(self, inside_bytes: int, outside_bytes: int) -> bool:
-        """Whether an image reuses a stored layer that holds `inside_bytes` of its closure and
-        `outside_bytes` of paths it does not need. A client that holds the layer fetches nothing
-        and one layer less; one that does not fetches the outside bytes for nothing. Never
-        without a layer cost: bytes alone, such a layer is a loss for every client without it."""
+        """Whether an image reuses a stored layer that holds `inside_bytes` of its closure that no
+        other layer of the image holds, and `outside_bytes` of paths it gets elsewhere: paths it
+        does not need, or that another stored layer it reuses holds too (served twice). A client
+        that holds the layer fetches nothing and one layer less; one that does not fetches the
+        outside bytes for nothing. Never without a layer cost: bytes alone, such a layer is a
+        loss for every client without it."""
         if not self.layer_cost:
             return False
         return outside_bytes <= self.outside_share * (inside_bytes + self.outside_layers * self.layer_cost)

@@ -28,7 +28,7 @@ These weights are a `CostModel` (`nixery.layers.cost`), a parameter of
 `plan_layers`; the defaults are the ones described here, which count bytes
 only.  The registry also gives each layer a price (`CostModel.layer_cost`,
 NIXERY_LAYER_COST_MB): then the risk is scaled down for rare pieces, the
-threshold of step 2 is a fifth of that price, and steps 1b and 2b run.
+threshold of step 2 is a share of that price, and steps 1b and 2b run.
 
 A dependency that only one package uses is exactly as popular as its user:
 risk 0, it joins for free.  `libc` under `bash` has a risk near 1 and stays
@@ -36,15 +36,17 @@ apart.  The plan, step by step:
 
 1. Take the stored layers that lie inside the closure, largest first, skipping
    any that overlap one already taken.  Every other path is a piece of its own.
-1b. With a layer price, also take stored layers that hold paths outside the
-   closure, where those weigh little against what they hold of it
-   (`CostModel.takes_stored_layer`).  They are served whole: the image carries
-   those paths too, and clients that hold the layer fetch nothing.
+1b. With a layer price, also take stored layers that hold paths the image
+   gets elsewhere: outside the closure, or in a stored layer taken already.
+   Where those weigh little against what only the layer holds of the closure
+   (`CostModel.takes_stored_layer`), it is served whole: the image carries
+   those paths too (a path in two layers: identical copies, unpacked one over
+   the other), and clients that hold the layer fetch nothing.
 2. Join new pieces to their owner's piece (skipping stored layers on the way
    up), cheapest first, while the cost is below `CostModel.merge_threshold`
    bytes: tiny paths do not take a layer each.
-2b. With a layer price, pack the new pieces still smaller than 3/4 of it
-   together, most popular first, into layers of at most twice the price.
+2b. With a layer price, pack the new pieces still smaller than 2.5 times it
+   together, most popular first, into layers of at most 6 times the price.
 3. While there are more pieces than `max_layers`, keep joining cheapest first;
    now a stored layer may be broken up too, which costs its bytes (clients
    that hold it fetch them again).
@@ -298,7 +300,8 @@ def plan_layers(
     """Split closure(roots) into at most max_layers layers (each a non-empty frozenset),
     joining pieces as `cost` weighs them, in a deterministic order: the stored layers
     reused, oldest first, then the new ones, base first. A stored layer reused whole may
-    also hold paths outside the closure (step 1b); no path is in two layers. Does not
+    also hold paths outside the closure, or paths another reused stored layer holds
+    (step 1b); no other path is in two layers. Does not
     mutate history; the caller calls history.record(result, sizes) after storing the layers."""
     if max_layers < 1:
         raise ValueError("max_layers must be at least 1")
@@ -328,6 +331,7 @@ class _Planner:
         self.paths = sorted(closure)
         self.size = {p: graph.nodes[p].size for p in self.paths}
         self.refs = {p: graph.nodes[p].references for p in self.paths}
+        self.package_wide = popularity is not None
         self.pop = (
             {p: max(1, int(popularity.get(p, 1))) for p in self.paths}
             if popularity is not None
@@ -336,7 +340,8 @@ class _Planner:
         self.owner = self._owners()
         self.most_popular = max(self.pop.values())
         self.age: dict[frozenset[str], int] = {}  # each reused layer's serial number in the history
-        self.outside: dict[frozenset[str], frozenset[str]] = {}  # a reused layer's paths outside the closure
+        # A reused layer's paths the image gets elsewhere: outside the closure, or in another reused layer.
+        self.extra: dict[frozenset[str], frozenset[str]] = {}
         self.reused = self._pick_reused(history, closure) if history is not None else []
 
     def _owners(self) -> dict[str, str]:
@@ -351,9 +356,10 @@ class _Planner:
         return owner
 
     def _pick_reused(self, history: LayerHistory, closure: set[str]) -> list[frozenset[str]]:
-        """Disjoint stored layers to reuse: those inside the closure, largest first, then most
-        recently used; then, with a layer price, those that hold a few paths outside it
-        (`_pick_with_outside_paths`). Returns each layer's paths in the closure."""
+        """Stored layers to reuse: disjoint ones inside the closure, largest first, then most
+        recently used; then, with a layer price, those that hold a few paths the image gets
+        elsewhere (`_pick_with_extra_paths`). Returns the paths of the closure that each
+        layer alone holds (its other paths: `self.extra`)."""
         candidates = history.overlapping(closure)
         inside = [(layer, used, i) for layer, used, i, count, _ in candidates if count == len(layer)]
         inside.sort(key=lambda c: (-sum(self.size[p] for p in c[0]), -c[1], c[2]))
@@ -365,33 +371,38 @@ class _Planner:
                 chosen.append(layer)
                 self.age[layer] = layer_id
         if self.cost.layer_cost:
-            chosen += self._pick_with_outside_paths(candidates, closure, taken)
+            chosen += self._pick_with_extra_paths(candidates, closure, taken)
         return chosen
 
-    def _pick_with_outside_paths(
+    def _pick_with_extra_paths(
         self, candidates: list[tuple[frozenset[str], int, int, int, int | None]], closure: set[str], taken: set[str]
     ) -> list[frozenset[str]]:
-        """Stored layers that also hold paths outside the closure, where their bytes are worth
-        the layer (`CostModel.takes_stored_layer`): most bytes of the closure for the fewest
-        outside first. A client that pulled an earlier image holds the layer already; a new
-        one would make it fetch those paths again, and pay for one more layer."""
+        """Stored layers that also hold paths the image gets elsewhere: paths outside the closure,
+        or paths of a layer taken already, served twice. Taken where those extra bytes are worth
+        the layer (`CostModel.takes_stored_layer`), most bytes of the closure for the fewest
+        extra first. A client that pulled an earlier image holds the layer already; a new one
+        would make it fetch those paths again, and pay for one more layer."""
         scored = []
         for layer, used, layer_id, count, size in candidates:
-            if count == len(layer) or size is None:
+            if size is None and count == len(layer):
+                size = sum(self.size[p] for p in layer)
+            part = frozenset(p for p in layer if p in closure and p not in taken)
+            if size is None or not part:
                 continue
-            part = frozenset(p for p in layer if p in closure)
             part_bytes = sum(self.size[p] for p in part)
-            outside_bytes = max(0, size - part_bytes)
-            if self.cost.takes_stored_layer(part_bytes, outside_bytes):
-                scored.append((outside_bytes - part_bytes, -used, layer_id, part, layer))
+            if self.cost.takes_stored_layer(part_bytes, max(0, size - part_bytes)):
+                scored.append((size - 2 * part_bytes, -used, layer_id, size, layer))
         scored.sort(key=lambda s: s[:3])
         chosen = []
-        for _, _, layer_id, part, layer in scored:
-            if taken.isdisjoint(layer):  # the whole layer: two layers must not bring the same outside path
+        for _, _, layer_id, size, layer in scored:
+            # Layers taken meanwhile may hold some of its paths: weighed again without them.
+            part = frozenset(p for p in layer if p in closure and p not in taken)
+            part_bytes = sum(self.size[p] for p in part)
+            if part and self.cost.takes_stored_layer(part_bytes, max(0, size - part_bytes)):
                 taken |= layer
                 chosen.append(part)
                 self.age[part] = layer_id
-                self.outside[part] = layer - part
+                self.extra[part] = layer - part
         return chosen
 
     def plan(self) -> list[frozenset[str]]:
@@ -432,8 +443,8 @@ class _Planner:
         new = sorted(
             (k for k in pieces if layer_of[k] not in self.age), key=lambda k: (-self.pop[self.top[k]], self.top[k])
         )
-        # A reused layer is served whole: its paths outside the closure come along.
-        return [layer_of[k] | self.outside.get(layer_of[k], frozenset()) for k in stored + new]
+        # A reused layer is served whole: its extra paths come along.
+        return [layer_of[k] | self.extra.get(layer_of[k], frozenset()) for k in stored + new]
 
     def _pack_small_pieces(self) -> None:
         """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the
@@ -518,6 +529,7 @@ class _Planner:
         cost model's join threshold.  Forced: any piece, until the budget holds.
         """
         heap: list[tuple[float, int]] = []
+        threshold = self.cost.join_threshold(package_wide=self.package_wide)
 
         def push(k: int) -> None:
             c = self._cost(k, forced)
@@ -539,7 +551,7 @@ class _Planner:
             if current[0] != c:  # stale: the piece grew or its way up changed
                 heapq.heappush(heap, (current[0], k))
                 continue
-            if not forced and c >= self.cost.join_threshold:
+            if not forced and c >= threshold:
                 return
             p = current[1]
             opened = [path for q in (k, p) if self.stored[q] for path in self.members[q]]
