@@ -142,7 +142,8 @@ output: one entry per image, in order; each a list of layers (the stored ones it
 first, oldest first, then new ones, base first), each layer a sorted list of node names.
 Each plan is remembered for the next image's, as the registry remembers the layers it
 stored (--no-history: plan each as if nothing were stored). With a layer cost, a stored
-layer may be reused whole although it holds nodes of another image's closure.
+layer may be reused whole although it holds nodes of another image's closure, or nodes
+another stored layer of the image holds too (such a node is then in two of its layers).
 """
 
 
