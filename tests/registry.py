@@ -212,6 +212,7 @@ def check_blob_ranges(registry: RegistryProcess, name: str) -> None:
     partial = {
         "bytes=0-9": (0, 10), "bytes=-10": (size - 10, size), f"bytes=10-{size * 2}": (10, size),
         f"bytes={size - 1}-": (size - 1, size),
+        "Bytes=0-9": (0, 10), "BYTES=-10": (size - 10, size),  # a range unit's name is case-insensitive (RFC 9110 14.1)
     }  # fmt: skip
     for requested, (start, end) in partial.items():
         for extra in ({}, {"If-Range": etag}):

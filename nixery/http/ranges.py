@@ -11,7 +11,7 @@ comes down to, in its order of evaluation:
 * `If-Unmodified-Since`, `If-Modified-Since`: ignored, as a blob is sent
   without a modification date.
 * `If-Range` other than the ETag: the whole blob.
-* one `bytes=` range: 206 with its `Content-Range`; a range that starts at or
+* one `bytes=` range (the unit in any case: `BYTES=`): 206 with its `Content-Range`; a range that starts at or
   past the end (or the empty suffix `-0`): 416 RANGE_NOT_SATISFIABLE with
   `Content-Range: bytes */SIZE`.
 * several ranges (`bytes=0-1,5-9`): as distribution answers (Go's
@@ -103,7 +103,7 @@ def _satisfiable(requested: str, size: int) -> list[tuple[int, int]] | None:
     """The (start, count) of each range of a `Range` value that the blob can satisfy, in the order
     asked; None when the value is to be ignored."""
     unit, equals, specs = requested.strip().partition("=")
-    if unit != "bytes" or not equals:
+    if unit.lower() != "bytes" or not equals:  # a unit's name is case-insensitive (RFC 9110 14.1)
         return None
     items = [item.strip() for item in specs.split(",")]
     items = [item for item in items if item]  # a list may hold empty elements (RFC 9110 5.6.1)
