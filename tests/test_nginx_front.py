@@ -115,6 +115,7 @@ def test_blob_answers_through_the_front(front: Front) -> None:
     assert int(headers["Content-Length"]) == manifest["layers"][0]["size"]
     assert headers["Docker-Content-Digest"] == layer
     assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert headers["Cache-Control"] == "max-age=31536000"  # nginx passes the registry's on
     # The internal location is not reachable by its own URL.
     status, _, _ = front.get(f"{PREFIX}sha256/{layer[7:9]}/{layer[7:]}")
     assert status == 404
@@ -205,6 +206,7 @@ def test_a_verified_blob_is_sent_by_nginx_without_asking_the_registry(public_fro
         assert headers["Docker-Content-Digest"] == layer["digest"]
         assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
         assert headers["ETag"] == f'"{layer["digest"]}"'
+        assert headers["Cache-Control"] == "max-age=31536000"  # as the registry says it
     assert "sha256:" + hashlib.sha256(first[2]).hexdigest() == layer["digest"]
     assert blob_requests_seen_by_registry(public_front.registry) == [path]
 

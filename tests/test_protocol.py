@@ -102,6 +102,7 @@ def test_every_blob_matches_its_digest_and_diff_ids(shared_registry: RegistryPro
         assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
         assert int(headers["Content-Length"]) == layer["size"] == len(blob)
         assert headers["Docker-Content-Digest"] == layer["digest"]
+        assert headers["Cache-Control"] == "max-age=31536000"  # it never changes: clients may keep it
         diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest())
     assert config["rootfs"] == {"type": "layers", "diff_ids": diff_ids}
 
@@ -126,6 +127,7 @@ def test_head_blob_answers_size_without_body(shared_registry: RegistryProcess) -
     assert status == 200 and body == b""
     assert int(headers["Content-Length"]) == layer["size"]
     assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Cache-Control"] == "max-age=31536000"
     # As the GET says: a client that HEADs first learns that it may resume with Range (it did not).
     assert headers["Accept-Ranges"] == "bytes"
 

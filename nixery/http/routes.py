@@ -357,11 +357,17 @@ async def _manifest_by_tag(request: web.Request, tag: str, user_agent: str) -> t
     return digest, *await stored_manifest(request, digest, check_blobs=False)
 
 
+#: On the blobs the registry sends itself (and their 304s): a blob never changes, so a client or a
+#: private cache may keep it a year, as distribution answers. Shared caches still do not keep an
+#: answer to a request with credentials (RFC 9111 3.5). Not on a redirect, whose URL expires.
+BLOB_CACHE_CONTROL = "max-age=31536000"
+
+
 async def blob(request: web.Request) -> web.StreamResponse:
     check_image_name(request)
     digest = requested_digest(request.match_info["digest"], BlobUnknown)
     storage = request.app[STORAGE]
-    headers = content_headers(digest, OCTET_STREAM)
+    headers = {**content_headers(digest, OCTET_STREAM), "Cache-Control": BLOB_CACHE_CONTROL}
     if request.method == "HEAD":
         size = await storage.stat_blob(digest)
         if size is None:
