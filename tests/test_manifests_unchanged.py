@@ -37,8 +37,8 @@ from tests.registry import DOCKER_MANIFEST, OCI_MANIFEST, REPOSITORY, RegistryPr
 # some of its paths, with joins below 0.3-0.45 of a layer's price (2026-12-05, night: `shell` is one store
 # layer). Before it, the commit whose layering reuses a stored layer whole although it holds paths outside
 # the closure, with joins below a fifth of a layer's price (2026-12-05: `cowsay/fortune/greet` has fewer
-# layers), c33d0db258e8846733715be0ee0101d6028e957f; before that, the merge that gave every image /var/tmp (2026-12-04, every top layer changed),
-# 4f0ebbbca63153a90e655d2a9cb08d7a93f91213; before that, the
+# layers), c33d0db258e8846733715be0ee0101d6028e957f; before that, the merge that gave every image
+# /var/tmp (2026-12-04, every top layer changed), 4f0ebbbca63153a90e655d2a9cb08d7a93f91213; before that, the
 # commit that linked the CA bundle at OpenSSL's default files, f7008c7186efcef3df8e78f6233cd3538073db15
 # (the top layer of every image with a CA bundle changed); the one that gave every image /etc/hosts,
 # dacb07a8a278b7526df080d86a793d2028e9bfe1 (every top layer changed); the one that gave images
