@@ -546,6 +546,8 @@ def test_maintenance_on_storage_it_cannot_use_says_why_in_one_line(command) -> N
         assert "Traceback" not in result.stderr, result.stderr
         assert (result.returncode, result.stdout) == (status, ""), result
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(says), result.stderr
+        if env is no_credentials:  # the setting that names the missing file, not the file alone
+            assert "GOOGLE_APPLICATION_CREDENTIALS='/nonexistent/key.json'" in result.stderr, result.stderr
 
 
 def test_gc_refuses_an_age_that_is_no_number() -> None:

@@ -157,7 +157,10 @@ class GCSStorage(LeasedStorage):
             try:
                 own, project = google.auth.default(scopes=_SCOPES)
             except google.auth.exceptions.DefaultCredentialsError as error:
-                problem = f"no Google credentials for GCS bucket {config.bucket!r}: {error}"
+                # google-auth names the file it could not read, not the setting that named it.
+                named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+                source = f" (GOOGLE_APPLICATION_CREDENTIALS={named!r})" if named else ""
+                problem = f"no Google credentials for GCS bucket {config.bucket!r}{source}: {error}"
                 raise StorageSettingsInvalid(problem) from None
             self._client = storage.Client(project=project, credentials=own)
         self._signer = _signing_key_credentials(config) if config.signing_key else own
