@@ -396,6 +396,19 @@ def build_main(argv: list[str]) -> int:
         return 130
 
 
+def _check_name(name: str, tag: str) -> None:
+    """ClientError for a name or tag the registry would refuse, said as it says it, before a request
+    (a name of 100,000 characters got only "the request line is too long")."""
+    from nixery.errors import RegistryError
+    from nixery.registry.names import check_build_tag, parse_image_name
+
+    try:
+        parse_image_name(name)
+        check_build_tag(tag)
+    except RegistryError as exc:
+        raise ClientError(str(exc)) from exc
+
+
 async def _build(args: argparse.Namespace, console: Console, interactive: bool, progress: list[str]) -> int:
     name, tag = _split(args.image, args.tag)
     display = BarProgress(console) if interactive else PlainProgress(sys.stdout)
@@ -403,6 +416,7 @@ async def _build(args: argparse.Namespace, console: Console, interactive: bool, 
     if args.local:
         final, image, (pull_host, pull_note) = await _build_locally(name, tag, display)
     else:
+        _check_name(name, tag)
         registry = _registry_url(args.registry)
         pull_host = registry_host(registry)
         final, image = await _build_remotely(registry, name, tag, display, progress)

@@ -1180,6 +1180,17 @@ def test_build_refuses_two_different_tags() -> None:
     assert same.returncode == 1 and "cannot reach the registry" in same.stderr, same
 
 
+def test_build_says_what_is_wrong_with_a_name_before_sending_it() -> None:
+    """A name of 100,000 characters got the registry's "the request line ... is too long": now the
+    registry's own words for the name, before any request (nothing listens at port 9)."""
+    for image, said in (("shell/" + "a" * 100_000, "package name longer than"),
+                        ("shell/curl:" + "v" * 200, "tag")):
+        result = nixery("build", image, "--registry", "http://127.0.0.1:9", timeout=60)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert said in result.stderr and "cannot reach" not in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 400, result.stderr
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("build", "shell", "--tag", ""), "argument --tag: the tag is empty: give one, or leave --tag out for latest"),
     (("inspect", "shell", "--sbom", "--platform", ""), "argument --platform: '' names no platform: give OS/ARCH, "
