@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from nixery.nix.packages import EVAL_NIX, host_system
+from tests import daemons
 from tests.httpd import LocalHTTP
 from tests.registry import RegistryProcess, ctr_pull_and_run, podman_run, run, skopeo_to_oci, unpack_oci
 from tests.sets import require_debian_set
@@ -235,7 +236,7 @@ def test_curl_and_jq_share_the_glibc_layer(debian_registry: RegistryProcess) -> 
     assert layers["shell/curl"] == layers["shell/jq"]
 
 
-def test_an_image_holding_a_path_in_two_layers_runs_under_podman_and_containerd(tmp_path: Path) -> None:
+def test_an_image_holding_a_path_in_two_layers_runs_under_podman_containerd_and_docker(tmp_path: Path) -> None:
     """A stored layer is reused whole although another stored layer the image reuses holds some of
     its paths, where those weigh little (`CostModel.takes_stored_layer`): clients that pulled the
     earlier images fetch nothing again. Such a path sits in two layers, unpacked one over the other.
@@ -253,9 +254,15 @@ def test_an_image_holding_a_path_in_two_layers_runs_under_podman_and_containerd(
         twice = {path for n, paths in enumerate(held) for path in paths if any(path in other for other in held[n + 1:])}
         assert twice, "no store path sits in two layers: the test no longer checks what it says"
         script = "curl --version | head -n 1; echo '{\"a\": 1}' | jq .a; git --version"
+        image = f"{registry.host}/{name}"
+        with daemons.dockerd(tmp_path / "d") as socket:  # short: dockerd's sockets must fit in 108 bytes
+            docker = ["docker", "-H", f"unix://{socket}"]
+            run([*docker, "pull", image])
+            under_docker = run([*docker, "run", "--rm", "--network", "none", image, "bash", "-c", script])
         for result in (
-            podman_run(f"{registry.host}/{name}", "bash", "-c", script),
-            ctr_pull_and_run(f"{registry.host}/{name}:latest", tmp_path / "containerd", "bash", "-c", script),
+            podman_run(image, "bash", "-c", script),
+            ctr_pull_and_run(f"{image}:latest", tmp_path / "containerd", "bash", "-c", script),
+            under_docker,
         ):
             curl, jq, git = result.stdout.splitlines()
             assert curl.startswith("curl 7.88") and jq == "1" and git.startswith("git version 2.39"), result.stdout
