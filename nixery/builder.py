@@ -689,8 +689,8 @@ class ImageBuilder:
         layer (returned, so that it is not looked up again and missed). Else it gives way to
         its paths in the closure that no layer before it holds (a stored layer reused whole may
         hold paths another one holds too: the image then has other digests than the plan would give)."""
-        servable: list[frozenset[str]] = []
         found: dict[frozenset[str], StoredLayer] = {}
+        gone: set[frozenset[str]] = set()
         for layer in plan:
             outside = sorted(path for path in layer if path not in graph.nodes)
             if outside and await store_db.valid_paths(outside) != frozenset(outside):
@@ -698,10 +698,17 @@ class ImageBuilder:
                     found[layer] = stored
                 else:
                     bound.info("build.stored_layer_gone", paths=len(layer), outside=len(outside))
-                    held = frozenset().union(*servable)
-                    layer = frozenset(path for path in layer if path in graph.nodes and path not in held)
-                    if not layer:
-                        continue
+                    gone.add(layer)
+        # A layer that gives way keeps the paths no layer served whole holds, nor one given way before
+        # it: no path is lost, and none of these is another layer again.
+        held = set().union(*(layer for layer in plan if layer not in gone))
+        servable: list[frozenset[str]] = []
+        for layer in plan:
+            if layer in gone:
+                layer = frozenset(path for path in layer if path in graph.nodes and path not in held)
+                if not layer:
+                    continue
+                held |= layer
             servable.append(layer)
         return servable, found
 

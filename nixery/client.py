@@ -359,7 +359,7 @@ def _other_registry(error: Exception) -> str:
 
 def _split(image: str, tag: str | None) -> tuple[str, str]:
     name, _, given = image.partition(":")
-    return name.strip("/"), tag or given or "latest"
+    return name.strip("/"), (tag or given or "latest").strip()  # as the registry reads a tag: `--tag ' v1'` is v1
 
 
 def build_main(argv: list[str]) -> int:

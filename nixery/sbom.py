@@ -221,10 +221,11 @@ def read_store_paths(paths: Iterable[str], outside: Iterable[str] = ()) -> list[
     """What the SBOM says of each store path of the closure, read from the store (blocking: run
     in a thread), and of the `outside` paths that the image's layers hold besides
     (`nixery.layers.cost.CostModel.takes_stored_layer`): their store names alone, since this
-    machine's store may lack them, and every registry must make the same document."""
+    machine's store may lack them, and every registry must make the same document. Each once:
+    two reused layers may bring the same outside path."""
     return [
         *(StorePathInfo(path, debian_packages(Path(path))) for path in sorted(paths)),
-        *(StorePathInfo(path, outside=True) for path in sorted(outside)),
+        *(StorePathInfo(path, outside=True) for path in sorted(set(outside))),
     ]
 
 

@@ -186,6 +186,35 @@ async def test_an_entry_layer_stored_already_or_meanwhile_is_reused(held) -> Non
 
 
 
+async def test_a_reused_layer_that_gives_way_keeps_only_paths_no_other_layer_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plan is ordered by age: `{a, b, o}` gives way (`o` gone from the store and storage) and
+    its paths `a` and `b` are in layers served whole, one of them after it. It is left out, rather
+    than become `{a}` a second time."""
+    import structlog
+
+    from nixery import builder as builder_module
+    from nixery.closure import ClosureGraph
+
+    graph = ClosureGraph.from_mapping({
+        "tool": {"size": 1, "refs": ["a", "b", "c"]}, "a": {"size": 1, "refs": []},
+        "b": {"size": 1, "refs": []}, "c": {"size": 1, "refs": []},
+    })
+    plan = [frozenset({"b", "c", "o2"}), frozenset({"a", "b", "o"}), frozenset({"a"}), frozenset({"tool"})]
+
+    async def store_holds(paths: list[str]) -> frozenset[str]:  # a stand-in: `o` was built elsewhere
+        return frozenset(path for path in paths if path != "o")
+
+    async def not_stored(paths: list[str]) -> None:
+        return None
+
+    monkeypatch.setattr(builder_module.store_db, "valid_paths", store_holds)
+    builder = SimpleNamespace(layers=SimpleNamespace(stored=not_stored))
+    servable, found = await ImageBuilder._servable(builder, plan, graph, structlog.get_logger("test"))
+    assert servable == [plan[0], plan[2], plan[3]] and found == {}
+
+
 async def test_a_reused_layer_with_paths_outside_the_closure_is_served_or_gives_way(
     tmp_path: Path, built_store_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1189,6 +1189,9 @@ def test_build_says_what_is_wrong_with_a_name_before_sending_it() -> None:
         assert (result.returncode, result.stdout) == (1, ""), result
         assert said in result.stderr and "cannot reach" not in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 400, result.stderr
+    # A tag with spaces around it is the tag, as the registry reads one: sent, not refused.
+    spaced = nixery("build", "shell", "--tag", " v1", "--registry", "http://127.0.0.1:9", timeout=60)
+    assert spaced.returncode == 1 and "cannot reach the registry" in spaced.stderr, spaced
 
 
 @pytest.mark.parametrize(("args", "said"), [

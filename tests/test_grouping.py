@@ -491,6 +491,22 @@ def test_a_stored_layer_overlapping_another_by_much_is_not_reused():
     assert len(held) == len(set(held))
 
 
+def test_a_stored_layer_whose_paths_another_brings_may_be_joined_into_a_new_one_without_them():
+    """`{a, b, o}` is reused whole for `b`, bringing `a` that the stored `{a}` holds too. Over
+    budget, `{a}` joins `tool`'s new layer: that layer goes without `a`, which comes with `{a, b, o}`
+    (it held `a` too, a path in a new layer and a stored one)."""
+    graph = graph_of({"tool": (100_000, ["a", "b", "c"]), "a": (100_000, []), "b": (1 * MB, []),
+                      "c": (100_000, [])})
+    history = LayerHistory()
+    for layer, size in ((frozenset({"b", "c", "o2"}), 1_600_000), (frozenset({"a", "b", "o"}), 1_200_000),
+                        (frozenset({"a"}), 100_000)):
+        history.record([layer], [size])
+    for budget in (4, 3, 2, 1):
+        layers = plan_layers(graph, ["tool"], max_layers=budget, history=history, cost=TWO_MB)
+        assert len(layers) <= budget
+        assert_partition(graph, ["tool"], layers, history)
+
+
 def test_only_a_layer_cost_and_a_known_size_bring_paths_from_outside_the_closure():
     """Bytes only, such a layer is a loss for every client without it; a layer recorded without
     its size (by a registry before sizes were recorded) cannot be weighed."""

@@ -616,6 +616,7 @@ def test_a_path_the_image_holds_outside_its_closure_is_listed_as_such(tmp_path: 
     graph = ClosureGraph.from_mapping({curl: {"size": 1, "refs": [libc]}, libc: {"size": 1, "refs": []}})
     facts = ImageFacts("shell/curl", "amd64", "path /srv/pkgs", "r1", "sha256:" + "0" * 64, ["curl"])
     store = read_store_paths(graph.nodes, [other])
+    assert read_store_paths(graph.nodes, [other, other]) == store  # brought by two reused layers: listed once
     spdx = validated_spdx(spdx_document(facts, graph, store), tmp_path)
     packages = {p["packageFileName"]: p for p in spdx["packages"] if "packageFileName" in p}
     assert set(packages) == {curl, libc, other}

@@ -443,8 +443,12 @@ class _Planner:
         new = sorted(
             (k for k in pieces if layer_of[k] not in self.age), key=lambda k: (-self.pop[self.top[k]], self.top[k])
         )
-        # A reused layer is served whole: its extra paths come along.
-        return [layer_of[k] | self.extra.get(layer_of[k], frozenset()) for k in stored + new]
+        # A reused layer is served whole: its extra paths come along. A stored piece whose paths
+        # another reused layer brings may have been joined into a new one (steps 3 and 4): such
+        # paths come with that layer, and the new one goes without them.
+        brought = frozenset().union(*(self.extra.get(layer_of[k], frozenset()) for k in stored))
+        kept_new = [layer for layer in (layer_of[k] - brought for k in new) if layer]
+        return [layer_of[k] | self.extra.get(layer_of[k], frozenset()) for k in stored] + kept_new
 
     def _pack_small_pieces(self) -> None:
         """Step 2b: a small new piece would cost its clients a layer for fewer bytes than the
