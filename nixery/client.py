@@ -405,8 +405,8 @@ def _check_name(name: str, tag: str) -> None:
     try:
         parse_image_name(name)
         check_build_tag(tag)
-    except RegistryError as exc:
-        raise ClientError(str(exc)) from exc
+    except RegistryError as exc:  # as `_registry_error` says the registry's answer
+        raise ClientError(f"{exc.kind}: {exc.message}", exc.kind, exc.detail) from exc
 
 
 async def _build(args: argparse.Namespace, console: Console, interactive: bool, progress: list[str]) -> int:

@@ -124,7 +124,7 @@ def test_no_image_is_built_under_a_tag_no_client_could_pull(registry: RegistryPr
         status, _, body = registry.request(f"/packages?q=hello&format=json&tag={tag}", accept="application/json")
         assert status == 400 and json.loads(body)["errors"][0]["detail"]["kind"] == "TAG_INVALID", (tag, body)
         remote = nixery("build", "--plain", "--registry", registry.url, "--tag", tag, "hello")
-        assert remote.returncode == 1 and "TAG_INVALID" in remote.stderr, remote
+        assert remote.returncode == 1 and "TAG_INVALID" in remote.stderr, remote  # said before any request
     assert not registry.log_events("http.build_started")
     local = nixery("build", "--local", "--plain", "hello:feature/x",
                    env={"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_BUNDLED_SET": "busybox"})
