@@ -382,23 +382,27 @@ class _Planner:
         the layer (`CostModel.takes_stored_layer`), most bytes of the closure for the fewest
         extra first. A client that pulled an earlier image holds the layer already; a new one
         would make it fetch those paths again, and pay for one more layer."""
+
+        def worth(layer: frozenset[str], size: int) -> tuple[frozenset[str], int] | None:
+            """The paths of the closure that only `layer` would bring and their bytes, if it pays."""
+            part = frozenset(p for p in layer if p in closure and p not in taken)
+            part_bytes = sum(self.size[p] for p in part)
+            if part and self.cost.takes_stored_layer(part_bytes, max(0, size - part_bytes)):
+                return part, part_bytes
+            return None
+
         scored = []
         for layer, used, layer_id, count, size in candidates:
             if size is None and count == len(layer):
                 size = sum(self.size[p] for p in layer)
-            part = frozenset(p for p in layer if p in closure and p not in taken)
-            if size is None or not part:
-                continue
-            part_bytes = sum(self.size[p] for p in part)
-            if self.cost.takes_stored_layer(part_bytes, max(0, size - part_bytes)):
-                scored.append((size - 2 * part_bytes, -used, layer_id, size, layer))
+            if size is not None and (weighed := worth(layer, size)) is not None:
+                scored.append((size - 2 * weighed[1], -used, layer_id, size, layer))
         scored.sort(key=lambda s: s[:3])
         chosen = []
         for _, _, layer_id, size, layer in scored:
             # Layers taken meanwhile may hold some of its paths: weighed again without them.
-            part = frozenset(p for p in layer if p in closure and p not in taken)
-            part_bytes = sum(self.size[p] for p in part)
-            if part and self.cost.takes_stored_layer(part_bytes, max(0, size - part_bytes)):
+            if (weighed := worth(layer, size)) is not None:
+                part = weighed[0]
                 taken |= layer
                 chosen.append(part)
                 self.age[part] = layer_id
